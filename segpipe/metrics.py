@@ -1,0 +1,168 @@
+"""Segmentation metrics, built on torchmetrics and labelled so no one mistakes micro for macro.
+
+Naming used everywhere (logs, ``test_metrics.json``, reports):
+
+* ``IoU/<class>`` and ``Dice/<class>``: per-class scores over all pixels of the split.
+* ``mIoU`` and ``mDice``: **macro** means over classes, the ignore index excluded, classes absent
+  from both ground truth and prediction left out of the mean (torchmetrics' macro averaging).
+* ``micro_IoU``: IoU over all non-ignored pixels pooled (micro average); dominated by large classes.
+* ``pixel_accuracy``: fraction of non-ignored pixels classified correctly (micro).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+)
+
+__all__ = [
+    "METRIC_DESCRIPTIONS",
+    "build_metrics",
+    "confusion_stats",
+    "flatten_metrics",
+    "metrics_report",
+    "per_image_scores",
+]
+
+METRIC_DESCRIPTIONS = {
+    "mIoU": "macro mean IoU over classes (ignore index excluded; classes absent from both truth and "
+    "prediction left out)",
+    "mDice": "macro mean Dice (F1) over classes, same rules as mIoU",
+    "micro_IoU": "micro IoU: intersection over union pooled over all non-ignored pixels",
+    "pixel_accuracy": "micro pixel accuracy: correct / non-ignored pixels",
+    "IoU": "per-class IoU",
+    "Dice": "per-class Dice (F1)",
+}
+
+
+def build_metrics(
+    num_classes: int, ignore_index: int | None = None, confusion_matrix: bool = False
+) -> MetricCollection:
+    """Build the one metric collection that every stage clones.
+
+    Args:
+        num_classes: Number of classes C (labels ``0..C-1``).
+        ignore_index: Label excluded from every metric, or None.
+        confusion_matrix: Also accumulate the C×C confusion matrix (rows = truth, columns = prediction).
+
+    Returns:
+        A ``MetricCollection`` taking ``(preds (N,H,W) int64, target (N,H,W) int64)``.
+    """
+    common = dict(num_classes=num_classes, ignore_index=ignore_index, validate_args=False)
+    metrics: dict = {
+        "IoU": MulticlassJaccardIndex(average="none", zero_division=float("nan"), **common),
+        "mIoU": MulticlassJaccardIndex(average="macro", **common),
+        "micro_IoU": MulticlassJaccardIndex(average="micro", **common),
+        "Dice": MulticlassF1Score(average="none", zero_division=float("nan"), **common),
+        "mDice": MulticlassF1Score(average="macro", **common),
+        "pixel_accuracy": MulticlassAccuracy(average="micro", **common),
+    }
+    if confusion_matrix:
+        metrics["confusion_matrix"] = MulticlassConfusionMatrix(**common)
+    return MetricCollection(metrics)
+
+
+def _clean(value: float) -> float | None:
+    """JSON-safe float: NaN (class absent from truth and prediction) becomes None."""
+    return None if math.isnan(value) else float(value)
+
+
+def flatten_metrics(
+    computed: dict[str, Tensor], class_names: Sequence[str], prefix: str = ""
+) -> dict[str, float]:
+    """Turn a computed collection into scalar ``name -> value`` pairs for logging.
+
+    Per-class tensors become ``IoU/<class name>``; the confusion matrix is left out (not a scalar).
+    Classes absent from truth and prediction (NaN) are left out of the per-class entries.
+    """
+    out: dict[str, float] = {}
+    for name, value in computed.items():
+        if name == "confusion_matrix":
+            continue
+        if value.ndim == 0:
+            out[f"{prefix}{name}"] = float(value)
+            continue
+        for cls_name, v in zip(class_names, value.tolist()):
+            if not math.isnan(v):
+                out[f"{prefix}{name}/{cls_name}"] = float(v)
+    return out
+
+
+def confusion_stats(confmat: Tensor) -> dict[str, list[float | None]]:
+    """Per-class pixel shares from a confusion matrix (rows truth, columns prediction).
+
+    Returns:
+        ``{"truth_share": [...], "pred_share": [...]}``: fraction of non-ignored pixels per class.
+    """
+    cm = confmat.double()
+    total = cm.sum()
+    if total == 0:
+        return {"truth_share": [None] * cm.shape[0], "pred_share": [None] * cm.shape[0]}
+    return {
+        "truth_share": (cm.sum(1) / total).tolist(),
+        "pred_share": (cm.sum(0) / total).tolist(),
+    }
+
+
+def per_image_scores(
+    preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
+) -> list[dict[str, float | None]]:
+    """Macro IoU and Dice of each image, over the classes present in its truth or prediction.
+
+    Args:
+        preds: (N,H,W) predicted labels.
+        target: (N,H,W) true labels.
+
+    Returns:
+        One ``{"IoU": ..., "Dice": ..., "pixel_accuracy": ...}`` per image (None where the
+        image has no labelled pixel).
+    """
+    out = []
+    for p, t in zip(preds, target):
+        valid = t != ignore_index if ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
+        p_v, t_v = p[valid].long(), t[valid].long()
+        if t_v.numel() == 0:
+            out.append({"IoU": None, "Dice": None, "pixel_accuracy": None})
+            continue
+        cm = torch.bincount(t_v * num_classes + p_v, minlength=num_classes * num_classes)
+        cm = cm.reshape(num_classes, num_classes).double()
+        tp = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - tp
+        present = union > 0
+        iou = (tp[present] / union[present]).mean().item()
+        dice = (2 * tp[present] / (union[present] + tp[present])).mean().item()
+        out.append({"IoU": iou, "Dice": dice, "pixel_accuracy": (tp.sum() / cm.sum()).item()})
+    return out
+
+
+def metrics_report(
+    computed: dict[str, Tensor], class_names: Sequence[str], ignore_index: int | None
+) -> dict:
+    """Everything the test stage knows, as a JSON-ready dict with explicit macro/micro labels."""
+    report: dict = {
+        "mIoU": _clean(float(computed["mIoU"])),
+        "mDice": _clean(float(computed["mDice"])),
+        "micro_IoU": _clean(float(computed["micro_IoU"])),
+        "pixel_accuracy": _clean(float(computed["pixel_accuracy"])),
+        "IoU_per_class": {n: _clean(v) for n, v in zip(class_names, computed["IoU"].tolist())},
+        "Dice_per_class": {n: _clean(v) for n, v in zip(class_names, computed["Dice"].tolist())},
+        "class_names": list(class_names),
+        "ignore_index": ignore_index,
+        "definitions": dict(METRIC_DESCRIPTIONS),
+    }
+    if "confusion_matrix" in computed:
+        cm = computed["confusion_matrix"]
+        report["confusion_matrix"] = cm.long().tolist()
+        report["confusion_matrix_axes"] = "rows = ground truth class, columns = predicted class"
+        report.update(confusion_stats(cm))
+    return report
+

@@ -1,0 +1,318 @@
+"""The Lightning task: loss, metrics, optimisation and prediction around an injected network.
+
+The task never reads files and never builds networks by name: ``net`` is any ``nn.Module`` mapping
+``(N, C, H, W)`` to ``(N, num_classes, H, W)`` logits, picked in YAML with ``class_path``/``init_args``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from segpipe.metrics import build_metrics, flatten_metrics, metrics_report, per_image_scores
+
+__all__ = ["SegmentationTask", "pad_to_multiple"]
+
+_PYTHON_ONLY = ("net", "optimizer", "lr_scheduler")
+
+
+def _built_from_config() -> bool:
+    """True while LightningCLI (or ``load_from_checkpoint``) instantiates the task from a config."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older/newer Lightning
+        return False
+    return _given_hyperparameters.get() is not None
+
+LossName = Literal["ce", "dice", "ce+dice", "focal"]
+Stage = Literal["train", "val", "test"]
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad the bottom/right of ``x`` so H and W are multiples of ``multiple``.
+
+    Reflection padding keeps image statistics at the border; inputs too small to reflect are
+    padded by replication.
+
+    Args:
+        x: (N, C, H, W) images.
+        multiple: The factor H and W must divide by.
+
+    Returns:
+        The padded (N, C, H', W') tensor and the original (H, W) to crop back to.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+class SegmentationTask(L.LightningModule):
+    """Semantic segmentation around any network.
+
+    Args:
+        net: The network, ``(N, C, H, W) -> (N, num_classes, H, W)`` logits. It should expose
+            ``num_classes`` and ``pad_multiple``; inputs are padded to ``pad_multiple`` and the
+            logits cropped back, so any image size works.
+        num_classes: Number of classes; taken from ``net.num_classes`` when omitted.
+        loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum)
+            or ``focal`` (smp's focal loss).
+        class_weights: One weight per class for ``ce``/``ce+dice``/``dice``/``focal`` (e.g. median
+            frequency balancing), or None.
+        ignore_index: Label excluded from the loss and from every metric, or None.
+        class_names: Names used to label per-class metrics; taken from the datamodule's
+            ``class_names`` when omitted, else ``class_0..``.
+        optimizer: Callable building the optimiser from the parameters (LightningCLI
+            ``OptimizerCallable``); AdamW(lr=1e-3) by default.
+        lr_scheduler: Callable building a scheduler from the optimiser, or None.
+        scheduler_interval: Step the scheduler every ``epoch`` or every ``step``.
+        monitor: Metric that ``ReduceLROnPlateau`` watches.
+        channels_last: Run the network in channels-last memory format (faster on CPUs with
+            oneDNN and on tensor-core GPUs).
+        log_train_metrics: Also accumulate IoU metrics on training batches (costs a little time).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int | None = None,
+        loss: LossName = "ce",
+        class_weights: list[float] | None = None,
+        ignore_index: int | None = None,
+        class_names: list[str] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        monitor: str = "val/mIoU",
+        channels_last: bool = True,
+        log_train_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        # From a config (LightningCLI) every argument is plain data, saved so that the checkpoint
+        # alone rebuilds the task; built in Python, module and callables are no hyperparameters.
+        self.save_hyperparameters(ignore=None if _built_from_config() else list(_PYTHON_ONLY))
+        self.net = net
+        net_classes = getattr(net, "num_classes", None)
+        if num_classes is None:
+            if net_classes is None:
+                raise ValueError(
+                    "SegmentationTask needs num_classes: the network "
+                    f"{type(net).__name__} has no num_classes attribute; pass model.num_classes."
+                )
+            num_classes = int(net_classes)
+        elif net_classes is not None and int(net_classes) != num_classes:
+            raise ValueError(
+                f"SegmentationTask(num_classes={num_classes}) disagrees with the network, which "
+                f"outputs {net_classes} classes; make model.num_classes and the net's num_classes equal."
+            )
+        if num_classes < 2:
+            raise ValueError(
+                f"SegmentationTask needs num_classes >= 2 (background counts as a class), got {num_classes}."
+            )
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(
+                f"class_weights has {len(class_weights)} values but there are {num_classes} classes; "
+                "give one weight per class."
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} names but there are {num_classes} classes; "
+                "give one name per class."
+            )
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else None
+        self.pad_multiple = int(getattr(net, "pad_multiple", 32))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.monitor = monitor
+        self.channels_last = channels_last
+        self.log_train_metrics = log_train_metrics
+        self.criterion = self._build_loss(loss, class_weights, ignore_index)
+
+        metrics = build_metrics(num_classes, ignore_index)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = build_metrics(num_classes, ignore_index, confusion_matrix=True).clone(
+            prefix="test/"
+        )
+        self.test_images: list[dict[str, Any]] = []
+        self.test_report: dict[str, Any] | None = None
+        #: Also return softmax probabilities from ``predict_step`` (set by the predict command).
+        self.predict_probs = False
+
+    # ------------------------------------------------------------------ building blocks
+    def _build_loss(
+        self, loss: str, class_weights: list[float] | None, ignore_index: int | None
+    ) -> nn.Module:
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        ce = nn.CrossEntropyLoss(
+            weight=weight, ignore_index=-100 if ignore_index is None else ignore_index
+        )
+        if loss == "ce":
+            return ce
+        dice = smp.losses.DiceLoss(
+            mode="multiclass", ignore_index=ignore_index, class_weights=class_weights
+        )
+        if loss == "dice":
+            return dice
+        if loss == "ce+dice":
+            return _SumLoss(ce, dice)
+        if loss == "focal":
+            return smp.losses.FocalLoss(
+                mode="multiclass", ignore_index=ignore_index, class_weights=class_weights
+            )
+        raise ValueError(f"loss must be one of ce, dice, ce+dice, focal; got {loss!r}.")
+
+    def setup(self, stage: str) -> None:
+        """Take class names from the datamodule when none were given, and check they agree."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm_classes = getattr(dm, "num_classes", None)
+        if dm_classes is not None and int(dm_classes) != self.num_classes:
+            raise ValueError(
+                f"The data has {dm_classes} classes but the model predicts {self.num_classes}; "
+                "set data.num_classes and the net's num_classes to the same value."
+            )
+        if self.class_names is None:
+            names = getattr(dm, "class_names", None)
+            self.class_names = _names(names, self.num_classes)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for a batch of any size.
+
+        Args:
+            x: (N, C, H, W) normalised images.
+
+        Returns:
+            (N, num_classes, H, W) logits.
+        """
+        x, (h, w) = pad_to_multiple(x, self.pad_multiple)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.net(x)
+        return logits[..., :h, :w]
+
+    def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
+        image, mask = batch["image"], batch["mask"]
+        logits = self(image)
+        loss = self.criterion(logits.float(), mask)
+        n = image.shape[0]
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=n,
+            sync_dist=stage != "train",
+        )
+        if stage == "train" and not self.log_train_metrics:
+            return loss
+        preds = logits.detach().argmax(dim=1)
+        getattr(self, f"{stage}_metrics").update(preds, mask)
+        if stage == "test":
+            for path, scores in zip(
+                batch.get("path", [""] * n),
+                per_image_scores(preds, mask, self.num_classes, self.ignore_index),
+            ):
+                self.test_images.append({"path": str(path), **scores})
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Class map (and probabilities when ``predict_probs``) of a batch.
+
+        Returns:
+            ``{"pred": (N,H,W) int64, "path": list[str]}`` plus ``"probs": (N,K,H,W) float32``.
+        """
+        logits = self(batch["image"]).float()
+        out: dict[str, Any] = {"pred": logits.argmax(dim=1), "path": batch.get("path")}
+        if self.predict_probs:
+            out["probs"] = logits.softmax(dim=1)
+        return out
+
+    # ------------------------------------------------------------------ epoch ends
+    def _log_epoch(self, stage: Stage) -> dict[str, Tensor]:
+        collection = getattr(self, f"{stage}_metrics")
+        if not any(metric.update_called for metric in collection.values()):
+            return {}
+        computed = {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()}
+        names = _names(self.class_names, self.num_classes)
+        flat = flatten_metrics(computed, names, prefix=f"{stage}/")
+        self.log(f"{stage}/mIoU", flat.pop(f"{stage}/mIoU"), prog_bar=True)
+        self.log_dict(flat)
+        collection.reset()
+        return computed
+
+    def on_train_epoch_end(self) -> None:
+        if self.log_train_metrics:
+            self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_images = []
+        self.test_report = None
+
+    def on_test_epoch_end(self) -> None:
+        computed = self._log_epoch("test")
+        if not computed:
+            return
+        names = _names(self.class_names, self.num_classes)
+        images = self.test_images
+        if self.trainer.world_size > 1:
+            gathered: list[list[dict[str, Any]]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, images)
+            images = [row for part in gathered for row in part]
+        report = metrics_report(computed, names, self.ignore_index)
+        report["num_images"] = len(images)
+        report["per_image"] = images
+        self.test_report = report
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+class _SumLoss(nn.Module):
+    """Sum of losses (e.g. cross-entropy + Dice)."""
+
+    def __init__(self, *losses: nn.Module) -> None:
+        super().__init__()
+        self.losses = nn.ModuleList(losses)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return sum(loss(logits, target) for loss in self.losses)  # type: ignore[return-value]
+
+
+def _names(names: Sequence[str] | None, n: int) -> list[str]:
+    return list(names) if names else [f"class_{i}" for i in range(n)]

@@ -1,0 +1,124 @@
+"""SegmentationTask with a 1x1-conv network: steps, losses, metrics, prediction, errors."""
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from segpipe.tasks import SegmentationTask, pad_to_multiple
+
+
+class PixelNet(nn.Module):
+    """1x1 conv: a network whose receptive field is one pixel."""
+
+    def __init__(self, in_channels=3, num_classes=3):
+        super().__init__()
+        self.in_channels, self.num_classes, self.pad_multiple = in_channels, num_classes, 8
+        self.conv = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, x):
+        assert x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0, "task must pad to pad_multiple"
+        return self.conv(x)
+
+
+class ArgmaxData(Dataset):
+    """Label = argmax over channels; learnable by a 1x1 conv. Odd size to exercise padding."""
+
+    def __init__(self, n=16, size=(13, 21), classes=3, ignore=None):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, classes, *size, generator=g)
+        self.masks = self.images.argmax(1)
+        if ignore is not None:
+            self.masks[:, 0, :] = ignore
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "mask": self.masks[i], "path": f"img_{i}.png"}
+
+
+class DM(L.LightningDataModule):
+    def __init__(self, ignore=None):
+        super().__init__()
+        self.num_classes, self.class_names = 3, ["bg", "a", "b"]
+        self.ds = ArgmaxData(ignore=ignore)
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=4, shuffle=True)
+
+    val_dataloader = test_dataloader = predict_dataloader = lambda self: DataLoader(self.ds, batch_size=4)
+
+
+def _trainer(**kw):
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **kw,
+    )
+
+
+@pytest.mark.parametrize("loss", ["ce", "dice", "ce+dice", "focal"])
+def test_fast_dev_run_every_loss(loss):
+    task = SegmentationTask(PixelNet(), loss=loss, class_weights=[1.0, 2.0, 2.0], ignore_index=255)
+    _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
+
+
+def test_learns_and_reports_named_metrics():
+    torch.manual_seed(0)
+    task = SegmentationTask(
+        PixelNet(), ignore_index=255,
+        optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
+    )
+    dm = DM(ignore=255)
+    trainer = _trainer(max_epochs=15, limit_val_batches=1)
+    trainer.fit(task, dm)
+    assert task.class_names == ["bg", "a", "b"]  # taken from the datamodule
+    assert trainer.callback_metrics["val/mIoU"] > 0.9
+    assert "val/IoU/a" in trainer.callback_metrics
+    trainer.test(task, dm)
+    rep = task.test_report
+    assert rep["mIoU"] > 0.9 and set(rep["IoU_per_class"]) == {"bg", "a", "b"}
+    assert len(rep["per_image"]) == 16 and rep["per_image"][0]["path"] == "img_0.png"
+    # row 0 of every mask is ignored: 16 images x 12 labelled rows x 21 columns
+    assert sum(map(sum, rep["confusion_matrix"])) == 16 * 12 * 21
+    preds = trainer.predict(task, dm)
+    assert preds[0]["pred"].shape == (4, 13, 21) and "probs" not in preds[0]
+    task.predict_probs = True
+    out = task.predict_step(next(iter(dm.test_dataloader())), 0)
+    assert out["probs"].shape == (4, 3, 13, 21)
+    assert torch.allclose(out["probs"].sum(1), torch.ones(4, 13, 21), atol=1e-5)
+
+
+def test_bf16_channels_last_step():
+    task = SegmentationTask(PixelNet(), ignore_index=255)
+    _trainer(fast_dev_run=True, precision="bf16-mixed").fit(task, DM(ignore=255))
+
+
+def test_pad_to_multiple_shapes():
+    x = torch.randn(2, 3, 13, 21)
+    y, size = pad_to_multiple(x, 8)
+    assert y.shape == (2, 3, 16, 24) and size == (13, 21)
+    assert torch.equal(y[..., :13, :21], x)
+    tiny, _ = pad_to_multiple(torch.randn(1, 1, 3, 3), 32)  # too small to reflect
+    assert tiny.shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_classes": 5}, "disagrees"),
+        ({"class_weights": [1.0, 2.0]}, "one weight per class"),
+        ({"class_names": ["x"]}, "one name per class"),
+    ],
+)
+def test_bad_arguments_say_what_to_fix(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SegmentationTask(PixelNet(), **kwargs)
+
+
+def test_data_model_class_mismatch_is_caught():
+    dm = DM()
+    dm.num_classes = 4
+    with pytest.raises(ValueError, match="data has 4 classes"):
+        _trainer(fast_dev_run=True).fit(SegmentationTask(PixelNet()), dm)

@@ -1,0 +1,65 @@
+"""Metrics against IoU, Dice and accuracy computed by hand on tiny masks."""
+
+import math
+
+import pytest
+import torch
+
+from segpipe.metrics import build_metrics, flatten_metrics, metrics_report, per_image_scores
+
+# truth / prediction, 255 = ignore. Class 3 appears nowhere (absent), class 2 only in prediction.
+TARGET = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 255]]])
+PREDS = torch.tensor([[[0, 1, 1, 1], [0, 0, 2, 2]]])
+# Non-ignored pixels (7): truth 0 0 1 1 0 0 1 ; pred 0 1 1 1 0 0 2
+# class 0: tp=3, fp=0, fn=1 -> IoU 3/4, Dice 6/7
+# class 1: tp=2, fp=1 (pixel 1), fn=1 (pixel 6) -> IoU 2/4, Dice 4/6
+# class 2: tp=0, fp=1 -> IoU 0, Dice 0 ; class 3: absent -> NaN, left out of the macro mean
+# micro IoU = sum tp / sum(tp+fp+fn) = 5 / (5 + 2 + 2) = 5/9 ; pixel accuracy = 5/7
+
+
+def _computed(ignore_index=255):
+    m = build_metrics(4, ignore_index=ignore_index, confusion_matrix=True)
+    m.update(PREDS, TARGET)
+    return m.compute()
+
+
+def test_per_class_and_macro_iou_by_hand():
+    c = _computed()
+    iou = c["IoU"].tolist()
+    assert iou[:3] == pytest.approx([0.75, 0.5, 0.0])
+    assert math.isnan(iou[3])
+    assert float(c["mIoU"]) == pytest.approx((0.75 + 0.5 + 0.0) / 3)
+    assert float(c["micro_IoU"]) == pytest.approx(5 / 9)
+    assert float(c["pixel_accuracy"]) == pytest.approx(5 / 7)
+    assert c["Dice"].tolist()[:3] == pytest.approx([6 / 7, 4 / 6, 0.0])
+    assert float(c["mDice"]) == pytest.approx((6 / 7 + 4 / 6) / 3)
+
+
+def test_ignored_pixel_counts_nowhere():
+    cm = _computed()["confusion_matrix"]
+    assert int(cm.sum()) == 7  # 8 pixels, one ignored
+    assert cm[1, 2] == 1 and cm[0, 1] == 1
+
+
+def test_report_is_labelled_and_json_ready():
+    rep = metrics_report(_computed(), ["a", "b", "c", "d"], 255)
+    assert rep["IoU_per_class"]["d"] is None
+    assert rep["IoU_per_class"]["a"] == pytest.approx(0.75)
+    assert "macro" in rep["definitions"]["mIoU"] and "micro" in rep["definitions"]["micro_IoU"]
+    assert rep["confusion_matrix"][0] == [3, 1, 0, 0]
+    assert rep["truth_share"][0] == pytest.approx(4 / 7)
+
+
+def test_flatten_names_classes():
+    flat = flatten_metrics(_computed(), ["a", "b", "c", "d"], prefix="val/")
+    assert flat["val/IoU/b"] == pytest.approx(0.5)
+    assert "val/IoU/d" not in flat  # absent class is not reported as 0
+    assert "val/confusion_matrix" not in flat
+
+
+def test_per_image_scores():
+    scores = per_image_scores(PREDS, TARGET, 4, 255)
+    assert scores[0]["IoU"] == pytest.approx((0.75 + 0.5 + 0.0) / 3)
+    assert scores[0]["pixel_accuracy"] == pytest.approx(5 / 7)
+    all_ignored = per_image_scores(PREDS, torch.full_like(TARGET, 255), 4, 255)
+    assert all_ignored[0]["IoU"] is None
