@@ -1,0 +1,260 @@
+"""Fully convolutional networks (Long, Shelhamer & Darrell, 2015): FCN-32s/16s/8s.
+
+The backbone yields three feature maps: ``pool3`` (stride 8), ``pool4`` (stride 16)
+and ``pool5`` (stride 32). ``fc6``/``fc7`` (as convolutions) and a 1x1 ``score_fr``
+layer turn ``pool5`` into coarse class scores; FCN-16s and FCN-8s upsample them x2 with
+a transposed convolution and **add** 1x1 score maps of ``pool4`` (and then ``pool3``)
+-- the skip fusion of the paper -- before a final x16 / x8 upsampling (x32 for FCN-32s).
+
+As in the original Caffe models, every upsampling layer is an ``nn.ConvTranspose2d``
+initialised to bilinear interpolation (:func:`bilinear_kernel`); the x2 layers are
+learned, the final one is kept fixed (``requires_grad=False``), and the pool score
+layers start at zero so that a freshly built 16s/8s net computes the same scores as
+the coarser net.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .unet import DoubleConv, _check_choice, _check_input, _check_int
+
+__all__ = ["FCN", "bilinear_kernel"]
+
+FCNVariant = Literal["32s", "16s", "8s"]
+_VARIANTS: tuple[str, ...] = ("32s", "16s", "8s")
+_STRIDES: dict[str, int] = {"32s": 32, "16s": 16, "8s": 8}
+_FC_DROPOUT = 0.5  # fc6/fc7 dropout of the original VGG-16 / FCN
+
+
+def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> Tensor:
+    """Weights that make a ``ConvTranspose2d`` perform bilinear upsampling.
+
+    Port of ``upsample_filt`` from the original FCN code: a separable triangle filter
+    placed on the channel diagonal (channel ``i`` is upsampled into channel ``i``; all
+    cross-channel weights are zero). With ``stride=s``, ``kernel_size=2*s`` and
+    ``padding=s//2`` the layer reproduces ``F.interpolate(scale_factor=s,
+    mode="bilinear", align_corners=False)`` away from the borders.
+
+    Args:
+        in_channels: Input channels of the transposed convolution.
+        out_channels: Output channels of the transposed convolution.
+        kernel_size: Side of the square kernel.
+
+    Returns:
+        Float tensor of shape ``(in_channels, out_channels, kernel_size, kernel_size)``
+        (the layout of ``nn.ConvTranspose2d.weight`` with ``groups=1``).
+
+    Raises:
+        ValueError: If an argument is not a positive int.
+    """
+    _check_int("in_channels", in_channels, 1)
+    _check_int("out_channels", out_channels, 1)
+    _check_int("kernel_size", kernel_size, 1)
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    grid = torch.arange(kernel_size, dtype=torch.float64)
+    tent = 1.0 - (grid - center).abs() / factor  # (kernel_size,)
+    filt = (tent[:, None] * tent[None, :]).to(torch.float32)  # (kernel_size, kernel_size)
+    weight = torch.zeros(in_channels, out_channels, kernel_size, kernel_size)
+    for channel in range(min(in_channels, out_channels)):
+        weight[channel, channel] = filt
+    return weight
+
+
+def _bilinear_upsample(channels: int, factor: int, trainable: bool = True) -> nn.ConvTranspose2d:
+    """``ConvTranspose2d`` upsampling by ``factor`` (kernel ``2f``, stride ``f``, padding ``f/2``),
+    initialised to bilinear interpolation: ``(N, C, H, W) -> (N, C, f*H, f*W)``."""
+    layer = nn.ConvTranspose2d(
+        channels, channels, kernel_size=2 * factor, stride=factor, padding=factor // 2, bias=False
+    )
+    with torch.no_grad():
+        layer.weight.copy_(bilinear_kernel(channels, channels, 2 * factor))
+    layer.weight.requires_grad_(trainable)
+    return layer
+
+
+class _VGGBackbone(nn.Module):
+    """Small VGG-style backbone: 5 stages of (3x3 conv-BN-ReLU) x 2 + 2x2 max-pool.
+
+    Stage channels are ``base, 2*base, 4*base, 8*base, 8*base`` (VGG-16: base 64).
+    """
+
+    def __init__(self, in_channels: int, base_channels: int) -> None:
+        super().__init__()
+        widths = [base_channels * m for m in (1, 2, 4, 8, 8)]
+        self.stage1 = DoubleConv(in_channels, widths[0])
+        self.stage2 = DoubleConv(widths[0], widths[1])
+        self.stage3 = DoubleConv(widths[1], widths[2])
+        self.stage4 = DoubleConv(widths[2], widths[3])
+        self.stage5 = DoubleConv(widths[3], widths[4])
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.out_channels: tuple[int, int, int] = (widths[2], widths[3], widths[4])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Map ``(N, C, H, W)`` to ``(pool3, pool4, pool5)`` at strides 8, 16, 32."""
+        pool1 = self.pool(self.stage1(x))  # (N, b, H/2, W/2)
+        pool2 = self.pool(self.stage2(pool1))  # (N, 2b, H/4, W/4)
+        pool3 = self.pool(self.stage3(pool2))  # (N, 4b, H/8, W/8)
+        pool4 = self.pool(self.stage4(pool3))  # (N, 8b, H/16, W/16)
+        pool5 = self.pool(self.stage5(pool4))  # (N, 8b, H/32, W/32)
+        return pool3, pool4, pool5
+
+
+class _SmpBackbone(nn.Module):
+    """A segmentation-models-pytorch encoder (no pretrained weights) as FCN backbone."""
+
+    def __init__(self, name: str, in_channels: int, depth: int = 5) -> None:
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        self.encoder = smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=None)
+        channels = list(self.encoder.out_channels)
+        self.out_channels: tuple[int, int, int] = (channels[-3], channels[-2], channels[-1])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Map ``(N, C, H, W)`` to the encoder's stride-8, 16 and 32 feature maps."""
+        features = self.encoder(x)  # [x, stride 2, 4, 8, 16, 32]
+        return features[-3], features[-2], features[-1]
+
+
+class FCN(nn.Module):
+    """FCN-32s / FCN-16s / FCN-8s semantic segmentation network.
+
+    Args:
+        in_channels: Channels of the input image.
+        num_classes: Number of output logit channels.
+        variant: ``"32s"`` (score -> x32), ``"16s"`` (score -> x2, + pool4 score ->
+            x16) or ``"8s"`` (... -> x2, + pool3 score -> x8).
+        backbone: ``"vgg"`` for the built-in small VGG-style stack, or the name of a
+            segmentation-models-pytorch encoder (e.g. ``"resnet18"``, ``"mobilenet_v2"``,
+            ``"tu-<timm model>"``) built without pretrained weights.
+        base_channels: Width of the first VGG stage (stages: b, 2b, 4b, 8b, 8b); fc6/fc7
+            have ``16 * base_channels`` channels for either backbone.
+        encoder_depth: Encoder depth; FCN needs the stride-32 features, so only 5 is
+            accepted (the argument exists so configs can share it with ``SmpModel``).
+
+    Attributes:
+        in_channels: As given.
+        num_classes: As given.
+        pad_multiple: 32; H and W must be multiples of it.
+        output_stride: 32, 16 or 8, the stride of the last score map before the final
+            upsampling.
+
+    Raises:
+        ValueError: If an argument is out of range, ``variant`` is unknown or
+            ``backbone`` is neither ``"vgg"`` nor an smp encoder name.
+
+    Example:
+        >>> model = FCN(in_channels=3, num_classes=5, variant="8s", base_channels=8)
+        >>> model(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 5, 64, 64])
+    """
+
+    in_channels: int
+    num_classes: int
+    pad_multiple: int
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        variant: FCNVariant = "8s",
+        backbone: str = "vgg",
+        base_channels: int = 32,
+        encoder_depth: int = 5,
+    ) -> None:
+        super().__init__()
+        _check_int("in_channels", in_channels, 1)
+        _check_int("num_classes", num_classes, 1)
+        _check_choice("variant", variant, _VARIANTS)
+        _check_int("base_channels", base_channels, 1)
+        if isinstance(encoder_depth, bool) or encoder_depth != 5:
+            raise ValueError(
+                f"encoder_depth must be 5 for FCN (its 32s/16s/8s heads use the stride-32, 16 "
+                f"and 8 features), got {encoder_depth!r}."
+            )
+        if not isinstance(backbone, str) or not backbone:
+            raise ValueError(f"backbone must be 'vgg' or an smp encoder name, got {backbone!r}.")
+        if backbone != "vgg":
+            from .smp import check_encoder_name
+
+            check_encoder_name(backbone, arg="backbone")
+
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.variant = variant
+        self.backbone_name = backbone
+        self.pad_multiple = 32
+        self.output_stride = _STRIDES[variant]
+
+        self.backbone: nn.Module = (
+            _VGGBackbone(in_channels, base_channels)
+            if backbone == "vgg"
+            else _SmpBackbone(backbone, in_channels, depth=encoder_depth)
+        )
+        pool3_channels, pool4_channels, pool5_channels = self.backbone.out_channels
+        fc_channels = 16 * base_channels
+
+        self.fc6 = nn.Sequential(
+            nn.Conv2d(pool5_channels, fc_channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(_FC_DROPOUT),
+        )
+        self.fc7 = nn.Sequential(
+            nn.Conv2d(fc_channels, fc_channels, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(_FC_DROPOUT),
+        )
+        self.score_fr = nn.Conv2d(fc_channels, num_classes, kernel_size=1)
+        if variant in ("16s", "8s"):
+            self.upscore2 = _bilinear_upsample(num_classes, 2)
+            self.score_pool4 = self._zero_conv(pool4_channels, num_classes)
+        if variant == "8s":
+            self.upscore_pool4 = _bilinear_upsample(num_classes, 2)
+            self.score_pool3 = self._zero_conv(pool3_channels, num_classes)
+        self.upscore = _bilinear_upsample(num_classes, self.output_stride, trainable=False)
+
+    @staticmethod
+    def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+        """1x1 score layer initialised to zero (as the FCN paper's skip score layers)."""
+        layer = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute per-pixel logits.
+
+        Args:
+            x: Float images, ``(N, in_channels, H, W)`` with H and W multiples of 32.
+
+        Returns:
+            Logits, ``(N, num_classes, H, W)``.
+
+        Raises:
+            ValueError: If H or W is not a multiple of 32 (the message names the padded
+                size to use) or the channel count is wrong.
+        """
+        _check_input(x, f"FCN(variant={self.variant!r})", self.in_channels, self.pad_multiple)
+
+        pool3, pool4, pool5 = self.backbone(x)  # strides 8, 16, 32
+        score = self.score_fr(self.fc7(self.fc6(pool5)))  # (N, K, H/32, W/32)
+        if self.variant == "32s":
+            return self.upscore(score)  # (N, K, H, W)
+
+        score = self.upscore2(score) + self.score_pool4(pool4)  # (N, K, H/16, W/16)
+        if self.variant == "16s":
+            return self.upscore(score)
+
+        score = self.upscore_pool4(score) + self.score_pool3(pool3)  # (N, K, H/8, W/8)
+        return self.upscore(score)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"variant={self.variant!r}, backbone={self.backbone_name!r}"
+        )

@@ -1,0 +1,299 @@
+"""U-Net (Ronneberger et al., 2015) as a plain ``torch.nn`` module.
+
+The layout follows milesial's Pytorch-UNet: an input double convolution, ``depth``
+down blocks (2x2 max-pool then double conv, channels doubling), ``depth`` up blocks
+(2x2 transposed convolution halving the channels, concatenation with the encoder's
+skip tensor, double conv) and a 1x1 convolution head. Convolutions use ``padding=1``,
+so the output has the input's height and width as long as both are multiples of
+``2**depth``.
+
+This module also holds the small argument / input-size checks shared by the other
+models of :mod:`segpipe.models`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["UNet", "DoubleConv", "Down", "Up"]
+
+NormName = Literal["batch", "group", "none"]
+_NORMS: tuple[str, ...] = ("batch", "group", "none")
+_MAX_GROUPS = 32
+
+
+# --------------------------------------------------------------------------- checks
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` in ``[minimum, maximum]``, else raise.
+
+    Args:
+        name: Argument name, used in the message.
+        value: The value given by the caller.
+        minimum: Smallest allowed value.
+        maximum: Largest allowed value, or ``None`` for no upper bound.
+
+    Returns:
+        The value, unchanged.
+
+    Raises:
+        ValueError: If ``value`` is not an int (bools are rejected) or out of range.
+    """
+    allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def _skip_input_checks() -> bool:
+    """True while tracing/exporting, where Python shape checks would bake in guards."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def _check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
+    """Check a model input's rank, channel count and spatial divisibility.
+
+    Only Python int comparisons on ``x.shape``: cheap, no device synchronisation.
+
+    Args:
+        x: Input batch of shape ``(N, C, H, W)``.
+        owner: Model description for the message, e.g. ``"UNet(depth=4)"``.
+        in_channels: Expected ``C``.
+        multiple: ``H`` and ``W`` must be multiples of this.
+
+    Raises:
+        ValueError: On a non-4D input, a wrong channel count, or ``H``/``W`` that are
+            not multiples of ``multiple`` (the message names the padded size).
+    """
+    if _skip_input_checks():
+        return
+    if x.dim() != 4:
+        raise ValueError(
+            f"{owner} expects a 4D input (N, C, H, W), got shape {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0) for a single image."
+        )
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if channels != in_channels:
+        raise ValueError(
+            f"{owner} was built with in_channels={in_channels}, got an input with "
+            f"{channels} channels (shape {tuple(x.shape)})."
+        )
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"{owner} needs H and W to be multiples of {multiple}, got {height}x{width}; "
+            f"pad the input to {_round_up(height, multiple)}x{_round_up(width, multiple)} "
+            f"(e.g. with segpipe's pad-to-multiple) and crop the logits back to "
+            f"{height}x{width}."
+        )
+
+
+# ------------------------------------------------------------------------- blocks
+def _group_count(channels: int, max_groups: int = _MAX_GROUPS) -> int:
+    """Largest divisor of ``channels`` that is at most ``max_groups``."""
+    for groups in range(min(max_groups, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def _make_norm(norm: str, channels: int) -> nn.Module:
+    """Normalisation layer for ``channels`` feature maps (``Identity`` for "none")."""
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(_group_count(channels), channels)
+    return nn.Identity()
+
+
+class DoubleConv(nn.Module):
+    """(3x3 conv => norm => ReLU) x 2, ``padding=1`` so H and W are kept.
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        norm: ``"batch"``, ``"group"`` or ``"none"``.
+        mid_channels: Channels after the first conv (default ``out_channels``).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str = "batch", mid_channels: int | None = None
+    ) -> None:
+        super().__init__()
+        mid_channels = out_channels if mid_channels is None else mid_channels
+        bias = norm == "none"  # a following norm layer makes a conv bias redundant
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=bias),
+            _make_norm(norm, mid_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=bias),
+            _make_norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(N, in_channels, H, W)`` to ``(N, out_channels, H, W)``."""
+        return self.block(x)
+
+
+class Down(nn.Module):
+    """2x2 max-pool then :class:`DoubleConv`: ``(N, C_in, H, W) -> (N, C_out, H/2, W/2)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels, out_channels, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(N, C_in, H, W)`` to ``(N, C_out, H/2, W/2)``."""
+        return self.conv(self.pool(x))
+
+
+class Up(nn.Module):
+    """Transposed-conv upsampling, skip concatenation, then :class:`DoubleConv`.
+
+    Args:
+        in_channels: Channels of the coarse input; the transposed conv halves them,
+            and the skip tensor is expected to carry ``in_channels // 2`` channels.
+        out_channels: Output channels.
+        norm: ``"batch"``, ``"group"`` or ``"none"``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels, out_channels, norm)  # skip + upsampled channels
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        """Upsample and fuse with the encoder's skip tensor.
+
+        Args:
+            x: Coarse features, ``(N, in_channels, H/2, W/2)``.
+            skip: Encoder features at the target resolution, ``(N, in_channels // 2, H, W)``.
+
+        Returns:
+            ``(N, out_channels, H, W)``.
+        """
+        upsampled = self.up(x)  # (N, in_channels // 2, H, W)
+        fused = torch.cat([skip, upsampled], dim=1)  # (N, in_channels, H, W)
+        return self.conv(fused)
+
+
+# -------------------------------------------------------------------------- model
+class UNet(nn.Module):
+    """U-Net of Ronneberger et al. (2015) with same-size (padded) convolutions.
+
+    Channels per level are ``base_channels * 2**level`` for ``level = 0..depth``; the
+    deepest level (``base_channels * 2**depth`` channels at ``H/2**depth``) is the
+    bottleneck, where ``Dropout2d(dropout)`` is applied.
+
+    Args:
+        in_channels: Channels of the input image (1 for grey, 3 for RGB, ...).
+        num_classes: Number of output logit channels.
+        base_channels: Channels of the first level (64 in the paper).
+        depth: Number of 2x2 poolings; H and W must be multiples of ``2**depth``.
+        norm: Normalisation after each 3x3 conv: ``"batch"``, ``"group"`` (group count
+            = largest divisor of the channels that is <= 32) or ``"none"``.
+        dropout: ``Dropout2d`` probability at the bottleneck, in ``[0, 1)``.
+
+    Attributes:
+        in_channels: As given.
+        num_classes: As given.
+        pad_multiple: ``2**depth``; H and W of the input must be multiples of it.
+
+    Raises:
+        ValueError: If an argument is out of range or of the wrong type.
+
+    Example:
+        >>> model = UNet(in_channels=3, num_classes=2, base_channels=8, depth=3)
+        >>> model(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 2, 64, 64])
+    """
+
+    in_channels: int
+    num_classes: int
+    pad_multiple: int
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        base_channels: int = 64,
+        depth: int = 4,
+        norm: NormName = "batch",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_int("in_channels", in_channels, 1)
+        _check_int("num_classes", num_classes, 1)
+        _check_int("base_channels", base_channels, 1)
+        _check_int("depth", depth, 1, 8)
+        _check_choice("norm", norm, _NORMS)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}.")
+
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.base_channels = base_channels
+        self.depth = depth
+        self.norm = norm
+        self.pad_multiple = 2**depth
+
+        channels = [base_channels * 2**level for level in range(depth + 1)]
+        self.inc = DoubleConv(in_channels, channels[0], norm)
+        self.downs = nn.ModuleList(Down(channels[i], channels[i + 1], norm) for i in range(depth))
+        self.bottleneck_dropout = nn.Dropout2d(float(dropout)) if dropout > 0 else nn.Identity()
+        self.ups = nn.ModuleList(Up(channels[i + 1], channels[i], norm) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(channels[0], num_classes, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute per-pixel logits.
+
+        Args:
+            x: Float images, ``(N, in_channels, H, W)`` with H and W multiples of
+                ``pad_multiple``.
+
+        Returns:
+            Logits, ``(N, num_classes, H, W)``.
+
+        Raises:
+            ValueError: If H or W is not a multiple of ``pad_multiple`` (the message
+                names the padded size to use) or the channel count is wrong.
+        """
+        _check_input(x, f"UNet(depth={self.depth})", self.in_channels, self.pad_multiple)
+
+        features = self.inc(x)  # (N, base, H, W)
+        skips: list[Tensor] = []  # encoder outputs, finest first: (N, base * 2**l, H/2**l, W/2**l)
+        for down in self.downs:
+            skips.append(features)
+            features = down(features)
+        bottleneck = self.bottleneck_dropout(features)  # (N, base * 2**depth, H/2**depth, W/2**depth)
+
+        decoded = bottleneck
+        for up, skip in zip(self.ups, reversed(skips)):
+            decoded = up(decoded, skip)  # one level finer, channels halved
+        return self.head(decoded)  # (N, num_classes, H, W)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"base_channels={self.base_channels}, depth={self.depth}, norm={self.norm!r}"
+        )
