@@ -1,0 +1,814 @@
+"""Data set layouts (scanners), mask encoding and torch datasets.
+
+Scanners turn a data root into a :class:`Scan`: a ``dict`` mapping split names (``"train"``,
+``"val"``, ``"test"``; only the splits present) to sorted lists of :class:`Sample` (image path,
+mask path or None). A :class:`Scan` also carries what the pre-flight checker should report but
+cannot be a sample: ``orphans`` (masks without an image) and ``duplicates`` (files ignored because
+another file of the same split has the same stem), both keyed by split, and ``folders`` (the
+image folder of each split, for error messages).
+
+Supported layouts:
+
+* ``folder``: ``ROOT/{train,val,test}/images/**`` + ``ROOT/{split}/masks/**`` matched by relative
+  path without extension (also ``ROOT/images`` + ``ROOT/masks`` without split folders: all train).
+* ``camvid``: ``ROOT/{train,val,test}`` + ``ROOT/{split}annot`` (SegNet's CamVid).
+* ``lgg``: ``ROOT/kaggle_3m/<patient>/<patient>_<n>.tif`` + ``..._<n>_mask.tif`` with a
+  patient-level split.
+* ``isbi``: ``ROOT/{train,val,test}/{image,label}`` or one ``ROOT/train/{image,label}`` split by
+  a contiguous range of slices.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segpipe.data.io import ImageReadError, is_image_file, read_image, read_mask, to_float
+from segpipe.data.transforms import default_mean_std, normalize, to_tensor_pair
+
+__all__ = [
+    "SPLITS",
+    "PredictDataset",
+    "Sample",
+    "Scan",
+    "SegmentationDataset",
+    "adapt_channels",
+    "check_label_range",
+    "encode_mask",
+    "find_images",
+    "scan_camvid",
+    "scan_folder",
+    "scan_isbi",
+    "scan_lgg",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its mask.
+
+    Attributes:
+        image: Image file.
+        mask: Mask file, or None when no mask was found (the checker reports it).
+    """
+
+    image: Path
+    mask: Path | None = None
+
+
+class Scan(dict[str, list[Sample]]):
+    """Result of a layout scanner: ``dict[split, list[Sample]]`` plus what the checker reports.
+
+    Being a ``dict``, a Scan can be used wherever ``dict[str, list[Sample]]`` is expected.
+
+    Attributes:
+        orphans: Masks that have no image, keyed by split.
+        duplicates: Files ignored because another file in the split has the same stem.
+        folders: Image folder of each split (for error messages).
+    """
+
+    def __init__(
+        self,
+        splits: Mapping[str, list[Sample]] | None = None,
+        orphans: Mapping[str, list[Path]] | None = None,
+        duplicates: Mapping[str, list[Path]] | None = None,
+        folders: Mapping[str, Path] | None = None,
+    ) -> None:
+        super().__init__(splits or {})
+        self.orphans: dict[str, list[Path]] = {k: list(v) for k, v in (orphans or {}).items()}
+        self.duplicates: dict[str, list[Path]] = {
+            k: list(v) for k, v in (duplicates or {}).items()
+        }
+        self.folders: dict[str, Path] = dict(folders or {})
+
+    @property
+    def splits(self) -> dict[str, list[Sample]]:
+        """The samples per split as a plain dict."""
+        return dict(self)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={len(v)}" for k, v in self.items())
+        extra = sum(len(v) for v in self.orphans.values())
+        return f"Scan({counts}; orphans={extra})"
+
+
+def _natural_key(text: str) -> list[Any]:
+    """Sort key that orders ``img_2`` before ``img_10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def find_images(path: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under a folder (or the file itself), naturally sorted.
+
+    Args:
+        path: A folder or a single image file.
+        recursive: Search sub-folders too.
+
+    Returns:
+        Sorted list of image files (hidden files skipped).
+
+    Raises:
+        FileNotFoundError: When ``path`` does not exist.
+    """
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    it = p.rglob("*") if recursive else p.glob("*")
+    files = [
+        f
+        for f in it
+        if f.is_file()
+        and is_image_file(f)
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    ]
+    return sorted(files, key=lambda f: _natural_key(f.relative_to(p).as_posix()))
+
+
+def _index_by_key(
+    folder: Path, files: Iterable[Path], strip_suffix: str = ""
+) -> tuple[dict[str, Path], list[Path]]:
+    """Map relative path without extension (and ``strip_suffix``) -> file; collect duplicates."""
+    out: dict[str, Path] = {}
+    dups: list[Path] = []
+    for f in files:
+        key = f.relative_to(folder).with_suffix("").as_posix()
+        if strip_suffix and key.endswith(strip_suffix):
+            key = key[: -len(strip_suffix)]
+        if key in out:
+            dups.append(f)
+        else:
+            out[key] = f
+    return out, dups
+
+
+def _pair_folders(
+    image_dir: Path, mask_dir: Path | None, recursive: bool = True
+) -> tuple[list[Sample], list[Path], list[Path]]:
+    """Match images and masks by relative stem. Returns (samples, orphan masks, duplicates)."""
+    images, dup_img = _index_by_key(image_dir, find_images(image_dir, recursive=recursive))
+    masks: dict[str, Path] = {}
+    dup_mask: list[Path] = []
+    if mask_dir is not None and mask_dir.is_dir():
+        masks, dup_mask = _index_by_key(mask_dir, find_images(mask_dir, recursive=recursive))
+    samples = [Sample(image=images[k], mask=masks.get(k)) for k in images]
+    orphans = [masks[k] for k in masks if k not in images]
+    return samples, orphans, dup_img + dup_mask
+
+
+def _require_root(root: str | Path, layout: str, expected: str) -> Path:
+    p = Path(root).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"data root {p} does not exist or is not a folder; the {layout!r} layout expects "
+            f"{expected}. Set data.root to the folder that holds the data."
+        )
+    return p
+
+
+FOLDER_LAYOUT = "ROOT/{train,val,test}/images/* with masks in ROOT/{split}/masks/* (same stem)"
+CAMVID_LAYOUT = "ROOT/{train,val,test}/* with labels in ROOT/{train,val,test}annot/* (same stem)"
+LGG_LAYOUT = "ROOT/kaggle_3m/<patient>/<patient>_<n>.tif with <patient>_<n>_mask.tif"
+ISBI_LAYOUT = "ROOT/train/image/*.png with ROOT/train/label/*.png (or also val/, test/)"
+
+
+def scan_folder(root: str | Path) -> Scan:
+    """Scan the generic ``folder`` layout.
+
+    ``ROOT/{train,val,test}/images/**`` (recursive, any of the image extensions) paired with
+    ``ROOT/{split}/masks/**`` by relative path without extension, so ``images/a/x.jpg`` pairs
+    with ``masks/a/x.png``. Without split folders, ``ROOT/images`` + ``ROOT/masks`` is taken as
+    the train split. A split is present when its ``images`` folder exists (it may be empty; the
+    data module then reports it).
+
+    Args:
+        root: Data root.
+
+    Returns:
+        A :class:`Scan`; images without a mask get ``Sample(mask=None)``.
+
+    Raises:
+        FileNotFoundError: When the root is missing or has none of the expected folders.
+    """
+    base = _require_root(root, "folder", FOLDER_LAYOUT)
+    scan = Scan()
+    for split in SPLITS:
+        image_dir = base / split / "images"
+        if image_dir.is_dir():
+            samples, orphans, dups = _pair_folders(image_dir, base / split / "masks")
+            scan[split] = samples
+            scan.folders[split] = image_dir
+            if orphans:
+                scan.orphans[split] = orphans
+            if dups:
+                scan.duplicates[split] = dups
+    if not scan and (base / "images").is_dir():
+        samples, orphans, dups = _pair_folders(base / "images", base / "masks")
+        scan["train"] = samples
+        scan.folders["train"] = base / "images"
+        if orphans:
+            scan.orphans["train"] = orphans
+        if dups:
+            scan.duplicates["train"] = dups
+    if not scan:
+        raise FileNotFoundError(
+            f"{base}: no train/images, val/images, test/images or images folder found; the "
+            f"'folder' layout expects {FOLDER_LAYOUT}"
+        )
+    return scan
+
+
+def scan_camvid(root: str | Path) -> Scan:
+    """Scan SegNet's CamVid layout: ``ROOT/{split}`` frames with ``ROOT/{split}annot`` labels.
+
+    Frames and labels share a stem; frames may be PNG, WebP or any image extension.
+
+    Args:
+        root: Data root (the ``CamVid`` folder).
+
+    Returns:
+        A :class:`Scan` with the splits whose frame folder exists.
+
+    Raises:
+        FileNotFoundError: When the root is missing or holds no split folder.
+    """
+    base = _require_root(root, "camvid", CAMVID_LAYOUT)
+    scan = Scan()
+    for split in SPLITS:
+        image_dir = base / split
+        if image_dir.is_dir():
+            samples, orphans, dups = _pair_folders(
+                image_dir, base / f"{split}annot", recursive=False
+            )
+            scan[split] = samples
+            scan.folders[split] = image_dir
+            if orphans:
+                scan.orphans[split] = orphans
+            if dups:
+                scan.duplicates[split] = dups
+    if not scan:
+        raise FileNotFoundError(
+            f"{base}: no train/, val/ or test/ folder found; the 'camvid' layout expects "
+            f"{CAMVID_LAYOUT}"
+        )
+    return scan
+
+
+def _read_excluded(path: Path) -> set[str]:
+    """Slice ids from ``excluded_corrupt_slices.txt`` (first token per line, ``#`` comments)."""
+    out: set[str] = set()
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.add(Path(line.split()[0]).stem)
+    return out
+
+
+def _read_splits_csv(path: Path) -> dict[str, str]:
+    """patient_id -> split from a CSV with columns ``patient_id,split[,...]``."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        if "patient_id" not in fields or "split" not in fields:
+            raise ValueError(
+                f"{path}: expected a header with columns patient_id,split (got {fields}); "
+                "fix the CSV or set splits_csv to null for a seeded split"
+            )
+        out: dict[str, str] = {}
+        for lineno, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            pid, split = row["patient_id"], row["split"].lower()
+            if not pid:
+                continue
+            if split not in _SPLIT_ALIASES:
+                raise ValueError(
+                    f"{path}:{lineno}: unknown split {row['split']!r} for {pid}; "
+                    "use train, val or test"
+                )
+            new = _SPLIT_ALIASES[split]
+            if out.get(pid, new) != new:
+                raise ValueError(
+                    f"{path}:{lineno}: patient {pid} is listed in two splits "
+                    f"({out[pid]} and {new}); a patient must be in exactly one split"
+                )
+            out[pid] = new
+    return out
+
+
+def _seeded_holdout(keys: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """A seeded random subset of ``keys`` of size round(fraction * n) (at least 1 if n > 1)."""
+    keys = sorted(keys)
+    if fraction <= 0 or len(keys) < 2:
+        return set()
+    n_val = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    shuffled = list(keys)
+    random.Random(seed).shuffle(shuffled)
+    return set(shuffled[:n_val])
+
+
+def scan_lgg(
+    root: str | Path,
+    splits_csv: str | None = "splits.csv",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> Scan:
+    """Scan the LGG MRI ``kaggle_3m`` layout with a patient-level split.
+
+    Slices are ``ROOT/kaggle_3m/<patient>/<patient>_<n>.tif`` with masks ``<patient>_<n>_mask.tif``
+    (``ROOT`` may also be the ``kaggle_3m`` folder itself). The split comes from
+    ``ROOT/<splits_csv>`` (columns ``patient_id,split[,n_slices]``) when it exists; patients it
+    does not list are left out with a warning. Otherwise a seeded ``val_fraction`` of the
+    *patients* goes to val, so one patient's slices are never in two splits. Slices listed in
+    ``ROOT/excluded_corrupt_slices.txt`` (one slice id such as ``TCGA_CS_5393_19990606_12`` per
+    line, optionally followed by a tab and a note; ``#`` starts a comment) are skipped.
+
+    Args:
+        root: Data root (holding ``kaggle_3m/``).
+        splits_csv: CSV file name relative to root, or None to always use the seeded split.
+        val_fraction: Fraction of patients for val in the seeded split.
+        seed: Seed of the seeded split.
+
+    Returns:
+        A :class:`Scan`; slices sorted by patient, then slice number.
+
+    Raises:
+        FileNotFoundError: When no patient folders are found.
+        ValueError: For a malformed splits CSV.
+    """
+    base = _require_root(root, "lgg", LGG_LAYOUT)
+    data_dir = base / "kaggle_3m" if (base / "kaggle_3m").is_dir() else base
+    excluded = _read_excluded(base / "excluded_corrupt_slices.txt")
+    if data_dir != base:
+        excluded |= _read_excluded(data_dir / "excluded_corrupt_slices.txt")
+    by_patient: dict[str, list[Sample]] = {}
+    orphans: list[Path] = []
+    for pdir in sorted(d for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        files = sorted(
+            f for f in pdir.iterdir() if f.is_file() and is_image_file(f)
+        )
+        masks = {f.stem[: -len("_mask")]: f for f in files if f.stem.endswith("_mask")}
+        images = [f for f in files if not f.stem.endswith("_mask")]
+        samples = []
+        for img in images:
+            if img.stem in excluded:
+                continue
+            samples.append(Sample(image=img, mask=masks.get(img.stem)))
+        image_stems = {f.stem for f in images}
+        orphans += [
+            m for k, m in masks.items() if k not in image_stems and k not in excluded
+        ]
+        if samples:
+            samples.sort(key=lambda s: _natural_key(s.image.name))
+            by_patient[pdir.name] = samples
+    if not by_patient:
+        raise FileNotFoundError(
+            f"{data_dir}: no patient folders with .tif slices found; the 'lgg' layout expects "
+            f"{LGG_LAYOUT}"
+        )
+    csv_path = base / splits_csv if splits_csv else None
+    if csv_path is not None and csv_path.is_file():
+        assignment = _read_splits_csv(csv_path)
+        missing = sorted(p for p in by_patient if p not in assignment)
+        if missing:
+            log.warning(
+                "%s does not list %d patient folder(s) (e.g. %s); they are left out",
+                csv_path, len(missing), missing[0],
+            )
+    else:
+        val = _seeded_holdout(list(by_patient), val_fraction, seed)
+        assignment = {p: ("val" if p in val else "train") for p in by_patient}
+    scan = Scan(folders={})
+    for split in SPLITS:
+        patients = [p for p in sorted(by_patient) if assignment.get(p) == split]
+        if patients:
+            scan[split] = [s for p in patients for s in by_patient[p]]
+            scan.folders[split] = data_dir
+    if orphans:
+        patient_split = {
+            s.image.parent: split for split, samples in scan.items() for s in samples
+        }
+        for m in orphans:
+            scan.orphans.setdefault(patient_split.get(m.parent, "train"), []).append(m)
+    return scan
+
+
+def _isbi_dirs(split_dir: Path) -> tuple[Path, Path] | None:
+    for img_name, lab_name in (("image", "label"), ("images", "labels"), ("images", "masks")):
+        if (split_dir / img_name).is_dir():
+            return split_dir / img_name, split_dir / lab_name
+    return None
+
+
+def scan_isbi(root: str | Path, val_slices: tuple[int, int] | None = (20, 24)) -> Scan:
+    """Scan the ISBI 2012 EM layout (``zhixuhao/unet``'s per-slice PNG export).
+
+    With ``ROOT/val`` (or ``ROOT/test``) present, the split folders are used as they are.
+    Otherwise the slices of ``ROOT/train/{image,label}``, sorted by name, are split by a
+    contiguous range: slices ``[start, stop)`` go to val (neighbouring EM sections are highly
+    correlated, so a random split would leak).
+
+    Args:
+        root: Data root.
+        val_slices: ``(start, stop)`` slice range for val, or None to keep all in train.
+
+    Returns:
+        A :class:`Scan`.
+
+    Raises:
+        FileNotFoundError: When ``ROOT/train/image`` is missing.
+        ValueError: When ``val_slices`` is not a valid range of the available slices.
+    """
+    base = _require_root(root, "isbi", ISBI_LAYOUT)
+    scan = Scan()
+    for split in SPLITS:
+        dirs = _isbi_dirs(base / split)
+        if dirs is not None:
+            samples, orphans, dups = _pair_folders(dirs[0], dirs[1], recursive=False)
+            scan[split] = samples
+            scan.folders[split] = dirs[0]
+            if orphans:
+                scan.orphans[split] = orphans
+            if dups:
+                scan.duplicates[split] = dups
+    if "train" not in scan:
+        raise FileNotFoundError(
+            f"{base}: no train/image folder found; the 'isbi' layout expects {ISBI_LAYOUT}"
+        )
+    if "val" not in scan and val_slices is not None:
+        train = scan["train"]
+        start, stop = int(val_slices[0]), int(val_slices[1])
+        if not 0 <= start < stop <= len(train) or stop - start >= len(train):
+            raise ValueError(
+                f"val_slices ({start}, {stop}) is not a valid range of the {len(train)} slices "
+                f"in {scan.folders['train']}; set data.val_slices to [start, stop) with "
+                f"0 <= start < stop <= {len(train)} leaving some slices for training"
+            )
+        scan["val"] = train[start:stop]
+        scan["train"] = train[:start] + train[stop:]
+        scan.folders["val"] = scan.folders["train"]
+        # Keep the usual split order.
+        ordered = {k: scan[k] for k in SPLITS if k in scan}
+        scan.clear()
+        scan.update(ordered)
+    return scan
+
+
+# --------------------------------------------------------------------------------------------
+# Mask encoding and channel adaptation (shared with the checker)
+# --------------------------------------------------------------------------------------------
+
+
+def _map_values(
+    raw: np.ndarray, mapping: Mapping[int, int], fill: int | None, path: Path
+) -> np.ndarray:
+    uniq, inv = np.unique(raw, return_inverse=True)
+    out_vals = np.empty(len(uniq), dtype=np.int64)
+    unknown: list[int] = []
+    for i, u in enumerate(uniq.tolist()):
+        if u in mapping:
+            out_vals[i] = mapping[u]
+        elif fill is not None:
+            out_vals[i] = fill
+        else:
+            unknown.append(u)
+    if unknown:
+        raise ImageReadError(
+            path,
+            f"mask values {unknown[:10]} are not in data.mask_values "
+            f"(known: {sorted(mapping)[:10]})",
+            "add them to data.mask_values, or set data.ignore_index to ignore them",
+        )
+    return out_vals[inv.reshape(-1)].reshape(raw.shape)
+
+
+def encode_mask(
+    raw: np.ndarray,
+    path: str | Path,
+    mask_values: Mapping[int, int] | None = None,
+    mask_colors: Sequence[Sequence[int]] | None = None,
+    ignore_index: int | None = None,
+) -> np.ndarray:
+    """Turn a raw mask from :func:`~segpipe.data.io.read_mask` into (H, W) int64 class indices.
+
+    * ``mask_colors``: RGB colour-coded mask; the i-th colour is class i, any other colour
+      becomes ``ignore_index`` (an error when it is None).
+    * ``mask_values``: raw value -> class (e.g. ``{0: 0, 255: 1}``); unlisted values become
+      ``ignore_index`` (an error when it is None).
+    * Otherwise the values are the classes. An RGB mask whose three channels are equal is taken
+      as grayscale.
+
+    Args:
+        raw: (H, W) integer or (H, W, 3) uint8 array.
+        path: Mask file (for error messages).
+        mask_values: Optional value mapping.
+        mask_colors: Optional colour table.
+        ignore_index: Label for unmapped values / colours.
+
+    Returns:
+        (H, W) int64 labels (range not checked here).
+
+    Raises:
+        ImageReadError: For masks that do not fit the configured encoding.
+    """
+    p = Path(path)
+    if mask_colors:
+        if raw.ndim != 3:
+            raise ImageReadError(
+                p,
+                "data.mask_colors is set but the mask has a single channel",
+                "remove data.mask_colors for index masks (or use mask_values)",
+            )
+        rgb = raw.astype(np.int64)
+        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        table = {
+            (int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2]): i for i, c in enumerate(mask_colors)
+        }
+        if len(table) != len(mask_colors):
+            raise ValueError("data.mask_colors lists the same colour twice")
+        try:
+            return _map_values(codes, table, ignore_index, p)
+        except ImageReadError:
+            uniq = np.unique(codes)
+            bad = [
+                (int(u >> 16), int((u >> 8) & 255), int(u & 255)) for u in uniq if u not in table
+            ]
+            raise ImageReadError(
+                p,
+                f"mask colours {bad[:5]} are not in data.mask_colors",
+                "add them to data.mask_colors, or set data.ignore_index to ignore them",
+            ) from None
+    if raw.ndim == 3:
+        if np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]):
+            raw = raw[..., 0]
+        else:
+            raise ImageReadError(
+                p,
+                "mask is a colour (RGB) image but no colour table is configured",
+                "set data.mask_colors to the list of class colours (i-th colour = class i), "
+                "or save masks as single-channel class indices",
+            )
+    raw = raw.astype(np.int64, copy=False)
+    if mask_values:
+        mapping = {int(k): int(v) for k, v in mask_values.items()}
+        return _map_values(raw, mapping, ignore_index, p)
+    return raw
+
+
+def check_label_range(
+    labels: np.ndarray, num_classes: int, ignore_index: int | None
+) -> list[int]:
+    """Label values outside ``[0, num_classes)`` that are not the ignore index.
+
+    Args:
+        labels: Encoded labels.
+        num_classes: Number of classes.
+        ignore_index: Allowed extra value.
+
+    Returns:
+        Sorted list of offending values (empty when all are valid).
+    """
+    if labels.size == 0:
+        return []
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < num_classes:
+        return []
+    uniq = np.unique(labels)
+    return [
+        int(u) for u in uniq if not (0 <= u < num_classes) and (ignore_index is None or u != ignore_index)
+    ]
+
+
+def adapt_channels(image: np.ndarray, in_channels: int | None, path: str | Path) -> np.ndarray:
+    """Match an (H, W, C) float image to ``in_channels``.
+
+    Documented conversions: 1 channel with ``in_channels == 3`` is replicated to 3; 3 channels
+    (RGB) with ``in_channels == 1`` become luminance (0.299 R + 0.587 G + 0.114 B). Any other
+    mismatch is an error.
+
+    Args:
+        image: (H, W, C) array.
+        in_channels: Expected channel count, or None to accept any.
+        path: Image file (for error messages).
+
+    Returns:
+        (H, W, in_channels) array.
+
+    Raises:
+        ImageReadError: On a channel mismatch that is not one of the conversions above.
+    """
+    c = image.shape[2]
+    if in_channels is None or c == in_channels:
+        return image
+    if c == 1 and in_channels == 3:
+        return np.repeat(image, 3, axis=2)
+    if c == 3 and in_channels == 1:
+        w = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+        return (image.astype(np.float32) @ w)[:, :, None].astype(image.dtype, copy=False)
+    raise ImageReadError(
+        path,
+        f"image has {c} channel(s) but the model expects in_channels={in_channels}",
+        "set data.in_channels (and model in_channels) to match, or pick bands with data.bands",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Torch datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _as_samples(samples: Iterable[Sample | str | Path]) -> list[Sample]:
+    return [s if isinstance(s, Sample) else Sample(image=Path(s), mask=None) for s in samples]
+
+
+class _TransformMixin:
+    transform: Any
+
+    def reseed(self, seed: int) -> None:
+        """Re-seed the albumentations transform (called in each DataLoader worker).
+
+        Args:
+            seed: New seed.
+        """
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(int(seed) % (2**32))
+
+
+class SegmentationDataset(_TransformMixin, Dataset):
+    """Images with masks as ``{"image", "mask", "path"}`` dicts.
+
+    Each item: ``image`` float32 (C, H, W) normalised, ``mask`` int64 (H, W), ``path`` the image
+    path as str. Pipeline: read (native dtype) -> :func:`~segpipe.data.io.to_float` -> channel
+    adaptation (:func:`adapt_channels`) -> mask encoding (:func:`encode_mask`) -> albumentations
+    transform -> :func:`~segpipe.data.transforms.normalize` -> tensors.
+
+    Args:
+        samples: Samples (each must have a mask).
+        transform: albumentations pipeline taking ``image`` and ``mask``; None for identity.
+        mean: Per-channel mean (after scaling to [0, 1]); default from
+            :func:`~segpipe.data.transforms.default_mean_std`.
+        std: Per-channel std; same default.
+        bands: 1-based band selection passed to :func:`~segpipe.data.io.read_image`.
+        mask_values: Raw mask value -> class mapping.
+        mask_colors: Colour table for RGB masks (i-th colour = class i).
+        ignore_index: Label of ignored pixels (used for unmapped values).
+        in_channels: Expected channel count (see :func:`adapt_channels`); None accepts any.
+        num_classes: When given, label values outside ``[0, num_classes)`` other than
+            ``ignore_index`` raise an error naming the file (instead of a device assert later).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Any | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        bands: Sequence[int] | None = None,
+        mask_values: Mapping[int, int] | None = None,
+        mask_colors: Sequence[Sequence[int]] | None = None,
+        ignore_index: int | None = None,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.samples = _as_samples(samples)
+        self.transform = transform
+        self.mean = list(mean) if mean is not None else None
+        self.std = list(std) if std is not None else None
+        self.bands = list(bands) if bands is not None else None
+        self.mask_values = dict(mask_values) if mask_values else None
+        self.mask_colors = [list(c) for c in mask_colors] if mask_colors else None
+        self.ignore_index = ignore_index
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _stats(self, channels: int) -> tuple[Sequence[float], Sequence[float]]:
+        d_mean, d_std = default_mean_std(channels)
+        return (self.mean or d_mean), (self.std or d_std)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read one pair before augmentation.
+
+        Args:
+            index: Sample index.
+
+        Returns:
+            ``(image float32 (H, W, C) in [0, 1], labels int64 (H, W))``.
+
+        Raises:
+            ImageReadError: For unreadable files, missing masks, size or channel mismatches.
+        """
+        sample = self.samples[index]
+        image = adapt_channels(
+            to_float(read_image(sample.image, self.bands)), self.in_channels, sample.image
+        )
+        if sample.mask is None:
+            raise ImageReadError(
+                sample.image, "no mask found for this image", "add the mask or remove the image"
+            )
+        labels = encode_mask(
+            read_mask(sample.mask), sample.mask, self.mask_values, self.mask_colors,
+            self.ignore_index,
+        )
+        if labels.shape != image.shape[:2]:
+            raise ImageReadError(
+                sample.mask,
+                f"mask is {labels.shape[1]}×{labels.shape[0]} but its image {sample.image} is "
+                f"{image.shape[1]}×{image.shape[0]} (W×H)",
+                "re-export the mask at the image's size",
+            )
+        if self.num_classes is not None:
+            bad = check_label_range(labels, self.num_classes, self.ignore_index)
+            if bad:
+                raise ImageReadError(
+                    sample.mask,
+                    f"label values {bad[:10]} outside 0..{self.num_classes - 1}",
+                    "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
+                    "or fix data.num_classes",
+                )
+        return image, labels
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``."""
+        image, labels = self.load(index)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=labels.astype(np.int32))
+            image, labels = out["image"], out["mask"]
+        mean, std = self._stats(image.shape[2])
+        img_t, mask_t = to_tensor_pair(normalize(image, mean, std), labels)
+        return {"image": img_t, "mask": mask_t, "path": str(self.samples[index].image)}
+
+
+class PredictDataset(_TransformMixin, Dataset):
+    """Images without masks, preprocessed like :class:`SegmentationDataset`.
+
+    Each item: ``image`` float32 (C, H, W) normalised, ``path`` str, ``size`` int64 tensor
+    ``[H, W]`` of the original image (before an optional resize), which collates to (N, 2).
+
+    Args:
+        images: Image files (or samples; their masks are ignored).
+        transform: Optional albumentations pipeline (e.g. an eval resize).
+        mean: Per-channel mean; default from ``default_mean_std``.
+        std: Per-channel std.
+        bands: 1-based band selection.
+        in_channels: Expected channel count (see :func:`adapt_channels`).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[str | Path | Sample],
+        transform: Any | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        bands: Sequence[int] | None = None,
+        in_channels: int | None = None,
+    ) -> None:
+        self.samples = _as_samples(images)
+        self.transform = transform
+        self.mean = list(mean) if mean is not None else None
+        self.std = list(std) if std is not None else None
+        self.bands = list(bands) if bands is not None else None
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W]}``."""
+        path = self.samples[index].image
+        image = adapt_channels(to_float(read_image(path, self.bands)), self.in_channels, path)
+        size = torch.tensor(image.shape[:2], dtype=torch.int64)
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        d_mean, d_std = default_mean_std(image.shape[2])
+        img_t, _ = to_tensor_pair(
+            normalize(image, self.mean or d_mean, self.std or d_std), None
+        )
+        return {"image": img_t, "path": str(path), "size": size}

@@ -1,0 +1,578 @@
+"""Reading and writing raster images and masks.
+
+This is the only module of segpipe that imports Pillow and rasterio. Everything else reads
+pixels through :func:`read_image`, :func:`read_mask` and :func:`image_size`, and gets an
+:class:`ImageReadError` (a ``ValueError`` that names the file, says what is wrong and how to fix
+it) for any file that cannot be used, never a traceback from inside a library.
+
+Conversions applied on read (documented so that nothing happens silently):
+
+* EXIF orientation is applied (``ImageOps.exif_transpose``), so pixels come back the way image
+  viewers show them. :func:`image_size` reports the size after that rotation.
+* Grayscale images come back with one channel, ``(H, W, 1)``.
+* Palette (``P``) images are converted to RGB by :func:`read_image`; :func:`read_mask` keeps
+  their palette *indices*, which is how index masks are usually stored (e.g. Pascal VOC).
+* Alpha is dropped: RGBA -> RGB, LA -> L (also TIFF bands whose colour interpretation is alpha).
+* 16-bit RGB(A) PNGs, which Pillow would truncate to 8 bits, are read with rasterio/GDAL so no
+  precision is lost.
+* Native dtypes are kept by the readers; :func:`to_float` scales integer images to ``[0, 1]``
+  by the dtype's maximum (uint8 / 255, uint16 / 65535, ...). Floats are left unchanged.
+
+Decompression bombs: Pillow refuses images larger than ``2 * PIL.Image.MAX_IMAGE_PIXELS``; the
+same limit is applied to rasters read whole with rasterio (see :func:`pixel_limit`).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from PIL import Image, ImageOps, UnidentifiedImageError
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TIFF_EXTENSIONS",
+    "ImageReadError",
+    "image_size",
+    "is_image_file",
+    "pixel_limit",
+    "read_image",
+    "read_mask",
+    "to_float",
+    "write_image",
+    "write_mask",
+]
+
+
+_WARN_LOCK = threading.Lock()
+
+
+def _open_raster(path: Path, *args: Any, **kwargs: Any) -> Any:
+    """``rasterio.open`` without NotGeoreferencedWarning (plain images are normal input).
+
+    ``warnings.catch_warnings`` is not thread-safe, so concurrent opens (the checker's thread
+    pool) are serialised around it; only the header parsing happens inside the lock.
+    """
+    with _WARN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path, *args, **kwargs)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+)
+"""File extensions (lower case) that segpipe treats as images."""
+
+TIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
+"""Extensions read with rasterio first (any band count, GeoTIFF)."""
+
+_DEFAULT_HINT = "re-export the file (e.g. as PNG or GeoTIFF) or remove it from the data set"
+_ORIENTATION_TAG = 0x0112
+_PathLike = str | PathLike[str]
+
+
+class ImageReadError(ValueError):
+    """A file could not be used as an image or mask.
+
+    The message is ``"{path}: {reason}"`` followed by a hint on how to fix it.
+
+    Attributes:
+        path: The offending file.
+        reason: Plain-language reason, e.g. ``"file is empty (0 bytes)"``.
+        hint: Suggested fix.
+    """
+
+    def __init__(self, path: _PathLike, reason: str, hint: str | None = None) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.hint = hint or _DEFAULT_HINT
+        super().__init__(f"{self.path}: {reason} ({self.hint})")
+
+
+def is_image_file(path: _PathLike) -> bool:
+    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive).
+
+    Args:
+        path: File name or path.
+
+    Returns:
+        True for image extensions; hidden files (starting with ``.``) are never images.
+    """
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def pixel_limit() -> int | None:
+    """The largest ``H * W`` that is read whole (decompression-bomb guard).
+
+    Returns:
+        ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's own error threshold), or None when the
+        guard is disabled (``PIL.Image.MAX_IMAGE_PIXELS = None``).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else int(2 * limit)
+
+
+def _bomb_reason(width: int | None, height: int | None, pixels: int | None = None) -> str:
+    limit = pixel_limit()
+    size = f"{width}×{height}" if width and height else f"{pixels}"
+    return (
+        f"image of {size} pixels exceeds the decompression-bomb limit of {limit} pixels"
+    )
+
+
+_BOMB_HINT = (
+    "if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None), "
+    "or cut the image into tiles"
+)
+
+
+def _check_file(path: Path) -> None:
+    """Raise ImageReadError for missing, non-regular or empty files."""
+    if not path.exists():
+        raise ImageReadError(path, "file not found", "check the path and the data root")
+    if not path.is_file():
+        raise ImageReadError(path, "not a regular file", "point to an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(
+            path, "file is empty (0 bytes)", "re-export or re-download the file"
+        )
+
+
+def _png_header(path: Path) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) of a PNG from its IHDR chunk, or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height, head[24], head[25]
+
+
+def _needs_gdal_png(path: Path) -> bool:
+    """True for 16-bit RGB/RGBA PNGs, which Pillow truncates to 8 bits."""
+    header = _png_header(path)
+    return header is not None and header[2] == 16 and header[3] in (2, 6)
+
+
+def _unchecked_header_size(path: Path) -> tuple[int, int] | None:
+    """(W, H) from the header without Pillow's bomb check (only to word the error)."""
+    header = _png_header(path)
+    if header is not None:
+        return header[0], header[1]
+    try:
+        Image.init()
+        with open(path, "rb") as fh:
+            prefix = fh.read(16)
+            for fmt in Image.ID:
+                factory, accept = Image.OPEN[fmt]
+                if accept is not None and not accept(prefix):
+                    continue
+                fh.seek(0)
+                try:
+                    im = factory(fh, str(path))
+                except Exception:  # noqa: BLE001 - any failure just means "not this format"
+                    continue
+                return im.size
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _open_pillow(path: Path) -> Image.Image:
+    """Image.open with plain-language errors (header only, no pixel decode)."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        size = _unchecked_header_size(path)
+        if size is not None:
+            reason = _bomb_reason(size[0], size[1])
+        else:
+            reason = f"{_bomb_reason(None, None, None)} ({exc})"
+        raise ImageReadError(path, reason, _BOMB_HINT) from None
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            path,
+            "not an image Pillow or rasterio can read",
+            "check that the file really is an image (not text or HTML saved with an image "
+            "extension) and re-export it",
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1..8) read without decoding pixels where possible."""
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        return int(exif.get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - broken EXIF: treat as unrotated
+        return 1
+
+
+def _decode_pillow(path: Path) -> Image.Image:
+    """Open, fully decode and EXIF-transpose an image with Pillow."""
+    img = _open_pillow(path)
+    with img:
+        try:
+            img.load()
+            out = ImageOps.exif_transpose(img)  # a decoded copy, independent of the file
+        except Image.DecompressionBombError:
+            raise ImageReadError(path, _bomb_reason(*img.size), _BOMB_HINT) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
+    return out
+
+
+def _pillow_to_array(img: Image.Image, path: Path, *, as_mask: bool) -> np.ndarray:
+    """Convert a decoded Pillow image to an array (H, W, C) for images, (H, W[, 3]) for masks."""
+    mode = img.mode
+    try:
+        if mode == "1":
+            # Bilevel: 0/255 for images, 0/1 for masks.
+            arr = np.asarray(img, dtype=np.uint8)
+            if not as_mask:
+                arr = arr * np.uint8(255)
+        elif mode == "P" or mode == "PA":
+            if as_mask:
+                arr = np.asarray(img.convert("P") if mode == "PA" else img)
+            else:
+                arr = np.asarray(img.convert("RGB"))
+        elif mode in ("L", "RGB", "F", "I") or mode.startswith("I;16"):
+            arr = np.asarray(img)
+        elif mode == "LA":
+            arr = np.asarray(img.getchannel("L"))
+        elif mode in ("RGBA", "RGBa", "RGBX"):
+            arr = np.asarray(img.convert("RGB"))
+        else:  # CMYK, YCbCr, LAB, HSV, ...
+            arr = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(
+            path, f"unsupported image mode {mode!r} ({exc})", "re-export as RGB or grayscale"
+        ) from None
+    arr = np.array(arr)  # own, writable copy
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+        # 16-bit grayscale opened as 32-bit "I" by some Pillow versions.
+        header = _png_header(path)
+        if header is not None and header[2] == 16:
+            arr = arr.astype(np.uint16)
+    if not as_mask and arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+
+def _read_rasterio(
+    path: Path, bands: Sequence[int] | None, *, as_mask: bool
+) -> np.ndarray | None:
+    """Read a whole raster with rasterio as (H, W, C); None if rasterio cannot open it."""
+    try:
+        ds = _open_raster(path)
+    except (RasterioIOError, RasterioError):
+        return None
+    with ds:
+        limit = pixel_limit()
+        if limit is not None and ds.width * ds.height > limit:
+            raise ImageReadError(path, _bomb_reason(ds.width, ds.height), _BOMB_HINT)
+        count = ds.count
+        if bands is not None:
+            indexes = _check_bands(path, bands, count)
+        else:
+            interps = list(ds.colorinterp or [])
+            indexes = [
+                i + 1
+                for i in range(count)
+                if not (i < len(interps) and interps[i] == ColorInterp.alpha and count > 1)
+            ]
+        try:
+            data = ds.read(indexes)
+        except (RasterioIOError, RasterioError) as exc:
+            raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
+        except MemoryError:
+            raise ImageReadError(
+                path, f"not enough memory to read {ds.width}×{ds.height}×{len(indexes)}",
+                "cut the image into tiles",
+            ) from None
+        if (
+            not as_mask
+            and bands is None
+            and len(indexes) == 1
+            and ds.colorinterp
+            and ds.colorinterp[0] == ColorInterp.palette
+        ):
+            try:
+                cmap = ds.colormap(1)
+                lut = np.zeros((max(256, max(cmap) + 1), 3), dtype=np.uint8)
+                for k, rgba in cmap.items():
+                    lut[k] = rgba[:3]
+                data = np.moveaxis(lut[data[0]], -1, 0)
+            except ValueError:
+                pass
+    return np.ascontiguousarray(np.moveaxis(data, 0, -1))
+
+
+def _check_bands(path: Path, bands: Sequence[int], count: int) -> list[int]:
+    """Validate a 1-based band selection against a band count."""
+    out: list[int] = []
+    for b in bands:
+        if isinstance(b, bool) or int(b) != b or not 1 <= int(b) <= count:
+            raise ImageReadError(
+                path,
+                f"band {b} requested but the file has {count} band(s) (bands are 1-based)",
+                f"set data.bands to values between 1 and {count}",
+            )
+        out.append(int(b))
+    if not out:
+        raise ImageReadError(path, "empty band selection", "set data.bands to null or a list")
+    return out
+
+
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in TIFF_EXTENSIONS
+
+
+def read_image(path: _PathLike, bands: Sequence[int] | None = None) -> np.ndarray:
+    """Read an image as an (H, W, C) array in its native dtype.
+
+    ``.tif``/``.tiff`` files (any band count, GeoTIFF) are read with rasterio, falling back to
+    Pillow when rasterio cannot open them; everything else with Pillow (16-bit RGB PNGs with
+    rasterio, see the module docstring). The whole file is decoded, so truncated files fail here.
+
+    Args:
+        path: Image file.
+        bands: Optional 1-based band/channel selection, e.g. ``[4, 3, 2]``.
+
+    Returns:
+        Array of shape (H, W, C), dtype as stored (uint8, uint16, float32, ...).
+
+    Raises:
+        ImageReadError: Missing, empty, truncated, non-image or too large files, bad ``bands``.
+    """
+    p = Path(path)
+    _check_file(p)
+    arr: np.ndarray | None = None
+    if _is_tiff(p) or _needs_gdal_png(p):
+        arr = _read_rasterio(p, bands, as_mask=False)
+        if arr is not None:
+            return arr
+    img = _decode_pillow(p)
+    arr = _pillow_to_array(img, p, as_mask=False)
+    if bands is not None:
+        idx = _check_bands(p, bands, arr.shape[2])
+        arr = np.ascontiguousarray(arr[:, :, [i - 1 for i in idx]])
+    return arr
+
+
+def read_mask(path: _PathLike) -> np.ndarray:
+    """Read a segmentation mask.
+
+    Single-channel masks (index masks, including palette PNGs, whose palette *indices* are the
+    labels) come back as (H, W) int64. RGB masks (colour-coded classes) come back as (H, W, 3)
+    uint8; alpha is dropped. Float masks must hold whole numbers.
+
+    Args:
+        path: Mask file.
+
+    Returns:
+        (H, W) int64 array of raw label values, or (H, W, 3) uint8 array of colours.
+
+    Raises:
+        ImageReadError: Unreadable files (as :func:`read_image`), masks with an unsupported band
+            count, or float masks with fractional values.
+    """
+    p = Path(path)
+    _check_file(p)
+    arr: np.ndarray | None = None
+    if _is_tiff(p) or _needs_gdal_png(p):
+        arr = _read_rasterio(p, None, as_mask=True)
+        if arr is not None:
+            if arr.shape[2] == 1:
+                arr = arr[:, :, 0]
+    if arr is None:
+        img = _decode_pillow(p)
+        arr = _pillow_to_array(img, p, as_mask=True)
+    if arr.ndim == 3:
+        if arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        elif arr.shape[2] in (3, 4):
+            if arr.dtype != np.uint8:
+                raise ImageReadError(
+                    p,
+                    f"colour mask of dtype {arr.dtype} (expected 8-bit RGB)",
+                    "save colour-coded masks as 8-bit RGB PNG, or index masks as one band",
+                )
+            return np.ascontiguousarray(arr[:, :, :3])
+        else:
+            raise ImageReadError(
+                p,
+                f"mask has {arr.shape[2]} bands; expected 1 (class indices) or 3 (RGB colours)",
+                "save the mask as a single-band index image",
+            )
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ImageReadError(
+                p,
+                "mask holds non-integer values",
+                "save masks as integer class indices (e.g. uint8 PNG)",
+            )
+    elif not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+        raise ImageReadError(p, f"unsupported mask dtype {arr.dtype}", "save as uint8 PNG")
+    return arr.astype(np.int64)
+
+
+def image_size(path: _PathLike) -> tuple[int, int]:
+    """(H, W) of an image or mask from its header, without decoding pixels.
+
+    EXIF orientation is taken into account so the size matches :func:`read_image`.
+
+    Args:
+        path: Image or mask file.
+
+    Returns:
+        ``(height, width)``.
+
+    Raises:
+        ImageReadError: Missing, empty or unreadable files, decompression bombs.
+    """
+    p = Path(path)
+    _check_file(p)
+    if _is_tiff(p) or _needs_gdal_png(p):
+        try:
+            with _open_raster(p) as ds:
+                return int(ds.height), int(ds.width)
+        except (RasterioIOError, RasterioError):
+            pass
+    img = _open_pillow(p)
+    with img:
+        width, height = img.size
+        if _orientation(img) in (5, 6, 7, 8):
+            width, height = height, width
+    return int(height), int(width)
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """Scale an image to float32.
+
+    uint8 is divided by 255, uint16 by 65535 (so 16-bit data is scaled to ``[0, 1]``), other
+    integer types by their dtype's maximum, booleans become 0/1; floats are returned as float32
+    unchanged (no rescaling: float rasters are assumed to be in a meaningful unit already).
+
+    Args:
+        image: Array of any shape.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    if image.dtype == np.bool_:
+        return image.astype(np.float32)
+    if np.issubdtype(image.dtype, np.integer):
+        return (image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)).astype(
+            np.float32
+        )
+    return image.astype(np.float32, copy=False)
+
+
+def write_image(path: _PathLike, image: np.ndarray) -> Path:
+    """Write an image: Pillow for PNG/JPEG/WebP/BMP/GIF, rasterio for TIFF.
+
+    Args:
+        path: Output file; the extension picks the format. Parent folders are created.
+        image: (H, W) or (H, W, C). For Pillow formats: uint8 with 1, 3 or 4 channels, or
+            uint16 with 1 channel (PNG). TIFF accepts any band count and dtype.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: For arrays the chosen format cannot hold.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(image)
+    if _is_tiff(p):
+        data = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+        with _open_raster(
+            p,
+            "w",
+            driver="GTiff",
+            width=data.shape[2],
+            height=data.shape[1],
+            count=data.shape[0],
+            dtype=data.dtype,
+            compress="lzw",
+        ) as ds:
+            ds.write(data)
+        return p
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.dtype == np.uint16 and arr.ndim == 2:
+        Image.fromarray(arr).save(p)
+        return p
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or arr.shape[2] in (3, 4)):
+        raise ValueError(
+            f"{p}: cannot write a {arr.dtype} array of shape {arr.shape} as {p.suffix}; "
+            "use uint8 with 1, 3 or 4 channels, or write a .tif"
+        )
+    Image.fromarray(arr).save(p, **({"lossless": True} if p.suffix.lower() == ".webp" else {}))
+    return p
+
+
+def write_mask(
+    path: _PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """Write an index mask (PNG or TIFF), optionally with a colour palette.
+
+    Args:
+        path: Output file (``.png`` recommended, ``.tif`` also works).
+        mask: (H, W) integer class indices (or (H, W, 3) uint8 colours).
+        palette: Optional list of RGB colours, one per class; the PNG is then written as a
+            palette image whose *indices* are the labels (viewers show the colours).
+
+    Returns:
+        The written path.
+    """
+    p = Path(path)
+    arr = np.asarray(mask)
+    if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+        if arr.size and arr.min() >= 0 and arr.max() <= 255:
+            arr = arr.astype(np.uint8)
+        elif arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            arr = arr.astype(np.uint16)
+    if palette is not None and arr.ndim == 2 and arr.dtype == np.uint8 and not _is_tiff(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        flat: list[int] = []
+        for color in palette:
+            flat.extend(int(c) for c in list(color)[:3])
+        flat += [0] * (768 - len(flat))
+        pimg = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
+        pimg.putpalette(flat[:768])
+        pimg.save(p)
+        return p
+    return write_image(p, arr)

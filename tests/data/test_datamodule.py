@@ -1,0 +1,233 @@
+"""SegmentationDataModule: batch contract, splits, loaders and the pre-flight check."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.data import DataCheckError, SegmentationDataModule, check_samples, scan_folder
+from segpipe.data.checks import class_pixel_counts
+from segpipe.data.datamodule import PadCollate, default_class_colors
+from segpipe.data.io import write_image, write_mask
+from tests.data.synthetic import (
+    make_camvid_like,
+    make_folder_dataset,
+    make_isbi_like,
+    make_lgg_like,
+)
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder_dataset(tmp_path_factory.mktemp("folder") / "ds", n_train=6, n_val=3,
+                               n_test=2, size=(40, 48), num_classes=3)
+
+
+def _dm(root: Path, **kw) -> SegmentationDataModule:
+    kw.setdefault("num_workers", 0)
+    return SegmentationDataModule(str(root), **kw)
+
+
+def _check_batch(batch: dict, n: int, c: int, hw: tuple[int, int]) -> None:
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (n, c, *hw)
+    assert batch["mask"].dtype == torch.int64 and batch["mask"].shape == (n, *hw)
+    assert isinstance(batch["path"], list) and len(batch["path"]) == n
+    assert all(isinstance(p, str) for p in batch["path"])
+
+
+def test_defaults_and_hparams(folder_root: Path) -> None:
+    dm = SegmentationDataModule(str(folder_root), num_classes=3)
+    assert dm.class_names == ["class_0", "class_1", "class_2"]
+    assert dm.class_colors == default_class_colors(3) == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+    assert dm.mean == [0.485, 0.456, 0.406] and dm.std == [0.229, 0.224, 0.225]
+    assert dm.num_workers == min(4, max(0, (os.cpu_count() or 1) - 1))
+    assert dm.pin_memory == torch.cuda.is_available()
+    assert dm.hparams.root == str(folder_root) and dm.hparams.num_classes == 3
+    assert dm.hparams.layout == "folder" and dm.hparams.ignore_index is None
+    assert len(set(map(tuple, default_class_colors(40)))) == 40
+    with pytest.raises(ValueError, match="class_names"):
+        SegmentationDataModule("x", num_classes=3, class_names=["a"])
+    with pytest.raises(ValueError, match="mean/data.std"):
+        SegmentationDataModule("x", in_channels=1, mean=[0.1, 0.2, 0.3])
+
+
+def test_fit_batches_follow_contract(folder_root: Path) -> None:
+    dm = _dm(folder_root, num_classes=3, batch_size=4, crop_size=32, ignore_index=255)
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    assert train.drop_last is True
+    batch = next(iter(train))
+    _check_batch(batch, 4, 3, (32, 32))
+    assert set(batch["mask"].unique().tolist()) <= {0, 1, 2, 255}
+    val = next(iter(dm.val_dataloader()))
+    _check_batch(val, 3, 3, (40, 48))  # native size, not padded to a multiple
+    assert not dm.val_dataloader().drop_last
+
+
+def test_test_and_predict_loaders(folder_root: Path) -> None:
+    dm = _dm(folder_root, num_classes=3, eval_batch_size=2)
+    dm.setup("test")
+    _check_batch(next(iter(dm.test_dataloader())), 2, 3, (40, 48))
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert "mask" not in batch and batch["image"].shape == (2, 3, 40, 48)
+    assert batch["size"].tolist() == [[40, 48], [40, 48]]
+
+
+def test_val_fallback_and_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=10, n_val=0, n_test=0, size=(16, 16))
+    dm = _dm(root, num_classes=3, val_fraction=0.2, seed=1, batch_size=2)
+    dm.setup("fit")
+    train, val = dm.splits["train"], dm.splits["val"]
+    assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)
+    dm2 = _dm(root, num_classes=3, val_fraction=0.2, seed=1)
+    dm2.setup("fit")
+    assert dm2.splits["val"] == val  # seeded
+    with caplog.at_level(logging.WARNING):
+        dm.setup("test")
+    assert "no test split" in caplog.text
+    assert dm.test_split == "val"
+    assert len(next(iter(dm.test_dataloader()))["path"]) == 2
+    dm3 = _dm(root, num_classes=3, val_fraction=0.2, limit_samples=3)
+    dm3.setup("fit")
+    assert len(dm3.splits["train"]) == 3 and len(dm3.splits["val"]) == 2
+
+
+def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(16, 16))
+    dm = _dm(root, num_classes=3, batch_size=4, num_workers=1, crop_size=16)
+    assert dm.persistent_workers
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.drop_last is False and loader.num_workers == 1
+    _check_batch(next(iter(loader)), 2, 3, (16, 16))
+
+
+def test_pad_collate() -> None:
+    items = [
+        {"image": torch.ones(3, 4, 5), "mask": torch.ones(4, 5, dtype=torch.int64), "path": "a"},
+        {"image": torch.ones(3, 6, 3), "mask": torch.ones(6, 3, dtype=torch.int64), "path": "b"},
+    ]
+    out = PadCollate(255)(items)
+    assert out["image"].shape == (2, 3, 6, 5) and out["mask"].shape == (2, 6, 5)
+    assert out["mask"][0, 5, 0] == 255 and out["image"][0, :, 5, 0].eq(0).all()
+    assert out["mask"][1, 0, 4] == 255 and out["mask"][1, 5, 2] == 1
+    assert out["path"] == ["a", "b"]
+    with pytest.raises(ValueError, match="data.ignore_index or data.eval_batch_size=1"):
+        PadCollate(None)(items)
+
+
+def test_eval_pads_mixed_sizes(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=2, n_test=0, size=(16, 16))
+    write_image(root / "val/images/big.png", np.zeros((20, 24, 3), np.uint8))
+    write_mask(root / "val/masks/big.png", np.zeros((20, 24), np.uint8))
+    dm = _dm(root, num_classes=3, ignore_index=255, eval_batch_size=3)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    _check_batch(batch, 3, 3, (20, 24))
+    dm = _dm(root, num_classes=3, eval_batch_size=3)
+    dm.setup("validate")
+    with pytest.raises(ValueError, match="data.ignore_index or data.eval_batch_size=1"):
+        next(iter(dm.val_dataloader()))
+
+
+def test_missing_root_and_empty_split(tmp_path: Path) -> None:
+    dm = _dm(tmp_path / "nope", num_classes=2)
+    with pytest.raises(FileNotFoundError, match=r"nope.*'folder' layout expects"):
+        dm.setup("fit")
+    (tmp_path / "empty/train/images").mkdir(parents=True)
+    (tmp_path / "empty/val/images").mkdir(parents=True)
+    dm = _dm(tmp_path / "empty", num_classes=2)
+    with pytest.raises(ValueError, match=r"train/images: the 'train' split has no samples"):
+        dm.setup("fit")
+
+
+def _broken_dataset(root: Path) -> Path:
+    make_folder_dataset(root, n_train=4, n_val=2, n_test=0, size=(16, 16), num_classes=3)
+    (root / "train/masks/img_000.png").unlink()                         # missing mask
+    write_mask(root / "train/masks/stray.png", np.zeros((16, 16), np.uint8))  # orphan
+    (root / "train/masks/img_001.png").write_bytes(b"")                 # unreadable mask
+    write_mask(root / "train/masks/img_002.png", np.zeros((8, 16), np.uint8))  # size mismatch
+    write_mask(root / "val/masks/img_000.png", np.full((16, 16), 9, np.uint8))  # bad labels
+    (root / "val/images/img_001.png").write_text("not a png")          # unreadable image
+    return root
+
+
+def test_checker_reports_everything_at_once(tmp_path: Path) -> None:
+    root = _broken_dataset(tmp_path / "bad")
+    dm = _dm(root, num_classes=3)
+    with pytest.raises(DataCheckError) as exc:
+        dm.setup("fit")
+    msg = str(exc.value)
+    kinds = {p.kind for p in exc.value.problems}
+    assert kinds == {"missing_mask", "orphan_mask", "unreadable_mask", "size_mismatch",
+                     "bad_labels", "unreadable_image"}
+    for path in ("train/images/img_000.png", "train/masks/stray.png",
+                 "train/masks/img_001.png", "train/masks/img_002.png",
+                 "val/masks/img_000.png", "val/images/img_001.png"):
+        assert str(root / path) in msg
+    assert "file is empty (0 bytes)" in msg and "label values [9] outside 0..2" in msg
+    assert "add the mask" in msg and "re-export" in msg and "data.ignore_index" in msg
+    # validate only checks the val split
+    with pytest.raises(DataCheckError) as exc:
+        _dm(root, num_classes=3).setup("validate")
+    assert {p.split for p in exc.value.problems} == {"val"}
+    # check_data=False skips the check
+    _dm(root, num_classes=3, check_data=False).setup("fit")
+
+
+def test_checker_listing_is_capped(tmp_path: Path) -> None:
+    from segpipe.data.checks import Problem
+
+    problems = [Problem(tmp_path / f"{i}.png", "train", "missing_mask", "no mask") for i in
+                range(60)]
+    msg = str(DataCheckError(problems))
+    assert "60 problem(s) in 60 file(s)" in msg and "... and 10 more" in msg
+    assert str(tmp_path / "49.png") in msg and str(tmp_path / "50.png") not in msg
+
+
+def test_check_samples_direct_and_pixel_counts(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=0, n_test=0, size=(16, 16),
+                               num_classes=2, mask_mode="binary")
+    scan = scan_folder(root)
+    bad = check_samples(scan, num_classes=2, max_workers=1)
+    assert {p.kind for p in bad} == {"bad_labels"}  # 255 without mapping
+    assert check_samples(scan, num_classes=2, mask_values={0: 0, 255: 1}) == []
+    assert check_samples(scan, num_classes=2, ignore_index=255) == []
+    counts = class_pixel_counts(scan["train"], 2, mask_values={0: 0, 255: 1})
+    assert counts.sum() == 3 * 16 * 16 and counts[1] > 0
+
+
+def test_other_layouts_give_batches(tmp_path: Path) -> None:
+    camvid = make_camvid_like(tmp_path / "camvid", n_train=3, n_val=2, size=(24, 32),
+                              num_classes=4, void_index=4)
+    dm = _dm(camvid, layout="camvid", num_classes=4, ignore_index=4, batch_size=2,
+             crop_size=16)
+    dm.setup("fit")
+    _check_batch(next(iter(dm.train_dataloader())), 2, 3, (16, 16))
+    assert 4 in next(iter(dm.val_dataloader()))["mask"].unique().tolist()
+
+    lgg = make_lgg_like(tmp_path / "lgg", n_patients=3, slices_per_patient=2, size=(16, 16),
+                        with_excluded=True)
+    dm = _dm(lgg, layout="lgg", num_classes=2, mask_values={0: 0, 255: 1}, batch_size=2)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 4 and len(dm.splits["val"]) == 2
+    batch = next(iter(dm.train_dataloader()))
+    _check_batch(batch, 2, 3, (16, 16))
+    assert set(batch["mask"].unique().tolist()) <= {0, 1}
+
+    isbi = make_isbi_like(tmp_path / "isbi", n_slices=6, size=(16, 16))
+    dm = _dm(isbi, layout="isbi", num_classes=2, in_channels=1, mask_values={0: 0, 255: 1},
+             batch_size=2, val_slices=[4, 6])
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 4 and len(dm.splits["val"]) == 2
+    _check_batch(next(iter(dm.train_dataloader())), 2, 1, (16, 16))
+    dm = _dm(isbi, layout="isbi", num_classes=2, in_channels=1, mask_values={0: 0, 255: 1},
+             val_fraction=0.2)
+    dm.setup("fit")  # fewer than 24 slices: the last val_fraction of the slices
+    assert [Path(s.image).name for s in dm.splits["val"]] == ["05.png"]

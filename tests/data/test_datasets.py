@@ -1,0 +1,259 @@
+"""Layout scanners and the torch datasets on synthetic data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.data.datasets import (
+    PredictDataset,
+    Sample,
+    Scan,
+    SegmentationDataset,
+    encode_mask,
+    find_images,
+    scan_camvid,
+    scan_folder,
+    scan_isbi,
+    scan_lgg,
+)
+from segpipe.data.io import ImageReadError, write_image, write_mask
+from tests.data.synthetic import (
+    make_camvid_like,
+    make_folder_dataset,
+    make_isbi_like,
+    make_lgg_like,
+    synthetic_mask_colors,
+)
+
+
+# ------------------------------------------------------------------ folder
+def test_scan_folder_counts_and_pairs(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=2, size=(16, 16),
+                               image_ext=".jpg")
+    scan = scan_folder(root)
+    assert isinstance(scan, Scan) and isinstance(scan, dict)
+    assert list(scan) == ["train", "val", "test"]
+    assert [len(v) for v in scan.values()] == [4, 2, 2]
+    for split, samples in scan.items():
+        assert samples == sorted(samples, key=lambda s: s.image.name)
+        for s in samples:
+            assert s.image.suffix == ".jpg" and s.mask is not None and s.mask.suffix == ".png"
+            assert s.image.stem == s.mask.stem
+            assert s.image.parent == root / split / "images"
+    assert scan.orphans == {} and scan.duplicates == {}
+    assert scan_folder(root) == scan  # deterministic
+
+
+def test_scan_folder_nested_missing_orphans_duplicates(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    img = np.zeros((8, 8, 3), np.uint8)
+    lab = np.zeros((8, 8), np.uint8)
+    write_image(root / "train/images/a/x.png", img)
+    write_image(root / "train/images/b/x.png", img)  # same stem, different sub-folder: fine
+    write_mask(root / "train/masks/a/x.png", lab)
+    write_mask(root / "train/masks/b/x.tif", lab)
+    write_image(root / "train/images/nomask.png", img)
+    write_mask(root / "train/masks/lonely.png", lab)
+    write_image(root / "train/images/dup.png", img)
+    write_image(root / "train/images/dup.jpg", img)
+    write_mask(root / "train/masks/dup.png", lab)
+    (root / "train/images/.hidden.png").write_bytes(b"")
+    (root / "train/images/readme.txt").write_text("not an image")
+    scan = scan_folder(root)
+    samples = {s.image.relative_to(root / "train/images").as_posix(): s for s in scan["train"]}
+    assert set(samples) == {"a/x.png", "b/x.png", "nomask.png", "dup.jpg"}
+    assert samples["a/x.png"].mask == root / "train/masks/a/x.png"
+    assert samples["b/x.png"].mask == root / "train/masks/b/x.tif"
+    assert samples["nomask.png"].mask is None
+    assert scan.orphans == {"train": [root / "train/masks/lonely.png"]}
+    assert scan.duplicates == {"train": [root / "train/images/dup.png"]}
+
+
+def test_scan_folder_without_split_dirs_and_errors(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    write_image(root / "images/a.png", np.zeros((4, 4, 3), np.uint8))
+    write_mask(root / "masks/a.png", np.zeros((4, 4), np.uint8))
+    scan = scan_folder(root)
+    assert list(scan) == ["train"] and scan["train"][0].mask == root / "masks/a.png"
+    with pytest.raises(FileNotFoundError, match="missing.*'folder' layout expects"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train/images"):
+        scan_folder(tmp_path / "empty")
+
+
+def test_find_images(tmp_path: Path) -> None:
+    for name in ("img_10.png", "img_2.png", "sub/img_1.tif"):
+        write_image(tmp_path / name, np.zeros((2, 2, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("x")
+    names = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert names == ["img_2.png", "img_10.png", "sub/img_1.tif"]
+    assert find_images(tmp_path / "img_2.png") == [tmp_path / "img_2.png"]
+
+
+# ------------------------------------------------------------------ camvid
+def test_scan_camvid(tmp_path: Path) -> None:
+    root = make_camvid_like(tmp_path / "camvid", n_train=3, n_val=2, size=(12, 16))
+    scan = scan_camvid(root)
+    assert list(scan) == ["train", "val"]
+    assert len(scan["train"]) == 3 and len(scan["val"]) == 2
+    s = scan["train"][0]
+    assert s.image.suffix == ".webp" and s.mask == root / "trainannot" / f"{s.image.stem}.png"
+    with pytest.raises(FileNotFoundError, match="camvid"):
+        scan_camvid(tmp_path)
+
+
+# ------------------------------------------------------------------ lgg
+def _patients(samples: list[Sample]) -> set[str]:
+    return {s.image.parent.name for s in samples}
+
+
+def test_scan_lgg_with_splits_csv(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=3, size=(8, 8),
+                         val_patients=1, with_excluded=True)
+    scan = scan_lgg(root)
+    assert len(scan["train"]) == 9 and len(scan["val"]) == 3
+    assert not _patients(scan["train"]) & _patients(scan["val"])
+    for s in scan["train"] + scan["val"]:
+        assert s.mask is not None and s.mask.name == f"{s.image.stem}_mask.tif"
+    # the undecodable slice listed in excluded_corrupt_slices.txt is skipped
+    assert all(not s.image.stem.endswith("_4") for s in scan["train"])
+    assert scan.orphans == {}
+    first = [s.image.name for s in scan["train"][:3]]
+    assert first == sorted(first, key=lambda n: int(n.rsplit("_", 1)[1].split(".")[0]))
+
+
+def test_scan_lgg_seeded_split_is_by_patient(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=10, slices_per_patient=2, size=(8, 8),
+                         write_splits_csv=False)
+    a = scan_lgg(root, val_fraction=0.3, seed=0)
+    assert len(_patients(a["val"])) == 3 and len(_patients(a["train"])) == 7
+    assert not _patients(a["train"]) & _patients(a["val"])
+    assert scan_lgg(root, val_fraction=0.3, seed=0) == a
+    splits = {frozenset(_patients(scan_lgg(root, val_fraction=0.3, seed=s)["val"]))
+              for s in range(5)}
+    assert len(splits) > 1  # the seed matters
+    for s in range(5):
+        b = scan_lgg(root, val_fraction=0.3, seed=s)
+        assert not _patients(b["train"]) & _patients(b["val"])
+
+
+def test_scan_lgg_bad_csv(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=2, slices_per_patient=1, size=(8, 8))
+    (root / "splits.csv").write_text("patient_id,split\nTCGA_XX_1000_20000101,holdout\n")
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        scan_lgg(root)
+
+
+# ------------------------------------------------------------------ isbi
+def test_scan_isbi_contiguous_val(tmp_path: Path) -> None:
+    root = make_isbi_like(tmp_path / "isbi", n_slices=6, size=(8, 8))
+    scan = scan_isbi(root, val_slices=(4, 6))
+    assert [s.image.name for s in scan["val"]] == ["04.png", "05.png"]
+    assert [s.image.name for s in scan["train"]] == [f"0{i}.png" for i in range(4)]
+    assert scan["train"][0].mask == root / "train/label/00.png"
+    assert list(scan) == ["train", "val"]
+    assert len(scan_isbi(root, val_slices=None)["train"]) == 6
+    with pytest.raises(ValueError, match="val_slices"):
+        scan_isbi(root)  # default (20, 24) does not fit 6 slices
+
+
+def test_scan_isbi_split_folders(tmp_path: Path) -> None:
+    root = make_isbi_like(tmp_path / "isbi", n_slices=3, size=(8, 8))
+    shutil.copytree(root / "train", root / "val")
+    scan = scan_isbi(root)
+    assert len(scan["train"]) == 3 and len(scan["val"]) == 3
+
+
+# ------------------------------------------------------------------ datasets
+def test_dataset_item_contract(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(20, 24))
+    ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3)
+    item = ds[0]
+    assert set(item) == {"image", "mask", "path"}
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 20, 24)
+    assert item["mask"].dtype == torch.int64 and item["mask"].shape == (20, 24)
+    assert isinstance(item["path"], str) and item["path"].endswith("img_000.png")
+    assert set(item["mask"].unique().tolist()) <= {0, 1, 2}
+    assert len(item["mask"].unique()) > 1
+    assert -3 < float(item["image"].mean()) < 3  # normalised
+
+
+def test_dataset_mask_values_and_colors(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "bin", n_train=2, n_val=0, n_test=0, size=(16, 16),
+                               num_classes=2, mask_mode="binary")
+    ds = SegmentationDataset(scan_folder(root)["train"], mask_values={0: 0, 255: 1})
+    assert set(ds[0]["mask"].unique().tolist()) <= {0, 1}
+    root = make_folder_dataset(tmp_path / "rgb", n_train=2, n_val=0, n_test=0, size=(16, 16),
+                               num_classes=3, mask_mode="rgb")
+    samples = scan_folder(root)["train"]
+    colors = synthetic_mask_colors(3)
+    ds = SegmentationDataset(samples, mask_colors=colors, ignore_index=255)
+    assert set(ds[0]["mask"].unique().tolist()) <= {0, 1, 2}
+    ds = SegmentationDataset(samples, mask_colors=colors[:2], ignore_index=255)
+    vals = set().union(*(ds[i]["mask"].unique().tolist() for i in range(2)))
+    assert 255 in vals and 2 not in vals  # colour of class 2 unknown -> ignore
+    ds = SegmentationDataset(samples)
+    with pytest.raises(ImageReadError, match="mask_colors"):
+        ds[0]
+
+
+def test_encode_mask_rules(tmp_path: Path) -> None:
+    raw = np.array([[0, 255], [7, 255]])
+    out = encode_mask(raw, "m.png", {0: 0, 255: 1}, None, ignore_index=9)
+    assert out.tolist() == [[0, 1], [9, 1]]
+    with pytest.raises(ImageReadError, match=r"mask values \[7\]"):
+        encode_mask(raw, "m.png", {0: 0, 255: 1}, None, ignore_index=None)
+    gray_rgb = np.repeat(np.array([[1, 2]], np.uint8)[:, :, None], 3, axis=2)
+    assert encode_mask(gray_rgb, "m.png").tolist() == [[1, 2]]
+
+
+def test_channel_conversions(tmp_path: Path) -> None:
+    gray = make_folder_dataset(tmp_path / "g", n_train=1, n_val=0, n_test=0, size=(8, 8),
+                               channels=1)
+    rgb = make_folder_dataset(tmp_path / "c", n_train=1, n_val=0, n_test=0, size=(8, 8))
+    five = make_folder_dataset(tmp_path / "f", n_train=1, n_val=0, n_test=0, size=(8, 8),
+                               channels=5, image_ext=".tif")
+    item = SegmentationDataset(scan_folder(gray)["train"], in_channels=3)[0]
+    assert item["image"].shape == (3, 8, 8)
+    raw = item["image"] * torch.tensor([0.229, 0.224, 0.225])[:, None, None] + torch.tensor(
+        [0.485, 0.456, 0.406])[:, None, None]
+    torch.testing.assert_close(raw[0], raw[1])
+    assert SegmentationDataset(scan_folder(rgb)["train"], in_channels=1)[0]["image"].shape == (
+        1, 8, 8)
+    assert SegmentationDataset(scan_folder(five)["train"], in_channels=5)[0]["image"].shape == (
+        5, 8, 8)
+    assert SegmentationDataset(scan_folder(five)["train"], in_channels=3, bands=[3, 2, 1])[0][
+        "image"].shape == (3, 8, 8)
+    with pytest.raises(ImageReadError, match=r"img_000\.tif: image has 5 channel"):
+        SegmentationDataset(scan_folder(five)["train"], in_channels=3)[0]
+
+
+def test_size_mismatch_and_label_range_errors(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_mask(tmp_path / "a_mask.png", np.zeros((4, 8), np.uint8))
+    write_mask(tmp_path / "b_mask.png", np.full((8, 8), 7, np.uint8))
+    ds = SegmentationDataset([Sample(tmp_path / "a.png", tmp_path / "a_mask.png")])
+    with pytest.raises(ImageReadError, match="re-export the mask"):
+        ds[0]
+    ds = SegmentationDataset([Sample(tmp_path / "a.png", tmp_path / "b_mask.png")],
+                             num_classes=3)
+    with pytest.raises(ImageReadError, match=r"b_mask\.png: label values \[7\] outside 0\.\.2"):
+        ds[0]
+    ds = SegmentationDataset([Sample(tmp_path / "a.png", None)])
+    with pytest.raises(ImageReadError, match="no mask"):
+        ds[0]
+
+
+def test_predict_dataset(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(10, 14))
+    ds = PredictDataset(find_images(root / "train" / "images"), in_channels=3)
+    item = ds[1]
+    assert set(item) == {"image", "path", "size"}
+    assert item["image"].shape == (3, 10, 14) and item["image"].dtype == torch.float32
+    assert item["size"].tolist() == [10, 14] and item["path"].endswith("img_001.png")

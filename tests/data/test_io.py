@@ -1,0 +1,272 @@
+"""Reading images and masks: conversions and plain-language errors."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from affine import Affine
+
+from segpipe.data.io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    image_size,
+    read_image,
+    read_mask,
+    to_float,
+    write_image,
+    write_mask,
+)
+
+
+def _noise(h: int, w: int, c: int | None = None, seed: int = 0) -> np.ndarray:
+    shape = (h, w) if c is None else (h, w, c)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_extensions() -> None:
+    assert set(IMAGE_EXTENSIONS) == {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff",
+                                     ".gif"}
+
+
+# ------------------------------------------------------------------ conversions
+def test_rgb_png_roundtrip(tmp_path: Path) -> None:
+    arr = _noise(5, 7, 3)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, arr)
+    assert image_size(tmp_path / "a.png") == (5, 7)
+
+
+def test_grayscale_gives_one_channel(tmp_path: Path) -> None:
+    arr = _noise(4, 6)
+    Image.fromarray(arr).save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (4, 6, 1)
+    np.testing.assert_array_equal(out[:, :, 0], arr)
+
+
+def test_rgba_drops_alpha(tmp_path: Path) -> None:
+    arr = _noise(4, 6, 4)
+    Image.fromarray(arr, mode="RGBA").save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (4, 6, 3)
+    np.testing.assert_array_equal(out, arr[:, :, :3])
+
+
+def test_la_drops_alpha(tmp_path: Path) -> None:
+    arr = _noise(4, 6, 2)
+    Image.fromarray(arr, mode="LA").save(tmp_path / "la.png")
+    out = read_image(tmp_path / "la.png")
+    assert out.shape == (4, 6, 1)
+    np.testing.assert_array_equal(out[:, :, 0], arr[:, :, 0])
+
+
+def test_palette_image_to_rgb_but_mask_keeps_indices(tmp_path: Path) -> None:
+    idx = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette([10, 20, 30, 200, 0, 0, 0, 200, 0] + [0] * 759)
+    img.save(tmp_path / "p.png")
+    rgb = read_image(tmp_path / "p.png")
+    assert rgb.shape == (2, 2, 3)
+    assert tuple(rgb[0, 1]) == (200, 0, 0)
+    mask = read_mask(tmp_path / "p.png")
+    assert mask.dtype == np.int64
+    np.testing.assert_array_equal(mask, idx)
+
+
+def test_16bit_png_scaled(tmp_path: Path) -> None:
+    arr = np.array([[0, 1000], [40000, 65535]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "g16.png")
+    out = read_image(tmp_path / "g16.png")
+    assert out.dtype == np.uint16 and out.shape == (2, 2, 1)
+    np.testing.assert_array_equal(out[:, :, 0], arr)
+    f = to_float(out)
+    assert f.dtype == np.float32
+    np.testing.assert_allclose(f[:, :, 0], arr / 65535.0, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_16bit_rgb_png_keeps_precision(tmp_path: Path) -> None:
+    data = np.array([[[1000, 30000, 65535]]], dtype=np.uint16).repeat(3, 0).repeat(2, 1)
+    with rasterio.open(tmp_path / "rgb16.png", "w", driver="PNG", width=2, height=3, count=3,
+                       dtype="uint16") as ds:
+        ds.write(np.moveaxis(data, -1, 0))
+    out = read_image(tmp_path / "rgb16.png")
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, data)
+    assert image_size(tmp_path / "rgb16.png") == (3, 2)
+
+
+def test_16bit_tiff_scaled(tmp_path: Path) -> None:
+    arr = np.random.default_rng(1).integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    write_image(tmp_path / "t.tif", arr)
+    out = read_image(tmp_path / "t.tif")
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_allclose(to_float(out), arr / 65535.0, rtol=1e-6)
+
+
+def test_to_float_dtypes() -> None:
+    assert to_float(np.array([255], np.uint8))[0] == pytest.approx(1.0)
+    assert to_float(np.array([65535], np.uint16))[0] == pytest.approx(1.0)
+    assert to_float(np.array([127], np.int8))[0] == pytest.approx(1.0)
+    f = np.array([3.5, -2.0], np.float64)
+    out = to_float(f)
+    assert out.dtype == np.float32 and out.tolist() == [3.5, -2.0]
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    h, w = 24, 40
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, :, 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]  # left dark, right bright
+    arr[:, :, 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = read_image(tmp_path / "r.jpg")
+    assert out.shape == (w, h, 3)
+    expected = np.rot90(arr, k=-1)
+    assert np.abs(out.astype(int) - expected.astype(int)).mean() < 8
+    assert image_size(tmp_path / "r.jpg") == (w, h)
+
+
+def test_multiband_geotiff_band_selection(tmp_path: Path) -> None:
+    data = np.stack([np.full((4, 5), 100 * (b + 1), np.uint16) for b in range(5)])
+    with rasterio.open(
+        tmp_path / "ms.tif", "w", driver="GTiff", width=5, height=4, count=5, dtype="uint16",
+        crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 4000000),
+    ) as ds:
+        ds.write(data)
+    full = read_image(tmp_path / "ms.tif")
+    assert full.shape == (4, 5, 5)
+    sel = read_image(tmp_path / "ms.tif", bands=[4, 3, 2])
+    assert sel.shape == (4, 5, 3)
+    assert sel[0, 0].tolist() == [400, 300, 200]
+    with pytest.raises(ImageReadError, match="band 7 requested but the file has 5"):
+        read_image(tmp_path / "ms.tif", bands=[7])
+    assert image_size(tmp_path / "ms.tif") == (4, 5)
+
+
+def test_band_selection_on_png(tmp_path: Path) -> None:
+    arr = _noise(3, 3, 3)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png", bands=[3])[:, :, 0],
+                                  arr[:, :, 2])
+
+
+# ------------------------------------------------------------------ masks
+def test_read_mask_index_and_rgb(tmp_path: Path) -> None:
+    labels = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    write_mask(tmp_path / "m.png", labels)
+    m = read_mask(tmp_path / "m.png")
+    assert m.dtype == np.int64 and m.shape == (2, 3)
+    np.testing.assert_array_equal(m, labels)
+    rgb = _noise(2, 3, 3)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    c = read_mask(tmp_path / "c.png")
+    assert c.dtype == np.uint8 and c.shape == (2, 3, 3)
+    write_mask(tmp_path / "m.tif", labels)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.tif"), labels)
+
+
+def test_write_mask_with_palette_keeps_indices(tmp_path: Path) -> None:
+    labels = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    write_mask(tmp_path / "p.png", labels, palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    np.testing.assert_array_equal(read_mask(tmp_path / "p.png"), labels)
+
+
+def test_float_mask_with_fractions_rejected(tmp_path: Path) -> None:
+    write_image(tmp_path / "f.tif", np.array([[0.5, 1.0]], np.float32))
+    with pytest.raises(ImageReadError, match="non-integer"):
+        read_mask(tmp_path / "f.tif")
+
+
+# ------------------------------------------------------------------ errors
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="file not found") as exc:
+        read_image(tmp_path / "nope.png")
+    assert exc.value.path == tmp_path / "nope.png"
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    for fn in (read_image, read_mask, image_size):
+        with pytest.raises(ImageReadError) as exc:
+            fn(p)
+        assert exc.value.reason == "file is empty (0 bytes)"
+        assert str(exc.value).startswith(f"{p}: file is empty (0 bytes)")
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    p = tmp_path / "t.png"
+    Image.fromarray(_noise(64, 64, 3)).save(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    for fn in (read_image, read_mask):
+        with pytest.raises(ImageReadError, match="truncated or corrupt image data") as exc:
+            fn(p)
+        assert exc.value.path == p
+
+
+def test_truncated_tiff(tmp_path: Path) -> None:
+    p = tmp_path / "t.tif"
+    write_image(p, _noise(64, 64, 3))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError) as exc:
+        read_image(p)
+    assert exc.value.path == p
+    assert "truncated or corrupt" in exc.value.reason or "not an image" in exc.value.reason
+
+
+def test_text_named_png(tmp_path: Path) -> None:
+    p = tmp_path / "notes.png"
+    p.write_text("<html>404 not found</html>")
+    with pytest.raises(ImageReadError, match="not an image Pillow or rasterio can read"):
+        read_image(p)
+    with pytest.raises(ImageReadError, match="not an image"):
+        image_size(p)
+    t = tmp_path / "notes.tif"
+    t.write_text("hello")
+    with pytest.raises(ImageReadError, match="not an image Pillow or rasterio can read"):
+        read_image(t)
+
+
+def _png_with_huge_header(path: Path, width: int, height: int) -> None:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_header(tmp_path: Path) -> None:
+    p = tmp_path / "bomb.png"
+    _png_with_huge_header(p, 100_000, 100_000)
+    assert p.stat().st_size < 200
+    with pytest.raises(ImageReadError, match="image of 100000×100000 pixels exceeds the "
+                                             "decompression-bomb limit"):
+        read_image(p)
+    with pytest.raises(ImageReadError, match="decompression-bomb"):
+        image_size(p)
+
+
+def test_decompression_bomb_lowered_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.fromarray(_noise(20, 30, 3)).save(tmp_path / "a.png")
+    write_image(tmp_path / "a.tif", _noise(20, 30, 3))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageReadError, match="image of 30×20 pixels exceeds"):
+        read_image(tmp_path / "a.png")
+    with pytest.raises(ImageReadError, match="image of 30×20 pixels exceeds"):
+        read_image(tmp_path / "a.tif")
