@@ -90,14 +90,18 @@ def main(argv: Sequence[str] | None = None) -> Any:
         )
         if not args:
             return 2
-    SegpipeCLI(
-        SegmentationTask,
-        SegmentationDataModule,
-        seed_everything_default=0,
-        trainer_defaults={"precision": default_precision()},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
+    try:
+        SegpipeCLI(
+            SegmentationTask,
+            SegmentationDataModule,
+            seed_everything_default=0,
+            trainer_defaults={"precision": default_precision()},
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = saved_argv
     return 0
 
 
