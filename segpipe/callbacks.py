@@ -38,6 +38,7 @@ class TestMetricsWriter(L.Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         report = dict(report)
         per_image = report.pop("per_image", [])
+        report.pop("worst_images", None)
         if self.per_image_csv and per_image:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=["path", "IoU", "Dice", "pixel_accuracy"])

@@ -7,6 +7,7 @@ register themselves in :data:`COMMANDS`.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +23,24 @@ from segpipe.tasks import SegmentationTask
 
 __all__ = ["COMMANDS", "SegpipeCLI", "default_precision", "main"]
 
+
+def _lazy(module: str, function: str = "main") -> Callable[[list[str]], int]:
+    """A subcommand whose module is imported only when it runs (keeps start-up fast)."""
+
+    def run(argv: list[str]) -> int:
+        return getattr(importlib.import_module(module), function)(argv)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
+
+
 #: segpipe's own subcommands: name -> function taking the remaining argv, returning an exit code.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "predict": _lazy("segpipe.predict.command"),
+    "export": _lazy("segpipe.predict.export"),
+    "check-data": _lazy("segpipe.doctor"),
+    "demo": _lazy("segpipe.demos"),
+}
 
 
 def default_precision() -> str:

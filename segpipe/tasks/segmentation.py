@@ -79,6 +79,8 @@ class SegmentationTask(L.LightningModule):
         channels_last: Run the network in channels-last memory format (faster on CPUs with
             oneDNN and on tensor-core GPUs).
         log_train_metrics: Also accumulate IoU metrics on training batches (costs a little time).
+        num_worst_images: How many of the test images with the lowest IoU to keep (prediction
+            and truth) for the evaluation report's gallery.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class SegmentationTask(L.LightningModule):
         monitor: str = "val/mIoU",
         channels_last: bool = True,
         log_train_metrics: bool = True,
+        num_worst_images: int = 8,
     ) -> None:
         super().__init__()
         # From a config (LightningCLI) every argument is plain data, saved so that the checkpoint
@@ -138,6 +141,7 @@ class SegmentationTask(L.LightningModule):
         self.monitor = monitor
         self.channels_last = channels_last
         self.log_train_metrics = log_train_metrics
+        self.num_worst_images = num_worst_images
         self.criterion = self._build_loss(loss, class_weights, ignore_index)
 
         metrics = build_metrics(num_classes, ignore_index)
@@ -147,6 +151,7 @@ class SegmentationTask(L.LightningModule):
             prefix="test/"
         )
         self.test_images: list[dict[str, Any]] = []
+        self.worst_images: list[dict[str, Any]] = []
         self.test_report: dict[str, Any] | None = None
         #: Also return softmax probabilities from ``predict_step`` (set by the predict command).
         self.predict_probs = False
@@ -224,12 +229,24 @@ class SegmentationTask(L.LightningModule):
         preds = logits.detach().argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(preds, mask)
         if stage == "test":
-            for path, scores in zip(
-                batch.get("path", [""] * n),
-                per_image_scores(preds, mask, self.num_classes, self.ignore_index),
-            ):
-                self.test_images.append({"path": str(path), **scores})
+            self._record_test_images(batch.get("path", [""] * n), preds, mask)
         return loss
+
+    def _record_test_images(self, paths: list[str], preds: Tensor, mask: Tensor) -> None:
+        """Per-image scores, and the k worst images' prediction and truth for the report."""
+        scores = per_image_scores(preds, mask, self.num_classes, self.ignore_index)
+        for i, (path, score) in enumerate(zip(paths, scores)):
+            self.test_images.append({"path": str(path), **score})
+            if self.num_worst_images <= 0 or score["IoU"] is None:
+                continue
+            worst = self.worst_images
+            if len(worst) < self.num_worst_images or score["IoU"] < worst[-1]["IoU"]:
+                worst.append(
+                    {"path": str(path), **score,
+                     "pred": preds[i].cpu().numpy(), "mask": mask[i].cpu().numpy()}
+                )
+                worst.sort(key=lambda row: row["IoU"])
+                del worst[self.num_worst_images :]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -274,6 +291,7 @@ class SegmentationTask(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_images = []
+        self.worst_images = []
         self.test_report = None
 
     def on_test_epoch_end(self) -> None:
@@ -281,14 +299,17 @@ class SegmentationTask(L.LightningModule):
         if not computed:
             return
         names = _names(self.class_names, self.num_classes)
-        images = self.test_images
+        images, worst = self.test_images, self.worst_images
         if self.trainer.world_size > 1:
-            gathered: list[list[dict[str, Any]]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-            torch.distributed.all_gather_object(gathered, images)
-            images = [row for part in gathered for row in part]
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, (images, worst))
+            images = [row for part in gathered for row in part[0]]
+            worst = sorted((row for part in gathered for row in part[1]), key=lambda r: r["IoU"])
+            worst = worst[: self.num_worst_images]
         report = metrics_report(computed, names, self.ignore_index)
         report["num_images"] = len(images)
         report["per_image"] = images
+        report["worst_images"] = worst  # with numpy arrays: for the report, not for JSON
         self.test_report = report
 
     # ------------------------------------------------------------------ optimisation
