@@ -21,7 +21,7 @@ from segpipe.callbacks import TestMetricsWriter
 from segpipe.data import SegmentationDataModule
 from segpipe.tasks import SegmentationTask
 
-__all__ = ["COMMANDS", "SegpipeCLI", "default_precision", "main"]
+__all__ = ["COMMANDS", "SegpipeCLI", "default_precision", "main", "run_cli"]
 
 
 def _lazy(module: str, function: str = "main") -> Callable[[list[str]], int]:
@@ -107,10 +107,16 @@ def main(argv: Sequence[str] | None = None) -> Any:
         )
         if not args:
             return 2
+    run_cli(args)
+    return 0
+
+
+def run_cli(args: Sequence[str]) -> SegpipeCLI:
+    """Run ``segpipe fit|validate|test`` with ``args`` and return the CLI (trainer, model, data)."""
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
     try:
-        SegpipeCLI(
+        return SegpipeCLI(
             SegmentationTask,
             SegmentationDataModule,
             seed_everything_default=0,
@@ -119,7 +125,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
         )
     finally:
         sys.argv = saved_argv
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Training throughput of `segpipe fit` against a bare PyTorch loop (same model, batch, precision).
+
+segpipe's side is the real command (LightningCLI, datamodule reading PNGs from disk with
+albumentations augmentation in DataLoader workers, metrics, logging); the bare loop trains the same
+network on batches already in memory. Both are timed after a warm-up, wall clock per step.
+
+    python scripts/bench_train.py                       # synthetic 480x360 data, U-Net(16), batch 8, 224 crops
+    python scripts/bench_train.py --data-root ../shared/data/camvid --layout camvid
+    python scripts/bench_train.py --precision 32-true   # fp32 instead of the default bf16 (where supported)
+
+Prints images/s for both and their ratio (goal: >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segpipe.callbacks import Throughput  # noqa: E402
+from segpipe.cli import default_precision, run_cli  # noqa: E402
+from segpipe.models import UNet  # noqa: E402
+
+
+def make_data(root: Path, n: int, num_classes: int) -> Path:
+    """A folder-layout data set of 480x360 RGB PNGs with learnable blobs."""
+    from segpipe.data.io import write_image, write_mask
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", 2)):
+        for i in range(count):
+            mask = np.zeros((360, 480), np.uint8)
+            for _ in range(6):
+                y, x = rng.integers(0, 300), rng.integers(0, 420)
+                mask[y : y + 60, x : x + 60] = rng.integers(0, num_classes)
+            colors = np.linspace(20, 235, num_classes).astype(np.uint8)
+            img = np.stack([colors[mask], colors[::-1][mask], np.full_like(mask, 128)], -1)
+            img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+            write_image(root / split / "images" / f"{i:04d}.png", img)
+            write_mask(root / split / "masks" / f"{i:04d}.png", mask)
+    return root
+
+
+def bench_segpipe(args: argparse.Namespace, root: Path, run_dir: Path) -> float:
+    steps = args.warmup + args.steps
+    cli = run_cli(
+        [
+            "fit", "--config", "configs/folder_unet.yaml",
+            f"--data.root={root}", f"--data.layout={args.layout}",
+            f"--data.num_classes={args.classes}", f"--data.batch_size={args.batch_size}",
+            f"--data.crop_size={args.crop}", "--data.ignore_index=255",
+            f"--model.net.init_args.num_classes={args.classes}",
+            f"--model.net.init_args.base_channels={args.base}",
+            f"--trainer.precision={args.precision}", f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={run_dir}",
+            "--trainer.callbacks+=segpipe.callbacks.Throughput",
+            f"--trainer.callbacks.warmup_steps={args.warmup}",
+            *(["--data.num_workers", str(args.workers)] if args.workers is not None else []),
+        ]
+    )
+    meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput))
+    return meter.images_per_second
+
+
+def bench_bare(args: argparse.Namespace) -> float:
+    torch.manual_seed(0)
+    net = UNet(3, args.classes, base_channels=args.base, depth=4).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    x = torch.randn(args.batch_size, 3, args.crop, args.crop).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop))
+    bf16 = args.precision.startswith("bf16")
+    seconds, images = 0.0, 0
+    t0 = None
+    for step in range(args.warmup + args.steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        now = time.perf_counter()
+        if step + 1 == args.warmup:
+            t0 = now
+        elif t0 is not None:
+            images += args.batch_size
+            seconds = now - t0
+    return images / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=Path, help="real data instead of synthetic (e.g. CamVid)")
+    p.add_argument("--layout", default="folder")
+    p.add_argument("--classes", type=int, default=11)
+    p.add_argument("--images", type=int, default=64, help="synthetic training images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--base", type=int, default=16, help="U-Net base channels")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: segpipe's)")
+    p.add_argument("--precision", default=default_precision())
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
+          f"U-Net(base={args.base}), batch {args.batch_size}, crops {args.crop}x{args.crop}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_root or make_data(Path(tmp) / "data", args.images, args.classes)
+        seg = bench_segpipe(args, root, Path(tmp) / "run")
+    bare = bench_bare(args)
+    print(f"segpipe fit : {seg:7.2f} images/s")
+    print(f"bare loop   : {bare:7.2f} images/s")
+    print(f"ratio       : {seg / bare:7.3f}  (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
