@@ -1,53 +1,92 @@
-"""Callbacks: the test-metrics writer the CLI always adds, and a throughput meter."""
+"""Callbacks: the test-metrics and report writer the CLI always adds, and a throughput meter."""
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from segpipe.fileio import atomic_write_json, atomic_write_text
+from segpipe.fileio import atomic_write_json
 
 __all__ = ["TestMetricsWriter", "Throughput"]
 
 
 class TestMetricsWriter(L.Callback):
-    """Write ``test_metrics.json`` (and a per-image CSV) into the run's log directory after ``test``.
+    """After ``test``: write ``test_metrics.json``, a per-image CSV and the evaluation report.
+
+    Files go to the run's log directory (``trainer.log_dir``): ``test_metrics.json`` (every metric,
+    macro/micro labelled), ``test_per_image.csv`` (path, IoU, Dice, pixel accuracy per image) and
+    ``report.md`` with its plots and worst-image gallery (:func:`segpipe.report.write_report`,
+    coloured with the data module's ``class_colors``). The paths are printed.
 
     Args:
         filename: Name of the JSON file.
-        per_image_csv: Also write ``test_per_image.csv`` (path, IoU, Dice, pixel accuracy per image).
+        per_image_csv: Also write ``test_per_image.csv``.
+        report: Also write ``report.md`` (and ``report_files/``) beside the JSON.
     """
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, filename: str = "test_metrics.json", per_image_csv: bool = True) -> None:
+    def __init__(
+        self, filename: str = "test_metrics.json", per_image_csv: bool = True, report: bool = True
+    ) -> None:
         self.filename = filename
         self.per_image_csv = per_image_csv
+        self.report = report
         self.last_path: Path | None = None
+        self.last_report_path: Path | None = None
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         report = getattr(pl_module, "test_report", None)
         if not report:
             return
+        from segpipe.report import write_per_image_csv
+
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         report = dict(report)
         per_image = report.pop("per_image", [])
-        report.pop("worst_images", None)
+        worst = report.pop("worst_images", None) or []
+        csv_path: Path | None = None
         if self.per_image_csv and per_image:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=["path", "IoU", "Dice", "pixel_accuracy"])
-            writer.writeheader()
-            writer.writerows(per_image)
-            csv_path = atomic_write_text(out_dir / "test_per_image.csv", buf.getvalue())
+            csv_path = write_per_image_csv(out_dir / "test_per_image.csv", per_image)
             report["per_image_csv"] = str(csv_path)
         self.last_path = atomic_write_json(out_dir / self.filename, report)
         print(f"Test metrics written to {self.last_path}")
+        if self.report:
+            self.last_report_path = self._write_report(
+                trainer, {**report, "per_image": per_image, "worst_images": worst}, out_dir,
+                csv_path,
+            )
+            if self.last_report_path is not None:
+                print(f"Evaluation report written to {self.last_report_path}")
+
+    @staticmethod
+    def _write_report(
+        trainer: L.Trainer, report: dict[str, Any], out_dir: Path, csv_path: Path | None
+    ) -> Path | None:
+        """The report is a convenience: a failure warns instead of losing the finished test."""
+        from segpipe.data.io import read_image
+        from segpipe.report import write_report
+
+        dm = getattr(trainer, "datamodule", None)
+        colors = getattr(dm, "class_colors", None)
+        bands = getattr(dm, "bands", None)
+        reader = functools.partial(read_image, bands=bands) if bands else None
+        try:
+            return write_report(report, out_dir, class_colors=colors, image_reader=reader,
+                                per_image_csv=csv_path)
+        except Exception as exc:  # noqa: BLE001 - metrics are already safe on disk
+            rank_zero_warn(
+                f"could not write the evaluation report in {out_dir}: {type(exc).__name__}: "
+                f"{exc}. test_metrics.json is complete; set metrics_writer.report=false to skip "
+                "the report."
+            )
+            return None
 
 
 class Throughput(L.Callback):

@@ -72,6 +72,18 @@ def test_test_writes_labelled_metrics(fitted, dataset, capsys):
     assert len(cm) == 3 and all(len(r) == 3 for r in cm)
     assert metrics["num_images"] == 4  # make_folder_dataset's default test split
     assert (path.parent / "test_per_image.csv").exists()
+    # The evaluation report beside the metrics, with the same (macro/micro labelled) numbers.
+    report_path = Path(out.split("Evaluation report written to ")[1].split()[0])
+    assert report_path == path.with_name("report.md")
+    md = report_path.read_text(encoding="utf-8")
+    assert f"| mIoU | macro (mean over classes) | {metrics['mIoU']:.4f} |" in md
+    assert f"| micro_IoU | micro (pooled pixels) | {metrics['micro_IoU']:.4f} |" in md
+    assert "[test_per_image.csv](test_per_image.csv)" in md
+    files = report_path.parent / "report_files"
+    assert (files / "confusion_matrix.png").exists() and (files / "per_class_iou.png").exists()
+    gallery = sorted(files.glob("worst_*.png"))
+    assert 1 <= len(gallery) <= 4 and all(f"report_files/{p.name}" in md for p in gallery)
+    assert "could not read" not in md
 
 
 def test_resume_from_last(fitted, dataset):

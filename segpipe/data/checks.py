@@ -55,9 +55,12 @@ class Problem:
         path: The offending file.
         split: Split it belongs to.
         kind: One of ``missing_mask``, ``orphan_mask``, ``duplicate``, ``unreadable_image``,
-            ``unreadable_mask``, ``size_mismatch``, ``bad_labels``.
+            ``unreadable_mask``, ``size_mismatch``, ``bad_labels`` (tools may add their own,
+            e.g. ``segpipe check-data``'s ``channel_mismatch``).
         message: What is wrong.
         fix: One-line fix.
+        values: For ``bad_labels`` from the range check, the offending label values (so tools
+            such as ``segpipe check-data`` can summarise them); empty otherwise.
     """
 
     path: Path
@@ -65,6 +68,7 @@ class Problem:
     kind: str
     message: str
     fix: str = ""
+    values: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         fix = self.fix or FIXES.get(self.kind, "")
@@ -171,6 +175,7 @@ def _check_pair(
                 "bad_labels",
                 f"label values [{shown}] outside 0..{num_classes - 1}{ign}",
                 FIXES["bad_labels"],
+                tuple(bad),
             )
         )
     return out
@@ -242,10 +247,14 @@ def class_pixel_counts(
     mask_values: Mapping[int, int] | None = None,
     mask_colors: Sequence[Sequence[int]] | None = None,
     max_workers: int | None = None,
+    per_image: bool = False,
 ) -> np.ndarray:
     """Pixels per class over the masks of ``samples`` (e.g. for class weights).
 
     Values outside ``[0, num_classes)`` (including ``ignore_index``) are not counted.
+    With ``per_image=True`` the counts of each mask are returned separately, which is what
+    median frequency balancing needs (a class's frequency is taken over the images that
+    contain it).
 
     Args:
         samples: Samples with masks (samples without a mask are skipped).
@@ -254,9 +263,11 @@ def class_pixel_counts(
         mask_values: Raw value -> class mapping.
         mask_colors: Colour table for RGB masks.
         max_workers: Threads.
+        per_image: Return one row per sample instead of the total.
 
     Returns:
-        int64 array of shape (num_classes,).
+        int64 array of shape (num_classes,), or (len(samples), num_classes) with ``per_image``
+        (rows in sample order; all zero for samples without a mask).
 
     Raises:
         ImageReadError: For unreadable masks.
@@ -270,7 +281,10 @@ def class_pixel_counts(
         valid = labels[(labels >= 0) & (labels < num_classes)]
         return np.bincount(valid.ravel(), minlength=num_classes).astype(np.int64)
 
+    rows = _parallel_map(count, list(samples), max_workers, "counting pixels")
+    if per_image:
+        return np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int64)
     total = np.zeros(num_classes, dtype=np.int64)
-    for c in _parallel_map(count, list(samples), max_workers, "counting pixels"):
+    for c in rows:
         total += c
     return total

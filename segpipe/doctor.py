@@ -1,0 +1,853 @@
+"""``segpipe check-data``: look at a data set before anyone trains on it.
+
+Reads the ``data`` section of the same YAML files ``segpipe fit`` reads (the other sections are
+ignored), builds the :class:`~segpipe.data.SegmentationDataModule`, and reports:
+
+* image/mask pairs found, images without a mask, masks without an image, duplicate stems (split
+  by split, after the data module's held-out val split and ``limit_samples``);
+* every problem the pre-flight check :func:`~segpipe.data.check_samples` finds: unreadable or
+  truncated files, image/mask size mismatches, label values outside the classes that are not the
+  ignore index (one line per file, with the fix);
+* how the masks are encoded, from a sample of masks (dtype, channels, values): class indices,
+  colours or 0/255, and whether that matches ``data.mask_values`` / ``data.mask_colors``;
+* whether the images' channel count fits ``data.in_channels`` (same sample);
+* the class pixel frequency per split and suggested class weights by median frequency balancing
+  (Eigen & Fergus 2015, SegNet): ``w_c = median(freq) / freq_c`` where ``freq_c`` is the number of
+  training pixels of class ``c`` divided by the labelled (non-ignored) pixels of the training
+  images that contain ``c``; printed as a YAML line for ``model.class_weights``;
+* image size statistics (min/median/max H and W, number of distinct sizes).
+
+Exit status: 0 when no error was found, 1 when errors were found (``segpipe fit`` would refuse the
+data), 2 when the check could not run (bad arguments or config, data root not found).
+
+Usage::
+
+    segpipe check-data --config configs/camvid_unet.yaml --data.root /data/camvid
+    segpipe check-data --config configs/lgg_unet.yaml --data.root /data/lgg_mri --json lgg.json
+    segpipe check-data --data.root DIR --data.num_classes 3 --splits [val]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from tqdm.auto import tqdm
+
+from segpipe.data.checks import PROGRESS_THRESHOLD, Problem, check_samples, class_pixel_counts
+from segpipe.data.datamodule import SegmentationDataModule
+from segpipe.data.datasets import Sample
+from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
+from segpipe.fileio import atomic_write_json
+
+__all__ = [
+    "DataReport",
+    "build_parser",
+    "check_data",
+    "format_report",
+    "main",
+    "median_frequency_weights",
+    "size_stats",
+    "sniff_masks",
+]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+#: Problem kinds that make a mask unusable for pixel counting.
+_UNCOUNTABLE = {"unreadable_mask", "missing_mask"}
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class DataReport:
+    """Findings of :func:`check_data`.
+
+    Attributes:
+        root: Data root.
+        layout: Layout name.
+        num_classes: Number of classes.
+        class_names: Class names.
+        ignore_index: Ignore label or None.
+        splits: Per split: ``images``, ``with_mask``, ``missing_mask``, ``orphan_masks``,
+            ``duplicates``, ``sizes`` (see :func:`size_stats`), ``source`` (how the split was made).
+        problems: Problems found (errors; any makes the exit status 1).
+        warnings: Things that are probably wrong but do not stop training.
+        hints: Suggestions (e.g. a ``mask_values`` line) that explain the problems.
+        notes: Plain information (e.g. "no test split").
+        mask_encoding: What a sample of masks looks like (see :func:`sniff_masks`).
+        image_format: Channels/dtypes seen in a sample of images.
+        class_pixels: Per split, pixels per class (labelled pixels only).
+        class_images: Per split, number of masks containing each class.
+        class_weights: Median-frequency weights from the train split (None: class absent).
+        bad_label_values: Label values outside the classes (not the ignore index) -> mask count.
+        timings: Seconds per phase and ``total``.
+    """
+
+    root: str
+    layout: str
+    num_classes: int
+    class_names: list[str]
+    ignore_index: int | None
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    mask_encoding: dict[str, Any] = field(default_factory=dict)
+    image_format: dict[str, Any] = field(default_factory=dict)
+    class_pixels: dict[str, list[int]] = field(default_factory=dict)
+    class_images: dict[str, list[int]] = field(default_factory=dict)
+    class_weights: list[float | None] | None = None
+    bad_label_values: dict[int, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no error was found."""
+        return not self.problems
+
+    @property
+    def num_files(self) -> int:
+        """Images plus masks looked at."""
+        return sum(s["images"] + s["with_mask"] for s in self.splits.values())
+
+    def class_frequency(self, split: str) -> list[float | None]:
+        """Share of the labelled pixels of ``split`` per class (None without labelled pixels)."""
+        counts = np.asarray(self.class_pixels.get(split, []), dtype=np.float64)
+        total = counts.sum()
+        return [float(c / total) if total else None for c in counts]
+
+    def weights_yaml(self, digits: int = 4) -> str | None:
+        """``class_weights: [...]`` ready to paste under ``model:`` (absent classes get 1.0)."""
+        if self.class_weights is None:
+            return None
+        vals = [f"{w:.{digits}f}" if w is not None else "1.0" for w in self.class_weights]
+        return f"class_weights: [{', '.join(vals)}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready findings (``--json``)."""
+        return {
+            "ok": self.ok,
+            "root": self.root,
+            "layout": self.layout,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "ignore_index": self.ignore_index,
+            "splits": self.splits,
+            "errors": len(self.problems),
+            "problems": [
+                {"split": p.split, "path": str(p.path), "kind": p.kind, "message": p.message,
+                 "fix": p.fix, **({"values": list(p.values)} if p.values else {})}
+                for p in self.problems
+            ],
+            "warnings": self.warnings,
+            "hints": self.hints,
+            "notes": self.notes,
+            "mask_encoding": self.mask_encoding,
+            "image_format": self.image_format,
+            "bad_label_values": {str(k): v for k, v in sorted(self.bad_label_values.items())},
+            "class_pixels": self.class_pixels,
+            "class_images": self.class_images,
+            "class_frequency": {s: self.class_frequency(s) for s in self.class_pixels},
+            "class_weights": self.class_weights,
+            "class_weights_method": (
+                "median frequency balancing over the train split: w_c = median(freq) / freq_c, "
+                "freq_c = pixels of c / labelled pixels of the images containing c"
+            ),
+            "timings_s": self.timings,
+        }
+
+
+# ------------------------------------------------------------------------------------ pieces
+def _pmap(
+    fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None, desc: str
+) -> list[_R]:
+    """Ordered thread-pool map with a progress bar for long runs (decoding releases the GIL)."""
+    if not items:
+        return []
+    n = workers or min(8, 2 * (os.cpu_count() or 1))
+    show = len(items) > PROGRESS_THRESHOLD
+    if n <= 1:
+        return [fn(x) for x in tqdm(items, desc=desc, disable=not show, leave=False)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not show,
+                         leave=False))
+
+
+def median_frequency_weights(per_image_counts: np.ndarray | Sequence[Sequence[int]]) -> list[float | None]:
+    """Class weights by median frequency balancing (Eigen & Fergus 2015; SegNet).
+
+    ``freq_c`` = pixels of class ``c`` / pixels of the images in which ``c`` is present (pixels
+    meaning the counted, labelled pixels); ``w_c = median_c(freq_c) / freq_c``. Frequent classes get
+    weights below 1, rare ones above 1; the median class gets 1.
+
+    Args:
+        per_image_counts: (N, K) pixels per class per image, e.g.
+            ``class_pixel_counts(samples, K, per_image=True)``.
+
+    Returns:
+        K weights; None for classes present in no image (their weight is undefined).
+    """
+    counts = np.asarray(per_image_counts, dtype=np.float64)
+    if counts.ndim != 2:
+        raise ValueError(f"per_image_counts must be (N, K), got shape {counts.shape}")
+    totals = counts.sum(axis=1)
+    freq = np.full(counts.shape[1], np.nan)
+    for c in range(counts.shape[1]):
+        present = counts[:, c] > 0
+        if present.any():
+            freq[c] = counts[present, c].sum() / totals[present].sum()
+    if np.all(np.isnan(freq)):
+        return [None] * counts.shape[1]
+    median = float(np.nanmedian(freq))
+    return [None if np.isnan(f) else median / float(f) for f in freq]
+
+
+def size_stats(sizes: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """Image size statistics.
+
+    Args:
+        sizes: ``(H, W)`` per image.
+
+    Returns:
+        ``{"count", "height": {min, median, max}, "width": {...}, "distinct", "most_common"}``
+        (``most_common``: up to 3 ``[H, W, count]``); empty dict for no sizes.
+    """
+    if not sizes:
+        return {}
+    arr = np.asarray(sizes, dtype=np.int64)
+    common = Counter(map(tuple, arr.tolist())).most_common()
+
+    def stats(col: np.ndarray) -> dict[str, float]:
+        med = float(np.median(col))
+        return {"min": int(col.min()), "median": int(med) if med.is_integer() else med,
+                "max": int(col.max())}
+
+    return {
+        "count": int(len(arr)),
+        "height": stats(arr[:, 0]),
+        "width": stats(arr[:, 1]),
+        "distinct": len(common),
+        "most_common": [[int(h), int(w), int(n)] for (h, w), n in common[:3]],
+    }
+
+
+def _even_sample(items: Sequence[_T], n: int) -> list[_T]:
+    if n <= 0 or not items:
+        return []
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, num=n).round().astype(int)
+    return [items[i] for i in sorted(set(idx.tolist()))]
+
+
+def _fmt_values(values: Sequence[int], limit: int = 12) -> str:
+    vals = sorted(int(v) for v in values)
+    if len(vals) >= 3 and vals == list(range(vals[0], vals[-1] + 1)):
+        return f"{vals[0]}..{vals[-1]}"
+    shown = ", ".join(str(v) for v in vals[:limit])
+    return "{" + shown + (", ..." if len(vals) > limit else "") + "}"
+
+
+def sniff_masks(
+    masks: Sequence[Path],
+    num_classes: int,
+    ignore_index: int | None = None,
+    mask_values: Mapping[int, int] | None = None,
+    mask_colors: Sequence[Sequence[int]] | None = None,
+    max_workers: int | None = None,
+) -> dict[str, Any]:
+    """Look at a sample of masks and say how they are encoded.
+
+    Kinds: ``indices`` (one channel, values in ``0..K-1`` or the ignore index), ``binary_0_255``
+    (one channel, only 0 and 255), ``other_values`` (one channel, values outside the classes, e.g.
+    gray levels 0/38/75), ``colours`` (RGB with differing channels).
+
+    Args:
+        masks: Mask files (unreadable ones are skipped; the full check reports them).
+        num_classes: Number of classes.
+        ignore_index: Ignore label.
+        mask_values: Configured value mapping (changes the verdict).
+        mask_colors: Configured colour table (changes the verdict).
+        max_workers: Threads.
+
+    Returns:
+        ``{"sampled", "dtypes", "channels", "kinds" (kind -> count), "values" (distinct raw
+        values, single-channel masks), "colours" (distinct RGB colours, up to 64), "verdict",
+        "hints", "warnings"}``.
+    """
+
+    def look(path: Path) -> dict[str, Any] | None:
+        try:
+            raw = read_mask(path)
+            dtype = str(read_image(path).dtype)
+        except ImageReadError:
+            return None
+        out: dict[str, Any] = {"dtype": dtype}
+        if raw.ndim == 3 and not (
+            np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])
+        ):
+            out["channels"] = 3
+            out["kind"] = "colours"
+            out["colours"] = np.unique(raw.reshape(-1, 3), axis=0)[:256].tolist()
+            return out
+        vals = np.unique(raw[..., 0] if raw.ndim == 3 else raw)
+        out["channels"] = 3 if raw.ndim == 3 else 1
+        out["values"] = vals.tolist()
+        allowed = set(range(num_classes)) | ({ignore_index} if ignore_index is not None else set())
+        if set(out["values"]) <= {0, 255} and 255 in out["values"] and num_classes <= 255:
+            out["kind"] = "binary_0_255"
+        elif set(out["values"]) <= allowed:
+            out["kind"] = "indices"
+        else:
+            out["kind"] = "other_values"
+        return out
+
+    looked = [r for r in _pmap(look, list(masks), max_workers, "sampling masks") if r is not None]
+    kinds = Counter(r["kind"] for r in looked)
+    values = sorted({v for r in looked for v in r.get("values", [])})
+    colours = sorted({tuple(c) for r in looked for c in r.get("colours", [])})
+    result: dict[str, Any] = {
+        "sampled": len(looked),
+        "dtypes": sorted({r["dtype"] for r in looked}),
+        "channels": sorted({r["channels"] for r in looked}),
+        "kinds": dict(kinds),
+        "values": values[:256],
+        "colours": [list(c) for c in colours[:64]],
+        "verdict": "",
+        "hints": [],
+        "warnings": [],
+    }
+    hints: list[str] = result["hints"]
+    warns: list[str] = result["warnings"]
+    if not looked:
+        result["verdict"] = "no readable mask in the sample"
+        return result
+    main_kind = kinds.most_common(1)[0][0]
+    mixed = f" (mixed: {dict(kinds)})" if len(kinds) > 1 else ""
+    if "colours" in kinds:
+        result["verdict"] = f"colour-coded RGB masks, {len(colours)} distinct colours{mixed}"
+        if mask_colors:
+            unknown = [list(c) for c in colours if list(c) not in [list(m) for m in mask_colors]]
+            if unknown and ignore_index is None:
+                hints.append(
+                    f"colours {unknown[:5]} are not in data.mask_colors; add them or set "
+                    "data.ignore_index to ignore them"
+                )
+        else:
+            table = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:num_classes + 1])
+            hints.append(
+                "masks are colour-coded: set data.mask_colors to the class colours in class "
+                f"order (colours seen: {table}{', ...' if len(colours) > num_classes + 1 else ''})"
+            )
+        return result
+    if mask_values:
+        keys = set(int(k) for k in mask_values)
+        unmapped = [v for v in values if v not in keys]
+        result["verdict"] = (
+            f"single-channel masks with values {_fmt_values(values)}, mapped by data.mask_values"
+            f"{mixed}"
+        )
+        if unmapped and ignore_index is None:
+            hints.append(
+                f"values {_fmt_values(unmapped)} are not in data.mask_values; add them or set "
+                "data.ignore_index to ignore them"
+            )
+        return result
+    if main_kind == "binary_0_255":
+        result["verdict"] = f"binary masks with values 0/255{mixed}"
+        if ignore_index == 255:
+            warns.append(
+                "masks are 0/255 but 255 is data.ignore_index: every foreground pixel would be "
+                "ignored and the foreground class never learnt; set data.mask_values: "
+                "{0: 0, 255: 1} (and another ignore_index, or null)"
+            )
+        else:
+            hints.append("masks are 0/255: set data.mask_values: {0: 0, 255: 1}")
+        return result
+    if main_kind == "indices" and len(kinds) == 1:
+        ign = f" + ignore index {ignore_index}" if ignore_index in values else ""
+        result["verdict"] = (
+            f"class indices, values {_fmt_values(values)} (classes 0..{num_classes - 1}{ign})"
+        )
+        return result
+    outside = [
+        v for v in values if not (0 <= v < num_classes) and v != ignore_index
+    ]
+    result["verdict"] = (
+        f"single-channel masks with values {_fmt_values(values)}, "
+        f"{_fmt_values(outside)} outside the classes 0..{num_classes - 1}{mixed}"
+    )
+    if len(values) == num_classes:
+        mapping = ", ".join(f"{v}: {i}" for i, v in enumerate(values))
+        hints.append(f"the masks hold {num_classes} distinct values; if they are the classes in "
+                     f"order, set data.mask_values: {{{mapping}}}")
+    else:
+        hints.append(
+            f"values {_fmt_values(outside)} are no class: set data.mask_values to map raw values "
+            "to classes, data.ignore_index to ignore one value, or raise data.num_classes"
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------------ check
+def check_data(
+    dm: SegmentationDataModule,
+    splits: Sequence[str] | None = None,
+    decode_images: bool = True,
+    sample_size: int = 16,
+    max_workers: int | None = None,
+) -> DataReport:
+    """Check a data set as the data module sees it.
+
+    Args:
+        dm: The data module (not set up).
+        splits: Splits to check (default: all the data module has).
+        decode_images: Fully decode every image (catches truncated images); False reads headers.
+        sample_size: Masks and images per split looked at for the encoding and channel checks.
+        max_workers: Threads for decoding.
+
+    Returns:
+        The findings.
+
+    Raises:
+        FileNotFoundError: When the data root or the layout's folders are missing.
+        ValueError: Unknown split names, malformed split files.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scan = dm.scan()
+    available = dm.splits
+    timings["scan"] = time.perf_counter() - t0
+    names = list(splits) if splits else list(available)
+    unknown = [s for s in names if s not in available]
+    if unknown:
+        raise ValueError(
+            f"{dm.root}: no split(s) {unknown} in the {dm.layout!r} layout (found: "
+            f"{sorted(available)}); pass --splits with some of these"
+        )
+    chosen = {s: available[s] for s in names}
+    rep = DataReport(
+        root=str(dm.root), layout=dm.layout, num_classes=dm.num_classes,
+        class_names=list(dm.class_names), ignore_index=dm.ignore_index,
+    )
+
+    # Pairs per split -----------------------------------------------------------------------
+    limit = dm.hparams.get("limit_samples")
+    for s, samples in chosen.items():
+        with_mask = sum(1 for x in samples if x.mask is not None)
+        source = _split_source(dm, scan, s)
+        rep.splits[s] = {
+            "images": len(samples), "with_mask": with_mask, "missing_mask": len(samples) - with_mask,
+            "orphan_masks": len(scan.orphans.get(s, [])), "duplicates": len(scan.duplicates.get(s, [])),
+            "source": source, "folder": str(scan.folders.get(s, dm.root)),
+        }
+        if not samples:
+            rep.warnings.append(f"[{s}] the split has no images ({scan.folders.get(s, dm.root)})")
+    if "test" not in available:
+        rep.notes.append("no test split: `segpipe test` will evaluate the val split")
+    if limit:
+        rep.notes.append(f"data.limit_samples={limit}: only that many samples per split checked")
+
+    # Pre-flight check (every file) ---------------------------------------------------------
+    t0 = time.perf_counter()
+    rep.problems = check_samples(
+        chosen, num_classes=dm.num_classes, ignore_index=dm.ignore_index,
+        mask_values=dm.mask_values, mask_colors=dm.mask_colors,
+        orphans={k: v for k, v in scan.orphans.items() if k in chosen},
+        duplicates={k: v for k, v in scan.duplicates.items() if k in chosen},
+        max_workers=max_workers, decode_images=decode_images, bands=dm.bands,
+    )
+    timings["check"] = time.perf_counter() - t0
+    for p in rep.problems:
+        for v in p.values:
+            rep.bad_label_values[v] = rep.bad_label_values.get(v, 0) + 1
+
+    # Image sizes (headers) -----------------------------------------------------------------
+    t0 = time.perf_counter()
+
+    def header(sample: Sample) -> tuple[int, int] | None:
+        try:
+            return image_size(sample.image)
+        except ImageReadError:
+            return None
+
+    for s, samples in chosen.items():
+        sizes = [x for x in _pmap(header, samples, max_workers, f"sizes {s}") if x is not None]
+        rep.splits[s]["sizes"] = size_stats(sizes)
+    timings["sizes"] = time.perf_counter() - t0
+
+    # Mask encoding and image channels (a sample) -------------------------------------------
+    t0 = time.perf_counter()
+    bad_files = {p.path for p in rep.problems if p.kind in ("unreadable_image", "unreadable_mask")}
+    mask_sample = [
+        x.mask for samples in chosen.values()
+        for x in _even_sample([y for y in samples if y.mask is not None and y.mask not in bad_files],
+                              sample_size)
+    ]
+    rep.mask_encoding = sniff_masks(mask_sample, dm.num_classes, dm.ignore_index,
+                                    dm.mask_values, dm.mask_colors, max_workers)
+    rep.hints += rep.mask_encoding.pop("hints")
+    rep.warnings += rep.mask_encoding.pop("warnings")
+    image_sample = [
+        (s, x.image) for s, samples in chosen.items()
+        for x in _even_sample([y for y in samples if y.image not in bad_files], sample_size)
+    ]
+    _check_channels(rep, image_sample, dm, max_workers)
+    timings["sample"] = time.perf_counter() - t0
+
+    # Class pixel frequency and weights ------------------------------------------------------
+    t0 = time.perf_counter()
+    uncountable = {p.path for p in rep.problems
+                   if p.kind in _UNCOUNTABLE or (p.kind == "bad_labels" and not p.values)}
+    per_image: dict[str, np.ndarray] = {}
+    for s, samples in chosen.items():
+        ok = [x for x in samples if x.mask is not None and x.mask not in uncountable]
+        try:
+            per_image[s] = class_pixel_counts(
+                ok, dm.num_classes, dm.ignore_index, dm.mask_values, dm.mask_colors,
+                max_workers=max_workers, per_image=True,
+            )
+        except ImageReadError as exc:  # pragma: no cover - check_samples reports these first
+            rep.warnings.append(f"[{s}] pixel counts skipped: {exc}")
+            continue
+        rep.class_pixels[s] = per_image[s].sum(axis=0).astype(int).tolist()
+        rep.class_images[s] = (per_image[s] > 0).sum(axis=0).astype(int).tolist()
+    if "train" in per_image and len(per_image["train"]):
+        rep.class_weights = median_frequency_weights(per_image["train"])
+        absent = [n for n, c in zip(rep.class_names, rep.class_pixels["train"]) if c == 0]
+        if absent:
+            rep.warnings.append(
+                f"class(es) {', '.join(absent)} have no training pixel: the model cannot learn "
+                "them (check data.num_classes, data.mask_values / data.mask_colors)"
+            )
+    elif "train" not in chosen:
+        rep.notes.append("train split not checked: no class weights suggested")
+    timings["counts"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    rep.timings = {k: round(v, 3) for k, v in timings.items()}
+    return rep
+
+
+def _split_source(dm: SegmentationDataModule, scan: Any, split: str) -> str:
+    """Where a split's samples come from, in words."""
+    hp = dm.hparams
+    root = Path(dm.root).expanduser()
+    if split not in scan:
+        return f"held out from train (data.val_fraction={hp['val_fraction']}, seed {hp['seed']})"
+    if dm.layout == "lgg":
+        if (root / "splits.csv").is_file():
+            return "patients listed in splits.csv"
+        return f"seeded patient split (data.val_fraction={hp['val_fraction']}, seed {hp['seed']})"
+    folder = scan.folders.get(split)
+    if folder is None:
+        return "-"
+    if split != "train" and folder == scan.folders.get("train"):
+        return "slices held out from train (data.val_slices)"
+    try:
+        return Path(folder).relative_to(root).as_posix() + "/"
+    except ValueError:
+        return str(folder)
+
+
+def _check_channels(
+    rep: DataReport, items: Sequence[tuple[str, Path]], dm: SegmentationDataModule,
+    max_workers: int | None,
+) -> None:
+    """Channel count / dtype of a sample of images against ``data.in_channels``."""
+
+    def look(item: tuple[str, Path]) -> tuple[str, Path, int, str] | None:
+        try:
+            img = read_image(item[1], dm.bands)
+        except ImageReadError:
+            return None
+        return item[0], item[1], int(img.shape[2]), str(img.dtype)
+
+    looked = [r for r in _pmap(look, list(items), max_workers, "sampling images") if r is not None]
+    channels = Counter(r[2] for r in looked)
+    rep.image_format = {
+        "sampled": len(looked),
+        "channels": {str(k): v for k, v in sorted(channels.items())},
+        "dtypes": sorted({r[3] for r in looked}),
+        "in_channels": dm.in_channels,
+        "bands": dm.bands,
+    }
+    want = dm.in_channels
+    for split, path, c, _ in looked:
+        if c != want and {c, want} != {1, 3}:
+            rep.problems.append(Problem(
+                path, split, "channel_mismatch",
+                f"image has {c} channel(s) (after data.bands) but data.in_channels={want}",
+                "set data.in_channels and the net's in_channels to match, or pick bands with "
+                "data.bands",
+            ))
+    if len(channels) > 1:
+        rep.warnings.append(
+            f"images have different channel counts {dict(channels)}; set data.in_channels so all "
+            "are converted (1 <-> 3 only) or pick bands with data.bands"
+        )
+    if any(c != want and {c, want} == {1, 3} for c in channels):
+        rep.notes.append(
+            f"images with {'/'.join(str(c) for c in channels)} channel(s) are converted to "
+            f"data.in_channels={want} (gray <-> RGB)"
+        )
+
+
+# ------------------------------------------------------------------------------------ output
+def _table(rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
+    """Plain-text table: numbers right-aligned, text left-aligned (header follows its column)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+
+    def numeric(text: str) -> bool:
+        return text.replace(".", "", 1).replace("-", "", 1).isdigit()
+
+    right = [any(numeric(r[i]) for r in cells[1:]) for i in range(len(widths))]
+    return [
+        (indent + "  ".join(c.rjust(w) if right[i] else c.ljust(w)
+                            for i, (c, w) in enumerate(zip(r, widths)))).rstrip()
+        for r in cells
+    ]
+
+
+def format_report(rep: DataReport, max_listed: int = 200) -> str:
+    """Human-readable findings (what ``segpipe check-data`` prints).
+
+    Args:
+        rep: Findings of :func:`check_data`.
+        max_listed: Problems listed one per line before "... and N more".
+
+    Returns:
+        Multi-line text.
+    """
+    ign = f"ignore_index {rep.ignore_index}" if rep.ignore_index is not None else "no ignore_index"
+    lines = [f"Data check of {rep.root} (layout {rep.layout}, {rep.num_classes} classes, {ign})", ""]
+
+    lines.append("Image/mask pairs")
+    rows: list[list[Any]] = [["split", "images", "with mask", "missing mask", "orphan masks",
+                              "duplicates", "source"]]
+    for s, d in rep.splits.items():
+        rows.append([s, d["images"], d["with_mask"], d["missing_mask"], d["orphan_masks"],
+                     d["duplicates"], d["source"]])
+    lines += _table(rows) + [""]
+
+    lines.append("Image sizes (H×W, from file headers)")
+    rows = [["split", "min H", "median H", "max H", "min W", "median W", "max W", "distinct",
+             "most common"]]
+    for s, d in rep.splits.items():
+        st = d.get("sizes") or {}
+        if not st:
+            rows.append([s, "-", "-", "-", "-", "-", "-", 0, "-"])
+            continue
+        common = ", ".join(f"{h}×{w} ({n})" for h, w, n in st["most_common"][:2])
+        rows.append([s, st["height"]["min"], st["height"]["median"], st["height"]["max"],
+                     st["width"]["min"], st["width"]["median"], st["width"]["max"],
+                     st["distinct"], common])
+    lines += _table(rows) + [""]
+
+    fmt = rep.image_format
+    if fmt:
+        ch = ", ".join(f"{k} channel(s): {v}" for k, v in fmt["channels"].items()) or "-"
+        bands = f", data.bands={fmt['bands']}" if fmt.get("bands") else ""
+        lines += [f"Images (sample of {fmt['sampled']}): {ch}; dtype {', '.join(fmt['dtypes']) or '-'}"
+                  f"; data.in_channels={fmt['in_channels']}{bands}"]
+    enc = rep.mask_encoding
+    if enc:
+        lines += [
+            f"Masks (sample of {enc['sampled']}): dtype {', '.join(enc['dtypes']) or '-'}, "
+            f"{'/'.join(str(c) for c in enc['channels']) or '-'} channel(s) -> {enc['verdict']}",
+        ]
+    if rep.bad_label_values:
+        vals = ", ".join(f"{v} (in {n} mask(s))" for v, n in sorted(rep.bad_label_values.items()))
+        lines.append(
+            f"Label values outside 0..{rep.num_classes - 1}"
+            + (f" and not ignore_index {rep.ignore_index}" if rep.ignore_index is not None else "")
+            + f": {vals}"
+        )
+    lines.append("")
+
+    if rep.class_pixels:
+        splits = list(rep.class_pixels)
+        lines.append("Class pixel frequency (% of labelled pixels; ignored pixels not counted)")
+        rows = [["#", "class", *[f"{s} %" for s in splits], *[f"{s} images" for s in splits]]]
+        freqs = {s: rep.class_frequency(s) for s in splits}
+        for i, name in enumerate(rep.class_names):
+            rows.append([
+                i, name,
+                *[("-" if freqs[s][i] is None else f"{100 * freqs[s][i]:.2f}") for s in splits],
+                *[rep.class_images[s][i] for s in splits],
+            ])
+        rows.append(["", "labelled pixels", *[sum(rep.class_pixels[s]) for s in splits],
+                     *["" for _ in splits]])
+        lines += _table(rows) + [""]
+    if rep.class_weights is not None:
+        lines += [
+            "Suggested class weights (median frequency balancing over train: "
+            "w_c = median(freq) / freq_c, freq_c = pixels of c / labelled pixels of the train "
+            "images containing c)",
+        ]
+        rows = [["#", "class", "weight"]]
+        for i, (name, w) in enumerate(zip(rep.class_names, rep.class_weights)):
+            rows.append([i, name, "absent (1.0)" if w is None else f"{w:.4f}"])
+        lines += _table(rows)
+        lines += ["  Paste under `model:` in the config (or pass --model.class_weights):",
+                  f"    {rep.weights_yaml()}", ""]
+
+    for title, items in (("Notes", rep.notes), ("Hints", rep.hints), ("Warnings", rep.warnings)):
+        if items:
+            lines.append(f"{title}:")
+            lines += [f"  - {x}" for x in items]
+            lines.append("")
+
+    if rep.problems:
+        n_files = len({p.path for p in rep.problems})
+        kinds = Counter(p.kind for p in rep.problems)
+        lines.append(
+            f"ERRORS: {len(rep.problems)} problem(s) in {n_files} file(s) "
+            f"({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}):"
+        )
+        lines += [f"  {p}" for p in rep.problems[:max_listed]]
+        if len(rep.problems) > max_listed:
+            lines.append(f"  ... and {len(rep.problems) - max_listed} more (see --json)")
+        lines.append("")
+    verdict = "OK: no errors found" if rep.ok else "FAILED: fix the errors above before training"
+    lines.append(
+        f"{verdict} ({len(rep.warnings)} warning(s)); {rep.num_files} files in "
+        f"{rep.timings.get('total', 0.0):.2f} s"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ CLI
+class _UsageError(ValueError):
+    """A problem with the command line or config (exit status 2)."""
+
+
+def build_parser() -> ArgumentParser:
+    """The ``segpipe check-data`` argument parser (jsonargparse).
+
+    Returns:
+        Parser with ``--config`` (the ``data`` section of a training config), every ``--data.*``
+        option of :class:`~segpipe.data.SegmentationDataModule` and the checker's own options.
+    """
+    parser = ArgumentParser(
+        prog="segpipe check-data",
+        description=(
+            "Check a data set before training: pairs, unreadable files, sizes, mask encoding, "
+            "labels, class frequencies and suggested class weights. Exit status 0: no errors, "
+            "1: errors found, 2: could not run."
+        ),
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile,
+        help="Training config (YAML); only its data section is used, other sections are ignored.",
+    )
+    parser.add_class_arguments(SegmentationDataModule, "data")
+    parser.add_argument("--splits", type=list[str] | None, default=None,
+                        help="Splits to check, e.g. [train, val] (default: all).")
+    parser.add_argument("--decode_images", type=bool, default=True,
+                        help="Decode every image fully (finds truncated images); false reads "
+                             "only headers (faster).")
+    parser.add_argument("--sample_size", type=int, default=16,
+                        help="Masks and images per split examined for encoding and channels.")
+    parser.add_argument("--workers", type=int | None, default=None,
+                        help="Decoding threads (default min(8, 2 x CPUs)).")
+    parser.add_argument("--json", type=str | None, default=None,
+                        help="Also write the findings to this JSON file.")
+    return parser
+
+
+def _data_section(path: str) -> dict[str, Any]:
+    """The ``data`` section of a training config (``init_args`` unwrapped)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise _UsageError(f"config file {p} not found; pass the YAML you train with, e.g. "
+                          "--config configs/camvid_unet.yaml")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise _UsageError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise _UsageError(f"{p}: expected a mapping with a data: section")
+    data = cfg.get("data") or {}
+    if isinstance(data, dict) and "init_args" in data:
+        data = data.get("init_args") or {}
+    if not isinstance(data, dict):
+        raise _UsageError(f"{p}: the data: section must be a mapping of data module arguments")
+    return data
+
+
+def _filter_configs(argv: Sequence[str]) -> list[str]:
+    """Replace each ``--config FILE`` by its ``data`` section, so other sections are ignored."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" or a.startswith("--config="):
+            if a == "--config":
+                if i + 1 >= len(args):
+                    raise _UsageError("--config needs a file name")
+                value = args[i + 1]
+                i += 1
+            else:
+                value = a.split("=", 1)[1]
+            data = _data_section(value)
+            out.append("--config=" + yaml.safe_dump({"data": data}, sort_keys=False))
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``segpipe check-data``.
+
+    Args:
+        argv: Arguments after ``check-data`` (default ``sys.argv[1:]``).
+
+    Returns:
+        0 when no error was found, 1 when errors were found, 2 when the check could not run.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = _filter_configs(args)
+    except _UsageError as exc:
+        print(f"segpipe check-data: error: {exc}", file=sys.stderr)
+        return 2
+    cfg = parser.parse_args(args)  # exits with status 2 and a message on bad arguments
+    try:
+        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else (
+            parser.instantiate_classes(cfg))
+        dm: SegmentationDataModule = init.data
+    except (ValueError, TypeError) as exc:
+        print(f"segpipe check-data: error: invalid data settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rep = check_data(dm, splits=cfg.splits, decode_images=cfg.decode_images,
+                         sample_size=cfg.sample_size, max_workers=cfg.workers)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"segpipe check-data: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(rep), flush=True)
+    if cfg.json:
+        path = atomic_write_json(cfg.json, rep.to_dict())
+        print(f"Findings written to {path}")
+    return 0 if rep.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

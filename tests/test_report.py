@@ -1,0 +1,136 @@
+"""The evaluation report: markdown numbers, absent classes, plots and the worst-image gallery."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segpipe.data.io import write_image
+from segpipe.fileio import TMP_PREFIX
+from segpipe.report import REPORT_FILES_DIR, display_image, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _report(worst: list[dict] | None = None) -> dict:
+    """A hand-made test report: 3 classes, 'bike' absent from truth and prediction."""
+    return {
+        "mIoU": 0.61234,
+        "mDice": 0.70011,
+        "micro_IoU": 0.81818,
+        "pixel_accuracy": 0.9,
+        "IoU_per_class": {"road": 0.8, "car": 0.42468, "bike": None},
+        "Dice_per_class": {"road": 0.88889, "car": 0.51133, "bike": None},
+        "class_names": ["road", "car", "bike"],
+        "ignore_index": 255,
+        "confusion_matrix": [[80, 20, 0], [5, 15, 0], [0, 0, 0]],
+        "truth_share": [0.8, 0.2, 0.0],
+        "pred_share": [0.85, 0.35, 0.0],
+        "num_images": 2,
+        "per_image": [
+            {"path": "a.png", "IoU": 0.5, "Dice": 0.6, "pixel_accuracy": 0.9},
+            {"path": "b.png", "IoU": 0.7, "Dice": 0.8, "pixel_accuracy": 0.95},
+        ],
+        "worst_images": worst or [],
+    }
+
+
+def _row(path: Path | str, h: int = 12, w: int = 16, iou: float = 0.25) -> dict:
+    mask = np.zeros((h, w), dtype=np.int64)
+    mask[: h // 2] = 1
+    pred = np.zeros((h, w), dtype=np.int64)
+    pred[: h // 3] = 1
+    return {"path": str(path), "IoU": iou, "Dice": iou + 0.1, "pixel_accuracy": 0.8,
+            "pred": pred, "mask": mask}
+
+
+def test_report_numbers_tables_and_plots(tmp_path: Path) -> None:
+    md_path = write_report(_report(), tmp_path, class_colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]])
+    assert md_path == tmp_path / "report.md"
+    md = md_path.read_text(encoding="utf-8")
+    # Summary: every number labelled macro or micro.
+    assert re.search(r"\| mIoU \| macro[^|]*\| 0\.6123 \|", md)
+    assert re.search(r"\| mDice \| macro[^|]*\| 0\.7001 \|", md)
+    assert re.search(r"\| micro_IoU \| micro[^|]*\| 0\.8182 \|", md)
+    assert re.search(r"\| pixel_accuracy \| micro[^|]*\| 0\.9000 \|", md)
+    # Per-class rows: IoU, Dice, truth and prediction pixel shares.
+    assert "| 0 | road | 0.8000 | 0.8889 | 80.00 % | 85.00 % |" in md
+    assert "| 1 | car | 0.4247 | 0.5113 | 20.00 % | 35.00 % |" in md
+    # The absent class shows "—" with a note naming it.
+    assert "| 2 | bike | — | — | 0.00 % | 0.00 % |" in md
+    assert re.search(r"— : class absent from both ground truth and prediction.*\(bike\)", md)
+    assert "ignore index **255**" in md
+    files = tmp_path / REPORT_FILES_DIR
+    for name in ("confusion_matrix.png", "per_class_iou.png"):
+        assert (files / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({REPORT_FILES_DIR}/{name})" in md
+    with open(files / "per_image.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows] == ["a.png", "b.png"] and rows[1]["IoU"] == "0.7"
+    assert {"path", "IoU", "Dice"} <= set(rows[0])
+    assert "| over 2 image(s) | 0.6000 | 0.6000 | 0.5000 | 0.7000 |" in md
+    assert "No worst images recorded" in md
+    assert not [p for p in tmp_path.rglob(f"{TMP_PREFIX}*")], "atomic writes leave no temp files"
+
+
+def test_gallery_for_worst_images(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rgb = write_image(data / "rgb.png", np.full((12, 16, 3), 120, dtype=np.uint8))
+    # Padded by the batch collate: the image is smaller, truth padded with the ignore index.
+    small = write_image(data / "small.png", np.full((10, 13, 3), 60, dtype=np.uint8))
+    padded = _row(small, iou=0.2)
+    padded["mask"][10:, :] = 255
+    padded["mask"][:, 13:] = 255
+    # Evaluated at a resized size, 16-bit single band, 5-band float TIFF.
+    big = write_image(data / "big.png", np.zeros((36, 48, 3), dtype=np.uint8))
+    gray16 = write_image(data / "gray16.png", (np.arange(12 * 16).reshape(12, 16) * 50).astype(np.uint16))
+    multi = write_image(data / "multi.tif", np.random.default_rng(0).random((12, 16, 5)).astype(np.float32))
+    worst = [padded, _row(rgb, iou=0.21), _row(big, iou=0.22), _row(gray16, iou=0.23),
+             _row(multi, iou=0.24), _row(data / "missing.png", iou=0.3)]
+    md = write_report(_report(worst), tmp_path / "out").read_text(encoding="utf-8")
+    panels = sorted((tmp_path / "out" / REPORT_FILES_DIR).glob("worst_*.png"))
+    assert [p.name for p in panels] == [
+        "worst_01_small.png", "worst_02_rgb.png", "worst_03_big.png", "worst_04_gray16.png",
+        "worst_05_multi.png", "worst_06_missing.png",
+    ]
+    for p in panels:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        assert f"({REPORT_FILES_DIR}/{p.name})" in md
+    assert "| 1 | `" in md and "small.png` | 0.2000 | 0.3000 |" in md
+    # The unreadable image is reported, not fatal; the resize is explained.
+    assert re.search(r"#6 `[^`]*missing\.png`: could not read the image \(.*file not found", md)
+    assert re.search(r"#3 `[^`]*big\.png`: image \(36×48\) resized to the evaluated size \(12×16\)", md)
+    assert "#1 `" not in md.split("Notes:")[1].split("**#1**")[0]  # padding is silently cropped
+
+
+def test_image_reader_is_used_and_may_fail(tmp_path: Path) -> None:
+    calls: list[Path] = []
+
+    def reader(path: Path) -> np.ndarray:
+        calls.append(path)
+        raise OSError("disk on fire")
+
+    md = write_report(_report([_row("x/y.png")]), tmp_path, image_reader=reader).read_text()
+    assert calls == [Path("x/y.png")]
+    assert "could not read the image (disk on fire)" in md
+    assert (tmp_path / REPORT_FILES_DIR / "worst_01_y.png").exists()
+
+
+def test_display_image_bands_and_scaling() -> None:
+    assert display_image(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5, 3)
+    out = display_image(np.arange(40, dtype=np.uint16).reshape(4, 5, 2))
+    assert out.shape == (4, 5, 3) and out.min() == 0.0 and out.max() == 1.0  # stretched
+    five = display_image(np.ones((4, 5, 5), np.float32) * 7)
+    assert five.shape == (4, 5, 3) and np.all(five == 0)  # flat float band: no division by 0
+    assert display_image(np.full((2, 2, 3), 255, np.uint8)).max() == 1.0
+
+
+def test_report_needs_class_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="class_names or IoU_per_class"):
+        write_report({"mIoU": 0.5}, tmp_path)
+    assert not os.listdir(tmp_path)
