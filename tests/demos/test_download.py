@@ -1,0 +1,247 @@
+"""segpipe.demos.download against a local file:// mirror (and a local HTTP server for resume)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from segpipe.demos import download as dl
+from segpipe.demos.download import (
+    MANIFEST_NAME,
+    DownloadError,
+    default_cache_dir,
+    download,
+    extract_zip,
+    fetch_camvid,
+    sha256_file,
+    verify_camvid_tree,
+)
+from segpipe.fileio import TMP_PREFIX
+from tests.demos.conftest import FAKE_COUNTS, make_fake_segnet_zip
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Names of partial downloads or temporary folders/files anywhere under ``folder``."""
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.rglob("*")
+                  if p.name.startswith(TMP_PREFIX) or p.name.endswith(".part"))
+
+
+def test_download_file_url_verifies_sha256(fake_zip: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dl" / "a.zip"
+    digest = sha256_file(fake_zip)
+    assert download(fake_zip.as_uri(), dest, sha256=digest, progress=False) == dest
+    assert dest.read_bytes() == fake_zip.read_bytes()
+    assert _leftovers(dest.parent) == []
+    fake_zip.unlink()  # an existing, matching file is not fetched again
+    assert download("file:///nonexistent.zip", dest, sha256=digest, progress=False) == dest
+
+
+def test_download_wrong_sha256_is_deleted(fake_zip: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dl" / "a.zip"
+    with pytest.raises(DownloadError, match="SHA-256") as info:
+        download(fake_zip.as_uri(), dest, sha256="0" * 64, progress=False)
+    assert "a.zip" in str(info.value) and sha256_file(fake_zip) in str(info.value)
+    assert not dest.exists() and _leftovers(dest.parent) == []
+
+
+def test_download_unreachable_url_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="could not download file:///no/such/file.zip"):
+        download("file:///no/such/file.zip", tmp_path / "x.zip", progress=False)
+
+
+def test_fetch_camvid_downloads_verifies_and_extracts(fake_zip: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    root = fetch_camvid(cache, url=fake_zip.as_uri(), sha256=sha256_file(fake_zip),
+                        counts=FAKE_COUNTS, progress=False)
+    assert root == cache / "CamVid"
+    for split, n in FAKE_COUNTS.items():
+        assert len(list((root / split).glob("*.png"))) == n
+        assert len(list((root / f"{split}annot").glob("*.png"))) == n
+    assert (root / "train.txt").is_file()
+    assert not (cache / "README.md").exists() and not (root / "README.md").exists()  # only CamVid/
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert manifest["sha256"] == sha256_file(fake_zip) and manifest["source"] == fake_zip.as_uri()
+    assert manifest["counts"] == FAKE_COUNTS
+    assert sorted(p.name for p in cache.iterdir()) == ["CamVid"]  # archive removed, nothing partial
+
+
+def test_fetch_camvid_reuses_verified_cache_without_fetching(
+    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    first = fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False)
+    fake_zip.unlink()  # the source is gone: a second fetch would fail
+
+    def no_fetch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the verified cache must be reused without downloading")
+
+    monkeypatch.setattr(dl, "download", no_fetch)
+    assert fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False) == first
+
+
+def test_fetch_camvid_refetches_an_incomplete_cache(fake_zip: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    root = fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False)
+    victim = sorted((root / "valannot").iterdir())[0]
+    victim.unlink()
+    assert fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False) == root
+    assert victim.is_file() and _leftovers(cache) == []
+
+
+def test_fetch_camvid_wrong_sha256_leaves_no_cache(fake_zip: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        fetch_camvid(cache, url=fake_zip.as_uri(), sha256="f" * 64, counts=FAKE_COUNTS,
+                     progress=False)
+    msg = str(info.value)
+    assert "0123abcd.zip" in msg and "SHA-256" in msg
+    assert f"Delete the cache folder {cache}" in msg and "retry" in msg
+    assert not (cache / "CamVid").exists() and list(cache.iterdir()) == []
+
+
+def test_fetch_camvid_rejects_truncated_zip(fake_zip: Path, tmp_path: Path) -> None:
+    data = fake_zip.read_bytes()
+    bad = tmp_path / "mirror2" / "0123abcd.zip"
+    bad.parent.mkdir()
+    bad.write_bytes(data[: len(data) // 2])
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="not a readable zip archive") as info:
+        fetch_camvid(cache, url=bad.as_uri(), counts=FAKE_COUNTS, progress=False)
+    assert str(cache / "0123abcd.zip") in str(info.value)
+    assert f"Delete the cache folder {cache}" in str(info.value)
+    assert list(cache.iterdir()) == []  # the bad archive was deleted too
+
+
+def test_fetch_camvid_rejects_member_with_bad_crc(tmp_path: Path) -> None:
+    archive = make_fake_segnet_zip(tmp_path / "mirror" / "crc.zip", compression=zipfile.ZIP_STORED)
+    with zipfile.ZipFile(archive) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".png"))
+    raw = bytearray(archive.read_bytes())
+    # local header: 30 bytes + name + extra, then the stored data; flip a byte in the data
+    name_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    raw[info.header_offset + 30 + name_len + extra_len + 20] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="corrupted") as info_exc:
+        fetch_camvid(cache, url=archive.as_uri(), counts=FAKE_COUNTS, progress=False)
+    assert info.filename in str(info_exc.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_fetch_camvid_rejects_wrong_counts(fake_zip: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match=r"train holds 3 frames, expected 367") as info:
+        fetch_camvid(cache, url=fake_zip.as_uri(), progress=False)  # the real counts
+    assert "CamVid/train holds 3 frames" in str(info.value) and "0123abcd.zip" in str(info.value)
+    assert "Delete the cache folder" in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_fetch_camvid_rejects_unlabelled_frame(tmp_path: Path) -> None:
+    def rename_label(camvid: Path) -> None:
+        label = sorted((camvid / "valannot").iterdir())[0]
+        label.rename(label.with_name("other.png"))
+
+    archive = make_fake_segnet_zip(tmp_path / "mirror" / "x.zip", edit=rename_label)
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="has no label") as info:
+        fetch_camvid(cache, url=archive.as_uri(), counts=FAKE_COUNTS, progress=False)
+    assert "0001TP_000000" in str(info.value) and not (cache / "CamVid").exists()
+
+
+def test_fetch_camvid_without_camvid_folder(tmp_path: Path) -> None:
+    archive = tmp_path / "mirror" / "other.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("repo-main/README.md", "hello")
+    with pytest.raises(DownloadError, match="has no CamVid/ folder"):
+        fetch_camvid(tmp_path / "cache", url=archive.as_uri(), counts=FAKE_COUNTS, progress=False)
+
+
+def test_extract_zip_refuses_unsafe_paths(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.txt", "x")
+    with pytest.raises(DownloadError, match="unsafe path"):
+        extract_zip(archive, tmp_path / "out", progress=False)
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_extract_zip_replaces_atomically(fake_zip: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+
+    def reject(tree: Path) -> None:
+        raise DownloadError("rejected")
+
+    with pytest.raises(DownloadError, match="rejected"):
+        extract_zip(fake_zip, dest, subdir="CamVid", verify=reject, progress=False)
+    assert (dest / "old.txt").is_file() and _leftovers(tmp_path) == []  # untouched
+    extract_zip(fake_zip, dest, subdir="CamVid", progress=False)
+    assert not (dest / "old.txt").exists() and verify_camvid_tree(dest, FAKE_COUNTS) == FAKE_COUNTS
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SEGPIPE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "camvid"
+    monkeypatch.delenv("SEGPIPE_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "segpipe" / "camvid"
+
+
+class _RangeHandler(BaseHTTPRequestHandler):
+    """Serves one payload, honouring ``Range: bytes=N-``."""
+
+    payload = b""
+    ranges: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        rng = self.headers.get("Range")
+        start = 0
+        if rng:
+            type(self).ranges.append(rng)
+            start = int(rng.split("=")[1].rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
+        else:
+            self.send_response(200)
+        body = self.payload[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_download_resumes_partial_http_download(fake_zip: Path, tmp_path: Path) -> None:
+    payload = fake_zip.read_bytes()
+    handler = type("Handler", (_RangeHandler,), {"payload": payload, "ranges": []})
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    except OSError as exc:  # pragma: no cover - sandbox without sockets
+        pytest.skip(f"cannot open a local HTTP server: {exc}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        dest = tmp_path / "dl" / "a.zip"
+        dest.parent.mkdir()
+        half = len(payload) // 2
+        (dest.parent / "a.zip.part").write_bytes(payload[:half])  # an interrupted download
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.zip"
+        download(url, dest, sha256=sha256_file(fake_zip), progress=False)
+        assert dest.read_bytes() == payload
+        assert handler.ranges == [f"bytes={half}-"]
+        assert _leftovers(dest.parent) == []
+    finally:
+        server.shutdown()
+        server.server_close()

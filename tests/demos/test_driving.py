@@ -1,0 +1,145 @@
+"""``segpipe demo driving``: config, arguments, smoke runs on tiny CamVid-like data, real data (slow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from segpipe.demos import download as dl
+from segpipe.demos import main as demo_main
+from segpipe.demos.driving import (
+    CAMVID_UNET_CONFIG,
+    demo_config,
+    load_camvid_config,
+    max_time_string,
+    run_driving_demo,
+)
+from tests.data.synthetic import make_camvid_like
+from tests.demos.conftest import make_fake_segnet_zip
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _predict_available() -> bool:
+    try:
+        import segpipe.predict.command  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_embedded_config_matches_the_yaml() -> None:
+    """The copy used by installed packages must stay equal to configs/camvid_unet.yaml."""
+    yaml_cfg = yaml.safe_load((REPO / "configs" / "camvid_unet.yaml").read_text(encoding="utf-8"))
+    assert yaml_cfg == CAMVID_UNET_CONFIG
+    cfg, source = load_camvid_config()
+    assert cfg == CAMVID_UNET_CONFIG and source.endswith("camvid_unet.yaml")
+    cfg, source = load_camvid_config(REPO / "no_such.yaml")  # an installed package
+    assert source == "embedded" and cfg == CAMVID_UNET_CONFIG and cfg is not CAMVID_UNET_CONFIG
+
+
+def test_max_time_string() -> None:
+    assert max_time_string(30) == "00:00:30:00"
+    assert max_time_string(0.5) == "00:00:00:30"
+    assert max_time_string(90) == "00:01:30:00"
+    assert max_time_string(60 * 24 + 1) == "01:00:01:00"
+
+
+def test_demo_config_keeps_the_camvid_settings(tmp_path: Path) -> None:
+    cfg = demo_config(tmp_path / "camvid", tmp_path / "run", max_minutes=12)
+    assert cfg["data"]["root"] == str(tmp_path / "camvid") and cfg["data"]["layout"] == "camvid"
+    assert cfg["data"]["eval_resize"] is None  # full 480x360 evaluation
+    assert cfg["trainer"]["max_time"] == "00:00:12:00"
+    assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "run")
+    for key in ("class_weights", "loss", "optimizer"):
+        assert cfg["model"][key] == CAMVID_UNET_CONFIG["model"][key]
+    assert cfg["data"]["crop_size"] == 224 and cfg["data"]["ignore_index"] == 11
+
+
+def test_needs_data_dir_or_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        demo_main(["driving"])
+    assert info.value.code == 2 and "--data-dir DIR or --download" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo_main(["driving", "--data-dir", str(tmp_path), "--download"])
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo_main(["driving", "--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "--download" in err
+    make_camvid_like(tmp_path / "camvid", n_val=0)
+    assert demo_main(["driving", "--data-dir", str(tmp_path / "camvid"), "--output", str(tmp_path)]) == 2
+    assert "val is missing or holds no frames" in capsys.readouterr().err
+
+
+def _check_outputs(result, n_predicted: int) -> None:  # noqa: ANN001
+    assert result.metrics_path is not None and result.metrics_path.name == "test_metrics.json"
+    assert result.report_path is not None and result.report_path.name == "report.md"
+    assert set(result.metrics["IoU_per_class"]) == set(CAMVID_UNET_CONFIG["data"]["class_names"])
+    assert result.checkpoint.is_file() and result.config.is_file()
+    assert result.summary_path is not None and result.summary_path.is_file()
+    if not _predict_available():
+        pytest.skip("segpipe.predict.command is not importable yet: predicted masks not checked")
+    masks = sorted(p for p in result.predictions_dir.glob("*.png") if not p.stem.endswith("_palette"))
+    assert len(masks) == n_predicted
+    assert len(list(result.predictions_dir.glob("*_overlay.jpg"))) == n_predicted
+    assert len(list(result.predictions_dir.glob("*_palette.png"))) == n_predicted
+
+
+def test_smoke_with_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_camvid_like(tmp_path / "camvid", n_train=6, n_val=3, n_test=3, void_index=11)
+    result = run_driving_demo(data, tmp_path / "out", smoke=True)
+    out = capsys.readouterr().out
+    assert result.eval_split == "test" and result.counts == {"train": 6, "val": 3, "test": 3}
+    assert result.metrics["num_images"] == 3
+    assert "Scores below are on 3 held-out test frames" in out
+    assert "val  mIoU, macro (mean over the 11 classes), best epoch:" in out
+    assert "test mIoU, macro" in out and "pixel accuracy, micro" in out and "IoU per class" in out
+    assert "no test split" not in out
+    assert str(result.report_path) in out
+    _check_outputs(result, n_predicted=3)
+    from PIL import Image
+
+    first = sorted(result.predictions_dir.glob("0001TP_*[0-9].png"))[0]
+    assert Image.open(first).size == (48, 36)  # full frame size, no resize
+
+
+def test_smoke_download_without_test_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--download`` from a file:// mirror of a copy without test/: evaluation falls back to val."""
+    counts = {"train": 4, "val": 2}
+    archive = make_fake_segnet_zip(tmp_path / "mirror" / "camvid.zip", counts=counts)
+    monkeypatch.setattr(dl, "CAMVID_COUNTS", counts)
+    cache = tmp_path / "cache"
+    rc = demo_main(["driving", "--download", "--cache", str(cache), "--url", archive.as_uri(),
+                    "--output", str(tmp_path / "out"), "--smoke"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert (cache / "CamVid" / dl.MANIFEST_NAME).is_file()
+    assert "has no test/ split: the scores below are on val" in out
+    assert "This copy of CamVid has no test split, so the scores below are on 2 val frames" in out
+    assert "val  mIoU, macro (mean over the 11 classes):" in out
+    assert str(cache / "CamVid") in out
+    assert (tmp_path / "out" / "summary.txt").read_text().strip() in out
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_camvid_smoke(data_dir: Path, tmp_path: Path) -> None:
+    """Smoke mode on the real CamVid copy (no test split): full 480x360 masks and an honest report."""
+    camvid = data_dir / "camvid"
+    if not camvid.is_dir():
+        pytest.skip(f"{camvid} not found")
+    result = run_driving_demo(camvid, tmp_path / "out", smoke=True)
+    assert result.eval_split == "val" and result.counts == {"train": 367, "val": 101}
+    assert result.metrics["num_images"] == 4  # limit_test_batches=2 x eval_batch_size=2
+    _check_outputs(result, n_predicted=4)
+    from segpipe.data.io import read_mask
+
+    mask = read_mask(sorted(result.predictions_dir.glob("*[0-9].png"))[0])
+    assert mask.shape == (360, 480) and int(np.max(mask)) <= 10
