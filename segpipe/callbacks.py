@@ -1,18 +1,291 @@
-"""Callbacks: the test-metrics and report writer the CLI always adds, and a throughput meter."""
+"""Callbacks and checkpoint I/O.
+
+The test-metrics and report writer the CLI always adds, a throughput meter, and
+:class:`SafeCheckpointIO`, the checkpoint reader/writer the CLI installs: atomic, fsynced writes
+beside the target and ``weights_only`` reads that refuse pickled code with a clear message.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import pickle
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from segpipe.fileio import atomic_write_json
+from segpipe.fileio import TMP_PREFIX, atomic_write_json
 
-__all__ = ["TestMetricsWriter", "Throughput"]
+__all__ = [
+    "CheckpointWriteError",
+    "LastCheckpoint",
+    "PARTIAL_SUFFIX",
+    "SafeCheckpointIO",
+    "TestMetricsWriter",
+    "Throughput",
+    "UnsafeCheckpointError",
+    "install_safe_checkpoint_io",
+    "load_checkpoint_file",
+]
+
+#: Suffix of checkpoints being written (``.segpipe-tmp-XXXX.partial``); never ``.ckpt``, so
+#: ``--ckpt_path last`` and checkpoint globs cannot pick up an unfinished file.
+PARTIAL_SUFFIX = ".partial"
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds pickled Python objects that ``weights_only`` loading refuses.
+
+    Args:
+        path: The checkpoint.
+        reason: torch's explanation (the first offending global is quoted from it).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", reason)
+        what = f" (first disallowed global: {found.group(1)})" if found else ""
+        super().__init__(
+            f"{self.path}: refusing to load this checkpoint: besides tensors and plain data it "
+            f"contains pickled Python objects{what}, and unpickling them can run arbitrary "
+            "code. segpipe loads checkpoints with weights_only=True. If you made this file "
+            "yourself or otherwise trust it completely, rerun with --weights_only false (a full "
+            "unpickle); otherwise do not use it."
+        )
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, permissions); the previous one is intact."""
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    weights_only: bool | None = True,
+) -> Any:
+    """``torch.load`` a checkpoint, turning a refused unpickle into :class:`UnsafeCheckpointError`.
+
+    Args:
+        path: Checkpoint file.
+        map_location: Passed to ``torch.load``.
+        weights_only: ``True`` (default) refuses anything but tensors and plain containers;
+            ``False`` is a full unpickle, only for trusted files.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        UnsafeCheckpointError: When ``weights_only`` loading refuses the file.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only is False:
+            raise
+        raise UnsafeCheckpointError(path, str(exc)) from exc
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O with atomic local writes and guarded ``weights_only`` reads.
+
+    Lightning's own ``_atomic_save`` writes through an fsspec transaction, which for local paths
+    stages the file in the *system* temp folder (``tempfile.mkstemp()``) and then moves it with
+    ``shutil.move``: when ``/tmp`` is another file system that move is a copy onto the final
+    name, so a kill during it leaves a truncated ``last.ckpt``; and nothing is fsynced.
+    Here the checkpoint is written to ``.segpipe-tmp-XXXX.partial`` in the target folder,
+    fsynced, and renamed onto the final name with ``os.replace`` (atomic on POSIX and Windows),
+    then the folder is fsynced. A killed process leaves either the old or the new file, never a
+    torn one. Remote (fsspec) paths use Lightning's behaviour.
+
+    A full disk raises :class:`CheckpointWriteError` naming the folder; the previous checkpoint
+    stays as it was. Reads refuse pickled code with :class:`UnsafeCheckpointError`.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+        storage_options: Any | None = None,
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically.
+
+        Args:
+            checkpoint: The checkpoint dict.
+            path: Target file.
+            storage_options: Not supported (as in ``TorchCheckpointIO``).
+
+        Raises:
+            CheckpointWriteError: The file could not be written (e.g. no space left).
+        """
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=PARTIAL_SUFFIX, dir=target.parent)
+        except OSError as exc:
+            raise _write_error(target, exc) from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+            os.replace(tmp, target)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _write_error(target, exc) from exc
+            raise
+        _fsync_dir(target.parent)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint (``weights_only`` as Lightning passes it; segpipe's CLI passes True).
+
+        Raises:
+            UnsafeCheckpointError: When ``weights_only`` loading refuses the file.
+        """
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as exc:
+            if weights_only is False:
+                raise
+            raise UnsafeCheckpointError(path, str(exc)) from exc
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``last.ckpt`` current, so ``--ckpt_path last`` resumes where training stopped.
+
+    Written at the end of every training epoch (after its validation), after validations
+    inside an epoch and, with ``every_n_train_steps``, every N optimiser steps in between, so a crash loses at
+    most one epoch (or N steps). Resuming from a mid-epoch checkpoint continues the epoch with
+    the next batch (the data module's training loader is resumable).
+
+    segpipe's CLI uses it for ``checkpoint.save_last`` instead of Lightning's: since Lightning
+    2.6, ``ModelCheckpoint(save_last=True, monitor=..., save_top_k=k)`` rewrites ``last.ckpt``
+    only when it also saves a top-k checkpoint, i.e. when the monitored metric improved, so a
+    resumed run would repeat every epoch since the best one. It is a
+    :class:`~lightning.pytorch.callbacks.Checkpoint`, which Lightning runs after the other
+    callbacks; added after the run's ``ModelCheckpoint``, it saves that callback's state
+    (best path and score) as updated by the same validation.
+
+    Args:
+        dirpath: Checkpoint folder (the ``ModelCheckpoint``'s, so ``--ckpt_path last`` finds it).
+        every_n_train_steps: Also save every N optimiser steps; None for epochs only.
+        filename: File name without ``.ckpt``.
+        save_weights_only: Save only the weights (not resumable).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        every_n_train_steps: int | None = None,
+        filename: str = "last",
+        save_weights_only: bool = False,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1 or None, got {every_n_train_steps}")
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = every_n_train_steps
+        self.filename = filename
+        self.save_weights_only = save_weights_only
+        self._saved_step: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint file."""
+        return self.dirpath / f"{self.filename}.ckpt"
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
+            return
+        trainer.save_checkpoint(self.path, weights_only=self.save_weights_only)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        step = trainer.global_step
+        if not n or step <= 0 or step % n or step == self._saved_step:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch-end save follows; one from before the epoch's validation and
+            # epoch-interval scheduler step would resume past them
+        self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A validation inside the epoch (val_check_interval < 1); the one at the epoch's end is
+        # followed by on_train_epoch_end, where ModelCheckpoint picks the best first.
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)  # after this epoch's validation and ModelCheckpoint's save
+
+
+def install_safe_checkpoint_io(trainer: L.Trainer) -> bool:
+    """Use :class:`SafeCheckpointIO` in ``trainer`` unless a custom checkpoint I/O is set.
+
+    Args:
+        trainer: The trainer (before ``fit``/``test``).
+
+    Returns:
+        Whether it was installed (False when the strategy brings its own I/O, e.g. a user plugin).
+    """
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = SafeCheckpointIO()
+        return True
+    return isinstance(strategy.checkpoint_io, SafeCheckpointIO)
+
+
+def _write_error(target: Path, exc: OSError) -> CheckpointWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there, or point checkpoint.dirpath at a disk with room"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable, or set checkpoint.dirpath / trainer.default_root_dir elsewhere"
+    else:
+        fix = "check the folder, or set checkpoint.dirpath elsewhere"
+    previous = " The previous checkpoint there is intact." if target.exists() else ""
+    return CheckpointWriteError(
+        exc.errno,
+        f"could not write checkpoint {target}: {exc.strerror or exc}; {fix}.{previous}",
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class TestMetricsWriter(L.Callback):
@@ -40,14 +313,18 @@ class TestMetricsWriter(L.Callback):
         self.last_path: Path | None = None
         self.last_report_path: Path | None = None
 
-    @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask, only rank 0 writes.
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, out_dir)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> None:
         report = getattr(pl_module, "test_report", None)
         if not report:
             return
         from segpipe.report import write_per_image_csv
 
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         report = dict(report)
         per_image = report.pop("per_image", [])
         worst = report.pop("worst_images", None) or []

@@ -8,20 +8,41 @@ register themselves in :data:`COMMANDS`.
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segpipe.callbacks import TestMetricsWriter
+from segpipe.callbacks import (
+    PARTIAL_SUFFIX,
+    CheckpointWriteError,
+    LastCheckpoint,
+    TestMetricsWriter,
+    UnsafeCheckpointError,
+    install_safe_checkpoint_io,
+    load_checkpoint_file,
+)
 from segpipe.data import SegmentationDataModule
+from segpipe.fileio import TMP_PREFIX
 from segpipe.tasks import SegmentationTask
 
-__all__ = ["COMMANDS", "SegpipeCLI", "default_precision", "main", "run_cli"]
+__all__ = [
+    "COMMANDS",
+    "OutputDirError",
+    "SegpipeCLI",
+    "check_output_dir",
+    "default_precision",
+    "main",
+    "run_cli",
+]
 
 
 def _lazy(module: str, function: str = "main") -> Callable[[list[str]], int]:
@@ -59,13 +80,158 @@ def default_precision() -> str:
     return "32-true"
 
 
+class OutputDirError(RuntimeError):
+    """An output folder cannot be created or written, or lacks room for the checkpoints."""
+
+
+#: Errors ``main`` reports as one ``segpipe: error: ...`` line (exit code 2), not a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointWriteError,
+    OutputDirError,
+    UnsafeCheckpointError,
+)
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first component of ``path`` that exists but is not a folder, if any."""
+    for parent in [*reversed(path.parents), path]:
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_dir(
+    path: str | os.PathLike[str], what: str, option: str, need_bytes: int = 0
+) -> Path:
+    """Make sure segpipe can write into ``path`` before any work starts.
+
+    Creates the folder, writes and deletes a probe file (``os.access`` is not enough: it says
+    yes to root on read-only mounts) and, with ``need_bytes``, checks the free space.
+
+    Args:
+        path: Folder.
+        what: What goes there, for the message (e.g. ``"checkpoints"``).
+        option: The option that sets it, for the message (e.g. ``"checkpoint.dirpath"``).
+        need_bytes: Free space required.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputDirError: Naming the folder, the reason and the fix.
+    """
+    folder = Path(path).expanduser()
+    fix = f"set --{option} to a folder you can write to, or fix the permissions of {folder}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = _blocking_file(folder)
+        if blocker is not None:
+            reason = f"{blocker} is a file, not a folder"
+            fix = f"set --{option} to a folder you can write to, or move that file away"
+        else:
+            reason = exc.strerror or str(exc)
+        raise OutputDirError(f"{folder}: cannot create the folder for {what}: {reason}; {fix}.") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".probe", dir=folder)
+        try:
+            os.write(fd, b"segpipe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputDirError(
+            f"{folder}: cannot write {what} there: {exc.strerror or exc}; {fix}."
+        ) from exc
+    if need_bytes > 0:
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise OutputDirError(
+                f"{folder}: only {free / 2**20:.1f} MiB free, but writing {what} needs about "
+                f"{need_bytes / 2**20:.1f} MiB (a new checkpoint is written beside the old one "
+                f"before replacing it); free some space or set --{option} to a disk with room."
+            )
+    return folder
+
+
+def _checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Rough size of one checkpoint: weights, two optimiser moments per weight, buffers."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 3 * params + buffers + 2**20
+
+
+def _logger_dirs(logger: Any) -> list[str]:
+    """``save_dir`` of configured loggers (class_path/init_args), when given."""
+    items = logger if isinstance(logger, list) else [logger]
+    out = []
+    for item in items:
+        init = getattr(item, "init_args", None)
+        save_dir = getattr(init, "save_dir", None) if init is not None else None
+        if save_dir:
+            out.append(str(save_dir))
+    return out
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is rank 0 (before Lightning sets up; launchers set these variables)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 class SegpipeCLI(LightningCLI):
-    """LightningCLI with segpipe's checkpointing, metric writer and data→model links."""
+    """LightningCLI with segpipe's checkpointing, metric writer and data→model links.
+
+    On top of LightningCLI: checkpoints are written atomically and read with
+    ``weights_only=True`` (:class:`~segpipe.callbacks.SafeCheckpointIO`; ``--weights_only
+    false`` opts into a full unpickle of trusted files), and the output folders are checked
+    for write access and room before anything is built.
+    """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # predict is segpipe's own command (it works from a checkpoint alone).
         return {k: v for k, v in LightningCLI.subcommands().items() if k in {"fit", "validate", "test"}}
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        # A private LightningCLI hook, the only one after the method arguments are added; should
+        # it go away, before_instantiate_classes still turns an unset weights_only into True.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            # Safe loading by default for --ckpt_path (resume, validate, test).
+            parser.set_defaults(weights_only=True)
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's reading of the checkpoint's hyperparameters, with segpipe's loading rules.
+
+        Lightning always reads them with ``weights_only=True`` and lets torch's long unpickling
+        error through; here a refused file raises :class:`~segpipe.callbacks.UnsafeCheckpointError`
+        naming it, and ``--weights_only false`` is honoured for trusted files.
+        """
+        if not self.config.get("subcommand"):
+            return
+        cfg = self.config[self.config.subcommand]
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        weights_only = cfg.get("weights_only") is not False
+        ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
+        hparams = dict(ckpt.get("hyper_parameters", {}) or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object(
+                {self.config.subcommand: {"model": hparams}}, self.config
+            )
+        except SystemExit:
+            sys.stderr.write(f"Parsing of the hyperparameters in {ckpt_path} failed!\n")
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -87,10 +253,79 @@ class SegpipeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.
-        cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
         if cfg.checkpoint.dirpath is None:
             root = cfg.trainer.default_root_dir or "."
             cfg.checkpoint.dirpath = str(Path(root) / "checkpoints")
+        if "weights_only" in cfg and cfg.weights_only is None:
+            cfg.weights_only = True  # safe loading of --ckpt_path; false opts out
+        self._split_step_checkpoint(cfg)
+        self._check_outputs(cfg, subcommand)
+
+    def _split_step_checkpoint(self, cfg: Any) -> None:
+        """Hand ``checkpoint.save_last`` (and ``every_n_train_steps``) to :class:`LastCheckpoint`.
+
+        Lightning 2.6's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only when the
+        monitored metric improves, and ``every_n_train_steps`` would stop its epoch-end saves and
+        rank ``best-*`` by the val metric of the previous epoch. So with a monitor, the
+        ``checkpoint`` callback keeps choosing ``best-*`` after each validation and segpipe's
+        :class:`~segpipe.callbacks.LastCheckpoint` writes ``last.ckpt`` after every validation
+        and every ``every_n_train_steps`` steps. The options are switched off for the
+        instantiated ``ModelCheckpoint`` only; the saved ``config.yaml`` keeps them as given.
+        """
+        ck = cfg.checkpoint
+        self._last_checkpoint: dict[str, Any] | None = None
+        if ck.get("save_last") is not True or ck.get("monitor") is None:
+            return  # "link", off, or no monitor: Lightning's own behaviour
+        steps = ck.get("every_n_train_steps")
+        if steps and (ck.get("every_n_epochs") is not None or ck.get("train_time_interval") is not None):
+            return  # a custom trigger combination: leave it to Lightning
+        self._last_checkpoint = {"save_last": True, "every_n_train_steps": steps}
+        ck.save_last = False
+        ck.every_n_train_steps = None
+
+    def _check_outputs(self, cfg: Any, subcommand: str | None) -> None:
+        """Fail before anything is built when an output folder cannot be written."""
+        root = cfg.trainer.default_root_dir or "."
+        check_output_dir(root, "logs, configs and metrics", "trainer.default_root_dir")
+        for save_dir in _logger_dirs(cfg.trainer.get("logger")):
+            check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
+        if subcommand in (None, "fit"):
+            ckpt_dir = check_output_dir(cfg.checkpoint.dirpath, "checkpoints", "checkpoint.dirpath")
+            if _is_rank_zero():
+                # Leftovers of checkpoint writes that a killed run did not finish.
+                for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
+                    stale.unlink(missing_ok=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with :class:`~segpipe.callbacks.SafeCheckpointIO` for checkpoints and,
+        for ``checkpoint.save_last``, a :class:`~segpipe.callbacks.LastCheckpoint`."""
+        last = getattr(self, "_last_checkpoint", None)
+        if last:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            for key, value in last.items():  # the saved config.yaml shows the options as given
+                cfg.checkpoint[key] = value
+        trainer = super().instantiate_trainer(**kwargs)
+        install_safe_checkpoint_io(trainer)
+        if last:
+            main_ckpt = self._get(self.config_init, "checkpoint")
+            trainer.callbacks.append(
+                LastCheckpoint(
+                    main_ckpt.dirpath,
+                    every_n_train_steps=last["every_n_train_steps"],
+                    save_weights_only=main_ckpt.save_weights_only,
+                )
+            )
+        return trainer
+
+    def before_fit(self) -> None:
+        """Check that the checkpoint folder has room for the checkpoints of this model."""
+        callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        need = 2 * _checkpoint_bytes(self.model)
+        for cb in callbacks:
+            if cb.dirpath is not None:
+                check_output_dir(cb.dirpath, "checkpoints", "checkpoint.dirpath", need_bytes=need)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -107,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
         )
         if not args:
             return 2
-    run_cli(args)
+    try:
+        run_cli(args)
+    except _USER_ERRORS as exc:
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

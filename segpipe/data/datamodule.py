@@ -8,19 +8,21 @@ Nothing touches the disk before :meth:`SegmentationDataModule.setup`.
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from segpipe.data.checks import DataCheckError, check_samples
 from segpipe.data.datasets import (
+    ItemKey,
     PredictDataset,
     Sample,
     Scan,
@@ -34,8 +36,11 @@ from segpipe.data.transforms import build_eval_transform, build_train_transform,
 
 __all__ = [
     "LAYOUTS",
+    "EpochSampler",
     "PadCollate",
+    "ResumableDataLoader",
     "SegmentationDataModule",
+    "UnrepeatedSampler",
     "default_class_colors",
     "default_num_workers",
     "seed_worker",
@@ -94,6 +99,175 @@ def seed_worker(worker_id: int) -> None:
     info = get_worker_info()
     if info is not None and hasattr(info.dataset, "reseed"):
         info.dataset.reseed(info.seed)
+
+
+class EpochSampler(DistributedSampler):
+    """Training order that is a function of ``(seed, epoch)`` only, sharded over ranks.
+
+    Each epoch's permutation comes from a generator seeded with ``(seed, epoch)``, never from
+    process-global random state, so a run resumed from a checkpoint sees the same order as
+    the uninterrupted run. It yields :class:`~segpipe.data.datasets.ItemKey` ``(index, epoch)``
+    so the dataset can seed each item's augmentation from ``(seed, epoch, index)``, also in
+    persistent DataLoader workers.
+
+    Like :class:`~torch.utils.data.DistributedSampler` (which it subclasses, so Lightning does
+    not replace it under DDP), each of ``num_replicas`` ranks takes every ``num_replicas``-th
+    index, and the permutation is padded by repeating indices so all ranks step equally often.
+    Lightning calls :meth:`set_epoch` before each epoch.
+
+    Args:
+        dataset: The data set (only its length is used).
+        num_replicas: Number of ranks.
+        rank: This rank.
+        shuffle: Shuffle (else sequential order).
+        seed: Seed of the permutations.
+        drop_last: Drop the tail so that the data splits evenly, instead of padding.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+            drop_last=drop_last,
+        )
+        self._resume: tuple[int, int] | None = None
+        #: Epoch and number of leading items skipped by the latest :meth:`__iter__`.
+        self.iter_epoch = 0
+        self.skipped = 0
+
+    def permutation(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch``, in order (before any resume skip).
+
+        Args:
+            epoch: Epoch.
+
+        Returns:
+            ``len(self)`` indices.
+        """
+        n = len(self.dataset)
+        if self.shuffle:
+            seed = int(np.random.SeedSequence([int(self.seed), int(epoch)]).generate_state(1)[0])
+            indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            indices = list(range(n))
+        if self.drop_last:
+            indices = indices[: self.total_size]
+        elif self.total_size > n:
+            padding = self.total_size - n
+            indices += (indices * math.ceil(padding / max(1, n)))[:padding]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def resume(self, epoch: int, items: int) -> None:
+        """Skip the first ``items`` indices of ``epoch`` the next time it is iterated.
+
+        Called when training resumes from a mid-epoch checkpoint; ignored when the next
+        iteration is of another epoch.
+
+        Args:
+            epoch: Epoch the checkpoint was saved in.
+            items: Indices already consumed in that epoch.
+        """
+        self._resume = (int(epoch), max(0, int(items)))
+
+    def __iter__(self) -> Iterator[ItemKey]:  # type: ignore[override]
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+        self._resume = None
+        self.iter_epoch, self.skipped = int(self.epoch), skip
+        epoch = int(self.epoch)
+        return iter([ItemKey(i, epoch) for i in self.permutation(epoch)[skip:]])
+
+
+class UnrepeatedSampler(DistributedSampler):
+    """Evaluation order: rank ``r`` of ``R`` takes indices ``r, r + R, r + 2R, ...``.
+
+    Unlike :class:`~torch.utils.data.DistributedSampler` it never pads uneven splits with
+    repeated samples, so every val/test image is counted exactly once across ranks (ranks may
+    get one batch more or less; torchmetrics and ``self.log(sync_dist=True)`` reduce at epoch
+    end, which handles that).
+
+    Args:
+        dataset: The data set (only its length is used).
+        num_replicas: Number of ranks.
+        rank: This rank.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:  # type: ignore[override]
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader that knows its position in the epoch, so training can resume mid-epoch.
+
+    Lightning saves the ``state_dict`` of a loader that has one in every checkpoint and, when
+    it resumes from a checkpoint saved in the middle of an epoch, passes it back to
+    :meth:`load_state_dict`; the :class:`EpochSampler` then skips the batches already trained
+    on. The underlying iterator (and so the sampler's permutation) is created at the first
+    batch, after Lightning has set the sampler's epoch: Lightning creates the iterator of a
+    resumed run before it calls ``set_epoch``.
+
+    Takes the arguments of :class:`~torch.utils.data.DataLoader`; ``sampler`` must be an
+    :class:`EpochSampler` for :meth:`load_state_dict` to take effect.
+    """
+
+    _yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._yielded = 0
+        return _LazyIterator(self)
+
+    def _base_iter(self) -> Iterator[Any]:
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the epoch: ``{"epoch", "batches"}`` (batches already yielded)."""
+        sampler = self.sampler
+        if not isinstance(sampler, EpochSampler):
+            return {"epoch": 0, "batches": 0}
+        batch_size = max(1, int(self.batch_size or 1))
+        return {"epoch": sampler.iter_epoch, "batches": sampler.skipped // batch_size + self._yielded}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        """Skip the batches that ``state_dict`` says were trained on when that epoch resumes.
+
+        Args:
+            state_dict: From :meth:`state_dict`.
+        """
+        if isinstance(self.sampler, EpochSampler):
+            batch_size = max(1, int(self.batch_size or 1))
+            self.sampler.resume(int(state_dict.get("epoch", 0)),
+                                int(state_dict.get("batches", 0)) * batch_size)
+
+
+class _LazyIterator:
+    """Creates the DataLoader iterator at the first ``next`` and counts the batches."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._base_iter()
+        batch = next(self.iterator)
+        self.loader._yielded += 1
+        return batch
 
 
 class PadCollate:
@@ -469,6 +643,7 @@ class SegmentationDataModule(L.LightningDataModule):
             ignore_index=self.ignore_index,
             in_channels=self.in_channels,
             num_classes=self.num_classes,
+            seed=int(hp.seed) if split == "train" else None,
         )
 
     def build_predict_dataset(self, images: Sequence[str | Path]) -> PredictDataset:
@@ -497,27 +672,57 @@ class SegmentationDataModule(L.LightningDataModule):
             self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
         return self.datasets[split]
 
-    def _loader(self, dataset: Any, *, train: bool) -> DataLoader:
+    def _replicas(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return max(1, int(trainer.world_size)), int(trainer.global_rank)
+
+    def _loader(self, dataset: Any, *, train: bool, sampled: bool = True) -> DataLoader:
+        """A DataLoader over ``dataset``.
+
+        Training: an :class:`EpochSampler` (order from ``(seed, epoch)``, sharded over ranks) in
+        a :class:`ResumableDataLoader`. Val/test: an :class:`UnrepeatedSampler` (each image on
+        exactly one rank). ``sampled=False`` (prediction) keeps a plain sequential loader, which
+        Lightning shards itself. Every loader has its own ``generator``, so creating iterators
+        never draws from the global torch RNG (which would make resumed runs diverge).
+        """
         hint = (
             "set data.crop_size so training crops share one size"
             if train
             else "set data.ignore_index or data.eval_batch_size=1"
         )
         bs = self.batch_size if train else self.eval_batch_size
-        return DataLoader(
-            dataset,
-            batch_size=bs,
-            shuffle=train,
-            drop_last=train and len(dataset) > bs,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            collate_fn=PadCollate(self.ignore_index, hint=hint),
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
-        )
+        common: dict[str, Any] = {
+            "batch_size": bs,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+            "collate_fn": PadCollate(self.ignore_index, hint=hint),
+            "worker_init_fn": seed_worker if self.num_workers > 0 else None,
+        }
+        if not sampled:
+            return DataLoader(dataset, shuffle=False, **common)
+        world, rank = self._replicas()
+        generator = torch.Generator().manual_seed(int(self.hparams.seed))
+        if train:
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                   seed=int(self.hparams.seed))
+            return ResumableDataLoader(
+                dataset, sampler=sampler, drop_last=len(sampler) > bs, generator=generator,
+                **common,
+            )
+        sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
+        return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **common)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (``drop_last`` when there is more than one batch)."""
+        """Shuffled training batches (``drop_last`` when there is more than one batch).
+
+        The order and the augmentation are functions of ``(data.seed, epoch, index)``, so a
+        resumed run (also from a mid-epoch checkpoint) trains on exactly the batches the
+        uninterrupted run would have.
+        """
         return self._loader(self._dataset("train"), train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -533,4 +738,6 @@ class SegmentationDataModule(L.LightningDataModule):
         """Images of the test split (or val) without masks: ``image``, ``path``, ``size``."""
         self._splits_for("predict")
         samples = self._require_split(self.test_split)
-        return self._loader(self.build_predict_dataset([s.image for s in samples]), train=False)
+        return self._loader(
+            self.build_predict_dataset([s.image for s in samples]), train=False, sampled=False
+        )

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from segpipe.data.transforms import default_mean_std, normalize, to_tensor_pair
 
 __all__ = [
     "SPLITS",
+    "ItemKey",
     "PredictDataset",
     "Sample",
     "Scan",
@@ -46,6 +47,7 @@ __all__ = [
     "check_label_range",
     "encode_mask",
     "find_images",
+    "item_seed",
     "scan_camvid",
     "scan_folder",
     "scan_isbi",
@@ -646,8 +648,43 @@ def _as_samples(samples: Iterable[Sample | str | Path]) -> list[Sample]:
     return [s if isinstance(s, Sample) else Sample(image=Path(s), mask=None) for s in samples]
 
 
+class ItemKey(NamedTuple):
+    """Dataset key that carries the epoch, so augmentation can be a function of it.
+
+    The training sampler (:class:`~segpipe.data.datamodule.EpochSampler`) yields these instead of
+    plain indices. They reach the dataset in the DataLoader workers with each index, so the
+    epoch is right even with persistent workers (whose dataset copies never see the main
+    process again).
+
+    Attributes:
+        index: Sample index.
+        epoch: Training epoch.
+    """
+
+    index: int
+    epoch: int
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample in one epoch: a hash of ``(seed, epoch, index)``.
+
+    Independent of the process, the worker and of everything drawn before, so a resumed run
+    augments every sample exactly as the uninterrupted run would have.
+
+    Args:
+        seed: Run seed (``data.seed``).
+        epoch: Epoch.
+        index: Sample index.
+
+    Returns:
+        A 32-bit seed.
+    """
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1)[0])
+
+
 class _TransformMixin:
     transform: Any
+    seed: int | None = None
 
     def reseed(self, seed: int) -> None:
         """Re-seed the albumentations transform (called in each DataLoader worker).
@@ -657,6 +694,18 @@ class _TransformMixin:
         """
         if self.transform is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(int(seed) % (2**32))
+
+    def _resolve_key(self, key: int | ItemKey) -> int:
+        """Index of ``key``; for an :class:`ItemKey` also reseed the transform per item.
+
+        With ``seed`` set and an epoch-carrying key, the transform draws from a generator seeded
+        with :func:`item_seed`, so augmentation depends on ``(seed, epoch, index)`` only.
+        """
+        if isinstance(key, ItemKey):
+            if self.seed is not None:
+                self.reseed(item_seed(self.seed, key.epoch, key.index))
+            return int(key.index)
+        return int(key)
 
 
 class SegmentationDataset(_TransformMixin, Dataset):
@@ -680,6 +729,9 @@ class SegmentationDataset(_TransformMixin, Dataset):
         in_channels: Expected channel count (see :func:`adapt_channels`); None accepts any.
         num_classes: When given, label values outside ``[0, num_classes)`` other than
             ``ignore_index`` raise an error naming the file (instead of a device assert later).
+        seed: Augmentation seed. Items fetched with an :class:`ItemKey` ``(index, epoch)`` are
+            augmented with a generator seeded from ``(seed, epoch, index)``
+            (:func:`item_seed`); plain integer indices keep the transform's running state.
     """
 
     def __init__(
@@ -694,9 +746,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
         ignore_index: int | None = None,
         in_channels: int | None = None,
         num_classes: int | None = None,
+        seed: int | None = None,
     ) -> None:
         self.samples = _as_samples(samples)
         self.transform = transform
+        self.seed = None if seed is None else int(seed)
         self.mean = list(mean) if mean is not None else None
         self.std = list(std) if std is not None else None
         self.bands = list(bands) if bands is not None else None
@@ -755,8 +809,14 @@ class SegmentationDataset(_TransformMixin, Dataset):
                 )
         return image, labels
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``."""
+    def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
+        """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``.
+
+        Args:
+            index: Sample index, or an :class:`ItemKey` (index and epoch) from the training
+                sampler.
+        """
+        index = self._resolve_key(index)
         image, labels = self.load(index)
         if self.transform is not None:
             out = self.transform(image=image, mask=labels.astype(np.int32))
@@ -800,9 +860,9 @@ class PredictDataset(_TransformMixin, Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W]}``."""
-        path = self.samples[index].image
+        path = self.samples[self._resolve_key(index)].image
         image = adapt_channels(to_float(read_image(path, self.bands)), self.in_channels, path)
         size = torch.tensor(image.shape[:2], dtype=torch.int64)
         if self.transform is not None:

@@ -208,7 +208,7 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     masks_dir = output / "predictions"
     print(f"[4/4] Predicting masks and overlays for the test slices into {masks_dir}")
     rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(data_root / "test" / "images"),
-                       "--output", str(masks_dir), "--format", "mask", "palette", "overlay"])
+                       "--output", str(masks_dir), "--format", "mask", "palette", "overlay", "--overwrite"])
     if rc:
         print(f"      prediction reported failures (exit code {rc})")
 

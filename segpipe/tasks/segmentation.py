@@ -6,8 +6,11 @@ The task never reads files and never builds networks by name: ``net`` is any ``n
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 import lightning.pytorch as L
 import segmentation_models_pytorch as smp
@@ -18,7 +21,10 @@ from torch import Tensor, nn
 
 from segpipe.metrics import build_metrics, flatten_metrics, metrics_report, per_image_scores
 
-__all__ = ["SegmentationTask", "pad_to_multiple"]
+__all__ = ["RNG_STATE_KEY", "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state"]
+
+#: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
+RNG_STATE_KEY = "segpipe_rng_state"
 
 _PYTHON_ONLY = ("net", "optimizer", "lr_scheduler")
 
@@ -54,6 +60,46 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
         return x, (h, w)
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """This process's global RNG states (torch CPU and CUDA, numpy, Python) as plain tensors.
+
+    Only tensors, ints, floats and None, so checkpoints holding it still load with
+    ``torch.load(weights_only=True)``.
+
+    Returns:
+        State for :func:`set_rng_state`.
+    """
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states from :func:`get_rng_state`.
+
+    Args:
+        state: Saved states.
+    """
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class SegmentationTask(L.LightningModule):
@@ -155,6 +201,7 @@ class SegmentationTask(L.LightningModule):
         self.test_report: dict[str, Any] | None = None
         #: Also return softmax probabilities from ``predict_step`` (set by the predict command).
         self.predict_probs = False
+        self._pending_rng_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ building blocks
     def _build_loss(
@@ -272,13 +319,18 @@ class SegmentationTask(L.LightningModule):
     # ------------------------------------------------------------------ epoch ends
     def _log_epoch(self, stage: Stage) -> dict[str, Tensor]:
         collection = getattr(self, f"{stage}_metrics")
-        if not any(metric.update_called for metric in collection.values()):
+        updated = any(metric.update_called for metric in collection.values())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # A rank that got no batch (more ranks than images) must still join the sync.
+            updated = self.trainer.strategy.reduce_boolean_decision(updated, all=False)
+        if not updated:
             return {}
         computed = {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()}
         names = _names(self.class_names, self.num_classes)
         flat = flatten_metrics(computed, names, prefix=f"{stage}/")
-        self.log(f"{stage}/mIoU", flat.pop(f"{stage}/mIoU"), prog_bar=True)
-        self.log_dict(flat)
+        # Already synced across ranks by torchmetrics; sync_dist averages identical values.
+        self.log(f"{stage}/mIoU", flat.pop(f"{stage}/mIoU"), prog_bar=True, sync_dist=True)
+        self.log_dict(flat, sync_dist=True)
         collection.reset()
         return computed
 
@@ -303,7 +355,13 @@ class SegmentationTask(L.LightningModule):
         if self.trainer.world_size > 1:
             gathered: list[Any] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, (images, worst))
-            images = [row for part in gathered for row in part[0]]
+            # Each image was tested on exactly one rank (UnrepeatedSampler: rank r has images
+            # r, r + R, ...); interleaving the ranks' rows restores the data set's order.
+            parts = [part[0] for part in gathered]
+            images = [
+                part[i] for i in range(max(map(len, parts), default=0)) for part in parts
+                if i < len(part)
+            ]
             worst = sorted((row for part in gathered for row in part[1]), key=lambda r: r["IoU"])
             worst = worst[: self.num_worst_images]
         report = metrics_report(computed, names, self.ignore_index)
@@ -311,6 +369,38 @@ class SegmentationTask(L.LightningModule):
         report["per_image"] = images
         report["worst_images"] = worst  # with numpy arrays: for the report, not for JSON
         self.test_report = report
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the global RNG states (dropout, random ops) of every rank.
+
+        Data order and augmentation do not need them (they are functions of the seed, epoch
+        and index), but anything drawing from torch's global generator in the model does; with
+        them a resumed run continues exactly where the interrupted one stopped.
+        """
+        state = get_rng_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            states: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[RNG_STATE_KEY] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep this rank's saved RNG state to restore when training resumes."""
+        states = checkpoint.get(RNG_STATE_KEY)
+        self._pending_rng_state = None
+        if not states or self._trainer is None:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(states) == world:
+            self._pending_rng_state = states[rank]
+
+    def on_train_start(self) -> None:
+        """Restore the RNG state of a resumed run right before its first training batch."""
+        if self._pending_rng_state is not None:
+            set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -1,0 +1,121 @@
+"""Distributed training and testing through Lightning: DDP with 2 CPU processes (gloo).
+
+``segpipe fit`` and ``segpipe test`` run with ``--trainer.strategy ddp --trainer.devices 2`` in
+subprocesses (Lightning re-launches the command for rank 1). The 5 test images split unevenly
+(3 + 2): the DDP test metrics must equal a single-process test of the same checkpoint, with
+every image counted exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.data.synthetic import make_folder_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (48, 40)
+N_TEST = 5  # odd: rank 0 gets 3 images, rank 1 gets 2
+
+pytestmark = pytest.mark.slow  # ~2 minutes on 2 CPU cores: three runs, two of them 2-process
+
+TINY = [
+    "--config", "configs/folder_unet.yaml",
+    "--model.net.init_args.num_classes=3",
+    "--model.net.init_args.base_channels=8",
+    "--model.net.init_args.depth=2",
+    "--model.loss=ce",
+    "--model.optimizer.init_args.lr=0.02",
+    "--data.num_classes=3",
+    "--data.batch_size=2",
+    "--data.eval_batch_size=2",  # rank 0: batches of 2 + 1 images, rank 1: one batch of 2
+    "--data.crop_size=32",
+    "--data.augment=none",
+    "--data.num_workers=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.precision=32-true",
+]
+DDP = ["--trainer.strategy=ddp", "--trainer.devices=2"]
+
+
+def _segpipe(*args: str, log: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as fh:
+        res = subprocess.run([sys.executable, "-m", "segpipe.cli", *args], cwd=REPO, env=env,
+                             stdout=fh, stderr=subprocess.STDOUT, timeout=480)
+    out = log.read_text()
+    assert res.returncode == 0, out[-5000:]
+    return out
+
+
+def _metrics(out: str) -> tuple[dict, list[dict]]:
+    path = Path(out.split("Test metrics written to ")[1].split()[0])
+    metrics = json.loads(path.read_text())
+    with open(metrics["per_image_csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return metrics, rows
+
+
+def _max_abs_diff(a: object, b: object) -> float:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b)
+        return max((_max_abs_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b))
+    assert a == b, (a, b)
+    return 0.0
+
+
+def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
+    data = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=3, n_test=N_TEST, num_classes=3,
+                               size=SIZE)
+    root = tmp_path / "ddp"
+    common = [*TINY, f"--data.root={data}"]
+    t0 = time.monotonic()
+    _segpipe("fit", *common, *DDP, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=4",
+             log=tmp_path / "fit.log")
+    t_fit = time.monotonic() - t0
+    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # 8 images over 2 ranks, batch 2: 2 optimiser steps per epoch (each on 2 x 2 images).
+    assert state["global_step"] == 4 * 2 and state["epoch"] == 3
+    (ckpt,) = (root / "checkpoints").glob("best-*.ckpt")
+
+    t0 = time.monotonic()
+    ddp, ddp_rows = _metrics(_segpipe("test", *common, *DDP, f"--trainer.default_root_dir={root}",
+                                      f"--ckpt_path={ckpt}", log=tmp_path / "test_ddp.log"))
+    t_ddp = time.monotonic() - t0
+    t0 = time.monotonic()
+    one, one_rows = _metrics(_segpipe("test", *common, f"--trainer.default_root_dir={tmp_path / 'one'}",
+                                      f"--ckpt_path={ckpt}", log=tmp_path / "test_one.log"))
+    t_one = time.monotonic() - t0
+
+    # Every test image exactly once: no padding duplicates, none dropped.
+    pixels = N_TEST * SIZE[0] * SIZE[1]
+    for metrics, rows in ((ddp, ddp_rows), (one, one_rows)):
+        assert metrics["num_images"] == N_TEST
+        assert sum(map(sum, metrics["confusion_matrix"])) == pixels
+        assert len(rows) == N_TEST and len({r["path"] for r in rows}) == N_TEST
+    assert ddp_rows == one_rows  # same per-image scores, in the data set's order
+    assert ddp["confusion_matrix"] == one["confusion_matrix"]
+    ddp.pop("per_image_csv"), one.pop("per_image_csv")
+    diff = _max_abs_diff(ddp, one)
+    print(f"\nDDP x2 vs single process: mIoU {ddp['mIoU']:.6f} vs {one['mIoU']:.6f}, max |diff| "
+          f"over all metrics {diff:.3g}; fit {t_fit:.0f} s, test ddp {t_ddp:.0f} s, "
+          f"test single {t_one:.0f} s")
+    assert diff <= 1e-6
+    # A trained model, so the comparison is not between constant maps.
+    predicted = [sum(col) for col in zip(*one["confusion_matrix"])]
+    assert sum(n > 0 for n in predicted) >= 2 and one["mIoU"] > 0.3

@@ -1,0 +1,339 @@
+"""Crash safety: SIGKILL in mid-epoch, resume with ``--ckpt_path last``, compare with a run that was
+never interrupted; atomic checkpoint writes; unwritable or full output folders fail up front.
+
+The runs are real ``segpipe fit`` processes. :class:`SlowSteps` (given on their command line with
+``--trainer.callbacks+=tests.test_faults.SlowSteps``) logs every training batch to a JSON-lines
+file, which the test polls to kill at a known point, and can slow the batches down so the kill
+lands mid-epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from segpipe.callbacks import PARTIAL_SUFFIX, CheckpointWriteError, SafeCheckpointIO
+from segpipe.cli import main
+from segpipe.fileio import TMP_PREFIX
+from tests.data.synthetic import make_folder_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 6  # 24 training images, batch size 4, drop_last
+EPOCHS = 4
+SAVE_EVERY = 5  # checkpoint.every_n_train_steps: last.ckpt at steps 5, 6, 10, 12, 15, 18, 20, 24
+
+TINY = [
+    "--config", "configs/folder_unet.yaml",
+    "--model.net.class_path=segpipe.models.UNet",
+    "--model.net.init_args.in_channels=3",
+    "--model.net.init_args.num_classes=3",
+    "--model.net.init_args.base_channels=8",
+    "--model.net.init_args.depth=2",
+    "--data.num_classes=3",
+    "--data.batch_size=4",
+    "--data.crop_size=32",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.precision=32-true",
+]
+
+
+class SlowSteps(L.Callback):
+    """Test-only callback: append each training batch to a JSON-lines file, then sleep.
+
+    Args:
+        progress_file: File to append ``{"epoch", "batch", "step", "paths"}`` rows to.
+        sleep: Seconds to sleep after each batch (to make epochs long enough to kill in).
+    """
+
+    def __init__(self, progress_file: str, sleep: float = 0.0) -> None:
+        self.progress_file = progress_file
+        self.sleep = sleep
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        row = {"epoch": trainer.current_epoch, "batch": batch_idx, "step": trainer.global_step,
+               "paths": [Path(p).name for p in batch["path"]]}
+        with open(self.progress_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        time.sleep(self.sleep)
+
+
+def _rows(progress: Path) -> list[dict[str, Any]]:
+    if not progress.exists():
+        return []
+    return [json.loads(line) for line in progress.read_text().splitlines() if line.endswith("}")]
+
+
+def _fit_cmd(data: Path, root: Path, progress: Path, sleep: float, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "segpipe.cli", "fit", *TINY,
+        f"--data.root={data}", f"--trainer.default_root_dir={root}",
+        f"--trainer.max_epochs={EPOCHS}", f"--model.lr_scheduler.init_args.T_max={EPOCHS}",
+        "--model.net.init_args.dropout=0.2",  # draws from torch's global RNG: must be restored too
+        "--data.num_workers=1",  # augmentation runs in a (persistent) worker process
+        "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",
+        f"--checkpoint.every_n_train_steps={SAVE_EVERY}",
+        "--trainer.callbacks+=tests.test_faults.SlowSteps",
+        f"--trainer.callbacks.init_args.progress_file={progress}",
+        f"--trainer.callbacks.init_args.sleep={sleep}",
+        *extra,
+    ]
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    # Own process group: the kill takes the DataLoader worker down too, like a machine crash.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, progress: Path, when: Callable[[dict[str, Any]], bool],
+               log: Path, timeout: float = 300.0) -> dict[str, Any]:
+    """SIGKILL ``proc`` (and its workers) as soon as a progress row satisfies ``when``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hit = next((r for r in _rows(progress) if when(r)), None)
+        if hit is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            return hit
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before the kill point:\n"
+                        + log.read_text()[-3000:])
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the run never reached the kill point:\n" + log.read_text()[-3000:])
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 400.0) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _assert_checkpoints_complete(ckpt_dir: Path) -> dict[str, int]:
+    """Every ``*.ckpt`` loads with weights_only=True; returns their global steps."""
+    steps = {}
+    for path in sorted(ckpt_dir.glob("*.ckpt")):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # truncated -> raises
+        steps[path.name] = int(ckpt["global_step"])
+    assert "last.ckpt" in steps
+    return steps
+
+
+def _last_val_row(root: Path) -> dict[str, float]:
+    """The last row with val metrics in any of the run's metrics.csv files (latest version)."""
+    rows = []
+    for path in sorted(root.glob("lightning_logs/version_*/metrics.csv"),
+                       key=lambda p: int(p.parent.name.split("_")[1])):
+        with path.open() as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get("val/mIoU")]
+    assert rows, f"no val metrics under {root}"
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v != ""}
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two nested structures of tensors and numbers."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape
+        if a.numel() == 0:
+            return 0.0
+        return float((a.double() - b.double()).abs().max())
+    if isinstance(a, dict):
+        assert set(a) == set(b), (sorted(a), sorted(b))
+        return max((_max_abs_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b))
+    assert a == b
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder_dataset(tmp_path_factory.mktemp("faults") / "ds", n_train=24, n_val=4,
+                               n_test=0, num_classes=3, size=(48, 40))
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data: Path, tmp_path: Path) -> None:
+    """Kill twice (last.ckpt at an epoch end, then mid-epoch), resume each time, compare."""
+    ref_root, run_root = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref_progress, progress = tmp_path / "uninterrupted.jsonl", tmp_path / "killed.jsonl"
+    ckpt_dir = run_root / "checkpoints"
+    t0 = time.monotonic()
+    ref = _start(_fit_cmd(data, ref_root, ref_progress, 0.0), tmp_path / "ref.log")
+
+    # 1) Killed in epoch 1 after 3 batches; last.ckpt is the end of epoch 0 (step 6).
+    run = _start(_fit_cmd(data, run_root, progress, 0.25), tmp_path / "run1.log")
+    _kill_when(run, progress, lambda r: r["epoch"] == 1 and r["batch"] == 2, tmp_path / "run1.log")
+    steps = _assert_checkpoints_complete(ckpt_dir)
+    assert steps["last.ckpt"] == STEPS_PER_EPOCH
+
+    # 2) Resumed, killed again in epoch 2 after 5 batches; last.ckpt is mid-epoch 2 (step 15).
+    run = _start(_fit_cmd(data, run_root, progress, 0.25, "--ckpt_path=last"),
+                 tmp_path / "run2.log")
+    _kill_when(run, progress, lambda r: r["epoch"] == 2 and r["batch"] == 4, tmp_path / "run2.log")
+    steps = _assert_checkpoints_complete(ckpt_dir)
+    assert steps["last.ckpt"] == 15 and 15 % STEPS_PER_EPOCH != 0  # a mid-epoch checkpoint
+    stale = ckpt_dir / f"{TMP_PREFIX}killed{PARTIAL_SUFFIX}"
+    stale.write_bytes(b"half a checkpoint")  # what a kill during a write leaves behind
+
+    # 3) Resumed from the mid-epoch checkpoint to the end.
+    run = _start(_fit_cmd(data, run_root, progress, 0.0, "--ckpt_path=last"),
+                 tmp_path / "run3.log")
+    _finish(run, tmp_path / "run3.log")
+    _finish(ref, tmp_path / "ref.log")
+    elapsed = time.monotonic() - t0
+    assert not stale.exists(), "fit removes unfinished checkpoint writes of killed runs"
+    assert "not resumable" not in (tmp_path / "run3.log").read_text()
+
+    # Same batches in the same order: the resumed run's last pass over each step equals the
+    # uninterrupted run's (order and crops are functions of seed, epoch and index).
+    ref_rows, run_rows = _rows(ref_progress), _rows(progress)
+    assert [r["step"] for r in ref_rows] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    final = {r["step"]: r["paths"] for r in run_rows}
+    assert final == {r["step"]: r["paths"] for r in ref_rows}
+    assert len(run_rows) > len(ref_rows)  # steps 7-9 and 16-17 really were trained twice
+
+    a = torch.load(ref_root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    weights = _max_abs_diff(a["state_dict"], b["state_dict"])
+    optim = _max_abs_diff(a["optimizer_states"], b["optimizer_states"])
+    sched = _max_abs_diff(a["lr_schedulers"], b["lr_schedulers"])
+    va, vb = _last_val_row(ref_root), _last_val_row(run_root)
+    metrics = _max_abs_diff(va, vb)
+    print(f"\nresumed vs uninterrupted after {a['global_step']} steps: max |dw| = {weights:.3g}, "
+          f"optimizer state {optim:.3g}, scheduler {sched:.3g}, val metrics {metrics:.3g} "
+          f"(val/mIoU {va['val/mIoU']:.6f} vs {vb['val/mIoU']:.6f}); {elapsed:.0f} s")
+    # CPU kernels with a fixed thread count are deterministic here, so the runs agree exactly;
+    # the tolerances leave room for nondeterministic kernels elsewhere.
+    assert weights <= 1e-5 and optim <= 1e-5 and sched <= 1e-9
+    assert metrics <= 1e-4
+
+
+def test_kill_during_checkpoint_write_leaves_a_complete_file(tmp_path: Path) -> None:
+    """SIGKILL while SafeCheckpointIO writes: the target is the old or the new file, never torn."""
+    target = tmp_path / "ckpt" / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from segpipe.callbacks import SafeCheckpointIO\n"
+        "io = SafeCheckpointIO()\n"
+        "for i in range(10_000):\n"
+        "    io.save_checkpoint({'step': i, 'w': torch.full((6_000_000,), float(i))}, sys.argv[1])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not target.exists():  # first save complete
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        while not list(target.parent.glob(f"*{PARTIAL_SUFFIX}")):  # a later save under way
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    ckpt = torch.load(target, weights_only=True)  # a torn file would raise here
+    assert ckpt["w"].numel() == 6_000_000 and bool((ckpt["w"] == ckpt["step"]).all())
+    partial = list(target.parent.glob(f"*{PARTIAL_SUFFIX}"))
+    print(f"\nkilled after save {ckpt['step']}; unfinished write left as {[p.name for p in partial]}")
+    assert [p.name for p in target.parent.glob("*.ckpt")] == ["last.ckpt"]
+
+
+def test_disk_full_during_checkpoint_write_keeps_previous(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    io = SafeCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+
+    def full_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as exc:
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    message = str(exc.value)
+    assert str(target) in message and "No space left" in message
+    assert "checkpoint.dirpath" in message and "previous checkpoint there is intact" in message
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+def _blocked_dir(tmp_path: Path) -> Path:
+    """A folder segpipe cannot write into: read-only, or (as root) one below a regular file."""
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):
+        return ro / "run"
+    ro.chmod(0o700)  # root writes anyway: make mkdir fail instead
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    return blocker / "run"
+
+
+@pytest.mark.parametrize("option", ["trainer.default_root_dir", "checkpoint.dirpath"])
+def test_unwritable_output_fails_before_training(option: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    blocked = _blocked_dir(tmp_path)
+    root = blocked if option == "trainer.default_root_dir" else tmp_path / "root"
+    extra = [f"--checkpoint.dirpath={blocked}"] if option == "checkpoint.dirpath" else []
+    t0 = time.monotonic()
+    try:
+        rc = main(["fit", *TINY, f"--data.root={data}", f"--trainer.default_root_dir={root}",
+                   "--trainer.max_epochs=1", "--data.num_workers=0", *extra])
+    finally:
+        (tmp_path / "readonly").chmod(0o700)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(blocked) in err and f"--{option}" in err, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
+    print(f"\n{err.strip()}  [{time.monotonic() - t0:.1f} s]")
+
+
+def test_no_room_for_checkpoints_fails_before_training(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    data = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=100_000))  # 0.1 MiB left
+    rc = main(["fit", *TINY, f"--data.root={data}", f"--trainer.default_root_dir={tmp_path / 'r'}",
+               "--trainer.max_epochs=1", "--data.num_workers=0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(tmp_path / "r" / "checkpoints") in err and "MiB free" in err
+    assert "--checkpoint.dirpath" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
