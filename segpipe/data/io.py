@@ -43,13 +43,19 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TIFF_EXTENSIONS",
     "ImageReadError",
+    "RasterInfo",
+    "RasterReader",
+    "RasterWriter",
     "image_size",
     "is_image_file",
+    "open_raster",
     "pixel_limit",
+    "probe_raster",
     "read_image",
     "read_mask",
     "to_float",
     "write_image",
+    "write_label_png",
     "write_mask",
 ]
 
@@ -576,3 +582,409 @@ def write_mask(
         pimg.save(p)
         return p
     return write_image(p, arr)
+
+
+# --------------------------------------------------------------------------------------------
+# Windowed raster I/O (GeoTIFFs of any size in constant memory)
+# --------------------------------------------------------------------------------------------
+
+#: GDAL block cache used while reading/writing by windows (MB). GDAL's default is 5% of RAM,
+#: which would make peak memory grow with the raster; segpipe reads whole rows of tiles itself.
+RASTER_CACHE_MB = 32
+
+
+_CACHE_LIMITED = False
+
+
+def _limit_gdal_cache() -> None:
+    """Cap GDAL's block cache at :data:`RASTER_CACHE_MB` once (unless GDAL_CACHEMAX is set)."""
+    global _CACHE_LIMITED
+    if _CACHE_LIMITED:
+        return
+    _CACHE_LIMITED = True
+    import os
+
+    if "GDAL_CACHEMAX" in os.environ:
+        return
+    try:
+        from rasterio._env import get_gdal_config, set_gdal_config
+
+        current = get_gdal_config("GDAL_CACHEMAX")
+        limit = RASTER_CACHE_MB * 1024 * 1024
+        if current is None or int(current) > limit:
+            set_gdal_config("GDAL_CACHEMAX", limit)
+    except Exception:  # noqa: BLE001 - a missing private API only costs memory
+        pass
+
+
+class RasterInfo:
+    """Size and georeference of a raster, as read from its header.
+
+    ``crs`` and ``transform`` are rasterio objects that callers pass back to
+    :class:`RasterWriter` unchanged (no other module needs to understand them).
+
+    Attributes:
+        path: The file.
+        width: Columns.
+        height: Rows.
+        count: Bands in the file.
+        dtype: Numpy dtype name of the first band.
+        crs: Coordinate reference system, or None.
+        transform: Affine pixel -> CRS transform (identity when not georeferenced).
+        nodata: Nodata value of the first band, or None.
+        georeferenced: Whether the file has a CRS or a non-identity transform (or GCPs).
+    """
+
+    def __init__(self, ds: Any, path: Path) -> None:
+        self.path = path
+        self.width = int(ds.width)
+        self.height = int(ds.height)
+        self.count = int(ds.count)
+        self.dtype = str(ds.dtypes[0]) if ds.count else "uint8"
+        self.crs = ds.crs
+        self.transform = ds.transform
+        self.nodata = ds.nodata
+        has_gcps = bool(ds.gcps[0]) if ds.gcps else False
+        self.georeferenced = bool(
+            ds.crs is not None or not ds.transform.is_identity or has_gcps
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RasterInfo({self.path.name}: {self.width}×{self.height}×{self.count} {self.dtype}, "
+            f"crs={self.crs}, nodata={self.nodata})"
+        )
+
+
+def probe_raster(path: _PathLike) -> RasterInfo | None:
+    """Header of a TIFF that rasterio can read by windows; None for anything else.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        :class:`RasterInfo` for ``.tif``/``.tiff`` files rasterio opens, else None (PNG, JPEG,
+        TIFFs only Pillow reads: read those whole with :func:`read_image`).
+
+    Raises:
+        ImageReadError: Missing or empty files.
+    """
+    p = Path(path)
+    _check_file(p)
+    if not _is_tiff(p):
+        return None
+    try:
+        with _open_raster(p) as ds:
+            if ds.count < 1:
+                return None
+            return RasterInfo(ds, p)
+    except (RasterioIOError, RasterioError):
+        return None
+
+
+class RasterReader:
+    """Read a raster by windows of rows/columns, with its validity (nodata) mask.
+
+    Band selection and conversions follow :func:`read_image`: 1-based ``bands``; without a
+    selection, alpha bands are dropped and a single palette band is expanded to RGB.
+
+    Args:
+        path: A file :func:`probe_raster` accepted.
+        bands: Optional 1-based band selection.
+
+    Raises:
+        ImageReadError: Unreadable files, bad band selections.
+    """
+
+    def __init__(self, path: _PathLike, bands: Sequence[int] | None = None) -> None:
+        self.path = Path(path)
+        _check_file(self.path)
+        _limit_gdal_cache()
+        try:
+            self._ds = _open_raster(self.path)
+        except (RasterioIOError, RasterioError) as exc:
+            raise ImageReadError(self.path, f"not a raster rasterio can read ({exc})") from None
+        ds = self._ds
+        try:
+            self.info = RasterInfo(ds, self.path)
+            self._lut: np.ndarray | None = None
+            if bands is not None:
+                self.indexes = _check_bands(self.path, bands, ds.count)
+            else:
+                interps = list(ds.colorinterp or [])
+                self.indexes = [
+                    i + 1
+                    for i in range(ds.count)
+                    if not (i < len(interps) and interps[i] == ColorInterp.alpha and ds.count > 1)
+                ]
+                if len(self.indexes) == 1 and interps and interps[0] == ColorInterp.palette:
+                    try:
+                        cmap = ds.colormap(1)
+                        lut = np.zeros((max(256, max(cmap) + 1), 3), dtype=np.uint8)
+                        for k, rgba in cmap.items():
+                            lut[k] = rgba[:3]
+                        self._lut = lut
+                    except ValueError:
+                        pass
+            flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
+            self.has_mask = any(
+                list(f) != [rasterio.enums.MaskFlags.all_valid] for f in flags
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def width(self) -> int:
+        """Columns."""
+        return self.info.width
+
+    @property
+    def height(self) -> int:
+        """Rows."""
+        return self.info.height
+
+    @property
+    def channels(self) -> int:
+        """Channels returned by :meth:`read` (3 for an expanded palette band)."""
+        return 3 if self._lut is not None else len(self.indexes)
+
+    def read(
+        self, row0: int, row1: int, col0: int = 0, col1: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pixels and validity of rows ``[row0, row1)`` and columns ``[col0, col1)``.
+
+        Args:
+            row0: First row.
+            row1: End row (exclusive).
+            col0: First column.
+            col1: End column (exclusive); the raster's width when None.
+
+        Returns:
+            ``(pixels (h, w, C) native dtype, valid (h, w) bool or None when every pixel is
+            valid)``. ``pixels`` is a band-planar view (no copy). A pixel is valid when any
+            selected band is valid (GDAL's dataset mask semantics: nodata value, internal mask
+            or alpha band).
+
+        Raises:
+            ImageReadError: Truncated or corrupt data inside the window.
+        """
+        from rasterio.windows import Window
+
+        col1 = self.width if col1 is None else col1
+        window = Window(col0, row0, col1 - col0, row1 - row0)
+        try:
+            data = self._ds.read(self.indexes, window=window)
+            valid = None
+            if self.has_mask:
+                for index in self.indexes:  # band by band: no (C, h, w) mask array
+                    band_valid = self._ds.read_masks(index, window=window) > 0
+                    if valid is None:
+                        valid = band_valid
+                    else:
+                        np.logical_or(valid, band_valid, out=valid)
+                if valid is not None and valid.all():
+                    valid = None
+        except (RasterioIOError, RasterioError) as exc:
+            raise ImageReadError(
+                self.path, f"truncated or corrupt image data in rows {row0}-{row1} ({exc})"
+            ) from None
+        if self._lut is not None:
+            return self._lut[data[0]], valid
+        return np.moveaxis(data, 0, -1), valid
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        ds = getattr(self, "_ds", None)
+        if ds is not None:
+            ds.close()
+            self._ds = None
+
+    def __enter__(self) -> RasterReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_raster(path: _PathLike, bands: Sequence[int] | None = None) -> RasterReader:
+    """Open a raster for windowed reading (see :class:`RasterReader`)."""
+    return RasterReader(path, bands)
+
+
+class RasterWriter:
+    """Write a tiled, compressed (Geo)TIFF by windows or by consecutive rows.
+
+    Rows given to :meth:`write_rows` are buffered to whole rows of blocks, so every compressed
+    block is written once, complete (no rewritten blocks, no growing GDAL cache).
+
+    Args:
+        path: Output ``.tif`` (usually a temporary name, see :func:`segpipe.fileio.atomic_path`).
+        width: Columns.
+        height: Rows.
+        count: Bands.
+        dtype: Numpy dtype of the data.
+        crs: CRS to copy (from :class:`RasterInfo`), or None for a plain TIFF.
+        transform: Affine transform to copy, or None.
+        nodata: Nodata value, or None.
+        colormap: Optional ``{value: (r, g, b[, a])}`` for single-band uint8/uint16 rasters.
+        blocksize: Tile size (multiple of 16).
+        compress: GDAL compression (``deflate``, ``lzw``, ...).
+    """
+
+    def __init__(
+        self,
+        path: _PathLike,
+        *,
+        width: int,
+        height: int,
+        count: int,
+        dtype: Any,
+        crs: Any = None,
+        transform: Any = None,
+        nodata: float | None = None,
+        colormap: dict[int, Sequence[int]] | None = None,
+        blocksize: int = 256,
+        compress: str = "deflate",
+    ) -> None:
+        self.path = Path(path)
+        self.width, self.height, self.count = int(width), int(height), int(count)
+        self.dtype = np.dtype(dtype)
+        self.blocksize = int(blocksize)
+        kwargs: dict[str, Any] = {
+            "driver": "GTiff",
+            "width": self.width,
+            "height": self.height,
+            "count": self.count,
+            "dtype": self.dtype.name,
+            "tiled": True,
+            "blockxsize": self.blocksize,
+            "blockysize": self.blocksize,
+            "compress": compress,
+            "BIGTIFF": "IF_SAFER",
+        }
+        if crs is not None:
+            kwargs["crs"] = crs
+        if transform is not None:
+            kwargs["transform"] = transform
+        if nodata is not None:
+            kwargs["nodata"] = nodata
+        _limit_gdal_cache()
+        self._ds = _open_raster(self.path, "w", **kwargs)
+        if colormap is not None:
+            try:
+                self._ds.write_colormap(
+                    1, {int(k): tuple(int(c) for c in (list(v) + [255])[:4])
+                        for k, v in colormap.items()}
+                )
+            except BaseException:
+                self._ds.close()
+                raise
+        self._buf: list[np.ndarray] = []
+        self._buf_row0 = 0
+        self._next_row = 0
+
+    def write_window(self, data: np.ndarray, row0: int, col0: int = 0) -> None:
+        """Write ``data`` ((h, w) or (count, h, w)) at ``(row0, col0)``."""
+        from rasterio.windows import Window
+
+        arr = np.asarray(data)
+        if arr.ndim == 2:
+            arr = arr[None]
+        self._ds.write(
+            arr.astype(self.dtype, copy=False),
+            window=Window(col0, row0, arr.shape[2], arr.shape[1]),
+        )
+
+    def write_rows(self, row0: int, data: np.ndarray) -> None:
+        """Write full-width rows starting at ``row0``; calls must follow each other row by row.
+
+        Args:
+            row0: First row of ``data`` (the row after the previous call's last row).
+            data: (h, width) or (count, h, width).
+        """
+        arr = np.asarray(data)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if row0 != self._next_row:
+            raise ValueError(
+                f"rows must be written in order: expected row {self._next_row}, got {row0}"
+            )
+        if arr.shape[2] != self.width or arr.shape[0] != self.count:
+            raise ValueError(
+                f"expected ({self.count}, h, {self.width}) rows, got {tuple(arr.shape)}"
+            )
+        self._buf.append(arr.astype(self.dtype, copy=False))
+        self._next_row += arr.shape[1]
+        end = self._next_row
+        aligned = end if end >= self.height else (end // self.blocksize) * self.blocksize
+        if aligned > self._buf_row0:
+            block = np.concatenate(self._buf, axis=1) if len(self._buf) > 1 else self._buf[0]
+            n = aligned - self._buf_row0
+            self.write_window(block[:, :n], self._buf_row0)
+            rest = block[:, n:]
+            self._buf = [np.ascontiguousarray(rest)] if rest.shape[1] else []
+            self._buf_row0 = aligned
+
+    def close(self) -> None:
+        """Flush buffered rows and close the file (idempotent)."""
+        ds = getattr(self, "_ds", None)
+        if ds is None:
+            return
+        try:
+            if self._buf:
+                block = np.concatenate(self._buf, axis=1)
+                self.write_window(block, self._buf_row0)
+                self._buf = []
+        finally:
+            ds.close()
+            self._ds = None
+
+    def __enter__(self) -> RasterWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_label_png(
+    path: _PathLike,
+    labels: np.ndarray,
+    palette: Sequence[Sequence[int]] | None = None,
+    compress_level: int = 1,
+) -> Path:
+    """Write a label image as PNG, quickly (prediction outputs).
+
+    Unlike :func:`write_mask`, the dtype is kept as given (a uint16 image stays 16-bit whatever
+    its values) and zlib's fastest level is the default: masks compress well at any level, and
+    level 6 costs as much as a small network's forward pass.
+
+    Args:
+        path: Output ``.png``.
+        labels: (H, W) uint8 or uint16.
+        palette: Optional RGB colour per label (uint8 labels only): a paletted PNG.
+        compress_level: zlib level 0-9.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: For other shapes or dtypes.
+    """
+    p = Path(path)
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"{p}: expected (H, W) uint8 or uint16 labels, got {arr.dtype} {arr.shape}"
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if palette is not None:
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{p}: a palette needs uint8 labels (got {arr.dtype})")
+        img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
+        flat = [int(c) for color in palette for c in list(color)[:3]][:768]
+        img.putpalette(flat + [0] * (768 - len(flat)))
+    else:
+        img = Image.fromarray(np.ascontiguousarray(arr))
+    img.save(p, format="PNG", compress_level=int(compress_level))
+    return p

@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Prediction benchmarks: throughput of `segpipe predict` against a bare loop, and peak memory
+of predicting large GeoTIFFs.
+
+1. Throughput: `segpipe predict` (the real code path: Lightning Trainer, PNG decoding in DataLoader
+   workers, softmax/argmax, atomic PNG writes) on a folder of 480x360 PNGs, against a bare
+   ``task(x)`` loop over the same images preloaded as normalised tensors (same network, precision
+   and batch size). Both after a warm-up. Goal: ratio >= 0.9.
+2. Peak RSS of predicting a synthetic 3-band GeoTIFF of each ``--rss-sizes`` (default 4000 and
+   16000 pixels square) with a tiny U-Net, each in a fresh subprocess (``ru_maxrss``). Goal: well
+   under 3 GB and about the same for every size (memory is constant in the height and grows
+   only with the width: one strip of tiles).
+
+    python scripts/bench_predict.py                        # both, default sizes (a few minutes on 2 cores)
+    python scripts/bench_predict.py --skip-rss --images 96 # throughput only
+    python scripts/bench_predict.py --skip-throughput --rss-sizes 4000 30000
+    python scripts/bench_predict.py --precision 32-true --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# ------------------------------------------------------------------------------ data
+def make_images(root: Path, n: int, size: tuple[int, int] = (360, 480)) -> Path:
+    """``n`` RGB PNGs of ``size`` (H, W) with blobs and noise."""
+    from segpipe.data.io import write_image
+
+    rng = np.random.default_rng(0)
+    h, w = size
+    for i in range(n):
+        img = np.full((h, w, 3), 90, np.int16)
+        for _ in range(8):
+            y, x = rng.integers(0, h - 60), rng.integers(0, w - 60)
+            img[y : y + 60, x : x + 60] = rng.integers(0, 255, 3)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        write_image(root / f"{i:05d}.png", img)
+    return root
+
+
+def make_geotiff(path: Path, size: int, strip: int = 512, height: int | None = None) -> Path:
+    """A georeferenced 3-band uint8 GeoTIFF ``size`` wide (and tall unless ``height``),
+    written strip by strip."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from segpipe.data.io import RasterWriter
+
+    height = size if height is None else height
+    x = np.arange(size, dtype=np.float32)
+    with RasterWriter(
+        path, width=size, height=height, count=3, dtype=np.uint8, crs=CRS.from_epsg(32633),
+        transform=from_origin(500000, 4600000, 10, 10), nodata=0,
+    ) as w:
+        for r0 in range(0, height, strip):
+            r1 = min(height, r0 + strip)
+            y = np.arange(r0, r1, dtype=np.float32)[:, None]
+            a = 128 + 60 * np.sin(x[None] / 97.0) * np.cos(y / 131.0)
+            b = 128 + 60 * np.sin((x[None] + y) / 211.0)
+            c = 128 + 60 * np.cos((x[None] - y) / 157.0)
+            band = np.clip(np.stack([a, b, c]), 1, 255).astype(np.uint8)
+            if r0 == 0:
+                band[:, :64, :64] = 0  # a nodata corner
+            w.write_rows(r0, band)
+    return path
+
+
+def make_ckpt(path: Path, base_channels: int, depth: int, num_classes: int) -> Path:
+    from segpipe.predict.checkpoint import save_predict_checkpoint
+
+    return save_predict_checkpoint(
+        path,
+        net={"class_path": "segpipe.models.UNet",
+             "init_args": {"in_channels": 3, "num_classes": num_classes,
+                           "base_channels": base_channels, "depth": depth}},
+        data={"num_classes": num_classes, "in_channels": 3},
+    )
+
+
+# ------------------------------------------------------------------------------ throughput
+def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    import torch
+
+    from segpipe.cli import default_precision
+    from segpipe.data.datasets import PredictDataset
+    from segpipe.predict.checkpoint import load_predictor
+    from segpipe.predict.command import predict
+
+    precision = args.precision or default_precision()
+    images = make_images(work / "images", args.images)
+    ckpt = make_ckpt(work / "unet.ckpt", args.base_channels, args.depth, args.classes)
+    common = dict(
+        formats=["mask"], batch_size=args.batch_size, precision=precision, accelerator="cpu",
+        progress=False, num_workers=args.num_workers, overwrite=True,
+    )
+    task, cfg = load_predictor(ckpt)
+    if task.channels_last:
+        task.net.to(memory_format=torch.channels_last)
+    ds = PredictDataset(sorted(images.glob("*.png")), mean=cfg.mean, std=cfg.std,
+                        in_channels=cfg.in_channels)
+    batches = [
+        torch.stack([ds[j]["image"] for j in range(i, min(i + args.batch_size, len(ds)))])
+        for i in range(0, len(ds), args.batch_size)
+    ]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+
+    def run_bare() -> float:
+        with torch.inference_mode(), autocast:
+            t0 = time.perf_counter()
+            for b in batches:
+                task(b)
+            return time.perf_counter() - t0
+
+    def run_segpipe() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        summary = predict(ckpt, images, work / "out", **common)
+        elapsed = time.perf_counter() - t0
+        assert summary.written == args.images and not summary.failed, summary.report()
+        return elapsed, summary.seconds
+
+    # warm-up (oneDNN kernels, file cache), then alternate the two; each one's best round is
+    # kept, and each round's own ratio shown: on a shared machine the load of other processes
+    # otherwise decides the ratio
+    predict(ckpt, images / "00000.png", work / "warm", **common)
+    with torch.inference_mode(), autocast:
+        task(batches[0])
+    rounds = []
+    for _ in range(args.rounds):
+        bare = run_bare()
+        total, in_loop = run_segpipe()
+        rounds.append((bare, in_loop, total))
+    n = args.images
+    bare_time = min(r[0] for r in rounds)
+    loop_time = min(r[1] for r in rounds)
+    seg_time = min(r[2] for r in rounds)
+    return {"precision": precision, "segpipe_images_per_s": n / loop_time,
+            "segpipe_end_to_end_images_per_s": n / seg_time, "bare_images_per_s": n / bare_time,
+            "ratio": bare_time / loop_time, "ratio_end_to_end": bare_time / seg_time,
+            "paired_ratios": [round(b / lp, 3) for b, lp, _ in rounds],
+            "setup_seconds": seg_time - loop_time}
+
+
+# ------------------------------------------------------------------------------ memory
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    ``VmHWM`` (the high-water mark of this process image) where /proc exists: ``ru_maxrss``
+    would also count the parent's memory copied at fork time.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_child(argv: list[str]) -> None:
+    """In a fresh process: predict one raster and print peak RSS as JSON."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt")
+    p.add_argument("--input")
+    p.add_argument("--output")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", default=None)
+    a = p.parse_args(argv)
+    from segpipe.predict.command import predict
+
+    before = peak_rss_mb()
+    t0 = time.perf_counter()
+    summary = predict(a.ckpt, a.input, a.output, formats=["geotiff"], tile=a.tile,
+                      batch_size=a.batch_size, precision=a.precision, accelerator="cpu",
+                      progress=False, num_workers=0, overwrite=True)
+    seconds = time.perf_counter() - t0
+    assert summary.written == 1, summary.report()
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_before_predict_mb": before,
+                      "seconds": seconds}))
+
+
+def bench_rss(args: argparse.Namespace, work: Path) -> dict[int, dict[str, float]]:
+    ckpt = make_ckpt(work / "tiny.ckpt", args.rss_base_channels, args.rss_depth, 3)
+    out: dict[int, dict[str, float]] = {}
+    for size in args.rss_sizes:
+        t0 = time.perf_counter()
+        tif = make_geotiff(work / f"scene_{size}.tif", size, height=args.rss_height)
+        made = time.perf_counter() - t0
+        cmd = [sys.executable, __file__, "_rss", "--ckpt", str(ckpt), "--input", str(tif),
+               "--output", str(work / f"out_{size}"), "--tile", str(args.tile),
+               "--batch-size", str(args.batch_size)]
+        if args.precision:
+            cmd += ["--precision", args.precision]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if res.returncode != 0:
+            raise RuntimeError(f"raster {size}: {res.stderr[-3000:]}")
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["input_mb_on_disk"] = tif.stat().st_size / 2**20
+        row["generate_seconds"] = made
+        out[size] = row
+        tif.unlink()
+    return out
+
+
+def main() -> None:
+    import logging
+
+    import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; quiet them after
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if len(sys.argv) > 1 and sys.argv[1] == "_rss":
+        rss_child(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=48, help="480x360 images for throughput")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", default=None, help="default: segpipe's default_precision()")
+    p.add_argument("--base-channels", type=int, default=16, help="U-Net width (throughput)")
+    p.add_argument("--depth", type=int, default=4, help="U-Net depth (throughput)")
+    p.add_argument("--classes", type=int, default=11)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")
+    p.add_argument("--rss-sizes", type=int, nargs="+", default=[4000, 16000],
+                   help="raster widths (and heights) for the memory runs")
+    p.add_argument("--rss-height", type=int, default=None,
+                   help="use this height for every raster (memory only depends on the width: "
+                        "e.g. --rss-sizes 30000 --rss-height 2048 gives a 30k x 30k's peak fast)")
+    p.add_argument("--tile", type=int, default=512, help="tile of the raster runs")
+    p.add_argument("--rss-base-channels", type=int, default=2, help="U-Net width (raster runs)")
+    p.add_argument("--rss-depth", type=int, default=1, help="U-Net depth (raster runs)")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--workdir", default=None, help="keep the data here (default: a temp dir)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        if not args.skip_throughput:
+            r = bench_throughput(args, work)
+            print(f"throughput ({args.images} images 480x360, U-Net({args.base_channels}, "
+                  f"depth {args.depth}), batch {args.batch_size}, {r['precision']}, "
+                  f"{os.cpu_count()} CPUs):")
+            print(f"  segpipe predict: {r['segpipe_images_per_s']:.2f} images/s (prediction loop: "
+                  "decode, normalise, forward, argmax, atomic PNG writes)")
+            print(f"  bare task(x) loop: {r['bare_images_per_s']:.2f} images/s (preloaded tensors)")
+            print(f"  ratio: {r['ratio']:.3f} (best rounds; goal >= 0.9); per round, bare and "
+                  f"segpipe back to back: {r['paired_ratios']}")
+            print(f"  end to end, with loading the checkpoint and starting the Trainer "
+                  f"({r['setup_seconds']:.2f} s once per run): "
+                  f"{r['segpipe_end_to_end_images_per_s']:.2f} images/s, "
+                  f"ratio {r['ratio_end_to_end']:.3f}")
+        if not args.skip_rss:
+            rows = bench_rss(args, work)
+            print(f"peak RSS of predicting a 3-band GeoTIFF (U-Net({args.rss_base_channels}, "
+                  f"depth {args.rss_depth}), tile {args.tile}, batch {args.batch_size}):")
+            for size, row in rows.items():
+                print(f"  {size}x{args.rss_height or size} (WxH): peak {row['peak_rss_mb']:.0f} MB "
+                      f"(process before predict {row['rss_before_predict_mb']:.0f} MB), "
+                      f"{row['seconds']:.1f} s, input {row['input_mb_on_disk']:.0f} MB on disk")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Prediction from a checkpoint alone: ``segpipe predict`` and its building blocks.
+
+* :mod:`segpipe.predict.checkpoint`: :func:`load_predictor` rebuilds the task and its
+  preprocessing/palette (:class:`PredictConfig`) from a checkpoint.
+* :mod:`segpipe.predict.tiling`: Gaussian-blended sliding-window inference in row strips.
+* :mod:`segpipe.predict.writers`: the output formats and the atomic writer.
+* :mod:`segpipe.predict.engine`: dataset, LightningModule and writing callback.
+* :mod:`segpipe.predict.command`: the command line and :func:`predict`.
+
+Submodules are imported lazily so ``import segpipe.predict`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "CheckpointError",
+    "PredictConfig",
+    "PredictSummary",
+    "PredictionWriter",
+    "load_predictor",
+    "predict",
+    "predict_tiled",
+    "save_predict_checkpoint",
+    "sliding_window",
+]
+
+_WHERE = {
+    "CheckpointError": "segpipe.predict.checkpoint",
+    "PredictConfig": "segpipe.predict.checkpoint",
+    "load_predictor": "segpipe.predict.checkpoint",
+    "save_predict_checkpoint": "segpipe.predict.checkpoint",
+    "PredictSummary": "segpipe.predict.engine",
+    "PredictionWriter": "segpipe.predict.writers",
+    "predict": "segpipe.predict.command",
+    "predict_tiled": "segpipe.predict.tiling",
+    "sliding_window": "segpipe.predict.tiling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'segpipe.predict' has no attribute {name!r}")

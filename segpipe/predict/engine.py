@@ -1,0 +1,674 @@
+"""Prediction under a Lightning ``Trainer``: the dataset, the module and the writing callback.
+
+* :class:`PredictInputs` yields one record per input file. Files whose outputs all exist are
+  ``skipped`` without being read; unreadable files become ``failed`` records (path and reason)
+  instead of exceptions; ordinary images are decoded and normalised (in DataLoader workers);
+  rasters that rasterio reads by windows are only probed, their pixels are read later.
+* :class:`PredictModule` predicts a batch of records: images of equal size are stacked into one
+  forward pass (optionally tiled, optionally with flip TTA); each raster is predicted by a
+  sliding window over row strips read from disk and written strip by strip through the writer,
+  so memory does not grow with the raster's height.
+* :class:`WritingCallback` (a ``BasePredictionWriter``) writes the images' predictions, counts
+  written / skipped / failed files, drives the progress bar and gathers the counts over
+  processes at the end.
+
+Under DDP, Lightning shards the files with an *unrepeated* distributed sampler (no padding
+duplicates), so every file is predicted and written by exactly one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from segpipe.data.datasets import PredictDataset, adapt_channels
+from segpipe.data.io import (
+    ImageReadError,
+    RasterReader,
+    open_raster,
+    probe_raster,
+    read_image,
+    to_float,
+)
+from segpipe.data.transforms import build_eval_transform, normalize
+from segpipe.predict.checkpoint import PredictConfig
+from segpipe.predict.tiling import FinishedRows, TileGrid, predict_tiled, sliding_window
+from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
+from segpipe.tasks import SegmentationTask
+
+__all__ = [
+    "InputFile",
+    "ItemResult",
+    "PredictFailed",
+    "PredictInputs",
+    "PredictModule",
+    "PredictOptions",
+    "PredictSummary",
+    "ProbabilityFn",
+    "RasterSource",
+    "WritingCallback",
+    "collate_records",
+    "to_display",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input.
+
+    Attributes:
+        path: The image file.
+        rel: Its path relative to the input folder (outputs mirror it).
+        error: A reason known before reading (e.g. an output-name collision), or None.
+    """
+
+    path: Path
+    rel: Path
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict.
+
+    Attributes:
+        tile: Tile size for ordinary images (None: whole images); also the rasters' tile
+            when given.
+        overlap: Tile overlap fraction.
+        raster_tile: Tile size for rasters read by windows when ``tile`` is None.
+        tta: Average the probabilities of the image and its horizontal, vertical and double
+            flips.
+        batch_size: Images, or tiles, per forward pass.
+        fail_fast: Stop at the first failed file.
+        progress: Show progress bars (rank 0).
+        chunk_cols: Columns converted to labels at once when writing raster rows.
+    """
+
+    tile: int | None = None
+    overlap: float = 0.25
+    raster_tile: int = 512
+    tta: bool = False
+    batch_size: int = 4
+    fail_fast: bool = False
+    progress: bool = True
+    chunk_cols: int = 4096
+
+
+@dataclass
+class ItemResult:
+    """Outcome of one input (what the predict step returns per file).
+
+    Attributes:
+        path: The input file.
+        rel: Its relative path.
+        status: ``predicted`` (to be written by the callback), ``written``, ``skipped`` or
+            ``failed``.
+        reason: Why it failed.
+        formats: Formats to write.
+        prediction: The prediction of a ``predicted`` image.
+    """
+
+    path: str
+    rel: str
+    status: str
+    reason: str = ""
+    formats: list[str] = field(default_factory=list)
+    prediction: RowChunk | None = None
+
+
+class PredictFailed(RuntimeError):
+    """Raised with ``fail_fast`` at the first failed file."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class PredictSummary:
+    """Counts of a prediction run.
+
+    Attributes:
+        written: Files whose outputs were written.
+        skipped: Files whose outputs already existed.
+        failures: ``(path, reason)`` of each failed file.
+        rank: Global rank of the process holding this summary (0 prints it).
+        stopped_early: The run stopped at the first failure (``fail_fast``).
+        interrupted: The run was interrupted (Ctrl-C); files not reached are not counted.
+        seconds: Time in the prediction loop (reading, predicting, writing; the slowest
+            process), without loading the checkpoint and starting the Trainer.
+    """
+
+    written: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    rank: int = 0
+    stopped_early: bool = False
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        """Number of failed files."""
+        return len(self.failures)
+
+    def line(self) -> str:
+        """``predict: 12 written, 3 skipped (already done), 1 failed``."""
+        return (
+            f"predict: {self.written} written, {self.skipped} skipped (already done), "
+            f"{self.failed} failed"
+        )
+
+    def report(self) -> str:
+        """The summary line followed by one ``path: reason`` line per failure."""
+        return "\n".join([self.line(), *(f"  {p}: {r}" for p, r in self.failures)])
+
+    def merge(self, other: PredictSummary) -> None:
+        """Add another process's counts."""
+        self.written += other.written
+        self.skipped += other.skipped
+        self.failures.extend(other.failures)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ImageReadError):
+        return f"{exc.reason} ({exc.hint})"
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------ data
+class PredictInputs(Dataset):
+    """One record per input file (see the module docstring).
+
+    Args:
+        files: Inputs.
+        writer: Decides which outputs are still to write.
+        config: Preprocessing.
+        resize: Apply ``config.eval_resize`` to ordinary images (not when tiling).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[InputFile],
+        writer: PredictionWriter,
+        config: PredictConfig,
+        resize: bool = True,
+    ) -> None:
+        self.files = list(files)
+        self.writer = writer
+        self.config = config
+        transform = (
+            build_eval_transform(config.eval_resize) if resize and config.eval_resize else None
+        )
+        self.images = PredictDataset(
+            [f.path for f in self.files], transform=transform, mean=config.mean,
+            std=config.std, bands=config.bands, in_channels=config.in_channels,
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``{"index", "path", "rel"}`` plus ``status``/``reason`` (skipped, failed), or
+        ``kind="raster"``, or ``kind="image"`` with ``image`` float32 (C, h, w) and ``size``
+        int64 [H, W]; and ``formats`` (names to write)."""
+        f = self.files[index]
+        rec: dict[str, Any] = {"index": index, "path": str(f.path), "rel": f.rel.as_posix()}
+        if f.error:
+            rec.update(status="failed", reason=f.error)
+            return rec
+        try:
+            info = probe_raster(f.path)
+            names = self.writer.resolve(info is not None and info.georeferenced)
+            pending = self.writer.pending(f.rel, names)
+            if not pending:
+                rec["status"] = "skipped"
+                return rec
+            rec["formats"] = pending
+            if info is not None:
+                rec["kind"] = "raster"
+                return rec
+            image, size = self._load(index)
+            rec.update(kind="image", image=image, size=size)
+        except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
+            rec.update(status="failed", reason=_reason(exc))
+        return rec
+
+    def _load(self, index: int) -> tuple[Tensor, Tensor]:
+        """Normalised (C, h, w) image and its original [H, W].
+
+        Without a resize, the conversion runs in torch on the image's own (H, W, C) memory and
+        the tensor keeps that layout (channels-last, what the network wants): the same float32
+        operations as :class:`~segpipe.data.datasets.PredictDataset` (bit-identical values),
+        without its three passes and transposing copy. Otherwise the dataset does it.
+        """
+        cfg = self.config
+        if self.images.transform is None:
+            arr = read_image(self.files[index].path, cfg.bands)
+            c = arr.shape[2]
+            if c == cfg.in_channels or (c == 1 and cfg.in_channels == 3):
+                return _normalise_hwc(arr, cfg), torch.tensor(arr.shape[:2], dtype=torch.int64)
+        item = self.images[index]
+        return item["image"], item["size"]
+
+
+def _normalise_hwc(arr: np.ndarray, cfg: PredictConfig) -> Tensor:
+    """``normalize(adapt_channels(to_float(arr)))`` in torch, keeping (H, W, C) memory.
+
+    Args:
+        arr: (H, W, C) image in its native dtype, C == in_channels or 1 (-> 3).
+        cfg: Preprocessing.
+
+    Returns:
+        float32 (C, H, W) view of (H, W, C)-contiguous memory.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.shape[2] == 1 and cfg.in_channels == 3:
+        t = t.expand(-1, -1, 3)
+    x = t.to(torch.float32, memory_format=torch.contiguous_format)
+    if np.issubdtype(arr.dtype, np.integer):
+        x.div_(float(np.float32(np.iinfo(arr.dtype).max)))
+    x.sub_(torch.tensor(cfg.mean, dtype=torch.float32)).div_(
+        torch.tensor(cfg.std, dtype=torch.float32)
+    )
+    return x.permute(2, 0, 1)
+
+
+def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep records as a list: the predict step groups images of equal size itself."""
+    return batch
+
+
+# ------------------------------------------------------------------------------ model side
+class ProbabilityFn:
+    """Class probabilities of a batch, with optional flip test-time augmentation.
+
+    Args:
+        task: The segmentation task (pads to its network's multiple and crops back).
+        tta: Also predict the horizontally, vertically and doubly flipped batch, flip the
+            probabilities back and average the four.
+    """
+
+    _FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
+
+    def __init__(self, task: SegmentationTask, tta: bool = False) -> None:
+        self.task = task
+        self.tta = tta
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) normalised images -> float32 (N, K, H, W) probabilities."""
+        probs = self.task(x).float().softmax(dim=1)
+        if self.tta:
+            for dims in self._FLIPS:
+                probs += self.task(x.flip(dims)).float().softmax(dim=1).flip(dims)
+            probs /= 1 + len(self._FLIPS)
+        return probs
+
+
+def _display_from_unit(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) float [0, 1] -> (H, W, 3) uint8 (first three channels, or the first as grey)."""
+    rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the normalisation of a (C, H, W) image for viewing.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    m = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
+    unit = (image.float() * s + m).permute(1, 2, 0).cpu().numpy()
+    return _display_from_unit(unit)
+
+
+class RasterSource:
+    """A :class:`~segpipe.predict.tiling.RowSource` reading a raster by row strips.
+
+    Strips stay in the file's dtype; each tile is converted like training data
+    (:func:`~segpipe.data.io.to_float`, channel adaptation, normalisation) and nodata pixels
+    are set to the mean (0 after normalisation), so they add no signal.
+
+    Args:
+        reader: Open raster.
+        config: Preprocessing.
+    """
+
+    def __init__(self, reader: RasterReader, config: PredictConfig) -> None:
+        self.reader = reader
+        self.config = config
+        self.height, self.width = reader.height, reader.width
+        # Fails early (with the file's name) when the band count does not suit the model.
+        adapt_channels(
+            np.zeros((1, 1, reader.channels), np.float32), config.in_channels, reader.path
+        )
+
+    def rows(self, row0: int, row1: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(pixels (h, W, C) native dtype, valid (h, W) bool or None)``."""
+        return self.reader.read(row0, row1)
+
+    def unit(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels scaled to [0, 1] float32 with the model's channel count: (h, w, C)."""
+        return adapt_channels(to_float(pixels), self.config.in_channels, self.reader.path)
+
+    def tile(self, rows: tuple[np.ndarray, np.ndarray | None], col0: int, col1: int) -> Tensor:
+        """Normalised float32 (C, h, col1 - col0) tile."""
+        pixels, valid = rows
+        img = normalize(self.unit(pixels[:, col0:col1]), self.config.mean, self.config.std)
+        if valid is not None:
+            img[~valid[:, col0:col1]] = 0.0
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+class PredictModule(L.LightningModule):
+    """Runs the task's network on :class:`PredictInputs` records.
+
+    Args:
+        task: Trained task (from :func:`~segpipe.predict.checkpoint.load_predictor`).
+        config: Its prediction settings.
+        writer: Output writer (rasters are written from the predict step, strip by strip).
+        options: Tiling, TTA, batch size.
+    """
+
+    def __init__(
+        self,
+        task: SegmentationTask,
+        config: PredictConfig,
+        writer: PredictionWriter,
+        options: PredictOptions,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.config = config
+        self.writer = writer
+        self.options = options
+        self.prob_fn = ProbabilityFn(task, options.tta)
+        #: Set by the callback on the process that shows progress bars.
+        self.show_progress = False
+        if task.channels_last:
+            task.net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) normalised images -> (N, K, H, W) probabilities."""
+        return self.prob_fn(x)
+
+    # ---------------------------------------------------------------- helpers
+    def _fail(self, rec: dict[str, Any], exc: BaseException) -> ItemResult:
+        log.debug("prediction of %s failed", rec["path"], exc_info=exc)
+        return ItemResult(rec["path"], rec["rel"], "failed", _reason(exc), rec.get("formats", []))
+
+    def _tile_bar(self, total: int, name: str) -> Any:
+        if not (self.show_progress and total > 1):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"tiles {name}", unit="tile", leave=False, position=1,
+                    dynamic_ncols=True)
+
+    def _chunk(
+        self,
+        probs: Tensor | None,
+        labels: Tensor,
+        valid: np.ndarray | None,
+        display: np.ndarray | None,
+    ) -> RowChunk:
+        cfg = self.config
+        dtype = torch.uint8 if cfg.mask_dtype == np.uint8 else torch.int32
+        lab = labels.to("cpu", dtype).numpy().astype(cfg.mask_dtype, copy=False)
+        p8 = None
+        if probs is not None:
+            p8 = (probs * 255.0).round_().clamp_(0, 255).to("cpu", torch.uint8).numpy()
+        if valid is not None:
+            lab[~valid] = cfg.nodata_value
+            if p8 is not None:
+                p8[:, ~valid] = 0
+        return RowChunk(lab, p8, display, valid)
+
+    # ---------------------------------------------------------------- images
+    def _predict_images(self, recs: list[dict[str, Any]]) -> list[ItemResult]:
+        """Images of one size, stacked into one batch (or tiled one by one)."""
+        opts, cfg = self.options, self.config
+        # (N, H, W, C) memory = channels-last NCHW: no layout conversion before the network
+        x = torch.stack([r["image"].permute(1, 2, 0) for r in recs]).permute(0, 3, 1, 2)
+        x = x.to(self.device)
+        h, w = x.shape[-2:]
+        sizes = [tuple(int(v) for v in r["size"].tolist()) for r in recs]
+        resized = any(size != (h, w) for size in sizes)  # eval_resize: back to input sizes
+        want_probs = any(self.writer.needs_probs(r["formats"]) for r in recs)
+        if opts.tile is not None and (h > opts.tile or w > opts.tile):
+            bar = self._tile_bar(
+                len(recs) * TileGrid.make(h, w, opts.tile, opts.overlap).num_tiles,
+                Path(recs[0]["rel"]).name,
+            )
+            scores = torch.stack([
+                predict_tiled(img, self.prob_fn, cfg.num_classes, opts.tile, opts.overlap,
+                              opts.batch_size, on_tiles=bar.update if bar else None)
+                for img in x
+            ])
+            if bar is not None:
+                bar.close()
+        elif want_probs or resized or opts.tta:
+            scores = self.prob_fn(x)
+        else:
+            scores = self.task(x)  # logits: same arg-max, no softmax needed
+        labels = None if resized else scores.argmax(dim=1)  # batched: far faster than per image
+        out = []
+        for j, (rec, size) in enumerate(zip(recs, sizes)):
+            names = rec["formats"]
+            p, img = scores[j], x[j]
+            need_display = self.writer.needs_display(names)
+            if resized:
+                p = F.interpolate(p[None].float(), size=size, mode="bilinear",
+                                  align_corners=False)[0]
+                lab = p.argmax(dim=0)
+                if need_display:
+                    img = F.interpolate(img[None].float(), size=size, mode="bilinear",
+                                        align_corners=False)[0]
+            else:
+                lab = labels[j]
+            display = to_display(img, cfg.mean, cfg.std) if need_display else None
+            chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, None, display)
+            out.append(ItemResult(rec["path"], rec["rel"], "predicted", formats=names,
+                                  prediction=chunk))
+        return out
+
+    # ---------------------------------------------------------------- rasters
+    def _raster_rows(
+        self, fin: FinishedRows, source: RasterSource, need_probs: bool, need_display: bool
+    ) -> RowChunk:
+        """Labels (and probabilities, picture) of finished full-width rows, column chunk by
+        column chunk so temporaries stay small whatever the raster's width."""
+        cfg, width = self.config, source.width
+        pixels, valid = fin.source_rows
+        r0, r1 = fin.row0 - fin.source_row0, fin.row1 - fin.source_row0
+        valid_rows = valid[r0:r1] if valid is not None else None
+        labels = np.empty((r1 - r0, width), cfg.mask_dtype)
+        probs = np.empty((cfg.num_classes, r1 - r0, width), np.uint8) if need_probs else None
+        for c0 in range(0, width, self.options.chunk_cols):
+            c1 = min(width, c0 + self.options.chunk_cols)
+            part = self._chunk(
+                fin.probs(c0, c1) if need_probs else None,
+                fin.labels(c0, c1),
+                valid_rows[:, c0:c1] if valid_rows is not None else None,
+                None,
+            )
+            labels[:, c0:c1] = part.labels
+            if probs is not None:
+                probs[:, :, c0:c1] = part.probs
+        display = _display_from_unit(source.unit(pixels[r0:r1])) if need_display else None
+        return RowChunk(labels, probs, display, valid_rows)
+
+    def _predict_raster(self, rec: dict[str, Any]) -> ItemResult:
+        """Sliding window over row strips read from disk, outputs written strip by strip."""
+        opts, cfg = self.options, self.config
+        names = rec["formats"]
+        need_probs = self.writer.needs_probs(names)
+        need_display = self.writer.needs_display(names)
+        tile = opts.tile or opts.raster_tile
+        with open_raster(rec["path"], cfg.bands) as reader:
+            source = RasterSource(reader, cfg)
+            grid = TileGrid.make(reader.height, reader.width, tile, opts.overlap)
+            bar = self._tile_bar(grid.num_tiles, Path(rec["rel"]).name)
+            meta = OutputMeta(Path(rec["path"]), reader.height, reader.width, reader.info)
+            try:
+                with self.writer.open(rec["rel"], names, meta) as sink:
+                    for fin in sliding_window(
+                        source, self.prob_fn, cfg.num_classes, tile, opts.overlap,
+                        opts.batch_size, device=self.device,
+                        on_tiles=bar.update if bar is not None else None,
+                    ):
+                        sink.write_rows(
+                            fin.row0, self._raster_rows(fin, source, need_probs, need_display)
+                        )
+            finally:
+                if bar is not None:
+                    bar.close()
+        return ItemResult(rec["path"], rec["rel"], "written", formats=names)
+
+    # ---------------------------------------------------------------- step
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[ItemResult]:
+        """Predict a batch of records.
+
+        Returns:
+            One :class:`ItemResult` per record, in order.
+        """
+        results: dict[int, ItemResult] = {}
+        groups: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
+        for rec in batch:
+            status = rec.get("status")
+            if status is not None:
+                results[rec["index"]] = ItemResult(
+                    rec["path"], rec["rel"], status, rec.get("reason", ""), rec.get("formats", [])
+                )
+            elif rec["kind"] == "raster":
+                try:
+                    results[rec["index"]] = self._predict_raster(rec)
+                except Exception as exc:  # noqa: BLE001
+                    results[rec["index"]] = self._fail(rec, exc)
+            else:
+                groups[tuple(rec["image"].shape)].append(rec)
+        for recs in groups.values():
+            try:
+                for rec, res in zip(recs, self._predict_images(recs)):
+                    results[rec["index"]] = res
+            except Exception as exc:  # noqa: BLE001
+                for rec in recs:
+                    results[rec["index"]] = self._fail(rec, exc)
+        return [results[rec["index"]] for rec in batch]
+
+
+# ------------------------------------------------------------------------------ writing
+class WritingCallback(BasePredictionWriter):
+    """Writes predicted images, counts outcomes, shows progress, gathers counts over ranks.
+
+    Args:
+        writer: The output writer.
+        num_files: Inputs in total (for the progress bar).
+        fail_fast: Raise :class:`PredictFailed` at the first failure.
+        progress: Show a progress bar on rank 0.
+    """
+
+    def __init__(
+        self, writer: PredictionWriter, num_files: int, fail_fast: bool = False,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.writer = writer
+        self.num_files = num_files
+        self.fail_fast = fail_fast
+        self.progress = progress
+        self.summary = PredictSummary()
+        self._bar: Any = None
+        self._t0 = time.perf_counter()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.summary = PredictSummary()
+        self._t0 = time.perf_counter()
+        if self.progress and trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            world = trainer.world_size
+            share = math.ceil(self.num_files / world) if world > 1 else self.num_files
+            desc = "files" if world == 1 else f"files (rank 0 of {world})"
+            self._bar = tqdm(total=share, desc=desc, unit="file", position=0, dynamic_ncols=True)
+            if isinstance(pl_module, PredictModule):
+                pl_module.show_progress = True
+
+    def _record(self, res: ItemResult) -> None:
+        if res.status == "written":
+            self.summary.written += 1
+        elif res.status == "skipped":
+            self.summary.skipped += 1
+        else:
+            self.summary.failures.append((res.path, res.reason))
+            msg = f"failed: {res.path}: {res.reason}"
+            if self._bar is not None:
+                self._bar.write(msg)
+            else:
+                log.error(msg)
+        if self._bar is not None:
+            self._bar.update(1)
+        if res.status == "failed" and self.fail_fast:
+            raise PredictFailed(res.path, res.reason)
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        for res in prediction:
+            if res.status == "predicted":
+                try:
+                    self.writer.write(res.rel, res.formats, res.prediction, Path(res.path))
+                    res.status = "written"
+                except Exception as exc:  # noqa: BLE001 - e.g. disk full: reported, run goes on
+                    res.status, res.reason = "failed", f"could not write outputs ({_reason(exc)})"
+                res.prediction = None
+            self._record(res)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_bar()
+        self.summary.seconds = time.perf_counter() - self._t0
+        dist = torch.distributed
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            parts: list[Any] = [None] * trainer.world_size
+            mine = self.summary
+            dist.all_gather_object(parts, (mine.written, mine.skipped, mine.failures, mine.seconds))
+            total = PredictSummary()
+            for written, skipped, failures, seconds in parts:
+                total.merge(PredictSummary(written, skipped, list(failures)))
+                total.seconds = max(total.seconds, seconds)
+            self.summary = total
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._close_bar()

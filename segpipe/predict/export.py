@@ -1,0 +1,32 @@
+"""``segpipe export --ckpt_path CKPT --output model.onnx``: ONNX graph plus preprocessing sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: list[str]) -> int:
+    """Export a checkpoint to ONNX (dynamic batch, height and width) and write ``model.json``."""
+    parser = argparse.ArgumentParser(prog="segpipe export", description=__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by segpipe fit")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--tile", type=int, default=512, help="default tile size recorded for predict")
+    parser.add_argument("--overlap", type=float, default=0.25, help="default tile overlap recorded")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
+    args = parser.parse_args(argv)
+    from segpipe.predict.checkpoint import CheckpointError
+    from segpipe.predict.onnx import export_onnx
+
+    try:
+        onnx_path, side = export_onnx(args.ckpt_path, args.output, opset=args.opset, tile=args.tile,
+                                      overlap=args.overlap, check=not args.no_check)
+    except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
+        print(f"segpipe export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Wrote {onnx_path} and {side}")
+    print(f"Predict with it: segpipe predict --onnx {onnx_path} --input DIR --output OUT")
+    return 0

@@ -1,0 +1,316 @@
+"""Sliding-window inference with Gaussian blending (as nnU-Net), in strips of rows.
+
+Tiles of ``tile × tile`` pixels overlap by ``overlap`` (a fraction of the tile); each tile's class
+probabilities are weighted by a Gaussian importance map (``sigma = tile / 8``, peak 1, clipped
+away from zero) and the weighted sums are divided by the summed weights. Because the tile grid is
+a Cartesian product and the importance map is separable, the summed weight of a pixel is
+``wy[row] * wx[col]``: only two vectors are kept, never a weight image.
+
+Memory stays constant in the raster's height: the image is processed one row of tiles (a strip)
+at a time. The accumulator holds ``num_classes × tile × width`` floats; after each strip, the rows
+no later tile touches are handed to the caller (:class:`FinishedRows`) and the accumulator is
+shifted up by that many rows. The caller supplies pixels through a :class:`RowSource`, so the
+same code serves in-memory tensors (:func:`predict_tiled`) and rasters read by windows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FinishedRows",
+    "ProbFn",
+    "RowSource",
+    "TensorSource",
+    "TileGrid",
+    "gaussian_importance_map",
+    "gaussian_window",
+    "predict_tiled",
+    "sliding_window",
+    "tile_starts",
+]
+
+#: Maps a batch of normalised tiles (N, C, h, w) to class probabilities (N, K, h, w).
+ProbFn = Callable[[Tensor], Tensor]
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles covering ``[0, length)``, evenly spread as in nnU-Net.
+
+    The step is at most ``tile * (1 - overlap)``; the first tile starts at 0 and the last ends
+    at ``length``. When ``tile >= length`` there is one tile (the caller clamps its size).
+
+    Args:
+        length: Image size along the axis.
+        tile: Tile size along the axis.
+        overlap: Fraction of the tile shared by neighbours, in ``[0, 1)``.
+
+    Returns:
+        Sorted start offsets.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if tile >= length:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    n = math.ceil((length - tile) / stride) + 1
+    step = (length - tile) / (n - 1)
+    return [int(round(i * step)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tile positions for an image.
+
+    Attributes:
+        height: Image rows.
+        width: Image columns.
+        tile_h: Tile rows (the requested tile clamped to the image).
+        tile_w: Tile columns.
+        ys: Row offsets of the tile rows.
+        xs: Column offsets of the tile columns.
+    """
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+
+    @classmethod
+    def make(
+        cls, height: int, width: int, tile: int | Sequence[int], overlap: float
+    ) -> TileGrid:
+        """Grid for an ``height × width`` image with square (int) or ``(h, w)`` tiles."""
+        th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+        th, tw = min(th, height), min(tw, width)
+        return cls(
+            height, width, th, tw,
+            tuple(tile_starts(height, th, overlap)), tuple(tile_starts(width, tw, overlap)),
+        )
+
+    @property
+    def num_tiles(self) -> int:
+        """Number of tiles."""
+        return len(self.ys) * len(self.xs)
+
+
+def gaussian_window(size: int, sigma_scale: float = 1.0 / 8, min_value: float = 1e-3) -> Tensor:
+    """One axis of nnU-Net's Gaussian importance map.
+
+    Args:
+        size: Tile size along the axis.
+        sigma_scale: ``sigma = size * sigma_scale`` (nnU-Net: 1/8).
+        min_value: Floor of the window (keeps every pixel's weight above zero).
+
+    Returns:
+        float32 (size,) with peak 1 at the centre.
+    """
+    centre = (size - 1) / 2.0
+    sigma = max(size * sigma_scale, 1e-6)
+    pos = torch.arange(size, dtype=torch.float64)
+    g = torch.exp(-0.5 * ((pos - centre) / sigma) ** 2)
+    g = g / g.max()
+    return g.clamp_min(min_value).to(torch.float32)
+
+
+def gaussian_importance_map(
+    tile_h: int, tile_w: int, sigma_scale: float = 1.0 / 8, min_value: float = 1e-3
+) -> Tensor:
+    """The 2-D importance map, the outer product of two :func:`gaussian_window`.
+
+    Returns:
+        float32 (tile_h, tile_w), peak 1, minimum ``min_value ** 2``.
+    """
+    return torch.outer(
+        gaussian_window(tile_h, sigma_scale, min_value),
+        gaussian_window(tile_w, sigma_scale, min_value),
+    )
+
+
+class RowSource(Protocol):
+    """Where :func:`sliding_window` gets its pixels.
+
+    Attributes:
+        height: Image rows.
+        width: Image columns.
+    """
+
+    height: int
+    width: int
+
+    def rows(self, row0: int, row1: int) -> Any:
+        """Load rows ``[row0, row1)`` (any representation :meth:`tile` understands)."""
+
+    def tile(self, rows: Any, col0: int, col1: int) -> Tensor:
+        """Normalised (C, row1 - row0, col1 - col0) float32 tile cut from ``rows``."""
+
+
+class TensorSource:
+    """A :class:`RowSource` over an in-memory (C, H, W) tensor."""
+
+    def __init__(self, image: Tensor) -> None:
+        self.image = image
+        self.height, self.width = int(image.shape[-2]), int(image.shape[-1])
+
+    def rows(self, row0: int, row1: int) -> Tensor:
+        return self.image[:, row0:row1]
+
+    def tile(self, rows: Tensor, col0: int, col1: int) -> Tensor:
+        return rows[:, :, col0:col1]
+
+
+@dataclass
+class FinishedRows:
+    """Rows ``[row0, row1)`` whose blending is complete.
+
+    Valid only until the generator that produced it advances (its tensors are views of the
+    accumulator).
+
+    Attributes:
+        row0: First image row.
+        row1: End row (exclusive).
+        source_rows: What ``source.rows()`` returned for the strip holding these rows.
+        source_row0: Image row of ``source_rows``'s first row.
+        acc: (K, row1 - row0, width) Gaussian-weighted probability sums.
+        weight_y: (row1 - row0,) summed row weights.
+        weight_x: (width,) summed column weights.
+    """
+
+    row0: int
+    row1: int
+    source_rows: Any
+    source_row0: int
+    acc: Tensor
+    weight_y: Tensor
+    weight_x: Tensor
+
+    def probs(self, col0: int = 0, col1: int | None = None) -> Tensor:
+        """Blended probabilities of columns ``[col0, col1)``: float32 (K, rows, cols)."""
+        col1 = self.acc.shape[-1] if col1 is None else col1
+        w = self.weight_y[:, None] * self.weight_x[None, col0:col1]
+        return self.acc[:, :, col0:col1] / w
+
+    def labels(self, col0: int = 0, col1: int | None = None) -> Tensor:
+        """Arg-max class of columns ``[col0, col1)``: int64 (rows, cols).
+
+        The weight of a pixel is the same for every class, so the arg-max of the weighted sums
+        is the arg-max of the probabilities (no division needed).
+        """
+        col1 = self.acc.shape[-1] if col1 is None else col1
+        return self.acc[:, :, col0:col1].argmax(dim=0)
+
+
+def _axis_weights(length: int, starts: Sequence[int], window: Tensor) -> Tensor:
+    out = torch.zeros(length, dtype=torch.float32)
+    size = window.shape[0]
+    for s in starts:
+        out[s : s + size] += window
+    return out
+
+
+def sliding_window(
+    source: RowSource,
+    prob_fn: ProbFn,
+    num_classes: int,
+    tile: int | Sequence[int],
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    on_tiles: Callable[[int], None] | None = None,
+) -> Iterator[FinishedRows]:
+    """Gaussian-blended sliding-window probabilities, yielded strip by strip.
+
+    Args:
+        source: Pixels (see :class:`RowSource`).
+        prob_fn: (N, C, h, w) normalised tiles -> (N, K, h, w) probabilities.
+        num_classes: K.
+        tile: Tile size, int or ``(h, w)``; clamped to the image.
+        overlap: Fraction of a tile shared with its neighbour, in ``[0, 1)``.
+        batch_size: Tiles per ``prob_fn`` call.
+        device: Device of the tiles and the accumulator (CPU when None).
+        on_tiles: Called with the number of tiles done after each batch (progress bars).
+
+    Yields:
+        :class:`FinishedRows` covering the image top to bottom, each row exactly once.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    grid = TileGrid.make(source.height, source.width, tile, overlap)
+    th, tw, height, width = grid.tile_h, grid.tile_w, grid.height, grid.width
+    gy, gx = gaussian_window(th), gaussian_window(tw)
+    importance = torch.outer(gy, gx).to(device)
+    weight_y = _axis_weights(height, grid.ys, gy).to(device)
+    weight_x = _axis_weights(width, grid.xs, gx).to(device)
+    acc = torch.zeros((num_classes, th, width), dtype=torch.float32, device=device)
+    batch_size = max(1, int(batch_size))
+    for i, y in enumerate(grid.ys):
+        rows = source.rows(y, y + th)
+        for b in range(0, len(grid.xs), batch_size):
+            xs = grid.xs[b : b + batch_size]
+            x = torch.stack([source.tile(rows, c, c + tw) for c in xs]).to(device)
+            probs = prob_fn(x).float()
+            if probs.shape[1] != num_classes or probs.shape[-2:] != (th, tw):
+                raise ValueError(
+                    f"prob_fn returned {tuple(probs.shape)} for tiles of {tuple(x.shape)}; "
+                    f"expected (N, {num_classes}, {th}, {tw})"
+                )
+            for j, c in enumerate(xs):
+                acc[:, :, c : c + tw].addcmul_(probs[j], importance)
+            if on_tiles is not None:
+                on_tiles(len(xs))
+        y_next = grid.ys[i + 1] if i + 1 < len(grid.ys) else height
+        done = y_next - y
+        yield FinishedRows(y, y_next, rows, y, acc[:, :done], weight_y[y:y_next], weight_x)
+        keep = th - done
+        if i + 1 < len(grid.ys) and keep > 0:
+            # Shift the pending rows up in place, top-down in pieces of `done` rows, so every
+            # source is read before it is overwritten (no copy of the accumulator).
+            for r in range(0, keep, done):
+                n = min(done, keep - r)
+                acc[:, r : r + n].copy_(acc[:, done + r : done + r + n])
+            acc[:, keep:] = 0
+        else:
+            acc.zero_()
+
+
+def predict_tiled(
+    image: Tensor,
+    prob_fn: ProbFn,
+    num_classes: int,
+    tile: int | Sequence[int],
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    on_tiles: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Sliding-window probabilities of one in-memory image.
+
+    Args:
+        image: (C, H, W) normalised image (on the device to compute on).
+        prob_fn: See :func:`sliding_window`.
+        num_classes: K.
+        tile: Tile size.
+        overlap: Tile overlap fraction.
+        batch_size: Tiles per batch.
+        on_tiles: Progress callback.
+
+    Returns:
+        float32 (K, H, W) probabilities on ``image``'s device.
+    """
+    out = torch.empty(
+        (num_classes, image.shape[-2], image.shape[-1]), dtype=torch.float32, device=image.device
+    )
+    for fin in sliding_window(
+        TensorSource(image), prob_fn, num_classes, tile, overlap, batch_size,
+        device=image.device, on_tiles=on_tiles,
+    ):
+        out[:, fin.row0 : fin.row1] = fin.probs()
+    return out

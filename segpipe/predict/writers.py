@@ -1,0 +1,509 @@
+"""Prediction outputs: one writer, one small class per format.
+
+Every output is written to a temporary name in its target folder
+(:func:`segpipe.fileio.atomic_path`) and renamed when complete, so an interrupted run never
+leaves a truncated file under a final name, and a rerun can take any existing output as done.
+
+Formats (``--format``; names relative to the input's path under the output folder):
+
+========== ====================== ====================================================
+name       file                   content
+========== ====================== ====================================================
+mask       ``<stem>.png``         index PNG, uint8 (uint16 above 255 classes)
+palette    ``<stem>_palette.png`` paletted PNG in the class colours (RGB above 255 classes)
+overlay    ``<stem>_overlay.jpg`` the input blended with the colour mask
+geotiff    ``<stem>.tif``         tiled, deflate-compressed index GeoTIFF with the input's
+                                  CRS, transform and size, a colour map and nodata
+probs      ``<stem>_probs.tif``   probabilities ×255 as uint8, one band per class (or one
+                                  band of max confidence with ``probs_mode="max"``)
+========== ====================== ====================================================
+
+``auto`` means ``geotiff`` for georeferenced rasters and ``mask`` for everything else. Where the
+input is nodata, labels are :attr:`PredictConfig.nodata_value` (255, the GeoTIFF nodata), the
+palette shows black and probabilities are 0.
+
+Rows arrive in order (:meth:`OutputSink.write_rows`), so large rasters are written window by
+window: ``geotiff`` and ``probs`` stream to disk in constant memory; the PNG/JPEG formats keep the
+whole image until the end (and refuse rasters above the decompression-bomb limit).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from segpipe.data.io import RasterInfo, RasterWriter, pixel_limit, write_image, write_label_png
+from segpipe.fileio import atomic_path
+from segpipe.predict.checkpoint import PredictConfig
+
+__all__ = [
+    "FORMATS",
+    "GeoTiffFormat",
+    "ImagePrediction",
+    "MaskFormat",
+    "OutputFormat",
+    "OutputMeta",
+    "OutputSink",
+    "OverlayFormat",
+    "PaletteFormat",
+    "PredictionWriter",
+    "ProbsFormat",
+    "RowChunk",
+    "UnsafeOutputPath",
+    "blend_overlay",
+]
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeOutputPath(ValueError):
+    """An output path that would land outside the output folder."""
+
+
+@dataclass
+class RowChunk:
+    """Consecutive full-width rows of a prediction.
+
+    Attributes:
+        labels: (h, W) class indices in the config's mask dtype, nodata already applied.
+        probs: (K, h, W) uint8 probabilities ×255 (0 at nodata), when a format needs them.
+        display: (h, W, 3) uint8 picture of the input, when a format needs it.
+        valid: (h, W) bool, False where the input is nodata; None when all valid.
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray | None = None
+    display: np.ndarray | None = None
+    valid: np.ndarray | None = None
+
+
+#: A whole image's prediction is a chunk of all its rows.
+ImagePrediction = RowChunk
+
+
+@dataclass(frozen=True)
+class OutputMeta:
+    """What a format needs to know about the image before its rows arrive.
+
+    Attributes:
+        source: The input file (for messages).
+        height: Rows.
+        width: Columns.
+        raster: Header of a raster input (CRS, transform), or None.
+    """
+
+    source: Path
+    height: int
+    width: int
+    raster: RasterInfo | None = None
+
+
+class _Sink(ABC):
+    """One output file being written."""
+
+    @abstractmethod
+    def write_rows(self, row0: int, chunk: RowChunk) -> None:
+        """Add rows ``[row0, row0 + h)``."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """Complete the file (the caller then renames it)."""
+
+    def abort(self) -> None:
+        """Release resources after a failure (the caller deletes the file)."""
+
+
+class _WholeSink(_Sink):
+    """Collects rows in memory; the format writes the whole image in :meth:`finish`."""
+
+    def __init__(self, fmt: OutputFormat, path: Path, meta: OutputMeta) -> None:
+        limit = pixel_limit()
+        if limit is not None and meta.height * meta.width > limit:
+            raise ValueError(
+                f"{meta.width}×{meta.height} is too large for the {fmt.name!r} format "
+                f"(PNG/JPEG are written whole, limit {limit} pixels); use --format geotiff"
+            )
+        self.fmt, self.path, self.meta = fmt, path, meta
+        self.labels: np.ndarray | None = None
+        self.display: np.ndarray | None = None
+
+    def write_rows(self, row0: int, chunk: RowChunk) -> None:
+        h, w = self.meta.height, self.meta.width
+        r1 = row0 + chunk.labels.shape[0]
+        if self.labels is None:
+            self.labels = np.empty((h, w), dtype=chunk.labels.dtype)
+        self.labels[row0:r1] = chunk.labels
+        if self.fmt.needs_display and chunk.display is not None:
+            if self.display is None:
+                self.display = np.zeros((h, w, 3), dtype=np.uint8)
+            self.display[row0:r1] = chunk.display
+
+    def finish(self) -> None:
+        if self.labels is None:
+            raise ValueError(f"{self.meta.source}: no rows were predicted")
+        self.fmt.write_whole(self.path, RowChunk(self.labels, None, self.display))
+
+
+class _RasterSink(_Sink):
+    """Streams rows to a tiled TIFF."""
+
+    def __init__(self, writer: RasterWriter, bands: Any) -> None:
+        self.writer = writer
+        self.bands = bands
+
+    def write_rows(self, row0: int, chunk: RowChunk) -> None:
+        self.writer.write_rows(row0, self.bands(chunk))
+
+    def finish(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - the file is deleted anyway
+            pass
+
+
+class OutputFormat(ABC):
+    """One output format.
+
+    Args:
+        config: The model's prediction settings (palette, nodata value).
+    """
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
+    needs_probs: ClassVar[bool] = False
+    needs_display: ClassVar[bool] = False
+
+    def __init__(self, config: PredictConfig, **options: Any) -> None:
+        self.config = config
+
+    def filename(self, rel: Path) -> Path:
+        """Output path relative to the output folder for an input at ``rel``."""
+        return rel.parent / f"{rel.stem}{self.suffix}"
+
+    def open(self, path: Path, meta: OutputMeta) -> _Sink:
+        """Start writing ``path``; by default the image is collected and written whole."""
+        return _WholeSink(self, path, meta)
+
+    def write_whole(self, path: Path, pred: RowChunk) -> None:
+        """Write a whole image (formats that cannot stream)."""
+        raise NotImplementedError
+
+
+class MaskFormat(OutputFormat):
+    """Single-channel index PNG (uint8, uint16 above 255 classes)."""
+
+    name = "mask"
+    suffix = ".png"
+
+    def write_whole(self, path: Path, pred: RowChunk) -> None:
+        write_label_png(path, pred.labels.astype(self.config.mask_dtype, copy=False))
+
+
+class PaletteFormat(OutputFormat):
+    """Paletted PNG in the class colours (an RGB PNG when labels need 16 bits)."""
+
+    name = "palette"
+    suffix = "_palette.png"
+
+    def write_whole(self, path: Path, pred: RowChunk) -> None:
+        lut = self.config.palette()
+        if self.config.mask_dtype == np.uint8:
+            write_label_png(path, pred.labels.astype(np.uint8, copy=False), palette=lut.tolist())
+        else:
+            write_image(path, lut[pred.labels])
+
+
+def blend_overlay(
+    display: np.ndarray,
+    labels: np.ndarray,
+    lut: np.ndarray,
+    alpha: float = 0.5,
+    nodata: int | None = None,
+) -> np.ndarray:
+    """The input picture blended with the colour mask.
+
+    Args:
+        display: (H, W, 3) uint8 picture.
+        labels: (H, W) labels.
+        lut: (L, 3) uint8 colour per label.
+        alpha: Weight of the mask colour.
+        nodata: Label left unblended (the input shows through).
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    colour = lut[labels].astype(np.float32)
+    out = display.astype(np.float32) * (1.0 - alpha) + colour * alpha
+    if nodata is not None:
+        keep = labels == nodata
+        out[keep] = display[keep]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+class OverlayFormat(OutputFormat):
+    """JPEG of the input blended with the colour mask, for people to look at.
+
+    Args:
+        config: Prediction settings.
+        overlay_alpha: Weight of the mask colours (0..1).
+    """
+
+    name = "overlay"
+    suffix = "_overlay.jpg"
+    needs_display = True
+
+    def __init__(self, config: PredictConfig, overlay_alpha: float = 0.5, **options: Any) -> None:
+        super().__init__(config)
+        if not 0.0 <= overlay_alpha <= 1.0:
+            raise ValueError(f"overlay alpha must be in [0, 1], got {overlay_alpha}")
+        self.alpha = float(overlay_alpha)
+
+    def write_whole(self, path: Path, pred: RowChunk) -> None:
+        display = pred.display
+        if display is None:
+            display = np.zeros((*pred.labels.shape, 3), dtype=np.uint8)
+        write_image(
+            path,
+            blend_overlay(display, pred.labels, self.config.palette(), self.alpha,
+                          self.config.nodata_value),
+        )
+
+
+def _georef(meta: OutputMeta, fmt: str, warn: bool = True) -> dict[str, Any]:
+    if meta.raster is not None and meta.raster.georeferenced:
+        return {"crs": meta.raster.crs, "transform": meta.raster.transform}
+    if warn:
+        log.warning(
+            "%s is not georeferenced: its %s output is a plain TIFF without CRS", meta.source, fmt
+        )
+    return {}
+
+
+class GeoTiffFormat(OutputFormat):
+    """Index GeoTIFF with the input's CRS/transform/size, colour map and nodata, by windows."""
+
+    name = "geotiff"
+    suffix = ".tif"
+
+    def open(self, path: Path, meta: OutputMeta) -> _Sink:
+        cfg = self.config
+        lut = cfg.palette()
+        colormap = {i: (*lut[i].tolist(), 255) for i in range(min(cfg.num_classes, len(lut)))}
+        colormap[cfg.nodata_value] = (0, 0, 0, 0)
+        writer = RasterWriter(
+            path, width=meta.width, height=meta.height, count=1, dtype=cfg.mask_dtype,
+            nodata=cfg.nodata_value, colormap=colormap, **_georef(meta, self.name),
+        )
+        return _RasterSink(writer, lambda chunk: chunk.labels)
+
+
+class ProbsFormat(OutputFormat):
+    """Class probabilities ×255 as a uint8 (Geo)TIFF, by windows.
+
+    Args:
+        config: Prediction settings.
+        probs_mode: ``classes`` (one band per class) or ``max`` (one band: the winning class's
+            probability, i.e. the confidence; 0 = nodata).
+    """
+
+    name = "probs"
+    suffix = "_probs.tif"
+    needs_probs = True
+
+    def __init__(self, config: PredictConfig, probs_mode: str = "classes", **options: Any) -> None:
+        super().__init__(config)
+        if probs_mode not in ("classes", "max"):
+            raise ValueError(f"probs mode must be 'classes' or 'max', got {probs_mode!r}")
+        self.mode = probs_mode
+
+    def open(self, path: Path, meta: OutputMeta) -> _Sink:
+        count = 1 if self.mode == "max" else self.config.num_classes
+        writer = RasterWriter(
+            path, width=meta.width, height=meta.height, count=count, dtype=np.uint8,
+            nodata=0 if self.mode == "max" else None, **_georef(meta, self.name, warn=False),
+        )
+
+        def bands(chunk: RowChunk) -> np.ndarray:
+            if chunk.probs is None:
+                raise ValueError("the probs format needs probabilities")
+            if self.mode == "max":
+                return chunk.probs.max(axis=0, keepdims=True)
+            return chunk.probs
+
+        return _RasterSink(writer, bands)
+
+
+#: Format name -> class.
+FORMATS: dict[str, type[OutputFormat]] = {
+    cls.name: cls for cls in (MaskFormat, PaletteFormat, OverlayFormat, GeoTiffFormat, ProbsFormat)
+}
+
+
+class OutputSink:
+    """All outputs of one input, written row by row, committed together.
+
+    Use as a context manager: on success every file is completed and renamed into place; on an
+    exception every temporary file is deleted and nothing appears under a final name.
+    """
+
+    def __init__(self, targets: list[tuple[OutputFormat, Path]], meta: OutputMeta) -> None:
+        self._targets = targets
+        self.meta = meta
+        self._tmp: list[Any] = []
+        self._sinks: list[_Sink] = []
+
+    def __enter__(self) -> OutputSink:
+        try:
+            for fmt, target in self._targets:
+                ctx = atomic_path(target)
+                tmp = ctx.__enter__()
+                self._tmp.append(ctx)
+                self._sinks.append(fmt.open(tmp, self.meta))
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self
+
+    def write_rows(self, row0: int, chunk: RowChunk) -> None:
+        """Hand rows ``[row0, row0 + h)`` to every format (rows must come in order)."""
+        for sink in self._sinks:
+            sink.write_rows(row0, chunk)
+
+    def _abort(self, exc: BaseException) -> None:
+        for sink in self._sinks:
+            sink.abort()
+        for ctx in reversed(self._tmp):
+            try:
+                ctx.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:  # noqa: BLE001 - atomic_path re-raises the original error
+                pass
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None:
+            self._abort(exc)
+            return False
+        try:
+            for sink in self._sinks:
+                sink.finish()
+        except BaseException as err:
+            self._abort(err)
+            raise
+        for ctx in self._tmp:
+            ctx.__exit__(None, None, None)
+        return False
+
+
+class PredictionWriter:
+    """Writes every requested format of every prediction under one output folder.
+
+    Args:
+        output_dir: Output folder; outputs mirror the inputs' relative paths under it.
+        formats: Format names from :data:`FORMATS`, or ``auto``.
+        config: The model's prediction settings.
+        overwrite: Rewrite outputs that already exist (else they count as done).
+        probs_mode: ``classes`` or ``max`` (see :class:`ProbsFormat`).
+        overlay_alpha: Mask weight of the overlay.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        formats: Sequence[str],
+        config: PredictConfig,
+        *,
+        overwrite: bool = False,
+        probs_mode: str = "classes",
+        overlay_alpha: float = 0.5,
+    ) -> None:
+        names = list(dict.fromkeys(formats)) or ["auto"]
+        unknown = [n for n in names if n != "auto" and n not in FORMATS]
+        if unknown:
+            raise ValueError(
+                f"unknown output format(s) {unknown}; choose from auto, {', '.join(FORMATS)}"
+            )
+        self.output_dir = Path(output_dir)
+        self._root = self.output_dir.resolve()
+        self.names = names
+        self.config = config
+        self.overwrite = overwrite
+        options = {"probs_mode": probs_mode, "overlay_alpha": overlay_alpha}
+        needed = {"mask", "geotiff"} if "auto" in names else set()
+        self.formats = {
+            n: FORMATS[n](config, **options) for n in FORMATS if n in names or n in needed
+        }
+
+    def resolve(self, georeferenced: bool) -> list[str]:
+        """Format names for an input (``auto`` -> geotiff for georeferenced rasters, else mask)."""
+        out: list[str] = []
+        for n in self.names:
+            n = ("geotiff" if georeferenced else "mask") if n == "auto" else n
+            if n not in out:
+                out.append(n)
+        return out
+
+    def all_names(self) -> list[str]:
+        """Every format name an input may get (for collision checks)."""
+        return list(self.formats)
+
+    def target(self, rel: str | Path, name: str) -> Path:
+        """Output file of format ``name`` for the input at relative path ``rel``.
+
+        Raises:
+            UnsafeOutputPath: When the path would leave the output folder.
+        """
+        rel = Path(rel)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise UnsafeOutputPath(f"input path {rel} is not a safe relative path")
+        path = self.output_dir / self.formats[name].filename(rel)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self._root) or resolved == self._root:
+            raise UnsafeOutputPath(
+                f"output {path} would be written outside the output folder {self.output_dir} "
+                "(a symbolic link?); remove the link or choose another --output"
+            )
+        return path
+
+    def pending(self, rel: str | Path, names: Sequence[str]) -> list[str]:
+        """The formats of ``names`` still to write for ``rel`` (all of them with ``overwrite``)."""
+        if self.overwrite:
+            return list(names)
+        return [n for n in names if not self.target(rel, n).is_file()]
+
+    def needs_probs(self, names: Sequence[str]) -> bool:
+        """Whether any of the formats needs probabilities."""
+        return any(self.formats[n].needs_probs for n in names)
+
+    def needs_display(self, names: Sequence[str]) -> bool:
+        """Whether any of the formats needs a picture of the input."""
+        return any(self.formats[n].needs_display for n in names)
+
+    def open(self, rel: str | Path, names: Sequence[str], meta: OutputMeta) -> OutputSink:
+        """An :class:`OutputSink` for the formats ``names`` of the input at ``rel``."""
+        return OutputSink([(self.formats[n], self.target(rel, n)) for n in names], meta)
+
+    def write(
+        self,
+        rel: str | Path,
+        names: Sequence[str],
+        pred: RowChunk,
+        source: Path,
+        raster: RasterInfo | None = None,
+    ) -> list[Path]:
+        """Write a whole image's prediction in every format of ``names``.
+
+        Returns:
+            The written files.
+        """
+        h, w = pred.labels.shape
+        with self.open(rel, names, OutputMeta(Path(source), h, w, raster)) as sink:
+            sink.write_rows(0, pred)
+        return [self.target(rel, n) for n in names]

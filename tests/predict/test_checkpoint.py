@@ -1,0 +1,63 @@
+"""Rebuilding a predictor from a checkpoint alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from segpipe.models import UNet
+from segpipe.predict.checkpoint import CheckpointError, load_predictor, read_checkpoint
+from segpipe.tasks import SegmentationTask
+from tests.predict.conftest import make_ckpt
+
+
+def test_config_comes_from_the_saved_hyperparameters(tmp_path: Path) -> None:
+    ckpt = make_ckpt(
+        tmp_path / "m.ckpt", "segpipe.models.UNet",
+        {"in_channels": 4, "num_classes": 5, "base_channels": 4, "depth": 2},
+        bands=[4, 3, 2, 8], mean=[0.1, 0.2, 0.3, 0.4], std=[1.0, 2.0, 3.0, 4.0],
+        class_names=list("abcde"), ignore_index=255, eval_resize=[64, 96],
+    )
+    task, cfg = load_predictor(ckpt)
+    assert isinstance(task.net, UNet) and not task.training
+    assert (cfg.num_classes, cfg.in_channels, cfg.bands) == (5, 4, [4, 3, 2, 8])
+    assert cfg.mean == [0.1, 0.2, 0.3, 0.4] and cfg.std == [1.0, 2.0, 3.0, 4.0]
+    assert cfg.class_names == list("abcde") and len(cfg.class_colors) == 5
+    assert cfg.eval_resize == (64, 96) and cfg.ignore_index == 255 and cfg.pad_multiple == 4
+    assert cfg.palette().shape == (256, 3)
+
+
+def test_weights_are_restored(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path / "m.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3, "seed": 5})
+    saved = read_checkpoint(ckpt)["state_dict"]["net.conv.weight"]
+    task, _ = load_predictor(ckpt)
+    assert torch.equal(task.net.conv.weight, saved)
+
+
+def test_task_built_in_python_is_refused_with_the_fix(tmp_path: Path) -> None:
+    task = SegmentationTask(UNet(in_channels=3, num_classes=2, base_channels=4, depth=2))
+    path = tmp_path / "python.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    with pytest.raises(CheckpointError, match="no 'net' entry") as exc:
+        load_predictor(path)
+    assert str(path) in str(exc.value) and "save_predict_checkpoint" in str(exc.value)
+
+
+def test_unreadable_and_missing_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_predictor(tmp_path / "nope.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_predictor(junk)
+
+
+def test_inconsistent_data_and_model_are_refused(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path / "m.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, num_classes=4,
+                     class_names=None)
+    with pytest.raises(CheckpointError, match="data.num_classes=4"):
+        load_predictor(ckpt)

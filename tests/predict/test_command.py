@@ -1,0 +1,309 @@
+"""End to end: `segpipe predict` on folders, GeoTIFFs, bad files, reruns and interruptions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from rasterio.transform import from_origin
+
+from segpipe.cli import main as cli_main
+from segpipe.data.io import write_image
+from segpipe.fileio import TMP_PREFIX
+from tests.predict.conftest import COLORS, make_ckpt, noise_image
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--no-progress", "--num-workers", "0", "--precision", "32-true", "--accelerator", "cpu"]
+
+
+def run(ckpt: Path, src: Path, out: Path, *extra: str) -> int:
+    return cli_main(["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(out),
+                     *FAST, *extra])
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def write_geotiff(path: Path, data: np.ndarray, nodata: float | None = None) -> None:
+    """(C, H, W) array as a georeferenced GeoTIFF (UTM 33N, 10 m pixels)."""
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+        dtype=data.dtype, crs="EPSG:32633", transform=from_origin(500000, 4600000, 10, 10),
+        nodata=nodata,
+    ) as ds:
+        ds.write(data)
+
+
+# ------------------------------------------------------------------ folders and formats
+def test_outputs_mirror_nested_folders(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src = tmp_path / "in"
+    shapes = {"a/b/x.png": (45, 37), "y.jpg": (20, 70), "a/z.webp": (64, 96)}
+    for rel, (h, w) in shapes.items():
+        write_image(src / rel, noise_image(h, w, seed=h))
+    out = tmp_path / "out"
+    code = cli_main(["predict", "--ckpt_path", str(pointwise_ckpt), "--input", str(src),
+                     "--output", str(out), "--no-progress", "--num-workers", "1",
+                     "--format", "mask,palette", "overlay", "--batch-size", "2"])
+    assert code == 0
+    assert "predict: 3 written, 0 skipped (already done), 0 failed" in capsys.readouterr().out
+    for rel, (h, w) in shapes.items():
+        stem = Path(rel).with_suffix("")
+        mask = np.asarray(Image.open(out / f"{stem}.png"))
+        assert mask.shape == (h, w) and mask.dtype == np.uint8 and mask.max() < 3
+        pal = Image.open(out / f"{stem}_palette.png")
+        assert pal.mode == "P" and pal.size == (w, h)
+        assert pal.getpalette()[:9] == [c for rgb in COLORS for c in rgb]
+        assert np.array_equal(np.asarray(pal), mask)
+        assert Image.open(out / f"{stem}_overlay.jpg").size == (w, h)
+    assert not leftovers(out)
+
+
+def test_tiled_equals_whole_image_through_the_command(tmp_path: Path, pointwise_ckpt: Path) -> None:
+    src = tmp_path / "in"
+    write_image(src / "big.png", noise_image(150, 200, seed=3))
+    assert run(pointwise_ckpt, src, tmp_path / "whole", "--format", "mask", "probs") == 0
+    assert run(pointwise_ckpt, src, tmp_path / "tiled", "--format", "mask", "probs",
+               "--tile", "64", "--overlap", "0.25", "--batch-size", "3") == 0
+    whole = np.asarray(Image.open(tmp_path / "whole" / "big.png"))
+    tiled = np.asarray(Image.open(tmp_path / "tiled" / "big.png"))
+    assert np.array_equal(whole, tiled)
+    with rasterio.open(tmp_path / "whole" / "big_probs.tif") as a, \
+            rasterio.open(tmp_path / "tiled" / "big_probs.tif") as b:
+        assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+
+
+def test_tta_on_flip_invariant_model_changes_nothing(tmp_path: Path, pointwise_ckpt: Path) -> None:
+    src = tmp_path / "in"
+    write_image(src / "img.png", noise_image(40, 50, seed=4))
+    assert run(pointwise_ckpt, src, tmp_path / "plain") == 0
+    assert run(pointwise_ckpt, src, tmp_path / "tta", "--tta") == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "img.png")),
+                          np.asarray(Image.open(tmp_path / "tta" / "img.png")))
+
+
+# ------------------------------------------------------------------ GeoTIFF
+def test_geotiff_roundtrip_keeps_georeference_and_nodata(
+    tmp_path: Path, pointwise_ckpt: Path, caplog
+) -> None:
+    ckpt = make_ckpt(
+        tmp_path / "bands.ckpt", "tests.predict.nets.ThresholdNet",
+        {"in_channels": 3, "num_classes": 3}, bands=[4, 2, 3], mean=[0.0] * 3, std=[1.0] * 3,
+        class_colors=COLORS,
+    )
+    h, w = 150, 230  # not multiples of 32, several strips and tile columns
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 3, (h, w))
+    data = rng.integers(1, 65535, (4, h, w)).astype(np.uint16)
+    data[3] = ((classes + 0.5) / 3 * 65535).astype(np.uint16)  # band 4 decides the class
+    data[:, :20, :30] = 0  # nodata corner (every band)
+    src = tmp_path / "scenes"
+    src.mkdir()
+    write_geotiff(src / "scene.tif", data, nodata=0)
+    out = tmp_path / "out"
+    assert run(ckpt, src, out, "--tile", "64", "--format", "auto", "probs", "mask", "overlay") == 0
+    with rasterio.open(src / "scene.tif") as a, rasterio.open(out / "scene.tif") as b:
+        assert b.crs == a.crs and b.transform == a.transform
+        assert (b.width, b.height) == (a.width, a.height)
+        assert b.nodata == 255 and b.dtypes[0] == "uint8"
+        assert b.profile["tiled"] and b.profile["compress"] == "deflate"
+        assert b.colormap(1)[1][:3] == tuple(COLORS[1])
+        labels = b.read(1)
+    expected = classes.astype(np.uint8)
+    expected[:20, :30] = 255
+    assert np.array_equal(labels, expected)
+    with rasterio.open(out / "scene_probs.tif") as p:
+        assert p.count == 3 and p.crs == a.crs and p.transform == a.transform
+        probs = p.read()
+    assert (probs[:, :20, :30] == 0).all()
+    assert np.array_equal(probs[:, 20:].argmax(0), classes[20:])
+    # PNG formats of a raster read by windows: same labels, nodata = 255
+    assert np.array_equal(np.asarray(Image.open(out / "scene.png")), expected)
+    assert Image.open(out / "scene_overlay.jpg").size == (w, h)
+
+    # a non-georeferenced input asked for a GeoTIFF: a warning and a plain TIFF
+    write_image(tmp_path / "plain" / "photo.png", noise_image(30, 40))
+    assert run(pointwise_ckpt, tmp_path / "plain", tmp_path / "plain_out", "--format", "geotiff") == 0
+    assert "not georeferenced" in caplog.text
+    with rasterio.open(tmp_path / "plain_out" / "photo.tif") as t:
+        assert t.crs is None and (t.width, t.height) == (40, 30)
+
+
+def test_band_count_mismatch_is_reported(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    write_geotiff(src / "five.tif", np.ones((5, 20, 20), np.uint8))
+    assert run(pointwise_ckpt, src, tmp_path / "out") == 1
+    out = capsys.readouterr().out
+    assert "1 failed" in out and "five.tif" in out and "in_channels=3" in out
+
+
+# ------------------------------------------------------------------ failures and reruns
+def _bad_folder(src: Path) -> dict[str, str]:
+    write_image(src / "good1.png", noise_image(32, 48))
+    write_image(src / "sub" / "good2.jpg", noise_image(33, 47))
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.jpg").write_text("<html>not an image</html>")
+    write_image(src / "trunc.png", noise_image(64, 64))
+    data = (src / "trunc.png").read_bytes()
+    (src / "trunc.png").write_bytes(data[: len(data) // 2])
+    write_geotiff(src / "cut.tif", np.random.default_rng(0).integers(0, 255, (3, 300, 300), np.uint8))
+    data = (src / "cut.tif").read_bytes()
+    (src / "cut.tif").write_bytes(data[: len(data) // 2])
+    return {"empty.png": "0 bytes", "notes.jpg": "not an image", "trunc.png": "truncated",
+            "cut.tif": "corrupt"}
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    bad = _bad_folder(src)
+    assert run(pointwise_ckpt, src, out, "--tile", "128") == 1
+    text = capsys.readouterr().out
+    assert "predict: 2 written, 0 skipped (already done), 4 failed" in text
+    for name, reason in bad.items():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(str(src / name)))
+        assert reason in line, line
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "good1.png", "sub/good2.png"]
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "broken.png").write_bytes(b"")
+    for i in range(3):
+        write_image(src / f"b{i}.png", noise_image(16, 16))
+    assert run(pointwise_ckpt, src, out, "--fail-fast", "--batch-size", "1") == 1
+    text = capsys.readouterr().out
+    assert "stopped at the first failure" in text and "broken.png" in text
+    assert not list(out.rglob("*.png"))
+
+
+def test_rerun_skips_done_outputs_and_cleans_unfinished_files(
+    tmp_path: Path, pointwise_ckpt: Path, capsys
+) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_image(src / "d" / f"im{i}.png", noise_image(24, 40, seed=i))
+    assert run(pointwise_ckpt, src, out, "--format", "mask", "palette") == 0
+    capsys.readouterr()
+    # an interrupted run: one output missing, an unfinished temporary file left behind
+    (out / "d" / "im1_palette.png").unlink()
+    stale = out / "d" / f"{TMP_PREFIX}abc123.png"
+    stale.write_bytes(b"\x89PNG truncated")
+    before = (out / "d" / "im0.png").stat().st_mtime_ns
+    assert run(pointwise_ckpt, src, out, "--format", "mask", "palette") == 0
+    assert "predict: 1 written, 2 skipped (already done), 0 failed" in capsys.readouterr().out
+    assert (out / "d" / "im1_palette.png").is_file() and not stale.exists()
+    assert (out / "d" / "im0.png").stat().st_mtime_ns == before
+    assert run(pointwise_ckpt, src, out, "--format", "mask", "palette", "--overwrite") == 0
+    assert "predict: 3 written, 0 skipped" in capsys.readouterr().out
+
+
+def test_output_inside_input_and_name_collisions(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src = tmp_path / "in"
+    write_image(src / "x.png", noise_image(16, 16))
+    write_image(src / "x.jpg", noise_image(16, 16))
+    out = src / "pred"
+    assert run(pointwise_ckpt, src, out) == 1
+    text = capsys.readouterr().out
+    assert "1 written" in text and "would overwrite those of" in text
+    assert run(pointwise_ckpt, src, out) == 1  # outputs in in/pred are not taken as inputs
+    assert "0 written, 1 skipped (already done), 1 failed" in capsys.readouterr().out
+
+
+def test_checkpoint_without_net_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    import torch
+
+    ckpt = tmp_path / "python.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 3}}, ckpt)
+    write_image(tmp_path / "in" / "a.png", noise_image(8, 8))
+    assert run(ckpt, tmp_path / "in", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no 'net' entry" in err and str(ckpt) in err
+    assert run(tmp_path / "missing.ckpt", tmp_path / "in", tmp_path / "out") == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_killed_run_leaves_no_partial_output_and_rerun_completes(
+    tmp_path: Path, pointwise_ckpt: Path, capsys
+) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
+    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
+           "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
+           "--tta", *FAST]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and leftovers(out)) and proc.poll() is None:
+            assert time.monotonic() < deadline, "prediction never started writing"
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.3)  # mid-raster: some strips written to the temporary file
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert not (out / "big.tif").exists()  # never a truncated file under the final name
+    assert leftovers(out)
+    assert run(pointwise_ckpt, src, out, "--tile", "256") == 0
+    assert "1 written" in capsys.readouterr().out
+    assert not leftovers(out)
+    with rasterio.open(out / "big.tif") as ds:
+        assert (ds.width, ds.height) == (1536, 1536) and ds.read(1).max() < 3
+
+
+def test_ctrl_c_mid_raster_leaves_no_partial_output(
+    tmp_path: Path, pointwise_ckpt: Path, monkeypatch, capsys
+) -> None:
+    from segpipe.predict import engine
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_geotiff(src / "a.tif", np.random.default_rng(2).integers(0, 255, (3, 200, 200), np.uint8))
+    original = engine.ProbabilityFn.__call__
+    calls = {"n": 0}
+
+    def interrupted(self, x):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after some strips were written to the temporary file
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(engine.ProbabilityFn, "__call__", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        code = run(pointwise_ckpt, src, out, "--tile", "32", "--batch-size", "2")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after an interrupt
+    assert code == 130
+    assert "interrupted; run the same command again" in capsys.readouterr().out
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_ddp_writes_each_file_exactly_once(tmp_path: Path, pointwise_ckpt: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(5):
+        write_image(src / f"im{i}.png", noise_image(20, 30, seed=i))
+    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
+           "--input", str(src), "--output", str(out), "--strategy", "ddp", "--devices", "2",
+           *FAST]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "predict: 5 written, 0 skipped (already done), 0 failed" in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == [f"im{i}.png" for i in range(5)]

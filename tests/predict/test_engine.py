@@ -1,0 +1,73 @@
+"""Dataset records, fast normalisation, TTA and the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.data.datasets import PredictDataset
+from segpipe.data.io import read_image, write_image
+from segpipe.predict.checkpoint import load_predictor
+from segpipe.predict.engine import (
+    InputFile,
+    PredictInputs,
+    PredictSummary,
+    ProbabilityFn,
+    _normalise_hwc,
+)
+from segpipe.predict.writers import PredictionWriter
+from tests.predict.conftest import noise_image
+
+
+@pytest.mark.parametrize("channels,in_channels", [(3, 3), (1, 3), (1, 1)])
+def test_fast_normalisation_is_bit_identical_to_the_dataset(
+    tmp_path: Path, pointwise_ckpt: Path, channels: int, in_channels: int
+) -> None:
+    _, cfg = load_predictor(pointwise_ckpt)
+    cfg = type(cfg)(**{**cfg.__dict__, "in_channels": in_channels,
+                       "mean": cfg.mean[:in_channels], "std": cfg.std[:in_channels]})
+    img = noise_image(37, 41, channels)
+    write_image(tmp_path / "a.png", img if channels > 1 else img[..., 0])
+    ref = PredictDataset([tmp_path / "a.png"], mean=cfg.mean, std=cfg.std,
+                         in_channels=in_channels)[0]["image"]
+    fast = _normalise_hwc(read_image(tmp_path / "a.png"), cfg)
+    assert fast.shape == ref.shape and torch.equal(fast, ref)
+    assert fast.permute(1, 2, 0).is_contiguous()  # channels-last memory for the network
+
+
+def test_records_skip_done_files_and_report_bad_ones(tmp_path: Path, pointwise_ckpt: Path) -> None:
+    _, cfg = load_predictor(pointwise_ckpt)
+    write_image(tmp_path / "in" / "ok.png", noise_image(8, 8))
+    (tmp_path / "in" / "bad.png").write_bytes(b"")
+    writer = PredictionWriter(tmp_path / "out", ["mask"], cfg)
+    files = [InputFile(tmp_path / "in" / n, Path(n)) for n in ("ok.png", "bad.png")]
+    files.append(InputFile(tmp_path / "in" / "ok.png", Path("clash.png"), error="name clash"))
+    ds = PredictInputs(files, writer, cfg)
+    ok, bad, clash = ds[0], ds[1], ds[2]
+    assert ok["kind"] == "image" and ok["formats"] == ["mask"] and ok["size"].tolist() == [8, 8]
+    assert bad["status"] == "failed" and "0 bytes" in bad["reason"]
+    assert clash["status"] == "failed" and clash["reason"] == "name clash"
+    write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8))
+    assert ds[0]["status"] == "skipped"
+
+
+def test_tta_averages_flipped_probabilities() -> None:
+    class Left(torch.nn.Module):  # not flip-invariant: depends on the column
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            cols = torch.linspace(-1, 1, x.shape[-1])
+            return torch.stack([cols.expand(x.shape[-2], -1), -cols.expand(x.shape[-2], -1)])[None]
+
+    x = torch.zeros(1, 3, 4, 6)
+    plain = ProbabilityFn(Left(), tta=False)(x)  # type: ignore[arg-type]
+    tta = ProbabilityFn(Left(), tta=True)(x)  # type: ignore[arg-type]
+    assert not torch.allclose(plain, torch.full_like(plain, 0.5))
+    assert torch.allclose(tta, torch.full_like(tta, 0.5))  # h-flip cancels the left/right bias
+
+
+def test_summary_line_and_report() -> None:
+    s = PredictSummary(12, 3, [("a.png", "file is empty (0 bytes)")])
+    assert s.line() == "predict: 12 written, 3 skipped (already done), 1 failed"
+    assert s.report().splitlines()[1] == "  a.png: file is empty (0 bytes)"
