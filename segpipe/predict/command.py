@@ -168,7 +168,8 @@ def predict(
     """Predict every image under ``input`` and write the outputs under ``output``.
 
     Args:
-        ckpt_path: Checkpoint written by ``segpipe fit``.
+        ckpt_path: Checkpoint written by ``segpipe fit``, or a ``.onnx`` file written by
+            ``segpipe export`` (then onnxruntime runs the network, in fp32).
         input: An image file or a folder (searched recursively).
         output: Output folder (outputs mirror the inputs' relative paths).
         formats: Output formats (see :mod:`segpipe.predict.writers`); ``auto`` = ``geotiff``
@@ -213,7 +214,13 @@ def predict(
         raise PredictUsageError(f"--overlap must be a fraction in [0, 1), got {overlap}")
     if batch_size < 1:
         raise PredictUsageError(f"--batch-size must be >= 1, got {batch_size}")
-    task, config = load_predictor(ckpt_path)
+    if Path(ckpt_path).suffix.lower() == ".onnx":
+        from segpipe.predict.onnx import load_onnx_predictor
+
+        task, config, _ = load_onnx_predictor(ckpt_path)
+        precision = "32-true"  # onnxruntime computes in fp32
+    else:
+        task, config = load_predictor(ckpt_path)
     try:
         writer = PredictionWriter(
             output, formats, config, overwrite=overwrite, probs_mode=probs_mode,
@@ -294,8 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segpipe predict",
         description="Predict masks for an image or a folder of images from a checkpoint alone.",
     )
-    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True,
-                   help="checkpoint written by `segpipe fit` (e.g. RUN/checkpoints/last.ckpt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path",
+                       help="checkpoint written by `segpipe fit` (e.g. RUN/checkpoints/last.ckpt)")
+    model.add_argument("--onnx", dest="ckpt_path",
+                       help="model.onnx written by `segpipe export` (its model.json beside it); "
+                            "runs with onnxruntime instead of torch")
     p.add_argument("--input", required=True,
                    help="an image file or a folder (searched recursively)")
     p.add_argument("--output", required=True,
