@@ -606,6 +606,9 @@ class SegmentationDataModule(L.LightningDataModule):
                     mask_colors=self.mask_colors,
                     orphans={k: v for k, v in scan.orphans.items() if k in todo},
                     duplicates={k: v for k, v in scan.duplicates.items() if k in todo},
+                    # Decode every image once: truncations behind an intact header are caught
+                    # here, before training, rather than when the loader reaches the file.
+                    decode_images=True,
                 )
                 if problems:
                     raise DataCheckError(problems)
