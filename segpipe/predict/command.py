@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from segpipe.cli import OutputDirError, check_output_dir
 from segpipe.data.datasets import find_images
 from segpipe.data.io import IMAGE_EXTENSIONS
 from segpipe.fileio import TMP_PREFIX
@@ -229,6 +230,11 @@ def predict(
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
     files = find_inputs(input, output, writer)
+    if files:
+        try:  # one clear error up front, not the same failure for every file
+            check_output_dir(output, "predictions", "output")
+        except OutputDirError as exc:
+            raise PredictUsageError(str(exc)) from None
     if not files:
         raise PredictUsageError(
             f"no images found in {input} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"

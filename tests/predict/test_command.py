@@ -307,3 +307,49 @@ def test_ddp_writes_each_file_exactly_once(tmp_path: Path, pointwise_ckpt: Path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "predict: 5 written, 0 skipped (already done), 0 failed" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == [f"im{i}.png" for i in range(5)]
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src = tmp_path / "in"
+    for i in range(3):
+        write_image(src / f"{i}.png", noise_image(16, 16, seed=i))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert run(pointwise_ckpt, src, blocker / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{blocker} is a file, not a folder" in err and "--output" in err
+    assert err.count("error") == 1  # one error up front, not one failure per file
+
+
+def test_killed_multi_file_run_resumes_to_the_uninterrupted_set(
+    tmp_path: Path, pointwise_ckpt: Path
+) -> None:
+    """Kill a folder run mid-way; the rerun writes only what is missing and equals a clean run."""
+    src = tmp_path / "in"
+    for i in range(40):
+        write_image(src / f"img{i:02d}.png", noise_image(96, 96, seed=i))
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    assert run(pointwise_ckpt, src, clean) == 0
+    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
+           "--input", str(src), "--output", str(out), "--batch-size", "1", "--tta", *FAST]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.png"))) < 3 and proc.poll() is None:
+            assert time.monotonic() < deadline, "prediction never started writing"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert 0 < len(done_before) < 40, "the kill should land mid-run"
+    assert run(pointwise_ckpt, src, out) == 0
+    assert not leftovers(out)
+    for name, mtime in done_before.items():  # finished files were not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in clean.glob("*.png"))
+    for p in clean.glob("*.png"):
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(out / p.name)))
