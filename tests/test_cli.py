@@ -9,22 +9,10 @@ import pytest
 import yaml
 
 from segpipe.cli import main
+from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
-TINY = [
-    "--model.net.class_path=segpipe.models.UNet",
-    "--model.net.init_args.in_channels=3",
-    "--model.net.init_args.num_classes=3",
-    "--model.net.init_args.base_channels=8",
-    "--model.net.init_args.depth=2",
-    "--data.num_classes=3",
-    "--data.batch_size=4",
-    "--data.crop_size=32",
-    "--data.num_workers=0",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+TINY = [*TINY_UNET, "--data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")

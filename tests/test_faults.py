@@ -28,6 +28,7 @@ import torch
 from segpipe.callbacks import PARTIAL_SUFFIX, CheckpointWriteError, SafeCheckpointIO
 from segpipe.cli import main
 from segpipe.fileio import TMP_PREFIX
+from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +38,7 @@ SAVE_EVERY = 5  # checkpoint.every_n_train_steps: last.ckpt at steps 5, 6, 10, 1
 
 TINY = [
     "--config", "configs/folder_unet.yaml",
-    "--model.net.class_path=segpipe.models.UNet",
-    "--model.net.init_args.in_channels=3",
-    "--model.net.init_args.num_classes=3",
-    "--model.net.init_args.base_channels=8",
-    "--model.net.init_args.depth=2",
-    "--data.num_classes=3",
-    "--data.batch_size=4",
-    "--data.crop_size=32",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
+    *TINY_UNET,
     "--trainer.precision=32-true",
 ]
 

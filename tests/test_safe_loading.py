@@ -16,20 +16,13 @@ import yaml
 
 from segpipe.callbacks import SafeCheckpointIO, UnsafeCheckpointError, load_checkpoint_file
 from segpipe.cli import main
+from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
 TINY = [
     "--config", "configs/folder_unet.yaml",
-    "--model.net.init_args.num_classes=3",
-    "--model.net.init_args.base_channels=8",
-    "--model.net.init_args.depth=2",
-    "--data.num_classes=3",
-    "--data.batch_size=4",
-    "--data.crop_size=32",
+    *TINY_UNET,
     "--data.num_workers=0",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
     "--trainer.precision=32-true",
     "--trainer.num_sanity_val_steps=0",
 ]
