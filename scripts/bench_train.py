@@ -57,7 +57,7 @@ def bench_segpipe(args: argparse.Namespace, root: Path, run_dir: Path) -> float:
             f"--data.root={root}", f"--data.layout={args.layout}",
             f"--data.num_classes={args.classes}", f"--data.batch_size={args.batch_size}",
             f"--data.crop_size={args.crop}", "--data.ignore_index=255",
-            f"--model.net.init_args.num_classes={args.classes}",
+            f"--model.net.init_args.num_classes={args.classes}", "--model.loss=ce",  # as the bare loop
             f"--model.net.init_args.base_channels={args.base}",
             f"--trainer.precision={args.precision}", f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
@@ -65,6 +65,7 @@ def bench_segpipe(args: argparse.Namespace, root: Path, run_dir: Path) -> float:
             "--trainer.callbacks+=segpipe.callbacks.Throughput",
             f"--trainer.callbacks.warmup_steps={args.warmup}",
             *(["--data.num_workers", str(args.workers)] if args.workers is not None else []),
+            *args.override,
         ]
     )
     meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput))
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: segpipe's)")
     p.add_argument("--precision", default=default_precision())
+    p.add_argument("override", nargs="*", help="extra segpipe fit overrides, e.g. --model.log_train_metrics=false")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
           f"U-Net(base={args.base}), batch {args.batch_size}, crops {args.crop}x{args.crop}")
