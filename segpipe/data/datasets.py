@@ -106,6 +106,21 @@ class Scan(dict[str, list[Sample]]):
         }
         self.folders: dict[str, Path] = dict(folders or {})
 
+    def add(
+        self,
+        split: str,
+        folder: Path,
+        paired: tuple[list[Sample], list[Path], list[Path]],
+    ) -> None:
+        """Record one split: its image folder and ``_pair_folders``' (samples, orphans, dups)."""
+        samples, orphans, dups = paired
+        self[split] = samples
+        self.folders[split] = folder
+        if orphans:
+            self.orphans[split] = orphans
+        if dups:
+            self.duplicates[split] = dups
+
     @property
     def splits(self) -> dict[str, list[Sample]]:
         """The samples per split as a plain dict."""
@@ -221,21 +236,9 @@ def scan_folder(root: str | Path) -> Scan:
     for split in SPLITS:
         image_dir = base / split / "images"
         if image_dir.is_dir():
-            samples, orphans, dups = _pair_folders(image_dir, base / split / "masks")
-            scan[split] = samples
-            scan.folders[split] = image_dir
-            if orphans:
-                scan.orphans[split] = orphans
-            if dups:
-                scan.duplicates[split] = dups
+            scan.add(split, image_dir, _pair_folders(image_dir, base / split / "masks"))
     if not scan and (base / "images").is_dir():
-        samples, orphans, dups = _pair_folders(base / "images", base / "masks")
-        scan["train"] = samples
-        scan.folders["train"] = base / "images"
-        if orphans:
-            scan.orphans["train"] = orphans
-        if dups:
-            scan.duplicates["train"] = dups
+        scan.add("train", base / "images", _pair_folders(base / "images", base / "masks"))
     if not scan:
         raise FileNotFoundError(
             f"{base}: no train/images, val/images, test/images or images folder found; the "
@@ -263,15 +266,8 @@ def scan_camvid(root: str | Path) -> Scan:
     for split in SPLITS:
         image_dir = base / split
         if image_dir.is_dir():
-            samples, orphans, dups = _pair_folders(
-                image_dir, base / f"{split}annot", recursive=False
-            )
-            scan[split] = samples
-            scan.folders[split] = image_dir
-            if orphans:
-                scan.orphans[split] = orphans
-            if dups:
-                scan.duplicates[split] = dups
+            paired = _pair_folders(image_dir, base / f"{split}annot", recursive=False)
+            scan.add(split, image_dir, paired)
     if not scan:
         raise FileNotFoundError(
             f"{base}: no train/, val/ or test/ folder found; the 'camvid' layout expects "
@@ -451,13 +447,7 @@ def scan_isbi(root: str | Path, val_slices: tuple[int, int] | None = (20, 24)) -
     for split in SPLITS:
         dirs = _isbi_dirs(base / split)
         if dirs is not None:
-            samples, orphans, dups = _pair_folders(dirs[0], dirs[1], recursive=False)
-            scan[split] = samples
-            scan.folders[split] = dirs[0]
-            if orphans:
-                scan.orphans[split] = orphans
-            if dups:
-                scan.duplicates[split] = dups
+            scan.add(split, dirs[0], _pair_folders(dirs[0], dirs[1], recursive=False))
     if "train" not in scan:
         raise FileNotFoundError(
             f"{base}: no train/image folder found; the 'isbi' layout expects {ISBI_LAYOUT}"
