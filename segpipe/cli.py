@@ -36,11 +36,13 @@ from segpipe.tasks import SegmentationTask
 
 __all__ = [
     "COMMANDS",
+    "CheckpointNotFoundError",
     "OutputDirError",
     "SegpipeCLI",
     "check_output_dir",
     "default_precision",
     "main",
+    "resolve_checkpoint_alias",
     "run_cli",
 ]
 
@@ -80,12 +82,67 @@ def default_precision() -> str:
     return "32-true"
 
 
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """``--ckpt_path best|last`` names a checkpoint the run folder does not hold."""
+
+
+def _checkpoint_dir(cfg: Any) -> Path:
+    """The run's checkpoint folder: ``checkpoint.dirpath``, else ``<default_root_dir>/checkpoints``."""
+    if cfg.checkpoint.get("dirpath"):
+        return Path(cfg.checkpoint.dirpath)
+    return Path(cfg.trainer.default_root_dir or ".") / "checkpoints"
+
+
+def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = True) -> str:
+    """Turn ``--ckpt_path best`` or ``last`` into a file of the run in ``ckpt_dir``.
+
+    ``best`` is the best model recorded in ``last.ckpt``'s checkpoint-callback state (written
+    after every validation); when that is missing or moved, the newest other ``*.ckpt`` file.
+
+    Args:
+        alias: ``"best"`` or ``"last"``.
+        ckpt_dir: The run's checkpoint folder.
+        weights_only: Safe loading of ``last.ckpt`` when it is read for the best model's path.
+
+    Returns:
+        The checkpoint file's path.
+
+    Raises:
+        CheckpointNotFoundError: When the folder holds no such checkpoint; the message says what
+            to run.
+    """
+    last = ckpt_dir / "last.ckpt"
+    if alias == "best":
+        if last.is_file():
+            state = load_checkpoint_file(last, map_location="cpu", weights_only=weights_only)
+            for key, cb_state in (state.get("callbacks") or {}).items():
+                best = cb_state.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+                if best and (ckpt_dir / Path(best).name).is_file():  # also when the run was moved
+                    return str(ckpt_dir / Path(best).name)
+                if best and Path(best).is_file():
+                    return str(best)
+        others = sorted(
+            (p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith(("last", TMP_PREFIX))),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if others:
+            return str(others[-1])
+    elif last.is_file():
+        return str(last)
+    raise CheckpointNotFoundError(
+        f"--ckpt_path {alias}: no {alias} checkpoint in {ckpt_dir}. Train first with "
+        "`segpipe fit` and the same --config/--trainer.default_root_dir (or checkpoint.dirpath), "
+        "or pass the checkpoint file itself."
+    )
+
 class OutputDirError(RuntimeError):
     """An output folder cannot be created or written, or lacks room for the checkpoints."""
 
 
 #: Errors ``main`` reports as one ``segpipe: error: ...`` line (exit code 2), not a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointNotFoundError,
     CheckpointWriteError,
     OutputDirError,
     UnsafeCheckpointError,
@@ -214,10 +271,13 @@ class SegpipeCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
+        weights_only = cfg.get("weights_only") is not False
+        if self.config.subcommand != "fit" and cfg.get("ckpt_path") in ("best", "last"):
+            # In a new process Lightning knows no best model; find the run's files instead.
+            cfg.ckpt_path = resolve_checkpoint_alias(cfg.ckpt_path, _checkpoint_dir(cfg), weights_only)
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        weights_only = cfg.get("weights_only") is not False
         ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)
@@ -256,8 +316,7 @@ class SegpipeCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
         if cfg.checkpoint.dirpath is None:
-            root = cfg.trainer.default_root_dir or "."
-            cfg.checkpoint.dirpath = str(Path(root) / "checkpoints")
+            cfg.checkpoint.dirpath = str(_checkpoint_dir(cfg))
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True  # safe loading of --ckpt_path; false opts out
         self._split_step_checkpoint(cfg)

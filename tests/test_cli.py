@@ -1,6 +1,7 @@
 """End-to-end CLI: `segpipe fit` then `segpipe test` (then `predict`) on synthetic data made by code."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segpipe.cli import main
+from segpipe.cli import main, resolve_checkpoint_alias
 from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
@@ -45,9 +46,10 @@ def test_fit_writes_checkpoints_and_config(fitted):
 
 
 def test_test_writes_labelled_metrics(fitted, dataset, capsys):
+    # `--ckpt_path best` in a new process: the best-* file recorded by the fit run.
     main(
         ["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
-         f"--trainer.default_root_dir={fitted}", f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}", *TINY]
+         f"--trainer.default_root_dir={fitted}", "--ckpt_path=best", *TINY]
     )
     out = capsys.readouterr().out
     path = Path(out.split("Test metrics written to ")[1].split()[0])
@@ -72,6 +74,25 @@ def test_test_writes_labelled_metrics(fitted, dataset, capsys):
     gallery = sorted(files.glob("worst_*.png"))
     assert 1 <= len(gallery) <= 4 and all(f"report_files/{p.name}" in md for p in gallery)
     assert "could not read" not in md
+
+
+def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):
+    ckpt_dir = fitted / "checkpoints"
+    (best,) = ckpt_dir.glob("best-*.ckpt")
+    assert resolve_checkpoint_alias("best", ckpt_dir) == str(best)
+    assert resolve_checkpoint_alias("last", ckpt_dir) == str(ckpt_dir / "last.ckpt")
+    # A run folder moved elsewhere: last.ckpt's recorded path is stale, the file name still fits.
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt_dir, moved)
+    assert resolve_checkpoint_alias("best", moved) == str(moved / best.name)
+    (moved / "last.ckpt").unlink()  # no record at all: the newest other checkpoint
+    assert resolve_checkpoint_alias("best", moved) == str(moved / best.name)
+    for alias in ("best", "last"):
+        with pytest.raises(FileNotFoundError, match=f"--ckpt_path {alias}: no {alias} checkpoint in"):
+            resolve_checkpoint_alias(alias, tmp_path)
+    code = main(["test", "--config", "configs/folder_unet.yaml", "--data.root=unused",
+                 f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=best", *TINY])
+    assert code == 2  # one clear line, no traceback
 
 
 def test_resume_from_last(fitted, dataset):
