@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 __all__ = [
+    "IOU_METRICS",
     "METRIC_DESCRIPTIONS",
     "build_metrics",
     "confusion_stats",
@@ -44,8 +45,16 @@ METRIC_DESCRIPTIONS = {
 }
 
 
+#: The metrics sharing one confusion-matrix state (one torchmetrics compute group): the cheap
+#: subset that training updates on every batch.
+IOU_METRICS = ("IoU", "mIoU", "micro_IoU")
+
+
 def build_metrics(
-    num_classes: int, ignore_index: int | None = None, confusion_matrix: bool = False
+    num_classes: int,
+    ignore_index: int | None = None,
+    confusion_matrix: bool = False,
+    only: Sequence[str] | None = None,
 ) -> MetricCollection:
     """Build the one metric collection that every stage clones.
 
@@ -53,6 +62,8 @@ def build_metrics(
         num_classes: Number of classes C (labels ``0..C-1``).
         ignore_index: Label excluded from every metric, or None.
         confusion_matrix: Also accumulate the C×C confusion matrix (rows = truth, columns = prediction).
+        only: Keep just these metric names (e.g. :data:`IOU_METRICS`, whose three metrics share
+            one state, so an update costs a third of the full collection's).
 
     Returns:
         A ``MetricCollection`` taking ``(preds (N,H,W) int64, target (N,H,W) int64)``.
@@ -68,6 +79,11 @@ def build_metrics(
     }
     if confusion_matrix:
         metrics["confusion_matrix"] = MulticlassConfusionMatrix(**common)
+    if only is not None:
+        unknown = sorted(set(only) - set(metrics))
+        if unknown:
+            raise ValueError(f"Unknown metric names {unknown}; choose from {sorted(metrics)}.")
+        metrics = {name: metric for name, metric in metrics.items() if name in only}
     return MetricCollection(metrics)
 
 

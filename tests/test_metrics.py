@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from segpipe.metrics import build_metrics, flatten_metrics, metrics_report, per_image_scores
+from segpipe.metrics import IOU_METRICS, build_metrics, flatten_metrics, metrics_report, per_image_scores
 
 # truth / prediction, 255 = ignore. Class 3 appears nowhere (absent), class 2 only in prediction.
 TARGET = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 255]]])
@@ -63,3 +63,18 @@ def test_per_image_scores():
     assert scores[0]["pixel_accuracy"] == pytest.approx(5 / 7)
     all_ignored = per_image_scores(PREDS, torch.full_like(TARGET, 255), 4, 255)
     assert all_ignored[0]["IoU"] is None
+
+
+def test_iou_subset_matches_full_collection_and_shares_one_state():
+    m = build_metrics(4, ignore_index=255, only=IOU_METRICS)
+    m.update(PREDS, TARGET)
+    assert sorted(m.keys()) == sorted(IOU_METRICS)
+    assert len(m.compute_groups) == 1  # one confusion matrix behind all three
+    got, full = m.compute(), _computed()
+    for name in IOU_METRICS:
+        assert torch.allclose(got[name], full[name], equal_nan=True)
+
+
+def test_unknown_metric_name_is_refused():
+    with pytest.raises(ValueError, match="Unknown metric names \\['mIOU'\\]"):
+        build_metrics(4, only=["mIoU", "mIOU"])

@@ -90,6 +90,17 @@ def test_learns_and_reports_named_metrics():
     assert torch.allclose(out["probs"].sum(1), torch.ones(4, 13, 21), atol=1e-5)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_train_metrics_are_opt_in_and_iou_only(on):
+    task = SegmentationTask(PixelNet(), ignore_index=255, log_train_metrics=on)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(task, DM(ignore=255))
+    train = sorted(k for k in trainer.callback_metrics if k.startswith("train/"))
+    iou = ["train/IoU/a", "train/IoU/b", "train/IoU/bg", "train/mIoU", "train/micro_IoU"]
+    assert train == sorted(["train/loss", "train/loss_epoch", "train/loss_step", *(iou if on else [])])
+    assert "val/mDice" in trainer.callback_metrics  # val keeps the full collection
+
+
 def test_bf16_channels_last_step():
     task = SegmentationTask(PixelNet(), ignore_index=255)
     _trainer(fast_dev_run=True, precision="bf16-mixed").fit(task, DM(ignore=255))
