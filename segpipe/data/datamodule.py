@@ -7,6 +7,7 @@ Nothing touches the disk before :meth:`SegmentationDataModule.setup`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -32,7 +33,12 @@ from segpipe.data.datasets import (
     scan_isbi,
     scan_lgg,
 )
-from segpipe.data.transforms import build_eval_transform, build_train_transform, default_mean_std
+from segpipe.data.transforms import (
+    build_eval_transform,
+    build_train_transform,
+    default_mean_std,
+    use_one_thread,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -42,6 +48,7 @@ __all__ = [
     "SegmentationDataModule",
     "UnrepeatedSampler",
     "default_class_colors",
+    "default_cache_mb",
     "default_num_workers",
     "seed_worker",
 ]
@@ -60,6 +67,22 @@ def default_num_workers() -> int:
         Number of worker processes.
     """
     return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def default_cache_mb(num_workers: int) -> float:
+    """Decoded-sample cache per dataset and loading process: RAM / 8 over the workers, <= 1 GiB.
+
+    Args:
+        num_workers: DataLoader workers (each holds its own cache; 0 = the main process).
+
+    Returns:
+        MiB.
+    """
+    try:
+        ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        ram_mb = 8192.0
+    return float(min(1024.0, ram_mb / 8 / max(1, num_workers)))
 
 
 def default_class_colors(num_classes: int) -> list[list[int]]:
@@ -86,16 +109,22 @@ def default_class_colors(num_classes: int) -> list[list[int]]:
     return colors
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker its own augmentation random state.
+def seed_worker(worker_id: int, niceness: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: own augmentation random state, one thread, lower priority.
 
-    Without it every forked worker would start from the same albumentations generator state
-    and produce the same augmentations. The seed is torch's per-worker seed, which follows
-    ``lightning.seed_everything``.
+    Without reseeding every forked worker would start from the same albumentations generator
+    state and produce the same augmentations. The seed is torch's per-worker seed, which follows
+    ``lightning.seed_everything``. OpenCV is made single-threaded, and a positive ``niceness``
+    lowers the worker's scheduling priority, so that on a CPU-only machine loading fills the
+    gaps between the training threads' work instead of pre-empting them.
 
     Args:
         worker_id: Worker index (unused; the seed already includes it).
+        niceness: Added to the worker process's nice value (POSIX only; 0 leaves it).
     """
+    use_one_thread()
+    if niceness > 0 and hasattr(os, "nice"):
+        os.nice(niceness)
     info = get_worker_info()
     if info is not None and hasattr(info.dataset, "reseed"):
         info.dataset.reseed(info.seed)
@@ -364,6 +393,11 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (default ``min(4, cpu_count - 1)``).
         pin_memory: Pin host memory (default: when CUDA is available).
         persistent_workers: Keep workers between epochs (only when workers > 0).
+        worker_niceness: Lower the workers' CPU priority by this much (default: 10 when no GPU
+            is available, so loading does not pre-empt the CPU training threads; else 0).
+        cache_mb: Memory (MiB) each train/val/test dataset may use per loading process to keep
+            decoded images and checked masks, so epochs after the first skip decoding; 0
+            disables. Default: an eighth of the machine's RAM shared by the workers, at most 1024.
         augment: Augmentation preset (``none``, ``light``, ``default``, ``strong``).
         crop_size: Square training crop size; None trains on whole images.
         scale: Random scale range for ``default``/``strong``.
@@ -400,6 +434,8 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        worker_niceness: int | None = None,
+        cache_mb: float | None = None,
         augment: Literal["none", "light", "default", "strong"] = "default",
         crop_size: int | None = None,
         scale: tuple[float, float] = (0.5, 2.0),
@@ -473,6 +509,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        if worker_niceness is None:
+            worker_niceness = 0 if torch.cuda.is_available() else 10
+        if not 0 <= worker_niceness <= 19:
+            raise ValueError(f"data.worker_niceness must be in 0..19, got {worker_niceness}")
+        self.worker_niceness = int(worker_niceness)
+        if cache_mb is not None and cache_mb < 0:
+            raise ValueError(f"data.cache_mb must be >= 0 (0 disables the cache), got {cache_mb}")
+        self.cache_mb = default_cache_mb(self.num_workers) if cache_mb is None else float(cache_mb)
 
         self._scan: Scan | None = None
         self._splits: dict[str, list[Sample]] = {}
@@ -647,6 +691,7 @@ class SegmentationDataModule(L.LightningDataModule):
             in_channels=self.in_channels,
             num_classes=self.num_classes,
             seed=int(hp.seed) if split == "train" else None,
+            cache_mb=self.cache_mb,
         )
 
     def build_predict_dataset(self, images: Sequence[str | Path]) -> PredictDataset:
@@ -703,7 +748,10 @@ class SegmentationDataModule(L.LightningDataModule):
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers,
             "collate_fn": PadCollate(self.ignore_index, hint=hint),
-            "worker_init_fn": seed_worker if self.num_workers > 0 else None,
+            "worker_init_fn": (
+                functools.partial(seed_worker, niceness=self.worker_niceness)
+                if self.num_workers > 0 else None
+            ),
         }
         if not sampled:
             return DataLoader(dataset, shuffle=False, **common)

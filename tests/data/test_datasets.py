@@ -14,6 +14,7 @@ from segpipe.data.datasets import (
     Sample,
     Scan,
     SegmentationDataset,
+    check_label_range,
     encode_mask,
     find_images,
     scan_camvid,
@@ -232,6 +233,34 @@ def test_channel_conversions(tmp_path: Path) -> None:
         "image"].shape == (3, 8, 8)
     with pytest.raises(ImageReadError, match=r"img_000\.tif: image has 5 channel"):
         SegmentationDataset(scan_folder(five)["train"], in_channels=3)[0]
+
+
+def test_cache_skips_decoding_and_keeps_items_identical(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=0, n_test=0, size=(20, 24))
+    samples = scan_folder(root)["train"]
+    plain = SegmentationDataset(samples, in_channels=3, num_classes=3)
+    # Room for two of the three pairs (20x24x3 image + 20x24 uint8 labels = 1920 bytes each).
+    cached = SegmentationDataset(samples, in_channels=3, num_classes=3, cache_mb=2 * 1920 / 2**20)
+    first = [cached[i] for i in range(3)]
+    assert sorted(cached._cache) == [0, 1] and cached._cached_bytes == 2 * 1920
+    for s in samples:
+        s.image.unlink()  # what is cached no longer needs its file
+    for i in (0, 1):
+        again, ref = cached[i], first[i]
+        assert torch.equal(again["image"], ref["image"]) and torch.equal(again["mask"], ref["mask"])
+        assert again["mask"].dtype == torch.int64
+    with pytest.raises(ImageReadError):
+        cached[2]  # over the budget: read from disk each time
+    with pytest.raises(ImageReadError):
+        plain[0]  # no cache by default
+
+
+def test_label_range_lists_every_offending_value() -> None:
+    labels = np.array([[0, 1, 11, 11], [2, 12, 40, 1]], np.uint8)
+    assert check_label_range(labels, 11, ignore_index=11) == [12, 40]
+    assert check_label_range(labels.astype(np.int64), 3, None) == [11, 12, 40]
+    assert check_label_range(np.array([[-1, 0]]), 2, None) == [-1]
+    assert check_label_range(np.zeros((2, 2), np.uint8), 2, None) == []
 
 
 def test_size_mismatch_and_label_range_errors(tmp_path: Path) -> None:
