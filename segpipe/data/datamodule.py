@@ -37,7 +37,6 @@ from segpipe.data.transforms import (
     build_eval_transform,
     build_train_transform,
     default_mean_std,
-    use_one_thread,
 )
 
 __all__ = [
@@ -110,19 +109,20 @@ def default_class_colors(num_classes: int) -> list[list[int]]:
 
 
 def seed_worker(worker_id: int, niceness: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: own augmentation random state, one thread, lower priority.
+    """DataLoader ``worker_init_fn``: own augmentation random state, lower priority.
 
     Without reseeding every forked worker would start from the same albumentations generator
     state and produce the same augmentations. The seed is torch's per-worker seed, which follows
-    ``lightning.seed_everything``. OpenCV is made single-threaded, and a positive ``niceness``
-    lowers the worker's scheduling priority, so that on a CPU-only machine loading fills the
-    gaps between the training threads' work instead of pre-empting them.
+    ``lightning.seed_everything``. A positive ``niceness`` lowers the worker's scheduling
+    priority, so that on a CPU-only machine loading fills the gaps between the training
+    threads' work instead of pre-empting them. (OpenCV's thread count is deliberately not
+    touched here: ``cv2.setNumThreads`` in a forked child can deadlock on a lock that a pool
+    thread of the parent held at fork time.)
 
     Args:
         worker_id: Worker index (unused; the seed already includes it).
         niceness: Added to the worker process's nice value (POSIX only; 0 leaves it).
     """
-    use_one_thread()
     if niceness > 0 and hasattr(os, "nice"):
         os.nice(niceness)
     info = get_worker_info()

@@ -32,7 +32,6 @@ __all__ = [
     "default_mean_std",
     "normalize",
     "to_tensor_pair",
-    "use_one_thread",
 ]
 
 Preset = Literal["none", "light", "default", "strong"]
@@ -200,15 +199,6 @@ def build_eval_transform(resize: tuple[int, int] | Sequence[int] | None = None) 
             )
         ]
     )
-
-
-def use_one_thread() -> None:
-    """Make OpenCV (behind albumentations) run single-threaded in this process.
-
-    A DataLoader worker is one of several processes sharing the CPU; OpenCV's own thread pool
-    (one thread per core by default) would compete with the training threads for every resize.
-    """
-    cv2.setNumThreads(1)
 
 
 def default_mean_std(in_channels: int) -> tuple[list[float], list[float]]:

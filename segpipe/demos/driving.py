@@ -42,8 +42,8 @@ __all__ = [
 CAMVID_UNET_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
     "trainer": {
-        "max_epochs": 14,
-        "check_val_every_n_epoch": 2,
+        "max_epochs": 60,
+        "check_val_every_n_epoch": 4,
         "max_time": "00:00:30:00",
         "default_root_dir": "runs/camvid_unet",
         "log_every_n_steps": 10,
@@ -61,12 +61,11 @@ CAMVID_UNET_CONFIG: dict[str, Any] = {
             },
         },
         "loss": "ce",
-        "class_weights": [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823,
-                          6.2478, 7.3614],
+        "class_weights": [0.509, 0.427, 2.136, 0.376, 0.951, 0.619, 3.106, 1.357, 0.826, 2.5, 2.713],
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002, "weight_decay": 0.0001}},
         "lr_scheduler": {
             "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-            "init_args": {"T_max": 14},
+            "init_args": {"T_max": 60},
         },
     },
     "data": {
