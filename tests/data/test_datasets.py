@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from segpipe.data.datasets import (
+    ItemKey,
     PredictDataset,
     Sample,
     Scan,
@@ -23,6 +24,7 @@ from segpipe.data.datasets import (
     scan_lgg,
 )
 from segpipe.data.io import ImageReadError, write_image, write_mask
+from segpipe.data.transforms import build_train_transform
 from tests.data.synthetic import (
     make_camvid_like,
     make_folder_dataset,
@@ -253,6 +255,20 @@ def test_cache_skips_decoding_and_keeps_items_identical(tmp_path: Path) -> None:
         cached[2]  # over the budget: read from disk each time
     with pytest.raises(ImageReadError):
         plain[0]  # no cache by default
+
+
+def test_augmenting_cached_images_leaves_the_cache_intact(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(20, 24))
+    ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3, seed=0,
+                             transform=build_train_transform("strong", crop_size=16),
+                             cache_mb=1)
+    key = ItemKey(0, 0)
+    first, cached = ds[key], [a.copy() for a in ds._cache[0]]
+    for epoch in range(1, 4):  # other augmentations of the same cached arrays
+        ds[ItemKey(0, epoch)]
+    assert all(np.array_equal(a, b) for a, b in zip(ds._cache[0], cached))
+    again = ds[key]
+    assert torch.equal(again["image"], first["image"]) and torch.equal(again["mask"], first["mask"])
 
 
 def test_label_range_lists_every_offending_value() -> None:
