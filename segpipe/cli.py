@@ -82,7 +82,6 @@ def default_precision() -> str:
     return "32-true"
 
 
-
 class CheckpointNotFoundError(FileNotFoundError):
     """``--ckpt_path best|last`` names a checkpoint the run folder does not hold."""
 
@@ -135,6 +134,7 @@ def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = Tr
         "`segpipe fit` and the same --config/--trainer.default_root_dir (or checkpoint.dirpath), "
         "or pass the checkpoint file itself."
     )
+
 
 class OutputDirError(RuntimeError):
     """An output folder cannot be created or written, or lacks room for the checkpoints."""

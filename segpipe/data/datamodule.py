@@ -33,11 +33,7 @@ from segpipe.data.datasets import (
     scan_isbi,
     scan_lgg,
 )
-from segpipe.data.transforms import (
-    build_eval_transform,
-    build_train_transform,
-    default_mean_std,
-)
+from segpipe.data.transforms import build_eval_transform, build_train_transform, default_mean_std
 
 __all__ = [
     "LAYOUTS",

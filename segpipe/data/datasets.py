@@ -781,12 +781,16 @@ class SegmentationDataset(_TransformMixin, Dataset):
         Raises:
             ImageReadError: For unreadable files, missing masks, size or channel mismatches.
         """
-        raw, labels = self._cache.get(index) or self._read(index)
+        raw, labels = self._raw_pair(index)
         image = adapt_channels(to_float(raw), self.in_channels, self.samples[index].image)
         return image, labels.astype(np.int64, copy=False)
 
-    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decode and check one pair (image in its file's dtype); cache it while room is left."""
+    def _raw_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The checked pair (image in its file's dtype) from the cache, or decoded and cached
+        while room is left."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
         sample = self.samples[index]
         raw = read_image(sample.image, self.bands)
         if sample.mask is None:
@@ -830,7 +834,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
                 sampler.
         """
         index = self._resolve_key(index)
-        raw, labels = self._cache.get(index) or self._read(index)
+        raw, labels = self._raw_pair(index)
         if raw.dtype == np.uint8 and raw.shape[2] == (self.in_channels or raw.shape[2]):
             image = raw  # augmented as uint8 (a quarter of the memory traffic), scaled after
         else:
