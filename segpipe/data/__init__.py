@@ -38,7 +38,7 @@ from segpipe.data.transforms import (
     build_train_transform,
     default_mean_std,
     normalize,
-    to_tensor_pair,
+    normalize_to_tensor,
 )
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "find_images",
     "image_size",
     "normalize",
+    "normalize_to_tensor",
     "read_image",
     "read_mask",
     "scan_camvid",
@@ -70,7 +71,6 @@ __all__ = [
     "scan_isbi",
     "scan_lgg",
     "to_float",
-    "to_tensor_pair",
     "write_image",
     "write_mask",
 ]

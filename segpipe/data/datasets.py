@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segpipe.data.io import ImageReadError, is_image_file, read_image, read_mask, to_float
-from segpipe.data.transforms import default_mean_std, normalize, to_tensor_pair
+from segpipe.data.transforms import default_mean_std, normalize_to_tensor
 
 __all__ = [
     "SPLITS",
@@ -707,8 +707,9 @@ class SegmentationDataset(_TransformMixin, Dataset):
     Each item: ``image`` float32 (C, H, W) normalised, ``mask`` int64 (H, W), ``path`` the image
     path as str. Pipeline: read (native dtype) -> :func:`~segpipe.data.io.to_float` -> channel
     adaptation (:func:`adapt_channels`) -> mask encoding (:func:`encode_mask`) -> albumentations
-    transform -> :func:`~segpipe.data.transforms.normalize` -> tensors. 8-bit images whose
-    channels already match are augmented as uint8 and scaled to [0, 1] after the transform
+    transform -> scaling, normalisation and CHW tensor in one pass
+    (:func:`~segpipe.data.transforms.normalize_to_tensor`). 8-bit images whose channels already
+    match are augmented as uint8 and scaled to [0, 1] after the transform
     (same result up to rounding, much less memory traffic on full-size frames).
 
     Args:
@@ -842,9 +843,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=labels.astype(np.int32))
             image, labels = out["image"], out["mask"]
-        image = to_float(image)
-        mean, std = self._stats(image.shape[2])
-        img_t, mask_t = to_tensor_pair(normalize(image, mean, std), labels)
+        img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
+        mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         return {"image": img_t, "mask": mask_t, "path": str(self.samples[index].image)}
 
 
@@ -890,7 +890,5 @@ class PredictDataset(_TransformMixin, Dataset):
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         d_mean, d_std = default_mean_std(image.shape[2])
-        img_t, _ = to_tensor_pair(
-            normalize(image, self.mean or d_mean, self.std or d_std), None
-        )
+        img_t = normalize_to_tensor(image, self.mean or d_mean, self.std or d_std)
         return {"image": img_t, "path": str(path), "size": size}

@@ -41,7 +41,6 @@ from segpipe.data.io import (
     RasterReader,
     open_raster,
     probe_raster,
-    read_image,
     to_float,
 )
 from segpipe.data.transforms import build_eval_transform, normalize
@@ -252,43 +251,10 @@ class PredictInputs(Dataset):
         return rec
 
     def _load(self, index: int) -> tuple[Tensor, Tensor]:
-        """Normalised (C, h, w) image and its original [H, W].
-
-        Without a resize, the conversion runs in torch on the image's own (H, W, C) memory and
-        the tensor keeps that layout (channels-last, what the network wants): the same float32
-        operations as :class:`~segpipe.data.datasets.PredictDataset` (bit-identical values),
-        without its three passes and transposing copy. Otherwise the dataset does it.
-        """
-        cfg = self.config
-        if self.images.transform is None:
-            arr = read_image(self.files[index].path, cfg.bands)
-            c = arr.shape[2]
-            if c == cfg.in_channels or (c == 1 and cfg.in_channels == 3):
-                return _normalise_hwc(arr, cfg), torch.tensor(arr.shape[:2], dtype=torch.int64)
+        """Normalised (C, h, w) image (channels-last memory, what the network wants) and its
+        original [H, W]."""
         item = self.images[index]
         return item["image"], item["size"]
-
-
-def _normalise_hwc(arr: np.ndarray, cfg: PredictConfig) -> Tensor:
-    """``normalize(adapt_channels(to_float(arr)))`` in torch, keeping (H, W, C) memory.
-
-    Args:
-        arr: (H, W, C) image in its native dtype, C == in_channels or 1 (-> 3).
-        cfg: Preprocessing.
-
-    Returns:
-        float32 (C, H, W) view of (H, W, C)-contiguous memory.
-    """
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.shape[2] == 1 and cfg.in_channels == 3:
-        t = t.expand(-1, -1, 3)
-    x = t.to(torch.float32, memory_format=torch.contiguous_format)
-    if np.issubdtype(arr.dtype, np.integer):
-        x.div_(float(np.float32(np.iinfo(arr.dtype).max)))
-    x.sub_(torch.tensor(cfg.mean, dtype=torch.float32)).div_(
-        torch.tensor(cfg.std, dtype=torch.float32)
-    )
-    return x.permute(2, 0, 1)
 
 
 def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

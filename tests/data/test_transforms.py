@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from segpipe.data.transforms import (
     IMAGENET_MEAN,
+    RandomScaleCrop,
     build_eval_transform,
     build_train_transform,
     default_mean_std,
     normalize,
-    to_tensor_pair,
+    normalize_to_tensor,
 )
 
 IGNORE = 255
@@ -56,6 +58,90 @@ def test_image_and_mask_stay_aligned(preset: str) -> None:
         # resampling blurs only the block edges).
         agree = (_decode(img)[valid] == m[valid]).mean() if valid.any() else 1.0
         assert agree > 0.85
+
+
+def _rescale_pad_crop(img, oy, ox, sh, sw, size, fill, interpolation):
+    """What RandomScaleCrop replaces: resize the whole image, pad centred, crop."""
+    ch, cw = size
+    scaled = cv2.resize(img, (sw, sh), interpolation=interpolation)
+    if img.ndim == 3 and scaled.ndim == 2:
+        scaled = scaled[:, :, None]
+    top, left = max(0, ch - sh) // 2, max(0, cw - sw) // 2
+    pad = [(top, max(0, ch - sh) - top), (left, max(0, cw - sw) - left)] + [(0, 0)] * (img.ndim - 2)
+    padded = np.pad(scaled, pad, constant_values=fill)
+    y0, x0 = top - oy, left - ox
+    assert 0 <= y0 <= padded.shape[0] - ch and 0 <= x0 <= padded.shape[1] - cw
+    return padded[y0 : y0 + ch, x0 : x0 + cw]
+
+
+def _draw(t: RandomScaleCrop, image, mask):
+    params = t.get_params_dependent_on_data({"shape": image.shape}, {})
+    return params, t.apply(image, **params), t.apply_to_mask(mask, **params)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 6])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_random_scale_crop_equals_rescale_pad_crop(channels: int, dtype) -> None:
+    """Each draw equals resizing the whole frame, centre padding and cropping at its offset,
+    up to a sub-pixel shift of the resampling grid."""
+    h, w, size = 60, 80, (48, 40)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramp = np.stack([yy + xx + 20 * c for c in range(channels)], -1)  # one level per pixel
+    image = ramp.astype(dtype) if dtype is np.uint8 else (ramp / 255).astype(dtype)
+    mask = ((yy // 12 + xx // 16) % 5).astype(np.int32)
+    t = RandomScaleCrop(size, scale=(0.3, 2.5), fill_mask=IGNORE)
+    t.set_random_seed(1)
+    factors, offsets = [], set()
+    for _ in range(60):
+        params, out_img, out_mask = _draw(t, image, mask)
+        (oy, ox), (sh, sw) = params["origin"], params["scaled_shape"]
+        assert out_img.shape == (*size, channels) and out_img.dtype == dtype
+        assert out_mask.shape == size and out_mask.dtype == np.int32
+        ref_img = _rescale_pad_crop(image, oy, ox, sh, sw, size, 0, cv2.INTER_LINEAR)
+        ref_mask = _rescale_pad_crop(mask, oy, ox, sh, sw, size, IGNORE, cv2.INTER_NEAREST_EXACT)
+        # The padding is exact.
+        pad = ref_mask == IGNORE
+        assert np.array_equal(out_mask == IGNORE, pad)
+        assert np.all(out_img[pad] == 0)
+        # Inside, a shift of under half a rescaled pixel moves the ramp by < 1 / factor levels
+        # (per axis), plus rounding.
+        factor = sh / h
+        tol = (1.0 + 1.0 / factor) * (1 if dtype is np.uint8 else 1 / 255)
+        assert np.abs(out_img.astype(np.float64) - ref_img).max() <= tol
+        # The same shift may move a label boundary by one pixel (per axis), never more.
+        near = np.pad(ref_mask, 1, mode="edge")
+        neighbours = [near[1 + dy : 1 + dy + size[0], 1 + dx : 1 + dx + size[1]]
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        off = out_mask != ref_mask
+        assert np.all(np.any([n[off] == out_mask[off] for n in neighbours], axis=0))
+        factors.append(factor)
+        offsets.add((oy, ox))
+    assert min(factors) < 0.5 and max(factors) > 2.2  # the whole range is drawn
+    assert len(offsets) > 40
+
+
+def test_random_scale_crop_without_scaling_is_a_pad_and_crop() -> None:
+    image, mask = _blocks(40, 30)
+    t = RandomScaleCrop((32, 32), fill_mask=IGNORE)
+    t.set_random_seed(0)
+    for _ in range(10):
+        params, out_img, out_mask = _draw(t, image, mask)
+        oy, ox = params["origin"]
+        ref_img = _rescale_pad_crop(image, oy, ox, 40, 30, (32, 32), 0, cv2.INTER_LINEAR)
+        ref_mask = _rescale_pad_crop(mask, oy, ox, 40, 30, (32, 32), IGNORE, cv2.INTER_NEAREST)
+        np.testing.assert_array_equal(out_img, ref_img)
+        np.testing.assert_array_equal(out_mask, ref_mask)
+
+
+def test_random_scale_crop_far_into_the_padding() -> None:
+    """A tiny image zoomed out: most of the crop is padding, the image is pasted whole."""
+    image, mask = np.full((5, 7, 3), 200, np.uint8), np.ones((5, 7), np.int32)
+    t = RandomScaleCrop((32, 32), scale=(0.5, 0.5), fill_mask=IGNORE)
+    t.set_random_seed(0)
+    params, out_img, out_mask = _draw(t, image, mask)
+    assert params["scaled_shape"] == (2, 3)
+    assert (out_mask == 1).sum() == 6 and (out_mask == IGNORE).sum() == 32 * 32 - 6
+    assert np.all(out_img[out_mask == 1] == 200) and np.all(out_img[out_mask == IGNORE] == 0)
 
 
 def test_mask_labels_never_interpolated() -> None:
@@ -122,6 +208,33 @@ def test_bad_arguments() -> None:
         build_train_transform(crop_size=0)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "unit"),
+    [(np.uint8, 255.0), (np.uint16, 65535.0), (np.int16, 32767.0), (np.float32, 1.0),
+     (np.bool_, 1.0)],
+)
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_normalize_to_tensor_equals_the_separate_steps(dtype, unit, channels) -> None:
+    rng = np.random.default_rng(channels)
+    raw = rng.integers(0, 2 if dtype is np.bool_ else 200, (6, 7, channels)).astype(dtype)
+    mean, std = rng.uniform(0.1, 0.9, channels).tolist(), rng.uniform(0.1, 0.5, channels).tolist()
+    expected = normalize(raw.astype(np.float32) / np.float32(unit), mean, std).transpose(2, 0, 1)
+    out = normalize_to_tensor(raw, mean, std)
+    assert out.dtype == torch.float32 and out.shape == (channels, 6, 7)
+    assert out.permute(1, 2, 0).is_contiguous()  # (H, W, C) memory: channels-last
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one value per channel"):
+        normalize_to_tensor(raw, mean + [0.5], std + [0.5])
+    with pytest.raises(ValueError, match="zeros"):
+        normalize_to_tensor(raw, mean, [0.0] * channels)
+
+
+def test_normalize_to_tensor_of_a_2d_image() -> None:
+    out = normalize_to_tensor(np.full((2, 3), 255, np.uint8), [0.5], [0.25])
+    assert out.shape == (1, 2, 3)
+    np.testing.assert_allclose(out.numpy(), 2.0, rtol=1e-6)
+
+
 def test_normalize_and_tensors() -> None:
     image = np.ones((4, 5, 3), np.float32) * 0.5
     mean, std = default_mean_std(3)
@@ -131,9 +244,5 @@ def test_normalize_and_tensors() -> None:
     assert out[0, 0, 0] == pytest.approx((0.5 - 0.485) / 0.229)
     with pytest.raises(ValueError, match="one value per channel"):
         normalize(image, [0.5], [0.25])
-    img_t, mask_t = to_tensor_pair(out, np.zeros((4, 5), np.int32))
-    assert img_t.shape == (3, 4, 5) and img_t.dtype == torch.float32 and img_t.is_contiguous()
-    assert mask_t is not None and mask_t.dtype == torch.int64 and mask_t.shape == (4, 5)
-    assert to_tensor_pair(out, None)[1] is None
     assert default_mean_std(1) == ([0.5], [0.25])
     assert default_mean_std(4) == ([0.5] * 4, [0.25] * 4)
