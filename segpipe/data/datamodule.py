@@ -56,12 +56,22 @@ _ISBI_DEFAULT_VAL = (20, 24)
 
 
 def default_num_workers() -> int:
-    """DataLoader workers for this machine: ``min(4, max(0, cpu_count - 1))``.
+    """DataLoader workers for this machine: only CPUs that training leaves free, at most 4.
+
+    With a GPU, ``cpu_count - 1`` (the main process feeds the GPU). Without one, training runs
+    ``torch.get_num_threads()`` compute threads, by default one per core, so a worker process
+    can only run by pre-empting one of them, and each pre-emption stalls the other threads at
+    the next synchronisation: measured on a 2-core CPU (``scripts/bench_train.py``), one worker
+    slowed U-Net training steps by about twice its own CPU time, while loading the same
+    batches in the main process between steps cost only their CPU time. So on a CPU the
+    default is ``cpu_count - torch.get_num_threads()`` (0 where training uses every core).
 
     Returns:
         Number of worker processes.
     """
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
+    cpus = os.cpu_count() or 1
+    free = cpus - 1 if torch.cuda.is_available() else cpus - torch.get_num_threads()
+    return min(4, max(0, free))
 
 
 def default_cache_mb(num_workers: int) -> float:
@@ -295,24 +305,47 @@ class _LazyIterator:
         return batch
 
 
+def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker, in shared memory.
+
+    As ``default_collate`` does: a batch built in shared memory crosses to the main process
+    without the extra copy that moving an ordinary tensor there costs. ``channels_last`` lays a
+    4-D batch out as (N, H, W, C) in memory, the format the task runs the network in.
+    """
+    numel = int(np.prod(shape))
+    if get_worker_info() is not None:
+        flat = like.new(like._typed_storage()._new_shared(numel, device=like.device))
+    else:
+        flat = like.new_empty(numel)
+    if channels_last and len(shape) == 4:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
 class PadCollate:
     """Collate dicts of tensors, padding images (0) and masks (``ignore_index``) to the max size.
 
-    Batches whose items share a size are simply stacked. ``path`` becomes a list of str.
+    ``path`` becomes a list of str. Each batch is written once, straight into its final buffer:
+    shared memory when collating in a DataLoader worker, and for images the channels-last
+    layout by default (the format the task runs the network in, so it needs no copy of its own).
 
     Args:
         ignore_index: Mask value for padding; when None, differently sized items with masks
             raise an error.
         hint: What to tell the user in that case.
+        channels_last: Lay image batches out channels-last in memory (shape stays N, C, H, W).
     """
 
     def __init__(
         self,
         ignore_index: int | None,
         hint: str = "set data.ignore_index or data.eval_batch_size=1",
+        channels_last: bool = True,
     ) -> None:
         self.ignore_index = ignore_index
         self.hint = hint
+        self.channels_last = channels_last
 
     def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -326,28 +359,29 @@ class PadCollate:
             )
         sizes = {tuple(im.shape[-2:]) for im in images}
         has_mask = "mask" in batch[0]
-        if len(sizes) == 1:
-            out["image"] = torch.stack(images)
-            if has_mask:
-                out["mask"] = torch.stack([b["mask"] for b in batch])
-        else:
-            if has_mask and self.ignore_index is None:
-                raise ValueError(
-                    f"cannot batch images of different sizes {sorted(sizes)} ({', '.join(paths)})"
-                    f" without an ignore index to pad the masks; {self.hint}"
-                )
-            h = max(s[0] for s in sizes)
-            w = max(s[1] for s in sizes)
-            img_out = images[0].new_zeros((len(batch), images[0].shape[0], h, w))
-            for i, im in enumerate(images):
-                img_out[i, :, : im.shape[1], : im.shape[2]] = im
-            out["image"] = img_out
-            if has_mask:
-                masks = [b["mask"] for b in batch]
-                mask_out = masks[0].new_full((len(batch), h, w), int(self.ignore_index))
-                for i, m in enumerate(masks):
-                    mask_out[i, : m.shape[0], : m.shape[1]] = m
-                out["mask"] = mask_out
+        if len(sizes) > 1 and has_mask and self.ignore_index is None:
+            raise ValueError(
+                f"cannot batch images of different sizes {sorted(sizes)} ({', '.join(paths)})"
+                f" without an ignore index to pad the masks; {self.hint}"
+            )
+        h = max(s[0] for s in sizes)
+        w = max(s[1] for s in sizes)
+        padded = len(sizes) > 1
+        img_out = _batch_buffer(images[0], (len(batch), images[0].shape[0], h, w),
+                                self.channels_last)
+        if padded:
+            img_out.zero_()
+        for i, im in enumerate(images):
+            img_out[i, :, : im.shape[1], : im.shape[2]] = im
+        out["image"] = img_out
+        if has_mask:
+            masks = [b["mask"] for b in batch]
+            mask_out = _batch_buffer(masks[0], (len(batch), h, w), False)
+            if padded:
+                mask_out.fill_(int(self.ignore_index))
+            for i, m in enumerate(masks):
+                mask_out[i, : m.shape[0], : m.shape[1]] = m
+            out["mask"] = mask_out
         out["path"] = paths
         for key in batch[0]:
             if key not in out:
@@ -386,7 +420,8 @@ class SegmentationDataModule(L.LightningDataModule):
         mask_colors: Colour table for RGB colour-coded masks (i-th colour = class i).
         batch_size: Training batch size.
         eval_batch_size: Val/test/predict batch size (default ``batch_size``).
-        num_workers: DataLoader workers (default ``min(4, cpu_count - 1)``).
+        num_workers: DataLoader workers (default :func:`default_num_workers`: CPUs that
+            training leaves free, at most 4; 0 on a CPU whose cores all train).
         pin_memory: Pin host memory (default: when CUDA is available).
         persistent_workers: Keep workers between epochs (only when workers > 0).
         worker_niceness: Lower the workers' CPU priority by this much (default: 10 when no GPU

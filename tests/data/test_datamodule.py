@@ -12,7 +12,7 @@ import torch
 
 from segpipe.data import DataCheckError, SegmentationDataModule, check_samples, scan_folder
 from segpipe.data.checks import class_pixel_counts
-from segpipe.data.datamodule import PadCollate, default_class_colors
+from segpipe.data.datamodule import PadCollate, default_class_colors, default_num_workers
 from segpipe.data.io import write_image, write_mask
 from tests.data.synthetic import (
     make_camvid_like,
@@ -40,12 +40,25 @@ def _check_batch(batch: dict, n: int, c: int, hw: tuple[int, int]) -> None:
     assert all(isinstance(p, str) for p in batch["path"])
 
 
+def test_default_workers_leave_the_training_threads_their_cores(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_num_workers() == 0  # both cores train: load between steps
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_num_workers() == 4  # hyper-threads the training threads leave free, at most 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert default_num_workers() == 2  # a GPU trains; all but one CPU load
+
+
 def test_defaults_and_hparams(folder_root: Path) -> None:
     dm = SegmentationDataModule(str(folder_root), num_classes=3)
     assert dm.class_names == ["class_0", "class_1", "class_2"]
     assert dm.class_colors == default_class_colors(3) == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
     assert dm.mean == [0.485, 0.456, 0.406] and dm.std == [0.229, 0.224, 0.225]
-    assert dm.num_workers == min(4, max(0, (os.cpu_count() or 1) - 1))
+    assert dm.num_workers == default_num_workers()
     assert dm.pin_memory == torch.cuda.is_available()
     assert dm.hparams.root == str(folder_root) and dm.hparams.num_classes == 3
     assert dm.hparams.layout == "folder" and dm.hparams.ignore_index is None
@@ -145,6 +158,30 @@ def test_pad_collate() -> None:
     assert out["path"] == ["a", "b"]
     with pytest.raises(ValueError, match="data.ignore_index or data.eval_batch_size=1"):
         PadCollate(None)(items)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pad_collate_layout_and_values(channels_last: bool) -> None:
+    rng = torch.Generator().manual_seed(0)
+    hwc = torch.randn(5, 6, 3, generator=rng)
+    items = [
+        {"image": hwc.permute(2, 0, 1), "mask": torch.full((5, 6), 2), "path": "a"},  # HWC memory
+        {"image": torch.randn(3, 5, 6, generator=rng), "mask": torch.ones(5, 6, dtype=torch.int64),
+         "path": "b"},  # CHW memory
+    ]
+    out = PadCollate(255, channels_last=channels_last)(items)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out["image"].is_contiguous(memory_format=fmt) and out["mask"].is_contiguous()
+    for i, item in enumerate(items):
+        assert torch.equal(out["image"][i], item["image"]) and torch.equal(out["mask"][i], item["mask"])
+
+
+def test_batches_from_a_worker_are_channels_last(folder_root: Path) -> None:
+    dm = _dm(folder_root, num_classes=3, batch_size=2, num_workers=1, crop_size=16)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.int64
 
 
 def test_eval_pads_mixed_sizes(tmp_path: Path) -> None:
