@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -32,6 +32,7 @@ from segpipe.callbacks import (
 )
 from segpipe.data import SegmentationDataModule
 from segpipe.fileio import TMP_PREFIX
+from segpipe.runtime import tune_allocator
 from segpipe.tasks import SegmentationTask
 
 __all__ = [
@@ -390,6 +391,7 @@ class SegpipeCLI(LightningCLI):
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``segpipe`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
     if not args or args[0] in {"-h", "--help"}:
@@ -409,16 +411,26 @@ def main(argv: Sequence[str] | None = None) -> Any:
     return 0
 
 
-def run_cli(args: Sequence[str]) -> SegpipeCLI:
-    """Run ``segpipe fit|validate|test`` with ``args`` and return the CLI (trainer, model, data)."""
+def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeCLI:
+    """Run ``segpipe fit|validate|test`` with ``args`` and return the CLI (trainer, model, data).
+
+    Args:
+        args: Command-line arguments after ``segpipe``.
+        callbacks: Callback objects added to the trainer's (after those from the config), for
+            callers in Python such as benchmarks and notebooks.
+    """
+    tune_allocator()
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
+    defaults: dict[str, Any] = {"precision": default_precision()}
+    if callbacks:
+        defaults["callbacks"] = list(callbacks)
     try:
         return SegpipeCLI(
             SegmentationTask,
             SegmentationDataModule,
             seed_everything_default=0,
-            trainer_defaults={"precision": default_precision()},
+            trainer_defaults=defaults,
             save_config_kwargs={"overwrite": True},
         )
     finally:
