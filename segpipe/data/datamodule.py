@@ -33,7 +33,12 @@ from segpipe.data.datasets import (
     scan_isbi,
     scan_lgg,
 )
-from segpipe.data.transforms import build_eval_transform, build_train_transform, default_mean_std
+from segpipe.data.transforms import (
+    build_eval_transform,
+    build_train_transform,
+    default_mean_std,
+    seed_transform,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -705,7 +710,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 color=hp.color,
                 mask_fill=self.ignore_index if self.ignore_index is not None else 0,
             )
-            transform.set_random_seed(int(hp.seed))
+            seed_transform(transform, int(hp.seed))
         else:
             transform = build_eval_transform(
                 tuple(hp.eval_resize) if hp.eval_resize is not None else None

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segpipe.data.io import ImageReadError, is_image_file, read_image, read_mask, to_float
-from segpipe.data.transforms import default_mean_std, normalize_to_tensor
+from segpipe.data.transforms import default_mean_std, normalize_to_tensor, seed_transform
 
 __all__ = [
     "SPLITS",
@@ -686,7 +686,7 @@ class _TransformMixin:
             seed: New seed.
         """
         if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(int(seed) % (2**32))
+            seed_transform(self.transform, seed)
 
     def _resolve_key(self, key: int | ItemKey) -> int:
         """Index of ``key``; for an :class:`ItemKey` also reseed the transform per item.

@@ -13,6 +13,7 @@ augmentation, so colour jitter works on ``[0, 1]`` data.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -33,6 +34,7 @@ __all__ = [
     "default_mean_std",
     "normalize",
     "normalize_to_tensor",
+    "seed_transform",
 ]
 
 Preset = Literal["none", "light", "default", "strong"]
@@ -173,6 +175,31 @@ def _scaled_window(origin: int, scaled: int, out: int, source: int) -> _Window:
     resized = int(round((src_stop - src_start) * factor))  # the size cv2.resize makes
     count = min(s1 - s0, resized - start)
     return _Window(factor, src_start, src_stop, start, first, count)
+
+
+def seed_transform(transform: A.BaseCompose | A.BasicTransform, seed: int) -> None:
+    """Seed a pipeline so that its transforms draw from one stream.
+
+    albumentations' ``set_random_seed`` gives every transform its own generator seeded with the
+    same value, so their first draws are equal: with a seed set per sample, "flip?" (p=0.5)
+    came out the same as "brightness/contrast?" (p=0.5) and as a scale factor in the lower half
+    of its range, for every sample. Here all transforms share one numpy and one Python
+    generator, so each draw is a fresh number and the augmentations are independent. It is
+    also four times cheaper than ``set_random_seed``, which matters once per training sample.
+
+    Args:
+        transform: A Compose (nested ones included) or a single transform.
+        seed: Any int (reduced modulo 2**32).
+    """
+    seed = int(seed) % (2**32)
+    shared = {"seed": seed, "random_generator": np.random.default_rng(seed),
+              "py_random": random.Random(seed)}
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        for name, value in shared.items():
+            setattr(t, name, value)
+        stack.extend(getattr(t, "transforms", ()))
 
 
 def _hw(crop_size: int | Sequence[int] | None) -> tuple[int, int] | None:
