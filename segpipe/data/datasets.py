@@ -841,7 +841,10 @@ class SegmentationDataset(_TransformMixin, Dataset):
         else:
             image = adapt_channels(to_float(raw), self.in_channels, self.samples[index].image)
         if self.transform is not None:
-            out = self.transform(image=image, mask=labels.astype(np.int32))
+            # Cached labels are uint8 when they fit; keep them so unless the padding value
+            # (the ignore index) does not (cv2 has no int64, hence int32 otherwise).
+            fits = labels.dtype == np.uint8 and 0 <= (self.ignore_index or 0) <= 255
+            out = self.transform(image=image, mask=labels if fits else labels.astype(np.int32))
             image, labels = out["image"], out["mask"]
         img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
         mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))

@@ -171,6 +171,20 @@ def test_seeded_augmentations_are_independent_and_reproducible() -> None:
     assert np.array_equal(first["mask"], again["mask"])
 
 
+@pytest.mark.parametrize("preset", ["light", "default", "strong"])
+def test_uint8_masks_stay_uint8_with_padding_labelled(preset: str) -> None:
+    """Cached labels reach the pipeline as uint8 (ignore index <= 255): padding must be labelled."""
+    t = build_train_transform(preset, crop_size=48, scale=(0.5, 0.6), rotate90=True,
+                              mask_fill=IGNORE)
+    seed_transform(t, 0)
+    image, mask = _blocks(40, 40)
+    for _ in range(5):
+        out = t(image=image, mask=mask.astype(np.uint8))
+        assert out["mask"].dtype == np.uint8 and out["mask"].shape == (48, 48)
+        assert set(np.unique(out["mask"]).tolist()) <= {0, 1, 2, IGNORE}
+        assert (out["mask"] == IGNORE).any()  # zoomed out below the crop size: padded
+
+
 def test_mask_labels_never_interpolated() -> None:
     t = build_train_transform("strong", crop_size=(40, 56), scale=(0.5, 2.0), rotate90=False,
                               mask_fill=IGNORE)
