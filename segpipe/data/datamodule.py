@@ -405,8 +405,8 @@ def _subset(samples: list[Sample], limit: int | None) -> list[Sample]:
 class SegmentationDataModule(L.LightningDataModule):
     """Data module for semantic segmentation.
 
-    Batches: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``.
-    Training crops come from :func:`~segpipe.data.transforms.build_train_transform`; val/test
+    Batches: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``,
+    images channels-last in memory (see :class:`PadCollate`). Training crops come from :func:`~segpipe.data.transforms.build_train_transform`; val/test
     images keep their native size (or ``eval_resize``) and are padded per batch to the largest
     item (image with 0, mask with ``ignore_index``).
 

@@ -1,13 +1,15 @@
 """Augmentations and tensor conversion (the only module of segpipe that imports albumentations).
 
-All pipelines work on float32 ``(H, W, C)`` images in ``[0, 1]`` (any channel count) and integer
-``(H, W)`` masks. Image and mask always receive the same geometric transform; masks are always
-resampled with nearest-neighbour interpolation, so no new label values appear. Regions created by
-padding, zooming out or rotating are filled with 0 in the image and ``mask_fill`` (use the
-ignore index) in the mask.
+All pipelines work on ``(H, W, C)`` images, uint8 or float32 in ``[0, 1]`` (any channel count),
+and integer ``(H, W)`` masks. Image and mask always receive the same geometric transform; masks
+are always resampled with nearest-neighbour interpolation, so no new label values appear.
+Regions created by padding, zooming out or rotating are filled with 0 in the image and
+``mask_fill`` (use the ignore index) in the mask. :func:`seed_transform` seeds a pipeline
+(per sample, for reproducible augmentation).
 
-Normalisation is not part of the albumentations pipelines: :func:`normalize` is applied after
-augmentation, so colour jitter works on ``[0, 1]`` data.
+Normalisation is not part of the albumentations pipelines: :func:`normalize_to_tensor` scales,
+normalises and converts to a tensor after augmentation, so colour jitter works on the image's
+own value range.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class RandomScaleCrop(A.DualTransform):
     and pastes it into the output. The result equals theirs up to a sub-pixel shift (the
     window's origin lands on a fractional position of the rescaled grid), which is irrelevant
     as augmentation and identical for image and mask. On a 480×360 frame and a 224² crop it
-    costs about 0.15 ms instead of 0.8 ms per sample, in DataLoader workers that share the CPU
+    costs about 0.2 ms instead of 0.8 ms per sample, in the loading process that shares the CPU
     with training.
 
     Images are resized bilinearly, masks by nearest neighbour on the same grid (so image and
