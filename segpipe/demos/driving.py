@@ -42,7 +42,7 @@ __all__ = [
 CAMVID_UNET_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
     "trainer": {
-        "max_epochs": 60,
+        "max_epochs": 84,
         "check_val_every_n_epoch": 4,
         "max_time": "00:00:30:00",
         "default_root_dir": "runs/camvid_unet",
@@ -65,7 +65,7 @@ CAMVID_UNET_CONFIG: dict[str, Any] = {
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002, "weight_decay": 0.0001}},
         "lr_scheduler": {
             "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-            "init_args": {"T_max": 60},
+            "init_args": {"T_max": 84},
         },
     },
     "data": {
