@@ -187,7 +187,8 @@ def seed_transform(transform: A.BaseCompose | A.BasicTransform, seed: int) -> No
     came out the same as "brightness/contrast?" (p=0.5) and as a scale factor in the lower half
     of its range, for every sample. Here all transforms share one numpy and one Python
     generator, so each draw is a fresh number and the augmentations are independent. It is
-    also four times cheaper than ``set_random_seed``, which matters once per training sample.
+    also about three times cheaper than ``set_random_seed`` (0.03 vs 0.1 ms), and it runs once
+    per training sample.
 
     Args:
         transform: A Compose (nested ones included) or a single transform.
