@@ -1,14 +1,16 @@
-"""Process-wide settings that make CPU training and inference fast.
+"""Process-wide settings for CPU training and inference.
 
 :func:`tune_allocator` keeps glibc's allocator from handing every large tensor back to the
 kernel. PyTorch's CPU tensors come straight from ``malloc``; with glibc's defaults a training
 step of even a small U-Net frees and re-allocates tens of MB of activations, which glibc returns
 to the kernel (``munmap`` or heap trimming) and the next step faults back in page by page:
-about 10 000 page faults per step for U-Net(16) at batch 8 on 224² crops, and 20–30 % of the
-step's time on a 2-core CPU. Intel's PyTorch CPU guide recommends jemalloc or tcmalloc through
-``LD_PRELOAD`` for this; ``mallopt`` gets the same effect in-process, with nothing to install:
-blocks up to 32 MiB (glibc's maximum) come from the heap and freed heap memory is kept for
-reuse. The cost is that the process keeps its peak heap size until it exits.
+about 10 000 page faults per step for U-Net(16) at batch 8 on 224² crops (about 200 with the
+settings below; ``scripts/bench_malloc.py`` compares the two, though on a shared 2-core VM the
+time saved was not separable from the machine's noise). Intel's PyTorch CPU guide recommends
+jemalloc or tcmalloc through ``LD_PRELOAD`` for this; ``mallopt`` gets the same effect
+in-process, with nothing to install: blocks up to 32 MiB (glibc's maximum) come from the heap
+and freed heap memory is kept for reuse. The cost is that the process keeps its peak heap size
+until it exits.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def tune_allocator() -> bool:
     if _tuned is not None:
         return _tuned
     _tuned = False
-    if os.environ.get("SEGPIPE_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+    opted_out = os.environ.get("SEGPIPE_MALLOC", "").lower() == "default"
+    if opted_out or not sys.platform.startswith("linux"):
         return False
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                                      "GLIBC_TUNABLES", "LD_PRELOAD")):
