@@ -26,7 +26,7 @@ sys.path.insert(0, {repo!r}); sys.path.insert(0, {scripts!r})
 from segpipe.runtime import tune_allocator
 tuned = tune_allocator()
 from bench_train import BareLoop
-from segpipe.cli import default_precision
+from segpipe.runtime import default_precision
 args = argparse.Namespace(classes=11, base={base}, batch_size={batch}, crop={crop},
                           precision=default_precision())
 bare = BareLoop(args)

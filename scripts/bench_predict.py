@@ -95,7 +95,7 @@ def make_ckpt(path: Path, base_channels: int, depth: int, num_classes: int) -> P
 def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import torch
 
-    from segpipe.cli import default_precision
+    from segpipe.runtime import default_precision
     from segpipe.data.datasets import PredictDataset
     from segpipe.predict.checkpoint import load_predictor
     from segpipe.predict.command import predict

@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segpipe.callbacks import Throughput  # noqa: E402
-from segpipe.cli import default_precision, run_cli  # noqa: E402
+from segpipe.cli import run_cli  # noqa: E402
+from segpipe.runtime import default_precision  # noqa: E402
 from segpipe.models import UNet  # noqa: E402
 
 
@@ -142,7 +143,7 @@ def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer:
         f"--data.root={root}", f"--data.layout={args.layout}",
         f"--data.num_classes={args.classes}", f"--data.batch_size={args.batch_size}",
         f"--data.crop_size={args.crop}", "--data.ignore_index=255",
-        f"--model.net.init_args.num_classes={args.classes}", "--model.loss=ce",  # as the bare loop
+        "--model.loss=ce",  # as the bare loop
         f"--model.net.init_args.base_channels={args.base}",
         f"--trainer.precision={args.precision}",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",

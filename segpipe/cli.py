@@ -30,9 +30,9 @@ from segpipe.callbacks import (
     install_safe_checkpoint_io,
     load_checkpoint_file,
 )
-from segpipe.data import SegmentationDataModule
+from segpipe.data import DataSpec, SegmentationDataModule
 from segpipe.fileio import TMP_PREFIX
-from segpipe.runtime import tune_allocator
+from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tasks import SegmentationTask
 
 __all__ = [
@@ -41,11 +41,20 @@ __all__ = [
     "OutputDirError",
     "SegpipeCLI",
     "check_output_dir",
-    "default_precision",
     "main",
     "resolve_checkpoint_alias",
     "run_cli",
 ]
+
+
+#: ``data.*`` options that make up the data spec linked into ``model.data_spec``.
+_SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_channels", "bands",
+              "mean", "std", "eval_resize")
+
+
+def _data_spec(*values: Any) -> dict[str, Any]:
+    """``model.data_spec`` from the ``data.*`` options of :data:`_SPEC_ARGS` (checked)."""
+    return DataSpec.create(**dict(zip(_SPEC_ARGS, values))).to_dict()
 
 
 def _lazy(module: str, function: str = "main") -> Callable[[list[str]], int]:
@@ -62,25 +71,9 @@ def _lazy(module: str, function: str = "main") -> Callable[[list[str]], int]:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "predict": _lazy("segpipe.predict.command"),
     "export": _lazy("segpipe.predict.export"),
-    "check-data": _lazy("segpipe.doctor"),
+    "check-data": _lazy("segpipe.data.doctor"),
     "demo": _lazy("segpipe.demos"),
 }
-
-
-def default_precision() -> str:
-    """Fastest precision that keeps accuracy on the machine at hand.
-
-    bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX),
-    where it runs U-Net about 3x faster than fp32; fp32 elsewhere.
-    """
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return "bf16-mixed"
-    except (AttributeError, RuntimeError):
-        pass
-    return "32-true"
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -307,10 +300,12 @@ class SegpipeCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(TestMetricsWriter, "metrics_writer")
-        # The data is the one source of truth for classes and the ignore label.
-        parser.link_arguments("data.num_classes", "model.num_classes")
-        parser.link_arguments("data.ignore_index", "model.ignore_index")
-        parser.link_arguments("data.class_names", "model.class_names")
+        # The data section states classes and input once: the network gets its num_classes and
+        # in_channels from there, the task the whole spec (saved in every checkpoint).
+        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes")
+        parser.link_arguments("data.in_channels", "model.net.init_args.in_channels")
+        parser.link_arguments(tuple(f"data.{k}" for k in _SPEC_ARGS), "model.data_spec",
+                              compute_fn=_data_spec)
 
     def before_instantiate_classes(self) -> None:
         # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.

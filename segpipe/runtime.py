@@ -1,12 +1,12 @@
-"""Process-wide settings for CPU training and inference.
+"""Process-wide settings and machine defaults for training and inference.
 
 :func:`tune_allocator` keeps glibc's allocator from handing every large tensor back to the
 kernel. PyTorch's CPU tensors come straight from ``malloc``; with glibc's defaults a training
 step of even a small U-Net frees and re-allocates tens of MB of activations, which glibc returns
-to the kernel (``munmap`` or heap trimming) and the next step faults back in page by page:
-about 10 000 page faults per step for U-Net(16) at batch 8 on 224² crops (about 200 with the
-settings below; ``scripts/bench_malloc.py`` compares the two, though on a shared 2-core VM the
-time saved was not separable from the machine's noise). Intel's PyTorch CPU guide recommends
+to the kernel (``munmap`` or heap trimming) and the next step faults back in page by page, every
+step; the settings below remove most of those page faults (``scripts/bench_malloc.py`` counts
+them and times the steps with and without the settings; figures in the README's Speed
+section). Intel's PyTorch CPU guide recommends
 jemalloc or tcmalloc through ``LD_PRELOAD`` for this; ``mallopt`` gets the same effect
 in-process, with nothing to install: blocks up to 32 MiB (glibc's maximum) come from the heap
 and freed heap memory is kept for reuse. The cost is that the process keeps its peak heap size
@@ -20,7 +20,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_allocator"]
+__all__ = ["default_precision", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -68,3 +68,25 @@ def tune_allocator() -> bool:
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
     return _tuned
+
+
+def default_precision() -> str:
+    """Fastest precision that keeps accuracy on the machine at hand.
+
+    bf16 autocast on CUDA GPUs that support it (fp16 on older ones) and on CPUs with native bf16
+    (AVX512-BF16/AMX), where it is faster than fp32 at equal accuracy (README, "Speed";
+    ``scripts/bench_precision.py``); fp32 elsewhere.
+
+    Returns:
+        A Lightning ``precision`` value.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "bf16-mixed"
+    except (AttributeError, RuntimeError):
+        pass
+    return "32-true"

@@ -3,8 +3,6 @@
 #: A tiny U-Net (3 classes, base 8, depth 2) on 32-pixel crops, CPU, quiet output.
 TINY_UNET = [
     "--model.net.class_path=segpipe.models.UNet",
-    "--model.net.init_args.in_channels=3",
-    "--model.net.init_args.num_classes=3",
     "--model.net.init_args.base_channels=8",
     "--model.net.init_args.depth=2",
     "--data.num_classes=3",

@@ -41,7 +41,10 @@ def test_fit_writes_checkpoints_and_config(fitted):
     import torch
 
     hp = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
-    assert hp["num_classes"] == 3 and hp["ignore_index"] == 255  # linked from the data section
+    spec = hp["data_spec"]  # linked from the data section, the one place classes are stated
+    assert spec["num_classes"] == 3 and spec["ignore_index"] == 255
+    assert hp["net"]["init_args"]["num_classes"] == 3 and hp["net"]["init_args"]["in_channels"] == 3
+    assert spec["mean"] == [0.485, 0.456, 0.406] and spec["stats_source"] == "default"  # 8-bit RGB
     assert hp["net"]["class_path"] == "segpipe.models.UNet"  # enough to rebuild from the checkpoint
 
 

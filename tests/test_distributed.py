@@ -29,7 +29,6 @@ pytestmark = pytest.mark.slow  # ~2 minutes on 2 CPU cores: three runs, two of t
 
 TINY = [
     "--config", "configs/folder_unet.yaml",
-    "--model.net.init_args.num_classes=3",
     "--model.net.init_args.base_channels=8",
     "--model.net.init_args.depth=2",
     "--model.loss=ce",

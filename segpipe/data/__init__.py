@@ -5,12 +5,10 @@ Batch format: ``{"image": float32 (N, C, H, W) normalised, "mask": int64 (N, H, 
 """
 
 from segpipe.data.checks import DataCheckError, Problem, check_samples, class_pixel_counts
-from segpipe.data.datamodule import (
-    PadCollate,
-    SegmentationDataModule,
-    default_class_colors,
-    default_num_workers,
-)
+from segpipe.data.collate import PadCollate
+from segpipe.data.datamodule import SegmentationDataModule
+from segpipe.data.loading import default_num_workers
+from segpipe.data.spec import DataSpec, default_class_colors, default_class_names, default_mean_std
 from segpipe.data.datasets import (
     PredictDataset,
     Sample,
@@ -33,17 +31,19 @@ from segpipe.data.io import (
     write_image,
     write_mask,
 )
+from segpipe.data.stats import BandStats, band_statistics, needs_measured_stats
 from segpipe.data.transforms import (
     build_eval_transform,
     build_train_transform,
-    default_mean_std,
     normalize,
     normalize_to_tensor,
 )
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BandStats",
     "DataCheckError",
+    "DataSpec",
     "ImageReadError",
     "PadCollate",
     "PredictDataset",
@@ -52,16 +52,19 @@ __all__ = [
     "Scan",
     "SegmentationDataModule",
     "SegmentationDataset",
+    "band_statistics",
     "build_eval_transform",
     "build_train_transform",
     "check_samples",
     "class_pixel_counts",
     "default_class_colors",
+    "default_class_names",
     "default_mean_std",
     "default_num_workers",
     "encode_mask",
     "find_images",
     "image_size",
+    "needs_measured_stats",
     "normalize",
     "normalize_to_tensor",
     "read_image",

@@ -52,8 +52,6 @@ CAMVID_UNET_CONFIG: dict[str, Any] = {
         "net": {
             "class_path": "segpipe.models.UNet",
             "init_args": {
-                "in_channels": 3,
-                "num_classes": 11,
                 "base_channels": 16,
                 "depth": 4,
                 "norm": "batch",

@@ -127,8 +127,6 @@ def demo_config(data_root: Path, run_dir: Path, smoke: bool, max_minutes: float)
             "net": {
                 "class_path": "segpipe.models.UNet",
                 "init_args": {
-                    "in_channels": 1,
-                    "num_classes": 4,
                     "base_channels": 8 if smoke else 16,
                     "depth": 4,
                     "norm": "batch",

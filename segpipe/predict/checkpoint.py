@@ -1,15 +1,15 @@
 """Everything prediction needs, from a checkpoint alone.
 
-A checkpoint written by ``segpipe fit`` (LightningCLI) holds the task's hyperparameters, including
-the network as ``{"class_path", "init_args"}``, and the data module's hyperparameters (classes,
-colours, bands, normalisation, eval resize). :func:`load_predictor` rebuilds the task and gathers
-the preprocessing and palette in a :class:`PredictConfig`; the predict command and the ONNX export
-share it.
+A checkpoint written by ``segpipe fit`` (LightningCLI) holds the task's hyperparameters: the
+network as ``{"class_path", "init_args"}`` and the data spec (classes, colours, ignored label,
+bands, normalisation, eval resize; :class:`~segpipe.data.spec.DataSpec`). :func:`load_predictor`
+rebuilds the task and turns the spec into a :class:`PredictConfig`, which the predict command,
+the ONNX export and the report share. Checkpoints written before the spec existed keep loading:
+their spec is rebuilt from the task's and the data module's hyperparameters.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import pickle
 from collections.abc import Mapping
@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from segpipe.data.datamodule import SegmentationDataModule, default_class_colors
-from segpipe.data.transforms import default_mean_std
+from segpipe.data.spec import DataSpec, spec_from_legacy
 from segpipe.tasks import SegmentationTask
 
 __all__ = [
     "CheckpointError",
     "PredictConfig",
+    "checkpoint_spec",
     "load_predictor",
     "read_checkpoint",
     "save_predict_checkpoint",
@@ -72,6 +72,27 @@ class PredictConfig:
     eval_resize: tuple[int, int] | None = None
     pad_multiple: int = 32
     net: str = ""
+
+    @classmethod
+    def from_spec(
+        cls, spec: DataSpec, checkpoint: str = "", pad_multiple: int = 32, net: str = ""
+    ) -> PredictConfig:
+        """The prediction settings of a data spec (default normalisation when it has none)."""
+        mean, std = spec.normalization()
+        return cls(
+            checkpoint=str(checkpoint),
+            num_classes=spec.num_classes,
+            class_names=list(spec.class_names),
+            class_colors=[list(c) for c in spec.class_colors],
+            in_channels=spec.in_channels,
+            bands=list(spec.bands) if spec.bands is not None else None,
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+            ignore_index=spec.ignore_index,
+            eval_resize=tuple(spec.eval_resize) if spec.eval_resize else None,  # type: ignore[arg-type]
+            pad_multiple=int(pad_multiple),
+            net=net,
+        )
 
     @property
     def mask_dtype(self) -> np.dtype:
@@ -129,14 +150,28 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def _datamodule_hparams(hp: Mapping[str, Any] | None) -> SegmentationDataModule | None:
-    """The data module rebuilt from saved hyperparameters (fills defaults; touches no disk)."""
-    if not hp:
-        return None
-    params = inspect.signature(SegmentationDataModule.__init__).parameters
-    kwargs = {k: v for k, v in hp.items() if k in params and k != "self"}
-    kwargs.setdefault("root", ".")
-    return SegmentationDataModule(**kwargs)
+def checkpoint_spec(ckpt: Mapping[str, Any], path: str | Path = "checkpoint") -> DataSpec | None:
+    """The data spec a checkpoint was trained with.
+
+    Args:
+        ckpt: The checkpoint dict (:func:`read_checkpoint`).
+        path: The file, for messages.
+
+    Returns:
+        ``hyper_parameters["data_spec"]``; for checkpoints written before specs were saved, the
+        spec rebuilt from the task's and the data module's hyperparameters; None when neither
+        says how many classes there are.
+
+    Raises:
+        CheckpointError: When the saved spec is invalid.
+    """
+    hp = ckpt.get("hyper_parameters") or {}
+    try:
+        if hp.get("data_spec"):
+            return DataSpec.from_dict(hp["data_spec"], where="data")
+        return spec_from_legacy(hp, ckpt.get("datamodule_hyper_parameters"))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid data spec in the checkpoint ({exc})") from exc
 
 
 def load_predictor(
@@ -168,9 +203,12 @@ def load_predictor(
             "the weights with segpipe.predict.save_predict_checkpoint(path, net={'class_path': "
             "..., 'init_args': {...}}, data={...}, state_dict=task.state_dict())."
         )
+    spec = checkpoint_spec(ckpt, path)
     try:
+        # The spec is checked against the network below, with the checkpoint named.
         task = SegmentationTask.load_from_checkpoint(
-            path, map_location=map_location, weights_only=True
+            path, map_location=map_location, weights_only=True, data_spec=None, num_classes=None,
+            class_names=None,
         )
     except Exception as exc:  # noqa: BLE001 - re-raised with the file and the likely fix
         raise CheckpointError(
@@ -179,57 +217,25 @@ def load_predictor(
             "for training"
         ) from exc
     task.eval()
-
-    try:
-        dm = _datamodule_hparams(ckpt.get("datamodule_hyper_parameters"))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: invalid data hyperparameters in the checkpoint ({exc})"
-        ) from exc
-    net = task.net
     num_classes = int(task.num_classes)
-    if dm is not None:
-        if dm.num_classes != num_classes:
-            raise CheckpointError(
-                f"{path}: data.num_classes={dm.num_classes} but the model predicts {num_classes} "
-                "classes; the checkpoint is inconsistent"
-            )
-        in_channels = dm.in_channels
-        bands, mean, std = dm.bands, list(dm.mean), list(dm.std)
-        colors = [list(c) for c in dm.class_colors]
-        names = list(task.class_names or dm.class_names)
-        ignore_index = dm.ignore_index
-        resize = dm.hparams.get("eval_resize")
-    else:
-        log.warning(
-            "%s has no data hyperparameters: using default normalisation and colours", path
-        )
-        in_channels = int(getattr(net, "in_channels", 3))
-        bands = None
-        mean, std = default_mean_std(in_channels)
-        colors = default_class_colors(num_classes)
-        names = list(task.class_names or [f"class_{i}" for i in range(num_classes)])
-        ignore_index = task.ignore_index
-        resize = None
-    net_in = getattr(net, "in_channels", None)
-    if net_in is not None and int(net_in) != in_channels:
+    if spec is None:
+        log.warning("%s has no data spec: using default normalisation and colours", path)
+        spec = DataSpec.create(num_classes, ignore_index=task.ignore_index,
+                               in_channels=int(getattr(task.net, "in_channels", 3)))
+    if spec.num_classes != num_classes:
         raise CheckpointError(
-            f"{path}: data.in_channels={in_channels} but the network takes {net_in} channels; "
-            "the checkpoint is inconsistent"
+            f"{path}: data.num_classes={spec.num_classes} but the model predicts {num_classes} "
+            "classes; the checkpoint is inconsistent"
         )
-    config = PredictConfig(
-        checkpoint=str(path),
-        num_classes=num_classes,
-        class_names=names,
-        class_colors=colors,
-        in_channels=int(in_channels),
-        bands=list(bands) if bands is not None else None,
-        mean=[float(v) for v in mean],
-        std=[float(v) for v in std],
-        ignore_index=ignore_index,
-        eval_resize=(int(resize[0]), int(resize[1])) if resize else None,
-        pad_multiple=int(task.pad_multiple),
-        net=str(net_cfg.get("class_path", "")),
+    net_in = getattr(task.net, "in_channels", None)
+    if net_in is not None and int(net_in) != spec.in_channels:
+        raise CheckpointError(
+            f"{path}: data.in_channels={spec.in_channels} but the network takes {net_in} "
+            "channels; the checkpoint is inconsistent"
+        )
+    task.spec = spec
+    config = PredictConfig.from_spec(
+        spec, str(path), int(task.pad_multiple), str(net_cfg.get("class_path", ""))
     )
     return task, config
 
@@ -248,7 +254,9 @@ def save_predict_checkpoint(
     Args:
         path: Output ``.ckpt``.
         net: ``{"class_path": "segpipe.models.UNet", "init_args": {...}}``.
-        data: Data hyperparameters (``num_classes``, ``class_colors``, ``mean``, ``bands``...).
+        data: The data spec's fields (``num_classes``, ``class_names``, ``class_colors``,
+            ``ignore_index``, ``in_channels``, ``bands``, ``mean``, ``std``, ``eval_resize``);
+            ``num_classes``/``in_channels`` default to the network's.
         state_dict: The task's weights (keys ``net.*``); the freshly initialised network's
             weights when None.
         **task_kwargs: Other :class:`SegmentationTask` arguments (``num_classes``, ...).
@@ -259,22 +267,25 @@ def save_predict_checkpoint(
     import lightning
     from lightning.pytorch.cli import instantiate_module
 
-    from segpipe.fileio import atomic_path
+    from segpipe.fileio import atomic_open
 
     net_cfg = {"class_path": net["class_path"], "init_args": dict(net.get("init_args") or {})}
     hparams: dict[str, Any] = {"net": net_cfg, **task_kwargs}
     if state_dict is None:
         task = instantiate_module(SegmentationTask, hparams)
         state_dict = task.state_dict()
-        hparams.setdefault("num_classes", task.num_classes)
-    data_hp = dict(data or {})
-    data_hp.setdefault("root", ".")
+    spec_hp = {k: v for k, v in dict(data or {}).items() if v is not None}
+    init_args = net_cfg["init_args"]
+    spec_hp.setdefault("num_classes", task_kwargs.get("num_classes") or init_args.get("num_classes"))
+    spec_hp.setdefault("in_channels", init_args.get("in_channels", 3))
+    if "ignore_index" in task_kwargs:
+        spec_hp.setdefault("ignore_index", task_kwargs["ignore_index"])
+    spec = DataSpec.from_dict(spec_hp, where="data")
     ckpt = {
         "pytorch-lightning_version": lightning.__version__,
         "state_dict": dict(state_dict),
-        "hyper_parameters": {**hparams, "_instantiator": _INSTANTIATOR},
-        "datamodule_hyper_parameters": {**data_hp, "_instantiator": _INSTANTIATOR},
+        "hyper_parameters": {**hparams, "data_spec": spec.to_dict(), "_instantiator": _INSTANTIATOR},
     }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_open(path) as fh:  # checked writes: a full disk raises DiskFullError
+        torch.save(ckpt, fh)
     return Path(path)

@@ -7,7 +7,6 @@ The task never reads files and never builds networks by name: ``net`` is any ``n
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from segpipe.data.spec import DataSpec
 from segpipe.metrics import IOU_METRICS, build_metrics, flatten_metrics, metrics_report, per_image_scores
 
 __all__ = ["RNG_STATE_KEY", "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state"]
@@ -105,18 +105,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class SegmentationTask(L.LightningModule):
     """Semantic segmentation around any network.
 
+    The classes and the input the model was trained on are one :class:`~segpipe.data.spec.DataSpec`
+    (:attr:`spec`): from ``data_spec`` (the CLI links it from the ``data:`` section), else from the
+    ``num_classes``/``ignore_index``/``class_names`` shorthands and the network; during training
+    the data module's spec (with measured normalisation statistics) is adopted. It is saved in
+    every checkpoint as ``hyper_parameters["data_spec"]``, which prediction reads.
+
     Args:
         net: The network, ``(N, C, H, W) -> (N, num_classes, H, W)`` logits. It should expose
             ``num_classes`` and ``pad_multiple``; inputs are padded to ``pad_multiple`` and the
             logits cropped back, so any image size works.
-        num_classes: Number of classes; taken from ``net.num_classes`` when omitted.
+        data_spec: The data spec as a dict (:meth:`DataSpec.to_dict`), or None.
+        num_classes: Number of classes (shorthand when there is no ``data_spec``); taken from
+            ``net.num_classes`` when omitted.
         loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum)
             or ``focal`` (smp's focal loss).
         class_weights: One weight per class for ``ce``/``ce+dice``/``dice``/``focal`` (e.g. median
             frequency balancing), or None.
-        ignore_index: Label excluded from the loss and from every metric, or None.
-        class_names: Names used to label per-class metrics; taken from the datamodule's
-            ``class_names`` when omitted, else ``class_0..``.
+        ignore_index: Label excluded from the loss and from every metric, or None (shorthand
+            when there is no ``data_spec``).
+        class_names: Names used to label per-class metrics (shorthand); taken from the data
+            module when omitted, else ``class_0..``.
         optimizer: Callable building the optimiser from the parameters (LightningCLI
             ``OptimizerCallable``); AdamW(lr=1e-3) by default.
         lr_scheduler: Callable building a scheduler from the optimiser, or None.
@@ -135,6 +144,7 @@ class SegmentationTask(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
+        data_spec: dict[str, Any] | None = None,
         num_classes: int | None = None,
         loss: LossName = "ce",
         class_weights: list[float] | None = None,
@@ -151,21 +161,16 @@ class SegmentationTask(L.LightningModule):
         super().__init__()
         # From a config (LightningCLI) every argument is plain data, saved so that the checkpoint
         # alone rebuilds the task; built in Python, module and callables are no hyperparameters.
-        self.save_hyperparameters(ignore=None if _built_from_config() else list(_PYTHON_ONLY))
+        # Unset shorthands are not saved: the spec states them (and loggers refuse hparams that
+        # the data module also has with another value).
+        unset = {"num_classes": num_classes, "ignore_index": ignore_index, "class_names": class_names}
+        ignore = [k for k, v in unset.items() if v is None]
+        if not _built_from_config():
+            ignore += list(_PYTHON_ONLY)
+        self.save_hyperparameters(ignore=ignore)
         self.net = net
-        net_classes = getattr(net, "num_classes", None)
-        if num_classes is None:
-            if net_classes is None:
-                raise ValueError(
-                    "SegmentationTask needs num_classes: the network "
-                    f"{type(net).__name__} has no num_classes attribute; pass model.num_classes."
-                )
-            num_classes = int(net_classes)
-        elif net_classes is not None and int(net_classes) != num_classes:
-            raise ValueError(
-                f"SegmentationTask(num_classes={num_classes}) disagrees with the network, which "
-                f"outputs {net_classes} classes; make model.num_classes and the net's num_classes equal."
-            )
+        spec = _task_spec(net, data_spec, num_classes, ignore_index, class_names)
+        num_classes = spec.num_classes
         if num_classes < 2:
             raise ValueError(
                 f"SegmentationTask needs num_classes >= 2 (background counts as a class), got {num_classes}."
@@ -175,14 +180,10 @@ class SegmentationTask(L.LightningModule):
                 f"class_weights has {len(class_weights)} values but there are {num_classes} classes; "
                 "give one weight per class."
             )
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
-                f"class_names has {len(class_names)} names but there are {num_classes} classes; "
-                "give one name per class."
-            )
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.class_names = list(class_names) if class_names else None
+        #: Whether the class names were given (else the data module's are taken in setup).
+        self._names_given = bool(class_names) or bool(data_spec and data_spec.get("class_names"))
+        self.spec = spec
+        ignore_index = spec.ignore_index
         self.pad_multiple = int(getattr(net, "pad_multiple", 32))
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -205,8 +206,6 @@ class SegmentationTask(L.LightningModule):
         self.test_images: list[dict[str, Any]] = []
         self.worst_images: list[dict[str, Any]] = []
         self.test_report: dict[str, Any] | None = None
-        #: Also return softmax probabilities from ``predict_step`` (set by the predict command).
-        self.predict_probs = False
         self._pending_rng_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ building blocks
@@ -232,20 +231,64 @@ class SegmentationTask(L.LightningModule):
             )
         raise ValueError(f"loss must be one of ce, dice, ce+dice, focal; got {loss!r}.")
 
+    # ------------------------------------------------------------------ the data spec
+    @property
+    def spec(self) -> DataSpec:
+        """Classes and input of the data the model is trained on."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: DataSpec) -> None:
+        self._spec = spec
+        # Saved with the checkpoint (Lightning writes ``hparams`` at every save).
+        self.hparams["data_spec"] = spec.to_dict()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return self.spec.num_classes
+
+    @property
+    def ignore_index(self) -> int | None:
+        """Label excluded from the loss and the metrics."""
+        return self.spec.ignore_index
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per class."""
+        return list(self.spec.class_names)
+
     def setup(self, stage: str) -> None:
-        """Take class names from the datamodule when none were given, and check they agree."""
+        """Adopt the data module's spec (names, colours, measured statistics); check it agrees."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dm_classes = getattr(dm, "num_classes", None)
-        if dm_classes is not None and int(dm_classes) != self.num_classes:
-            raise ValueError(
-                f"The data has {dm_classes} classes but the model predicts {self.num_classes}; "
-                "set data.num_classes and the net's num_classes to the same value."
-            )
-        if self.class_names is None:
+        dm_spec = getattr(dm, "spec", None)
+        if isinstance(dm_spec, DataSpec):
+            self._check_classes(dm_spec.num_classes)
+            if dm_spec.ignore_index != self.ignore_index:
+                raise ValueError(
+                    f"The data ignores label {dm_spec.ignore_index} but the model was built to "
+                    f"ignore {self.ignore_index}; set data.ignore_index once (the CLI links it "
+                    "into the model)."
+                )
+            if not dm_spec.has_stats and self.spec.has_stats:  # e.g. testing a checkpoint
+                dm_spec = dm_spec.with_stats(self.spec.mean, self.spec.std, self.spec.stats_source)
+            self.spec = dm_spec
+        elif dm is not None:  # any LightningDataModule: take what it states
+            dm_classes = getattr(dm, "num_classes", None)
+            if dm_classes is not None:
+                self._check_classes(int(dm_classes))
             names = getattr(dm, "class_names", None)
-            self.class_names = _names(names, self.num_classes)
+            if names and not self._names_given:
+                self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    def _check_classes(self, data_classes: int) -> None:
+        if data_classes != self.num_classes:
+            raise ValueError(
+                f"The data has {data_classes} classes but the model predicts {self.num_classes}; "
+                "set data.num_classes (the CLI links it into the network)."
+            )
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -310,18 +353,6 @@ class SegmentationTask(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Class map (and probabilities when ``predict_probs``) of a batch.
-
-        Returns:
-            ``{"pred": (N,H,W) int64, "path": list[str]}`` plus ``"probs": (N,K,H,W) float32``.
-        """
-        logits = self(batch["image"]).float()
-        out: dict[str, Any] = {"pred": logits.argmax(dim=1), "path": batch.get("path")}
-        if self.predict_probs:
-            out["probs"] = logits.softmax(dim=1)
-        return out
-
     # ------------------------------------------------------------------ epoch ends
     def _log_epoch(self, stage: Stage) -> dict[str, Tensor]:
         collection = getattr(self, f"{stage}_metrics")
@@ -332,7 +363,7 @@ class SegmentationTask(L.LightningModule):
         if not updated:
             return {}
         computed = {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()}
-        names = _names(self.class_names, self.num_classes)
+        names = self.class_names
         flat = flatten_metrics(computed, names, prefix=f"{stage}/")
         # Already synced across ranks by torchmetrics; sync_dist averages identical values.
         self.log(f"{stage}/mIoU", flat.pop(f"{stage}/mIoU"), prog_bar=True, sync_dist=True)
@@ -356,7 +387,7 @@ class SegmentationTask(L.LightningModule):
         computed = self._log_epoch("test")
         if not computed:
             return
-        names = _names(self.class_names, self.num_classes)
+        names = self.class_names
         images, worst = self.test_images, self.worst_images
         if self.trainer.world_size > 1:
             gathered: list[Any] = [None] * self.trainer.world_size
@@ -393,7 +424,12 @@ class SegmentationTask(L.LightningModule):
         checkpoint[RNG_STATE_KEY] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep this rank's saved RNG state to restore when training resumes."""
+        """Take the saved normalisation statistics when this task has none; keep this rank's
+        saved RNG state to restore when training resumes."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
+        if not self.spec.has_stats and saved.get("mean") is not None and saved.get("std") is not None:
+            self.spec = self.spec.with_stats(saved["mean"], saved["std"],
+                                             saved.get("stats_source") or "measured")
         states = checkpoint.get(RNG_STATE_KEY)
         self._pending_rng_state = None
         if not states or self._trainer is None:
@@ -431,5 +467,53 @@ class _SumLoss(nn.Module):
         return sum(loss(logits, target) for loss in self.losses)  # type: ignore[return-value]
 
 
-def _names(names: Sequence[str] | None, n: int) -> list[str]:
-    return list(names) if names else [f"class_{i}" for i in range(n)]
+def _task_spec(
+    net: nn.Module,
+    data_spec: dict[str, Any] | None,
+    num_classes: int | None,
+    ignore_index: int | None,
+    class_names: list[str] | None,
+) -> DataSpec:
+    """The task's spec from ``data_spec`` or the shorthands, checked against the network."""
+    net_classes = getattr(net, "num_classes", None)
+    net_in = getattr(net, "in_channels", None)
+    if data_spec:
+        spec = DataSpec.from_dict(data_spec, where="model.data_spec")
+        given = {"num_classes": num_classes, "ignore_index": ignore_index,
+                 "class_names": list(class_names) if class_names else None}
+        for key, value in given.items():
+            if value is not None and value != getattr(spec, key):
+                raise ValueError(
+                    f"SegmentationTask({key}={value!r}) disagrees with the data spec "
+                    f"({getattr(spec, key)!r}); state it once, under data: in the config."
+                )
+    else:
+        if num_classes is None:
+            if net_classes is None:
+                raise ValueError(
+                    "SegmentationTask needs num_classes: the network "
+                    f"{type(net).__name__} has no num_classes attribute; set data.num_classes."
+                )
+            num_classes = int(net_classes)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} names but there are {num_classes} classes; "
+                "give one name per class."
+            )
+        spec = DataSpec.create(
+            int(num_classes), class_names=class_names, ignore_index=ignore_index,
+            in_channels=int(net_in) if net_in is not None else 3, where="model",
+        )
+    if net_classes is not None and int(net_classes) != spec.num_classes:
+        raise ValueError(
+            f"SegmentationTask(num_classes={spec.num_classes}) disagrees with the network, which "
+            f"outputs {net_classes} classes; set data.num_classes (the CLI links it into the "
+            "network) and drop num_classes from model.net.init_args."
+        )
+    if net_in is not None and int(net_in) != spec.in_channels:
+        raise ValueError(
+            f"The data spec has {spec.in_channels} input channels but the network "
+            f"{type(net).__name__} takes {net_in}; set data.in_channels (the CLI links it into "
+            "the network)."
+        )
+    return spec

@@ -12,7 +12,7 @@ import torch
 
 from segpipe.data import DataCheckError, SegmentationDataModule, check_samples, scan_folder
 from segpipe.data.checks import class_pixel_counts
-from segpipe.data.datamodule import PadCollate, default_class_colors, default_num_workers
+from segpipe.data import PadCollate, default_class_colors, default_num_workers
 from segpipe.data.io import write_image, write_mask
 from tests.data.synthetic import (
     make_camvid_like,
@@ -82,14 +82,10 @@ def test_fit_batches_follow_contract(folder_root: Path) -> None:
     assert not dm.val_dataloader().drop_last
 
 
-def test_test_and_predict_loaders(folder_root: Path) -> None:
+def test_test_loader(folder_root: Path) -> None:
     dm = _dm(folder_root, num_classes=3, eval_batch_size=2)
     dm.setup("test")
     _check_batch(next(iter(dm.test_dataloader())), 2, 3, (40, 48))
-    dm.setup("predict")
-    batch = next(iter(dm.predict_dataloader()))
-    assert "mask" not in batch and batch["image"].shape == (2, 3, 40, 48)
-    assert batch["size"].tolist() == [[40, 48], [40, 48]]
 
 
 def test_val_fallback_and_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -61,3 +61,26 @@ def test_inconsistent_data_and_model_are_refused(tmp_path: Path) -> None:
                      class_names=None)
     with pytest.raises(CheckpointError, match="data.num_classes=4"):
         load_predictor(ckpt)
+
+
+def test_checkpoints_from_before_the_data_spec_still_load(tmp_path: Path) -> None:
+    """segpipe 0.1 kept classes in the task's hparams and the input in the data module's."""
+    ckpt = read_checkpoint(make_ckpt(tmp_path / "new.ckpt", "tests.predict.nets.PointwiseNet",
+                                     {"in_channels": 3, "num_classes": 3}))
+    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "data_spec"}
+    old = {
+        "pytorch-lightning_version": ckpt["pytorch-lightning_version"],
+        "state_dict": ckpt["state_dict"],
+        "hyper_parameters": {**hp, "num_classes": 3, "ignore_index": 255,
+                             "class_names": ["bg", "red", "green"]},
+        "datamodule_hyper_parameters": {"root": "x", "layout": "folder", "num_classes": 3,
+                                        "in_channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3,
+                                        "class_colors": [[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+                                        "eval_resize": [8, 8], "batch_size": 4},
+    }
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    task, cfg = load_predictor(path)
+    assert cfg.class_names == ["bg", "red", "green"] and cfg.ignore_index == 255
+    assert cfg.mean == [0.0] * 3 and cfg.class_colors[1] == [4, 5, 6]
+    assert cfg.eval_resize == (8, 8) and task.spec.class_names == cfg.class_names

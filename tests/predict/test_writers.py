@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from PIL import Image
 
-from segpipe.data.datamodule import default_class_colors
+from segpipe.data.spec import default_class_colors
 from segpipe.data.io import RasterWriter
 from segpipe.fileio import TMP_PREFIX
 from segpipe.predict.checkpoint import PredictConfig

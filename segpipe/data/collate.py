@@ -1,0 +1,101 @@
+"""Batching: :class:`PadCollate` pads differently sized items and writes each batch once.
+
+Batch format: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``,
+images laid out channels-last in memory (the format the task runs the network in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+__all__ = ["PadCollate"]
+
+
+def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker, in shared memory.
+
+    As ``default_collate`` does: a batch built in shared memory crosses to the main process
+    without the extra copy that moving an ordinary tensor there costs. ``channels_last`` lays a
+    4-D batch out as (N, H, W, C) in memory, the format the task runs the network in.
+    """
+    numel = int(np.prod(shape))
+    if get_worker_info() is not None:
+        flat = like.new(like._typed_storage()._new_shared(numel, device=like.device))
+    else:
+        flat = like.new_empty(numel)
+    if channels_last and len(shape) == 4:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
+class PadCollate:
+    """Collate dicts of tensors, padding images (0) and masks (``ignore_index``) to the max size.
+
+    ``path`` becomes a list of str. Each batch is written once, straight into its final buffer:
+    shared memory when collating in a DataLoader worker, and for images the channels-last
+    layout by default (the format the task runs the network in, so it needs no copy of its own).
+
+    Args:
+        ignore_index: Mask value for padding; when None, differently sized items with masks
+            raise an error.
+        hint: What to tell the user in that case.
+        channels_last: Lay image batches out channels-last in memory (shape stays N, C, H, W).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int | None,
+        hint: str = "set data.ignore_index or data.eval_batch_size=1",
+        channels_last: bool = True,
+    ) -> None:
+        self.ignore_index = ignore_index
+        self.hint = hint
+        self.channels_last = channels_last
+
+    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        images = [b["image"] for b in batch]
+        paths = [str(b.get("path", "")) for b in batch]
+        channels = {int(im.shape[0]) for im in images}
+        if len(channels) > 1:
+            raise ValueError(
+                f"images in one batch have different channel counts {sorted(channels)} "
+                f"({', '.join(paths)}); set data.in_channels so all images are converted"
+            )
+        sizes = {tuple(im.shape[-2:]) for im in images}
+        has_mask = "mask" in batch[0]
+        if len(sizes) > 1 and has_mask and self.ignore_index is None:
+            raise ValueError(
+                f"cannot batch images of different sizes {sorted(sizes)} ({', '.join(paths)})"
+                f" without an ignore index to pad the masks; {self.hint}"
+            )
+        h = max(s[0] for s in sizes)
+        w = max(s[1] for s in sizes)
+        padded = len(sizes) > 1
+        img_out = _batch_buffer(images[0], (len(batch), images[0].shape[0], h, w),
+                                self.channels_last)
+        if padded:
+            img_out.zero_()
+        for i, im in enumerate(images):
+            img_out[i, :, : im.shape[1], : im.shape[2]] = im
+        out["image"] = img_out
+        if has_mask:
+            masks = [b["mask"] for b in batch]
+            mask_out = _batch_buffer(masks[0], (len(batch), h, w), False)
+            if padded:
+                mask_out.fill_(int(self.ignore_index))
+            for i, m in enumerate(masks):
+                mask_out[i, : m.shape[0], : m.shape[1]] = m
+            out["mask"] = mask_out
+        out["path"] = paths
+        for key in batch[0]:
+            if key not in out:
+                out[key] = default_collate([b[key] for b in batch])
+        return out

@@ -1,0 +1,257 @@
+"""Loading for training and evaluation: worker defaults, samplers and the resumable loader.
+
+* :func:`default_num_workers` / :func:`default_cache_mb`: what this machine can spare for
+  loading.
+* :class:`EpochSampler`: a training order that is a function of ``(seed, epoch)``, sharded
+  over ranks; :class:`ResumableDataLoader` resumes it in the middle of an epoch.
+* :class:`UnrepeatedSampler`: every val/test image on exactly one rank.
+* :func:`seed_worker`: each DataLoader worker's own augmentation stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+
+from segpipe.data.datasets import ItemKey
+
+__all__ = [
+    "EpochSampler",
+    "ResumableDataLoader",
+    "UnrepeatedSampler",
+    "default_cache_mb",
+    "default_num_workers",
+    "seed_worker",
+]
+
+
+def default_num_workers() -> int:
+    """DataLoader workers for this machine: only CPUs that training leaves free, at most 4.
+
+    With a GPU, ``cpu_count - 1`` (the main process feeds the GPU). Without one, training runs
+    ``torch.get_num_threads()`` compute threads, by default one per core, so a worker process
+    can only run by pre-empting one of them, and each pre-emption stalls the other threads at
+    the next synchronisation: measured on a 2-core CPU (``scripts/bench_train.py``), one worker
+    slowed U-Net training steps by about twice its own CPU time, while loading the same
+    batches in the main process between steps cost only their CPU time. So on a CPU the
+    default is ``cpu_count - torch.get_num_threads()`` (0 where training uses every core).
+
+    Returns:
+        Number of worker processes.
+    """
+    cpus = os.cpu_count() or 1
+    free = cpus - 1 if torch.cuda.is_available() else cpus - torch.get_num_threads()
+    return min(4, max(0, free))
+
+
+def default_cache_mb(num_workers: int) -> float:
+    """Decoded-sample cache per dataset and loading process: RAM / 8 over the workers, <= 1 GiB.
+
+    Args:
+        num_workers: DataLoader workers (each holds its own cache; 0 = the main process).
+
+    Returns:
+        MiB.
+    """
+    try:
+        ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        ram_mb = 8192.0
+    return float(min(1024.0, ram_mb / 8 / max(1, num_workers)))
+
+
+def seed_worker(worker_id: int, niceness: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: own augmentation random state, lower priority.
+
+    Without reseeding every forked worker would start from the same albumentations generator
+    state and produce the same augmentations. The seed is torch's per-worker seed, which follows
+    ``lightning.seed_everything``. A positive ``niceness`` lowers the worker's scheduling
+    priority, so that on a CPU-only machine loading fills the gaps between the training
+    threads' work instead of pre-empting them. (OpenCV's thread count is deliberately not
+    touched here: ``cv2.setNumThreads`` in a forked child can deadlock on a lock that a pool
+    thread of the parent held at fork time.)
+
+    Args:
+        worker_id: Worker index (unused; the seed already includes it).
+        niceness: Added to the worker process's nice value (POSIX only; 0 leaves it).
+    """
+    if niceness > 0 and hasattr(os, "nice"):
+        os.nice(niceness)
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(info.seed)
+
+
+class EpochSampler(DistributedSampler):
+    """Training order that is a function of ``(seed, epoch)`` only, sharded over ranks.
+
+    Each epoch's permutation comes from a generator seeded with ``(seed, epoch)``, never from
+    process-global random state, so a run resumed from a checkpoint sees the same order as
+    the uninterrupted run. It yields :class:`~segpipe.data.datasets.ItemKey` ``(index, epoch)``
+    so the dataset can seed each item's augmentation from ``(seed, epoch, index)``, also in
+    persistent DataLoader workers.
+
+    Like :class:`~torch.utils.data.DistributedSampler` (which it subclasses, so Lightning does
+    not replace it under DDP), each of ``num_replicas`` ranks takes every ``num_replicas``-th
+    index, and the permutation is padded by repeating indices so all ranks step equally often.
+    Lightning calls :meth:`set_epoch` before each epoch.
+
+    Args:
+        dataset: The data set (only its length is used).
+        num_replicas: Number of ranks.
+        rank: This rank.
+        shuffle: Shuffle (else sequential order).
+        seed: Seed of the permutations.
+        drop_last: Drop the tail so that the data splits evenly, instead of padding.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+            drop_last=drop_last,
+        )
+        self._resume: tuple[int, int] | None = None
+        #: Epoch and number of leading items skipped by the latest :meth:`__iter__`.
+        self.iter_epoch = 0
+        self.skipped = 0
+
+    def permutation(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch``, in order (before any resume skip).
+
+        Args:
+            epoch: Epoch.
+
+        Returns:
+            ``len(self)`` indices.
+        """
+        n = len(self.dataset)
+        if self.shuffle:
+            seed = int(np.random.SeedSequence([int(self.seed), int(epoch)]).generate_state(1)[0])
+            indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            indices = list(range(n))
+        if self.drop_last:
+            indices = indices[: self.total_size]
+        elif self.total_size > n:
+            padding = self.total_size - n
+            indices += (indices * math.ceil(padding / max(1, n)))[:padding]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def resume(self, epoch: int, items: int) -> None:
+        """Skip the first ``items`` indices of ``epoch`` the next time it is iterated.
+
+        Called when training resumes from a mid-epoch checkpoint; ignored when the next
+        iteration is of another epoch.
+
+        Args:
+            epoch: Epoch the checkpoint was saved in.
+            items: Indices already consumed in that epoch.
+        """
+        self._resume = (int(epoch), max(0, int(items)))
+
+    def __iter__(self) -> Iterator[ItemKey]:  # type: ignore[override]
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+        self._resume = None
+        self.iter_epoch, self.skipped = int(self.epoch), skip
+        epoch = int(self.epoch)
+        return iter([ItemKey(i, epoch) for i in self.permutation(epoch)[skip:]])
+
+
+class UnrepeatedSampler(DistributedSampler):
+    """Evaluation order: rank ``r`` of ``R`` takes indices ``r, r + R, r + 2R, ...``.
+
+    Unlike :class:`~torch.utils.data.DistributedSampler` it never pads uneven splits with
+    repeated samples, so every val/test image is counted exactly once across ranks (ranks may
+    get one batch more or less; torchmetrics and ``self.log(sync_dist=True)`` reduce at epoch
+    end, which handles that).
+
+    Args:
+        dataset: The data set (only its length is used).
+        num_replicas: Number of ranks.
+        rank: This rank.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:  # type: ignore[override]
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader that knows its position in the epoch, so training can resume mid-epoch.
+
+    Lightning saves the ``state_dict`` of a loader that has one in every checkpoint and, when
+    it resumes from a checkpoint saved in the middle of an epoch, passes it back to
+    :meth:`load_state_dict`; the :class:`EpochSampler` then skips the batches already trained
+    on. The underlying iterator (and so the sampler's permutation) is created at the first
+    batch, after Lightning has set the sampler's epoch: Lightning creates the iterator of a
+    resumed run before it calls ``set_epoch``.
+
+    Takes the arguments of :class:`~torch.utils.data.DataLoader`; ``sampler`` must be an
+    :class:`EpochSampler` for :meth:`load_state_dict` to take effect.
+    """
+
+    _yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._yielded = 0
+        return _LazyIterator(self)
+
+    def _base_iter(self) -> Iterator[Any]:
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the epoch: ``{"epoch", "batches"}`` (batches already yielded)."""
+        sampler = self.sampler
+        if not isinstance(sampler, EpochSampler):
+            return {"epoch": 0, "batches": 0}
+        batch_size = max(1, int(self.batch_size or 1))
+        return {"epoch": sampler.iter_epoch, "batches": sampler.skipped // batch_size + self._yielded}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        """Skip the batches that ``state_dict`` says were trained on when that epoch resumes.
+
+        Args:
+            state_dict: From :meth:`state_dict`.
+        """
+        if isinstance(self.sampler, EpochSampler):
+            batch_size = max(1, int(self.batch_size or 1))
+            self.sampler.resume(int(state_dict.get("epoch", 0)),
+                                int(state_dict.get("batches", 0)) * batch_size)
+
+
+class _LazyIterator:
+    """Creates the DataLoader iterator at the first ``next`` and counts the batches."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._base_iter()
+        batch = next(self.iterator)
+        self.loader._yielded += 1
+        return batch

@@ -1,0 +1,282 @@
+"""The data spec: what a model was trained on, stated once.
+
+A :class:`DataSpec` holds the classes (count, names, colours, ignored label) and the input
+(channel count, band selection, normalisation) of a data set. It is written once in a config
+(under ``data:``), linked by the CLI into the task (``model.data_spec``) and into the network's
+``num_classes``/``in_channels``, saved in every checkpoint (``hyper_parameters["data_spec"]``)
+and read back from there by prediction, ONNX export, the report and the Python API.
+
+Normalisation: ``mean``/``std`` are per-channel statistics of images scaled to ``[0, 1]``
+(:func:`~segpipe.data.io.to_float`). When a config gives none, :func:`default_mean_std` is used
+for 8-bit RGB images (ImageNet's), and the data module measures them per band on the training
+images for anything else (multi-band, 16-bit, grayscale) and stores the measured values in the
+spec, so prediction normalises exactly as training did.
+
+This module imports nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataSpec",
+    "default_class_colors",
+    "default_class_names",
+    "default_mean_std",
+    "spec_from_legacy",
+]
+
+#: ImageNet statistics (RGB, ``[0, 1]`` scale), the default for 3-channel 8-bit images.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """``["class_0", "class_1", ...]``.
+
+    Args:
+        num_classes: Number of names.
+
+    Returns:
+        The names.
+    """
+    return [f"class_{i}" for i in range(int(num_classes))]
+
+
+def default_class_colors(num_classes: int) -> list[list[int]]:
+    """A fixed, distinct palette (the Pascal VOC bit-interleaved colour map).
+
+    Class 0 is black, class 1 dark red, class 2 green, ...; distinct for up to 256 classes.
+
+    Args:
+        num_classes: Number of colours.
+
+    Returns:
+        ``num_classes`` RGB triplets.
+    """
+    colors = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colors.append([r, g, b])
+    return colors
+
+
+def default_mean_std(in_channels: int) -> tuple[list[float], list[float]]:
+    """Fallback normalisation for ``[0, 1]`` images when none is given or measured.
+
+    Args:
+        in_channels: Number of channels.
+
+    Returns:
+        ImageNet mean/std for 3 channels, otherwise 0.5 / 0.25 per channel.
+    """
+    if in_channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [0.5] * in_channels, [0.25] * in_channels
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Classes and input of a data set (see the module docstring).
+
+    Build it with :meth:`create`, which checks the values and fills the defaults; store it as
+    the plain dict of :meth:`to_dict` (safe for ``torch.load(weights_only=True)``).
+
+    Attributes:
+        num_classes: Number of classes the model predicts.
+        class_names: One name per class.
+        class_colors: One RGB triplet per class.
+        ignore_index: Label excluded from the loss and the metrics, or None.
+        in_channels: Channels the model takes.
+        bands: 1-based band selection applied when reading, or None (all bands).
+        mean: Per-channel mean of ``[0, 1]``-scaled images, or None (not given or measured yet).
+        std: Per-channel std, or None.
+        stats_source: Where ``mean``/``std`` come from: ``config``, ``measured`` or ``default``
+            (``""`` while unset).
+        eval_resize: ``[height, width]`` images are resized to for evaluation and prediction
+            (predictions are resized back), or None (native size).
+    """
+
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    class_colors: list[list[int]] = field(default_factory=list)
+    ignore_index: int | None = None
+    in_channels: int = 3
+    bands: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    stats_source: str = ""
+    eval_resize: list[int] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        class_colors: Sequence[Sequence[int]] | None = None,
+        ignore_index: int | None = None,
+        in_channels: int = 3,
+        bands: Sequence[int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        stats_source: str | None = None,
+        eval_resize: Sequence[int] | None = None,
+        where: str = "data",
+    ) -> DataSpec:
+        """A checked spec with default names and colours filled in.
+
+        Args:
+            num_classes: Number of classes (>= 1).
+            class_names: One name per class (default ``class_0, ...``).
+            class_colors: One RGB triplet per class (default :func:`default_class_colors`).
+            ignore_index: Ignored label, or None.
+            in_channels: Input channels (>= 1).
+            bands: 1-based band selection, or None.
+            mean: Per-channel mean, or None (with ``std`` given: :func:`default_mean_std`'s).
+            std: Per-channel std (all > 0), or None (likewise).
+            stats_source: Where mean/std come from (default ``config`` when given).
+            eval_resize: ``[height, width]`` for evaluation and prediction, or None.
+            where: Prefix of the option names in messages (``data`` -> ``data.num_classes``).
+
+        Returns:
+            The spec.
+
+        Raises:
+            ValueError: Naming the option and what to give instead.
+        """
+        num_classes, in_channels = int(num_classes), int(in_channels)
+        if num_classes < 1:
+            raise ValueError(f"{where}.num_classes must be >= 1, got {num_classes}")
+        if in_channels < 1:
+            raise ValueError(f"{where}.in_channels must be >= 1, got {in_channels}")
+        names = [str(n) for n in class_names] if class_names else default_class_names(num_classes)
+        if len(names) != num_classes:
+            raise ValueError(
+                f"{where}.class_names has {len(names)} names for num_classes={num_classes}; "
+                "give one name per class"
+            )
+        colors = (
+            [[int(v) for v in c] for c in class_colors]
+            if class_colors
+            else default_class_colors(num_classes)
+        )
+        if len(colors) != num_classes or any(len(c) != 3 for c in colors):
+            raise ValueError(
+                f"{where}.class_colors must be {num_classes} RGB triplets, got {class_colors}"
+            )
+        if (mean is None) != (std is None):  # one given: the other is the default
+            d_mean, d_std = default_mean_std(in_channels)
+            mean, std = (d_mean if mean is None else mean), (d_std if std is None else std)
+        if mean is not None and std is not None:
+            mean, std = [float(v) for v in mean], [float(v) for v in std]
+            if len(mean) != in_channels or len(std) != in_channels:
+                raise ValueError(
+                    f"{where}.mean/{where}.std need {in_channels} values (one per input "
+                    f"channel), got {len(mean)}/{len(std)}"
+                )
+            if any(not v > 0 for v in std):
+                raise ValueError(f"{where}.std values must be > 0, got {std}")
+        if eval_resize is not None and (
+            len(eval_resize) != 2 or any(int(v) < 1 for v in eval_resize)
+        ):
+            raise ValueError(f"{where}.eval_resize must be [height, width], got {eval_resize}")
+        source = stats_source if stats_source is not None else ("config" if mean else "")
+        return cls(
+            num_classes=num_classes,
+            class_names=names,
+            class_colors=colors,
+            ignore_index=None if ignore_index is None else int(ignore_index),
+            in_channels=in_channels,
+            bands=[int(b) for b in bands] if bands is not None else None,
+            mean=list(mean) if mean is not None else None,
+            std=list(std) if std is not None else None,
+            stats_source=source,
+            eval_resize=[int(v) for v in eval_resize] if eval_resize is not None else None,
+        )
+
+    # ------------------------------------------------------------------ normalisation
+    @property
+    def has_stats(self) -> bool:
+        """Whether mean and std are set (given or measured)."""
+        return self.mean is not None and self.std is not None
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """``(mean, std)`` to normalise inputs with: the spec's, else :func:`default_mean_std`."""
+        if self.mean is not None and self.std is not None:
+            return list(self.mean), list(self.std)
+        return default_mean_std(self.in_channels)
+
+    def with_stats(self, mean: Sequence[float], std: Sequence[float], source: str) -> DataSpec:
+        """A copy with normalisation statistics (checked like :meth:`create`)."""
+        return DataSpec.create(**{**self.to_dict(), "mean": mean, "std": std,
+                                  "stats_source": source})
+
+    def resolved(self) -> DataSpec:
+        """A copy whose mean/std are set (``default`` ones when none were given or measured)."""
+        if self.has_stats:
+            return self
+        mean, std = default_mean_std(self.in_channels)
+        return replace(self, mean=mean, std=std, stats_source="default")
+
+    # ------------------------------------------------------------------ storage
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, ints, floats, str, None) for configs and checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> DataSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones defaulted."""
+        keys = ("class_names", "class_colors", "ignore_index", "in_channels", "bands", "mean",
+                "std", "stats_source", "eval_resize")  # a None value means "default"
+        kwargs = {k: data[k] for k in keys if data.get(k) is not None}
+        if "num_classes" not in data:
+            raise ValueError(f"{where}: a data spec needs num_classes")
+        return cls.create(int(data["num_classes"]), where=where, **kwargs)
+
+
+def spec_from_legacy(
+    task_hparams: Mapping[str, Any] | None,
+    data_hparams: Mapping[str, Any] | None,
+    net: Any = None,
+) -> DataSpec | None:
+    """The spec of a checkpoint written before specs were saved (segpipe <= 0.1 layout).
+
+    Those kept classes in the task's hyperparameters (``num_classes``, ``class_names``,
+    ``ignore_index``) and the input in the data module's (``in_channels``, ``bands``, ``mean``,
+    ``std``, ``class_colors``).
+
+    Args:
+        task_hparams: ``checkpoint["hyper_parameters"]``.
+        data_hparams: ``checkpoint["datamodule_hyper_parameters"]``, or None.
+        net: The rebuilt network (for ``num_classes``/``in_channels`` when nothing else says).
+
+    Returns:
+        The spec, or None when the number of classes cannot be told.
+    """
+    hp, dm = dict(task_hparams or {}), dict(data_hparams or {})
+    num_classes = hp.get("num_classes") or dm.get("num_classes") or getattr(net, "num_classes", None)
+    if num_classes is None:
+        return None
+    in_channels = dm.get("in_channels") or getattr(net, "in_channels", None) or 3
+    return DataSpec.create(
+        int(num_classes),
+        class_names=hp.get("class_names") or dm.get("class_names"),
+        class_colors=dm.get("class_colors"),
+        ignore_index=hp.get("ignore_index", dm.get("ignore_index")),
+        in_channels=int(in_channels),
+        bands=dm.get("bands"),
+        mean=dm.get("mean"),
+        std=dm.get("std"),
+        eval_resize=dm.get("eval_resize"),
+    )
