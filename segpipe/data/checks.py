@@ -26,6 +26,7 @@ __all__ = [
     "PROGRESS_THRESHOLD",
     "check_samples",
     "class_pixel_counts",
+    "parallel_map",
 ]
 
 PROGRESS_THRESHOLD = 200
@@ -102,10 +103,24 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-def _parallel_map(
+def parallel_map(
     fn: Callable[[_T], _R], items: Sequence[_T], max_workers: int | None, desc: str
 ) -> list[_R]:
-    """Map in a thread pool (I/O bound), in order, with a progress bar for many items."""
+    """Map ``fn`` over ``items`` in a thread pool, keeping the order.
+
+    Meant for file reading and decoding, which release the GIL. Shared by the pre-flight
+    check, ``segpipe check-data`` and :mod:`segpipe.data.stats`.
+
+    Args:
+        fn: Function of one item.
+        items: Items to map.
+        max_workers: Threads (default ``min(8, 2 * cpu_count)``); 1 maps in this thread.
+        desc: Progress bar label; the bar is shown for more than :data:`PROGRESS_THRESHOLD`
+            items.
+
+    Returns:
+        ``[fn(x) for x in items]``, in order (the first exception raised by ``fn`` propagates).
+    """
     if not items:
         return []
     workers = max_workers or min(8, 2 * (os.cpu_count() or 1))
@@ -235,7 +250,7 @@ def check_samples(
         return _check_pair(item[0], item[1], num_classes, ignore_index, mask_values,
                            mask_colors, decode_images, bands)
 
-    for found in _parallel_map(run, items, max_workers, "checking data"):
+    for found in parallel_map(run, items, max_workers, "checking data"):
         problems.extend(found)
     return problems
 
@@ -281,7 +296,7 @@ def class_pixel_counts(
         valid = labels[(labels >= 0) & (labels < num_classes)]
         return np.bincount(valid.ravel(), minlength=num_classes).astype(np.int64)
 
-    rows = _parallel_map(count, list(samples), max_workers, "counting pixels")
+    rows = parallel_map(count, list(samples), max_workers, "counting pixels")
     if per_image:
         return np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int64)
     total = np.zeros(num_classes, dtype=np.int64)

@@ -5,8 +5,9 @@ Every model exposes ``in_channels``, ``num_classes`` and ``pad_multiple`` (H and
 the input must be multiples of it; pad first, then crop the logits back).
 """
 
+from .base import SegmentationModel
 from .fcn import FCN
 from .smp import SmpModel, load_encoder_weights
 from .unet import UNet
 
-__all__ = ["UNet", "FCN", "SmpModel", "load_encoder_weights"]
+__all__ = ["UNet", "FCN", "SmpModel", "SegmentationModel", "load_encoder_weights"]

@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .unet import DoubleConv, _check_choice, _check_input, _check_int
+from .base import check_choice, check_input, check_int
+from .unet import DoubleConv
 
 __all__ = ["FCN", "bilinear_kernel"]
 
@@ -51,9 +52,9 @@ def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> Te
     Raises:
         ValueError: If an argument is not a positive int.
     """
-    _check_int("in_channels", in_channels, 1)
-    _check_int("out_channels", out_channels, 1)
-    _check_int("kernel_size", kernel_size, 1)
+    check_int("in_channels", in_channels, 1)
+    check_int("out_channels", out_channels, 1)
+    check_int("kernel_size", kernel_size, 1)
     factor = (kernel_size + 1) // 2
     center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
     grid = torch.arange(kernel_size, dtype=torch.float64)
@@ -168,10 +169,10 @@ class FCN(nn.Module):
         encoder_depth: int = 5,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_choice("variant", variant, _VARIANTS)
-        _check_int("base_channels", base_channels, 1)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_choice("variant", variant, _VARIANTS)
+        check_int("base_channels", base_channels, 1)
         if isinstance(encoder_depth, bool) or encoder_depth != 5:
             raise ValueError(
                 f"encoder_depth must be 5 for FCN (its 32s/16s/8s heads use the stride-32, 16 "
@@ -239,7 +240,7 @@ class FCN(nn.Module):
             ValueError: If H or W is not a multiple of 32 (the message names the padded
                 size to use) or the channel count is wrong.
         """
-        _check_input(x, f"FCN(variant={self.variant!r})", self.in_channels, self.pad_multiple)
+        check_input(x, f"FCN(variant={self.variant!r})", self.in_channels, self.pad_multiple)
 
         pool3, pool4, pool5 = self.backbone(x)  # strides 8, 16, 32
         score = self.score_fr(self.fc7(self.fc6(pool5)))  # (N, K, H/32, W/32)

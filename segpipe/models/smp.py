@@ -21,7 +21,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
-from .unet import _check_input, _check_int, _skip_input_checks
+from .base import check_input, check_int, skip_input_checks
 
 __all__ = ["SmpModel", "load_encoder_weights", "check_encoder_name", "available_archs"]
 
@@ -332,9 +332,9 @@ class SmpModel(nn.Module):
                 f"arch must be one of segmentation-models-pytorch's {archs}, got {arch!r}.{hint}"
             )
         check_encoder_name(encoder_name)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("encoder_depth", encoder_depth, 1, 5)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("encoder_depth", encoder_depth, 1, 5)
         if not isinstance(freeze_encoder, bool):
             raise ValueError(f"freeze_encoder must be a bool, got {freeze_encoder!r}.")
         weights_path = None if encoder_weights is None else _resolve_weights_path(encoder_weights)
@@ -438,14 +438,14 @@ class SmpModel(nn.Module):
             ValueError: If H or W is not a multiple of ``pad_multiple`` (the message
                 names the padded size to use) or the channel count is wrong.
         """
-        _check_input(
+        check_input(
             x,
             f"SmpModel(arch={self.arch!r}, encoder_depth={self.encoder_depth})",
             self.in_channels,
             self.pad_multiple,
         )
         logits = self.model(x)
-        if logits.shape[-2:] != x.shape[-2:] and not _skip_input_checks():
+        if logits.shape[-2:] != x.shape[-2:] and not skip_input_checks():
             raise RuntimeError(
                 f"SmpModel(arch={self.arch!r}, encoder_name={self.encoder_name!r}, "
                 f"encoder_depth={self.encoder_depth}) returned {tuple(logits.shape[-2:])} logits for a "

@@ -7,8 +7,7 @@ skip tensor, double conv) and a 1x1 convolution head. Convolutions use ``padding
 so the output has the input's height and width as long as both are multiples of
 ``2**depth``.
 
-This module also holds the small argument / input-size checks shared by the other
-models of :mod:`segpipe.models`.
+The argument / input-size checks shared by every model live in :mod:`segpipe.models.base`.
 """
 
 from __future__ import annotations
@@ -18,92 +17,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .base import check_choice, check_input, check_int
+
 __all__ = ["UNet", "DoubleConv", "Down", "Up"]
 
 NormName = Literal["batch", "group", "none"]
 _NORMS: tuple[str, ...] = ("batch", "group", "none")
 _MAX_GROUPS = 32
-
-
-# --------------------------------------------------------------------------- checks
-def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    """Return ``value`` if it is an ``int`` in ``[minimum, maximum]``, else raise.
-
-    Args:
-        name: Argument name, used in the message.
-        value: The value given by the caller.
-        minimum: Smallest allowed value.
-        maximum: Largest allowed value, or ``None`` for no upper bound.
-
-    Returns:
-        The value, unchanged.
-
-    Raises:
-        ValueError: If ``value`` is not an int (bools are rejected) or out of range.
-    """
-    allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
-    return value
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError``."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
-    return value
-
-
-def _skip_input_checks() -> bool:
-    """True while tracing/exporting, where Python shape checks would bake in guards."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
-
-
-def _round_up(value: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= ``value``."""
-    return -(-value // multiple) * multiple
-
-
-def _check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
-    """Check a model input's rank, channel count and spatial divisibility.
-
-    Only Python int comparisons on ``x.shape``: cheap, no device synchronisation.
-
-    Args:
-        x: Input batch of shape ``(N, C, H, W)``.
-        owner: Model description for the message, e.g. ``"UNet(depth=4)"``.
-        in_channels: Expected ``C``.
-        multiple: ``H`` and ``W`` must be multiples of this.
-
-    Raises:
-        ValueError: On a non-4D input, a wrong channel count, or ``H``/``W`` that are
-            not multiples of ``multiple`` (the message names the padded size).
-    """
-    if _skip_input_checks():
-        return
-    if x.dim() != 4:
-        raise ValueError(
-            f"{owner} expects a 4D input (N, C, H, W), got shape {tuple(x.shape)}; "
-            "add a batch dimension with x.unsqueeze(0) for a single image."
-        )
-    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
-    if channels != in_channels:
-        raise ValueError(
-            f"{owner} was built with in_channels={in_channels}, got an input with "
-            f"{channels} channels (shape {tuple(x.shape)})."
-        )
-    if height % multiple or width % multiple:
-        raise ValueError(
-            f"{owner} needs H and W to be multiples of {multiple}, got {height}x{width}; "
-            f"pad the input to {_round_up(height, multiple)}x{_round_up(width, multiple)} "
-            f"(e.g. with segpipe's pad-to-multiple) and crop the logits back to "
-            f"{height}x{width}."
-        )
 
 
 # ------------------------------------------------------------------------- blocks
@@ -242,11 +162,11 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("base_channels", base_channels, 1)
-        _check_int("depth", depth, 1, 8)
-        _check_choice("norm", norm, _NORMS)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("base_channels", base_channels, 1)
+        check_int("depth", depth, 1, 8)
+        check_choice("norm", norm, _NORMS)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}.")
 
@@ -278,7 +198,7 @@ class UNet(nn.Module):
             ValueError: If H or W is not a multiple of ``pad_multiple`` (the message
                 names the padded size to use) or the channel count is wrong.
         """
-        _check_input(x, f"UNet(depth={self.depth})", self.in_channels, self.pad_multiple)
+        check_input(x, f"UNet(depth={self.depth})", self.in_channels, self.pad_multiple)
 
         features = self.inc(x)  # (N, base, H, W)
         skips: list[Tensor] = []  # encoder outputs, finest first: (N, base * 2**l, H/2**l, W/2**l)

@@ -15,7 +15,11 @@ ignored), builds the :class:`~segpipe.data.SegmentationDataModule`, and reports:
   (Eigen & Fergus 2015, SegNet): ``w_c = median(freq) / freq_c`` where ``freq_c`` is the number of
   training pixels of class ``c`` divided by the labelled (non-ignored) pixels of the training
   images that contain ``c``; printed as a YAML line for ``model.class_weights``;
-* image size statistics (min/median/max H and W, number of distinct sizes).
+* image size statistics (min/median/max H and W, number of distinct sizes);
+* per-band statistics of the training images (dtype, min, max, mean, std, in raw units and
+  scaled to ``[0, 1]`` as training sees them, see :func:`~segpipe.data.stats.band_statistics`)
+  and, unless the images are 8-bit RGB (where the ImageNet default applies), the
+  ``mean: [...]`` / ``std: [...]`` lines to paste under ``data:``.
 
 Exit status: 0 when no error was found, 1 when errors were found (``segpipe fit`` would refuse the
 data), 2 when the check could not run (bad arguments or config, data root not found).
@@ -29,12 +33,10 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,12 +44,12 @@ from typing import Any, TypeVar
 import numpy as np
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
-from tqdm.auto import tqdm
 
-from segpipe.data.checks import PROGRESS_THRESHOLD, Problem, check_samples, class_pixel_counts
+from segpipe.data.checks import Problem, check_samples, class_pixel_counts, parallel_map
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import Sample
 from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
+from segpipe.data.stats import band_statistics, needs_measured_stats
 from segpipe.fileio import atomic_write_json
 
 __all__ = [
@@ -62,7 +64,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-_R = TypeVar("_R")
 
 #: Problem kinds that make a mask unusable for pixel counting.
 _UNCOUNTABLE = {"unreadable_mask", "missing_mask"}
@@ -87,6 +88,8 @@ class DataReport:
         notes: Plain information (e.g. "no test split").
         mask_encoding: What a sample of masks looks like (see :func:`sniff_masks`).
         image_format: Channels/dtypes seen in a sample of images.
+        band_stats: Per-band statistics of the train split (see :func:`_band_stats`); empty
+            when the train split was not checked or could not be measured.
         class_pixels: Per split, pixels per class (labelled pixels only).
         class_images: Per split, number of masks containing each class.
         class_weights: Median-frequency weights from the train split (None: class absent).
@@ -106,6 +109,7 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     mask_encoding: dict[str, Any] = field(default_factory=dict)
     image_format: dict[str, Any] = field(default_factory=dict)
+    band_stats: dict[str, Any] = field(default_factory=dict)
     class_pixels: dict[str, list[int]] = field(default_factory=dict)
     class_images: dict[str, list[int]] = field(default_factory=dict)
     class_weights: list[float | None] | None = None
@@ -156,6 +160,7 @@ class DataReport:
             "notes": self.notes,
             "mask_encoding": self.mask_encoding,
             "image_format": self.image_format,
+            "band_stats": self.band_stats,
             "bad_label_values": {str(k): v for k, v in sorted(self.bad_label_values.items())},
             "class_pixels": self.class_pixels,
             "class_images": self.class_images,
@@ -170,21 +175,6 @@ class DataReport:
 
 
 # ------------------------------------------------------------------------------------ pieces
-def _pmap(
-    fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None, desc: str
-) -> list[_R]:
-    """Ordered thread-pool map with a progress bar for long runs (decoding releases the GIL)."""
-    if not items:
-        return []
-    n = workers or min(8, 2 * (os.cpu_count() or 1))
-    show = len(items) > PROGRESS_THRESHOLD
-    if n <= 1:
-        return [fn(x) for x in tqdm(items, desc=desc, disable=not show, leave=False)]
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not show,
-                         leave=False))
-
-
 def median_frequency_weights(per_image_counts: np.ndarray | Sequence[Sequence[int]]) -> list[float | None]:
     """Class weights by median frequency balancing (Eigen & Fergus 2015; SegNet).
 
@@ -314,7 +304,8 @@ def sniff_masks(
             out["kind"] = "other_values"
         return out
 
-    looked = [r for r in _pmap(look, list(masks), max_workers, "sampling masks") if r is not None]
+    looked = [r for r in parallel_map(look, list(masks), max_workers, "sampling masks")
+              if r is not None]
     kinds = Counter(r["kind"] for r in looked)
     values = sorted({v for r in looked for v in r.get("values", [])})
     colours = sorted({tuple(c) for r in looked for c in r.get("colours", [])})
@@ -485,7 +476,8 @@ def check_data(
             return None
 
     for s, samples in chosen.items():
-        sizes = [x for x in _pmap(header, samples, max_workers, f"sizes {s}") if x is not None]
+        sizes = [x for x in parallel_map(header, samples, max_workers, f"sizes {s}")
+                 if x is not None]
         rep.splits[s]["sizes"] = size_stats(sizes)
     timings["sizes"] = time.perf_counter() - t0
 
@@ -507,6 +499,16 @@ def check_data(
     ]
     _check_channels(rep, image_sample, dm, max_workers)
     timings["sample"] = time.perf_counter() - t0
+
+    # Per-band statistics of the training images ---------------------------------------------
+    t0 = time.perf_counter()
+    if "train" in chosen:
+        unusable = bad_files | {p.path for p in rep.problems if p.kind == "channel_mismatch"}
+        _band_stats(rep, [x.image for x in chosen["train"] if x.image not in unusable], dm,
+                    max_workers)
+    else:
+        rep.notes.append("train split not checked: no band statistics (data.mean/data.std)")
+    timings["stats"] = time.perf_counter() - t0
 
     # Class pixel frequency and weights ------------------------------------------------------
     t0 = time.perf_counter()
@@ -575,7 +577,8 @@ def _check_channels(
             return None
         return item[0], item[1], int(img.shape[2]), str(img.dtype)
 
-    looked = [r for r in _pmap(look, list(items), max_workers, "sampling images") if r is not None]
+    looked = [r for r in parallel_map(look, list(items), max_workers, "sampling images")
+              if r is not None]
     channels = Counter(r[2] for r in looked)
     rep.image_format = {
         "sampled": len(looked),
@@ -603,6 +606,78 @@ def _check_channels(
             f"images with {'/'.join(str(c) for c in channels)} channel(s) are converted to "
             f"data.in_channels={want} (gray <-> RGB)"
         )
+
+
+def _band_stats(
+    rep: DataReport, images: Sequence[Path], dm: SegmentationDataModule, max_workers: int | None
+) -> None:
+    """Per-band statistics of the training images, as the data module would measure them.
+
+    Fills ``rep.band_stats`` with :meth:`~segpipe.data.stats.BandStats.to_dict` plus ``split``,
+    ``labels`` (file band numbers with ``data.bands``, else channel numbers from 1), ``needed``
+    (the images are not 8-bit RGB, so the default mean/std does not fit), ``configured``
+    (``data.mean``/``data.std`` from the config, or None) and ``yaml`` (the lines to paste under
+    ``data:``, or None for 8-bit RGB).
+    """
+    if not images:
+        return
+    try:
+        needed = needs_measured_stats(images, bands=dm.bands, in_channels=dm.in_channels)
+        stats = band_statistics(images, bands=dm.bands, in_channels=dm.in_channels,
+                                seed=int(dm.hparams.get("seed") or 0), max_workers=max_workers)
+    except (ImageReadError, ValueError) as exc:
+        rep.warnings.append(f"[train] band statistics skipped: {exc}")
+        return
+    n = len(stats.mean)
+    bands = list(dm.bands) if dm.bands else None
+    labels = bands if bands is not None and len(bands) == n else list(range(1, n + 1))
+    mean, std = dm.hparams.get("mean"), dm.hparams.get("std")
+    configured = None if mean is None or std is None else {"mean": list(mean), "std": list(std)}
+    rep.band_stats = {
+        "split": "train",
+        "images_available": len(images),
+        **stats.to_dict(),
+        "labels": labels,
+        "needed": needed,
+        "configured": configured,
+        "yaml": stats.yaml_lines() if needed else None,
+    }
+
+
+def _format_band_stats(bs: dict[str, Any]) -> list[str]:
+    """The "Band statistics" section of :func:`format_report`."""
+    dtypes = ", ".join(bs["dtypes"])
+    lines = [
+        f"Band statistics ({bs['split']}, {bs['num_images']} of {bs['images_available']} images, "
+        f"{bs['num_pixels']} sampled pixels; dtype {dtypes}; raw units and scaled to [0, 1] as "
+        "training sees them)"
+    ]
+    raw = bs["raw"]
+    rows: list[list[Any]] = [["band", "dtype", "min", "max", "mean", "std", "min [0,1]",
+                              "max [0,1]", "mean [0,1]", "std [0,1]"]]
+    for i, label in enumerate(bs["labels"]):
+        if raw is None:
+            raw_cells = ["-", "-", "-", "-"]
+        else:
+            raw_cells = [f"{raw[k][i]:.5g}" for k in ("min", "max", "mean", "std")]
+        rows.append([label, dtypes, *raw_cells, f"{bs['min'][i]:.4g}", f"{bs['max'][i]:.4g}",
+                     f"{bs['mean'][i]:.4g}", f"{bs['std'][i]:.4g}"])
+    lines += _table(rows)
+    if bs["yaml"] is None:
+        lines.append("  8-bit RGB images: the ImageNet default mean/std is used (no data.mean / "
+                     "data.std needed).")
+    else:
+        if bs["configured"] is not None:
+            conf = bs["configured"]
+            lines.append(f"  data.mean / data.std are set in the config: {conf['mean']} / "
+                         f"{conf['std']}; the measured values are:")
+        else:
+            lines.append("  The images are not 8-bit RGB, so the default mean/std does not fit "
+                         "them. Paste under `data:` in the config (or pass --data.mean / "
+                         "--data.std):")
+        lines += [f"    {line}" for line in bs["yaml"]]
+    lines.append("")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ output
@@ -677,6 +752,8 @@ def format_report(rep: DataReport, max_listed: int = 200) -> str:
             + f": {vals}"
         )
     lines.append("")
+    if rep.band_stats:
+        lines += _format_band_stats(rep.band_stats)
 
     if rep.class_pixels:
         splits = list(rep.class_pixels)

@@ -12,8 +12,8 @@ import pytest
 
 from segpipe.cli import main as cli_main
 from segpipe.data import check_samples, class_pixel_counts, scan_folder
-from segpipe.data.io import write_mask
-from segpipe.doctor import main, median_frequency_weights, size_stats
+from segpipe.data.io import read_image, to_float, write_image, write_mask
+from segpipe.data.doctor import main, median_frequency_weights, size_stats
 from tests.data.synthetic import make_folder_dataset
 
 CONFIG = "configs/folder_unet.yaml"  # ignore_index 255; its trainer/model sections are ignored
@@ -49,6 +49,11 @@ def test_clean_data_passes_and_suggests_weights(tmp_path: Path, capsys) -> None:
     assert data["splits"]["train"]["sizes"]["height"] == {"min": 24, "median": 24, "max": 24}
     assert [round(w, 4) for w in data["class_weights"]] == weights
     assert abs(sum(data["class_frequency"]["train"]) - 1.0) < 1e-9
+    # 8-bit RGB: band statistics shown, but the ImageNet default is kept (nothing to paste).
+    assert "Band statistics (train, 6 of 6 images" in out
+    assert "the ImageNet default mean/std is used" in out and "\n    mean: [" not in out
+    assert data["band_stats"]["needed"] is False and data["band_stats"]["yaml"] is None
+    assert data["band_stats"]["dtypes"] == ["uint8"] and data["band_stats"]["scale"] == 255.0
 
 
 def test_broken_data_names_every_broken_file(tmp_path: Path, capsys) -> None:
@@ -114,8 +119,36 @@ def test_channel_mismatch_and_split_selection(tmp_path: Path, capsys) -> None:
                    "--decode_images=false")
     assert rc == 1 and "channel_mismatch" in out and "data.in_channels=3" in out
     assert "train split not checked: no class weights suggested" in out
+    assert "train split not checked: no band statistics" in out and "Band statistics" not in out
     rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3", "--data.bands=[1, 2, 3]")
     assert rc == 0, out
+
+
+def test_multiband_uint16_suggests_band_statistics(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds", channels=5, image_ext=".tif")
+    levels = np.array([300, 800, 1500, 4000, 2500])
+    train = sorted((root / "train" / "images").glob("*.tif"))
+    for path in sorted(root.glob("*/images/*.tif")):  # reflectance-like uint16, 0..10000
+        img = read_image(path).astype(np.int64) * 20 + levels
+        write_image(path, np.clip(img, 0, 10000).astype(np.uint16))
+    out_json = tmp_path / "findings.json"
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3", "--data.in_channels=4",
+                   "--data.bands=[1, 2, 3, 4]", f"--json={out_json}")
+    assert rc == 0, out
+    stats = json.loads(out_json.read_text())["band_stats"]
+    pixels = np.concatenate([to_float(read_image(p, [1, 2, 3, 4])).reshape(-1, 4) for p in train])
+    np.testing.assert_allclose(stats["mean"], pixels.astype(np.float64).mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats["std"], pixels.astype(np.float64).std(axis=0), rtol=1e-9)
+    assert stats["needed"] is True and stats["dtypes"] == ["uint16"] and stats["num_images"] == 6
+    raw = np.concatenate([read_image(p, [1, 2, 3, 4]).reshape(-1, 4) for p in train])
+    assert stats["raw"]["min"] == raw.min(axis=0).tolist()  # raw uint16 units
+    assert stats["raw"]["max"] == raw.max(axis=0).tolist()
+    assert "Band statistics (train, 6 of 6 images" in out and "uint16" in out
+    assert "Paste under `data:` in the config" in out
+    lines = out.splitlines()
+    at = next(i for i, ln in enumerate(lines) if "Paste under `data:`" in ln)
+    assert [ln.strip() for ln in lines[at + 1 : at + 3]] == stats["yaml"]
+    assert stats["yaml"][0].startswith("mean: [0.0")  # /65535 leaves 0.0x values
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:

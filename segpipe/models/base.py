@@ -1,0 +1,144 @@
+"""What every segpipe model shares: the interface it exposes and its argument/input checks.
+
+Every model of :mod:`segpipe.models` is a plain ``torch.nn.Module`` that maps float images
+``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)`` and exposes the attributes
+described by :class:`SegmentationModel`. Its constructor names the two size arguments
+``in_channels`` and ``num_classes`` (the CLI links ``data.in_channels`` / ``data.num_classes``
+into them).
+
+The checks here raise ``ValueError`` with messages that name the argument, the allowed values
+and, for inputs, the padded size to use. They import nothing else of segpipe.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SegmentationModel",
+    "check_choice",
+    "check_input",
+    "check_int",
+    "round_up",
+    "skip_input_checks",
+]
+
+
+@runtime_checkable
+class SegmentationModel(Protocol):
+    """The interface of every segpipe model (structural: models do not inherit from it).
+
+    ``isinstance(model, SegmentationModel)`` checks that the attributes exist.
+
+    Attributes:
+        in_channels: Channels ``C`` of the input ``(N, C, H, W)``; constructor argument of the
+            same name.
+        num_classes: Logit channels of the output ``(N, num_classes, H, W)``; constructor
+            argument of the same name.
+        pad_multiple: H and W of the input must be multiples of it (pad first, then crop the
+            logits back).
+    """
+
+    in_channels: int
+    num_classes: int
+    pad_multiple: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Map ``(N, in_channels, H, W)`` float images to ``(N, num_classes, H, W)`` logits."""
+        ...
+
+
+def check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` in ``[minimum, maximum]``, else raise.
+
+    Args:
+        name: Argument name, used in the message.
+        value: The value given by the caller.
+        minimum: Smallest allowed value.
+        maximum: Largest allowed value, or ``None`` for no upper bound.
+
+    Returns:
+        The value, unchanged.
+
+    Raises:
+        ValueError: If ``value`` is not an int (bools are rejected) or out of range.
+    """
+    allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise.
+
+    Args:
+        name: Argument name, used in the message.
+        value: The value given by the caller.
+        choices: Allowed strings.
+
+    Returns:
+        The value, unchanged.
+
+    Raises:
+        ValueError: If ``value`` is not one of ``choices``.
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def skip_input_checks() -> bool:
+    """True while tracing/exporting, where Python shape checks would bake in guards."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
+    """Check a model input's rank, channel count and spatial divisibility.
+
+    Only Python int comparisons on ``x.shape``: cheap, no device synchronisation. Skipped
+    while tracing or exporting (see :func:`skip_input_checks`).
+
+    Args:
+        x: Input batch of shape ``(N, C, H, W)``.
+        owner: Model description for the message, e.g. ``"UNet(depth=4)"``.
+        in_channels: Expected ``C``.
+        multiple: ``H`` and ``W`` must be multiples of this.
+
+    Raises:
+        ValueError: On a non-4D input, a wrong channel count, or ``H``/``W`` that are
+            not multiples of ``multiple`` (the message names the padded size).
+    """
+    if skip_input_checks():
+        return
+    if x.dim() != 4:
+        raise ValueError(
+            f"{owner} expects a 4D input (N, C, H, W), got shape {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0) for a single image."
+        )
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if channels != in_channels:
+        raise ValueError(
+            f"{owner} was built with in_channels={in_channels}, got an input with "
+            f"{channels} channels (shape {tuple(x.shape)})."
+        )
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"{owner} needs H and W to be multiples of {multiple}, got {height}x{width}; "
+            f"pad the input to {round_up(height, multiple)}x{round_up(width, multiple)} "
+            f"(e.g. with segpipe's pad-to-multiple) and crop the logits back to "
+            f"{height}x{width}."
+        )
