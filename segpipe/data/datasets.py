@@ -34,7 +34,8 @@ import torch
 from torch.utils.data import Dataset
 
 from segpipe.data.io import ImageReadError, is_image_file, read_image, read_mask, to_float
-from segpipe.data.transforms import default_mean_std, normalize_to_tensor, seed_transform
+from segpipe.data.spec import default_mean_std
+from segpipe.data.transforms import normalize_to_tensor, seed_transform
 
 __all__ = [
     "SPLITS",
@@ -591,7 +592,8 @@ def check_label_range(
     if lo >= 0 and hi < num_classes:
         return []
     if lo >= 0 and hi < 65536 and np.issubdtype(labels.dtype, np.integer):
-        uniq = np.flatnonzero(np.bincount(labels.ravel(), minlength=hi + 1))  # ~10x np.unique
+        # One counting pass, no sort (np.unique sorts).
+        uniq = np.flatnonzero(np.bincount(labels.ravel(), minlength=hi + 1))
     else:
         uniq = np.unique(labels)
     return [
@@ -716,7 +718,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
         samples: Samples (each must have a mask).
         transform: albumentations pipeline taking ``image`` and ``mask``; None for identity.
         mean: Per-channel mean (after scaling to [0, 1]); default from
-            :func:`~segpipe.data.transforms.default_mean_std`.
+            :func:`~segpipe.data.spec.default_mean_std`.
         std: Per-channel std; same default.
         bands: 1-based band selection passed to :func:`~segpipe.data.io.read_image`.
         mask_values: Raw mask value -> class mapping.

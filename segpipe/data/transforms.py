@@ -41,8 +41,8 @@ __all__ = [
 
 Preset = Literal["none", "light", "default", "strong"]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The default normalisation is the data spec's (re-exported here for existing imports).
+from segpipe.data.spec import IMAGENET_MEAN, IMAGENET_STD, default_mean_std  # noqa: E402
 
 
 class _HueSaturationValueRGB(A.HueSaturationValue):
@@ -67,9 +67,10 @@ class RandomScaleCrop(A.DualTransform):
     the source window under the crop (plus a margin for the interpolation) with the same factor
     and pastes it into the output. The result equals theirs up to a sub-pixel shift (the
     window's origin lands on a fractional position of the rescaled grid), which is irrelevant
-    as augmentation and identical for image and mask. On a 480×360 frame and a 224² crop it
-    costs about 0.2 ms instead of 0.8 ms per sample, in the loading process that shares the CPU
-    with training.
+    as augmentation and identical for image and mask. Its cost follows the size of the crop, not
+    of the rescaled image, which matters in the loading process that shares the CPU with
+    training (figures in the README's Speed section; ``scripts/bench_train.py`` measures the
+    loading path as a whole).
 
     Images are resized bilinearly, masks by nearest neighbour on the same grid (so image and
     mask stay aligned); pixels outside the rescaled image get 0 (image) and ``fill_mask`` (mask).
@@ -185,24 +186,20 @@ def seed_transform(transform: A.BaseCompose | A.BasicTransform, seed: int) -> No
     albumentations' ``set_random_seed`` gives every transform its own generator seeded with the
     same value, so their first draws are equal: with a seed set per sample, "flip?" (p=0.5)
     came out the same as "brightness/contrast?" (p=0.5) and as a scale factor in the lower half
-    of its range, for every sample. Here all transforms share one numpy and one Python
-    generator, so each draw is a fresh number and the augmentations are independent. It is
-    also about three times cheaper than ``set_random_seed`` (0.03 vs 0.1 ms), and it runs once
-    per training sample.
+    of its range, for every sample. Here one numpy and one Python generator, seeded with
+    ``seed``, are handed to the pipeline with albumentations' public ``set_random_state``, which
+    passes the same two generators down to every transform (nested Composes included), so each
+    draw is a fresh number and the augmentations are independent. It runs once per training
+    sample, so it is kept cheap: it creates two generators for the whole pipeline, where
+    ``set_random_seed`` creates two per transform (figures in the README's Speed section; the
+    loading path as a whole is measured by ``scripts/bench_train.py``).
 
     Args:
         transform: A Compose (nested ones included) or a single transform.
         seed: Any int (reduced modulo 2**32).
     """
     seed = int(seed) % (2**32)
-    shared = {"seed": seed, "random_generator": np.random.default_rng(seed),
-              "py_random": random.Random(seed)}
-    stack = [transform]
-    while stack:
-        t = stack.pop()
-        for name, value in shared.items():
-            setattr(t, name, value)
-        stack.extend(getattr(t, "transforms", ()))
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def _hw(crop_size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -345,20 +342,6 @@ def build_eval_transform(resize: tuple[int, int] | Sequence[int] | None = None) 
     )
 
 
-def default_mean_std(in_channels: int) -> tuple[list[float], list[float]]:
-    """Default normalisation statistics for ``[0, 1]`` images.
-
-    Args:
-        in_channels: Number of channels.
-
-    Returns:
-        ImageNet mean/std for 3 channels, otherwise 0.5 / 0.25 per channel.
-    """
-    if in_channels == 3:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    return [0.5] * in_channels, [0.25] * in_channels
-
-
 def _checked_stats(
     mean: Sequence[float], std: Sequence[float], channels: int, dtype: type
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +388,7 @@ def normalize_to_tensor(
     0/1 and floats are taken as they are. This runs once per training sample, in the loading
     process that shares the CPU with training, so it is built for speed: one ``cv2.transform``
     (a per-pixel affine map) for up to 4 channels, a multiply-add per plane beyond that (numpy's
-    broadcasting over a trailing axis of 3 is ~10× slower). The result keeps the image's
+    broadcasting over a short trailing axis is much slower). The result keeps the image's
     (H, W, C) memory order, i.e. it is channels-last, so batching it into the channels-last
     batches the network runs on is a plain copy.
 

@@ -155,10 +155,6 @@ class FCN(nn.Module):
         torch.Size([1, 5, 64, 64])
     """
 
-    in_channels: int
-    num_classes: int
-    pad_multiple: int
-
     def __init__(
         self,
         in_channels: int = 3,

@@ -308,10 +308,6 @@ class SmpModel(nn.Module):
         FileNotFoundError: If ``encoder_weights`` names a file that does not exist.
     """
 
-    in_channels: int
-    num_classes: int
-    pad_multiple: int
-
     def __init__(
         self,
         arch: str = "unet",
@@ -425,18 +421,11 @@ class SmpModel(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """Compute per-pixel logits.
-
-        Args:
-            x: Float images, ``(N, in_channels, H, W)`` with H and W multiples of
-                ``pad_multiple``.
-
-        Returns:
-            Logits, ``(N, num_classes, H, W)``.
+        """Per-pixel logits, as :class:`~segpipe.models.base.SegmentationModel` describes.
 
         Raises:
-            ValueError: If H or W is not a multiple of ``pad_multiple`` (the message
-                names the padded size to use) or the channel count is wrong.
+            ValueError: From :func:`~segpipe.models.base.check_input`: H or W not a multiple of
+                ``pad_multiple`` (the message names the padded size) or wrong channels.
         """
         check_input(
             x,

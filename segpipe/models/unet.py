@@ -148,10 +148,6 @@ class UNet(nn.Module):
         torch.Size([1, 2, 64, 64])
     """
 
-    in_channels: int
-    num_classes: int
-    pad_multiple: int
-
     def __init__(
         self,
         in_channels: int = 3,
@@ -185,18 +181,11 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(channels[0], num_classes, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Compute per-pixel logits.
-
-        Args:
-            x: Float images, ``(N, in_channels, H, W)`` with H and W multiples of
-                ``pad_multiple``.
-
-        Returns:
-            Logits, ``(N, num_classes, H, W)``.
+        """Per-pixel logits, as :class:`~segpipe.models.base.SegmentationModel` describes.
 
         Raises:
-            ValueError: If H or W is not a multiple of ``pad_multiple`` (the message
-                names the padded size to use) or the channel count is wrong.
+            ValueError: From :func:`~segpipe.models.base.check_input`: H or W not a multiple of
+                ``pad_multiple`` (the message names the padded size) or wrong channels.
         """
         check_input(x, f"UNet(depth={self.depth})", self.in_channels, self.pad_multiple)
 

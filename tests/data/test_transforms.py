@@ -171,6 +171,19 @@ def test_seeded_augmentations_are_independent_and_reproducible() -> None:
     assert np.array_equal(first["mask"], again["mask"])
 
 
+def test_seed_transform_reaches_nested_composes() -> None:
+    """Nested Composes (OneOf, ...) and a bare transform draw from the one seeded stream."""
+    inner = A.OneOf([A.HorizontalFlip(), A.VerticalFlip()])
+    t = A.Compose([A.RandomBrightnessContrast(), A.Compose([inner])])
+    seed_transform(t, 3)
+    members = [t, t.transforms[0], t.transforms[1], inner, *inner.transforms]
+    assert len({id(m.random_generator) for m in members}) == 1
+    assert len({id(m.py_random) for m in members}) == 1
+    single = A.HorizontalFlip()
+    seed_transform(single, 3)
+    assert single.py_random.random() == t.py_random.random()
+
+
 @pytest.mark.parametrize("preset", ["light", "default", "strong"])
 def test_uint8_masks_stay_uint8_with_padding_labelled(preset: str) -> None:
     """Cached labels reach the pipeline as uint8 (ignore index <= 255): padding must be labelled."""

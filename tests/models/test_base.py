@@ -77,3 +77,29 @@ def test_check_input_messages() -> None:
     with pytest.raises(ValueError, match=r"pad the input to 32x16 .* logits back to 17x16"):
         check_input(torch.zeros(1, 2, 17, 16), "M", 2, 16)
     assert round_up(17, 16) == 32 and round_up(32, 16) == 32
+
+
+@pytest.mark.parametrize(
+    "make, tol",
+    [
+        (lambda: UNet(in_channels=3, num_classes=2, base_channels=4, depth=2), 1e-4),
+        (lambda: FCN(in_channels=3, num_classes=2, variant="32s", base_channels=2), 1e-4),
+        (lambda: FCN(in_channels=3, num_classes=2, variant="8s", base_channels=2), 1e-4),
+        (lambda: SmpModel("unet", "mobilenet_v2", num_classes=2,
+                          decoder_channels=(16, 8, 8, 4, 4)), 1e-3),
+    ],
+    ids=["unet", "fcn32s", "fcn8s", "smp-unet"],
+)
+def test_channels_last_and_bf16_autocast(make, tol: float) -> None:
+    model = make().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        x_cl = x.to(memory_format=torch.channels_last)
+        out_cl = model(x_cl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = model(x_cl)
+    torch.testing.assert_close(out_cl, reference, rtol=tol, atol=tol)
+    assert out_bf16.shape == (2, 2, 64, 64)
+    assert torch.isfinite(out_bf16.float()).all()

@@ -141,22 +141,6 @@ def test_bad_arguments_rejected(kwargs: dict, pattern: str) -> None:
         FCN(**kwargs)
 
 
-@pytest.mark.parametrize("variant", ["32s", "8s"])
-def test_channels_last_and_bf16_autocast(variant: str) -> None:
-    model = FCN(in_channels=3, num_classes=2, variant=variant, base_channels=2).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        reference = model(x)
-        model = model.to(memory_format=torch.channels_last)
-        x_cl = x.to(memory_format=torch.channels_last)
-        out_cl = model(x_cl)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out_bf16 = model(x_cl)
-    torch.testing.assert_close(out_cl, reference, rtol=1e-4, atol=1e-4)
-    assert out_bf16.shape == (2, 2, 64, 64)
-    assert torch.isfinite(out_bf16.float()).all()
-
-
 def test_trainable_parameters_get_gradients() -> None:
     model = FCN(in_channels=3, num_classes=3, variant="8s", base_channels=2)
     out = model(torch.randn(2, 3, 64, 64))

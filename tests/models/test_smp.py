@@ -221,16 +221,3 @@ def test_freeze_encoder_trains_only_decoder_and_head() -> None:
     assert not model.encoder.training and model.model.segmentation_head.training
 
 
-def test_channels_last_and_bf16_autocast() -> None:
-    model = SmpModel("unet", "mobilenet_v2", num_classes=3, decoder_channels=(16, 8, 8, 4, 4)).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        reference = model(x)
-        model = model.to(memory_format=torch.channels_last)
-        x_cl = x.to(memory_format=torch.channels_last)
-        out_cl = model(x_cl)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out_bf16 = model(x_cl)
-    torch.testing.assert_close(out_cl, reference, rtol=1e-3, atol=1e-3)
-    assert out_bf16.shape == (1, 3, 64, 64)
-    assert torch.isfinite(out_bf16.float()).all()
