@@ -347,15 +347,20 @@ def test_preflight_is_one_error_listing_everything(preflight: DataCheckError) ->
     assert str(preflight).startswith(f"data check found {expected} problem(s)")
 
 
-@pytest.mark.parametrize("case", ["truncated_png", "truncated_tiff"])
-def test_preflight_decodes_truncated_images(case: str, tmp_path: Path) -> None:
-    """Truncation behind an intact header is caught before training, not by the loader."""
-    root = tmp_path / "data"
+def _good_folder(root: Path) -> Path:
+    """A folder layout with one good pair in train and in val."""
     for split in ("train", "val"):
         (root / split / "images").mkdir(parents=True)
         (root / split / "masks").mkdir(parents=True)
         write_image(root / split / "images" / "good.png", _rgb())
         write_mask(root / split / "masks" / "good.png", _good_mask())
+    return root
+
+
+@pytest.mark.parametrize("case", ["truncated_png", "truncated_tiff"])
+def test_preflight_decodes_truncated_images(case: str, tmp_path: Path) -> None:
+    """Truncation behind an intact header is caught before training, not by the loader."""
+    root = _good_folder(tmp_path / "data")
     img, _ = _write_case(case, root / "train" / "images", root / "train" / "masks")
     with pytest.raises(DataCheckError) as exc:
         _dm(root, augment="none").setup("fit")
@@ -469,12 +474,7 @@ def test_empty_folder(tmp_path: Path, capsys, pointwise_ckpt_bad: Path) -> None:
 
 def test_symlink_loops_are_skipped_without_hanging(tmp_path: Path, capsys,
                                                     pointwise_ckpt_bad: Path) -> None:
-    root = tmp_path / "data"
-    for split in ("train", "val"):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        write_image(root / split / "images" / "good.png", _rgb())
-        write_mask(root / split / "masks" / "good.png", _good_mask())
+    root = _good_folder(tmp_path / "data")
     imgs = root / "train" / "images"
     try:
         os.symlink("loop_b.png", imgs / "loop_a.png")

@@ -103,3 +103,29 @@ def test_channels_last_and_bf16_autocast(make, tol: float) -> None:
     torch.testing.assert_close(out_cl, reference, rtol=tol, atol=tol)
     assert out_bf16.shape == (2, 2, 64, 64)
     assert torch.isfinite(out_bf16.float()).all()
+
+
+@pytest.mark.parametrize(
+    "make, channels, size, needs, padded",
+    [
+        (lambda: FCN(in_channels=1, num_classes=2, variant="16s", base_channels=1), 1, (100, 64),
+         "FCN(variant='16s') needs H and W to be multiples of 32", "128x64"),
+        (lambda: FCN(in_channels=1, num_classes=2, variant="16s", base_channels=1), 1, (64, 33),
+         "FCN(variant='16s') needs H and W to be multiples of 32", "64x64"),
+        (lambda: FCN(in_channels=1, num_classes=2, variant="16s", base_channels=1), 1, (31, 97),
+         "FCN(variant='16s') needs H and W to be multiples of 32", "32x128"),
+        (lambda: SmpModel("fpn", "mobilenet_v2", num_classes=2), 3, (100, 64),
+         "SmpModel(arch='fpn', encoder_depth=5) needs H and W to be multiples of 32", "128x64"),
+        (lambda: SmpModel("fpn", "mobilenet_v2", num_classes=2), 3, (64, 65),
+         "SmpModel(arch='fpn', encoder_depth=5) needs H and W to be multiples of 32", "64x96"),
+    ],
+    ids=["fcn-100x64", "fcn-64x33", "fcn-31x97", "smp-100x64", "smp-64x65"],
+)
+def test_odd_sizes_rejected_with_the_padded_size(make, channels, size, needs, padded) -> None:
+    model = make().eval()
+    with pytest.raises(ValueError) as info:
+        model(torch.zeros(1, channels, *size))
+    message = str(info.value)
+    assert needs in message
+    assert f"got {size[0]}x{size[1]}" in message
+    assert f"pad the input to {padded}" in message

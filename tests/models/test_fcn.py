@@ -111,19 +111,6 @@ def test_smp_backbone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("size", "padded"), [((100, 64), "128x64"), ((64, 33), "64x64"), ((31, 97), "32x128")]
-)
-def test_odd_sizes_rejected_with_padded_size(size: tuple[int, int], padded: str) -> None:
-    model = FCN(in_channels=1, num_classes=2, variant="16s", base_channels=1)
-    with pytest.raises(ValueError) as info:
-        model(torch.zeros(1, 1, *size))
-    message = str(info.value)
-    assert "FCN(variant='16s') needs H and W to be multiples of 32" in message
-    assert f"got {size[0]}x{size[1]}" in message
-    assert f"pad the input to {padded}" in message
-
-
-@pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
         ({"variant": "4s"}, r"variant must be one of \['32s', '16s', '8s'\], got '4s'"),

@@ -83,17 +83,6 @@ def test_wrong_explicit_upsampling_is_reported() -> None:
             model(torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize(("size", "padded"), [((100, 64), "128x64"), ((64, 65), "64x96")])
-def test_odd_sizes_rejected_before_smp(size: tuple[int, int], padded: str) -> None:
-    model = SmpModel("fpn", "mobilenet_v2", num_classes=2).eval()
-    with pytest.raises(ValueError) as info:
-        model(torch.zeros(1, 3, *size))
-    message = str(info.value)
-    assert "SmpModel(arch='fpn', encoder_depth=5) needs H and W to be multiples of 32" in message
-    assert f"got {size[0]}x{size[1]}" in message
-    assert f"pad the input to {padded}" in message
-
-
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
