@@ -8,6 +8,7 @@ register themselves in :data:`COMMANDS`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import shutil
 import sys
@@ -235,8 +236,9 @@ class SegpipeCLI(LightningCLI):
 
     On top of LightningCLI: checkpoints are written atomically and read with
     ``weights_only=True`` (:class:`~segpipe.callbacks.SafeCheckpointIO`; ``--weights_only
-    false`` opts into a full unpickle of trusted files), and the output folders are checked
-    for write access and room before anything is built.
+    false`` opts into a full unpickle of trusted files; unset means true), and the output
+    folders are checked for write access and room before anything is built. Only public
+    LightningCLI hooks are overridden.
     """
 
     @staticmethod
@@ -244,27 +246,34 @@ class SegpipeCLI(LightningCLI):
         # predict is segpipe's own command (it works from a checkpoint alone).
         return {k: v for k, v in LightningCLI.subcommands().items() if k in {"fit", "validate", "test"}}
 
-    def _prepare_subcommand_parser(
-        self, klass: type, subcommand: str, **kwargs: Any
-    ) -> LightningArgumentParser:
-        # A private LightningCLI hook, the only one after the method arguments are added; should
-        # it go away, before_instantiate_classes still turns an unset weights_only into True.
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
-            # Safe loading by default for --ckpt_path (resume, validate, test).
-            parser.set_defaults(weights_only=True)
-        return parser
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        """LightningCLI's parsers, with safe loading of ``--ckpt_path`` as the shown default."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            for sub in self.subcommands():
+                if "weights_only" in inspect.signature(getattr(self.trainer_class, sub)).parameters:
+                    self.parser.set_defaults({f"{sub}.weights_only": True})
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI's reading of the checkpoint's hyperparameters, with segpipe's loading rules.
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then read ``--ckpt_path``'s hyperparameters with segpipe's loading rules.
 
-        Lightning always reads them with ``weights_only=True`` and lets torch's long unpickling
-        error through; here a refused file raises :class:`~segpipe.callbacks.UnsafeCheckpointError`
-        naming it, and ``--weights_only false`` is honoured for trusted files.
+        LightningCLI (privately) re-reads the checkpoint named by ``ckpt_path`` after parsing,
+        always with ``weights_only=True`` and letting torch's long unpickling error through.
+        Here, with public hooks only: ``best``/``last`` in a new ``test``/``validate`` process
+        resolve to the run's files, a refused file raises
+        :class:`~segpipe.callbacks.UnsafeCheckpointError` naming it, ``--weights_only false`` is
+        honoured for trusted files, and the hyperparameters are merged into the config. The
+        path is then held back from Lightning's re-reading and handed to the trainer again in
+        :meth:`before_instantiate_classes`.
         """
+        super().parse_arguments(parser, args)
+        self._ckpt_path: str | None = None
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
+        if "ckpt_path" not in cfg:
+            return
         weights_only = cfg.get("weights_only") is not False
         if self.config.subcommand != "fit" and cfg.get("ckpt_path") in ("best", "last"):
             # In a new process Lightning knows no best model; find the run's files instead.
@@ -275,17 +284,18 @@ class SegpipeCLI(LightningCLI):
         ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)
-        if not hparams:
-            return
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        try:
-            self.config = self.parser.parse_object(
-                {self.config.subcommand: {"model": hparams}}, self.config
-            )
-        except SystemExit:
-            sys.stderr.write(f"Parsing of the hyperparameters in {ckpt_path} failed!\n")
-            raise
+        if hparams:
+            try:
+                self.config = parser.parse_object(
+                    {self.config.subcommand: {"model": hparams}}, self.config
+                )
+            except SystemExit:
+                sys.stderr.write(f"Parsing of the hyperparameters in {ckpt_path} failed!\n")
+                raise
+        self._ckpt_path = str(ckpt_path)
+        self.config[self.config.subcommand].ckpt_path = None  # restored before instantiation
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -315,6 +325,8 @@ class SegpipeCLI(LightningCLI):
             cfg.checkpoint.dirpath = str(_checkpoint_dir(cfg))
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True  # safe loading of --ckpt_path; false opts out
+        if getattr(self, "_ckpt_path", None):
+            cfg.ckpt_path = self._ckpt_path  # held back in parse_arguments
         self._split_step_checkpoint(cfg)
         self._check_outputs(cfg, subcommand)
 
