@@ -431,6 +431,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 rotate90=hp.rotate90,
                 color=hp.color,
                 mask_fill=self.ignore_index if self.ignore_index is not None else 0,
+                # Measured statistics mean the data does not span [0, 1] like 8-bit RGB does.
+                color_relative=self.spec.stats_source == "measured",
             )
             seed_transform(transform, int(hp.seed))
         else:

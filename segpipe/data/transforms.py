@@ -225,6 +225,7 @@ def build_train_transform(
     rotate90: bool = False,
     color: bool = True,
     mask_fill: int = 0,
+    color_relative: bool = False,
 ) -> A.Compose:
     """Training augmentation pipeline.
 
@@ -253,6 +254,10 @@ def build_train_transform(
         color: Colour jitter (brightness/contrast for any channel count, hue/saturation only
             when C == 3).
         mask_fill: Mask value for padded / out-of-image pixels (the ignore index).
+        color_relative: Shift brightness by a fraction of the image's mean instead of the
+            dtype's maximum. For images whose values fill only part of ``[0, 1]`` (12/16-bit
+            scans, reflectance rasters scaled by 1/65535), a shift of 0.2 of the maximum would
+            be many times the data's own spread.
 
     Returns:
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
@@ -303,13 +308,14 @@ def build_train_transform(
         if vflip:
             ops.append(A.VerticalFlip(p=0.5))
     if color and preset != "none":
+        by_max = not color_relative
         if preset == "light":
-            ops.append(A.RandomBrightnessContrast(0.1, 0.1, p=0.5))
+            ops.append(A.RandomBrightnessContrast(0.1, 0.1, brightness_by_max=by_max, p=0.5))
         elif preset == "default":
-            ops.append(A.RandomBrightnessContrast(0.2, 0.2, p=0.5))
+            ops.append(A.RandomBrightnessContrast(0.2, 0.2, brightness_by_max=by_max, p=0.5))
             ops.append(_HueSaturationValueRGB(10, 15, 10, p=0.3))
         else:
-            ops.append(A.RandomBrightnessContrast(0.3, 0.3, p=0.8))
+            ops.append(A.RandomBrightnessContrast(0.3, 0.3, brightness_by_max=by_max, p=0.8))
             ops.append(_HueSaturationValueRGB(20, 30, 20, p=0.5))
             ops.append(A.GaussNoise(std_range=(0.01, 0.05), p=0.3))
     return A.Compose(ops)

@@ -129,3 +129,14 @@ def test_fit_saves_measured_spec_and_predict_uses_it(tmp_path: Path) -> None:
     assert main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={root}",
                  f"--trainer.default_root_dir={run}", "--trainer.logger=false",
                  "--ckpt_path", str(ckpt_path), *args]) == 0
+
+
+def test_colour_jitter_of_measured_data_is_relative_to_its_range(tmp_path: Path) -> None:
+    """Brightness shifts of 0.2 x the dtype maximum would swamp 16-bit reflectance data."""
+    root = make_uint16_tiles(tmp_path / "tiles", n_train=4, n_val=1)
+    dm = SegmentationDataModule(str(root), num_classes=3, in_channels=4, batch_size=4,
+                                scale=(1.0, 1.0), hflip=False)
+    dm.setup("fit")
+    images = torch.cat([next(iter(dm.train_dataloader()))["image"] for _ in range(4)])
+    per_image_mean = images.mean(dim=(1, 2, 3))
+    assert float(per_image_mean.abs().max()) < 1.0  # jitter within the data's spread
