@@ -7,6 +7,7 @@ register themselves in :data:`COMMANDS`.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from segpipe.callbacks import (
@@ -32,6 +34,8 @@ from segpipe.callbacks import (
     load_checkpoint_file,
 )
 from segpipe.data import DataSpec, SegmentationDataModule
+from segpipe.data.checks import DataCheckError
+from segpipe.data.datasets import LAYOUT_HELP, DataRootError
 from segpipe.fileio import TMP_PREFIX
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tasks import SegmentationTask
@@ -40,11 +44,13 @@ __all__ = [
     "COMMANDS",
     "CheckpointNotFoundError",
     "OutputDirError",
+    "HelpFormatter",
     "SegpipeCLI",
     "check_output_dir",
     "main",
     "resolve_checkpoint_alias",
     "run_cli",
+    "usage",
 ]
 
 
@@ -137,6 +143,8 @@ class OutputDirError(RuntimeError):
 
 #: Errors ``main`` reports as one ``segpipe: error: ...`` line (exit code 2), not a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataCheckError,  # the pre-flight check: every problem file, with the fix
+    DataRootError,  # data.root missing or not in the layout's shape
     CheckpointNotFoundError,
     CheckpointWriteError,
     OutputDirError,
@@ -229,6 +237,46 @@ def _logger_dirs(logger: Any) -> list[str]:
 def _is_rank_zero() -> bool:
     """Whether this process is rank 0 (before Lightning sets up; launchers set these variables)."""
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, readable: plain text and short lists of classes.
+
+    Docstrings' RST markup (double backquotes) is dropped, and a class option whose base class
+    has many known subclasses (``--model.net`` would list every ``nn.Module`` of torch, timm and
+    smp) names segpipe's own classes and a few others, with a pointer to ``--X.help CLASS``.
+    """
+
+    _MAX_LISTED = 8
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text.replace("``", ""))
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(heading.replace("``", "") if heading else heading)
+
+    def _get_help_string(self, action: Any) -> str:
+        text = super()._get_help_string(action).replace("``", "")
+        marker = ", known subclasses: "
+        if marker not in text:
+            return text
+        head, rest = text.split(marker, 1)
+        paths, tail = rest, ""
+        if rest.endswith(")"):
+            paths, tail = rest[:-1], ")"
+        names = [p.strip() for p in paths.split(",") if p.strip()]
+        if len(names) <= self._MAX_LISTED:
+            return text
+        if "torch.nn.Module" in names:  # a network: segpipe's models, importable or not yet
+            ours = ["segpipe.models.UNet", "segpipe.models.FCN", "segpipe.models.SmpModel"]
+            others = ["torch.nn.Module"]
+        else:
+            ours = [n for n in names if n.startswith("segpipe.")]
+            others = [n for n in names if not n.startswith("segpipe.")]
+        shown = ours + others[: max(0, self._MAX_LISTED - len(ours))]
+        option = action.option_strings[0] if action.option_strings else "--X"
+        return (f"{head}, e.g. {', '.join(shown)}; any importable subclass works (its "
+                f"options: {option}.help CLASS){tail}")
 
 
 class SegpipeCLI(LightningCLI):
@@ -328,7 +376,23 @@ class SegpipeCLI(LightningCLI):
         if getattr(self, "_ckpt_path", None):
             cfg.ckpt_path = self._ckpt_path  # held back in parse_arguments
         self._split_step_checkpoint(cfg)
+        self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)
+
+    @staticmethod
+    def _check_data_root(cfg: Any) -> None:
+        """Stop before anything is built when ``data.root`` is not there (the first mistake a
+        newcomer makes: a config's placeholder root)."""
+        data = cfg.get("data")
+        root = data.get("root") if data is not None and hasattr(data, "get") else None
+        if root is None or Path(str(root)).expanduser().is_dir():
+            return
+        layout = data.get("layout") or "folder"
+        raise DataRootError(
+            f"data root {root} does not exist or is not a folder; the {layout!r} layout expects "
+            f"{LAYOUT_HELP.get(layout, 'its folders there')}. Set --data.root to the folder that "
+            "holds the data."
+        )
 
     def _split_step_checkpoint(self, cfg: Any) -> None:
         """Hand ``checkpoint.save_last`` (and ``every_n_train_steps``) to :class:`LastCheckpoint`.
@@ -395,6 +459,28 @@ class SegpipeCLI(LightningCLI):
                 check_output_dir(cb.dirpath, "checkpoints", "checkpoint.dirpath", need_bytes=need)
 
 
+#: One line per subcommand for ``segpipe --help``.
+_SUMMARY: dict[str, str] = {
+    "fit": "train a model (LightningCLI: --config, --trainer.*, --model.*, --data.*)",
+    "validate": "score a checkpoint on the val split",
+    "test": "score a checkpoint on the test split; writes test_metrics.json and report.md",
+    "predict": "masks for images or GeoTIFFs from a checkpoint (or an ONNX export) alone",
+    "export": "export a checkpoint to ONNX with a preprocessing sidecar",
+    "check-data": "check a data set before training: pairs, encodings, classes, statistics",
+    "demo": "the brain-MRI (offline) and driving-scene (CamVid) demos",
+}
+
+
+def usage() -> str:
+    """``segpipe --help``: one usage, one line per subcommand."""
+    names = ["fit", "validate", "test", *COMMANDS]
+    width = max(map(len, names))
+    lines = [f"usage: segpipe {{{','.join(names)}}} [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {_SUMMARY.get(name, '')}" for name in names]
+    lines += ["", "`segpipe COMMAND --help` shows a command's options."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``segpipe`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -402,16 +488,21 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
     if not args or args[0] in {"-h", "--help"}:
-        print(
-            "usage: segpipe {fit,validate,test," + ",".join(sorted(COMMANDS)) + "} [options]\n"
-            "  fit/validate/test: LightningCLI; see `segpipe fit --help`.\n"
-            + "".join(f"  {name}: see `segpipe {name} --help`.\n" for name in sorted(COMMANDS)),
-            file=sys.stderr,
-        )
-        if not args:
-            return 2
+        print(usage(), end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] not in {"fit", "validate", "test"}:
+        close = difflib.get_close_matches(args[0], [*_SUMMARY], n=1)
+        hint = f"; did you mean `segpipe {close[0]}`?" if close else ""
+        print(f"segpipe: error: unknown command {args[0]!r}{hint} (see `segpipe --help`)",
+              file=sys.stderr)
+        return 2
     try:
         run_cli(args)
+    except ArgumentError as exc:  # a mistake on the command line or in the config
+        message = " ".join(str(exc).split())
+        print(f"segpipe {args[0]}: error: {message} (see `segpipe {args[0]} --help`)",
+              file=sys.stderr)
+        return 2
     except _USER_ERRORS as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return 2
@@ -433,12 +524,18 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
     if callbacks:
         defaults["callbacks"] = list(callbacks)
     try:
+        # No abbreviations (a misspelt --data.rot would be taken for --data.rotate90) and
+        # plain-text help with short lists.
+        kwargs = {"formatter_class": HelpFormatter, "allow_abbrev": False, "exit_on_error": False}
         return SegpipeCLI(
             SegmentationTask,
             SegmentationDataModule,
             seed_everything_default=0,
             trainer_defaults=defaults,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={**kwargs, **{sub: dict(kwargs) for sub in ("fit", "validate", "test")}},
+            # One way to set the optimiser and scheduler: model.optimizer/model.lr_scheduler.
+            auto_configure_optimizers=False,
         )
     finally:
         sys.argv = saved_argv

@@ -128,3 +128,45 @@ def test_every_shipped_config_parses(config):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", f"configs/{config}.yaml", "--print_config"])
     assert exc.value.code == 0
+
+
+def test_top_level_help_is_one_usage_with_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("usage:") == 1
+    for name in ("fit", "validate", "test", "predict", "export", "check-data", "demo"):
+        assert f"\n  {name} " in out
+    assert main([]) == 2
+    assert main(["fti"]) == 2 and "did you mean `segpipe fit`" in capsys.readouterr().err
+
+
+def test_fit_help_is_readable_and_names_segpipes_networks(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 1000  # was 2,365 lines, most of them nn.Module subclasses
+    flat = " ".join(out.split())
+    assert "segpipe.models.UNet, segpipe.models.FCN, segpipe.models.SmpModel" in flat
+    assert "``" not in out  # no RST markup
+    assert "\n  --optimizer" not in out and "--model.optimizer" in out  # one way to set it
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--data.rot", "/tmp"], "unrecognized arguments: --data.rot"),  # no abbreviation
+        (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
+    code = main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={tmp_path}", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+
+
+def test_missing_data_root_is_one_line(tmp_path, capsys):
+    code = main(["fit", "--config", "configs/camvid_unet.yaml",
+                 f"--data.root={tmp_path / 'nope'}", f"--trainer.default_root_dir={tmp_path}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("segpipe: error: data root") and "Set --data.root" in err[0]

@@ -38,6 +38,8 @@ from segpipe.data.spec import default_mean_std
 from segpipe.data.transforms import normalize_to_tensor, seed_transform
 
 __all__ = [
+    "LAYOUT_HELP",
+    "DataRootError",
     "SPLITS",
     "ItemKey",
     "PredictDataset",
@@ -198,10 +200,15 @@ def _pair_folders(
     return samples, orphans, dup_img + dup_mask
 
 
+class DataRootError(FileNotFoundError):
+    """``data.root`` is missing or does not hold the layout's folders; the message says which
+    folders the layout expects and to set ``data.root``."""
+
+
 def _require_root(root: str | Path, layout: str, expected: str) -> Path:
     p = Path(root).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(
+        raise DataRootError(
             f"data root {p} does not exist or is not a folder; the {layout!r} layout expects "
             f"{expected}. Set data.root to the folder that holds the data."
         )
@@ -212,6 +219,10 @@ FOLDER_LAYOUT = "ROOT/{train,val,test}/images/* with masks in ROOT/{split}/masks
 CAMVID_LAYOUT = "ROOT/{train,val,test}/* with labels in ROOT/{train,val,test}annot/* (same stem)"
 LGG_LAYOUT = "ROOT/kaggle_3m/<patient>/<patient>_<n>.tif with <patient>_<n>_mask.tif"
 ISBI_LAYOUT = "ROOT/train/image/*.png with ROOT/train/label/*.png (or also val/, test/)"
+#: What each layout expects under its root, for messages.
+LAYOUT_HELP: dict[str, str] = {
+    "folder": FOLDER_LAYOUT, "camvid": CAMVID_LAYOUT, "lgg": LGG_LAYOUT, "isbi": ISBI_LAYOUT,
+}
 
 
 def scan_folder(root: str | Path) -> Scan:
@@ -241,7 +252,7 @@ def scan_folder(root: str | Path) -> Scan:
     if not scan and (base / "images").is_dir():
         scan.add("train", base / "images", _pair_folders(base / "images", base / "masks"))
     if not scan:
-        raise FileNotFoundError(
+        raise DataRootError(
             f"{base}: no train/images, val/images, test/images or images folder found; the "
             f"'folder' layout expects {FOLDER_LAYOUT}"
         )
@@ -270,7 +281,7 @@ def scan_camvid(root: str | Path) -> Scan:
             paired = _pair_folders(image_dir, base / f"{split}annot", recursive=False)
             scan.add(split, image_dir, paired)
     if not scan:
-        raise FileNotFoundError(
+        raise DataRootError(
             f"{base}: no train/, val/ or test/ folder found; the 'camvid' layout expects "
             f"{CAMVID_LAYOUT}"
         )
@@ -386,7 +397,7 @@ def scan_lgg(
             samples.sort(key=lambda s: _natural_key(s.image.name))
             by_patient[pdir.name] = samples
     if not by_patient:
-        raise FileNotFoundError(
+        raise DataRootError(
             f"{data_dir}: no patient folders with .tif slices found; the 'lgg' layout expects "
             f"{LGG_LAYOUT}"
         )
@@ -450,7 +461,7 @@ def scan_isbi(root: str | Path, val_slices: tuple[int, int] | None = (20, 24)) -
         if dirs is not None:
             scan.add(split, dirs[0], _pair_folders(dirs[0], dirs[1], recursive=False))
     if "train" not in scan:
-        raise FileNotFoundError(
+        raise DataRootError(
             f"{base}: no train/image folder found; the 'isbi' layout expects {ISBI_LAYOUT}"
         )
     if "val" not in scan and val_slices is not None:
