@@ -1,0 +1,192 @@
+"""Training you can watch: default loggers, validation images and test figures.
+
+* :func:`default_loggers`: what ``segpipe fit|validate|test`` log to when the config names no
+  logger: TensorBoard (when the ``tensorboard`` package is installed, as with a normal install)
+  and a CSV file (``metrics.csv``) in the same run folder, ``<default_root_dir>/lightning_logs/
+  version_N``. Any Lightning logger can be chosen instead with ``--trainer.logger`` (W&B,
+  MLflow, ...).
+* :class:`ValidationImages`: after each validation, a few val images with the truth and the
+  prediction overlaid, logged to every logger that takes images (TensorBoard, W&B, MLflow).
+* :class:`TestFigures`: after ``test``, the report's confusion matrix and per-class IoU chart,
+  logged the same way.
+
+The learning rate is logged by Lightning's ``LearningRateMonitor``, which the CLI adds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+__all__ = [
+    "TestFigures",
+    "ValidationImages",
+    "default_loggers",
+    "has_tensorboard",
+    "log_image",
+    "next_version",
+]
+
+log = logging.getLogger(__name__)
+
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+def _next_version(folder: Path) -> int:
+    """The first ``version_N`` not yet in ``folder`` (as Lightning's loggers number runs)."""
+    taken = [int(m.group(1)) for p in folder.glob("version_*") if (m := _VERSION.match(p.name))]
+    return max(taken, default=-1) + 1
+
+
+def has_tensorboard() -> bool:
+    """Whether TensorBoard's writer is importable (``tensorboard`` or ``tensorboardX``)."""
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def default_loggers(root: str | Path, version: int | None) -> list[Any]:
+    """The loggers of a run whose config names none.
+
+    TensorBoard and CSV write into one folder, ``root/lightning_logs/version_N``, so that
+    ``tensorboard --logdir root`` shows the run and ``metrics.csv`` sits beside its event files.
+
+    Args:
+        root: ``trainer.default_root_dir``.
+        version: N of ``version_N``; None lets each logger find the next free one.
+
+    Returns:
+        ``[TensorBoardLogger, CSVLogger]`` (CSV only where TensorBoard is not installed).
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    common: dict[str, Any] = {"save_dir": str(root), "name": "lightning_logs", "version": version}
+    loggers: list[Any] = [CSVLogger(**common)]
+    if has_tensorboard():
+        loggers.insert(0, TensorBoardLogger(**common, default_hp_metric=False))
+    return loggers
+
+
+def next_version(root: str | Path) -> int:
+    """N of the next ``root/lightning_logs/version_N`` folder."""
+    return _next_version(Path(root) / "lightning_logs")
+
+
+def log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> int:
+    """Log an (H, W, 3) image in [0, 1] or uint8 to every logger that takes images.
+
+    Args:
+        trainer: The trainer (its loggers are used).
+        tag: Name of the image (e.g. ``val/images``).
+        image: (H, W, 3) float in [0, 1] or uint8.
+        step: Global step.
+
+    Returns:
+        How many loggers took it.
+    """
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    taken = 0
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        name = type(logger).__name__
+        try:
+            if name == "TensorBoardLogger":
+                experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+            elif name == "WandbLogger":
+                logger.log_image(key=tag, images=[image], step=step)
+            elif name == "MLFlowLogger":
+                experiment.log_image(logger.run_id, image, f"{tag.replace('/', '_')}_{step:06d}.png")
+            else:
+                continue
+            taken += 1
+        except Exception as exc:  # noqa: BLE001 - a picture never stops training
+            log.warning("could not log %s to %s: %s", tag, name, exc)
+    return taken
+
+
+def _display(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the normalisation of a (C, H, W) image: (H, W, 3) float in [0, 1]."""
+    m = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+    unit = (image.detach().float().cpu() * s + m).permute(1, 2, 0).numpy()
+    rgb = unit[..., :3] if unit.shape[-1] >= 3 else np.repeat(unit[..., :1], 3, axis=-1)
+    lo, hi = float(rgb.min()), float(rgb.max())
+    if hi > 1.0 or lo < 0.0 or hi - lo < 0.2:  # e.g. 16-bit rasters: stretch for viewing
+        rgb = (rgb - lo) / (hi - lo) if hi > lo else np.zeros_like(rgb)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+class ValidationImages(L.Callback):
+    """Log a few val images as ``image | truth | prediction`` rows after each validation.
+
+    The first ``num_images`` images of the first val batch (rank 0) are predicted again after
+    the validation loop (one small extra forward pass) and drawn with the model's class colours;
+    pixels of the ignored label show the image.
+
+    Args:
+        num_images: Rows in the picture (0 disables).
+    """
+
+    def __init__(self, num_images: int = 4) -> None:
+        self.num_images = int(num_images)
+        self._batch: dict[str, torch.Tensor] | None = None
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and self.num_images > 0 and trainer.is_global_zero:
+            k = self.num_images
+            self._batch = {"image": batch["image"][:k].detach(), "mask": batch["mask"][:k].detach()}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None or trainer.sanity_checking or not trainer.loggers:
+            return
+        spec = getattr(pl_module, "spec", None)
+        if spec is None:
+            return
+        from segpipe.report import colorize_labels
+
+        with torch.no_grad():
+            preds = pl_module(batch["image"]).argmax(dim=1).cpu().numpy()
+        mean, std = spec.normalization()
+        colors = np.asarray(spec.class_colors, dtype=np.uint8)
+        rows = []
+        for image, mask, pred in zip(batch["image"], batch["mask"].cpu().numpy(), preds):
+            base = _display(image, mean, std)
+            rows.append(np.concatenate(
+                [base, colorize_labels(mask, colors, base), colorize_labels(pred, colors, base)],
+                axis=1,
+            ))
+        log_image(trainer, "val/images", np.concatenate(rows, axis=0), trainer.global_step)
+
+
+class TestFigures(L.Callback):
+    """After ``test``, log the report's confusion matrix and per-class IoU chart as images.
+
+    Reads the PNGs that :class:`~segpipe.callbacks.TestMetricsWriter` wrote (it runs first).
+    """
+
+    __test__ = False  # not a pytest test class
+
+    _FIGURES = ("confusion_matrix", "per_class_iou")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        from segpipe.data.io import read_image
+        from segpipe.report import REPORT_FILES_DIR
+
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_FILES_DIR
+        for name in self._FIGURES:
+            path = folder / f"{name}.png"
+            if path.is_file():
+                log_image(trainer, f"test/{name}", read_image(path)[..., :3], trainer.global_step)

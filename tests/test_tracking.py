@@ -1,0 +1,64 @@
+"""Training you can watch: TensorBoard + CSV by default, learning rate, val images, test figures;
+another logger (MLflow, offline) through --trainer.logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segpipe.cli import main
+from tests.cli_args import TINY_UNET
+from tests.data.synthetic import make_folder_dataset
+
+TINY = [*TINY_UNET, "--data.num_workers=0", "--trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder_dataset(tmp_path_factory.mktemp("data") / "ds", num_classes=3, size=(48, 40))
+
+
+def _events(folder: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_default_run_logs_tensorboard_and_csv_in_one_folder(dataset: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    common = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+              f"--trainer.default_root_dir={run}", *TINY]
+    assert main(["fit", *common]) == 0
+    version = run / "lightning_logs" / "version_0"
+    assert (version / "metrics.csv").is_file() and list(version.glob("events.out.tfevents.*"))
+    tags = _events(version)
+    assert "val/mIoU" in tags["scalars"] and "train/loss_epoch" in tags["scalars"]
+    assert any(t.startswith("lr-") for t in tags["scalars"])  # the learning rate
+    assert "val/images" in tags["images"]  # image | truth | prediction rows
+    assert main(["test", *common, "--ckpt_path", "last"]) == 0
+    tested = run / "lightning_logs" / "version_1"
+    assert (tested / "test_metrics.json").is_file()
+    images = _events(tested)["images"]
+    assert "test/confusion_matrix" in images and "test/per_class_iou" in images
+
+
+def test_mlflow_logger_offline(dataset: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local folder, no server
+    uri = (tmp_path / "mlruns").as_uri()
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY,
+                 "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger",
+                 f"--trainer.logger.tracking_uri={uri}",
+                 "--trainer.logger.experiment_name=segpipe-test"]) == 0
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("segpipe-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert {"val/mIoU", "train/loss_epoch"} <= set(run.data.metrics)
+    assert any(k.startswith("lr-") for k in run.data.metrics)
+    assert list((tmp_path / "mlruns").rglob("val_images_*.png"))  # val pictures as artifacts
