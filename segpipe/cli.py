@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from jsonargparse import ArgumentError, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -33,12 +33,14 @@ from segpipe.callbacks import (
     install_safe_checkpoint_io,
     load_checkpoint_file,
 )
-from segpipe.data import DataSpec, SegmentationDataModule
+from segpipe.data import DataSpec
 from segpipe.data.checks import DataCheckError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError
 from segpipe.fileio import TMP_PREFIX
 from segpipe.runtime import default_precision, tune_allocator
+from segpipe.tracking import TestFigures, ValidationImages, default_loggers, next_version
 from segpipe.tasks import SegmentationTask
+from segpipe.tasks.finetune import TransferLearningError
 
 __all__ = [
     "COMMANDS",
@@ -53,6 +55,9 @@ __all__ = [
     "usage",
 ]
 
+
+#: The data module used when ``data:`` names no ``class_path``.
+_DEFAULT_DATA = "segpipe.data.SegmentationDataModule"
 
 #: ``data.*`` options that make up the data spec linked into ``model.data_spec``.
 _SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_channels", "bands",
@@ -149,6 +154,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointWriteError,
     OutputDirError,
     UnsafeCheckpointError,
+    TransferLearningError,  # init_from unusable; resuming with other param groups than saved
 )
 
 
@@ -360,10 +366,13 @@ class SegpipeCLI(LightningCLI):
         parser.add_lightning_class_args(TestMetricsWriter, "metrics_writer")
         # The data section states classes and input once: the network gets its num_classes and
         # in_channels from there, the task the whole spec (saved in every checkpoint).
-        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes")
-        parser.link_arguments("data.in_channels", "model.net.init_args.in_channels")
-        parser.link_arguments(tuple(f"data.{k}" for k in _SPEC_ARGS), "model.data_spec",
-                              compute_fn=_data_spec)
+        # Any LightningDataModule may be given (``data.class_path``); segpipe's is the default,
+        # so configs may give its arguments directly under ``data:``.
+        parser.set_defaults({"data": {"class_path": _DEFAULT_DATA}})
+        parser.link_arguments("data.init_args.num_classes", "model.net.init_args.num_classes")
+        parser.link_arguments("data.init_args.in_channels", "model.net.init_args.in_channels")
+        parser.link_arguments(tuple(f"data.init_args.{k}" for k in _SPEC_ARGS),
+                              "model.data_spec", compute_fn=_data_spec)
 
     def before_instantiate_classes(self) -> None:
         # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.
@@ -384,6 +393,7 @@ class SegpipeCLI(LightningCLI):
         """Stop before anything is built when ``data.root`` is not there (the first mistake a
         newcomer makes: a config's placeholder root)."""
         data = cfg.get("data")
+        data = data.get("init_args") if data is not None and hasattr(data, "get") else None
         root = data.get("root") if data is not None and hasattr(data, "get") else None
         if root is None or Path(str(root)).expanduser().is_dir():
             return
@@ -437,8 +447,14 @@ class SegpipeCLI(LightningCLI):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             for key, value in last.items():  # the saved config.yaml shows the options as given
                 cfg.checkpoint[key] = value
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
+            root = cfg.trainer.default_root_dir or "."
+            kwargs["logger"] = default_loggers(root, next_version(root) if _is_rank_zero() else None)
         trainer = super().instantiate_trainer(**kwargs)
         install_safe_checkpoint_io(trainer)
+        if trainer.loggers:  # training you can watch: learning rate and val/test pictures
+            trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
         if last:
             main_ckpt = self._get(self.config_init, "checkpoint")
             trainer.callbacks.append(
@@ -481,6 +497,28 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_parse_error(text: str) -> str:
+    """jsonargparse's error in one line: the key and the first cause, without the listing of
+    union types it tried."""
+    lines = text.rstrip().splitlines()
+    if not lines:
+        return text
+    head = lines[0].strip()
+    for i, line in enumerate(lines[1:], start=1):
+        stripped = line.lstrip()
+        if not stripped.startswith("- ") or "Expected a <class 'NoneType'>" in stripped:
+            continue
+        indent = len(line) - len(stripped)
+        cause = [stripped[2:]]
+        for more in lines[i + 1 :]:
+            if len(more) - len(more.lstrip()) <= indent:
+                break
+            cause.append(more.strip())
+        key = head.split(":", 1)[0] if head.startswith("Parser key") else head
+        return " ".join(f"{key}: {' '.join(cause)}".split())
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``segpipe`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -499,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     try:
         run_cli(args)
     except ArgumentError as exc:  # a mistake on the command line or in the config
-        message = " ".join(str(exc).split())
+        message = _short_parse_error(str(exc))
         print(f"segpipe {args[0]}: error: {message} (see `segpipe {args[0]} --help`)",
               file=sys.stderr)
         return 2
@@ -529,7 +567,8 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
         kwargs = {"formatter_class": HelpFormatter, "allow_abbrev": False, "exit_on_error": False}
         return SegpipeCLI(
             SegmentationTask,
-            SegmentationDataModule,
+            LightningDataModule,
+            subclass_mode_data=True,
             seed_everything_default=0,
             trainer_defaults=defaults,
             save_config_kwargs={"overwrite": True},

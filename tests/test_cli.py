@@ -37,7 +37,8 @@ def test_fit_writes_checkpoints_and_config(fitted):
     configs = list(fitted.rglob("config.yaml"))
     assert configs, "LightningCLI saves the config with each run"
     saved = yaml.safe_load(configs[0].read_text())
-    assert saved["seed_everything"] == 0 and saved["data"]["num_classes"] == 3
+    assert saved["seed_everything"] == 0 and saved["data"]["init_args"]["num_classes"] == 3
+    assert saved["data"]["class_path"] == "segpipe.data.SegmentationDataModule"  # the default
     import torch
 
     hp = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
@@ -117,7 +118,8 @@ def test_console_script_and_print_config(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     cfg = yaml.safe_load(res.stdout)
-    assert cfg["data"]["layout"] == "camvid" and cfg["data"]["ignore_index"] == 11
+    data = cfg["data"]["init_args"]
+    assert data["layout"] == "camvid" and data["ignore_index"] == 11
     assert cfg["trainer"]["precision"] in {"bf16-mixed", "32-true", "16-mixed"}
 
 
@@ -154,7 +156,7 @@ def test_fit_help_is_readable_and_names_segpipes_networks(capsys):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--data.rot", "/tmp"], "unrecognized arguments: --data.rot"),  # no abbreviation
+        (["--data.rot", "/tmp"], "Option 'rot' is not accepted"),  # no abbreviation
         (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted"),
     ],
 )
