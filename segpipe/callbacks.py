@@ -12,7 +12,6 @@ import functools
 import os
 import pickle
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from segpipe.fileio import TMP_PREFIX, atomic_write_json
+from segpipe.fileio import AtomicFile, atomic_write_json, is_disk_full
 
 __all__ = [
     "CheckpointWriteError",
@@ -66,7 +65,14 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, quota, permissions); the previous one is intact."""
+    """Writing a checkpoint failed (disk full, quota, permissions); the previous one is intact.
+
+    Its message (``str``) is one line naming the checkpoint, the reason and the fix, without
+    the ``[Errno N]`` prefix; ``errno`` keeps the code.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 def load_checkpoint_file(
@@ -103,13 +109,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
     stages the file in the *system* temp folder (``tempfile.mkstemp()``) and then moves it with
     ``shutil.move``: when ``/tmp`` is another file system that move is a copy onto the final
     name, so a kill during it leaves a truncated ``last.ckpt``; and nothing is fsynced.
-    Here the checkpoint is written to ``.segpipe-tmp-XXXX.partial`` in the target folder,
-    fsynced, and renamed onto the final name with ``os.replace`` (atomic on POSIX and Windows),
-    then the folder is fsynced. A killed process leaves either the old or the new file, never a
-    torn one. Remote (fsspec) paths use Lightning's behaviour.
+    Here the checkpoint goes through :class:`segpipe.fileio.AtomicFile`: ``torch.save`` streams
+    it into ``.segpipe-tmp-XXXX.partial`` in the target folder with checked writes, the file is
+    fsynced and renamed onto the final name with ``os.replace`` (atomic on POSIX and Windows),
+    then the folder is fsynced; the file gets the usual mode (``0o666 & ~umask``). A killed
+    process leaves either the old or the new file, never a torn one. Remote (fsspec) paths use
+    Lightning's behaviour.
 
-    A full disk raises :class:`CheckpointWriteError` naming the folder; the previous checkpoint
-    stays as it was. Reads refuse pickled code with :class:`UnsafeCheckpointError`.
+    A failed write (a full disk, quota, permissions; also when torch reports it as a
+    ``RuntimeError`` from its zip writer) raises :class:`CheckpointWriteError` naming the
+    checkpoint, with the temporary file deleted and the previous checkpoint as it was. Reads
+    refuse pickled code with :class:`UnsafeCheckpointError`.
     """
 
     def save_checkpoint(
@@ -131,23 +141,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=PARTIAL_SUFFIX, dir=target.parent)
-        except OSError as exc:
-            raise _write_error(target, exc) from exc
-        try:
-            with os.fdopen(fd, "wb") as fh:
+            with AtomicFile(target, suffix=PARTIAL_SUFFIX) as out, out.open() as fh:
                 torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-            os.replace(tmp, target)
-        except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise _write_error(target, exc) from exc
-            raise
-        _fsync_dir(target.parent)
+        except Exception as exc:
+            error = _write_error(target, exc)
+            if error is None:
+                raise
+            raise error from exc
 
     def load_checkpoint(
         self,
@@ -254,38 +254,43 @@ def install_safe_checkpoint_io(trainer: L.Trainer) -> bool:
     return isinstance(strategy.checkpoint_io, SafeCheckpointIO)
 
 
-def _write_error(target: Path, exc: OSError) -> CheckpointWriteError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first ``OSError`` in ``exc``'s chain (torch wraps write errors in a RuntimeError)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        stack += [e.__context__, e.__cause__]
+    return None
+
+
+def _write_error(target: Path, exc: BaseException) -> CheckpointWriteError | None:
+    """The one-line error for a failed checkpoint write; None when ``exc`` is not an I/O error."""
+    os_error = _os_error(exc)
+    if is_disk_full(exc):
+        code = os_error.errno if os_error is not None and os_error.errno in (
+            errno.ENOSPC, getattr(errno, "EDQUOT", None)) else errno.ENOSPC
+        reason = os.strerror(code)
         fix = "free space there, or point checkpoint.dirpath at a disk with room"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make the folder writable, or set checkpoint.dirpath / trainer.default_root_dir elsewhere"
+    elif os_error is not None:
+        code = os_error.errno
+        reason = os_error.strerror or str(os_error)
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = ("make the folder writable, or set checkpoint.dirpath / "
+                   "trainer.default_root_dir elsewhere")
+        else:
+            fix = "check the folder, or set checkpoint.dirpath elsewhere"
     else:
-        fix = "check the folder, or set checkpoint.dirpath elsewhere"
+        return None  # e.g. an object torch cannot pickle: not about the disk
     previous = " The previous checkpoint there is intact." if target.exists() else ""
     return CheckpointWriteError(
-        exc.errno,
-        f"could not write checkpoint {target}: {exc.strerror or exc}; {fix}.{previous}",
+        code, f"could not write checkpoint {target}: {reason}; {fix}.{previous}"
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class TestMetricsWriter(L.Callback):
@@ -350,9 +355,11 @@ class TestMetricsWriter(L.Callback):
         from segpipe.data.io import read_image
         from segpipe.report import write_report
 
-        dm = getattr(trainer, "datamodule", None)
-        colors = getattr(dm, "class_colors", None)
-        bands = getattr(dm, "bands", None)
+        # The model's data spec (what it was trained on), else what the data module states.
+        spec = getattr(trainer.lightning_module, "spec", None)
+        source = spec if spec is not None else getattr(trainer, "datamodule", None)
+        colors = getattr(source, "class_colors", None)
+        bands = getattr(source, "bands", None)
         reader = functools.partial(read_image, bands=bands) if bands else None
         try:
             return write_report(report, out_dir, class_colors=colors, image_reader=reader,

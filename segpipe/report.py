@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from segpipe.data.io import read_image, to_float
-from segpipe.fileio import atomic_path, atomic_write_text
+from segpipe.data.spec import default_class_colors, default_class_names
+from segpipe.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "REPORT_FILES_DIR",
@@ -89,17 +90,16 @@ def _safe_name(text: str, max_len: int = 60) -> str:
     return name[:max_len]
 
 
-def _default_colors(num_classes: int) -> list[list[int]]:
-    from segpipe.data.datamodule import default_class_colors
-
-    return default_class_colors(num_classes)
+def _class_names(class_names: Sequence[str], k: int) -> list[str]:
+    """``k`` names: the given ones, completed with the default ``class_i`` names."""
+    return [str(n) for n in class_names][:k] + default_class_names(k)[len(class_names) :]
 
 
 def _color_table(class_colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
     """(K, 3) uint8 colours: the given ones, completed with the default palette if too few."""
     colors = [list(map(int, c))[:3] for c in (class_colors or [])]
     if len(colors) < num_classes:
-        colors += _default_colors(num_classes)[len(colors) :]
+        colors += default_class_colors(num_classes)[len(colors) :]
     return np.asarray(colors[:num_classes], dtype=np.uint8).reshape(num_classes, 3)
 
 
@@ -114,9 +114,11 @@ def _new_figure(width: float, height: float, layout: str | None = None) -> Any:
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return path
+    # Rendered in memory: given a file name, matplotlib has Pillow's C encoder write to the file
+    # descriptor, which ignores a short write on a nearly full disk.
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getbuffer())
 
 
 # ------------------------------------------------------------------------------------ images
@@ -277,7 +279,7 @@ def plot_worst_image(
                      if 0 <= v < len(colors))
     handles = [
         Patch(facecolor=colors[c] / 255.0, edgecolor="black",
-              label=class_names[c] if c < len(class_names) else f"class_{c}")
+              label=_class_names(class_names, len(colors))[c])
         for c in present
     ]
     if handles:
@@ -325,7 +327,7 @@ def plot_confusion_matrix(
     im = ax.imshow(np.ma.masked_invalid(norm), cmap="Blues", vmin=0.0, vmax=1.0,
                    interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's pixels")
-    names = [str(n) for n in class_names][:k] + [f"class_{i}" for i in range(len(class_names), k)]
+    names = _class_names(class_names, k)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)

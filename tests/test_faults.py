@@ -328,3 +328,53 @@ def test_no_room_for_checkpoints_fails_before_training(tmp_path: Path,
     assert str(tmp_path / "r" / "checkpoints") in err and "MiB free" in err
     assert "--checkpoint.dirpath" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class _FillsUp:
+    """A file object that accepts ``budget`` bytes and then fails like a full disk."""
+
+    def __init__(self, f: Any, budget: int) -> None:
+        self.f, self.left = f, budget
+
+    def write(self, data: Any) -> int:
+        if len(data) > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def test_disk_full_during_fit_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's zip writer turns ENOSPC into RuntimeError("... unexpected pos ..."); fit must still
+    end with one ``segpipe: error:`` line naming the checkpoint, exit code 2, last.ckpt intact."""
+    data = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    root = tmp_path / "run"
+    real_save = torch.save
+    saves: list[int] = []
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        saves.append(int(obj.get("global_step", -1)))
+        if len(saves) == 1:  # the first last.ckpt fits on the disk
+            return real_save(obj, f, *args, **kwargs)
+        return real_save(obj, _FillsUp(f, 4096), *args, **kwargs)  # torch's own failure
+
+    monkeypatch.setattr(torch, "save", save)
+    rc = main(["fit", *TINY, f"--data.root={data}", f"--trainer.default_root_dir={root}",
+               "--trainer.max_epochs=3", "--data.num_workers=0", "--checkpoint.save_top_k=0",
+               "--trainer.num_sanity_val_steps=0"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    last = root / "checkpoints" / "last.ckpt"
+    lines = [ln for ln in err.splitlines() if "segpipe: error:" in ln]
+    assert rc == 2, err[-3000:]
+    assert len(lines) == 1 and "Traceback" not in err and "unexpected pos" not in err, err[-3000:]
+    assert lines[0].startswith(f"segpipe: error: could not write checkpoint {last}: No space left")
+    assert "The previous checkpoint there is intact." in lines[0]
+    print(f"\n{lines[0]}")
+    assert len(saves) == 2  # stopped at the first failed save
+    assert torch.load(last, weights_only=True)["global_step"] == saves[0]  # the previous one
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temporary file

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from segpipe.data.checks import DataCheckError, check_samples
 from segpipe.data.collate import PadCollate
 from segpipe.data.datasets import (
-    DataRootError,
+    DataSplitError,
     Sample,
     Scan,
     SegmentationDataset,
@@ -362,13 +362,13 @@ class SegmentationDataModule(L.LightningDataModule):
                 "val": "add a val split or set data.val_fraction > 0",
                 "train": "add the training data",
             }.get(split, "add the split")
-            raise DataRootError(
+            raise DataSplitError(
                 f"{self.root}: the {self.layout!r} layout has no {split!r} split; {hint}"
             )
         samples = self._splits[split]
         if not samples:
             folder = scan.folders.get(split, Path(self.root))
-            raise DataRootError(
+            raise DataSplitError(
                 f"{folder}: the {split!r} split has no samples; put images there "
                 f"(extensions: .png .jpg .jpeg .webp .bmp .tif .tiff .gif)"
             )

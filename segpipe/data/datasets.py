@@ -40,6 +40,7 @@ from segpipe.data.transforms import normalize_to_tensor, seed_transform
 __all__ = [
     "LAYOUT_HELP",
     "DataRootError",
+    "DataSplitError",
     "SPLITS",
     "ItemKey",
     "PredictDataset",
@@ -203,6 +204,11 @@ def _pair_folders(
 class DataRootError(FileNotFoundError):
     """``data.root`` is missing or does not hold the layout's folders; the message says which
     folders the layout expects and to set ``data.root``."""
+
+
+class DataSplitError(ValueError):
+    """A split that the stage needs is missing or empty; the message names the folder and the
+    fix."""
 
 
 def _require_root(root: str | Path, layout: str, expected: str) -> Path:

@@ -1,6 +1,9 @@
 """Reading and writing raster images and masks.
 
-This is the only module of segpipe that imports Pillow and rasterio. Everything else reads
+This is the only module of segpipe that imports Pillow and rasterio. rasterio (with GDAL) is
+imported on first use, not with this module: when a TIFF or a 16-bit RGB PNG is read or
+written, or a raster is opened by windows (:func:`probe_raster`, :func:`open_raster`,
+:class:`RasterWriter`), so runs on PNG/JPEG data never load it. Everything else reads
 pixels through :func:`read_image`, :func:`read_mask` and :func:`image_size`, and gets an
 :class:`ImageReadError` (a ``ValueError`` that names the file, says what is wrong and how to fix
 it) for any file that cannot be used, never a traceback from inside a library.
@@ -34,10 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from PIL import Image, ImageOps, UnidentifiedImageError
-from rasterio.enums import ColorInterp
-from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -68,7 +68,13 @@ def _open_raster(path: Path, *args: Any, **kwargs: Any) -> Any:
 
     ``warnings.catch_warnings`` is not thread-safe, so concurrent opens (the checker's thread
     pool) are serialised around it; only the header parsing happens inside the lock.
+
+    rasterio (and GDAL with it) is imported here, on first use, not with this module: most runs
+    read PNG/JPEG only, and every command imports this module.
     """
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
     with _WARN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         return rasterio.open(path, *args, **kwargs)
@@ -299,6 +305,9 @@ def _read_rasterio(
     path: Path, bands: Sequence[int] | None, *, as_mask: bool
 ) -> np.ndarray | None:
     """Read a whole raster with rasterio as (H, W, C); None if rasterio cannot open it."""
+    from rasterio.enums import ColorInterp
+    from rasterio.errors import RasterioError, RasterioIOError
+
     try:
         ds = _open_raster(path)
     except (RasterioIOError, RasterioError):
@@ -470,6 +479,8 @@ def image_size(path: _PathLike) -> tuple[int, int]:
     p = Path(path)
     _check_file(p)
     if _is_tiff(p) or _needs_gdal_png(p):
+        from rasterio.errors import RasterioError, RasterioIOError
+
         try:
             with _open_raster(p) as ds:
                 return int(ds.height), int(ds.width)
@@ -505,48 +516,150 @@ def to_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
-def write_image(path: _PathLike, image: np.ndarray) -> Path:
+def _save_pillow(
+    img: Image.Image, path: Path, format: str | None = None, ext: str | None = None, **params: Any
+) -> None:
+    """Encode ``img`` in memory, then write the bytes to ``path`` with checked writes.
+
+    Pillow's C encoders write straight to a file's descriptor and ignore the count of a short
+    ``write()`` (what a nearly full disk returns), which can leave a truncated file that looks
+    complete. Encoded into a buffer and written with :func:`segpipe.fileio.write_file_bytes`,
+    every write's count is checked: a full disk raises ``OSError`` (``ENOSPC``) and the partial
+    file is deleted.
+    """
+    from io import BytesIO
+
+    from segpipe.fileio import write_file_bytes
+
+    if format is None:
+        ext = (ext or path.suffix).lower()
+        format = Image.registered_extensions().get(ext)
+        if format is None:
+            raise ValueError(f"unknown file extension: {ext}")
+    buf = BytesIO()
+    img.save(buf, format=format, **params)
+    write_file_bytes(path, buf.getbuffer())
+
+
+def _raster_write_error(path: Path, exc: BaseException) -> BaseException:
+    """``exc`` as a :class:`~segpipe.fileio.DiskFullError` when the disk is full, else itself.
+
+    GDAL reports a failed write as ``Write error at scanline N`` without the errno, so with
+    almost no space left (:func:`segpipe.fileio.low_on_space`) a full disk is assumed.
+    """
+    from segpipe.fileio import DiskFullError, is_disk_full, low_on_space
+
+    if isinstance(exc, DiskFullError):
+        return exc
+    if is_disk_full(exc) or low_on_space(path):
+        return DiskFullError(path)
+    return exc
+
+
+def _check_tiff_complete(path: Path, width: int, height: int, count: int) -> None:
+    """Reopen a TIFF just written and make sure every block of it is on disk.
+
+    GDAL raises for a block it fails to write during ``write()``, but not for a failure while it
+    closes the file (flushing cached blocks, writing the directory): ``close()`` returns normally
+    and leaves a file that does not open, or whose missing blocks read back as zeros. This opens
+    the file and checks each block's offset and size against the file's size from the TIFF
+    directory (microseconds per block; GDAL writes every block, SPARSE_OK is off).
+
+    Raises:
+        DiskFullError: The file is incomplete and the disk is (nearly) full.
+        OSError: The file is incomplete (``EIO``).
+    """
+    from rasterio.errors import RasterioError
+
+    problem = ""
+    try:
+        with _open_raster(path) as ds:
+            if (ds.width, ds.height, ds.count) != (width, height, count):
+                problem = (f"it holds {ds.count}×{ds.height}×{ds.width}, "
+                           f"not {count}×{height}×{width}")
+            else:
+                size = path.stat().st_size
+                interleave = getattr(ds.interleaving, "name", "")
+                bands = range(1, count + 1) if interleave.lower() == "band" else (1,)
+                for band in bands:
+                    for (row, col), _ in ds.block_windows(band):
+                        offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band)
+                        nbytes = ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band)
+                        if not offset or not nbytes or int(offset) + int(nbytes) > size:
+                            problem = f"block ({row}, {col}) of band {band} is missing"
+                            break
+                    if problem:
+                        break
+    except (RasterioError, OSError) as exc:
+        problem = f"it cannot be read back ({exc})"
+    if problem:
+        import errno
+
+        err = OSError(errno.EIO, f"{path} is incomplete after writing: {problem}")
+        raise _raster_write_error(path, err) from None
+
+
+def write_image(path: _PathLike, image: np.ndarray, *, suffix: str | None = None) -> Path:
     """Write an image: Pillow for PNG/JPEG/WebP/BMP/GIF, rasterio for TIFF.
+
+    Pillow formats are encoded in memory and written with checked writes, so a full disk raises
+    instead of leaving a truncated file; a TIFF is read back to check it is complete. The write
+    is not atomic by itself: for that, write to :func:`segpipe.fileio.atomic_path`.
 
     Args:
         path: Output file; the extension picks the format. Parent folders are created.
         image: (H, W) or (H, W, C). For Pillow formats: uint8 with 1, 3 or 4 channels, or
             uint16 with 1 channel (PNG). TIFF accepts any band count and dtype.
+        suffix: Extension that picks the format instead of ``path``'s (e.g. ``".jpg"`` for a
+            temporary file name).
 
     Returns:
         The written path.
 
     Raises:
         ValueError: For arrays the chosen format cannot hold.
+        OSError: The write failed (:class:`~segpipe.fileio.DiskFullError` for a full disk, or
+            ``ENOSPC`` from a Pillow format); no partial file is left.
     """
     p = Path(path)
+    ext = (suffix or p.suffix).lower()
     p.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(image)
-    if _is_tiff(p):
+    if ext in TIFF_EXTENSIONS:
+        from rasterio.errors import RasterioError
+
         data = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
-        with _open_raster(
-            p,
-            "w",
-            driver="GTiff",
-            width=data.shape[2],
-            height=data.shape[1],
-            count=data.shape[0],
-            dtype=data.dtype,
-            compress="lzw",
-        ) as ds:
-            ds.write(data)
+        try:
+            with _open_raster(
+                p,
+                "w",
+                driver="GTiff",
+                width=data.shape[2],
+                height=data.shape[1],
+                count=data.shape[0],
+                dtype=data.dtype,
+                compress="lzw",
+            ) as ds:
+                ds.write(data)
+            _check_tiff_complete(p, data.shape[2], data.shape[1], data.shape[0])
+        except (RasterioError, OSError) as exc:
+            p.unlink(missing_ok=True)
+            err = _raster_write_error(p, exc)
+            if err is exc:
+                raise
+            raise err from exc
         return p
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.dtype == np.uint16 and arr.ndim == 2:
-        Image.fromarray(arr).save(p)
+        _save_pillow(Image.fromarray(arr), p, ext=ext)
         return p
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or arr.shape[2] in (3, 4)):
         raise ValueError(
-            f"{p}: cannot write a {arr.dtype} array of shape {arr.shape} as {p.suffix}; "
+            f"{p}: cannot write a {arr.dtype} array of shape {arr.shape} as {ext}; "
             "use uint8 with 1, 3 or 4 channels, or write a .tif"
         )
-    Image.fromarray(arr).save(p, **({"lossless": True} if p.suffix.lower() == ".webp" else {}))
+    _save_pillow(Image.fromarray(arr), p, ext=ext, **({"lossless": True} if ext == ".webp" else {}))
     return p
 
 
@@ -579,7 +692,7 @@ def write_mask(
         flat += [0] * (768 - len(flat))
         pimg = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
         pimg.putpalette(flat[:768])
-        pimg.save(p)
+        _save_pillow(pimg, p)
         return p
     return write_image(p, arr)
 
@@ -597,24 +710,36 @@ _CACHE_LIMITED = False
 
 
 def _limit_gdal_cache() -> None:
-    """Cap GDAL's block cache at :data:`RASTER_CACHE_MB` once (unless GDAL_CACHEMAX is set)."""
+    """Cap GDAL's block cache at :data:`RASTER_CACHE_MB`, once per process.
+
+    Left alone when the ``GDAL_CACHEMAX`` environment variable is set, when an enclosing
+    ``rasterio.Env`` sets it, or when the cache is already smaller. GDAL's block cache is one
+    per process (``GDAL_CACHEMAX`` cannot be thread-local), so the cap is set process-wide with
+    ``rasterio.env.set_gdal_config`` rather than in a ``rasterio.Env`` block: an Env would
+    change the same global setting anyway, put it back at every exit (between two windowed
+    reads, and racing with other threads' Envs), and would have to nest in the order that
+    readers and writers, which live for a whole prediction, are opened and closed.
+    """
     global _CACHE_LIMITED
     if _CACHE_LIMITED:
         return
-    _CACHE_LIMITED = True
     import os
 
+    import rasterio.env
+
+    if rasterio.env.hasenv() and any(k.upper() == "GDAL_CACHEMAX" for k in rasterio.env.getenv()):
+        return  # the caller's own rasterio.Env decides; look again after it exits
+    _CACHE_LIMITED = True
     if "GDAL_CACHEMAX" in os.environ:
         return
+    limit = RASTER_CACHE_MB * 1024 * 1024
+    current = rasterio.env.get_gdal_config("GDAL_CACHEMAX")  # GDAL's effective size, in bytes
     try:
-        from rasterio._env import get_gdal_config, set_gdal_config
-
-        current = get_gdal_config("GDAL_CACHEMAX")
-        limit = RASTER_CACHE_MB * 1024 * 1024
-        if current is None or int(current) > limit:
-            set_gdal_config("GDAL_CACHEMAX", limit)
-    except Exception:  # noqa: BLE001 - a missing private API only costs memory
-        pass
+        smaller = current is not None and int(current) <= limit
+    except (TypeError, ValueError):  # e.g. "10%" set through set_gdal_config: the user's choice
+        return
+    if not smaller:
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", limit)
 
 
 class RasterInfo:
@@ -673,6 +798,8 @@ def probe_raster(path: _PathLike) -> RasterInfo | None:
     _check_file(p)
     if not _is_tiff(p):
         return None
+    from rasterio.errors import RasterioError, RasterioIOError
+
     try:
         with _open_raster(p) as ds:
             if ds.count < 1:
@@ -697,6 +824,9 @@ class RasterReader:
     """
 
     def __init__(self, path: _PathLike, bands: Sequence[int] | None = None) -> None:
+        from rasterio.enums import ColorInterp, MaskFlags
+        from rasterio.errors import RasterioError, RasterioIOError
+
         self.path = Path(path)
         _check_file(self.path)
         _limit_gdal_cache()
@@ -727,9 +857,7 @@ class RasterReader:
                     except ValueError:
                         pass
             flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
-            self.has_mask = any(
-                list(f) != [rasterio.enums.MaskFlags.all_valid] for f in flags
-            )
+            self.has_mask = any(list(f) != [MaskFlags.all_valid] for f in flags)
         except BaseException:
             self.close()
             raise
@@ -769,6 +897,7 @@ class RasterReader:
         Raises:
             ImageReadError: Truncated or corrupt data inside the window.
         """
+        from rasterio.errors import RasterioError, RasterioIOError
         from rasterio.windows import Window
 
         col1 = self.width if col1 is None else col1
@@ -817,6 +946,10 @@ class RasterWriter:
 
     Rows given to :meth:`write_rows` are buffered to whole rows of blocks, so every compressed
     block is written once, complete (no rewritten blocks, no growing GDAL cache).
+
+    Write errors on a (nearly) full disk raise :class:`~segpipe.fileio.DiskFullError`, and
+    :meth:`close` reads the file's block table back, because GDAL does not report a failure while
+    it closes the file (see :func:`_check_tiff_complete`).
 
     Args:
         path: Output ``.tif`` (usually a temporary name, see :func:`segpipe.fileio.atomic_path`).
@@ -869,8 +1002,16 @@ class RasterWriter:
             kwargs["transform"] = transform
         if nodata is not None:
             kwargs["nodata"] = nodata
+        from rasterio.errors import RasterioError
+
         _limit_gdal_cache()
-        self._ds = _open_raster(self.path, "w", **kwargs)
+        try:
+            self._ds = _open_raster(self.path, "w", **kwargs)
+        except RasterioError as exc:
+            err = _raster_write_error(self.path, exc)
+            if err is exc:
+                raise
+            raise err from exc
         if colormap is not None:
             try:
                 self._ds.write_colormap(
@@ -885,16 +1026,28 @@ class RasterWriter:
         self._next_row = 0
 
     def write_window(self, data: np.ndarray, row0: int, col0: int = 0) -> None:
-        """Write ``data`` ((h, w) or (count, h, w)) at ``(row0, col0)``."""
+        """Write ``data`` ((h, w) or (count, h, w)) at ``(row0, col0)``.
+
+        Raises:
+            DiskFullError: The disk is (nearly) full.
+            RasterioError: Another write failure.
+        """
+        from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
         arr = np.asarray(data)
         if arr.ndim == 2:
             arr = arr[None]
-        self._ds.write(
-            arr.astype(self.dtype, copy=False),
-            window=Window(col0, row0, arr.shape[2], arr.shape[1]),
-        )
+        try:
+            self._ds.write(
+                arr.astype(self.dtype, copy=False),
+                window=Window(col0, row0, arr.shape[2], arr.shape[1]),
+            )
+        except RasterioError as exc:
+            err = _raster_write_error(self.path, exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     def write_rows(self, row0: int, data: np.ndarray) -> None:
         """Write full-width rows starting at ``row0``; calls must follow each other row by row.
@@ -926,8 +1079,17 @@ class RasterWriter:
             self._buf = [np.ascontiguousarray(rest)] if rest.shape[1] else []
             self._buf_row0 = aligned
 
-    def close(self) -> None:
-        """Flush buffered rows and close the file (idempotent)."""
+    def close(self, check: bool = True) -> None:
+        """Flush buffered rows and close the file (idempotent).
+
+        Args:
+            check: Read the block table back to make sure the file is complete (GDAL does not
+                report write errors while closing); False when the file is discarded anyway.
+
+        Raises:
+            DiskFullError: The file is incomplete and the disk is (nearly) full.
+            OSError: The file is incomplete for another reason.
+        """
         ds = getattr(self, "_ds", None)
         if ds is None:
             return
@@ -939,6 +1101,8 @@ class RasterWriter:
         finally:
             ds.close()
             self._ds = None
+        if check:
+            _check_tiff_complete(self.path, self.width, self.height, self.count)
 
     def __enter__(self) -> RasterWriter:
         return self
@@ -970,6 +1134,8 @@ def write_label_png(
 
     Raises:
         ValueError: For other shapes or dtypes.
+        OSError: The write failed (``ENOSPC`` for a full disk, also on a short write); no partial
+            file is left (see :func:`write_image`).
     """
     p = Path(path)
     arr = np.asarray(labels)
@@ -986,5 +1152,5 @@ def write_label_png(
         img.putpalette(flat + [0] * (768 - len(flat)))
     else:
         img = Image.fromarray(np.ascontiguousarray(arr))
-    img.save(p, format="PNG", compress_level=int(compress_level))
+    _save_pillow(img, p, format="PNG", compress_level=int(compress_level))
     return p

@@ -17,10 +17,13 @@ Design (``segpipe demo driving --download``):
   extracted tree: the six folders exist, each split has the expected number of frames
   (:data:`CAMVID_COUNTS`) and every frame has a label with the same stem. Any mismatch raises
   :class:`DownloadError` naming the file and telling the user to delete the cache and retry.
-* **Atomic.** The download goes to ``<name>.part`` and is renamed to ``<name>`` only when complete
-  and verified; the archive is extracted into a temporary folder beside the cache, verified, given
-  its manifest (``.segpipe-camvid.json``) and only then renamed to ``CACHE/CamVid``. A killed run
-  never leaves a half-extracted ``CamVid`` folder that looks finished.
+* **Atomic.** The download goes to ``<name>.part`` (through :class:`segpipe.fileio.AtomicFile`:
+  checked writes, fsync, usual file mode) and is renamed to ``<name>`` only when complete and
+  verified; the archive is extracted into a temporary folder beside the cache (files fsynced),
+  verified, given its manifest (``.segpipe-camvid.json``) and only then renamed to
+  ``CACHE/CamVid``. A killed run never leaves a half-extracted ``CamVid`` folder that looks
+  finished. A full disk is reported as such (:class:`DownloadError` saying to free space), with
+  the ``.part`` file or the archive kept so that the rerun goes on from there.
 * **Resumable, idempotent.** A ``CACHE/CamVid`` with its manifest and a passing (file count)
   check is reused without any network access. An interrupted HTTP download resumes from its
   ``.part`` file when the server honours ``Range`` requests (otherwise it starts over); a verified
@@ -38,7 +41,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -51,7 +53,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from segpipe.fileio import TMP_PREFIX, atomic_write_json
+from segpipe.fileio import (
+    TMP_PREFIX,
+    AtomicFile,
+    atomic_write_json,
+    fsync_dir,
+    is_disk_full,
+    make_temp_dir,
+)
 
 __all__ = [
     "CAMVID_COMMIT",
@@ -188,7 +197,9 @@ def download(
         ``dest`` as a Path.
 
     Raises:
-        DownloadError: Network failure or incomplete transfer (the ``.part`` is kept to resume).
+        DownloadError: Network failure, incomplete transfer or a full disk (the ``.part`` is kept
+            to resume; only when the complete download cannot be flushed to disk for lack of
+            space is it deleted, as its data may not be on disk).
         ChecksumError: Hash mismatch (the download is deleted; the message gives both hashes).
     """
     dest = Path(dest)
@@ -198,8 +209,8 @@ def download(
             return dest
         log.warning("%s does not match the expected SHA-256; downloading it again", dest)
         dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    out = AtomicFile(dest, temp=part)  # creates dest's folder; commit() renames part onto dest
     offset = part.stat().st_size if part.is_file() else 0
     try:
         response = _open_url(url, offset, timeout)
@@ -218,23 +229,25 @@ def download(
         total = offset + int(length) if length and length.isdigit() else None
         received = offset
         name = dest.name if len(dest.name) <= 40 else dest.name[:37] + "..."
-        with open(part, "ab" if resumed else "wb") as fh, tqdm(
+        with out.open(append=resumed) as fh, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=name, disable=not progress, leave=False,
         ) as bar:
             try:
                 for block in iter(lambda: response.read(_CHUNK), b""):
-                    fh.write(block)
+                    fh.write(block)  # checked writes: a short write raises
                     digest.update(block)
                     received += len(block)
                     bar.update(len(block))
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise DownloadError(_no_space(
+                        f"download {url} (stopped after {received} bytes)", dest.parent,
+                        f"to resume it ({part} is kept)")) from exc
                 raise DownloadError(
                     f"the download of {url} stopped after {received} bytes ({exc}); run the same "
                     f"command again to resume it ({part} is kept)."
                 ) from exc
-            fh.flush()
-            os.fsync(fh.fileno())
     if total is not None and received != total:
         raise DownloadError(
             f"the download of {url} is incomplete: got {received} of {total} bytes; run the "
@@ -242,13 +255,23 @@ def download(
         )
     actual = digest.hexdigest()
     if expected is not None and actual != expected:
-        part.unlink(missing_ok=True)
+        out.discard()
         raise ChecksumError(
             f"{dest.name} downloaded from {url} has SHA-256 {actual}, expected {expected}: the "
             "file is corrupted or the source changed. The download was deleted."
         )
-    os.replace(part, dest)
-    return dest
+    try:
+        return out.commit()  # fsync, rename onto dest, fsync the folder
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DownloadError(_no_space(f"save the download of {url}", dest.parent,
+                                      "to download it again")) from exc
+
+
+def _no_space(what: str, folder: Path, rerun: str) -> str:
+    return (f"no space left on the device to {what} in {folder}; free some space there (or "
+            f"choose another cache folder) and run the same command again {rerun}.")
 
 
 def _safe_member(name: str) -> PurePosixPath:
@@ -278,9 +301,9 @@ def extract_zip(
     """Extract a zip archive (or one folder of it) into ``dest`` atomically.
 
     Members are extracted into a temporary folder beside ``dest`` (CRC-32 of each member checked
-    while reading), ``verify`` is called on the result, and only then is it renamed to ``dest``;
-    an existing ``dest`` is replaced. On any error the temporary folder is removed and ``dest``
-    is left as it was.
+    while reading, each file fsynced), ``verify`` is called on the result, and only then is it
+    renamed to ``dest``; an existing ``dest`` is replaced. On any error the temporary folder is
+    removed and ``dest`` is left as it was.
 
     Args:
         archive: The zip file.
@@ -296,11 +319,11 @@ def extract_zip(
 
     Raises:
         DownloadError: Not a zip file (truncated/corrupted), a member failing its CRC, an unsafe
-            member path, or ``subdir`` missing.
+            member path, ``subdir`` missing, or no space left to extract (the message says so;
+            the archive is fine).
     """
     archive, dest = Path(archive), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "extract-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, TMP_PREFIX + "extract-")  # mode as for mkdir, not 0700
     try:
         try:
             zf = zipfile.ZipFile(archive)
@@ -331,7 +354,11 @@ def extract_zip(
                 try:
                     with zf.open(info) as src, open(target, "wb") as out:
                         shutil.copyfileobj(src, out, _CHUNK)
+                        out.flush()
+                        os.fsync(out.fileno())
                 except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+                    if is_disk_full(exc):
+                        raise  # not a damaged archive: reported below
                     raise DownloadError(
                         f"{archive}: member {info.filename} is corrupted ({exc}): the download "
                         "is damaged."
@@ -339,8 +366,11 @@ def extract_zip(
         if verify is not None:
             verify(tmp)
         _replace_dir(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, DownloadError) and is_disk_full(exc):
+            raise DownloadError(_no_space(f"extract {archive}", dest.parent,
+                                          "(the archive is kept)")) from exc
         raise
     return dest
 
@@ -357,6 +387,7 @@ def _replace_dir(src: Path, dest: Path) -> None:
         if old is not None:
             os.replace(old, dest)
         raise
+    fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -487,6 +518,8 @@ def fetch_camvid(
     try:
         extract_zip(archive, target, subdir="CamVid", verify=check, progress=progress)
     except DownloadError as exc:
+        if is_disk_full(exc):
+            raise  # the archive is fine: keep it for the rerun
         archive.unlink(missing_ok=True)  # known bad: the next run must download it again
         raise DownloadError(f"{exc} The archive was deleted. {retry}") from exc
     if not keep_archive:

@@ -10,8 +10,10 @@ Usage::
 The model, classes, colours, band selection, normalisation and eval resize come from the
 checkpoint's saved hyperparameters. Outputs mirror the inputs' relative paths under ``--output``
 (see :mod:`segpipe.predict.writers` for the formats). Exit code: 0 when every file was written or
-already done, 1 when any failed, 2 for bad arguments (missing checkpoint, no images...), 130 when
-interrupted (rerun the same command: finished outputs are skipped).
+already done, 1 when any failed, 2 for bad arguments (missing checkpoint, no images...) or an
+output folder that cannot be written (also when its disk fills up during the run: one error line,
+the finished outputs are complete), 130 when interrupted (rerun the same command: finished
+outputs are skipped).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from segpipe.fileio import TMP_PREFIX
 from segpipe.predict.checkpoint import CheckpointError, load_predictor
 from segpipe.predict.engine import (
     InputFile,
+    OutputDiskFullError,
     PredictFailed,
     PredictInputs,
     PredictModule,
@@ -185,7 +188,7 @@ def predict(
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``...).
         devices: Lightning devices (several processes share the files).
         strategy: Lightning strategy (e.g. ``ddp``).
-        precision: Lightning precision; :func:`segpipe.cli.default_precision` when None.
+        precision: Lightning precision; :func:`segpipe.runtime.default_precision` when None.
         num_workers: DataLoader workers decoding images (default: 0 on CPU, where the
             network uses every core, else ``min(4, CPUs - 1)``).
         probs_mode: ``classes`` or ``max`` for the ``probs`` format.
@@ -200,11 +203,13 @@ def predict(
         FileNotFoundError: Missing checkpoint or input.
         CheckpointError: Checkpoint that cannot rebuild its model.
         PredictUsageError: Bad options or no images found.
+        OutputDiskFullError: The output folder's disk filled up; the run stopped (its
+            ``summary`` holds the counts so far; the finished outputs are complete).
     """
     import lightning.pytorch as L
     from torch.utils.data import DataLoader
 
-    from segpipe.cli import default_precision
+    from segpipe.runtime import default_precision
     from segpipe.data.datamodule import default_num_workers
 
     if tile is not None and tile < 1:
@@ -279,6 +284,10 @@ def predict(
             trainer.predict(module, dataloaders=loader, return_predictions=False)
         except PredictFailed:
             stopped = True
+        except OutputDiskFullError as exc:
+            exc.summary = callback.summary
+            exc.summary.rank = trainer.global_rank
+            raise
         except SystemExit:  # Lightning's graceful Ctrl-C shutdown ends with sys.exit(1)
             if not trainer.interrupted:
                 raise
@@ -367,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlay_alpha=args.overlay_alpha, progress=args.progress,
         )
     except (FileNotFoundError, CheckpointError, PredictUsageError) as exc:
+        print(f"segpipe predict: error: {exc}", file=sys.stderr)
+        return 2
+    except OutputDiskFullError as exc:  # like an unwritable --output found up front
+        if exc.summary is not None and exc.summary.rank == 0:
+            print(exc.summary.report())
         print(f"segpipe predict: error: {exc}", file=sys.stderr)
         return 2
     if summary.rank == 0:

@@ -12,12 +12,16 @@
   written / skipped / failed files, drives the progress bar and gathers the counts over
   processes at the end.
 
+A full disk stops the run with :class:`OutputDiskFullError` (the same error for every
+remaining file would say nothing new); any other write error fails only its file.
+
 Under DDP, Lightning shards the files with an *unrepeated* distributed sampler (no padding
 duplicates), so every file is predicted and written by exactly one process.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -44,6 +48,7 @@ from segpipe.data.io import (
     to_float,
 )
 from segpipe.data.transforms import build_eval_transform, normalize
+from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.tiling import FinishedRows, TileGrid, predict_tiled, sliding_window
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
@@ -52,6 +57,7 @@ from segpipe.tasks import SegmentationTask
 __all__ = [
     "InputFile",
     "ItemResult",
+    "OutputDiskFullError",
     "PredictFailed",
     "PredictInputs",
     "PredictModule",
@@ -137,6 +143,41 @@ class PredictFailed(RuntimeError):
     def __init__(self, path: str, reason: str) -> None:
         self.path, self.reason = path, reason
         super().__init__(f"{path}: {reason}")
+
+
+class OutputDiskFullError(RuntimeError):
+    """The output folder's disk is full: the run stops (finished outputs are complete).
+
+    Args:
+        output_dir: The output folder.
+        source: The input whose outputs could not be written.
+        cause: The full-disk error (its file is named in the message).
+
+    Attributes:
+        output_dir: The output folder.
+        source: The input whose outputs could not be written.
+        pending: Outcomes of files finished earlier in the same batch, not yet counted (the
+            :class:`WritingCallback` counts them when the exception reaches it).
+        summary: The counts up to the stop, when the command sets them.
+    """
+
+    def __init__(self, output_dir: str | Path, source: str | Path,
+                 cause: BaseException | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.source = str(source)
+        self.pending: list[ItemResult] = []
+        self.summary: PredictSummary | None = None
+        quota = isinstance(cause, DiskFullError) and cause.errno != errno.ENOSPC
+        what = "disk quota exceeded for" if quota else "no space left on the device of"
+        where = f" (writing {cause.path})" if isinstance(cause, DiskFullError) else ""
+        super().__init__(
+            f"{what} the output folder {self.output_dir}{where}; stopped. The outputs "
+            "already there are complete (nothing partial was left); free some space and run "
+            "the same command again: it resumes where it stopped."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self.output_dir), self.source))
 
 
 @dataclass
@@ -528,6 +569,10 @@ class PredictModule(L.LightningModule):
                 try:
                     results[rec["index"]] = self._predict_raster(rec)
                 except Exception as exc:  # noqa: BLE001
+                    if is_disk_full(exc):  # every further file would fail the same way
+                        stop = OutputDiskFullError(self.writer.output_dir, rec["path"], exc)
+                        stop.pending = [results[r["index"]] for r in batch if r["index"] in results]
+                        raise stop from exc
                     results[rec["index"]] = self._fail(rec, exc)
             else:
                 groups[tuple(rec["image"].shape)].append(rec)
@@ -579,6 +624,11 @@ class WritingCallback(BasePredictionWriter):
                 pl_module.show_progress = True
 
     def _record(self, res: ItemResult) -> None:
+        self._count(res)
+        if res.status == "failed" and self.fail_fast:
+            raise PredictFailed(res.path, res.reason)
+
+    def _count(self, res: ItemResult) -> None:
         if res.status == "written":
             self.summary.written += 1
         elif res.status == "skipped":
@@ -592,8 +642,6 @@ class WritingCallback(BasePredictionWriter):
                 log.error(msg)
         if self._bar is not None:
             self._bar.update(1)
-        if res.status == "failed" and self.fail_fast:
-            raise PredictFailed(res.path, res.reason)
 
     def write_on_batch_end(
         self,
@@ -610,7 +658,9 @@ class WritingCallback(BasePredictionWriter):
                 try:
                     self.writer.write(res.rel, res.formats, res.prediction, Path(res.path))
                     res.status = "written"
-                except Exception as exc:  # noqa: BLE001 - e.g. disk full: reported, run goes on
+                except Exception as exc:  # noqa: BLE001 - reported with the file, run goes on
+                    if is_disk_full(exc):  # ... unless every further file would fail the same way
+                        raise OutputDiskFullError(self.writer.output_dir, res.path, exc) from exc
                     res.status, res.reason = "failed", f"could not write outputs ({_reason(exc)})"
                 res.prediction = None
             self._record(res)
@@ -637,4 +687,8 @@ class WritingCallback(BasePredictionWriter):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        if isinstance(exception, OutputDiskFullError):
+            for res in exception.pending:  # finished before the stop, in the same batch
+                self._count(res)
+            exception.pending = []
         self._close_bar()

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     try:
         onnx_path, side = export_onnx(args.ckpt_path, args.output, opset=args.opset, tile=args.tile,
                                       overlap=args.overlap, check=not args.no_check)
-    except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
+    except (OSError, CheckpointError, ValueError, RuntimeError) as exc:  # disk full included
         print(f"segpipe export: error: {exc}", file=sys.stderr)
         return 2
     print(f"Wrote {onnx_path} and {side}")

@@ -1,8 +1,12 @@
 """Prediction outputs: one writer, one small class per format.
 
 Every output is written to a temporary name in its target folder
-(:func:`segpipe.fileio.atomic_path`) and renamed when complete, so an interrupted run never
-leaves a truncated file under a final name, and a rerun can take any existing output as done.
+(:class:`segpipe.fileio.AtomicFile`), fsynced and renamed when complete, so an interrupted run
+or a full disk never leaves a truncated file under a final name, and a rerun can take any
+existing output as done. PNG/JPEG outputs are encoded in memory and written with checked writes
+(a short write on a nearly full disk is an error, not a truncated file); GeoTIFFs are read back
+after closing to check that every block reached the disk. A full disk raises
+:class:`segpipe.fileio.DiskFullError` naming the output.
 
 Formats (``--format``; names relative to the input's path under the output folder):
 
@@ -39,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from segpipe.data.io import RasterInfo, RasterWriter, pixel_limit, write_image, write_label_png
-from segpipe.fileio import atomic_path
+from segpipe.fileio import AtomicFile, DiskFullError, disk_full_error
 from segpipe.predict.checkpoint import PredictConfig
 
 __all__ = [
@@ -165,7 +169,7 @@ class _RasterSink(_Sink):
 
     def abort(self) -> None:
         try:
-            self.writer.close()
+            self.writer.close(check=False)
         except Exception:  # noqa: BLE001 - the file is deleted anyway
             pass
 
@@ -194,7 +198,11 @@ class OutputFormat(ABC):
         return _WholeSink(self, path, meta)
 
     def write_whole(self, path: Path, pred: RowChunk) -> None:
-        """Write a whole image (formats that cannot stream)."""
+        """Write a whole image (formats that cannot stream).
+
+        ``path`` is a temporary name that does not end in the format's extension (and does not
+        exist yet): pass the format explicitly to the writer.
+        """
         raise NotImplementedError
 
 
@@ -219,7 +227,7 @@ class PaletteFormat(OutputFormat):
         if self.config.mask_dtype == np.uint8:
             write_label_png(path, pred.labels.astype(np.uint8, copy=False), palette=lut.tolist())
         else:
-            write_image(path, lut[pred.labels])
+            write_image(path, lut[pred.labels], suffix=".png")
 
 
 def blend_overlay(
@@ -275,6 +283,7 @@ class OverlayFormat(OutputFormat):
             path,
             blend_overlay(display, pred.labels, self.config.palette(), self.alpha,
                           self.config.nodata_value),
+            suffix=Path(self.suffix).suffix,
         )
 
 
@@ -351,54 +360,75 @@ FORMATS: dict[str, type[OutputFormat]] = {
 class OutputSink:
     """All outputs of one input, written row by row, committed together.
 
-    Use as a context manager: on success every file is completed and renamed into place; on an
-    exception every temporary file is deleted and nothing appears under a final name.
+    Use as a context manager: on success every file is completed, fsynced and renamed into place;
+    on an exception every temporary file is deleted and nothing appears under a final name. A
+    full disk raises :class:`~segpipe.fileio.DiskFullError` naming the output being written.
     """
 
     def __init__(self, targets: list[tuple[OutputFormat, Path]], meta: OutputMeta) -> None:
         self._targets = targets
         self.meta = meta
-        self._tmp: list[Any] = []
+        self._files: list[AtomicFile] = []
         self._sinks: list[_Sink] = []
+        self._current: Path | None = None  # the output being written, for error messages
 
     def __enter__(self) -> OutputSink:
         try:
             for fmt, target in self._targets:
-                ctx = atomic_path(target)
-                tmp = ctx.__enter__()
-                self._tmp.append(ctx)
-                self._sinks.append(fmt.open(tmp, self.meta))
+                self._current = target
+                # The writer creates the file (PNG/JPEG once encoded, GDAL when it opens it), so
+                # a temporary file exists only while bytes are written; its name ends in
+                # ".partial", so that no "*.png" glob takes it for an output.
+                out = AtomicFile(target, suffix=f"{target.suffix}.partial", create=False)
+                self._files.append(out)
+                self._sinks.append(fmt.open(out.path, self.meta))
         except BaseException as exc:
-            self._abort(exc)
-            raise
+            self._fail(exc)
         return self
 
     def write_rows(self, row0: int, chunk: RowChunk) -> None:
         """Hand rows ``[row0, row0 + h)`` to every format (rows must come in order)."""
-        for sink in self._sinks:
+        for (_fmt, target), sink in zip(self._targets, self._sinks):
+            self._current = target
             sink.write_rows(row0, chunk)
 
-    def _abort(self, exc: BaseException) -> None:
+    def _abort(self) -> None:
         for sink in self._sinks:
             sink.abort()
-        for ctx in reversed(self._tmp):
-            try:
-                ctx.__exit__(type(exc), exc, exc.__traceback__)
-            except BaseException:  # noqa: BLE001 - atomic_path re-raises the original error
-                pass
+        for out in self._files:
+            out.discard()
+
+    def _disk_full(self, exc: BaseException) -> DiskFullError | None:
+        return disk_full_error(exc, self._current or self._targets[0][1])
+
+    def _fail(self, exc: BaseException) -> None:
+        """Delete every temporary file and raise ``exc`` (a full disk as DiskFullError)."""
+        self._abort()
+        full = self._disk_full(exc)
+        if full is not None and full is not exc:
+            raise full from exc
+        raise exc
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is not None:
-            self._abort(exc)
+            self._abort()
+            full = self._disk_full(exc)
+            if full is not None and full is not exc:
+                raise full from exc
             return False
         try:
-            for sink in self._sinks:
+            for (_fmt, target), sink in zip(self._targets, self._sinks):
+                self._current = target
                 sink.finish()
         except BaseException as err:
-            self._abort(err)
-            raise
-        for ctx in self._tmp:
-            ctx.__exit__(None, None, None)
+            self._fail(err)
+        for i, out in enumerate(self._files):
+            try:
+                out.commit()  # deletes its temporary file and names the target on failure
+            except BaseException:
+                for rest in self._files[i + 1:]:
+                    rest.discard()
+                raise
         return False
 
 

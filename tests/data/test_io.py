@@ -270,3 +270,91 @@ def test_decompression_bomb_lowered_limit(tmp_path: Path, monkeypatch: pytest.Mo
         read_image(tmp_path / "a.png")
     with pytest.raises(ImageReadError, match="image of 30×20 pixels exceeds"):
         read_image(tmp_path / "a.tif")
+
+
+# ------------------------------------------------------------------ rasterio on demand
+_LAZY_RASTERIO = """
+import sys
+import numpy as np
+import segpipe.cli  # every command imports this (and with it segpipe.data.io)
+from segpipe.data import io
+from PIL import Image
+
+png, tif = sys.argv[1], sys.argv[2]
+assert "rasterio" not in sys.modules, "imported with segpipe"
+Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(png)
+io.read_image(png); io.read_mask(png); io.image_size(png)
+assert io.probe_raster(png) is None
+assert "rasterio" not in sys.modules, "imported for a PNG"
+io.write_image(tif, np.zeros((4, 6, 2), np.uint16))
+assert "rasterio" in sys.modules
+import rasterio.env
+with io.open_raster(tif) as reader:
+    reader.read(0, 4)
+print(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))
+"""
+
+
+def test_rasterio_imported_only_for_rasters(tmp_path: Path) -> None:
+    """Commands and PNG data never load rasterio/GDAL; a windowed read caps GDAL's cache."""
+    import os
+    import subprocess
+    import sys
+
+    from segpipe.data.io import RASTER_CACHE_MB
+
+    env = {k: v for k, v in os.environ.items() if k != "GDAL_CACHEMAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LAZY_RASTERIO, str(tmp_path / "a.png"), str(tmp_path / "a.tif")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == RASTER_CACHE_MB * 1024 * 1024
+
+
+class _FakeGdalConfig:
+    """Stands in for rasterio.env's public config functions; records what is set."""
+
+    def __init__(self, current: object, env_options: dict | None = None) -> None:
+        self.current, self.env_options, self.set_calls = current, env_options, []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import rasterio.env
+
+        from segpipe.data import io
+
+        monkeypatch.setattr(io, "_CACHE_LIMITED", False)
+        monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+        monkeypatch.setattr(rasterio.env, "get_gdal_config", lambda key: self.current)
+        monkeypatch.setattr(rasterio.env, "set_gdal_config",
+                            lambda key, value: self.set_calls.append((key, value)))
+        monkeypatch.setattr(rasterio.env, "hasenv", lambda: self.env_options is not None)
+        monkeypatch.setattr(rasterio.env, "getenv", lambda: dict(self.env_options or {}))
+
+
+def test_gdal_cache_cap_uses_public_config_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segpipe.data import io
+
+    fake = _FakeGdalConfig(current=5 * 1024**3)
+    fake.install(monkeypatch)
+    io._limit_gdal_cache()
+    io._limit_gdal_cache()
+    assert fake.set_calls == [("GDAL_CACHEMAX", io.RASTER_CACHE_MB * 1024 * 1024)]
+
+
+@pytest.mark.parametrize("case", ["environment", "smaller", "percent", "caller_env"])
+def test_gdal_cache_cap_respects_the_users_setting(case: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from segpipe.data import io
+
+    fake = _FakeGdalConfig(
+        current={"smaller": 8 * 1024**2, "percent": "10%"}.get(case, 5 * 1024**3),
+        env_options={"gdal_cachemax": 512} if case == "caller_env" else None,
+    )
+    fake.install(monkeypatch)
+    if case == "environment":
+        monkeypatch.setenv("GDAL_CACHEMAX", "512")
+    io._limit_gdal_cache()
+    assert fake.set_calls == []
+    # Inside the caller's own rasterio.Env the cap waits: applied on an open after it exits.
+    assert io._CACHE_LIMITED is (case != "caller_env")

@@ -245,3 +245,64 @@ def test_download_resumes_partial_http_download(fake_zip: Path, tmp_path: Path) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_download_on_a_full_disk_keeps_the_part_and_says_so(
+    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    dest = tmp_path / "dl" / "a.zip"
+    real_write = os.write
+    left = {"n": 1000}
+
+    def write(fd: int, data: object) -> int:  # the disk takes 1000 bytes, then a short write
+        n = min(len(data), left["n"])  # type: ignore[arg-type]
+        left["n"] -= n
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, bytes(memoryview(data)[:n]))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(DownloadError) as info:
+        download(fake_zip.as_uri(), dest, progress=False)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert msg.startswith("no space left on the device to download") and str(dest.parent) in msg
+    assert "free some space" in msg and "a.zip.part is kept" in msg
+    assert not dest.exists() and (dest.parent / "a.zip.part").stat().st_size == 1000
+    assert download(fake_zip.as_uri(), dest, sha256=sha256_file(fake_zip), progress=False) == dest
+    assert _leftovers(dest.parent) == []
+
+
+def test_fetch_camvid_full_disk_while_extracting_keeps_the_archive(
+    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+    import shutil
+
+    cache = tmp_path / "cache"
+    real_copy = shutil.copyfileobj
+    calls = {"n": 0}
+
+    def copy(src: object, dst: object, length: int = 0) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_copy(src, dst, length)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy)
+    with pytest.raises(DownloadError) as info:
+        fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert msg.startswith("no space left on the device to extract") and "archive is kept" in msg
+    assert "corrupted" not in msg and "deleted" not in msg
+    assert sorted(p.name for p in cache.iterdir()) == ["0123abcd.zip"]  # no partial folder
+    fake_zip.unlink()  # the rerun needs no network: the archive is reused
+    root = fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    assert root.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777  # not mkdtemp's 0700

@@ -353,3 +353,95 @@ def test_killed_multi_file_run_resumes_to_the_uninterrupted_set(
     assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in clean.glob("*.png"))
     for p in clean.glob("*.png"):
         assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(out / p.name)))
+
+
+# ------------------------------------------------------------------ full disk
+def _fill_disk_after(monkeypatch: pytest.MonkeyPatch, out: Path, files: int) -> None:
+    """The output folder's disk fills up once it holds ``files`` finished outputs.
+
+    Like a nearly full file system, a write then stores only part of its bytes and returns the
+    short count, and the next one stores nothing (returns 0, no errno): the case Pillow's
+    encoder used to take for success.
+    """
+    real_write = os.write
+    root = str(out.resolve())
+
+    def write(fd: int, data) -> int:
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = ""
+        if not name.startswith(root):
+            return real_write(fd, data)
+        done = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX)]
+        if len(done) < files:
+            return real_write(fd, data)
+        if os.fstat(fd).st_size == 0:  # the first write to the file: a short one
+            return real_write(fd, bytes(memoryview(data)[: min(len(data) - 1, 8192)]))
+        return 0
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def _complete(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()  # a truncated file raises here
+        return np.asarray(img)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_full_disk_stops_with_one_error_and_the_rerun_resumes(
+    tmp_path: Path, pointwise_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    src, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
+    for i in range(4):
+        write_image(src / f"im{i}.png", noise_image(60, 80, seed=i))
+    fmt = ["--format", "mask", "palette", "overlay", "--batch-size", "1"]
+    assert run(pointwise_ckpt, src, clean, *fmt) == 0
+    capsys.readouterr()
+
+    _fill_disk_after(monkeypatch, out, files=3)  # room for the first image's three outputs
+    assert run(pointwise_ckpt, src, out, *fmt) == 2
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and "Traceback" not in captured.err, captured.err
+    assert errors[0].startswith("segpipe predict: error: no space left on the device")
+    assert str(out) in errors[0] and "free some space" in errors[0]
+    assert "complete" in errors[0] and "resumes where it stopped" in errors[0]
+    assert "predict: 1 written, 0 skipped (already done), 0 failed" in captured.out
+    assert "failed: " not in captured.out  # not one failure per remaining file
+    assert sorted(p.name for p in out.iterdir()) == ["im0.png", "im0_overlay.jpg",
+                                                     "im0_palette.png"]  # no temporary file
+    for p in out.iterdir():
+        assert p.read_bytes() == (clean / p.name).read_bytes()  # complete, not truncated
+
+    monkeypatch.undo()  # space freed
+    assert run(pointwise_ckpt, src, out, *fmt) == 0
+    assert "predict: 3 written, 1 skipped (already done), 0 failed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for p in clean.iterdir():
+        assert np.array_equal(_complete(out / p.name), _complete(p))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_full_disk_while_writing_a_raster_stops_the_run(
+    tmp_path: Path, pointwise_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        write_geotiff(src / f"r{i}.tif",
+                      np.random.default_rng(i).integers(0, 255, (3, 70, 90), np.uint8))
+    _fill_disk_after(monkeypatch, out, files=2)  # the first raster's GeoTIFF and PNG fit
+    assert run(pointwise_ckpt, src, out, "--format", "auto", "mask") == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("segpipe predict: error: no space left") == 1, captured.err
+    assert f"(writing {out / 'r1.png'})" in captured.err and "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["r0.png", "r0.tif"]
+    monkeypatch.undo()
+    assert run(pointwise_ckpt, src, out, "--format", "auto", "mask") == 0
+    assert "predict: 2 written, 1 skipped (already done), 0 failed" in capsys.readouterr().out
+    assert not leftovers(out)
+    for i in range(3):
+        with rasterio.open(out / f"r{i}.tif") as ds:
+            assert np.array_equal(ds.read(1), _complete(out / f"r{i}.png"))

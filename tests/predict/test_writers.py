@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +17,7 @@ from PIL import Image
 
 from segpipe.data.spec import default_class_colors
 from segpipe.data.io import RasterWriter
-from segpipe.fileio import TMP_PREFIX
+from segpipe.fileio import TMP_PREFIX, DiskFullError
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.writers import (
     OutputMeta,
@@ -115,3 +121,141 @@ def test_raster_writer_rows_in_any_chunks(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
     with rasterio.open(path) as ds:
         assert np.array_equal(ds.read(), data) and ds.block_shapes[0] == (64, 64)
+
+
+# ------------------------------------------------------------------ full disks
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("failing", ["mask", "palette", "overlay"])
+def test_full_disk_keeps_the_previous_outputs(failing: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite (--overwrite) that runs out of space leaves every previous output as it was."""
+    names = ["mask", "palette", "overlay"]
+    writer = PredictionWriter(tmp_path, names, config(), overwrite=True)
+    labels = np.random.default_rng(0).integers(0, 3, (60, 80)).astype(np.uint8)
+    display = np.random.default_rng(1).integers(0, 255, (60, 80, 3)).astype(np.uint8)
+    writer.write("d/x.png", names, RowChunk(labels, display=display), Path("x.png"))
+    before = _outputs(tmp_path)
+    real_write = os.write
+    opened: list[str] = []  # files in the order they are written: mask, palette, overlay
+
+    def write(fd: int, data: Any) -> int:  # the failing format's file hits a full disk
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name not in opened:
+            opened.append(name)
+        if opened.index(name) == names.index(failing):
+            real_write(fd, bytes(memoryview(data)[: len(data) // 3]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(DiskFullError) as info:
+        writer.write("d/x.png", names, RowChunk(255 - labels, display=display), Path("x.png"))
+    monkeypatch.undo()
+    assert info.value.path == writer.target("d/x.png", failing)
+    assert str(tmp_path / "d") in str(info.value)
+    assert _outputs(tmp_path) == before  # untouched, and no temporary file left
+
+
+def test_full_disk_in_a_geotiff_write_is_disk_full_error(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDAL reports a failed write without errno; with no space left it is a full disk."""
+    import shutil
+
+    from rasterio.errors import RasterioIOError
+
+    writer = PredictionWriter(tmp_path, ["geotiff", "mask"], config(), overwrite=True)
+    labels = np.zeros((300, 40), np.uint8)
+    writer.write("x.tif", ["geotiff", "mask"], RowChunk(labels), Path("x.tif"))
+    before = _outputs(tmp_path)
+
+    from segpipe.data import io as io_module
+
+    class FailingWrites:
+        """A dataset open for writing whose writes fail as GDAL's do on a full disk."""
+
+        def __init__(self, ds: Any) -> None:
+            self._ds = ds
+
+        def write(self, *args: Any, **kwargs: Any) -> None:
+            raise RasterioIOError("Write failed. See previous exception for details.")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._ds, name)
+
+    real_open = io_module._open_raster
+    monkeypatch.setattr(io_module, "_open_raster", lambda path, *args, **kwargs: (
+        FailingWrites(real_open(path, *args, **kwargs)) if args[:1] == ("w",)
+        else real_open(path, *args, **kwargs)))
+    with pytest.raises(RasterioIOError):  # plenty of room: GDAL's own error
+        writer.write("x.tif", ["geotiff", "mask"], RowChunk(labels + 1), Path("x.tif"))
+    assert _outputs(tmp_path) == before
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    with pytest.raises(DiskFullError) as info:
+        writer.write("x.tif", ["geotiff", "mask"], RowChunk(labels + 1), Path("x.tif"))
+    assert info.value.path == tmp_path / "x.tif"
+    assert _outputs(tmp_path) == before
+
+
+_GDAL_LIMIT_SCRIPT = """
+import json, os, resource, shutil, signal, sys
+from pathlib import Path
+import numpy as np
+from segpipe.fileio import TMP_PREFIX
+from segpipe.predict.writers import PredictionWriter, RowChunk
+from tests.predict.test_writers import config
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+root = Path(sys.argv[1])
+labels = np.random.default_rng(0).integers(0, 3, (512, 512)).astype(np.uint8)
+size = PredictionWriter(root / "probe", ["geotiff"], config()).write(
+    "x.tif", ["geotiff"], RowChunk(labels), Path("x.tif"))[0].stat().st_size
+out = root / "out"
+writer = PredictionWriter(out, ["geotiff"], config(), overwrite=True)
+writer.write("x.tif", ["geotiff"], RowChunk(np.zeros_like(labels)), Path("x.tif"))
+good = (out / "x.tif").read_bytes()
+real = shutil.disk_usage
+results = []
+for limit in (size // 2, size - 20):  # in the middle of the tiles; while GDAL closes the file
+    for low in (False, True):
+        shutil.disk_usage = (lambda p: real(p)._replace(free=1000)) if low else real
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            writer.write("x.tif", ["geotiff"], RowChunk(labels), Path("x.tif"))
+            error = None
+        except Exception as exc:
+            error = (type(exc).__name__, str(getattr(exc, "path", "")), str(exc))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        results.append({"limit": limit, "low": low, "error": error,
+                        "intact": (out / "x.tif").read_bytes() == good,
+                        "files": sorted(p.name for p in out.iterdir())})
+print(json.dumps({"size": size, "results": results}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
+def test_geotiff_write_hitting_a_real_limit_never_leaves_a_partial_file(tmp_path: Path) -> None:
+    """A real GDAL write failure (RLIMIT_FSIZE), also one GDAL swallows while closing the file."""
+    res = subprocess.run([sys.executable, "-c", _GDAL_LIMIT_SCRIPT, str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(report["results"]) == 4
+    for r in report["results"]:
+        assert r["error"] is not None, r  # never a silent success
+        assert r["intact"] and r["files"] == ["x.tif"], r  # no temporary file, old output kept
+        if r["low"]:
+            assert r["error"][:2] == ["DiskFullError", str(tmp_path / "out" / "x.tif")], r
+        else:
+            assert r["error"][0] != "DiskFullError", r
