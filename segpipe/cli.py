@@ -35,12 +35,11 @@ from segpipe.callbacks import (
 )
 from segpipe.data import DataSpec
 from segpipe.data.checks import DataCheckError
-from segpipe.data.datasets import LAYOUT_HELP, DataRootError
-from segpipe.fileio import TMP_PREFIX
+from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
+from segpipe.fileio import TMP_PREFIX, DiskFullError
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tracking import TestFigures, ValidationImages, default_loggers, next_version
 from segpipe.tasks import SegmentationTask
-from segpipe.tasks.finetune import TransferLearningError
 
 __all__ = [
     "COMMANDS",
@@ -150,11 +149,12 @@ class OutputDirError(RuntimeError):
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     DataCheckError,  # the pre-flight check: every problem file, with the fix
     DataRootError,  # data.root missing or not in the layout's shape
+    DataSplitError,  # a split the stage needs is missing or empty
+    DiskFullError,  # metrics, reports (checkpoints: CheckpointWriteError)
     CheckpointNotFoundError,
     CheckpointWriteError,
     OutputDirError,
     UnsafeCheckpointError,
-    TransferLearningError,  # init_from unusable; resuming with other param groups than saved
 )
 
 
@@ -541,10 +541,28 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"segpipe {args[0]}: error: {message} (see `segpipe {args[0]} --help`)",
               file=sys.stderr)
         return 2
-    except _USER_ERRORS as exc:
-        print(f"segpipe: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - user errors in one line, the rest re-raised
+        user = _user_error(exc)
+        if user is None:
+            raise
+        print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """``exc`` or the error it was raised while handling, if one of :data:`_USER_ERRORS`.
+
+    When a run fails, Lightning finalises the loggers; on a full disk that raises again and
+    would hide the checkpoint error that stopped the run.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, _USER_ERRORS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
 
 
 def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeCLI:
