@@ -40,6 +40,8 @@ from segpipe.fileio import TMP_PREFIX, DiskFullError
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tracking import TestFigures, ValidationImages, default_loggers, next_version
 from segpipe.tasks import SegmentationTask
+from segpipe.models.smp import PretrainedWeightsUnavailableError
+from segpipe.tasks.finetune import TransferLearningError
 
 __all__ = [
     "COMMANDS",
@@ -155,6 +157,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointWriteError,
     OutputDirError,
     UnsafeCheckpointError,
+    PretrainedWeightsUnavailableError,  # named encoder weights neither cached nor downloadable
+    TransferLearningError,  # init_from unusable; resuming with other param groups than saved
 )
 
 

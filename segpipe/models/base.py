@@ -40,6 +40,16 @@ class SegmentationModel(Protocol):
             argument of the same name.
         pad_multiple: H and W of the input must be multiples of it (pad first, then crop the
             logits back).
+
+    Optional method, used for transfer learning (``model.freeze_encoder_epochs`` and
+    ``model.encoder_lr_mult`` of :class:`~segpipe.tasks.SegmentationTask`; not part of the
+    ``isinstance`` check, so networks without it still work, without those options):
+
+    * ``encoder_modules() -> list[nn.Module]``: the modules that make up the encoder, the part
+      reused from pretraining that can be frozen and trained at a lower learning rate; all
+      other parameters (decoder, head) are "the rest". :class:`~segpipe.models.UNet`:
+      ``[inc, downs]`` (the contracting path); :class:`~segpipe.models.FCN`: ``[backbone]``;
+      :class:`~segpipe.models.SmpModel`: ``[model.encoder]``.
     """
 
     in_channels: int

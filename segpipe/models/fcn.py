@@ -250,6 +250,13 @@ class FCN(nn.Module):
         score = self.upscore_pool4(score) + self.score_pool3(pool3)  # (N, K, H/8, W/8)
         return self.upscore(score)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """The backbone (VGG-style stack or smp encoder), for freezing and discriminative
+        learning rates: ``[backbone]``; ``fc6``/``fc7``, the score layers and the upsampling
+        are the head. See :class:`~segpipe.models.base.SegmentationModel`.
+        """
+        return [self.backbone]
+
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, num_classes={self.num_classes}, "

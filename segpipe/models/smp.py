@@ -2,20 +2,33 @@
 
 :class:`SmpModel` wraps :func:`segmentation_models_pytorch.create_model` so that it
 exposes ``in_channels``, ``num_classes`` and ``pad_multiple`` like segpipe's own
-models, checks its arguments up front, never downloads anything (pretrained encoder
-weights come from a local file, see :func:`load_encoder_weights`) and can freeze its
-encoder.
+models, checks its arguments up front and can freeze its encoder.
+
+Pretrained encoder weights come either from a local file (:func:`load_encoder_weights`) or by
+name (``"imagenet"``, or a timm pretrained tag for ``"tu-"`` encoders), through smp's and
+timm's own loading code and caches (:func:`resolve_pretrained`): smp's encoders read
+``model.safetensors`` of a pinned revision of the Hugging Face repo ``smp-hub/<encoder>.<weights>``,
+timm's read their ``pretrained_cfg`` (a Hugging Face repo such as ``timm/resnet18.a1_in1k``, or a
+URL cached under torch hub's ``checkpoints`` folder). Offline (``HF_HUB_OFFLINE=1``) cached
+weights load as usual; weights that are neither cached nor downloadable raise
+:class:`PretrainedWeightsUnavailableError`, naming the weights, the cache folder and the
+command that fetches them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import inspect
 import os
+import shlex
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
@@ -23,7 +36,16 @@ from torch import Tensor, nn
 
 from .base import check_input, check_int, skip_input_checks
 
-__all__ = ["SmpModel", "load_encoder_weights", "check_encoder_name", "available_archs"]
+__all__ = [
+    "PretrainedSource",
+    "PretrainedWeightsUnavailableError",
+    "SmpModel",
+    "available_archs",
+    "check_encoder_name",
+    "load_encoder_weights",
+    "no_pretrained_weights",
+    "resolve_pretrained",
+]
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
 _WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict")
@@ -93,30 +115,39 @@ def check_encoder_name(name: object, arg: str = "encoder_name") -> str:
 
 
 # --------------------------------------------------------------------- weights
+def _is_weights_name(value: object) -> bool:
+    """True for a string that names pretrained weights (``"imagenet"``) rather than a file."""
+    if not isinstance(value, str) or not value:
+        return False
+    candidate = Path(value).expanduser()
+    looks_like_path = (
+        candidate.suffix.lower() in WEIGHT_SUFFIXES or "/" in value or os.sep in value or candidate.exists()
+    )
+    return not looks_like_path
+
+
 def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
     """Turn a user-given weights location into an existing local file path.
 
     Raises:
-        ValueError: For download names such as ``"imagenet"``, non-strings, or an
-            unsupported suffix.
+        ValueError: For names such as ``"imagenet"`` (only :class:`SmpModel` resolves those),
+            non-strings, or an unsupported suffix.
         FileNotFoundError: If it looks like a path but no such file exists.
     """
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise ValueError(
-            f"{arg} must be None or a local weights file path ({', '.join(WEIGHT_SUFFIXES)}), "
-            f"got {path!r}; segpipe never downloads weights."
+            f"{arg} must be None, the name of pretrained weights (e.g. 'imagenet') or a local "
+            f"weights file path ({', '.join(WEIGHT_SUFFIXES)}), got {path!r}."
         )
     text = os.fspath(path)
     candidate = Path(text).expanduser()
-    looks_like_path = (
-        candidate.suffix.lower() in WEIGHT_SUFFIXES or "/" in text or os.sep in text or candidate.exists()
-    )
-    if not looks_like_path:
+    if _is_weights_name(text):
         raise ValueError(
-            f"{arg}={text!r} looks like the name of pretrained weights to download, but segpipe "
-            "never downloads weights: give a local file instead (a state dict saved as "
-            f"{', '.join(WEIGHT_SUFFIXES)}, e.g. torch.save(model.encoder.state_dict(), "
-            "'resnet34_encoder.pth') on a machine that has the weights), or None for random init."
+            f"{arg}={text!r} looks like the name of pretrained weights, but this function reads "
+            "local files only: give a state dict saved as "
+            f"{', '.join(WEIGHT_SUFFIXES)} (e.g. torch.save(model.encoder.state_dict(), "
+            "'resnet34_encoder.pth')), or load named weights with "
+            f"SmpModel(encoder_weights={text!r}), which uses smp's and timm's caches."
         )
     if not candidate.is_file():
         raise FileNotFoundError(
@@ -129,6 +160,232 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
             f"{', '.join(WEIGHT_SUFFIXES)} (torch.save or safetensors state dicts)."
         )
     return candidate
+
+
+# ------------------------------------------------------------ named weights
+class PretrainedWeightsUnavailableError(RuntimeError):
+    """Named pretrained encoder weights are not cached and cannot be downloaded.
+
+    The message is one line naming the weights, the cache folder and the command that fetches
+    them; ``segpipe fit`` reports it as ``segpipe: error: ...`` (exit code 2).
+    """
+
+
+#: Set while models are rebuilt whose weights come from elsewhere (a checkpoint).
+_SKIP_PRETRAINED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "segpipe_skip_pretrained", default=False
+)
+
+
+@contextlib.contextmanager
+def no_pretrained_weights() -> Iterator[None]:
+    """Build :class:`SmpModel` s without reading ``encoder_weights`` (random encoder init).
+
+    For code that rebuilds a model only to load a checkpoint's full state dict over it (e.g.
+    ``SegmentationTask.load_from_checkpoint``): the pretrained weights would be overwritten,
+    and reading them needs their file or cache, which a machine that only predicts may lack.
+    """
+    token = _SKIP_PRETRAINED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED.reset(token)
+
+
+def _hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    is_offline = getattr(constants, "is_offline_mode", None)
+    return bool(is_offline()) if callable(is_offline) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hf_cache_dir() -> str:
+    """The Hugging Face hub cache folder that ``hf_hub_download`` uses (``HF_HUB_CACHE``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Where smp or timm load the named pretrained weights of an encoder from.
+
+    Attributes:
+        encoder_name: The encoder as given (``"resnet34"``, ``"tu-convnext_tiny"``).
+        weights: The weights name as given (``"imagenet"``, a timm tag).
+        build_name: Encoder name handed to smp (for timm: ``tu-<model>.<tag>``).
+        build_weights: ``encoder_weights`` handed to smp (a name; ``True`` for timm).
+        hf_repo: Hugging Face repo the weights come from, or None.
+        hf_revision: Revision (commit) of ``hf_repo``; None means ``main``.
+        hf_files: Files of ``hf_repo`` the library reads.
+        hf_any_file: True if any one of ``hf_files`` suffices (timm tries
+            ``model.safetensors`` then ``pytorch_model.bin``), False if all are read (smp).
+        url: Download URL cached by torch hub (timm weights without a Hugging Face repo), or None.
+    """
+
+    encoder_name: str
+    weights: str
+    build_name: str
+    build_weights: str | bool
+    hf_repo: str | None = None
+    hf_revision: str | None = None
+    hf_files: tuple[str, ...] = ()
+    hf_any_file: bool = False
+    url: str | None = None
+
+    @property
+    def cache_folder(self) -> str:
+        """The folder the weights are cached in (created by the library when it downloads)."""
+        if self.hf_repo is not None:
+            return os.path.join(_hf_cache_dir(), "models--" + self.hf_repo.replace("/", "--"))
+        import torch.hub
+
+        return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+    def cached_files(self) -> list[str]:
+        """The cached files the library would read (empty when nothing is cached)."""
+        if self.hf_repo is not None:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = []
+            for name in self.hf_files:
+                hit = try_to_load_from_cache(self.hf_repo, name, revision=self.hf_revision)
+                if isinstance(hit, str):
+                    found.append(hit)
+            return found
+        if self.url is not None:
+            file = os.path.join(self.cache_folder, os.path.basename(urlparse(self.url).path))
+            return [file] if os.path.isfile(file) else []
+        return []
+
+    def is_cached(self) -> bool:
+        """Whether loading can succeed without network access."""
+        found = self.cached_files()
+        if self.hf_repo is not None and not self.hf_any_file:
+            return len(found) == len(self.hf_files)
+        return bool(found)
+
+    def describe(self) -> str:
+        """Which weights, from where (for messages)."""
+        if self.hf_repo is not None:
+            rev = f", revision {self.hf_revision}" if self.hf_revision else ""
+            files = (" or " if self.hf_any_file else " and ").join(self.hf_files)
+            noun = "file" if self.hf_any_file or len(self.hf_files) == 1 else "files"
+            where = f"Hugging Face repo {self.hf_repo}{rev}, {noun} {files}"
+        else:
+            where = f"URL {self.url}"
+        return f"pretrained weights {self.weights!r} of encoder {self.encoder_name!r} ({where})"
+
+    def fetch_command(self) -> str:
+        """A shell command that downloads the weights into the cache (run it online)."""
+        code = (
+            "from segpipe.models import SmpModel; "
+            f"SmpModel(encoder_name='{self.encoder_name}', encoder_weights='{self.weights}')"
+        )
+        quoted = f'"{code}"' if not set(code) & set('"$`\\') else shlex.quote(code)
+        command = f"HF_HUB_OFFLINE=0 python -c {quoted}"
+        if self.hf_repo is not None:
+            files = self.hf_files[:1] if self.hf_any_file else self.hf_files
+            rev = f" --revision {self.hf_revision}" if self.hf_revision else ""
+            command += f" (or: hf download {self.hf_repo} {' '.join(files)}{rev})"
+        return command
+
+    def unavailable_message(self, reason: str) -> str:
+        """The one-line message of :class:`PretrainedWeightsUnavailableError`."""
+        return (
+            f"encoder_weights={self.weights!r}: the {self.describe()} are not in the cache "
+            f"folder {self.cache_folder} and {reason}. Fetch them once with internet access: "
+            f"{self.fetch_command()}; on an offline machine, copy that cache folder there (or point "
+            f"{'HF_HOME' if self.hf_repo is not None else 'TORCH_HOME'} at a copy). Or set "
+            "encoder_weights to a local .pth/.safetensors file, or to null for a random init."
+        )
+
+
+def _smp_settings(name: str) -> dict[str, Any] | None:
+    """smp's pretrained settings of a (non-timm) encoder, or None for timm-backed names."""
+    equivalent = getattr(smp.encoders, "is_equivalent_to_timm_universal", None)
+    if equivalent is not None and equivalent(name):
+        return None  # smp builds these "timm-" names as "tu-" encoders
+    entry = smp.encoders.encoders.get(name)
+    return None if entry is None else dict(entry.get("pretrained_settings") or {})
+
+
+def resolve_pretrained(encoder_name: str, weights: str) -> PretrainedSource:
+    """Find where smp/timm load the named pretrained ``weights`` of ``encoder_name`` from.
+
+    Nothing is downloaded. For smp's own encoders ``weights`` is one of the names smp lists for
+    it (``"imagenet"``, ``"ssl"``, ...), read from the pinned revision of the Hugging Face repo
+    smp names. For ``"tu-<model>"`` encoders ``"imagenet"`` means timm's default pretrained
+    weights of the model (or the tag in the name, ``"tu-resnet18.a1_in1k"``), and any other
+    value is a timm pretrained tag of the model (``"a1_in1k"``, ``"tv_in1k"``).
+
+    Args:
+        encoder_name: smp encoder name or ``"tu-<timm model>"``.
+        weights: Name of the weights.
+
+    Returns:
+        The source, with :meth:`PretrainedSource.is_cached` and the fetch command.
+
+    Raises:
+        ValueError: If smp/timm know no such weights for the encoder (the message lists the
+            names they know).
+    """
+    settings = None if encoder_name.startswith("tu-") else _smp_settings(encoder_name)
+    if settings is not None:
+        if weights not in settings:
+            known = sorted(settings) or ["none"]
+            raise ValueError(
+                f"encoder_weights={weights!r}: segmentation-models-pytorch has no such pretrained "
+                f"weights for encoder {encoder_name!r}; it has {known}. Or give a local "
+                f"{'/'.join(WEIGHT_SUFFIXES)} file, or null for a random init."
+            )
+        entry = settings[weights]
+        if "repo_id" not in entry:  # an older smp layout (URLs); let smp load it
+            return PretrainedSource(encoder_name, weights, encoder_name, weights, url=entry.get("url"))
+        return PretrainedSource(
+            encoder_name, weights, encoder_name, weights, hf_repo=entry["repo_id"],
+            hf_revision=entry.get("revision"), hf_files=("config.json", "model.safetensors"),
+        )
+
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    model = encoder_name[3:] if encoder_name.startswith("tu-") else encoder_name
+    if not encoder_name.startswith("tu-"):  # an smp "timm-" name built as a timm model
+        model = encoder_name.replace("timm-", "tf_" if "mobilenetv3" in encoder_name else "", 1)
+    base, tag = split_model_name_tag(model)
+    if weights != "imagenet":
+        if tag and tag != weights:
+            raise ValueError(
+                f"encoder_weights={weights!r} contradicts the pretrained tag {tag!r} in "
+                f"encoder_name={encoder_name!r}; state the tag once."
+            )
+        tag = weights
+    name = f"{base}.{tag}" if tag else base
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{base}.*")]
+        known = f"its pretrained tags are {tags}" if tags else "it has no pretrained weights in timm"
+        raise ValueError(
+            f"encoder_weights={weights!r}: timm {timm.__version__} has no pretrained weights "
+            f"{name!r} for encoder {encoder_name!r}; {known} (use 'imagenet' for the default "
+            "tag or one of these tags)."
+        )
+    build_name = f"tu-{base}.{cfg.tag}" if getattr(cfg, "tag", None) else f"tu-{name}"
+    if cfg.hf_hub_id:
+        from timm.models._hub import hf_split
+
+        repo, revision = hf_split(cfg.hf_hub_id)
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+        return PretrainedSource(
+            encoder_name, weights, build_name, True, hf_repo=repo, hf_revision=revision,
+            hf_files=files, hf_any_file=True,
+        )
+    return PretrainedSource(encoder_name, weights, build_name, True, url=cfg.url)
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -281,10 +538,13 @@ class SmpModel(nn.Module):
         num_classes: Number of output logit channels (smp's ``classes``).
         encoder_depth: Number of encoder stages (smp's ``encoder_depth``), 1..5; some
             architectures accept fewer values (smp then refuses it).
-        encoder_weights: ``None`` (random init) or a local ``.pth``/``.pt``/``.bin``/
-            ``.safetensors`` file with the encoder's state dict, loaded with
-            :func:`load_encoder_weights`. Names such as ``"imagenet"`` are refused:
-            segpipe never downloads weights.
+        encoder_weights: ``None`` (random init); the name of pretrained weights that smp
+            or timm know for the encoder (``"imagenet"``; smp's other names such as
+            ``"ssl"``; for ``"tu-"`` encoders a timm pretrained tag such as ``"a1_in1k"``, see
+            :func:`resolve_pretrained`), loaded by smp/timm from their cache or downloaded
+            into it; or a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file with the
+            encoder's state dict, loaded with :func:`load_encoder_weights`. Inside
+            :func:`no_pretrained_weights` it is not read (random init).
         freeze_encoder: If True, encoder parameters get ``requires_grad=False`` and the
             encoder stays in eval mode (BatchNorm statistics frozen, no dropout) even
             after ``model.train()``; the decoder and head still train.
@@ -304,8 +564,10 @@ class SmpModel(nn.Module):
 
     Raises:
         ValueError: On an unknown architecture or encoder, bad ranges, refused kwargs,
-            a download name as ``encoder_weights``, or weights that do not fit.
+            weights names smp/timm do not know for the encoder, or weights that do not fit.
         FileNotFoundError: If ``encoder_weights`` names a file that does not exist.
+        PretrainedWeightsUnavailableError: If named weights are not cached and offline mode
+            (``HF_HUB_OFFLINE=1``) or a failed download keeps them from being fetched.
     """
 
     def __init__(
@@ -333,7 +595,13 @@ class SmpModel(nn.Module):
         check_int("encoder_depth", encoder_depth, 1, 5)
         if not isinstance(freeze_encoder, bool):
             raise ValueError(f"freeze_encoder must be a bool, got {freeze_encoder!r}.")
-        weights_path = None if encoder_weights is None else _resolve_weights_path(encoder_weights)
+        weights_path: Path | None = None
+        source: PretrainedSource | None = None
+        skip = _SKIP_PRETRAINED.get()  # rebuilt for a checkpoint's weights: read nothing
+        if encoder_weights is not None and _is_weights_name(encoder_weights):
+            source = None if skip else resolve_pretrained(encoder_name, encoder_weights)
+        elif encoder_weights is not None and not skip:
+            weights_path = _resolve_weights_path(encoder_weights)
         if "classes" in kwargs:
             raise ValueError(f"pass num_classes, not classes (got classes={kwargs['classes']!r}).")
         for name in ("activation", "aux_params"):
@@ -355,22 +623,37 @@ class SmpModel(nn.Module):
         if self.arch in _FULL_SIZE_UPSAMPLING and "upsampling" not in kwargs:
             kwargs["upsampling"] = _FULL_SIZE_UPSAMPLING[self.arch](encoder_depth)
 
+        if source is not None and _hub_offline() and not source.is_cached():
+            raise PretrainedWeightsUnavailableError(
+                source.unavailable_message("HF_HUB_OFFLINE=1 forbids downloading them")
+            )
         try:
             self.model = smp.create_model(
                 self.arch,
-                encoder_name=encoder_name,
-                encoder_weights=None,
+                encoder_name=encoder_name if source is None else source.build_name,
+                encoder_weights=None if source is None else source.build_weights,
                 in_channels=in_channels,
                 classes=num_classes,
                 encoder_depth=encoder_depth,
                 **kwargs,
             )
-        except (KeyError, ValueError, TypeError, AssertionError, RuntimeError) as exc:
+        except Exception as exc:
+            if source is not None and not source.is_cached():
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise PretrainedWeightsUnavailableError(
+                    source.unavailable_message(
+                        f"downloading them failed ({type(exc).__name__}: {reason})"
+                    )
+                ) from exc
+            if not isinstance(exc, (KeyError, ValueError, TypeError, AssertionError, RuntimeError)):
+                raise
             extra = f" and extra arguments {sorted(kwargs)}" if kwargs else ""
             raise ValueError(
                 f"segmentation-models-pytorch could not build arch={self.arch!r} with "
                 f"encoder_name={encoder_name!r}, encoder_depth={encoder_depth}, "
-                f"in_channels={in_channels}{extra}: {type(exc).__name__}: {exc}"
+                f"in_channels={in_channels}{extra}"
+                + (f", encoder_weights={encoder_weights!r}" if source is not None else "")
+                + f": {type(exc).__name__}: {exc}"
             ) from exc
 
         if weights_path is not None:
@@ -405,6 +688,13 @@ class SmpModel(nn.Module):
     def encoder(self) -> nn.Module:
         """The smp encoder (``self.model.encoder``)."""
         return self.model.encoder
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The encoder, for freezing and discriminative learning rates: ``[model.encoder]``.
+
+        See :class:`~segpipe.models.base.SegmentationModel`.
+        """
+        return [self.model.encoder]
 
     def train(self, mode: bool = True) -> SmpModel:
         """Set training mode; a frozen encoder stays in eval mode.

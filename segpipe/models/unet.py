@@ -201,6 +201,15 @@ class UNet(nn.Module):
             decoded = up(decoded, skip)  # one level finer, channels halved
         return self.head(decoded)  # (N, num_classes, H, W)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """The contracting path, for freezing and discriminative learning rates.
+
+        ``[inc, downs]``: the input double conv and the ``depth`` down blocks (bottleneck
+        included); the up blocks and the head are the decoder. See
+        :class:`~segpipe.models.base.SegmentationModel`.
+        """
+        return [self.inc, self.downs]
+
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, num_classes={self.num_classes}, "

@@ -20,6 +20,13 @@ from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
 from segpipe.metrics import IOU_METRICS, build_metrics, flatten_metrics, metrics_report, per_image_scores
+from segpipe.tasks.finetune import (
+    TransferLearning,
+    check_lr_ratio,
+    encoder_modules,
+    param_groups,
+    scale_encoder_lr,
+)
 
 __all__ = ["RNG_STATE_KEY", "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state"]
 
@@ -139,6 +146,22 @@ class SegmentationTask(L.LightningModule):
             crops say less than the val scores.
         num_worst_images: How many of the test images with the lowest IoU to keep (prediction
             and truth) for the evaluation report's gallery.
+        freeze_encoder_epochs: Train decoder and head only, with the encoder frozen (no
+            gradients, eval mode: BatchNorm keeps its statistics), for this many epochs; then
+            the encoder trains too, at ``encoder_lr_mult`` x the learning rate. The network
+            names its encoder with ``encoder_modules()`` (UNet: ``inc`` + ``downs``; FCN: its
+            backbone; SmpModel: ``model.encoder``). See :mod:`segpipe.tasks.finetune`.
+        encoder_lr_mult: Learning-rate factor of the encoder (discriminative learning rates):
+            with a value other than 1 or with ``freeze_encoder_epochs``, the optimiser gets two
+            parameter groups, ``decoder`` (all but the encoder, at the optimiser's ``lr``) and
+            ``encoder`` (at ``lr`` x this), which LR schedulers scale alike.
+        init_from: A segpipe checkpoint to start a new run from (``fit`` only, and not when
+            resuming with ``--ckpt_path``): every tensor of the network whose name and shape
+            match is loaded, the others (e.g. the head, for another number of classes) keep their
+            initialisation, and a different input channel count adapts the first convolution;
+            logged as ``loaded N tensors, re-initialised M (names)``. The file is read with
+            ``weights_only=True`` when training starts, never when a checkpoint of this run is
+            loaded.
     """
 
     def __init__(
@@ -157,6 +180,9 @@ class SegmentationTask(L.LightningModule):
         channels_last: bool = True,
         log_train_metrics: bool = False,
         num_worst_images: int = 8,
+        freeze_encoder_epochs: int = 0,
+        encoder_lr_mult: float = 1.0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         # From a config (LightningCLI) every argument is plain data, saved so that the checkpoint
@@ -193,6 +219,7 @@ class SegmentationTask(L.LightningModule):
         self.log_train_metrics = log_train_metrics
         self.num_worst_images = num_worst_images
         self.criterion = self._build_loss(loss, class_weights, ignore_index)
+        self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
 
         # Training (when log_train_metrics) updates only the IoU metrics, which share one
         # confusion-matrix state: the full collection's three states cost about three times as much.
@@ -209,6 +236,39 @@ class SegmentationTask(L.LightningModule):
         self._pending_rng_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ building blocks
+    def _init_transfer(
+        self, freeze_encoder_epochs: int, encoder_lr_mult: float, init_from: str | None
+    ) -> None:
+        """Check and keep the transfer-learning options (see :mod:`segpipe.tasks.finetune`)."""
+        epochs_ok = isinstance(freeze_encoder_epochs, int) and not isinstance(freeze_encoder_epochs, bool)
+        if not epochs_ok or freeze_encoder_epochs < 0:
+            raise ValueError(
+                f"model.freeze_encoder_epochs must be an int >= 0 (0: never frozen), got "
+                f"{freeze_encoder_epochs!r}."
+            )
+        mult_ok = isinstance(encoder_lr_mult, (int, float)) and not isinstance(encoder_lr_mult, bool)
+        if not mult_ok or not encoder_lr_mult > 0:
+            raise ValueError(
+                f"model.encoder_lr_mult must be a number > 0 (the encoder's learning rate is the "
+                f"optimiser's lr times it), got {encoder_lr_mult!r}; to keep the encoder fixed, "
+                "freeze it (model.freeze_encoder_epochs, or SmpModel's freeze_encoder)."
+            )
+        if init_from is not None and (not isinstance(init_from, str) or not init_from):
+            raise ValueError(f"model.init_from must be a checkpoint path or null, got {init_from!r}.")
+        if freeze_encoder_epochs > 0:
+            encoder_modules(self.net, "model.freeze_encoder_epochs")
+            if getattr(self.net, "encoder_frozen", False):
+                raise ValueError(
+                    "model.freeze_encoder_epochs unfreezes the encoder after "
+                    f"{freeze_encoder_epochs} epochs, but the network was built with "
+                    "freeze_encoder: true, which freezes it for the whole run; set only one."
+                )
+        if encoder_lr_mult != 1:
+            encoder_modules(self.net, "model.encoder_lr_mult")
+        self.freeze_encoder_epochs = freeze_encoder_epochs
+        self.encoder_lr_mult = float(encoder_lr_mult)
+        self.init_from = init_from
+
     def _build_loss(
         self, loss: str, class_weights: list[float] | None, ignore_index: int | None
     ) -> nn.Module:
@@ -446,14 +506,27 @@ class SegmentationTask(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        two_groups = self.freeze_encoder_epochs > 0 or self.encoder_lr_mult != 1
+        if two_groups:  # "decoder" at lr, "encoder" at lr x encoder_lr_mult (finetune.py)
+            optimizer = self.optimizer_factory(param_groups(self, self.net))
+            scale_encoder_lr(optimizer, self.encoder_lr_mult)
+        else:
+            optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if two_groups:
+            check_lr_ratio(optimizer, self.encoder_lr_mult, scheduler)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`~segpipe.tasks.finetune.TransferLearning`: applies ``init_from`` and
+        ``freeze_encoder_epochs``, and checks that a resumed run has the checkpoint's parameter
+        groups (it does nothing else when neither option is set)."""
+        return [TransferLearning(self.init_from, self.freeze_encoder_epochs)]
 
 
 class _SumLoss(nn.Module):

@@ -1,7 +1,12 @@
-"""Tests for segpipe.models.SmpModel and load_encoder_weights (no downloads, tiny inputs)."""
+"""Tests for segpipe.models.SmpModel and load_encoder_weights (no downloads, tiny inputs).
+
+Named pretrained weights are tested against caches written by code in the layouts smp and timm
+read (Hugging Face hub cache, torch hub folder), with huggingface_hub in offline mode.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from segpipe.models import SmpModel, load_encoder_weights
+from segpipe.models.smp import (
+    PretrainedSource,
+    PretrainedWeightsUnavailableError,
+    no_pretrained_weights,
+    resolve_pretrained,
+)
 
 ENCODER = "resnet18"
 
@@ -18,6 +29,53 @@ ENCODER = "resnet18"
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face / torch hub cache under tmp_path, with huggingface_hub offline.
+
+    huggingface_hub reads HF_HOME/HF_HUB_OFFLINE when imported, so its constants are patched
+    too; nothing in these tests can reach the network.
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def write_smp_cache(cache: Path, encoder: str, weights: str, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``state`` where smp's get_encoder reads ``encoder``'s ``weights``: the pinned
+    revision's snapshot of the repo smp names (config.json and model.safetensors)."""
+    import segmentation_models_pytorch as smp
+
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"][weights]
+    repo = cache / ("models--" + settings["repo_id"].replace("/", "--"))
+    snapshot = repo / "snapshots" / settings["revision"]
+    snapshot.mkdir(parents=True)
+    config = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    return repo
+
+
+def write_timm_cache(cache: Path, hf_repo: str, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``state`` where timm reads a pretrained tag from the hub: ``refs/main`` pointing at
+    a snapshot holding model.safetensors."""
+    repo = cache / ("models--" + hf_repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    file = repo / "snapshots" / commit / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    return repo
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +153,8 @@ def test_wrong_explicit_upsampling_is_reported() -> None:
         ({"freeze_encoder": 1}, ValueError, r"freeze_encoder must be a bool, got 1"),
         ({"classes": 3}, ValueError, r"pass num_classes, not classes"),
         ({"activation": "sigmoid"}, ValueError, r"activation must be None .*got 'sigmoid'"),
-        ({"encoder_weights": "imagenet"}, ValueError, r"='imagenet'.*never downloads.*local file"),
+        ({"encoder_weights": "imagenet21k"}, ValueError, r"='imagenet21k'.*no such .*\['imagenet'\]"),
+        ({"encoder_weights": True}, ValueError, r"encoder_weights must be None, the name .* got True"),
         ({"encoder_weights": "no/such/file.pth"}, FileNotFoundError, r"no/such/file\.pth"),
         ({"encoder_weights": "missing.safetensors"}, FileNotFoundError, r"missing\.safetensors"),
         ({"bogus_option": 1}, ValueError, r"takes no argument\(s\) \['bogus_option'\].*decoder_channels"),
@@ -172,7 +231,7 @@ def test_load_encoder_weights_path_errors(tmp_path: Path) -> None:
     encoder = nn.Conv2d(1, 1, 1)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         load_encoder_weights(encoder, tmp_path / "nothere.pth")
-    with pytest.raises(ValueError, match="never downloads"):
+    with pytest.raises(ValueError, match=r"local files only.*SmpModel\(encoder_weights='imagenet'\)"):
         load_encoder_weights(encoder, "imagenet")
     odd = tmp_path / "weights.npz"
     odd.write_bytes(b"x")
@@ -210,3 +269,126 @@ def test_freeze_encoder_trains_only_decoder_and_head() -> None:
     assert not model.encoder.training and model.model.segmentation_head.training
 
 
+# ------------------------------------------------------------------ named pretrained weights
+def _random_state(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    state = {}
+    for key, value in module.state_dict().items():
+        random = torch.randn_like(value.float()).to(value.dtype)
+        state[key] = random if value.is_floating_point() else value
+    return state
+
+
+def test_smp_named_weights_load_from_the_cache_offline(hub_cache: Path) -> None:
+    import segmentation_models_pytorch as smp
+
+    state = _random_state(smp.encoders.get_encoder("mobilenet_v2"), seed=3)
+    write_smp_cache(hub_cache, "mobilenet_v2", "imagenet", state)
+    assert resolve_pretrained("mobilenet_v2", "imagenet").is_cached()
+
+    model = SmpModel("unet", "mobilenet_v2", num_classes=2, encoder_weights="imagenet")
+    loaded = model.encoder.state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    # 1-channel input: smp adapts the pretrained first conv (sum over RGB).
+    gray = SmpModel("unet", "mobilenet_v2", in_channels=1, num_classes=2, encoder_weights="imagenet")
+    torch.testing.assert_close(
+        gray.encoder.state_dict()["features.0.0.weight"],
+        state["features.0.0.weight"].sum(1, keepdim=True),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "weights"),
+    [("tu-test_resnet", "imagenet"), ("tu-test_resnet", "r160_in1k"), ("tu-test_resnet.r160_in1k", "imagenet")],
+)
+def test_timm_named_weights_load_from_the_cache_offline(hub_cache: Path, name: str, weights: str) -> None:
+    import timm
+
+    source = resolve_pretrained(name, weights)
+    assert source.hf_repo == "timm/test_resnet.r160_in1k"
+    assert source.build_name == "tu-test_resnet.r160_in1k"
+    state = _random_state(timm.create_model("test_resnet"), seed=4)
+    write_timm_cache(hub_cache, source.hf_repo, state)
+    assert source.is_cached()
+
+    model = SmpModel("unet", name, num_classes=2, encoder_weights=weights)
+    loaded = model.encoder.model.state_dict()
+    assert loaded and all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
+def test_not_cached_offline_names_weights_cache_and_fetch_command(hub_cache: Path) -> None:
+    with pytest.raises(PretrainedWeightsUnavailableError) as info:
+        SmpModel("unet", "resnet34", num_classes=2, encoder_weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'imagenet'" in message and "'resnet34'" in message and "smp-hub/resnet34.imagenet" in message
+    assert str(hub_cache / "models--smp-hub--resnet34.imagenet") in message
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in message
+    assert (
+        'python -c "from segpipe.models import SmpModel; '
+        "SmpModel(encoder_name='resnet34', encoder_weights='imagenet')\"" in message
+    )
+    assert "hf download smp-hub/resnet34.imagenet config.json model.safetensors --revision" in message
+    # timm weights name their repo and cache folder too
+    pattern = r"timm/test_resnet\.r160_in1k.*models--timm--test_resnet"
+    with pytest.raises(PretrainedWeightsUnavailableError, match=pattern):
+        SmpModel("unet", "tu-test_resnet", num_classes=2, encoder_weights="imagenet")
+
+
+def test_failed_download_is_reported_as_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online but unreachable: the library's error becomes the same one-line error."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import segpipe.models.smp as smp_module
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(smp_module.smp, "create_model", unreachable)
+    pattern = r"downloading them failed \(LocalEntryNotFoundError"
+    with pytest.raises(PretrainedWeightsUnavailableError, match=pattern):
+        SmpModel("unet", "resnet18", num_classes=2, encoder_weights="imagenet")
+
+
+def test_resolve_pretrained_follows_smp_and_timm() -> None:
+    import segmentation_models_pytorch as smp
+
+    source = resolve_pretrained("resnet34", "imagenet")
+    settings = smp.encoders.encoders["resnet34"]["pretrained_settings"]["imagenet"]
+    assert (source.hf_repo, source.hf_revision) == (settings["repo_id"], settings["revision"])
+    assert source.hf_files == ("config.json", "model.safetensors") and not source.hf_any_file
+    assert resolve_pretrained("resnet18", "ssl").hf_repo == "smp-hub/resnet18.ssl"
+    timm_source = resolve_pretrained("tu-resnet18", "tv_in1k")
+    assert (timm_source.hf_repo, timm_source.build_weights) == ("timm/resnet18.tv_in1k", True)
+    with pytest.raises(ValueError, match=r"no pretrained weights 'resnet18\.nope'.*'a1_in1k'"):
+        resolve_pretrained("tu-resnet18", "nope")
+    with pytest.raises(ValueError, match=r"contradicts the pretrained tag 'a1_in1k'"):
+        resolve_pretrained("tu-resnet18.a1_in1k", "tv_in1k")
+
+
+def test_torch_hub_url_source_uses_torch_home(tmp_path: Path) -> None:
+    source = PretrainedSource("tu-x", "imagenet", "tu-x", True, url="https://example.org/w/x-123.pth")
+    assert source.cache_folder == str(tmp_path / "torch" / "hub" / "checkpoints")
+    assert not source.is_cached()
+    Path(source.cache_folder).mkdir(parents=True)
+    (Path(source.cache_folder) / "x-123.pth").write_bytes(b"0")
+    assert source.is_cached()
+    assert "TORCH_HOME" in source.unavailable_message("offline")
+
+
+def test_no_pretrained_weights_reads_nothing(hub_cache: Path) -> None:
+    """Rebuilding a trained model for its checkpoint's weights needs neither cache nor file."""
+    with no_pretrained_weights():
+        SmpModel("unet", "resnet18", num_classes=2, encoder_weights="imagenet")
+        SmpModel("unet", "resnet18", num_classes=2, encoder_weights="gone/encoder.pth")
+    with pytest.raises(PretrainedWeightsUnavailableError):
+        SmpModel("unet", "resnet18", num_classes=2, encoder_weights="imagenet")
+
+
+def test_encoder_modules_is_the_smp_encoder() -> None:
+    model = SmpModel("unet", "mobilenet_v2", num_classes=2)
+    assert model.encoder_modules() == [model.model.encoder]
