@@ -11,9 +11,7 @@ import difflib
 import importlib
 import inspect
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,20 +34,16 @@ from segpipe.callbacks import (
 from segpipe.data import DataSpec
 from segpipe.data.checks import DataCheckError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
-from segpipe.fileio import TMP_PREFIX, DiskFullError
+from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_output_dir
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tracking import TestFigures, ValidationImages, default_loggers, next_version
 from segpipe.tasks import SegmentationTask
-from segpipe.models.smp import PretrainedWeightsUnavailableError
-from segpipe.tasks.finetune import TransferLearningError
 
 __all__ = [
     "COMMANDS",
     "CheckpointNotFoundError",
-    "OutputDirError",
     "HelpFormatter",
     "SegpipeCLI",
-    "check_output_dir",
     "main",
     "resolve_checkpoint_alias",
     "run_cli",
@@ -143,10 +137,6 @@ def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = Tr
     )
 
 
-class OutputDirError(RuntimeError):
-    """An output folder cannot be created or written, or lacks room for the checkpoints."""
-
-
 #: Errors ``main`` reports as one ``segpipe: error: ...`` line (exit code 2), not a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     DataCheckError,  # the pre-flight check: every problem file, with the fix
@@ -157,72 +147,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointWriteError,
     OutputDirError,
     UnsafeCheckpointError,
-    PretrainedWeightsUnavailableError,  # named encoder weights neither cached nor downloadable
-    TransferLearningError,  # init_from unusable; resuming with other param groups than saved
 )
-
-
-def _blocking_file(path: Path) -> Path | None:
-    """The first component of ``path`` that exists but is not a folder, if any."""
-    for parent in [*reversed(path.parents), path]:
-        if parent.exists() and not parent.is_dir():
-            return parent
-    return None
-
-
-def check_output_dir(
-    path: str | os.PathLike[str], what: str, option: str, need_bytes: int = 0
-) -> Path:
-    """Make sure segpipe can write into ``path`` before any work starts.
-
-    Creates the folder, writes and deletes a probe file (``os.access`` is not enough: it says
-    yes to root on read-only mounts) and, with ``need_bytes``, checks the free space.
-
-    Args:
-        path: Folder.
-        what: What goes there, for the message (e.g. ``"checkpoints"``).
-        option: The option that sets it, for the message (e.g. ``"checkpoint.dirpath"``).
-        need_bytes: Free space required.
-
-    Returns:
-        The folder.
-
-    Raises:
-        OutputDirError: Naming the folder, the reason and the fix.
-    """
-    folder = Path(path).expanduser()
-    fix = f"set --{option} to a folder you can write to, or fix the permissions of {folder}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        blocker = _blocking_file(folder)
-        if blocker is not None:
-            reason = f"{blocker} is a file, not a folder"
-            fix = f"set --{option} to a folder you can write to, or move that file away"
-        else:
-            reason = exc.strerror or str(exc)
-        raise OutputDirError(f"{folder}: cannot create the folder for {what}: {reason}; {fix}.") from exc
-    try:
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".probe", dir=folder)
-        try:
-            os.write(fd, b"segpipe")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            Path(probe).unlink(missing_ok=True)
-    except OSError as exc:
-        raise OutputDirError(
-            f"{folder}: cannot write {what} there: {exc.strerror or exc}; {fix}."
-        ) from exc
-    if need_bytes > 0:
-        free = shutil.disk_usage(folder).free
-        if free < need_bytes:
-            raise OutputDirError(
-                f"{folder}: only {free / 2**20:.1f} MiB free, but writing {what} needs about "
-                f"{need_bytes / 2**20:.1f} MiB (a new checkpoint is written beside the old one "
-                f"before replacing it); free some space or set --{option} to a disk with room."
-            )
-    return folder
 
 
 def _checkpoint_bytes(model: torch.nn.Module) -> int:

@@ -39,6 +39,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import RawIOBase
@@ -50,11 +51,13 @@ __all__ = [
     "TMP_PREFIX",
     "AtomicFile",
     "DiskFullError",
+    "OutputDirError",
     "atomic_open",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_dir",
     "disk_full_error",
     "fsync_dir",
     "is_disk_full",
@@ -578,3 +581,71 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically and return the path."""
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------ output folders
+class OutputDirError(RuntimeError):
+    """An output folder cannot be created or written, or lacks room for the checkpoints."""
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first component of ``path`` that exists but is not a folder, if any."""
+    for parent in [*reversed(path.parents), path]:
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_dir(
+    path: str | os.PathLike[str], what: str, option: str, need_bytes: int = 0
+) -> Path:
+    """Make sure segpipe can write into ``path`` before any work starts.
+
+    Creates the folder, writes and deletes a probe file (``os.access`` is not enough: it says
+    yes to root on read-only mounts) and, with ``need_bytes``, checks the free space.
+
+    Args:
+        path: Folder.
+        what: What goes there, for the message (e.g. ``"checkpoints"``).
+        option: The option that sets it, for the message (e.g. ``"checkpoint.dirpath"``).
+        need_bytes: Free space required.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputDirError: Naming the folder, the reason and the fix.
+    """
+    folder = Path(path).expanduser()
+    fix = f"set --{option} to a folder you can write to, or fix the permissions of {folder}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = _blocking_file(folder)
+        if blocker is not None:
+            reason = f"{blocker} is a file, not a folder"
+            fix = f"set --{option} to a folder you can write to, or move that file away"
+        else:
+            reason = exc.strerror or str(exc)
+        raise OutputDirError(f"{folder}: cannot create the folder for {what}: {reason}; {fix}.") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".probe", dir=folder)
+        try:
+            os.write(fd, b"segpipe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputDirError(
+            f"{folder}: cannot write {what} there: {exc.strerror or exc}; {fix}."
+        ) from exc
+    if need_bytes > 0:
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise OutputDirError(
+                f"{folder}: only {free / 2**20:.1f} MiB free, but writing {what} needs about "
+                f"{need_bytes / 2**20:.1f} MiB (a new checkpoint is written beside the old one "
+                f"before replacing it); free some space or set --{option} to a disk with room."
+            )
+    return folder

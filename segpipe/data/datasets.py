@@ -39,6 +39,7 @@ from segpipe.data.transforms import normalize_to_tensor, seed_transform
 
 __all__ = [
     "LAYOUT_HELP",
+    "prepare_image",
     "DataRootError",
     "DataSplitError",
     "SPLITS",
@@ -907,10 +908,44 @@ class PredictDataset(_TransformMixin, Dataset):
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W]}``."""
         path = self.samples[self._resolve_key(index)].image
-        image = adapt_channels(to_float(read_image(path, self.bands)), self.in_channels, path)
-        size = torch.tensor(image.shape[:2], dtype=torch.int64)
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        d_mean, d_std = default_mean_std(image.shape[2])
-        img_t = normalize_to_tensor(image, self.mean or d_mean, self.std or d_std)
-        return {"image": img_t, "path": str(path), "size": size}
+        item = prepare_image(read_image(path, self.bands), in_channels=self.in_channels,
+                             mean=self.mean, std=self.std, transform=self.transform, source=path)
+        return {**item, "path": str(path)}
+
+
+def prepare_image(
+    pixels: np.ndarray,
+    *,
+    in_channels: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    transform: Any | None = None,
+    source: str | Path = "image",
+) -> dict[str, torch.Tensor]:
+    """An image as a prediction input, exactly as training data is prepared.
+
+    :func:`~segpipe.data.io.to_float` -> :func:`adapt_channels` -> optional transform (e.g. the
+    eval resize) -> normalisation into a channels-last (C, H, W) tensor. Shared by
+    :class:`PredictDataset` (``segpipe predict``) and the Python API.
+
+    Args:
+        pixels: (H, W, C) or (H, W) image in its native dtype (bands already selected).
+        in_channels: Channels the model takes (None: as given).
+        mean: Per-channel mean (default :func:`~segpipe.data.spec.default_mean_std`).
+        std: Per-channel std.
+        transform: albumentations pipeline taking ``image``, or None.
+        source: The file or a name, for error messages.
+
+    Returns:
+        ``{"image": float32 (C, h, w), "size": int64 [H, W]}`` (size before the transform).
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    image = adapt_channels(to_float(arr), in_channels, source)
+    size = torch.tensor(image.shape[:2], dtype=torch.int64)
+    if transform is not None:
+        image = transform(image=image)["image"]
+    d_mean, d_std = default_mean_std(image.shape[2])
+    img_t = normalize_to_tensor(image, mean or d_mean, std or d_std)
+    return {"image": img_t, "size": size}

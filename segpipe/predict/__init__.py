@@ -6,6 +6,7 @@
 * :mod:`segpipe.predict.writers`: the output formats and the atomic writer.
 * :mod:`segpipe.predict.engine`: dataset, LightningModule and writing callback.
 * :mod:`segpipe.predict.command`: the command line and :func:`predict`.
+* :mod:`segpipe.predict.api`: :class:`Segmenter`, the same prediction from Python.
 
 Submodules are imported lazily so ``import segpipe.predict`` stays cheap.
 """
@@ -20,6 +21,7 @@ __all__ = [
     "PredictConfig",
     "PredictSummary",
     "PredictionWriter",
+    "Segmenter",
     "load_predictor",
     "predict",
     "predict_tiled",
@@ -34,6 +36,7 @@ _WHERE = {
     "save_predict_checkpoint": "segpipe.predict.checkpoint",
     "PredictSummary": "segpipe.predict.engine",
     "PredictionWriter": "segpipe.predict.writers",
+    "Segmenter": "segpipe.predict.api",
     "predict": "segpipe.predict.command",
     "predict_tiled": "segpipe.predict.tiling",
     "sliding_window": "segpipe.predict.tiling",

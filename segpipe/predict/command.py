@@ -26,10 +26,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from segpipe.cli import OutputDirError, check_output_dir
 from segpipe.data.datasets import find_images
 from segpipe.data.io import IMAGE_EXTENSIONS
-from segpipe.fileio import TMP_PREFIX
+from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir
 from segpipe.predict.checkpoint import CheckpointError, load_predictor
 from segpipe.predict.engine import (
     InputFile,
@@ -210,7 +209,7 @@ def predict(
     from torch.utils.data import DataLoader
 
     from segpipe.runtime import default_precision
-    from segpipe.data.datamodule import default_num_workers
+    from segpipe.data.loading import default_num_workers
 
     if tile is not None and tile < 1:
         raise PredictUsageError(f"--tile must be a positive number of pixels, got {tile}")

@@ -66,8 +66,10 @@ __all__ = [
     "ProbabilityFn",
     "RasterSource",
     "WritingCallback",
+    "batch_scores",
     "collate_records",
     "to_display",
+    "to_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -329,6 +331,56 @@ class ProbabilityFn:
         return probs
 
 
+def batch_scores(
+    x: Tensor,
+    task: Any,
+    prob_fn: ProbabilityFn,
+    *,
+    num_classes: int,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    probs: bool = False,
+    on_tiles: Any = None,
+) -> Tensor:
+    """Class scores of a stacked batch: the one inference path of ``segpipe predict`` and of
+    :class:`~segpipe.predict.api.Segmenter`.
+
+    Args:
+        x: (N, C, H, W) normalised images on the device to compute on.
+        task: The task (or ONNX stand-in): (N, C, H, W) -> (N, K, H, W) logits, any size.
+        prob_fn: Probabilities with the chosen TTA.
+        num_classes: K.
+        tile: Sliding-window tile size; images larger than it are predicted tile by tile
+            (Gaussian-blended), one image at a time.
+        overlap: Tile overlap fraction.
+        batch_size: Tiles per forward pass.
+        probs: Return probabilities even where logits would do (for their values).
+        on_tiles: Progress callback taking a number of finished tiles.
+
+    Returns:
+        (N, K, H, W) float scores: probabilities when tiled, with TTA or with ``probs``, else
+        logits (same arg-max, no softmax needed).
+    """
+    h, w = x.shape[-2:]
+    if tile is not None and (h > tile or w > tile):
+        return torch.stack([
+            predict_tiled(img, prob_fn, num_classes, tile, overlap, batch_size, on_tiles=on_tiles)
+            for img in x
+        ])
+    if probs or prob_fn.tta:
+        return prob_fn(x)
+    return task(x)
+
+
+def to_size(scores: Tensor, size: Sequence[int]) -> Tensor:
+    """(K, h, w) scores resized (bilinear) to ``size`` = (H, W), e.g. back from ``eval_resize``."""
+    if tuple(scores.shape[-2:]) == tuple(size):
+        return scores
+    return F.interpolate(scores[None].float(), size=tuple(int(v) for v in size), mode="bilinear",
+                         align_corners=False)[0]
+
+
 def _display_from_unit(image: np.ndarray) -> np.ndarray:
     """(H, W, C) float [0, 1] -> (H, W, 3) uint8 (first three channels, or the first as grey)."""
     rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
@@ -460,22 +512,19 @@ class PredictModule(L.LightningModule):
         sizes = [tuple(int(v) for v in r["size"].tolist()) for r in recs]
         resized = any(size != (h, w) for size in sizes)  # eval_resize: back to input sizes
         want_probs = any(self.writer.needs_probs(r["formats"]) for r in recs)
+        bar = None
         if opts.tile is not None and (h > opts.tile or w > opts.tile):
             bar = self._tile_bar(
                 len(recs) * TileGrid.make(h, w, opts.tile, opts.overlap).num_tiles,
                 Path(recs[0]["rel"]).name,
             )
-            scores = torch.stack([
-                predict_tiled(img, self.prob_fn, cfg.num_classes, opts.tile, opts.overlap,
-                              opts.batch_size, on_tiles=bar.update if bar else None)
-                for img in x
-            ])
-            if bar is not None:
-                bar.close()
-        elif want_probs or resized or opts.tta:
-            scores = self.prob_fn(x)
-        else:
-            scores = self.task(x)  # logits: same arg-max, no softmax needed
+        scores = batch_scores(
+            x, self.task, self.prob_fn, num_classes=cfg.num_classes, tile=opts.tile,
+            overlap=opts.overlap, batch_size=opts.batch_size, probs=want_probs or resized,
+            on_tiles=bar.update if bar is not None else None,
+        )
+        if bar is not None:
+            bar.close()
         labels = None if resized else scores.argmax(dim=1)  # batched: far faster than per image
         out = []
         for j, (rec, size) in enumerate(zip(recs, sizes)):
@@ -483,8 +532,7 @@ class PredictModule(L.LightningModule):
             p, img = scores[j], x[j]
             need_display = self.writer.needs_display(names)
             if resized:
-                p = F.interpolate(p[None].float(), size=size, mode="bilinear",
-                                  align_corners=False)[0]
+                p = to_size(p, size)
                 lab = p.argmax(dim=0)
                 if need_display:
                     img = F.interpolate(img[None].float(), size=size, mode="bilinear",

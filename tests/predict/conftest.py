@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from segpipe.models import UNet
 from segpipe.predict.checkpoint import save_predict_checkpoint
 
 COLORS = [[10, 20, 30], [200, 0, 0], [0, 200, 0]]
@@ -41,3 +43,20 @@ def threshold_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def noise_image(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
     """Random uint8 (h, w, c) image."""
     return np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def unet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real U-Net (random weights, a head strong enough to vary per pixel), odd normalisation."""
+    torch.manual_seed(0)
+    args = {"in_channels": 3, "num_classes": 3, "base_channels": 8, "depth": 3}
+    net = UNet(**args)
+    with torch.no_grad():
+        net.head.weight.mul_(20.0)
+    return save_predict_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "unet.ckpt",
+        net={"class_path": "segpipe.models.UNet", "init_args": args},
+        data={"num_classes": 3, "in_channels": 3, "class_colors": COLORS,
+              "class_names": ["bg", "red", "green"], "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]},
+        state_dict={f"net.{k}": v for k, v in net.state_dict().items()},
+    )

@@ -21,23 +21,6 @@ pytest.importorskip("onnxruntime")
 FAST = ["--no-progress", "--num-workers", "0", "--accelerator", "cpu", "--format", "mask"]
 
 
-@pytest.fixture(scope="module")
-def unet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real U-Net (random weights, a head strong enough to vary per pixel), odd normalisation."""
-    torch.manual_seed(0)
-    args = {"in_channels": 3, "num_classes": 3, "base_channels": 8, "depth": 3}
-    net = UNet(**args)
-    with torch.no_grad():
-        net.head.weight.mul_(20.0)
-    return save_predict_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "unet.ckpt",
-        net={"class_path": "segpipe.models.UNet", "init_args": args},
-        data={"num_classes": 3, "in_channels": 3, "class_colors": COLORS,
-              "class_names": ["bg", "red", "green"], "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]},
-        state_dict={f"net.{k}": v for k, v in net.state_dict().items()},
-    )
-
-
 def test_export_writes_graph_and_sidecar(tmp_path: Path, unet_ckpt: Path, capsys) -> None:
     out = tmp_path / "model.onnx"
     assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output", str(out)]) == 0

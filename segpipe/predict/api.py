@@ -1,0 +1,257 @@
+"""Prediction from Python: ``mask = Segmenter.from_checkpoint("last.ckpt").predict(image)``.
+
+:class:`Segmenter` runs a trained model on images in memory or on disk and returns numpy
+arrays. It prepares inputs exactly as ``segpipe predict`` does (same reading, channel adaptation,
+normalisation, eval resize, tiling and TTA: :func:`~segpipe.data.datasets.prepare_image` and
+:func:`~segpipe.predict.engine.batch_scores` are shared), so its masks equal the command's.
+
+Example::
+
+    from segpipe import Segmenter
+
+    seg = Segmenter.from_checkpoint("runs/camvid_unet/checkpoints/last.ckpt")
+    mask = seg.predict("frame.png")                 # (H, W) class indices
+    proba = seg.predict_proba(rgb_array)            # (K, H, W) float32, sums to 1
+    masks = seg.predict([img_a, img_b, "c.tif"])    # a list in, a list out (batched)
+    seg.class_names, seg.palette                    # names and colours, from the checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from segpipe.data.datasets import prepare_image
+from segpipe.data.io import read_image
+from segpipe.predict.checkpoint import PredictConfig
+from segpipe.predict.engine import ProbabilityFn, batch_scores, to_size
+
+__all__ = ["ImageLike", "Segmenter"]
+
+#: One input: an (H, W[, C]) numpy array in its native dtype (uint8, uint16, float...), a PIL
+#: image, or the path of an image file.
+ImageLike = Union[np.ndarray, "Any", str, Path]
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast_dtype(precision: str | None) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision (None: ``segpipe predict``'s default)."""
+    if precision is None:
+        from segpipe.runtime import default_precision
+
+        precision = default_precision()
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return None
+
+
+class Segmenter:
+    """A trained segmentation model for Python code (see the module docstring).
+
+    Build it with :meth:`from_checkpoint` or :meth:`from_onnx`.
+
+    Args:
+        task: The task (or ONNX stand-in) mapping normalised (N, C, H, W) to logits.
+        config: Its prediction settings (classes, colours, bands, normalisation).
+        device: Where to compute.
+        precision: Lightning-style precision (``bf16-mixed``, ``16-mixed``, ``32-true``);
+            None: what ``segpipe predict`` picks on this machine.
+        tile: Default sliding-window tile size (None: whole images).
+        overlap: Default tile overlap.
+        tta: Default flip test-time augmentation.
+        batch_size: Images (or tiles) per forward pass.
+    """
+
+    def __init__(
+        self,
+        task: Any,
+        config: PredictConfig,
+        device: str | torch.device = "cpu",
+        precision: str | None = None,
+        tile: int | None = None,
+        overlap: float = 0.25,
+        tta: bool = False,
+        batch_size: int = 4,
+    ) -> None:
+        self.device = _device(device)
+        self.task = task.to(self.device) if isinstance(task, torch.nn.Module) else task
+        if getattr(task, "channels_last", False):
+            task.net.to(memory_format=torch.channels_last)
+        self.config = config
+        self.autocast = _autocast_dtype(precision)
+        self.tile, self.overlap, self.tta, self.batch_size = tile, overlap, tta, int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "auto", **options: Any
+    ) -> Segmenter:
+        """A segmenter from a checkpoint written by ``segpipe fit``.
+
+        Args:
+            path: The ``.ckpt`` file.
+            device: ``auto`` (a CUDA GPU when there is one), ``cpu``, ``cuda:1``...
+            **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``batch_size``.
+        """
+        from segpipe.predict.checkpoint import load_predictor
+
+        task, config = load_predictor(path)
+        return cls(task, config, device=device, **options)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, **options: Any) -> Segmenter:
+        """A segmenter from ``segpipe export``'s ``model.onnx`` (onnxruntime, fp32, CPU).
+
+        Args:
+            path: The ``.onnx`` file (its ``model.json`` sidecar beside it).
+            **options: ``tile``, ``overlap``, ``tta``, ``batch_size``.
+        """
+        from segpipe.predict.onnx import load_onnx_predictor
+
+        task, config, _ = load_onnx_predictor(path)
+        options["precision"] = "32-true"
+        return cls(task, config, device="cpu", **options)
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return self.config.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per class."""
+        return list(self.config.class_names)
+
+    @property
+    def palette(self) -> np.ndarray:
+        """(num_classes, 3) uint8 class colours: ``palette[mask]`` is a colour image."""
+        return self.config.palette()[: self.num_classes]
+
+    # ------------------------------------------------------------------ prediction
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], *, tile: int | None = None,
+        tta: bool | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Class indices.
+
+        Args:
+            images: One image or a list (see :data:`ImageLike`).
+            tile: Tile size for this call (default: the segmenter's).
+            tta: Flip TTA for this call (default: the segmenter's).
+
+        Returns:
+            (H, W) uint8 (uint16 above 255 classes) per image, at the input's size; a list for a
+            list.
+        """
+        return self._run(images, tile, tta, proba=False)
+
+    def predict_proba(
+        self, images: ImageLike | Sequence[ImageLike], *, tile: int | None = None,
+        tta: bool | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Class probabilities.
+
+        Returns:
+            (K, H, W) float32 per image (summing to 1 over K); a list for a list.
+        """
+        return self._run(images, tile, tta, proba=True)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
+        """Same as :meth:`predict`."""
+        return self.predict(images)
+
+    # ------------------------------------------------------------------ internals
+    def _pixels(self, item: ImageLike) -> tuple[np.ndarray, str]:
+        """(H, W, C) native pixels of one input, with the model's bands selected."""
+        if isinstance(item, (str, Path)):
+            return read_image(item, self.config.bands), str(item)
+        if not isinstance(item, np.ndarray):  # a PIL image
+            mode = getattr(item, "mode", None)
+            if mode is None:
+                raise TypeError(
+                    f"cannot predict a {type(item).__name__}: give a numpy array (H, W[, C]), "
+                    "a PIL image or a file path"
+                )
+            if mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1"):
+                item = item.convert("L" if mode in ("LA", "1") else "RGB")
+            return np.asarray(item), f"PIL image ({mode})"
+        arr = item[:, :, None] if item.ndim == 2 else item
+        if arr.ndim != 3:
+            raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {item.shape}")
+        bands = self.config.bands
+        if bands and arr.shape[2] != self.config.in_channels and max(bands) <= arr.shape[2]:
+            arr = arr[:, :, [b - 1 for b in bands]]  # as data.bands picks them from files
+        return arr, f"array {item.shape} {item.dtype}"
+
+    def _prepared(self, item: ImageLike, resize: bool) -> dict[str, torch.Tensor]:
+        from segpipe.data.transforms import build_eval_transform
+
+        cfg = self.config
+        transform = build_eval_transform(cfg.eval_resize) if resize and cfg.eval_resize else None
+        pixels, source = self._pixels(item)
+        return prepare_image(pixels, in_channels=cfg.in_channels, mean=cfg.mean, std=cfg.std,
+                             transform=transform, source=source)
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with torch.inference_mode():
+            if self.autocast is not None and isinstance(self.task, torch.nn.Module):
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    yield
+            else:
+                yield
+
+    def _run(
+        self, images: ImageLike | Sequence[ImageLike], tile: int | None, tta: bool | None,
+        proba: bool,
+    ) -> np.ndarray | list[np.ndarray]:
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        tile = self.tile if tile is None else tile
+        prob_fn = ProbabilityFn(self.task, self.tta if tta is None else tta)
+        prepared = [self._prepared(item, resize=tile is None) for item in items]
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, item in enumerate(prepared):
+            groups[tuple(item["image"].shape)].append(i)
+        out: list[np.ndarray | None] = [None] * len(items)
+        cfg = self.config
+        with self._context():
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    # (N, H, W, C) memory = channels-last NCHW, as segpipe predict stacks them
+                    x = torch.stack(
+                        [prepared[i]["image"].permute(1, 2, 0) for i in chunk]
+                    ).permute(0, 3, 1, 2).to(self.device)
+                    sizes = [tuple(int(v) for v in prepared[i]["size"].tolist()) for i in chunk]
+                    resized = any(size != tuple(x.shape[-2:]) for size in sizes)
+                    scores = batch_scores(
+                        x, self.task, prob_fn, num_classes=cfg.num_classes, tile=tile,
+                        overlap=self.overlap, batch_size=self.batch_size,
+                        probs=proba or resized,
+                    )
+                    labels = None if resized else scores.argmax(dim=1)
+                    for j, (i, size) in enumerate(zip(chunk, sizes)):
+                        p = to_size(scores[j], size) if resized else scores[j]
+                        if proba:  # probs=True above: already probabilities
+                            out[i] = p.float().cpu().numpy()
+                        else:
+                            lab = p.argmax(dim=0) if resized else labels[j]
+                            out[i] = lab.cpu().numpy().astype(cfg.mask_dtype)
+        return out[0] if single else out  # type: ignore[return-value]

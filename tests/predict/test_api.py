@@ -1,0 +1,98 @@
+"""The Python API: Segmenter gives the masks `segpipe predict` writes, for arrays, PIL images,
+paths and lists, with probabilities, tiling, eval resize and ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe import Segmenter
+from segpipe.cli import main as cli_main
+from segpipe.data.io import write_image
+from tests.predict.conftest import COLORS, make_ckpt, noise_image
+
+FAST = ["--no-progress", "--num-workers", "0", "--accelerator", "cpu", "--format", "mask"]
+
+
+def _command_masks(ckpt: Path, src: Path, out: Path, *extra: str) -> dict[str, np.ndarray]:
+    assert cli_main(["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output",
+                     str(out), *FAST, *extra]) == 0
+    return {p.stem: np.asarray(Image.open(p)) for p in out.glob("*.png")}
+
+
+@pytest.mark.parametrize("extra, options", [([], {}), (["--tta"], {"tta": True}),
+                                            (["--tile", "32"], {"tile": 32})])
+def test_masks_equal_the_command(tmp_path: Path, unet_ckpt: Path, extra: list[str],
+                                 options: dict) -> None:
+    src = tmp_path / "in"
+    sizes = {"a": (45, 37), "b": (64, 96), "c": (64, 96)}  # b and c batch together
+    for name, (h, w) in sizes.items():
+        write_image(src / f"{name}.png", noise_image(h, w, seed=h + w))
+    expected = _command_masks(unet_ckpt, src, tmp_path / "out", *extra)
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu", **options)
+    got = seg.predict([src / "a.png", src / "b.png", src / "c.png"])
+    for name, mask in zip("abc", got):
+        assert mask.dtype == np.uint8 and mask.shape == sizes[name]
+        assert np.array_equal(mask, expected[name]), name
+        assert len(np.unique(mask)) > 1  # not a constant prediction
+    # the same pixels as an array and as a PIL image
+    pixels = noise_image(64, 96, seed=160)
+    assert np.array_equal(seg.predict(pixels), expected["b"])
+    assert np.array_equal(seg.predict(Image.fromarray(pixels)), expected["b"])
+
+
+def test_probabilities_and_metadata(unet_ckpt: Path) -> None:
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu", precision="32-true")
+    image = noise_image(40, 50)
+    proba = seg.predict_proba(image)
+    assert proba.shape == (3, 40, 50) and proba.dtype == np.float32
+    np.testing.assert_allclose(proba.sum(axis=0), 1.0, atol=1e-4)
+    assert np.array_equal(proba.argmax(axis=0), seg.predict(image))
+    assert seg.class_names == ["bg", "red", "green"] and seg.palette.tolist() == COLORS
+    assert seg(image).shape == (40, 50)
+
+
+def test_uint16_float_and_grey_inputs_follow_the_checkpoint(tmp_path: Path) -> None:
+    """ThresholdNet: class = third of [0, 1] the first band's scaled value falls in."""
+    ckpt = make_ckpt(tmp_path / "t.ckpt", "tests.predict.nets.ThresholdNet",
+                     {"in_channels": 3, "num_classes": 3}, mean=[0.0] * 3, std=[1.0] * 3)
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu", precision="32-true")
+    values = np.array([[0.1, 0.5, 0.9]], np.float32)
+    expected = np.array([[0, 1, 2]])
+    as_uint16 = np.repeat((values * 65535).astype(np.uint16)[..., None], 3, axis=2)
+    assert np.array_equal(seg.predict(as_uint16), expected)
+    assert np.array_equal(seg.predict(values), expected)  # (H, W) float grey -> 3 channels
+    assert np.array_equal(seg.predict((values * 255).astype(np.uint8)), expected)
+
+
+def test_eval_resize_is_applied_and_undone(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path / "r.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, eval_resize=[32, 32])
+    src = tmp_path / "in"
+    write_image(src / "a.png", noise_image(45, 61, seed=3))
+    expected = _command_masks(ckpt, src, tmp_path / "out")["a"]
+    got = Segmenter.from_checkpoint(ckpt, device="cpu").predict(src / "a.png")
+    assert got.shape == (45, 61) and np.array_equal(got, expected)
+
+
+def test_onnx_segmenter_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model = tmp_path / "model.onnx"
+    assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output", str(model)]) == 0
+    image = noise_image(64, 80, seed=7)
+    a = Segmenter.from_checkpoint(unet_ckpt, device="cpu", precision="32-true").predict(image)
+    b = Segmenter.from_onnx(model).predict(image)
+    assert (a == b).mean() >= 0.999
+
+
+def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu")
+    with pytest.raises(TypeError, match="numpy array"):
+        seg.predict(object())
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, C\)"):
+        seg.predict(np.zeros((2, 3, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        seg.predict(np.zeros((8, 8, 5), np.uint8))
