@@ -45,6 +45,7 @@ import numpy as np
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from segpipe.argparsing import HelpFormatter
 from segpipe.data.checks import Problem, check_samples, class_pixel_counts, parallel_map
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import Sample
@@ -821,6 +822,8 @@ def build_parser() -> ArgumentParser:
     """
     parser = ArgumentParser(
         prog="segpipe check-data",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
         description=(
             "Check a data set before training: pairs, unreadable files, sizes, mask encoding, "
             "labels, class frequencies and suggested class weights. Exit status 0: no errors, "
@@ -889,6 +892,14 @@ def _filter_configs(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _underscored(token: str) -> str:
+    """``--sample-size=4`` -> ``--sample_size=4`` (options are documented with underscores)."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``segpipe check-data``.
 
@@ -905,6 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"segpipe check-data: error: {exc}", file=sys.stderr)
         return 2
+    args = [_underscored(a) for a in args]  # --sample-size == --sample_size
     cfg = parser.parse_args(args)  # exits with status 2 and a message on bad arguments
     try:
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else (

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from segpipe.argparsing import CommandParser
 from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     """The ``segpipe demo`` argument parser."""
-    parser = argparse.ArgumentParser(prog="segpipe demo", description=__doc__)
-    sub = parser.add_subparsers(dest="demo", required=True)
+    parser = CommandParser(prog="segpipe demo", description=(__doc__ or "").strip(), config=False)
+    sub = parser.add_subparsers(dest="demo", required=True, parser_class=CommandParser)
     mri = sub.add_parser("mri", help="brain tissue segmentation on the ICBM152 MRI template (offline)")
     mri.add_argument("--output", type=Path, default=Path("outputs/demo_mri"), help="folder for all outputs")
     mri.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
@@ -20,17 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     drv = sub.add_parser(
         "driving",
-        help="street-scene segmentation on CamVid (11 classes; --data-dir or --download)",
+        help="street-scene segmentation on CamVid (11 classes; --data_dir or --download)",
         description="Train a U-Net on CamVid (configs/camvid_unet.yaml settings), evaluate it on the "
         "test split (val when there is none) at full resolution, write masks, overlays and an "
         "evaluation report, and print a summary.",
     )
-    drv.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+    drv.add_argument("--data_dir", type=Path, default=None, metavar="DIR",
                      help="CamVid folder: DIR/{train,trainannot,val,valannot[,test,testannot]}, "
                      "frames .png or .webp")
     drv.add_argument("--download", action="store_true",
                      help="fetch CamVid from the SegNet tutorial on GitHub into --cache (verified; "
-                     "reused when already there) instead of --data-dir")
+                     "reused when already there) instead of --data_dir")
     drv.add_argument("--cache", type=Path, default=None,
                      help="download cache (default $SEGPIPE_CACHE/camvid, else ~/.cache/segpipe/camvid)")
     drv.add_argument("--url", default=None,
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.demo == "driving":
         if args.download == (args.data_dir is not None):
-            parser.error("segpipe demo driving needs either --data-dir DIR or --download "
+            parser.error("segpipe demo driving needs either --data_dir DIR or --download "
                          "(which puts CamVid in --cache)")
         if args.minutes <= 0:
             parser.error(f"--minutes must be > 0, got {args.minutes}")

@@ -1,6 +1,6 @@
 """Driving-scene segmentation demo on CamVid (SegNet's 11-class version).
 
-``segpipe demo driving --data-dir DIR`` trains a U-Net from scratch with the settings of
+``segpipe demo driving --data_dir DIR`` trains a U-Net from scratch with the settings of
 ``configs/camvid_unet.yaml`` on ``DIR/{train,trainannot}``, picks the best epoch on
 ``DIR/{val,valannot}``, evaluates it at the frames' full size (480×360 for CamVid) on
 ``DIR/{test,testannot}`` (on val, said loudly, when the copy has no test split) with
@@ -191,7 +191,7 @@ class DrivingDemoResult:
 
 def _check_data(data_dir: Path) -> dict[str, int]:
     """Frames per split; clear errors for a missing folder or missing train/val splits."""
-    hint = ("Point --data-dir at the CamVid folder holding train/, trainannot/, val/, valannot/ "
+    hint = ("Point --data_dir at the CamVid folder holding train/, trainannot/, val/, valannot/ "
             "(test/, testannot/ optional), or pass --download to fetch it.")
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir} does not exist or is not a folder. {hint}")
@@ -272,7 +272,7 @@ def run_driving_demo(
     if max_minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {max_minutes}")
     if download == (data_dir is not None):
-        raise ValueError("give either --data-dir DIR or --download (which puts CamVid in --cache)")
+        raise ValueError("give either --data_dir DIR or --download (which puts CamVid in --cache)")
     output = Path(output).expanduser().resolve()
     run_dir = output / "run"
     steps = 5 if download else 4

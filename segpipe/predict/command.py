@@ -18,7 +18,6 @@ outputs are skipped).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from segpipe.argparsing import CommandParser
 from segpipe.data.datasets import find_images
 from segpipe.data.io import IMAGE_EXTENSIONS
 from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir
@@ -218,7 +218,7 @@ def predict(
     if not 0.0 <= overlap < 1.0:
         raise PredictUsageError(f"--overlap must be a fraction in [0, 1), got {overlap}")
     if batch_size < 1:
-        raise PredictUsageError(f"--batch-size must be >= 1, got {batch_size}")
+        raise PredictUsageError(f"--batch_size must be >= 1, got {batch_size}")
     if Path(ckpt_path).suffix.lower() == ".onnx":
         from segpipe.predict.onnx import load_onnx_predictor
 
@@ -309,16 +309,18 @@ def _devices(value: str) -> int | str:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     """The ``segpipe predict`` argument parser."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="segpipe predict",
-        description="Predict masks for an image or a folder of images from a checkpoint alone.",
+        description="Predict masks for an image or a folder of images from a checkpoint alone. "
+                    "Options may also come from --config FILE (YAML, e.g. ckpt_path: ..., "
+                    "format: [mask, overlay]); dashed spellings (--batch-size) work too.",
     )
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path",
+    model.add_argument("--ckpt_path", dest="ckpt_path", metavar="CKPT",
                        help="checkpoint written by `segpipe fit` (e.g. RUN/checkpoints/last.ckpt)")
-    model.add_argument("--onnx", dest="ckpt_path",
+    model.add_argument("--onnx", dest="ckpt_path", metavar="MODEL_ONNX",
                        help="model.onnx written by `segpipe export` (its model.json beside it); "
                             "runs with onnxruntime instead of torch")
     p.add_argument("--input", required=True,
@@ -336,11 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap of neighbouring tiles, blended with a Gaussian window (0.25)")
     p.add_argument("--tta", action="store_true",
                    help="flip test-time augmentation (probabilities of 4 flips averaged)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
+    p.add_argument("--batch_size", dest="batch_size", type=int,
                    default=DEFAULT_BATCH_SIZE, help="images or tiles per forward pass")
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite outputs that already exist (default: skip them)")
-    p.add_argument("--fail-fast", "--fail_fast", dest="fail_fast", action="store_true",
+    p.add_argument("--fail_fast", dest="fail_fast", action="store_true",
                    help="stop at the first file that cannot be predicted")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (default)")
     p.add_argument("--devices", type=_devices, default=1,
@@ -348,14 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto", help="e.g. ddp to spread files over devices")
     p.add_argument("--precision", default=None,
                    help="Lightning precision (default: bf16-mixed where fast, else 32-true)")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=None,
+    p.add_argument("--num_workers", dest="num_workers", type=int, default=None,
                    help="DataLoader workers decoding images (default: 0 on CPU, else "
                         "min(4, CPUs - 1))")
     p.add_argument("--probs", dest="probs_mode", choices=("classes", "max"), default="classes",
                    help="probs format: one band per class (classes) or the max confidence")
-    p.add_argument("--overlay-alpha", dest="overlay_alpha", type=float, default=0.5,
+    p.add_argument("--overlay_alpha", dest="overlay_alpha", type=float, default=0.5,
                    help="weight of the mask colours in the overlay (0..1)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
+    p.add_argument("--no_progress", dest="progress", action="store_false",
                    help="no progress bars")
     return p
 
@@ -385,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary.rank == 0:
         print(summary.report())
         if summary.stopped_early:
-            print("predict: stopped at the first failure (--fail-fast)")
+            print("predict: stopped at the first failure (--fail_fast)")
         if summary.interrupted:
             print("predict: interrupted; run the same command again to finish")
     if summary.interrupted:

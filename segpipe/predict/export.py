@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from segpipe.argparsing import CommandParser
 
 __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
     """Export a checkpoint to ONNX (dynamic batch, height and width) and write ``model.json``."""
-    parser = argparse.ArgumentParser(prog="segpipe export", description=__doc__)
+    parser = CommandParser(prog="segpipe export", description=(__doc__ or "").strip())
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by segpipe fit")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--tile", type=int, default=512, help="default tile size recorded for predict")
     parser.add_argument("--overlap", type=float, default=0.25, help="default tile overlap recorded")
-    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
+    parser.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = parser.parse_args(argv)
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.onnx import export_onnx

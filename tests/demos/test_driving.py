@@ -62,7 +62,7 @@ def test_demo_config_keeps_the_camvid_settings(tmp_path: Path) -> None:
 def test_needs_data_dir_or_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         demo_main(["driving"])
-    assert info.value.code == 2 and "--data-dir DIR or --download" in capsys.readouterr().err
+    assert info.value.code == 2 and "--data_dir DIR or --download" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo_main(["driving", "--data-dir", str(tmp_path), "--download"])
 

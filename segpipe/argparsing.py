@@ -1,0 +1,173 @@
+"""Argument parsing shared by segpipe's commands.
+
+:class:`HelpFormatter` makes jsonargparse's help readable (``fit``/``validate``/``test`` and
+``check-data``).
+
+:class:`CommandParser` is ``argparse`` with the conventions of ``segpipe fit``:
+
+* options are documented with underscores (``--batch_size``, as LightningCLI's
+  ``--ckpt_path``), and the dashed spelling (``--batch-size``) is accepted for every one;
+* no abbreviations (a misspelt option is an error, not a guess);
+* ``--config FILE``: a YAML mapping of option values (``batch_size: 8``); options given on the
+  command line override it;
+* a mistake is one line, ``segpipe predict: error: ...``, with exit code 2;
+* plain-text help (docstrings' RST markup removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jsonargparse import DefaultHelpFormatter
+
+__all__ = ["CommandParser", "HelpFormatter"]
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows each option under its first (documented) spelling; drops RST double backquotes."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            return super()._format_action_invocation(action)
+        first = action.option_strings[0]
+        if action.nargs == 0:
+            return first
+        return f"{first} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text.replace("``", ""))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return super()._expand_help(action).replace("``", "")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """See the module docstring.
+
+    Args:
+        *args: As for ``argparse.ArgumentParser``.
+        config: Add ``--config FILE`` (YAML of option values).
+        **kwargs: As for ``argparse.ArgumentParser``.
+    """
+
+    def __init__(self, *args: Any, config: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        if config:
+            self.add_argument(
+                "--config", metavar="FILE",
+                help="YAML file of option values, keyed like the options without dashes (e.g. "
+                     "batch_size: 8); options on the command line override it",
+            )
+
+    # ------------------------------------------------------------------ spellings
+    def _spelled(self, token: str) -> str:
+        """``--batch-size=8`` -> ``--batch_size=8`` when only the other spelling is an option."""
+        if not token.startswith("--") or token == "--":
+            return token
+        name, eq, value = token.partition("=")
+        if name in self._option_string_actions:
+            return token
+        for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+            if other in self._option_string_actions:
+                return other + eq + value
+        return token
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        argv = [self._spelled(a) for a in argv]
+        if "--config" in self._option_string_actions:
+            self._apply_config(argv)
+        return super().parse_known_args(argv, namespace)
+
+    # ------------------------------------------------------------------ --config
+    def _apply_config(self, argv: list[str]) -> None:
+        path = None
+        for i, token in enumerate(argv):
+            if token == "--config" and i + 1 < len(argv):
+                path = argv[i + 1]
+            elif token.startswith("--config="):
+                path = token.split("=", 1)[1]
+        if path is None:
+            return
+        import yaml
+
+        p = Path(path).expanduser()
+        try:
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            self.error(f"--config {p}: {exc.strerror or exc}")
+        except yaml.YAMLError as exc:
+            self.error(f"--config {p}: not valid YAML ({' '.join(str(exc).split())})")
+        if not isinstance(values, dict):
+            self.error(f"--config {p}: expected a mapping of option values, e.g. batch_size: 8")
+        by_name = {}
+        for action in self._actions:
+            for option in action.option_strings:
+                by_name[option.lstrip("-").replace("-", "_")] = action
+        for key, value in values.items():
+            action = by_name.get(str(key).replace("-", "_"))
+            if action is None or action.dest in ("help", "config"):
+                known = sorted({a.option_strings[0].lstrip("-") for a in self._actions
+                                if a.option_strings and a.dest not in ("help", "config")})
+                self.error(f"--config {p}: unknown option {key!r}; options: {', '.join(known)}")
+            if isinstance(action.type, type) and value is not None and not isinstance(value, list):
+                value = action.type(value)
+            self.set_defaults(**{action.dest: value})
+            action.required = False
+            for group in self._mutually_exclusive_groups:
+                if action in group._group_actions:
+                    group.required = False
+
+    # ------------------------------------------------------------------ errors
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr, exit code 2."""
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, readable: plain text and short lists of classes.
+
+    Docstrings' RST markup (double backquotes) is dropped, and a class option whose base class
+    has many known subclasses (``--model.net`` would list every ``nn.Module`` of torch, timm and
+    smp) names segpipe's own classes and a few others, with a pointer to ``--X.help CLASS``.
+    """
+
+    _MAX_LISTED = 8
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text.replace("``", ""))
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(heading.replace("``", "") if heading else heading)
+
+    def _get_help_string(self, action: Any) -> str:
+        text = super()._get_help_string(action).replace("``", "")
+        marker = ", known subclasses: "
+        if marker not in text:
+            return text
+        head, rest = text.split(marker, 1)
+        paths, tail = rest, ""
+        if rest.endswith(")"):
+            paths, tail = rest[:-1], ")"
+        names = [p.strip() for p in paths.split(",") if p.strip()]
+        if len(names) <= self._MAX_LISTED:
+            return text
+        if "torch.nn.Module" in names:  # a network: segpipe's models, importable or not yet
+            ours = ["segpipe.models.UNet", "segpipe.models.FCN", "segpipe.models.SmpModel"]
+            others = ["torch.nn.Module"]
+        else:
+            ours = [n for n in names if n.startswith("segpipe.")]
+            others = [n for n in names if not n.startswith("segpipe.")]
+        shown = ours + others[: max(0, self._MAX_LISTED - len(ours))]
+        option = action.option_strings[0] if action.option_strings else "--X"
+        return (f"{head}, e.g. {', '.join(shown)}; any importable subclass works (its "
+                f"options: {option}.help CLASS){tail}")

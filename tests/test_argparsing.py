@@ -1,0 +1,63 @@
+"""segpipe's own commands parse like `segpipe fit`: both spellings, --config, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segpipe.argparsing import CommandParser
+from segpipe.demos import build_parser as demo_parser
+from segpipe.predict.command import build_parser as predict_parser
+
+
+def test_both_spellings_and_the_documented_one(capsys: pytest.CaptureFixture[str]) -> None:
+    p = predict_parser()
+    a = p.parse_args(["--ckpt-path", "m.ckpt", "--input", "i", "--output", "o",
+                      "--batch-size", "8", "--fail-fast", "--num_workers=2", "--no-progress"])
+    assert (a.ckpt_path, a.batch_size, a.fail_fast, a.num_workers, a.progress) == (
+        "m.ckpt", 8, True, 2, False)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--batch_size" in out and "--batch-size BATCH" not in out and "``" not in out
+    d = demo_parser().parse_args(["driving", "--data-dir", "/x", "--smoke"])
+    assert str(d.data_dir) == "/x"
+
+
+def test_config_file_gives_values_and_the_command_line_wins(tmp_path: Path) -> None:
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text("ckpt_path: m.ckpt\ninput: in\noutput: out\nbatch_size: 8\n"
+                   "format: [mask, overlay]\ntta: true\n")
+    a = predict_parser().parse_args(["--config", str(cfg), "--batch-size", "2"])
+    assert (a.ckpt_path, a.input, a.output, a.batch_size, a.tta) == ("m.ckpt", "in", "out", 2, True)
+    assert a.formats == ["mask", "overlay"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--input", "i", "--output", "o", "--ckpt_path", "m", "--batch_siz", "3"],
+         "unrecognized arguments: --batch_siz 3"),  # never an abbreviation
+        (["--input", "i"], "required"),
+        (["--config", "nope.yaml"], "--config nope.yaml"),
+    ],
+)
+def test_mistakes_are_one_line(argv: list[str], words: str,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        predict_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and words in err[0]
+    assert err[0].startswith("segpipe predict: error:")
+
+
+def test_unknown_config_key_lists_the_options(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("batch: 3\n")
+    parser = CommandParser(prog="segpipe x")
+    parser.add_argument("--batch_size", type=int)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", str(cfg)])
+    assert "unknown option 'batch'; options: batch_size" in capsys.readouterr().err
