@@ -39,6 +39,7 @@ from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_outp
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tracking import TestFigures, ValidationImages, default_loggers, next_version
 from segpipe.tasks import SegmentationTask
+from segpipe.tasks.schedules import AnnealToDeadline
 
 __all__ = [
     "COMMANDS",
@@ -344,6 +345,7 @@ class SegpipeCLI(LightningCLI):
         install_safe_checkpoint_io(trainer)
         if trainer.loggers:  # training you can watch: learning rate and val/test pictures
             trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
+        trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         if last:
             main_ckpt = self._get(self.config_init, "checkpoint")
             trainer.callbacks.append(

@@ -42,7 +42,7 @@ __all__ = [
 CAMVID_UNET_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
     "trainer": {
-        "max_epochs": 84,
+        "max_epochs": None,
         "check_val_every_n_epoch": 4,
         "max_time": "00:00:30:00",
         "default_root_dir": "runs/camvid_unet",
@@ -61,9 +61,10 @@ CAMVID_UNET_CONFIG: dict[str, Any] = {
         "loss": "ce",
         "class_weights": [0.509, 0.427, 2.136, 0.376, 0.951, 0.619, 3.106, 1.357, 0.826, 2.5, 2.713],
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002, "weight_decay": 0.0001}},
+        "scheduler_interval": "step",
         "lr_scheduler": {
-            "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-            "init_args": {"T_max": 84},
+            "class_path": "segpipe.tasks.schedules.DeadlineCosineLR",
+            "init_args": {"eta_min_ratio": 0.0},
         },
     },
     "data": {
@@ -147,7 +148,6 @@ def demo_config(
         })
         init = cfg["model"]["net"]["init_args"]
         init.update({"base_channels": 8, "depth": 3})
-        cfg["model"]["lr_scheduler"]["init_args"]["T_max"] = 1
         data.update({"batch_size": 2, "eval_batch_size": 2, "crop_size": 32, "num_workers": 0})
     return cfg
 

@@ -1,0 +1,171 @@
+"""Learning-rate schedules that end with the training budget, however fast the machine is.
+
+A cosine schedule set in epochs is cut short, learning rate still high, when ``trainer.max_time``
+binds on a slower machine, and leaves the budget unused on a faster one. Here the budget is what
+the schedule runs over:
+
+* :class:`DeadlineCosineLR` anneals from the optimiser's learning rate to ``eta_min_ratio`` of it
+  over the *planned* training, given as a progress fraction in [0, 1].
+* :class:`AnnealToDeadline` (a callback the CLI adds to every run) plans that training: with a
+  time budget (``trainer.max_time``) it measures each epoch (validation included) and
+  re-estimates, at every epoch start, how many epochs fit in the time left; the last one that
+  fits is validated (whatever ``check_val_every_n_epoch`` says) and training stops after it, so
+  the run ends annealed, validated and checkpointed just inside its budget. Without a time
+  budget, progress is the fraction of ``max_epochs``/``max_steps`` done (a plain cosine).
+
+In a config::
+
+    trainer:
+      max_epochs: null
+      max_time: "00:00:30:00"
+    model:
+      scheduler_interval: step
+      lr_scheduler:
+        class_path: segpipe.tasks.schedules.DeadlineCosineLR
+        init_args: {eta_min_ratio: 0.01, warmup_fraction: 0.02}
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import Timer
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ["AnnealToDeadline", "DeadlineCosineLR"]
+
+
+class DeadlineCosineLR(LRScheduler):
+    """Cosine annealing over a progress fraction set from outside (see the module docstring).
+
+    Each parameter group goes from its own initial learning rate (so per-group multipliers are
+    kept) to ``eta_min_ratio`` times it, after an optional linear warm-up.
+
+    Args:
+        optimizer: The optimiser.
+        eta_min_ratio: Final learning rate as a fraction of the initial one.
+        warmup_fraction: Fraction of the training spent warming up linearly from 0.
+        last_epoch: As for every torch scheduler.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        eta_min_ratio: float = 0.0,
+        warmup_fraction: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if not 0.0 <= eta_min_ratio <= 1.0:
+            raise ValueError(f"eta_min_ratio must be in [0, 1], got {eta_min_ratio}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        self.eta_min_ratio = float(eta_min_ratio)
+        self.warmup_fraction = float(warmup_fraction)
+        #: Fraction of the planned training done, in [0, 1]; set by :class:`AnnealToDeadline`.
+        self.progress = 0.0
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, progress: float | None = None) -> float:
+        """Learning-rate multiplier at ``progress`` (default: the current one)."""
+        p = min(1.0, max(0.0, self.progress if progress is None else progress))
+        if self.warmup_fraction > 0 and p < self.warmup_fraction:
+            return p / self.warmup_fraction
+        if self.warmup_fraction > 0:
+            p = (p - self.warmup_fraction) / (1.0 - self.warmup_fraction)
+        return self.eta_min_ratio + (1.0 - self.eta_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor()
+        return [base * f for base in self.base_lrs]
+
+
+class AnnealToDeadline(L.Callback):
+    """Plans the training that :class:`DeadlineCosineLR` anneals over (module docstring).
+
+    Does nothing for runs without a :class:`DeadlineCosineLR`. Its plan (measured epoch times)
+    is saved in checkpoints, so a resumed run keeps to the same budget (Lightning's timer saves
+    the time already spent).
+
+    Args:
+        recent: Epochs whose median duration predicts the next ones.
+    """
+
+    def __init__(self, recent: int = 3) -> None:
+        self.recent = int(recent)
+        self.epoch_seconds: list[float] = []
+        self.planned_epochs: int | None = None
+        self._epoch_start: float | None = None
+        self._last_epoch: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _schedulers(trainer: L.Trainer) -> list[DeadlineCosineLR]:
+        return [c.scheduler for c in trainer.lr_scheduler_configs
+                if isinstance(c.scheduler, DeadlineCosineLR)]
+
+    @staticmethod
+    def _timer(trainer: L.Trainer) -> Timer | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+
+    def _steps_per_epoch(self, trainer: L.Trainer) -> int:
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:
+            return 0
+        return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
+
+    def progress(self, trainer: L.Trainer) -> float:
+        """Fraction of the planned optimiser steps done."""
+        per_epoch = self._steps_per_epoch(trainer)
+        if self.planned_epochs is not None and per_epoch:
+            return trainer.global_step / (self.planned_epochs * per_epoch)
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and total > 0:
+            return trainer.global_step / total
+        return 0.0  # first epoch of a time budget: not measured yet, full learning rate
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer = self._timer(trainer)
+        if not self._schedulers(trainer) or timer is None or timer.time_remaining() is None:
+            return
+        now = timer.time_elapsed()
+        if self._epoch_start is not None and now > self._epoch_start:
+            self.epoch_seconds.append(now - self._epoch_start)  # training + validation
+        self._epoch_start = now
+        if not self.epoch_seconds:
+            return
+        epoch_s = statistics.median(self.epoch_seconds[-self.recent :])
+        remaining = float(timer.time_remaining() or 0.0)
+        fit = max(1, int(remaining // epoch_s)) if epoch_s > 0 else 1  # this epoch included
+        last = trainer.current_epoch + fit - 1
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            last = min(last, trainer.max_epochs - 1)
+        self.planned_epochs = last + 1
+        self._last_epoch = last
+        if trainer.current_epoch == last:
+            trainer.check_val_every_n_epoch = 1  # validate (and checkpoint) the annealed model
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        schedulers = self._schedulers(trainer)
+        if not schedulers:
+            return
+        progress = self.progress(trainer)
+        for scheduler in schedulers:
+            scheduler.progress = progress
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_epoch is not None and trainer.current_epoch >= self._last_epoch:
+            trainer.should_stop = True  # the planned training is done, inside the budget
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
+        self.planned_epochs = state_dict.get("planned_epochs")

@@ -1,0 +1,94 @@
+"""Schedules that end with the budget: DeadlineCosineLR and its planner AnnealToDeadline."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from segpipe.cli import main
+from segpipe.tasks.schedules import AnnealToDeadline, DeadlineCosineLR
+from tests.cli_args import TINY_UNET
+from tests.data.synthetic import make_folder_dataset
+
+
+def _scheduler(**kw) -> DeadlineCosineLR:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params, "lr": 0.1},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.01}])
+    return DeadlineCosineLR(opt, **kw)
+
+
+def test_cosine_over_progress_keeps_group_ratios() -> None:
+    s = _scheduler(eta_min_ratio=0.1, warmup_fraction=0.2)
+    assert s.factor(0.0) == 0.0 and s.factor(0.1) == pytest.approx(0.5)
+    assert s.factor(0.2) == pytest.approx(1.0) and s.factor(1.0) == pytest.approx(0.1)
+    assert s.factor(2.0) == pytest.approx(0.1)  # past the end: stays at the minimum
+    s.progress = 0.6
+    s.step()
+    lrs = [g["lr"] for g in s.optimizer.param_groups]
+    assert lrs[0] == pytest.approx(0.1 * s.factor(0.6)) and lrs[0] / lrs[1] == pytest.approx(10)
+
+
+class _Timer:
+    """Stands in for Lightning's Timer with a clock the test moves."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget, self.now = budget, 0.0
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return self.now
+
+    def time_remaining(self, stage: str = "train") -> float:
+        return self.budget - self.now
+
+
+def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
+    monkeypatch.setattr("segpipe.tasks.schedules.Timer", _Timer)
+    sched = _scheduler()
+    timer = _Timer(budget=100.0)
+    trainer = SimpleNamespace(
+        callbacks=[timer], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+        current_epoch=0, max_epochs=-1, num_training_batches=10, accumulate_grad_batches=1,
+        global_step=0, estimated_stepping_batches=float("inf"), check_val_every_n_epoch=4,
+        should_stop=False,
+    )
+    cb = AnnealToDeadline()
+    durations = [12.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    for epoch, seconds in enumerate(durations):
+        trainer.current_epoch, trainer.global_step = epoch, 10 * epoch
+        cb.on_train_epoch_start(trainer, None)
+        cb.on_train_batch_start(trainer, None, None, 0)
+        if epoch == 0:
+            assert sched.progress == 0.0  # nothing measured yet: full learning rate
+        timer.now += seconds
+        cb.on_train_epoch_end(trainer, None)
+        if trainer.should_stop:
+            break
+    # 12 s, then 10 s epochs in 100 s: 9 epochs fit (0..8); the last is validated
+    assert trainer.current_epoch == 8 and cb.planned_epochs == 9
+    assert trainer.check_val_every_n_epoch == 1 and timer.now <= 100.0
+    trainer.global_step = 9 * 10 - 1
+    cb.on_train_batch_start(trainer, None, None, 9)
+    assert sched.progress == pytest.approx(89 / 90)  # annealed by the end
+    restored = AnnealToDeadline()
+    restored.load_state_dict(cb.state_dict())
+    assert restored.epoch_seconds == cb.epoch_seconds and restored.planned_epochs == 9
+
+
+def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Path) -> None:
+    data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
+    run = tmp_path / "run"
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={data}",
+                 f"--trainer.default_root_dir={run}", "--trainer.max_epochs=3", *TINY_UNET,
+                 "--data.num_workers=0", "--model.scheduler_interval=step",
+                 "--model.lr_scheduler=segpipe.tasks.schedules.DeadlineCosineLR",
+                 "--model.lr_scheduler.init_args.eta_min_ratio=0.01",
+                 "--trainer.log_every_n_steps=1"]) == 0
+    rows = list(csv.DictReader((run / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 0.3e-3  # from the config's lr, down
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
