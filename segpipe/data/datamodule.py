@@ -44,7 +44,7 @@ from segpipe.data.loading import (
     default_num_workers,
     seed_worker,
 )
-from segpipe.data.spec import DataSpec
+from segpipe.data.spec import DataSpec, training_symmetries
 from segpipe.data.stats import band_statistics, needs_measured_stats
 from segpipe.data.transforms import build_eval_transform, build_train_transform, seed_transform
 
@@ -179,6 +179,7 @@ class SegmentationDataModule(L.LightningDataModule):
             mean=mean,
             std=std,
             eval_resize=eval_resize,
+            symmetries=training_symmetries(augment, hflip, vflip, rotate90),
         )
         self.mask_values = {int(k): int(v) for k, v in mask_values.items()} if mask_values else None
         self.mask_colors = [list(map(int, c)) for c in mask_colors] if mask_colors else None

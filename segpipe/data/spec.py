@@ -29,6 +29,7 @@ __all__ = [
     "default_class_names",
     "default_mean_std",
     "spec_from_legacy",
+    "training_symmetries",
 ]
 
 #: ImageNet statistics (RGB, ``[0, 1]`` scale), the default for 3-channel 8-bit images.
@@ -106,6 +107,9 @@ class DataSpec:
             (``""`` while unset).
         eval_resize: ``[height, width]`` images are resized to for evaluation and prediction
             (predictions are resized back), or None (native size).
+        symmetries: The flips and rotations of the training augmentation (``hflip``,
+            ``vflip``, ``rot90``); test-time augmentation averages over exactly these. None
+            when not known (a data module that does not say).
     """
 
     num_classes: int
@@ -118,6 +122,7 @@ class DataSpec:
     std: list[float] | None = None
     stats_source: str = ""
     eval_resize: list[int] | None = None
+    symmetries: list[str] | None = None
 
     @classmethod
     def create(
@@ -132,6 +137,7 @@ class DataSpec:
         std: Sequence[float] | None = None,
         stats_source: str | None = None,
         eval_resize: Sequence[int] | None = None,
+        symmetries: Sequence[str] | None = None,
         where: str = "data",
     ) -> DataSpec:
         """A checked spec with default names and colours filled in.
@@ -147,6 +153,7 @@ class DataSpec:
             std: Per-channel std (all > 0), or None (likewise).
             stats_source: Where mean/std come from (default ``config`` when given).
             eval_resize: ``[height, width]`` for evaluation and prediction, or None.
+            symmetries: Training symmetries (subset of ``hflip``, ``vflip``, ``rot90``), or None.
             where: Prefix of the option names in messages (``data`` -> ``data.num_classes``).
 
         Returns:
@@ -191,6 +198,8 @@ class DataSpec:
             len(eval_resize) != 2 or any(int(v) < 1 for v in eval_resize)
         ):
             raise ValueError(f"{where}.eval_resize must be [height, width], got {eval_resize}")
+        if symmetries is not None and set(symmetries) - {"hflip", "vflip", "rot90"}:
+            raise ValueError(f"{where}.symmetries must be among hflip, vflip, rot90; got {symmetries}")
         source = stats_source if stats_source is not None else ("config" if mean else "")
         return cls(
             num_classes=num_classes,
@@ -203,6 +212,7 @@ class DataSpec:
             std=list(std) if std is not None else None,
             stats_source=source,
             eval_resize=[int(v) for v in eval_resize] if eval_resize is not None else None,
+            symmetries=[str(v) for v in symmetries] if symmetries is not None else None,
         )
 
     # ------------------------------------------------------------------ normalisation
@@ -238,7 +248,7 @@ class DataSpec:
     def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> DataSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones defaulted."""
         keys = ("class_names", "class_colors", "ignore_index", "in_channels", "bands", "mean",
-                "std", "stats_source", "eval_resize")  # a None value means "default"
+                "std", "stats_source", "eval_resize", "symmetries")  # None: "default"
         kwargs = {k: data[k] for k in keys if data.get(k) is not None}
         if "num_classes" not in data:
             raise ValueError(f"{where}: a data spec needs num_classes")
@@ -279,4 +289,24 @@ def spec_from_legacy(
         mean=dm.get("mean"),
         std=dm.get("std"),
         eval_resize=dm.get("eval_resize"),
+        symmetries=training_symmetries(dm.get("augment", "default"), dm.get("hflip", True),
+                                       dm.get("vflip", False), dm.get("rotate90", False))
+        if dm else None,
     )
+
+
+def training_symmetries(augment: str, hflip: bool, vflip: bool, rotate90: bool) -> list[str]:
+    """The symmetries a training augmentation applies (``augment: none`` applies none).
+
+    Args:
+        augment: The preset (``none``, ``light``, ``default``, ``strong``).
+        hflip: Random horizontal flips.
+        vflip: Random vertical flips.
+        rotate90: Random 90° rotations.
+
+    Returns:
+        Subset of ``["hflip", "vflip", "rot90"]``.
+    """
+    if augment == "none":
+        return []
+    return [n for n, on in (("hflip", hflip), ("vflip", vflip), ("rot90", rotate90)) if on]

@@ -153,7 +153,7 @@ class Segmenter:
         Args:
             images: One image or a list (see :data:`ImageLike`).
             tile: Tile size for this call (default: the segmenter's).
-            tta: Flip TTA for this call (default: the segmenter's).
+            tta: TTA over the training symmetries for this call (default: the segmenter's).
 
         Returns:
             (H, W) uint8 (uint16 above 255 classes) per image, at the input's size; a list for a
@@ -224,7 +224,8 @@ class Segmenter:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         tile = self.tile if tile is None else tile
-        prob_fn = ProbabilityFn(self.task, self.tta if tta is None else tta)
+        prob_fn = ProbabilityFn(self.task, self.tta if tta is None else tta,
+                                self.config.symmetries)
         prepared = [self._prepared(item, resize=tile is None) for item in items]
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, item in enumerate(prepared):

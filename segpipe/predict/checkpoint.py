@@ -58,6 +58,8 @@ class PredictConfig:
         eval_resize: ``(height, width)`` images were resized to for evaluation, or None.
         pad_multiple: H and W of the network input must divide by it (the task pads).
         net: The network's ``class_path`` (for messages).
+        symmetries: Flips/rotations the model was trained with (TTA averages over these), or
+            None when not known.
     """
 
     checkpoint: str
@@ -72,6 +74,7 @@ class PredictConfig:
     eval_resize: tuple[int, int] | None = None
     pad_multiple: int = 32
     net: str = ""
+    symmetries: list[str] | None = None
 
     @classmethod
     def from_spec(
@@ -92,6 +95,7 @@ class PredictConfig:
             eval_resize=tuple(spec.eval_resize) if spec.eval_resize else None,  # type: ignore[arg-type]
             pad_multiple=int(pad_multiple),
             net=net,
+            symmetries=list(spec.symmetries) if spec.symmetries is not None else None,
         )
 
     @property

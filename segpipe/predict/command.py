@@ -180,7 +180,7 @@ def predict(
         tile: Sliding-window tile size for ordinary images (None: whole images); rasters are
             always read by windows, with tiles of ``tile`` or ``raster_tile``.
         overlap: Overlap of neighbouring tiles (fraction of a tile).
-        tta: Flip test-time augmentation.
+        tta: Test-time augmentation over the flips/rotations the model was trained with.
         batch_size: Images (or tiles) per forward pass.
         overwrite: Rewrite existing outputs (else files whose outputs exist are skipped).
         fail_fast: Stop at the first failed file.
@@ -337,7 +337,8 @@ def build_parser() -> CommandParser:
     p.add_argument("--overlap", type=float, default=0.25, metavar="FRACTION",
                    help="overlap of neighbouring tiles, blended with a Gaussian window (0.25)")
     p.add_argument("--tta", action="store_true",
-                   help="flip test-time augmentation (probabilities of 4 flips averaged)")
+                   help="test-time augmentation: average over the flips/rotations the model was "
+                        "trained with (read from the checkpoint)")
     p.add_argument("--batch_size", dest="batch_size", type=int,
                    default=DEFAULT_BATCH_SIZE, help="images or tiles per forward pass")
     p.add_argument("--overwrite", action="store_true",

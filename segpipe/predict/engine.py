@@ -99,8 +99,8 @@ class PredictOptions:
             when given.
         overlap: Tile overlap fraction.
         raster_tile: Tile size for rasters read by windows when ``tile`` is None.
-        tta: Average the probabilities of the image and its horizontal, vertical and double
-            flips.
+        tta: Average the probabilities over the symmetries the model was trained with
+            (:mod:`segpipe.tta`).
         batch_size: Images, or tiles, per forward pass.
         fail_fast: Stop at the first failed file.
         progress: Show progress bars (rank 0).
@@ -307,28 +307,41 @@ def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ model side
 class ProbabilityFn:
-    """Class probabilities of a batch, with optional flip test-time augmentation.
+    """Class probabilities of a batch, with optional test-time augmentation.
+
+    TTA averages over the symmetries the model was trained with (:mod:`segpipe.tta`), read
+    from its data spec; when the checkpoint does not record them, horizontal flips only (the
+    one symmetry nearly every training pipeline uses), with a warning.
 
     Args:
         task: The segmentation task (pads to its network's multiple and crops back).
-        tta: Also predict the horizontally, vertically and doubly flipped batch, flip the
-            probabilities back and average the four.
+        tta: Average over the training symmetries.
+        symmetries: Those symmetries (``hflip``, ``vflip``, ``rot90``); None: not known.
     """
 
-    _FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
+    def __init__(
+        self, task: SegmentationTask, tta: bool = False, symmetries: Sequence[str] | None = None
+    ) -> None:
+        from segpipe.tta import tta_views
 
-    def __init__(self, task: SegmentationTask, tta: bool = False) -> None:
         self.task = task
         self.tta = tta
+        if tta and symmetries is None:
+            log.warning("the checkpoint does not record the training symmetries: TTA averages "
+                        "horizontal flips only")
+            symmetries = ["hflip"]
+        self.views = tta_views(symmetries) if tta else [(0, ())]
+        if tta and len(self.views) == 1:
+            log.warning("the model was trained without flips or rotations: TTA has nothing to "
+                        "average and changes nothing")
 
     def __call__(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> float32 (N, K, H, W) probabilities."""
-        probs = self.task(x).float().softmax(dim=1)
-        if self.tta:
-            for dims in self._FLIPS:
-                probs += self.task(x.flip(dims)).float().softmax(dim=1).flip(dims)
-            probs /= 1 + len(self._FLIPS)
-        return probs
+        from segpipe.tta import tta_mean
+
+        if len(self.views) == 1:
+            return self.task(x).float().softmax(dim=1)
+        return tta_mean(lambda v: self.task(v).float().softmax(dim=1), x, self.views)
 
 
 def batch_scores(
@@ -459,7 +472,7 @@ class PredictModule(L.LightningModule):
         self.config = config
         self.writer = writer
         self.options = options
-        self.prob_fn = ProbabilityFn(task, options.tta)
+        self.prob_fn = ProbabilityFn(task, options.tta, config.symmetries)
         #: Set by the callback on the process that shows progress bars.
         self.show_progress = False
         if task.channels_last:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from typing import Any
 
 import lightning.pytorch as L
@@ -100,6 +101,9 @@ class AnnealToDeadline(L.Callback):
         self.planned_epochs: int | None = None
         self._epoch_start: float | None = None
         self._last_epoch: int | None = None
+        #: Seconds a full validation takes (the last one measured), reserved for the final one.
+        self.val_seconds = 0.0
+        self._val_start: float | None = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -139,7 +143,8 @@ class AnnealToDeadline(L.Callback):
         if not self.epoch_seconds:
             return
         epoch_s = statistics.median(self.epoch_seconds[-self.recent :])
-        remaining = float(timer.time_remaining() or 0.0)
+        # The last epoch is validated whatever check_val_every_n_epoch says: keep time for it.
+        remaining = float(timer.time_remaining() or 0.0) - self.val_seconds
         fit = max(1, int(remaining // epoch_s)) if epoch_s > 0 else 1  # this epoch included
         last = trainer.current_epoch + fit - 1
         if trainer.max_epochs is not None and trainer.max_epochs > 0:
@@ -159,13 +164,28 @@ class AnnealToDeadline(L.Callback):
         for scheduler in schedulers:
             scheduler.progress = progress
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_start is None:
+            return
+        seconds = time.monotonic() - self._val_start
+        if trainer.sanity_checking:  # a few batches: scale to the whole val set
+            done = max(1, int(trainer.num_sanity_val_steps or 1))
+            total = sum(int(n) for n in trainer.num_val_batches if math.isfinite(n)) or done
+            seconds *= max(1.0, total / done)
+        self.val_seconds = seconds
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_epoch is not None and trainer.current_epoch >= self._last_epoch:
             trainer.should_stop = True  # the planned training is done, inside the budget
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs}
+        return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs,
+                "val_seconds": self.val_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
         self.planned_epochs = state_dict.get("planned_epochs")
+        self.val_seconds = float(state_dict.get("val_seconds", 0.0))
