@@ -297,7 +297,8 @@ class TestMetricsWriter(L.Callback):
     """After ``test``: write ``test_metrics.json``, a per-image CSV and the evaluation report.
 
     Files go to the run's log directory (``trainer.log_dir``): ``test_metrics.json`` (every metric,
-    macro/micro labelled), ``test_per_image.csv`` (path, IoU, Dice, pixel accuracy per image) and
+    macro/micro labelled), ``test_per_image.csv`` (path, IoU, Dice, pixel accuracy per image), ``test_per_case.csv`` (when
+    images belong to cases: Dice and IoU per case, pixels pooled over the case) and
     ``report.md`` with its plots and worst-image gallery (:func:`segpipe.report.write_report`,
     coloured with the data module's ``class_colors``). The paths are printed.
 
@@ -328,7 +329,7 @@ class TestMetricsWriter(L.Callback):
         report = getattr(pl_module, "test_report", None)
         if not report:
             return
-        from segpipe.report import write_per_image_csv
+        from segpipe.report import write_per_case_csv, write_per_image_csv
 
         report = dict(report)
         per_image = report.pop("per_image", [])
@@ -337,6 +338,9 @@ class TestMetricsWriter(L.Callback):
         if self.per_image_csv and per_image:
             csv_path = write_per_image_csv(out_dir / "test_per_image.csv", per_image)
             report["per_image_csv"] = str(csv_path)
+        if report.get("per_case"):
+            case_csv = write_per_case_csv(out_dir / "test_per_case.csv", report["per_case"])
+            report["per_case_csv"] = str(case_csv)
         self.last_path = atomic_write_json(out_dir / self.filename, report)
         print(f"Test metrics written to {self.last_path}")
         if self.report:

@@ -25,6 +25,8 @@ from torchmetrics.classification import (
 )
 
 __all__ = [
+    "case_scores",
+    "image_confusion",
     "IOU_METRICS",
     "METRIC_DESCRIPTIONS",
     "build_metrics",
@@ -158,6 +160,72 @@ def per_image_scores(
         dice = (2 * tp[present] / (union[present] + tp[present])).mean().item()
         out.append({"IoU": iou, "Dice": dice, "pixel_accuracy": (tp.sum() / cm.sum()).item()})
     return out
+
+
+def image_confusion(
+    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
+) -> Tensor:
+    """(K, K) int64 confusion matrix of one image on the CPU (rows: truth, columns: prediction),
+    ignored pixels left out."""
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    t, p = target[valid].long(), pred[valid].long()
+    keep = (t >= 0) & (t < num_classes)
+    cm = torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes).cpu()
+
+
+def case_scores(
+    confusions: dict[str, Tensor], counts: dict[str, int], class_names: Sequence[str]
+) -> dict:
+    """Per-case Dice and IoU (pixels pooled over each case's images) and their mean over cases.
+
+    The medical protocol (e.g. Buda et al. 2019: mean Dice over patients): each case's Dice of a
+    class comes from all of that case's pixels; the mean over cases weighs every case equally,
+    where pooled figures weigh large cases more. A case where a class is absent from both truth
+    and prediction has no score for it and is left out of that class's mean.
+
+    Args:
+        confusions: Case -> (K, K) confusion matrix summed over its images.
+        counts: Case -> number of images.
+        class_names: K names.
+
+    Returns:
+        ``{"num_cases", "Dice_per_class_mean_over_cases", "IoU_per_class_mean_over_cases",
+        "mDice_mean_over_cases", "mIoU_mean_over_cases", "cases": [rows]}``.
+    """
+    rows = []
+    for case in sorted(confusions):
+        cm = confusions[case].double()
+        tp = cm.diag()
+        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+        denom_dice, union = 2 * tp + fp + fn, tp + fp + fn
+        dice = {n: (_clean(float(2 * tp[i] / denom_dice[i])) if denom_dice[i] > 0 else None)
+                for i, n in enumerate(class_names)}
+        iou = {n: (_clean(float(tp[i] / union[i])) if union[i] > 0 else None)
+               for i, n in enumerate(class_names)}
+        present = [v for v in dice.values() if v is not None]
+        present_iou = [v for v in iou.values() if v is not None]
+        rows.append({
+            "case": case, "num_images": int(counts.get(case, 0)),
+            "mDice": sum(present) / len(present) if present else None,
+            "mIoU": sum(present_iou) / len(present_iou) if present_iou else None,
+            "Dice_per_class": dice, "IoU_per_class": iou,
+        })
+
+    def mean(values: list[float | None]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "num_cases": len(rows),
+        "Dice_per_class_mean_over_cases": {
+            n: mean([r["Dice_per_class"][n] for r in rows]) for n in class_names},
+        "IoU_per_class_mean_over_cases": {
+            n: mean([r["IoU_per_class"][n] for r in rows]) for n in class_names},
+        "mDice_mean_over_cases": mean([r["mDice"] for r in rows]),
+        "mIoU_mean_over_cases": mean([r["mIoU"] for r in rows]),
+        "cases": rows,
+    }
 
 
 def metrics_report(

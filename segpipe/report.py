@@ -36,6 +36,7 @@ from segpipe.data.spec import default_class_colors, default_class_names
 from segpipe.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "write_per_case_csv",
     "REPORT_FILES_DIR",
     "colorize_labels",
     "display_image",
@@ -416,6 +417,31 @@ def write_per_image_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 
 
 # ------------------------------------------------------------------------------------ report
+def write_per_case_csv(path: Path, per_case: Mapping[str, Any]) -> Path:
+    """Write per-case scores (``case, num_images, mDice, mIoU, Dice/<class>..., IoU/<class>...``)
+    as CSV, atomically.
+
+    Args:
+        path: Output ``.csv``.
+        per_case: The ``per_case`` section of a test report
+            (:func:`segpipe.metrics.case_scores`).
+
+    Returns:
+        The written path.
+    """
+    rows = list(per_case.get("cases") or [])
+    names = list(per_case.get("Dice_per_class_mean_over_cases") or {})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case", "num_images", "mDice", "mIoU", *(f"Dice/{n}" for n in names),
+                     *(f"IoU/{n}" for n in names)])
+    for r in rows:
+        writer.writerow([r["case"], r["num_images"], _fmt(r.get("mDice"), 6), _fmt(r.get("mIoU"), 6),
+                         *(_fmt(r["Dice_per_class"].get(n), 6) for n in names),
+                         *(_fmt(r["IoU_per_class"].get(n), 6) for n in names)])
+    return atomic_write_text(path, buf.getvalue())
+
+
 def _rel(path: Path, base: Path) -> str:
     try:
         rel = path.resolve().relative_to(base.resolve()).as_posix()
@@ -575,6 +601,27 @@ def write_report(
     bar_path = plot_per_class_iou(iou, names, colors, files / "per_class_iou.png",
                                   report.get("mIoU"), report.get("micro_IoU"))
     lines += ["## Per-class IoU", "", f"![Per-class IoU]({_rel(bar_path, out)})", ""]
+
+    # Per case ------------------------------------------------------------------------------
+    per_case = report.get("per_case")
+    if per_case and per_case.get("cases"):
+        dice_mean = per_case.get("Dice_per_class_mean_over_cases") or {}
+        lines += [
+            "## Per case", "",
+            f"{per_case['num_cases']} cases. Each case's Dice and IoU pool the pixels of its "
+            "images; the **mean over cases** weighs every case equally (the protocol of, e.g., "
+            "per-patient Dice), where the figures above pool all pixels and weigh large cases "
+            "more.", "",
+            "| class | Dice, mean over cases | IoU, mean over cases |",
+            "|---|---|---|",
+        ]
+        iou_mean = per_case.get("IoU_per_class_mean_over_cases") or {}
+        lines += [f"| {_md(n)} | {_pct(dice_mean.get(n))} | {_pct(iou_mean.get(n))} |"
+                  for n in names]
+        lines += ["", "| case | images | mDice | mIoU |", "|---|---|---|---|"]
+        lines += [f"| {_md(r['case'])} | {r['num_images']} | {_pct(r.get('mDice'))} | "
+                  f"{_pct(r.get('mIoU'))} |" for r in per_case["cases"]]
+        lines.append("")
 
     # Per image -----------------------------------------------------------------------------
     lines += ["## Per image", ""]

@@ -13,8 +13,10 @@ palette and default normalisation in :mod:`~segpipe.data.spec`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +118,10 @@ class SegmentationDataModule(L.LightningDataModule):
         seed: Seed for held-out splits and augmentation.
         check_data: Run the pre-flight check in :meth:`setup`.
         limit_samples: Use at most this many (evenly spaced) samples per split.
+        case_pattern: Regular expression that finds an image's case (patient, scan, scene) in
+            its path relative to ``root``: the group named ``case``, else the first group, else
+            the whole match; ``segpipe test`` then also reports metrics per case and their mean
+            over cases. Default for ``lgg``: the patient folder; none for other layouts.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class SegmentationDataModule(L.LightningDataModule):
         seed: int = 0,
         check_data: bool = True,
         limit_samples: int | None = None,
+        case_pattern: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +170,12 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if limit_samples is not None and limit_samples < 1:
             raise ValueError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
+        if case_pattern is not None:
+            try:
+                re.compile(case_pattern)
+            except re.error as exc:
+                raise ValueError(f"data.case_pattern {case_pattern!r} is not a regular "
+                                 f"expression: {exc}") from None
         if val_slices is not None and len(val_slices) != 2:
             raise ValueError(f"data.val_slices must be [start, stop], got {val_slices}")
 
@@ -335,9 +348,35 @@ class SegmentationDataModule(L.LightningDataModule):
                 if "train" in scan.folders:
                     scan.folders.setdefault("val", scan.folders["train"])
         limit = self.hparams.limit_samples
-        self._splits = {k: _subset(v, limit) for k, v in splits.items()}
+        self._splits = {k: self._with_cases(_subset(v, limit)) for k, v in splits.items()}
         self._scan = scan
         return scan
+
+    def _with_cases(self, samples: list[Sample]) -> list[Sample]:
+        """Samples with their case set from ``case_pattern`` (or the LGG patient folder)."""
+        pattern = self.hparams.get("case_pattern")
+        if pattern is None and self.layout != "lgg":
+            return samples
+        root = Path(self.root).expanduser()
+        regex = re.compile(pattern) if pattern else None
+        out = []
+        for sample in samples:
+            if regex is None:  # lgg: ROOT/kaggle_3m/<patient>/<patient>_<n>.tif
+                case = sample.image.parent.name
+            else:
+                try:
+                    rel = sample.image.relative_to(root).as_posix()
+                except ValueError:
+                    rel = sample.image.as_posix()
+                found = regex.search(rel)
+                if found is None:
+                    case = None
+                elif "case" in found.groupdict():
+                    case = found.group("case")
+                else:
+                    case = found.group(1) if found.re.groups else found.group(0)
+            out.append(dataclasses.replace(sample, case=case))
+        return out
 
     @property
     def splits(self) -> dict[str, list[Sample]]:

@@ -80,10 +80,13 @@ class Sample:
     Attributes:
         image: Image file.
         mask: Mask file, or None when no mask was found (the checker reports it).
+        case: The case the image belongs to (an LGG patient, a scan, a scene), or None; test
+            metrics are also reported per case.
     """
 
     image: Path
     mask: Path | None = None
+    case: str | None = None
 
 
 class Scan(dict[str, list[Sample]]):
@@ -848,7 +851,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
         return raw, labels
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
-        """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``.
+        """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``, plus
+        ``"case": str`` when the samples belong to cases.
 
         Args:
             index: Sample index, or an :class:`ItemKey` (index and epoch) from the training
@@ -868,7 +872,15 @@ class SegmentationDataset(_TransformMixin, Dataset):
             image, labels = out["image"], out["mask"]
         img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
         mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-        return {"image": img_t, "mask": mask_t, "path": str(self.samples[index].image)}
+        sample = self.samples[index]
+        item = {"image": img_t, "mask": mask_t, "path": str(sample.image)}
+        if self._has_cases:
+            item["case"] = sample.case or ""
+        return item
+
+    @property
+    def _has_cases(self) -> bool:
+        return any(s.case for s in self.samples)
 
 
 class PredictDataset(_TransformMixin, Dataset):

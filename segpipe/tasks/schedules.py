@@ -28,7 +28,6 @@ In a config::
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from typing import Any
 
@@ -92,7 +91,7 @@ class AnnealToDeadline(L.Callback):
     the time already spent).
 
     Args:
-        recent: Epochs whose median duration predicts the next ones.
+        recent: Epochs whose longest duration (plus 10 %) predicts the next ones.
     """
 
     def __init__(self, recent: int = 3) -> None:
@@ -142,7 +141,9 @@ class AnnealToDeadline(L.Callback):
         self._epoch_start = now
         if not self.epoch_seconds:
             return
-        epoch_s = statistics.median(self.epoch_seconds[-self.recent :])
+        # The slowest recent epoch, with a margin: an epoch that runs late must not meet the
+        # timer before the planned last one is validated.
+        epoch_s = 1.1 * max(self.epoch_seconds[-self.recent :])
         # The last epoch is validated whatever check_val_every_n_epoch says: keep time for it.
         remaining = float(timer.time_remaining() or 0.0) - self.val_seconds
         fit = max(1, int(remaining // epoch_s)) if epoch_s > 0 else 1  # this epoch included
@@ -161,8 +162,8 @@ class AnnealToDeadline(L.Callback):
         if not schedulers:
             return
         progress = self.progress(trainer)
-        for scheduler in schedulers:
-            scheduler.progress = progress
+        for scheduler in schedulers:  # never backwards, should a re-plan add an epoch
+            scheduler.progress = max(scheduler.progress, progress)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_start = time.monotonic()

@@ -1,0 +1,60 @@
+"""Per-case metrics: LGG patients (layout default) and data.case_pattern for folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from segpipe.cli import main
+from segpipe.data import SegmentationDataModule
+from segpipe.metrics import case_scores
+from tests.cli_args import TINY_UNET
+from tests.data.synthetic import make_folder_dataset, make_lgg_like
+
+
+def test_case_scores_pool_pixels_then_average_cases() -> None:
+    # case a: tumour 1 tp, 1 fn; case b: tumour 9 tp, 0 errors
+    a = torch.tensor([[10, 0], [1, 1]])
+    b = torch.tensor([[10, 0], [0, 9]])
+    out = case_scores({"a": a, "b": b}, {"a": 2, "b": 1}, ["bg", "tumour"])
+    tumour_a, tumour_b = 2 * 1 / (2 * 1 + 1), 1.0
+    assert out["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx((tumour_a + tumour_b) / 2)
+    rows = {r["case"]: r for r in out["cases"]}
+    assert rows["a"]["Dice_per_class"]["tumour"] == pytest.approx(tumour_a)
+    assert rows["a"]["num_images"] == 2 and out["num_cases"] == 2
+    empty = case_scores({"c": torch.tensor([[5, 0], [0, 0]])}, {"c": 1}, ["bg", "tumour"])
+    assert empty["Dice_per_class_mean_over_cases"]["tumour"] is None  # absent: no score
+
+
+def test_case_pattern_names_cases(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=4, n_test=0, size=(16, 16))
+    dm = SegmentationDataModule(str(root), num_classes=3, case_pattern=r"img_00(?P<case>[0-1])")
+    dm.setup("validate")
+    assert [s.case for s in dm.splits["val"]] == ["0", "1", None, None]
+    item = dm.datasets["val"][2]
+    assert item["case"] == ""  # no case: left out of per-case scores
+    with pytest.raises(ValueError, match="case_pattern"):
+        SegmentationDataModule(str(root), num_classes=3, case_pattern="(")
+
+
+def test_lgg_test_reports_per_patient(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=2, val_patients=2)
+    run = tmp_path / "run"
+    args = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
+            f"--trainer.default_root_dir={run}", *TINY_UNET, "--data.num_classes=2",
+            "--data.crop_size=32", "--data.num_workers=0", "--trainer.logger=false"]
+    assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
+    assert main(["test", *args, "--ckpt_path", "last"]) == 0
+    metrics = json.loads(next(run.rglob("test_metrics.json")).read_text())
+    per_case = metrics["per_case"]
+    assert per_case["num_cases"] == 2 and len(per_case["cases"]) == 2
+    assert {r["num_images"] for r in per_case["cases"]} == {2}
+    assert set(per_case["Dice_per_class_mean_over_cases"]) == {"background", "abnormality"}
+    rows = list(csv.DictReader(Path(metrics["per_case_csv"]).open()))
+    assert len(rows) == 2 and "Dice/abnormality" in rows[0]
+    report = next(run.rglob("report.md")).read_text()
+    assert "## Per case" in report and "mean over cases" in report
