@@ -59,8 +59,8 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "nön_ascii_名前": ("accept", "read like any other file"),
     "bad_labels": ("pair", "label values [7] outside 0..2"),
     "size_mismatch": ("pair", "mask is 12×10 but image"),
-    "missing_mask": ("pair", "no mask found for this image"),
-    "orphan_mask": ("pair", "mask has no matching image"),
+    "missing_mask": ("pair", "no mask found"),
+    "orphan_mask": ("pair", "no matching image"),
 }
 """Per-file cases. Folder-level cases (empty folder, symlink loop) have their own tests below."""
 

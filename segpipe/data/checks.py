@@ -8,9 +8,10 @@ turns that list into one readable error with one line per file and a fix for eac
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -22,10 +23,15 @@ from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
 
 __all__ = [
     "DataCheckError",
+    "JPEG_MASK_FIX",
     "Problem",
+    "ProblemGroup",
     "PROGRESS_THRESHOLD",
+    "channel_problem",
     "check_samples",
     "class_pixel_counts",
+    "group_problems",
+    "is_jpeg",
     "parallel_map",
 ]
 
@@ -33,7 +39,7 @@ PROGRESS_THRESHOLD = 200
 """A progress bar is shown when more files than this are checked."""
 
 MAX_LISTED = 50
-"""DataCheckError lists at most this many problems, then "... and N more"."""
+"""DataCheckError names at most this many files per cause, then "... and N more"."""
 
 # Problem kinds and their one-line fixes.
 FIXES: dict[str, str] = {
@@ -46,6 +52,58 @@ FIXES: dict[str, str] = {
     "bad_labels": "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
     "or fix data.num_classes",
 }
+
+JPEG_MASK_FIX = (
+    "save the masks as PNG (lossless) from the original labels and check again; converting "
+    "the JPEG files to PNG keeps the damage"
+)
+"""Fix for label problems in JPEG masks (JPEG is lossy: it invents values at class edges)."""
+
+# What a problem's path is, per kind (for "3 images: ..." / "12 masks: ...").
+_NOUNS: dict[str, str] = {
+    "missing_mask": "image",
+    "orphan_mask": "mask",
+    "unreadable_image": "image",
+    "unreadable_mask": "mask",
+    "size_mismatch": "mask",
+    "bad_labels": "mask",
+    "channel_mismatch": "image",
+}
+
+# Reasons from segpipe.data.io that end in the decoder's message about this very file: the part
+# that is the same for every file, so that 88 truncated files are one cause, not 88. (Reasons
+# with sizes, e.g. the decompression-bomb limit, stay whole: same-size files group anyway.)
+_REASON_CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(truncated or corrupt image data)\b.*", re.S), r"\1"),
+    (re.compile(r"^(not a raster rasterio can read)\b.*", re.S), r"\1"),
+    (re.compile(r"^(unsupported image mode '[^']*').*", re.S), r"\1"),
+)
+
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def is_jpeg(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is a JPEG, by its first bytes (the name's suffix when it cannot be read).
+
+    Args:
+        path: File.
+
+    Returns:
+        True for JPEG data (``.jpg`` or not).
+    """
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(3) == JPEG_SIGNATURE
+    except OSError:
+        return Path(path).suffix.lower() in {".jpg", ".jpeg", ".jpe", ".jfif"}
+
+
+def _reason_cause(reason: str) -> str:
+    """The file-independent part of an :class:`~segpipe.data.io.ImageReadError` reason."""
+    for pattern, repl in _REASON_CAUSES:
+        if pattern.match(reason):
+            return pattern.sub(repl, reason)
+    return reason
 
 
 @dataclass(frozen=True)
@@ -62,6 +120,12 @@ class Problem:
         fix: One-line fix.
         values: For ``bad_labels`` from the range check, the offending label values (so tools
             such as ``segpipe check-data`` can summarise them); empty otherwise.
+        cause: What is wrong without the file-specific parts (same text for every file with
+            this problem), used to group problems: :func:`group_problems`. ``{values}`` and
+            ``{colours}`` in it stand for the union of ``values`` / ``colours`` over the group.
+            Empty: ``message`` is the cause.
+        colours: For ``bad_labels`` of colour masks, the RGB colours not in
+            ``data.mask_colors``; empty otherwise.
     """
 
     path: Path
@@ -70,33 +134,178 @@ class Problem:
     message: str
     fix: str = ""
     values: tuple[int, ...] = ()
+    cause: str = ""
+    colours: tuple[tuple[int, int, int], ...] = ()
 
     def __str__(self) -> str:
         fix = self.fix or FIXES.get(self.kind, "")
         return f"[{self.split}] {self.path}: {self.message}" + (f" -> fix: {fix}" if fix else "")
 
 
+_MAX_COLOURS_SHOWN = 32
+
+
+def _fmt_union(values: Sequence[int], limit: int = 20) -> str:
+    vals = sorted(set(values))
+    return ", ".join(str(v) for v in vals[:limit]) + (", ..." if len(vals) > limit else "")
+
+
+@dataclass
+class ProblemGroup:
+    """Problems with one cause (same kind, file-independent description and fix).
+
+    Attributes:
+        kind: Problem kind.
+        cause: The cause in words (``{values}`` / ``{colours}`` filled in with the union over
+            the group).
+        fix: One-line fix.
+        problems: The problems, in the order found.
+    """
+
+    kind: str
+    cause: str
+    fix: str
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Number of problems (files) with this cause."""
+        return len(self.problems)
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Problems per split, in the order the splits first appear."""
+        out: dict[str, int] = {}
+        for p in self.problems:
+            out[p.split] = out.get(p.split, 0) + 1
+        return out
+
+    @property
+    def text(self) -> str:
+        """The cause with the group's label values / colours filled in."""
+        text = self.cause
+        if "{values}" in text:
+            values = [v for p in self.problems for v in p.values]
+            text = text.replace("{values}", _fmt_union(values))
+        if "{colours}" in text:
+            colours = sorted({c for p in self.problems for c in p.colours})
+            shown = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:_MAX_COLOURS_SHOWN])
+            if len(colours) > _MAX_COLOURS_SHOWN:
+                shown += f", ... ({len(colours)} colours)"
+            text = text.replace("{colours}", shown)
+        return text
+
+    def line(self, max_files: int = 3) -> str:
+        """``[split] N images: cause (file, file, ... and M more) -> fix: ...``.
+
+        Args:
+            max_files: Files named before "... and M more".
+        """
+        noun = _NOUNS.get(self.kind, "file")
+        n = self.count
+        files = ", ".join(str(p.path) for p in self.problems[:max_files])
+        if n > max_files:
+            files += f", ... and {n - max_files} more"
+        fix = f" -> fix: {self.fix}" if self.fix else ""
+        return (f"[{', '.join(self.splits)}] {n} {noun}{'' if n == 1 else 's'}: {self.text} "
+                f"({files}){fix}")
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready group with every file."""
+        return {
+            "kind": self.kind,
+            "cause": self.text,
+            "fix": self.fix,
+            "count": self.count,
+            "splits": self.splits,
+            "files": [
+                {"path": str(p.path), "split": p.split, "message": p.message,
+                 **({"values": list(p.values)} if p.values else {}),
+                 **({"colours": [list(c) for c in p.colours]} if p.colours else {})}
+                for p in self.problems
+            ],
+        }
+
+
+def group_problems(problems: Sequence[Problem]) -> list[ProblemGroup]:
+    """Group problems by cause: kind, file-independent description and fix.
+
+    Args:
+        problems: Problems, e.g. from :func:`check_samples`.
+
+    Returns:
+        Groups in the order their first problem appears; problems in each group in the given
+        order (so the output is deterministic for a deterministic input).
+    """
+    groups: dict[tuple[str, str, str], ProblemGroup] = {}
+    for p in problems:
+        fix = p.fix or FIXES.get(p.kind, "")
+        key = (p.kind, p.cause or p.message, fix)
+        if key not in groups:
+            groups[key] = ProblemGroup(p.kind, key[1], fix)
+        groups[key].problems.append(p)
+    return list(groups.values())
+
+
 class DataCheckError(ValueError):
-    """The pre-flight check found problems; the message lists every problem file.
+    """The pre-flight check found problems; the message has one line per cause.
+
+    Each line gives the cause, how many files have it, the first ``max_listed`` of them and
+    the fix (``segpipe check-data --json`` lists every file).
 
     Attributes:
         problems: All problems found.
+        groups: The problems grouped by cause (:func:`group_problems`).
     """
 
     def __init__(self, problems: Sequence[Problem], max_listed: int = MAX_LISTED) -> None:
         self.problems = list(problems)
+        self.groups = group_problems(self.problems)
         n_files = len({p.path for p in self.problems})
         lines = [
-            f"data check found {len(self.problems)} problem(s) in {n_files} file(s):",
+            f"data check found {len(self.problems)} problem(s) in {n_files} file(s), "
+            f"{len(self.groups)} cause(s):",
         ]
-        lines += [f"  {p}" for p in self.problems[:max_listed]]
-        if len(self.problems) > max_listed:
-            lines.append(f"  ... and {len(self.problems) - max_listed} more")
+        lines += [f"  {g.line(max_listed)}" for g in self.groups]
         lines.append(
             "Fix the files above (or set data.check_data=false to skip this check at your own "
-            "risk)."
+            "risk); `segpipe check-data` with the same config lists every file (--json FILE)."
         )
         super().__init__("\n".join(lines))
+
+
+def channel_problem(
+    path: Path, split: str, channels: int, in_channels: int, bands: Sequence[int] | None
+) -> Problem | None:
+    """A ``channel_mismatch`` problem when an image's channels cannot feed ``in_channels``.
+
+    1 <-> 3 channels are converted (not a problem).
+
+    Args:
+        path: Image file.
+        split: Its split.
+        channels: Channels read (after ``bands``).
+        in_channels: ``data.in_channels``.
+        bands: ``data.bands``.
+
+    Returns:
+        The problem, or None when the channels fit.
+    """
+    if channels == in_channels or {channels, in_channels} == {1, 3}:
+        return None
+    after = " (after data.bands)" if bands else ""
+    cause = f"{channels} channels{after} but data.in_channels={in_channels}"
+    if bands:
+        fix = f"set data.in_channels: {channels}, or change data.bands"
+    elif channels > in_channels:
+        picks = list(range(1, in_channels + 1))
+        fix = (f"set data.in_channels: {channels}, or pick {in_channels} bands with data.bands "
+               f"(e.g. data.bands: {picks})")
+    else:
+        fix = f"set data.in_channels: {channels}"
+    return Problem(path, split, "channel_mismatch",
+                   f"image has {channels} channel(s){after} but data.in_channels={in_channels}",
+                   fix, cause=cause)
 
 
 _T = TypeVar("_T")
@@ -142,55 +351,88 @@ def _check_pair(
     mask_colors: Sequence[Sequence[int]] | None,
     decode_images: bool,
     bands: Sequence[int] | None,
+    in_channels: int | None = None,
 ) -> list[Problem]:
     out: list[Problem] = []
     size: tuple[int, int] | None = None
     try:
         if decode_images:
-            size = read_image(sample.image, bands).shape[:2]
+            image = read_image(sample.image, bands)
+            size = image.shape[:2]
+            if in_channels is not None:
+                found = channel_problem(sample.image, split, int(image.shape[2]), in_channels,
+                                        bands)
+                if found is not None:
+                    out.append(found)
+            del image
         else:
             size = image_size(sample.image)
     except ImageReadError as exc:
         out.append(Problem(sample.image, split, "unreadable_image", exc.reason,
-                           FIXES["unreadable_image"]))
+                           FIXES["unreadable_image"], cause=_reason_cause(exc.reason)))
     if sample.mask is None:
         out.append(Problem(sample.image, split, "missing_mask", "no mask found for this image",
-                           FIXES["missing_mask"]))
+                           FIXES["missing_mask"], cause="no mask found"))
         return out
     try:
         raw = read_mask(sample.mask)
     except ImageReadError as exc:
         out.append(Problem(sample.mask, split, "unreadable_mask", exc.reason,
-                           FIXES["unreadable_mask"]))
+                           FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
         return out
     if size is not None and raw.shape[:2] != tuple(size):
+        sizes = f"mask is {raw.shape[1]}×{raw.shape[0]} but image"
         out.append(
             Problem(
                 sample.mask,
                 split,
                 "size_mismatch",
-                f"mask is {raw.shape[1]}×{raw.shape[0]} but image {sample.image.name} is "
-                f"{size[1]}×{size[0]} (W×H)",
+                f"{sizes} {sample.image.name} is {size[1]}×{size[0]} (W×H)",
                 FIXES["size_mismatch"],
+                cause=f"{sizes} is {size[1]}×{size[0]} (W×H)",
             )
         )
+    jpeg = "JPEG compression is lossy and changes label values at class edges"
     try:
         labels = encode_mask(raw, sample.mask, mask_values, mask_colors, ignore_index)
     except ImageReadError as exc:
-        out.append(Problem(sample.mask, split, "bad_labels", exc.reason, exc.hint))
+        colours: tuple[tuple[int, int, int], ...] = ()
+        cause = _reason_cause(exc.reason)
+        lossy = is_jpeg(sample.mask)
+        if mask_colors and raw.ndim == 3 and exc.reason.startswith("mask colours "):
+            known = {tuple(int(v) for v in c[:3]) for c in mask_colors}
+            seen = [(int(r), int(g), int(b)) for r, g, b in np.unique(raw.reshape(-1, 3), axis=0)]
+            colours = tuple(c for c in seen if c not in known)
+            cause = ("mask colours not in data.mask_colors" if lossy
+                     else "mask colours {colours} are not in data.mask_colors")
+        if lossy:
+            out.append(Problem(sample.mask, split, "bad_labels", exc.reason, JPEG_MASK_FIX,
+                               cause=f"{cause}; the masks are JPEG files ({jpeg})",
+                               colours=colours))
+        else:
+            out.append(Problem(sample.mask, split, "bad_labels", exc.reason, exc.hint,
+                               cause=cause, colours=colours))
         return out
     bad = check_label_range(labels, num_classes, ignore_index)
     if bad:
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
         ign = "" if ignore_index is None else f" (ignore_index={ignore_index})"
+        outside = f"outside 0..{num_classes - 1}{ign}"
+        if is_jpeg(sample.mask):
+            fix = JPEG_MASK_FIX
+            cause = (f"label values [{{values}}] {outside} in JPEG masks: {jpeg}, so these "
+                     "are compression noise, not classes")
+        else:
+            fix, cause = FIXES["bad_labels"], f"label values [{{values}}] {outside}"
         out.append(
             Problem(
                 sample.mask,
                 split,
                 "bad_labels",
-                f"label values [{shown}] outside 0..{num_classes - 1}{ign}",
-                FIXES["bad_labels"],
+                f"label values [{shown}] {outside}",
+                fix,
                 tuple(bad),
+                cause=cause,
             )
         )
     return out
@@ -207,13 +449,15 @@ def check_samples(
     max_workers: int | None = None,
     decode_images: bool = False,
     bands: Sequence[int] | None = None,
+    in_channels: int | None = None,
 ) -> list[Problem]:
     """Check every image/mask pair and return all problems found.
 
     Checks: missing mask, mask without image (``orphans``), duplicate stems, unreadable image
     (header) or mask (full decode), image/mask size mismatch, label values (after
     ``mask_values`` / ``mask_colors`` mapping) outside ``[0, num_classes)`` that are not
-    ``ignore_index``.
+    ``ignore_index`` (in JPEG masks with the advice to save them as PNG instead), and with
+    ``decode_images`` and ``in_channels`` the channel count of every image.
 
     Args:
         splits: Samples per split (e.g. a :class:`~segpipe.data.datasets.Scan`).
@@ -226,29 +470,33 @@ def check_samples(
         max_workers: Threads (default ``min(8, 2 * cpu_count)``).
         decode_images: Fully decode images too (catches truncated images; slower).
         bands: Band selection used when ``decode_images``.
+        in_channels: With ``decode_images``, report images whose channels (after ``bands``)
+            cannot feed this many (``channel_mismatch``; 1 <-> 3 is converted, not reported).
 
     Returns:
-        Problems in split/sample order (empty when everything is fine).
+        Problems in split/sample order (empty when everything is fine); group them with
+        :func:`group_problems`.
     """
     problems: list[Problem] = []
     for split, paths in (orphans or {}).items():
         for p in paths:
             problems.append(
                 Problem(Path(p), split, "orphan_mask", "mask has no matching image",
-                        FIXES["orphan_mask"])
+                        FIXES["orphan_mask"], cause="no matching image")
             )
     for split, paths in (duplicates or {}).items():
         for p in paths:
             problems.append(
                 Problem(Path(p), split, "duplicate",
                         "another file in the same folder has the same stem; this one is ignored",
-                        FIXES["duplicate"])
+                        FIXES["duplicate"],
+                        cause="another file in the same folder has the same stem; ignored")
             )
     items = [(split, s) for split, samples in splits.items() for s in samples]
 
     def run(item: tuple[str, Sample]) -> list[Problem]:
         return _check_pair(item[0], item[1], num_classes, ignore_index, mask_values,
-                           mask_colors, decode_images, bands)
+                           mask_colors, decode_images, bands, in_channels)
 
     for found in parallel_map(run, items, max_workers, "checking data"):
         problems.extend(found)

@@ -7,9 +7,14 @@ ignored), builds the :class:`~segpipe.data.SegmentationDataModule`, and reports:
   by split, after the data module's held-out val split and ``limit_samples``);
 * every problem the pre-flight check :func:`~segpipe.data.check_samples` finds: unreadable or
   truncated files, image/mask size mismatches, label values outside the classes that are not the
-  ignore index (one line per file, with the fix);
+  ignore index, images whose channels do not fit ``data.in_channels`` (every image when images
+  are decoded, else a sample); one line per cause with its count, the first files and the fix
+  (:func:`~segpipe.data.checks.group_problems`; ``--json`` lists every file);
+* masks saved as JPEG, which is lossy (every one, counted, even when its values are in range):
+  label problems in them get the advice to save the masks as PNG, not to change the classes;
 * how the masks are encoded, from a sample of masks (dtype, channels, values): class indices,
-  colours or 0/255, and whether that matches ``data.mask_values`` / ``data.mask_colors``;
+  colours or 0/255, and whether that matches ``data.mask_values`` / ``data.mask_colors``, with
+  the lines to paste under ``data:`` (e.g. the full ``mask_colors`` list of the colours seen);
 * whether the images' channel count fits ``data.in_channels`` (same sample);
 * the class pixel frequency per split and suggested class weights by median frequency balancing
   (Eigen & Fergus 2015, SegNet): ``w_c = median(freq) / freq_c`` where ``freq_c`` is the number of
@@ -46,7 +51,16 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from segpipe.argparsing import HelpFormatter
-from segpipe.data.checks import Problem, check_samples, class_pixel_counts, parallel_map
+from segpipe.data.checks import (
+    Problem,
+    ProblemGroup,
+    channel_problem,
+    check_samples,
+    class_pixel_counts,
+    group_problems,
+    is_jpeg,
+    parallel_map,
+)
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import Sample
 from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
@@ -68,6 +82,14 @@ _T = TypeVar("_T")
 
 #: Problem kinds that make a mask unusable for pixel counting.
 _UNCOUNTABLE = {"unreadable_mask", "missing_mask"}
+
+#: More distinct colours than this in colour masks is no table of class colours.
+MAX_MASK_COLOURS = 256
+
+#: Files named per cause / per warning in the text report (``--json`` has every file).
+FILES_SHOWN = 3
+
+_JPEG_LOSSY = "JPEG compression is lossy and changes label values at class edges"
 
 
 # ------------------------------------------------------------------------------------ results
@@ -95,6 +117,7 @@ class DataReport:
         class_images: Per split, number of masks containing each class.
         class_weights: Median-frequency weights from the train split (None: class absent).
         bad_label_values: Label values outside the classes (not the ignore index) -> mask count.
+        jpeg_masks: Every mask stored as JPEG (lossy), in split/sample order.
         timings: Seconds per phase and ``total``.
     """
 
@@ -115,12 +138,17 @@ class DataReport:
     class_images: dict[str, list[int]] = field(default_factory=dict)
     class_weights: list[float | None] | None = None
     bad_label_values: dict[int, int] = field(default_factory=dict)
+    jpeg_masks: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """True when no error was found."""
         return not self.problems
+
+    def problem_groups(self) -> list[ProblemGroup]:
+        """The problems grouped by cause (kind, file-independent description, fix)."""
+        return group_problems(self.problems)
 
     @property
     def num_files(self) -> int:
@@ -151,11 +179,9 @@ class DataReport:
             "ignore_index": self.ignore_index,
             "splits": self.splits,
             "errors": len(self.problems),
-            "problems": [
-                {"split": p.split, "path": str(p.path), "kind": p.kind, "message": p.message,
-                 "fix": p.fix, **({"values": list(p.values)} if p.values else {})}
-                for p in self.problems
-            ],
+            # One entry per cause (kind, cause, fix, count, splits) with every file.
+            "problems": [g.to_dict() for g in self.problem_groups()],
+            "jpeg_masks": {"count": len(self.jpeg_masks), "files": self.jpeg_masks},
             "warnings": self.warnings,
             "hints": self.hints,
             "notes": self.notes,
@@ -251,6 +277,19 @@ def _fmt_values(values: Sequence[int], limit: int = 12) -> str:
     return "{" + shown + (", ..." if len(vals) > limit else "") + "}"
 
 
+def _colour_yaml(colours: Sequence[Sequence[int]]) -> str:
+    """``mask_colors: [[r, g, b], ...]``, one YAML line to paste under ``data:``."""
+    return "mask_colors: [" + ", ".join(f"[{c[0]}, {c[1]}, {c[2]}]" for c in colours) + "]"
+
+
+def _jpeg_values_hint(values: Sequence[int], where: str) -> str:
+    return (
+        f"values {_fmt_values(values)} {where} are no class: {_JPEG_LOSSY}, so these "
+        "values are compression noise, not classes to add or map. Save the masks as PNG "
+        "(lossless) from the original labels"
+    )
+
+
 def sniff_masks(
     masks: Sequence[Path],
     num_classes: int,
@@ -263,7 +302,11 @@ def sniff_masks(
 
     Kinds: ``indices`` (one channel, values in ``0..K-1`` or the ignore index), ``binary_0_255``
     (one channel, only 0 and 255), ``other_values`` (one channel, values outside the classes, e.g.
-    gray levels 0/38/75), ``colours`` (RGB with differing channels).
+    gray levels 0/38/75), ``colours`` (RGB with differing channels). Masks stored as JPEG are
+    counted: values or colours in them that fit no class are put down to the lossy compression
+    (save them as PNG), and only lossless masks lead to advice on ``data.num_classes`` or
+    ``data.mask_values``. Colour masks without ``data.mask_colors`` get the full list of colours
+    seen as a ``mask_colors: [...]`` line to paste under ``data:``.
 
     Args:
         masks: Mask files (unreadable ones are skipped; the full check reports them).
@@ -274,9 +317,11 @@ def sniff_masks(
         max_workers: Threads.
 
     Returns:
-        ``{"sampled", "dtypes", "channels", "kinds" (kind -> count), "values" (distinct raw
-        values, single-channel masks), "colours" (distinct RGB colours, up to 64), "verdict",
-        "hints", "warnings"}``.
+        ``{"sampled", "jpeg" (JPEG masks in the sample), "dtypes", "channels", "kinds" (kind ->
+        count), "values" (distinct raw values, single-channel masks), "colours" (distinct RGB
+        colours, up to :data:`MAX_MASK_COLOURS`), "distinct_colours", "yaml" (lines to paste
+        under ``data:``, or None), "verdict", "hints", "warnings"}``; a hint with a YAML
+        suggestion ends with ``:`` and the YAML lines, one per line.
     """
 
     def look(path: Path) -> dict[str, Any] | None:
@@ -285,13 +330,14 @@ def sniff_masks(
             dtype = str(read_image(path).dtype)
         except ImageReadError:
             return None
-        out: dict[str, Any] = {"dtype": dtype}
+        out: dict[str, Any] = {"dtype": dtype, "jpeg": is_jpeg(path)}
         if raw.ndim == 3 and not (
             np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])
         ):
             out["channels"] = 3
             out["kind"] = "colours"
-            out["colours"] = np.unique(raw.reshape(-1, 3), axis=0)[:256].tolist()
+            uniq = np.unique(raw.reshape(-1, 3), axis=0)[: MAX_MASK_COLOURS + 1]
+            out["colours"] = [tuple(int(v) for v in c) for c in uniq]
             return out
         vals = np.unique(raw[..., 0] if raw.ndim == 3 else raw)
         out["channels"] = 3 if raw.ndim == 3 else 1
@@ -309,14 +355,20 @@ def sniff_masks(
               if r is not None]
     kinds = Counter(r["kind"] for r in looked)
     values = sorted({v for r in looked for v in r.get("values", [])})
-    colours = sorted({tuple(c) for r in looked for c in r.get("colours", [])})
+    lossless_values = sorted({v for r in looked if not r["jpeg"] for v in r.get("values", [])})
+    jpeg_values = sorted({v for r in looked if r["jpeg"] for v in r.get("values", [])})
+    colours = sorted({c for r in looked for c in r.get("colours", [])})
+    n_jpeg = sum(1 for r in looked if r["jpeg"])
     result: dict[str, Any] = {
         "sampled": len(looked),
+        "jpeg": n_jpeg,
         "dtypes": sorted({r["dtype"] for r in looked}),
         "channels": sorted({r["channels"] for r in looked}),
         "kinds": dict(kinds),
         "values": values[:256],
-        "colours": [list(c) for c in colours[:64]],
+        "colours": [list(c) for c in colours[:MAX_MASK_COLOURS]],
+        "distinct_colours": len(colours),
+        "yaml": None,
         "verdict": "",
         "hints": [],
         "warnings": [],
@@ -328,29 +380,65 @@ def sniff_masks(
         return result
     main_kind = kinds.most_common(1)[0][0]
     mixed = f" (mixed: {dict(kinds)})" if len(kinds) > 1 else ""
+    jpeg_note = f"; {n_jpeg} of them JPEG (lossy)" if n_jpeg else ""
+    allowed = set(range(num_classes)) | ({ignore_index} if ignore_index is not None else set())
     if "colours" in kinds:
-        result["verdict"] = f"colour-coded RGB masks, {len(colours)} distinct colours{mixed}"
-        if mask_colors:
-            unknown = [list(c) for c in colours if list(c) not in [list(m) for m in mask_colors]]
+        many = len(colours) > MAX_MASK_COLOURS
+        count = f"more than {MAX_MASK_COLOURS}" if many else str(len(colours))
+        result["verdict"] = f"colour-coded RGB masks, {count} distinct colours{mixed}{jpeg_note}"
+        jpeg_colours = any(r["jpeg"] and r["kind"] == "colours" for r in looked)
+        known = [tuple(int(v) for v in m[:3]) for m in mask_colors or []]
+        unknown = [c for c in colours if c not in known]
+        if jpeg_colours and (unknown or not mask_colors):
+            hints.append(
+                f"the colour masks are JPEG files: {_JPEG_LOSSY}, so most of the {count} "
+                "colours seen are compression noise, not class colours. Save the masks as PNG "
+                "(lossless) from the original labels, then set data.mask_colors"
+            )
+        elif many and (unknown or not mask_colors):
+            hints.append(
+                f"the masks hold more than {MAX_MASK_COLOURS} distinct colours: not a table of "
+                "class colours (anti-aliased or resized masks?); export them with exact class "
+                "colours (PNG, no smoothing) or as single-channel class indices"
+            )
+        elif mask_colors:
             if unknown and ignore_index is None:
+                table = [list(c) for c in known] + [list(c) for c in unknown]
+                result["yaml"] = [_colour_yaml(table), f"num_classes: {len(table)}"]
+                shown = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in unknown)
                 hints.append(
-                    f"colours {unknown[:5]} are not in data.mask_colors; add them or set "
-                    "data.ignore_index to ignore them"
+                    f"colours {shown} in the masks are not in data.mask_colors: set "
+                    "data.ignore_index to ignore them, or add them as classes; the configured "
+                    "colours with these appended (keep class order), to paste under `data:`:\n"
+                    + "\n".join(result["yaml"])
                 )
         else:
-            table = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:num_classes + 1])
+            table = [list(c) for c in colours]
+            result["yaml"] = [_colour_yaml(table)]
+            more = ""
+            if len(table) != num_classes:
+                result["yaml"].append(f"num_classes: {len(table)}")
+                more = (f"; data.num_classes is {num_classes}: to keep it, list only the class "
+                        "colours and set data.ignore_index for the others")
             hints.append(
-                "masks are colour-coded: set data.mask_colors to the class colours in class "
-                f"order (colours seen: {table}{', ...' if len(colours) > num_classes + 1 else ''})"
+                "masks are colour-coded: set data.mask_colors, i-th colour = class i. The "
+                f"{len(table)} colours seen in {result['sampled']} sampled mask(s), sorted (put "
+                f"them in class order{more}), to paste under `data:`:\n"
+                + "\n".join(result["yaml"])
             )
         return result
+    jpeg_outside = [v for v in jpeg_values if v not in allowed]
     if mask_values:
         keys = set(int(k) for k in mask_values)
-        unmapped = [v for v in values if v not in keys]
+        unmapped = [v for v in lossless_values if v not in keys]
+        jpeg_unmapped = [v for v in jpeg_values if v not in keys]
         result["verdict"] = (
             f"single-channel masks with values {_fmt_values(values)}, mapped by data.mask_values"
-            f"{mixed}"
+            f"{mixed}{jpeg_note}"
         )
+        if jpeg_unmapped:
+            hints.append(_jpeg_values_hint(jpeg_unmapped, "in the JPEG masks (not in "
+                                                          "data.mask_values)"))
         if unmapped and ignore_index is None:
             hints.append(
                 f"values {_fmt_values(unmapped)} are not in data.mask_values; add them or set "
@@ -358,7 +446,10 @@ def sniff_masks(
             )
         return result
     if main_kind == "binary_0_255":
-        result["verdict"] = f"binary masks with values 0/255{mixed}"
+        result["verdict"] = f"binary masks with values 0/255{mixed}{jpeg_note}"
+        noise = [v for v in jpeg_values if v not in (0, 255)]
+        if noise:
+            hints.append(_jpeg_values_hint(noise, "in the JPEG masks (between 0 and 255)"))
         if ignore_index == 255:
             warns.append(
                 "masks are 0/255 but 255 is data.ignore_index: every foreground pixel would be "
@@ -372,23 +463,29 @@ def sniff_masks(
         ign = f" + ignore index {ignore_index}" if ignore_index in values else ""
         result["verdict"] = (
             f"class indices, values {_fmt_values(values)} (classes 0..{num_classes - 1}{ign})"
+            f"{jpeg_note}"
         )
         return result
-    outside = [
-        v for v in values if not (0 <= v < num_classes) and v != ignore_index
-    ]
+    outside = [v for v in values if v not in allowed]
+    lossless_outside = [v for v in lossless_values if v not in allowed]
     result["verdict"] = (
         f"single-channel masks with values {_fmt_values(values)}, "
-        f"{_fmt_values(outside)} outside the classes 0..{num_classes - 1}{mixed}"
+        f"{_fmt_values(outside)} outside the classes 0..{num_classes - 1}{mixed}{jpeg_note}"
     )
-    if len(values) == num_classes:
-        mapping = ", ".join(f"{v}: {i}" for i, v in enumerate(values))
+    if jpeg_outside:
+        hints.append(_jpeg_values_hint(jpeg_outside, "in the JPEG masks"))
+    if not lossless_outside:
+        return result
+    # Lossless masks: the values are what the labelling tool wrote, so the classes are off.
+    if len(lossless_values) == num_classes and not jpeg_outside:
+        mapping = ", ".join(f"{v}: {i}" for i, v in enumerate(lossless_values))
         hints.append(f"the masks hold {num_classes} distinct values; if they are the classes in "
                      f"order, set data.mask_values: {{{mapping}}}")
     else:
         hints.append(
-            f"values {_fmt_values(outside)} are no class: set data.mask_values to map raw values "
-            "to classes, data.ignore_index to ignore one value, or raise data.num_classes"
+            f"values {_fmt_values(lossless_outside)} are no class: set data.mask_values to map "
+            "raw values to classes, data.ignore_index to ignore one value, or raise "
+            "data.num_classes"
         )
     return result
 
@@ -461,11 +558,24 @@ def check_data(
         orphans={k: v for k, v in scan.orphans.items() if k in chosen},
         duplicates={k: v for k, v in scan.duplicates.items() if k in chosen},
         max_workers=max_workers, decode_images=decode_images, bands=dm.bands,
+        # Decoded images: the channels of every image are checked here (else a sample below).
+        in_channels=dm.in_channels if decode_images else None,
     )
-    timings["check"] = time.perf_counter() - t0
     for p in rep.problems:
         for v in p.values:
             rep.bad_label_values[v] = rep.bad_label_values.get(v, 0) + 1
+    masks = [x.mask for samples in chosen.values() for x in samples if x.mask is not None]
+    rep.jpeg_masks = [str(m) for m, jpeg in zip(masks, parallel_map(is_jpeg, masks, max_workers,
+                                                                    "mask formats")) if jpeg]
+    if rep.jpeg_masks:
+        n = len(rep.jpeg_masks)
+        rep.warnings.append(
+            f"{n} of {len(masks)} masks are JPEG files ({_first_files(rep.jpeg_masks)}): "
+            f"{_JPEG_LOSSY}, also where the values stay within the classes, so the model "
+            "learns from damaged labels; save the masks as PNG (lossless) from the original "
+            "labels"
+        )
+    timings["check"] = time.perf_counter() - t0
 
     # Image sizes (headers) -----------------------------------------------------------------
     t0 = time.perf_counter()
@@ -498,7 +608,7 @@ def check_data(
         (s, x.image) for s, samples in chosen.items()
         for x in _even_sample([y for y in samples if y.image not in bad_files], sample_size)
     ]
-    _check_channels(rep, image_sample, dm, max_workers)
+    _check_channels(rep, image_sample, dm, max_workers, report=not decode_images)
     timings["sample"] = time.perf_counter() - t0
 
     # Per-band statistics of the training images ---------------------------------------------
@@ -565,11 +675,21 @@ def _split_source(dm: SegmentationDataModule, scan: Any, split: str) -> str:
         return str(folder)
 
 
+def _first_files(files: Sequence[Any], n: int = FILES_SHOWN) -> str:
+    """``a, b, c, ... and 85 more``."""
+    shown = ", ".join(str(f) for f in files[:n])
+    return shown + (f", ... and {len(files) - n} more" if len(files) > n else "")
+
+
 def _check_channels(
     rep: DataReport, items: Sequence[tuple[str, Path]], dm: SegmentationDataModule,
-    max_workers: int | None,
+    max_workers: int | None, report: bool = True,
 ) -> None:
-    """Channel count / dtype of a sample of images against ``data.in_channels``."""
+    """Channel count / dtype of a sample of images against ``data.in_channels``.
+
+    With ``report``, sampled images whose channels do not fit are added to ``rep.problems``
+    (when every image was decoded, :func:`check_samples` has reported them all already).
+    """
 
     def look(item: tuple[str, Path]) -> tuple[str, Path, int, str] | None:
         try:
@@ -590,13 +710,9 @@ def _check_channels(
     }
     want = dm.in_channels
     for split, path, c, _ in looked:
-        if c != want and {c, want} != {1, 3}:
-            rep.problems.append(Problem(
-                path, split, "channel_mismatch",
-                f"image has {c} channel(s) (after data.bands) but data.in_channels={want}",
-                "set data.in_channels and the net's in_channels to match, or pick bands with "
-                "data.bands",
-            ))
+        found = channel_problem(path, split, c, want, dm.bands) if report else None
+        if found is not None:
+            rep.problems.append(found)
     if len(channels) > 1:
         rep.warnings.append(
             f"images have different channel counts {dict(channels)}; set data.in_channels so all "
@@ -698,12 +814,15 @@ def _table(rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
     ]
 
 
-def format_report(rep: DataReport, max_listed: int = 200) -> str:
+def format_report(rep: DataReport, files_per_cause: int = FILES_SHOWN) -> str:
     """Human-readable findings (what ``segpipe check-data`` prints).
+
+    Errors are printed one line per cause (:meth:`DataReport.problem_groups`): count, the first
+    files and the fix. Hints that carry YAML end with the lines to paste, indented.
 
     Args:
         rep: Findings of :func:`check_data`.
-        max_listed: Problems listed one per line before "... and N more".
+        files_per_cause: Files named per cause before "... and N more" (``--json`` has all).
 
     Returns:
         Multi-line text.
@@ -786,19 +905,20 @@ def format_report(rep: DataReport, max_listed: int = 200) -> str:
     for title, items in (("Notes", rep.notes), ("Hints", rep.hints), ("Warnings", rep.warnings)):
         if items:
             lines.append(f"{title}:")
-            lines += [f"  - {x}" for x in items]
+            lines += [f"  - {x}".replace("\n", "\n      ") for x in items]
             lines.append("")
 
     if rep.problems:
         n_files = len({p.path for p in rep.problems})
         kinds = Counter(p.kind for p in rep.problems)
+        groups = rep.problem_groups()
         lines.append(
-            f"ERRORS: {len(rep.problems)} problem(s) in {n_files} file(s) "
-            f"({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}):"
+            f"ERRORS: {len(rep.problems)} problem(s) in {n_files} file(s), {len(groups)} "
+            f"cause(s) ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}):"
         )
-        lines += [f"  {p}" for p in rep.problems[:max_listed]]
-        if len(rep.problems) > max_listed:
-            lines.append(f"  ... and {len(rep.problems) - max_listed} more (see --json)")
+        lines += [f"  - {g.line(files_per_cause)}" for g in groups]
+        if any(g.count > files_per_cause for g in groups):
+            lines.append("  (--json FILE lists every file)")
         lines.append("")
     verdict = "OK: no errors found" if rep.ok else "FAILED: fix the errors above before training"
     lines.append(

@@ -9,12 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
 from segpipe.cli import main as cli_main
-from segpipe.data import check_samples, class_pixel_counts, scan_folder
-from segpipe.data.io import read_image, to_float, write_image, write_mask
+from segpipe.data import (
+    DataCheckError,
+    Problem,
+    SegmentationDataModule,
+    check_samples,
+    class_pixel_counts,
+    scan_folder,
+)
+from segpipe.data.checks import group_problems
+from segpipe.data.io import read_image, read_mask, to_float, write_image, write_mask
 from segpipe.data.doctor import main, median_frequency_weights, size_stats
-from tests.data.synthetic import make_folder_dataset
+from tests.data.synthetic import make_folder_dataset, make_pair, synthetic_mask_colors
 
 CONFIG = "configs/folder_unet.yaml"  # ignore_index 255; its trainer/model sections are ignored
 
@@ -82,8 +92,9 @@ def test_broken_data_names_every_broken_file(tmp_path: Path, capsys) -> None:
         mismatch: "size_mismatch",
         out_of_range: "bad_labels",
     }
-    problems = json.loads(out_json.read_text())["problems"]
-    assert {(Path(p["path"]), p["kind"]) for p in problems} == set(expected.items())
+    groups = json.loads(out_json.read_text())["problems"]  # one entry per cause, every file
+    assert {(Path(f["path"]), g["kind"]) for g in groups for f in g["files"]} == set(expected.items())
+    assert all(g["count"] == len(g["files"]) for g in groups)
     for path in expected:
         assert str(path) in out, f"{path} not named in the output"
     assert "Label values outside 0..2 and not ignore_index 255: 7 (in 1 mask(s))" in out
@@ -211,3 +222,212 @@ def test_camvid_val_real_data(data_dir: Path, capsys) -> None:
     assert "class indices, values 0..11 (classes 0..10 + ignore index 11)" in out
     assert "360×480 (101)" in out
     assert seconds < 20, f"check-data on CamVid val took {seconds:.1f} s"
+
+
+# ------------------------------------------------------------------ one line per cause (issue 13)
+def _section(out: str, title: str) -> list[str]:
+    """Lines of a report section ("Hints:", "Warnings:", "ERRORS: ...") up to its blank line."""
+    lines = out.splitlines()
+    at = next((i for i, ln in enumerate(lines) if ln.startswith(title)), None)
+    if at is None:
+        return []
+    end = next((i for i in range(at + 1, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[at:end]
+
+
+def _no_timing(out: str) -> str:
+    return re.sub(r"files in [0-9.]+ s", "files in T s", out)
+
+
+def _four_band_tiles(root: Path, n_train: int, n_val: int) -> Path:
+    """``n_train + n_val`` 4-band uint16 GeoTIFF tiles (reflectance-like) with 3-class masks."""
+    rng = np.random.default_rng(3)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            image, labels = make_pair(rng, (16, 16), 3, channels=4, first_class=i + 1)
+            write_image(root / split / "images" / f"tile_{i:03d}.tif",
+                        image.astype(np.uint16) * 40)
+            write_mask(root / split / "masks" / f"tile_{i:03d}.png", labels)
+    return root
+
+
+def test_thirty_four_band_tiles_give_one_grouped_line(tmp_path: Path, capsys) -> None:
+    root = _four_band_tiles(tmp_path / "tiles", n_train=24, n_val=6)
+    assert read_image(root / "train" / "images" / "tile_000.tif").shape[2] == 4  # not RGBA
+    out_json = tmp_path / "findings.json"
+    args = (f"--data.root={root}", "--data.num_classes=3", f"--json={out_json}")
+    rc, out = _run(capsys, *args)
+    assert rc == 1
+    errors = _section(out, "ERRORS:")
+    assert errors[0].startswith("ERRORS: 30 problem(s) in 30 file(s), 1 cause(s)"), out
+    lines = [ln for ln in errors[1:] if "data.in_channels=3" in ln]
+    assert len(lines) == 1, out  # every image checked (not a sample), one line for all 30
+    line = lines[0]
+    assert "[train, val] 30 images: 4 channels but data.in_channels=3 (" in line
+    assert ", ... and 27 more) -> fix: set data.in_channels: 4, or pick 3 bands with " \
+           "data.bands (e.g. data.bands: [1, 2, 3])" in line
+    named = [p for p in sorted(root.glob("*/images/*.tif")) if str(p) in out]
+    assert named == sorted((root / "train" / "images").glob("*.tif"))[:3]  # the first few only
+    groups = json.loads(out_json.read_text())["problems"]
+    assert len(groups) == 1 and groups[0]["kind"] == "channel_mismatch"
+    assert groups[0]["count"] == 30 and groups[0]["splits"] == {"train": 24, "val": 6}
+    assert {Path(f["path"]) for f in groups[0]["files"]} == set(root.glob("*/images/*.tif"))
+    # Deterministic: the same report on a second run.
+    assert _no_timing(_run(capsys, *args)[1]) == _no_timing(out)
+    # The suggested fix works.
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3", "--data.in_channels=4")
+    assert rc == 0, out
+
+
+def test_colour_masks_hint_is_the_full_pasteable_list(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds", n_train=12, n_val=0, num_classes=12, mask_mode="rgb")
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3", "--splits=[train]",
+                   "--data.val_fraction=0")
+    assert rc == 1
+    hints = _section(out, "Hints:")
+    at = next(i for i, ln in enumerate(hints) if "masks are colour-coded" in ln)
+    assert hints[at].endswith("to paste under `data:`:"), hints[at]
+    block = [ln for ln in hints[at + 1:] if not ln.startswith("  - ")]
+    assert block and all(ln.startswith("      ") for ln in block)
+    colours_line = next(ln.strip() for ln in block if ln.strip().startswith("mask_colors:"))
+    assert "..." not in colours_line
+    table = yaml.safe_load(colours_line)["mask_colors"]
+    assert len(table) == 12 and all(len(c) == 3 for c in table)
+    assert sorted(table) == sorted(synthetic_mask_colors(12))
+    pasted = yaml.safe_load("\n".join(block))
+    assert pasted == {"mask_colors": table, "num_classes": 12}
+    errors = _section(out, "ERRORS:")
+    assert sum("masks: mask is a colour (RGB) image" in ln for ln in errors) == 1, errors
+    # Pasting the lines makes the data pass (colours in the order shown: sorted).
+    rc, out = _run(capsys, f"--data.root={root}", "--splits=[train]", "--data.val_fraction=0",
+                   f"--data.mask_colors={table}", "--data.num_classes=12")
+    assert rc == 0, out
+
+
+def _jpeg_masks(root: Path, labels_of) -> list[Path]:
+    """Replace every mask of ``root`` by a JPEG of ``labels_of(index)`` (quality 75)."""
+    out = []
+    for i, png in enumerate(sorted(root.glob("*/masks/*.png"))):
+        jpg = png.with_suffix(".jpg")
+        Image.fromarray(labels_of(i).astype(np.uint8)).save(jpg, quality=75)
+        png.unlink()
+        out.append(jpg)
+    return out
+
+
+def test_jpeg_index_masks_get_the_lossy_advice(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds", size=(32, 32))
+
+    def sharp(i: int) -> np.ndarray:  # 0/2 stripes: JPEG ringing overshoots past class 2
+        m = np.zeros((32, 32), np.uint8)
+        m[:, 3 + i : 9 + i] = 2
+        m[13:17, :] = 1
+        m[21:27, 5:30] = 2
+        return m
+
+    jpegs = _jpeg_masks(root, sharp)
+    assert max(int(read_mask(p).max()) for p in jpegs) > 2  # JPEG made up values
+    out_json = tmp_path / "findings.json"
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3", f"--json={out_json}")
+    assert rc == 1
+    hints = "\n".join(_section(out, "Hints:"))
+    assert "num_classes" not in hints + "\n".join(_section(out, "ERRORS:")), out
+    assert "in the JPEG masks are no class: JPEG compression is lossy" in hints
+    assert "Save the masks as PNG (lossless) from the original labels" in hints
+    errors = _section(out, "ERRORS:")
+    bad = [ln for ln in errors[1:] if "label values [" in ln]
+    assert len(bad) == 1, out
+    assert "masks: label values [3" in bad[0] and "in JPEG masks: JPEG compression is lossy" \
+        in bad[0] and "-> fix: save the masks as PNG" in bad[0]
+    warnings = "\n".join(_section(out, "Warnings:"))
+    assert f"{len(jpegs)} of {len(jpegs)} masks are JPEG files (" in warnings
+    data = json.loads(out_json.read_text())
+    assert data["jpeg_masks"]["count"] == len(jpegs)
+    # fit's pre-flight error: the same grouped line, naming the files and the PNG fix.
+    dm = SegmentationDataModule(root=str(root), num_classes=3, num_workers=0, batch_size=2)
+    with pytest.raises(DataCheckError) as exc:
+        dm.setup("fit")
+    msg = str(exc.value)
+    assert bad[0].removeprefix("  - ").split(" (")[0] in msg
+    assert "save the masks as PNG" in msg and "num_classes" not in msg
+    assert all(str(f) in msg for g in data["problems"] for f in map(lambda f: f["path"], g["files"]))
+
+
+def test_jpeg_masks_in_range_still_warn(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds", size=(32, 32), n_train=6, n_val=3)
+
+    def blocky(i: int) -> np.ndarray:  # constant 8×8 blocks: JPEG keeps the values in range
+        m = np.zeros((32, 32), np.uint8)
+        m[8:24, (i % 3) * 8 : (i % 3) * 8 + 16] = 1 + i % 2
+        return m
+
+    jpegs = _jpeg_masks(root, blocky)
+    assert all(set(np.unique(read_mask(p)).tolist()) <= {0, 1, 2} for p in jpegs)
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3")
+    assert rc == 0, out  # nothing out of range: no error, but a warning on every JPEG mask
+    warnings = _section(out, "Warnings:")
+    line = next(ln for ln in warnings if "masks are JPEG files" in ln)
+    assert line.startswith(f"  - {len(jpegs)} of {len(jpegs)} masks are JPEG files (")
+    assert f", ... and {len(jpegs) - 3} more): JPEG compression is lossy" in line
+    assert "save the masks as PNG" in line
+    assert sum(str(p) in out for p in jpegs) == 3
+    assert "(lossy)" in out  # the mask verdict says so too
+
+
+def test_group_problems_factors_out_the_file() -> None:
+    a, b, c = (Path(f"/d/{n}.png") for n in "abc")
+    problems = [
+        Problem(a, "train", "unreadable_image",
+                "truncated or corrupt image data (image file is truncated (3 bytes not "
+                "processed))", cause="truncated or corrupt image data"),
+        Problem(b, "val", "unreadable_image",
+                "truncated or corrupt image data (broken data stream)",
+                cause="truncated or corrupt image data"),
+        Problem(a, "train", "bad_labels", "label values [7] outside 0..2", values=(7,),
+                cause="label values [{values}] outside 0..2"),
+        Problem(c, "train", "bad_labels", "label values [4, 7] outside 0..2", values=(4, 7),
+                cause="label values [{values}] outside 0..2"),
+        Problem(c, "train", "missing_mask", "no mask"),
+    ]
+    groups = group_problems(problems)
+    assert [(g.kind, g.count) for g in groups] == [
+        ("unreadable_image", 2), ("bad_labels", 2), ("missing_mask", 1)]
+    assert groups[0].line(1) == (
+        "[train, val] 2 images: truncated or corrupt image data (/d/a.png, ... and 1 more) "
+        "-> fix: re-export the file or remove it")
+    assert groups[1].text == "label values [4, 7] outside 0..2"
+    msg = str(DataCheckError(problems)).splitlines()
+    assert msg[0] == "data check found 5 problem(s) in 3 file(s), 3 cause(s):"
+    assert msg[1].startswith("  [train, val] 2 images: truncated or corrupt image data (/d/a.png,"
+                             " /d/b.png) -> fix:")
+    assert msg[3] == "  [train] 1 image: no mask (/d/c.png) -> fix: add the mask (same file " \
+                     "name stem) or remove the image"
+    assert len(msg) == 5
+
+
+def test_check_samples_groups_truncated_files_and_sizes(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "ds", n_train=6, n_val=0)
+    imgs = sorted((root / "train" / "images").glob("*.png"))
+    for p in imgs[:3]:  # truncated at different points: different decoder messages
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // (2 + imgs.index(p))])
+    for p in sorted((root / "train" / "masks").glob("*.png"))[3:]:
+        write_mask(p, np.zeros((12, 16), np.uint8))
+    problems = check_samples(scan_folder(root), num_classes=3, decode_images=True)
+    groups = group_problems(problems)
+    assert [(g.kind, g.count) for g in groups] == [("unreadable_image", 3),
+                                                  ("size_mismatch", 3)]
+    assert groups[0].text == "truncated or corrupt image data"
+    assert groups[1].text == "mask is 16×12 but image is 32×24 (W×H)"
+
+
+def test_lossless_masks_still_get_the_num_classes_advice(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds")
+    labels = np.zeros((24, 32), np.uint8)
+    labels[:8, :8] = 5
+    write_mask(root / "train" / "masks" / "img_000.png", labels)
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3")
+    assert rc == 1 and "JPEG" not in out
+    assert "values {5} are no class: set data.mask_values to map raw values to classes, " \
+           "data.ignore_index to ignore one value, or raise data.num_classes" in out
+    assert "[train] 1 mask: label values [5] outside 0..2 (" in out and "fix data.num_classes" in out
