@@ -46,7 +46,8 @@ def test_lgg_test_reports_per_patient(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
             f"--trainer.default_root_dir={run}", *TINY_UNET, "--data.num_classes=2",
-            "--data.crop_size=32", "--data.num_workers=0", "--trainer.logger=false"]
+            "--data.crop_size=32", "--data.num_workers=0", "--trainer.logger=false",
+            "--data.val_case_fraction=0.5"]  # 2 of the 4 patients
     assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
     assert main(["test", *args, "--ckpt_path", "last"]) == 0
     metrics = json.loads(next(run.rglob("test_metrics.json")).read_text())
@@ -58,3 +59,30 @@ def test_lgg_test_reports_per_patient(tmp_path: Path) -> None:
     assert len(rows) == 2 and "Dice/abnormality" in rows[0]
     report = next(run.rglob("report.md")).read_text()
     assert "## Per case" in report and "mean over cases" in report
+
+
+def test_val_cases_hold_whole_sequences_out(tmp_path: Path) -> None:
+    from tests.data.synthetic import make_camvid_like
+
+    root = make_camvid_like(tmp_path / "camvid")
+    probe = SegmentationDataModule(str(root), layout="camvid", num_classes=11, ignore_index=11)
+    cases = sorted({s.case for split in ("train", "val") for s in probe.splits[split]})
+    assert cases and all("_" not in c for c in cases)  # the sequence prefix
+    held = cases[0]
+    dm = SegmentationDataModule(str(root), layout="camvid", num_classes=11, ignore_index=11,
+                                val_cases=[held])
+    assert {s.case for s in dm.splits["val"]} == {held}
+    assert held not in {s.case for s in dm.splits["train"]}
+    n_all = len(probe.splits["train"]) + len(probe.splits["val"])
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == n_all
+    with pytest.raises(ValueError, match="not found"):
+        SegmentationDataModule(str(root), layout="camvid", num_classes=11,
+                               val_cases=["nope"]).splits
+
+
+def test_val_case_fraction_splits_lgg_by_patient(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=8, slices_per_patient=2, val_patients=1)
+    dm = SegmentationDataModule(str(root), layout="lgg", num_classes=2,
+                                mask_values={0: 0, 255: 1}, val_case_fraction=0.25)
+    val = {s.case for s in dm.splits["val"]}
+    assert len(val) == 2 and not val & {s.case for s in dm.splits["train"]}

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 Layout = Literal["folder", "camvid", "lgg", "isbi"]
 LAYOUTS: tuple[str, ...] = ("folder", "camvid", "lgg", "isbi")
 _ISBI_DEFAULT_VAL = (20, 24)
+#: Cases of a layout when data.case_pattern is not given: CamVid's video sequence (the frame
+#: name's prefix, e.g. 0016E5 of 0016E5_07959.png). LGG's patient is its folder.
+_DEFAULT_CASE_PATTERN: dict[str, str] = {"camvid": r"(?P<case>[^/_]+)_[^/]*$"}
 
 
 def _subset(samples: list[Sample], limit: int | None) -> list[Sample]:
@@ -121,7 +124,14 @@ class SegmentationDataModule(L.LightningDataModule):
         case_pattern: Regular expression that finds an image's case (patient, scan, scene) in
             its path relative to ``root``: the group named ``case``, else the first group, else
             the whole match; ``segpipe test`` then also reports metrics per case and their mean
-            over cases. Default for ``lgg``: the patient folder; none for other layouts.
+            over cases. Default for ``lgg``: the patient folder; for ``camvid``: the video
+            sequence; none for other layouts.
+        val_cases: Validate on exactly these cases: train and val are pooled and every image
+            of a listed case goes to val, the rest to train, so no case is in both (CamVid's
+            val shares sequence 0016E5 with train; ``[0001TP]`` holds a whole sequence out).
+        val_case_fraction: Validate on a seeded fraction of the cases instead (train and val
+            pooled, split by case), e.g. 0.25 of the LGG patients rather than the 11 of
+            ``splits.csv``.
     """
 
     def __init__(
@@ -159,6 +169,8 @@ class SegmentationDataModule(L.LightningDataModule):
         check_data: bool = True,
         limit_samples: int | None = None,
         case_pattern: str | None = None,
+        val_cases: list[str] | None = None,
+        val_case_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -170,6 +182,10 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if limit_samples is not None and limit_samples < 1:
             raise ValueError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
+        if val_cases is not None and val_case_fraction is not None:
+            raise ValueError("give data.val_cases or data.val_case_fraction, not both")
+        if val_case_fraction is not None and not 0.0 < val_case_fraction < 1.0:
+            raise ValueError(f"data.val_case_fraction must be in (0, 1), got {val_case_fraction}")
         if case_pattern is not None:
             try:
                 re.compile(case_pattern)
@@ -347,14 +363,48 @@ class SegmentationDataModule(L.LightningDataModule):
                 )
                 if "train" in scan.folders:
                     scan.folders.setdefault("val", scan.folders["train"])
+        splits = {k: self._with_cases(v) for k, v in splits.items()}
+        splits = self._split_by_case(splits)
         limit = self.hparams.limit_samples
-        self._splits = {k: self._with_cases(_subset(v, limit)) for k, v in splits.items()}
+        self._splits = {k: _subset(v, limit) for k, v in splits.items()}
         self._scan = scan
         return scan
 
+    def _split_by_case(self, splits: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+        """Re-split train + val by case when ``val_cases``/``val_case_fraction`` ask for it."""
+        hp = self.hparams
+        wanted, fraction = hp.get("val_cases"), hp.get("val_case_fraction")
+        if wanted is None and fraction is None:
+            return splits
+        pool = [*splits.get("train", []), *splits.get("val", [])]
+        cases = sorted({s.case for s in pool if s.case})
+        if not cases:
+            raise DataSplitError(
+                f"{self.root}: data.val_cases/val_case_fraction need cases, but no image has "
+                "one; set data.case_pattern (a regular expression finding the case in the path)"
+            )
+        if wanted is not None:
+            val = {str(c) for c in wanted}
+            missing = sorted(val - set(cases))
+            if missing:
+                raise DataSplitError(
+                    f"data.val_cases {missing} not found; the cases are {', '.join(cases[:20])}"
+                    + (" ..." if len(cases) > 20 else "")
+                )
+        else:
+            rng = np.random.default_rng(int(hp.seed))
+            n_val = min(len(cases) - 1, max(1, round(float(fraction) * len(cases))))
+            val = {cases[i] for i in rng.permutation(len(cases))[:n_val].tolist()}
+        out = dict(splits)
+        out["val"] = [s for s in pool if s.case in val]
+        out["train"] = [s for s in pool if s.case not in val]
+        log.info("val split by case: %d cases (%d images) for val, %d images for train",
+                 len(val), len(out["val"]), len(out["train"]))
+        return out
+
     def _with_cases(self, samples: list[Sample]) -> list[Sample]:
         """Samples with their case set from ``case_pattern`` (or the LGG patient folder)."""
-        pattern = self.hparams.get("case_pattern")
+        pattern = self.hparams.get("case_pattern") or _DEFAULT_CASE_PATTERN.get(self.layout)
         if pattern is None and self.layout != "lgg":
             return samples
         root = Path(self.root).expanduser()
@@ -443,6 +493,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     todo,
                     num_classes=self.num_classes,
                     ignore_index=self.ignore_index,
+                    in_channels=self.in_channels,
                     mask_values=self.mask_values,
                     mask_colors=self.mask_colors,
                     orphans={k: v for k, v in scan.orphans.items() if k in todo},
