@@ -40,6 +40,8 @@ from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tracking import TestFigures, ValidationImages, default_loggers, next_version
 from segpipe.tasks import SegmentationTask
 from segpipe.tasks.schedules import AnnealToDeadline
+from segpipe.models.smp import PretrainedWeightsUnavailableError
+from segpipe.tasks.finetune import TransferLearningError
 
 __all__ = [
     "COMMANDS",
@@ -148,6 +150,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointWriteError,
     OutputDirError,
     UnsafeCheckpointError,
+    PretrainedWeightsUnavailableError,  # named encoder weights neither cached nor downloadable
+    TransferLearningError,  # init_from unusable; resuming with other param groups than saved
 )
 
 

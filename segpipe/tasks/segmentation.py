@@ -19,7 +19,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
-from segpipe.metrics import IOU_METRICS, build_metrics, flatten_metrics, metrics_report, per_image_scores
+from segpipe.metrics import (
+    IOU_METRICS,
+    build_metrics,
+    case_scores,
+    flatten_metrics,
+    image_confusion,
+    metrics_report,
+    per_image_scores,
+)
 from segpipe.tasks.finetune import (
     TransferLearning,
     check_lr_ratio,
@@ -146,6 +154,9 @@ class SegmentationTask(L.LightningModule):
             crops say less than the val scores.
         num_worst_images: How many of the test images with the lowest IoU to keep (prediction
             and truth) for the evaluation report's gallery.
+        test_tta: In ``test``, score the average prediction over the flips/rotations the
+            model was trained with (:mod:`segpipe.tta`, from the data spec), as
+            ``segpipe predict --tta`` does; the loss stays that of the plain prediction.
         freeze_encoder_epochs: Train decoder and head only, with the encoder frozen (no
             gradients, eval mode: BatchNorm keeps its statistics), for this many epochs; then
             the encoder trains too, at ``encoder_lr_mult`` x the learning rate. The network
@@ -180,6 +191,7 @@ class SegmentationTask(L.LightningModule):
         channels_last: bool = True,
         log_train_metrics: bool = False,
         num_worst_images: int = 8,
+        test_tta: bool = False,
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
         init_from: str | None = None,
@@ -218,6 +230,7 @@ class SegmentationTask(L.LightningModule):
         self.channels_last = channels_last
         self.log_train_metrics = log_train_metrics
         self.num_worst_images = num_worst_images
+        self.test_tta = bool(test_tta)
         self.criterion = self._build_loss(loss, class_weights, ignore_index)
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
 
@@ -232,6 +245,8 @@ class SegmentationTask(L.LightningModule):
         )
         self.test_images: list[dict[str, Any]] = []
         self.worst_images: list[dict[str, Any]] = []
+        self.case_confusions: dict[str, Tensor] = {}
+        self.case_counts: dict[str, int] = {}
         self.test_report: dict[str, Any] | None = None
         self._pending_rng_state: dict[str, Any] | None = None
 
@@ -383,13 +398,23 @@ class SegmentationTask(L.LightningModule):
         if stage == "train" and not self.log_train_metrics:
             return loss
         preds = logits.detach().argmax(dim=1)
+        if stage == "test" and self.test_tta:
+            preds = self._tta_probabilities(image).argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(preds, mask)
         if stage == "test":
-            self._record_test_images(batch.get("path", [""] * n), preds, mask)
+            self._record_test_images(batch.get("path", [""] * n), preds, mask, batch.get("case"))
         return loss
 
-    def _record_test_images(self, paths: list[str], preds: Tensor, mask: Tensor) -> None:
-        """Per-image scores, and the k worst images' prediction and truth for the report."""
+    def _record_test_images(
+        self, paths: list[str], preds: Tensor, mask: Tensor, cases: list[str] | None = None
+    ) -> None:
+        """Per-image scores, per-case confusion matrices, and the k worst images' prediction
+        and truth for the report."""
+        for i, case in enumerate(cases or []):
+            if case:
+                cm = image_confusion(preds[i], mask[i], self.num_classes, self.ignore_index)
+                self.case_confusions[case] = self.case_confusions.get(case, 0) + cm
+                self.case_counts[case] = self.case_counts.get(case, 0) + 1
         scores = per_image_scores(preds, mask, self.num_classes, self.ignore_index)
         for i, (path, score) in enumerate(zip(paths, scores)):
             self.test_images.append({"path": str(path), **score})
@@ -403,6 +428,13 @@ class SegmentationTask(L.LightningModule):
                 )
                 worst.sort(key=lambda row: row["IoU"])
                 del worst[self.num_worst_images :]
+
+    def _tta_probabilities(self, image: Tensor) -> Tensor:
+        """(N, K, H, W) probabilities averaged over the training symmetries."""
+        from segpipe.tta import tta_mean, tta_views
+
+        views = tta_views(self.spec.symmetries if self.spec.symmetries is not None else ["hflip"])
+        return tta_mean(lambda x: self(x).float().softmax(dim=1), image, views)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -441,6 +473,7 @@ class SegmentationTask(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_images = []
         self.worst_images = []
+        self.case_confusions, self.case_counts = {}, {}
         self.test_report = None
 
     def on_test_epoch_end(self) -> None:
@@ -463,6 +496,17 @@ class SegmentationTask(L.LightningModule):
             worst = worst[: self.num_worst_images]
         report = metrics_report(computed, names, self.ignore_index)
         report["num_images"] = len(images)
+        confusions, counts = self.case_confusions, self.case_counts
+        if self.trainer.world_size > 1:  # each case's images may be spread over the ranks
+            parts: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, (confusions, counts))
+            confusions, counts = {}, {}
+            for part_cms, part_counts in parts:
+                for case, cm in part_cms.items():
+                    confusions[case] = confusions.get(case, 0) + cm
+                    counts[case] = counts.get(case, 0) + part_counts[case]
+        if confusions:
+            report["per_case"] = case_scores(confusions, counts, names)
         report["per_image"] = images
         report["worst_images"] = worst  # with numpy arrays: for the report, not for JSON
         self.test_report = report
