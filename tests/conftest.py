@@ -21,3 +21,25 @@ def data_dir() -> Path:
     if path is None or not path.is_dir():
         pytest.skip("SEGPIPE_DATA_DIR not set: real-data test skipped")
     return path
+
+
+@pytest.fixture()
+def hub_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face / torch hub cache under tmp_path, with huggingface_hub offline.
+
+    huggingface_hub reads HF_HOME/HF_HUB_OFFLINE when imported, so its constants are patched
+    too; nothing in a test using it can reach the network.
+
+    Returns:
+        The hub cache folder (``HF_HUB_CACHE``).
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -32,22 +32,9 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face / torch hub cache under tmp_path, with huggingface_hub offline.
-
-    huggingface_hub reads HF_HOME/HF_HUB_OFFLINE when imported, so its constants are patched
-    too; nothing in these tests can reach the network.
-    """
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
+def hub_cache(hub_offline: Path) -> Path:
+    """Every test here runs with an empty, offline hub cache (tests/conftest.py)."""
+    return hub_offline
 
 
 def write_smp_cache(cache: Path, encoder: str, weights: str, state: dict[str, torch.Tensor]) -> Path:
