@@ -6,8 +6,9 @@
   rasters that rasterio reads by windows are only probed, their pixels are read later.
 * :class:`PredictModule` predicts a batch of records: images of equal size are stacked into one
   forward pass (optionally tiled, optionally with flip TTA); each raster is predicted by a
-  sliding window over row strips read from disk and written strip by strip through the writer,
-  so memory does not grow with the raster's height.
+  sliding window over blocks read from disk by windows, and its finished rows are written strip
+  by strip through the writer, so memory does not grow with the raster's height, and with its
+  width only by the tile-overlap rows (see :func:`~segpipe.predict.tiling.sliding_window_blocks`).
 * :class:`WritingCallback` (a ``BasePredictionWriter``) writes the images' predictions, counts
   written / skipped / failed files, drives the progress bar and gathers the counts over
   processes at the end.
@@ -26,7 +27,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from segpipe.data.io import (
 from segpipe.data.transforms import build_eval_transform, normalize
 from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.predict.checkpoint import PredictConfig
-from segpipe.predict.tiling import FinishedRows, TileGrid, predict_tiled, sliding_window
+from segpipe.predict.tiling import FinishedBlock, TileGrid, predict_tiled, sliding_window_blocks
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
 from segpipe.tasks import SegmentationTask
 
@@ -104,7 +105,8 @@ class PredictOptions:
         batch_size: Images, or tiles, per forward pass.
         fail_fast: Stop at the first failed file.
         progress: Show progress bars (rank 0).
-        chunk_cols: Columns converted to labels at once when writing raster rows.
+        chunk_cols: Most columns of a raster blended at once (the block width of
+            :func:`~segpipe.predict.tiling.sliding_window_blocks`; at least one tile).
     """
 
     tile: int | None = None
@@ -413,9 +415,10 @@ def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np
 
 
 class RasterSource:
-    """A :class:`~segpipe.predict.tiling.RowSource` reading a raster by row strips.
+    """A :class:`~segpipe.predict.tiling.WindowSource` (and ``RowSource``) reading a raster by
+    windows.
 
-    Strips stay in the file's dtype; each tile is converted like training data
+    Windows stay in the file's dtype; each tile is converted like training data
     (:func:`~segpipe.data.io.to_float`, channel adaptation, normalisation) and nodata pixels
     are set to the mean (0 after normalisation), so they add no signal.
 
@@ -433,8 +436,15 @@ class RasterSource:
             np.zeros((1, 1, reader.channels), np.float32), config.in_channels, reader.path
         )
 
+    def window(
+        self, row0: int, row1: int, col0: int, col1: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(pixels (h, w, C) native dtype, valid (h, w) bool or None)`` of rows
+        ``[row0, row1)`` and columns ``[col0, col1)``."""
+        return self.reader.read(row0, row1, col0, col1)
+
     def rows(self, row0: int, row1: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(pixels (h, W, C) native dtype, valid (h, W) bool or None)``."""
+        """``(pixels (h, W, C) native dtype, valid (h, W) bool or None)``: full-width rows."""
         return self.reader.read(row0, row1)
 
     def unit(self, pixels: np.ndarray) -> np.ndarray:
@@ -442,7 +452,7 @@ class RasterSource:
         return adapt_channels(to_float(pixels), self.config.in_channels, self.reader.path)
 
     def tile(self, rows: tuple[np.ndarray, np.ndarray | None], col0: int, col1: int) -> Tensor:
-        """Normalised float32 (C, h, col1 - col0) tile."""
+        """Normalised float32 (C, h, col1 - col0) tile; columns count from the window's first."""
         pixels, valid = rows
         img = normalize(self.unit(pixels[:, col0:col1]), self.config.mean, self.config.std)
         if valid is not None:
@@ -559,33 +569,71 @@ class PredictModule(L.LightningModule):
         return out
 
     # ---------------------------------------------------------------- rasters
-    def _raster_rows(
-        self, fin: FinishedRows, source: RasterSource, need_probs: bool, need_display: bool
+    def _raster_block(
+        self, blk: FinishedBlock, source: RasterSource, need_probs: bool, need_display: bool
     ) -> RowChunk:
-        """Labels (and probabilities, picture) of finished full-width rows, column chunk by
-        column chunk so temporaries stay small whatever the raster's width."""
+        """Labels (and probabilities, picture, validity) of a finished block."""
+        pixels, valid = blk.window
+        h, w = blk.row1 - blk.row0, blk.col1 - blk.col0  # the window starts at (row0, col0)
+        valid = valid[:h, :w] if valid is not None else None
+        display = _display_from_unit(source.unit(pixels[:h, :w])) if need_display else None
+        return self._chunk(blk.probs() if need_probs else None, blk.labels(), valid, display)
+
+    def _raster_rows(
+        self,
+        blocks: Iterable[FinishedBlock],
+        source: RasterSource,
+        need_probs: bool,
+        need_display: bool,
+    ) -> Iterator[tuple[int, RowChunk]]:
+        """Finished full-width rows ``(row0, RowChunk)`` assembled from the blocks of each strip.
+
+        Only the strip's outputs are full width (labels, and uint8 probabilities and picture
+        when a format needs them); the float accumulators are the blocks'. Each strip's arrays
+        are new (a writer may keep a view of the last rows it was given).
+        """
         cfg, width = self.config, source.width
-        pixels, valid = fin.source_rows
-        r0, r1 = fin.row0 - fin.source_row0, fin.row1 - fin.source_row0
-        valid_rows = valid[r0:r1] if valid is not None else None
-        labels = np.empty((r1 - r0, width), cfg.mask_dtype)
-        probs = np.empty((cfg.num_classes, r1 - r0, width), np.uint8) if need_probs else None
-        for c0 in range(0, width, self.options.chunk_cols):
-            c1 = min(width, c0 + self.options.chunk_cols)
-            part = self._chunk(
-                fin.probs(c0, c1) if need_probs else None,
-                fin.labels(c0, c1),
-                valid_rows[:, c0:c1] if valid_rows is not None else None,
-                None,
-            )
-            labels[:, c0:c1] = part.labels
-            if probs is not None:
-                probs[:, :, c0:c1] = part.probs
-        display = _display_from_unit(source.unit(pixels[r0:r1])) if need_display else None
-        return RowChunk(labels, probs, display, valid_rows)
+        chunk: RowChunk | None = None
+        for blk in blocks:
+            part = self._raster_block(blk, source, need_probs, need_display)
+            h, c0, c1 = blk.row1 - blk.row0, blk.col0, blk.col1
+            if c0 == 0:
+                chunk = RowChunk(
+                    np.empty((h, width), cfg.mask_dtype),
+                    np.empty((cfg.num_classes, h, width), np.uint8) if need_probs else None,
+                    np.empty((h, width, 3), np.uint8) if need_display else None,
+                )
+            assert chunk is not None  # blocks come left to right from column 0
+            chunk.labels[:, c0:c1] = part.labels
+            if chunk.probs is not None:
+                chunk.probs[:, :, c0:c1] = part.probs
+            if chunk.display is not None:
+                chunk.display[:, c0:c1] = part.display
+            if part.valid is not None:
+                if chunk.valid is None:
+                    chunk.valid = np.ones((h, width), bool)
+                chunk.valid[:, c0:c1] = part.valid
+            if c1 == width:
+                yield blk.row0, chunk
+                chunk = None
+
+    @staticmethod
+    def _write_rows(sink: Any, row0: int, chunk: RowChunk, align: int = 256) -> None:
+        """Hand rows to the sink in pieces ending on multiples of ``align`` (the GeoTIFF block
+        height), so that a streaming writer never buffers more than one row of blocks."""
+        h = chunk.labels.shape[0]
+        cuts = [r - row0 for r in range((row0 // align + 1) * align, row0 + h, align)]
+        for a, b in zip([0, *cuts], [*cuts, h]):
+            sink.write_rows(row0 + a, RowChunk(
+                chunk.labels[a:b],
+                chunk.probs[:, a:b] if chunk.probs is not None else None,
+                chunk.display[a:b] if chunk.display is not None else None,
+                chunk.valid[a:b] if chunk.valid is not None else None,
+            ))
 
     def _predict_raster(self, rec: dict[str, Any]) -> ItemResult:
-        """Sliding window over row strips read from disk, outputs written strip by strip."""
+        """Sliding window over blocks read from disk by windows; finished rows written strip by
+        strip."""
         opts, cfg = self.options, self.config
         names = rec["formats"]
         need_probs = self.writer.needs_probs(names)
@@ -598,14 +646,14 @@ class PredictModule(L.LightningModule):
             meta = OutputMeta(Path(rec["path"]), reader.height, reader.width, reader.info)
             try:
                 with self.writer.open(rec["rel"], names, meta) as sink:
-                    for fin in sliding_window(
+                    blocks = sliding_window_blocks(
                         source, self.prob_fn, cfg.num_classes, tile, opts.overlap,
                         opts.batch_size, device=self.device,
                         on_tiles=bar.update if bar is not None else None,
-                    ):
-                        sink.write_rows(
-                            fin.row0, self._raster_rows(fin, source, need_probs, need_display)
-                        )
+                        block_cols=opts.chunk_cols,
+                    )
+                    for row0, chunk in self._raster_rows(blocks, source, need_probs, need_display):
+                        self._write_rows(sink, row0, chunk)
             finally:
                 if bar is not None:
                     bar.close()

@@ -1,4 +1,4 @@
-"""Sliding-window inference with Gaussian blending (as nnU-Net), in strips of rows.
+"""Sliding-window inference with Gaussian blending (as nnU-Net), in strips of rows or in blocks.
 
 Tiles of ``tile × tile`` pixels overlap by ``overlap`` (a fraction of the tile); each tile's class
 probabilities are weighted by a Gaussian importance map (``sigma = tile / 8``, peak 1, clipped
@@ -6,11 +6,27 @@ away from zero) and the weighted sums are divided by the summed weights. Because
 a Cartesian product and the importance map is separable, the summed weight of a pixel is
 ``wy[row] * wx[col]``: only two vectors are kept, never a weight image.
 
-Memory stays constant in the raster's height: the image is processed one row of tiles (a strip)
-at a time. The accumulator holds ``num_classes × tile × width`` floats; after each strip, the rows
-no later tile touches are handed to the caller (:class:`FinishedRows`) and the accumulator is
-shifted up by that many rows. The caller supplies pixels through a :class:`RowSource`, so the
-same code serves in-memory tensors (:func:`predict_tiled`) and rasters read by windows.
+Two traversals give the same sums, added in the same order (tile rows top to bottom, tiles left
+to right within a row), so the same results:
+
+* :func:`sliding_window` processes one row of tiles (a strip) at a time. Its accumulator holds
+  ``num_classes × tile × width`` floats; after each strip, the rows no later tile touches are
+  handed to the caller (:class:`FinishedRows`) and the accumulator is shifted up by that many
+  rows. Memory is constant in the height and grows with the width. :func:`predict_tiled`
+  (in-memory images, whose output is whole anyway) uses it.
+* :func:`sliding_window_blocks` also splits each strip into column blocks of at most
+  ``block_cols`` columns (whole tiles; at least one tile). The block's accumulator holds
+  ``num_classes × tile × block_cols`` floats; what the block's tiles add to columns the next
+  block's tiles also cover (the horizontal halo, under one tile wide) is carried to the next
+  block, and what they add to rows the next strip's tiles also cover (the vertical halo, the
+  ``tile - stride`` overlap rows) is kept in a full-width band for the next strip. The blocks
+  are yielded left to right, strip by strip (:class:`FinishedBlock`). Nothing is computed twice.
+  Memory: ``num_classes × 4 bytes × (tile × block_cols + overlap_rows × width)``: the part that
+  grows with the width is the overlap rows only (a quarter of a strip at ``overlap=0.25``). The
+  raster path of ``segpipe predict`` uses it, reading each block's window from the file.
+
+The caller supplies pixels through a :class:`RowSource` (or :class:`WindowSource`), so the same
+code serves in-memory tensors and rasters read by windows.
 """
 
 from __future__ import annotations
@@ -24,15 +40,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FinishedBlock",
     "FinishedRows",
     "ProbFn",
     "RowSource",
     "TensorSource",
     "TileGrid",
+    "WindowSource",
+    "column_blocks",
     "gaussian_importance_map",
     "gaussian_window",
     "predict_tiled",
     "sliding_window",
+    "sliding_window_blocks",
     "tile_starts",
 ]
 
@@ -155,8 +175,27 @@ class RowSource(Protocol):
         """Normalised (C, row1 - row0, col1 - col0) float32 tile cut from ``rows``."""
 
 
+class WindowSource(Protocol):
+    """Where :func:`sliding_window_blocks` gets its pixels.
+
+    Attributes:
+        height: Image rows.
+        width: Image columns.
+    """
+
+    height: int
+    width: int
+
+    def window(self, row0: int, row1: int, col0: int, col1: int) -> Any:
+        """Load rows ``[row0, row1)`` of columns ``[col0, col1)``."""
+
+    def tile(self, window: Any, col0: int, col1: int) -> Tensor:
+        """Normalised (C, rows, col1 - col0) float32 tile cut from ``window``; the columns
+        count from the window's first column."""
+
+
 class TensorSource:
-    """A :class:`RowSource` over an in-memory (C, H, W) tensor."""
+    """A :class:`RowSource` and :class:`WindowSource` over an in-memory (C, H, W) tensor."""
 
     def __init__(self, image: Tensor) -> None:
         self.image = image
@@ -164,6 +203,9 @@ class TensorSource:
 
     def rows(self, row0: int, row1: int) -> Tensor:
         return self.image[:, row0:row1]
+
+    def window(self, row0: int, row1: int, col0: int, col1: int) -> Tensor:
+        return self.image[:, row0:row1, col0:col1]
 
     def tile(self, rows: Tensor, col0: int, col1: int) -> Tensor:
         return rows[:, :, col0:col1]
@@ -208,6 +250,44 @@ class FinishedRows:
         """
         col1 = self.acc.shape[-1] if col1 is None else col1
         return self.acc[:, :, col0:col1].argmax(dim=0)
+
+
+@dataclass
+class FinishedBlock:
+    """Rows ``[row0, row1)`` of columns ``[col0, col1)`` whose blending is complete.
+
+    Valid only until the generator that produced it advances (its tensors are views of the
+    accumulator).
+
+    Attributes:
+        row0: First image row.
+        row1: End row (exclusive).
+        col0: First image column.
+        col1: End column (exclusive).
+        window: What ``source.window()`` returned for the block's tiles; it starts at
+            ``(row0, col0)`` and covers at least the finished rows and columns.
+        acc: (K, row1 - row0, col1 - col0) Gaussian-weighted probability sums.
+        weight_y: (row1 - row0,) summed row weights.
+        weight_x: (col1 - col0,) summed column weights.
+    """
+
+    row0: int
+    row1: int
+    col0: int
+    col1: int
+    window: Any
+    acc: Tensor
+    weight_y: Tensor
+    weight_x: Tensor
+
+    def probs(self) -> Tensor:
+        """Blended probabilities: float32 (K, rows, cols)."""
+        return self.acc / (self.weight_y[:, None] * self.weight_x[None, :])
+
+    def labels(self) -> Tensor:
+        """Arg-max class: int64 (rows, cols) (the arg-max of the weighted sums, as
+        :meth:`FinishedRows.labels`)."""
+        return self.acc.argmax(dim=0)
 
 
 def _axis_weights(length: int, starts: Sequence[int], window: Tensor) -> Tensor:
@@ -280,6 +360,124 @@ def sliding_window(
             acc[:, keep:] = 0
         else:
             acc.zero_()
+
+
+def column_blocks(
+    xs: Sequence[int], tile_w: int, block_cols: int
+) -> list[tuple[int, int]]:
+    """Split a row of tiles into consecutive groups spanning at most ``block_cols`` columns.
+
+    Args:
+        xs: Tile column offsets (sorted).
+        tile_w: Tile width.
+        block_cols: Most columns a group's tiles may span (at least one tile per group).
+
+    Returns:
+        ``(first, end)`` index ranges into ``xs``, left to right, covering every tile once.
+    """
+    limit = max(int(block_cols), tile_w)
+    groups: list[tuple[int, int]] = []
+    first = 0
+    for b in range(1, len(xs) + 1):
+        if b == len(xs) or xs[b] + tile_w - xs[first] > limit:
+            groups.append((first, b))
+            first = b
+    return groups
+
+
+def sliding_window_blocks(
+    source: WindowSource,
+    prob_fn: ProbFn,
+    num_classes: int,
+    tile: int | Sequence[int],
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    on_tiles: Callable[[int], None] | None = None,
+    block_cols: int = 4096,
+) -> Iterator[FinishedBlock]:
+    """Gaussian-blended sliding-window probabilities, yielded block by block.
+
+    The same tiles, weights and summation order as :func:`sliding_window` (so the same results
+    for the same ``prob_fn`` outputs), in memory bounded by the block except for a full-width
+    band of the overlap rows (see the module docstring).
+
+    Args:
+        source: Pixels (see :class:`WindowSource`).
+        prob_fn: (N, C, h, w) normalised tiles -> (N, K, h, w) probabilities.
+        num_classes: K.
+        tile: Tile size, int or ``(h, w)``; clamped to the image.
+        overlap: Fraction of a tile shared with its neighbour, in ``[0, 1)``.
+        batch_size: Tiles per ``prob_fn`` call (a batch never spans two blocks).
+        device: Device of the tiles and the accumulators (CPU when None).
+        on_tiles: Called with the number of tiles done after each batch (progress bars).
+        block_cols: Most columns a block's tiles span (at least one tile).
+
+    Yields:
+        :class:`FinishedBlock`, strip by strip top to bottom and left to right within a strip;
+        the blocks of a strip share its rows and cover ``[0, width)`` once, so every pixel is
+        yielded exactly once. A strip is complete when a block ends at ``width``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    grid = TileGrid.make(source.height, source.width, tile, overlap)
+    th, tw, height, width = grid.tile_h, grid.tile_w, grid.height, grid.width
+    ys, xs = grid.ys, grid.xs
+    gy, gx = gaussian_window(th), gaussian_window(tw)
+    importance = torch.outer(gy, gx).to(device)
+    weight_y = _axis_weights(height, ys, gy).to(device)
+    weight_x = _axis_weights(width, xs, gx).to(device)
+    groups = column_blocks(xs, tw, block_cols)
+    spans = [(xs[a], xs[b - 1] + tw, xs[b] if b < len(xs) else width) for a, b in groups]
+    acc_buf = torch.empty(
+        (num_classes, th, max(hi - lo for lo, hi, _ in spans)), dtype=torch.float32, device=device
+    )
+    # Rows the next strip's tiles also cover: what this strip's tiles add there waits here.
+    band_rows = max((ys[i - 1] + th - ys[i] for i in range(1, len(ys))), default=0)
+    band = (
+        torch.empty((num_classes, band_rows, width), dtype=torch.float32, device=device)
+        if band_rows > 0 else None
+    )
+    batch_size = max(1, int(batch_size))
+    for i, y in enumerate(ys):
+        pending = ys[i - 1] + th - y if i > 0 else 0  # rows of `band` that belong to this strip
+        y_next = ys[i + 1] if i + 1 < len(ys) else height
+        done = y_next - y
+        carry: Tensor | None = None  # columns [lo, carry_hi) of the previous block, all rows
+        carry_hi = 0
+        for (a, b), (lo, hi, fin_hi) in zip(groups, spans):
+            acc = acc_buf[:, :, : hi - lo]
+            acc.zero_()
+            kept = 0
+            if carry is not None:
+                kept = carry_hi - lo
+                acc[:, :, :kept].copy_(carry)
+            if pending > 0 and band is not None:
+                acc[:, :pending, kept:].copy_(band[:, :pending, lo + kept : hi])
+            window = source.window(y, y + th, lo, hi)
+            for s in range(a, b, batch_size):
+                cols = xs[s : min(b, s + batch_size)]
+                x = torch.stack([source.tile(window, c - lo, c - lo + tw) for c in cols])
+                probs = prob_fn(x.to(device)).float()
+                if probs.shape[1] != num_classes or probs.shape[-2:] != (th, tw):
+                    raise ValueError(
+                        f"prob_fn returned {tuple(probs.shape)} for tiles of {tuple(x.shape)}; "
+                        f"expected (N, {num_classes}, {th}, {tw})"
+                    )
+                for j, c in enumerate(cols):
+                    acc[:, :, c - lo : c - lo + tw].addcmul_(probs[j], importance)
+                if on_tiles is not None:
+                    on_tiles(len(cols))
+            # Columns [fin_hi, hi) are also covered by the next block's tiles: carry them.
+            carry = acc[:, :, fin_hi - lo :].clone() if fin_hi < hi else None
+            carry_hi = hi
+            if i + 1 < len(ys) and band is not None and done < th:
+                # Rows [y_next, y + th) are also covered by the next strip's tiles. The band's
+                # columns [lo, fin_hi) of this strip were read above (or by earlier blocks).
+                band[:, : th - done, lo:fin_hi].copy_(acc[:, done:, : fin_hi - lo])
+            yield FinishedBlock(
+                y, y_next, lo, fin_hi, window, acc[:, :done, : fin_hi - lo],
+                weight_y[y:y_next], weight_x[lo:fin_hi],
+            )
 
 
 def predict_tiled(

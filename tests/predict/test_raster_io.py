@@ -1,4 +1,5 @@
-"""Windowed raster reading (segpipe.data.io.RasterReader / probe_raster)."""
+"""Windowed raster reading (segpipe.data.io.RasterReader / probe_raster), and rasters predicted
+block by block."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+import segpipe.predict.engine as engine
+import segpipe.predict.tiling as tiling
 from segpipe.data.io import ImageReadError, open_raster, probe_raster, write_image
+from segpipe.predict.command import predict
 
 
 def _tif(path: Path, data: np.ndarray, **kw) -> Path:
@@ -46,3 +50,78 @@ def test_plain_images_are_not_rasters(tmp_path: Path) -> None:
     (tmp_path / "z.tif").write_bytes(b"")
     with pytest.raises(ImageReadError, match="0 bytes"):
         probe_raster(tmp_path / "z.tif")
+
+
+# ------------------------------------------------------------------ prediction by blocks
+def _force_block_cols(monkeypatch: pytest.MonkeyPatch, cols: int, seen: list[tuple]) -> None:
+    """Make `segpipe predict` blend rasters in blocks of at most ``cols`` columns."""
+    original = tiling.sliding_window_blocks
+
+    def blocks(*args, **kwargs):
+        kwargs["block_cols"] = cols
+        for blk in original(*args, **kwargs):
+            seen.append((blk.row0, blk.row1, blk.col0, blk.col1))
+            yield blk
+
+    monkeypatch.setattr(engine, "sliding_window_blocks", blocks)
+
+
+def _predict(ckpt: Path, src: Path, out: Path, formats: list[str]) -> None:
+    summary = predict(ckpt, src, out, formats=formats, tile=64, overlap=0.25, batch_size=3,
+                      precision="32-true", accelerator="cpu", num_workers=0, progress=False)
+    assert summary.written == 1 and not summary.failed, summary.report()
+
+
+def test_raster_blocks_equal_the_in_memory_sliding_window(
+    tmp_path: Path, unet_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GeoTIFF blended in blocks of ≤ 100 columns gives the labels and probabilities of the
+    same pixels as a PNG predicted in memory (`predict_tiled`, whole strips)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, (3, 150, 330), dtype=np.uint8)
+    (tmp_path / "tif").mkdir()
+    _tif(tmp_path / "tif" / "scene.tif", data, crs="EPSG:32633",
+         transform=from_origin(500000, 4600000, 10, 10))
+    write_image(tmp_path / "png" / "scene.png", np.moveaxis(data, 0, -1))
+    _predict(unet_ckpt, tmp_path / "png", tmp_path / "whole", ["mask", "probs"])
+    seen: list[tuple] = []
+    _force_block_cols(monkeypatch, 100, seen)
+    _predict(unet_ckpt, tmp_path / "tif", tmp_path / "blocks", ["geotiff", "probs", "mask"])
+    assert len({c0 for _, _, c0, _ in seen}) >= 4 and len({r0 for r0, _, _, _ in seen}) >= 3
+    with rasterio.open(tmp_path / "blocks" / "scene.tif") as ds:
+        labels = ds.read(1)
+    with rasterio.open(tmp_path / "blocks" / "scene_probs.tif") as a, \
+            rasterio.open(tmp_path / "whole" / "scene_probs.tif") as b:
+        pa, pb = a.read().astype(int), b.read().astype(int)
+    whole = np.asarray(Image.open(tmp_path / "whole" / "scene.png"))
+    assert np.array_equal(labels, whole)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "blocks" / "scene.png")), whole)
+    assert np.abs(pa - pb).max() <= 1
+
+
+def test_raster_blocks_keep_nodata(
+    tmp_path: Path, unet_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodata across block edges: 255 labels and zero probabilities there, and the same
+    outputs as one block per strip (the row-strip path)."""
+    rng = np.random.default_rng(6)
+    data = rng.integers(1, 256, (3, 140, 300), dtype=np.uint8)
+    data[:, 30:90, 70:160] = 0  # spans strips and blocks
+    (tmp_path / "in").mkdir()
+    _tif(tmp_path / "in" / "nd.tif", data, nodata=0, crs="EPSG:32633",
+         transform=from_origin(500000, 4600000, 10, 10))
+    outs = {}
+    for cols in (80, 10**6):
+        seen: list[tuple] = []
+        _force_block_cols(monkeypatch, cols, seen)
+        out = tmp_path / f"out{cols}"
+        _predict(unet_ckpt, tmp_path / "in", out, ["geotiff", "probs"])
+        with rasterio.open(out / "nd.tif") as ds, rasterio.open(out / "nd_probs.tif") as p:
+            outs[cols] = (ds.read(1), p.read(), len({c0 for _, _, c0, _ in seen}))
+    (lab, probs, nblocks), (lab1, probs1, nblocks1) = outs[80], outs[10**6]
+    assert nblocks >= 4 and nblocks1 == 1
+    assert (lab[30:90, 70:160] == 255).all() and (probs[:, 30:90, 70:160] == 0).all()
+    assert (lab != 255).sum() == lab.size - 60 * 90
+    assert np.array_equal(lab, lab1) and np.abs(probs.astype(int) - probs1).max() <= 1

@@ -1,4 +1,5 @@
-"""Sliding-window inference: tile grid, Gaussian map, strips, equality with whole-image inference."""
+"""Sliding-window inference: tile grid, Gaussian map, strips, blocks, equality with whole-image
+inference."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from segpipe.models import UNet
 from segpipe.predict.tiling import (
     TensorSource,
     TileGrid,
+    column_blocks,
     gaussian_importance_map,
     gaussian_window,
     predict_tiled,
     sliding_window,
+    sliding_window_blocks,
     tile_starts,
 )
 
@@ -87,3 +90,99 @@ def test_tiled_unet_stays_close_to_whole_image() -> None:
     agree = (tiled.argmax(0) == whole.argmax(0)).float().mean().item()
     assert agree > 0.97, agree
     assert (tiled - whole).abs().mean().item() < 0.02
+
+
+# ------------------------------------------------------------------ blocks
+class _RecordingSource(TensorSource):
+    """A TensorSource that records the windows read."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        super().__init__(image)
+        self.windows: list[tuple[int, int, int, int]] = []
+
+    def window(self, row0: int, row1: int, col0: int, col1: int) -> torch.Tensor:
+        self.windows.append((row0, row1, col0, col1))
+        return super().window(row0, row1, col0, col1)
+
+
+def _assemble_blocks(x: torch.Tensor, fn, k: int, tile, overlap: float, batch_size: int,
+                     block_cols: int, source: TensorSource | None = None):
+    """(K, H, W) probabilities and labels from the blocks; checks each pixel comes once."""
+    h, w = x.shape[-2:]
+    probs = torch.full((k, h, w), float("nan"))
+    labels = torch.full((h, w), -1, dtype=torch.int64)
+    seen = torch.zeros((h, w), dtype=torch.int32)
+    order = []
+    for blk in sliding_window_blocks(source or TensorSource(x), fn, k, tile, overlap, batch_size,
+                                     block_cols=block_cols):
+        order.append((blk.row0, blk.col0))
+        probs[:, blk.row0 : blk.row1, blk.col0 : blk.col1] = blk.probs()
+        labels[blk.row0 : blk.row1, blk.col0 : blk.col1] = blk.labels()
+        seen[blk.row0 : blk.row1, blk.col0 : blk.col1] += 1
+    assert (seen == 1).all()
+    assert order == sorted(order)  # strips top to bottom, blocks left to right
+    return probs, labels
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, num_classes=4, base_channels=4, depth=2).eval()
+    return lambda x: net(x).softmax(1)  # noqa: E731
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape,tile,overlap,block_cols", [
+    ((150, 230), 64, 0.25, 100),     # blocks of one tile
+    ((150, 230), 64, 0.25, 150),     # blocks of two tiles, carried halo
+    ((150, 230), 64, 0.5, 4096),     # one block per strip
+    ((97, 203), (32, 48), 0.0, 96),  # no overlap: blocks meet on tile edges
+    ((130, 260), 40, 0.7, 90),       # overlap above 1/2: three strips share rows
+    ((40, 300), 64, 0.25, 128),      # one strip (tile clamped to the height)
+])
+def test_blocks_equal_in_memory_predict_tiled(shape, tile, overlap, block_cols) -> None:
+    """Same tiles, same Gaussian weights, same summation order: the blocked path gives the
+    in-memory sliding window's probabilities (float rounding aside) with a real (tiny) U-Net."""
+    fn = _tiny_unet()
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+    ref = predict_tiled(x, fn, 4, tile, overlap, batch_size=3)
+    probs, labels = _assemble_blocks(x, fn, 4, tile, overlap, 3, block_cols)
+    assert torch.allclose(probs, ref, atol=1e-6, rtol=0)
+    top2 = ref.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-5  # not a near-tie
+    assert torch.equal(labels[clear], ref.argmax(0)[clear])
+    assert torch.equal(labels, probs.argmax(0))
+
+
+@torch.no_grad()
+def test_blocks_are_bit_identical_for_a_batch_independent_net() -> None:
+    fn = _pointwise()
+    x = torch.randn(3, 170, 333)
+    ref = predict_tiled(x, fn, 5, 48, 0.25, batch_size=4)
+    probs, _ = _assemble_blocks(x, fn, 5, 48, 0.25, 2, 100)
+    assert torch.equal(probs, ref)
+
+
+@torch.no_grad()
+def test_blocks_read_bounded_windows_and_count_every_tile_once() -> None:
+    fn = _pointwise()
+    x = torch.randn(3, 200, 1000)
+    src = _RecordingSource(x)
+    tiles: list[int] = []
+    grid = TileGrid.make(200, 1000, 64, 0.25)
+    for _ in sliding_window_blocks(src, fn, 5, 64, 0.25, batch_size=3, block_cols=200,
+                                   on_tiles=tiles.append):
+        pass
+    assert sum(tiles) == grid.num_tiles  # nothing computed twice
+    assert max(tiles) <= 3
+    assert all(c1 - c0 <= 200 and r1 - r0 == 64 for r0, r1, c0, c1 in src.windows)
+    assert len(src.windows) == len(grid.ys) * len(column_blocks(grid.xs, 64, 200))
+
+
+@pytest.mark.parametrize("xs,tw,cols,expected", [
+    ([0, 48, 96, 136], 64, 120, [(0, 2), (2, 4)]),
+    ([0, 48, 96, 136], 64, 10, [(0, 1), (1, 2), (2, 3), (3, 4)]),  # at least one tile
+    ([0, 48, 96, 136], 64, 4096, [(0, 4)]),
+    ([0], 64, 32, [(0, 1)]),
+])
+def test_column_blocks_partition_the_tiles(xs, tw, cols, expected) -> None:
+    assert column_blocks(xs, tw, cols) == expected
