@@ -3,18 +3,24 @@
 of predicting large GeoTIFFs.
 
 1. Throughput: `segpipe predict` (the real code path: Lightning Trainer, PNG decoding in DataLoader
-   workers, softmax/argmax, atomic PNG writes) on a folder of 480x360 PNGs, against a bare
-   ``task(x)`` loop over the same images preloaded as normalised tensors (same network, precision
-   and batch size). Both after a warm-up. Goal: ratio >= 0.9.
-2. Peak RSS of predicting a synthetic 3-band GeoTIFF of each ``--rss-sizes`` (default 4000 and
-   16000 pixels square) with a tiny U-Net, each in a fresh subprocess (``ru_maxrss``). Goal: well
-   under 3 GB and about the same for every size (memory is constant in the height and grows
-   only with the width: one strip of tiles).
+   workers, softmax/argmax, atomic PNG writes) on a folder of 480x360 PNGs, against a bare loop
+   over the same images preloaded as normalised CPU tensors: copy to the device, ``task(x)``,
+   arg-max, labels back to the CPU (same network, precision and batch size, same ``--device``).
+   Each round is one whole pass of each over all the images, bare then segpipe; on CUDA the
+   clock is read after ``torch.cuda.synchronize()``. Both after a warm-up. Goal: ratio >= 0.9.
+2. Peak host RSS of predicting a synthetic 3-band GeoTIFF of each ``--rss-sizes`` (default 4096
+   and 16384 pixels square; ``--rss-height`` for wide, short rasters) with a tiny U-Net and
+   ``--rss-classes`` classes, each in a fresh subprocess (``VmHWM``; on CUDA also the peak of
+   GPU memory allocated by torch). Goal: well under 3 GB, about the same for every size.
 
-    python scripts/bench_predict.py                        # both, default sizes (a few minutes on 2 cores)
+``--device`` (cpu or cuda; default cuda when available, as `segpipe predict` picks it) sets the
+device of both sides and of the raster runs.
+
+    python scripts/bench_predict.py                        # both, default sizes (minutes on 2 cores)
     python scripts/bench_predict.py --skip-rss --images 96 # throughput only
-    python scripts/bench_predict.py --skip-throughput --rss-sizes 4000 30000
-    python scripts/bench_predict.py --precision 32-true --batch-size 8
+    python scripts/bench_predict.py --skip-throughput --rss-sizes 4096 16384
+    python scripts/bench_predict.py --skip-throughput --rss-sizes 65536 --rss-height 1024
+    python scripts/bench_predict.py --device cuda --precision bf16-mixed --batch-size 8
 """
 
 from __future__ import annotations
@@ -33,6 +39,45 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def pick_device(name: str | None) -> str:
+    """``cpu`` or ``cuda``: ``name``, or what segpipe would use (cuda when available).
+
+    Exits with a one-line message when CUDA is asked for and not available.
+    """
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        sys.exit(f"{Path(__file__).name}: error: --device cuda: CUDA is not available ({why}); "
+                 "use --device cpu")
+    return name
+
+
+def precision_for(device: str) -> str:
+    """segpipe's default precision (:func:`segpipe.runtime.default_precision`) on ``device``."""
+    import torch
+
+    from segpipe.runtime import default_precision
+
+    if device == "cuda":
+        return default_precision()
+    try:  # as default_precision() on a machine without CUDA
+        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    except (AttributeError, RuntimeError):
+        return "32-true"
+
+
+def autocast_for(device: str, precision: str):  # noqa: ANN201 - a torch.autocast
+    """The autocast context matching a Lightning ``precision`` on ``device``."""
+    import torch
+
+    dtype = torch.float16 if precision.startswith("16") else torch.bfloat16
+    return torch.autocast(device, dtype=dtype, enabled=precision.split("-")[0] in ("bf16", "16"))
 
 
 # ------------------------------------------------------------------------------ data
@@ -95,19 +140,22 @@ def make_ckpt(path: Path, base_channels: int, depth: int, num_classes: int) -> P
 def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import torch
 
-    from segpipe.runtime import default_precision
     from segpipe.data.datasets import PredictDataset
     from segpipe.predict.checkpoint import load_predictor
     from segpipe.predict.command import predict
 
-    precision = args.precision or default_precision()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    precision = args.precision or precision_for(args.device)
     images = make_images(work / "images", args.images)
     ckpt = make_ckpt(work / "unet.ckpt", args.base_channels, args.depth, args.classes)
     common = dict(
-        formats=["mask"], batch_size=args.batch_size, precision=precision, accelerator="cpu",
-        progress=False, num_workers=args.num_workers, overwrite=True,
+        formats=["mask"], batch_size=args.batch_size, precision=precision,
+        accelerator="gpu" if cuda else "cpu", progress=False, num_workers=args.num_workers,
+        overwrite=True,
     )
     task, cfg = load_predictor(ckpt)
+    task.to(device)
     if task.channels_last:
         task.net.to(memory_format=torch.channels_last)
     ds = PredictDataset(sorted(images.glob("*.png")), mean=cfg.mean, std=cfg.std,
@@ -116,28 +164,42 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, float]:
         torch.stack([ds[j]["image"] for j in range(i, min(i + args.batch_size, len(ds)))])
         for i in range(0, len(ds), args.batch_size)
     ]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    if cuda:
+        batches = [b.pin_memory() for b in batches]
+    autocast = autocast_for(device.type, precision)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def bare_batch(b: torch.Tensor) -> torch.Tensor:
+        x = b.to(device, non_blocking=True)
+        return task(x).argmax(dim=1).to("cpu", torch.uint8)
 
     def run_bare() -> float:
         with torch.inference_mode(), autocast:
+            sync()
             t0 = time.perf_counter()
             for b in batches:
-                task(b)
+                bare_batch(b)
+            sync()
             return time.perf_counter() - t0
 
     def run_segpipe() -> tuple[float, float]:
+        sync()
         t0 = time.perf_counter()
         summary = predict(ckpt, images, work / "out", **common)
+        sync()
         elapsed = time.perf_counter() - t0
         assert summary.written == args.images and not summary.failed, summary.report()
         return elapsed, summary.seconds
 
-    # warm-up (oneDNN kernels, file cache), then alternate the two; each one's best round is
-    # kept, and each round's own ratio shown: on a shared machine the load of other processes
-    # otherwise decides the ratio
+    # warm-up (oneDNN kernels / cuDNN autotuning, file cache), then alternate the two, a whole
+    # pass over the images each; each one's best round is kept, and each round's own ratio
+    # shown: on a shared machine the load of other processes otherwise decides the ratio
     predict(ckpt, images / "00000.png", work / "warm", **common)
     with torch.inference_mode(), autocast:
-        task(batches[0])
+        bare_batch(batches[0])
     rounds = []
     for _ in range(args.rounds):
         bare = run_bare()
@@ -180,22 +242,30 @@ def rss_child(argv: list[str]) -> None:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--precision", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--formats", nargs="+", default=["geotiff"])
     a = p.parse_args(argv)
+    import torch
+
     from segpipe.predict.command import predict
 
+    cuda = a.device == "cuda"
     before = peak_rss_mb()
     t0 = time.perf_counter()
-    summary = predict(a.ckpt, a.input, a.output, formats=["geotiff"], tile=a.tile,
-                      batch_size=a.batch_size, precision=a.precision, accelerator="cpu",
-                      progress=False, num_workers=0, overwrite=True)
+    summary = predict(a.ckpt, a.input, a.output, formats=a.formats, tile=a.tile,
+                      batch_size=a.batch_size, precision=a.precision,
+                      accelerator="gpu" if cuda else "cpu", progress=False, num_workers=0,
+                      overwrite=True)
     seconds = time.perf_counter() - t0
     assert summary.written == 1, summary.report()
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_before_predict_mb": before,
-                      "seconds": seconds}))
+    row = {"peak_rss_mb": peak_rss_mb(), "rss_before_predict_mb": before, "seconds": seconds}
+    if cuda:
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(row))
 
 
 def bench_rss(args: argparse.Namespace, work: Path) -> dict[int, dict[str, float]]:
-    ckpt = make_ckpt(work / "tiny.ckpt", args.rss_base_channels, args.rss_depth, 3)
+    ckpt = make_ckpt(work / "tiny.ckpt", args.rss_base_channels, args.rss_depth, args.rss_classes)
     out: dict[int, dict[str, float]] = {}
     for size in args.rss_sizes:
         t0 = time.perf_counter()
@@ -203,7 +273,8 @@ def bench_rss(args: argparse.Namespace, work: Path) -> dict[int, dict[str, float
         made = time.perf_counter() - t0
         cmd = [sys.executable, __file__, "_rss", "--ckpt", str(ckpt), "--input", str(tif),
                "--output", str(work / f"out_{size}"), "--tile", str(args.tile),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--device", args.device,
+               "--formats", *args.rss_formats]
         if args.precision:
             cmd += ["--precision", args.precision]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -215,6 +286,14 @@ def bench_rss(args: argparse.Namespace, work: Path) -> dict[int, dict[str, float
         out[size] = row
         tif.unlink()
     return out
+
+
+def describe_device(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return "cpu"
 
 
 def main() -> None:
@@ -230,34 +309,49 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=48, help="480x360 images for throughput")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--precision", default=None, help="default: segpipe's default_precision()")
+    p.add_argument("--precision", default=None,
+                   help="default: segpipe's default precision on the chosen device")
     p.add_argument("--base-channels", type=int, default=16, help="U-Net width (throughput)")
     p.add_argument("--depth", type=int, default=4, help="U-Net depth (throughput)")
     p.add_argument("--classes", type=int, default=11)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")
-    p.add_argument("--rss-sizes", type=int, nargs="+", default=[4000, 16000],
+    p.add_argument("--rss-sizes", type=int, nargs="+", default=[4096, 16384],
                    help="raster widths (and heights) for the memory runs")
     p.add_argument("--rss-height", type=int, default=None,
-                   help="use this height for every raster (memory only depends on the width: "
-                        "e.g. --rss-sizes 30000 --rss-height 2048 gives a 30k x 30k's peak fast)")
+                   help="use this height for every raster (memory does not depend on the "
+                        "height: e.g. --rss-sizes 65536 --rss-height 1024 gives a 65536-wide "
+                        "raster's peak fast)")
     p.add_argument("--tile", type=int, default=512, help="tile of the raster runs")
     p.add_argument("--rss-base-channels", type=int, default=2, help="U-Net width (raster runs)")
     p.add_argument("--rss-depth", type=int, default=1, help="U-Net depth (raster runs)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--workdir", default=None, help="keep the data here (default: a temp dir)")
+    p.add_argument("--rss-classes", type=int, default=11,
+                   help="classes of the raster runs' U-Net (the class-score accumulators hold "
+                        "one float per class and pixel)")
+    p.add_argument("--rss-formats", nargs="+", default=["geotiff"],
+                   help="output formats of the raster runs (geotiff, probs)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device of both sides and of the raster runs (default: cuda when "
+                        "available, as segpipe predict)")
     args = p.parse_args()
+    args.device = pick_device(args.device)
+    args.precision = args.precision or precision_for(args.device)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         if not args.skip_throughput:
             r = bench_throughput(args, work)
-            print(f"throughput ({args.images} images 480x360, U-Net({args.base_channels}, "
-                  f"depth {args.depth}), batch {args.batch_size}, {r['precision']}, "
-                  f"{os.cpu_count()} CPUs):")
+            print(f"throughput on {describe_device(args.device)} ({args.images} images "
+                  f"480x360, U-Net({args.base_channels}, depth {args.depth}), batch "
+                  f"{args.batch_size}, {r['precision']}, {os.cpu_count()} CPUs); each round a "
+                  "whole pass of each, bare then segpipe" + (", clock read after "
+                  "torch.cuda.synchronize()" if args.device == "cuda" else "") + ":")
             print(f"  segpipe predict: {r['segpipe_images_per_s']:.2f} images/s (prediction loop: "
                   "decode, normalise, forward, argmax, atomic PNG writes)")
-            print(f"  bare task(x) loop: {r['bare_images_per_s']:.2f} images/s (preloaded tensors)")
+            print(f"  bare loop: {r['bare_images_per_s']:.2f} images/s (preloaded CPU tensors: "
+                  "copy to the device, task(x), argmax, labels to the CPU)")
             print(f"  ratio: {r['ratio']:.3f} (best rounds; goal >= 0.9); per round, bare and "
                   f"segpipe back to back: {r['paired_ratios']}")
             print(f"  end to end, with loading the checkpoint and starting the Trainer "
@@ -266,10 +360,15 @@ def main() -> None:
                   f"ratio {r['ratio_end_to_end']:.3f}")
         if not args.skip_rss:
             rows = bench_rss(args, work)
-            print(f"peak RSS of predicting a 3-band GeoTIFF (U-Net({args.rss_base_channels}, "
-                  f"depth {args.rss_depth}), tile {args.tile}, batch {args.batch_size}):")
+            print(f"peak RSS of predicting a 3-band GeoTIFF on {args.device} "
+                  f"(U-Net({args.rss_base_channels}, depth {args.rss_depth}), "
+                  f"{args.rss_classes} classes, tile {args.tile}, batch {args.batch_size}, "
+                  f"formats {' '.join(args.rss_formats)}):")
             for size, row in rows.items():
-                print(f"  {size}x{args.rss_height or size} (WxH): peak {row['peak_rss_mb']:.0f} MB "
+                cuda_peak = (f", peak CUDA memory {row['peak_cuda_mb']:.0f} MB"
+                             if "peak_cuda_mb" in row else "")
+                print(f"  {size}x{args.rss_height or size} (WxH): peak {row['peak_rss_mb']:.0f} MB"
+                      f"{cuda_peak} "
                       f"(process before predict {row['rss_before_predict_mb']:.0f} MB), "
                       f"{row['seconds']:.1f} s, input {row['input_mb_on_disk']:.0f} MB on disk")
 

@@ -1,28 +1,37 @@
 #!/usr/bin/env python
-"""Training throughput of `segpipe fit` against a bare PyTorch loop (same model, batch, precision).
+"""Training throughput of `segpipe fit` against a bare PyTorch loop (same model, batch, precision,
+device).
 
 segpipe's side is the real command (LightningCLI, datamodule reading PNGs from disk with
 albumentations augmentation in DataLoader workers, checkpoints, logging); the bare loop trains the
-same network with the same optimiser and loss on one batch already in memory.
+same network with the same optimiser and loss on one batch already in the device's memory.
 
     python scripts/bench_train.py                       # synthetic 480x360 data, U-Net(16), batch 8, 224 crops
     python scripts/bench_train.py --data-root ../shared/data/camvid --layout camvid
     python scripts/bench_train.py --precision 32-true   # fp32 instead of the default bf16 (where supported)
     python scripts/bench_train.py --mode rounds         # whole runs one after the other instead
+    python scripts/bench_train.py --device cuda         # both sides on the GPU (rounds of whole epochs)
 
-The default ``--mode interleaved`` pairs every step: after each `segpipe fit` training step a
-callback runs one bare-loop step in the same process, timed on its own, with segpipe's DataLoader
-workers paused (SIGSTOP) so that they neither slow the bare step down nor get ahead for free
-during it. segpipe's time per step is everything else: waiting for data, the training step,
-hooks, logging, checkpoints and epoch ends. Pairing step by step cancels the machine's drift,
-which on a shared VM moves whole runs by ±30 %, so the ratio measures segpipe's overhead rather
-than the neighbours. The first epoch is warm-up (it fills segpipe's decoded-image cache, as any
-real run's first epoch does); the next ``--epochs`` are timed, epoch ends included.
+``--device`` (cpu or cuda; default cuda when available, as `segpipe fit` picks it) sets the device
+of both sides. Only whole epochs are timed, epoch ends included; the first epoch of each side is
+warm-up (it fills segpipe's decoded-image cache, as any real run's first epoch does, and lets
+oneDNN/cuDNN pick their kernels).
 
-``--mode rounds`` runs `segpipe fit` and the bare loop one after the other, ``--rounds`` times,
-and prints each round's ratio: the same comparison, exposed to the drift.
+``--mode interleaved`` (the default on CPU) pairs every step: after each `segpipe fit` training
+step a callback runs one bare-loop step in the same process, timed on its own, with segpipe's
+DataLoader workers paused (SIGSTOP) so that they neither slow the bare step down nor get ahead for
+free during it. segpipe's time is everything else from the start of the first timed epoch to the
+end of the last one: waiting for data, the training steps, hooks, logging, checkpoints and epoch
+ends. Pairing step by step cancels the machine's drift, which on a shared VM moves whole runs by
+±30 %, so the ratio measures segpipe's overhead rather than the neighbours. It is refused on CUDA:
+kernels run asynchronously, so segpipe's queued work would run on while the bare step is timed.
 
-Goal: ratio (segpipe images/s over bare images/s) >= 0.95.
+``--mode rounds`` (the default on CUDA) alternates whole runs, ``--rounds`` times: a `segpipe fit`
+of one warm-up epoch and ``--epochs`` timed ones, then the bare loop for as many epochs of as many
+steps; on CUDA the clock is read after ``torch.cuda.synchronize()``. Each round's ratio is
+printed: the same comparison, exposed to the drift.
+
+Goal: ratio (segpipe images/s over bare images/s) >= 0.95 on CPU, >= 0.9 on CUDA.
 """
 
 from __future__ import annotations
@@ -43,7 +52,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.callbacks import Throughput  # noqa: E402
 from segpipe.cli import run_cli  # noqa: E402
 from segpipe.runtime import default_precision  # noqa: E402
 from segpipe.models import UNet  # noqa: E402
@@ -68,26 +76,77 @@ def make_data(root: Path, n: int, num_classes: int) -> Path:
     return root
 
 
-class BareLoop:
-    """The reference: U-Net, AdamW, cross-entropy, autocast, one in-memory batch."""
+def pick_device(name: str | None) -> torch.device:
+    """``name``, or what segpipe would use (cuda when available); exits with a one-line message
+    when CUDA is asked for and not available."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        sys.exit(f"{Path(__file__).name}: error: --device cuda: CUDA is not available ({why}); "
+                 "use --device cpu")
+    return torch.device(name)
 
-    def __init__(self, args: argparse.Namespace) -> None:
+
+def precision_for(device: torch.device) -> str:
+    """segpipe's default precision (:func:`segpipe.runtime.default_precision`) on ``device``."""
+    if device.type == "cuda":
+        return default_precision()
+    try:  # as default_precision() on a machine without CUDA
+        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    except (AttributeError, RuntimeError):
+        return "32-true"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that the clock reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class BareLoop:
+    """The reference: U-Net, AdamW, cross-entropy, autocast, one batch in the device's memory."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device | str = "cpu") -> None:
         torch.manual_seed(0)
-        self.net = UNet(3, args.classes, base_channels=args.base, depth=4)
+        self.device = device = torch.device(device)
+        self.net = UNet(3, args.classes, base_channels=args.base, depth=4).to(device)
         self.net.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-4)
         shape = (args.batch_size, 3, args.crop, args.crop)
-        self.x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop))
-        self.bf16 = args.precision.startswith("bf16")
+        self.x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop),
+                               device=device)
+        mode = args.precision.split("-")[0]
+        self.autocast = torch.autocast(
+            device.type, dtype=torch.float16 if mode == "16" else torch.bfloat16,
+            enabled=mode in ("bf16", "16"),
+        )
+        # fp16 needs loss scaling, as Lightning's 16-mixed does
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "16" else None
 
     def step(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with self.autocast:
             logits = self.net(self.x)
         loss = torch.nn.functional.cross_entropy(logits.float(), self.y, ignore_index=255)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+
+    def epochs(self, epochs: int, steps: int) -> float:
+        """Seconds for ``epochs`` epochs of ``steps`` steps (the queued work finished)."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(epochs * steps):
+            self.step()
+        synchronize(self.device)
+        return time.perf_counter() - t0
 
 
 def _signal_workers(sig: int) -> None:
@@ -98,7 +157,11 @@ def _signal_workers(sig: int) -> None:
 
 
 class Interleave(L.Callback):
-    """After each segpipe training step, one bare step timed on its own, loader workers paused.
+    """After each segpipe training step, one bare step timed on its own, loader workers paused
+    (CPU only).
+
+    segpipe's time runs from the start of the first timed epoch to the end of training (the last
+    epoch's end included), less the bare steps.
 
     Args:
         bare: The bare loop.
@@ -110,11 +173,13 @@ class Interleave(L.Callback):
         self.warmup_epochs = warmup_epochs
         self.segpipe_s: list[float] = []
         self.bare_s: list[float] = []
+        self.tail_s = 0.0  # after the last step: the last epoch's end
         self.images = 0
         self._mark = 0.0
 
-    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self._mark = time.perf_counter()
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.current_epoch == self.warmup_epochs:
+            self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         t0 = time.perf_counter()
@@ -135,6 +200,46 @@ class Interleave(L.Callback):
             self.images += int(batch["image"].shape[0])
         self._mark = time.perf_counter()
 
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if self.segpipe_s:
+            self.tail_s = time.perf_counter() - self._mark
+
+
+class EpochTimer(L.Callback):
+    """Wall time of segpipe's epochs after the warm-up ones, epoch ends included.
+
+    Args:
+        warmup_epochs: Epochs not timed.
+        device: The training device (synchronised before the clock is read).
+    """
+
+    def __init__(self, warmup_epochs: int, device: torch.device) -> None:
+        self.warmup_epochs = warmup_epochs
+        self.device = device
+        self.images = 0
+        self.steps = 0
+        self.epochs = 0
+        self._t0: float | None = None
+        self.seconds = float("nan")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.current_epoch == self.warmup_epochs:
+            synchronize(self.device)
+            self._t0 = time.perf_counter()
+        if trainer.current_epoch >= self.warmup_epochs:
+            self.epochs += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.current_epoch >= self.warmup_epochs:
+            self.images += int(batch["image"].shape[0])
+            self.steps += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        # after every callback's on_train_epoch_end (checkpoints) of the last epoch
+        if self._t0 is not None:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self._t0
+
 
 def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer: object) -> list[str]:
     """`segpipe fit` arguments: the folder config with the bench's model, data and precision."""
@@ -146,6 +251,8 @@ def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer:
         "--model.loss=ce",  # as the bare loop
         f"--model.net.init_args.base_channels={args.base}",
         f"--trainer.precision={args.precision}",
+        f"--trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
+        "--trainer.devices=1",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={run_dir}",
         *(f"--trainer.{k}={v}" for k, v in trainer.items()),
@@ -156,12 +263,12 @@ def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer:
 
 def run_interleaved(args: argparse.Namespace, root: Path, run_dir: Path) -> tuple[float, float]:
     """One `segpipe fit` with a paired bare step after each step; (segpipe, bare) images/s."""
-    meter = Interleave(BareLoop(args), warmup_epochs=1)
+    meter = Interleave(BareLoop(args, args.device), warmup_epochs=1)
     run_cli(
         segpipe_args(args, root, run_dir, max_epochs=1 + args.epochs),
         callbacks=[meter],
     )
-    seg_s, bare_s = sum(meter.segpipe_s), sum(meter.bare_s)
+    seg_s, bare_s = sum(meter.segpipe_s) + meter.tail_s, sum(meter.bare_s)
     steps = len(meter.segpipe_s)
     # Spread of the pairing: the ratio over each fifth of the timed steps.
     parts = [slice(i * steps // 5, (i + 1) * steps // 5) for i in range(5)]
@@ -169,27 +276,25 @@ def run_interleaved(args: argparse.Namespace, root: Path, run_dir: Path) -> tupl
     print(f"  {steps} paired steps; ratio per fifth of them: "
           + ", ".join(f"{r:.3f}" for r in spread)
           + f"; median step segpipe {1000 * statistics.median(meter.segpipe_s):.0f} ms, "
-          f"bare {1000 * statistics.median(meter.bare_s):.0f} ms", flush=True)
+          f"bare {1000 * statistics.median(meter.bare_s):.0f} ms; last epoch end "
+          f"{1000 * meter.tail_s:.0f} ms", flush=True)
     return meter.images / seg_s, meter.images / bare_s
 
 
-def run_segpipe_alone(args: argparse.Namespace, root: Path, run_dir: Path, warmup: int) -> float:
-    cli = run_cli(
-        [*segpipe_args(args, root, run_dir, max_steps=warmup + args.steps),
-         "--trainer.callbacks+=segpipe.callbacks.Throughput",
-         f"--trainer.callbacks.warmup_steps={warmup}"]
-    )
-    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput)).images_per_second
-
-
-def run_bare_alone(args: argparse.Namespace, warmup: int) -> float:
-    bare = BareLoop(args)
-    for _ in range(warmup):
-        bare.step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        bare.step()
-    return args.steps * args.batch_size / (time.perf_counter() - t0)
+def run_rounds(args: argparse.Namespace, root: Path, run_dir: Path) -> tuple[float, float]:
+    """A `segpipe fit` of 1 + ``--epochs`` epochs, then the bare loop for as many epochs of as
+    many steps (after one warm-up epoch); (segpipe, bare) images/s over the timed epochs."""
+    timer = EpochTimer(warmup_epochs=1, device=args.device)
+    run_cli(segpipe_args(args, root, run_dir, max_epochs=1 + args.epochs), callbacks=[timer])
+    if not timer.steps:
+        raise RuntimeError("segpipe fit ran no timed epoch (a time limit in the config?)")
+    steps = round(timer.steps / timer.epochs)
+    bare = BareLoop(args, args.device)
+    bare.epochs(1, steps)  # warm-up epoch
+    bare_s = bare.epochs(timer.epochs, steps)
+    print(f"  {timer.epochs} timed epoch(s) of {steps} steps each side; segpipe "
+          f"{timer.seconds:.2f} s, bare {bare_s:.2f} s", flush=True)
+    return timer.images / timer.seconds, timer.epochs * steps * args.batch_size / bare_s
 
 
 def main() -> None:
@@ -203,30 +308,46 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--base", type=int, default=16, help="U-Net base channels")
-    p.add_argument("--mode", choices=["interleaved", "rounds"], default="interleaved")
-    p.add_argument("--epochs", type=int, default=2, help="interleaved: timed epochs after the first")
-    p.add_argument("--steps", type=int, default=30, help="rounds: timed steps per run")
+    p.add_argument("--mode", choices=["interleaved", "rounds"], default=None,
+                   help="default: interleaved on CPU, rounds on CUDA (where interleaving is invalid)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device of both sides (default: cuda when available, as segpipe fit)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one")
     p.add_argument("--rounds", type=int, default=1,
                    help="how many times to repeat the measurement (interleaved: whole fits)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: segpipe's)")
-    p.add_argument("--precision", default=default_precision())
+    p.add_argument("--precision", default=None,
+                   help="default: segpipe's default precision on the chosen device")
     p.add_argument("override", nargs="*", help="extra segpipe fit overrides, e.g. --model.log_train_metrics=true")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
+    args.device = pick_device(args.device)
+    cuda = args.device.type == "cuda"
+    args.precision = args.precision or precision_for(args.device)
+    if args.mode is None:
+        args.mode = "rounds" if cuda else "interleaved"
+    elif args.mode == "interleaved" and cuda:
+        sys.exit(f"{Path(__file__).name}: error: --mode interleaved is not valid on CUDA (kernels "
+                 "run asynchronously: segpipe's queued work would run on while the bare step is "
+                 "timed); use --mode rounds")
+    where = (f"cuda ({torch.cuda.get_device_name(args.device)})" if cuda
+             else f"cpu, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, precision {args.precision}, "
           f"U-Net(base={args.base}), batch {args.batch_size}, crops {args.crop}x{args.crop}, "
-          f"mode {args.mode}, {args.rounds} round(s)", flush=True)
+          f"mode {args.mode}, {args.rounds} round(s), {args.epochs} timed epoch(s) after 1 "
+          "warm-up epoch", flush=True)
+    if args.mode == "rounds":
+        print("  rounds: whole epochs of segpipe fit, then of the bare loop"
+              + ("; on CUDA interleaving steps is not valid (asynchronous kernels), the clock "
+                 "is read after torch.cuda.synchronize()" if cuda else ""), flush=True)
     segs, bares = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_root or make_data(Path(tmp) / "data", args.images, args.classes)
-        steps_per_epoch = None if args.data_root else args.images // args.batch_size
         for r in range(args.rounds):
             run_dir = Path(tmp) / f"run{r}"
             if args.mode == "interleaved":
                 seg, bare = run_interleaved(args, root, run_dir)
             else:
-                warmup = steps_per_epoch or 12
-                seg = run_segpipe_alone(args, root, run_dir, warmup)
-                bare = run_bare_alone(args, warmup)
+                seg, bare = run_rounds(args, root, run_dir)
             segs.append(seg)
             bares.append(bare)
             print(f"round {r + 1}: segpipe fit {seg:6.2f} images/s, bare loop {bare:6.2f} "
@@ -234,7 +355,8 @@ def main() -> None:
     ratios = [s / b for s, b in zip(segs, bares)]
     if len(ratios) > 1:
         print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.3f}")
-    print(f"ratio: {statistics.median(ratios):.3f}  (goal >= 0.95)")
+    goal = 0.9 if cuda else 0.95
+    print(f"ratio: {statistics.median(ratios):.3f}  (goal >= {goal})")
 
 
 if __name__ == "__main__":

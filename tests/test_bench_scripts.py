@@ -10,15 +10,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 TINY = ["--images", "8", "--batch-size", "2", "--crop", "32", "--base", "4", "--classes", "3",
         "--precision", "32-true"]
 
 
 @pytest.mark.parametrize("mode", ["interleaved", "rounds"])
 def test_bench_train_prints_paired_throughput(mode: str) -> None:
-    extra = ["--epochs", "1"] if mode == "interleaved" else ["--steps", "3", "--rounds", "2"]
+    extra = ["--epochs", "1"] if mode == "interleaved" else ["--epochs", "1", "--rounds", "2"]
     res = subprocess.run(
-        [sys.executable, "scripts/bench_train.py", "--mode", mode, *TINY, *extra],
+        [sys.executable, "scripts/bench_train.py", "--device", "cpu", "--mode", mode, *TINY,
+         *extra],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -28,8 +37,10 @@ def test_bench_train_prints_paired_throughput(mode: str) -> None:
     for seg, bare, ratio in rounds:
         assert float(seg) > 0 and float(bare) > 0
         assert float(ratio) == pytest.approx(float(seg) / float(bare), abs=2e-3)
-    if mode == "interleaved":
+    if mode == "interleaved":  # 8 images, batch 2: one timed epoch of 4 steps
         assert re.search(r"4 paired steps; ratio per fifth", res.stdout), res.stdout
+    else:
+        assert len(re.findall(r"1 timed epoch\(s\) of 4 steps each side", res.stdout)) == 2, res.stdout
     assert re.search(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", res.stdout, re.M), res.stdout
 
 
@@ -44,3 +55,32 @@ def test_bench_malloc_compares_both_settings() -> None:
     if sys.platform.startswith("linux"):
         assert re.search(r"pair 1: segpipe \(mallopt\) +[\d.]+ ms/step", res.stdout), res.stdout
     assert "median: glibc default" in res.stdout
+
+
+def test_bench_predict_runs_both_parts_on_cpu(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_predict.py", "--device", "cpu", "--images", "4",
+         "--batch-size", "2", "--base-channels", "4", "--depth", "2", "--classes", "3",
+         "--rounds", "1", "--precision", "32-true", "--rss-sizes", "300", "--rss-height", "200",
+         "--tile", "128", "--rss-classes", "3", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"^throughput on cpu \(4 images", res.stdout, re.M), res.stdout
+    assert re.search(r"ratio: [\d.]+ \(best rounds", res.stdout), res.stdout
+    assert re.search(r"300x200 \(WxH\): peak \d+ MB", res.stdout), res.stdout
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py"])
+def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
+    res = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--device", "cuda"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert re.fullmatch(rf"{script}: error: --device cuda: CUDA is not available \(.+\); "
+                        r"use --device cpu", lines[0]), lines[0]
+    assert "Traceback" not in res.stderr and not res.stdout.strip()
