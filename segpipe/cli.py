@@ -333,6 +333,18 @@ class SegpipeCLI(LightningCLI):
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     stale.unlink(missing_ok=True)
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder
+        weights are not read (the checkpoint's weights replace them), so testing or resuming
+        works on a machine without the weights cache."""
+        if getattr(self, "_ckpt_path", None):
+            from segpipe.models.smp import no_pretrained_weights
+
+            with no_pretrained_weights():
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with :class:`~segpipe.callbacks.SafeCheckpointIO` for checkpoints and,
         for ``checkpoint.save_last``, a :class:`~segpipe.callbacks.LastCheckpoint`."""

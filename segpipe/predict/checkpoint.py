@@ -210,10 +210,13 @@ def load_predictor(
     spec = checkpoint_spec(ckpt, path)
     try:
         # The spec is checked against the network below, with the checkpoint named.
-        task = SegmentationTask.load_from_checkpoint(
-            path, map_location=map_location, weights_only=True, data_spec=None, num_classes=None,
-            class_names=None,
-        )
+        from segpipe.models.smp import no_pretrained_weights
+
+        with no_pretrained_weights():  # the checkpoint's weights replace them anyway
+            task = SegmentationTask.load_from_checkpoint(
+                path, map_location=map_location, weights_only=True, data_spec=None,
+                num_classes=None, class_names=None,
+            )
     except Exception as exc:  # noqa: BLE001 - re-raised with the file and the likely fix
         raise CheckpointError(
             f"{path}: could not rebuild {net_cfg.get('class_path')} from the checkpoint "

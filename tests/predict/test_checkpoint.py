@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from segpipe.models import UNet
-from segpipe.predict.checkpoint import CheckpointError, load_predictor, read_checkpoint
+from segpipe.predict.checkpoint import (
+    CheckpointError,
+    load_predictor,
+    read_checkpoint,
+    save_predict_checkpoint,
+)
 from segpipe.tasks import SegmentationTask
 from tests.predict.conftest import make_ckpt
 
@@ -84,3 +89,21 @@ def test_checkpoints_from_before_the_data_spec_still_load(tmp_path: Path) -> Non
     assert cfg.class_names == ["bg", "red", "green"] and cfg.ignore_index == 255
     assert cfg.mean == [0.0] * 3 and cfg.class_colors[1] == [4, 5, 6]
     assert cfg.eval_resize == (8, 8) and task.spec.class_names == cfg.class_names
+
+
+def test_pretrained_encoder_weights_are_not_needed_to_predict(tmp_path: Path) -> None:
+    """The checkpoint holds every weight: its encoder_weights file or cache may be gone."""
+    from segpipe.models import SmpModel
+
+    args = {"arch": "fpn", "encoder_name": "mobilenet_v2", "num_classes": 2}
+    net = SmpModel(**args)
+    ckpt = save_predict_checkpoint(
+        tmp_path / "smp.ckpt",
+        net={"class_path": "segpipe.models.SmpModel",
+             "init_args": {**args, "encoder_weights": str(tmp_path / "gone.pth")}},
+        data={"num_classes": 2, "in_channels": 3},
+        state_dict={f"net.{k}": v for k, v in net.state_dict().items()},
+    )
+    task, _ = load_predictor(ckpt)
+    assert torch.equal(task.net.state_dict()["model.segmentation_head.0.weight"],
+                       net.state_dict()["model.segmentation_head.0.weight"])
