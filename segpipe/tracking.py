@@ -180,12 +180,16 @@ class TestFigures(L.Callback):
     _FIGURES = ("confusion_matrix", "per_class_iou")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not trainer.loggers:
+        if not trainer.loggers:
+            return
+        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
             return
         from segpipe.data.io import read_image
         from segpipe.report import REPORT_FILES_DIR
 
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_FILES_DIR
+        folder = Path(log_dir) / REPORT_FILES_DIR
         for name in self._FIGURES:
             path = folder / f"{name}.png"
             if path.is_file():
