@@ -15,13 +15,15 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from segpipe.data.spec import DataSpec, spec_from_legacy
-from segpipe.tasks import SegmentationTask
+
+if TYPE_CHECKING:  # imported where a task is built: the task module loads Lightning and smp
+    from segpipe.tasks import SegmentationTask
 
 __all__ = [
     "CheckpointError",
@@ -211,6 +213,7 @@ def load_predictor(
     try:
         # The spec is checked against the network below, with the checkpoint named.
         from segpipe.models.smp import no_pretrained_weights
+        from segpipe.tasks import SegmentationTask
 
         with no_pretrained_weights():  # the checkpoint's weights replace them anyway
             task = SegmentationTask.load_from_checkpoint(
@@ -275,6 +278,7 @@ def save_predict_checkpoint(
     from lightning.pytorch.cli import instantiate_module
 
     from segpipe.fileio import atomic_open
+    from segpipe.tasks import SegmentationTask
 
     net_cfg = {"class_path": net["class_path"], "init_args": dict(net.get("init_args") or {})}
     hparams: dict[str, Any] = {"net": net_cfg, **task_kwargs}

@@ -24,24 +24,17 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segpipe.argparsing import CommandParser
-from segpipe.data.datasets import find_images
 from segpipe.data.io import IMAGE_EXTENSIONS
 from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir
-from segpipe.predict.checkpoint import CheckpointError, load_predictor
-from segpipe.predict.engine import (
-    InputFile,
-    OutputDiskFullError,
-    PredictFailed,
-    PredictInputs,
-    PredictModule,
-    PredictOptions,
-    PredictSummary,
-    WritingCallback,
-    collate_records,
-)
 from segpipe.predict.writers import FORMATS, PredictionWriter
+
+# torch, Lightning and the task (smp/timm) are imported when a prediction runs, not for --help
+# or a usage error.
+if TYPE_CHECKING:
+    from segpipe.predict.engine import InputFile, PredictSummary
 
 __all__ = [
     "PredictUsageError",
@@ -83,6 +76,9 @@ def find_inputs(
     Raises:
         FileNotFoundError: When ``input_path`` does not exist.
     """
+    from segpipe.data.datasets import find_images
+    from segpipe.predict.engine import InputFile
+
     src = Path(input_path)
     files = find_images(src)
     root = src if src.is_dir() else src.parent
@@ -210,6 +206,16 @@ def predict(
 
     from segpipe.runtime import default_precision
     from segpipe.data.loading import default_num_workers
+    from segpipe.predict.checkpoint import load_predictor
+    from segpipe.predict.engine import (
+        OutputDiskFullError,
+        PredictFailed,
+        PredictInputs,
+        PredictModule,
+        PredictOptions,
+        WritingCallback,
+        collate_records,
+    )
 
     if tile is not None and tile < 1:
         raise PredictUsageError(f"--tile must be a positive number of pixels, got {tile}")
@@ -366,6 +372,9 @@ def build_parser() -> CommandParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``segpipe predict``; returns the exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from segpipe.predict.checkpoint import CheckpointError
+    from segpipe.predict.engine import OutputDiskFullError
+
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

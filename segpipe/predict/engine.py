@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as L
 import numpy as np
@@ -53,7 +53,9 @@ from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.tiling import FinishedBlock, TileGrid, predict_tiled, sliding_window_blocks
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
-from segpipe.tasks import SegmentationTask
+
+if TYPE_CHECKING:  # annotations only: the task module loads smp/timm
+    from segpipe.tasks import SegmentationTask
 
 __all__ = [
     "InputFile",

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from segpipe.fileio import atomic_path, atomic_write_json
 from segpipe.predict.checkpoint import CheckpointError, PredictConfig, load_predictor
-from segpipe.tasks import pad_to_multiple
 
 __all__ = ["OnnxTask", "export_onnx", "load_onnx_predictor", "sidecar_path"]
 
@@ -135,6 +134,8 @@ class OnnxTask(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits."""
+        from segpipe.tasks import pad_to_multiple  # the task module loads Lightning and smp
+
         padded, (h, w) = pad_to_multiple(x.float(), self.pad_multiple)
         logits = self.session.run(None, {"image": padded.contiguous().cpu().numpy()})[0]
         return torch.from_numpy(logits)[..., :h, :w].to(x.device)

@@ -38,13 +38,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from segpipe.data.io import RasterInfo, RasterWriter, pixel_limit, write_image, write_label_png
 from segpipe.fileio import AtomicFile, DiskFullError, disk_full_error
-from segpipe.predict.checkpoint import PredictConfig
+
+if TYPE_CHECKING:  # annotations only: the checkpoint module loads torch
+    from segpipe.predict.checkpoint import PredictConfig
 
 __all__ = [
     "FORMATS",
