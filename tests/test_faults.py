@@ -74,7 +74,11 @@ def _fit_cmd(data: Path, root: Path, progress: Path, sleep: float, *extra: str) 
     return [
         sys.executable, "-m", "segpipe.cli", "fit", *TINY,
         f"--data.root={data}", f"--trainer.default_root_dir={root}",
-        f"--trainer.max_epochs={EPOCHS}", f"--model.lr_scheduler.init_args.T_max={EPOCHS}",
+        # an epoch schedule: a time-budget one depends on measured times, not only on the seed
+        f"--trainer.max_epochs={EPOCHS}", "--trainer.max_time=null",
+        "--model.scheduler_interval=epoch",
+        "--model.lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR",
+        f"--model.lr_scheduler.init_args.T_max={EPOCHS}",
         "--model.net.init_args.dropout=0.2",  # draws from torch's global RNG: must be restored too
         "--data.num_workers=1",  # augmentation runs in a (persistent) worker process
         "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",

@@ -11,7 +11,7 @@ from segpipe.cli import main
 from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
-TINY = [*TINY_UNET, "--data.num_workers=0", "--trainer.max_epochs=2"]
+TINY = [*TINY_UNET, "--data.num_workers=0", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")

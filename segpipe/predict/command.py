@@ -24,6 +24,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from typing import TYPE_CHECKING
 
 from segpipe.argparsing import CommandParser
@@ -375,8 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.engine import OutputDiskFullError
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # Lightning's start-up chatter; restored afterwards (Python callers)
+        logger.setLevel(logging.WARNING)
+    try:
+        return _run(args, CheckpointError, OutputDiskFullError)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  # noqa: N803
+    """The prediction of ``main``, with its reporting; returns the exit code."""
     try:
         summary = predict(
             args.ckpt_path, args.input, args.output, formats=_formats(args.formats),
