@@ -62,14 +62,15 @@ def default_loggers(root: str | Path, version: int | None) -> list[Any]:
         version: N of ``version_N``; None lets each logger find the next free one.
 
     Returns:
-        ``[TensorBoardLogger, CSVLogger]`` (CSV only where TensorBoard is not installed).
+        ``[CSVLogger, TensorBoardLogger]`` (CSV only where TensorBoard is not installed).
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     common: dict[str, Any] = {"save_dir": str(root), "name": "lightning_logs", "version": version}
+    # CSV first: it creates the folder and warns when it finds files there (TensorBoard's).
     loggers: list[Any] = [CSVLogger(**common)]
     if has_tensorboard():
-        loggers.insert(0, TensorBoardLogger(**common, default_hp_metric=False))
+        loggers.append(TensorBoardLogger(**common, default_hp_metric=False))
     return loggers
 
 
