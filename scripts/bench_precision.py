@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.cli import run_cli  # noqa: E402
+from segpipe.lightning_cli import run_cli  # noqa: E402
 
 
 def validate(args: argparse.Namespace, precision: str) -> tuple[dict[str, float], float]:

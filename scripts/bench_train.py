@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.cli import run_cli  # noqa: E402
+from segpipe.lightning_cli import run_cli  # noqa: E402
 from segpipe.runtime import default_precision  # noqa: E402
 from segpipe.models import UNet  # noqa: E402
 

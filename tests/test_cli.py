@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segpipe.cli import main, resolve_checkpoint_alias
+from segpipe.cli import main
+from segpipe.lightning_cli import resolve_checkpoint_alias
 from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
@@ -172,3 +173,28 @@ def test_missing_data_root_is_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(err) == 1
     assert err[0].startswith("segpipe: error: data root") and "Set --data.root" in err[0]
+
+
+_LIGHT_START = """
+import sys
+import segpipe.cli, segpipe.data
+for argv in (["--help"], ["predict", "--help"], ["export", "--help"], ["demo", "--help"],
+             ["predict", "--no-such-option"]):
+    try:
+        segpipe.cli.main(argv)
+    except SystemExit:
+        pass
+heavy = ("torch", "lightning", "jsonargparse", "albumentations", "rasterio",
+         "segmentation_models_pytorch", "timm", "matplotlib")
+print("HEAVY:" + ",".join(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_commands_import_only_what_they_use():
+    """`segpipe --help`, `predict --help`, a usage error and `import segpipe.data` load neither
+    torch nor Lightning (a command imports what it runs: seconds on a cold start)."""
+    res = subprocess.run([sys.executable, "-c", _LIGHT_START], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    heavy = [ln for ln in res.stdout.splitlines() if ln.startswith("HEAVY:")]
+    assert heavy == ["HEAVY:"], heavy

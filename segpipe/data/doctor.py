@@ -50,7 +50,7 @@ import numpy as np
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from segpipe.argparsing import HelpFormatter
+from segpipe.helpformat import HelpFormatter
 from segpipe.data.checks import (
     Problem,
     ProblemGroup,

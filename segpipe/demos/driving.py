@@ -270,7 +270,7 @@ def run_driving_demo(
         segpipe.demos.download.DownloadError: The download failed verification.
     """
     from segpipe.cli import main as segpipe_main
-    from segpipe.cli import run_cli
+    from segpipe.lightning_cli import run_cli
 
     start = time.perf_counter()
     started_at = time.time()

@@ -20,7 +20,8 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from segpipe.cli import main, run_cli
+from segpipe.cli import main
+from segpipe.lightning_cli import run_cli
 from segpipe.models import FCN, SmpModel, UNet
 from segpipe.tasks import SegmentationTask
 from segpipe.tasks.finetune import (

@@ -1,0 +1,403 @@
+"""``segpipe fit|validate|test``: LightningCLI with segpipe's checkpointing, data→model links and
+one-line user errors.
+
+Imported only by these commands (:func:`segpipe.cli.main` dispatches), so ``segpipe predict``,
+``segpipe --help`` and the others start without loading Lightning's CLI, jsonargparse's type
+system or the task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from segpipe.helpformat import HelpFormatter
+from segpipe.callbacks import (
+    PARTIAL_SUFFIX,
+    CheckpointWriteError,
+    LastCheckpoint,
+    TestMetricsWriter,
+    UnsafeCheckpointError,
+    install_safe_checkpoint_io,
+    load_checkpoint_file,
+)
+from segpipe.data.checks import DataCheckError
+from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
+from segpipe.data.spec import DataSpec
+from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_output_dir
+from segpipe.models.smp import PretrainedWeightsUnavailableError
+from segpipe.runtime import default_precision, tune_allocator
+from segpipe.tasks.finetune import TransferLearningError
+from segpipe.tasks.schedules import AnnealToDeadline
+from segpipe.tasks.segmentation import SegmentationTask
+from segpipe.tracking import (
+    TestFigures,
+    ThrottledProgressBar,
+    ValidationImages,
+    default_loggers,
+    next_version,
+)
+
+__all__ = [
+    "USER_ERRORS",
+    "CheckpointNotFoundError",
+    "SegpipeCLI",
+    "resolve_checkpoint_alias",
+    "run_cli",
+]
+
+#: The data module used when ``data:`` names no ``class_path``.
+_DEFAULT_DATA = "segpipe.data.SegmentationDataModule"
+
+#: ``data.*`` options that make up the data spec linked into ``model.data_spec``.
+_SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_channels", "bands",
+              "mean", "std", "eval_resize")
+
+
+def _data_spec(*values: Any) -> dict[str, Any]:
+    """``model.data_spec`` from the ``data.*`` options of :data:`_SPEC_ARGS` (checked)."""
+    return DataSpec.create(**dict(zip(_SPEC_ARGS, values))).to_dict()
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """``--ckpt_path best|last`` names a checkpoint the run folder does not hold."""
+
+
+def _checkpoint_dir(cfg: Any) -> Path:
+    """The run's checkpoint folder: ``checkpoint.dirpath``, else ``<default_root_dir>/checkpoints``."""
+    if cfg.checkpoint.get("dirpath"):
+        return Path(cfg.checkpoint.dirpath)
+    return Path(cfg.trainer.default_root_dir or ".") / "checkpoints"
+
+
+def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = True) -> str:
+    """Turn ``--ckpt_path best`` or ``last`` into a file of the run in ``ckpt_dir``.
+
+    ``best`` is the best model recorded in ``last.ckpt``'s checkpoint-callback state (written
+    after every validation); when that is missing or moved, the newest other ``*.ckpt`` file.
+
+    Args:
+        alias: ``"best"`` or ``"last"``.
+        ckpt_dir: The run's checkpoint folder.
+        weights_only: Safe loading of ``last.ckpt`` when it is read for the best model's path.
+
+    Returns:
+        The checkpoint file's path.
+
+    Raises:
+        CheckpointNotFoundError: When the folder holds no such checkpoint; the message says what
+            to run.
+    """
+    last = ckpt_dir / "last.ckpt"
+    if alias == "best":
+        if last.is_file():
+            state = load_checkpoint_file(last, map_location="cpu", weights_only=weights_only)
+            for key, cb_state in (state.get("callbacks") or {}).items():
+                best = cb_state.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+                if best and (ckpt_dir / Path(best).name).is_file():  # also when the run was moved
+                    return str(ckpt_dir / Path(best).name)
+                if best and Path(best).is_file():
+                    return str(best)
+        others = sorted(
+            (p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith(("last", TMP_PREFIX))),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if others:
+            return str(others[-1])
+    elif last.is_file():
+        return str(last)
+    raise CheckpointNotFoundError(
+        f"--ckpt_path {alias}: no {alias} checkpoint in {ckpt_dir}. Train first with "
+        "`segpipe fit` and the same --config/--trainer.default_root_dir (or checkpoint.dirpath), "
+        "or pass the checkpoint file itself."
+    )
+
+
+#: Errors ``main`` reports as one ``segpipe: error: ...`` line (exit code 2), not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataCheckError,  # the pre-flight check: every problem file, with the fix
+    DataRootError,  # data.root missing or not in the layout's shape
+    DataSplitError,  # a split the stage needs is missing or empty
+    DiskFullError,  # metrics, reports (checkpoints: CheckpointWriteError)
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    OutputDirError,
+    UnsafeCheckpointError,
+    PretrainedWeightsUnavailableError,  # named encoder weights neither cached nor downloadable
+    TransferLearningError,  # init_from unusable; resuming with other param groups than saved
+)
+
+
+def _checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Rough size of one checkpoint: weights, two optimiser moments per weight, buffers."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 3 * params + buffers + 2**20
+
+
+def _logger_dirs(logger: Any) -> list[str]:
+    """``save_dir`` of configured loggers (class_path/init_args), when given."""
+    items = logger if isinstance(logger, list) else [logger]
+    out = []
+    for item in items:
+        init = getattr(item, "init_args", None)
+        save_dir = getattr(init, "save_dir", None) if init is not None else None
+        if save_dir:
+            out.append(str(save_dir))
+    return out
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is rank 0 (before Lightning sets up; launchers set these variables)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+class SegpipeCLI(LightningCLI):
+    """LightningCLI with segpipe's checkpointing, metric writer and data→model links.
+
+    On top of LightningCLI: checkpoints are written atomically and read with
+    ``weights_only=True`` (:class:`~segpipe.callbacks.SafeCheckpointIO`; ``--weights_only
+    false`` opts into a full unpickle of trusted files; unset means true), and the output
+    folders are checked for write access and room before anything is built. Only public
+    LightningCLI hooks are overridden.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict is segpipe's own command (it works from a checkpoint alone).
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in {"fit", "validate", "test"}}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        """LightningCLI's parsers, with safe loading of ``--ckpt_path`` as the shown default."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            for sub in self.subcommands():
+                if "weights_only" in inspect.signature(getattr(self.trainer_class, sub)).parameters:
+                    self.parser.set_defaults({f"{sub}.weights_only": True})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then read ``--ckpt_path``'s hyperparameters with segpipe's loading rules.
+
+        LightningCLI (privately) re-reads the checkpoint named by ``ckpt_path`` after parsing,
+        always with ``weights_only=True`` and letting torch's long unpickling error through.
+        Here, with public hooks only: ``best``/``last`` in a new ``test``/``validate`` process
+        resolve to the run's files, a refused file raises
+        :class:`~segpipe.callbacks.UnsafeCheckpointError` naming it, ``--weights_only false`` is
+        honoured for trusted files, and the hyperparameters are merged into the config. The
+        path is then held back from Lightning's re-reading and handed to the trainer again in
+        :meth:`before_instantiate_classes`.
+        """
+        super().parse_arguments(parser, args)
+        self._ckpt_path: str | None = None
+        if not self.config.get("subcommand"):
+            return
+        cfg = self.config[self.config.subcommand]
+        if "ckpt_path" not in cfg:
+            return
+        weights_only = cfg.get("weights_only") is not False
+        if self.config.subcommand != "fit" and cfg.get("ckpt_path") in ("best", "last"):
+            # In a new process Lightning knows no best model; find the run's files instead.
+            cfg.ckpt_path = resolve_checkpoint_alias(cfg.ckpt_path, _checkpoint_dir(cfg), weights_only)
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
+        hparams = dict(ckpt.get("hyper_parameters", {}) or {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        if hparams:
+            try:
+                self.config = parser.parse_object(
+                    {self.config.subcommand: {"model": hparams}}, self.config
+                )
+            except SystemExit:
+                sys.stderr.write(f"Parsing of the hyperparameters in {ckpt_path} failed!\n")
+                raise
+        self._ckpt_path = str(ckpt_path)
+        self.config[self.config.subcommand].ckpt_path = None  # restored before instantiation
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/mIoU",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-epoch{epoch:03d}-mIoU{val/mIoU:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(TestMetricsWriter, "metrics_writer")
+        # The data section states classes and input once: the network gets its num_classes and
+        # in_channels from there, the task the whole spec (saved in every checkpoint).
+        # Any LightningDataModule may be given (``data.class_path``); segpipe's is the default,
+        # so configs may give its arguments directly under ``data:``.
+        parser.set_defaults({"data": {"class_path": _DEFAULT_DATA}})
+        parser.link_arguments("data.init_args.num_classes", "model.net.init_args.num_classes")
+        parser.link_arguments("data.init_args.in_channels", "model.net.init_args.in_channels")
+        parser.link_arguments(tuple(f"data.init_args.{k}" for k in _SPEC_ARGS),
+                              "model.data_spec", compute_fn=_data_spec)
+
+    def before_instantiate_classes(self) -> None:
+        # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = str(_checkpoint_dir(cfg))
+        if "weights_only" in cfg and cfg.weights_only is None:
+            cfg.weights_only = True  # safe loading of --ckpt_path; false opts out
+        if getattr(self, "_ckpt_path", None):
+            cfg.ckpt_path = self._ckpt_path  # held back in parse_arguments
+        self._split_step_checkpoint(cfg)
+        self._check_data_root(cfg)
+        self._check_outputs(cfg, subcommand)
+
+    @staticmethod
+    def _check_data_root(cfg: Any) -> None:
+        """Stop before anything is built when ``data.root`` is not there (the first mistake a
+        newcomer makes: a config's placeholder root)."""
+        data = cfg.get("data")
+        data = data.get("init_args") if data is not None and hasattr(data, "get") else None
+        root = data.get("root") if data is not None and hasattr(data, "get") else None
+        if root is None or Path(str(root)).expanduser().is_dir():
+            return
+        layout = data.get("layout") or "folder"
+        raise DataRootError(
+            f"data root {root} does not exist or is not a folder; the {layout!r} layout expects "
+            f"{LAYOUT_HELP.get(layout, 'its folders there')}. Set --data.root to the folder that "
+            "holds the data."
+        )
+
+    def _split_step_checkpoint(self, cfg: Any) -> None:
+        """Hand ``checkpoint.save_last`` (and ``every_n_train_steps``) to :class:`LastCheckpoint`.
+
+        Lightning 2.6's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only when the
+        monitored metric improves, and ``every_n_train_steps`` would stop its epoch-end saves and
+        rank ``best-*`` by the val metric of the previous epoch. So with a monitor, the
+        ``checkpoint`` callback keeps choosing ``best-*`` after each validation and segpipe's
+        :class:`~segpipe.callbacks.LastCheckpoint` writes ``last.ckpt`` after every validation
+        and every ``every_n_train_steps`` steps. The options are switched off for the
+        instantiated ``ModelCheckpoint`` only; the saved ``config.yaml`` keeps them as given.
+        """
+        ck = cfg.checkpoint
+        self._last_checkpoint: dict[str, Any] | None = None
+        if ck.get("save_last") is not True or ck.get("monitor") is None:
+            return  # "link", off, or no monitor: Lightning's own behaviour
+        steps = ck.get("every_n_train_steps")
+        if steps and (ck.get("every_n_epochs") is not None or ck.get("train_time_interval") is not None):
+            return  # a custom trigger combination: leave it to Lightning
+        self._last_checkpoint = {"save_last": True, "every_n_train_steps": steps}
+        ck.save_last = False
+        ck.every_n_train_steps = None
+
+    def _check_outputs(self, cfg: Any, subcommand: str | None) -> None:
+        """Fail before anything is built when an output folder cannot be written."""
+        root = cfg.trainer.default_root_dir or "."
+        check_output_dir(root, "logs, configs and metrics", "trainer.default_root_dir")
+        for save_dir in _logger_dirs(cfg.trainer.get("logger")):
+            check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
+        if subcommand in (None, "fit"):
+            ckpt_dir = check_output_dir(cfg.checkpoint.dirpath, "checkpoints", "checkpoint.dirpath")
+            if _is_rank_zero():
+                # Leftovers of checkpoint writes that a killed run did not finish.
+                for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
+                    stale.unlink(missing_ok=True)
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder
+        weights are not read (the checkpoint's weights replace them), so testing or resuming
+        works on a machine without the weights cache."""
+        if getattr(self, "_ckpt_path", None):
+            from segpipe.models.smp import no_pretrained_weights
+
+            with no_pretrained_weights():
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with :class:`~segpipe.callbacks.SafeCheckpointIO` for checkpoints and,
+        for ``checkpoint.save_last``, a :class:`~segpipe.callbacks.LastCheckpoint`."""
+        last = getattr(self, "_last_checkpoint", None)
+        if last:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            for key, value in last.items():  # the saved config.yaml shows the options as given
+                cfg.checkpoint[key] = value
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
+            root = cfg.trainer.default_root_dir or "."
+            kwargs["logger"] = default_loggers(root, next_version(root) if _is_rank_zero() else None)
+        trainer = super().instantiate_trainer(**kwargs)
+        install_safe_checkpoint_io(trainer)
+        for i, callback in enumerate(trainer.callbacks):
+            # Lightning's default bar (or one configured with its defaults): refreshed by time
+            # instead of after every step, so the host does not wait for the GPU at each step.
+            default_bar = type(callback) is TQDMProgressBar and callback.refresh_rate == 1
+            if default_bar and callback.process_position == 0:
+                trainer.callbacks[i] = ThrottledProgressBar()
+        if trainer.loggers:  # training you can watch: learning rate and val/test pictures
+            trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
+        trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
+        if last:
+            main_ckpt = self._get(self.config_init, "checkpoint")
+            trainer.callbacks.append(
+                LastCheckpoint(
+                    main_ckpt.dirpath,
+                    every_n_train_steps=last["every_n_train_steps"],
+                    save_weights_only=main_ckpt.save_weights_only,
+                )
+            )
+        return trainer
+
+    def before_fit(self) -> None:
+        """Check that the checkpoint folder has room for the checkpoints of this model."""
+        callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        need = 2 * _checkpoint_bytes(self.model)
+        for cb in callbacks:
+            if cb.dirpath is not None:
+                check_output_dir(cb.dirpath, "checkpoints", "checkpoint.dirpath", need_bytes=need)
+
+
+def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeCLI:
+    """Run ``segpipe fit|validate|test`` with ``args`` and return the CLI (trainer, model, data).
+
+    Args:
+        args: Command-line arguments after ``segpipe``.
+        callbacks: Callback objects added to the trainer's (after those from the config), for
+            callers in Python such as benchmarks and notebooks.
+    """
+    tune_allocator()
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
+    defaults: dict[str, Any] = {"precision": default_precision()}
+    if callbacks:
+        defaults["callbacks"] = list(callbacks)
+    try:
+        # No abbreviations (a misspelt --data.rot would be taken for --data.rotate90) and
+        # plain-text help with short lists.
+        kwargs = {"formatter_class": HelpFormatter, "allow_abbrev": False, "exit_on_error": False}
+        return SegpipeCLI(
+            SegmentationTask,
+            LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            trainer_defaults=defaults,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={**kwargs, **{sub: dict(kwargs) for sub in ("fit", "validate", "test")}},
+            # One way to set the optimiser and scheduler: model.optimizer/model.lr_scheduler.
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved_argv
