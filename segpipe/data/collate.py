@@ -1,12 +1,14 @@
 """Batching: :class:`PadCollate` pads differently sized items and writes each batch once.
 
 Batch format: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``,
-images laid out channels-last in memory (the format the task runs the network in).
+images laid out channels-last in memory (the format the task runs the network in). With the
+data set's ``uint8_images`` the image batch is uint8 until the data module normalises it on the
+device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,9 @@ class PadCollate:
             raise an error.
         hint: What to tell the user in that case.
         channels_last: Lay image batches out channels-last in memory (shape stays N, C, H, W).
+        normalize_uint8: Normalises a uint8 (C, H, W) image (the data set's ``uint8_images``)
+            when a batch mixes such images with float32 ones (8-bit files among converted or
+            16-bit ones); without it such a batch is an error.
     """
 
     def __init__(
@@ -54,15 +59,21 @@ class PadCollate:
         ignore_index: int | None,
         hint: str = "set data.ignore_index or data.eval_batch_size=1",
         channels_last: bool = True,
+        normalize_uint8: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.ignore_index = ignore_index
         self.hint = hint
         self.channels_last = channels_last
+        self.normalize_uint8 = normalize_uint8
 
     def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         images = [b["image"] for b in batch]
         paths = [str(b.get("path", "")) for b in batch]
+        if len({im.dtype for im in images}) > 1:
+            if self.normalize_uint8 is None:
+                raise ValueError(f"images in one batch have different dtypes ({', '.join(paths)})")
+            images = [self.normalize_uint8(im) if im.dtype == torch.uint8 else im for im in images]
         channels = {int(im.shape[0]) for im in images}
         if len(channels) > 1:
             raise ValueError(

@@ -48,7 +48,12 @@ from segpipe.data.loading import (
 )
 from segpipe.data.spec import DataSpec, training_symmetries
 from segpipe.data.stats import band_statistics, needs_measured_stats
-from segpipe.data.transforms import build_eval_transform, build_train_transform, seed_transform
+from segpipe.data.transforms import (
+    build_eval_transform,
+    build_train_transform,
+    normalize_uint8_batch,
+    seed_transform,
+)
 
 __all__ = ["LAYOUTS", "SegmentationDataModule"]
 
@@ -96,10 +101,22 @@ class SegmentationDataModule(L.LightningDataModule):
         mask_values: Raw mask value -> class, e.g. ``{0: 0, 255: 1}``.
         mask_colors: Colour table for RGB colour-coded masks (i-th colour = class i).
         batch_size: Training batch size.
+        samples_per_epoch: Training samples per epoch (default: the training set's size). For
+            small training sets (ISBI's 20 slices are 5 steps of 4) an epoch of a few steps is
+            dominated by its fixed work (loader start, epoch-end logging, validation and
+            ``last.ckpt`` at their epoch cadence); a fixed number of samples per epoch, as
+            nnU-Net's 250-iteration epochs, spreads it over more steps. Samples are drawn in
+            whole passes over the data, each in its own order, repeats augmented differently.
         eval_batch_size: Val/test/predict batch size (default ``batch_size``).
         num_workers: DataLoader workers (default :func:`default_num_workers`: CPUs that
             training leaves free, at most 4; 0 on a CPU whose cores all train).
         pin_memory: Pin host memory (default: when CUDA is available).
+        uint8_batches: Send 8-bit images to the device as uint8 (a quarter of float32's bytes
+            to copy and pin) and normalise them there, in :meth:`on_after_batch_transfer`; the
+            task always receives float32 normalised batches. Default: when training runs on a
+            CUDA GPU. Other images (16-bit, converted channels) are normalised while loading as
+            always. Padding of differently sized eval images is then black rather than the
+            mean colour (padded pixels are ignored by the metrics either way).
         persistent_workers: Keep workers between epochs (only when workers > 0).
         worker_niceness: Lower the workers' CPU priority by this much (default: 10 when no GPU
             is available, so loading does not pre-empt the CPU training threads; else 0).
@@ -149,9 +166,11 @@ class SegmentationDataModule(L.LightningDataModule):
         mask_values: dict[int, int] | None = None,
         mask_colors: list[list[int]] | None = None,
         batch_size: int = 8,
+        samples_per_epoch: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
+        uint8_batches: bool | None = None,
         persistent_workers: bool = True,
         worker_niceness: int | None = None,
         cache_mb: float | None = None,
@@ -178,6 +197,9 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if samples_per_epoch is not None and samples_per_epoch < batch_size:
+            raise ValueError(f"data.samples_per_epoch must be >= data.batch_size ({batch_size}) "
+                             f"or null (one pass over the training set), got {samples_per_epoch}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if limit_samples is not None and limit_samples < 1:
@@ -213,10 +235,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self.mask_values = {int(k): int(v) for k, v in mask_values.items()} if mask_values else None
         self.mask_colors = [list(map(int, c)) for c in mask_colors] if mask_colors else None
         self.batch_size = int(batch_size)
+        self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.uint8_batches = uint8_batches
         if worker_niceness is None:
             worker_niceness = 0 if torch.cuda.is_available() else 10
         if not 0 <= worker_niceness <= 19:
@@ -544,7 +568,35 @@ class SegmentationDataModule(L.LightningDataModule):
             num_classes=self.num_classes,
             seed=int(hp.seed) if split == "train" else None,
             cache_mb=self.cache_mb,
+            uint8_images=self._uint8_batches(),
         )
+
+    def _uint8_batches(self) -> bool:
+        """``data.uint8_batches``, by default whether the attached trainer runs on CUDA."""
+        if self.uint8_batches is not None:
+            return bool(self.uint8_batches)
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return False
+        try:
+            return trainer.strategy.root_device.type == "cuda"
+        except (AttributeError, RuntimeError):  # no strategy set up yet
+            return False
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise a uint8 image batch where it now is (the GPU); float32 batches pass.
+
+        Args:
+            batch: ``{"image": uint8 or float32 (N, C, H, W), ...}`` on the device.
+            dataloader_idx: Unused.
+
+        Returns:
+            The batch with a float32 normalised ``image``.
+        """
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if image is not None and image.dtype == torch.uint8:
+            batch["image"] = normalize_uint8_batch(image, self.mean, self.std)
+        return batch
 
     def _dataset(self, split: str) -> Any:
         if split not in self.datasets:
@@ -577,7 +629,11 @@ class SegmentationDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers,
-            "collate_fn": PadCollate(self.ignore_index, hint=hint),
+            "collate_fn": PadCollate(
+                self.ignore_index, hint=hint,
+                normalize_uint8=functools.partial(normalize_uint8_batch, mean=self.mean,
+                                                  std=self.std),
+            ),
             "worker_init_fn": (
                 functools.partial(seed_worker, niceness=self.worker_niceness)
                 if self.num_workers > 0 else None
@@ -587,7 +643,8 @@ class SegmentationDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(int(self.hparams.seed))
         if train:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                   seed=int(self.hparams.seed))
+                                   seed=int(self.hparams.seed),
+                                   samples_per_epoch=self.samples_per_epoch)
             return ResumableDataLoader(
                 dataset, sampler=sampler, drop_last=len(sampler) > bs, generator=generator,
                 **common,

@@ -675,14 +675,18 @@ class ItemKey(NamedTuple):
     Attributes:
         index: Sample index.
         epoch: Training epoch.
+        draw: Which pass over the data within the epoch (0 unless ``data.samples_per_epoch``
+            exceeds the training set, so that a sample drawn twice in one epoch is augmented
+            differently each time).
     """
 
     index: int
     epoch: int
+    draw: int = 0
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """Augmentation seed of one sample in one epoch: a hash of ``(seed, epoch, index)``.
+def item_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """Augmentation seed of one sample in one epoch: a hash of ``(seed, epoch, index[, draw])``.
 
     Independent of the process, the worker and of everything drawn before, so a resumed run
     augments every sample exactly as the uninterrupted run would have.
@@ -691,11 +695,14 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
         seed: Run seed (``data.seed``).
         epoch: Epoch.
         index: Sample index.
+        draw: Pass over the data within the epoch (:attr:`ItemKey.draw`); 0 hashes as before
+            passes existed.
 
     Returns:
         A 32-bit seed.
     """
-    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1)[0])
+    entropy = [int(seed), int(epoch), int(index)] + ([int(draw)] if draw else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class _TransformMixin:
@@ -719,7 +726,7 @@ class _TransformMixin:
         """
         if isinstance(key, ItemKey):
             if self.seed is not None:
-                self.reseed(item_seed(self.seed, key.epoch, key.index))
+                self.reseed(item_seed(self.seed, key.epoch, key.index, key.draw))
             return int(key.index)
         return int(key)
 
@@ -754,6 +761,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
         cache_mb: Keep decoded pairs (image in its file's dtype, checked labels) in memory up to
             this many MiB, so later epochs skip decoding and checking; 0 disables. Each
             DataLoader worker process holds its own cache.
+        uint8_images: Return 8-bit images that need no channel conversion as uint8 (C, H, W),
+            not normalised: the data module sends such batches to the GPU as uint8 (a quarter
+            of the bytes) and normalises them there
+            (:func:`~segpipe.data.transforms.normalize_uint8_batch`). Other images stay float32
+            normalised.
     """
 
     def __init__(
@@ -770,9 +782,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
         num_classes: int | None = None,
         seed: int | None = None,
         cache_mb: float = 0,
+        uint8_images: bool = False,
     ) -> None:
         self.samples = _as_samples(samples)
         self.transform = transform
+        self.uint8_images = bool(uint8_images)
         self.seed = None if seed is None else int(seed)
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -852,7 +866,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``, plus
-        ``"case": str`` when the samples belong to cases.
+        ``"case": str`` when the samples belong to cases (``image`` uint8 with
+        ``uint8_images``, see the class docstring).
 
         Args:
             index: Sample index, or an :class:`ItemKey` (index and epoch) from the training
@@ -870,7 +885,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
             fits = labels.dtype == np.uint8 and 0 <= (self.ignore_index or 0) <= 255
             out = self.transform(image=image, mask=labels if fits else labels.astype(np.int32))
             image, labels = out["image"], out["mask"]
-        img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
+        if self.uint8_images and image.dtype == np.uint8:
+            pixels = image if image.ndim == 3 else image[:, :, None]
+            img_t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        else:
+            img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
         mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         sample = self.samples[index]
         item = {"image": img_t, "mask": mask_t, "path": str(sample.image)}

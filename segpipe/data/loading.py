@@ -109,6 +109,11 @@ class EpochSampler(DistributedSampler):
         shuffle: Shuffle (else sequential order).
         seed: Seed of the permutations.
         drop_last: Drop the tail so that the data splits evenly, instead of padding.
+        samples_per_epoch: Samples per epoch over all ranks (default: the data set's size).
+            More than the data set: whole passes are concatenated, each its own permutation
+            (seeded by ``(seed, epoch, pass)``), and every item carries its pass number
+            (:attr:`ItemKey.draw`) so repeats are augmented differently; fewer: the first
+            ones of the epoch's permutation.
     """
 
     def __init__(
@@ -119,11 +124,20 @@ class EpochSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        samples_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
             drop_last=drop_last,
         )
+        self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
+        if self.samples_per_epoch is not None:
+            if self.samples_per_epoch < 1:
+                raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+            per_rank = (self.samples_per_epoch // self.num_replicas if drop_last
+                        else math.ceil(self.samples_per_epoch / self.num_replicas))
+            self.num_samples = max(1, per_rank)
+            self.total_size = self.num_samples * self.num_replicas
         self._resume: tuple[int, int] | None = None
         #: Epoch and number of leading items skipped by the latest :meth:`__iter__`.
         self.iter_epoch = 0
@@ -138,18 +152,38 @@ class EpochSampler(DistributedSampler):
         Returns:
             ``len(self)`` indices.
         """
+        return [key.index for key in self.keys(epoch)]
+
+    def keys(self, epoch: int) -> list[ItemKey]:
+        """This rank's items of ``epoch`` (index, epoch, pass), in order (before any resume skip).
+
+        Args:
+            epoch: Epoch.
+
+        Returns:
+            ``len(self)`` keys.
+        """
         n = len(self.dataset)
-        if self.shuffle:
-            seed = int(np.random.SeedSequence([int(self.seed), int(epoch)]).generate_state(1)[0])
-            indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        else:
-            indices = list(range(n))
-        if self.drop_last:
-            indices = indices[: self.total_size]
-        elif self.total_size > n:
+        keys: list[ItemKey] = []
+        draw = 0
+        while n and len(keys) < self.total_size:  # passes over the data, each its own order
+            keys += [ItemKey(i, int(epoch), draw) for i in self._order(epoch, draw, n)]
+            draw += 1
+            if self.samples_per_epoch is None:
+                break
+        if self.samples_per_epoch is None and self.total_size > n:  # DistributedSampler's pad
             padding = self.total_size - n
-            indices += (indices * math.ceil(padding / max(1, n)))[:padding]
-        return indices[self.rank : self.total_size : self.num_replicas]
+            keys += (keys * math.ceil(padding / max(1, n)))[:padding]
+        keys = keys[: self.total_size]
+        return keys[self.rank : self.total_size : self.num_replicas]
+
+    def _order(self, epoch: int, draw: int, n: int) -> list[int]:
+        """One pass's order of ``range(n)``: a permutation seeded by ``(seed, epoch[, draw])``."""
+        if not self.shuffle:
+            return list(range(n))
+        entropy = [int(self.seed), int(epoch)] + ([int(draw)] if draw else [])
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
     def resume(self, epoch: int, items: int) -> None:
         """Skip the first ``items`` indices of ``epoch`` the next time it is iterated.
@@ -170,7 +204,7 @@ class EpochSampler(DistributedSampler):
         self._resume = None
         self.iter_epoch, self.skipped = int(self.epoch), skip
         epoch = int(self.epoch)
-        return iter([ItemKey(i, epoch) for i in self.permutation(epoch)[skip:]])
+        return iter(self.keys(epoch)[skip:])
 
 
 class UnrepeatedSampler(DistributedSampler):

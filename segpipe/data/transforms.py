@@ -14,6 +14,7 @@ own value range.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "default_mean_std",
     "normalize",
     "normalize_to_tensor",
+    "normalize_uint8_batch",
     "seed_transform",
 ]
 
@@ -364,6 +366,14 @@ def _checked_stats(
     return m, s
 
 
+def _scale_offset(
+    mean: Sequence[float], std: Sequence[float], channels: int, unit: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``scale, offset`` with ``(x / unit - mean) / std == x * scale + offset``."""
+    m, s = _checked_stats(mean, std, channels, np.float64)
+    return (1.0 / (unit * s)).astype(np.float32), (-m / s).astype(np.float32)
+
+
 def normalize(
     image: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
@@ -412,10 +422,8 @@ def normalize_to_tensor(
     if image.ndim == 2:
         image = image[:, :, None]
     channels = image.shape[2]
-    m, s = _checked_stats(mean, std, channels, np.float64)
     unit = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
-    scale = (1.0 / (unit * s)).astype(np.float32)
-    offset = (-m / s).astype(np.float32)
+    scale, offset = _scale_offset(mean, std, channels, unit)
     pixels = np.ascontiguousarray(image, dtype=np.float32)
     if channels <= 4:
         affine = np.concatenate([np.diag(scale), offset[:, None]], axis=1)
@@ -426,3 +434,44 @@ def normalize_to_tensor(
             out[:, :, c] *= scale[c]
             out[:, :, c] += offset[c]
     return torch.from_numpy(out).permute(2, 0, 1)
+
+
+def normalize_uint8_batch(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Scale a uint8 batch to ``[0, 1]`` and normalise it, on the batch's device.
+
+    The same map as :func:`normalize_to_tensor` (``x * scale + offset`` with the same float32
+    constants), applied to a whole batch where it lives: the data module sends 8-bit batches
+    to a GPU as uint8, a quarter of the bytes of float32, and normalises them there. The
+    memory format (channels-last) is kept.
+
+    Args:
+        images: uint8 tensor (N, C, H, W) or (C, H, W).
+        mean: C values.
+        std: C values (non-zero).
+
+    Returns:
+        float32 tensor of the same shape, device and memory format.
+
+    Raises:
+        ValueError: When the lengths of mean/std do not match the channel count.
+    """
+    channels = images.shape[-3]
+    scale, offset = _scale_offset(mean, std, channels, 255.0)
+    scale_t, offset_t = _device_constants(tuple(scale.tolist()), tuple(offset.tolist()),
+                                          images.device)
+    out = images.to(torch.float32)
+    return out.mul_(scale_t).add_(offset_t)
+
+
+@functools.lru_cache(maxsize=32)
+def _device_constants(
+    scale: tuple[float, ...], offset: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 1, 1) float32 tensors on ``device``, made once: copying them there for every batch
+    would make the host wait for the device at each step."""
+    def make(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    return make(scale), make(offset)

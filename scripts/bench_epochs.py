@@ -1,0 +1,129 @@
+"""Per-epoch overhead of `segpipe fit` with short epochs, and what `data.samples_per_epoch` saves.
+
+A small training set (ISBI's 26 training slices are 6 steps of 4) makes epochs of a few steps,
+and each epoch has fixed work: the loader's iterator is restarted (with workers, their prefetch
+pipeline drains and refills), epoch-end metrics are logged, callbacks run. This bench trains
+the same number of steps on ISBI-sized synthetic data (26 grayscale 512² slices, batch 4,
+256² crops, U-Net base 16, validation off so only epochs differ) twice: with one pass over the
+data per epoch and with ``--data.samples_per_epoch`` (default 200 = 50 steps, as
+``configs/isbi_unet.yaml``). It prints the median gap between two steps inside an epoch, the
+median gap across an epoch boundary, and their difference: the per-epoch overhead in ms, and
+its share of the run.
+
+    python scripts/bench_epochs.py                    # this machine's default device
+    python scripts/bench_epochs.py --device cuda --num-workers 4
+
+Run it alone on the machine: other load inflates both gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segpipe.data.io import write_image, write_mask  # noqa: E402
+from segpipe.lightning_cli import run_cli  # noqa: E402
+
+
+class Gaps(L.Callback):
+    """Times from one training step's end to the next step's start, inside and across epochs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.inside: list[float] = []
+        self.across: list[float] = []
+        self._end: float | None = None
+        self._epoch_start = False
+        self.t0 = self.t1 = 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t0 = self._now()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = self._now()
+        if self._end is not None:  # not the run's first step
+            (self.across if self._epoch_start else self.inside).append(now - self._end)
+        self._epoch_start = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._end = self._now()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.t1 = self._now()
+
+
+def make_data(root: Path, slices: int = 30, size: int = 512) -> Path:
+    rng = np.random.default_rng(0)
+    for split, idx in (("train", range(slices - 4)), ("val", range(slices - 4, slices))):
+        for i in idx:
+            labels = (rng.random((size // 16, size // 16)) > 0.2).astype(np.uint8)
+            labels = np.kron(labels, np.ones((16, 16), np.uint8))
+            image = (labels * 120 + rng.integers(0, 100, (size, size))).astype(np.uint8)
+            write_image(root / split / "image" / f"{i:02d}.png", image)
+            write_mask(root / split / "label" / f"{i:02d}.png", labels * 255)
+    return root
+
+
+def run(root: Path, out: Path, steps: int, extra: list[str], args: argparse.Namespace) -> Gaps:
+    device = torch.device(args.device)
+    gaps = Gaps(device)
+    run_cli(["fit", "--config", "configs/isbi_unet.yaml", f"--data.root={root}",
+             f"--trainer.default_root_dir={out}", f"--trainer.max_steps={steps}",
+             "--trainer.max_time=null", "--trainer.limit_val_batches=0",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--trainer.logger=false", "--checkpoint.save_last=false", "--checkpoint.save_top_k=0",
+             f"--trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+             f"--data.num_workers={args.num_workers}", *extra], callbacks=[gaps])
+    return gaps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=120, help="training steps per run (120)")
+    p.add_argument("--samples-per-epoch", type=int, default=200)
+    p.add_argument("--num-workers", type=int, default=0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_data(Path(tmp) / "isbi")
+        rows = []
+        for label, extra in (("one pass per epoch (6 steps)", ["--data.samples_per_epoch=null"]),
+                             (f"samples_per_epoch={args.samples_per_epoch}",
+                              [f"--data.samples_per_epoch={args.samples_per_epoch}"])):
+            g = run(root, Path(tmp) / label.split()[0], args.steps, extra, args)
+            inside, across = statistics.median(g.inside), statistics.median(g.across)
+            epochs = len(g.across) + 1
+            overhead = max(0.0, across - inside) * len(g.across)
+            wall = g.t1 - g.t0
+            rows.append((label, epochs, inside * 1e3, across * 1e3, (across - inside) * 1e3,
+                         100 * overhead / wall, wall))
+    print(f"device {args.device}, {args.steps} steps of batch 4 (256² crops, U-Net base 16), "
+          f"{args.num_workers} loader workers")
+    print(f"{'epochs':<32} {'n':>4} {'gap in epoch':>13} {'gap at epoch start':>19} "
+          f"{'per-epoch overhead':>19} {'share':>6} {'wall':>7}")
+    for label, epochs, inside, across, extra_ms, share, wall in rows:
+        print(f"{label:<32} {epochs:>4} {inside:>10.1f} ms {across:>16.1f} ms {extra_ms:>16.1f} ms "
+              f"{share:>5.1f}% {wall:>6.1f}s")
+
+
+if __name__ == "__main__":
+    main()

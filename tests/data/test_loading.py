@@ -1,0 +1,165 @@
+"""Training order: EpochSampler's passes (``data.samples_per_epoch``), sharding and resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.data import SegmentationDataModule
+from segpipe.data.datasets import ItemKey, item_seed
+from segpipe.data.loading import EpochSampler
+from tests.data.synthetic import make_folder_dataset
+
+
+def _sampler(n: int, **kw) -> EpochSampler:
+    return EpochSampler(list(range(n)), **kw)
+
+
+def test_one_pass_is_the_seeded_permutation() -> None:
+    """Without samples_per_epoch the order is what it always was: one permutation per epoch."""
+    seed, epoch = 3, 7
+    torch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(torch_seed)).tolist()
+    assert _sampler(10, seed=seed).permutation(epoch) == expected
+    assert _sampler(10, seed=seed, samples_per_epoch=10).permutation(epoch) == expected
+    assert all(k.draw == 0 for k in _sampler(10, seed=seed).keys(epoch))
+
+
+def test_more_samples_than_images_come_in_whole_passes() -> None:
+    sampler = _sampler(10, seed=0, samples_per_epoch=25)
+    keys = sampler.keys(4)
+    assert len(sampler) == len(keys) == 25
+    assert sorted(k.index for k in keys[:10]) == list(range(10))  # pass 0: every image once
+    assert sorted(k.index for k in keys[10:20]) == list(range(10))  # pass 1: again
+    assert [k.draw for k in keys] == [0] * 10 + [1] * 10 + [2] * 5
+    assert [k.index for k in keys[:10]] != [k.index for k in keys[10:20]]  # its own order
+    counts = Counter(k.index for k in keys)
+    assert set(counts.values()) <= {2, 3}
+    assert keys == sampler.keys(4)  # a function of (seed, epoch)
+    assert keys != sampler.keys(5)
+
+
+def test_fewer_samples_than_images_take_the_head_of_the_permutation() -> None:
+    full = _sampler(10, seed=1).permutation(2)
+    assert _sampler(10, seed=1, samples_per_epoch=4).permutation(2) == full[:4]
+
+
+def test_passes_are_sharded_over_ranks() -> None:
+    ranks = [_sampler(10, seed=0, samples_per_epoch=25, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(s) for s in ranks] == [13, 13]  # 25 rounded up so both ranks step equally
+    keys = [s.keys(0) for s in ranks]
+    single = _sampler(10, seed=0, samples_per_epoch=26).keys(0)
+    assert keys[0] == single[0::2] and keys[1] == single[1::2]
+    dropped = _sampler(10, seed=0, samples_per_epoch=25, num_replicas=2, rank=0, drop_last=True)
+    assert len(dropped) == 12
+
+
+def test_resume_skips_into_a_later_pass() -> None:
+    sampler = _sampler(6, seed=0, samples_per_epoch=15)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.resume(2, 8)
+    assert list(sampler) == full[8:] and sampler.skipped == 8
+
+
+def test_invalid_samples_per_epoch() -> None:
+    with pytest.raises(ValueError, match="samples_per_epoch must be >= 1"):
+        _sampler(4, samples_per_epoch=0)
+
+
+def test_a_repeated_image_is_augmented_differently() -> None:
+    """The pass number enters the augmentation seed; pass 0 keeps the seeds of before."""
+    assert item_seed(0, 3, 5) == int(np.random.SeedSequence([0, 3, 5]).generate_state(1)[0])
+    assert item_seed(0, 3, 5, draw=0) == item_seed(0, 3, 5)
+    assert item_seed(0, 3, 5, draw=1) != item_seed(0, 3, 5)
+
+
+def test_datamodule_epoch_length_follows_samples_per_epoch(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=5, n_val=2, n_test=0, size=(32, 32),
+                               num_classes=2)
+    dm = SegmentationDataModule(str(root), num_classes=2, batch_size=2, samples_per_epoch=12,
+                                crop_size=16, num_workers=0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader) == 6
+    loader.sampler.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 6 and all(b["image"].shape == (2, 3, 16, 16) for b in batches)
+    paths = Counter(p for b in batches for p in b["path"])
+    assert sum(paths.values()) == 12 and len(paths) == 5
+    # The same image in two passes of one epoch gets two different crops.
+    seen: dict[str, torch.Tensor] = {}
+    differs = False
+    for b in batches:
+        for path, image in zip(b["path"], b["image"]):
+            if path in seen:
+                differs |= not torch.equal(seen[path], image)
+            seen[path] = image
+    assert differs
+    assert isinstance(loader.sampler.keys(0)[0], ItemKey)
+    with pytest.raises(ValueError, match=r"samples_per_epoch must be >= data.batch_size \(2\)"):
+        SegmentationDataModule(str(root), num_classes=2, batch_size=2, samples_per_epoch=1)
+
+
+# ------------------------------------------------------------------ uint8 batches
+def test_uint8_batch_normalisation_matches_loading_time_normalisation() -> None:
+    from segpipe.data.transforms import normalize_to_tensor, normalize_uint8_batch
+
+    rng = np.random.default_rng(0)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    images = rng.integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
+    expected = torch.stack([normalize_to_tensor(im, mean, std) for im in images])
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # channels-last memory, as collated
+    out = normalize_uint8_batch(batch, mean, std)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 20, 24)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="3 channel"):
+        normalize_uint8_batch(batch, [0.5], [0.2])
+
+
+def _batches(root: Path, uint8: bool, **kw) -> tuple[list[dict], list[torch.dtype]]:
+    dm = SegmentationDataModule(str(root), num_classes=2, batch_size=3, eval_batch_size=3,
+                                crop_size=16, num_workers=0, uint8_batches=uint8, **kw)
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    train.sampler.set_epoch(1)
+    out = [*train, *dm.val_dataloader()]
+    return [dm.on_after_batch_transfer(dict(b), 0) for b in out], [b["image"].dtype for b in out]
+
+
+def test_uint8_batches_reach_the_task_as_the_float_batches_do(tmp_path: Path) -> None:
+    """8-bit images cross to the device as uint8 (a quarter of the bytes) and the data module
+    normalises them there: the task sees the same batches as with loading-time normalisation."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=6, n_val=3, n_test=0, size=(24, 28),
+                               num_classes=2)
+    floats, float_types = _batches(root, uint8=False)
+    uint8s, uint8_types = _batches(root, uint8=True)
+    assert set(float_types) == {torch.float32} and set(uint8_types) == {torch.uint8}
+    assert len(floats) == len(uint8s)
+    for a, b in zip(floats, uint8s):
+        assert a["path"] == b["path"] and torch.equal(a["mask"], b["mask"])
+        assert b["image"].dtype == torch.float32
+        torch.testing.assert_close(b["image"], a["image"], rtol=0, atol=1e-5)
+
+
+def test_a_batch_mixing_8_bit_and_converted_images_is_normalised_while_loading(
+        tmp_path: Path) -> None:
+    """A grayscale file among RGB ones is converted (float32); the batch is then all float32."""
+    from segpipe.data.io import write_image
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=2, n_test=0, size=(24, 28),
+                               num_classes=2)  # one training batch of all three
+    first = sorted((root / "train" / "images").iterdir())[0]
+    gray = np.full((24, 28), 77, np.uint8)
+    first.unlink()
+    write_image(first.with_suffix(".png"), gray)
+    floats, _ = _batches(root, uint8=False)
+    mixed, types = _batches(root, uint8=True)
+    assert torch.float32 in types  # the mixed training batch was normalised while loading
+    for a, b in zip(floats, mixed):
+        torch.testing.assert_close(b["image"], a["image"], rtol=0, atol=1e-5)
