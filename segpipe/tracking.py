@@ -9,6 +9,7 @@
   prediction overlaid, logged to every logger that takes images (TensorBoard, W&B, MLflow).
 * :class:`TestFigures`: after ``test``, the report's confusion matrix and per-class IoU chart,
   logged the same way.
+* :class:`ThrottledProgressBar`: Lightning's progress bar, refreshed at most every half second.
 
 The learning rate is logged by Lightning's ``LearningRateMonitor``, which the CLI adds.
 """
@@ -18,16 +19,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import numpy as np
 import torch
 
 __all__ = [
     "TestFigures",
+    "ThrottledProgressBar",
     "ValidationImages",
     "default_loggers",
     "has_tensorboard",
@@ -195,3 +199,41 @@ class TestFigures(L.Callback):
             path = folder / f"{name}.png"
             if path.is_file():
                 log_image(trainer, f"test/{name}", read_image(path)[..., :3], trainer.global_step)
+
+
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, refreshed at most every ``interval`` seconds while training.
+
+    Reading the training loss for display (``.item()``) makes the host wait for the GPU to
+    finish the step; done after every step, the host could not queue the next step while the
+    device runs this one. So the task logs the training loss without ``prog_bar`` (Lightning
+    would convert it after every step), and this bar reads ``train/loss_step`` and
+    ``train/loss_epoch`` itself when it refreshes: at most every ``interval`` seconds, and at an
+    epoch's last batch. A slow CPU step still shows every update.
+
+    Args:
+        interval: Minimum seconds between refreshes of the training bar.
+        **kwargs: As for :class:`~lightning.pytorch.callbacks.TQDMProgressBar`.
+    """
+
+    def __init__(self, interval: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.interval = float(interval)
+        self._last_refresh = float("-inf")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now = time.monotonic()
+        last = batch_idx + 1 == self.total_train_batches
+        if last or now - self._last_refresh >= self.interval:
+            self._last_refresh = now
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's items plus the training loss (read here, once per refresh)."""
+        items = super().get_metrics(trainer, pl_module)
+        for key in ("train/loss_step", "train/loss_epoch"):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                items[key] = float(value)
+        return items

@@ -173,6 +173,11 @@ class SegmentationTask(L.LightningModule):
             logged as ``loaded N tensors, re-initialised M (names)``. The file is read with
             ``weights_only=True`` when training starts, never when a checkpoint of this run is
             loaded.
+        compile: Compile the network with ``torch.compile`` for ``fit`` (``true``, or a
+            mapping of its options such as ``{mode: max-autotune}``). Opt-in: compiling costs
+            start-up time (tens of seconds to minutes) that short runs do not win back, and
+            needs a C/C++ compiler for its default backend. The network is compiled in place,
+            so checkpoints keep the plain parameter names; prediction runs uncompiled.
     """
 
     def __init__(
@@ -195,6 +200,7 @@ class SegmentationTask(L.LightningModule):
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
         init_from: str | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         # From a config (LightningCLI) every argument is plain data, saved so that the checkpoint
@@ -233,6 +239,12 @@ class SegmentationTask(L.LightningModule):
         self.test_tta = bool(test_tta)
         self.criterion = self._build_loss(loss, class_weights, ignore_index)
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"model.compile must be true, false or a mapping of torch.compile "
+                             f"options, got {compile!r}.")
+        self.compile_options: dict[str, Any] | None = (
+            dict(compile) if isinstance(compile, dict) else ({} if compile else None)
+        )
 
         # Training (when log_train_metrics) updates only the IoU metrics, which share one
         # confusion-matrix state: the full collection's three states cost about three times as much.
@@ -357,6 +369,9 @@ class SegmentationTask(L.LightningModule):
                 self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        if stage == "fit" and self.compile_options is not None:
+            # In place (nn.Module.compile): the state dict keeps its names.
+            self.net.compile(**self.compile_options)
 
     def _check_classes(self, data_classes: int) -> None:
         if data_classes != self.num_classes:
@@ -391,7 +406,9 @@ class SegmentationTask(L.LightningModule):
             loss,
             on_step=stage == "train",
             on_epoch=True,
-            prog_bar=True,
+            # Lightning converts progress-bar values to numbers after every step (a host-device
+            # synchronisation); segpipe's progress bar reads the training loss when it refreshes.
+            prog_bar=stage != "train",
             batch_size=n,
             sync_dist=stage != "train",
         )
@@ -431,10 +448,9 @@ class SegmentationTask(L.LightningModule):
 
     def _tta_probabilities(self, image: Tensor) -> Tensor:
         """(N, K, H, W) probabilities averaged over the training symmetries."""
-        from segpipe.tta import tta_mean, tta_views
+        from segpipe.tta import model_views, tta_probabilities
 
-        views = tta_views(self.spec.symmetries if self.spec.symmetries is not None else ["hflip"])
-        return tta_mean(lambda x: self(x).float().softmax(dim=1), image, views)
+        return tta_probabilities(self, image, model_views(self.spec.symmetries, warn=False))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")

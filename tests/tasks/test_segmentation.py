@@ -129,3 +129,23 @@ def test_data_model_class_mismatch_is_caught():
     dm.num_classes = 4
     with pytest.raises(ValueError, match="data has 4 classes"):
         _trainer(fast_dev_run=True).fit(SegmentationTask(PixelNet()), dm)
+
+
+def test_compile_is_opt_in_in_place_and_keeps_checkpoint_names():
+    """model.compile compiles the network for fit only, in place: the state dict's names are
+    those of the plain network, so checkpoints load anywhere (also uncompiled)."""
+    torch.manual_seed(0)
+    plain = SegmentationTask(PixelNet())
+    assert plain.compile_options is None
+    graphs = []
+
+    def backend(graph_module, example_inputs):  # a torch.compile backend that counts graphs
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    task = SegmentationTask(PixelNet(), compile={"backend": backend})
+    _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(task, DM())
+    assert graphs, "the network ran compiled"
+    assert set(task.state_dict()) == set(plain.state_dict())
+    with pytest.raises(ValueError, match="model.compile must be"):
+        SegmentationTask(PixelNet(), compile="yes")
