@@ -2,7 +2,7 @@
 
 * :mod:`segpipe.predict.checkpoint`: :func:`load_predictor` rebuilds the task and its
   preprocessing/palette (:class:`PredictConfig`) from a checkpoint.
-* :mod:`segpipe.predict.tiling`: Gaussian-blended sliding-window inference in row strips.
+* :mod:`segpipe.predict.tiling`: Gaussian-blended sliding-window inference in blocks.
 * :mod:`segpipe.predict.writers`: the output formats and the atomic writer.
 * :mod:`segpipe.predict.engine`: dataset, LightningModule and writing callback.
 * :mod:`segpipe.predict.command`: the command line and :func:`predict`.
@@ -26,7 +26,7 @@ __all__ = [
     "predict",
     "predict_tiled",
     "save_predict_checkpoint",
-    "sliding_window",
+    "sliding_window_blocks",
 ]
 
 _WHERE = {
@@ -39,7 +39,7 @@ _WHERE = {
     "Segmenter": "segpipe.predict.api",
     "predict": "segpipe.predict.command",
     "predict_tiled": "segpipe.predict.tiling",
-    "sliding_window": "segpipe.predict.tiling",
+    "sliding_window_blocks": "segpipe.predict.tiling",
 }
 
 

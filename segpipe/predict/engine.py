@@ -26,7 +26,8 @@ import errno
 import logging
 import math
 import time
-from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,26 +327,17 @@ class ProbabilityFn:
     def __init__(
         self, task: SegmentationTask, tta: bool = False, symmetries: Sequence[str] | None = None
     ) -> None:
-        from segpipe.tta import tta_views
+        from segpipe.tta import model_views
 
         self.task = task
         self.tta = tta
-        if tta and symmetries is None:
-            log.warning("the checkpoint does not record the training symmetries: TTA averages "
-                        "horizontal flips only")
-            symmetries = ["hflip"]
-        self.views = tta_views(symmetries) if tta else [(0, ())]
-        if tta and len(self.views) == 1:
-            log.warning("the model was trained without flips or rotations: TTA has nothing to "
-                        "average and changes nothing")
+        self.views = model_views(symmetries) if tta else [(0, ())]
 
     def __call__(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> float32 (N, K, H, W) probabilities."""
-        from segpipe.tta import tta_mean
+        from segpipe.tta import tta_probabilities
 
-        if len(self.views) == 1:
-            return self.task(x).float().softmax(dim=1)
-        return tta_mean(lambda v: self.task(v).float().softmax(dim=1), x, self.views)
+        return tta_probabilities(self.task, x, self.views)
 
 
 def batch_scores(
@@ -417,8 +409,7 @@ def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np
 
 
 class RasterSource:
-    """A :class:`~segpipe.predict.tiling.WindowSource` (and ``RowSource``) reading a raster by
-    windows.
+    """A :class:`~segpipe.predict.tiling.WindowSource` reading a raster by windows.
 
     Windows stay in the file's dtype; each tile is converted like training data
     (:func:`~segpipe.data.io.to_float`, channel adaptation, normalisation) and nodata pixels
@@ -445,17 +436,13 @@ class RasterSource:
         ``[row0, row1)`` and columns ``[col0, col1)``."""
         return self.reader.read(row0, row1, col0, col1)
 
-    def rows(self, row0: int, row1: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(pixels (h, W, C) native dtype, valid (h, W) bool or None)``: full-width rows."""
-        return self.reader.read(row0, row1)
-
     def unit(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels scaled to [0, 1] float32 with the model's channel count: (h, w, C)."""
         return adapt_channels(to_float(pixels), self.config.in_channels, self.reader.path)
 
-    def tile(self, rows: tuple[np.ndarray, np.ndarray | None], col0: int, col1: int) -> Tensor:
+    def tile(self, window: tuple[np.ndarray, np.ndarray | None], col0: int, col1: int) -> Tensor:
         """Normalised float32 (C, h, col1 - col0) tile; columns count from the window's first."""
-        pixels, valid = rows
+        pixels, valid = window
         img = normalize(self.unit(pixels[:, col0:col1]), self.config.mean, self.config.std)
         if valid is not None:
             img[~valid[:, col0:col1]] = 0.0
@@ -701,29 +688,41 @@ class PredictModule(L.LightningModule):
 class WritingCallback(BasePredictionWriter):
     """Writes predicted images, counts outcomes, shows progress, gathers counts over ranks.
 
+    With ``write_workers`` > 0 the files are encoded and written by a pool of threads (PNG and
+    GeoTIFF encoders release the GIL) while the next batch is decoded and predicted; at most
+    ``2 * write_workers`` images wait, so memory stays bounded. Outcomes are counted in input
+    order either way.
+
     Args:
         writer: The output writer.
         num_files: Inputs in total (for the progress bar).
         fail_fast: Raise :class:`PredictFailed` at the first failure.
         progress: Show a progress bar on rank 0.
+        write_workers: Writing threads (0: write in the predicting thread).
     """
 
     def __init__(
         self, writer: PredictionWriter, num_files: int, fail_fast: bool = False,
-        progress: bool = True,
+        progress: bool = True, write_workers: int = 0,
     ) -> None:
         super().__init__(write_interval="batch")
         self.writer = writer
         self.num_files = num_files
         self.fail_fast = fail_fast
         self.progress = progress
+        self.write_workers = max(0, int(write_workers))
         self.summary = PredictSummary()
         self._bar: Any = None
         self._t0 = time.perf_counter()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[ItemResult, Future[None] | None]] = deque()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.summary = PredictSummary()
         self._t0 = time.perf_counter()
+        self._pending.clear()
+        if self.write_workers > 0:
+            self._pool = ThreadPoolExecutor(self.write_workers, thread_name_prefix="segpipe-write")
         if self.progress and trainer.is_global_zero:
             from tqdm.auto import tqdm
 
@@ -765,16 +764,51 @@ class WritingCallback(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         for res in prediction:
-            if res.status == "predicted":
-                try:
-                    self.writer.write(res.rel, res.formats, res.prediction, Path(res.path))
-                    res.status = "written"
-                except Exception as exc:  # noqa: BLE001 - reported with the file, run goes on
-                    if is_disk_full(exc):  # ... unless every further file would fail the same way
-                        raise OutputDiskFullError(self.writer.output_dir, res.path, exc) from exc
-                    res.status, res.reason = "failed", f"could not write outputs ({_reason(exc)})"
-                res.prediction = None
+            if res.status != "predicted":
+                self._pending.append((res, None))
+            elif self._pool is not None:
+                self._pending.append((res, self._pool.submit(self._write, res)))
+            else:
+                self._finish(res, self._write(res))
+                self._pending.append((res, None))
+        self._drain(keep=2 * self.write_workers)
+
+    def _write(self, res: ItemResult) -> BaseException | None:
+        """Write one prediction's files; the error, if any, is returned (and judged in order)."""
+        try:
+            self.writer.write(res.rel, res.formats, res.prediction, Path(res.path))
+        except Exception as exc:  # noqa: BLE001 - reported with the file, run goes on
+            return exc
+        finally:
+            res.prediction = None  # the arrays are no longer needed
+        return None
+
+    def _finish(self, res: ItemResult, exc: BaseException | None) -> None:
+        """The outcome of a write: ``written``, or ``failed`` with the reason; a full disk stops."""
+        if exc is None:
+            res.status = "written"
+        elif is_disk_full(exc):  # ... unless every further file would fail the same way
+            raise OutputDiskFullError(self.writer.output_dir, res.path, exc) from exc
+        else:
+            res.status, res.reason = "failed", f"could not write outputs ({_reason(exc)})"
+
+    def _drain(self, keep: int = 0) -> None:
+        """Count finished outcomes in input order, waiting for writes beyond the ``keep`` newest."""
+        while self._pending:
+            res, future = self._pending[0]
+            if future is not None:
+                if len(self._pending) <= keep and not future.done():
+                    return
+                self._pending.popleft()
+                self._finish(res, future.result())
+            else:
+                self._pending.popleft()
             self._record(res)
+
+    def _shutdown_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # in-flight writes finish
+            self._pool = None
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -782,6 +816,10 @@ class WritingCallback(BasePredictionWriter):
             self._bar = None
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        try:
+            self._drain()
+        finally:
+            self._shutdown_pool()
         self._close_bar()
         self.summary.seconds = time.perf_counter() - self._t0
         dist = torch.distributed
@@ -798,6 +836,14 @@ class WritingCallback(BasePredictionWriter):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        self._shutdown_pool()
+        for res, future in self._pending:  # outcomes not yet counted: the finished ones count
+            if future is None:
+                self._count(res)
+            elif not future.cancelled() and future.result() is None:
+                res.status = "written"
+                self._count(res)
+        self._pending.clear()
         if isinstance(exception, OutputDiskFullError):
             for res in exception.pending:  # finished before the stop, in the same batch
                 self._count(res)

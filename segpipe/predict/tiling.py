@@ -6,27 +6,22 @@ away from zero) and the weighted sums are divided by the summed weights. Because
 a Cartesian product and the importance map is separable, the summed weight of a pixel is
 ``wy[row] * wx[col]``: only two vectors are kept, never a weight image.
 
-Two traversals give the same sums, added in the same order (tile rows top to bottom, tiles left
-to right within a row), so the same results:
+:func:`sliding_window_blocks` processes one row of tiles (a strip) at a time, split into column
+blocks of at most ``block_cols`` columns (whole tiles; at least one tile). The block's
+accumulator holds ``num_classes × tile × block_cols`` floats; what the block's tiles add to
+columns the next block's tiles also cover (the horizontal halo, under one tile wide) is carried
+to the next block, and what they add to rows the next strip's tiles also cover (the vertical
+halo, the ``tile - stride`` overlap rows) is kept in a full-width band for the next strip. The
+blocks are yielded left to right, strip by strip (:class:`FinishedBlock`), with the sums added in
+the same order whatever the block size (tile rows top to bottom, tiles left to right), so the
+results do not depend on it. Nothing is computed twice. Memory: ``num_classes × 4 bytes × (tile ×
+block_cols + overlap_rows × width)``: the part that grows with the width is the overlap rows
+only (a quarter of a strip at ``overlap=0.25``). The raster path of ``segpipe predict`` reads
+each block's window from the file; :func:`predict_tiled` (in-memory images, whose output is
+whole anyway) uses one block per strip.
 
-* :func:`sliding_window` processes one row of tiles (a strip) at a time. Its accumulator holds
-  ``num_classes × tile × width`` floats; after each strip, the rows no later tile touches are
-  handed to the caller (:class:`FinishedRows`) and the accumulator is shifted up by that many
-  rows. Memory is constant in the height and grows with the width. :func:`predict_tiled`
-  (in-memory images, whose output is whole anyway) uses it.
-* :func:`sliding_window_blocks` also splits each strip into column blocks of at most
-  ``block_cols`` columns (whole tiles; at least one tile). The block's accumulator holds
-  ``num_classes × tile × block_cols`` floats; what the block's tiles add to columns the next
-  block's tiles also cover (the horizontal halo, under one tile wide) is carried to the next
-  block, and what they add to rows the next strip's tiles also cover (the vertical halo, the
-  ``tile - stride`` overlap rows) is kept in a full-width band for the next strip. The blocks
-  are yielded left to right, strip by strip (:class:`FinishedBlock`). Nothing is computed twice.
-  Memory: ``num_classes × 4 bytes × (tile × block_cols + overlap_rows × width)``: the part that
-  grows with the width is the overlap rows only (a quarter of a strip at ``overlap=0.25``). The
-  raster path of ``segpipe predict`` uses it, reading each block's window from the file.
-
-The caller supplies pixels through a :class:`RowSource` (or :class:`WindowSource`), so the same
-code serves in-memory tensors and rasters read by windows.
+The caller supplies pixels through a :class:`WindowSource`, so the same code serves in-memory
+tensors and rasters read by windows.
 """
 
 from __future__ import annotations
@@ -41,9 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "FinishedBlock",
-    "FinishedRows",
     "ProbFn",
-    "RowSource",
     "TensorSource",
     "TileGrid",
     "WindowSource",
@@ -51,7 +44,6 @@ __all__ = [
     "gaussian_importance_map",
     "gaussian_window",
     "predict_tiled",
-    "sliding_window",
     "sliding_window_blocks",
     "tile_starts",
 ]
@@ -157,24 +149,6 @@ def gaussian_importance_map(
     )
 
 
-class RowSource(Protocol):
-    """Where :func:`sliding_window` gets its pixels.
-
-    Attributes:
-        height: Image rows.
-        width: Image columns.
-    """
-
-    height: int
-    width: int
-
-    def rows(self, row0: int, row1: int) -> Any:
-        """Load rows ``[row0, row1)`` (any representation :meth:`tile` understands)."""
-
-    def tile(self, rows: Any, col0: int, col1: int) -> Tensor:
-        """Normalised (C, row1 - row0, col1 - col0) float32 tile cut from ``rows``."""
-
-
 class WindowSource(Protocol):
     """Where :func:`sliding_window_blocks` gets its pixels.
 
@@ -195,61 +169,17 @@ class WindowSource(Protocol):
 
 
 class TensorSource:
-    """A :class:`RowSource` and :class:`WindowSource` over an in-memory (C, H, W) tensor."""
+    """A :class:`WindowSource` over an in-memory (C, H, W) tensor."""
 
     def __init__(self, image: Tensor) -> None:
         self.image = image
         self.height, self.width = int(image.shape[-2]), int(image.shape[-1])
 
-    def rows(self, row0: int, row1: int) -> Tensor:
-        return self.image[:, row0:row1]
-
     def window(self, row0: int, row1: int, col0: int, col1: int) -> Tensor:
         return self.image[:, row0:row1, col0:col1]
 
-    def tile(self, rows: Tensor, col0: int, col1: int) -> Tensor:
-        return rows[:, :, col0:col1]
-
-
-@dataclass
-class FinishedRows:
-    """Rows ``[row0, row1)`` whose blending is complete.
-
-    Valid only until the generator that produced it advances (its tensors are views of the
-    accumulator).
-
-    Attributes:
-        row0: First image row.
-        row1: End row (exclusive).
-        source_rows: What ``source.rows()`` returned for the strip holding these rows.
-        source_row0: Image row of ``source_rows``'s first row.
-        acc: (K, row1 - row0, width) Gaussian-weighted probability sums.
-        weight_y: (row1 - row0,) summed row weights.
-        weight_x: (width,) summed column weights.
-    """
-
-    row0: int
-    row1: int
-    source_rows: Any
-    source_row0: int
-    acc: Tensor
-    weight_y: Tensor
-    weight_x: Tensor
-
-    def probs(self, col0: int = 0, col1: int | None = None) -> Tensor:
-        """Blended probabilities of columns ``[col0, col1)``: float32 (K, rows, cols)."""
-        col1 = self.acc.shape[-1] if col1 is None else col1
-        w = self.weight_y[:, None] * self.weight_x[None, col0:col1]
-        return self.acc[:, :, col0:col1] / w
-
-    def labels(self, col0: int = 0, col1: int | None = None) -> Tensor:
-        """Arg-max class of columns ``[col0, col1)``: int64 (rows, cols).
-
-        The weight of a pixel is the same for every class, so the arg-max of the weighted sums
-        is the arg-max of the probabilities (no division needed).
-        """
-        col1 = self.acc.shape[-1] if col1 is None else col1
-        return self.acc[:, :, col0:col1].argmax(dim=0)
+    def tile(self, window: Tensor, col0: int, col1: int) -> Tensor:
+        return window[:, :, col0:col1]
 
 
 @dataclass
@@ -285,8 +215,8 @@ class FinishedBlock:
         return self.acc / (self.weight_y[:, None] * self.weight_x[None, :])
 
     def labels(self) -> Tensor:
-        """Arg-max class: int64 (rows, cols) (the arg-max of the weighted sums, as
-        :meth:`FinishedRows.labels`)."""
+        """Arg-max class: int64 (rows, cols). The weight of a pixel is the same for every
+        class, so the arg-max of the weighted sums is that of the probabilities."""
         return self.acc.argmax(dim=0)
 
 
@@ -296,70 +226,6 @@ def _axis_weights(length: int, starts: Sequence[int], window: Tensor) -> Tensor:
     for s in starts:
         out[s : s + size] += window
     return out
-
-
-def sliding_window(
-    source: RowSource,
-    prob_fn: ProbFn,
-    num_classes: int,
-    tile: int | Sequence[int],
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    on_tiles: Callable[[int], None] | None = None,
-) -> Iterator[FinishedRows]:
-    """Gaussian-blended sliding-window probabilities, yielded strip by strip.
-
-    Args:
-        source: Pixels (see :class:`RowSource`).
-        prob_fn: (N, C, h, w) normalised tiles -> (N, K, h, w) probabilities.
-        num_classes: K.
-        tile: Tile size, int or ``(h, w)``; clamped to the image.
-        overlap: Fraction of a tile shared with its neighbour, in ``[0, 1)``.
-        batch_size: Tiles per ``prob_fn`` call.
-        device: Device of the tiles and the accumulator (CPU when None).
-        on_tiles: Called with the number of tiles done after each batch (progress bars).
-
-    Yields:
-        :class:`FinishedRows` covering the image top to bottom, each row exactly once.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    grid = TileGrid.make(source.height, source.width, tile, overlap)
-    th, tw, height, width = grid.tile_h, grid.tile_w, grid.height, grid.width
-    gy, gx = gaussian_window(th), gaussian_window(tw)
-    importance = torch.outer(gy, gx).to(device)
-    weight_y = _axis_weights(height, grid.ys, gy).to(device)
-    weight_x = _axis_weights(width, grid.xs, gx).to(device)
-    acc = torch.zeros((num_classes, th, width), dtype=torch.float32, device=device)
-    batch_size = max(1, int(batch_size))
-    for i, y in enumerate(grid.ys):
-        rows = source.rows(y, y + th)
-        for b in range(0, len(grid.xs), batch_size):
-            xs = grid.xs[b : b + batch_size]
-            x = torch.stack([source.tile(rows, c, c + tw) for c in xs]).to(device)
-            probs = prob_fn(x).float()
-            if probs.shape[1] != num_classes or probs.shape[-2:] != (th, tw):
-                raise ValueError(
-                    f"prob_fn returned {tuple(probs.shape)} for tiles of {tuple(x.shape)}; "
-                    f"expected (N, {num_classes}, {th}, {tw})"
-                )
-            for j, c in enumerate(xs):
-                acc[:, :, c : c + tw].addcmul_(probs[j], importance)
-            if on_tiles is not None:
-                on_tiles(len(xs))
-        y_next = grid.ys[i + 1] if i + 1 < len(grid.ys) else height
-        done = y_next - y
-        yield FinishedRows(y, y_next, rows, y, acc[:, :done], weight_y[y:y_next], weight_x)
-        keep = th - done
-        if i + 1 < len(grid.ys) and keep > 0:
-            # Shift the pending rows up in place, top-down in pieces of `done` rows, so every
-            # source is read before it is overwritten (no copy of the accumulator).
-            for r in range(0, keep, done):
-                n = min(done, keep - r)
-                acc[:, r : r + n].copy_(acc[:, done + r : done + r + n])
-            acc[:, keep:] = 0
-        else:
-            acc.zero_()
 
 
 def column_blocks(
@@ -398,9 +264,8 @@ def sliding_window_blocks(
 ) -> Iterator[FinishedBlock]:
     """Gaussian-blended sliding-window probabilities, yielded block by block.
 
-    The same tiles, weights and summation order as :func:`sliding_window` (so the same results
-    for the same ``prob_fn`` outputs), in memory bounded by the block except for a full-width
-    band of the overlap rows (see the module docstring).
+    Memory is bounded by the block except for a full-width band of the overlap rows (see the
+    module docstring); the results do not depend on ``block_cols``.
 
     Args:
         source: Pixels (see :class:`WindowSource`).
@@ -493,7 +358,7 @@ def predict_tiled(
 
     Args:
         image: (C, H, W) normalised image (on the device to compute on).
-        prob_fn: See :func:`sliding_window`.
+        prob_fn: See :func:`sliding_window_blocks`.
         num_classes: K.
         tile: Tile size.
         overlap: Tile overlap fraction.
@@ -503,12 +368,11 @@ def predict_tiled(
     Returns:
         float32 (K, H, W) probabilities on ``image``'s device.
     """
-    out = torch.empty(
-        (num_classes, image.shape[-2], image.shape[-1]), dtype=torch.float32, device=image.device
-    )
-    for fin in sliding_window(
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    out = torch.empty((num_classes, height, width), dtype=torch.float32, device=image.device)
+    for blk in sliding_window_blocks(
         TensorSource(image), prob_fn, num_classes, tile, overlap, batch_size,
-        device=image.device, on_tiles=on_tiles,
+        device=image.device, on_tiles=on_tiles, block_cols=width,
     ):
-        out[:, fin.row0 : fin.row1] = fin.probs()
+        out[:, blk.row0 : blk.row1, blk.col0 : blk.col1] = blk.probs()
     return out

@@ -445,3 +445,70 @@ def test_full_disk_while_writing_a_raster_stops_the_run(
     for i in range(3):
         with rasterio.open(out / f"r{i}.tif") as ds:
             assert np.array_equal(ds.read(1), _complete(out / f"r{i}.png"))
+
+
+# ------------------------------------------------------------------ writing threads
+def test_writing_threads_write_the_same_files_and_counts(
+    tmp_path: Path, pointwise_ckpt: Path, capsys
+) -> None:
+    """--write_workers: outputs are encoded beside the next batch's prediction; the files and
+    the counts (in input order) are those of writing between batches, bad files included."""
+    src = tmp_path / "in"
+    bad = _bad_folder(src)
+    for i in range(5):
+        write_image(src / f"im{i}.png", noise_image(30 + i, 41, seed=i))
+    fmt = ["--format", "mask", "palette", "overlay", "--batch-size", "2"]
+    assert run(pointwise_ckpt, src, tmp_path / "serial", *fmt, "--write-workers", "0") == 1
+    serial = capsys.readouterr().out
+    assert run(pointwise_ckpt, src, tmp_path / "threads", *fmt, "--write-workers", "3") == 1
+    threads = capsys.readouterr().out
+    summary = "predict: 7 written, 0 skipped (already done), 4 failed"
+    assert summary in serial and summary in threads
+    report = serial[serial.index(summary):].splitlines()
+    assert len(report) == 5 and threads[threads.index(summary):].splitlines() == report  # order
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*")
+                   if p.is_file())
+    assert len(files) == 21 and files == sorted(
+        p.relative_to(tmp_path / "threads") for p in (tmp_path / "threads").rglob("*") if p.is_file())
+    for rel in files:
+        assert (tmp_path / "serial" / rel).read_bytes() == (tmp_path / "threads" / rel).read_bytes()
+    assert not leftovers(tmp_path / "threads") and len(bad) == 4
+
+
+def test_default_write_workers_leave_the_network_its_cores(monkeypatch) -> None:
+    import torch
+
+    from segpipe.predict.command import default_write_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_write_workers(on_accelerator=False) == 0  # 2 cores, both predicting
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_write_workers(on_accelerator=False) == 4  # cores the network leaves free
+    assert default_write_workers(on_accelerator=False, loader_workers=6) == 2
+    assert default_write_workers(on_accelerator=True, loader_workers=4) == 4  # a GPU predicts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_full_disk_with_writing_threads_stops_and_the_rerun_resumes(
+    tmp_path: Path, pointwise_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    src, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
+    for i in range(6):
+        write_image(src / f"im{i}.png", noise_image(60, 80, seed=i))
+    fmt = ["--format", "mask", "palette", "--batch-size", "1", "--write-workers", "2"]
+    assert run(pointwise_ckpt, src, clean, *fmt) == 0
+    capsys.readouterr()
+    _fill_disk_after(monkeypatch, out, files=2)
+    assert run(pointwise_ckpt, src, out, *fmt) == 2
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("segpipe predict: error: no space left")
+    written = [p for p in out.iterdir()]
+    assert written and not leftovers(out)
+    for p in written:  # whatever was finished is complete
+        assert p.read_bytes() == (clean / p.name).read_bytes()
+    monkeypatch.undo()
+    assert run(pointwise_ckpt, src, out, *fmt) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())

@@ -14,7 +14,6 @@ from segpipe.predict.tiling import (
     gaussian_importance_map,
     gaussian_window,
     predict_tiled,
-    sliding_window,
     sliding_window_blocks,
     tile_starts,
 )
@@ -71,10 +70,11 @@ def test_strips_cover_every_row_once_and_labels_match_probs() -> None:
     x = torch.randn(3, 150, 90)
     rows: list[int] = []
     tiles = []
-    for fin in sliding_window(TensorSource(x), fn, 5, 40, 0.25, batch_size=2, on_tiles=tiles.append):
-        rows += range(fin.row0, fin.row1)
-        assert torch.equal(fin.labels(), fin.probs().argmax(0))
-        assert torch.equal(fin.labels(10, 50), fin.probs(10, 50).argmax(0))
+    for blk in sliding_window_blocks(TensorSource(x), fn, 5, 40, 0.25, batch_size=2,
+                                     on_tiles=tiles.append, block_cols=90):
+        assert (blk.col0, blk.col1) == (0, 90)  # one block per strip
+        rows += range(blk.row0, blk.row1)
+        assert torch.equal(blk.labels(), blk.probs().argmax(0))
     assert rows == list(range(150))
     assert sum(tiles) == TileGrid.make(150, 90, 40, 0.25).num_tiles
 
