@@ -110,6 +110,9 @@ def main() -> None:
                              (f"samples_per_epoch={args.samples_per_epoch}",
                               [f"--data.samples_per_epoch={args.samples_per_epoch}"])):
             g = run(root, Path(tmp) / label.split()[0], args.steps, extra, args)
+            if not g.inside or not g.across:
+                sys.exit(f"{Path(__file__).name}: error: --steps {args.steps} gives no step gap "
+                         "inside or across epochs for one of the runs; train more steps")
             inside, across = statistics.median(g.inside), statistics.median(g.across)
             epochs = len(g.across) + 1
             overhead = max(0.0, across - inside) * len(g.across)

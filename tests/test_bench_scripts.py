@@ -84,3 +84,14 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
     assert re.fullmatch(rf"{script}: error: --device cuda: CUDA is not available \(.+\); "
                         r"use --device cpu", lines[0]), lines[0]
     assert "Traceback" not in res.stderr and not res.stdout.strip()
+
+
+def test_bench_epochs_prints_the_per_epoch_overhead(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_epochs.py", "--device", "cpu", "--steps", "14",
+         "--samples-per-epoch", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"^one pass per epoch \(6 steps\) +3 ", res.stdout, re.M), res.stdout
+    assert re.search(r"^samples_per_epoch=8 +7 .* ms .*%", res.stdout, re.M), res.stdout

@@ -7,6 +7,7 @@ The task never reads files and never builds networks by name: ``net`` is any ``n
 from __future__ import annotations
 
 import random
+import typing
 from typing import Any, Literal
 
 import numpy as np
@@ -52,7 +53,7 @@ def _built_from_config() -> bool:
         return False
     return _given_hyperparameters.get() is not None
 
-LossName = Literal["ce", "dice", "ce+dice", "focal"]
+LossName = Literal["ce", "dice", "ce+dice", "focal", "lovasz", "ce+lovasz"]
 Stage = Literal["train", "val", "test"]
 
 
@@ -133,10 +134,13 @@ class SegmentationTask(L.LightningModule):
         data_spec: The data spec as a dict (:meth:`DataSpec.to_dict`), or None.
         num_classes: Number of classes (shorthand when there is no ``data_spec``); taken from
             ``net.num_classes`` when omitted.
-        loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum)
-            or ``focal`` (smp's focal loss).
-        class_weights: One weight per class for ``ce``/``ce+dice``/``dice``/``focal`` (e.g. median
-            frequency balancing), or None.
+        loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum),
+            ``focal`` (smp's focal loss), ``lovasz`` (smp's Lovász-softmax, a surrogate of the
+            IoU of each class present in the batch) or ``ce+lovasz`` (their sum). smp's Lovász
+            loss checks each class's presence on the host, one GPU synchronisation per class
+            and step.
+        class_weights: One weight per class for ``ce``/``ce+dice``/``dice``/``focal`` and the
+            cross-entropy of ``ce+lovasz`` (e.g. median frequency balancing), or None.
         ignore_index: Label excluded from the loss and from every metric, or None (shorthand
             when there is no ``data_spec``).
         class_names: Names used to label per-class metrics (shorthand); taken from the data
@@ -316,7 +320,11 @@ class SegmentationTask(L.LightningModule):
             return smp.losses.FocalLoss(
                 mode="multiclass", ignore_index=ignore_index, class_weights=class_weights
             )
-        raise ValueError(f"loss must be one of ce, dice, ce+dice, focal; got {loss!r}.")
+        if loss in ("lovasz", "ce+lovasz"):
+            lovasz = smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index)
+            return lovasz if loss == "lovasz" else _SumLoss(ce, lovasz)
+        raise ValueError(f"loss must be one of {', '.join(typing.get_args(LossName))}; "
+                         f"got {loss!r}.")
 
     # ------------------------------------------------------------------ the data spec
     @property

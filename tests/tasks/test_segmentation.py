@@ -58,7 +58,7 @@ def _trainer(**kw):
     )
 
 
-@pytest.mark.parametrize("loss", ["ce", "dice", "ce+dice", "focal"])
+@pytest.mark.parametrize("loss", ["ce", "dice", "ce+dice", "focal", "lovasz", "ce+lovasz"])
 def test_fast_dev_run_every_loss(loss):
     task = SegmentationTask(PixelNet(), loss=loss, class_weights=[1.0, 2.0, 2.0], ignore_index=255)
     _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
