@@ -163,3 +163,37 @@ def test_a_batch_mixing_8_bit_and_converted_images_is_normalised_while_loading(
     assert torch.float32 in types  # the mixed training batch was normalised while loading
     for a, b in zip(floats, mixed):
         torch.testing.assert_close(b["image"], a["image"], rtol=0, atol=1e-5)
+
+
+def test_fit_with_uint8_batches_trains_as_with_float_batches(tmp_path: Path) -> None:
+    """Through Lightning: the data module's on_after_batch_transfer normalises the uint8 batches,
+    so the task sees the same numbers (same seed: the same first losses, to float rounding)."""
+    import lightning.pytorch as L
+
+    from segpipe.lightning_cli import run_cli
+    from tests.cli_args import TINY_UNET
+
+    class FirstLosses(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.dtypes: set[torch.dtype] = set()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.dtypes.add(batch["image"].dtype)
+            if trainer.current_epoch == 0:
+                self.losses.append(float(outputs["loss"]))
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=2, n_test=0, size=(40, 40),
+                               num_classes=3)
+    seen = {}
+    for uint8 in (False, True):
+        probe = FirstLosses()
+        args = [f"--data.root={root}", f"--trainer.default_root_dir={tmp_path / str(uint8)}",
+                "--trainer.max_epochs=1", "--data.num_workers=0", "--trainer.precision=32-true",
+                f"--data.uint8_batches={str(uint8).lower()}", *TINY_UNET]
+        cli = run_cli(["fit", *args], callbacks=[probe])
+        assert cli.datamodule.datasets["train"].uint8_images is uint8
+        assert probe.dtypes == {torch.float32}  # the task always gets normalised float32
+        seen[uint8] = probe.losses
+    assert len(seen[True]) == 2
+    assert seen[True] == pytest.approx(seen[False], rel=1e-4)
