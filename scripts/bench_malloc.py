@@ -27,7 +27,7 @@ from segpipe.runtime import tune_allocator
 tuned = tune_allocator()
 from bench_train import BareLoop
 from segpipe.runtime import default_precision
-args = argparse.Namespace(classes=11, base={base}, batch_size={batch}, crop={crop},
+args = argparse.Namespace(classes=11, base={base}, net="unet", batch_size={batch}, crop={crop},
                           precision=default_precision())
 bare = BareLoop(args)
 for _ in range({warmup}):

@@ -11,6 +11,7 @@ same network with the same optimiser and loss on one batch already in the device
     python scripts/bench_train.py --precision 32-true   # fp32 instead of the default bf16 (where supported)
     python scripts/bench_train.py --mode rounds         # whole runs one after the other instead
     python scripts/bench_train.py --device cuda         # both sides on the GPU (rounds of whole epochs)
+    python scripts/bench_train.py --device cuda --net smp-r34 --batch-size 16 --crop 512
 
 ``--device`` (cpu or cuda; default cuda when available, as `segpipe fit` picks it) sets the device
 of both sides. Only whole epochs are timed, epoch ends included; the first epoch of each side is
@@ -54,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segpipe.lightning_cli import run_cli  # noqa: E402
 from segpipe.runtime import default_precision  # noqa: E402
-from segpipe.models import UNet  # noqa: E402
+from segpipe.models import SmpModel, UNet  # noqa: E402
 
 
 def make_data(root: Path, n: int, num_classes: int) -> Path:
@@ -106,12 +107,17 @@ def synchronize(device: torch.device) -> None:
 
 
 class BareLoop:
-    """The reference: U-Net, AdamW, cross-entropy, autocast, one batch in the device's memory."""
+    """The reference: the same network, AdamW, cross-entropy, autocast, one batch in the
+    device's memory."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device | str = "cpu") -> None:
         torch.manual_seed(0)
         self.device = device = torch.device(device)
-        self.net = UNet(3, args.classes, base_channels=args.base, depth=4).to(device)
+        if args.net == "unet":
+            net: torch.nn.Module = UNet(3, args.classes, base_channels=args.base, depth=4)
+        else:  # smp-r34: smp's U-Net with a ResNet-34 encoder, random weights
+            net = SmpModel("unet", "resnet34", in_channels=3, num_classes=args.classes)
+        self.net = net.to(device)
         self.net.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-4)
         shape = (args.batch_size, 3, args.crop, args.crop)
@@ -241,6 +247,16 @@ class EpochTimer(L.Callback):
             self.seconds = time.perf_counter() - self._t0
 
 
+#: `segpipe fit` overrides selecting the bench's network (as the bare loop builds it).
+NETS = {
+    "unet": lambda args: [f"--model.net.init_args.base_channels={args.base}"],
+    "smp-r34": lambda args: [
+        "--model.net.class_path=segpipe.models.SmpModel", "--model.net.init_args.arch=unet",
+        "--model.net.init_args.encoder_name=resnet34", "--model.net.init_args.encoder_weights=null",
+    ],
+}
+
+
 def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer: object) -> list[str]:
     """`segpipe fit` arguments: the folder config with the bench's model, data and precision."""
     return [
@@ -249,7 +265,7 @@ def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer:
         f"--data.num_classes={args.classes}", f"--data.batch_size={args.batch_size}",
         f"--data.crop_size={args.crop}", "--data.ignore_index=255",
         "--model.loss=ce",  # as the bare loop
-        f"--model.net.init_args.base_channels={args.base}",
+        *NETS[args.net](args),
         f"--trainer.precision={args.precision}",
         f"--trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
         "--trainer.devices=1",
@@ -308,6 +324,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--base", type=int, default=16, help="U-Net base channels")
+    p.add_argument("--net", choices=sorted(NETS), default="unet",
+                   help="unet (segpipe's, depth 4, --base) or smp-r34 (smp's U-Net, ResNet-34 "
+                        "encoder, random weights); e.g. --net smp-r34 --batch-size 16 --crop 512")
     p.add_argument("--mode", choices=["interleaved", "rounds"], default=None,
                    help="default: interleaved on CPU, rounds on CUDA (where interleaving is invalid)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -332,7 +351,8 @@ def main() -> None:
     where = (f"cuda ({torch.cuda.get_device_name(args.device)})" if cuda
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {where}, precision {args.precision}, "
-          f"U-Net(base={args.base}), batch {args.batch_size}, crops {args.crop}x{args.crop}, "
+          + (f"U-Net(base={args.base})" if args.net == "unet" else "smp U-Net(resnet34)")
+          + f", batch {args.batch_size}, crops {args.crop}x{args.crop}, "
           f"mode {args.mode}, {args.rounds} round(s), {args.epochs} timed epoch(s) after 1 "
           "warm-up epoch", flush=True)
     if args.mode == "rounds":

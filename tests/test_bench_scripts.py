@@ -95,3 +95,16 @@ def test_bench_epochs_prints_the_per_epoch_overhead(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert re.search(r"^one pass per epoch \(6 steps\) +3 ", res.stdout, re.M), res.stdout
     assert re.search(r"^samples_per_epoch=8 +7 .* ms .*%", res.stdout, re.M), res.stdout
+
+
+def test_bench_train_compares_the_smp_network_on_both_sides() -> None:
+    """--net smp-r34: segpipe fit and the bare loop train smp's ResNet-34 U-Net."""
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--device", "cpu", "--mode", "rounds",
+         *TINY, "--net", "smp-r34", "--crop", "64", "--epochs", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "smp U-Net(resnet34), batch 2" in res.stdout, res.stdout
+    assert re.search(r"round 1: segpipe fit +[\d.]+ images/s, bare loop +[\d.]+ images/s",
+                     res.stdout), res.stdout
