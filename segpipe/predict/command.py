@@ -143,26 +143,29 @@ def _rank_from_env() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-def default_write_workers(on_accelerator: bool, loader_workers: int = 0) -> int:
-    """Output-writing threads for ``segpipe predict``.
+def default_write_workers(on_accelerator: bool, loader_workers: int = 0, processes: int = 1) -> int:
+    """Output-writing threads for each ``segpipe predict`` process.
 
     With a GPU the predicting process mostly waits for the device, so up to 4 threads encode
     PNGs/GeoTIFFs beside it, from the CPUs the loader workers leave. On a CPU the network's
     threads use every core (``torch.get_num_threads()``), and a writer would only pre-empt
     them (as a decoding worker did: 25 % slower on 2 cores); only cores beyond them are used.
+    With several processes (``--devices``), each gets its share.
 
     Args:
         on_accelerator: Whether the network runs on a GPU (or another accelerator).
-        loader_workers: DataLoader worker processes already decoding inputs.
+        loader_workers: DataLoader worker processes of each process.
+        processes: Predicting processes on this machine.
 
     Returns:
-        Number of threads (0: write between batches, in the predicting thread).
+        Number of threads per process (0: write between batches, in the predicting thread).
     """
     import torch
 
     cpus = os.cpu_count() or 1
-    busy = 1 + loader_workers if on_accelerator else torch.get_num_threads() + loader_workers
-    return min(4, max(0, cpus - busy))
+    per_process = 1 if on_accelerator else torch.get_num_threads()
+    busy = max(1, processes) * (per_process + loader_workers)
+    return min(4, max(0, (cpus - busy) // max(1, processes)))
 
 
 def predict(
@@ -297,7 +300,16 @@ def predict(
         num_workers = 0 if on_cpu else default_num_workers()
     workers = int(num_workers)
     if write_workers is None:
-        write_workers = default_write_workers(on_accelerator=not on_cpu, loader_workers=workers)
+        if isinstance(devices, int):
+            processes = devices
+        elif on_cpu:
+            processes = 1  # Lightning's "auto" on a CPU
+        else:
+            import torch
+
+            processes = max(1, torch.cuda.device_count())
+        write_workers = default_write_workers(on_accelerator=not on_cpu, loader_workers=workers,
+                                              processes=processes)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate_records, persistent_workers=False,
