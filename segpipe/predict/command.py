@@ -428,6 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End the process group ``--strategy ddp`` started (the command owns its processes): left to
+    the interpreter's exit, gloo's threads can abort it ("terminate called without an active
+    exception", exit -6) after every file was written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  # noqa: N803
