@@ -701,8 +701,20 @@ def item_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
     Returns:
         A 32-bit seed.
     """
-    entropy = [int(seed), int(epoch), int(index)] + ([int(draw)] if draw else [])
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    return stable_seed(seed, epoch, index, *([draw] if draw else []))
+
+
+def stable_seed(*values: int) -> int:
+    """A 32-bit seed hashed from ``values`` (numpy's ``SeedSequence``): the same in every
+    process and independent of any random state drawn before.
+
+    Args:
+        *values: Integers to hash (run seed, epoch, ...).
+
+    Returns:
+        A 32-bit seed.
+    """
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
 
 
 class _TransformMixin:

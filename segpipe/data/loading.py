@@ -15,11 +15,10 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from segpipe.data.datasets import ItemKey
+from segpipe.data.datasets import ItemKey, stable_seed
 
 __all__ = [
     "EpochSampler",
@@ -181,8 +180,7 @@ class EpochSampler(DistributedSampler):
         """One pass's order of ``range(n)``: a permutation seeded by ``(seed, epoch[, draw])``."""
         if not self.shuffle:
             return list(range(n))
-        entropy = [int(self.seed), int(epoch)] + ([int(draw)] if draw else [])
-        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        seed = stable_seed(self.seed, epoch, *([draw] if draw else []))
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
     def resume(self, epoch: int, items: int) -> None:

@@ -457,21 +457,17 @@ def normalize_uint8_batch(
     Raises:
         ValueError: When the lengths of mean/std do not match the channel count.
     """
-    channels = images.shape[-3]
-    scale, offset = _scale_offset(mean, std, channels, 255.0)
-    scale_t, offset_t = _device_constants(tuple(scale.tolist()), tuple(offset.tolist()),
-                                          images.device)
+    scale_t, offset_t = _device_affine(tuple(mean), tuple(std), images.shape[-3], images.device)
     out = images.to(torch.float32)
     return out.mul_(scale_t).add_(offset_t)
 
 
 @functools.lru_cache(maxsize=32)
-def _device_constants(
-    scale: tuple[float, ...], offset: tuple[float, ...], device: torch.device
+def _device_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], channels: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, 1, 1) float32 tensors on ``device``, made once: copying them there for every batch
-    would make the host wait for the device at each step."""
-    def make(values: tuple[float, ...]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
-
-    return make(scale), make(offset)
+    """:func:`_scale_offset` for 8-bit data as (C, 1, 1) float32 tensors on ``device``, made
+    once per statistics and device: copying them there for every batch would make the host
+    wait for the device at each step."""
+    scale, offset = _scale_offset(mean, std, channels, 255.0)
+    return tuple(torch.from_numpy(v).to(device).view(-1, 1, 1) for v in (scale, offset))
