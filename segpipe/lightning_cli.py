@@ -48,6 +48,7 @@ from segpipe.tracking import (
 )
 
 __all__ = [
+    "EVALUATION_OPTIONS",
     "USER_ERRORS",
     "CheckpointNotFoundError",
     "SegpipeCLI",
@@ -57,6 +58,11 @@ __all__ = [
 
 #: The data module used when ``data:`` names no ``class_path``.
 _DEFAULT_DATA = "segpipe.data.SegmentationDataModule"
+
+#: Task options that choose how a run evaluates, not what the model is: ``--ckpt_path`` does not
+#: restore them from the checkpoint's hyperparameters, so ``test --model.test_tta true`` (or the
+#: config's value) holds; everything else (network, loss, data spec) comes from the checkpoint.
+EVALUATION_OPTIONS = ("test_tta", "num_worst_images")
 
 #: ``data.*`` options that make up the data spec linked into ``model.data_spec``.
 _SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_channels", "bands",
@@ -214,6 +220,8 @@ class SegpipeCLI(LightningCLI):
         ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)
+        for name in EVALUATION_OPTIONS:  # settings of this run, not of the trained model
+            hparams.pop(name, None)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         if hparams:

@@ -523,6 +523,8 @@ def write_report(
         f"ignore index **{ignore_index}** (excluded from every metric)"
         if ignore_index is not None else "no ignore index"
     )
+    if report.get("test_time_augmentation"):
+        facts.append(f"test-time augmentation: {report['test_time_augmentation']}")
     lines += ["; ".join(facts) + ".", ""]
     metrics_json = out / "test_metrics.json"
     if metrics_json.exists():

@@ -66,6 +66,7 @@ def test_test_writes_labelled_metrics(fitted, dataset, capsys):
     cm = metrics["confusion_matrix"]
     assert len(cm) == 3 and all(len(r) == 3 for r in cm)
     assert metrics["num_images"] == 4  # make_folder_dataset's default test split
+    assert metrics["test_time_augmentation"] == "none (plain predictions)"
     assert (path.parent / "test_per_image.csv").exists()
     # The evaluation report beside the metrics, with the same (macro/micro labelled) numbers.
     report_path = Path(out.split("Evaluation report written to ")[1].split()[0])
@@ -79,6 +80,25 @@ def test_test_writes_labelled_metrics(fitted, dataset, capsys):
     gallery = sorted(files.glob("worst_*.png"))
     assert 1 <= len(gallery) <= 4 and all(f"report_files/{p.name}" in md for p in gallery)
     assert "could not read" not in md
+
+
+def test_evaluation_options_are_this_runs_not_the_checkpoints(fitted, dataset, capsys):
+    # The checkpoint's hyperparameters say test_tta=False and num_worst_images=4 (the fit run's);
+    # restoring them over the command line silently scored plain predictions.
+    main(
+        ["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+         f"--trainer.default_root_dir={fitted}", "--ckpt_path=best", *TINY,
+         "--model.test_tta=true", "--model.num_worst_images=1"]
+    )
+    out = capsys.readouterr().out
+    path = Path(out.split("Test metrics written to ")[1].split()[0])
+    metrics = json.loads(path.read_text())
+    # folder_unet trains with horizontal flips only: the identity and the flip.
+    assert metrics["test_time_augmentation"] == (
+        "mean of 2 view(s) over the training symmetries (hflip)")
+    assert len(list((path.parent / "report_files").glob("worst_*.png"))) == 1
+    md = path.with_name("report.md").read_text(encoding="utf-8")
+    assert "test-time augmentation: mean of 2 view(s)" in md
 
 
 def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):

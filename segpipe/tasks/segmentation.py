@@ -454,6 +454,17 @@ class SegmentationTask(L.LightningModule):
                 worst.sort(key=lambda row: row["IoU"])
                 del worst[self.num_worst_images :]
 
+    def _tta_description(self) -> str:
+        """How test predictions were made, for ``test_metrics.json`` and the report."""
+        if not self.test_tta:
+            return "none (plain predictions)"
+        from segpipe.tta import model_views
+
+        views = model_views(self.spec.symmetries, warn=False)
+        recorded = self.spec.symmetries
+        names = "hflip; not recorded, assumed" if recorded is None else ", ".join(recorded) or "none"
+        return f"mean of {len(views)} view(s) over the training symmetries ({names})"
+
     def _tta_probabilities(self, image: Tensor) -> Tensor:
         """(N, K, H, W) probabilities averaged over the training symmetries."""
         from segpipe.tta import model_views, tta_probabilities
@@ -520,6 +531,7 @@ class SegmentationTask(L.LightningModule):
             worst = worst[: self.num_worst_images]
         report = metrics_report(computed, names, self.ignore_index)
         report["num_images"] = len(images)
+        report["test_time_augmentation"] = self._tta_description()
         confusions, counts = self.case_confusions, self.case_counts
         if self.trainer.world_size > 1:  # each case's images may be spread over the ranks
             parts: list[Any] = [None] * self.trainer.world_size
