@@ -1,6 +1,6 @@
 """Per-epoch overhead of `segpipe fit` with short epochs, and what `data.samples_per_epoch` saves.
 
-A small training set (ISBI's 26 training slices are 6 steps of 4) makes epochs of a few steps,
+A small training set (ISBI's 20 training slices are 5 steps of 4) makes epochs of a few steps,
 and each epoch has fixed work: the loader's iterator is restarted (with workers, their prefetch
 pipeline drains and refills), epoch-end metrics are logged, callbacks run. This bench trains
 the same number of steps on ISBI-sized synthetic data (26 grayscale 512² slices, batch 4,

@@ -1,14 +1,15 @@
 """Callbacks and checkpoint I/O.
 
-The test-metrics and report writer the CLI always adds, a throughput meter, and
-:class:`SafeCheckpointIO`, the checkpoint reader/writer the CLI installs: atomic, fsynced writes
-beside the target and ``weights_only`` reads that refuse pickled code with a clear message.
+The test-metrics and report writer the CLI always adds, a throughput meter, an EMA of the
+weights, and :class:`SafeCheckpointIO`, the checkpoint reader/writer the CLI installs: atomic,
+fsynced writes beside the target and ``weights_only`` reads that refuse pickled code with a clear message.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
 import pickle
 import re
@@ -19,15 +20,17 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.optim.swa_utils import AveragedModel
 
 from segpipe.fileio import AtomicFile, atomic_write_json, is_disk_full
 
 __all__ = [
     "CheckpointWriteError",
+    "EMA",
     "LastCheckpoint",
     "PARTIAL_SUFFIX",
     "SafeCheckpointIO",
@@ -411,3 +414,103 @@ class Throughput(L.Callback):
         if self.images:
             print(f"Training throughput: {self.images_per_second:.2f} images/s "
                   f"({self.images} images after {self.warmup_steps} warm-up steps)")
+
+
+class _EMAModel(AveragedModel):
+    """An :class:`~torch.optim.swa_utils.AveragedModel` updated as an EMA with a host-side count.
+
+    ``AveragedModel.update_parameters`` reads its device counter (``n_averaged == 0``,
+    ``n_averaged > 0``) on every update: two device-to-host synchronisations per training step
+    on a GPU. Here the count is mirrored in a Python int (read back from the buffer once, after
+    a checkpoint is loaded) and the update is one ``_foreach_lerp_`` per dtype group with a
+    Python-number weight, so a step queues its work and moves on.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool,
+                 device: torch.device | None = None) -> None:
+        super().__init__(model, device=device, use_buffers=True)
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self._count: int | None = 0
+
+    def current_decay(self, count: int) -> float:
+        """The decay for the update after ``count`` averaged states (``count >= 1``)."""
+        if not self.warmup:
+            return self.decay
+        # TensorFlow's ExponentialMovingAverage(num_updates): the average spans about the last
+        # tenth of the steps so far until that reaches 1 / (1 - decay) steps.
+        return min(self.decay, (1.0 + count) / (10.0 + count))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None  # re-read n_averaged at the next update
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:  # type: ignore[override]
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        pairs = [
+            (avg, cur.detach().to(avg.device, non_blocking=True))
+            for avg, cur in zip(
+                itertools.chain(self.module.parameters(), self.module.buffers()),
+                itertools.chain(model.parameters(), model.buffers()),
+                strict=True,
+            )
+        ]
+        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+        if self._count == 0 or not floats:
+            torch._foreach_copy_([a for a, _ in pairs], [c for _, c in pairs])
+        else:
+            weight = 1.0 - self.current_decay(self._count)
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+            for a, c in pairs:  # counters (BatchNorm's num_batches_tracked) follow the model
+                if not a.is_floating_point():
+                    a.copy_(c)
+        self._count += 1
+        self.n_averaged.add_(1)
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights, validated, checkpointed and predicted with.
+
+    Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` does the bookkeeping:
+    validation runs on the averaged weights (so ``best`` is selected on them), checkpoints
+    hold them as ``state_dict`` (so ``segpipe test``/``predict`` use them with no option) and
+    the raw weights as ``current_model_state`` (so ``--ckpt_path last`` resumes both), and the
+    model ends training with them. This subclass changes the update: BatchNorm statistics are
+    averaged with the weights, the count lives on the host (no device synchronisation per step;
+    Lightning's ``EMAWeightAveraging`` reads its device counter twice per step), and with
+    ``warmup`` the decay grows as ``(1 + n) / (10 + n)`` up to ``decay``, so the average is
+    usable from the first validation instead of mixing in the random initial weights for the
+    first ``1 / (1 - decay)`` steps.
+
+    Use it from a config::
+
+        trainer:
+          callbacks:
+            - class_path: segpipe.callbacks.EMA
+              init_args: {decay: 0.999}
+
+    Args:
+        decay: Largest decay per optimiser step (the average spans about ``1 / (1 - decay)``
+            steps once warmed up).
+        warmup: Grow the decay from 0 as ``(1 + n) / (10 + n)`` (TensorFlow's ``num_updates``).
+        device: Where the averaged copy lives (default: the model's device).
+    """
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True,
+                 device: str | None = None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), e.g. 0.999; got {decay}")
+        super().__init__(device=device)
+        self.decay, self.warmup = float(decay), bool(warmup)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            device = self._device or pl_module.device
+            self._average_model = _EMAModel(pl_module, self.decay, self.warmup, device=device)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._average_model is None:
+            return  # test/validate: state_dict already holds the averaged weights to evaluate
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)

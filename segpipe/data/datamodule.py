@@ -129,6 +129,9 @@ class SegmentationDataModule(L.LightningDataModule):
         hflip: Random horizontal flips.
         vflip: Random vertical flips.
         rotate90: Random 90° rotations.
+        elastic: Elastic deformation of each training crop, the standard deviation in pixels of
+            random displacements on a 3x3 grid (the U-Net paper's augmentation for its 30 EM
+            slices used 10); 0 (default) disables it.
         color: Colour jitter.
         eval_resize: Optional ``[height, width]`` resize for val/test/predict.
         val_fraction: Fraction of train held out for val when the data has no val split
@@ -180,6 +183,7 @@ class SegmentationDataModule(L.LightningDataModule):
         hflip: bool = True,
         vflip: bool = False,
         rotate90: bool = False,
+        elastic: float = 0.0,
         color: bool = True,
         eval_resize: list[int] | None = None,
         val_fraction: float = 0.1,
@@ -202,6 +206,9 @@ class SegmentationDataModule(L.LightningDataModule):
                              f"or null (one pass over the training set), got {samples_per_epoch}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if not elastic >= 0:  # also NaN
+            raise ValueError(f"data.elastic is a displacement in pixels, >= 0 (U-Net paper: 10); "
+                             f"got {elastic}")
         if limit_samples is not None and limit_samples < 1:
             raise ValueError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
         if val_cases is not None and val_case_fraction is not None:
@@ -545,6 +552,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 hflip=hp.hflip,
                 vflip=hp.vflip,
                 rotate90=hp.rotate90,
+                elastic=float(hp.elastic),
                 color=hp.color,
                 mask_fill=self.ignore_index if self.ignore_index is not None else 0,
                 # Measured statistics mean the data does not span [0, 1] like 8-bit RGB does.

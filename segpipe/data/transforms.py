@@ -30,6 +30,7 @@ import torch  # noqa: E402
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "GridElastic",
     "Preset",
     "RandomScaleCrop",
     "build_eval_transform",
@@ -182,6 +183,68 @@ def _scaled_window(origin: int, scaled: int, out: int, source: int) -> _Window:
     return _Window(factor, src_start, src_stop, start, first, count)
 
 
+class GridElastic(A.DualTransform):
+    """Smooth elastic deformation from random displacements on a coarse grid (the U-Net paper's).
+
+    Ronneberger et al. (2015) train on 30 EM slices with "random displacement vectors on a coarse
+    3 by 3 grid ... sampled from a Gaussian distribution with 10 pixels standard deviation", the
+    per-pixel displacements interpolated bicubically. This is that, stated in pixels of the image
+    it is applied to (so put it after the crop). albumentations' ``ElasticTransform`` smooths
+    per-pixel noise normalised by its maximum, so its displacement in pixels depends on the image
+    size and ``sigma`` in a way no config can state; hence this small transform.
+
+    The image is resampled bilinearly (``cv2.remap``, any channel count and dtype cv2 remaps);
+    the mask takes, for each pixel, the label of the source pixel nearest to the same displaced
+    position, so no new label values appear. Both reflect at the border (no fill, nothing
+    ignored), as the paper's overlap-tile input does.
+
+    Args:
+        std: Standard deviation of the grid displacements in pixels (0 disables).
+        grid: Grid points per side (3 in the paper).
+        p: Probability of applying.
+    """
+
+    def __init__(self, std: float = 10.0, grid: int = 3, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if std < 0 or grid < 2:
+            raise ValueError(f"GridElastic needs std >= 0 and grid >= 2, got std={std}, grid={grid}")
+        self.std = float(std)
+        self.grid = int(grid)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("std", "grid")
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        coarse = self.random_generator.normal(0.0, self.std, size=(2, self.grid, self.grid))
+        dy, dx = (cv2.resize(c.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+                  for c in coarse)
+        rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+        return {"map_y": rows + dy, "map_x": cols + dx}
+
+    def apply(self, img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray,
+              **params: Any) -> np.ndarray:
+        out = cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        return out[..., None] if out.ndim < img.ndim else out  # cv2 drops a channel axis of 1
+
+    def apply_to_mask(self, mask: np.ndarray, map_x: np.ndarray, map_y: np.ndarray,
+                      **params: Any) -> np.ndarray:
+        rows = _reflect101(np.rint(map_y).astype(np.intp), mask.shape[0])
+        cols = _reflect101(np.rint(map_x).astype(np.intp), mask.shape[1])
+        return mask[rows, cols]
+
+
+def _reflect101(index: np.ndarray, size: int) -> np.ndarray:
+    """Indices folded into ``[0, size)`` as cv2's ``BORDER_REFLECT_101`` does (``-1 -> 1``)."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    index = np.abs(index) % period
+    return np.where(index >= size, period - index, index)
+
+
 def seed_transform(transform: A.BaseCompose | A.BasicTransform, seed: int) -> None:
     """Seed a pipeline so that its transforms draw from one stream.
 
@@ -228,6 +291,7 @@ def build_train_transform(
     color: bool = True,
     mask_fill: int = 0,
     color_relative: bool = False,
+    elastic: float = 0.0,
 ) -> A.Compose:
     """Training augmentation pipeline.
 
@@ -260,6 +324,9 @@ def build_train_transform(
             dtype's maximum. For images whose values fill only part of ``[0, 1]`` (12/16-bit
             scans, reflectance rasters scaled by 1/65535), a shift of 0.2 of the maximum would
             be many times the data's own spread.
+        elastic: Standard deviation in pixels of a smooth elastic deformation of the crop
+            (:class:`GridElastic`, the U-Net paper's 3x3 grid; it used 10), applied to every
+            sample unless the preset is ``"none"``; 0 disables it.
 
     Returns:
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
@@ -304,6 +371,8 @@ def build_train_transform(
         # Rescale + pad + crop in one resampling of just the crop; flips after it are cheaper
         # on the crop and, the crop offset being uniform, give the same distribution.
         ops.append(RandomScaleCrop(size, (lo, hi) if scaled else (1.0, 1.0), mask_fill))
+    if preset != "none" and elastic > 0:
+        ops.append(GridElastic(std=elastic))
     if preset != "none":
         if hflip:
             ops.append(A.HorizontalFlip(p=0.5))

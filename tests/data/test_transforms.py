@@ -10,6 +10,7 @@ import torch
 
 from segpipe.data.transforms import (
     IMAGENET_MEAN,
+    GridElastic,
     RandomScaleCrop,
     build_eval_transform,
     build_train_transform,
@@ -38,10 +39,12 @@ def _decode(image: np.ndarray) -> np.ndarray:
     return np.rint(image[:, :, 0] * 4.0).astype(int) - 1
 
 
-@pytest.mark.parametrize("preset", ["none", "light", "default", "strong"])
-def test_image_and_mask_stay_aligned(preset: str) -> None:
+@pytest.mark.parametrize(("preset", "elastic"),
+                         [("none", 0.0), ("light", 0.0), ("default", 0.0), ("strong", 0.0),
+                          ("default", 6.0)])
+def test_image_and_mask_stay_aligned(preset: str, elastic: float) -> None:
     t = build_train_transform(preset, crop_size=48, scale=(0.75, 1.5), hflip=True, vflip=True,
-                              rotate90=True, color=False, mask_fill=IGNORE)
+                              rotate90=True, color=False, mask_fill=IGNORE, elastic=elastic)
     t.set_random_seed(0)
     image, mask = _blocks()
     for _ in range(6):
@@ -54,7 +57,7 @@ def test_image_and_mask_stay_aligned(preset: str) -> None:
         valid = m != IGNORE
         # Padded pixels: image 0 where the mask is the fill value (with "strong", rotated
         # borders are blended by the bilinear image resampling, so only check the others).
-        if preset != "strong":
+        if preset != "strong" and not elastic:
             assert np.all(img[~valid, 0] == 0)
         # Everywhere else the mask still matches the image it came with (bilinear image
         # resampling blurs only the block edges).
@@ -253,6 +256,45 @@ def test_eval_transform_identity_and_resize() -> None:
     assert set(np.unique(out["mask"]).tolist()) <= {0, 5, 10}
 
 
+def test_grid_elastic_warps_image_and_mask_alike() -> None:
+    image, mask = _blocks(96, 96)
+    t = A.Compose([GridElastic(std=8.0)])
+    seed_transform(t, 3)
+    out = t(image=image, mask=mask)
+    img, m = out["image"], out["mask"]
+    assert img.shape == image.shape and img.dtype == np.float32
+    assert m.shape == mask.shape and m.dtype == mask.dtype
+    assert set(np.unique(m).tolist()) <= {0, 1, 2}  # nearest source labels, reflected borders
+    assert (m != mask).mean() > 0.02  # it moved something
+    assert (_decode(img) == m).mean() > 0.95  # and image and mask moved together
+    # Other channels are resampled by the same displacement field.
+    params = t.transforms[0].get_params_dependent_on_data({"shape": image.shape}, {})
+    one = t.transforms[0].apply(image[:, :, 1:2], **params)
+    assert one.shape == (96, 96, 1)
+
+
+def test_grid_elastic_without_displacement_is_identity() -> None:
+    image, mask = _blocks(40, 56, channels=7)
+    for dtype in (np.float32, np.uint16):
+        img = (image * 1000).astype(dtype)
+        out = A.Compose([GridElastic(std=0.0)])(image=img, mask=mask)
+        np.testing.assert_array_equal(out["image"], img)
+        np.testing.assert_array_equal(out["mask"], mask)
+
+
+def test_grid_elastic_mask_border_is_cv2s_reflect101() -> None:
+    # The mask's nearest-neighbour lookup folds indices as cv2.remap's BORDER_REFLECT_101 does
+    # for the image, so labels and pixels agree beyond the border too.
+    t = GridElastic(std=0.0)
+    rows, cols = np.mgrid[0:5, 0:7].astype(np.float32)
+    label = np.arange(35, dtype=np.int32).reshape(5, 7)
+    for dy, dx in ((-3, -9), (4, 8), (-11, 13)):
+        got = t.apply_to_mask(label, map_x=cols + dx, map_y=rows + dy)
+        want = cv2.remap(label.astype(np.float32), cols + dx, rows + dy, cv2.INTER_NEAREST,
+                         borderMode=cv2.BORDER_REFLECT_101)
+        np.testing.assert_array_equal(got, want.astype(np.int32))
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="preset"):
         build_train_transform("extreme")  # type: ignore[arg-type]
@@ -260,6 +302,8 @@ def test_bad_arguments() -> None:
         build_train_transform(scale=(2.0, 1.0))
     with pytest.raises(ValueError, match="crop_size"):
         build_train_transform(crop_size=0)
+    with pytest.raises(ValueError, match="std >= 0"):
+        GridElastic(std=-1.0)
 
 
 @pytest.mark.parametrize(
