@@ -2,7 +2,8 @@
 
 The test-metrics and report writer the CLI always adds, a throughput meter, an EMA of the
 weights, and :class:`SafeCheckpointIO`, the checkpoint reader/writer the CLI installs: atomic,
-fsynced writes beside the target and ``weights_only`` reads that refuse pickled code with a clear message.
+fsynced writes beside the target and ``weights_only`` reads that refuse pickled code with a
+clear message.
 """
 
 from __future__ import annotations
