@@ -38,7 +38,7 @@ from segpipe.models.smp import PretrainedWeightsUnavailableError
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tasks.finetune import TransferLearningError
 from segpipe.tasks.schedules import AnnealToDeadline
-from segpipe.tasks.segmentation import SegmentationTask
+from segpipe.tasks.segmentation import EVALUATION_OPTIONS, SegmentationTask
 from segpipe.tracking import (
     TestFigures,
     ThrottledProgressBar,
@@ -48,7 +48,6 @@ from segpipe.tracking import (
 )
 
 __all__ = [
-    "EVALUATION_OPTIONS",
     "USER_ERRORS",
     "CheckpointNotFoundError",
     "SegpipeCLI",
@@ -58,11 +57,6 @@ __all__ = [
 
 #: The data module used when ``data:`` names no ``class_path``.
 _DEFAULT_DATA = "segpipe.data.SegmentationDataModule"
-
-#: Task options that choose how a run evaluates, not what the model is: ``--ckpt_path`` does not
-#: restore them from the checkpoint's hyperparameters, so ``test --model.test_tta true`` (or the
-#: config's value) holds; everything else (network, loss, data spec) comes from the checkpoint.
-EVALUATION_OPTIONS = ("test_tta", "num_worst_images")
 
 #: ``data.*`` options that make up the data spec linked into ``model.data_spec``.
 _SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_channels", "bands",

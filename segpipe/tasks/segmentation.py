@@ -37,10 +37,17 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 
-__all__ = ["RNG_STATE_KEY", "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state"]
+__all__ = ["EVALUATION_OPTIONS", "RNG_STATE_KEY", "SegmentationTask", "get_rng_state",
+           "pad_to_multiple", "set_rng_state"]
 
 #: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
 RNG_STATE_KEY = "segpipe_rng_state"
+
+#: :class:`SegmentationTask` arguments that choose how a run evaluates, not what the model is:
+#: ``segpipe test/validate --ckpt_path`` does not restore them from the checkpoint's
+#: hyperparameters, so ``--model.test_tta true`` (or the config's value) holds; everything else
+#: (network, loss, data spec) comes from the checkpoint.
+EVALUATION_OPTIONS = ("test_tta", "num_worst_images")
 
 _PYTHON_ONLY = ("net", "optimizer", "lr_scheduler")
 
