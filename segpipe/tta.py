@@ -132,18 +132,22 @@ def model_views(symmetries: Sequence[str] | None, warn: bool = True) -> list[Vie
 
 
 def tta_probabilities(model: Callable[[Tensor], Tensor], x: Tensor,
-                      views: Sequence[View]) -> Tensor:
+                      views: Sequence[View], identity_logits: Tensor | None = None) -> Tensor:
     """Softmax probabilities of ``model`` averaged over ``views`` (one pass for the identity).
 
     Args:
         model: (N, C, H, W) -> (N, K, H, W) logits.
         x: The batch.
         views: From :func:`model_views` or :func:`tta_views`.
+        identity_logits: ``model(x)`` when the caller already has it (``segpipe test`` computes
+            it for the loss): the identity view is then not run again.
 
     Returns:
         float32 (N, K, H, W).
     """
     def probs(v: Tensor) -> Tensor:
+        if identity_logits is not None and v is x:
+            return identity_logits.float().softmax(dim=1)
         return model(v).float().softmax(dim=1)
 
     if len(views) <= 1:

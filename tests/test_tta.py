@@ -7,8 +7,8 @@ import torch
 
 from segpipe.data import SegmentationDataModule
 from segpipe.data.spec import spec_from_legacy
-from segpipe.predict.engine import ProbabilityFn
-from segpipe.tta import tta_mean, tta_views
+from segpipe.predict.scoring import ProbabilityFn
+from segpipe.tta import model_views, tta_mean, tta_views
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,36 @@ def test_segpipe_test_can_score_the_tta_prediction() -> None:
     trainer.fit(task, DM(ignore=255))
     trainer.test(task, DM(ignore=255))
     assert task.test_report["mIoU"] > 0.8  # pixel-wise model: flips change nothing
+
+
+def test_given_identity_logits_are_reused_not_recomputed() -> None:
+    from segpipe.tta import tta_probabilities
+
+    calls: list[int] = []
+
+    def net(t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return _Net()(t)
+
+    x = torch.randn(2, 3, 8, 8)
+    views = tta_views(["hflip", "vflip"])
+    fresh = tta_probabilities(net, x, views)
+    assert len(calls) == 4
+    calls.clear()
+    reused = tta_probabilities(net, x, views, identity_logits=_Net()(x))
+    assert len(calls) == 3  # the identity view is not run again
+    torch.testing.assert_close(reused, fresh)
+
+
+def test_segpipe_test_with_tta_runs_one_forward_per_view() -> None:
+    from segpipe.tasks import SegmentationTask
+    from tests.tasks.test_segmentation import DM, PixelNet, _trainer
+
+    task = SegmentationTask(PixelNet(), ignore_index=255, test_tta=True)
+    batches: list[int] = []
+    task.net.register_forward_hook(lambda *_: batches.append(1))
+    dm = DM(ignore=255)
+    _trainer(max_epochs=1).test(task, dm)
+    n_batches = len(dm.test_dataloader())
+    views = len(model_views(task.spec.symmetries, warn=False))
+    assert views > 1 and len(batches) == n_batches * views  # the loss's forward is the identity's

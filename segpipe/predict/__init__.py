@@ -4,6 +4,7 @@
   preprocessing/palette (:class:`PredictConfig`) from a checkpoint.
 * :mod:`segpipe.predict.tiling`: Gaussian-blended sliding-window inference in blocks.
 * :mod:`segpipe.predict.writers`: the output formats and the atomic writer.
+* :mod:`segpipe.predict.scoring`: the model side (probabilities, TTA, tiling), without Lightning.
 * :mod:`segpipe.predict.engine`: dataset, LightningModule and writing callback.
 * :mod:`segpipe.predict.command`: the command line and :func:`predict`.
 * :mod:`segpipe.predict.api`: :class:`Segmenter`, the same prediction from Python.

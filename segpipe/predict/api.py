@@ -3,7 +3,7 @@
 :class:`Segmenter` runs a trained model on images in memory or on disk and returns numpy
 arrays. It prepares inputs exactly as ``segpipe predict`` does (same reading, channel adaptation,
 normalisation, eval resize, tiling and TTA: :func:`~segpipe.data.datasets.prepare_image` and
-:func:`~segpipe.predict.engine.batch_scores` are shared), so its masks equal the command's.
+:func:`~segpipe.predict.scoring.batch_scores` are shared), so its masks equal the command's.
 
 Example::
 
@@ -30,7 +30,7 @@ import torch
 from segpipe.data.datasets import prepare_image
 from segpipe.data.io import read_image
 from segpipe.predict.checkpoint import PredictConfig
-from segpipe.predict.engine import ProbabilityFn, batch_scores, to_size
+from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
 
 __all__ = ["ImageLike", "Segmenter"]
 

@@ -52,7 +52,8 @@ from segpipe.data.io import (
 from segpipe.data.transforms import build_eval_transform, normalize
 from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.predict.checkpoint import PredictConfig
-from segpipe.predict.tiling import FinishedBlock, TileGrid, predict_tiled, sliding_window_blocks
+from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
+from segpipe.predict.tiling import FinishedBlock, TileGrid, sliding_window_blocks
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
 
 if TYPE_CHECKING:  # annotations only: the task module loads smp/timm
@@ -67,13 +68,10 @@ __all__ = [
     "PredictModule",
     "PredictOptions",
     "PredictSummary",
-    "ProbabilityFn",
     "RasterSource",
     "WritingCallback",
-    "batch_scores",
     "collate_records",
     "to_display",
-    "to_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -308,86 +306,6 @@ class PredictInputs(Dataset):
 def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep records as a list: the predict step groups images of equal size itself."""
     return batch
-
-
-# ------------------------------------------------------------------------------ model side
-class ProbabilityFn:
-    """Class probabilities of a batch, with optional test-time augmentation.
-
-    TTA averages over the symmetries the model was trained with (:mod:`segpipe.tta`), read
-    from its data spec; when the checkpoint does not record them, horizontal flips only (the
-    one symmetry nearly every training pipeline uses), with a warning.
-
-    Args:
-        task: The segmentation task (pads to its network's multiple and crops back).
-        tta: Average over the training symmetries.
-        symmetries: Those symmetries (``hflip``, ``vflip``, ``rot90``); None: not known.
-    """
-
-    def __init__(
-        self, task: SegmentationTask, tta: bool = False, symmetries: Sequence[str] | None = None
-    ) -> None:
-        from segpipe.tta import model_views
-
-        self.task = task
-        self.tta = tta
-        self.views = model_views(symmetries) if tta else [(0, ())]
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) normalised images -> float32 (N, K, H, W) probabilities."""
-        from segpipe.tta import tta_probabilities
-
-        return tta_probabilities(self.task, x, self.views)
-
-
-def batch_scores(
-    x: Tensor,
-    task: Any,
-    prob_fn: ProbabilityFn,
-    *,
-    num_classes: int,
-    tile: int | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    probs: bool = False,
-    on_tiles: Any = None,
-) -> Tensor:
-    """Class scores of a stacked batch: the one inference path of ``segpipe predict`` and of
-    :class:`~segpipe.predict.api.Segmenter`.
-
-    Args:
-        x: (N, C, H, W) normalised images on the device to compute on.
-        task: The task (or ONNX stand-in): (N, C, H, W) -> (N, K, H, W) logits, any size.
-        prob_fn: Probabilities with the chosen TTA.
-        num_classes: K.
-        tile: Sliding-window tile size; images larger than it are predicted tile by tile
-            (Gaussian-blended), one image at a time.
-        overlap: Tile overlap fraction.
-        batch_size: Tiles per forward pass.
-        probs: Return probabilities even where logits would do (for their values).
-        on_tiles: Progress callback taking a number of finished tiles.
-
-    Returns:
-        (N, K, H, W) float scores: probabilities when tiled, with TTA or with ``probs``, else
-        logits (same arg-max, no softmax needed).
-    """
-    h, w = x.shape[-2:]
-    if tile is not None and (h > tile or w > tile):
-        return torch.stack([
-            predict_tiled(img, prob_fn, num_classes, tile, overlap, batch_size, on_tiles=on_tiles)
-            for img in x
-        ])
-    if probs or prob_fn.tta:
-        return prob_fn(x)
-    return task(x)
-
-
-def to_size(scores: Tensor, size: Sequence[int]) -> Tensor:
-    """(K, h, w) scores resized (bilinear) to ``size`` = (H, W), e.g. back from ``eval_resize``."""
-    if tuple(scores.shape[-2:]) == tuple(size):
-        return scores
-    return F.interpolate(scores[None].float(), size=tuple(int(v) for v in size), mode="bilinear",
-                         align_corners=False)[0]
 
 
 def _display_from_unit(image: np.ndarray) -> np.ndarray:

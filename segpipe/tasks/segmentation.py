@@ -429,9 +429,10 @@ class SegmentationTask(L.LightningModule):
         )
         if stage == "train" and not self.log_train_metrics:
             return loss
-        preds = logits.detach().argmax(dim=1)
         if stage == "test" and self.test_tta:
-            preds = self._tta_probabilities(image).argmax(dim=1)
+            preds = self._tta_probabilities(image, logits.detach()).argmax(dim=1)
+        else:
+            preds = logits.detach().argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(preds, mask)
         if stage == "test":
             self._record_test_images(batch.get("path", [""] * n), preds, mask, batch.get("case"))
@@ -472,11 +473,13 @@ class SegmentationTask(L.LightningModule):
         names = "hflip; not recorded, assumed" if recorded is None else ", ".join(recorded) or "none"
         return f"mean of {len(views)} view(s) over the training symmetries ({names})"
 
-    def _tta_probabilities(self, image: Tensor) -> Tensor:
-        """(N, K, H, W) probabilities averaged over the training symmetries."""
+    def _tta_probabilities(self, image: Tensor, logits: Tensor) -> Tensor:
+        """(N, K, H, W) probabilities averaged over the training symmetries; ``logits`` are
+        ``self(image)``, reused for the identity view."""
         from segpipe.tta import model_views, tta_probabilities
 
-        return tta_probabilities(self, image, model_views(self.spec.symmetries, warn=False))
+        views = model_views(self.spec.symmetries, warn=False)
+        return tta_probabilities(self, image, views, identity_logits=logits)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")

@@ -11,12 +11,8 @@ import torch
 from segpipe.data.datasets import PredictDataset
 from segpipe.data.io import write_image
 from segpipe.predict.checkpoint import load_predictor
-from segpipe.predict.engine import (
-    InputFile,
-    PredictInputs,
-    PredictSummary,
-    ProbabilityFn,
-)
+from segpipe.predict.engine import InputFile, PredictInputs, PredictSummary
+from segpipe.predict.scoring import ProbabilityFn
 from segpipe.predict.writers import PredictionWriter
 from tests.predict.conftest import noise_image
 
