@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from .base import SegmentationModel
 from .fcn import FCN
+from .input_norm import PerImageStandardize
 from .unet import UNet
 
 if TYPE_CHECKING:
     from .smp import SmpModel, load_encoder_weights
 
-__all__ = ["UNet", "FCN", "SmpModel", "SegmentationModel", "load_encoder_weights"]
+__all__ = ["UNet", "FCN", "SmpModel", "SegmentationModel", "PerImageStandardize", "load_encoder_weights"]
 
 _LAZY = {"SmpModel": ".smp", "load_encoder_weights": ".smp"}
 

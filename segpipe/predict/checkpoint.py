@@ -62,6 +62,8 @@ class PredictConfig:
         net: The network's ``class_path`` (for messages).
         symmetries: Flips/rotations the model was trained with (TTA averages over these), or
             None when not known.
+        input_norm: ``per_image`` when the model standardises each input image itself
+            (``model.input_norm``; the ONNX stand-in applies it before the graph), else ``none``.
     """
 
     checkpoint: str
@@ -77,10 +79,12 @@ class PredictConfig:
     pad_multiple: int = 32
     net: str = ""
     symmetries: list[str] | None = None
+    input_norm: str = "none"
 
     @classmethod
     def from_spec(
-        cls, spec: DataSpec, checkpoint: str = "", pad_multiple: int = 32, net: str = ""
+        cls, spec: DataSpec, checkpoint: str = "", pad_multiple: int = 32, net: str = "",
+        input_norm: str = "none",
     ) -> PredictConfig:
         """The prediction settings of a data spec (default normalisation when it has none)."""
         mean, std = spec.normalization()
@@ -98,6 +102,7 @@ class PredictConfig:
             pad_multiple=int(pad_multiple),
             net=net,
             symmetries=list(spec.symmetries) if spec.symmetries is not None else None,
+            input_norm=input_norm,
         )
 
     @property
@@ -245,7 +250,8 @@ def load_predictor(
         )
     task.spec = spec
     config = PredictConfig.from_spec(
-        spec, str(path), int(task.pad_multiple), str(net_cfg.get("class_path", ""))
+        spec, str(path), int(task.pad_multiple), str(net_cfg.get("class_path", "")),
+        input_norm=str(hp.get("input_norm", "none")),
     )
     return task, config
 

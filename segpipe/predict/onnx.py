@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from segpipe.fileio import atomic_path, atomic_write_json
+from segpipe.models.input_norm import PerImageStandardize
 from segpipe.predict.checkpoint import CheckpointError, PredictConfig, load_predictor
 
 __all__ = ["OnnxTask", "export_onnx", "load_onnx_predictor", "sidecar_path"]
@@ -81,7 +82,8 @@ def export_onnx(
         "onnx": out.name,
         **asdict(config),
         "input": "image: float32 (N, in_channels, H, W), normalised ((x/max - mean) / std), "
-        "H and W multiples of pad_multiple",
+        "then, when input_norm is per_image, each image's channels standardised (zero mean, "
+        "unit variance over its pixels, before padding), H and W multiples of pad_multiple",
         "output": "logits: float32 (N, num_classes, H, W)",
         "tile": tile,
         "overlap": overlap,
@@ -117,8 +119,9 @@ def _check_export(path: Path, net: nn.Module, config: PredictConfig) -> None:
 class OnnxTask(nn.Module):
     """Drop-in for :class:`~segpipe.tasks.SegmentationTask` in prediction, backed by onnxruntime.
 
-    Calling it pads ``(N, C, H, W)`` to the pad multiple, runs the graph and crops the logits back,
-    exactly as the task's ``forward`` does.
+    Calling it standardises each image when the model does (``input_norm: per_image``, kept out
+    of the graph so that the statistics exclude the padding), pads ``(N, C, H, W)`` to the pad
+    multiple, runs the graph and crops the logits back, exactly as the task's ``forward`` does.
     """
 
     channels_last = False
@@ -131,12 +134,15 @@ class OnnxTask(nn.Module):
         self.pad_multiple = config.pad_multiple
         self.class_names = list(config.class_names)
         self.ignore_index = config.ignore_index
+        self.input_norm: nn.Module = (
+            PerImageStandardize() if config.input_norm == "per_image" else nn.Identity()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits."""
         from segpipe.tasks import pad_to_multiple  # the task module loads Lightning and smp
 
-        padded, (h, w) = pad_to_multiple(x.float(), self.pad_multiple)
+        padded, (h, w) = pad_to_multiple(self.input_norm(x.float()), self.pad_multiple)
         logits = self.session.run(None, {"image": padded.contiguous().cpu().numpy()})[0]
         return torch.from_numpy(logits)[..., :h, :w].to(x.device)
 

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
+from segpipe.models.input_norm import PerImageStandardize
 from segpipe.metrics import (
     IOU_METRICS,
     build_metrics,
@@ -184,6 +185,11 @@ class SegmentationTask(L.LightningModule):
             logged as ``loaded N tensors, re-initialised M (names)``. The file is read with
             ``weights_only=True`` when training starts, never when a checkpoint of this run is
             loaded.
+        input_norm: ``per_image``: standardise each image's channels (zero mean, unit
+            variance over its pixels) before the network
+            (:class:`~segpipe.models.PerImageStandardize`), for data whose intensity scale
+            varies between images (MRI from several scanners); ``none``: the data set's
+            normalisation alone. Part of the model: checkpoints and ONNX exports keep it.
         compile: Compile the network with ``torch.compile`` for ``fit`` (``true``, or a
             mapping of its options such as ``{mode: max-autotune}``). Opt-in: compiling costs
             start-up time (tens of seconds to minutes) that short runs do not win back, and
@@ -211,6 +217,7 @@ class SegmentationTask(L.LightningModule):
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
         init_from: str | None = None,
+        input_norm: Literal["none", "per_image"] = "none",
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
@@ -224,6 +231,11 @@ class SegmentationTask(L.LightningModule):
             ignore += list(_PYTHON_ONLY)
         self.save_hyperparameters(ignore=ignore)
         self.net = net
+        if input_norm not in ("none", "per_image"):
+            raise ValueError(f"model.input_norm must be none or per_image, got {input_norm!r}.")
+        self.input_norm: nn.Module = (
+            PerImageStandardize() if input_norm == "per_image" else nn.Identity()
+        )
         spec = _task_spec(net, data_spec, num_classes, ignore_index, class_names)
         num_classes = spec.num_classes
         if num_classes < 2:
@@ -405,7 +417,7 @@ class SegmentationTask(L.LightningModule):
         Returns:
             (N, num_classes, H, W) logits.
         """
-        x, (h, w) = pad_to_multiple(x, self.pad_multiple)
+        x, (h, w) = pad_to_multiple(self.input_norm(x), self.pad_multiple)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
