@@ -132,6 +132,9 @@ class SegmentationDataModule(L.LightningDataModule):
         elastic: Elastic deformation of each training crop, the standard deviation in pixels of
             random displacements on a 3x3 grid (the U-Net paper's augmentation for its 30 EM
             slices used 10); 0 (default) disables it.
+        channel_gain: ``[low, high]``: multiply each channel of each training sample by its own
+            factor drawn uniformly from this range (for scans whose channels' brightness differs
+            from scanner to scanner, e.g. ``[0.5, 2.0]``); None (default) disables it.
         color: Colour jitter.
         eval_resize: Optional ``[height, width]`` resize for val/test/predict.
         val_fraction: Fraction of train held out for val when the data has no val split
@@ -184,6 +187,7 @@ class SegmentationDataModule(L.LightningDataModule):
         vflip: bool = False,
         rotate90: bool = False,
         elastic: float = 0.0,
+        channel_gain: tuple[float, float] | None = None,
         color: bool = True,
         eval_resize: list[int] | None = None,
         val_fraction: float = 0.1,
@@ -209,6 +213,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if not elastic >= 0:  # also NaN
             raise ValueError(f"data.elastic is a displacement in pixels, >= 0 (U-Net paper: 10); "
                              f"got {elastic}")
+        if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
+            raise ValueError(f"data.channel_gain must be [low, high] with 0 < low <= high "
+                             f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
         if limit_samples is not None and limit_samples < 1:
             raise ValueError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
         if val_cases is not None and val_case_fraction is not None:
@@ -553,6 +560,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 vflip=hp.vflip,
                 rotate90=hp.rotate90,
                 elastic=float(hp.elastic),
+                channel_gain=tuple(hp.channel_gain) if hp.channel_gain is not None else None,
                 color=hp.color,
                 mask_fill=self.ignore_index if self.ignore_index is not None else 0,
                 # Measured statistics mean the data does not span [0, 1] like 8-bit RGB does.

@@ -292,6 +292,7 @@ def build_train_transform(
     mask_fill: int = 0,
     color_relative: bool = False,
     elastic: float = 0.0,
+    channel_gain: tuple[float, float] | None = None,
 ) -> A.Compose:
     """Training augmentation pipeline.
 
@@ -327,6 +328,10 @@ def build_train_transform(
         elastic: Standard deviation in pixels of a smooth elastic deformation of the crop
             (:class:`GridElastic`, the U-Net paper's 3x3 grid; it used 10), applied to every
             sample unless the preset is ``"none"``; 0 disables it.
+        channel_gain: ``(low, high)``: each channel multiplied by its own factor, uniform in
+            the range (albumentations' ``MultiplicativeNoise`` per channel, not per pixel), on
+            every sample unless the preset is ``"none"``; None disables it. Values are clipped
+            to the dtype's range as albumentations does.
 
     Returns:
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
@@ -378,6 +383,9 @@ def build_train_transform(
             ops.append(A.HorizontalFlip(p=0.5))
         if vflip:
             ops.append(A.VerticalFlip(p=0.5))
+    if channel_gain is not None and preset != "none":
+        ops.append(A.MultiplicativeNoise(multiplier=tuple(channel_gain), per_channel=True,
+                                         elementwise=False, p=1.0))
     if color and preset != "none":
         by_max = not color_relative
         if preset == "light":

@@ -153,6 +153,18 @@ def test_elastic_reaches_the_training_pipeline_only(tmp_path: Path) -> None:
         _dm(root, num_classes=3, elastic=-1.0)
 
 
+def test_channel_gain_reaches_the_training_pipeline_only(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(32, 32))
+    dm = _dm(root, num_classes=3, channel_gain=(0.5, 2.0))
+    dm.setup("fit")
+    names = [type(t).__name__ for t in dm.datasets["train"].transform.transforms]
+    assert "MultiplicativeNoise" in names
+    assert "MultiplicativeNoise" not in [type(t).__name__
+                                         for t in dm.datasets["val"].transform.transforms]
+    with pytest.raises(ValueError, match=r"data.channel_gain must be \[low, high\]"):
+        _dm(root, num_classes=3, channel_gain=(2.0, 0.5))
+
+
 def test_pad_collate() -> None:
     items = [
         {"image": torch.ones(3, 4, 5), "mask": torch.ones(4, 5, dtype=torch.int64), "path": "a"},

@@ -344,3 +344,20 @@ def test_normalize_and_tensors() -> None:
         normalize(image, [0.5], [0.25])
     assert default_mean_std(1) == ([0.5], [0.25])
     assert default_mean_std(4) == ([0.5] * 4, [0.25] * 4)
+
+
+def test_channel_gain_scales_each_channel_by_one_factor() -> None:
+    image = np.random.default_rng(0).uniform(0.1, 0.4, (16, 16, 3)).astype(np.float32)
+    mask = np.zeros((16, 16), np.int64)
+    t = build_train_transform("light", hflip=False, color=False, channel_gain=(0.5, 2.0))
+    t.set_random_seed(0)
+    ratios = []
+    for _ in range(20):
+        out = t(image=image, mask=mask)["image"]
+        gain = out / image  # one factor per channel, the same at every pixel
+        np.testing.assert_allclose(gain, np.broadcast_to(gain[:1, :1], gain.shape), rtol=1e-5)
+        ratios.append(gain[0, 0])
+    ratios = np.array(ratios)
+    assert ratios.min() >= 0.5 - 1e-6 and ratios.max() <= 2.0 + 1e-6
+    assert ratios.std(axis=0).min() > 0.2  # drawn per sample
+    assert not np.allclose(ratios[:, 0], ratios[:, 1])  # and per channel
