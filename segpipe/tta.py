@@ -146,7 +146,7 @@ def tta_probabilities(model: Callable[[Tensor], Tensor], x: Tensor,
         float32 (N, K, H, W).
     """
     def probs(v: Tensor) -> Tensor:
-        if identity_logits is not None and v is x:
+        if identity_logits is not None and v is x:  # _apply returns x itself for the identity
             return identity_logits.float().softmax(dim=1)
         return model(v).float().softmax(dim=1)
 

@@ -22,7 +22,9 @@ from .unet import UNet
 if TYPE_CHECKING:
     from .smp import SmpModel, load_encoder_weights
 
-__all__ = ["UNet", "FCN", "SmpModel", "SegmentationModel", "PerImageStandardize", "load_encoder_weights"]
+__all__ = [
+    "UNet", "FCN", "SmpModel", "SegmentationModel", "PerImageStandardize", "load_encoder_weights",
+]
 
 _LAZY = {"SmpModel": ".smp", "load_encoder_weights": ".smp"}
 

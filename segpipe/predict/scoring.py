@@ -1,4 +1,5 @@
-"""The model side of prediction, shared by ``segpipe predict`` and :class:`~segpipe.predict.api.Segmenter`.
+"""The model side of prediction, shared by ``segpipe predict`` and
+:class:`~segpipe.predict.api.Segmenter`.
 
 :class:`ProbabilityFn` (class probabilities, with TTA over the training symmetries) and
 :func:`batch_scores` (whole images or a Gaussian-blended sliding window) are the one inference

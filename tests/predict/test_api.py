@@ -96,3 +96,23 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
         seg.predict(np.zeros((2, 3, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="in_channels=3"):
         seg.predict(np.zeros((8, 8, 5), np.uint8))
+
+
+def test_segmenter_from_onnx_does_not_load_lightning(tmp_path: Path, unet_ckpt: Path) -> None:
+    """The model side of prediction (segpipe.predict.scoring) is Lightning-free."""
+    pytest.importorskip("onnxruntime")
+    import subprocess
+    import sys
+
+    from segpipe.predict.onnx import export_onnx
+
+    model = tmp_path / "model.onnx"
+    export_onnx(unet_ckpt, model)
+    code = (f"import sys, numpy as np\nfrom segpipe import Segmenter\n"
+            f"seg = Segmenter.from_onnx({str(model)!r})\n"
+            f"assert seg.predict(np.zeros((20, 24, 3), np.uint8)).shape == (20, 24)\n"
+            f"print('LIGHTNING' if 'lightning' in sys.modules else 'CLEAN')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "CLEAN"
