@@ -7,7 +7,8 @@ described by :class:`SegmentationModel`. Its constructor names the two size argu
 into them).
 
 The checks here raise ``ValueError`` with messages that name the argument, the allowed values
-and, for inputs, the padded size to use. They import nothing else of segpipe.
+and, for inputs, the padded size to use; :func:`pad_to_multiple` is the padding that meets
+``pad_multiple`` (the task's, and the ONNX stand-in's). They import nothing else of segpipe.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "check_choice",
     "check_input",
     "check_int",
+    "pad_to_multiple",
     "round_up",
     "skip_input_checks",
 ]
@@ -152,3 +155,24 @@ def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
             f"(e.g. with segpipe's pad-to-multiple) and crop the logits back to "
             f"{height}x{width}."
         )
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad the bottom/right of ``x`` so H and W are multiples of ``multiple``.
+
+    Reflection padding keeps image statistics at the border; inputs too small to reflect are
+    padded by replication.
+
+    Args:
+        x: (N, C, H, W) images.
+        multiple: The factor H and W must divide by.
+
+    Returns:
+        The padded (N, C, H', W') tensor and the original (H, W) to crop back to.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)

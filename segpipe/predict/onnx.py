@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from segpipe.fileio import atomic_path, atomic_write_json
+from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import PerImageStandardize
 from segpipe.predict.checkpoint import CheckpointError, PredictConfig, load_predictor
 
@@ -140,8 +141,6 @@ class OnnxTask(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits."""
-        from segpipe.tasks import pad_to_multiple  # the task module loads Lightning and smp
-
         padded, (h, w) = pad_to_multiple(self.input_norm(x.float()), self.pad_multiple)
         logits = self.session.run(None, {"image": padded.contiguous().cpu().numpy()})[0]
         return torch.from_numpy(logits)[..., :h, :w].to(x.device)

@@ -15,11 +15,11 @@ import numpy as np
 import lightning.pytorch as L
 import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
+from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import PerImageStandardize
 from segpipe.metrics import (
     IOU_METRICS,
@@ -63,27 +63,6 @@ def _built_from_config() -> bool:
 
 LossName = Literal["ce", "dice", "ce+dice", "focal", "lovasz", "ce+lovasz"]
 Stage = Literal["train", "val", "test"]
-
-
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Pad the bottom/right of ``x`` so H and W are multiples of ``multiple``.
-
-    Reflection padding keeps image statistics at the border; inputs too small to reflect are
-    padded by replication.
-
-    Args:
-        x: (N, C, H, W) images.
-        multiple: The factor H and W must divide by.
-
-    Returns:
-        The padded (N, C, H', W') tensor and the original (H, W) to crop back to.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
 
 
 def get_rng_state() -> dict[str, Any]:
