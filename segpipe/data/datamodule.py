@@ -560,7 +560,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 vflip=hp.vflip,
                 rotate90=hp.rotate90,
                 elastic=float(hp.elastic),
-                channel_gain=tuple(hp.channel_gain) if hp.channel_gain is not None else None,
+                channel_gain=hp.channel_gain,
                 color=hp.color,
                 mask_fill=self.ignore_index if self.ignore_index is not None else 0,
                 # Measured statistics mean the data does not span [0, 1] like 8-bit RGB does.

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PerImageStandardize"]
+from .base import check_choice
+
+__all__ = ["INPUT_NORMS", "PerImageStandardize", "input_norm_module"]
+
+#: Values of ``model.input_norm``.
+INPUT_NORMS = ("none", "per_image")
 
 
 class PerImageStandardize(nn.Module):
@@ -37,3 +42,13 @@ class PerImageStandardize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+def input_norm_module(name: str) -> nn.Module:
+    """The module of ``model.input_norm`` ``name``: the task's and the ONNX stand-in's.
+
+    Raises:
+        ValueError: For a name not in :data:`INPUT_NORMS`.
+    """
+    check_choice("model.input_norm", name, INPUT_NORMS)
+    return PerImageStandardize() if name == "per_image" else nn.Identity()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from segpipe.fileio import atomic_path, atomic_write_json
 from segpipe.models.base import pad_to_multiple
-from segpipe.models.input_norm import PerImageStandardize
+from segpipe.models.input_norm import input_norm_module
 from segpipe.predict.checkpoint import CheckpointError, PredictConfig, load_predictor
 
 __all__ = ["OnnxTask", "export_onnx", "load_onnx_predictor", "sidecar_path"]
@@ -135,9 +135,7 @@ class OnnxTask(nn.Module):
         self.pad_multiple = config.pad_multiple
         self.class_names = list(config.class_names)
         self.ignore_index = config.ignore_index
-        self.input_norm: nn.Module = (
-            PerImageStandardize() if config.input_norm == "per_image" else nn.Identity()
-        )
+        self.input_norm = input_norm_module(config.input_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
 from segpipe.models.base import pad_to_multiple
-from segpipe.models.input_norm import PerImageStandardize
+from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
     build_metrics,
@@ -210,11 +210,7 @@ class SegmentationTask(L.LightningModule):
             ignore += list(_PYTHON_ONLY)
         self.save_hyperparameters(ignore=ignore)
         self.net = net
-        if input_norm not in ("none", "per_image"):
-            raise ValueError(f"model.input_norm must be none or per_image, got {input_norm!r}.")
-        self.input_norm: nn.Module = (
-            PerImageStandardize() if input_norm == "per_image" else nn.Identity()
-        )
+        self.input_norm = input_norm_module(input_norm)
         spec = _task_spec(net, data_spec, num_classes, ignore_index, class_names)
         num_classes = spec.num_classes
         if num_classes < 2:

@@ -46,7 +46,7 @@ def test_task_standardises_before_padding() -> None:
 
 
 def test_bad_input_norm_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="model.input_norm must be none or per_image"):
+    with pytest.raises(ValueError, match=r"model.input_norm must be one of \['none', 'per_image'\]"):
         _task("per_patient")
 
 
