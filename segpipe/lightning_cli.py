@@ -37,7 +37,7 @@ from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_outp
 from segpipe.models.smp import PretrainedWeightsUnavailableError
 from segpipe.runtime import default_precision, tune_allocator
 from segpipe.tasks.finetune import TransferLearningError
-from segpipe.tasks.schedules import AnnealToDeadline
+from segpipe.tasks.schedules import AnnealToDeadline, LateCrop
 from segpipe.tasks.segmentation import EVALUATION_OPTIONS, SegmentationTask
 from segpipe.tracking import (
     TestFigures,
@@ -352,6 +352,7 @@ class SegpipeCLI(LightningCLI):
         if trainer.loggers:  # training you can watch: learning rate and val/test pictures
             trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
         trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
+        trainer.callbacks.append(LateCrop())  # data.late_crop_size, at its point of that plan
         if last:
             main_ckpt = self._get(self.config_init, "checkpoint")
             trainer.callbacks.append(

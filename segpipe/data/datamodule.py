@@ -125,6 +125,14 @@ class SegmentationDataModule(L.LightningDataModule):
             disables. Default: an eighth of the machine's RAM shared by the workers, at most 1024.
         augment: Augmentation preset (``none``, ``light``, ``default``, ``strong``).
         crop_size: Square training crop size; None trains on whole images.
+        late_crop_size: Square training crop size for the end of the training (from
+            ``late_crop_start`` of it on), larger than ``crop_size`` so the network ends on the
+            context it sees at evaluation; None (default) keeps ``crop_size`` throughout. The
+            switch happens at an epoch boundary (:class:`~segpipe.callbacks.LateCrop`, which
+            ``segpipe fit`` adds); a time-budgeted run re-plans its remaining epochs from the
+            longer epochs' measured time.
+        late_crop_start: Fraction of the planned training (of the time budget's epochs, else
+            of ``max_epochs``) after which ``late_crop_size`` applies.
         scale: Random scale range for ``default``/``strong``.
         hflip: Random horizontal flips.
         vflip: Random vertical flips.
@@ -182,6 +190,8 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_mb: float | None = None,
         augment: Literal["none", "light", "default", "strong"] = "default",
         crop_size: int | None = None,
+        late_crop_size: int | None = None,
+        late_crop_start: float = 0.75,
         scale: tuple[float, float] = (0.5, 2.0),
         hflip: bool = True,
         vflip: bool = False,
@@ -216,6 +226,13 @@ class SegmentationDataModule(L.LightningDataModule):
         if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
             raise ValueError(f"data.channel_gain must be [low, high] with 0 < low <= high "
                              f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
+        if late_crop_size is not None and (crop_size is None or late_crop_size < crop_size):
+            raise ValueError(f"data.late_crop_size ({late_crop_size}) is a larger training crop "
+                             f"for the end of the training: it needs data.crop_size set and no "
+                             f"smaller than it (got crop_size={crop_size})")
+        if not 0.0 < late_crop_start < 1.0:
+            raise ValueError(f"data.late_crop_start is a fraction of the training in (0, 1), "
+                             f"got {late_crop_start}")
         if limit_samples is not None and limit_samples < 1:
             raise ValueError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
         if val_cases is not None and val_case_fraction is not None:
@@ -264,6 +281,9 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"data.cache_mb must be >= 0 (0 disables the cache), got {cache_mb}")
         self.cache_mb = default_cache_mb(self.num_workers) if cache_mb is None else float(cache_mb)
 
+        #: The training crop now in use: ``crop_size``, then ``late_crop_size`` (see
+        #: :meth:`update_train_crop`).
+        self.train_crop_size = crop_size
         self._scan: Scan | None = None
         self._splits: dict[str, list[Sample]] = {}
         self._checked: set[str] = set()
@@ -339,8 +359,9 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The spec (with measured statistics), so resumed, validated and tested runs
-        normalise exactly as training did."""
-        return {"spec": self.spec.to_dict()}
+        normalise exactly as training did, and the training crop in use, so a run resumed
+        after the switch to ``late_crop_size`` goes on with it."""
+        return {"spec": self.spec.to_dict(), "train_crop_size": self.train_crop_size}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Take the statistics of a checkpoint's spec when the config gives none."""
@@ -349,6 +370,31 @@ class SegmentationDataModule(L.LightningDataModule):
             self.spec.stats_source in ("", "default", "measured")
         ):
             self._set_stats(saved["mean"], saved["std"], saved.get("stats_source") or "measured")
+        crop = state_dict.get("train_crop_size")
+        if crop is not None and crop == self.hparams.late_crop_size:
+            self._set_train_crop(int(crop))
+
+    def update_train_crop(self, progress: float) -> bool:
+        """Switch the training crop to ``late_crop_size`` once ``progress`` reaches
+        ``late_crop_start``.
+
+        Args:
+            progress: Fraction of the planned training done, in [0, 1].
+
+        Returns:
+            Whether the training crop changed, so the training loader must be built again.
+        """
+        late = self.hparams.late_crop_size
+        if late is None or self.train_crop_size == late or progress < self.hparams.late_crop_start:
+            return False
+        self._set_train_crop(int(late))
+        log.info("training crops are now %d px (data.late_crop_size) at %.0f %% of the training",
+                 late, 100 * progress)
+        return True
+
+    def _set_train_crop(self, size: int) -> None:
+        self.train_crop_size = size
+        self.datasets.pop("train", None)  # rebuilt with the new crop when next needed
 
     # ---------------------------------------------------------------- scanning and splits
     def _run_scanner(self) -> Scan:
@@ -554,7 +600,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if split == "train":
             transform = build_train_transform(
                 preset=hp.augment,
-                crop_size=hp.crop_size,
+                crop_size=self.train_crop_size,
                 scale=tuple(hp.scale),
                 hflip=hp.hflip,
                 vflip=hp.vflip,

@@ -12,6 +12,8 @@ the schedule runs over:
   fits is validated (whatever ``check_val_every_n_epoch`` says) and training stops after it, so
   the run ends annealed, validated and checkpointed just inside its budget. Without a time
   budget, progress is the fraction of ``max_epochs``/``max_steps`` done (a plain cosine).
+* :class:`LateCrop` (also added to every run) switches the data module's training crops to
+  ``data.late_crop_size`` once that progress reaches ``data.late_crop_start``.
 
 In a config::
 
@@ -36,7 +38,7 @@ from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["AnnealToDeadline", "DeadlineCosineLR"]
+__all__ = ["AnnealToDeadline", "DeadlineCosineLR", "LateCrop", "training_progress"]
 
 
 class DeadlineCosineLR(LRScheduler):
@@ -190,3 +192,53 @@ class AnnealToDeadline(L.Callback):
         self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
         self.planned_epochs = state_dict.get("planned_epochs")
         self.val_seconds = float(state_dict.get("val_seconds", 0.0))
+
+
+def training_progress(trainer: L.Trainer) -> float:
+    """Fraction of the planned training done, in [0, 1].
+
+    The plan of :class:`AnnealToDeadline` when it has one (a time budget with
+    :class:`DeadlineCosineLR`), else the steps done of ``max_epochs``/``max_steps``, else the
+    time spent of ``trainer.max_time``; 0 when none of these bounds the training.
+    """
+    planner = next((cb for cb in trainer.callbacks if isinstance(cb, AnnealToDeadline)), None)
+    if planner is not None and planner.planned_epochs is not None:
+        return min(1.0, planner.progress(trainer))
+    total = trainer.estimated_stepping_batches
+    if math.isfinite(total) and total > 0:
+        return min(1.0, trainer.global_step / total)
+    timer = AnnealToDeadline._timer(trainer)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is None:
+        return 0.0
+    elapsed = float(timer.time_elapsed())
+    return min(1.0, elapsed / max(1e-9, elapsed + float(remaining)))
+
+
+class LateCrop(L.Callback):
+    """Builds the training loader again when the data module moves to its late crop size.
+
+    At each training epoch's end it gives the data module the training progress
+    (:func:`training_progress`); a data module with ``update_train_crop`` (segpipe's, for
+    ``data.late_crop_size``) answers whether its training crops changed, and if so Lightning
+    builds the training loader again for the next epoch. Other data modules are left alone.
+
+    A run resumed from a checkpoint written at the validation that closes the switching epoch
+    (checkpoints are written before this hook runs) trains one more epoch on the small crops
+    before switching.
+    """
+
+    def __init__(self) -> None:
+        self._reload_every: int | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        update = getattr(trainer.datamodule, "update_train_crop", None)
+        if callable(update) and update(training_progress(trainer)):
+            # Lightning's own switch for building the loader again at the next epoch's start.
+            self._reload_every = trainer.reload_dataloaders_every_n_epochs
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._reload_every is not None:  # the loader has been built again: back to as set
+            trainer.reload_dataloaders_every_n_epochs = self._reload_every
+            self._reload_every = None

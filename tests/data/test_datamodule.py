@@ -312,3 +312,27 @@ def test_other_layouts_give_batches(tmp_path: Path) -> None:
              val_fraction=0.2)
     dm.setup("fit")  # fewer than 24 slices: the last val_fraction of the slices
     assert [Path(s.image).name for s in dm.splits["val"]] == ["05.png"]
+
+
+def test_late_crop_switches_once_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=1, n_test=0, size=(40, 40))
+    kw = {"num_classes": 3, "batch_size": 2, "crop_size": 16, "late_crop_size": 24,
+          "late_crop_start": 0.5}
+    dm = _dm(root, **kw)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["image"].shape[-2:] == (16, 16)
+    assert not dm.update_train_crop(0.49)
+    assert dm.update_train_crop(0.5) and not dm.update_train_crop(0.9)  # once
+    assert next(iter(dm.train_dataloader()))["image"].shape[-2:] == (24, 24)
+    assert next(iter(dm.val_dataloader()))["image"].shape[-2:] == (40, 40)  # eval keeps sizes
+    resumed = _dm(root, **kw)
+    resumed.setup("fit")  # Lightning sets up before it restores the checkpoint's state
+    resumed.load_state_dict(dm.state_dict())
+    assert next(iter(resumed.train_dataloader()))["image"].shape[-2:] == (24, 24)
+    assert _dm(root, **kw).train_crop_size == 16
+    with pytest.raises(ValueError, match="data.late_crop_size .* needs data.crop_size set"):
+        _dm(root, num_classes=3, late_crop_size=24)
+    with pytest.raises(ValueError, match="no smaller than it"):
+        _dm(root, num_classes=3, crop_size=32, late_crop_size=24)
+    with pytest.raises(ValueError, match=r"data.late_crop_start is a fraction .* \(0, 1\)"):
+        _dm(root, num_classes=3, crop_size=16, late_crop_size=24, late_crop_start=1.0)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from segpipe.cli import main
-from segpipe.tasks.schedules import AnnealToDeadline, DeadlineCosineLR
+from segpipe.tasks.schedules import AnnealToDeadline, DeadlineCosineLR, training_progress
 from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_folder_dataset
 
@@ -94,3 +97,44 @@ def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Pa
     lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 0.3e-3  # from the config's lr, down
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
+
+
+class CropRecorder(L.Callback):
+    """Writes each training batch's (epoch, height) to a JSON file when fit ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.seen.append([trainer.current_epoch, int(batch["image"].shape[-2])])
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        Path(self.path).write_text(json.dumps(self.seen))
+
+
+def test_segpipe_fit_moves_to_the_late_crop_at_its_point_of_the_training(tmp_path: Path) -> None:
+    data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
+    seen = tmp_path / "seen.json"
+    recorder = {"class_path": "tests.tasks.test_schedules.CropRecorder",
+                "init_args": {"path": str(seen)}}
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={data}",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_epochs=4",
+                 *TINY_UNET, "--data.num_workers=0", "--data.late_crop_size=40",
+                 "--data.late_crop_start=0.5", f"--trainer.callbacks+={json.dumps(recorder)}"]) == 0
+    heights = {}
+    for epoch, height in json.loads(seen.read_text()):
+        heights.setdefault(epoch, set()).add(height)
+    # Two of four epochs done (progress 0.5) at the end of epoch 1: epochs 2 and 3 are late.
+    assert heights == {0: {32}, 1: {32}, 2: {40}, 3: {40}}
+
+
+def test_training_progress_without_a_plan_is_the_time_spent(monkeypatch) -> None:
+    timer = Timer(duration={"seconds": 100})
+    monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": 25.0)
+    monkeypatch.setattr(timer, "time_remaining", lambda stage="train": 75.0)
+    trainer = SimpleNamespace(callbacks=[AnnealToDeadline(), timer], global_step=7,
+                              estimated_stepping_batches=float("inf"))
+    assert training_progress(trainer) == pytest.approx(0.25)
+    trainer.estimated_stepping_batches = 14  # max_epochs/max_steps bound it: steps done
+    assert training_progress(trainer) == pytest.approx(0.5)
