@@ -388,8 +388,6 @@ class SegmentationDataModule(L.LightningDataModule):
         if late is None or self.train_crop_size == late or progress < self.hparams.late_crop_start:
             return False
         self._set_train_crop(int(late))
-        log.info("training crops are now %d px (data.late_crop_size) at %.0f %% of the training",
-                 late, 100 * progress)
         return True
 
     def _set_train_crop(self, size: int) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -233,7 +234,11 @@ class LateCrop(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         update = getattr(trainer.datamodule, "update_train_crop", None)
-        if callable(update) and update(training_progress(trainer)):
+        progress = training_progress(trainer)
+        if callable(update) and update(progress):
+            rank_zero_info(f"Epoch {trainer.current_epoch + 1} on: training crops of "
+                           f"{trainer.datamodule.train_crop_size} px (data.late_crop_size), "
+                           f"{100 * progress:.0f} % into the planned training")
             # Lightning's own switch for building the loader again at the next epoch's start.
             self._reload_every = trainer.reload_dataloaders_every_n_epochs
             trainer.reload_dataloaders_every_n_epochs = 1

@@ -38,8 +38,8 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 
-__all__ = ["EVALUATION_OPTIONS", "RNG_STATE_KEY", "SegmentationTask", "get_rng_state",
-           "pad_to_multiple", "set_rng_state"]
+__all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "RNG_STATE_KEY", "SegmentationTask",
+           "get_rng_state", "pad_to_multiple", "set_rng_state"]
 
 #: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
 RNG_STATE_KEY = "segpipe_rng_state"
@@ -128,6 +128,11 @@ class SegmentationTask(L.LightningModule):
             and step.
         class_weights: One weight per class for ``ce``/``ce+dice``/``dice``/``focal`` and the
             cross-entropy of ``ce+lovasz`` (e.g. median frequency balancing), or None.
+        dice_per_image: With ``dice``/``ce+dice``, score the Dice of each image and class
+            present in it, then average, instead of smp's Dice over the batch's pooled pixels.
+            Each image's objects then count alike, however small (a small lesion weighs as much
+            as a large one, as in a per-patient mean Dice); the batch-pooled Dice lets large
+            objects dominate.
         ignore_index: Label excluded from the loss and from every metric, or None (shorthand
             when there is no ``data_spec``).
         class_names: Names used to label per-class metrics (shorthand); taken from the data
@@ -183,6 +188,7 @@ class SegmentationTask(L.LightningModule):
         num_classes: int | None = None,
         loss: LossName = "ce",
         class_weights: list[float] | None = None,
+        dice_per_image: bool = False,
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -235,7 +241,7 @@ class SegmentationTask(L.LightningModule):
         self.log_train_metrics = log_train_metrics
         self.num_worst_images = num_worst_images
         self.test_tta = bool(test_tta)
-        self.criterion = self._build_loss(loss, class_weights, ignore_index)
+        self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image)
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"model.compile must be true, false or a mapping of torch.compile "
@@ -295,15 +301,19 @@ class SegmentationTask(L.LightningModule):
         self.init_from = init_from
 
     def _build_loss(
-        self, loss: str, class_weights: list[float] | None, ignore_index: int | None
+        self, loss: str, class_weights: list[float] | None, ignore_index: int | None,
+        dice_per_image: bool = False,
     ) -> nn.Module:
+        if dice_per_image and loss not in ("dice", "ce+dice"):
+            raise ValueError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
+                             f"not to loss {loss!r}; set one of those or drop dice_per_image.")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         ce = nn.CrossEntropyLoss(
             weight=weight, ignore_index=-100 if ignore_index is None else ignore_index
         )
         if loss == "ce":
             return ce
-        dice = smp.losses.DiceLoss(
+        dice = (PerImageDiceLoss if dice_per_image else smp.losses.DiceLoss)(
             mode="multiclass", ignore_index=ignore_index, class_weights=class_weights
         )
         if loss == "dice":
@@ -604,6 +614,44 @@ class SegmentationTask(L.LightningModule):
         ``freeze_encoder_epochs``, and checks that a resumed run has the checkpoint's parameter
         groups (it does nothing else when neither option is set)."""
         return [TransferLearning(self.init_from, self.freeze_encoder_epochs)]
+
+
+class PerImageDiceLoss(smp.losses.DiceLoss):
+    """smp's multiclass Dice loss, scored per image and class instead of over the batch.
+
+    smp pools the pixels of the whole batch per class, so a batch's large objects dominate its
+    Dice. Here each (image, class) pair with true pixels in that image gets its own soft Dice
+    (smp's ``compute_score`` over the pixels only); pairs without true pixels count as 0, as
+    smp counts absent classes, and the loss is the mean over images and classes (class weights
+    as smp applies them). For one image it equals smp's loss. (smp has no per-image option and
+    MONAI's ``DiceLoss(batch=False)`` would add a dependency for this one reduction.)
+
+    Shapes: logits (N, C, H, W), target int64 (N, H, W) -> scalar.
+    """
+
+    def __init__(self, mode: str = "multiclass", **kwargs: Any) -> None:
+        if mode != "multiclass":
+            raise ValueError(f"PerImageDiceLoss is multiclass only, got mode {mode!r}")
+        super().__init__(mode, **kwargs)
+
+    def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        n, c = y_pred.shape[:2]
+        prob = y_pred.log_softmax(dim=1).exp().reshape(n, c, -1)
+        target = y_true.reshape(n, -1)
+        if self.ignore_index is not None:
+            valid = (target != self.ignore_index).unsqueeze(1)
+            onehot = nn.functional.one_hot(target.masked_fill(~valid[:, 0], 0), c)
+            onehot = onehot.permute(0, 2, 1) * valid
+            prob = prob * valid
+        else:
+            onehot = nn.functional.one_hot(target, c).permute(0, 2, 1)
+        onehot = onehot.type_as(prob)
+        scores = self.compute_score(prob, onehot, smooth=self.smooth, eps=self.eps, dims=(2,))
+        loss = -torch.log(scores.clamp_min(self.eps)) if self.log_loss else 1.0 - scores
+        loss = loss * (onehot.sum(2) > 0).to(loss.dtype)  # (N, C): only classes in the image
+        if self.classes is not None:
+            loss = loss[:, self.classes]
+        return self.aggregate_loss(loss.mean(0))  # linear: the mean of the images' losses
 
 
 class _SumLoss(nn.Module):

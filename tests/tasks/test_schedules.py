@@ -113,7 +113,8 @@ class CropRecorder(L.Callback):
         Path(self.path).write_text(json.dumps(self.seen))
 
 
-def test_segpipe_fit_moves_to_the_late_crop_at_its_point_of_the_training(tmp_path: Path) -> None:
+def test_segpipe_fit_moves_to_the_late_crop_at_its_point_of_the_training(tmp_path: Path,
+                                                                          caplog) -> None:
     data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
     seen = tmp_path / "seen.json"
     recorder = {"class_path": "tests.tasks.test_schedules.CropRecorder",
@@ -127,6 +128,7 @@ def test_segpipe_fit_moves_to_the_late_crop_at_its_point_of_the_training(tmp_pat
         heights.setdefault(epoch, set()).add(height)
     # Two of four epochs done (progress 0.5) at the end of epoch 1: epochs 2 and 3 are late.
     assert heights == {0: {32}, 1: {32}, 2: {40}, 3: {40}}
+    assert "Epoch 2 on: training crops of 40 px (data.late_crop_size), 50 % into" in caplog.text
 
 
 def test_training_progress_without_a_plan_is_the_time_spent(monkeypatch) -> None:

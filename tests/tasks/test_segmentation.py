@@ -3,10 +3,12 @@
 import lightning.pytorch as L
 import pytest
 import torch
+import segmentation_models_pytorch as smp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segpipe.tasks import SegmentationTask, pad_to_multiple
+from segpipe.tasks.segmentation import PerImageDiceLoss
 
 
 class PixelNet(nn.Module):
@@ -62,6 +64,46 @@ def _trainer(**kw):
 def test_fast_dev_run_every_loss(loss):
     task = SegmentationTask(PixelNet(), loss=loss, class_weights=[1.0, 2.0, 2.0], ignore_index=255)
     _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
+
+
+def test_fast_dev_run_dice_per_image():
+    task = SegmentationTask(PixelNet(), loss="ce+dice", dice_per_image=True,
+                            class_weights=[1.0, 2.0, 2.0], ignore_index=255)
+    _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
+    with pytest.raises(ValueError, match="model.dice_per_image applies to the Dice of loss dice"):
+        SegmentationTask(PixelNet(), loss="ce", dice_per_image=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ignore_index": 255}, {"class_weights": [1.0, 3.0, 0.5]},
+                                {"log_loss": True}])
+def test_per_image_dice_is_smps_dice_of_each_image_averaged(kw):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 8, 9, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (3, 8, 9), generator=g)
+    target[1][target[1] == 2] = 0  # class 2 absent from image 1
+    if "ignore_index" in kw:
+        target[:, :2] = 255
+    per_image = PerImageDiceLoss(mode="multiclass", **kw)
+    pooled = smp.losses.DiceLoss(mode="multiclass", **kw)
+    one_by_one = torch.stack([pooled(logits[i:i + 1], target[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(per_image(logits, target), one_by_one.mean())
+    assert not torch.isclose(per_image(logits, target), pooled(logits, target))  # not the batch's
+    per_image(logits, target).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_per_image_dice_weighs_a_small_object_as_much_as_a_large_one():
+    # Two images: one with a large object, one with a small one; the network finds the large one
+    # and misses the small one. Pooled over the batch the miss hardly counts; per image it does.
+    target = torch.zeros(2, 16, 16, dtype=torch.int64)
+    target[0, :, :8] = 1  # 128 pixels
+    target[1, :2, :2] = 1  # 4 pixels
+    logits = torch.zeros(2, 2, 16, 16)
+    logits[0, 1] = torch.where(target[0] == 1, 10.0, -10.0)  # the large object found
+    logits[1, 1] = -10.0  # the small one missed
+    per_image = PerImageDiceLoss(mode="multiclass", classes=[1])(logits, target)
+    pooled = smp.losses.DiceLoss(mode="multiclass", classes=[1])(logits, target)
+    assert pooled < 0.1 and per_image > 0.45
 
 
 def test_learns_and_reports_named_metrics():
