@@ -128,7 +128,7 @@ class SegmentationDataModule(L.LightningDataModule):
         late_crop_size: Square training crop size for the end of the training (from
             ``late_crop_start`` of it on), larger than ``crop_size`` so the network ends on the
             context it sees at evaluation; None (default) keeps ``crop_size`` throughout. The
-            switch happens at an epoch boundary (:class:`~segpipe.callbacks.LateCrop`, which
+            switch happens at an epoch boundary (:class:`~segpipe.tasks.schedules.LateCrop`, which
             ``segpipe fit`` adds); a time-budgeted run re-plans its remaining epochs from the
             longer epochs' measured time.
         late_crop_start: Fraction of the planned training (of the time budget's epochs, else

@@ -636,7 +636,7 @@ class PerImageDiceLoss(smp.losses.DiceLoss):
 
     def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
         n, c = y_pred.shape[:2]
-        prob = y_pred.log_softmax(dim=1).exp().reshape(n, c, -1)
+        prob = (y_pred.log_softmax(dim=1).exp() if self.from_logits else y_pred).reshape(n, c, -1)
         target = y_true.reshape(n, -1)
         if self.ignore_index is not None:
             valid = (target != self.ignore_index).unsqueeze(1)
