@@ -86,6 +86,19 @@ class DeadlineCosineLR(LRScheduler):
         return [base * f for base in self.base_lrs]
 
 
+def _timer(trainer: L.Trainer) -> Timer | None:
+    """Lightning's timer (``trainer.max_time``), or None."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+
+
+def _fraction_of_steps(trainer: L.Trainer) -> float | None:
+    """Steps done of ``max_epochs``/``max_steps``; None when neither bounds the training."""
+    total = trainer.estimated_stepping_batches
+    if math.isfinite(total) and total > 0:
+        return trainer.global_step / total
+    return None
+
+
 class AnnealToDeadline(L.Callback):
     """Plans the training that :class:`DeadlineCosineLR` anneals over (module docstring).
 
@@ -113,10 +126,6 @@ class AnnealToDeadline(L.Callback):
         return [c.scheduler for c in trainer.lr_scheduler_configs
                 if isinstance(c.scheduler, DeadlineCosineLR)]
 
-    @staticmethod
-    def _timer(trainer: L.Trainer) -> Timer | None:
-        return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-
     def _steps_per_epoch(self, trainer: L.Trainer) -> int:
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:
@@ -128,14 +137,13 @@ class AnnealToDeadline(L.Callback):
         per_epoch = self._steps_per_epoch(trainer)
         if self.planned_epochs is not None and per_epoch:
             return trainer.global_step / (self.planned_epochs * per_epoch)
-        total = trainer.estimated_stepping_batches
-        if math.isfinite(total) and total > 0:
-            return trainer.global_step / total
-        return 0.0  # first epoch of a time budget: not measured yet, full learning rate
+        fraction = _fraction_of_steps(trainer)
+        # None: the first epoch of a time budget, not measured yet: full learning rate.
+        return 0.0 if fraction is None else fraction
 
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        timer = self._timer(trainer)
+        timer = _timer(trainer)
         if not self._schedulers(trainer) or timer is None or timer.time_remaining() is None:
             return
         now = timer.time_elapsed()
@@ -205,10 +213,10 @@ def training_progress(trainer: L.Trainer) -> float:
     planner = next((cb for cb in trainer.callbacks if isinstance(cb, AnnealToDeadline)), None)
     if planner is not None and planner.planned_epochs is not None:
         return min(1.0, planner.progress(trainer))
-    total = trainer.estimated_stepping_batches
-    if math.isfinite(total) and total > 0:
-        return min(1.0, trainer.global_step / total)
-    timer = AnnealToDeadline._timer(trainer)
+    fraction = _fraction_of_steps(trainer)
+    if fraction is not None:
+        return min(1.0, fraction)
+    timer = _timer(trainer)
     remaining = timer.time_remaining() if timer is not None else None
     if remaining is None:
         return 0.0
