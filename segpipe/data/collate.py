@@ -1,6 +1,7 @@
 """Batching: :class:`PadCollate` pads differently sized items and writes each batch once.
 
-Batch format: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``,
+Batch format: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``
+(plus ``"weight": float32 (N, H, W)`` per-pixel loss weights when the data set adds them),
 images laid out channels-last in memory (the format the task runs the network in). With the
 data set's ``uint8_images`` the image batch is uint8 until the data module normalises it on the
 device.
@@ -105,6 +106,13 @@ class PadCollate:
             for i, m in enumerate(masks):
                 mask_out[i, : m.shape[0], : m.shape[1]] = m
             out["mask"] = mask_out
+        if "weight" in batch[0]:  # per-pixel loss weights; padding weighs nothing
+            weight_out = _batch_buffer(batch[0]["weight"], (len(batch), h, w), False)
+            if padded:
+                weight_out.zero_()
+            for i, b in enumerate(batch):
+                weight_out[i, : b["weight"].shape[0], : b["weight"].shape[1]] = b["weight"]
+            out["weight"] = weight_out
         out["path"] = paths
         for key in batch[0]:
             if key not in out:

@@ -49,6 +49,7 @@ from segpipe.data.loading import (
 from segpipe.data.spec import DataSpec, training_symmetries
 from segpipe.data.stats import band_statistics, needs_measured_stats
 from segpipe.data.transforms import (
+    boundary_weight_map,
     build_eval_transform,
     build_train_transform,
     normalize_uint8_batch,
@@ -143,6 +144,14 @@ class SegmentationDataModule(L.LightningDataModule):
         channel_gain: ``[low, high]``: multiply each channel of each training sample by its own
             factor drawn uniformly from this range (for scans whose channels' brightness differs
             from scanner to scanner, e.g. ``[0.5, 2.0]``); None (default) disables it.
+        boundary_weight_class: Weigh the training loss's cross-entropy with the U-Net paper's
+            border weights (:func:`~segpipe.data.transforms.boundary_weight_map`): the connected
+            regions of this class are the objects (ISBI's cells, class 1), and the pixels of
+            thin gaps between two objects weigh up to ``1 + boundary_weight_w0``. Computed on
+            each augmented training crop; validation and test are unweighted. None (default)
+            disables it.
+        boundary_weight_w0: The border term's weight (the paper's 10).
+        boundary_weight_sigma: Its width in pixels of the training crop (the paper's 5).
         color: Colour jitter.
         eval_resize: Optional ``[height, width]`` resize for val/test/predict.
         val_fraction: Fraction of train held out for val when the data has no val split
@@ -198,6 +207,9 @@ class SegmentationDataModule(L.LightningDataModule):
         rotate90: bool = False,
         elastic: float = 0.0,
         channel_gain: tuple[float, float] | None = None,
+        boundary_weight_class: int | None = None,
+        boundary_weight_w0: float = 10.0,
+        boundary_weight_sigma: float = 5.0,
         color: bool = True,
         eval_resize: list[int] | None = None,
         val_fraction: float = 0.1,
@@ -226,6 +238,13 @@ class SegmentationDataModule(L.LightningDataModule):
         if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
             raise ValueError(f"data.channel_gain must be [low, high] with 0 < low <= high "
                              f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
+        if boundary_weight_class is not None and not 0 <= boundary_weight_class < num_classes:
+            raise ValueError(f"data.boundary_weight_class is the class whose regions are the "
+                             f"objects, in 0..{num_classes - 1}; got {boundary_weight_class}")
+        if not (boundary_weight_w0 >= 0 and boundary_weight_sigma > 0):  # also NaN
+            raise ValueError(f"data.boundary_weight_w0 must be >= 0 and data.boundary_weight_sigma "
+                             f"> 0 (the U-Net paper: 10 and 5 px); got {boundary_weight_w0} and "
+                             f"{boundary_weight_sigma}")
         if late_crop_size is not None and (crop_size is None or late_crop_size < crop_size):
             raise ValueError(f"data.late_crop_size ({late_crop_size}) is a larger training crop "
                              f"for the end of the training: it needs data.crop_size set and no "
@@ -629,6 +648,24 @@ class SegmentationDataModule(L.LightningDataModule):
             seed=int(hp.seed) if split == "train" else None,
             cache_mb=self.cache_mb,
             uint8_images=self._uint8_batches(),
+            pixel_weights=self._pixel_weights() if split == "train" else None,
+        )
+
+    @property
+    def pixel_weighting(self) -> bool:
+        """Whether training batches carry per-pixel loss weights (``"weight"``)."""
+        return self.hparams.boundary_weight_class is not None
+
+    def _pixel_weights(self) -> Any:
+        """The training set's per-pixel weight function (picklable for workers), or None."""
+        hp = self.hparams
+        if not self.pixel_weighting:
+            return None
+        return functools.partial(
+            boundary_weight_map,
+            object_class=int(hp.boundary_weight_class),
+            w0=float(hp.boundary_weight_w0),
+            sigma=float(hp.boundary_weight_sigma),
         )
 
     def _uint8_batches(self) -> bool:

@@ -24,7 +24,7 @@ import csv
 import logging
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -778,6 +778,10 @@ class SegmentationDataset(_TransformMixin, Dataset):
             of the bytes) and normalises them there
             (:func:`~segpipe.data.transforms.normalize_uint8_batch`). Other images stay float32
             normalised.
+        pixel_weights: Maps the augmented (H, W) labels to (H, W) float32 loss weights, added
+            to each item as ``"weight"`` (e.g. a ``functools.partial`` of
+            :func:`~segpipe.data.transforms.boundary_weight_map`; it must pickle for loader
+            workers); None (default) adds none.
     """
 
     def __init__(
@@ -795,8 +799,10 @@ class SegmentationDataset(_TransformMixin, Dataset):
         seed: int | None = None,
         cache_mb: float = 0,
         uint8_images: bool = False,
+        pixel_weights: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.samples = _as_samples(samples)
+        self.pixel_weights = pixel_weights
         self.transform = transform
         self.uint8_images = bool(uint8_images)
         self.seed = None if seed is None else int(seed)
@@ -878,8 +884,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``, plus
-        ``"case": str`` when the samples belong to cases (``image`` uint8 with
-        ``uint8_images``, see the class docstring).
+        ``"case": str`` when the samples belong to cases and ``"weight": float32 (H, W)`` with
+        ``pixel_weights`` (``image`` uint8 with ``uint8_images``, see the class docstring).
 
         Args:
             index: Sample index, or an :class:`ItemKey` (index and epoch) from the training
@@ -905,6 +911,10 @@ class SegmentationDataset(_TransformMixin, Dataset):
         mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         sample = self.samples[index]
         item = {"image": img_t, "mask": mask_t, "path": str(sample.image)}
+        if self.pixel_weights is not None:
+            item["weight"] = torch.from_numpy(
+                np.ascontiguousarray(self.pixel_weights(labels), dtype=np.float32)
+            )
         if self._has_cases:
             item["case"] = sample.case or ""
         return item

@@ -6,6 +6,7 @@ The task never reads files and never builds networks by name: ``net`` is any ``n
 
 from __future__ import annotations
 
+import math
 import random
 import typing
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import lightning.pytorch as L
 import segmentation_models_pytorch as smp
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
@@ -38,7 +40,8 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 
-__all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "RNG_STATE_KEY", "SegmentationTask",
+__all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
+           "SegmentationTask",
            "get_rng_state", "pad_to_multiple", "set_rng_state"]
 
 #: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
@@ -133,6 +136,11 @@ class SegmentationTask(L.LightningModule):
             Each image's objects then count alike, however small (a small lesion weighs as much
             as a large one, as in a per-patient mean Dice); the batch-pooled Dice lets large
             objects dominate.
+        ohem_fraction: Online hard example mining for the cross-entropy (of ``ce``,
+            ``ce+dice``, ``ce+lovasz``): in training, it averages only this fraction of the
+            batch's pixels, those with the highest loss (e.g. 0.25), so pixels the network
+            already gets right stop diluting the thin and rare ones. Validation and test losses
+            use every pixel. None (default) averages every pixel.
         ignore_index: Label excluded from the loss and from every metric, or None (shorthand
             when there is no ``data_spec``).
         class_names: Names used to label per-class metrics (shorthand); taken from the data
@@ -189,6 +197,7 @@ class SegmentationTask(L.LightningModule):
         loss: LossName = "ce",
         class_weights: list[float] | None = None,
         dice_per_image: bool = False,
+        ohem_fraction: float | None = None,
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -241,7 +250,8 @@ class SegmentationTask(L.LightningModule):
         self.log_train_metrics = log_train_metrics
         self.num_worst_images = num_worst_images
         self.test_tta = bool(test_tta)
-        self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image)
+        self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
+                                          ohem_fraction)
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"model.compile must be true, false or a mapping of torch.compile "
@@ -302,14 +312,21 @@ class SegmentationTask(L.LightningModule):
 
     def _build_loss(
         self, loss: str, class_weights: list[float] | None, ignore_index: int | None,
-        dice_per_image: bool = False,
+        dice_per_image: bool = False, ohem_fraction: float | None = None,
     ) -> nn.Module:
         if dice_per_image and loss not in ("dice", "ce+dice"):
             raise ValueError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
                              f"not to loss {loss!r}; set one of those or drop dice_per_image.")
+        if ohem_fraction is not None and loss not in ("ce", "ce+dice", "ce+lovasz"):
+            raise ValueError(f"model.ohem_fraction mines the cross-entropy of loss ce, ce+dice or "
+                             f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
+        if ohem_fraction is not None and not 0.0 < ohem_fraction < 1.0:
+            raise ValueError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
+                             f"(e.g. 0.25), or null for all; got {ohem_fraction}")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        ce = nn.CrossEntropyLoss(
-            weight=weight, ignore_index=-100 if ignore_index is None else ignore_index
+        ce = PixelWeightedCrossEntropy(
+            weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
+            hard_fraction=ohem_fraction,
         )
         if loss == "ce":
             return ce
@@ -379,11 +396,24 @@ class SegmentationTask(L.LightningModule):
             names = getattr(dm, "class_names", None)
             if names and not self._names_given:
                 self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
+        if stage == "fit" and getattr(dm, "pixel_weighting", False):
+            self._check_pixel_weights()
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if stage == "fit" and self.compile_options is not None:
             # In place (nn.Module.compile): the state dict keeps its names.
             self.net.compile(**self.compile_options)
+
+    def _check_pixel_weights(self) -> None:
+        """Per-pixel weights (the data's ``"weight"``) weigh the cross-entropy; refuse a loss
+        without one rather than ignore them."""
+        losses = getattr(self.criterion, "losses", [self.criterion])
+        if not any(isinstance(loss, PixelWeightedCrossEntropy) for loss in losses):
+            raise ValueError(
+                f"The training data carry per-pixel loss weights (data.boundary_weight_class), "
+                f"which weigh the cross-entropy, but model.loss is {self.hparams.loss!r}; use "
+                f"ce, ce+dice or ce+lovasz, or drop data.boundary_weight_class."
+            )
 
     def _check_classes(self, data_classes: int) -> None:
         if data_classes != self.num_classes:
@@ -411,7 +441,12 @@ class SegmentationTask(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
         image, mask = batch["image"], batch["mask"]
         logits = self(image)
-        loss = self.criterion(logits.float(), mask)
+        pixel_weight = batch.get("weight")
+        if pixel_weight is None:
+            loss = self.criterion(logits.float(), mask)
+        else:
+            self._check_pixel_weights()
+            loss = self.criterion(logits.float(), mask, pixel_weight=pixel_weight)
         n = image.shape[0]
         self.log(
             f"{stage}/loss",
@@ -654,15 +689,64 @@ class PerImageDiceLoss(smp.losses.DiceLoss):
         return self.aggregate_loss(loss.mean(0))  # linear: the mean of the images' losses
 
 
+class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` that also takes a weight per pixel (e.g. the U-Net paper's border
+    weights, :func:`~segpipe.data.transforms.boundary_weight_map`) and can mine hard pixels.
+
+    A pixel's weight is its class weight times its pixel weight, and the loss is the weighted
+    mean over the pixels not ignored, as torch's class-weighted mean: the pixel weights move
+    emphasis between pixels without changing the loss's scale. With ``hard_fraction`` (online
+    hard example mining), in training mode only that fraction of the batch's pixels, those with
+    the highest weighted loss, enter the mean (a ``topk``, no host synchronisation); in eval
+    mode every pixel does. Otherwise it is ``nn.CrossEntropyLoss`` (``reduction="mean"`` only).
+
+    Args:
+        hard_fraction: Fraction of the pixels kept in training, in (0, 1), or None for all.
+        **kwargs: ``nn.CrossEntropyLoss``'s arguments.
+    """
+
+    def __init__(self, *args: Any, hard_fraction: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hard_fraction = hard_fraction
+
+    def forward(  # type: ignore[override]
+        self, input: Tensor, target: Tensor, pixel_weight: Tensor | None = None
+    ) -> Tensor:
+        """Loss of (N, C, H, W) logits against (N, H, W) labels, with (N, H, W) pixel weights."""
+        mine = self.hard_fraction is not None and self.training
+        if pixel_weight is None and not mine:
+            return super().forward(input, target)
+        per_pixel = F.cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction="none", label_smoothing=self.label_smoothing,
+        )  # (N, H, W): class weight x -log p, 0 where ignored
+        weight = (target != self.ignore_index).to(per_pixel.dtype)
+        if self.weight is not None:
+            weight = weight * self.weight[target.clamp(0, self.weight.numel() - 1)]
+        if pixel_weight is not None:
+            per_pixel, weight = per_pixel * pixel_weight, weight * pixel_weight
+        if mine:
+            kept = max(1, math.ceil(float(self.hard_fraction) * per_pixel.numel()))
+            per_pixel, index = per_pixel.flatten().topk(kept, sorted=False)
+            weight = weight.flatten()[index]
+        total = weight.sum()
+        return per_pixel.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
 class _SumLoss(nn.Module):
-    """Sum of losses (e.g. cross-entropy + Dice)."""
+    """Sum of losses (e.g. cross-entropy + Dice); a pixel weight goes to the cross-entropy."""
 
     def __init__(self, *losses: nn.Module) -> None:
         super().__init__()
         self.losses = nn.ModuleList(losses)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return sum(loss(logits, target) for loss in self.losses)  # type: ignore[return-value]
+    def forward(self, logits: Tensor, target: Tensor, pixel_weight: Tensor | None = None) -> Tensor:
+        return sum(  # type: ignore[return-value]
+            loss(logits, target, pixel_weight=pixel_weight)
+            if pixel_weight is not None and isinstance(loss, PixelWeightedCrossEntropy)
+            else loss(logits, target)
+            for loss in self.losses
+        )
 
 
 def _task_spec(

@@ -165,6 +165,45 @@ def test_channel_gain_reaches_the_training_pipeline_only(tmp_path: Path) -> None
         _dm(root, num_classes=3, channel_gain=(2.0, 0.5))
 
 
+def test_boundary_weights_reach_training_batches_only(tmp_path: Path) -> None:
+    from segpipe.data.transforms import boundary_weight_map
+
+    # Cells (class 1) separated by one-pixel membranes (class 0), as ISBI's slices.
+    root = make_isbi_like(tmp_path / "isbi", n_slices=6, size=(32, 40))
+    isbi = dict(layout="isbi", num_classes=2, in_channels=1, mask_values={0: 0, 255: 1},
+                val_slices=[4, 6])
+    dm = _dm(root, **isbi, batch_size=2, crop_size=24, boundary_weight_class=1,
+             boundary_weight_w0=7.0, boundary_weight_sigma=2.0)
+    dm.setup("fit")
+    assert dm.pixel_weighting
+    batch = next(iter(dm.train_dataloader()))
+    _check_batch(batch, 2, 1, (24, 24))
+    assert batch["weight"].dtype == torch.float32 and batch["weight"].shape == (2, 24, 24)
+    for mask, weight in zip(batch["mask"], batch["weight"]):  # computed on the augmented crop
+        expected = boundary_weight_map(mask.numpy(), object_class=1, w0=7.0, sigma=2.0)
+        np.testing.assert_allclose(weight.numpy(), expected)
+    assert batch["weight"].max() > 1
+    assert "weight" not in next(iter(dm.val_dataloader()))
+    assert not _dm(root, **isbi).pixel_weighting
+    with pytest.raises(ValueError, match="data.boundary_weight_class is the class whose regions"):
+        _dm(root, **isbi, boundary_weight_class=2)
+    with pytest.raises(ValueError, match="data.boundary_weight_sigma > 0"):
+        _dm(root, **isbi, boundary_weight_class=1, boundary_weight_sigma=0.0)
+
+
+def test_pad_collate_pads_pixel_weights_with_zero() -> None:
+    items = [
+        {"image": torch.ones(3, 4, 5), "mask": torch.ones(4, 5, dtype=torch.int64),
+         "weight": torch.full((4, 5), 2.0), "path": "a"},
+        {"image": torch.ones(3, 6, 3), "mask": torch.ones(6, 3, dtype=torch.int64),
+         "weight": torch.full((6, 3), 3.0), "path": "b"},
+    ]
+    out = PadCollate(255)(items)
+    assert out["weight"].shape == (2, 6, 5)
+    assert out["weight"][0, 5, 0] == 0 and out["weight"][0, 3, 4] == 2
+    assert out["weight"][1, 0, 4] == 0 and out["weight"][1, 5, 2] == 3
+
+
 def test_pad_collate() -> None:
     items = [
         {"image": torch.ones(3, 4, 5), "mask": torch.ones(4, 5, dtype=torch.int64), "path": "a"},

@@ -12,6 +12,7 @@ from segpipe.data.transforms import (
     IMAGENET_MEAN,
     GridElastic,
     RandomScaleCrop,
+    boundary_weight_map,
     build_eval_transform,
     build_train_transform,
     default_mean_std,
@@ -361,3 +362,68 @@ def test_channel_gain_scales_each_channel_by_one_factor() -> None:
     assert ratios.min() >= 0.5 - 1e-6 and ratios.max() <= 2.0 + 1e-6
     assert ratios.std(axis=0).min() > 0.2  # drawn per sample
     assert not np.allclose(ratios[:, 0], ratios[:, 1])  # and per channel
+
+
+def _brute_force_border_weights(labels: np.ndarray, object_class: int, w0: float,
+                                sigma: float) -> np.ndarray:
+    """The U-Net paper's eq. 2 border term computed the slow way: every pixel's exact Euclidean
+    distance to every pixel of every object, objects found by a flood fill of our own."""
+    h, w = labels.shape
+    region = np.zeros((h, w), int)
+    count = 0
+    for y0 in range(h):
+        for x0 in range(w):
+            if labels[y0, x0] != object_class or region[y0, x0]:
+                continue
+            count += 1
+            stack = [(y0, x0)]
+            region[y0, x0] = count
+            while stack:
+                y, x = stack.pop()
+                for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):  # 4-connected
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < h and 0 <= xx < w and labels[yy, xx] == object_class \
+                            and not region[yy, xx]:
+                        region[yy, xx] = count
+                        stack.append((yy, xx))
+    ys, xs = np.mgrid[:h, :w]
+    dists = []
+    for k in range(1, count + 1):
+        py, px = np.nonzero(region == k)
+        d = np.sqrt((ys[..., None] - py) ** 2 + (xs[..., None] - px) ** 2).min(-1)
+        dists.append(d)
+    out = np.ones((h, w))
+    if count >= 2:
+        d = np.sort(np.stack(dists), axis=0)
+        border = w0 * np.exp(-((d[0] + d[1]) ** 2) / (2 * sigma**2))
+        out += np.where(labels == object_class, 0.0, border)
+    return out
+
+
+def test_boundary_weights_are_the_unet_papers_in_a_two_pixel_gap() -> None:
+    labels = np.zeros((8, 22), np.int64)  # class 0: membrane, class 1: cells
+    labels[:, :10] = 1
+    labels[:, 12:] = 1  # two cells, a gap of columns 10 and 11
+    weights = boundary_weight_map(labels, object_class=1, w0=10.0, sigma=5.0)
+    assert weights.dtype == np.float32 and weights.shape == labels.shape
+    # Column 10 is 1 px from the left cell and 2 px from the right one.
+    np.testing.assert_allclose(weights[:, 10], 1 + 10 * np.exp(-9 / 50), rtol=1e-5)
+    np.testing.assert_allclose(weights[:, 11], 1 + 10 * np.exp(-9 / 50), rtol=1e-5)
+    assert (weights[labels == 1] == 1).all()
+    # One object only: no gap between two, all weights 1.
+    assert (boundary_weight_map(labels * 0 + (np.arange(22) < 10), 1) == 1).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_boundary_weights_equal_a_brute_force_computation(seed: int) -> None:
+    # Random blobs of class 1 (cells) in class 0, with a few ignored pixels (class 255).
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((6, 7)) < 0.5
+    labels = np.kron(coarse, np.ones((5, 5), int)).astype(np.int64)
+    labels[rng.random(labels.shape) < 0.15] = 0  # thin gaps and holes
+    labels[0, :3] = 255
+    fast = boundary_weight_map(labels, object_class=1, w0=10.0, sigma=3.0)
+    slow = _brute_force_border_weights(labels, 1, 10.0, 3.0)
+    assert slow.max() > 5  # the blobs do make narrow gaps
+    # Equal up to the term cut off beyond 4 sigma of each object (below 10 * exp(-8)).
+    np.testing.assert_allclose(fast, slow, atol=10 * np.exp(-8) + 1e-4)

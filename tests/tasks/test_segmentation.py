@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segpipe.tasks import SegmentationTask, pad_to_multiple
-from segpipe.tasks.segmentation import PerImageDiceLoss
+from segpipe.tasks.segmentation import PerImageDiceLoss, PixelWeightedCrossEntropy
 
 
 class PixelNet(nn.Module):
@@ -72,6 +72,83 @@ def test_fast_dev_run_dice_per_image():
     _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
     with pytest.raises(ValueError, match="model.dice_per_image applies to the Dice of loss dice"):
         SegmentationTask(PixelNet(), loss="ce", dice_per_image=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ignore_index": 255}, {"weight": torch.tensor([1.0, 3.0, 0.5])},
+                                {"weight": torch.tensor([1.0, 3.0, 0.5]), "ignore_index": 255}])
+def test_pixel_weighted_cross_entropy_is_a_weighted_mean(kw):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 6), generator=g)
+    if "ignore_index" in kw:
+        target[:, 0] = 255
+    loss = PixelWeightedCrossEntropy(**kw)
+    plain = nn.CrossEntropyLoss(**kw)
+    torch.testing.assert_close(loss(logits, target), plain(logits, target))
+    torch.testing.assert_close(loss(logits, target, pixel_weight=torch.full((2, 5, 6), 4.0)),
+                               plain(logits, target))  # uniform weights: the plain loss
+    pixel_weight = torch.rand(2, 5, 6, generator=g) * 5
+    nll = -torch.log_softmax(logits, 1).gather(1, target.clamp(0, 2)[:, None])[:, 0]
+    class_weight = kw["weight"][target.clamp(0, 2)] if "weight" in kw else torch.ones(2, 5, 6)
+    w = class_weight * pixel_weight * (target != kw.get("ignore_index", -100))
+    torch.testing.assert_close(loss(logits, target, pixel_weight=pixel_weight),
+                               (w * nll).sum() / w.sum())
+    loss(logits, target, pixel_weight=pixel_weight).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ohem_averages_the_hardest_pixels_in_training_only(weighted):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 6, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 5), generator=g)
+    target[0, 0] = 255
+    class_weight = torch.tensor([1.0, 2.0, 0.5])
+    loss = PixelWeightedCrossEntropy(weight=class_weight, ignore_index=255, hard_fraction=0.25)
+    pixel_weight = torch.rand(2, 6, 5, generator=g) + 0.5 if weighted else None
+    nll = -torch.log_softmax(logits, 1).gather(1, target.clamp(0, 2)[:, None])[:, 0]
+    w = class_weight[target.clamp(0, 2)] * (target != 255)
+    if weighted:
+        w = w * pixel_weight
+    hardest = (w * nll).flatten().argsort(descending=True)[:15]  # a quarter of the 60 pixels
+    expected = (w * nll).flatten()[hardest].sum() / w.flatten()[hardest].sum()
+    torch.testing.assert_close(loss(logits, target, pixel_weight=pixel_weight), expected)
+    loss(logits, target, pixel_weight=pixel_weight).backward()
+    assert (logits.grad.abs().sum(1) > 0).sum() == 15  # only the mined pixels get gradients
+    loss.eval()  # validation and test: every pixel
+    plain = PixelWeightedCrossEntropy(weight=class_weight, ignore_index=255)
+    torch.testing.assert_close(loss(logits, target, pixel_weight=pixel_weight),
+                               plain(logits, target, pixel_weight=pixel_weight))
+
+
+def test_fast_dev_run_ohem_and_its_refusals():
+    task = SegmentationTask(PixelNet(), loss="ce+dice", ohem_fraction=0.3, ignore_index=255)
+    _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
+    with pytest.raises(ValueError, match="model.ohem_fraction mines the cross-entropy of loss ce"):
+        SegmentationTask(PixelNet(), loss="dice", ohem_fraction=0.3)
+    with pytest.raises(ValueError, match=r"model.ohem_fraction is the fraction of pixels kept, in \(0, 1\)"):
+        SegmentationTask(PixelNet(), loss="ce", ohem_fraction=1.5)
+
+
+class WeightedArgmaxData(ArgmaxData):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "weight": torch.rand(self.masks[i].shape) + 1}
+
+
+class WeightedDM(DM):
+    pixel_weighting = True
+
+    def __init__(self, ignore=None):
+        super().__init__(ignore)
+        self.ds = WeightedArgmaxData(ignore=ignore)
+
+
+def test_fast_dev_run_with_pixel_weights_and_a_loss_that_cannot_use_them():
+    task = SegmentationTask(PixelNet(), loss="ce+dice", class_weights=[1.0, 2.0, 2.0],
+                            ignore_index=255)
+    _trainer(fast_dev_run=True).fit(task, WeightedDM(ignore=255))
+    with pytest.raises(ValueError, match="carry per-pixel loss weights .* model.loss is 'dice'"):
+        _trainer(fast_dev_run=True).fit(SegmentationTask(PixelNet(), loss="dice"), WeightedDM())
 
 
 @pytest.mark.parametrize("kw", [{}, {"ignore_index": 255}, {"class_weights": [1.0, 3.0, 0.5]},
