@@ -16,8 +16,8 @@ import numpy as np
 import lightning.pytorch as L
 import segmentation_models_pytorch as smp
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
@@ -41,8 +41,7 @@ from segpipe.tasks.finetune import (
 )
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
-           "SegmentationTask",
-           "get_rng_state", "pad_to_multiple", "set_rng_state"]
+           "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state"]
 
 #: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
 RNG_STATE_KEY = "segpipe_rng_state"
