@@ -38,6 +38,18 @@ def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...], channels_last: boo
     return flat.view(shape)
 
 
+def _pad_maps(maps: Sequence[torch.Tensor], size: tuple[int, int],
+              fill: float | None) -> torch.Tensor:
+    """(H, W) maps (masks, pixel weights) as one (N, H, W) batch, the rest filled with ``fill``
+    (None: the maps fill the batch, nothing to pad)."""
+    out = _batch_buffer(maps[0], (len(maps), *size), False)
+    if fill is not None:
+        out.fill_(fill)
+    for i, m in enumerate(maps):
+        out[i, : m.shape[0], : m.shape[1]] = m
+    return out
+
+
 class PadCollate:
     """Collate dicts of tensors, padding images (0) and masks (``ignore_index``) to the max size.
 
@@ -99,20 +111,10 @@ class PadCollate:
             img_out[i, :, : im.shape[1], : im.shape[2]] = im
         out["image"] = img_out
         if has_mask:
-            masks = [b["mask"] for b in batch]
-            mask_out = _batch_buffer(masks[0], (len(batch), h, w), False)
-            if padded:
-                mask_out.fill_(int(self.ignore_index))
-            for i, m in enumerate(masks):
-                mask_out[i, : m.shape[0], : m.shape[1]] = m
-            out["mask"] = mask_out
+            out["mask"] = _pad_maps([b["mask"] for b in batch], (h, w),
+                                    int(self.ignore_index) if padded else None)
         if "weight" in batch[0]:  # per-pixel loss weights; padding weighs nothing
-            weight_out = _batch_buffer(batch[0]["weight"], (len(batch), h, w), False)
-            if padded:
-                weight_out.zero_()
-            for i, b in enumerate(batch):
-                weight_out[i, : b["weight"].shape[0], : b["weight"].shape[1]] = b["weight"]
-            out["weight"] = weight_out
+            out["weight"] = _pad_maps([b["weight"] for b in batch], (h, w), 0 if padded else None)
         out["path"] = paths
         for key in batch[0]:
             if key not in out:
