@@ -251,6 +251,9 @@ class SegmentationTask(L.LightningModule):
         self.test_tta = bool(test_tta)
         self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
                                           ohem_fraction)
+        if ohem_fraction is not None and not _has_cross_entropy(self.criterion):
+            raise ValueError(f"model.ohem_fraction mines the cross-entropy of loss ce, ce+dice or "
+                             f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"model.compile must be true, false or a mapping of torch.compile "
@@ -316,9 +319,6 @@ class SegmentationTask(L.LightningModule):
         if dice_per_image and loss not in ("dice", "ce+dice"):
             raise ValueError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
                              f"not to loss {loss!r}; set one of those or drop dice_per_image.")
-        if ohem_fraction is not None and loss not in ("ce", "ce+dice", "ce+lovasz"):
-            raise ValueError(f"model.ohem_fraction mines the cross-entropy of loss ce, ce+dice or "
-                             f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
         if ohem_fraction is not None and not 0.0 < ohem_fraction < 1.0:
             raise ValueError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
                              f"(e.g. 0.25), or null for all; got {ohem_fraction}")
@@ -406,8 +406,7 @@ class SegmentationTask(L.LightningModule):
     def _check_pixel_weights(self) -> None:
         """Per-pixel weights (the data's ``"weight"``) weigh the cross-entropy; refuse a loss
         without one rather than ignore them."""
-        losses = getattr(self.criterion, "losses", [self.criterion])
-        if not any(isinstance(loss, PixelWeightedCrossEntropy) for loss in losses):
+        if not _has_cross_entropy(self.criterion):
             raise ValueError(
                 f"The training data carry per-pixel loss weights (data.boundary_weight_class), "
                 f"which weigh the cross-entropy, but model.loss is {self.hparams.loss!r}; use "
@@ -730,6 +729,12 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
             weight = weight.flatten()[index]
         total = weight.sum()
         return per_pixel.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def _has_cross_entropy(criterion: nn.Module) -> bool:
+    """Whether the loss (or a term of a :class:`_SumLoss`) is :class:`PixelWeightedCrossEntropy`."""
+    terms = criterion.losses if isinstance(criterion, _SumLoss) else [criterion]
+    return any(isinstance(term, PixelWeightedCrossEntropy) for term in terms)
 
 
 class _SumLoss(nn.Module):
