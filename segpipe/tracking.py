@@ -149,7 +149,8 @@ class ValidationImages(L.Callback):
     ) -> None:
         if batch_idx == 0 and dataloader_idx == 0 and self.num_images > 0 and trainer.is_global_zero:
             k = self.num_images
-            self._batch = {"image": batch["image"][:k].detach(), "mask": batch["mask"][:k].detach()}
+            self._batch = {key: batch[key][:k].detach() for key in ("image", "mask", "size")
+                           if key in batch}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch, self._batch = self._batch, None
@@ -160,12 +161,19 @@ class ValidationImages(L.Callback):
             return
         from segpipe.report import colorize_labels
 
+        images, mask_hw = batch["image"], tuple(batch["mask"].shape[-2:])
         with torch.no_grad():
-            preds = pl_module(batch["image"]).argmax(dim=1).cpu().numpy()
+            logits = pl_module(images)
+        if tuple(images.shape[-2:]) != mask_hw:  # data.eval_resize: show the masks' size
+            from segpipe.tasks.segmentation import to_mask_size
+
+            logits = to_mask_size(logits, mask_hw, batch.get("size"))
+            images = to_mask_size(images, mask_hw, batch.get("size"))
+        preds = logits.argmax(dim=1).cpu().numpy()
         mean, std = spec.normalization()
         colors = np.asarray(spec.class_colors, dtype=np.uint8)
         rows = []
-        for image, mask, pred in zip(batch["image"], batch["mask"].cpu().numpy(), preds):
+        for image, mask, pred in zip(images, batch["mask"].cpu().numpy(), preds):
             base = _display(image, mean, std)
             rows.append(np.concatenate(
                 [base, colorize_labels(mask, colors, base), colorize_labels(pred, colors, base)],

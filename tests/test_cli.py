@@ -120,6 +120,44 @@ def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):
     assert code == 2  # one clear line, no traceback
 
 
+def test_eval_resize_scores_every_mask_at_its_own_size_as_predict_writes_it(tmp_path, capsys):
+    """With data.eval_resize the network sees resized images, `segpipe test` scores the
+    upsampled predictions against the masks at their native (here differing) sizes, and those
+    are exactly the masks `segpipe predict` writes."""
+    import numpy as np
+    from PIL import Image
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=3, size=(48, 40))
+    other = make_folder_dataset(tmp_path / "other", n_train=0, n_val=0, n_test=2, size=(36, 56),
+                                seed=1)
+    for kind in ("images", "masks"):
+        for p in (other / "test" / kind).iterdir():
+            shutil.copy(p, root / "test" / kind / f"z{p.name}")
+    run = tmp_path / "run"
+    common = [f"--data.root={root}", f"--trainer.default_root_dir={run}", *TINY,
+              "--data.eval_resize=[24, 28]", "--data.eval_batch_size=5",
+              "--trainer.precision=32-true"]
+    main(["fit", "--config", "configs/folder_unet.yaml", "--trainer.max_epochs=2", *common])
+    capsys.readouterr()
+    main(["test", "--config", "configs/folder_unet.yaml", "--ckpt_path=last", *common])
+    out = capsys.readouterr().out
+    metrics = json.loads(Path(out.split("Test metrics written to ")[1].split()[0]).read_text())
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--input",
+                 str(root / "test" / "images"), "--output", str(pred_dir), "--format", "mask",
+                 "--no_progress", "--num_workers", "0", "--accelerator", "cpu",
+                 "--precision", "32-true"]) == 0
+    cm = np.zeros((3, 3), np.int64)
+    for mask_file in sorted((root / "test" / "masks").glob("*.png")):
+        truth = np.asarray(Image.open(mask_file)).astype(np.int64)
+        pred = np.asarray(Image.open(pred_dir / mask_file.name)).astype(np.int64)
+        assert pred.shape == truth.shape  # 48x40 and 36x56, from 24x28 network inputs
+        valid = truth != 255
+        cm += np.bincount(truth[valid] * 3 + pred[valid], minlength=9).reshape(3, 3)
+    assert cm.sum() == 3 * 48 * 40 + 2 * 36 * 56  # every native pixel scored, no padding
+    assert np.array_equal(np.asarray(metrics["confusion_matrix"]), cm)
+
+
 def test_resume_from_last(fitted, dataset):
     main(
         ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",

@@ -1,7 +1,8 @@
 """Batching: :class:`PadCollate` pads differently sized items and writes each batch once.
 
 Batch format: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``
-(plus ``"weight": float32 (N, H, W)`` per-pixel loss weights when the data set adds them),
+(plus ``"weight": float32 (N, H, W)`` per-pixel loss weights when the data set adds them, and
+``"size": int64 (N, 2)``, each mask's native size, when evaluation resizes the images only),
 images laid out channels-last in memory (the format the task runs the network in). With the
 data set's ``uint8_images`` the image batch is uint8 until the data module normalises it on the
 device.
@@ -95,26 +96,30 @@ class PadCollate:
             )
         sizes = {tuple(im.shape[-2:]) for im in images}
         has_mask = "mask" in batch[0]
-        if len(sizes) > 1 and has_mask and self.ignore_index is None:
+        # Masks have their images' size, except beside an evaluation resize ("size").
+        mask_sizes = {tuple(b["mask"].shape[-2:]) for b in batch} if has_mask else sizes
+        if len(sizes | mask_sizes) > 1 and has_mask and self.ignore_index is None:
             raise ValueError(
-                f"cannot batch images of different sizes {sorted(sizes)} ({', '.join(paths)})"
+                f"cannot batch images of different sizes "
+                f"{sorted(sizes | mask_sizes)} ({', '.join(paths)})"
                 f" without an ignore index to pad the masks; {self.hint}"
             )
         h = max(s[0] for s in sizes)
         w = max(s[1] for s in sizes)
-        padded = len(sizes) > 1
         img_out = _batch_buffer(images[0], (len(batch), images[0].shape[0], h, w),
                                 self.channels_last)
-        if padded:
+        if len(sizes) > 1:
             img_out.zero_()
         for i, im in enumerate(images):
             img_out[i, :, : im.shape[1], : im.shape[2]] = im
         out["image"] = img_out
         if has_mask:
-            out["mask"] = _pad_maps([b["mask"] for b in batch], (h, w),
-                                    int(self.ignore_index) if padded else None)
-        if "weight" in batch[0]:  # per-pixel loss weights; padding weighs nothing
-            out["weight"] = _pad_maps([b["weight"] for b in batch], (h, w), 0 if padded else None)
+            mh, mw = max(s[0] for s in mask_sizes), max(s[1] for s in mask_sizes)
+            out["mask"] = _pad_maps([b["mask"] for b in batch], (mh, mw),
+                                    int(self.ignore_index) if len(mask_sizes) > 1 else None)
+        if "weight" in batch[0]:  # per-pixel loss weights (training: image-sized); padding 0
+            out["weight"] = _pad_maps([b["weight"] for b in batch], (h, w),
+                                      0 if len(sizes) > 1 else None)
         out["path"] = paths
         for key in batch[0]:
             if key not in out:

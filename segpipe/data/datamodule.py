@@ -83,7 +83,9 @@ class SegmentationDataModule(L.LightningDataModule):
     images channels-last in memory (see :class:`~segpipe.data.collate.PadCollate`). Training
     crops come from :func:`~segpipe.data.transforms.build_train_transform`; val/test images keep
     their native size (or ``eval_resize``) and are padded per batch to the largest
-    item (image with 0, mask with ``ignore_index``).
+    item (image with 0, mask with ``ignore_index``). With ``eval_resize`` val/test masks keep
+    their native size and batches carry ``"size"`` (N, 2): the task scores predictions
+    upsampled to each mask, as ``segpipe predict`` writes them.
 
     Args:
         root: Data root.
@@ -153,7 +155,10 @@ class SegmentationDataModule(L.LightningDataModule):
         boundary_weight_w0: The border term's weight (the paper's 10).
         boundary_weight_sigma: Its width in pixels of the training crop (the paper's 5).
         color: Colour jitter.
-        eval_resize: Optional ``[height, width]`` resize for val/test/predict.
+        eval_resize: Optional ``[height, width]`` the network sees val/test/predict images at
+            (e.g. half the frames' size: 4x less work per image, for a model trained at that
+            scale); predictions are upsampled back, and metrics score them against the masks
+            at their native size.
         val_fraction: Fraction of train held out for val when the data has no val split
             (per patient for ``lgg``).
         val_slices: ``[start, stop)`` slices for val with ``isbi`` (default ``[20, 24]`` when
@@ -649,6 +654,8 @@ class SegmentationDataModule(L.LightningDataModule):
             cache_mb=self.cache_mb,
             uint8_images=self._uint8_batches(),
             pixel_weights=self._pixel_weights() if split == "train" else None,
+            # eval_resize resizes the image only: scores are upsampled to the native mask.
+            native_masks=split != "train" and hp.eval_resize is not None,
         )
 
     @property

@@ -782,6 +782,9 @@ class SegmentationDataset(_TransformMixin, Dataset):
             to each item as ``"weight"`` (e.g. a ``functools.partial`` of
             :func:`~segpipe.data.transforms.boundary_weight_map`; it must pickle for loader
             workers); None (default) adds none.
+        native_masks: Apply ``transform`` to the image alone (an evaluation resize) and keep
+            the mask at its native size, so metrics score the image's own pixels; each item
+            then carries ``"size"``: int64 ``[H, W]``, the mask's size.
     """
 
     def __init__(
@@ -800,9 +803,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
         cache_mb: float = 0,
         uint8_images: bool = False,
         pixel_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+        native_masks: bool = False,
     ) -> None:
         self.samples = _as_samples(samples)
         self.pixel_weights = pixel_weights
+        self.native_masks = bool(native_masks)
         self.transform = transform
         self.uint8_images = bool(uint8_images)
         self.seed = None if seed is None else int(seed)
@@ -884,8 +889,9 @@ class SegmentationDataset(_TransformMixin, Dataset):
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``, plus
-        ``"case": str`` when the samples belong to cases and ``"weight": float32 (H, W)`` with
-        ``pixel_weights`` (``image`` uint8 with ``uint8_images``, see the class docstring).
+        ``"case": str`` when the samples belong to cases, ``"size": int64 [H, W]`` with
+        ``native_masks`` and ``"weight": float32 (H, W)`` with ``pixel_weights`` (``image``
+        uint8 with ``uint8_images``, see the class docstring).
 
         Args:
             index: Sample index, or an :class:`ItemKey` (index and epoch) from the training
@@ -897,7 +903,9 @@ class SegmentationDataset(_TransformMixin, Dataset):
             image = raw  # augmented as uint8 (a quarter of the memory traffic), scaled after
         else:
             image = adapt_channels(to_float(raw), self.in_channels, self.samples[index].image)
-        if self.transform is not None:
+        if self.transform is not None and self.native_masks:
+            image = self.transform(image=image)["image"]
+        elif self.transform is not None:
             # Cached labels are uint8 when they fit; keep them so unless the padding value
             # (the ignore index) does not (cv2 has no int64, hence int32 otherwise).
             fits = labels.dtype == np.uint8 and 0 <= (self.ignore_index or 0) <= 255
@@ -911,6 +919,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
         mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         sample = self.samples[index]
         item = {"image": img_t, "mask": mask_t, "path": str(sample.image)}
+        if self.native_masks:
+            item["size"] = torch.tensor(labels.shape[:2], dtype=torch.int64)
         if self.pixel_weights is not None:
             item["weight"] = torch.from_numpy(
                 np.ascontiguousarray(self.pixel_weights(labels), dtype=np.float32)

@@ -41,7 +41,8 @@ from segpipe.tasks.finetune import (
 )
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
-           "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state"]
+           "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state",
+           "to_mask_size"]
 
 #: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
 RNG_STATE_KEY = "segpipe_rng_state"
@@ -105,6 +106,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def to_mask_size(x: Tensor, mask_hw: tuple[int, int], sizes: Tensor | None = None) -> Tensor:
+    """A batch computed on resized images (``data.eval_resize``) brought to its masks' size.
+
+    Args:
+        x: (N, K, h, w) logits, probabilities or images.
+        mask_hw: (H, W) of the batch's masks (padded to the largest mask).
+        sizes: (N, 2) each mask's own size (the batch's ``"size"``), or None: all (H, W).
+
+    Returns:
+        (N, K, H, W) float32: each item bilinearly resized to its own mask's size, as
+        ``segpipe predict`` resizes probabilities back to an image's size, zero where its mask
+        is padding.
+    """
+    from segpipe.predict.scoring import to_size
+
+    if sizes is None or all(tuple(int(v) for v in s) == tuple(mask_hw) for s in sizes):
+        return F.interpolate(x.float(), size=tuple(mask_hw), mode="bilinear", align_corners=False)
+    out = x.new_zeros((*x.shape[:2], *mask_hw), dtype=torch.float32)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        out[i, :, :h, :w] = to_size(x[i], (h, w))
+    return out
 
 
 class SegmentationTask(L.LightningModule):
@@ -439,8 +463,12 @@ class SegmentationTask(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
         image, mask = batch["image"], batch["mask"]
         logits = self(image)
+        # data.eval_resize: the network saw resized images; score at the masks' native size.
+        resized = tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
         pixel_weight = batch.get("weight")
-        if pixel_weight is None:
+        if resized:
+            loss = self.criterion(self._to_masks(logits, batch), mask)
+        elif pixel_weight is None:
             loss = self.criterion(logits.float(), mask)
         else:
             self._check_pixel_weights()
@@ -460,13 +488,21 @@ class SegmentationTask(L.LightningModule):
         if stage == "train" and not self.log_train_metrics:
             return loss
         if stage == "test" and self.test_tta:
-            preds = self._tta_probabilities(image, logits.detach()).argmax(dim=1)
+            probs = self._tta_probabilities(image, logits.detach())
+            preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
+        elif resized:  # probabilities resized, as segpipe predict does: the same masks
+            preds = self._to_masks(logits.detach().float().softmax(dim=1), batch).argmax(dim=1)
         else:
             preds = logits.detach().argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(preds, mask)
         if stage == "test":
             self._record_test_images(batch.get("path", [""] * n), preds, mask, batch.get("case"))
         return loss
+
+    def _to_masks(self, scores: Tensor, batch: dict[str, Any]) -> Tensor:
+        """``scores`` of resized images (``data.eval_resize``) at the size of ``batch``'s
+        masks (see :func:`to_mask_size`)."""
+        return to_mask_size(scores, tuple(batch["mask"].shape[-2:]), batch.get("size"))
 
     def _record_test_images(
         self, paths: list[str], preds: Tensor, mask: Tensor, cases: list[str] | None = None

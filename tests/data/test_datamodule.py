@@ -256,6 +256,30 @@ def test_eval_pads_mixed_sizes(tmp_path: Path) -> None:
         next(iter(dm.val_dataloader()))
 
 
+def test_eval_resize_resizes_val_images_but_keeps_each_mask_native(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=2, n_test=0, size=(16, 16))
+    big = np.zeros((20, 24), np.uint8)
+    big[:, 12:] = 2
+    write_image(root / "val/images/big.png", np.zeros((20, 24, 3), np.uint8))
+    write_mask(root / "val/masks/big.png", big)
+    dm = _dm(root, num_classes=3, ignore_index=255, eval_batch_size=3, eval_resize=[8, 12])
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (3, 3, 8, 12)  # what the network sees
+    assert batch["mask"].shape == (3, 20, 24)  # the largest mask, the others padded (ignored)
+    big_i = next(i for i, p in enumerate(batch["path"]) if p.endswith("big.png"))
+    assert torch.equal(batch["mask"][big_i], torch.from_numpy(big).long())  # not resampled
+    assert batch["size"].tolist() == [[20, 24] if i == big_i else [16, 16] for i in range(3)]
+    small = 1 - big_i if big_i < 2 else 0
+    assert batch["mask"][small, 16:].eq(255).all() and batch["mask"][small, :, 16:].eq(255).all()
+    train = next(iter(dm.train_dataloader()))  # training crops: image and mask alike, no size
+    assert train["image"].shape[-2:] == train["mask"].shape[-2:] and "size" not in train
+    dm = _dm(root, num_classes=3, eval_batch_size=3, eval_resize=[8, 12])  # no ignore index
+    dm.setup("validate")
+    with pytest.raises(ValueError, match=r"\(20, 24\).*data.ignore_index or data.eval_batch"):
+        next(iter(dm.val_dataloader()))
+
+
 def test_missing_root_and_empty_split(tmp_path: Path) -> None:
     dm = _dm(tmp_path / "nope", num_classes=2)
     with pytest.raises(FileNotFoundError, match=r"nope.*'folder' layout expects"):

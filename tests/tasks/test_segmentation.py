@@ -8,7 +8,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segpipe.tasks import SegmentationTask, pad_to_multiple
-from segpipe.tasks.segmentation import PerImageDiceLoss, PixelWeightedCrossEntropy
+from segpipe.tasks.segmentation import (
+    PerImageDiceLoss,
+    PixelWeightedCrossEntropy,
+    to_mask_size,
+)
 
 
 class PixelNet(nn.Module):
@@ -228,6 +232,48 @@ def test_pad_to_multiple_shapes():
     assert torch.equal(y[..., :13, :21], x)
     tiny, _ = pad_to_multiple(torch.randn(1, 1, 3, 3), 32)  # too small to reflect
     assert tiny.shape == (1, 1, 32, 32)
+
+
+def test_to_mask_size_resizes_each_item_to_its_own_mask():
+    x = torch.randn(2, 3, 4, 6)
+    same = to_mask_size(x, (8, 12))  # no sizes: every mask is (8, 12)
+    assert same.shape == (2, 3, 8, 12)
+    torch.testing.assert_close(
+        same, torch.nn.functional.interpolate(x, (8, 12), mode="bilinear", align_corners=False))
+    out = to_mask_size(x, (10, 12), torch.tensor([[8, 12], [10, 9]]))
+    assert out.shape == (2, 3, 10, 12)
+    torch.testing.assert_close(out[0, :, :8], same[0])
+    assert out[0, :, 8:].eq(0).all() and out[1, :, :, 9:].eq(0).all()  # mask padding
+    torch.testing.assert_close(out[1, :, :, :9], torch.nn.functional.interpolate(
+        x[1:], (10, 9), mode="bilinear", align_corners=False)[0])
+
+
+class ResizedData(ArgmaxData):
+    """Images at half the masks' size (as data.eval_resize gives): labels from the full size."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        small = torch.nn.functional.interpolate(item["image"][None], (7, 11), mode="bilinear",
+                                                align_corners=False)[0]
+        return {**item, "image": small, "size": torch.tensor(item["mask"].shape)}
+
+
+def test_validation_scores_resized_images_at_the_masks_size():
+    dm = DM()
+    dm.ds = ResizedData()
+    task = SegmentationTask(PixelNet(), ignore_index=255)
+    (metrics,) = _trainer().validate(task, dm.val_dataloader(), verbose=False)
+    cm = torch.zeros(3, 3, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(len(dm.ds)):
+            item = dm.ds[i]
+            probs = task(item["image"][None]).softmax(dim=1)
+            pred = to_mask_size(probs, tuple(item["mask"].shape))[0].argmax(dim=0)
+            assert pred.shape == (13, 21)
+            cm += torch.bincount(item["mask"].flatten() * 3 + pred.flatten(),
+                                 minlength=9).reshape(3, 3)
+    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag())
+    assert metrics["val/mIoU"] == pytest.approx(iou.mean().item(), abs=1e-6)
 
 
 @pytest.mark.parametrize(
