@@ -464,7 +464,7 @@ class SegmentationTask(L.LightningModule):
         image, mask = batch["image"], batch["mask"]
         logits = self(image)
         # data.eval_resize: the network saw resized images; score at the masks' native size.
-        resized = tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
+        resized = stage != "train" and tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
         pixel_weight = batch.get("weight")
         if resized:
             loss = self.criterion(self._to_masks(logits, batch), mask)
