@@ -81,8 +81,9 @@ CAMVID_UNET_CONFIG: dict[str, Any] = {
         "in_channels": 3,
         "batch_size": 8,
         "eval_batch_size": 4,
-        "crop_size": 224,
-        "scale": [0.5, 1.5],
+        "crop_size": 160,
+        "scale": [0.25, 0.75],
+        "eval_resize": [180, 240],
         "augment": "default",
     },
 }
@@ -140,7 +141,6 @@ def demo_config(
     trainer["max_time"] = max_time_string(max_minutes)
     data["root"] = str(data_root)
     data["layout"] = "camvid"
-    data["eval_resize"] = None  # evaluate and predict at the frames' full size (480x360)
     held = data.get("val_cases") or []
     if held and not any(any((Path(data_root) / split).glob(f"{case}_*"))
                         for case in held for split in ("train", "val")):

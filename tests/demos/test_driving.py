@@ -51,12 +51,12 @@ def test_max_time_string() -> None:
 def test_demo_config_keeps_the_camvid_settings(tmp_path: Path) -> None:
     cfg = demo_config(tmp_path / "camvid", tmp_path / "run", max_minutes=12)
     assert cfg["data"]["root"] == str(tmp_path / "camvid") and cfg["data"]["layout"] == "camvid"
-    assert cfg["data"]["eval_resize"] is None  # full 480x360 evaluation
+    assert cfg["data"]["eval_resize"] == [180, 240]  # half size; scored at the full 480x360
     assert cfg["trainer"]["max_time"] == "00:00:12:00"
     assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "run")
     for key in ("class_weights", "loss", "optimizer"):
         assert cfg["model"][key] == CAMVID_UNET_CONFIG["model"][key]
-    assert cfg["data"]["crop_size"] == 224 and cfg["data"]["ignore_index"] == 11
+    assert cfg["data"]["crop_size"] == 160 and cfg["data"]["ignore_index"] == 11
 
 
 def test_needs_data_dir_or_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
