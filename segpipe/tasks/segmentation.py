@@ -123,10 +123,11 @@ def to_mask_size(x: Tensor, mask_hw: tuple[int, int], sizes: Tensor | None = Non
     """
     from segpipe.predict.scoring import to_size
 
-    if sizes is None or all(tuple(int(v) for v in s) == tuple(mask_hw) for s in sizes):
+    hw_list = None if sizes is None else sizes.tolist()  # one host read per batch
+    if hw_list is None or all(tuple(s) == tuple(mask_hw) for s in hw_list):
         return F.interpolate(x.float(), size=tuple(mask_hw), mode="bilinear", align_corners=False)
     out = x.new_zeros((*x.shape[:2], *mask_hw), dtype=torch.float32)
-    for i, (h, w) in enumerate(sizes.tolist()):
+    for i, (h, w) in enumerate(hw_list):
         out[i, :, :h, :w] = to_size(x[i], (h, w))
     return out
 
