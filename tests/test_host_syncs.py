@@ -74,21 +74,25 @@ class MarkSteps(L.Callback):
         self.mode.step = None
 
 
-def _fit_counting_reads(tmp_path: Path, *callbacks: L.Callback) -> HostReads:
+def _fit_counting_reads(tmp_path: Path, *callbacks: L.Callback, args: tuple[str, ...] = ()) -> HostReads:
     root = make_folder_dataset(tmp_path / "ds", n_train=12, n_val=2, n_test=0, size=(40, 40),
                                num_classes=3)
     mode = HostReads()
     with mode:
         run_cli(["fit", f"--data.root={root}", f"--trainer.default_root_dir={tmp_path / 'run'}",
                  "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1000",
-                 "--data.num_workers=0", "--model.loss=ce+dice", *TINY_UNET],
+                 "--data.num_workers=0", "--model.loss=ce+dice", *TINY_UNET, *args],
                 callbacks=[MarkSteps(mode), *callbacks])
     return mode
 
 
-@pytest.mark.parametrize("ema", [False, True], ids=["plain", "with segpipe's EMA"])
-def test_training_steps_read_nothing_back_from_the_device(tmp_path: Path, ema: bool) -> None:
-    mode = _fit_counting_reads(tmp_path, *([EMA(decay=0.99)] if ema else []))
+@pytest.mark.parametrize(("ema", "args"), [
+    (False, ()), (True, ()), (False, ("--model.ohem_threshold=0.7", "--model.ohem_fraction=0.1")),
+], ids=["plain", "with segpipe's EMA", "with OHEM by threshold"])
+def test_training_steps_read_nothing_back_from_the_device(
+    tmp_path: Path, ema: bool, args: tuple[str, ...]
+) -> None:
+    mode = _fit_counting_reads(tmp_path, *([EMA(decay=0.99)] if ema else []), args=args)
     steps = {step for step, _, _ in mode.reads}
     where = Counter(f"{name} at {caller}" for _, name, caller in mode.reads)
     assert not mode.reads, f"host reads in {len(steps)} training steps: {dict(where)}"

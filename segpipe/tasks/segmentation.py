@@ -164,7 +164,14 @@ class SegmentationTask(L.LightningModule):
             ``ce+dice``, ``ce+lovasz``): in training, it averages only this fraction of the
             batch's pixels, those with the highest loss (e.g. 0.25), so pixels the network
             already gets right stop diluting the thin and rare ones. Validation and test losses
-            use every pixel. None (default) averages every pixel.
+            use every pixel. None (default) averages every pixel. With ``ohem_threshold``, it
+            is instead the least fraction kept (mmseg's ``min_kept``), ranked by probability.
+        ohem_threshold: Online hard example mining as in mmseg's ``OHEMPixelSampler`` (PSPNet's
+            and DeepLab's Cityscapes recipes use 0.7): in training, the cross-entropy averages
+            only the pixels whose predicted probability of their true class is below this
+            threshold (and at least the ``ohem_fraction`` least probable ones, if given). Unlike
+            a fixed fraction, a class the network gets right leaves the mean only while it stays
+            right: once its pixels drop below the threshold they are back. None (default): off.
         ignore_index: Label excluded from the loss and from every metric, or None (shorthand
             when there is no ``data_spec``).
         class_names: Names used to label per-class metrics (shorthand); taken from the data
@@ -222,6 +229,7 @@ class SegmentationTask(L.LightningModule):
         class_weights: list[float] | None = None,
         dice_per_image: bool = False,
         ohem_fraction: float | None = None,
+        ohem_threshold: float | None = None,
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -275,10 +283,11 @@ class SegmentationTask(L.LightningModule):
         self.num_worst_images = num_worst_images
         self.test_tta = bool(test_tta)
         self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
-                                          ohem_fraction)
-        if ohem_fraction is not None and not _has_cross_entropy(self.criterion):
-            raise ValueError(f"model.ohem_fraction mines the cross-entropy of loss ce, ce+dice or "
-                             f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
+                                          ohem_fraction, ohem_threshold)
+        for name, value in (("ohem_fraction", ohem_fraction), ("ohem_threshold", ohem_threshold)):
+            if value is not None and not _has_cross_entropy(self.criterion):
+                raise ValueError(f"model.{name} mines the cross-entropy of loss ce, ce+dice or "
+                                 f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"model.compile must be true, false or a mapping of torch.compile "
@@ -340,6 +349,7 @@ class SegmentationTask(L.LightningModule):
     def _build_loss(
         self, loss: str, class_weights: list[float] | None, ignore_index: int | None,
         dice_per_image: bool = False, ohem_fraction: float | None = None,
+        ohem_threshold: float | None = None,
     ) -> nn.Module:
         if dice_per_image and loss not in ("dice", "ce+dice"):
             raise ValueError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
@@ -347,10 +357,13 @@ class SegmentationTask(L.LightningModule):
         if ohem_fraction is not None and not 0.0 < ohem_fraction < 1.0:
             raise ValueError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
                              f"(e.g. 0.25), or null for all; got {ohem_fraction}")
+        if ohem_threshold is not None and not 0.0 < ohem_threshold <= 1.0:
+            raise ValueError(f"model.ohem_threshold is a probability in (0, 1] (e.g. 0.7): pixels "
+                             f"whose true class is predicted with less are kept; got {ohem_threshold}")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         ce = PixelWeightedCrossEntropy(
             weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
-            hard_fraction=ohem_fraction,
+            hard_fraction=ohem_fraction, hard_threshold=ohem_threshold,
         )
         if loss == "ce":
             return ce
@@ -733,23 +746,33 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
     emphasis between pixels without changing the loss's scale. With ``hard_fraction`` (online
     hard example mining), in training mode only that fraction of the batch's pixels, those with
     the highest weighted loss, enter the mean (a ``topk``, no host synchronisation); in eval
-    mode every pixel does. Otherwise it is ``nn.CrossEntropyLoss`` (``reduction="mean"`` only).
+    mode every pixel does. With ``hard_threshold`` (mmseg's ``OHEMPixelSampler``) the pixels kept
+    are those whose softmax probability of their true class is below it, and at least the
+    ``hard_fraction`` least probable ones when that is given too (a ``kthvalue``, again no host
+    synchronisation). Otherwise it is ``nn.CrossEntropyLoss`` (``reduction="mean"`` only).
 
     Args:
-        hard_fraction: Fraction of the pixels kept in training, in (0, 1), or None for all.
+        hard_fraction: Fraction of the pixels kept in training, in (0, 1), or None for all;
+            with ``hard_threshold``, the least fraction kept.
+        hard_threshold: Keep the pixels whose true class has a probability below this, or None.
         **kwargs: ``nn.CrossEntropyLoss``'s arguments.
     """
 
-    def __init__(self, *args: Any, hard_fraction: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, hard_fraction: float | None = None, hard_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.hard_fraction = hard_fraction
+        self.hard_threshold = hard_threshold
 
     def forward(  # type: ignore[override]
         self, input: Tensor, target: Tensor, pixel_weight: Tensor | None = None
     ) -> Tensor:
         """Loss of (N, C, H, W) logits against (N, H, W) labels, with (N, H, W) pixel weights."""
         mine = self.hard_fraction is not None and self.training
-        if pixel_weight is None and not mine:
+        threshold = self.hard_threshold is not None and self.training
+        if pixel_weight is None and not (mine or threshold):
             return super().forward(input, target)
         per_pixel = F.cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -760,12 +783,29 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
             weight = weight * self.weight[target.clamp(0, self.weight.numel() - 1)]
         if pixel_weight is not None:
             per_pixel, weight = per_pixel * pixel_weight, weight * pixel_weight
-        if mine:
+        if threshold:
+            keep = self._below_threshold(input, target).to(per_pixel.dtype)
+            per_pixel, weight = per_pixel * keep, weight * keep
+        elif mine:
             kept = max(1, math.ceil(float(self.hard_fraction) * per_pixel.numel()))
             per_pixel, index = per_pixel.flatten().topk(kept, sorted=False)
             weight = weight.flatten()[index]
         total = weight.sum()
         return per_pixel.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+    @torch.no_grad()
+    def _below_threshold(self, logits: Tensor, target: Tensor) -> Tensor:
+        """(N, H, W) bool: the pixels mmseg's OHEM keeps (true-class probability below the
+        threshold, or among the ``hard_fraction`` least probable); never an ignored pixel."""
+        num_classes = logits.shape[1]
+        prob = logits.float().softmax(1).gather(1, target.clamp(0, num_classes - 1)[:, None])[:, 0]
+        valid = (target >= 0) & (target < num_classes) & (target != self.ignore_index)
+        prob = prob.masked_fill(~valid, 2.0)  # never kept, and last in the ranking
+        keep = prob < float(self.hard_threshold)  # type: ignore[arg-type]
+        if self.hard_fraction is not None:
+            kept = max(1, math.ceil(float(self.hard_fraction) * prob.numel()))
+            keep |= prob <= prob.flatten().kthvalue(kept).values
+        return keep & valid
 
 
 def _has_cross_entropy(criterion: nn.Module) -> bool:

@@ -125,6 +125,33 @@ def test_ohem_averages_the_hardest_pixels_in_training_only(weighted):
                                plain(logits, target, pixel_weight=pixel_weight))
 
 
+@pytest.mark.parametrize("min_fraction", [None, 0.7])
+def test_ohem_threshold_keeps_the_pixels_predicted_below_it_as_mmseg_does(min_fraction):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 6, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 5), generator=g)
+    target[0, 0] = 255
+    class_weight = torch.tensor([1.0, 2.0, 0.5])
+    loss = PixelWeightedCrossEntropy(weight=class_weight, ignore_index=255, hard_threshold=0.3,
+                                     hard_fraction=min_fraction)
+    prob = torch.softmax(logits, 1).gather(1, target.clamp(0, 2)[:, None])[:, 0].detach()
+    valid = target != 255
+    keep = (prob < 0.3) & valid
+    if min_fraction is not None:  # at least the 42 least probable of the 60 pixels
+        least = prob.masked_fill(~valid, 2.0).flatten().argsort()[:42]
+        keep.view(-1)[least] = True
+        assert keep.sum() > ((prob < 0.3) & valid).sum()  # the minimum binds here
+    assert 0 < keep.sum() < valid.sum()
+    nll = -torch.log_softmax(logits, 1).gather(1, target.clamp(0, 2)[:, None])[:, 0]
+    w = class_weight[target.clamp(0, 2)] * keep
+    torch.testing.assert_close(loss(logits, target), (w * nll).sum() / w.sum())
+    loss(logits, target).backward()
+    assert torch.equal(logits.grad.abs().sum(1) > 0, keep)  # only the kept pixels get gradients
+    loss.eval()  # validation and test: every pixel
+    plain = PixelWeightedCrossEntropy(weight=class_weight, ignore_index=255)
+    torch.testing.assert_close(loss(logits, target), plain(logits, target))
+
+
 def test_fast_dev_run_ohem_and_its_refusals():
     task = SegmentationTask(PixelNet(), loss="ce+dice", ohem_fraction=0.3, ignore_index=255)
     _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
@@ -132,6 +159,12 @@ def test_fast_dev_run_ohem_and_its_refusals():
         SegmentationTask(PixelNet(), loss="dice", ohem_fraction=0.3)
     with pytest.raises(ValueError, match=r"model.ohem_fraction is the fraction of pixels kept, in \(0, 1\)"):
         SegmentationTask(PixelNet(), loss="ce", ohem_fraction=1.5)
+    task = SegmentationTask(PixelNet(), loss="ce", ohem_threshold=0.7, ignore_index=255)
+    _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
+    with pytest.raises(ValueError, match="model.ohem_threshold mines the cross-entropy of loss ce"):
+        SegmentationTask(PixelNet(), loss="focal", ohem_threshold=0.7)
+    with pytest.raises(ValueError, match=r"model.ohem_threshold is a probability in \(0, 1\]"):
+        SegmentationTask(PixelNet(), loss="ce", ohem_threshold=0.0)
 
 
 class WeightedArgmaxData(ArgmaxData):
