@@ -96,9 +96,12 @@ class PadCollate:
             )
         sizes = {tuple(im.shape[-2:]) for im in images}
         has_mask = "mask" in batch[0]
-        # Masks have their images' size, except beside an evaluation resize ("size").
+        # Masks have their images' size, except beside an evaluation resize ("size"): then
+        # equal images may carry native masks of another size, and only masks of different
+        # sizes among themselves need padding.
         mask_sizes = {tuple(b["mask"].shape[-2:]) for b in batch} if has_mask else sizes
-        if len(sizes | mask_sizes) > 1 and has_mask and self.ignore_index is None:
+        if (has_mask and self.ignore_index is None
+                and (len(sizes) > 1 or len(mask_sizes) > 1)):
             raise ValueError(
                 f"cannot batch images of different sizes "
                 f"{sorted(sizes | mask_sizes)} ({', '.join(paths)})"

@@ -218,6 +218,20 @@ def test_pad_collate() -> None:
         PadCollate(None)(items)
 
 
+def test_pad_collate_batches_native_masks_of_one_size_beside_resized_images() -> None:
+    """An evaluation resize: (4, 4) images, their (8, 8) native masks; no padding, so no
+    ignore index is needed (LGG's eval_resize once failed here: 'different sizes')."""
+    items = [{"image": torch.full((3, 4, 4), float(i)), "mask": torch.full((8, 8), i),
+              "size": torch.tensor([8, 8]), "path": str(i)} for i in range(2)]
+    out = PadCollate(None)(items)
+    assert out["image"].shape == (2, 3, 4, 4) and out["mask"].shape == (2, 8, 8)
+    assert out["mask"][1].eq(1).all() and out["image"][1].eq(1).all()
+    assert out["size"].tolist() == [[8, 8], [8, 8]]
+    items[1]["mask"] = torch.ones(8, 6, dtype=torch.int64)  # masks differ: padding needed
+    with pytest.raises(ValueError, match=r"\(8, 6\).*data.ignore_index or data.eval_batch"):
+        PadCollate(None)(items)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_pad_collate_layout_and_values(channels_last: bool) -> None:
     rng = torch.Generator().manual_seed(0)
@@ -278,6 +292,12 @@ def test_eval_resize_resizes_val_images_but_keeps_each_mask_native(tmp_path: Pat
     dm.setup("validate")
     with pytest.raises(ValueError, match=r"\(20, 24\).*data.ignore_index or data.eval_batch"):
         next(iter(dm.val_dataloader()))
+    (root / "val/images/big.png").unlink()  # masks of one size: no ignore index needed
+    (root / "val/masks/big.png").unlink()
+    dm = _dm(root, num_classes=3, eval_batch_size=3, eval_resize=[8, 12])
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (2, 3, 8, 12) and batch["mask"].shape == (2, 16, 16)
 
 
 def test_missing_root_and_empty_split(tmp_path: Path) -> None:
