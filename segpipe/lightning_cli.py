@@ -35,7 +35,7 @@ from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
 from segpipe.data.spec import DataSpec
 from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_output_dir
 from segpipe.models.smp import PretrainedWeightsUnavailableError
-from segpipe.runtime import default_precision, tune_allocator
+from segpipe.runtime import default_precision, fit_threads_to_cpus, tune_allocator
 from segpipe.tasks.finetune import TransferLearningError
 from segpipe.tasks.schedules import AnnealToDeadline, LateCrop
 from segpipe.tasks.segmentation import EVALUATION_OPTIONS, SegmentationTask
@@ -382,6 +382,7 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
             callers in Python such as benchmarks and notebooks.
     """
     tune_allocator()
+    fit_threads_to_cpus()
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
     defaults: dict[str, Any] = {"precision": default_precision()}

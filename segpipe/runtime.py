@@ -11,16 +11,30 @@ jemalloc or tcmalloc through ``LD_PRELOAD`` for this; ``mallopt`` gets the same 
 in-process, with nothing to install: blocks up to 32 MiB (glibc's maximum) come from the heap
 and freed heap memory is kept for reuse. The cost is that the process keeps its peak heap size
 until it exits.
+
+:func:`available_cpus` counts the CPUs this process may use: its affinity mask and, in a
+container, the cgroup CPU quota (Docker's ``--cpus``, a Kubernetes CPU limit), which neither
+``os.cpu_count()`` nor PyTorch's default thread count sees. :func:`fit_threads_to_cpus` caps
+PyTorch's compute threads to it: under a 4-CPU quota on a 64-core host PyTorch would otherwise
+start a thread per host core, and threads that meet at every operation's barrier stall
+whenever the kernel throttles the group for exceeding its quota (``scripts/bench_threads.py``
+measures it in a cgroup made for the purpose).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
+from pathlib import Path
 
-__all__ = ["default_precision", "tune_allocator"]
+__all__ = ["available_cpus", "cgroup_cpu_limit", "default_precision", "fit_threads_to_cpus",
+           "tune_allocator"]
+
+#: Environment variables that set the compute threads; where one is set, segpipe leaves them be.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -90,3 +104,120 @@ def default_precision() -> str:
     except (AttributeError, RuntimeError):
         pass
     return "32-true"
+
+
+def _cgroup_paths(proc_cgroup: Path) -> tuple[str, str]:
+    """This process's cgroup v2 path and cgroup v1 ``cpu`` controller path ("/" if unknown)."""
+    v2 = v1 = "/"
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return v2, v1
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2] or "/"
+        elif "cpu" in parts[1].split(","):
+            v1 = parts[2] or "/"
+    return v2, v1
+
+
+def _read_quota_v2(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _read_quota_v1(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_cpu_limit(root: str | os.PathLike[str] = "/sys/fs/cgroup",
+                     proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup CPU quota grants this process, or None without a quota.
+
+    Reads cgroup v2's ``cpu.max`` and cgroup v1's ``cpu.cfs_quota_us``/``cpu.cfs_period_us``,
+    both at the mount's root (a container's own cgroup) and along this process's cgroup path
+    from ``/proc/self/cgroup`` up to the root; the tightest quota found applies.
+
+    Args:
+        root: Where the cgroup file systems are mounted.
+        proc_cgroup: The ``/proc/<pid>/cgroup`` file naming this process's cgroups.
+
+    Returns:
+        The quota in CPUs (e.g. 4.0 for ``400000 100000``, 1.5 for Docker's ``--cpus 1.5``).
+    """
+    root = Path(root)
+    v2, v1 = _cgroup_paths(Path(proc_cgroup))
+    mounts = [(root, v2, _read_quota_v2), (root / "unified", v2, _read_quota_v2)]
+    mounts += [(root / name, v1, _read_quota_v1) for name in ("cpu", "cpu,cpuacct")]
+    limits = []
+    for base, rel, read in mounts:
+        folder = base / rel.strip("/")
+        seen = set()
+        while True:
+            if folder not in seen:
+                seen.add(folder)
+                quota = read(folder)
+                if quota is not None:
+                    limits.append(quota)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+@functools.lru_cache(maxsize=None)
+def available_cpus() -> int:
+    """CPUs this process may keep busy: its affinity mask, capped by a cgroup CPU quota.
+
+    ``os.cpu_count()`` counts the host's CPUs; inside a container limited by a quota (Docker's
+    ``--cpus``, a Kubernetes CPU limit) every host CPU stays visible, so counts taken from it
+    oversubscribe the quota. A fractional quota rounds down (at least 1): one thread more than
+    the quota can run gets the whole group throttled. Cached for the process.
+
+    Returns:
+        Number of CPUs, at least 1.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def fit_threads_to_cpus() -> int | None:
+    """Cap PyTorch's compute threads to :func:`available_cpus` (never more threads than CPUs).
+
+    Does nothing where ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (the user's choice) or
+    where PyTorch's threads already fit; never raises PyTorch's own count. Says on stderr when it
+    changes the count.
+
+    Returns:
+        The number of threads set, or None where nothing was changed.
+    """
+    if any(os.environ.get(name) for name in THREAD_ENV_VARS):
+        return None
+    import torch
+
+    cpus = available_cpus()
+    threads = torch.get_num_threads()
+    if threads <= cpus:
+        return None
+    torch.set_num_threads(cpus)
+    print(f"segpipe: this process may use {cpus} CPU(s) (cgroup CPU quota or affinity mask), "
+          f"so PyTorch computes with {cpus} thread(s) instead of {threads}; set OMP_NUM_THREADS "
+          "to choose.", file=sys.stderr)
+    return cpus

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -108,3 +109,40 @@ def test_bench_train_compares_the_smp_network_on_both_sides() -> None:
     assert "smp U-Net(resnet34), batch 2" in res.stdout, res.stdout
     assert re.search(r"round 1: segpipe fit +[\d.]+ images/s, bare loop +[\d.]+ images/s",
                      res.stdout), res.stdout
+
+
+def _cpu_quota_possible() -> bool:
+    """Root on Linux with a writable cgroup CPU controller (v1 ``cpu`` or v2 with ``cpu``)."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return False
+    if Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists():
+        return os.access("/sys/fs/cgroup/cpu", os.W_OK)
+    controllers = Path("/sys/fs/cgroup/cgroup.controllers")
+    return controllers.exists() and "cpu" in controllers.read_text().split()
+
+
+_TINY = ["--pairs", "1", "--steps", "2", "--warmup", "1", "--crop", "32", "--base", "4",
+         "--batch-size", "2"]
+
+
+def test_bench_threads_without_a_quota() -> None:
+    res = subprocess.run([sys.executable, "scripts/bench_threads.py", "--quota", "0", *_TINY],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no cgroup" in res.stdout
+    assert re.search(r"pair 1: PyTorch default: +\d+ threads, +[\d.]+ ms/step", res.stdout)
+    assert re.search(r"pair 1: segpipe threads: +\d+ threads", res.stdout)
+    assert "median: PyTorch default" in res.stdout
+
+
+@pytest.mark.skipif(not _cpu_quota_possible(), reason="needs root and a cgroup CPU controller")
+def test_bench_threads_detects_a_real_cgroup_quota() -> None:
+    """In a real cgroup with a 1-CPU quota, segpipe sees 1 CPU and computes with 1 thread."""
+    res = subprocess.run([sys.executable, "scripts/bench_threads.py", "--quota", "1", *_TINY],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "a quota of 1 CPU(s)" in res.stdout
+    assert re.search(r"segpipe threads: +1 threads, +[\d.]+ ms/step \(available_cpus 1\)",
+                     res.stdout), res.stdout
+    assert re.search(r"PyTorch default: +\d+ threads, .*\(available_cpus 1\)", res.stdout)
+    assert not list(Path("/sys/fs/cgroup/cpu").glob("segpipe-bench-threads-*"))

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from segpipe.data.datasets import Sample, check_label_range, encode_mask
 from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
+from segpipe.runtime import available_cpus
 
 __all__ = [
     "DataCheckError",
@@ -323,7 +324,7 @@ def parallel_map(
     Args:
         fn: Function of one item.
         items: Items to map.
-        max_workers: Threads (default ``min(8, 2 * cpu_count)``); 1 maps in this thread.
+        max_workers: Threads (default ``min(8, 2 * available_cpus())``); 1 maps in this thread.
         desc: Progress bar label; the bar is shown for more than :data:`PROGRESS_THRESHOLD`
             items.
 
@@ -332,7 +333,7 @@ def parallel_map(
     """
     if not items:
         return []
-    workers = max_workers or min(8, 2 * (os.cpu_count() or 1))
+    workers = max_workers or min(8, 2 * available_cpus())
     show = len(items) > PROGRESS_THRESHOLD
     if workers <= 1:
         return [fn(x) for x in tqdm(items, desc=desc, disable=not show, leave=False)]
@@ -467,7 +468,7 @@ def check_samples(
         mask_colors: Colour table for RGB masks.
         orphans: Masks without an image, per split (``Scan.orphans``).
         duplicates: Files ignored for a duplicate stem, per split (``Scan.duplicates``).
-        max_workers: Threads (default ``min(8, 2 * cpu_count)``).
+        max_workers: Threads (default ``min(8, 2 * available_cpus())``).
         decode_images: Fully decode images too (catches truncated images; slower).
         bands: Band selection used when ``decode_images``.
         in_channels: With ``decode_images``, report images whose channels (after ``bands``)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from segpipe.data.datasets import ItemKey, stable_seed
+from segpipe.runtime import available_cpus
 
 __all__ = [
     "EpochSampler",
@@ -33,18 +34,20 @@ __all__ = [
 def default_num_workers() -> int:
     """DataLoader workers for this machine: only CPUs that training leaves free, at most 4.
 
-    With a GPU, ``cpu_count - 1`` (the main process feeds the GPU). Without one, training runs
+    CPUs are those this process may use (:func:`segpipe.runtime.available_cpus`: the affinity
+    mask and a container's CPU quota, not the host's count). With a GPU, ``cpus - 1`` (the main
+    process feeds the GPU). Without one, training runs
     ``torch.get_num_threads()`` compute threads, by default one per core, so a worker process
     can only run by pre-empting one of them, and each pre-emption stalls the other threads at
     the next synchronisation: measured on a 2-core CPU (``scripts/bench_train.py``), one worker
     slowed U-Net training steps by about twice its own CPU time, while loading the same
     batches in the main process between steps cost only their CPU time. So on a CPU the
-    default is ``cpu_count - torch.get_num_threads()`` (0 where training uses every core).
+    default is ``cpus - torch.get_num_threads()`` (0 where training uses every core).
 
     Returns:
         Number of worker processes.
     """
-    cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     free = cpus - 1 if torch.cuda.is_available() else cpus - torch.get_num_threads()
     return min(4, max(0, free))
 

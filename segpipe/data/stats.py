@@ -192,7 +192,7 @@ def band_statistics(
         max_images: Images to read at most.
         seed: Seed of the pixel subsampling.
         max_pixels_per_image: Pixels used per image at most.
-        max_workers: Decoding threads (default ``min(8, 2 * cpu_count)``).
+        max_workers: Decoding threads (default ``min(8, 2 * available_cpus())``).
 
     Returns:
         The statistics; ``std`` is floored at :attr:`BandStats.std_floor` (never 0).

@@ -162,7 +162,9 @@ def default_write_workers(on_accelerator: bool, loader_workers: int = 0, process
     """
     import torch
 
-    cpus = os.cpu_count() or 1
+    from segpipe.runtime import available_cpus
+
+    cpus = available_cpus()
     per_process = 1 if on_accelerator else torch.get_num_threads()
     busy = max(1, processes) * (per_process + loader_workers)
     return min(4, max(0, (cpus - busy) // max(1, processes)))
@@ -416,6 +418,9 @@ def build_parser() -> CommandParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``segpipe predict``; returns the exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from segpipe.runtime import fit_threads_to_cpus
+
+    fit_threads_to_cpus()
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.engine import OutputDiskFullError
 
