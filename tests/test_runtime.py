@@ -136,3 +136,18 @@ def test_worker_defaults_count_available_cpus(monkeypatch, torch_threads) -> Non
         monkeypatch.setattr(loading, "available_cpus", lambda c=cpus: c)
         assert loading.default_num_workers() == workers, cpus
         assert command.default_write_workers(on_accelerator=False) == workers, cpus
+
+
+def test_predict_command_fits_its_threads(monkeypatch, torch_threads, tmp_path, capsys) -> None:
+    """``segpipe predict`` caps the threads before it loads anything (here: a missing checkpoint)."""
+    from segpipe.predict import command
+
+    for name in runtime.THREAD_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 1)
+    code = command.main(["--ckpt_path", str(tmp_path / "missing.ckpt"), "--input", str(tmp_path),
+                         "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert torch.get_num_threads() == 1
+    err = capsys.readouterr().err
+    assert "may use 1 CPU(s)" in err and "missing.ckpt" in err

@@ -41,15 +41,17 @@ def _check_batch(batch: dict, n: int, c: int, hw: tuple[int, int]) -> None:
 
 
 def test_default_workers_leave_the_training_threads_their_cores(monkeypatch) -> None:
+    from segpipe.data import loading
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(loading, "available_cpus", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert default_num_workers() == 0  # both cores train: load between steps
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(loading, "available_cpus", lambda: 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert default_num_workers() == 4  # hyper-threads the training threads leave free, at most 4
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(loading, "available_cpus", lambda: 3)
     assert default_num_workers() == 2  # a GPU trains; all but one CPU load
 
 
