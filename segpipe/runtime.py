@@ -160,19 +160,12 @@ def cgroup_cpu_limit(root: str | os.PathLike[str] = "/sys/fs/cgroup",
     v2, v1 = _cgroup_paths(Path(proc_cgroup))
     mounts = [(root, v2, _read_quota_v2), (root / "unified", v2, _read_quota_v2)]
     mounts += [(root / name, v1, _read_quota_v1) for name in ("cpu", "cpu,cpuacct")]
-    limits = []
+    limits: list[float] = []
     for base, rel, read in mounts:
         folder = base / rel.strip("/")
-        seen = set()
-        while True:
-            if folder not in seen:
-                seen.add(folder)
-                quota = read(folder)
-                if quota is not None:
-                    limits.append(quota)
-            if folder == base or base not in folder.parents:
-                break
-            folder = folder.parent
+        chain = [folder, *folder.parents]  # this cgroup up to the mount's root
+        chain = chain[: chain.index(base) + 1] if base in chain else [base]
+        limits += [quota for quota in map(read, chain) if quota is not None]
     return min(limits) if limits else None
 
 

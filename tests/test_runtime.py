@@ -132,8 +132,8 @@ def test_worker_defaults_count_available_cpus(monkeypatch, torch_threads) -> Non
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's count: must not be used
     for cpus, workers in [(2, 0), (3, 1), (8, 4)]:
-        monkeypatch.setattr(runtime, "available_cpus", lambda c=cpus: c)
         monkeypatch.setattr(loading, "available_cpus", lambda c=cpus: c)
+        monkeypatch.setattr(command, "available_cpus", lambda c=cpus: c)
         assert loading.default_num_workers() == workers, cpus
         assert command.default_write_workers(on_accelerator=False) == workers, cpus
 

@@ -31,6 +31,7 @@ from segpipe.argparsing import CommandParser
 from segpipe.data.io import IMAGE_EXTENSIONS
 from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir
 from segpipe.predict.writers import FORMATS, PredictionWriter
+from segpipe.runtime import available_cpus, default_precision, fit_threads_to_cpus
 
 # torch, Lightning and the task (smp/timm) are imported when a prediction runs, not for --help
 # or a usage error.
@@ -162,8 +163,6 @@ def default_write_workers(on_accelerator: bool, loader_workers: int = 0, process
     """
     import torch
 
-    from segpipe.runtime import available_cpus
-
     cpus = available_cpus()
     per_process = 1 if on_accelerator else torch.get_num_threads()
     busy = max(1, processes) * (per_process + loader_workers)
@@ -235,7 +234,6 @@ def predict(
     import lightning.pytorch as L
     from torch.utils.data import DataLoader
 
-    from segpipe.runtime import default_precision
     from segpipe.data.loading import default_num_workers
     from segpipe.predict.checkpoint import load_predictor
     from segpipe.predict.engine import (
@@ -418,8 +416,6 @@ def build_parser() -> CommandParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``segpipe predict``; returns the exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from segpipe.runtime import fit_threads_to_cpus
-
     fit_threads_to_cpus()
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.engine import OutputDiskFullError

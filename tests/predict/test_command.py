@@ -486,19 +486,19 @@ def test_writing_threads_write_the_same_files_and_counts(
 def test_default_write_workers_leave_the_network_its_cores(monkeypatch) -> None:
     import torch
 
-    from segpipe import runtime
+    from segpipe.predict import command
     from segpipe.predict.command import default_write_workers
 
-    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    monkeypatch.setattr(command, "available_cpus", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert default_write_workers(on_accelerator=False) == 0  # 2 cores, both predicting
-    monkeypatch.setattr(runtime, "available_cpus", lambda: 16)
+    monkeypatch.setattr(command, "available_cpus", lambda: 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert default_write_workers(on_accelerator=False) == 4  # cores the network leaves free
     assert default_write_workers(on_accelerator=False, loader_workers=6) == 2
     assert default_write_workers(on_accelerator=True, loader_workers=4) == 4  # a GPU predicts
-    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    monkeypatch.setattr(command, "available_cpus", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as in each of 2 DDP processes
     assert default_write_workers(on_accelerator=False, processes=2) == 0  # both cores busy
-    monkeypatch.setattr(runtime, "available_cpus", lambda: 32)
+    monkeypatch.setattr(command, "available_cpus", lambda: 32)
     assert default_write_workers(on_accelerator=True, loader_workers=4, processes=4) == 3
