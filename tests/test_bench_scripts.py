@@ -146,3 +146,23 @@ def test_bench_threads_detects_a_real_cgroup_quota() -> None:
                      res.stdout), res.stdout
     assert re.search(r"PyTorch default: +\d+ threads, .*\(available_cpus 1\)", res.stdout)
     assert not list(Path("/sys/fs/cgroup/cpu").glob("segpipe-bench-threads-*"))
+
+
+@pytest.mark.slow
+def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
+    """scripts/device_bench.sh, the one-call GPU check, end to end on the CPU at tiny sizes:
+    every benchmark's flags are accepted, each log and the summary land in $OUT."""
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "OUT": str(tmp_path),
+           "PYTHON": sys.executable}
+    res = subprocess.run(["bash", "scripts/device_bench.sh"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert res.returncode == 0, summary[-4000:]
+    names = ["train_unet16", "train_unet64", "train_smp_r34", "predict", "predict_cpu"]
+    assert re.findall(r"^== (\w+) ", summary, re.M) == names, summary
+    assert summary.count("\nexit 0\n") == len(names), summary
+    for name in names:
+        assert (tmp_path / f"{name}.log").stat().st_size > 0, name
+    assert len(re.findall(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", summary, re.M)) == 3, summary
+    assert len(re.findall(r"ratio: [\d.]+ \(best rounds", summary)) == 2, summary
+    assert "smp U-Net(resnet34)" in (tmp_path / "train_smp_r34.log").read_text()

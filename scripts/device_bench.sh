@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 11's GPU figures in one call on the lent GPU machine (8 minutes at most): training
+# throughput of `segpipe fit` against a bare loop on the same device (U-Net 16 / batch 8 and
+# U-Net 64 / batch 16 at 224², smp ResNet-34 U-Net / batch 16 at 512²), then `segpipe predict`
+# against a bare decode-forward-write loop, on the GPU and on the machine's CPU cores.
+# Each benchmark has its own time limit, so one that hangs does not cost the others; each log and
+# a summary of the last lines of each go to $OUT (the device tool brings them back).
+#
+#   bash scripts/device_wheels.sh    # here, first: the wheels its image lacks, into .whl/
+#   device run (carry [".whl"]): python3 -m pip install -q --no-index --no-deps --no-compile \
+#       --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && \
+#       PYTHONPATH=/tmp/site:. bash scripts/device_bench.sh
+#
+# DEVICE=cpu runs the same list on this machine's CPU; SMOKE=1 with it shrinks every benchmark
+# to a few tiny images (a dry run of the script in about a minute, as the tests do).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/segpipe_device_bench}
+mkdir -p "$out"
+dev=${DEVICE:-cuda}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+summary="$out/summary.txt"
+: > "$summary"
+{ date -u; nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 \
+  || true; "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \
+  >> "$summary" 2>&1
+
+train_extra=()
+predict_extra=()
+if [ -n "${SMOKE:-}" ]; then  # later flags win in argparse: these override the sizes below
+    train_extra=(--images 8 --batch-size 2 --crop 64 --base 4 --classes 3 --precision 32-true
+                 --epochs 1 --rounds 1)
+    predict_extra=(--images 4 --batch-size 2 --base-channels 4 --depth 2 --classes 3 --rounds 1
+                   --precision 32-true)
+fi
+
+failed=0
+bench() {  # bench NAME SECONDS SCRIPT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($limit s at most): $*" >> "$summary"
+    timeout --kill-after=10 "$limit" "$py" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "exit $rc" >> "$summary"
+    [ "$rc" -eq 0 ] || failed=1
+    grep -v -e "it/s" -e "s/it" "$out/$name.log" | tail -n 12 >> "$summary"
+}
+
+bench train_unet16 100 scripts/bench_train.py --device "$dev" --epochs 5 --rounds 2 "${train_extra[@]}"
+bench train_unet64 100 scripts/bench_train.py --device "$dev" --base 64 --batch-size 16 --epochs 5 \
+    --rounds 2 "${train_extra[@]}"
+bench train_smp_r34 120 scripts/bench_train.py --device "$dev" --net smp-r34 --batch-size 16 \
+    --crop 512 --epochs 3 --rounds 2 "${train_extra[@]}"
+bench predict 90 scripts/bench_predict.py --device "$dev" --skip-rss "${predict_extra[@]}"
+bench predict_cpu 80 scripts/bench_predict.py --device cpu --skip-rss "${predict_extra[@]}"
+cat "$summary"
+exit "$failed"
