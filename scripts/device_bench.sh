@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU figures in one call on the lent GPU machine (8 minutes at most): training
+# Issue 11's GPU figures in one call on the lent GPU machine (limits of 490 s in all): training
 # throughput of `segpipe fit` against a bare loop on the same device (U-Net 16 / batch 8 and
 # U-Net 64 / batch 16 at 224², smp ResNet-34 U-Net / batch 16 at 512²), then `segpipe predict`
 # against a bare decode-forward-write loop, on the GPU and on the machine's CPU cores.
