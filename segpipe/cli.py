@@ -34,6 +34,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "predict": _lazy("segpipe.predict.command"),
     "export": _lazy("segpipe.predict.export"),
     "check-data": _lazy("segpipe.data.doctor"),
+    "crossval": _lazy("segpipe.crossval"),
     "demo": _lazy("segpipe.demos"),
 }
 
@@ -46,6 +47,7 @@ _SUMMARY: dict[str, str] = {
     "predict": "masks for images or GeoTIFFs from a checkpoint (or an ONNX export) alone",
     "export": "export a checkpoint to ONNX with a preprocessing sidecar",
     "check-data": "check a data set before training: pairs, encodings, classes, statistics",
+    "crossval": "pool the per-case test scores of k-fold runs (--data.fold) into one figure",
     "demo": "the brain-MRI (offline) and driving-scene (CamVid) demos",
 }
 

@@ -195,7 +195,7 @@ def test_top_level_help_is_one_usage_with_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.count("usage:") == 1
-    for name in ("fit", "validate", "test", "predict", "export", "check-data", "demo"):
+    for name in ("fit", "validate", "test", "predict", "export", "check-data", "crossval", "demo"):
         assert f"\n  {name} " in out
     assert main([]) == 2
     assert main(["fti"]) == 2 and "did you mean `segpipe fit`" in capsys.readouterr().err
@@ -237,6 +237,7 @@ _LIGHT_START = """
 import sys
 import segpipe.cli, segpipe.data
 for argv in (["--help"], ["predict", "--help"], ["export", "--help"], ["demo", "--help"],
+             ["crossval", "--help"],
              ["predict", "--no-such-option"]):
     try:
         segpipe.cli.main(argv)

@@ -86,3 +86,35 @@ def test_val_case_fraction_splits_lgg_by_patient(tmp_path: Path) -> None:
                                 mask_values={0: 0, 255: 1}, val_case_fraction=0.25)
     val = {s.case for s in dm.splits["val"]}
     assert len(val) == 2 and not val & {s.case for s in dm.splits["train"]}
+
+
+def test_folds_partition_the_cases_and_fold_0_is_the_default_split(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=11, slices_per_patient=1, val_patients=1)
+
+    def val_cases(**kw) -> set[str]:
+        dm = SegmentationDataModule(str(root), layout="lgg", num_classes=2,
+                                    mask_values={0: 0, 255: 1}, val_case_fraction=0.25, **kw)
+        val = {s.case for s in dm.splits["val"]}
+        assert val and not val & {s.case for s in dm.splits["train"]}
+        assert len(dm.splits["val"]) + len(dm.splits["train"]) == 11
+        return val
+
+    folds = [val_cases(fold=k) for k in range(4)]
+    assert folds[0] == val_cases()  # fold 0 is what val_case_fraction alone gives
+    assert [len(f) for f in folds] == [3, 3, 3, 2]  # round(0.25 * 11) = 3, then 8 in 3
+    assert len(set.union(*folds)) == sum(len(f) for f in folds) == 11  # each case in one fold
+    assert folds[1] != val_cases(fold=1, seed=1)  # the data seed draws the order
+
+
+def test_fold_arguments_are_checked(tmp_path: Path) -> None:
+    root = make_lgg_like(tmp_path / "lgg", n_patients=3, slices_per_patient=1, val_patients=1)
+    kw = dict(layout="lgg", num_classes=2, mask_values={0: 0, 255: 1})
+    with pytest.raises(ValueError, match="1/K"):
+        SegmentationDataModule(str(root), fold=0, **kw)  # no val_case_fraction
+    with pytest.raises(ValueError, match="1/K"):
+        SegmentationDataModule(str(root), val_case_fraction=0.3, fold=0, **kw)
+    with pytest.raises(ValueError, match=r"0\.\.4"):
+        SegmentationDataModule(str(root), val_case_fraction=0.2, fold=5, **kw)
+    # 3 patients cannot fill 5 folds: one for fold 0, two left for the other four
+    with pytest.raises(ValueError, match="fold 4 of 5 has no cases"):
+        SegmentationDataModule(str(root), val_case_fraction=0.2, fold=4, **kw).splits

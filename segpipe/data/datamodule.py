@@ -68,6 +68,14 @@ _ISBI_DEFAULT_VAL = (20, 24)
 _DEFAULT_CASE_PATTERN: dict[str, str] = {"camvid": r"(?P<case>[^/_]+)_[^/]*$"}
 
 
+def _num_folds(fraction: float | None) -> int | None:
+    """K when ``fraction`` is 1/K (to 2 %) for some K >= 2, else None."""
+    if fraction is None or not 0.0 < fraction < 1.0:
+        return None
+    k = round(1.0 / fraction)
+    return k if k >= 2 and abs(k * fraction - 1.0) <= 0.02 else None
+
+
 def _subset(samples: list[Sample], limit: int | None) -> list[Sample]:
     """At most ``limit`` evenly spaced samples (deterministic)."""
     if limit is None or len(samples) <= limit:
@@ -177,6 +185,12 @@ class SegmentationDataModule(L.LightningDataModule):
         val_case_fraction: Validate on a seeded fraction of the cases instead (train and val
             pooled, split by case), e.g. 0.25 of the LGG patients rather than the 11 of
             ``splits.csv``.
+        fold: k-fold cross-validation by case: with ``val_case_fraction`` = 1/K (0.2 for 5
+            folds), the cases, in the seeded order that fraction draws them in, are cut into K
+            folds (the first is exactly the default val cases, the others share the rest
+            evenly), and ``fold: k`` (0 .. K-1) validates on the k-th and trains on the others.
+            K runs then score every case once; ``segpipe crossval`` pools their ``segpipe
+            test`` results.
     """
 
     def __init__(
@@ -225,6 +239,7 @@ class SegmentationDataModule(L.LightningDataModule):
         case_pattern: str | None = None,
         val_cases: list[str] | None = None,
         val_case_fraction: float | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -263,6 +278,14 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError("give data.val_cases or data.val_case_fraction, not both")
         if val_case_fraction is not None and not 0.0 < val_case_fraction < 1.0:
             raise ValueError(f"data.val_case_fraction must be in (0, 1), got {val_case_fraction}")
+        if fold is not None:
+            num_folds = _num_folds(val_case_fraction)
+            if num_folds is None:
+                raise ValueError(f"data.fold needs data.val_case_fraction = 1/K for K folds "
+                                 f"(0.2 for 5 folds, 0.25 for 4); got {val_case_fraction}")
+            if not 0 <= fold < num_folds:
+                raise ValueError(f"data.fold must be in 0..{num_folds - 1} for the {num_folds} "
+                                 f"folds of data.val_case_fraction={val_case_fraction}; got {fold}")
         if case_pattern is not None:
             try:
                 re.compile(case_pattern)
@@ -500,7 +523,22 @@ class SegmentationDataModule(L.LightningDataModule):
         else:
             rng = np.random.default_rng(int(hp.seed))
             n_val = min(len(cases) - 1, max(1, round(float(fraction) * len(cases))))
-            val = {cases[i] for i in rng.permutation(len(cases))[:n_val].tolist()}
+            order = rng.permutation(len(cases)).tolist()
+            fold = hp.get("fold")
+            if fold:  # folds 1..K-1 share the cases after fold 0 (the default val) evenly
+                num_folds = _num_folds(fraction)
+                assert num_folds is not None  # checked in __init__
+                rest = np.array_split(np.asarray(order[n_val:], dtype=np.int64), num_folds - 1)
+                order = rest[fold - 1].tolist()
+                if not order:
+                    raise DataSplitError(
+                        f"{self.root}: data.fold {fold} of {num_folds} has no cases: there are "
+                        f"only {len(cases)}; use fewer folds (a larger data.val_case_fraction)"
+                    )
+                n_val = len(order)
+            val = {cases[i] for i in order[:n_val]}
+            if fold is not None:
+                log.info("fold %d of %d: %d val cases", fold, _num_folds(fraction), len(val))
         out = dict(splits)
         out["val"] = [s for s in pool if s.case in val]
         out["train"] = [s for s in pool if s.case not in val]

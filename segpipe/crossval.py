@@ -1,0 +1,195 @@
+"""Pool the per-case scores of k-fold ``segpipe test`` runs into one cross-validated figure.
+
+Train and test one run per fold (``--data.val_case_fraction 0.2 --data.fold k`` for k in 0..4:
+five folds by case), then::
+
+    segpipe crossval runs/fold0 runs/fold1 runs/fold2 runs/fold3 runs/fold4 [--json cv.json]
+
+Each argument is a ``test_metrics.json`` or a folder holding one (the newest under it is read).
+It prints, per fold and over all folds, the number of cases, the mean over cases of mDice and
+mIoU and each class's Dice. Over all folds every case was scored once, by the model that did not
+train on it, so the mean over all cases is the k-fold figure (what nnU-Net's cross-validation
+reports); the spread of the fold means (sample standard deviation) says how much one fold alone
+could have misled. A case scored in two runs is an error: those runs are not folds of one split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from segpipe.argparsing import CommandParser
+from segpipe.fileio import atomic_write_json
+
+__all__ = ["crossval", "main"]
+
+_METRICS_FILE = "test_metrics.json"
+
+
+class CrossvalError(ValueError):
+    """Runs that cannot be pooled; the message names the file and the fix."""
+
+
+def _metrics_path(arg: str) -> Path:
+    """``arg`` itself, or the newest ``test_metrics.json`` under the folder ``arg``."""
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CrossvalError(f"{path}: no such file or folder; give a run's folder or its "
+                            f"{_METRICS_FILE}")
+    found = sorted(path.rglob(_METRICS_FILE), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CrossvalError(f"{path}: no {_METRICS_FILE} under it; run `segpipe test` on that "
+                            f"run first (same config and --data.fold, --ckpt_path best)")
+    return found[-1]
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _sd(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """Means over the case rows of ``case_scores`` (cases without a class's score left out)."""
+    return {
+        "num_cases": len(rows),
+        "mDice_mean_over_cases": _mean([r.get("mDice") for r in rows]),
+        "mIoU_mean_over_cases": _mean([r.get("mIoU") for r in rows]),
+        "Dice_per_class_mean_over_cases": {
+            c: _mean([r["Dice_per_class"].get(c) for r in rows]) for c in classes},
+        "IoU_per_class_mean_over_cases": {
+            c: _mean([r["IoU_per_class"].get(c) for r in rows]) for c in classes},
+    }
+
+
+def crossval(paths: Sequence[str]) -> dict[str, Any]:
+    """Pool the per-case rows of several ``test_metrics.json`` (one per fold).
+
+    Args:
+        paths: Files or run folders (the newest ``test_metrics.json`` under each).
+
+    Returns:
+        ``{"folds": [per-fold summary with its "path"], "all_cases": summary over every case,
+        "fold_sd": sample standard deviation of the fold means, "cases": every case row with
+        its "fold"}``; a summary holds ``num_cases``, ``mDice_mean_over_cases``,
+        ``mIoU_mean_over_cases``, ``Dice_per_class_mean_over_cases`` and
+        ``IoU_per_class_mean_over_cases``.
+
+    Raises:
+        CrossvalError: A path without per-case scores, runs with different classes, or a case
+            in two runs.
+    """
+    if not paths:
+        raise CrossvalError("give the runs of the folds (folders or test_metrics.json files)")
+    folds: list[dict[str, Any]] = []
+    all_rows: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    classes: list[str] | None = None
+    for fold, arg in enumerate(paths):
+        path = _metrics_path(arg)
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CrossvalError(f"{path}: not a readable test_metrics.json ({exc})") from None
+        per_case = metrics.get("per_case") if isinstance(metrics, dict) else None
+        if not isinstance(per_case, dict) or not per_case.get("cases"):
+            raise CrossvalError(
+                f"{path}: no per-case scores; `segpipe test` reports per case when images "
+                "belong to cases (LGG patients, CamVid sequences; set data.case_pattern for "
+                "folders)")
+        names = list(per_case["Dice_per_class_mean_over_cases"])
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise CrossvalError(f"{path}: classes {names} differ from the first run's {classes}")
+        rows = [dict(r, fold=fold) for r in per_case["cases"]]
+        for row in rows:
+            case = str(row["case"])
+            if case in seen:
+                raise CrossvalError(
+                    f"case {case!r} is scored in both {seen[case]} and {path}: those runs are "
+                    "not folds of one split (same data.seed and val_case_fraction, a different "
+                    "data.fold each)")
+            seen[case] = path
+        folds.append({"path": str(path), **_summary(rows, classes)})
+        all_rows += rows
+    assert classes is not None
+    fold_sd = {
+        "mDice_mean_over_cases": _sd([f["mDice_mean_over_cases"] for f in folds]),
+        "mIoU_mean_over_cases": _sd([f["mIoU_mean_over_cases"] for f in folds]),
+        "Dice_per_class_mean_over_cases": {
+            c: _sd([f["Dice_per_class_mean_over_cases"][c] for f in folds]) for c in classes},
+    }
+    return {"folds": folds, "all_cases": _summary(all_rows, classes), "fold_sd": fold_sd,
+            "cases": all_rows}
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The per-fold and pooled table ``segpipe crossval`` prints (percentages)."""
+    classes = list(result["all_cases"]["Dice_per_class_mean_over_cases"])
+    head = ["", "cases", "mDice", "mIoU", *(f"Dice {c}" for c in classes)]
+
+    def line(label: str, s: dict[str, Any]) -> list[str]:
+        return [label, str(s["num_cases"]), _pct(s["mDice_mean_over_cases"]),
+                _pct(s["mIoU_mean_over_cases"]),
+                *(_pct(s["Dice_per_class_mean_over_cases"][c]) for c in classes)]
+
+    table = [head] + [line(f"fold {i}", f) for i, f in enumerate(result["folds"])]
+    table.append(line("all cases", result["all_cases"]))
+    sd = result["fold_sd"]
+    table.append(["sd of folds", "", _pct(sd["mDice_mean_over_cases"]),
+                  _pct(sd["mIoU_mean_over_cases"]),
+                  *(_pct(sd["Dice_per_class_mean_over_cases"][c]) for c in classes)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    text = ["Mean over cases, % (each case scored by the fold model that did not train on it):"]
+    text += ["  ".join(cell.rjust(w) if i else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
+    text += [f"fold {i}: {f['path']}" for i, f in enumerate(result["folds"])]
+    return "\n".join(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``segpipe crossval``; 0 on success, 2 on a usage or input error."""
+    parser = CommandParser(
+        prog="segpipe crossval", config=False,
+        description="Pool the per-case test scores of k-fold runs into one cross-validated "
+                    "figure: the mean over every case, each scored by the fold model that did "
+                    "not train on it, beside each fold's mean and their spread.",
+        epilog="Folds: train and test one run per fold with --data.val_case_fraction 0.2 "
+               "--data.fold k (k = 0..4 for five folds by case), then `segpipe crossval "
+               "RUN0 ... RUN4`. Each RUN is a run folder (its newest test_metrics.json is "
+               "read) or a test_metrics.json.")
+    parser.add_argument("runs", nargs="+", help="one run folder or test_metrics.json per fold")
+    parser.add_argument("--json", default=None,
+                        help="also write everything (every case with its fold) to this JSON file")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        result = crossval(args.runs)
+    except CrossvalError as exc:
+        print(f"segpipe crossval: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        print(f"Written to {atomic_write_json(args.json, result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``segpipe crossval``: pooling the per-case scores of k-fold test runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from segpipe.cli import main
+from segpipe.crossval import CrossvalError, crossval
+from tests.cli_args import TINY_UNET
+from tests.data.synthetic import make_lgg_like
+
+
+def _row(case: str, tumour: float | None, background: float = 0.99) -> dict:
+    dice = {"background": background, "tumour": tumour}
+    present = [v for v in dice.values() if v is not None]
+    return {"case": case, "num_images": 1, "mDice": sum(present) / len(present),
+            "mIoU": sum(present) / len(present) / 2,
+            "Dice_per_class": dice, "IoU_per_class": {k: (v and v / 2) for k, v in dice.items()}}
+
+
+def _metrics(path: Path, rows: list[dict], classes=("background", "tumour")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_case = {"num_cases": len(rows), "cases": rows,
+                "Dice_per_class_mean_over_cases": {c: None for c in classes}}
+    path.write_text(json.dumps({"mIoU": 0.5, "per_case": per_case}))
+    return path
+
+
+def test_pools_every_case_once_and_reports_each_fold(tmp_path: Path) -> None:
+    a = _metrics(tmp_path / "a/test_metrics.json", [_row("p1", 0.9), _row("p2", 0.6),
+                                                    _row("p3", 0.3)])
+    b = _metrics(tmp_path / "b/test_metrics.json", [_row("p4", 0.8), _row("p5", None)])
+    out = crossval([str(a), str(b)])
+    assert [f["num_cases"] for f in out["folds"]] == [3, 2]
+    assert out["folds"][0]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.6)
+    assert out["folds"][1]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.8)
+    pooled = out["all_cases"]
+    # the mean over the 4 cases with a tumour score, not the mean of the two fold means (0.7)
+    assert pooled["num_cases"] == 5
+    assert pooled["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(2.6 / 4)
+    assert pooled["IoU_per_class_mean_over_cases"]["tumour"] == pytest.approx(1.3 / 4)
+    assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.02 ** 0.5)  # 0.6, 0.8
+    assert {r["case"]: r["fold"] for r in out["cases"]} == {"p1": 0, "p2": 0, "p3": 0, "p4": 1,
+                                                           "p5": 1}
+
+
+def test_a_folder_means_its_newest_test_metrics(tmp_path: Path) -> None:
+    old = _metrics(tmp_path / "run/lightning_logs/version_0/test_metrics.json", [_row("p1", 0.1)])
+    new = _metrics(tmp_path / "run/lightning_logs/version_1/test_metrics.json", [_row("p1", 0.7)])
+    os.utime(old, (1_000_000, 1_000_000))
+    out = crossval([str(tmp_path / "run")])
+    assert out["folds"][0]["path"] == str(new)
+    assert out["all_cases"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.7)
+    assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] is None  # one fold
+
+
+def test_runs_that_are_not_folds_of_one_split_are_rejected(tmp_path: Path, capsys) -> None:
+    a = _metrics(tmp_path / "a.json", [_row("p1", 0.9), _row("p2", 0.5)])
+    b = _metrics(tmp_path / "b.json", [_row("p2", 0.4)])
+    with pytest.raises(CrossvalError, match="'p2' is scored in both .*a.json and .*b.json"):
+        crossval([str(a), str(b)])
+    c = _metrics(tmp_path / "c.json", [_row("p3", 0.4)], classes=("bg", "tumour"))
+    with pytest.raises(CrossvalError, match="classes"):
+        crossval([str(a), str(c)])
+    pooled_only = tmp_path / "d.json"
+    pooled_only.write_text(json.dumps({"mIoU": 0.5}))
+    with pytest.raises(CrossvalError, match="d.json: no per-case scores"):
+        crossval([str(pooled_only)])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(CrossvalError, match="bad.json: not a readable"):
+        crossval([str(tmp_path / "bad.json")])
+    (tmp_path / "empty").mkdir()
+    assert main(["crossval", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segpipe crossval: error:") and "run `segpipe test`" in err
+
+
+def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
+    """fit + test each fold of four patients, then pool: every patient scored once."""
+    root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=2, val_patients=1)
+    runs = []
+    for fold in (0, 1):
+        run = tmp_path / f"fold{fold}"
+        args = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
+                f"--trainer.default_root_dir={run}", *TINY_UNET, "--data.num_classes=2",
+                "--data.crop_size=32", "--data.num_workers=0", "--trainer.logger=false",
+                "--data.val_case_fraction=0.5", f"--data.fold={fold}"]
+        assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
+        assert main(["test", *args, "--ckpt_path", "last"]) == 0
+        runs.append(run)
+    capsys.readouterr()
+    assert main(["crossval", *map(str, runs), "--json", str(tmp_path / "cv.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "fold 1" in printed and "all cases" in printed and "Dice abnormality" in printed
+    out = json.loads((tmp_path / "cv.json").read_text())
+    cases = [r["case"] for r in out["cases"]]
+    assert len(cases) == len(set(cases)) == 4
+    assert [f["num_cases"] for f in out["folds"]] == [2, 2]
