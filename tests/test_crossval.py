@@ -80,7 +80,8 @@ def test_runs_that_are_not_folds_of_one_split_are_rejected(tmp_path: Path, capsy
 
 
 def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
-    """fit + test each fold of four patients, then pool: every patient scored once."""
+    """fit + test each fold of four patients, then pool: every patient scored once; a test
+    that forgets the fold is refused."""
     root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=2, val_patients=1)
     runs = []
     for fold in (0, 1):
@@ -92,7 +93,17 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
         assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
         assert main(["test", *args, "--ckpt_path", "last"]) == 0
         runs.append(run)
+    # resuming a fold with the same split is fine
+    assert main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last"]) == 0
+    # fold 1's checkpoint scored on fold 0's val patients, on which it trained: refused
     capsys.readouterr()
+    mixed = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
+             f"--trainer.default_root_dir={runs[1]}", *TINY_UNET, "--data.num_classes=2",
+             "--data.num_workers=0", "--trainer.logger=false", "--data.val_case_fraction=0.5"]
+    assert main(["test", *mixed, "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint trained on 2 of the 2 cases this val split scores" in err
+    assert "data.fold=None" in err and "Traceback" not in err
     assert main(["crossval", *map(str, runs), "--json", str(tmp_path / "cv.json")]) == 0
     printed = capsys.readouterr().out
     assert "fold 1" in printed and "all cases" in printed and "Dice abnormality" in printed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ def test_val_case_fraction_splits_lgg_by_patient(tmp_path: Path) -> None:
     assert len(val) == 2 and not val & {s.case for s in dm.splits["train"]}
 
 
-def test_folds_partition_the_cases_and_fold_0_is_the_default_split(tmp_path: Path) -> None:
+def test_folds_partition_the_cases_and_fold_0_is_the_default_split(tmp_path: Path,
+                                                                   caplog) -> None:
     root = make_lgg_like(tmp_path / "lgg", n_patients=11, slices_per_patient=1, val_patients=1)
 
     def val_cases(**kw) -> set[str]:
@@ -99,7 +101,9 @@ def test_folds_partition_the_cases_and_fold_0_is_the_default_split(tmp_path: Pat
         assert len(dm.splits["val"]) + len(dm.splits["train"]) == 11
         return val
 
-    folds = [val_cases(fold=k) for k in range(4)]
+    with caplog.at_level(logging.INFO):
+        folds = [val_cases(fold=k) for k in range(4)]
+    assert "val split by case (fold 3 of 4): 2 of 11 cases (2 images) for val, 9 images" in caplog.text
     assert folds[0] == val_cases()  # fold 0 is what val_case_fraction alone gives
     assert [len(f) for f in folds] == [3, 3, 3, 2]  # round(0.25 * 11) = 3, then 8 in 3
     assert len(set.union(*folds)) == sum(len(f) for f in folds) == 11  # each case in one fold

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -407,11 +408,47 @@ class SegmentationDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The spec (with measured statistics), so resumed, validated and tested runs
         normalise exactly as training did, and the training crop in use, so a run resumed
-        after the switch to ``late_crop_size`` goes on with it."""
-        return {"spec": self.spec.to_dict(), "train_crop_size": self.train_crop_size}
+        after the switch to ``late_crop_size`` goes on with it; with a split by case, the
+        training cases, so that a later run cannot validate on them unawares."""
+        return {"spec": self.spec.to_dict(), "train_crop_size": self.train_crop_size,
+                "train_cases": self._train_cases()}
+
+    def _train_cases(self) -> list[str] | None:
+        """The training split's cases when train and val were split by case, else None."""
+        hp = self.hparams
+        if not self._splits or (hp.get("val_cases") is None
+                                    and hp.get("val_case_fraction") is None):
+            return None
+        return sorted({s.case for s in self._splits.get("train", []) if s.case})
+
+    def _check_not_trained_on(self, trained: Sequence[str]) -> None:
+        """Refuse to validate or test on cases the checkpoint trained on (a fold mix-up)."""
+        if not self._splits or self.trainer is None:
+            return
+        fn = getattr(self.trainer.state.fn, "value", None)
+        split = {"fit": "val", "validate": "val", "test": self.test_split}.get(fn or "")
+        if split != "val":  # a data set's own test split may share cases with train by design
+            return
+        scored = sorted({s.case for s in self._splits.get("val", []) if s.case})
+        seen = sorted(set(scored) & set(trained))
+        if seen:
+            hp = self.hparams
+            raise DataSplitError(
+                f"the checkpoint trained on {len(seen)} of the {len(scored)} cases this val "
+                f"split scores ({', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}), so its "
+                f"scores would not be held out. Give the split it was trained with: now "
+                f"data.val_cases={hp.get('val_cases')}, data.val_case_fraction="
+                f"{hp.get('val_case_fraction')}, data.fold={hp.get('fold')}, "
+                f"data.seed={hp.get('seed')}"
+            )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Take the statistics of a checkpoint's spec when the config gives none."""
+        """Take the statistics of a checkpoint's spec when the config gives none.
+
+        Raises:
+            DataSplitError: The val split this run scores holds cases the checkpoint trained
+                on (e.g. ``segpipe test`` on fold 1's checkpoint without ``--data.fold 1``).
+        """
         saved = state_dict.get("spec") or {}
         if saved.get("mean") is not None and saved.get("std") is not None and (
             self.spec.stats_source in ("", "default", "measured")
@@ -420,6 +457,8 @@ class SegmentationDataModule(L.LightningDataModule):
         crop = state_dict.get("train_crop_size")
         if crop is not None and crop == self.hparams.late_crop_size:
             self._set_train_crop(int(crop))
+        if state_dict.get("train_cases"):
+            self._check_not_trained_on(state_dict["train_cases"])
 
     def update_train_crop(self, progress: float) -> bool:
         """Switch the training crop to ``late_crop_size`` once ``progress`` reaches
@@ -537,13 +576,13 @@ class SegmentationDataModule(L.LightningDataModule):
                     )
                 n_val = len(order)
             val = {cases[i] for i in order[:n_val]}
-            if fold is not None:
-                log.info("fold %d of %d: %d val cases", fold, _num_folds(fraction), len(val))
         out = dict(splits)
         out["val"] = [s for s in pool if s.case in val]
         out["train"] = [s for s in pool if s.case not in val]
-        log.info("val split by case: %d cases (%d images) for val, %d images for train",
-                 len(val), len(out["val"]), len(out["train"]))
+        fold = hp.get("fold")
+        which = "" if fold is None else f" (fold {fold} of {_num_folds(fraction)})"
+        rank_zero_info(f"val split by case{which}: {len(val)} of {len(cases)} cases "
+                       f"({len(out['val'])} images) for val, {len(out['train'])} images for train")
         return out
 
     def _with_cases(self, samples: list[Sample]) -> list[Sample]:
