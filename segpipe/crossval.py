@@ -124,7 +124,8 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                     "not folds of one split (same data.seed and val_case_fraction, a different "
                     "data.fold each)")
             seen[case] = path
-        folds.append({"path": str(path), **_summary(rows, classes)})
+        folds.append({"path": str(path), "checkpoint": metrics.get("checkpoint"),
+                      **_summary(rows, classes)})
         all_rows += rows
     assert classes is not None
     fold_sd = {
@@ -161,7 +162,9 @@ def format_table(result: dict[str, Any]) -> str:
     text = ["Mean over cases, % (each case scored by the fold model that did not train on it):"]
     text += ["  ".join(cell.rjust(w) if i else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
-    text += [f"fold {i}: {f['path']}" for i, f in enumerate(result["folds"])]
+    text += [f"fold {i}: {f['path']}" + (f" (checkpoint {f['checkpoint']})"
+                                        if f.get("checkpoint") else "")
+             for i, f in enumerate(result["folds"])]
     return "\n".join(text)
 
 

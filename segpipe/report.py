@@ -525,6 +525,8 @@ def write_report(
     )
     if report.get("test_time_augmentation"):
         facts.append(f"test-time augmentation: {report['test_time_augmentation']}")
+    if report.get("checkpoint"):
+        facts.append(f"checkpoint `{report['checkpoint']}`")
     lines += ["; ".join(facts) + ".", ""]
     metrics_json = out / "test_metrics.json"
     if metrics_json.exists():

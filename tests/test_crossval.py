@@ -111,3 +111,6 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
     cases = [r["case"] for r in out["cases"]]
     assert len(cases) == len(set(cases)) == 4
     assert [f["num_cases"] for f in out["folds"]] == [2, 2]
+    # test_metrics.json names the weights it scored; crossval passes that on
+    assert all(f["checkpoint"].endswith("last.ckpt") for f in out["folds"]), out["folds"]
+    assert "(checkpoint " in printed
