@@ -297,6 +297,19 @@ def _write_error(target: Path, exc: BaseException) -> CheckpointWriteError | Non
     )
 
 
+def _provenance(trainer: L.Trainer) -> dict[str, Any]:
+    """Which weights were scored, and on which split (so k-fold runs can be told apart)."""
+    ckpt = getattr(trainer, "ckpt_path", None)
+    out: dict[str, Any] = {"checkpoint": str(ckpt) if ckpt else "none (the weights in memory)"}
+    dm = getattr(trainer, "datamodule", None)
+    hp = getattr(dm, "hparams", None) or {}
+    keys = ("val_cases", "val_case_fraction", "fold", "seed")
+    if any(hp.get(k) is not None for k in keys[:3]):
+        split = getattr(dm, "test_split", None)
+        out["data_split"] = {"scored": split, **{k: hp.get(k) for k in keys}}
+    return out
+
+
 class TestMetricsWriter(L.Callback):
     """After ``test``: write ``test_metrics.json``, a per-image CSV and the evaluation report.
 
@@ -336,6 +349,7 @@ class TestMetricsWriter(L.Callback):
         from segpipe.report import write_per_case_csv, write_per_image_csv
 
         report = dict(report)
+        report.update(_provenance(trainer))
         per_image = report.pop("per_image", [])
         worst = report.pop("worst_images", None) or []
         csv_path: Path | None = None

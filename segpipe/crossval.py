@@ -6,7 +6,8 @@ five folds by case), then::
     segpipe crossval runs/fold0 runs/fold1 runs/fold2 runs/fold3 runs/fold4 [--json cv.json]
 
 Each argument is a ``test_metrics.json`` or a folder holding one (the newest under it is read).
-It prints, per fold and over all folds, the number of cases, the mean over cases of mDice and
+It prints, per fold (named by the ``data.fold`` each ``test_metrics.json`` records, else "run N"
+in the order given) and over all folds, the number of cases, the mean over cases of mDice and
 mIoU and each class's Dice. Over all folds every case was scored once, by the model that did not
 train on it, so the mean over all cases is the k-fold figure (what nnU-Net's cross-validation
 reports); the spread of the fold means (sample standard deviation) says how much one fold alone
@@ -49,6 +50,12 @@ def _metrics_path(arg: str) -> Path:
     return found[-1]
 
 
+def _data_fold(metrics: dict[str, Any]) -> int | None:
+    """The ``data.fold`` that ``segpipe test`` recorded in ``test_metrics.json``, if any."""
+    fold = (metrics.get("data_split") or {}).get("fold")
+    return fold if isinstance(fold, int) and not isinstance(fold, bool) else None
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -82,7 +89,8 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
         paths: Files or run folders (the newest ``test_metrics.json`` under each).
 
     Returns:
-        ``{"folds": [per-fold summary with its "path"], "all_cases": summary over every case,
+        ``{"folds": [per-fold summary with its "path", "checkpoint" and "data_fold" (as
+        ``segpipe test`` recorded them; None when unknown)], "all_cases": summary over every case,
         "fold_sd": sample standard deviation of the fold means, "cases": every case row with
         its "fold"}``; a summary holds ``num_cases``, ``mDice_mean_over_cases``,
         ``mIoU_mean_over_cases``, ``Dice_per_class_mean_over_cases`` and
@@ -124,8 +132,8 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                     "not folds of one split (same data.seed and val_case_fraction, a different "
                     "data.fold each)")
             seen[case] = path
-        folds.append({"path": str(path), "checkpoint": metrics.get("checkpoint"),
-                      **_summary(rows, classes)})
+        folds.append({"path": str(path), "data_fold": _data_fold(metrics),
+                      "checkpoint": metrics.get("checkpoint"), **_summary(rows, classes)})
         all_rows += rows
     assert classes is not None
     fold_sd = {
@@ -152,7 +160,9 @@ def format_table(result: dict[str, Any]) -> str:
                 _pct(s["mIoU_mean_over_cases"]),
                 *(_pct(s["Dice_per_class_mean_over_cases"][c]) for c in classes)]
 
-    table = [head] + [line(f"fold {i}", f) for i, f in enumerate(result["folds"])]
+    labels = [f"run {i}" if f.get("data_fold") is None else f"fold {f['data_fold']}"
+              for i, f in enumerate(result["folds"], 1)]
+    table = [head] + [line(label, f) for label, f in zip(labels, result["folds"])]
     table.append(line("all cases", result["all_cases"]))
     sd = result["fold_sd"]
     table.append(["sd of folds", "", _pct(sd["mDice_mean_over_cases"]),
@@ -162,9 +172,9 @@ def format_table(result: dict[str, Any]) -> str:
     text = ["Mean over cases, % (each case scored by the fold model that did not train on it):"]
     text += ["  ".join(cell.rjust(w) if i else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
-    text += [f"fold {i}: {f['path']}" + (f" (checkpoint {f['checkpoint']})"
+    text += [f"{label}: {f['path']}" + (f" (checkpoint {f['checkpoint']})"
                                         if f.get("checkpoint") else "")
-             for i, f in enumerate(result["folds"])]
+             for label, f in zip(labels, result["folds"])]
     return "\n".join(text)
 
 

@@ -44,6 +44,7 @@ def test_pools_every_case_once_and_reports_each_fold(tmp_path: Path) -> None:
     assert pooled["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(2.6 / 4)
     assert pooled["IoU_per_class_mean_over_cases"]["tumour"] == pytest.approx(1.3 / 4)
     assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.02 ** 0.5)  # 0.6, 0.8
+    assert [f["data_fold"] for f in out["folds"]] == [None, None]  # not recorded
     assert {r["case"]: r["fold"] for r in out["cases"]} == {"p1": 0, "p2": 0, "p3": 0, "p4": 1,
                                                            "p5": 1}
 
@@ -106,11 +107,19 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
     assert "data.fold=None" in err and "Traceback" not in err
     assert main(["crossval", *map(str, runs), "--json", str(tmp_path / "cv.json")]) == 0
     printed = capsys.readouterr().out
-    assert "fold 1" in printed and "all cases" in printed and "Dice abnormality" in printed
+    assert "all cases" in printed and "Dice abnormality" in printed
     out = json.loads((tmp_path / "cv.json").read_text())
     cases = [r["case"] for r in out["cases"]]
     assert len(cases) == len(set(cases)) == 4
     assert [f["num_cases"] for f in out["folds"]] == [2, 2]
     # test_metrics.json names the weights it scored; crossval passes that on
     assert all(f["checkpoint"].endswith("last.ckpt") for f in out["folds"]), out["folds"]
+    # rows are named by the data.fold that test_metrics.json records
+    assert [f["data_fold"] for f in out["folds"]] == [0, 1]
+    metrics = json.loads(Path(out["folds"][1]["path"]).read_text())
+    assert metrics["data_split"] == {"scored": "val", "val_cases": None,
+                                     "val_case_fraction": 0.5, "fold": 1, "seed": 0}
+    report = (Path(out["folds"][1]["path"]).parent / "report.md").read_text()
+    assert f"checkpoint `{metrics['checkpoint']}`" in report
+    assert "\nfold 1 " in printed and "\nfold 0 " in printed
     assert "(checkpoint " in printed

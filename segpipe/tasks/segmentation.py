@@ -622,8 +622,6 @@ class SegmentationTask(L.LightningModule):
         report = metrics_report(computed, names, self.ignore_index)
         report["num_images"] = len(images)
         report["test_time_augmentation"] = self._tta_description()
-        ckpt = getattr(self.trainer, "ckpt_path", None)  # which weights were scored
-        report["checkpoint"] = str(ckpt) if ckpt else "none (the weights in memory)"
         confusions, counts = self.case_confusions, self.case_counts
         if self.trainer.world_size > 1:  # each case's images may be spread over the ranks
             parts: list[Any] = [None] * self.trainer.world_size
