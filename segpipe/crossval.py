@@ -92,7 +92,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
         ``{"folds": [per-fold summary with its "path", "checkpoint" and "data_fold" (as
         ``segpipe test`` recorded them; None when unknown)], "all_cases": summary over every case,
         "fold_sd": sample standard deviation of the fold means, "cases": every case row with
-        its "fold"}``; a summary holds ``num_cases``, ``mDice_mean_over_cases``,
+        its "run" (1-based, the order of ``paths``) and "data_fold"}``; a summary holds ``num_cases``, ``mDice_mean_over_cases``,
         ``mIoU_mean_over_cases``, ``Dice_per_class_mean_over_cases`` and
         ``IoU_per_class_mean_over_cases``.
 
@@ -106,7 +106,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
     all_rows: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     classes: list[str] | None = None
-    for fold, arg in enumerate(paths):
+    for run, arg in enumerate(paths, 1):
         path = _metrics_path(arg)
         try:
             metrics = json.loads(path.read_text(encoding="utf-8"))
@@ -123,7 +123,8 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
             classes = names
         elif names != classes:
             raise CrossvalError(f"{path}: classes {names} differ from the first run's {classes}")
-        rows = [dict(r, fold=fold) for r in per_case["cases"]]
+        data_fold = _data_fold(metrics)
+        rows = [dict(r, run=run, data_fold=data_fold) for r in per_case["cases"]]
         for row in rows:
             case = str(row["case"])
             if case in seen:
@@ -132,7 +133,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                     "not folds of one split (same data.seed and val_case_fraction, a different "
                     "data.fold each)")
             seen[case] = path
-        folds.append({"path": str(path), "data_fold": _data_fold(metrics),
+        folds.append({"path": str(path), "data_fold": data_fold,
                       "checkpoint": metrics.get("checkpoint"), **_summary(rows, classes)})
         all_rows += rows
     assert classes is not None

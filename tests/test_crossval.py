@@ -45,8 +45,8 @@ def test_pools_every_case_once_and_reports_each_fold(tmp_path: Path) -> None:
     assert pooled["IoU_per_class_mean_over_cases"]["tumour"] == pytest.approx(1.3 / 4)
     assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.02 ** 0.5)  # 0.6, 0.8
     assert [f["data_fold"] for f in out["folds"]] == [None, None]  # not recorded
-    assert {r["case"]: r["fold"] for r in out["cases"]} == {"p1": 0, "p2": 0, "p3": 0, "p4": 1,
-                                                           "p5": 1}
+    assert {r["case"]: r["run"] for r in out["cases"]} == {"p1": 1, "p2": 1, "p3": 1, "p4": 2,
+                                                          "p5": 2}
 
 
 def test_a_folder_means_its_newest_test_metrics(tmp_path: Path) -> None:
@@ -111,6 +111,7 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
     out = json.loads((tmp_path / "cv.json").read_text())
     cases = [r["case"] for r in out["cases"]]
     assert len(cases) == len(set(cases)) == 4
+    assert sorted(r["data_fold"] for r in out["cases"]) == [0, 0, 1, 1]
     assert [f["num_cases"] for f in out["folds"]] == [2, 2]
     # test_metrics.json names the weights it scored; crossval passes that on
     assert all(f["checkpoint"].endswith("last.ckpt") for f in out["folds"]), out["folds"]
