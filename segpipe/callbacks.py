@@ -302,11 +302,9 @@ def _provenance(trainer: L.Trainer) -> dict[str, Any]:
     ckpt = getattr(trainer, "ckpt_path", None)
     out: dict[str, Any] = {"checkpoint": str(ckpt) if ckpt else "none (the weights in memory)"}
     dm = getattr(trainer, "datamodule", None)
-    hp = getattr(dm, "hparams", None) or {}
-    keys = ("val_cases", "val_case_fraction", "fold", "seed")
-    if any(hp.get(k) is not None for k in keys[:3]):
-        split = getattr(dm, "test_split", None)
-        out["data_split"] = {"scored": split, **{k: hp.get(k) for k in keys}}
+    case_split = getattr(dm, "case_split", None)  # segpipe's data module; None otherwise
+    if case_split is not None:
+        out["data_split"] = {"scored": getattr(dm, "test_split", None), **case_split}
     return out
 
 

@@ -17,7 +17,7 @@ could have misled. A case scored in two runs is an error: those runs are not fol
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,15 +58,13 @@ def _data_fold(metrics: dict[str, Any]) -> int | None:
 
 def _mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
+    return statistics.fmean(vals) if vals else None
 
 
 def _sd(values: Sequence[float | None]) -> float | None:
+    """Sample standard deviation of the values given, None under two."""
     vals = [v for v in values if v is not None]
-    if len(vals) < 2:
-        return None
-    m = sum(vals) / len(vals)
-    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return statistics.stdev(vals) if len(vals) >= 2 else None
 
 
 def _summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:

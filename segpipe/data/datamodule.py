@@ -69,6 +69,10 @@ _ISBI_DEFAULT_VAL = (20, 24)
 _DEFAULT_CASE_PATTERN: dict[str, str] = {"camvid": r"(?P<case>[^/_]+)_[^/]*$"}
 
 
+#: The data settings that decide a split by case (see :attr:`SegmentationDataModule.case_split`).
+_CASE_SPLIT_KEYS = ("val_cases", "val_case_fraction", "fold", "seed")
+
+
 def _num_folds(fraction: float | None) -> int | None:
     """K when ``fraction`` is 1/K (to 2 %) for some K >= 2, else None."""
     if fraction is None or not 0.0 < fraction < 1.0:
@@ -413,11 +417,18 @@ class SegmentationDataModule(L.LightningDataModule):
         return {"spec": self.spec.to_dict(), "train_crop_size": self.train_crop_size,
                 "train_cases": self._train_cases()}
 
+    @property
+    def case_split(self) -> dict[str, Any] | None:
+        """How train and val are split by case (``val_cases``, ``val_case_fraction``,
+        ``fold``, ``seed``), or None when they keep the data set's own split."""
+        hp = self.hparams
+        if hp.get("val_cases") is None and hp.get("val_case_fraction") is None:
+            return None
+        return {k: hp.get(k) for k in _CASE_SPLIT_KEYS}
+
     def _train_cases(self) -> list[str] | None:
         """The training split's cases when train and val were split by case, else None."""
-        hp = self.hparams
-        if not self._splits or (hp.get("val_cases") is None
-                                    and hp.get("val_case_fraction") is None):
+        if not self._splits or self.case_split is None:
             return None
         return sorted({s.case for s in self._splits.get("train", []) if s.case})
 
@@ -425,21 +436,18 @@ class SegmentationDataModule(L.LightningDataModule):
         """Refuse to validate or test on cases the checkpoint trained on (a fold mix-up)."""
         if not self._splits or self.trainer is None:
             return
-        fn = getattr(self.trainer.state.fn, "value", None)
-        split = {"fit": "val", "validate": "val", "test": self.test_split}.get(fn or "")
-        if split != "val":  # a data set's own test split may share cases with train by design
+        stage = getattr(self.trainer.state.fn, "value", None)
+        # a data set's own test split may share cases with train by design: val only
+        if stage not in ("fit", "validate", "test") or "val" not in self._splits_for(stage):
             return
         scored = sorted({s.case for s in self._splits.get("val", []) if s.case})
         seen = sorted(set(scored) & set(trained))
         if seen:
-            hp = self.hparams
+            now = ", ".join(f"data.{k}={self.hparams.get(k)}" for k in _CASE_SPLIT_KEYS)
             raise DataSplitError(
                 f"the checkpoint trained on {len(seen)} of the {len(scored)} cases this val "
                 f"split scores ({', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}), so its "
-                f"scores would not be held out. Give the split it was trained with: now "
-                f"data.val_cases={hp.get('val_cases')}, data.val_case_fraction="
-                f"{hp.get('val_case_fraction')}, data.fold={hp.get('fold')}, "
-                f"data.seed={hp.get('seed')}"
+                f"scores would not be held out. Give the split it was trained with: now {now}"
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -544,6 +552,7 @@ class SegmentationDataModule(L.LightningDataModule):
         wanted, fraction = hp.get("val_cases"), hp.get("val_case_fraction")
         if wanted is None and fraction is None:
             return splits
+        fold = hp.get("fold")
         pool = [*splits.get("train", []), *splits.get("val", [])]
         cases = sorted({s.case for s in pool if s.case})
         if not cases:
@@ -563,7 +572,6 @@ class SegmentationDataModule(L.LightningDataModule):
             rng = np.random.default_rng(int(hp.seed))
             n_val = min(len(cases) - 1, max(1, round(float(fraction) * len(cases))))
             order = rng.permutation(len(cases)).tolist()
-            fold = hp.get("fold")
             if fold:  # folds 1..K-1 share the cases after fold 0 (the default val) evenly
                 num_folds = _num_folds(fraction)
                 assert num_folds is not None  # checked in __init__
@@ -579,7 +587,6 @@ class SegmentationDataModule(L.LightningDataModule):
         out = dict(splits)
         out["val"] = [s for s in pool if s.case in val]
         out["train"] = [s for s in pool if s.case not in val]
-        fold = hp.get("fold")
         which = "" if fold is None else f" (fold {fold} of {_num_folds(fraction)})"
         rank_zero_info(f"val split by case{which}: {len(val)} of {len(cases)} cases "
                        f"({len(out['val'])} images) for val, {len(out['train'])} images for train")
