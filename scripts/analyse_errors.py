@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Where a checkpoint's pixel errors lie: how far from the true class borders, and at what threshold.
+
+For each image/mask pair (matched by file stem) the checkpoint predicts the image as `segpipe
+predict` does (`Segmenter`), and each wrong pixel is binned by its distance to the nearest pixel
+of another true class: 1 px means on the border itself, where annotators of thin structures
+(membranes, vessels, outlines) disagree most. For two classes it also prints the pixel error with
+the positive class predicted where its probability reaches each threshold, and the share of the
+pixels predicted and truly positive: a miscalibrated model shows its best threshold far from 0.5.
+
+    python scripts/analyse_errors.py --ckpt runs/isbi_unet/checkpoints/last.ckpt \
+        --images DIR/isbi2012_em/train/image --masks DIR/isbi2012_em/train/label \
+        --mask-values 0:0,255:1 --stems 20 21 22 23 --positive 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segpipe.data.io import is_image_file, read_image, read_mask  # noqa: E402
+from segpipe.predict.api import Segmenter  # noqa: E402
+
+#: Distance bins (px to the nearest pixel of another true class) that wrong pixels are counted in.
+BINS = ((1, "1 px"), (2, "2 px"), (3, "3 px"), (np.inf, "farther"))
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+def border_distance(truth: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to the nearest pixel of another class.
+
+    Args:
+        truth: (H, W) integer class map.
+
+    Returns:
+        (H, W) float32 Euclidean distance in pixels: 1 for a pixel next to (4-neighbour) another
+        class, about 1.41 diagonally; inf where the map holds one class only.
+    """
+    dist = np.full(truth.shape, np.inf, dtype=np.float32)
+    for c in np.unique(truth):
+        inside = (truth == c).astype(np.uint8)
+        if inside.all():
+            continue
+        d = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        dist[inside.astype(bool)] = d[inside.astype(bool)]
+    return dist
+
+
+def parse_mask_values(text: str | None) -> dict[int, int] | None:
+    """``"0:0,255:1"`` -> ``{0: 0, 255: 1}``."""
+    if not text:
+        return None
+    pairs = [item.split(":") for item in text.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"--mask-values must look like 0:0,255:1, got {text!r}")
+    return {int(a): int(b) for a, b in pairs}
+
+
+def load_truth(path: Path, mask_values: dict[int, int] | None, ignore_index: int) -> np.ndarray:
+    """The mask as class indices, unmapped values set to ``ignore_index``."""
+    raw = read_mask(path)
+    if raw.ndim != 2:
+        raise SystemExit(f"{path}: an RGB mask; give a single-channel index mask")
+    if mask_values is None:
+        return raw
+    truth = np.full(raw.shape, ignore_index, dtype=np.int64)
+    for value, index in mask_values.items():
+        truth[raw == value] = index
+    return truth
+
+
+def pairs(images: Path, masks: Path, stems: list[str] | None) -> list[tuple[Path, Path]]:
+    """Image/mask files that share a stem, sorted; ``stems`` keeps only those."""
+    by_stem = {p.stem: p for p in masks.iterdir() if is_image_file(p)}
+    out = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
+           if is_image_file(p) and p.stem in by_stem and (stems is None or p.stem in stems)]
+    if not out:
+        raise SystemExit(f"no image in {images} has a mask of the same stem in {masks}"
+                         + (f" among the stems {stems}" if stems else ""))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="folder of images")
+    p.add_argument("--masks", type=Path, required=True, help="folder of masks, same stems")
+    p.add_argument("--stems", nargs="+", help="only these file stems")
+    p.add_argument("--mask-values", help="raw mask value to class index, e.g. 0:0,255:1")
+    p.add_argument("--ignore-index", type=int, default=-1, help="truth class not scored")
+    p.add_argument("--positive", type=int, default=1, help="the class thresholded (two classes)")
+    args = p.parse_args(argv)
+
+    seg = Segmenter.from_checkpoint(args.ckpt, device="cpu")
+    mask_values = parse_mask_values(args.mask_values)
+    num_classes = len(seg.class_names)
+    wrong_total = scored_total = 0
+    wrong_by_bin = np.zeros(len(BINS), dtype=np.int64)
+    sweep = np.zeros(len(THRESHOLDS), dtype=np.int64)
+    predicted_pos = true_pos = 0
+    for image_path, mask_path in pairs(args.images, args.masks, args.stems):
+        truth = load_truth(mask_path, mask_values, args.ignore_index)
+        proba = seg.predict_proba(read_image(image_path))
+        if proba.shape[1:] != truth.shape:
+            raise SystemExit(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]}, "
+                             f"its image {image_path} {proba.shape[2]}x{proba.shape[1]}")
+        scored = truth != args.ignore_index
+        pred = proba.argmax(0)
+        wrong = (pred != truth) & scored
+        dist = border_distance(truth)
+        lower = 0.0
+        for k, (upper, _) in enumerate(BINS):
+            wrong_by_bin[k] += int((wrong & (dist > lower) & (dist <= upper + 0.5)).sum())
+            lower = upper + 0.5
+        n_wrong, n_scored = int(wrong.sum()), int(scored.sum())
+        wrong_total += n_wrong
+        scored_total += n_scored
+        print(f"{image_path.name}: pixel error {100 * n_wrong / max(n_scored, 1):.2f} %")
+        if num_classes == 2:
+            is_pos = truth == args.positive
+            for k, t in enumerate(THRESHOLDS):
+                sweep[k] += int((((proba[args.positive] >= t) != is_pos) & scored).sum())
+            predicted_pos += int(((pred == args.positive) & scored).sum())
+            true_pos += int((is_pos & scored).sum())
+    if scored_total == 0:
+        raise SystemExit("no scored pixel: every truth pixel is the ignore index")
+    print(f"all: pixel error {100 * wrong_total / scored_total:.2f} % over {scored_total} pixels")
+    shares = ", ".join(f"{label} {100 * n / max(wrong_total, 1):.0f} %"
+                       for (_, label), n in zip(BINS, wrong_by_bin))
+    print(f"wrong pixels by distance to the true border: {shares}")
+    if num_classes == 2:
+        name = seg.class_names[args.positive]
+        print(f"{name} predicted on {100 * predicted_pos / scored_total:.1f} % of the pixels, "
+              f"true on {100 * true_pos / scored_total:.1f} %")
+        print(f"pixel error with {name} where its probability >= t: "
+              + "  ".join(f"{t:g}: {100 * n / scored_total:.2f} %" for t, n in zip(THRESHOLDS, sweep)))
+
+
+if __name__ == "__main__":
+    main()
