@@ -77,6 +77,9 @@ def load_truth(path: Path, mask_values: dict[int, int] | None, ignore_index: int
 
 def pairs(images: Path, masks: Path, stems: list[str] | None) -> list[tuple[Path, Path]]:
     """Image/mask files that share a stem, sorted; ``stems`` keeps only those."""
+    for folder in (images, masks):
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: not a folder; give the folders of the images and the masks")
     by_stem = {p.stem: p for p in masks.iterdir() if is_image_file(p)}
     out = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
            if is_image_file(p) and p.stem in by_stem and (stems is None or p.stem in stems)]

@@ -74,3 +74,16 @@ def test_script_names_the_folders_when_nothing_pairs(tmp_path: Path) -> None:
     )
     assert res.returncode != 0
     assert f"no image in {tmp_path / 'a'} has a mask of the same stem in {tmp_path / 'b'}" in res.stderr
+
+
+def test_script_names_a_missing_folder(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path / "t.ckpt", "tests.predict.nets.ThresholdNet",
+                     {"in_channels": 1, "num_classes": 2}, mean=[0.0], std=[1.0])
+    (tmp_path / "a").mkdir()
+    res = subprocess.run(
+        [sys.executable, "scripts/analyse_errors.py", "--ckpt", str(ckpt), "--images",
+         str(tmp_path / "a"), "--masks", str(tmp_path / "nope")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode != 0
+    assert f"{tmp_path / 'nope'}: not a folder" in res.stderr, res.stderr
