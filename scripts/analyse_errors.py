@@ -24,11 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.data.io import is_image_file, read_image, read_mask  # noqa: E402
+from segpipe.data.datasets import _pair_folders, encode_mask  # noqa: E402
+from segpipe.data.io import ImageReadError, read_image, read_mask  # noqa: E402
 from segpipe.predict.api import Segmenter  # noqa: E402
 
-#: Distance bins (px to the nearest pixel of another true class) that wrong pixels are counted in.
-BINS = ((1, "1 px"), (2, "2 px"), (3, "3 px"), (np.inf, "farther"))
+#: Wrong pixels are counted by distance (px) to the nearest pixel of another true class: up to
+#: each edge (1 px, diagonal 1.41 px, 2 px, ...), then farther.
+BIN_EDGES = (1.5, 2.5, 3.5)
+BIN_LABELS = ("1 px", "2 px", "3 px", "farther")
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
@@ -62,27 +65,14 @@ def parse_mask_values(text: str | None) -> dict[int, int] | None:
     return {int(a): int(b) for a, b in pairs}
 
 
-def load_truth(path: Path, mask_values: dict[int, int] | None, ignore_index: int) -> np.ndarray:
-    """The mask as class indices, unmapped values set to ``ignore_index``."""
-    raw = read_mask(path)
-    if raw.ndim != 2:
-        raise SystemExit(f"{path}: an RGB mask; give a single-channel index mask")
-    if mask_values is None:
-        return raw
-    truth = np.full(raw.shape, ignore_index, dtype=np.int64)
-    for value, index in mask_values.items():
-        truth[raw == value] = index
-    return truth
-
-
 def pairs(images: Path, masks: Path, stems: list[str] | None) -> list[tuple[Path, Path]]:
     """Image/mask files that share a stem, sorted; ``stems`` keeps only those."""
     for folder in (images, masks):
         if not folder.is_dir():
             raise SystemExit(f"{folder}: not a folder; give the folders of the images and the masks")
-    by_stem = {p.stem: p for p in masks.iterdir() if is_image_file(p)}
-    out = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
-           if is_image_file(p) and p.stem in by_stem and (stems is None or p.stem in stems)]
+    samples, _, _ = _pair_folders(images, masks, recursive=False)
+    out = [(s.image, s.mask) for s in samples
+           if s.mask is not None and (stems is None or s.image.stem in stems)]
     if not out:
         raise SystemExit(f"no image in {images} has a mask of the same stem in {masks}"
                          + (f" among the stems {stems}" if stems else ""))
@@ -104,11 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     mask_values = parse_mask_values(args.mask_values)
     num_classes = len(seg.class_names)
     wrong_total = scored_total = 0
-    wrong_by_bin = np.zeros(len(BINS), dtype=np.int64)
+    wrong_by_bin = np.zeros(len(BIN_LABELS), dtype=np.int64)
     sweep = np.zeros(len(THRESHOLDS), dtype=np.int64)
     predicted_pos = true_pos = 0
     for image_path, mask_path in pairs(args.images, args.masks, args.stems):
-        truth = load_truth(mask_path, mask_values, args.ignore_index)
+        try:  # unmapped values become the ignore index; a colour mask is refused with the fix
+            truth = encode_mask(read_mask(mask_path), mask_path, mask_values, None, args.ignore_index)
+        except ImageReadError as exc:
+            raise SystemExit(str(exc)) from None
         proba = seg.predict_proba(read_image(image_path))
         if proba.shape[1:] != truth.shape:
             raise SystemExit(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]}, "
@@ -116,11 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         scored = truth != args.ignore_index
         pred = proba.argmax(0)
         wrong = (pred != truth) & scored
-        dist = border_distance(truth)
-        lower = 0.0
-        for k, (upper, _) in enumerate(BINS):
-            wrong_by_bin[k] += int((wrong & (dist > lower) & (dist <= upper + 0.5)).sum())
-            lower = upper + 0.5
+        bins = np.digitize(border_distance(truth)[wrong], BIN_EDGES)
+        wrong_by_bin += np.bincount(bins, minlength=len(BIN_LABELS))
         n_wrong, n_scored = int(wrong.sum()), int(scored.sum())
         wrong_total += n_wrong
         scored_total += n_scored
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no scored pixel: every truth pixel is the ignore index")
     print(f"all: pixel error {100 * wrong_total / scored_total:.2f} % over {scored_total} pixels")
     shares = ", ".join(f"{label} {100 * n / max(wrong_total, 1):.0f} %"
-                       for (_, label), n in zip(BINS, wrong_by_bin))
+                       for label, n in zip(BIN_LABELS, wrong_by_bin))
     print(f"wrong pixels by distance to the true border: {shares}")
     if num_classes == 2:
         name = seg.class_names[args.positive]
