@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from segpipe.helpformat import HelpFormatter
 from segpipe.callbacks import (
@@ -83,7 +84,8 @@ def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = Tr
     """Turn ``--ckpt_path best`` or ``last`` into a file of the run in ``ckpt_dir``.
 
     ``best`` is the best model recorded in ``last.ckpt``'s checkpoint-callback state (written
-    after every validation); when that is missing or moved, the newest other ``*.ckpt`` file.
+    after every validation); when that is missing or moved, the newest other ``*.ckpt`` file;
+    for a run trained without validation (``data.train_on_val``), ``last.ckpt`` itself.
 
     Args:
         alias: ``"best"`` or ``"last"``.
@@ -107,6 +109,10 @@ def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = Tr
                     return str(ckpt_dir / Path(best).name)
                 if best and Path(best).is_file():
                     return str(best)
+            if any(isinstance(v, dict) and v.get("trained_on_val") for v in state.values()):
+                rank_zero_info(f"--ckpt_path best: {last} (trained without validation, on "
+                               "data.train_on_val, so its last checkpoint is the model)")
+                return str(last)
         others = sorted(
             (p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith(("last", TMP_PREFIX))),
             key=lambda p: p.stat().st_mtime,
@@ -365,8 +371,18 @@ class SegpipeCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Check that the checkpoint folder has room for the checkpoints of this model."""
+        """Check that the checkpoint folder has room for the checkpoints of this model, and
+        switch validation off for a data module that trains on its val split
+        (``data.train_on_val``)."""
         callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        if getattr(self.datamodule, "validates", True) is False:
+            self.trainer.limit_val_batches = 0
+            self.trainer.num_sanity_val_steps = 0
+            for cb in callbacks:  # nothing to rank by: last.ckpt (LastCheckpoint) is the model
+                if cb.monitor is not None and cb.monitor.startswith("val"):
+                    cb.save_top_k = 0
+            rank_zero_info("No validation (data.train_on_val): checkpoints are last.ckpt only, "
+                           "and --ckpt_path best means it")
         need = 2 * _checkpoint_bytes(self.model)
         for cb in callbacks:
             if cb.dirpath is not None:

@@ -196,6 +196,12 @@ class SegmentationDataModule(L.LightningDataModule):
             evenly), and ``fold: k`` (0 .. K-1) validates on the k-th and trains on the others.
             K runs then score every case once; ``segpipe crossval`` pools their ``segpipe
             test`` results.
+        train_on_val: Train on the val split too, once it is chosen as configured, and do not
+            validate: the final model of a recipe chosen on val (as nnU-Net's fold ``all``),
+            trained on every labelled image. With a time budget the whole budget trains;
+            checkpoints are ``last.ckpt`` only, and ``--ckpt_path best`` means it. The
+            checkpoint records that it trained on val, so ``validate``/``test`` on that val
+            split refuse it; score it on a test split.
     """
 
     def __init__(
@@ -245,6 +251,7 @@ class SegmentationDataModule(L.LightningDataModule):
         val_cases: list[str] | None = None,
         val_case_fraction: float | None = None,
         fold: int | None = None,
+        train_on_val: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -415,7 +422,13 @@ class SegmentationDataModule(L.LightningDataModule):
         after the switch to ``late_crop_size`` goes on with it; with a split by case, the
         training cases, so that a later run cannot validate on them unawares."""
         return {"spec": self.spec.to_dict(), "train_crop_size": self.train_crop_size,
-                "train_cases": self._train_cases()}
+                "train_cases": self._train_cases(),
+                "trained_on_val": not self.validates}
+
+    @property
+    def validates(self) -> bool:
+        """Whether ``fit`` validates: False with ``data.train_on_val`` (val is trained on)."""
+        return not self.hparams.get("train_on_val", False)
 
     @property
     def case_split(self) -> dict[str, Any] | None:
@@ -432,13 +445,21 @@ class SegmentationDataModule(L.LightningDataModule):
             return None
         return sorted({s.case for s in self._splits.get("train", []) if s.case})
 
+    def _stage(self) -> str | None:
+        """The trainer's function (``fit``, ``validate``, ``test``, ...), or None."""
+        return None if self.trainer is None else getattr(self.trainer.state.fn, "value", None)
+
+    def _scores_val(self) -> bool:
+        """Whether the trainer's stage scores the val split (a data set's own test split may
+        share cases with train by design: val only)."""
+        if not self._splits or self.trainer is None:
+            return False
+        stage = self._stage()
+        return stage in ("fit", "validate", "test") and "val" in self._splits_for(stage)
+
     def _check_not_trained_on(self, trained: Sequence[str]) -> None:
         """Refuse to validate or test on cases the checkpoint trained on (a fold mix-up)."""
-        if not self._splits or self.trainer is None:
-            return
-        stage = getattr(self.trainer.state.fn, "value", None)
-        # a data set's own test split may share cases with train by design: val only
-        if stage not in ("fit", "validate", "test") or "val" not in self._splits_for(stage):
+        if not self._scores_val():
             return
         scored = sorted({s.case for s in self._splits.get("val", []) if s.case})
         seen = sorted(set(scored) & set(trained))
@@ -467,6 +488,11 @@ class SegmentationDataModule(L.LightningDataModule):
             self._set_train_crop(int(crop))
         if state_dict.get("train_cases"):
             self._check_not_trained_on(state_dict["train_cases"])
+        if state_dict.get("trained_on_val") and self._scores_val():
+            raise DataSplitError(
+                "the checkpoint was trained with data.train_on_val: its training data held this "
+                "val split, so its scores would not be held out; score it on a test split"
+            )
 
     def update_train_crop(self, progress: float) -> bool:
         """Switch the training crop to ``late_crop_size`` once ``progress`` reaches
@@ -541,6 +567,11 @@ class SegmentationDataModule(L.LightningDataModule):
                     scan.folders.setdefault("val", scan.folders["train"])
         splits = {k: self._with_cases(v) for k, v in splits.items()}
         splits = self._split_by_case(splits)
+        if self.hparams.get("train_on_val"):
+            pooled = [*splits.get("train", []), *splits.get("val", [])]
+            rank_zero_info(f"data.train_on_val: training on train + val ({len(pooled)} images), "
+                           "without validation")
+            splits = {**splits, "train": pooled, "val": []}
         limit = self.hparams.limit_samples
         self._splits = {k: _subset(v, limit) for k, v in splits.items()}
         self._scan = scan
@@ -628,7 +659,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.scan()
         self.test_split = "test" if "test" in self._splits else "val"
         if stage == "fit":
-            return ["train", "val"]
+            return ["train", "val"] if self.validates else ["train"]
         if stage == "validate":
             return ["val"]
         if stage == "test":
@@ -646,6 +677,12 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"{self.root}: the {self.layout!r} layout has no {split!r} split; {hint}"
             )
         samples = self._splits[split]
+        if not samples and split == "val" and not self.validates:
+            raise DataSplitError(
+                f"{self.root}: data.train_on_val trains on the val split, so there is none to "
+                "score; score the model on a test split (or predict), or leave out "
+                "data.train_on_val for a run that holds val out"
+            )
         if not samples:
             folder = scan.folders.get(split, Path(self.root))
             raise DataSplitError(
@@ -850,7 +887,10 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader(self._dataset("train"), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches at native size (padded per batch)."""
+        """Validation batches at native size (padded per batch); none with
+        ``data.train_on_val`` in ``fit``."""
+        if not self.validates and self.trainer is not None and self._stage() == "fit":
+            return []  # type: ignore[return-value]  # Lightning skips an empty list
         return self._loader(self._dataset("val"), train=False)
 
     def test_dataloader(self) -> DataLoader:
