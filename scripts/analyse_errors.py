@@ -47,11 +47,11 @@ def border_distance(truth: np.ndarray) -> np.ndarray:
     """
     dist = np.full(truth.shape, np.inf, dtype=np.float32)
     for c in np.unique(truth):
-        inside = (truth == c).astype(np.uint8)
+        inside = truth == c
         if inside.all():
             continue
-        d = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        dist[inside.astype(bool)] = d[inside.astype(bool)]
+        d = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        dist[inside] = d[inside]
     return dist
 
 

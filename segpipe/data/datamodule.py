@@ -567,7 +567,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     scan.folders.setdefault("val", scan.folders["train"])
         splits = {k: self._with_cases(v) for k, v in splits.items()}
         splits = self._split_by_case(splits)
-        if self.hparams.get("train_on_val"):
+        if not self.validates:
             pooled = [*splits.get("train", []), *splits.get("val", [])]
             rank_zero_info(f"data.train_on_val: training on train + val ({len(pooled)} images), "
                            "without validation")
@@ -889,7 +889,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation batches at native size (padded per batch); none with
         ``data.train_on_val`` in ``fit``."""
-        if not self.validates and self.trainer is not None and self._stage() == "fit":
+        if not self.validates and self._stage() == "fit":
             return []  # type: ignore[return-value]  # Lightning skips an empty list
         return self._loader(self._dataset("val"), train=False)
 
