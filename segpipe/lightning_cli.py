@@ -35,6 +35,7 @@ from segpipe.data.checks import DataCheckError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
 from segpipe.data.spec import DataSpec
 from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_output_dir
+from segpipe.models.batchnorm import BatchNormAdaptError
 from segpipe.models.smp import PretrainedWeightsUnavailableError
 from segpipe.runtime import default_precision, fit_threads_to_cpus, tune_allocator
 from segpipe.tasks.finetune import TransferLearningError
@@ -140,6 +141,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     UnsafeCheckpointError,
     PretrainedWeightsUnavailableError,  # named encoder weights neither cached nor downloadable
     TransferLearningError,  # init_from unusable; resuming with other param groups than saved
+    BatchNormAdaptError,  # model.bn_adapt outside [0, 1], or a network without BatchNorm
 )
 
 

@@ -525,6 +525,9 @@ def write_report(
     )
     if report.get("test_time_augmentation"):
         facts.append(f"test-time augmentation: {report['test_time_augmentation']}")
+    bn_stats = report.get("batchnorm_statistics")
+    if bn_stats and not bn_stats.startswith("training"):  # model.bn_adapt
+        facts.append(f"BatchNorm statistics: {bn_stats}")
     if report.get("checkpoint"):
         facts.append(f"checkpoint `{report['checkpoint']}`")
     lines += ["; ".join(facts) + ".", ""]

@@ -172,6 +172,42 @@ class Segmenter:
         """
         return self._run(images, tile, tta, proba=True)
 
+    def adapt_batchnorm(self, images: Sequence[ImageLike], weight: float = 0.5) -> Any:
+        """Re-estimate the network's BatchNorm statistics on ``images`` and blend them in, as
+        ``segpipe predict --bn_adapt`` does (:mod:`segpipe.models.batchnorm`): for images from
+        another camera, scanner or lighting than the training ones. Later predictions use
+        the blend until the returned object's ``restore()``.
+
+        Args:
+            images: Unlabelled images like those to predict (prepared as :meth:`predict`
+                prepares them; larger than ``tile`` ones are cut into tiles).
+            weight: Weight of their statistics, in (0, 1]; 1 is AdaBN.
+
+        Returns:
+            A :class:`~segpipe.models.batchnorm.BatchNormAdaptation` (``describe()``,
+            ``restore()``).
+        """
+        from segpipe.models.batchnorm import adapt_batchnorm
+        from segpipe.predict.tiling import covering_tiles
+
+        if not isinstance(self.task, torch.nn.Module):
+            raise TypeError("adapt_batchnorm needs a checkpoint's network; an ONNX export has "
+                            "folded its BatchNorm statistics into the convolutions")
+        tile = self.tile
+        groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
+        for item in images:
+            image = self._prepared(item, resize=tile is None)["image"]
+            for crop in covering_tiles(image, tile):
+                groups[tuple(crop.shape)].append(crop)
+
+        def batches() -> Iterator[torch.Tensor]:
+            for group in groups.values():
+                for start in range(0, len(group), self.batch_size):
+                    yield torch.stack(group[start:start + self.batch_size]).to(self.device)
+
+        with self._context():
+            return adapt_batchnorm(self.task.net, batches(), weight, forward=self.task)
+
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """Same as :meth:`predict`."""
         return self.predict(images)

@@ -178,6 +178,7 @@ def predict(
     tile: int | None = None,
     overlap: float = 0.25,
     tta: bool = False,
+    bn_adapt: float = 0.0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
     fail_fast: bool = False,
@@ -205,6 +206,11 @@ def predict(
             always read by windows, with tiles of ``tile`` or ``raster_tile``.
         overlap: Overlap of neighbouring tiles (fraction of a tile).
         tta: Test-time augmentation over the flips/rotations the model was trained with.
+        bn_adapt: Before predicting, re-estimate the network's BatchNorm statistics on the
+            input images (one extra forward pass over them, no labels) and use this weight x
+            theirs + (1 - weight) x training's (:mod:`segpipe.models.batchnorm`), as
+            ``segpipe test --model.bn_adapt`` does on the test images; for images from another
+            camera, scanner or lighting than the training ones. 0 (default): off.
         batch_size: Images (or tiles) per forward pass.
         overwrite: Rewrite existing outputs (else files whose outputs exist are skipped).
         fail_fast: Stop at the first failed file.
@@ -254,6 +260,16 @@ def predict(
         raise PredictUsageError(f"--overlap must be a fraction in [0, 1), got {overlap}")
     if batch_size < 1:
         raise PredictUsageError(f"--batch_size must be >= 1, got {batch_size}")
+    from segpipe.models.batchnorm import BatchNormAdaptError, batchnorm_layers, check_bn_adapt
+
+    try:
+        bn_adapt = check_bn_adapt(bn_adapt, "--bn_adapt")
+    except ValueError as exc:
+        raise PredictUsageError(str(exc)) from None
+    if bn_adapt and Path(ckpt_path).suffix.lower() == ".onnx":
+        raise PredictUsageError(
+            "--bn_adapt re-estimates BatchNorm statistics, which an ONNX export has folded into "
+            "its convolutions; predict from the checkpoint (--ckpt_path) instead.")
     if Path(ckpt_path).suffix.lower() == ".onnx":
         from segpipe.predict.onnx import load_onnx_predictor
 
@@ -261,6 +277,10 @@ def predict(
         precision = "32-true"  # onnxruntime computes in fp32
     else:
         task, config = load_predictor(ckpt_path)
+        if bn_adapt and not batchnorm_layers(task.net):
+            raise PredictUsageError(
+                f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "
+                "has no BatchNorm layer that keeps them; drop the option.")
     try:
         writer = PredictionWriter(
             output, formats, config, overwrite=overwrite, probs_mode=probs_mode,
@@ -290,7 +310,7 @@ def predict(
         )
     options = PredictOptions(
         tile=tile, overlap=overlap, raster_tile=raster_tile, tta=tta, batch_size=batch_size,
-        fail_fast=fail_fast, progress=progress,
+        fail_fast=fail_fast, progress=progress, bn_adapt=bn_adapt,
     )
     dataset = PredictInputs(files, writer, config, resize=tile is None)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _accelerator_available())
@@ -330,6 +350,8 @@ def predict(
             trainer.predict(module, dataloaders=loader, return_predictions=False)
         except PredictFailed:
             stopped = True
+        except BatchNormAdaptError as exc:  # --bn_adapt found nothing it can read
+            raise PredictUsageError(str(exc)) from None
         except OutputDiskFullError as exc:
             exc.summary = callback.summary
             exc.summary.rank = trainer.global_rank
@@ -340,6 +362,7 @@ def predict(
             interrupted = True
     summary = callback.summary
     summary.rank = trainer.global_rank
+    summary.batchnorm_statistics = module.bn_description
     summary.stopped_early = stopped
     summary.interrupted = interrupted
     return summary
@@ -386,6 +409,10 @@ def build_parser() -> CommandParser:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the flips/rotations the model was "
                         "trained with (read from the checkpoint)")
+    p.add_argument("--bn_adapt", dest="bn_adapt", type=float, default=0.0, metavar="WEIGHT",
+                   help="re-estimate BatchNorm statistics on the input images first and use "
+                        "WEIGHT x theirs + (1 - WEIGHT) x training's (0 = off, default; 0.5 for "
+                        "images from another camera, scanner or lighting; one extra pass)")
     p.add_argument("--batch_size", dest="batch_size", type=int,
                    default=DEFAULT_BATCH_SIZE, help="images or tiles per forward pass")
     p.add_argument("--overwrite", action="store_true",
@@ -447,7 +474,8 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
     try:
         summary = predict(
             args.ckpt_path, args.input, args.output, formats=_formats(args.formats),
-            tile=args.tile, overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
+            tile=args.tile, overlap=args.overlap, tta=args.tta, bn_adapt=args.bn_adapt,
+            batch_size=args.batch_size,
             overwrite=args.overwrite, fail_fast=args.fail_fast, accelerator=args.accelerator,
             devices=args.devices, strategy=args.strategy, precision=args.precision,
             num_workers=args.num_workers, write_workers=args.write_workers,

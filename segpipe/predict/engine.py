@@ -51,9 +51,10 @@ from segpipe.data.io import (
 )
 from segpipe.data.transforms import build_eval_transform, normalize
 from segpipe.fileio import DiskFullError, is_disk_full
+from segpipe.models.batchnorm import BatchNormAdaptation, BatchNormAdaptError, adapt_batchnorm
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
-from segpipe.predict.tiling import FinishedBlock, TileGrid, sliding_window_blocks
+from segpipe.predict.tiling import FinishedBlock, TileGrid, covering_tiles, sliding_window_blocks
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
 
 if TYPE_CHECKING:  # annotations only: the task module loads smp/timm
@@ -108,6 +109,8 @@ class PredictOptions:
         progress: Show progress bars (rank 0).
         chunk_cols: Most columns of a raster blended at once (the block width of
             :func:`~segpipe.predict.tiling.sliding_window_blocks`; at least one tile).
+        bn_adapt: Weight of the input images' BatchNorm statistics, blended with the
+            training ones before predicting (:mod:`segpipe.models.batchnorm`); 0: off.
     """
 
     tile: int | None = None
@@ -118,6 +121,7 @@ class PredictOptions:
     fail_fast: bool = False
     progress: bool = True
     chunk_cols: int = 4096
+    bn_adapt: float = 0.0
 
 
 @dataclass
@@ -198,6 +202,7 @@ class PredictSummary:
         interrupted: The run was interrupted (Ctrl-C); files not reached are not counted.
         seconds: Time in the prediction loop (reading, predicting, writing; the slowest
             process), without loading the checkpoint and starting the Trainer.
+        batchnorm_statistics: What ``bn_adapt`` did (None: the training statistics).
     """
 
     written: int = 0
@@ -207,6 +212,7 @@ class PredictSummary:
     stopped_early: bool = False
     interrupted: bool = False
     seconds: float = 0.0
+    batchnorm_statistics: str | None = None
 
     @property
     def failed(self) -> int:
@@ -221,8 +227,11 @@ class PredictSummary:
         )
 
     def report(self) -> str:
-        """The summary line followed by one ``path: reason`` line per failure."""
-        return "\n".join([self.line(), *(f"  {p}: {r}" for p, r in self.failures)])
+        """The summary line followed by one ``path: reason`` line per failure (and by what
+        ``bn_adapt`` did)."""
+        bn = ([f"  BatchNorm statistics: {self.batchnorm_statistics}"]
+              if self.batchnorm_statistics else [])
+        return "\n".join([self.line(), *bn, *(f"  {p}: {r}" for p, r in self.failures)])
 
     def merge(self, other: PredictSummary) -> None:
         """Add another process's counts."""
@@ -257,6 +266,8 @@ class PredictInputs(Dataset):
         resize: bool = True,
     ) -> None:
         self.files = list(files)
+        #: Rasters that :meth:`images_for_statistics` did not read.
+        self.rasters_left_out = 0
         self.writer = writer
         self.config = config
         transform = (
@@ -295,6 +306,25 @@ class PredictInputs(Dataset):
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc))
         return rec
+
+    def images_for_statistics(self, tile: int | None) -> Iterator[Tensor]:
+        """Every ordinary input image, normalised as for prediction, for ``--bn_adapt``:
+        whole, or cut into non-overlapping ``tile`` squares (the last row and column of
+        squares flush with the edges) when larger. All files count, those whose outputs exist
+        too, so a resumed run predicts with the same statistics. Unreadable files are left to
+        fail in prediction; rasters are counted in :attr:`rasters_left_out`."""
+        self.rasters_left_out = 0
+        for index, f in enumerate(self.files):
+            if f.error:
+                continue
+            try:
+                if probe_raster(f.path) is not None:
+                    self.rasters_left_out += 1
+                    continue
+                image, _ = self._load(index)
+            except Exception:  # noqa: BLE001 - the prediction reports this file's failure
+                continue
+            yield from covering_tiles(image, tile)
 
     def _load(self, index: int) -> tuple[Tensor, Tensor]:
         """Normalised (C, h, w) image (channels-last memory, what the network wants) and its
@@ -392,12 +422,60 @@ class PredictModule(L.LightningModule):
         self.prob_fn = ProbabilityFn(task, options.tta, config.symmetries)
         #: Set by the callback on the process that shows progress bars.
         self.show_progress = False
+        #: What ``options.bn_adapt`` did, once predicting started.
+        self.bn_description: str | None = None
+        self._bn_adaptation: BatchNormAdaptation | None = None
         if task.channels_last:
             task.net.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> (N, K, H, W) probabilities."""
         return self.prob_fn(x)
+
+    # ---------------------------------------------------------------- BatchNorm statistics
+    def on_predict_start(self) -> None:
+        """``bn_adapt``: blend the input images' BatchNorm statistics in before predicting.
+        Every process estimates them on all the inputs, so all predict alike."""
+        self._bn_adaptation = None
+        if not self.options.bn_adapt:
+            return
+        loader = self.trainer.predict_dataloaders
+        inputs = (loader[0] if isinstance(loader, (list, tuple)) else loader).dataset
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                self._bn_adaptation = adapt_batchnorm(
+                    self.task.net, self._statistics_batches(inputs), self.options.bn_adapt,
+                    forward=self.task,
+                )
+        except BatchNormAdaptError:
+            if not inputs.rasters_left_out:
+                raise
+            raise BatchNormAdaptError(
+                f"--bn_adapt estimates BatchNorm statistics on ordinary images, and the "
+                f"{inputs.rasters_left_out} input(s) are rasters read by windows, which it does "
+                "not read; drop the option for them") from None
+        left_out = inputs.rasters_left_out
+        self.bn_description = self._bn_adaptation.describe("input images") + (
+            f" ({left_out} raster(s) not read for them)" if left_out else "")
+
+    def _statistics_batches(self, inputs: PredictInputs) -> Iterator[Tensor]:
+        """(N, C, h, w) batches of equal-sized images or tiles, on the device."""
+        groups: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
+        size = self.options.batch_size
+        for image in inputs.images_for_statistics(self.options.tile):
+            group = groups[tuple(image.shape)]
+            group.append(image)
+            if len(group) == size:
+                yield torch.stack(group).to(self.device)
+                group.clear()
+        for group in groups.values():
+            if group:
+                yield torch.stack(group).to(self.device)
+
+    def on_predict_end(self) -> None:
+        """Put the training BatchNorm statistics back after ``bn_adapt``."""
+        if self._bn_adaptation is not None:
+            self._bn_adaptation.restore()
 
     # ---------------------------------------------------------------- helpers
     def _fail(self, rec: dict[str, Any], exc: BaseException) -> ItemResult:

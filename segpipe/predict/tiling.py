@@ -41,6 +41,7 @@ __all__ = [
     "TileGrid",
     "WindowSource",
     "column_blocks",
+    "covering_tiles",
     "gaussian_importance_map",
     "gaussian_window",
     "predict_tiled",
@@ -376,3 +377,15 @@ def predict_tiled(
     ):
         out[:, blk.row0 : blk.row1, blk.col0 : blk.col1] = blk.probs()
     return out
+
+
+def covering_tiles(image: Tensor, tile: int | None) -> list[Tensor]:
+    """``image`` (C, H, W) whole when it fits in ``tile`` (or ``tile`` is None), else the
+    non-overlapping ``tile`` squares that cover it, the last row and column of squares flush
+    with its edges (views, no copies)."""
+    h, w = image.shape[-2:]
+    if tile is None or (h <= tile and w <= tile):
+        return [image]
+    rows = sorted({*range(0, max(h - tile, 0) + 1, tile), max(h - tile, 0)})
+    cols = sorted({*range(0, max(w - tile, 0) + 1, tile), max(w - tile, 0)})
+    return [image[..., r:r + tile, c:c + tile] for r in rows for c in cols]

@@ -18,10 +18,12 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
 from segpipe.models.base import pad_to_multiple
+from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
 from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
@@ -51,7 +53,7 @@ RNG_STATE_KEY = "segpipe_rng_state"
 #: ``segpipe test/validate --ckpt_path`` does not restore them from the checkpoint's
 #: hyperparameters, so ``--model.test_tta true`` (or the config's value) holds; everything else
 #: (network, loss, data spec) comes from the checkpoint.
-EVALUATION_OPTIONS = ("test_tta", "num_worst_images")
+EVALUATION_OPTIONS = ("test_tta", "bn_adapt", "num_worst_images")
 
 _PYTHON_ONLY = ("net", "optimizer", "lr_scheduler")
 
@@ -192,6 +194,12 @@ class SegmentationTask(L.LightningModule):
         test_tta: In ``test``, score the average prediction over the flips/rotations the
             model was trained with (:mod:`segpipe.tta`, from the data spec), as
             ``segpipe predict --tta`` does; the loss stays that of the plain prediction.
+        bn_adapt: In ``test``, first re-estimate the BatchNorm statistics on the test images
+            (no labels used) and blend them with the training ones: this weight x theirs +
+            (1 - weight) x training's (:mod:`segpipe.models.batchnorm`; 1 is AdaBN). For test
+            images from another camera, scanner or lighting than training; ``segpipe predict
+            --bn_adapt`` does the same on the images it predicts. 0 (default): off. The
+            training statistics are put back after the test.
         freeze_encoder_epochs: Train decoder and head only, with the encoder frozen (no
             gradients, eval mode: BatchNorm keeps its statistics), for this many epochs; then
             the encoder trains too, at ``encoder_lr_mult`` x the learning rate. The network
@@ -240,6 +248,7 @@ class SegmentationTask(L.LightningModule):
         log_train_metrics: bool = False,
         num_worst_images: int = 8,
         test_tta: bool = False,
+        bn_adapt: float = 0.0,
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
         init_from: str | None = None,
@@ -282,6 +291,8 @@ class SegmentationTask(L.LightningModule):
         self.log_train_metrics = log_train_metrics
         self.num_worst_images = num_worst_images
         self.test_tta = bool(test_tta)
+        self.bn_adapt = check_bn_adapt(bn_adapt)
+        self._bn_adaptation: BatchNormAdaptation | None = None
         self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
                                           ohem_fraction, ohem_threshold)
         for name, value in (("ohem_fraction", ohem_fraction), ("ohem_threshold", ohem_threshold)):
@@ -595,6 +606,38 @@ class SegmentationTask(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
+    def on_test_start(self) -> None:
+        """``bn_adapt``: blend the test images' BatchNorm statistics in before scoring."""
+        self._bn_adaptation = None
+        if not self.bn_adapt:
+            return
+        reduce = None
+        if self.trainer.world_size > 1:  # each process saw a share of the test images
+            strategy = self.trainer.strategy
+            reduce = lambda t: strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        with self.trainer.precision_plugin.forward_context():
+            self._bn_adaptation = adapt_batchnorm(self.net, self._test_images(), self.bn_adapt,
+                                                  forward=self, reduce=reduce)
+        rank_zero_info(f"model.bn_adapt: BatchNorm statistics = {self._bn_adaptation.describe()}")
+
+    def _test_images(self) -> Any:
+        """The test loaders' (N, C, H, W) images, on this device and normalised as in
+        ``test_step``."""
+        loaders = self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        datamodule = self.trainer.datamodule
+        for idx, loader in enumerate(loaders):
+            for batch in loader:
+                batch = self.transfer_batch_to_device(batch, self.device, idx)
+                if datamodule is not None:
+                    batch = datamodule.on_after_batch_transfer(batch, idx)
+                yield self.on_after_batch_transfer(batch, idx)["image"]
+
+    def on_test_end(self) -> None:
+        """Put the training BatchNorm statistics back after ``bn_adapt``."""
+        if self._bn_adaptation is not None:
+            self._bn_adaptation.restore()
+
     def on_test_epoch_start(self) -> None:
         self.test_images = []
         self.worst_images = []
@@ -622,6 +665,9 @@ class SegmentationTask(L.LightningModule):
         report = metrics_report(computed, names, self.ignore_index)
         report["num_images"] = len(images)
         report["test_time_augmentation"] = self._tta_description()
+        report["batchnorm_statistics"] = (
+            "training's (plain)" if self._bn_adaptation is None
+            else self._bn_adaptation.describe())
         confusions, counts = self.case_confusions, self.case_counts
         if self.trainer.world_size > 1:  # each case's images may be spread over the ranks
             parts: list[Any] = [None] * self.trainer.world_size

@@ -502,3 +502,43 @@ def test_default_write_workers_leave_the_network_its_cores(monkeypatch) -> None:
     assert default_write_workers(on_accelerator=False, processes=2) == 0  # both cores busy
     monkeypatch.setattr(command, "available_cpus", lambda: 32)
     assert default_write_workers(on_accelerator=True, loader_workers=4, processes=4) == 3
+
+
+# ------------------------------------------------------------------ --bn_adapt
+def test_bn_adapt_matches_the_python_api_and_is_refused_where_it_cannot_work(
+    tmp_path: Path, unet_ckpt: Path, pointwise_ckpt: Path, capsys
+) -> None:
+    from segpipe.predict.api import Segmenter
+
+    src = tmp_path / "in"
+    images = {f"im{i}.png": noise_image(40, 56, seed=i) // (i + 2) for i in range(3)}  # darker
+    for name, img in images.items():
+        write_image(src / name, img)
+    write_image(src / "big.png", noise_image(100, 90, seed=9) // 3)  # tiled: 4 tiles of 64
+    assert run(unet_ckpt, src, tmp_path / "ad", "--bn_adapt", "0.5", "--batch-size", "2",
+               "--tile", "64") == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm statistics: 0.5 x the input images' statistics + 0.5 x training's, " \
+           "estimated on 7 image(s)" in out  # 3 whole images + 4 tiles
+    seg = Segmenter.from_checkpoint(unet_ckpt, precision="32-true", batch_size=2, tile=64,
+                                    device="cpu")
+    plain = seg.predict([str(src / n) for n in sorted(os.listdir(src))])
+    adaptation = seg.adapt_batchnorm([str(src / n) for n in sorted(os.listdir(src))], 0.5)
+    assert adaptation.num_images == 7
+    for name, mask in zip(sorted(os.listdir(src)), seg.predict(
+            [str(src / n) for n in sorted(os.listdir(src))])):
+        assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "ad" / name)))
+    assert any(not np.array_equal(a, np.asarray(Image.open(tmp_path / "ad" / n)))
+               for a, n in zip(plain, sorted(os.listdir(src))))  # the statistics mattered
+    adaptation.restore()
+    assert all(np.array_equal(a, b) for a, b in zip(
+        plain, seg.predict([str(src / n) for n in sorted(os.listdir(src))])))
+
+    assert run(pointwise_ckpt, src, tmp_path / "pw", "--bn_adapt", "0.5") == 2
+    assert "has no BatchNorm layer" in capsys.readouterr().err
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    write_geotiff(scenes / "scene.tif", np.full((3, 40, 40), 7, np.uint8))
+    assert run(unet_ckpt, scenes, tmp_path / "geo", "--bn_adapt", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "the 1 input(s) are rasters read by windows" in err and "Traceback" not in err
