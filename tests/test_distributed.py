@@ -118,3 +118,34 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     # A trained model, so the comparison is not between constant maps.
     predicted = [sum(col) for col in zip(*one["confusion_matrix"])]
     assert sum(n > 0 for n in predicted) >= 2 and one["mIoU"] > 0.3
+
+
+def test_ddp_test_with_bn_adapt_estimates_on_every_image(tmp_path: Path) -> None:
+    """``--model.bn_adapt`` under DDP: each process estimates on its share of the test images
+    and the estimates are pooled, weighted by batches, so the statistics cover all 5 images and
+    the scores are those of one process (up to the different batching of the images)."""
+    data = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=3, n_test=N_TEST, num_classes=3,
+                               size=SIZE)
+    root = tmp_path / "run"
+    common = [*TINY, f"--data.root={data}"]
+    _segpipe("fit", *common, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=4",
+             log=tmp_path / "fit.log")
+    ckpt = root / "checkpoints" / "last.ckpt"
+    adapt = ["--model.bn_adapt=0.5", f"--ckpt_path={ckpt}"]
+    ddp, _ = _metrics(_segpipe("test", *common, *DDP, *adapt,
+                               f"--trainer.default_root_dir={tmp_path / 'ddp'}",
+                               log=tmp_path / "test_ddp.log"))
+    one, _ = _metrics(_segpipe("test", *common, *adapt,
+                               f"--trainer.default_root_dir={tmp_path / 'one'}",
+                               log=tmp_path / "test_one.log"))
+    plain, _ = _metrics(_segpipe("test", *common, f"--ckpt_path={ckpt}",
+                                 f"--trainer.default_root_dir={tmp_path / 'plain'}",
+                                 log=tmp_path / "test_plain.log"))
+    for metrics in (ddp, one):
+        assert metrics["num_images"] == N_TEST
+        assert metrics["batchnorm_statistics"].startswith("0.5 x the test images'")
+        assert f"estimated on {N_TEST} image(s)" in metrics["batchnorm_statistics"]
+    assert plain["batchnorm_statistics"] == "training's (plain)"
+    print(f"\nbn_adapt 0.5: DDP x2 mIoU {ddp['mIoU']:.4f}, single process {one['mIoU']:.4f}, "
+          f"plain {plain['mIoU']:.4f}")
+    assert abs(ddp["mIoU"] - one["mIoU"]) < 0.02

@@ -103,8 +103,10 @@ def adapt_batchnorm(
         batches: (N, C, H, W) inputs of ``forward``, on its device.
         weight: In (0, 1]; 1 is AdaBN (the new statistics alone).
         forward: What runs a batch (default ``net``), e.g. a task that normalises and pads.
-        reduce: Applied to each layer's new statistics before blending, e.g. a mean over
-            distributed processes that each saw a share of the images.
+        reduce: A sum over distributed processes that each saw a share of the images
+            (e.g. ``strategy.reduce(t, reduce_op="sum")``): the new statistics are then the
+            mean over every process's batches, and the image count the total. Every process
+            must call this function, also one without images.
 
     Returns:
         The adaptation; its :meth:`~BatchNormAdaptation.restore` undoes it.
@@ -145,14 +147,20 @@ def adapt_batchnorm(
             m.momentum = momentum
         for m, mode in modes:
             m.training = mode
+    device = layers[0].running_mean.device
+    if reduce is not None:
+        count = int(reduce(torch.tensor(float(count), device=device)).item())
     if count == 0:
         BatchNormAdaptation(layers, saved, weight, 0).restore()
         raise BatchNormAdaptError("bn_adapt found no image to estimate BatchNorm statistics on")
     with torch.no_grad():
         for m, (mean, var, _) in zip(layers, saved):
             new_mean, new_var = m.running_mean, m.running_var
-            if reduce is not None:
-                new_mean, new_var = reduce(new_mean.clone()), reduce(new_var.clone())
+            if reduce is not None:  # weighted by each process's number of batches
+                n = m.num_batches_tracked.to(mean.dtype)
+                total = reduce(n.clone())
+                new_mean = reduce(new_mean * n) / total
+                new_var = reduce(new_var * n) / total
             m.running_mean.copy_(torch.lerp(mean, new_mean.to(mean.dtype), weight))
             m.running_var.copy_(torch.lerp(var, new_var.to(var.dtype), weight))
     return BatchNormAdaptation(layers, saved, weight, count)

@@ -188,25 +188,17 @@ class Segmenter:
             ``restore()``).
         """
         from segpipe.models.batchnorm import adapt_batchnorm
-        from segpipe.predict.tiling import covering_tiles
+        from segpipe.predict.tiling import covering_tiles, same_shape_batches
 
         if not isinstance(self.task, torch.nn.Module):
             raise TypeError("adapt_batchnorm needs a checkpoint's network; an ONNX export has "
                             "folded its BatchNorm statistics into the convolutions")
-        tile = self.tile
-        groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
-        for item in images:
-            image = self._prepared(item, resize=tile is None)["image"]
-            for crop in covering_tiles(image, tile):
-                groups[tuple(crop.shape)].append(crop)
-
-        def batches() -> Iterator[torch.Tensor]:
-            for group in groups.values():
-                for start in range(0, len(group), self.batch_size):
-                    yield torch.stack(group[start:start + self.batch_size]).to(self.device)
-
+        tiles = (crop for item in images
+                 for crop in covering_tiles(self._prepared(item, resize=self.tile is None)["image"],
+                                            self.tile))
+        batches = (b.to(self.device) for b in same_shape_batches(tiles, self.batch_size))
         with self._context():
-            return adapt_batchnorm(self.task.net, batches(), weight, forward=self.task)
+            return adapt_batchnorm(self.task.net, batches, weight, forward=self.task)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """Same as :meth:`predict`."""

@@ -54,7 +54,13 @@ from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.models.batchnorm import BatchNormAdaptation, BatchNormAdaptError, adapt_batchnorm
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
-from segpipe.predict.tiling import FinishedBlock, TileGrid, covering_tiles, sliding_window_blocks
+from segpipe.predict.tiling import (
+    FinishedBlock,
+    TileGrid,
+    covering_tiles,
+    same_shape_batches,
+    sliding_window_blocks,
+)
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
 
 if TYPE_CHECKING:  # annotations only: the task module loads smp/timm
@@ -460,17 +466,9 @@ class PredictModule(L.LightningModule):
 
     def _statistics_batches(self, inputs: PredictInputs) -> Iterator[Tensor]:
         """(N, C, h, w) batches of equal-sized images or tiles, on the device."""
-        groups: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
-        size = self.options.batch_size
-        for image in inputs.images_for_statistics(self.options.tile):
-            group = groups[tuple(image.shape)]
-            group.append(image)
-            if len(group) == size:
-                yield torch.stack(group).to(self.device)
-                group.clear()
-        for group in groups.values():
-            if group:
-                yield torch.stack(group).to(self.device)
+        images = inputs.images_for_statistics(self.options.tile)
+        for batch in same_shape_batches(images, self.options.batch_size):
+            yield batch.to(self.device)
 
     def on_predict_end(self) -> None:
         """Put the training BatchNorm statistics back after ``bn_adapt``."""

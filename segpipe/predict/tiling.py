@@ -27,7 +27,7 @@ tensors and rasters read by windows.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ __all__ = [
     "WindowSource",
     "column_blocks",
     "covering_tiles",
+    "same_shape_batches",
     "gaussian_importance_map",
     "gaussian_window",
     "predict_tiled",
@@ -389,3 +390,19 @@ def covering_tiles(image: Tensor, tile: int | None) -> list[Tensor]:
     rows = sorted({*range(0, max(h - tile, 0) + 1, tile), max(h - tile, 0)})
     cols = sorted({*range(0, max(w - tile, 0) + 1, tile), max(w - tile, 0)})
     return [image[..., r:r + tile, c:c + tile] for r in rows for c in cols]
+
+
+def same_shape_batches(images: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """Stack (C, h, w) ``images`` into (N, C, h, w) batches of at most ``batch_size`` equal-shaped
+    ones, each batch as soon as it is full, the partial ones at the end (in order of first
+    appearance)."""
+    groups: dict[tuple[int, ...], list[Tensor]] = {}
+    for image in images:
+        group = groups.setdefault(tuple(image.shape), [])
+        group.append(image)
+        if len(group) == batch_size:
+            yield torch.stack(group)
+            group.clear()
+    for group in groups.values():
+        if group:
+            yield torch.stack(group)

@@ -614,7 +614,7 @@ class SegmentationTask(L.LightningModule):
         reduce = None
         if self.trainer.world_size > 1:  # each process saw a share of the test images
             strategy = self.trainer.strategy
-            reduce = lambda t: strategy.reduce(t, reduce_op="mean")  # noqa: E731
+            reduce = lambda t: strategy.reduce(t, reduce_op="sum")  # noqa: E731
         with self.trainer.precision_plugin.forward_context():
             self._bn_adaptation = adapt_batchnorm(self.net, self._test_images(), self.bn_adapt,
                                                   forward=self, reduce=reduce)

@@ -62,10 +62,32 @@ def test_dropout_stays_off_and_a_training_network_stays_in_training_mode() -> No
     assert net.training and net[0].training and net[1].training
 
 
-def test_reduce_combines_the_new_statistics_before_blending() -> None:
+def test_reduce_sums_over_processes_weighted_by_their_batches() -> None:
+    """Two processes, one with three batches and one with one: the statistics are the mean
+    over all four batches, as one process would have computed them."""
+    batches = _batches()
+    alone = _net()
+    adapt_batchnorm(alone, batches, 1.0)
+    other = _net()
+    adapt_batchnorm(other, batches[3:], 1.0)  # the second process's estimate
+    peer = {"running_mean": other[0].running_mean.clone(), "n": torch.tensor(1.0),
+            "running_var": other[0].running_var.clone()}
+    calls = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:  # this process's value + the peer's
+        calls.append(t.clone())
+        if len(calls) == 1:
+            return t + 3.0  # the image count: 9 here + 3 there
+        if len(calls) == 2:
+            return t + peer["n"]
+        key = "running_mean" if len(calls) == 3 else "running_var"
+        return t + peer[key] * peer["n"]
+
     net = _net()
-    adapt_batchnorm(net, _batches(), 1.0, reduce=lambda t: torch.zeros_like(t))
-    torch.testing.assert_close(net[0].running_mean, torch.zeros(2))
+    adapted = adapt_batchnorm(net, batches[:3], 1.0, reduce=reduce)
+    assert adapted.num_images == 12 and len(calls) == 4
+    torch.testing.assert_close(net[0].running_mean, alone[0].running_mean)
+    torch.testing.assert_close(net[0].running_var, alone[0].running_var)
 
 
 def test_a_forward_callable_runs_the_batches() -> None:

@@ -11,9 +11,11 @@ from segpipe.predict.tiling import (
     TensorSource,
     TileGrid,
     column_blocks,
+    covering_tiles,
     gaussian_importance_map,
     gaussian_window,
     predict_tiled,
+    same_shape_batches,
     sliding_window_blocks,
     tile_starts,
 )
@@ -186,3 +188,24 @@ def test_blocks_read_bounded_windows_and_count_every_tile_once() -> None:
 ])
 def test_column_blocks_partition_the_tiles(xs, tw, cols, expected) -> None:
     assert column_blocks(xs, tw, cols) == expected
+
+
+def test_covering_tiles_cover_every_pixel_without_overlap_but_at_the_edges() -> None:
+    image = torch.arange(2 * 100 * 90, dtype=torch.float32).reshape(2, 100, 90)
+    assert covering_tiles(image, None)[0] is image and covering_tiles(image, 100)[0] is image
+    tiles = covering_tiles(image, 64)  # rows 0, 36 and columns 0, 26: flush with the edges
+    assert len(tiles) == 4 and all(t.shape == (2, 64, 64) for t in tiles)
+    torch.testing.assert_close(tiles[3], image[:, 36:, 26:])
+    seen = torch.zeros(100, 90, dtype=torch.bool)
+    for r in (0, 36):
+        for c in (0, 26):
+            seen[r:r + 64, c:c + 64] = True
+    assert bool(seen.all())
+    assert len(covering_tiles(torch.zeros(1, 130, 40), 64)) == 3  # rows 0, 64, 66; one column
+
+
+def test_same_shape_batches_stack_equal_shapes_as_soon_as_full() -> None:
+    a, b = torch.zeros(3, 4, 4), torch.ones(3, 5, 4)
+    shapes = [tuple(x.shape) for x in same_shape_batches([a, b, a, a, b, a], 2)]
+    assert shapes == [(2, 3, 4, 4), (2, 3, 5, 4), (2, 3, 4, 4)]
+    assert [x.shape[0] for x in same_shape_batches([a, b, a], 2)] == [2, 1]
