@@ -117,7 +117,8 @@ def adapt_batchnorm(
     """
     weight = check_bn_adapt(weight, "bn_adapt")
     if weight == 0.0:
-        raise BatchNormAdaptError("adapt_batchnorm needs a weight above 0 (0 keeps the training statistics)")
+        raise BatchNormAdaptError(
+            "adapt_batchnorm needs a weight above 0 (0 keeps the training statistics)")
     layers = batchnorm_layers(net)
     if not layers:
         raise BatchNormAdaptError(
@@ -153,14 +154,23 @@ def adapt_batchnorm(
     if count == 0:
         BatchNormAdaptation(layers, saved, weight, 0).restore()
         raise BatchNormAdaptError("bn_adapt found no image to estimate BatchNorm statistics on")
+    adapted = 0
     with torch.no_grad():
-        for m, (mean, var, _) in zip(layers, saved):
+        for m, (mean, var, tracked) in zip(layers, saved):
             new_mean, new_var = m.running_mean, m.running_var
+            seen = m.num_batches_tracked.to(mean.dtype)  # batches that reached this layer
             if reduce is not None:  # weighted by each process's number of batches
-                n = m.num_batches_tracked.to(mean.dtype)
-                total = reduce(n.clone())
-                new_mean = reduce(new_mean * n) / total
-                new_var = reduce(new_var * n) / total
+                new_mean, new_var = reduce(new_mean * seen), reduce(new_var * seen)
+                seen = reduce(seen.clone())
+                new_mean, new_var = new_mean / seen.clamp(min=1), new_var / seen.clamp(min=1)
+            if float(seen) == 0:  # a layer the forward pass never reached keeps its statistics
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(tracked)
+                continue
             m.running_mean.copy_(torch.lerp(mean, new_mean.to(mean.dtype), weight))
             m.running_var.copy_(torch.lerp(var, new_var.to(var.dtype), weight))
-    return BatchNormAdaptation(layers, saved, weight, count)
+            adapted += 1
+    result = BatchNormAdaptation(layers, saved, weight, count)
+    result.num_layers = adapted
+    return result

@@ -78,16 +78,30 @@ def test_reduce_sums_over_processes_weighted_by_their_batches() -> None:
         calls.append(t.clone())
         if len(calls) == 1:
             return t + 3.0  # the image count: 9 here + 3 there
-        if len(calls) == 2:
-            return t + peer["n"]
-        key = "running_mean" if len(calls) == 3 else "running_var"
-        return t + peer[key] * peer["n"]
+        if len(calls) == 4:
+            return t + peer["n"]  # the batches
+        key = "running_mean" if len(calls) == 2 else "running_var"
+        return t + peer[key] * peer["n"]  # the statistics, times the batches
 
     net = _net()
     adapted = adapt_batchnorm(net, batches[:3], 1.0, reduce=reduce)
     assert adapted.num_images == 12 and len(calls) == 4
     torch.testing.assert_close(net[0].running_mean, alone[0].running_mean)
     torch.testing.assert_close(net[0].running_var, alone[0].running_var)
+
+
+def test_a_layer_the_forward_pass_never_reaches_keeps_its_statistics() -> None:
+    net = _net()
+    unused = nn.BatchNorm2d(2)
+    unused.running_mean.fill_(7.0)
+    net.add_module("aux", unused)  # e.g. an auxiliary head that prediction does not run
+    adapted = adapt_batchnorm(net, _batches(), 1.0, forward=lambda x: net[2](net[1](net[0](x))))
+    assert adapted.num_layers == 1
+    torch.testing.assert_close(unused.running_mean, torch.full((2,), 7.0))
+    assert int(unused.num_batches_tracked) == 0 and unused.momentum == 0.1
+    adapted = adapt_batchnorm(net, _batches(), 1.0, reduce=lambda t: t,
+                              forward=lambda x: net[2](net[1](net[0](x))))
+    torch.testing.assert_close(unused.running_mean, torch.full((2,), 7.0))  # no 0 / 0
 
 
 def test_a_forward_callable_runs_the_batches() -> None:
