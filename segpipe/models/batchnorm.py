@@ -127,6 +127,7 @@ def adapt_batchnorm(
     forward = net if forward is None else forward
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in layers]
+    training = BatchNormAdaptation(layers, saved, weight, 0)  # restores them all on failure
     modes = [(m, m.training) for m in net.modules()]
     momenta = [m.momentum for m in layers]
     count = 0
@@ -141,22 +142,23 @@ def adapt_batchnorm(
                 forward(x)
                 count += int(x.shape[0])
     except BaseException:
-        BatchNormAdaptation(layers, saved, weight, count).restore()
+        training.restore()
         raise
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         for m, mode in modes:
             m.training = mode
-    device = layers[0].running_mean.device
     if reduce is not None:
-        count = int(reduce(torch.tensor(float(count), device=device)).item())
+        count = int(reduce(torch.tensor(float(count), device=layers[0].running_mean.device)).item())
     if count == 0:
-        BatchNormAdaptation(layers, saved, weight, 0).restore()
+        training.restore()
         raise BatchNormAdaptError("bn_adapt found no image to estimate BatchNorm statistics on")
-    adapted = 0
+    reached: list[tuple[_BatchNorm, tuple[Tensor, ...]]] = []
+    unreached: list[tuple[_BatchNorm, tuple[Tensor, ...]]] = []
     with torch.no_grad():
-        for m, (mean, var, tracked) in zip(layers, saved):
+        for m, stats in zip(layers, saved):
+            mean, var, _ = stats
             new_mean, new_var = m.running_mean, m.running_var
             seen = m.num_batches_tracked.to(mean.dtype)  # batches that reached this layer
             if reduce is not None:  # weighted by each process's number of batches
@@ -164,13 +166,14 @@ def adapt_batchnorm(
                 seen = reduce(seen.clone())
                 new_mean, new_var = new_mean / seen.clamp(min=1), new_var / seen.clamp(min=1)
             if float(seen) == 0:  # a layer the forward pass never reached keeps its statistics
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(tracked)
+                unreached.append((m, stats))
                 continue
             m.running_mean.copy_(torch.lerp(mean, new_mean.to(mean.dtype), weight))
             m.running_var.copy_(torch.lerp(var, new_var.to(var.dtype), weight))
-            adapted += 1
-    result = BatchNormAdaptation(layers, saved, weight, count)
-    result.num_layers = adapted
-    return result
+            reached.append((m, stats))
+
+    def adaptation(pairs: list[tuple[_BatchNorm, tuple[Tensor, ...]]]) -> BatchNormAdaptation:
+        return BatchNormAdaptation([m for m, _ in pairs], [st for _, st in pairs], weight, count)
+
+    adaptation(unreached).restore()
+    return adaptation(reached)
