@@ -27,6 +27,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
+from segpipe.errors import ConfigError
 from segpipe.fileio import AtomicFile, atomic_write_json, is_disk_full
 
 __all__ = [
@@ -203,7 +204,7 @@ class LastCheckpoint(Checkpoint):
         save_weights_only: bool = False,
     ) -> None:
         if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be >= 1 or None, got {every_n_train_steps}")
+            raise ConfigError(f"every_n_train_steps must be >= 1 or None, got {every_n_train_steps}")
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
         self.filename = filename
@@ -513,7 +514,7 @@ class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.999, warmup: bool = True,
                  device: str | None = None) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), e.g. 0.999; got {decay}")
+            raise ConfigError(f"EMA decay must be in (0, 1), e.g. 0.999; got {decay}")
         super().__init__(device=device)
         self.decay, self.warmup = float(decay), bool(warmup)
 

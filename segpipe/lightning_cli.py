@@ -34,7 +34,9 @@ from segpipe.callbacks import (
 from segpipe.data.checks import DataCheckError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
 from segpipe.data.spec import DataSpec
+from segpipe.errors import ConfigError
 from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_output_dir
+from segpipe.models.base import ModelArgumentError
 from segpipe.models.batchnorm import BatchNormAdaptError
 from segpipe.models.smp import PretrainedWeightsUnavailableError
 from segpipe.runtime import default_precision, fit_threads_to_cpus, tune_allocator
@@ -131,6 +133,8 @@ def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = Tr
 
 #: Errors ``main`` reports as one ``segpipe: error: ...`` line (exit code 2), not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,  # an option's value, named with what it accepts (task, data, schedule, ...)
+    ModelArgumentError,  # the same for a network's init_args (segpipe.models imports no segpipe)
     DataCheckError,  # the pre-flight check: every problem file, with the fix
     DataRootError,  # data.root missing or not in the layout's shape
     DataSplitError,  # a split the stage needs is missing or empty

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from segpipe.errors import ConfigError
+
 __all__ = [
     "SYMMETRIES",
     "View",
@@ -66,7 +68,7 @@ def tta_views(symmetries: Sequence[str] | None) -> list[View]:
     names = set(symmetries or ())
     unknown = names - set(SYMMETRIES)
     if unknown:
-        raise ValueError(f"unknown symmetries {sorted(unknown)}; use {', '.join(SYMMETRIES)}")
+        raise ConfigError(f"unknown symmetries {sorted(unknown)}; use {', '.join(SYMMETRIES)}")
     flips: list[tuple[int, ...]] = [()]
     if "hflip" in names:
         flips.append((3,))

@@ -225,6 +225,26 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0]
 
 
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        # the task, the network, the data module (jsonargparse wraps its error), the schedule
+        (["--model.ohem_fraction=2"], "model.ohem_fraction is the fraction of pixels kept"),
+        (["--model.net.init_args.depth=0"], "UNet depth must be an int in [1, 8], got 0."),
+        (["--data.batch_size=0"], "data.batch_size and data.eval_batch_size must be >= 1"),
+        (["--model.lr_scheduler=segpipe.tasks.schedules.DeadlineCosineLR",
+          "--model.lr_scheduler.init_args.eta_min_ratio=3"], "eta_min_ratio must be in [0, 1]"),
+    ],
+)
+def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):
+    code = main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY, *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and err[-1].startswith("segpipe: error: ")
+    assert words in err[-1] and not any("Traceback" in line for line in err)
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped before training
+
+
 def test_missing_data_root_is_one_line(tmp_path, capsys):
     code = main(["fit", "--config", "configs/camvid_unet.yaml",
                  f"--data.root={tmp_path / 'nope'}", f"--trainer.default_root_dir={tmp_path}"])

@@ -56,6 +56,7 @@ from segpipe.data.transforms import (
     normalize_uint8_batch,
     seed_transform,
 )
+from segpipe.errors import ConfigError
 
 __all__ = ["LAYOUTS", "SegmentationDataModule"]
 
@@ -256,56 +257,56 @@ class SegmentationDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if layout not in LAYOUTS:
-            raise ValueError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+            raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         if samples_per_epoch is not None and samples_per_epoch < batch_size:
-            raise ValueError(f"data.samples_per_epoch must be >= data.batch_size ({batch_size}) "
+            raise ConfigError(f"data.samples_per_epoch must be >= data.batch_size ({batch_size}) "
                              f"or null (one pass over the training set), got {samples_per_epoch}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if not elastic >= 0:  # also NaN
-            raise ValueError(f"data.elastic is a displacement in pixels, >= 0 (U-Net paper: 10); "
+            raise ConfigError(f"data.elastic is a displacement in pixels, >= 0 (U-Net paper: 10); "
                              f"got {elastic}")
         if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
-            raise ValueError(f"data.channel_gain must be [low, high] with 0 < low <= high "
+            raise ConfigError(f"data.channel_gain must be [low, high] with 0 < low <= high "
                              f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
         if boundary_weight_class is not None and not 0 <= boundary_weight_class < num_classes:
-            raise ValueError(f"data.boundary_weight_class is the class whose regions are the "
+            raise ConfigError(f"data.boundary_weight_class is the class whose regions are the "
                              f"objects, in 0..{num_classes - 1}; got {boundary_weight_class}")
         if not (boundary_weight_w0 >= 0 and boundary_weight_sigma > 0):  # also NaN
-            raise ValueError(f"data.boundary_weight_w0 must be >= 0 and data.boundary_weight_sigma "
+            raise ConfigError(f"data.boundary_weight_w0 must be >= 0 and data.boundary_weight_sigma "
                              f"> 0 (the U-Net paper: 10 and 5 px); got {boundary_weight_w0} and "
                              f"{boundary_weight_sigma}")
         if late_crop_size is not None and (crop_size is None or late_crop_size < crop_size):
-            raise ValueError(f"data.late_crop_size ({late_crop_size}) is a larger training crop "
+            raise ConfigError(f"data.late_crop_size ({late_crop_size}) is a larger training crop "
                              f"for the end of the training: it needs data.crop_size set and no "
                              f"smaller than it (got crop_size={crop_size})")
         if not 0.0 < late_crop_start < 1.0:
-            raise ValueError(f"data.late_crop_start is a fraction of the training in (0, 1), "
+            raise ConfigError(f"data.late_crop_start is a fraction of the training in (0, 1), "
                              f"got {late_crop_start}")
         if limit_samples is not None and limit_samples < 1:
-            raise ValueError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
+            raise ConfigError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
         if val_cases is not None and val_case_fraction is not None:
-            raise ValueError("give data.val_cases or data.val_case_fraction, not both")
+            raise ConfigError("give data.val_cases or data.val_case_fraction, not both")
         if val_case_fraction is not None and not 0.0 < val_case_fraction < 1.0:
-            raise ValueError(f"data.val_case_fraction must be in (0, 1), got {val_case_fraction}")
+            raise ConfigError(f"data.val_case_fraction must be in (0, 1), got {val_case_fraction}")
         if fold is not None:
             num_folds = _num_folds(val_case_fraction)
             if num_folds is None:
-                raise ValueError(f"data.fold needs data.val_case_fraction = 1/K for K folds "
+                raise ConfigError(f"data.fold needs data.val_case_fraction = 1/K for K folds "
                                  f"(0.2 for 5 folds, 0.25 for 4); got {val_case_fraction}")
             if not 0 <= fold < num_folds:
-                raise ValueError(f"data.fold must be in 0..{num_folds - 1} for the {num_folds} "
+                raise ConfigError(f"data.fold must be in 0..{num_folds - 1} for the {num_folds} "
                                  f"folds of data.val_case_fraction={val_case_fraction}; got {fold}")
         if case_pattern is not None:
             try:
                 re.compile(case_pattern)
             except re.error as exc:
-                raise ValueError(f"data.case_pattern {case_pattern!r} is not a regular "
+                raise ConfigError(f"data.case_pattern {case_pattern!r} is not a regular "
                                  f"expression: {exc}") from None
         if val_slices is not None and len(val_slices) != 2:
-            raise ValueError(f"data.val_slices must be [start, stop], got {val_slices}")
+            raise ConfigError(f"data.val_slices must be [start, stop], got {val_slices}")
 
         self.root = root
         self.layout = layout
@@ -334,10 +335,10 @@ class SegmentationDataModule(L.LightningDataModule):
         if worker_niceness is None:
             worker_niceness = 0 if torch.cuda.is_available() else 10
         if not 0 <= worker_niceness <= 19:
-            raise ValueError(f"data.worker_niceness must be in 0..19, got {worker_niceness}")
+            raise ConfigError(f"data.worker_niceness must be in 0..19, got {worker_niceness}")
         self.worker_niceness = int(worker_niceness)
         if cache_mb is not None and cache_mb < 0:
-            raise ValueError(f"data.cache_mb must be >= 0 (0 disables the cache), got {cache_mb}")
+            raise ConfigError(f"data.cache_mb must be >= 0 (0 disables the cache), got {cache_mb}")
         self.cache_mb = default_cache_mb(self.num_workers) if cache_mb is None else float(cache_mb)
 
         #: The training crop now in use: ``crop_size``, then ``late_crop_size`` (see

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from segpipe.data.datasets import ItemKey, stable_seed
+from segpipe.errors import ConfigError
 from segpipe.runtime import available_cpus
 
 __all__ = [
@@ -135,7 +136,7 @@ class EpochSampler(DistributedSampler):
         self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         if self.samples_per_epoch is not None:
             if self.samples_per_epoch < 1:
-                raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+                raise ConfigError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
             per_rank = (self.samples_per_epoch // self.num_replicas if drop_last
                         else math.ceil(self.samples_per_epoch / self.num_replicas))
             self.num_samples = max(1, per_rank)

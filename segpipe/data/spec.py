@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from segpipe.errors import ConfigError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -164,12 +166,12 @@ class DataSpec:
         """
         num_classes, in_channels = int(num_classes), int(in_channels)
         if num_classes < 1:
-            raise ValueError(f"{where}.num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"{where}.num_classes must be >= 1, got {num_classes}")
         if in_channels < 1:
-            raise ValueError(f"{where}.in_channels must be >= 1, got {in_channels}")
+            raise ConfigError(f"{where}.in_channels must be >= 1, got {in_channels}")
         names = [str(n) for n in class_names] if class_names else default_class_names(num_classes)
         if len(names) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.class_names has {len(names)} names for num_classes={num_classes}; "
                 "give one name per class"
             )
@@ -179,7 +181,7 @@ class DataSpec:
             else default_class_colors(num_classes)
         )
         if len(colors) != num_classes or any(len(c) != 3 for c in colors):
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.class_colors must be {num_classes} RGB triplets, got {class_colors}"
             )
         if (mean is None) != (std is None):  # one given: the other is the default
@@ -188,18 +190,18 @@ class DataSpec:
         if mean is not None and std is not None:
             mean, std = [float(v) for v in mean], [float(v) for v in std]
             if len(mean) != in_channels or len(std) != in_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}.mean/{where}.std need {in_channels} values (one per input "
                     f"channel), got {len(mean)}/{len(std)}"
                 )
             if any(not v > 0 for v in std):
-                raise ValueError(f"{where}.std values must be > 0, got {std}")
+                raise ConfigError(f"{where}.std values must be > 0, got {std}")
         if eval_resize is not None and (
             len(eval_resize) != 2 or any(int(v) < 1 for v in eval_resize)
         ):
-            raise ValueError(f"{where}.eval_resize must be [height, width], got {eval_resize}")
+            raise ConfigError(f"{where}.eval_resize must be [height, width], got {eval_resize}")
         if symmetries is not None and set(symmetries) - {"hflip", "vflip", "rot90"}:
-            raise ValueError(f"{where}.symmetries must be among hflip, vflip, rot90; got {symmetries}")
+            raise ConfigError(f"{where}.symmetries must be among hflip, vflip, rot90; got {symmetries}")
         source = stats_source if stats_source is not None else ("config" if mean else "")
         return cls(
             num_classes=num_classes,
@@ -251,7 +253,7 @@ class DataSpec:
                 "std", "stats_source", "eval_resize", "symmetries")  # None: "default"
         kwargs = {k: data[k] for k in keys if data.get(k) is not None}
         if "num_classes" not in data:
-            raise ValueError(f"{where}: a data spec needs num_classes")
+            raise ConfigError(f"{where}: a data spec needs num_classes")
         return cls.create(int(data["num_classes"]), where=where, **kwargs)
 
 

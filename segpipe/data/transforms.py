@@ -47,6 +47,7 @@ Preset = Literal["none", "light", "default", "strong"]
 
 # The default normalisation is the data spec's (re-exported here for existing imports).
 from segpipe.data.spec import IMAGENET_MEAN, IMAGENET_STD, default_mean_std  # noqa: E402
+from segpipe.errors import ConfigError  # noqa: E402
 
 
 class _HueSaturationValueRGB(A.HueSaturationValue):
@@ -208,7 +209,7 @@ class GridElastic(A.DualTransform):
     def __init__(self, std: float = 10.0, grid: int = 3, p: float = 1.0) -> None:
         super().__init__(p=p)
         if std < 0 or grid < 2:
-            raise ValueError(f"GridElastic needs std >= 0 and grid >= 2, got std={std}, grid={grid}")
+            raise ConfigError(f"GridElastic needs std >= 0 and grid >= 2, got std={std}, grid={grid}")
         self.std = float(std)
         self.grid = int(grid)
 
@@ -278,7 +279,7 @@ def _hw(crop_size: int | Sequence[int] | None) -> tuple[int, int] | None:
         if len(size) == 1:
             size = (size[0], size[0])
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"crop_size must be a positive int or (height, width), got {crop_size!r}")
+        raise ConfigError(f"crop_size must be a positive int or (height, width), got {crop_size!r}")
     return size[0], size[1]
 
 
@@ -338,13 +339,13 @@ def build_train_transform(
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
     """
     if preset not in ("none", "light", "default", "strong"):
-        raise ValueError(
+        raise ConfigError(
             f"unknown augmentation preset {preset!r}; use none, light, default or strong"
         )
     size = _hw(crop_size)
     lo, hi = (float(scale[0]), float(scale[1]))
     if not 0 < lo <= hi:
-        raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale!r}")
+        raise ConfigError(f"scale must be (min, max) with 0 < min <= max, got {scale!r}")
     fill_kw = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0.0, "fill_mask": mask_fill}
     ops: list[Any] = []
 
@@ -483,12 +484,12 @@ def _checked_stats(
     m = np.asarray(mean, dtype=dtype).reshape(-1)
     s = np.asarray(std, dtype=dtype).reshape(-1)
     if m.size != channels or s.size != channels:
-        raise ValueError(
+        raise ConfigError(
             f"mean/std have {m.size}/{s.size} values but the image has {channels} channel(s); "
             "set data.mean and data.std to one value per channel (or leave them unset)"
         )
     if np.any(s == 0):
-        raise ValueError("std must not contain zeros")
+        raise ConfigError("std must not contain zeros")
     return m, s
 
 

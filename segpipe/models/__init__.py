@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .base import SegmentationModel
+from .base import ModelArgumentError, SegmentationModel
 from .fcn import FCN
 from .input_norm import PerImageStandardize
 from .unet import UNet
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UNet", "FCN", "SmpModel", "SegmentationModel", "PerImageStandardize", "load_encoder_weights",
+    "ModelArgumentError",
 ]
 
 _LAZY = {"SmpModel": ".smp", "load_encoder_weights": ".smp"}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ModelArgumentError",
     "SegmentationModel",
     "check_choice",
     "check_input",
@@ -28,6 +29,11 @@ __all__ = [
     "round_up",
     "skip_input_checks",
 ]
+
+
+class ModelArgumentError(ValueError):
+    """A network's constructor argument has a value it cannot use; the message names the
+    argument, what it accepts and what was given (``segpipe fit`` prints it as one line)."""
 
 
 @runtime_checkable
@@ -81,9 +87,9 @@ def check_int(name: str, value: object, minimum: int, maximum: int | None = None
     """
     allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
+        raise ModelArgumentError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
     if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+        raise ModelArgumentError(f"{name} must be {allowed}, got {value!r}.")
     return value
 
 
@@ -102,7 +108,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
         ValueError: If ``value`` is not one of ``choices``.
     """
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+        raise ModelArgumentError(f"{name} must be one of {list(choices)}, got {value!r}.")
     return value
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import check_choice, check_input, check_int
+from .base import ModelArgumentError, check_choice, check_input, check_int
 from .unet import DoubleConv
 
 __all__ = ["FCN", "bilinear_kernel"]
@@ -165,17 +165,17 @@ class FCN(nn.Module):
         encoder_depth: int = 5,
     ) -> None:
         super().__init__()
-        check_int("in_channels", in_channels, 1)
-        check_int("num_classes", num_classes, 1)
-        check_choice("variant", variant, _VARIANTS)
-        check_int("base_channels", base_channels, 1)
+        check_int("FCN in_channels", in_channels, 1)
+        check_int("FCN num_classes", num_classes, 1)
+        check_choice("FCN variant", variant, _VARIANTS)
+        check_int("FCN base_channels", base_channels, 1)
         if isinstance(encoder_depth, bool) or encoder_depth != 5:
-            raise ValueError(
+            raise ModelArgumentError(
                 f"encoder_depth must be 5 for FCN (its 32s/16s/8s heads use the stride-32, 16 "
                 f"and 8 features), got {encoder_depth!r}."
             )
         if not isinstance(backbone, str) or not backbone:
-            raise ValueError(f"backbone must be 'vgg' or an smp encoder name, got {backbone!r}.")
+            raise ModelArgumentError(f"backbone must be 'vgg' or an smp encoder name, got {backbone!r}.")
         if backbone != "vgg":
             from .smp import check_encoder_name
 

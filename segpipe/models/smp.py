@@ -34,7 +34,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
-from .base import check_input, check_int, skip_input_checks
+from .base import ModelArgumentError, check_input, check_int, skip_input_checks
 
 __all__ = [
     "PretrainedSource",
@@ -91,13 +91,13 @@ def check_encoder_name(name: object, arg: str = "encoder_name") -> str:
         ValueError: If the name is unknown; the message lists examples and close matches.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{arg} must be a non-empty string naming an smp encoder, got {name!r}.")
+        raise ModelArgumentError(f"{arg} must be a non-empty string naming an smp encoder, got {name!r}.")
     if name.startswith("tu-"):
         import timm
 
         if timm.is_model(name[3:]):
             return name
-        raise ValueError(
+        raise ModelArgumentError(
             f"{arg}={name!r} names no timm model ({name[3:]!r} is unknown to timm "
             f"{timm.__version__}); use 'tu-' followed by a name from timm.list_models(), "
             "e.g. 'tu-resnet18'."
@@ -107,7 +107,7 @@ def check_encoder_name(name: object, arg: str = "encoder_name") -> str:
         return name
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
+    raise ModelArgumentError(
         f"{arg} must be one of segmentation-models-pytorch's {len(names)} encoders "
         f"(e.g. {', '.join(repr(e) for e in _EXAMPLE_ENCODERS)}; full list: "
         f"smp.encoders.get_encoder_names()) or 'tu-<timm model name>', got {name!r}.{hint}"
@@ -135,14 +135,14 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
         FileNotFoundError: If it looks like a path but no such file exists.
     """
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
-        raise ValueError(
+        raise ModelArgumentError(
             f"{arg} must be None, the name of pretrained weights (e.g. 'imagenet') or a local "
             f"weights file path ({', '.join(WEIGHT_SUFFIXES)}), got {path!r}."
         )
     text = os.fspath(path)
     candidate = Path(text).expanduser()
     if _is_weights_name(text):
-        raise ValueError(
+        raise ModelArgumentError(
             f"{arg}={text!r} looks like the name of pretrained weights, but this function reads "
             "local files only: give a state dict saved as "
             f"{', '.join(WEIGHT_SUFFIXES)} (e.g. torch.save(model.encoder.state_dict(), "
@@ -155,7 +155,7 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
             f"(relative paths are resolved against {os.getcwd()!r})."
         )
     if candidate.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise ValueError(
+        raise ModelArgumentError(
             f"{arg}={text!r} has the suffix {candidate.suffix!r}; allowed suffixes are "
             f"{', '.join(WEIGHT_SUFFIXES)} (torch.save or safetensors state dicts)."
         )
@@ -335,7 +335,7 @@ def resolve_pretrained(encoder_name: str, weights: str) -> PretrainedSource:
     if settings is not None:
         if weights not in settings:
             known = sorted(settings) or ["none"]
-            raise ValueError(
+            raise ModelArgumentError(
                 f"encoder_weights={weights!r}: segmentation-models-pytorch has no such pretrained "
                 f"weights for encoder {encoder_name!r}; it has {known}. Or give a local "
                 f"{'/'.join(WEIGHT_SUFFIXES)} file, or null for a random init."
@@ -357,7 +357,7 @@ def resolve_pretrained(encoder_name: str, weights: str) -> PretrainedSource:
     base, tag = split_model_name_tag(model)
     if weights != "imagenet":
         if tag and tag != weights:
-            raise ValueError(
+            raise ModelArgumentError(
                 f"encoder_weights={weights!r} contradicts the pretrained tag {tag!r} in "
                 f"encoder_name={encoder_name!r}; state the tag once."
             )
@@ -370,7 +370,7 @@ def resolve_pretrained(encoder_name: str, weights: str) -> PretrainedSource:
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{base}.*")]
         known = f"its pretrained tags are {tags}" if tags else "it has no pretrained weights in timm"
-        raise ValueError(
+        raise ModelArgumentError(
             f"encoder_weights={weights!r}: timm {timm.__version__} has no pretrained weights "
             f"{name!r} for encoder {encoder_name!r}; {known} (use 'imagenet' for the default "
             "tag or one of these tags)."
@@ -398,7 +398,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickled objects refused by weights_only, ...
-        raise ValueError(
+        raise ModelArgumentError(
             f"could not read encoder weights from {str(path)!r}: {type(exc).__name__}: {exc}"
         ) from exc
     while isinstance(obj, Mapping):
@@ -407,13 +407,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             break
         obj = obj[nested[0]]
     if not isinstance(obj, Mapping):
-        raise ValueError(
+        raise ModelArgumentError(
             f"encoder weights file {str(path)!r} holds a {type(obj).__name__}, not a state dict; "
             "save one with torch.save(model.encoder.state_dict(), path)."
         )
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise ValueError(
+        raise ModelArgumentError(
             f"encoder weights file {str(path)!r} holds no tensors (top-level keys: "
             f"{list(obj.keys())[:_MAX_LISTED]}); save one with torch.save(model.encoder.state_dict(), path)."
         )
@@ -509,7 +509,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> No
                 f". No key of the file matched the encoder: file keys start "
                 f"{list(loaded)[:3]}, encoder keys start {list(targets)[:3]}"
             )
-        raise ValueError(
+        raise ModelArgumentError(
             f"encoder weights {str(file)!r} do not fit the {type(encoder).__name__} "
             f"({counts}): {listed}{more}. Fix: use weights saved from the same encoder_name "
             "built with the same in_channels and encoder_depth (e.g. torch.save("
@@ -586,15 +586,15 @@ class SmpModel(nn.Module):
         if not isinstance(arch, str) or arch.lower() not in archs:
             close = difflib.get_close_matches(str(arch).lower(), archs, n=2)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
+            raise ModelArgumentError(
                 f"arch must be one of segmentation-models-pytorch's {archs}, got {arch!r}.{hint}"
             )
         check_encoder_name(encoder_name)
-        check_int("in_channels", in_channels, 1)
-        check_int("num_classes", num_classes, 1)
-        check_int("encoder_depth", encoder_depth, 1, 5)
+        check_int("SmpModel in_channels", in_channels, 1)
+        check_int("SmpModel num_classes", num_classes, 1)
+        check_int("SmpModel encoder_depth", encoder_depth, 1, 5)
         if not isinstance(freeze_encoder, bool):
-            raise ValueError(f"freeze_encoder must be a bool, got {freeze_encoder!r}.")
+            raise ModelArgumentError(f"freeze_encoder must be a bool, got {freeze_encoder!r}.")
         weights_path: Path | None = None
         source: PretrainedSource | None = None
         skip = _SKIP_PRETRAINED.get()  # rebuilt for a checkpoint's weights: read nothing
@@ -603,10 +603,10 @@ class SmpModel(nn.Module):
         elif encoder_weights is not None and not skip:
             weights_path = _resolve_weights_path(encoder_weights)
         if "classes" in kwargs:
-            raise ValueError(f"pass num_classes, not classes (got classes={kwargs['classes']!r}).")
+            raise ModelArgumentError(f"pass num_classes, not classes (got classes={kwargs['classes']!r}).")
         for name in ("activation", "aux_params"):
             if kwargs.get(name) is not None:
-                raise ValueError(
+                raise ModelArgumentError(
                     f"{name} must be None (SmpModel returns raw logits only), got {kwargs[name]!r}."
                 )
 
@@ -648,7 +648,7 @@ class SmpModel(nn.Module):
             if not isinstance(exc, (KeyError, ValueError, TypeError, AssertionError, RuntimeError)):
                 raise
             extra = f" and extra arguments {sorted(kwargs)}" if kwargs else ""
-            raise ValueError(
+            raise ModelArgumentError(
                 f"segmentation-models-pytorch could not build arch={self.arch!r} with "
                 f"encoder_name={encoder_name!r}, encoder_depth={encoder_depth}, "
                 f"in_channels={in_channels}{extra}"
@@ -679,7 +679,7 @@ class SmpModel(nn.Module):
         if unknown:
             named = {"encoder_name", "encoder_weights", "in_channels", "classes", "encoder_depth"}
             options = sorted(accepted - named)
-            raise ValueError(
+            raise ModelArgumentError(
                 f"smp arch {arch!r} takes no argument(s) {unknown} (with a non-timm encoder "
                 f"{encoder_name!r} smp would silently ignore them); extra arguments allowed: {options}."
             )

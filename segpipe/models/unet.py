@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import check_choice, check_input, check_int
+from .base import ModelArgumentError, check_choice, check_input, check_int
 
 __all__ = ["UNet", "DoubleConv", "Down", "Up"]
 
@@ -158,13 +158,13 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_int("in_channels", in_channels, 1)
-        check_int("num_classes", num_classes, 1)
-        check_int("base_channels", base_channels, 1)
-        check_int("depth", depth, 1, 8)
-        check_choice("norm", norm, _NORMS)
+        check_int("UNet in_channels", in_channels, 1)
+        check_int("UNet num_classes", num_classes, 1)
+        check_int("UNet base_channels", base_channels, 1)
+        check_int("UNet depth", depth, 1, 8)
+        check_choice("UNet norm", norm, _NORMS)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}.")
+            raise ModelArgumentError(f"UNet dropout must be a float in [0, 1), got {dropout!r}.")
 
         self.in_channels = in_channels
         self.num_classes = num_classes

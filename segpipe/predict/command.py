@@ -138,6 +138,22 @@ def _accelerator_available() -> bool:
     )
 
 
+def _check_tile(tile: int | None, multiple: int) -> None:
+    """Refuse a ``--tile`` under the network's size step and warn on one off its multiples:
+    every tile is padded up to a multiple of it, so either costs compute for nothing."""
+    if tile is None or tile % multiple == 0:
+        return
+    if tile < multiple:
+        raise PredictUsageError(
+            f"--tile {tile} is smaller than the network's size step ({multiple} px): every tile "
+            f"is padded to a multiple of it, and so little context hurts the masks; use a "
+            f"multiple of {multiple} such as {max(256, multiple)}")
+    padded = -(-tile // multiple) * multiple
+    log.warning("--tile %d is not a multiple of the network's size step (%d px): each tile is "
+                "padded to %d; --tile %d costs the same and covers more of the image per tile",
+                tile, multiple, padded, padded)
+
+
 def _rank_from_env() -> int:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -281,6 +297,7 @@ def predict(
             raise PredictUsageError(
                 f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "
                 "has no BatchNorm layer that keeps them; drop the option.")
+    _check_tile(tile, config.pad_multiple)
     try:
         writer = PredictionWriter(
             output, formats, config, overwrite=overwrite, probs_mode=probs_mode,

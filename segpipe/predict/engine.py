@@ -60,6 +60,7 @@ from segpipe.predict.tiling import (
     covering_tiles,
     same_shape_batches,
     sliding_window_blocks,
+    spread_windows,
 )
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
 
@@ -254,6 +255,11 @@ def _reason(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------ data
+#: Most windows of one raster that ``--bn_adapt`` reads for its statistics (32 of 512² px:
+#: 8 M pixels, the work of predicting a 2900² raster once).
+RASTER_STATISTICS_WINDOWS = 32
+
+
 class PredictInputs(Dataset):
     """One record per input file (see the module docstring).
 
@@ -313,24 +319,46 @@ class PredictInputs(Dataset):
             rec.update(status="failed", reason=_reason(exc))
         return rec
 
-    def images_for_statistics(self, tile: int | None) -> Iterator[Tensor]:
-        """Every ordinary input image, normalised as for prediction, for ``--bn_adapt``:
-        whole, or cut into non-overlapping ``tile`` squares (the last row and column of
-        squares flush with the edges) when larger. All files count, those whose outputs exist
-        too, so a resumed run predicts with the same statistics. Unreadable files are left to
-        fail in prediction; rasters are counted in :attr:`rasters_left_out`."""
+    def images_for_statistics(
+        self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,
+    ) -> Iterator[Tensor]:
+        """Every input, normalised as for prediction, for ``--bn_adapt``.
+
+        An ordinary image comes whole, or cut into non-overlapping ``tile`` squares (the last
+        row and column of squares flush with the edges) when larger. A raster read by windows
+        gives at most ``raster_windows`` of those squares (``tile`` or ``raster_tile``), spread
+        evenly over it (:func:`~segpipe.predict.tiling.spread_windows`), each read from the file
+        on its own, so memory stays at one window; windows holding any nodata pixel are left
+        out, as their fill value is no image statistic. All files count, those whose outputs
+        exist too, so a resumed run predicts with the same statistics. Unreadable files are
+        left to fail in prediction; rasters that gave no window are counted in
+        :attr:`rasters_left_out`.
+        """
         self.rasters_left_out = 0
         for index, f in enumerate(self.files):
             if f.error:
                 continue
             try:
                 if probe_raster(f.path) is not None:
-                    self.rasters_left_out += 1
+                    windows = 0
+                    for window in self._raster_windows(f.path, tile or raster_tile, raster_windows):
+                        windows += 1
+                        yield window
+                    self.rasters_left_out += windows == 0
                     continue
                 image, _ = self._load(index)
             except Exception:  # noqa: BLE001 - the prediction reports this file's failure
                 continue
             yield from covering_tiles(image, tile)
+
+    def _raster_windows(self, path: Path, tile: int, most: int) -> Iterator[Tensor]:
+        """Normalised (C, h, w) windows of the raster at ``path`` without nodata."""
+        with open_raster(path, self.config.bands) as reader:
+            source = RasterSource(reader, self.config)
+            for row0, row1, col0, col1 in spread_windows(reader.height, reader.width, tile, most):
+                pixels, valid = source.window(row0, row1, col0, col1)
+                if valid is None or valid.all():
+                    yield source.tile((pixels, None), 0, col1 - col0)
 
     def _load(self, index: int) -> tuple[Tensor, Tensor]:
         """Normalised (C, h, w) image (channels-last memory, what the network wants) and its
@@ -457,16 +485,18 @@ class PredictModule(L.LightningModule):
             if not inputs.rasters_left_out:
                 raise
             raise BatchNormAdaptError(
-                f"--bn_adapt estimates BatchNorm statistics on ordinary images, and the "
-                f"{inputs.rasters_left_out} input(s) are rasters read by windows, which it does "
-                "not read; drop the option for them") from None
+                f"--bn_adapt estimates BatchNorm statistics on the inputs' pixels, and none of "
+                f"the {inputs.rasters_left_out} raster(s) has a window of "
+                f"{self.options.tile or self.options.raster_tile} "
+                "px without nodata; use a smaller --tile, or drop the option") from None
         left_out = inputs.rasters_left_out
         self.bn_description = self._bn_adaptation.describe("input images") + (
-            f" ({left_out} raster(s) not read for them)" if left_out else "")
+            f" ({left_out} raster(s) without a window free of nodata left out)"
+            if left_out else "")
 
     def _statistics_batches(self, inputs: PredictInputs) -> Iterator[Tensor]:
         """(N, C, h, w) batches of equal-sized images or tiles, on the device."""
-        images = inputs.images_for_statistics(self.options.tile)
+        images = inputs.images_for_statistics(self.options.tile, self.options.raster_tile)
         for batch in same_shape_batches(images, self.options.batch_size):
             yield batch.to(self.device)
 

@@ -43,6 +43,7 @@ __all__ = [
     "column_blocks",
     "covering_tiles",
     "same_shape_batches",
+    "spread_windows",
     "gaussian_importance_map",
     "gaussian_window",
     "predict_tiled",
@@ -380,6 +381,12 @@ def predict_tiled(
     return out
 
 
+def _covering_starts(length: int, tile: int) -> list[int]:
+    """Starts of the non-overlapping ``tile`` windows covering ``length`` pixels, the last one
+    flush with the end (one window at 0 when ``length <= tile``)."""
+    return sorted({*range(0, max(length - tile, 0) + 1, tile), max(length - tile, 0)})
+
+
 def covering_tiles(image: Tensor, tile: int | None) -> list[Tensor]:
     """``image`` (C, H, W) whole when it fits in ``tile`` (or ``tile`` is None), else the
     non-overlapping ``tile`` squares that cover it, the last row and column of squares flush
@@ -387,9 +394,25 @@ def covering_tiles(image: Tensor, tile: int | None) -> list[Tensor]:
     h, w = image.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
         return [image]
-    rows = sorted({*range(0, max(h - tile, 0) + 1, tile), max(h - tile, 0)})
-    cols = sorted({*range(0, max(w - tile, 0) + 1, tile), max(w - tile, 0)})
-    return [image[..., r:r + tile, c:c + tile] for r in rows for c in cols]
+    return [image[..., r:r + tile, c:c + tile]
+            for r in _covering_starts(h, tile) for c in _covering_starts(w, tile)]
+
+
+def spread_windows(height: int, width: int, tile: int, most: int) -> list[tuple[int, int, int, int]]:
+    """At most ``most`` of the windows :func:`covering_tiles` would cut, spread evenly over the
+    image: every ``k``-th row and column of the grid, so a sample of a large raster sees all of
+    it, not its top.
+
+    Returns:
+        ``(row0, row1, col0, col1)`` windows, row by row.
+    """
+    rows, cols = _covering_starts(height, tile), _covering_starts(width, tile)
+    if len(rows) * len(cols) > most:
+        keep_rows = max(1, min(len(rows), math.isqrt(most * len(rows) // len(cols))))
+        keep_cols = max(1, min(len(cols), most // keep_rows))
+        rows = [rows[(2 * i + 1) * len(rows) // (2 * keep_rows)] for i in range(keep_rows)]
+        cols = [cols[(2 * j + 1) * len(cols) // (2 * keep_cols)] for j in range(keep_cols)]
+    return [(r, min(r + tile, height), c, min(c + tile, width)) for r in rows for c in cols]
 
 
 def same_shape_batches(images: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:

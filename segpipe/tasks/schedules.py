@@ -39,6 +39,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from segpipe.errors import ConfigError
+
 __all__ = ["AnnealToDeadline", "DeadlineCosineLR", "LateCrop", "training_progress"]
 
 
@@ -63,9 +65,9 @@ class DeadlineCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if not 0.0 <= eta_min_ratio <= 1.0:
-            raise ValueError(f"eta_min_ratio must be in [0, 1], got {eta_min_ratio}")
+            raise ConfigError(f"eta_min_ratio must be in [0, 1], got {eta_min_ratio}")
         if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         self.eta_min_ratio = float(eta_min_ratio)
         self.warmup_fraction = float(warmup_fraction)
         #: Fraction of the planned training done, in [0, 1]; set by :class:`AnnealToDeadline`.

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
+from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
 from segpipe.models.input_norm import input_norm_module
@@ -270,11 +271,11 @@ class SegmentationTask(L.LightningModule):
         spec = _task_spec(net, data_spec, num_classes, ignore_index, class_names)
         num_classes = spec.num_classes
         if num_classes < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"SegmentationTask needs num_classes >= 2 (background counts as a class), got {num_classes}."
             )
         if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"class_weights has {len(class_weights)} values but there are {num_classes} classes; "
                 "give one weight per class."
             )
@@ -297,11 +298,11 @@ class SegmentationTask(L.LightningModule):
                                           ohem_fraction, ohem_threshold)
         for name, value in (("ohem_fraction", ohem_fraction), ("ohem_threshold", ohem_threshold)):
             if value is not None and not _has_cross_entropy(self.criterion):
-                raise ValueError(f"model.{name} mines the cross-entropy of loss ce, ce+dice or "
+                raise ConfigError(f"model.{name} mines the cross-entropy of loss ce, ce+dice or "
                                  f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
-            raise ValueError(f"model.compile must be true, false or a mapping of torch.compile "
+            raise ConfigError(f"model.compile must be true, false or a mapping of torch.compile "
                              f"options, got {compile!r}.")
         self.compile_options: dict[str, Any] | None = (
             dict(compile) if isinstance(compile, dict) else ({} if compile else None)
@@ -330,23 +331,23 @@ class SegmentationTask(L.LightningModule):
         """Check and keep the transfer-learning options (see :mod:`segpipe.tasks.finetune`)."""
         epochs_ok = isinstance(freeze_encoder_epochs, int) and not isinstance(freeze_encoder_epochs, bool)
         if not epochs_ok or freeze_encoder_epochs < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.freeze_encoder_epochs must be an int >= 0 (0: never frozen), got "
                 f"{freeze_encoder_epochs!r}."
             )
         mult_ok = isinstance(encoder_lr_mult, (int, float)) and not isinstance(encoder_lr_mult, bool)
         if not mult_ok or not encoder_lr_mult > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.encoder_lr_mult must be a number > 0 (the encoder's learning rate is the "
                 f"optimiser's lr times it), got {encoder_lr_mult!r}; to keep the encoder fixed, "
                 "freeze it (model.freeze_encoder_epochs, or SmpModel's freeze_encoder)."
             )
         if init_from is not None and (not isinstance(init_from, str) or not init_from):
-            raise ValueError(f"model.init_from must be a checkpoint path or null, got {init_from!r}.")
+            raise ConfigError(f"model.init_from must be a checkpoint path or null, got {init_from!r}.")
         if freeze_encoder_epochs > 0:
             encoder_modules(self.net, "model.freeze_encoder_epochs")
             if getattr(self.net, "encoder_frozen", False):
-                raise ValueError(
+                raise ConfigError(
                     "model.freeze_encoder_epochs unfreezes the encoder after "
                     f"{freeze_encoder_epochs} epochs, but the network was built with "
                     "freeze_encoder: true, which freezes it for the whole run; set only one."
@@ -363,13 +364,13 @@ class SegmentationTask(L.LightningModule):
         ohem_threshold: float | None = None,
     ) -> nn.Module:
         if dice_per_image and loss not in ("dice", "ce+dice"):
-            raise ValueError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
+            raise ConfigError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
                              f"not to loss {loss!r}; set one of those or drop dice_per_image.")
         if ohem_fraction is not None and not 0.0 < ohem_fraction < 1.0:
-            raise ValueError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
+            raise ConfigError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
                              f"(e.g. 0.25), or null for all; got {ohem_fraction}")
         if ohem_threshold is not None and not 0.0 < ohem_threshold <= 1.0:
-            raise ValueError(f"model.ohem_threshold is a probability in (0, 1] (e.g. 0.7): pixels "
+            raise ConfigError(f"model.ohem_threshold is a probability in (0, 1] (e.g. 0.7): pixels "
                              f"whose true class is predicted with less are kept; got {ohem_threshold}")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         ce = PixelWeightedCrossEntropy(
@@ -392,7 +393,7 @@ class SegmentationTask(L.LightningModule):
         if loss in ("lovasz", "ce+lovasz"):
             lovasz = smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index)
             return lovasz if loss == "lovasz" else _SumLoss(ce, lovasz)
-        raise ValueError(f"loss must be one of {', '.join(typing.get_args(LossName))}; "
+        raise ConfigError(f"loss must be one of {', '.join(typing.get_args(LossName))}; "
                          f"got {loss!r}.")
 
     # ------------------------------------------------------------------ the data spec
@@ -429,7 +430,7 @@ class SegmentationTask(L.LightningModule):
         if isinstance(dm_spec, DataSpec):
             self._check_classes(dm_spec.num_classes)
             if dm_spec.ignore_index != self.ignore_index:
-                raise ValueError(
+                raise ConfigError(
                     f"The data ignores label {dm_spec.ignore_index} but the model was built to "
                     f"ignore {self.ignore_index}; set data.ignore_index once (the CLI links it "
                     "into the model)."
@@ -456,7 +457,7 @@ class SegmentationTask(L.LightningModule):
         """Per-pixel weights (the data's ``"weight"``) weigh the cross-entropy; refuse a loss
         without one rather than ignore them."""
         if not _has_cross_entropy(self.criterion):
-            raise ValueError(
+            raise ConfigError(
                 f"The training data carry per-pixel loss weights (data.boundary_weight_class), "
                 f"which weigh the cross-entropy, but model.loss is {self.hparams.loss!r}; use "
                 f"ce, ce+dice or ce+lovasz, or drop data.boundary_weight_class."
@@ -464,7 +465,7 @@ class SegmentationTask(L.LightningModule):
 
     def _check_classes(self, data_classes: int) -> None:
         if data_classes != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"The data has {data_classes} classes but the model predicts {self.num_classes}; "
                 "set data.num_classes (the CLI links it into the network)."
             )
@@ -892,20 +893,20 @@ def _task_spec(
                  "class_names": list(class_names) if class_names else None}
         for key, value in given.items():
             if value is not None and value != getattr(spec, key):
-                raise ValueError(
+                raise ConfigError(
                     f"SegmentationTask({key}={value!r}) disagrees with the data spec "
                     f"({getattr(spec, key)!r}); state it once, under data: in the config."
                 )
     else:
         if num_classes is None:
             if net_classes is None:
-                raise ValueError(
+                raise ConfigError(
                     "SegmentationTask needs num_classes: the network "
                     f"{type(net).__name__} has no num_classes attribute; set data.num_classes."
                 )
             num_classes = int(net_classes)
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"class_names has {len(class_names)} names but there are {num_classes} classes; "
                 "give one name per class."
             )
@@ -914,13 +915,13 @@ def _task_spec(
             in_channels=int(net_in) if net_in is not None else 3, where="model",
         )
     if net_classes is not None and int(net_classes) != spec.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"SegmentationTask(num_classes={spec.num_classes}) disagrees with the network, which "
             f"outputs {net_classes} classes; set data.num_classes (the CLI links it into the "
             "network) and drop num_classes from model.net.init_args."
         )
     if net_in is not None and int(net_in) != spec.in_channels:
-        raise ValueError(
+        raise ConfigError(
             f"The data spec has {spec.in_channels} input channels but the network "
             f"{type(net).__name__} takes {net_in}; set data.in_channels (the CLI links it into "
             "the network)."

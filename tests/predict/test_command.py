@@ -536,9 +536,61 @@ def test_bn_adapt_matches_the_python_api_and_is_refused_where_it_cannot_work(
 
     assert run(pointwise_ckpt, src, tmp_path / "pw", "--bn_adapt", "0.5") == 2
     assert "has no BatchNorm layer" in capsys.readouterr().err
-    scenes = tmp_path / "scenes"
+
+
+def test_bn_adapt_reads_rasters_by_windows_without_nodata(
+    tmp_path: Path, unet_ckpt: Path, capsys
+) -> None:
+    pixels = noise_image(40, 56, seed=3) // 3  # darker than the training statistics say
+    write_image(tmp_path / "png" / "scene.png", pixels)
+    (tmp_path / "geo").mkdir()
+    write_geotiff(tmp_path / "geo" / "scene.tif", pixels.transpose(2, 0, 1).copy())
+    # One window (the default raster tile, 512, holds the scene): the PNG's statistics.
+    for name in ("png", "geo"):
+        assert run(unet_ckpt, tmp_path / name, tmp_path / f"{name}_ad", "--bn_adapt", "1",
+                   "--format", "mask") == 0
+        assert "estimated on 1 image(s)" in capsys.readouterr().out
+    assert run(unet_ckpt, tmp_path / "geo", tmp_path / "geo_plain", "--format", "mask") == 0
+    adapted = np.asarray(Image.open(tmp_path / "geo_ad" / "scene.png"))
+    assert np.array_equal(adapted, np.asarray(Image.open(tmp_path / "png_ad" / "scene.png")))
+    assert not np.array_equal(adapted, np.asarray(Image.open(tmp_path / "geo_plain" / "scene.png")))
+
+    # A nodata pixel keeps its window out of the statistics (its fill value is no pixel).
+    holed = pixels.transpose(2, 0, 1).copy()
+    holed[:, 0, 0] = 0
+    holed[holed == 0] = 1
+    holed[:, 0, 0] = 0
+    scenes = tmp_path / "holed"
     scenes.mkdir()
-    write_geotiff(scenes / "scene.tif", np.full((3, 40, 40), 7, np.uint8))
-    assert run(unet_ckpt, scenes, tmp_path / "geo", "--bn_adapt", "0.5") == 2
+    write_geotiff(scenes / "scene.tif", holed, nodata=0)
+    assert run(unet_ckpt, scenes, tmp_path / "h1", "--bn_adapt", "0.5") == 2
     err = capsys.readouterr().err
-    assert "the 1 input(s) are rasters read by windows" in err and "Traceback" not in err
+    assert "none of the 1 raster(s) has a window of 512 px without nodata; use a smaller " \
+           "--tile" in err and "Traceback" not in err
+    # Windows of 16 px: rows and columns start at 0, 16, 24 and 0, 16, 32, 40; one has the hole.
+    assert run(unet_ckpt, scenes, tmp_path / "h2", "--bn_adapt", "0.5", "--tile", "16") == 0
+    assert "estimated on 11 image(s)" in capsys.readouterr().out
+    write_image(scenes / "photo.png", pixels)  # beside an ordinary image, the raster is left out
+    assert run(unet_ckpt, scenes, tmp_path / "h3", "--bn_adapt", "0.5") == 0
+    out = capsys.readouterr().out
+    assert "estimated on 1 image(s) in 14 BatchNorm layer(s) (1 raster(s) without a window free " \
+           "of nodata left out)" in out
+
+
+def test_tile_below_the_networks_size_step_is_refused_and_off_step_warned(
+        tmp_path: Path, unet_ckpt: Path, capsys, caplog) -> None:
+    src = tmp_path / "in"
+    write_image(src / "a.png", noise_image(40, 52))
+    assert run(unet_ckpt, src, tmp_path / "small", "--tile", "5") == 2  # depth 3: step 8
+    err = capsys.readouterr().err
+    assert "--tile 5 is smaller than the network's size step (8 px)" in err
+    assert not (tmp_path / "small" / "a.png").exists()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(unet_ckpt, src, tmp_path / "odd", "--tile", "30") == 0
+    assert "--tile 30 is not a multiple of the network's size step (8 px): each tile is padded " \
+           "to 32; --tile 32 costs the same" in caplog.text
+    assert np.asarray(Image.open(tmp_path / "odd" / "a.png")).shape == (40, 52)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(unet_ckpt, src, tmp_path / "even", "--tile", "32") == 0
+    assert "size step" not in caplog.text

@@ -17,6 +17,7 @@ from segpipe.predict.tiling import (
     predict_tiled,
     same_shape_batches,
     sliding_window_blocks,
+    spread_windows,
     tile_starts,
 )
 
@@ -209,3 +210,20 @@ def test_same_shape_batches_stack_equal_shapes_as_soon_as_full() -> None:
     shapes = [tuple(x.shape) for x in same_shape_batches([a, b, a, a, b, a], 2)]
     assert shapes == [(2, 3, 4, 4), (2, 3, 5, 4), (2, 3, 4, 4)]
     assert [x.shape[0] for x in same_shape_batches([a, b, a], 2)] == [2, 1]
+
+
+def test_spread_windows_sample_the_covering_grid_evenly() -> None:
+    # Small enough: every window covering_tiles would cut, clipped to the image.
+    assert spread_windows(40, 56, 16, 32) == [
+        (r, r + 16, c, c + 16) for r in (0, 16, 24) for c in (0, 16, 32, 40)]
+    assert spread_windows(30, 20, 512, 32) == [(0, 30, 0, 20)]
+    # A 128 x 128 grid of 512 px windows: 5 rows x 6 columns of it, spread over the whole raster.
+    windows = spread_windows(65536, 65536, 512, 32)
+    rows, cols = sorted({w[0] for w in windows}), sorted({w[2] for w in windows})
+    assert len(windows) == 30 and len(rows) == 5 and len(cols) == 6
+    assert rows[0] < 65536 // 5 and rows[-1] > 65536 * 4 // 5  # not only the top
+    assert cols[0] < 65536 // 6 and cols[-1] > 65536 * 5 // 6
+    assert all(r % 512 == 0 and c % 512 == 0 and r1 - r == c1 - c == 512
+               for r, r1, c, c1 in windows)
+    # A strip one window high: up to `most` windows along it.
+    assert len(spread_windows(400, 65536, 512, 32)) == 32
