@@ -262,29 +262,29 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         if samples_per_epoch is not None and samples_per_epoch < batch_size:
             raise ConfigError(f"data.samples_per_epoch must be >= data.batch_size ({batch_size}) "
-                             f"or null (one pass over the training set), got {samples_per_epoch}")
+                              f"or null (one pass over the training set), got {samples_per_epoch}")
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if not elastic >= 0:  # also NaN
             raise ConfigError(f"data.elastic is a displacement in pixels, >= 0 (U-Net paper: 10); "
-                             f"got {elastic}")
+                              f"got {elastic}")
         if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
             raise ConfigError(f"data.channel_gain must be [low, high] with 0 < low <= high "
-                             f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
+                              f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
         if boundary_weight_class is not None and not 0 <= boundary_weight_class < num_classes:
             raise ConfigError(f"data.boundary_weight_class is the class whose regions are the "
-                             f"objects, in 0..{num_classes - 1}; got {boundary_weight_class}")
+                              f"objects, in 0..{num_classes - 1}; got {boundary_weight_class}")
         if not (boundary_weight_w0 >= 0 and boundary_weight_sigma > 0):  # also NaN
             raise ConfigError(f"data.boundary_weight_w0 must be >= 0 and data.boundary_weight_sigma "
-                             f"> 0 (the U-Net paper: 10 and 5 px); got {boundary_weight_w0} and "
-                             f"{boundary_weight_sigma}")
+                              f"> 0 (the U-Net paper: 10 and 5 px); got {boundary_weight_w0} and "
+                              f"{boundary_weight_sigma}")
         if late_crop_size is not None and (crop_size is None or late_crop_size < crop_size):
             raise ConfigError(f"data.late_crop_size ({late_crop_size}) is a larger training crop "
-                             f"for the end of the training: it needs data.crop_size set and no "
-                             f"smaller than it (got crop_size={crop_size})")
+                              f"for the end of the training: it needs data.crop_size set and no "
+                              f"smaller than it (got crop_size={crop_size})")
         if not 0.0 < late_crop_start < 1.0:
             raise ConfigError(f"data.late_crop_start is a fraction of the training in (0, 1), "
-                             f"got {late_crop_start}")
+                              f"got {late_crop_start}")
         if limit_samples is not None and limit_samples < 1:
             raise ConfigError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
         if val_cases is not None and val_case_fraction is not None:
@@ -295,16 +295,16 @@ class SegmentationDataModule(L.LightningDataModule):
             num_folds = _num_folds(val_case_fraction)
             if num_folds is None:
                 raise ConfigError(f"data.fold needs data.val_case_fraction = 1/K for K folds "
-                                 f"(0.2 for 5 folds, 0.25 for 4); got {val_case_fraction}")
+                                  f"(0.2 for 5 folds, 0.25 for 4); got {val_case_fraction}")
             if not 0 <= fold < num_folds:
                 raise ConfigError(f"data.fold must be in 0..{num_folds - 1} for the {num_folds} "
-                                 f"folds of data.val_case_fraction={val_case_fraction}; got {fold}")
+                                  f"folds of data.val_case_fraction={val_case_fraction}; got {fold}")
         if case_pattern is not None:
             try:
                 re.compile(case_pattern)
             except re.error as exc:
                 raise ConfigError(f"data.case_pattern {case_pattern!r} is not a regular "
-                                 f"expression: {exc}") from None
+                                  f"expression: {exc}") from None
         if val_slices is not None and len(val_slices) != 2:
             raise ConfigError(f"data.val_slices must be [start, stop], got {val_slices}")
 

@@ -299,11 +299,11 @@ class SegmentationTask(L.LightningModule):
         for name, value in (("ohem_fraction", ohem_fraction), ("ohem_threshold", ohem_threshold)):
             if value is not None and not _has_cross_entropy(self.criterion):
                 raise ConfigError(f"model.{name} mines the cross-entropy of loss ce, ce+dice or "
-                                 f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
+                                  f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
             raise ConfigError(f"model.compile must be true, false or a mapping of torch.compile "
-                             f"options, got {compile!r}.")
+                              f"options, got {compile!r}.")
         self.compile_options: dict[str, Any] | None = (
             dict(compile) if isinstance(compile, dict) else ({} if compile else None)
         )
@@ -365,13 +365,13 @@ class SegmentationTask(L.LightningModule):
     ) -> nn.Module:
         if dice_per_image and loss not in ("dice", "ce+dice"):
             raise ConfigError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
-                             f"not to loss {loss!r}; set one of those or drop dice_per_image.")
+                              f"not to loss {loss!r}; set one of those or drop dice_per_image.")
         if ohem_fraction is not None and not 0.0 < ohem_fraction < 1.0:
             raise ConfigError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
-                             f"(e.g. 0.25), or null for all; got {ohem_fraction}")
+                              f"(e.g. 0.25), or null for all; got {ohem_fraction}")
         if ohem_threshold is not None and not 0.0 < ohem_threshold <= 1.0:
             raise ConfigError(f"model.ohem_threshold is a probability in (0, 1] (e.g. 0.7): pixels "
-                             f"whose true class is predicted with less are kept; got {ohem_threshold}")
+                              f"whose true class is predicted with less are kept; got {ohem_threshold}")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         ce = PixelWeightedCrossEntropy(
             weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
@@ -394,7 +394,7 @@ class SegmentationTask(L.LightningModule):
             lovasz = smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index)
             return lovasz if loss == "lovasz" else _SumLoss(ce, lovasz)
         raise ConfigError(f"loss must be one of {', '.join(typing.get_args(LossName))}; "
-                         f"got {loss!r}.")
+                          f"got {loss!r}.")
 
     # ------------------------------------------------------------------ the data spec
     @property
