@@ -711,7 +711,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         names = self._splits_for(stage)
         if stage == "test" and self.test_split != "test":
-            log.warning("%s has no test split; using the val split for %s", self.root, stage)
+            log.warning("%s has no test split; `segpipe test` scores the val split", self.root)
         used = {name: self._require_split(name) for name in names}
         if self.hparams.check_data:
             todo = {k: v for k, v in used.items() if k not in self._checked}
@@ -722,6 +722,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     num_classes=self.num_classes,
                     ignore_index=self.ignore_index,
                     in_channels=self.in_channels,
+                    bands=self.bands,
                     mask_values=self.mask_values,
                     mask_colors=self.mask_colors,
                     orphans={k: v for k, v in scan.orphans.items() if k in todo},

@@ -109,6 +109,16 @@ def test_val_fallback_and_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert len(dm3.splits["train"]) == 3 and len(dm3.splits["val"]) == 2
 
 
+def test_preflight_check_counts_the_selected_bands(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(24, 32),
+                               channels=5, image_ext=".tif")
+    with pytest.raises(DataCheckError, match="5 channels but data.in_channels=3"):
+        _dm(root, num_classes=3, in_channels=3).setup("fit")
+    dm = _dm(root, num_classes=3, in_channels=3, bands=[4, 2, 1], batch_size=2)
+    dm.setup("fit")  # the check's own fix: pick 3 of the 5 bands
+    assert next(iter(dm.train_dataloader()))["image"].shape[1] == 3
+
+
 def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(16, 16))
     dm = _dm(root, num_classes=3, batch_size=4, num_workers=1, crop_size=16)
