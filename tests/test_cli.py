@@ -158,6 +158,18 @@ def test_eval_resize_scores_every_mask_at_its_own_size_as_predict_writes_it(tmp_
     assert np.array_equal(np.asarray(metrics["confusion_matrix"]), cm)
 
 
+def test_a_checkpoint_of_other_classes_is_one_line(fitted, dataset, tmp_path, capsys):
+    # 3 classes in training; the data's labels 0..2 also pass a 4-class check, so the
+    # checkpoint is what does not fit.
+    code = main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", "--ckpt_path",
+                 str(fitted / "checkpoints" / "last.ckpt"), *TINY, "--data.num_classes=4"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and not any("Traceback" in line for line in err)
+    assert err[-1].startswith("segpipe: error: the checkpoint was trained with num_classes=3 but "
+                              "this run has data.num_classes=4;")
+
+
 def test_resume_from_last(fitted, dataset):
     main(
         ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",

@@ -701,9 +701,11 @@ class SegmentationTask(L.LightningModule):
         checkpoint[RNG_STATE_KEY] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the saved normalisation statistics when this task has none; keep this rank's
-        saved RNG state to restore when training resumes."""
+        """Check that the checkpoint's weights fit this task (one line, before Lightning's
+        40-line state-dict error); take the saved normalisation statistics when this task has
+        none; keep this rank's saved RNG state to restore when training resumes."""
         saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
+        self._check_checkpoint_fits(checkpoint.get("state_dict"), saved)
         if not self.spec.has_stats and saved.get("mean") is not None and saved.get("std") is not None:
             self.spec = self.spec.with_stats(saved["mean"], saved["std"],
                                              saved.get("stats_source") or "measured")
@@ -714,6 +716,35 @@ class SegmentationTask(L.LightningModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if len(states) == world:
             self._pending_rng_state = states[rank]
+
+    def _check_checkpoint_fits(self, state: Any, saved_spec: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` naming the difference when the checkpoint's weights cannot
+        be loaded into this task: another class or channel count (the data options), or
+        another network."""
+        if not isinstance(state, dict):
+            return
+        fix = ("test or resume it with the config it was trained with (config.yaml in its run "
+               "folder), or train a new model from its weights with --model.init_from CKPT")
+        for key, option in (("num_classes", "data.num_classes"), ("in_channels", "data.in_channels")):
+            was, now = saved_spec.get(key), getattr(self.spec, key)
+            if was is not None and int(was) != int(now):
+                raise ConfigError(f"the checkpoint was trained with {key}={was} but this run has "
+                                  f"{option}={now}; {fix}")
+        mine = self.state_dict()
+        mismatched = [k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape)]
+        missing = [k for k in mine if k not in state] if self.strict_loading else []
+        unexpected = [k for k in state if k not in mine] if self.strict_loading else []
+        if not (mismatched or missing or unexpected):
+            return
+        parts = [f"{k} is {tuple(state[k].shape)} in the checkpoint, {tuple(mine[k].shape)} here"
+                 for k in mismatched[:2]]
+        if missing:
+            parts.append(f"{len(missing)} weight(s) not in the checkpoint (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) only in the checkpoint (e.g. {unexpected[0]})")
+        more = f" and {len(mismatched) - 2} more of another shape" if len(mismatched) > 2 else ""
+        raise ConfigError(f"the checkpoint's network is not this run's ({type(self.net).__name__}): "
+                          f"{'; '.join(parts)}{more}; {fix}")
 
     def on_train_start(self) -> None:
         """Restore the RNG state of a resumed run right before its first training batch."""

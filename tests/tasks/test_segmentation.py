@@ -347,3 +347,28 @@ def test_compile_is_opt_in_in_place_and_keeps_checkpoint_names():
     assert set(task.state_dict()) == set(plain.state_dict())
     with pytest.raises(ValueError, match="model.compile must be"):
         SegmentationTask(PixelNet(), compile="yes")
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_sentence_before_loading():
+    from segpipe.errors import ConfigError
+    from segpipe.models import UNet
+
+    def checkpoint(task):
+        return {"state_dict": task.state_dict(), "hyper_parameters": {"data_spec": task.spec.to_dict()}}
+
+    three = SegmentationTask(UNet(in_channels=3, num_classes=3, base_channels=4, depth=2))
+    four = SegmentationTask(UNet(in_channels=3, num_classes=4, base_channels=4, depth=2))
+    with pytest.raises(ConfigError, match=r"trained with num_classes=3 but this run has "
+                                          r"data.num_classes=4; .*--model.init_from"):
+        four.on_load_checkpoint(checkpoint(three))
+    deeper = SegmentationTask(UNet(in_channels=3, num_classes=3, base_channels=4, depth=3))
+    with pytest.raises(ConfigError, match=r"network is not this run's \(UNet\): .*weight\(s\) not "
+                                          r"in the checkpoint \(e\.g\. net\..*config\.yaml"):
+        deeper.on_load_checkpoint(checkpoint(three))
+    wider = SegmentationTask(UNet(in_channels=3, num_classes=3, base_channels=8, depth=2))
+    with pytest.raises(ConfigError, match=r"net\.\S+ is \(4, 3, 3, 3\) in the checkpoint, "
+                                          r"\(8, 3, 3, 3\) here.* and \d+ more of another shape"):
+        wider.on_load_checkpoint(checkpoint(three))
+    other = SegmentationTask(UNet(in_channels=3, num_classes=3, base_channels=4, depth=2))
+    other.on_load_checkpoint(checkpoint(three))  # fits: nothing raised
+    other.load_state_dict(three.state_dict())
