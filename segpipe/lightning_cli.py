@@ -149,6 +149,34 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def set_aside_earlier_checkpoints(ckpt_dir: Path) -> Path | None:
+    """Move the checkpoints of an earlier ``fit`` in ``ckpt_dir`` into ``ckpt_dir/earlier-K``.
+
+    A new run in the same folder would otherwise overwrite the earlier run's ``last.ckpt``
+    (its resume point) and leave its ``best-*`` beside the new run's, where ``--ckpt_path best``
+    could pick either. Moved, both runs are whole: ``best``/``last`` mean the new run's, and
+    the earlier one resumes from ``earlier-K/last.ckpt``.
+
+    Returns:
+        The folder they were moved to, or None when there were none.
+    """
+    earlier = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file())
+    if not earlier:
+        return None
+    k = 1
+    while (ckpt_dir / f"earlier-{k}").exists():
+        k += 1
+    dest = ckpt_dir / f"earlier-{k}"
+    dest.mkdir()
+    for path in earlier:
+        path.rename(dest / path.name)
+    rank_zero_info(
+        f"{ckpt_dir} held {len(earlier)} checkpoint(s) of an earlier fit; moved them to {dest} so "
+        f"that this run's best and last are its own (to resume that run instead: --ckpt_path "
+        f"{dest / 'last.ckpt'})")
+    return dest
+
+
 def _checkpoint_bytes(model: torch.nn.Module) -> int:
     """Rough size of one checkpoint: weights, two optimiser moments per weight, buffers."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -328,6 +356,8 @@ class SegpipeCLI(LightningCLI):
                 # Leftovers of checkpoint writes that a killed run did not finish.
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     stale.unlink(missing_ok=True)
+                if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
+                    set_aside_earlier_checkpoints(ckpt_dir)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder

@@ -170,6 +170,27 @@ def test_a_checkpoint_of_other_classes_is_one_line(fitted, dataset, tmp_path, ca
                               "this run has data.num_classes=4;")
 
 
+def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, tmp_path):
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path}", *TINY]
+    ckpt_dir = tmp_path / "checkpoints"
+    assert main([*args, "--trainer.max_epochs=2"]) == 0
+    first = {p.name: p.read_bytes() for p in ckpt_dir.glob("*.ckpt")}
+    assert "last.ckpt" in first and any(n.startswith("best-") for n in first)
+    assert main([*args, "--trainer.max_epochs=1"]) == 0  # a new run, not a resumed one
+    kept = ckpt_dir / "earlier-1"
+    assert {p.name: p.read_bytes() for p in kept.glob("*.ckpt")} == first  # whole, unchanged
+    assert resolve_checkpoint_alias("best", ckpt_dir).startswith(str(ckpt_dir / "best-epoch000"))
+    import torch
+
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert torch.load(kept / "last.ckpt", weights_only=False)["epoch"] == 1
+    # Resuming keeps the run's own checkpoints where they are.
+    assert main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
+    assert not (ckpt_dir / "earlier-2").exists()
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
 def test_resume_from_last(fitted, dataset):
     main(
         ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
