@@ -28,6 +28,7 @@ __all__ = [
     "Problem",
     "ProblemGroup",
     "PROGRESS_THRESHOLD",
+    "WARNING_KINDS",
     "channel_problem",
     "check_samples",
     "class_pixel_counts",
@@ -54,6 +55,13 @@ FIXES: dict[str, str] = {
     "or fix data.num_classes",
 }
 
+#: Kinds of :class:`Problem` that warn instead of stopping training: the data can be used as
+#: configured, but maybe not as meant.
+WARNING_KINDS = frozenset({"unlisted_labels"})
+
+UNLISTED_FIX = ("if one is a class (or a typo of one), add it to the table; a void colour or "
+                "value is fine as it is")
+
 JPEG_MASK_FIX = (
     "save the masks as PNG (lossless) from the original labels and check again; converting "
     "the JPEG files to PNG keeps the damage"
@@ -69,6 +77,7 @@ _NOUNS: dict[str, str] = {
     "size_mismatch": "mask",
     "bad_labels": "mask",
     "channel_mismatch": "image",
+    "unlisted_labels": "mask",
 }
 
 # Reasons from segpipe.data.io that end in the decoder's message about this very file: the part
@@ -343,6 +352,46 @@ def parallel_map(
         )
 
 
+def _unlisted_labels(
+    split: str,
+    path: Path,
+    raw: np.ndarray,
+    mask_values: Mapping[int, int] | None,
+    mask_colors: Sequence[Sequence[int]] | None,
+    ignore_index: int,
+) -> list[Problem]:
+    """An ``unlisted_labels`` warning when the mask holds colours not in ``mask_colors`` (or
+    values not in ``mask_values``, other than ``ignore_index`` itself), which
+    :func:`~segpipe.data.datasets.encode_mask` reads as ``ignore_index``: a class left out of
+    the table, or mistyped, silently disappears from training and scoring."""
+    if mask_colors and raw.ndim == 3:
+        rgb = raw[..., :3].astype(np.int64)
+        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        known = [(int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2]) for c in mask_colors]
+        table, what = "data.mask_colors", "colours {colours}"
+    elif mask_values and raw.ndim == 2:
+        codes, known, table, what = raw, [*map(int, mask_values), ignore_index], \
+            "data.mask_values", "values [{values}]"
+    else:
+        return []
+    uniq, counts = np.unique(codes, return_counts=True)
+    unlisted = ~np.isin(uniq, np.asarray(known, dtype=uniq.dtype))
+    if not unlisted.any():
+        return []
+    share = float(counts[unlisted].sum()) / codes.size
+    found = [int(u) for u in uniq[unlisted]]
+    colours = tuple((u >> 16, (u >> 8) & 255, u & 255) for u in found) if table == "data.mask_colors" else ()
+    values = () if colours else tuple(found)
+    cause = f"mask {what} are not in {table} and are read as ignore_index={ignore_index} " \
+            "(not learnt, not scored)"
+    listed = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:5]) if colours else \
+        ", ".join(map(str, values[:5]))
+    return [Problem(path, split, "unlisted_labels",
+                    f"{listed} ({share:.1%} of the pixels) not in {table}: read as "
+                    f"ignore_index={ignore_index}", UNLISTED_FIX, values, cause=cause,
+                    colours=colours)]
+
+
 def _check_pair(
     split: str,
     sample: Sample,
@@ -414,6 +463,8 @@ def _check_pair(
             out.append(Problem(sample.mask, split, "bad_labels", exc.reason, exc.hint,
                                cause=cause, colours=colours))
         return out
+    if ignore_index is not None and (mask_values or mask_colors):
+        out += _unlisted_labels(split, sample.mask, raw, mask_values, mask_colors, ignore_index)
     bad = check_label_range(labels, num_classes, ignore_index)
     if bad:
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
@@ -458,7 +509,10 @@ def check_samples(
     (header) or mask (full decode), image/mask size mismatch, label values (after
     ``mask_values`` / ``mask_colors`` mapping) outside ``[0, num_classes)`` that are not
     ``ignore_index`` (in JPEG masks with the advice to save them as PNG instead), and with
-    ``decode_images`` and ``in_channels`` the channel count of every image.
+    ``decode_images`` and ``in_channels`` the channel count of every image. With
+    ``ignore_index`` and a ``mask_colors``/``mask_values`` table, colours or values missing
+    from the table (read as ``ignore_index``) come back as ``unlisted_labels`` problems, of the
+    :data:`WARNING_KINDS` that callers report without stopping.
 
     Args:
         splits: Samples per split (e.g. a :class:`~segpipe.data.datasets.Scan`).

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segpipe.data.checks import DataCheckError, check_samples
+from segpipe.data.checks import WARNING_KINDS, DataCheckError, check_samples, group_problems
 from segpipe.data.collate import PadCollate
 from segpipe.data.datasets import (
     DataSplitError,
@@ -731,8 +731,11 @@ class SegmentationDataModule(L.LightningDataModule):
                     # here, before training, rather than when the loader reaches the file.
                     decode_images=True,
                 )
-                if problems:
-                    raise DataCheckError(problems)
+                for group in group_problems([p for p in problems if p.kind in WARNING_KINDS]):
+                    log.warning("data check: %s", group.line())
+                errors = [p for p in problems if p.kind not in WARNING_KINDS]
+                if errors:
+                    raise DataCheckError(errors)
                 self._checked.update(todo)
         if "train" in used:
             self._measure_stats(used["train"])

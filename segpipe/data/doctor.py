@@ -52,6 +52,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from segpipe.helpformat import HelpFormatter
 from segpipe.data.checks import (
+    WARNING_KINDS,
     Problem,
     ProblemGroup,
     channel_problem,
@@ -561,6 +562,10 @@ def check_data(
         # Decoded images: the channels of every image are checked here (else a sample below).
         in_channels=dm.in_channels if decode_images else None,
     )
+    # Warnings among them (unlisted mask colours/values read as ignore_index) do not stop fit.
+    rep.warnings += [g.line(FILES_SHOWN) for g in group_problems(
+        [p for p in rep.problems if p.kind in WARNING_KINDS])]
+    rep.problems = [p for p in rep.problems if p.kind not in WARNING_KINDS]
     for p in rep.problems:
         for v in p.values:
             rep.bad_label_values[v] = rep.bad_label_values.get(v, 0) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tests.data.synthetic import (
     make_folder_dataset,
     make_isbi_like,
     make_lgg_like,
+    synthetic_mask_colors,
 )
 
 
@@ -117,6 +119,20 @@ def test_preflight_check_counts_the_selected_bands(tmp_path: Path) -> None:
     dm = _dm(root, num_classes=3, in_channels=3, bands=[4, 2, 1], batch_size=2)
     dm.setup("fit")  # the check's own fix: pick 3 of the 5 bands
     assert next(iter(dm.train_dataloader()))["image"].shape[1] == 3
+
+
+def test_preflight_check_warns_of_colours_missing_from_the_table(tmp_path: Path, caplog) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(24, 32),
+                               mask_mode="rgb")
+    dm = _dm(root, num_classes=2, ignore_index=255, mask_colors=synthetic_mask_colors(3)[:2],
+             batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="segpipe.data.datamodule"):
+        dm.setup("fit")  # trains as configured, with class 2's pixels ignored
+    (message,) = [r.getMessage() for r in caplog.records if "not in data.mask_colors" in r.getMessage()]
+    r, g, b = synthetic_mask_colors(3)[2]
+    assert re.match(rf"data check: \[train, val\] \d masks: mask colours \[{r}, {g}, {b}\] ", message)
+    assert "read as ignore_index=255" in message
+    assert (next(iter(dm.train_dataloader()))["mask"] == 255).any()
 
 
 def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:

@@ -431,3 +431,25 @@ def test_lossless_masks_still_get_the_num_classes_advice(tmp_path: Path, capsys)
     assert "values {5} are no class: set data.mask_values to map raw values to classes, " \
            "data.ignore_index to ignore one value, or raise data.num_classes" in out
     assert "[train] 1 mask: label values [5] outside 0..2 (" in out and "fix data.num_classes" in out
+
+
+def test_colours_and_values_missing_from_the_table_are_warned_about(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds", num_classes=3, mask_mode="rgb")
+    two = json.dumps(synthetic_mask_colors(3)[:2])  # class 2's colour left out of the table
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=2", "--data.ignore_index=255",
+                   f"--data.mask_colors={two}")
+    assert rc == 0  # usable as configured: a warning, not an error
+    (line,) = [ln for ln in _section(out, "Warnings:") if "not in data.mask_colors" in ln]
+    r, g, b = synthetic_mask_colors(3)[2]
+    assert f"masks: mask colours [{r}, {g}, {b}] are not in data.mask_colors and are read as " \
+           "ignore_index=255 (not learnt, not scored)" in line and "add it to the table" in line
+    assert "OK: no errors found" in out
+
+    index = _folder(tmp_path / "ix", num_classes=3)
+    rc, out = _run(capsys, f"--data.root={index}", "--data.num_classes=2", "--data.ignore_index=2",
+                   "--data.mask_values={0: 0, 1: 1}")
+    assert rc == 0 and "not in data.mask_values" not in out  # 2 is the ignore value itself
+    rc, out = _run(capsys, f"--data.root={index}", "--data.num_classes=2", "--data.ignore_index=255",
+                   "--data.mask_values={0: 0, 1: 1}")
+    assert rc == 0 and "mask values [2] are not in data.mask_values and are read as " \
+                       "ignore_index=255" in out
