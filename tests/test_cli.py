@@ -191,6 +191,30 @@ def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, t
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["epoch"] == 1
 
 
+def test_scoring_images_the_checkpoint_trained_on_is_refused(tmp_path, capsys):
+    data = make_folder_dataset(tmp_path / "ds", n_train=10, n_val=0, n_test=0, num_classes=3,
+                               size=(40, 48))
+    args = ["--config", "configs/folder_unet.yaml", f"--trainer.default_root_dir={tmp_path / 'run'}",
+            *TINY, "--data.val_fraction=0.3"]
+    assert main(["fit", *args, f"--data.root={data}", "--trainer.max_epochs=1"]) == 0
+    # The same settings draw the same held-out images: scored.
+    assert main(["test", *args, f"--data.root={data}", "--ckpt_path=last"]) == 0
+    # The data root moved: its files are still recognised (path relative to the root + size).
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    capsys.readouterr()
+    code = main(["test", *args, f"--data.root={moved}", "--ckpt_path=last", "--data.seed=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("segpipe: error: the checkpoint trained on ")
+    assert "images this val split scores" in err[-1] and str(moved) in err[-1]
+    assert "It was trained with data.seed=0; now data.seed=3: give the settings" in err[-1]
+    # Another data set that names its files alike is not mistaken for the training data.
+    other = make_folder_dataset(tmp_path / "other", n_train=10, n_val=0, n_test=0, num_classes=3,
+                                size=(44, 52), seed=7)
+    assert main(["test", *args, f"--data.root={other}", "--ckpt_path",
+                 str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--data.seed=3"]) == 0
+
+
 def test_resume_from_last(fitted, dataset):
     main(
         ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",

@@ -73,6 +73,28 @@ _DEFAULT_CASE_PATTERN: dict[str, str] = {"camvid": r"(?P<case>[^/_]+)_[^/]*$"}
 #: The data settings that decide a split by case (see :attr:`SegmentationDataModule.case_split`).
 _CASE_SPLIT_KEYS = ("val_cases", "val_case_fraction", "fold", "seed")
 
+#: Options that decide which files a split holds, named when a checkpoint's training files
+#: turn up in the split a later run scores.
+_FILE_SPLIT_KEYS = ("val_fraction", "val_cases", "val_case_fraction", "fold", "seed")
+
+
+def _file_keys(samples: Sequence[Sample], root: Path) -> torch.Tensor:
+    """One 64-bit key per sample's image: a hash of its path relative to ``root`` and its size
+    in bytes, so the training files of a checkpoint are recognised (8 bytes each in the
+    checkpoint) when the data root has moved, but not in another data set that names its
+    files alike."""
+    import hashlib
+
+    keys = []
+    for sample in samples:
+        try:
+            rel, size = sample.image.relative_to(root).as_posix(), sample.image.stat().st_size
+        except (ValueError, OSError):
+            rel, size = sample.image.as_posix(), -1
+        digest = hashlib.blake2b(f"{rel}\0{size}".encode(), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(keys, dtype=torch.int64)
+
 
 def _num_folds(fraction: float | None) -> int | None:
     """K when ``fraction`` is 1/K (to 2 %) for some K >= 2, else None."""
@@ -346,6 +368,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_crop_size = crop_size
         self._scan: Scan | None = None
         self._splits: dict[str, list[Sample]] = {}
+        self._train_keys: torch.Tensor | None = None  # see _file_keys
         self._checked: set[str] = set()
         self.datasets: dict[str, Any] = {}
         self.test_split: str = "test"
@@ -424,6 +447,8 @@ class SegmentationDataModule(L.LightningDataModule):
         training cases, so that a later run cannot validate on them unawares."""
         return {"spec": self.spec.to_dict(), "train_crop_size": self.train_crop_size,
                 "train_cases": self._train_cases(),
+                "train_files": self._train_file_keys(),
+                "split_settings": {k: self.hparams.get(k) for k in _FILE_SPLIT_KEYS},
                 "trained_on_val": not self.validates}
 
     @property
@@ -439,6 +464,39 @@ class SegmentationDataModule(L.LightningDataModule):
         if hp.get("val_cases") is None and hp.get("val_case_fraction") is None:
             return None
         return {k: hp.get(k) for k in _CASE_SPLIT_KEYS}
+
+    def _train_file_keys(self) -> torch.Tensor | None:
+        """:func:`_file_keys` of the training split (computed once), or None before setup."""
+        if self._train_keys is None and self._splits.get("train"):
+            self._train_keys = _file_keys(self._splits["train"], Path(self.root).expanduser())
+        return self._train_keys
+
+    def _check_files_not_trained_on(self, trained: torch.Tensor, settings: Mapping[str, Any]) -> None:
+        """Refuse to score images the checkpoint trained on: a val split drawn with another
+        ``val_fraction`` or ``seed`` than in training, or files moved between the splits."""
+        stage = self._stage()
+        if not self._splits or stage not in ("validate", "test", "fit"):
+            return
+        for split in self._splits_for(stage):
+            samples = self._splits.get(split, []) if split != "train" else []
+            if not samples:
+                continue
+            seen = torch.isin(_file_keys(samples, Path(self.root).expanduser()),
+                              trained.to(torch.int64))
+            if not bool(seen.any()):
+                continue
+            names = [str(s.image) for s, hit in zip(samples, seen.tolist()) if hit]
+            changed = [k for k, v in settings.items() if v != self.hparams.get(k)]
+            why = ("It was trained with " + ", ".join(f"data.{k}={settings[k]}" for k in changed)
+                   + "; now " + ", ".join(f"data.{k}={self.hparams.get(k)}" for k in changed)
+                   + ": give the settings it was trained with, or score data it did not train on"
+                   ) if changed else ("The split settings are those of its training, so files "
+                                      "moved between the splits: score data it did not train on")
+            raise DataSplitError(
+                f"the checkpoint trained on {len(names)} of the {len(samples)} images this "
+                f"{split} split scores ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}), "
+                f"so its scores would not be held out. {why}"
+            )
 
     def _train_cases(self) -> list[str] | None:
         """The training split's cases when train and val were split by case, else None."""
@@ -494,6 +552,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 "the checkpoint was trained with data.train_on_val: its training data held this "
                 "val split, so its scores would not be held out; score it on a test split"
             )
+        if isinstance(state_dict.get("train_files"), torch.Tensor):
+            self._check_files_not_trained_on(state_dict["train_files"],
+                                             state_dict.get("split_settings") or {})
 
     def update_train_crop(self, progress: float) -> bool:
         """Switch the training crop to ``late_crop_size`` once ``progress`` reaches
