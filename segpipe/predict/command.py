@@ -77,6 +77,8 @@ def find_inputs(
 
     Raises:
         FileNotFoundError: When ``input_path`` does not exist.
+        PredictUsageError: When an output would replace an input file, or every image of the
+            input folder lies inside the output folder.
     """
     from segpipe.data.datasets import find_images
     from segpipe.predict.engine import InputFile
@@ -88,18 +90,27 @@ def find_inputs(
     names = writer.all_names()
     claimed: dict[str, Path] = {}
     inputs: list[InputFile] = []
+    inside = [f for f in files if src.is_dir() and f.resolve().is_relative_to(out_root)]
+    if files and len(inside) == len(files):
+        raise PredictUsageError(
+            f"all {len(files)} image(s) in {src} lie inside the output folder {output_dir}, "
+            "whose files predict leaves out (they would be its own outputs); choose an output "
+            "folder outside the input")
+    files = [f for f in files if f not in inside]
+    originals = {f.resolve() for f in files}
     for f in files:
-        if src.is_dir() and f.resolve().is_relative_to(out_root):
-            continue
         rel = f.relative_to(root)
+        for n in names:
+            target = (out_root / writer.formats[n].filename(rel)).resolve()
+            if target in originals:
+                raise PredictUsageError(
+                    f"--output {output_dir} would write the {n} output of {f} over the input "
+                    f"image {target}; choose another output folder")
         keys = [writer.formats[n].filename(rel).as_posix().casefold() for n in names]
         clash = next((claimed[k] for k in keys if k in claimed), None)
         error = None
         if clash is not None:
-            error = (
-                f"its outputs would overwrite those of {clash} (same name apart from the "
-                "extension); rename one of them"
-            )
+            error = f"its outputs would have the names of those of {clash}; rename one of them"
         else:
             claimed.update(dict.fromkeys(keys, f))
         inputs.append(InputFile(f, rel, error))

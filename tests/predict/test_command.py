@@ -215,9 +215,26 @@ def test_output_inside_input_and_name_collisions(tmp_path: Path, pointwise_ckpt:
     out = src / "pred"
     assert run(pointwise_ckpt, src, out) == 1
     text = capsys.readouterr().out
-    assert "1 written" in text and "would overwrite those of" in text
+    assert "1 written" in text and "its outputs would have the names of those of" in text
     assert run(pointwise_ckpt, src, out) == 1  # outputs in in/pred are not taken as inputs
     assert "0 written, 1 skipped (already done), 1 failed" in capsys.readouterr().out
+
+
+def test_an_output_never_replaces_an_input(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    src = tmp_path / "in"
+    write_image(src / "a.png", noise_image(16, 16))
+    photo = (src / "a.png").read_bytes()
+    for extra in ((), ("--overwrite",)):  # the mask of in/a.png would be in/a.png
+        assert run(pointwise_ckpt, src / "a.png", src, "--format", "mask", *extra) == 2
+        err = capsys.readouterr().err
+        assert f"would write the mask output of {src / 'a.png'} over the input image" in err
+    assert (src / "a.png").read_bytes() == photo
+    # The input folder as output: every image lies inside it, so there is nothing to predict.
+    assert run(pointwise_ckpt, src, src) == 2
+    assert f"all 1 image(s) in {src} lie inside the output folder {src}" in capsys.readouterr().err
+    assert run(pointwise_ckpt, src, tmp_path) == 2  # the output folder holds the input folder
+    assert "lie inside the output folder" in capsys.readouterr().err
+    assert (src / "a.png").read_bytes() == photo
 
 
 def test_checkpoint_without_net_is_a_clear_error(tmp_path: Path, capsys) -> None:
