@@ -117,13 +117,48 @@ class CommandParser(argparse.ArgumentParser):
                 known = sorted({a.option_strings[0].lstrip("-") for a in self._actions
                                 if a.option_strings and a.dest not in ("help", "config")})
                 self.error(f"--config {p}: unknown option {key!r}; options: {', '.join(known)}")
-            if isinstance(action.type, type) and value is not None and not isinstance(value, list):
-                value = action.type(value)
+            value = self._config_value(p, str(key), action, value)
             self.set_defaults(**{action.dest: value})
             action.required = False
             for group in self._mutually_exclusive_groups:
                 if action in group._group_actions:
                     group.required = False
+
+    def _config_value(self, path: Path, key: str, action: argparse.Action, value: Any) -> Any:
+        """``value`` from the YAML file as the command line would give it, or one error line:
+        flags take only true/false (the string "false" is no flag's false), a list option takes
+        a list or one string (as one value on the command line: ``mask,palette``), a typed
+        option its type (no silent 2.7 -> 2), a choice one of its choices."""
+        where = f"--config {path}: {key}"
+        if action.nargs == 0:  # store_true / store_false
+            if not isinstance(value, bool):
+                self.error(f"{where} must be true or false, got {value!r}")
+            return value
+        if value is None:
+            return None
+        if action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            return [self._typed(where, action, v) for v in items]
+        if isinstance(value, (list, dict)):
+            self.error(f"{where} takes one value, got {value!r}")
+        return self._typed(where, action, value)
+
+    def _typed(self, where: str, action: argparse.Action, value: Any) -> Any:
+        kind = action.type
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            self.error(f"{where} must be a whole number, got {value!r}")
+        if callable(kind):
+            try:
+                value = kind(value if isinstance(value, str) or kind in (int, float) else str(value))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                name = getattr(kind, "__name__", "value")
+                detail = f" ({exc})" if isinstance(exc, argparse.ArgumentTypeError) else ""
+                self.error(f"{where}: invalid {name} value {value!r}{detail}")
+        elif not isinstance(value, str):
+            value = str(value)
+        if action.choices is not None and value not in action.choices:
+            self.error(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        return value
 
     # ------------------------------------------------------------------ errors
     def error(self, message: str) -> NoReturn:

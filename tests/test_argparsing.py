@@ -61,3 +61,28 @@ def test_unknown_config_key_lists_the_options(tmp_path: Path,
     with pytest.raises(SystemExit):
         parser.parse_args(["--config", str(cfg)])
     assert "unknown option 'batch'; options: batch_size" in capsys.readouterr().err
+
+
+def test_config_values_are_checked_as_the_command_line_checks_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = "ckpt_path: m.ckpt\ninput: in\noutput: out\n"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(base + "format: mask\n")  # one string: one value, as on the command line
+    assert predict_parser().parse_args(["--config", str(cfg)]).formats == ["mask"]
+    cfg.write_text(base + "format: 'mask, palette'\ntta: false\n")
+    a = predict_parser().parse_args(["--config", str(cfg)])
+    assert a.formats == ["mask, palette"] and a.tta is False
+    for line, words in [
+        ('overwrite: "false"', "overwrite must be true or false, got 'false'"),  # no string flags
+        ("tta: 1", "tta must be true or false, got 1"),
+        ("tile: abc", "tile: invalid int value 'abc'"),
+        ("batch_size: 2.7", "batch_size must be a whole number, got 2.7"),
+        ("probs: maxx", "probs must be one of classes, max, got 'maxx'"),
+        ("tile: [1, 2]", "tile takes one value, got [1, 2]"),
+    ]:
+        cfg.write_text(base + line + "\n")
+        with pytest.raises(SystemExit) as exc:
+            predict_parser().parse_args(["--config", str(cfg)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1, line
+        assert err[0].startswith(f"segpipe predict: error: --config {cfg}: ") and words in err[0]

@@ -287,6 +287,9 @@ def predict(
         raise PredictUsageError(f"--overlap must be a fraction in [0, 1), got {overlap}")
     if batch_size < 1:
         raise PredictUsageError(f"--batch_size must be >= 1, got {batch_size}")
+    for name, workers in (("--num_workers", num_workers), ("--write_workers", write_workers)):
+        if workers is not None and workers < 0:
+            raise PredictUsageError(f"{name} must be >= 0 (0: in the main process), got {workers}")
     from segpipe.models.batchnorm import BatchNormAdaptError, batchnorm_layers, check_bn_adapt
 
     try:
@@ -365,12 +368,20 @@ def predict(
     module = PredictModule(task, config, writer, options)
     callback = WritingCallback(writer, len(files), fail_fast=fail_fast, progress=progress,
                                write_workers=int(write_workers))
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy,
-        precision=precision or default_precision(), logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-        inference_mode=True,
-    )
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=devices, strategy=strategy,
+            precision=precision or default_precision(), logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+            inference_mode=True,
+        )
+    except (ValueError, ImportError, RuntimeError, MisconfigurationException) as exc:
+        # A typo (--precision 17) or a device this machine lacks (--accelerator tpu).
+        raise PredictUsageError(
+            f"--accelerator {accelerator} --devices {devices} --strategy {strategy} --precision "
+            f"{precision or default_precision()}: {' '.join(str(exc).split())}") from None
     stopped = interrupted = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

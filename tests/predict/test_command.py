@@ -611,3 +611,21 @@ def test_tile_below_the_networks_size_step_is_refused_and_off_step_warned(
     with caplog.at_level("WARNING", logger="segpipe.predict.command"):
         assert run(unet_ckpt, src, tmp_path / "even", "--tile", "32") == 0
     assert "size step" not in caplog.text
+
+
+def test_worker_precision_and_device_mistakes_are_one_line(tmp_path: Path, pointwise_ckpt: Path,
+                                                          capsys) -> None:
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    for extra, words in [
+        (("--num_workers", "-1"), "--num_workers must be >= 0"),
+        (("--write_workers", "-2"), "--write_workers must be >= 0"),
+        (("--precision", "17"), "--precision 17: Precision '17' is invalid"),
+        (("--accelerator", "nosuchchip"), "--accelerator nosuchchip"),
+    ]:
+        code = cli_main(["predict", "--ckpt_path", str(pointwise_ckpt), "--input",
+                         str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress",
+                         *extra])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and err[-1].startswith("segpipe predict: error: ") and words in err[-1], err
+        assert not any("Traceback" in ln for ln in err)
+    assert not (tmp_path / "out" / "a.png").exists()
