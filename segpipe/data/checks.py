@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -53,6 +53,9 @@ FIXES: dict[str, str] = {
     "size_mismatch": "re-export the mask at the image's size",
     "bad_labels": "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
     "or fix data.num_classes",
+    "nonfinite_pixels": "replace them with a finite value (e.g. the band's mean) and label those "
+    "pixels data.ignore_index in the mask; a NaN spreads through the network to its neighbours "
+    "and makes the loss NaN",
 }
 
 #: Kinds of :class:`Problem` that warn instead of stopping training: the data can be used as
@@ -78,6 +81,8 @@ _NOUNS: dict[str, str] = {
     "bad_labels": "mask",
     "channel_mismatch": "image",
     "unlisted_labels": "mask",
+    "nonfinite_pixels": "image",
+    "empty_split": "folder",
 }
 
 # Reasons from segpipe.data.io that end in the decoder's message about this very file: the part
@@ -124,7 +129,8 @@ class Problem:
         path: The offending file.
         split: Split it belongs to.
         kind: One of ``missing_mask``, ``orphan_mask``, ``duplicate``, ``unreadable_image``,
-            ``unreadable_mask``, ``size_mismatch``, ``bad_labels`` (tools may add their own,
+            ``unreadable_mask``, ``size_mismatch``, ``bad_labels``, ``nonfinite_pixels``,
+            ``unlisted_labels`` (a warning: :data:`WARNING_KINDS`; tools may add their own,
             e.g. ``segpipe check-data``'s ``channel_mismatch``).
         message: What is wrong.
         fix: One-line fix.
@@ -414,6 +420,12 @@ def _check_pair(
                                         bands)
                 if found is not None:
                     out.append(found)
+            if image.dtype.kind == "f":
+                bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+                if bad:
+                    out.append(Problem(sample.image, split, "nonfinite_pixels",
+                                       f"{bad} NaN or infinite value(s)",
+                                       cause="NaN or infinite pixel values"))
             del image
         else:
             size = image_size(sample.image)
@@ -555,7 +567,27 @@ def check_samples(
 
     for found in parallel_map(run, items, max_workers, "checking data"):
         problems.extend(found)
-    return problems
+    return _with_suffix_hint(problems)
+
+
+def _with_suffix_hint(problems: list[Problem]) -> list[Problem]:
+    """Images without a mask beside masks without an image whose names are the images' plus
+    one suffix (``x.png`` / ``x_mask.png``): say so, and name ``data.mask_suffix``."""
+    missing = {p.path.stem for p in problems if p.kind == "missing_mask"}
+    suffixes: dict[str, int] = {}
+    for p in problems:
+        if p.kind == "orphan_mask":
+            for stem in missing:
+                if p.path.stem.startswith(stem) and len(p.path.stem) > len(stem):
+                    suffix = p.path.stem[len(stem):]
+                    suffixes[suffix] = suffixes.get(suffix, 0) + 1
+    if not suffixes:
+        return problems
+    suffix = max(suffixes, key=lambda k: (suffixes[k], -len(k)))
+    fix = (f"mask names add {suffix!r} to their image's (x.png / x{suffix}.png): set "
+           f"data.mask_suffix: {suffix!r}")
+    return [replace(p, fix=fix) if p.kind in ("missing_mask", "orphan_mask") else p
+            for p in problems]
 
 
 def class_pixel_counts(

@@ -225,6 +225,9 @@ class SegmentationDataModule(L.LightningDataModule):
             checkpoints are ``last.ckpt`` only, and ``--ckpt_path best`` means it. The
             checkpoint records that it trained on val, so ``validate``/``test`` on that val
             split refuse it; score it on a test split.
+        mask_suffix: ``folder`` layout: what mask file names add to their image's stem, e.g.
+            ``"_mask"`` pairs ``images/x.jpg`` with ``masks/x_mask.png`` (default: none, the
+            same stem).
     """
 
     def __init__(
@@ -275,9 +278,13 @@ class SegmentationDataModule(L.LightningDataModule):
         val_case_fraction: float | None = None,
         fold: int | None = None,
         train_on_val: bool = False,
+        mask_suffix: str = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if mask_suffix and layout != "folder":
+            raise ConfigError(f"data.mask_suffix applies to the 'folder' layout; the {layout!r} "
+                              "layout names its masks itself")
         if layout not in LAYOUTS:
             raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -581,7 +588,7 @@ class SegmentationDataModule(L.LightningDataModule):
         hp = self.hparams
         root = Path(self.root).expanduser()
         if self.layout == "folder":
-            return scan_folder(root)
+            return scan_folder(root, mask_suffix=hp.get("mask_suffix") or "")
         if self.layout == "camvid":
             return scan_camvid(root)
         if self.layout == "lgg":
@@ -747,9 +754,13 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         if not samples:
             folder = scan.folders.get(split, Path(self.root))
+            instead = {"val": ", or delete the empty folder so that data.val_fraction holds "
+                              "out part of train",
+                       "test": ", or delete the empty folder so that `segpipe test` scores val"
+                       }.get(split, "")
             raise DataSplitError(
                 f"{folder}: the {split!r} split has no samples; put images there "
-                f"(extensions: .png .jpg .jpeg .webp .bmp .tif .tiff .gif)"
+                f"(extensions: .png .jpg .jpeg .webp .bmp .tif .tiff .gif){instead}"
             )
         return samples
 

@@ -192,14 +192,16 @@ def _index_by_key(
 
 
 def _pair_folders(
-    image_dir: Path, mask_dir: Path | None, recursive: bool = True
+    image_dir: Path, mask_dir: Path | None, recursive: bool = True, mask_suffix: str = ""
 ) -> tuple[list[Sample], list[Path], list[Path]]:
-    """Match images and masks by relative stem. Returns (samples, orphan masks, duplicates)."""
+    """Match images and masks by relative stem (a mask's less ``mask_suffix``). Returns
+    (samples, orphan masks, duplicates)."""
     images, dup_img = _index_by_key(image_dir, find_images(image_dir, recursive=recursive))
     masks: dict[str, Path] = {}
     dup_mask: list[Path] = []
     if mask_dir is not None and mask_dir.is_dir():
-        masks, dup_mask = _index_by_key(mask_dir, find_images(mask_dir, recursive=recursive))
+        masks, dup_mask = _index_by_key(mask_dir, find_images(mask_dir, recursive=recursive),
+                                        strip_suffix=mask_suffix)
     samples = [Sample(image=images[k], mask=masks.get(k)) for k in images]
     orphans = [masks[k] for k in masks if k not in images]
     return samples, orphans, dup_img + dup_mask
@@ -235,17 +237,18 @@ LAYOUT_HELP: dict[str, str] = {
 }
 
 
-def scan_folder(root: str | Path) -> Scan:
+def scan_folder(root: str | Path, mask_suffix: str = "") -> Scan:
     """Scan the generic ``folder`` layout.
 
     ``ROOT/{train,val,test}/images/**`` (recursive, any of the image extensions) paired with
     ``ROOT/{split}/masks/**`` by relative path without extension, so ``images/a/x.jpg`` pairs
-    with ``masks/a/x.png``. Without split folders, ``ROOT/images`` + ``ROOT/masks`` is taken as
-    the train split. A split is present when its ``images`` folder exists (it may be empty; the
-    data module then reports it).
+    with ``masks/a/x.png`` (with ``mask_suffix="_mask"``, ``masks/a/x_mask.png``). Without split
+    folders, ``ROOT/images`` + ``ROOT/masks`` is taken as the train split. A split is present
+    when its ``images`` folder exists (it may be empty; the data module then reports it).
 
     Args:
         root: Data root.
+        mask_suffix: What mask names add to their image's stem (e.g. ``"_mask"``).
 
     Returns:
         A :class:`Scan`; images without a mask get ``Sample(mask=None)``.
@@ -258,9 +261,11 @@ def scan_folder(root: str | Path) -> Scan:
     for split in SPLITS:
         image_dir = base / split / "images"
         if image_dir.is_dir():
-            scan.add(split, image_dir, _pair_folders(image_dir, base / split / "masks"))
+            scan.add(split, image_dir, _pair_folders(image_dir, base / split / "masks",
+                                                     mask_suffix=mask_suffix))
     if not scan and (base / "images").is_dir():
-        scan.add("train", base / "images", _pair_folders(base / "images", base / "masks"))
+        scan.add("train", base / "images", _pair_folders(base / "images", base / "masks",
+                                                         mask_suffix=mask_suffix))
     if not scan:
         raise DataRootError(
             f"{base}: no train/images, val/images, test/images or images folder found; the "
@@ -984,6 +989,7 @@ def prepare_image(
     std: Sequence[float] | None,
     transform: Any | None = None,
     source: str | Path = "image",
+    valid: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """An image as a prediction input, exactly as training data is prepared.
 
@@ -998,17 +1004,33 @@ def prepare_image(
         std: Per-channel std.
         transform: albumentations pipeline taking ``image``, or None.
         source: The file or a name, for error messages.
+        valid: (H, W) bool, False at nodata pixels (a raster's mask), or None.
 
     Returns:
-        ``{"image": float32 (C, h, w), "size": int64 [H, W]}`` (size before the transform).
+        ``{"image": float32 (C, h, w), "size": int64 [H, W]}`` (size before the transform),
+        and ``"valid"``, bool (H, W), when some pixel is nodata (``valid``) or NaN/infinite in
+        any channel: those pixels are set to the normalisation mean (0 in the network's input,
+        as ``segpipe predict`` fills a raster's nodata), so they add no signal and spread no
+        NaN, and their labels are to be written as nodata.
     """
     arr = np.asarray(pixels)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     image = adapt_channels(to_float(arr), in_channels, source)
     size = torch.tensor(image.shape[:2], dtype=torch.int64)
+    d_mean, d_std = default_mean_std(image.shape[2])
+    ok = np.isfinite(image).all(axis=-1) if image.dtype.kind == "f" else None
+    if valid is not None:
+        ok = valid if ok is None else ok & valid
+    if ok is not None and ok.all():
+        ok = None
+    if ok is not None:
+        image = np.array(image, dtype=np.float32)  # a copy: the caller's pixels stay as given
+        image[~ok] = np.asarray(mean or d_mean, dtype=np.float32)
     if transform is not None:
         image = transform(image=image)["image"]
-    d_mean, d_std = default_mean_std(image.shape[2])
     img_t = normalize_to_tensor(image, mean or d_mean, std or d_std)
-    return {"image": img_t, "size": size}
+    out = {"image": img_t, "size": size}
+    if ok is not None:
+        out["valid"] = torch.from_numpy(np.ascontiguousarray(ok))
+    return out

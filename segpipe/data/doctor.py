@@ -536,6 +536,7 @@ def check_data(
 
     # Pairs per split -----------------------------------------------------------------------
     limit = dm.hparams.get("limit_samples")
+    empty: list[Problem] = []  # train or val splits without an image: errors, as in fit
     for s, samples in chosen.items():
         with_mask = sum(1 for x in samples if x.mask is not None)
         source = _split_source(dm, scan, s)
@@ -545,7 +546,15 @@ def check_data(
             "source": source, "folder": str(scan.folders.get(s, dm.root)),
         }
         if not samples:
-            rep.warnings.append(f"[{s}] the split has no images ({scan.folders.get(s, dm.root)})")
+            folder = scan.folders.get(s, Path(dm.root))
+            if s == "test":
+                rep.warnings.append(f"[{s}] the split has no images ({folder}): `segpipe test` "
+                                    "refuses it; put images there or delete the folder")
+            else:  # segpipe fit stops on it
+                empty.append(Problem(Path(folder), s, "empty_split", "the split has no images",
+                                     "put images there" + (", or delete the empty folder so "
+                                     "that data.val_fraction holds out part of train"
+                                     if s == "val" else "")))
     if "test" not in available:
         rep.notes.append("no test split: `segpipe test` will evaluate the val split")
     if limit:
@@ -565,7 +574,7 @@ def check_data(
     # Warnings among them (unlisted mask colours/values read as ignore_index) do not stop fit.
     rep.warnings += [g.line(FILES_SHOWN) for g in group_problems(
         [p for p in rep.problems if p.kind in WARNING_KINDS])]
-    rep.problems = [p for p in rep.problems if p.kind not in WARNING_KINDS]
+    rep.problems = empty + [p for p in rep.problems if p.kind not in WARNING_KINDS]
     for p in rep.problems:
         for v in p.values:
             rep.bad_label_values[v] = rep.bad_label_values.get(v, 0) + 1

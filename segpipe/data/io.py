@@ -892,7 +892,8 @@ class RasterReader:
             ``(pixels (h, w, C) native dtype, valid (h, w) bool or None when every pixel is
             valid)``. ``pixels`` is a band-planar view (no copy). A pixel is valid when any
             selected band is valid (GDAL's dataset mask semantics: nodata value, internal mask
-            or alpha band).
+            or alpha band) and, in float rasters, no selected band is NaN or infinite (a NaN
+            would spread through the network to every pixel near it).
 
         Raises:
             ImageReadError: Truncated or corrupt data inside the window.
@@ -920,6 +921,10 @@ class RasterReader:
             ) from None
         if self._lut is not None:
             return self._lut[data[0]], valid
+        if data.dtype.kind == "f":  # NaN/inf that no nodata tag declares: no pixel either
+            finite = np.isfinite(data).all(axis=0)
+            if not finite.all():
+                valid = finite if valid is None else valid & finite
         return np.moveaxis(data, 0, -1), valid
 
     def close(self) -> None:

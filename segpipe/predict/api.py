@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,9 +29,11 @@ import numpy as np
 import torch
 
 from segpipe.data.datasets import prepare_image
-from segpipe.data.io import read_image
+from segpipe.data.io import open_raster, probe_raster, read_image
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ImageLike", "Segmenter"]
 
@@ -205,10 +208,28 @@ class Segmenter:
         return self.predict(images)
 
     # ------------------------------------------------------------------ internals
-    def _pixels(self, item: ImageLike) -> tuple[np.ndarray, str]:
-        """(H, W, C) native pixels of one input, with the model's bands selected."""
+    def _pixels(self, item: ImageLike) -> tuple[np.ndarray, str, np.ndarray | None]:
+        """(H, W, C) native pixels of one input, with the model's bands selected, and for a
+        raster file its validity (False at nodata, as ``segpipe predict`` reads it) or None."""
         if isinstance(item, (str, Path)):
-            return read_image(item, self.config.bands), str(item)
+            if probe_raster(item) is not None:  # nodata / mask / alpha, as the command reads it
+                with open_raster(item, self.config.bands) as reader:
+                    pixels, valid = reader.read(0, reader.height)
+                return np.ascontiguousarray(pixels), str(item), valid
+            return read_image(item, self.config.bands), str(item), None
+        if isinstance(item, torch.Tensor):
+            raise TypeError(
+                f"cannot predict a torch.Tensor of shape {tuple(item.shape)}: give a numpy array "
+                "(H, W[, C]) in the image's own dtype, e.g. tensor.permute(1, 2, 0).cpu().numpy() "
+                "for a (C, H, W) tensor")
+        if isinstance(item, np.ndarray) and item.dtype.kind in "iu" and item.dtype.itemsize > 2:
+            top = int(item.max()) if item.size else 0
+            if top <= 65535:
+                log.warning(
+                    "a %s array with values up to %d is scaled by its type's maximum (%d), as "
+                    "segpipe reads %s files, so it comes out almost black; convert 8-bit images "
+                    "with .astype(np.uint8) and 16-bit ones with .astype(np.uint16)",
+                    item.dtype, top, np.iinfo(item.dtype).max, item.dtype)
         if not isinstance(item, np.ndarray):  # a PIL image
             mode = getattr(item, "mode", None)
             if mode is None:
@@ -218,23 +239,23 @@ class Segmenter:
                 )
             if mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1"):
                 item = item.convert("L" if mode in ("LA", "1") else "RGB")
-            return np.asarray(item), f"PIL image ({mode})"
+            return np.asarray(item), f"PIL image ({mode})", None
         arr = item[:, :, None] if item.ndim == 2 else item
         if arr.ndim != 3:
             raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {item.shape}")
         bands = self.config.bands
         if bands and arr.shape[2] != self.config.in_channels and max(bands) <= arr.shape[2]:
             arr = arr[:, :, [b - 1 for b in bands]]  # as data.bands picks them from files
-        return arr, f"array {item.shape} {item.dtype}"
+        return arr, f"array {item.shape} {item.dtype}", None
 
     def _prepared(self, item: ImageLike, resize: bool) -> dict[str, torch.Tensor]:
         from segpipe.data.transforms import build_eval_transform
 
         cfg = self.config
         transform = build_eval_transform(cfg.eval_resize) if resize and cfg.eval_resize else None
-        pixels, source = self._pixels(item)
+        pixels, source, valid = self._pixels(item)
         return prepare_image(pixels, in_channels=cfg.in_channels, mean=cfg.mean, std=cfg.std,
-                             transform=transform, source=source)
+                             transform=transform, source=source, valid=valid)
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
@@ -278,9 +299,14 @@ class Segmenter:
                     labels = None if resized else scores.argmax(dim=1)
                     for j, (i, size) in enumerate(zip(chunk, sizes)):
                         p = to_size(scores[j], size) if resized else scores[j]
+                        valid = prepared[i].get("valid")  # nodata, NaN: as the command writes
                         if proba:  # probs=True above: already probabilities
                             out[i] = p.float().cpu().numpy()
+                            if valid is not None:
+                                out[i][:, ~valid.numpy()] = 0.0
                         else:
                             lab = p.argmax(dim=0) if resized else labels[j]
                             out[i] = lab.cpu().numpy().astype(cfg.mask_dtype)
+                            if valid is not None:
+                                out[i][~valid.numpy()] = cfg.nodata_value
         return out[0] if single else out  # type: ignore[return-value]

@@ -313,8 +313,9 @@ class PredictInputs(Dataset):
             if info is not None:
                 rec["kind"] = "raster"
                 return rec
-            image, size = self._load(index)
-            rec.update(kind="image", image=image, size=size)
+            item = self.images[index]
+            rec.update(kind="image", image=item["image"], size=item["size"],
+                       valid=item.get("valid"))
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc))
         return rec
@@ -346,7 +347,7 @@ class PredictInputs(Dataset):
                         yield window
                     self.rasters_left_out += windows == 0
                     continue
-                image, _ = self._load(index)
+                image = self.images[index]["image"]
             except Exception:  # noqa: BLE001 - the prediction reports this file's failure
                 continue
             yield from covering_tiles(image, tile)
@@ -360,11 +361,6 @@ class PredictInputs(Dataset):
                 if valid is None or valid.all():
                     yield source.tile((pixels, None), 0, col1 - col0)
 
-    def _load(self, index: int) -> tuple[Tensor, Tensor]:
-        """Normalised (C, h, w) image (channels-last memory, what the network wants) and its
-        original [H, W]."""
-        item = self.images[index]
-        return item["image"], item["size"]
 
 
 def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -375,6 +371,7 @@ def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _display_from_unit(image: np.ndarray) -> np.ndarray:
     """(H, W, C) float [0, 1] -> (H, W, 3) uint8 (first three channels, or the first as grey)."""
     rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
+    rgb = np.nan_to_num(rgb, nan=0.0, posinf=1.0, neginf=0.0)  # nodata shown black
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -576,7 +573,9 @@ class PredictModule(L.LightningModule):
             else:
                 lab = labels[j]
             display = to_display(img, cfg.mean, cfg.std) if need_display else None
-            chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, None, display)
+            valid = rec.get("valid")  # NaN/inf pixels of a float image: written as nodata
+            valid = None if valid is None else valid.numpy()
+            chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, valid, display)
             out.append(ItemResult(rec["path"], rec["rel"], "predicted", formats=names,
                                   prediction=chunk))
         return out

@@ -135,6 +135,35 @@ def test_preflight_check_warns_of_colours_missing_from_the_table(tmp_path: Path,
     assert (next(iter(dm.train_dataloader()))["mask"] == 255).any()
 
 
+def test_preflight_check_refuses_nan_pixels(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(24, 32))
+    image = np.random.default_rng(0).random((24, 32, 3)).astype(np.float32)
+    image[3, 4, 1] = np.nan
+    image[5, 6, 0] = np.inf
+    bad = root / "train" / "images" / "img_000.tif"
+    (root / "train" / "images" / "img_000.png").unlink()
+    write_image(bad, image)
+    with pytest.raises(DataCheckError, match=r"\[train\] 1 image: NaN or infinite pixel values "
+                                             r"\(.*img_000\.tif\) -> fix: replace them"):
+        _dm(root, num_classes=3).setup("fit")
+
+
+def test_mask_suffix_pairs_masks_named_after_their_image(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(24, 32))
+    for mask in root.rglob("masks/*.png"):
+        mask.rename(mask.with_name(mask.stem + "_mask.png"))
+    with pytest.raises(DataCheckError) as exc:
+        _dm(root, num_classes=3).setup("fit")
+    assert "no mask found" in str(exc.value) and "no matching image" in str(exc.value)
+    assert "set data.mask_suffix: '_mask'" in str(exc.value)
+    dm = _dm(root, num_classes=3, mask_suffix="_mask", batch_size=2)
+    dm.setup("fit")
+    pairs = [(s.image.stem, s.mask.stem) for s in dm.splits["train"]]
+    assert len(pairs) == 4 and all(m == f"{i}_mask" for i, m in pairs)
+    with pytest.raises(ValueError, match="data.mask_suffix applies to the 'folder' layout"):
+        _dm(root, num_classes=3, layout="camvid", mask_suffix="_L")
+
+
 def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(16, 16))
     dm = _dm(root, num_classes=3, batch_size=4, num_workers=1, crop_size=16)

@@ -453,3 +453,18 @@ def test_colours_and_values_missing_from_the_table_are_warned_about(tmp_path: Pa
                    "--data.mask_values={0: 0, 1: 1}")
     assert rc == 0 and "mask values [2] are not in data.mask_values and are read as " \
                        "ignore_index=255" in out
+
+
+def test_an_empty_val_split_is_an_error_as_in_fit(tmp_path: Path, capsys) -> None:
+    root = _folder(tmp_path / "ds", n_val=0)
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "val" / "masks").mkdir()
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3")
+    assert rc == 1
+    (line,) = [ln for ln in _section(out, "ERRORS:") if "empty_split" not in ln and "folder" in ln]
+    assert "[val] 1 folder: the split has no images" in line
+    assert "or delete the empty folder so that data.val_fraction holds out part of train" in line
+    (root / "val" / "images").rmdir()
+    (root / "val" / "masks").rmdir()
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3")
+    assert rc == 0, out

@@ -116,3 +116,50 @@ def test_segmenter_from_onnx_does_not_load_lightning(tmp_path: Path, unet_ckpt: 
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "CLEAN"
+
+
+def test_nan_and_nodata_pixels_are_nodata_in_the_command_and_the_api(tmp_path: Path,
+                                                                     unet_ckpt: Path) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    pixels = np.random.default_rng(0).random((3, 40, 56)).astype(np.float32)
+    pixels[:, :8, :10] = np.nan
+    profile = dict(driver="GTiff", height=40, width=56, count=3, dtype="float32",
+                   crs="EPSG:32633", transform=from_origin(500000, 4600000, 10, 10))
+    src = tmp_path / "in"
+    src.mkdir()
+    with rasterio.open(src / "tagged.tif", "w", nodata=float("nan"), **profile) as ds:
+        ds.write(pixels)
+    with rasterio.open(src / "untagged.tif", "w", **profile) as ds:  # NaN, no nodata tag
+        ds.write(pixels)
+    write_image(src / "plain.tif", pixels.transpose(1, 2, 0))  # an ordinary float TIFF
+    expected = _command_masks(unet_ckpt, src, tmp_path / "out")
+    hole = np.zeros((40, 56), bool)
+    hole[:8, :10] = True
+    for name in ("tagged", "untagged", "plain"):
+        mask = expected[name]
+        assert (mask[hole] == 255).all() and (mask[~hole] < 3).all(), name
+        assert len(np.unique(mask[~hole])) > 1  # the rest is predicted, not poisoned by NaN
+    assert np.array_equal(expected["tagged"], expected["untagged"])
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu")
+    for name in ("tagged", "untagged", "plain"):
+        assert np.array_equal(seg.predict(src / f"{name}.tif"), expected[name]), name
+    array = seg.predict(pixels.transpose(1, 2, 0))  # the same pixels as an array
+    assert np.array_equal(array, expected["plain"])
+    probs = seg.predict_proba(pixels.transpose(1, 2, 0))
+    assert np.isfinite(probs).all() and (probs[:, hole] == 0).all()
+    assert np.allclose(probs[:, ~hole].sum(axis=0), 1.0, atol=1e-3)
+
+
+def test_tensors_and_wide_integer_arrays_are_named(unet_ckpt: Path, caplog) -> None:
+    import torch
+
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu")
+    with pytest.raises(TypeError, match=r"torch.Tensor of shape \(3, 8, 8\): .*permute\(1, 2, 0\)"):
+        seg.predict(torch.zeros(3, 8, 8))
+    pixels = noise_image(16, 24)
+    with caplog.at_level("WARNING", logger="segpipe.predict.api"):
+        seg.predict(pixels.astype(np.int64))
+    assert "a int64 array with values up to 255 is scaled by its type's maximum" in caplog.text
+    assert ".astype(np.uint8)" in caplog.text
