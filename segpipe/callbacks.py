@@ -27,7 +27,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, check_checkpoint_format
 from segpipe.fileio import AtomicFile, atomic_write_json, is_disk_full
 
 __all__ = [
@@ -98,7 +98,9 @@ def load_checkpoint_file(
 
     Raises:
         UnsafeCheckpointError: When ``weights_only`` loading refuses the file.
+        ConfigError: When the file is no PyTorch checkpoint at all (e.g. an image).
     """
+    check_checkpoint_format(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:

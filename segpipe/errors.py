@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+import os
+
+__all__ = ["ConfigError", "check_checkpoint_format"]
 
 
 class ConfigError(ValueError):
@@ -12,3 +14,19 @@ class ConfigError(ValueError):
     print it as one ``segpipe: error: ...`` line instead of a traceback. A subclass of
     :class:`ValueError`, so callers in Python that catch that keep working.
     """
+
+
+def check_checkpoint_format(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`ConfigError` when ``path`` is neither torch's zip format nor a legacy
+    pickle: an image or a YAML file given as a checkpoint, which ``torch.load`` would report as
+    a ``weights_only`` failure and advise unpickling in full. A missing or unreadable file is
+    left to the caller's own error."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ConfigError(f"{os.fspath(path)} is not a PyTorch checkpoint (it starts with "
+                          f"{head!r}; a checkpoint written by `segpipe fit` is a zip archive, "
+                          "e.g. RUN/checkpoints/last.ckpt)")

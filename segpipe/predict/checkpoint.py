@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from segpipe.data.spec import DataSpec, spec_from_legacy
+from segpipe.errors import check_checkpoint_format
 
 if TYPE_CHECKING:  # imported where a task is built: the task module loads Lightning and smp
     from segpipe.tasks import SegmentationTask
@@ -146,6 +147,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {p} not found; pass --ckpt_path with a .ckpt file written by "
             "`segpipe fit` (e.g. RUN/checkpoints/last.ckpt)"
         )
+    try:
+        check_checkpoint_format(p)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:

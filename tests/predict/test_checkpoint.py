@@ -56,8 +56,18 @@ def test_unreadable_and_missing_checkpoints(tmp_path: Path) -> None:
         load_predictor(tmp_path / "nope.ckpt")
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"junk.ckpt is not a PyTorch checkpoint \(it starts "
+                                              r"with b'not '; .* zip archive"):
         load_predictor(junk)
+    broken = tmp_path / "broken.ckpt"  # a zip header, then nothing torch can read
+    broken.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_predictor(broken)
+    from segpipe.callbacks import load_checkpoint_file
+
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint") as exc:
+        load_checkpoint_file(junk)  # fit/test/validate --ckpt_path: a one-line ConfigError
+    assert "weights_only" not in str(exc.value)
 
 
 def test_inconsistent_data_and_model_are_refused(tmp_path: Path) -> None:
