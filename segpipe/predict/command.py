@@ -149,6 +149,19 @@ def _accelerator_available() -> bool:
     )
 
 
+def _warn_unused_options(formats: Sequence[str], probs_mode: str, overlay_alpha: float,
+                         tile: int | None, overlap: float) -> None:
+    """Say when an option will do nothing (its format is not written) or cost a lot."""
+    if probs_mode != "classes" and "probs" not in formats:
+        log.warning("--probs %s shapes the probs output, which --format does not ask for", probs_mode)
+    if overlay_alpha != 0.5 and "overlay" not in formats:
+        log.warning("--overlay_alpha applies to the overlay output, which --format does not ask for")
+    if overlap > 0.75:
+        log.warning("--overlap %g moves each tile by %.0f %% of its size: about %.0f times the "
+                    "forward passes of --overlap 0 for %s", overlap, 100 * (1 - overlap),
+                    1 / (1 - overlap) ** 2, "images larger than --tile" if tile else "rasters")
+
+
 def _check_tile(tile: int | None, multiple: int) -> None:
     """Refuse a ``--tile`` under the network's size step and warn on one off its multiples:
     every tile is padded up to a multiple of it, so either costs compute for nothing."""
@@ -319,6 +332,7 @@ def predict(
         )
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
+    _warn_unused_options(writer.all_names(), probs_mode, overlay_alpha, tile, overlap)
     files = find_inputs(input, output, writer)
     if files:
         try:  # one clear error up front, not the same failure for every file

@@ -629,3 +629,21 @@ def test_worker_precision_and_device_mistakes_are_one_line(tmp_path: Path, point
         assert code == 2 and err[-1].startswith("segpipe predict: error: ") and words in err[-1], err
         assert not any("Traceback" in ln for ln in err)
     assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_options_that_would_do_nothing_or_cost_much_are_warned_about(
+        tmp_path: Path, pointwise_ckpt: Path, caplog) -> None:
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(pointwise_ckpt, tmp_path / "in", tmp_path / "out", "--format", "mask",
+                   "--probs", "max", "--overlay_alpha", "0.3", "--tile", "64",
+                   "--overlap", "0.9") == 0
+    text = caplog.text
+    assert "--probs max shapes the probs output, which --format does not ask for" in text
+    assert "--overlay_alpha applies to the overlay output" in text
+    assert "--overlap 0.9 moves each tile by 10 % of its size: about 100 times" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(pointwise_ckpt, tmp_path / "in", tmp_path / "out2", "--format", "probs",
+                   "overlay", "--probs", "max", "--overlay_alpha", "0.3") == 0
+    assert "does not ask for" not in caplog.text and "--overlap" not in caplog.text
