@@ -164,6 +164,15 @@ def test_mask_suffix_pairs_masks_named_after_their_image(tmp_path: Path) -> None
         _dm(root, num_classes=3, layout="camvid", mask_suffix="_L")
 
 
+def test_an_ignore_index_among_the_classes_is_warned_about(folder_root: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="segpipe.data.datamodule"):
+        _dm(folder_root, num_classes=3, ignore_index=255)
+        assert "is one of the classes" not in caplog.text
+        _dm(folder_root, num_classes=3, ignore_index=0)
+    assert ("data.ignore_index 0 is one of the classes 0..2: class 0 is never learnt nor scored"
+            in caplog.text and "data.num_classes 2" in caplog.text)
+
+
 def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(16, 16))
     dm = _dm(root, num_classes=3, batch_size=4, num_workers=1, crop_size=16)
