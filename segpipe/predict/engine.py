@@ -789,6 +789,8 @@ class WritingCallback(BasePredictionWriter):
         for res in prediction:
             if res.status != "predicted":
                 self._pending.append((res, None))
+                if res.status == "failed" and self.fail_fast:
+                    self._drain()  # the files before it finish; this one raises PredictFailed
             elif self._pool is not None:
                 self._pending.append((res, self._pool.submit(self._write, res)))
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,12 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path: Path, pointwise_ckpt: Pa
     text = capsys.readouterr().out
     assert "stopped at the first failure" in text and "broken.png" in text
     assert not list(out.rglob("*.png"))
+    # In one batch with later files, those after the failure are not written either.
+    write_image(src / "a" / "a0.png", noise_image(16, 16))  # before it in natural order
+    for extra in ((), ("--write_workers", "2")):
+        shutil.rmtree(out, ignore_errors=True)
+        assert run(pointwise_ckpt, src, out, "--fail-fast", "--batch-size", "8", *extra) == 1
+        assert sorted(p.name for p in out.rglob("*.png")) == ["a0.png"], extra
 
 
 def test_rerun_skips_done_outputs_and_cleans_unfinished_files(
