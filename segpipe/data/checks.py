@@ -413,7 +413,7 @@ def _check_pair(
     size: tuple[int, int] | None = None
     try:
         if decode_images:
-            image = read_image(sample.image, bands)
+            image = read_image(sample.image, bands, in_channels)
             size = image.shape[:2]
             if in_channels is not None:
                 found = channel_problem(sample.image, split, int(image.shape[2]), in_channels,

@@ -858,7 +858,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
         if cached is not None:
             return cached
         sample = self.samples[index]
-        raw = read_image(sample.image, self.bands)
+        raw = read_image(sample.image, self.bands, self.in_channels)
         if sample.mask is None:
             raise ImageReadError(
                 sample.image, "no mask found for this image", "add the mask or remove the image"
@@ -976,7 +976,8 @@ class PredictDataset(_TransformMixin, Dataset):
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W]}``."""
         path = self.samples[self._resolve_key(index)].image
-        item = prepare_image(read_image(path, self.bands), in_channels=self.in_channels,
+        item = prepare_image(read_image(path, self.bands, self.in_channels),
+                             in_channels=self.in_channels,
                              mean=self.mean, std=self.std, transform=self.transform, source=path)
         return {**item, "path": str(path)}
 

@@ -707,7 +707,7 @@ def _check_channels(
 
     def look(item: tuple[str, Path]) -> tuple[str, Path, int, str] | None:
         try:
-            img = read_image(item[1], dm.bands)
+            img = read_image(item[1], dm.bands, dm.in_channels)
         except ImageReadError:
             return None
         return item[0], item[1], int(img.shape[2]), str(img.dtype)

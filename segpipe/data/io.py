@@ -301,8 +301,28 @@ def _pillow_to_array(img: Image.Image, path: Path, *, as_mask: bool) -> np.ndarr
     return arr
 
 
+def _data_indexes(ds: Any, path: Path, bands: Sequence[int] | None,
+                  channels: int | None) -> tuple[list[int], bool]:
+    """The 1-based bands to read, and whether an alpha-tagged band is among them as data.
+
+    ``bands`` when given; else every band but those tagged alpha, unless ``channels`` (what
+    the model takes) is the file's whole band count: then the alpha-tagged band is data, as
+    in a 4-band RGB + near-infrared uint8 GeoTIFF that GDAL's defaults tag RGBA.
+    """
+    from rasterio.enums import ColorInterp
+
+    if bands is not None:
+        return _check_bands(path, bands, ds.count), False
+    interps = list(ds.colorinterp or [])
+    alpha = [i + 1 for i in range(ds.count)
+             if i < len(interps) and interps[i] == ColorInterp.alpha and ds.count > 1]
+    if alpha and channels == ds.count:
+        return list(range(1, ds.count + 1)), True
+    return [i for i in range(1, ds.count + 1) if i not in alpha], False
+
+
 def _read_rasterio(
-    path: Path, bands: Sequence[int] | None, *, as_mask: bool
+    path: Path, bands: Sequence[int] | None, *, as_mask: bool, channels: int | None = None
 ) -> np.ndarray | None:
     """Read a whole raster with rasterio as (H, W, C); None if rasterio cannot open it."""
     from rasterio.enums import ColorInterp
@@ -316,16 +336,7 @@ def _read_rasterio(
         limit = pixel_limit()
         if limit is not None and ds.width * ds.height > limit:
             raise ImageReadError(path, _bomb_reason(ds.width, ds.height), _BOMB_HINT)
-        count = ds.count
-        if bands is not None:
-            indexes = _check_bands(path, bands, count)
-        else:
-            interps = list(ds.colorinterp or [])
-            indexes = [
-                i + 1
-                for i in range(count)
-                if not (i < len(interps) and interps[i] == ColorInterp.alpha and count > 1)
-            ]
+        indexes, _ = _data_indexes(ds, path, bands, channels)
         try:
             data = ds.read(indexes)
         except (RasterioIOError, RasterioError) as exc:
@@ -373,7 +384,9 @@ def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_EXTENSIONS
 
 
-def read_image(path: _PathLike, bands: Sequence[int] | None = None) -> np.ndarray:
+def read_image(
+    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
+) -> np.ndarray:
     """Read an image as an (H, W, C) array in its native dtype.
 
     ``.tif``/``.tiff`` files (any band count, GeoTIFF) are read with rasterio, falling back to
@@ -383,6 +396,8 @@ def read_image(path: _PathLike, bands: Sequence[int] | None = None) -> np.ndarra
     Args:
         path: Image file.
         bands: Optional 1-based band/channel selection, e.g. ``[4, 3, 2]``.
+        channels: The channels the model takes, if known: a raster band tagged alpha is kept
+            as data when the model takes all of the file's bands (see :func:`_data_indexes`).
 
     Returns:
         Array of shape (H, W, C), dtype as stored (uint8, uint16, float32, ...).
@@ -394,7 +409,7 @@ def read_image(path: _PathLike, bands: Sequence[int] | None = None) -> np.ndarra
     _check_file(p)
     arr: np.ndarray | None = None
     if _is_tiff(p) or _needs_gdal_png(p):
-        arr = _read_rasterio(p, bands, as_mask=False)
+        arr = _read_rasterio(p, bands, as_mask=False, channels=channels)
         if arr is not None:
             return arr
     img = _decode_pillow(p)
@@ -818,12 +833,15 @@ class RasterReader:
     Args:
         path: A file :func:`probe_raster` accepted.
         bands: Optional 1-based band selection.
+        channels: The channels the model takes, if known (see :func:`_data_indexes`).
 
     Raises:
         ImageReadError: Unreadable files, bad band selections.
     """
 
-    def __init__(self, path: _PathLike, bands: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
+    ) -> None:
         from rasterio.enums import ColorInterp, MaskFlags
         from rasterio.errors import RasterioError, RasterioIOError
 
@@ -838,15 +856,9 @@ class RasterReader:
         try:
             self.info = RasterInfo(ds, self.path)
             self._lut: np.ndarray | None = None
-            if bands is not None:
-                self.indexes = _check_bands(self.path, bands, ds.count)
-            else:
+            self.indexes, alpha_as_data = _data_indexes(ds, self.path, bands, channels)
+            if bands is None:
                 interps = list(ds.colorinterp or [])
-                self.indexes = [
-                    i + 1
-                    for i in range(ds.count)
-                    if not (i < len(interps) and interps[i] == ColorInterp.alpha and ds.count > 1)
-                ]
                 if len(self.indexes) == 1 and interps and interps[0] == ColorInterp.palette:
                     try:
                         cmap = ds.colormap(1)
@@ -858,6 +870,8 @@ class RasterReader:
                         pass
             flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
             self.has_mask = any(list(f) != [MaskFlags.all_valid] for f in flags)
+            if alpha_as_data:  # the "alpha" band is data: its zeros are no nodata
+                self.has_mask = any(MaskFlags.nodata in f for f in flags)
         except BaseException:
             self.close()
             raise
@@ -941,9 +955,11 @@ class RasterReader:
         self.close()
 
 
-def open_raster(path: _PathLike, bands: Sequence[int] | None = None) -> RasterReader:
+def open_raster(
+    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
+) -> RasterReader:
     """Open a raster for windowed reading (see :class:`RasterReader`)."""
-    return RasterReader(path, bands)
+    return RasterReader(path, bands, channels)
 
 
 class RasterWriter:

@@ -212,7 +212,7 @@ def band_statistics(
 
     def measure(index: int) -> tuple[_Moments, np.dtype, int]:
         path = Path(images[index])
-        raw = read_image(path, bands)
+        raw = read_image(path, bands, in_channels)
         flat = raw.reshape(-1, raw.shape[2])
         if flat.shape[0] > max_pixels_per_image:
             rng = np.random.default_rng([seed, index])
@@ -280,7 +280,7 @@ def needs_measured_stats(
         info = probe_raster(path)
         if info is not None and info.dtype != "uint8":
             return True
-        image = read_image(path, bands)
+        image = read_image(path, bands, in_channels)
         if image.dtype != np.uint8 or image.shape[2] != 3:
             return True
     return False

@@ -213,10 +213,11 @@ class Segmenter:
         raster file its validity (False at nodata, as ``segpipe predict`` reads it) or None."""
         if isinstance(item, (str, Path)):
             if probe_raster(item) is not None:  # nodata / mask / alpha, as the command reads it
-                with open_raster(item, self.config.bands) as reader:
+                with open_raster(item, self.config.bands, self.config.in_channels) as reader:
                     pixels, valid = reader.read(0, reader.height)
                 return np.ascontiguousarray(pixels), str(item), valid
-            return read_image(item, self.config.bands), str(item), None
+            return (read_image(item, self.config.bands, self.config.in_channels), str(item),
+                    None)
         if isinstance(item, torch.Tensor):
             raise TypeError(
                 f"cannot predict a torch.Tensor of shape {tuple(item.shape)}: give a numpy array "

@@ -354,7 +354,7 @@ class PredictInputs(Dataset):
 
     def _raster_windows(self, path: Path, tile: int, most: int) -> Iterator[Tensor]:
         """Normalised (C, h, w) windows of the raster at ``path`` without nodata."""
-        with open_raster(path, self.config.bands) as reader:
+        with open_raster(path, self.config.bands, self.config.in_channels) as reader:
             source = RasterSource(reader, self.config)
             for row0, row1, col0, col1 in spread_windows(reader.height, reader.width, tile, most):
                 pixels, valid = source.window(row0, row1, col0, col1)
@@ -651,7 +651,7 @@ class PredictModule(L.LightningModule):
         need_probs = self.writer.needs_probs(names)
         need_display = self.writer.needs_display(names)
         tile = opts.tile or opts.raster_tile
-        with open_raster(rec["path"], cfg.bands) as reader:
+        with open_raster(rec["path"], cfg.bands, cfg.in_channels) as reader:
             source = RasterSource(reader, cfg)
             grid = TileGrid.make(reader.height, reader.width, tile, opts.overlap)
             bar = self._tile_bar(grid.num_tiles, Path(rec["rel"]).name)

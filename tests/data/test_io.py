@@ -154,6 +154,30 @@ def test_multiband_geotiff_band_selection(tmp_path: Path) -> None:
     assert image_size(tmp_path / "ms.tif") == (4, 5)
 
 
+def test_a_band_tagged_alpha_is_data_when_the_model_takes_every_band(tmp_path: Path) -> None:
+    from segpipe.data.io import open_raster
+
+    # RGB + near-infrared uint8: GDAL's defaults tag the 4th band alpha.
+    data = np.random.default_rng(2).integers(1, 256, (4, 20, 30), dtype=np.uint8)
+    data[3, :5, :5] = 0  # dark water in the near-infrared: no nodata
+    with rasterio.open(tmp_path / "rgbn.tif", "w", driver="GTiff", width=30, height=20, count=4,
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 4000000)) as ds:
+        ds.write(data)
+        assert ds.colorinterp[3].name == "alpha"
+    assert read_image(tmp_path / "rgbn.tif").shape == (20, 30, 3)  # RGBA: alpha dropped
+    assert read_image(tmp_path / "rgbn.tif", channels=3).shape == (20, 30, 3)
+    four = read_image(tmp_path / "rgbn.tif", channels=4)  # a 4-band model: all four
+    np.testing.assert_array_equal(four, data.transpose(1, 2, 0))
+    with open_raster(tmp_path / "rgbn.tif", channels=4) as reader:
+        pixels, valid = reader.read(0, 20)
+    assert valid is None  # its zeros are data, not nodata
+    np.testing.assert_array_equal(pixels, data.transpose(1, 2, 0))
+    with open_raster(tmp_path / "rgbn.tif") as reader:
+        pixels, valid = reader.read(0, 20)
+    assert pixels.shape == (20, 30, 3) and valid is not None and (~valid).sum() == 25
+
+
 def test_band_selection_on_png(tmp_path: Path) -> None:
     arr = _noise(3, 3, 3)
     Image.fromarray(arr).save(tmp_path / "a.png")

@@ -654,3 +654,19 @@ def test_options_that_would_do_nothing_or_cost_much_are_warned_about(
         assert run(pointwise_ckpt, tmp_path / "in", tmp_path / "out2", "--format", "probs",
                    "overlay", "--probs", "max", "--overlay_alpha", "0.3") == 0
     assert "does not ask for" not in caplog.text and "--overlap" not in caplog.text
+
+
+def test_a_4_band_model_reads_an_alpha_tagged_4th_band_as_data(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path / "rgbn.ckpt", "segpipe.models.UNet",
+                     {"in_channels": 4, "num_classes": 3, "base_channels": 4, "depth": 2},
+                     in_channels=4, mean=[0.5] * 4, std=[0.25] * 4)
+    src = tmp_path / "in"
+    src.mkdir()
+    data = np.random.default_rng(3).integers(0, 256, (4, 40, 56), dtype=np.uint8)
+    write_geotiff(src / "rgbn.tif", data)  # GDAL tags the 4th band of 4 uint8 bands alpha
+    with rasterio.open(src / "rgbn.tif") as ds:
+        assert ds.colorinterp[3].name == "alpha"
+    assert run(ckpt, src, tmp_path / "out", "--format", "geotiff") == 0
+    with rasterio.open(tmp_path / "out" / "rgbn.tif") as ds:
+        mask = ds.read(1)
+    assert mask.shape == (40, 56) and (mask < 3).all()  # no pixel taken for nodata
