@@ -302,6 +302,14 @@ class SegpipeCLI(LightningCLI):
             cfg.weights_only = True  # safe loading of --ckpt_path; false opts out
         if getattr(self, "_ckpt_path", None):
             cfg.ckpt_path = self._ckpt_path  # held back in parse_arguments
+        last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+        if subcommand == "fit" and cfg.get("ckpt_path") == "last" and not last.is_file():
+            # Lightning would start over with a hint about ModelCheckpoint(save_last=True).
+            rank_zero_info(
+                f"--ckpt_path last: no {last} yet, so this fit starts a new run (as a requeued "
+                "job's first start does); if you meant to resume, check "
+                "--trainer.default_root_dir")
+            cfg.ckpt_path = None
         self._split_step_checkpoint(cfg)
         self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)

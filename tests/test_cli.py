@@ -215,6 +215,18 @@ def test_scoring_images_the_checkpoint_trained_on_is_refused(tmp_path, capsys):
                  str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--data.seed=3"]) == 0
 
 
+def test_resuming_where_there_is_no_checkpoint_says_it_starts_anew(dataset, tmp_path, caplog,
+                                                                   recwarn):
+    with caplog.at_level("INFO"):
+        assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     f"--trainer.default_root_dir={tmp_path}", *TINY, "--trainer.max_epochs=1",
+                     "--ckpt_path=last"]) == 0
+    assert f"--ckpt_path last: no {tmp_path / 'checkpoints' / 'last.ckpt'} yet, so this fit " \
+           "starts a new run" in caplog.text
+    assert not [w for w in recwarn if "save_last=True" in str(w.message)]  # Lightning's hint
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_resume_from_last(fitted, dataset):
     main(
         ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",

@@ -118,6 +118,11 @@ class AnnealToDeadline(L.Callback):
         self.planned_epochs: int | None = None
         self._epoch_start: float | None = None
         self._last_epoch: int | None = None
+        #: (step, progress) where the current plan takes over: progress runs from there to 1
+        #: at the plan's last step, so a re-plan never makes the learning rate jump.
+        self._anchor: tuple[int, float] = (0, 0.0)
+        #: The last epoch of a restored run's plan (the run is done once past it).
+        self._restored_last: int | None = None
         #: Seconds a full validation takes (the last one measured), reserved for the final one.
         self.val_seconds = 0.0
         self._val_start: float | None = None
@@ -135,10 +140,18 @@ class AnnealToDeadline(L.Callback):
         return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
 
     def progress(self, trainer: L.Trainer) -> float:
-        """Fraction of the planned optimiser steps done."""
+        """Fraction of the planned training done: from the progress reached when the current
+        plan was made, linearly in optimiser steps to 1 at its last step. A plan shortened by
+        one slow epoch (a stall, a load spike) anneals faster from there, a longer one slower;
+        neither jumps."""
         per_epoch = self._steps_per_epoch(trainer)
         if self.planned_epochs is not None and per_epoch:
-            return trainer.global_step / (self.planned_epochs * per_epoch)
+            step0, start = self._anchor
+            total = self.planned_epochs * per_epoch
+            if total <= step0:
+                return 1.0
+            done = (trainer.global_step - step0) / (total - step0)
+            return min(1.0, start + (1.0 - start) * max(0.0, done))
         fraction = _fraction_of_steps(trainer)
         # None: the first epoch of a time budget, not measured yet: full learning rate.
         return 0.0 if fraction is None else fraction
@@ -163,6 +176,7 @@ class AnnealToDeadline(L.Callback):
         last = trainer.current_epoch + fit - 1
         if trainer.max_epochs is not None and trainer.max_epochs > 0:
             last = min(last, trainer.max_epochs - 1)
+        self._anchor = (int(trainer.global_step), min(1.0, self.progress(trainer)))
         self.planned_epochs = last + 1
         self._last_epoch = last
         if trainer.current_epoch == last:
@@ -175,8 +189,8 @@ class AnnealToDeadline(L.Callback):
         if not schedulers:
             return
         progress = self.progress(trainer)
-        for scheduler in schedulers:  # never backwards, should a re-plan add an epoch
-            scheduler.progress = max(scheduler.progress, progress)
+        for scheduler in schedulers:
+            scheduler.progress = progress
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_start = time.monotonic()
@@ -195,14 +209,29 @@ class AnnealToDeadline(L.Callback):
         if self._last_epoch is not None and trainer.current_epoch >= self._last_epoch:
             trainer.should_stop = True  # the planned training is done, inside the budget
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from the checkpoint of its planned last epoch has nothing left to
+        train: stop instead of training (and moving BatchNorm statistics) past the plan."""
+        last = self._restored_last
+        if last is not None and trainer.current_epoch > last and self._schedulers(trainer):
+            rank_zero_info(
+                f"The checkpoint's run already finished its planned training (epoch {last}, "
+                "annealed to the deadline); nothing left to train. To train longer, start a new "
+                "run (e.g. from its weights with --model.init_from CKPT).")
+            trainer.should_stop = True
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs,
-                "val_seconds": self.val_seconds}
+                "val_seconds": self.val_seconds, "anchor": list(self._anchor),
+                "last_epoch": self._last_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
         self.planned_epochs = state_dict.get("planned_epochs")
         self.val_seconds = float(state_dict.get("val_seconds", 0.0))
+        step0, start = state_dict.get("anchor") or (0, 0.0)
+        self._anchor = (int(step0), float(start))
+        self._restored_last = state_dict.get("last_epoch")
 
 
 def training_progress(trainer: L.Trainer) -> float:

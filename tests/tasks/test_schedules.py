@@ -78,10 +78,69 @@ def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
     planned = cb.planned_epochs
     trainer.global_step = planned * 10 - 1
     cb.on_train_batch_start(trainer, None, None, 9)
-    assert sched.progress == pytest.approx((planned * 10 - 1) / (planned * 10))  # annealed
+    assert 0.95 < sched.progress < 1.0  # the last step: annealed
+    trainer.global_step = planned * 10
+    cb.on_train_batch_start(trainer, None, None, 0)
+    assert sched.progress == 1.0
     restored = AnnealToDeadline()
     restored.load_state_dict(cb.state_dict())
     assert restored.epoch_seconds == cb.epoch_seconds and restored.planned_epochs == planned
+    assert restored.progress(trainer) == cb.progress(trainer)  # the same plan, the same anchor
+
+
+def _run_plan(monkeypatch, durations: list[float], budget: float) -> tuple[list[float], AnnealToDeadline]:
+    """Progress at every step of epochs of the given durations (10 steps each)."""
+    monkeypatch.setattr("segpipe.tasks.schedules.Timer", _Timer)
+    sched = _scheduler()
+    timer = _Timer(budget=budget)
+    trainer = SimpleNamespace(
+        callbacks=[timer], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+        current_epoch=0, max_epochs=-1, num_training_batches=10, accumulate_grad_batches=1,
+        global_step=0, estimated_stepping_batches=float("inf"), check_val_every_n_epoch=1,
+        should_stop=False,
+    )
+    cb = AnnealToDeadline()
+    seen = []
+    for epoch, seconds in enumerate(durations):
+        trainer.current_epoch = epoch
+        cb.on_train_epoch_start(trainer, None)
+        for batch in range(10):
+            trainer.global_step = 10 * epoch + batch
+            cb.on_train_batch_start(trainer, None, None, batch)
+            seen.append(sched.progress)
+            timer.now += seconds / 10
+        cb.on_train_epoch_end(trainer, None)
+        if trainer.should_stop:
+            break
+    return seen, cb
+
+
+def test_one_stalled_epoch_does_not_make_the_learning_rate_jump(monkeypatch) -> None:
+    # 1 s epochs in a 100 s budget; epoch 30 stalls for 10 s (a suspend, a load spike).
+    durations = [1.0] * 30 + [10.0] + [1.0] * 200
+    seen, cb = _run_plan(monkeypatch, durations, budget=100.0)
+    steps = [b - a for a, b in zip(seen, seen[1:])]
+    assert min(steps) >= 0.0 and max(steps) < 0.02  # monotone, and no jump
+    assert seen[-1] > 0.97 and cb.planned_epochs >= 75  # annealed at the end of the budget
+    # Before, the 3 epochs that planned with the stall pushed progress to about 0.9, and the
+    # learning rate stayed near 0 for the rest of the budget: now half of it is still to go.
+    at = seen[10 * 34]
+    assert 0.35 < at < 0.7, at
+
+
+def test_a_run_resumed_after_its_planned_last_epoch_trains_no_more(monkeypatch) -> None:
+    seen, cb = _run_plan(monkeypatch, [1.0] * 50, budget=20.0)
+    restored = AnnealToDeadline()
+    restored.load_state_dict(cb.state_dict())
+    sched = _scheduler()
+    trainer = SimpleNamespace(current_epoch=cb.planned_epochs, should_stop=False,
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+    restored.on_train_start(trainer, None)
+    assert trainer.should_stop
+    trainer = SimpleNamespace(current_epoch=cb.planned_epochs - 1, should_stop=False,
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+    restored.on_train_start(trainer, None)  # a checkpoint inside the last epoch: finish it
+    assert not trainer.should_stop
 
 
 def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Path) -> None:
