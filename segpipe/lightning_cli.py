@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,14 @@ class SegpipeCLI(LightningCLI):
         """Fail before anything is built when an output folder cannot be written."""
         root = cfg.trainer.default_root_dir or "."
         check_output_dir(root, "logs, configs and metrics", "trainer.default_root_dir")
+        if _is_rank_zero():
+            # Unfinished metric/report writes of a killed run (an hour old: no live process's).
+            for stale in Path(root).glob(f"lightning_logs/version_*/{TMP_PREFIX}*"):
+                try:
+                    if time.time() - stale.stat().st_mtime > 3600:
+                        stale.unlink()
+                except OSError:
+                    pass
         for save_dir in _logger_dirs(cfg.trainer.get("logger")):
             check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
         if subcommand in (None, "fit"):

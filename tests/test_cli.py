@@ -227,6 +227,23 @@ def test_resuming_where_there_is_no_checkpoint_says_it_starts_anew(dataset, tmp_
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_unfinished_writes_of_a_killed_test_are_cleaned_up(fitted, dataset, tmp_path):
+    import os
+    import time
+
+    from segpipe.fileio import TMP_PREFIX
+
+    logs = fitted / "lightning_logs" / "version_0"
+    stale, fresh = logs / f"{TMP_PREFIX}old.json", logs / f"{TMP_PREFIX}new.json"
+    for path in (stale, fresh):
+        path.write_text("{")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={fitted}", "--ckpt_path=last", *TINY]) == 0
+    assert not stale.exists() and fresh.exists()  # a live process's may be an hour younger
+    fresh.unlink()
+
+
 def test_resume_from_last(fitted, dataset):
     main(
         ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",

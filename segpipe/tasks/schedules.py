@@ -121,7 +121,10 @@ class AnnealToDeadline(L.Callback):
         #: (step, progress) where the current plan takes over: progress runs from there to 1
         #: at the plan's last step, so a re-plan never makes the learning rate jump.
         self._anchor: tuple[int, float] = (0, 0.0)
-        #: The last epoch of a restored run's plan (the run is done once past it).
+        #: Whether the time budget, not ``max_epochs``, set the plan's last epoch.
+        self._last_by_time = True
+        #: The last epoch of a restored run's plan when the time budget set it (the run is done
+        #: once past it; a larger ``max_epochs`` on resume extends an epoch-capped plan).
         self._restored_last: int | None = None
         #: Seconds a full validation takes (the last one measured), reserved for the final one.
         self.val_seconds = 0.0
@@ -174,8 +177,9 @@ class AnnealToDeadline(L.Callback):
         remaining = float(timer.time_remaining() or 0.0) - self.val_seconds
         fit = max(1, int(remaining // epoch_s)) if epoch_s > 0 else 1  # this epoch included
         last = trainer.current_epoch + fit - 1
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            last = min(last, trainer.max_epochs - 1)
+        self._last_by_time = True
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and last >= trainer.max_epochs - 1:
+            last, self._last_by_time = trainer.max_epochs - 1, False  # max_epochs ends it
         self._anchor = (int(trainer.global_step), min(1.0, self.progress(trainer)))
         self.planned_epochs = last + 1
         self._last_epoch = last
@@ -223,7 +227,7 @@ class AnnealToDeadline(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs,
                 "val_seconds": self.val_seconds, "anchor": list(self._anchor),
-                "last_epoch": self._last_epoch}
+                "last_epoch": self._last_epoch if self._last_by_time else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
