@@ -1020,7 +1020,7 @@ def prepare_image(
     image = adapt_channels(to_float(arr), in_channels, source)
     size = torch.tensor(image.shape[:2], dtype=torch.int64)
     d_mean, d_std = default_mean_std(image.shape[2])
-    ok = np.isfinite(image).all(axis=-1) if image.dtype.kind == "f" else None
+    ok = np.isfinite(image).all(axis=-1) if arr.dtype.kind == "f" else None  # ints: finite
     if valid is not None:
         ok = valid if ok is None else ok & valid
     if ok is not None and ok.all():
