@@ -49,16 +49,23 @@ class _Timer:
         return self.budget - self.now
 
 
-def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
+def _fake_trainer(monkeypatch, budget: float) -> tuple[SimpleNamespace, DeadlineCosineLR, _Timer]:
+    """A trainer with a time budget of ``budget`` s (a clock the test moves), 10 steps per
+    epoch and no max_epochs, for :class:`AnnealToDeadline`'s hooks."""
     monkeypatch.setattr("segpipe.tasks.schedules.Timer", _Timer)
     sched = _scheduler()
-    timer = _Timer(budget=100.0)
+    timer = _Timer(budget=budget)
     trainer = SimpleNamespace(
         callbacks=[timer], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
         current_epoch=0, max_epochs=-1, num_training_batches=10, accumulate_grad_batches=1,
         global_step=0, estimated_stepping_batches=float("inf"), check_val_every_n_epoch=4,
         should_stop=False,
     )
+    return trainer, sched, timer
+
+
+def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
+    trainer, sched, timer = _fake_trainer(monkeypatch, budget=100.0)
     cb = AnnealToDeadline()
     durations = [12.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
     for epoch, seconds in enumerate(durations):
@@ -90,15 +97,7 @@ def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
 
 def _run_plan(monkeypatch, durations: list[float], budget: float) -> tuple[list[float], AnnealToDeadline]:
     """Progress at every step of epochs of the given durations (10 steps each)."""
-    monkeypatch.setattr("segpipe.tasks.schedules.Timer", _Timer)
-    sched = _scheduler()
-    timer = _Timer(budget=budget)
-    trainer = SimpleNamespace(
-        callbacks=[timer], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
-        current_epoch=0, max_epochs=-1, num_training_batches=10, accumulate_grad_batches=1,
-        global_step=0, estimated_stepping_batches=float("inf"), check_val_every_n_epoch=1,
-        should_stop=False,
-    )
+    trainer, sched, timer = _fake_trainer(monkeypatch, budget)
     cb = AnnealToDeadline()
     seen = []
     for epoch, seconds in enumerate(durations):
