@@ -374,7 +374,10 @@ class SegpipeCLI(LightningCLI):
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     stale.unlink(missing_ok=True)
                 if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
-                    set_aside_earlier_checkpoints(ckpt_dir)
+                    moved_to = set_aside_earlier_checkpoints(ckpt_dir)
+                    init = cfg.get("model", {}).get("init_from") if moved_to else None
+                    if init and Path(init).resolve().parent == ckpt_dir.resolve():
+                        cfg.model.init_from = str(moved_to / Path(init).name)  # it moved too
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder

@@ -177,8 +177,11 @@ def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, t
     assert main([*args, "--trainer.max_epochs=2"]) == 0
     first = {p.name: p.read_bytes() for p in ckpt_dir.glob("*.ckpt")}
     assert "last.ckpt" in first and any(n.startswith("best-") for n in first)
-    assert main([*args, "--trainer.max_epochs=1"]) == 0  # a new run, not a resumed one
+    # A new run (not a resumed one), fine-tuned from the earlier run's last checkpoint there.
+    assert main([*args, "--trainer.max_epochs=1", f"--model.init_from={ckpt_dir / 'last.ckpt'}"]) == 0
     kept = ckpt_dir / "earlier-1"
+    saved = yaml.safe_load(next(tmp_path.rglob("version_1/config.yaml")).read_text())
+    assert saved["model"]["init_from"] == str(kept / "last.ckpt")  # it moved with the others
     assert {p.name: p.read_bytes() for p in kept.glob("*.ckpt")} == first  # whole, unchanged
     assert resolve_checkpoint_alias("best", ckpt_dir).startswith(str(ckpt_dir / "best-epoch000"))
     import torch
