@@ -244,6 +244,8 @@ class Segmenter:
         arr = item[:, :, None] if item.ndim == 2 else item
         if arr.ndim != 3:
             raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {item.shape}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"the array of shape {item.shape} holds no pixel")
         bands = self.config.bands
         if bands and arr.shape[2] != self.config.in_channels and max(bands) <= arr.shape[2]:
             arr = arr[:, :, [b - 1 for b in bands]]  # as data.bands picks them from files

@@ -96,6 +96,8 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
         seg.predict(np.zeros((2, 3, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="in_channels=3"):
         seg.predict(np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"the array of shape \(0, 0, 3\) holds no pixel"):
+        seg.predict(np.zeros((0, 0, 3), np.uint8))
 
 
 def test_segmenter_from_onnx_does_not_load_lightning(tmp_path: Path, unet_ckpt: Path) -> None:
