@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from segpipe.data.datasets import Sample, check_label_range, encode_mask
+from segpipe.data.datasets import Sample, check_label_range, code_colour, colour_codes, encode_mask
 from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
 from segpipe.runtime import available_cpus
 
@@ -371,9 +371,7 @@ def _unlisted_labels(
     :func:`~segpipe.data.datasets.encode_mask` reads as ``ignore_index``: a class left out of
     the table, or mistyped, silently disappears from training and scoring."""
     if mask_colors and raw.ndim == 3:
-        rgb = raw[..., :3].astype(np.int64)
-        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-        known = [(int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2]) for c in mask_colors]
+        codes, known = colour_codes(raw), colour_codes(mask_colors).tolist()
         table, what = "data.mask_colors", "colours {colours}"
     elif mask_values and raw.ndim == 2:
         codes, known, table, what = raw, [*map(int, mask_values), ignore_index], \
@@ -386,7 +384,7 @@ def _unlisted_labels(
         return []
     share = float(counts[unlisted].sum()) / codes.size
     found = [int(u) for u in uniq[unlisted]]
-    colours = tuple((u >> 16, (u >> 8) & 255, u & 255) for u in found) if table == "data.mask_colors" else ()
+    colours = tuple(code_colour(u) for u in found) if table == "data.mask_colors" else ()
     values = () if colours else tuple(found)
     cause = f"mask {what} are not in {table} and are read as ignore_index={ignore_index} " \
             "(not learnt, not scored)"

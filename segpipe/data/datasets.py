@@ -526,6 +526,21 @@ def _map_values(
     return out_vals[inv.reshape(-1)].reshape(raw.shape)
 
 
+def colour_codes(colours: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """RGB colours (``(..., 3+)``: a mask, or a table of colours) as int64 codes
+    ``R << 16 | G << 8 | B``, one per colour, so they compare and sort as single values."""
+    if not isinstance(colours, np.ndarray):  # a table: its entries may carry alpha
+        colours = [list(c)[:3] for c in colours]
+    rgb = np.asarray(colours, dtype=np.int64)[..., :3]
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def code_colour(code: int) -> tuple[int, int, int]:
+    """The ``(R, G, B)`` colour of a :func:`colour_codes` code."""
+    code = int(code)
+    return code >> 16, (code >> 8) & 255, code & 255
+
+
 def encode_mask(
     raw: np.ndarray,
     path: str | Path,
@@ -563,20 +578,15 @@ def encode_mask(
                 "data.mask_colors is set but the mask has a single channel",
                 "remove data.mask_colors for index masks (or use mask_values)",
             )
-        rgb = raw.astype(np.int64)
-        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-        table = {
-            (int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2]): i for i, c in enumerate(mask_colors)
-        }
+        codes = colour_codes(raw)
+        table = {code: i for i, code in enumerate(colour_codes(mask_colors).tolist())}
         if len(table) != len(mask_colors):
             raise ValueError("data.mask_colors lists the same colour twice")
         try:
             return _map_values(codes, table, ignore_index, p)
         except ImageReadError:
             uniq = np.unique(codes)
-            bad = [
-                (int(u >> 16), int((u >> 8) & 255), int(u & 255)) for u in uniq if u not in table
-            ]
+            bad = [code_colour(u) for u in uniq.tolist() if u not in table]
             raise ImageReadError(
                 p,
                 f"mask colours {bad[:5]} are not in data.mask_colors",
