@@ -90,14 +90,16 @@ def find_inputs(
     names = writer.all_names()
     claimed: dict[str, Path] = {}
     inputs: list[InputFile] = []
-    inside = [f for f in files if src.is_dir() and f.resolve().is_relative_to(out_root)]
-    if files and len(inside) == len(files):
+    resolved = {f: f.resolve() for f in files}
+    kept = ([f for f in files if not resolved[f].is_relative_to(out_root)] if src.is_dir()
+            else files)
+    if files and not kept:
         raise PredictUsageError(
             f"all {len(files)} image(s) in {src} lie inside the output folder {output_dir}, "
             "whose files predict leaves out (they would be its own outputs); choose an output "
             "folder outside the input")
-    files = [f for f in files if f not in inside]
-    originals = {f.resolve() for f in files}
+    files = kept
+    originals = {resolved[f] for f in files}
     for f in files:
         rel = f.relative_to(root)
         for n in names:
