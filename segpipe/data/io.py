@@ -984,6 +984,13 @@ class RasterWriter:
         colormap: Optional ``{value: (r, g, b[, a])}`` for single-band uint8/uint16 rasters.
         blocksize: Tile size (multiple of 16).
         compress: GDAL compression (``deflate``, ``lzw``, ...).
+        descriptions: One name per band (GDAL band descriptions, e.g. class names), or None.
+
+    Rows given with a validity array (:meth:`write_rows`'s ``valid``) that marks any pixel
+    invalid give the file an internal per-dataset mask (GDAL's nodata mask, which QGIS and
+    rasterio's ``masked=True`` read), for bands where no nodata value can be set apart (every
+    value a probability); rows written before are marked valid in it. A file whose rows are all
+    valid gets no mask.
     """
 
     def __init__(
@@ -1000,6 +1007,7 @@ class RasterWriter:
         colormap: dict[int, Sequence[int]] | None = None,
         blocksize: int = 256,
         compress: str = "deflate",
+        descriptions: Sequence[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.width, self.height, self.count = int(width), int(height), int(count)
@@ -1033,21 +1041,35 @@ class RasterWriter:
             if err is exc:
                 raise
             raise err from exc
-        if colormap is not None:
-            try:
+        try:
+            if colormap is not None:
                 self._ds.write_colormap(
                     1, {int(k): tuple(int(c) for c in (list(v) + [255])[:4])
                         for k, v in colormap.items()}
                 )
-            except BaseException:
-                self._ds.close()
-                raise
+            for band, text in enumerate(descriptions or (), start=1):
+                self._ds.set_band_description(band, str(text))
+        except BaseException:
+            self._ds.close()
+            raise
         self._buf: list[np.ndarray] = []
+        self._vbuf: list[np.ndarray | None] = []
         self._buf_row0 = 0
         self._next_row = 0
+        self._masked = False  # an internal dataset mask has been started
 
-    def write_window(self, data: np.ndarray, row0: int, col0: int = 0) -> None:
+    def write_window(
+        self, data: np.ndarray, row0: int, col0: int = 0, valid: np.ndarray | None = None
+    ) -> None:
         """Write ``data`` ((h, w) or (count, h, w)) at ``(row0, col0)``.
+
+        Args:
+            data: The pixels.
+            row0: Top row.
+            col0: Left column.
+            valid: (h, w) bool, False where the pixel is nodata; None when all are valid (see
+                the class docstring on the mask). A window written without it after the mask
+                has started is marked valid.
 
         Raises:
             DiskFullError: The disk is (nearly) full.
@@ -1059,23 +1081,38 @@ class RasterWriter:
         arr = np.asarray(data)
         if arr.ndim == 2:
             arr = arr[None]
+        window = Window(col0, row0, arr.shape[2], arr.shape[1])
         try:
-            self._ds.write(
-                arr.astype(self.dtype, copy=False),
-                window=Window(col0, row0, arr.shape[2], arr.shape[1]),
-            )
+            self._ds.write(arr.astype(self.dtype, copy=False), window=window)
+            if valid is not None and not self._masked and not valid.all():
+                self._start_mask(row0)
+            if self._masked:
+                mask = (np.full(arr.shape[1:], 255, np.uint8) if valid is None
+                        else np.where(valid, np.uint8(255), np.uint8(0)))
+                self._ds.write_mask(mask, window=window)
         except RasterioError as exc:
             err = _raster_write_error(self.path, exc)
             if err is exc:
                 raise
             raise err from exc
 
-    def write_rows(self, row0: int, data: np.ndarray) -> None:
+    def _start_mask(self, rows_done: int) -> None:
+        """Create the dataset mask and mark the ``rows_done`` full rows written so far valid."""
+        from rasterio.windows import Window
+
+        self._masked = True
+        for r0 in range(0, rows_done, self.blocksize):
+            h = min(self.blocksize, rows_done - r0)
+            self._ds.write_mask(np.full((h, self.width), 255, np.uint8),
+                                window=Window(0, r0, self.width, h))
+
+    def write_rows(self, row0: int, data: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Write full-width rows starting at ``row0``; calls must follow each other row by row.
 
         Args:
             row0: First row of ``data`` (the row after the previous call's last row).
             data: (h, width) or (count, h, width).
+            valid: (h, width) bool, False at nodata pixels, or None when all are valid.
         """
         arr = np.asarray(data)
         if arr.ndim == 2:
@@ -1088,17 +1125,33 @@ class RasterWriter:
             raise ValueError(
                 f"expected ({self.count}, h, {self.width}) rows, got {tuple(arr.shape)}"
             )
+        if valid is not None and valid.shape != arr.shape[1:]:
+            raise ValueError(f"valid must be {arr.shape[1:]}, got {valid.shape}")
         self._buf.append(arr.astype(self.dtype, copy=False))
+        self._vbuf.append(None if valid is None or valid.all() else valid)
         self._next_row += arr.shape[1]
         end = self._next_row
         aligned = end if end >= self.height else (end // self.blocksize) * self.blocksize
         if aligned > self._buf_row0:
-            block = np.concatenate(self._buf, axis=1) if len(self._buf) > 1 else self._buf[0]
+            block, vblock = self._buffered()
             n = aligned - self._buf_row0
-            self.write_window(block[:, :n], self._buf_row0)
+            self.write_window(block[:, :n], self._buf_row0,
+                              valid=None if vblock is None else vblock[:n])
             rest = block[:, n:]
             self._buf = [np.ascontiguousarray(rest)] if rest.shape[1] else []
+            self._vbuf = ([None if vblock is None else np.ascontiguousarray(vblock[n:])]
+                          if rest.shape[1] else [])
             self._buf_row0 = aligned
+
+    def _buffered(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The buffered rows as one (count, h, width) block, and their validity or None."""
+        block = np.concatenate(self._buf, axis=1) if len(self._buf) > 1 else self._buf[0]
+        if all(v is None for v in self._vbuf):
+            return block, None
+        vblock = np.concatenate([
+            np.ones(b.shape[1:], bool) if v is None else v for b, v in zip(self._buf, self._vbuf)
+        ])
+        return block, vblock
 
     def close(self, check: bool = True) -> None:
         """Flush buffered rows and close the file (idempotent).
@@ -1116,9 +1169,9 @@ class RasterWriter:
             return
         try:
             if self._buf:
-                block = np.concatenate(self._buf, axis=1)
-                self.write_window(block, self._buf_row0)
-                self._buf = []
+                block, vblock = self._buffered()
+                self.write_window(block, self._buf_row0, valid=vblock)
+                self._buf, self._vbuf = [], []
         finally:
             ds.close()
             self._ds = None

@@ -18,13 +18,16 @@ palette    ``<stem>_palette.png`` paletted PNG in the class colours (RGB above 2
 overlay    ``<stem>_overlay.jpg`` the input blended with the colour mask
 geotiff    ``<stem>.tif``         tiled, deflate-compressed index GeoTIFF with the input's
                                   CRS, transform and size, a colour map and nodata
-probs      ``<stem>_probs.tif``   probabilities ×255 as uint8, one band per class (or one
-                                  band of max confidence with ``probs_mode="max"``)
+probs      ``<stem>_probs.tif``   probabilities ×255 as uint8, one band per class, named
+                                  after it (or one band of max confidence with
+                                  ``probs_mode="max"``)
 ========== ====================== ====================================================
 
 ``auto`` means ``geotiff`` for georeferenced rasters and ``mask`` for everything else. Where the
 input is nodata, labels are :attr:`PredictConfig.nodata_value` (255, the GeoTIFF nodata), the
-palette shows black and probabilities are 0.
+palette shows black and probabilities are 0; a ``probs`` file with one band per class then has
+an internal nodata mask (no probability value is free to mean nodata), and the ``max`` one has
+nodata 0.
 
 Rows arrive in order (:meth:`OutputSink.write_rows`), so large rasters are written window by
 window: ``geotiff`` and ``probs`` stream to disk in constant memory; the PNG/JPEG formats keep the
@@ -159,12 +162,14 @@ class _WholeSink(_Sink):
 class _RasterSink(_Sink):
     """Streams rows to a tiled TIFF."""
 
-    def __init__(self, writer: RasterWriter, bands: Any) -> None:
+    def __init__(self, writer: RasterWriter, bands: Any, masked: bool = False) -> None:
         self.writer = writer
         self.bands = bands
+        self.masked = masked  # nodata goes to the file's dataset mask (no nodata value fits)
 
     def write_rows(self, row0: int, chunk: RowChunk) -> None:
-        self.writer.write_rows(row0, self.bands(chunk))
+        self.writer.write_rows(row0, self.bands(chunk),
+                               valid=chunk.valid if self.masked else None)
 
     def finish(self) -> None:
         self.writer.close()
@@ -312,7 +317,8 @@ class GeoTiffFormat(OutputFormat):
         colormap[cfg.nodata_value] = (0, 0, 0, 0)
         writer = RasterWriter(
             path, width=meta.width, height=meta.height, count=1, dtype=cfg.mask_dtype,
-            nodata=cfg.nodata_value, colormap=colormap, **_georef(meta, self.name),
+            nodata=cfg.nodata_value, colormap=colormap, descriptions=["class"],
+            **_georef(meta, self.name),
         )
         return _RasterSink(writer, lambda chunk: chunk.labels)
 
@@ -337,10 +343,17 @@ class ProbsFormat(OutputFormat):
         self.mode = probs_mode
 
     def open(self, path: Path, meta: OutputMeta) -> _Sink:
-        count = 1 if self.mode == "max" else self.config.num_classes
+        # A class's probability can be 0 anywhere, so in ``classes`` mode nodata pixels go to the
+        # file's dataset mask (present only where the input has nodata); the winning class's
+        # probability is at least 1/K, so in ``max`` mode 0 is free to be the nodata value.
+        classes = self.mode == "classes"
+        names = self.config.class_names
         writer = RasterWriter(
-            path, width=meta.width, height=meta.height, count=count, dtype=np.uint8,
-            nodata=0 if self.mode == "max" else None, **_georef(meta, self.name, warn=False),
+            path, width=meta.width, height=meta.height,
+            count=self.config.num_classes if classes else 1, dtype=np.uint8,
+            nodata=None if classes else 0,
+            descriptions=list(names) if classes else ["confidence"],
+            **_georef(meta, self.name, warn=False),
         )
 
         def bands(chunk: RowChunk) -> np.ndarray:
@@ -350,7 +363,7 @@ class ProbsFormat(OutputFormat):
                 return chunk.probs.max(axis=0, keepdims=True)
             return chunk.probs
 
-        return _RasterSink(writer, bands)
+        return _RasterSink(writer, bands, masked=classes)
 
 
 #: Format name -> class.

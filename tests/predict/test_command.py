@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from rasterio.enums import MaskFlags
 from rasterio.transform import from_origin
 
 from segpipe.cli import main as cli_main
@@ -123,8 +124,13 @@ def test_geotiff_roundtrip_keeps_georeference_and_nodata(
     assert np.array_equal(labels, expected)
     with rasterio.open(out / "scene_probs.tif") as p:
         assert p.count == 3 and p.crs == a.crs and p.transform == a.transform
+        assert p.descriptions == ("class_0", "class_1", "class_2")  # the class names
         probs = p.read()
+        valid = p.dataset_mask()  # nodata in an internal mask: 0 is a probability
+        assert p.nodata is None and p.mask_flag_enums[0] == [MaskFlags.per_dataset]
     assert (probs[:, :20, :30] == 0).all()
+    assert (valid[:20, :30] == 0).all() and valid[20:].all() and valid[:, 30:].all()
+    assert not list(out.glob("*.msk"))  # internal, not a sidecar the rename would leave
     assert np.array_equal(probs[:, 20:].argmax(0), classes[20:])
     # PNG formats of a raster read by windows: same labels, nodata = 255
     assert np.array_equal(np.asarray(Image.open(out / "scene.png")), expected)
@@ -270,7 +276,9 @@ def test_killed_run_leaves_no_partial_output_and_rerun_completes(
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.monotonic() + 120
-        while not (out.is_dir() and leftovers(out)) and proc.poll() is None:
+        # the raster's own temporary (not the output folder's brief writability probe)
+        while not (out.is_dir() and any(p.name.endswith(".partial") for p in leftovers(out))) \
+                and proc.poll() is None:
             assert time.monotonic() < deadline, "prediction never started writing"
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]

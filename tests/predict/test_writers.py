@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from rasterio.enums import MaskFlags
 
 from segpipe.data.spec import default_class_colors
 from segpipe.data.io import RasterWriter
@@ -259,3 +260,29 @@ def test_geotiff_write_hitting_a_real_limit_never_leaves_a_partial_file(tmp_path
             assert r["error"][:2] == ["DiskFullError", str(tmp_path / "out" / "x.tif")], r
         else:
             assert r["error"][0] != "DiskFullError", r
+
+
+def test_probs_nodata_goes_to_a_mask_started_when_first_needed(tmp_path: Path) -> None:
+    """One band per class leaves no value for nodata: an internal mask, only where needed."""
+    cfg = config()
+    writer = PredictionWriter(tmp_path, ["probs"], cfg)
+    probs = np.full((3, 300, 40), 85, np.uint8)
+    valid = np.ones((300, 40), bool)
+    valid[280:, :5] = False  # nodata only after the first block of rows is on disk
+    with writer.open("late.tif", ["probs"], OutputMeta(Path("late.tif"), 300, 40)) as sink:
+        for r0 in range(0, 300, 60):
+            sink.write_rows(r0, RowChunk(np.zeros((60, 40), np.uint8), probs=probs[:, r0:r0 + 60],
+                                         valid=valid[r0:r0 + 60]))
+    with rasterio.open(tmp_path / "late_probs.tif") as ds:
+        assert ds.descriptions == tuple(cfg.class_names)
+        assert np.array_equal(ds.dataset_mask() > 0, valid)
+        assert np.array_equal(ds.read(), probs)
+    # all valid: no mask at all; one band of confidence uses nodata 0 instead
+    for mode, name in (("classes", "all"), ("max", "max")):
+        w = PredictionWriter(tmp_path, ["probs"], cfg, probs_mode=mode)
+        w.write(f"{name}.tif", ["probs"], RowChunk(np.zeros((20, 40), np.uint8),
+                                                   probs=probs[:, :20]), Path("x.tif"))
+    with rasterio.open(tmp_path / "all_probs.tif") as ds:
+        assert ds.mask_flag_enums[0] == [MaskFlags.all_valid]
+    with rasterio.open(tmp_path / "max_probs.tif") as ds:
+        assert ds.count == 1 and ds.nodata == 0 and ds.descriptions == ("confidence",)
