@@ -178,6 +178,59 @@ def set_aside_earlier_checkpoints(ckpt_dir: Path) -> Path | None:
     return dest
 
 
+def set_aside_unrecorded_checkpoints(ckpt_dir: Path, resume: Path, weights_only: bool = True) -> Path | None:
+    """Move checkpoints a killed run wrote after its resume point into ``ckpt_dir/earlier-K``.
+
+    A run killed after a new ``best-*`` file was written but before ``last.ckpt`` was updated
+    leaves that file behind: the resumed run does not know it (``last.ckpt`` names the
+    previous best), so it would stay beside the resumed run's own best forever (``save_top_k``
+    never removes it, and a glob of ``best-*.ckpt`` finds two). Files in ``ckpt_dir`` newer than
+    ``resume`` and not recorded in its checkpoint callbacks' state are moved, not deleted.
+
+    Args:
+        ckpt_dir: The run's checkpoint folder.
+        resume: The checkpoint the fit resumes from.
+        weights_only: Safe loading of ``resume`` when its callback state is read.
+
+    Returns:
+        The folder they were moved to, or None when there were none.
+    """
+    try:
+        if resume.resolve().parent != ckpt_dir.resolve():
+            return None
+        since = resume.stat().st_mtime
+        newer = [p for p in ckpt_dir.glob("*.ckpt") if p.is_file() and p.name != resume.name
+                 and not p.name.startswith(TMP_PREFIX) and p.stat().st_mtime > since]
+    except OSError:
+        return None
+    if not newer:
+        return None
+    state = load_checkpoint_file(resume, map_location="cpu", weights_only=weights_only)
+    recorded: set[str] = set()
+    for cb_state in (state.get("callbacks") or {}).values():
+        if isinstance(cb_state, dict):
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if cb_state.get(key):
+                    recorded.add(Path(cb_state[key]).name)
+            recorded.update(Path(k).name for k in (cb_state.get("best_k_models") or {}))
+    unrecorded = [p for p in newer if p.name not in recorded]
+    if not unrecorded:
+        return None
+    k = 1
+    while (ckpt_dir / f"earlier-{k}").exists():
+        k += 1
+    dest = ckpt_dir / f"earlier-{k}"
+    dest.mkdir()
+    for path in unrecorded:
+        path.rename(dest / path.name)
+    names = ", ".join(p.name for p in unrecorded)
+    rank_zero_info(
+        f"{names} in {ckpt_dir} was written after {resume.name} by the run that stopped, and "
+        f"{resume.name} does not know it; moved to {dest} (this run retrains from "
+        f"{resume.name} and keeps its own best)")
+    return dest
+
+
 def _checkpoint_bytes(model: torch.nn.Module) -> int:
     """Rough size of one checkpoint: weights, two optimiser moments per weight, buffers."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -378,6 +431,11 @@ class SegpipeCLI(LightningCLI):
                     init = cfg.get("model", {}).get("init_from") if moved_to else None
                     if init and Path(init).resolve().parent == ckpt_dir.resolve():
                         cfg.model.init_from = str(moved_to / Path(init).name)  # it moved too
+                else:
+                    resume = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+                    if resume.is_file():
+                        set_aside_unrecorded_checkpoints(
+                            ckpt_dir, resume, weights_only=cfg.get("weights_only") is not False)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder

@@ -1,6 +1,8 @@
 """End-to-end CLI: `segpipe fit` then `segpipe test` (then `predict`) on synthetic data made by code."""
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -192,6 +194,28 @@ def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, t
     assert main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
     assert not (ckpt_dir / "earlier-2").exists()
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
+def test_resuming_sets_aside_a_best_checkpoint_the_killed_run_wrote_after_last(
+    dataset, tmp_path, caplog
+):
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path}", *TINY]
+    ckpt_dir = tmp_path / "checkpoints"
+    assert main([*args, "--trainer.max_epochs=2"]) == 0
+    recorded = resolve_checkpoint_alias("best", ckpt_dir)
+    # Killed after writing the next epoch's best, before last.ckpt: last.ckpt does not name it.
+    orphan = ckpt_dir / "best-epoch002-val_mIoU0.9999.ckpt"
+    shutil.copyfile(ckpt_dir / "last.ckpt", orphan)
+    later = (ckpt_dir / "last.ckpt").stat().st_mtime + 5
+    os.utime(orphan, (later, later))
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--trainer.max_epochs=3", "--ckpt_path=last"]) == 0
+    assert not orphan.exists() and (ckpt_dir / "earlier-1" / orphan.name).is_file()  # kept
+    assert f"{orphan.name} in {ckpt_dir} was written after last.ckpt" in caplog.text
+    assert [p.name for p in ckpt_dir.glob("best-*.ckpt")] == [Path(resolve_checkpoint_alias(
+        "best", ckpt_dir)).name]  # the resumed run's one best
+    assert Path(recorded).parent == ckpt_dir
 
 
 def test_scoring_images_the_checkpoint_trained_on_is_refused(tmp_path, capsys):
