@@ -108,13 +108,22 @@ class ImageReadError(ValueError):
         path: The offending file.
         reason: Plain-language reason, e.g. ``"file is empty (0 bytes)"``.
         hint: Suggested fix.
+        kind: ``"channels"`` when the file's bands or channels do not fit the selection or the
+            model (the hint names training options; prediction gives its own), else None.
     """
 
-    def __init__(self, path: _PathLike, reason: str, hint: str | None = None) -> None:
+    def __init__(
+        self, path: _PathLike, reason: str, hint: str | None = None, kind: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.reason = reason
         self.hint = hint or _DEFAULT_HINT
+        self.kind = kind
         super().__init__(f"{self.path}: {reason} ({self.hint})")
+
+    def with_hint(self, hint: str) -> ImageReadError:
+        """The same error with another fix (e.g. the prediction command's option)."""
+        return ImageReadError(self.path, self.reason, hint, self.kind)
 
 
 def is_image_file(path: _PathLike) -> bool:
@@ -372,7 +381,7 @@ def _check_bands(path: Path, bands: Sequence[int], count: int) -> list[int]:
             raise ImageReadError(
                 path,
                 f"band {b} requested but the file has {count} band(s) (bands are 1-based)",
-                f"set data.bands to values between 1 and {count}",
+                f"set data.bands to values between 1 and {count}", kind="channels",
             )
         out.append(int(b))
     if not out:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from segpipe.data.datasets import prepare_image
-from segpipe.data.io import open_raster, probe_raster, read_image
+from segpipe.data.io import ImageReadError, open_raster, probe_raster, read_image
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
 
@@ -76,6 +76,9 @@ class Segmenter:
         overlap: Default tile overlap.
         tta: Default flip test-time augmentation.
         batch_size: Images (or tiles) per forward pass.
+        bands: 1-based bands of the inputs to read, one per channel the model takes, instead of
+            the checkpoint's ``data.bands`` (as ``segpipe predict --bands``); None: the
+            checkpoint's.
     """
 
     def __init__(
@@ -88,7 +91,9 @@ class Segmenter:
         overlap: float = 0.25,
         tta: bool = False,
         batch_size: int = 4,
+        bands: Sequence[int] | None = None,
     ) -> None:
+        config = config.with_bands(bands, option="bands")
         self.device = _device(device)
         self.task = task.to(self.device) if isinstance(task, torch.nn.Module) else task
         if getattr(task, "channels_last", False):
@@ -109,7 +114,7 @@ class Segmenter:
         Args:
             path: The ``.ckpt`` file.
             device: ``auto`` (a CUDA GPU when there is one), ``cpu``, ``cuda:1``...
-            **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``batch_size``.
+            **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``batch_size``, ``bands``.
         """
         from segpipe.predict.checkpoint import load_predictor
 
@@ -122,7 +127,7 @@ class Segmenter:
 
         Args:
             path: The ``.onnx`` file (its ``model.json`` sidecar beside it).
-            **options: ``tile``, ``overlap``, ``tta``, ``batch_size``.
+            **options: ``tile``, ``overlap``, ``tta``, ``batch_size``, ``bands``.
         """
         from segpipe.predict.onnx import load_onnx_predictor
 
@@ -256,9 +261,14 @@ class Segmenter:
 
         cfg = self.config
         transform = build_eval_transform(cfg.eval_resize) if resize and cfg.eval_resize else None
-        pixels, source, valid = self._pixels(item)
-        return prepare_image(pixels, in_channels=cfg.in_channels, mean=cfg.mean, std=cfg.std,
-                             transform=transform, source=source, valid=valid)
+        try:
+            pixels, source, valid = self._pixels(item)
+            return prepare_image(pixels, in_channels=cfg.in_channels, mean=cfg.mean, std=cfg.std,
+                                 transform=transform, source=source, valid=valid)
+        except ImageReadError as exc:
+            if exc.kind != "channels":
+                raise
+            raise exc.with_hint(cfg.channel_hint("bands")) from None
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,12 @@ _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for prediction; the message names the file and the fix."""
+
+
+def _bands_example(option: str, n: int) -> str:
+    """``--bands 1 2 3`` on the command line, ``bands=[1, 2, 3]`` in Python."""
+    picks = list(range(1, n + 1))
+    return f"{option} {' '.join(map(str, picks))}" if option.startswith("-") else f"{option}={picks}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,40 @@ class PredictConfig:
             symmetries=list(spec.symmetries) if spec.symmetries is not None else None,
             input_norm=input_norm,
         )
+
+    def with_bands(self, bands: Sequence[int] | None, option: str = "--bands") -> PredictConfig:
+        """These settings reading the file bands ``bands`` instead of the checkpoint's.
+
+        For inputs whose bands lie in another order or number than the training files' (another
+        sensor or product); ``data.bands`` is what the checkpoint recorded.
+
+        Args:
+            bands: 1-based band numbers, one per channel the model takes (3 for a 1-channel
+                model, or 1 for a 3-channel one, are converted as in training); None keeps the
+                checkpoint's.
+            option: The option's name, for messages.
+
+        Raises:
+            ValueError: Not a list of positive band numbers that fits the model's channels.
+        """
+        if bands is None:
+            return self
+        picks = list(bands)
+        if not picks or any(isinstance(b, bool) or int(b) != b or b < 1 for b in picks):
+            raise ValueError(f"{option} takes 1-based band numbers (1, 2, ...), got {picks}")
+        n, want = len(picks), self.in_channels
+        if n != want and {n, want} != {1, 3}:
+            raise ValueError(f"{option} picks {n} band(s) but the model takes {want} channel(s); "
+                             f"give {want} band numbers (e.g. {_bands_example(option, want)})")
+        return replace(self, bands=[int(b) for b in picks])
+
+    def channel_hint(self, option: str = "--bands") -> str:
+        """How to feed this model a file whose bands do not fit it (prediction messages)."""
+        want = self.in_channels
+        trained = (f"the model was trained on bands {self.bands} of its files; "
+                   if self.bands else "")
+        return (f"{trained}pick {want} of this file's bands, e.g. {_bands_example(option, want)}, "
+                "or use a model trained on such images")
 
     @property
     def mask_dtype(self) -> np.dtype:

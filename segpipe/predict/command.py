@@ -221,6 +221,7 @@ def predict(
     overlap: float = 0.25,
     tta: bool = False,
     bn_adapt: float = 0.0,
+    bands: Sequence[int] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
     fail_fast: bool = False,
@@ -253,6 +254,9 @@ def predict(
             theirs + (1 - weight) x training's (:mod:`segpipe.models.batchnorm`), as
             ``segpipe test --model.bn_adapt`` does on the test images; for images from another
             camera, scanner or lighting than the training ones. 0 (default): off.
+        bands: 1-based bands of the input files to read, one per channel the model takes,
+            instead of the checkpoint's ``data.bands`` (inputs from another sensor or product,
+            whose bands lie in another order); None: the checkpoint's.
         batch_size: Images (or tiles) per forward pass.
         overwrite: Rewrite existing outputs (else files whose outputs exist are skipped).
         fail_fast: Stop at the first failed file.
@@ -327,6 +331,10 @@ def predict(
                 f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "
                 "has no BatchNorm layer that keeps them; drop the option.")
     _check_tile(tile, config.pad_multiple)
+    try:
+        config = config.with_bands(bands)
+    except ValueError as exc:
+        raise PredictUsageError(str(exc)) from None
     try:
         writer = PredictionWriter(
             output, formats, config, overwrite=overwrite, probs_mode=probs_mode,
@@ -468,6 +476,10 @@ def build_parser() -> CommandParser:
                    help="re-estimate BatchNorm statistics on the input images first and use "
                         "WEIGHT x theirs + (1 - WEIGHT) x training's (0 = off, default; 0.5 for "
                         "images from another camera, scanner or lighting; one extra pass)")
+    p.add_argument("--bands", type=int, nargs="+", default=None, metavar="BAND",
+                   help="1-based bands of the input files to read, one per channel the model "
+                        "takes, instead of the checkpoint's data.bands (inputs from another "
+                        "sensor, whose bands lie in another order)")
     p.add_argument("--batch_size", dest="batch_size", type=int,
                    default=DEFAULT_BATCH_SIZE, help="images or tiles per forward pass")
     p.add_argument("--overwrite", action="store_true",
@@ -530,7 +542,7 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
         summary = predict(
             args.ckpt_path, args.input, args.output, formats=_formats(args.formats),
             tile=args.tile, overlap=args.overlap, tta=args.tta, bn_adapt=args.bn_adapt,
-            batch_size=args.batch_size,
+            bands=args.bands, batch_size=args.batch_size,
             overwrite=args.overwrite, fail_fast=args.fail_fast, accelerator=args.accelerator,
             devices=args.devices, strategy=args.strategy, precision=args.precision,
             num_workers=args.num_workers, write_workers=args.write_workers,

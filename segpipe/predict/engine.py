@@ -247,9 +247,12 @@ class PredictSummary:
         self.failures.extend(other.failures)
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, config: PredictConfig | None = None) -> str:
+    """One line on why a file failed; a channel mismatch names ``--bands``, not training
+    options (a finished checkpoint's ``data.in_channels`` cannot change)."""
     if isinstance(exc, ImageReadError):
-        return f"{exc.reason} ({exc.hint})"
+        hint = config.channel_hint() if exc.kind == "channels" and config is not None else exc.hint
+        return f"{exc.reason} ({hint})"
     text = str(exc).strip() or type(exc).__name__
     return text if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {text}"
 
@@ -317,7 +320,7 @@ class PredictInputs(Dataset):
             rec.update(kind="image", image=item["image"], size=item["size"],
                        valid=item.get("valid"))
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
-            rec.update(status="failed", reason=_reason(exc))
+            rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
 
     def images_for_statistics(
@@ -505,7 +508,8 @@ class PredictModule(L.LightningModule):
     # ---------------------------------------------------------------- helpers
     def _fail(self, rec: dict[str, Any], exc: BaseException) -> ItemResult:
         log.debug("prediction of %s failed", rec["path"], exc_info=exc)
-        return ItemResult(rec["path"], rec["rel"], "failed", _reason(exc), rec.get("formats", []))
+        return ItemResult(rec["path"], rec["rel"], "failed", _reason(exc, self.config),
+                          rec.get("formats", []))
 
     def _tile_bar(self, total: int, name: str) -> Any:
         if not (self.show_progress and total > 1):

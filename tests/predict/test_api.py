@@ -94,8 +94,13 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
         seg.predict(object())
     with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, C\)"):
         seg.predict(np.zeros((2, 3, 4, 5), np.uint8))
-    with pytest.raises(ValueError, match="in_channels=3"):
+    with pytest.raises(ValueError, match=r"in_channels=3 .*e\.g\. bands=\[1, 2, 3\]"):
         seg.predict(np.zeros((8, 8, 5), np.uint8))
+    five = np.random.default_rng(0).integers(0, 255, (8, 8, 5), np.uint8)
+    picked = Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[5, 1, 3]).predict(five)
+    assert np.array_equal(picked, seg.predict(np.ascontiguousarray(five[:, :, [4, 0, 2]])))
+    with pytest.raises(ValueError, match=r"bands picks 2 band\(s\) but the model takes 3"):
+        Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[1, 2])
     with pytest.raises(ValueError, match=r"the array of shape \(0, 0, 3\) holds no pixel"):
         seg.predict(np.zeros((0, 0, 3), np.uint8))
 

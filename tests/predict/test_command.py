@@ -151,6 +151,42 @@ def test_band_count_mismatch_is_reported(tmp_path: Path, pointwise_ckpt: Path, c
     assert run(pointwise_ckpt, src, tmp_path / "out") == 1
     out = capsys.readouterr().out
     assert "1 failed" in out and "five.tif" in out and "in_channels=3" in out
+    # the fix named is the command's own option, not a training one the checkpoint cannot take
+    assert "pick 3 of this file's bands, e.g. --bands 1 2 3" in out and "data.in_channels" not in out
+
+
+def test_bands_option_reads_other_bands_than_the_checkpoint(
+    tmp_path: Path, capsys
+) -> None:
+    """A model trained on bands 4, 2, 3 predicts a scene from a sensor whose bands lie elsewhere."""
+    ckpt = make_ckpt(
+        tmp_path / "bands.ckpt", "tests.predict.nets.ThresholdNet",
+        {"in_channels": 3, "num_classes": 3}, bands=[4, 2, 3], mean=[0.0] * 3, std=[1.0] * 3,
+    )
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 3, (40, 50))
+    trained = rng.integers(0, 255, (4, 40, 50)).astype(np.uint8)
+    trained[3] = ((classes + 0.5) / 3 * 255).astype(np.uint8)  # band 4 decides the class
+    other = np.stack([trained[3], trained[2], trained[1]])  # the same bands, another order
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_geotiff(tmp_path / "a" / "scene.tif", trained)
+    write_geotiff(tmp_path / "b" / "scene.tif", other)
+    assert run(ckpt, tmp_path / "a", tmp_path / "out_a") == 0
+    assert run(ckpt, tmp_path / "b", tmp_path / "out_b") == 1  # 3 bands: no band 4
+    out = capsys.readouterr().out
+    assert "band 4 requested but the file has 3 band(s)" in out
+    assert "the model was trained on bands [4, 2, 3] of its files; pick 3" in out
+    assert run(ckpt, tmp_path / "b", tmp_path / "out_b", "--bands", "1", "3", "2") == 0
+    with rasterio.open(tmp_path / "out_a" / "scene.tif") as a, \
+            rasterio.open(tmp_path / "out_b" / "scene.tif") as b:
+        assert np.array_equal(a.read(1), classes) and np.array_equal(b.read(1), classes)
+    # a selection that cannot feed the model, up front, with what to give
+    assert run(ckpt, tmp_path / "b", tmp_path / "out_c", "--bands", "1", "3") == 2
+    assert ("--bands picks 2 band(s) but the model takes 3 channel(s); give 3 band numbers "
+            "(e.g. --bands 1 2 3)") in capsys.readouterr().err
+    assert run(ckpt, tmp_path / "b", tmp_path / "out_c", "--bands", "0", "1", "2") == 2
+    assert "--bands takes 1-based band numbers" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ failures and reruns
