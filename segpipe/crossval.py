@@ -11,12 +11,16 @@ in the order given) and over all folds, the number of cases, the mean over cases
 mIoU and each class's Dice. Over all folds every case was scored once, by the model that did not
 train on it, so the mean over all cases is the k-fold figure (what nnU-Net's cross-validation
 reports); the spread of the fold means (sample standard deviation) says how much one fold alone
-could have misled. A case scored in two runs is an error: those runs are not folds of one split.
+could have misled. Runs that are not folds of one split are an error: a case scored in two runs,
+the same ``data.fold`` twice, or other ``data.seed``/``val_case_fraction`` than the others (as
+each ``test_metrics.json`` records them). Folds missing from the ``1 / val_case_fraction`` the runs
+record, or a single run, are warned about: the pooled figure then covers part of the data.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -35,8 +39,22 @@ class CrossvalError(ValueError):
     """Runs that cannot be pooled; the message names the file and the fix."""
 
 
+def _run_root(metrics_file: Path) -> Path:
+    """The run folder a ``test_metrics.json`` belongs to: the folder above its
+    ``lightning_logs/version_*`` (or its own folder when it lies elsewhere)."""
+    parent = metrics_file.parent
+    if parent.parent.name == "lightning_logs":
+        return parent.parent.parent
+    return parent
+
+
 def _metrics_path(arg: str) -> Path:
-    """``arg`` itself, or the newest ``test_metrics.json`` under the folder ``arg``."""
+    """``arg`` itself, or the newest ``test_metrics.json`` under the run folder ``arg``.
+
+    Raises:
+        CrossvalError: Nothing there, or a folder holding the results of several runs (the
+            folds' parent folder), whose newest alone would stand for all of them.
+    """
     path = Path(arg).expanduser()
     if path.is_file():
         return path
@@ -47,7 +65,63 @@ def _metrics_path(arg: str) -> Path:
     if not found:
         raise CrossvalError(f"{path}: no {_METRICS_FILE} under it; run `segpipe test` on that "
                             f"run first (same config and --data.fold, --ckpt_path best)")
+    runs = sorted({_run_root(p) for p in found})
+    if len(runs) > 1:
+        shown = " ".join(str(r) for r in runs[:6]) + (" ..." if len(runs) > 6 else "")
+        raise CrossvalError(
+            f"{path} holds the test results of {len(runs)} runs; give each fold's run folder: "
+            f"segpipe crossval {shown}")
     return found[-1]
+
+
+def _split_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The case split ``segpipe test`` recorded (``val_case_fraction``, ``fold``, ``seed``,
+    ``val_cases``, the split ``scored``), or None."""
+    split = metrics.get("data_split")
+    return split if isinstance(split, dict) else None
+
+
+def _check_folds(runs: list[tuple[Path, dict[str, Any] | None]]) -> list[str]:
+    """Refuse runs that are not folds of one split; warn of missing folds or a single run.
+
+    Args:
+        runs: Each run's ``test_metrics.json`` and recorded split.
+
+    Returns:
+        Warnings (folds missing, one run).
+
+    Raises:
+        CrossvalError: Runs drawn with other split settings, or the same fold twice.
+    """
+    recorded = [(p, s) for p, s in runs if s is not None and s.get("val_case_fraction")]
+    for key in ("val_case_fraction", "seed", "val_cases", "scored"):
+        values = {json.dumps(s.get(key)) for _, s in recorded}
+        if len(values) > 1:
+            which = ", ".join(f"{p} ({key}={s.get(key)})" for p, s in recorded)
+            raise CrossvalError(
+                f"the runs were split with different data.{key}: {which}; the folds of one "
+                "split share data.seed and data.val_case_fraction and differ in data.fold only")
+    folds: dict[int, Path] = {}
+    for p, s in recorded:
+        fold = s.get("fold")
+        if isinstance(fold, int) and not isinstance(fold, bool):
+            if fold in folds:
+                raise CrossvalError(f"fold {fold} is given twice ({folds[fold]} and {p}); give "
+                                    "one run per fold")
+            folds[fold] = p
+    warnings: list[str] = []
+    if recorded and len(recorded) == len(runs):
+        k = max(1, round(1 / float(recorded[0][1]["val_case_fraction"])))
+        missing = [f for f in range(k) if f not in folds]
+        if missing and folds:
+            warnings.append(
+                f"data.val_case_fraction={recorded[0][1]['val_case_fraction']} makes {k} folds, "
+                f"and fold(s) {missing} are not given: the pooled figure covers only the cases "
+                "of the folds given, not all of the data")
+    if len(runs) == 1 and not warnings:
+        warnings.append("one run: its mean over cases, not a cross-validation; give one run "
+                        "per fold")
+    return warnings
 
 
 def _data_fold(metrics: dict[str, Any]) -> int | None:
@@ -104,6 +178,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
     all_rows: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     classes: list[str] | None = None
+    splits: list[tuple[Path, dict[str, Any] | None]] = []
     for run, arg in enumerate(paths, 1):
         path = _metrics_path(arg)
         try:
@@ -116,13 +191,22 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                 f"{path}: no per-case scores; `segpipe test` reports per case when images "
                 "belong to cases (LGG patients, CamVid sequences; set data.case_pattern for "
                 "folders)")
-        names = list(per_case["Dice_per_class_mean_over_cases"])
+        names = per_case.get("Dice_per_class_mean_over_cases")
+        rows_in = per_case["cases"]
+        if not isinstance(names, dict) or not isinstance(rows_in, list) or not all(
+                isinstance(r, dict) and "case" in r and isinstance(r.get("Dice_per_class"), dict)
+                and isinstance(r.get("IoU_per_class"), dict) for r in rows_in):
+            raise CrossvalError(
+                f"{path}: its per_case section lacks the case rows segpipe test writes "
+                "(case, Dice_per_class, IoU_per_class); run `segpipe test` again")
+        names = list(names)
         if classes is None:
             classes = names
         elif names != classes:
             raise CrossvalError(f"{path}: classes {names} differ from the first run's {classes}")
         data_fold = _data_fold(metrics)
-        rows = [dict(r, run=run, data_fold=data_fold) for r in per_case["cases"]]
+        splits.append((path, _split_of(metrics)))
+        rows = [dict(_finite(r), run=run, data_fold=data_fold) for r in rows_in]
         for row in rows:
             case = str(row["case"])
             if case in seen:
@@ -135,6 +219,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                       "checkpoint": metrics.get("checkpoint"), **_summary(rows, classes)})
         all_rows += rows
     assert classes is not None
+    warnings = _check_folds(splits)
     fold_sd = {
         "mDice_mean_over_cases": _sd([f["mDice_mean_over_cases"] for f in folds]),
         "mIoU_mean_over_cases": _sd([f["mIoU_mean_over_cases"] for f in folds]),
@@ -142,7 +227,19 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
             c: _sd([f["Dice_per_class_mean_over_cases"][c] for f in folds]) for c in classes},
     }
     return {"folds": folds, "all_cases": _summary(all_rows, classes), "fold_sd": fold_sd,
-            "cases": all_rows}
+            "cases": all_rows, "warnings": warnings}
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """A case row with non-finite scores (a hand-edited NaN) as None, i.e. missing."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    return {k: clean(v) for k, v in row.items()}
 
 
 def _pct(value: float | None) -> str:
@@ -192,14 +289,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None,
                         help="also write everything (every case with its fold) to this JSON file")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    target = Path(args.json).expanduser() if args.json else None
+    if target is not None and target.is_dir():
+        print(f"segpipe crossval: error: --json {target} is a folder; give a file name, e.g. "
+              f"{target / 'crossval.json'}", file=sys.stderr)
+        return 2
     try:
         result = crossval(args.runs)
     except CrossvalError as exc:
         print(f"segpipe crossval: error: {exc}", file=sys.stderr)
         return 2
+    for warning in result["warnings"]:
+        print(f"segpipe crossval: warning: {warning}", file=sys.stderr)
     print(format_table(result))
-    if args.json:
-        print(f"Written to {atomic_write_json(args.json, result)}")
+    if target is not None:
+        try:
+            print(f"Written to {atomic_write_json(target, result)}")
+        except OSError as exc:
+            print(f"segpipe crossval: error: cannot write {target}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

@@ -22,12 +22,52 @@ def _row(case: str, tumour: float | None, background: float = 0.99) -> dict:
             "Dice_per_class": dice, "IoU_per_class": {k: (v and v / 2) for k, v in dice.items()}}
 
 
-def _metrics(path: Path, rows: list[dict], classes=("background", "tumour")) -> Path:
+def _metrics(path: Path, rows: list[dict], classes=("background", "tumour"),
+             split: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     per_case = {"num_cases": len(rows), "cases": rows,
                 "Dice_per_class_mean_over_cases": {c: None for c in classes}}
-    path.write_text(json.dumps({"mIoU": 0.5, "per_case": per_case}))
+    extra = {"data_split": {"scored": "val", "val_cases": None, "val_case_fraction": 0.34,
+                            "fold": 0, "seed": 0, **split}} if split is not None else {}
+    path.write_text(json.dumps({"mIoU": 0.5, "per_case": per_case, **extra}))
     return path
+
+
+def test_recorded_split_settings_must_make_folds_of_one_split(tmp_path: Path, capsys) -> None:
+    """Runs that share no case can still be other splits' folds: the recorded settings tell."""
+    fold = lambda k, case, **kw: _metrics(tmp_path / f"f{k}{kw.get('seed', '')}/test_metrics.json",  # noqa: E731
+                                          [_row(case, 0.5)], split={"fold": k, **kw})
+    f0, f1, f2 = fold(0, "p1"), fold(1, "p2"), fold(2, "p3")
+    assert crossval([str(f0), str(f1), str(f2)])["warnings"] == []  # 1/0.34: three folds
+    with pytest.raises(CrossvalError, match=r"different data.seed: .*\(seed=0\), .*\(seed=1\)"):
+        crossval([str(f0), str(fold(1, "p4", seed=1))])
+    with pytest.raises(CrossvalError, match="different data.val_case_fraction"):
+        crossval([str(f0), str(fold(1, "p5", val_case_fraction=0.2, seed=2))])
+    with pytest.raises(CrossvalError, match="fold 1 is given twice"):
+        crossval([str(f1), str(_metrics(tmp_path / "again.json", [_row("p6", 0.5)],
+                                         split={"fold": 1}))])
+    # a fold left out, or one run alone: pooled, with a warning that says what it covers
+    assert main(["crossval", str(f0), str(f2)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: data.val_case_fraction=0.34 makes 3 folds, and fold(s) [1] are not given" in err
+    # the folds' parent folder is several runs, not one (its newest file would stand for all)
+    assert main(["crossval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds the test results of" in err and str(f0.parent) in err
+    # --json at a folder: one line, before any work
+    assert main(["crossval", str(f0), str(f1), str(f2), "--json", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_hand_edited_rows_are_an_error_or_missing_values(tmp_path: Path) -> None:
+    broken = _metrics(tmp_path / "a.json", [{"case": "p1", "mDice": 0.5}])
+    with pytest.raises(CrossvalError, match="a.json: its per_case section lacks the case rows"):
+        crossval([str(broken)])
+    nan = _metrics(tmp_path / "b.json", [_row("p1", float("nan")), _row("p2", 0.5)])
+    out = crossval([str(nan)])
+    assert out["all_cases"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.5)
+    assert any("one run" in w for w in out["warnings"])
+    json.dumps(out, allow_nan=False)  # strict JSON: NaN became None
 
 
 def test_pools_every_case_once_and_reports_each_fold(tmp_path: Path) -> None:
