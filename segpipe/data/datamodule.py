@@ -345,6 +345,14 @@ class SegmentationDataModule(L.LightningDataModule):
         if val_slices is not None and len(val_slices) != 2:
             raise ConfigError(f"data.val_slices must be [start, stop], got {val_slices}")
 
+        if class_names:
+            dupes = sorted({str(n) for n in class_names
+                            if [str(m) for m in class_names].count(str(n)) > 1})
+            if dupes:
+                raise ConfigError(
+                    f"data.class_names names {dupes} more than once: per-class metrics, logged "
+                    "keys and reports are keyed by name, so one class would hide another; give "
+                    "each class its own name")
         self.root = root
         self.layout = layout
         #: Classes and input, stated once; ``mean``/``std`` may be filled in by :meth:`setup`.

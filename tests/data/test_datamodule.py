@@ -69,6 +69,8 @@ def test_defaults_and_hparams(folder_root: Path) -> None:
     assert len(set(map(tuple, default_class_colors(40)))) == 40
     with pytest.raises(ValueError, match="class_names"):
         SegmentationDataModule("x", num_classes=3, class_names=["a"])
+    with pytest.raises(ValueError, match=r"data.class_names names \['obj'\] more than once"):
+        SegmentationDataModule("x", num_classes=3, class_names=["bg", "obj", "obj"])
     with pytest.raises(ValueError, match="mean/data.std"):
         SegmentationDataModule("x", in_channels=1, mean=[0.1, 0.2, 0.3])
 
