@@ -116,21 +116,31 @@ def model_views(symmetries: Sequence[str] | None, warn: bool = True) -> list[Vie
 
     Args:
         symmetries: The training symmetries, or None when not recorded.
-        warn: Log a warning for None, and when the views are the identity alone.
+        warn: Log a warning for None, and when the views are the identity alone (once per
+            process: a Python session that predicts many times is told once).
 
     Returns:
         Views for :func:`tta_mean`.
     """
     if symmetries is None:
         if warn:
-            log.warning("the checkpoint does not record the training symmetries: TTA averages "
-                        "horizontal flips only")
+            _warn_once("the model (its checkpoint or ONNX sidecar) does not record the training "
+                       "symmetries: TTA averages horizontal flips only")
         symmetries = ["hflip"]
     views = tta_views(symmetries)
     if warn and len(views) == 1:
-        log.warning("the model was trained without flips or rotations: TTA has nothing to "
-                    "average and changes nothing")
+        _warn_once("the model was trained without flips or rotations: TTA has nothing to "
+                   "average and changes nothing")
     return views
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def tta_probabilities(model: Callable[[Tensor], Tensor], x: Tensor,

@@ -103,6 +103,14 @@ class Segmenter:
         self.tile, self.overlap, self.tta, self.batch_size = tile, overlap, tta, int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check_tile(tile)
+
+    def _check_tile(self, tile: int | None) -> None:
+        """Refuse a tile under the network's size step, as ``segpipe predict --tile`` does."""
+        step = self.config.pad_multiple
+        if tile is not None and (isinstance(tile, bool) or int(tile) < step):
+            raise ValueError(f"tile must be at least the network's size step {step} (tiles are "
+                             f"padded to its multiples), got {tile}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -127,13 +135,25 @@ class Segmenter:
 
         Args:
             path: The ``.onnx`` file (its ``model.json`` sidecar beside it).
-            **options: ``tile``, ``overlap``, ``tta``, ``batch_size``, ``bands``.
+            **options: ``tile``, ``overlap`` (default: what ``segpipe export`` recorded),
+                ``tta``, ``batch_size``, ``bands``; ``device`` may only be ``cpu``.
         """
         from segpipe.predict.onnx import load_onnx_predictor
 
-        task, config, _ = load_onnx_predictor(path)
-        options["precision"] = "32-true"
-        return cls(task, config, device="cpu", **options)
+        task, config, sidecar = load_onnx_predictor(path)
+        device = options.pop("device", "cpu")
+        if str(device) not in ("cpu", "auto"):
+            raise ValueError(f"an ONNX model runs on the CPU (onnxruntime), not on {device!r}; "
+                             "use Segmenter.from_checkpoint for a GPU")
+        precision = options.pop("precision", None)
+        if precision not in (None, "32-true", "32", 32):
+            log.warning("precision %s is ignored with an ONNX model: onnxruntime computes in fp32",
+                        precision)
+        if options.get("tile") is None and sidecar.get("tile"):  # recorded by segpipe export
+            options["tile"] = int(sidecar["tile"])
+        if options.get("overlap") is None and sidecar.get("overlap") is not None:
+            options["overlap"] = float(sidecar["overlap"])
+        return cls(task, config, device="cpu", precision="32-true", **options)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -198,7 +218,9 @@ class Segmenter:
         from segpipe.models.batchnorm import adapt_batchnorm
         from segpipe.predict.tiling import covering_tiles, same_shape_batches
 
-        if not isinstance(self.task, torch.nn.Module):
+        from segpipe.predict.onnx import OnnxTask
+
+        if not isinstance(self.task, torch.nn.Module) or isinstance(self.task, OnnxTask):
             raise TypeError("adapt_batchnorm needs a checkpoint's network; an ONNX export has "
                             "folded its BatchNorm statistics into the convolutions")
         tiles = (crop for item in images
@@ -286,6 +308,7 @@ class Segmenter:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         tile = self.tile if tile is None else tile
+        self._check_tile(tile)
         prob_fn = ProbabilityFn(self.task, self.tta if tta is None else tta,
                                 self.config.symmetries)
         prepared = [self._prepared(item, resize=tile is None) for item in items]

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_RASTER_TILE = 512
+DEFAULT_OVERLAP = 0.25
 
 
 class PredictUsageError(ValueError):
@@ -218,7 +219,7 @@ def predict(
     *,
     formats: Sequence[str] = ("auto",),
     tile: int | None = None,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     tta: bool = False,
     bn_adapt: float = 0.0,
     bands: Sequence[int] | None = None,
@@ -247,7 +248,7 @@ def predict(
             for georeferenced rasters, ``mask`` otherwise.
         tile: Sliding-window tile size for ordinary images (None: whole images); rasters are
             always read by windows, with tiles of ``tile`` or ``raster_tile``.
-        overlap: Overlap of neighbouring tiles (fraction of a tile).
+        overlap: Overlap of neighbouring tiles (fraction of a tile); None: 0.25.
         tta: Test-time augmentation over the flips/rotations the model was trained with.
         bn_adapt: Before predicting, re-estimate the network's BatchNorm statistics on the
             input images (one extra forward pass over them, no labels) and use this weight x
@@ -302,7 +303,7 @@ def predict(
         raise PredictUsageError(f"--tile must be a positive number of pixels, got {tile}")
     if raster_tile < 1:
         raise PredictUsageError(f"raster tile must be positive, got {raster_tile}")
-    if not 0.0 <= overlap < 1.0:
+    if overlap is not None and not 0.0 <= overlap < 1.0:
         raise PredictUsageError(f"--overlap must be a fraction in [0, 1), got {overlap}")
     if batch_size < 1:
         raise PredictUsageError(f"--batch_size must be >= 1, got {batch_size}")
@@ -322,14 +323,23 @@ def predict(
     if Path(ckpt_path).suffix.lower() == ".onnx":
         from segpipe.predict.onnx import load_onnx_predictor
 
-        task, config, _ = load_onnx_predictor(ckpt_path)
-        precision = "32-true"  # onnxruntime computes in fp32
+        task, config, sidecar = load_onnx_predictor(ckpt_path)
+        if precision not in (None, "32-true", "32", 32):
+            log.warning("--precision %s is ignored with an ONNX model: onnxruntime computes in "
+                        "fp32 on the CPU", precision)
+        precision = "32-true"
+        if tile is None and sidecar.get("tile"):  # defaults recorded by segpipe export
+            tile = int(sidecar["tile"])
+            log.info("--tile %d, as %s records", tile, Path(ckpt_path).with_suffix(".json").name)
+        if overlap is None and sidecar.get("overlap") is not None:
+            overlap = float(sidecar["overlap"])
     else:
         task, config = load_predictor(ckpt_path)
         if bn_adapt and not batchnorm_layers(task.net):
             raise PredictUsageError(
                 f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "
                 "has no BatchNorm layer that keeps them; drop the option.")
+    overlap = DEFAULT_OVERLAP if overlap is None else overlap
     _check_tile(tile, config.pad_multiple)
     try:
         config = config.with_bands(bands)
@@ -467,8 +477,9 @@ def build_parser() -> CommandParser:
     p.add_argument("--tile", type=int, default=None, metavar="SIZE",
                    help="sliding-window tile size in pixels for images larger than it "
                         f"(rasters always go by windows, default tile {DEFAULT_RASTER_TILE})")
-    p.add_argument("--overlap", type=float, default=0.25, metavar="FRACTION",
-                   help="overlap of neighbouring tiles, blended with a Gaussian window (0.25)")
+    p.add_argument("--overlap", type=float, default=None, metavar="FRACTION",
+                   help="overlap of neighbouring tiles, blended with a Gaussian window (0.25, "
+                        "or what segpipe export recorded for an ONNX model)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the flips/rotations the model was "
                         "trained with (read from the checkpoint)")

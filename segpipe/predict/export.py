@@ -15,8 +15,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by segpipe fit")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--tile", type=int, default=512, help="default tile size recorded for predict")
-    parser.add_argument("--overlap", type=float, default=0.25, help="default tile overlap recorded")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile size that predict --onnx and Segmenter.from_onnx use when "
+                             "given none (default: none recorded, whole images)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="their tile overlap when given none (default: predict's 0.25)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing .onnx and its .json sidecar")
     parser.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = parser.parse_args(argv)
     from segpipe.predict.checkpoint import CheckpointError
@@ -24,7 +29,8 @@ def main(argv: list[str]) -> int:
 
     try:
         onnx_path, side = export_onnx(args.ckpt_path, args.output, opset=args.opset, tile=args.tile,
-                                      overlap=args.overlap, check=not args.no_check)
+                                      overlap=args.overlap, check=not args.no_check,
+                                      overwrite=args.overwrite)
     except (OSError, CheckpointError, ValueError, RuntimeError) as exc:  # disk full included
         print(f"segpipe export: error: {exc}", file=sys.stderr)
         return 2

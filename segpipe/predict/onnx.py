@@ -10,6 +10,7 @@ onnx/onnxruntime are imported only here (``pip install segpipe[onnx]``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import asdict
@@ -35,49 +36,96 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
+#: Opsets ``segpipe export`` writes: from 9 (BatchNormalization without the attributes older
+#: runtimes refuse) to the TorchScript exporter's newest.
+MIN_OPSET = 9
+
+
+def _max_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except ImportError:  # pragma: no cover - older or newer torch
+        return 17
+    return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def export_onnx(
     ckpt_path: str | Path,
     output: str | Path,
     opset: int = 17,
-    tile: int | None = 512,
-    overlap: float = 0.25,
+    tile: int | None = None,
+    overlap: float | None = None,
     check: bool = True,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Export a checkpoint's network to ONNX with a preprocessing sidecar.
 
     Args:
         ckpt_path: Checkpoint written by ``segpipe fit``.
         output: The ``.onnx`` file to write (the sidecar goes beside it as ``.json``).
-        opset: ONNX opset.
-        tile: Default tile size recorded for large inputs.
-        overlap: Default tile overlap fraction.
+        opset: ONNX opset (:data:`MIN_OPSET` to the exporter's newest).
+        tile: Tile size that ``segpipe predict --onnx`` and ``Segmenter.from_onnx`` use when
+            none is given (None: whole images, as from the checkpoint).
+        overlap: Their tile overlap when none is given (None: predict's 0.25).
         check: Run the exported graph once with onnxruntime and compare with torch.
+        overwrite: Replace an existing ``.onnx`` or sidecar (else they are an error).
 
     Returns:
         ``(onnx path, sidecar path)``.
+
+    Raises:
+        ValueError: A bad output name, opset, tile or overlap, or outputs that exist.
     """
-    task, config = load_predictor(ckpt_path)
-    net = task.net.float().eval().to(memory_format=torch.contiguous_format)
-    m = config.pad_multiple
-    example = torch.randn(1, config.in_channels, 2 * m, 3 * m)
     out = Path(output)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"{out}: the output of segpipe export must end in .onnx")
+    top = _max_opset()
+    if isinstance(opset, bool) or not MIN_OPSET <= int(opset) <= top:
+        raise ValueError(f"--opset must be between {MIN_OPSET} and {top} (what torch exports and "
+                         f"onnxruntime runs), got {opset}; the default 17 suits most runtimes")
+    if overlap is not None and not 0.0 <= overlap < 1.0:
+        raise ValueError(f"--overlap must be a fraction in [0, 1), got {overlap}")
+    existing = [p for p in (out, sidecar_path(out)) if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{', '.join(map(str, existing))} already exist(s); pass --overwrite to "
+                         "replace, or choose another --output")
+    task, config = load_predictor(ckpt_path)
+    if tile is not None and (tile < config.pad_multiple):
+        raise ValueError(f"--tile must be at least the network's size step "
+                         f"{config.pad_multiple}, got {tile}")
+    net = task.net.float().eval().to(memory_format=torch.contiguous_format)
+    m = config.pad_multiple
+    example = torch.randn(1, config.in_channels, 2 * m, 3 * m)
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            net,
-            (example,),
-            str(tmp),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                          "logits": {0: "batch", 2: "height", 3: "width"}},
-            opset_version=opset,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                net,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                              "logits": {0: "batch", 2: "height", 3: "width"}},
+                opset_version=int(opset),
+                dynamo=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - torch's message ends with the whole graph
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(f"{ckpt_path}: torch could not export the network at opset "
+                               f"{opset}: {first}") from None
         if check:
             _check_export(tmp, net, config)
+        digest = _file_digest(tmp)
     meta = {
         "format": SIDECAR_FORMAT,
         "onnx": out.name,
@@ -88,6 +136,7 @@ def export_onnx(
         "output": "logits: float32 (N, num_classes, H, W)",
         "tile": tile,
         "overlap": overlap,
+        "onnx_sha256": digest,  # ties the sidecar to its graph
     }
     meta["eval_resize"] = list(config.eval_resize) if config.eval_resize else None
     side = atomic_write_json(sidecar_path(out), meta)
@@ -101,7 +150,13 @@ def _session(path: str | Path) -> Any:
         raise SystemExit("ONNX needs the onnx extra: pip install 'segpipe[onnx]'") from exc
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable ONNX model ({first}); export it again "
+                              "with segpipe export") from None
 
 
 def _check_export(path: Path, net: nn.Module, config: PredictConfig) -> None:
@@ -163,10 +218,67 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{side}: unreadable sidecar ({exc}); re-export the model") from exc
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise CheckpointError(f"{side}: not a segpipe ONNX sidecar (format {meta.get('format')!r})")
-    fields = PredictConfig.__dataclass_fields__
-    config = PredictConfig(**{k: v for k, v in meta.items() if k in fields})
-    if config.eval_resize is not None:
-        config = PredictConfig(**{**asdict(config), "eval_resize": tuple(config.eval_resize)})
-    return OnnxTask(path, config), config, meta
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{side}: not a segpipe ONNX sidecar (format {found!r})")
+    config = _sidecar_config(side, meta)
+    digest = meta.get("onnx_sha256")
+    if digest and _file_digest(path) != digest:
+        raise CheckpointError(
+            f"{side} was written for another graph than {path} (its checksum differs: a copied "
+            "or half re-exported pair); export the two files again with segpipe export")
+    task = OnnxTask(path, config)
+    _check_graph(path, task.session, config)
+    return task, config, meta
+
+
+def _sidecar_config(side: Path, meta: dict[str, Any]) -> PredictConfig:
+    """The prediction settings of a sidecar, checked as a checkpoint's data spec is.
+
+    Raises:
+        CheckpointError: A missing or invalid field, named with the fix (re-export).
+    """
+    from segpipe.data.spec import DataSpec
+
+    required = ("num_classes", "class_names", "class_colors", "in_channels", "mean", "std")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise CheckpointError(f"{side}: the sidecar lacks {missing}; export the model again "
+                              "with segpipe export")
+    try:
+        spec = DataSpec.from_dict(  # the same checks as a checkpoint's data spec
+            {k: meta.get(k) for k in ("num_classes", "class_names", "class_colors",
+                                       "ignore_index", "in_channels", "bands", "mean", "std",
+                                       "eval_resize", "symmetries")}, where="sidecar")
+        pad = meta.get("pad_multiple", 32)
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
+            raise ValueError(f"pad_multiple must be a positive whole number, got {pad!r}")
+        norm = meta.get("input_norm", "none")
+        if norm not in ("none", "per_image"):
+            raise ValueError(f"input_norm must be 'none' or 'per_image', got {norm!r}")
+        for key, ok in (("tile", lambda v: v is None or (isinstance(v, int) and v >= pad)),
+                        ("overlap", lambda v: v is None or (isinstance(v, (int, float))
+                                                             and 0 <= v < 1))):
+            if not ok(meta.get(key)):
+                raise ValueError(f"{key} {meta.get(key)!r} is not a usable default")
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{side}: {exc}; export the model again with segpipe export"
+                              ) from None
+    config = PredictConfig.from_spec(spec, checkpoint=str(meta.get("checkpoint", "")),
+                                     pad_multiple=pad, net=str(meta.get("net", "")),
+                                     input_norm=norm)
+    return config
+
+
+def _check_graph(path: Path, session: Any, config: PredictConfig) -> None:
+    """The graph's input channels and output classes against the sidecar's."""
+    shapes = [(session.get_inputs()[0].shape, config.in_channels, "input channels", "in_channels"),
+              (session.get_outputs()[0].shape, config.num_classes, "output classes",
+               "num_classes")]
+    for shape, want, what, key in shapes:
+        got = shape[1] if len(shape) == 4 else None
+        if isinstance(got, int) and got != want:
+            raise CheckpointError(
+                f"{path} has {got} {what} but its sidecar {sidecar_path(path).name} says "
+                f"{key}={want}; the two files come from different exports: export them again "
+                "with segpipe export")

@@ -29,7 +29,8 @@ def test_export_writes_graph_and_sidecar(tmp_path: Path, unet_ckpt: Path, capsys
     assert meta["class_names"] == ["bg", "red", "green"] and meta["class_colors"] == COLORS
     assert meta["mean"] == [0.4, 0.5, 0.6] and meta["std"] == [0.2, 0.25, 0.3]
     assert meta["in_channels"] == 3 and meta["pad_multiple"] == 8
-    assert meta["tile"] == 512 and meta["overlap"] == 0.25
+    assert meta["tile"] is None and meta["overlap"] is None  # none recorded: predict's defaults
+    assert len(meta["onnx_sha256"]) == 64
     assert "segpipe predict --onnx" in capsys.readouterr().out
 
 
@@ -65,3 +66,95 @@ def test_missing_sidecar_is_a_clear_error(tmp_path: Path, unet_ckpt: Path, capsy
                      "--output", str(tmp_path / "out"), *FAST])
     assert code == 2
     assert "sidecar" in capsys.readouterr().err
+
+
+def _export(ckpt: Path, out: Path, *extra: str) -> Path:
+    assert cli_main(["export", "--ckpt_path", str(ckpt), "--output", str(out), *extra]) == 0
+    return out
+
+
+def test_a_sidecar_that_does_not_fit_its_graph_is_one_line(
+    tmp_path: Path, unet_ckpt: Path, capsys
+) -> None:
+    model = _export(unet_ckpt, tmp_path / "m.onnx")
+    side = model.with_suffix(".json")
+    good = json.loads(side.read_text())
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+
+    def predict_with(meta: object) -> str:
+        side.write_text(json.dumps(meta))
+        code = cli_main(["predict", "--onnx", str(model), "--input", str(tmp_path / "in"),
+                         "--output", str(tmp_path / "out"), "--overwrite", *FAST])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        return err.strip().splitlines()[-1]
+
+    unsigned = {k: v for k, v in good.items() if k != "onnx_sha256"}  # as a hand edit would
+    assert "lacks ['mean']" in predict_with({k: v for k, v in good.items() if k != "mean"})
+    assert "not a segpipe ONNX sidecar" in predict_with([1, 2])
+    assert "sidecar.symmetries must be among" in predict_with({**unsigned, "symmetries": ["upside"]})
+    assert "input_norm must be" in predict_with({**unsigned, "input_norm": "bogus"})
+    assert "pad_multiple must be" in predict_with({**unsigned, "pad_multiple": 0})
+    line = predict_with({**unsigned, "num_classes": 2, "class_names": ["a", "b"],
+                         "class_colors": [[0, 0, 0], [9, 9, 9]]})
+    assert "has 3 output classes but its sidecar m.json says num_classes=2" in line
+    # the graph replaced under a sidecar that names its checksum: another export's pair
+    other = _export(unet_ckpt, tmp_path / "other.onnx", "--opset", "13")
+    side.write_text(json.dumps(good))
+    model.write_bytes(other.read_bytes())
+    assert "was written for another graph than" in predict_with(good)
+
+
+def test_a_broken_onnx_file_and_bad_export_options_are_one_line(
+    tmp_path: Path, unet_ckpt: Path, capsys
+) -> None:
+    model = _export(unet_ckpt, tmp_path / "m.onnx")
+    model.write_bytes(model.read_bytes()[:5000])  # truncated
+    meta = json.loads(model.with_suffix(".json").read_text())
+    meta.pop("onnx_sha256")
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    assert cli_main(["predict", "--onnx", str(model), "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / "out"), *FAST]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    from segpipe import Segmenter
+    from segpipe.predict.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        Segmenter.from_onnx(model)
+    for extra, message in ((["--opset", "5"], "--opset must be between 9 and"),
+                           (["--opset", "99"], "--opset must be between 9 and"),
+                           (["--tile", "3"], "--tile must be at least the network's size step 8"),
+                           (["--overlap", "5"], "--overlap must be a fraction")):
+        assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output",
+                         str(tmp_path / "new.onnx"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new.onnx").exists()
+    # an existing export is not replaced without --overwrite
+    assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output", str(model)]) == 2
+    assert "already exist" in capsys.readouterr().err
+    assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output", str(model),
+                     "--overwrite"]) == 0
+
+
+def test_recorded_tile_and_overlap_are_the_onnx_defaults(tmp_path: Path, unet_ckpt: Path) -> None:
+    from segpipe import Segmenter
+
+    image = noise_image(150, 170, seed=3)
+    write_image(tmp_path / "in" / "big.png", image)
+    model = _export(unet_ckpt, tmp_path / "m.onnx", "--tile", "64", "--overlap", "0.5")
+    seg = Segmenter.from_onnx(model, device="cpu")
+    assert (seg.tile, seg.overlap) == (64, 0.5)
+    tiled = Segmenter.from_checkpoint(unet_ckpt, device="cpu", precision="32-true", tile=64,
+                                      overlap=0.5).predict(image)
+    assert (seg.predict(image) == tiled).mean() >= 0.999
+    assert cli_main(["predict", "--onnx", str(model), "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / "out"), *FAST]) == 0
+    assert (np.asarray(Image.open(tmp_path / "out" / "big.png")) == tiled).mean() >= 0.999
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        Segmenter.from_onnx(model, device="cuda")
+    with pytest.raises(TypeError, match="folded its BatchNorm statistics"):
+        seg.adapt_batchnorm([image])
+    with pytest.raises(ValueError, match="tile must be at least the network's size step 8"):
+        seg.predict(image, tile=3)
