@@ -365,7 +365,7 @@ class TestMetricsWriter(L.Callback):
         if self.report:
             self.last_report_path = self._write_report(
                 trainer, {**report, "per_image": per_image, "worst_images": worst}, out_dir,
-                csv_path,
+                Path(csv_path.name) if csv_path is not None else None,  # beside the report
             )
             if self.last_report_path is not None:
                 print(f"Evaluation report written to {self.last_report_path}")

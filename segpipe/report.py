@@ -625,6 +625,11 @@ def write_report(
         iou_mean = per_case.get("IoU_per_class_mean_over_cases") or {}
         lines += [f"| {_md(n)} | {_pct(dice_mean.get(n))} | {_pct(iou_mean.get(n))} |"
                   for n in names]
+        case_csv = report.get("per_case_csv")
+        if case_csv and (out / Path(case_csv).name).is_file():
+            name = Path(case_csv).name
+            lines += ["", f"[{name}]({name}): every case's images, mDice, mIoU and Dice and "
+                          "IoU per class."]
         lines += ["", "| case | images | mDice | mIoU |", "|---|---|---|---|"]
         lines += [f"| {_md(r['case'])} | {r['num_images']} | {_pct(r.get('mDice'))} | "
                   f"{_pct(r.get('mIoU'))} |" for r in per_case["cases"]]

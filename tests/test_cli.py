@@ -52,11 +52,14 @@ def test_fit_writes_checkpoints_and_config(fitted):
     assert hp["net"]["class_path"] == "segpipe.models.UNet"  # enough to rebuild from the checkpoint
 
 
-def test_test_writes_labelled_metrics(fitted, dataset, capsys):
-    # `--ckpt_path best` in a new process: the best-* file recorded by the fit run.
+def test_test_writes_labelled_metrics(fitted, dataset, capsys, monkeypatch):
+    # `--ckpt_path best` in a new process: the best-* file recorded by the fit run, named by a
+    # run folder relative to the working directory (as the configs' runs/... are).
+    config = Path(__file__).resolve().parents[1] / "configs" / "folder_unet.yaml"
+    monkeypatch.chdir(fitted.parent)
     main(
-        ["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
-         f"--trainer.default_root_dir={fitted}", "--ckpt_path=best", *TINY]
+        ["test", "--config", str(config), f"--data.root={dataset}",
+         f"--trainer.default_root_dir={fitted.name}", "--ckpt_path=best", *TINY]
     )
     out = capsys.readouterr().out
     path = Path(out.split("Test metrics written to ")[1].split()[0])

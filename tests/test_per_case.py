@@ -60,6 +60,7 @@ def test_lgg_test_reports_per_patient(tmp_path: Path) -> None:
     assert len(rows) == 2 and "Dice/abnormality" in rows[0]
     report = next(run.rglob("report.md")).read_text()
     assert "## Per case" in report and "mean over cases" in report
+    assert "[test_per_case.csv](test_per_case.csv)" in report
 
 
 def test_val_cases_hold_whole_sequences_out(tmp_path: Path) -> None:
