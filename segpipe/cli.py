@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``segpipe`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     tune_allocator()
+    # Lightning (2.6) builds torch's deprecated LeafSpec in every batch transfer; torch's
+    # warning names Lightning's file and nothing a user can change, once per command.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
     if not args or args[0] in {"-h", "--help"}:

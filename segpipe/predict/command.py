@@ -463,7 +463,7 @@ def build_parser() -> CommandParser:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt_path", dest="ckpt_path", metavar="CKPT",
                        help="checkpoint written by `segpipe fit` (e.g. RUN/checkpoints/last.ckpt)")
-    model.add_argument("--onnx", dest="ckpt_path", metavar="MODEL_ONNX",
+    model.add_argument("--onnx", dest="onnx", metavar="MODEL_ONNX",
                        help="model.onnx written by `segpipe export` (its model.json beside it); "
                             "runs with onnxruntime instead of torch")
     p.add_argument("--input", required=True,
@@ -520,7 +520,13 @@ def build_parser() -> CommandParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``segpipe predict``; returns the exit code."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.onnx is not None:
+        if Path(args.onnx).suffix.lower() != ".onnx":
+            parser.error(f"--onnx takes a model.onnx written by segpipe export, got {args.onnx}; "
+                         "give a checkpoint with --ckpt_path")
+        args.ckpt_path = args.onnx
     fit_threads_to_cpus()
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.engine import OutputDiskFullError

@@ -158,3 +158,12 @@ def test_recorded_tile_and_overlap_are_the_onnx_defaults(tmp_path: Path, unet_ck
         seg.adapt_batchnorm([image])
     with pytest.raises(ValueError, match="tile must be at least the network's size step 8"):
         seg.predict(image, tile=3)
+
+
+def test_onnx_option_takes_an_onnx_file(tmp_path: Path, unet_ckpt: Path, capsys) -> None:
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["predict", "--onnx", str(unet_ckpt), "--input", str(tmp_path / "in"),
+                  "--output", str(tmp_path / "out"), *FAST])
+    assert exit_info.value.code == 2
+    assert "--onnx takes a model.onnx written by segpipe export" in capsys.readouterr().err
