@@ -133,7 +133,8 @@ class CommandParser(argparse.ArgumentParser):
         if action.nargs == 0:  # store_true / store_false
             if not isinstance(value, bool):
                 self.error(f"{where} must be true or false, got {value!r}")
-            return value
+            # `no_progress: true` means what --no_progress does: progress off
+            return not value if isinstance(action, argparse._StoreFalseAction) else value
         if value is None:
             return None
         if action.nargs in ("+", "*"):

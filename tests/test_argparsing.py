@@ -32,6 +32,12 @@ def test_config_file_gives_values_and_the_command_line_wins(tmp_path: Path) -> N
     a = predict_parser().parse_args(["--config", str(cfg), "--batch-size", "2"])
     assert (a.ckpt_path, a.input, a.output, a.batch_size, a.tta) == ("m.ckpt", "in", "out", 2, True)
     assert a.formats == ["mask", "overlay"]
+    # a flag that turns something off means the same in the file as on the command line
+    cfg.write_text("onnx: m.onnx\ninput: in\noutput: out\nno_progress: true\n")
+    a = predict_parser().parse_args(["--config", str(cfg)])
+    assert (a.onnx, a.progress) == ("m.onnx", False)
+    cfg.write_text("ckpt_path: m.ckpt\ninput: in\noutput: out\nno_progress: false\n")
+    assert predict_parser().parse_args(["--config", str(cfg)]).progress is True
 
 
 @pytest.mark.parametrize(
