@@ -370,6 +370,21 @@ class SegmentationDataModule(L.LightningDataModule):
         )
         self.mask_values = {int(k): int(v) for k, v in mask_values.items()} if mask_values else None
         self.mask_colors = [list(map(int, c)) for c in mask_colors] if mask_colors else None
+        beyond = [i for i in range(num_classes, len(self.mask_colors or ())) if i != ignore_index]
+        if beyond:
+            raise ConfigError(
+                f"data.mask_colors lists {len(self.mask_colors or ())} colours for "
+                f"num_classes={num_classes}: the i-th colour is class i, so colour(s) "
+                f"{[self.mask_colors[i] for i in beyond]} would be class(es) {beyond}, which the "
+                "model does not have; list one colour per class (colours left out become "
+                "data.ignore_index when it is set), or raise data.num_classes")
+        mapped = sorted({v for v in (self.mask_values or {}).values()
+                         if not 0 <= v < num_classes and v != ignore_index})
+        if mapped:
+            raise ConfigError(
+                f"data.mask_values maps to {mapped}, which are neither classes 0..{num_classes - 1} "
+                f"nor data.ignore_index={ignore_index}; map each raw value to a class or to the "
+                "ignore index")
         self.batch_size = int(batch_size)
         self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.eval_batch_size = int(eval_batch_size or batch_size)

@@ -71,6 +71,13 @@ def test_defaults_and_hparams(folder_root: Path) -> None:
         SegmentationDataModule("x", num_classes=3, class_names=["a"])
     with pytest.raises(ValueError, match=r"data.class_names names \['obj'\] more than once"):
         SegmentationDataModule("x", num_classes=3, class_names=["bg", "obj", "obj"])
+    colours = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [9, 9, 9]]
+    with pytest.raises(ValueError, match=r"colour\(s\) \[\[9, 9, 9\]\] would be class\(es\) \[3\]"):
+        SegmentationDataModule("x", num_classes=3, mask_colors=colours, ignore_index=None)
+    # the colour after the classes may be the ignored one (e.g. a void colour)
+    SegmentationDataModule("x", num_classes=3, mask_colors=colours, ignore_index=3)
+    with pytest.raises(ValueError, match=r"data.mask_values maps to \[7\]"):
+        SegmentationDataModule("x", num_classes=3, mask_values={0: 0, 255: 7})
     with pytest.raises(ValueError, match="mean/data.std"):
         SegmentationDataModule("x", in_channels=1, mean=[0.1, 0.2, 0.3])
 
