@@ -12,6 +12,7 @@ import inspect
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,13 +151,36 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def set_aside_earlier_checkpoints(ckpt_dir: Path) -> Path | None:
+def _next_earlier_dir(ckpt_dir: Path) -> Path:
+    """``ckpt_dir/earlier-K`` for the first K not taken."""
+    k = 1
+    while (ckpt_dir / f"earlier-{k}").exists():
+        k += 1
+    return ckpt_dir / f"earlier-{k}"
+
+
+def earlier_checkpoints_dest(ckpt_dir: Path) -> Path | None:
+    """Where :func:`set_aside_earlier_checkpoints` will move ``ckpt_dir``'s checkpoints, or None
+    when it holds none."""
+    if not any(p.is_file() for p in ckpt_dir.glob("*.ckpt")):
+        return None
+    return _next_earlier_dir(ckpt_dir)
+
+
+def set_aside_earlier_checkpoints(ckpt_dir: Path, dest: Path | None = None) -> Path | None:
     """Move the checkpoints of an earlier ``fit`` in ``ckpt_dir`` into ``ckpt_dir/earlier-K``.
 
     A new run in the same folder would otherwise overwrite the earlier run's ``last.ckpt``
     (its resume point) and leave its ``best-*`` beside the new run's, where ``--ckpt_path best``
     could pick either. Moved, both runs are whole: ``best``/``last`` mean the new run's, and
-    the earlier one resumes from ``earlier-K/last.ckpt``.
+    the earlier one resumes from ``earlier-K/last.ckpt``. The CLI moves them when training
+    starts (:class:`_SetAsideCheckpoints`), so a run stopped by a bad option value or bad
+    data leaves them where they were.
+
+    Args:
+        ckpt_dir: The run's checkpoint folder.
+        dest: The folder to move them to (:func:`earlier_checkpoints_dest`'s), or None for the
+            next free ``earlier-K``.
 
     Returns:
         The folder they were moved to, or None when there were none.
@@ -164,10 +188,7 @@ def set_aside_earlier_checkpoints(ckpt_dir: Path) -> Path | None:
     earlier = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file())
     if not earlier:
         return None
-    k = 1
-    while (ckpt_dir / f"earlier-{k}").exists():
-        k += 1
-    dest = ckpt_dir / f"earlier-{k}"
+    dest = dest if dest is not None and not dest.exists() else _next_earlier_dir(ckpt_dir)
     dest.mkdir()
     for path in earlier:
         path.rename(dest / path.name)
@@ -216,10 +237,7 @@ def set_aside_unrecorded_checkpoints(ckpt_dir: Path, resume: Path, weights_only:
     unrecorded = [p for p in newer if p.name not in recorded]
     if not unrecorded:
         return None
-    k = 1
-    while (ckpt_dir / f"earlier-{k}").exists():
-        k += 1
-    dest = ckpt_dir / f"earlier-{k}"
+    dest = _next_earlier_dir(ckpt_dir)
     dest.mkdir()
     for path in unrecorded:
         path.rename(dest / path.name)
@@ -229,6 +247,24 @@ def set_aside_unrecorded_checkpoints(ckpt_dir: Path, resume: Path, weights_only:
         f"{resume.name} does not know it; moved to {dest} (this run retrains from "
         f"{resume.name} and keeps its own best)")
     return dest
+
+
+class _SetAsideCheckpoints(Callback):
+    """Move an earlier run's checkpoints (a new fit) or the ones a killed run wrote after its
+    resume point (a resumed fit) into ``earlier-K``, when training starts: after every option,
+    the data and the model were checked, before ``model.init_from`` is read."""
+
+    def __init__(self, ckpt_dir: Path, dest: Path | None = None, resume: Path | None = None,
+                 weights_only: bool = True) -> None:
+        self.ckpt_dir, self.dest, self.resume, self.weights_only = ckpt_dir, dest, resume, weights_only
+
+    def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.resume is not None:
+            set_aside_unrecorded_checkpoints(self.ckpt_dir, self.resume, self.weights_only)
+        else:
+            set_aside_earlier_checkpoints(self.ckpt_dir, self.dest)
 
 
 def _checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -347,6 +383,7 @@ class SegpipeCLI(LightningCLI):
                               "model.data_spec", compute_fn=_data_spec)
 
     def before_instantiate_classes(self) -> None:
+        self._set_aside: _SetAsideCheckpoints | None = None  # see _check_outputs
         # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
@@ -426,16 +463,21 @@ class SegpipeCLI(LightningCLI):
                 # Leftovers of checkpoint writes that a killed run did not finish.
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     stale.unlink(missing_ok=True)
+                # Earlier checkpoints are moved when training starts (a bad option value or
+                # bad data stops the run before, and leaves them where they are).
                 if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
-                    moved_to = set_aside_earlier_checkpoints(ckpt_dir)
-                    init = cfg.get("model", {}).get("init_from") if moved_to else None
+                    dest = earlier_checkpoints_dest(ckpt_dir)
+                    init = cfg.get("model", {}).get("init_from") if dest else None
                     if init and Path(init).resolve().parent == ckpt_dir.resolve():
-                        cfg.model.init_from = str(moved_to / Path(init).name)  # it moved too
+                        cfg.model.init_from = str(dest / Path(init).name)  # it moves too
+                    if dest is not None:
+                        self._set_aside = _SetAsideCheckpoints(ckpt_dir, dest=dest)
                 else:
                     resume = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
                     if resume.is_file():
-                        set_aside_unrecorded_checkpoints(
-                            ckpt_dir, resume, weights_only=cfg.get("weights_only") is not False)
+                        self._set_aside = _SetAsideCheckpoints(
+                            ckpt_dir, resume=resume,
+                            weights_only=cfg.get("weights_only") is not False)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder
@@ -463,6 +505,9 @@ class SegpipeCLI(LightningCLI):
             kwargs["logger"] = default_loggers(root, next_version(root) if _is_rank_zero() else None)
         trainer = super().instantiate_trainer(**kwargs)
         install_safe_checkpoint_io(trainer)
+        set_aside = getattr(self, "_set_aside", None)
+        if set_aside is not None:  # first, before TransferLearning reads model.init_from
+            trainer.callbacks.insert(0, set_aside)
         for i, callback in enumerate(trainer.callbacks):
             # Lightning's default bar (or one configured with its defaults): refreshed by time
             # instead of after every step, so the host does not wait for the GPU at each step.
@@ -513,6 +558,9 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
     """
     tune_allocator()
     fit_threads_to_cpus()
+    # segpipe keeps the checkpoint folder itself (an earlier run's files go to earlier-K when
+    # training starts, after Lightning has looked), so this warning would only alarm.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
     defaults: dict[str, Any] = {"precision": default_precision()}

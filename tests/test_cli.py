@@ -182,6 +182,10 @@ def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, t
     assert main([*args, "--trainer.max_epochs=2"]) == 0
     first = {p.name: p.read_bytes() for p in ckpt_dir.glob("*.ckpt")}
     assert "last.ckpt" in first and any(n.startswith("best-") for n in first)
+    # A new fit stopped by a bad option value leaves them where they are (resumable).
+    assert main([*args, "--trainer.max_epochs=1", "--model.ohem_fraction=2"]) == 2
+    assert {p.name for p in ckpt_dir.glob("*.ckpt")} == set(first)
+    assert not (ckpt_dir / "earlier-1").exists()
     # A new run (not a resumed one), fine-tuned from the earlier run's last checkpoint there.
     assert main([*args, "--trainer.max_epochs=1", f"--model.init_from={ckpt_dir / 'last.ckpt'}"]) == 0
     kept = ckpt_dir / "earlier-1"
