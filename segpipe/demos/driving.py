@@ -168,6 +168,11 @@ class DrivingDemoResult:
         checkpoint: Checkpoint evaluated (best val mIoU, else the last one).
         eval_split: ``"test"``, or ``"val"`` when the data has no test split.
         counts: Frames per split found in ``data_dir``.
+        held_out: The sequences validated on, held out of training (``data.val_cases``; their
+            frames come from ``train``/``val``, which otherwise both train), or empty when the
+            copy's own val split validates.
+        num_train: Frames trained on.
+        num_val: Frames validated on.
         val_mIoU: Best val mIoU seen during training (picks the checkpoint), if validated.
         metrics: Contents of ``test_metrics.json`` (scores on ``eval_split``).
         metrics_path: ``test_metrics.json``.
@@ -184,6 +189,9 @@ class DrivingDemoResult:
     checkpoint: Path
     eval_split: str
     counts: dict[str, int]
+    held_out: list[str]
+    num_train: int
+    num_val: int
     val_mIoU: float | None
     metrics: dict[str, Any]
     metrics_path: Path | None
@@ -226,16 +234,24 @@ def _frame_size(folder: Path) -> str:
         return f"full {im.width}×{im.height}"
 
 
-def _smoke_inputs(frames_dir: Path, dest: Path) -> Path:
-    """Copy the first few frames to ``dest`` (smoke mode predicts only those)."""
-    from segpipe.data.datasets import find_images
-
+def _copy_frames(frames: list[Path], dest: Path) -> Path:
+    """Copy ``frames`` to a fresh ``dest`` (the frames the demo predicts, when they are not a
+    whole folder of the data set)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for f in find_images(frames_dir, recursive=False)[:_SMOKE_PREDICT_FRAMES]:
+    for f in frames:
         shutil.copy2(f, dest / f.name)
     return dest
+
+
+def _held_out_frames(data_dir: Path, held: list[str]) -> list[Path]:
+    """The frames of the sequences ``held`` (``data.val_cases``) in ``train``/``val``."""
+    from segpipe.data.datasets import find_images
+
+    return [f for split in ("train", "val") if (data_dir / split).is_dir()
+            for f in find_images(data_dir / split, recursive=False)
+            if f.name.split("_", 1)[0] in held]
 
 
 def run_driving_demo(
@@ -301,12 +317,17 @@ def run_driving_demo(
 
     base, source = load_camvid_config()
     cfg = demo_config(data_dir, run_dir, smoke=smoke, max_minutes=max_minutes, base=base)
+    held = list(cfg["data"].get("val_cases") or [])
+    held_frames = _held_out_frames(data_dir, held) if held else []
+    num_val = len(held_frames) if held else counts["val"]
+    num_train = counts["train"] + counts["val"] - num_val if held else counts["train"]
+    n_eval_split = counts["test"] if eval_split == "test" else num_val
     config = output / "config.yaml"
     atomic_write_text(config, f"# segpipe demo driving; settings from {source}\n"
                       + yaml.safe_dump(cfg, sort_keys=False))
     common = ["--config", str(config), "--trainer.enable_model_summary=false"]
 
-    say(f"Training a U-Net on {counts['train']} CamVid frames from {data_dir} "
+    say(f"Training a U-Net on {num_train} CamVid frames from {data_dir} "
         f"(segpipe fit --config {config}; budget "
         f"{'a few steps' if smoke else f'{max_minutes:g} min'})")
     fit = run_cli(["fit", *common])
@@ -320,9 +341,12 @@ def run_driving_demo(
         raise RuntimeError(f"training wrote no checkpoint under {run_dir / 'checkpoints'}; "
                            "see the messages above")
 
-    which = (f"the first few of the {counts[eval_split]} {eval_split} frames (smoke mode)" if smoke
-             else f"the {counts[eval_split]} {eval_split} frames")
-    say(f"Evaluating on {which} at {_frame_size(data_dir / eval_split)} size "
+    split_name = (f"val frames (sequence {', '.join(held)}, held out of training)"
+                  if eval_split == "val" and held else f"{eval_split} frames")
+    which = (f"the first few of the {n_eval_split} {split_name} (smoke mode)" if smoke
+             else f"the {n_eval_split} {split_name}")
+    size_dir = data_dir / ("train" if eval_split == "val" and held else eval_split)
+    say(f"Evaluating on {which} at {_frame_size(size_dir)} size "
         f"(segpipe test --ckpt_path {checkpoint})")
     if eval_split == "val":
         print(f"      {data_dir} has no test/ split: the scores below are on val", flush=True)
@@ -335,12 +359,17 @@ def run_driving_demo(
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path else {}
 
     predictions: Path | None = output / "predictions"
-    frames = data_dir / eval_split
+    from segpipe.data.datasets import find_images
+
+    # the frames just scored: the test split, or the held-out sequence (not val/, trained on)
+    scored = (held_frames if eval_split == "val" and held
+              else find_images(data_dir / eval_split, recursive=False))
     if smoke:
-        frames = _smoke_inputs(frames, output / "smoke_inputs")
-    n_pred = min(_SMOKE_PREDICT_FRAMES, counts[eval_split])
-    which = (f"the first {n_pred} {eval_split} frames (smoke mode)" if smoke
-             else f"the {counts[eval_split]} {eval_split} frames")
+        scored = scored[:_SMOKE_PREDICT_FRAMES]
+    frames = (_copy_frames(scored, output / "predict_inputs")
+              if smoke or (eval_split == "val" and held) else data_dir / eval_split)
+    which = (f"the first {len(scored)} {split_name} (smoke mode)" if smoke
+             else f"the {len(scored)} {split_name}")
     say(f"Predicting masks and overlays for {which} into {predictions}")
     try:
         rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(frames),
@@ -354,7 +383,8 @@ def run_driving_demo(
 
     result = DrivingDemoResult(
         output=output, data_dir=data_dir, config=config, checkpoint=checkpoint,
-        eval_split=eval_split, counts=counts, val_mIoU=val_miou, metrics=metrics,
+        eval_split=eval_split, counts=counts, held_out=held, num_train=num_train,
+        num_val=num_val, val_mIoU=val_miou, metrics=metrics,
         metrics_path=metrics_path, report_path=report_path, predictions_dir=predictions,
     )
     say("Summary")
@@ -390,10 +420,18 @@ def summary_lines(r: DrivingDemoResult, cfg: dict[str, Any], smoke: bool, max_mi
     lines.append(f"Trained a U-Net ({net['base_channels']} base channels, depth {net['depth']}, "
                  f"from scratch, {budget})")
     lines.append(f"to label {len(names)} classes of street scenes ({', '.join(names)}; void pixels ignored)")
-    lines.append(f"on {r.counts['train']} CamVid training frames from {r.data_dir};"
-                 f" the best epoch was picked on {r.counts['val']} val frames.")
+    val = (f"the {r.num_val} frames of sequence {', '.join(r.held_out)}, held out of training"
+           if r.held_out else f"{r.num_val} val frames")
+    picked = (f"the best epoch was picked on {val}." if r.val_mIoU is not None
+              else f"no validation ran within the budget, so the last checkpoint is scored (val: {val}).")
+    lines.append(f"on {r.num_train} CamVid training frames from {r.data_dir}; {picked}")
     if ev == "test":
         lines.append(f"Scores below are on {n_eval} held-out test frames, at full resolution.")
+    elif r.held_out:
+        lines.append(f"This copy of CamVid has no test split, so the scores below are on the {n_eval} val "
+                     f"frames of sequence {', '.join(r.held_out)}, which no training frame shares"
+                     + (": they also picked the checkpoint, so they flatter it a little."
+                        if r.val_mIoU is not None else "."))
     else:
         lines.append(f"This copy of CamVid has no test split, so the scores below are on {n_eval} val frames:"
                      " val also picked the checkpoint and shares a video sequence with train, so they are"

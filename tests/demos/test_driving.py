@@ -128,6 +128,26 @@ def test_smoke_download_without_test_split(
     assert (tmp_path / "out" / "summary.txt").read_text().strip() in out
 
 
+def test_smoke_validates_and_predicts_the_held_out_sequence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The config holds sequence 0006R0 out (``data.val_cases``): the demo scores and predicts
+    its frames, not the copy's val/ folder, which trains."""
+    data = make_camvid_like(tmp_path / "camvid", n_train=6, n_val=3, void_index=11)
+    for split in ("train", "trainannot"):
+        for f in sorted((data / split).iterdir())[:2]:  # two frames of another sequence
+            f.rename(f.with_name(f.name.replace("0001TP", "0006R0")))
+    result = run_driving_demo(data, tmp_path / "out", smoke=True)
+    out = capsys.readouterr().out
+    assert result.eval_split == "val" and result.held_out == ["0006R0"]
+    assert (result.num_train, result.num_val) == (7, 2)  # train/ + val/ less the held frames
+    assert "Training a U-Net on 7 CamVid frames" in out
+    assert "the 2 frames of sequence 0006R0, held out of training" in out
+    assert "shares a video sequence" not in out
+    predicted = sorted(p.name for p in result.predictions_dir.glob("*[0-9].png"))
+    assert predicted and all(n.startswith("0006R0_") for n in predicted)
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_real_camvid_smoke(data_dir: Path, tmp_path: Path) -> None:
@@ -137,6 +157,9 @@ def test_real_camvid_smoke(data_dir: Path, tmp_path: Path) -> None:
         pytest.skip(f"{camvid} not found")
     result = run_driving_demo(camvid, tmp_path / "out", smoke=True)
     assert result.eval_split == "val" and result.counts == {"train": 367, "val": 101}
+    # validated, scored and predicted on the held-out daytime sequence 0006R0 (in train/)
+    assert result.held_out == ["0006R0"] and (result.num_train, result.num_val) == (367, 101)
+    assert all(p.name.startswith("0006R0_") for p in result.predictions_dir.glob("*[0-9].png"))
     assert result.metrics["num_images"] == 4  # limit_test_batches=2 x eval_batch_size=2
     _check_outputs(result, n_predicted=4)
     from segpipe.data.io import read_mask
