@@ -50,25 +50,31 @@ def main(argv: list[str]) -> int:
     """``segpipe demo {mri,driving}``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo == "mri":
-        from segpipe.demos.mri import run_mri_demo
+    if not args.minutes > 0:
+        parser.error(f"--minutes must be > 0, got {args.minutes}")
+    from segpipe.fileio import OutputDirError
 
-        run_mri_demo(args.output, smoke=args.smoke, max_minutes=args.minutes)
+    if args.demo == "mri":
+        from segpipe.demos.mri import DemoError, run_mri_demo
+
+        try:
+            run_mri_demo(args.output, smoke=args.smoke, max_minutes=args.minutes)
+        except (OutputDirError, DemoError) as exc:
+            print(f"segpipe demo mri: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, OutputDirError) else 1
         return 0
     if args.demo == "driving":
         if args.download == (args.data_dir is not None):
             parser.error("segpipe demo driving needs either --data_dir DIR or --download "
                          "(which puts CamVid in --cache)")
-        if args.minutes <= 0:
-            parser.error(f"--minutes must be > 0, got {args.minutes}")
         from segpipe.demos.download import DownloadError
         from segpipe.demos.driving import run_driving_demo
 
         try:
             run_driving_demo(args.data_dir, args.output, smoke=args.smoke, max_minutes=args.minutes,
                              download=args.download, cache=args.cache, url=args.url, sha256=args.sha256)
-        except (FileNotFoundError, DownloadError) as exc:
+        except (FileNotFoundError, DownloadError, OutputDirError) as exc:
             print(f"segpipe demo driving: error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, FileNotFoundError) else 1
+            return 1 if isinstance(exc, DownloadError) else 2
         return 0
     return 2  # pragma: no cover - argparse rejects unknown demos

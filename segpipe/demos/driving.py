@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from segpipe.data.datasets import scan_camvid
-from segpipe.fileio import atomic_write_text
+from segpipe.fileio import atomic_write_text, check_output_dir
 
 __all__ = [
     "CAMVID_UNET_CONFIG",
@@ -294,7 +294,7 @@ def run_driving_demo(
         raise ValueError(f"--minutes must be > 0, got {max_minutes}")
     if download == (data_dir is not None):
         raise ValueError("give either --data_dir DIR or --download (which puts CamVid in --cache)")
-    output = Path(output).expanduser().resolve()
+    output = check_output_dir(Path(output).expanduser().resolve(), "the demo's outputs", "output")
     run_dir = output / "run"
     steps = 5 if download else 4
     step = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import yaml
 
 from segpipe.data.io import write_image, write_mask
-from segpipe.fileio import atomic_write_text
+from segpipe.fileio import TMP_PREFIX, atomic_write_text, check_output_dir
 
 __all__ = ["CLASS_COLORS", "CLASS_NAMES", "MriDemoResult", "make_mri_dataset", "run_mri_demo"]
 
@@ -156,6 +157,27 @@ def demo_config(data_root: Path, run_dir: Path, smoke: bool, max_minutes: float)
     }
 
 
+class DemoError(RuntimeError):
+    """A demo step that failed; the message says which (one line on the command line)."""
+
+
+def _clear_own(folder: Path, what: str) -> None:
+    """Remove ``folder`` when it holds only what an earlier run of the demo wrote there (PNG and
+    JPEG files), so a rerun's outputs are not mixed with stale ones; anything else is refused.
+
+    Raises:
+        DemoError: The folder holds other files.
+    """
+    if not folder.exists():
+        return
+    others = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in (".png", ".jpg")
+              and not p.name.startswith(TMP_PREFIX)]  # a killed run's unfinished writes too
+    if others or not folder.is_dir():
+        raise DemoError(f"{folder} holds files the demo did not write ({others[0] if others else folder}); "
+                        f"choose another --output (the demo rewrites its {what} there)")
+    shutil.rmtree(folder)
+
+
 @dataclass
 class MriDemoResult:
     """Where the demo put things, and its scores."""
@@ -181,23 +203,30 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     from segpipe.cli import main as segpipe_main
 
     start = time.perf_counter()
-    output = Path(output).expanduser().resolve()
+    output = check_output_dir(Path(output).expanduser().resolve(), "the demo's outputs", "output")
     data_root, run_dir = output / "data", output / "run"
     print(f"[1/4] Cutting axial slices from the ICBM152 template into {data_root}")
+    _clear_own(data_root, "slices")  # a rerun's slices alone (a smoke run writes fewer)
     counts = make_mri_dataset(data_root, step=1, max_per_split=4 if smoke else None)
     print(f"      {counts['train']} train, {counts['val']} val, {counts['test']} test slices")
     config = output / "config.yaml"
     atomic_write_text(config, yaml.safe_dump(demo_config(data_root, run_dir, smoke, max_minutes), sort_keys=False))
 
     print(f"[2/4] Training a U-Net (segpipe fit --config {config})")
-    segpipe_main(["fit", "--config", str(config), "--trainer.enable_model_summary=false"])
+    started = time.time()
+    if segpipe_main(["fit", "--config", str(config), "--trainer.enable_model_summary=false"]):
+        raise DemoError("training failed (see the message above)")
     ckpt_dir = run_dir / "checkpoints"
-    best = sorted(ckpt_dir.glob("best-*.ckpt"))
+    best = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     checkpoint = best[-1] if best else ckpt_dir / "last.ckpt"
+    if not checkpoint.is_file() or checkpoint.stat().st_mtime < started - 1:
+        raise DemoError(f"training wrote no checkpoint under {ckpt_dir}; give it more time "
+                        "(--minutes) or see the messages above")
 
     print(f"[3/4] Evaluating on held-apart slices (segpipe test --ckpt_path {checkpoint})")
-    segpipe_main(["test", "--config", str(config), f"--ckpt_path={checkpoint}",
-                  "--trainer.enable_model_summary=false"])
+    if segpipe_main(["test", "--config", str(config), f"--ckpt_path={checkpoint}",
+                     "--trainer.enable_model_summary=false"]):
+        raise DemoError("evaluation failed (see the message above)")
     metrics_files = sorted(run_dir.rglob("test_metrics.json"), key=lambda p: p.stat().st_mtime)
     metrics_path = metrics_files[-1] if metrics_files else None
     metrics = json.loads(metrics_path.read_text()) if metrics_path else {}
@@ -205,6 +234,7 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
 
     masks_dir = output / "predictions"
     print(f"[4/4] Predicting masks and overlays for the test slices into {masks_dir}")
+    _clear_own(masks_dir, "predictions")
     rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(data_root / "test" / "images"),
                        "--output", str(masks_dir), "--format", "mask", "palette", "overlay", "--overwrite"])
     if rc:

@@ -44,3 +44,38 @@ def test_mri_demo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     masks = sorted(p for p in result.masks_dir.rglob("*.png") if not p.stem.endswith("_palette"))
     assert len(masks) == 4
     assert len(list(result.masks_dir.rglob("*_overlay.jpg"))) == 4
+
+
+def test_mri_demo_rerun_and_bad_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rerun in the same folder evaluates its own slices only; bad --output/--minutes and a
+    failed step are one line each."""
+    from segpipe.demos import main as demo_main
+
+    out = tmp_path / "mri"
+    stale = out / "data" / "test" / "images" / "slice_999.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\x89PNG stale")
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "slice_999.png").write_bytes(b"x")
+    assert demo_main(["mri", "--output", str(out), "--smoke"]) == 0
+    assert not stale.exists() and not (out / "predictions" / "slice_999.png").exists()
+    metrics = sorted(out.rglob("test_metrics.json"), key=lambda p: p.stat().st_mtime)[-1]
+    assert json.loads(metrics.read_text())["num_images"] == 4
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    for argv, words in (
+        (["--output", str(tmp_path / "afile")], "is a file, not a folder"),
+        (["--output", str(tmp_path / "m0"), "--minutes", "0"], "--minutes must be > 0"),
+    ):
+        try:
+            code = demo_main(["mri", *argv])
+        except SystemExit as exc:  # the parser's own errors
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "Traceback" not in err, err
+    # a folder holding the user's own files is not cleared
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    (tmp_path / "mine" / "data" / "notes.txt").write_text("keep")
+    assert demo_main(["mri", "--output", str(tmp_path / "mine"), "--smoke"]) == 1
+    assert "holds files the demo did not write" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "data" / "notes.txt").read_text() == "keep"
