@@ -8,6 +8,7 @@ system or the task.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -76,6 +77,22 @@ def _data_spec(*values: Any) -> dict[str, Any]:
 
 class CheckpointNotFoundError(FileNotFoundError):
     """``--ckpt_path best|last`` names a checkpoint the run folder does not hold."""
+
+
+def _is_segpipe_data_module(class_path: str) -> bool:
+    """Whether ``class_path`` names segpipe's :class:`~segpipe.data.SegmentationDataModule` (or
+    a subclass of it), whose ``root`` and ``layout`` :meth:`SegpipeCLI._check_data_root` knows."""
+    if class_path in (_DEFAULT_DATA, "SegmentationDataModule",
+                      "segpipe.data.datamodule.SegmentationDataModule"):
+        return True
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except Exception:  # noqa: BLE001 - an unimportable class is jsonargparse's to report
+        return False
+    from segpipe.data import SegmentationDataModule
+
+    return isinstance(cls, type) and issubclass(cls, SegmentationDataModule)
 
 
 def _checkpoint_dir(cfg: Any) -> Path:
@@ -410,6 +427,9 @@ class SegpipeCLI(LightningCLI):
         """Stop before anything is built when ``data.root`` is not there (the first mistake a
         newcomer makes: a config's placeholder root)."""
         data = cfg.get("data")
+        class_path = data.get("class_path") if data is not None and hasattr(data, "get") else None
+        if class_path is not None and not _is_segpipe_data_module(str(class_path)):
+            return  # a module of the user's (torchgeo's may create its root on download)
         data = data.get("init_args") if data is not None and hasattr(data, "get") else None
         root = data.get("root") if data is not None and hasattr(data, "get") else None
         if root is None or Path(str(root)).expanduser().is_dir():

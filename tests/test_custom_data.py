@@ -36,9 +36,10 @@ class _Squares(Dataset):
 class SquaresDataModule(L.LightningDataModule):
     """A user's own data module (no segpipe base class): segpipe's batch format only."""
 
-    def __init__(self, n: int = 8, batch_size: int = 4) -> None:
+    def __init__(self, n: int = 8, batch_size: int = 4, root: str = "data") -> None:
         super().__init__()
         self.n, self.batch_size = n, batch_size
+        self.root = root  # where a real module would download to: need not exist yet
         self.class_names = ["background", "square"]
 
     def train_dataloader(self) -> DataLoader:
@@ -54,6 +55,7 @@ def test_fit_and_test_with_a_class_path_data_module(tmp_path: Path) -> None:
     run = tmp_path / "run"
     common = [
         "--data=tests.test_custom_data.SquaresDataModule", "--data.init_args.n=8",
+        f"--data.init_args.root={tmp_path / 'downloaded_later'}",  # not segpipe's root check
         "--model.net=segpipe.models.UNet", "--model.net.init_args.num_classes=2",
         "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
         f"--trainer.default_root_dir={run}", "--trainer.accelerator=cpu",
