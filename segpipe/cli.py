@@ -85,6 +85,20 @@ def _short_parse_error(text: str) -> str:
     return " ".join(text.split())
 
 
+def _show_segpipe_messages() -> None:
+    """Print segpipe's own INFO messages (e.g. the tiling an ONNX export records) on stderr, as
+    Lightning prints its own; a program that configured logging itself keeps its setup."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("segpipe")
+    if root.handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``segpipe`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -92,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     # Lightning (2.6) builds torch's deprecated LeafSpec in every batch transfer; torch's
     # warning names Lightning's file and nothing a user can change, once per command.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    _show_segpipe_messages()
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
     if not args or args[0] in {"-h", "--help"}:

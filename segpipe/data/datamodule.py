@@ -470,12 +470,11 @@ class SegmentationDataModule(L.LightningDataModule):
             return
         stats = band_statistics(images, bands=self.bands, in_channels=self.in_channels,
                                 seed=int(self.hparams.seed))
-        log.info(
+        rank_zero_info(
             "data.mean/data.std not given and the images are not 8-bit RGB: measured per band "
-            "on %d training images: mean %s, std %s (saved in the checkpoint; put them in the "
-            "config to skip this step)", stats.num_images,
-            [round(v, 4) for v in stats.mean], [round(v, 4) for v in stats.std],
-        )
+            f"on {stats.num_images} training images: mean {[round(v, 4) for v in stats.mean]}, "
+            f"std {[round(v, 4) for v in stats.std]} (saved in the checkpoint; put them in the "
+            "config to skip this step)")
         self._set_stats(stats.mean, stats.std, "measured")
 
     def state_dict(self) -> dict[str, Any]:
@@ -659,10 +658,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 val_idx = set(rng.permutation(len(train))[:n_val].tolist())
                 splits["val"] = [s for i, s in enumerate(train) if i in val_idx]
                 splits["train"] = [s for i, s in enumerate(train) if i not in val_idx]
-                log.info(
-                    "no val split in %s: holding out %d of %d train samples (seed %d)",
-                    self.root, n_val, len(train), hp.seed,
-                )
+                rank_zero_info(f"no val split in {self.root}: holding out {n_val} of "
+                               f"{len(train)} train samples (data.val_fraction={hp.val_fraction}, "
+                               f"data.seed={hp.seed})")
                 if "train" in scan.folders:
                     scan.folders.setdefault("val", scan.folders["train"])
         splits = {k: self._with_cases(v) for k, v in splits.items()}

@@ -104,7 +104,9 @@ def test_test_loader(folder_root: Path) -> None:
 def test_val_fallback_and_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=10, n_val=0, n_test=0, size=(16, 16))
     dm = _dm(root, num_classes=3, val_fraction=0.2, seed=1, batch_size=2)
-    dm.setup("fit")
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    assert "holding out 2 of 10 train samples (data.val_fraction=0.2, data.seed=1)" in caplog.text
     train, val = dm.splits["train"], dm.splits["val"]
     assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)
     dm2 = _dm(root, num_classes=3, val_fraction=0.2, seed=1)
