@@ -144,7 +144,7 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
     assert main(["test", *mixed, "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err
     assert "the checkpoint trained on 2 of the 2 cases this val split scores" in err
-    assert "data.fold=None" in err and "Traceback" not in err
+    assert "It was trained with data.fold=1; now data.fold=None" in err and "Traceback" not in err
     assert main(["crossval", *map(str, runs), "--json", str(tmp_path / "cv.json")]) == 0
     printed = capsys.readouterr().out
     assert "all cases" in printed and "Dice abnormality" in printed

@@ -86,4 +86,4 @@ def test_a_case_split_trains_on_every_case(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     # LGG has no test split, so `test` scores val, which this model trained on.
     assert main(["test", *args, "--ckpt_path=best"]) == 2
-    assert "so its scores would not be held out" in capsys.readouterr().err
+    assert "trained with data.train_on_val: its training data held this val split" in capsys.readouterr().err

@@ -523,17 +523,26 @@ class SegmentationDataModule(L.LightningDataModule):
             if not bool(seen.any()):
                 continue
             names = [str(s.image) for s, hit in zip(samples, seen.tolist()) if hit]
-            changed = [k for k, v in settings.items() if v != self.hparams.get(k)]
-            why = ("It was trained with " + ", ".join(f"data.{k}={settings[k]}" for k in changed)
-                   + "; now " + ", ".join(f"data.{k}={self.hparams.get(k)}" for k in changed)
-                   + ": give the settings it was trained with, or score data it did not train on"
-                   ) if changed else ("The split settings are those of its training, so files "
-                                      "moved between the splits: score data it did not train on")
+            why = self._split_change(settings, "files")
             raise DataSplitError(
                 f"the checkpoint trained on {len(names)} of the {len(samples)} images this "
                 f"{split} split scores ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}), "
                 f"so its scores would not be held out. {why}"
             )
+
+    def _split_change(self, settings: Mapping[str, Any], moved: str) -> str:
+        """What to give: the split settings the checkpoint was trained with that differ from
+        this run's, or, when none differ (or none were recorded), that ``moved`` moved."""
+        changed = [k for k, v in settings.items() if v != self.hparams.get(k)]
+        if changed:
+            return ("It was trained with " + ", ".join(f"data.{k}={settings[k]}" for k in changed)
+                    + "; now " + ", ".join(f"data.{k}={self.hparams.get(k)}" for k in changed)
+                    + ": give the settings it was trained with, or score data it did not train on")
+        if settings:
+            return (f"The split settings are those of its training, so {moved} moved between "
+                    "the splits: score data it did not train on")
+        now = ", ".join(f"data.{k}={self.hparams.get(k)}" for k in _CASE_SPLIT_KEYS)
+        return f"Give the split it was trained with: now {now}"
 
     def _train_cases(self) -> list[str] | None:
         """The training split's cases when train and val were split by case, else None."""
@@ -553,18 +562,20 @@ class SegmentationDataModule(L.LightningDataModule):
         stage = self._stage()
         return stage in ("fit", "validate", "test") and "val" in self._splits_for(stage)
 
-    def _check_not_trained_on(self, trained: Sequence[str]) -> None:
-        """Refuse to validate or test on cases the checkpoint trained on (a fold mix-up)."""
+    def _check_not_trained_on(
+        self, trained: Sequence[str], settings: Mapping[str, Any] | None = None
+    ) -> None:
+        """Refuse to validate or test on cases the checkpoint trained on (a fold mix-up),
+        naming the split settings it was trained with (``settings``, when recorded)."""
         if not self._scores_val():
             return
         scored = sorted({s.case for s in self._splits.get("val", []) if s.case})
         seen = sorted(set(scored) & set(trained))
         if seen:
-            now = ", ".join(f"data.{k}={self.hparams.get(k)}" for k in _CASE_SPLIT_KEYS)
             raise DataSplitError(
                 f"the checkpoint trained on {len(seen)} of the {len(scored)} cases this val "
                 f"split scores ({', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}), so its "
-                f"scores would not be held out. Give the split it was trained with: now {now}"
+                f"scores would not be held out. {self._split_change(settings or {}, 'cases')}"
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -582,13 +593,14 @@ class SegmentationDataModule(L.LightningDataModule):
         crop = state_dict.get("train_crop_size")
         if crop is not None and crop == self.hparams.late_crop_size:
             self._set_train_crop(int(crop))
-        if state_dict.get("train_cases"):
-            self._check_not_trained_on(state_dict["train_cases"])
         if state_dict.get("trained_on_val") and self._scores_val():
             raise DataSplitError(
                 "the checkpoint was trained with data.train_on_val: its training data held this "
                 "val split, so its scores would not be held out; score it on a test split"
             )
+        if state_dict.get("train_cases"):
+            self._check_not_trained_on(state_dict["train_cases"],
+                                       state_dict.get("split_settings") or {})
         if isinstance(state_dict.get("train_files"), torch.Tensor):
             self._check_files_not_trained_on(state_dict["train_files"],
                                              state_dict.get("split_settings") or {})
