@@ -11,7 +11,8 @@ the schedule runs over:
   re-estimates, at every epoch start, how many epochs fit in the time left; the last one that
   fits is validated (whatever ``check_val_every_n_epoch`` says) and training stops after it, so
   the run ends annealed, validated and checkpointed just inside its budget. Without a time
-  budget, progress is the fraction of ``max_epochs``/``max_steps`` done (a plain cosine).
+  budget, progress is the fraction of ``max_epochs``/``max_steps`` done (a plain cosine), and
+  the epoch ``max_epochs`` ends with is validated too.
 * :class:`LateCrop` (also added to every run) switches the data module's training crops to
   ``data.late_crop_size`` once that progress reaches ``data.late_crop_start``.
 
@@ -161,6 +162,10 @@ class AnnealToDeadline(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
+            # The run's last epoch, by max_epochs: validated whatever check_val_every_n_epoch
+            # says, so a short run has a best checkpoint and the final model a val score.
+            trainer.check_val_every_n_epoch = 1
         timer = _timer(trainer)
         if not self._schedulers(trainer) or timer is None or timer.time_remaining() is None:
             return

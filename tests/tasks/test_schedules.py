@@ -198,3 +198,19 @@ def test_training_progress_without_a_plan_is_the_time_spent(monkeypatch) -> None
     assert training_progress(trainer) == pytest.approx(0.25)
     trainer.estimated_stepping_batches = 14  # max_epochs/max_steps bound it: steps done
     assert training_progress(trainer) == pytest.approx(0.5)
+
+
+def test_the_last_epoch_by_max_epochs_is_validated(tmp_path) -> None:
+    """check_val_every_n_epoch 4 and max_epochs 1: the final epoch is still validated, so a
+    short run has a best checkpoint."""
+    from segpipe.cli import main
+    from tests.cli_args import TINY_UNET
+    from tests.data.synthetic import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(32, 32))
+    run = tmp_path / "run"
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={root}",
+                 f"--trainer.default_root_dir={run}", *TINY_UNET, "--data.num_workers=0", "--trainer.max_epochs=1",
+                 "--trainer.check_val_every_n_epoch=4"]) == 0
+    best = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and "epoch000" in best[0].name
