@@ -279,6 +279,17 @@ class SegmentationTask(L.LightningModule):
                 f"class_weights has {len(class_weights)} values but there are {num_classes} classes; "
                 "give one weight per class."
             )
+        if class_weights is not None and (
+            not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
+                    for w in class_weights) or not any(w > 0 for w in class_weights)):
+            raise ConfigError(
+                f"model.class_weights must be finite numbers >= 0, at least one > 0 (a class's "
+                f"share of the loss), got {list(class_weights)}; 0 drops a class from the loss.")
+        if class_weights is not None and loss == "lovasz":
+            raise ConfigError(
+                "model.class_weights weigh the cross-entropy, Dice or focal loss; Lovász-softmax "
+                "takes none. Use loss ce+lovasz (the weights go to its cross-entropy) or drop "
+                "class_weights.")
         #: Whether the class names were given (else the data module's are taken in setup).
         self._names_given = bool(class_names) or bool(data_spec and data_spec.get("class_names"))
         self.spec = spec
@@ -387,11 +398,12 @@ class SegmentationTask(L.LightningModule):
         if loss == "ce+dice":
             return _SumLoss(ce, dice)
         if loss == "focal":
-            return smp.losses.FocalLoss(
+            return _SkipAllIgnored(smp.losses.FocalLoss(
                 mode="multiclass", ignore_index=ignore_index, class_weights=class_weights
-            )
+            ), ignore_index)
         if loss in ("lovasz", "ce+lovasz"):
-            lovasz = smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index)
+            lovasz = _SkipAllIgnored(
+                smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index), ignore_index)
             return lovasz if loss == "lovasz" else _SumLoss(ce, lovasz)
         raise ConfigError(f"loss must be one of {', '.join(typing.get_args(LossName))}; "
                           f"got {loss!r}.")
@@ -850,8 +862,8 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
         """Loss of (N, C, H, W) logits against (N, H, W) labels, with (N, H, W) pixel weights."""
         mine = self.hard_fraction is not None and self.training
         threshold = self.hard_threshold is not None and self.training
-        if pixel_weight is None and not (mine or threshold):
-            return super().forward(input, target)
+        # One path for every case: the weighted mean over the pixels kept, 0 (and no NaN) for a
+        # batch whose pixels are all ignored, without a host synchronisation.
         per_pixel = F.cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction="none", label_smoothing=self.label_smoothing,
@@ -865,9 +877,14 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
             keep = self._below_threshold(input, target).to(per_pixel.dtype)
             per_pixel, weight = per_pixel * keep, weight * keep
         elif mine:
-            kept = max(1, math.ceil(float(self.hard_fraction) * per_pixel.numel()))
-            per_pixel, index = per_pixel.flatten().topk(kept, sorted=False)
-            weight = weight.flatten()[index]
+            # The hardest fraction of the pixels that are not ignored: ranked by a sort (their
+            # count stays on the device; topk would need it on the host).
+            valid = (target != self.ignore_index).sum()
+            kept = torch.ceil(float(self.hard_fraction) * valid).clamp_min(1)
+            per_pixel, index = per_pixel.flatten().sort(descending=True)
+            rank = torch.arange(per_pixel.numel(), device=per_pixel.device)
+            keep = (rank < kept).to(per_pixel.dtype)
+            per_pixel, weight = per_pixel * keep, weight.flatten()[index] * keep
         total = weight.sum()
         return per_pixel.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
 
@@ -880,9 +897,10 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
         valid = (target >= 0) & (target < num_classes) & (target != self.ignore_index)
         prob = prob.masked_fill(~valid, 2.0)  # never kept, and last in the ranking
         keep = prob < float(self.hard_threshold)  # type: ignore[arg-type]
-        if self.hard_fraction is not None:
-            kept = max(1, math.ceil(float(self.hard_fraction) * prob.numel()))
-            keep |= prob <= prob.flatten().kthvalue(kept).values
+        if self.hard_fraction is not None:  # at least that fraction of the valid pixels
+            kept = torch.ceil(float(self.hard_fraction) * valid.sum()).clamp_min(1)
+            ranked = prob.flatten().sort().values  # ignored pixels (2.0) last
+            keep |= prob <= ranked.gather(0, (kept.long() - 1).view(1))
         return keep & valid
 
 
@@ -890,6 +908,22 @@ def _has_cross_entropy(criterion: nn.Module) -> bool:
     """Whether the loss (or a term of a :class:`_SumLoss`) is :class:`PixelWeightedCrossEntropy`."""
     terms = criterion.losses if isinstance(criterion, _SumLoss) else [criterion]
     return any(isinstance(term, PixelWeightedCrossEntropy) for term in terms)
+
+
+class _SkipAllIgnored(nn.Module):
+    """A loss that is 0 (with zero gradient) for a batch whose pixels are all ignored, where
+    smp's Lovász returns an empty tensor and its focal loss NaN. Both index the valid pixels
+    already (a host synchronisation each), so this check adds none of another kind."""
+
+    def __init__(self, loss: nn.Module, ignore_index: int | None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.ignore_index is not None and not bool((target != self.ignore_index).any()):
+            return logits.sum() * 0.0
+        return self.loss(logits, target)
 
 
 class _SumLoss(nn.Module):
