@@ -549,10 +549,25 @@ class TransferLearning(L.Callback):
             getattr(pl_module, "freeze_encoder_epochs", 0) > 0
             or getattr(pl_module, "encoder_lr_mult", 1) != 1
         )
-        if saved_two == two:
-            return
         hp = checkpoint.get("hyper_parameters") or {}
         where = f"--ckpt_path {trainer.ckpt_path}" if trainer.ckpt_path else "the checkpoint"
+        if saved_two == two:
+            # The optimiser's groups keep the learning rates they were saved with, so other
+            # values would be logged and recorded but not used: refuse them.
+            changed = [
+                (key, hp.get(key, default), getattr(pl_module, key, default))
+                for key, default in (("freeze_encoder_epochs", 0), ("encoder_lr_mult", 1.0))
+                if float(hp.get(key, default)) != float(getattr(pl_module, key, default))
+            ]
+            if two and changed:
+                given = ", ".join(f"model.{k}={now:g}" for k, _, now in changed)
+                options = " ".join(f"--model.{k} {saved:g}" for k, saved, _ in changed)
+                raise TransferLearningError(
+                    f"{where}: that run was trained with other transfer options than this one "
+                    f"({given}); the saved optimiser keeps its own learning rates, so resume "
+                    f"with {options}, or start a new run from it with --model.init_from "
+                    f"{trainer.ckpt_path or 'CKPT'} and the new options.")
+            return
         if saved_two:
             options = (
                 f"--model.freeze_encoder_epochs {hp.get('freeze_encoder_epochs', 0)} "

@@ -272,6 +272,11 @@ def test_resume_with_other_param_groups_is_one_clear_error(tmp_path: Path) -> No
     with pytest.raises(TransferLearningError, match=r"resume with the options it was trained with: "
                        r"--model.freeze_encoder_epochs 2 --model.encoder_lr_mult 0.1"):
         _trainer(max_epochs=2).fit(plain, BlobDM(), ckpt_path=str(ckpt))
+    # two groups both times, but another multiplier: the saved optimiser would keep 0.1
+    other = SegmentationTask(_unet(), optimizer=_adam, freeze_encoder_epochs=2, encoder_lr_mult=0.5)
+    with pytest.raises(TransferLearningError, match=r"other transfer options than this one "
+                       r"\(model.encoder_lr_mult=0.5\).*resume with --model.encoder_lr_mult 0.1"):
+        _trainer(max_epochs=2).fit(other, BlobDM(), ckpt_path=str(ckpt))
 
 
 # ------------------------------------------------------------------------------ init_from
