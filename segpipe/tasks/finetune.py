@@ -458,12 +458,15 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromRepo
         else:
             report.reinitialised.append(name)
     report.unused = [k for k in state if k not in target]
-    if not chosen:
+    # Only a layer's weights (a convolution's kernels, a linear layer's matrix) carry what was
+    # learnt; a few biases and BatchNorm step counters fitting by chance is no transfer.
+    if not any(chosen[name].dim() >= 2 for name in chosen):
         raise InitFromError(
             f"{where}: no tensor of the checkpoint fits the network (checkpoint: "
             f"{source or 'unknown network'}, tensors {list(state)[:3]}...; this network: "
-            f"{type(net).__name__}, tensors {list(target)[:3]}...); init_from needs a checkpoint "
-            "of the same architecture (the number of classes and input channels may differ)."
+            f"{type(net).__name__}, tensors {list(target)[:3]}...; no layer's weights have the "
+            "same name and shape); init_from needs a checkpoint of the same architecture and "
+            "width (the number of classes and input channels may differ)."
         )
     with torch.no_grad():
         for name, value in chosen.items():

@@ -366,6 +366,12 @@ def test_init_from_refusals_name_the_reason(tmp_path: Path) -> None:
     torch.save({"state_dict": {"net.something.weight": torch.zeros(2)}}, other)
     with pytest.raises(InitFromError, match="no tensor of the checkpoint fits the network"):
         load_init_from(_unet(), other)
+    # another width: only BatchNorm step counters and the head's bias fit, which is no transfer
+    wider = tmp_path / "wider.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in UNet(
+        in_channels=3, num_classes=3, base_channels=8, depth=2).state_dict().items()}}, wider)
+    with pytest.raises(InitFromError, match="no layer's weights have the same name and shape"):
+        load_init_from(_unet(), wider)
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "obj": Path("x")}, unsafe)
     with pytest.raises(InitFromError, match="pickled Python objects"):
