@@ -346,11 +346,14 @@ class SegpipeCLI(LightningCLI):
         """
         super().parse_arguments(parser, args)
         self._ckpt_path: str | None = None
+        self._resumes_last = False  # fit --ckpt_path last, with a last.ckpt to resume from
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
         if "ckpt_path" not in cfg:
             return
+        if self.config.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+            self._resumes_last = (_checkpoint_dir(cfg) / "last.ckpt").is_file()
         weights_only = cfg.get("weights_only") is not False
         if self.config.subcommand != "fit" and cfg.get("ckpt_path") in ("best", "last"):
             # In a new process Lightning knows no best model; find the run's files instead.
@@ -503,7 +506,7 @@ class SegpipeCLI(LightningCLI):
         """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder
         weights are not read (the checkpoint's weights replace them), so testing or resuming
         works on a machine without the weights cache."""
-        if getattr(self, "_ckpt_path", None):
+        if getattr(self, "_ckpt_path", None) or getattr(self, "_resumes_last", False):
             from segpipe.models.smp import no_pretrained_weights
 
             with no_pretrained_weights():

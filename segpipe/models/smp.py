@@ -40,6 +40,7 @@ __all__ = [
     "PretrainedSource",
     "PretrainedWeightsUnavailableError",
     "SmpModel",
+    "WeightsFileNotFoundError",
     "available_archs",
     "check_encoder_name",
     "load_encoder_weights",
@@ -149,10 +150,15 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
             "'resnet34_encoder.pth')), or load named weights with "
             f"SmpModel(encoder_weights={text!r}), which uses smp's and timm's caches."
         )
+    if "://" in text or text.startswith("file:"):
+        raise ModelArgumentError(
+            f"{arg}={text!r} is a URL; give the weights file's local path (download it first, "
+            "or name pretrained weights such as 'imagenet', which smp and timm fetch and cache).")
     if not candidate.is_file():
-        raise FileNotFoundError(
+        raise WeightsFileNotFoundError(
             f"{arg}: weights file {str(candidate)!r} does not exist "
-            f"(relative paths are resolved against {os.getcwd()!r})."
+            f"(relative paths are resolved against {os.getcwd()!r}); give the path of a state "
+            "dict saved with torch.save or safetensors, or null for a random encoder."
         )
     if candidate.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ModelArgumentError(
@@ -163,6 +169,11 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
 
 
 # ------------------------------------------------------------ named weights
+class WeightsFileNotFoundError(ModelArgumentError, FileNotFoundError):
+    """``encoder_weights`` names a local file that is not there (a ``ModelArgumentError``, so
+    the command line says it in one line, and a ``FileNotFoundError``)."""
+
+
 class PretrainedWeightsUnavailableError(RuntimeError):
     """Named pretrained encoder weights are not cached and cannot be downloaded.
 

@@ -49,6 +49,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from segpipe.callbacks import UnsafeCheckpointError, load_checkpoint_file
+from segpipe.errors import ConfigError
 
 __all__ = [
     "DECODER_GROUP",
@@ -229,7 +230,7 @@ def check_lr_ratio(optimizer: torch.optim.Optimizer, mult: float, scheduler: obj
         return
     if not math.isclose(enc_lr / dec_lr, mult, rel_tol=1e-6):
         name = type(scheduler).__name__ if scheduler is not None else "the LR scheduler"
-        raise ValueError(
+        raise ConfigError(
             f"model.encoder_lr_mult={mult} but {name} set the encoder's learning rate to {enc_lr:g} "
             f"and the decoder's to {dec_lr:g} (ratio {enc_lr / dec_lr:g}): it sets every parameter "
             "group's rate from its own arguments. Give it one value per group, in the order "
