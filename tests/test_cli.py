@@ -397,3 +397,22 @@ def test_commands_import_only_what_they_use():
     assert res.returncode == 0, res.stderr
     heavy = [ln for ln in res.stdout.splitlines() if ln.startswith("HEAVY:")]
     assert heavy == ["HEAVY:"], heavy
+
+
+def test_resuming_needs_no_encoder_weights_file(dataset, tmp_path):
+    """The checkpoint's weights replace the encoder's: a resumed fit does not read the file."""
+    import torch
+
+    from segpipe.models import SmpModel
+
+    weights = tmp_path / "enc.pth"
+    torch.save(SmpModel("unet", "resnet18", in_channels=3, num_classes=3).encoder.state_dict(),
+               weights)
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY,
+            "--model.net=segpipe.models.SmpModel", "--model.net.init_args.arch=unet",
+            "--model.net.init_args.encoder_name=resnet18",
+            f"--model.net.init_args.encoder_weights={weights}"]
+    assert main([*args, "--trainer.max_epochs=1"]) == 0
+    weights.rename(tmp_path / "moved.pth")
+    assert main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
