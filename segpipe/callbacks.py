@@ -56,16 +56,18 @@ class UnsafeCheckpointError(RuntimeError):
         reason: torch's explanation (the first offending global is quoted from it).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    #: The fix for fit/validate/test, which take ``--weights_only``.
+    CLI_FIX = ("If you made this file yourself or otherwise trust it completely, rerun with "
+               "--weights_only false (a full unpickle); otherwise do not use it.")
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, fix: str | None = None) -> None:
         self.path = str(path)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", reason)
         what = f" (first disallowed global: {found.group(1)})" if found else ""
         super().__init__(
             f"{self.path}: refusing to load this checkpoint: besides tensors and plain data it "
             f"contains pickled Python objects{what}, and unpickling them can run arbitrary "
-            "code. segpipe loads checkpoints with weights_only=True. If you made this file "
-            "yourself or otherwise trust it completely, rerun with --weights_only false (a full "
-            "unpickle); otherwise do not use it."
+            f"code. segpipe loads checkpoints with weights_only=True. {fix or self.CLI_FIX}"
         )
 
 

@@ -108,6 +108,23 @@ def test_pickled_object_in_hparams_is_refused(how: str, run: tuple[Path, Path], 
     assert "Traceback" not in err
 
 
+def test_predict_and_export_refuse_it_with_their_own_fix(
+    run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, root = run
+    marker = tmp_path / "code-ran"
+    evil = _evil_copy(root / "checkpoints" / "last.ckpt", tmp_path / "evil.ckpt", marker)
+    (tmp_path / "in").mkdir()
+    for argv in (["predict", "--ckpt_path", str(evil), "--input", str(tmp_path / "in"),
+                  "--output", str(tmp_path / "out")],
+                 ["export", "--ckpt_path", str(evil), "--output", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{evil}: refusing to load this checkpoint" in err and "getattr" in err, err
+        assert "torch.load(path, weights_only=False)" in err and "\x1b[" not in err
+    assert not marker.exists()
+
+
 def test_loaders_refuse_and_full_unpickle_is_opt_in(run: tuple[Path, Path], tmp_path: Path) -> None:
     _, root = run
     marker = tmp_path / "code-ran"

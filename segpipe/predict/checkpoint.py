@@ -193,7 +193,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(str(exc)) from None
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        from segpipe.callbacks import UnsafeCheckpointError
+
+        raise CheckpointError(str(UnsafeCheckpointError(p, str(exc), fix=(
+            "If you trust the file completely, load it once with torch.load(path, "
+            "weights_only=False), drop or convert the objects (e.g. an argparse.Namespace in "
+            "hyper_parameters into a dict) and torch.save it again; otherwise do not use it.")))
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{p}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "pass a .ckpt written by `segpipe fit`"
