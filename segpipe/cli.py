@@ -70,6 +70,8 @@ def _short_parse_error(text: str) -> str:
     if not lines:
         return text
     head = lines[0].strip()
+    if head.startswith("Call to compute_fn of link") and " failed: " in head:
+        return head.rsplit(" failed: ", 1)[1]  # the reason, not the link's arguments
     for i, line in enumerate(lines[1:], start=1):
         stripped = line.lstrip()
         if not stripped.startswith("- ") or "Expected a <class 'NoneType'>" in stripped:

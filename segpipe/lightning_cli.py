@@ -13,6 +13,7 @@ import inspect
 import os
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -422,8 +423,45 @@ class SegpipeCLI(LightningCLI):
                 "--trainer.default_root_dir")
             cfg.ckpt_path = None
         self._split_step_checkpoint(cfg)
+        self._check_nulls(cfg)
         self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)
+
+    @staticmethod
+    def _check_nulls(cfg: Any) -> None:
+        """A ``null`` for an option of segpipe's data module or task that takes none: one line
+        naming it and its default, not a traceback from deep in the constructor."""
+        from segpipe.data import SegmentationDataModule
+        from segpipe.tasks import SegmentationTask
+
+        sections = [("data", cfg.get("data"), SegmentationDataModule),
+                    ("model", cfg.get("model"), SegmentationTask)]
+        for prefix, section, cls in sections:
+            if section is None or not hasattr(section, "get"):
+                continue
+            args = section.get("init_args", section)
+            class_path = section.get("class_path")
+            if class_path is not None and prefix == "data" and not _is_segpipe_data_module(
+                    str(class_path)):
+                continue
+            if class_path is not None and prefix == "model" and str(class_path).rsplit(
+                    ".", 1)[-1] != "SegmentationTask":
+                continue
+            try:
+                hints = typing.get_type_hints(cls.__init__)
+            except Exception:  # noqa: BLE001 - an annotation that does not resolve: no check
+                continue
+            params = inspect.signature(cls.__init__).parameters
+            for name, param in params.items():
+                hint = hints.get(name)
+                if hint is None or args.get(name, param.default) is not None:
+                    continue
+                if param.default is None or type(None) in typing.get_args(hint) or hint is Any:
+                    continue
+                raise ConfigError(
+                    f"{prefix}.{name} cannot be null; give a value "
+                    f"(its default is {param.default!r})" if param.default is not
+                    inspect.Parameter.empty else f"{prefix}.{name} cannot be null; give a value")
 
     @staticmethod
     def _check_data_root(cfg: Any) -> None:

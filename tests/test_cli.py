@@ -354,14 +354,21 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         (["--data.batch_size=0"], "data.batch_size and data.eval_batch_size must be >= 1"),
         (["--model.lr_scheduler=segpipe.tasks.schedules.DeadlineCosineLR",
           "--model.lr_scheduler.init_args.eta_min_ratio=3"], "eta_min_ratio must be in [0, 1]"),
+        (["--data.val_fraction=null"], "data.val_fraction cannot be null; give a value (its "
+                                      "default is 0.1)"),
+        (["--data.batch_size=null"], "data.batch_size cannot be null"),
+        (["--model.class_weights=[0, 0, 0]"], "model.class_weights must be finite numbers >= 0"),
+        # a linked option: the reason, without the link's arguments
+        (["--data.class_names=[a, b]"], "data.class_names has 2 names for num_classes=3"),
     ],
 )
 def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):
     code = main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
                  f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY, *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and err[-1].startswith("segpipe: error: ")
+    assert code == 2 and err[-1].startswith("segpipe")  # "segpipe: error" or "segpipe fit: error"
     assert words in err[-1] and not any("Traceback" in line for line in err)
+    assert "compute_fn" not in err[-1] and len(err[-1]) < 400
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped before training
 
 
