@@ -1051,7 +1051,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segpipe check-data: error: {exc}", file=sys.stderr)
         return 2
     args = [_underscored(a) for a in args]  # --sample-size == --sample_size
-    cfg = parser.parse_args(args)  # exits with status 2 and a message on bad arguments
+    from jsonargparse import ArgumentError
+
+    parser.exit_on_error = False
+    try:
+        cfg = parser.parse_args(args)
+    except ArgumentError as exc:  # one line, as segpipe's other commands say it
+        from segpipe.cli import _short_parse_error
+
+        print(f"segpipe check-data: error: {_short_parse_error(str(exc))} (see `segpipe "
+              "check-data --help`)", file=sys.stderr)
+        return 2
     try:
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else (
             parser.instantiate_classes(cfg))
@@ -1067,7 +1077,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_report(rep), flush=True)
     if cfg.json:
-        path = atomic_write_json(cfg.json, rep.to_dict())
+        try:
+            path = atomic_write_json(cfg.json, rep.to_dict())
+        except OSError as exc:
+            print(f"segpipe check-data: error: cannot write --json {cfg.json}: "
+                  f"{exc.strerror or exc}; give a path in a folder you can write to",
+                  file=sys.stderr)
+            return 2
         print(f"Findings written to {path}")
     return 0 if rep.ok else 1
 

@@ -170,9 +170,16 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     root = _folder(tmp_path / "ds", n_train=2, n_val=1)
     assert main([f"--data.root={root}", "--data.num_classes=3", "--splits=[test]"]) == 2
     assert "no split(s) ['test']" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--data.root", str(root), "--data.no_such_option=1"])
-    assert exc.value.code == 2
+    capsys.readouterr()
+    assert main(["--data.root", str(root), "--data.no_such_option=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # one line, not the 50-line usage
+    assert len(err) == 1 and err[0].startswith("segpipe check-data: error: ") and "no_such_option" in err[0]
+    assert main([f"--data.root={root}", "--data.num_classes=3",
+                 f"--json={tmp_path / 'missing' / 'dir' / 'f.json'}"]) in (0, 1)  # folders made
+    (tmp_path / "afile").write_text("x")
+    assert main([f"--data.root={root}", "--data.num_classes=3",
+                 f"--json={tmp_path / 'afile' / 'f.json'}"]) == 2
+    assert "cannot write --json" in capsys.readouterr().err
 
 
 def test_registered_in_the_cli(tmp_path: Path, capsys) -> None:
