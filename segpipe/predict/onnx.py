@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segpipe.fileio import atomic_path, atomic_write_json
+from segpipe.fileio import atomic_path, atomic_write_json, check_output_dir
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import input_norm_module
 from segpipe.predict.checkpoint import CheckpointError, PredictConfig, load_predictor
@@ -94,6 +94,7 @@ def export_onnx(
                          f"onnxruntime runs), got {opset}; the default 17 suits most runtimes")
     if overlap is not None and not 0.0 <= overlap < 1.0:
         raise ValueError(f"--overlap must be a fraction in [0, 1), got {overlap}")
+    check_output_dir(out.parent, "the ONNX export", "output")  # before any work
     existing = [p for p in (out, sidecar_path(out)) if p.exists()]
     if existing and not overwrite:
         raise ValueError(f"{', '.join(map(str, existing))} already exist(s); pass --overwrite to "
