@@ -64,7 +64,7 @@ from segpipe.data.checks import (
 )
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import Sample
-from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
+from segpipe.data.io import ImageReadError, image_size, probe_raster, read_image, read_mask
 from segpipe.data.stats import band_statistics, needs_measured_stats
 from segpipe.fileio import atomic_write_json
 
@@ -705,15 +705,24 @@ def _check_channels(
     (when every image was decoded, :func:`check_samples` has reported them all already).
     """
 
-    def look(item: tuple[str, Path]) -> tuple[str, Path, int, str] | None:
+    def look(item: tuple[str, Path]) -> tuple[str, Path, int, str, int] | None:
         try:
             img = read_image(item[1], dm.bands, dm.in_channels)
+            info = probe_raster(item[1]) if dm.bands is None else None
         except ImageReadError:
             return None
-        return item[0], item[1], int(img.shape[2]), str(img.dtype)
+        in_file = info.count if info is not None else int(img.shape[2])
+        return item[0], item[1], int(img.shape[2]), str(img.dtype), in_file
 
     looked = [r for r in parallel_map(look, list(items), max_workers, "sampling images")
               if r is not None]
+    dropped = [r for r in looked if r[4] > r[2]]  # a raster band tagged alpha, not read
+    if dropped:
+        _, path, c, _, n = dropped[0]
+        rep.notes.append(
+            f"{len(dropped)} sampled raster(s) have a band tagged alpha that is not read (e.g. "
+            f"{path}: {n} bands, {c} read); if it is data (e.g. near-infrared in a 4-band uint8 "
+            f"GeoTIFF), set data.in_channels: {n}, or pick bands with data.bands")
     channels = Counter(r[2] for r in looked)
     rep.image_format = {
         "sampled": len(looked),
@@ -723,7 +732,7 @@ def _check_channels(
         "bands": dm.bands,
     }
     want = dm.in_channels
-    for split, path, c, _ in looked:
+    for split, path, c, _, _ in looked:
         found = channel_problem(path, split, c, want, dm.bands) if report else None
         if found is not None:
             rep.problems.append(found)

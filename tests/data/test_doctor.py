@@ -135,6 +135,16 @@ def test_channel_mismatch_and_split_selection(tmp_path: Path, capsys) -> None:
     assert rc == 0, out
 
 
+def test_a_dropped_alpha_tagged_band_is_noted(tmp_path: Path, capsys) -> None:
+    """RGB + near-infrared uint8 GeoTIFFs: GDAL tags the 4th band alpha, and a 3-channel
+    model reads 3; the check says so, since that band may be data."""
+    root = _folder(tmp_path / "ds", n_train=2, n_val=1, channels=4, image_ext=".tif")
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3")
+    assert "have a band tagged alpha that is not read" in out and "data.in_channels: 4" in out
+    rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3", "--data.in_channels=4")
+    assert "tagged alpha" not in out
+
+
 def test_multiband_uint16_suggests_band_statistics(tmp_path: Path, capsys) -> None:
     root = _folder(tmp_path / "ds", channels=5, image_ext=".tif")
     levels = np.array([300, 800, 1500, 4000, 2500])
