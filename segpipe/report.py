@@ -494,6 +494,8 @@ def write_report(
     """
     out = Path(out_dir)
     files = out / REPORT_FILES_DIR
+    for stale in files.glob("worst_*.png"):  # an earlier report's gallery in the same folder
+        stale.unlink(missing_ok=True)
     names = _per_class_names(report)
     if not names:
         raise ValueError(

@@ -106,6 +106,10 @@ def test_gallery_for_worst_images(tmp_path: Path) -> None:
     assert re.search(r"#6 `[^`]*missing\.png`: could not read the image \(.*file not found", md)
     assert re.search(r"#3 `[^`]*big\.png`: image \(36×48\) resized to the evaluated size \(12×16\)", md)
     assert "#1 `" not in md.split("Notes:")[1].split("**#1**")[0]  # padding is silently cropped
+    # A second report in the same folder (no logger: no version folder) keeps its own gallery.
+    write_report(_report([_row(rgb, iou=0.5)]), tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out" / REPORT_FILES_DIR).glob("worst_*.png")] == [
+        "worst_01_rgb.png"]
 
 
 def test_image_reader_is_used_and_may_fail(tmp_path: Path) -> None:
