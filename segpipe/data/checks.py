@@ -429,7 +429,7 @@ def _check_pair(
             size = image_size(sample.image)
     except ImageReadError as exc:
         out.append(Problem(sample.image, split, "unreadable_image", exc.reason,
-                           FIXES["unreadable_image"], cause=_reason_cause(exc.reason)))
+                           exc.hint or FIXES["unreadable_image"], cause=_reason_cause(exc.reason)))
     if sample.mask is None:
         out.append(Problem(sample.image, split, "missing_mask", "no mask found for this image",
                            FIXES["missing_mask"], cause="no mask found"))
@@ -438,7 +438,7 @@ def _check_pair(
         raw = read_mask(sample.mask)
     except ImageReadError as exc:
         out.append(Problem(sample.mask, split, "unreadable_mask", exc.reason,
-                           FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
+                           exc.hint or FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
         return out
     if size is not None and raw.shape[:2] != tuple(size):
         sizes = f"mask is {raw.shape[1]}×{raw.shape[0]} but image"

@@ -27,6 +27,7 @@ same limit is applied to rasters read whole with rasterio (see :func:`pixel_limi
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import warnings
@@ -159,9 +160,28 @@ def _bomb_reason(width: int | None, height: int | None, pixels: int | None = Non
 
 
 _BOMB_HINT = (
-    "if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None), "
-    "or cut the image into tiles"
+    "if the file is trusted, raise the limit: SEGPIPE_MAX_IMAGE_PIXELS=N (or none) in the "
+    "environment, PIL.Image.MAX_IMAGE_PIXELS in Python; or cut the image into tiles"
 )
+
+
+def _limit_from_environment() -> None:
+    """``SEGPIPE_MAX_IMAGE_PIXELS`` (a number, or ``none``) sets Pillow's decompression-bomb
+    limit, which the command line cannot otherwise reach."""
+    value = os.environ.get("SEGPIPE_MAX_IMAGE_PIXELS", "").strip()
+    if not value:
+        return
+    if value.lower() in ("none", "off", "0"):
+        Image.MAX_IMAGE_PIXELS = None
+        return
+    try:
+        Image.MAX_IMAGE_PIXELS = int(float(value))
+    except ValueError:
+        warnings.warn(f"SEGPIPE_MAX_IMAGE_PIXELS must be a number of pixels or none, got "
+                      f"{value!r}; Pillow's default limit stays", stacklevel=2)
+
+
+_limit_from_environment()
 
 
 def _check_file(path: Path) -> None:

@@ -294,6 +294,17 @@ def test_decompression_bomb_lowered_limit(tmp_path: Path, monkeypatch: pytest.Mo
         read_image(tmp_path / "a.png")
     with pytest.raises(ImageReadError, match="image of 30×20 pixels exceeds"):
         read_image(tmp_path / "a.tif")
+    # the command line's way to raise it for trusted files, as the message says
+    with pytest.raises(ImageReadError, match="SEGPIPE_MAX_IMAGE_PIXELS=N"):
+        read_image(tmp_path / "a.png")
+    from segpipe.data.io import _limit_from_environment
+
+    monkeypatch.setenv("SEGPIPE_MAX_IMAGE_PIXELS", "1000")
+    _limit_from_environment()
+    assert read_image(tmp_path / "a.png").shape == (20, 30, 3)
+    monkeypatch.setenv("SEGPIPE_MAX_IMAGE_PIXELS", "none")
+    _limit_from_environment()
+    assert Image.MAX_IMAGE_PIXELS is None
 
 
 # ------------------------------------------------------------------ rasterio on demand
