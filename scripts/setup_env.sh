@@ -10,11 +10,18 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "segpipe: creating virtual environment $venv" >&2
   "$python" -m venv "$venv"
 fi
+# The stamp records pyproject.toml's hash and every extra installed with it, so the demo's and
+# the tests' extras, asked for in turn, install once each (not at every switch).
 stamp="$venv/.segpipe-installed"
-want="$(cat "$here/pyproject.toml" | sha256sum | cut -c1-16) $extras"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "segpipe: installing segpipe[$extras] into $venv (a few minutes the first time)" >&2
+hash="$(sha256sum < "$here/pyproject.toml" | cut -c1-16)"
+have=""
+if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then
+  have="$(cut -s -d' ' -f2 "$stamp")"
+fi
+all="$(printf '%s\n' ${have//,/ } ${extras//,/ } | sort -u | paste -sd, -)"
+if [ "$all" != "$have" ]; then
+  echo "segpipe: installing segpipe[$all] into $venv (a few minutes the first time)" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$venv/bin/python" -m pip install --quiet -e "$here[$extras]" >&2
-  echo "$want" > "$stamp"
+  "$venv/bin/python" -m pip install --quiet -e "$here[$all]" >&2
+  echo "$hash $all" > "$stamp"
 fi
