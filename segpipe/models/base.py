@@ -148,6 +148,12 @@ def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
             f"{owner} expects a 4D input (N, C, H, W), got shape {tuple(x.shape)}; "
             "add a batch dimension with x.unsqueeze(0) for a single image."
         )
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"{owner} takes a floating-point input, got {x.dtype}; scale and normalise the "
+            "image first (e.g. x.float() / 255, then the data's mean and std, as segpipe's "
+            "data module and predict do)."
+        )
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     if channels != in_channels:
         raise ValueError(

@@ -76,6 +76,9 @@ def test_check_input_messages() -> None:
         check_input(torch.zeros(1, 2, 16, 16), "M", 3, 16)
     with pytest.raises(ValueError, match=r"pad the input to 32x16 .* logits back to 17x16"):
         check_input(torch.zeros(1, 2, 17, 16), "M", 2, 16)
+    with pytest.raises(ValueError, match=r"M takes a floating-point input, got torch.uint8"):
+        check_input(torch.zeros(1, 2, 16, 16, dtype=torch.uint8), "M", 2, 16)
+    check_input(torch.zeros(1, 2, 16, 16, dtype=torch.bfloat16), "M", 2, 16)
     assert round_up(17, 16) == 32 and round_up(32, 16) == 32
 
 
