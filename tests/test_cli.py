@@ -360,6 +360,8 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         (["--model.class_weights=[0, 0, 0]"], "model.class_weights must be finite numbers >= 0"),
         # a linked option: the reason, without the link's arguments
         (["--data.class_names=[a, b]"], "data.class_names has 2 names for num_classes=3"),
+        # a 4-pixel crop for a depth-2 U-Net: one pixel at the bottom, batch 1: BatchNorm fails
+        (["--data.crop_size=4", "--data.batch_size=1"], "BatchNorm cannot train on one value"),
     ],
 )
 def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):

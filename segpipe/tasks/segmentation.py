@@ -18,7 +18,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from segpipe.data.spec import DataSpec
@@ -459,11 +459,29 @@ class SegmentationTask(L.LightningModule):
                 self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
         if stage == "fit" and getattr(dm, "pixel_weighting", False):
             self._check_pixel_weights()
+        if stage == "fit":
+            self._check_crop(getattr(dm, "train_crop_size", None), getattr(dm, "batch_size", None))
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if stage == "fit" and self.compile_options is not None:
             # In place (nn.Module.compile): the state dict keeps its names.
             self.net.compile(**self.compile_options)
+
+    def _check_crop(self, crop: int | None, batch_size: int | None) -> None:
+        """A training crop no larger than the network's size step leaves its deepest level one
+        pixel: BatchNorm cannot train on one value per channel (batch size 1), and the level
+        sees nothing anyway. Refuse the first, warn of the second."""
+        if not isinstance(crop, int) or crop > self.pad_multiple:
+            return
+        from segpipe.models.batchnorm import batchnorm_layers
+
+        text = (f"data.crop_size={crop} is no larger than the network's size step "
+                f"{self.pad_multiple}, so its deepest level sees one pixel per crop")
+        if batch_size == 1 and batchnorm_layers(self.net):
+            raise ConfigError(f"{text}, and BatchNorm cannot train on one value per channel at "
+                              f"data.batch_size=1; use data.crop_size >= {2 * self.pad_multiple} "
+                              "or a larger batch")
+        rank_zero_warn(f"{text}; a crop of at least {2 * self.pad_multiple} gives it context")
 
     def _check_pixel_weights(self) -> None:
         """Per-pixel weights (the data's ``"weight"``) weigh the cross-entropy; refuse a loss
