@@ -68,14 +68,36 @@ def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> Te
 
 def _bilinear_upsample(channels: int, factor: int, trainable: bool = True) -> nn.ConvTranspose2d:
     """``ConvTranspose2d`` upsampling by ``factor`` (kernel ``2f``, stride ``f``, padding ``f/2``),
-    initialised to bilinear interpolation: ``(N, C, H, W) -> (N, C, f*H, f*W)``."""
+    initialised to bilinear interpolation: ``(N, C, H, W) -> (N, C, f*H, f*W)``.
+
+    A learned layer is dense (classes may mix, as in the Caffe models). The fixed one is
+    grouped, one kernel per class: the dense form's off-diagonal weights are zeros that never
+    change, ``K² × (2f)²`` of them (369 M parameters for FCN-32s at 300 classes); the output is
+    the same.
+    """
+    groups = 1 if trainable else channels
     layer = nn.ConvTranspose2d(
-        channels, channels, kernel_size=2 * factor, stride=factor, padding=factor // 2, bias=False
+        channels, channels, kernel_size=2 * factor, stride=factor, padding=factor // 2,
+        bias=False, groups=groups,
     )
     with torch.no_grad():
-        layer.weight.copy_(bilinear_kernel(channels, channels, 2 * factor))
+        if groups == 1:
+            layer.weight.copy_(bilinear_kernel(channels, channels, 2 * factor))
+        else:  # (K, 1, k, k): each class's kernel
+            layer.weight.copy_(bilinear_kernel(1, 1, 2 * factor).expand(channels, 1, -1, -1))
     layer.weight.requires_grad_(trainable)
     return layer
+
+
+def _grouped_fixed_upscore(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
+                           *args: object) -> None:
+    """Load hook: a checkpoint written before the fixed layer was grouped holds its dense
+    ``(K, K, k, k)`` weight; its diagonal is the grouped ``(K, 1, k, k)`` one."""
+    key = prefix + "upscore.weight"
+    weight = state_dict.get(key)
+    if weight is not None and weight.dim() == 4 and weight.shape[1] > 1 and weight.shape[0] == weight.shape[1]:
+        k = weight.shape[0]
+        state_dict[key] = weight[torch.arange(k), torch.arange(k)].unsqueeze(1).contiguous()
 
 
 class _VGGBackbone(nn.Module):
@@ -214,6 +236,7 @@ class FCN(nn.Module):
             self.upscore_pool4 = _bilinear_upsample(num_classes, 2)
             self.score_pool3 = self._zero_conv(pool3_channels, num_classes)
         self.upscore = _bilinear_upsample(num_classes, self.output_stride, trainable=False)
+        self._register_load_state_dict_pre_hook(_grouped_fixed_upscore, with_module=True)
 
     @staticmethod
     def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:

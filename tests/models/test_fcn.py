@@ -62,11 +62,36 @@ def test_model_upsamplers_are_bilinear_and_final_is_fixed() -> None:
         assert isinstance(layer, nn.ConvTranspose2d)
         assert layer.kernel_size == (2 * factor, 2 * factor)
         assert layer.stride == (factor, factor) and layer.padding == (factor // 2, factor // 2)
-        torch.testing.assert_close(layer.weight.detach(), bilinear_kernel(4, 4, 2 * factor))
+        if name == "upscore":  # fixed: one kernel per class (grouped), not a K x K matrix
+            assert layer.groups == 4
+            torch.testing.assert_close(layer.weight.detach(),
+                                       bilinear_kernel(1, 1, 2 * factor).expand(4, 1, -1, -1))
+        else:
+            torch.testing.assert_close(layer.weight.detach(), bilinear_kernel(4, 4, 2 * factor))
     assert model.upscore2.weight.requires_grad and model.upscore_pool4.weight.requires_grad
     assert not model.upscore.weight.requires_grad
     # skip score layers start at zero: a fresh 8s net equals upsampled coarse scores
     assert model.score_pool4.weight.abs().sum() == 0 and model.score_pool3.weight.abs().sum() == 0
+
+
+def test_fixed_upsampling_grows_with_the_classes_not_their_square() -> None:
+    """It was a dense K x K transposed convolution: 369 M parameters for FCN-32s at 300
+    classes. Grouped, the output is the same, and a checkpoint of the dense form loads."""
+    torch.manual_seed(0)
+    model = FCN(in_channels=3, num_classes=5, variant="32s", base_channels=2).eval()
+    assert model.upscore.weight.numel() == 5 * 64 * 64
+    dense = nn.ConvTranspose2d(5, 5, 64, stride=32, padding=16, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(bilinear_kernel(5, 5, 64))
+    old = {**model.state_dict(), "upscore.weight": dense.weight.detach().clone()}
+    reloaded = FCN(in_channels=3, num_classes=5, variant="32s", base_channels=2).eval()
+    reloaded.load_state_dict(old)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(reloaded(x), out)
+        model.upscore = dense
+        torch.testing.assert_close(model(x), out, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("variant", "stride"), [("32s", 32), ("16s", 16), ("8s", 8)])
