@@ -125,7 +125,7 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
+def check_input(x: Tensor, owner: str, in_channels: int, multiple: int, min_size: int = 0) -> None:
     """Check a model input's rank, channel count and spatial divisibility.
 
     Only Python int comparisons on ``x.shape``: cheap, no device synchronisation. Skipped
@@ -136,6 +136,7 @@ def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
         owner: Model description for the message, e.g. ``"UNet(depth=4)"``.
         in_channels: Expected ``C``.
         multiple: ``H`` and ``W`` must be multiples of this.
+        min_size: ``H`` and ``W`` must be at least this (0: any).
 
     Raises:
         ValueError: On a non-4D input, a wrong channel count, or ``H``/``W`` that are
@@ -160,6 +161,12 @@ def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
             f"{owner} was built with in_channels={in_channels}, got an input with "
             f"{channels} channels (shape {tuple(x.shape)})."
         )
+    if min(height, width) < min_size:
+        raise ValueError(
+            f"{owner} needs H and W of at least {min_size}, got {height}x{width}; pad the input "
+            f"to {max(height, round_up(min_size, multiple))}x{max(width, round_up(min_size, multiple))} "
+            "(segpipe's task does) or use training crops of at least that size."
+        )
     if height % multiple or width % multiple:
         raise ValueError(
             f"{owner} needs H and W to be multiples of {multiple}, got {height}x{width}; "
@@ -169,8 +176,11 @@ def check_input(x: Tensor, owner: str, in_channels: int, multiple: int) -> None:
         )
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Pad the bottom/right of ``x`` so H and W are multiples of ``multiple``.
+def pad_to_multiple(
+    x: Tensor, multiple: int, min_size: int = 0
+) -> tuple[Tensor, tuple[int, int]]:
+    """Pad the bottom/right of ``x`` so H and W are multiples of ``multiple`` (and at least
+    ``min_size``, for networks such as smp's PAN whose deepest level needs a few pixels).
 
     Reflection padding keeps image statistics at the border; inputs too small to reflect are
     padded by replication.
@@ -178,12 +188,14 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
     Args:
         x: (N, C, H, W) images.
         multiple: The factor H and W must divide by.
+        min_size: The least H and W the network takes (0: any).
 
     Returns:
         The padded (N, C, H', W') tensor and the original (H, W) to crop back to.
     """
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph = max(round_up(h, multiple), round_up(min_size, multiple)) - h
+    pw = max(round_up(w, multiple), round_up(min_size, multiple)) - w
     if ph == 0 and pw == 0:
         return x, (h, w)
     mode = "reflect" if ph < h and pw < w else "replicate"

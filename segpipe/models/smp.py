@@ -548,7 +548,8 @@ class SmpModel(nn.Module):
         in_channels: Input channels; smp adapts the first conv when it is not 3.
         num_classes: Number of output logit channels (smp's ``classes``).
         encoder_depth: Number of encoder stages (smp's ``encoder_depth``), 1..5; some
-            architectures accept fewer values (smp then refuses it).
+            architectures accept fewer values (smp then refuses it). None: smp's default for
+            the architecture (4 for ``"dpt"``, else 5).
         encoder_weights: ``None`` (random init); the name of pretrained weights that smp
             or timm know for the encoder (``"imagenet"``; smp's other names such as
             ``"ssl"``; for ``"tu-"`` encoders a timm pretrained tag such as ``"a1_in1k"``, see
@@ -587,7 +588,7 @@ class SmpModel(nn.Module):
         encoder_name: str = "resnet34",
         in_channels: int = 3,
         num_classes: int = 2,
-        encoder_depth: int = 5,
+        encoder_depth: int | None = None,
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
         **kwargs: Any,
@@ -601,6 +602,11 @@ class SmpModel(nn.Module):
                 f"arch must be one of segmentation-models-pytorch's {archs}, got {arch!r}.{hint}"
             )
         check_encoder_name(encoder_name)
+        if encoder_depth is None:
+            encoder_depth = 4 if str(arch).lower() == "dpt" else 5
+        if str(arch).lower() == "dpt" and encoder_name.startswith("tu-"):
+            # timm's vision transformers take their pretraining size only, unless told otherwise
+            kwargs.setdefault("dynamic_img_size", True)
         check_int("SmpModel in_channels", in_channels, 1)
         check_int("SmpModel num_classes", num_classes, 1)
         check_int("SmpModel encoder_depth", encoder_depth, 1, 5)
@@ -629,6 +635,9 @@ class SmpModel(nn.Module):
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
         self.pad_multiple = 2**encoder_depth
+        #: The least H and W the network takes: PAN's feature pyramid attention pools its
+        #: deepest map three more times (1x1 there fails); the task pads smaller inputs up.
+        self.min_size = 4 * 2**encoder_depth if self.arch == "pan" else 0
         self.encoder_frozen = freeze_encoder
 
         if self.arch in _FULL_SIZE_UPSAMPLING and "upsampling" not in kwargs:
@@ -667,6 +676,9 @@ class SmpModel(nn.Module):
                 + f": {type(exc).__name__}: {exc}"
             ) from exc
 
+        if self.arch == "dpt":  # the decoder fuses the patch grid with one at half its size
+            stride = int(getattr(self.model.encoder, "output_stride", 0) or 0)
+            self.pad_multiple = max(self.pad_multiple, 2 * stride)
         if weights_path is not None:
             load_encoder_weights(self.model.encoder, weights_path)
         if freeze_encoder:
@@ -733,6 +745,7 @@ class SmpModel(nn.Module):
             f"SmpModel(arch={self.arch!r}, encoder_depth={self.encoder_depth})",
             self.in_channels,
             self.pad_multiple,
+            self.min_size,
         )
         logits = self.model(x)
         if logits.shape[-2:] != x.shape[-2:] and not skip_input_checks():

@@ -71,6 +71,7 @@ class PredictConfig:
             None when not known.
         input_norm: ``per_image`` when the model standardises each input image itself
             (``model.input_norm``; the ONNX stand-in applies it before the graph), else ``none``.
+        min_size: The least H and W the network takes (padded up to it), 0 for any.
     """
 
     checkpoint: str
@@ -87,11 +88,12 @@ class PredictConfig:
     net: str = ""
     symmetries: list[str] | None = None
     input_norm: str = "none"
+    min_size: int = 0
 
     @classmethod
     def from_spec(
         cls, spec: DataSpec, checkpoint: str = "", pad_multiple: int = 32, net: str = "",
-        input_norm: str = "none",
+        input_norm: str = "none", min_size: int = 0,
     ) -> PredictConfig:
         """The prediction settings of a data spec (default normalisation when it has none)."""
         mean, std = spec.normalization()
@@ -110,6 +112,7 @@ class PredictConfig:
             net=net,
             symmetries=list(spec.symmetries) if spec.symmetries is not None else None,
             input_norm=input_norm,
+            min_size=int(min_size),
         )
 
     def with_bands(self, bands: Sequence[int] | None, option: str = "--bands") -> PredictConfig:
@@ -304,7 +307,7 @@ def load_predictor(
     task.spec = spec
     config = PredictConfig.from_spec(
         spec, str(path), int(task.pad_multiple), str(net_cfg.get("class_path", "")),
-        input_norm=str(hp.get("input_norm", "none")),
+        input_norm=str(hp.get("input_norm", "none")), min_size=int(task.min_size),
     )
     return task, config
 

@@ -105,7 +105,8 @@ def export_onnx(
                          f"{config.pad_multiple}, got {tile}")
     net = task.net.float().eval().to(memory_format=torch.contiguous_format)
     m = config.pad_multiple
-    example = torch.randn(1, config.in_channels, 2 * m, 3 * m)
+    b = -(-max(2 * m, config.min_size) // m) * m  # the least size the network takes
+    example = torch.randn(1, config.in_channels, b, b + m)
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
@@ -162,7 +163,8 @@ def _session(path: str | Path) -> Any:
 
 def _check_export(path: Path, net: nn.Module, config: PredictConfig) -> None:
     m = config.pad_multiple
-    x = torch.randn(2, config.in_channels, 3 * m, 2 * m)
+    b = -(-max(2 * m, config.min_size) // m) * m
+    x = torch.randn(2, config.in_channels, b + m, b)
     with torch.no_grad():
         ref = net(x).numpy()
     got = _session(path).run(None, {"image": x.numpy()})[0]
@@ -189,13 +191,15 @@ class OnnxTask(nn.Module):
         self.net = nn.Identity()  # the network lives in the ONNX graph
         self.num_classes = config.num_classes
         self.pad_multiple = config.pad_multiple
+        self.min_size = config.min_size
         self.class_names = list(config.class_names)
         self.ignore_index = config.ignore_index
         self.input_norm = input_norm_module(config.input_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits."""
-        padded, (h, w) = pad_to_multiple(self.input_norm(x.float()), self.pad_multiple)
+        padded, (h, w) = pad_to_multiple(self.input_norm(x.float()), self.pad_multiple,
+                                         self.min_size)
         logits = self.session.run(None, {"image": padded.contiguous().cpu().numpy()})[0]
         return torch.from_numpy(logits)[..., :h, :w].to(x.device)
 
@@ -265,9 +269,13 @@ def _sidecar_config(side: Path, meta: dict[str, Any]) -> PredictConfig:
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{side}: {exc}; export the model again with segpipe export"
                               ) from None
+    min_size = meta.get("min_size", 0)
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise CheckpointError(f"{side}: min_size must be a whole number >= 0, got {min_size!r}; "
+                              "export the model again with segpipe export")
     config = PredictConfig.from_spec(spec, checkpoint=str(meta.get("checkpoint", "")),
                                      pad_multiple=pad, net=str(meta.get("net", "")),
-                                     input_norm=norm)
+                                     input_norm=norm, min_size=min_size)
     return config
 
 

@@ -295,6 +295,8 @@ class SegmentationTask(L.LightningModule):
         self.spec = spec
         ignore_index = spec.ignore_index
         self.pad_multiple = int(getattr(net, "pad_multiple", 32))
+        #: The least H and W the network takes (smp's PAN); smaller inputs are padded up.
+        self.min_size = int(getattr(net, "min_size", 0) or 0)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
@@ -510,7 +512,7 @@ class SegmentationTask(L.LightningModule):
         Returns:
             (N, num_classes, H, W) logits.
         """
-        x, (h, w) = pad_to_multiple(self.input_norm(x), self.pad_multiple)
+        x, (h, w) = pad_to_multiple(self.input_norm(x), self.pad_multiple, self.min_size)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)

@@ -380,3 +380,23 @@ def test_no_pretrained_weights_reads_nothing(hub_cache: Path) -> None:
 def test_encoder_modules_is_the_smp_encoder() -> None:
     model = SmpModel("unet", "mobilenet_v2", num_classes=2)
     assert model.encoder_modules() == [model.model.encoder]
+
+
+@pytest.mark.parametrize("arch, encoder, step, least", [
+    ("pan", "resnet18", 32, 128),  # its attention pools the deepest map three more times
+    ("dpt", "tu-vit_tiny_patch16_224", 32, 0),  # a ViT at any multiple of twice its patch
+])
+def test_architectures_with_size_needs_take_any_size_through_the_task(
+    arch: str, encoder: str, step: int, least: int
+) -> None:
+    from segpipe.tasks import SegmentationTask
+
+    net = SmpModel(arch, encoder, in_channels=3, num_classes=2)
+    assert (net.pad_multiple, net.min_size) == (step, least)
+    task = SegmentationTask(net).eval()
+    with torch.no_grad():
+        for size in ((40, 56), (96, 64), (150, 70)):
+            assert task(torch.randn(1, 3, *size)).shape[-2:] == size
+    if least:
+        with pytest.raises(ValueError, match=f"needs H and W of at least {least}"):
+            net(torch.randn(1, 3, 64, 64))
