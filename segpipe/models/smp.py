@@ -48,9 +48,10 @@ __all__ = [
     "resolve_pretrained",
 ]
 
-WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
+WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict")
-_KEY_PREFIXES: tuple[str, ...] = ("module.", "model.", "encoder.")
+# "net." is a segpipe task's network (``net.model.encoder.*`` in its checkpoints).
+_KEY_PREFIXES: tuple[str, ...] = ("module.", "net.", "model.", "encoder.")
 # Top-level names of classification heads found in ImageNet checkpoints (torchvision,
 # timm, efficientnet-pytorch, pretrainedmodels); smp encoders delete these layers.
 _CLASSIFIER_NAMES: frozenset[str] = frozenset(

@@ -152,7 +152,8 @@ class SegmentationTask(L.LightningModule):
         num_classes: Number of classes (shorthand when there is no ``data_spec``); taken from
             ``net.num_classes`` when omitted.
         loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum),
-            ``focal`` (smp's focal loss), ``lovasz`` (smp's Lovász-softmax, a surrogate of the
+            ``focal`` (smp's focal loss; it scores each class one-vs-rest with a sigmoid, so
+            the softmax that prediction and TTA average is not what it optimised), ``lovasz`` (smp's Lovász-softmax, a surrogate of the
             IoU of each class present in the batch) or ``ce+lovasz`` (their sum). smp's Lovász
             loss checks each class's presence on the host, one GPU synchronisation per class
             and step.

@@ -400,3 +400,13 @@ def test_architectures_with_size_needs_take_any_size_through_the_task(
     if least:
         with pytest.raises(ValueError, match=f"needs H and W of at least {least}"):
             net(torch.randn(1, 3, 64, 64))
+
+
+def test_a_segpipe_checkpoint_gives_encoder_weights(source_model: SmpModel, tmp_path: Path) -> None:
+    """A segpipe checkpoint (the task's ``net.model.encoder.*`` keys) as encoder_weights."""
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in source_model.state_dict().items()},
+                "epoch": 3}, ckpt)
+    model = SmpModel("unet", ENCODER, in_channels=3, num_classes=5, encoder_weights=str(ckpt))
+    for name, value in source_model.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], value), name
