@@ -65,6 +65,11 @@ _FULL_SIZE_UPSAMPLING: dict[str, Callable[[int], int]] = {
     "pspnet": lambda depth: 2**depth,  # the PSP module runs on the stride-2**depth map
     "fpn": lambda depth: 2 ** max(depth - 3, 0),  # the FPN decoder outputs at stride 2**(depth-3)
 }
+# These archs take one decoder block per encoder stage; smp's default lists five.
+_DECODER_CHANNELS_PER_STAGE: dict[str, tuple[int, ...]] = {
+    "unet": (256, 128, 64, 32, 16), "unetplusplus": (256, 128, 64, 32, 16),
+    "manet": (256, 128, 64, 32, 16),
+}
 
 
 # ----------------------------------------------------------------------- names
@@ -643,6 +648,9 @@ class SmpModel(nn.Module):
 
         if self.arch in _FULL_SIZE_UPSAMPLING and "upsampling" not in kwargs:
             kwargs["upsampling"] = _FULL_SIZE_UPSAMPLING[self.arch](encoder_depth)
+        if (self.arch in _DECODER_CHANNELS_PER_STAGE and "decoder_channels" not in kwargs
+                and encoder_depth != 5):  # one decoder block per stage: the last ones
+            kwargs["decoder_channels"] = _DECODER_CHANNELS_PER_STAGE[self.arch][-encoder_depth:]
 
         if source is not None and _hub_offline() and not source.is_cached():
             raise PretrainedWeightsUnavailableError(

@@ -146,7 +146,8 @@ def test_wrong_explicit_upsampling_is_reported() -> None:
         ({"encoder_weights": "missing.safetensors"}, ValueError, r"missing\.safetensors.*or null"),
         ({"encoder_weights": "file:///x/enc.pth"}, ValueError, r"is a URL; give the weights file's"),
         ({"bogus_option": 1}, ValueError, r"takes no argument\(s\) \['bogus_option'\].*decoder_channels"),
-        ({"encoder_depth": 3}, ValueError, r"could not build arch='unet'.*encoder_depth=3.*decoder_channels"),
+        ({"encoder_depth": 3, "decoder_channels": [256, 128, 64, 32, 16]}, ValueError,
+         r"could not build arch='unet'.*encoder_depth=3.*decoder_channels"),
     ],
 )
 def test_bad_arguments_rejected(kwargs: dict, exc: type[Exception], pattern: str) -> None:
@@ -410,3 +411,12 @@ def test_a_segpipe_checkpoint_gives_encoder_weights(source_model: SmpModel, tmp_
     model = SmpModel("unet", ENCODER, in_channels=3, num_classes=5, encoder_weights=str(ckpt))
     for name, value in source_model.encoder.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus", "manet"])
+def test_fewer_encoder_stages_get_as_many_decoder_blocks(arch: str) -> None:
+    """smp's default decoder_channels lists five blocks; depth 3 takes its last three."""
+    model = SmpModel(arch, ENCODER, in_channels=3, num_classes=2, encoder_depth=3).eval()
+    assert model.pad_multiple == 8
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 48)).shape == (1, 2, 40, 48)
