@@ -34,7 +34,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
-from .base import ModelArgumentError, check_input, check_int, skip_input_checks
+from .base import ModelArgumentError, adapt_first_conv, check_input, check_int, skip_input_checks
 
 __all__ = [
     "PretrainedSource",
@@ -506,6 +506,13 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> No
         else:
             unexpected.append(key)
 
+    # The first convolution of weights trained on another channel count is adapted, as smp
+    # adapts its named pretrained weights and init_from adapts a checkpoint's.
+    first = next((n for n, t in targets.items() if t.dim() == 4), None)
+    src = mapped.get(first) if first is not None else None
+    if (src is not None and src.dim() == 4 and src.shape[0] == targets[first].shape[0]
+            and src.shape[2:] == targets[first].shape[2:] and src.shape[1] != targets[first].shape[1]):
+        mapped[first] = adapt_first_conv(src, int(targets[first].shape[1]))
     mismatched = [
         f"{name}: file {_shape(t)} vs model {_shape(targets[name])}"
         for name, t in mapped.items()

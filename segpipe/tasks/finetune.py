@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from segpipe.callbacks import UnsafeCheckpointError, load_checkpoint_file
 from segpipe.errors import ConfigError
+from segpipe.models.base import adapt_first_conv
 
 __all__ = [
     "DECODER_GROUP",
@@ -249,39 +250,6 @@ def first_conv_name(net: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d) and (in_channels is None or module.in_channels == in_channels):
             return f"{name}.weight" if name else "weight"
     return None
-
-
-def adapt_first_conv(weight: Tensor, new_in_channels: int) -> Tensor:
-    """A first-convolution weight for another number of input channels, as smp adapts the
-    first convolution of its pretrained encoders
-    (``segmentation_models_pytorch.encoders._utils.patch_first_conv``).
-
-    One channel: the sum over the original channels. Otherwise channel ``i`` takes original
-    channel ``i mod C`` (slicing when there are fewer channels, repeating when there are more),
-    scaled by ``C / new_in_channels`` so the response to a uniform input keeps its size.
-
-    Args:
-        weight: ``(out, C, kh, kw)``.
-        new_in_channels: The new ``C``.
-
-    Returns:
-        ``(out, new_in_channels, kh, kw)``.
-    """
-    old = int(weight.shape[1])
-    try:
-        from segmentation_models_pytorch.encoders._utils import patch_first_conv
-    except ImportError:  # pragma: no cover - smp moved it; same rule
-        patch_first_conv = None
-    if patch_first_conv is not None:
-        conv = nn.Conv2d(old, weight.shape[0], tuple(weight.shape[2:]), bias=False)
-        with torch.no_grad():
-            conv.weight.copy_(weight.float())
-        patch_first_conv(conv, new_in_channels, default_in_channels=old, pretrained=True)
-        return conv.weight.detach().to(weight.dtype)
-    if new_in_channels == 1:  # pragma: no cover
-        return weight.sum(1, keepdim=True)
-    index = torch.arange(new_in_channels) % old  # pragma: no cover
-    return weight[:, index] * (old / new_in_channels)  # pragma: no cover
 
 
 @dataclass

@@ -185,13 +185,15 @@ def test_weights_from_whole_model_checkpoint(source_model: SmpModel, tmp_path: P
 
 
 def test_shape_mismatch_names_key_and_shapes(source_model: SmpModel, tmp_path: Path) -> None:
-    path = tmp_path / "rgb.pth"
-    torch.save(source_model.encoder.state_dict(), path)
+    path = tmp_path / "other.pth"
+    state = source_model.encoder.state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 32, 3, 3)  # another network's layer
+    torch.save(state, path)
     with pytest.raises(ValueError) as info:
-        SmpModel("unet", ENCODER, in_channels=4, num_classes=2, encoder_weights=str(path))
+        SmpModel("unet", ENCODER, in_channels=3, num_classes=2, encoder_weights=str(path))
     message = str(info.value)
     assert str(path) in message
-    assert "conv1.weight: file (64, 3, 7, 7) vs model (64, 4, 7, 7)" in message
+    assert "layer1.0.conv1.weight: file (64, 32, 3, 3) vs model (64, 64, 3, 3)" in message
     assert "same in_channels" in message
 
 
@@ -420,3 +422,17 @@ def test_fewer_encoder_stages_get_as_many_decoder_blocks(arch: str) -> None:
     assert model.pad_multiple == 8
     with torch.no_grad():
         assert model(torch.randn(1, 3, 40, 48)).shape == (1, 2, 40, 48)
+
+
+def test_local_weights_of_another_channel_count_adapt_the_first_conv(
+    source_model: SmpModel, tmp_path: Path
+) -> None:
+    """As named pretrained weights and init_from do: sum for one channel, repeat and scale."""
+    path = tmp_path / "rgb_encoder.pth"
+    torch.save(source_model.encoder.state_dict(), path)
+    gray = SmpModel("unet", ENCODER, in_channels=1, num_classes=2, encoder_weights=str(path))
+    conv = next(n for n, t in source_model.encoder.state_dict().items() if t.dim() == 4)
+    rgb_w = source_model.encoder.state_dict()[conv]
+    torch.testing.assert_close(gray.encoder.state_dict()[conv], rgb_w.sum(1, keepdim=True))
+    four = SmpModel("unet", ENCODER, in_channels=4, num_classes=2, encoder_weights=str(path))
+    assert four.encoder.state_dict()[conv].shape[1] == 4
