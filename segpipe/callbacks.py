@@ -434,6 +434,10 @@ class Throughput(L.Callback):
                   f"({self.images} images after {self.warmup_steps} warm-up steps)")
 
 
+#: Attributes of the task left out of the EMA's copy of it (callables, not weights).
+_NOT_AVERAGED = ("optimizer_factory", "scheduler_factory")
+
+
 class _EMAModel(AveragedModel):
     """An :class:`~torch.optim.swa_utils.AveragedModel` updated as an EMA with a host-side count.
 
@@ -525,7 +529,17 @@ class EMA(WeightAveraging):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             device = self._device or pl_module.device
-            self._average_model = _EMAModel(pl_module, self.decay, self.warmup, device=device)
+            # The copy holds weights only: the optimiser and scheduler factories stay out of it
+            # (under DDP, jsonargparse's hold a lock that cannot be copied).
+            held = {name: pl_module.__dict__[name] for name in _NOT_AVERAGED
+                    if name in pl_module.__dict__}
+            for name in held:
+                setattr(pl_module, name, None)
+            try:
+                self._average_model = _EMAModel(pl_module, self.decay, self.warmup, device=device)
+            finally:
+                for name, value in held.items():
+                    setattr(pl_module, name, value)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

@@ -17,12 +17,12 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -992,7 +992,20 @@ class SegmentationDataModule(L.LightningDataModule):
                 dataset, sampler=sampler, drop_last=len(sampler) > bs, generator=generator,
                 **common,
             )
-        sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
+        if 0 < len(dataset) < world:
+            # A process with no image stops Lightning ("zero length"): in fit, the few val
+            # images are shared round (some scored twice); a test or validate is refused.
+            if self._stage() != "fit":
+                raise DataSplitError(
+                    f"the split to score has {len(dataset)} image(s), fewer than the {world} "
+                    "processes (trainer.devices x trainer.num_nodes), and each needs one; score "
+                    f"it with --trainer.devices {len(dataset)}, or add images")
+            rank_zero_warn(
+                f"the val split has {len(dataset)} image(s) for {world} processes: each process "
+                "needs one, so some are scored twice and the val figures weigh them double")
+            sampler = _RoundRobinSampler(len(dataset), rank)
+        else:
+            sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
         return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **common)
 
     def train_dataloader(self) -> DataLoader:
@@ -1015,3 +1028,17 @@ class SegmentationDataModule(L.LightningDataModule):
         """Test batches (val when the data has no test split)."""
         self._splits_for("test")
         return self._loader(self._dataset(self.test_split), train=False)
+
+
+class _RoundRobinSampler(torch.utils.data.Sampler[int]):
+    """One index per process, ``rank % n``: for val splits smaller than the process count."""
+
+    def __init__(self, n: int, rank: int) -> None:
+        self.index = rank % n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([self.index])
+
+    def __len__(self) -> int:
+        return 1
+

@@ -416,6 +416,10 @@ def predict(
         raise PredictUsageError(
             f"--accelerator {accelerator} --devices {devices} --strategy {strategy} --precision "
             f"{precision or default_precision()}: {' '.join(str(exc).split())}") from None
+    if trainer.world_size > len(files):  # Lightning's sampler needs a file for every process
+        raise PredictUsageError(
+            f"{len(files)} input image(s) for {trainer.world_size} processes: each needs at "
+            f"least one; use --devices {len(files)}")
     stopped = interrupted = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

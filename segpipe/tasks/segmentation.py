@@ -28,6 +28,7 @@ from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check
 from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
+    WeightedMean,
     build_metrics,
     case_scores,
     flatten_metrics,
@@ -331,6 +332,8 @@ class SegmentationTask(L.LightningModule):
         self.test_metrics = build_metrics(num_classes, ignore_index, confusion_matrix=True).clone(
             prefix="test/"
         )
+        # val/test loss per image over every process (see WeightedMean); no checkpoint state
+        self.loss_means = nn.ModuleDict({"val": WeightedMean(), "test": WeightedMean()})
         self.test_images: list[dict[str, Any]] = []
         self.worst_images: list[dict[str, Any]] = []
         self.case_confusions: dict[str, Tensor] = {}
@@ -533,17 +536,15 @@ class SegmentationTask(L.LightningModule):
             self._check_pixel_weights()
             loss = self.criterion(logits.float(), mask, pixel_weight=pixel_weight)
         n = image.shape[0]
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
+        if stage == "train":
             # Lightning converts progress-bar values to numbers after every step (a host-device
             # synchronisation); segpipe's progress bar reads the training loss when it refreshes.
-            prog_bar=stage != "train",
-            batch_size=n,
-            sync_dist=stage != "train",
-        )
+            self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
+        else:
+            mean = self.loss_means[stage]
+            mean.update(loss, n)
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=n)
         if stage == "train" and not self.log_train_metrics:
             return loss
         if stage == "test" and self.test_tta:

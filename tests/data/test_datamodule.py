@@ -496,3 +496,24 @@ def test_late_crop_switches_once_and_survives_a_checkpoint(tmp_path: Path) -> No
         _dm(root, num_classes=3, crop_size=32, late_crop_size=24)
     with pytest.raises(ValueError, match=r"data.late_crop_start is a fraction .* \(0, 1\)"):
         _dm(root, num_classes=3, crop_size=16, late_crop_size=24, late_crop_start=1.0)
+
+
+def test_fewer_val_images_than_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process without an image stops Lightning: fit shares the few round, test refuses."""
+    from types import SimpleNamespace
+
+    from segpipe.data.datamodule import DataSplitError
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=1, n_test=0, size=(16, 16))
+    dm = _dm(root, num_classes=3)
+    dm.setup("fit")
+    for fn, rank in (("fit", 0), ("fit", 1)):
+        trainer = SimpleNamespace(world_size=2, global_rank=rank,
+                                  state=SimpleNamespace(fn=SimpleNamespace(value=fn)))
+        monkeypatch.setattr(dm, "trainer", trainer, raising=False)
+        with pytest.warns(UserWarning, match="some are scored twice"):
+            batches = list(dm.val_dataloader())
+        assert [len(b["path"]) for b in batches] == [1]  # every process has the one image
+    trainer.state.fn.value = "validate"
+    with pytest.raises(DataSplitError, match="fewer than the 2 processes .* --trainer.devices 1"):
+        dm.val_dataloader()

@@ -714,3 +714,13 @@ def test_a_4_band_model_reads_an_alpha_tagged_4th_band_as_data(tmp_path: Path) -
     with rasterio.open(tmp_path / "out" / "rgbn.tif") as ds:
         mask = ds.read(1)
     assert mask.shape == (40, 56) and (mask < 3).all()  # no pixel taken for nodata
+
+
+def test_fewer_images_than_processes_is_one_line(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    code = cli_main(["predict", "--ckpt_path", str(pointwise_ckpt), "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / "out"), "--no_progress", "--accelerator", "cpu",
+                     "--devices", "2", "--strategy", "ddp"])
+    assert code == 2
+    assert "1 input image(s) for 2 processes: each needs at least one; use --devices 1" in (
+        capsys.readouterr().err)
