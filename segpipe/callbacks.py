@@ -340,8 +340,10 @@ class TestMetricsWriter(L.Callback):
         self.last_report_path: Path | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask, only rank 0 writes.
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        # Decided on rank 0 and broadcast under DDP: every rank must ask, only rank 0 writes.
+        from segpipe.tracking import run_output_dir
+
+        out_dir = run_output_dir(trainer)
         if trainer.is_global_zero:
             self._write(trainer, pl_module, out_dir)
 

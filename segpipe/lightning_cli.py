@@ -9,6 +9,7 @@ system or the task.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from segpipe.helpformat import HelpFormatter
@@ -267,6 +268,25 @@ def set_aside_unrecorded_checkpoints(ckpt_dir: Path, resume: Path, weights_only:
     return dest
 
 
+class _RunConfigCallback(SaveConfigCallback):
+    """Lightning's ``config.yaml`` writer, into the run's own folder
+    (:func:`~segpipe.tracking.run_output_dir`): with MLflow or W&B, ``trainer.log_dir`` is the
+    store every run shares, where each run overwrote the last one's config."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if self.already_saved:
+            return
+        from segpipe.tracking import run_output_dir
+
+        out = run_output_dir(trainer)
+        if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(out / self.config_filename), skip_none=False,
+                             overwrite=self.overwrite, multifile=self.multifile)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 class _SetAsideCheckpoints(Callback):
     """Move an earlier run's checkpoints (a new fit) or the ones a killed run wrote after its
     resume point (a resumed fit) into ``earlier-K``, when training starts: after every option,
@@ -302,6 +322,40 @@ def _logger_dirs(logger: Any) -> list[str]:
         if save_dir:
             out.append(str(save_dir))
     return out
+
+
+#: Logger classes whose package a normal install lacks: the install command that brings it.
+_LOGGER_PACKAGES = {"MLFlowLogger": ("mlflow", "pip install 'segpipe[tracking]'"),
+                    "WandbLogger": ("wandb", "pip install wandb"),
+                    "CometLogger": ("comet_ml", "pip install comet-ml"),
+                    "NeptuneLogger": ("neptune", "pip install neptune")}
+
+
+def _check_loggers(logger: Any) -> None:
+    """A logger whose package is missing, or an MLflow file store that cannot be written or
+    is not allowed: one line each, before anything is built (Lightning's own messages come
+    after about 100 lines of jsonargparse traceback)."""
+    items = logger if isinstance(logger, list) else [logger]
+    for item in items:
+        class_path = str(getattr(item, "class_path", "") or "")
+        name = class_path.rsplit(".", 1)[-1]
+        if name in _LOGGER_PACKAGES:
+            package, install = _LOGGER_PACKAGES[name]
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(f"--trainer.logger {name} needs the {package} package: {install}")
+        if name != "MLFlowLogger":
+            continue
+        init = getattr(item, "init_args", None)
+        uri = str(getattr(init, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI", "")
+                  or "file:./mlruns")
+        if uri.startswith("file:"):
+            path = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
+            check_output_dir(path, "the MLflow store", "trainer.logger.init_args.tracking_uri")
+            if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("1", "true", "yes"):
+                raise ConfigError(
+                    f"MLflow's file store ({uri}) needs MLFLOW_ALLOW_FILE_STORE=true in the "
+                    "environment (mlflow keeps it in maintenance mode); set it, or give "
+                    "--trainer.logger.init_args.tracking_uri a server or sqlite:///mlflow.db")
 
 
 def _is_rank_zero() -> bool:
@@ -516,6 +570,7 @@ class SegpipeCLI(LightningCLI):
                         stale.unlink()
                 except OSError:
                     pass
+        _check_loggers(cfg.trainer.get("logger"))
         for save_dir in _logger_dirs(cfg.trainer.get("logger")):
             check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
         if subcommand in (None, "fit"):
@@ -566,6 +621,11 @@ class SegpipeCLI(LightningCLI):
             kwargs["logger"] = default_loggers(root, next_version(root) if _is_rank_zero() else None)
         trainer = super().instantiate_trainer(**kwargs)
         install_safe_checkpoint_io(trainer)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "MLFlowLogger" and getattr(logger, "_run_name", "") is None:
+                # mlflow draws its random run names after seed_everything: every run the same
+                logger._run_name = (f"{self.subcommand or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+                                    f"-{os.getpid()}")
         set_aside = getattr(self, "_set_aside", None)
         if set_aside is not None:  # first, before TransferLearning reads model.init_from
             trainer.callbacks.insert(0, set_aside)
@@ -637,6 +697,7 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
             subclass_mode_data=True,
             seed_everything_default=0,
             trainer_defaults=defaults,
+            save_config_callback=_RunConfigCallback,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={**kwargs, **{sub: dict(kwargs) for sub in ("fit", "validate", "test")}},
             # One way to set the optimiser and scheduler: model.optimizer/model.lr_scheduler.

@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "TestFigures",
+    "run_output_dir",
     "ThrottledProgressBar",
     "ValidationImages",
     "default_loggers",
@@ -245,3 +246,27 @@ class ThrottledProgressBar(TQDMProgressBar):
             if value is not None:
                 items[key] = float(value)
         return items
+
+
+def run_output_dir(trainer: L.Trainer) -> Path:
+    """The folder of this run's own files (``config.yaml``, ``test_metrics.json``, the report).
+
+    ``trainer.log_dir``, when it is a run's own folder (TensorBoard's and CSV's ``version_N``;
+    no logger: the root). Other loggers' ``log_dir`` is their store, shared by every run
+    (MLflow's ``./mlruns``), where one run's files would overwrite another's; their runs get
+    ``<default_root_dir>/<logger kind>/<run id>`` (e.g. ``runs/camvid_unet/mlflow/3f2a…``).
+    Call it on every process under DDP (rank 0 decides, the others are told).
+    """
+    log_dir = trainer.log_dir  # broadcast from rank 0 under DDP
+    logger = trainer.logger
+    folder = Path(log_dir or trainer.default_root_dir)
+    if logger is None or _VERSION.match(folder.name) or folder == Path(trainer.default_root_dir):
+        return folder
+    chosen = str(folder)
+    if trainer.is_global_zero:
+        version = getattr(logger, "version", None)
+        kind = type(logger).__name__.removesuffix("Logger").lower() or "logger"
+        if version is not None:
+            chosen = str(Path(trainer.default_root_dir) / kind / str(version))
+    return Path(trainer.strategy.broadcast(chosen))
+

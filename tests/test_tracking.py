@@ -62,3 +62,31 @@ def test_mlflow_logger_offline(dataset: Path, tmp_path: Path,
     assert {"val/mIoU", "train/loss_epoch"} <= set(run.data.metrics)
     assert any(k.startswith("lr-") for k in run.data.metrics)
     assert list((tmp_path / "mlruns").rglob("val_images_*.png"))  # val pictures as artifacts
+    # the run's own files in its own folder, not in the store every run shares
+    assert (tmp_path / "run" / "mlflow" / run.info.run_id / "config.yaml").is_file()
+    assert not (tmp_path / "mlruns" / "config.yaml").exists()
+    assert run.info.run_name.startswith("fit-")  # not mlflow's seeded random name
+
+
+def test_logger_set_up_problems_are_one_line(dataset: Path, tmp_path: Path, capsys,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY,
+            "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger"]
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    assert main([*args, f"--trainer.logger.tracking_uri={uri}"]) == 2
+    assert "needs MLFLOW_ALLOW_FILE_STORE=true" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (tmp_path / "afile").write_text("x")
+    assert main([*args, f"--trainer.logger.tracking_uri=file:{tmp_path / 'afile' / 'mlruns'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "afile is a file, not a folder" in err[-1] and "tracking_uri" in err[-1]
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert main([*args, f"--trainer.logger.tracking_uri={uri}"]) == 2
+    assert "needs the mlflow package: pip install 'segpipe[tracking]'" in capsys.readouterr().err
