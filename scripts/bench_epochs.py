@@ -97,12 +97,18 @@ def run(root: Path, out: Path, steps: int, extra: list[str], args: argparse.Name
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
     p.add_argument("--steps", type=int, default=120, help="training steps per run (120)")
     p.add_argument("--samples-per-epoch", type=int, default=200)
     p.add_argument("--num-workers", type=int, default=0)
     args = p.parse_args()
+    from bench_train import pick_device  # the same one-line refusal of a missing CUDA
+
+    args.device = pick_device(args.device).type
+    for name in ("steps", "samples_per_epoch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
         root = make_data(Path(tmp) / "isbi")
         rows = []

@@ -85,8 +85,8 @@ def pick_device(name: str | None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         why = ("this torch build has no CUDA support" if torch.version.cuda is None
                else "no CUDA device is visible")
-        sys.exit(f"{Path(__file__).name}: error: --device cuda: CUDA is not available ({why}); "
-                 "use --device cpu")
+        sys.exit(f"{Path(sys.argv[0]).name}: error: --device cuda: CUDA is not available ({why}); "
+                 "use --device cpu")  # the script run (bench_epochs.py uses this one too)
     return torch.device(name)
 
 

@@ -75,7 +75,7 @@ def test_bench_predict_runs_both_parts_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="CUDA is available here")
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py"])
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_epochs.py"])
 def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
     res = subprocess.run(
         [sys.executable, f"scripts/{script}", "--device", "cuda"],
