@@ -525,6 +525,9 @@ class EMA(WeightAveraging):
                  device: str | None = None) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"EMA decay must be in (0, 1), e.g. 0.999; got {decay}")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"EMA device {device!r}: CUDA is not available here; leave the "
+                              "device out (the average lives beside the model) or use 'cpu'")
         super().__init__(device=device)
         self.decay, self.warmup = float(decay), bool(warmup)
 

@@ -61,6 +61,9 @@ def test_count_is_read_back_after_loading() -> None:
 def test_bad_decay_says_the_range() -> None:
     with pytest.raises(ValueError, match=r"EMA decay must be in \(0, 1\), e.g. 0.999; got 1.5"):
         EMA(decay=1.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="EMA device 'cuda': CUDA is not available here"):
+            EMA(device="cuda")
 
 
 def test_fit_test_predict_and_resume_use_the_average(tmp_path: Path) -> None:
