@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def validate(args: argparse.Namespace, precision: str) -> tuple[dict[str, float]
             "validate", "--config", str(args.config), f"--data.root={args.data_root}",
             f"--ckpt_path={args.ckpt}", f"--trainer.precision={precision}",
             "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+            f"--trainer.default_root_dir={args.scratch}",  # not the config's runs/ folder
             *(["--data.limit_samples", str(args.limit)] if args.limit else []),
         ]
     )
@@ -41,8 +43,12 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--limit", type=int, default=None, help="use at most this many val images")
     args = p.parse_args()
-    fp32, t32 = validate(args, "32-true")
-    bf16, t16 = validate(args, "bf16-mixed")
+    if not args.ckpt.is_file():
+        p.error(f"--ckpt {args.ckpt}: no such checkpoint file")
+    with tempfile.TemporaryDirectory() as scratch:
+        args.scratch = scratch
+        fp32, t32 = validate(args, "32-true")
+        bf16, t16 = validate(args, "bf16-mixed")
     print(f"{'metric':28s} {'fp32':>8s} {'bf16':>8s} {'diff':>8s}")
     for key in sorted(fp32):
         if key.startswith("val/") and key in bf16 and "loss" not in key:
