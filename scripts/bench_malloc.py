@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segpipe.argparsing import positive_int  # noqa: E402
 
 _CHILD = """
 import argparse, json, resource, sys, time
@@ -56,10 +59,10 @@ def measure(args: argparse.Namespace, tuned: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--pairs", type=positive_int, default=4)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--base", type=int, default=16)
     args = p.parse_args()

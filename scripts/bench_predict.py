@@ -43,6 +43,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from segpipe.argparsing import positive_int  # noqa: E402
+
 
 def pick_device(name: str | None) -> str:
     """``cpu`` or ``cuda``: ``name``, or what segpipe would use (cuda when available).
@@ -259,7 +261,7 @@ def rss_child(argv: list[str]) -> None:
     p.add_argument("--input")
     p.add_argument("--output")
     p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--precision", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--formats", nargs="+", default=["geotiff"])
@@ -326,15 +328,15 @@ def main() -> None:
         rss_child(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=48, help="480x360 images for throughput")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--images", type=positive_int, default=48, help="480x360 images for throughput")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--precision", default=None,
                    help="default: segpipe's default precision on the chosen device")
     p.add_argument("--base-channels", type=int, default=16, help="U-Net width (throughput)")
     p.add_argument("--depth", type=int, default=4, help="U-Net depth (throughput)")
     p.add_argument("--classes", type=int, default=11)
     p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds (best kept)")
     p.add_argument("--bare", choices=["io", "compute"], default="io",
                    help="the bare loop: io (default) decodes, predicts and writes PNGs in turn, "
                         "as a plain script does; compute predicts preloaded tensors only")

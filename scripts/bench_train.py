@@ -53,6 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segpipe.argparsing import positive_int  # noqa: E402
 from segpipe.lightning_cli import run_cli  # noqa: E402
 from segpipe.runtime import default_precision  # noqa: E402
 from segpipe.models import SmpModel, UNet  # noqa: E402
@@ -318,10 +319,10 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, help="real data instead of synthetic (e.g. CamVid)")
     p.add_argument("--layout", default="folder")
     p.add_argument("--classes", type=int, default=11)
-    p.add_argument("--images", type=int, default=368,
+    p.add_argument("--images", type=positive_int, default=368,
                    help="synthetic training images (default: as many as CamVid's train split, so "
                         "epoch ends weigh what they weigh in a real run)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--base", type=int, default=16, help="U-Net base channels")
     p.add_argument("--net", choices=sorted(NETS), default="unet",
@@ -331,8 +332,8 @@ def main() -> None:
                    help="default: interleaved on CPU, rounds on CUDA (where interleaving is invalid)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device of both sides (default: cuda when available, as segpipe fit)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--epochs", type=positive_int, default=2, help="timed epochs after the warm-up one")
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="how many times to repeat the measurement (interleaved: whole fits)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: segpipe's)")
     p.add_argument("--precision", default=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 import sys
 import time
@@ -682,6 +683,8 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
     # segpipe keeps the checkpoint folder itself (an earlier run's files go to earlier-K when
     # training starts, after Lightning has looked), so this warning would only alarm.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # "Seed set to 0" on every command, before any one-line error: the seed is in config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
     defaults: dict[str, Any] = {"precision": default_precision()}
