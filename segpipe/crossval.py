@@ -39,11 +39,16 @@ class CrossvalError(ValueError):
     """Runs that cannot be pooled; the message names the file and the fix."""
 
 
+#: The folders of a run's tests: ``lightning_logs/version_N`` (TensorBoard, CSV), and
+#: ``<logger>/<run id>`` for the loggers whose store is shared (segpipe.tracking.run_output_dir).
+_TEST_FOLDERS = ("lightning_logs", "mlflow", "wandb", "comet", "neptune")
+
+
 def _run_root(metrics_file: Path) -> Path:
     """The run folder a ``test_metrics.json`` belongs to: the folder above its
-    ``lightning_logs/version_*`` (or its own folder when it lies elsewhere)."""
+    ``lightning_logs/version_*`` or ``mlflow/<run id>`` (or its own folder elsewhere)."""
     parent = metrics_file.parent
-    if parent.parent.name == "lightning_logs":
+    if parent.parent.name in _TEST_FOLDERS:
         return parent.parent.parent
     return parent
 
@@ -104,6 +109,7 @@ def _check_folds(runs: list[tuple[Path, dict[str, Any] | None]]) -> list[str]:
     folds: dict[int, Path] = {}
     for p, s in recorded:
         fold = s.get("fold")
+        fold = 0 if fold is None else fold  # without data.fold, val_case_fraction is fold 0
         if isinstance(fold, int) and not isinstance(fold, bool):
             if fold in folds:
                 raise CrossvalError(f"fold {fold} is given twice ({folds[fold]} and {p}); give "

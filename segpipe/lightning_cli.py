@@ -298,12 +298,13 @@ class _SetAsideCheckpoints(Callback):
         self.ckpt_dir, self.dest, self.resume, self.weights_only = ckpt_dir, dest, resume, weights_only
 
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
-            return
-        if self.resume is not None:
-            set_aside_unrecorded_checkpoints(self.ckpt_dir, self.resume, self.weights_only)
-        else:
-            set_aside_earlier_checkpoints(self.ckpt_dir, self.dest)
+        if trainer.is_global_zero:
+            if self.resume is not None:
+                set_aside_unrecorded_checkpoints(self.ckpt_dir, self.resume, self.weights_only)
+            else:
+                set_aside_earlier_checkpoints(self.ckpt_dir, self.dest)
+        # Every process reads model.init_from (moved with the others) after the move.
+        trainer.strategy.barrier("segpipe-set-aside-checkpoints")
 
 
 def _checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -347,12 +348,13 @@ def _check_loggers(logger: Any) -> None:
         if name != "MLFlowLogger":
             continue
         init = getattr(item, "init_args", None)
+        save_dir = getattr(init, "save_dir", None) or "./mlruns"
         uri = str(getattr(init, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI", "")
-                  or "file:./mlruns")
+                  or f"file:{save_dir}")
         if uri.startswith("file:"):
             path = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
             check_output_dir(path, "the MLflow store", "trainer.logger.init_args.tracking_uri")
-            if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("1", "true", "yes"):
+            if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("1", "true"):
                 raise ConfigError(
                     f"MLflow's file store ({uri}) needs MLFLOW_ALLOW_FILE_STORE=true in the "
                     "environment (mlflow keeps it in maintenance mode); set it, or give "
@@ -580,21 +582,22 @@ class SegpipeCLI(LightningCLI):
                 # Leftovers of checkpoint writes that a killed run did not finish.
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     stale.unlink(missing_ok=True)
-                # Earlier checkpoints are moved when training starts (a bad option value or
-                # bad data stops the run before, and leaves them where they are).
-                if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
-                    dest = earlier_checkpoints_dest(ckpt_dir)
-                    init = cfg.get("model", {}).get("init_from") if dest else None
-                    if init and Path(init).resolve().parent == ckpt_dir.resolve():
-                        cfg.model.init_from = str(dest / Path(init).name)  # it moves too
-                    if dest is not None:
-                        self._set_aside = _SetAsideCheckpoints(ckpt_dir, dest=dest)
-                else:
-                    resume = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
-                    if resume.is_file():
-                        self._set_aside = _SetAsideCheckpoints(
-                            ckpt_dir, resume=resume,
-                            weights_only=cfg.get("weights_only") is not False)
+            # Earlier checkpoints are moved when training starts (a bad option value or bad
+            # data stops the run before, and leaves them where they are). Every process makes
+            # the same decision (they all start before the move), so each reads init_from
+            # where the file will be; rank 0 moves them.
+            if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
+                dest = earlier_checkpoints_dest(ckpt_dir)
+                init = cfg.get("model", {}).get("init_from") if dest else None
+                if init and Path(init).resolve().parent == ckpt_dir.resolve():
+                    cfg.model.init_from = str(dest / Path(init).name)  # it moves too
+                if dest is not None:
+                    self._set_aside = _SetAsideCheckpoints(ckpt_dir, dest=dest)
+            else:
+                resume = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+                if resume.is_file():
+                    self._set_aside = _SetAsideCheckpoints(
+                        ckpt_dir, resume=resume, weights_only=cfg.get("weights_only") is not False)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; with ``--ckpt_path`` the network's pretrained encoder

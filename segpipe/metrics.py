@@ -267,15 +267,16 @@ class WeightedMean(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        # float32: MPS has no float64, and a loss summed over an epoch's batches needs no more
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, value: torch.Tensor, weight: float) -> None:  # type: ignore[override]
         """Add a batch's mean ``value`` for ``weight`` items."""
-        self.total += value.detach().to(torch.float64) * float(weight)
+        self.total += value.detach().float() * float(weight)
         self.weight += float(weight)
 
     def compute(self) -> torch.Tensor:
         """Sum over sum of weights (NaN before any update)."""
-        return (self.total / self.weight).float()
+        return self.total / self.weight
 

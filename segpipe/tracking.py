@@ -196,8 +196,8 @@ class TestFigures(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.loggers:
             return
-        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask.
-        log_dir = trainer.log_dir or trainer.default_root_dir
+        # Where TestMetricsWriter put the report (rank 0 decides under DDP: every rank asks).
+        log_dir = run_output_dir(trainer)
         if not trainer.is_global_zero:
             return
         from segpipe.data.io import read_image
@@ -260,7 +260,8 @@ def run_output_dir(trainer: L.Trainer) -> Path:
     log_dir = trainer.log_dir  # broadcast from rank 0 under DDP
     logger = trainer.logger
     folder = Path(log_dir or trainer.default_root_dir)
-    if logger is None or _VERSION.match(folder.name) or folder == Path(trainer.default_root_dir):
+    if logger is None or _VERSION.match(folder.name) or type(logger).__name__ in (
+            "TensorBoardLogger", "CSVLogger"):  # a run's own folder, whatever its version
         return folder
     chosen = str(folder)
     if trainer.is_global_zero:

@@ -39,6 +39,14 @@ def test_recorded_split_settings_must_make_folds_of_one_split(tmp_path: Path, ca
                                           [_row(case, 0.5)], split={"fold": k, **kw})
     f0, f1, f2 = fold(0, "p1"), fold(1, "p2"), fold(2, "p3")
     assert crossval([str(f0), str(f1), str(f2)])["warnings"] == []  # 1/0.34: three folds
+    # a run tested without --data.fold is fold 0
+    plain = _metrics(tmp_path / "plain.json", [_row("p0", 0.5)], split={"fold": None})
+    assert crossval([str(plain), str(f1), str(f2)])["warnings"] == []
+    # a run tested twice with MLflow: <root>/mlflow/<run id>/test_metrics.json, one run
+    for run_id in ("a1", "b2"):
+        _metrics(tmp_path / "mlrun" / "mlflow" / run_id / "test_metrics.json", [_row("p9", 0.5)],
+                 split={"fold": 2})
+    assert crossval([str(f0), str(f1), str(tmp_path / "mlrun")])["warnings"] == []
     with pytest.raises(CrossvalError, match=r"different data.seed: .*\(seed=0\), .*\(seed=1\)"):
         crossval([str(f0), str(fold(1, "p4", seed=1))])
     with pytest.raises(CrossvalError, match="different data.val_case_fraction"):

@@ -149,10 +149,13 @@ class Segmenter:
         if precision not in (None, "32-true", "32", 32):
             log.warning("precision %s is ignored with an ONNX model: onnxruntime computes in fp32",
                         precision)
-        if options.get("tile") is None and sidecar.get("tile"):  # recorded by segpipe export
-            options["tile"] = int(sidecar["tile"])
-        if options.get("overlap") is None and sidecar.get("overlap") is not None:
-            options["overlap"] = float(sidecar["overlap"])
+        from segpipe.predict.onnx import recorded_tiling
+
+        chosen_tile, chosen_overlap = recorded_tiling(sidecar)  # export --tile/--overlap
+        if options.get("tile") is None and chosen_tile:
+            options["tile"] = chosen_tile
+        if options.get("overlap") is None and chosen_overlap is not None:
+            options["overlap"] = chosen_overlap
         return cls(task, config, device="cpu", precision="32-true", **options)
 
     # ------------------------------------------------------------------ model facts

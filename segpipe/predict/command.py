@@ -328,11 +328,15 @@ def predict(
             log.warning("--precision %s is ignored with an ONNX model: onnxruntime computes in "
                         "fp32 on the CPU", precision)
         precision = "32-true"
-        if tile is None and sidecar.get("tile"):  # defaults recorded by segpipe export
-            tile = int(sidecar["tile"])
-            log.info("--tile %d, as %s records", tile, Path(ckpt_path).with_suffix(".json").name)
-        if overlap is None and sidecar.get("overlap") is not None:
-            overlap = float(sidecar["overlap"])
+        from segpipe.predict.onnx import recorded_tiling
+
+        chosen_tile, chosen_overlap = recorded_tiling(sidecar)  # export --tile/--overlap
+        if tile is None and chosen_tile:
+            tile = chosen_tile
+            log.info("--tile %d, as segpipe export --tile recorded in %s", tile,
+                     Path(ckpt_path).with_suffix(".json").name)
+        if overlap is None and chosen_overlap is not None:
+            overlap = chosen_overlap
     else:
         task, config = load_predictor(ckpt_path)
         if bn_adapt and not batchnorm_layers(task.net):

@@ -26,7 +26,7 @@ from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import input_norm_module
 from segpipe.predict.checkpoint import CheckpointError, PredictConfig, load_predictor
 
-__all__ = ["OnnxTask", "export_onnx", "load_onnx_predictor", "sidecar_path"]
+__all__ = ["OnnxTask", "export_onnx", "load_onnx_predictor", "recorded_tiling", "sidecar_path"]
 
 SIDECAR_FORMAT = "segpipe-onnx/1"
 
@@ -235,6 +235,18 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
     task = OnnxTask(path, config)
     _check_graph(path, task.session, config)
     return task, config, meta
+
+
+def recorded_tiling(meta: dict[str, Any]) -> tuple[int | None, float | None]:
+    """The ``(tile, overlap)`` that ``segpipe export --tile/--overlap`` recorded, or Nones.
+
+    Sidecars from before the graph checksum (``onnx_sha256``) recorded ``tile: 512`` whether or
+    not it was asked for, so theirs are not taken: their models keep predicting whole images.
+    """
+    if not meta.get("onnx_sha256"):
+        return None, None
+    tile, overlap = meta.get("tile"), meta.get("overlap")
+    return (int(tile) if tile else None), (float(overlap) if overlap is not None else None)
 
 
 def _sidecar_config(side: Path, meta: dict[str, Any]) -> PredictConfig:

@@ -162,7 +162,8 @@ class AnnealToDeadline(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
+        if (trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+                and trainer.check_val_every_n_epoch is not None):  # not step-based validation
             # The run's last epoch, by max_epochs: validated whatever check_val_every_n_epoch
             # says, so a short run has a best checkpoint and the final model a val score.
             trainer.check_val_every_n_epoch = 1

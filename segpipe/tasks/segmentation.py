@@ -287,11 +287,8 @@ class SegmentationTask(L.LightningModule):
             raise ConfigError(
                 f"model.class_weights must be finite numbers >= 0, at least one > 0 (a class's "
                 f"share of the loss), got {list(class_weights)}; 0 drops a class from the loss.")
-        if class_weights is not None and loss == "lovasz":
-            raise ConfigError(
-                "model.class_weights weigh the cross-entropy, Dice or focal loss; Lovász-softmax "
-                "takes none. Use loss ce+lovasz (the weights go to its cross-entropy) or drop "
-                "class_weights.")
+        #: Refused when training starts (an older checkpoint with both still loads to predict).
+        self._weights_unused = class_weights is not None and loss == "lovasz"
         #: Whether the class names were given (else the data module's are taken in setup).
         self._names_given = bool(class_names) or bool(data_spec and data_spec.get("class_names"))
         self.spec = spec
@@ -467,6 +464,11 @@ class SegmentationTask(L.LightningModule):
             self._check_pixel_weights()
         if stage == "fit":
             self._check_crop(getattr(dm, "train_crop_size", None), getattr(dm, "batch_size", None))
+            if self._weights_unused:
+                raise ConfigError(
+                    "model.class_weights weigh the cross-entropy, Dice or focal loss; "
+                    "Lovász-softmax takes none. Use loss ce+lovasz (the weights go to its "
+                    "cross-entropy) or drop class_weights.")
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if stage == "fit" and self.compile_options is not None:

@@ -152,6 +152,11 @@ def test_recorded_tile_and_overlap_are_the_onnx_defaults(tmp_path: Path, unet_ck
     assert cli_main(["predict", "--onnx", str(model), "--input", str(tmp_path / "in"),
                      "--output", str(tmp_path / "out"), *FAST]) == 0
     assert (np.asarray(Image.open(tmp_path / "out" / "big.png")) == tiled).mean() >= 0.999
+    # a sidecar from before the checksum recorded tile 512 by default: not taken as a choice
+    side = model.with_suffix(".json")
+    old = {k: v for k, v in json.loads(side.read_text()).items() if k != "onnx_sha256"}
+    side.write_text(json.dumps({**old, "tile": 512, "overlap": 0.25}))
+    assert Segmenter.from_onnx(model).tile is None
     with pytest.raises(ValueError, match="runs on the CPU"):
         Segmenter.from_onnx(model, device="cuda")
     with pytest.raises(TypeError, match="folded its BatchNorm statistics"):
