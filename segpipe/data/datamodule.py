@@ -47,7 +47,7 @@ from segpipe.data.loading import (
     default_num_workers,
     seed_worker,
 )
-from segpipe.data.spec import DataSpec, training_symmetries
+from segpipe.data.spec import DataSpec, check_ignore_index, training_symmetries
 from segpipe.data.stats import band_statistics, needs_measured_stats
 from segpipe.data.transforms import (
     boundary_weight_map,
@@ -300,14 +300,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
             raise ConfigError(f"data.channel_gain must be [low, high] with 0 < low <= high "
                               f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
-        if ignore_index is not None and 0 <= ignore_index < num_classes:
-            log.warning(
-                "data.ignore_index %d is one of the classes 0..%d: class %d is never learnt nor "
-                "scored, and the network keeps an output for it. If %d marks unlabelled pixels, "
-                "give the other classes the labels 0..%d (data.mask_values), data.num_classes "
-                "%d and an ignore_index outside them (e.g. 255)",
-                ignore_index, num_classes - 1, ignore_index, ignore_index, num_classes - 2,
-                num_classes - 1)
+        check_ignore_index(num_classes, ignore_index)
         if boundary_weight_class is not None and not 0 <= boundary_weight_class < num_classes:
             raise ConfigError(f"data.boundary_weight_class is the class whose regions are the "
                               f"objects, in 0..{num_classes - 1}; got {boundary_weight_class}")

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DataSpec",
+    "check_ignore_index",
     "default_class_colors",
     "default_class_names",
     "default_mean_std",
@@ -255,6 +256,29 @@ class DataSpec:
         if "num_classes" not in data:
             raise ConfigError(f"{where}: a data spec needs num_classes")
         return cls.create(int(data["num_classes"]), where=where, **kwargs)
+
+
+def check_ignore_index(num_classes: int, ignore_index: int | None) -> None:
+    """Refuse an ignore index that is one of the classes ``0..num_classes-1``.
+
+    Such a class would be neither learnt nor scored, yet the network keeps an output for it, and
+    the metrics cannot treat it consistently (macro IoU drops it, Dice and the per-image scores
+    would count it as 0). The fix is a mapping that gives the other classes ``0..C-2``.
+
+    Raises:
+        ConfigError: naming the ``data.mask_values`` mapping and class count to use.
+    """
+    if ignore_index is None or not 0 <= int(ignore_index) < int(num_classes):
+        return
+    i, k = int(ignore_index), int(num_classes)
+    others = [c for c in range(k) if c != i]
+    mapping = ", ".join([f"{i}: 255"] + [f"{c}: {n}" for n, c in enumerate(others)])
+    raise ConfigError(
+        f"data.ignore_index {i} is one of the classes 0..{k - 1}: that class would be neither "
+        f"learnt nor scored while the network keeps an output for it. If {i} marks unlabelled "
+        f"pixels, map the mask values with data.mask_values '{{{mapping}}}' and set "
+        f"data.num_classes {k - 1} and data.ignore_index 255"
+    )
 
 
 def spec_from_legacy(

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from segpipe.data.spec import DataSpec
+from segpipe.data.spec import DataSpec, check_ignore_index
 from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
@@ -460,6 +460,8 @@ class SegmentationTask(L.LightningModule):
             names = getattr(dm, "class_names", None)
             if names and not self._names_given:
                 self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
+        if stage in ("fit", "validate", "test"):
+            check_ignore_index(self.num_classes, self.ignore_index)
         if stage == "fit" and getattr(dm, "pixel_weighting", False):
             self._check_pixel_weights()
         if stage == "fit":

@@ -15,6 +15,7 @@ from segpipe.data import DataCheckError, SegmentationDataModule, check_samples, 
 from segpipe.data.checks import class_pixel_counts
 from segpipe.data import PadCollate, default_class_colors, default_num_workers
 from segpipe.data.io import write_image, write_mask
+from segpipe.errors import ConfigError
 from tests.data.synthetic import (
     make_camvid_like,
     make_folder_dataset,
@@ -175,13 +176,21 @@ def test_mask_suffix_pairs_masks_named_after_their_image(tmp_path: Path) -> None
         _dm(root, num_classes=3, layout="camvid", mask_suffix="_L")
 
 
-def test_an_ignore_index_among_the_classes_is_warned_about(folder_root: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="segpipe.data.datamodule"):
-        _dm(folder_root, num_classes=3, ignore_index=255)
-        assert "is one of the classes" not in caplog.text
+def test_an_ignore_index_among_the_classes_is_refused_with_a_fix_that_works(
+        folder_root: Path) -> None:
+    """Such a class was dropped from mIoU but counted as 0 in mDice and the per-image scores;
+    the message names a mapping that gives the other classes 0..C-2, and that mapping works."""
+    _dm(folder_root, num_classes=3, ignore_index=255)
+    with pytest.raises(ConfigError) as err:
         _dm(folder_root, num_classes=3, ignore_index=0)
-    assert ("data.ignore_index 0 is one of the classes 0..2: class 0 is never learnt nor scored"
-            in caplog.text and "data.num_classes 2" in caplog.text)
+    message = str(err.value)
+    assert "data.ignore_index 0 is one of the classes 0..2" in message
+    assert "data.mask_values '{0: 255, 1: 0, 2: 1}'" in message
+    assert "data.num_classes 2 and data.ignore_index 255" in message
+    dm = _dm(folder_root, num_classes=2, ignore_index=255, mask_values={0: 255, 1: 0, 2: 1})
+    dm.setup("fit")
+    mask = next(iter(dm.train_dataloader()))["mask"]
+    assert set(mask.unique().tolist()) <= {0, 1, 255}
 
 
 def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:

@@ -401,3 +401,14 @@ def test_a_checkpoint_that_does_not_fit_is_one_sentence_before_loading():
     other = SegmentationTask(UNet(in_channels=3, num_classes=3, base_channels=4, depth=2))
     other.on_load_checkpoint(checkpoint(three))  # fits: nothing raised
     other.load_state_dict(three.state_dict())
+
+
+def test_an_ignore_index_among_the_classes_is_refused_for_training_and_scoring() -> None:
+    """Macro IoU dropped such a class while Dice and the per-image scores counted it as 0;
+    prediction from an older checkpoint that has one still works (no metrics there)."""
+    task = SegmentationTask(PixelNet(), ignore_index=1)
+    for stage in ("fit", "validate", "test"):
+        with pytest.raises(ValueError, match="data.ignore_index 1 is one of the classes 0..2"):
+            task.setup(stage)
+    task.setup("predict")
+    SegmentationTask(PixelNet(), ignore_index=3).setup("test")
