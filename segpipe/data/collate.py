@@ -2,7 +2,9 @@
 
 Batch format: ``{"image": float32 (N, C, H, W), "mask": int64 (N, H, W), "path": list[str]}``
 (plus ``"weight": float32 (N, H, W)`` per-pixel loss weights when the data set adds them, and
-``"size": int64 (N, 2)``, each mask's native size, when evaluation resizes the images only),
+``"size": int64 (N, 2)``, each mask's native size, when evaluation resizes the images only,
+and ``"image_size": int64 (N, 2)``, each image's own size, when a batch pads images of
+different sizes),
 images laid out channels-last in memory (the format the task runs the network in). With the
 data set's ``uint8_images`` the image batch is uint8 until the data module normalises it on the
 device.
@@ -113,6 +115,9 @@ class PadCollate:
                                 self.channels_last)
         if len(sizes) > 1:
             img_out.zero_()
+            # The task runs each such image on its own (as predict does), not on the padding.
+            out["image_size"] = torch.tensor([list(im.shape[-2:]) for im in images],
+                                             dtype=torch.int64)
         for i, im in enumerate(images):
             img_out[i, :, : im.shape[1], : im.shape[2]] = im
         out["image"] = img_out

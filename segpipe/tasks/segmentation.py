@@ -526,9 +526,31 @@ class SegmentationTask(L.LightningModule):
         logits = self.net(x)
         return logits[..., :h, :w]
 
+    def _each_image(self, image: Tensor, sizes: Tensor, run: Any) -> Tensor:
+        """``run`` on each image of a padded batch at its own size, as ``segpipe predict`` runs
+        it: zero-padding seen as image content would change the predictions near its edges.
+
+        Args:
+            image: (N, C, H, W) batch of images padded to the largest (PadCollate).
+            sizes: (N, 2) each image's own (h, w) (the batch's ``"image_size"``).
+            run: (1, C, h, w) -> (1, K, h, w) scores.
+
+        Returns:
+            (N, K, H, W) scores, zero where an image is padding (its mask is ignored there).
+        """
+        out: Tensor | None = None
+        for i, (h, w) in enumerate(sizes.tolist()):  # one host read, mixed-size batches only
+            scores = run(image[i : i + 1, :, :h, :w])
+            if out is None:
+                out = scores.new_zeros((image.shape[0], scores.shape[1], *image.shape[-2:]))
+            out[i, :, :h, :w] = scores[0]
+        assert out is not None
+        return out
+
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
         image, mask = batch["image"], batch["mask"]
-        logits = self(image)
+        sizes = batch.get("image_size") if stage != "train" else None
+        logits = self(image) if sizes is None else self._each_image(image, sizes, self)
         # data.eval_resize: the network saw resized images; score at the masks' native size.
         resized = stage != "train" and tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
         pixel_weight = batch.get("weight")
@@ -551,7 +573,10 @@ class SegmentationTask(L.LightningModule):
                      batch_size=n)
         if stage == "train" and not self.log_train_metrics:
             return loss
-        if stage == "test" and self.test_tta:
+        if stage == "test" and self.test_tta and sizes is not None:
+            probs = self._each_image(image, sizes, self._tta_probabilities)
+            preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
+        elif stage == "test" and self.test_tta:
             probs = self._tta_probabilities(image, logits.detach())
             preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
         elif resized:  # probabilities resized, as segpipe predict does: the same masks
@@ -603,9 +628,9 @@ class SegmentationTask(L.LightningModule):
         names = "hflip; not recorded, assumed" if recorded is None else ", ".join(recorded) or "none"
         return f"mean of {len(views)} view(s) over the training symmetries ({names})"
 
-    def _tta_probabilities(self, image: Tensor, logits: Tensor) -> Tensor:
-        """(N, K, H, W) probabilities averaged over the training symmetries; ``logits`` are
-        ``self(image)``, reused for the identity view."""
+    def _tta_probabilities(self, image: Tensor, logits: Tensor | None = None) -> Tensor:
+        """(N, K, H, W) probabilities averaged over the training symmetries; ``logits``, when
+        given, are ``self(image)``, reused for the identity view."""
         from segpipe.tta import model_views, tta_probabilities
 
         views = model_views(self.spec.symmetries, warn=False)

@@ -412,3 +412,62 @@ def test_an_ignore_index_among_the_classes_is_refused_for_training_and_scoring()
             task.setup(stage)
     task.setup("predict")
     SegmentationTask(PixelNet(), ignore_index=3).setup("test")
+
+
+class ContextNet(nn.Module):
+    """Two 5x5 convolutions: each output pixel sees its neighbours (and so any padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_channels, self.num_classes, self.pad_multiple = 3, 3, 8
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(),
+                                  nn.Conv2d(8, 3, 5, padding=2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class SizesData(Dataset):
+    """Images of different sizes: batches of them are padded (PadCollate)."""
+
+    SIZES = [(40, 40), (18, 22), (40, 40), (20, 30), (26, 17), (33, 9)]
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.images = [torch.randn(3, h, w, generator=g) for h, w in self.SIZES]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return {"image": image, "mask": image.argmax(0), "path": f"img_{i}.png"}
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_scores_of_differently_sized_images_do_not_depend_on_the_batch_size(tta):
+    """The padding of a mixed-size batch was run through the network as image content, so
+    predictions near an image's edges (and the test metrics) changed with eval_batch_size and
+    differed from segpipe predict's; each image now runs at its own size."""
+    from segpipe.data import PadCollate
+
+    torch.manual_seed(0)
+    task = SegmentationTask(ContextNet(), ignore_index=255, test_tta=tta).eval()
+    reports = []
+    for batch_size in (1, 6, 4):
+        loader = DataLoader(SizesData(), batch_size=batch_size, collate_fn=PadCollate(255))
+        _trainer().test(task, loader, verbose=False)
+        reports.append(task.test_report)
+    one = reports[0]
+    for other in reports[1:]:
+        assert other["confusion_matrix"] == one["confusion_matrix"]
+        assert other["per_image"] == one["per_image"]
+    # ... and they are the masks of each image run alone, as segpipe predict runs it.
+    with torch.no_grad():
+        for i, image in enumerate(SizesData().images):
+            probs = (task._tta_probabilities(image[None]) if tta
+                     else task(image[None]).softmax(1))
+            pred = probs.argmax(1)[0]
+            truth = image.argmax(0)
+            assert one["per_image"][i]["pixel_accuracy"] == pytest.approx(
+                (pred == truth).double().mean().item())
