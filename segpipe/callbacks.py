@@ -307,6 +307,12 @@ def _provenance(trainer: L.Trainer) -> dict[str, Any]:
     ckpt = getattr(trainer, "ckpt_path", None)
     out: dict[str, Any] = {"checkpoint": str(ckpt) if ckpt else "none (the weights in memory)"}
     dm = getattr(trainer, "datamodule", None)
+    scored = getattr(dm, "test_split", None)  # segpipe's data module: "test", or "val"
+    if isinstance(scored, str):
+        out["scored_split"] = scored
+    spec = getattr(trainer.lightning_module, "spec", None)
+    if spec is not None:  # predictions at this size, upsampled back to the native masks
+        out["eval_resize"] = getattr(spec, "eval_resize", None)
     case_split = getattr(dm, "case_split", None)  # segpipe's data module; None otherwise
     if case_split is not None:
         out["data_split"] = {"scored": getattr(dm, "test_split", None), **case_split}

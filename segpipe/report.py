@@ -518,13 +518,19 @@ def write_report(
 
     lines: list[str] = [f"# {title}", ""]
     facts = []
+    split = report.get("scored_split")
     if num_images is not None:
-        facts.append(f"**{num_images}** test image(s)")
+        facts.append(f"**{num_images}** test image(s)" if split in (None, "test") else
+                     f"**{num_images}** {split} image(s) (the data has no test split)")
     facts.append(f"{k} classes")
     facts.append(
         f"ignore index **{ignore_index}** (excluded from every metric)"
         if ignore_index is not None else "no ignore index"
     )
+    if report.get("eval_resize"):
+        h, w = report["eval_resize"]
+        facts.append(f"predicted at {h}×{w} (`data.eval_resize`), scored against the masks at "
+                     "their native size")
     if report.get("test_time_augmentation"):
         facts.append(f"test-time augmentation: {report['test_time_augmentation']}")
     bn_stats = report.get("batchnorm_statistics")

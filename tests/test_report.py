@@ -65,6 +65,7 @@ def test_report_numbers_tables_and_plots(tmp_path: Path) -> None:
     assert "| 2 | bike | — | — | 0.00 % | 0.00 % |" in md
     assert re.search(r"— : class absent from both ground truth and prediction.*\(bike\)", md)
     assert "ignore index **255**" in md
+    assert "**2** test image(s)" in md and "eval_resize" not in md
     files = tmp_path / REPORT_FILES_DIR
     for name in ("confusion_matrix.png", "per_class_iou.png"):
         assert (files / name).read_bytes()[:8] == PNG_MAGIC
@@ -132,6 +133,14 @@ def test_display_image_bands_and_scaling() -> None:
     five = display_image(np.ones((4, 5, 5), np.float32) * 7)
     assert five.shape == (4, 5, 3) and np.all(five == 0)  # flat float band: no division by 0
     assert display_image(np.full((2, 2, 3), 255, np.uint8)).max() == 1.0
+
+
+def test_report_names_the_split_scored_and_the_evaluation_size(tmp_path: Path) -> None:
+    """Without a test split, `segpipe test` scores val: the report said "test image(s)"."""
+    report = {**_report(), "scored_split": "val", "eval_resize": [24, 32]}
+    md = write_report(report, tmp_path).read_text(encoding="utf-8")
+    assert "**2** val image(s) (the data has no test split)" in md
+    assert "predicted at 24×32 (`data.eval_resize`), scored against the masks at their native" in md
 
 
 def test_report_needs_class_names(tmp_path: Path) -> None:

@@ -769,6 +769,7 @@ class SegmentationTask(L.LightningModule):
         none; keep this rank's saved RNG state to restore when training resumes."""
         saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
         self._check_checkpoint_fits(checkpoint.get("state_dict"), saved)
+        self._warn_evaluation_differs(saved)
         if not self.spec.has_stats and saved.get("mean") is not None and saved.get("std") is not None:
             self.spec = self.spec.with_stats(saved["mean"], saved["std"],
                                              saved.get("stats_source") or "measured")
@@ -779,6 +780,21 @@ class SegmentationTask(L.LightningModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if len(states) == world:
             self._pending_rng_state = states[rank]
+
+    def _warn_evaluation_differs(self, saved_spec: dict[str, Any]) -> None:
+        """Warn when this run evaluates otherwise than the checkpoint's data spec says (and so
+        than ``segpipe predict`` predicts with it): another ``eval_resize`` or ignore index."""
+        for key in ("eval_resize", "ignore_index"):
+            if key not in saved_spec:  # a checkpoint older than the spec's key
+                continue
+            was, now = saved_spec[key], getattr(self.spec, key)
+            if (list(was) if isinstance(was, (list, tuple)) else was) != now:
+                shown = f"'{list(was)}'" if isinstance(was, (list, tuple)) else str(was)
+                rank_zero_warn(
+                    f"the checkpoint was trained with data.{key}={was} (segpipe predict uses "
+                    f"it), but this run has data.{key}={now}: its val/test figures are not "
+                    f"those of the masks predict writes; to score as predict does, pass "
+                    f"--data.{key} {shown} or the run's config.yaml")
 
     def _check_checkpoint_fits(self, state: Any, saved_spec: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` naming the difference when the checkpoint's weights cannot

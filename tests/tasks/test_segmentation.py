@@ -471,3 +471,22 @@ def test_scores_of_differently_sized_images_do_not_depend_on_the_batch_size(tta)
             truth = image.argmax(0)
             assert one["per_image"][i]["pixel_accuracy"] == pytest.approx(
                 (pred == truth).double().mean().item())
+
+
+def test_a_test_that_evaluates_otherwise_than_the_checkpoint_is_warned_about():
+    """A test without the checkpoint's data.eval_resize scored at another size than predict
+    predicts at, without a word."""
+    task = SegmentationTask(PixelNet(), ignore_index=255)
+    saved = {**task.spec.to_dict(), "eval_resize": [24, 24]}
+    checkpoint = {"hyper_parameters": {"data_spec": saved}, "state_dict": task.state_dict()}
+    with pytest.warns(UserWarning, match=r"trained with data.eval_resize=\[24, 24\] .* this run "
+                      r"has data.eval_resize=None.* pass --data.eval_resize '\[24, 24\]'"):
+        task.on_load_checkpoint(checkpoint)
+    same = {"hyper_parameters": {"data_spec": task.spec.to_dict()}, "state_dict": task.state_dict()}
+    old = {"hyper_parameters": {"data_spec": {"num_classes": 3}}, "state_dict": task.state_dict()}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.on_load_checkpoint(same)
+        task.on_load_checkpoint(old)  # a checkpoint older than the key: nothing to compare
