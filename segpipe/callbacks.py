@@ -361,15 +361,23 @@ class TestMetricsWriter(L.Callback):
 
         report = dict(report)
         report.update(_provenance(trainer))
+        earlier = out_dir / self.filename
+        if earlier.exists():  # e.g. --trainer.logger false: every test writes to one folder
+            rank_zero_warn(f"replacing an earlier test's {self.filename}, report and CSVs in "
+                           f"{out_dir} (with a logger, each test gets its own version_N folder)")
         per_image = report.pop("per_image", [])
         worst = report.pop("worst_images", None) or []
         csv_path: Path | None = None
         if self.per_image_csv and per_image:
             csv_path = write_per_image_csv(out_dir / "test_per_image.csv", per_image)
             report["per_image_csv"] = str(csv_path)
+        else:
+            (out_dir / "test_per_image.csv").unlink(missing_ok=True)
         if report.get("per_case"):
             case_csv = write_per_case_csv(out_dir / "test_per_case.csv", report["per_case"])
             report["per_case_csv"] = str(case_csv)
+        else:  # an earlier test's, of other data, must not pass for this one's
+            (out_dir / "test_per_case.csv").unlink(missing_ok=True)
         self.last_path = atomic_write_json(out_dir / self.filename, report)
         print(f"Test metrics written to {self.last_path}")
         if self.report:

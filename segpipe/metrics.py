@@ -191,8 +191,9 @@ def case_scores(
         class_names: K names.
 
     Returns:
-        ``{"num_cases", "Dice_per_class_mean_over_cases", "IoU_per_class_mean_over_cases",
-        "mDice_mean_over_cases", "mIoU_mean_over_cases", "cases": [rows]}``.
+        ``{"num_cases", "num_cases_per_class", "Dice_per_class_mean_over_cases",
+        "IoU_per_class_mean_over_cases", "mDice_mean_over_cases", "mIoU_mean_over_cases",
+        "cases": [rows]}``.
     """
     rows = []
     for case in sorted(confusions):
@@ -219,6 +220,9 @@ def case_scores(
 
     return {
         "num_cases": len(rows),
+        # The cases behind each class's mean (those where it is in the truth or prediction).
+        "num_cases_per_class": {
+            n: sum(r["Dice_per_class"][n] is not None for r in rows) for n in class_names},
         "Dice_per_class_mean_over_cases": {
             n: mean([r["Dice_per_class"][n] for r in rows]) for n in class_names},
         "IoU_per_class_mean_over_cases": {

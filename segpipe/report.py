@@ -435,10 +435,14 @@ def write_per_case_csv(path: Path, per_case: Mapping[str, Any]) -> Path:
     writer = csv.writer(buf)
     writer.writerow(["case", "num_images", "mDice", "mIoU", *(f"Dice/{n}" for n in names),
                      *(f"IoU/{n}" for n in names)])
+    def cell(value: Any) -> str:  # empty for a missing value, as the per-image CSV writes
+        v = _num(value)
+        return "" if v is None else f"{v:.6f}"
+
     for r in rows:
-        writer.writerow([r["case"], r["num_images"], _fmt(r.get("mDice"), 6), _fmt(r.get("mIoU"), 6),
-                         *(_fmt(r["Dice_per_class"].get(n), 6) for n in names),
-                         *(_fmt(r["IoU_per_class"].get(n), 6) for n in names)])
+        writer.writerow([r["case"], r["num_images"], cell(r.get("mDice")), cell(r.get("mIoU")),
+                         *(cell(r["Dice_per_class"].get(n)) for n in names),
+                         *(cell(r["IoU_per_class"].get(n)) for n in names)])
     return atomic_write_text(path, buf.getvalue())
 
 
@@ -621,18 +625,29 @@ def write_report(
     per_case = report.get("per_case")
     if per_case and per_case.get("cases"):
         dice_mean = per_case.get("Dice_per_class_mean_over_cases") or {}
+        iou_mean = per_case.get("IoU_per_class_mean_over_cases") or {}
+        per_class_cases = per_case.get("num_cases_per_class") or {}
+        outside = int(per_case.get("images_without_case") or 0)
         lines += [
             "## Per case", "",
             f"{per_case['num_cases']} cases. Each case's Dice and IoU pool the pixels of its "
             "images; the **mean over cases** weighs every case equally (the protocol of, e.g., "
             "per-patient Dice), where the figures above pool all pixels and weigh large cases "
-            "more.", "",
-            "| class | Dice, mean over cases | IoU, mean over cases |",
-            "|---|---|---|",
+            "more. A case where a class is absent from both truth and prediction has no score "
+            "for it and is left out of that class's mean (the `cases` column counts the cases "
+            "behind each mean); a case's mDice and mIoU average the classes it has.", "",
         ]
-        iou_mean = per_case.get("IoU_per_class_mean_over_cases") or {}
-        lines += [f"| {_md(n)} | {_pct(dice_mean.get(n))} | {_pct(iou_mean.get(n))} |"
-                  for n in names]
+        if outside:
+            lines += [f"**{outside}** image(s) belong to no case (`data.case_pattern` finds "
+                      "none in their path): they count in the pooled figures above only.", ""]
+        lines += [
+            f"Mean over cases of each case's mDice: {_pct(per_case.get('mDice_mean_over_cases'))}"
+            f"; of each case's mIoU: {_pct(per_case.get('mIoU_mean_over_cases'))}.", "",
+            "| class | Dice, mean over cases | IoU, mean over cases | cases |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {_md(n)} | {_pct(dice_mean.get(n))} | {_pct(iou_mean.get(n))} | "
+                  f"{per_class_cases.get(n, _ABSENT)} |" for n in names]
         case_csv = report.get("per_case_csv")
         if case_csv and (out / Path(case_csv).name).is_file():
             name = Path(case_csv).name

@@ -27,15 +27,51 @@ def test_case_scores_pool_pixels_then_average_cases() -> None:
     rows = {r["case"]: r for r in out["cases"]}
     assert rows["a"]["Dice_per_class"]["tumour"] == pytest.approx(tumour_a)
     assert rows["a"]["num_images"] == 2 and out["num_cases"] == 2
+    assert out["num_cases_per_class"] == {"bg": 2, "tumour": 2}
     empty = case_scores({"c": torch.tensor([[5, 0], [0, 0]])}, {"c": 1}, ["bg", "tumour"])
     assert empty["Dice_per_class_mean_over_cases"]["tumour"] is None  # absent: no score
+    assert empty["num_cases_per_class"] == {"bg": 1, "tumour": 0}
 
 
-def test_case_pattern_names_cases(tmp_path: Path) -> None:
+def test_per_case_report_says_what_each_mean_covers(tmp_path: Path) -> None:
+    """A class's mean over cases could cover 1 of 3 cases, images in no case were dropped
+    unannounced, and the CSV wrote missing values as a dash (text to pandas)."""
+    from segpipe.report import write_per_case_csv, write_report
+
+    cms = {"p1": torch.tensor([[10, 0], [1, 1]]), "p2": torch.tensor([[8, 0], [0, 0]])}
+    per_case = case_scores(cms, {"p1": 2, "p2": 1}, ["bg", "tumour"])
+    per_case["images_without_case"] = 1
+    report = {"mIoU": 0.5, "mDice": 0.6, "micro_IoU": 0.9, "pixel_accuracy": 0.95,
+              "IoU_per_class": {"bg": 0.9, "tumour": 0.3}, "Dice_per_class": {"bg": 0.95,
+              "tumour": 0.5}, "class_names": ["bg", "tumour"], "ignore_index": None,
+              "num_images": 4, "per_case": per_case}
+    md = write_report(report, tmp_path).read_text(encoding="utf-8")
+    assert "| tumour | 66.67 % | 50.00 % | 1 |" in md  # the mean covers case p1 only
+    assert "| bg | " in md and "| 2 |" in md
+    assert "**1** image(s) belong to no case" in md
+    assert "left out of that class's mean" in md
+    mdice = per_case["mDice_mean_over_cases"]
+    assert f"Mean over cases of each case's mDice: {100 * mdice:.2f} %" in md
+    rows = list(csv.DictReader(write_per_case_csv(tmp_path / "c.csv", per_case).open()))
+    assert rows[1]["case"] == "p2" and rows[1]["Dice/tumour"] == ""
+    assert float(rows[0]["Dice/tumour"]) == pytest.approx(2 / 3)
+
+
+def test_case_pattern_names_cases(tmp_path: Path, caplog) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=4, n_test=0, size=(16, 16))
     dm = SegmentationDataModule(str(root), num_classes=3, case_pattern=r"img_00(?P<case>[0-1])")
-    dm.setup("validate")
+    with caplog.at_level(logging.WARNING, logger="segpipe.data.datamodule"):
+        dm.setup("validate")
     assert [s.case for s in dm.splits["val"]] == ["0", "1", None, None]
+    # Images the pattern finds no case in were left out of the per-case figures unannounced.
+    assert ("finds no case in 2 of the 4 val images (e.g. 'val/images/img_002.png', the path "
+            "under data.root it is searched in)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segpipe.data.datamodule"):
+        SegmentationDataModule(str(root), num_classes=3, case_pattern=r"patient(\d+)").setup(
+            "validate")
+    assert "finds no case in any val images" in caplog.text
+    assert "there are no per-case figures" in caplog.text
     item = dm.datasets["val"][2]
     assert item["case"] == ""  # no case: left out of per-case scores
     with pytest.raises(ValueError, match="case_pattern"):

@@ -147,3 +147,26 @@ def test_report_needs_class_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="class_names or IoU_per_class"):
         write_report({"mIoU": 0.5}, tmp_path)
     assert not os.listdir(tmp_path)
+
+
+def test_a_second_test_in_one_folder_says_so_and_leaves_no_stale_case_csv(tmp_path: Path) -> None:
+    """With --trainer.logger false every test writes to one folder: a second one replaced the
+    first's files silently and left its test_per_case.csv (of other data) beside its own."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from segpipe.callbacks import TestMetricsWriter
+    from segpipe.metrics import case_scores
+
+    writer = TestMetricsWriter(report=False)
+    trainer = SimpleNamespace(ckpt_path="last.ckpt", datamodule=None,
+                              lightning_module=SimpleNamespace(spec=None))
+    cases = case_scores({"p1": torch.tensor([[3, 0], [0, 2]])}, {"p1": 1}, ["bg", "fg"])
+    first = {**_report(), "per_case": cases}
+    writer._write(trainer, SimpleNamespace(test_report=first), tmp_path)
+    assert (tmp_path / "test_per_case.csv").exists()
+    with pytest.warns(UserWarning, match="replacing an earlier test's test_metrics.json"):
+        writer._write(trainer, SimpleNamespace(test_report=_report()), tmp_path)
+    assert not (tmp_path / "test_per_case.csv").exists()
+    assert (tmp_path / "test_per_image.csv").exists()

@@ -668,7 +668,7 @@ class SegmentationDataModule(L.LightningDataModule):
                                f"data.seed={hp.seed})")
                 if "train" in scan.folders:
                     scan.folders.setdefault("val", scan.folders["train"])
-        splits = {k: self._with_cases(v) for k, v in splits.items()}
+        splits = {k: self._with_cases(v, k) for k, v in splits.items()}
         splits = self._split_by_case(splits)
         if not self.validates:
             pooled = [*splits.get("train", []), *splits.get("val", [])]
@@ -726,8 +726,10 @@ class SegmentationDataModule(L.LightningDataModule):
                        f"({len(out['val'])} images) for val, {len(out['train'])} images for train")
         return out
 
-    def _with_cases(self, samples: list[Sample]) -> list[Sample]:
-        """Samples with their case set from ``case_pattern`` (or the LGG patient folder)."""
+    def _with_cases(self, samples: list[Sample], split: str = "") -> list[Sample]:
+        """Samples with their case set from ``case_pattern`` (or the LGG patient folder); a
+        pattern the user gave that finds no case in some of the split's images is warned
+        about (they count in the pooled figures, in no case)."""
         pattern = self.hparams.get("case_pattern") or _DEFAULT_CASE_PATTERN.get(self.layout)
         if pattern is None and self.layout != "lgg":
             return samples
@@ -750,6 +752,18 @@ class SegmentationDataModule(L.LightningDataModule):
                 else:
                     case = found.group(1) if found.re.groups else found.group(0)
             out.append(dataclasses.replace(sample, case=case))
+        missed = [s for s in out if s.case is None]
+        if missed and self.hparams.get("case_pattern") and regex is not None:
+            try:
+                example = missed[0].image.relative_to(root).as_posix()
+            except ValueError:
+                example = missed[0].image.as_posix()
+            which = "any" if len(missed) == len(out) else f"{len(missed)} of the {len(out)}"
+            log.warning(
+                "data.case_pattern %r finds no case in %s %s images (e.g. %r, the path under "
+                "data.root it is searched in): they count in the pooled figures but in no "
+                "case%s", pattern, which, split or "", example,
+                "; there are no per-case figures" if len(missed) == len(out) else "")
         return out
 
     @property

@@ -743,6 +743,8 @@ class SegmentationTask(L.LightningModule):
                     counts[case] = counts.get(case, 0) + part_counts[case]
         if confusions:
             report["per_case"] = case_scores(confusions, counts, names)
+            # Images whose path the case pattern finds no case in: pooled, in no case.
+            report["per_case"]["images_without_case"] = len(images) - sum(counts.values())
         report["per_image"] = images
         report["worst_images"] = worst  # with numpy arrays: for the report, not for JSON
         self.test_report = report
