@@ -48,6 +48,11 @@ METRIC_DESCRIPTIONS = {
 }
 
 
+#: Said (in ``test_metrics.json``, the report and the log) when no pixel was scored.
+NO_LABELLED_PIXELS = (
+    "no pixel of these images is labelled (every mask value is the ignore index): no metric is "
+    "defined; check data.mask_values / data.mask_colors and data.ignore_index")
+
 #: The metrics sharing one confusion-matrix state (one torchmetrics compute group): the cheap
 #: subset that training updates on every batch.
 IOU_METRICS = ("IoU", "mIoU", "micro_IoU")
@@ -250,6 +255,10 @@ def metrics_report(
     }
     if "confusion_matrix" in computed:
         cm = computed["confusion_matrix"]
+        if int(cm.sum()) == 0:  # torchmetrics gives 0 where nothing was scored: undefined
+            for key in ("mIoU", "mDice", "micro_IoU", "pixel_accuracy"):
+                report[key] = None
+            report["warning"] = NO_LABELLED_PIXELS
         report["confusion_matrix"] = cm.long().tolist()
         report["confusion_matrix_axes"] = "rows = ground truth class, columns = predicted class"
         report.update(confusion_stats(cm))

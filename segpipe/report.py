@@ -543,6 +543,8 @@ def write_report(
     if report.get("checkpoint"):
         facts.append(f"checkpoint `{report['checkpoint']}`")
     lines += ["; ".join(facts) + ".", ""]
+    if report.get("warning"):
+        lines += [f"**Warning:** {_md(str(report['warning']))}.", ""]
     metrics_json = out / "test_metrics.json"
     if metrics_json.exists():
         lines += [f"All numbers are also in [test_metrics.json]({_rel(metrics_json, out)}).", ""]

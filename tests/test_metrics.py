@@ -50,6 +50,17 @@ def test_report_is_labelled_and_json_ready():
     assert rep["truth_share"][0] == pytest.approx(4 / 7)
 
 
+def test_nothing_scored_leaves_every_summary_figure_undefined():
+    """mIoU was undefined but mDice, micro IoU and pixel accuracy read 0.0 when every pixel was
+    ignored (a wrong mask encoding, say): they looked like a model that gets everything wrong."""
+    m = build_metrics(4, ignore_index=255, confusion_matrix=True)
+    m.update(PREDS, torch.full_like(TARGET, 255))
+    rep = metrics_report(m.compute(), ["a", "b", "c", "d"], 255)
+    assert [rep[k] for k in ("mIoU", "mDice", "micro_IoU", "pixel_accuracy")] == [None] * 4
+    assert "no pixel of these images is labelled" in rep["warning"]
+    assert "warning" not in metrics_report(_computed(), ["a", "b", "c", "d"], 255)
+
+
 def test_flatten_names_classes():
     flat = flatten_metrics(_computed(), ["a", "b", "c", "d"], prefix="val/")
     assert flat["val/IoU/b"] == pytest.approx(0.5)

@@ -141,6 +141,11 @@ def test_report_names_the_split_scored_and_the_evaluation_size(tmp_path: Path) -
     md = write_report(report, tmp_path).read_text(encoding="utf-8")
     assert "**2** val image(s) (the data has no test split)" in md
     assert "predicted at 24×32 (`data.eval_resize`), scored against the masks at their native" in md
+    nothing = {**_report(), "mIoU": None, "mDice": None, "micro_IoU": None,
+               "pixel_accuracy": None, "warning": "no pixel of these images is labelled"}
+    md = write_report(nothing, tmp_path).read_text(encoding="utf-8")
+    assert "**Warning:** no pixel of these images is labelled." in md
+    assert re.search(r"\| mDice \| macro[^|]*\| — \|", md)
 
 
 def test_report_needs_class_names(tmp_path: Path) -> None:

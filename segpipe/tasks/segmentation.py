@@ -727,6 +727,8 @@ class SegmentationTask(L.LightningModule):
             worst = sorted((row for part in gathered for row in part[1]), key=lambda r: r["IoU"])
             worst = worst[: self.num_worst_images]
         report = metrics_report(computed, names, self.ignore_index)
+        if report.get("warning"):
+            rank_zero_warn(f"segpipe test: {report['warning']}")
         report["num_images"] = len(images)
         report["test_time_augmentation"] = self._tta_description()
         report["batchnorm_statistics"] = (
