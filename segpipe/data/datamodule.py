@@ -974,6 +974,8 @@ class SegmentationDataModule(L.LightningDataModule):
             else "set data.ignore_index or data.eval_batch_size=1"
         )
         bs = self.batch_size if train else self.eval_batch_size
+        if not train and bs > 1 and self.ignore_index is None:
+            self._check_one_mask_size(dataset)
         common: dict[str, Any] = {
             "batch_size": bs,
             "num_workers": self.num_workers,
@@ -1014,6 +1016,28 @@ class SegmentationDataModule(L.LightningDataModule):
         else:
             sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
         return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **common)
+
+    def _check_one_mask_size(self, dataset: Any) -> None:
+        """Refuse val/test batches of differently sized masks without an ignore index to pad
+        them with, before any batch is built (in a loader worker it was a long traceback).
+        Reads each mask's header once per split."""
+        samples = getattr(dataset, "samples", None)
+        if not samples:
+            return
+        from segpipe.data.io import image_size
+
+        first = samples[0].mask
+        if first is None:
+            return
+        size = image_size(first)
+        for sample in samples[1:]:
+            if sample.mask is not None and image_size(sample.mask) != size:
+                raise ConfigError(
+                    f"data.eval_batch_size {self.eval_batch_size} batches masks of different "
+                    f"sizes ({first.name} is {size[1]}x{size[0]}, {sample.mask.name} is "
+                    f"{image_size(sample.mask)[1]}x{image_size(sample.mask)[0]}), and without "
+                    "data.ignore_index nothing can pad them; set data.ignore_index (e.g. 255) "
+                    "or data.eval_batch_size 1")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (``drop_last`` when there is more than one batch).

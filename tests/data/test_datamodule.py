@@ -526,3 +526,20 @@ def test_fewer_val_images_than_processes(tmp_path: Path, monkeypatch: pytest.Mon
     trainer.state.fn.value = "validate"
     with pytest.raises(DataSplitError, match="fewer than the 2 processes .* --trainer.devices 1"):
         dm.val_dataloader()
+
+
+def test_differently_sized_eval_masks_without_an_ignore_index_are_refused_up_front(
+        tmp_path: Path) -> None:
+    """They failed in the collate, inside a loader worker: a 60-line traceback."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=3, size=(16, 16))
+    rng = np.random.default_rng(0)
+    write_image(root / "test" / "images" / "img_001.png",
+                rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))
+    write_mask(root / "test" / "masks" / "img_001.png", np.zeros((12, 20), dtype=np.uint8))
+    dm = _dm(root, num_classes=3, ignore_index=None, eval_batch_size=2)
+    dm.setup("test")
+    with pytest.raises(ConfigError, match=r"img_000.png is 16x16, img_001.png is 20x12\), and "
+                       r"without data.ignore_index nothing can pad them; set data.ignore_index"):
+        dm.test_dataloader()
+    _dm(root, num_classes=3, ignore_index=None, eval_batch_size=1).test_dataloader()
+    _dm(root, num_classes=3, ignore_index=255, eval_batch_size=2).test_dataloader()
