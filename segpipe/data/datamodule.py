@@ -287,6 +287,11 @@ class SegmentationDataModule(L.LightningDataModule):
                               "layout names its masks itself")
         if layout not in LAYOUTS:
             raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if isinstance(num_classes, int) and num_classes < 2:  # before the checks that assume it
+            raise ConfigError(
+                f"data.num_classes must be >= 2 (background counts as a class), got "
+                f"{num_classes}; a binary task is data.num_classes 2 (with 0/255 masks: "
+                "data.mask_values '{0: 0, 255: 1}')")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         if samples_per_epoch is not None and samples_per_epoch < batch_size:

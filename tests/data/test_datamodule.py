@@ -352,7 +352,8 @@ def test_eval_pads_mixed_sizes(tmp_path: Path) -> None:
     _check_batch(batch, 3, 3, (20, 24))
     dm = _dm(root, num_classes=3, eval_batch_size=3)
     dm.setup("validate")
-    with pytest.raises(ValueError, match="data.ignore_index or data.eval_batch_size=1"):
+    with pytest.raises(ValueError, match=r"big.png is 24x20, img_000.png is 16x16\), and without "
+                       "data.ignore_index nothing can pad them"):
         next(iter(dm.val_dataloader()))
 
 
@@ -376,7 +377,8 @@ def test_eval_resize_resizes_val_images_but_keeps_each_mask_native(tmp_path: Pat
     assert train["image"].shape[-2:] == train["mask"].shape[-2:] and "size" not in train
     dm = _dm(root, num_classes=3, eval_batch_size=3, eval_resize=[8, 12])  # no ignore index
     dm.setup("validate")
-    with pytest.raises(ValueError, match=r"\(20, 24\).*data.ignore_index or data.eval_batch"):
+    with pytest.raises(ValueError, match=r"big.png is 24x20.*set data.ignore_index \(e.g. 255\) "
+                       "or data.eval_batch_size 1"):
         next(iter(dm.val_dataloader()))
     (root / "val/images/big.png").unlink()  # masks of one size: no ignore index needed
     (root / "val/masks/big.png").unlink()
@@ -543,3 +545,10 @@ def test_differently_sized_eval_masks_without_an_ignore_index_are_refused_up_fro
         dm.test_dataloader()
     _dm(root, num_classes=3, ignore_index=None, eval_batch_size=1).test_dataloader()
     _dm(root, num_classes=3, ignore_index=255, eval_batch_size=2).test_dataloader()
+
+
+def test_one_class_is_refused_first_with_the_binary_setup(folder_root: Path) -> None:
+    """num_classes 1 with 0/255 masks was told its mask_values map outside 0..0."""
+    with pytest.raises(ConfigError, match=r"data.num_classes must be >= 2 \(background counts "
+                       r"as a class\), got 1; a binary task is data.num_classes 2"):
+        _dm(folder_root, num_classes=1, mask_values={0: 0, 255: 1})
