@@ -801,7 +801,9 @@ class RasterInfo:
         crs: Coordinate reference system, or None.
         transform: Affine pixel -> CRS transform (identity when not georeferenced).
         nodata: Nodata value of the first band, or None.
-        georeferenced: Whether the file has a CRS or a non-identity transform (or GCPs).
+        gcps: ``(ground control points, their CRS)`` of a GCP-georeferenced file, or None.
+        rpcs: Rational polynomial coefficients (a satellite scene's camera model), or None.
+        georeferenced: Whether the file has a CRS or a non-identity transform, GCPs or RPCs.
     """
 
     def __init__(self, ds: Any, path: Path) -> None:
@@ -814,8 +816,11 @@ class RasterInfo:
         self.transform = ds.transform
         self.nodata = ds.nodata
         has_gcps = bool(ds.gcps[0]) if ds.gcps else False
+        self.gcps = ds.gcps if has_gcps else None
+        self.rpcs = ds.rpcs
         self.georeferenced = bool(
             ds.crs is not None or not ds.transform.is_identity or has_gcps
+            or self.rpcs is not None
         )
 
     def __repr__(self) -> str:
@@ -1009,6 +1014,8 @@ class RasterWriter:
         dtype: Numpy dtype of the data.
         crs: CRS to copy (from :class:`RasterInfo`), or None for a plain TIFF.
         transform: Affine transform to copy, or None.
+        gcps: ``(ground control points, CRS)`` to copy (:attr:`RasterInfo.gcps`), or None.
+        rpcs: RPCs to copy (:attr:`RasterInfo.rpcs`), or None.
         nodata: Nodata value, or None.
         colormap: Optional ``{value: (r, g, b[, a])}`` for single-band uint8/uint16 rasters.
         blocksize: Tile size (multiple of 16).
@@ -1032,6 +1039,8 @@ class RasterWriter:
         dtype: Any,
         crs: Any = None,
         transform: Any = None,
+        gcps: Any = None,
+        rpcs: Any = None,
         nodata: float | None = None,
         colormap: dict[int, Sequence[int]] | None = None,
         blocksize: int = 256,
@@ -1071,6 +1080,10 @@ class RasterWriter:
                 raise
             raise err from exc
         try:
+            if gcps is not None:  # georeferenced by control points or a camera model only
+                self._ds.gcps = gcps
+            if rpcs is not None:
+                self._ds.rpcs = rpcs
             if colormap is not None:
                 self._ds.write_colormap(
                     1, {int(k): tuple(int(c) for c in (list(v) + [255])[:4])

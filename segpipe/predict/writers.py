@@ -296,7 +296,9 @@ class OverlayFormat(OutputFormat):
 
 def _georef(meta: OutputMeta, fmt: str, warn: bool = True) -> dict[str, Any]:
     if meta.raster is not None and meta.raster.georeferenced:
-        return {"crs": meta.raster.crs, "transform": meta.raster.transform}
+        raster = meta.raster
+        return {"crs": raster.crs, "transform": raster.transform,
+                "gcps": getattr(raster, "gcps", None), "rpcs": getattr(raster, "rpcs", None)}
     if warn:
         log.warning(
             "%s is not georeferenced: its %s output is a plain TIFF without CRS", meta.source, fmt

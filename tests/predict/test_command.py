@@ -144,6 +144,41 @@ def test_geotiff_roundtrip_keeps_georeference_and_nodata(
         assert t.crs is None and (t.width, t.height) == (40, 30)
 
 
+def test_control_points_and_camera_models_are_kept(tmp_path: Path, pointwise_ckpt: Path,
+                                                   caplog) -> None:
+    """A raster georeferenced by GCPs or by RPCs only (no CRS, identity transform): its
+    GeoTIFF output had neither (GCPs), or `auto` wrote a PNG (RPCs), without a word."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.rpc import RPC
+
+    src = tmp_path / "in"
+    src.mkdir()
+    gcps = [GroundControlPoint(r, c, 500000 + 10 * c, 4600000 - 10 * r)
+            for r, c in ((0, 0), (0, 39), (29, 0), (29, 39))]
+    rpcs = RPC(height_off=0, height_scale=100, lat_off=45, lat_scale=0.1, long_off=10,
+               long_scale=0.1, line_off=15, line_scale=15, samp_off=20, samp_scale=20,
+               line_num_coeff=[0, 1] + [0] * 18, line_den_coeff=[1] + [0] * 19,
+               samp_num_coeff=[0, 0, 1] + [0] * 17, samp_den_coeff=[1] + [0] * 19)
+    data = np.moveaxis(noise_image(30, 40, seed=5), -1, 0)
+    for name, key, value in (("gcp", "gcps", (gcps, "EPSG:32633")), ("rpc", "rpcs", rpcs)):
+        with rasterio.open(src / f"{name}.tif", "w", driver="GTiff", width=40, height=30,
+                           count=3, dtype="uint8") as ds:
+            setattr(ds, key, value)
+            ds.write(data)
+    out = tmp_path / "out"
+    assert run(pointwise_ckpt, src, out, "--format", "auto", "probs") == 0
+    assert "not georeferenced" not in caplog.text
+    for name in ("gcp.tif", "gcp_probs.tif"):
+        with rasterio.open(out / name) as ds:
+            points, crs = ds.gcps
+            assert crs == "EPSG:32633" and len(points) == 4
+            assert (points[3].row, points[3].col, points[3].x) == (29, 39, 500390)
+    for name in ("rpc.tif", "rpc_probs.tif"):  # auto: a GeoTIFF, not a PNG
+        with rasterio.open(out / name) as ds:
+            assert ds.rpcs is not None and ds.rpcs.samp_num_coeff[2] == 1
+    assert not (out / "rpc.png").exists()
+
+
 def test_band_count_mismatch_is_reported(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
     src = tmp_path / "in"
     src.mkdir()
