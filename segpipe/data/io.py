@@ -938,10 +938,13 @@ class RasterReader:
 
         Returns:
             ``(pixels (h, w, C) native dtype, valid (h, w) bool or None when every pixel is
-            valid)``. ``pixels`` is a band-planar view (no copy). A pixel is valid when any
-            selected band is valid (GDAL's dataset mask semantics: nodata value, internal mask
-            or alpha band) and, in float rasters, no selected band is NaN or infinite (a NaN
-            would spread through the network to every pixel near it).
+            valid)``. ``pixels`` is a band-planar view (no copy). In integer rasters a pixel
+            is valid when any selected band is valid (GDAL's dataset mask semantics: nodata
+            value, internal mask or alpha band), since a band of an 8-bit image may hold the
+            nodata value (say 0) as a real value. In float rasters the nodata value is a
+            sentinel (-9999, -3.4e38) that would enter the network raw, so a pixel is valid
+            only when every selected band is valid and finite (NaN or infinite values would
+            spread through the network to every pixel near it).
 
         Raises:
             ImageReadError: Truncated or corrupt data inside the window.
@@ -955,12 +958,13 @@ class RasterReader:
             data = self._ds.read(self.indexes, window=window)
             valid = None
             if self.has_mask:
+                combine = np.logical_and if data.dtype.kind == "f" else np.logical_or
                 for index in self.indexes:  # band by band: no (C, h, w) mask array
                     band_valid = self._ds.read_masks(index, window=window) > 0
                     if valid is None:
                         valid = band_valid
                     else:
-                        np.logical_or(valid, band_valid, out=valid)
+                        combine(valid, band_valid, out=valid)
                 if valid is not None and valid.all():
                     valid = None
         except (RasterioIOError, RasterioError) as exc:

@@ -41,6 +41,27 @@ def test_windows_bands_and_nodata(tmp_path: Path) -> None:
         open_raster(p, bands=[5])
 
 
+def test_nodata_in_one_band_of_a_float_raster_is_nodata_as_nan_is(tmp_path: Path) -> None:
+    """-9999 in one band of a float raster entered the network raw (the pixel stayed valid
+    because another band was), while NaN there made it nodata. Integer rasters keep GDAL's
+    rule: a uint8 pixel with one band at the nodata value 0 (pure blue) is real."""
+    data = np.full((3, 6, 5), 0.5, np.float32)
+    data[0, 1:3, 1:3] = -9999.0  # one band only
+    data[1, 4, 4] = np.nan
+    with open_raster(_tif(tmp_path / "f.tif", data, nodata=-9999.0)) as r:
+        _, valid = r.read(0, 6)
+    expected = np.ones((6, 5), bool)
+    expected[1:3, 1:3] = False
+    expected[4, 4] = False
+    assert valid is not None and np.array_equal(valid, expected)
+    blue = np.full((3, 6, 5), 100, np.uint8)
+    blue[:2, 0, 0] = 0  # (0, 0, 100): a real colour
+    blue[:, 5, 4] = 0  # every band: nodata
+    with open_raster(_tif(tmp_path / "u.tif", blue, nodata=0)) as r:
+        _, valid = r.read(0, 6)
+    assert valid is not None and valid[0, 0] and not valid[5, 4] and valid.sum() == 29
+
+
 def test_plain_images_are_not_rasters(tmp_path: Path) -> None:
     write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
     write_image(tmp_path / "y.tif", np.zeros((4, 4, 3), np.uint8))
