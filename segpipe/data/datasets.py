@@ -667,7 +667,7 @@ def adapt_channels(image: np.ndarray, in_channels: int | None, path: str | Path)
         path,
         f"image has {c} channel(s) but the model expects in_channels={in_channels}",
         "set data.in_channels (and model in_channels) to match, or pick bands with data.bands",
-        kind="channels",
+        kind="channels", file_bands=c,
     )
 
 

@@ -111,20 +111,23 @@ class ImageReadError(ValueError):
         hint: Suggested fix.
         kind: ``"channels"`` when the file's bands or channels do not fit the selection or the
             model (the hint names training options; prediction gives its own), else None.
+        file_bands: With ``"channels"``, the file's band (channel) count, when known.
     """
 
     def __init__(
-        self, path: _PathLike, reason: str, hint: str | None = None, kind: str | None = None
+        self, path: _PathLike, reason: str, hint: str | None = None, kind: str | None = None,
+        file_bands: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.reason = reason
         self.hint = hint or _DEFAULT_HINT
         self.kind = kind
+        self.file_bands = file_bands
         super().__init__(f"{self.path}: {reason} ({self.hint})")
 
     def with_hint(self, hint: str) -> ImageReadError:
         """The same error with another fix (e.g. the prediction command's option)."""
-        return ImageReadError(self.path, self.reason, hint, self.kind)
+        return ImageReadError(self.path, self.reason, hint, self.kind, self.file_bands)
 
 
 def is_image_file(path: _PathLike) -> bool:
@@ -402,6 +405,7 @@ def _check_bands(path: Path, bands: Sequence[int], count: int) -> list[int]:
                 path,
                 f"band {b} requested but the file has {count} band(s) (bands are 1-based)",
                 f"set data.bands to values between 1 and {count}", kind="channels",
+                file_bands=count,
             )
         out.append(int(b))
     if not out:

@@ -293,7 +293,7 @@ class Segmenter:
         except ImageReadError as exc:
             if exc.kind != "channels":
                 raise
-            raise exc.with_hint(cfg.channel_hint("bands")) from None
+            raise exc.with_hint(cfg.channel_hint("bands", file_bands=exc.file_bands)) from None
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:

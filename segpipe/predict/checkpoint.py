@@ -72,6 +72,8 @@ class PredictConfig:
         input_norm: ``per_image`` when the model standardises each input image itself
             (``model.input_norm``; the ONNX stand-in applies it before the graph), else ``none``.
         min_size: The least H and W the network takes (padded up to it), 0 for any.
+        bands_given: ``bands`` come from the prediction's own ``--bands`` (:meth:`with_bands`),
+            not from the checkpoint.
     """
 
     checkpoint: str
@@ -89,6 +91,7 @@ class PredictConfig:
     symmetries: list[str] | None = None
     input_norm: str = "none"
     min_size: int = 0
+    bands_given: bool = False
 
     @classmethod
     def from_spec(
@@ -139,14 +142,26 @@ class PredictConfig:
         if n != want and {n, want} != {1, 3}:
             raise ValueError(f"{option} picks {n} band(s) but the model takes {want} channel(s); "
                              f"give {want} band numbers (e.g. {_bands_example(option, want)})")
-        return replace(self, bands=[int(b) for b in picks])
+        return replace(self, bands=[int(b) for b in picks], bands_given=True)
 
-    def channel_hint(self, option: str = "--bands") -> str:
-        """How to feed this model a file whose bands do not fit it (prediction messages)."""
+    def channel_hint(self, option: str = "--bands", file_bands: int | None = None) -> str:
+        """How to feed this model a file whose bands do not fit it (prediction messages).
+
+        Args:
+            option: The band option's name (``--bands``, or ``bands`` in Python).
+            file_bands: The file's band count, when known: the example picks only bands it
+                has, and a file with too few gets no example.
+        """
         want = self.in_channels
-        trained = (f"the model was trained on bands {self.bands} of its files; "
-                   if self.bands else "")
-        return (f"{trained}pick {want} of this file's bands, e.g. {_bands_example(option, want)}, "
+        if self.bands and not self.bands_given:
+            trained = f"the model was trained on bands {self.bands} of its files; "
+        else:
+            trained = ""
+        if file_bands is not None and file_bands < want and {file_bands, want} != {1, 3}:
+            return (f"{trained}this file has {file_bands} band(s), fewer than the {want} the "
+                    "model takes: use a model trained on such images")
+        of = f"this file's {file_bands} bands" if file_bands is not None else "this file's bands"
+        return (f"{trained}pick {want} of {of}, e.g. {_bands_example(option, want)}, "
                 "or use a model trained on such images")
 
     @property

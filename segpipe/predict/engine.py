@@ -251,7 +251,8 @@ def _reason(exc: BaseException, config: PredictConfig | None = None) -> str:
     """One line on why a file failed; a channel mismatch names ``--bands``, not training
     options (a finished checkpoint's ``data.in_channels`` cannot change)."""
     if isinstance(exc, ImageReadError):
-        hint = config.channel_hint() if exc.kind == "channels" and config is not None else exc.hint
+        hint = (config.channel_hint(file_bands=exc.file_bands)
+                if exc.kind == "channels" and config is not None else exc.hint)
         return f"{exc.reason} ({hint})"
     text = str(exc).strip() or type(exc).__name__
     return text if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {text}"

@@ -187,7 +187,13 @@ def test_band_count_mismatch_is_reported(tmp_path: Path, pointwise_ckpt: Path, c
     out = capsys.readouterr().out
     assert "1 failed" in out and "five.tif" in out and "in_channels=3" in out
     # the fix named is the command's own option, not a training one the checkpoint cannot take
-    assert "pick 3 of this file's bands, e.g. --bands 1 2 3" in out and "data.in_channels" not in out
+    assert "pick 3 of this file's 5 bands, e.g. --bands 1 2 3" in out and "data.in_channels" not in out
+    # a file with fewer bands than the model takes gets no example it cannot follow
+    write_geotiff(src / "two.tif", np.ones((2, 20, 20), np.uint8))
+    assert run(pointwise_ckpt, src, tmp_path / "out2") == 1
+    out = capsys.readouterr().out
+    assert ("two.tif: image has 2 channel(s) but the model expects in_channels=3 (this file has 2 "
+            "band(s), fewer than the 3 the model takes: use a model trained on such images)") in out
 
 
 def test_bands_option_reads_other_bands_than_the_checkpoint(
@@ -211,7 +217,11 @@ def test_bands_option_reads_other_bands_than_the_checkpoint(
     assert run(ckpt, tmp_path / "b", tmp_path / "out_b") == 1  # 3 bands: no band 4
     out = capsys.readouterr().out
     assert "band 4 requested but the file has 3 band(s)" in out
-    assert "the model was trained on bands [4, 2, 3] of its files; pick 3" in out
+    assert "the model was trained on bands [4, 2, 3] of its files; pick 3 of this file's 3" in out
+    # --bands naming a band the file lacks: the model is not said to be trained on them
+    assert run(ckpt, tmp_path / "b", tmp_path / "out_x", "--bands", "1", "3", "9") == 1
+    out = capsys.readouterr().out
+    assert "band 9 requested but the file has 3 band(s)" in out and "trained on bands" not in out
     assert run(ckpt, tmp_path / "b", tmp_path / "out_b", "--bands", "1", "3", "2") == 0
     with rasterio.open(tmp_path / "out_a" / "scene.tif") as a, \
             rasterio.open(tmp_path / "out_b" / "scene.tif") as b:
