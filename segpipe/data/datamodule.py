@@ -456,9 +456,26 @@ class SegmentationDataModule(L.LightningDataModule):
         for dataset in self.datasets.values():
             dataset.mean, dataset.std = list(self.spec.mean or []), list(self.spec.std or [])
 
+    def _record_input_dtype(self, samples: list[Sample], most: int = 3) -> None:
+        """Note the training images' dtype in the spec (prediction warns of inputs of another
+        one, whose values would be scaled otherwise): the first ``most`` images' when they
+        agree, else None."""
+        from segpipe.data.io import probe_raster, read_image
+
+        dtypes = set()
+        for sample in samples[:most]:
+            info = probe_raster(sample.image)
+            dtypes.add(info.dtype if info is not None
+                       else str(read_image(sample.image, self.bands, self.in_channels).dtype))
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+        if dtype != self.spec.input_dtype:
+            self.spec = dataclasses.replace(self.spec, input_dtype=dtype)
+
     def _measure_stats(self, samples: list[Sample]) -> None:
         """Fill in mean/std when the config gives none: ImageNet's for 8-bit RGB images,
-        otherwise measured per band on a seeded sample of the training images."""
+        otherwise measured per band on a seeded sample of the training images; note the
+        images' dtype."""
+        self._record_input_dtype(samples)
         if self.spec.has_stats:
             return
         images = [s.image for s in samples]

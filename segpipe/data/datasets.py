@@ -985,12 +985,13 @@ class PredictDataset(_TransformMixin, Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
-        """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W]}``."""
+        """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W], "dtype": str}``
+        (``dtype``: the file's pixels' as read)."""
         path = self.samples[self._resolve_key(index)].image
-        item = prepare_image(read_image(path, self.bands, self.in_channels),
-                             in_channels=self.in_channels,
+        pixels = read_image(path, self.bands, self.in_channels)
+        item = prepare_image(pixels, in_channels=self.in_channels,
                              mean=self.mean, std=self.std, transform=self.transform, source=path)
-        return {**item, "path": str(path)}
+        return {**item, "path": str(path), "dtype": str(pixels.dtype)}
 
 
 def prepare_image(

@@ -113,6 +113,9 @@ class DataSpec:
         symmetries: The flips and rotations of the training augmentation (``hflip``,
             ``vflip``, ``rot90``); test-time augmentation averages over exactly these. None
             when not known (a data module that does not say).
+        input_dtype: The numpy dtype of the training images as read (``uint8``, ``uint16``,
+            ``float32``, ...), which sets how their values were scaled; prediction warns of
+            inputs of another one. None when not known (mixed, or an older checkpoint).
     """
 
     num_classes: int
@@ -126,6 +129,7 @@ class DataSpec:
     stats_source: str = ""
     eval_resize: list[int] | None = None
     symmetries: list[str] | None = None
+    input_dtype: str | None = None
 
     @classmethod
     def create(
@@ -141,6 +145,7 @@ class DataSpec:
         stats_source: str | None = None,
         eval_resize: Sequence[int] | None = None,
         symmetries: Sequence[str] | None = None,
+        input_dtype: str | None = None,
         where: str = "data",
     ) -> DataSpec:
         """A checked spec with default names and colours filled in.
@@ -157,6 +162,7 @@ class DataSpec:
             stats_source: Where mean/std come from (default ``config`` when given).
             eval_resize: ``[height, width]`` for evaluation and prediction, or None.
             symmetries: Training symmetries (subset of ``hflip``, ``vflip``, ``rot90``), or None.
+            input_dtype: The training images' dtype name, or None.
             where: Prefix of the option names in messages (``data`` -> ``data.num_classes``).
 
         Returns:
@@ -216,6 +222,7 @@ class DataSpec:
             stats_source=source,
             eval_resize=[int(v) for v in eval_resize] if eval_resize is not None else None,
             symmetries=[str(v) for v in symmetries] if symmetries is not None else None,
+            input_dtype=str(input_dtype) if input_dtype is not None else None,
         )
 
     # ------------------------------------------------------------------ normalisation
@@ -251,7 +258,8 @@ class DataSpec:
     def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> DataSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones defaulted."""
         keys = ("class_names", "class_colors", "ignore_index", "in_channels", "bands", "mean",
-                "std", "stats_source", "eval_resize", "symmetries")  # None: "default"
+                "std", "stats_source", "eval_resize", "symmetries",
+                "input_dtype")  # None: "default"
         kwargs = {k: data[k] for k in keys if data.get(k) is not None}
         if "num_classes" not in data:
             raise ConfigError(f"{where}: a data spec needs num_classes")

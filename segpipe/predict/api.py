@@ -104,6 +104,7 @@ class Segmenter:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._check_tile(tile)
+        self._dtypes_warned: set[str] = set()  # input dtypes unlike training's, said once each
 
     def _check_tile(self, tile: int | None) -> None:
         """Refuse a tile under the network's size step, as ``segpipe predict --tile`` does."""
@@ -288,6 +289,12 @@ class Segmenter:
         transform = build_eval_transform(cfg.eval_resize) if resize and cfg.eval_resize else None
         try:
             pixels, source, valid = self._pixels(item)
+            dtype = str(pixels.dtype)
+            if dtype not in self._dtypes_warned:
+                warning = cfg.dtype_warning(dtype, source)
+                if warning is not None:
+                    self._dtypes_warned.add(dtype)
+                    log.warning("%s (said once per type)", warning)
             return prepare_image(pixels, in_channels=cfg.in_channels, mean=cfg.mean, std=cfg.std,
                                  transform=transform, source=source, valid=valid)
         except ImageReadError as exc:

@@ -74,6 +74,7 @@ class PredictConfig:
         min_size: The least H and W the network takes (padded up to it), 0 for any.
         bands_given: ``bands`` come from the prediction's own ``--bands`` (:meth:`with_bands`),
             not from the checkpoint.
+        input_dtype: The training images' dtype (``data_spec.input_dtype``), or None.
     """
 
     checkpoint: str
@@ -92,6 +93,7 @@ class PredictConfig:
     input_norm: str = "none"
     min_size: int = 0
     bands_given: bool = False
+    input_dtype: str | None = None
 
     @classmethod
     def from_spec(
@@ -116,6 +118,7 @@ class PredictConfig:
             symmetries=list(spec.symmetries) if spec.symmetries is not None else None,
             input_norm=input_norm,
             min_size=int(min_size),
+            input_dtype=spec.input_dtype,
         )
 
     def with_bands(self, bands: Sequence[int] | None, option: str = "--bands") -> PredictConfig:
@@ -143,6 +146,26 @@ class PredictConfig:
             raise ValueError(f"{option} picks {n} band(s) but the model takes {want} channel(s); "
                              f"give {want} band numbers (e.g. {_bands_example(option, want)})")
         return replace(self, bands=[int(b) for b in picks], bands_given=True)
+
+    def dtype_warning(self, dtype: str, source: str) -> str | None:
+        """What to say of an input whose pixels are of ``dtype`` when the model was trained on
+        images of another (their values are scaled otherwise: integers by the type's maximum,
+        floats not at all), or None when they agree or the training dtype is not known."""
+        trained = self.input_dtype
+        if trained is None or dtype == trained or (dtype[:5] == "float" == trained[:5]):
+            return None
+
+        def scaling(name: str) -> str:
+            kind = np.dtype(name).kind
+            if kind in "iu":
+                return f"divided by {np.iinfo(np.dtype(name)).max}"
+            return "read as 0 and 1" if kind == "b" else "taken as they are"
+
+        return (f"{source} is {dtype} but the model was trained on {trained} images ({dtype} "
+                f"values are {scaling(dtype)}, {trained} ones were {scaling(trained)}), so the "
+                "model sees values unlike its training images and its masks may be wrong; "
+                f"convert the input to {trained} with the training images' value range, or use "
+                f"a model trained on {dtype} data")
 
     def channel_hint(self, option: str = "--bands", file_bands: int | None = None) -> str:
         """How to feed this model a file whose bands do not fit it (prediction messages).

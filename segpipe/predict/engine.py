@@ -293,6 +293,8 @@ class PredictInputs(Dataset):
             [f.path for f in self.files], transform=transform, mean=config.mean,
             std=config.std, bands=config.bands, in_channels=config.in_channels,
         )
+        #: Input dtypes unlike the training images' that were warned about (once each).
+        self._dtypes_warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -316,13 +318,25 @@ class PredictInputs(Dataset):
             rec["formats"] = pending
             if info is not None:
                 rec["kind"] = "raster"
+                self._check_dtype(info.dtype, f.path)
                 return rec
             item = self.images[index]
+            self._check_dtype(item["dtype"], f.path)
             rec.update(kind="image", image=item["image"], size=item["size"],
                        valid=item.get("valid"))
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
+
+    def _check_dtype(self, dtype: str, path: Path) -> None:
+        """Warn (once per type and loader process) of inputs whose dtype is not the training
+        images': their values are scaled otherwise, so the masks may be wrong."""
+        if dtype in self._dtypes_warned:
+            return
+        warning = self.config.dtype_warning(dtype, str(path))
+        if warning is not None:
+            self._dtypes_warned.add(dtype)
+            log.warning("%s (said once per type)", warning)
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,

@@ -552,3 +552,19 @@ def test_one_class_is_refused_first_with_the_binary_setup(folder_root: Path) -> 
     with pytest.raises(ConfigError, match=r"data.num_classes must be >= 2 \(background counts "
                        r"as a class\), got 1; a binary task is data.num_classes 2"):
         _dm(folder_root, num_classes=1, mask_values={0: 0, 255: 1})
+
+
+def test_the_training_images_dtype_is_recorded_in_the_spec(tmp_path: Path) -> None:
+    """Prediction warns of inputs of another dtype (scaled otherwise) from this."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(16, 16))
+    dm = _dm(root, num_classes=3)
+    assert dm.spec.input_dtype is None
+    dm.setup("fit")
+    assert dm.spec.input_dtype == "uint8"
+    rng = np.random.default_rng(0)
+    (root / "train" / "images" / "img_000.png").unlink()
+    write_image(root / "train" / "images" / "img_000.tif",
+                rng.integers(0, 65535, (16, 16, 3), dtype=np.uint16))
+    dm = _dm(root, num_classes=3)
+    dm.setup("fit")
+    assert dm.spec.input_dtype is None  # mixed: not known, nothing will be said

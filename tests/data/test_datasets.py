@@ -299,6 +299,6 @@ def test_predict_dataset(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(10, 14))
     ds = PredictDataset(find_images(root / "train" / "images"), in_channels=3)
     item = ds[1]
-    assert set(item) == {"image", "path", "size"}
+    assert set(item) == {"image", "path", "size", "dtype"} and item["dtype"] == "uint8"
     assert item["image"].shape == (3, 10, 14) and item["image"].dtype == torch.float32
     assert item["size"].tolist() == [10, 14] and item["path"].endswith("img_001.png")

@@ -769,3 +769,34 @@ def test_fewer_images_than_processes_is_one_line(tmp_path: Path, pointwise_ckpt:
     assert code == 2
     assert "1 input image(s) for 2 processes: each needs at least one; use --devices 1" in (
         capsys.readouterr().err)
+
+
+def test_inputs_of_another_dtype_than_training_are_warned_about(tmp_path: Path, caplog) -> None:
+    """A uint16 scene into a model trained on uint8 images came out as one class, silently:
+    its values are divided by 65535, the training images' by 255."""
+    ckpt = make_ckpt(tmp_path / "u8.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, input_dtype="uint8")
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        write_geotiff(src / f"{name}.tif", (np.moveaxis(noise_image(20, 30), -1, 0)
+                                            .astype(np.uint16) * 40))
+    write_image(src / "c.png", noise_image(20, 30))
+    assert run(ckpt, src, tmp_path / "out") == 0
+    said = [r.getMessage() for r in caplog.records if "but the model was trained on" in r.getMessage()]
+    assert len(said) == 1, said  # once per type, not per file; the uint8 PNG says nothing
+    assert ("is uint16 but the model was trained on uint8 images (uint16 values are divided by "
+            "65535, uint8 ones were divided by 255)") in said[0]
+    from segpipe.predict import Segmenter
+
+    caplog.clear()
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu")
+    for _ in range(2):
+        seg.predict(np.zeros((8, 8, 3), np.float32))
+    said = [r.getMessage() for r in caplog.records if "but the model was trained on" in r.getMessage()]
+    assert len(said) == 1 and "float32 values are taken as they are" in said[0]
+    caplog.clear()
+    plain = make_ckpt(tmp_path / "old.ckpt", "tests.predict.nets.PointwiseNet",
+                      {"in_channels": 3, "num_classes": 3})  # no dtype recorded: nothing said
+    Segmenter.from_checkpoint(plain, device="cpu").predict(np.zeros((8, 8, 3), np.uint16))
+    assert "but the model was trained on" not in caplog.text
