@@ -1240,6 +1240,7 @@ def write_label_png(
     labels: np.ndarray,
     palette: Sequence[Sequence[int]] | None = None,
     compress_level: int = 1,
+    transparent: int | None = None,
 ) -> Path:
     """Write a label image as PNG, quickly (prediction outputs).
 
@@ -1252,6 +1253,7 @@ def write_label_png(
         labels: (H, W) uint8 or uint16.
         palette: Optional RGB colour per label (uint8 labels only): a paletted PNG.
         compress_level: zlib level 0-9.
+        transparent: With a palette, the label drawn transparent (nodata), or None.
 
     Returns:
         The written path.
@@ -1276,5 +1278,8 @@ def write_label_png(
         img.putpalette(flat + [0] * (768 - len(flat)))
     else:
         img = Image.fromarray(np.ascontiguousarray(arr))
-    _save_pillow(img, p, format="PNG", compress_level=int(compress_level))
+    params: dict[str, Any] = {}
+    if palette is not None and transparent is not None and 0 <= transparent <= 255:
+        params["transparency"] = bytes([255] * int(transparent) + [0])  # tRNS: alpha per entry
+    _save_pillow(img, p, format="PNG", compress_level=int(compress_level), **params)
     return p

@@ -232,7 +232,8 @@ class PaletteFormat(OutputFormat):
     def write_whole(self, path: Path, pred: RowChunk) -> None:
         lut = self.config.palette()
         if self.config.mask_dtype == np.uint8:
-            write_label_png(path, pred.labels.astype(np.uint8, copy=False), palette=lut.tolist())
+            write_label_png(path, pred.labels.astype(np.uint8, copy=False), palette=lut.tolist(),
+                            transparent=self.config.nodata_value)  # nodata apart from black
         else:
             write_image(path, lut[pred.labels], suffix=".png")
 

@@ -64,6 +64,7 @@ def test_outputs_mirror_nested_folders(tmp_path: Path, pointwise_ckpt: Path, cap
         pal = Image.open(out / f"{stem}_palette.png")
         assert pal.mode == "P" and pal.size == (w, h)
         assert pal.getpalette()[:9] == [c for rgb in COLORS for c in rgb]
+        assert pal.info.get("transparency") == 255  # nodata apart from a black class
         assert np.array_equal(np.asarray(pal), mask)
         assert Image.open(out / f"{stem}_overlay.jpg").size == (w, h)
     assert not leftovers(out)
