@@ -589,6 +589,19 @@ def _save_pillow(
     write_file_bytes(path, buf.getbuffer())
 
 
+def _gdal_reason(exc: BaseException) -> str:
+    """rasterio's error text, with GDAL's own cause in place of "See previous exception for
+    details." (a previous exception the user never sees)."""
+    text = str(exc).strip()
+    marker = "See previous exception for details."
+    if marker not in text:
+        return text
+    head = text.replace(marker, "").strip().rstrip(".")
+    cause = exc.__cause__ or exc.__context__
+    cause_text = str(cause).strip() if cause is not None else ""
+    return f"{head}: {cause_text}" if cause_text else head
+
+
 def _raster_write_error(path: Path, exc: BaseException) -> BaseException:
     """``exc`` as a :class:`~segpipe.fileio.DiskFullError` when the disk is full, else itself.
 
@@ -973,7 +986,8 @@ class RasterReader:
                     valid = None
         except (RasterioIOError, RasterioError) as exc:
             raise ImageReadError(
-                self.path, f"truncated or corrupt image data in rows {row0}-{row1} ({exc})"
+                self.path, f"truncated or corrupt image data in rows {row0}-{row1} "
+                f"({_gdal_reason(exc)})"
             ) from None
         if self._lut is not None:
             return self._lut[data[0]], valid

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from segpipe.data.io import RasterInfo, RasterWriter, pixel_limit, write_image, write_label_png
-from segpipe.fileio import AtomicFile, DiskFullError, disk_full_error
+from segpipe.fileio import TMP_PREFIX, AtomicFile, DiskFullError, disk_full_error
 
 if TYPE_CHECKING:  # annotations only: the checkpoint module loads torch
     from segpipe.predict.checkpoint import PredictConfig
@@ -419,12 +419,26 @@ class OutputSink:
     def _disk_full(self, exc: BaseException) -> DiskFullError | None:
         return disk_full_error(exc, self._current or self._targets[0][1])
 
+    def _named(self, exc: BaseException) -> BaseException:
+        """An OS error that names the hidden temporary file (GDAL's "Attempt to create new
+        tiff file '.segpipe-tmp-….partial' failed: Permission denied") as one naming the
+        output, with GDAL's reason; any other error as it is."""
+        text = str(exc)
+        if not isinstance(exc, OSError) or self._current is None or TMP_PREFIX not in text:
+            return exc
+        reason = getattr(exc, "strerror", None) or text.rsplit(": ", 1)[-1]
+        kind = PermissionError if isinstance(exc, PermissionError) or "ermission" in text else OSError
+        return kind(f"cannot write {self._current}: {reason}")
+
     def _fail(self, exc: BaseException) -> None:
         """Delete every temporary file and raise ``exc`` (a full disk as DiskFullError)."""
         self._abort()
         full = self._disk_full(exc)
         if full is not None and full is not exc:
             raise full from exc
+        named = self._named(exc)
+        if named is not exc:
+            raise named from exc
         raise exc
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -433,6 +447,9 @@ class OutputSink:
             full = self._disk_full(exc)
             if full is not None and full is not exc:
                 raise full from exc
+            named = self._named(exc)
+            if named is not exc:
+                raise named from exc
             return False
         try:
             for (_fmt, target), sink in zip(self._targets, self._sinks):

@@ -62,6 +62,18 @@ def test_nodata_in_one_band_of_a_float_raster_is_nodata_as_nan_is(tmp_path: Path
     assert valid is not None and valid[0, 0] and not valid[5, 4] and valid.sum() == 29
 
 
+def test_a_truncated_raster_says_gdals_reason(tmp_path: Path) -> None:
+    """rasterio's text pointed at a "previous exception" that is never shown."""
+    data = np.random.default_rng(0).integers(0, 255, (3, 600, 600), dtype=np.uint8)
+    path = _tif(tmp_path / "t.tif", data, tiled=True, blockxsize=256, blockysize=256)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageReadError) as err, open_raster(path) as r:
+        r.read(0, 600)
+    assert "TIFFReadEncodedTile" in str(err.value)
+    assert "previous exception" not in str(err.value)
+
+
 def test_plain_images_are_not_rasters(tmp_path: Path) -> None:
     write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
     write_image(tmp_path / "y.tif", np.zeros((4, 4, 3), np.uint8))

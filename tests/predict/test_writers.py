@@ -65,6 +65,26 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_an_unwritable_output_is_named_not_its_temporary_file(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """GDAL's open error named the hidden '.segpipe-tmp-….partial' file (a non-root user in a
+    read-only folder; root writes anyway, so the open is made to fail here as GDAL does)."""
+    from rasterio.errors import RasterioIOError
+
+    import segpipe.data.io as io
+
+    def refuse(path, *args, **kwargs):
+        raise RasterioIOError(f"Attempt to create new tiff file '{path}' failed: Permission denied")
+
+    monkeypatch.setattr(io, "_open_raster", refuse)
+    writer = PredictionWriter(tmp_path, ["geotiff"], config())
+    with pytest.raises(PermissionError) as err:
+        with writer.open("sub/b.tif", ["geotiff"], OutputMeta(Path("b.tif"), 40, 30)):
+            pass
+    assert str(err.value) == f"cannot write {tmp_path / 'sub' / 'b.tif'}: Permission denied"
+    assert TMP_PREFIX not in str(err.value)
+
+
 def test_rows_must_complete_the_image(tmp_path: Path) -> None:
     writer = PredictionWriter(tmp_path, ["geotiff"], config())
     with pytest.raises(ValueError, match="rows must be written in order"):
