@@ -323,7 +323,7 @@ class PredictInputs(Dataset):
             item = self.images[index]
             self._check_dtype(item["dtype"], f.path)
             rec.update(kind="image", image=item["image"], size=item["size"],
-                       valid=item.get("valid"))
+                       valid=item.get("valid"), dtype=item["dtype"])
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
@@ -393,12 +393,34 @@ def _display_from_unit(image: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+#: Normalised values shown from black to white in the picture of a non-8-bit input: the
+#: training mean +- this many standard deviations.
+DISPLAY_STD = 2.5
+
+
+def _display_stretched(normalised: np.ndarray) -> np.ndarray:
+    """(H, W, C) normalised values -> (H, W, 3) uint8, the training mean +- ``DISPLAY_STD``
+    standard deviations spread over 0..255: a 16-bit or float input's own [0, 1] scaling
+    shows nearly black (12 bits of data in 16) or all white (reflectances x 10000)."""
+    return _display_from_unit(normalised / (2 * DISPLAY_STD) + 0.5)
+
+
+def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float],
+               stretch: bool = False) -> np.ndarray:
     """Undo the normalisation of a (C, H, W) image for viewing.
+
+    Args:
+        image: Normalised (C, H, W) image.
+        mean: Per-channel mean it was normalised with.
+        std: Per-channel std.
+        stretch: Show the training mean +- ``DISPLAY_STD`` std (for inputs other than 8-bit,
+            whose [0, 1] scaling shows badly) instead of the [0, 1] values.
 
     Returns:
         (H, W, 3) uint8.
     """
+    if stretch:
+        return _display_stretched(image.float().permute(1, 2, 0).cpu().numpy())
     m = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
     s = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     unit = (image.float() * s + m).permute(1, 2, 0).cpu().numpy()
@@ -436,6 +458,18 @@ class RasterSource:
     def unit(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels scaled to [0, 1] float32 with the model's channel count: (h, w, C)."""
         return adapt_channels(to_float(pixels), self.config.in_channels, self.reader.path)
+
+    def display(self, pixels: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """(h, w, 3) uint8 picture of a window for overlays: 8-bit rasters as they are, others
+        stretched over the training mean +- ``DISPLAY_STD`` std; nodata black."""
+        unit = self.unit(pixels)
+        if pixels.dtype == np.uint8:
+            picture = _display_from_unit(unit)
+        else:
+            picture = _display_stretched(normalize(unit, self.config.mean, self.config.std))
+        if valid is not None:
+            picture[~valid] = 0
+        return picture
 
     def tile(self, window: tuple[np.ndarray, np.ndarray | None], col0: int, col1: int) -> Tensor:
         """Normalised float32 (C, h, col1 - col0) tile; columns count from the window's first."""
@@ -591,7 +625,8 @@ class PredictModule(L.LightningModule):
                                         align_corners=False)[0]
             else:
                 lab = labels[j]
-            display = to_display(img, cfg.mean, cfg.std) if need_display else None
+            display = (to_display(img, cfg.mean, cfg.std, stretch=rec.get("dtype") != "uint8")
+                       if need_display else None)
             valid = rec.get("valid")  # NaN/inf pixels of a float image: written as nodata
             valid = None if valid is None else valid.numpy()
             chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, valid, display)
@@ -607,7 +642,7 @@ class PredictModule(L.LightningModule):
         pixels, valid = blk.window
         h, w = blk.row1 - blk.row0, blk.col1 - blk.col0  # the window starts at (row0, col0)
         valid = valid[:h, :w] if valid is not None else None
-        display = _display_from_unit(source.unit(pixels[:h, :w])) if need_display else None
+        display = source.display(pixels[:h, :w], valid) if need_display else None
         return self._chunk(blk.probs() if need_probs else None, blk.labels(), valid, display)
 
     def _raster_rows(

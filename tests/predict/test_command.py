@@ -801,3 +801,25 @@ def test_inputs_of_another_dtype_than_training_are_warned_about(tmp_path: Path, 
                       {"in_channels": 3, "num_classes": 3})  # no dtype recorded: nothing said
     Segmenter.from_checkpoint(plain, device="cpu").predict(np.zeros((8, 8, 3), np.uint16))
     assert "but the model was trained on" not in caplog.text
+
+
+def test_overlays_of_16_bit_inputs_are_stretched_and_show_nodata_black(tmp_path: Path) -> None:
+    """A 16-bit scene's [0, 1] scaling (12 bits of data) drew a nearly black overlay, and its
+    nodata white; the picture now spans the training mean +- 2.5 std."""
+    ckpt = make_ckpt(tmp_path / "u16.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, mean=[0.078] * 3, std=[0.045] * 3,
+                     input_dtype="uint16")
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 10200, (3, 40, 50)).astype(np.uint16)
+    data[:, :5, :5] = 65535
+    src = tmp_path / "in"
+    src.mkdir()
+    write_geotiff(src / "scene.tif", data, nodata=65535)
+    write_image(src / "grey.png", data[0, 5:, 5:])  # a 16-bit PNG: read whole, not by windows
+    out = tmp_path / "out"
+    assert run(ckpt, src, out, "--format", "overlay", "--overlay_alpha", "0") == 0
+    scene = np.asarray(Image.open(out / "scene_overlay.jpg")).astype(int)
+    grey = np.asarray(Image.open(out / "grey_overlay.jpg")).astype(int)
+    for picture in (scene[5:, 5:], grey):
+        assert 90 < picture.mean() < 170 and picture.std() > 30  # not black, not white
+    assert scene[:4, :4].max() < 40  # nodata: black (JPEG blurs its edge)
