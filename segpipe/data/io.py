@@ -921,6 +921,7 @@ class RasterReader:
                         pass
             flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
             self.has_mask = any(list(f) != [MaskFlags.all_valid] for f in flags)
+            self._warned_partial = False  # float pixels nodata in some bands only
             if alpha_as_data:  # the "alpha" band is data: its zeros are no nodata
                 self.has_mask = any(MaskFlags.nodata in f for f in flags)
         except BaseException:
@@ -955,13 +956,13 @@ class RasterReader:
 
         Returns:
             ``(pixels (h, w, C) native dtype, valid (h, w) bool or None when every pixel is
-            valid)``. ``pixels`` is a band-planar view (no copy). In integer rasters a pixel
-            is valid when any selected band is valid (GDAL's dataset mask semantics: nodata
-            value, internal mask or alpha band), since a band of an 8-bit image may hold the
-            nodata value (say 0) as a real value. In float rasters the nodata value is a
-            sentinel (-9999, -3.4e38) that would enter the network raw, so a pixel is valid
-            only when every selected band is valid and finite (NaN or infinite values would
-            spread through the network to every pixel near it).
+            valid)``. ``pixels`` is a band-planar view (no copy). A pixel is valid when any
+            selected band is valid (GDAL's dataset mask semantics: nodata value, internal mask
+            or alpha band), since one band may hold the nodata value (say 0) as a real value,
+            and, in float rasters, no selected band is NaN or infinite (a NaN would spread
+            through the network to every pixel near it). A float raster with pixels that are
+            nodata in some bands only is warned about once: those bands' values (a sentinel
+            such as -9999) enter the network as they are.
 
         Raises:
             ImageReadError: Truncated or corrupt data inside the window.
@@ -975,13 +976,24 @@ class RasterReader:
             data = self._ds.read(self.indexes, window=window)
             valid = None
             if self.has_mask:
-                combine = np.logical_and if data.dtype.kind == "f" else np.logical_or
+                partial = data.dtype.kind == "f" and not self._warned_partial
+                every = None
                 for index in self.indexes:  # band by band: no (C, h, w) mask array
                     band_valid = self._ds.read_masks(index, window=window) > 0
                     if valid is None:
-                        valid = band_valid
+                        valid, every = band_valid, band_valid.copy() if partial else None
                     else:
-                        combine(valid, band_valid, out=valid)
+                        np.logical_or(valid, band_valid, out=valid)
+                        if every is not None:
+                            np.logical_and(every, band_valid, out=every)
+                if every is not None and not np.array_equal(valid, every):
+                    self._warned_partial = True
+                    warnings.warn(
+                        f"{self.path}: some pixels are nodata ({self.info.nodata}) in only some "
+                        "of the bands read; they are predicted from all bands, those values "
+                        "included. If the value is a sentinel (such as -9999), set every band of "
+                        "such pixels to it, or to NaN, to have them written as nodata",
+                        stacklevel=2)
                 if valid is not None and valid.all():
                     valid = None
         except (RasterioIOError, RasterioError) as exc:

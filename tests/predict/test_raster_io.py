@@ -41,24 +41,31 @@ def test_windows_bands_and_nodata(tmp_path: Path) -> None:
         open_raster(p, bands=[5])
 
 
-def test_nodata_in_one_band_of_a_float_raster_is_nodata_as_nan_is(tmp_path: Path) -> None:
-    """-9999 in one band of a float raster entered the network raw (the pixel stayed valid
-    because another band was), while NaN there made it nodata. Integer rasters keep GDAL's
-    rule: a uint8 pixel with one band at the nodata value 0 (pure blue) is real."""
+def test_nodata_in_some_bands_only_keeps_gdals_rule_and_is_warned_about(tmp_path: Path) -> None:
+    """A pixel is nodata when every band read is (GDAL's rule: 0 in one band of a float scene
+    with nodata 0 may be real), or when any band is NaN. A float raster whose pixels are nodata
+    in some bands only is warned about: a sentinel such as -9999 there enters the network."""
     data = np.full((3, 6, 5), 0.5, np.float32)
     data[0, 1:3, 1:3] = -9999.0  # one band only
+    data[:, 0, 4] = -9999.0  # every band
     data[1, 4, 4] = np.nan
-    with open_raster(_tif(tmp_path / "f.tif", data, nodata=-9999.0)) as r:
+    with pytest.warns(UserWarning, match=r"f.tif: some pixels are nodata \(-9999.0\) in only "
+                      "some of the bands read"), open_raster(_tif(tmp_path / "f.tif", data,
+                                                                  nodata=-9999.0)) as r:
         _, valid = r.read(0, 6)
     expected = np.ones((6, 5), bool)
-    expected[1:3, 1:3] = False
-    expected[4, 4] = False
+    expected[0, 4] = expected[4, 4] = False
     assert valid is not None and np.array_equal(valid, expected)
     blue = np.full((3, 6, 5), 100, np.uint8)
-    blue[:2, 0, 0] = 0  # (0, 0, 100): a real colour
+    blue[:2, 0, 0] = 0  # (0, 0, 100): a real colour, no warning for integer rasters
     blue[:, 5, 4] = 0  # every band: nodata
-    with open_raster(_tif(tmp_path / "u.tif", blue, nodata=0)) as r:
+    import warnings
+
+    path = _tif(tmp_path / "u.tif", blue, nodata=0)
+    with warnings.catch_warnings(record=True) as seen, open_raster(path) as r:
+        warnings.simplefilter("always")
         _, valid = r.read(0, 6)
+    assert not [w for w in seen if "only some of the bands" in str(w.message)]
     assert valid is not None and valid[0, 0] and not valid[5, 4] and valid.sum() == 29
 
 
