@@ -786,19 +786,27 @@ class SegmentationTask(L.LightningModule):
             self._pending_rng_state = states[rank]
 
     def _warn_evaluation_differs(self, saved_spec: dict[str, Any]) -> None:
-        """Warn when this run evaluates otherwise than the checkpoint's data spec says (and so
-        than ``segpipe predict`` predicts with it): another ``eval_resize`` or ignore index."""
+        """Warn when a test or validate scores otherwise than the checkpoint's data spec says:
+        another ``eval_resize`` (not the size ``segpipe predict`` predicts at) or another
+        ignore index (other pixels scored than training ignored). A resumed fit records the
+        new values, so it is not warned."""
+        if self._trainer is not None and self.trainer.state.fn not in ("validate", "test"):
+            return
         for key in ("eval_resize", "ignore_index"):
             if key not in saved_spec:  # a checkpoint older than the spec's key
                 continue
             was, now = saved_spec[key], getattr(self.spec, key)
-            if (list(was) if isinstance(was, (list, tuple)) else was) != now:
-                shown = f"'{list(was)}'" if isinstance(was, (list, tuple)) else str(was)
-                rank_zero_warn(
-                    f"the checkpoint was trained with data.{key}={was} (segpipe predict uses "
-                    f"it), but this run has data.{key}={now}: its val/test figures are not "
-                    f"those of the masks predict writes; to score as predict does, pass "
-                    f"--data.{key} {shown} or the run's config.yaml")
+            if (list(was) if isinstance(was, (list, tuple)) else was) == now:
+                continue
+            shown = ("null" if was is None
+                     else f"'{list(was)}'" if isinstance(was, (list, tuple)) else str(was))
+            why = ("its figures are not those of the masks segpipe predict writes with it"
+                   if key == "eval_resize" else
+                   "it scores other pixels than training ignored (the masks are the same)")
+            rank_zero_warn(
+                f"the checkpoint was trained with data.{key}={shown} but this run has "
+                f"data.{key}={'null' if now is None else now}: {why}; to score as trained, "
+                f"pass --data.{key} {shown} or the run's config.yaml")
 
     def _check_checkpoint_fits(self, state: Any, saved_spec: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` naming the difference when the checkpoint's weights cannot

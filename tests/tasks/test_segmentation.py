@@ -479,9 +479,15 @@ def test_a_test_that_evaluates_otherwise_than_the_checkpoint_is_warned_about():
     task = SegmentationTask(PixelNet(), ignore_index=255)
     saved = {**task.spec.to_dict(), "eval_resize": [24, 24]}
     checkpoint = {"hyper_parameters": {"data_spec": saved}, "state_dict": task.state_dict()}
-    with pytest.warns(UserWarning, match=r"trained with data.eval_resize=\[24, 24\] .* this run "
-                      r"has data.eval_resize=None.* pass --data.eval_resize '\[24, 24\]'"):
+    with pytest.warns(UserWarning, match=r"trained with data.eval_resize='\[24, 24\]' but this "
+                      r"run has data.eval_resize=null: its figures are not those of the masks "
+                      r"segpipe predict writes.* pass --data.eval_resize '\[24, 24\]'"):
         task.on_load_checkpoint(checkpoint)
+    unset = {"hyper_parameters": {"data_spec": {**task.spec.to_dict(), "ignore_index": None}},
+             "state_dict": task.state_dict()}
+    with pytest.warns(UserWarning, match=r"data.ignore_index=null but this run has "
+                      r"data.ignore_index=255: it scores other pixels .* --data.ignore_index null"):
+        task.on_load_checkpoint(unset)  # null, which the command line takes (not None)
     same = {"hyper_parameters": {"data_spec": task.spec.to_dict()}, "state_dict": task.state_dict()}
     old = {"hyper_parameters": {"data_spec": {"num_classes": 3}}, "state_dict": task.state_dict()}
     import warnings
