@@ -305,7 +305,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if channel_gain is not None and not 0 < channel_gain[0] <= channel_gain[1]:
             raise ConfigError(f"data.channel_gain must be [low, high] with 0 < low <= high "
                               f"(e.g. [0.5, 2.0]) or null, got {list(channel_gain)}")
-        check_ignore_index(num_classes, ignore_index)
+        check_ignore_index(num_classes, ignore_index, mask_values, mask_colors)
         if boundary_weight_class is not None and not 0 <= boundary_weight_class < num_classes:
             raise ConfigError(f"data.boundary_weight_class is the class whose regions are the "
                               f"objects, in 0..{num_classes - 1}; got {boundary_weight_class}")

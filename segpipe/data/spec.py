@@ -266,27 +266,43 @@ class DataSpec:
         return cls.create(int(data["num_classes"]), where=where, **kwargs)
 
 
-def check_ignore_index(num_classes: int, ignore_index: int | None) -> None:
+def check_ignore_index(
+    num_classes: int,
+    ignore_index: int | None,
+    mask_values: Mapping[int, int] | None = None,
+    mask_colors: Sequence[Sequence[int]] | None = None,
+) -> None:
     """Refuse an ignore index that is one of the classes ``0..num_classes-1``.
 
     Such a class would be neither learnt nor scored, yet the network keeps an output for it, and
     the metrics cannot treat it consistently (macro IoU drops it, Dice and the per-image scores
-    would count it as 0). The fix is a mapping that gives the other classes ``0..C-2``.
+    would count it as 0). The fix gives the other classes ``0..C-2``: composed with the user's
+    ``mask_values`` when there are some, by leaving the class's colour out of ``mask_colors``
+    (unlisted colours read as the ignore index) for colour masks.
 
     Raises:
-        ConfigError: naming the ``data.mask_values`` mapping and class count to use.
+        ConfigError: naming the mapping and class count to use.
     """
     if ignore_index is None or not 0 <= int(ignore_index) < int(num_classes):
         return
     i, k = int(ignore_index), int(num_classes)
-    others = [c for c in range(k) if c != i]
-    mapping = ", ".join([f"{i}: 255"] + [f"{c}: {n}" for n, c in enumerate(others)])
+    head = (f"data.ignore_index {i} is one of the classes 0..{k - 1}: that class would be "
+            "neither learnt nor scored while the network keeps an output for it. ")
+    tail = f"data.num_classes {k - 1} and data.ignore_index 255"
+    if mask_colors:
+        colour = list(mask_colors[i])[:3] if i < len(mask_colors) else None
+        raise ConfigError(
+            f"{head}If class {i} marks unlabelled pixels, leave its colour {colour} out of "
+            f"data.mask_colors (colours not listed read as the ignore index) and set {tail}")
+    if mask_values:
+        mapped = {int(r): (255 if int(c) == i else int(c) - (int(c) > i))
+                  for r, c in mask_values.items()}
+    else:
+        mapped = {c: (255 if c == i else c - (c > i)) for c in range(k)}
+    mapping = ", ".join(f"{r}: {c}" for r, c in sorted(mapped.items()))
     raise ConfigError(
-        f"data.ignore_index {i} is one of the classes 0..{k - 1}: that class would be neither "
-        f"learnt nor scored while the network keeps an output for it. If {i} marks unlabelled "
-        f"pixels, map the mask values with data.mask_values '{{{mapping}}}' and set "
-        f"data.num_classes {k - 1} and data.ignore_index 255"
-    )
+        f"{head}If {i} marks unlabelled pixels, map the mask values with data.mask_values "
+        f"'{{{mapping}}}' and set {tail}")
 
 
 def spec_from_legacy(

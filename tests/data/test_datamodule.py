@@ -187,6 +187,12 @@ def test_an_ignore_index_among_the_classes_is_refused_with_a_fix_that_works(
     assert "data.ignore_index 0 is one of the classes 0..2" in message
     assert "data.mask_values '{0: 255, 1: 0, 2: 1}'" in message
     assert "data.num_classes 2 and data.ignore_index 255" in message
+    # composed with the user's own table (masks stored as 0/128/255), or for colour masks
+    with pytest.raises(ConfigError, match=r"data.mask_values '\{0: 0, 128: 1, 255: 255\}'"):
+        _dm(folder_root, num_classes=3, ignore_index=2, mask_values={0: 0, 128: 1, 255: 2})
+    with pytest.raises(ConfigError, match=r"leave its colour \[0, 0, 255\] out of data.mask_colors"):
+        _dm(folder_root, num_classes=3, ignore_index=2,
+            mask_colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]])
     dm = _dm(folder_root, num_classes=2, ignore_index=255, mask_values={0: 255, 1: 0, 2: 1})
     dm.setup("fit")
     mask = next(iter(dm.train_dataloader()))["mask"]
