@@ -266,7 +266,8 @@ def _sidecar_config(side: Path, meta: dict[str, Any]) -> PredictConfig:
         spec = DataSpec.from_dict(  # the same checks as a checkpoint's data spec
             {k: meta.get(k) for k in ("num_classes", "class_names", "class_colors",
                                        "ignore_index", "in_channels", "bands", "mean", "std",
-                                       "eval_resize", "symmetries")}, where="sidecar")
+                                       "eval_resize", "symmetries", "input_dtype")},
+            where="sidecar")
         pad = meta.get("pad_multiple", 32)
         if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
             raise ValueError(f"pad_multiple must be a positive whole number, got {pad!r}")

@@ -57,6 +57,22 @@ def test_onnx_prediction_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> N
     assert same / total >= 0.999
 
 
+def test_the_training_dtype_travels_through_the_sidecar(tmp_path: Path) -> None:
+    """The sidecar held input_dtype but loading dropped it: ONNX never warned of a uint16
+    scene given to a uint8-trained model."""
+    from segpipe.predict import Segmenter
+
+    ckpt = save_predict_checkpoint(
+        tmp_path / "u8.ckpt", net={"class_path": "segpipe.models.UNet", "init_args": {
+            "in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2}},
+        data={"input_dtype": "uint8"})
+    model = tmp_path / "model.onnx"
+    assert cli_main(["export", "--ckpt_path", str(ckpt), "--output", str(model)]) == 0
+    seg = Segmenter.from_onnx(model)
+    assert seg.config.input_dtype == "uint8"
+    assert seg.config.dtype_warning("uint16", "scene.tif") is not None
+
+
 def test_missing_sidecar_is_a_clear_error(tmp_path: Path, unet_ckpt: Path, capsys) -> None:
     model = tmp_path / "model.onnx"
     assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output", str(model)]) == 0
