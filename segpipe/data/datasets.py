@@ -986,12 +986,18 @@ class PredictDataset(_TransformMixin, Dataset):
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W], "dtype": str}``
-        (``dtype``: the file's pixels' as read)."""
+        (``dtype``: the file's pixels' as read), and for float pixels ``"value_range":
+        (min, max)`` of the finite ones."""
         path = self.samples[self._resolve_key(index)].image
         pixels = read_image(path, self.bands, self.in_channels)
         item = prepare_image(pixels, in_channels=self.in_channels,
                              mean=self.mean, std=self.std, transform=self.transform, source=path)
-        return {**item, "path": str(path), "dtype": str(pixels.dtype)}
+        item = {**item, "path": str(path), "dtype": str(pixels.dtype)}
+        if pixels.dtype.kind == "f":
+            finite = pixels[np.isfinite(pixels)]
+            if finite.size:
+                item["value_range"] = (float(finite.min()), float(finite.max()))
+        return item
 
 
 def prepare_image(

@@ -61,6 +61,15 @@ def _autocast_dtype(precision: str | None) -> torch.dtype | None:
     return None
 
 
+def _value_range(pixels: np.ndarray, valid: np.ndarray | None) -> tuple[float, float] | None:
+    """Finite minimum and maximum of float pixels (valid ones), else None."""
+    if pixels.dtype.kind != "f":
+        return None
+    values = pixels[valid] if valid is not None else pixels
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else None
+
+
 class Segmenter:
     """A trained segmentation model for Python code (see the module docstring).
 
@@ -291,7 +300,7 @@ class Segmenter:
             pixels, source, valid = self._pixels(item)
             dtype = str(pixels.dtype)
             if dtype not in self._dtypes_warned:
-                warning = cfg.dtype_warning(dtype, source)
+                warning = cfg.dtype_warning(dtype, source, _value_range(pixels, valid))
                 if warning is not None:
                     self._dtypes_warned.add(dtype)
                     log.warning("%s (said once per type)", warning)

@@ -147,13 +147,23 @@ class PredictConfig:
                              f"give {want} band numbers (e.g. {_bands_example(option, want)})")
         return replace(self, bands=[int(b) for b in picks], bands_given=True)
 
-    def dtype_warning(self, dtype: str, source: str) -> str | None:
+    def dtype_warning(
+        self, dtype: str, source: str, value_range: tuple[float, float] | None = None
+    ) -> str | None:
         """What to say of an input whose pixels are of ``dtype`` when the model was trained on
         images of another (their values are scaled otherwise: integers by the type's maximum,
-        floats not at all), or None when they agree or the training dtype is not known."""
+        floats not at all), or None when they agree or the training dtype is not known.
+
+        Float input to a model trained on integer images is the documented way to give
+        [0, 1]-scaled pixels: it is warned about only when ``value_range`` (its finite minimum
+        and maximum) is known and leaves [0, 1].
+        """
         trained = self.input_dtype
         if trained is None or dtype == trained or (dtype[:5] == "float" == trained[:5]):
             return None
+        if dtype.startswith("float") and np.dtype(trained).kind in "iub":
+            if value_range is None or (value_range[0] >= 0.0 and value_range[1] <= 1.0):
+                return None
 
         def scaling(name: str) -> str:
             kind = np.dtype(name).kind
@@ -161,11 +171,11 @@ class PredictConfig:
                 return f"divided by {np.iinfo(np.dtype(name)).max}"
             return "read as 0 and 1" if kind == "b" else "taken as they are"
 
-        return (f"{source} is {dtype} but the model was trained on {trained} images ({dtype} "
-                f"values are {scaling(dtype)}, {trained} ones were {scaling(trained)}), so the "
-                "model sees values unlike its training images and its masks may be wrong; "
-                f"convert the input to {trained} with the training images' value range, or use "
-                f"a model trained on {dtype} data")
+        return (f"{source}: {dtype} pixels, but the model was trained on {trained} images "
+                f"({dtype} values are {scaling(dtype)}, {trained} ones were {scaling(trained)}), "
+                "so the model sees values unlike its training images and its masks may be "
+                f"wrong; convert the input to {trained} with the training images' value range, "
+                f"or use a model trained on {dtype} data")
 
     def channel_hint(self, option: str = "--bands", file_bands: int | None = None) -> str:
         """How to feed this model a file whose bands do not fit it (prediction messages).
@@ -180,7 +190,9 @@ class PredictConfig:
             trained = f"the model was trained on bands {self.bands} of its files; "
         else:
             trained = ""
-        if file_bands is not None and file_bands < want and {file_bands, want} != {1, 3}:
+        if file_bands is not None and file_bands < want:
+            if {file_bands, want} == {1, 3}:  # grey repeated to RGB, as in training
+                return f"{trained}read its one band as grey: {_bands_example(option, 1)}"
             return (f"{trained}this file has {file_bands} band(s), fewer than the {want} the "
                     "model takes: use a model trained on such images")
         of = f"this file's {file_bands} bands" if file_bands is not None else "this file's bands"

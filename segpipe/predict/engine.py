@@ -321,22 +321,23 @@ class PredictInputs(Dataset):
                 self._check_dtype(info.dtype, f.path)
                 return rec
             item = self.images[index]
-            self._check_dtype(item["dtype"], f.path)
+            self._check_dtype(item["dtype"], f.path, item.get("value_range"))
             rec.update(kind="image", image=item["image"], size=item["size"],
                        valid=item.get("valid"), dtype=item["dtype"])
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
 
-    def _check_dtype(self, dtype: str, path: Path) -> None:
+    def _check_dtype(self, dtype: str, path: Path,
+                     value_range: tuple[float, float] | None = None) -> None:
         """Warn (once per type and loader process) of inputs whose dtype is not the training
         images': their values are scaled otherwise, so the masks may be wrong."""
         if dtype in self._dtypes_warned:
             return
-        warning = self.config.dtype_warning(dtype, str(path))
+        warning = self.config.dtype_warning(dtype, str(path), value_range)
         if warning is not None:
             self._dtypes_warned.add(dtype)
-            log.warning("%s (said once per type)", warning)
+            log.warning("%s (said once per type and loader process)", warning)
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,

@@ -223,6 +223,12 @@ def test_bands_option_reads_other_bands_than_the_checkpoint(
     assert run(ckpt, tmp_path / "b", tmp_path / "out_x", "--bands", "1", "3", "9") == 1
     out = capsys.readouterr().out
     assert "band 9 requested but the file has 3 band(s)" in out and "trained on bands" not in out
+    # one band for a 3-channel model: grey, as training converts it; the hint can be followed
+    (tmp_path / "g").mkdir()
+    write_geotiff(tmp_path / "g" / "one.tif", trained[3:4])
+    assert run(ckpt, tmp_path / "g", tmp_path / "out_g") == 1
+    assert "read its one band as grey: --bands 1" in capsys.readouterr().out
+    assert run(ckpt, tmp_path / "g", tmp_path / "out_g", "--bands", "1") == 0
     assert run(ckpt, tmp_path / "b", tmp_path / "out_b", "--bands", "1", "3", "2") == 0
     with rasterio.open(tmp_path / "out_a" / "scene.tif") as a, \
             rasterio.open(tmp_path / "out_b" / "scene.tif") as b:
@@ -786,14 +792,16 @@ def test_inputs_of_another_dtype_than_training_are_warned_about(tmp_path: Path, 
     assert run(ckpt, src, tmp_path / "out") == 0
     said = [r.getMessage() for r in caplog.records if "but the model was trained on" in r.getMessage()]
     assert len(said) == 1, said  # once per type, not per file; the uint8 PNG says nothing
-    assert ("is uint16 but the model was trained on uint8 images (uint16 values are divided by "
-            "65535, uint8 ones were divided by 255)") in said[0]
+    assert ("a.tif: uint16 pixels, but the model was trained on uint8 images (uint16 values are "
+            "divided by 65535, uint8 ones were divided by 255)") in said[0]
     from segpipe.predict import Segmenter
 
     caplog.clear()
     seg = Segmenter.from_checkpoint(ckpt, device="cpu")
+    seg.predict(np.full((8, 8, 3), 0.7, np.float32))  # [0, 1] floats: the documented input
+    assert "but the model was trained on" not in caplog.text
     for _ in range(2):
-        seg.predict(np.zeros((8, 8, 3), np.float32))
+        seg.predict(np.full((8, 8, 3), 200.0, np.float32))  # 0..255 values as floats
     said = [r.getMessage() for r in caplog.records if "but the model was trained on" in r.getMessage()]
     assert len(said) == 1 and "float32 values are taken as they are" in said[0]
     caplog.clear()
