@@ -775,7 +775,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     case = found.group(1) if found.re.groups else found.group(0)
             out.append(dataclasses.replace(sample, case=case))
         missed = [s for s in out if s.case is None]
-        if missed and self.hparams.get("case_pattern") and regex is not None:
+        if missed and split != "train" and self.hparams.get("case_pattern") and regex is not None:
             try:
                 example = missed[0].image.relative_to(root).as_posix()
             except ValueError:

@@ -298,8 +298,10 @@ class OverlayFormat(OutputFormat):
 def _georef(meta: OutputMeta, fmt: str, warn: bool = True) -> dict[str, Any]:
     if meta.raster is not None and meta.raster.georeferenced:
         raster = meta.raster
-        return {"crs": raster.crs, "transform": raster.transform,
-                "gcps": getattr(raster, "gcps", None), "rpcs": getattr(raster, "rpcs", None)}
+        gcps, rpcs = getattr(raster, "gcps", None), getattr(raster, "rpcs", None)
+        if gcps is not None:  # GCPs replace a geotransform (GDAL warns when both are set)
+            return {"gcps": gcps, "rpcs": rpcs}
+        return {"crs": raster.crs, "transform": raster.transform, "rpcs": rpcs}
     if warn:
         log.warning(
             "%s is not georeferenced: its %s output is a plain TIFF without CRS", meta.source, fmt

@@ -655,6 +655,11 @@ class SegmentationTask(L.LightningModule):
         if not updated:
             return {}
         computed = {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()}
+        cm = computed.get("confusion_matrix")
+        if cm is not None and int(cm.sum()) == 0:  # nothing scored: undefined, not 0.0
+            for key in ("mDice", "micro_IoU", "pixel_accuracy"):
+                if key in computed:
+                    computed[key] = torch.full_like(computed[key], float("nan"))
         names = self.class_names
         flat = flatten_metrics(computed, names, prefix=f"{stage}/")
         # Already synced across ranks by torchmetrics; sync_dist averages identical values.
@@ -695,7 +700,15 @@ class SegmentationTask(L.LightningModule):
                 batch = self.transfer_batch_to_device(batch, self.device, idx)
                 if datamodule is not None:
                     batch = datamodule.on_after_batch_transfer(batch, idx)
-                yield self.on_after_batch_transfer(batch, idx)["image"]
+                batch = self.on_after_batch_transfer(batch, idx)
+                sizes = batch.get("image_size")
+                if sizes is None:
+                    yield batch["image"]
+                    continue
+                # Images of different sizes: each at its own, as they are scored (the batch's
+                # zero padding is no image statistic).
+                for i, (h, w) in enumerate(sizes.tolist()):
+                    yield batch["image"][i : i + 1, :, :h, :w]
 
     def on_test_end(self) -> None:
         """Put the training BatchNorm statistics back after ``bn_adapt``."""

@@ -146,7 +146,7 @@ def test_geotiff_roundtrip_keeps_georeference_and_nodata(
 
 
 def test_control_points_and_camera_models_are_kept(tmp_path: Path, pointwise_ckpt: Path,
-                                                   caplog) -> None:
+                                                   caplog, capfd) -> None:
     """A raster georeferenced by GCPs or by RPCs only (no CRS, identity transform): its
     GeoTIFF output had neither (GCPs), or `auto` wrote a PNG (RPCs), without a word."""
     from rasterio.control import GroundControlPoint
@@ -167,8 +167,11 @@ def test_control_points_and_camera_models_are_kept(tmp_path: Path, pointwise_ckp
             setattr(ds, key, value)
             ds.write(data)
     out = tmp_path / "out"
+    capfd.readouterr()
     assert run(pointwise_ckpt, src, out, "--format", "auto", "probs") == 0
     assert "not georeferenced" not in caplog.text
+    # GDAL's own warning (on stderr) named the hidden temporary file: no geotransform is set
+    assert "geotransform previously set" not in capfd.readouterr().err
     for name in ("gcp.tif", "gcp_probs.tif"):
         with rasterio.open(out / name) as ds:
             points, crs = ds.gcps

@@ -1,6 +1,7 @@
 """SegmentationTask with a 1x1-conv network: steps, losses, metrics, prediction, errors."""
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 import segmentation_models_pytorch as smp
@@ -496,3 +497,45 @@ def test_a_test_that_evaluates_otherwise_than_the_checkpoint_is_warned_about():
         warnings.simplefilter("error")
         task.on_load_checkpoint(same)
         task.on_load_checkpoint(old)  # a checkpoint older than the key: nothing to compare
+
+
+class ContextBNNet(ContextNet):
+    """ContextNet with BatchNorm, for bn_adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 3, 5, padding=2))
+
+
+def test_bn_adapt_on_differently_sized_images_does_not_depend_on_the_batch_size():
+    """The zero padding of mixed-size batches entered the re-estimated BatchNorm statistics."""
+    from segpipe.data import PadCollate
+
+    torch.manual_seed(0)
+    net = ContextBNNet()
+    reports = []
+    for batch_size in (1, 6):
+        task = SegmentationTask(net, ignore_index=255, bn_adapt=1.0).eval()
+        loader = DataLoader(SizesData(), batch_size=batch_size, collate_fn=PadCollate(255))
+        _trainer().test(task, loader, verbose=False)
+        reports.append(task.test_report)
+    # BatchNorm statistics are estimated per batch, then averaged over batches: with one
+    # image per batch or all six, the means agree (the padding no longer counts), the
+    # variances nearly; the predictions agree on all but a few pixels.
+    a, b = (np.array(r["confusion_matrix"]) for r in reports)
+    assert np.abs(a - b).sum() <= 0.01 * a.sum()
+
+
+def test_nothing_labelled_is_logged_as_undefined_not_zero():
+    """The JSON said undefined, but the logged and printed test/mDice etc. read 0.0."""
+    import math
+
+    task = SegmentationTask(PixelNet(), ignore_index=255)
+    data = ArgmaxData(n=4, ignore=None)
+    data.masks[:] = 255
+    trainer = _trainer()
+    trainer.test(task, DataLoader(data, batch_size=2), verbose=False)
+    for key in ("test/mDice", "test/micro_IoU", "test/pixel_accuracy"):
+        assert math.isnan(float(trainer.callback_metrics[key])), key
+    assert task.test_report["warning"].startswith("no pixel of these images is labelled")
