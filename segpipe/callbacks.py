@@ -315,7 +315,7 @@ def _provenance(trainer: L.Trainer) -> dict[str, Any]:
         out["eval_resize"] = getattr(spec, "eval_resize", None)
     case_split = getattr(dm, "case_split", None)  # segpipe's data module; None otherwise
     if case_split is not None:
-        out["data_split"] = {"scored": getattr(dm, "test_split", None), **case_split}
+        out["data_split"] = {"scored": scored, **case_split}
     return out
 
 

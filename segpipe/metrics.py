@@ -35,6 +35,7 @@ __all__ = [
     "flatten_metrics",
     "metrics_report",
     "per_image_scores",
+    "undefined_when_nothing_scored",
 ]
 
 METRIC_DESCRIPTIONS = {
@@ -238,10 +239,25 @@ def case_scores(
     }
 
 
+def undefined_when_nothing_scored(computed: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``computed`` with the summary metrics NaN (undefined) when its confusion matrix is empty
+    (every pixel ignored), where torchmetrics gives 0.0 for mDice, micro IoU and pixel
+    accuracy; as it is otherwise (also without a confusion matrix)."""
+    cm = computed.get("confusion_matrix")
+    if cm is None or int(cm.sum()) != 0:
+        return computed
+    out = dict(computed)
+    for key in ("mIoU", "mDice", "micro_IoU", "pixel_accuracy"):
+        if key in out:
+            out[key] = torch.full_like(out[key], float("nan"))
+    return out
+
+
 def metrics_report(
     computed: dict[str, Tensor], class_names: Sequence[str], ignore_index: int | None
 ) -> dict:
     """Everything the test stage knows, as a JSON-ready dict with explicit macro/micro labels."""
+    computed = undefined_when_nothing_scored(computed)
     report: dict = {
         "mIoU": _clean(float(computed["mIoU"])),
         "mDice": _clean(float(computed["mDice"])),
@@ -255,9 +271,7 @@ def metrics_report(
     }
     if "confusion_matrix" in computed:
         cm = computed["confusion_matrix"]
-        if int(cm.sum()) == 0:  # torchmetrics gives 0 where nothing was scored: undefined
-            for key in ("mIoU", "mDice", "micro_IoU", "pixel_accuracy"):
-                report[key] = None
+        if int(cm.sum()) == 0:  # the summary metrics are NaN (None) above
             report["warning"] = NO_LABELLED_PIXELS
         report["confusion_matrix"] = cm.long().tolist()
         report["confusion_matrix_axes"] = "rows = ground truth class, columns = predicted class"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import typing
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +34,7 @@ from segpipe.metrics import (
     case_scores,
     flatten_metrics,
     image_confusion,
+    undefined_when_nothing_scored,
     metrics_report,
     per_image_scores,
 )
@@ -526,6 +528,13 @@ class SegmentationTask(L.LightningModule):
         logits = self.net(x)
         return logits[..., :h, :w]
 
+    @staticmethod
+    def _own_sizes(image: Tensor, sizes: Tensor) -> Iterator[Tensor]:
+        """Each (1, C, h, w) image of a batch padded to the largest (PadCollate), cut back to
+        its own (h, w) from ``sizes`` (N, 2), the batch's ``"image_size"``: one host read."""
+        for i, (h, w) in enumerate(sizes.tolist()):
+            yield image[i : i + 1, :, :h, :w]
+
     def _each_image(self, image: Tensor, sizes: Tensor, run: Any) -> Tensor:
         """``run`` on each image of a padded batch at its own size, as ``segpipe predict`` runs
         it: zero-padding seen as image content would change the predictions near its edges.
@@ -539,11 +548,11 @@ class SegmentationTask(L.LightningModule):
             (N, K, H, W) scores, zero where an image is padding (its mask is ignored there).
         """
         out: Tensor | None = None
-        for i, (h, w) in enumerate(sizes.tolist()):  # one host read, mixed-size batches only
-            scores = run(image[i : i + 1, :, :h, :w])
+        for i, own in enumerate(self._own_sizes(image, sizes)):
+            scores = run(own)
             if out is None:
                 out = scores.new_zeros((image.shape[0], scores.shape[1], *image.shape[-2:]))
-            out[i, :, :h, :w] = scores[0]
+            out[i, :, : own.shape[-2], : own.shape[-1]] = scores[0]
         assert out is not None
         return out
 
@@ -573,11 +582,9 @@ class SegmentationTask(L.LightningModule):
                      batch_size=n)
         if stage == "train" and not self.log_train_metrics:
             return loss
-        if stage == "test" and self.test_tta and sizes is not None:
-            probs = self._each_image(image, sizes, self._tta_probabilities)
-            preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
-        elif stage == "test" and self.test_tta:
-            probs = self._tta_probabilities(image, logits.detach())
+        if stage == "test" and self.test_tta:
+            probs = (self._tta_probabilities(image, logits.detach()) if sizes is None
+                     else self._each_image(image, sizes, self._tta_probabilities))
             preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
         elif resized:  # probabilities resized, as segpipe predict does: the same masks
             preds = self._to_masks(logits.detach().float().softmax(dim=1), batch).argmax(dim=1)
@@ -654,12 +661,8 @@ class SegmentationTask(L.LightningModule):
             updated = self.trainer.strategy.reduce_boolean_decision(updated, all=False)
         if not updated:
             return {}
-        computed = {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()}
-        cm = computed.get("confusion_matrix")
-        if cm is not None and int(cm.sum()) == 0:  # nothing scored: undefined, not 0.0
-            for key in ("mDice", "micro_IoU", "pixel_accuracy"):
-                if key in computed:
-                    computed[key] = torch.full_like(computed[key], float("nan"))
+        computed = undefined_when_nothing_scored(
+            {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()})
         names = self.class_names
         flat = flatten_metrics(computed, names, prefix=f"{stage}/")
         # Already synced across ranks by torchmetrics; sync_dist averages identical values.
@@ -704,11 +707,8 @@ class SegmentationTask(L.LightningModule):
                 sizes = batch.get("image_size")
                 if sizes is None:
                     yield batch["image"]
-                    continue
-                # Images of different sizes: each at its own, as they are scored (the batch's
-                # zero padding is no image statistic).
-                for i, (h, w) in enumerate(sizes.tolist()):
-                    yield batch["image"][i : i + 1, :, :h, :w]
+                else:  # each at its own size, as scored: the zero padding is no statistic
+                    yield from self._own_sizes(batch["image"], sizes)
 
     def on_test_end(self) -> None:
         """Put the training BatchNorm statistics back after ``bn_adapt``."""
