@@ -48,7 +48,7 @@ from segpipe.data.loading import (
     seed_worker,
 )
 from segpipe.data.spec import DataSpec, check_ignore_index, training_symmetries
-from segpipe.data.stats import band_statistics, needs_measured_stats
+from segpipe.data.stats import band_statistics, image_kinds, needs_measured_stats
 from segpipe.data.transforms import (
     boundary_weight_map,
     build_eval_transform,
@@ -456,30 +456,21 @@ class SegmentationDataModule(L.LightningDataModule):
         for dataset in self.datasets.values():
             dataset.mean, dataset.std = list(self.spec.mean or []), list(self.spec.std or [])
 
-    def _record_input_dtype(self, samples: list[Sample], most: int = 3) -> None:
-        """Note the training images' dtype in the spec (prediction warns of inputs of another
-        one, whose values would be scaled otherwise): the first ``most`` images' when they
-        agree, else None."""
-        from segpipe.data.io import probe_raster, read_image
-
-        dtypes = set()
-        for sample in samples[:most]:
-            info = probe_raster(sample.image)
-            dtypes.add(info.dtype if info is not None
-                       else str(read_image(sample.image, self.bands, self.in_channels).dtype))
+    def _measure_stats(self, samples: list[Sample]) -> None:
+        """Fill in mean/std when the config gives none: ImageNet's for 8-bit RGB images,
+        otherwise measured per band on a seeded sample of the training images. Also note the
+        images' dtype in the spec (prediction warns of inputs of another one, whose values
+        would be scaled otherwise): that of the first 3 images when they agree, else None."""
+        images = [s.image for s in samples]
+        kinds = list(image_kinds(images, bands=self.bands, in_channels=self.in_channels))
+        dtypes = {dtype for dtype, _ in kinds}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
         if dtype != self.spec.input_dtype:
             self.spec = dataclasses.replace(self.spec, input_dtype=dtype)
-
-    def _measure_stats(self, samples: list[Sample]) -> None:
-        """Fill in mean/std when the config gives none: ImageNet's for 8-bit RGB images,
-        otherwise measured per band on a seeded sample of the training images; note the
-        images' dtype."""
-        self._record_input_dtype(samples)
         if self.spec.has_stats:
             return
-        images = [s.image for s in samples]
-        if not needs_measured_stats(images, bands=self.bands, in_channels=self.in_channels):
+        if not needs_measured_stats(images, bands=self.bands, in_channels=self.in_channels,
+                                    kinds=kinds):
             mean, std = self.spec.normalization()
             self._set_stats(mean, std, "default")
             return

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
@@ -35,7 +35,7 @@ from segpipe.data.checks import parallel_map
 from segpipe.data.datasets import adapt_channels
 from segpipe.data.io import probe_raster, read_image, to_float
 
-__all__ = ["STD_FLOOR", "BandStats", "band_statistics", "needs_measured_stats"]
+__all__ = ["STD_FLOOR", "BandStats", "band_statistics", "image_kinds", "needs_measured_stats"]
 
 STD_FLOOR = 1e-6
 """Smallest std returned for float images (integer images: one raw unit, see BandStats)."""
@@ -246,12 +246,36 @@ def band_statistics(
     )
 
 
+def image_kinds(
+    images: Sequence[_PathLike],
+    *,
+    bands: Sequence[int] | None = None,
+    in_channels: int | None = None,
+    max_images: int = 3,
+) -> Iterator[tuple[str, int | None]]:
+    """``(dtype name, channels)`` of each of the first ``max_images`` images as training reads
+    them (after ``bands`` and ``in_channels``), one at a time. A TIFF whose header says it is
+    not uint8 is not decoded (channels None); other files are.
+
+    Raises:
+        ImageReadError: If one of the images looked at cannot be read.
+    """
+    for path in list(images)[: max(1, max_images)]:
+        info = probe_raster(path)
+        if info is not None and info.dtype != "uint8":
+            yield info.dtype, None
+            continue
+        image = read_image(path, bands, in_channels)
+        yield str(image.dtype), int(image.shape[2])
+
+
 def needs_measured_stats(
     images: Sequence[_PathLike],
     *,
     bands: Sequence[int] | None = None,
     in_channels: int | None = None,
     max_images: int = 3,
+    kinds: Iterable[tuple[str, int | None]] | None = None,
 ) -> bool:
     """Whether the default mean/std would be wrong for these images, so they must be measured.
 
@@ -259,13 +283,14 @@ def needs_measured_stats(
     ``bands``) and the model sees 3 channels, so ImageNet's mean/std applies. True for anything
     else: 16-bit, 12-bit-in-16-bit, float, single-band or multi-band images, or RGB converted to
     gray. TIFF headers are read first (a non-uint8 TIFF is decided without decoding); other
-    files are decoded.
+    files are decoded, up to the first image that decides it.
 
     Args:
         images: Image files; only the first ``max_images`` are looked at.
         bands: 1-based band selection, as ``data.bands``.
         in_channels: Channels the model sees, as ``data.in_channels`` (None: as read).
         max_images: Images looked at.
+        kinds: Their :func:`image_kinds`, when the caller has them already (nothing is read).
 
     Returns:
         True when :func:`band_statistics` should be used; False for 8-bit RGB and for an empty
@@ -276,11 +301,6 @@ def needs_measured_stats(
     """
     if in_channels is not None and in_channels != 3:
         return bool(images)
-    for path in list(images)[: max(1, max_images)]:
-        info = probe_raster(path)
-        if info is not None and info.dtype != "uint8":
-            return True
-        image = read_image(path, bands, in_channels)
-        if image.dtype != np.uint8 or image.shape[2] != 3:
-            return True
-    return False
+    if kinds is None:
+        kinds = image_kinds(images, bands=bands, in_channels=in_channels, max_images=max_images)
+    return any(dtype != "uint8" or channels != 3 for dtype, channels in kinds)
