@@ -432,26 +432,26 @@ class OutputSink:
         kind = PermissionError if isinstance(exc, PermissionError) or "ermission" in text else OSError
         return kind(f"cannot write {self._current}: {reason}")
 
-    def _fail(self, exc: BaseException) -> None:
-        """Delete every temporary file and raise ``exc`` (a full disk as DiskFullError)."""
-        self._abort()
+    def _translated(self, exc: BaseException) -> BaseException:
+        """``exc`` as the user should read it: a full disk as DiskFullError naming the output,
+        an error naming the temporary file as one naming the output, else itself."""
         full = self._disk_full(exc)
-        if full is not None and full is not exc:
-            raise full from exc
-        named = self._named(exc)
-        if named is not exc:
-            raise named from exc
+        return full if full is not None else self._named(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Delete every temporary file and raise ``exc`` (see :meth:`_translated`)."""
+        self._abort()
+        translated = self._translated(exc)
+        if translated is not exc:
+            raise translated from exc
         raise exc
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is not None:
             self._abort()
-            full = self._disk_full(exc)
-            if full is not None and full is not exc:
-                raise full from exc
-            named = self._named(exc)
-            if named is not exc:
-                raise named from exc
+            translated = self._translated(exc)
+            if translated is not exc:
+                raise translated from exc
             return False
         try:
             for (_fmt, target), sink in zip(self._targets, self._sinks):
