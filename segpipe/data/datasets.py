@@ -993,11 +993,21 @@ class PredictDataset(_TransformMixin, Dataset):
         item = prepare_image(pixels, in_channels=self.in_channels,
                              mean=self.mean, std=self.std, transform=self.transform, source=path)
         item = {**item, "path": str(path), "dtype": str(pixels.dtype)}
-        if pixels.dtype.kind == "f":
-            finite = pixels[np.isfinite(pixels)]
-            if finite.size:
-                item["value_range"] = (float(finite.min()), float(finite.max()))
+        value_range = finite_range(pixels)
+        if value_range is not None:
+            item["value_range"] = value_range
         return item
+
+
+def finite_range(pixels: np.ndarray, valid: np.ndarray | None = None
+                 ) -> tuple[float, float] | None:
+    """Minimum and maximum of the finite values of float ``pixels`` (H, W[, C]) (where ``valid``
+    (H, W), if given), or None for integer pixels or no such value."""
+    if pixels.dtype.kind != "f":
+        return None
+    values = pixels[valid] if valid is not None else pixels
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else None
 
 
 def prepare_image(

@@ -28,7 +28,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from segpipe.data.datasets import prepare_image
+from segpipe.data.datasets import finite_range, prepare_image
 from segpipe.data.io import ImageReadError, open_raster, probe_raster, read_image
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
@@ -59,15 +59,6 @@ def _autocast_dtype(precision: str | None) -> torch.dtype | None:
     if precision.startswith("16"):
         return torch.float16
     return None
-
-
-def _value_range(pixels: np.ndarray, valid: np.ndarray | None) -> tuple[float, float] | None:
-    """Finite minimum and maximum of float pixels (valid ones), else None."""
-    if pixels.dtype.kind != "f":
-        return None
-    values = pixels[valid] if valid is not None else pixels
-    values = values[np.isfinite(values)]
-    return (float(values.min()), float(values.max())) if values.size else None
 
 
 class Segmenter:
@@ -298,12 +289,8 @@ class Segmenter:
         transform = build_eval_transform(cfg.eval_resize) if resize and cfg.eval_resize else None
         try:
             pixels, source, valid = self._pixels(item)
-            dtype = str(pixels.dtype)
-            if dtype not in self._dtypes_warned:
-                warning = cfg.dtype_warning(dtype, source, _value_range(pixels, valid))
-                if warning is not None:
-                    self._dtypes_warned.add(dtype)
-                    log.warning("%s (said once per type)", warning)
+            cfg.warn_dtype_once(self._dtypes_warned, str(pixels.dtype), source,
+                                lambda: finite_range(pixels, valid))
             return prepare_image(pixels, in_channels=cfg.in_channels, mean=cfg.mean, std=cfg.std,
                                  transform=transform, source=source, valid=valid)
         except ImageReadError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +176,28 @@ class PredictConfig:
                 "so the model sees values unlike its training images and its masks may be "
                 f"wrong; convert the input to {trained} with the training images' value range, "
                 f"or use a model trained on {dtype} data")
+
+    def warn_dtype_once(
+        self, warned: set[str], dtype: str, source: str,
+        value_range: Callable[[], tuple[float, float] | None] | None = None,
+        once: str = "type",
+    ) -> None:
+        """Log :meth:`dtype_warning` for ``dtype`` unless ``warned`` holds it (then add it).
+
+        Args:
+            warned: The dtypes said already (the caller's, e.g. one per loader process).
+            dtype: The input's pixels' dtype name.
+            source: The input, for the message.
+            value_range: Gives the input's finite (min, max) when a float input needs it.
+            once: How often the message is said, for its end.
+        """
+        if dtype in warned:
+            return
+        lo_hi = value_range() if value_range is not None and dtype.startswith("float") else None
+        warning = self.dtype_warning(dtype, source, lo_hi)
+        if warning is not None:
+            warned.add(dtype)
+            log.warning("%s (said once per %s)", warning, once)
 
     def channel_hint(self, option: str = "--bands", file_bands: int | None = None) -> str:
         """How to feed this model a file whose bands do not fit it (prediction messages).

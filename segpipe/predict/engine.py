@@ -318,26 +318,18 @@ class PredictInputs(Dataset):
             rec["formats"] = pending
             if info is not None:
                 rec["kind"] = "raster"
-                self._check_dtype(info.dtype, f.path)
+                self.config.warn_dtype_once(self._dtypes_warned, info.dtype, str(f.path),
+                                            once="type and loader process")
                 return rec
             item = self.images[index]
-            self._check_dtype(item["dtype"], f.path, item.get("value_range"))
+            self.config.warn_dtype_once(self._dtypes_warned, item["dtype"], str(f.path),
+                                        lambda: item.get("value_range"),
+                                        once="type and loader process")
             rec.update(kind="image", image=item["image"], size=item["size"],
                        valid=item.get("valid"), dtype=item["dtype"])
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
-
-    def _check_dtype(self, dtype: str, path: Path,
-                     value_range: tuple[float, float] | None = None) -> None:
-        """Warn (once per type and loader process) of inputs whose dtype is not the training
-        images': their values are scaled otherwise, so the masks may be wrong."""
-        if dtype in self._dtypes_warned:
-            return
-        warning = self.config.dtype_warning(dtype, str(path), value_range)
-        if warning is not None:
-            self._dtypes_warned.add(dtype)
-            log.warning("%s (said once per type and loader process)", warning)
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,
