@@ -1044,11 +1044,12 @@ class SegmentationDataModule(L.LightningDataModule):
             return
         size = image_size(first)
         for sample in samples[1:]:
-            if sample.mask is not None and image_size(sample.mask) != size:
+            other = image_size(sample.mask) if sample.mask is not None else size
+            if other != size:
                 raise ConfigError(
                     f"data.eval_batch_size {self.eval_batch_size} batches masks of different "
                     f"sizes ({first.name} is {size[1]}x{size[0]}, {sample.mask.name} is "
-                    f"{image_size(sample.mask)[1]}x{image_size(sample.mask)[0]}), and without "
+                    f"{other[1]}x{other[0]}), and without "
                     "data.ignore_index nothing can pad them; set data.ignore_index (e.g. 255) "
                     "or data.eval_batch_size 1")
 
