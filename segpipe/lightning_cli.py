@@ -179,6 +179,16 @@ def _next_earlier_dir(ckpt_dir: Path) -> Path:
     return ckpt_dir / f"earlier-{k}"
 
 
+def _move_checkpoints(paths: list[Path], ckpt_dir: Path, dest: Path | None = None) -> Path:
+    """Move ``paths`` into ``dest`` when it is given and free, else into the next free
+    ``ckpt_dir/earlier-K``; return that folder."""
+    dest = dest if dest is not None and not dest.exists() else _next_earlier_dir(ckpt_dir)
+    dest.mkdir()
+    for path in paths:
+        path.rename(dest / path.name)
+    return dest
+
+
 def earlier_checkpoints_dest(ckpt_dir: Path) -> Path | None:
     """Where :func:`set_aside_earlier_checkpoints` will move ``ckpt_dir``'s checkpoints, or None
     when it holds none."""
@@ -208,10 +218,7 @@ def set_aside_earlier_checkpoints(ckpt_dir: Path, dest: Path | None = None) -> P
     earlier = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file())
     if not earlier:
         return None
-    dest = dest if dest is not None and not dest.exists() else _next_earlier_dir(ckpt_dir)
-    dest.mkdir()
-    for path in earlier:
-        path.rename(dest / path.name)
+    dest = _move_checkpoints(earlier, ckpt_dir, dest)
     rank_zero_info(
         f"{ckpt_dir} held {len(earlier)} checkpoint(s) of an earlier fit; moved them to {dest} so "
         f"that this run's best and last are its own (to resume that run instead: --ckpt_path "
@@ -257,10 +264,7 @@ def set_aside_unrecorded_checkpoints(ckpt_dir: Path, resume: Path, weights_only:
     unrecorded = [p for p in newer if p.name not in recorded]
     if not unrecorded:
         return None
-    dest = _next_earlier_dir(ckpt_dir)
-    dest.mkdir()
-    for path in unrecorded:
-        path.rename(dest / path.name)
+    dest = _move_checkpoints(unrecorded, ckpt_dir)
     names = ", ".join(p.name for p in unrecorded)
     rank_zero_info(
         f"{names} in {ckpt_dir} was written after {resume.name} by the run that stopped, and "
