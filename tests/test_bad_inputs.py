@@ -31,7 +31,7 @@ from PIL import Image
 from segpipe.cli import main as cli_main
 from segpipe.data import SegmentationDataModule
 from segpipe.data.checks import DataCheckError
-from segpipe.data.io import ImageReadError, read_image, read_mask, write_image, write_mask
+from segpipe.data.io import read_image, read_mask, write_image, write_mask
 from tests.predict.conftest import make_ckpt
 
 H, W = 16, 24

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from segpipe.callbacks import CheckpointWriteError, SafeCheckpointIO
 from segpipe.data.io import write_image, write_label_png

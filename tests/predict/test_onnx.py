@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from segpipe.cli import main as cli_main
 from segpipe.data.io import write_image
-from segpipe.models import UNet
 from segpipe.predict.checkpoint import save_predict_checkpoint
 from tests.predict.conftest import COLORS, noise_image
 
