@@ -387,6 +387,10 @@ class TestMetricsWriter(L.Callback):
             )
             if self.last_report_path is not None:
                 print(f"Evaluation report written to {self.last_report_path}")
+        if not self.report or self.last_report_path is None:
+            # an earlier test's report in this folder must not pass for this one's
+            self.last_report_path = None
+            (out_dir / "report.md").unlink(missing_ok=True)
 
     @staticmethod
     def _write_report(

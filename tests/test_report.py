@@ -175,3 +175,22 @@ def test_a_second_test_in_one_folder_says_so_and_leaves_no_stale_case_csv(tmp_pa
         writer._write(trainer, SimpleNamespace(test_report=_report()), tmp_path)
     assert not (tmp_path / "test_per_case.csv").exists()
     assert (tmp_path / "test_per_image.csv").exists()
+
+
+def test_a_test_without_a_report_removes_an_earlier_tests_report(tmp_path: Path) -> None:
+    """A test run with metrics_writer.report=false (or whose report failed) in a folder that
+    holds an earlier test's report.md left that report beside its own test_metrics.json."""
+    from types import SimpleNamespace
+
+    from segpipe.callbacks import TestMetricsWriter
+
+    trainer = SimpleNamespace(ckpt_path="last.ckpt", datamodule=None,
+                              lightning_module=SimpleNamespace(spec=None))
+    TestMetricsWriter()._write(trainer, SimpleNamespace(test_report=_report()), tmp_path)
+    assert (tmp_path / "report.md").exists()
+    writer = TestMetricsWriter(report=False)
+    with pytest.warns(UserWarning, match="replacing an earlier test's"):
+        writer._write(trainer, SimpleNamespace(test_report=_report()), tmp_path)
+    assert not (tmp_path / "report.md").exists()
+    assert writer.last_report_path is None
+    assert (tmp_path / "test_metrics.json").exists()
