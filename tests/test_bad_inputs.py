@@ -50,6 +50,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "zero_bytes": ("reject", "file is empty (0 bytes)"),
     "text_as_png": ("reject", "not an image Pillow or rasterio can read"),
     "bomb_png": ("reject", "exceeds the decompression-bomb limit"),
+    "tiff_stack": ("reject", "holds 3 pages (an image stack)"),
     "rgba": ("accept", "alpha dropped: RGBA -> RGB"),
     "grayscale": ("accept", "1 channel, converted to data.in_channels=3 (gray -> RGB)"),
     "png16": ("accept", "16-bit kept on read, scaled by 1/65535 to [0, 1]"),
@@ -146,6 +147,10 @@ def _write_case(case: str, images: Path, masks: Path) -> tuple[Path | None, Path
     elif case == "bomb_png":
         img_path = images / f"{case}.png"
         img_path.write_bytes(bomb_png())
+    elif case == "tiff_stack":  # ISBI 2012's native format: all slices in one TIFF
+        img_path = images / f"{case}.tif"
+        pages = [Image.fromarray(_rgb(10 + i)) for i in range(3)]
+        pages[0].save(img_path, save_all=True, append_images=pages[1:])
     elif case == "rgba":
         img_path = images / f"{case}.png"
         rgba = np.dstack([_rgb(4), np.full((H, W), 128, dtype=np.uint8)])

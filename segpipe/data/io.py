@@ -284,6 +284,7 @@ def _decode_pillow(path: Path) -> Image.Image:
     """Open, fully decode and EXIF-transpose an image with Pillow."""
     img = _open_pillow(path)
     with img:
+        _refuse_pillow_stack(img, path)
         try:
             img.load()
             out = ImageOps.exif_transpose(img)  # a decoded copy, independent of the file
@@ -365,6 +366,7 @@ def _read_rasterio(
     except (RasterioIOError, RasterioError):
         return None
     with ds:
+        _refuse_stack(ds, path)
         limit = pixel_limit()
         if limit is not None and ds.width * ds.height > limit:
             raise ImageReadError(path, _bomb_reason(ds.width, ds.height), _BOMB_HINT)
@@ -415,6 +417,34 @@ def _check_bands(path: Path, bands: Sequence[int], count: int) -> list[int]:
 
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_EXTENSIONS
+
+
+_STACK_HINT = ("save each page as its own file (Pillow's ImageSequence.Iterator reads them one "
+               "by one), a mask file beside each image file")
+
+
+def _stack_error(path: Path, pages: int, what: str = "pages") -> ImageReadError:
+    """A file that holds several images (a multi-page TIFF, an animated GIF): segpipe reads
+    one image per file, and reading the first alone would drop the others silently."""
+    return ImageReadError(
+        path, f"the file holds {pages} {what} (an image stack); segpipe reads one image per "
+        "file and would use the first alone", _STACK_HINT)
+
+
+def _refuse_stack(ds: Any, path: Path) -> None:
+    """Refuse a multi-page TIFF that GDAL opened (its pages are subdatasets; a GeoTIFF's
+    overviews and internal mask are not)."""
+    pages = len(ds.subdatasets or ())
+    if pages > 1:
+        raise _stack_error(path, pages)
+
+
+def _refuse_pillow_stack(img: Image.Image, path: Path) -> None:
+    """Refuse a multi-page TIFF or an animated GIF/WebP/PNG read with Pillow (a camera's MPO
+    JPEG, whose second frame is a preview, is read as its first image)."""
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    if frames > 1 and img.format in ("TIFF", "GIF", "WEBP", "PNG"):
+        raise _stack_error(path, frames, "pages" if img.format == "TIFF" else "frames")
 
 
 def read_image(
@@ -531,11 +561,13 @@ def image_size(path: _PathLike) -> tuple[int, int]:
 
         try:
             with _open_raster(p) as ds:
+                _refuse_stack(ds, p)
                 return int(ds.height), int(ds.width)
         except (RasterioIOError, RasterioError):
             pass
     img = _open_pillow(p)
     with img:
+        _refuse_pillow_stack(img, p)
         width, height = img.size
         if _orientation(img) in (5, 6, 7, 8):
             width, height = height, width
@@ -870,6 +902,7 @@ def probe_raster(path: _PathLike) -> RasterInfo | None:
         with _open_raster(p) as ds:
             if ds.count < 1:
                 return None
+            _refuse_stack(ds, p)
             return RasterInfo(ds, p)
     except (RasterioIOError, RasterioError):
         return None
@@ -905,6 +938,7 @@ class RasterReader:
             raise ImageReadError(self.path, f"not a raster rasterio can read ({exc})") from None
         ds = self._ds
         try:
+            _refuse_stack(ds, self.path)
             self.info = RasterInfo(ds, self.path)
             self._lut: np.ndarray | None = None
             self.indexes, alpha_as_data = _data_indexes(ds, self.path, bands, channels)

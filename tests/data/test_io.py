@@ -393,3 +393,32 @@ def test_gdal_cache_cap_respects_the_users_setting(case: str,
     assert fake.set_calls == []
     # Inside the caller's own rasterio.Env the cap waits: applied on an open after it exits.
     assert io._CACHE_LIMITED is (case != "caller_env")
+
+
+@pytest.mark.parametrize("name", ["stack.tif", "stack.gif"])
+def test_an_image_stack_in_one_file_is_refused(tmp_path: Path, name: str) -> None:
+    """A multi-page TIFF (how ISBI 2012 ships its 30 slices) or an animated GIF was read as
+    its first page, silently: the other pages were lost to training and prediction."""
+    p = tmp_path / name
+    pages = [Image.fromarray(_noise(32, 40, seed=i)) for i in range(4)]
+    pages[0].save(p, save_all=True, append_images=pages[1:])
+    for fn in (read_image, read_mask, image_size):
+        with pytest.raises(ImageReadError, match=r"holds 4 (pages|frames) \(an image stack\)"):
+            fn(p)
+
+
+def test_a_geotiff_with_overviews_is_one_image(tmp_path: Path) -> None:
+    """Overviews (reduced-resolution pages of the same image) are not a stack."""
+    from rasterio.enums import Resampling
+
+    p = tmp_path / "ov.tif"
+    write_image(p, _noise(256, 256, 3))
+    with rasterio.open(p, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.average)
+    assert read_image(p).shape == (256, 256, 3)
+    assert image_size(p) == (256, 256)
+    from segpipe.data.io import open_raster, probe_raster
+
+    assert probe_raster(p) is not None
+    with open_raster(p) as reader:
+        assert reader.width == 256
