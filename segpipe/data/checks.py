@@ -60,7 +60,10 @@ FIXES: dict[str, str] = {
 
 #: Kinds of :class:`Problem` that warn instead of stopping training: the data can be used as
 #: configured, but maybe not as meant.
-WARNING_KINDS = frozenset({"unlisted_labels"})
+WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes"})
+
+# Problems that leave a training mask uncounted: class presence is not judged over the rest.
+_UNCOUNTED = frozenset({"missing_mask", "unreadable_mask", "bad_labels"})
 
 UNLISTED_FIX = ("if one is a class (or a typo of one), add it to the table; a void colour or "
                 "value is fine as it is")
@@ -83,6 +86,8 @@ _NOUNS: dict[str, str] = {
     "unlisted_labels": "mask",
     "nonfinite_pixels": "image",
     "empty_split": "folder",
+    "absent_classes": "folder",
+    "too_few_classes": "folder",
 }
 
 # Reasons from segpipe.data.io that end in the decoder's message about this very file: the part
@@ -406,7 +411,9 @@ def _check_pair(
     decode_images: bool,
     bands: Sequence[int] | None,
     in_channels: int | None = None,
-) -> list[Problem]:
+) -> tuple[list[Problem], np.ndarray | None]:
+    """The problems of one pair, and its mask's pixels per class with the ignored pixels last
+    (None when the mask could not be encoded)."""
     out: list[Problem] = []
     size: tuple[int, int] | None = None
     try:
@@ -433,13 +440,13 @@ def _check_pair(
     if sample.mask is None:
         out.append(Problem(sample.image, split, "missing_mask", "no mask found for this image",
                            FIXES["missing_mask"], cause="no mask found"))
-        return out
+        return out, None
     try:
         raw = read_mask(sample.mask)
     except ImageReadError as exc:
         out.append(Problem(sample.mask, split, "unreadable_mask", exc.reason,
                            exc.hint or FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
-        return out
+        return out, None
     if size is not None and raw.shape[:2] != tuple(size):
         sizes = f"mask is {raw.shape[1]}×{raw.shape[0]} but image"
         out.append(
@@ -472,7 +479,7 @@ def _check_pair(
         else:
             out.append(Problem(sample.mask, split, "bad_labels", exc.reason, exc.hint,
                                cause=cause, colours=colours))
-        return out
+        return out, None
     if ignore_index is not None and (mask_values or mask_colors):
         out += _unlisted_labels(split, sample.mask, raw, mask_values, mask_colors, ignore_index)
     bad = check_label_range(labels, num_classes, ignore_index)
@@ -497,7 +504,55 @@ def _check_pair(
                 cause=cause,
             )
         )
-    return out
+    return out, _class_pixels(labels, num_classes, ignore_index)
+
+
+def _class_pixels(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
+    """Pixels per class of encoded labels, then the ignored pixels: (num_classes + 1,)."""
+    flat = labels.ravel()
+    valid = flat[(flat >= 0) & (flat < num_classes)]
+    counts = np.bincount(valid, minlength=num_classes)[:num_classes]
+    ignored = int(np.count_nonzero(flat == ignore_index)) if ignore_index is not None else 0
+    return np.append(counts, ignored).astype(np.int64)
+
+
+def _class_presence(
+    split: str,
+    counts: np.ndarray,
+    num_classes: int,
+    ignore_index: int | None,
+    mask_values: Mapping[int, int] | None,
+    mask_colors: Sequence[Sequence[int]] | None,
+    folder: Path,
+    class_names: Sequence[str] | None,
+) -> list[Problem]:
+    """Classes without a training pixel: a warning for some (the model cannot learn them), an
+    error when at most one class is left to learn (a useless training), worded for the common
+    cause, 0/255 masks whose 255 is ``data.ignore_index``."""
+    names = list(class_names or [f"class_{i}" for i in range(num_classes)])
+    present = [i for i in range(num_classes) if counts[i] > 0]
+    absent = [names[i] for i in range(num_classes) if counts[i] == 0]
+    if not absent:
+        return []
+    listed = ", ".join(absent[:10]) + (f", ... ({len(absent)} classes)" if len(absent) > 10 else "")
+    if len(present) > 1:
+        return [Problem(folder, split, "absent_classes",
+                        f"class(es) {listed} have no training pixel: the model cannot learn them",
+                        "check data.num_classes and data.mask_values / data.mask_colors, or add "
+                        "training images that show them")]
+    if (ignore_index == 255 and not mask_values and not mask_colors and present == [0]
+            and counts[-1] > 0):
+        cause = ("the training masks hold 0 and 255 only, and 255 is data.ignore_index: every "
+                 "foreground pixel is ignored, so only class 0 would be learnt")
+        fix = ("set data.mask_values: {0: 0, 255: 1} (0/255 masks: 255 is the foreground), "
+               "and data.ignore_index null (or a value the masks do not use)")
+    else:
+        only = f"only {names[present[0]]} has" if present else "no class has"
+        cause = (f"{only} training pixels (none in {listed}): there is nothing to learn to "
+                 "tell apart")
+        fix = ("check data.num_classes, data.ignore_index and data.mask_values / "
+               "data.mask_colors (`segpipe check-data` shows how the masks are encoded)")
+    return [Problem(folder, split, "too_few_classes", cause, fix)]
 
 
 def check_samples(
@@ -512,6 +567,7 @@ def check_samples(
     decode_images: bool = False,
     bands: Sequence[int] | None = None,
     in_channels: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[Problem]:
     """Check every image/mask pair and return all problems found.
 
@@ -537,6 +593,12 @@ def check_samples(
         bands: Band selection used when ``decode_images``.
         in_channels: With ``decode_images``, report images whose channels (after ``bands``)
             cannot feed this many (``channel_mismatch``; 1 <-> 3 is converted, not reported).
+        class_names: Names for the classes in messages (default ``class_<i>``).
+
+    When every training mask could be read, the classes are counted over the ``train`` split:
+    classes without a pixel there are an ``absent_classes`` warning, and a split where at most
+    one class has pixels is a ``too_few_classes`` error (nothing to learn; e.g. 0/255 masks
+    whose 255 is ``ignore_index``).
 
     Returns:
         Problems in split/sample order (empty when everything is fine); group them with
@@ -559,12 +621,22 @@ def check_samples(
             )
     items = [(split, s) for split, samples in splits.items() for s in samples]
 
-    def run(item: tuple[str, Sample]) -> list[Problem]:
+    def run(item: tuple[str, Sample]) -> tuple[list[Problem], np.ndarray | None]:
         return _check_pair(item[0], item[1], num_classes, ignore_index, mask_values,
                            mask_colors, decode_images, bands, in_channels)
 
-    for found in parallel_map(run, items, max_workers, "checking data"):
+    train_counts = np.zeros(num_classes + 1, dtype=np.int64)
+    for (split, _), (found, counts) in zip(items, parallel_map(run, items, max_workers,
+                                                               "checking data")):
         problems.extend(found)
+        if split == "train" and counts is not None:
+            train_counts += counts
+    train = splits.get("train") or []
+    if train and not any(p.split == "train" and p.kind in _UNCOUNTED for p in problems):
+        folder = Path(os.path.commonpath([str(s.mask.parent) for s in train if s.mask])
+                      if any(s.mask for s in train) else train[0].image.parent)
+        problems += _class_presence("train", train_counts, num_classes, ignore_index,
+                                    mask_values, mask_colors, folder, class_names)
     return _with_suffix_hint(problems)
 
 

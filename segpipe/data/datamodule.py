@@ -858,6 +858,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     bands=self.bands,
                     mask_values=self.mask_values,
                     mask_colors=self.mask_colors,
+                    class_names=self.class_names,
                     orphans={k: v for k, v in scan.orphans.items() if k in todo},
                     duplicates={k: v for k, v in scan.duplicates.items() if k in todo},
                     # Decode every image once: truncations behind an intact header are caught

@@ -564,7 +564,7 @@ def check_data(
     t0 = time.perf_counter()
     rep.problems = check_samples(
         chosen, num_classes=dm.num_classes, ignore_index=dm.ignore_index,
-        mask_values=dm.mask_values, mask_colors=dm.mask_colors,
+        mask_values=dm.mask_values, mask_colors=dm.mask_colors, class_names=dm.class_names,
         orphans={k: v for k, v in scan.orphans.items() if k in chosen},
         duplicates={k: v for k, v in scan.duplicates.items() if k in chosen},
         max_workers=max_workers, decode_images=decode_images, bands=dm.bands,
@@ -654,12 +654,7 @@ def check_data(
         rep.class_images[s] = (per_image[s] > 0).sum(axis=0).astype(int).tolist()
     if "train" in per_image and len(per_image["train"]):
         rep.class_weights = median_frequency_weights(per_image["train"])
-        absent = [n for n, c in zip(rep.class_names, rep.class_pixels["train"]) if c == 0]
-        if absent:
-            rep.warnings.append(
-                f"class(es) {', '.join(absent)} have no training pixel: the model cannot learn "
-                "them (check data.num_classes, data.mask_values / data.mask_colors)"
-            )
+        # classes without a training pixel: check_samples's absent_classes / too_few_classes
     elif "train" not in chosen:
         rep.notes.append("train split not checked: no class weights suggested")
     timings["counts"] = time.perf_counter() - t0

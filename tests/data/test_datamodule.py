@@ -456,7 +456,10 @@ def test_check_samples_direct_and_pixel_counts(tmp_path: Path) -> None:
     bad = check_samples(scan, num_classes=2, max_workers=1)
     assert {p.kind for p in bad} == {"bad_labels"}  # 255 without mapping
     assert check_samples(scan, num_classes=2, mask_values={0: 0, 255: 1}) == []
-    assert check_samples(scan, num_classes=2, ignore_index=255) == []
+    # 255 ignored: the foreground is never seen, an error worded for this cause
+    only_bg = check_samples(scan, num_classes=2, ignore_index=255)
+    assert [p.kind for p in only_bg] == ["too_few_classes"]
+    assert "hold 0 and 255 only" in only_bg[0].message
     counts = class_pixel_counts(scan["train"], 2, mask_values={0: 0, 255: 1})
     assert counts.sum() == 3 * 16 * 16 and counts[1] > 0
 
@@ -574,3 +577,24 @@ def test_the_training_images_dtype_is_recorded_in_the_spec(tmp_path: Path) -> No
     dm = _dm(root, num_classes=3)
     dm.setup("fit")
     assert dm.spec.input_dtype is None  # mixed: not known, nothing will be said
+
+
+def test_fit_stops_when_the_training_masks_leave_one_class(tmp_path: Path) -> None:
+    """0/255 masks with ignore_index 255 (the folder config's default): fit trained a model that
+    never saw the foreground and saved it, silently (check-data only warned)."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=2, n_test=0, size=(16, 16),
+                               num_classes=2, mask_mode="binary")
+    dm = _dm(root, num_classes=2, ignore_index=255, batch_size=2)
+    with pytest.raises(DataCheckError, match=r"hold 0 and 255 only.*mask_values: \{0: 0, 255: 1\}"):
+        dm.setup("fit")
+    dm = _dm(root, num_classes=2, ignore_index=None, mask_values={0: 0, 255: 1}, batch_size=2)
+    dm.setup("fit")  # mapped: both classes present
+
+
+def test_a_class_without_a_training_pixel_is_warned_about(tmp_path: Path, caplog) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=2, n_test=0, size=(16, 16),
+                               num_classes=3)
+    dm = _dm(root, num_classes=4, batch_size=2, class_names=["a", "b", "c", "d"])
+    with caplog.at_level("WARNING", logger="segpipe"):
+        dm.setup("fit")
+    assert "class(es) d have no training pixel" in caplog.text

@@ -103,13 +103,17 @@ def test_broken_data_names_every_broken_file(tmp_path: Path, capsys) -> None:
     assert "class_weights: [" in out
 
 
-def test_binary_masks_with_ignore_255_warn(tmp_path: Path, capsys) -> None:
+def test_binary_masks_with_ignore_255_fail(tmp_path: Path, capsys) -> None:
+    """0/255 masks with the folder config's ignore_index 255: every foreground pixel ignored.
+    check-data said so as a warning and exited 0, and `fit` trained a model that never saw the
+    foreground; both stop now, with the mapping that fixes it."""
     root = _folder(tmp_path / "ds", num_classes=2, mask_mode="binary")
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}")
-    assert rc == 0  # valid (255 is the ignore index) but surely wrong:
+    assert rc == 1
     assert "binary masks with values 0/255" in out
     assert "every foreground pixel would be ignored" in out
-    assert "class_1 have no training pixel" in out
+    assert "the training masks hold 0 and 255 only, and 255 is data.ignore_index" in out
+    assert "set data.mask_values: {0: 0, 255: 1}" in out
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}",
                    "--data.mask_values={0: 0, 255: 1}", "--data.ignore_index=null")
     assert rc == 0 and "Warnings" not in out and "mapped by data.mask_values" in out
