@@ -890,7 +890,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 elastic=float(hp.elastic),
                 channel_gain=hp.channel_gain,
                 color=hp.color,
-                mask_fill=self.ignore_index if self.ignore_index is not None else 0,
+                # Padded pixels are ignored, or without an ignore index mirrored (image and
+                # mask): a fill label would teach invented pixels as a class.
+                mask_fill=self.ignore_index,
                 # Measured statistics mean the data does not span [0, 1] like 8-bit RGB does.
                 color_relative=self.spec.stats_source == "measured",
             )

@@ -4,7 +4,8 @@ All pipelines work on ``(H, W, C)`` images, uint8 or float32 in ``[0, 1]`` (any 
 and integer ``(H, W)`` masks. Image and mask always receive the same geometric transform; masks
 are always resampled with nearest-neighbour interpolation, so no new label values appear.
 Regions created by padding, zooming out or rotating are filled with 0 in the image and
-``mask_fill`` (use the ignore index) in the mask. :func:`seed_transform` seeds a pipeline
+``mask_fill`` (use the ignore index) in the mask; without an ignore index (``mask_fill=None``)
+image and mask are mirrored there instead, so no invented pixel is labelled as a class. :func:`seed_transform` seeds a pipeline
 (per sample, for reproducible augmentation).
 
 Normalisation is not part of the albumentations pipelines: :func:`normalize_to_tensor` scales,
@@ -78,12 +79,15 @@ class RandomScaleCrop(A.DualTransform):
     loading path as a whole).
 
     Images are resized bilinearly, masks by nearest neighbour on the same grid (so image and
-    mask stay aligned); pixels outside the rescaled image get 0 (image) and ``fill_mask`` (mask).
+    mask stay aligned); pixels outside the rescaled image get 0 (image) and ``fill_mask`` (mask),
+    or, with ``fill_mask=None``, both are mirrored at the rescaled image's borders (cv2's
+    ``BORDER_REFLECT_101``, the U-Net paper's overlap-tile padding), so that no pixel gets a
+    label the data does not give it.
 
     Args:
         size: Output ``(height, width)``.
         scale: ``(min, max)`` rescale factor; ``(1, 1)`` is a plain pad-and-random-crop.
-        fill_mask: Mask value of padded pixels (the ignore index).
+        fill_mask: Mask value of padded pixels (the ignore index), or None to mirror.
         p: Probability of applying (1 for a fixed output size).
     """
 
@@ -91,7 +95,7 @@ class RandomScaleCrop(A.DualTransform):
         self,
         size: tuple[int, int],
         scale: tuple[float, float] = (1.0, 1.0),
-        fill_mask: int = 0,
+        fill_mask: int | None = None,
         p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
@@ -121,6 +125,16 @@ class RandomScaleCrop(A.DualTransform):
             "cols": _scaled_window(ox, sw, cw, width),
         }
 
+    def _mirror(self, block: np.ndarray, rows: _Window, cols: _Window) -> np.ndarray:
+        """The output with ``block`` (the rescaled image's pixels under the crop) mirrored
+        into the padding. Padding only arises along an axis where the whole rescaled image
+        lies inside the crop, so the block's edges there are the image's own."""
+        ch, cw = self.size
+        pad = [(rows.out_start, ch - rows.out_start - rows.count),
+               (cols.out_start, cw - cols.out_start - cols.count)]
+        pad += [(0, 0)] * (block.ndim - 2)
+        return np.pad(block, pad, mode="reflect") if any(a or b for a, b in pad) else block
+
     def _resample(self, img: np.ndarray, rows: _Window, cols: _Window, interpolation: int,
                   fill: float) -> np.ndarray:
         out = np.full((*self.size, *img.shape[2:]), fill, dtype=img.dtype)
@@ -130,9 +144,12 @@ class RandomScaleCrop(A.DualTransform):
                                 interpolation=interpolation)
             if scaled.ndim < src.ndim:  # cv2 drops a trailing channel axis of 1
                 scaled = scaled[..., None]
+            block = scaled[rows.start : rows.start + rows.count,
+                           cols.start : cols.start + cols.count]
+            if self.fill_mask is None:
+                return np.ascontiguousarray(self._mirror(block, rows, cols))
             out[rows.out_start : rows.out_start + rows.count,
-                cols.out_start : cols.out_start + cols.count] = scaled[
-                rows.start : rows.start + rows.count, cols.start : cols.start + cols.count]
+                cols.out_start : cols.out_start + cols.count] = block
         return out
 
     def apply(self, img: np.ndarray, rows: _Window, cols: _Window, **params: Any) -> np.ndarray:
@@ -143,7 +160,11 @@ class RandomScaleCrop(A.DualTransform):
         # Nearest neighbour by index (cv2's nearest modes map by the ratio of the rounded sizes,
         # which drifts from the image's grid across a small window): the source pixel whose
         # centre is nearest to each pasted pixel's position on the image's grid.
-        out = np.full(self.size, self.fill_mask, dtype=mask.dtype)
+        if self.fill_mask is None and rows.count and cols.count:
+            block = mask.take(rows.nearest(), axis=0).take(cols.nearest(), axis=1)
+            return np.ascontiguousarray(self._mirror(block, rows, cols))
+        out = np.full(self.size, 0 if self.fill_mask is None else self.fill_mask,
+                      dtype=mask.dtype)
         if rows.count and cols.count:
             out[rows.out_start : rows.out_start + rows.count,
                 cols.out_start : cols.out_start + cols.count] = (
@@ -291,7 +312,7 @@ def build_train_transform(
     vflip: bool = False,
     rotate90: bool = False,
     color: bool = True,
-    mask_fill: int = 0,
+    mask_fill: int | None = None,
     color_relative: bool = False,
     elastic: float = 0.0,
     channel_gain: tuple[float, float] | None = None,
@@ -322,7 +343,10 @@ def build_train_transform(
         rotate90: Random multiples of 90° rotations.
         color: Colour jitter (brightness/contrast for any channel count, hue/saturation only
             when C == 3).
-        mask_fill: Mask value for padded / out-of-image pixels (the ignore index).
+        mask_fill: Mask value for padded / out-of-image pixels (the ignore index; the image
+            gets 0 there), or None (no ignore index) to mirror image and mask at their borders
+            instead (``BORDER_REFLECT_101``): a fill value would label invented pixels as a
+            class.
         color_relative: Shift brightness by a fraction of the image's mean instead of the
             dtype's maximum. For images whose values fill only part of ``[0, 1]`` (12/16-bit
             scans, reflectance rasters scaled by 1/65535), a shift of 0.2 of the maximum would
@@ -346,7 +370,9 @@ def build_train_transform(
     lo, hi = (float(scale[0]), float(scale[1]))
     if not 0 < lo <= hi:
         raise ConfigError(f"scale must be (min, max) with 0 < min <= max, got {scale!r}")
-    fill_kw = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0.0, "fill_mask": mask_fill}
+    fill_kw: dict[str, Any] = (
+        {"border_mode": cv2.BORDER_REFLECT_101} if mask_fill is None
+        else {"border_mode": cv2.BORDER_CONSTANT, "fill": 0.0, "fill_mask": mask_fill})
     ops: list[Any] = []
 
     scaled = preset in ("default", "strong") and (lo, hi) != (1.0, 1.0)
