@@ -990,8 +990,8 @@ class SegmentationDataModule(L.LightningDataModule):
             else "set data.ignore_index or data.eval_batch_size=1"
         )
         bs = self.batch_size if train else self.eval_batch_size
-        if not train and bs > 1 and self.ignore_index is None:
-            self._check_one_mask_size(dataset)
+        if bs > 1 and self.ignore_index is None and not (train and self.train_crop_size):
+            self._check_one_mask_size(dataset, train)
         common: dict[str, Any] = {
             "batch_size": bs,
             "num_workers": self.num_workers,
@@ -1033,10 +1033,10 @@ class SegmentationDataModule(L.LightningDataModule):
             sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
         return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **common)
 
-    def _check_one_mask_size(self, dataset: Any) -> None:
-        """Refuse val/test batches of differently sized masks without an ignore index to pad
-        them with, before any batch is built (in a loader worker it was a long traceback).
-        Reads each mask's header once per split."""
+    def _check_one_mask_size(self, dataset: Any, train: bool = False) -> None:
+        """Refuse batches of differently sized masks without an ignore index to pad them with
+        (val/test; training without a crop size), before any batch is built (in a loader worker
+        it was a long traceback). Reads each mask's header once per split."""
         samples = getattr(dataset, "samples", None)
         if not samples:
             return
@@ -1049,12 +1049,17 @@ class SegmentationDataModule(L.LightningDataModule):
         for sample in samples[1:]:
             other = image_size(sample.mask) if sample.mask is not None else size
             if other != size:
+                option = (f"data.batch_size {self.batch_size}" if train
+                          else f"data.eval_batch_size {self.eval_batch_size}")
+                fix = ("data.crop_size (e.g. "
+                       f"{min(size + other) // 16 * 16 or min(size + other)}) so that training "
+                       "crops share one size, or data.ignore_index (e.g. 255)" if train else
+                       "data.ignore_index (e.g. 255) or data.eval_batch_size 1")
                 raise ConfigError(
-                    f"data.eval_batch_size {self.eval_batch_size} batches masks of different "
+                    f"{option} batches {'training ' if train else ''}masks of different "
                     f"sizes ({first.name} is {size[1]}x{size[0]}, {sample.mask.name} is "
                     f"{other[1]}x{other[0]}), and without "
-                    "data.ignore_index nothing can pad them; set data.ignore_index (e.g. 255) "
-                    "or data.eval_batch_size 1")
+                    f"data.ignore_index nothing can pad them; set {fix}")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (``drop_last`` when there is more than one batch).

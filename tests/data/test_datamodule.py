@@ -556,6 +556,25 @@ def test_differently_sized_eval_masks_without_an_ignore_index_are_refused_up_fro
     _dm(root, num_classes=3, ignore_index=255, eval_batch_size=2).test_dataloader()
 
 
+def test_differently_sized_training_masks_without_crop_or_ignore_index_are_refused_up_front(
+        tmp_path: Path) -> None:
+    """Training batches of them failed in the collate at the first step: a 64-line traceback."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(48, 64))
+    rng = np.random.default_rng(0)
+    write_image(root / "train" / "images" / "img_001.png",
+                rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    write_mask(root / "train" / "masks" / "img_001.png", np.zeros((40, 56), dtype=np.uint8))
+    dm = _dm(root, num_classes=3, ignore_index=None, batch_size=2, crop_size=None)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match=r"data.batch_size 2 batches training masks of different "
+                       r"sizes \(img_000.png is 64x48, img_001.png is 56x40\).*set "
+                       r"data.crop_size \(e.g. 32\)"):
+        dm.train_dataloader()
+    dm = _dm(root, num_classes=3, ignore_index=None, batch_size=2, crop_size=32)
+    dm.setup("fit")
+    next(iter(dm.train_dataloader()))
+
+
 def test_one_class_is_refused_first_with_the_binary_setup(folder_root: Path) -> None:
     """num_classes 1 with 0/255 masks was told its mask_values map outside 0..0."""
     with pytest.raises(ConfigError, match=r"data.num_classes must be >= 2 \(background counts "
