@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from segpipe.data.datasets import Sample, check_label_range, code_colour, colour_codes, encode_mask
-from segpipe.data.io import ImageReadError, image_size, read_image, read_mask
+from segpipe.data.io import ImageReadError, image_size, image_validity, read_image, read_mask
 from segpipe.runtime import available_cpus
 
 __all__ = [
@@ -53,6 +53,9 @@ FIXES: dict[str, str] = {
     "size_mismatch": "re-export the mask at the image's size",
     "bad_labels": "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
     "or fix data.num_classes",
+    "nodata_pixels": "set data.ignore_index (e.g. 255): nodata pixels are then left out of the "
+    "loss and the metrics, and fed to the network as the training mean, as `segpipe predict` "
+    "feeds them",
     "nonfinite_pixels": "replace them with a finite value (e.g. the band's mean) and label those "
     "pixels data.ignore_index in the mask; a NaN spreads through the network to its neighbours "
     "and makes the loss NaN",
@@ -85,6 +88,7 @@ _NOUNS: dict[str, str] = {
     "channel_mismatch": "image",
     "unlisted_labels": "mask",
     "nonfinite_pixels": "image",
+    "nodata_pixels": "image",
     "empty_split": "folder",
     "absent_classes": "folder",
     "too_few_classes": "folder",
@@ -432,6 +436,15 @@ def _check_pair(
                                        f"{bad} NaN or infinite value(s)",
                                        cause="NaN or infinite pixel values"))
             del image
+            if ignore_index is None:
+                valid = image_validity(sample.image, bands, in_channels)
+                if valid is not None:
+                    out.append(Problem(
+                        sample.image, split, "nodata_pixels",
+                        f"{valid.size - int(valid.sum())} nodata pixel(s) (the raster's nodata "
+                        "value, mask or alpha band) and no data.ignore_index to leave them out "
+                        "of training", cause="nodata pixels (the raster's nodata value, mask or "
+                        "alpha band) and no data.ignore_index to leave them out of training"))
         else:
             size = image_size(sample.image)
     except ImageReadError as exc:

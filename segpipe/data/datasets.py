@@ -33,7 +33,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segpipe.data.io import ImageReadError, is_image_file, read_image, read_mask, to_float
+from segpipe.data.io import (
+    ImageReadError,
+    image_validity,
+    is_image_file,
+    read_image,
+    read_mask,
+    to_float,
+)
 from segpipe.data.spec import default_mean_std
 from segpipe.data.transforms import normalize_to_tensor, seed_transform
 
@@ -894,6 +901,9 @@ class SegmentationDataset(_TransformMixin, Dataset):
                     "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
                     "or fix data.num_classes",
                 )
+        valid = image_validity(sample.image, self.bands, self.in_channels)
+        if valid is not None:
+            raw, labels = self._without_nodata(raw, labels, valid)
         if self.cache_bytes:
             if labels.size and 0 <= labels.min() and labels.max() <= 255:
                 labels = labels.astype(np.uint8)  # an eighth of int64's memory
@@ -901,6 +911,22 @@ class SegmentationDataset(_TransformMixin, Dataset):
             if self._cached_bytes + size <= self.cache_bytes:
                 self._cache[index] = (raw, labels)
                 self._cached_bytes += size
+        return raw, labels
+
+    def _without_nodata(self, raw: np.ndarray, labels: np.ndarray,
+                        valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A raster's nodata pixels as ``segpipe predict`` sees them: the training mean (0 once
+        normalised) in the image, and ``ignore_index`` in the labels, so they are neither
+        learnt nor scored (the data check refuses them without an ignore index)."""
+        raw, labels = raw.copy(), labels.copy()
+        if self.ignore_index is not None:
+            labels[~valid] = self.ignore_index
+        mean = np.asarray(self._stats(raw.shape[2])[0], dtype=np.float64)
+        if mean.size != raw.shape[2]:  # converted channels (1 <-> 3): one grey level
+            mean = np.full(raw.shape[2], mean.mean())
+        if np.issubdtype(raw.dtype, np.integer):
+            mean = np.rint(mean * np.iinfo(raw.dtype).max)
+        raw[~valid] = mean.astype(raw.dtype)
         return raw, labels
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:

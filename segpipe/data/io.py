@@ -48,6 +48,7 @@ __all__ = [
     "RasterReader",
     "RasterWriter",
     "image_size",
+    "image_validity",
     "is_image_file",
     "open_raster",
     "pixel_limit",
@@ -1043,6 +1044,17 @@ class RasterReader:
                 valid = finite if valid is None else valid & finite
         return np.moveaxis(data, 0, -1), valid
 
+    def validity(self) -> np.ndarray | None:
+        """(H, W) bool of the whole raster's valid pixels (any band read valid, as
+        :meth:`read` decides), or None when every pixel is valid."""
+        if not self.has_mask:
+            return None
+        valid: np.ndarray | None = None
+        for index in self.indexes:
+            band_valid = self._ds.read_masks(index) > 0
+            valid = band_valid if valid is None else np.logical_or(valid, band_valid, out=valid)
+        return None if valid is None or valid.all() else valid
+
     def close(self) -> None:
         """Close the file (idempotent)."""
         ds = getattr(self, "_ds", None)
@@ -1062,6 +1074,32 @@ def open_raster(
 ) -> RasterReader:
     """Open a raster for windowed reading (see :class:`RasterReader`)."""
     return RasterReader(path, bands, channels)
+
+
+def image_validity(
+    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
+) -> np.ndarray | None:
+    """Which pixels of an image hold data: a raster's declared nodata, internal mask or alpha
+    band, read as ``segpipe predict`` reads them (:meth:`RasterReader.validity`).
+
+    Args:
+        path: Image file.
+        bands: 1-based band selection, as for :func:`read_image`.
+        channels: The channels the model takes, if known.
+
+    Returns:
+        (H, W) bool, True where the pixel holds data; None when every pixel does (and for
+        every file that is not a raster with a nodata declaration: PNG, JPEG, ...).
+    """
+    p = Path(path)
+    if not _is_tiff(p):
+        return None
+    try:
+        reader = open_raster(p, bands, channels)
+    except ImageReadError:  # not a raster rasterio reads (read_image says what is wrong)
+        return None
+    with reader:
+        return reader.validity()
 
 
 class RasterWriter:

@@ -617,3 +617,41 @@ def test_a_class_without_a_training_pixel_is_warned_about(tmp_path: Path, caplog
     with caplog.at_level("WARNING", logger="segpipe"):
         dm.setup("fit")
     assert "class(es) d have no training pixel" in caplog.text
+
+
+def _reflectance_tile(path: Path, seed: int, nodata_rows: int) -> None:
+    """A float32 reflectance (0-1) GeoTIFF, its first rows the declared nodata -9999."""
+    import rasterio
+
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(0.1, 0.9, (3, 16, 16)).astype(np.float32)
+    data[:, :nodata_rows] = -9999.0
+    with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=3,
+                       dtype="float32", nodata=-9999.0) as ds:
+        ds.write(data)
+
+
+def test_declared_nodata_in_training_rasters_is_no_data(tmp_path: Path) -> None:
+    """Scene-edge tiles with nodata -9999: the measured mean was -1666 and std 3726, so every
+    real pixel reached the network as about 0.447, and the nodata strip was trained on with
+    its labels; predict treats the same pixels as nodata."""
+    root = tmp_path / "ds"
+    for split, n in (("train", 3), ("val", 1)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            _reflectance_tile(root / split / "images" / f"t{i}.tif", i, nodata_rows=4)
+            mask = np.zeros((16, 16), np.uint8)
+            mask[:, 8:] = 1
+            write_mask(root / split / "masks" / f"t{i}.png", mask)
+    dm = _dm(root, num_classes=2, batch_size=2, crop_size=None, augment="none")
+    with pytest.raises(DataCheckError, match=r"\[train, val\] 4 images: nodata pixels .*set "
+                       r"data.ignore_index"):
+        dm.setup("fit")
+    dm = _dm(root, num_classes=2, batch_size=2, crop_size=None, augment="none",
+             ignore_index=255)
+    dm.setup("fit")
+    assert all(0.1 < m < 0.9 for m in dm.mean), dm.mean  # measured on the data pixels only
+    item = dm.datasets["train"][0]
+    assert item["mask"][:4].eq(255).all() and item["mask"][4:].ne(255).all()
+    assert item["image"][:, :4].abs().max() < 1e-5  # the training mean: 0 once normalised
