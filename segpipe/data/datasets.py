@@ -1012,14 +1012,16 @@ class PredictDataset(_TransformMixin, Dataset):
 
     def __getitem__(self, index: int | ItemKey) -> dict[str, Any]:
         """``{"image": float32 (C, H, W), "path": str, "size": int64 [H, W], "dtype": str}``
-        (``dtype``: the file's pixels' as read), and for float pixels ``"value_range":
-        (min, max)`` of the finite ones."""
+        (``dtype``: the file's pixels' as read), ``"valid"`` as :func:`prepare_image` gives it
+        (a TIFF's nodata included), and for float pixels ``"value_range": (min, max)`` of the
+        finite ones."""
         path = self.samples[self._resolve_key(index)].image
         pixels = read_image(path, self.bands, self.in_channels)
-        item = prepare_image(pixels, in_channels=self.in_channels,
-                             mean=self.mean, std=self.std, transform=self.transform, source=path)
+        valid = image_validity(path, self.bands, self.in_channels)  # a TIFF's nodata
+        item = prepare_image(pixels, in_channels=self.in_channels, mean=self.mean,
+                             std=self.std, transform=self.transform, source=path, valid=valid)
         item = {**item, "path": str(path), "dtype": str(pixels.dtype)}
-        value_range = finite_range(pixels)
+        value_range = finite_range(pixels, valid)
         if value_range is not None:
             item["value_range"] = value_range
         return item

@@ -271,7 +271,9 @@ class PredictInputs(Dataset):
         files: Inputs.
         writer: Decides which outputs are still to write.
         config: Preprocessing.
-        resize: Apply ``config.eval_resize`` to ordinary images (not when tiling).
+        resize: Apply ``config.eval_resize`` to ordinary images, TIFFs without georeference
+            included (not when tiling); georeferenced rasters are predicted by windows at
+            native resolution, with a warning.
     """
 
     def __init__(
@@ -295,6 +297,7 @@ class PredictInputs(Dataset):
         )
         #: Input dtypes unlike the training images' that were warned about (once each).
         self._dtypes_warned: set[str] = set()
+        self._resize_warned = False  # eval_resize not applied to a georeferenced raster
 
     def __len__(self) -> int:
         return len(self.files)
@@ -316,6 +319,14 @@ class PredictInputs(Dataset):
                 rec["status"] = "skipped"
                 return rec
             rec["formats"] = pending
+            if not self._by_windows(info):
+                info = None  # a plain TIFF: at the evaluation size, as the API and test do
+            elif self.images.transform is not None and not self._resize_warned:
+                self._resize_warned = True
+                log.warning(
+                    "the model was evaluated on images resized to %s; georeferenced rasters "
+                    "such as %s are predicted by windows at their native resolution instead",
+                    self.config.eval_resize, f.path)
             if info is not None:
                 rec["kind"] = "raster"
                 self.config.warn_dtype_once(self._dtypes_warned, info.dtype, str(f.path),
@@ -330,6 +341,12 @@ class PredictInputs(Dataset):
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
+
+    def _by_windows(self, info: Any) -> bool:
+        """Whether a file is predicted as a raster, by windows at native resolution: a TIFF
+        rasterio reads, unless the model takes images resized (``eval_resize``) and the TIFF
+        has no georeference (then it is an image like a PNG, resized as in ``segpipe test``)."""
+        return info is not None and (self.images.transform is None or info.georeferenced)
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,
@@ -351,7 +368,7 @@ class PredictInputs(Dataset):
             if f.error:
                 continue
             try:
-                if probe_raster(f.path) is not None:
+                if self._by_windows(probe_raster(f.path)):
                     windows = 0
                     for window in self._raster_windows(f.path, tile or raster_tile, raster_windows):
                         windows += 1

@@ -78,6 +78,36 @@ def test_eval_resize_is_applied_and_undone(tmp_path: Path) -> None:
     assert got.shape == (45, 61) and np.array_equal(got, expected)
 
 
+def test_a_plain_tiff_is_resized_like_a_png(tmp_path: Path, caplog) -> None:
+    """The command sent every TIFF rasterio opens down the raster path, which never applied
+    the checkpoint's eval_resize: a plain .tif (LGG's slices) was predicted at full size while
+    the same picture as PNG, the API and `segpipe test` resized it (70 % of the pixels
+    agreed). A georeferenced raster stays on the raster path, with a warning."""
+    import rasterio
+    from affine import Affine
+
+    ckpt = make_ckpt(tmp_path / "r.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, eval_resize=[16, 16])
+    src = tmp_path / "in"
+    image = noise_image(45, 61, seed=4)
+    write_image(src / "a.png", image)
+    write_image(src / "b.tif", image)
+    masks = _command_masks(ckpt, src, tmp_path / "out")
+    assert np.array_equal(masks["a"], masks["b"])
+    api = Segmenter.from_checkpoint(ckpt, device="cpu").predict(src / "b.tif")
+    assert np.array_equal(api, masks["b"])
+    geo = tmp_path / "geo"
+    geo.mkdir()
+    with rasterio.open(geo / "g.tif", "w", driver="GTiff", width=61, height=45, count=3,
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 5000000)) as ds:
+        ds.write(np.moveaxis(image, -1, 0))
+    with caplog.at_level("WARNING", logger="segpipe"):
+        assert cli_main(["predict", "--ckpt_path", str(ckpt), "--input", str(geo), "--output",
+                         str(tmp_path / "geo_out"), *FAST]) == 0
+    assert "georeferenced rasters such as" in caplog.text and "native resolution" in caplog.text
+
+
 def test_onnx_segmenter_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> None:
     pytest.importorskip("onnxruntime")
     model = tmp_path / "model.onnx"
