@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -124,8 +125,15 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
     from segpipe.lightning_cli import USER_ERRORS, run_cli  # Lightning only for these commands
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         run_cli(args)
+    except SIGTERMException:  # SLURM, Kubernetes, docker stop, timeout: not a finished run
+        print(f"segpipe {args[0]}: stopped by SIGTERM before it finished"
+              + ("; the last checkpoint written is intact: resume with --ckpt_path last"
+                 if args[0] == "fit" else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))
         print(f"segpipe {args[0]}: error: {message} (see `segpipe {args[0]} --help`)",

@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from segpipe.helpformat import HelpFormatter
 from segpipe.callbacks import (
@@ -168,6 +169,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PretrainedWeightsUnavailableError,  # named encoder weights neither cached nor downloadable
     TransferLearningError,  # init_from unusable; resuming with other param groups than saved
     BatchNormAdaptError,  # model.bn_adapt outside [0, 1], or a network without BatchNorm
+    MisconfigurationException,  # Lightning's checks of trainer options (devices, max_time, ...)
 )
 
 
@@ -421,8 +423,18 @@ class SegpipeCLI(LightningCLI):
             # In a new process Lightning knows no best model; find the run's files instead.
             cfg.ckpt_path = resolve_checkpoint_alias(cfg.ckpt_path, _checkpoint_dir(cfg), weights_only)
         ckpt_path = cfg.get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if self.config.subcommand == "fit" and ckpt_path == "best":
+            raise CheckpointNotFoundError(
+                "fit --ckpt_path best: a fit resumes a run from its last state; use --ckpt_path "
+                "last (or a .ckpt file), or --model.init_from BEST.ckpt to start a new run from "
+                "a best checkpoint's weights")
+        if ckpt_path in (None, "", "last", "hpc") or str(ckpt_path).startswith("registry"):
             return
+        if not Path(ckpt_path).is_file():
+            where = "is a folder" if Path(ckpt_path).is_dir() else "does not exist"
+            raise CheckpointNotFoundError(
+                f"--ckpt_path {ckpt_path} {where}; give a .ckpt file, or best / last for the "
+                "run in --trainer.default_root_dir")
         ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)

@@ -362,6 +362,16 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         (["--data.class_names=[a, b]"], "data.class_names has 2 names for num_classes=3"),
         # a 4-pixel crop for a depth-2 U-Net: one pixel at the bottom, batch 1: BatchNorm fails
         (["--data.crop_size=4", "--data.batch_size=1"], "BatchNorm cannot train on one value"),
+        # these were tracebacks (exit 1): torch's, Lightning's and segpipe's own checks
+        (["--model.optimizer.init_args.lr=-1"], "model.optimizer: Invalid learning rate: -1.0"),
+        (["--model.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+          "--model.scheduler_interval=step"], "set --model.scheduler_interval epoch"),
+        (["--trainer.devices=0"], "is not a valid input using cpu accelerator"),
+        (["--trainer.max_time=30 minutes"], "is not a valid duration"),
+        (["--model.net=tests.predict.nets.PointwiseNet", "--model.freeze_encoder_epochs=1"],
+         "model.freeze_encoder_epochs needs to know which part of the network is the encoder"),
+        (["--ckpt_path=nothere.ckpt"], "--ckpt_path nothere.ckpt does not exist"),
+        (["--ckpt_path=best"], "fit --ckpt_path best: a fit resumes a run from its last state"),
     ],
 )
 def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):
@@ -372,6 +382,28 @@ def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tm
     assert words in err[-1] and not any("Traceback" in line for line in err)
     assert "compute_fn" not in err[-1] and len(err[-1]) < 400
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped before training
+
+
+def test_a_missing_checkpoint_file_in_test_is_one_line(dataset, tmp_path, capsys):
+    code = main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", *TINY, "--ckpt_path", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and f"--ckpt_path {tmp_path} is a folder; give a .ckpt file" in err[-1]
+
+
+def test_a_fit_stopped_by_sigterm_does_not_exit_0(monkeypatch, capsys):
+    """SLURM, Kubernetes and `timeout` stop jobs with SIGTERM; Lightning's SIGTERMException is a
+    SystemExit without a code, so a half-trained run exited 0 and `fit && test` went on."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import segpipe.lightning_cli
+
+    def stopped(args):
+        raise SIGTERMException
+
+    monkeypatch.setattr(segpipe.lightning_cli, "run_cli", stopped)
+    assert main(["fit", "--config", "configs/folder_unet.yaml"]) == 143
+    assert "stopped by SIGTERM before it finished" in capsys.readouterr().err
 
 
 def test_missing_data_root_is_one_line(tmp_path, capsys):

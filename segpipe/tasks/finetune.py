@@ -99,11 +99,11 @@ def encoder_modules(net: nn.Module, option: str = "model.freeze_encoder_epochs")
         The encoder's modules (at least one).
 
     Raises:
-        ValueError: If ``net`` has no ``encoder_modules()`` or it returns no modules.
+        ConfigError: If ``net`` has no ``encoder_modules()`` or it returns no modules.
     """
     method = getattr(net, "encoder_modules", None)
     if not callable(method):
-        raise ValueError(
+        raise ConfigError(
             f"{option} needs to know which part of the network is the encoder, but "
             f"{type(net).__name__} has no encoder_modules() method; use segpipe.models.UNet, FCN "
             "or SmpModel, or give your network an encoder_modules() that returns the encoder's "
@@ -111,7 +111,7 @@ def encoder_modules(net: nn.Module, option: str = "model.freeze_encoder_epochs")
         )
     modules = list(method())
     if not modules or not all(isinstance(m, nn.Module) for m in modules):
-        raise ValueError(
+        raise ConfigError(
             f"{type(net).__name__}.encoder_modules() must return a non-empty list of nn.Module, "
             f"got {modules!r}."
         )
@@ -454,7 +454,7 @@ def _check_ddp(trainer: L.Trainer) -> None:
     kwargs = getattr(strategy, "_ddp_kwargs", None)  # Lightning keeps DDP's kwargs here
     if not isinstance(kwargs, dict) or kwargs.get("find_unused_parameters") or kwargs.get("static_graph"):
         return
-    raise ValueError(
+    raise ConfigError(
         "model.freeze_encoder_epochs with DDP: while the encoder is frozen its parameters get no "
         "gradients, which plain DDP waits for; use --trainer.strategy "
         "ddp_find_unused_parameters_true."

@@ -859,18 +859,32 @@ class SegmentationTask(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         two_groups = self.freeze_encoder_epochs > 0 or self.encoder_lr_mult != 1
-        if two_groups:  # "decoder" at lr, "encoder" at lr x encoder_lr_mult (finetune.py)
-            optimizer = self.optimizer_factory(param_groups(self, self.net))
-            scale_encoder_lr(optimizer, self.encoder_lr_mult)
-        else:
-            optimizer = self.optimizer_factory(self.parameters())
+        try:  # torch's own argument checks ("Invalid learning rate: -1.0"), named as options
+            if two_groups:  # "decoder" at lr, "encoder" at lr x encoder_lr_mult (finetune.py)
+                optimizer = self.optimizer_factory(param_groups(self, self.net))
+                scale_encoder_lr(optimizer, self.encoder_lr_mult)
+            else:
+                optimizer = self.optimizer_factory(self.parameters())
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"model.optimizer: {exc}") from exc
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model.lr_scheduler: {exc}") from exc
         if two_groups:
             check_lr_ratio(optimizer, self.encoder_lr_mult, scheduler)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if self.scheduler_interval != "epoch":
+                raise ConfigError(
+                    "model.lr_scheduler ReduceLROnPlateau steps on the validation score "
+                    f"({self.monitor}), which exists once per validation, but "
+                    f"model.scheduler_interval is {self.scheduler_interval!r}; set "
+                    "--model.scheduler_interval epoch")
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
 
