@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ConfigError", "check_checkpoint_format"]
+__all__ = ["ConfigError", "TrainingDivergedError", "check_checkpoint_format"]
 
 
 class ConfigError(ValueError):
@@ -14,6 +14,11 @@ class ConfigError(ValueError):
     print it as one ``segpipe: error: ...`` line instead of a traceback. A subclass of
     :class:`ValueError`, so callers in Python that catch that keep working.
     """
+
+
+class TrainingDivergedError(ConfigError):
+    """The training loss or weights became NaN or infinite: the run stops before a checkpoint of
+    them is written (the message names the epoch and the usual causes)."""
 
 
 def check_checkpoint_format(path: str | os.PathLike[str]) -> None:

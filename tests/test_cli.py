@@ -372,6 +372,9 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
          "model.freeze_encoder_epochs needs to know which part of the network is the encoder"),
         (["--ckpt_path=nothere.ckpt"], "--ckpt_path nothere.ckpt does not exist"),
         (["--ckpt_path=best"], "fit --ckpt_path best: a fit resumes a run from its last state"),
+        # a diverged run exited 0 with a NaN model saved as best-epoch000-mIoU0.2912.ckpt
+        (["--model.optimizer.init_args.lr=1e6"], "training diverged in epoch 0"),
+        (["--trainer.precision=16-true"], "--trainer.precision 16-true keeps the weights"),
     ],
 )
 def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):

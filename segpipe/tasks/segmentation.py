@@ -674,9 +674,32 @@ class SegmentationTask(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.log_train_metrics:
             self._log_epoch("train")
+        # One check per epoch (one host sync), for runs that validate rarely or never.
+        finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
+        if not bool(finite):
+            self._diverged("some weights are NaN or infinite")
 
     def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and \
+                not self.trainer.sanity_checking and self.loss_means["val"].update_called:
+            loss = self.loss_means["val"].compute()  # synced across processes
+            if not bool(torch.isfinite(loss)):
+                self.loss_means["val"].reset()
+                self._diverged(f"the validation loss is {float(loss)}")
         self._log_epoch("val")
+
+    def _diverged(self, what: str) -> None:
+        """Stop a diverged fit before its checkpoints are written: a NaN model scores every
+        pixel as class 0, and its constant mIoU passed for a result."""
+        from segpipe.errors import TrainingDivergedError
+
+        precision = str(getattr(self.trainer, "precision", ""))
+        raise TrainingDivergedError(
+            f"training diverged in epoch {self.current_epoch} (step {self.global_step}): {what}. "
+            + ("--trainer.precision 16-true keeps the weights in float16, which overflows: use "
+               "bf16-mixed or 32-true" if precision == "16-true" else
+               "Lower model.optimizer.init_args.lr (the usual cause)")
+            + "; checkpoints written before this epoch are intact (--ckpt_path last).")
 
     def on_test_start(self) -> None:
         """``bn_adapt``: blend the test images' BatchNorm statistics in before scoring."""
