@@ -246,6 +246,36 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)  # after this epoch's validation and ModelCheckpoint's save
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A run resumed from a folder that was moved or copied (another machine, storage
+        mounted elsewhere): rebase the best-checkpoint records onto the folder, where the files
+        are. Lightning's ``ModelCheckpoint`` restores only the best path when its folder
+        differs from the recorded one, so best tracking restarted and a worse model became
+        ``best`` beside the real one. (Lightning runs every ``on_load_checkpoint`` before the
+        callbacks' states are loaded.)"""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        states = checkpoint.get("callbacks") or {}
+        for cb in trainer.checkpoint_callbacks:
+            state = states.get(cb.state_key) if isinstance(cb, ModelCheckpoint) else None
+            if not state or cb.dirpath is None or state.get("dirpath") in (None, cb.dirpath):
+                continue
+            here = Path(cb.dirpath)
+            best = state.get("best_model_path")
+            if not best or not (here / Path(best).name).is_file():
+                continue  # the files are not here: leave Lightning's fresh start
+
+            def rebased(path: Any) -> Any:
+                return str(here / Path(path).name) if path else path
+
+            state["dirpath"] = cb.dirpath
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state[key] = rebased(state.get(key))
+            state["best_k_models"] = {rebased(k): v for k, v in
+                                      (state.get("best_k_models") or {}).items()
+                                      if (here / Path(k).name).is_file()}
+
 
 def install_safe_checkpoint_io(trainer: L.Trainer) -> bool:
     """Use :class:`SafeCheckpointIO` in ``trainer`` unless a custom checkpoint I/O is set.

@@ -382,3 +382,32 @@ def test_disk_full_during_fit_is_one_error_line(tmp_path: Path, monkeypatch: pyt
     assert len(saves) == 2  # stopped at the first failed save
     assert torch.load(last, weights_only=True)["global_step"] == saves[0]  # the previous one
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temporary file
+
+
+def test_a_moved_run_resumes_with_its_best_checkpoint_record(tmp_path: Path) -> None:
+    """Resuming a run whose folder was moved (or copied) restarted best tracking: Lightning's
+    ModelCheckpoint restores only the best path when its folder differs from the recorded one,
+    so a worse model became best-*.ckpt beside the real one and `--ckpt_path best` scored it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from segpipe.callbacks import LastCheckpoint
+
+    old, new = tmp_path / "run" / "checkpoints", tmp_path / "moved" / "checkpoints"
+    new.mkdir(parents=True)
+    (new / "best-epoch008-mIoU0.4938.ckpt").write_bytes(b"x")
+    best = ModelCheckpoint(dirpath=new, monitor="val/mIoU", mode="max", save_top_k=1)
+    last = LastCheckpoint(new)
+    trainer = L.Trainer(callbacks=[best, last], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    recorded = str(old / "best-epoch008-mIoU0.4938.ckpt")
+    state = {"dirpath": str(old), "monitor": "val/mIoU", "best_model_score": torch.tensor(0.4938),
+             "best_model_path": recorded, "kth_best_model_path": recorded,
+             "kth_value": torch.tensor(0.4938), "best_k_models": {recorded: torch.tensor(0.4938)},
+             "last_model_path": "", "current_score": torch.tensor(0.4531)}
+    checkpoint = {"callbacks": {best.state_key: state}}
+    last.on_load_checkpoint(trainer, None, checkpoint)
+    best.load_state_dict(checkpoint["callbacks"][best.state_key])
+    moved = str(new / "best-epoch008-mIoU0.4938.ckpt")
+    assert best.best_model_score == pytest.approx(0.4938)  # a worse score will not replace it
+    assert best.best_model_path == moved and best.kth_best_model_path == moved
+    assert list(best.best_k_models) == [moved]
