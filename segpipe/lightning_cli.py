@@ -224,7 +224,7 @@ def set_aside_earlier_checkpoints(ckpt_dir: Path, dest: Path | None = None) -> P
     rank_zero_info(
         f"{ckpt_dir} held {len(earlier)} checkpoint(s) of an earlier fit; moved them to {dest} so "
         f"that this run's best and last are its own (to resume that run instead: --ckpt_path "
-        f"{dest / 'last.ckpt'})")
+        f"{dest / 'last.ckpt'} --checkpoint.dirpath {dest})")
     return dest
 
 
@@ -490,10 +490,14 @@ class SegpipeCLI(LightningCLI):
         last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
         if subcommand == "fit" and cfg.get("ckpt_path") == "last" and not last.is_file():
             # Lightning would start over with a hint about ModelCheckpoint(save_last=True).
+            earlier = sorted(last.parent.glob("earlier-*/last.ckpt"),
+                             key=lambda p: p.stat().st_mtime)
+            hint = (f" (the newest earlier run there resumes with --ckpt_path {earlier[-1]} "
+                    f"--checkpoint.dirpath {earlier[-1].parent})" if earlier else "")
             rank_zero_info(
                 f"--ckpt_path last: no {last} yet, so this fit starts a new run (as a requeued "
                 "job's first start does); if you meant to resume, check "
-                "--trainer.default_root_dir")
+                f"--trainer.default_root_dir{hint}")
             cfg.ckpt_path = None
         self._split_step_checkpoint(cfg)
         self._check_nulls(cfg)
@@ -602,6 +606,8 @@ class SegpipeCLI(LightningCLI):
             # data stops the run before, and leaves them where they are). Every process makes
             # the same decision (they all start before the move), so each reads init_from
             # where the file will be; rank 0 moves them.
+            if cfg.trainer.get("fast_dev_run"):
+                return  # a smoke test writes no checkpoint: the run's stay where they are
             if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
                 dest = earlier_checkpoints_dest(ckpt_dir)
                 init = cfg.get("model", {}).get("init_from") if dest else None
@@ -611,6 +617,14 @@ class SegpipeCLI(LightningCLI):
                     self._set_aside = _SetAsideCheckpoints(ckpt_dir, dest=dest)
             else:
                 resume = ckpt_dir / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+                other = ckpt_dir / "last.ckpt"
+                if resume.is_file() and resume.resolve().parent != ckpt_dir.resolve() \
+                        and other.is_file():
+                    raise OutputDirError(
+                        f"--ckpt_path {resume} resumes a run kept in {resume.parent}, but this fit "
+                        f"writes its checkpoints to {ckpt_dir}, whose last.ckpt is another run's "
+                        f"and would be overwritten; add --checkpoint.dirpath {resume.parent} to "
+                        "continue that run in its own folder")
                 if resume.is_file():
                     self._set_aside = _SetAsideCheckpoints(
                         ckpt_dir, resume=resume, weights_only=cfg.get("weights_only") is not False)

@@ -201,6 +201,18 @@ def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, t
     assert main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
     assert not (ckpt_dir / "earlier-2").exists()
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["epoch"] == 1
+    # A smoke test writes no checkpoint, so it moves none (the next --ckpt_path last restarted).
+    assert main([*args, "--trainer.fast_dev_run=true"]) == 0
+    assert (ckpt_dir / "last.ckpt").is_file() and not (ckpt_dir / "earlier-2").exists()
+    # Resuming the earlier run as first advised overwrote this run's last.ckpt: refused, with
+    # the option that continues it in its own folder, which then works.
+    current = (ckpt_dir / "last.ckpt").read_bytes()
+    assert main([*args, "--trainer.max_epochs=3", f"--ckpt_path={kept / 'last.ckpt'}"]) == 2
+    assert (ckpt_dir / "last.ckpt").read_bytes() == current
+    assert main([*args, "--trainer.max_epochs=3", f"--ckpt_path={kept / 'last.ckpt'}",
+                 f"--checkpoint.dirpath={kept}"]) == 0
+    assert (ckpt_dir / "last.ckpt").read_bytes() == current
+    assert torch.load(kept / "last.ckpt", weights_only=False)["epoch"] == 2
 
 
 def test_resuming_sets_aside_a_best_checkpoint_the_killed_run_wrote_after_last(
