@@ -37,9 +37,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import RawIOBase
@@ -60,6 +62,7 @@ __all__ = [
     "check_output_dir",
     "disk_full_error",
     "fsync_dir",
+    "is_stale_temporary",
     "is_disk_full",
     "low_on_space",
     "make_temp_dir",
@@ -303,8 +306,59 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temporary names (folders may be shared)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _temp_name(prefix: str, suffix: str) -> str:
-    return f"{prefix}{secrets.token_hex(6)}{suffix}"
+    """``<prefix><host>.<pid>-<random><suffix>``: the writer is in the name, so that a later
+    command can tell an interrupted write from another live process's
+    (:func:`is_stale_temporary`)."""
+    return f"{prefix}{_host_tag()}.{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+
+_OWNER = re.compile(r"^" + re.escape(TMP_PREFIX) + r"([0-9a-f]{8})\.(\d+)-")
+
+STALE_AFTER_S = 3600.0
+"""A temporary file of unknown writer left unchanged this long is taken for an interrupted
+write (a live writer keeps touching its file)."""
+
+
+def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_AFTER_S) -> bool:
+    """Whether a ``TMP_PREFIX`` file is an interrupted write that may be deleted.
+
+    Its writer is named in it (:func:`_temp_name`): a process of this machine that no longer
+    runs left it; another live process's (a second ``predict`` or ``fit`` on the same folder)
+    is kept. Files of another machine, or named before writers were, are stale once unchanged
+    for ``stale_after`` seconds.
+
+    Args:
+        path: A file whose name starts with :data:`TMP_PREFIX`.
+        stale_after: Age (since the last write) from which a file of unknown writer is stale.
+
+    Returns:
+        True when it may be deleted.
+    """
+    owner = _OWNER.match(Path(path).name)
+    if owner is not None and owner.group(1) == _host_tag():
+        pid = int(owner.group(2))
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # another user's live process
+            return False
+        return False
+    try:
+        return time.time() - os.stat(path).st_mtime >= stale_after
+    except OSError:
+        return False
 
 
 def _create_temp(folder: Path, suffix: str, create: bool = True) -> Path:

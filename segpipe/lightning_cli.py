@@ -42,7 +42,13 @@ from segpipe.data.checks import DataCheckError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
 from segpipe.data.spec import DataSpec
 from segpipe.errors import ConfigError
-from segpipe.fileio import TMP_PREFIX, DiskFullError, OutputDirError, check_output_dir
+from segpipe.fileio import (
+    TMP_PREFIX,
+    DiskFullError,
+    OutputDirError,
+    check_output_dir,
+    is_stale_temporary,
+)
 from segpipe.models.base import ModelArgumentError
 from segpipe.models.batchnorm import BatchNormAdaptError
 from segpipe.models.smp import PretrainedWeightsUnavailableError
@@ -586,10 +592,10 @@ class SegpipeCLI(LightningCLI):
         root = cfg.trainer.default_root_dir or "."
         check_output_dir(root, "logs, configs and metrics", "trainer.default_root_dir")
         if _is_rank_zero():
-            # Unfinished metric/report writes of a killed run (an hour old: no live process's).
+            # Unfinished metric/report writes of a killed run (not a live process's).
             for stale in Path(root).glob(f"lightning_logs/version_*/{TMP_PREFIX}*"):
                 try:
-                    if time.time() - stale.stat().st_mtime > 3600:
+                    if is_stale_temporary(stale):
                         stale.unlink()
                 except OSError:
                     pass
@@ -599,9 +605,11 @@ class SegpipeCLI(LightningCLI):
         if subcommand in (None, "fit"):
             ckpt_dir = check_output_dir(cfg.checkpoint.dirpath, "checkpoints", "checkpoint.dirpath")
             if _is_rank_zero():
-                # Leftovers of checkpoint writes that a killed run did not finish.
+                # Leftovers of checkpoint writes that a killed run did not finish (a live
+                # fit's, writing into the same folder, are kept).
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
-                    stale.unlink(missing_ok=True)
+                    if is_stale_temporary(stale):
+                        stale.unlink(missing_ok=True)
             # Earlier checkpoints are moved when training starts (a bad option value or bad
             # data stops the run before, and leaves them where they are). Every process makes
             # the same decision (they all start before the move), so each reads init_from

@@ -190,8 +190,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data: Path, tmp_pat
     _kill_when(run, progress, lambda r: r["epoch"] == 2 and r["batch"] == 4, tmp_path / "run2.log")
     steps = _assert_checkpoints_complete(ckpt_dir)
     assert steps["last.ckpt"] == 15 and 15 % STEPS_PER_EPOCH != 0  # a mid-epoch checkpoint
-    stale = ckpt_dir / f"{TMP_PREFIX}killed{PARTIAL_SUFFIX}"
-    stale.write_bytes(b"half a checkpoint")  # what a kill during a write leaves behind
+    from segpipe.fileio import _host_tag
+
+    # what a kill during a write leaves behind (its name names the killed writer)
+    stale = ckpt_dir / f"{TMP_PREFIX}{_host_tag()}.{run.pid}-killed{PARTIAL_SUFFIX}"
+    stale.write_bytes(b"half a checkpoint")
 
     # 3) Resumed from the mid-epoch checkpoint to the end.
     run = _start(_fit_cmd(data, run_root, progress, 0.0, "--ckpt_path=last"),

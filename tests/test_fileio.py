@@ -295,3 +295,27 @@ def test_disk_full_error_pickles() -> None:
 
     err = pickle.loads(pickle.dumps(DiskFullError("/x/y.png", errno.EDQUOT)))
     assert err.path == Path("/x/y.png") and err.errno == errno.EDQUOT and "/x/y.png" in str(err)
+
+
+def test_a_live_writers_temporary_file_is_not_stale(tmp_path: Path) -> None:
+    """A second `predict` into the same folder deleted a live run's temporary file (and a
+    `fit`'s checkpoint being written), failing that run's output after its compute."""
+    import subprocess
+    import time
+
+    from segpipe.fileio import STALE_AFTER_S, TMP_PREFIX, _host_tag, _temp_name, is_stale_temporary
+
+    mine = tmp_path / _temp_name(TMP_PREFIX, ".png")
+    mine.write_bytes(b"x")
+    assert not is_stale_temporary(mine)  # this process is alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = tmp_path / f"{TMP_PREFIX}{_host_tag()}.{child.pid}-abc.png"
+    dead.write_bytes(b"x")
+    assert is_stale_temporary(dead)  # its writer is gone
+    unknown = tmp_path / f"{TMP_PREFIX}0123abcd.png"  # another machine's, or an old name
+    unknown.write_bytes(b"x")
+    assert not is_stale_temporary(unknown)
+    old = time.time() - STALE_AFTER_S - 1
+    os.utime(unknown, (old, old))
+    assert is_stale_temporary(unknown)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from segpipe.argparsing import CommandParser
 from segpipe.data.io import IMAGE_EXTENSIONS
-from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir
+from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir, is_stale_temporary
 from segpipe.predict.writers import FORMATS, PredictionWriter
 from segpipe.runtime import available_cpus, default_precision, fit_threads_to_cpus
 
@@ -88,12 +88,18 @@ def find_inputs(
     files = find_images(src)
     root = src if src.is_dir() else src.parent
     out_root = Path(output_dir).resolve()
+    if src.is_dir() and out_root == src.resolve():
+        raise PredictUsageError(
+            f"--output {output_dir} is the input folder: a later run would read its masks as "
+            "images to predict; choose another output folder (one inside the input is fine)")
     names = writer.all_names()
     claimed: dict[str, Path] = {}
     inputs: list[InputFile] = []
     resolved = {f: f.resolve() for f in files}
-    kept = ([f for f in files if not resolved[f].is_relative_to(out_root)] if src.is_dir()
-            else files)
+    # An output folder inside the input holds earlier outputs: left out. One that holds the
+    # input folder (--output . ) writes beside it, and every image is an input.
+    inside = src.is_dir() and out_root.is_relative_to(src.resolve())
+    kept = [f for f in files if not resolved[f].is_relative_to(out_root)] if inside else files
     if files and not kept:
         raise PredictUsageError(
             f"all {len(files)} image(s) in {src} lie inside the output folder {output_dir}, "
@@ -121,7 +127,9 @@ def find_inputs(
 
 
 def clean_stale_temporaries(output_dir: str | Path) -> int:
-    """Delete unfinished temporary files (``TMP_PREFIX*``) an interrupted run left behind.
+    """Delete unfinished temporary files (``TMP_PREFIX*``) an interrupted run left behind,
+    keeping another live run's in the same folder (:func:`~segpipe.fileio.is_stale_temporary`;
+    deleting them failed that run's file after its compute).
 
     Args:
         output_dir: The output folder (nothing happens when it does not exist).
@@ -136,9 +144,11 @@ def clean_stale_temporaries(output_dir: str | Path) -> int:
     for dirpath, _dirs, filenames in os.walk(root):
         for name in filenames:
             if name.startswith(TMP_PREFIX):
+                path = Path(dirpath) / name
                 try:
-                    (Path(dirpath) / name).unlink()
-                    removed += 1
+                    if is_stale_temporary(path):
+                        path.unlink()
+                        removed += 1
                 except FileNotFoundError:
                     pass
     return removed

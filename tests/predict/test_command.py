@@ -303,13 +303,31 @@ def test_rerun_skips_done_outputs_and_cleans_unfinished_files(
     (out / "d" / "im1_palette.png").unlink()
     stale = out / "d" / f"{TMP_PREFIX}abc123.png"
     stale.write_bytes(b"\x89PNG truncated")
+    hours_ago = time.time() - 7200
+    os.utime(stale, (hours_ago, hours_ago))
+    # another run's file being written right now (a fresh one) is not touched: deleting it
+    # failed that run's output after its compute
+    live = out / f"{TMP_PREFIX}live.tif.partial"
+    live.write_bytes(b"II*\x00")
     before = (out / "d" / "im0.png").stat().st_mtime_ns
     assert run(pointwise_ckpt, src, out, "--format", "mask", "palette") == 0
     assert "predict: 1 written, 2 skipped (already done), 0 failed" in capsys.readouterr().out
-    assert (out / "d" / "im1_palette.png").is_file() and not stale.exists()
+    assert (out / "d" / "im1_palette.png").is_file() and not stale.exists() and live.exists()
     assert (out / "d" / "im0.png").stat().st_mtime_ns == before
     assert run(pointwise_ckpt, src, out, "--format", "mask", "palette", "--overwrite") == 0
     assert "predict: 3 written, 0 skipped" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_holds_the_input_folder(tmp_path: Path, pointwise_ckpt: Path,
+                                                      capsys) -> None:
+    """`--input proj/imgs --output proj` (or `--output .`) was refused with "choose an output
+    folder outside the input", which it was; the output folder itself as input is refused."""
+    src = tmp_path / "proj" / "imgs"
+    write_image(src / "a.png", noise_image(16, 16))
+    assert run(pointwise_ckpt, src, tmp_path / "proj") == 0
+    assert (tmp_path / "proj" / "a.png").is_file()
+    assert run(pointwise_ckpt, src, src) == 2
+    assert "is the input folder" in capsys.readouterr().err
 
 
 def test_output_inside_input_and_name_collisions(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
@@ -333,11 +351,9 @@ def test_an_output_never_replaces_an_input(tmp_path: Path, pointwise_ckpt: Path,
         err = capsys.readouterr().err
         assert f"would write the mask output of {src / 'a.png'} over the input image" in err
     assert (src / "a.png").read_bytes() == photo
-    # The input folder as output: every image lies inside it, so there is nothing to predict.
+    # The input folder as output: a later run would read the masks as images.
     assert run(pointwise_ckpt, src, src) == 2
-    assert f"all 1 image(s) in {src} lie inside the output folder {src}" in capsys.readouterr().err
-    assert run(pointwise_ckpt, src, tmp_path) == 2  # the output folder holds the input folder
-    assert "lie inside the output folder" in capsys.readouterr().err
+    assert f"--output {src} is the input folder" in capsys.readouterr().err
     assert (src / "a.png").read_bytes() == photo
 
 
