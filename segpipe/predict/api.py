@@ -172,8 +172,11 @@ class Segmenter:
 
     @property
     def palette(self) -> np.ndarray:
-        """(num_classes, 3) uint8 class colours: ``palette[mask]`` is a colour image."""
-        return self.config.palette()[: self.num_classes]
+        """uint8 colour lookup table indexed by label, (nodata label + 1, 3): row k is class
+        k's colour and the nodata label (255, for NaN or nodata pixels) is black, so
+        ``palette[mask]`` is a colour image of any mask this class returns (cut to
+        ``num_classes`` rows it raised IndexError on nodata)."""
+        return self.config.palette()
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -277,6 +280,12 @@ class Segmenter:
             raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {item.shape}")
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"the array of shape {item.shape} holds no pixel")
+        channels = self.config.in_channels
+        if (item.ndim == 3 and arr.shape[2] != channels and arr.shape[0] in {1, 3, channels}
+                and arr.shape[2] > 4 and not self.config.bands):
+            raise ValueError(
+                f"the array of shape {item.shape} looks channel-first (C, H, W), as a tensor's "
+                f"numpy() is; give (H, W, C): array.transpose(1, 2, 0)")
         bands = self.config.bands
         if bands and arr.shape[2] != self.config.in_channels and max(bands) <= arr.shape[2]:
             arr = arr[:, :, [b - 1 for b in bands]]  # as data.bands picks them from files

@@ -425,7 +425,7 @@ def predict(
             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
             inference_mode=True,
         )
-    except (ValueError, ImportError, RuntimeError, MisconfigurationException) as exc:
+    except (ValueError, TypeError, ImportError, RuntimeError, MisconfigurationException) as exc:
         # A typo (--precision 17) or a device this machine lacks (--accelerator tpu).
         raise PredictUsageError(
             f"--accelerator {accelerator} --devices {devices} --strategy {strategy} --precision "

@@ -51,7 +51,8 @@ def test_probabilities_and_metadata(unet_ckpt: Path) -> None:
     assert proba.shape == (3, 40, 50) and proba.dtype == np.float32
     np.testing.assert_allclose(proba.sum(axis=0), 1.0, atol=1e-4)
     assert np.array_equal(proba.argmax(axis=0), seg.predict(image))
-    assert seg.class_names == ["bg", "red", "green"] and seg.palette.tolist() == COLORS
+    assert seg.class_names == ["bg", "red", "green"] and seg.palette[:3].tolist() == COLORS
+    assert seg.palette[255].tolist() == [0, 0, 0]  # nodata: palette[mask] works on any mask
     assert seg(image).shape == (40, 50)
 
 
@@ -126,6 +127,9 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
         seg.predict(np.zeros((2, 3, 4, 5), np.uint8))
     with pytest.raises(ValueError, match=r"in_channels=3 .*e\.g\. bands=\[1, 2, 3\]"):
         seg.predict(np.zeros((8, 8, 5), np.uint8))
+    # (C, H, W), as tensor.numpy() gives: the bands hint led to a wrong (3, 48) mask
+    with pytest.raises(ValueError, match=r"looks channel-first .*array.transpose\(1, 2, 0\)"):
+        seg.predict(np.zeros((3, 48, 64), np.uint8))
     five = np.random.default_rng(0).integers(0, 255, (8, 8, 5), np.uint8)
     picked = Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[5, 1, 3]).predict(five)
     assert np.array_equal(picked, seg.predict(np.ascontiguousarray(five[:, :, [4, 0, 2]])))

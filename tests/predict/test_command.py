@@ -743,6 +743,8 @@ def test_worker_precision_and_device_mistakes_are_one_line(tmp_path: Path, point
         (("--write_workers", "-2"), "--write_workers must be >= 0"),
         (("--precision", "17"), "--precision 17: Precision '17' is invalid"),
         (("--accelerator", "nosuchchip"), "--accelerator nosuchchip"),
+        # Lightning's CPU accelerator raises TypeError for these: it was a traceback, exit 1
+        (("--accelerator", "cpu", "--devices", "-1"), "should be an int > 0"),
     ]:
         code = cli_main(["predict", "--ckpt_path", str(pointwise_ckpt), "--input",
                          str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress",
