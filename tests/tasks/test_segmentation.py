@@ -539,3 +539,37 @@ def test_nothing_labelled_is_logged_as_undefined_not_zero():
     for key in ("test/mDice", "test/micro_IoU", "test/pixel_accuracy"):
         assert math.isnan(float(trainer.callback_metrics[key])), key
     assert task.test_report["warning"].startswith("no pixel of these images is labelled")
+
+
+class _DictNet(PixelNet):
+    def forward(self, x):
+        return {"out": super().forward(x)}  # as torchvision's segmentation models
+
+
+class _FiveNet(nn.Module):  # says nothing of its classes
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _HalfNet(PixelNet):
+    def forward(self, x):
+        return super().forward(x)[..., ::2, ::2]
+
+
+@pytest.mark.parametrize("net, words", [
+    (_DictNet(), r"returned a dict with keys \['out'\], not a tensor of \(N, 3, H, W\) logits"),
+    (_FiveNet(), r"returned \(2, 5, \d+, \d+\) .*expected \(N, 3, H, W\) logits"),
+    (_HalfNet(), r"returned 12x8 logits for a 24x16 input; the network must keep the input's"),
+])
+def test_a_net_that_breaks_the_output_contract_is_named(net, words) -> None:
+    """They failed deep inside torch or torchmetrics ("unhashable type: 'slice'", "shape
+    '[3, 3]' is invalid for input of size 11", a size mismatch in cross_entropy)."""
+    from segpipe.errors import ConfigError
+
+    task = SegmentationTask(net, num_classes=3)
+    with pytest.raises(ConfigError, match=words):
+        task(torch.zeros(2, 3, 16, 24))
