@@ -142,10 +142,36 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - user errors in one line, the rest re-raised
         user = _user_error(exc, USER_ERRORS)
         if user is None:
+            user = _disk_full(exc)
+        if user is None:
             raise
         print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """One line for a full disk met outside segpipe's own writes (a logger's event file or
+    metrics.csv, written far more often than checkpoints: it ended in a TensorBoard
+    ValueError), or None when the disk is not full."""
+    from segpipe.fileio import is_disk_full
+
+    if not is_disk_full(exc):
+        return None
+    where = next((str(e.filename) for e in _chain(exc)
+                  if isinstance(e, OSError) and e.filename), None)
+    return (f"the disk is full{f' (writing {where})' if where else ''}: free space there, or "
+            "point trainer.default_root_dir (logs) and checkpoint.dirpath at a disk with room; "
+            "the checkpoints written before are intact (--ckpt_path last resumes)")
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
 
 
 def _user_error(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -414,3 +414,27 @@ def test_a_moved_run_resumes_with_its_best_checkpoint_record(tmp_path: Path) -> 
     assert best.best_model_score == pytest.approx(0.4938)  # a worse score will not replace it
     assert best.best_model_path == moved and best.kth_best_model_path == moved
     assert list(best.best_k_models) == [moved]
+
+
+def test_a_logger_that_meets_a_full_disk_is_one_error_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The loggers write far more often than checkpoints, so on a filling disk they fail first:
+    that was a 130-line traceback ending in a TensorBoard ValueError."""
+    from lightning.fabric.loggers import csv_logs
+
+    data = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    root = tmp_path / "run"
+
+    def full(self: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "metrics.csv"))
+
+    monkeypatch.setattr(csv_logs._ExperimentWriter, "save", full)
+    rc = main(["fit", *TINY_UNET, f"--data.root={data}", f"--trainer.default_root_dir={root}",
+               "--trainer.max_epochs=2", "--data.num_workers=0",
+               "--trainer.num_sanity_val_steps=0"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "segpipe: error:" in ln]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"segpipe: error: the disk is full (writing {root / 'metrics.csv'})")
