@@ -300,6 +300,49 @@ class _RunConfigCallback(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
+class _FitLock(Callback):
+    """A file in the checkpoint folder that names the fit writing there (machine and process,
+    as temporary files name theirs), so that a second fit into the same folder (a job started
+    twice, a requeued job whose old process still runs) stops instead of moving the live run's
+    checkpoints aside while both keep writing ``last.ckpt``. Taken when the fit sets up (after
+    the data check, before any checkpoint moves), removed when it ends or fails; a killed fit's
+    is stale (:func:`~segpipe.fileio.is_stale_temporary`)."""
+
+    SUFFIX = "-fit.lock"
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.path: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero or self.path is not None:
+            return
+        from segpipe.fileio import _temp_name
+
+        for lock in self.ckpt_dir.glob(f"{TMP_PREFIX}*{self.SUFFIX}"):
+            if is_stale_temporary(lock):
+                lock.unlink(missing_ok=True)
+            elif f".{os.getpid()}-" not in lock.name:
+                owner = lock.name[len(TMP_PREFIX):].split("-")[0]
+                raise OutputDirError(
+                    f"another segpipe fit (machine.process {owner}) is writing checkpoints to "
+                    f"{self.ckpt_dir}; wait for it to end, or give this run another "
+                    "--trainer.default_root_dir (or --checkpoint.dirpath)")
+        self.path = self.ckpt_dir / _temp_name(TMP_PREFIX, self.SUFFIX)
+        self.path.write_text(f"{os.getpid()}\n")
+
+    def _release(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def teardown(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._release()
+
+
 class _SetAsideCheckpoints(Callback):
     """Move an earlier run's checkpoints (a new fit) or the ones a killed run wrote after its
     resume point (a resumed fit) into ``earlier-K``, when training starts: after every option,
@@ -484,6 +527,7 @@ class SegpipeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._set_aside: _SetAsideCheckpoints | None = None  # see _check_outputs
+        self._fit_lock: _FitLock | None = None  # see _check_outputs
         # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
@@ -610,6 +654,8 @@ class SegpipeCLI(LightningCLI):
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     if is_stale_temporary(stale):
                         stale.unlink(missing_ok=True)
+                if not cfg.trainer.get("fast_dev_run"):
+                    self._fit_lock = _FitLock(ckpt_dir)
             # Earlier checkpoints are moved when training starts (a bad option value or bad
             # data stops the run before, and leaves them where they are). Every process makes
             # the same decision (they all start before the move), so each reads init_from
@@ -671,6 +717,9 @@ class SegpipeCLI(LightningCLI):
         set_aside = getattr(self, "_set_aside", None)
         if set_aside is not None:  # first, before TransferLearning reads model.init_from
             trainer.callbacks.insert(0, set_aside)
+        lock = getattr(self, "_fit_lock", None)
+        if lock is not None:  # first: it must stop a second fit before anything is moved
+            trainer.callbacks.insert(0, lock)
         for i, callback in enumerate(trainer.callbacks):
             # Lightning's default bar (or one configured with its defaults): refreshed by time
             # instead of after every step, so the host does not wait for the GPU at each step.

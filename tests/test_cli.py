@@ -472,3 +472,25 @@ def test_resuming_needs_no_encoder_weights_file(dataset, tmp_path):
     assert main([*args, "--trainer.max_epochs=1"]) == 0
     weights.rename(tmp_path / "moved.pth")
     assert main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
+
+
+def test_a_second_fit_into_a_folder_another_fit_writes_is_refused(dataset, tmp_path, capsys):
+    """Two fits in one folder (a job started twice, a requeued job whose old process still
+    runs): the second moved the live run's checkpoints aside and both kept writing last.ckpt."""
+    from segpipe.fileio import TMP_PREFIX, _host_tag
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = ckpt_dir / f"{TMP_PREFIX}{_host_tag()}.{other.pid}-abc-fit.lock"
+        lock.write_text(f"{other.pid}\n")
+        args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY]
+        assert main(args) == 2
+        assert "another segpipe fit" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    assert main(args) == 0  # its writer is gone: a stale lock
+    assert not list(ckpt_dir.glob(f"{TMP_PREFIX}*"))  # and this fit's own is removed
