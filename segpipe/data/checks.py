@@ -455,7 +455,7 @@ def _check_pair(
                            FIXES["missing_mask"], cause="no mask found"))
         return out, None
     try:
-        raw = read_mask(sample.mask)
+        raw = read_mask(sample.mask, colours=bool(mask_colors))
     except ImageReadError as exc:
         out.append(Problem(sample.mask, split, "unreadable_mask", exc.reason,
                            exc.hint or FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
@@ -709,7 +709,8 @@ def class_pixel_counts(
     def count(sample: Sample) -> np.ndarray:
         if sample.mask is None:
             return np.zeros(num_classes, dtype=np.int64)
-        labels = encode_mask(read_mask(sample.mask), sample.mask, mask_values, mask_colors,
+        labels = encode_mask(read_mask(sample.mask, colours=bool(mask_colors)), sample.mask,
+                             mask_values, mask_colors,
                              ignore_index)
         valid = labels[(labels >= 0) & (labels < num_classes)]
         return np.bincount(valid.ravel(), minlength=num_classes).astype(np.int64)

@@ -882,8 +882,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
                 sample.image, "no mask found for this image", "add the mask or remove the image"
             )
         labels = encode_mask(
-            read_mask(sample.mask), sample.mask, self.mask_values, self.mask_colors,
-            self.ignore_index,
+            read_mask(sample.mask, colours=bool(self.mask_colors)), sample.mask,
+            self.mask_values, self.mask_colors, self.ignore_index,
         )
         if labels.shape != raw.shape[:2]:
             raise ImageReadError(

@@ -64,7 +64,14 @@ from segpipe.data.checks import (
 )
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import Sample
-from segpipe.data.io import ImageReadError, image_size, probe_raster, read_image, read_mask
+from segpipe.data.io import (
+    ImageReadError,
+    image_size,
+    mask_palette,
+    probe_raster,
+    read_image,
+    read_mask,
+)
 from segpipe.data.stats import band_statistics, needs_measured_stats
 from segpipe.fileio import atomic_write_json
 
@@ -327,11 +334,16 @@ def sniff_masks(
 
     def look(path: Path) -> dict[str, Any] | None:
         try:
-            raw = read_mask(path)
+            raw = read_mask(path, colours=bool(mask_colors))
             dtype = str(read_image(path).dtype)
         except ImageReadError:
             return None
-        out: dict[str, Any] = {"dtype": dtype, "jpeg": is_jpeg(path)}
+        out: dict[str, Any] = {"dtype": dtype, "jpeg": is_jpeg(path), "path": path}
+        if not mask_colors and raw.ndim == 2:
+            palette = mask_palette(path)
+            if palette is not None:  # index -> colour, for the indices the mask uses
+                out["palette"] = {int(v): palette[v] for v in np.unique(raw)
+                                  if 0 <= v < len(palette)}
         if raw.ndim == 3 and not (
             np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])
         ):
@@ -376,6 +388,21 @@ def sniff_masks(
     }
     hints: list[str] = result["hints"]
     warns: list[str] = result["warnings"]
+    seen: dict[int, tuple[tuple[int, int, int], Path]] = {}
+    for r in looked:  # palette masks whose palettes give one index different colours
+        clash = next(((i, c, seen[i]) for i, c in r.get("palette", {}).items()
+                      if i in seen and seen[i][0] != c), None)
+        if clash is not None:
+            i, colour, (first, where) = clash
+            warns.append(
+                f"the masks are palette images whose palettes differ: index {i} is "
+                f"{list(colour)} in {r['path'].name} but {list(first)} in {where.name}, so an "
+                "index is not the same class in every file (tools that save colour masks as "
+                "palette PNGs do this); set data.mask_colors to the class colours (i-th colour "
+                "= class i) to read them by colour")
+            break
+        for i, c in r.get("palette", {}).items():
+            seen.setdefault(i, (c, r["path"]))
     if not looked:
         result["verdict"] = "no readable mask in the sample"
         return result

@@ -50,6 +50,7 @@ __all__ = [
     "image_size",
     "image_validity",
     "is_image_file",
+    "mask_palette",
     "open_raster",
     "pixel_limit",
     "probe_raster",
@@ -484,7 +485,7 @@ def read_image(
     return arr
 
 
-def read_mask(path: _PathLike) -> np.ndarray:
+def read_mask(path: _PathLike, colours: bool = False) -> np.ndarray:
     """Read a segmentation mask.
 
     Single-channel masks (index masks, including palette PNGs, whose palette *indices* are the
@@ -493,6 +494,9 @@ def read_mask(path: _PathLike) -> np.ndarray:
 
     Args:
         path: Mask file.
+        colours: Read a palette image as the colours its palette gives (for
+            ``data.mask_colors``): tools that save colour masks as palette PNGs give each file
+            its own palette order, so the indices mean other classes in each file.
 
     Returns:
         (H, W) int64 array of raw label values, or (H, W, 3) uint8 array of colours.
@@ -505,12 +509,14 @@ def read_mask(path: _PathLike) -> np.ndarray:
     _check_file(p)
     arr: np.ndarray | None = None
     if _is_tiff(p) or _needs_gdal_png(p):
-        arr = _read_rasterio(p, None, as_mask=True)
+        arr = _read_rasterio(p, None, as_mask=not colours)
         if arr is not None:
             if arr.shape[2] == 1:
                 arr = arr[:, :, 0]
     if arr is None:
         img = _decode_pillow(p)
+        if colours and img.mode in ("P", "PA"):
+            img = img.convert("RGB")
         arr = _pillow_to_array(img, p, as_mask=True)
     if arr.ndim == 3:
         if arr.shape[2] == 1:
@@ -539,6 +545,19 @@ def read_mask(path: _PathLike) -> np.ndarray:
     elif not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
         raise ImageReadError(p, f"unsupported mask dtype {arr.dtype}", "save as uint8 PNG")
     return arr.astype(np.int64)
+
+
+def mask_palette(path: _PathLike) -> list[tuple[int, int, int]] | None:
+    """The RGB palette of a palette (``P``) image, index by index, from its header; None for
+    any other image (and files Pillow cannot open)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "PA"):
+                return None
+            flat = img.getpalette("RGB") or []
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return [tuple(flat[i : i + 3]) for i in range(0, len(flat) - 2, 3)]  # type: ignore[misc]
 
 
 def image_size(path: _PathLike) -> tuple[int, int]:

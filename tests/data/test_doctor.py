@@ -489,3 +489,36 @@ def test_an_empty_val_split_is_an_error_as_in_fit(tmp_path: Path, capsys) -> Non
     (root / "val" / "masks").rmdir()
     rc, out = _run(capsys, f"--data.root={root}", "--data.num_classes=3")
     assert rc == 0, out
+
+
+def test_palette_masks_with_their_own_palettes_are_read_by_colour(tmp_path: Path, capsys) -> None:
+    """Colour masks saved as palette PNGs (Image.convert("P", palette=ADAPTIVE), GIMP's indexed
+    mode) order each file's palette differently: their indices were read as classes (96 % of
+    the training pixels wrong, check-data "OK"), and data.mask_colors refused them."""
+    from PIL import Image
+
+    from segpipe.data import SegmentationDataModule
+
+    root = _folder(tmp_path / "ds", mask_mode="rgb")
+    colours = [tuple(c) for c in synthetic_mask_colors(3)]
+    truth = {}
+    for mask in sorted(root.rglob("masks/*.png")):
+        rgb = np.asarray(Image.open(mask).convert("RGB"))
+        truth[mask] = rgb
+        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=3).save(mask)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
+                   "--data.ignore_index=null")
+    assert "palettes differ" in out and "set data.mask_colors" in out
+    table = json.dumps([list(c) for c in colours])
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
+                   "--data.ignore_index=null", f"--data.mask_colors={table}")
+    assert rc == 0 and "palettes differ" not in out, out
+    dm = SegmentationDataModule(str(root), num_classes=3, mask_colors=[list(c) for c in colours],
+                                num_workers=0, crop_size=None, augment="none")
+    dm.setup("fit")
+    for i, sample in enumerate(dm.datasets["train"].samples):
+        labels = dm.datasets["train"].load(i)[1]
+        expected = np.zeros(labels.shape, np.int64)
+        for k, c in enumerate(colours):
+            expected[(truth[sample.mask] == c).all(axis=-1)] = k
+        assert np.array_equal(labels, expected)
