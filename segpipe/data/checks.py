@@ -151,6 +151,8 @@ class Problem:
             Empty: ``message`` is the cause.
         colours: For ``bad_labels`` of colour masks, the RGB colours not in
             ``data.mask_colors``; empty otherwise.
+        unmapped: For ``bad_labels`` of masks with values not in ``data.mask_values``, those
+            raw values (``{unmapped}`` in ``cause``); empty otherwise.
     """
 
     path: Path
@@ -161,6 +163,7 @@ class Problem:
     values: tuple[int, ...] = ()
     cause: str = ""
     colours: tuple[tuple[int, int, int], ...] = ()
+    unmapped: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         fix = self.fix or FIXES.get(self.kind, "")
@@ -212,6 +215,9 @@ class ProblemGroup:
         if "{values}" in text:
             values = [v for p in self.problems for v in p.values]
             text = text.replace("{values}", _fmt_union(values))
+        if "{unmapped}" in text:
+            text = text.replace("{unmapped}", _fmt_union([v for p in self.problems
+                                                          for v in p.unmapped]))
         if "{colours}" in text:
             colours = sorted({c for p in self.problems for c in p.colours})
             shown = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:_MAX_COLOURS_SHOWN])
@@ -397,11 +403,17 @@ def _unlisted_labels(
     values = () if colours else tuple(found)
     cause = f"mask {what} are not in {table} and are read as ignore_index={ignore_index} " \
             "(not learnt, not scored)"
+    fix = UNLISTED_FIX
+    if is_jpeg(path):  # compression noise at class edges, not classes to add to the table
+        cause = (f"mask {'colours' if colours else 'values'} not in {table}, read as "
+                 f"ignore_index={ignore_index}: the masks are JPEG files, whose lossy "
+                 "compression invents them at class edges")
+        fix = JPEG_MASK_FIX
     listed = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:5]) if colours else \
         ", ".join(map(str, values[:5]))
     return [Problem(path, split, "unlisted_labels",
                     f"{listed} ({share:.1%} of the pixels) not in {table}: read as "
-                    f"ignore_index={ignore_index}", UNLISTED_FIX, values, cause=cause,
+                    f"ignore_index={ignore_index}", fix, values, cause=cause,
                     colours=colours)]
 
 
@@ -477,8 +489,17 @@ def _check_pair(
         labels = encode_mask(raw, sample.mask, mask_values, mask_colors, ignore_index)
     except ImageReadError as exc:
         colours: tuple[tuple[int, int, int], ...] = ()
+        unmapped: tuple[int, ...] = ()
         cause = _reason_cause(exc.reason)
         lossy = is_jpeg(sample.mask)
+        if mask_values and raw.ndim == 2 and exc.reason.startswith("mask values "):
+            # one cause for every mask with unmapped values (JPEG noise, anti-aliased edges
+            # differ from file to file), with their union: it was one line per file
+            known = {int(k) for k in mask_values}
+            unmapped = tuple(int(v) for v in np.unique(raw) if int(v) not in known)
+            cause = (f"mask values not in data.mask_values (known: {sorted(known)[:10]})"
+                     if lossy else f"mask values [{{unmapped}}] are not in data.mask_values "
+                     f"(known: {sorted(known)[:10]})")
         if mask_colors and raw.ndim == 3 and exc.reason.startswith("mask colours "):
             known = {tuple(int(v) for v in c[:3]) for c in mask_colors}
             seen = [(int(r), int(g), int(b)) for r, g, b in np.unique(raw.reshape(-1, 3), axis=0)]
@@ -491,7 +512,7 @@ def _check_pair(
                                colours=colours))
         else:
             out.append(Problem(sample.mask, split, "bad_labels", exc.reason, exc.hint,
-                               cause=cause, colours=colours))
+                               cause=cause, colours=colours, unmapped=unmapped))
         return out, None
     if ignore_index is not None and (mask_values or mask_colors):
         out += _unlisted_labels(split, sample.mask, raw, mask_values, mask_colors, ignore_index)

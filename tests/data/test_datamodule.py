@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segpipe.data import DataCheckError, SegmentationDataModule, check_samples, scan_folder
 from segpipe.data.checks import class_pixel_counts
@@ -655,3 +656,20 @@ def test_declared_nodata_in_training_rasters_is_no_data(tmp_path: Path) -> None:
     item = dm.datasets["train"][0]
     assert item["mask"][:4].eq(255).all() and item["mask"][4:].ne(255).all()
     assert item["image"][:, :4].abs().max() < 1e-5  # the training mean: 0 once normalised
+
+
+def test_unmapped_mask_values_are_one_cause_with_their_union(tmp_path: Path) -> None:
+    """Masks whose stray values differ from file to file (anti-aliased edges) gave one error
+    line per mask: thousands of lines for thousands of masks."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(16, 16),
+                               num_classes=2, mask_mode="binary")
+    for i, mask in enumerate(sorted((root / "train" / "masks").glob("*.png"))):
+        m = np.asarray(Image.open(mask)).copy()
+        m[0, 0] = 7 + i
+        write_mask(mask, m)
+    dm = _dm(root, num_classes=2, mask_values={0: 0, 255: 1}, batch_size=2)
+    with pytest.raises(DataCheckError) as exc:
+        dm.setup("fit")
+    assert "1 cause(s)" in str(exc.value)
+    assert "3 masks: mask values [7, 8, 9] are not in data.mask_values (known: [0, 255])" in str(
+        exc.value)
