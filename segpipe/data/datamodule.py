@@ -796,11 +796,21 @@ class SegmentationDataModule(L.LightningDataModule):
             return [self.test_split]
         return [s for s in ("train", "val", "test") if s in self._splits] or ["train"]
 
+    def _no_val_hint(self) -> str:
+        """Why there is no val split, and the fix (``data.val_fraction`` holds out part of a
+        train split of 2 or more images)."""
+        train = self._splits.get("train") or []
+        if self.hparams.val_fraction > 0 and len(train) <= 1:
+            return (f"the train split has {len(train)} image(s), too few for data.val_fraction "
+                    f"({self.hparams.val_fraction}) to hold one out; add a val split or more "
+                    "training images")
+        return "add a val split or set data.val_fraction > 0"
+
     def _require_split(self, split: str) -> list[Sample]:
         scan = self.scan()
         if split not in self._splits:
             hint = {
-                "val": "add a val split or set data.val_fraction > 0",
+                "val": self._no_val_hint(),
                 "train": "add the training data",
             }.get(split, "add the split")
             raise DataSplitError(

@@ -522,3 +522,17 @@ def test_palette_masks_with_their_own_palettes_are_read_by_colour(tmp_path: Path
         for k, c in enumerate(colours):
             expected[(truth[sample.mask] == c).all(axis=-1)] = k
         assert np.array_equal(labels, expected)
+
+
+def test_one_training_image_and_no_val_fails_as_fit_does(tmp_path: Path, capsys) -> None:
+    """check-data said OK where fit refused, and fit's fix ("set data.val_fraction > 0") was
+    already the case: one image is too few to hold one out."""
+    from segpipe.data import SegmentationDataModule
+    from segpipe.data.datasets import DataSplitError
+
+    root = _folder(tmp_path / "ds", n_train=1, n_val=0)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3")
+    assert rc == 1 and "there is no val split" in out and "too few for data.val_fraction" in out
+    dm = SegmentationDataModule(str(root), num_classes=3, num_workers=0)
+    with pytest.raises(DataSplitError, match="the train split has 1 image"):
+        dm.setup("fit")
