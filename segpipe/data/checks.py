@@ -63,7 +63,7 @@ FIXES: dict[str, str] = {
 
 #: Kinds of :class:`Problem` that warn instead of stopping training: the data can be used as
 #: configured, but maybe not as meant.
-WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes"})
+WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes", "mixed_dtypes"})
 
 # Problems that leave a training mask uncounted: class presence is not judged over the rest.
 _UNCOUNTED = frozenset({"missing_mask", "unreadable_mask", "bad_labels"})
@@ -91,6 +91,7 @@ _NOUNS: dict[str, str] = {
     "nodata_pixels": "image",
     "empty_split": "folder",
     "absent_classes": "folder",
+    "mixed_dtypes": "image",
     "too_few_classes": "folder",
 }
 
@@ -427,15 +428,19 @@ def _check_pair(
     decode_images: bool,
     bands: Sequence[int] | None,
     in_channels: int | None = None,
+    dtypes: dict[Path, str] | None = None,
 ) -> tuple[list[Problem], np.ndarray | None]:
     """The problems of one pair, and its mask's pixels per class with the ignored pixels last
-    (None when the mask could not be encoded)."""
+    (None when the mask could not be encoded); with ``dtypes`` and ``decode_images``, the
+    image's dtype is recorded there."""
     out: list[Problem] = []
     size: tuple[int, int] | None = None
     try:
         if decode_images:
             image = read_image(sample.image, bands, in_channels)
             size = image.shape[:2]
+            if dtypes is not None:
+                dtypes[sample.image] = str(image.dtype)
             if in_channels is not None:
                 found = channel_problem(sample.image, split, int(image.shape[2]), in_channels,
                                         bands)
@@ -539,6 +544,29 @@ def _check_pair(
             )
         )
     return out, _class_pixels(labels, num_classes, ignore_index)
+
+
+def _mixed_dtypes(splits: Mapping[str, Sequence[Sample]],
+                  dtypes: Mapping[Path, str]) -> list[Problem]:
+    """A ``mixed_dtypes`` warning when the images are of several integer types: each is scaled
+    by its own type's maximum (1/255, 1/65535), so 12-bit scans in 16-bit files reach the
+    network about 16 times darker than 8-bit ones, and the ImageNet-or-measured decision and
+    the checkpoint's ``input_dtype`` rest on the first images."""
+    kinds: dict[str, list[Path]] = {}
+    for samples in splits.values():
+        for sample in samples:
+            if sample.image in dtypes:
+                kinds.setdefault(dtypes[sample.image], []).append(sample.image)
+    if len([k for k in kinds if np.dtype(k).kind in "iub"]) < 2:
+        return []
+    listed = "; ".join(f"{k}: {len(v)} ({v[0].name}, ...)" if len(v) > 1 else f"{k}: {v[0].name}"
+                       for k, v in sorted(kinds.items()))
+    first = min(kinds.values(), key=len)[0]
+    return [Problem(first, "train" if "train" in splits else next(iter(splits)), "mixed_dtypes",
+                    f"the images mix pixel types ({listed})",
+                    "convert them to one type (e.g. all 16-bit, or all 8-bit scaled alike): "
+                    "each type is scaled by its own maximum, so the same scene reaches the "
+                    "network at other brightness")]
 
 
 def _class_pixels(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
@@ -655,9 +683,11 @@ def check_samples(
             )
     items = [(split, s) for split, samples in splits.items() for s in samples]
 
+    dtypes: dict[Path, str] = {}
+
     def run(item: tuple[str, Sample]) -> tuple[list[Problem], np.ndarray | None]:
         return _check_pair(item[0], item[1], num_classes, ignore_index, mask_values,
-                           mask_colors, decode_images, bands, in_channels)
+                           mask_colors, decode_images, bands, in_channels, dtypes)
 
     train_counts = np.zeros(num_classes + 1, dtype=np.int64)
     for (split, _), (found, counts) in zip(items, parallel_map(run, items, max_workers,
@@ -665,6 +695,7 @@ def check_samples(
         problems.extend(found)
         if split == "train" and counts is not None:
             train_counts += counts
+    problems += _mixed_dtypes(splits, dtypes)
     train = splits.get("train") or []
     if train and not any(p.split == "train" and p.kind in _UNCOUNTED for p in problems):
         folder = Path(os.path.commonpath([str(s.mask.parent) for s in train if s.mask])

@@ -673,3 +673,17 @@ def test_unmapped_mask_values_are_one_cause_with_their_union(tmp_path: Path) -> 
     assert "1 cause(s)" in str(exc.value)
     assert "3 masks: mask values [7, 8, 9] are not in data.mask_values (known: [0, 255])" in str(
         exc.value)
+
+
+def test_images_of_several_pixel_types_are_warned_about(tmp_path: Path, caplog) -> None:
+    """8-bit PNGs beside 12-bit-in-16-bit TIFFs: ImageNet statistics and input_dtype uint8 were
+    decided from the first 3 files, and nothing said the 16-bit ones reach the network ~16x
+    darker."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=1, n_test=0, size=(16, 16))
+    write_image(root / "train" / "images" / "z.tif",
+                np.random.default_rng(0).integers(0, 4096, (16, 16, 3), dtype=np.uint16))
+    write_mask(root / "train" / "masks" / "z.png", np.zeros((16, 16), np.uint8))
+    dm = _dm(root, num_classes=3, batch_size=2)
+    with caplog.at_level("WARNING", logger="segpipe"):
+        dm.setup("fit")
+    assert "the images mix pixel types (uint16: z.tif; uint8: 5 (" in caplog.text
