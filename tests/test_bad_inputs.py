@@ -424,6 +424,8 @@ def test_check_data_accepts(case: str, corpus, check_data_run) -> None:
     _, files = corpus
     _, out = check_data_run
     img, mask = files[case]
+    # the corpus mixes 8- and 16-bit images, which is warned about with an example file
+    out = "\n".join(ln for ln in out.splitlines() if "the images mix pixel types" not in ln)
     assert str(img) not in out and str(mask) not in out
 
 
