@@ -630,6 +630,7 @@ def check_samples(
     bands: Sequence[int] | None = None,
     in_channels: int | None = None,
     class_names: Sequence[str] | None = None,
+    missing_mask_dirs: Mapping[str, Path] | None = None,
 ) -> list[Problem]:
     """Check every image/mask pair and return all problems found.
 
@@ -656,6 +657,8 @@ def check_samples(
         in_channels: With ``decode_images``, report images whose channels (after ``bands``)
             cannot feed this many (``channel_mismatch``; 1 <-> 3 is converted, not reported).
         class_names: Names for the classes in messages (default ``class_<i>``).
+        missing_mask_dirs: Per split, the mask folder the layout expects where it does not
+            exist (``Scan.missing_mask_dirs``): its images' ``missing_mask`` problems name it.
 
     When every training mask could be read, the classes are counted over the ``train`` split:
     classes without a pixel there are an ``absent_classes`` warning, and a split where at most
@@ -695,6 +698,14 @@ def check_samples(
         problems.extend(found)
         if split == "train" and counts is not None:
             train_counts += counts
+    for split, folder in (missing_mask_dirs or {}).items():
+        here = sorted(p.name + "/" for p in folder.parent.iterdir()
+                      if p.is_dir() and p.name != "images") if folder.parent.is_dir() else []
+        found = f" (beside the images: {', '.join(here)})" if here else ""
+        problems = [replace(p, cause=f"no mask found: {folder} does not exist{found}",
+                            fix=f"put the masks in {folder} (each named as its image), or "
+                                "rename their folder to it")
+                    if p.kind == "missing_mask" and p.split == split else p for p in problems]
     problems += _mixed_dtypes(splits, dtypes)
     train = splits.get("train") or []
     if train and not any(p.split == "train" and p.kind in _UNCOUNTED for p in problems):

@@ -871,6 +871,9 @@ class SegmentationDataModule(L.LightningDataModule):
                     class_names=self.class_names,
                     orphans={k: v for k, v in scan.orphans.items() if k in todo},
                     duplicates={k: v for k, v in scan.duplicates.items() if k in todo},
+                    missing_mask_dirs={
+                        k: v for k, v in getattr(scan, "missing_mask_dirs", {}).items()
+                        if k in todo},
                     # Decode every image once: truncations behind an intact header are caught
                     # here, before training, rather than when the loader reaches the file.
                     decode_images=True,

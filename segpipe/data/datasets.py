@@ -105,6 +105,8 @@ class Scan(dict[str, list[Sample]]):
         orphans: Masks that have no image, keyed by split.
         duplicates: Files ignored because another file in the split has the same stem.
         folders: Image folder of each split (for error messages).
+        missing_mask_dirs: The mask folder a split's layout expects, for splits where it does
+            not exist (its images then have no mask; the check names the folder).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class Scan(dict[str, list[Sample]]):
             k: list(v) for k, v in (duplicates or {}).items()
         }
         self.folders: dict[str, Path] = dict(folders or {})
+        self.missing_mask_dirs: dict[str, Path] = {}
 
     def add(
         self,
@@ -270,9 +273,13 @@ def scan_folder(root: str | Path, mask_suffix: str = "") -> Scan:
         if image_dir.is_dir():
             scan.add(split, image_dir, _pair_folders(image_dir, base / split / "masks",
                                                      mask_suffix=mask_suffix))
+            if not (base / split / "masks").is_dir():
+                scan.missing_mask_dirs[split] = base / split / "masks"
     if not scan and (base / "images").is_dir():
         scan.add("train", base / "images", _pair_folders(base / "images", base / "masks",
                                                          mask_suffix=mask_suffix))
+        if not (base / "masks").is_dir():
+            scan.missing_mask_dirs["train"] = base / "masks"
     if not scan:
         raise DataRootError(
             f"{base}: no train/images, val/images, test/images or images folder found; the "

@@ -598,6 +598,8 @@ def check_data(
         mask_values=dm.mask_values, mask_colors=dm.mask_colors, class_names=dm.class_names,
         orphans={k: v for k, v in scan.orphans.items() if k in chosen},
         duplicates={k: v for k, v in scan.duplicates.items() if k in chosen},
+        missing_mask_dirs={k: v for k, v in getattr(scan, "missing_mask_dirs", {}).items()
+                           if k in chosen},
         max_workers=max_workers, decode_images=decode_images, bands=dm.bands,
         # Decoded images: the channels of every image are checked here (else a sample below).
         in_channels=dm.in_channels if decode_images else None,

@@ -687,3 +687,15 @@ def test_images_of_several_pixel_types_are_warned_about(tmp_path: Path, caplog) 
     with caplog.at_level("WARNING", logger="segpipe"):
         dm.setup("fit")
     assert "the images mix pixel types (uint16: z.tif; uint8: 5 (" in caplog.text
+
+
+def test_a_masks_folder_under_another_name_is_named(tmp_path: Path) -> None:
+    """Masks in train/labels gave "no mask found" for every image, never naming the folder the
+    layout reads."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(16, 16))
+    (root / "train" / "masks").rename(root / "train" / "labels")
+    dm = _dm(root, num_classes=3, batch_size=2)
+    with pytest.raises(DataCheckError) as exc:
+        dm.setup("fit")
+    assert (f"[train] 3 images: no mask found: {root / 'train' / 'masks'} does not exist (beside "
+            "the images: labels/)") in str(exc.value)
