@@ -1022,12 +1022,22 @@ class PredictDataset(_TransformMixin, Dataset):
         (``dtype``: the file's pixels' as read), ``"valid"`` as :func:`prepare_image` gives it
         (a TIFF's nodata included), and for float pixels ``"value_range": (min, max)`` of the
         finite ones."""
+        return self.get(index)
+
+    def get(self, index: int | ItemKey, unresized: bool = False) -> dict[str, Any]:
+        """:meth:`__getitem__`'s item; with ``unresized`` and a transform, also
+        ``"unresized"``: the image prepared without it (float32 (C, H, W) normalised), e.g. for
+        an overlay of the input as it is rather than of the network's resized input."""
         path = self.samples[self._resolve_key(index)].image
         pixels = read_image(path, self.bands, self.in_channels)
         valid = image_validity(path, self.bands, self.in_channels)  # a TIFF's nodata
         item = prepare_image(pixels, in_channels=self.in_channels, mean=self.mean,
                              std=self.std, transform=self.transform, source=path, valid=valid)
         item = {**item, "path": str(path), "dtype": str(pixels.dtype)}
+        if unresized and self.transform is not None:
+            item["unresized"] = prepare_image(pixels, in_channels=self.in_channels,
+                                              mean=self.mean, std=self.std, source=path,
+                                              valid=valid)["image"]
         value_range = finite_range(pixels, valid)
         if value_range is not None:
             item["value_range"] = value_range

@@ -332,12 +332,14 @@ class PredictInputs(Dataset):
                 self.config.warn_dtype_once(self._dtypes_warned, info.dtype, str(f.path),
                                             once="type and loader process")
                 return rec
-            item = self.images[index]
+            item = self.images.get(index, unresized=self.writer.needs_display(pending))
             self.config.warn_dtype_once(self._dtypes_warned, item["dtype"], str(f.path),
                                         lambda: item.get("value_range"),
                                         once="type and loader process")
             rec.update(kind="image", image=item["image"], size=item["size"],
                        valid=item.get("valid"), dtype=item["dtype"])
+            if "unresized" in item:  # eval_resize: the overlay shows the input as it is
+                rec["unresized"] = item["unresized"]
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
@@ -630,7 +632,9 @@ class PredictModule(L.LightningModule):
             if resized:
                 p = to_size(p, size)
                 lab = p.argmax(dim=0)
-                if need_display:
+                if need_display and "unresized" in rec:
+                    img = rec["unresized"]  # the input's own pixels, not the network's
+                elif need_display:
                     img = F.interpolate(img[None].float(), size=size, mode="bilinear",
                                         align_corners=False)[0]
             else:

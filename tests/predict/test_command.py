@@ -852,3 +852,20 @@ def test_overlays_of_16_bit_inputs_are_stretched_and_show_nodata_black(tmp_path:
     for picture in (scene[5:, 5:], grey):
         assert 90 < picture.mean() < 170 and picture.std() > 30  # not black, not white
     assert scene[:4, :4].max() < 40  # nodata: black (JPEG blurs its edge)
+
+
+def test_an_overlay_shows_the_input_itself_when_the_model_takes_it_resized(
+        tmp_path: Path) -> None:
+    """With eval_resize the overlay's picture was the network's resized input scaled back up:
+    a 2-pixel stripe pattern came out grey (mean difference 63.5 from the input)."""
+    from tests.predict.conftest import make_ckpt
+
+    ckpt = make_ckpt(tmp_path / "r.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, eval_resize=[12, 16])
+    stripes = np.zeros((36, 48, 3), np.uint8)
+    stripes[:, 2::4] = stripes[:, 3::4] = 255
+    write_image(tmp_path / "in" / "s.png", stripes)
+    assert run(ckpt, tmp_path / "in", tmp_path / "out", "--format", "overlay",
+               "--overlay_alpha", "0") == 0
+    shown = np.asarray(Image.open(tmp_path / "out" / "s_overlay.jpg").convert("RGB"))
+    assert np.abs(shown.astype(int) - stripes).mean() < 12  # JPEG's own loss on stripes
