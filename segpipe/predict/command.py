@@ -154,6 +154,51 @@ def clean_stale_temporaries(output_dir: str | Path) -> int:
     return removed
 
 
+SETTINGS_FILE = ".segpipe-predict.json"
+"""In an output folder: the checkpoint and options its outputs were made with."""
+
+
+def _file_identity(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as path, size and modification time (a hash would read gigabytes)."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p)}
+    return {"path": str(p), "bytes": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def _check_settings(output: str | Path, overwrite: bool, settings: dict[str, Any]) -> bool:
+    """Warn when the outputs already in ``output`` were made with another checkpoint or other
+    options: a rerun skips existing outputs ("already done"), so they would be kept silently
+    beside new ones. Returns whether this run's settings are to be recorded once it has written
+    an output (the folder has none recorded, or ``--overwrite``)."""
+    import json
+
+    path = Path(output) / SETTINGS_FILE
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        before = None
+    if before is not None and not overwrite and before != settings:
+        changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+        log.warning(
+            "the outputs in %s were made with another %s; existing outputs are skipped as "
+            "done, not remade: add --overwrite to remake them, or choose another --output",
+            output, ", ".join("checkpoint" if k == "checkpoint" else f"--{k}" for k in changed))
+    return before is None or overwrite
+
+
+def _record_settings(output: str | Path, settings: dict[str, Any]) -> None:
+    """Write :data:`SETTINGS_FILE` (a convenience: a failure loses no output)."""
+    from segpipe.fileio import atomic_write_json
+
+    try:
+        atomic_write_json(Path(output) / SETTINGS_FILE, settings)
+    except OSError:
+        pass
+
+
 def _accelerator_available() -> bool:
     import torch
 
@@ -382,6 +427,11 @@ def predict(
         if removed:
             log.warning("removed %d unfinished file(s) left by an interrupted run in %s",
                         removed, output)
+    settings = {
+        "checkpoint": _file_identity(ckpt_path), "bands": list(bands) if bands else None,
+        "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
+        "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
+    record = _check_settings(output, overwrite, settings) if _rank_from_env() == 0 else False
     if tile is not None and config.eval_resize:
         log.warning(
             "the model was evaluated on images resized to %s; --tile predicts at native "
@@ -456,6 +506,8 @@ def predict(
     summary.batchnorm_statistics = module.bn_description
     summary.stopped_early = stopped
     summary.interrupted = interrupted
+    if record and summary.written:
+        _record_settings(output, settings)
     return summary
 
 

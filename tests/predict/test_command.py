@@ -31,6 +31,11 @@ def run(ckpt: Path, src: Path, out: Path, *extra: str) -> int:
                      *FAST, *extra])
 
 
+def outputs(root: Path) -> list[Path]:
+    """The files under ``root`` but the hidden ones (the folder's .segpipe-predict.json)."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
 def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]
 
@@ -269,7 +274,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path: Path, pointwise_ckpt: Path
     for name, reason in bad.items():
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(str(src / name)))
         assert reason in line, line
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+    assert sorted(p.relative_to(out).as_posix() for p in outputs(out)) == [
         "good1.png", "sub/good2.png"]
 
 
@@ -555,9 +560,9 @@ def test_full_disk_stops_with_one_error_and_the_rerun_resumes(
     assert not leftovers(out)
     if writers == "0":  # in turn: exactly the first image's outputs
         assert "predict: 1 written, 0 skipped (already done), 0 failed" in captured.out
-        assert sorted(p.name for p in out.iterdir()) == ["im0.png", "im0_overlay.jpg",
-                                                         "im0_palette.png"]
-    for p in out.iterdir():
+        assert sorted(p.name for p in outputs(out)) == ["im0.png", "im0_overlay.jpg",
+                                                        "im0_palette.png"]
+    for p in outputs(out):
         assert p.read_bytes() == (clean / p.name).read_bytes()  # complete, not truncated
 
     monkeypatch.undo()  # space freed
@@ -565,8 +570,8 @@ def test_full_disk_stops_with_one_error_and_the_rerun_resumes(
     rerun = capsys.readouterr().out
     if writers == "0":
         assert "predict: 3 written, 1 skipped (already done), 0 failed" in rerun
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
-    for p in clean.iterdir():
+    assert sorted(p.name for p in outputs(out)) == sorted(p.name for p in outputs(clean))
+    for p in outputs(clean):
         assert np.array_equal(_complete(out / p.name), _complete(p))
 
 
@@ -613,10 +618,9 @@ def test_writing_threads_write_the_same_files_and_counts(
     assert summary in serial and summary in threads
     report = serial[serial.index(summary):].splitlines()
     assert len(report) == 5 and threads[threads.index(summary):].splitlines() == report  # order
-    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*")
-                   if p.is_file())
+    files = sorted(p.relative_to(tmp_path / "serial") for p in outputs(tmp_path / "serial"))
     assert len(files) == 21 and files == sorted(
-        p.relative_to(tmp_path / "threads") for p in (tmp_path / "threads").rglob("*") if p.is_file())
+        p.relative_to(tmp_path / "threads") for p in outputs(tmp_path / "threads"))
     for rel in files:
         assert (tmp_path / "serial" / rel).read_bytes() == (tmp_path / "threads" / rel).read_bytes()
     assert not leftovers(tmp_path / "threads") and len(bad) == 4
@@ -869,3 +873,20 @@ def test_an_overlay_shows_the_input_itself_when_the_model_takes_it_resized(
                "--overlay_alpha", "0") == 0
     shown = np.asarray(Image.open(tmp_path / "out" / "s_overlay.jpg").convert("RGB"))
     assert np.abs(shown.astype(int) - stripes).mean() < 12  # JPEG's own loss on stripes
+
+
+def test_a_rerun_with_other_settings_says_the_old_outputs_are_kept(
+        tmp_path: Path, pointwise_ckpt: Path, caplog) -> None:
+    """A rerun with another --probs mode, --tta or checkpoint said "skipped (already done)" and
+    kept the old files, silently."""
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    args = (pointwise_ckpt, tmp_path / "in", tmp_path / "out", "--format", "probs")
+    assert run(*args, "--probs", "max") == 0
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(*args) == 0
+    assert "were made with another --probs_mode; existing outputs are skipped" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(*args, "--overwrite") == 0  # remade, and the folder's settings with them
+        assert run(*args) == 0
+    assert "were made with another" not in caplog.text
