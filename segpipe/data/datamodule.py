@@ -670,7 +670,8 @@ class SegmentationDataModule(L.LightningDataModule):
         if "val" not in splits and "train" in splits and splits["train"]:
             train = splits["train"]
             hp = self.hparams
-            if hp.val_fraction > 0 and len(train) > 1:
+            by_case = hp.get("val_cases") is not None or hp.get("val_case_fraction") is not None
+            if hp.val_fraction > 0 and len(train) > 1 and not by_case:  # else split by case
                 rng = np.random.default_rng(hp.seed)
                 n_val = min(len(train) - 1, max(1, round(hp.val_fraction * len(train))))
                 val_idx = set(rng.permutation(len(train))[:n_val].tolist())

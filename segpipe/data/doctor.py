@@ -700,6 +700,12 @@ def _split_source(dm: SegmentationDataModule, scan: Any, split: str) -> str:
     """Where a split's samples come from, in words."""
     hp = dm.hparams
     root = Path(dm.root).expanduser()
+    if split in ("train", "val") and (hp.get("val_cases") is not None
+                                      or hp.get("val_case_fraction") is not None):
+        how = (f"data.val_cases {list(hp['val_cases'])}" if hp.get("val_cases") is not None
+               else f"data.val_case_fraction={hp['val_case_fraction']}, seed {hp['seed']}"
+               + (f", fold {hp['fold']}" if hp.get("fold") is not None else ""))
+        return f"train + val split by case ({how})"
     if split not in scan:
         return f"held out from train (data.val_fraction={hp['val_fraction']}, seed {hp['seed']})"
     if dm.layout == "lgg":

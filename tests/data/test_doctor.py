@@ -536,3 +536,19 @@ def test_one_training_image_and_no_val_fails_as_fit_does(tmp_path: Path, capsys)
     dm = SegmentationDataModule(str(root), num_classes=3, num_workers=0)
     with pytest.raises(DataSplitError, match="the train split has 1 image"):
         dm.setup("fit")
+
+
+def test_a_split_by_case_is_reported_as_one(tmp_path: Path, capsys, caplog) -> None:
+    """It logged a random val_fraction hold-out first (then thrown away) and the report said
+    val was "held out from train (data.val_fraction=0.1, seed 0)"."""
+    root = _folder(tmp_path / "ds", n_train=8, n_val=0)
+    for i, image in enumerate(sorted((root / "train" / "images").glob("*.png"))):
+        for folder in ("images", "masks"):
+            f = root / "train" / folder / image.name
+            f.rename(f.with_name(f"p{i % 4}_{f.name}"))
+    with caplog.at_level("INFO"):
+        rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
+                       "--data.case_pattern=p(\\d)_", "--data.val_cases=['1']")
+    assert rc == 0, out
+    assert "train + val split by case (data.val_cases ['1'])" in out
+    assert "holding out" not in caplog.text
