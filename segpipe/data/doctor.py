@@ -770,7 +770,7 @@ def _check_channels(
         found = channel_problem(path, split, c, want, dm.bands) if report else None
         if found is not None:
             rep.problems.append(found)
-    if len(channels) > 1:
+    if len(channels) > 1 and not all(c == want or {c, want} == {1, 3} for c in channels):
         rep.warnings.append(
             f"images have different channel counts {dict(channels)}; set data.in_channels so all "
             "are converted (1 <-> 3 only) or pick bands with data.bands"

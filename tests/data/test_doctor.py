@@ -552,3 +552,15 @@ def test_a_split_by_case_is_reported_as_one(tmp_path: Path, capsys, caplog) -> N
     assert rc == 0, out
     assert "train + val split by case (data.val_cases ['1'])" in out
     assert "holding out" not in caplog.text
+
+
+def test_grey_beside_rgb_images_is_a_note_not_a_warning(tmp_path: Path, capsys) -> None:
+    """Converted images were also warned about: "set data.in_channels so all are converted"."""
+    from PIL import Image
+
+    root = _folder(tmp_path / "ds")
+    for image in sorted((root / "train" / "images").glob("*.png"))[:2]:
+        Image.open(image).convert("L").save(image)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3")
+    assert rc == 0 and "converted to data.in_channels=3" in out, out
+    assert "different channel counts" not in out
