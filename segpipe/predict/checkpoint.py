@@ -258,9 +258,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
+        where = "is a folder" if p.is_dir() else "not found"
         raise FileNotFoundError(
-            f"checkpoint {p} not found; pass --ckpt_path with a .ckpt file written by "
-            "`segpipe fit` (e.g. RUN/checkpoints/last.ckpt)"
+            f"checkpoint {p} {where}; give a .ckpt file written by `segpipe fit` (e.g. "
+            "RUN/checkpoints/last.ckpt)"
         )
     try:
         check_checkpoint_format(p)

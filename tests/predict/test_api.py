@@ -204,3 +204,12 @@ def test_tensors_and_wide_integer_arrays_are_named(unet_ckpt: Path, caplog) -> N
         seg.predict(pixels.astype(np.int64))
     assert "a int64 array with values up to 255 is scaled by its type's maximum" in caplog.text
     assert ".astype(np.uint8)" in caplog.text
+
+
+def test_a_checkpoint_that_is_a_folder_is_named_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path} is a folder; give a "
+                       r"\.ckpt file"):
+        Segmenter.from_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found; give a .ckpt file") as exc:
+        Segmenter.from_checkpoint(tmp_path / "nope.ckpt")
+    assert "--ckpt_path" not in str(exc.value)  # an option of the command, not of Python
