@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "check_label_range",
     "encode_mask",
     "find_images",
+    "unfollowed_links",
     "item_seed",
     "scan_camvid",
     "scan_folder",
@@ -182,6 +184,30 @@ def find_images(path: str | Path, recursive: bool = True) -> list[Path]:
         and not any(part.startswith(".") for part in f.relative_to(p).parts)
     ]
     return sorted(files, key=lambda f: _natural_key(f.relative_to(p).as_posix()))
+
+
+def unfollowed_links(path: str | Path) -> list[Path]:
+    """Links under a folder that :func:`find_images` does not follow or cannot: links to
+    folders (which may loop) and links whose target is missing; hidden ones left out.
+
+    Args:
+        path: The folder searched.
+
+    Returns:
+        The links, sorted.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    out: list[Path] = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*dirs, *files]:
+            link = Path(dirpath) / name
+            if not name.startswith(".") and link.is_symlink() and (
+                    link.is_dir() or not link.exists()):
+                out.append(link)
+    return sorted(out)
 
 
 def _index_by_key(

@@ -81,11 +81,17 @@ def find_inputs(
         PredictUsageError: When an output would replace an input file, or every image of the
             input folder lies inside the output folder.
     """
-    from segpipe.data.datasets import find_images
+    from segpipe.data.datasets import find_images, unfollowed_links
     from segpipe.predict.engine import InputFile
 
     src = Path(input_path)
     files = find_images(src)
+    links = unfollowed_links(src)
+    if links and _rank_from_env() == 0:
+        log.warning(
+            "%d link(s) under %s not followed (a folder link may loop back; a broken one has "
+            "no target): %s%s; give such a folder as --input itself to predict it", len(links),
+            src, ", ".join(str(p) for p in links[:5]), " ..." if len(links) > 5 else "")
     root = src if src.is_dir() else src.parent
     out_root = Path(output_dir).resolve()
     if src.is_dir() and out_root == src.resolve():
