@@ -272,6 +272,11 @@ class Segmenter:
                     f"cannot predict a {type(item).__name__}: give a numpy array (H, W[, C]), "
                     "a PIL image or a file path"
                 )
+            from PIL import ImageOps
+
+            # a file path is read upright (EXIF orientation applied): the same photo opened
+            # with PIL gave a mask of the other shape
+            item = ImageOps.exif_transpose(item)
             if mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1"):
                 item = item.convert("L" if mode in ("LA", "1") else "RGB")
             return np.asarray(item), f"PIL image ({mode})", None

@@ -213,3 +213,15 @@ def test_a_checkpoint_that_is_a_folder_is_named_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found; give a .ckpt file") as exc:
         Segmenter.from_checkpoint(tmp_path / "nope.ckpt")
     assert "--ckpt_path" not in str(exc.value)  # an option of the command, not of Python
+
+
+def test_a_pil_photo_is_read_upright_as_its_file_is(tmp_path: Path, unet_ckpt: Path) -> None:
+    """An EXIF-rotated JPEG opened with PIL gave a mask of the other shape than its path."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # 90 degrees clockwise
+    path = tmp_path / "r.jpg"
+    Image.fromarray(noise_image(48, 64)).save(path, exif=exif.tobytes())
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu", precision="32-true")
+    from_path = seg.predict(path)
+    assert from_path.shape == (64, 48)
+    assert np.array_equal(seg.predict(Image.open(path)), from_path)
