@@ -773,6 +773,10 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
     # segpipe keeps the checkpoint folder itself (an earlier run's files go to earlier-K when
     # training starts, after Lightning has looked), so this warning would only alarm.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    if args and args[0] in ("test", "validate"):
+        # best-checkpoint bookkeeping of a training run, meaningless when scoring a checkpoint
+        # kept in another folder than this run's
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     # "Seed set to 0" on every command, before any one-line error: the seed is in config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     saved_argv = sys.argv
