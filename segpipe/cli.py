@@ -136,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return 128 + signal.SIGTERM
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))
+        if "Expected a <class 'str'>" in message and "Got value:" in message:
+            # a case or class named 010 is read as the octal number 8, 1e3 as 1000.0
+            message += (" (YAML reads unquoted names such as 010 or 1e3 as numbers: quote them,"
+                        " e.g. --data.val_cases \"['010']\")")
         print(f"segpipe {args[0]}: error: {message} (see `segpipe {args[0]} --help`)",
               file=sys.stderr)
         return 2

@@ -349,6 +349,8 @@ def test_fit_help_is_readable_and_names_segpipes_networks(capsys):
     [
         (["--data.rot", "/tmp"], "Option 'rot' is not accepted"),  # no abbreviation
         (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted"),
+        # a case named 010 read as the octal number 8: "Got value: 8", a value never typed
+        (["--data.val_cases", "[010]"], "quote them, e.g. --data.val_cases \"['010']\""),
     ],
 )
 def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
