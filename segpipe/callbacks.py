@@ -223,6 +223,14 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
             return
+        module = trainer.lightning_module
+        finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
+        if not bool(finite):  # one check per save: never a diverged last.ckpt to resume from
+            diverged = getattr(module, "_diverged", None)
+            if callable(diverged):
+                diverged("some weights are NaN or infinite")
+            raise ConfigError(f"training diverged by step {trainer.global_step}: some weights "
+                              f"are NaN or infinite; {self.path} was not overwritten")
         trainer.save_checkpoint(self.path, weights_only=self.save_weights_only)
         self._saved_step = trainer.global_step
 

@@ -333,8 +333,9 @@ def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_
 
     Its writer is named in it (:func:`_temp_name`): a process of this machine that no longer
     runs left it; another live process's (a second ``predict`` or ``fit`` on the same folder)
-    is kept. Files of another machine, or named before writers were, are stale once unchanged
-    for ``stale_after`` seconds.
+    is kept. Files of another machine, or named before writers were (or on a system where a
+    process cannot be probed with signal 0), are stale once unchanged for ``stale_after``
+    seconds.
 
     Args:
         path: A file whose name starts with :data:`TMP_PREFIX`.
@@ -344,7 +345,7 @@ def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_
         True when it may be deleted.
     """
     owner = _OWNER.match(Path(path).name)
-    if owner is not None and owner.group(1) == _host_tag():
+    if owner is not None and owner.group(1) == _host_tag() and os.name == "posix":
         pid = int(owner.group(2))
         if pid == os.getpid():
             return False

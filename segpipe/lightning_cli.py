@@ -305,31 +305,65 @@ class _FitLock(Callback):
     as temporary files name theirs), so that a second fit into the same folder (a job started
     twice, a requeued job whose old process still runs) stops instead of moving the live run's
     checkpoints aside while both keep writing ``last.ckpt``. Taken when the fit sets up (after
-    the data check, before any checkpoint moves), removed when it ends or fails; a killed fit's
-    is stale (:func:`~segpipe.fileio.is_stale_temporary`)."""
+    the data check, before any checkpoint moves), touched every :attr:`REFRESH_S` seconds while
+    it trains, removed when it ends or fails. A killed fit's is stale: at once on its own
+    machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another machine
+    sharing the folder (:func:`~segpipe.fileio.is_stale_temporary`)."""
 
     SUFFIX = "-fit.lock"
+    REFRESH_S = 60.0
+    STALE_S = 300.0
 
     def __init__(self, ckpt_dir: Path) -> None:
         self.ckpt_dir = ckpt_dir
         self.path: Path | None = None
+        self._touched = 0.0
+
+    def _other_fit(self) -> str | None:
+        """The message naming another live fit's lock, or None (stale locks are removed)."""
+        from segpipe.fileio import _host_tag
+
+        mine = f"{TMP_PREFIX}{_host_tag()}.{os.getpid()}-"
+        for lock in self.ckpt_dir.glob(f"{TMP_PREFIX}*{self.SUFFIX}"):
+            if lock.name.startswith(mine):
+                continue
+            if is_stale_temporary(lock, self.STALE_S):
+                lock.unlink(missing_ok=True)
+                continue
+            try:
+                owner = lock.read_text().split()
+            except OSError:
+                owner = []
+            who = f"process {owner[1]} on {owner[0]}" if len(owner) == 2 else "another process"
+            return (f"another segpipe fit ({who}) is writing checkpoints to {self.ckpt_dir} "
+                    f"(its lock: {lock.name}); wait for it to end, or give this run another "
+                    "--trainer.default_root_dir (or --checkpoint.dirpath)")
+        return None
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or not trainer.is_global_zero or self.path is not None:
+        if stage != "fit" or self.path is not None:
             return
+        import socket
+
         from segpipe.fileio import _temp_name
 
-        for lock in self.ckpt_dir.glob(f"{TMP_PREFIX}*{self.SUFFIX}"):
-            if is_stale_temporary(lock):
-                lock.unlink(missing_ok=True)
-            elif f".{os.getpid()}-" not in lock.name:
-                owner = lock.name[len(TMP_PREFIX):].split("-")[0]
-                raise OutputDirError(
-                    f"another segpipe fit (machine.process {owner}) is writing checkpoints to "
-                    f"{self.ckpt_dir}; wait for it to end, or give this run another "
-                    "--trainer.default_root_dir (or --checkpoint.dirpath)")
-        self.path = self.ckpt_dir / _temp_name(TMP_PREFIX, self.SUFFIX)
-        self.path.write_text(f"{os.getpid()}\n")
+        error = self._other_fit() if trainer.is_global_zero else None
+        error = trainer.strategy.broadcast(error)  # every rank stops, none waits on the others
+        if error:
+            raise OutputDirError(error)
+        if trainer.is_global_zero:
+            self.path = self.ckpt_dir / _temp_name(TMP_PREFIX, self.SUFFIX)
+            self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+            self._touched = time.monotonic()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.path is not None and time.monotonic() - self._touched > self.REFRESH_S:
+            self._touched = time.monotonic()
+            try:
+                os.utime(self.path)  # alive, for fits on other machines sharing the folder
+            except OSError:
+                pass
 
     def _release(self) -> None:
         if self.path is not None:
@@ -477,7 +511,8 @@ class SegpipeCLI(LightningCLI):
                 "fit --ckpt_path best: a fit resumes a run from its last state; use --ckpt_path "
                 "last (or a .ckpt file), or --model.init_from BEST.ckpt to start a new run from "
                 "a best checkpoint's weights")
-        if ckpt_path in (None, "", "last", "hpc") or str(ckpt_path).startswith("registry"):
+        if ckpt_path in (None, "", "last", "hpc") or str(ckpt_path).startswith("registry") \
+                or "://" in str(ckpt_path):  # Lightning reads remote checkpoints (s3://, https://)
             return
         if not Path(ckpt_path).is_file():
             where = "is a folder" if Path(ckpt_path).is_dir() else "does not exist"
@@ -654,8 +689,8 @@ class SegpipeCLI(LightningCLI):
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     if is_stale_temporary(stale):
                         stale.unlink(missing_ok=True)
-                if not cfg.trainer.get("fast_dev_run"):
-                    self._fit_lock = _FitLock(ckpt_dir)
+            if not cfg.trainer.get("fast_dev_run"):  # on every rank: its verdict is broadcast
+                self._fit_lock = _FitLock(ckpt_dir)
             # Earlier checkpoints are moved when training starts (a bad option value or bad
             # data stops the run before, and leaves them where they are). Every process makes
             # the same decision (they all start before the move), so each reads init_from

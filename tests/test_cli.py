@@ -496,3 +496,15 @@ def test_a_second_fit_into_a_folder_another_fit_writes_is_refused(dataset, tmp_p
         other.wait()
     assert main(args) == 0  # its writer is gone: a stale lock
     assert not list(ckpt_dir.glob(f"{TMP_PREFIX}*"))  # and this fit's own is removed
+    # Another machine's lock (a shared folder): live while it is touched (a fit refreshes it
+    # every minute), stale after five minutes unchanged, whatever the process ids.
+    import time
+
+    remote = ckpt_dir / f"{TMP_PREFIX}00000000.{os.getpid()}-abc-fit.lock"
+    remote.write_text("node7 4242\n")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "another segpipe fit (process 4242 on node7)" in capsys.readouterr().err
+    old = time.time() - 301
+    os.utime(remote, (old, old))
+    assert main(args) == 0 and not remote.exists()

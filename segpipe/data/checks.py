@@ -446,15 +446,18 @@ def _check_pair(
                                         bands)
                 if found is not None:
                     out.append(found)
+            valid = image_validity(sample.image, bands, in_channels)  # declared nodata
             if image.dtype.kind == "f":
-                bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+                finite = np.isfinite(image)
+                if valid is not None:  # a declared nodata of NaN is nodata, not a bad value
+                    finite |= ~valid[..., None]
+                bad = int(finite.size - np.count_nonzero(finite))
                 if bad:
                     out.append(Problem(sample.image, split, "nonfinite_pixels",
                                        f"{bad} NaN or infinite value(s)",
                                        cause="NaN or infinite pixel values"))
             del image
             if ignore_index is None:
-                valid = image_validity(sample.image, bands, in_channels)
                 if valid is not None:
                     out.append(Problem(
                         sample.image, split, "nodata_pixels",

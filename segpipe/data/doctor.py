@@ -396,10 +396,11 @@ def sniff_masks(
             i, colour, (first, where) = clash
             warns.append(
                 f"the masks are palette images whose palettes differ: index {i} is "
-                f"{list(colour)} in {r['path'].name} but {list(first)} in {where.name}, so an "
-                "index is not the same class in every file (tools that save colour masks as "
-                "palette PNGs do this); set data.mask_colors to the class colours (i-th colour "
-                "= class i) to read them by colour")
+                f"{list(colour)} in {r['path'].name} but {list(first)} in {where.name}; the "
+                "indices are read as the classes. If the colours are the classes (tools that "
+                "save colour masks as palette PNGs order each file's palette anew), set "
+                "data.mask_colors to the class colours (i-th colour = class i) to read them by "
+                "colour")
             break
         for i, c in r.get("palette", {}).items():
             seen.setdefault(i, (c, r["path"]))

@@ -699,3 +699,40 @@ def test_a_masks_folder_under_another_name_is_named(tmp_path: Path) -> None:
         dm.setup("fit")
     assert (f"[train] 3 images: no mask found: {root / 'train' / 'masks'} does not exist (beside "
             "the images: labels/)") in str(exc.value)
+
+
+def test_a_declared_nodata_of_nan_is_nodata_not_a_bad_value(tmp_path: Path) -> None:
+    import rasterio
+
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(2):
+            data = np.random.default_rng(i).uniform(0.1, 0.9, (3, 16, 16)).astype(np.float32)
+            data[:, :3] = np.nan
+            with rasterio.open(root / split / "images" / f"t{i}.tif", "w", driver="GTiff",
+                               width=16, height=16, count=3, dtype="float32",
+                               nodata=float("nan")) as ds:
+                ds.write(data)
+            mask = np.zeros((16, 16), np.uint8)
+            mask[:, 8:] = 1
+            write_mask(root / split / "masks" / f"t{i}.png", mask)
+    dm = _dm(root, num_classes=2, batch_size=2, crop_size=None, augment="none",
+             ignore_index=255)
+    dm.setup("fit")  # it was refused as "NaN or infinite pixel values"
+    item = dm.datasets["train"][0]
+    assert item["mask"][:3].eq(255).all() and torch.isfinite(item["image"]).all()
+
+
+def test_a_smoke_test_on_few_samples_warns_of_missing_classes(tmp_path: Path, caplog) -> None:
+    """data.limit_samples reads a few masks, which may hold one class only: a warning there,
+    not the too-few-classes error of a whole data set."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(16, 16))
+    for mask in (root / "train" / "masks").glob("*.png"):
+        write_mask(mask, np.zeros((16, 16), np.uint8))
+    with pytest.raises(DataCheckError, match="only class_0 has training pixels"):
+        _dm(root, num_classes=3, batch_size=2).setup("fit")
+    with caplog.at_level("WARNING", logger="segpipe"):
+        _dm(root, num_classes=3, batch_size=2, limit_samples=2).setup("fit")
+    assert "(in the data.limit_samples=2 read)" in caplog.text
