@@ -450,7 +450,7 @@ def test_ddp_writes_each_file_exactly_once(tmp_path: Path, pointwise_ckpt: Path)
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "predict: 5 written, 0 skipped (already done), 0 failed" in res.stdout
-    assert sorted(p.name for p in out.iterdir()) == [f"im{i}.png" for i in range(5)]
+    assert sorted(p.name for p in outputs(out)) == [f"im{i}.png" for i in range(5)]
 
 
 def test_unwritable_output_is_one_clear_error(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
