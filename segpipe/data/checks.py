@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from segpipe.data.datasets import Sample, check_label_range, code_colour, colour_codes, encode_mask
-from segpipe.data.io import ImageReadError, image_size, image_validity, read_image, read_mask
+from segpipe.data.io import ImageReadError, image_size, read_image_valid, read_mask
 from segpipe.runtime import available_cpus
 
 __all__ = [
@@ -437,7 +437,7 @@ def _check_pair(
     size: tuple[int, int] | None = None
     try:
         if decode_images:
-            image = read_image(sample.image, bands, in_channels)
+            image, valid = read_image_valid(sample.image, bands, in_channels)  # valid: nodata
             size = image.shape[:2]
             if dtypes is not None:
                 dtypes[sample.image] = str(image.dtype)
@@ -446,7 +446,6 @@ def _check_pair(
                                         bands)
                 if found is not None:
                     out.append(found)
-            valid = image_validity(sample.image, bands, in_channels)  # declared nodata
             if image.dtype.kind == "f":
                 finite = np.isfinite(image)
                 if valid is not None:  # a declared nodata of NaN is nodata, not a bad value

@@ -36,9 +36,8 @@ from torch.utils.data import Dataset
 
 from segpipe.data.io import (
     ImageReadError,
-    image_validity,
     is_image_file,
-    read_image,
+    read_image_valid,
     read_mask,
     to_float,
 )
@@ -909,7 +908,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
         if cached is not None:
             return cached
         sample = self.samples[index]
-        raw = read_image(sample.image, self.bands, self.in_channels)
+        raw, valid = read_image_valid(sample.image, self.bands, self.in_channels)
         if sample.mask is None:
             raise ImageReadError(
                 sample.image, "no mask found for this image", "add the mask or remove the image"
@@ -934,8 +933,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
                     "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
                     "or fix data.num_classes",
                 )
-        valid = image_validity(sample.image, self.bands, self.in_channels)
-        if valid is not None:
+        if valid is not None:  # a raster's nodata
             raw, labels = self._without_nodata(raw, labels, valid)
         if self.cache_bytes:
             if labels.size and 0 <= labels.min() and labels.max() <= 255:
@@ -1055,8 +1053,7 @@ class PredictDataset(_TransformMixin, Dataset):
         ``"unresized"``: the image prepared without it (float32 (C, H, W) normalised), e.g. for
         an overlay of the input as it is rather than of the network's resized input."""
         path = self.samples[self._resolve_key(index)].image
-        pixels = read_image(path, self.bands, self.in_channels)
-        valid = image_validity(path, self.bands, self.in_channels)  # a TIFF's nodata
+        pixels, valid = read_image_valid(path, self.bands, self.in_channels)  # a TIFF's nodata
         item = prepare_image(pixels, in_channels=self.in_channels, mean=self.mean,
                              std=self.std, transform=self.transform, source=path, valid=valid)
         item = {**item, "path": str(path), "dtype": str(pixels.dtype)}

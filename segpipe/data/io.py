@@ -48,13 +48,13 @@ __all__ = [
     "RasterReader",
     "RasterWriter",
     "image_size",
-    "image_validity",
     "is_image_file",
     "mask_palette",
     "open_raster",
     "pixel_limit",
     "probe_raster",
     "read_image",
+    "read_image_valid",
     "read_mask",
     "to_float",
     "write_image",
@@ -356,10 +356,42 @@ def _data_indexes(ds: Any, path: Path, bands: Sequence[int] | None,
     return [i for i in range(1, ds.count + 1) if i not in alpha], False
 
 
+def _has_mask(ds: Any, indexes: Sequence[int], alpha_as_data: bool) -> bool:
+    """Whether any of the bands read has nodata (a nodata value, an internal mask or an alpha
+    band; with ``alpha_as_data`` the alpha-tagged band is data, and only nodata values count)."""
+    from rasterio.enums import MaskFlags
+
+    flags = [ds.mask_flag_enums[i - 1] for i in indexes]
+    if alpha_as_data:  # the "alpha" band is data: its zeros are no nodata
+        return any(MaskFlags.nodata in f for f in flags)
+    return any(list(f) != [MaskFlags.all_valid] for f in flags)
+
+
+def _band_masks(ds: Any, indexes: Sequence[int], window: Any = None,
+                every: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """GDAL's validity of the bands read, band by band (no (C, h, w) mask array): valid where
+    any band is (the dataset-mask rule), and with ``every`` also where every band is."""
+    valid: np.ndarray | None = None
+    all_valid: np.ndarray | None = None
+    for index in indexes:
+        band_valid = ds.read_masks(index, window=window) > 0
+        if valid is None:
+            valid, all_valid = band_valid, band_valid.copy() if every else None
+        else:
+            np.logical_or(valid, band_valid, out=valid)
+            if all_valid is not None:
+                np.logical_and(all_valid, band_valid, out=all_valid)
+    assert valid is not None
+    return valid, all_valid
+
+
 def _read_rasterio(
-    path: Path, bands: Sequence[int] | None, *, as_mask: bool, channels: int | None = None
-) -> np.ndarray | None:
-    """Read a whole raster with rasterio as (H, W, C); None if rasterio cannot open it."""
+    path: Path, bands: Sequence[int] | None, *, as_mask: bool, channels: int | None = None,
+    validity: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Read a whole raster with rasterio as ``((H, W, C), validity)``, the validity (H, W) bool
+    (as :meth:`RasterReader.read` decides it) only when asked for and some pixel is nodata,
+    else None; None if rasterio cannot open the file."""
     from rasterio.enums import ColorInterp
     from rasterio.errors import RasterioError, RasterioIOError
 
@@ -372,9 +404,13 @@ def _read_rasterio(
         limit = pixel_limit()
         if limit is not None and ds.width * ds.height > limit:
             raise ImageReadError(path, _bomb_reason(ds.width, ds.height), _BOMB_HINT)
-        indexes, _ = _data_indexes(ds, path, bands, channels)
+        indexes, alpha_as_data = _data_indexes(ds, path, bands, channels)
+        valid = None
         try:
             data = ds.read(indexes)
+            if validity and _has_mask(ds, indexes, alpha_as_data):
+                valid = _band_masks(ds, indexes)[0]
+                valid = None if valid.all() else valid
         except (RasterioIOError, RasterioError) as exc:
             raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
         except MemoryError:
@@ -397,7 +433,7 @@ def _read_rasterio(
                 data = np.moveaxis(lut[data[0]], -1, 0)
             except ValueError:
                 pass
-    return np.ascontiguousarray(np.moveaxis(data, 0, -1))
+    return np.ascontiguousarray(np.moveaxis(data, 0, -1)), valid
 
 
 def _check_bands(path: Path, bands: Sequence[int], count: int) -> list[int]:
@@ -470,19 +506,45 @@ def read_image(
     Raises:
         ImageReadError: Missing, empty, truncated, non-image or too large files, bad ``bands``.
     """
-    p = Path(path)
+    return _read_image(Path(path), bands, channels, validity=False)[0]
+
+
+def read_image_valid(
+    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`read_image` with the image's validity, read in the same pass: which pixels hold
+    data, from a raster's declared nodata, internal mask or alpha band, as ``segpipe predict``
+    reads them (:meth:`RasterReader.read`).
+
+    Args:
+        path: Image file.
+        bands: 1-based band selection, as for :func:`read_image`.
+        channels: The channels the model takes, if known.
+
+    Returns:
+        ``(image, validity)``: the image as :func:`read_image` gives it, and (H, W) bool, True
+        where the pixel holds data, or None when every pixel does (and for every file that
+        is not a raster with a nodata declaration: PNG, JPEG, ...).
+
+    Raises:
+        ImageReadError: As :func:`read_image`.
+    """
+    return _read_image(Path(path), bands, channels, validity=True)
+
+
+def _read_image(p: Path, bands: Sequence[int] | None, channels: int | None,
+                validity: bool) -> tuple[np.ndarray, np.ndarray | None]:
     _check_file(p)
-    arr: np.ndarray | None = None
     if _is_tiff(p) or _needs_gdal_png(p):
-        arr = _read_rasterio(p, bands, as_mask=False, channels=channels)
-        if arr is not None:
-            return arr
+        read = _read_rasterio(p, bands, as_mask=False, channels=channels, validity=validity)
+        if read is not None:
+            return read
     img = _decode_pillow(p)
     arr = _pillow_to_array(img, p, as_mask=False)
     if bands is not None:
         idx = _check_bands(p, bands, arr.shape[2])
         arr = np.ascontiguousarray(arr[:, :, [i - 1 for i in idx]])
-    return arr
+    return arr, None
 
 
 def read_mask(path: _PathLike, colours: bool = False) -> np.ndarray:
@@ -509,10 +571,9 @@ def read_mask(path: _PathLike, colours: bool = False) -> np.ndarray:
     _check_file(p)
     arr: np.ndarray | None = None
     if _is_tiff(p) or _needs_gdal_png(p):
-        arr = _read_rasterio(p, None, as_mask=not colours)
-        if arr is not None:
-            if arr.shape[2] == 1:
-                arr = arr[:, :, 0]
+        read = _read_rasterio(p, None, as_mask=not colours)
+        if read is not None:
+            arr = read[0][:, :, 0] if read[0].shape[2] == 1 else read[0]
     if arr is None:
         img = _decode_pillow(p)
         if colours and img.mode in ("P", "PA"):
@@ -946,7 +1007,7 @@ class RasterReader:
     def __init__(
         self, path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
     ) -> None:
-        from rasterio.enums import ColorInterp, MaskFlags
+        from rasterio.enums import ColorInterp
         from rasterio.errors import RasterioError, RasterioIOError
 
         self.path = Path(path)
@@ -973,11 +1034,8 @@ class RasterReader:
                         self._lut = lut
                     except ValueError:
                         pass
-            flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
-            self.has_mask = any(list(f) != [MaskFlags.all_valid] for f in flags)
+            self.has_mask = _has_mask(ds, self.indexes, alpha_as_data)
             self._warned_partial = False  # float pixels nodata in some bands only
-            if alpha_as_data:  # the "alpha" band is data: its zeros are no nodata
-                self.has_mask = any(MaskFlags.nodata in f for f in flags)
         except BaseException:
             self.close()
             raise
@@ -1031,15 +1089,7 @@ class RasterReader:
             valid = None
             if self.has_mask:
                 partial = data.dtype.kind == "f" and not self._warned_partial
-                every = None
-                for index in self.indexes:  # band by band: no (C, h, w) mask array
-                    band_valid = self._ds.read_masks(index, window=window) > 0
-                    if valid is None:
-                        valid, every = band_valid, band_valid.copy() if partial else None
-                    else:
-                        np.logical_or(valid, band_valid, out=valid)
-                        if every is not None:
-                            np.logical_and(every, band_valid, out=every)
+                valid, every = _band_masks(self._ds, self.indexes, window, every=partial)
                 if every is not None and not np.array_equal(valid, every):
                     self._warned_partial = True
                     warnings.warn(
@@ -1063,17 +1113,6 @@ class RasterReader:
                 valid = finite if valid is None else valid & finite
         return np.moveaxis(data, 0, -1), valid
 
-    def validity(self) -> np.ndarray | None:
-        """(H, W) bool of the whole raster's valid pixels (any band read valid, as
-        :meth:`read` decides), or None when every pixel is valid."""
-        if not self.has_mask:
-            return None
-        valid: np.ndarray | None = None
-        for index in self.indexes:
-            band_valid = self._ds.read_masks(index) > 0
-            valid = band_valid if valid is None else np.logical_or(valid, band_valid, out=valid)
-        return None if valid is None or valid.all() else valid
-
     def close(self) -> None:
         """Close the file (idempotent)."""
         ds = getattr(self, "_ds", None)
@@ -1093,32 +1132,6 @@ def open_raster(
 ) -> RasterReader:
     """Open a raster for windowed reading (see :class:`RasterReader`)."""
     return RasterReader(path, bands, channels)
-
-
-def image_validity(
-    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
-) -> np.ndarray | None:
-    """Which pixels of an image hold data: a raster's declared nodata, internal mask or alpha
-    band, read as ``segpipe predict`` reads them (:meth:`RasterReader.validity`).
-
-    Args:
-        path: Image file.
-        bands: 1-based band selection, as for :func:`read_image`.
-        channels: The channels the model takes, if known.
-
-    Returns:
-        (H, W) bool, True where the pixel holds data; None when every pixel does (and for
-        every file that is not a raster with a nodata declaration: PNG, JPEG, ...).
-    """
-    p = Path(path)
-    if not _is_tiff(p):
-        return None
-    try:
-        reader = open_raster(p, bands, channels)
-    except ImageReadError:  # not a raster rasterio reads (read_image says what is wrong)
-        return None
-    with reader:
-        return reader.validity()
 
 
 class RasterWriter:

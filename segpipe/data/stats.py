@@ -33,7 +33,7 @@ import numpy as np
 
 from segpipe.data.checks import parallel_map
 from segpipe.data.datasets import adapt_channels
-from segpipe.data.io import image_validity, probe_raster, read_image, to_float
+from segpipe.data.io import probe_raster, read_image, read_image_valid, to_float
 
 __all__ = ["STD_FLOOR", "BandStats", "band_statistics", "image_kinds", "needs_measured_stats"]
 
@@ -184,7 +184,7 @@ def band_statistics(
     every image is used it equals numpy's mean/std of the concatenated images up to float64
     rounding. Sums are accumulated in float64 (per-image mean and squared deviations, merged
     pairwise), so 16-bit data loses nothing. Non-finite values of float images are ignored, and
-    so are a raster's nodata pixels (:func:`~segpipe.data.io.image_validity`).
+    so are a raster's nodata pixels (:func:`~segpipe.data.io.read_image_valid`).
 
     Args:
         images: Image files (e.g. the training split's ``sample.image`` paths).
@@ -213,8 +213,7 @@ def band_statistics(
 
     def measure(index: int) -> tuple[_Moments, np.dtype, int]:
         path = Path(images[index])
-        raw = read_image(path, bands, in_channels)
-        valid = image_validity(path, bands, in_channels)  # a raster's nodata is no data
+        raw, valid = read_image_valid(path, bands, in_channels)  # a raster's nodata: no data
         flat = raw.reshape(-1, raw.shape[2]) if valid is None else raw[valid]
         if flat.shape[0] > max_pixels_per_image:
             rng = np.random.default_rng([seed, index])
