@@ -775,10 +775,8 @@ def class_pixel_counts(
         if sample.mask is None:
             return np.zeros(num_classes, dtype=np.int64)
         labels = encode_mask(read_mask(sample.mask, colours=bool(mask_colors)), sample.mask,
-                             mask_values, mask_colors,
-                             ignore_index)
-        valid = labels[(labels >= 0) & (labels < num_classes)]
-        return np.bincount(valid.ravel(), minlength=num_classes).astype(np.int64)
+                             mask_values, mask_colors, ignore_index)
+        return _class_pixels(labels, num_classes, None)[:num_classes]
 
     rows = parallel_map(count, list(samples), max_workers, "counting pixels")
     if per_image:
