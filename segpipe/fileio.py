@@ -35,6 +35,7 @@ The guarantees:
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -66,6 +67,7 @@ __all__ = [
     "is_disk_full",
     "low_on_space",
     "make_temp_dir",
+    "own_temporary_prefix",
     "write_all",
     "write_file_bytes",
 ]
@@ -306,6 +308,7 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
     """8 hex digits naming this machine in temporary names (folders may be shared)."""
     import hashlib
@@ -314,11 +317,16 @@ def _host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def own_temporary_prefix(prefix: str = TMP_PREFIX) -> str:
+    """``<prefix><host>.<pid>-``: how this process's temporary names begin."""
+    return f"{prefix}{_host_tag()}.{os.getpid()}-"
+
+
 def _temp_name(prefix: str, suffix: str) -> str:
     """``<prefix><host>.<pid>-<random><suffix>``: the writer is in the name, so that a later
     command can tell an interrupted write from another live process's
     (:func:`is_stale_temporary`)."""
-    return f"{prefix}{_host_tag()}.{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+    return f"{own_temporary_prefix(prefix)}{secrets.token_hex(6)}{suffix}"
 
 
 _OWNER = re.compile(r"^" + re.escape(TMP_PREFIX) + r"([0-9a-f]{8})\.(\d+)-")

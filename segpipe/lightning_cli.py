@@ -321,9 +321,9 @@ class _FitLock(Callback):
 
     def _other_fit(self) -> str | None:
         """The message naming another live fit's lock, or None (stale locks are removed)."""
-        from segpipe.fileio import _host_tag
+        from segpipe.fileio import own_temporary_prefix
 
-        mine = f"{TMP_PREFIX}{_host_tag()}.{os.getpid()}-"
+        mine = own_temporary_prefix()
         for lock in self.ckpt_dir.glob(f"{TMP_PREFIX}*{self.SUFFIX}"):
             if lock.name.startswith(mine):
                 continue
@@ -689,14 +689,13 @@ class SegpipeCLI(LightningCLI):
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
                     if is_stale_temporary(stale):
                         stale.unlink(missing_ok=True)
-            if not cfg.trainer.get("fast_dev_run"):  # on every rank: its verdict is broadcast
-                self._fit_lock = _FitLock(ckpt_dir)
+            if cfg.trainer.get("fast_dev_run"):
+                return  # a smoke test writes no checkpoint: no lock, and the run's stay put
+            self._fit_lock = _FitLock(ckpt_dir)  # on every rank: its verdict is broadcast
             # Earlier checkpoints are moved when training starts (a bad option value or bad
             # data stops the run before, and leaves them where they are). Every process makes
             # the same decision (they all start before the move), so each reads init_from
             # where the file will be; rank 0 moves them.
-            if cfg.trainer.get("fast_dev_run"):
-                return  # a smoke test writes no checkpoint: the run's stay where they are
             if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
                 dest = earlier_checkpoints_dest(ckpt_dir)
                 init = cfg.get("model", {}).get("init_from") if dest else None
