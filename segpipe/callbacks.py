@@ -41,6 +41,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "install_safe_checkpoint_io",
     "load_checkpoint_file",
+    "weights_finite",
 ]
 
 #: Suffix of checkpoints being written (``.segpipe-tmp-XXXX.partial``); never ``.ckpt``, so
@@ -177,6 +178,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise UnsafeCheckpointError(path, str(exc)) from exc
 
 
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite (one host synchronisation)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
+
+
 class LastCheckpoint(Checkpoint):
     """Keep ``last.ckpt`` current, so ``--ckpt_path last`` resumes where training stopped.
 
@@ -224,11 +230,10 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
             return
         module = trainer.lightning_module
-        finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
-        if not bool(finite):  # one check per save: never a diverged last.ckpt to resume from
-            diverged = getattr(module, "_diverged", None)
-            if callable(diverged):
-                diverged("some weights are NaN or infinite")
+        check = getattr(module, "check_weights", None)  # never a diverged last.ckpt to resume
+        if callable(check):
+            check()  # segpipe's task: its message, once per step
+        elif not weights_finite(module):
             raise ConfigError(f"training diverged by step {trainer.global_step}: some weights "
                               f"are NaN or infinite; {self.path} was not overwritten")
         trainer.save_checkpoint(self.path, weights_only=self.save_weights_only)

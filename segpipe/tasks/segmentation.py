@@ -704,10 +704,7 @@ class SegmentationTask(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.log_train_metrics:
             self._log_epoch("train")
-        # One check per epoch (one host sync), for runs that validate rarely or never.
-        finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
-        if not bool(finite):
-            self._diverged("some weights are NaN or infinite")
+        self.check_weights()  # for runs that validate rarely or never
 
     def on_validation_epoch_end(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit" and \
@@ -717,6 +714,20 @@ class SegmentationTask(L.LightningModule):
                 self.loss_means["val"].reset()
                 self._diverged(f"the validation loss is {float(loss)}")
         self._log_epoch("val")
+
+    _weights_checked_at: int | None = None
+
+    def check_weights(self) -> None:
+        """Stop a diverged fit (:meth:`_diverged`) when a weight is NaN or infinite: one host
+        synchronisation, at most once per step (``LastCheckpoint`` asks before each save, and
+        the epoch's end asks too)."""
+        if self._weights_checked_at == self.global_step:
+            return
+        from segpipe.callbacks import weights_finite
+
+        if not weights_finite(self):
+            self._diverged("some weights are NaN or infinite")
+        self._weights_checked_at = self.global_step
 
     def _diverged(self, what: str) -> None:
         """Stop a diverged fit before its checkpoints are written: a NaN model scores every
