@@ -5,8 +5,8 @@ and integer ``(H, W)`` masks. Image and mask always receive the same geometric t
 are always resampled with nearest-neighbour interpolation, so no new label values appear.
 Regions created by padding, zooming out or rotating are filled with 0 in the image and
 ``mask_fill`` (use the ignore index) in the mask; without an ignore index (``mask_fill=None``)
-image and mask are mirrored there instead, so no invented pixel is labelled as a class. :func:`seed_transform` seeds a pipeline
-(per sample, for reproducible augmentation).
+image and mask are mirrored there instead, so no invented pixel is labelled as a class.
+:func:`seed_transform` seeds a pipeline (per sample, for reproducible augmentation).
 
 Normalisation is not part of the albumentations pipelines: :func:`normalize_to_tensor` scales,
 normalises and converts to a tensor after augmentation, so colour jitter works on the image's
@@ -137,7 +137,7 @@ class RandomScaleCrop(A.DualTransform):
 
     def _resample(self, img: np.ndarray, rows: _Window, cols: _Window, interpolation: int,
                   fill: float) -> np.ndarray:
-        out = np.full((*self.size, *img.shape[2:]), fill, dtype=img.dtype)
+        block = None
         if rows.count and cols.count:
             src = img[rows.src_start : rows.src_stop, cols.src_start : cols.src_stop]
             scaled = cv2.resize(src, (0, 0), fx=cols.factor, fy=rows.factor,
@@ -148,6 +148,8 @@ class RandomScaleCrop(A.DualTransform):
                            cols.start : cols.start + cols.count]
             if self.fill_mask is None:
                 return np.ascontiguousarray(self._mirror(block, rows, cols))
+        out = np.full((*self.size, *img.shape[2:]), fill, dtype=img.dtype)
+        if block is not None:
             out[rows.out_start : rows.out_start + rows.count,
                 cols.out_start : cols.out_start + cols.count] = block
         return out
