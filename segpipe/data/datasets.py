@@ -59,7 +59,6 @@ __all__ = [
     "check_label_range",
     "encode_mask",
     "find_images",
-    "unfollowed_links",
     "item_seed",
     "scan_camvid",
     "scan_folder",
@@ -156,12 +155,19 @@ def _natural_key(text: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
 
 
-def find_images(path: str | Path, recursive: bool = True) -> list[Path]:
+def find_images(
+    path: str | Path, recursive: bool = True, links: list[Path] | None = None
+) -> list[Path]:
     """Image files under a folder (or the file itself), naturally sorted.
+
+    Hidden files and folders are skipped, and links to folders are not followed (they may
+    loop back).
 
     Args:
         path: A folder or a single image file.
         recursive: Search sub-folders too.
+        links: When given, the links met that were not followed or lead nowhere (links to
+            folders, broken links) are appended to it, sorted, for the caller to name.
 
     Returns:
         Sorted list of image files (hidden files skipped).
@@ -174,39 +180,26 @@ def find_images(path: str | Path, recursive: bool = True) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such file or folder")
-    it = p.rglob("*") if recursive else p.glob("*")
-    files = [
-        f
-        for f in it
-        if f.is_file()
-        and is_image_file(f)
-        and not any(part.startswith(".") for part in f.relative_to(p).parts)
-    ]
-    return sorted(files, key=lambda f: _natural_key(f.relative_to(p).as_posix()))
-
-
-def unfollowed_links(path: str | Path) -> list[Path]:
-    """Links under a folder that :func:`find_images` does not follow or cannot: links to
-    folders (which may loop) and links whose target is missing; hidden ones left out.
-
-    Args:
-        path: The folder searched.
-
-    Returns:
-        The links, sorted.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        return []
-    out: list[Path] = []
-    for dirpath, dirs, files in os.walk(root):
+    files: list[Path] = []
+    unfollowed: list[Path] = []
+    for dirpath, dirs, names in os.walk(p):  # os.walk does not descend into folder links
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in [*dirs, *files]:
-            link = Path(dirpath) / name
-            if not name.startswith(".") and link.is_symlink() and (
-                    link.is_dir() or not link.exists()):
-                out.append(link)
-    return sorted(out)
+        here = Path(dirpath)
+        unfollowed += [here / d for d in dirs if (here / d).is_symlink()]
+        for name in names:
+            f = here / name
+            if name.startswith("."):
+                continue
+            if f.is_file():
+                if is_image_file(f):
+                    files.append(f)
+            elif f.is_symlink():  # broken, or a loop of links
+                unfollowed.append(f)
+        if not recursive:
+            break
+    if links is not None:
+        links += sorted(unfollowed)
+    return sorted(files, key=lambda f: _natural_key(f.relative_to(p).as_posix()))
 
 
 def _index_by_key(

@@ -81,12 +81,12 @@ def find_inputs(
         PredictUsageError: When an output would replace an input file, or every image of the
             input folder lies inside the output folder.
     """
-    from segpipe.data.datasets import find_images, unfollowed_links
+    from segpipe.data.datasets import find_images
     from segpipe.predict.engine import InputFile
 
     src = Path(input_path)
-    files = find_images(src)
-    links = unfollowed_links(src)
+    links: list[Path] = []
+    files = find_images(src, links=links)
     if links and _rank_from_env() == 0:
         log.warning(
             "%d link(s) under %s not followed (a folder link may loop back; a broken one has "
