@@ -540,14 +540,18 @@ def test_fewer_val_images_than_processes(tmp_path: Path, monkeypatch: pytest.Mon
         dm.val_dataloader()
 
 
+def _replace_pair(root: Path, split: str, name: str, size: tuple[int, int]) -> None:
+    """Rewrite one folder-layout pair at another ``(height, width)``: noise, an all-0 mask."""
+    image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
+    write_image(root / split / "images" / name, image)
+    write_mask(root / split / "masks" / name, np.zeros(size, dtype=np.uint8))
+
+
 def test_differently_sized_eval_masks_without_an_ignore_index_are_refused_up_front(
         tmp_path: Path) -> None:
     """They failed in the collate, inside a loader worker: a 60-line traceback."""
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=3, size=(16, 16))
-    rng = np.random.default_rng(0)
-    write_image(root / "test" / "images" / "img_001.png",
-                rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))
-    write_mask(root / "test" / "masks" / "img_001.png", np.zeros((12, 20), dtype=np.uint8))
+    _replace_pair(root, "test", "img_001.png", (12, 20))
     dm = _dm(root, num_classes=3, ignore_index=None, eval_batch_size=2)
     dm.setup("test")
     with pytest.raises(ConfigError, match=r"img_000.png is 16x16, img_001.png is 20x12\), and "
@@ -561,10 +565,7 @@ def test_differently_sized_training_masks_without_crop_or_ignore_index_are_refus
         tmp_path: Path) -> None:
     """Training batches of them failed in the collate at the first step: a 64-line traceback."""
     root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=1, n_test=0, size=(48, 64))
-    rng = np.random.default_rng(0)
-    write_image(root / "train" / "images" / "img_001.png",
-                rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
-    write_mask(root / "train" / "masks" / "img_001.png", np.zeros((40, 56), dtype=np.uint8))
+    _replace_pair(root, "train", "img_001.png", (40, 56))
     dm = _dm(root, num_classes=3, ignore_index=None, batch_size=2, crop_size=None)
     dm.setup("fit")
     with pytest.raises(ConfigError, match=r"data.batch_size 2 batches training masks of different "
