@@ -404,10 +404,14 @@ def _checkpoint_bytes(model: torch.nn.Module) -> int:
 
 
 def _logger_dirs(logger: Any) -> list[str]:
-    """``save_dir`` of configured loggers (class_path/init_args), when given."""
+    """``save_dir`` of configured loggers (class_path/init_args), when given. MLflow's is
+    left to :func:`_check_loggers`: it is a store only without a tracking URI (its default,
+    ``./mlruns``, would otherwise be made in the working folder and never used)."""
     items = logger if isinstance(logger, list) else [logger]
     out = []
     for item in items:
+        if str(getattr(item, "class_path", "") or "").rsplit(".", 1)[-1] == "MLFlowLogger":
+            continue
         init = getattr(item, "init_args", None)
         save_dir = getattr(init, "save_dir", None) if init is not None else None
         if save_dir:

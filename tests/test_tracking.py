@@ -51,7 +51,10 @@ def test_mlflow_logger_offline(dataset: Path, tmp_path: Path,
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local folder, no server
     uri = (tmp_path / "mlruns").as_uri()
-    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+    config = Path("configs/folder_unet.yaml").resolve()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert main(["fit", "--config", str(config), f"--data.root={dataset}",
                  f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY,
                  "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger",
                  f"--trainer.logger.tracking_uri={uri}",
@@ -66,6 +69,7 @@ def test_mlflow_logger_offline(dataset: Path, tmp_path: Path,
     assert (tmp_path / "run" / "mlflow" / run.info.run_id / "config.yaml").is_file()
     assert not (tmp_path / "mlruns" / "config.yaml").exists()
     assert run.info.run_name.startswith("fit-")  # not mlflow's seeded random name
+    assert not list((tmp_path / "cwd").iterdir())  # not even MLflow's unused ./mlruns
 
 
 def test_logger_set_up_problems_are_one_line(dataset: Path, tmp_path: Path, capsys,
