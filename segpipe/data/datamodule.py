@@ -797,7 +797,7 @@ class SegmentationDataModule(L.LightningDataModule):
             return [self.test_split]
         return [s for s in ("train", "val", "test") if s in self._splits] or ["train"]
 
-    def _no_val_hint(self) -> str:
+    def no_val_hint(self) -> str:
         """Why there is no val split, and the fix (``data.val_fraction`` holds out part of a
         train split of 2 or more images)."""
         train = self._splits.get("train") or []
@@ -811,7 +811,7 @@ class SegmentationDataModule(L.LightningDataModule):
         scan = self.scan()
         if split not in self._splits:
             hint = {
-                "val": self._no_val_hint(),
+                "val": self.no_val_hint(),
                 "train": "add the training data",
             }.get(split, "add the split")
             raise DataSplitError(

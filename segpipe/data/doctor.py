@@ -586,7 +586,7 @@ def check_data(
     if "val" not in available and "train" in available and dm.validates and (
             not splits or "val" in splits):  # fit stops on it
         empty.append(Problem(Path(dm.root), "val", "empty_split", "there is no val split",
-                             dm._no_val_hint()))
+                             dm.no_val_hint()))
     if "test" not in available:
         rep.notes.append("no test split: `segpipe test` will evaluate the val split")
     if limit:
