@@ -35,23 +35,28 @@ BIN_LABELS = ("1 px", "2 px", "3 px", "farther")
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
-def border_distance(truth: np.ndarray) -> np.ndarray:
-    """Distance of each pixel to the nearest pixel of another class.
+def border_distance(truth: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """Distance of each pixel to the nearest pixel of another scored class.
 
     Args:
         truth: (H, W) integer class map.
+        ignore_index: Label that is not a class (not scored): its pixels are no border, so an
+            error beside an unlabelled region is not counted as a border error.
 
     Returns:
         (H, W) float32 Euclidean distance in pixels: 1 for a pixel next to (4-neighbour) another
-        class, about 1.41 diagonally; inf where the map holds one class only.
+        class, about 1.41 diagonally; inf where the map holds one scored class only (and at
+        ignored pixels).
     """
     dist = np.full(truth.shape, np.inf, dtype=np.float32)
-    for c in np.unique(truth):
-        inside = truth == c
+    ignored = truth == ignore_index if ignore_index is not None else np.zeros(truth.shape, bool)
+    for c in np.unique(truth[~ignored]):
+        inside = (truth == c) | ignored  # every pixel but those of another scored class
         if inside.all():
             continue
         d = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        dist[inside] = d[inside]
+        own = truth == c
+        dist[own] = d[own]
     return dist
 
 
@@ -86,11 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--masks", type=Path, required=True, help="folder of masks, same stems")
     p.add_argument("--stems", nargs="+", help="only these file stems")
     p.add_argument("--mask-values", help="raw mask value to class index, e.g. 0:0,255:1")
-    p.add_argument("--ignore-index", type=int, default=-1, help="truth class not scored")
+    p.add_argument("--ignore-index", type=int, default=None,
+                   help="truth label not scored (default: the checkpoint's data.ignore_index)")
     p.add_argument("--positive", type=int, default=1, help="the class thresholded (two classes)")
     args = p.parse_args(argv)
 
     seg = Segmenter.from_checkpoint(args.ckpt, device="cpu")
+    ignore_index = args.ignore_index if args.ignore_index is not None else seg.config.ignore_index
+    print(f"ignore index: {ignore_index if ignore_index is not None else 'none'}"
+          + (" (the checkpoint's)" if args.ignore_index is None else ""))
     mask_values = parse_mask_values(args.mask_values)
     num_classes = len(seg.class_names)
     wrong_total = scored_total = 0
@@ -99,17 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     predicted_pos = true_pos = 0
     for image_path, mask_path in pairs(args.images, args.masks, args.stems):
         try:  # unmapped values become the ignore index; a colour mask is refused with the fix
-            truth = encode_mask(read_mask(mask_path), mask_path, mask_values, None, args.ignore_index)
+            truth = encode_mask(read_mask(mask_path), mask_path, mask_values, None, ignore_index)
         except ImageReadError as exc:
             raise SystemExit(str(exc)) from None
         proba = seg.predict_proba(read_image(image_path))
         if proba.shape[1:] != truth.shape:
             raise SystemExit(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]}, "
                              f"its image {image_path} {proba.shape[2]}x{proba.shape[1]}")
-        scored = truth != args.ignore_index
+        scored = truth != ignore_index if ignore_index is not None else np.ones(truth.shape, bool)
         pred = proba.argmax(0)
         wrong = (pred != truth) & scored
-        bins = np.digitize(border_distance(truth)[wrong], BIN_EDGES)
+        bins = np.digitize(border_distance(truth, ignore_index)[wrong], BIN_EDGES)
         wrong_by_bin += np.bincount(bins, minlength=len(BIN_LABELS))
         n_wrong, n_scored = int(wrong.sum()), int(scored.sum())
         wrong_total += n_wrong

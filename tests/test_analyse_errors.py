@@ -28,6 +28,39 @@ def test_border_distance_is_one_next_to_another_class() -> None:
     assert np.isinf(border_distance(np.zeros((3, 3), dtype=np.int64))).all()
 
 
+def test_border_distance_ignores_unlabelled_pixels() -> None:
+    truth = np.zeros((5, 8), dtype=np.int64)
+    truth[:, 6:] = 1
+    truth[:, 2] = 255  # an unlabelled line: no border of its own
+    d = border_distance(truth, ignore_index=255)
+    assert d[:, 1].tolist() == pytest.approx([5.0] * 5)  # 5 px from class 1, not beside 255
+    assert np.isinf(d[:, 2]).all()
+    assert border_distance(truth)[:, 1].tolist() == [1.0] * 5  # 255 as a class: a border
+    assert np.isinf(border_distance(np.array([[0, 255], [0, 0]]), 255)).all()
+
+
+def test_script_takes_the_checkpoints_ignore_index(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path / "t.ckpt", "tests.predict.nets.ThresholdNet",
+                     {"in_channels": 1, "num_classes": 2}, mean=[0.0], std=[1.0],
+                     ignore_index=255)
+    images, masks = tmp_path / "image", tmp_path / "label"
+    images.mkdir()
+    masks.mkdir()
+    img = np.full((8, 8), 191, dtype=np.uint8)  # predicted: class 1 everywhere
+    truth = np.ones((8, 8), dtype=np.uint8)
+    truth[:, :2] = 255  # unlabelled: not scored
+    truth[0, 7] = 0  # one wrong pixel of 48 scored
+    Image.fromarray(img).save(images / "a.png")
+    Image.fromarray(truth).save(masks / "a.png")
+    res = subprocess.run(
+        [sys.executable, "scripts/analyse_errors.py", "--ckpt", str(ckpt), "--images", str(images),
+         "--masks", str(masks)], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ignore index: 255 (the checkpoint's)" in res.stdout, res.stdout
+    assert "all: pixel error 2.08 % over 48 pixels" in res.stdout, res.stdout
+
+
 def test_script_bins_a_one_column_shift_and_a_far_error(tmp_path: Path) -> None:
     # ThresholdNet: class 0 where the (0..1-scaled) value is under 0.5, class 1 above.
     ckpt = make_ckpt(tmp_path / "t.ckpt", "tests.predict.nets.ThresholdNet",
