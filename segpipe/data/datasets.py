@@ -1085,7 +1085,9 @@ def prepare_image(
 
     :func:`~segpipe.data.io.to_float` -> :func:`adapt_channels` -> optional transform (e.g. the
     eval resize) -> normalisation into a channels-last (C, H, W) tensor. Shared by
-    :class:`PredictDataset` (``segpipe predict``) and the Python API.
+    :class:`PredictDataset` (``segpipe predict``) and the Python API. As in
+    :class:`SegmentationDataset`, 8-bit images whose channels match are transformed as uint8
+    and scaled after, so that the eval resize rounds as it does in ``segpipe test``.
 
     Args:
         pixels: (H, W, C) or (H, W) image in its native dtype (bands already selected).
@@ -1106,7 +1108,10 @@ def prepare_image(
     arr = np.asarray(pixels)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    image = adapt_channels(to_float(arr), in_channels, source)
+    # 8-bit images whose channels match are resized as uint8 and scaled after, as
+    # SegmentationDataset does, so that `segpipe test` scores exactly these inputs.
+    as_uint8 = arr.dtype == np.uint8 and arr.shape[2] == (in_channels or arr.shape[2])
+    image = arr if as_uint8 else adapt_channels(to_float(arr), in_channels, source)
     size = torch.tensor(image.shape[:2], dtype=torch.int64)
     d_mean, d_std = default_mean_std(image.shape[2])
     ok = np.isfinite(image).all(axis=-1) if arr.dtype.kind == "f" else None  # ints: finite
@@ -1115,8 +1120,12 @@ def prepare_image(
     if ok is not None and ok.all():
         ok = None
     if ok is not None:
-        image = np.array(image, dtype=np.float32)  # a copy: the caller's pixels stay as given
-        image[~ok] = np.asarray(mean or d_mean, dtype=np.float32)
+        fill = np.asarray(mean or d_mean, dtype=np.float64)
+        if as_uint8:  # the training mean in 8 bits, as SegmentationDataset fills nodata
+            image, fill = image.copy(), np.rint(fill * 255).astype(np.uint8)
+        else:
+            image, fill = np.array(image, dtype=np.float32), fill.astype(np.float32)
+        image[~ok] = fill  # on a copy: the caller's pixels stay as given
     if transform is not None:
         image = transform(image=image)["image"]
     img_t = normalize_to_tensor(image, mean or d_mean, std or d_std)

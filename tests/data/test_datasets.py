@@ -295,6 +295,28 @@ def test_size_mismatch_and_label_range_errors(tmp_path: Path) -> None:
         ds[0]
 
 
+def test_predict_input_equals_the_test_datasets_with_an_eval_resize(tmp_path: Path) -> None:
+    # `segpipe test` scores what `segpipe predict` writes: both resize 8-bit images as uint8
+    # (float and uint8 resizing differed on 1596 of 1600 pixels of a 40x40 input).
+    from segpipe.data.transforms import build_eval_transform, normalize_uint8_batch
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(37, 53))
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    resize = build_eval_transform((20, 24))
+    test_ds = SegmentationDataset(scan_folder(root)["train"], transform=resize, mean=mean,
+                                  std=std, in_channels=3, native_masks=True)
+    uint8_ds = SegmentationDataset(scan_folder(root)["train"], transform=resize, mean=mean,
+                                   std=std, in_channels=3, native_masks=True, uint8_images=True)
+    pred_ds = PredictDataset(find_images(root / "train" / "images"), transform=resize,
+                             mean=mean, std=std, in_channels=3)
+    for i in range(2):
+        expected = pred_ds[i]["image"]
+        assert expected.shape == (3, 20, 24)
+        assert torch.equal(test_ds[i]["image"], expected)
+        on_device = normalize_uint8_batch(uint8_ds[i]["image"][None], mean, std)[0]
+        torch.testing.assert_close(on_device, expected, rtol=0, atol=1e-6)
+
+
 def test_predict_dataset(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(10, 14))
     ds = PredictDataset(find_images(root / "train" / "images"), in_channels=3)
