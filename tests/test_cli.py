@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,30 @@ def test_evaluation_options_are_this_runs_not_the_checkpoints(fitted, dataset, c
     assert len(list((path.parent / "report_files").glob("worst_*.png"))) == 1
     md = path.with_name("report.md").read_text(encoding="utf-8")
     assert "test-time augmentation: mean of 2 view(s)" in md
+
+
+def test_a_test_labels_classes_and_tta_views_as_the_checkpoint_trained(dataset, tmp_path, capsys):
+    # Names given otherwise at test time relabelled every per-class figure, and the TTA views
+    # came from the test's data options (vflip off: 2 views) while predict --tta used 4.
+    common = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+              f"--trainer.default_root_dir={tmp_path}", *TINY]
+    assert main(["fit", *common, "--trainer.max_epochs=1", "--data.vflip=true",
+                 "--data.class_names=[bg, red, green]"]) == 0
+    capsys.readouterr()
+    figures = []
+    for names in ("[bg, red, green]", "[bg, green, red]"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["test", *common, "--ckpt_path=last", "--model.test_tta=true",
+                         f"--data.class_names={names}"]) == 0
+        relabel = [w for w in caught if "labelled with the checkpoint's names" in str(w.message)]
+        assert len(relabel) == (names != "[bg, red, green]")
+        out = capsys.readouterr().out
+        metrics = json.loads(Path(out.split("Test metrics written to ")[1].split()[0]).read_text())
+        assert metrics["test_time_augmentation"] == (
+            "mean of 4 view(s) over the training symmetries (hflip, vflip)")
+        figures.append(metrics["IoU_per_class"])
+    assert list(figures[1]) == ["bg", "red", "green"] and figures[1] == figures[0]
 
 
 def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from segpipe.data.spec import DataSpec, check_ignore_index
+from segpipe.data.spec import DataSpec, check_ignore_index, default_class_names
 from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
@@ -851,6 +851,7 @@ class SegmentationTask(L.LightningModule):
         saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
         self._check_checkpoint_fits(checkpoint.get("state_dict"), saved)
         self._warn_evaluation_differs(saved)
+        self._adopt_trained_labels(saved)
         if not self.spec.has_stats and saved.get("mean") is not None and saved.get("std") is not None:
             self.spec = self.spec.with_stats(saved["mean"], saved["std"],
                                              saved.get("stats_source") or "measured")
@@ -884,6 +885,31 @@ class SegmentationTask(L.LightningModule):
                 f"the checkpoint was trained with data.{key}={shown} but this run has "
                 f"data.{key}={'null' if now is None else now}: {why}; to score as trained, "
                 f"pass --data.{key} {shown} or the run's config.yaml")
+
+    def _adopt_trained_labels(self, saved_spec: dict[str, Any]) -> None:
+        """In a test or validate, take what describes the trained model from the checkpoint,
+        not from this run's data options: the class names and colours (the figures are
+        labelled as the model was trained; data.class_names given otherwise are warned about,
+        since they would relabel every per-class figure) and the symmetries it was trained
+        with (``model.test_tta`` averages over those, as ``segpipe predict --tta`` does)."""
+        if self._trainer is None or self.trainer.state.fn not in ("validate", "test"):
+            return
+        updates: dict[str, Any] = {}
+        if "symmetries" in saved_spec and saved_spec["symmetries"] != self.spec.symmetries:
+            updates["symmetries"] = saved_spec["symmetries"]
+        names = saved_spec.get("class_names")
+        if (names and list(names) != self.class_names
+                and list(names) != default_class_names(self.num_classes)):
+            if self.class_names != default_class_names(self.num_classes):
+                rank_zero_warn(
+                    f"the checkpoint's classes are {list(names)} but this run's "
+                    f"data.class_names are {self.class_names}: the figures are labelled with "
+                    "the checkpoint's names (class i is what the model learnt as class i)")
+            updates["class_names"] = list(names)
+            if saved_spec.get("class_colors"):
+                updates["class_colors"] = saved_spec["class_colors"]
+        if updates:
+            self.spec = DataSpec.create(**{**self.spec.to_dict(), **updates})
 
     def _check_checkpoint_fits(self, state: Any, saved_spec: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` naming the difference when the checkpoint's weights cannot
