@@ -298,10 +298,16 @@ class WeightedMean(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, value: torch.Tensor, weight: float) -> None:  # type: ignore[override]
-        """Add a batch's mean ``value`` for ``weight`` items."""
-        self.total += value.detach().float() * float(weight)
-        self.weight += float(weight)
+    def update(self, value: torch.Tensor, weight: float | torch.Tensor) -> None:  # type: ignore[override]
+        """Add a batch's mean ``value`` for ``weight`` items, or per-item values (N,) with
+        their weights (N,) as tensors (no host synchronisation)."""
+        if isinstance(weight, torch.Tensor):
+            w = weight.detach().to(self.total.device, torch.float32)
+            self.total += (value.detach().float() * w).sum()
+            self.weight += w.sum()
+        else:
+            self.total += value.detach().float().sum() * float(weight)
+            self.weight += float(weight)
 
     def compute(self) -> torch.Tensor:
         """Sum over sum of weights (NaN before any update)."""

@@ -593,21 +593,21 @@ class SegmentationTask(L.LightningModule):
         # data.eval_resize: the network saw resized images; score at the masks' native size.
         resized = stage != "train" and tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
         pixel_weight = batch.get("weight")
-        if resized:
-            loss = self.criterion(self._to_masks(logits, batch), mask)
-        elif pixel_weight is None:
-            loss = self.criterion(logits.float(), mask)
-        else:
+        if pixel_weight is not None:
             self._check_pixel_weights()
-            loss = self.criterion(logits.float(), mask, pixel_weight=pixel_weight)
         n = image.shape[0]
         if stage == "train":
+            loss = self.criterion(logits.float(), mask, **(
+                {} if pixel_weight is None else {"pixel_weight": pixel_weight}))
             # Lightning converts progress-bar values to numbers after every step (a host-device
             # synchronisation); segpipe's progress bar reads the training loss when it refreshes.
             self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
         else:
+            scores = self._to_masks(logits, batch) if resized else logits.float()
+            losses, scored = self._image_losses(scores, mask, pixel_weight)
             mean = self.loss_means[stage]
-            mean.update(loss, n)
+            mean.update(losses, scored)
+            loss = (losses * scored).sum() / scored.sum().clamp_min(1)
             self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True,
                      batch_size=n)
         if stage == "train" and not self.log_train_metrics:
@@ -624,6 +624,26 @@ class SegmentationTask(L.LightningModule):
         if stage == "test":
             self._record_test_images(batch.get("path", [""] * n), preds, mask, batch.get("case"))
         return loss
+
+    def _image_losses(self, scores: Tensor, mask: Tensor, pixel_weight: Tensor | None
+                      ) -> tuple[Tensor, Tensor]:
+        """Each image's loss (N,) and whether it has a scored pixel (N,) float: the val/test
+        loss is their mean over the images that have one, so it does not depend on how the
+        images are batched (a batch's loss weighted by its image count moved with
+        ``data.eval_batch_size``), and an image whose pixels are all ignored counts for none.
+
+        Args:
+            scores: (N, K, H, W) float logits at the masks' size.
+            mask: (N, H, W) int64 labels.
+            pixel_weight: (N, H, W) float32 loss weights, or None.
+        """
+        losses = torch.stack([
+            self.criterion(scores[i : i + 1], mask[i : i + 1], **(
+                {} if pixel_weight is None else {"pixel_weight": pixel_weight[i : i + 1]}))
+            for i in range(scores.shape[0])])
+        scored = (mask != self.ignore_index).flatten(1).any(dim=1) if (
+            self.ignore_index is not None) else torch.ones_like(losses, dtype=torch.bool)
+        return losses.float(), scored.float()
 
     def _to_masks(self, scores: Tensor, batch: dict[str, Any]) -> Tensor:
         """``scores`` of resized images (``data.eval_resize``) at the size of ``batch``'s
@@ -710,7 +730,8 @@ class SegmentationTask(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit" and \
                 not self.trainer.sanity_checking and self.loss_means["val"].update_called:
             loss = self.loss_means["val"].compute()  # synced across processes
-            if not bool(torch.isfinite(loss)):
+            # NaN without a scored image (every val pixel ignored) is no divergence
+            if self.loss_means["val"].weight > 0 and not bool(torch.isfinite(loss)):
                 self.loss_means["val"].reset()
                 self._diverged(f"the validation loss is {float(loss)}")
         self._log_epoch("val")

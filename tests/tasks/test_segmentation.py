@@ -573,3 +573,40 @@ def test_a_net_that_breaks_the_output_contract_is_named(net, words) -> None:
     task = SegmentationTask(net, num_classes=3)
     with pytest.raises(ConfigError, match=words):
         task(torch.zeros(2, 3, 16, 24))
+
+
+class _BatchedDM(L.LightningDataModule):
+    def __init__(self, ds, batch_size):
+        super().__init__()
+        self.num_classes, self.ds, self.batch_size = 3, ds, batch_size
+
+    def test_dataloader(self):
+        return DataLoader(self.ds, batch_size=self.batch_size)
+
+
+@pytest.mark.parametrize("loss", ["ce", "ce+dice"])
+def test_the_test_loss_does_not_depend_on_the_batch_size(loss):
+    """The mean over images of each image's loss: a batch's loss weighted by its image count
+    moved with data.eval_batch_size (0.844, 0.804, 0.803, 0.819 for sizes 1, 3, 5, 8)."""
+    torch.manual_seed(0)
+    task = SegmentationTask(PixelNet(), loss=loss, ignore_index=255)
+    ds = ArgmaxData(n=7, ignore=255)
+    ds.masks[2] = 255  # an image with nothing scored counts for none
+    ds.masks[3, 5:] = 255  # and one with fewer scored pixels counts as much as the others
+    values = []
+    for batch_size in (1, 3, 7):
+        _trainer().test(task, _BatchedDM(ds, batch_size))
+        values.append(float(task.trainer.callback_metrics["test/loss"]))
+    assert values[0] == pytest.approx(values[1], rel=1e-5) == pytest.approx(values[2], rel=1e-5)
+    with torch.no_grad():
+        own = [float(task.criterion(task(ds.images[i : i + 1]), ds.masks[i : i + 1]))
+               for i in range(7) if i != 2]
+    assert values[0] == pytest.approx(sum(own) / len(own), rel=1e-5)
+
+
+def test_the_test_loss_of_nothing_scored_is_nan_not_zero():
+    task = SegmentationTask(PixelNet(), ignore_index=255)
+    ds = ArgmaxData(n=3, ignore=255)
+    ds.masks[:] = 255
+    _trainer().test(task, _BatchedDM(ds, 2))
+    assert np.isnan(float(task.trainer.callback_metrics["test/loss"]))
