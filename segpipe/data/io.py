@@ -356,6 +356,17 @@ def _data_indexes(ds: Any, path: Path, bands: Sequence[int] | None,
     return [i for i in range(1, ds.count + 1) if i not in alpha], False
 
 
+def _unread_alpha(ds: Any, indexes: Sequence[int]) -> list[int]:
+    """The 1-based alpha-tagged bands not read as data: the file's transparency mask. GDAL
+    applies an alpha band as the mask of the others only in 2- and 4-band files, so the alpha
+    band ``gdalwarp -dstalpha`` adds to a 4-band scene would otherwise mark nothing."""
+    from rasterio.enums import ColorInterp
+
+    interps = list(ds.colorinterp or [])
+    return [i + 1 for i, interp in enumerate(interps[: ds.count])
+            if interp == ColorInterp.alpha and ds.count > 1 and i + 1 not in indexes]
+
+
 def _has_mask(ds: Any, indexes: Sequence[int], alpha_as_data: bool) -> bool:
     """Whether any of the bands read has nodata (a nodata value, an internal mask or an alpha
     band; with ``alpha_as_data`` the alpha-tagged band is data, and only nodata values count)."""
@@ -364,13 +375,15 @@ def _has_mask(ds: Any, indexes: Sequence[int], alpha_as_data: bool) -> bool:
     flags = [ds.mask_flag_enums[i - 1] for i in indexes]
     if alpha_as_data:  # the "alpha" band is data: its zeros are no nodata
         return any(MaskFlags.nodata in f for f in flags)
-    return any(list(f) != [MaskFlags.all_valid] for f in flags)
+    return bool(_unread_alpha(ds, indexes)) or any(
+        list(f) != [MaskFlags.all_valid] for f in flags)
 
 
 def _band_masks(ds: Any, indexes: Sequence[int], window: Any = None,
                 every: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """GDAL's validity of the bands read, band by band (no (C, h, w) mask array): valid where
-    any band is (the dataset-mask rule), and with ``every`` also where every band is."""
+    any band is (the dataset-mask rule), and with ``every`` also where every band is; in both,
+    invalid where an alpha band not read as data is 0."""
     valid: np.ndarray | None = None
     all_valid: np.ndarray | None = None
     for index in indexes:
@@ -382,6 +395,11 @@ def _band_masks(ds: Any, indexes: Sequence[int], window: Any = None,
             if all_valid is not None:
                 np.logical_and(all_valid, band_valid, out=all_valid)
     assert valid is not None
+    for alpha in _unread_alpha(ds, indexes):
+        opaque = ds.read(alpha, window=window) > 0
+        np.logical_and(valid, opaque, out=valid)
+        if all_valid is not None:
+            np.logical_and(all_valid, opaque, out=all_valid)
     return valid, all_valid
 
 

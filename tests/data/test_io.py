@@ -178,6 +178,34 @@ def test_a_band_tagged_alpha_is_data_when_the_model_takes_every_band(tmp_path: P
     assert pixels.shape == (20, 30, 3) and valid is not None and (~valid).sum() == 25
 
 
+def test_a_fifth_alpha_band_marks_nodata_though_gdal_masks_nothing(tmp_path: Path) -> None:
+    # gdalwarp -dstalpha on a 4-band scene: 4 data bands + alpha. GDAL applies alpha as the
+    # mask only in 2- and 4-band files, so the warp's empty area was predicted as classes.
+    from rasterio.enums import ColorInterp
+
+    from segpipe.data.io import open_raster, read_image_valid
+
+    data = np.random.default_rng(3).integers(1, 60000, (5, 20, 30), dtype=np.uint16)
+    data[4] = 65535
+    data[:, :, :8] = 0  # outside the warped scene: transparent, every band 0
+    with rasterio.open(tmp_path / "warp.tif", "w", driver="GTiff", width=30, height=20, count=5,
+                       dtype="uint16", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 4000000)) as ds:
+        ds.colorinterp = [ColorInterp.gray] + [ColorInterp.undefined] * 3 + [ColorInterp.alpha]
+        ds.write(data)
+    for bands in (None, [1, 2, 3, 4], [2]):
+        with open_raster(tmp_path / "warp.tif", bands=bands) as reader:
+            pixels, valid = reader.read(0, 20)
+            _, part = reader.read(5, 10, 4, 12)
+        assert pixels.shape[2] == (len(bands) if bands else 4)
+        assert valid is not None and valid.sum() == 20 * 22 and not valid[:, :8].any()
+        assert part is not None and part.tolist() == [[False] * 4 + [True] * 4] * 5
+        pixels, valid = read_image_valid(tmp_path / "warp.tif", bands)
+        assert valid is not None and valid.sum() == 20 * 22 and not valid[:, :8].any()
+    with open_raster(tmp_path / "warp.tif", channels=5) as reader:  # a 5-band model: data
+        assert reader.read(0, 20)[1] is None
+
+
 def test_band_selection_on_png(tmp_path: Path) -> None:
     arr = _noise(3, 3, 3)
     Image.fromarray(arr).save(tmp_path / "a.png")
