@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from segpipe.data.datasets import PredictDataset, adapt_channels
+from segpipe.data.datasets import PredictDataset, adapt_channels, finite_range
 from segpipe.data.io import (
     ImageReadError,
     RasterReader,
@@ -330,6 +330,7 @@ class PredictInputs(Dataset):
             if info is not None:
                 rec["kind"] = "raster"
                 self.config.warn_dtype_once(self._dtypes_warned, info.dtype, str(f.path),
+                                            lambda: self._sampled_range(f.path),
                                             once="type and loader process")
                 return rec
             item = self.images.get(index, unresized=self.writer.needs_display(pending))
@@ -343,6 +344,22 @@ class PredictInputs(Dataset):
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
             rec.update(status="failed", reason=_reason(exc, self.config))
         return rec
+
+    def _sampled_range(self, path: Path, side: int = 256) -> tuple[float, float] | None:
+        """Finite (min, max) of a float raster's valid pixels in up to five ``side``-pixel
+        windows (the centre, then the quarters' centres, until one holds data): a raster is
+        not read whole before its windows are predicted, and raw reflectances (0..10000) given
+        to a model trained on integer images are to be warned about as for other images."""
+        with open_raster(path, self.config.bands, self.config.in_channels) as reader:
+            h, w = reader.height, reader.width
+            for fy, fx in ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)):
+                r0 = min(max(0, int(h * fy) - side // 2), max(0, h - side))
+                c0 = min(max(0, int(w * fx) - side // 2), max(0, w - side))
+                pixels, valid = reader.read(r0, min(h, r0 + side), c0, min(w, c0 + side))
+                found = finite_range(pixels, valid)
+                if found is not None:
+                    return found
+        return None
 
     def _by_windows(self, info: Any) -> bool:
         """Whether a file is predicted as a raster, by windows at native resolution: a TIFF

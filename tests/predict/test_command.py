@@ -836,6 +836,23 @@ def test_inputs_of_another_dtype_than_training_are_warned_about(tmp_path: Path, 
     assert "but the model was trained on" not in caplog.text
 
 
+def test_float_rasters_read_by_windows_are_checked_by_their_values(tmp_path: Path, caplog) -> None:
+    """Raw reflectances (0..10000) as float32 into a uint16 model came out wrong without a
+    word from the command (the API said it): a GeoTIFF is predicted by windows, so its value
+    range was never known. A sample of its windows now gives it."""
+    ckpt = make_ckpt(tmp_path / "u16.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, input_dtype="uint16")
+    src = tmp_path / "in"
+    src.mkdir()
+    data = np.random.default_rng(0).uniform(0, 10000, (3, 40, 600)).astype(np.float32)
+    data[:, :, 150:450] = np.nan  # the centre window holds no value: the others are read
+    write_geotiff(src / "raw.tif", data)
+    write_geotiff(src / "unit.tif", np.clip(data / 10000, 0, 1))  # [0, 1]: the documented input
+    assert run(ckpt, src, tmp_path / "out") == 0
+    said = [r.getMessage() for r in caplog.records if "but the model was trained on" in r.getMessage()]
+    assert len(said) == 1 and "raw.tif: float32 pixels" in said[0], said
+
+
 def test_overlays_of_16_bit_inputs_are_stretched_and_show_nodata_black(tmp_path: Path) -> None:
     """A 16-bit scene's [0, 1] scaling (12 bits of data) drew a nearly black overlay, and its
     nodata white; the picture now spans the training mean +- 2.5 std."""
