@@ -437,7 +437,10 @@ def predict(
         "checkpoint": _file_identity(ckpt_path), "bands": list(bands) if bands else None,
         "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
-    record = _check_settings(output, overwrite, settings) if _rank_from_env() == 0 else False
+    if _rank_from_env() == 0 and _check_settings(output, overwrite, settings):
+        # Recorded as the first output is named into place, not at the end: a run killed
+        # after it (OOM, a scheduler's SIGKILL) leaves outputs whose settings are known.
+        writer.before_first_output = lambda: _record_settings(output, settings)
     if tile is not None and config.eval_resize:
         log.warning(
             "the model was evaluated on images resized to %s; --tile predicts at native "
@@ -512,8 +515,6 @@ def predict(
     summary.batchnorm_statistics = module.bn_description
     summary.stopped_early = stopped
     summary.interrupted = interrupted
-    if record and summary.written:
-        _record_settings(output, settings)
     return summary
 
 

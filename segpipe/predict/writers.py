@@ -37,8 +37,9 @@ whole image until the end (and refuse rasters above the decompression-bomb limit
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -385,9 +386,11 @@ class OutputSink:
     full disk raises :class:`~segpipe.fileio.DiskFullError` naming the output being written.
     """
 
-    def __init__(self, targets: list[tuple[OutputFormat, Path]], meta: OutputMeta) -> None:
+    def __init__(self, targets: list[tuple[OutputFormat, Path]], meta: OutputMeta,
+                 before_commit: Callable[[], None] | None = None) -> None:
         self._targets = targets
         self.meta = meta
+        self._before_commit = before_commit
         self._files: list[AtomicFile] = []
         self._sinks: list[_Sink] = []
         self._current: Path | None = None  # the output being written, for error messages
@@ -459,6 +462,8 @@ class OutputSink:
                 sink.finish()
         except BaseException as err:
             self._fail(err)
+        if self._before_commit is not None:
+            self._before_commit()
         for i, out in enumerate(self._files):
             try:
                 out.commit()  # deletes its temporary file and names the target on failure
@@ -502,6 +507,10 @@ class PredictionWriter:
         self.names = names
         self.config = config
         self.overwrite = overwrite
+        #: Called once, before the first output is named into place (``segpipe predict``
+        #: records its settings there, so a run killed after it leaves them recorded).
+        self.before_first_output: Callable[[], None] | None = None
+        self._first_lock = threading.Lock()
         options = {"probs_mode": probs_mode, "overlay_alpha": overlay_alpha}
         needed = {"mask", "geotiff"} if "auto" in names else set()
         self.formats = {
@@ -555,7 +564,28 @@ class PredictionWriter:
 
     def open(self, rel: str | Path, names: Sequence[str], meta: OutputMeta) -> OutputSink:
         """An :class:`OutputSink` for the formats ``names`` of the input at ``rel``."""
-        return OutputSink([(self.formats[n], self.target(rel, n)) for n in names], meta)
+        return OutputSink([(self.formats[n], self.target(rel, n)) for n in names], meta,
+                          before_commit=self._first_output)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Loader processes (spawned ones receive a pickled copy) write no output: no hook, and
+        # no lock, which does not pickle.
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("before_first_output", "_first_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.before_first_output = None
+        self._first_lock = threading.Lock()
+
+    def _first_output(self) -> None:
+        """Run :attr:`before_first_output` once (outputs may be committed by several threads)."""
+        if self.before_first_output is None:
+            return
+        with self._first_lock:
+            hook, self.before_first_output = self.before_first_output, None
+            if hook is not None:
+                hook()
 
     def write(
         self,

@@ -410,6 +410,38 @@ def test_killed_run_leaves_no_partial_output_and_rerun_completes(
         assert (ds.width, ds.height) == (1536, 1536) and ds.read(1).max() < 3
 
 
+def test_a_killed_runs_outputs_keep_their_settings_record(
+    tmp_path: Path, pointwise_ckpt: Path, threshold_ckpt: Path, caplog
+) -> None:
+    """The record of what made the outputs was written at the end only: after a SIGKILL a
+    rerun with another checkpoint kept the first model's masks beside its own, silently."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_image(src / "a.png", noise_image(16, 16))
+    write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
+    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
+           "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
+           "--tta", *FAST]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "a.png").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "prediction never wrote the first output"
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert (out / ".segpipe-predict.json").is_file()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(threshold_ckpt, src, out, "--tile", "256") == 0
+    assert "were made with another checkpoint" in caplog.text
+
+
 def test_ctrl_c_mid_raster_leaves_no_partial_output(
     tmp_path: Path, pointwise_ckpt: Path, monkeypatch, capsys
 ) -> None:
