@@ -621,7 +621,8 @@ def test_full_disk_while_writing_a_raster_stops_the_run(
     captured = capsys.readouterr()
     assert captured.err.count("segpipe predict: error: no space left") == 1, captured.err
     assert f"(writing {out / 'r1.png'})" in captured.err and "Traceback" not in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["r0.png", "r0.tif"]
+    assert sorted(p.name for p in outputs(out)) == ["r0.png", "r0.tif"]
+    assert (out / ".segpipe-predict.json").is_file()  # what made them, recorded before them
     monkeypatch.undo()
     assert run(pointwise_ckpt, src, out, "--format", "auto", "mask") == 0
     assert "predict: 2 written, 1 skipped (already done), 0 failed" in capsys.readouterr().out
