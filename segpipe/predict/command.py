@@ -13,16 +13,18 @@ checkpoint's saved hyperparameters. Outputs mirror the inputs' relative paths un
 already done, 1 when any failed, 2 for bad arguments (missing checkpoint, no images...) or an
 output folder that cannot be written (also when its disk fills up during the run: one error line,
 the finished outputs are complete), 130 when interrupted (rerun the same command: finished
-outputs are skipped).
+outputs are skipped), 143 when stopped by SIGTERM (likewise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from typing import TYPE_CHECKING
@@ -494,7 +496,7 @@ def predict(
             f"{len(files)} input image(s) for {trainer.world_size} processes: each needs at "
             f"least one; use --devices {len(files)}")
     stopped = interrupted = False
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_as_interrupt() as terminated:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         try:
             trainer.predict(module, dataloaders=loader, return_predictions=False)
@@ -515,7 +517,34 @@ def predict(
     summary.batchnorm_statistics = module.bn_description
     summary.stopped_early = stopped
     summary.interrupted = interrupted
+    summary.terminated = interrupted and terminated.is_set()
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[threading.Event]:
+    """SIGTERM (a scheduler's time limit, ``docker stop``, ``timeout``) stops a prediction as
+    Ctrl-C does: the file in progress is abandoned without a partial output, the finished
+    ones stay. Lightning only notes SIGTERM, and checks it in training loops alone, so a
+    prediction ran on to its end or to the SIGKILL that follows. The event tells whether it
+    came (the command then exits 143)."""
+    import signal
+
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not received.is_set():
+            received.set()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _formats(values: Sequence[str]) -> list[str]:
@@ -656,7 +685,8 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
         if summary.stopped_early:
             print("predict: stopped at the first failure (--fail_fast)")
         if summary.interrupted:
-            print("predict: interrupted; run the same command again to finish")
+            print(f"predict: {'stopped by SIGTERM' if summary.terminated else 'interrupted'}; "
+                  "run the same command again to finish")
     if summary.interrupted:
-        return 130
+        return 143 if summary.terminated else 130
     return 1 if summary.failed else 0

@@ -207,6 +207,7 @@ class PredictSummary:
         rank: Global rank of the process holding this summary (0 prints it).
         stopped_early: The run stopped at the first failure (``fail_fast``).
         interrupted: The run was interrupted (Ctrl-C); files not reached are not counted.
+        terminated: The interruption was a SIGTERM.
         seconds: Time in the prediction loop (reading, predicting, writing; the slowest
             process), without loading the checkpoint and starting the Trainer.
         batchnorm_statistics: What ``bn_adapt`` did (None: the training statistics).
@@ -218,6 +219,7 @@ class PredictSummary:
     rank: int = 0
     stopped_early: bool = False
     interrupted: bool = False
+    terminated: bool = False
     seconds: float = 0.0
     batchnorm_statistics: str | None = None
 
