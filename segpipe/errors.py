@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ConfigError", "TrainingDivergedError", "check_checkpoint_format"]
+__all__ = ["ConfigError", "MissingExtraError", "TrainingDivergedError", "check_checkpoint_format"]
 
 
 class ConfigError(ValueError):
@@ -19,6 +19,12 @@ class ConfigError(ValueError):
 class TrainingDivergedError(ConfigError):
     """The training loss or weights became NaN or infinite: the run stops before a checkpoint of
     them is written (the message names the epoch and the usual causes)."""
+
+
+class MissingExtraError(ImportError):
+    """An optional package a feature needs is not installed; the message gives the install
+    command (``segpipe`` commands print it as one line, exit code 2). An :class:`ImportError`,
+    so Python callers can catch it as one (never a ``SystemExit``)."""
 
 
 def check_checkpoint_format(path: str | os.PathLike[str]) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from segpipe.argparsing import CommandParser
 from segpipe.data.io import IMAGE_EXTENSIONS
+from segpipe.errors import MissingExtraError
 from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir, is_stale_temporary
 from segpipe.predict.writers import FORMATS, PredictionWriter
 from segpipe.runtime import available_cpus, default_precision, fit_threads_to_cpus
@@ -672,7 +673,7 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
             probs_mode=args.probs_mode,
             overlay_alpha=args.overlay_alpha, progress=args.progress,
         )
-    except (FileNotFoundError, CheckpointError, PredictUsageError) as exc:
+    except (FileNotFoundError, CheckpointError, PredictUsageError, MissingExtraError) as exc:
         print(f"segpipe predict: error: {exc}", file=sys.stderr)
         return 2
     except OutputDiskFullError as exc:  # like an unwritable --output found up front

@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
                         help="replace an existing .onnx and its .json sidecar")
     parser.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = parser.parse_args(argv)
+    from segpipe.errors import MissingExtraError
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.onnx import export_onnx
 
@@ -31,7 +32,8 @@ def main(argv: list[str]) -> int:
         onnx_path, side = export_onnx(args.ckpt_path, args.output, opset=args.opset, tile=args.tile,
                                       overlap=args.overlap, check=not args.no_check,
                                       overwrite=args.overwrite)
-    except (OSError, CheckpointError, ValueError, RuntimeError) as exc:  # disk full included
+    except (OSError, CheckpointError, ValueError, RuntimeError, MissingExtraError) as exc:
+        # (a full disk included)
         print(f"segpipe export: error: {exc}", file=sys.stderr)
         return 2
     print(f"Wrote {onnx_path} and {side}")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from segpipe.errors import MissingExtraError
 from segpipe.fileio import atomic_path, atomic_write_json, check_output_dir
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import input_norm_module
@@ -99,6 +100,10 @@ def export_onnx(
     if existing and not overwrite:
         raise ValueError(f"{', '.join(map(str, existing))} already exist(s); pass --overwrite to "
                          "replace, or choose another --output")
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # torch's message blamed the opset
+        raise MissingExtraError("ONNX export needs the onnx package: pip install 'segpipe[onnx]'")
     task, config = load_predictor(ckpt_path)
     if tile is not None and (tile < config.pad_multiple):
         raise ValueError(f"--tile must be at least the network's size step "
@@ -148,8 +153,9 @@ def export_onnx(
 def _session(path: str | Path) -> Any:
     try:
         import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SystemExit("ONNX needs the onnx extra: pip install 'segpipe[onnx]'") from exc
+    except ImportError as exc:
+        raise MissingExtraError("running an ONNX model needs onnxruntime: pip install "
+                                "'segpipe[onnx]'") from exc
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:

@@ -186,3 +186,30 @@ def test_onnx_option_takes_an_onnx_file(tmp_path: Path, unet_ckpt: Path, capsys)
                   "--output", str(tmp_path / "out"), *FAST])
     assert exit_info.value.code == 2
     assert "--onnx takes a model.onnx written by segpipe export" in capsys.readouterr().err
+
+
+def test_a_missing_onnx_package_is_an_import_error_and_one_line(
+        tmp_path: Path, unet_ckpt: Path, monkeypatch, capsys) -> None:
+    """from_onnx raised SystemExit (a notebook's `except Exception` could not catch it; the
+    command exited 1), and export blamed the opset for a missing onnx package."""
+    from segpipe.errors import MissingExtraError
+    from segpipe.predict import Segmenter
+
+    model = _export(unet_ckpt, tmp_path / "m.onnx")
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # not installed
+    with pytest.raises(ImportError, match=r"needs onnxruntime: pip install 'segpipe\[onnx\]'"):
+        Segmenter.from_onnx(model)
+    assert cli_main(["predict", "--onnx", str(model), "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / "out"), *FAST]) == 2
+    assert "needs onnxruntime: pip install" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)
+    with pytest.raises(MissingExtraError):
+        from segpipe.predict.onnx import export_onnx
+
+        export_onnx(unet_ckpt, tmp_path / "n.onnx")
+    assert cli_main(["export", "--ckpt_path", str(unet_ckpt), "--output",
+                     str(tmp_path / "n.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX export needs the onnx package: pip install 'segpipe[onnx]'" in err
+    assert "opset" not in err
