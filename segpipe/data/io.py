@@ -256,6 +256,14 @@ def _open_pillow(path: Path) -> Image.Image:
             reason = f"{_bomb_reason(None, None, None)} ({exc})"
         raise ImageReadError(path, reason, _BOMB_HINT) from None
     except UnidentifiedImageError:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:  # a VRT, ERDAS .img, JPEG 2000...
+            raise ImageReadError(
+                path,
+                f"segpipe does not read {path.suffix or 'extension-less'} files (it reads "
+                f"{', '.join(IMAGE_EXTENSIONS)}; rasters as GeoTIFF)",
+                f"convert it, e.g. gdal_translate -of GTiff -co TILED=YES {path.name} "
+                f"{path.stem}.tif for a raster GDAL reads",
+            ) from None
         raise ImageReadError(
             path,
             "not an image Pillow or rasterio can read",

@@ -293,6 +293,15 @@ def test_text_named_png(tmp_path: Path) -> None:
         read_image(t)
 
 
+def test_a_gdal_format_segpipe_does_not_read_says_so(tmp_path: Path) -> None:
+    # A VRT was "not an image Pillow or rasterio can read ... not text or HTML".
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text('<VRTDataset rasterXSize="4" rasterYSize="4"></VRTDataset>')
+    with pytest.raises(ImageReadError, match=r"segpipe does not read \.vrt files") as exc:
+        read_image(vrt)
+    assert "gdal_translate -of GTiff -co TILED=YES mosaic.vrt mosaic.tif" in str(exc.value)
+
+
 def _png_with_huge_header(path: Path, width: int, height: int) -> None:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return (struct.pack(">I", len(payload)) + kind + payload
