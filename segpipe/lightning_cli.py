@@ -403,6 +403,61 @@ def _checkpoint_bytes(model: torch.nn.Module) -> int:
     return 3 * params + buffers + 2**20
 
 
+#: Network options the CLI sets from the data section (``link_arguments``).
+_LINKED_NET_ARGS = ("num_classes", "in_channels")
+
+
+def _given_net_links(argv: list[str]) -> dict[str, tuple[str, str]]:
+    """``model.net.init_args.num_classes``/``in_channels`` as given on the command line or in
+    a ``--config`` file, ``{key: (value, where)}`` (the later one where both are): jsonargparse
+    drops a value given for a link's target without a word."""
+    import yaml
+
+    found: dict[str, tuple[str, str]] = {}
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        for key in _LINKED_NET_ARGS:
+            opt = f"--model.net.init_args.{key}"
+            if arg == opt and nxt is not None:
+                found[key] = (nxt, "the command line")
+            elif arg.startswith(opt + "="):
+                found[key] = (arg.split("=", 1)[1], "the command line")
+        path = nxt if arg == "--config" else arg.split("=", 1)[1] if arg.startswith(
+            "--config=") else None
+        if path is None:
+            continue
+        try:
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # the parser reports an unreadable config itself
+        net = (doc.get("model") or {}).get("net") if isinstance(doc, dict) and isinstance(
+            doc.get("model"), dict) else None
+        init = net.get("init_args") if isinstance(net, dict) else None
+        for key in _LINKED_NET_ARGS:
+            if isinstance(init, dict) and key in init:
+                found[key] = (str(init[key]), path)
+    return found
+
+
+def _check_net_links(cfg: Any, argv: list[str]) -> None:
+    """Refuse a ``model.net.init_args.num_classes``/``in_channels`` that differs from the data
+    section's, which the CLI links into the network and which would silently win (a 5-class
+    head asked for, a 2-class one trained; a 1-channel net asked for on grey images, a
+    3-channel one built)."""
+    data = cfg.get("data")
+    init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+    if init is None or not hasattr(init, "get"):
+        return
+    for key, (value, where) in _given_net_links(argv).items():
+        linked = init.get(key)
+        if linked is None or str(value).strip() == str(linked):
+            continue
+        raise ConfigError(
+            f"model.net.init_args.{key}={value} (in {where}) is set from data.{key}, which is "
+            f"{linked}: the CLI links it into the network; give --data.{key} {value} (or "
+            f"data: {key}: {value} in the config) instead")
+
+
 def _logger_dirs(logger: Any) -> list[str]:
     """``save_dir`` of configured loggers (class_path/init_args), when given. MLflow's is
     left to :func:`_check_loggers`: it is a store only without a tracking URI (its default,
@@ -589,6 +644,7 @@ class SegpipeCLI(LightningCLI):
                 f"--trainer.default_root_dir{hint}")
             cfg.ckpt_path = None
         self._split_step_checkpoint(cfg)
+        _check_net_links(cfg, sys.argv[1:])
         self._check_nulls(cfg)
         self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)

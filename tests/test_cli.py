@@ -131,6 +131,19 @@ def test_a_test_labels_classes_and_tta_views_as_the_checkpoint_trained(dataset, 
     assert list(figures[1]) == ["bg", "red", "green"] and figures[1] == figures[0]
 
 
+def test_a_net_option_the_data_section_sets_is_refused_from_a_config_too(dataset, tmp_path, capsys):
+    config = tmp_path / "net.yaml"
+    config.write_text("model:\n  net:\n    init_args:\n      num_classes: 7\n")
+    code = main(["fit", "--config", "configs/folder_unet.yaml", "--config", str(config),
+                 f"--data.root={dataset}", f"--trainer.default_root_dir={tmp_path}", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"model.net.init_args.num_classes=7 (in {config})" in err[-1], err
+    # the same value as the data's is no conflict
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", *TINY, "--trainer.fast_dev_run=true",
+                 "--model.net.init_args.num_classes=3"]) == 0
+
+
 def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):
     ckpt_dir = fitted / "checkpoints"
     (best,) = ckpt_dir.glob("best-*.ckpt")
@@ -414,6 +427,10 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         # a diverged run exited 0 with a NaN model saved as best-epoch000-mIoU0.2912.ckpt
         (["--model.optimizer.init_args.lr=1e6"], "training diverged in epoch 0"),
         (["--trainer.precision=16-true"], "--trainer.precision 16-true keeps the weights"),
+        # the network's linked options were dropped silently: a 3-class head trained
+        (["--model.net.init_args.num_classes", "5"], "model.net.init_args.num_classes=5 (in the "
+         "command line) is set from data.num_classes, which is 3: the CLI links it"),
+        (["--model.net.init_args.in_channels=1"], "give --data.in_channels 1"),
     ],
 )
 def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):
