@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - user errors in one line, the rest re-raised
         user = _user_error(exc, USER_ERRORS)
         if user is None:
-            user = _disk_full(exc)
+            user = _disk_full(exc) or _one_value_batchnorm(exc)
         if user is None:
             raise
         print(f"segpipe: error: {user}", file=sys.stderr)
@@ -167,6 +167,21 @@ def _disk_full(exc: BaseException) -> str | None:
     return (f"the disk is full{f' (writing {where})' if where else ''}: free space there, or "
             "point trainer.default_root_dir (logs) and checkpoint.dirpath at a disk with room; "
             "the checkpoints written before are intact (--ckpt_path last resumes)")
+
+
+def _one_value_batchnorm(exc: BaseException) -> str | None:
+    """One line for torch's "Expected more than 1 value per channel when training": a
+    BatchNorm after a whole-image pooling (DeepLabV3's ASPP, PSPNet's pyramid) at
+    ``data.batch_size`` 1 fails at the first step whatever the crop; None otherwise."""
+    for e in _chain(exc):
+        text = str(e)
+        if isinstance(e, ValueError) and text.startswith("Expected more than 1 value per channel"):
+            shape = text.rsplit("input size ", 1)[-1]
+            return (f"a BatchNorm layer of the network got one value per channel in training "
+                    f"(input {shape}): it cannot normalise a single value, as after a pooling "
+                    "of the whole image (DeepLabV3's ASPP, PSPNet) at data.batch_size 1; use "
+                    "data.batch_size 2 or more (or a larger data.crop_size)")
+    return None
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:

@@ -427,6 +427,11 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         # a diverged run exited 0 with a NaN model saved as best-epoch000-mIoU0.2912.ckpt
         (["--model.optimizer.init_args.lr=1e6"], "training diverged in epoch 0"),
         (["--trainer.precision=16-true"], "--trainer.precision 16-true keeps the weights"),
+        # DeepLabV3's BatchNorm after the image pooling at batch size 1: torch's traceback
+        (["--model.net=segpipe.models.SmpModel", "--model.net.init_args.arch=deeplabv3plus",
+          "--model.net.init_args.encoder_name=resnet18", "--model.net.init_args.encoder_weights=null",
+          "--model.net.init_args.encoder_depth=3", "--data.batch_size=1"],
+         "use data.batch_size 2 or more"),
         # the network's linked options were dropped silently: a 3-class head trained
         (["--model.net.init_args.num_classes", "5"], "model.net.init_args.num_classes=5 (in the "
          "command line) is set from data.num_classes, which is 3: the CLI links it"),
