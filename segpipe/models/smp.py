@@ -674,13 +674,19 @@ class SmpModel(nn.Module):
                 **kwargs,
             )
         except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             if source is not None and not source.is_cached():
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise PretrainedWeightsUnavailableError(
                     source.unavailable_message(
                         f"downloading them failed ({type(exc).__name__}: {reason})"
                     )
                 ) from exc
+            if source is not None and type(exc).__name__ == "SafetensorError":
+                # a cache copied half-way to an offline machine, or an interrupted download
+                raise PretrainedWeightsUnavailableError(
+                    f"encoder_weights={source.weights!r}: the cached {source.describe()} in "
+                    f"{source.cache_folder} cannot be read ({reason}); delete that folder and "
+                    f"fetch them again: {source.fetch_command()}") from exc
             if not isinstance(exc, (KeyError, ValueError, TypeError, AssertionError, RuntimeError)):
                 raise
             extra = f" and extra arguments {sorted(kwargs)}" if kwargs else ""

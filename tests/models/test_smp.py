@@ -289,6 +289,21 @@ def test_smp_named_weights_load_from_the_cache_offline(hub_cache: Path) -> None:
     )
 
 
+def test_a_truncated_cached_weights_file_is_one_line_naming_the_folder(hub_cache: Path) -> None:
+    # A cache copied half-way to an offline machine: safetensors' traceback named no file.
+    import segmentation_models_pytorch as smp
+
+    state = _random_state(smp.encoders.get_encoder("mobilenet_v2"), seed=3)
+    repo = write_smp_cache(hub_cache, "mobilenet_v2", "imagenet", state)
+    (weights,) = repo.rglob("model.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(PretrainedWeightsUnavailableError) as exc:
+        SmpModel("unet", "mobilenet_v2", num_classes=2, encoder_weights="imagenet")
+    text = str(exc.value)
+    assert "cannot be read" in text and "delete that folder and fetch them again" in text
+    assert str(resolve_pretrained("mobilenet_v2", "imagenet").cache_folder) in text
+
+
 @pytest.mark.parametrize(
     ("name", "weights"),
     [("tu-test_resnet", "imagenet"), ("tu-test_resnet", "r160_in1k"), ("tu-test_resnet.r160_in1k", "imagenet")],
