@@ -432,6 +432,10 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
           "--model.net.init_args.encoder_name=resnet18", "--model.net.init_args.encoder_weights=null",
           "--model.net.init_args.encoder_depth=3", "--data.batch_size=1"],
          "use data.batch_size 2 or more"),
+        # torch's "Tried to step 4 times" in the middle of the run
+        (["--model.lr_scheduler=torch.optim.lr_scheduler.OneCycleLR",
+          "--model.lr_scheduler.init_args.max_lr=0.01", "--model.lr_scheduler.init_args.total_steps=1",
+          "--model.scheduler_interval=step"], "OneCycleLR has total_steps=1 but this run takes"),
         # the network's linked options were dropped silently: a 3-class head trained
         (["--model.net.init_args.num_classes", "5"], "model.net.init_args.num_classes=5 (in the "
          "command line) is set from data.num_classes, which is 3: the CLI links it"),

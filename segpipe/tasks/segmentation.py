@@ -988,6 +988,7 @@ class SegmentationTask(L.LightningModule):
             raise ConfigError(f"model.lr_scheduler: {exc}") from exc
         if two_groups:
             check_lr_ratio(optimizer, self.encoder_lr_mult, scheduler)
+        self._check_scheduler_horizon(scheduler)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             if self.scheduler_interval != "epoch":
@@ -998,6 +999,45 @@ class SegmentationTask(L.LightningModule):
                     "--model.scheduler_interval epoch")
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _check_scheduler_horizon(self, scheduler: Any) -> None:
+        """A schedule shorter than the run: OneCycleLR stops it with torch's "Tried to step N
+        times" in the middle of training (refused here, before it starts), and a cosine or
+        polynomial horizon counted in the other unit than ``model.scheduler_interval`` (a
+        ``T_max`` in epochs stepped per step) makes the learning rate cycle (warned)."""
+        if self._trainer is None:
+            return
+        trainer = self.trainer
+        per_step = self.scheduler_interval == "step"
+        try:
+            planned = float(trainer.estimated_stepping_batches) if per_step else float(
+                trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf)
+        except Exception:  # noqa: BLE001 - no train loader yet (validate/test): nothing to say
+            return
+        if not math.isfinite(planned):
+            return  # a time budget: the length is not known
+        unit = "optimiser steps" if per_step else "epochs"
+        other = "epoch" if per_step else "step"
+        lr_sched = torch.optim.lr_scheduler
+        if isinstance(scheduler, lr_sched.OneCycleLR):
+            if scheduler.total_steps < planned:
+                raise ConfigError(
+                    f"model.lr_scheduler OneCycleLR has total_steps={scheduler.total_steps} but "
+                    f"this run takes {int(planned)} {unit} (model.scheduler_interval "
+                    f"{self.scheduler_interval}); torch stops the run when they run out: give "
+                    f"total_steps {int(planned)}")
+            return
+        horizon = {lr_sched.CosineAnnealingLR: "T_max", lr_sched.PolynomialLR: "total_iters"}
+        name = next((key for cls, key in horizon.items() if isinstance(scheduler, cls)), None)
+        value = getattr(scheduler, name, None) if name else None
+        if isinstance(value, int) and value < planned:
+            rank_zero_warn(
+                f"model.lr_scheduler {type(scheduler).__name__} has {name}={value}, counted in "
+                f"{unit} (model.scheduler_interval {self.scheduler_interval}), but this run "
+                f"takes {int(planned)}: the learning rate "
+                f"{'rises again' if name == 'T_max' else 'stays at its end'} after {value}; give "
+                f"{name} {int(planned)}, or set --model.scheduler_interval {other} if {name} "
+                f"is meant in {other}s")
 
     def configure_callbacks(self) -> list[L.Callback]:
         """:class:`~segpipe.tasks.finetune.TransferLearning`: applies ``init_from`` and

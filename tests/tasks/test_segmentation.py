@@ -610,3 +610,13 @@ def test_the_test_loss_of_nothing_scored_is_nan_not_zero():
     ds.masks[:] = 255
     _trainer().test(task, _BatchedDM(ds, 2))
     assert np.isnan(float(task.trainer.callback_metrics["test/loss"]))
+
+
+def test_a_cosine_horizon_shorter_than_the_run_is_warned_about():
+    """A T_max meant in epochs, stepped per optimiser step, cycles the learning rate."""
+    task = SegmentationTask(
+        PixelNet(), lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3),
+        scheduler_interval="step")
+    with pytest.warns(UserWarning, match=r"T_max=3, counted in optimiser steps .* but this run "
+                                         r"takes 8: the learning rate rises again after 3"):
+        _trainer(max_epochs=2, limit_val_batches=0).fit(task, DM())
