@@ -136,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return 128 + signal.SIGTERM
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))
+        if "unexpected keyword argument 'linked_targets'" in message:  # jsonargparse's
+            message = (f"{message.split(':', 1)[0]}: give an nn.Module class; a function that "
+                       "builds the network (such as torchvision's fcn_resnet50) cannot take "
+                       "the num_classes and in_channels the data section links into it: wrap "
+                       "it in a class whose __init__ takes them")
         if "Expected a <class 'str'>" in message and "Got value:" in message:
             # a case or class named 010 is read as the octal number 8, 1e3 as 1000.0
             message += (" (YAML reads unquoted names such as 010 or 1e3 as numbers: quote them,"
@@ -146,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - user errors in one line, the rest re-raised
         user = _user_error(exc, USER_ERRORS)
         if user is None:
-            user = _disk_full(exc) or _one_value_batchnorm(exc)
+            user = _disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
         if user is None:
             raise
         print(f"segpipe: error: {user}", file=sys.stderr)
@@ -167,6 +172,20 @@ def _disk_full(exc: BaseException) -> str | None:
     return (f"the disk is full{f' (writing {where})' if where else ''}: free space there, or "
             "point trainer.default_root_dir (logs) and checkpoint.dirpath at a disk with room; "
             "the checkpoints written before are intact (--ckpt_path last resumes)")
+
+
+def _loader_worker_error(exc: BaseException) -> str | None:
+    """A bad file met in a DataLoader worker (``data.check_data false``): torch re-raises
+    segpipe's ImageReadError as a RuntimeError holding the worker's traceback; its last line
+    is the message (file, reason, fix). None for anything else."""
+    for e in _chain(exc):
+        text = str(e).rstrip()
+        if isinstance(e, RuntimeError) and "in DataLoader worker process" in text:
+            last = text.splitlines()[-1]
+            prefix = "segpipe.data.io.ImageReadError: "
+            if last.startswith(prefix):
+                return last[len(prefix):]
+    return None
 
 
 def _one_value_batchnorm(exc: BaseException) -> str | None:

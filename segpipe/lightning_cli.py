@@ -39,6 +39,7 @@ from segpipe.callbacks import (
     load_checkpoint_file,
 )
 from segpipe.data.checks import DataCheckError
+from segpipe.data.io import ImageReadError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
 from segpipe.data.spec import DataSpec
 from segpipe.errors import ConfigError
@@ -176,6 +177,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     TransferLearningError,  # init_from unusable; resuming with other param groups than saved
     BatchNormAdaptError,  # model.bn_adapt outside [0, 1], or a network without BatchNorm
     MisconfigurationException,  # Lightning's checks of trainer options (devices, max_time, ...)
+    ImageReadError,  # a bad file met in training with data.check_data false: named, with the fix
 )
 
 

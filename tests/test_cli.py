@@ -131,6 +131,24 @@ def test_a_test_labels_classes_and_tta_views_as_the_checkpoint_trained(dataset, 
     assert list(figures[1]) == ["bg", "red", "green"] and figures[1] == figures[0]
 
 
+@pytest.mark.parametrize("workers", [0, 1])  # in a loader process torch re-raises it
+def test_a_bad_file_met_in_training_without_the_data_check_is_one_line(workers, tmp_path, capsys):
+    import numpy as np
+
+    from segpipe.data.io import write_mask
+
+    root = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
+    bad = sorted((root / "train" / "masks").iterdir())[0]
+    write_mask(bad, np.full((48, 40), 7, dtype=np.uint8))  # no such class
+    code = main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={root}",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY,
+                 "--data.check_data=false", "--trainer.max_epochs=1",
+                 f"--data.num_workers={workers}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and not any("Traceback" in line for line in err), err[-5:]
+    assert str(bad) in err[-1] and "label values [7] outside 0..2" in err[-1]
+
+
 def test_a_net_option_the_data_section_sets_is_refused_from_a_config_too(dataset, tmp_path, capsys):
     config = tmp_path / "net.yaml"
     config.write_text("model:\n  net:\n    init_args:\n      num_classes: 7\n")
@@ -389,6 +407,9 @@ def test_fit_help_is_readable_and_names_segpipes_networks(capsys):
         (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted"),
         # a case named 010 read as the octal number 8: "Got value: 8", a value never typed
         (["--data.val_cases", "[010]"], "quote them, e.g. --data.val_cases \"['010']\""),
+        # a factory function: "got an unexpected keyword argument 'linked_targets'"
+        (["--model.net", "torchvision.models.segmentation.fcn_resnet50"],
+         "give an nn.Module class; a function that builds the network"),
     ],
 )
 def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
