@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - user errors in one line, the rest re-raised
         user = _user_error(exc, USER_ERRORS)
         if user is None:
-            user = _disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
+            user = (_disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
+                    or _several_loaders(exc))
         if user is None:
             raise
         print(f"segpipe: error: {user}", file=sys.stderr)
@@ -185,6 +186,20 @@ def _loader_worker_error(exc: BaseException) -> str | None:
             prefix = "segpipe.data.io.ImageReadError: "
             if last.startswith(prefix):
                 return last[len(prefix):]
+    return None
+
+
+def _several_loaders(exc: BaseException) -> str | None:
+    """Lightning's "You provided multiple `test_dataloader`, but no `dataloader_idx` argument"
+    for a data module of the user's that gives several: segpipe's task scores one."""
+    for e in _chain(exc):
+        text = str(e)
+        if isinstance(e, RuntimeError) and text.startswith("You provided multiple `") and (
+                "dataloader_idx" in text):
+            kind = text.split("`", 2)[1]
+            return (f"the data module gives several {kind}s; segpipe's task scores one: "
+                    "combine them into one (torch.utils.data.ConcatDataset) or score each in "
+                    "its own run")
     return None
 
 

@@ -66,3 +66,23 @@ def test_fit_and_test_with_a_class_path_data_module(tmp_path: Path) -> None:
     assert main(["test", *common, "--ckpt_path", str(ckpt)]) == 0
     _, cfg = load_predictor(ckpt)
     assert cfg.num_classes == 2 and cfg.class_names == ["background", "square"]
+
+
+class TwoTestLoadersDataModule(SquaresDataModule):
+    """Two test sets (say two scanners) as two loaders."""
+
+    def test_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
+        return [DataLoader(_Squares(4, seed=2), batch_size=self.batch_size),
+                DataLoader(_Squares(4, seed=3), batch_size=self.batch_size)]
+
+
+def test_several_test_loaders_are_one_line(tmp_path: Path, capsys) -> None:
+    # Lightning's 40-line traceback about dataloader_idx in test_step
+    code = main(["test", "--data=tests.test_custom_data.TwoTestLoadersDataModule",
+                 "--model.net=segpipe.models.UNet", "--model.net.init_args.num_classes=2",
+                 "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
+                 "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and not any("Traceback" in line for line in err), err[-5:]
+    assert "the data module gives several test_dataloaders; segpipe's task scores one" in err[-1]
