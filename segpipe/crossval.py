@@ -53,8 +53,9 @@ def _run_root(metrics_file: Path) -> Path:
     return parent
 
 
-def _metrics_path(arg: str) -> Path:
-    """``arg`` itself, or the newest ``test_metrics.json`` under the run folder ``arg``.
+def _metrics_path(arg: str) -> tuple[Path, int]:
+    """``arg`` itself, or the newest ``test_metrics.json`` under the run folder ``arg``; and
+    how many there were to choose from (1 for a file).
 
     Raises:
         CrossvalError: Nothing there, or a folder holding the results of several runs (the
@@ -62,7 +63,7 @@ def _metrics_path(arg: str) -> Path:
     """
     path = Path(arg).expanduser()
     if path.is_file():
-        return path
+        return path, 1
     if not path.is_dir():
         raise CrossvalError(f"{path}: no such file or folder; give a run's folder or its "
                             f"{_METRICS_FILE}")
@@ -76,7 +77,7 @@ def _metrics_path(arg: str) -> Path:
         raise CrossvalError(
             f"{path} holds the test results of {len(runs)} runs; give each fold's run folder: "
             f"segpipe crossval {shown}")
-    return found[-1]
+    return found[-1], len(found)
 
 
 def _split_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -128,6 +129,24 @@ def _check_folds(runs: list[tuple[Path, dict[str, Any] | None]]) -> list[str]:
         warnings.append("one run: its mean over cases, not a cross-validation; give one run "
                         "per fold")
     return warnings
+
+
+#: How ``segpipe test`` scored (recorded in ``test_metrics.json``): folds pooled together must
+#: agree on these, or the pooled figure mixes protocols.
+_PROTOCOL = ("test_time_augmentation", "batchnorm_statistics", "eval_resize")
+
+
+def _check_protocols(protocols: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse folds scored otherwise than each other (one with TTA or re-estimated BatchNorm
+    statistics, the others plain): their pooled mean would mix two evaluations."""
+    for key in _PROTOCOL:
+        values = {json.dumps(p.get(key), sort_keys=True) for _, p in protocols}
+        if len(values) > 1:
+            which = "; ".join(f"{path}: {p.get(key)}" for path, p in protocols)
+            raise CrossvalError(
+                f"the folds were scored with different {key} ({which}); score every fold the "
+                "same way (the same segpipe test options), or give each fold's "
+                "test_metrics.json file to choose among a run's tests")
 
 
 def _data_fold(metrics: dict[str, Any]) -> int | None:
@@ -185,12 +204,30 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
     seen: dict[str, Path] = {}
     classes: list[str] | None = None
     splits: list[tuple[Path, dict[str, Any] | None]] = []
+    protocols: list[tuple[Path, dict[str, Any]]] = []
+    given: dict[Path, str] = {}
+    chosen: list[str] = []
     for run, arg in enumerate(paths, 1):
-        path = _metrics_path(arg)
+        path, tests = _metrics_path(arg)
+        if tests > 1:
+            chosen.append(f"{arg} holds {tests} tests; its newest, {path}, is pooled (give a "
+                          "test_metrics.json file to pool another)")
+        if path.resolve() in given:
+            raise CrossvalError(f"{arg} is given twice (as {given[path.resolve()]} too); give "
+                                "each fold's run once")
+        given[path.resolve()] = arg
         try:
             metrics = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CrossvalError(f"{path}: not a readable test_metrics.json ({exc})") from None
+        split = _split_of(metrics) if isinstance(metrics, dict) else None
+        if split is not None and split.get("scored") == "test" and split.get("val_case_fraction"):
+            raise CrossvalError(
+                f"{path} scored the data's test split, which every fold shares, not its fold's "
+                "val cases: `segpipe test` scores val only when the data has no test split, so "
+                "cross-validate on a data root without one (hold the test cases elsewhere)")
+        if isinstance(metrics, dict):
+            protocols.append((path, {k: metrics.get(k) for k in _PROTOCOL}))
         per_case = metrics.get("per_case") if isinstance(metrics, dict) else None
         if not isinstance(per_case, dict) or not per_case.get("cases"):
             raise CrossvalError(
@@ -225,7 +262,8 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                       "checkpoint": metrics.get("checkpoint"), **_summary(rows, classes)})
         all_rows += rows
     assert classes is not None
-    warnings = _check_folds(splits)
+    _check_protocols(protocols)
+    warnings = chosen + _check_folds(splits)
     fold_sd = {
         "mDice_mean_over_cases": _sd([f["mDice_mean_over_cases"] for f in folds]),
         "mIoU_mean_over_cases": _sd([f["mIoU_mean_over_cases"] for f in folds]),

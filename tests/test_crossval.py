@@ -46,7 +46,8 @@ def test_recorded_split_settings_must_make_folds_of_one_split(tmp_path: Path, ca
     for run_id in ("a1", "b2"):
         _metrics(tmp_path / "mlrun" / "mlflow" / run_id / "test_metrics.json", [_row("p9", 0.5)],
                  split={"fold": 2})
-    assert crossval([str(f0), str(f1), str(tmp_path / "mlrun")])["warnings"] == []
+    said = crossval([str(f0), str(f1), str(tmp_path / "mlrun")])["warnings"]
+    assert len(said) == 1 and "mlrun holds 2 tests; its newest" in said[0]
     with pytest.raises(CrossvalError, match=r"different data.seed: .*\(seed=0\), .*\(seed=1\)"):
         crossval([str(f0), str(fold(1, "p4", seed=1))])
     with pytest.raises(CrossvalError, match="different data.val_case_fraction"):
@@ -105,6 +106,35 @@ def test_a_folder_means_its_newest_test_metrics(tmp_path: Path) -> None:
     assert out["folds"][0]["path"] == str(new)
     assert out["all_cases"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.7)
     assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] is None  # one fold
+
+
+def test_folds_scored_otherwise_or_on_the_shared_test_split_are_refused(tmp_path: Path) -> None:
+    fold = lambda k, case, **extra: _metrics(  # noqa: E731
+        tmp_path / f"f{k}/test_metrics.json", [_row(case, 0.5)], split={"fold": k})
+    f0, f1 = fold(0, "p1"), fold(1, "p2")
+    with pytest.raises(CrossvalError, match="is given twice"):
+        crossval([str(f0), str(f0)])  # said "case 'p1' is scored in both ..."
+    tta = json.loads(f1.read_text())
+    tta["test_time_augmentation"] = "mean of 2 view(s) over the training symmetries (hflip)"
+    f1.write_text(json.dumps(tta))
+    with pytest.raises(CrossvalError, match="scored with different test_time_augmentation"):
+        crossval([str(f0), str(f1)])  # pooled silently
+    shared = json.loads(f0.read_text())
+    shared["data_split"]["scored"] = "test"
+    f0.write_text(json.dumps(shared))
+    with pytest.raises(CrossvalError, match="scored the data's test split, which every fold shares"):
+        crossval([str(f0)])  # each fold then "scored" the same cases: "not folds of one split"
+    # a run tested twice: the newest is pooled, and the output says so
+    later = _metrics(tmp_path / "f1/lightning_logs/version_1/test_metrics.json", [_row("p2", 0.6)],
+                     split={"fold": 1})
+    f1.rename(tmp_path / "f1/lightning_logs/version_0.json")
+    (tmp_path / "f1/lightning_logs/version_0").mkdir()
+    (tmp_path / "f1/lightning_logs/version_0.json").rename(
+        tmp_path / "f1/lightning_logs/version_0/test_metrics.json")
+    os.utime(tmp_path / "f1/lightning_logs/version_0/test_metrics.json", (1_000_000, 1_000_000))
+    out = crossval([str(fold(0, "p1")), str(tmp_path / "f1")])
+    assert out["folds"][1]["path"] == str(later)
+    assert any("holds 2 tests; its newest" in w for w in out["warnings"]), out["warnings"]
 
 
 def test_runs_that_are_not_folds_of_one_split_are_rejected(tmp_path: Path, capsys) -> None:
