@@ -42,7 +42,8 @@ METRIC_DESCRIPTIONS = {
     "mIoU": "macro mean IoU over classes (ignore index excluded; classes absent from both truth and "
     "prediction left out)",
     "mDice": "macro mean Dice (F1) over classes, same rules as mIoU",
-    "micro_IoU": "micro IoU: intersection over union pooled over all non-ignored pixels",
+    "micro_IoU": "micro IoU: intersection over union pooled over all non-ignored pixels; with "
+                 "one label per pixel it is pixel_accuracy / (2 - pixel_accuracy)",
     "pixel_accuracy": "micro pixel accuracy: correct / non-ignored pixels",
     "IoU": "per-class IoU",
     "Dice": "per-class Dice (F1)",

@@ -89,3 +89,20 @@ def test_iou_subset_matches_full_collection_and_shares_one_state():
 def test_unknown_metric_name_is_refused():
     with pytest.raises(ValueError, match="Unknown metric names \\['mIOU'\\]"):
         build_metrics(4, only=["mIoU", "mIOU"])
+
+
+def test_micro_iou_is_what_its_definition_says_of_pixel_accuracy():
+    import torch
+
+    from segpipe.metrics import METRIC_DESCRIPTIONS, build_metrics
+
+    metrics = build_metrics(3, ignore_index=255)
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 9, 11))
+    target[0, :2] = 255
+    preds = torch.where(torch.rand(2, 9, 11) < 0.7, target.clamp(max=2), torch.randint(0, 3, (2, 9, 11)))
+    metrics.update(preds, target)
+    out = metrics.compute()
+    acc = float(out["pixel_accuracy"])
+    assert float(out["micro_IoU"]) == pytest.approx(acc / (2 - acc), rel=1e-5)
+    assert "pixel_accuracy / (2 - pixel_accuracy)" in METRIC_DESCRIPTIONS["micro_IoU"]
