@@ -777,7 +777,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 "data.case_pattern %r finds no case in %s %s images (e.g. %r, the path under "
                 "data.root it is searched in): they count in the pooled figures but in no "
                 "case%s", pattern, which, split or "", example,
-                "; there are no per-case figures" if len(missed) == len(out) else "")
+                f"; the {split or 'data'} split gets no per-case figures"
+                if len(missed) == len(out) else "")
         return out
 
     @property
