@@ -644,6 +644,8 @@ class SmpModel(nn.Module):
 
         self.arch = arch.lower()
         self.encoder_name = encoder_name
+        #: Whether the encoder starts from trained weights (named or a local file).
+        self.encoder_pretrained = encoder_weights is not None
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth

@@ -45,7 +45,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from segpipe.callbacks import UnsafeCheckpointError, load_checkpoint_file
@@ -495,6 +495,19 @@ class TransferLearning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.freeze_encoder_epochs > 0:
             _check_ddp(trainer)
+            epochs = trainer.max_epochs
+            if epochs is not None and 0 <= epochs <= self.freeze_encoder_epochs:
+                rank_zero_warn(
+                    f"model.freeze_encoder_epochs={self.freeze_encoder_epochs} with "
+                    f"trainer.max_epochs={epochs}: the encoder stays frozen for the whole run "
+                    "and is never fine-tuned; freeze fewer epochs than the run has")
+            net = getattr(pl_module, "net", None)
+            if getattr(net, "encoder_pretrained", True) is False and not self.init_from:
+                rank_zero_warn(
+                    f"model.freeze_encoder_epochs={self.freeze_encoder_epochs} freezes a "
+                    "randomly initialised encoder (encoder_weights null, no model.init_from): "
+                    "its random features are kept for those epochs; give pretrained weights "
+                    "or set --model.freeze_encoder_epochs 0")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.init_from:

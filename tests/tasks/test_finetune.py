@@ -545,3 +545,13 @@ def test_ddp_needs_find_unused_parameters_while_frozen() -> None:
     with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
         _check_ddp(SimpleNamespace(strategy=DDPStrategy()))
     _check_ddp(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)))
+
+
+def test_a_freeze_that_never_ends_or_freezes_random_weights_is_warned_about() -> None:
+    net = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None, encoder_depth=3)
+    task = SegmentationTask(net, freeze_encoder_epochs=2)
+    with pytest.warns(UserWarning) as said:
+        _trainer(max_epochs=2).fit(task, BlobDM())
+    texts = [str(w.message) for w in said]
+    assert any("the encoder stays frozen for the whole run" in t for t in texts), texts
+    assert any("freezes a randomly initialised encoder" in t for t in texts), texts
