@@ -488,6 +488,9 @@ def fetch_camvid(
     if manifest is not None and (sha256 is None or manifest.get("sha256") == sha256.lower()):
         try:
             verify_camvid_tree(target, counts)
+            log.info("using the verified CamVid in %s (fetched from %s on %s); nothing is "
+                     "downloaded", target, manifest.get("source", "?"),
+                     manifest.get("fetched", "?"))
             return target
         except DownloadError as exc:
             log.warning("cached CamVid in %s is incomplete (%s); fetching it again", target, exc)

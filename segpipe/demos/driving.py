@@ -307,7 +307,8 @@ def run_driving_demo(
     if download:
         from segpipe.demos import download as dl
 
-        say(f"Fetching CamVid from {url or dl.CAMVID_URL} into {cache or dl.default_cache_dir()}")
+        say(f"CamVid in {cache or dl.default_cache_dir()}: a verified copy there is used, "
+            f"else it is fetched from {url or dl.CAMVID_URL}")
         data_dir = dl.fetch_camvid(cache, url=url or dl.CAMVID_URL,
                                    sha256=sha256 if sha256 is not None else dl.CAMVID_SHA256)
     assert data_dir is not None

@@ -73,7 +73,7 @@ def test_fetch_camvid_downloads_verifies_and_extracts(fake_zip: Path, tmp_path: 
 
 
 def test_fetch_camvid_reuses_verified_cache_without_fetching(
-    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     cache = tmp_path / "cache"
     first = fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False)
@@ -83,7 +83,11 @@ def test_fetch_camvid_reuses_verified_cache_without_fetching(
         raise AssertionError("the verified cache must be reused without downloading")
 
     monkeypatch.setattr(dl, "download", no_fetch)
-    assert fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS, progress=False) == first
+    with caplog.at_level("INFO", logger="segpipe.demos.download"):
+        assert fetch_camvid(cache, url=fake_zip.as_uri(), counts=FAKE_COUNTS,
+                            progress=False) == first
+    # said so: it was "Fetching CamVid from <url>" even for a URL that no longer exists
+    assert f"using the verified CamVid in {first} (fetched from {fake_zip.as_uri()}" in caplog.text
 
 
 def test_fetch_camvid_refetches_an_incomplete_cache(fake_zip: Path, tmp_path: Path) -> None:
