@@ -457,6 +457,9 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         (["--model.lr_scheduler=torch.optim.lr_scheduler.OneCycleLR",
           "--model.lr_scheduler.init_args.max_lr=0.01", "--model.lr_scheduler.init_args.total_steps=1",
           "--model.scheduler_interval=step"], "OneCycleLR has total_steps=1 but this run takes"),
+        # torch.compile's own check came at the first step, as a traceback
+        (["--model.compile={mode: fastest}"], "mode 'fastest' is not one of torch.compile's"),
+        (["--model.compile={fullgrahp: true}"], "torch.compile takes no fullgrahp"),
         # the network's linked options were dropped silently: a 3-class head trained
         (["--model.net.init_args.num_classes", "5"], "model.net.init_args.num_classes=5 (in the "
          "command line) is set from data.num_classes, which is 3: the CLI links it"),

@@ -363,6 +363,12 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromRepo
     """
     file = Path(path).expanduser()
     where = f"model.init_from: {file}"
+    if file.is_dir():
+        found = sorted(str(p.relative_to(file)) for p in file.glob("**/*.ckpt"))[:3]
+        raise InitFromError(
+            f"{where}: a folder, not a checkpoint; give a checkpoint file in it"
+            + (f", e.g. {file / found[0]}" if found else " (it holds no .ckpt)") + "."
+        )
     if not file.is_file():
         raise InitFromError(
             f"{where}: no such file (relative paths are resolved against {os.getcwd()}); give the "

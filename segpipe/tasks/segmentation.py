@@ -321,6 +321,8 @@ class SegmentationTask(L.LightningModule):
         self.compile_options: dict[str, Any] | None = (
             dict(compile) if isinstance(compile, dict) else ({} if compile else None)
         )
+        if self.compile_options:
+            _check_compile_options(self.compile_options)
 
         # Training (when log_train_metrics) updates only the IoU metrics, which share one
         # confusion-matrix state: the full collection's three states cost about three times as much.
@@ -1044,6 +1046,29 @@ class SegmentationTask(L.LightningModule):
         ``freeze_encoder_epochs``, and checks that a resumed run has the checkpoint's parameter
         groups (it does nothing else when neither option is set)."""
         return [TransferLearning(self.init_from, self.freeze_encoder_epochs)]
+
+
+def _check_compile_options(options: dict[str, Any]) -> None:
+    """Refuse ``model.compile`` options torch.compile would reject at the first training step
+    (a traceback after the data checks and the model's start): unknown keys, an unknown mode."""
+    import inspect
+
+    accepted = [k for k in inspect.signature(torch.compile).parameters if k != "model"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"model.compile: torch.compile takes no {', '.join(unknown)}; it takes "
+                          f"{', '.join(accepted)}")
+    mode = options.get("mode")
+    if mode is not None:
+        try:
+            from torch._inductor import list_mode_options
+
+            modes = list(list_mode_options())
+        except Exception:  # noqa: BLE001 - a torch without the listing: torch checks it later
+            return
+        if mode not in modes:
+            raise ConfigError(f"model.compile: mode {mode!r} is not one of torch.compile's "
+                              f"modes: {', '.join(modes)}")
 
 
 class PerImageDiceLoss(smp.losses.DiceLoss):

@@ -362,6 +362,11 @@ def test_init_from_refusals_name_the_reason(tmp_path: Path) -> None:
 
     with pytest.raises(InitFromError, match=r"model.init_from: .*nothere.ckpt: no such file"):
         load_init_from(_unet(), tmp_path / "nothere.ckpt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(InitFromError, match=r"a folder, not a checkpoint; give a checkpoint file "
+                       r"in it, e.g. .*run/checkpoints/last.ckpt"):  # it said "no such file"
+        load_init_from(_unet(), tmp_path / "run")
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"net.something.weight": torch.zeros(2)}}, other)
     with pytest.raises(InitFromError, match="no tensor of the checkpoint fits the network"):
