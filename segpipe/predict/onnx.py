@@ -310,3 +310,16 @@ def _check_graph(path: Path, session: Any, config: PredictConfig) -> None:
                 f"{path} has {got} {what} but its sidecar {sidecar_path(path).name} says "
                 f"{key}={want}; the two files come from different exports: export them again "
                 "with segpipe export")
+    # One small input of the sidecar's size step: a pad_multiple the graph cannot take (a
+    # hand-edited sidecar) failed every file with onnxruntime's "mismatched dimensions".
+    m = config.pad_multiple
+    b = -(-max(2 * m, config.min_size) // m) * m
+    probe = np.zeros((1, config.in_channels, b, b + m), dtype=np.float32)
+    try:
+        session.run(None, {session.get_inputs()[0].name: probe})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{path} does not run on a {b}x{b + m} input, a multiple of the pad_multiple {m} "
+            f"its sidecar {sidecar_path(path).name} gives ({first[:200]}); export the two "
+            "files again with segpipe export") from None

@@ -109,6 +109,9 @@ def test_a_sidecar_that_does_not_fit_its_graph_is_one_line(
     assert "sidecar.symmetries must be among" in predict_with({**unsigned, "symmetries": ["upside"]})
     assert "input_norm must be" in predict_with({**unsigned, "input_norm": "bogus"})
     assert "pad_multiple must be" in predict_with({**unsigned, "pad_multiple": 0})
+    # a size step the graph cannot take: onnxruntime's "mismatched dimensions" on every file
+    assert "does not run on a 14x21 input, a multiple of the pad_multiple 7" in predict_with(
+        {**unsigned, "pad_multiple": 7})
     line = predict_with({**unsigned, "num_classes": 2, "class_names": ["a", "b"],
                          "class_colors": [[0, 0, 0], [9, 9, 9]]})
     assert "has 3 output classes but its sidecar m.json says num_classes=2" in line
