@@ -499,6 +499,9 @@ def predict(
     stopped = interrupted = False
     with warnings.catch_warnings(), _sigterm_as_interrupt() as terminated:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # A truncated TIFF is reported as failed with its reason; Pillow's warning adds nothing.
+        warnings.filterwarnings("ignore", message="Truncated File Read")
+        warnings.showwarning = _one_line_warning  # restored by catch_warnings
         try:
             trainer.predict(module, dataloaders=loader, return_predictions=False)
         except PredictFailed:
@@ -520,6 +523,13 @@ def predict(
     summary.interrupted = interrupted
     summary.terminated = interrupted and terminated.is_set()
     return summary
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A Python warning raised during a prediction (segpipe's own about a file, a library's)
+    as one log line, without the source file and line Python prints under it."""
+    log.warning("%s", message)
 
 
 @contextlib.contextmanager

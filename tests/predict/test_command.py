@@ -915,6 +915,21 @@ def test_float_rasters_read_by_windows_are_checked_by_their_values(tmp_path: Pat
     assert len(said) == 1 and "raw.tif: float32 pixels" in said[0], said
 
 
+def test_warnings_during_a_prediction_are_one_line_each(tmp_path: Path, pointwise_ckpt: Path,
+                                                       capsys, caplog) -> None:
+    """They came with the library file and source line Python prints under a warning."""
+    src = tmp_path / "in"
+    src.mkdir()
+    data = np.full((3, 20, 30), 0.5, np.float32)
+    data[0, :4, :4] = -9999.0  # nodata in one band only: warned about
+    write_geotiff(src / "partial.tif", data, nodata=-9999.0)
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(pointwise_ckpt, src, tmp_path / "out") == 0
+    assert "partial.tif: some pixels are nodata (-9999.0) in only some of the bands" in caplog.text
+    err = capsys.readouterr().err
+    assert "UserWarning" not in err and "warnings.warn" not in err and ".py:" not in err, err
+
+
 def test_overlays_of_16_bit_inputs_are_stretched_and_show_nodata_black(tmp_path: Path) -> None:
     """A 16-bit scene's [0, 1] scaling (12 bits of data) drew a nearly black overlay, and its
     nodata white; the picture now spans the training mean +- 2.5 std."""
