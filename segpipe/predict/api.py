@@ -312,6 +312,20 @@ class Segmenter:
                 raise
             raise exc.with_hint(cfg.channel_hint("bands", file_bands=exc.file_bands)) from None
 
+    def _raster_tile(self, item: ImageLike) -> int | None:
+        """The tile ``segpipe predict`` reads a raster file by when no tile is given (its
+        ``DEFAULT_RASTER_TILE`` windows, at native resolution), so that the two give the same masks;
+        None for anything predicted whole: other inputs, rasters no larger than a tile, and
+        with ``eval_resize`` TIFFs without georeference (resized as ``segpipe test`` does)."""
+        from segpipe.predict.command import DEFAULT_RASTER_TILE as RASTER_TILE
+
+        if not isinstance(item, (str, Path)):
+            return None
+        info = probe_raster(item)
+        if info is None or max(info.height, info.width) <= RASTER_TILE:
+            return None
+        return RASTER_TILE if self.config.eval_resize is None or info.georeferenced else None
+
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
         with torch.inference_mode():
@@ -331,14 +345,16 @@ class Segmenter:
         self._check_tile(tile)
         prob_fn = ProbabilityFn(self.task, self.tta if tta is None else tta,
                                 self.config.symmetries)
-        prepared = [self._prepared(item, resize=tile is None) for item in items]
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        tiles = [tile if tile is not None else self._raster_tile(item) for item in items]
+        prepared = [self._prepared(item, resize=t is None) for item, t in zip(items, tiles)]
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, item in enumerate(prepared):
-            groups[tuple(item["image"].shape)].append(i)
+            groups[(*item["image"].shape, tiles[i])].append(i)
         out: list[np.ndarray | None] = [None] * len(items)
         cfg = self.config
         with self._context():
-            for indices in groups.values():
+            for key, indices in groups.items():
+                tile = key[-1]
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
                     # (N, H, W, C) memory = channels-last NCHW, as segpipe predict stacks them

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_RASTER_TILE = 512
+"""The tile rasters are read by when no ``--tile`` is given, and the largest side of a
+georeferenced raster predicted whole (a chip) with ``eval_resize``."""
 DEFAULT_OVERLAP = 0.25
 
 
@@ -453,7 +455,7 @@ def predict(
         tile=tile, overlap=overlap, raster_tile=raster_tile, tta=tta, batch_size=batch_size,
         fail_fast=fail_fast, progress=progress, bn_adapt=bn_adapt,
     )
-    dataset = PredictInputs(files, writer, config, resize=tile is None)
+    dataset = PredictInputs(files, writer, config, resize=tile is None, chip_size=raster_tile)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _accelerator_available())
     if num_workers is None:
         # On CPUs the network already uses every core; a decoding worker only oversubscribes

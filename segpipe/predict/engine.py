@@ -143,6 +143,8 @@ class ItemResult:
         reason: Why it failed.
         formats: Formats to write.
         prediction: The prediction of a ``predicted`` image.
+        raster: The header (:class:`~segpipe.data.io.RasterInfo`) of a georeferenced raster
+            predicted whole, as an image, whose outputs keep its georeference; else None.
     """
 
     path: str
@@ -151,6 +153,7 @@ class ItemResult:
     reason: str = ""
     formats: list[str] = field(default_factory=list)
     prediction: RowChunk | None = None
+    raster: Any = None
 
 
 class PredictFailed(RuntimeError):
@@ -274,8 +277,12 @@ class PredictInputs(Dataset):
         writer: Decides which outputs are still to write.
         config: Preprocessing.
         resize: Apply ``config.eval_resize`` to ordinary images, TIFFs without georeference
-            included (not when tiling); georeferenced rasters are predicted by windows at
-            native resolution, with a warning.
+            included (not when tiling), and to georeferenced rasters no larger than
+            ``chip_size`` (chips like the ones ``segpipe test`` scores resized; their outputs
+            keep the georeference); larger rasters are predicted by windows at native
+            resolution, with a warning.
+        chip_size: The largest side of a georeferenced raster predicted whole (the raster
+            tile).
     """
 
     def __init__(
@@ -284,8 +291,10 @@ class PredictInputs(Dataset):
         writer: PredictionWriter,
         config: PredictConfig,
         resize: bool = True,
+        chip_size: int = 512,
     ) -> None:
         self.files = list(files)
+        self.chip_size = int(chip_size)
         #: Rasters that :meth:`images_for_statistics` did not read.
         self.rasters_left_out = 0
         self.writer = writer
@@ -321,14 +330,19 @@ class PredictInputs(Dataset):
                 rec["status"] = "skipped"
                 return rec
             rec["formats"] = pending
+            whole = None
             if not self._by_windows(info):
-                info = None  # a plain TIFF: at the evaluation size, as the API and test do
+                # a plain TIFF or a georeferenced chip: at the evaluation size, as the API and
+                # test do (a chip's outputs keep its georeference)
+                whole = info if info is not None and info.georeferenced else None
+                info = None
             elif self.images.transform is not None and not self._resize_warned:
                 self._resize_warned = True
                 log.warning(
                     "the model was evaluated on images resized to %s; georeferenced rasters "
-                    "such as %s are predicted by windows at their native resolution instead",
-                    self.config.eval_resize, f.path)
+                    "larger than %d pixels, such as %s, are predicted by windows at their "
+                    "native resolution instead (not as segpipe test scores them)",
+                    self.config.eval_resize, self.chip_size, f.path)
             if info is not None:
                 rec["kind"] = "raster"
                 self.config.warn_dtype_once(self._dtypes_warned, info.dtype, str(f.path),
@@ -340,7 +354,7 @@ class PredictInputs(Dataset):
                                         lambda: item.get("value_range"),
                                         once="type and loader process")
             rec.update(kind="image", image=item["image"], size=item["size"],
-                       valid=item.get("valid"), dtype=item["dtype"])
+                       valid=item.get("valid"), dtype=item["dtype"], raster=whole)
             if "unresized" in item:  # eval_resize: the overlay shows the input as it is
                 rec["unresized"] = item["unresized"]
         except Exception as exc:  # noqa: BLE001 - reported with the file, the run goes on
@@ -366,8 +380,13 @@ class PredictInputs(Dataset):
     def _by_windows(self, info: Any) -> bool:
         """Whether a file is predicted as a raster, by windows at native resolution: a TIFF
         rasterio reads, unless the model takes images resized (``eval_resize``) and the TIFF
-        has no georeference (then it is an image like a PNG, resized as in ``segpipe test``)."""
-        return info is not None and (self.images.transform is None or info.georeferenced)
+        has no georeference or is a chip no larger than ``chip_size`` (then it is an image
+        like a PNG, resized as in ``segpipe test``)."""
+        if info is None:
+            return False
+        if self.images.transform is None:
+            return True
+        return info.georeferenced and max(info.height, info.width) > self.chip_size
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,
@@ -664,7 +683,7 @@ class PredictModule(L.LightningModule):
             valid = None if valid is None else valid.numpy()
             chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, valid, display)
             out.append(ItemResult(rec["path"], rec["rel"], "predicted", formats=names,
-                                  prediction=chunk))
+                                  prediction=chunk, raster=rec.get("raster")))
         return out
 
     # ---------------------------------------------------------------- rasters
@@ -888,7 +907,7 @@ class WritingCallback(BasePredictionWriter):
     def _write(self, res: ItemResult) -> BaseException | None:
         """Write one prediction's files; the error, if any, is returned (and judged in order)."""
         try:
-            self.writer.write(res.rel, res.formats, res.prediction, Path(res.path))
+            self.writer.write(res.rel, res.formats, res.prediction, Path(res.path), res.raster)
         except Exception as exc:  # noqa: BLE001 - reported with the file, run goes on
             return exc
         finally:

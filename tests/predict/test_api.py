@@ -83,7 +83,9 @@ def test_a_plain_tiff_is_resized_like_a_png(tmp_path: Path, caplog) -> None:
     """The command sent every TIFF rasterio opens down the raster path, which never applied
     the checkpoint's eval_resize: a plain .tif (LGG's slices) was predicted at full size while
     the same picture as PNG, the API and `segpipe test` resized it (70 % of the pixels
-    agreed). A georeferenced raster stays on the raster path, with a warning."""
+    agreed). A georeferenced chip (no larger than the raster tile) is resized too, as `segpipe
+    test` scores it, and keeps its georeference; a larger raster stays on the raster path, by
+    windows at native resolution, with a warning, and the API reads it by the same windows."""
     import rasterio
     from affine import Affine
 
@@ -105,8 +107,25 @@ def test_a_plain_tiff_is_resized_like_a_png(tmp_path: Path, caplog) -> None:
         ds.write(np.moveaxis(image, -1, 0))
     with caplog.at_level("WARNING", logger="segpipe"):
         assert cli_main(["predict", "--ckpt_path", str(ckpt), "--input", str(geo), "--output",
-                         str(tmp_path / "geo_out"), *FAST]) == 0
-    assert "georeferenced rasters such as" in caplog.text and "native resolution" in caplog.text
+                         str(tmp_path / "geo_out"), "--format", "geotiff", *FAST[:-2]]) == 0
+    assert "native resolution" not in caplog.text
+    with rasterio.open(tmp_path / "geo_out" / "g.tif") as ds:  # as the PNG's, georeferenced
+        assert np.array_equal(ds.read(1), masks["a"]) and ds.crs == "EPSG:32633"
+        assert ds.transform == Affine(10, 0, 500000, 0, -10, 5000000)
+    big = noise_image(530, 600, seed=5)
+    with rasterio.open(geo / "h.tif", "w", driver="GTiff", width=600, height=530, count=3,
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 5000000)) as ds:
+        ds.write(np.moveaxis(big, -1, 0))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe"):
+        assert cli_main(["predict", "--ckpt_path", str(ckpt), "--input", str(geo), "--output",
+                         str(tmp_path / "geo_out"), "--format", "geotiff", *FAST[:-2]]) == 0
+    assert "larger than 512 pixels, such as" in caplog.text and "native resolution" in caplog.text
+    with rasterio.open(tmp_path / "geo_out" / "h.tif") as ds:
+        command = ds.read(1)
+    api = Segmenter.from_checkpoint(ckpt, device="cpu").predict(geo / "h.tif")
+    assert api.shape == (530, 600) and np.array_equal(api, command)  # by the same windows
 
 
 def test_onnx_segmenter_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> None:
