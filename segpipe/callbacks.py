@@ -422,6 +422,18 @@ class TestMetricsWriter(L.Callback):
         else:  # an earlier test's, of other data, must not pass for this one's
             (out_dir / "test_per_case.csv").unlink(missing_ok=True)
         self.last_path = atomic_write_json(out_dir / self.filename, report)
+        print("(the table above pools the scored pixels of every image; mIoU and mDice are "
+              "macro means over classes, micro_IoU and pixel_accuracy micro)")
+        per_case = report.get("per_case") or {}
+        if per_case.get("num_cases"):
+            def pct(v: Any) -> str:
+                return "n/a" if v is None else f"{100 * float(v):.1f} %"
+
+            dice = per_case.get("Dice_per_class_mean_over_cases") or {}
+            print(f"Mean over {per_case['num_cases']} cases: mDice "
+                  f"{pct(per_case.get('mDice_mean_over_cases'))}, mIoU "
+                  f"{pct(per_case.get('mIoU_mean_over_cases'))}; Dice per class: "
+                  + ", ".join(f"{name} {pct(v)}" for name, v in dice.items()))
         print(f"Test metrics written to {self.last_path}")
         if self.report:
             self.last_report_path = self._write_report(

@@ -78,7 +78,7 @@ def test_case_pattern_names_cases(tmp_path: Path, caplog) -> None:
         SegmentationDataModule(str(root), num_classes=3, case_pattern="(")
 
 
-def test_lgg_test_reports_per_patient(tmp_path: Path) -> None:
+def test_lgg_test_reports_per_patient(tmp_path: Path, capsys) -> None:
     root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=2, val_patients=2)
     run = tmp_path / "run"
     args = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
@@ -86,9 +86,15 @@ def test_lgg_test_reports_per_patient(tmp_path: Path) -> None:
             "--data.crop_size=32", "--data.num_workers=0", "--trainer.logger=false",
             "--data.val_case_fraction=0.5"]  # 2 of the 4 patients
     assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
+    capsys.readouterr()
     assert main(["test", *args, "--ckpt_path", "last"]) == 0
     metrics = json.loads(next(run.rglob("test_metrics.json")).read_text())
     per_case = metrics["per_case"]
+    # the headline figure of medical readers on the console too, not in the files only
+    out = capsys.readouterr().out
+    mdice = per_case["mDice_mean_over_cases"]
+    assert f"Mean over 2 cases: mDice {100 * mdice:.1f} %" in out
+    assert "mIoU and mDice are macro means over classes" in out
     assert per_case["num_cases"] == 2 and len(per_case["cases"]) == 2
     assert {r["num_images"] for r in per_case["cases"]} == {2}
     assert set(per_case["Dice_per_class_mean_over_cases"]) == {"background", "abnormality"}
