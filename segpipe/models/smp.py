@@ -539,6 +539,13 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> No
             "built with the same in_channels and encoder_depth (e.g. torch.save("
             "model.encoder.state_dict(), path)), or pass encoder_weights=None to train from scratch."
         )
+    if unexpected and len(unexpected) >= 0.25 * (len(unexpected) + len(mapped)):
+        raise ModelArgumentError(
+            f"encoder weights {str(file)!r}: {len(unexpected)} of the file's "
+            f"{len(unexpected) + len(mapped)} encoder keys have no place in the "
+            f"{type(encoder).__name__}, e.g. {unexpected[:_MAX_LISTED]}: most likely the weights "
+            "of a larger encoder of the family (resnet34 weights for resnet18), whose extra "
+            "layers would be dropped. Fix: use weights saved from the same encoder_name.")
     if unexpected:
         warnings.warn(
             f"encoder weights {str(file)!r}: ignored {len(unexpected)} key(s) the "

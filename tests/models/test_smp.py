@@ -218,6 +218,19 @@ def test_unrelated_keys_warn(source_model: SmpModel, tmp_path: Path) -> None:
     _assert_encoders_equal(encoder, source_model.encoder)
 
 
+def test_weights_of_a_larger_encoder_of_the_family_are_refused(tmp_path: Path) -> None:
+    # resnet34 weights into resnet18: every resnet18 key found, 96 of 218 left over; the
+    # encoder built with a mix of the two and a warning.
+    import segmentation_models_pytorch as smp
+
+    path = tmp_path / "r34.pth"
+    torch.save(smp.encoders.get_encoder("resnet34", weights=None).state_dict(), path)
+    encoder = SmpModel("unet", "resnet18", num_classes=2).encoder
+    with pytest.raises(ValueError, match=r"96 of the file's 216 encoder keys have no place .* "
+                                         r"the weights of a larger encoder"):
+        load_encoder_weights(encoder, path)
+
+
 def test_load_encoder_weights_path_errors(tmp_path: Path) -> None:
     encoder = nn.Conv2d(1, 1, 1)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
