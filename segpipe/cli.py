@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return 128 + signal.SIGTERM
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))
+        message += _did_you_mean(message)
         if "unexpected keyword argument 'linked_targets'" in message:  # jsonargparse's
             message = (f"{message.split(':', 1)[0]}: give an nn.Module class; a function that "
                        "builds the network (such as torchvision's fcn_resnet50) cannot take "
@@ -158,6 +159,47 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+#: The classes whose options the top-level sections take (for suggestions).
+_SECTION_CLASSES = {"trainer": "lightning.pytorch.Trainer",
+                    "model": "segpipe.tasks.SegmentationTask",
+                    "data": "segpipe.data.SegmentationDataModule",
+                    "checkpoint": "lightning.pytorch.callbacks.ModelCheckpoint"}
+
+
+def _option_names(class_path: str) -> list[str]:
+    """The keyword arguments of the class ``class_path`` names ([] if it cannot be read)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+        params = inspect.signature(target).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _did_you_mean(message: str) -> str:
+    """``"; did you mean --trainer.max_epochs?"`` for a misspelt option jsonargparse refused
+    (an unrecognised ``--section.key``, or an ``Option 'key' is not accepted`` by the class a
+    ``class_path`` names), else ``""``."""
+    import re
+
+    found = re.search(r"unrecognized arguments: --(\w+)\.([\w.]+)", message)
+    if found and "." not in found.group(2):
+        section, key = found.groups()
+        names = _option_names(_SECTION_CLASSES.get(section, ""))
+        close = difflib.get_close_matches(key, names, n=1)
+        return f"; did you mean --{section}.{close[0]}?" if close else ""
+    option = re.search(r"Option '(\w+)' is not accepted", message)
+    class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
+    if option and class_path:
+        close = difflib.get_close_matches(option.group(1), _option_names(class_path.group(1)), n=1)
+        return f"; did you mean {close[0]!r}?" if close else ""
+    return ""
 
 
 def _disk_full(exc: BaseException) -> str | None:

@@ -404,7 +404,9 @@ def test_fit_help_is_readable_and_names_segpipes_networks(capsys):
     "extra, words",
     [
         (["--data.rot", "/tmp"], "Option 'rot' is not accepted"),  # no abbreviation
-        (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted"),
+        (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted; did you mean 'depth'?"),
+        (["--trainer.max_epoch", "3"], "did you mean --trainer.max_epochs?"),
+        (["--model.optimizer.init_args.weightdecay", "0.1"], "did you mean 'weight_decay'?"),
         # a case named 010 read as the octal number 8: "Got value: 8", a value never typed
         (["--data.val_cases", "[010]"], "quote them, e.g. --data.val_cases \"['010']\""),
         # a factory function: "got an unexpected keyword argument 'linked_targets'"
