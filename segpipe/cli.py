@@ -255,8 +255,9 @@ def _one_value_batchnorm(exc: BaseException) -> str | None:
             shape = text.rsplit("input size ", 1)[-1]
             return (f"a BatchNorm layer of the network got one value per channel in training "
                     f"(input {shape}): it cannot normalise a single value, as after a pooling "
-                    "of the whole image (DeepLabV3's ASPP, PSPNet) at data.batch_size 1; use "
-                    "data.batch_size 2 or more (or a larger data.crop_size)")
+                    "of the whole image (DeepLabV3's ASPP, PSPNet) at data.batch_size 1 or in "
+                    "a batch of one image; use data.batch_size 2 or more and 2 or more "
+                    "training images (or a larger data.crop_size)")
     return None
 
 

@@ -281,8 +281,9 @@ def metrics_report(
 
 
 class WeightedMean(Metric):
-    """The mean of per-batch values weighted by the batch's size, synced across processes as a
-    float sum and a float count (a loss per image, whatever the shards' sizes).
+    """The mean of per-batch values weighted by a weight per batch (the val/test loss: its
+    scored pixels), synced across processes as a float sum and a float weight, whatever the
+    shards' sizes.
 
     Lightning's own mean of ``self.log(..., batch_size=n, sync_dist=True)`` divides the
     all-reduced sum by the integer batch-size count averaged over the processes, which
@@ -298,6 +299,7 @@ class WeightedMean(Metric):
         # float32: MPS has no float64, and a loss summed over an epoch's batches needs no more
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.computed_weight = torch.tensor(0.0)  # see compute()
 
     def update(self, value: torch.Tensor, weight: float | torch.Tensor) -> None:  # type: ignore[override]
         """Add a batch's mean ``value`` for ``weight`` items, or per-item values (N,) with
@@ -311,6 +313,8 @@ class WeightedMean(Metric):
             self.weight += float(weight)
 
     def compute(self) -> torch.Tensor:
-        """Sum over sum of weights (NaN before any update)."""
+        """Sum over sum of weights (NaN before any update, or when every weight is 0); the
+        weights' sum over every process is kept as :attr:`computed_weight`."""
+        self.computed_weight = self.weight.detach().clone()  # synced here, local after
         return self.total / self.weight
 

@@ -368,8 +368,10 @@ def _unread_alpha(ds: Any, indexes: Sequence[int]) -> list[int]:
     """The 1-based alpha-tagged bands not read as data: the file's transparency mask. GDAL
     applies an alpha band as the mask of the others only in 2- and 4-band files, so the alpha
     band ``gdalwarp -dstalpha`` adds to a 4-band scene would otherwise mark nothing."""
-    from rasterio.enums import ColorInterp
+    from rasterio.enums import ColorInterp, MaskFlags
 
+    if any(MaskFlags.alpha in ds.mask_flag_enums[i - 1] for i in indexes):
+        return []  # GDAL's masks of the bands read are the alpha band already
     interps = list(ds.colorinterp or [])
     return [i + 1 for i, interp in enumerate(interps[: ds.count])
             if interp == ColorInterp.alpha and ds.count > 1 and i + 1 not in indexes]

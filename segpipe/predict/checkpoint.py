@@ -193,7 +193,12 @@ class PredictConfig:
         """
         if dtype in warned:
             return
-        lo_hi = value_range() if value_range is not None and dtype.startswith("float") else None
+        trained = self.input_dtype
+        # the range (which may mean reading a raster's windows) matters only for float input
+        # to a model trained on integer images
+        needed = (dtype.startswith("float") and trained is not None
+                  and np.dtype(trained).kind in "iub")
+        lo_hi = value_range() if value_range is not None and needed else None
         warning = self.dtype_warning(dtype, source, lo_hi)
         if warning is not None:
             warned.add(dtype)

@@ -579,9 +579,8 @@ class PredictionWriter:
         self._first_lock = threading.Lock()
 
     def _first_output(self) -> None:
-        """Run :attr:`before_first_output` once (outputs may be committed by several threads)."""
-        if self.before_first_output is None:
-            return
+        """Run :attr:`before_first_output` once (outputs may be committed by several threads:
+        each waits until it has run, so none is named into place before it)."""
         with self._first_lock:
             hook, self.before_first_output = self.before_first_output, None
             if hook is not None:

@@ -598,18 +598,22 @@ class SegmentationTask(L.LightningModule):
         if pixel_weight is not None:
             self._check_pixel_weights()
         n = image.shape[0]
+        scores = self._to_masks(logits, batch) if resized else logits.float()
+        loss = self.criterion(scores, mask, **(
+            {} if pixel_weight is None else {"pixel_weight": pixel_weight}))
         if stage == "train":
-            loss = self.criterion(logits.float(), mask, **(
-                {} if pixel_weight is None else {"pixel_weight": pixel_weight}))
             # Lightning converts progress-bar values to numbers after every step (a host-device
             # synchronisation); segpipe's progress bar reads the training loss when it refreshes.
             self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
         else:
-            scores = self._to_masks(logits, batch) if resized else logits.float()
-            losses, scored = self._image_losses(scores, mask, pixel_weight)
+            # Each batch's loss weighs by its scored pixels, not its images: for cross-entropy
+            # the epoch's figure is then the mean over every scored pixel, whatever
+            # data.eval_batch_size (weighted by images it moved with it), and nothing scored
+            # counts for nothing (NaN when no pixel is). No host synchronisation.
+            scored = (mask != self.ignore_index).sum() if self.ignore_index is not None else (
+                mask.new_tensor(mask.numel()))
             mean = self.loss_means[stage]
-            mean.update(losses, scored)
-            loss = (losses * scored).sum() / scored.sum().clamp_min(1)
+            mean.update(loss, scored)
             self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True,
                      batch_size=n)
         if stage == "train" and not self.log_train_metrics:
@@ -626,26 +630,6 @@ class SegmentationTask(L.LightningModule):
         if stage == "test":
             self._record_test_images(batch.get("path", [""] * n), preds, mask, batch.get("case"))
         return loss
-
-    def _image_losses(self, scores: Tensor, mask: Tensor, pixel_weight: Tensor | None
-                      ) -> tuple[Tensor, Tensor]:
-        """Each image's loss (N,) and whether it has a scored pixel (N,) float: the val/test
-        loss is their mean over the images that have one, so it does not depend on how the
-        images are batched (a batch's loss weighted by its image count moved with
-        ``data.eval_batch_size``), and an image whose pixels are all ignored counts for none.
-
-        Args:
-            scores: (N, K, H, W) float logits at the masks' size.
-            mask: (N, H, W) int64 labels.
-            pixel_weight: (N, H, W) float32 loss weights, or None.
-        """
-        losses = torch.stack([
-            self.criterion(scores[i : i + 1], mask[i : i + 1], **(
-                {} if pixel_weight is None else {"pixel_weight": pixel_weight[i : i + 1]}))
-            for i in range(scores.shape[0])])
-        scored = (mask != self.ignore_index).flatten(1).any(dim=1) if (
-            self.ignore_index is not None) else torch.ones_like(losses, dtype=torch.bool)
-        return losses.float(), scored.float()
 
     def _to_masks(self, scores: Tensor, batch: dict[str, Any]) -> Tensor:
         """``scores`` of resized images (``data.eval_resize``) at the size of ``batch``'s
@@ -732,8 +716,9 @@ class SegmentationTask(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit" and \
                 not self.trainer.sanity_checking and self.loss_means["val"].update_called:
             loss = self.loss_means["val"].compute()  # synced across processes
-            # NaN without a scored image (every val pixel ignored) is no divergence
-            if self.loss_means["val"].weight > 0 and not bool(torch.isfinite(loss)):
+            # NaN without a scored pixel (every val pixel ignored) is no divergence; the
+            # weight is the one summed over every process, so all of them decide alike
+            if bool(self.loss_means["val"].computed_weight > 0) and not bool(torch.isfinite(loss)):
                 self.loss_means["val"].reset()
                 self._diverged(f"the validation loss is {float(loss)}")
         self._log_epoch("val")

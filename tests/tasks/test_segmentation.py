@@ -4,6 +4,7 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import segmentation_models_pytorch as smp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -584,24 +585,22 @@ class _BatchedDM(L.LightningDataModule):
         return DataLoader(self.ds, batch_size=self.batch_size)
 
 
-@pytest.mark.parametrize("loss", ["ce", "ce+dice"])
-def test_the_test_loss_does_not_depend_on_the_batch_size(loss):
-    """The mean over images of each image's loss: a batch's loss weighted by its image count
+def test_the_test_loss_does_not_depend_on_the_batch_size():
+    """The cross-entropy over every scored pixel: a batch's loss weighted by its image count
     moved with data.eval_batch_size (0.844, 0.804, 0.803, 0.819 for sizes 1, 3, 5, 8)."""
     torch.manual_seed(0)
-    task = SegmentationTask(PixelNet(), loss=loss, ignore_index=255)
+    task = SegmentationTask(PixelNet(), loss="ce", ignore_index=255)
     ds = ArgmaxData(n=7, ignore=255)
-    ds.masks[2] = 255  # an image with nothing scored counts for none
-    ds.masks[3, 5:] = 255  # and one with fewer scored pixels counts as much as the others
+    ds.masks[2] = 255  # an image with nothing scored counts for nothing
+    ds.masks[3, 5:] = 255  # and one with fewer scored pixels for fewer
     values = []
     for batch_size in (1, 3, 7):
         _trainer().test(task, _BatchedDM(ds, batch_size))
         values.append(float(task.trainer.callback_metrics["test/loss"]))
     assert values[0] == pytest.approx(values[1], rel=1e-5) == pytest.approx(values[2], rel=1e-5)
     with torch.no_grad():
-        own = [float(task.criterion(task(ds.images[i : i + 1]), ds.masks[i : i + 1]))
-               for i in range(7) if i != 2]
-    assert values[0] == pytest.approx(sum(own) / len(own), rel=1e-5)
+        pooled = F.cross_entropy(task(ds.images), ds.masks, ignore_index=255)
+    assert values[0] == pytest.approx(float(pooled), rel=1e-5)
 
 
 def test_the_test_loss_of_nothing_scored_is_nan_not_zero():
@@ -620,3 +619,26 @@ def test_a_cosine_horizon_shorter_than_the_run_is_warned_about():
     with pytest.warns(UserWarning, match=r"T_max=3, counted in optimiser steps .* but this run "
                                          r"takes 8: the learning rate rises again after 3"):
         _trainer(max_epochs=2, limit_val_batches=0).fit(task, DM())
+
+
+def test_a_val_split_with_nothing_scored_is_no_divergence():
+    """Its loss is NaN (nothing to average), not a sign of NaN weights."""
+
+    class _VoidVal(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.num_classes, self.train_ds = 3, ArgmaxData(n=8, ignore=255)
+            self.val_ds = ArgmaxData(n=4, ignore=255)
+            self.val_ds.masks[:] = 255
+
+        def train_dataloader(self):
+            return DataLoader(self.train_ds, batch_size=4)
+
+        def val_dataloader(self):
+            return DataLoader(self.val_ds, batch_size=4)
+
+    task = SegmentationTask(PixelNet(), ignore_index=255)
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(task, _VoidVal())  # TrainingDivergedError before the weight was checked
+    assert trainer.current_epoch == 2
+    assert np.isnan(float(trainer.callback_metrics["val/loss"]))
