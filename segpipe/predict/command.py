@@ -179,11 +179,19 @@ def _file_identity(path: str | Path) -> dict[str, Any]:
     return {"path": str(p), "bytes": st.st_size, "mtime": int(st.st_mtime)}
 
 
-def _check_settings(output: str | Path, overwrite: bool, settings: dict[str, Any]) -> bool:
+#: In a settings record: written by an ``--overwrite`` run over outputs of other settings,
+#: removed when it finishes; a rerun that finds it knows some outputs may be older ones.
+_REPLACING = "replacing_older_outputs"
+
+
+def _check_settings(output: str | Path, overwrite: bool,
+                    settings: dict[str, Any]) -> tuple[bool, bool]:
     """Warn when the outputs already in ``output`` were made with another checkpoint or other
     options: a rerun skips existing outputs ("already done"), so they would be kept silently
-    beside new ones. Returns whether this run's settings are to be recorded once it has written
-    an output (the folder has none recorded, or ``--overwrite``)."""
+    beside new ones; likewise after an ``--overwrite`` run that was stopped before it had
+    remade them all. Returns whether this run's settings are to be recorded once it writes an
+    output (the folder has none recorded, or ``--overwrite``), and whether it replaces
+    outputs of other settings (the record then says so until the run finishes)."""
     import json
 
     path = Path(output) / SETTINGS_FILE
@@ -191,13 +199,24 @@ def _check_settings(output: str | Path, overwrite: bool, settings: dict[str, Any
         before = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         before = None
-    if before is not None and not overwrite and before != settings:
-        changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+    if not isinstance(before, dict):
+        before = None
+    unfinished = bool(before and before.get(_REPLACING))
+    recorded = {k: v for k, v in before.items() if k != _REPLACING} if before else None
+    if recorded is not None and not overwrite and recorded != settings:
+        changed = sorted(k for k in {*recorded, *settings}
+                         if recorded.get(k) != settings.get(k))
         log.warning(
             "the outputs in %s were made with another %s; existing outputs are skipped as "
             "done, not remade: add --overwrite to remake them, or choose another --output",
             output, ", ".join("checkpoint" if k == "checkpoint" else f"--{k}" for k in changed))
-    return before is None or overwrite
+    elif unfinished and not overwrite:
+        log.warning(
+            "an --overwrite run with these settings was stopped before it had remade every "
+            "output in %s: the ones it had not reached are still from the settings before it "
+            "and are skipped as done; add --overwrite to remake them all", output)
+    replacing = overwrite and recorded is not None and (recorded != settings or unfinished)
+    return before is None or overwrite, replacing
 
 
 def _record_settings(output: str | Path, settings: dict[str, Any]) -> None:
@@ -442,10 +461,13 @@ def predict(
         "checkpoint": _file_identity(ckpt_path), "bands": list(bands) if bands else None,
         "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
-    if _rank_from_env() == 0 and _check_settings(output, overwrite, settings):
+    record, replacing = (_check_settings(output, overwrite, settings)
+                         if _rank_from_env() == 0 else (False, False))
+    if record:
         # Recorded as the first output is named into place, not at the end: a run killed
         # after it (OOM, a scheduler's SIGKILL) leaves outputs whose settings are known.
-        writer.before_first_output = lambda: _record_settings(output, settings)
+        first = {**settings, _REPLACING: True} if replacing else settings
+        writer.before_first_output = lambda: _record_settings(output, first)
     if tile is not None and config.eval_resize:
         log.warning(
             "the model was evaluated on images resized to %s; --tile predicts at native "
@@ -524,6 +546,9 @@ def predict(
     summary.stopped_early = stopped
     summary.interrupted = interrupted
     summary.terminated = interrupted and terminated.is_set()
+    if replacing and record and writer.before_first_output is None and not (
+            interrupted or stopped or summary.failed):
+        _record_settings(output, settings)  # every output remade: no older one is left
     return summary
 
 

@@ -471,6 +471,38 @@ def test_sigterm_stops_a_prediction_as_ctrl_c_does(tmp_path: Path, pointwise_ckp
     assert (out / "a.png").is_file() and not (out / "big.tif").exists() and not leftovers(out)
 
 
+def test_an_interrupted_overwrite_run_is_named_on_a_plain_rerun(
+        tmp_path: Path, pointwise_ckpt: Path, threshold_ckpt: Path, monkeypatch, caplog) -> None:
+    """The record named the new checkpoint from its first output on: after an --overwrite run
+    with another checkpoint was stopped, a plain rerun kept the older outputs silently."""
+    from segpipe.predict import engine
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_image(src / f"im{i}.png", noise_image(16, 16, seed=i))
+    assert run(pointwise_ckpt, src, out) == 0
+    real = engine.WritingCallback._write
+    calls = []
+
+    def stop_after_one(self, res):  # Ctrl-C after the first output of the overwrite run
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(res)
+        return real(self, res)
+
+    monkeypatch.setattr(engine.WritingCallback, "_write", stop_after_one)
+    assert run(threshold_ckpt, src, out, "--overwrite", "--batch-size", "1") == 130
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(threshold_ckpt, src, out) == 0
+    assert "an --overwrite run with these settings was stopped before it had remade" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(threshold_ckpt, src, out, "--overwrite") == 0  # finished: the mark goes
+        assert run(threshold_ckpt, src, out) == 0
+    assert "was stopped before" not in caplog.text and "made with another" not in caplog.text
+
+
 def test_ctrl_c_mid_raster_leaves_no_partial_output(
     tmp_path: Path, pointwise_ckpt: Path, monkeypatch, capsys
 ) -> None:
