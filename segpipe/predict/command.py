@@ -498,6 +498,7 @@ def predict(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate_records, persistent_workers=False,
+        worker_init_fn=_ignore_sigterm if workers else None,
     )
     module = PredictModule(task, config, writer, options)
     callback = WritingCallback(writer, len(files), fail_fast=fail_fast, progress=progress,
@@ -550,6 +551,16 @@ def predict(
             interrupted or stopped or summary.failed):
         _record_settings(output, settings)  # every output remade: no older one is left
     return summary
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """In a loader process: leave SIGTERM to the main process. A scheduler signals the whole
+    process group; a loader process that died of it made the main one fail with "DataLoader
+    worker ... killed by signal: Terminated" (exit 1) instead of stopping as on Ctrl-C, and
+    the main process shuts its loaders down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,

@@ -442,25 +442,29 @@ def test_a_killed_runs_outputs_keep_their_settings_record(
     assert "were made with another checkpoint" in caplog.text
 
 
-def test_sigterm_stops_a_prediction_as_ctrl_c_does(tmp_path: Path, pointwise_ckpt: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_stops_a_prediction_as_ctrl_c_does(workers: str, tmp_path: Path,
+                                                   pointwise_ckpt: Path) -> None:
     """A scheduler's SIGTERM was ignored: predict ran on to its end (exit 0) or to the
-    SIGKILL after the grace period."""
+    SIGKILL after the grace period. Sent to the process group (as Slurm does), it killed the
+    loader processes and the run failed with exit 1."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     write_image(src / "a.png", noise_image(16, 16))
     write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
     cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
            "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
-           "--tta", *FAST]
+           "--tta", *FAST, "--num-workers", workers]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            start_new_session=True)  # its own process group
     try:
         deadline = time.monotonic() + 120
         while not (out / "a.png").exists() and proc.poll() is None:
             assert time.monotonic() < deadline, "prediction never wrote the first output"
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, loader processes included
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
