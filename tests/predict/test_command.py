@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -375,32 +376,49 @@ def test_checkpoint_without_net_is_a_clear_error(tmp_path: Path, capsys) -> None
     assert "not found" in capsys.readouterr().err
 
 
+def _signal_slow_predict(ckpt: Path, src: Path, out: Path, ready: Callable[[], bool],
+                         sig: int, *extra: str, pause: float = 0.0,
+                         group: bool = False) -> tuple[int, str, str]:
+    """Run `segpipe predict` on ``src`` in a subprocess, slowly (64-pixel tiles, TTA, one per
+    batch), send ``sig`` once ``ready()`` holds (and ``pause`` seconds more), to the whole
+    process group with ``group``; its exit code, stdout and stderr."""
+    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(ckpt),
+           "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
+           "--tta", *FAST, *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            start_new_session=group)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready() and proc.poll() is None:
+            assert time.monotonic() < deadline, "prediction never got there"
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(pause)
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, stdout, stderr
+
+
+def _big_raster(src: Path) -> None:
+    """A 1536-pixel GeoTIFF: minutes of 64-pixel tiles with TTA."""
+    write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
+
+
 def test_killed_run_leaves_no_partial_output_and_rerun_completes(
     tmp_path: Path, pointwise_ckpt: Path, capsys
 ) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
-    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
-           "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
-           "--tta", *FAST]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + 120
-        # the raster's own temporary (not the output folder's brief writability probe)
-        while not (out.is_dir() and any(p.name.endswith(".partial") for p in leftovers(out))) \
-                and proc.poll() is None:
-            assert time.monotonic() < deadline, "prediction never started writing"
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.3)  # mid-raster: some strips written to the temporary file
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    _big_raster(src)
+    # the raster's own temporary (not the output folder's brief writability probe); then
+    # mid-raster: some strips written to the temporary file
+    _signal_slow_predict(pointwise_ckpt, src, out, lambda: out.is_dir() and any(
+        p.name.endswith(".partial") for p in leftovers(out)), signal.SIGKILL, pause=0.3)
     assert not (out / "big.tif").exists()  # never a truncated file under the final name
     assert leftovers(out)
     assert run(pointwise_ckpt, src, out, "--tile", "256") == 0
@@ -418,24 +436,8 @@ def test_a_killed_runs_outputs_keep_their_settings_record(
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     write_image(src / "a.png", noise_image(16, 16))
-    write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
-    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
-           "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
-           "--tta", *FAST]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "a.png").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "prediction never wrote the first output"
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    _big_raster(src)
+    _signal_slow_predict(pointwise_ckpt, src, out, (out / "a.png").exists, signal.SIGKILL)
     assert (out / ".segpipe-predict.json").is_file()
     with caplog.at_level("WARNING", logger="segpipe.predict.command"):
         assert run(threshold_ckpt, src, out, "--tile", "256") == 0
@@ -451,25 +453,11 @@ def test_sigterm_stops_a_prediction_as_ctrl_c_does(workers: str, tmp_path: Path,
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     write_image(src / "a.png", noise_image(16, 16))
-    write_geotiff(src / "big.tif", np.random.default_rng(1).integers(0, 255, (3, 1536, 1536), np.uint8))
-    cmd = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(pointwise_ckpt),
-           "--input", str(src), "--output", str(out), "--tile", "64", "--batch-size", "1",
-           "--tta", *FAST, "--num-workers", workers]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                            start_new_session=True)  # its own process group
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "a.png").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "prediction never wrote the first output"
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, loader processes included
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, stderr[-2000:]
+    _big_raster(src)
+    code, stdout, stderr = _signal_slow_predict(  # the whole group, loader processes included
+        pointwise_ckpt, src, out, (out / "a.png").exists, signal.SIGTERM, "--num-workers",
+        workers, group=True)
+    assert code == 143, stderr[-2000:]
     assert "predict: stopped by SIGTERM; run the same command again to finish" in stdout
     assert "Traceback" not in stderr, stderr[-2000:]
     assert (out / "a.png").is_file() and not (out / "big.tif").exists() and not leftovers(out)
