@@ -302,15 +302,11 @@ class WeightedMean(Metric):
         self.computed_weight = torch.tensor(0.0)  # see compute()
 
     def update(self, value: torch.Tensor, weight: float | torch.Tensor) -> None:  # type: ignore[override]
-        """Add a batch's mean ``value`` for ``weight`` items, or per-item values (N,) with
-        their weights (N,) as tensors (no host synchronisation)."""
-        if isinstance(weight, torch.Tensor):
-            w = weight.detach().to(self.total.device, torch.float32)
-            self.total += (value.detach().float() * w).sum()
-            self.weight += w.sum()
-        else:
-            self.total += value.detach().float().sum() * float(weight)
-            self.weight += float(weight)
+        """Add a batch's mean ``value`` with its ``weight`` (a number, or a 0-d tensor on the
+        value's device: no host synchronisation)."""
+        w = torch.as_tensor(weight, dtype=torch.float32, device=self.total.device)
+        self.total += value.detach().float() * w
+        self.weight += w
 
     def compute(self) -> torch.Tensor:
         """Sum over sum of weights (NaN before any update, or when every weight is 0); the
