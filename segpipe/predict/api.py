@@ -318,13 +318,14 @@ class Segmenter:
         None for anything predicted whole: other inputs, rasters no larger than a tile, and
         with ``eval_resize`` TIFFs without georeference (resized as ``segpipe test`` does)."""
         from segpipe.predict.command import DEFAULT_RASTER_TILE as RASTER_TILE
+        from segpipe.predict.tiling import raster_by_windows
 
         if not isinstance(item, (str, Path)):
             return None
         info = probe_raster(item)
-        if info is None or max(info.height, info.width) <= RASTER_TILE:
-            return None
-        return RASTER_TILE if self.config.eval_resize is None or info.georeferenced else None
+        by_windows = raster_by_windows(info, self.config.eval_resize is not None, RASTER_TILE)
+        # one window holds a raster no larger than a tile: whole is the same
+        return RASTER_TILE if by_windows and max(info.height, info.width) > RASTER_TILE else None
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:

@@ -58,6 +58,7 @@ from segpipe.predict.tiling import (
     FinishedBlock,
     TileGrid,
     covering_tiles,
+    raster_by_windows,
     same_shape_batches,
     sliding_window_blocks,
     spread_windows,
@@ -382,11 +383,7 @@ class PredictInputs(Dataset):
         rasterio reads, unless the model takes images resized (``eval_resize``) and the TIFF
         has no georeference or is a chip no larger than ``chip_size`` (then it is an image
         like a PNG, resized as in ``segpipe test``)."""
-        if info is None:
-            return False
-        if self.images.transform is None:
-            return True
-        return info.georeferenced and max(info.height, info.width) > self.chip_size
+        return raster_by_windows(info, self.images.transform is not None, self.chip_size)
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,

@@ -47,12 +47,33 @@ __all__ = [
     "gaussian_importance_map",
     "gaussian_window",
     "predict_tiled",
+    "raster_by_windows",
     "sliding_window_blocks",
     "tile_starts",
 ]
 
 #: Maps a batch of normalised tiles (N, C, h, w) to class probabilities (N, K, h, w).
 ProbFn = Callable[[Tensor], Tensor]
+
+
+def raster_by_windows(info: Any, resized: bool, chip_size: int) -> bool:
+    """Whether ``segpipe predict`` (and the Python API, to give the same masks) predicts a file
+    as a raster, by windows at native resolution.
+
+    Args:
+        info: The file's raster header (:func:`~segpipe.data.io.probe_raster`), or None for a
+            file rasterio does not read by windows (never a raster).
+        resized: Whether images are predicted at the checkpoint's ``eval_resize``.
+        chip_size: The largest side of a georeferenced raster predicted whole and resized as
+            ``segpipe test`` scores it (a chip); TIFFs without georeference always are.
+
+    Returns:
+        True for every raster without ``resized``, else for georeferenced rasters larger than
+        ``chip_size``.
+    """
+    if info is None:
+        return False
+    return not resized or (info.georeferenced and max(info.height, info.width) > chip_size)
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
