@@ -248,7 +248,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
         elif names != classes:
             raise CrossvalError(f"{path}: classes {names} differ from the first run's {classes}")
         data_fold = _data_fold(metrics)
-        splits.append((path, _split_of(metrics)))
+        splits.append((path, split))
         rows = [dict(_finite(r), run=run, data_fold=data_fold) for r in rows_in]
         for row in rows:
             case = str(row["case"])
