@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 import typing
@@ -606,7 +607,7 @@ class SegpipeCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "best-epoch{epoch:03d}-mIoU{val/mIoU:.4f}",
+                "checkpoint.filename": _BEST_FILENAME,
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -646,6 +647,7 @@ class SegpipeCLI(LightningCLI):
                 f"--trainer.default_root_dir{hint}")
             cfg.ckpt_path = None
         self._split_step_checkpoint(cfg)
+        _name_monitored_metric(cfg.checkpoint)
         _check_net_links(cfg, sys.argv[1:])
         self._check_nulls(cfg)
         self._check_data_root(cfg)
@@ -854,6 +856,22 @@ class SegpipeCLI(LightningCLI):
         for cb in callbacks:
             if cb.dirpath is not None:
                 check_output_dir(cb.dirpath, "checkpoints", "checkpoint.dirpath", need_bytes=need)
+
+
+#: The best checkpoint's file name, with the metric it was selected on (the default monitor).
+_BEST_FILENAME = "best-epoch{epoch:03d}-mIoU{val/mIoU:.4f}"
+
+
+def _name_monitored_metric(checkpoint: Any) -> None:
+    """Put a ``checkpoint.monitor`` other than ``val/mIoU`` in the best checkpoint's default
+    file name (``best-epoch012-mDice_mean_over_cases0.8312.ckpt``), where the name had shown
+    the mIoU of a checkpoint chosen by something else."""
+    monitor = checkpoint.get("monitor")
+    if checkpoint.get("filename") != _BEST_FILENAME or monitor in (None, "val/mIoU") or \
+            any(c in str(monitor) for c in "{}[]:"):  # not a key Lightning's format can read
+        return
+    short = re.sub(r"[^\w.-]+", "-", str(monitor).removeprefix("val/")).strip("-") or "metric"
+    checkpoint.filename = f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
 
 
 def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeCLI:

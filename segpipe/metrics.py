@@ -26,8 +26,10 @@ from torchmetrics.classification import (
 
 __all__ = [
     "WeightedMean",
+    "CaseConfusions",
     "case_scores",
-    "image_confusion",
+    "case_score_logs",
+    "image_confusions",
     "IOU_METRICS",
     "METRIC_DESCRIPTIONS",
     "build_metrics",
@@ -153,14 +155,10 @@ def per_image_scores(
         image has no labelled pixel).
     """
     out = []
-    for p, t in zip(preds, target):
-        valid = t != ignore_index if ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
-        p_v, t_v = p[valid].long(), t[valid].long()
-        if t_v.numel() == 0:
+    for cm in image_confusions(preds, target, num_classes, ignore_index).double().cpu():
+        if cm.sum() == 0:
             out.append({"IoU": None, "Dice": None, "pixel_accuracy": None})
             continue
-        cm = torch.bincount(t_v * num_classes + p_v, minlength=num_classes * num_classes)
-        cm = cm.reshape(num_classes, num_classes).double()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
         present = union > 0
@@ -170,16 +168,78 @@ def per_image_scores(
     return out
 
 
-def image_confusion(
-    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
+def image_confusions(
+    preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
 ) -> Tensor:
-    """(K, K) int64 confusion matrix of one image on the CPU (rows: truth, columns: prediction),
-    ignored pixels left out."""
-    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-    t, p = target[valid].long(), pred[valid].long()
-    keep = (t >= 0) & (t < num_classes)
-    cm = torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes * num_classes)
-    return cm.reshape(num_classes, num_classes).cpu()
+    """Each image's confusion matrix, on the device of ``preds`` and without a host
+    synchronisation (no boolean indexing, no ``bincount`` sizing).
+
+    Args:
+        preds: (N, H, W) predicted labels.
+        target: (N, H, W) true labels; ``ignore_index`` and labels outside 0..K-1 are left out.
+        num_classes: K.
+        ignore_index: Label of unscored pixels, or None.
+
+    Returns:
+        (N, K, K) int64, rows truth, columns prediction.
+    """
+    n, k = target.shape[0], num_classes
+    t, p = target.reshape(n, -1).long(), preds.reshape(n, -1).long()
+    valid = (t >= 0) & (t < k) & (p >= 0) & (p < k)
+    if ignore_index is not None:
+        valid &= t != ignore_index
+    offset = torch.arange(n, device=t.device).mul_(k * k).unsqueeze(1)
+    index = torch.where(valid, t * k + p + offset, n * k * k).flatten()  # the last bin: unscored
+    counts = torch.zeros(n * k * k + 1, dtype=torch.int64, device=t.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[:-1].view(n, k, k)
+
+
+class CaseConfusions:
+    """Per-case confusion matrices summed over each case's images (LGG patients, CamVid
+    sequences), for the per-case figures of ``segpipe validate``/``test`` and the val ones a
+    checkpoint can be selected on. Kept on the predictions' device: no host synchronisation
+    per batch.
+
+    Args:
+        num_classes: K.
+        ignore_index: Label of unscored pixels, or None.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusions: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, preds: Tensor, target: Tensor, cases: Sequence[str]) -> None:
+        """Add a batch: (N, H, W) ``preds`` and ``target``, N case names ("" for an image in
+        no case, which is left out)."""
+        if not any(cases):
+            return
+        cms = image_confusions(preds, target, self.num_classes, self.ignore_index)
+        for i, case in enumerate(cases):
+            if case:
+                held = self.confusions.get(case)
+                self.confusions[case] = cms[i] if held is None else held + cms[i]
+                self.counts[case] = self.counts.get(case, 0) + 1
+
+    def merged(self, world_size: int = 1) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """Every process's cases summed (a case's images may be spread over the processes; all
+        of them must call this when ``world_size`` > 1), on the CPU."""
+        confusions = {case: cm.cpu() for case, cm in self.confusions.items()}
+        counts = dict(self.counts)
+        if world_size > 1:
+            parts: list = [None] * world_size
+            torch.distributed.all_gather_object(parts, (confusions, counts))
+            confusions, counts = {}, {}
+            for part_cms, part_counts in parts:
+                for case, cm in part_cms.items():
+                    confusions[case] = confusions[case] + cm if case in confusions else cm
+                    counts[case] = counts.get(case, 0) + part_counts[case]
+        return confusions, counts
 
 
 def case_scores(
@@ -238,6 +298,22 @@ def case_scores(
         "mIoU_mean_over_cases": mean([r["mIoU"] for r in rows]),
         "cases": rows,
     }
+
+
+def case_score_logs(per_case: dict, class_names: Sequence[str], prefix: str = "") -> dict[str, float]:
+    """The means over cases of :func:`case_scores` as scalars to log: ``mDice_mean_over_cases``,
+    ``mIoU_mean_over_cases``, ``Dice_mean_over_cases/<class>`` and ``IoU_mean_over_cases/<class>``
+    (NaN where no case scores the class, so a checkpoint monitor on one always finds it)."""
+    def number(value: float | None) -> float:
+        return math.nan if value is None else float(value)
+
+    out = {f"{prefix}{m}_mean_over_cases": number(per_case[f"{m}_mean_over_cases"])
+           for m in ("mDice", "mIoU")}
+    for m in ("Dice", "IoU"):
+        for name in class_names:
+            out[f"{prefix}{m}_mean_over_cases/{name}"] = number(
+                per_case[f"{m}_per_class_mean_over_cases"][name])
+    return out
 
 
 def undefined_when_nothing_scored(computed: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -89,10 +89,12 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     data = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=3, n_test=N_TEST, num_classes=3,
                                size=SIZE)
     root = tmp_path / "ddp"
-    common = [*TINY, f"--data.root={data}"]
+    # Images 0-2 of each split are one case, spread over both ranks; 3 and 4 are in none.
+    common = [*TINY, f"--data.root={data}", "--data.case_pattern=(?P<case>img_00)[0-2]"]
     t0 = time.monotonic()
+    # Selecting on a mean over cases: every rank must find it (a missing key raised on rank 1)
     _segpipe("fit", *common, *DDP, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=4",
-             log=tmp_path / "fit.log")
+             "--checkpoint.monitor=val/mDice_mean_over_cases", log=tmp_path / "fit.log")
     t_fit = time.monotonic() - t0
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # 8 images over 2 ranks, batch 2: 2 optimiser steps per epoch (each on 2 x 2 images).
@@ -112,6 +114,11 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     # The loss over the unevenly sharded images (3 + 2) is the single process's: Lightning's
     # own mean had divided by a truncated integer count (1.5 times too large here).
     assert abs(_logged(ddp_out, "test/loss") - _logged(one_out, "test/loss")) < 1e-5
+    # The case's images were tested on both ranks: its figures are the single process's.
+    assert ddp["per_case"]["cases"][0]["num_images"] == 3
+    assert ddp["per_case"]["images_without_case"] == 2
+    for name in ("test/mDice_mean_over_cases", "test/Dice_mean_over_cases/class_1"):
+        assert abs(_logged(ddp_out, name) - _logged(one_out, name)) < 1e-6
 
     # Every test image exactly once: no padding duplicates, none dropped.
     pixels = N_TEST * SIZE[0] * SIZE[1]
@@ -121,7 +128,8 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
         assert len(rows) == N_TEST and len({r["path"] for r in rows}) == N_TEST
     assert ddp_rows == one_rows  # same per-image scores, in the data set's order
     assert ddp["confusion_matrix"] == one["confusion_matrix"]
-    ddp.pop("per_image_csv"), one.pop("per_image_csv")
+    for key in ("per_image_csv", "per_case_csv"):  # paths of each run
+        ddp.pop(key), one.pop(key)
     diff = _max_abs_diff(ddp, one)
     print(f"\nDDP x2 vs single process: mIoU {ddp['mIoU']:.6f} vs {one['mIoU']:.6f}, max |diff| "
           f"over all metrics {diff:.3g}; fit {t_fit:.0f} s, test ddp {t_ddp:.0f} s, "

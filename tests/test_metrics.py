@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from segpipe.metrics import IOU_METRICS, build_metrics, flatten_metrics, metrics_report, per_image_scores
+from segpipe.metrics import (
+    IOU_METRICS,
+    CaseConfusions,
+    build_metrics,
+    flatten_metrics,
+    image_confusions,
+    metrics_report,
+    per_image_scores,
+)
 
 # truth / prediction, 255 = ignore. Class 3 appears nowhere (absent), class 2 only in prediction.
 TARGET = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 255]]])
@@ -106,3 +114,32 @@ def test_micro_iou_is_what_its_definition_says_of_pixel_accuracy():
     acc = float(out["pixel_accuracy"])
     assert float(out["micro_IoU"]) == pytest.approx(acc / (2 - acc), rel=1e-5)
     assert "pixel_accuracy / (2 - pixel_accuracy)" in METRIC_DESCRIPTIONS["micro_IoU"]
+
+
+def test_image_confusions_match_a_bincount_per_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    preds = torch.randint(0, 4, (3, 7, 5), generator=g)
+    target = torch.randint(0, 4, (3, 7, 5), generator=g)
+    target[0, 0, :] = 255  # ignored
+    target[1, 1, 0] = 9  # outside 0..K-1: not scored
+    cms = image_confusions(preds, target, 4, ignore_index=255)
+    assert cms.shape == (3, 4, 4) and cms.dtype == torch.int64
+    for i in range(3):
+        keep = (target[i] != 255) & (target[i] < 4)
+        ref = torch.bincount(target[i][keep] * 4 + preds[i][keep], minlength=16).view(4, 4)
+        assert torch.equal(cms[i], ref)
+    assert int(cms[0].sum()) == 35 - 5 and int(cms[1].sum()) == 34
+
+
+def test_case_confusions_sum_each_cases_images() -> None:
+    tracker = CaseConfusions(2)
+    preds = torch.tensor([[[0, 1]], [[1, 1]], [[0, 0]]])
+    target = torch.tensor([[[0, 1]], [[0, 1]], [[1, 1]]])
+    tracker.update(preds, target, ["a", "", "a"])  # the second image is in no case
+    tracker.update(preds[1:2], target[1:2], ["b"])
+    confusions, counts = tracker.merged()
+    assert counts == {"a": 2, "b": 1}
+    assert confusions["a"].tolist() == [[1, 0], [2, 1]]
+    assert confusions["b"].tolist() == [[0, 1], [0, 1]]
+    tracker.reset()
+    assert tracker.merged() == ({}, {})

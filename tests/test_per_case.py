@@ -105,6 +105,29 @@ def test_lgg_test_reports_per_patient(tmp_path: Path, capsys) -> None:
     assert "[test_per_case.csv](test_per_case.csv)" in report
 
 
+def test_best_checkpoint_selected_on_the_val_mean_over_patients(tmp_path: Path) -> None:
+    """The figure medical readers compare (mean tumour Dice over patients) is logged in
+    validation too, so checkpoint.monitor can select on it; the file name says which."""
+    root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=2, val_patients=2)
+    run = tmp_path / "run"
+    monitor = "val/Dice_mean_over_cases/abnormality"
+    args = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
+            f"--trainer.default_root_dir={run}", *TINY_UNET, "--data.num_classes=2",
+            "--data.crop_size=32", "--data.num_workers=0", "--data.val_case_fraction=0.5",
+            "--trainer.max_time=null", "--trainer.max_epochs=4",
+            "--trainer.check_val_every_n_epoch=1", f"--checkpoint.monitor={monitor}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={run}"]
+    assert main(["fit", *args]) == 0
+    rows = [r for r in csv.DictReader(next(run.rglob("metrics.csv")).open()) if r.get(monitor)]
+    assert len(rows) == 4 and all(r["val/mDice_mean_over_cases"] for r in rows)
+    scores = [float(r[monitor]) for r in rows]
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    epoch = max(range(4), key=lambda e: (scores[e], -e))  # the first epoch of the maximum
+    assert best.name.startswith(f"best-epoch{epoch:03d}-Dice_mean_over_cases-abnormality")
+    assert best.name.endswith(f"{scores[epoch]:.4f}.ckpt")
+
+
 def test_val_cases_hold_whole_sequences_out(tmp_path: Path) -> None:
     from tests.data.synthetic import make_camvid_like
 

@@ -29,11 +29,12 @@ from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check
 from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
+    CaseConfusions,
     WeightedMean,
     build_metrics,
+    case_score_logs,
     case_scores,
     flatten_metrics,
-    image_confusion,
     undefined_when_nothing_scored,
     metrics_report,
     per_image_scores,
@@ -337,8 +338,9 @@ class SegmentationTask(L.LightningModule):
         self.loss_means = nn.ModuleDict({"val": WeightedMean(), "test": WeightedMean()})
         self.test_images: list[dict[str, Any]] = []
         self.worst_images: list[dict[str, Any]] = []
-        self.case_confusions: dict[str, Tensor] = {}
-        self.case_counts: dict[str, int] = {}
+        # per-case confusions of val and test images that belong to cases (patients, sequences)
+        self.case_confusions = {stage: CaseConfusions(num_classes, ignore_index)
+                                for stage in ("val", "test")}
         self.test_report: dict[str, Any] | None = None
         self._pending_rng_state: dict[str, Any] | None = None
 
@@ -627,8 +629,10 @@ class SegmentationTask(L.LightningModule):
         else:
             preds = logits.detach().argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(preds, mask)
+        if batch.get("case") is not None and stage != "train":
+            self.case_confusions[stage].update(preds, mask, batch["case"])
         if stage == "test":
-            self._record_test_images(batch.get("path", [""] * n), preds, mask, batch.get("case"))
+            self._record_test_images(batch.get("path", [""] * n), preds, mask)
         return loss
 
     def _to_masks(self, scores: Tensor, batch: dict[str, Any]) -> Tensor:
@@ -636,16 +640,8 @@ class SegmentationTask(L.LightningModule):
         masks (see :func:`to_mask_size`)."""
         return to_mask_size(scores, tuple(batch["mask"].shape[-2:]), batch.get("size"))
 
-    def _record_test_images(
-        self, paths: list[str], preds: Tensor, mask: Tensor, cases: list[str] | None = None
-    ) -> None:
-        """Per-image scores, per-case confusion matrices, and the k worst images' prediction
-        and truth for the report."""
-        for i, case in enumerate(cases or []):
-            if case:
-                cm = image_confusion(preds[i], mask[i], self.num_classes, self.ignore_index)
-                self.case_confusions[case] = self.case_confusions.get(case, 0) + cm
-                self.case_counts[case] = self.case_counts.get(case, 0) + 1
+    def _record_test_images(self, paths: list[str], preds: Tensor, mask: Tensor) -> None:
+        """Per-image scores, and the k worst images' prediction and truth for the report."""
         scores = per_image_scores(preds, mask, self.num_classes, self.ignore_index)
         for i, (path, score) in enumerate(zip(paths, scores)):
             self.test_images.append({"path": str(path), **score})
@@ -707,6 +703,22 @@ class SegmentationTask(L.LightningModule):
         collection.reset()
         return computed
 
+    def _log_case_means(self, stage: Stage) -> dict[str, Any] | None:
+        """Log the epoch's means over cases (``{stage}/mDice_mean_over_cases``,
+        ``{stage}/Dice_mean_over_cases/<class>``, ...; a ``checkpoint.monitor`` can select on
+        one) and return :func:`case_scores`' table, or None when no image had a case."""
+        tracker = self.case_confusions[stage]
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        confusions, counts = tracker.merged(world_size)
+        tracker.reset()
+        if not confusions:
+            return None
+        per_case = case_scores(confusions, counts, self.class_names)
+        if self._trainer is not None:  # already gathered; sync_dist averages identical values
+            self.log_dict(case_score_logs(per_case, self.class_names, prefix=f"{stage}/"),
+                          sync_dist=True)
+        return per_case
+
     def on_train_epoch_end(self) -> None:
         if self.log_train_metrics:
             self._log_epoch("train")
@@ -722,6 +734,7 @@ class SegmentationTask(L.LightningModule):
                 self.loss_means["val"].reset()
                 self._diverged(f"the validation loss is {float(loss)}")
         self._log_epoch("val")
+        self._log_case_means("val")
 
     _weights_checked_at: int | None = None
 
@@ -790,7 +803,7 @@ class SegmentationTask(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_images = []
         self.worst_images = []
-        self.case_confusions, self.case_counts = {}, {}
+        self.case_confusions["test"].reset()
         self.test_report = None
 
     def on_test_epoch_end(self) -> None:
@@ -819,19 +832,12 @@ class SegmentationTask(L.LightningModule):
         report["batchnorm_statistics"] = (
             "training's (plain)" if self._bn_adaptation is None
             else self._bn_adaptation.describe())
-        confusions, counts = self.case_confusions, self.case_counts
-        if self.trainer.world_size > 1:  # each case's images may be spread over the ranks
-            parts: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, (confusions, counts))
-            confusions, counts = {}, {}
-            for part_cms, part_counts in parts:
-                for case, cm in part_cms.items():
-                    confusions[case] = confusions.get(case, 0) + cm
-                    counts[case] = counts.get(case, 0) + part_counts[case]
-        if confusions:
-            report["per_case"] = case_scores(confusions, counts, names)
+        per_case = self._log_case_means("test")
+        if per_case is not None:
             # Images whose path the case pattern finds no case in: pooled, in no case.
-            report["per_case"]["images_without_case"] = len(images) - sum(counts.values())
+            per_case["images_without_case"] = len(images) - sum(
+                row["num_images"] for row in per_case["cases"])
+            report["per_case"] = per_case
         report["per_image"] = images
         report["worst_images"] = worst  # with numpy arrays: for the report, not for JSON
         self.test_report = report
