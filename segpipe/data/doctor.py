@@ -411,7 +411,13 @@ def sniff_masks(
     mixed = f" (mixed: {dict(kinds)})" if len(kinds) > 1 else ""
     jpeg_note = f"; {n_jpeg} of them JPEG (lossy)" if n_jpeg else ""
     allowed = set(range(num_classes)) | ({ignore_index} if ignore_index is not None else set())
-    if "colours" in kinds:
+    if "colours" in kinds and main_kind != "colours":  # a few odd files: no data-set advice
+        odd = [r["path"].name for r in looked if r["kind"] == "colours"]
+        warns.append(
+            f"{len(odd)} of the {len(looked)} sampled masks are colour images "
+            f"({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}) where most hold class "
+            "indices: export those as single-channel class indices like the others")
+    if main_kind == "colours":
         many = len(colours) > MAX_MASK_COLOURS
         count = f"more than {MAX_MASK_COLOURS}" if many else str(len(colours))
         result["verdict"] = f"colour-coded RGB masks, {count} distinct colours{mixed}{jpeg_note}"
@@ -488,14 +494,14 @@ def sniff_masks(
         else:
             hints.append("masks are 0/255: set data.mask_values: {0: 0, 255: 1}")
         return result
-    if main_kind == "indices" and len(kinds) == 1:
+    outside = [v for v in values if v not in allowed]
+    if main_kind == "indices" and not outside:  # odd colour masks are warned about above
         ign = f" + ignore index {ignore_index}" if ignore_index in values else ""
         result["verdict"] = (
             f"class indices, values {_fmt_values(values)} (classes 0..{num_classes - 1}{ign})"
-            f"{jpeg_note}"
+            f"{mixed}{jpeg_note}"
         )
         return result
-    outside = [v for v in values if v not in allowed]
     lossless_outside = [v for v in lossless_values if v not in allowed]
     result["verdict"] = (
         f"single-channel masks with values {_fmt_values(values)}, "
@@ -838,9 +844,15 @@ def _format_band_stats(bs: dict[str, Any]) -> list[str]:
         rows.append([label, dtypes, *raw_cells, f"{bs['min'][i]:.4g}", f"{bs['max'][i]:.4g}",
                      f"{bs['mean'][i]:.4g}", f"{bs['std'][i]:.4g}"])
     lines += _table(rows)
-    if bs["yaml"] is None:
+    if bs["yaml"] is None and bs["configured"] is not None:
+        conf = bs["configured"]
+        lines.append(f"  data.mean / data.std are set in the config and used: {conf['mean']} / "
+                     f"{conf['std']} (compare the mean and std [0,1] columns above)")
+    elif bs["yaml"] is None:
+        mixed = (f"; the sampled images mix dtypes ({dtypes}): the first images decide, see "
+                 "the warnings" if len(bs["dtypes"]) > 1 else "")
         lines.append("  8-bit RGB images: the ImageNet default mean/std is used (no data.mean / "
-                     "data.std needed).")
+                     f"data.std needed){mixed}.")
     else:
         if bs["configured"] is not None:
             conf = bs["configured"]

@@ -564,3 +564,35 @@ def test_grey_beside_rgb_images_is_a_note_not_a_warning(tmp_path: Path, capsys) 
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3")
     assert rc == 0 and "converted to data.in_channels=3" in out, out
     assert "different channel counts" not in out
+
+
+def test_one_colour_mask_among_index_masks_is_named_not_taken_for_the_data_set(
+        tmp_path: Path, capsys) -> None:
+    """One colour mask among index masks made the verdict "colour-coded" with a mask_colors
+    table to paste, which would have broken every other mask."""
+    from PIL import Image
+
+    root = _folder(tmp_path / "ds", n_val=0)
+    odd = sorted((root / "train" / "masks").glob("*.png"))[2]
+    labels = np.asarray(Image.open(odd))
+    Image.fromarray(np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)[labels]).save(odd)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
+                   "--splits=[train]", "--data.val_fraction=0")
+    assert rc == 1  # the odd mask is still an error, named
+    assert "-> class indices, values 0..2 (classes 0..2) (mixed: {'indices': 5, 'colours': 1})" in out
+    assert (f"1 of the 6 sampled masks are colour images ({odd.name}) where most hold class "
+            "indices") in out
+    assert "masks are colour-coded" not in out and "mask_colors: [[" not in out
+    assert f"mask is a colour (RGB) image but no colour table is configured ({odd})" in out
+
+
+def test_band_statistics_say_the_configured_mean_is_used(tmp_path: Path, capsys) -> None:
+    """The LGG config sets data.mean/std for its 8-bit RGB slices; check-data said the ImageNet
+    default was used."""
+    root = _folder(tmp_path / "ds")
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
+                   "--data.mean=[0.25, 0.5, 0.75]", "--data.std=[0.1, 0.2, 0.3]")
+    assert rc == 0, out
+    assert ("data.mean / data.std are set in the config and used: [0.25, 0.5, 0.75] / "
+            "[0.1, 0.2, 0.3]") in out
+    assert "ImageNet default" not in out
