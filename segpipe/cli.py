@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return 2
     from jsonargparse import ArgumentError
 
-    from segpipe.lightning_cli import USER_ERRORS, run_cli  # Lightning only for these commands
+    from segpipe.lightning_cli import run_cli  # Lightning only for these commands
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -150,15 +150,25 @@ def main(argv: Sequence[str] | None = None) -> Any:
               file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - user errors in one line, the rest re-raised
-        user = _user_error(exc, USER_ERRORS)
-        if user is None:
-            user = (_disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
-                    or _several_loaders(exc))
+        user = user_error(exc)
         if user is None:
             raise
         print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an error from ``segpipe fit|validate|test`` that the user can
+    fix (:data:`segpipe.lightning_cli.USER_ERRORS`, a full disk, and the library errors
+    translated below), or None for a bug, whose traceback should show."""
+    from segpipe.lightning_cli import USER_ERRORS
+
+    user = _user_error(exc, USER_ERRORS)
+    if user is None:
+        user = (_disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
+                or _several_loaders(exc))
+    return None if user is None else str(user)
 
 
 #: The classes whose options the top-level sections take (for suggestions).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from segpipe.argparsing import CommandParser
@@ -54,6 +55,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.minutes > 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
+    sha256 = getattr(args, "sha256", None)
+    if sha256 is not None and re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is None:
+        parser.error(f"--sha256 must be 64 hexadecimal digits (`sha256sum FILE` prints them), "
+                     f"got {sha256!r}")
     from segpipe.fileio import OutputDirError
 
     if args.demo == "mri":
@@ -64,6 +69,8 @@ def main(argv: list[str]) -> int:
         except (OutputDirError, DemoError) as exc:
             print(f"segpipe demo mri: error: {exc}", file=sys.stderr)
             return 2 if isinstance(exc, OutputDirError) else 1
+        except Exception as exc:  # noqa: BLE001 - fit/test's user errors in one line
+            return _one_line("mri", exc)
         return 0
     if args.demo == "driving":
         if args.download == (args.data_dir is not None):
@@ -78,5 +85,31 @@ def main(argv: list[str]) -> int:
         except (FileNotFoundError, DownloadError, OutputDirError) as exc:
             print(f"segpipe demo driving: error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, DownloadError) else 2
+        except Exception as exc:  # noqa: BLE001 - fit/test's user errors in one line
+            hint = ""
+            if args.download:
+                from segpipe.demos.download import default_cache_dir
+
+                cache = (args.cache or default_cache_dir()).expanduser()
+                hint = (f" (the frames are the download's, in {cache}: if one is damaged, "
+                        "delete that folder and run the demo with --download again)")
+            return _one_line("driving", exc, hint)
         return 0
     return 2  # pragma: no cover - argparse rejects unknown demos
+
+
+def _one_line(demo: str, exc: Exception, data_hint: str = "") -> int:
+    """Print a user error from the demo's ``fit``/``test`` as one line and return 2 (``segpipe
+    fit`` does the same); re-raise anything else. ``data_hint`` follows errors about the data's
+    files."""
+    from segpipe.cli import user_error
+    from segpipe.data.checks import DataCheckError
+    from segpipe.data.io import ImageReadError
+
+    message = user_error(exc)
+    if message is None:
+        raise exc
+    if not isinstance(exc, (DataCheckError, ImageReadError)):
+        data_hint = ""
+    print(f"segpipe demo {demo}: error: {message}{data_hint}", file=sys.stderr)
+    return 2

@@ -57,6 +57,7 @@ from segpipe.fileio import (
     TMP_PREFIX,
     AtomicFile,
     atomic_write_json,
+    check_output_dir,
     fsync_dir,
     is_disk_full,
     make_temp_dir,
@@ -495,6 +496,7 @@ def fetch_camvid(
         except DownloadError as exc:
             log.warning("cached CamVid in %s is incomplete (%s); fetching it again", target, exc)
 
+    check_output_dir(cache, "the CamVid download", "cache")  # a file in the way, read-only...
     name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "archive.zip"
     archive = cache / name
     retry = (f"Delete the cache folder {cache} and run the command again to retry; if it fails "

@@ -126,6 +126,40 @@ def test_smoke_download_without_test_split(
     assert "val  mIoU, macro (mean over the 11 classes):" in out
     assert str(cache / "CamVid") in out
     assert (tmp_path / "out" / "summary.txt").read_text().strip() in out
+    # A frame damaged in the cache after its verification: fit's data check names it in one
+    # line (it was a traceback), and says the file is the download's.
+    frame = sorted((cache / "CamVid" / "train").glob("*.png"))[1]
+    frame.write_bytes(frame.read_bytes()[:60])
+    rc = demo_main(["driving", "--download", "--cache", str(cache), "--url", archive.as_uri(),
+                    "--output", str(tmp_path / "out2"), "--smoke"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "DataCheckError" not in err  # no traceback
+    assert "segpipe demo driving: error: data check found 1 problem" in err
+    assert frame.name in err
+    assert (f"(the frames are the download's, in {cache}: if one is damaged, delete that folder "
+            "and run the demo with --download again)") in err
+
+
+def test_download_cache_and_hash_are_checked_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where the cache folder goes was a FileExistsError traceback; a mistyped --sha256
+    cost a whole download before the archive was deleted as corrupted."""
+    archive = make_fake_segnet_zip(tmp_path / "mirror" / "camvid.zip", counts={"train": 4,
+                                                                              "val": 2})
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc = demo_main(["driving", "--download", "--cache", str(blocker), "--url", archive.as_uri(),
+                    "--output", str(tmp_path / "out"), "--smoke"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"{blocker} is a file, not a folder" in err and "--cache" in err
+    with pytest.raises(SystemExit) as stop:
+        demo_main(["driving", "--download", "--cache", str(tmp_path / "c"), "--url",
+                   archive.as_uri(), "--sha256", "not-a-hash", "--smoke"])
+    assert stop.value.code == 2
+    assert "--sha256 must be 64 hexadecimal digits" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing fetched
 
 
 def test_smoke_validates_and_predicts_the_held_out_sequence(
