@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import urllib.error
@@ -134,11 +135,14 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = _CHUNK) -> str:
     return h.hexdigest()
 
 
-def _open_url(url: str, offset: int, timeout: float) -> Any:
-    """Open ``url`` (asking for bytes from ``offset`` on over HTTP); errors become DownloadError."""
+def _open_url(url: str, offset: int, timeout: float, validator: str | None = None) -> Any:
+    """Open ``url`` (asking for bytes from ``offset`` on over HTTP, if the file still has the
+    ``validator``, an ETag or Last-Modified); errors become DownloadError."""
     headers = {"User-Agent": "segpipe-download"}
     if offset and urllib.parse.urlparse(url).scheme in {"http", "https"}:
         headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator  # changed since: the server sends it whole (200)
     request = urllib.request.Request(url, headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - user-chosen URL
@@ -159,6 +163,25 @@ def _open_url(url: str, offset: int, timeout: float) -> Any:
 
 class _RangeNotSatisfiable(Exception):
     """The server refused the resume range (internal)."""
+
+
+def _validator(response: Any) -> str | None:
+    """The response's ETag (a strong one) or Last-Modified: what ``If-Range`` sends back so
+    that a resumed download gets the rest of the same file, not of a newer one."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _resumes_at(response: Any, offset: int) -> tuple[bool, int | None]:
+    """Whether ``response`` (206) continues at byte ``offset`` (its ``Content-Range`` says so),
+    and the file's total size when it says that too."""
+    found = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*",
+                         response.headers.get("Content-Range") or "")
+    if found is None or int(found.group(1)) != offset:
+        return False, None
+    return True, int(found.group(3)) if found.group(3) != "*" else None
 
 
 def _hash_prefix(path: Path) -> tuple[Any, int]:
@@ -182,10 +205,13 @@ def download(
     """Download ``url`` to ``dest`` atomically, verifying its SHA-256 when given.
 
     Bytes go to ``dest + ".part"``; ``dest`` appears only once the download is complete (the
-    announced ``Content-Length`` was received) and its hash matches. An existing ``dest`` whose
-    hash matches (or any existing ``dest`` when ``sha256`` is None) is returned without network
-    access. An existing ``.part`` is resumed over HTTP(S) when the server answers the ``Range``
-    request with 206; otherwise the download starts over.
+    announced ``Content-Length`` was received, or a chunked transfer ended properly; a server
+    that announces neither is warned about unless ``sha256`` is given) and its hash matches. An
+    existing ``dest`` whose hash matches (or any existing ``dest`` when ``sha256`` is None) is
+    returned without network access. An existing ``.part`` is resumed over HTTP(S) only with the
+    rest of the same file: ``dest + ".part.json"`` records the URL and the server's ETag or
+    Last-Modified, sent back as ``If-Range``, and the server's 206 must continue exactly where
+    the ``.part`` ends (``Content-Range``); otherwise the download starts over.
 
     Args:
         url: ``https://``, ``http://`` or ``file://`` URL (anything :mod:`urllib` opens).
@@ -211,23 +237,43 @@ def download(
         log.warning("%s does not match the expected SHA-256; downloading it again", dest)
         dest.unlink()
     part = dest.with_name(dest.name + ".part")
+    # What the .part holds: its URL and the file's ETag/Last-Modified, so that it is resumed
+    # only with the rest of the same file (a .part of unknown origin starts over).
+    record = part.with_name(part.name + ".json")
+    http = urllib.parse.urlparse(url).scheme in {"http", "https"}
     out = AtomicFile(dest, temp=part)  # creates dest's folder; commit() renames part onto dest
     offset = part.stat().st_size if part.is_file() else 0
+    held = _read_json(record) if offset else None
+    validator = held.get("validator") if held and held.get("url") == url else None
+    if offset and not validator:
+        offset = 0
     try:
-        response = _open_url(url, offset, timeout)
+        response = _open_url(url, offset, timeout, validator)
     except _RangeNotSatisfiable:
-        part.unlink(missing_ok=True)
         offset = 0
         response = _open_url(url, 0, timeout)
-    with response:
+    status = getattr(response, "status", None) or response.getcode()
+    resumed, size = _resumes_at(response, offset) if offset and status == 206 else (False, None)
+    if offset and status == 206 and not resumed:  # not where the .part ends: start over
+        response.close()
+        response = _open_url(url, 0, timeout)
         status = getattr(response, "status", None) or response.getcode()
-        resumed = bool(offset) and status == 206
+    with response:
         if resumed:
             digest, offset = _hash_prefix(part)
         else:
             digest, offset = hashlib.sha256(), 0
+            validator = _validator(response) if http else None  # only HTTP resumes
+            if validator:
+                atomic_write_json(record, {"url": url, "validator": validator})
+            else:
+                record.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
+        total = offset + int(length) if length and length.isdigit() else size
+        if total is None and expected is None and http and "chunked" not in (
+                response.headers.get("Transfer-Encoding") or "").lower():
+            log.warning("%s announces no length and no SHA-256 was given: a connection cut "
+                        "short cannot be told from the end of the file", url)
         received = offset
         name = dest.name if len(dest.name) <= 40 else dest.name[:37] + "..."
         with out.open(append=resumed) as fh, tqdm(
@@ -255,6 +301,7 @@ def download(
             f"same command again to resume it ({part} is kept)."
         )
     actual = digest.hexdigest()
+    record.unlink(missing_ok=True)
     if expected is not None and actual != expected:
         out.discard()
         raise ChecksumError(
@@ -443,11 +490,17 @@ def verify_camvid_tree(
     return found
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when it is missing or unreadable."""
     try:
-        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        found = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    return _read_json(folder / MANIFEST_NAME)
 
 
 def fetch_camvid(

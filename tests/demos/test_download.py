@@ -203,52 +203,122 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 class _RangeHandler(BaseHTTPRequestHandler):
-    """Serves one payload, honouring ``Range: bytes=N-``."""
+    """Serves one payload with an ETag, honouring ``Range: bytes=N-`` and ``If-Range``; or
+    misbehaving: ``bad_range`` answers 206 from byte 0 whatever was asked, ``no_length`` sends
+    no Content-Length (the connection's end ends the body)."""
 
     payload = b""
-    ranges: list[str] = []
+    etag = '"v1"'
+    bad_range = False
+    no_length = False
+    ranges: list[tuple[str, str | None]] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
-        rng = self.headers.get("Range")
+        rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
         start = 0
         if rng:
-            type(self).ranges.append(rng)
-            start = int(rng.split("=")[1].rstrip("-"))
+            type(self).ranges.append((rng, if_range))
+        if rng and (if_range is None or if_range == self.etag):
+            start = 0 if self.bad_range else int(rng.split("=")[1].rstrip("-"))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
+            self.send_header("Content-Range",
+                             f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         else:
             self.send_response(200)
         body = self.payload[start:]
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", self.etag)
+        if not self.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+        self.close_connection = True
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-def test_download_resumes_partial_http_download(fake_zip: Path, tmp_path: Path) -> None:
-    payload = fake_zip.read_bytes()
-    handler = type("Handler", (_RangeHandler,), {"payload": payload, "ranges": []})
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    except OSError as exc:  # pragma: no cover - sandbox without sockets
-        pytest.skip(f"cannot open a local HTTP server: {exc}")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        dest = tmp_path / "dl" / "a.zip"
-        dest.parent.mkdir()
-        half = len(payload) // 2
-        (dest.parent / "a.zip.part").write_bytes(payload[:half])  # an interrupted download
-        url = f"http://127.0.0.1:{server.server_address[1]}/a.zip"
-        download(url, dest, sha256=sha256_file(fake_zip), progress=False)
-        assert dest.read_bytes() == payload
-        assert handler.ranges == [f"bytes={half}-"]
-        assert _leftovers(dest.parent) == []
-    finally:
+@pytest.fixture()
+def serve(fake_zip: Path):
+    """``serve(**handler attributes)`` -> (URL of the fake zip, handler class)."""
+    servers = []
+
+    def start(**attrs: object) -> tuple[str, type]:
+        handler = type("Handler", (_RangeHandler,), {
+            "payload": fake_zip.read_bytes(), "ranges": [], **attrs})
+        try:
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        except OSError as exc:  # pragma: no cover - sandbox without sockets
+            pytest.skip(f"cannot open a local HTTP server: {exc}")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/a.zip", handler
+
+    yield start
+    for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def _interrupted(dest: Path, data: bytes, url: str | None = None, validator: str = '"v1"') -> None:
+    """A .part as an interrupted download leaves it (with its record when ``url`` is given)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    (dest.parent / (dest.name + ".part")).write_bytes(data)
+    if url is not None:
+        (dest.parent / (dest.name + ".part.json")).write_text(
+            json.dumps({"url": url, "validator": validator}))
+
+
+def test_download_resumes_partial_http_download(fake_zip: Path, tmp_path: Path, serve) -> None:
+    payload = fake_zip.read_bytes()
+    url, handler = serve()
+    dest, half = tmp_path / "dl" / "a.zip", len(payload) // 2
+    _interrupted(dest, payload[:half], url)
+    download(url, dest, sha256=sha256_file(fake_zip), progress=False)
+    assert dest.read_bytes() == payload
+    assert handler.ranges == [(f"bytes={half}-", '"v1"')]  # the rest of the same file only
+    assert _leftovers(dest.parent) == [] and not (dest.parent / "a.zip.part.json").exists()
+    # A first download records the ETag beside the .part while it runs.
+    dest.unlink()
+    seen = {}
+    real = dl.atomic_write_json
+    dl.atomic_write_json = lambda path, obj: (seen.update(obj), real(path, obj))
+    try:
+        download(url, dest, progress=False)
+    finally:
+        dl.atomic_write_json = real
+    assert seen == {"url": url, "validator": '"v1"'} and dest.read_bytes() == payload
+
+
+@pytest.mark.parametrize("case", ["unknown part", "file changed", "206 from byte 0"])
+def test_download_never_splices_another_files_bytes(case: str, fake_zip: Path, tmp_path: Path,
+                                                    serve) -> None:
+    """A stale .part (of another file version, or of unknown origin) and a 206 answer that does
+    not continue where the .part ends were spliced in and committed without a hash."""
+    payload = fake_zip.read_bytes()
+    url, handler = serve(etag='"v2"' if case == "file changed" else '"v1"',
+                         bad_range=case == "206 from byte 0")
+    dest = tmp_path / "dl" / "a.zip"
+    stale = b"x" * 1000  # not the payload's first bytes
+    _interrupted(dest, stale if case != "206 from byte 0" else payload[:1000],
+                 None if case == "unknown part" else url)
+    download(url, dest, progress=False)  # no SHA-256: only the transfer protects the file
+    assert dest.read_bytes() == payload
+    assert handler.ranges == ([] if case == "unknown part" else [("bytes=1000-", '"v1"')])
+
+
+def test_download_without_a_length_is_warned_about(fake_zip: Path, tmp_path: Path, serve,
+                                                   caplog) -> None:
+    url, _ = serve(no_length=True)
+    dest = tmp_path / "dl" / "a.zip"
+    with caplog.at_level("WARNING", logger="segpipe.demos.download"):
+        download(url, dest, progress=False)
+    assert "announces no length and no SHA-256 was given" in caplog.text
+    assert dest.read_bytes() == fake_zip.read_bytes()
+    caplog.clear()
+    dest.unlink()
+    with caplog.at_level("WARNING", logger="segpipe.demos.download"):
+        download(url, dest, sha256=sha256_file(fake_zip), progress=False)
+    assert "announces no length" not in caplog.text  # the hash checks it
 
 
 def test_download_on_a_full_disk_keeps_the_part_and_says_so(
