@@ -155,6 +155,9 @@ def _open_url(url: str, offset: int, timeout: float, validator: str | None = Non
         ) from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if urllib.parse.urlparse(url).scheme == "file":
+            raise DownloadError(f"could not read {url}: {reason}. Check the path in the "
+                                "file:// URL (file:///absolute/path/to/archive.zip).") from exc
         raise DownloadError(
             f"could not download {url}: {reason}. Check the network connection (and proxy "
             "settings: HTTPS_PROXY), or download the file elsewhere and pass its file:// URL."

@@ -52,8 +52,13 @@ def test_download_wrong_sha256_is_deleted(fake_zip: Path, tmp_path: Path) -> Non
 
 
 def test_download_unreachable_url_is_clear(tmp_path: Path) -> None:
-    with pytest.raises(DownloadError, match="could not download file:///no/such/file.zip"):
+    with pytest.raises(DownloadError, match="could not read file:///no/such/file.zip") as info:
         download("file:///no/such/file.zip", tmp_path / "x.zip", progress=False)
+    assert "Check the path in the file:// URL" in str(info.value)
+    assert "network" not in str(info.value)  # a local path: no proxy advice
+    with pytest.raises(DownloadError, match="could not download http://127.0.0.1:9/x.zip") as info:
+        download("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", progress=False, timeout=5)
+    assert "Check the network connection" in str(info.value)
 
 
 def test_fetch_camvid_downloads_verifies_and_extracts(fake_zip: Path, tmp_path: Path) -> None:
