@@ -230,6 +230,48 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data: Path, tmp_pat
     assert metrics <= 1e-4
 
 
+class KeepCheckpointAt(L.Callback):
+    """Test-only: copy ``last.ckpt`` aside when training reaches ``step`` (a mid-epoch
+    checkpoint, as a kill right after it would leave)."""
+
+    def __init__(self, step: int, dest: str) -> None:
+        self.step, self.dest = step, dest
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import shutil
+
+            shutil.copyfile(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", self.dest)
+
+
+def test_mid_epoch_resume_with_a_per_step_schedule_trains_the_rest_of_the_epoch(
+        data: Path, tmp_path: Path) -> None:
+    """Every shipped CPU config steps its schedule per step: with max_epochs set, a resumed run
+    trained its epoch's first batches again and never saw its last ones (the step count of the
+    schedule's horizon had made Lightning build the loader before the checkpoint was read)."""
+    kept = tmp_path / "step8.ckpt"
+    common = [*TINY, f"--data.root={data}", "--trainer.max_epochs=2", "--trainer.max_time=null",
+              "--model.scheduler_interval=step", "--data.num_workers=0",
+              "--trainer.num_sanity_val_steps=0", "--checkpoint.every_n_train_steps=1",
+              "--trainer.logger=false"]
+
+    def fit(root: Path, progress: Path, *extra: str) -> list[dict[str, Any]]:
+        assert main(["fit", *common, f"--trainer.default_root_dir={root}",
+                     "--trainer.callbacks+=tests.test_faults.SlowSteps",
+                     f"--trainer.callbacks.init_args.progress_file={progress}", *extra]) == 0
+        return _rows(progress)
+
+    ref = fit(tmp_path / "ref", tmp_path / "ref.jsonl",
+              "--trainer.callbacks+=tests.test_faults.KeepCheckpointAt",
+              "--trainer.callbacks.init_args.step=8", f"--trainer.callbacks.init_args.dest={kept}")
+    assert torch.load(kept, map_location="cpu", weights_only=True)["global_step"] == 8
+    resumed = fit(tmp_path / "resumed", tmp_path / "resumed.jsonl", f"--ckpt_path={kept}")
+    # epoch 1's batches 2..5 (steps 9..12), the same images as the uninterrupted run's
+    assert [(r["epoch"], r["batch"], r["step"]) for r in resumed] == [
+        (1, b, 7 + b) for b in range(2, STEPS_PER_EPOCH)]
+    assert [r["paths"] for r in resumed] == [r["paths"] for r in ref if r["step"] > 8]
+
+
 def test_kill_during_checkpoint_write_leaves_a_complete_file(tmp_path: Path) -> None:
     """SIGKILL while SafeCheckpointIO writes: the target is the old or the new file, never torn."""
     target = tmp_path / "ckpt" / "last.ckpt"

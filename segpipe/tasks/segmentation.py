@@ -955,7 +955,17 @@ class SegmentationTask(L.LightningModule):
                           f"{'; '.join(parts)}{more}; {fix}")
 
     def on_train_start(self) -> None:
-        """Restore the RNG state of a resumed run right before its first training batch."""
+        """Check the schedule's horizon (:meth:`_check_scheduler_horizon`) and restore the RNG
+        state of a resumed run right before its first training batch.
+
+        The horizon is checked here, not in :meth:`configure_optimizers`: counting the run's
+        steps there (``estimated_stepping_batches``, for a run capped in epochs) made Lightning
+        build the training loader before the checkpoint was restored, and keep it without the
+        saved position, so a run resumed mid-epoch trained its epoch's first batches again and
+        never saw its last ones.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            self._check_scheduler_horizon(config.scheduler)
         if self._pending_rng_state is not None:
             set_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
@@ -981,7 +991,6 @@ class SegmentationTask(L.LightningModule):
             raise ConfigError(f"model.lr_scheduler: {exc}") from exc
         if two_groups:
             check_lr_ratio(optimizer, self.encoder_lr_mult, scheduler)
-        self._check_scheduler_horizon(scheduler)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             if self.scheduler_interval != "epoch":
