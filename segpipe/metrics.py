@@ -36,6 +36,7 @@ __all__ = [
     "confusion_stats",
     "flatten_metrics",
     "metrics_report",
+    "nothing_scored",
     "per_image_scores",
     "undefined_when_nothing_scored",
 ]
@@ -316,12 +317,22 @@ def case_score_logs(per_case: dict, class_names: Sequence[str], prefix: str = ""
     return out
 
 
-def undefined_when_nothing_scored(computed: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``computed`` with the summary metrics NaN (undefined) when its confusion matrix is empty
-    (every pixel ignored), where torchmetrics gives 0.0 for mDice, micro IoU and pixel
-    accuracy; as it is otherwise (also without a confusion matrix)."""
+def nothing_scored(computed: dict[str, Tensor]) -> bool:
+    """Whether a computed collection scored no pixel (every one ignored): its confusion matrix
+    is empty, or, without one, every class's IoU is undefined (a class is only undefined when
+    it is in neither the truth nor the prediction of any scored pixel)."""
     cm = computed.get("confusion_matrix")
-    if cm is None or int(cm.sum()) != 0:
+    if cm is not None:
+        return int(cm.sum()) == 0
+    iou = computed.get("IoU")
+    return iou is not None and iou.numel() > 0 and bool(torch.isnan(iou).all())
+
+
+def undefined_when_nothing_scored(computed: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``computed`` with the summary metrics NaN (undefined) when no pixel was scored (every
+    pixel ignored: an empty confusion matrix, or, without one, every class's IoU undefined),
+    where torchmetrics gives 0.0 for mDice, micro IoU and pixel accuracy; as it is otherwise."""
+    if not nothing_scored(computed):
         return computed
     out = dict(computed)
     for key in ("mIoU", "mDice", "micro_IoU", "pixel_accuracy"):

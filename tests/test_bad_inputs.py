@@ -512,3 +512,31 @@ def pointwise_ckpt_bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_ckpt(tmp_path_factory.mktemp("ckpt") / "pointwise.ckpt",
                      "tests.predict.nets.PointwiseNet",
                      {"in_channels": 3, "num_classes": NUM_CLASSES})
+
+
+def test_a_val_split_with_no_scored_pixel_is_warned_about_and_scores_nan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Val masks that are all ignore_index logged mDice, micro IoU and pixel accuracy 0.0 (a
+    model that gets everything wrong, it seemed) and chose a best checkpoint in silence."""
+    import csv
+    import warnings
+
+    from tests.cli_args import TINY_UNET
+    from tests.data.synthetic import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(32, 32))
+    for mask in (root / "val" / "masks").glob("*.png"):
+        write_mask(mask, np.full((32, 32), 255, np.uint8))
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={root}",
+                         *TINY_UNET, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=2",
+                         "--trainer.max_time=null", "--data.num_workers=0",
+                         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                         f"--trainer.logger.init_args.save_dir={run}"]) == 0
+    said = [str(w.message) for w in caught if "validation scored no pixel" in str(w.message)]
+    assert len(said) == 1 and "every val mask pixel is data.ignore_index" in said[0]
+    rows = [r for r in csv.DictReader(next(run.rglob("metrics.csv")).open()) if r["val/mIoU"]]
+    assert rows and all(r[k] == "nan" for r in rows
+                        for k in ("val/mIoU", "val/mDice", "val/micro_IoU", "val/pixel_accuracy"))

@@ -12,7 +12,9 @@ from segpipe.metrics import (
     flatten_metrics,
     image_confusions,
     metrics_report,
+    nothing_scored,
     per_image_scores,
+    undefined_when_nothing_scored,
 )
 
 # truth / prediction, 255 = ignore. Class 3 appears nowhere (absent), class 2 only in prediction.
@@ -67,6 +69,17 @@ def test_nothing_scored_leaves_every_summary_figure_undefined():
     assert [rep[k] for k in ("mIoU", "mDice", "micro_IoU", "pixel_accuracy")] == [None] * 4
     assert "no pixel of these images is labelled" in rep["warning"]
     assert "warning" not in metrics_report(_computed(), ["a", "b", "c", "d"], 255)
+    # Validation has no confusion matrix: the per-class IoU tell (it logged 0.0 for the three)
+    val = build_metrics(4, ignore_index=255)
+    val.update(PREDS, torch.full_like(TARGET, 255))
+    computed = val.compute()
+    assert nothing_scored(computed)
+    undefined = undefined_when_nothing_scored(computed)
+    assert all(math.isnan(float(undefined[k])) for k in ("mIoU", "mDice", "micro_IoU",
+                                                          "pixel_accuracy"))
+    val.reset()
+    val.update(PREDS, TARGET)
+    assert not nothing_scored(val.compute())
 
 
 def test_flatten_names_classes():

@@ -37,6 +37,7 @@ from segpipe.metrics import (
     flatten_metrics,
     undefined_when_nothing_scored,
     metrics_report,
+    nothing_scored,
     per_image_scores,
 )
 from segpipe.tasks.finetune import (
@@ -693,8 +694,15 @@ class SegmentationTask(L.LightningModule):
             updated = self.trainer.strategy.reduce_boolean_decision(updated, all=False)
         if not updated:
             return {}
-        computed = undefined_when_nothing_scored(
-            {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()})
+        computed = {k.removeprefix(f"{stage}/"): v for k, v in collection.compute().items()}
+        if stage == "val" and not self._warned_nothing_scored and nothing_scored(computed) \
+                and not (self._trainer is not None and self.trainer.sanity_checking):
+            self._warned_nothing_scored = True
+            rank_zero_warn(
+                "validation scored no pixel: every val mask pixel is data.ignore_index, so "
+                "the val figures are NaN and choose no best checkpoint; check the val masks "
+                "(data.mask_values, data.ignore_index)")
+        computed = undefined_when_nothing_scored(computed)
         names = self.class_names
         flat = flatten_metrics(computed, names, prefix=f"{stage}/")
         # Already synced across ranks by torchmetrics; sync_dist averages identical values.
@@ -737,6 +745,7 @@ class SegmentationTask(L.LightningModule):
         self._log_case_means("val")
 
     _weights_checked_at: int | None = None
+    _warned_nothing_scored = False
 
     def check_weights(self) -> None:
         """Stop a diverged fit (:meth:`_diverged`) when a weight is NaN or infinite: one host
