@@ -480,3 +480,26 @@ def test_a_logger_that_meets_a_full_disk_is_one_error_line(
     lines = [ln for ln in err.splitlines() if "segpipe: error:" in ln]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith(f"segpipe: error: the disk is full (writing {root / 'metrics.csv'})")
+
+
+def test_resuming_with_a_spent_time_budget_says_so(data: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed run whose new trainer.max_time is already spent trained nothing and exited 0,
+    its model stopped mid-schedule: `fit && test` went on to test it."""
+    root = tmp_path / "run"
+    common = [*TINY, f"--data.root={data}", f"--trainer.default_root_dir={root}",
+              "--data.num_workers=0", "--trainer.logger=false"]
+    assert main(["fit", *common, "--trainer.max_epochs=1", "--trainer.max_time=00:00:10:00",
+                 "--trainer.callbacks+=tests.test_faults.SlowSteps",  # 6 steps of 0.3 s
+                 f"--trainer.callbacks.init_args.progress_file={tmp_path / 'steps.jsonl'}",
+                 "--trainer.callbacks.init_args.sleep=0.3"]) == 0
+    spent = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    capsys.readouterr()
+    assert main(["fit", *common, "--trainer.max_epochs=3", "--trainer.max_time=00:00:00:01",
+                 "--ckpt_path=last"]) == 2
+    err = capsys.readouterr().err
+    assert "its run has already trained 0:00:0" in err
+    assert "as long as this run's trainer.max_time (0:00:01) or longer" in err
+    assert "nothing would be trained" in err and "Give a longer --trainer.max_time" in err
+    again = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert again["global_step"] == spent["global_step"]  # nothing trained, nothing lost

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as L
@@ -229,6 +230,21 @@ class AnnealToDeadline(L.Callback):
                 "annealed to the deadline); nothing left to train. To train longer, start a new "
                 "run (e.g. from its weights with --model.init_from CKPT).")
             trainer.should_stop = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse to resume a run whose time budget is already spent: Lightning's timer stops
+        it before its first step with exit 0, so a run cut short mid-schedule passed for a
+        finished one (``fit && test`` tested it)."""
+        timer = _timer(trainer)
+        budget = getattr(timer, "_duration", None)
+        if trainer.ckpt_path and budget is not None and timer.time_elapsed() >= budget:
+            spent = timedelta(seconds=int(timer.time_elapsed()))
+            raise ConfigError(
+                f"--ckpt_path {trainer.ckpt_path}: its run has already trained {spent}, as long "
+                f"as this run's trainer.max_time ({timedelta(seconds=int(budget))}) or longer, "
+                "so nothing would be trained: the model would stay where the checkpoint left "
+                "it. Give a longer --trainer.max_time to go on (a DeadlineCosineLR re-plans to "
+                "the new deadline), or score the checkpoint as it is with segpipe test.")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs,
