@@ -256,23 +256,29 @@ class ResumableDataLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        """Position in the epoch: ``{"epoch", "batches"}`` (batches already yielded)."""
+        """Position in the epoch: ``{"epoch", "batches", "items"}`` (batches and samples
+        already yielded)."""
         sampler = self.sampler
         if not isinstance(sampler, EpochSampler):
-            return {"epoch": 0, "batches": 0}
+            return {"epoch": 0, "batches": 0, "items": 0}
         batch_size = max(1, int(self.batch_size or 1))
-        return {"epoch": sampler.iter_epoch, "batches": sampler.skipped // batch_size + self._yielded}
+        return {"epoch": sampler.iter_epoch,
+                "batches": sampler.skipped // batch_size + self._yielded,
+                "items": sampler.skipped + self._yielded * batch_size}
 
     def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
-        """Skip the batches that ``state_dict`` says were trained on when that epoch resumes.
+        """Skip the samples that ``state_dict`` says were trained on when that epoch resumes
+        (counted in samples: a run resumed with another ``data.batch_size`` skipped batches
+        of the new size, passing over samples never trained on).
 
         Args:
-            state_dict: From :meth:`state_dict`.
+            state_dict: From :meth:`state_dict` (``items``; ``batches`` in older checkpoints).
         """
         if isinstance(self.sampler, EpochSampler):
-            batch_size = max(1, int(self.batch_size or 1))
-            self.sampler.resume(int(state_dict.get("epoch", 0)),
-                                int(state_dict.get("batches", 0)) * batch_size)
+            items = state_dict.get("items")
+            if items is None:
+                items = int(state_dict.get("batches", 0)) * max(1, int(self.batch_size or 1))
+            self.sampler.resume(int(state_dict.get("epoch", 0)), int(items))
 
 
 class _LazyIterator:

@@ -197,3 +197,34 @@ def test_fit_with_uint8_batches_trains_as_with_float_batches(tmp_path: Path) -> 
         seen[uint8] = probe.losses
     assert len(seen[True]) == 2
     assert seen[True] == pytest.approx(seen[False], rel=1e-4)
+
+
+def test_a_resume_with_another_batch_size_skips_exactly_the_samples_trained_on() -> None:
+    """The loader's position was saved in batches and multiplied by the new batch size on
+    resume: samples never trained on in that epoch were skipped."""
+    from segpipe.data.loading import ResumableDataLoader
+
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, key: ItemKey) -> int:
+            return key.index
+
+    def loader(batch_size: int) -> ResumableDataLoader:
+        sampler = EpochSampler(Indices(), seed=0, shuffle=True)
+        sampler.set_epoch(1)
+        return ResumableDataLoader(Indices(), batch_size=batch_size, sampler=sampler)
+
+    first = loader(2)
+    batches = iter(first)
+    trained = [i for _ in range(3) for i in next(batches).tolist()]  # 3 batches of 2
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 3, "items": 6}
+    resumed = loader(4)
+    resumed.load_state_dict(state)
+    rest = [i for batch in resumed for i in batch.tolist()]
+    assert trained + rest == _sampler(12, seed=0).permutation(1)  # each sample once, in order
+    older = loader(2)  # a checkpoint from before "items" was saved
+    older.load_state_dict({"epoch": 1, "batches": 3})
+    assert [i for batch in older for i in batch.tolist()] == rest
