@@ -61,6 +61,21 @@ def _autocast_dtype(precision: str | None) -> torch.dtype | None:
     return None
 
 
+def _channel_first(shape: tuple[int, ...], channels: int, bands: Sequence[int] | None) -> bool:
+    """Whether an (A, B, C) array is (channels, H, W) rather than (H, W, channels): its first
+    axis can hold the channels (1, 3 or the model's count; with ``data.bands``, at least the
+    highest band read) and its last cannot (more than 4 values; with bands, fewer than the
+    highest band, or more than the first axis and both it and the second larger: rasterio's
+    (bands, H, W) of a scene)."""
+    first, second, last = shape
+    if not bands:
+        return first in {1, 3, channels} and last > 4
+    need = max(bands)
+    if first < need:
+        return False
+    return last < need or (first <= 32 and first < min(second, last))
+
+
 class Segmenter:
     """A trained segmentation model for Python code (see the module docstring).
 
@@ -211,7 +226,9 @@ class Segmenter:
         """Re-estimate the network's BatchNorm statistics on ``images`` and blend them in, as
         ``segpipe predict --bn_adapt`` does (:mod:`segpipe.models.batchnorm`): for images from
         another camera, scanner or lighting than the training ones. Later predictions use
-        the blend until the returned object's ``restore()``.
+        the blend until the returned object's ``restore()``. A second call replaces the first's
+        blend (each blends with the training statistics, and its ``restore()`` brings those
+        back).
 
         Args:
             images: Unlabelled images like those to predict (prepared as :meth:`predict`
@@ -234,8 +251,12 @@ class Segmenter:
                  for crop in covering_tiles(self._prepared(item, resize=self.tile is None)["image"],
                                             self.tile))
         batches = (b.to(self.device) for b in same_shape_batches(tiles, self.batch_size))
+        held = getattr(self, "_adaptation", None)
+        if held is not None:  # blend against the training statistics, not the last blend's
+            held.restore()
         with self._context():
-            return adapt_batchnorm(self.task.net, batches, weight, forward=self.task)
+            self._adaptation = adapt_batchnorm(self.task.net, batches, weight, forward=self.task)
+        return self._adaptation
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """Same as :meth:`predict`."""
@@ -285,13 +306,12 @@ class Segmenter:
             raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {item.shape}")
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"the array of shape {item.shape} holds no pixel")
-        channels = self.config.in_channels
-        if (item.ndim == 3 and arr.shape[2] != channels and arr.shape[0] in {1, 3, channels}
-                and arr.shape[2] > 4 and not self.config.bands):
+        channels, bands = self.config.in_channels, self.config.bands
+        if item.ndim == 3 and arr.shape[2] != channels and _channel_first(arr.shape, channels,
+                                                                          bands):
             raise ValueError(
                 f"the array of shape {item.shape} looks channel-first (C, H, W), as a tensor's "
-                f"numpy() is; give (H, W, C): array.transpose(1, 2, 0)")
-        bands = self.config.bands
+                f"numpy() and rasterio's read() are; give (H, W, C): array.transpose(1, 2, 0)")
         if bands and arr.shape[2] != self.config.in_channels and max(bands) <= arr.shape[2]:
             arr = arr[:, :, [b - 1 for b in bands]]  # as data.bands picks them from files
         return arr, f"array {item.shape} {item.dtype}", None

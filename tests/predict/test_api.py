@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segpipe import Segmenter
@@ -152,6 +153,12 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
     five = np.random.default_rng(0).integers(0, 255, (8, 8, 5), np.uint8)
     picked = Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[5, 1, 3]).predict(five)
     assert np.array_equal(picked, seg.predict(np.ascontiguousarray(five[:, :, [4, 0, 2]])))
+    # rasterio's read() gives (bands, H, W): with bands, its columns were picked as the bands
+    # and a (5, 37) mask came back
+    banded = Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[5, 1, 3])
+    with pytest.raises(ValueError, match=r"\(5, 37, 53\) looks channel-first .*rasterio"):
+        banded.predict(np.zeros((5, 37, 53), np.uint16))
+    assert banded.predict(np.zeros((37, 53, 5), np.uint16)).shape == (37, 53)
     with pytest.raises(ValueError, match=r"bands picks 2 band\(s\) but the model takes 3"):
         Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[1, 2])
     with pytest.raises(ValueError, match=r"the array of shape \(0, 0, 3\) holds no pixel"):
@@ -244,3 +251,19 @@ def test_a_pil_photo_is_read_upright_as_its_file_is(tmp_path: Path, unet_ckpt: P
     from_path = seg.predict(path)
     assert from_path.shape == (64, 48)
     assert np.array_equal(seg.predict(Image.open(path)), from_path)
+
+
+def test_adapting_twice_blends_with_the_training_statistics(unet_ckpt: Path) -> None:
+    """A second adapt_batchnorm blended with the first's statistics (0.75 of the new ones at
+    weight 0.5), and its restore() brought the first blend back, not the training ones."""
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu", precision="32-true")
+    images = [noise_image(40, 56, seed=i) // 3 for i in range(3)]
+    bn = next(m for m in seg.task.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    trained = bn.running_mean.clone()
+    seg.adapt_batchnorm(images, 0.5)
+    once = bn.running_mean.clone()
+    assert not torch.allclose(once, trained)
+    second = seg.adapt_batchnorm(images, 0.5)
+    assert torch.allclose(bn.running_mean, once, atol=1e-6)
+    second.restore()
+    assert torch.equal(bn.running_mean, trained)
