@@ -141,8 +141,16 @@ def adapt_batchnorm(
             for x in batches:
                 forward(x)
                 count += int(x.shape[0])
-    except BaseException:
+    except BaseException as exc:
         training.restore()
+        if isinstance(exc, ValueError) and "more than 1 value per channel" in str(exc):
+            raise BatchNormAdaptError(
+                f"bn_adapt: a BatchNorm layer got one value per channel ({exc}): a batch of "
+                "one image reached a layer after global pooling (DeepLabV3's ASPP, PSPNet) or "
+                "an image too small for the network's depth. Estimate on batches of 2 or more "
+                "images of one size (predict: --batch_size 2 or more, with no size held by a "
+                "single image; test: data.eval_resize gives every image one size), or drop "
+                "bn_adapt") from exc
         raise
     finally:
         for m, momentum in zip(layers, momenta):

@@ -461,6 +461,8 @@ def predict(
         "checkpoint": _file_identity(ckpt_path), "bands": list(bands) if bands else None,
         "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
+    if bn_adapt:  # the adapted statistics depend on how the images are batched
+        settings["batch_size"] = batch_size
     record, replacing = (_check_settings(output, overwrite, settings)
                          if _rank_from_env() == 0 else (False, False))
     if record:

@@ -735,7 +735,7 @@ def test_default_write_workers_leave_the_network_its_cores(monkeypatch) -> None:
 
 # ------------------------------------------------------------------ --bn_adapt
 def test_bn_adapt_matches_the_python_api_and_is_refused_where_it_cannot_work(
-    tmp_path: Path, unet_ckpt: Path, pointwise_ckpt: Path, capsys
+    tmp_path: Path, unet_ckpt: Path, pointwise_ckpt: Path, capsys, caplog
 ) -> None:
     from segpipe.predict.api import Segmenter
 
@@ -765,6 +765,20 @@ def test_bn_adapt_matches_the_python_api_and_is_refused_where_it_cannot_work(
 
     assert run(pointwise_ckpt, src, tmp_path / "pw", "--bn_adapt", "0.5") == 2
     assert "has no BatchNorm layer" in capsys.readouterr().err
+
+    # The batch size changes the adapted statistics: a rerun with another one said nothing
+    # and mixed its masks with the first run's.
+    (tmp_path / "ad" / "im0.png").unlink()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(unet_ckpt, src, tmp_path / "ad", "--bn_adapt", "0.5", "--batch-size", "1",
+                   "--tile", "64") == 0
+    assert "were made with another --batch_size; existing outputs are skipped" in caplog.text
+    # A batch of one image whose bottleneck is 1 x 1 (depth 3, padded to 8 x 8): a traceback
+    write_image(tmp_path / "one" / "dot.png", noise_image(1, 1))
+    assert run(unet_ckpt, tmp_path / "one", tmp_path / "dot", "--bn_adapt", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "bn_adapt: a BatchNorm layer got one value per channel" in err
+    assert "Traceback" not in err and "--batch_size 2 or more" in err
 
 
 def test_bn_adapt_reads_rasters_by_windows_without_nodata(
