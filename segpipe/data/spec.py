@@ -32,6 +32,7 @@ __all__ = [
     "default_class_names",
     "default_mean_std",
     "spec_from_legacy",
+    "recorded_spec",
     "training_symmetries",
 ]
 
@@ -343,6 +344,24 @@ def spec_from_legacy(
                                        dm.get("vflip", False), dm.get("rotate90", False))
         if dm else None,
     )
+
+
+def recorded_spec(task_hparams: Mapping[str, Any] | None,
+                  data_hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's saved spec (``hyper_parameters["data_spec"]``, {} when it has none), its
+    training symmetries taken from the data module's flips when the spec predates their record
+    (``test --model.test_tta``, ``predict --tta`` and the API then average the same views).
+
+    Args:
+        task_hparams: ``checkpoint["hyper_parameters"]``.
+        data_hparams: ``checkpoint["datamodule_hyper_parameters"]``, or None.
+    """
+    spec = dict((task_hparams or {}).get("data_spec") or {})
+    dm = dict(data_hparams or {})
+    if spec and "symmetries" not in spec and {"augment", "hflip", "vflip", "rotate90"} & set(dm):
+        spec["symmetries"] = training_symmetries(dm.get("augment", "default"), dm.get("hflip", True),
+                                                 dm.get("vflip", False), dm.get("rotate90", False))
+    return spec
 
 
 def training_symmetries(augment: str, hflip: bool, vflip: bool, rotate90: bool) -> list[str]:

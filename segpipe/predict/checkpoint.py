@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from segpipe.data.spec import DataSpec, spec_from_legacy
+from segpipe.data.spec import DataSpec, recorded_spec, spec_from_legacy
 from segpipe.errors import check_checkpoint_format
 
 if TYPE_CHECKING:  # imported where a task is built: the task module loads Lightning and smp
@@ -313,7 +313,8 @@ def checkpoint_spec(ckpt: Mapping[str, Any], path: str | Path = "checkpoint") ->
     hp = ckpt.get("hyper_parameters") or {}
     try:
         if hp.get("data_spec"):
-            return DataSpec.from_dict(hp["data_spec"], where="data")
+            return DataSpec.from_dict(
+                recorded_spec(hp, ckpt.get("datamodule_hyper_parameters")), where="data")
         return spec_from_legacy(hp, ckpt.get("datamodule_hyper_parameters"))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid data spec in the checkpoint ({exc})") from exc

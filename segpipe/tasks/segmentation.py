@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from segpipe.data.spec import DataSpec, check_ignore_index, default_class_names
+from segpipe.data.spec import DataSpec, check_ignore_index, default_class_names, recorded_spec
 from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
@@ -871,7 +871,8 @@ class SegmentationTask(L.LightningModule):
         """Check that the checkpoint's weights fit this task (one line, before Lightning's
         40-line state-dict error); take the saved normalisation statistics when this task has
         none; keep this rank's saved RNG state to restore when training resumes."""
-        saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
+        saved = recorded_spec(checkpoint.get("hyper_parameters"),
+                              checkpoint.get("datamodule_hyper_parameters"))
         self._check_checkpoint_fits(checkpoint.get("state_dict"), saved)
         self._warn_evaluation_differs(saved)
         self._adopt_trained_labels(saved)

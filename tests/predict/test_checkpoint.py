@@ -101,6 +101,29 @@ def test_checkpoints_from_before_the_data_spec_still_load(tmp_path: Path) -> Non
     assert cfg.eval_resize == (8, 8) and task.spec.class_names == cfg.class_names
 
 
+def test_symmetries_missing_from_an_older_spec_come_from_the_data_modules_flips(
+        tmp_path: Path) -> None:
+    """A spec saved before it recorded the symmetries: `test --model.test_tta` averaged this
+    run's flips, `predict --tta` horizontal flips only, though the checkpoint's data module
+    hyperparameters say which flips trained it."""
+    from segpipe.data.spec import recorded_spec
+
+    ckpt = read_checkpoint(make_ckpt(tmp_path / "m.ckpt", "tests.predict.nets.PointwiseNet",
+                                     {"in_channels": 3, "num_classes": 3}))
+    ckpt["hyper_parameters"]["data_spec"].pop("symmetries", None)
+    ckpt["datamodule_hyper_parameters"] = {"augment": "default", "hflip": True, "vflip": True}
+    torch.save(ckpt, tmp_path / "flips.ckpt")
+    assert load_predictor(tmp_path / "flips.ckpt")[1].symmetries == ["hflip", "vflip"]
+    assert recorded_spec(ckpt["hyper_parameters"], ckpt["datamodule_hyper_parameters"])[
+        "symmetries"] == ["hflip", "vflip"]  # what test adopts too
+    ckpt["datamodule_hyper_parameters"] = {"augment": "none", "hflip": True}
+    torch.save(ckpt, tmp_path / "none.ckpt")
+    assert load_predictor(tmp_path / "none.ckpt")[1].symmetries == []
+    del ckpt["datamodule_hyper_parameters"]  # recorded nowhere: TTA's own fallback decides
+    torch.save(ckpt, tmp_path / "unknown.ckpt")
+    assert load_predictor(tmp_path / "unknown.ckpt")[1].symmetries is None
+
+
 def test_pretrained_encoder_weights_are_not_needed_to_predict(tmp_path: Path) -> None:
     """The checkpoint holds every weight: its encoder_weights file or cache may be gone."""
     from segpipe.models import SmpModel
