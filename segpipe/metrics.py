@@ -301,19 +301,20 @@ def case_scores(
     }
 
 
-def case_score_logs(per_case: dict, class_names: Sequence[str], prefix: str = "") -> dict[str, float]:
+def case_score_logs(per_case: dict, class_names: Sequence[str], prefix: str = "",
+                    per_class: bool = True) -> dict[str, float]:
     """The means over cases of :func:`case_scores` as scalars to log: ``mDice_mean_over_cases``,
-    ``mIoU_mean_over_cases``, ``Dice_mean_over_cases/<class>`` and ``IoU_mean_over_cases/<class>``
-    (NaN where no case scores the class, so a checkpoint monitor on one always finds it)."""
+    ``mIoU_mean_over_cases`` and, with ``per_class``, ``Dice_mean_over_cases/<class>`` (NaN
+    where no case scores the class, so a checkpoint monitor on one always finds it)."""
     def number(value: float | None) -> float:
         return math.nan if value is None else float(value)
 
     out = {f"{prefix}{m}_mean_over_cases": number(per_case[f"{m}_mean_over_cases"])
            for m in ("mDice", "mIoU")}
-    for m in ("Dice", "IoU"):
+    if per_class:
         for name in class_names:
-            out[f"{prefix}{m}_mean_over_cases/{name}"] = number(
-                per_case[f"{m}_per_class_mean_over_cases"][name])
+            out[f"{prefix}Dice_mean_over_cases/{name}"] = number(
+                per_case["Dice_per_class_mean_over_cases"][name])
     return out
 
 

@@ -117,7 +117,7 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     # The case's images were tested on both ranks: its figures are the single process's.
     assert ddp["per_case"]["cases"][0]["num_images"] == 3
     assert ddp["per_case"]["images_without_case"] == 2
-    for name in ("test/mDice_mean_over_cases", "test/Dice_mean_over_cases/class_1"):
+    for name in ("test/mDice_mean_over_cases", "test/mIoU_mean_over_cases"):
         assert abs(_logged(ddp_out, name) - _logged(one_out, name)) < 1e-6
 
     # Every test image exactly once: no padding duplicates, none dropped.

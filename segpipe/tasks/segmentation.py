@@ -712,9 +712,10 @@ class SegmentationTask(L.LightningModule):
         return computed
 
     def _log_case_means(self, stage: Stage) -> dict[str, Any] | None:
-        """Log the epoch's means over cases (``{stage}/mDice_mean_over_cases``,
-        ``{stage}/Dice_mean_over_cases/<class>``, ...; a ``checkpoint.monitor`` can select on
-        one) and return :func:`case_scores`' table, or None when no image had a case."""
+        """Log the epoch's means over cases (``{stage}/mDice_mean_over_cases`` and
+        ``mIoU_mean_over_cases``; in validation also ``val/Dice_mean_over_cases/<class>``, which
+        a ``checkpoint.monitor`` can select on: test's per-class ones are in its report) and
+        return :func:`case_scores`' table, or None when no image had a case."""
         tracker = self.case_confusions[stage]
         world_size = self.trainer.world_size if self._trainer is not None else 1
         confusions, counts = tracker.merged(world_size)
@@ -723,8 +724,8 @@ class SegmentationTask(L.LightningModule):
             return None
         per_case = case_scores(confusions, counts, self.class_names)
         if self._trainer is not None:  # already gathered; sync_dist averages identical values
-            self.log_dict(case_score_logs(per_case, self.class_names, prefix=f"{stage}/"),
-                          sync_dist=True)
+            self.log_dict(case_score_logs(per_case, self.class_names, prefix=f"{stage}/",
+                                          per_class=stage == "val"), sync_dist=True)
         return per_case
 
     def on_train_epoch_end(self) -> None:
