@@ -10,9 +10,13 @@ onnx/onnxruntime are imported only here (``pip install segpipe[onnx]``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,35 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _graph_dump_held_back() -> Iterator[None]:
+    """Hold back what is written to file descriptor 1 while torch exports: when the export
+    fails, torch's TorchScript exporter prints the whole graph there (hundreds of lines before
+    segpipe's one-line error; its ONNX log is switched on whatever was asked), and that is
+    dropped; on success anything written is passed on."""
+    import tempfile
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                sys.stdout.write(held.read().decode(errors="replace"))
 
 
 def export_onnx(
@@ -115,21 +148,31 @@ def export_onnx(
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
-            torch.onnx.export(
-                net,
-                (example,),
-                str(tmp),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                              "logits": {0: "batch", 2: "height", 3: "width"}},
-                opset_version=int(opset),
-                dynamo=False,
-            )
+            with _graph_dump_held_back():
+                torch.onnx.export(
+                    net,
+                    (example,),
+                    str(tmp),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                  "logits": {0: "batch", 2: "height", 3: "width"}},
+                    opset_version=int(opset),
+                    dynamo=False,
+                )
         except Exception as exc:  # noqa: BLE001 - torch's message ends with the whole graph
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first.split(" Please feel free to request support")[0]
+            hint = ""
+            if "adaptive_avg_pool2d" in first:
+                hint = (" (the network pools to a fixed grid, as PSPNet and UperNet do, which "
+                        "ONNX cannot express for the dynamic image size segpipe exports; "
+                        "predict with the checkpoint instead)")
+            elif "upsample_bicubic" in first:
+                hint = (" (bicubic resizing, as DPT's ViT encoder does, has no ONNX operator "
+                        "here; predict with the checkpoint instead)")
             raise RuntimeError(f"{ckpt_path}: torch could not export the network at opset "
-                               f"{opset}: {first}") from None
+                               f"{opset}: {first}{hint}") from None
         if check:
             _check_export(tmp, net, config)
         digest = _file_digest(tmp)

@@ -216,3 +216,22 @@ def test_a_missing_onnx_package_is_an_import_error_and_one_line(
     err = capsys.readouterr().err
     assert "ONNX export needs the onnx package: pip install 'segpipe[onnx]'" in err
     assert "opset" not in err
+
+
+def test_an_architecture_onnx_cannot_express_is_one_line(tmp_path: Path, capfd) -> None:
+    """PSPNet pools to a fixed grid: torch printed its whole TorchScript graph (hundreds of
+    lines) on stdout before segpipe's one-line error, which gave no reason."""
+    ckpt = save_predict_checkpoint(
+        tmp_path / "psp.ckpt",
+        net={"class_path": "segpipe.models.SmpModel",
+             "init_args": {"arch": "pspnet", "encoder_name": "resnet18", "encoder_weights": None,
+                           "in_channels": 3, "num_classes": 3}},
+        data={"num_classes": 3, "in_channels": 3})
+    capfd.readouterr()
+    rc = cli_main(["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "psp.onnx")])
+    out, err = capfd.readouterr()
+    assert rc == 2
+    assert "Torch IR graph" not in out and len(out.splitlines()) <= 2
+    assert "adaptive_avg_pool2d" in err and "pools to a fixed grid, as PSPNet" in err
+    assert "Please feel free to request support" not in err
+    assert not (tmp_path / "psp.onnx").exists()
