@@ -139,6 +139,8 @@ class UNet(nn.Module):
         in_channels: As given.
         num_classes: As given.
         pad_multiple: ``2**depth``; H and W of the input must be multiples of it.
+        min_size: Least H and W: ``2 * pad_multiple`` for group norm with one channel per
+            group at the bottleneck (a 1 x 1 bottleneck would hold one value per group), else 0.
 
     Raises:
         ValueError: If an argument is out of range or of the wrong type.
@@ -175,6 +177,10 @@ class UNet(nn.Module):
         self.pad_multiple = 2**depth
 
         channels = [base_channels * 2**level for level in range(depth + 1)]
+        # Group norm needs two values per group: with one channel per group, an input of
+        # pad_multiple pixels leaves a 1 x 1 bottleneck with one (segpipe pads up to min_size).
+        one_per_group = norm == "group" and _group_count(channels[-1]) == channels[-1]
+        self.min_size = 2 * self.pad_multiple if one_per_group else 0
         self.inc = DoubleConv(in_channels, channels[0], norm)
         self.downs = nn.ModuleList(Down(channels[i], channels[i + 1], norm) for i in range(depth))
         self.bottleneck_dropout = nn.Dropout2d(float(dropout)) if dropout > 0 else nn.Identity()
@@ -188,7 +194,8 @@ class UNet(nn.Module):
             ValueError: From :func:`~segpipe.models.base.check_input`: H or W not a multiple of
                 ``pad_multiple`` (the message names the padded size) or wrong channels.
         """
-        check_input(x, f"UNet(depth={self.depth})", self.in_channels, self.pad_multiple)
+        check_input(x, f"UNet(depth={self.depth})", self.in_channels, self.pad_multiple,
+                    self.min_size)
 
         features = self.inc(x)  # (N, base, H, W)
         skips: list[Tensor] = []  # encoder outputs, finest first: (N, base * 2**l, H/2**l, W/2**l)

@@ -144,3 +144,16 @@ def test_train_eval_dropout_and_determinism() -> None:
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x))
+
+
+def test_group_norm_with_one_channel_per_group_needs_a_2x2_bottleneck() -> None:
+    """A 1 x 1 bottleneck left one value per group: "Expected more than 1 value per channel
+    when training", in evaluation too, for an image of pad_multiple pixels or fewer."""
+    narrow = UNet(in_channels=3, num_classes=2, base_channels=4, depth=2, norm="group").eval()
+    assert narrow.min_size == 8  # 16 channels at the bottleneck, 16 groups
+    with pytest.raises(ValueError, match="at least 8"):
+        narrow(torch.zeros(1, 3, 4, 4))
+    assert narrow(torch.zeros(1, 3, 8, 8)).shape == (1, 2, 8, 8)
+    assert UNet(in_channels=3, num_classes=2, base_channels=32, depth=2,
+                norm="group").min_size == 0  # 128 channels, 32 groups of 4
+    assert UNet(in_channels=3, num_classes=2, base_channels=4, depth=2).min_size == 0
