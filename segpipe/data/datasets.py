@@ -223,8 +223,15 @@ def _pair_folders(
     image_dir: Path, mask_dir: Path | None, recursive: bool = True, mask_suffix: str = ""
 ) -> tuple[list[Sample], list[Path], list[Path]]:
     """Match images and masks by relative stem (a mask's less ``mask_suffix``). Returns
-    (samples, orphan masks, duplicates)."""
-    images, dup_img = _index_by_key(image_dir, find_images(image_dir, recursive=recursive))
+    (samples, orphan masks, duplicates). An image that is a broken link stays a sample, so
+    the check names it as unreadable (its mask had been reported as having no image)."""
+    links: list[Path] = []
+    found = find_images(image_dir, recursive=recursive, links=links)
+    broken = [p for p in links if not p.exists() and is_image_file(p)]
+    if broken:
+        found = sorted(found + broken,
+                       key=lambda f: _natural_key(f.relative_to(image_dir).as_posix()))
+    images, dup_img = _index_by_key(image_dir, found)
     masks: dict[str, Path] = {}
     dup_mask: list[Path] = []
     if mask_dir is not None and mask_dir.is_dir():

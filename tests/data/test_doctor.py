@@ -596,3 +596,19 @@ def test_band_statistics_say_the_configured_mean_is_used(tmp_path: Path, capsys)
     assert ("data.mean / data.std are set in the config and used: [0.25, 0.5, 0.75] / "
             "[0.1, 0.2, 0.3]") in out
     assert "ImageNet default" not in out
+
+
+def test_an_image_that_is_a_broken_link_is_named(tmp_path: Path, capsys) -> None:
+    """A dangling link in images/ was never named: its mask was reported as having no image."""
+    import os
+
+    root = _folder(tmp_path / "ds", n_val=0)
+    image = sorted((root / "train" / "images").glob("*.png"))[1]
+    image.unlink()
+    os.symlink(tmp_path / "moved.png", image)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
+                   "--splits=[train]", "--data.val_fraction=0")
+    assert rc == 1
+    assert (f"a broken link (to {tmp_path / 'moved.png'}, which does not exist) ({image}) -> "
+            "fix: point the link at the file, or remove it") in out
+    assert "no matching image" not in out
