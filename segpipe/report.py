@@ -96,6 +96,12 @@ def _class_names(class_names: Sequence[str], k: int) -> list[str]:
     return [str(n) for n in class_names][:k] + default_class_names(k)[len(class_names) :]
 
 
+def _axis_labels(names: Sequence[str], width: int = 28) -> list[str]:
+    """Class names for a plot's axis, long ones shortened with an ellipsis (a 100-character
+    name took most of the figure; the report's tables keep them whole)."""
+    return [n if len(n) <= width else n[: width - 1] + "…" for n in names]
+
+
 def _color_table(class_colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
     """(K, 3) uint8 colours: the given ones, completed with the default palette if too few."""
     colors = [list(map(int, c))[:3] for c in (class_colors or [])]
@@ -280,7 +286,7 @@ def plot_worst_image(
                      if 0 <= v < len(colors))
     handles = [
         Patch(facecolor=colors[c] / 255.0, edgecolor="black",
-              label=_class_names(class_names, len(colors))[c])
+              label=_axis_labels(_class_names(class_names, len(colors)))[c])
         for c in present
     ]
     if handles:
@@ -328,7 +334,7 @@ def plot_confusion_matrix(
     im = ax.imshow(np.ma.masked_invalid(norm), cmap="Blues", vmin=0.0, vmax=1.0,
                    interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's pixels")
-    names = _class_names(class_names, k)
+    names = _axis_labels(_class_names(class_names, k))
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
@@ -387,7 +393,7 @@ def plot_per_class_iou(
         ax.axvline(float(micro_iou), color="dimgray", linestyle=":", linewidth=1.2,
                    label=f"micro IoU (pooled pixels) = {float(micro_iou):.3f}")
     ax.set_yticks(ys)
-    ax.set_yticklabels([str(n) for n in class_names][:k], fontsize=8)
+    ax.set_yticklabels(_axis_labels(_class_names(class_names, k)), fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0.0, 1.12)
     ax.set_xlabel("IoU")

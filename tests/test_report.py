@@ -194,3 +194,12 @@ def test_a_test_without_a_report_removes_an_earlier_tests_report(tmp_path: Path)
     assert not (tmp_path / "report.md").exists()
     assert writer.last_report_path is None
     assert (tmp_path / "test_metrics.json").exists()
+
+
+def test_plot_labels_shorten_long_class_names() -> None:
+    """A 100-character class name took most of the confusion matrix's figure."""
+    from segpipe.report import _axis_labels
+
+    long = "x" * 100
+    assert _axis_labels([long, "road"]) == ["x" * 27 + "…", "road"]
+    assert len(_axis_labels([long], width=10)[0]) == 10
