@@ -174,6 +174,7 @@ class AnnealToDeadline(L.Callback):
         now = timer.time_elapsed()
         if self._epoch_start is not None and now > self._epoch_start:
             self.epoch_seconds.append(now - self._epoch_start)  # training + validation
+            del self.epoch_seconds[:-self.recent]  # only the recent ones plan (and are saved)
         self._epoch_start = now
         if not self.epoch_seconds:
             return
