@@ -223,20 +223,22 @@ def _pair_folders(
     image_dir: Path, mask_dir: Path | None, recursive: bool = True, mask_suffix: str = ""
 ) -> tuple[list[Sample], list[Path], list[Path]]:
     """Match images and masks by relative stem (a mask's less ``mask_suffix``). Returns
-    (samples, orphan masks, duplicates). An image that is a broken link stays a sample, so
-    the check names it as unreadable (its mask had been reported as having no image)."""
-    links: list[Path] = []
-    found = find_images(image_dir, recursive=recursive, links=links)
-    broken = [p for p in links if not p.exists() and is_image_file(p)]
-    if broken:
-        found = sorted(found + broken,
-                       key=lambda f: _natural_key(f.relative_to(image_dir).as_posix()))
-    images, dup_img = _index_by_key(image_dir, found)
+    (samples, orphan masks, duplicates). An image that is a broken link and has a mask stays a
+    sample, so the check names it as unreadable (its mask had been reported as having no
+    image); links without a mask (a loop of links, say) are skipped, as other non-files are."""
     masks: dict[str, Path] = {}
     dup_mask: list[Path] = []
     if mask_dir is not None and mask_dir.is_dir():
         masks, dup_mask = _index_by_key(mask_dir, find_images(mask_dir, recursive=recursive),
                                         strip_suffix=mask_suffix)
+    links: list[Path] = []
+    found = find_images(image_dir, recursive=recursive, links=links)
+    broken = [p for p in links if not p.exists() and is_image_file(p)
+              and p.relative_to(image_dir).with_suffix("").as_posix() in masks]
+    if broken:
+        found = sorted(found + broken,
+                       key=lambda f: _natural_key(f.relative_to(image_dir).as_posix()))
+    images, dup_img = _index_by_key(image_dir, found)
     samples = [Sample(image=images[k], mask=masks.get(k)) for k in images]
     orphans = [masks[k] for k in masks if k not in images]
     return samples, orphans, dup_img + dup_mask
