@@ -37,6 +37,7 @@ should fill a given cache folder.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -243,7 +244,7 @@ def download(
     # What the .part holds: its URL and the file's ETag/Last-Modified, so that it is resumed
     # only with the rest of the same file (a .part of unknown origin starts over).
     record = part.with_name(part.name + ".json")
-    http = urllib.parse.urlparse(url).scheme in {"http", "https"}
+    over_http = urllib.parse.urlparse(url).scheme in {"http", "https"}
     out = AtomicFile(dest, temp=part)  # creates dest's folder; commit() renames part onto dest
     offset = part.stat().st_size if part.is_file() else 0
     held = _read_json(record) if offset else None
@@ -266,14 +267,17 @@ def download(
             digest, offset = _hash_prefix(part)
         else:
             digest, offset = hashlib.sha256(), 0
-            validator = _validator(response) if http else None  # only HTTP resumes
+            validator = _validator(response) if over_http else None  # only HTTP resumes
             if validator:
                 atomic_write_json(record, {"url": url, "validator": validator})
             else:
                 record.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else size
-        if total is None and expected is None and http and "chunked" not in (
+        # a resumed answer's Content-Range gives the whole file's size; a 206 that stops short
+        # of it leaves the download incomplete (resumed again), not done
+        total = size if size is not None else (
+            offset + int(length) if length and length.isdigit() else None)
+        if total is None and expected is None and over_http and "chunked" not in (
                 response.headers.get("Transfer-Encoding") or "").lower():
             log.warning("%s announces no length and no SHA-256 was given: a connection cut "
                         "short cannot be told from the end of the file", url)
@@ -289,7 +293,12 @@ def download(
                     digest.update(block)
                     received += len(block)
                     bar.update(len(block))
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: chunks cut
+                partial = getattr(exc, "partial", b"")  # what arrived of the last read
+                if isinstance(exc, http.client.IncompleteRead) and partial:
+                    fh.write(partial)
+                    digest.update(partial)
+                    received += len(partial)
                 if is_disk_full(exc):
                     raise DownloadError(_no_space(
                         f"download {url} (stopped after {received} bytes)", dest.parent,

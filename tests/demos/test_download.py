@@ -216,22 +216,30 @@ class _RangeHandler(BaseHTTPRequestHandler):
     etag = '"v1"'
     bad_range = False
     no_length = False
+    short_206 = 0  # answer a range with at most this many bytes (a valid partial 206)
+    chunked_cut = False  # a chunked 200 that stops after its first chunk
     ranges: list[tuple[str, str | None]] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
-        start = 0
+        start, end = 0, len(self.payload)
         if rng:
             type(self).ranges.append((rng, if_range))
         if rng and (if_range is None or if_range == self.etag):
             start = 0 if self.bad_range else int(rng.split("=")[1].rstrip("-"))
+            end = min(end, start + self.short_206) if self.short_206 else end
             self.send_response(206)
-            self.send_header("Content-Range",
-                             f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(self.payload)}")
         else:
             self.send_response(200)
-        body = self.payload[start:]
+        body = self.payload[start:end]
         self.send_header("ETag", self.etag)
+        if self.chunked_cut:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (1000, body[:1000]))  # no last chunk
+            self.close_connection = True
+            return
         if not self.no_length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -309,6 +317,23 @@ def test_download_never_splices_another_files_bytes(case: str, fake_zip: Path, t
     download(url, dest, progress=False)  # no SHA-256: only the transfer protects the file
     assert dest.read_bytes() == payload
     assert handler.ranges == ([] if case == "unknown part" else [("bytes=1000-", '"v1"')])
+
+
+def test_a_partial_206_or_a_cut_chunked_answer_is_resumed_not_committed(
+        fake_zip: Path, tmp_path: Path, serve) -> None:
+    """A 206 of fewer bytes than the rest of the file was committed as the whole file; a
+    chunked answer cut short was an http.client.IncompleteRead traceback."""
+    payload = fake_zip.read_bytes()
+    url, _ = serve(short_206=100)
+    dest = tmp_path / "dl" / "a.zip"
+    _interrupted(dest, payload[:1000], url)
+    with pytest.raises(DownloadError, match=rf"incomplete: got 1100 of {len(payload)} bytes"):
+        download(url, dest, progress=False)
+    assert not dest.exists() and (dest.parent / "a.zip.part").stat().st_size == 1100
+    url, _ = serve(chunked_cut=True)
+    with pytest.raises(DownloadError, match="stopped after 1000 bytes .* run the same command "
+                                            "again to resume it"):
+        download(url, tmp_path / "dl2" / "a.zip", progress=False)
 
 
 def test_download_without_a_length_is_warned_about(fake_zip: Path, tmp_path: Path, serve,
