@@ -256,29 +256,41 @@ class ResumableDataLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        """Position in the epoch: ``{"epoch", "batches", "items"}`` (batches and samples
-        already yielded)."""
+        """Position in the epoch: ``{"epoch", "batches", "batch_size"}`` (batches already
+        yielded, of that size)."""
         sampler = self.sampler
-        if not isinstance(sampler, EpochSampler):
-            return {"epoch": 0, "batches": 0, "items": 0}
         batch_size = max(1, int(self.batch_size or 1))
+        if not isinstance(sampler, EpochSampler):
+            return {"epoch": 0, "batches": 0, "batch_size": batch_size}
         return {"epoch": sampler.iter_epoch,
                 "batches": sampler.skipped // batch_size + self._yielded,
-                "items": sampler.skipped + self._yielded * batch_size}
+                "batch_size": batch_size}
 
     def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
-        """Skip the samples that ``state_dict`` says were trained on when that epoch resumes
-        (counted in samples: a run resumed with another ``data.batch_size`` skipped batches
-        of the new size, passing over samples never trained on).
+        """Skip the batches that ``state_dict`` says were trained on when that epoch resumes.
 
         Args:
-            state_dict: From :meth:`state_dict` (``items``; ``batches`` in older checkpoints).
+            state_dict: From :meth:`state_dict`.
+
+        Raises:
+            ConfigError: The checkpoint is from the middle of an epoch trained with another
+                ``data.batch_size`` (Lightning counts the epoch's batches in the saved size:
+                the resumed epoch would skip samples never trained on, or train some twice).
         """
-        if isinstance(self.sampler, EpochSampler):
-            items = state_dict.get("items")
-            if items is None:
-                items = int(state_dict.get("batches", 0)) * max(1, int(self.batch_size or 1))
-            self.sampler.resume(int(state_dict.get("epoch", 0)), int(items))
+        if not isinstance(self.sampler, EpochSampler):
+            return
+        batch_size = max(1, int(self.batch_size or 1))
+        batches = int(state_dict.get("batches", 0))
+        saved = int(state_dict.get("batch_size", batch_size))
+        per_epoch = (len(self.sampler) // saved if self.drop_last
+                     else math.ceil(len(self.sampler) / saved))
+        if saved != batch_size and 0 < batches < per_epoch:
+            raise ConfigError(
+                f"the checkpoint is from the middle of an epoch trained with data.batch_size "
+                f"{saved} (after {batches} batches), and this run has {batch_size}: the epoch "
+                f"would skip samples or train some twice. Resume with --data.batch_size {saved}, "
+                "or from a checkpoint saved at an epoch's end")
+        self.sampler.resume(int(state_dict.get("epoch", 0)), batches * batch_size)
 
 
 class _LazyIterator:

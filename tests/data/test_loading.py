@@ -199,10 +199,12 @@ def test_fit_with_uint8_batches_trains_as_with_float_batches(tmp_path: Path) -> 
     assert seen[True] == pytest.approx(seen[False], rel=1e-4)
 
 
-def test_a_resume_with_another_batch_size_skips_exactly_the_samples_trained_on() -> None:
-    """The loader's position was saved in batches and multiplied by the new batch size on
-    resume: samples never trained on in that epoch were skipped."""
+def test_a_mid_epoch_resume_with_another_batch_size_is_refused() -> None:
+    """The position was saved in batches and multiplied by the new batch size, and Lightning
+    counts the resumed epoch's batches in the saved size: samples never trained on in that
+    epoch were skipped (or some trained twice)."""
     from segpipe.data.loading import ResumableDataLoader
+    from segpipe.errors import ConfigError
 
     class Indices(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -214,17 +216,21 @@ def test_a_resume_with_another_batch_size_skips_exactly_the_samples_trained_on()
     def loader(batch_size: int) -> ResumableDataLoader:
         sampler = EpochSampler(Indices(), seed=0, shuffle=True)
         sampler.set_epoch(1)
-        return ResumableDataLoader(Indices(), batch_size=batch_size, sampler=sampler)
+        return ResumableDataLoader(Indices(), batch_size=batch_size, sampler=sampler,
+                                   drop_last=True)
 
     first = loader(2)
     batches = iter(first)
     trained = [i for _ in range(3) for i in next(batches).tolist()]  # 3 batches of 2
     state = first.state_dict()
-    assert state == {"epoch": 1, "batches": 3, "items": 6}
-    resumed = loader(4)
+    assert state == {"epoch": 1, "batches": 3, "batch_size": 2}
+    with pytest.raises(ConfigError, match=r"middle of an epoch trained with data.batch_size 2 "
+                                          r"\(after 3 batches\), and this run has 4"):
+        loader(4).load_state_dict(state)
+    resumed = loader(2)
     resumed.load_state_dict(state)
     rest = [i for batch in resumed for i in batch.tolist()]
     assert trained + rest == _sampler(12, seed=0).permutation(1)  # each sample once, in order
-    older = loader(2)  # a checkpoint from before "items" was saved
-    older.load_state_dict({"epoch": 1, "batches": 3})
-    assert [i for batch in older for i in batch.tolist()] == rest
+    # at an epoch's end (all 6 batches), the next epoch may take another batch size
+    loader(4).load_state_dict({"epoch": 1, "batches": 6, "batch_size": 2})
+    loader(4).load_state_dict({"epoch": 1, "batches": 3})  # older checkpoints: no size saved
