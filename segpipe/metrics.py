@@ -358,10 +358,10 @@ def metrics_report(
         "ignore_index": ignore_index,
         "definitions": dict(METRIC_DESCRIPTIONS),
     }
+    if nothing_scored(computed):  # the summary metrics are NaN (None) above
+        report["warning"] = NO_LABELLED_PIXELS
     if "confusion_matrix" in computed:
         cm = computed["confusion_matrix"]
-        if int(cm.sum()) == 0:  # the summary metrics are NaN (None) above
-            report["warning"] = NO_LABELLED_PIXELS
         report["confusion_matrix"] = cm.long().tolist()
         report["confusion_matrix_axes"] = "rows = ground truth class, columns = predicted class"
         report.update(confusion_stats(cm))

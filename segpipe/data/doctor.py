@@ -415,8 +415,8 @@ def sniff_masks(
         odd = [r["path"].name for r in looked if r["kind"] == "colours"]
         warns.append(
             f"{len(odd)} of the {len(looked)} sampled masks are colour images "
-            f"({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}) where most hold class "
-            "indices: export those as single-channel class indices like the others")
+            f"({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}) where most are "
+            "single-channel: export those as single-channel masks like the others")
     if main_kind == "colours":
         many = len(colours) > MAX_MASK_COLOURS
         count = f"more than {MAX_MASK_COLOURS}" if many else str(len(colours))

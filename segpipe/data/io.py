@@ -193,8 +193,9 @@ def _check_file(path: Path) -> None:
     """Raise ImageReadError for missing, non-regular or empty files."""
     if not path.exists():
         if path.is_symlink():
-            raise ImageReadError(path, f"a broken link (to {os.readlink(path)}, which does not "
-                                 "exist)", "point the link at the file, or remove it")
+            raise ImageReadError(path, f"a link that leads to no file (to {os.readlink(path)}: "
+                                 "missing, or a loop of links)",
+                                 "point the link at the file, or remove it")
         raise ImageReadError(path, "file not found", "check the path and the data root")
     if not path.is_file():
         raise ImageReadError(path, "not a regular file", "point to an image file")

@@ -68,16 +68,17 @@ def _graph_dump_held_back() -> Iterator[None]:
     """Hold back what is written to file descriptor 1 while torch exports: when the export
     fails, torch's TorchScript exporter prints the whole graph there (hundreds of lines before
     segpipe's one-line error; its ONNX log is switched on whatever was asked), and that is
-    dropped; on success anything written is passed on."""
+    dropped; on success anything written is passed on. (Process-wide: other threads' output
+    to fd 1 waits for the export too.)"""
     import tempfile
 
     sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no file descriptor 1 (an embedding host): nothing to hold back
-        yield
-        return
     with tempfile.TemporaryFile() as held:
+        try:
+            saved = os.dup(1)
+        except OSError:  # no file descriptor 1 (an embedding host): nothing to hold back
+            yield
+            return
         os.dup2(held.fileno(), 1)
         failed = True
         try:

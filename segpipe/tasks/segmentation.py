@@ -700,7 +700,8 @@ class SegmentationTask(L.LightningModule):
             self._warned_nothing_scored = True
             rank_zero_warn(
                 "validation scored no pixel: every val mask pixel is data.ignore_index, so "
-                "the val figures are NaN and choose no best checkpoint; check the val masks "
+                "the val figures are NaN and the best-* checkpoint is merely the first "
+                "validation's (--ckpt_path best means nothing); check the val masks "
                 "(data.mask_values, data.ignore_index)")
         computed = undefined_when_nothing_scored(computed)
         names = self.class_names
@@ -732,6 +733,9 @@ class SegmentationTask(L.LightningModule):
         if self.log_train_metrics:
             self._log_epoch("train")
         self.check_weights()  # for runs that validate rarely or never
+
+    def on_validation_epoch_start(self) -> None:
+        self.case_confusions["val"].reset()  # nothing left from a validation cut short
 
     def on_validation_epoch_end(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit" and \

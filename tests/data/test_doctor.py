@@ -580,8 +580,8 @@ def test_one_colour_mask_among_index_masks_is_named_not_taken_for_the_data_set(
                    "--splits=[train]", "--data.val_fraction=0")
     assert rc == 1  # the odd mask is still an error, named
     assert "-> class indices, values 0..2 (classes 0..2) (mixed: {'indices': 5, 'colours': 1})" in out
-    assert (f"1 of the 6 sampled masks are colour images ({odd.name}) where most hold class "
-            "indices") in out
+    assert (f"1 of the 6 sampled masks are colour images ({odd.name}) where most are "
+            "single-channel") in out
     assert "masks are colour-coded" not in out and "mask_colors: [[" not in out
     assert f"mask is a colour (RGB) image but no colour table is configured ({odd})" in out
 
@@ -609,6 +609,6 @@ def test_an_image_that_is_a_broken_link_is_named(tmp_path: Path, capsys) -> None
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
                    "--splits=[train]", "--data.val_fraction=0")
     assert rc == 1
-    assert (f"a broken link (to {tmp_path / 'moved.png'}, which does not exist) ({image}) -> "
-            "fix: point the link at the file, or remove it") in out
+    assert (f"a link that leads to no file (to {tmp_path / 'moved.png'}: missing, or a loop "
+            f"of links) ({image}) -> fix: point the link at the file, or remove it") in out
     assert "no matching image" not in out
