@@ -89,6 +89,12 @@ def case_mean_dice(cms: np.ndarray, k: int) -> np.ndarray:
                        axis=1)
 
 
+def first_best(values: np.ndarray) -> int:
+    """Index of the highest value, the first of ties; NaN (nothing to score) never wins."""
+    filled = np.where(np.isnan(values), -np.inf, values)
+    return int(np.argmax(filled))
+
+
 CRITERIA = {
     "mIoU pooled": lambda cms, k: pooled_miou(cms),
     "Dice pooled": lambda cms, k: dice(cms.sum(axis=1), k),
@@ -99,6 +105,8 @@ CRITERIA = {
 def analyse(path: Path, k: int, splits: int, seed: int) -> dict:
     """The comparison by split halves (see the module docstring), printed and returned."""
     epochs, cases, cms = read_record(path)
+    if not 0 <= k < cms.shape[-1]:
+        raise SystemExit(f"--class-index {k}: the record has classes 0..{cms.shape[-1] - 1}")
     n = len(cases)
     if n < 4:
         raise SystemExit(f"{path}: {n} val cases; halves need at least 4")
@@ -107,7 +115,7 @@ def analyse(path: Path, k: int, splits: int, seed: int) -> dict:
     target = case_mean_dice(cms, k)
     print("On the whole val (each criterion scores its own choice, so these flatter):")
     for name, criterion in CRITERIA.items():
-        e = int(np.argmax(criterion(cms, k)))
+        e = first_best(criterion(cms, k))
         print(f"  {name:22s} chooses epoch {epochs[e]:4d}: Dice mean over cases {target[e]:.4f}")
     print(f"  {'last':22s} epoch {epochs[-1]:4d}: Dice mean over cases {target[-1]:.4f}")
 
@@ -118,7 +126,7 @@ def analyse(path: Path, k: int, splits: int, seed: int) -> dict:
         a, b = order[: n // 2], order[n // 2:]
         on_b = case_mean_dice(cms[:, b], k)
         for name, criterion in CRITERIA.items():
-            scores[name].append(float(on_b[int(np.argmax(criterion(cms[:, a], k)))]))
+            scores[name].append(float(on_b[first_best(criterion(cms[:, a], k))]))
         scores["last"].append(float(on_b[-1]))
         scores["oracle"].append(float(on_b.max()))
     print(f"Chosen on half A, scored on the unseen half B ({splits} random halvings; "

@@ -77,3 +77,9 @@ def test_the_record_of_a_fit(tmp_path: Path, capsys) -> None:
         capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists"):
         study.main(["--record", str(record), "--", "--config", "configs/lgg_unet.yaml"])
+
+
+def test_an_epoch_without_a_score_is_never_chosen() -> None:
+    study = _script()
+    assert study.first_best(np.array([np.nan, 0.5, 0.7, 0.7])) == 2  # first of ties, NaN loses
+    assert study.first_best(np.array([np.nan, np.nan])) == 0
