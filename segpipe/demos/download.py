@@ -511,10 +511,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    return _read_json(folder / MANIFEST_NAME)
-
-
 def fetch_camvid(
     cache: str | os.PathLike[str] | None = None,
     url: str = CAMVID_URL,
@@ -550,7 +546,7 @@ def fetch_camvid(
     cache = Path(cache).expanduser() if cache is not None else default_cache_dir()
     counts = dict(CAMVID_COUNTS if counts is None else counts)
     target = cache / "CamVid"
-    manifest = _read_manifest(target)
+    manifest = _read_json(target / MANIFEST_NAME)
     if manifest is not None and (sha256 is None or manifest.get("sha256") == sha256.lower()):
         try:
             verify_camvid_tree(target, counts)

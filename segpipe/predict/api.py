@@ -96,6 +96,9 @@ class Segmenter:
             checkpoint's.
     """
 
+    #: The BatchNorm blend of the last :meth:`adapt_batchnorm`, if any.
+    _adaptation: Any = None
+
     def __init__(
         self,
         task: Any,
@@ -251,9 +254,8 @@ class Segmenter:
                  for crop in covering_tiles(self._prepared(item, resize=self.tile is None)["image"],
                                             self.tile))
         batches = (b.to(self.device) for b in same_shape_batches(tiles, self.batch_size))
-        held = getattr(self, "_adaptation", None)
-        if held is not None:  # blend against the training statistics, not the last blend's
-            held.restore()
+        if self._adaptation is not None:  # blend with the training statistics, not the last blend
+            self._adaptation.restore()
         with self._context():
             self._adaptation = adapt_batchnorm(self.task.net, batches, weight, forward=self.task)
         return self._adaptation

@@ -237,12 +237,13 @@ class AnnealToDeadline(L.Callback):
         it before its first step with exit 0, so a run cut short mid-schedule passed for a
         finished one (``fit && test`` tested it)."""
         timer = _timer(trainer)
-        budget = getattr(timer, "_duration", None)
-        if trainer.ckpt_path and budget is not None and timer.time_elapsed() >= budget:
-            spent = timedelta(seconds=int(timer.time_elapsed()))
+        remaining = timer.time_remaining() if timer is not None else None
+        if trainer.ckpt_path and remaining is not None and remaining <= 0:
+            spent = timer.time_elapsed()
             raise ConfigError(
-                f"--ckpt_path {trainer.ckpt_path}: its run has already trained {spent}, as long "
-                f"as this run's trainer.max_time ({timedelta(seconds=int(budget))}) or longer, "
+                f"--ckpt_path {trainer.ckpt_path}: its run has already trained "
+                f"{timedelta(seconds=int(spent))}, as long as this run's trainer.max_time "
+                f"({timedelta(seconds=int(spent + remaining))}) or longer, "
                 "so nothing would be trained: the model would stay where the checkpoint left "
                 "it. Give a longer --trainer.max_time to go on (a DeadlineCosineLR re-plans to "
                 "the new deadline), or score the checkpoint as it is with segpipe test.")

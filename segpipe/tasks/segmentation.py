@@ -1021,15 +1021,14 @@ class SegmentationTask(L.LightningModule):
         """A schedule shorter than the run: OneCycleLR stops it with torch's "Tried to step N
         times" in the middle of training (refused here, before it starts), and a cosine or
         polynomial horizon counted in the other unit than ``model.scheduler_interval`` (a
-        ``T_max`` in epochs stepped per step) makes the learning rate cycle (warned)."""
-        if self._trainer is None:
-            return
+        ``T_max`` in epochs stepped per step) makes the learning rate cycle (warned). Called
+        at :meth:`on_train_start`, where the training loader is built."""
         trainer = self.trainer
         per_step = self.scheduler_interval == "step"
         try:
             planned = float(trainer.estimated_stepping_batches) if per_step else float(
                 trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf)
-        except Exception:  # noqa: BLE001 - no train loader yet (validate/test): nothing to say
+        except Exception:  # noqa: BLE001 - a run Lightning cannot count: nothing to say
             return
         if not math.isfinite(planned):
             return  # a time budget: the length is not known
