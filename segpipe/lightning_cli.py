@@ -307,7 +307,8 @@ class _FitLock(Callback):
     """A file in the checkpoint folder that names the fit writing there (machine and process,
     as temporary files name theirs), so that a second fit into the same folder (a job started
     twice, a requeued job whose old process still runs) stops instead of moving the live run's
-    checkpoints aside while both keep writing ``last.ckpt``. Taken when the fit sets up (after
+    checkpoints aside while both keep writing ``last.ckpt`` (two started at the same moment
+    both stop, neither writes). Taken when the fit sets up (after
     the data check, before any checkpoint moves), touched every :attr:`REFRESH_S` seconds while
     it trains, removed when it ends or fails. A killed fit's is stale: at once on its own
     machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another machine
@@ -350,14 +351,19 @@ class _FitLock(Callback):
 
         from segpipe.fileio import _temp_name
 
-        error = self._other_fit() if trainer.is_global_zero else None
-        error = trainer.strategy.broadcast(error)  # every rank stops, none waits on the others
-        if error:
-            raise OutputDirError(error)
+        error = None
         if trainer.is_global_zero:
+            # Lock first, then look for others: two fits started together each see the other's
+            # lock and both stop, where looking first let both pass and both write.
             self.path = self.ckpt_dir / _temp_name(TMP_PREFIX, self.SUFFIX)
             self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
             self._touched = time.monotonic()
+            error = self._other_fit()
+            if error:
+                self._release()
+        error = trainer.strategy.broadcast(error)  # every rank stops, none waits on the others
+        if error:
+            raise OutputDirError(error)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

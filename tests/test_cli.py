@@ -568,6 +568,7 @@ def test_a_second_fit_into_a_folder_another_fit_writes_is_refused(dataset, tmp_p
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY]
         assert main(args) == 2
         assert "another segpipe fit" in capsys.readouterr().err
+        assert list(ckpt_dir.glob(f"{TMP_PREFIX}*")) == [lock]  # the refused fit's own is gone
     finally:
         other.kill()
         other.wait()
@@ -585,3 +586,23 @@ def test_a_second_fit_into_a_folder_another_fit_writes_is_refused(dataset, tmp_p
     old = time.time() - 301
     os.utime(remote, (old, old))
     assert main(args) == 0 and not remote.exists()
+
+
+def test_a_fit_takes_its_lock_before_it_looks_for_others(dataset, tmp_path, monkeypatch):
+    """Looking first and locking after let two fits started at the same moment both pass:
+    each must already hold its lock when it looks, so that each sees the other's."""
+    from segpipe.fileio import TMP_PREFIX
+    from segpipe.lightning_cli import _FitLock
+
+    held = []
+    original = _FitLock._other_fit
+
+    def looking(self):
+        held.append(sorted(p.name for p in self.ckpt_dir.glob(f"{TMP_PREFIX}*{self.SUFFIX}")))
+        return original(self)
+
+    monkeypatch.setattr(_FitLock, "_other_fit", looking)
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY]
+    assert main(args) == 0
+    assert len(held) == 1 and len(held[0]) == 1  # its own lock, there while it looked
