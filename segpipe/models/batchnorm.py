@@ -77,7 +77,7 @@ class BatchNormAdaptation:
                 layer.num_batches_tracked.copy_(count)
         self._layers, self._saved = [], []
 
-    def describe(self, source: str = "test images") -> str:
+    def describe(self, source: str = "input images") -> str:
         """One line for logs and reports."""
         w = self.weight
         return (f"{w:g} x the {source}' statistics + {1 - w:g} x training's, estimated on "

@@ -586,7 +586,7 @@ class PredictModule(L.LightningModule):
                 f"{self.options.tile or self.options.raster_tile} "
                 "px without nodata; use a smaller --tile, or drop the option") from None
         left_out = inputs.rasters_left_out
-        self.bn_description = self._bn_adaptation.describe("input images") + (
+        self.bn_description = self._bn_adaptation.describe() + (
             f" ({left_out} raster(s) without a window free of nodata left out)"
             if left_out else "")
 

@@ -190,6 +190,7 @@ def export_onnx(
         "onnx_sha256": digest,  # ties the sidecar to its graph
     }
     meta["eval_resize"] = list(config.eval_resize) if config.eval_resize else None
+    meta["checkpoint"] = str(Path(ckpt_path).resolve())  # still names it once the pair is copied
     side = atomic_write_json(sidecar_path(out), meta)
     return out, side
 

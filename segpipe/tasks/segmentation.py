@@ -789,7 +789,7 @@ class SegmentationTask(L.LightningModule):
         with self.trainer.precision_plugin.forward_context():
             self._bn_adaptation = adapt_batchnorm(self.net, self._test_images(), self.bn_adapt,
                                                   forward=self, reduce=reduce)
-        rank_zero_info(f"model.bn_adapt: BatchNorm statistics = {self._bn_adaptation.describe()}")
+        rank_zero_info(f"model.bn_adapt: BatchNorm statistics = {self._bn_adaptation.describe('test images')}")
 
     def _test_images(self) -> Any:
         """The test loaders' (N, C, H, W) images, on this device and normalised as in
@@ -845,7 +845,7 @@ class SegmentationTask(L.LightningModule):
         report["test_time_augmentation"] = self._tta_description()
         report["batchnorm_statistics"] = (
             "training's (plain)" if self._bn_adaptation is None
-            else self._bn_adaptation.describe())
+            else self._bn_adaptation.describe("test images"))
         per_case = self._log_case_means("test")
         if per_case is not None:
             # Images whose path the case pattern finds no case in: pooled, in no case.

@@ -32,6 +32,15 @@ def test_export_writes_graph_and_sidecar(tmp_path: Path, unet_ckpt: Path, capsys
     assert "segpipe predict --onnx" in capsys.readouterr().out
 
 
+def test_the_sidecar_names_the_checkpoint_by_its_absolute_path(
+        tmp_path: Path, unet_ckpt: Path, monkeypatch) -> None:
+    """A relative path meant nothing once the pair was copied elsewhere."""
+    monkeypatch.chdir(unet_ckpt.parent)
+    out = tmp_path / "model.onnx"
+    assert cli_main(["export", "--ckpt_path", unet_ckpt.name, "--output", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["checkpoint"] == str(unet_ckpt.resolve())
+
+
 def test_onnx_prediction_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> None:
     src = tmp_path / "in"
     sizes = [(45, 37), (64, 96), (120, 90)]  # odd sizes: pad, predict, crop back
