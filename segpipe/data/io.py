@@ -268,6 +268,11 @@ def _open_pillow(path: Path) -> Image.Image:
                 f"convert it, e.g. gdal_translate -of GTiff -co TILED=YES {path.name} "
                 f"{path.stem}.tif for a raster GDAL reads",
             ) from None
+        kind = _signature(path)
+        if kind is not None:  # an image's first bytes, but no readable header: cut short?
+            raise ImageReadError(
+                path, f"truncated or corrupt image data (it starts as a {kind} file, but its "
+                "header cannot be read)", "copy or export the file again") from None
         raise ImageReadError(
             path,
             "not an image Pillow or rasterio can read",
@@ -276,6 +281,27 @@ def _open_pillow(path: Path) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
+
+
+#: First bytes of the image formats segpipe reads, for telling a damaged image from a file
+#: that is no image at all.
+_SIGNATURES = (
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+)
+
+
+def _signature(path: Path) -> str | None:
+    """The image format ``path``'s first bytes announce, or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _orientation(img: Image.Image) -> int:

@@ -280,6 +280,18 @@ def test_truncated_tiff(tmp_path: Path) -> None:
     assert "truncated or corrupt" in exc.value.reason or "not an image" in exc.value.reason
 
 
+@pytest.mark.parametrize("head", [b"II*\x00" + (10**6).to_bytes(4, "little"),
+                                  b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_an_image_cut_before_its_header_is_truncated_not_no_image(tmp_path: Path, head) -> None:
+    """An LZW TIFF whose directory lies at its end (as LGG's do), cut short, was called "not
+    an image ... (not text or HTML saved with an image extension)"."""
+    p = tmp_path / ("cut.tif" if head.startswith(b"II") else "cut.png")
+    p.write_bytes(head + bytes(range(256)) * 8)
+    with pytest.raises(ImageReadError, match="truncated or corrupt image data") as exc:
+        read_image(p)
+    assert exc.value.path == p and "header cannot be read" in exc.value.reason
+
+
 def test_text_named_png(tmp_path: Path) -> None:
     p = tmp_path / "notes.png"
     p.write_text("<html>404 not found</html>")
