@@ -407,6 +407,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self._train_keys: torch.Tensor | None = None  # see _file_keys
         self._checked: set[str] = set()
         self.datasets: dict[str, Any] = {}
+        # Brightness jitter relative to each image's mean (not the dtype's maximum): for images
+        # that are not 8-bit RGB, whose values fill only part of [0, 1]; see _measure_stats.
+        self._color_relative = False
         self.test_split: str = "test"
 
     # ---------------------------------------------------------------- the data spec
@@ -467,10 +470,14 @@ class SegmentationDataModule(L.LightningDataModule):
         dtype = dtypes.pop() if len(dtypes) == 1 else None
         if dtype != self.spec.input_dtype:
             self.spec = dataclasses.replace(self.spec, input_dtype=dtype)
+        # Decided by the images, not by where mean/std come from: statistics pasted from
+        # `check-data` must train as the measured ones do (they once made the jitter absolute:
+        # shifts of up to 25 standard deviations on reflectance rasters).
+        self._color_relative = needs_measured_stats(
+            images, bands=self.bands, in_channels=self.in_channels, kinds=kinds)
         if self.spec.has_stats:
             return
-        if not needs_measured_stats(images, bands=self.bands, in_channels=self.in_channels,
-                                    kinds=kinds):
+        if not self._color_relative:
             mean, std = self.spec.normalization()
             self._set_stats(mean, std, "default")
             return
@@ -914,8 +921,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 # Padded pixels are ignored, or without an ignore index mirrored (image and
                 # mask): a fill label would teach invented pixels as a class.
                 mask_fill=self.ignore_index,
-                # Measured statistics mean the data does not span [0, 1] like 8-bit RGB does.
-                color_relative=self.spec.stats_source == "measured",
+                color_relative=self._color_relative,
             )
             seed_transform(transform, int(hp.seed))
         else:

@@ -246,6 +246,32 @@ def test_elastic_reaches_the_training_pipeline_only(tmp_path: Path) -> None:
         _dm(root, num_classes=3, elastic=-1.0)
 
 
+def _brightness_by_max(dm: SegmentationDataModule) -> bool:
+    (jitter,) = [t for t in dm.datasets["train"].transform.transforms
+                 if type(t).__name__ == "RandomBrightnessContrast"]
+    return bool(jitter.brightness_by_max)
+
+
+def test_brightness_jitter_follows_the_images_not_where_the_statistics_came_from(
+        tmp_path: Path) -> None:
+    """Pasting the mean/std that `check-data` prints (as it advises) made the jitter absolute:
+    shifts of 0.2 of the dtype's maximum on reflectance bands that span 0.02-0.09, up to 25
+    standard deviations, and a much worse model, in silence."""
+    four = make_folder_dataset(tmp_path / "four", n_train=3, n_val=1, n_test=0, size=(32, 32),
+                               channels=4, image_ext=".tif")
+    measured = _dm(four, num_classes=3, in_channels=4)
+    measured.setup("fit")
+    assert measured.spec.stats_source == "measured" and not _brightness_by_max(measured)
+    given = _dm(four, num_classes=3, in_channels=4, mean=measured.mean, std=measured.std)
+    given.setup("fit")
+    assert given.spec.stats_source == "config" and not _brightness_by_max(given)
+    rgb = make_folder_dataset(tmp_path / "rgb", n_train=3, n_val=1, n_test=0, size=(32, 32))
+    for kw in ({}, {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.2, 0.2]}):  # 8-bit RGB: by the max
+        dm = _dm(rgb, num_classes=3, **kw)
+        dm.setup("fit")
+        assert _brightness_by_max(dm)
+
+
 def test_channel_gain_reaches_the_training_pipeline_only(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(32, 32))
     dm = _dm(root, num_classes=3, channel_gain=(0.5, 2.0))
