@@ -303,6 +303,10 @@ class Segmenter:
             if mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1"):
                 item = item.convert("L" if mode in ("LA", "1") else "RGB")
             return np.asarray(item), f"PIL image ({mode})", None
+        masked = None
+        if isinstance(item, np.ma.MaskedArray):  # rasterio's read(masked=True): its nodata
+            masked = np.ma.getmaskarray(item)
+            item = np.ma.getdata(item)
         arr = item[:, :, None] if item.ndim == 2 else item
         if arr.ndim != 3:
             raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {item.shape}")
@@ -314,9 +318,16 @@ class Segmenter:
             raise ValueError(
                 f"the array of shape {item.shape} looks channel-first (C, H, W), as a tensor's "
                 f"numpy() and rasterio's read() are; give (H, W, C): array.transpose(1, 2, 0)")
+        picked = None
         if bands and arr.shape[2] != self.config.in_channels and max(bands) <= arr.shape[2]:
-            arr = arr[:, :, [b - 1 for b in bands]]  # as data.bands picks them from files
-        return arr, f"array {item.shape} {item.dtype}", None
+            picked = [b - 1 for b in bands]
+            arr = arr[:, :, picked]  # as data.bands picks them from files
+        valid = None
+        if masked is not None and masked.any():
+            masked = masked.reshape(arr.shape[:2] + (-1,))
+            # nodata where every band read is masked (GDAL's rule, as for files)
+            valid = ~(masked[:, :, picked] if picked and masked.shape[2] > 1 else masked).all(2)
+        return arr, f"array {item.shape} {item.dtype}", valid
 
     def _prepared(self, item: ImageLike, resize: bool) -> dict[str, torch.Tensor]:
         from segpipe.data.transforms import build_eval_transform

@@ -219,6 +219,33 @@ def test_nan_and_nodata_pixels_are_nodata_in_the_command_and_the_api(tmp_path: P
     assert np.allclose(probs[:, ~hole].sum(axis=0), 1.0, atol=1e-3)
 
 
+def test_a_masked_array_is_predicted_as_its_raster_file_is(tmp_path: Path, unet_ckpt: Path) -> None:
+    """rasterio's read(masked=True), the usual way to get a scene with its nodata: the mask was
+    dropped and the nodata border predicted as classes, where the file itself gives 255."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    pixels = np.random.default_rng(1).integers(1, 255, (3, 40, 56)).astype(np.uint8)
+    pixels[:, :, :12] = 0  # a nodata border
+    pixels[0, 20:, 30:] = 0  # one band's zeros are data: nodata needs every band
+    profile = dict(driver="GTiff", height=40, width=56, count=3, dtype="uint8", nodata=0,
+                   crs="EPSG:32633", transform=from_origin(500000, 4600000, 10, 10))
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(pixels)
+    with rasterio.open(path) as ds:
+        masked = np.moveaxis(ds.read(masked=True), 0, -1)
+    seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu")
+    expected = seg.predict(path)
+    assert (expected[:, :12] == 255).all() and (expected[:, 12:] < 3).all()
+    assert np.array_equal(seg.predict(masked), expected)
+    assert np.array_equal(seg.predict(masked, tile=32), seg.predict(path, tile=32))
+    probs = seg.predict_proba(masked)
+    assert (probs[:, :, :12] == 0).all() and np.allclose(probs[:, :, 12:].sum(0), 1, atol=1e-3)
+    plain = np.ma.getdata(masked)  # the same pixels without their mask: every pixel a class
+    assert (seg.predict(plain) < 3).all()
+
+
 def test_tensors_and_wide_integer_arrays_are_named(unet_ckpt: Path, caplog) -> None:
     import torch
 
