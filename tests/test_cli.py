@@ -426,7 +426,7 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         # the task, the network, the data module (jsonargparse wraps its error), the schedule
         (["--model.ohem_fraction=2"], "model.ohem_fraction is the fraction of pixels kept"),
         (["--model.net.init_args.depth=0"], "UNet depth must be an int in [1, 8], got 0."),
-        (["--data.batch_size=0"], "data.batch_size and data.eval_batch_size must be >= 1"),
+        (["--data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
         (["--model.lr_scheduler=segpipe.tasks.schedules.DeadlineCosineLR",
           "--model.lr_scheduler.init_args.eta_min_ratio=3"], "eta_min_ratio must be in [0, 1]"),
         (["--data.val_fraction=null"], "data.val_fraction cannot be null; give a value (its "

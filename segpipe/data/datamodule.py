@@ -292,8 +292,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.num_classes must be >= 2 (background counts as a class), got "
                 f"{num_classes}; a binary task is data.num_classes 2 (with 0/255 masks: "
                 "data.mask_values '{0: 0, 255: 1}')")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{option} must be >= 1, got {value}")
         if samples_per_epoch is not None and samples_per_epoch < batch_size:
             raise ConfigError(f"data.samples_per_epoch must be >= data.batch_size ({batch_size}) "
                               f"or null (one pass over the training set), got {samples_per_epoch}")

@@ -290,6 +290,12 @@ def check_ignore_index(
     head = (f"data.ignore_index {i} is one of the classes 0..{k - 1}: that class would be "
             "neither learnt nor scored while the network keeps an output for it. ")
     tail = f"data.num_classes {k - 1} and data.ignore_index 255"
+    if k <= 2:  # leaving the class out would leave a single one, which cannot be learnt
+        raise ConfigError(
+            f"{head}With {k} classes, ignoring one leaves nothing to tell apart: set "
+            "data.ignore_index null, or a value no class uses (255 where the masks mark "
+            "unlabelled pixels with it); masks of 0 and 255 need data.mask_values "
+            "'{0: 0, 255: 1}'")
     if mask_colors:
         colour = list(mask_colors[i])[:3] if i < len(mask_colors) else None
         raise ConfigError(

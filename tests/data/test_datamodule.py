@@ -198,6 +198,11 @@ def test_an_ignore_index_among_the_classes_is_refused_with_a_fix_that_works(
     dm.setup("fit")
     mask = next(iter(dm.train_dataloader()))["mask"]
     assert set(mask.unique().tolist()) <= {0, 1, 255}
+    # Two classes: the remap left one class, which data.num_classes then refused.
+    with pytest.raises(ConfigError) as err:
+        _dm(folder_root, num_classes=2, ignore_index=0)
+    assert "ignoring one leaves nothing to tell apart" in str(err.value)
+    assert "num_classes 1" not in str(err.value)
 
 
 def test_train_without_drop_last_and_workers(tmp_path: Path) -> None:
