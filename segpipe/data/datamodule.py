@@ -78,6 +78,23 @@ _CASE_SPLIT_KEYS = ("val_cases", "val_case_fraction", "fold", "seed")
 _FILE_SPLIT_KEYS = ("val_fraction", "val_cases", "val_case_fraction", "fold", "seed")
 
 
+def _check_scaled_stats(mean: Sequence[float], std: Sequence[float], dtype: str) -> None:
+    """Refuse a given mean/std that integer images, scaled by their type's maximum, cannot
+    have (|mean| > 1 or std > 1): statistics in raw units (reflectance x 10000, from a GIS)
+    normalised every pixel to about the same value, and the model learnt nothing, in silence."""
+    if np.dtype(dtype).kind not in "iu":
+        return
+    if all(abs(m) <= 1 for m in mean) and all(s <= 1 for s in std):
+        return
+    top = np.iinfo(np.dtype(dtype)).max
+    raise ConfigError(
+        f"data.mean {list(mean)} / data.std {list(std)} look like raw pixel values, but segpipe "
+        f"divides {dtype} images by {top} before normalising, so their mean lies within "
+        "[-1, 1] and their std below 1: give the statistics of the scaled images (`segpipe "
+        "check-data` prints them, in its [0, 1] columns), or leave data.mean and data.std out "
+        "to have them measured")
+
+
 def _file_keys(samples: Sequence[Sample], root: Path) -> torch.Tensor:
     """One 64-bit key per sample's image: a hash of its path relative to ``root`` and its size
     in bytes, so the training files of a checkpoint are recognised (8 bytes each in the
@@ -477,6 +494,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self._color_relative = needs_measured_stats(
             images, bands=self.bands, in_channels=self.in_channels, kinds=kinds)
         if self.spec.has_stats:
+            if self.spec.stats_source == "config" and dtype is not None:
+                _check_scaled_stats(self.spec.mean or [], self.spec.std or [], dtype)
             return
         if not self._color_relative:
             mean, std = self.spec.normalization()

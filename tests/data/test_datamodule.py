@@ -277,6 +277,22 @@ def test_brightness_jitter_follows_the_images_not_where_the_statistics_came_from
         assert _brightness_by_max(dm)
 
 
+def test_statistics_in_raw_units_for_integer_images_are_refused(tmp_path: Path) -> None:
+    """Reflectance x 10000 statistics pasted from a GIS normalised every pixel of uint16 images
+    to about -2 and the model learnt nothing, in silence."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(16, 16))
+    rng = np.random.default_rng(0)
+    for path in sorted((root / "train" / "images").glob("*.png")):
+        path.unlink()
+        write_image(path.with_suffix(".tif"), rng.integers(0, 10000, (16, 16, 3), dtype=np.uint16))
+    raw = _dm(root, num_classes=3, mean=[2998.9, 3060.9, 1451.9], std=[1396.1, 1539.8, 530.0])
+    with pytest.raises(ConfigError, match=r"look like raw pixel values, but segpipe divides "
+                                          r"uint16 images by 65535"):
+        raw.setup("fit")
+    scaled = _dm(root, num_classes=3, mean=[0.08, 0.08, 0.08], std=[0.04, 0.04, 0.04])
+    scaled.setup("fit")  # statistics of the scaled images: fine
+
+
 def test_channel_gain_reaches_the_training_pipeline_only(tmp_path: Path) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(32, 32))
     dm = _dm(root, num_classes=3, channel_gain=(0.5, 2.0))
