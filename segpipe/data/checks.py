@@ -19,7 +19,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from segpipe.data.datasets import Sample, check_label_range, code_colour, colour_codes, encode_mask
-from segpipe.data.io import ImageReadError, image_size, read_image_valid, read_mask
+from segpipe.data.io import (
+    ImageReadError,
+    grid_mismatch,
+    image_size,
+    read_image_valid,
+    read_mask,
+)
 from segpipe.runtime import available_cpus
 
 __all__ = [
@@ -51,6 +57,9 @@ FIXES: dict[str, str] = {
     "unreadable_image": "re-export the file or remove it",
     "unreadable_mask": "re-export the file or remove the pair",
     "size_mismatch": "re-export the mask at the image's size",
+    "grid_mismatch": "rasterise or warp the mask onto its image's grid (e.g. gdalwarp -t_srs "
+    "<the image's CRS> -te <its bounds> -ts <its width> <its height> -r near), or drop the "
+    "georeference of one of them if they do overlay",
     "bad_labels": "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
     "or fix data.num_classes",
     "nodata_pixels": "set data.ignore_index (e.g. 255): nodata pixels are then left out of the "
@@ -84,6 +93,7 @@ _NOUNS: dict[str, str] = {
     "unreadable_image": "image",
     "unreadable_mask": "mask",
     "size_mismatch": "mask",
+    "grid_mismatch": "mask",
     "bad_labels": "mask",
     "channel_mismatch": "image",
     "unlisted_labels": "mask",
@@ -139,7 +149,8 @@ class Problem:
         path: The offending file.
         split: Split it belongs to.
         kind: One of ``missing_mask``, ``orphan_mask``, ``duplicate``, ``unreadable_image``,
-            ``unreadable_mask``, ``size_mismatch``, ``bad_labels``, ``nonfinite_pixels``,
+            ``unreadable_mask``, ``size_mismatch``, ``grid_mismatch``, ``bad_labels``,
+            ``nonfinite_pixels``,
             ``unlisted_labels`` (a warning: :data:`WARNING_KINDS`; tools may add their own,
             e.g. ``segpipe check-data``'s ``channel_mismatch``).
         message: What is wrong.
@@ -491,6 +502,11 @@ def _check_pair(
                 cause=f"{sizes} is {size[1]}×{size[0]} (W×H)",
             )
         )
+    elif size is not None:
+        grid = grid_mismatch(sample.image, sample.mask)
+        if grid is not None:
+            out.append(Problem(sample.mask, split, "grid_mismatch", f"{grid} ({sample.image.name})",
+                               FIXES["grid_mismatch"], cause=grid.split(" by ")[0]))
     jpeg = "JPEG compression is lossy and changes label values at class edges"
     try:
         labels = encode_mask(raw, sample.mask, mask_values, mask_colors, ignore_index)

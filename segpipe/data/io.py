@@ -48,6 +48,7 @@ __all__ = [
     "RasterReader",
     "RasterWriter",
     "image_size",
+    "grid_mismatch",
     "is_image_file",
     "mask_palette",
     "open_raster",
@@ -1045,6 +1046,39 @@ def probe_raster(path: _PathLike) -> RasterInfo | None:
             return RasterInfo(ds, p)
     except (RasterioIOError, RasterioError):
         return None
+
+
+def grid_mismatch(image: _PathLike, mask: _PathLike) -> str | None:
+    """How a georeferenced mask's pixel grid differs from its georeferenced image's, or None.
+
+    Pairs are matched by name and compared by size; a mask rasterised over another extent, at
+    another resolution or in another CRS has the image's size all the same, and its labels
+    would be trained on pixels they do not cover. Only files that both carry a CRS (for the
+    CRS) or both a transform (for the grid) are compared: a plain PNG mask beside a GeoTIFF
+    image is fine.
+
+    Returns:
+        A reason (``"mask is offset from its image by +20 columns and -3 rows"``), or None.
+    """
+    try:
+        a = probe_raster(image)
+        b = probe_raster(mask) if a is not None and a.georeferenced else None
+    except ImageReadError:
+        return None
+    if a is None or b is None:
+        return None
+    if a.crs is not None and b.crs is not None and a.crs != b.crs:
+        return f"mask's CRS {b.crs.to_string()} is not its image's {a.crs.to_string()}"
+    ta, tb = a.transform, b.transform
+    if ta.is_identity or tb.is_identity:
+        return None
+    if not np.allclose([tb.a, tb.b, tb.d, tb.e], [ta.a, ta.b, ta.d, ta.e], rtol=1e-6, atol=0):
+        return (f"mask's pixel size {abs(tb.a):g}×{abs(tb.e):g} (or rotation) is not its "
+                f"image's {abs(ta.a):g}×{abs(ta.e):g}")
+    col, row = ~ta @ (tb.c, tb.f)  # the mask's top-left corner in the image's pixels
+    if abs(col) > 0.01 or abs(row) > 0.01:
+        return f"mask is offset from its image by {col:+.3g} columns and {row:+.3g} rows"
+    return None
 
 
 class RasterReader:

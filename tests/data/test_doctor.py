@@ -442,6 +442,47 @@ def test_check_samples_groups_truncated_files_and_sizes(tmp_path: Path) -> None:
     assert groups[1].text == "mask is 16×12 but image is 32×24 (W×H)"
 
 
+def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> None:
+    """A mask rasterised over another extent or in another CRS has its image's size all the
+    same: it passed check-data and fit trained on labels shifted off their pixels."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    root = tmp_path / "ds"
+    for sub in ("images", "masks"):
+        (root / "train" / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def write(path, array, crs, x0, y0, res=10.0):
+        profile = dict(driver="GTiff", height=16, width=20, count=1, dtype="uint8", crs=crs,
+                       transform=from_origin(x0, y0, res, res))
+        with rasterio.open(path, "w", **profile) as ds:
+            ds.write(array[None])
+
+    cases = {  # name: the mask's (crs, x0, y0, res); the image is EPSG:32633 at (500000, 4600000)
+        "aligned": ("EPSG:32633", 500000, 4600000, 10.0),
+        "shifted": ("EPSG:32633", 500200, 4600030, 10.0),
+        "other_crs": ("EPSG:32632", 500000, 4600000, 10.0),
+        "coarser": ("EPSG:32633", 500000, 4600000, 20.0),
+        "sub_pixel": ("EPSG:32633", 500000.05, 4600000, 10.0),  # rounding: fine
+    }
+    for name, (crs, x0, y0, res) in cases.items():
+        write(root / "train" / "images" / f"{name}.tif",
+              rng.integers(0, 255, (16, 20), dtype=np.uint8), "EPSG:32633", 500000, 4600000)
+        write(root / "train" / "masks" / f"{name}.tif", rng.integers(0, 2, (16, 20), dtype=np.uint8),
+              crs, x0, y0, res)
+    write_image(root / "train" / "images" / "plain.tif", np.zeros((16, 20, 1), np.uint8))
+    write_mask(root / "train" / "masks" / "plain.tif", np.zeros((16, 20), np.uint8))  # no georef
+    problems = check_samples(scan_folder(root), num_classes=2, decode_images=True)
+    found = {p.path.stem: p.message for p in problems if p.kind == "grid_mismatch"}
+    assert found == {
+        "shifted": "mask is offset from its image by +20 columns and -3 rows (shifted.tif)",
+        "other_crs": "mask's CRS EPSG:32632 is not its image's EPSG:32633 (other_crs.tif)",
+        "coarser": "mask's pixel size 20×20 (or rotation) is not its image's 10×10 (coarser.tif)",
+    }
+    assert all("gdalwarp" in p.fix for p in problems if p.kind == "grid_mismatch")
+
+
 def test_lossless_masks_still_get_the_num_classes_advice(tmp_path: Path, capsys) -> None:
     root = _folder(tmp_path / "ds")
     labels = np.zeros((24, 32), np.uint8)
