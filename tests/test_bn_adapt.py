@@ -80,6 +80,16 @@ def test_test_and_predict_adapt_alike_and_say_so(shifted_run, tmp_path, capsys):
     assert np.array_equal(cm, np.asarray(adapted["confusion_matrix"]))
 
 
+def test_the_estimate_leaves_persistent_loader_workers_their_test_pass(shifted_run, capsys):
+    """With loader workers (persistent: segpipe's default on any GPU machine) the estimate's
+    pass took Lightning's iterator: the test scored no image, wrote no metrics, exited 0."""
+    root, run = shifted_run
+    alone = _test(root, run, capsys, "--model.bn_adapt=0.5")
+    workers = _test(root, run, capsys, "--model.bn_adapt=0.5", "--data.num_workers=1")
+    assert workers["num_images"] == alone["num_images"] == 5
+    assert workers["confusion_matrix"] == alone["confusion_matrix"]
+
+
 def test_out_of_range_weights_are_one_line_errors(shifted_run, tmp_path, capsys):
     root, run = shifted_run
     code = main(["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--input",

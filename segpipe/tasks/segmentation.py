@@ -140,6 +140,23 @@ def to_mask_size(x: Tensor, mask_hw: tuple[int, int], sizes: Tensor | None = Non
     return out
 
 
+def _one_pass(loader: Any) -> Any:
+    """``loader`` for one pass of its own. A DataLoader with persistent workers hands every
+    ``iter()`` its one iterator, which Lightning's test loop has already taken: a pass of
+    ours (the ``bn_adapt`` estimate) emptied it, and the test then scored no image."""
+    if not getattr(loader, "persistent_workers", False):
+        return loader
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        loader.dataset, batch_sampler=loader.batch_sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        prefetch_factor=loader.prefetch_factor, timeout=loader.timeout,
+        generator=loader.generator, persistent_workers=False)
+
+
 class SegmentationTask(L.LightningModule):
     """Semantic segmentation around any network.
 
@@ -798,7 +815,7 @@ class SegmentationTask(L.LightningModule):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         datamodule = self.trainer.datamodule
         for idx, loader in enumerate(loaders):
-            for batch in loader:
+            for batch in _one_pass(loader):
                 batch = self.transfer_batch_to_device(batch, self.device, idx)
                 if datamodule is not None:
                     batch = datamodule.on_after_batch_transfer(batch, idx)
@@ -823,6 +840,11 @@ class SegmentationTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         computed = self._log_epoch("test")
         if not computed:
+            if self._trainer is not None and self.trainer.limit_test_batches != 0:
+                # Not one batch anywhere: an empty split is refused before this, so this is a
+                # fault; exit 0 without metrics passed for a test in `fit && test` pipelines.
+                raise RuntimeError("segpipe test scored no image: the test loaders gave no "
+                                   "batch, so there are no metrics to write")
             return
         names = self.class_names
         images, worst = self.test_images, self.worst_images
