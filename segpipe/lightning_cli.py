@@ -287,7 +287,9 @@ def set_aside_unrecorded_checkpoints(ckpt_dir: Path, resume: Path, weights_only:
 class _RunConfigCallback(SaveConfigCallback):
     """Lightning's ``config.yaml`` writer, into the run's own folder
     (:func:`~segpipe.tracking.run_output_dir`): with MLflow or W&B, ``trainer.log_dir`` is the
-    store every run shares, where each run overwrote the last one's config."""
+    store every run shares, where each run overwrote the last one's config. Without a logger,
+    ``validate`` and ``test`` write ``validate_config.yaml``/``test_config.yaml`` beside the
+    fit's ``config.yaml``."""
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if self.already_saved:
@@ -295,9 +297,15 @@ class _RunConfigCallback(SaveConfigCallback):
         from segpipe.tracking import run_output_dir
 
         out = run_output_dir(trainer)
+        name = self.config_filename
+        stage = str(getattr(stage, "value", stage))  # Lightning may pass its TrainerFn
+        if trainer.logger is None and stage != "fit":
+            # Without a logger every command writes into default_root_dir: a test's config
+            # replaced the fit's there.
+            name = f"{stage}_{name}"
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(out / self.config_filename), skip_none=False,
+            self.parser.save(self.config, str(out / name), skip_none=False,
                              overwrite=self.overwrite, multifile=self.multifile)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

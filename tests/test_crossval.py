@@ -172,6 +172,10 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
         assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
         assert main(["test", *args, "--ckpt_path", "last"]) == 0
         runs.append(run)
+        # Without a logger both commands write into the run folder: the test's config went
+        # over the fit's config.yaml.
+        assert "ckpt_path: null" in (run / "config.yaml").read_text()
+        assert "last.ckpt" in (run / "test_config.yaml").read_text()
     # resuming a fold with the same split is fine
     assert main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last"]) == 0
     # fold 1's checkpoint scored on fold 0's val patients, on which it trained: refused
