@@ -507,6 +507,24 @@ def test_symlink_loops_are_skipped_without_hanging(tmp_path: Path, capsys, caplo
     assert str(imgs / "up") in caplog.text
 
 
+def test_rasters_segpipe_does_not_read_are_named_not_skipped_in_silence(
+        tmp_path: Path, caplog, pointwise_ckpt_bad: Path) -> None:
+    """A folder of .vrt mosaics or .jp2 scenes gave "2 written, 0 failed", exit 0."""
+    imgs = tmp_path / "scenes"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(imgs / "a.tif")
+    for name in ("d.vrt", "e.img", "e.img.aux.xml", "notes.txt"):
+        (imgs / name).write_text("<VRTDataset/>")
+    caplog.set_level("WARNING")
+    assert cli_main(["predict", "--ckpt_path", str(pointwise_ckpt_bad), "--input", str(imgs),
+                     "--output", str(tmp_path / "out"), "--accelerator", "cpu",
+                     "--no-progress"]) == 0
+    assert f"2 raster file(s) under {imgs} left out" in caplog.text, caplog.text
+    assert f"{imgs / 'd.vrt'}, {imgs / 'e.img'};" in caplog.text
+    assert "aux.xml" not in caplog.text and "notes.txt" not in caplog.text
+    assert "gdal_translate -of GTiff -co TILED=YES d.vrt d.tif" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def pointwise_ckpt_bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_ckpt(tmp_path_factory.mktemp("ckpt") / "pointwise.ckpt",

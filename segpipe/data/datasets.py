@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segpipe.data.io import (
+    UNREAD_RASTER_EXTENSIONS,
     ImageReadError,
     is_image_file,
     read_image_valid,
@@ -156,7 +157,8 @@ def _natural_key(text: str) -> list[Any]:
 
 
 def find_images(
-    path: str | Path, recursive: bool = True, links: list[Path] | None = None
+    path: str | Path, recursive: bool = True, links: list[Path] | None = None,
+    unread: list[Path] | None = None,
 ) -> list[Path]:
     """Image files under a folder (or the file itself), naturally sorted.
 
@@ -168,6 +170,9 @@ def find_images(
         recursive: Search sub-folders too.
         links: When given, the links met that were not followed or lead nowhere (links to
             folders, broken links) are appended to it, sorted, for the caller to name.
+        unread: When given, the files in raster formats segpipe does not read
+            (:data:`~segpipe.data.io.UNREAD_RASTER_EXTENSIONS`: ``.vrt``, ``.jp2``, ...) are
+            appended to it, sorted, for the caller to name.
 
     Returns:
         Sorted list of image files (hidden files skipped).
@@ -182,6 +187,7 @@ def find_images(
         raise FileNotFoundError(f"{p}: no such file or folder")
     files: list[Path] = []
     unfollowed: list[Path] = []
+    rasters: list[Path] = []
     for dirpath, dirs, names in os.walk(p):  # os.walk does not descend into folder links
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         here = Path(dirpath)
@@ -193,12 +199,16 @@ def find_images(
             if f.is_file():
                 if is_image_file(f):
                     files.append(f)
+                elif f.suffix.lower() in UNREAD_RASTER_EXTENSIONS:
+                    rasters.append(f)
             elif f.is_symlink():  # broken, or a loop of links
                 unfollowed.append(f)
         if not recursive:
             break
     if links is not None:
         links += sorted(unfollowed)
+    if unread is not None:
+        unread += sorted(rasters)
     return sorted(files, key=lambda f: _natural_key(f.relative_to(p).as_posix()))
 
 

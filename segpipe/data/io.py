@@ -43,6 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "TIFF_EXTENSIONS",
+    "UNREAD_RASTER_EXTENSIONS",
     "ImageReadError",
     "RasterInfo",
     "RasterReader",
@@ -97,6 +98,13 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 TIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
 """Extensions read with rasterio first (any band count, GeoTIFF)."""
+
+UNREAD_RASTER_EXTENSIONS: frozenset[str] = frozenset({
+    ".vrt", ".jp2", ".j2k", ".img", ".geotiff", ".gtiff", ".ecw", ".sid", ".hdf", ".h5",
+    ".nc", ".dem", ".asc", ".bil", ".rst", ".ntf", ".kea", ".grd",
+})
+"""Raster formats GDAL reads and segpipe does not (a folder of them is named, not skipped in
+silence): convert them to GeoTIFF (``gdal_translate -of GTiff``)."""
 
 _DEFAULT_HINT = "re-export the file (e.g. as PNG or GeoTIFF) or remove it from the data set"
 _ORIENTATION_TAG = 0x0112

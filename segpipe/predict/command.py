@@ -91,12 +91,20 @@ def find_inputs(
 
     src = Path(input_path)
     links: list[Path] = []
-    files = find_images(src, links=links)
+    unread: list[Path] = []
+    files = find_images(src, links=links, unread=unread)
     if links and _rank_from_env() == 0:
         log.warning(
             "%d link(s) under %s not followed (a folder link may loop back; a broken one has "
             "no target): %s%s; give such a folder as --input itself to predict it", len(links),
             src, ", ".join(str(p) for p in links[:5]), " ..." if len(links) > 5 else "")
+    if unread and _rank_from_env() == 0:
+        log.warning(
+            "%d raster file(s) under %s left out: segpipe reads %s, not %s files: %s%s; convert "
+            "them to GeoTIFF, e.g. gdal_translate -of GTiff -co TILED=YES %s %s.tif", len(unread),
+            src, ", ".join(IMAGE_EXTENSIONS), "/".join(sorted({p.suffix.lower() for p in unread})),
+            ", ".join(str(p) for p in unread[:5]), " ..." if len(unread) > 5 else "",
+            unread[0].name, unread[0].stem)
     root = src if src.is_dir() else src.parent
     out_root = Path(output_dir).resolve()
     if src.is_dir() and out_root == src.resolve():
