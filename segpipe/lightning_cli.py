@@ -18,7 +18,7 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -569,6 +569,7 @@ class SegpipeCLI(LightningCLI):
         """
         super().parse_arguments(parser, args)
         self._ckpt_path: str | None = None
+        self._ckpt_bands: list[int] | None = None  # the checkpoint's data.bands, if any
         self._resumes_last = False  # fit --ckpt_path last, with a last.ckpt to resume from
         if not self.config.get("subcommand"):
             return
@@ -596,6 +597,8 @@ class SegpipeCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} {where}; give a .ckpt file, or best / last for the "
                 "run in --trainer.default_root_dir")
         ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
+        spec = (ckpt.get("hyper_parameters") or {}).get("data_spec")
+        self._ckpt_bands = spec.get("bands") if isinstance(spec, Mapping) else None
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)
         for name in EVALUATION_OPTIONS:  # settings of this run, not of the trained model
@@ -660,12 +663,32 @@ class SegpipeCLI(LightningCLI):
                 "job's first start does); if you meant to resume, check "
                 f"--trainer.default_root_dir{hint}")
             cfg.ckpt_path = None
+        self._check_bands_given(cfg, subcommand)
         self._split_step_checkpoint(cfg)
         _name_monitored_metric(cfg.checkpoint)
         _check_net_links(cfg, sys.argv[1:])
         self._check_nulls(cfg)
         self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)
+
+    def _check_bands_given(self, cfg: Any, subcommand: str | None) -> None:
+        """A validate or test of a checkpoint trained on some of its files' bands needs
+        ``data.bands``: without it the files' own bands were read (and the check's fix
+        suggested the first ones, which scored as wrong bands do)."""
+        bands = getattr(self, "_ckpt_bands", None)
+        if subcommand not in ("validate", "test") or not bands:
+            return
+        data = cfg.get("data")
+        args = data.get("init_args", data) if data is not None and hasattr(data, "get") else None
+        if args is None or not _is_segpipe_data_module(str(data.get("class_path", _DEFAULT_DATA))):
+            return
+        if args.get("bands") is None:
+            shown = "[" + ", ".join(str(int(b)) for b in bands) + "]"
+            raise ConfigError(
+                f"the checkpoint was trained on bands {shown} of its files (data.bands), but "
+                f"this {subcommand} gives no data.bands: pass --data.bands '{shown}' (or, for "
+                "files whose bands lie otherwise, the bands of these files that hold the same "
+                "data), or the run's config.yaml")
 
     @staticmethod
     def _check_nulls(cfg: Any) -> None:

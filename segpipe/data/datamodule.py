@@ -612,17 +612,29 @@ class SegmentationDataModule(L.LightningDataModule):
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Take the statistics of a checkpoint's spec when the config gives none.
+        """Take the statistics of a checkpoint's spec when the config gives none, and in a
+        ``validate`` or ``test`` always (with a warning when the config gives others).
 
         Raises:
             DataSplitError: The val split this run scores holds cases the checkpoint trained
                 on (e.g. ``segpipe test`` on fold 1's checkpoint without ``--data.fold 1``).
         """
         saved = state_dict.get("spec") or {}
-        if saved.get("mean") is not None and saved.get("std") is not None and (
-            self.spec.stats_source in ("", "default", "measured")
-        ):
-            self._set_stats(saved["mean"], saved["std"], saved.get("stats_source") or "measured")
+        if saved.get("mean") is not None and saved.get("std") is not None:
+            source = saved.get("stats_source") or "measured"
+            if self.spec.stats_source in ("", "default", "measured"):
+                self._set_stats(saved["mean"], saved["std"], source)
+            elif self._stage() in ("validate", "test") and not (
+                    np.allclose(saved["mean"], self.spec.mean or [], rtol=1e-6, atol=0)
+                    and np.allclose(saved["std"], self.spec.std or [], rtol=1e-6, atol=0)):
+                # The model is scored as it was trained, and as `segpipe predict` normalises:
+                # other statistics given here scored it on inputs it never saw, in silence.
+                rank_zero_warn(
+                    f"the checkpoint was trained with data.mean {list(saved['mean'])} and "
+                    f"data.std {list(saved['std'])}, but this run gives {self.spec.mean} and "
+                    f"{self.spec.std}: scoring with the checkpoint's, as segpipe predict "
+                    "normalises")
+                self._set_stats(saved["mean"], saved["std"], source)
         crop = state_dict.get("train_crop_size")
         if crop is not None and crop == self.hparams.late_crop_size:
             self._set_train_crop(int(crop))

@@ -916,22 +916,26 @@ class SegmentationTask(L.LightningModule):
 
     def _warn_evaluation_differs(self, saved_spec: dict[str, Any]) -> None:
         """Warn when a test or validate scores otherwise than the checkpoint's data spec says:
-        another ``eval_resize`` (not the size ``segpipe predict`` predicts at) or another
-        ignore index (other pixels scored than training ignored). A resumed fit records the
+        another ``eval_resize`` (not the size ``segpipe predict`` predicts at), another
+        ignore index (other pixels scored than training ignored) or other ``bands``. A resumed fit records the
         new values, so it is not warned."""
         if self._trainer is not None and self.trainer.state.fn not in ("validate", "test"):
             return
-        for key in ("eval_resize", "ignore_index"):
+        whys = {
+            "eval_resize": "its figures are not those of the masks segpipe predict writes with it",
+            "ignore_index": "it scores other pixels than training ignored (the masks are the same)",
+            "bands": "the model reads other bands of the files than it was trained on (right "
+                     "only where these files hold their bands in another order)",
+        }
+        for key, why in whys.items():
             if key not in saved_spec:  # a checkpoint older than the spec's key
                 continue
             was, now = saved_spec[key], getattr(self.spec, key)
-            if (list(was) if isinstance(was, (list, tuple)) else was) == now:
+            if (list(was) if isinstance(was, (list, tuple)) else was) == (
+                    list(now) if isinstance(now, (list, tuple)) else now):
                 continue
             shown = ("null" if was is None
                      else f"'{list(was)}'" if isinstance(was, (list, tuple)) else str(was))
-            why = ("its figures are not those of the masks segpipe predict writes with it"
-                   if key == "eval_resize" else
-                   "it scores other pixels than training ignored (the masks are the same)")
             rank_zero_warn(
                 f"the checkpoint was trained with data.{key}={shown} but this run has "
                 f"data.{key}={'null' if now is None else now}: {why}; to score as trained, "

@@ -490,6 +490,11 @@ def test_a_test_that_evaluates_otherwise_than_the_checkpoint_is_warned_about():
     with pytest.warns(UserWarning, match=r"data.ignore_index=null but this run has "
                       r"data.ignore_index=255: it scores other pixels .* --data.ignore_index null"):
         task.on_load_checkpoint(unset)  # null, which the command line takes (not None)
+    bands = {"hyper_parameters": {"data_spec": {**task.spec.to_dict(), "bands": [4, 8, 11]}},
+             "state_dict": task.state_dict()}
+    with pytest.warns(UserWarning, match=r"data.bands='\[4, 8, 11\]' but this run has "
+                      r"data.bands=null: the model reads other bands .* --data.bands '\[4, 8, 11\]'"):
+        task.on_load_checkpoint(bands)  # the bands forgotten: scored on the wrong ones, silently
     same = {"hyper_parameters": {"data_spec": task.spec.to_dict()}, "state_dict": task.state_dict()}
     old = {"hyper_parameters": {"data_spec": {"num_classes": 3}}, "state_dict": task.state_dict()}
     import warnings
