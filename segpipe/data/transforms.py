@@ -350,9 +350,10 @@ def build_train_transform(
             instead (``BORDER_REFLECT_101``): a fill value would label invented pixels as a
             class.
         color_relative: Shift brightness by a fraction of the image's mean instead of the
-            dtype's maximum. For images whose values fill only part of ``[0, 1]`` (12/16-bit
-            scans, reflectance rasters scaled by 1/65535), a shift of 0.2 of the maximum would
-            be many times the data's own spread.
+            dtype's maximum, and leave hue and saturation alone. For images whose values fill
+            only part of ``[0, 1]`` (12/16-bit scans, reflectance rasters scaled by 1/65535), a
+            shift of 0.2 of the maximum would be many times the data's own spread, and their
+            bands are no RGB photo's.
         elastic: Standard deviation in pixels of a smooth elastic deformation of the crop
             (:class:`GridElastic`, the U-Net paper's 3x3 grid; it used 10), applied to every
             sample unless the preset is ``"none"``; 0 disables it.
@@ -418,14 +419,19 @@ def build_train_transform(
                                          elementwise=False, p=1.0))
     if color and preset != "none":
         by_max = not color_relative
+        # Hue and saturation are an 8-bit RGB photo's: on 3 bands picked from a 16-bit
+        # multispectral product they mixed the bands and shifted them by several std.
+        hsv = not color_relative
         if preset == "light":
             ops.append(A.RandomBrightnessContrast(0.1, 0.1, brightness_by_max=by_max, p=0.5))
         elif preset == "default":
             ops.append(A.RandomBrightnessContrast(0.2, 0.2, brightness_by_max=by_max, p=0.5))
-            ops.append(_HueSaturationValueRGB(10, 15, 10, p=0.3))
+            if hsv:
+                ops.append(_HueSaturationValueRGB(10, 15, 10, p=0.3))
         else:
             ops.append(A.RandomBrightnessContrast(0.3, 0.3, brightness_by_max=by_max, p=0.8))
-            ops.append(_HueSaturationValueRGB(20, 30, 20, p=0.5))
+            if hsv:
+                ops.append(_HueSaturationValueRGB(20, 30, 20, p=0.5))
             ops.append(A.GaussNoise(std_range=(0.01, 0.05), p=0.3))
     return A.Compose(ops)
 

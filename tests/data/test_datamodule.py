@@ -274,7 +274,18 @@ def test_brightness_jitter_follows_the_images_not_where_the_statistics_came_from
     for kw in ({}, {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.2, 0.2]}):  # 8-bit RGB: by the max
         dm = _dm(rgb, num_classes=3, **kw)
         dm.setup("fit")
-        assert _brightness_by_max(dm)
+        assert _brightness_by_max(dm) and "_HueSaturationValueRGB" in _names(dm)
+    # Three bands picked from a 16-bit product are no RGB photo: no hue/saturation jitter.
+    rng = np.random.default_rng(0)
+    for path in sorted((four / "train" / "images").glob("*.tif")):
+        write_image(path, rng.integers(0, 10000, (32, 32, 4), dtype=np.uint16))
+    picked = _dm(four, num_classes=3, in_channels=3, bands=[4, 2, 1])
+    picked.setup("fit")
+    assert not _brightness_by_max(picked) and "_HueSaturationValueRGB" not in _names(picked)
+
+
+def _names(dm: SegmentationDataModule) -> list[str]:
+    return [type(t).__name__ for t in dm.datasets["train"].transform.transforms]
 
 
 def test_statistics_in_raw_units_for_integer_images_are_refused(tmp_path: Path) -> None:
