@@ -130,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     try:
         run_cli(args)
     except SIGTERMException:  # SLURM, Kubernetes, docker stop, timeout: not a finished run
+        from segpipe.lightning_cli import interrupted_fit_line
+
         print(f"segpipe {args[0]}: stopped by SIGTERM before it finished"
-              + ("; the last checkpoint written is intact: resume with --ckpt_path last"
-                 if args[0] == "fit" else ""), file=sys.stderr)
+              + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
         return 128 + signal.SIGTERM
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))

@@ -881,6 +881,8 @@ class SegpipeCLI(LightningCLI):
         switch validation off for a data module that trains on its val split
         (``data.train_on_val``)."""
         callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        _FIT_RECORD.update(started=time.time(), resumed=bool(self._ckpt_path),
+                           dirs=[Path(cb.dirpath) for cb in callbacks if cb.dirpath is not None])
         if getattr(self.datamodule, "validates", True) is False:
             self.trainer.limit_val_batches = 0
             self.trainer.num_sanity_val_steps = 0
@@ -893,6 +895,29 @@ class SegpipeCLI(LightningCLI):
         for cb in callbacks:
             if cb.dirpath is not None:
                 check_output_dir(cb.dirpath, "checkpoints", "checkpoint.dirpath", need_bytes=need)
+
+
+#: What an interrupted fit can say of its checkpoints (see :func:`interrupted_fit_line`).
+_FIT_RECORD: dict[str, Any] = {}
+
+
+def interrupted_fit_line() -> str:
+    """What a ``fit`` stopped by a signal keeps: its ``last.ckpt``, the checkpoint it resumed
+    from, or nothing yet (it said "the last checkpoint written is intact" when there was none,
+    and an earlier run's had been moved to ``earlier-K`` by then)."""
+    started = _FIT_RECORD.get("started")
+    if started is None:  # stopped before training was set up: nothing was written or moved
+        return "nothing was trained or written; rerun the same command"
+    for folder in _FIT_RECORD.get("dirs", []):
+        last = folder / "last.ckpt"
+        try:
+            if last.stat().st_mtime >= started:
+                return f"{last} is intact: resume with --ckpt_path last"
+        except OSError:
+            continue
+    if _FIT_RECORD.get("resumed"):
+        return "the checkpoint it resumed from is intact: resume with --ckpt_path last again"
+    return "no checkpoint of this run was written yet: rerun the same command to start over"
 
 
 #: The best checkpoint's file name, with the metric it was selected on (the default monitor).

@@ -500,6 +500,30 @@ def test_a_fit_stopped_by_sigterm_does_not_exit_0(monkeypatch, capsys):
     assert "stopped by SIGTERM before it finished" in capsys.readouterr().err
 
 
+def test_a_stopped_fit_says_what_it_kept(tmp_path, monkeypatch):
+    """It said "the last checkpoint written is intact" before writing any (and after moving an
+    earlier run's to earlier-K)."""
+    import time
+
+    from segpipe import lightning_cli
+    from segpipe.lightning_cli import interrupted_fit_line
+
+    monkeypatch.setattr(lightning_cli, "_FIT_RECORD", {})  # as before any fit
+
+    assert "nothing was trained or written" in interrupted_fit_line()
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "last.ckpt").write_bytes(b"an earlier run's")
+    old = time.time() - 60
+    os.utime(ckpts / "last.ckpt", (old, old))
+    lightning_cli._FIT_RECORD.update(started=time.time(), resumed=False, dirs=[ckpts])
+    assert "no checkpoint of this run was written yet" in interrupted_fit_line()
+    lightning_cli._FIT_RECORD["resumed"] = True
+    assert "the checkpoint it resumed from is intact" in interrupted_fit_line()
+    (ckpts / "last.ckpt").write_bytes(b"this run's")
+    assert interrupted_fit_line() == f"{ckpts / 'last.ckpt'} is intact: resume with --ckpt_path last"
+
+
 def test_missing_data_root_is_one_line(tmp_path, capsys):
     code = main(["fit", "--config", "configs/camvid_unet.yaml",
                  f"--data.root={tmp_path / 'nope'}", f"--trainer.default_root_dir={tmp_path}"])
