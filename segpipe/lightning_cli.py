@@ -782,6 +782,12 @@ class SegpipeCLI(LightningCLI):
         _check_loggers(cfg.trainer.get("logger"))
         for save_dir in _logger_dirs(cfg.trainer.get("logger")):
             check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
+        for save_dir, option in [(root, "trainer.default_root_dir"), *(
+                (d, "trainer.logger.init_args.save_dir")
+                for d in _logger_dirs(cfg.trainer.get("logger")))]:
+            logs = Path(save_dir) / "lightning_logs"  # the loggers' version_N go in there
+            if logs.is_dir():
+                check_output_dir(logs, "logs", option)
         if subcommand in (None, "fit"):
             ckpt_dir = check_output_dir(cfg.checkpoint.dirpath, "checkpoints", "checkpoint.dirpath")
             if _is_rank_zero():

@@ -360,6 +360,31 @@ def test_unwritable_output_fails_before_training(option: str, tmp_path: Path,
     print(f"\n{err.strip()}  [{time.monotonic() - t0:.1f} s]")
 
 
+def test_an_unwritable_lightning_logs_folder_fails_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """One made by another user: the probe wrote into default_root_dir only, and fit ended in
+    a 43-line PermissionError traceback with exit 1 when the logger made version_0."""
+    import tempfile
+
+    data = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    logs = tmp_path / "root" / "lightning_logs"
+    logs.mkdir(parents=True)
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):  # as chmod 555 would do for a user who is not root
+        if Path(kwargs.get("dir", "")) == logs:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    rc = main(["fit", *TINY, f"--data.root={data}", f"--trainer.default_root_dir={logs.parent}",
+               "--trainer.max_epochs=1", "--data.num_workers=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{logs}: cannot write logs there: Permission denied" in err, err
+    assert "--trainer.default_root_dir" in err and "Traceback" not in err
+
+
 def test_no_room_for_checkpoints_fails_before_training(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
