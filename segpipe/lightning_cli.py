@@ -498,10 +498,31 @@ _LOGGER_PACKAGES = {"MLFlowLogger": ("mlflow", "pip install 'segpipe[tracking]'"
                     "NeptuneLogger": ("neptune", "pip install neptune")}
 
 
-def _check_loggers(logger: Any) -> None:
-    """A logger whose package is missing, or an MLflow file store that cannot be written or
-    is not allowed: one line each, before anything is built (Lightning's own messages come
-    after about 100 lines of jsonargparse traceback)."""
+def _check_mlflow_class_names(class_names: Sequence[str] | None) -> None:
+    """MLflow takes metric names of ``[A-Za-z0-9_/. -]`` only, and Lightning's MLFlowLogger
+    drops every other character: a class named in another script became ``val/Dice/``, which
+    mlflow refused at the first validation (the epoch lost, a traceback), and names alike
+    but for such characters merged into one metric."""
+    if not class_names:
+        return
+    keys: dict[str, str] = {}
+    for name in map(str, class_names):
+        key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", name)
+        if not key.strip() or key in keys:
+            why = ("has no character MLflow keeps in a metric name" if not key.strip() else
+                   f"logs under the same metric name as {keys[key]!r} ({key!r})")
+            raise ConfigError(
+                f"data.class_names: {name!r} {why}: MLflow takes letters A-Z, digits and "
+                "_/. - only, and Lightning's MLFlowLogger drops the rest; give the classes such "
+                "names (e.g. data.class_names [background, plant, building]) or use another "
+                "logger (TensorBoard and CSV keep them)")
+        keys[key] = name
+
+
+def _check_loggers(logger: Any, class_names: Sequence[str] | None = None) -> None:
+    """A logger whose package is missing, an MLflow file store that cannot be written or is
+    not allowed, or class names MLflow cannot log: one line each, before anything is built
+    (Lightning's own messages come after about 100 lines of jsonargparse traceback)."""
     items = logger if isinstance(logger, list) else [logger]
     for item in items:
         class_path = str(getattr(item, "class_path", "") or "")
@@ -512,6 +533,7 @@ def _check_loggers(logger: Any) -> None:
                 raise ConfigError(f"--trainer.logger {name} needs the {package} package: {install}")
         if name != "MLFlowLogger":
             continue
+        _check_mlflow_class_names(class_names)
         init = getattr(item, "init_args", None)
         save_dir = getattr(init, "save_dir", None) or "./mlruns"
         uri = str(getattr(init, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -779,7 +801,9 @@ class SegpipeCLI(LightningCLI):
                         stale.unlink()
                 except OSError:
                     pass
-        _check_loggers(cfg.trainer.get("logger"))
+        data = cfg.get("data")
+        data_args = data.get("init_args", data) if data is not None and hasattr(data, "get") else {}
+        _check_loggers(cfg.trainer.get("logger"), data_args.get("class_names"))
         for save_dir in _logger_dirs(cfg.trainer.get("logger")):
             check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
         for save_dir, option in [(root, "trainer.default_root_dir"), *(

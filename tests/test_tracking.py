@@ -94,3 +94,24 @@ def test_logger_set_up_problems_are_one_line(dataset: Path, tmp_path: Path, caps
                         lambda name, *a: None if name == "mlflow" else real(name, *a))
     assert main([*args, f"--trainer.logger.tracking_uri={uri}"]) == 2
     assert "needs the mlflow package: pip install 'segpipe[tracking]'" in capsys.readouterr().err
+
+
+def test_class_names_mlflow_cannot_log_are_one_line(dataset: Path, tmp_path: Path, capsys,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow keeps [A-Za-z0-9_/. -] of a metric name: a class named in another script became
+    val/Dice/, refused at the first validation (a traceback, the epoch lost), and names alike
+    but for such characters merged into one metric."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY,
+            "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger",
+            f"--trainer.logger.tracking_uri={(tmp_path / 'mlruns').as_uri()}"]
+    assert main([*args, "--data.class_names=[背景, 植物, 建物]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("segpipe: error: data.class_names: '背景' has no character MLflow "
+                              "keeps in a metric name")
+    assert main([*args, "--data.class_names=[bg, car, car?]"]) == 2
+    assert "'car?' logs under the same metric name as 'car' ('car')" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
+        (tmp_path / "run" / "checkpoints").iterdir())
