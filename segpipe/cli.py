@@ -135,6 +135,14 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"segpipe {args[0]}: stopped by SIGTERM before it finished"
               + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
         return 128 + signal.SIGTERM
+    except SystemExit as exc:  # Lightning exits with 1 after Ctrl-C, as after a crash
+        from segpipe.lightning_cli import interrupted_fit_line, was_interrupted
+
+        if exc.code != 1 or not was_interrupted():
+            raise
+        print(f"segpipe {args[0]}: stopped by Ctrl-C (SIGINT) before it finished"
+              + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
+        return 128 + signal.SIGINT
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))
         message += _did_you_mean(message)

@@ -893,6 +893,7 @@ class SegpipeCLI(LightningCLI):
                 trainer.callbacks[i] = ThrottledProgressBar()
         if trainer.loggers:  # training you can watch: learning rate and val/test pictures
             trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
+        trainer.callbacks.append(_InterruptRecorder())  # Ctrl-C: say what was kept, exit 130
         trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         trainer.callbacks.append(LateCrop())  # data.late_crop_size, at its point of that plan
         if last:
@@ -929,6 +930,20 @@ class SegpipeCLI(LightningCLI):
 
 #: What an interrupted fit can say of its checkpoints (see :func:`interrupted_fit_line`).
 _FIT_RECORD: dict[str, Any] = {}
+
+
+class _InterruptRecorder(Callback):
+    """Notes a Ctrl-C (Lightning shuts down and exits with 1, as after a crash), so that the
+    command can say what was kept and exit with 130 (:func:`was_interrupted`)."""
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            _FIT_RECORD["interrupted"] = True
+
+
+def was_interrupted() -> bool:
+    """Whether the last command run here was stopped by Ctrl-C (SIGINT)."""
+    return bool(_FIT_RECORD.get("interrupted"))
 
 
 def interrupted_fit_line() -> str:
@@ -974,6 +989,7 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
         callbacks: Callback objects added to the trainer's (after those from the config), for
             callers in Python such as benchmarks and notebooks.
     """
+    _FIT_RECORD.clear()  # what a stopped command kept is this command's
     tune_allocator()
     fit_threads_to_cpus()
     # segpipe keeps the checkpoint folder itself (an earlier run's files go to earlier-K when

@@ -500,6 +500,29 @@ def test_a_fit_stopped_by_sigterm_does_not_exit_0(monkeypatch, capsys):
     assert "stopped by SIGTERM before it finished" in capsys.readouterr().err
 
 
+def test_ctrl_c_exits_130_and_says_so_and_other_exits_pass_through(monkeypatch, capsys):
+    """Lightning shuts down after Ctrl-C and exits with 1, as after a crash, without a word of
+    what was kept."""
+    from segpipe import lightning_cli
+
+    def interrupted(args):
+        lightning_cli._InterruptRecorder().on_exception(None, None, KeyboardInterrupt())
+        raise SystemExit(1)
+
+    monkeypatch.setattr(lightning_cli, "_FIT_RECORD", {})
+    monkeypatch.setattr(lightning_cli, "run_cli", interrupted)
+    assert main(["test", "--config", "configs/folder_unet.yaml"]) == 130
+    assert "segpipe test: stopped by Ctrl-C (SIGINT) before it finished" in capsys.readouterr().err
+
+    def crashed(args):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(lightning_cli, "_FIT_RECORD", {})
+    monkeypatch.setattr(lightning_cli, "run_cli", crashed)
+    with pytest.raises(SystemExit):
+        main(["test", "--config", "configs/folder_unet.yaml"])
+
+
 def test_a_stopped_fit_says_what_it_kept(tmp_path, monkeypatch):
     """It said "the last checkpoint written is intact" before writing any (and after moving an
     earlier run's to earlier-K)."""
