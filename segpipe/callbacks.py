@@ -422,8 +422,8 @@ class TestMetricsWriter(L.Callback):
         else:  # an earlier test's, of other data, must not pass for this one's
             (out_dir / "test_per_case.csv").unlink(missing_ok=True)
         self.last_path = atomic_write_json(out_dir / self.filename, report)
-        print("(the table above pools the scored pixels of every image; mIoU and mDice are "
-              "macro means over classes, micro_IoU and pixel_accuracy micro)")
+        print("(the test metrics table pools the scored pixels of every image; mIoU and mDice "
+              "are macro means over classes, micro_IoU and pixel_accuracy micro)")
         per_case = report.get("per_case") or {}
         if per_case.get("num_cases"):
             def pct(v: Any) -> str:

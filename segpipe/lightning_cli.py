@@ -981,6 +981,13 @@ def _name_monitored_metric(checkpoint: Any) -> None:
     checkpoint.filename = f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ..." lines (offers of its cloud services)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeCLI:
     """Run ``segpipe fit|validate|test`` with ``args`` and return the CLI (trainer, model, data).
 
@@ -1001,6 +1008,10 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
         warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     # "Seed set to 0" on every command, before any one-line error: the seed is in config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    # Lightning's advertisement for its cloud logger, on every command.
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_NoTips())
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "segpipe", *args]  # LightningCLI reads sys.argv
     defaults: dict[str, Any] = {"precision": default_precision()}

@@ -673,3 +673,11 @@ def test_a_test_of_a_checkpoint_trained_on_some_bands_needs_data_bands(tmp_path,
         "for files whose bands lie otherwise, the bands of these files that hold the same "
         "data), or the run's config.yaml")
     assert main(["test", *args, "--ckpt_path=last", "--data.bands=[1, 3, 5]"]) == 0
+
+
+def test_lightnings_cloud_tips_are_not_printed(dataset, tmp_path, caplog):
+    """"💡 Tip: For seamless cloud logging ... try installing litlogger" on every command."""
+    caplog.set_level(logging.INFO)
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY]) == 0
+    assert "Tip:" not in caplog.text and "GPU available" in caplog.text  # other lines stay
