@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import signal
 import sys
 import warnings
@@ -151,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> Any:
                        "builds the network (such as torchvision's fcn_resnet50) cannot take "
                        "the num_classes and in_channels the data section links into it: wrap "
                        "it in a class whose __init__ takes them")
+        if "mask_values" in message and ("invalid literal for int()" in message
+                                         or ": None" in message):
+            # YAML reads {0:0, 1:1} as keys "0:0" and 61 (a base-60 number), values None
+            given = re.search(r"Given value: (\{.*?\})", message)
+            message = (f"data.mask_values {given.group(1) if given else ''} has keys without "
+                       "values: YAML needs a space after each colon, --data.mask_values "
+                       "'{0: 0, 255: 1}' (without one, 1:1 reads as the number 61)")
         if "Expected a <class 'str'>" in message and "Got value:" in message:
             # a case or class named 010 is read as the octal number 8, 1e3 as 1000.0
             message += (" (YAML reads unquoted names such as 010 or 1e3 as numbers: quote them,"

@@ -427,6 +427,10 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         (["--model.ohem_fraction=2"], "model.ohem_fraction is the fraction of pixels kept"),
         (["--model.net.init_args.depth=0"], "UNet depth must be an int in [1, 8], got 0."),
         (["--data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+        (["--data.bands=[0, 1, 2]"], "data.bands are numbered from 1, as GDAL numbers a file's "
+                                     "bands; got [0, 1, 2]"),
+        (["--data.mask_values={0:0, 1:1}"], "data.mask_values {'0:0': None, 61: None} has keys "
+                                            "without values: YAML needs a space after each colon"),
         (["--model.lr_scheduler=segpipe.tasks.schedules.DeadlineCosineLR",
           "--model.lr_scheduler.init_args.eta_min_ratio=3"], "eta_min_ratio must be in [0, 1]"),
         (["--data.val_fraction=null"], "data.val_fraction cannot be null; give a value (its "

@@ -361,6 +361,10 @@ class SegmentationDataModule(L.LightningDataModule):
         if val_slices is not None and len(val_slices) != 2:
             raise ConfigError(f"data.val_slices must be [start, stop], got {val_slices}")
 
+        if bands is not None and any(int(b) < 1 for b in bands):
+            raise ConfigError(
+                f"data.bands are numbered from 1, as GDAL numbers a file's bands; got "
+                f"{list(bands)} (for the first three bands give [1, 2, 3])")
         if class_names:
             dupes = sorted({str(n) for n in class_names
                             if [str(m) for m in class_names].count(str(n)) > 1})
