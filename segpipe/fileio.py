@@ -690,6 +690,13 @@ def check_output_dir(
             fix = f"set --{option} to a folder you can write to, or move that file away"
         else:
             reason = exc.strerror or str(exc)
+            # The folder does not exist: name the one that stopped its creation.
+            parent = next((p for p in folder.parents if p.is_dir()), None)
+            if exc.errno == errno.EROFS:
+                fix = f"set --{option} to a folder on a disk that is mounted writable"
+            elif parent is not None:
+                fix = (f"set --{option} to a folder you can write to, or fix the permissions "
+                       f"of {parent}")
         raise OutputDirError(f"{folder}: cannot create the folder for {what}: {reason}; {fix}.") from exc
     try:
         fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".probe", dir=folder)

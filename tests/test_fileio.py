@@ -319,3 +319,26 @@ def test_a_live_writers_temporary_file_is_not_stale(tmp_path: Path) -> None:
     old = time.time() - STALE_AFTER_S - 1
     os.utime(unknown, (old, old))
     assert is_stale_temporary(unknown)
+
+
+def test_an_output_folder_that_cannot_be_made_names_what_stops_it(tmp_path, monkeypatch):
+    """A missing folder under a read-only mount: 'fix the permissions of ro/sub/deeper', a
+    folder that does not exist, for a cause that is no permission."""
+    from segpipe.fileio import OutputDirError, check_output_dir
+
+    target = tmp_path / "sub" / "deeper"
+
+    def refuse(code):
+        def mkdir(self, *args, **kwargs):
+            raise OSError(code, os.strerror(code), str(self))
+        return mkdir
+
+    monkeypatch.setattr(Path, "mkdir", refuse(errno.EROFS))
+    with pytest.raises(OutputDirError) as exc:
+        check_output_dir(target, "predictions", "output")
+    assert "Read-only file system" in str(exc.value)
+    assert "set --output to a folder on a disk that is mounted writable" in str(exc.value)
+    monkeypatch.setattr(Path, "mkdir", refuse(errno.EACCES))
+    with pytest.raises(OutputDirError) as exc:
+        check_output_dir(target, "predictions", "output")
+    assert str(exc.value).endswith(f"or fix the permissions of {tmp_path}.")
