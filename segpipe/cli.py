@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
                        "builds the network (such as torchvision's fcn_resnet50) cannot take "
                        "the num_classes and in_channels the data section links into it: wrap "
                        "it in a class whose __init__ takes them")
-        if "mask_values" in message and ("invalid literal for int()" in message
-                                         or ": None" in message):
+        if "mask_values" in message and re.search(
+                r"invalid literal for int\(\) with base 10: '-?\d+:-?\d+'", message):
             # YAML reads {0:0, 1:1} as keys "0:0" and 61 (a base-60 number), values None
             given = re.search(r"Given value: (\{.*?\})", message)
             message = (f"data.mask_values {given.group(1) if given else ''} has keys without "

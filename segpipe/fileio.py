@@ -684,14 +684,24 @@ def check_output_dir(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = _blocking_file(folder)
+        try:
+            blocker = _blocking_file(folder)
+        except OSError:  # a folder above that cannot be entered
+            blocker = None
         if blocker is not None:
             reason = f"{blocker} is a file, not a folder"
             fix = f"set --{option} to a folder you can write to, or move that file away"
         else:
             reason = exc.strerror or str(exc)
             # The folder does not exist: name the one that stopped its creation.
-            parent = next((p for p in folder.parents if p.is_dir()), None)
+            parent = None
+            for candidate in folder.parents:
+                try:
+                    if candidate.is_dir():
+                        parent = candidate
+                        break
+                except OSError:  # one that cannot be entered, a name too long
+                    continue
             if exc.errno == errno.EROFS:
                 fix = f"set --{option} to a folder on a disk that is mounted writable"
             elif parent is not None:

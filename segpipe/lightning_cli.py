@@ -698,12 +698,15 @@ class SegpipeCLI(LightningCLI):
         ``data.bands``: without it the files' own bands were read (and the check's fix
         suggested the first ones, which scored as wrong bands do)."""
         bands = getattr(self, "_ckpt_bands", None)
-        if subcommand not in ("validate", "test") or not bands:
-            return
+        if subcommand not in ("validate", "test") or not bands or \
+                [int(b) for b in bands] == list(range(1, len(bands) + 1)):
+            return  # none, or the files' own first bands: reading them all is the same
         data = cfg.get("data")
         args = data.get("init_args", data) if data is not None and hasattr(data, "get") else None
-        if args is None or not _is_segpipe_data_module(str(data.get("class_path", _DEFAULT_DATA))):
-            return
+        if args is None or str(data.get("class_path", _DEFAULT_DATA)) not in (
+                _DEFAULT_DATA, "SegmentationDataModule",
+                "segpipe.data.datamodule.SegmentationDataModule"):
+            return  # a data module of the user's own (a subclass too) may choose its bands
         if args.get("bands") is None:
             shown = "[" + ", ".join(str(int(b)) for b in bands) + "]"
             raise ConfigError(
@@ -806,12 +809,9 @@ class SegpipeCLI(LightningCLI):
         _check_loggers(cfg.trainer.get("logger"), data_args.get("class_names"))
         for save_dir in _logger_dirs(cfg.trainer.get("logger")):
             check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
-        for save_dir, option in [(root, "trainer.default_root_dir"), *(
-                (d, "trainer.logger.init_args.save_dir")
-                for d in _logger_dirs(cfg.trainer.get("logger")))]:
-            logs = Path(save_dir) / "lightning_logs"  # the loggers' version_N go in there
-            if logs.is_dir():
-                check_output_dir(logs, "logs", option)
+        logs = Path(root) / "lightning_logs"  # the default loggers' version_N go in there
+        if cfg.trainer.get("logger") in (None, True) and logs.is_dir():
+            check_output_dir(logs, "logs", "trainer.default_root_dir")
         if subcommand in (None, "fit"):
             ckpt_dir = check_output_dir(cfg.checkpoint.dirpath, "checkpoints", "checkpoint.dirpath")
             if _is_rank_zero():
@@ -912,8 +912,10 @@ class SegpipeCLI(LightningCLI):
         switch validation off for a data module that trains on its val split
         (``data.train_on_val``)."""
         callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-        _FIT_RECORD.update(started=time.time(), resumed=bool(self._ckpt_path),
-                           dirs=[Path(cb.dirpath) for cb in callbacks if cb.dirpath is not None])
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        dirs = [Path(cb.dirpath) for cb in callbacks if cb.dirpath is not None]
+        _FIT_RECORD.update(started=True, resumed=bool(cfg.get("ckpt_path")),
+                           before={d: _mtime(d / "last.ckpt") for d in dirs})
         if getattr(self.datamodule, "validates", True) is False:
             self.trainer.limit_val_batches = 0
             self.trainer.num_sanity_val_steps = 0
@@ -930,6 +932,14 @@ class SegpipeCLI(LightningCLI):
 
 #: What an interrupted fit can say of its checkpoints (see :func:`interrupted_fit_line`).
 _FIT_RECORD: dict[str, Any] = {}
+
+
+def _mtime(path: Path) -> float | None:
+    """``path``'s modification time, or None when it is not there."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 class _InterruptRecorder(Callback):
@@ -950,16 +960,12 @@ def interrupted_fit_line() -> str:
     """What a ``fit`` stopped by a signal keeps: its ``last.ckpt``, the checkpoint it resumed
     from, or nothing yet (it said "the last checkpoint written is intact" when there was none,
     and an earlier run's had been moved to ``earlier-K`` by then)."""
-    started = _FIT_RECORD.get("started")
-    if started is None:  # stopped before training was set up: nothing was written or moved
+    if not _FIT_RECORD.get("started"):  # stopped before training was set up: nothing written
         return "nothing was trained or written; rerun the same command"
-    for folder in _FIT_RECORD.get("dirs", []):
-        last = folder / "last.ckpt"
-        try:
-            if last.stat().st_mtime >= started:
-                return f"{last} is intact: resume with --ckpt_path last"
-        except OSError:
-            continue
+    for folder, before in _FIT_RECORD.get("before", {}).items():
+        now = _mtime(folder / "last.ckpt")  # changed, not "newer than our clock": on NFS
+        if now is not None and now != before:  # the server's clock may lag the node's
+            return f"{folder / 'last.ckpt'} is intact: resume with --ckpt_path last"
     if _FIT_RECORD.get("resumed"):
         return "the checkpoint it resumed from is intact: resume with --ckpt_path last again"
     return "no checkpoint of this run was written yet: rerun the same command to start over"

@@ -519,7 +519,7 @@ def test_rasters_segpipe_does_not_read_are_named_not_skipped_in_silence(
     assert cli_main(["predict", "--ckpt_path", str(pointwise_ckpt_bad), "--input", str(imgs),
                      "--output", str(tmp_path / "out"), "--accelerator", "cpu",
                      "--no-progress"]) == 0
-    assert f"2 raster file(s) under {imgs} left out" in caplog.text, caplog.text
+    assert f"2 file(s) under {imgs} in raster formats GDAL reads left out" in caplog.text, caplog.text
     assert f"{imgs / 'd.vrt'}, {imgs / 'e.img'};" in caplog.text
     assert "aux.xml" not in caplog.text and "notes.txt" not in caplog.text
     assert "gdal_translate -of GTiff -co TILED=YES d.vrt d.tif" in caplog.text

@@ -482,6 +482,14 @@ def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tm
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped before training
 
 
+def test_the_yaml_colon_hint_is_for_number_pairs_only(dataset, tmp_path, capsys):
+    """A non-numeric key is not a missing space: jsonargparse's own reason stands."""
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", *TINY, "--data.mask_values={a: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid literal for int() with base 10: 'a'" in err and "YAML needs" not in err
+
+
 def test_a_missing_checkpoint_file_in_test_is_one_line(dataset, tmp_path, capsys):
     code = main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
                  f"--trainer.default_root_dir={tmp_path}", *TINY, "--ckpt_path", str(tmp_path)])
@@ -543,11 +551,14 @@ def test_a_stopped_fit_says_what_it_kept(tmp_path, monkeypatch):
     (ckpts / "last.ckpt").write_bytes(b"an earlier run's")
     old = time.time() - 60
     os.utime(ckpts / "last.ckpt", (old, old))
-    lightning_cli._FIT_RECORD.update(started=time.time(), resumed=False, dirs=[ckpts])
+    lightning_cli._FIT_RECORD.update(started=True, resumed=False,
+                                     before={ckpts: lightning_cli._mtime(ckpts / "last.ckpt")})
     assert "no checkpoint of this run was written yet" in interrupted_fit_line()
     lightning_cli._FIT_RECORD["resumed"] = True
     assert "the checkpoint it resumed from is intact" in interrupted_fit_line()
     (ckpts / "last.ckpt").write_bytes(b"this run's")
+    future = time.time() - 30  # a file server's clock behind ours: written all the same
+    os.utime(ckpts / "last.ckpt", (future, future))
     assert interrupted_fit_line() == f"{ckpts / 'last.ckpt'} is intact: resume with --ckpt_path last"
 
 
@@ -677,6 +688,12 @@ def test_a_test_of_a_checkpoint_trained_on_some_bands_needs_data_bands(tmp_path,
         "for files whose bands lie otherwise, the bands of these files that hold the same "
         "data), or the run's config.yaml")
     assert main(["test", *args, "--ckpt_path=last", "--data.bands=[1, 3, 5]"]) == 0
+    # The files' own first bands, given explicitly in training: reading them all is the same.
+    three = make_folder_dataset(tmp_path / "three", n_train=4, n_val=2, n_test=2, size=(32, 32))
+    own = ["--config", "configs/folder_unet.yaml", f"--data.root={three}",
+           f"--trainer.default_root_dir={tmp_path / 'own'}", "--data.num_classes=3", *TINY]
+    assert main(["fit", *own, "--data.bands=[1, 2, 3]", "--trainer.max_epochs=1"]) == 0
+    assert main(["test", *own, "--ckpt_path=last"]) == 0
 
 
 def test_lightnings_cloud_tips_are_not_printed(dataset, tmp_path, caplog):

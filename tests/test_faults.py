@@ -383,6 +383,9 @@ def test_an_unwritable_lightning_logs_folder_fails_before_training(
     err = capsys.readouterr().err
     assert rc == 2 and f"{logs}: cannot write logs there: Permission denied" in err, err
     assert "--trainer.default_root_dir" in err and "Traceback" not in err
+    # Without a logger nothing goes there: not refused.
+    assert main(["fit", *TINY, f"--data.root={data}", f"--trainer.default_root_dir={logs.parent}",
+                 "--trainer.max_epochs=1", "--data.num_workers=0", "--trainer.logger=false"]) == 0
 
 
 def test_no_room_for_checkpoints_fails_before_training(tmp_path: Path,

@@ -87,10 +87,11 @@ def _check_scaled_stats(mean: Sequence[float], std: Sequence[float], dtype: str)
     if all(abs(m) <= 1 for m in mean) and all(s <= 1 for s in std):
         return
     top = np.iinfo(np.dtype(dtype)).max
+    span = "[0, 1]" if np.dtype(dtype).kind == "u" else "[-1, 1]"
     raise ConfigError(
         f"data.mean {list(mean)} / data.std {list(std)} look like raw pixel values, but segpipe "
         f"divides {dtype} images by {top} before normalising, so their mean lies within "
-        "[-1, 1] and their std below 1: give the statistics of the scaled images (`segpipe "
+        f"{span} and their std below 1: give the statistics of the scaled images (`segpipe "
         "check-data` prints them, in its [0, 1] columns), or leave data.mean and data.std out "
         "to have them measured")
 

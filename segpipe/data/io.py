@@ -100,8 +100,8 @@ TIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
 """Extensions read with rasterio first (any band count, GeoTIFF)."""
 
 UNREAD_RASTER_EXTENSIONS: frozenset[str] = frozenset({
-    ".vrt", ".jp2", ".j2k", ".img", ".geotiff", ".gtiff", ".ecw", ".sid", ".hdf", ".h5",
-    ".nc", ".dem", ".asc", ".bil", ".rst", ".ntf", ".kea", ".grd",
+    ".vrt", ".jp2", ".j2k", ".img", ".ecw", ".sid", ".hdf", ".nc", ".dem", ".bil", ".rst",
+    ".ntf", ".kea", ".grd", ".geotiff", ".gtiff",
 })
 """Raster formats GDAL reads and segpipe does not (a folder of them is named, not skipped in
 silence): convert them to GeoTIFF (``gdal_translate -of GTiff``)."""
@@ -1081,6 +1081,9 @@ def grid_mismatch(image: _PathLike, mask: _PathLike) -> str | None:
     if ta.is_identity or tb.is_identity:
         return None
     if not np.allclose([tb.a, tb.b, tb.d, tb.e], [ta.a, ta.b, ta.d, ta.e], rtol=1e-6, atol=0):
+        if np.allclose([abs(tb.a), abs(tb.e)], [abs(ta.a), abs(ta.e)], rtol=1e-6, atol=0):
+            return ("mask's grid is flipped or rotated against its image's (transforms "
+                    f"{tuple(tb)[:6]} and {tuple(ta)[:6]})")
         return (f"mask's pixel size {abs(tb.a):g}×{abs(tb.e):g} (or rotation) is not its "
                 f"image's {abs(ta.a):g}×{abs(ta.e):g}")
     col, row = ~ta @ (tb.c, tb.f)  # the mask's top-left corner in the image's pixels

@@ -99,12 +99,15 @@ def find_inputs(
             "no target): %s%s; give such a folder as --input itself to predict it", len(links),
             src, ", ".join(str(p) for p in links[:5]), " ..." if len(links) > 5 else "")
     if unread and _rank_from_env() == 0:
+        tiff = all(p.suffix.lower() in (".geotiff", ".gtiff") for p in unread)
         log.warning(
-            "%d raster file(s) under %s left out: segpipe reads %s, not %s files: %s%s; convert "
-            "them to GeoTIFF, e.g. gdal_translate -of GTiff -co TILED=YES %s %s.tif", len(unread),
-            src, ", ".join(IMAGE_EXTENSIONS), "/".join(sorted({p.suffix.lower() for p in unread})),
+            "%d file(s) under %s in raster formats GDAL reads left out: segpipe reads %s, not %s "
+            "files: %s%s; %s", len(unread), src, ", ".join(IMAGE_EXTENSIONS),
+            "/".join(sorted({p.suffix.lower() for p in unread})),
             ", ".join(str(p) for p in unread[:5]), " ..." if len(unread) > 5 else "",
-            unread[0].name, unread[0].stem)
+            "they are GeoTIFFs: rename them to .tif" if tiff else
+            f"convert them to GeoTIFF, e.g. gdal_translate -of GTiff -co TILED=YES "
+            f"{unread[0].name} {unread[0].stem}.tif")
     root = src if src.is_dir() else src.parent
     out_root = Path(output_dir).resolve()
     if src.is_dir() and out_root == src.resolve():

@@ -446,6 +446,7 @@ def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> 
     """A mask rasterised over another extent or in another CRS has its image's size all the
     same: it passed check-data and fit trained on labels shifted off their pixels."""
     import rasterio
+    from affine import Affine
     from rasterio.transform import from_origin
 
     root = tmp_path / "ds"
@@ -454,8 +455,10 @@ def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> 
     rng = np.random.default_rng(0)
 
     def write(path, array, crs, x0, y0, res=10.0):
+        transform = (from_origin(x0, y0, res, res) if res > 0  # res < 0: rows flipped
+                     else Affine(-res, 0, x0, 0, -res, y0))
         profile = dict(driver="GTiff", height=16, width=20, count=1, dtype="uint8", crs=crs,
-                       transform=from_origin(x0, y0, res, res))
+                       transform=transform)
         with rasterio.open(path, "w", **profile) as ds:
             ds.write(array[None])
 
@@ -465,6 +468,7 @@ def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> 
         "other_crs": ("EPSG:32632", 500000, 4600000, 10.0),
         "coarser": ("EPSG:32633", 500000, 4600000, 20.0),
         "sub_pixel": ("EPSG:32633", 500000.05, 4600000, 10.0),  # rounding: fine
+        "south_up": ("EPSG:32633", 500000, 4600000 - 160, -10.0),  # rows flipped
     }
     for name, (crs, x0, y0, res) in cases.items():
         write(root / "train" / "images" / f"{name}.tif",
@@ -479,6 +483,9 @@ def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> 
         "shifted": "mask is offset from its image by +20 columns and -3 rows (shifted.tif)",
         "other_crs": "mask's CRS EPSG:32632 is not its image's EPSG:32633 (other_crs.tif)",
         "coarser": "mask's pixel size 20×20 (or rotation) is not its image's 10×10 (coarser.tif)",
+        "south_up": "mask's grid is flipped or rotated against its image's (transforms (10.0, "
+                    "0.0, 500000.0, 0.0, 10.0, 4599840.0) and (10.0, 0.0, 500000.0, 0.0, -10.0, "
+                    "4600000.0)) (south_up.tif)",
     }
     assert all("gdalwarp" in p.fix for p in problems if p.kind == "grid_mismatch")
 
