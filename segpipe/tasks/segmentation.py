@@ -144,13 +144,20 @@ def _one_pass(loader: Any) -> Any:
     """``loader`` for one pass of its own. A DataLoader with persistent workers hands every
     ``iter()`` its one iterator, which Lightning's test loop has already taken: a pass of
     ours (the ``bn_adapt`` estimate) emptied it, and the test then scored no image."""
-    if not getattr(loader, "persistent_workers", False):
-        return loader
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, IterableDataset
 
+    if not getattr(loader, "persistent_workers", False) or not isinstance(loader, DataLoader):
+        return loader
+    if isinstance(loader.dataset, IterableDataset):  # batching without a sampler
+        batching: dict[str, Any] = {"batch_size": loader.batch_size, "drop_last": loader.drop_last}
+    elif loader.batch_sampler is None:  # batch_size=None: the dataset's items are batches
+        batching = {"batch_size": None, "sampler": loader.sampler}
+    else:
+        batching = {"batch_sampler": loader.batch_sampler}
     return DataLoader(
-        loader.dataset, batch_sampler=loader.batch_sampler, num_workers=loader.num_workers,
+        loader.dataset, **batching, num_workers=loader.num_workers,
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        pin_memory_device=getattr(loader, "pin_memory_device", ""),
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context,
         prefetch_factor=loader.prefetch_factor, timeout=loader.timeout,

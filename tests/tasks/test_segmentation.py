@@ -647,3 +647,30 @@ def test_a_val_split_with_nothing_scored_is_no_divergence():
     trainer.fit(task, _VoidVal())  # TrainingDivergedError before the weight was checked
     assert trainer.current_epoch == 2
     assert np.isnan(float(trainer.callback_metrics["val/loss"]))
+
+
+def test_one_pass_gives_a_loader_its_own_iterator_whatever_its_batching():
+    """bn_adapt's pass over a persistent-worker loader took the iterator Lightning held; the
+    loader of its own must batch as the original does (a sampler, batch_size=None, or an
+    iterable data set)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from segpipe.tasks.segmentation import _one_pass
+
+    class Items(IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(6.0))
+
+    data = torch.arange(6.0)
+    loaders = [DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True),
+               DataLoader(data, batch_size=None, num_workers=1, persistent_workers=True),
+               DataLoader(Items(), batch_size=4, num_workers=1, persistent_workers=True)]
+    for loader in loaders:
+        expected = [b.tolist() for b in loader]
+        held = iter(loader)  # as Lightning's test loop holds it
+        own = _one_pass(loader)
+        assert own is not loader and not own.persistent_workers
+        assert [b.tolist() for b in own] == expected
+        assert [b.tolist() for b in held] == expected  # still whole for the test loop
+    plain = DataLoader(data, batch_size=4)
+    assert _one_pass(plain) is plain
