@@ -941,6 +941,9 @@ class SegmentationTask(L.LightningModule):
             if (list(was) if isinstance(was, (list, tuple)) else was) == (
                     list(now) if isinstance(now, (list, tuple)) else now):
                 continue
+            if key == "bands" and now is None and was and \
+                    [int(b) for b in was] == list(range(1, len(was) + 1)):
+                continue  # the files' own first bands, all of which this run reads
             shown = ("null" if was is None
                      else f"'{list(was)}'" if isinstance(was, (list, tuple)) else str(was))
             rank_zero_warn(
