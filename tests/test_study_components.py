@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +9,11 @@ import pytest
 
 from segpipe.cli import main as cli_main
 from tests.data.synthetic import make_lgg_like
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("study_components",
-                                                  REPO / "scripts" / "study_components.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_components")
 
 
 def test_filters_keep_and_drop_the_right_components() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,11 @@ import numpy as np
 import pytest
 
 from tests.data.synthetic import make_lgg_like
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("study_selection",
-                                                  REPO / "scripts" / "study_selection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_selection")
 
 
 def _cm(tp: int, fn: int, fp: int, tn: int) -> list[list[int]]:
