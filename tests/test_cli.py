@@ -72,6 +72,8 @@ def test_test_writes_labelled_metrics(fitted, dataset, capsys, monkeypatch):
     cm = metrics["confusion_matrix"]
     assert len(cm) == 3 and all(len(r) == 3 for r in cm)
     assert metrics["num_images"] == 4  # make_folder_dataset's default test split
+    logged = float(out.split("test/loss")[1].split()[0])  # the console table's figure
+    assert metrics["loss"] == pytest.approx(logged, rel=1e-5)  # it was in no file
     assert metrics["test_time_augmentation"] == "none (plain predictions)"
     assert (path.parent / "test_per_image.csv").exists()
     # The evaluation report beside the metrics, with the same (macro/micro labelled) numbers.

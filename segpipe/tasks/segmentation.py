@@ -871,6 +871,9 @@ class SegmentationTask(L.LightningModule):
         if report.get("warning"):
             rank_zero_warn(f"segpipe test: {report['warning']}")
         report["num_images"] = len(images)
+        # As logged (test/loss): the loss over every scored pixel (NaN when none is).
+        loss = float(self.loss_means["test"].compute())
+        report["loss"] = None if math.isnan(loss) else loss  # JSON: null, as other figures
         report["test_time_augmentation"] = self._tta_description()
         report["batchnorm_statistics"] = (
             "training's (plain)" if self._bn_adaptation is None

@@ -614,6 +614,7 @@ def test_the_test_loss_of_nothing_scored_is_nan_not_zero():
     ds.masks[:] = 255
     _trainer().test(task, _BatchedDM(ds, 2))
     assert np.isnan(float(task.trainer.callback_metrics["test/loss"]))
+    assert task.test_report["loss"] is None  # JSON's null, as the other undefined figures
 
 
 def test_a_cosine_horizon_shorter_than_the_run_is_warned_about():
