@@ -91,6 +91,15 @@ class CheckpointNotFoundError(FileNotFoundError):
     """``--ckpt_path best|last`` names a checkpoint the run folder does not hold."""
 
 
+def _data_section(cfg: Any) -> tuple[str, Any]:
+    """``(class_path, init_args)`` of a command's ``data`` section (segpipe's data module when
+    the config names none; its arguments may stand directly under ``data:``)."""
+    data = cfg.get("data")
+    if data is None or not hasattr(data, "get"):
+        return _DEFAULT_DATA, {}
+    return str(data.get("class_path") or _DEFAULT_DATA), data.get("init_args", data)
+
+
 def _is_segpipe_data_module(class_path: str) -> bool:
     """Whether ``class_path`` names segpipe's :class:`~segpipe.data.SegmentationDataModule` (or
     a subclass of it), whose ``root`` and ``layout`` :meth:`SegpipeCLI._check_data_root` knows."""
@@ -701,11 +710,9 @@ class SegpipeCLI(LightningCLI):
         if subcommand not in ("validate", "test") or not bands or \
                 [int(b) for b in bands] == list(range(1, len(bands) + 1)):
             return  # none, or the files' own first bands: reading them all is the same
-        data = cfg.get("data")
-        args = data.get("init_args", data) if data is not None and hasattr(data, "get") else None
-        if args is None or str(data.get("class_path", _DEFAULT_DATA)) not in (
-                _DEFAULT_DATA, "SegmentationDataModule",
-                "segpipe.data.datamodule.SegmentationDataModule"):
+        class_path, args = _data_section(cfg)
+        if class_path not in (_DEFAULT_DATA, "SegmentationDataModule",
+                              "segpipe.data.datamodule.SegmentationDataModule"):
             return  # a data module of the user's own (a subclass too) may choose its bands
         if args.get("bands") is None:
             shown = "[" + ", ".join(str(int(b)) for b in bands) + "]"
@@ -804,9 +811,7 @@ class SegpipeCLI(LightningCLI):
                         stale.unlink()
                 except OSError:
                     pass
-        data = cfg.get("data")
-        data_args = data.get("init_args", data) if data is not None and hasattr(data, "get") else {}
-        _check_loggers(cfg.trainer.get("logger"), data_args.get("class_names"))
+        _check_loggers(cfg.trainer.get("logger"), _data_section(cfg)[1].get("class_names"))
         for save_dir in _logger_dirs(cfg.trainer.get("logger")):
             check_output_dir(save_dir, "logs", "trainer.logger.init_args.save_dir")
         logs = Path(root) / "lightning_logs"  # the default loggers' version_N go in there
