@@ -42,7 +42,7 @@ from segpipe.callbacks import (
 from segpipe.data.checks import DataCheckError
 from segpipe.data.io import ImageReadError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
-from segpipe.data.spec import DataSpec
+from segpipe.data.spec import DataSpec, reads_leading_bands
 from segpipe.errors import ConfigError
 from segpipe.fileio import (
     TMP_PREFIX,
@@ -76,6 +76,9 @@ __all__ = [
 
 #: The data module used when ``data:`` names no ``class_path``.
 _DEFAULT_DATA = "segpipe.data.SegmentationDataModule"
+#: The names a config may give segpipe's own data module by.
+_SEGPIPE_DATA_PATHS = (_DEFAULT_DATA, "SegmentationDataModule",
+                       "segpipe.data.datamodule.SegmentationDataModule")
 
 #: ``data.*`` options that make up the data spec linked into ``model.data_spec``.
 _SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_channels", "bands",
@@ -103,8 +106,7 @@ def _data_section(cfg: Any) -> tuple[str, Any]:
 def _is_segpipe_data_module(class_path: str) -> bool:
     """Whether ``class_path`` names segpipe's :class:`~segpipe.data.SegmentationDataModule` (or
     a subclass of it), whose ``root`` and ``layout`` :meth:`SegpipeCLI._check_data_root` knows."""
-    if class_path in (_DEFAULT_DATA, "SegmentationDataModule",
-                      "segpipe.data.datamodule.SegmentationDataModule"):
+    if class_path in _SEGPIPE_DATA_PATHS:
         return True
     module, _, name = class_path.rpartition(".")
     try:
@@ -707,12 +709,10 @@ class SegpipeCLI(LightningCLI):
         ``data.bands``: without it the files' own bands were read (and the check's fix
         suggested the first ones, which scored as wrong bands do)."""
         bands = getattr(self, "_ckpt_bands", None)
-        if subcommand not in ("validate", "test") or not bands or \
-                [int(b) for b in bands] == list(range(1, len(bands) + 1)):
+        if subcommand not in ("validate", "test") or not bands or reads_leading_bands(bands):
             return  # none, or the files' own first bands: reading them all is the same
         class_path, args = _data_section(cfg)
-        if class_path not in (_DEFAULT_DATA, "SegmentationDataModule",
-                              "segpipe.data.datamodule.SegmentationDataModule"):
+        if class_path not in _SEGPIPE_DATA_PATHS:
             return  # a data module of the user's own (a subclass too) may choose its bands
         if args.get("bands") is None:
             shown = "[" + ", ".join(str(int(b)) for b in bands) + "]"
@@ -939,8 +939,8 @@ class SegpipeCLI(LightningCLI):
 _FIT_RECORD: dict[str, Any] = {}
 
 
-def _mtime(path: Path) -> float | None:
-    """``path``'s modification time, or None when it is not there."""
+def _mtime(path: Path) -> int | None:
+    """``path``'s modification time in nanoseconds, or None when it is not there."""
     try:
         return path.stat().st_mtime_ns
     except OSError:

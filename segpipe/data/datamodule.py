@@ -626,20 +626,20 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         saved = state_dict.get("spec") or {}
         if saved.get("mean") is not None and saved.get("std") is not None:
-            source = saved.get("stats_source") or "measured"
-            if self.spec.stats_source in ("", "default", "measured"):
-                self._set_stats(saved["mean"], saved["std"], source)
-            elif self._stage() in ("validate", "test") and not (
-                    np.allclose(saved["mean"], self.spec.mean or [], rtol=1e-6, atol=0)
-                    and np.allclose(saved["std"], self.spec.std or [], rtol=1e-6, atol=0)):
-                # The model is scored as it was trained, and as `segpipe predict` normalises:
-                # other statistics given here scored it on inputs it never saw, in silence.
+            given = self.spec.stats_source not in ("", "default", "measured")
+            # The model is scored as it was trained, and as `segpipe predict` normalises: other
+            # statistics given to a validate or test scored it on inputs it never saw.
+            overridden = given and self._stage() in ("validate", "test") and not (
+                np.allclose(saved["mean"], self.spec.mean or [], rtol=1e-6, atol=0)
+                and np.allclose(saved["std"], self.spec.std or [], rtol=1e-6, atol=0))
+            if overridden:
                 rank_zero_warn(
                     f"the checkpoint was trained with data.mean {list(saved['mean'])} and "
                     f"data.std {list(saved['std'])}, but this run gives {self.spec.mean} and "
                     f"{self.spec.std}: scoring with the checkpoint's, as segpipe predict "
                     "normalises")
-                self._set_stats(saved["mean"], saved["std"], source)
+            if not given or overridden:
+                self._set_stats(saved["mean"], saved["std"], saved.get("stats_source") or "measured")
         crop = state_dict.get("train_crop_size")
         if crop is not None and crop == self.hparams.late_crop_size:
             self._set_train_crop(int(crop))

@@ -33,6 +33,7 @@ __all__ = [
     "default_mean_std",
     "spec_from_legacy",
     "recorded_spec",
+    "reads_leading_bands",
     "training_symmetries",
 ]
 
@@ -350,6 +351,12 @@ def spec_from_legacy(
                                        dm.get("vflip", False), dm.get("rotate90", False))
         if dm else None,
     )
+
+
+def reads_leading_bands(bands: Sequence[int] | None) -> bool:
+    """Whether a 1-based ``bands`` selection is a file's first bands in order (``[1, 2, 3]``):
+    a file with no more bands reads the same without it."""
+    return bool(bands) and [int(b) for b in bands or ()] == list(range(1, len(bands or ()) + 1))
 
 
 def recorded_spec(task_hparams: Mapping[str, Any] | None,

@@ -418,19 +418,19 @@ def build_train_transform(
         ops.append(A.MultiplicativeNoise(multiplier=tuple(channel_gain), per_channel=True,
                                          elementwise=False, p=1.0))
     if color and preset != "none":
-        by_max = not color_relative
-        # Hue and saturation are an 8-bit RGB photo's: on 3 bands picked from a 16-bit
-        # multispectral product they mixed the bands and shifted them by several std.
-        hsv = not color_relative
+        # An 8-bit RGB photo's jitter: brightness by the dtype's maximum, and hue and
+        # saturation, which on 3 bands picked from a 16-bit product mixed the bands and
+        # shifted them by several std.
+        photo = not color_relative
         if preset == "light":
-            ops.append(A.RandomBrightnessContrast(0.1, 0.1, brightness_by_max=by_max, p=0.5))
+            ops.append(A.RandomBrightnessContrast(0.1, 0.1, brightness_by_max=photo, p=0.5))
         elif preset == "default":
-            ops.append(A.RandomBrightnessContrast(0.2, 0.2, brightness_by_max=by_max, p=0.5))
-            if hsv:
+            ops.append(A.RandomBrightnessContrast(0.2, 0.2, brightness_by_max=photo, p=0.5))
+            if photo:
                 ops.append(_HueSaturationValueRGB(10, 15, 10, p=0.3))
         else:
-            ops.append(A.RandomBrightnessContrast(0.3, 0.3, brightness_by_max=by_max, p=0.8))
-            if hsv:
+            ops.append(A.RandomBrightnessContrast(0.3, 0.3, brightness_by_max=photo, p=0.8))
+            if photo:
                 ops.append(_HueSaturationValueRGB(20, 30, 20, p=0.5))
             ops.append(A.GaussNoise(std_range=(0.01, 0.05), p=0.3))
     return A.Compose(ops)

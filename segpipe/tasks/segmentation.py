@@ -22,7 +22,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from segpipe.data.spec import DataSpec, check_ignore_index, default_class_names, recorded_spec
+from segpipe.data.spec import (
+    DataSpec,
+    check_ignore_index,
+    default_class_names,
+    reads_leading_bands,
+    recorded_spec,
+)
 from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
@@ -813,7 +819,8 @@ class SegmentationTask(L.LightningModule):
         with self.trainer.precision_plugin.forward_context():
             self._bn_adaptation = adapt_batchnorm(self.net, self._test_images(), self.bn_adapt,
                                                   forward=self, reduce=reduce)
-        rank_zero_info(f"model.bn_adapt: BatchNorm statistics = {self._bn_adaptation.describe('test images')}")
+        described = self._bn_adaptation.describe("test images")
+        rank_zero_info(f"model.bn_adapt: BatchNorm statistics = {described}")
 
     def _test_images(self) -> Any:
         """The test loaders' (N, C, H, W) images, on this device and normalised as in
@@ -927,8 +934,8 @@ class SegmentationTask(L.LightningModule):
     def _warn_evaluation_differs(self, saved_spec: dict[str, Any]) -> None:
         """Warn when a test or validate scores otherwise than the checkpoint's data spec says:
         another ``eval_resize`` (not the size ``segpipe predict`` predicts at), another
-        ignore index (other pixels scored than training ignored) or other ``bands``. A resumed fit records the
-        new values, so it is not warned."""
+        ignore index (other pixels scored than training ignored) or other ``bands``. A resumed
+        fit records the new values, so it is not warned."""
         if self._trainer is not None and self.trainer.state.fn not in ("validate", "test"):
             return
         whys = {
@@ -944,8 +951,7 @@ class SegmentationTask(L.LightningModule):
             if (list(was) if isinstance(was, (list, tuple)) else was) == (
                     list(now) if isinstance(now, (list, tuple)) else now):
                 continue
-            if key == "bands" and now is None and was and \
-                    [int(b) for b in was] == list(range(1, len(was) + 1)):
+            if key == "bands" and now is None and reads_leading_bands(was):
                 continue  # the files' own first bands, all of which this run reads
             shown = ("null" if was is None
                      else f"'{list(was)}'" if isinstance(was, (list, tuple)) else str(was))
