@@ -13,6 +13,9 @@ and, for inputs, the padded size to use; :func:`pad_to_multiple` is the padding 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -26,10 +29,34 @@ __all__ = [
     "check_choice",
     "check_input",
     "check_int",
+    "no_pretrained_weights",
     "pad_to_multiple",
     "round_up",
     "skip_input_checks",
 ]
+
+
+#: Set while models are rebuilt whose weights come from elsewhere (a checkpoint).
+_SKIP_PRETRAINED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "segpipe_skip_pretrained", default=False
+)
+
+
+@contextlib.contextmanager
+def no_pretrained_weights() -> Iterator[None]:
+    """Build :class:`~segpipe.models.SmpModel` s without reading ``encoder_weights`` (random
+    encoder init).
+
+    For code that rebuilds a model only to load a checkpoint's full state dict over it (e.g.
+    :func:`segpipe.predict.load_predictor`): the pretrained weights would be overwritten, and
+    reading them needs their file or cache, which a machine that only predicts may lack. Here,
+    not in :mod:`segpipe.models.smp`, so that using it does not import smp and timm.
+    """
+    token = _SKIP_PRETRAINED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED.reset(token)
 
 
 class ModelArgumentError(ValueError):

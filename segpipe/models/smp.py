@@ -17,14 +17,12 @@ command that fetches them.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import difflib
 import inspect
 import os
 import shlex
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +32,15 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
-from .base import ModelArgumentError, adapt_first_conv, check_input, check_int, skip_input_checks
+from .base import (
+    _SKIP_PRETRAINED,
+    ModelArgumentError,
+    adapt_first_conv,
+    check_input,
+    check_int,
+    no_pretrained_weights,
+    skip_input_checks,
+)
 
 __all__ = [
     "PretrainedSource",
@@ -186,27 +192,6 @@ class PretrainedWeightsUnavailableError(RuntimeError):
     The message is one line naming the weights, the cache folder and the command that fetches
     them; ``segpipe fit`` reports it as ``segpipe: error: ...`` (exit code 2).
     """
-
-
-#: Set while models are rebuilt whose weights come from elsewhere (a checkpoint).
-_SKIP_PRETRAINED: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "segpipe_skip_pretrained", default=False
-)
-
-
-@contextlib.contextmanager
-def no_pretrained_weights() -> Iterator[None]:
-    """Build :class:`SmpModel` s without reading ``encoder_weights`` (random encoder init).
-
-    For code that rebuilds a model only to load a checkpoint's full state dict over it (e.g.
-    ``SegmentationTask.load_from_checkpoint``): the pretrained weights would be overwritten,
-    and reading them needs their file or cache, which a machine that only predicts may lack.
-    """
-    token = _SKIP_PRETRAINED.set(True)
-    try:
-        yield
-    finally:
-        _SKIP_PRETRAINED.reset(token)
 
 
 def _hub_offline() -> bool:

@@ -15,16 +15,16 @@ import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from segpipe.data.spec import DataSpec, recorded_spec, spec_from_legacy
 from segpipe.errors import check_checkpoint_format
+from segpipe.models.base import no_pretrained_weights
+from segpipe.tasks.inference import InferenceNet, build_network
 
-if TYPE_CHECKING:  # imported where a task is built: the task module loads Lightning and smp
-    from segpipe.tasks import SegmentationTask
 
 __all__ = [
     "CheckpointError",
@@ -322,15 +322,19 @@ def checkpoint_spec(ckpt: Mapping[str, Any], path: str | Path = "checkpoint") ->
 
 def load_predictor(
     ckpt_path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[SegmentationTask, PredictConfig]:
-    """Rebuild the task from a checkpoint and collect its prediction settings.
+) -> tuple[InferenceNet, PredictConfig]:
+    """Rebuild the trained network from a checkpoint and collect its prediction settings.
+
+    The network is built from the checkpoint's ``net`` config as training built it, and runs
+    in an :class:`~segpipe.tasks.inference.InferenceNet` (the task's forward pass, without
+    its losses, metrics or Lightning).
 
     Args:
         ckpt_path: Checkpoint written by ``segpipe fit`` (or :func:`save_predict_checkpoint`).
-        map_location: Where to load the weights.
+        map_location: Where to put the weights.
 
     Returns:
-        ``(task in eval mode, config)``.
+        ``(network in eval mode, config)``.
 
     Raises:
         FileNotFoundError: Missing checkpoint.
@@ -352,25 +356,24 @@ def load_predictor(
     spec = checkpoint_spec(ckpt, path)
     try:
         # The spec is checked against the network below, with the checkpoint named.
-        from segpipe.models.smp import no_pretrained_weights
-        from segpipe.tasks import SegmentationTask
-
         with no_pretrained_weights():  # the checkpoint's weights replace them anyway
-            task = SegmentationTask.load_from_checkpoint(
-                path, map_location=map_location, weights_only=True, data_spec=None,
-                num_classes=None, class_names=None,
-            )
+            net = build_network(net_cfg)
+        task = InferenceNet(
+            net, num_classes=spec.num_classes if spec is not None else None,
+            input_norm=str(hp.get("input_norm", "none")),
+            channels_last=bool(hp.get("channels_last", True)))
     except Exception as exc:  # noqa: BLE001 - re-raised with the file and the likely fix
         raise CheckpointError(
             f"{path}: could not rebuild {net_cfg.get('class_path')} from the checkpoint "
-            f"({type(exc).__name__}: {exc}); check that the model code matches the one used "
-            "for training"
+            f"({type(exc).__name__}: {' '.join(str(exc).split())}); check that the model code "
+            "matches the one used for training"
         ) from exc
-    task.eval()
-    num_classes = int(task.num_classes)
+    _load_weights(task, ckpt["state_dict"], path)
+    task.to(map_location).eval()
+    num_classes = int(getattr(task.net, "num_classes", None) or task.num_classes)
     if spec is None:
         log.warning("%s has no data spec: using default normalisation and colours", path)
-        spec = DataSpec.create(num_classes, ignore_index=task.ignore_index,
+        spec = DataSpec.create(num_classes, ignore_index=hp.get("ignore_index"),
                                in_channels=int(getattr(task.net, "in_channels", 3)))
     if spec.num_classes != num_classes:
         raise CheckpointError(
@@ -389,6 +392,28 @@ def load_predictor(
         input_norm=str(hp.get("input_norm", "none")), min_size=int(task.min_size),
     )
     return task, config
+
+
+def _load_weights(task: InferenceNet, state: Mapping[str, Any], path: Path) -> None:
+    """Load a task checkpoint's ``net.*`` and ``input_norm.*`` weights (its losses' and
+    metrics' buffers are not needed), or say in one line how they differ from the network."""
+    mine = task.state_dict()
+    prefixes = tuple(f"{name}." for name, _ in task.named_children())
+    theirs = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    mismatched = [k for k in mine if k in theirs and tuple(theirs[k].shape) != tuple(mine[k].shape)]
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    if mismatched or missing or unexpected:
+        parts = [f"{k} is {tuple(theirs[k].shape)} in the checkpoint, {tuple(mine[k].shape)} "
+                 "in the network its config builds" for k in mismatched[:2]]
+        if missing:
+            parts.append(f"{len(missing)} weight(s) not in the checkpoint (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) the network lacks (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"{path}: the checkpoint's weights do not fit the network its config builds: "
+            f"{'; '.join(parts)}; check that the model code matches the one used for training")
+    task.load_state_dict(theirs)
 
 
 def save_predict_checkpoint(

@@ -2,7 +2,9 @@
 
 :class:`SegmentationTask` and :func:`pad_to_multiple` are imported on first use (their module
 loads Lightning and segmentation_models_pytorch), so ``import segpipe.tasks.schedules`` and
-similar stay as cheap as their own imports.
+similar stay as cheap as their own imports. :mod:`segpipe.tasks.inference` holds the task's
+forward pass and :class:`~segpipe.tasks.inference.InferenceNet`, what prediction rebuilds from
+a checkpoint without Lightning.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from segpipe.data.spec import (
 from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
+from segpipe.tasks.inference import LogitsForward
 from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
@@ -170,7 +171,7 @@ def _one_pass(loader: Any) -> Any:
         generator=loader.generator, persistent_workers=False)
 
 
-class SegmentationTask(L.LightningModule):
+class SegmentationTask(LogitsForward, L.LightningModule):
     """Semantic segmentation around any network.
 
     The classes and the input the model was trained on are one :class:`~segpipe.data.spec.DataSpec`
@@ -546,52 +547,6 @@ class SegmentationTask(L.LightningModule):
                 f"The data has {data_classes} classes but the model predicts {self.num_classes}; "
                 "set data.num_classes (the CLI links it into the network)."
             )
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for a batch of any size.
-
-        Args:
-            x: (N, C, H, W) normalised images.
-
-        Returns:
-            (N, num_classes, H, W) logits.
-        """
-        x, (h, w) = pad_to_multiple(self.input_norm(x), self.pad_multiple, self.min_size)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.net(x)
-        if not self._output_checked:
-            self._check_output(x, logits)
-        return logits[..., :h, :w]
-
-    _output_checked = False
-
-    def _check_output(self, x: Tensor, logits: Any) -> None:
-        """The network's first output against the contract, in one line that says what is
-        wrong (a dict, as torchvision's models return, failed as "unhashable type: 'slice'";
-        other channels or sizes deep inside torchmetrics or the loss). Shapes only: no host
-        synchronisation."""
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return
-        name = type(self.net).__name__
-        want = f"(N, {self.num_classes}, H, W) logits (data.num_classes {self.num_classes})"
-        if not isinstance(logits, Tensor):
-            keys = f" with keys {sorted(map(str, logits))}" if isinstance(logits, dict) else ""
-            raise ConfigError(
-                f"model.net {name} returned a {type(logits).__name__}{keys}, not a tensor of "
-                f"{want}; wrap it so that forward returns the logits (for torchvision's "
-                "segmentation models, their 'out')")
-        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
-            raise ConfigError(
-                f"model.net {name} returned {tuple(logits.shape)} for an input of "
-                f"{tuple(x.shape)}; expected {want}: check the network's num_classes")
-        if tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
-            raise ConfigError(
-                f"model.net {name} returned {logits.shape[-1]}x{logits.shape[-2]} logits for a "
-                f"{x.shape[-1]}x{x.shape[-2]} input; the network must keep the input's size "
-                "(upsample its output to it)")
-        self._output_checked = True
 
     @staticmethod
     def _own_sizes(image: Tensor, sizes: Tensor) -> Iterator[Tensor]:

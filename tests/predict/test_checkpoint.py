@@ -42,6 +42,28 @@ def test_weights_are_restored(tmp_path: Path) -> None:
     assert torch.equal(task.net.conv.weight, saved)
 
 
+def test_weights_that_do_not_fit_the_network_are_named(tmp_path: Path) -> None:
+    """The network is rebuilt from the config and the weights loaded into it: a checkpoint
+    whose weights are another network's says which, in one line, with the file."""
+    args = {"in_channels": 3, "num_classes": 3, "base_channels": 4, "depth": 2}
+    wide = UNet(**{**args, "base_channels": 8})
+    path = make_ckpt(tmp_path / "m.ckpt", "segpipe.models.UNet", args)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {f"net.{k}": v for k, v in wide.state_dict().items()}
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"do not fit the network its config builds: "
+                                              r"net\..* is \(8, 3, 3, 3\) in the checkpoint, "
+                                              r"\(4, 3, 3, 3\)") as exc:
+        load_predictor(path)
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+    ckpt["state_dict"] = {f"net.{k}": v for k, v in UNet(**args).state_dict().items()
+                          if "head" not in k}
+    ckpt["state_dict"]["criterion.weight"] = torch.ones(3)  # a loss's buffer: not needed
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"2 weight\(s\) not in the checkpoint \(e.g. net.head"):
+        load_predictor(path)
+
+
 def test_task_built_in_python_is_refused_with_the_fix(tmp_path: Path) -> None:
     task = SegmentationTask(UNet(in_channels=3, num_classes=2, base_channels=4, depth=2))
     path = tmp_path / "python.ckpt"
