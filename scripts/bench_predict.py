@@ -2,7 +2,7 @@
 """Prediction benchmarks: throughput of `segpipe predict` against a bare loop, and peak memory
 of predicting large GeoTIFFs.
 
-1. Throughput: `segpipe predict` (the real code path: Lightning Trainer, PNG decoding in DataLoader
+1. Throughput: `segpipe predict` (the real code path: its prediction loop, PNG decoding in DataLoader
    workers, softmax/argmax, atomic PNG writes in writer threads) on a folder of 480x360 PNGs,
    against a bare loop that does the same work in turn, as a plain script would: decode and
    normalise a batch, copy it to the device, ``task(x)``, arg-max, labels back to the CPU, one
@@ -15,6 +15,11 @@ of predicting large GeoTIFFs.
    and 16384 pixels square; ``--rss-height`` for wide, short rasters) with a tiny U-Net and
    ``--rss-classes`` classes, each in a fresh subprocess (``VmHWM``; on CUDA also the peak of
    GPU memory allocated by torch). Goal: well under 3 GB, about the same for every size.
+3. Start-up included: the whole ``segpipe predict`` command in a fresh process (imports, loading
+   the checkpoint, the images, writing) against a plain script in a fresh process that imports
+   torch, Pillow and the network's class alone, loads the weights and decodes, predicts and
+   writes the same images in turn (``_plain`` below); wall-clock seconds, alternating, best of
+   ``--rounds``.
 
 ``--device`` (cpu or cuda; default cuda when available, as `segpipe predict` picks it) sets the
 device of both sides and of the raster runs.
@@ -23,6 +28,7 @@ device of both sides and of the raster runs.
     python scripts/bench_predict.py --skip-rss --images 96 # throughput only
     python scripts/bench_predict.py --skip-throughput --rss-sizes 4096 16384
     python scripts/bench_predict.py --skip-throughput --rss-sizes 65536 --rss-height 1024
+    python scripts/bench_predict.py --skip-throughput --skip-rss   # start-up included only
     python scripts/bench_predict.py --device cuda --precision bf16-mixed --batch-size 8
 """
 
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -237,6 +244,71 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, float]:
             "setup_seconds": seg_time - loop_time}
 
 
+# ------------------------------------------------------------------------------ start-up
+def plain_child(argv: list[str]) -> None:
+    """In a fresh process, as a plain script would: import torch, Pillow and the network's
+    class only, load the checkpoint's weights, then decode, normalise, predict and write each
+    batch of images in turn (plain PNGs)."""
+    ckpt_path, images, out, device, precision, batch_size = argv
+    import importlib
+
+    import torch
+    from PIL import Image
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    net_cfg = ckpt["hyper_parameters"]["net"]
+    module, _, name = net_cfg["class_path"].rpartition(".")
+    net = getattr(importlib.import_module(module), name)(**net_cfg["init_args"])
+    net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    net.to(device).eval().to(memory_format=torch.channels_last)
+    spec = ckpt["hyper_parameters"].get("data_spec") or {}
+    mean = torch.tensor(spec.get("mean") or [0.5] * 3, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.get("std") or [0.25] * 3, device=device).view(1, -1, 1, 1)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(Path(images).glob("*.png"))
+    step = int(batch_size)
+    with torch.inference_mode(), autocast_for(torch.device(device).type, precision):
+        for i in range(0, len(files), step):
+            batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + step]])
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            labels = net(x).argmax(dim=1).to("cpu", torch.uint8).numpy()
+            for f, lab in zip(files[i:i + step], labels):
+                Image.fromarray(lab).save(out_dir / f.name)
+
+
+def bench_startup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Wall-clock seconds of the whole ``segpipe predict`` command and of the plain script,
+    each in fresh processes, alternating; the best of each."""
+    images = work / "images"
+    if not images.is_dir():
+        make_images(images, args.images)
+    ckpt = work / "unet.ckpt"
+    if not ckpt.is_file():
+        make_ckpt(ckpt, args.base_channels, args.depth, args.classes)
+    precision = args.precision or precision_for(args.device)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(ckpt),
+               "--input", str(images), "--output", str(work / "startup_segpipe"), "--overwrite",
+               "--no_progress", "--precision", precision, "--batch_size", str(args.batch_size),
+               "--accelerator", "gpu" if args.device == "cuda" else "cpu"]
+    if args.num_workers is not None:
+        command += ["--num_workers", str(args.num_workers)]
+    plain = [sys.executable, __file__, "_plain", str(ckpt), str(images),
+             str(work / "startup_plain"), args.device, precision, str(args.batch_size)]
+    times: dict[str, list[float]] = {"segpipe": [], "plain": []}
+    for _ in range(args.rounds):
+        for name, cmd in (("plain", plain), ("segpipe", command)):
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+            times[name].append(time.perf_counter() - t0)
+            if res.returncode != 0:
+                raise RuntimeError(f"{name}: {res.stderr[-3000:]}")
+    return {"segpipe_s": min(times["segpipe"]), "plain_s": min(times["plain"]),
+            "rounds": {k: [round(t, 2) for t in v] for k, v in times.items()}}
+
+
 # ------------------------------------------------------------------------------ memory
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB.
@@ -318,14 +390,11 @@ def describe_device(device: str) -> str:
 
 
 def main() -> None:
-    import logging
-
-    import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; quiet them after
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     if len(sys.argv) > 1 and sys.argv[1] == "_rss":
         rss_child(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_plain":
+        plain_child(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=positive_int, default=48, help="480x360 images for throughput")
@@ -351,6 +420,7 @@ def main() -> None:
     p.add_argument("--rss-depth", type=int, default=1, help="U-Net depth (raster runs)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--workdir", default=None, help="keep the data here (default: a temp dir)")
     p.add_argument("--rss-classes", type=int, default=11,
                    help="classes of the raster runs' U-Net (the class-score accumulators hold "
@@ -380,10 +450,18 @@ def main() -> None:
             print(f"  bare loop: {r['bare_images_per_s']:.2f} images/s ({what})")
             print(f"  ratio: {r['ratio']:.3f} (best rounds; goal >= 0.9); per round, bare and "
                   f"segpipe back to back: {r['paired_ratios']}")
-            print(f"  end to end, with loading the checkpoint and starting the Trainer "
+            print(f"  end to end, with loading the checkpoint and starting the loop "
                   f"({r['setup_seconds']:.2f} s once per run): "
                   f"{r['segpipe_end_to_end_images_per_s']:.2f} images/s, "
                   f"ratio {r['ratio_end_to_end']:.3f}")
+        if not args.skip_startup:
+            r = bench_startup(args, work)
+            print(f"start-up included, each in a fresh process ({args.images} images, best of "
+                  f"{args.rounds}; per round {r['rounds']}):")
+            print(f"  segpipe predict (the whole command): {r['segpipe_s']:.2f} s")
+            print(f"  plain script (torch, Pillow and the network's class; load, decode, "
+                  f"predict, write in turn): {r['plain_s']:.2f} s")
+            print(f"  ratio: {r['plain_s'] / r['segpipe_s']:.3f} (plain / segpipe)")
         if not args.skip_rss:
             rows = bench_rss(args, work)
             print(f"peak RSS of predicting a 3-band GeoTIFF on {args.device} "

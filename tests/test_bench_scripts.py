@@ -60,7 +60,7 @@ def test_bench_malloc_compares_both_settings() -> None:
     assert "median: glibc default" in res.stdout
 
 
-def test_bench_predict_runs_both_parts_on_cpu(tmp_path: Path) -> None:
+def test_bench_predict_runs_every_part_on_cpu(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_predict.py", "--device", "cpu", "--images", "4",
          "--batch-size", "2", "--base-channels", "4", "--depth", "2", "--classes", "3",
@@ -72,6 +72,8 @@ def test_bench_predict_runs_both_parts_on_cpu(tmp_path: Path) -> None:
     assert re.search(r"^throughput on cpu \(4 images", res.stdout, re.M), res.stdout
     assert re.search(r"ratio: [\d.]+ \(best rounds", res.stdout), res.stdout
     assert re.search(r"300x200 \(WxH\): peak \d+ MB", res.stdout), res.stdout
+    assert re.search(r"segpipe predict \(the whole command\): [\d.]+ s", res.stdout), res.stdout
+    assert re.search(r"plain script .*: [\d.]+ s\n  ratio: [\d.]+", res.stdout), res.stdout
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="CUDA is available here")

@@ -1,11 +1,14 @@
 """Prediction from a checkpoint alone: ``segpipe predict`` and its building blocks.
 
-* :mod:`segpipe.predict.checkpoint`: :func:`load_predictor` rebuilds the task and its
+* :mod:`segpipe.predict.checkpoint`: :func:`load_predictor` rebuilds the trained network (an
+  :class:`~segpipe.tasks.inference.InferenceNet`, without Lightning) and its
   preprocessing/palette (:class:`PredictConfig`) from a checkpoint.
 * :mod:`segpipe.predict.tiling`: Gaussian-blended sliding-window inference in blocks.
 * :mod:`segpipe.predict.writers`: the output formats and the atomic writer.
 * :mod:`segpipe.predict.scoring`: the model side (probabilities, TTA, tiling), without Lightning.
-* :mod:`segpipe.predict.engine`: dataset, LightningModule and writing callback.
+* :mod:`segpipe.predict.engine`: dataset, module, writing callback and the in-process loop.
+* :mod:`segpipe.predict.distributed`: the same under a Lightning ``Trainer``, for several
+  devices or processes (the only module here that imports Lightning).
 * :mod:`segpipe.predict.command`: the command line and :func:`predict`.
 * :mod:`segpipe.predict.api`: :class:`Segmenter`, the same prediction from Python.
 

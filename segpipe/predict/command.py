@@ -36,8 +36,8 @@ from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir, is_stal
 from segpipe.predict.writers import FORMATS, PredictionWriter
 from segpipe.runtime import available_cpus, default_precision, fit_threads_to_cpus
 
-# torch, Lightning and the task (smp/timm) are imported when a prediction runs, not for --help
-# or a usage error.
+# torch and the network are imported when a prediction runs, not for --help or a usage error;
+# Lightning only when it runs on several devices or processes (segpipe.predict.distributed).
 if TYPE_CHECKING:
     from segpipe.predict.engine import InputFile, PredictSummary
 
@@ -278,9 +278,13 @@ def _check_tile(tile: int | None, multiple: int) -> None:
 
 
 def _rank_from_env() -> int:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+    """This process's global rank as a launcher set it (Lightning's rank_zero_only reads the
+    same variables, in this order), 0 when none did."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(name)
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def default_write_workers(on_accelerator: bool, loader_workers: int = 0, processes: int = 1) -> int:
@@ -380,12 +384,12 @@ def predict(
         OutputDiskFullError: The output folder's disk filled up; the run stopped (its
             ``summary`` holds the counts so far; the finished outputs are complete).
     """
-    import lightning.pytorch as L
     from torch.utils.data import DataLoader
 
     from segpipe.data.loading import default_num_workers
     from segpipe.predict.checkpoint import load_predictor
     from segpipe.predict.engine import (
+        InProcessRunner,
         OutputDiskFullError,
         PredictFailed,
         PredictInputs,
@@ -393,6 +397,7 @@ def predict(
         PredictOptions,
         WritingCallback,
         collate_records,
+        in_process_device,
     )
 
     if tile is not None and tile < 1:
@@ -516,24 +521,14 @@ def predict(
     module = PredictModule(task, config, writer, options)
     callback = WritingCallback(writer, len(files), fail_fast=fail_fast, progress=progress,
                                write_workers=int(write_workers))
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    precision = precision or default_precision()
+    device = in_process_device(accelerator, devices, strategy, precision)
+    if device is not None:  # one device, this process: no Lightning to import and start
+        runner: Any = InProcessRunner(device, precision)
+    else:
+        from segpipe.predict.distributed import LightningRunner
 
-    try:
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy,
-            precision=precision or default_precision(), logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-            inference_mode=True,
-        )
-    except (ValueError, TypeError, ImportError, RuntimeError, MisconfigurationException) as exc:
-        # A typo (--precision 17) or a device this machine lacks (--accelerator tpu).
-        raise PredictUsageError(
-            f"--accelerator {accelerator} --devices {devices} --strategy {strategy} --precision "
-            f"{precision or default_precision()}: {' '.join(str(exc).split())}") from None
-    if trainer.world_size > len(files):  # Lightning's sampler needs a file for every process
-        raise PredictUsageError(
-            f"{len(files)} input image(s) for {trainer.world_size} processes: each needs at "
-            f"least one; use --devices {len(files)}")
+        runner = LightningRunner(accelerator, devices, strategy, precision, len(files))
     stopped = interrupted = False
     with warnings.catch_warnings(), _sigterm_as_interrupt() as terminated:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -541,21 +536,17 @@ def predict(
         warnings.filterwarnings("ignore", message="Truncated File Read")
         warnings.showwarning = _one_line_warning  # restored by catch_warnings
         try:
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
+            interrupted = runner.run(module, callback, loader)
         except PredictFailed:
             stopped = True
         except BatchNormAdaptError as exc:  # --bn_adapt found nothing it can read
             raise PredictUsageError(str(exc)) from None
         except OutputDiskFullError as exc:
             exc.summary = callback.summary
-            exc.summary.rank = trainer.global_rank
+            exc.summary.rank = runner.rank
             raise
-        except SystemExit:  # Lightning's graceful Ctrl-C shutdown ends with sys.exit(1)
-            if not trainer.interrupted:
-                raise
-            interrupted = True
     summary = callback.summary
-    summary.rank = trainer.global_rank
+    summary.rank = runner.rank
     summary.batchnorm_statistics = module.bn_description
     summary.stopped_early = stopped
     summary.interrupted = interrupted
@@ -699,15 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from segpipe.predict.checkpoint import CheckpointError
     from segpipe.predict.engine import OutputDiskFullError
 
-    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:  # Lightning's start-up chatter; restored afterwards (Python callers)
-        logger.setLevel(logging.WARNING)
     try:
         return _run(args, CheckpointError, OutputDiskFullError)
     finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
         _close_process_group()
 
 

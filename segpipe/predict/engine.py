@@ -1,4 +1,4 @@
-"""Prediction under a Lightning ``Trainer``: the dataset, the module and the writing callback.
+"""Prediction: the dataset, the module, the writing stage and the loop that runs them.
 
 * :class:`PredictInputs` yields one record per input file. Files whose outputs all exist are
   ``skipped`` without being read; unreadable files become ``failed`` records (path and reason)
@@ -9,9 +9,12 @@
   sliding window over blocks read from disk by windows, and its finished rows are written strip
   by strip through the writer, so memory does not grow with the raster's height, and with its
   width only by the tile-overlap rows (see :func:`~segpipe.predict.tiling.sliding_window_blocks`).
-* :class:`WritingCallback` (a ``BasePredictionWriter``) writes the images' predictions, counts
-  written / skipped / failed files, drives the progress bar and gathers the counts over
-  processes at the end.
+* :class:`WritingCallback` writes the images' predictions, counts written / skipped / failed
+  files, drives the progress bar and gathers the counts over processes at the end.
+* :class:`InProcessRunner` runs them in this process on one device (the default, ``--devices
+  1``): a plain PyTorch loop, so ``segpipe predict`` does not import Lightning (about 3 s).
+  Several devices or a strategy run them under a Lightning ``Trainer`` instead
+  (:mod:`segpipe.predict.distributed`), with the same hooks in the same order.
 
 A full disk stops the run with :class:`OutputDiskFullError` (the same error for every
 remaining file would say nothing new); any other write error fails only its file.
@@ -33,12 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as L
+import contextlib
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from segpipe.data.datasets import PredictDataset, adapt_channels, finite_range
@@ -65,8 +69,11 @@ from segpipe.predict.tiling import (
 )
 from segpipe.predict.writers import OutputMeta, PredictionWriter, RowChunk
 
-if TYPE_CHECKING:  # annotations only: the task module loads smp/timm
-    from segpipe.tasks import SegmentationTask
+if TYPE_CHECKING:  # annotations only
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from segpipe.tasks.inference import InferenceNet
 
 __all__ = [
     "InputFile",
@@ -78,8 +85,10 @@ __all__ = [
     "PredictOptions",
     "PredictSummary",
     "RasterSource",
+    "InProcessRunner",
     "WritingCallback",
     "collate_records",
+    "in_process_device",
     "to_display",
 ]
 
@@ -527,11 +536,15 @@ class RasterSource:
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-class PredictModule(L.LightningModule):
-    """Runs the task's network on :class:`PredictInputs` records.
+class PredictModule(nn.Module):
+    """Runs the trained network on :class:`PredictInputs` records.
+
+    A runner (:class:`InProcessRunner`, or Lightning's for several devices) moves it to its
+    device, sets :attr:`device`, and calls :meth:`on_predict_start`, :meth:`predict_step` for
+    each batch and :meth:`on_predict_end`, in inference mode.
 
     Args:
-        task: Trained task (from :func:`~segpipe.predict.checkpoint.load_predictor`).
+        task: Trained network (from :func:`~segpipe.predict.checkpoint.load_predictor`).
         config: Its prediction settings.
         writer: Output writer (rasters are written from the predict step, strip by strip).
         options: Tiling, TTA, batch size.
@@ -539,12 +552,14 @@ class PredictModule(L.LightningModule):
 
     def __init__(
         self,
-        task: SegmentationTask,
+        task: InferenceNet | nn.Module,
         config: PredictConfig,
         writer: PredictionWriter,
         options: PredictOptions,
     ) -> None:
         super().__init__()
+        #: Where the network runs; the runner sets it.
+        self.device = torch.device("cpu")
         self.task = task
         self.config = config
         self.writer = writer
@@ -563,16 +578,21 @@ class PredictModule(L.LightningModule):
         return self.prob_fn(x)
 
     # ---------------------------------------------------------------- BatchNorm statistics
-    def on_predict_start(self) -> None:
+    def on_predict_start(
+        self, inputs: PredictInputs, forward_context: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
         """``bn_adapt``: blend the input images' BatchNorm statistics in before predicting.
-        Every process estimates them on all the inputs, so all predict alike."""
+        Every process estimates them on all the inputs, so all predict alike.
+
+        Args:
+            inputs: The data set predicted (all of it, whichever share this process has).
+            forward_context: The precision context forward passes run in (autocast).
+        """
         self._bn_adaptation = None
         if not self.options.bn_adapt:
             return
-        loader = self.trainer.predict_dataloaders
-        inputs = (loader[0] if isinstance(loader, (list, tuple)) else loader).dataset
         try:
-            with self.trainer.precision_plugin.forward_context():
+            with forward_context():
                 self._bn_adaptation = adapt_batchnorm(
                     self.task.net, self._statistics_batches(inputs), self.options.bn_adapt,
                     forward=self.task,
@@ -811,8 +831,12 @@ class PredictModule(L.LightningModule):
 
 
 # ------------------------------------------------------------------------------ writing
-class WritingCallback(BasePredictionWriter):
+class WritingCallback:
     """Writes predicted images, counts outcomes, shows progress, gathers counts over ranks.
+
+    The runner calls :meth:`on_predict_start` before the module's, :meth:`write_on_batch_end`
+    after each predict step, :meth:`on_predict_end` before the module's, and
+    :meth:`on_exception` when the run stops on an exception (Ctrl-C included).
 
     With ``write_workers`` > 0 the files are encoded and written by a pool of threads (PNG and
     GeoTIFF encoders release the GIL) while the next batch is decoded and predicted; at most
@@ -831,7 +855,6 @@ class WritingCallback(BasePredictionWriter):
         self, writer: PredictionWriter, num_files: int, fail_fast: bool = False,
         progress: bool = True, write_workers: int = 0,
     ) -> None:
-        super().__init__(write_interval="batch")
         self.writer = writer
         self.num_files = num_files
         self.fail_fast = fail_fast
@@ -843,21 +866,23 @@ class WritingCallback(BasePredictionWriter):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[ItemResult, Future[None] | None]] = deque()
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_predict_start(self, module: nn.Module, is_global_zero: bool = True,
+                         world_size: int = 1) -> None:
+        """Start counting (and the progress bar, on the first process of ``world_size``)."""
         self.summary = PredictSummary()
         self._t0 = time.perf_counter()
         self._pending.clear()
         if self.write_workers > 0:
             self._pool = ThreadPoolExecutor(self.write_workers, thread_name_prefix="segpipe-write")
-        if self.progress and trainer.is_global_zero:
+        if self.progress and is_global_zero:
             from tqdm.auto import tqdm
 
-            world = trainer.world_size
+            world = world_size
             share = math.ceil(self.num_files / world) if world > 1 else self.num_files
             desc = "files" if world == 1 else f"files (rank 0 of {world})"
             self._bar = tqdm(total=share, desc=desc, unit="file", position=0, dynamic_ncols=True)
-            if isinstance(pl_module, PredictModule):
-                pl_module.show_progress = True
+            if isinstance(module, PredictModule):
+                module.show_progress = True
 
     def _record(self, res: ItemResult) -> None:
         self._count(res)
@@ -879,16 +904,8 @@ class WritingCallback(BasePredictionWriter):
         if self._bar is not None:
             self._bar.update(1)
 
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
+    def write_on_batch_end(self, prediction: Sequence[ItemResult]) -> None:
+        """Write (or hand to the writing threads) a predict step's results."""
         for res in prediction:
             if res.status != "predicted":
                 self._pending.append((res, None))
@@ -943,7 +960,8 @@ class WritingCallback(BasePredictionWriter):
             self._bar.close()
             self._bar = None
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_predict_end(self, world_size: int = 1) -> None:
+        """Finish the writes, and sum the counts of the ``world_size`` processes."""
         try:
             self._drain()
         finally:
@@ -951,8 +969,8 @@ class WritingCallback(BasePredictionWriter):
         self._close_bar()
         self.summary.seconds = time.perf_counter() - self._t0
         dist = torch.distributed
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            parts: list[Any] = [None] * trainer.world_size
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            parts: list[Any] = [None] * world_size
             mine = self.summary
             dist.all_gather_object(parts, (mine.written, mine.skipped, mine.failures, mine.seconds))
             total = PredictSummary()
@@ -961,9 +979,8 @@ class WritingCallback(BasePredictionWriter):
                 total.seconds = max(total.seconds, seconds)
             self.summary = total
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, exception: BaseException) -> None:
+        """Count what finished before the run stopped; stop the writing threads."""
         self._shutdown_pool()
         for res, future in self._pending:  # outcomes not yet counted: the finished ones count
             if future is None:
@@ -977,3 +994,104 @@ class WritingCallback(BasePredictionWriter):
                 self._count(res)
             exception.pending = []
         self._close_bar()
+
+
+# ------------------------------------------------------------------------------ running
+#: ``--precision`` values the in-process loop runs, and their autocast dtype (None: fp32).
+_IN_PROCESS_PRECISIONS: dict[str, torch.dtype | None] = {
+    "32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16,
+    "16": torch.float16,
+}
+#: Environment variables a multi-process launcher sets (torchrun, SLURM's srun).
+_LAUNCHER_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS")
+
+
+def in_process_device(accelerator: str, devices: int | str | Sequence[int], strategy: str,
+                      precision: str) -> torch.device | None:
+    """The device ``segpipe predict`` runs on in this process, or None when the options ask
+    for what Lightning's ``Trainer`` does (several devices or processes, a strategy, another
+    accelerator or precision), which then runs it and says what is wrong with the options.
+
+    Args:
+        accelerator: ``auto``, ``cpu``, ``gpu`` or ``cuda`` run in process.
+        devices: ``1`` runs in process.
+        strategy: ``auto`` runs in process.
+        precision: One of ``32-true``, ``bf16-mixed`` or (on a GPU) ``16-mixed`` runs in process.
+
+    Returns:
+        ``cpu`` or the first visible CUDA device (as Lightning's ``devices=1`` picks), or None.
+    """
+    if strategy != "auto" or str(devices) != "1" or str(precision) not in _IN_PROCESS_PRECISIONS:
+        return None
+    if any(int(os.environ.get(name, "1") or 1) > 1 for name in _LAUNCHER_VARIABLES):
+        return None  # each launched process is one rank of a run Lightning coordinates
+    choice = str(accelerator).lower()
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if choice in ("gpu", "cuda") or (choice == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else None
+    elif choice == "cpu" or (choice == "auto" and not mps):
+        device = torch.device("cpu")
+    else:
+        device = None
+    if device is not None and device.type == "cpu" and str(precision).startswith("16"):
+        return None  # Lightning refuses fp16 autocast on a CPU, with its reason
+    return device
+
+
+class InProcessRunner:
+    """Runs a :class:`PredictModule` and its :class:`WritingCallback` over a loader in this
+    process, on one device: the hooks a Lightning ``Trainer`` calls, in its order, in
+    inference mode and the precision's autocast; Ctrl-C (and SIGTERM, which the command turns
+    into it) stops it as it stops Lightning's loop: the finished files are counted, the run
+    reports itself interrupted.
+
+    Args:
+        device: From :func:`in_process_device`.
+        precision: A precision :func:`in_process_device` accepted.
+    """
+
+    #: The process's rank: always the only one.
+    rank = 0
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        self.device = device
+        self.autocast = _IN_PROCESS_PRECISIONS[str(precision)]
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        """The autocast of the precision (nothing for fp32)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def run(self, module: PredictModule, callback: WritingCallback,
+            loader: Iterable[list[dict[str, Any]]]) -> bool:
+        """Predict every batch of ``loader``.
+
+        Returns:
+            Whether Ctrl-C (or SIGTERM) stopped it.
+
+        Raises:
+            Whatever a hook raises (after :meth:`WritingCallback.on_exception`).
+        """
+        module.to(self.device).eval()
+        module.device = self.device
+        inputs = getattr(loader, "dataset", None)
+        try:
+            with torch.inference_mode():
+                callback.on_predict_start(module)
+                module.on_predict_start(inputs, self.forward_context)
+                for batch_idx, batch in enumerate(loader):
+                    with self.forward_context():
+                        prediction = module.predict_step(batch, batch_idx)
+                    callback.write_on_batch_end(prediction)
+                callback.on_predict_end()
+                module.on_predict_end()
+        except KeyboardInterrupt as exc:
+            callback.on_exception(exc)
+            module.on_predict_end()  # the training BatchNorm statistics back (Python callers)
+            return True
+        except BaseException as exc:
+            callback.on_exception(exc)
+            module.on_predict_end()
+            raise
+        return False

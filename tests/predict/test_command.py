@@ -538,6 +538,55 @@ def test_ddp_writes_each_file_exactly_once(tmp_path: Path, pointwise_ckpt: Path)
     assert sorted(p.name for p in outputs(out)) == [f"im{i}.png" for i in range(5)]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_in_process_loop_writes_what_lightnings_does(tmp_path: Path, unet_ckpt: Path,
+                                                        precision: str, monkeypatch,
+                                                        capsys) -> None:
+    """One device runs in a plain loop, not under a Lightning Trainer: the same files, bytes and
+    counts, for images of two sizes, a raster read by windows, a bad file, TTA and bn_adapt."""
+    from segpipe.predict import engine
+
+    src = tmp_path / "in"
+    for i in range(3):
+        write_image(src / f"a{i}.png", noise_image(40, 56, seed=i))
+    write_image(src / "sub" / "b.png", noise_image(48, 36, seed=7))
+    write_geotiff(src / "scene.tif", np.random.default_rng(3).integers(0, 255, (3, 90, 70), np.uint8))
+    (src / "bad.png").write_bytes(b"not an image")
+    extra = ("--format", "mask", "probs", "overlay", "--tta", "--bn_adapt", "0.5",
+             "--batch-size", "2", "--tile", "64", "--precision", precision)
+    assert run(unet_ckpt, src, tmp_path / "plain", *extra) == 1  # the bad file failed
+    plain = capsys.readouterr().out
+    monkeypatch.setattr(engine, "in_process_device", lambda *args: None)  # Lightning's loop
+    assert run(unet_ckpt, src, tmp_path / "lightning", *extra) == 1
+    assert capsys.readouterr().out == plain
+    assert "predict: 5 written, 0 skipped (already done), 1 failed" in plain
+    files = sorted(p.relative_to(tmp_path / "plain") for p in outputs(tmp_path / "plain"))
+    assert files == sorted(p.relative_to(tmp_path / "lightning")
+                           for p in outputs(tmp_path / "lightning"))
+    assert len(files) == 15
+    for rel in files:
+        assert (tmp_path / "plain" / rel).read_bytes() == (
+            tmp_path / "lightning" / rel).read_bytes(), rel
+
+
+def test_predicting_on_one_device_does_not_import_lightning(tmp_path: Path,
+                                                            unet_ckpt: Path) -> None:
+    """Lightning, torchmetrics and (for a U-Net) smp and timm cost about 3 s of a short run's
+    start; `segpipe predict` on one device imports none of them."""
+    write_image(tmp_path / "in" / "a.png", noise_image(20, 24))
+    code = ("import sys\nfrom segpipe.cli import main\n"
+            f"assert main(['predict', '--ckpt_path', {str(unet_ckpt)!r}, '--input', "
+            f"{str(tmp_path / 'in')!r}, '--output', {str(tmp_path / 'out')!r}, "
+            "'--no_progress']) == 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', "
+            "'torchmetrics', 'segmentation_models_pytorch', 'timm'}))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
 def test_unwritable_output_is_one_clear_error(tmp_path: Path, pointwise_ckpt: Path, capsys) -> None:
     src = tmp_path / "in"
     for i in range(3):

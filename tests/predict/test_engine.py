@@ -68,3 +68,27 @@ def test_summary_line_and_report() -> None:
     s = PredictSummary(12, 3, [("a.png", "file is empty (0 bytes)")])
     assert s.line() == "predict: 12 written, 3 skipped (already done), 1 failed"
     assert s.report().splitlines()[1] == "  a.png: file is empty (0 bytes)"
+
+
+def test_one_device_runs_in_process_and_the_rest_under_lightning(monkeypatch) -> None:
+    """`--devices 1` with the default strategy runs in a plain loop; what only Lightning does
+    (several devices or processes, a strategy, other precisions or accelerators) goes to it."""
+    from segpipe.predict.engine import in_process_device
+
+    cpu = torch.device("cpu")
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert in_process_device("cpu", 1, "auto", "32-true") == cpu
+    assert in_process_device("cpu", "1", "auto", "bf16-mixed") == cpu
+    if not torch.cuda.is_available():
+        assert in_process_device("auto", 1, "auto", "32-true") == cpu
+        assert in_process_device("gpu", 1, "auto", "32-true") is None  # Lightning says why
+    for args in [("cpu", 2, "auto", "32-true"), ("cpu", "auto", "auto", "32-true"),
+                 ("cpu", 1, "ddp", "32-true"), ("cpu", 1, "auto", "64-true"),
+                 ("cpu", 1, "auto", "17"), ("cpu", 1, "auto", "16-mixed"),
+                 ("tpu", 1, "auto", "32-true"), ("cpu", [0], "auto", "32-true")]:
+        assert in_process_device(*args) is None, args
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one rank of torchrun's processes
+    assert in_process_device("cpu", 1, "auto", "32-true") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert in_process_device("cpu", 1, "auto", "32-true") == cpu
