@@ -253,6 +253,7 @@ def plain_child(argv: list[str]) -> None:
     import importlib
 
     import torch
+    import torch.nn.functional as F
     from PIL import Image
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -272,8 +273,11 @@ def plain_child(argv: list[str]) -> None:
         for i in range(0, len(files), step):
             batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + step]])
             x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            labels = net(x).argmax(dim=1).to("cpu", torch.uint8).numpy()
+            h, w = x.shape[-2:]
+            m = int(getattr(net, "pad_multiple", 1))
+            x = F.pad((x - mean) / std, (0, -w % m, 0, -h % m), mode="reflect")
+            logits = net(x.contiguous(memory_format=torch.channels_last))[..., :h, :w]
+            labels = logits.argmax(dim=1).to("cpu", torch.uint8).numpy()
             for f, lab in zip(files[i:i + step], labels):
                 Image.fromarray(lab).save(out_dir / f.name)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 11's GPU figures in one call on the lent GPU machine (limits of 490 s in all): training
+# Issue 11's GPU figures in one call on the lent GPU machine (limits of 520 s in all): training
 # throughput of `segpipe fit` against a bare loop on the same device (U-Net 16 / batch 8 and
 # U-Net 64 / batch 16 at 224², smp ResNet-34 U-Net / batch 16 at 512²), then `segpipe predict`
-# against a bare decode-forward-write loop, on the GPU and on the machine's CPU cores.
+# against a bare decode-forward-write loop, on the GPU and on the machine's CPU cores, and the
+# whole `segpipe predict` command against a plain script, start-up included, on the GPU.
 # Each benchmark has its own time limit, so one that hangs does not cost the others; each log and
 # a summary of the last lines of each go to $OUT (the device tool brings them back).
 #
@@ -52,7 +53,11 @@ bench train_unet64 100 scripts/bench_train.py --device "$dev" --base 64 --batch-
     --rounds 2 "${train_extra[@]}"
 bench train_smp_r34 120 scripts/bench_train.py --device "$dev" --net smp-r34 --batch-size 16 \
     --crop 512 --epochs 3 --rounds 2 "${train_extra[@]}"
-bench predict 90 scripts/bench_predict.py --device "$dev" --skip-rss "${predict_extra[@]}"
-bench predict_cpu 80 scripts/bench_predict.py --device cpu --skip-rss "${predict_extra[@]}"
+bench predict 80 scripts/bench_predict.py --device "$dev" --skip-rss --skip-startup \
+    "${predict_extra[@]}"
+bench predict_cpu 70 scripts/bench_predict.py --device cpu --skip-rss --skip-startup \
+    "${predict_extra[@]}"
+bench predict_startup 50 scripts/bench_predict.py --device "$dev" --skip-rss --skip-throughput \
+    --rounds 1 "${predict_extra[@]}"
 cat "$summary"
 exit "$failed"

@@ -162,11 +162,13 @@ def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=900)
     summary = (tmp_path / "summary.txt").read_text()
     assert res.returncode == 0, summary[-4000:]
-    names = ["train_unet16", "train_unet64", "train_smp_r34", "predict", "predict_cpu"]
+    names = ["train_unet16", "train_unet64", "train_smp_r34", "predict", "predict_cpu",
+             "predict_startup"]
     assert re.findall(r"^== (\w+) ", summary, re.M) == names, summary
     assert summary.count("\nexit 0\n") == len(names), summary
     for name in names:
         assert (tmp_path / f"{name}.log").stat().st_size > 0, name
     assert len(re.findall(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", summary, re.M)) == 3, summary
     assert len(re.findall(r"ratio: [\d.]+ \(best rounds", summary)) == 2, summary
+    assert len(re.findall(r"ratio: [\d.]+ \(plain / segpipe\)", summary)) == 1, summary
     assert "smp U-Net(resnet34)" in (tmp_path / "train_smp_r34.log").read_text()
