@@ -1038,6 +1038,23 @@ def in_process_device(accelerator: str, devices: int | str | Sequence[int], stra
     return device
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ctrl-C ignored while the finished files are counted and the writers stop (Lightning
+    ignores it from its first Ctrl-C on); the handler is restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class InProcessRunner:
     """Runs a :class:`PredictModule` and its :class:`WritingCallback` over a loader in this
     process, on one device: the hooks a Lightning ``Trainer`` calls, in its order, in
@@ -1087,8 +1104,9 @@ class InProcessRunner:
                 callback.on_predict_end()
                 module.on_predict_end()
         except KeyboardInterrupt as exc:
-            callback.on_exception(exc)
-            module.on_predict_end()  # the training BatchNorm statistics back (Python callers)
+            with _sigint_ignored():  # a second Ctrl-C does not cut the clean-up short
+                callback.on_exception(exc)
+                module.on_predict_end()  # the training BatchNorm statistics back (Python callers)
             return True
         except BaseException as exc:
             callback.on_exception(exc)
