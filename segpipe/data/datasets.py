@@ -43,7 +43,7 @@ from segpipe.data.io import (
     to_float,
 )
 from segpipe.data.spec import default_mean_std
-from segpipe.data.transforms import normalize_to_tensor, seed_transform
+from segpipe.data.normalization import normalize_to_tensor
 
 __all__ = [
     "LAYOUT_HELP",
@@ -795,6 +795,9 @@ class _TransformMixin:
             seed: New seed.
         """
         if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+            # here, not at the top: prediction reads images without importing albumentations
+            from segpipe.data.transforms import seed_transform
+
             seed_transform(self.transform, seed)
 
     def _resolve_key(self, key: int | ItemKey) -> int:

@@ -330,10 +330,12 @@ class Segmenter:
         return arr, f"array {item.shape} {item.dtype}", valid
 
     def _prepared(self, item: ImageLike, resize: bool) -> dict[str, torch.Tensor]:
-        from segpipe.data.transforms import build_eval_transform
-
         cfg = self.config
-        transform = build_eval_transform(cfg.eval_resize) if resize and cfg.eval_resize else None
+        transform = None
+        if resize and cfg.eval_resize:  # albumentations only for a model that needs it
+            from segpipe.data.transforms import build_eval_transform
+
+            transform = build_eval_transform(cfg.eval_resize)
         try:
             pixels, source, valid = self._pixels(item)
             cfg.warn_dtype_once(self._dtypes_warned, str(pixels.dtype), source,

@@ -53,7 +53,7 @@ from segpipe.data.io import (
     probe_raster,
     to_float,
 )
-from segpipe.data.transforms import build_eval_transform, normalize
+from segpipe.data.normalization import normalize
 from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.models.batchnorm import BatchNormAdaptation, BatchNormAdaptError, adapt_batchnorm
 from segpipe.predict.checkpoint import PredictConfig
@@ -309,9 +309,11 @@ class PredictInputs(Dataset):
         self.rasters_left_out = 0
         self.writer = writer
         self.config = config
-        transform = (
-            build_eval_transform(config.eval_resize) if resize and config.eval_resize else None
-        )
+        transform = None
+        if resize and config.eval_resize:  # albumentations only for a model that needs it
+            from segpipe.data.transforms import build_eval_transform
+
+            transform = build_eval_transform(config.eval_resize)
         self.images = PredictDataset(
             [f.path for f in self.files], transform=transform, mean=config.mean,
             std=config.std, bands=config.bands, in_channels=config.in_channels,

@@ -169,7 +169,8 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
 def test_segmenter_does_not_load_lightning(tmp_path: Path, unet_ckpt: Path, source: str) -> None:
     """The model side of prediction is Lightning-free: from an ONNX export, and from a
     checkpoint (rebuilt as an InferenceNet, not as the training task), about 3 s of imports.
-    A U-Net checkpoint does not load smp and timm either."""
+    A U-Net checkpoint does not load smp and timm either, nor albumentations without
+    eval_resize."""
     import subprocess
     import sys
 
@@ -186,7 +187,7 @@ def test_segmenter_does_not_load_lightning(tmp_path: Path, unet_ckpt: Path, sour
             f"seg = {build}\n"
             f"assert seg.predict(np.zeros((20, 24, 3), np.uint8)).shape == (20, 24)\n"
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', "
-            f"'torchmetrics', 'segmentation_models_pytorch', 'timm'}}))")
+            f"'torchmetrics', 'segmentation_models_pytorch', 'timm', 'albumentations'}}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr
