@@ -23,7 +23,7 @@ import torch
 from segpipe.data.spec import DataSpec, recorded_spec, spec_from_legacy
 from segpipe.errors import check_checkpoint_format
 from segpipe.models.base import no_pretrained_weights
-from segpipe.tasks.inference import InferenceNet, build_network
+from segpipe.tasks.inference import InferenceNet, build_network, weight_differences
 
 
 __all__ = [
@@ -331,7 +331,7 @@ def load_predictor(
 
     Args:
         ckpt_path: Checkpoint written by ``segpipe fit`` (or :func:`save_predict_checkpoint`).
-        map_location: Where to put the weights.
+        map_location: The device to put the network on (a ``torch.device`` or its name).
 
     Returns:
         ``(network in eval mode, config)``.
@@ -369,7 +369,11 @@ def load_predictor(
             "matches the one used for training"
         ) from exc
     _load_weights(task, ckpt["state_dict"], path)
-    task.to(map_location).eval()
+    try:
+        task.to(torch.device(map_location)).eval()
+    except (RuntimeError, TypeError, AssertionError) as exc:  # no such device here
+        raise CheckpointError(f"{path}: cannot put the network on {map_location!r} "
+                              f"({' '.join(str(exc).split())})") from exc
     num_classes = int(getattr(task.net, "num_classes", None) or task.num_classes)
     if spec is None:
         log.warning("%s has no data spec: using default normalisation and colours", path)
@@ -397,22 +401,18 @@ def load_predictor(
 def _load_weights(task: InferenceNet, state: Mapping[str, Any], path: Path) -> None:
     """Load a task checkpoint's ``net.*`` and ``input_norm.*`` weights (its losses' and
     metrics' buffers are not needed), or say in one line how they differ from the network."""
-    mine = task.state_dict()
     prefixes = tuple(f"{name}." for name, _ in task.named_children())
     theirs = {k: v for k, v in state.items() if k.startswith(prefixes)}
-    mismatched = [k for k in mine if k in theirs and tuple(theirs[k].shape) != tuple(mine[k].shape)]
-    missing = [k for k in mine if k not in theirs]
-    unexpected = [k for k in theirs if k not in mine]
-    if mismatched or missing or unexpected:
-        parts = [f"{k} is {tuple(theirs[k].shape)} in the checkpoint, {tuple(mine[k].shape)} "
-                 "in the network its config builds" for k in mismatched[:2]]
-        if missing:
-            parts.append(f"{len(missing)} weight(s) not in the checkpoint (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} weight(s) the network lacks (e.g. {unexpected[0]})")
+    mine = task.state_dict()
+    differences = weight_differences(mine, theirs, "in the network its config builds")
+    if differences:
+        others = [k for k in state if not k.startswith(prefixes)]
+        if others and any(k not in theirs for k in mine):  # saved under other names?
+            differences += (f"; {len(others)} other entr(ies) in the checkpoint, not the "
+                            f"network's (e.g. {others[0]})")
         raise CheckpointError(
             f"{path}: the checkpoint's weights do not fit the network its config builds: "
-            f"{'; '.join(parts)}; check that the model code matches the one used for training")
+            f"{differences}; check that the model code matches the one used for training")
     task.load_state_dict(theirs)
 
 

@@ -39,6 +39,11 @@ class _LightningModule(L.LightningModule):
         inputs = (loader[0] if isinstance(loader, (list, tuple)) else loader).dataset
         self.module.on_predict_start(inputs, self.trainer.precision_plugin.forward_context)
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """The records as they are: :class:`PredictModule` moves the stacked images itself
+        (as in one process), and the rest (sizes, nodata masks) stays on the CPU."""
+        return batch
+
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
         return self.module.predict_step(batch, batch_idx)
 

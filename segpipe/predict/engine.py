@@ -25,9 +25,11 @@ duplicates), so every file is predicted and written by exactly one process.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import defaultdict, deque
@@ -35,9 +37,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import contextlib
-import os
 
 import numpy as np
 import torch
@@ -1027,7 +1026,7 @@ def in_process_device(accelerator: str, devices: int | str | Sequence[int], stra
         return None
     if any(int(os.environ.get(name, "1") or 1) > 1 for name in _LAUNCHER_VARIABLES):
         return None  # each launched process is one rank of a run Lightning coordinates
-    choice = str(accelerator).lower()
+    choice = str(accelerator)  # Lightning's names, as it spells them (it refuses "CPU")
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if choice in ("gpu", "cuda") or (choice == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", 0) if torch.cuda.is_available() else None
@@ -1036,7 +1035,7 @@ def in_process_device(accelerator: str, devices: int | str | Sequence[int], stra
     else:
         device = None
     if device is not None and device.type == "cpu" and str(precision).startswith("16"):
-        return None  # Lightning refuses fp16 autocast on a CPU, with its reason
+        return None  # Lightning runs bf16-mixed instead on a CPU, and warns that it does
     return device
 
 
@@ -1114,4 +1113,8 @@ class InProcessRunner:
             callback.on_exception(exc)
             module.on_predict_end()
             raise
+        finally:
+            if self.device.type == "cuda":  # as Lightning's teardown: GPU memory back
+                module.cpu()
+                torch.cuda.empty_cache()
         return False

@@ -21,7 +21,7 @@ from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import input_norm_module
 
-__all__ = ["InferenceNet", "LogitsForward", "build_network"]
+__all__ = ["InferenceNet", "LogitsForward", "build_network", "weight_differences"]
 
 
 class LogitsForward:
@@ -116,10 +116,48 @@ class InferenceNet(LogitsForward, nn.Module):
             self.net.to(memory_format=torch.channels_last)
 
 
+def weight_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], here: str,
+                       strict: bool = True) -> str:
+    """How a checkpoint's state dict differs from a module's, in one line ("" when it fits).
+
+    Args:
+        mine: The module's state dict.
+        theirs: The checkpoint's.
+        here: Where ``mine`` is, for the message (``"here"``).
+        strict: Count missing and unexpected keys too, not only other shapes.
+
+    Returns:
+        Up to two keys of another shape (and how many more), how many weights are missing and
+        how many only in the checkpoint, each with an example; "" when none.
+    """
+    def shape(value: Any) -> tuple[int, ...] | None:  # None: a non-tensor entry (extra state)
+        return tuple(value.shape) if isinstance(value, Tensor) else None
+
+    mismatched = [k for k in mine if k in theirs and shape(theirs[k]) != shape(mine[k])]
+    missing = [k for k in mine if k not in theirs] if strict else []
+    unexpected = [k for k in theirs if k not in mine] if strict else []
+    parts = [f"{k} is {shape(theirs[k])} in the checkpoint, {shape(mine[k])} {here}"
+             for k in mismatched[:2]]
+    if missing:
+        parts.append(f"{len(missing)} weight(s) not in the checkpoint (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) only in the checkpoint (e.g. {unexpected[0]})")
+    more = f" and {len(mismatched) - 2} more of another shape" if len(mismatched) > 2 else ""
+    return "; ".join(parts) + more
+
+
+class _NetHolder:
+    """What LightningCLI parses a task's ``net`` argument as: a parameter typed ``nn.Module``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+
 def build_network(config: Mapping[str, Any]) -> nn.Module:
     """Instantiate a network from its ``{"class_path": ..., "init_args": {...}}`` config, as
     LightningCLI (jsonargparse) built it for training: the arguments are checked against the
-    class's signature and nested ``class_path`` values are instantiated too.
+    class's signature (untyped ones accepted as they are, as in training) and nested
+    ``class_path`` values are instantiated too.
 
     Args:
         config: The ``model.net`` section a checkpoint saved.
@@ -130,6 +168,6 @@ def build_network(config: Mapping[str, Any]) -> nn.Module:
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--net", type=nn.Module, required=True)
-    parsed = parser.parse_object({"net": dict(config)})
-    return parser.instantiate_classes(parsed).net
+    parser.add_class_arguments(_NetHolder, "model", fail_untyped=False)
+    parsed = parser.parse_object({"model": {"net": dict(config)}})
+    return parser.instantiate_classes(parsed).model.net

@@ -32,7 +32,6 @@ from segpipe.data.spec import (
 from segpipe.errors import ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
-from segpipe.tasks.inference import LogitsForward
 from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
@@ -54,6 +53,7 @@ from segpipe.tasks.finetune import (
     param_groups,
     scale_encoder_lr,
 )
+from segpipe.tasks.inference import LogitsForward, weight_differences
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
            "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state",
@@ -953,21 +953,10 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             if was is not None and int(was) != int(now):
                 raise ConfigError(f"the checkpoint was trained with {key}={was} but this run has "
                                   f"{option}={now}; {fix}")
-        mine = self.state_dict()
-        mismatched = [k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape)]
-        missing = [k for k in mine if k not in state] if self.strict_loading else []
-        unexpected = [k for k in state if k not in mine] if self.strict_loading else []
-        if not (mismatched or missing or unexpected):
-            return
-        parts = [f"{k} is {tuple(state[k].shape)} in the checkpoint, {tuple(mine[k].shape)} here"
-                 for k in mismatched[:2]]
-        if missing:
-            parts.append(f"{len(missing)} weight(s) not in the checkpoint (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} weight(s) only in the checkpoint (e.g. {unexpected[0]})")
-        more = f" and {len(mismatched) - 2} more of another shape" if len(mismatched) > 2 else ""
-        raise ConfigError(f"the checkpoint's network is not this run's ({type(self.net).__name__}): "
-                          f"{'; '.join(parts)}{more}; {fix}")
+        differences = weight_differences(self.state_dict(), state, "here", self.strict_loading)
+        if differences:
+            raise ConfigError(f"the checkpoint's network is not this run's "
+                              f"({type(self.net).__name__}): {differences}; {fix}")
 
     def on_train_start(self) -> None:
         """Check the schedule's horizon (:meth:`_check_scheduler_horizon`) and restore the RNG

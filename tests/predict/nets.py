@@ -48,3 +48,24 @@ class ThresholdNet(nn.Module):
         centres = (torch.arange(self.num_classes, dtype=x.dtype, device=x.device) + 0.5)
         centres = centres / self.num_classes
         return -50.0 * (v - centres[None, :, None, None]) ** 2 + self.dummy
+
+
+class UntypedNet(nn.Module):
+    """A 1×1 convolution whose constructor has no annotations (LightningCLI trains such nets:
+    it parses untyped arguments as they are), and keeps a non-tensor extra state."""
+
+    def __init__(self, in_channels=3, num_classes=3, note="x"):  # noqa: ANN001, ANN204
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.note = note
+        self.conv = nn.Conv2d(in_channels, num_classes, 1)
+
+    def get_extra_state(self) -> dict:
+        return {"note": self.note}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.note = state["note"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)

@@ -62,6 +62,28 @@ def test_weights_that_do_not_fit_the_network_are_named(tmp_path: Path) -> None:
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match=r"2 weight\(s\) not in the checkpoint \(e.g. net.head"):
         load_predictor(path)
+    ckpt["state_dict"] = {f"model.net.{k}": v for k, v in UNet(**args).state_dict().items()}
+    torch.save(ckpt, path)  # the network saved under other names
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint \(e.g. net\..*\); \d+ other "
+                                              r"entr\(ies\) in the checkpoint, not the network's "
+                                              r"\(e.g. model\.net\."):
+        load_predictor(path)
+
+
+def test_nets_load_as_training_built_them(tmp_path: Path) -> None:
+    """Untyped constructor arguments (LightningCLI accepts them) and a non-tensor extra state
+    load; a device that is not there is a CheckpointError."""
+    path = make_ckpt(tmp_path / "u.ckpt", "tests.predict.nets.UntypedNet",
+                     {"in_channels": 3, "num_classes": 3, "note": "kept"})
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["state_dict"]["net._extra_state"] == {"note": "kept"}
+    ckpt["state_dict"]["net._extra_state"] = {"note": "from the checkpoint"}
+    torch.save(ckpt, path)
+    task, _ = load_predictor(path)
+    assert type(task.net).__name__ == "UntypedNet" and task.net.note == "from the checkpoint"
+    assert torch.equal(task.net.conv.weight, ckpt["state_dict"]["net.conv.weight"])
+    with pytest.raises(CheckpointError, match=r"cannot put the network on 'nosuchdevice'"):
+        load_predictor(path, map_location="nosuchdevice")
 
 
 def test_task_built_in_python_is_refused_with_the_fix(tmp_path: Path) -> None:

@@ -86,9 +86,20 @@ def test_one_device_runs_in_process_and_the_rest_under_lightning(monkeypatch) ->
     for args in [("cpu", 2, "auto", "32-true"), ("cpu", "auto", "auto", "32-true"),
                  ("cpu", 1, "ddp", "32-true"), ("cpu", 1, "auto", "64-true"),
                  ("cpu", 1, "auto", "17"), ("cpu", 1, "auto", "16-mixed"),
-                 ("tpu", 1, "auto", "32-true"), ("cpu", [0], "auto", "32-true")]:
+                 ("tpu", 1, "auto", "32-true"), ("cpu", [0], "auto", "32-true"),
+                 ("CPU", 1, "auto", "32-true")]:  # Lightning's spelling only (it refuses that)
         assert in_process_device(*args) is None, args
     monkeypatch.setenv("WORLD_SIZE", "2")  # one rank of torchrun's processes
     assert in_process_device("cpu", 1, "auto", "32-true") is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert in_process_device("cpu", 1, "auto", "32-true") == cpu
+
+
+def test_lightning_leaves_the_records_where_they_are() -> None:
+    """Under a Trainer the records are not moved to the device (a nodata mask on the GPU failed
+    its file: `.numpy()` of a CUDA tensor); the module moves the stacked images itself."""
+    from segpipe.predict.distributed import _LightningModule
+
+    batch = [{"image": torch.zeros(3, 4, 4), "valid": torch.ones(4, 4, dtype=torch.bool)}]
+    module = _LightningModule(torch.nn.Identity())
+    assert module.transfer_batch_to_device(batch, torch.device("meta"), 0) is batch
