@@ -75,6 +75,7 @@ if TYPE_CHECKING:  # annotations only
     from segpipe.tasks.inference import InferenceNet
 
 __all__ = [
+    "InProcessRunner",
     "InputFile",
     "ItemResult",
     "OutputDiskFullError",
@@ -84,7 +85,6 @@ __all__ = [
     "PredictOptions",
     "PredictSummary",
     "RasterSource",
-    "InProcessRunner",
     "WritingCallback",
     "collate_records",
     "in_process_device",
@@ -878,9 +878,8 @@ class WritingCallback:
         if self.progress and is_global_zero:
             from tqdm.auto import tqdm
 
-            world = world_size
-            share = math.ceil(self.num_files / world) if world > 1 else self.num_files
-            desc = "files" if world == 1 else f"files (rank 0 of {world})"
+            share = math.ceil(self.num_files / world_size) if world_size > 1 else self.num_files
+            desc = "files" if world_size == 1 else f"files (rank 0 of {world_size})"
             self._bar = tqdm(total=share, desc=desc, unit="file", position=0, dynamic_ncols=True)
             if isinstance(module, PredictModule):
                 module.show_progress = True
