@@ -331,11 +331,7 @@ class Segmenter:
 
     def _prepared(self, item: ImageLike, resize: bool) -> dict[str, torch.Tensor]:
         cfg = self.config
-        transform = None
-        if resize and cfg.eval_resize:  # albumentations only for a model that needs it
-            from segpipe.data.transforms import build_eval_transform
-
-            transform = build_eval_transform(cfg.eval_resize)
+        transform = cfg.eval_transform(resize)
         try:
             pixels, source, valid = self._pixels(item)
             cfg.warn_dtype_once(self._dtypes_warned, str(pixels.dtype), source,

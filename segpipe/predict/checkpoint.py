@@ -236,6 +236,22 @@ class PredictConfig:
         """Label written where the input is nodata: the largest value of :attr:`mask_dtype`."""
         return int(np.iinfo(self.mask_dtype).max)
 
+    def eval_transform(self, resize: bool = True) -> Any:
+        """The resize to :attr:`eval_resize` that the model was evaluated at, or None.
+
+        Args:
+            resize: False for inputs predicted at their own size (tiles, rasters).
+
+        Returns:
+            An albumentations pipeline, or None when ``resize`` is off or the model has no
+            ``eval_resize``; albumentations (about 0.6 s to import) is loaded only then.
+        """
+        if not (resize and self.eval_resize):
+            return None
+        from segpipe.data.transforms import build_eval_transform
+
+        return build_eval_transform(self.eval_resize)
+
     def palette(self) -> np.ndarray:
         """Colour lookup table indexed by label, with black for the nodata value.
 

@@ -308,13 +308,8 @@ class PredictInputs(Dataset):
         self.rasters_left_out = 0
         self.writer = writer
         self.config = config
-        transform = None
-        if resize and config.eval_resize:  # albumentations only for a model that needs it
-            from segpipe.data.transforms import build_eval_transform
-
-            transform = build_eval_transform(config.eval_resize)
         self.images = PredictDataset(
-            [f.path for f in self.files], transform=transform, mean=config.mean,
+            [f.path for f in self.files], transform=config.eval_transform(resize), mean=config.mean,
             std=config.std, bands=config.bands, in_channels=config.in_channels,
         )
         #: Input dtypes unlike the training images' that were warned about (once each).
@@ -1102,17 +1097,15 @@ class InProcessRunner:
                         prediction = module.predict_step(batch, batch_idx)
                     callback.write_on_batch_end(prediction)
                 callback.on_predict_end()
-                module.on_predict_end()
         except KeyboardInterrupt as exc:
             with _sigint_ignored():  # a second Ctrl-C does not cut the clean-up short
                 callback.on_exception(exc)
-                module.on_predict_end()  # the training BatchNorm statistics back (Python callers)
             return True
         except BaseException as exc:
             callback.on_exception(exc)
-            module.on_predict_end()
             raise
         finally:
+            module.on_predict_end()  # the training BatchNorm statistics back, whatever happened
             if self.device.type == "cuda":  # as Lightning's teardown: GPU memory back
                 module.cpu()
                 torch.cuda.empty_cache()
