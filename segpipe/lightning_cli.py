@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from segpipe.helpformat import HelpFormatter
@@ -88,6 +88,47 @@ _SPEC_ARGS = ("num_classes", "class_names", "class_colors", "ignore_index", "in_
 def _data_spec(*values: Any) -> dict[str, Any]:
     """``model.data_spec`` from the ``data.*`` options of :data:`_SPEC_ARGS` (checked)."""
     return DataSpec.create(**dict(zip(_SPEC_ARGS, values))).to_dict()
+
+
+#: Task options that belong to the command that runs, never taken from ``--ckpt_path``'s
+#: hyperparameters: how it evaluates (:data:`EVALUATION_OPTIONS`), compiles, lays out memory
+#: and logs, none of which the trained weights depend on.
+_THIS_RUNS = (*EVALUATION_OPTIONS, "compile", "channels_last", "log_train_metrics")
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value with tuples as lists and namespaces as dicts, for comparing."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    return _plain(a) == _plain(b)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as it would be typed after ``--model.KEY``."""
+    value = _plain(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _settings_given(model: Any, defaults: Any) -> dict[str, Any]:
+    """The ``model.*`` settings a command set (in a config or on the command line): those that
+    differ from the parser's defaults, flattened (``net.init_args.depth``), without the data
+    spec, which the data section sets and the checkpoint checks are about."""
+    defaults = defaults if defaults is not None and hasattr(defaults, "get") else {}
+    return {key: value for key, value in model.items()
+            if not key.startswith("data_spec") and not _same_setting(value, defaults.get(key))}
+
+
+def _warn(message: str) -> None:
+    """One warning line for the user of a command (on the first process only)."""
+    rank_zero_warn(message)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -612,6 +653,10 @@ class SegpipeCLI(LightningCLI):
         if self.config.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             self._resumes_last = (_checkpoint_dir(cfg) / "last.ckpt").is_file()
         weights_only = cfg.get("weights_only") is not False
+        if self._resumes_last:  # the run's settings, as from the same file named by its path
+            self._merge_checkpoint_settings(parser, _checkpoint_dir(cfg) / "last.ckpt",
+                                            weights_only)
+            return
         if self.config.subcommand != "fit" and cfg.get("ckpt_path") in ("best", "last"):
             # In a new process Lightning knows no best model; find the run's files instead.
             cfg.ckpt_path = resolve_checkpoint_alias(cfg.ckpt_path, _checkpoint_dir(cfg), weights_only)
@@ -629,25 +674,48 @@ class SegpipeCLI(LightningCLI):
             raise CheckpointNotFoundError(
                 f"--ckpt_path {ckpt_path} {where}; give a .ckpt file, or best / last for the "
                 "run in --trainer.default_root_dir")
+        self._merge_checkpoint_settings(parser, Path(ckpt_path), weights_only)
+        self._ckpt_path = str(ckpt_path)
+        self.config[self.config.subcommand].ckpt_path = None  # restored before instantiation
+
+    def _merge_checkpoint_settings(self, parser: LightningArgumentParser, ckpt_path: Path,
+                                   weights_only: bool) -> None:
+        """Take the model's settings from the checkpoint's hyperparameters, as LightningCLI
+        does: a test scores the network that was trained, a resumed fit goes on as its run
+        began (its optimiser state is restored anyway). A setting this command gave otherwise
+        (in its config or on the command line) is not used, and is named in one warning with
+        the way to use it: a new run from the checkpoint's weights (``--model.init_from``).
+        The options of :data:`_THIS_RUNS` are this command's, never the checkpoint's."""
+        sub = self.config.subcommand
         ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
         spec = (ckpt.get("hyper_parameters") or {}).get("data_spec")
         self._ckpt_bands = spec.get("bands") if isinstance(spec, Mapping) else None
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)
-        for name in EVALUATION_OPTIONS:  # settings of this run, not of the trained model
+        for name in _THIS_RUNS:
             hparams.pop(name, None)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        if hparams:
-            try:
-                self.config = parser.parse_object(
-                    {self.config.subcommand: {"model": hparams}}, self.config
-                )
-            except SystemExit:
-                sys.stderr.write(f"Parsing of the hyperparameters in {ckpt_path} failed!\n")
-                raise
-        self._ckpt_path = str(ckpt_path)
-        self.config[self.config.subcommand].ckpt_path = None  # restored before instantiation
+        if not hparams:
+            return
+        given = _settings_given(self.config[sub].model,
+                                self._subcommand_parsers[sub].get_defaults().get("model"))
+        try:
+            self.config = parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing of the hyperparameters in {ckpt_path} failed!\n")
+            raise
+        merged = self.config[sub].model
+        replaced = {key: (value, merged.get(key)) for key, value in given.items()
+                    if key in merged and not _same_setting(merged.get(key), value)}
+        if replaced:
+            shown = "; ".join(f"model.{key} {_shown(now)} (given: {_shown(was)})"
+                              for key, (was, now) in replaced.items())
+            fix = (f"to train with other settings, start a new run from its weights with "
+                   f"--model.init_from {ckpt_path}" if sub == "fit" else
+                   "the checkpoint's are those it was trained with")
+            _warn(f"--ckpt_path {ckpt_path}: {sub} uses the checkpoint's settings where this "
+                  f"command gave others: {shown}; {fix}")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -992,6 +1060,24 @@ def _name_monitored_metric(checkpoint: Any) -> None:
     checkpoint.filename = f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
 
 
+_SEGPIPE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """segpipe's own warnings as ``segpipe: warning: MESSAGE``, without the source file, line
+    and statement that Python (or Lightning, for a file named ``lightning*``) prints with
+    them: they are about the user's data and options, not about segpipe's code. Other
+    warnings keep the format they had (:data:`_LIBRARY_FORMAT`)."""
+    if str(Path(filename).resolve()).startswith(_SEGPIPE_DIR):
+        return f"segpipe: warning: {message}\n"
+    return _LIBRARY_FORMAT(message, category, filename, lineno, line)
+
+
+#: ``warnings.formatwarning`` as Lightning left it (for other libraries' warnings).
+_LIBRARY_FORMAT = warnings.formatwarning
+
+
 class _NoTips(logging.Filter):
     """Drops Lightning's "💡 Tip: ..." lines (offers of its cloud services)."""
 
@@ -1008,6 +1094,7 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
             callers in Python such as benchmarks and notebooks.
     """
     _FIT_RECORD.clear()  # what a stopped command kept is this command's
+    warnings.formatwarning = _format_warning
     tune_allocator()
     fit_threads_to_cpus()
     # segpipe keeps the checkpoint folder itself (an earlier run's files go to earlier-K when

@@ -706,3 +706,33 @@ def test_lightnings_cloud_tips_are_not_printed(dataset, tmp_path, caplog):
     assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
                  f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY]) == 0
     assert "Tip:" not in caplog.text and "GPU available" in caplog.text  # other lines stay
+
+
+def test_a_resumed_fit_names_the_settings_the_checkpoint_replaces(dataset, tmp_path):
+    """The checkpoint's settings win on resume, by its path as by `last`, and never in silence."""
+    import torch
+
+    run = tmp_path / "run"
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={run}", *TINY]
+    assert main([*args, "--trainer.max_epochs=1"]) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    for epochs, ckpt_path in ((2, str(last)), (3, "last")):
+        with pytest.warns(UserWarning) as caught:
+            assert main([*args, f"--trainer.max_epochs={epochs}", "--model.ohem_fraction=0.5",
+                         "--model.compile=false", f"--ckpt_path={ckpt_path}"]) == 0
+        said = [str(w.message) for w in caught if "checkpoint's settings" in str(w.message)]
+        assert len(said) == 1 and "model.ohem_fraction null (given: 0.5)" in said[0], said
+        assert f"--model.init_from {last}" in said[0] and "compile" not in said[0]
+        saved = torch.load(last, weights_only=False, map_location="cpu")
+        assert saved["epoch"] == epochs - 1 and saved["hyper_parameters"]["ohem_fraction"] is None
+
+
+def test_segpipes_own_warnings_are_one_line_without_its_source():
+    from segpipe import lightning_cli
+
+    ours = lightning_cli._format_warning("the masks are odd", UserWarning,
+                                         lightning_cli.__file__, 12, "x = 1")
+    assert ours == "segpipe: warning: the masks are odd\n"
+    theirs = lightning_cli._format_warning("deprecated", DeprecationWarning, "/lib/other.py", 3)
+    assert "/lib/other.py:3" in theirs and "deprecated" in theirs
