@@ -87,6 +87,7 @@ def load_checkpoint_file(
     path: str | os.PathLike[str],
     map_location: Any = "cpu",
     weights_only: bool | None = True,
+    mmap: bool = False,
 ) -> Any:
     """``torch.load`` a checkpoint, turning a refused unpickle into :class:`UnsafeCheckpointError`.
 
@@ -95,6 +96,8 @@ def load_checkpoint_file(
         map_location: Passed to ``torch.load``.
         weights_only: ``True`` (default) refuses anything but tensors and plain containers;
             ``False`` is a full unpickle, only for trusted files.
+        mmap: Map the tensors' storage instead of reading it (zip-format files; a legacy
+            pickle is read in full): the structure, names and shapes cost no I/O of the data.
 
     Returns:
         The loaded object.
@@ -104,8 +107,13 @@ def load_checkpoint_file(
         ConfigError: When the file is no PyTorch checkpoint at all (e.g. an image).
     """
     check_checkpoint_format(path)
+    if mmap:
+        import zipfile
+
+        mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only,
+                          **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as exc:
         if weights_only is False:
             raise

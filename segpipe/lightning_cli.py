@@ -742,6 +742,7 @@ class SegpipeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._set_aside: _SetAsideCheckpoints | None = None  # see _check_outputs
+        self._init_from: str | None = None  # a new fit's model.init_from, see _check_outputs
         self._fit_lock: _FitLock | None = None  # see _check_outputs
         # Checkpoints live in one unversioned folder per run root so `--ckpt_path last` finds them.
         subcommand = self.config.get("subcommand")
@@ -902,7 +903,8 @@ class SegpipeCLI(LightningCLI):
             # where the file will be; rank 0 moves them.
             if cfg.get("ckpt_path") is None:  # a new run, not a resumed one
                 dest = earlier_checkpoints_dest(ckpt_dir)
-                init = cfg.get("model", {}).get("init_from") if dest else None
+                self._init_from = cfg.get("model", {}).get("init_from")  # checked before the move
+                init = self._init_from if dest else None
                 if init and Path(init).resolve().parent == ckpt_dir.resolve():
                     cfg.model.init_from = str(dest / Path(init).name)  # it moves too
                 if dest is not None:
@@ -932,6 +934,18 @@ class SegpipeCLI(LightningCLI):
                 super().instantiate_classes()
         else:
             super().instantiate_classes()
+
+    def after_instantiate_classes(self) -> None:
+        """Check a new fit's ``model.init_from`` against the built network (mapped, not read),
+        so that a missing, unreadable or unfitting file stops the fit before an earlier run's
+        checkpoints are set aside; the weights are loaded when training starts."""
+        super().after_instantiate_classes()
+        init = getattr(self, "_init_from", None)
+        net = getattr(self.model, "net", None)
+        if init and isinstance(net, torch.nn.Module):
+            from segpipe.tasks.finetune import load_init_from
+
+            load_init_from(net, init, dry_run=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with :class:`~segpipe.callbacks.SafeCheckpointIO` for checkpoints and,

@@ -736,3 +736,24 @@ def test_segpipes_own_warnings_are_one_line_without_its_source():
     assert ours == "segpipe: warning: the masks are odd\n"
     theirs = lightning_cli._format_warning("deprecated", DeprecationWarning, "/lib/other.py", 3)
     assert "/lib/other.py:3" in theirs and "deprecated" in theirs
+
+
+def test_a_bad_init_from_stops_the_fit_before_earlier_checkpoints_move(dataset, tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", *TINY]
+    assert main(args) == 0
+    other = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(7, 5, 3, 3)}, other)
+    for init, words in ((tmp_path / "missing.ckpt", "no such file"),
+                        (other, "no tensor of the checkpoint fits the network")):
+        assert main([*args, f"--model.init_from={init}"]) == 2
+        err = capsys.readouterr().err
+        assert f"model.init_from: {init}" in err and words in err, err
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert not list((run / "checkpoints").glob("earlier-*")), "moved before the check"
+    good = run / "checkpoints" / "last.ckpt"
+    assert main([*args, f"--model.init_from={good}"]) == 0  # moved with the others, then read
+    assert (run / "checkpoints" / "earlier-1" / "last.ckpt").is_file()

@@ -342,7 +342,8 @@ def _describe(ckpt: Any) -> tuple[str, int | None]:
     return ", ".join(parts), (int(in_channels) if in_channels else None)
 
 
-def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromReport:
+def load_init_from(net: nn.Module, path: str | os.PathLike[str],
+                   dry_run: bool = False) -> InitFromReport:
     """Load the tensors of a checkpoint that fit ``net``; the rest keeps its initialisation.
 
     A tensor is loaded when the checkpoint has one of the same name (relative to the network)
@@ -353,6 +354,8 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromRepo
     Args:
         net: The freshly built network.
         path: A segpipe checkpoint (``.ckpt``), or a file holding the network's state dict.
+        dry_run: Check only: the file is mapped, not read, and ``net`` is left as it is; the
+            same errors are raised and the report says what would be loaded.
 
     Returns:
         The report; :meth:`InitFromReport.summary` is the line segpipe logs.
@@ -375,7 +378,7 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromRepo
             "path of a segpipe checkpoint, e.g. runs/<run>/checkpoints/last.ckpt or best-*.ckpt."
         )
     try:
-        ckpt = load_checkpoint_file(file, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint_file(file, map_location="cpu", weights_only=True, mmap=dry_run)
     except UnsafeCheckpointError as exc:
         raise InitFromError(
             f"{where}: refusing to load it: besides tensors it holds pickled Python objects, and "
@@ -427,7 +430,7 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromRepo
             and src.shape[0] == tensor.shape[0]
             and src.shape[2:] == tensor.shape[2:]
         ):
-            chosen[name] = adapt_first_conv(src, int(tensor.shape[1]))
+            chosen[name] = src if dry_run else adapt_first_conv(src, int(tensor.shape[1]))
             report.loaded.append(name)
             report.adapted = (name, int(src.shape[1]), int(tensor.shape[1]))
         else:
@@ -443,6 +446,8 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str]) -> InitFromRepo
             "same name and shape); init_from needs a checkpoint of the same architecture and "
             "width (the number of classes and input channels may differ)."
         )
+    if dry_run:
+        return report
     with torch.no_grad():
         for name, value in chosen.items():
             target[name].copy_(value.to(dtype=target[name].dtype))

@@ -308,6 +308,22 @@ def test_init_from_other_classes_loads_all_but_the_head(tmp_path: Path) -> None:
     torch.testing.assert_close(target.head.weight, fresh_head["weight"], rtol=0, atol=0)
 
 
+def test_a_dry_run_reports_what_init_from_would_load_and_changes_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    path = _save_task_ckpt(tmp_path, _unet(classes=3, channels=3))
+    torch.manual_seed(2)
+    target = _unet(classes=2, channels=1)
+    before = _snapshot(target)
+    dry = load_init_from(target, path, dry_run=True)
+    after = _snapshot(target)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    real = load_init_from(target, path)
+    assert (dry.loaded, dry.reinitialised, dry.adapted) == (real.loaded, real.reinitialised,
+                                                            real.adapted)
+    assert dry.adapted == ("inc.block.0.weight", 3, 1)
+
+
 @pytest.mark.parametrize("new_in", [1, 2, 4, 6])
 def test_adapt_first_conv_is_smps_rule(new_in: int) -> None:
     from segmentation_models_pytorch.encoders._utils import patch_first_conv
