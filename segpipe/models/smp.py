@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import pickle
 import shlex
 import warnings
 from collections.abc import Mapping
@@ -133,9 +134,10 @@ def _is_weights_name(value: object) -> bool:
     if not isinstance(value, str) or not value:
         return False
     candidate = Path(value).expanduser()
-    looks_like_path = (
-        candidate.suffix.lower() in WEIGHT_SUFFIXES or "/" in value or os.sep in value or candidate.exists()
-    )
+    # A bare word is a name even when a file or folder of that name is in the working folder
+    # (a folder called imagenet must not turn the weights name into a missing file); such a
+    # file is given as ./imagenet.pth, with its suffix.
+    looks_like_path = candidate.suffix.lower() in WEIGHT_SUFFIXES or "/" in value or os.sep in value
     return not looks_like_path
 
 
@@ -166,6 +168,12 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
         raise ModelArgumentError(
             f"{arg}={text!r} is a URL; give the weights file's local path (download it first, "
             "or name pretrained weights such as 'imagenet', which smp and timm fetch and cache).")
+    if candidate.is_dir():
+        found = sorted(p.name for p in candidate.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
+        raise ModelArgumentError(
+            f"{arg}: {str(candidate)!r} is a folder; give the weights file in it"
+            + (f", e.g. {str(candidate / found[0])!r}" if found else
+               f" (it holds no {'/'.join(WEIGHT_SUFFIXES)} file)") + ".")
     if not candidate.is_file():
         raise WeightsFileNotFoundError(
             f"{arg}: weights file {str(candidate)!r} does not exist "
@@ -398,10 +406,26 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+            if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle
+                raise ModelArgumentError(
+                    f"encoder weights file {str(path)!r} is not a PyTorch checkpoint (it starts "
+                    f"with {head!r}); give a state dict saved with torch.save or safetensors.")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickled objects refused by weights_only, ...
+    except ModelArgumentError:
+        raise
+    except pickle.UnpicklingError as exc:  # weights_only refused pickled Python objects
         raise ModelArgumentError(
-            f"could not read encoder weights from {str(path)!r}: {type(exc).__name__}: {exc}"
+            f"encoder weights file {str(path)!r} holds pickled Python objects besides tensors, "
+            "which segpipe does not unpickle (weights_only=True); save the tensors alone with "
+            "torch.save(model.encoder.state_dict(), path) in a process you trust."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt or truncated: one line with the reason
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelArgumentError(
+            f"could not read encoder weights from {str(path)!r} (truncated or corrupt?): "
+            f"{type(exc).__name__}: {reason}"
         ) from exc
     while isinstance(obj, Mapping):
         nested = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
@@ -621,7 +645,15 @@ class SmpModel(nn.Module):
         source: PretrainedSource | None = None
         skip = _SKIP_PRETRAINED.get()  # rebuilt for a checkpoint's weights: read nothing
         if encoder_weights is not None and _is_weights_name(encoder_weights):
-            source = None if skip else resolve_pretrained(encoder_name, encoder_weights)
+            try:
+                source = None if skip else resolve_pretrained(encoder_name, encoder_weights)
+            except ModelArgumentError as exc:
+                if not Path(encoder_weights).expanduser().exists():
+                    raise
+                raise ModelArgumentError(
+                    f"{exc} ({encoder_weights!r} is read as a weights name; for the file or "
+                    f"folder of that name here, give a path with the file's suffix, e.g. "
+                    f"./{encoder_weights}.pth)") from None
         elif encoder_weights is not None and not skip:
             weights_path = _resolve_weights_path(encoder_weights)
         if "classes" in kwargs:

@@ -243,6 +243,45 @@ def test_load_encoder_weights_path_errors(tmp_path: Path) -> None:
         load_encoder_weights(encoder, odd)
 
 
+def test_unreadable_weights_files_are_one_line_with_the_fix(tmp_path: Path) -> None:
+    import argparse
+
+    encoder = nn.Conv2d(1, 1, 1)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"weight": torch.zeros(1, 1, 1, 1), "meta": argparse.Namespace(lr=1)}, pickled)
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"weight": torch.zeros(64, 64)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    image = tmp_path / "image.pth"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "enc.pth").write_bytes(b"")
+    for path, words in ((pickled, "pickled Python objects.*state_dict"),
+                        (truncated, "truncated or corrupt"),
+                        (image, "is not a PyTorch checkpoint"),
+                        (folder, r"is a folder; give the weights file in it, e.g. .*enc\.pth")):
+        with pytest.raises(ValueError, match=words) as caught:
+            load_encoder_weights(encoder, path)
+        assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_folder_named_like_the_weights_does_not_shadow_the_name(
+        hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import segmentation_models_pytorch as smp
+
+    write_smp_cache(hub_cache, "mobilenet_v2", "imagenet",
+                    _random_state(smp.encoders.get_encoder("mobilenet_v2"), seed=3))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "ssl").write_bytes(b"")
+    model = SmpModel("unet", "mobilenet_v2", num_classes=2, encoder_weights="imagenet")
+    assert model.encoder_pretrained
+    with pytest.raises(ValueError, match=r"no such pretrained.*'ssl' is read as a weights name.*"
+                                         r"\./ssl\.pth"):
+        SmpModel("unet", "mobilenet_v2", num_classes=2, encoder_weights="ssl")
+
+
 def test_freeze_encoder_trains_only_decoder_and_head() -> None:
     model = SmpModel(
         "unet", "mobilenet_v2", num_classes=2, freeze_encoder=True, decoder_channels=(16, 8, 8, 4, 4)
