@@ -126,6 +126,22 @@ def _settings_given(model: Any, defaults: Any) -> dict[str, Any]:
             if not key.startswith("data_spec") and not _same_setting(value, defaults.get(key))}
 
 
+def _command_line_value(argv: Sequence[str], option: str) -> str | None:
+    """The value of the last ``option VALUE`` or ``option=VALUE`` in ``argv`` (None if absent).
+
+    jsonargparse applies options and ``--config`` files in their order, so ``--ckpt_path FILE
+    --config RUN/config.yaml`` took the ``ckpt_path: null`` every saved run config holds and
+    started a new run, setting the one to resume aside. An option typed on the command line
+    is meant whatever its place."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg[len(option) + 1:]
+    return value
+
+
 def _warn(message: str) -> None:
     """One warning line for the user of a command (on the first process only)."""
     rank_zero_warn(message)
@@ -650,6 +666,11 @@ class SegpipeCLI(LightningCLI):
         cfg = self.config[self.config.subcommand]
         if "ckpt_path" not in cfg:
             return
+        argv = sys.argv[1:] if args is None else args
+        given = (_command_line_value([str(a) for a in argv], "--ckpt_path")
+                 if isinstance(argv, (list, tuple)) else None)
+        if given is not None:  # over a config given after it: a run's config.yaml says null
+            cfg.ckpt_path = None if given.lower() in ("", "null", "none") else given
         if self.config.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             self._resumes_last = (_checkpoint_dir(cfg) / "last.ckpt").is_file()
         weights_only = cfg.get("weights_only") is not False

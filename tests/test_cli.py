@@ -757,3 +757,21 @@ def test_a_bad_init_from_stops_the_fit_before_earlier_checkpoints_move(dataset, 
     good = run / "checkpoints" / "last.ckpt"
     assert main([*args, f"--model.init_from={good}"]) == 0  # moved with the others, then read
     assert (run / "checkpoints" / "earlier-1" / "last.ckpt").is_file()
+
+
+def test_ckpt_path_before_the_runs_config_still_resumes(dataset, tmp_path):
+    """A saved config.yaml holds ckpt_path: null; given after --ckpt_path it must not win."""
+    import torch
+
+    run = tmp_path / "run"
+    args = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={run}", *TINY]
+    assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
+    saved = run / "lightning_logs" / "version_0" / "config.yaml"
+    saved = saved if saved.is_file() else next(run.rglob("config.yaml"))
+    assert "ckpt_path: null" in saved.read_text()
+    last = run / "checkpoints" / "last.ckpt"
+    assert main(["fit", f"--ckpt_path={last}", "--config", str(saved),
+                 "--trainer.max_epochs=2"]) == 0
+    assert torch.load(last, weights_only=False, map_location="cpu")["epoch"] == 1  # resumed
+    assert not list((run / "checkpoints").glob("earlier-*")), "a new run set the old one aside"
