@@ -27,7 +27,12 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
-from segpipe.errors import ConfigError, check_checkpoint_format
+from segpipe.errors import (
+    CHECKPOINT_READ_ERRORS,
+    ConfigError,
+    UnreadableCheckpointError,
+    check_checkpoint_format,
+)
 from segpipe.fileio import AtomicFile, atomic_write_json, is_disk_full
 
 __all__ = [
@@ -105,6 +110,7 @@ def load_checkpoint_file(
     Raises:
         UnsafeCheckpointError: When ``weights_only`` loading refuses the file.
         ConfigError: When the file is no PyTorch checkpoint at all (e.g. an image).
+        UnreadableCheckpointError: When torch cannot load it (truncated or corrupt).
     """
     check_checkpoint_format(path)
     if mmap:
@@ -118,6 +124,10 @@ def load_checkpoint_file(
         if weights_only is False:
             raise
         raise UnsafeCheckpointError(path, str(exc)) from exc
+    except CHECKPOINT_READ_ERRORS as exc:
+        if not (os.path.isfile(path) and os.access(path, os.R_OK)) or is_disk_full(exc):
+            raise  # missing, unreadable for this user: the caller's or the OS's own message
+        raise UnreadableCheckpointError(path, exc) from exc
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ConfigError", "MissingExtraError", "TrainingDivergedError", "check_checkpoint_format"]
+__all__ = ["ConfigError", "MissingExtraError", "TrainingDivergedError", "UnreadableCheckpointError",
+           "check_checkpoint_format"]
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,24 @@ class MissingExtraError(ImportError):
     """An optional package a feature needs is not installed; the message gives the install
     command (``segpipe`` commands print it as one line, exit code 2). An :class:`ImportError`,
     so Python callers can catch it as one (never a ``SystemExit``)."""
+
+
+class UnreadableCheckpointError(ConfigError):
+    """A checkpoint file that is there and readable, but that torch cannot load: truncated (a
+    copy, a download or a write that did not finish) or corrupt. One line naming the file,
+    torch's reason and what to use instead."""
+
+    def __init__(self, path: str | os.PathLike[str], exc: BaseException) -> None:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        super().__init__(
+            f"{os.fspath(path)}: not a readable checkpoint, truncated or corrupt "
+            f"({type(exc).__name__}: {reason}); use another one (the run's best-*.ckpt, or "
+            "the last.ckpt of checkpoints/earlier-K), or copy it again if it was copied")
+
+
+#: What ``torch.load`` raises for a truncated or corrupt file (zip reader, unpickler, storage).
+CHECKPOINT_READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, EOFError, OSError,
+                                                           ValueError)
 
 
 def check_checkpoint_format(path: str | os.PathLike[str]) -> None:

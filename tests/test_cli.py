@@ -499,6 +499,19 @@ def test_a_missing_checkpoint_file_in_test_is_one_line(dataset, tmp_path, capsys
     assert code == 2 and f"--ckpt_path {tmp_path} is a folder; give a .ckpt file" in err[-1]
 
 
+@pytest.mark.parametrize("command", ["test", "fit"])
+def test_a_truncated_checkpoint_is_one_line(fitted, dataset, tmp_path, capsys, command):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((fitted / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    option = "--model.init_from" if command == "fit" else "--ckpt_path"
+    for opt in {option, "--ckpt_path"}:
+        code = main([command, "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY, opt, str(cut)])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and f"{cut}: not a readable checkpoint, truncated or corrupt" in err[-1]
+        assert "best-*.ckpt" in err[-1] and err[-1].count("not a readable") == 1
+
+
 def test_a_fit_stopped_by_sigterm_does_not_exit_0(monkeypatch, capsys):
     """SLURM, Kubernetes and `timeout` stop jobs with SIGTERM; Lightning's SIGTERMException is a
     SystemExit without a code, so a half-trained run exited 0 and `fit && test` went on."""

@@ -21,7 +21,11 @@ import numpy as np
 import torch
 
 from segpipe.data.spec import DataSpec, recorded_spec, spec_from_legacy
-from segpipe.errors import check_checkpoint_format
+from segpipe.errors import (
+    CHECKPOINT_READ_ERRORS,
+    UnreadableCheckpointError,
+    check_checkpoint_format,
+)
 from segpipe.models.base import no_pretrained_weights
 from segpipe.tasks.inference import InferenceNet, build_network, weight_differences
 
@@ -298,11 +302,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "weights_only=False), drop or convert the objects (e.g. an argparse.Namespace in "
             "hyper_parameters into a dict) and torch.save it again; otherwise do not use it.")))
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{p}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "pass a .ckpt written by `segpipe fit`"
-        ) from None
+    except CHECKPOINT_READ_ERRORS as exc:
+        raise CheckpointError(str(UnreadableCheckpointError(p, exc))) from None
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{p}: not a Lightning checkpoint (no state_dict); pass a .ckpt written by "

@@ -49,7 +49,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from segpipe.callbacks import UnsafeCheckpointError, load_checkpoint_file
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, UnreadableCheckpointError
 from segpipe.models.base import adapt_first_conv
 
 __all__ = [
@@ -385,6 +385,8 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str],
             "init_from reads checkpoints with weights_only=True only; save the weights alone "
             "(torch.save({'state_dict': model.state_dict()}, path)) from a process you trust."
         ) from exc
+    except UnreadableCheckpointError as exc:  # truncated or corrupt: named with what to use
+        raise InitFromError(f"model.init_from: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated file: one line with the reason
         raise InitFromError(
             f"{where}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})."
