@@ -203,6 +203,8 @@ class FCN(nn.Module):
 
             check_encoder_name(backbone, arg="backbone")
 
+        #: The encoder starts from random weights (no pretrained option; see init_from).
+        self.encoder_pretrained = False
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.variant = variant

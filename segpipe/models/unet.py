@@ -169,6 +169,8 @@ class UNet(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ModelArgumentError(f"UNet dropout must be a float in [0, 1), got {dropout!r}.")
 
+        #: The encoder starts from random weights (no pretrained option; see init_from).
+        self.encoder_pretrained = False
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.base_channels = base_channels

@@ -518,9 +518,10 @@ class TransferLearning(L.Callback):
             if getattr(net, "encoder_pretrained", True) is False and not self.init_from:
                 rank_zero_warn(
                     f"model.freeze_encoder_epochs={self.freeze_encoder_epochs} freezes a "
-                    "randomly initialised encoder (encoder_weights null, no model.init_from): "
-                    "its random features are kept for those epochs; give pretrained weights "
-                    "or set --model.freeze_encoder_epochs 0")
+                    f"randomly initialised encoder ({type(net).__name__} without pretrained "
+                    "weights, no model.init_from): its random features are kept for those "
+                    "epochs; start from trained weights (model.init_from, or an SmpModel's "
+                    "encoder_weights) or set --model.freeze_encoder_epochs 0")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.init_from:

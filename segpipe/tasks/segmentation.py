@@ -406,6 +406,13 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 )
         if encoder_lr_mult != 1:
             encoder_modules(self.net, "model.encoder_lr_mult")
+            if getattr(self.net, "encoder_frozen", False):
+                raise ConfigError(
+                    f"model.encoder_lr_mult={encoder_lr_mult} sets the encoder's learning rate, "
+                    "but the network was built with freeze_encoder: true, so the encoder never "
+                    "trains; drop one (or train it later with model.freeze_encoder_epochs "
+                    "instead of freeze_encoder)."
+                )
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.encoder_lr_mult = float(encoder_lr_mult)
         self.init_from = init_from

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -147,6 +148,9 @@ def test_options_need_an_encoder_and_no_permanent_freeze() -> None:
     frozen = SmpModel("unet", "resnet18", num_classes=3, freeze_encoder=True)
     with pytest.raises(ValueError, match="freeze_encoder: true, which freezes it for the whole run"):
         SegmentationTask(frozen, freeze_encoder_epochs=2)
+    with pytest.raises(ValueError, match="encoder_lr_mult=0.1 sets the encoder's learning rate, "
+                                         "but the network was built with freeze_encoder: true"):
+        SegmentationTask(frozen, encoder_lr_mult=0.1)
     with pytest.raises(ValueError, match=r"model.encoder_lr_mult must be a number > 0"):
         SegmentationTask(_unet(), encoder_lr_mult=0)
     with pytest.raises(ValueError, match=r"model.freeze_encoder_epochs must be an int >= 0"):
@@ -576,3 +580,17 @@ def test_a_freeze_that_never_ends_or_freezes_random_weights_is_warned_about() ->
     texts = [str(w.message) for w in said]
     assert any("the encoder stays frozen for the whole run" in t for t in texts), texts
     assert any("freezes a randomly initialised encoder" in t for t in texts), texts
+
+
+@pytest.mark.parametrize("build", [lambda: _unet(), lambda: FCN(3, 3, base_channels=4)])
+def test_freezing_segpipes_own_random_encoders_is_warned_about(build, tmp_path: Path) -> None:
+    net = build()
+    task = SegmentationTask(net, freeze_encoder_epochs=1)
+    with pytest.warns(UserWarning, match=f"randomly initialised encoder \\({type(net).__name__} "):
+        _trainer(max_epochs=2).fit(task, BlobDM())
+    ckpt = _save_task_ckpt(tmp_path, _unet())  # from trained weights: nothing to warn about
+    started = SegmentationTask(_unet(), freeze_encoder_epochs=1, init_from=str(ckpt))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _trainer(max_epochs=2).fit(started, BlobDM())
+    assert not [w for w in said if "randomly initialised" in str(w.message)]
