@@ -264,6 +264,9 @@ class InitFromReport:
         adapted: ``(name, old in_channels, new in_channels)`` of an adapted first convolution.
         unused: Checkpoint tensors of the network with no place in this one.
         source: What the checkpoint holds (network class, classes, input channels), if known.
+        foreign: The re-initialised layer weights (2-D or more) that another class count
+            does not explain: absent from the checkpoint, or of another shape beyond the
+            output channels (another depth or width: those layers start from random weights).
     """
 
     path: str
@@ -272,6 +275,20 @@ class InitFromReport:
     adapted: tuple[str, int, int] | None = None
     unused: list[str] = field(default_factory=list)
     source: str = ""
+    foreign: list[str] = field(default_factory=list)
+
+    def foreign_warning(self) -> str | None:
+        """One line when layers beyond the head start from random weights, else None."""
+        if not self.foreign:
+            return None
+        names = ", ".join(self.foreign[:_MAX_LISTED])
+        more = len(self.foreign) - min(len(self.foreign), _MAX_LISTED)
+        return (
+            f"init_from {self.path}: {len(self.foreign)} layers of this network are not in the "
+            f"checkpoint or have another shape there ({names}{f', and {more} more' if more else ''}"
+            f"), so they start from random weights, not only the head: the checkpoint"
+            f"{f' ({self.source})' if self.source else ''} is of another architecture, depth or "
+            "width; start from one of the same network to transfer every layer")
 
     def summary(self) -> str:
         """``loaded 52 tensors, re-initialised 2 (head.weight, head.bias)``."""
@@ -437,6 +454,8 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str],
             report.adapted = (name, int(src.shape[1]), int(tensor.shape[1]))
         else:
             report.reinitialised.append(name)
+            if tensor.dim() >= 2 and (src is None or tuple(src.shape[1:]) != tuple(tensor.shape[1:])):
+                report.foreign.append(name)  # not a head of another class count
     report.unused = [k for k in state if k not in target]
     # Only a layer's weights (a convolution's kernels, a linear layer's matrix) carry what was
     # learnt; a few biases and BatchNorm step counters fitting by chance is no transfer.
@@ -534,6 +553,8 @@ class TransferLearning(L.Callback):
                 self.report = load_init_from(pl_module.net, self.init_from)
                 for line in self.report.lines():
                     rank_zero_info(line)
+                if self.report.foreign_warning():
+                    rank_zero_warn(self.report.foreign_warning())
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

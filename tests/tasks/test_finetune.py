@@ -305,6 +305,7 @@ def test_init_from_other_classes_loads_all_but_the_head(tmp_path: Path) -> None:
     report = load_init_from(target, path)
     n = len(target.state_dict())
     assert report.summary() == f"loaded {n - 2} tensors, re-initialised 2 (head.weight, head.bias)"
+    assert report.foreign == [] and report.foreign_warning() is None  # only the head: expected
     assert report.source == "3 classes, 3 input channels"  # built in Python: no net class_path
     state = target.state_dict()
     for key in report.loaded:
@@ -326,6 +327,21 @@ def test_a_dry_run_reports_what_init_from_would_load_and_changes_nothing(tmp_pat
     assert (dry.loaded, dry.reinitialised, dry.adapted) == (real.loaded, real.reinitialised,
                                                             real.adapted)
     assert dry.adapted == ("inc.block.0.weight", 3, 1)
+
+
+def test_init_from_a_shallower_network_warns_that_layers_start_random(tmp_path: Path) -> None:
+    path = _save_task_ckpt(tmp_path, _unet())  # depth 2
+    deeper = UNet(in_channels=3, num_classes=3, base_channels=4, depth=3)
+    report = load_init_from(deeper, path)
+    assert report.loaded and report.foreign
+    assert all(name not in report.loaded for name in report.foreign)
+    said = report.foreign_warning()
+    assert said and f"{len(report.foreign)} layers of this network are not in the checkpoint" in said
+    assert "another architecture, depth or width" in said and report.foreign[0] in said
+    task = SegmentationTask(UNet(in_channels=3, num_classes=3, base_channels=4, depth=3),
+                            init_from=str(path))
+    with pytest.warns(UserWarning, match="start from random weights, not only the head"):
+        _trainer(max_epochs=1).fit(task, BlobDM())
 
 
 @pytest.mark.parametrize("new_in", [1, 2, 4, 6])
