@@ -142,6 +142,37 @@ def _command_line_value(argv: Sequence[str], option: str) -> str | None:
     return value
 
 
+#: The topmost output folders this command is about to create (see :func:`_remove_empty_folders`).
+_MADE_DIRS: list[Path] = []
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None if it exists)."""
+    folder = folder.expanduser().absolute()
+    if folder.exists():
+        return None
+    top = folder
+    for parent in folder.parents:
+        if parent.exists():
+            break
+        top = parent
+    return top
+
+
+def _remove_empty_folders(tops: Sequence[Path]) -> None:
+    """Remove the folder trees in ``tops`` that hold no file: the run folder and checkpoint
+    folder a failed command created before it wrote anything (a typo in an option, weights that
+    cannot be fetched). Anything with a file in it stays."""
+    for top in tops:
+        if not top.is_dir():
+            continue
+        for here, _, _ in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
+            try:
+                Path(here).rmdir()  # only empty ones go
+            except OSError:
+                pass
+
+
 def _warn(message: str) -> None:
     """One warning line for the user of a command (on the first process only)."""
     rank_zero_warn(message)
@@ -892,6 +923,10 @@ class SegpipeCLI(LightningCLI):
     def _check_outputs(self, cfg: Any, subcommand: str | None) -> None:
         """Fail before anything is built when an output folder cannot be written."""
         root = cfg.trainer.default_root_dir or "."
+        for folder in (root, cfg.checkpoint.dirpath):  # removed again if the command fails empty
+            top = _first_missing(Path(folder)) if folder else None
+            if top is not None:
+                _MADE_DIRS.append(top)
         check_output_dir(root, "logs, configs and metrics", "trainer.default_root_dir")
         if _is_rank_zero():
             # Unfinished metric/report writes of a killed run (not a live process's).
@@ -1166,5 +1201,9 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
             # One way to set the optimiser and scheduler: model.optimizer/model.lr_scheduler.
             auto_configure_optimizers=False,
         )
+    except BaseException:
+        _remove_empty_folders(_MADE_DIRS)  # a command stopped by a bad option leaves no folders
+        raise
     finally:
+        _MADE_DIRS.clear()
         sys.argv = saved_argv

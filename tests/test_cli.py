@@ -788,3 +788,22 @@ def test_ckpt_path_before_the_runs_config_still_resumes(dataset, tmp_path):
                  "--trainer.max_epochs=2"]) == 0
     assert torch.load(last, weights_only=False, map_location="cpu")["epoch"] == 1  # resumed
     assert not list((run / "checkpoints").glob("earlier-*")), "a new run set the old one aside"
+
+
+def test_a_fit_that_fails_before_training_leaves_no_empty_run_folder(dataset, tmp_path, capsys):
+    run = tmp_path / "runs" / "new"
+    code = main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={run}", *TINY,
+                 "--model.net=segpipe.models.SmpModel", "--model.net.init_args.arch=unet",
+                 "--model.net.init_args.encoder_name=resnet18",
+                 f"--model.net.init_args.encoder_weights={tmp_path / 'missing.pth'}"])
+    assert code == 2 and "missing.pth" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept"
+    (kept / "checkpoints").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={kept}", *TINY, "--model.net=segpipe.models.SmpModel",
+                 "--model.net.init_args.arch=unet", "--model.net.init_args.encoder_name=resnet18",
+                 f"--model.net.init_args.encoder_weights={tmp_path / 'missing.pth'}"]) == 2
+    assert (kept / "checkpoints").is_dir() and (kept / "notes.txt").is_file()  # not made by it
