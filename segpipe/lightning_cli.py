@@ -173,11 +173,6 @@ def _remove_empty_folders(tops: Sequence[Path]) -> None:
                 pass
 
 
-def _warn(message: str) -> None:
-    """One warning line for the user of a command (on the first process only)."""
-    rank_zero_warn(message)
-
-
 class CheckpointNotFoundError(FileNotFoundError):
     """``--ckpt_path best|last`` names a checkpoint the run folder does not hold."""
 
@@ -766,8 +761,8 @@ class SegpipeCLI(LightningCLI):
             fix = (f"to train with other settings, start a new run from its weights with "
                    f"--model.init_from {ckpt_path}" if sub == "fit" else
                    "the checkpoint's are those it was trained with")
-            _warn(f"--ckpt_path {ckpt_path}: {sub} uses the checkpoint's settings where this "
-                  f"command gave others: {shown}; {fix}")
+            rank_zero_warn(f"--ckpt_path {ckpt_path}: {sub} uses the checkpoint's settings "
+                           f"where this command gave others: {shown}; {fix}")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -1130,7 +1125,7 @@ def _name_monitored_metric(checkpoint: Any) -> None:
     checkpoint.filename = f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
 
 
-_SEGPIPE_DIR = str(Path(__file__).resolve().parent)
+_SEGPIPE_DIR = Path(__file__).resolve().parent
 
 
 def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -1139,7 +1134,7 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     and statement that Python (or Lightning, for a file named ``lightning*``) prints with
     them: they are about the user's data and options, not about segpipe's code. Other
     warnings keep the format they had (:data:`_LIBRARY_FORMAT`)."""
-    if str(Path(filename).resolve()).startswith(_SEGPIPE_DIR):
+    if Path(filename).resolve().is_relative_to(_SEGPIPE_DIR):
         return f"segpipe: warning: {message}\n"
     return _LIBRARY_FORMAT(message, category, filename, lineno, line)
 
