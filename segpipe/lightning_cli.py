@@ -134,12 +134,19 @@ def _command_line_value(argv: Sequence[str], option: str) -> str | None:
     started a new run, setting the one to resume aside. An option typed on the command line
     is meant whatever its place."""
     value = None
-    for i, arg in enumerate(argv):
-        if arg == option and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(option + "="):
-            value = arg[len(option) + 1:]
+    for i in range(len(argv)):
+        here = _option_at(argv, i, option)
+        value = value if here is None else here
     return value
+
+
+def _option_at(argv: Sequence[str], i: int, option: str) -> str | None:
+    """The value ``option`` is given at ``argv[i]`` (``option VALUE`` or ``option=VALUE``), or
+    None when ``argv[i]`` is another argument."""
+    arg = argv[i]
+    if arg == option:
+        return argv[i + 1] if i + 1 < len(argv) else None
+    return arg[len(option) + 1:] if arg.startswith(option + "=") else None
 
 
 #: The topmost output folders this command is about to create (see :func:`_remove_empty_folders`).
@@ -525,16 +532,12 @@ def _given_net_links(argv: list[str]) -> dict[str, tuple[str, str]]:
     import yaml
 
     found: dict[str, tuple[str, str]] = {}
-    for i, arg in enumerate(argv):
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
+    for i in range(len(argv)):
         for key in _LINKED_NET_ARGS:
-            opt = f"--model.net.init_args.{key}"
-            if arg == opt and nxt is not None:
-                found[key] = (nxt, "the command line")
-            elif arg.startswith(opt + "="):
-                found[key] = (arg.split("=", 1)[1], "the command line")
-        path = nxt if arg == "--config" else arg.split("=", 1)[1] if arg.startswith(
-            "--config=") else None
+            value = _option_at(argv, i, f"--model.net.init_args.{key}")
+            if value is not None:
+                found[key] = (value, "the command line")
+        path = _option_at(argv, i, "--config")
         if path is None:
             continue
         try:
@@ -734,7 +737,10 @@ class SegpipeCLI(LightningCLI):
         the way to use it: a new run from the checkpoint's weights (``--model.init_from``).
         The options of :data:`_THIS_RUNS` are this command's, never the checkpoint's."""
         sub = self.config.subcommand
-        ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only)
+        # Only the hyperparameters are needed: the weights are mapped, not read (the trainer
+        # reads them when it restores the run).
+        ckpt = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=weights_only,
+                                    mmap=True)
         spec = (ckpt.get("hyper_parameters") or {}).get("data_spec")
         self._ckpt_bands = spec.get("bands") if isinstance(spec, Mapping) else None
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})

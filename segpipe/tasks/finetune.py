@@ -553,8 +553,9 @@ class TransferLearning(L.Callback):
                 self.report = load_init_from(pl_module.net, self.init_from)
                 for line in self.report.lines():
                     rank_zero_info(line)
-                if self.report.foreign_warning():
-                    rank_zero_warn(self.report.foreign_warning())
+                partial = self.report.foreign_warning()
+                if partial:
+                    rank_zero_warn(partial)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
