@@ -122,18 +122,46 @@ class CommandParser(argparse.ArgumentParser):
         for action in self._actions:
             for option in action.option_strings:
                 by_name[option.lstrip("-").replace("-", "_")] = action
+        typed = self._given_on_command_line(argv)
+        from_file: dict[argparse.Action, str] = {}
         for key, value in values.items():
             action = by_name.get(str(key).replace("-", "_"))
             if action is None or action.dest in ("help", "config"):
                 known = sorted({a.option_strings[0].lstrip("-") for a in self._actions
                                 if a.option_strings and a.dest not in ("help", "config")})
                 self.error(f"--config {p}: unknown option {key!r}; options: {', '.join(known)}")
+            rivals = self._rivals(action)
+            if rivals & typed:
+                # `--ckpt_path B` on the command line overrides `onnx: A` in the file, as any
+                # typed option overrides the file's value for it
+                continue
+            if value is not None:  # `onnx: null` gives nothing
+                clash = next((from_file[r] for r in rivals if r in from_file), None)
+                if clash is not None:
+                    self.error(f"--config {p}: {clash} and {key} cannot both be given; keep one")
+                from_file[action] = str(key)
             value = self._config_value(p, str(key), action, value)
             self.set_defaults(**{action.dest: value})
             action.required = False
             for group in self._mutually_exclusive_groups:
                 if action in group._group_actions:
                     group.required = False
+
+    def _given_on_command_line(self, argv: Sequence[str]) -> set[argparse.Action]:
+        """The actions of the options typed in ``argv`` (``--x`` or ``--x=value``)."""
+        given = set()
+        for token in argv:
+            action = self._option_string_actions.get(token.partition("=")[0])
+            if action is not None:
+                given.add(action)
+        return given
+
+    def _rivals(self, action: argparse.Action) -> set[argparse.Action]:
+        """The other options of ``action``'s mutually exclusive groups (``--onnx`` for
+        ``--ckpt_path``): argparse checks those only among options on the command line."""
+        return {other for group in self._mutually_exclusive_groups
+                if action in group._group_actions
+                for other in group._group_actions if other is not action}
 
     def _config_value(self, path: Path, key: str, action: argparse.Action, value: Any) -> Any:
         """``value`` from the YAML file as the command line would give it, or one error line:

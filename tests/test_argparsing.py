@@ -92,3 +92,29 @@ def test_config_values_are_checked_as_the_command_line_checks_them(
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1, line
         assert err[0].startswith(f"segpipe predict: error: --config {cfg}: ") and words in err[0]
+
+
+def test_a_typed_model_option_overrides_the_other_one_in_the_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ckpt_path` and `--onnx` are one or the other. Typed on the command line, either one
+    overrides the other one's value in --config (before, `onnx:` in the file won over a typed
+    `--ckpt_path` and the ONNX model predicted, exit 0); both in the file is an error, as both
+    typed is."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("onnx: exp/model.onnx\ninput: in\noutput: out\n")
+    a = predict_parser().parse_args(["--config", str(cfg), "--ckpt_path", "run/last.ckpt"])
+    assert (a.ckpt_path, a.onnx) == ("run/last.ckpt", None)
+    a = predict_parser().parse_args(["--ckpt-path=run/last.ckpt", "--config", str(cfg)])
+    assert (a.ckpt_path, a.onnx) == ("run/last.ckpt", None)
+    cfg.write_text("ckpt_path: run/last.ckpt\ninput: in\noutput: out\n")
+    a = predict_parser().parse_args(["--config", str(cfg), "--onnx", "exp/model.onnx"])
+    assert (a.ckpt_path, a.onnx) == (None, "exp/model.onnx")
+    cfg.write_text("ckpt_path: run/last.ckpt\nonnx: null\ninput: in\noutput: out\n")
+    assert predict_parser().parse_args(["--config", str(cfg)]).ckpt_path == "run/last.ckpt"
+
+    cfg.write_text("ckpt_path: run/last.ckpt\nonnx: exp/model.onnx\ninput: in\noutput: out\n")
+    with pytest.raises(SystemExit) as exc:
+        predict_parser().parse_args(["--config", str(cfg)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert f"--config {cfg}: ckpt_path and onnx cannot both be given; keep one" in err[0]
