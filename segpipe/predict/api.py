@@ -143,8 +143,11 @@ class Segmenter:
             device: ``auto`` (a CUDA GPU when there is one), ``cpu``, ``cuda:1``...
             **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``batch_size``, ``bands``.
         """
-        from segpipe.predict.checkpoint import load_predictor
+        from segpipe.predict.checkpoint import CheckpointError, load_predictor
 
+        if Path(path).suffix.lower() == ".onnx":
+            raise CheckpointError(f"{path} is an ONNX model written by segpipe export: load it "
+                                  "with Segmenter.from_onnx")
         task, config = load_predictor(path)
         return cls(task, config, device=device, **options)
 

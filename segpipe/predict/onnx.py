@@ -265,6 +265,11 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
     side = sidecar_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file; create it with segpipe export")
+    if _starts_like_a_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is a PyTorch checkpoint, not an ONNX model: load it with "
+            "Segmenter.from_checkpoint (segpipe predict --ckpt_path), or export it with "
+            "segpipe export first")
     if not side.is_file():
         raise CheckpointError(
             f"{side}: the sidecar with classes and normalisation is missing next to {path.name}; "
@@ -286,6 +291,16 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
     task = OnnxTask(path, config)
     _check_graph(path, task.session, config)
     return task, config, meta
+
+
+def _starts_like_a_checkpoint(path: Path) -> bool:
+    """Whether ``path`` begins as torch's zip format or a legacy pickle does."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def recorded_tiling(meta: dict[str, Any]) -> tuple[int | None, float | None]:

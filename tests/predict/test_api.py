@@ -139,6 +139,25 @@ def test_onnx_segmenter_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> No
     assert (a == b).mean() >= 0.999
 
 
+def test_a_model_file_of_the_other_kind_names_the_call_to_use(tmp_path: Path,
+                                                              unet_ckpt: Path) -> None:
+    """A checkpoint given to from_onnx was reported as a missing sidecar to re-export, and an
+    export given to from_checkpoint as "not a PyTorch checkpoint", without the call to use."""
+    from segpipe.predict.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"unet\.ckpt is a PyTorch checkpoint, not an ONNX "
+                                              r"model: load it with Segmenter\.from_checkpoint"):
+        Segmenter.from_onnx(unet_ckpt)
+    renamed = tmp_path / "model.onnx"  # a checkpoint named as an export
+    renamed.write_bytes(unet_ckpt.read_bytes())
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is a PyTorch checkpoint, not an ONNX model"):
+        Segmenter.from_onnx(renamed)
+    with pytest.raises(CheckpointError, match=r"model\.onnx is an ONNX model written by segpipe "
+                                              r"export: load it with Segmenter\.from_onnx"):
+        Segmenter.from_checkpoint(renamed)
+
+
 def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
     seg = Segmenter.from_checkpoint(unet_ckpt, device="cpu")
     with pytest.raises(TypeError, match="numpy array"):
