@@ -19,6 +19,8 @@ outputs are skipped), 143 when stopped by SIGTERM (likewise).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -203,8 +205,6 @@ def _check_settings(output: str | Path, overwrite: bool,
     remade them all. Returns whether this run's settings are to be recorded once it writes an
     output (the folder has none recorded, or ``--overwrite``), and whether it replaces
     outputs of other settings (the record then says so until the run finishes)."""
-    import json
-
     path = Path(output) / SETTINGS_FILE
     try:
         before = json.loads(path.read_text()) if path.is_file() else None
@@ -425,10 +425,19 @@ def predict(
         from segpipe.predict.onnx import load_onnx_predictor
 
         task, config, sidecar = load_onnx_predictor(ckpt_path)
+        identity = _file_identity(ckpt_path)
+        # a hand-edited sidecar (mean, a recorded tile) makes other outputs from the same graph
+        identity["sidecar_sha256"] = hashlib.sha256(
+            json.dumps(sidecar, sort_keys=True).encode()).hexdigest()
         if precision not in (None, "32-true", "32", 32):
             log.warning("--precision %s is ignored with an ONNX model: onnxruntime computes in "
                         "fp32 on the CPU", precision)
         precision = "32-true"
+        if accelerator not in ("auto", "cpu"):
+            log.warning("--accelerator %s is ignored with an ONNX model: onnxruntime runs it on "
+                        "the CPU; predict from the checkpoint (--ckpt_path) to use a GPU",
+                        accelerator)
+        accelerator = "cpu"  # on a GPU machine too: no round trip of each batch through it
         from segpipe.predict.onnx import recorded_tiling
 
         chosen_tile, chosen_overlap = recorded_tiling(sidecar)  # export --tile/--overlap
@@ -440,6 +449,7 @@ def predict(
             overlap = chosen_overlap
     else:
         task, config = load_predictor(ckpt_path)
+        identity = _file_identity(ckpt_path)
         if bn_adapt and not batchnorm_layers(task.net):
             raise PredictUsageError(
                 f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "
@@ -474,7 +484,7 @@ def predict(
             log.warning("removed %d unfinished file(s) left by an interrupted run in %s",
                         removed, output)
     settings = {
-        "checkpoint": _file_identity(ckpt_path), "bands": list(bands) if bands else None,
+        "checkpoint": identity, "bands": list(bands) if bands else None,
         "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
     if bn_adapt:  # the adapted statistics depend on how the images are batched

@@ -202,7 +202,9 @@ def _session(path: str | Path) -> Any:
         raise MissingExtraError("running an ONNX model needs onnxruntime: pip install "
                                 "'segpipe[onnx]'") from exc
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # fatal only: each error reaches segpipe as an exception, reported in one line; at 3, a
+    # failing run also printed onnxruntime's coloured "[E:onnxruntime:...]" line before it
+    opts.log_severity_level = 4
     try:
         return ort.InferenceSession(str(path), sess_options=opts,
                                     providers=["CPUExecutionProvider"])
@@ -263,6 +265,8 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
     """
     path = Path(onnx_path)
     side = sidecar_path(path)
+    if not side.is_file() and path.is_symlink():  # latest.onnx -> runs/a/model.onnx
+        side = sidecar_path(path.resolve())
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file; create it with segpipe export")
     if _starts_like_a_checkpoint(path):
@@ -281,14 +285,17 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
         raise CheckpointError(f"{side}: unreadable sidecar ({exc}); re-export the model") from exc
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{side}: not a segpipe ONNX sidecar (format {found!r})")
+        raise CheckpointError(f"{side}: not a segpipe ONNX sidecar (format {found!r}, this "
+                              f"segpipe reads {SIDECAR_FORMAT!r}); export the model again with "
+                              "segpipe export")
     config = _sidecar_config(side, meta)
+    task = OnnxTask(path, config)  # a damaged graph fails here, as unreadable
     digest = meta.get("onnx_sha256")
     if digest and _file_digest(path) != digest:
         raise CheckpointError(
-            f"{side} was written for another graph than {path} (its checksum differs: a copied "
-            "or half re-exported pair); export the two files again with segpipe export")
-    task = OnnxTask(path, config)
+            f"{side} was written for another graph than {path} (its checksum differs: the "
+            "graph was changed after the export, or the two files come from different "
+            "exports); export the two files again with segpipe export")
     _check_graph(path, task.session, config)
     return task, config, meta
 
@@ -324,7 +331,7 @@ def _sidecar_config(side: Path, meta: dict[str, Any]) -> PredictConfig:
     from segpipe.data.spec import DataSpec
 
     required = ("num_classes", "class_names", "class_colors", "in_channels", "mean", "std")
-    missing = [k for k in required if k not in meta]
+    missing = [k for k in required if meta.get(k) is None]  # `"mean": null` too: not a default
     if missing:
         raise CheckpointError(f"{side}: the sidecar lacks {missing}; export the model again "
                               "with segpipe export")

@@ -549,10 +549,12 @@ class PredictionWriter:
         return path
 
     def pending(self, rel: str | Path, names: Sequence[str]) -> list[str]:
-        """The formats of ``names`` still to write for ``rel`` (all of them with ``overwrite``)."""
+        """The formats of ``names`` still to write for ``rel`` (all of them with ``overwrite``).
+        An empty file is still to write: segpipe's outputs are named into place whole, so one
+        of 0 bytes was damaged outside (a copy to a full disk) and would stay so."""
         if self.overwrite:
             return list(names)
-        return [n for n in names if not self.target(rel, n).is_file()]
+        return [n for n in names if not _has_bytes(self.target(rel, n))]
 
     def needs_probs(self, names: Sequence[str]) -> bool:
         """Whether any of the formats needs probabilities."""
@@ -603,3 +605,11 @@ class PredictionWriter:
         with self.open(rel, names, OutputMeta(Path(source), h, w, raster)) as sink:
             sink.write_rows(0, pred)
         return [self.target(rel, n) for n in names]
+
+
+def _has_bytes(path: Path) -> bool:
+    """Whether ``path`` is a file of at least one byte."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False

@@ -114,7 +114,11 @@ def test_a_sidecar_that_does_not_fit_its_graph_is_one_line(
 
     unsigned = {k: v for k, v in good.items() if k != "onnx_sha256"}  # as a hand edit would
     assert "lacks ['mean']" in predict_with({k: v for k, v in good.items() if k != "mean"})
+    # null was taken as "not given" and replaced by the ImageNet mean in silence
+    assert "lacks ['mean']; export the model again" in predict_with({**good, "mean": None})
     assert "not a segpipe ONNX sidecar" in predict_with([1, 2])
+    assert ("(format 'segpipe-onnx/9', this segpipe reads 'segpipe-onnx/1'); export the model "
+            "again with segpipe export") in predict_with({**good, "format": "segpipe-onnx/9"})
     assert "sidecar.symmetries must be among" in predict_with({**unsigned, "symmetries": ["upside"]})
     assert "input_norm must be" in predict_with({**unsigned, "input_norm": "bogus"})
     assert "pad_multiple must be" in predict_with({**unsigned, "pad_multiple": 0})
@@ -129,6 +133,59 @@ def test_a_sidecar_that_does_not_fit_its_graph_is_one_line(
     side.write_text(json.dumps(good))
     model.write_bytes(other.read_bytes())
     assert "was written for another graph than" in predict_with(good)
+    # a damaged graph under its own sidecar is unreadable, not "another export's pair"
+    model.write_bytes(other.read_bytes()[:5000])
+    assert "not a readable ONNX model" in predict_with(good)
+
+
+def test_onnxruntime_prints_nothing_of_its_own_for_a_graph_that_fails(
+        tmp_path: Path, unet_ckpt: Path, capfd) -> None:
+    """A size step the graph cannot take printed onnxruntime's coloured "[E:onnxruntime:..."
+    log line on stderr before segpipe's one line."""
+    model = _export(unet_ckpt, tmp_path / "m.onnx")
+    side = model.with_suffix(".json")
+    meta = {k: v for k, v in json.loads(side.read_text()).items() if k != "onnx_sha256"}
+    side.write_text(json.dumps({**meta, "pad_multiple": 7}))
+    write_image(tmp_path / "in" / "a.png", noise_image(16, 16))
+    capfd.readouterr()
+    assert cli_main(["predict", "--onnx", str(model), "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / "out"), *FAST]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not run on a 14x21 input" in err[0], err
+
+
+def test_reruns_with_an_onnx_model(tmp_path: Path, unet_ckpt: Path, caplog) -> None:
+    """Its sidecar found through a link; a hand-edited sidecar is another model to the outputs
+    made before the edit; an empty output is remade, not skipped as done; --accelerator gpu is
+    named as ignored (onnxruntime runs on the CPU), not failed for a missing GPU."""
+    import os
+
+    model = _export(unet_ckpt, tmp_path / "exp" / "model.onnx")
+    link = tmp_path / "models" / "latest.onnx"
+    link.parent.mkdir()
+    link.symlink_to(os.path.relpath(model, link.parent))
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(2):
+        write_image(src / f"img{i}.png", noise_image(24, 32, seed=i))
+    run = ["predict", "--onnx", str(link), "--input", str(src), "--output", str(out),
+           "--no-progress", "--format", "mask"]
+    assert cli_main(run) == 0  # the sidecar was looked for beside the link only
+    first = (out / "img0.png").read_bytes()
+
+    (out / "img1.png").write_bytes(b"")  # damaged outside segpipe (segpipe writes whole files)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="segpipe"):
+        assert cli_main([*run, "--accelerator", "gpu"]) == 0
+    assert "--accelerator gpu is ignored with an ONNX model" in caplog.text
+    assert (out / "img1.png").stat().st_size > 0 and (out / "img0.png").read_bytes() == first
+
+    side = model.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "mean": [0.1, 0.2, 0.3]}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe"):
+        assert cli_main(run) == 0
+    assert "were made with another checkpoint" in caplog.text  # not skipped in silence
 
 
 def test_a_broken_onnx_file_and_bad_export_options_are_one_line(
