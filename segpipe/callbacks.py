@@ -43,6 +43,7 @@ __all__ = [
     "SafeCheckpointIO",
     "TestMetricsWriter",
     "Throughput",
+    "SynchronisedSigterm",
     "UnsafeCheckpointError",
     "install_safe_checkpoint_io",
     "load_checkpoint_file",
@@ -322,6 +323,47 @@ def install_safe_checkpoint_io(trainer: L.Trainer) -> bool:
         strategy.checkpoint_io = SafeCheckpointIO()
         return True
     return isinstance(strategy.checkpoint_io, SafeCheckpointIO)
+
+
+class SynchronisedSigterm(L.Callback):
+    """Stops a multi-process fit on SIGTERM at the same step in every process.
+
+    Lightning (2.6) answers SIGTERM with a ``dist.broadcast`` run inside the signal handler,
+    wherever the process was: in the middle of a gradient all-reduce or a checkpoint write, so
+    its collectives and the other processes' never matched and a DDP fit hung until SIGKILL (a
+    scheduler's pre-emption, ``timeout``, ``docker stop``). :meth:`install` replaces that handler
+    with one that only notes the signal (and forwards it to the processes Lightning launched, as
+    Lightning's does); at the end of every training step the processes agree whether any of
+    them got one (one small all-reduce), and all of them then stop there together, as a
+    single-process fit does (``SIGTERMException``; the command exits with 143). Validation and
+    test runs, and single-process fits, keep Lightning's own checks, less the broadcast.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def install(self, trainer: L.Trainer) -> None:
+        """Put this callback's handler in the place of Lightning's (before ``fit``/``test``)."""
+        connector = trainer._signal_connector
+
+        def notify(signum: int, frame: Any) -> None:
+            if not (connector.received_sigterm or self.pending):
+                launcher = trainer.strategy.launcher
+                if launcher is not None:  # the processes it started get it too
+                    launcher.kill(signum)
+            if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
+                self.pending = True  # agreed on at the end of the step
+            else:
+                connector.received_sigterm = True
+
+        connector._sigterm_notifier_fn = notify  # read when Lightning registers its handlers
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+                self.pending, all=False):
+            # every process: Lightning raises SIGTERMException at the end of this step
+            trainer._signal_connector.received_sigterm = True
 
 
 def _os_error(exc: BaseException) -> OSError | None:

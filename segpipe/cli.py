@@ -131,18 +131,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
     try:
         run_cli(args)
     except SIGTERMException:  # SLURM, Kubernetes, docker stop, timeout: not a finished run
-        from segpipe.lightning_cli import interrupted_fit_line
+        from segpipe.lightning_cli import interrupted_fit_line, is_rank_zero
 
-        print(f"segpipe {args[0]}: stopped by SIGTERM before it finished"
-              + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
+        if is_rank_zero():  # every process of a DDP run stops: one line
+            print(f"segpipe {args[0]}: stopped by SIGTERM before it finished"
+                  + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
         return 128 + signal.SIGTERM
     except SystemExit as exc:  # Lightning exits with 1 after Ctrl-C, as after a crash
-        from segpipe.lightning_cli import interrupted_fit_line, was_interrupted
+        from segpipe.lightning_cli import interrupted_fit_line, is_rank_zero, was_interrupted
 
         if exc.code != 1 or not was_interrupted():
             raise
-        print(f"segpipe {args[0]}: stopped by Ctrl-C (SIGINT) before it finished"
-              + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
+        if is_rank_zero():
+            print(f"segpipe {args[0]}: stopped by Ctrl-C (SIGINT) before it finished"
+                  + (f"; {interrupted_fit_line()}" if args[0] == "fit" else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))

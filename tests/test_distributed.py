@@ -185,3 +185,69 @@ def test_ddp_fit_with_ema(tmp_path: Path) -> None:
              log=tmp_path / "fit.log")
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert "current_model_state" in state and state["epoch"] == 1
+
+
+def _csv_column(root: Path, name: str) -> list[float]:
+    rows = list(csv.DictReader((root / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    return [float(r[name]) for r in rows if r.get(name)]
+
+
+def test_ddp_train_loss_of_the_epoch_is_every_processs_mean(tmp_path: Path) -> None:
+    """train/loss_epoch was process 0's mean alone. With the learning rate 0, whole images
+    and one image per batch, each image's loss is the same however the images are shared
+    out: the DDP epoch mean must equal the single-process one."""
+    data = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=2, n_test=0, num_classes=3,
+                               size=SIZE, seed=3)
+    fixed = [*TINY, f"--data.root={data}", "--data.crop_size=null", "--data.batch_size=1",
+             "--model.optimizer.init_args.lr=0", "--trainer.max_epochs=1",
+             "--trainer.log_every_n_steps=1", "--seed_everything=7"]
+    _segpipe("fit", *fixed, *DDP, f"--trainer.default_root_dir={tmp_path / 'ddp'}",
+             log=tmp_path / "ddp.log")
+    _segpipe("fit", *fixed, f"--trainer.default_root_dir={tmp_path / 'one'}",
+             log=tmp_path / "one.log")
+    ddp, one = (_csv_column(tmp_path / k, "train/loss_epoch") for k in ("ddp", "one"))
+    steps = _csv_column(tmp_path / "ddp", "train/loss_step")
+    assert len(ddp) == len(one) == 1 and len(steps) == 4  # 4 images per process
+    assert abs(ddp[0] - one[0]) < 1e-5, (ddp, one)
+    assert abs(ddp[0] - sum(steps) / 4) > 1e-4  # process 0's own mean differs
+
+
+def test_ddp_fit_stops_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM to a DDP fit (a scheduler's time limit or pre-emption) hung it until SIGKILL:
+    Lightning broadcast inside the signal handler, in the middle of whatever collective the
+    process was in. It must stop every process at the same step, exit with 143 and say once
+    that last.ckpt is intact."""
+    import signal
+
+    data = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=2, n_test=0, num_classes=3,
+                               size=SIZE)
+    root = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "fit.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segpipe.cli", "fit", *TINY, f"--data.root={data}", *DDP,
+             f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1000"],
+            cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (root / "checkpoints" / "last.ckpt").is_file():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no epoch finished in 300 s"
+                time.sleep(0.5)
+            time.sleep(2.0)  # in the middle of later epochs' steps and collectives
+            os.killpg(proc.pid, signal.SIGTERM)  # as SLURM and Kubernetes signal a job
+            try:
+                code = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the DDP fit hung after SIGTERM:\n" + log.read_text()[-3000:])
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = log.read_text()
+    assert code == 143, out[-3000:]
+    assert out.count("stopped by SIGTERM before it finished") == 1, out[-3000:]
+    assert "last.ckpt is intact: resume with --ckpt_path last" in out
+    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] >= 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -61,6 +61,8 @@ from segpipe.errors import ConfigError
 __all__ = ["LAYOUTS", "SegmentationDataModule"]
 
 log = logging.getLogger(__name__)
+#: A warning about the data, which every process of a multi-process run reads alike: once.
+_warn_once = rank_zero_only(log.warning)
 
 Layout = Literal["folder", "camvid", "lgg", "isbi"]
 LAYOUTS: tuple[str, ...] = ("folder", "camvid", "lgg", "isbi")
@@ -817,7 +819,7 @@ class SegmentationDataModule(L.LightningDataModule):
             except ValueError:
                 example = missed[0].image.as_posix()
             which = "any" if len(missed) == len(out) else f"{len(missed)} of the {len(out)}"
-            log.warning(
+            _warn_once(
                 "data.case_pattern %r finds no case in %s %s images (e.g. %r, the path under "
                 "data.root it is searched in): they count in the pooled figures but in no "
                 "case%s", pattern, which, split or "", example,
@@ -900,7 +902,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         names = self._splits_for(stage)
         if stage == "test" and self.test_split != "test":
-            log.warning("%s has no test split; `segpipe test` scores the val split", self.root)
+            _warn_once("%s has no test split; `segpipe test` scores the val split", self.root)
         used = {name: self._require_split(name) for name in names}
         if self.hparams.check_data:
             todo = {k: v for k, v in used.items() if k not in self._checked}
@@ -931,7 +933,7 @@ class SegmentationDataModule(L.LightningDataModule):
                             f"{p.message} (in the data.limit_samples={limit} read)"))
                         if p.kind == "too_few_classes" else p for p in problems]
                 for group in group_problems([p for p in problems if p.kind in WARNING_KINDS]):
-                    log.warning("data check: %s", group.line())
+                    _warn_once("data check: %s", group.line())
                 errors = [p for p in problems if p.kind not in WARNING_KINDS]
                 if errors:
                     raise DataCheckError(errors)
