@@ -366,8 +366,9 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         self.test_metrics = build_metrics(num_classes, ignore_index, confusion_matrix=True).clone(
             prefix="test/"
         )
-        # val/test loss per image over every process (see WeightedMean); no checkpoint state
+        # the loss's epoch means over every process (see WeightedMean); no checkpoint state
         self.loss_means = nn.ModuleDict({"val": WeightedMean(), "test": WeightedMean()})
+        self.train_loss_mean = WeightedMean()  # ("train" is nn.Module's train(), not a key)
         self.test_images: list[dict[str, Any]] = []
         self.worst_images: list[dict[str, Any]] = []
         # per-case confusions of val and test images that belong to cases (patients, sequences)
@@ -599,7 +600,12 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         if stage == "train":
             # Lightning converts progress-bar values to numbers after every step (a host-device
             # synchronisation); segpipe's progress bar reads the training loss when it refreshes.
-            self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
+            # The step's value is this process's; the epoch's (train/loss_epoch) the mean over
+            # every process's images, synced once at the epoch's end (a logged tensor gave
+            # process 0's alone).
+            mean = self.train_loss_mean
+            mean(loss, n)
+            self.log("train/loss", mean, on_step=True, on_epoch=True, batch_size=n)
         else:
             # Each batch's loss weighs by its scored pixels, not its images: for cross-entropy
             # the epoch's figure is then the mean over every scored pixel, whatever
