@@ -95,12 +95,34 @@ def _timer(trainer: L.Trainer) -> Timer | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
 
 
-def _fraction_of_steps(trainer: L.Trainer) -> float | None:
-    """Steps done of ``max_epochs``/``max_steps``; None when neither bounds the training."""
+def _same_in_every_process(trainer: L.Trainer, values: Any) -> Any:
+    """``values`` as process 0 measured them, in every process of a multi-process run.
+
+    Each process has its own clock: planned from its own, DDP processes planned different
+    last epochs (so different learning rates, and weights that drifted apart), and one that
+    stopped an epoch before the others left them waiting in a collective."""
+    if getattr(trainer, "world_size", 1) > 1:  # (a stand-in trainer in tests has none)
+        return trainer.strategy.broadcast(values, src=0)
+    return values
+
+
+def _fraction_of_steps(trainer: L.Trainer, offset: int = 0) -> float | None:
+    """Steps done of ``max_epochs``/``max_steps``; None when neither bounds the training.
+    ``offset``: what the steps done before a resume count as in this run's steps per epoch,
+    less the checkpoint's step count (see :meth:`AnnealToDeadline.on_train_start`)."""
     total = trainer.estimated_stepping_batches
     if math.isfinite(total) and total > 0:
-        return trainer.global_step / total
+        return (trainer.global_step + offset) / total
     return None
+
+
+def _bound_by_epochs(trainer: L.Trainer, per_epoch: int) -> bool:
+    """Whether ``max_epochs`` (not ``max_steps``) ends the training, or a time budget does."""
+    max_steps = trainer.max_steps if trainer.max_steps is not None else -1
+    if max_steps < 0:
+        return True
+    epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+    return 0 <= epochs and epochs * per_epoch < max_steps
 
 
 class AnnealToDeadline(L.Callback):
@@ -131,6 +153,12 @@ class AnnealToDeadline(L.Callback):
         #: Seconds a full validation takes (the last one measured), reserved for the final one.
         self.val_seconds = 0.0
         self._val_start: float | None = None
+        #: Optimiser steps per epoch (saved: a resume with another number finds it changed).
+        self._per_epoch: int | None = None
+        self._restored_per_epoch: int | None = None
+        #: Added to the global step: the steps of a run resumed with another number of steps
+        #: per epoch, counted as this run's (an epoch of 2 steps on 2 processes is 4 on one).
+        self._offset = 0
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -155,9 +183,9 @@ class AnnealToDeadline(L.Callback):
             total = self.planned_epochs * per_epoch
             if total <= step0:
                 return 1.0
-            done = (trainer.global_step - step0) / (total - step0)
+            done = (trainer.global_step + self._offset - step0) / (total - step0)
             return min(1.0, start + (1.0 - start) * max(0.0, done))
-        fraction = _fraction_of_steps(trainer)
+        fraction = _fraction_of_steps(trainer, self._offset)
         # None: the first epoch of a time budget, not measured yet: full learning rate.
         return 0.0 if fraction is None else fraction
 
@@ -171,7 +199,8 @@ class AnnealToDeadline(L.Callback):
         timer = _timer(trainer)
         if not self._schedulers(trainer) or timer is None or timer.time_remaining() is None:
             return
-        now = timer.time_elapsed()
+        now, left, self.val_seconds = _same_in_every_process(
+            trainer, (timer.time_elapsed(), timer.time_remaining(), self.val_seconds))
         if self._epoch_start is not None and now > self._epoch_start:
             self.epoch_seconds.append(now - self._epoch_start)  # training + validation
             del self.epoch_seconds[:-self.recent]  # only the recent ones plan (and are saved)
@@ -182,13 +211,13 @@ class AnnealToDeadline(L.Callback):
         # timer before the planned last one is validated.
         epoch_s = 1.1 * max(self.epoch_seconds[-self.recent :])
         # The last epoch is validated whatever check_val_every_n_epoch says: keep time for it.
-        remaining = float(timer.time_remaining() or 0.0) - self.val_seconds
+        remaining = float(left or 0.0) - self.val_seconds
         fit = max(1, int(remaining // epoch_s)) if epoch_s > 0 else 1  # this epoch included
         last = trainer.current_epoch + fit - 1
         self._last_by_time = True
         if trainer.max_epochs is not None and trainer.max_epochs > 0 and last >= trainer.max_epochs - 1:
             last, self._last_by_time = trainer.max_epochs - 1, False  # max_epochs ends it
-        self._anchor = (int(trainer.global_step), min(1.0, self.progress(trainer)))
+        self._anchor = (int(trainer.global_step) + self._offset, min(1.0, self.progress(trainer)))
         self.planned_epochs = last + 1
         self._last_epoch = last
         if trainer.current_epoch == last:
@@ -200,6 +229,7 @@ class AnnealToDeadline(L.Callback):
         schedulers = self._schedulers(trainer)
         if not schedulers:
             return
+        self._per_epoch = self._steps_per_epoch(trainer) or None
         progress = self.progress(trainer)
         for scheduler in schedulers:
             scheduler.progress = progress
@@ -223,7 +253,27 @@ class AnnealToDeadline(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A run resumed from the checkpoint of its planned last epoch has nothing left to
-        train: stop instead of training (and moving BatchNorm statistics) past the plan."""
+        train: stop instead of training (and moving BatchNorm statistics) past the plan.
+
+        A run resumed with another number of optimiser steps per epoch (another number of
+        processes, a batch size, images) counts the steps done as this run's, so that the
+        schedule goes on from where it was: counted as they were, the progress of a DDP x2
+        run resumed on one process fell from 10/24 to 10/60, the learning rate went back up
+        and ended at a fifth of its peak instead of annealed."""
+        old, self._restored_per_epoch = self._restored_per_epoch, None
+        new = self._steps_per_epoch(trainer) if old else 0
+        if (old and new and old != new and self._schedulers(trainer)
+                and (self.planned_epochs is not None or _bound_by_epochs(trainer, new))):
+            ratio = new / old
+            before = self.progress(trainer)
+            done = trainer.global_step + self._offset  # in the checkpoint's steps per epoch
+            self._offset = round(done * ratio) - trainer.global_step
+            step0, start = self._anchor
+            self._anchor = (round(step0 * ratio), start)
+            rank_zero_info(
+                f"Resumed with {new} optimiser steps per epoch where the checkpoint's run took "
+                f"{old} (another number of processes, batch size or images): the learning-rate "
+                f"schedule goes on from {100 * before:.0f} % of the planned training")
         last = self._restored_last
         if last is not None and trainer.current_epoch > last and self._schedulers(trainer):
             rank_zero_info(
@@ -251,7 +301,8 @@ class AnnealToDeadline(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs,
                 "val_seconds": self.val_seconds, "anchor": list(self._anchor),
-                "last_epoch": self._last_epoch if self._last_by_time else None}
+                "last_epoch": self._last_epoch if self._last_by_time else None,
+                "steps_per_epoch": self._per_epoch, "step_offset": self._offset}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
@@ -260,6 +311,8 @@ class AnnealToDeadline(L.Callback):
         step0, start = state_dict.get("anchor") or (0, 0.0)
         self._anchor = (int(step0), float(start))
         self._restored_last = state_dict.get("last_epoch")
+        self._restored_per_epoch = state_dict.get("steps_per_epoch")
+        self._offset = int(state_dict.get("step_offset") or 0)
 
 
 def training_progress(trainer: L.Trainer) -> float:
@@ -272,7 +325,7 @@ def training_progress(trainer: L.Trainer) -> float:
     planner = next((cb for cb in trainer.callbacks if isinstance(cb, AnnealToDeadline)), None)
     if planner is not None and planner.planned_epochs is not None:
         return min(1.0, planner.progress(trainer))
-    fraction = _fraction_of_steps(trainer)
+    fraction = _fraction_of_steps(trainer, planner._offset if planner is not None else 0)
     if fraction is not None:
         return min(1.0, fraction)
     timer = _timer(trainer)
@@ -301,7 +354,8 @@ class LateCrop(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         update = getattr(trainer.datamodule, "update_train_crop", None)
-        progress = training_progress(trainer)
+        # the same in every process, whose clocks differ (the time budget's fraction)
+        progress = _same_in_every_process(trainer, training_progress(trainer))
         if callable(update) and update(progress):
             rank_zero_info(f"Epoch {trainer.current_epoch + 1} on: training crops of "
                            f"{trainer.datamodule.train_crop_size} px (data.late_crop_size), "

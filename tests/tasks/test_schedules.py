@@ -132,14 +132,83 @@ def test_a_run_resumed_after_its_planned_last_epoch_trains_no_more(monkeypatch) 
     restored = AnnealToDeadline()
     restored.load_state_dict(cb.state_dict())
     sched = _scheduler()
+    same = {"num_training_batches": 10, "accumulate_grad_batches": 1}  # as _run_plan's
     trainer = SimpleNamespace(current_epoch=cb.planned_epochs, should_stop=False,
-                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], **same)
     restored.on_train_start(trainer, None)
     assert trainer.should_stop
+    restored.load_state_dict(cb.state_dict())
     trainer = SimpleNamespace(current_epoch=cb.planned_epochs - 1, should_stop=False,
-                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], **same)
     restored.on_train_start(trainer, None)  # a checkpoint inside the last epoch: finish it
     assert not trainer.should_stop
+
+
+def test_every_process_plans_with_process_zeros_clock(monkeypatch) -> None:
+    """Each DDP process planned on its own clock: their last epochs and learning rates
+    differed, and one that stopped an epoch early left the other waiting in a collective."""
+    plans = []
+    for own_clock in (0.0, 3.0):  # process 1's clock runs 3 s late
+        trainer, sched, timer = _fake_trainer(monkeypatch, budget=100.0)
+        zero = _Timer(budget=100.0)  # process 0's
+
+        def broadcast(values, src=0, zero=zero, timer=timer):
+            assert src == 0 and values[0] == timer.time_elapsed()
+            return (zero.time_elapsed(), zero.time_remaining(), values[2] if own_clock == 0
+                    else 0.0)  # process 0's val time
+
+        trainer.world_size, trainer.strategy = 2, SimpleNamespace(broadcast=broadcast)
+        cb = AnnealToDeadline()
+        seen = []
+        for epoch in range(40):
+            trainer.current_epoch, trainer.global_step = epoch, 10 * epoch
+            cb.on_train_epoch_start(trainer, None)
+            cb.on_train_batch_start(trainer, None, None, 0)
+            seen.append((cb.planned_epochs, sched.progress))
+            zero.now += 9.0
+            timer.now = zero.now + own_clock * (epoch % 2)  # its epochs measure unevenly
+            cb.on_train_epoch_end(trainer, None)
+            if trainer.should_stop:
+                break
+        plans.append(seen)
+    assert plans[0] == plans[1] and plans[0][-1][0] == len(plans[0])
+
+
+def test_a_resume_with_other_steps_per_epoch_goes_on_from_where_it_was() -> None:
+    """A DDP x2 run (4 steps per epoch) resumed on one process (10 per epoch): counted as
+    they were, its 20 steps made 20 % of the new 100, the learning rate went back up and
+    ended at a fifth of its peak instead of annealed."""
+    sched = _scheduler()
+
+    def trainer(per_epoch: int, epoch: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], callbacks=[],
+            num_training_batches=per_epoch, accumulate_grad_batches=1, max_epochs=10,
+            max_steps=-1, estimated_stepping_batches=10 * per_epoch, current_epoch=epoch,
+            global_step=epoch * per_epoch, should_stop=False)
+
+    before = AnnealToDeadline()
+    two = trainer(4, 5)
+    before.on_train_batch_start(two, None, None, 0)
+    assert sched.progress == 0.5
+    after = AnnealToDeadline()
+    after.load_state_dict(json.loads(json.dumps(before.state_dict())))  # as a checkpoint keeps it
+    one = trainer(10, 5)
+    one.global_step = two.global_step
+    after.on_train_start(one, None)
+    seen = []
+    for step in range(50):  # epochs 5..9 at 10 steps each
+        one.global_step = 20 + step
+        after.on_train_batch_start(one, None, None, step % 10)
+        seen.append(sched.progress)
+    assert seen[0] == pytest.approx(0.5) and seen[-1] == pytest.approx(0.99)
+    assert all(b > a for a, b in zip(seen, seen[1:]))
+    one.callbacks = [after]  # LateCrop's progress too
+    assert training_progress(one) == pytest.approx(0.99)
+    resumed_again = AnnealToDeadline()  # and once more, from a checkpoint of the resumed run
+    resumed_again.load_state_dict(after.state_dict())
+    resumed_again.on_train_start(one, None)
+    assert resumed_again.progress(one) == pytest.approx(0.99)
 
 
 def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Path) -> None:
