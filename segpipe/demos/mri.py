@@ -25,6 +25,7 @@ import yaml
 
 from segpipe.data.io import write_image, write_mask
 from segpipe.fileio import TMP_PREFIX, atomic_write_text, check_output_dir
+from segpipe.predict.command import SETTINGS_FILE as PREDICT_SETTINGS_FILE
 
 __all__ = ["CLASS_COLORS", "CLASS_NAMES", "MriDemoResult", "make_mri_dataset", "run_mri_demo"]
 
@@ -161,9 +162,10 @@ class DemoError(RuntimeError):
     """A demo step that failed; the message says which (one line on the command line)."""
 
 
-def _clear_own(folder: Path, what: str) -> None:
-    """Remove ``folder`` when it holds only what an earlier run of the demo wrote there (PNG and
-    JPEG files), so a rerun's outputs are not mixed with stale ones; anything else is refused.
+def _check_own(folder: Path, what: str) -> None:
+    """Refuse ``folder`` unless it holds only what an earlier run of the demo wrote there: PNG
+    and JPEG files, ``segpipe predict``'s record of its settings, and a killed run's unfinished
+    writes.
 
     Raises:
         DemoError: The folder holds other files.
@@ -171,11 +173,18 @@ def _clear_own(folder: Path, what: str) -> None:
     if not folder.exists():
         return
     others = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in (".png", ".jpg")
-              and not p.name.startswith(TMP_PREFIX)]  # a killed run's unfinished writes too
+              and not p.name.startswith(TMP_PREFIX) and p.name != PREDICT_SETTINGS_FILE]
     if others or not folder.is_dir():
         raise DemoError(f"{folder} holds files the demo did not write ({others[0] if others else folder}); "
                         f"choose another --output (the demo rewrites its {what} there)")
-    shutil.rmtree(folder)
+
+
+def _clear_own(folder: Path, what: str) -> None:
+    """Remove ``folder`` when :func:`_check_own` finds only the demo's files in it, so a
+    rerun's outputs are not mixed with stale ones."""
+    _check_own(folder, what)
+    if folder.exists():
+        shutil.rmtree(folder)
 
 
 @dataclass
@@ -205,6 +214,9 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     start = time.perf_counter()
     output = check_output_dir(Path(output).expanduser().resolve(), "the demo's outputs", "output")
     data_root, run_dir = output / "data", output / "run"
+    masks_dir = output / "predictions"
+    for folder, what in ((data_root, "slices"), (masks_dir, "predictions")):
+        _check_own(folder, what)  # before the training, not after it
     print(f"[1/4] Cutting axial slices from the ICBM152 template into {data_root}")
     _clear_own(data_root, "slices")  # a rerun's slices alone (a smoke run writes fewer)
     counts = make_mri_dataset(data_root, step=1, max_per_split=4 if smoke else None)
@@ -232,7 +244,6 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     metrics = json.loads(metrics_path.read_text()) if metrics_path else {}
     report_path = metrics_path.with_name("report.md") if metrics_path else None
 
-    masks_dir = output / "predictions"
     print(f"[4/4] Predicting masks and overlays for the test slices into {masks_dir}")
     _clear_own(masks_dir, "predictions")
     rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(data_root / "test" / "images"),

@@ -61,6 +61,10 @@ def test_mri_demo_rerun_and_bad_outputs(tmp_path: Path, capsys: pytest.CaptureFi
     assert not stale.exists() and not (out / "predictions" / "slice_999.png").exists()
     metrics = sorted(out.rglob("test_metrics.json"), key=lambda p: p.stat().st_mtime)[-1]
     assert json.loads(metrics.read_text())["num_images"] == 4
+    # the README's main command run again: its own predictions (and predict's record of their
+    # settings, which failed the second run at its last step) are replaced
+    assert (out / "predictions" / ".segpipe-predict.json").is_file()
+    assert demo_main(["mri", "--output", str(out), "--smoke"]) == 0
     capsys.readouterr()
     (tmp_path / "afile").write_text("x")
     for argv, words in (
@@ -79,3 +83,8 @@ def test_mri_demo_rerun_and_bad_outputs(tmp_path: Path, capsys: pytest.CaptureFi
     assert demo_main(["mri", "--output", str(tmp_path / "mine"), "--smoke"]) == 1
     assert "holds files the demo did not write" in capsys.readouterr().err
     assert (tmp_path / "mine" / "data" / "notes.txt").read_text() == "keep"
+    (tmp_path / "mine2" / "predictions").mkdir(parents=True)  # refused before the training
+    (tmp_path / "mine2" / "predictions" / "notes.txt").write_text("keep")
+    assert demo_main(["mri", "--output", str(tmp_path / "mine2"), "--smoke"]) == 1
+    captured = capsys.readouterr()
+    assert "holds files the demo did not write" in captured.err and "[1/4]" not in captured.out
