@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from segpipe.helpformat import HelpFormatter
 from segpipe.callbacks import (
     PARTIAL_SUFFIX,
+    SynchronisedSigterm,
     CheckpointWriteError,
     LastCheckpoint,
     TestMetricsWriter,
@@ -148,6 +149,37 @@ def _option_at(argv: Sequence[str], i: int, option: str) -> str | None:
         return argv[i + 1] if i + 1 < len(argv) else None
     return arg[len(option) + 1:] if arg.startswith(option + "=") else None
 
+
+def _overridden_by_a_later_config(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """``(option, config)`` for each option typed before a ``--config`` file that sets it too.
+
+    jsonargparse applies options and config files in their order, so ``--trainer.max_epochs 1
+    --config my.yaml`` trained for the file's epochs, into the file's run folder, in silence.
+    (``--ckpt_path`` holds wherever it is typed: :func:`_command_line_value`.)"""
+    import yaml
+
+    found: dict[str, str] = {}  # each option with the last file that sets it
+    for i in range(len(argv)):
+        path = _option_at(argv, i, "--config")
+        if path is None:
+            continue
+        try:
+            values = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # the parser reports the file
+        for arg in argv[:i]:
+            option = str(arg).split("=", 1)[0]
+            if not option.startswith("--") or option in ("--config", "--ckpt_path"):
+                continue
+            node: Any = values
+            for part in option[2:].split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            if node is not _ABSENT:
+                found[option] = str(path)
+    return list(found.items())
+
+
+_ABSENT = object()
 
 #: The topmost output folders this command is about to create (see :func:`_remove_empty_folders`).
 _MADE_DIRS: list[Path] = []
@@ -630,6 +662,9 @@ def _check_loggers(logger: Any, class_names: Sequence[str] | None = None) -> Non
                 raise ConfigError(f"--trainer.logger {name} needs the {package} package: {install}")
         if name != "MLFlowLogger":
             continue
+        # mlflow 3 looks up its telemetry server (config.mlflow-telemetry.io) even for a run in
+        # a local folder: off unless the user asks for it (MLFLOW_DISABLE_TELEMETRY=false)
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         _check_mlflow_class_names(class_names)
         init = getattr(item, "init_args", None)
         save_dir = getattr(init, "save_dir", None) or "./mlruns"
@@ -645,7 +680,7 @@ def _check_loggers(logger: Any, class_names: Sequence[str] | None = None) -> Non
                     "--trainer.logger.init_args.tracking_uri a server or sqlite:///mlflow.db")
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     """Whether this process is rank 0 (before Lightning sets up; launchers set these variables)."""
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
@@ -687,6 +722,13 @@ class SegpipeCLI(LightningCLI):
         :meth:`before_instantiate_classes`.
         """
         super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)):
+            for option, config in _overridden_by_a_later_config([str(a) for a in argv]):
+                rank_zero_warn(
+                    f"{option} comes before --config {config}, which sets it too, so the "
+                    "file's value is used (an option overrides only the config files given "
+                    "before it): put --config first")
         self._ckpt_path: str | None = None
         self._ckpt_bands: list[int] | None = None  # the checkpoint's data.bands, if any
         self._resumes_last = False  # fit --ckpt_path last, with a last.ckpt to resume from
@@ -695,7 +737,6 @@ class SegpipeCLI(LightningCLI):
         cfg = self.config[self.config.subcommand]
         if "ckpt_path" not in cfg:
             return
-        argv = sys.argv[1:] if args is None else args
         given = (_command_line_value([str(a) for a in argv], "--ckpt_path")
                  if isinstance(argv, (list, tuple)) else None)
         if given is not None:  # over a config given after it: a run's config.yaml says null
@@ -711,6 +752,12 @@ class SegpipeCLI(LightningCLI):
             # In a new process Lightning knows no best model; find the run's files instead.
             cfg.ckpt_path = resolve_checkpoint_alias(cfg.ckpt_path, _checkpoint_dir(cfg), weights_only)
         ckpt_path = cfg.get("ckpt_path")
+        if (self.config.subcommand in ("validate", "test") and ckpt_path in (None, "")
+                and not (cfg.get("model") or {}).get("init_from")):
+            rank_zero_warn(
+                f"{self.config.subcommand} without --ckpt_path scores the network as the config "
+                "builds it, with untrained weights; give --ckpt_path best, last or a .ckpt file "
+                "(or --model.init_from FILE)")
         if self.config.subcommand == "fit" and ckpt_path == "best":
             raise CheckpointNotFoundError(
                 "fit --ckpt_path best: a fit resumes a run from its last state; use --ckpt_path "
@@ -929,7 +976,7 @@ class SegpipeCLI(LightningCLI):
             if top is not None:
                 _MADE_DIRS.append(top)
         check_output_dir(root, "logs, configs and metrics", "trainer.default_root_dir")
-        if _is_rank_zero():
+        if is_rank_zero():
             # Unfinished metric/report writes of a killed run (not a live process's).
             for stale in Path(root).glob(f"lightning_logs/version_*/{TMP_PREFIX}*"):
                 try:
@@ -945,7 +992,7 @@ class SegpipeCLI(LightningCLI):
             check_output_dir(logs, "logs", "trainer.default_root_dir")
         if subcommand in (None, "fit"):
             ckpt_dir = check_output_dir(cfg.checkpoint.dirpath, "checkpoints", "checkpoint.dirpath")
-            if _is_rank_zero():
+            if is_rank_zero():
                 # Leftovers of checkpoint writes that a killed run did not finish (a live
                 # fit's, writing into the same folder, are kept).
                 for stale in ckpt_dir.glob(f"{TMP_PREFIX}*{PARTIAL_SUFFIX}"):
@@ -1015,7 +1062,7 @@ class SegpipeCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
             root = cfg.trainer.default_root_dir or "."
-            kwargs["logger"] = default_loggers(root, next_version(root) if _is_rank_zero() else None)
+            kwargs["logger"] = default_loggers(root, next_version(root) if is_rank_zero() else None)
         trainer = super().instantiate_trainer(**kwargs)
         install_safe_checkpoint_io(trainer)
         for logger in trainer.loggers:
@@ -1038,6 +1085,9 @@ class SegpipeCLI(LightningCLI):
         if trainer.loggers:  # training you can watch: learning rate and val/test pictures
             trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
         trainer.callbacks.append(_InterruptRecorder())  # Ctrl-C: say what was kept, exit 130
+        sigterm = SynchronisedSigterm()  # SIGTERM stops every DDP process at the same step
+        sigterm.install(trainer)
+        trainer.callbacks.append(sigterm)
         trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         trainer.callbacks.append(LateCrop())  # data.late_crop_size, at its point of that plan
         if last:

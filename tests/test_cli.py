@@ -807,3 +807,39 @@ def test_a_fit_that_fails_before_training_leaves_no_empty_run_folder(dataset, tm
                  "--model.net.init_args.arch=unet", "--model.net.init_args.encoder_name=resnet18",
                  f"--model.net.init_args.encoder_weights={tmp_path / 'missing.pth'}"]) == 2
     assert (kept / "checkpoints").is_dir() and (kept / "notes.txt").is_file()  # not made by it
+
+
+def test_scoring_without_a_checkpoint_says_the_weights_are_untrained(dataset, tmp_path):
+    """`segpipe test --config C` after a fit scored a freshly built network and exited 0 with
+    nothing on the console to say so (the report said "checkpoint: none")."""
+    common = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+              f"--trainer.default_root_dir={tmp_path}", *TINY]
+    with pytest.warns(UserWarning, match="validate without --ckpt_path scores the network as the "
+                                         "config builds it, with untrained weights"):
+        assert main(["validate", *common]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        try:
+            main(["validate", *common, "--model.init_from=missing.ckpt"])
+        except UserWarning as exc:
+            assert "untrained weights" not in str(exc)
+
+
+def test_an_option_typed_before_a_config_that_sets_it_is_named(dataset, tmp_path):
+    """jsonargparse applies options and config files in their order: `--trainer.max_epochs 1
+    --config my.yaml` trained for the file's epochs, into the file's run folder, in silence."""
+    config = tmp_path / "my.yaml"
+    config.write_text(f"trainer:\n  max_epochs: 1\n  default_root_dir: {tmp_path / 'mine'}\n")
+    with pytest.warns(UserWarning) as seen:
+        assert main(["validate", "--trainer.max_epochs", "3", "--data.batch_size=2",
+                     f"--trainer.default_root_dir={tmp_path / 'typed'}",
+                     "--config", "configs/folder_unet.yaml", "--config", str(config),
+                     f"--data.root={dataset}", *TINY]) == 0
+    lines = {str(w.message) for w in seen if "comes before --config" in str(w.message)}
+    tail = ("which sets it too, so the file's value is used (an option overrides only the "
+            "config files given before it): put --config first")
+    assert lines == {
+        f"--trainer.max_epochs comes before --config {config}, {tail}",
+        f"--trainer.default_root_dir comes before --config {config}, {tail}",
+        f"--data.batch_size comes before --config configs/folder_unet.yaml, {tail}",
+    }, lines

@@ -50,6 +50,7 @@ def test_mlflow_logger_offline(dataset: Path, tmp_path: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local folder, no server
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     uri = (tmp_path / "mlruns").as_uri()
     config = Path("configs/folder_unet.yaml").resolve()
     (tmp_path / "cwd").mkdir()
@@ -68,6 +69,10 @@ def test_mlflow_logger_offline(dataset: Path, tmp_path: Path,
     # the run's own files in its own folder, not in the store every run shares
     assert (tmp_path / "run" / "mlflow" / run.info.run_id / "config.yaml").is_file()
     assert not (tmp_path / "mlruns" / "config.yaml").exists()
+    # no lookup of mlflow's telemetry server (config.mlflow-telemetry.io) from an offline run
+    import os
+
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert run.info.run_name.startswith("fit-")  # not mlflow's seeded random name
     assert not list((tmp_path / "cwd").iterdir())  # not even MLflow's unused ./mlruns
 
