@@ -111,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
     # warning names Lightning's file and nothing a user can change, once per command.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     _show_segpipe_messages()
+    if args and args[0] in {"--version", "-V"}:
+        from segpipe import __version__
+
+        print(f"segpipe {__version__}")
+        return 0
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
     if not args or args[0] in {"-h", "--help"}:

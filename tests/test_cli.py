@@ -843,3 +843,13 @@ def test_an_option_typed_before_a_config_that_sets_it_is_named(dataset, tmp_path
         f"--trainer.default_root_dir comes before --config {config}, {tail}",
         f"--data.batch_size comes before --config configs/folder_unet.yaml, {tail}",
     }, lines
+
+
+def test_version_and_python_dash_m(capsys):
+    from segpipe import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"segpipe {__version__}"
+    res = subprocess.run([sys.executable, "-m", "segpipe", "--version"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0 and res.stdout.strip() == f"segpipe {__version__}", res.stderr

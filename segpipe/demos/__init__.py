@@ -59,6 +59,7 @@ def main(argv: list[str]) -> int:
     if sha256 is not None and re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is None:
         parser.error(f"--sha256 must be 64 hexadecimal digits (`sha256sum FILE` prints them), "
                      f"got {sha256!r}")
+    from segpipe.errors import MissingExtraError
     from segpipe.fileio import OutputDirError
 
     if args.demo == "mri":
@@ -66,9 +67,9 @@ def main(argv: list[str]) -> int:
 
         try:
             run_mri_demo(args.output, smoke=args.smoke, max_minutes=args.minutes)
-        except (OutputDirError, DemoError) as exc:
+        except (OutputDirError, DemoError, MissingExtraError) as exc:
             print(f"segpipe demo mri: error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, OutputDirError) else 1
+            return 1 if isinstance(exc, DemoError) else 2
         except Exception as exc:  # noqa: BLE001 - fit/test's user errors in one line
             return _one_line("mri", exc)
         return 0

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from segpipe.data.io import write_image, write_mask
+from segpipe.errors import MissingExtraError
 from segpipe.fileio import TMP_PREFIX, atomic_write_text, check_output_dir
 from segpipe.predict.command import SETTINGS_FILE as PREDICT_SETTINGS_FILE
 
@@ -34,24 +35,30 @@ CLASS_COLORS = [[0, 0, 0], [0, 90, 255], [255, 160, 0], [240, 240, 240]]
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 
+def check_demo_extra() -> None:
+    """Raise :class:`~segpipe.errors.MissingExtraError` naming the pip command when nibabel or
+    nilearn is missing (the demo extra)."""
+    import importlib.util
+
+    missing = [name for name in ("nibabel", "nilearn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError("the MRI demo needs the demo extra: pip install 'segpipe[demo]' "
+                                f"(missing: {', '.join(missing)})")
+
+
 def _template_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """T1, GM and WM volumes (x, y, z) as uint8 arrays from nilearn's wheel (no network)."""
-    try:
-        import nibabel as nib
+    check_demo_extra()
+    import nibabel as nib
 
-        data_dir = importlib.resources.files("nilearn") / "datasets" / "data"
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SystemExit(
-            "The MRI demo needs the demo extra: pip install 'segpipe[demo]' "
-            f"(missing: {exc.name})."
-        ) from exc
+    data_dir = importlib.resources.files("nilearn") / "datasets" / "data"
     volumes = []
     for kind in ("t1", "gm", "wm"):
         path = Path(str(data_dir / _TEMPLATE.format(kind)))
         if not path.exists():
-            raise SystemExit(
+            raise DemoError(
                 f"{path} is missing from the installed nilearn; reinstall it with "
-                "pip install --force-reinstall nilearn."
+                "pip install --force-reinstall nilearn"
             )
         volumes.append(np.asarray(nib.load(str(path)).dataobj, dtype=np.uint8))
     return volumes[0], volumes[1], volumes[2]
@@ -212,6 +219,7 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     from segpipe.cli import main as segpipe_main
 
     start = time.perf_counter()
+    check_demo_extra()  # before any folder is made
     output = check_output_dir(Path(output).expanduser().resolve(), "the demo's outputs", "output")
     data_root, run_dir = output / "data", output / "run"
     masks_dir = output / "predictions"
@@ -279,4 +287,16 @@ def _print_summary(r: MriDemoResult, counts: dict[str, int]) -> None:
         print(f"Report:      {r.report_path}")
     print(f"Masks and overlays: {r.masks_dir}")
     print(f"Done in {r.seconds / 60:.1f} min. Predict on your own slices with:")
-    print(f"  segpipe predict --ckpt_path {r.checkpoint} --input DIR --output OUT")
+    print(f"  {_segpipe_command()} predict --ckpt_path {r.checkpoint} --input DIR --output OUT")
+
+
+def _segpipe_command() -> str:
+    """``segpipe`` when it is on PATH, else the path of the one beside this Python (a venv that
+    ``bash scripts/demo.sh`` made and did not activate)."""
+    import shutil
+    import sys
+
+    if shutil.which("segpipe"):
+        return "segpipe"
+    beside = Path(sys.executable).parent / "segpipe"
+    return str(beside) if beside.is_file() else f"{sys.executable} -m segpipe"

@@ -88,3 +88,21 @@ def test_mri_demo_rerun_and_bad_outputs(tmp_path: Path, capsys: pytest.CaptureFi
     assert demo_main(["mri", "--output", str(tmp_path / "mine2"), "--smoke"]) == 1
     captured = capsys.readouterr()
     assert "holds files the demo did not write" in captured.err and "[1/4]" not in captured.out
+
+
+def test_a_missing_demo_extra_is_one_line_before_any_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """It exited with 1 and a bare message, after printing step 1 and making the folder."""
+    import importlib.util
+
+    from segpipe.demos import main as demo_main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nibabel" else find_spec(name, *a))
+    assert demo_main(["mri", "--output", str(tmp_path / "out"), "--smoke"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "segpipe demo mri: error: the MRI demo needs the demo extra: pip install "
+        "'segpipe[demo]' (missing: nibabel)")
+    assert "[1/4]" not in captured.out and not (tmp_path / "out").exists()
