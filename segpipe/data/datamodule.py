@@ -47,7 +47,12 @@ from segpipe.data.loading import (
     default_num_workers,
     seed_worker,
 )
-from segpipe.data.spec import DataSpec, check_ignore_index, training_symmetries
+from segpipe.data.spec import (
+    DataSpec,
+    check_ignore_index,
+    default_class_colors,
+    training_symmetries,
+)
 from segpipe.data.stats import band_statistics, image_kinds, needs_measured_stats
 from segpipe.data.transforms import (
     boundary_weight_map,
@@ -148,8 +153,8 @@ class SegmentationDataModule(L.LightningDataModule):
         layout: ``folder``, ``camvid``, ``lgg`` or ``isbi`` (see :mod:`segpipe.data.datasets`).
         num_classes: Number of classes.
         class_names: One name per class (default ``class_0, class_1, ...``).
-        class_colors: One RGB colour per class (default
-            :func:`~segpipe.data.spec.default_class_colors`).
+        class_colors: One RGB colour per class (default: ``mask_colors`` when the masks are
+            colour-coded, else :func:`~segpipe.data.spec.default_class_colors`).
         ignore_index: Label of ignored pixels (e.g. CamVid void = 11), also used for padding.
         in_channels: Channels fed to the model (1 <-> 3 conversions are automatic).
         bands: 1-based band selection for multi-band images.
@@ -378,6 +383,12 @@ class SegmentationDataModule(L.LightningDataModule):
                     "each class its own name")
         self.root = root
         self.layout = layout
+        if class_colors is None and mask_colors:
+            # the masks' own colours: predicted palette masks, overlays and the report's
+            # pictures then look like the user's masks (they came in the default palette)
+            fallback = default_class_colors(num_classes)
+            class_colors = [list(map(int, mask_colors[i])) if i < len(mask_colors) else fallback[i]
+                            for i in range(num_classes)]
         #: Classes and input, stated once; ``mean``/``std`` may be filled in by :meth:`setup`.
         self.spec = DataSpec.create(
             num_classes,

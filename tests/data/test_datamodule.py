@@ -820,3 +820,18 @@ def test_a_smoke_test_on_few_samples_warns_of_missing_classes(tmp_path: Path, ca
     with caplog.at_level("WARNING", logger="segpipe"):
         _dm(root, num_classes=3, batch_size=2, limit_samples=2).setup("fit")
     assert "(in the data.limit_samples=2 read)" in caplog.text
+
+
+def test_colour_coded_masks_give_the_classes_their_colours() -> None:
+    """A model trained on colour-coded masks wrote palette masks, overlays and report pictures
+    in the default colours, unlike the user's own masks, unless data.class_colors repeated
+    data.mask_colors."""
+    colours = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [9, 9, 9]]  # the last: void (ignored)
+    dm = SegmentationDataModule("x", num_classes=3, mask_colors=colours, ignore_index=3)
+    assert dm.class_colors == colours[:3]
+    short = SegmentationDataModule("x", num_classes=3, mask_colors=colours[:2], ignore_index=None)
+    assert short.class_colors == [*colours[:2], default_class_colors(3)[2]]
+    given = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert SegmentationDataModule("x", num_classes=3, mask_colors=colours, ignore_index=3,
+                                  class_colors=given).class_colors == given
+    assert SegmentationDataModule("x", num_classes=3).class_colors == default_class_colors(3)
