@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     # warning names Lightning's file and nothing a user can change, once per command.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     _show_segpipe_messages()
+    args = _shipped_configs(args)
     if args and args[0] in {"--version", "-V"}:
         from segpipe import __version__
 
@@ -180,6 +181,28 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+def _shipped_configs(args: list[str]) -> list[str]:
+    """``args`` with each ``--config configs/NAME.yaml`` that does not exist here replaced by
+    the shipped copy (a pip install has no ``configs/`` folder; the README's commands then
+    failed with "File does not exist")."""
+    from segpipe.configs import resolve
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            at, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            at, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        shipped = resolve(value)
+        if shipped is not None:
+            print(f"segpipe: {value}: no such file here; using the one shipped with segpipe, "
+                  f"{shipped}", file=sys.stderr)
+            out[at] = prefix + shipped
+    return out
 
 
 def user_error(exc: BaseException) -> str | None:

@@ -853,3 +853,27 @@ def test_version_and_python_dash_m(capsys):
     res = subprocess.run([sys.executable, "-m", "segpipe", "--version"], capture_output=True,
                          text=True, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0 and res.stdout.strip() == f"segpipe {__version__}", res.stderr
+
+
+def test_the_shipped_configs_serve_a_folder_without_them(tmp_path, monkeypatch, capsys):
+    """A pip install has no configs/ folder: `--config configs/folder_unet.yaml` (as the README
+    writes it) failed with "File does not exist". The configs travel in the package, and the
+    wheel's package data names them."""
+    from segpipe.configs import FOLDER, names, resolve
+
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "configs").resolve() == FOLDER and "camvid_unet.yaml" in names()
+    assert '"segpipe.configs" = ["*.yaml"]' in (repo / "pyproject.toml").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert resolve("configs/folder_unet.yaml") == str(FOLDER / "folder_unet.yaml")
+    assert resolve("folder_unet.yaml") == str(FOLDER / "folder_unet.yaml")
+    assert resolve("mine/folder_unet.yaml") is None and resolve("configs/other.yaml") is None
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "folder_unet.yaml").write_text("trainer: {}\n")
+    assert resolve("configs/folder_unet.yaml") is None  # the user's own file wins
+    (tmp_path / "configs" / "folder_unet.yaml").unlink()
+    code = main(["check-data", "--config", "configs/folder_unet.yaml",
+                 f"--data.root={tmp_path / 'nothing'}"])
+    err = capsys.readouterr().err
+    assert "using the one shipped with segpipe" in err and "config file" not in err, err
+    assert code == 2 and "nothing" in err  # it went on to the data root

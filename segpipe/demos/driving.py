@@ -24,11 +24,11 @@ from typing import Any
 
 import yaml
 
+from segpipe.configs import FOLDER as CONFIGS_FOLDER
 from segpipe.data.datasets import scan_camvid
 from segpipe.fileio import atomic_write_text, check_output_dir
 
 __all__ = [
-    "CAMVID_UNET_CONFIG",
     "DrivingDemoResult",
     "demo_config",
     "load_camvid_config",
@@ -37,74 +37,21 @@ __all__ = [
     "summary_lines",
 ]
 
-#: ``configs/camvid_unet.yaml`` as a dict, for installs without the repository's ``configs/``.
-#: tests/demos/test_driving.py checks that the two stay equal.
-CAMVID_UNET_CONFIG: dict[str, Any] = {
-    "seed_everything": 0,
-    "trainer": {
-        "max_epochs": None,
-        "check_val_every_n_epoch": 4,
-        "max_time": "00:00:30:00",
-        "default_root_dir": "runs/camvid_unet",
-        "log_every_n_steps": 10,
-    },
-    "model": {
-        "net": {
-            "class_path": "segpipe.models.UNet",
-            "init_args": {
-                "base_channels": 16,
-                "depth": 4,
-                "norm": "batch",
-                "dropout": 0.1,
-            },
-        },
-        "loss": "ce",
-        "class_weights": [0.509, 0.427, 2.136, 0.376, 0.951, 0.619, 3.106, 1.357, 0.826, 2.5, 2.713],
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002, "weight_decay": 0.0001}},
-        "scheduler_interval": "step",
-        "lr_scheduler": {
-            "class_path": "segpipe.tasks.schedules.DeadlineCosineLR",
-            "init_args": {"eta_min_ratio": 0.0},
-        },
-    },
-    "data": {
-        "root": "data/camvid",
-        "layout": "camvid",
-        "num_classes": 11,
-        "ignore_index": 11,
-        "val_cases": ["0006R0"],
-        "class_names": ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-                        "Pedestrian", "Bicyclist"],
-        "class_colors": [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222],
-                         [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0],
-                         [0, 128, 192]],
-        "in_channels": 3,
-        "batch_size": 8,
-        "eval_batch_size": 4,
-        "crop_size": 160,
-        "scale": [0.25, 0.75],
-        "eval_resize": [180, 240],
-        "augment": "default",
-    },
-}
-
-_REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "camvid_unet.yaml"
+_SHIPPED_CONFIG = CONFIGS_FOLDER / "camvid_unet.yaml"
 _SMOKE_PREDICT_FRAMES = 4
 
 
 def load_camvid_config(path: Path | None = None) -> tuple[dict[str, Any], str]:
-    """The CamVid U-Net settings: the repository's YAML when present, else the embedded copy.
+    """The CamVid U-Net settings: ``configs/camvid_unet.yaml`` as shipped with segpipe.
 
     Args:
-        path: YAML file to read (default ``configs/camvid_unet.yaml`` beside the package).
+        path: YAML file to read instead.
 
     Returns:
-        ``(config, source)``: a fresh dict and where it came from (a path or ``"embedded"``).
+        ``(config, source)``: a fresh dict and the file it came from.
     """
-    path = _REPO_CONFIG if path is None else Path(path)
-    if path.is_file():
-        return yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
-    return copy.deepcopy(CAMVID_UNET_CONFIG), "embedded"
+    path = _SHIPPED_CONFIG if path is None else Path(path)
+    return yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
 
 
 def max_time_string(minutes: float) -> str:

@@ -11,7 +11,6 @@ import yaml
 from segpipe.demos import download as dl
 from segpipe.demos import main as demo_main
 from segpipe.demos.driving import (
-    CAMVID_UNET_CONFIG,
     demo_config,
     load_camvid_config,
     max_time_string,
@@ -31,14 +30,13 @@ def _predict_available() -> bool:
     return True
 
 
-def test_embedded_config_matches_the_yaml() -> None:
-    """The copy used by installed packages must stay equal to configs/camvid_unet.yaml."""
+def test_the_demo_reads_the_shipped_config() -> None:
+    """The repository's configs/ is the package's segpipe/configs (which the wheel holds), so
+    the demo needs no copy of its own."""
     yaml_cfg = yaml.safe_load((REPO / "configs" / "camvid_unet.yaml").read_text(encoding="utf-8"))
-    assert yaml_cfg == CAMVID_UNET_CONFIG
     cfg, source = load_camvid_config()
-    assert cfg == CAMVID_UNET_CONFIG and source.endswith("camvid_unet.yaml")
-    cfg, source = load_camvid_config(REPO / "no_such.yaml")  # an installed package
-    assert source == "embedded" and cfg == CAMVID_UNET_CONFIG and cfg is not CAMVID_UNET_CONFIG
+    assert cfg == yaml_cfg and Path(source) == REPO / "segpipe" / "configs" / "camvid_unet.yaml"
+    assert cfg is not load_camvid_config()[0]  # a fresh dict each time
 
 
 def test_max_time_string() -> None:
@@ -55,7 +53,7 @@ def test_demo_config_keeps_the_camvid_settings(tmp_path: Path) -> None:
     assert cfg["trainer"]["max_time"] == "00:00:12:00"
     assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "run")
     for key in ("class_weights", "loss", "optimizer"):
-        assert cfg["model"][key] == CAMVID_UNET_CONFIG["model"][key]
+        assert cfg["model"][key] == load_camvid_config()[0]["model"][key]
     assert cfg["data"]["crop_size"] == 160 and cfg["data"]["ignore_index"] == 11
 
 
@@ -79,7 +77,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
 def _check_outputs(result, n_predicted: int) -> None:  # noqa: ANN001
     assert result.metrics_path is not None and result.metrics_path.name == "test_metrics.json"
     assert result.report_path is not None and result.report_path.name == "report.md"
-    assert set(result.metrics["IoU_per_class"]) == set(CAMVID_UNET_CONFIG["data"]["class_names"])
+    assert set(result.metrics["IoU_per_class"]) == set(load_camvid_config()[0]["data"]["class_names"])
     assert result.checkpoint.is_file() and result.config.is_file()
     assert result.summary_path is not None and result.summary_path.is_file()
     if not _predict_available():
