@@ -65,6 +65,30 @@ class PredictUsageError(ValueError):
     """Bad arguments (reported without a traceback, exit code 2)."""
 
 
+#: Folder names of masks beside a folder of images (``split/masks`` by ``split/images``).
+_MASK_FOLDERS = {"masks": "images", "mask": "image", "labels": "images", "label": "image",
+                 "annotations": "images", "gt": "images"}
+
+
+def _mask_folders(files: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """``(masks folder, images folder)`` for the folders of ``files`` that hold a data split's
+    masks beside its images: ``test/masks`` by ``test/images``, CamVid's ``testannot`` by
+    ``test``."""
+    folders = {f.parent for f in files}
+    found = []
+    for folder in sorted(folders):
+        name = folder.name.lower()
+        images = (_MASK_FOLDERS.get(name) if name in _MASK_FOLDERS
+                  else name[: -len("annot")] if name.endswith("annot") and len(name) > 5 else None)
+        if images is None:
+            continue
+        sibling = next((f for f in folders if f.parent == folder.parent
+                        and f.name.lower() == images), None)
+        if sibling is not None:
+            found.append((folder, sibling))
+    return found
+
+
 def find_inputs(
     input_path: str | Path, output_dir: str | Path, writer: PredictionWriter
 ) -> list[InputFile]:
@@ -130,6 +154,12 @@ def find_inputs(
             "whose files predict leaves out (they would be its own outputs); choose an output "
             "folder outside the input")
     files = kept
+    if src.is_dir() and _rank_from_env() == 0:
+        for masks, images in _mask_folders(files):
+            log.warning(
+                "%s looks like the masks of %s (a data split's layout): its files are predicted "
+                "as images too; give --input %s to predict the images alone", masks, images,
+                images)
     originals = {resolved[f] for f in files}
     for f in files:
         rel = f.relative_to(root)

@@ -1074,3 +1074,26 @@ def test_a_rerun_with_other_settings_says_the_old_outputs_are_kept(
         assert run(*args, "--overwrite") == 0  # remade, and the folder's settings with them
         assert run(*args) == 0
     assert "were made with another" not in caplog.text
+
+
+def test_a_split_folder_with_its_masks_is_warned_about(tmp_path: Path, pointwise_ckpt: Path,
+                                                        caplog) -> None:
+    """`--input data/test` (images/ and masks/) predicted the masks as images too and wrote
+    OUT/masks/x.png, named like a ground-truth mask, without a word."""
+    split = tmp_path / "data" / "test"
+    for sub in ("images", "masks"):
+        write_image(split / sub / "a.png", noise_image(16, 16))
+    write_image(tmp_path / "camvid" / "test" / "f.png", noise_image(16, 16))
+    write_image(tmp_path / "camvid" / "testannot" / "f.png", noise_image(16, 16))
+    write_image(tmp_path / "plain" / "masks" / "m.png", noise_image(16, 16))  # no images beside
+    with caplog.at_level("WARNING", logger="segpipe"):
+        assert run(pointwise_ckpt, split, tmp_path / "out") == 0
+        assert run(pointwise_ckpt, tmp_path / "camvid", tmp_path / "out2") == 0
+    assert (f"{split / 'masks'} looks like the masks of {split / 'images'} (a data split's "
+            f"layout): its files are predicted as images too; give --input {split / 'images'}"
+            in caplog.text)
+    assert f"{tmp_path / 'camvid' / 'testannot'} looks like the masks of" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe"):
+        assert run(pointwise_ckpt, tmp_path / "plain", tmp_path / "out3") == 0
+    assert "looks like the masks" not in caplog.text
