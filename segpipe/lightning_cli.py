@@ -201,15 +201,43 @@ def _first_missing(folder: Path) -> Path | None:
 def _remove_empty_folders(tops: Sequence[Path]) -> None:
     """Remove the folder trees in ``tops`` that hold no file: the run folder and checkpoint
     folder a failed command created before it wrote anything (a typo in an option, weights that
-    cannot be fetched). Anything with a file in it stays."""
+    cannot be fetched, bad data). Anything with a file in it stays, but for TensorBoard event
+    files that hold nothing but their header: Lightning opens them before the data module's
+    setup, so a fit stopped by the data check left one, and the next run became version_1."""
     for top in tops:
         if not top.is_dir():
             continue
-        for here, _, _ in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
+        for here, _, files in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
+            for name in files:
+                if name.startswith("events.out.tfevents.") and _event_records(Path(here, name)) <= 1:
+                    Path(here, name).unlink(missing_ok=True)
             try:
                 Path(here).rmdir()  # only empty ones go
             except OSError:
                 pass
+
+
+def _event_records(path: Path) -> int:
+    """The number of records in a TensorBoard event file (TFRecord framing: a little-endian
+    uint64 length, its CRC, the data, the data's CRC); a large number when it cannot be read."""
+    import struct
+
+    count = 0
+    try:
+        with open(path, "rb") as fh:
+            while True:
+                head = fh.read(12)
+                if not head:
+                    return count
+                if len(head) < 12:
+                    return 1 << 30
+                (length,) = struct.unpack("<Q", head[:8])
+                fh.seek(length + 4, os.SEEK_CUR)
+                count += 1
+                if count > 1:
+                    return count
+    except OSError:
+        return 1 << 30
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -1062,7 +1090,12 @@ class SegpipeCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
             root = cfg.trainer.default_root_dir or "."
-            kwargs["logger"] = default_loggers(root, next_version(root) if is_rank_zero() else None)
+            version = next_version(root) if is_rank_zero() else None
+            if version is not None:  # removed again if the command fails before it logs
+                top = _first_missing(Path(root) / "lightning_logs" / f"version_{version}")
+                if top is not None and not any(top.is_relative_to(d) for d in _MADE_DIRS):
+                    _MADE_DIRS.append(top)
+            kwargs["logger"] = default_loggers(root, version)
         trainer = super().instantiate_trainer(**kwargs)
         install_safe_checkpoint_io(trainer)
         for logger in trainer.loggers:

@@ -877,3 +877,26 @@ def test_the_shipped_configs_serve_a_folder_without_them(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "using the one shipped with segpipe" in err and "config file" not in err, err
     assert code == 2 and "nothing" in err  # it went on to the data root
+
+
+def test_a_fit_stopped_by_the_data_check_leaves_no_log_version(tmp_path, capsys):
+    """Lightning opens the TensorBoard event file before the data module's setup: a fit that
+    the data check stopped left version_N holding that header alone, and the next run of the
+    folder became version_N+1."""
+    import numpy as np
+    from PIL import Image
+
+    data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
+    run = tmp_path / "run"
+    common = ["--config", "configs/folder_unet.yaml", f"--data.root={data}",
+              f"--trainer.default_root_dir={run}", *TINY, "--trainer.max_epochs=1"]
+    assert main(["fit", *common]) == 0  # an earlier run: version_0 with its logs
+    good = next((data / "train" / "masks").iterdir())
+    keep = good.read_bytes()
+    Image.fromarray(np.full((40, 48), 9, np.uint8)).save(good)  # class 9 of 3
+    assert main(["fit", *common]) == 2
+    assert "9" in capsys.readouterr().err
+    versions = sorted(p.name for p in (run / "lightning_logs").iterdir())
+    assert versions == ["version_0"], versions
+    assert list((run / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    good.write_bytes(keep)
