@@ -737,10 +737,12 @@ def check_samples(
 def _with_suffix_hint(problems: list[Problem]) -> list[Problem]:
     """Images without a mask beside masks without an image whose names are the images' plus
     one suffix (``x.png`` / ``x_mask.png``): say so, and name ``data.mask_suffix``."""
-    missing = {p.path.stem for p in problems if p.kind == "missing_mask"}
+    problems, by_case = _with_case_hint(problems)
+    missing = {p.path.stem for p in problems
+               if p.kind == "missing_mask" and (p.kind, p.path) not in by_case}
     suffixes: dict[str, int] = {}
     for p in problems:
-        if p.kind == "orphan_mask":
+        if p.kind == "orphan_mask" and (p.kind, p.path) not in by_case:
             for stem in missing:
                 if p.path.stem.startswith(stem) and len(p.path.stem) > len(stem):
                     suffix = p.path.stem[len(stem):]
@@ -750,8 +752,26 @@ def _with_suffix_hint(problems: list[Problem]) -> list[Problem]:
     suffix = max(suffixes, key=lambda k: (suffixes[k], -len(k)))
     fix = (f"mask names add {suffix!r} to their image's (x.png / x{suffix}.png): set "
            f"data.mask_suffix: {suffix!r}")
-    return [replace(p, fix=fix) if p.kind in ("missing_mask", "orphan_mask") else p
-            for p in problems]
+    return [replace(p, fix=fix) if p.kind in ("missing_mask", "orphan_mask")
+            and (p.kind, p.path) not in by_case else p for p in problems]
+
+
+def _with_case_hint(
+    problems: list[Problem],
+) -> tuple[list[Problem], set[tuple[str, Path]]]:
+    """A mask whose name differs from an unmatched image's only in letter case
+    (``Train_001.png`` for ``train_001.jpg``): say so on both, instead of a suffix hint that
+    belongs to other files. Returns the problems and the ``(kind, path)`` of those so told."""
+    missing = {p.path.stem.lower(): p for p in problems if p.kind == "missing_mask"}
+    fixes: dict[tuple[str, Path], str] = {}
+    for p in problems:
+        image = missing.get(p.path.stem.lower()) if p.kind == "orphan_mask" else None
+        if image is not None and image.path.stem != p.path.stem:
+            fix = (f"the mask {p.path.name} and the image {image.path.name} differ only in "
+                   "letter case, and names are matched exactly: rename one")
+            fixes[("orphan_mask", p.path)] = fixes[("missing_mask", image.path)] = fix
+    return ([replace(p, fix=fixes[(p.kind, p.path)]) if (p.kind, p.path) in fixes else p
+             for p in problems], set(fixes))
 
 
 def class_pixel_counts(

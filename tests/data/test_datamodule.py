@@ -835,3 +835,20 @@ def test_colour_coded_masks_give_the_classes_their_colours() -> None:
     assert SegmentationDataModule("x", num_classes=3, mask_colors=colours, ignore_index=3,
                                   class_colors=given).class_colors == given
     assert SegmentationDataModule("x", num_classes=3).class_colors == default_class_colors(3)
+
+
+def test_a_mask_named_in_another_letter_case_is_told_apart(tmp_path: Path) -> None:
+    """`Train_001.png` for `train_001.png` got the `_mask` suffix advice of other files, and
+    after that fix it was still unmatched."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(24, 32))
+    masks = sorted((root / "train" / "masks").glob("*.png"))
+    masks[0].rename(masks[0].with_name(masks[0].stem.upper() + ".png"))
+    masks[1].rename(masks[1].with_name(masks[1].stem + "_mask.png"))
+    with pytest.raises(DataCheckError) as exc:
+        _dm(root, num_classes=3).setup("fit")
+    text = str(exc.value)
+    upper = masks[0].stem.upper() + ".png"
+    assert (f"the mask {upper} and the image {masks[0].stem}.png differ only in letter case, "
+            "and names are matched exactly: rename one") in text
+    line = next(x for x in text.splitlines() if "set data.mask_suffix: '_mask'" in x)
+    assert upper not in line, text  # the suffix advice is the other file's alone
