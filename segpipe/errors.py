@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["ConfigError", "MissingExtraError", "TrainingDivergedError", "UnreadableCheckpointError",
-           "check_checkpoint_format"]
+           "check_checkpoint_format", "looks_like_checkpoint"]
 
 
 class ConfigError(ValueError):
@@ -46,17 +46,33 @@ CHECKPOINT_READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, EOFErro
                                                            ValueError)
 
 
+def _head(path: str | os.PathLike[str]) -> bytes | None:
+    """The first 4 bytes of ``path`` (None when it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4)
+    except OSError:
+        return None
+
+
+def _checkpoint_head(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is torch's zip format or a legacy pickle."""
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def looks_like_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` starts as a PyTorch checkpoint does (False when it cannot be read)."""
+    head = _head(path)
+    return head is not None and _checkpoint_head(head)
+
+
 def check_checkpoint_format(path: str | os.PathLike[str]) -> None:
     """Raise :class:`ConfigError` when ``path`` is neither torch's zip format nor a legacy
     pickle: an image or a YAML file given as a checkpoint, which ``torch.load`` would report as
     a ``weights_only`` failure and advise unpickling in full. A missing or unreadable file is
     left to the caller's own error."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    head = _head(path)
+    if head is not None and not _checkpoint_head(head):
         raise ConfigError(f"{os.fspath(path)} is not a PyTorch checkpoint (it starts with "
                           f"{head!r}; a checkpoint written by `segpipe fit` is a zip archive, "
                           "e.g. RUN/checkpoints/last.ckpt)")

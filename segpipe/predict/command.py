@@ -451,11 +451,11 @@ def predict(
         raise PredictUsageError(
             "--bn_adapt re-estimates BatchNorm statistics, which an ONNX export has folded into "
             "its convolutions; predict from the checkpoint (--ckpt_path) instead.")
+    identity = _file_identity(ckpt_path)  # what the outputs record they were made with
     if Path(ckpt_path).suffix.lower() == ".onnx":
         from segpipe.predict.onnx import load_onnx_predictor
 
         task, config, sidecar = load_onnx_predictor(ckpt_path)
-        identity = _file_identity(ckpt_path)
         # a hand-edited sidecar (mean, a recorded tile) makes other outputs from the same graph
         identity["sidecar_sha256"] = hashlib.sha256(
             json.dumps(sidecar, sort_keys=True).encode()).hexdigest()
@@ -479,7 +479,6 @@ def predict(
             overlap = chosen_overlap
     else:
         task, config = load_predictor(ckpt_path)
-        identity = _file_identity(ckpt_path)
         if bn_adapt and not batchnorm_layers(task.net):
             raise PredictUsageError(
                 f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "

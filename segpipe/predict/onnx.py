@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segpipe.errors import MissingExtraError
+from segpipe.errors import MissingExtraError, looks_like_checkpoint
 from segpipe.fileio import atomic_path, atomic_write_json, check_output_dir
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.input_norm import input_norm_module
@@ -269,7 +269,7 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
         side = sidecar_path(path.resolve())
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file; create it with segpipe export")
-    if _starts_like_a_checkpoint(path):
+    if looks_like_checkpoint(path):
         raise CheckpointError(
             f"{path} is a PyTorch checkpoint, not an ONNX model: load it with "
             "Segmenter.from_checkpoint (segpipe predict --ckpt_path), or export it with "
@@ -298,16 +298,6 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
             "exports); export the two files again with segpipe export")
     _check_graph(path, task.session, config)
     return task, config, meta
-
-
-def _starts_like_a_checkpoint(path: Path) -> bool:
-    """Whether ``path`` begins as torch's zip format or a legacy pickle does."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return False
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def recorded_tiling(meta: dict[str, Any]) -> tuple[int | None, float | None]:
