@@ -333,7 +333,8 @@ def training_progress(trainer: L.Trainer) -> float:
     if remaining is None:
         return 0.0
     elapsed = float(timer.time_elapsed())
-    return min(1.0, elapsed / max(1e-9, elapsed + float(remaining)))
+    # process 0's: each process's clock differs (the branch is the same in every process)
+    return _same_in_every_process(trainer, min(1.0, elapsed / max(1e-9, elapsed + float(remaining))))
 
 
 class LateCrop(L.Callback):
@@ -354,9 +355,10 @@ class LateCrop(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         update = getattr(trainer.datamodule, "update_train_crop", None)
-        # the same in every process, whose clocks differ (the time budget's fraction)
-        progress = _same_in_every_process(trainer, training_progress(trainer))
-        if callable(update) and update(progress):
+        if not callable(update):
+            return
+        progress = training_progress(trainer)
+        if update(progress):
             rank_zero_info(f"Epoch {trainer.current_epoch + 1} on: training crops of "
                            f"{trainer.datamodule.train_crop_size} px (data.late_crop_size), "
                            f"{100 * progress:.0f} % into the planned training")
