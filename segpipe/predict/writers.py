@@ -266,6 +266,10 @@ def blend_overlay(
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+#: The longest side a JPEG (the overlay) can have: libjpeg's limit.
+JPEG_MAX_SIDE = 65500
+
+
 class OverlayFormat(OutputFormat):
     """JPEG of the input blended with the colour mask, for people to look at.
 
@@ -283,6 +287,17 @@ class OverlayFormat(OutputFormat):
         if not 0.0 <= overlay_alpha <= 1.0:
             raise ValueError(f"overlay alpha must be in [0, 1], got {overlay_alpha}")
         self.alpha = float(overlay_alpha)
+
+    def open(self, path: Path, meta: OutputMeta) -> _Sink:
+        """Refuse an image JPEG cannot hold before it is predicted (Pillow would fail only
+        once the whole image is predicted and blended, taking the other outputs with it)."""
+        if max(meta.width, meta.height) > JPEG_MAX_SIDE:
+            raise ValueError(
+                f"{meta.width}×{meta.height} is too large for the 'overlay' format (a JPEG, "
+                f"at most {JPEG_MAX_SIDE} pixels a side): leave overlay out of --format for "
+                "this image, and its other outputs are written"
+            )
+        return super().open(path, meta)
 
     def write_whole(self, path: Path, pred: RowChunk) -> None:
         display = pred.display
@@ -464,12 +479,16 @@ class OutputSink:
             self._fail(err)
         if self._before_commit is not None:
             self._before_commit()
-        for i, out in enumerate(self._files):
+        for i, ((_fmt, target), out) in enumerate(zip(self._targets, self._files)):
+            self._current = target
             try:
                 out.commit()  # deletes its temporary file and names the target on failure
-            except BaseException:
+            except BaseException as err:
                 for rest in self._files[i + 1:]:
                     rest.discard()
+                named = self._named(err)  # a folder in the output's place: named as the output
+                if named is not err:
+                    raise named from err
                 raise
         return False
 

@@ -131,6 +131,34 @@ def test_png_formats_refuse_rasters_above_the_pixel_limit(tmp_path: Path, monkey
     assert not list(tmp_path.iterdir())
 
 
+def test_overlay_refuses_an_image_jpeg_cannot_hold_before_it_is_predicted(
+        tmp_path: Path) -> None:
+    """A 70 000-px-wide raster failed in Pillow only once predicted, with 'broken data stream',
+    and its finished GeoTIFF went with it; the limit is checked as the outputs are opened."""
+    from segpipe.predict.writers import JPEG_MAX_SIDE
+
+    writer = PredictionWriter(tmp_path, ["geotiff", "overlay"], config())
+    with pytest.raises(ValueError, match=r"65501×4 is too large .*at most 65500 pixels a side\): leave overlay out"):
+        with writer.open("wide.tif", ["geotiff", "overlay"],
+                         OutputMeta(Path("wide.tif"), 4, JPEG_MAX_SIDE + 1)):
+            pytest.fail("the outputs were opened")  # pragma: no cover
+    assert not list(tmp_path.iterdir())
+    # the largest JPEG side is still written
+    with writer.open("ok.tif", ["overlay"], OutputMeta(Path("ok.tif"), 2, JPEG_MAX_SIDE)) as sink:
+        sink.write_rows(0, RowChunk(np.zeros((2, JPEG_MAX_SIDE), np.uint8)))
+    assert Image.open(tmp_path / "ok_overlay.jpg").size == (JPEG_MAX_SIDE, 2)
+
+
+def test_a_folder_in_an_outputs_place_is_named_not_the_temporary_file(tmp_path: Path) -> None:
+    (tmp_path / "a.png").mkdir()
+    writer = PredictionWriter(tmp_path, ["mask"], config())
+    with pytest.raises(OSError) as err:
+        with writer.open("a.jpg", ["mask"], OutputMeta(Path("a.jpg"), 3, 4)) as sink:
+            sink.write_rows(0, RowChunk(np.zeros((3, 4), np.uint8)))
+    assert str(err.value) == f"cannot write {tmp_path / 'a.png'}: Is a directory"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
 def test_raster_writer_rows_in_any_chunks(tmp_path: Path) -> None:
     data = np.random.default_rng(0).integers(0, 255, (2, 300, 70)).astype(np.uint8)
     path = tmp_path / "w.tif"
