@@ -32,7 +32,7 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ __all__ = [
     "pixel_limit",
     "probe_raster",
     "read_image",
+    "sidecar_georeference",
     "read_image_valid",
     "read_mask",
     "to_float",
@@ -1054,6 +1055,44 @@ def probe_raster(path: _PathLike) -> RasterInfo | None:
             return RasterInfo(ds, p)
     except (RasterioIOError, RasterioError):
         return None
+
+
+def _sidecars(path: Path) -> Iterator[Path]:
+    """Files GDAL reads a plain image's georeference from: its world file (``a.pgw`` or
+    ``a.pngw`` beside ``a.png``, ``a.jgw`` beside ``a.jpg``, ``a.wld``; either case) and its
+    ``a.png.aux.xml``."""
+    ext = path.suffix[1:]
+    if not ext:
+        return
+    for suffix in (f"{ext[0]}{ext[-1]}w", f"{ext}w", "wld"):
+        for cased in (suffix.lower(), suffix.upper()):
+            yield path.with_suffix(f".{cased}")
+    yield path.with_name(f"{path.name}.aux.xml")
+
+
+def sidecar_georeference(path: _PathLike) -> RasterInfo | None:
+    """The georeference a PNG/JPEG (any image but a TIFF) has from the files beside it, as
+    GDAL reads them: a world file's pixel grid (``a.pgw``, ``a.jgw``, ``a.wld``) and the CRS
+    of a ``a.png.aux.xml``. Orthophotos and map tiles come so.
+
+    Args:
+        path: An image file that :func:`probe_raster` does not take (not a TIFF).
+
+    Returns:
+        :class:`RasterInfo` with the grid (its ``crs`` None unless an ``.aux.xml`` gives one),
+        or None when no such file is beside it or GDAL finds no georeference in them.
+    """
+    p = Path(path)
+    if _is_tiff(p) or not any(side.is_file() for side in _sidecars(p)):
+        return None
+    from rasterio.errors import RasterioError, RasterioIOError
+
+    try:
+        with _open_raster(p) as ds:
+            info = RasterInfo(ds, p)
+    except (RasterioIOError, RasterioError):
+        return None
+    return info if info.georeferenced else None
 
 
 def grid_mismatch(image: _PathLike, mask: _PathLike) -> str | None:

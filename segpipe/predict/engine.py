@@ -50,6 +50,7 @@ from segpipe.data.io import (
     RasterReader,
     open_raster,
     probe_raster,
+    sidecar_georeference,
     to_float,
 )
 from segpipe.data.normalization import normalize
@@ -330,7 +331,9 @@ class PredictInputs(Dataset):
             return rec
         try:
             info = probe_raster(f.path)
-            names = self.writer.resolve(info is not None and info.georeferenced)
+            # a PNG/JPEG with a world file is georeferenced too (read whole, as any PNG)
+            geo = info if info is not None else sidecar_georeference(f.path)
+            names = self.writer.resolve(geo is not None and geo.georeferenced)
             pending = self.writer.pending(f.rel, names)
             if not pending:
                 rec["status"] = "skipped"
@@ -340,7 +343,7 @@ class PredictInputs(Dataset):
             if not self._by_windows(info):
                 # a plain TIFF or a georeferenced chip: at the evaluation size, as the API and
                 # test do (a chip's outputs keep its georeference)
-                whole = info if info is not None and info.georeferenced else None
+                whole = geo if geo is not None and geo.georeferenced else None
                 info = None
             elif self.images.transform is not None and not self._resize_warned:
                 self._resize_warned = True

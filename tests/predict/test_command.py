@@ -151,6 +151,33 @@ def test_geotiff_roundtrip_keeps_georeference_and_nodata(
         assert t.crs is None and (t.width, t.height) == (40, 30)
 
 
+def test_a_png_or_jpeg_with_a_world_file_keeps_its_georeference(
+        tmp_path: Path, pointwise_ckpt: Path, caplog) -> None:
+    """Orthophotos come as PNG/JPEG with a world file (.pgw, .jgw, .wld), which GDAL reads: they
+    were called 'not georeferenced', their GeoTIFF got the identity transform, and `auto` wrote
+    a plain PNG mask without a word."""
+    src = tmp_path / "in"
+    src.mkdir()
+    world = "0.5\n0\n0\n-0.5\n600000.25\n4999999.75\n"
+    write_image(src / "ortho.png", noise_image(30, 40, seed=1))
+    (src / "ortho.pgw").write_text(world)
+    write_image(src / "photo.jpg", noise_image(30, 40, seed=2))
+    (src / "photo.JGW").write_text(world)  # either case, as GDAL reads them
+    write_image(src / "plain.png", noise_image(30, 40, seed=3))
+    out = tmp_path / "out"
+    assert run(pointwise_ckpt, src, out, "--format", "auto") == 0
+    for name in ("ortho.tif", "photo.tif"):
+        with rasterio.open(out / name) as ds:
+            assert tuple(ds.transform)[:6] == (0.5, 0.0, 600000.0, 0.0, -0.5, 5000000.0)
+            assert (ds.width, ds.height) == (40, 30)
+    assert sorted(p.name for p in outputs(out)) == ["ortho.tif", "photo.tif", "plain.png"]
+    assert "not georeferenced" not in caplog.text
+    # the same labels as a PNG mask of the same pixels
+    assert run(pointwise_ckpt, src, tmp_path / "masks", "--format", "mask") == 0
+    with rasterio.open(out / "ortho.tif") as ds:
+        assert np.array_equal(ds.read(1), np.asarray(Image.open(tmp_path / "masks" / "ortho.png")))
+
+
 def test_control_points_and_camera_models_are_kept(tmp_path: Path, pointwise_ckpt: Path,
                                                    caplog, capfd) -> None:
     """A raster georeferenced by GCPs or by RPCs only (no CRS, identity transform): its
