@@ -225,16 +225,20 @@ def _file_identity(path: str | Path) -> dict[str, Any]:
 #: In a settings record: written by an ``--overwrite`` run over outputs of other settings,
 #: removed when it finishes; a rerun that finds it knows some outputs may be older ones.
 _REPLACING = "replacing_older_outputs"
+#: In a settings record: a run with these settings added outputs beside ones of other settings
+#: (without ``--overwrite``); kept until an ``--overwrite`` run remakes them all.
+_MIXED = "mixed_with_other_settings"
 
 
 def _check_settings(output: str | Path, overwrite: bool,
-                    settings: dict[str, Any]) -> tuple[bool, bool]:
+                    settings: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
     """Warn when the outputs already in ``output`` were made with another checkpoint or other
     options: a rerun skips existing outputs ("already done"), so they would be kept silently
     beside new ones; likewise after an ``--overwrite`` run that was stopped before it had
-    remade them all. Returns whether this run's settings are to be recorded once it writes an
-    output (the folder has none recorded, or ``--overwrite``), and whether it replaces
-    outputs of other settings (the record then says so until the run finishes)."""
+    remade them all. Returns the settings record to write once this run writes an output
+    (None: the record stays), and whether this run replaces outputs of other settings (the
+    record then says so until the run finishes). A run that adds outputs beside ones of other
+    settings records that the folder mixes them, so that later runs say so too."""
     path = Path(output) / SETTINGS_FILE
     try:
         before = json.loads(path.read_text()) if path.is_file() else None
@@ -243,21 +247,34 @@ def _check_settings(output: str | Path, overwrite: bool,
     if not isinstance(before, dict):
         before = None
     unfinished = bool(before and before.get(_REPLACING))
-    recorded = {k: v for k, v in before.items() if k != _REPLACING} if before else None
-    if recorded is not None and not overwrite and recorded != settings:
+    mixed = bool(before and before.get(_MIXED))
+    recorded = ({k: v for k, v in before.items() if k not in (_REPLACING, _MIXED)}
+                if before else None)
+    if overwrite or recorded is None:
+        replacing = overwrite and recorded is not None and (
+            recorded != settings or unfinished or mixed)
+        return ({**settings, _REPLACING: True} if replacing else settings), replacing
+    if recorded != settings:
         changed = sorted(k for k in {*recorded, *settings}
                          if recorded.get(k) != settings.get(k))
         log.warning(
-            "the outputs in %s were made with another %s; existing outputs are skipped as "
-            "done, not remade: add --overwrite to remake them, or choose another --output",
-            output, ", ".join("checkpoint" if k == "checkpoint" else f"--{k}" for k in changed))
-    elif unfinished and not overwrite:
+            "the outputs in %s were made with another %s: they are kept and skipped as done, "
+            "and the ones this run adds (other images or --format) are made with this run's "
+            "settings, so the folder will mix the two: add --overwrite to remake them all, or "
+            "choose another --output", output,
+            ", ".join("checkpoint" if k == "checkpoint" else f"--{k}" for k in changed))
+        return {**settings, _MIXED: True}, False
+    if mixed:
+        log.warning(
+            "the outputs in %s were made with more than one checkpoint or set of options (a "
+            "run with other settings added to them); existing outputs are skipped as done: "
+            "add --overwrite to remake them all with these", output)
+    elif unfinished:
         log.warning(
             "an --overwrite run with these settings was stopped before it had remade every "
             "output in %s: the ones it had not reached are still from the settings before it "
             "and are skipped as done; add --overwrite to remake them all", output)
-    replacing = overwrite and recorded is not None and (recorded != settings or unfinished)
-    return before is None or overwrite, replacing
+    return None, False
 
 
 def _record_settings(output: str | Path, settings: dict[str, Any]) -> None:
@@ -519,12 +536,11 @@ def predict(
     if bn_adapt:  # the adapted statistics depend on how the images are batched
         settings["batch_size"] = batch_size
     record, replacing = (_check_settings(output, overwrite, settings)
-                         if _rank_from_env() == 0 else (False, False))
-    if record:
+                         if _rank_from_env() == 0 else (None, False))
+    if record is not None:
         # Recorded as the first output is named into place, not at the end: a run killed
         # after it (OOM, a scheduler's SIGKILL) leaves outputs whose settings are known.
-        first = {**settings, _REPLACING: True} if replacing else settings
-        writer.before_first_output = lambda: _record_settings(output, first)
+        writer.before_first_output = lambda: _record_settings(output, record)
     if tile is not None and config.eval_resize:
         log.warning(
             "the model was evaluated on images resized to %s; --tile predicts at native "
@@ -590,7 +606,7 @@ def predict(
     summary.stopped_early = stopped
     summary.interrupted = interrupted
     summary.terminated = interrupted and terminated.is_set()
-    if replacing and record and writer.before_first_output is None and not (
+    if replacing and writer.before_first_output is None and not (
             interrupted or stopped or summary.failed):
         _record_settings(output, settings)  # every output remade: no older one is left
     return summary

@@ -522,6 +522,42 @@ def test_an_interrupted_overwrite_run_is_named_on_a_plain_rerun(
     assert "was stopped before" not in caplog.text and "made with another" not in caplog.text
 
 
+def test_a_rerun_that_adds_outputs_of_other_settings_says_the_folder_mixes_them(
+        tmp_path: Path, pointwise_ckpt: Path, caplog) -> None:
+    """Masks made untiled, then palettes added with --tile: the warning spoke of the existing
+    outputs only, and the record still named the first settings, so the next rerun with the
+    second ones warned of nothing although the folder held both."""
+    import json
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_image(src / "a.png", noise_image(40, 40))
+    assert run(pointwise_ckpt, src, out, "--format", "mask") == 0
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(pointwise_ckpt, src, out, "--format", "mask", "palette", "--tile", "32") == 0
+    assert ("made with another --tile: they are kept and skipped as done, and the ones this "
+            "run adds (other images or --format) are made with this run's settings, so the "
+            "folder will mix the two") in caplog.text
+    record = json.loads((out / ".segpipe-predict.json").read_text())
+    assert record["tile"] == 32 and record["mixed_with_other_settings"] is True
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(pointwise_ckpt, src, out, "--format", "mask", "palette", "--tile", "32") == 0
+    assert "were made with more than one checkpoint or set of options" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):  # remade: one setting
+        assert run(pointwise_ckpt, src, out, "--format", "mask", "palette", "--tile", "32",
+                   "--overwrite") == 0
+        assert run(pointwise_ckpt, src, out, "--format", "mask", "palette", "--tile", "32") == 0
+    assert "more than one" not in caplog.text and "made with another" not in caplog.text
+    assert "mixed_with_other_settings" not in (out / ".segpipe-predict.json").read_text()
+    caplog.clear()
+    # a rerun with other settings that writes nothing leaves the record as it was
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(pointwise_ckpt, src, out, "--format", "mask") == 0
+    assert "made with another --tile" in caplog.text
+    assert json.loads((out / ".segpipe-predict.json").read_text())["tile"] == 32
+
+
 def test_ctrl_c_mid_raster_leaves_no_partial_output(
     tmp_path: Path, pointwise_ckpt: Path, monkeypatch, capsys
 ) -> None:
@@ -851,7 +887,7 @@ def test_bn_adapt_matches_the_python_api_and_is_refused_where_it_cannot_work(
     with caplog.at_level("WARNING", logger="segpipe.predict.command"):
         assert run(unet_ckpt, src, tmp_path / "ad", "--bn_adapt", "0.5", "--batch-size", "1",
                    "--tile", "64") == 0
-    assert "were made with another --batch_size; existing outputs are skipped" in caplog.text
+    assert "were made with another --batch_size: they are kept and skipped as done" in caplog.text
     # A batch of one image whose bottleneck is 1 x 1 (depth 3, padded to 8 x 8): a traceback
     write_image(tmp_path / "one" / "dot.png", noise_image(1, 1))
     assert run(unet_ckpt, tmp_path / "one", tmp_path / "dot", "--bn_adapt", "0.5") == 2
@@ -1095,7 +1131,7 @@ def test_a_rerun_with_other_settings_says_the_old_outputs_are_kept(
     assert run(*args, "--probs", "max") == 0
     with caplog.at_level("WARNING", logger="segpipe.predict.command"):
         assert run(*args) == 0
-    assert "were made with another --probs_mode; existing outputs are skipped" in caplog.text
+    assert "were made with another --probs_mode: they are kept and skipped as done" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="segpipe.predict.command"):
         assert run(*args, "--overwrite") == 0  # remade, and the folder's settings with them
