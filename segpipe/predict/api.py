@@ -344,7 +344,9 @@ class Segmenter:
         except ImageReadError as exc:
             if exc.kind != "channels":
                 raise
-            raise exc.with_hint(cfg.channel_hint("bands", file_bands=exc.file_bands)) from None
+            raise exc.with_hint(cfg.channel_hint(
+                "bands", file_bands=exc.file_bands,
+                array=isinstance(item, np.ndarray))) from None
 
     def _raster_tile(self, item: ImageLike) -> int | None:
         """The tile ``segpipe predict`` reads a raster file by when no tile is given (its

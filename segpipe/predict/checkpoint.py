@@ -49,9 +49,12 @@ class CheckpointError(ValueError):
 
 
 def _bands_example(option: str, n: int) -> str:
-    """``--bands 1 2 3`` on the command line, ``bands=[1, 2, 3]`` in Python."""
+    """``--bands 1 2 3`` on the command line; in Python the ``bands`` of the call that takes it,
+    ``Segmenter.from_checkpoint(..., bands=[1, 2, 3])`` (``predict()`` has none)."""
     picks = list(range(1, n + 1))
-    return f"{option} {' '.join(map(str, picks))}" if option.startswith("-") else f"{option}={picks}"
+    if option.startswith("-"):
+        return f"{option} {' '.join(map(str, picks))}"
+    return f"Segmenter.from_checkpoint(..., {option}={picks})"
 
 
 @dataclass(frozen=True)
@@ -208,13 +211,15 @@ class PredictConfig:
             warned.add(dtype)
             log.warning("%s (said once per %s)", warning, once)
 
-    def channel_hint(self, option: str = "--bands", file_bands: int | None = None) -> str:
+    def channel_hint(self, option: str = "--bands", file_bands: int | None = None,
+                     array: bool = False) -> str:
         """How to feed this model a file whose bands do not fit it (prediction messages).
 
         Args:
             option: The band option's name (``--bands``, or ``bands`` in Python).
             file_bands: The file's band count, when known: the example picks only bands it
                 has, and a file with too few gets no example.
+            array: The input is a numpy array (Python), not a file: its channels are sliced.
         """
         want = self.in_channels
         if self.bands and not self.bands_given:
@@ -226,6 +231,11 @@ class PredictConfig:
                 return f"{trained}read its one band as grey: {_bands_example(option, 1)}"
             return (f"{trained}this file has {file_bands} band(s), fewer than the {want} the "
                     "model takes: use a model trained on such images")
+        if array:
+            of = f"this array's {file_bands} channels" if file_bands else "this array's channels"
+            rgba = " (an RGBA image's colour)" if (file_bands, want) == (4, 3) else ""
+            return (f"{trained}pick {want} of {of}, e.g. array[..., :{want}]{rgba}, or for every "
+                    f"input {_bands_example(option, want)}, or use a model trained on such images")
         of = f"this file's {file_bands} bands" if file_bands is not None else "this file's bands"
         return (f"{trained}pick {want} of {of}, e.g. {_bands_example(option, want)}, "
                 "or use a model trained on such images")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from segpipe import Segmenter
 from segpipe.cli import main as cli_main
-from segpipe.data.io import write_image
+from segpipe.data.io import ImageReadError, write_image
 from tests.predict.conftest import COLORS, make_ckpt, noise_image
 
 FAST = ["--no-progress", "--num-workers", "0", "--accelerator", "cpu", "--format", "mask"]
@@ -164,7 +164,7 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
         seg.predict(object())
     with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, C\)"):
         seg.predict(np.zeros((2, 3, 4, 5), np.uint8))
-    with pytest.raises(ValueError, match=r"in_channels=3 .*e\.g\. bands=\[1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"in_channels=3 .*e\.g\. array\[\.\.\., :3\], or for every input Segmenter\.from_checkpoint\(\.\.\., bands=\[1, 2, 3\]\)"):
         seg.predict(np.zeros((8, 8, 5), np.uint8))
     # (C, H, W), as tensor.numpy() gives: the bands hint led to a wrong (3, 48) mask
     with pytest.raises(ValueError, match=r"looks channel-first .*array.transpose\(1, 2, 0\)"):
@@ -182,6 +182,13 @@ def test_bad_inputs_say_what_to_give(unet_ckpt: Path) -> None:
         Segmenter.from_checkpoint(unet_ckpt, device="cpu", bands=[1, 2])
     with pytest.raises(ValueError, match=r"the array of shape \(0, 0, 3\) holds no pixel"):
         seg.predict(np.zeros((0, 0, 3), np.uint8))
+    # np.array(Image.open(rgba_png)): the hint named "this file" and a predict(bands=) that
+    # does not exist
+    with pytest.raises(ImageReadError) as err:
+        seg.predict(np.zeros((8, 8, 4), np.uint8))
+    assert ("pick 3 of this array's 4 channels, e.g. array[..., :3] (an RGBA image's colour), "
+            "or for every input Segmenter.from_checkpoint(..., bands=[1, 2, 3])") in str(err.value)
+    assert "file" not in str(err.value).split(":", 1)[1]
 
 
 @pytest.mark.parametrize("source", ["onnx", "checkpoint"])
