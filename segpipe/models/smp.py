@@ -675,8 +675,12 @@ class SmpModel(nn.Module):
         self.encoder_depth = encoder_depth
         self.pad_multiple = 2**encoder_depth
         #: The least H and W the network takes: PAN's feature pyramid attention pools its
-        #: deepest map three more times (1x1 there fails); the task pads smaller inputs up.
-        self.min_size = 4 * 2**encoder_depth if self.arch == "pan" else 0
+        #: deepest map three times, which needs 8 px there; that map is at stride
+        #: 2**encoder_depth, or the encoder's output stride (smp's default 16) when smaller.
+        #: The task pads smaller inputs up.
+        self.min_size = (
+            8 * min(2**encoder_depth, int(kwargs.get("encoder_output_stride") or 16))
+            if self.arch == "pan" else 0)
         self.encoder_frozen = freeze_encoder
 
         if self.arch in _FULL_SIZE_UPSAMPLING and "upsampling" not in kwargs:

@@ -308,9 +308,16 @@ def _warn_unused_options(formats: Sequence[str], probs_mode: str, overlay_alpha:
                     1 / (1 - overlap) ** 2, "images larger than --tile" if tile else "rasters")
 
 
-def _check_tile(tile: int | None, multiple: int) -> None:
-    """Refuse a ``--tile`` under the network's size step and warn on one off its multiples:
-    every tile is padded up to a multiple of it, so either costs compute for nothing."""
+def _check_tile(tile: int | None, multiple: int, min_size: int = 0) -> None:
+    """Refuse a ``--tile`` under the network's size step and warn on one off its multiples
+    or under the least size the network takes (PAN's): every tile is padded up to it, so each
+    costs compute for nothing."""
+    if tile is not None and multiple <= tile < min_size:
+        log.warning("--tile %d is smaller than the least size this network takes (%d px): each "
+                    "tile is padded to %d, which costs what --tile %d does and covers less of "
+                    "the image per tile; use --tile %d or more", tile, min_size, min_size,
+                    min_size, min_size)
+        return
     if tile is None or tile % multiple == 0:
         return
     if tile < multiple:
@@ -501,7 +508,7 @@ def predict(
                 f"--bn_adapt re-estimates BatchNorm statistics, but the network in {ckpt_path} "
                 "has no BatchNorm layer that keeps them; drop the option.")
     overlap = DEFAULT_OVERLAP if overlap is None else overlap
-    _check_tile(tile, config.pad_multiple)
+    _check_tile(tile, config.pad_multiple, config.min_size)
     try:
         config = config.with_bands(bands)
     except ValueError as exc:

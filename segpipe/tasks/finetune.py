@@ -276,9 +276,25 @@ class InitFromReport:
     unused: list[str] = field(default_factory=list)
     source: str = ""
     foreign: list[str] = field(default_factory=list)
+    encoder_layers: int = 0
+    encoder_loaded: int = 0
+
+    @property
+    def encoder_random(self) -> bool:
+        """Whether the network has an encoder of which no layer came from the checkpoint."""
+        return self.encoder_layers > 0 and self.encoder_loaded == 0
 
     def foreign_warning(self) -> str | None:
         """One line when layers beyond the head start from random weights, else None."""
+        if self.encoder_random:
+            return (
+                f"init_from {self.path}: none of the {self.encoder_layers} layers of this "
+                f"network's encoder is in the checkpoint under its name and shape, so the whole "
+                f"encoder starts from random weights and only "
+                f"{len(self.loaded)} tensors of the decoder and head are transferred: the "
+                f"checkpoint{f' ({self.source})' if self.source else ''} has another encoder "
+                "(an smp encoder and its timm 'tu-' twin name their layers differently); start "
+                "from a checkpoint with this network's encoder")
         if not self.foreign:
             return None
         names = ", ".join(self.foreign[:_MAX_LISTED])
@@ -357,6 +373,17 @@ def _describe(ckpt: Any) -> tuple[str, int | None]:
     if in_channels:
         parts.append(f"{in_channels} input channels")
     return ", ".join(parts), (int(in_channels) if in_channels else None)
+
+
+def _encoder_layer_names(net: nn.Module) -> list[str]:
+    """State-dict names of the layer weights (2-D or more) in ``net``'s encoder; none for a
+    network without ``encoder_modules()``."""
+    try:
+        modules = encoder_modules(net)
+    except ConfigError:
+        return []
+    inside = {id(p) for m in modules for p in m.parameters()}
+    return [name for name, p in net.named_parameters() if id(p) in inside and p.dim() >= 2]
 
 
 def load_init_from(net: nn.Module, path: str | os.PathLike[str],
@@ -440,6 +467,8 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str],
         src = state.get(name)
         if src is None:
             report.reinitialised.append(name)
+            if tensor.dim() >= 2:  # a layer the checkpoint does not have at all
+                report.foreign.append(name)
         elif tuple(src.shape) == tuple(tensor.shape):
             chosen[name] = src
             report.loaded.append(name)
@@ -457,6 +486,13 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str],
             if tensor.dim() >= 2 and (src is None or tuple(src.shape[1:]) != tuple(tensor.shape[1:])):
                 report.foreign.append(name)  # not a head of another class count
     report.unused = [k for k in state if k not in target]
+    encoder = _encoder_layer_names(net)
+    if getattr(net, "encoder_pretrained", False) is True:
+        # an encoder built with pretrained weights keeps them where the checkpoint has none
+        report.foreign = [name for name in report.foreign if name not in set(encoder)]
+    else:
+        report.encoder_layers = len(encoder)
+        report.encoder_loaded = sum(name in chosen for name in encoder)
     # Only a layer's weights (a convolution's kernels, a linear layer's matrix) carry what was
     # learnt; a few biases and BatchNorm step counters fitting by chance is no transfer.
     if not any(chosen[name].dim() >= 2 for name in chosen):
@@ -554,6 +590,9 @@ class TransferLearning(L.Callback):
                 for line in self.report.lines():
                     rank_zero_info(line)
                 partial = self.report.foreign_warning()
+                if partial and self.report.encoder_random and self.freeze_encoder_epochs > 0:
+                    partial += (f"; model.freeze_encoder_epochs={self.freeze_encoder_epochs} "
+                                "keeps those random features frozen for its epochs")
                 if partial:
                     rank_zero_warn(partial)
 

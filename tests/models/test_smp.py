@@ -452,16 +452,19 @@ def test_encoder_modules_is_the_smp_encoder() -> None:
     assert model.encoder_modules() == [model.model.encoder]
 
 
-@pytest.mark.parametrize("arch, encoder, step, least", [
-    ("pan", "resnet18", 32, 128),  # its attention pools the deepest map three more times
-    ("dpt", "tu-vit_tiny_patch16_224", 32, 0),  # a ViT at any multiple of twice its patch
+@pytest.mark.parametrize("arch, encoder, depth, step, least", [
+    ("pan", "resnet18", 5, 32, 128),  # its attention pools the deepest map three more times
+    # at depths 3 and 4 (they needed 64 and 128; 32 and 64 were taken, and fit crashed)
+    ("pan", "resnet18", 4, 16, 128),
+    ("pan", "resnet18", 3, 8, 64),
+    ("dpt", "tu-vit_tiny_patch16_224", None, 32, 0),  # a ViT at any multiple of twice its patch
 ])
 def test_architectures_with_size_needs_take_any_size_through_the_task(
-    arch: str, encoder: str, step: int, least: int
+    arch: str, encoder: str, depth: int | None, step: int, least: int
 ) -> None:
     from segpipe.tasks import SegmentationTask
 
-    net = SmpModel(arch, encoder, in_channels=3, num_classes=2)
+    net = SmpModel(arch, encoder, in_channels=3, num_classes=2, encoder_depth=depth)
     assert (net.pad_multiple, net.min_size) == (step, least)
     task = SegmentationTask(net).eval()
     with torch.no_grad():
@@ -469,7 +472,9 @@ def test_architectures_with_size_needs_take_any_size_through_the_task(
             assert task(torch.randn(1, 3, *size)).shape[-2:] == size
     if least:
         with pytest.raises(ValueError, match=f"needs H and W of at least {least}"):
-            net(torch.randn(1, 3, 64, 64))
+            net(torch.randn(1, 3, least - step, least - step))
+        with torch.no_grad():
+            assert net.eval()(torch.randn(1, 3, least, least)).shape[-2:] == (least, least)
 
 
 def test_a_segpipe_checkpoint_gives_encoder_weights(source_model: SmpModel, tmp_path: Path) -> None:

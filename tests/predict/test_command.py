@@ -954,6 +954,22 @@ def test_tile_below_the_networks_size_step_is_refused_and_off_step_warned(
     assert "size step" not in caplog.text
 
 
+def test_tile_below_the_least_size_the_network_takes_is_warned(caplog) -> None:
+    """PAN takes at least 128 px: --tile 64 was taken in silence and every tile padded to 128
+    (four times the work, and masks less like the whole image's)."""
+    from segpipe.predict.command import _check_tile
+
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        _check_tile(64, 32, 128)
+    assert ("--tile 64 is smaller than the least size this network takes (128 px): each tile "
+            "is padded to 128") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        _check_tile(128, 32, 128)
+        _check_tile(None, 32, 128)
+    assert not caplog.text
+
+
 def test_worker_precision_and_device_mistakes_are_one_line(tmp_path: Path, pointwise_ckpt: Path,
                                                           capsys) -> None:
     write_image(tmp_path / "in" / "a.png", noise_image(16, 16))

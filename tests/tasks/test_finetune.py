@@ -344,6 +344,38 @@ def test_init_from_a_shallower_network_warns_that_layers_start_random(tmp_path: 
         _trainer(max_epochs=1).fit(task, BlobDM())
 
 
+def test_init_from_names_layers_absent_from_the_checkpoint_and_a_whole_random_encoder(
+        tmp_path: Path) -> None:
+    """The README's own example (a ResNet-34 started from a ResNet-18 checkpoint) left 96 encoder
+    tensors random without a warning: only layers of another shape counted, not absent ones;
+    and the same ResNet-18 as timm's 'tu-resnet18' transferred the decoder alone, in silence."""
+    torch.manual_seed(0)
+    path = tmp_path / "r18.pt"
+    torch.save(SmpModel(encoder_name="resnet18", num_classes=3).state_dict(), path)
+    r34 = load_init_from(SmpModel(encoder_name="resnet34", num_classes=3), path)
+    assert "model.encoder.layer1.2.conv1.weight" in r34.foreign and not r34.encoder_random
+    said = r34.foreign_warning()
+    assert said and "layers of this network are not in the checkpoint" in said
+
+    twin = SmpModel(encoder_name="tu-resnet18", num_classes=3)
+    report = load_init_from(twin, path)
+    assert report.encoder_random and report.encoder_layers > 0
+    said = report.foreign_warning()
+    assert said and "so the whole encoder starts from random weights" in said
+    assert "'tu-' twin" in said
+    task = SegmentationTask(SmpModel(encoder_name="tu-resnet18", num_classes=3),
+                            init_from=str(path), freeze_encoder_epochs=1)
+    with pytest.warns(UserWarning, match="whole encoder starts from random weights.*"
+                      "freeze_encoder_epochs=1 keeps those random features frozen"):
+        _trainer(max_epochs=2).fit(task, BlobDM())
+
+    # an encoder built with pretrained weights keeps them: not called random
+    pretrained = SmpModel(encoder_name="resnet34", num_classes=3)
+    pretrained.encoder_pretrained = True
+    kept = load_init_from(pretrained, path)
+    assert not kept.encoder_random and not any("encoder" in n for n in kept.foreign)
+
+
 @pytest.mark.parametrize("new_in", [1, 2, 4, 6])
 def test_adapt_first_conv_is_smps_rule(new_in: int) -> None:
     from segmentation_models_pytorch.encoders._utils import patch_first_conv
