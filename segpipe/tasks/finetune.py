@@ -561,6 +561,15 @@ class TransferLearning(L.Callback):
         self.report: InitFromReport | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        net = getattr(pl_module, "net", None)
+        if (stage == "fit" and getattr(net, "encoder_frozen", False) is True
+                and getattr(net, "encoder_pretrained", True) is False and not self.init_from):
+            rank_zero_warn(
+                f"freeze_encoder: true keeps the randomly initialised encoder of "
+                f"{type(net).__name__} (encoder_weights: null, no model.init_from) frozen for the "
+                "whole run: the decoder learns on random features; give the encoder trained "
+                "weights (encoder_weights, or model.init_from), or set "
+                "model.net.init_args.freeze_encoder false")
         if stage == "fit" and self.freeze_encoder_epochs > 0:
             _check_ddp(trainer)
             epochs = trainer.max_epochs
@@ -593,6 +602,10 @@ class TransferLearning(L.Callback):
                 if partial and self.report.encoder_random and self.freeze_encoder_epochs > 0:
                     partial += (f"; model.freeze_encoder_epochs={self.freeze_encoder_epochs} "
                                 "keeps those random features frozen for its epochs")
+                elif partial and self.report.encoder_random and getattr(
+                        pl_module.net, "encoder_frozen", False) is True:
+                    partial += ("; freeze_encoder: true keeps those random features frozen for "
+                                "the whole run")
                 if partial:
                     rank_zero_warn(partial)
 

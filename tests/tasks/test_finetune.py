@@ -630,6 +630,21 @@ def test_a_freeze_that_never_ends_or_freezes_random_weights_is_warned_about() ->
     assert any("freezes a randomly initialised encoder" in t for t in texts), texts
 
 
+def test_an_smp_encoder_frozen_for_the_whole_run_without_weights_is_warned_about() -> None:
+    """freeze_encoder: true with encoder_weights: null (the offline error's own suggestion)
+    trained a decoder on random features for the whole run, without a word."""
+    net = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None, encoder_depth=3,
+                   freeze_encoder=True)
+    with pytest.warns(UserWarning, match=r"freeze_encoder: true keeps the randomly initialised "
+                      r"encoder of SmpModel .* frozen for the whole run"):
+        _trainer(max_epochs=1).fit(SegmentationTask(net), BlobDM())
+    free = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None, encoder_depth=3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _trainer(max_epochs=1).fit(SegmentationTask(free), BlobDM())
+    assert not [w for w in said if "randomly initialised" in str(w.message)]
+
+
 @pytest.mark.parametrize("build", [lambda: _unet(), lambda: FCN(3, 3, base_channels=4)])
 def test_freezing_segpipes_own_random_encoders_is_warned_about(build, tmp_path: Path) -> None:
     net = build()
