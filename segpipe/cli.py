@@ -254,9 +254,27 @@ def _did_you_mean(message: str) -> str:
     option = re.search(r"Option '(\w+)' is not accepted", message)
     class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
     if option and class_path:
-        close = difflib.get_close_matches(option.group(1), _option_names(class_path.group(1)), n=1)
+        key, names = option.group(1), _option_names(class_path.group(1))
+        if "smp_kwargs" in names and key in _smp_arch_arguments():  # SmpModel: smp's own
+            return (f"; an argument of the smp architecture goes in smp_kwargs: "
+                    f"--model.net.init_args.smp_kwargs '{{{key}: VALUE}}' (YAML: init_args: "
+                    f"{{smp_kwargs: {{{key}: VALUE}}}})")
+        close = difflib.get_close_matches(key, names, n=1)
         return f"; did you mean {close[0]!r}?" if close else ""
     return ""
+
+
+def _smp_arch_arguments() -> set[str]:
+    """The argument names of every segmentation-models-pytorch architecture (an error path:
+    smp is imported only here)."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        return set()
+    names: set[str] = set()
+    for arch in getattr(smp, "MODEL_ARCHITECTURES_MAPPING", {}).values():
+        names.update(_option_names(f"{arch.__module__}.{arch.__qualname__}"))
+    return names
 
 
 def _disk_full(exc: BaseException) -> str | None:

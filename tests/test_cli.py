@@ -630,6 +630,30 @@ def test_resuming_needs_no_encoder_weights_file(dataset, tmp_path):
     assert main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
 
 
+def test_smp_architecture_arguments_come_from_the_config_and_rebuild_for_predict(
+        dataset, tmp_path, capsys):
+    """decoder_attention_type, decoder_channels, ... (SmpModel's **kwargs) were refused by the
+    command line and YAML ('Option ... is not accepted'); smp_kwargs takes them."""
+    from segpipe import Segmenter
+
+    base = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *TINY, "--trainer.max_epochs=1",
+            "--model.net=segpipe.models.SmpModel", "--model.net.init_args.encoder_name=resnet18",
+            "--model.net.init_args.encoder_depth=3"]
+    assert main([*base, "--model.net.init_args.smp_kwargs",
+                 "{decoder_attention_type: scse, decoder_channels: [64, 32, 16]}"]) == 0
+    seg = Segmenter.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", device="cpu")
+    decoder = seg.task.net.model.decoder
+    assert "SCSE" in repr(decoder) and decoder.blocks[-1].conv2[0].out_channels == 16
+    # a name smp's U-Net does not take is one line naming the arch's arguments
+    assert main([*base, "--model.net.init_args.smp_kwargs", "{decoder_atention_type: scse}"]) == 2
+    err = capsys.readouterr().err
+    assert "takes no argument(s) ['decoder_atention_type']" in err and "Traceback" not in err
+    # given as an init_arg of its own, the error names smp_kwargs
+    assert main([*base, "--model.net.init_args.decoder_attention_type=scse"]) == 2
+    assert "smp_kwargs" in capsys.readouterr().err
+
+
 def test_a_second_fit_into_a_folder_another_fit_writes_is_refused(dataset, tmp_path, capsys):
     """Two fits in one folder (a job started twice, a requeued job whose old process still
     runs): the second moved the live run's checkpoints aside and both kept writing last.ckpt."""

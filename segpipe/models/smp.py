@@ -589,8 +589,13 @@ class SmpModel(nn.Module):
         freeze_encoder: If True, encoder parameters get ``requires_grad=False`` and the
             encoder stays in eval mode (BatchNorm statistics frozen, no dropout) even
             after ``model.train()``; the decoder and head still train.
+        smp_kwargs: More arguments of the smp architecture, as a mapping: the form a YAML
+            config or the command line can give (``init_args: {smp_kwargs:
+            {decoder_attention_type: scse, decoder_channels: [128, 64, 32, 16, 8]}}``, or
+            ``--model.net.init_args.smp_kwargs '{decoder_attention_type: scse}'``); the
+            checkpoint records them, so ``predict`` rebuilds the same network.
         **kwargs: Passed on to the smp architecture (e.g. ``decoder_channels``,
-            ``encoder_output_stride``). ``classes``, ``activation`` and ``aux_params``
+            ``encoder_output_stride``), from Python; the same rules as ``smp_kwargs``. ``classes``, ``activation`` and ``aux_params``
             are refused: the model returns logits only, and names the architecture does
             not take are refused too (smp would silently drop them). For ``"pspnet"``
             and ``"fpn"`` the final ``upsampling`` defaults to the factor that gives
@@ -620,9 +625,20 @@ class SmpModel(nn.Module):
         encoder_depth: int | None = None,
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
+        smp_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        if smp_kwargs is not None:
+            if not isinstance(smp_kwargs, Mapping):
+                raise ModelArgumentError(
+                    f"smp_kwargs must be a mapping of smp argument names to values, e.g. "
+                    f"{{decoder_attention_type: scse}}, got {smp_kwargs!r}.")
+            twice = sorted(set(smp_kwargs) & set(kwargs))
+            if twice:
+                raise ModelArgumentError(f"{twice} given both in smp_kwargs and as keyword "
+                                         "arguments; give each once.")
+            kwargs = {**smp_kwargs, **kwargs}
         archs = available_archs()
         if not isinstance(arch, str) or arch.lower() not in archs:
             close = difflib.get_close_matches(str(arch).lower(), archs, n=2)
