@@ -167,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
             message = (f"data.mask_values {given.group(1) if given else ''} has keys without "
                        "values: YAML needs a space after each colon, --data.mask_values "
                        "'{0: 0, 255: 1}' (without one, 1:1 reads as the number 61)")
+        if re.search(r"arguments are required: \w+\.model\.net\b", message):
+            message += _network_from_a_run(args)
         if "Expected a <class 'str'>" in message and "Got value:" in message:
             # a case or class named 010 is read as the octal number 8, 1e3 as 1000.0
             message += (" (YAML reads unquoted names such as 010 or 1e3 as numbers: quote them,"
@@ -275,6 +277,28 @@ def _smp_arch_arguments() -> set[str]:
     for arch in getattr(smp, "MODEL_ARCHITECTURES_MAPPING", {}).values():
         names.update(_option_names(f"{arch.__module__}.{arch.__qualname__}"))
     return names
+
+
+def _network_from_a_run(args: Sequence[str]) -> str:
+    """For ``model.net`` missing on a command that has ``--ckpt_path``: the network and the data
+    settings come from the run's config (the checkpoint's model settings then replace the
+    config's), with the one found beside the checkpoint when there is one."""
+    from pathlib import Path
+
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
+    if ckpt is None and "--ckpt_path" in args[:-1]:
+        ckpt = args[list(args).index("--ckpt_path") + 1]
+    if not ckpt:
+        return ("; give the config the model was trained with: --config RUN/config.yaml "
+                "(segpipe fit keeps it in its trainer.default_root_dir or log folder)")
+    run = Path(ckpt).expanduser().resolve().parent.parent  # RUN/checkpoints/x.ckpt
+    found = sorted(run.glob("config.yaml")) + sorted(
+        run.glob("*/version_*/config.yaml"), key=lambda p: p.stat().st_mtime)[-1:]
+    where = f" (beside this checkpoint: --config {found[0]})" if found else (
+        " (segpipe fit keeps it in its trainer.default_root_dir or log folder)")
+    return (f"; the network and the data settings come from the config the model was trained "
+            f"with: give it with --ckpt_path{where}, and the checkpoint's model settings are "
+            "used")
 
 
 def _disk_full(exc: BaseException) -> str | None:

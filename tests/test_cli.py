@@ -833,6 +833,22 @@ def test_a_fit_that_fails_before_training_leaves_no_empty_run_folder(dataset, tm
     assert (kept / "checkpoints").is_dir() and (kept / "notes.txt").is_file()  # not made by it
 
 
+def test_test_with_a_checkpoint_but_no_config_names_the_runs_config(dataset, fitted, capsys):
+    """`segpipe test --ckpt_path X` without --config said only 'arguments are required:
+    test.model.net', which the checkpoint then overrides anyway."""
+    ckpt = next((fitted / "checkpoints").glob("best-*.ckpt"))
+    code = main(["test", f"--ckpt_path={ckpt}", f"--data.root={dataset}", "--data.num_classes=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the network and the data settings come from the config the model was trained with" \
+        in err
+    configs = sorted(fitted.glob("config.yaml")) + sorted(fitted.glob("*/version_*/config.yaml"))
+    assert configs and f"--config {configs[0]}" in err
+    # and with it, the test runs
+    assert main(["test", "--config", str(configs[0]), f"--ckpt_path={ckpt}",
+                 f"--data.root={dataset}", "--trainer.logger=false"]) == 0
+
+
 def test_scoring_without_a_checkpoint_says_the_weights_are_untrained(dataset, tmp_path):
     """`segpipe test --config C` after a fit scored a freshly built network and exited 0 with
     nothing on the console to say so (the report said "checkpoint: none")."""
