@@ -119,6 +119,15 @@ def check_encoder_name(name: object, arg: str = "encoder_name") -> str:
     names = smp.encoders.get_encoder_names()
     if name in names:
         return name
+    equivalent = getattr(smp.encoders, "is_equivalent_to_timm_universal", None)
+    if equivalent is not None and equivalent(name):
+        # smp's older "timm-" names of timm models (timm-regnetx_002, timm-resnest14d, ...),
+        # which smp still builds as "tu-" encoders
+        import timm
+
+        model = name.replace("timm-", "tf_" if "mobilenetv3" in name else "", 1)
+        if timm.is_model(model):
+            return name
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ModelArgumentError(
@@ -155,6 +164,10 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
             f"weights file path ({', '.join(WEIGHT_SUFFIXES)}), got {path!r}."
         )
     text = os.fspath(path)
+    if not text.strip():
+        raise ModelArgumentError(
+            f"{arg} is empty; give null for a random encoder, the name of pretrained weights "
+            f"(e.g. 'imagenet') or a local weights file ({', '.join(WEIGHT_SUFFIXES)}).")
     candidate = Path(text).expanduser()
     if _is_weights_name(text):
         raise ModelArgumentError(
@@ -164,6 +177,11 @@ def _resolve_weights_path(path: object, arg: str = "encoder_weights") -> Path:
             "'resnet34_encoder.pth')), or load named weights with "
             f"SmpModel(encoder_weights={text!r}), which uses smp's and timm's caches."
         )
+    if text.startswith("file://"):
+        local = text[len("file://"):]
+        raise ModelArgumentError(
+            f"{arg}={text!r} is a file:// URL; give the file's path itself: "
+            f"{arg}: {local or '/path/to/weights.pth'}")
     if "://" in text or text.startswith("file:"):
         raise ModelArgumentError(
             f"{arg}={text!r} is a URL; give the weights file's local path (download it first, "
@@ -657,6 +675,11 @@ class SmpModel(nn.Module):
         check_int("SmpModel encoder_depth", encoder_depth, 1, 5)
         if not isinstance(freeze_encoder, bool):
             raise ModelArgumentError(f"freeze_encoder must be a bool, got {freeze_encoder!r}.")
+        if str(arch).lower() == "unetplusplus" and encoder_depth < 2:
+            # smp builds it, and its nested decoder fails at the first batch (KeyError 'x_0_-1')
+            raise ModelArgumentError(
+                f"arch='unetplusplus' needs encoder_depth >= 2 (its nested decoder joins at "
+                f"least two stages), got {encoder_depth}; use 2 or more, or arch='unet'.")
         weights_path: Path | None = None
         source: PretrainedSource | None = None
         skip = _SKIP_PRETRAINED.get()  # rebuilt for a checkpoint's weights: read nothing
@@ -735,6 +758,12 @@ class SmpModel(nn.Module):
                     f"fetch them again: {source.fetch_command()}") from exc
             if not isinstance(exc, (KeyError, ValueError, TypeError, AssertionError, RuntimeError)):
                 raise
+            if self.arch == "dpt" and "dynamic_img_size" in str(exc):  # set above, not by the user
+                raise ModelArgumentError(
+                    f"arch='dpt' needs a vision-transformer encoder from timm (its decoder reads "
+                    f"patch tokens), e.g. encoder_name='tu-vit_tiny_patch16_224'; "
+                    f"{encoder_name!r} is not one: use another arch for it, such as 'unet'"
+                ) from exc
             extra = f" and extra arguments {sorted(kwargs)}" if kwargs else ""
             raise ModelArgumentError(
                 f"segmentation-models-pytorch could not build arch={self.arch!r} with "

@@ -144,7 +144,15 @@ def test_wrong_explicit_upsampling_is_reported() -> None:
         ({"encoder_weights": True}, ValueError, r"encoder_weights must be None, the name .* got True"),
         ({"encoder_weights": "no/such/file.pth"}, FileNotFoundError, r"no/such/file\.pth"),
         ({"encoder_weights": "missing.safetensors"}, ValueError, r"missing\.safetensors.*or null"),
-        ({"encoder_weights": "file:///x/enc.pth"}, ValueError, r"is a URL; give the weights file's"),
+        ({"encoder_weights": "file:///x/enc.pth"}, ValueError,
+         r"is a file:// URL; give the file's path itself: encoder_weights: /x/enc\.pth"),
+        ({"encoder_weights": "https://x/enc.pth"}, ValueError, r"is a URL; give the weights file's"),
+        ({"encoder_weights": ""}, ValueError, r"encoder_weights is empty; give null"),  # not '.'
+        ({"encoder_name": "timm-regnetx_99"}, ValueError, r"encoder_name must be one of"),
+        ({"arch": "unetplusplus", "encoder_depth": 1}, ValueError,
+         r"arch='unetplusplus' needs encoder_depth >= 2"),  # it failed at the first batch
+        ({"arch": "dpt", "encoder_name": "tu-resnet18"}, ValueError,
+         r"arch='dpt' needs a vision-transformer encoder .*'tu-resnet18' is not one"),
         ({"bogus_option": 1}, ValueError, r"takes no argument\(s\) \['bogus_option'\].*decoder_channels"),
         ({"encoder_depth": 3, "decoder_channels": [256, 128, 64, 32, 16]}, ValueError,
          r"could not build arch='unet'.*encoder_depth=3.*decoder_channels"),
@@ -154,6 +162,14 @@ def test_bad_arguments_rejected(kwargs: dict, exc: type[Exception], pattern: str
     kwargs = {"encoder_name": "mobilenet_v2", **kwargs}
     with pytest.raises(exc, match=pattern):
         SmpModel(**kwargs)
+
+
+def test_smps_older_timm_names_are_built() -> None:
+    """smp still builds its older 'timm-' names of timm models as 'tu-' encoders: they were
+    refused, with unrelated encoders suggested."""
+    model = SmpModel("unet", "timm-regnetx_002", num_classes=2, encoder_depth=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
 
 def test_weights_round_trip_pth_nested_and_prefixed(source_model: SmpModel, tmp_path: Path) -> None:
