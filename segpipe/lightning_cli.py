@@ -626,6 +626,12 @@ def _check_net_links(cfg: Any, argv: list[str]) -> None:
         linked = init.get(key)
         if linked is None or str(value).strip() == str(linked):
             continue
+        if key == "num_classes" and str(value).strip() == "1":  # a single-logit binary head
+            raise ConfigError(
+                f"model.net.init_args.num_classes=1 (in {where}): segpipe's networks give one "
+                f"logit per class, background included, so a binary task is data.num_classes 2 "
+                f"(softmax over two logits); leave model.net.init_args.num_classes out: the "
+                f"CLI sets it from data.num_classes ({linked})")
         raise ConfigError(
             f"model.net.init_args.{key}={value} (in {where}) is set from data.{key}, which is "
             f"{linked}: the CLI links it into the network; give --data.{key} {value} (or "

@@ -472,6 +472,8 @@ def test_command_line_mistakes_are_one_line(extra, words, tmp_path, capsys):
         (["--model.net.init_args.num_classes", "5"], "model.net.init_args.num_classes=5 (in the "
          "command line) is set from data.num_classes, which is 3: the CLI links it"),
         (["--model.net.init_args.in_channels=1"], "give --data.in_channels 1"),
+        # a single-logit binary head was told to give --data.num_classes 1, which is refused
+        (["--model.net.init_args.num_classes=1"], "a binary task is data.num_classes 2"),
     ],
 )
 def test_option_values_segpipe_cannot_use_are_one_line(extra, words, dataset, tmp_path, capsys):
