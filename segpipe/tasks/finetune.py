@@ -386,6 +386,24 @@ def _encoder_layer_names(net: nn.Module) -> list[str]:
     return [name for name, p in net.named_parameters() if id(p) in inside and p.dim() >= 2]
 
 
+def _part_of(state: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> str | None:
+    """The prefix (``"model.encoder."``) under which ``state`` is a part of the network
+    ``target`` is the state dict of (an encoder saved alone): most of its tensors fit there by
+    name and shape. None when it is not."""
+    if not state:
+        return None
+    first = next(iter(state))
+    best, fits = None, 0
+    for name in target:
+        if name.endswith("." + first):
+            prefix = name[: -len(first)]
+            n = sum(prefix + k in target and tuple(target[prefix + k].shape) == tuple(v.shape)
+                    for k, v in state.items())
+            if n > fits:
+                best, fits = prefix, n
+    return best if fits * 2 > len(state) else None
+
+
 def load_init_from(net: nn.Module, path: str | os.PathLike[str],
                    dry_run: bool = False) -> InitFromReport:
     """Load the tensors of a checkpoint that fit ``net``; the rest keeps its initialisation.
@@ -496,12 +514,18 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str],
     # Only a layer's weights (a convolution's kernels, a linear layer's matrix) carry what was
     # learnt; a few biases and BatchNorm step counters fitting by chance is no transfer.
     if not any(chosen[name].dim() >= 2 for name in chosen):
+        part = _part_of(state, target)
+        hint = (f" The file holds the weights of this network's {part.rstrip('.')!r} alone (its "
+                f"names without the {part!r} prefix): "
+                + ("give it as model.net.init_args.encoder_weights instead."
+                   if part.rstrip(".").endswith("encoder") else
+                   f"save them with the prefix, {{'{part}' + name: tensor}}.")) if part else ""
         raise InitFromError(
             f"{where}: no tensor of the checkpoint fits the network (checkpoint: "
             f"{source or 'unknown network'}, tensors {list(state)[:3]}...; this network: "
             f"{type(net).__name__}, tensors {list(target)[:3]}...; no layer's weights have the "
             "same name and shape); init_from needs a checkpoint of the same architecture and "
-            "width (the number of classes and input channels may differ)."
+            f"width (the number of classes and input channels may differ).{hint}"
         )
     if dry_run:
         return report

@@ -407,6 +407,22 @@ def test_init_from_other_input_channels_adapts_the_first_conv(tmp_path: Path) ->
     assert any("adapted the first convolution inc.block.0.weight from 3 to 1" in line for line in lines)
 
 
+def test_init_from_an_encoders_state_dict_points_to_encoder_weights(tmp_path: Path) -> None:
+    """An encoder saved alone (what encoder_weights takes) given to init_from: 'no tensor fits',
+    without the option to use."""
+    path = tmp_path / "enc.pth"
+    torch.save(SmpModel(encoder_name="resnet18", encoder_depth=3).encoder.state_dict(), path)
+    with pytest.raises(InitFromError, match=r"holds the weights of this network's "
+                       r"'model.encoder' alone .*give it as "
+                       r"model.net.init_args.encoder_weights instead"):
+        load_init_from(SmpModel(encoder_name="resnet18", encoder_depth=3), path)
+    other = tmp_path / "unet.pth"
+    torch.save(_unet().state_dict(), other)
+    with pytest.raises(InitFromError) as err:
+        load_init_from(SmpModel(encoder_name="resnet18", encoder_depth=3), other)
+    assert "alone" not in str(err.value)
+
+
 def test_init_from_refusals_name_the_reason(tmp_path: Path) -> None:
     class Grouped(nn.Module):
         num_classes, pad_multiple = 3, 1
