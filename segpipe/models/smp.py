@@ -582,6 +582,23 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> No
     encoder.load_state_dict(mapped, strict=False)
 
 
+def _key_counts(message: str) -> str:
+    """``"12 missing keys, 4 unexpected"`` from torch's load_state_dict error text."""
+    import re
+
+    counts = []
+    for label, kind in (("Missing key(s)", "missing"), ("Unexpected key(s)", "unexpected"),
+                        ("size mismatch", "of another shape")):
+        if label == "size mismatch":
+            n = message.count("size mismatch for ")
+        else:
+            found = re.search(re.escape(label) + r" in state_dict: (.*)", message)
+            n = found.group(1).count('"') // 2 if found else 0
+        if n:
+            counts.append(f"{n} {kind}")
+    return ", ".join(counts) + " tensor(s)" if counts else "tensors that do not fit"
+
+
 # ----------------------------------------------------------------------- model
 class SmpModel(nn.Module):
     """A segmentation-models-pytorch model with segpipe's interface.
@@ -756,6 +773,14 @@ class SmpModel(nn.Module):
                     f"encoder_weights={source.weights!r}: the cached {source.describe()} in "
                     f"{source.cache_folder} cannot be read ({reason}); delete that folder and "
                     f"fetch them again: {source.fetch_command()}") from exc
+            if source is not None and "Error(s) in loading state_dict" in str(exc):
+                # a cache holding another encoder's weights (a mis-copied folder): torch's
+                # message lists every key over many lines
+                raise PretrainedWeightsUnavailableError(
+                    f"encoder_weights={source.weights!r}: the cached {source.describe()} in "
+                    f"{source.cache_folder} do not fit encoder {encoder_name!r} ({reason.rstrip(':')}"
+                    f"; {_key_counts(str(exc))}): another encoder's weights are there; delete "
+                    f"that folder and fetch them again: {source.fetch_command()}") from exc
             if not isinstance(exc, (KeyError, ValueError, TypeError, AssertionError, RuntimeError)):
                 raise
             if self.arch == "dpt" and "dynamic_img_size" in str(exc):  # set above, not by the user

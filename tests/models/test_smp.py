@@ -357,6 +357,22 @@ def test_smp_named_weights_load_from_the_cache_offline(hub_cache: Path) -> None:
     )
 
 
+def test_another_encoders_weights_in_the_cache_are_one_line_naming_the_folder(
+        hub_cache: Path) -> None:
+    """A mis-copied cache (resnet34's weights under resnet18's folder) gave torch's 2 800-
+    character list of keys, naming neither the folder nor the fix."""
+    import segmentation_models_pytorch as smp
+
+    state = _random_state(smp.encoders.get_encoder("resnet34"), seed=3)
+    repo = write_smp_cache(hub_cache, "resnet18", "imagenet", state)
+    with pytest.raises(PretrainedWeightsUnavailableError) as exc:
+        SmpModel("unet", "resnet18", num_classes=2, encoder_weights="imagenet")
+    text = str(exc.value)
+    assert "\n" not in text and len(text) < 1000, text
+    assert f"in {repo} do not fit encoder 'resnet18'" in text
+    assert "unexpected tensor(s)" in text and "delete that folder and fetch them again" in text
+
+
 def test_a_truncated_cached_weights_file_is_one_line_naming_the_folder(hub_cache: Path) -> None:
     # A cache copied half-way to an offline machine: safetensors' traceback named no file.
     import segmentation_models_pytorch as smp
