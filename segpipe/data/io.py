@@ -539,10 +539,17 @@ def _stack_error(path: Path, pages: int, what: str = "pages") -> ImageReadError:
 
 def _refuse_stack(ds: Any, path: Path) -> None:
     """Refuse a multi-page TIFF that GDAL opened (its pages are subdatasets; a GeoTIFF's
-    overviews and internal mask are not)."""
+    overviews and internal mask are not), and complex-valued bands (SAR's single-look complex
+    data: numpy would keep the real part alone, with a warning)."""
     pages = len(ds.subdatasets or ())
     if pages > 1:
         raise _stack_error(path, pages)
+    if any(str(t).startswith("complex") for t in ds.dtypes):
+        raise ImageReadError(
+            path, f"its bands hold complex values ({', '.join(sorted(set(ds.dtypes)))}, "
+            "as SAR's single-look complex data do); segpipe reads real-valued images",
+            "convert them to amplitude first: np.abs(dataset.read()) written with rasterio, or "
+            "gdal_calc.py -A IN --calc 'absolute(A)' --type Float32 --outfile OUT")
 
 
 def _refuse_pillow_stack(img: Image.Image, path: Path) -> None:

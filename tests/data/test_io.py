@@ -456,6 +456,21 @@ def test_an_image_stack_in_one_file_is_refused(tmp_path: Path, name: str) -> Non
             fn(p)
 
 
+def test_complex_valued_rasters_are_refused_with_the_conversion(tmp_path: Path) -> None:
+    """SAR's single-look complex data were predicted from their real part alone, with numpy's
+    'discards the imaginary part' warning passed through."""
+    from segpipe.data.io import open_raster, probe_raster
+
+    p = tmp_path / "slc.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=8, height=6, count=1,
+                       dtype="complex64") as ds:
+        ds.write((np.ones((1, 6, 8)) + 2j).astype(np.complex64))
+    for fn in (read_image, probe_raster, lambda f: open_raster(f, None, 1)):
+        with pytest.raises(ImageReadError, match=r"slc\.tif: its bands hold complex values "
+                           r"\(complex64.*convert them to amplitude first"):
+            fn(p)
+
+
 def test_a_geotiff_with_overviews_is_one_image(tmp_path: Path) -> None:
     """Overviews (reduced-resolution pages of the same image) are not a stack."""
     from rasterio.enums import Resampling
