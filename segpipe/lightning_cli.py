@@ -585,32 +585,68 @@ def _checkpoint_bytes(model: torch.nn.Module) -> int:
 _LINKED_NET_ARGS = ("num_classes", "in_channels")
 
 
-def _given_net_links(argv: list[str]) -> dict[str, tuple[str, str]]:
-    """``model.net.init_args.num_classes``/``in_channels`` as given on the command line or in
-    a ``--config`` file, ``{key: (value, where)}`` (the later one where both are): jsonargparse
-    drops a value given for a link's target without a word."""
+_MISSING = object()
+
+
+def _given_raw(argv: list[str], dotted: str) -> tuple[Any, str] | None:
+    """The value of option ``dotted`` (``trainer.limit_train_batches``) as written on the
+    command line (a string) or in a ``--config`` file (as YAML reads it), with where; the later
+    one where several give it. None when none does. It tells apart what jsonargparse's types
+    merge: a value given for a link's target (dropped without a word), an integer read as a
+    float."""
     import yaml
 
-    found: dict[str, tuple[str, str]] = {}
+    found: tuple[Any, str] | None = None
+    parts = dotted.split(".")
     for i in range(len(argv)):
-        for key in _LINKED_NET_ARGS:
-            value = _option_at(argv, i, f"--model.net.init_args.{key}")
-            if value is not None:
-                found[key] = (value, "the command line")
+        value = _option_at(argv, i, f"--{dotted}")
+        if value is not None:
+            found = (value, "the command line")
         path = _option_at(argv, i, "--config")
         if path is None:
             continue
         try:
-            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError, yaml.YAMLError):
             continue  # the parser reports an unreadable config itself
-        net = (doc.get("model") or {}).get("net") if isinstance(doc, dict) and isinstance(
-            doc.get("model"), dict) else None
-        init = net.get("init_args") if isinstance(net, dict) else None
-        for key in _LINKED_NET_ARGS:
-            if isinstance(init, dict) and key in init:
-                found[key] = (str(init[key]), path)
+        for part in parts:
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            found = (node, path)
     return found
+
+
+def _given_net_links(argv: list[str]) -> dict[str, tuple[str, str]]:
+    """``model.net.init_args.num_classes``/``in_channels`` as given on the command line or in
+    a ``--config`` file, ``{key: (value, where)}`` (the later one where both are): jsonargparse
+    drops a value given for a link's target without a word."""
+    found: dict[str, tuple[str, str]] = {}
+    for key in _LINKED_NET_ARGS:
+        given = _given_raw(argv, f"model.net.init_args.{key}")
+        if given is not None:
+            found[key] = (str(given[0]), given[1])
+    return found
+
+
+def _one_batch_limits(cfg: Any, argv: list[str]) -> list[str]:
+    """The ``trainer.limit_*_batches`` given as the integer 1: one batch in Lightning (an int
+    counts batches, a float is a fraction), but Lightning types them ``float | int`` and
+    jsonargparse reads 1 as the float 1.0, every batch (the Trainer is given these as 1)."""
+    trainer = cfg.get("trainer")
+    if trainer is None or not hasattr(trainer, "get"):
+        return []
+    keys = []
+    for stage in ("train", "val", "test", "predict"):
+        key = f"limit_{stage}_batches"
+        value = trainer.get(key)
+        if not isinstance(value, float) or value != 1.0:
+            continue
+        given = _given_raw(argv, f"trainer.{key}")
+        raw = given[0] if given is not None else None
+        if (isinstance(raw, int) and not isinstance(raw, bool) and raw == 1) or (
+                isinstance(raw, str) and raw.strip() == "1"):
+            keys.append(key)
+    return keys
 
 
 def _check_net_links(cfg: Any, argv: list[str]) -> None:
@@ -903,6 +939,7 @@ class SegpipeCLI(LightningCLI):
         self._split_step_checkpoint(cfg)
         _name_monitored_metric(cfg.checkpoint)
         _check_net_links(cfg, sys.argv[1:])
+        self._one_batch = _one_batch_limits(cfg, sys.argv[1:])
         self._check_nulls(cfg)
         self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)
@@ -1102,6 +1139,8 @@ class SegpipeCLI(LightningCLI):
                 if top is not None and not any(top.is_relative_to(d) for d in _MADE_DIRS):
                     _MADE_DIRS.append(top)
             kwargs["logger"] = default_loggers(root, version)
+        for key in getattr(self, "_one_batch", ()):  # jsonargparse made these 1.0: all
+            kwargs.setdefault(key, 1)
         trainer = super().instantiate_trainer(**kwargs)
         install_safe_checkpoint_io(trainer)
         for logger in trainer.loggers:

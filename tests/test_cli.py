@@ -656,6 +656,27 @@ def test_smp_architecture_arguments_come_from_the_config_and_rebuild_for_predict
     assert "smp_kwargs" in capsys.readouterr().err
 
 
+def test_limit_batches_1_is_one_batch_as_lightning_means_it(dataset, tmp_path):
+    """Lightning types limit_*_batches float | int, so jsonargparse read 1 as 1.0: every batch
+    (a float is a fraction), not the one batch an int means."""
+    import torch
+
+    config = tmp_path / "limits.yaml"
+    config.write_text("trainer:\n  limit_val_batches: 1\n")
+    for name, extra in (("one", ["--trainer.limit_train_batches=1"]),
+                        ("one_spaced", ["--trainer.limit_train_batches", "1"]),
+                        ("yaml", ["--config", str(config)]),
+                        ("all", ["--trainer.limit_train_batches=1.0"])):
+        run = tmp_path / name
+        assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", *TINY,
+                     *extra]) == 0
+        steps = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+        train = len(list((dataset / "train" / "images").iterdir()))
+        expected = 1 if name in ("one", "one_spaced") else -(-train // 4)  # batch size 4
+        assert steps == expected, (name, steps)
+
+
 def test_a_second_fit_into_a_folder_another_fit_writes_is_refused(dataset, tmp_path, capsys):
     """Two fits in one folder (a job started twice, a requeued job whose old process still
     runs): the second moved the live run's checkpoints aside and both kept writing last.ckpt."""
