@@ -291,9 +291,16 @@ def _network_from_a_run(args: Sequence[str]) -> str:
     if not ckpt:
         return ("; give the config the model was trained with: --config RUN/config.yaml "
                 "(segpipe fit keeps it in its trainer.default_root_dir or log folder)")
-    run = Path(ckpt).expanduser().resolve().parent.parent  # RUN/checkpoints/x.ckpt
+    file = Path(ckpt).expanduser().resolve()
+    run = file.parent.parent  # RUN/checkpoints/x.ckpt
+    try:
+        written = file.stat().st_mtime
+    except OSError:
+        written = float("inf")
+    # the fit's config was written before its checkpoints; later tests write theirs after
     found = sorted(run.glob("config.yaml")) + sorted(
-        run.glob("*/version_*/config.yaml"), key=lambda p: p.stat().st_mtime)[-1:]
+        (p for p in run.glob("*/version_*/config.yaml") if p.stat().st_mtime <= written),
+        key=lambda p: p.stat().st_mtime)[-1:]
     where = f" (beside this checkpoint: --config {found[0]})" if found else (
         " (segpipe fit keeps it in its trainer.default_root_dir or log folder)")
     return (f"; the network and the data settings come from the config the model was trained "

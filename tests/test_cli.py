@@ -865,7 +865,11 @@ def test_test_with_a_checkpoint_but_no_config_names_the_runs_config(dataset, fit
     err = capsys.readouterr().err
     assert "the network and the data settings come from the config the model was trained with" \
         in err
-    configs = sorted(fitted.glob("config.yaml")) + sorted(fitted.glob("*/version_*/config.yaml"))
+    # the fit's config: written before the checkpoint (other tests' configs come after it)
+    written = ckpt.stat().st_mtime
+    configs = sorted(fitted.glob("config.yaml")) + sorted(
+        (p for p in fitted.glob("*/version_*/config.yaml") if p.stat().st_mtime <= written),
+        key=lambda p: p.stat().st_mtime)[-1:]
     assert configs and f"--config {configs[0]}" in err
     # and with it, the test runs
     assert main(["test", "--config", str(configs[0]), f"--ckpt_path={ckpt}",
