@@ -485,12 +485,15 @@ class TestMetricsWriter(L.Callback):
         print("(the test metrics table pools the scored pixels of every image; mIoU and mDice "
               "are macro means over classes, micro_IoU and pixel_accuracy micro)")
         per_case = report.get("per_case") or {}
-        if per_case.get("num_cases"):
+        if per_case.get("num_cases") or per_case.get("num_cases_without_score"):
             def pct(v: Any) -> str:
                 return "n/a" if v is None else f"{100 * float(v):.1f} %"
 
             dice = per_case.get("Dice_per_class_mean_over_cases") or {}
-            print(f"Mean over {per_case['num_cases']} cases: mDice "
+            unscored = int(per_case.get("num_cases_without_score") or 0)
+            left_out = (f" ({unscored} more without a labelled pixel, left out)"
+                        if unscored else "")
+            print(f"Mean over {per_case['num_cases']} cases{left_out}: mDice "
                   f"{pct(per_case.get('mDice_mean_over_cases'))}, mIoU "
                   f"{pct(per_case.get('mIoU_mean_over_cases'))}; Dice per class: "
                   + ", ".join(f"{name} {pct(v)}" for name, v in dice.items()))

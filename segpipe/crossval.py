@@ -168,8 +168,11 @@ def _sd(values: Sequence[float | None]) -> float | None:
 
 def _summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
     """Means over the case rows of ``case_scores`` (cases without a class's score left out)."""
+    unscored = sum(r.get("mDice") is None for r in rows)
     return {
-        "num_cases": len(rows),
+        # the cases behind the means: one without a labelled pixel has no score
+        "num_cases": len(rows) - unscored,
+        "num_cases_without_score": unscored,
         "mDice_mean_over_cases": _mean([r.get("mDice") for r in rows]),
         "mIoU_mean_over_cases": _mean([r.get("mIoU") for r in rows]),
         "Dice_per_class_mean_over_cases": {
@@ -315,6 +318,10 @@ def format_table(result: dict[str, Any]) -> str:
     text += [f"{label}: {f['path']}" + (f" (checkpoint {f['checkpoint']})"
                                         if f.get("checkpoint") else "")
              for label, f in zip(labels, result["folds"])]
+    unscored = result["all_cases"].get("num_cases_without_score")
+    if unscored:
+        text.append(f"{unscored} case(s) without a labelled pixel have no score and are left "
+                    "out of the 'cases' counts and every mean")
     return "\n".join(text)
 
 

@@ -259,7 +259,9 @@ def case_scores(
         class_names: K names.
 
     Returns:
-        ``{"num_cases", "num_cases_per_class", "Dice_per_class_mean_over_cases",
+        ``{"num_cases"`` (the cases scored: each mean is over them), ``"num_cases_without_score"``
+        (cases with no labelled pixel, left out; their rows stay), ``"num_cases_per_class",
+        "Dice_per_class_mean_over_cases",
         "IoU_per_class_mean_over_cases", "mDice_mean_over_cases", "mIoU_mean_over_cases",
         "cases": [rows]}``.
     """
@@ -286,8 +288,11 @@ def case_scores(
         vals = [v for v in values if v is not None]
         return sum(vals) / len(vals) if vals else None
 
+    unscored = sum(r["mDice"] is None for r in rows)
     return {
-        "num_cases": len(rows),
+        # the cases behind the means: one without a labelled pixel has no score (its row stays)
+        "num_cases": len(rows) - unscored,
+        "num_cases_without_score": unscored,
         # The cases behind each class's mean (those where it is in the truth or prediction).
         "num_cases_per_class": {
             n: sum(r["Dice_per_class"][n] is not None for r in rows) for n in class_names},

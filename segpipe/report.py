@@ -638,7 +638,11 @@ def write_report(
         outside = int(per_case.get("images_without_case") or 0)
         lines += [
             "## Per case", "",
-            f"{per_case['num_cases']} cases. Each case's Dice and IoU pool the pixels of its "
+            f"{per_case['num_cases']} cases"
+            + (f" (and {per_case['num_cases_without_score']} without a labelled pixel, which "
+               "has no score and is left out of every mean)"
+               if per_case.get("num_cases_without_score") else "")
+            + ". Each case's Dice and IoU pool the pixels of its "
             "images; the **mean over cases** weighs every case equally (the protocol of, e.g., "
             "per-patient Dice), where the figures above pool all pixels and weigh large cases "
             "more. A case where a class is absent from both truth and prediction has no score "

@@ -33,6 +33,20 @@ def _metrics(path: Path, rows: list[dict], classes=("background", "tumour"),
     return path
 
 
+def test_cases_without_a_score_are_not_counted_in_the_means(tmp_path: Path, capsys) -> None:
+    """A case whose pixels are all ignored has no score: it was counted in 'cases' beside
+    means taken over the others."""
+    unscored = {"case": "p9", "num_images": 1, "mDice": None, "mIoU": None,
+                "Dice_per_class": {"background": None, "tumour": None},
+                "IoU_per_class": {"background": None, "tumour": None}}
+    run = _metrics(tmp_path / "r0" / "test_metrics.json", [_row("p1", 0.5), unscored])
+    assert main(["crossval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "1 case(s) without a labelled pixel have no score" in out
+    table = next(line for line in out.splitlines() if line.startswith("all cases"))
+    assert table.split()[2] == "1"  # "all cases" then the count
+
+
 def test_recorded_split_settings_must_make_folds_of_one_split(tmp_path: Path, capsys) -> None:
     """Runs that share no case can still be other splits' folds: the recorded settings tell."""
     fold = lambda k, case, **kw: _metrics(tmp_path / f"f{k}{kw.get('seed', '')}/test_metrics.json",  # noqa: E731

@@ -31,6 +31,12 @@ def test_case_scores_pool_pixels_then_average_cases() -> None:
     empty = case_scores({"c": torch.tensor([[5, 0], [0, 0]])}, {"c": 1}, ["bg", "tumour"])
     assert empty["Dice_per_class_mean_over_cases"]["tumour"] is None  # absent: no score
     assert empty["num_cases_per_class"] == {"bg": 1, "tumour": 0}
+    # a case without a labelled pixel (every pixel ignored) has a row but no score: the
+    # means were over 2 cases and labelled 3
+    none = case_scores({"a": a, "b": b, "z": torch.zeros(2, 2, dtype=torch.long)},
+                       {"a": 2, "b": 1, "z": 1}, ["bg", "tumour"])
+    assert none["num_cases"] == 2 and none["num_cases_without_score"] == 1
+    assert len(none["cases"]) == 3 and none["mDice_mean_over_cases"] == out["mDice_mean_over_cases"]
 
 
 def test_per_case_report_says_what_each_mean_covers(tmp_path: Path) -> None:
