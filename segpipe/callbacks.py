@@ -422,6 +422,26 @@ def _provenance(trainer: L.Trainer) -> dict[str, Any]:
     return out
 
 
+def _partial_split(trainer: L.Trainer, scored_images: int | None) -> dict[str, Any] | None:
+    """How much of the split a test scored, when it scored part of it (``data.limit_samples``,
+    ``trainer.limit_test_batches``): ``{"scored_images", "split_images", "limits"}``; None
+    when it scored all of it, or the data module does not tell its split's size."""
+    dm = getattr(trainer, "datamodule", None)
+    sizes = getattr(dm, "split_sizes", None)
+    split = getattr(dm, "test_split", None)
+    total = sizes.get(split) if isinstance(sizes, dict) and isinstance(split, str) else None
+    if not total or scored_images is None or scored_images >= total:
+        return None
+    limits: dict[str, Any] = {}
+    hp = getattr(dm, "hparams", None)
+    if hasattr(hp, "get") and hp.get("limit_samples") is not None:
+        limits["data.limit_samples"] = hp.get("limit_samples")
+    batches = getattr(trainer, "limit_test_batches", None)
+    if batches is not None and not (isinstance(batches, float) and batches == 1.0):
+        limits["trainer.limit_test_batches"] = batches
+    return {"scored_images": int(scored_images), "split_images": int(total), "limits": limits}
+
+
 class TestMetricsWriter(L.Callback):
     """After ``test``: write ``test_metrics.json``, a per-image CSV and the evaluation report.
 
@@ -464,6 +484,15 @@ class TestMetricsWriter(L.Callback):
 
         report = dict(report)
         report.update(_provenance(trainer))
+        partial = _partial_split(trainer, report.get("num_images"))
+        if partial is not None:  # figures of part of the split must not pass for the split's
+            report["partial_split"] = partial
+            given = ", ".join(f"{k} {v}" for k, v in partial["limits"].items())
+            rank_zero_warn(
+                f"this test scored {partial['scored_images']} of the "
+                f"{partial['split_images']} images of its split"
+                + (f" ({given})" if given else "") + ": its figures are those of part of "
+                "the split (test_metrics.json records it as partial_split)")
         earlier = out_dir / self.filename
         if earlier.exists():  # e.g. --trainer.logger false: every test writes to one folder
             rank_zero_warn(f"replacing an earlier test's {self.filename}, report and CSVs in "

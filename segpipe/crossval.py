@@ -133,7 +133,7 @@ def _check_folds(runs: list[tuple[Path, dict[str, Any] | None]]) -> list[str]:
 
 #: How ``segpipe test`` scored (recorded in ``test_metrics.json``): folds pooled together must
 #: agree on these, or the pooled figure mixes protocols.
-_PROTOCOL = ("test_time_augmentation", "batchnorm_statistics", "eval_resize")
+_PROTOCOL = ("test_time_augmentation", "batchnorm_statistics", "eval_resize", "ignore_index")
 
 
 def _check_protocols(protocols: list[tuple[Path, dict[str, Any]]]) -> None:
@@ -261,6 +261,12 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                     "not folds of one split (same data.seed and val_case_fraction, a different "
                     "data.fold each)")
             seen[case] = path
+        partial = metrics.get("partial_split")
+        if isinstance(partial, dict):  # data.limit_samples or limit_test_batches in its test
+            chosen.append(
+                f"{path} scored {partial.get('scored_images')} of its split's "
+                f"{partial.get('split_images')} images (a test of part of the split): the pooled "
+                "mean leaves the others out; test that fold again without the limits")
         folds.append({"path": str(path), "data_fold": data_fold,
                       "checkpoint": metrics.get("checkpoint"), **_summary(rows, classes)})
         all_rows += rows

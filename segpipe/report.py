@@ -532,6 +532,11 @@ def write_report(
     if num_images is not None:
         facts.append(f"**{num_images}** test image(s)" if split in (None, "test") else
                      f"**{num_images}** {split} image(s) (the data has no test split)")
+    partial = report.get("partial_split")
+    if partial:
+        limits = ", ".join(f"`{k} {v}`" for k, v in (partial.get("limits") or {}).items())
+        facts.append(f"**part of the split only**: {partial['scored_images']} of its "
+                     f"{partial['split_images']} images" + (f" ({limits})" if limits else ""))
     facts.append(f"{k} classes")
     facts.append(
         f"ignore index **{ignore_index}** (excluded from every metric)"

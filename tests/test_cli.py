@@ -856,6 +856,27 @@ def test_a_fit_that_fails_before_training_leaves_no_empty_run_folder(dataset, tm
     assert (kept / "checkpoints").is_dir() and (kept / "notes.txt").is_file()  # not made by it
 
 
+def test_a_test_of_part_of_the_split_says_so(fitted, dataset, tmp_path):
+    """data.limit_samples 2 scored 2 of 4 test images without a word, and test_metrics.json and
+    the report read like the whole split's."""
+    ckpt = next((fitted / "checkpoints").glob("best-*.ckpt"))
+    out = tmp_path / "t"
+    with pytest.warns(UserWarning, match=r"this test scored 2 of the 4 images of its split "
+                      r"\(data.limit_samples 2\)"):
+        assert main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     f"--trainer.default_root_dir={out}", f"--ckpt_path={ckpt}", *TINY,
+                     "--trainer.logger=false", "--data.limit_samples=2"]) == 0
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["partial_split"] == {"scored_images": 2, "split_images": 4,
+                                        "limits": {"data.limit_samples": 2}}
+    assert "part of the split only**: 2 of its 4 images" in (out / "report.md").read_text()
+    # the whole split: no such record
+    assert main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={out}", f"--ckpt_path={ckpt}", *TINY,
+                 "--trainer.logger=false"]) == 0
+    assert "partial_split" not in json.loads((out / "test_metrics.json").read_text())
+
+
 def test_test_with_a_checkpoint_but_no_config_names_the_runs_config(dataset, fitted, capsys):
     """`segpipe test --ckpt_path X` without --config said only 'arguments are required:
     test.model.net', which the checkpoint then overrides anyway."""

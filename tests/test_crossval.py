@@ -133,6 +133,16 @@ def test_folds_scored_otherwise_or_on_the_shared_test_split_are_refused(tmp_path
     f1.write_text(json.dumps(tta))
     with pytest.raises(CrossvalError, match="scored with different test_time_augmentation"):
         crossval([str(f0), str(f1)])  # pooled silently
+    other = json.loads(f1.read_text())  # scored other pixels: pooled silently too
+    other["test_time_augmentation"], other["ignore_index"] = None, 255
+    f1.write_text(json.dumps(other))
+    with pytest.raises(CrossvalError, match="scored with different ignore_index"):
+        crossval([str(f0), str(f1)])
+    other["ignore_index"] = None
+    other["partial_split"] = {"scored_images": 2, "split_images": 6, "limits": {}}
+    f1.write_text(json.dumps(other))
+    said = crossval([str(f0), str(f1)])["warnings"]
+    assert any("scored 2 of its split's 6 images" in w for w in said), said
     shared = json.loads(f0.read_text())
     shared["data_split"]["scored"] = "test"
     f0.write_text(json.dumps(shared))

@@ -747,6 +747,8 @@ class SegmentationDataModule(L.LightningDataModule):
                            "without validation")
             splits = {**splits, "train": pooled, "val": []}
         limit = self.hparams.limit_samples
+        #: Images per split before ``limit_samples`` (a test of part of a split says so).
+        self.split_sizes = {k: len(v) for k, v in splits.items()}
         self._splits = {k: _subset(v, limit) for k, v in splits.items()}
         self._scan = scan
         return scan
