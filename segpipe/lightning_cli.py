@@ -936,6 +936,16 @@ class SegpipeCLI(LightningCLI):
                 f"--trainer.default_root_dir{hint}")
             cfg.ckpt_path = None
         self._check_bands_given(cfg, subcommand)
+        if subcommand == "validate":
+            model = cfg.get("model")
+            asked = [f"--model.{key} {model.get(key)}" for key in ("test_tta", "bn_adapt")
+                     if model is not None and hasattr(model, "get") and model.get(key)]
+            if asked:
+                rank_zero_warn(
+                    f"{' and '.join(asked)} {'apply' if len(asked) > 1 else 'applies'} to "
+                    "segpipe test only: validate scores the "
+                    "plain model, as training's validation does; run segpipe test for those "
+                    "figures (on a data root without a test split it scores the val split)")
         self._split_step_checkpoint(cfg)
         _name_monitored_metric(cfg.checkpoint)
         _check_net_links(cfg, sys.argv[1:])

@@ -877,6 +877,16 @@ def test_a_test_of_part_of_the_split_says_so(fitted, dataset, tmp_path):
     assert "partial_split" not in json.loads((out / "test_metrics.json").read_text())
 
 
+def test_validate_says_it_ignores_the_test_only_options(fitted, dataset, tmp_path):
+    """validate --model.test_tta true printed the plain figures without a word."""
+    ckpt = next((fitted / "checkpoints").glob("best-*.ckpt"))
+    with pytest.warns(UserWarning, match=r"--model.test_tta True applies to segpipe test only"):
+        assert main(["validate", "--config", "configs/folder_unet.yaml",
+                     f"--data.root={dataset}", f"--trainer.default_root_dir={tmp_path}",
+                     f"--ckpt_path={ckpt}", *TINY, "--trainer.logger=false",
+                     "--model.test_tta=true"]) == 0
+
+
 def test_test_with_a_checkpoint_but_no_config_names_the_runs_config(dataset, fitted, capsys):
     """`segpipe test --ckpt_path X` without --config said only 'arguments are required:
     test.model.net', which the checkpoint then overrides anyway."""
