@@ -513,6 +513,10 @@ class TestMetricsWriter(L.Callback):
         self.last_path = atomic_write_json(out_dir / self.filename, report)
         print("(the test metrics table pools the scored pixels of every image; mIoU and mDice "
               "are macro means over classes, micro_IoU and pixel_accuracy micro)")
+        absent = [name for name, v in (report.get("IoU_per_class") or {}).items() if v is None]
+        if absent:  # no row in the table: say why, so it does not look forgotten
+            print(f"(no row for {', '.join(absent)}: absent from both the truth and the "
+                  "predictions, so no score, and left out of mIoU and mDice)")
         per_case = report.get("per_case") or {}
         if per_case.get("num_cases") or per_case.get("num_cases_without_score"):
             def pct(v: Any) -> str:

@@ -196,6 +196,21 @@ def test_a_test_without_a_report_removes_an_earlier_tests_report(tmp_path: Path)
     assert (tmp_path / "test_metrics.json").exists()
 
 
+def test_the_console_names_classes_the_table_has_no_row_for(tmp_path: Path, capsys) -> None:
+    """A class absent from truth and prediction vanished from the console table: the JSON and
+    the report said 'absent', the log looked as if it had been forgotten."""
+    from types import SimpleNamespace
+
+    from segpipe.callbacks import TestMetricsWriter
+
+    trainer = SimpleNamespace(ckpt_path="last.ckpt", datamodule=None,
+                              lightning_module=SimpleNamespace(spec=None))
+    TestMetricsWriter(report=False)._write(trainer, SimpleNamespace(test_report=_report()),
+                                           tmp_path)
+    assert "(no row for bike: absent from both the truth and the predictions" in \
+        capsys.readouterr().out
+
+
 def test_plot_labels_shorten_long_class_names() -> None:
     """A 100-character class name took most of the confusion matrix's figure."""
     from segpipe.report import _axis_labels
