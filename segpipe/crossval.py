@@ -313,12 +313,15 @@ def format_table(result: dict[str, Any]) -> str:
               for i, f in enumerate(result["folds"], 1)]
     table = [head] + [line(label, f) for label, f in zip(labels, result["folds"])]
     table.append(line("all cases", result["all_cases"]))
-    sd = result["fold_sd"]
-    table.append(["sd of folds", "", _pct(sd["mDice_mean_over_cases"]),
-                  _pct(sd["mIoU_mean_over_cases"]),
-                  *(_pct(sd["Dice_per_class_mean_over_cases"][c]) for c in classes)])
+    folds = [f for f in result["folds"] if f.get("data_fold") is not None]
+    if len(result["folds"]) > 1:
+        sd = result["fold_sd"]
+        table.append(["sd of folds" if folds else "sd of runs", "",
+                      _pct(sd["mDice_mean_over_cases"]), _pct(sd["mIoU_mean_over_cases"]),
+                      *(_pct(sd["Dice_per_class_mean_over_cases"][c]) for c in classes)])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    text = ["Mean over cases, % (each case scored by the fold model that did not train on it):"]
+    text = ["Mean over cases, % (each case scored by the fold model that did not train on it):"
+            if len(folds) > 1 else "Mean over cases, %:"]
     text += ["  ".join(cell.rjust(w) if i else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
     text += [f"{label}: {f['path']}" + (f" (checkpoint {f['checkpoint']})"

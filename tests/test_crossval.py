@@ -45,6 +45,9 @@ def test_cases_without_a_score_are_not_counted_in_the_means(tmp_path: Path, caps
     assert "1 case(s) without a labelled pixel have no score" in out
     table = next(line for line in out.splitlines() if line.startswith("all cases"))
     assert table.split()[2] == "1"  # "all cases" then the count
+    # one run is no cross-validation: no fold wording, no spread of one value
+    assert "Mean over cases, %:" in out and "did not train on it" not in out
+    assert "sd of" not in out
 
 
 def test_recorded_split_settings_must_make_folds_of_one_split(tmp_path: Path, capsys) -> None:
