@@ -198,18 +198,28 @@ def _first_missing(folder: Path) -> Path | None:
     return top
 
 
+#: The config files a command saves into its run's log folder (:class:`_RunConfigCallback`).
+_RUN_CONFIG_NAMES = {"config.yaml", "validate_config.yaml", "test_config.yaml"}
+
+
 def _remove_empty_folders(tops: Sequence[Path]) -> None:
     """Remove the folder trees in ``tops`` that hold no file: the run folder and checkpoint
     folder a failed command created before it wrote anything (a typo in an option, weights that
     cannot be fetched, bad data). Anything with a file in it stays, but for TensorBoard event
     files that hold nothing but their header: Lightning opens them before the data module's
-    setup, so a fit stopped by the data check left one, and the next run became version_1."""
+    setup, so a fit stopped by the data check left one, and the next run became version_1;
+    and for a folder that holds the command's saved config alone (a test refused at its start,
+    after Lightning saved it)."""
     for top in tops:
         if not top.is_dir():
             continue
         for here, _, files in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
             for name in files:
                 if name.startswith("events.out.tfevents.") and _event_records(Path(here, name)) <= 1:
+                    Path(here, name).unlink(missing_ok=True)
+            left = set(os.listdir(here)) if os.path.isdir(here) else set()
+            if left and left <= _RUN_CONFIG_NAMES:  # the command's config alone: it ran nothing
+                for name in left:
                     Path(here, name).unlink(missing_ok=True)
             try:
                 Path(here).rmdir()  # only empty ones go

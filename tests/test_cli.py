@@ -307,9 +307,12 @@ def test_scoring_images_the_checkpoint_trained_on_is_refused(tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(data, moved)
     capsys.readouterr()
+    versions = sorted((tmp_path / "run" / "lightning_logs").iterdir())
     code = main(["test", *args, f"--data.root={moved}", "--ckpt_path=last", "--data.seed=3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("segpipe: error: the checkpoint trained on ")
+    # the refused test left a version_N holding its config.yaml alone
+    assert sorted((tmp_path / "run" / "lightning_logs").iterdir()) == versions
     assert "images this val split scores" in err[-1] and str(moved) in err[-1]
     assert "It was trained with data.seed=0; now data.seed=3: give the settings" in err[-1]
     # Another data set that names its files alike is not mistaken for the training data.
