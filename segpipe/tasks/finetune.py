@@ -501,13 +501,14 @@ def load_init_from(net: nn.Module, path: str | os.PathLike[str],
             report.adapted = (name, int(src.shape[1]), int(tensor.shape[1]))
         else:
             report.reinitialised.append(name)
-            if tensor.dim() >= 2 and (src is None or tuple(src.shape[1:]) != tuple(tensor.shape[1:])):
+            if tensor.dim() >= 2 and tuple(src.shape[1:]) != tuple(tensor.shape[1:]):
                 report.foreign.append(name)  # not a head of another class count
     report.unused = [k for k in state if k not in target]
     encoder = _encoder_layer_names(net)
     if getattr(net, "encoder_pretrained", False) is True:
         # an encoder built with pretrained weights keeps them where the checkpoint has none
-        report.foreign = [name for name in report.foreign if name not in set(encoder)]
+        inside = set(encoder)
+        report.foreign = [name for name in report.foreign if name not in inside]
     else:
         report.encoder_layers = len(encoder)
         report.encoder_loaded = sum(name in chosen for name in encoder)
