@@ -23,7 +23,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "positive_int"]
+__all__ = ["CommandParser", "command_line_value", "option_at", "positive_int"]
+
+
+def command_line_value(argv: Sequence[str], option: str) -> str | None:
+    """The value of the last ``option VALUE`` or ``option=VALUE`` in ``argv`` (None if absent).
+
+    jsonargparse applies options and ``--config`` files in their order, so ``--ckpt_path FILE
+    --config RUN/config.yaml`` took the ``ckpt_path: null`` every saved run config holds and
+    started a new run, setting the one to resume aside. An option typed on the command line
+    is meant whatever its place."""
+    value = None
+    for i in range(len(argv)):
+        here = option_at(argv, i, option)
+        value = value if here is None else here
+    return value
+
+
+def option_at(argv: Sequence[str], i: int, option: str) -> str | None:
+    """The value ``option`` is given at ``argv[i]`` (``option VALUE`` or ``option=VALUE``), or
+    None when ``argv[i]`` is another argument."""
+    arg = argv[i]
+    if arg == option:
+        return argv[i + 1] if i + 1 < len(argv) else None
+    return arg[len(option) + 1:] if arg.startswith(option + "=") else None
 
 
 def positive_int(value: str) -> int:

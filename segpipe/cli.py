@@ -189,16 +189,15 @@ def _shipped_configs(args: list[str]) -> list[str]:
     """``args`` with each ``--config configs/NAME.yaml`` that does not exist here replaced by
     the shipped copy (a pip install has no ``configs/`` folder; the README's commands then
     failed with "File does not exist")."""
+    from segpipe.argparsing import option_at
     from segpipe.configs import resolve
 
     out = list(args)
     for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
-            at, value, prefix = i + 1, out[i + 1], ""
-        elif arg.startswith("--config="):
-            at, value, prefix = i, arg.split("=", 1)[1], "--config="
-        else:
+        value = option_at(out, i, "--config")
+        if value is None:
             continue
+        at, prefix = (i + 1, "") if arg == "--config" else (i, "--config=")
         shipped = resolve(value)
         if shipped is not None:
             print(f"segpipe: {value}: no such file here; using the one shipped with segpipe, "
@@ -285,9 +284,9 @@ def _network_from_a_run(args: Sequence[str]) -> str:
     config's), with the one found beside the checkpoint when there is one."""
     from pathlib import Path
 
-    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
-    if ckpt is None and "--ckpt_path" in args[:-1]:
-        ckpt = args[list(args).index("--ckpt_path") + 1]
+    from segpipe.argparsing import command_line_value
+
+    ckpt = command_line_value(args, "--ckpt_path")
     if not ckpt:
         return ("; give the config the model was trained with: --config RUN/config.yaml "
                 "(segpipe fit keeps it in its trainer.default_root_dir or log folder)")
