@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from segpipe.argparsing import command_line_value, option_at
 from segpipe.helpformat import HelpFormatter
 from segpipe.callbacks import (
     PARTIAL_SUFFIX,
@@ -127,27 +128,31 @@ def _settings_given(model: Any, defaults: Any) -> dict[str, Any]:
             if not key.startswith("data_spec") and not _same_setting(value, defaults.get(key))}
 
 
-def _command_line_value(argv: Sequence[str], option: str) -> str | None:
-    """The value of the last ``option VALUE`` or ``option=VALUE`` in ``argv`` (None if absent).
+def _config_at(argv: Sequence[str], i: int) -> tuple[str, Any] | None:
+    """``(path, YAML content)`` of the ``--config`` file given at ``argv[i]``; None when
+    ``argv[i]`` gives none, or the file cannot be read (the parser reports it itself)."""
+    import yaml
 
-    jsonargparse applies options and ``--config`` files in their order, so ``--ckpt_path FILE
-    --config RUN/config.yaml`` took the ``ckpt_path: null`` every saved run config holds and
-    started a new run, setting the one to resume aside. An option typed on the command line
-    is meant whatever its place."""
-    value = None
-    for i in range(len(argv)):
-        here = _option_at(argv, i, option)
-        value = value if here is None else here
-    return value
+    path = option_at(argv, i, "--config")
+    if path is None:
+        return None
+    try:
+        return path, yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
 
 
-def _option_at(argv: Sequence[str], i: int, option: str) -> str | None:
-    """The value ``option`` is given at ``argv[i]`` (``option VALUE`` or ``option=VALUE``), or
-    None when ``argv[i]`` is another argument."""
-    arg = argv[i]
-    if arg == option:
-        return argv[i + 1] if i + 1 < len(argv) else None
-    return arg[len(option) + 1:] if arg.startswith(option + "=") else None
+#: :func:`_lookup`'s answer for a key a config does not set.
+_ABSENT = object()
+
+
+def _lookup(values: Any, dotted: str) -> Any:
+    """The value a config's YAML content sets for ``dotted`` (``trainer.max_epochs``), or
+    :data:`_ABSENT`."""
+    node = values
+    for part in dotted.split("."):
+        node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+    return node
 
 
 def _overridden_by_a_later_config(argv: Sequence[str]) -> list[tuple[str, str]]:
@@ -155,31 +160,22 @@ def _overridden_by_a_later_config(argv: Sequence[str]) -> list[tuple[str, str]]:
 
     jsonargparse applies options and config files in their order, so ``--trainer.max_epochs 1
     --config my.yaml`` trained for the file's epochs, into the file's run folder, in silence.
-    (``--ckpt_path`` holds wherever it is typed: :func:`_command_line_value`.)"""
-    import yaml
-
+    (``--ckpt_path`` holds wherever it is typed:
+    :func:`~segpipe.argparsing.command_line_value`.)"""
     found: dict[str, str] = {}  # each option with the last file that sets it
     for i in range(len(argv)):
-        path = _option_at(argv, i, "--config")
-        if path is None:
+        config = _config_at(argv, i)
+        if config is None:
             continue
-        try:
-            values = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # the parser reports the file
+        path, values = config
         for arg in argv[:i]:
             option = str(arg).split("=", 1)[0]
             if not option.startswith("--") or option in ("--config", "--ckpt_path"):
                 continue
-            node: Any = values
-            for part in option[2:].split("."):
-                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-            if node is not _ABSENT:
+            if _lookup(values, option[2:]) is not _ABSENT:
                 found[option] = str(path)
     return list(found.items())
 
-
-_ABSENT = object()
 
 #: The topmost output folders this command is about to create (see :func:`_remove_empty_folders`).
 _MADE_DIRS: list[Path] = []
@@ -595,34 +591,21 @@ def _checkpoint_bytes(model: torch.nn.Module) -> int:
 _LINKED_NET_ARGS = ("num_classes", "in_channels")
 
 
-_MISSING = object()
-
-
 def _given_raw(argv: list[str], dotted: str) -> tuple[Any, str] | None:
     """The value of option ``dotted`` (``trainer.limit_train_batches``) as written on the
     command line (a string) or in a ``--config`` file (as YAML reads it), with where; the later
     one where several give it. None when none does. It tells apart what jsonargparse's types
     merge: a value given for a link's target (dropped without a word), an integer read as a
     float."""
-    import yaml
-
     found: tuple[Any, str] | None = None
-    parts = dotted.split(".")
     for i in range(len(argv)):
-        value = _option_at(argv, i, f"--{dotted}")
+        value = option_at(argv, i, f"--{dotted}")
         if value is not None:
             found = (value, "the command line")
-        path = _option_at(argv, i, "--config")
-        if path is None:
-            continue
-        try:
-            node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError, yaml.YAMLError):
-            continue  # the parser reports an unreadable config itself
-        for part in parts:
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is not _MISSING:
-            found = (node, path)
+        config = _config_at(argv, i)
+        given = _ABSENT if config is None else _lookup(config[1], dotted)
+        if config is not None and given is not _ABSENT:
+            found = (given, config[0])
     return found
 
 
@@ -817,7 +800,7 @@ class SegpipeCLI(LightningCLI):
         cfg = self.config[self.config.subcommand]
         if "ckpt_path" not in cfg:
             return
-        given = (_command_line_value([str(a) for a in argv], "--ckpt_path")
+        given = (command_line_value([str(a) for a in argv], "--ckpt_path")
                  if isinstance(argv, (list, tuple)) else None)
         if given is not None:  # over a config given after it: a run's config.yaml says null
             cfg.ckpt_path = None if given.lower() in ("", "null", "none") else given
