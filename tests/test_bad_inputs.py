@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import threading
 import zlib
@@ -505,6 +506,31 @@ def test_symlink_loops_are_skipped_without_hanging(tmp_path: Path, capsys, caplo
     # the links left out are named (a linked folder of images was skipped without a word)
     assert f"3 link(s) under {imgs} not followed" in caplog.text, caplog.text
     assert str(imgs / "up") in caplog.text
+
+
+def test_linked_folders_are_read_once(tmp_path: Path, capsys, caplog) -> None:
+    """A data set put together from folder links (train/images/site3 -> elsewhere) was read
+    without them by check-data and fit, in silence; a link to a folder already read is not
+    read twice."""
+    root = _good_folder(tmp_path / "data")
+    site = tmp_path / "site3"
+    for sub in ("images", "masks"):
+        (site / sub).mkdir(parents=True)
+        write_image(site / "images" / "far.png", _rgb()) if sub == "images" else \
+            write_mask(site / "masks" / "far.png", _good_mask())
+    try:
+        for sub in ("images", "masks"):
+            os.symlink(site / sub, root / "train" / sub / "site3")
+        os.symlink(site / "images", root / "train" / "images" / "zz_again")  # a repeat
+    except (OSError, NotImplementedError):  # pragma: no cover - e.g. Windows without rights
+        pytest.skip("symlinks not supported here")
+    dm = _dm(root)
+    dm.setup("fit")
+    stems = sorted(s.image.relative_to(root / "train" / "images").as_posix()
+                   for s in dm.splits["train"])
+    assert stems == ["good.png", "site3/far.png"], stems
+    assert cli_main(["check-data", f"--data.root={root}", "--data.num_classes=3"]) == 0
+    assert re.search(r"train\s+2\s+2", capsys.readouterr().out)
 
 
 def test_rasters_segpipe_does_not_read_are_named_not_skipped_in_silence(

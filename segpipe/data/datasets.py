@@ -162,14 +162,16 @@ def find_images(
 ) -> list[Path]:
     """Image files under a folder (or the file itself), naturally sorted.
 
-    Hidden files and folders are skipped, and links to folders are not followed (they may
-    loop back).
+    Hidden files and folders are skipped. Links to folders are followed (a data set put
+    together from linked folders is read whole), except one that leads back to a folder above
+    it (a loop) or to a folder already read (which would read its files twice).
 
     Args:
         path: A folder or a single image file.
         recursive: Search sub-folders too.
-        links: When given, the links met that were not followed or lead nowhere (links to
-            folders, broken links) are appended to it, sorted, for the caller to name.
+        links: When given, the links met that were not followed or lead nowhere (folder links
+            that loop or repeat a folder, broken links) are appended to it, sorted, for the
+            caller to name.
         unread: When given, the files in raster formats segpipe does not read
             (:data:`~segpipe.data.io.UNREAD_RASTER_EXTENSIONS`: ``.vrt``, ``.jp2``, ...) are
             appended to it, sorted, for the caller to name.
@@ -188,10 +190,22 @@ def find_images(
     files: list[Path] = []
     unfollowed: list[Path] = []
     rasters: list[Path] = []
-    for dirpath, dirs, names in os.walk(p):  # os.walk does not descend into folder links
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen = {os.path.realpath(p)}
+    for dirpath, dirs, names in os.walk(p, followlinks=True):
         here = Path(dirpath)
-        unfollowed += [here / d for d in dirs if (here / d).is_symlink()]
+        real_here = os.path.realpath(here)
+        keep = []
+        # sorted, so which of two links to one folder is read does not depend on the disk
+        for d in sorted(dirs, key=_natural_key):
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(here / d)
+            if real in seen or (real_here + os.sep).startswith(real + os.sep):
+                unfollowed.append(here / d)  # a loop, or a folder already read
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirs[:] = keep
         for name in names:
             f = here / name
             if name.startswith("."):
