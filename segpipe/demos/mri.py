@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from segpipe.data.io import write_image, write_mask
+from segpipe.demos.driving import max_time_string
 from segpipe.errors import MissingExtraError
 from segpipe.fileio import TMP_PREFIX, atomic_write_text, check_output_dir
 from segpipe.predict.command import SETTINGS_FILE as PREDICT_SETTINGS_FILE
@@ -127,7 +128,7 @@ def demo_config(data_root: Path, run_dir: Path, smoke: bool, max_minutes: float)
         "seed_everything": 0,
         "trainer": {
             "max_epochs": epochs,
-            "max_time": None if smoke else f"00:00:{int(max_minutes):02d}:{int(max_minutes % 1 * 60):02d}",
+            "max_time": None if smoke else max_time_string(max_minutes),
             "default_root_dir": str(run_dir),
             "log_every_n_steps": 5,
             **({"limit_train_batches": 2, "limit_val_batches": 1} if smoke else {}),
@@ -143,10 +144,11 @@ def demo_config(data_root: Path, run_dir: Path, smoke: bool, max_minutes: float)
             },
             "loss": "ce+dice",
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003, "weight_decay": 0.0001}},
-            "lr_scheduler": {
-                "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-                "init_args": {"T_max": epochs},
-            },
+            # annealed to whichever ends the run first, the 40 epochs or the time budget, so a
+            # slow machine ends with an annealed model too (a cosine over the 40 epochs stopped
+            # by the budget after 6 of them with the learning rate at 95 % of its start)
+            "scheduler_interval": "step",
+            "lr_scheduler": {"class_path": "segpipe.tasks.schedules.DeadlineCosineLR"},
         },
         "data": {
             "root": str(data_root),

@@ -106,3 +106,18 @@ def test_a_missing_demo_extra_is_one_line_before_any_folder(
         "segpipe demo mri: error: the MRI demo needs the demo extra: pip install "
         "'segpipe[demo]' (missing: nibabel)")
     assert "[1/4]" not in captured.out and not (tmp_path / "out").exists()
+
+
+def test_mri_demo_anneals_to_its_time_budget(tmp_path: Path) -> None:
+    """The demo's cosine was set over its 40 epochs; on a machine where the time budget ended
+    it after 6, the learning rate stood at 95 % of its start. It now anneals to whichever ends
+    the run first (the budget and the epochs), as the shipped CPU configs do."""
+    from segpipe.demos.mri import demo_config
+    from segpipe.tasks.schedules import DeadlineCosineLR
+
+    cfg = demo_config(tmp_path / "data", tmp_path / "run", smoke=False, max_minutes=90)
+    assert cfg["trainer"]["max_time"] == "00:01:30:00"  # was "00:00:90:00"
+    assert cfg["trainer"]["max_epochs"] == 40
+    assert cfg["model"]["scheduler_interval"] == "step"
+    assert cfg["model"]["lr_scheduler"]["class_path"] == (
+        f"{DeadlineCosineLR.__module__}.{DeadlineCosineLR.__name__}")
