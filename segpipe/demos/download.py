@@ -136,6 +136,23 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = _CHUNK) -> str:
     return h.hexdigest()
 
 
+def _as_url(url: str) -> str:
+    """``url`` as :mod:`urllib` opens it: a local path (no scheme, or a Windows drive letter)
+    becomes its absolute ``file://`` URL; anything else is returned as it is."""
+    scheme = urllib.parse.urlparse(url).scheme
+    if not scheme or (len(scheme) == 1 and os.name == "nt"):
+        return Path(url).expanduser().resolve().as_uri()
+    return url
+
+
+def _local_file(url: str) -> Path | None:
+    """The path of a ``file://`` URL, else None."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "file":
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
 def _open_url(url: str, offset: int, timeout: float, validator: str | None = None) -> Any:
     """Open ``url`` (asking for bytes from ``offset`` on over HTTP, if the file still has the
     ``validator``, an ETag or Last-Modified); errors become DownloadError."""
@@ -144,6 +161,9 @@ def _open_url(url: str, offset: int, timeout: float, validator: str | None = Non
         headers["Range"] = f"bytes={offset}-"
         if validator:
             headers["If-Range"] = validator  # changed since: the server sends it whole (200)
+    if urllib.parse.urlparse(url).scheme not in {"http", "https", "file", "ftp"}:
+        raise DownloadError(f"{url} is not a URL segpipe can fetch: give an https:// or "
+                            "http:// URL, a file:// URL or the archive's path")
     request = urllib.request.Request(url, headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - user-chosen URL
@@ -218,7 +238,8 @@ def download(
     the ``.part`` ends (``Content-Range``); otherwise the download starts over.
 
     Args:
-        url: ``https://``, ``http://`` or ``file://`` URL (anything :mod:`urllib` opens).
+        url: ``https://``, ``http://`` or ``file://`` URL (anything :mod:`urllib` opens), or a
+            local path.
         dest: Final file path (its folder is created).
         sha256: Expected lowercase hex SHA-256, or None to skip the hash check.
         progress: Show a tqdm progress bar.
@@ -234,6 +255,7 @@ def download(
         ChecksumError: Hash mismatch (the download is deleted; the message gives both hashes).
     """
     dest = Path(dest)
+    url = _as_url(url)
     expected = sha256.lower() if sha256 else None
     if dest.is_file():
         if expected is None or sha256_file(dest) == expected:
@@ -526,11 +548,13 @@ def fetch_camvid(
     Otherwise the archive is downloaded to ``CACHE/<archive name>`` (see :func:`download`),
     its ``CamVid/`` folder extracted and verified (see :func:`extract_zip`), and the result
     renamed to ``CACHE/CamVid`` with a manifest recording the URL, the archive's SHA-256 and the
-    counts. The archive is deleted afterwards unless ``keep_archive``.
+    counts. The archive is deleted afterwards unless ``keep_archive``. A local archive that
+    already is ``CACHE/<archive name>`` (``url`` names that very file) is read in place and
+    never deleted, whatever its checks find: it is the user's file, not a download.
 
     Args:
         cache: Cache folder (default :func:`default_cache_dir`).
-        url: Archive URL (``https://``, ``file://`` for a local mirror...).
+        url: Archive URL (``https://``, ``file://`` for a local mirror...) or a local path.
         sha256: Expected SHA-256 of the archive, or None (CRC and structure checks only).
         counts: Expected frames per split (default :data:`CAMVID_COUNTS`; tests use smaller).
         keep_archive: Keep the downloaded zip in the cache.
@@ -544,6 +568,7 @@ def fetch_camvid(
             downloaded is removed and the message says to delete the cache and retry.
     """
     cache = Path(cache).expanduser() if cache is not None else default_cache_dir()
+    url = _as_url(url)
     counts = dict(CAMVID_COUNTS if counts is None else counts)
     target = cache / "CamVid"
     manifest = _read_json(target / MANIFEST_NAME)
@@ -562,11 +587,22 @@ def fetch_camvid(
     archive = cache / name
     retry = (f"Delete the cache folder {cache} and run the command again to retry; if it fails "
              "again, check the URL and the expected SHA-256 (--url, --sha256).")
-    try:
-        download(url, archive, sha256=sha256, progress=progress)
-    except ChecksumError as exc:  # network errors and incomplete transfers say what to do
-        raise ChecksumError(f"{exc} {retry}") from exc
-    digest = sha256 or sha256_file(archive)
+    source = _local_file(url)
+    in_place = (source is not None and source.is_file() and archive.is_file()
+                and os.path.samefile(source, archive))
+    if in_place:  # the user's own archive, put in the cache by hand: never deleted
+        digest = sha256_file(archive)
+        if sha256 and digest != sha256.lower():
+            raise ChecksumError(
+                f"{archive} has SHA-256 {digest}, expected {sha256.lower()}: it is not the "
+                "expected archive, or it is damaged. It is your file and is left as it is; "
+                "check --sha256, or fetch the archive again.")
+    else:
+        try:
+            download(url, archive, sha256=sha256, progress=progress)
+        except ChecksumError as exc:  # network errors and incomplete transfers say what to do
+            raise ChecksumError(f"{exc} {retry}") from exc
+        digest = sha256 or sha256_file(archive)
 
     def check(tree: Path) -> None:
         try:
@@ -586,9 +622,12 @@ def fetch_camvid(
     except DownloadError as exc:
         if is_disk_full(exc):
             raise  # the archive is fine: keep it for the rerun
+        if in_place:
+            raise DownloadError(f"{exc} It is your file and is left as it is; fetch the "
+                                "archive again.") from exc
         archive.unlink(missing_ok=True)  # known bad: the next run must download it again
         raise DownloadError(f"{exc} The archive was deleted. {retry}") from exc
-    if not keep_archive:
+    if not keep_archive and not in_place:
         archive.unlink(missing_ok=True)
     log.info("CamVid verified in %s (archive SHA-256 %s)", target, digest)
     return target

@@ -410,3 +410,38 @@ def test_fetch_camvid_full_disk_while_extracting_keeps_the_archive(
     probe = tmp_path / "probe"
     probe.mkdir()
     assert root.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777  # not mkdtemp's 0700
+
+
+def test_fetch_camvid_takes_a_local_path(fake_zip: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain path (a relative one, as typed) was a ValueError traceback from urllib."""
+    monkeypatch.chdir(fake_zip.parent)
+    cache = tmp_path / "cache"
+    root = fetch_camvid(cache, url=fake_zip.name, counts=FAKE_COUNTS, progress=False)
+    assert json.loads((root / MANIFEST_NAME).read_text())["source"] == fake_zip.as_uri()
+    assert fake_zip.is_file()  # the source is not touched
+    with pytest.raises(DownloadError, match=r"^s3://bucket/x\.zip is not a URL segpipe can "
+                                            r"fetch: give an https:// or http:// URL"):
+        download("s3://bucket/x.zip", tmp_path / "x.zip", progress=False)
+
+
+@pytest.mark.parametrize("how", ["path", "file_url"])
+def test_fetch_camvid_never_deletes_the_users_archive_in_the_cache(
+        how: str, fake_zip: Path, tmp_path: Path) -> None:
+    """An archive put in the cache by hand and named by --url was deleted after extraction,
+    and on a wrong --sha256 deleted before its "download" from itself failed."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    own = cache / "mine.zip"
+    own.write_bytes(fake_zip.read_bytes())
+    url = str(own) if how == "path" else own.as_uri()
+    with pytest.raises(DownloadError, match="It is your file and is left as it is"):
+        fetch_camvid(cache, url=url, sha256="0" * 64, counts=FAKE_COUNTS, progress=False)
+    assert own.is_file() and not (cache / "CamVid").exists()
+    with pytest.raises(DownloadError, match="It is your file and is left as it is"):
+        fetch_camvid(cache, url=url, counts={**FAKE_COUNTS, "train": 99}, progress=False)
+    assert own.is_file()
+    root = fetch_camvid(cache, url=url, sha256=sha256_file(own), counts=FAKE_COUNTS,
+                        progress=False)
+    assert own.is_file() and sorted(p.name for p in cache.iterdir()) == ["CamVid", "mine.zip"]
+    assert len(list((root / "train").glob("*.png"))) == FAKE_COUNTS["train"]
