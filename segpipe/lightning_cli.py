@@ -66,6 +66,7 @@ from segpipe.tracking import (
     ValidationImages,
     default_loggers,
     next_version,
+    quiet_disk_full_in_threads,
 )
 
 __all__ = [
@@ -1296,6 +1297,7 @@ def run_cli(args: Sequence[str], callbacks: Sequence[Callback] = ()) -> SegpipeC
             callers in Python such as benchmarks and notebooks.
     """
     _FIT_RECORD.clear()  # what a stopped command kept is this command's
+    quiet_disk_full_in_threads()  # TensorBoard's writer thread: the command says it, once
     warnings.formatwarning = _format_warning
     tune_allocator()
     fit_threads_to_cpus()

@@ -10,6 +10,8 @@
 * :class:`TestFigures`: after ``test``, the report's confusion matrix and per-class IoU chart,
   logged the same way.
 * :class:`ThrottledProgressBar`: Lightning's progress bar, refreshed at most every half second.
+* :func:`quiet_disk_full_in_threads`: a logger's writer thread that meets a full disk prints no
+  traceback of its own (the command reports it in one line, naming the file).
 
 The learning rate is logged by Lightning's ``LearningRateMonitor``, which the CLI adds.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +41,49 @@ __all__ = [
     "has_tensorboard",
     "log_image",
     "next_version",
+    "quiet_disk_full_in_threads",
 ]
 
 log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"^version_(\d+)$")
+
+
+def _thread_file(thread: threading.Thread | None) -> str | None:
+    """The file a TensorBoard writer thread writes (its event file), else None."""
+    name = getattr(getattr(getattr(thread, "_record_writer", None), "_writer", None),
+                   "filename", None)
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return name if isinstance(name, str) and name else None
+
+
+def quiet_disk_full_in_threads() -> None:
+    """Let a full disk met in a background thread pass without a traceback.
+
+    TensorBoard writes its event file in a thread: on a full disk the thread printed a
+    15-line traceback, then the training loop met the same error at its next log call and the
+    command said it in one line, without naming the file (the thread's error has no file name).
+    Here the thread's error is silenced and given the event file's name, so that the command's
+    one line names it. Other errors in threads are printed as before. Idempotent.
+    """
+    from segpipe.fileio import is_disk_full
+
+    previous = threading.excepthook
+    if getattr(previous, "_segpipe_quiet_disk_full", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        exc = args.exc_value
+        if exc is None or not is_disk_full(exc):
+            previous(args)
+            return
+        name = _thread_file(args.thread)
+        if isinstance(exc, OSError) and not exc.filename and name:
+            exc.filename = name
+
+    hook._segpipe_quiet_disk_full = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _next_version(folder: Path) -> int:

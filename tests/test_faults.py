@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import re
 import json
 import os
 import signal
@@ -508,6 +509,34 @@ def test_a_logger_that_meets_a_full_disk_is_one_error_line(
     lines = [ln for ln in err.splitlines() if "segpipe: error:" in ln]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith(f"segpipe: error: the disk is full (writing {root / 'metrics.csv'})")
+
+
+def test_a_full_disk_in_tensorboards_writer_thread_is_one_line_naming_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorBoard writes its event file in a thread: a full disk printed that thread's
+    15-line traceback, then a line that named no file ("free space there")."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    data = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    root = tmp_path / "run"
+
+    def full(self: Any, filename: Any, content: Any, mode: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as f.write raises it: no name
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "_write", full)
+    rc = main(["fit", *TINY_UNET, f"--data.root={data}", f"--trainer.default_root_dir={root}",
+               "--trainer.max_epochs=2", "--data.num_workers=0",
+               "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "segpipe: error:" in ln]
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    assert re.match(rf"segpipe: error: the disk is full \(writing "
+                    rf"{re.escape(str(root / 'lightning_logs' / 'version_0'))}/events\.out\.tfevents\.",
+                    lines[0]), lines[0]
 
 
 def test_resuming_with_a_spent_time_budget_says_so(data: Path, tmp_path: Path,
