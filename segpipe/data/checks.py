@@ -18,11 +18,20 @@ from typing import Callable, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from segpipe.data.datasets import Sample, check_label_range, code_colour, colour_codes, encode_mask
+from segpipe.data.datasets import (
+    JPEG_COLOUR_TOLERANCE,
+    Sample,
+    check_label_range,
+    code_colour,
+    colour_codes,
+    encode_mask,
+    snap_jpeg_colours,
+)
 from segpipe.data.io import (
     ImageReadError,
     grid_mismatch,
     image_size,
+    is_jpeg,
     read_image_valid,
     read_mask,
 )
@@ -113,25 +122,6 @@ _REASON_CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(not a raster rasterio can read)\b.*", re.S), r"\1"),
     (re.compile(r"^(unsupported image mode '[^']*').*", re.S), r"\1"),
 )
-
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-
-
-def is_jpeg(path: str | os.PathLike[str]) -> bool:
-    """Whether a file is a JPEG, by its first bytes (the name's suffix when it cannot be read).
-
-    Args:
-        path: File.
-
-    Returns:
-        True for JPEG data (``.jpg`` or not).
-    """
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(3) == JPEG_SIGNATURE
-    except OSError:
-        return Path(path).suffix.lower() in {".jpg", ".jpeg", ".jpe", ".jfif"}
-
 
 def _reason_cause(reason: str) -> str:
     """The file-independent part of an :class:`~segpipe.data.io.ImageReadError` reason."""
@@ -419,7 +409,9 @@ def _unlisted_labels(
     if is_jpeg(path):  # compression noise at class edges, not classes to add to the table
         cause = (f"mask {'colours' if colours else 'values'} not in {table}, read as "
                  f"ignore_index={ignore_index}: the masks are JPEG files, whose lossy "
-                 "compression invents them at class edges")
+                 "compression invents them at class edges"
+                 + (f" (colours it only shifted, within {JPEG_COLOUR_TOLERANCE:g} of a table "
+                    "colour, are read as that colour)" if colours else ""))
         fix = JPEG_MASK_FIX
     listed = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:5]) if colours else \
         ", ".join(map(str, values[:5]))
@@ -490,6 +482,8 @@ def _check_pair(
         out.append(Problem(sample.mask, split, "unreadable_mask", exc.reason,
                            exc.hint or FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
         return out, None
+    if mask_colors and raw.ndim == 3 and is_jpeg(sample.mask):  # as encode_mask reads it
+        raw = snap_jpeg_colours(raw, mask_colors)
     if size is not None and raw.shape[:2] != tuple(size):
         sizes = f"mask is {raw.shape[1]}×{raw.shape[0]} but image"
         out.append(

@@ -38,6 +38,7 @@ from segpipe.data.io import (
     UNREAD_RASTER_EXTENSIONS,
     ImageReadError,
     is_image_file,
+    is_jpeg,
     read_image_valid,
     read_mask,
     to_float,
@@ -606,6 +607,49 @@ def code_colour(code: int) -> tuple[int, int, int]:
     return code >> 16, (code >> 8) & 255, code & 255
 
 
+#: How far (Euclidean distance in RGB) a JPEG colour mask's colour may lie from a
+#: ``data.mask_colors`` colour to be read as it (and it must lie nearer it than half-way to any
+#: other): JPEG shifts flat colours by a few levels, chroma subsampling by tens.
+JPEG_COLOUR_TOLERANCE = 64.0
+
+
+def snap_jpeg_colours(raw: np.ndarray, mask_colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """A JPEG colour mask with each colour that compression shifted put back on its table colour.
+
+    A colour not in the table that lies within :data:`JPEG_COLOUR_TOLERANCE` of one table colour,
+    and nearer it than half-way to any other, becomes that colour; farther ones (blends of two
+    classes at their edge, a class the table leaves out) are kept, for
+    :func:`encode_mask` to read as ``ignore_index`` or refuse. Read without this, a pure red
+    class lost every pixel to JPEG's chroma subsampling.
+
+    Args:
+        raw: (H, W, 3) uint8 mask.
+        mask_colors: The colour table (i-th colour = class i).
+
+    Returns:
+        (H, W, 3) uint8 mask (``raw`` itself when nothing moved).
+    """
+    table = np.asarray([list(c)[:3] for c in mask_colors], dtype=np.float64)
+    codes = colour_codes(raw)
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    off = np.flatnonzero(~np.isin(uniq, colour_codes(table.astype(np.int64))))
+    if off.size == 0:
+        return raw
+    rgb = np.stack([(uniq[off] >> 16) & 255, (uniq[off] >> 8) & 255, uniq[off] & 255], 1)
+    dist = np.linalg.norm(rgb[:, None, :].astype(np.float64) - table[None], axis=2)
+    nearest, near = dist.argmin(1), dist.min(1)
+    tolerance = JPEG_COLOUR_TOLERANCE
+    if len(table) > 1:
+        pairs = np.linalg.norm(table[:, None] - table[None], axis=2)
+        tolerance = min(tolerance, pairs[np.triu_indices(len(table), 1)].min() / 2 - 1e-6)
+    moved = near <= tolerance
+    if not moved.any():
+        return raw
+    palette = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], 1)
+    palette[off[moved]] = table[nearest[moved]].astype(np.int64)
+    return palette[inverse.reshape(codes.shape)].astype(np.uint8)
+
+
 def encode_mask(
     raw: np.ndarray,
     path: str | Path,
@@ -616,7 +660,8 @@ def encode_mask(
     """Turn a raw mask from :func:`~segpipe.data.io.read_mask` into (H, W) int64 class indices.
 
     * ``mask_colors``: RGB colour-coded mask; the i-th colour is class i, any other colour
-      becomes ``ignore_index`` (an error when it is None).
+      becomes ``ignore_index`` (an error when it is None). In a JPEG file, colours that
+      compression shifted near a table colour are read as it (:func:`snap_jpeg_colours`).
     * ``mask_values``: raw value -> class (e.g. ``{0: 0, 255: 1}``); unlisted values become
       ``ignore_index`` (an error when it is None).
     * Otherwise the values are the classes. An RGB mask whose three channels are equal is taken
@@ -643,6 +688,8 @@ def encode_mask(
                 "data.mask_colors is set but the mask has a single channel",
                 "remove data.mask_colors for index masks (or use mask_values)",
             )
+        if is_jpeg(p):  # lossy: colours near a table colour are read as it
+            raw = snap_jpeg_colours(raw, mask_colors)
         codes = colour_codes(raw)
         table = {code: i for i, code in enumerate(colour_codes(mask_colors).tolist())}
         if len(table) != len(mask_colors):

@@ -63,7 +63,7 @@ from segpipe.data.checks import (
     parallel_map,
 )
 from segpipe.data.datamodule import SegmentationDataModule
-from segpipe.data.datasets import Sample
+from segpipe.data.datasets import JPEG_COLOUR_TOLERANCE, Sample
 from segpipe.data.io import (
     ImageReadError,
     image_size,
@@ -428,7 +428,11 @@ def sniff_masks(
             hints.append(
                 f"the colour masks are JPEG files: {_JPEG_LOSSY}, so most of the {count} "
                 "colours seen are compression noise, not class colours. Save the masks as PNG "
-                "(lossless) from the original labels, then set data.mask_colors"
+                "(lossless) from the original labels"
+                + (f"; meanwhile each colour within {JPEG_COLOUR_TOLERANCE:g} of one in "
+                   "data.mask_colors is read as it, and the blends at class edges farther from "
+                   "every table colour as data.ignore_index" if mask_colors
+                   else ", then set data.mask_colors")
             )
         elif many and (unknown or not mask_colors):
             hints.append(

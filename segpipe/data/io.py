@@ -51,6 +51,7 @@ __all__ = [
     "image_size",
     "grid_mismatch",
     "is_image_file",
+    "is_jpeg",
     "mask_palette",
     "open_raster",
     "pixel_limit",
@@ -140,6 +141,25 @@ class ImageReadError(ValueError):
     def with_hint(self, hint: str) -> ImageReadError:
         """The same error with another fix (e.g. the prediction command's option)."""
         return ImageReadError(self.path, self.reason, hint, self.kind, self.file_bands)
+
+
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def is_jpeg(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is a JPEG, by its first bytes (the name's suffix when it cannot be read).
+
+    Args:
+        path: File.
+
+    Returns:
+        True for JPEG data (``.jpg`` or not).
+    """
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(3) == _JPEG_SIGNATURE
+    except OSError:
+        return Path(path).suffix.lower() in {".jpg", ".jpeg", ".jpe", ".jfif"}
 
 
 def is_image_file(path: _PathLike) -> bool:

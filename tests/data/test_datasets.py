@@ -324,3 +324,35 @@ def test_predict_dataset(tmp_path: Path) -> None:
     assert set(item) == {"image", "path", "size", "dtype"} and item["dtype"] == "uint8"
     assert item["image"].shape == (3, 10, 14) and item["image"].dtype == torch.float32
     assert item["size"].tolist() == [10, 14] and item["path"].endswith("img_001.png")
+
+
+def test_jpeg_colour_masks_are_read_by_their_nearest_table_colour(tmp_path: Path) -> None:
+    """A JPEG colour mask read by exact colours lost 60 % of its labels to ignore_index, and a
+    pure red class every pixel (chroma subsampling shifts it by tens of levels)."""
+    from PIL import Image
+
+    from segpipe.data.datasets import encode_mask
+    from segpipe.data.io import read_mask
+
+    table = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+    truth = np.zeros((96, 96), np.int64)
+    truth[10:50, 10:50] = 1
+    truth[40:90, 55:90] = 2
+    rgb = np.asarray(table, np.uint8)[truth]
+    rgb[70:90, 5:30] = [0, 0, 255]  # a colour the table leaves out: ignored, not snapped
+    path = tmp_path / "mask.jpg"
+    Image.fromarray(rgb).save(path, quality=75)
+    labels = encode_mask(read_mask(path, colours=True), path, None, table, 255)
+    inside = np.ones_like(truth, bool)
+    inside[70:90, 5:30] = False
+    read = labels[inside] != 255
+    assert read.mean() > 0.9, read.mean()  # only blends at class edges are ignored
+    assert (labels[inside][read] == truth[inside][read]).all()  # none read as another class
+    assert (labels[truth == 1] == 1).mean() > 0.85  # the red class is there
+    assert (labels[72:88, 7:28] == 255).all()  # blue is no class
+    png = tmp_path / "mask.png"  # lossless files are read by exact colours, as before
+    Image.fromarray(rgb).save(png)
+    shifted = np.asarray(Image.open(png)).copy()
+    shifted[0, 0] = [3, 2, 1]
+    Image.fromarray(shifted).save(png)
+    assert encode_mask(read_mask(png, colours=True), png, None, table, 255)[0, 0] == 255
