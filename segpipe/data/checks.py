@@ -112,6 +112,7 @@ _NOUNS: dict[str, str] = {
     "absent_classes": "folder",
     "mixed_dtypes": "image",
     "too_few_classes": "folder",
+    "mixed_mask_encodings": "mask",
 }
 
 # Reasons from segpipe.data.io that end in the decoder's message about this very file: the part
@@ -581,6 +582,42 @@ def _mixed_dtypes(splits: Mapping[str, Sequence[Sample]],
                     "network at other brightness")]
 
 
+def _mixed_encodings(
+    masks: Sequence[tuple[str, Path, np.ndarray]], num_classes: int, ignore_index: int
+) -> list[Problem]:
+    """Masks that hold only 0 and ``ignore_index`` beside masks that hold class indices and no
+    ``ignore_index`` at all: two exports merged, 0/255 and 0/1, whose 255 is the foreground.
+    Read as they are, the 0/255 masks' foreground is ignored (neither learnt nor scored) in
+    silence; each such mask is an error, with the two ways out. (Where masks with classes use
+    ``ignore_index`` too, it is a void label of the data, and a mask of background and void
+    alone is plausible: nothing is said.)
+
+    Args:
+        masks: ``(split, mask, pixels per class with the ignored pixels last)`` per mask.
+        num_classes: Number of classes.
+        ignore_index: The ignored label.
+    """
+    binary = [(split, path) for split, path, c in masks
+              if c[0] and c[-1] and not c[1:num_classes].any()]
+    indexed = [c for _, _, c in masks if c[1:num_classes].any()]
+    if not binary or not indexed or any(c[-1] for c in indexed):
+        return []
+    keep = ", ".join(f"{k}: {k}" for k in range(num_classes)) if num_classes <= 6 else \
+        f"0: 0, 1: 1, ..., {num_classes - 1}: {num_classes - 1}"
+    classes = "1" if num_classes == 2 else f"1..{num_classes - 1}"
+    cause = (f"the masks mix two encodings: {len(binary)} hold only 0 and {ignore_index} "
+             f"(data.ignore_index), {len(indexed)} hold class indices ({classes}) and "
+             f"no {ignore_index}; the {ignore_index} pixels of the former, their foreground if "
+             "they were exported as 0/255, would be ignored (neither learnt nor scored)")
+    fix = (f"re-save those masks with class indices ({ignore_index} -> the class), or, if "
+           f"{ignore_index} does mark pixels to ignore in them, say so: data.mask_values: "
+           f"{{{keep}, {ignore_index}: {ignore_index}}}")
+    return [Problem(path, split, "mixed_mask_encodings",
+                    f"holds only 0 and {ignore_index} while {len(indexed)} other masks hold "
+                    f"class indices without {ignore_index}", fix, cause=cause)
+            for split, path in binary]
+
+
 def _class_pixels(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
     """Pixels per class of encoded labels, then the ignored pixels: (num_classes + 1,)."""
     flat = labels.ravel()
@@ -705,11 +742,14 @@ def check_samples(
                            mask_colors, decode_images, bands, in_channels, dtypes)
 
     train_counts = np.zeros(num_classes + 1, dtype=np.int64)
-    for (split, _), (found, counts) in zip(items, parallel_map(run, items, max_workers,
-                                                               "checking data")):
+    encodings: list[tuple[str, Path, np.ndarray]] = []
+    for (split, sample), (found, counts) in zip(items, parallel_map(run, items, max_workers,
+                                                                    "checking data")):
         problems.extend(found)
         if split == "train" and counts is not None:
             train_counts += counts
+        if counts is not None and sample.mask is not None:
+            encodings.append((split, sample.mask, counts))
     for split, folder in (missing_mask_dirs or {}).items():
         here = sorted(p.name + "/" for p in folder.parent.iterdir()
                       if p.is_dir() and p.name != "images") if folder.parent.is_dir() else []
@@ -719,6 +759,8 @@ def check_samples(
                                 "rename their folder to it")
                     if p.kind == "missing_mask" and p.split == split else p for p in problems]
     problems += _mixed_dtypes(splits, dtypes)
+    if ignore_index is not None and not mask_values and not mask_colors:
+        problems += _mixed_encodings(encodings, num_classes, ignore_index)
     train = splits.get("train") or []
     if train and not any(p.split == "train" and p.kind in _UNCOUNTED for p in problems):
         folder = Path(os.path.commonpath([str(s.mask.parent) for s in train if s.mask])

@@ -210,6 +210,10 @@ class DataReport:
 
 
 # ------------------------------------------------------------------------------------ pieces
+#: What each kind of sampled mask is, in words (for the summary of masks that mix kinds).
+_KIND_WORDS = {"binary_0_255": "with values 0/255 only", "indices": "with class indices",
+               "colours": "colour (RGB)", "other_values": "with values outside the classes"}
+
 def median_frequency_weights(per_image_counts: np.ndarray | Sequence[Sequence[int]]) -> list[float | None]:
     """Class weights by median frequency balancing (Eigen & Fergus 2015; SegNet).
 
@@ -408,7 +412,9 @@ def sniff_masks(
         result["verdict"] = "no readable mask in the sample"
         return result
     main_kind = kinds.most_common(1)[0][0]
-    mixed = f" (mixed: {dict(kinds)})" if len(kinds) > 1 else ""
+    mixed = (" (the sampled masks mix encodings: " + ", ".join(
+        f"{n} {_KIND_WORDS.get(k, k)}" for k, n in kinds.most_common()) + ")"
+        if len(kinds) > 1 else "")
     jpeg_note = f"; {n_jpeg} of them JPEG (lossy)" if n_jpeg else ""
     allowed = set(range(num_classes)) | ({ignore_index} if ignore_index is not None else set())
     if "colours" in kinds and main_kind != "colours":  # a few odd files: no data-set advice

@@ -627,7 +627,7 @@ def test_one_colour_mask_among_index_masks_is_named_not_taken_for_the_data_set(
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3",
                    "--splits=[train]", "--data.val_fraction=0")
     assert rc == 1  # the odd mask is still an error, named
-    assert "-> class indices, values 0..2 (classes 0..2) (mixed: {'indices': 5, 'colours': 1})" in out
+    assert "-> class indices, values 0..2 (classes 0..2) (the sampled masks mix encodings: 5 with class indices, 1 colour (RGB))" in out
     assert (f"1 of the 6 sampled masks are colour images ({odd.name}) where most are "
             "single-channel") in out
     assert "masks are colour-coded" not in out and "mask_colors: [[" not in out
@@ -660,3 +660,35 @@ def test_an_image_that_is_a_broken_link_is_named(tmp_path: Path, capsys) -> None
     assert (f"a link that leads to no file (to {tmp_path / 'moved.png'}: missing, or a loop "
             f"of links) ({image}) -> fix: point the link at the file, or remove it") in out
     assert "no matching image" not in out
+
+
+def test_masks_that_mix_0_1_and_0_255_are_an_error(tmp_path: Path, capsys) -> None:
+    """Two exports merged, 0/1 and 0/255: with ignore_index 255 the 0/255 masks' foreground was
+    ignored in silence, and check-data said "OK: no errors found" (and fit trained)."""
+    root = _folder(tmp_path / "ds", num_classes=2, n_train=6, n_val=2)
+    binary = sorted(root.glob("*/masks/*.png"))[::2]
+    for path in binary:
+        labels = read_mask(path)
+        assert labels.max() == 1
+        write_mask(path, (labels * 255).astype(np.uint8))
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=2",
+                   "--data.ignore_index=255")
+    errors = _section(out, "ERRORS:")
+    assert rc == 1 and f"{len(binary)} masks: the masks mix two encodings: {len(binary)} hold " \
+        "only 0 and 255" in "\n".join(errors), out
+    assert "data.mask_values: {0: 0, 1: 1, 255: 255}" in "\n".join(errors)
+    assert "mix encodings: " in out and "{'indices'" not in out  # in words, not a dict
+    with pytest.raises(DataCheckError, match="the masks mix two encodings"):
+        SegmentationDataModule(root=str(root), num_classes=2, ignore_index=255).setup("fit")
+    # 255 said to be void in them: no error
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=2",
+                   "--data.ignore_index=255", "--data.mask_values={0: 0, 1: 1, 255: 255}")
+    assert rc == 0, out
+    # 255 used as void beside classes (VOC's borders): a mask of background and void is fine
+    for path in sorted(root.glob("*/masks/*.png"))[1::2]:
+        labels = read_mask(path)
+        labels[0, :] = 255
+        write_mask(path, labels)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=2",
+                   "--data.ignore_index=255")
+    assert rc == 0 and "mix two encodings" not in out, out
