@@ -304,9 +304,11 @@ def scan_folder(root: str | Path, mask_suffix: str = "") -> Scan:
 
     ``ROOT/{train,val,test}/images/**`` (recursive, any of the image extensions) paired with
     ``ROOT/{split}/masks/**`` by relative path without extension, so ``images/a/x.jpg`` pairs
-    with ``masks/a/x.png`` (with ``mask_suffix="_mask"``, ``masks/a/x_mask.png``). Without split
-    folders, ``ROOT/images`` + ``ROOT/masks`` is taken as the train split. A split is present
-    when its ``images`` folder exists (it may be empty; the data module then reports it).
+    with ``masks/a/x.png`` (with ``mask_suffix="_mask"``, ``masks/a/x_mask.png``). The other
+    order, ``ROOT/images/{train,val,test}`` with ``ROOT/masks/{split}`` (mmsegmentation's, many
+    Kaggle sets'), is read the same way. Without split folders, ``ROOT/images`` +
+    ``ROOT/masks`` is taken as the train split. A split is present when its ``images`` folder
+    exists (it may be empty; the data module then reports it).
 
     Args:
         root: Data root.
@@ -328,16 +330,54 @@ def scan_folder(root: str | Path, mask_suffix: str = "") -> Scan:
             if not (base / split / "masks").is_dir():
                 scan.missing_mask_dirs[split] = base / split / "masks"
     if not scan and (base / "images").is_dir():
-        scan.add("train", base / "images", _pair_folders(base / "images", base / "masks",
-                                                         mask_suffix=mask_suffix))
-        if not (base / "masks").is_dir():
-            scan.missing_mask_dirs["train"] = base / "masks"
+        split_last = [split for split in SPLITS if (base / "images" / split).is_dir()]
+        for split in split_last:  # ROOT/images/train: pooled, the val and test were trained on
+            image_dir, mask_dir = base / "images" / split, base / "masks" / split
+            scan.add(split, image_dir, _pair_folders(image_dir, mask_dir, mask_suffix=mask_suffix))
+            if not mask_dir.is_dir():
+                scan.missing_mask_dirs[split] = mask_dir
+        if not split_last:
+            _refuse_split_names(base / "images")
+            scan.add("train", base / "images", _pair_folders(base / "images", base / "masks",
+                                                             mask_suffix=mask_suffix))
+            if not (base / "masks").is_dir():
+                scan.missing_mask_dirs["train"] = base / "masks"
     if not scan:
         raise DataRootError(
             f"{base}: no train/images, val/images, test/images or images folder found; the "
-            f"'folder' layout expects {FOLDER_LAYOUT}"
+            f"'folder' layout expects {FOLDER_LAYOUT}{_other_case(base)}"
         )
     return scan
+
+
+#: Sub-folder names of ``ROOT/images`` that are splits under another name.
+_SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
+
+
+def _refuse_split_names(images: Path) -> None:
+    """Refuse ``ROOT/images/{training,validation,...}``: read as one train split, the val and
+    test images would be trained on."""
+    found = sorted(d.name for d in images.iterdir()
+                   if d.is_dir() and d.name.lower() in _SPLIT_ALIASES)
+    if found:
+        moves = ", ".join(f"{d} -> {_SPLIT_ALIASES[d.lower()]}" for d in found)
+        raise DataRootError(
+            f"{images} holds the split folders {found}, which the 'folder' layout would pool "
+            f"into one training split (val and test images trained on); it names splits "
+            f"train, val and test: rename them ({moves}), in {images.parent / 'masks'} too")
+
+
+def _other_case(base: Path) -> str:
+    """A hint for ``Images``/``Masks`` folders, which are matched in lower case only."""
+    parents = [folder for folder in (base, *(base / split for split in SPLITS))
+               if folder.is_dir()]
+    near = sorted(d for folder in parents for d in folder.iterdir()
+                  if d.is_dir() and d.name.lower() in ("images", "masks")
+                  and d.name not in ("images", "masks"))
+    if not near:
+        return ""
+    return (f"; found {', '.join(str(d) for d in near[:3])}: folder names are matched exactly, "
+            "rename them in lower case (images, masks)")
 
 
 def scan_camvid(root: str | Path) -> Scan:

@@ -356,3 +356,32 @@ def test_jpeg_colour_masks_are_read_by_their_nearest_table_colour(tmp_path: Path
     shifted[0, 0] = [3, 2, 1]
     Image.fromarray(shifted).save(png)
     assert encode_mask(read_mask(png, colours=True), png, None, table, 255)[0, 0] == 255
+
+
+def test_folder_layout_reads_splits_in_either_order(tmp_path: Path) -> None:
+    """ROOT/images/{train,val,test} was pooled into one train split (its val and test images
+    trained on) with check-data saying OK; split folders under other names are refused, and
+    capitalised Images/Masks folders are named in the error."""
+    from segpipe.data.datasets import DataRootError, scan_folder
+
+    base = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=2, n_test=1, size=(16, 16))
+    swapped = tmp_path / "swapped"
+    for split in ("train", "val", "test"):
+        for kind in ("images", "masks"):
+            shutil.copytree(base / split / kind, swapped / kind / split)
+    scan = scan_folder(swapped)
+    assert {k: len(v) for k, v in scan.items()} == {"train": 3, "val": 2, "test": 1}
+    assert all(s.mask is not None and s.mask.parent == swapped / "masks" / split
+               for split, samples in scan.items() for s in samples)
+    for split, alias in (("train", "training"), ("val", "validation")):
+        for kind in ("images", "masks"):
+            (swapped / kind / split).rename(swapped / kind / alias)
+    shutil.rmtree(swapped / "images" / "test")
+    with pytest.raises(DataRootError, match=r"holds the split folders \['training', "
+                                            r"'validation'\].*training -> train"):
+        scan_folder(swapped)
+    for split in ("train", "val", "test"):
+        (base / split / "images").rename(base / split / "Images")
+    with pytest.raises(DataRootError, match=r"found .*train/Images.*: folder names are matched "
+                                            r"exactly, rename them in lower case"):
+        scan_folder(base)
