@@ -350,15 +350,12 @@ def scan_folder(root: str | Path, mask_suffix: str = "") -> Scan:
     return scan
 
 
-#: Sub-folder names of ``ROOT/images`` that are splits under another name.
-_SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
-
-
 def _refuse_split_names(images: Path) -> None:
     """Refuse ``ROOT/images/{training,validation,...}``: read as one train split, the val and
     test images would be trained on."""
     found = sorted(d.name for d in images.iterdir()
-                   if d.is_dir() and d.name.lower() in _SPLIT_ALIASES)
+                   if d.is_dir() and d.name.lower() in _SPLIT_ALIASES
+                   and d.name.lower() not in SPLITS)
     if found:
         moves = ", ".join(f"{d} -> {_SPLIT_ALIASES[d.lower()]}" for d in found)
         raise DataRootError(
