@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ConfigError", "MissingExtraError", "TrainingDivergedError", "UnreadableCheckpointError",
+__all__ = ["BatchFormatError", "ConfigError", "MissingExtraError", "TrainingDivergedError", "UnreadableCheckpointError",
            "check_checkpoint_format", "looks_like_checkpoint"]
 
 
@@ -15,6 +15,12 @@ class ConfigError(ValueError):
     print it as one ``segpipe: error: ...`` line instead of a traceback. A subclass of
     :class:`ValueError`, so callers in Python that catch that keep working.
     """
+
+
+class BatchFormatError(ConfigError):
+    """A batch from the data (a data module of the user's) that is not segpipe's
+    ``{"image": float (N, C, H, W), "mask": int64 (N, H, W)}``: the message names the data
+    module, what it gave and the change to make (one line, not a traceback from a loss)."""
 
 
 class TrainingDivergedError(ConfigError):

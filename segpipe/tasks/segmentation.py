@@ -29,7 +29,7 @@ from segpipe.data.spec import (
     reads_leading_bands,
     recorded_spec,
 )
-from segpipe.errors import ConfigError
+from segpipe.errors import BatchFormatError, ConfigError
 from segpipe.models.base import pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
 from segpipe.models.input_norm import input_norm_module
@@ -294,6 +294,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
+        self._labels_checked: set[str] = set()  # stages whose first batch's labels were checked
         # From a config (LightningCLI) every argument is plain data, saved so that the checkpoint
         # alone rebuilds the task; built in Python, module and callables are no hyperparameters.
         # Unset shorthands are not saved: the spec states them (and loggers refuse hparams that
@@ -505,6 +506,13 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 self._check_classes(int(dm_classes))
             names = getattr(dm, "class_names", None)
             if names and not self._names_given:
+                if len(names) != self.num_classes:  # it spoke of a data.class_names not given
+                    raise ConfigError(
+                        f"{self._data_name()} names {len(names)} classes (its class_names: "
+                        f"{list(names)[:5]}{', ...' if len(names) > 5 else ''}) but the network "
+                        f"predicts {self.num_classes}; set the network's num_classes (e.g. "
+                        f"--model.net.init_args.num_classes {len(names)}) or give the module "
+                        "one name per class")
                 self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
         if stage in ("fit", "validate", "test"):
             check_ignore_index(self.num_classes, self.ignore_index)
@@ -584,7 +592,80 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         assert out is not None
         return out
 
+    def _data_name(self) -> str:
+        """The data module, for messages: ``the data module my.data.Module``."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return "the data"
+        return f"the data module {type(dm).__module__}.{type(dm).__qualname__}"
+
+    def _checked_batch(self, batch: Any, stage: Stage) -> dict[str, Any]:
+        """``batch`` when it is segpipe's ``{"image": float (N, C, H, W), "mask": int64 (N, H,
+        W)}`` (integer masks of another dtype are made int64); a :class:`BatchFormatError`
+        that says what to change otherwise. A data module of the user's got a 50-100-line
+        traceback from inside the loss for each of these. The first batch of each stage also
+        has its labels checked against the classes (one host synchronisation)."""
+        def refuse(what: str, fix: str) -> BatchFormatError:
+            return BatchFormatError(
+                f"{self._data_name()} gives {stage} batches that are not segpipe's "
+                f'{{"image": float (N, C, H, W), "mask": int64 (N, H, W)}}: {what}; {fix}')
+
+        if not isinstance(batch, dict):
+            size = f" of {len(batch)}" if isinstance(batch, (list, tuple)) else ""
+            raise refuse(f"got a {type(batch).__name__}{size}",
+                         'return {"image": image, "mask": mask} from the dataset\'s __getitem__')
+        missing = [key for key in ("image", "mask") if key not in batch]
+        if missing:
+            raise refuse(f"no {' or '.join(map(repr, missing))} key (keys: "
+                         f"{', '.join(map(repr, sorted(map(str, batch))))})",
+                         "name the image 'image' and the labels 'mask'")
+        image, mask = batch["image"], batch["mask"]
+        if not isinstance(image, Tensor) or not isinstance(mask, Tensor):
+            raise refuse(f"image is a {type(image).__name__}, mask a {type(mask).__name__}",
+                         "give tensors (torch.as_tensor)")
+        if image.ndim != 4:
+            raise refuse(f"image of shape {tuple(image.shape)}", "give (N, C, H, W) batches")
+        channels = getattr(self.net, "in_channels", None)
+        if isinstance(channels, int) and image.shape[1] != channels:
+            last = image.shape[-1] == channels
+            raise refuse(
+                f"image of shape {tuple(image.shape)}, {image.shape[1]} channels, where the "
+                f"network takes {channels}",
+                "put the channels before the rows: image.permute(0, 3, 1, 2)" if last else
+                "set model.net.init_args.in_channels to the data's channels")
+        weights = next(self.net.parameters(), None)
+        if not image.is_floating_point() or (
+                image.dtype == torch.float64 and getattr(weights, "dtype", None) != image.dtype):
+            raise refuse(f"image is {image.dtype}",
+                         "give float32 images, normalised (e.g. image.float() / 255, then the "
+                         "bands' mean and std)")
+        if mask.ndim == 4 and mask.shape[1] == 1:
+            raise refuse(f"mask of shape {tuple(mask.shape)}", "drop the channel: mask[:, 0]")
+        if mask.ndim != 3 or mask.shape[0] != image.shape[0]:
+            raise refuse(f"mask of shape {tuple(mask.shape)} for images {tuple(image.shape)}",
+                         "give one (H, W) mask of class indices per image")
+        if mask.is_floating_point() or mask.dtype in (torch.bool, torch.complex64,
+                                                      torch.complex128):
+            raise refuse(f"mask is {mask.dtype}", "give class indices: mask.long()")
+        if mask.dtype != torch.int64:
+            batch = {**batch, "mask": mask.long()}
+        if stage not in self._labels_checked:
+            self._labels_checked.add(stage)
+            labels = batch["mask"]
+            if self.ignore_index is not None:
+                labels = labels[labels != self.ignore_index]
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            if bad.numel():
+                values = bad.unique()[:10].tolist()
+                ignore = ("" if self.ignore_index is None
+                          else f" or model.ignore_index={self.ignore_index}")
+                raise refuse(f"mask labels {values} are no class of 0..{self.num_classes - 1}"
+                             f"{ignore}", "map them to classes or to the ignored label, or set "
+                             "the network's num_classes")
+        return batch
+
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
+        batch = self._checked_batch(batch, stage)
         image, mask = batch["image"], batch["mask"]
         sizes = batch.get("image_size") if stage != "train" else None
         logits = self(image) if sizes is None else self._each_image(image, sizes, self)
