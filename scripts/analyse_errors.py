@@ -24,9 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.data.datasets import _pair_folders, encode_mask  # noqa: E402
+from segpipe.data.datasets import _pair_folders, check_label_range, encode_mask  # noqa: E402
 from segpipe.data.io import ImageReadError, read_image, read_mask  # noqa: E402
+from segpipe.errors import ConfigError  # noqa: E402
 from segpipe.predict.api import Segmenter  # noqa: E402
+from segpipe.predict.checkpoint import read_checkpoint  # noqa: E402
 
 #: Wrong pixels are counted by distance (px) to the nearest pixel of another true class: up to
 #: each edge (1 px, diagonal 1.41 px, 2 px, ...), then farther.
@@ -65,9 +67,18 @@ def parse_mask_values(text: str | None) -> dict[int, int] | None:
     if not text:
         return None
     pairs = [item.split(":") for item in text.split(",")]
-    if any(len(p) != 2 for p in pairs):
-        raise SystemExit(f"--mask-values must look like 0:0,255:1, got {text!r}")
-    return {int(a): int(b) for a, b in pairs}
+    try:
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return {int(a): int(b) for a, b in pairs}
+    except ValueError:
+        raise SystemExit(f"--mask-values must look like 0:0,255:1, got {text!r}") from None
+
+
+def checkpoint_mask_values(ckpt: Path) -> dict[int, int] | None:
+    """The ``data.mask_values`` the checkpoint was trained with (None when it had none)."""
+    found = (read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}).get("mask_values")
+    return {int(k): int(v) for k, v in found.items()} if found else None
 
 
 def pairs(images: Path, masks: Path, stems: list[str] | None) -> list[tuple[Path, Path]]:
@@ -78,6 +89,10 @@ def pairs(images: Path, masks: Path, stems: list[str] | None) -> list[tuple[Path
     samples, _, _ = _pair_folders(images, masks, recursive=False)
     out = [(s.image, s.mask) for s in samples
            if s.mask is not None and (stems is None or s.image.stem in stems)]
+    unknown = sorted(set(stems or ()) - {image.stem for image, _ in out})
+    if out and unknown:
+        raise SystemExit(f"--stems {' '.join(unknown)}: no image of that stem with a mask in "
+                         f"{images} and {masks}")
     if not out:
         raise SystemExit(f"no image in {images} has a mask of the same stem in {masks}"
                          + (f" among the stems {stems}" if stems else ""))
@@ -90,18 +105,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder of images")
     p.add_argument("--masks", type=Path, required=True, help="folder of masks, same stems")
     p.add_argument("--stems", nargs="+", help="only these file stems")
-    p.add_argument("--mask-values", help="raw mask value to class index, e.g. 0:0,255:1")
+    p.add_argument("--mask-values", help="raw mask value to class index, e.g. 0:0,255:1 "
+                   "(default: the checkpoint's data.mask_values)")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="truth label not scored (default: the checkpoint's data.ignore_index)")
     p.add_argument("--positive", type=int, default=1, help="the class thresholded (two classes)")
     args = p.parse_args(argv)
 
-    seg = Segmenter.from_checkpoint(args.ckpt, device="cpu")
+    mask_values = parse_mask_values(args.mask_values)
+    try:
+        seg = Segmenter.from_checkpoint(args.ckpt, device="cpu")
+        if mask_values is None:
+            mask_values = checkpoint_mask_values(args.ckpt)
+            if mask_values:
+                print(f"mask values: {mask_values} (the checkpoint's)")
+    except (OSError, ConfigError) as exc:
+        raise SystemExit(str(exc)) from None
     ignore_index = args.ignore_index if args.ignore_index is not None else seg.config.ignore_index
     print(f"ignore index: {ignore_index if ignore_index is not None else 'none'}"
           + (" (the checkpoint's)" if args.ignore_index is None else ""))
-    mask_values = parse_mask_values(args.mask_values)
     num_classes = len(seg.class_names)
+    if num_classes == 2 and not 0 <= args.positive < 2:
+        raise SystemExit(f"--positive {args.positive}: the checkpoint's classes are 0 "
+                         f"({seg.class_names[0]}) and 1 ({seg.class_names[1]})")
     wrong_total = scored_total = 0
     wrong_by_bin = np.zeros(len(BIN_LABELS), dtype=np.int64)
     sweep = np.zeros(len(THRESHOLDS), dtype=np.int64)
@@ -111,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             truth = encode_mask(read_mask(mask_path), mask_path, mask_values, None, ignore_index)
         except ImageReadError as exc:
             raise SystemExit(str(exc)) from None
+        bad = check_label_range(truth, num_classes, ignore_index)
+        if bad:
+            raise SystemExit(
+                f"{mask_path}: label values {bad[:10]} are no class of the checkpoint's 0.."
+                f"{num_classes - 1}{'' if ignore_index is None else f' (ignore index {ignore_index})'}"
+                "; give --mask-values (e.g. 0:0,255:1) or the masks of these images")
         proba = seg.predict_proba(read_image(image_path))
         if proba.shape[1:] != truth.shape:
             raise SystemExit(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]}, "

@@ -120,3 +120,43 @@ def test_script_names_a_missing_folder(tmp_path: Path) -> None:
     )
     assert res.returncode != 0
     assert f"{tmp_path / 'nope'}: not a folder" in res.stderr, res.stderr
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/analyse_errors.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_script_takes_the_checkpoints_mask_values_and_refuses_values_beyond(
+        tmp_path: Path) -> None:
+    """ISBI's 0/255 labels scored as they are printed "pixel error 100.00 %" beside "21.54 %
+    at 0.5", exit 0; bad arguments were tracebacks or nonsense."""
+    import torch
+
+    ckpt = make_ckpt(tmp_path / "t.ckpt", "tests.predict.nets.ThresholdNet",
+                     {"in_channels": 1, "num_classes": 2}, mean=[0.0], std=[1.0])
+    raw = torch.load(ckpt, weights_only=False)
+    raw["datamodule_hyper_parameters"] = {"mask_values": {"0": 0, "255": 1}}
+    torch.save(raw, ckpt)
+    images, masks = tmp_path / "image", tmp_path / "label"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.full((8, 8), 191, dtype=np.uint8)).save(images / "a.png")  # class 1
+    truth = np.full((8, 8), 255, dtype=np.uint8)
+    truth[0, :4] = 0  # 4 wrong pixels of 64
+    Image.fromarray(truth).save(masks / "a.png")
+    common = ["--ckpt", str(ckpt), "--images", str(images), "--masks", str(masks)]
+    res = _run_script(*common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "mask values: {0: 0, 255: 1} (the checkpoint's)" in res.stdout
+    assert "all: pixel error 6.25 % over 64 pixels" in res.stdout, res.stdout
+    res = _run_script(*common, "--mask-values", "0:0,255:255")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "label values [255] are no class of the checkpoint's 0..1" in res.stderr
+    for args, said in ((["--positive", "2"], "--positive 2: the checkpoint's classes are 0"),
+                       (["--mask-values", "0:0,255:x"], "--mask-values must look like"),
+                       (["--stems", "a", "b"], "--stems b: no image of that stem"),
+                       (["--ckpt", str(tmp_path / "nope.ckpt")], "nope.ckpt not found")):
+        res = _run_script(*common, *args)
+        assert res.returncode == 1 and said in res.stderr and "Traceback" not in res.stderr, \
+            res.stderr[-2000:]
