@@ -109,6 +109,22 @@ def test_evaluation_options_are_this_runs_not_the_checkpoints(fitted, dataset, c
     assert "test-time augmentation: mean of 2 view(s)" in md
 
 
+def test_a_test_that_reads_masks_otherwise_than_training_is_warned_about(fitted, dataset):
+    """A model trained with data.mask_values {0: 0, 255: 1}, tested without it, scored every
+    foreground pixel as ignored, with no word: the checkpoint now records how masks were read."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["test", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     f"--trainer.default_root_dir={fitted}", "--ckpt_path=best", *TINY,
+                     "--data.mask_values={0: 0, 1: 1, 2: 2}"]) == 0
+    said = [str(w.message) for w in caught if "read into other labels" in str(w.message)]
+    assert said == [
+        "the checkpoint was trained with data.mask_values=null but this run has "
+        "data.mask_values={0: 0, 1: 1, 2: 2}: its masks are read into other labels than in "
+        "training (0/255 masks without the mapping score every 255 as ignored or as class 255);"
+        " to score as trained, pass --data.mask_values 'null' or the run's config.yaml"], said
+
+
 def test_a_test_labels_classes_and_tta_views_as_the_checkpoint_trained(dataset, tmp_path, capsys):
     # Names given otherwise at test time relabelled every per-class figure, and the TTA views
     # came from the test's data options (vflip off: 2 views) while predict --tta used 4.

@@ -137,6 +137,15 @@ def _subset(samples: list[Sample], limit: int | None) -> list[Sample]:
     return [samples[i] for i in sorted(set(idx.tolist()))][:limit]
 
 
+
+def _yaml_flow(value: Any) -> str:
+    """``value`` as a one-line YAML flow value (``null``, ``{0: 0, 255: 1}``, ``[[0, 0, 0]]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str([list(c) for c in value])
+
 class SegmentationDataModule(L.LightningDataModule):
     """Data module for semantic segmentation.
 
@@ -537,7 +546,14 @@ class SegmentationDataModule(L.LightningDataModule):
                 "train_cases": self._train_cases(),
                 "train_files": self._train_file_keys(),
                 "split_settings": {k: self.hparams.get(k) for k in _FILE_SPLIT_KEYS},
-                "trained_on_val": not self.validates}
+                "trained_on_val": not self.validates,
+                "mask_encoding": self._mask_encoding()}
+
+    def _mask_encoding(self) -> dict[str, Any]:
+        """How mask files are read into labels (``mask_values``, ``mask_colors``)."""
+        values = self.mask_values
+        return {"mask_values": None if values is None else {str(k): v for k, v in values.items()},
+                "mask_colors": self.mask_colors}
 
     @property
     def validates(self) -> bool:
@@ -661,6 +677,19 @@ class SegmentationDataModule(L.LightningDataModule):
                 "the checkpoint was trained with data.train_on_val: its training data held this "
                 "val split, so its scores would not be held out; score it on a test split"
             )
+        saved_encoding = state_dict.get("mask_encoding")
+        if (isinstance(saved_encoding, dict) and self._stage() in ("validate", "test")
+                and saved_encoding != self._mask_encoding()):
+            now = self._mask_encoding()
+            diff = [k for k in ("mask_values", "mask_colors") if saved_encoding.get(k) != now[k]]
+            given = " ".join(f"--data.{k} '{_yaml_flow(saved_encoding.get(k))}'" for k in diff)
+            rank_zero_warn(
+                "the checkpoint was trained with "
+                + ", ".join(f"data.{k}={_yaml_flow(saved_encoding.get(k))}" for k in diff)
+                + " but this run has " + ", ".join(f"data.{k}={_yaml_flow(now[k])}" for k in diff)
+                + ": its masks are read into other labels than in training (0/255 masks without "
+                f"the mapping score every 255 as ignored or as class 255); to score as trained, "
+                f"pass {given} or the run's config.yaml")
         if state_dict.get("train_cases"):
             self._check_not_trained_on(state_dict["train_cases"],
                                        state_dict.get("split_settings") or {})
