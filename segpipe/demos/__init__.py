@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -53,8 +54,8 @@ def main(argv: list[str]) -> int:
     """``segpipe demo {mri,driving}``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.minutes > 0:
-        parser.error(f"--minutes must be > 0, got {args.minutes}")
+    if not (math.isfinite(args.minutes) and args.minutes > 0):
+        parser.error(f"--minutes must be a number of minutes > 0, got {args.minutes}")
     sha256 = getattr(args, "sha256", None)
     if sha256 is not None and re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is None:
         parser.error(f"--sha256 must be 64 hexadecimal digits (`sha256sum FILE` prints them), "
@@ -63,10 +64,13 @@ def main(argv: list[str]) -> int:
     from segpipe.fileio import OutputDirError
 
     if args.demo == "mri":
-        from segpipe.demos.mri import DemoError, run_mri_demo
+        from segpipe.demos.mri import DemoError, DemoStopped, run_mri_demo
 
         try:
             run_mri_demo(args.output, smoke=args.smoke, max_minutes=args.minutes)
+        except DemoStopped as exc:
+            print(f"segpipe demo mri: {exc}", file=sys.stderr)
+            return exc.code
         except (OutputDirError, DemoError, MissingExtraError) as exc:
             print(f"segpipe demo mri: error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, DemoError) else 2

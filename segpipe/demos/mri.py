@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from segpipe.errors import MissingExtraError
 from segpipe.fileio import TMP_PREFIX, atomic_write_text, check_output_dir
 from segpipe.predict.command import SETTINGS_FILE as PREDICT_SETTINGS_FILE
 
-__all__ = ["CLASS_COLORS", "CLASS_NAMES", "MriDemoResult", "make_mri_dataset", "run_mri_demo"]
+__all__ = ["CLASS_COLORS", "CLASS_NAMES", "DemoError", "DemoStopped", "MriDemoResult", "make_mri_dataset",
+           "run_mri_demo"]
 
 CLASS_NAMES = ["background", "csf_other", "grey_matter", "white_matter"]
 CLASS_COLORS = [[0, 0, 0], [0, 90, 255], [255, 160, 0], [240, 240, 240]]
@@ -171,6 +173,18 @@ class DemoError(RuntimeError):
     """A demo step that failed; the message says which (one line on the command line)."""
 
 
+class DemoStopped(DemoError):
+    """The demo's training was stopped by Ctrl-C or SIGTERM: not a failure; ``code`` is the
+    exit code (130 or 143)."""
+
+    def __init__(self, code: int) -> None:
+        how = "Ctrl-C (SIGINT)" if code == 128 + signal.SIGINT else "SIGTERM"
+        super().__init__(
+            f"stopped by {how} before it finished; the demo does not resume (the line above "
+            "is fit's): run the same command again to run it anew")
+        self.code = code
+
+
 def _check_own(folder: Path, what: str) -> None:
     """Refuse ``folder`` unless it holds only what an earlier run of the demo wrote there: PNG
     and JPEG files, ``segpipe predict``'s record of its settings, and a killed run's unfinished
@@ -236,7 +250,10 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
 
     print(f"[2/4] Training a U-Net (segpipe fit --config {config})")
     started = time.time()
-    if segpipe_main(["fit", "--config", str(config), "--trainer.enable_model_summary=false"]):
+    code = segpipe_main(["fit", "--config", str(config), "--trainer.enable_model_summary=false"])
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        raise DemoStopped(code)
+    if code:
         raise DemoError("training failed (see the message above)")
     ckpt_dir = run_dir / "checkpoints"
     best = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)

@@ -121,3 +121,22 @@ def test_mri_demo_anneals_to_its_time_budget(tmp_path: Path) -> None:
     assert cfg["model"]["scheduler_interval"] == "step"
     assert cfg["model"]["lr_scheduler"]["class_path"] == (
         f"{DeadlineCosineLR.__module__}.{DeadlineCosineLR.__name__}")
+
+
+def test_a_stopped_demo_says_so_and_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during its training was "training failed", exit 1; an infinite --minutes was an
+    OverflowError traceback after the slices were cut."""
+    from segpipe import cli
+    from segpipe.demos import main as demo_main
+
+    fit = cli.main
+    monkeypatch.setattr(cli, "main", lambda argv: 130 if argv[0] == "fit" else fit(argv))
+    assert demo_main(["mri", "--output", str(tmp_path / "out"), "--smoke"]) == 130
+    err = capsys.readouterr().err
+    assert "segpipe demo mri: stopped by Ctrl-C (SIGINT) before it finished; the demo does not " \
+        "resume" in err and "training failed" not in err, err
+    with pytest.raises(SystemExit) as info:
+        demo_main(["mri", "--output", str(tmp_path / "inf"), "--minutes", "inf"])
+    assert info.value.code == 2 and not (tmp_path / "inf").exists()
+    assert "--minutes must be a number of minutes > 0, got inf" in capsys.readouterr().err
