@@ -214,7 +214,7 @@ def _fit_image(
         if np.all(pad_rows == ignore_index) and np.all(pad_cols == ignore_index):
             # Batch padding (PadCollate): crop truth and prediction back to the image.
             return image, mask[:ih, :iw], pred[:ih, :iw], ""
-    note = f"image ({ih}×{iw}) resized to the evaluated size ({h}×{w}) for display"
+    note = f"image ({iw}×{ih}) resized to the evaluated size ({w}×{h}) for display"
     return _resize_nearest(image, (h, w)), mask, pred, note
 
 
@@ -544,8 +544,8 @@ def write_report(
     )
     if report.get("eval_resize"):
         h, w = report["eval_resize"]
-        facts.append(f"predicted at {h}×{w} (`data.eval_resize`), scored against the masks at "
-                     "their native size")
+        facts.append(f"predicted at {w}×{h} (W×H, `data.eval_resize: [{h}, {w}]`), scored "
+                     "against the masks at their native size")
     if report.get("test_time_augmentation"):
         facts.append(f"test-time augmentation: {report['test_time_augmentation']}")
     bn_stats = report.get("batchnorm_statistics")
@@ -643,7 +643,7 @@ def write_report(
         outside = int(per_case.get("images_without_case") or 0)
         lines += [
             "## Per case", "",
-            f"{per_case['num_cases']} cases"
+            f"{per_case['num_cases']} case{'' if per_case['num_cases'] == 1 else 's'}"
             + (f" (and {per_case['num_cases_without_score']} without a labelled pixel, which "
                "has no score and is left out of every mean)"
                if per_case.get("num_cases_without_score") else "")

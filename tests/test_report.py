@@ -105,7 +105,7 @@ def test_gallery_for_worst_images(tmp_path: Path) -> None:
     assert "| 1 | `" in md and "small.png` | 0.2000 | 0.3000 |" in md
     # The unreadable image is reported, not fatal; the resize is explained.
     assert re.search(r"#6 `[^`]*missing\.png`: could not read the image \(.*file not found", md)
-    assert re.search(r"#3 `[^`]*big\.png`: image \(36×48\) resized to the evaluated size \(12×16\)", md)
+    assert re.search(r"#3 `[^`]*big\.png`: image \(48×36\) resized to the evaluated size \(16×12\)", md)
     assert "#1 `" not in md.split("Notes:")[1].split("**#1**")[0]  # padding is silently cropped
     # A second report in the same folder (no logger: no version folder) keeps its own gallery.
     write_report(_report([_row(rgb, iou=0.5)]), tmp_path / "out")
@@ -140,7 +140,8 @@ def test_report_names_the_split_scored_and_the_evaluation_size(tmp_path: Path) -
     report = {**_report(), "scored_split": "val", "eval_resize": [24, 32]}
     md = write_report(report, tmp_path).read_text(encoding="utf-8")
     assert "**2** val image(s) (the data has no test split)" in md
-    assert "predicted at 24×32 (`data.eval_resize`), scored against the masks at their native" in md
+    assert ("predicted at 32×24 (W×H, `data.eval_resize: [24, 32]`), scored against the masks "
+            "at their native") in md
     nothing = {**_report(), "mIoU": None, "mDice": None, "micro_IoU": None,
                "pixel_accuracy": None, "warning": "no pixel of these images is labelled"}
     md = write_report(nothing, tmp_path).read_text(encoding="utf-8")

@@ -387,9 +387,12 @@ def summary_lines(r: DrivingDemoResult, cfg: dict[str, Any], smoke: bool, max_mi
     lines.append("Scores (100% = perfect; IoU = overlap of predicted and true pixels of a class):")
     rows: list[tuple[str, str]] = []
     if r.val_mIoU is not None and ev == "test":  # on val, the evaluation below says it all
-        rows.append((f"val  mIoU, macro (mean over the {len(names)} classes), best epoch", _pct(r.val_mIoU)))
+        rows.append(("val  mIoU, macro (mean over the classes present), best epoch",
+                     _pct(r.val_mIoU)))
     if m:
-        rows.append((f"{ev:<4} mIoU, macro (mean over the {len(names)} classes)", _pct(m.get("mIoU"))))
+        scored = sum(v is not None for v in (m.get("IoU_per_class") or {}).values())
+        rows.append((f"{ev:<4} mIoU, macro (mean over the {scored} classes with a score)",
+                     _pct(m.get("mIoU"))))
         rows.append((f"{ev:<4} pixel accuracy, micro (share of labelled pixels right)",
                      _pct(m.get("pixel_accuracy"))))
         rows.append((f"{ev:<4} mean Dice, macro", _pct(m.get("mDice"))))

@@ -297,7 +297,7 @@ def _print_summary(r: MriDemoResult, counts: dict[str, int]) -> None:
     if m:
         per_class = ", ".join(f"{k} {_fmt(v)}" for k, v in m.get("IoU_per_class", {}).items())
         print(f"Scores on held-apart slices: mIoU (macro) {_fmt(m.get('mIoU'))}%, "
-              f"pixel accuracy {_fmt(m.get('pixel_accuracy'))}%, mean Dice (macro) {_fmt(m.get('mDice'))}%")
+              f"pixel accuracy (micro) {_fmt(m.get('pixel_accuracy'))}%, mean Dice (macro) {_fmt(m.get('mDice'))}%")
         print(f"IoU per class (%): {per_class}")
     print(f"Checkpoint:  {r.checkpoint}")
     if r.metrics_path:

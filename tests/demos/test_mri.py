@@ -69,7 +69,7 @@ def test_mri_demo_rerun_and_bad_outputs(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "afile").write_text("x")
     for argv, words in (
         (["--output", str(tmp_path / "afile")], "is a file, not a folder"),
-        (["--output", str(tmp_path / "m0"), "--minutes", "0"], "--minutes must be > 0"),
+        (["--output", str(tmp_path / "m0"), "--minutes", "0"], "--minutes must be a number of minutes > 0"),
     ):
         try:
             code = demo_main(["mri", *argv])
