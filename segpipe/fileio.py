@@ -317,19 +317,33 @@ def _host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux's ``/proc/PID/stat``), or
+    None where that cannot be read: with the PID it names one process, where a PID alone is
+    reused (by a restarted container's fresh PID namespace at once)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])  # field 22; the name may hold ")"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def own_temporary_prefix(prefix: str = TMP_PREFIX) -> str:
-    """``<prefix><host>.<pid>-``: how this process's temporary names begin."""
-    return f"{prefix}{_host_tag()}.{os.getpid()}-"
+    """``<prefix><host>.<pid>.<start>-`` (``<prefix><host>.<pid>-`` where the process's start
+    time cannot be read): how this process's temporary names begin."""
+    start = _start_ticks(os.getpid())
+    return f"{prefix}{_host_tag()}.{os.getpid()}{'' if start is None else f'.{start}'}-"
 
 
 def _temp_name(prefix: str, suffix: str) -> str:
-    """``<prefix><host>.<pid>-<random><suffix>``: the writer is in the name, so that a later
-    command can tell an interrupted write from another live process's
+    """``<prefix><host>.<pid>.<start>-<random><suffix>``: the writer is in the name, so that a
+    later command can tell an interrupted write from another live process's
     (:func:`is_stale_temporary`)."""
     return f"{own_temporary_prefix(prefix)}{secrets.token_hex(6)}{suffix}"
 
 
-_OWNER = re.compile(r"^" + re.escape(TMP_PREFIX) + r"([0-9a-f]{8})\.(\d+)-")
+_OWNER = re.compile(r"^" + re.escape(TMP_PREFIX) + r"([0-9a-f]{8})\.(\d+)(?:\.(\d+))?-")
 
 STALE_AFTER_S = 3600.0
 """A temporary file of unknown writer left unchanged this long is taken for an interrupted
@@ -340,8 +354,9 @@ def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_
     """Whether a ``TMP_PREFIX`` file is an interrupted write that may be deleted.
 
     Its writer is named in it (:func:`_temp_name`): a process of this machine that no longer
-    runs left it; another live process's (a second ``predict`` or ``fit`` on the same folder)
-    is kept. Files of another machine, or named before writers were (or on a system where a
+    runs left it (or one that started at another time than the writer: its PID was reused, as
+    a restarted container's fresh PID namespace does at once); another live process's (a
+    second ``predict`` or ``fit`` on the same folder) is kept. Files of another machine, or named before writers were (or on a system where a
     process cannot be probed with signal 0), are stale once unchanged for ``stale_after``
     seconds.
 
@@ -363,7 +378,9 @@ def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_
             return True
         except OSError:  # another user's live process
             return False
-        return False
+        started = owner.group(3)
+        now = _start_ticks(pid) if started is not None else None
+        return now is not None and now != int(started)  # the PID names another process now
     try:
         return time.time() - os.stat(path).st_mtime >= stale_after
     except OSError:

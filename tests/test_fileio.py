@@ -321,6 +321,27 @@ def test_a_live_writers_temporary_file_is_not_stale(tmp_path: Path) -> None:
     assert is_stale_temporary(unknown)
 
 
+def test_a_temporary_file_whose_pid_names_another_process_now_is_stale(tmp_path: Path) -> None:
+    """A fit killed in a container left its lock and a partial checkpoint; restarted in a fresh
+    PID namespace, the same PID belonged to another live process, and the lock refused every
+    restart ("another segpipe fit (process 2 ...) is writing checkpoints")."""
+    from segpipe.fileio import TMP_PREFIX, _host_tag, _start_ticks, is_stale_temporary
+
+    parent = os.getppid()  # alive, and not the writer
+    started = _start_ticks(parent)
+    if started is None:  # pragma: no cover - no /proc (not Linux)
+        pytest.skip("process start times are read from /proc")
+    reused = tmp_path / f"{TMP_PREFIX}{_host_tag()}.{parent}.{started + 1}-abc-fit.lock"
+    reused.write_bytes(b"x")
+    assert is_stale_temporary(reused)
+    live = tmp_path / f"{TMP_PREFIX}{_host_tag()}.{parent}.{started}-abc-fit.lock"
+    live.write_bytes(b"x")
+    assert not is_stale_temporary(live)
+    older = tmp_path / f"{TMP_PREFIX}{_host_tag()}.{parent}-abc-fit.lock"  # before start times
+    older.write_bytes(b"x")
+    assert not is_stale_temporary(older)
+
+
 def test_an_output_folder_that_cannot_be_made_names_what_stops_it(tmp_path, monkeypatch):
     """A missing folder under a read-only mount: 'fix the permissions of ro/sub/deeper', a
     folder that does not exist, for a cause that is no permission."""
