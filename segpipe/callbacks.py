@@ -149,7 +149,31 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ``RuntimeError`` from its zip writer) raises :class:`CheckpointWriteError` naming the
     checkpoint, with the temporary file deleted and the previous checkpoint as it was. Reads
     refuse pickled code with :class:`UnsafeCheckpointError`.
+
+    With ``defer_removals`` (set by :class:`LastCheckpoint`), a checkpoint that
+    ``ModelCheckpoint`` replaces (the former best) is deleted only by
+    :meth:`remove_deferred`, once ``last.ckpt``, which records the new best, is written: deleted
+    at once, a kill between the two left ``last.ckpt`` naming a deleted best, and the resumed
+    folder had none.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.defer_removals = False
+        self._deferred: list[str | os.PathLike[str]] = []
+
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Delete ``path`` now, or once :meth:`remove_deferred` is called (``defer_removals``)."""
+        if self.defer_removals:
+            self._deferred.append(path)
+            return
+        super().remove_checkpoint(path)
+
+    def remove_deferred(self) -> None:
+        """Delete the checkpoints whose removal was deferred."""
+        pending, self._deferred = self._deferred, []
+        for path in pending:
+            super().remove_checkpoint(path)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
@@ -257,6 +281,20 @@ class LastCheckpoint(Checkpoint):
                               f"are NaN or infinite; {self.path} was not overwritten")
         trainer.save_checkpoint(self.path, weights_only=self.save_weights_only)
         self._saved_step = trainer.global_step
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafeCheckpointIO):
+            io.remove_deferred()  # the former best, which last.ckpt no longer records
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Have the former best deleted only once ``last.ckpt`` stops recording it."""
+        io = trainer.strategy.checkpoint_io
+        if stage == "fit" and isinstance(io, SafeCheckpointIO):
+            io.defer_removals = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafeCheckpointIO):
+            io.defer_removals = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from segpipe.cli import main
 from segpipe.lightning_cli import resolve_checkpoint_alias
@@ -287,6 +288,41 @@ def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, t
                  f"--checkpoint.dirpath={kept}"]) == 0
     assert (ckpt_dir / "last.ckpt").read_bytes() == current
     assert torch.load(kept / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+class RecordedBestOnDisk(Callback):
+    """Each time ModelCheckpoint has a former best removed (where a kill may land before
+    last.ckpt is rewritten): whether the best that the last.ckpt on disk records is there."""
+
+    seen: list[bool] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import torch
+
+        io = trainer.strategy.checkpoint_io
+        remove = io.remove_checkpoint
+
+        def removed_then_look(path) -> None:
+            remove(path)
+            last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            states = torch.load(last, weights_only=False)["callbacks"]
+            best = next(v["best_model_path"] for k, v in states.items()
+                        if k.startswith("ModelCheckpoint"))
+            self.seen.append(Path(best).is_file())
+
+        io.remove_checkpoint = removed_then_look
+
+
+def test_the_former_best_is_deleted_only_once_last_ckpt_stops_naming_it(dataset, tmp_path):
+    """Lightning deleted the former best before last.ckpt was rewritten: a kill between the two
+    left last.ckpt naming a deleted best, and after the resume the folder had none."""
+    RecordedBestOnDisk.seen = []
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", *TINY, "--trainer.max_epochs=3",
+                 "--checkpoint.monitor=step", "--checkpoint.mode=max",  # a new best each epoch
+                 "--trainer.callbacks+=tests.test_cli.RecordedBestOnDisk"]) == 0
+    assert RecordedBestOnDisk.seen == [True, True], RecordedBestOnDisk.seen
+    assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1  # then deleted
 
 
 def test_resuming_sets_aside_a_best_checkpoint_the_killed_run_wrote_after_last(
