@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,11 +231,13 @@ def find_images(
 def _index_by_key(
     folder: Path, files: Iterable[Path], strip_suffix: str = ""
 ) -> tuple[dict[str, Path], list[Path]]:
-    """Map relative path without extension (and ``strip_suffix``) -> file; collect duplicates."""
+    """Map relative path without extension (and ``strip_suffix``) -> file; collect duplicates.
+    Keys are in Unicode's NFC form: a name written on macOS (NFD: ``cafe`` + a combining accent)
+    pairs with the same name written elsewhere (NFC: ``café``), which it looks identical to."""
     out: dict[str, Path] = {}
     dups: list[Path] = []
     for f in files:
-        key = f.relative_to(folder).with_suffix("").as_posix()
+        key = unicodedata.normalize("NFC", f.relative_to(folder).with_suffix("").as_posix())
         if strip_suffix and key.endswith(strip_suffix):
             key = key[: -len(strip_suffix)]
         if key in out:

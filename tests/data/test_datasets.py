@@ -385,3 +385,22 @@ def test_folder_layout_reads_splits_in_either_order(tmp_path: Path) -> None:
     with pytest.raises(DataRootError, match=r"found .*train/Images.*: folder names are matched "
                                             r"exactly, rename them in lower case"):
         scan_folder(base)
+
+
+def test_names_in_either_unicode_form_pair(tmp_path: Path) -> None:
+    """An image named on macOS (NFD) and its mask named elsewhere (NFC) look alike but did not
+    pair: every one was 'no mask found' beside a mask 'with no matching image' of the same name."""
+    import unicodedata
+
+    from segpipe.data.datasets import scan_folder
+
+    base = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=1, n_test=0, size=(16, 16))
+    for split in ("train", "val"):
+        for i, (image, mask) in enumerate(zip(sorted((base / split / "images").iterdir()),
+                                              sorted((base / split / "masks").iterdir()))):
+            image.rename(image.with_name(unicodedata.normalize("NFD", f"café_{i}") + image.suffix))
+            mask.rename(mask.with_name(unicodedata.normalize("NFC", f"café_{i}") + mask.suffix))
+    scan = scan_folder(base)
+    assert {k: len(v) for k, v in scan.items()} == {"train": 2, "val": 1}
+    assert all(s.mask is not None for samples in scan.values() for s in samples)
+    assert not any(scan.orphans.values())
