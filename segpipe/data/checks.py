@@ -798,16 +798,18 @@ def _with_case_hint(
     """A mask whose name differs from an unmatched image's only in letter case
     (``Train_001.png`` for ``train_001.jpg``): say so on both, instead of a suffix hint that
     belongs to other files. Returns the problems and the ``(kind, path)`` of those so told."""
-    missing = {p.path.stem.lower(): p for p in problems if p.kind == "missing_mask"}
-    fixes: dict[tuple[str, Path], str] = {}
+    missing = {(p.split, p.path.stem.lower()): p for p in problems if p.kind == "missing_mask"}
+    told: set[tuple[str, Path]] = set()
+    example = ""
     for p in problems:
-        image = missing.get(p.path.stem.lower()) if p.kind == "orphan_mask" else None
+        image = missing.get((p.split, p.path.stem.lower())) if p.kind == "orphan_mask" else None
         if image is not None and image.path.stem != p.path.stem:
-            fix = (f"the mask {p.path.name} and the image {image.path.name} differ only in "
-                   "letter case, and names are matched exactly: rename one")
-            fixes[("orphan_mask", p.path)] = fixes[("missing_mask", image.path)] = fix
-    return ([replace(p, fix=fixes[(p.kind, p.path)]) if (p.kind, p.path) in fixes else p
-             for p in problems], set(fixes))
+            told |= {("orphan_mask", p.path), ("missing_mask", image.path)}
+            example = example or f"the mask {p.path.name} and the image {image.path.name}"
+    # one fix for all, so that they are one cause each (it named each pair: a line per file)
+    fix = (f"names differ from their image's or mask's only in letter case (e.g. {example}), "
+           "and names are matched exactly: rename one side (e.g. every name in lower case)")
+    return ([replace(p, fix=fix) if (p.kind, p.path) in told else p for p in problems], told)
 
 
 def class_pixel_counts(

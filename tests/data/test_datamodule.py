@@ -848,7 +848,23 @@ def test_a_mask_named_in_another_letter_case_is_told_apart(tmp_path: Path) -> No
         _dm(root, num_classes=3).setup("fit")
     text = str(exc.value)
     upper = masks[0].stem.upper() + ".png"
-    assert (f"the mask {upper} and the image {masks[0].stem}.png differ only in letter case, "
-            "and names are matched exactly: rename one") in text
+    assert (f"names differ from their image's or mask's only in letter case (e.g. the mask "
+            f"{upper} and the image {masks[0].stem}.png), and names are matched exactly: rename "
+            "one side") in text
     line = next(x for x in text.splitlines() if "set data.mask_suffix: '_mask'" in x)
     assert upper not in line, text  # the suffix advice is the other file's alone
+
+
+def test_many_names_in_another_letter_case_are_one_cause_per_kind(tmp_path: Path) -> None:
+    """30 mis-cased pairs were 60 error lines (the fix named each pair); a stem in several
+    splits got the hint in one split only."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=6, n_val=3, n_test=0, size=(16, 16))
+    for split in ("train", "val"):
+        for image in (root / split / "images").glob("*.png"):
+            image.rename(image.with_name(image.stem.upper() + ".PNG"))
+    with pytest.raises(DataCheckError) as exc:
+        _dm(root, num_classes=3).setup("fit")
+    causes = [x for x in str(exc.value).splitlines() if "only in letter case" in x]
+    assert len(causes) == 2, str(exc.value)  # the images without a mask, the masks without one
+    assert "[train, val] 9 images: no mask found" in causes[0] + causes[1], causes
+    assert "[train, val] 9 masks: no matching image" in causes[0] + causes[1], causes
