@@ -29,6 +29,7 @@ from segpipe.data.datasets import (
 )
 from segpipe.data.io import (
     ImageReadError,
+    exif_orientation,
     grid_mismatch,
     image_size,
     is_jpeg,
@@ -81,13 +82,17 @@ FIXES: dict[str, str] = {
 
 #: Kinds of :class:`Problem` that warn instead of stopping training: the data can be used as
 #: configured, but maybe not as meant.
-WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes", "mixed_dtypes"})
+WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes", "mixed_dtypes", "exif_rotated"})
 
 # Problems that leave a training mask uncounted: class presence is not judged over the rest.
 _UNCOUNTED = frozenset({"missing_mask", "unreadable_mask", "bad_labels"})
 
 UNLISTED_FIX = ("if one is a class (or a typo of one), add it to the table; a void colour or "
                 "value is fine as it is")
+
+_EXIF_FIX = ("to keep the stored pixels, remove the tag from the images (exiftool "
+             "-Orientation=1 -n FILE); to keep the view, save the images turned (Pillow: "
+             "ImageOps.exif_transpose(image), which drops the tag) and turn the masks alike")
 
 JPEG_MASK_FIX = (
     "save the masks as PNG (lossless) from the original labels and check again; converting "
@@ -113,6 +118,7 @@ _NOUNS: dict[str, str] = {
     "mixed_dtypes": "image",
     "too_few_classes": "folder",
     "mixed_mask_encodings": "mask",
+    "exif_rotated": "image",
 }
 
 # Reasons from segpipe.data.io that end in the decoder's message about this very file: the part
@@ -485,18 +491,36 @@ def _check_pair(
         return out, None
     if mask_colors and raw.ndim == 3 and is_jpeg(sample.mask):  # as encode_mask reads it
         raw = snap_jpeg_colours(raw, mask_colors)
+    turned = exif_orientation(sample.image) if size is not None else 1
     if size is not None and raw.shape[:2] != tuple(size):
         sizes = f"mask is {raw.shape[1]}×{raw.shape[0]} but image"
-        out.append(
-            Problem(
-                sample.mask,
-                split,
-                "size_mismatch",
-                f"{sizes} {sample.image.name} is {size[1]}×{size[0]} (W×H)",
-                FIXES["size_mismatch"],
-                cause=f"{sizes} is {size[1]}×{size[0]} (W×H)",
+        if turned in (5, 6, 7, 8) and raw.shape[:2] == tuple(size)[::-1]:
+            # the image's size as stored: the mask was drawn on the unturned pixels
+            out.append(Problem(
+                sample.mask, split, "size_mismatch",
+                f"{sizes} {sample.image.name} is {size[1]}×{size[0]} (W×H) as its EXIF "
+                f"orientation ({turned}) turns it", _EXIF_FIX,
+                cause=f"{sizes} is {size[1]}×{size[0]} (W×H) as its EXIF orientation turns "
+                      "it: the mask matches the stored, unturned pixels"))
+        else:
+            out.append(
+                Problem(
+                    sample.mask,
+                    split,
+                    "size_mismatch",
+                    f"{sizes} {sample.image.name} is {size[1]}×{size[0]} (W×H)",
+                    FIXES["size_mismatch"],
+                    cause=f"{sizes} is {size[1]}×{size[0]} (W×H)",
+                )
             )
-        )
+    elif turned != 1:
+        out.append(Problem(
+            sample.image, split, "exif_rotated",
+            f"EXIF orientation {turned}: read turned as viewers show it",
+            "make sure each mask matches its image as a viewer shows it, not as stored "
+            "(labelling tools that ignore the tag draw on the stored pixels); " + _EXIF_FIX,
+            cause="EXIF orientation tags: the images are read turned (or mirrored) as viewers "
+                  "show them, and their masks must match that"))
     elif size is not None:
         grid = grid_mismatch(sample.image, sample.mask)
         if grid is not None:

@@ -52,6 +52,7 @@ __all__ = [
     "grid_mismatch",
     "is_image_file",
     "is_jpeg",
+    "exif_orientation",
     "mask_palette",
     "open_raster",
     "pixel_limit",
@@ -748,6 +749,19 @@ def image_size(path: _PathLike) -> tuple[int, int]:
         if _orientation(img) in (5, 6, 7, 8):
             width, height = height, width
     return int(height), int(width)
+
+
+def exif_orientation(path: _PathLike) -> int:
+    """The EXIF orientation of an image file (1..8; 1 for none, or a file Pillow does not
+    open): above 1, :func:`read_image` returns the pixels turned as viewers show them."""
+    p = Path(path)
+    if _is_tiff(p) or _needs_gdal_png(p):  # read by rasterio, as stored
+        return 1
+    try:
+        with Image.open(p) as img:
+            return _orientation(img)
+    except Exception:  # noqa: BLE001 - unreadable: the readers report it
+        return 1
 
 
 def to_float(image: np.ndarray) -> np.ndarray:

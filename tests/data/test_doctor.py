@@ -692,3 +692,29 @@ def test_masks_that_mix_0_1_and_0_255_are_an_error(tmp_path: Path, capsys) -> No
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=2",
                    "--data.ignore_index=255")
     assert rc == 0 and "mix two encodings" not in out, out
+
+
+def test_exif_turned_images_are_named_and_a_mask_of_the_stored_pixels_is_told_so(
+        tmp_path: Path, capsys) -> None:
+    """A mask drawn on the stored pixels of an EXIF-turned JPEG was 're-export the mask at the
+    image's size' (the size every tool that ignores the tag shows), and a square one trained
+    on turned labels with 'OK'."""
+    root = _folder(tmp_path / "ds", size=(24, 32))
+    images = sorted((root / "train" / "images").glob("*.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90° clockwise
+    for image in images[:2]:
+        Image.open(image).convert("RGB").save(image.with_suffix(".jpg"), exif=exif.tobytes())
+        image.unlink()
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3")
+    errors = "\n".join(_section(out, "ERRORS:"))
+    assert rc == 1 and "2 masks: mask is 32×24 but image is 24×32 (W×H) as its EXIF orientation " \
+        "turns it: the mask matches the stored, unturned pixels" in errors, out
+    assert "exiftool -Orientation=1 -n FILE" in errors
+    square = _folder(tmp_path / "sq", size=(32, 32))
+    image = sorted((square / "train" / "images").glob("*.png"))[0]
+    Image.open(image).convert("RGB").save(image.with_suffix(".jpg"), exif=exif.tobytes())
+    image.unlink()
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={square}", "--data.num_classes=3")
+    warnings = "\n".join(_section(out, "Warnings:"))
+    assert rc == 0 and "1 image: EXIF orientation tags: the images are read turned" in warnings, out
