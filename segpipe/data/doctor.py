@@ -621,6 +621,15 @@ def check_data(
         # Decoded images: the channels of every image are checked here (else a sample below).
         in_channels=dm.in_channels if decode_images else None,
     )
+    unlabelled = getattr(scan, "missing_mask_dirs", {}).get("test")
+    if unlabelled is not None and "test" in chosen:  # images to predict: fit does not read them
+        n = sum(p.kind == "missing_mask" and p.split == "test" for p in rep.problems)
+        rep.problems = [p for p in rep.problems
+                        if not (p.kind == "missing_mask" and p.split == "test")]
+        rep.warnings.append(
+            f"[test] {n} image(s) and no masks ({unlabelled} does not exist): `segpipe test` "
+            "refuses the split, which `fit` does not read; predict it with `segpipe predict`, "
+            "or add the masks to score it")
     # Warnings among them (unlisted mask colours/values read as ignore_index) do not stop fit.
     rep.warnings += [g.line(FILES_SHOWN) for g in group_problems(
         [p for p in rep.problems if p.kind in WARNING_KINDS])]

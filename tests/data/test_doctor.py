@@ -718,3 +718,16 @@ def test_exif_turned_images_are_named_and_a_mask_of_the_stored_pixels_is_told_so
     rc, out = _run(capsys, "--config", CONFIG, f"--data.root={square}", "--data.num_classes=3")
     warnings = "\n".join(_section(out, "Warnings:"))
     assert rc == 0 and "1 image: EXIF orientation tags: the images are read turned" in warnings, out
+
+
+def test_a_test_split_without_masks_is_a_warning_as_fit_trains(tmp_path: Path, capsys) -> None:
+    """Images to predict in test/ without masks/: check-data said 'FAILED: fix the errors above
+    before training' (exit 1) while fit trained."""
+    import shutil
+
+    root = _folder(tmp_path / "ds", n_test=2)
+    shutil.rmtree(root / "test" / "masks")
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=3")
+    warnings = "\n".join(_section(out, "Warnings:"))
+    assert rc == 0 and "[test] 2 image(s) and no masks" in warnings and \
+        "`segpipe test` refuses the split" in warnings, out
