@@ -1058,6 +1058,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+#: The data module check-data checks, as a config's data.class_path may name it.
+_OUR_DATA_MODULES = ("segpipe.data.SegmentationDataModule",
+                     "segpipe.data.datamodule.SegmentationDataModule", "SegmentationDataModule")
+
+
+def _not_ours(class_path: str, where: Path | None = None) -> str:
+    return (f"{'' if where is None else f'{where}: '}data: {class_path} is a data module of "
+            "your own: check-data checks the folders of segpipe's data module "
+            "(segpipe.data.SegmentationDataModule: its layouts and options), and not what "
+            "another module reads; segpipe fit checks your module's batches when they come")
+
+
 def _data_section(path: str) -> dict[str, Any]:
     """The ``data`` section of a training config (``init_args`` unwrapped)."""
     p = Path(path).expanduser()
@@ -1071,6 +1083,9 @@ def _data_section(path: str) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise _UsageError(f"{p}: expected a mapping with a data: section")
     data = cfg.get("data") or {}
+    own = data.get("class_path") if isinstance(data, dict) else None
+    if own and own not in _OUR_DATA_MODULES:
+        raise _UsageError(_not_ours(own, p))
     if isinstance(data, dict) and "init_args" in data:
         data = data.get("init_args") or {}
     if not isinstance(data, dict):
@@ -1126,6 +1141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segpipe check-data: error: {exc}", file=sys.stderr)
         return 2
     args = [_underscored(a) for a in args]  # --sample-size == --sample_size
+    for i, arg in enumerate(args):  # --data my.Module (a class path, not a config)
+        value = arg.split("=", 1)[1] if arg.startswith("--data=") else (
+            args[i + 1] if arg == "--data" and i + 1 < len(args) else None)
+        if value is not None and "." in value and not value.endswith((".yaml", ".yml", ".json")) \
+                and value not in _OUR_DATA_MODULES and "{" not in value and ":" not in value:
+            print(f"segpipe check-data: error: {_not_ours(value)}", file=sys.stderr)
+            return 2
     from jsonargparse import ArgumentError
 
     parser.exit_on_error = False

@@ -731,3 +731,16 @@ def test_a_test_split_without_masks_is_a_warning_as_fit_trains(tmp_path: Path, c
     warnings = "\n".join(_section(out, "Warnings:"))
     assert rc == 0 and "[test] 2 image(s) and no masks" in warnings and \
         "`segpipe test` refuses the split" in warnings, out
+
+
+def test_check_data_on_a_data_module_of_ones_own_says_what_it_checks(tmp_path: Path,
+                                                                     capsys) -> None:
+    """It said 'the following arguments are required: data.root' for a config that trains."""
+    config = tmp_path / "own.yaml"
+    config.write_text("data:\n  class_path: tests.test_custom_data.SquaresDataModule\n"
+                      "  init_args: {batch_size: 4}\n")
+    for args in (["--config", str(config)], ["--data", "tests.test_custom_data.SquaresDataModule"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "data: tests.test_custom_data.SquaresDataModule is a data module of your own: " \
+            "check-data checks the folders of segpipe's data module" in err, err
