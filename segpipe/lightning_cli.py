@@ -125,8 +125,31 @@ def _settings_given(model: Any, defaults: Any) -> dict[str, Any]:
     differ from the parser's defaults, flattened (``net.init_args.depth``), without the data
     spec, which the data section sets and the checkpoint checks are about."""
     defaults = defaults if defaults is not None and hasattr(defaults, "get") else {}
-    return {key: value for key, value in model.items()
-            if not key.startswith("data_spec") and not _same_setting(value, defaults.get(key))}
+    given = {}
+    for key, value in model.items():
+        default = defaults.get(key)
+        if default is None and key.startswith("net.init_args."):  # not in the parser's defaults
+            default = _class_default(model.get("net.class_path"), key.rpartition(".")[2])
+        if not key.startswith("data_spec") and not _same_setting(value, default):
+            given[key] = value
+    return given
+
+
+def _class_default(class_path: Any, name: str) -> Any:
+    """The default of argument ``name`` of the class ``class_path`` names (None if none): the
+    network's own defaults, which the parser's defaults for ``model`` do not hold (a resume
+    that did not give ``dropout`` was told it gave 0.0, UNet's default)."""
+    import importlib
+    import inspect
+
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, attr = class_path.rpartition(".")
+    try:
+        param = inspect.signature(getattr(importlib.import_module(module), attr)).parameters[name]
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None if param.default is inspect.Parameter.empty else param.default
 
 
 def _config_at(argv: Sequence[str], i: int) -> tuple[str, Any] | None:

@@ -843,6 +843,24 @@ def test_a_resumed_fit_names_the_settings_the_checkpoint_replaces(dataset, tmp_p
         assert saved["epoch"] == epochs - 1 and saved["hyper_parameters"]["ohem_fraction"] is None
 
 
+def test_a_network_setting_the_command_does_not_give_is_not_called_given(dataset, tmp_path):
+    """A run trained with dropout 0.2, resumed and tested with its plain config, was told it
+    gave dropout 0.0 (UNet's default) on every restart."""
+    run = tmp_path / "run"
+    args = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={run}", *TINY]
+    assert main(["fit", *args, "--trainer.max_epochs=1", "--model.net.init_args.dropout=0.2"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
+        assert main(["test", *args, "--ckpt_path=last"]) == 0
+    assert not [str(w.message) for w in caught if "checkpoint's settings" in str(w.message)]
+    with pytest.warns(UserWarning) as caught:
+        assert main(["test", *args, "--ckpt_path=last", "--model.net.init_args.dropout=0.1"]) == 0
+    said = [str(w.message) for w in caught if "checkpoint's settings" in str(w.message)]
+    assert len(said) == 1 and "model.net.init_args.dropout 0.2 (given: 0.1)" in said[0], said
+
+
 def test_segpipes_own_warnings_are_one_line_without_its_source():
     from segpipe import lightning_cli
 
