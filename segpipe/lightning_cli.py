@@ -421,10 +421,15 @@ def set_aside_earlier_checkpoints(ckpt_dir: Path, dest: Path | None = None) -> P
     if not earlier:
         return None
     dest = _move_checkpoints(earlier, ckpt_dir, dest)
+    if (dest / "last.ckpt").is_file():
+        how = (f"to resume that run instead: --ckpt_path {dest / 'last.ckpt'} "
+               f"--checkpoint.dirpath {dest}")
+    else:  # killed before its first last.ckpt: weights, no resumable state
+        how = ("that run left no last.ckpt to resume; its weights can start a new run: "
+               f"--model.init_from {dest / earlier[0].name}")
     rank_zero_info(
         f"{ckpt_dir} held {len(earlier)} checkpoint(s) of an earlier fit; moved them to {dest} so "
-        f"that this run's best and last are its own (to resume that run instead: --ckpt_path "
-        f"{dest / 'last.ckpt'} --checkpoint.dirpath {dest})")
+        f"that this run's best and last are its own ({how})")
     return dest
 
 

@@ -1071,3 +1071,19 @@ def test_a_fit_stopped_by_the_data_check_leaves_no_log_version(tmp_path, capsys)
     assert versions == ["version_0"], versions
     assert list((run / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
     good.write_bytes(keep)
+
+
+def test_setting_aside_a_run_without_last_ckpt_gives_no_resume_command(tmp_path, caplog):
+    """A run killed before its first last.ckpt left a best only; the message told to resume from
+    the earlier-1/last.ckpt that was not there."""
+    from segpipe.lightning_cli import set_aside_earlier_checkpoints
+
+    caplog.set_level(logging.INFO)
+    (tmp_path / "best-epoch000-mIoU0.0151.ckpt").write_bytes(b"x")
+    dest = set_aside_earlier_checkpoints(tmp_path)
+    assert "that run left no last.ckpt to resume; its weights can start a new run: " \
+        f"--model.init_from {dest / 'best-epoch000-mIoU0.0151.ckpt'}" in caplog.text
+    assert "--ckpt_path" not in caplog.text
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    dest = set_aside_earlier_checkpoints(tmp_path)
+    assert f"to resume that run instead: --ckpt_path {dest / 'last.ckpt'}" in caplog.text
