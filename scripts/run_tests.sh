@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. `bash scripts/run_tests.sh -m slow`.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$here/scripts/setup_env.sh" test
+venv="$(bash "$here/scripts/setup_env.sh" test)"
 cd "$here"
-exec "$here/.venv/bin/python" -m pytest -q "$@"
+exec "$venv/bin/python" -m pytest -q "$@"
