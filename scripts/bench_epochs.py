@@ -31,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segpipe.argparsing import at_least, positive_int  # noqa: E402
 from segpipe.data.io import write_image, write_mask  # noqa: E402
+from segpipe.configs import FOLDER as CONFIGS  # noqa: E402
 from segpipe.lightning_cli import run_cli  # noqa: E402
 
 
@@ -85,7 +87,7 @@ def make_data(root: Path, slices: int = 30, size: int = 512) -> Path:
 def run(root: Path, out: Path, steps: int, extra: list[str], args: argparse.Namespace) -> Gaps:
     device = torch.device(args.device)
     gaps = Gaps(device)
-    run_cli(["fit", "--config", "configs/isbi_unet.yaml", f"--data.root={root}",
+    run_cli(["fit", "--config", str(CONFIGS / "isbi_unet.yaml"), f"--data.root={root}",
              f"--trainer.default_root_dir={out}", f"--trainer.max_steps={steps}",
              "--trainer.max_time=null", "--trainer.limit_val_batches=0",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -99,9 +101,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
-    p.add_argument("--steps", type=int, default=120, help="training steps per run (120)")
-    p.add_argument("--samples-per-epoch", type=int, default=200)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=120, help="training steps per run (120)")
+    p.add_argument("--samples-per-epoch", type=positive_int, default=200)
+    p.add_argument("--num-workers", type=at_least(0), default=0)
     args = p.parse_args()
     from bench_train import pick_device  # the same one-line refusal of a missing CUDA
 

@@ -50,7 +50,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from segpipe.argparsing import positive_int  # noqa: E402
+from segpipe.argparsing import at_least, positive_int  # noqa: E402
 
 
 def pick_device(name: str | None) -> str:
@@ -336,7 +336,7 @@ def rss_child(argv: list[str]) -> None:
     p.add_argument("--ckpt")
     p.add_argument("--input")
     p.add_argument("--output")
-    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--tile", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--precision", default=None)
     p.add_argument("--device", default="cpu")
@@ -405,28 +405,28 @@ def main() -> None:
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--precision", default=None,
                    help="default: segpipe's default precision on the chosen device")
-    p.add_argument("--base-channels", type=int, default=16, help="U-Net width (throughput)")
-    p.add_argument("--depth", type=int, default=4, help="U-Net depth (throughput)")
-    p.add_argument("--classes", type=int, default=11)
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--base-channels", type=positive_int, default=16, help="U-Net width (throughput)")
+    p.add_argument("--depth", type=positive_int, default=4, help="U-Net depth (throughput)")
+    p.add_argument("--classes", type=at_least(2), default=11)
+    p.add_argument("--num-workers", type=at_least(0), default=None)
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds (best kept)")
     p.add_argument("--bare", choices=["io", "compute"], default="io",
                    help="the bare loop: io (default) decodes, predicts and writes PNGs in turn, "
                         "as a plain script does; compute predicts preloaded tensors only")
-    p.add_argument("--rss-sizes", type=int, nargs="+", default=[4096, 16384],
+    p.add_argument("--rss-sizes", type=positive_int, nargs="+", default=[4096, 16384],
                    help="raster widths (and heights) for the memory runs")
-    p.add_argument("--rss-height", type=int, default=None,
+    p.add_argument("--rss-height", type=positive_int, default=None,
                    help="use this height for every raster (memory does not depend on the "
                         "height: e.g. --rss-sizes 65536 --rss-height 1024 gives a 65536-wide "
                         "raster's peak fast)")
-    p.add_argument("--tile", type=int, default=512, help="tile of the raster runs")
-    p.add_argument("--rss-base-channels", type=int, default=2, help="U-Net width (raster runs)")
-    p.add_argument("--rss-depth", type=int, default=1, help="U-Net depth (raster runs)")
+    p.add_argument("--tile", type=positive_int, default=512, help="tile of the raster runs")
+    p.add_argument("--rss-base-channels", type=positive_int, default=2, help="U-Net width (raster runs)")
+    p.add_argument("--rss-depth", type=positive_int, default=1, help="U-Net depth (raster runs)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--workdir", default=None, help="keep the data here (default: a temp dir)")
-    p.add_argument("--rss-classes", type=int, default=11,
+    p.add_argument("--rss-classes", type=at_least(2), default=11,
                    help="classes of the raster runs' U-Net (the class-score accumulators hold "
                         "one float per class and pixel)")
     p.add_argument("--rss-formats", nargs="+", default=["geotiff"],

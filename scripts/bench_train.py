@@ -53,7 +53,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpipe.argparsing import positive_int  # noqa: E402
+from segpipe.argparsing import at_least, positive_int  # noqa: E402
+from segpipe.configs import FOLDER as CONFIGS  # noqa: E402
 from segpipe.lightning_cli import run_cli  # noqa: E402
 from segpipe.runtime import default_precision  # noqa: E402
 from segpipe.models import SmpModel, UNet  # noqa: E402
@@ -261,7 +262,7 @@ NETS = {
 def segpipe_args(args: argparse.Namespace, root: Path, run_dir: Path, **trainer: object) -> list[str]:
     """`segpipe fit` arguments: the folder config with the bench's model, data and precision."""
     return [
-        "fit", "--config", "configs/folder_unet.yaml",
+        "fit", "--config", str(CONFIGS / "folder_unet.yaml"),
         f"--data.root={root}", f"--data.layout={args.layout}",
         f"--data.num_classes={args.classes}", f"--data.batch_size={args.batch_size}",
         f"--data.crop_size={args.crop}", "--data.ignore_index=255",
@@ -318,13 +319,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, help="real data instead of synthetic (e.g. CamVid)")
     p.add_argument("--layout", default="folder")
-    p.add_argument("--classes", type=int, default=11)
+    p.add_argument("--classes", type=at_least(2), default=11)
     p.add_argument("--images", type=positive_int, default=368,
                    help="synthetic training images (default: as many as CamVid's train split, so "
                         "epoch ends weigh what they weigh in a real run)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--base", type=int, default=16, help="U-Net base channels")
+    p.add_argument("--crop", type=positive_int, default=224)
+    p.add_argument("--base", type=positive_int, default=16, help="U-Net base channels")
     p.add_argument("--net", choices=sorted(NETS), default="unet",
                    help="unet (segpipe's, depth 4, --base) or smp-r34 (smp's U-Net, ResNet-34 "
                         "encoder, random weights); e.g. --net smp-r34 --batch-size 16 --crop 512")
@@ -335,7 +336,7 @@ def main() -> None:
     p.add_argument("--epochs", type=positive_int, default=2, help="timed epochs after the warm-up one")
     p.add_argument("--rounds", type=positive_int, default=1,
                    help="how many times to repeat the measurement (interleaved: whole fits)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: segpipe's)")
+    p.add_argument("--workers", type=at_least(0), default=None, help="DataLoader workers (default: segpipe's)")
     p.add_argument("--precision", default=None,
                    help="default: segpipe's default precision on the chosen device")
     p.add_argument("override", nargs="*", help="extra segpipe fit overrides, e.g. --model.log_train_metrics=true")

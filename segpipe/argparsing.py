@@ -51,13 +51,23 @@ def option_at(argv: Sequence[str], i: int, option: str) -> str | None:
 
 def positive_int(value: str) -> int:
     """An argparse ``type`` for counts (images, steps, rounds): a whole number >= 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+    return at_least(1)(value)
+
+
+def at_least(lowest: int):  # noqa: ANN201 - an argparse type
+    """An argparse ``type``: a whole number >= ``lowest`` (``at_least(0)`` for worker counts,
+    ``at_least(2)`` for class counts)."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if number < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {number}")
+        return number
+
+    parse.__name__ = f"whole number >= {lowest}"
+    return parse
 
 
 class _Formatter(argparse.HelpFormatter):

@@ -118,3 +118,21 @@ def test_a_typed_model_option_overrides_the_other_one_in_the_config(
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1
     assert f"--config {cfg}: ckpt_path and onnx cannot both be given; keep one" in err[0]
+
+
+def test_at_least_is_an_argparse_type_with_a_one_line_error(capsys) -> None:
+    """The bench scripts' --crop 0, --classes 0 or --workers -1 were tracebacks from deep inside."""
+    import argparse
+
+    from segpipe.argparsing import at_least
+
+    p = argparse.ArgumentParser(prog="bench")
+    p.add_argument("--workers", type=at_least(0))
+    p.add_argument("--classes", type=at_least(2))
+    assert p.parse_args(["--workers", "0", "--classes", "2"]).workers == 0
+    for bad, said in ((["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+                      (["--classes", "1"], "argument --classes: must be >= 2, got 1"),
+                      (["--classes", "x"], "argument --classes: expected a whole number, got 'x'")):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+        assert said in capsys.readouterr().err
