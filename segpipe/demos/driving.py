@@ -26,7 +26,8 @@ import yaml
 
 from segpipe.configs import FOLDER as CONFIGS_FOLDER
 from segpipe.data.datasets import scan_camvid
-from segpipe.fileio import atomic_write_text, check_output_dir
+from segpipe.demos.common import check_own, clear_own, max_time_string
+from segpipe.fileio import OutputDirError, atomic_write_text, check_output_dir
 
 __all__ = [
     "DrivingDemoResult",
@@ -52,15 +53,6 @@ def load_camvid_config(path: Path | None = None) -> tuple[dict[str, Any], str]:
     """
     path = _SHIPPED_CONFIG if path is None else Path(path)
     return yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
-
-
-def max_time_string(minutes: float) -> str:
-    """Lightning's ``DD:HH:MM:SS`` for a budget in minutes (at least one second)."""
-    seconds = max(1, round(minutes * 60))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    mins, secs = divmod(rest, 60)
-    return f"{days:02d}:{hours:02d}:{mins:02d}:{secs:02d}"
 
 
 def demo_config(
@@ -243,6 +235,7 @@ def run_driving_demo(
         raise ValueError("give either --data_dir DIR or --download (which puts CamVid in --cache)")
     output = check_output_dir(Path(output).expanduser().resolve(), "the demo's outputs", "output")
     run_dir = output / "run"
+    check_own(output / "predictions", "predictions", OutputDirError)  # before the training
     steps = 5 if download else 4
     step = 0
 
@@ -319,6 +312,7 @@ def run_driving_demo(
     which = (f"the first {len(scored)} {split_name} (smoke mode)" if smoke
              else f"the {len(scored)} {split_name}")
     say(f"Predicting masks and overlays for {which} into {predictions}")
+    clear_own(predictions, "predictions", OutputDirError)  # an earlier run's frames: not ours
     try:
         rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(frames),
                            "--output", str(predictions), "--format", "mask", "palette", "overlay",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ import numpy as np
 import yaml
 
 from segpipe.data.io import write_image, write_mask
-from segpipe.demos.driving import max_time_string
+from segpipe.demos.common import check_own, clear_own, max_time_string
 from segpipe.errors import MissingExtraError
-from segpipe.fileio import TMP_PREFIX, atomic_write_text, check_output_dir
-from segpipe.predict.command import SETTINGS_FILE as PREDICT_SETTINGS_FILE
+from segpipe.fileio import atomic_write_text, check_output_dir
 
 __all__ = ["CLASS_COLORS", "CLASS_NAMES", "DemoError", "DemoStopped", "MriDemoResult", "make_mri_dataset",
            "run_mri_demo"]
@@ -185,31 +183,6 @@ class DemoStopped(DemoError):
         self.code = code
 
 
-def _check_own(folder: Path, what: str) -> None:
-    """Refuse ``folder`` unless it holds only what an earlier run of the demo wrote there: PNG
-    and JPEG files, ``segpipe predict``'s record of its settings, and a killed run's unfinished
-    writes.
-
-    Raises:
-        DemoError: The folder holds other files.
-    """
-    if not folder.exists():
-        return
-    others = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in (".png", ".jpg")
-              and not p.name.startswith(TMP_PREFIX) and p.name != PREDICT_SETTINGS_FILE]
-    if others or not folder.is_dir():
-        raise DemoError(f"{folder} holds files the demo did not write ({others[0] if others else folder}); "
-                        f"choose another --output (the demo rewrites its {what} there)")
-
-
-def _clear_own(folder: Path, what: str) -> None:
-    """Remove ``folder`` when :func:`_check_own` finds only the demo's files in it, so a
-    rerun's outputs are not mixed with stale ones."""
-    _check_own(folder, what)
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
 @dataclass
 class MriDemoResult:
     """Where the demo put things, and its scores."""
@@ -240,9 +213,9 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     data_root, run_dir = output / "data", output / "run"
     masks_dir = output / "predictions"
     for folder, what in ((data_root, "slices"), (masks_dir, "predictions")):
-        _check_own(folder, what)  # before the training, not after it
+        check_own(folder, what, DemoError)  # before the training, not after it
     print(f"[1/4] Cutting axial slices from the ICBM152 template into {data_root}")
-    _clear_own(data_root, "slices")  # a rerun's slices alone (a smoke run writes fewer)
+    clear_own(data_root, "slices", DemoError)  # a rerun's slices alone (a smoke run writes fewer)
     counts = make_mri_dataset(data_root, step=1, max_per_split=4 if smoke else None)
     print(f"      {counts['train']} train, {counts['val']} val, {counts['test']} test slices")
     config = output / "config.yaml"
@@ -272,7 +245,7 @@ def run_mri_demo(output: Path, smoke: bool = False, max_minutes: float = 4.0) ->
     report_path = metrics_path.with_name("report.md") if metrics_path else None
 
     print(f"[4/4] Predicting masks and overlays for the test slices into {masks_dir}")
-    _clear_own(masks_dir, "predictions")
+    clear_own(masks_dir, "predictions", DemoError)
     rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(data_root / "test" / "images"),
                        "--output", str(masks_dir), "--format", "mask", "palette", "overlay", "--overwrite"])
     if rc:

@@ -11,6 +11,7 @@ import yaml
 
 from segpipe.demos import download as dl
 from segpipe.demos import main as demo_main
+from segpipe.fileio import OutputDirError
 from segpipe.demos.driving import (
     demo_config,
     load_camvid_config,
@@ -201,3 +202,20 @@ def test_real_camvid_smoke(data_dir: Path, tmp_path: Path) -> None:
 
     mask = read_mask(sorted(result.predictions_dir.glob("*[0-9].png"))[0])
     assert mask.shape == (360, 480) and int(np.max(mask)) <= 10
+
+
+def test_an_earlier_runs_predictions_are_not_counted_as_this_runs(tmp_path: Path) -> None:
+    """Frames another run predicted stayed beside the new ones, and the summary counted them."""
+    data = make_camvid_like(tmp_path / "camvid", n_train=6, n_val=3, n_test=3, void_index=11)
+    stale = tmp_path / "out" / "predictions" / "Seq99_000000.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\x89PNG")
+    result = run_driving_demo(data, tmp_path / "out", smoke=True)
+    assert not stale.exists()
+    assert sorted(p.name for p in result.predictions_dir.glob("*.png")
+                  if not p.stem.endswith(("_palette", "_overlay")))[0].startswith("0001TP_")
+    (tmp_path / "other" / "predictions").mkdir(parents=True)
+    (tmp_path / "other" / "predictions" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputDirError, match="holds files the demo did not write"):
+        run_driving_demo(data, tmp_path / "other", smoke=True)
+    assert (tmp_path / "other" / "predictions" / "notes.txt").read_text() == "keep"
