@@ -734,6 +734,8 @@ def check_output_dir(
             os.close(fd)
             Path(probe).unlink(missing_ok=True)
     except OSError as exc:
+        if is_disk_full(exc):  # not a matter of permissions
+            fix = f"free some space there, or set --{option} to a folder on a disk with room"
         raise OutputDirError(
             f"{folder}: cannot write {what} there: {exc.strerror or exc}; {fix}."
         ) from exc

@@ -363,3 +363,20 @@ def test_an_output_folder_that_cannot_be_made_names_what_stops_it(tmp_path, monk
     with pytest.raises(OutputDirError) as exc:
         check_output_dir(target, "predictions", "output")
     assert str(exc.value).endswith(f"or fix the permissions of {tmp_path}.")
+
+
+def test_a_full_disk_under_an_output_folder_is_not_called_a_permission_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import tempfile
+
+    from segpipe.fileio import OutputDirError, check_output_dir
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(OutputDirError) as info:
+        check_output_dir(tmp_path / "c", "the CamVid download", "cache")
+    assert "No space left on device; free some space there, or set --cache to a folder on a " \
+        "disk with room" in str(info.value) and "permissions" not in str(info.value)

@@ -81,6 +81,11 @@ def main(argv: list[str]) -> int:
         if args.download == (args.data_dir is not None):
             parser.error("segpipe demo driving needs either --data_dir DIR or --download "
                          "(which puts CamVid in --cache)")
+        unused = [f"--{name}" for name in ("url", "sha256", "cache")
+                  if getattr(args, name) is not None and not args.download]
+        if unused:
+            parser.error(f"{', '.join(unused)} go with --download, which fetches CamVid; "
+                         f"with --data_dir they would be ignored")
         from segpipe.demos.download import DownloadError
         from segpipe.demos.driving import run_driving_demo
 

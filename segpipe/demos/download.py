@@ -321,13 +321,19 @@ def download(
                     fh.write(partial)
                     digest.update(partial)
                     received += len(partial)
+                if not over_http:  # only HTTP(S) resumes: the part would only take room
+                    fh.close()
+                    out.discard()
+                    again = "to read it again from the start"
+                else:
+                    again = f"to resume it ({part} is kept)"
                 if is_disk_full(exc):
                     raise DownloadError(_no_space(
                         f"download {url} (stopped after {received} bytes)", dest.parent,
-                        f"to resume it ({part} is kept)")) from exc
+                        again)) from exc
                 raise DownloadError(
                     f"the download of {url} stopped after {received} bytes ({exc}); run the same "
-                    f"command again to resume it ({part} is kept)."
+                    f"command again {again}."
                 ) from exc
     if total is not None and received != total:
         raise DownloadError(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from segpipe.demos import download as dl
+from segpipe.demos import main as demo_main
 from segpipe.demos.download import (
     MANIFEST_NAME,
     DownloadError,
@@ -352,7 +353,7 @@ def test_download_without_a_length_is_warned_about(fake_zip: Path, tmp_path: Pat
 
 
 def test_download_on_a_full_disk_keeps_the_part_and_says_so(
-    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve
 ) -> None:
     import errno
     import os
@@ -369,15 +370,26 @@ def test_download_on_a_full_disk_keeps_the_part_and_says_so(
         return real_write(fd, bytes(memoryview(data)[:n]))  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "write", write)
+    url, _ = serve()
     with pytest.raises(DownloadError) as info:
-        download(fake_zip.as_uri(), dest, progress=False)
+        download(url, dest, progress=False)
     monkeypatch.undo()
     msg = str(info.value)
     assert msg.startswith("no space left on the device to download") and str(dest.parent) in msg
     assert "free some space" in msg and "a.zip.part is kept" in msg
-    assert not dest.exists() and (dest.parent / "a.zip.part").stat().st_size == 1000
-    assert download(fake_zip.as_uri(), dest, sha256=sha256_file(fake_zip), progress=False) == dest
+    # (the .part.json record that lets it resume took some of the 1000 bytes)
+    assert not dest.exists() and 0 < (dest.parent / "a.zip.part").stat().st_size <= 1000
+    assert download(url, dest, sha256=sha256_file(fake_zip), progress=False) == dest
     assert _leftovers(dest.parent) == []
+    # A file:// copy does not resume: its part would only take room on the full disk.
+    dest.unlink()
+    left["n"] = 1000
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(DownloadError) as info:
+        download(fake_zip.as_uri(), dest, progress=False)
+    monkeypatch.undo()
+    assert "run the same command again to read it again from the start" in str(info.value)
+    assert "is kept" not in str(info.value) and _leftovers(dest.parent) == []
 
 
 def test_fetch_camvid_full_disk_while_extracting_keeps_the_archive(
@@ -445,3 +457,12 @@ def test_fetch_camvid_never_deletes_the_users_archive_in_the_cache(
                         progress=False)
     assert own.is_file() and sorted(p.name for p in cache.iterdir()) == ["CamVid", "mine.zip"]
     assert len(list((root / "train").glob("*.png"))) == FAKE_COUNTS["train"]
+
+
+def test_download_options_without_download_are_refused(tmp_path: Path, capsys) -> None:
+    """--url, --sha256 and --cache beside --data_dir were ignored without a word."""
+    with pytest.raises(SystemExit) as info:
+        demo_main(["driving", "--data_dir", str(tmp_path), "--url", "file:///x.zip",
+                   "--cache", str(tmp_path / "c"), "--output", str(tmp_path / "out")])
+    assert info.value.code == 2 and not (tmp_path / "out").exists()
+    assert "--url, --cache go with --download, which fetches CamVid" in capsys.readouterr().err
