@@ -159,6 +159,8 @@ class AnnealToDeadline(L.Callback):
         #: Added to the global step: the steps of a run resumed with another number of steps
         #: per epoch, counted as this run's (an epoch of 2 steps on 2 processes is 4 on one).
         self._offset = 0
+        #: Leave this process's first epoch out of the plan (set on a resume with saved ones).
+        self._skip_first = False
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -202,8 +204,14 @@ class AnnealToDeadline(L.Callback):
         now, left, self.val_seconds = _same_in_every_process(
             trainer, (timer.time_elapsed(), timer.time_remaining(), self.val_seconds))
         if self._epoch_start is not None and now > self._epoch_start:
-            self.epoch_seconds.append(now - self._epoch_start)  # training + validation
-            del self.epoch_seconds[:-self.recent]  # only the recent ones plan (and are saved)
+            if self._skip_first:
+                # A resumed process's first epoch: its start-up (workers, allocations,
+                # compilation) or a part epoch, not an epoch's time; planned with, it stopped
+                # a resumed run with a fifth of its budget unused. The saved epochs plan.
+                self._skip_first = False
+            else:
+                self.epoch_seconds.append(now - self._epoch_start)  # training + validation
+                del self.epoch_seconds[:-self.recent]  # only the recent ones plan (and are saved)
         self._epoch_start = now
         if not self.epoch_seconds:
             return
@@ -313,6 +321,7 @@ class AnnealToDeadline(L.Callback):
         self._restored_last = state_dict.get("last_epoch")
         self._restored_per_epoch = state_dict.get("steps_per_epoch")
         self._offset = int(state_dict.get("step_offset") or 0)
+        self._skip_first = bool(self.epoch_seconds)  # a resume: the saved epochs plan
 
 
 def training_progress(trainer: L.Trainer) -> float:

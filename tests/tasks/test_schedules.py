@@ -95,6 +95,28 @@ def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
     assert restored.progress(trainer) == cb.progress(trainer)  # the same plan, the same anchor
 
 
+def test_a_resumed_processs_first_epoch_does_not_plan(monkeypatch) -> None:
+    """A resumed process's first epoch carries its start-up (10 s here) or is a part epoch:
+    planned with, it stopped a resumed run with a fifth of its budget unused."""
+    trainer, sched, timer = _fake_trainer(monkeypatch, budget=90.0)
+    saved = AnnealToDeadline()
+    saved.epoch_seconds, saved.planned_epochs = [2.5, 2.5, 2.5], 36
+    cb = AnnealToDeadline()
+    cb.load_state_dict(saved.state_dict())
+    timer.now, trainer.current_epoch, trainer.global_step = 60.0, 10, 100
+    cb.on_train_epoch_start(trainer, None)  # planned with the saved epochs: 30 s / 2.75 s
+    assert cb.planned_epochs == 20
+    timer.now += 12.5  # the first epoch here: 10 s of start-up, 2.5 s of training
+    trainer.current_epoch, trainer.global_step = 11, 110
+    cb.on_train_epoch_start(trainer, None)
+    assert cb.epoch_seconds == [2.5, 2.5, 2.5]  # not 12.5
+    assert cb.planned_epochs == 11 + int(17.5 // 2.75)  # was 12: one more epoch, then stop
+    timer.now += 2.5
+    trainer.current_epoch, trainer.global_step = 12, 120
+    cb.on_train_epoch_start(trainer, None)
+    assert cb.epoch_seconds == [2.5, 2.5, 2.5, 2.5][-cb.recent:]  # measured again from here
+
+
 def _run_plan(monkeypatch, durations: list[float], budget: float) -> tuple[list[float], AnnealToDeadline]:
     """Progress at every step of epochs of the given durations (10 steps each)."""
     trainer, sched, timer = _fake_trainer(monkeypatch, budget)
