@@ -231,7 +231,7 @@ class LastCheckpoint(Checkpoint):
 
     Written at the end of every training epoch (after its validation), after validations
     inside an epoch and, with ``every_n_train_steps``, every N optimiser steps in between, so a crash loses at
-    most one epoch (or N steps). Resuming from a mid-epoch checkpoint continues the epoch with
+    most one epoch (or N steps); and at the step where a SIGTERM stops the fit. Resuming from a mid-epoch checkpoint continues the epoch with
     the next batch (the data module's training loader is resumable).
 
     segpipe's CLI uses it for ``checkpoint.save_last`` instead of Lightning's: since Lightning
@@ -300,7 +300,10 @@ class LastCheckpoint(Checkpoint):
                            batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         step = trainer.global_step
-        if not n or step <= 0 or step % n or step == self._saved_step:
+        # SIGTERM (a requeue, a pre-emption): the fit stops at the end of this step, so keep it
+        # (the steps since the last save were trained again after the requeue)
+        stopping = bool(getattr(trainer, "received_sigterm", False))
+        if step <= 0 or step == self._saved_step or (not stopping and (not n or step % n)):
             return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # the epoch-end save follows; one from before the epoch's validation and

@@ -584,6 +584,33 @@ def test_a_fit_stopped_by_sigterm_does_not_exit_0(monkeypatch, capsys):
     assert "stopped by SIGTERM before it finished" in capsys.readouterr().err
 
 
+class SigtermAt(Callback):
+    """Notes a SIGTERM at the end of step ``step``, as Lightning's handler does."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_fit_stopped_by_sigterm_keeps_the_step_it_stopped_at(dataset, tmp_path, capsys):
+    """A requeued job trained again every step since the last epoch end: last.ckpt was not
+    written where SIGTERM stopped the fit, though the grace period is there for it."""
+    import torch
+
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path}", *TINY, "--trainer.max_epochs=3"]
+    assert main([*args, "--trainer.callbacks+=tests.test_cli.SigtermAt",
+                 "--trainer.callbacks.init_args.step=3"]) == 143
+    assert "last.ckpt is intact: resume with --ckpt_path last" in capsys.readouterr().err
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 3, state["global_step"]  # epochs of 2 steps: mid-epoch 1
+    assert main([*args, "--ckpt_path=last"]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
 def test_ctrl_c_exits_130_and_says_so_and_other_exits_pass_through(monkeypatch, capsys):
     """Lightning shuts down after Ctrl-C and exits with 1, as after a crash, without a word of
     what was kept."""
