@@ -161,6 +161,12 @@ class AnnealToDeadline(L.Callback):
         self._offset = 0
         #: Leave this process's first epoch out of the plan (set on a resume with saved ones).
         self._skip_first = False
+        #: Without a time budget: the steps the schedule runs over (saved), and the plan of a
+        #: run resumed with another max_epochs/max_steps (anneals from where it was, as
+        #: ``_anchor`` says, to the new end: recomputed over the new total, it jumped up).
+        self._total_steps: int | None = None
+        self._restored_total: int | None = None
+        self._steps_plan: int | None = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -186,6 +192,12 @@ class AnnealToDeadline(L.Callback):
             if total <= step0:
                 return 1.0
             done = (trainer.global_step + self._offset - step0) / (total - step0)
+            return min(1.0, start + (1.0 - start) * max(0.0, done))
+        if self._steps_plan is not None:
+            step0, start = self._anchor
+            if self._steps_plan <= step0:
+                return 1.0
+            done = (trainer.global_step + self._offset - step0) / (self._steps_plan - step0)
             return min(1.0, start + (1.0 - start) * max(0.0, done))
         fraction = _fraction_of_steps(trainer, self._offset)
         # None: the first epoch of a time budget, not measured yet: full learning rate.
@@ -238,6 +250,9 @@ class AnnealToDeadline(L.Callback):
         if not schedulers:
             return
         self._per_epoch = self._steps_per_epoch(trainer) or None
+        total = getattr(trainer, "estimated_stepping_batches", None)
+        if self.planned_epochs is None and isinstance(total, (int, float)) and math.isfinite(total):
+            self._total_steps = self._steps_plan or int(total)
         progress = self.progress(trainer)
         for scheduler in schedulers:
             scheduler.progress = progress
@@ -270,6 +285,7 @@ class AnnealToDeadline(L.Callback):
         and ended at a fifth of its peak instead of annealed."""
         old, self._restored_per_epoch = self._restored_per_epoch, None
         new = self._steps_per_epoch(trainer) if old else 0
+        ratio = 1.0
         if (old and new and old != new and self._schedulers(trainer)
                 and (self.planned_epochs is not None or _bound_by_epochs(trainer, new))):
             ratio = new / old
@@ -282,6 +298,7 @@ class AnnealToDeadline(L.Callback):
                 f"Resumed with {new} optimiser steps per epoch where the checkpoint's run took "
                 f"{old} (another number of processes, batch size or images): the learning-rate "
                 f"schedule goes on from {100 * before:.0f} % of the planned training")
+        self._replan_steps(trainer, ratio)
         last = self._restored_last
         if last is not None and trainer.current_epoch > last and self._schedulers(trainer):
             rank_zero_info(
@@ -289,6 +306,29 @@ class AnnealToDeadline(L.Callback):
                 "annealed to the deadline); nothing left to train. To train longer, start a new "
                 "run (e.g. from its weights with --model.init_from CKPT).")
             trainer.should_stop = True
+
+    def _replan_steps(self, trainer: L.Trainer, ratio: float = 1.0) -> None:
+        """A run without a time budget resumed with another ``max_epochs``/``max_steps``: anneal
+        from the progress reached to the new end (a cosine recomputed over the new total sent
+        the learning rate from 1e-6 back up to 9.5e-5). ``ratio``: this run's optimiser steps
+        per epoch over the checkpoint's (its total counted in this run's steps)."""
+        old, self._restored_total = self._restored_total, None
+        total = getattr(trainer, "estimated_stepping_batches", None)
+        if (old is None or self.planned_epochs is not None or not self._schedulers(trainer)
+                or not isinstance(total, (int, float)) or not math.isfinite(total)):
+            return
+        old, new = round(old * ratio), int(total)
+        done = trainer.global_step + self._offset
+        if new == old or done <= 0:
+            return
+        before = min(1.0, done / old) if old > 0 else 1.0
+        self._anchor, self._steps_plan = (done, before), new
+        rank_zero_info(
+            f"Resumed with {new} planned optimiser steps where the checkpoint's run planned "
+            f"{old}: the learning rate anneals from {100 * before:.0f} % of the schedule to the "
+            "new end" + ("; it had annealed already, so it stays at its end: to train on at a "
+                         "higher rate, start a new run from its weights (--model.init_from "
+                         "CKPT)" if before >= 1.0 else ""))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse to resume a run whose time budget is already spent: Lightning's timer stops
@@ -310,7 +350,8 @@ class AnnealToDeadline(L.Callback):
         return {"epoch_seconds": list(self.epoch_seconds), "planned_epochs": self.planned_epochs,
                 "val_seconds": self.val_seconds, "anchor": list(self._anchor),
                 "last_epoch": self._last_epoch if self._last_by_time else None,
-                "steps_per_epoch": self._per_epoch, "step_offset": self._offset}
+                "steps_per_epoch": self._per_epoch, "step_offset": self._offset,
+                "total_steps": self._total_steps, "steps_plan": self._steps_plan}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_seconds = [float(v) for v in state_dict.get("epoch_seconds", [])]
@@ -322,6 +363,9 @@ class AnnealToDeadline(L.Callback):
         self._restored_per_epoch = state_dict.get("steps_per_epoch")
         self._offset = int(state_dict.get("step_offset") or 0)
         self._skip_first = bool(self.epoch_seconds)  # a resume: the saved epochs plan
+        total, plan = state_dict.get("total_steps"), state_dict.get("steps_plan")
+        self._restored_total = int(total) if total is not None else None
+        self._steps_plan = int(plan) if plan is not None else None
 
 
 def training_progress(trainer: L.Trainer) -> float:

@@ -248,6 +248,29 @@ def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Pa
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
 
 
+def test_resumed_with_more_epochs_it_anneals_on_from_where_it_was(tmp_path: Path) -> None:
+    """A cosine over max_epochs recomputed over a larger one on resume sent the learning rate
+    from 1e-6 back up to 9.5e-5."""
+    data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
+    run = tmp_path / "run"
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={data}",
+            f"--trainer.default_root_dir={run}", *TINY_UNET, "--data.num_workers=0",
+            "--trainer.max_time=null", "--trainer.log_every_n_steps=1"]
+    assert main([*args, "--trainer.max_epochs=4", "--trainer.limit_train_batches=1"]) == 0
+    assert main([*args, "--trainer.max_epochs=6", "--trainer.limit_train_batches=1",
+                 "--ckpt_path=last"]) == 0
+    lrs = []
+    for version in (0, 1):
+        rows = csv.DictReader((run / "lightning_logs" / f"version_{version}" / "metrics.csv").open())
+        lrs += [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs  # no jump
+    assert main([*args, "--trainer.max_epochs=8", "--trainer.limit_train_batches=1",
+                 "--ckpt_path=last"]) == 0
+    rows = csv.DictReader((run / "lightning_logs" / "version_2" / "metrics.csv").open())
+    more = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert more and max(more) <= lrs[-1] + 1e-12, (lrs, more)
+
+
 class CropRecorder(L.Callback):
     """Writes each training batch's (epoch, height) to a JSON file when fit ends."""
 
