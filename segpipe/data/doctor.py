@@ -61,6 +61,7 @@ from segpipe.data.checks import (
     group_problems,
     is_jpeg,
     parallel_map,
+    filling_values,
 )
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import JPEG_COLOUR_TOLERANCE, Sample
@@ -356,9 +357,11 @@ def sniff_masks(
             uniq = np.unique(raw.reshape(-1, 3), axis=0)[: MAX_MASK_COLOURS + 1]
             out["colours"] = [tuple(int(v) for v in c) for c in uniq]
             return out
-        vals = np.unique(raw[..., 0] if raw.ndim == 3 else raw)
+        flat = raw[..., 0] if raw.ndim == 3 else raw
+        vals = np.unique(flat)
         out["channels"] = 3 if raw.ndim == 3 else 1
         out["values"] = vals.tolist()
+        out["large"] = filling_values(flat, [int(v) for v in vals])
         allowed = set(range(num_classes)) | ({ignore_index} if ignore_index is not None else set())
         if set(out["values"]) <= {0, 255} and 255 in out["values"] and num_classes <= 255:
             out["kind"] = "binary_0_255"
@@ -517,8 +520,16 @@ def sniff_masks(
         f"single-channel masks with values {_fmt_values(values)}, "
         f"{_fmt_values(outside)} outside the classes 0..{num_classes - 1}{mixed}{jpeg_note}"
     )
-    if jpeg_outside:
-        hints.append(_jpeg_values_hint(jpeg_outside, "in the JPEG masks"))
+    large = sorted({v for r in looked if r["jpeg"] for v in r.get("large", [])} & set(jpeg_outside))
+    if large:  # on a share of some mask: a class, not JPEG's edge noise
+        hints.append(
+            f"values {_fmt_values(large)} in the JPEG masks cover 5 % of a mask or more: a class "
+            f"beyond data.num_classes={num_classes}? (set data.num_classes, or map the values "
+            "with data.mask_values); save the masks as PNG too, as JPEG changes values at class "
+            "edges")
+    noise = [v for v in jpeg_outside if v not in large]
+    if noise:
+        hints.append(_jpeg_values_hint(noise, "in the JPEG masks"))
     if not lossless_outside:
         return result
     # Lossless masks: the values are what the labelling tool wrote, so the classes are off.

@@ -744,3 +744,22 @@ def test_check_data_on_a_data_module_of_ones_own_says_what_it_checks(tmp_path: P
         err = capsys.readouterr().err
         assert "data: tests.test_custom_data.SquaresDataModule is a data module of your own: " \
             "check-data checks the folders of segpipe's data module" in err, err
+
+
+def test_a_class_beyond_num_classes_in_jpeg_masks_is_not_called_noise(tmp_path: Path,
+                                                                      capsys) -> None:
+    """Value 2 filled 8-11 % of every JPEG mask (a third class) and was called compression
+    noise, 'not classes to add or map'."""
+    def blocks(i: int) -> np.ndarray:
+        labels = np.zeros((32, 32), np.uint8)
+        labels[:16, :16] = 1
+        labels[16:, 16:] = 2  # a class the config does not have
+        return labels
+
+    root = _folder(tmp_path / "ds", size=(32, 32))
+    _jpeg_masks(root, blocks)
+    rc, out = _run(capsys, "--config", CONFIG, f"--data.root={root}", "--data.num_classes=2")
+    assert rc == 1 and "in the JPEG masks cover 5 % of a mask or more: a class beyond data.num_classes=2?" in out
+    errors = "\n".join(_section(out, "ERRORS:"))
+    assert "some on 5 % of a mask or more: a class beyond data.num_classes" in errors, out
+    assert "so these are compression noise" not in errors
