@@ -611,21 +611,22 @@ def _mixed_dtypes(splits: Mapping[str, Sequence[Sample]],
     by its own type's maximum (1/255, 1/65535), so 12-bit scans in 16-bit files reach the
     network about 16 times darker than 8-bit ones, and the ImageNet-or-measured decision and
     the checkpoint's ``input_dtype`` rest on the first images."""
-    kinds: dict[str, list[Path]] = {}
-    for samples in splits.values():
+    kinds: dict[str, list[tuple[str, Path]]] = {}
+    for split, samples in splits.items():
         for sample in samples:
             if sample.image in dtypes:
-                kinds.setdefault(dtypes[sample.image], []).append(sample.image)
+                kinds.setdefault(dtypes[sample.image], []).append((split, sample.image))
     if len([k for k in kinds if np.dtype(k).kind in "iub"]) < 2:
         return []
-    listed = "; ".join(f"{k}: {len(v)} ({v[0].name}, ...)" if len(v) > 1 else f"{k}: {v[0].name}"
-                       for k, v in sorted(kinds.items()))
-    first = min(kinds.values(), key=len)[0]
-    return [Problem(first, "train" if "train" in splits else next(iter(splits)), "mixed_dtypes",
-                    f"the images mix pixel types ({listed})",
+    counts = ", ".join(f"{k}: {len(v)}" for k, v in sorted(kinds.items()))
+    common = max(sorted(kinds), key=lambda k: len(kinds[k]))
+    # one line per odd type, listing its files (it named one file, of either type)
+    return [Problem(path, split, "mixed_dtypes", f"{kind} where most images are {common}",
                     "convert them to one type (e.g. all 16-bit, or all 8-bit scaled alike): "
                     "each type is scaled by its own maximum, so the same scene reaches the "
-                    "network at other brightness")]
+                    "network at other brightness",
+                    cause=f"the images mix pixel types ({counts}); these are {kind}")
+            for kind in sorted(kinds) if kind != common for split, path in kinds[kind]]
 
 
 def _mixed_encodings(

@@ -174,7 +174,7 @@ class DataReport:
         """``class_weights: [...]`` ready to paste under ``model:`` (absent classes get 1.0)."""
         if self.class_weights is None:
             return None
-        vals = [f"{w:.{digits}f}" if w is not None else "1.0" for w in self.class_weights]
+        vals = [f"{1.0 if w is None else w:.{digits}f}" for w in self.class_weights]
         return f"class_weights: [{', '.join(vals)}]"
 
     def to_dict(self) -> dict[str, Any]:
@@ -814,8 +814,8 @@ def _check_channels(
         )
     if any(c != want and {c, want} == {1, 3} for c in channels):
         rep.notes.append(
-            f"images with {'/'.join(str(c) for c in channels)} channel(s) are converted to "
-            f"data.in_channels={want} (gray <-> RGB)"
+            f"images with {'/'.join(str(c) for c in channels if c != want)} channel(s) are "
+            f"converted to data.in_channels={want} (gray <-> RGB)"
         )
 
 

@@ -770,7 +770,8 @@ def test_images_of_several_pixel_types_are_warned_about(tmp_path: Path, caplog) 
     dm = _dm(root, num_classes=3, batch_size=2)
     with caplog.at_level("WARNING", logger="segpipe"):
         dm.setup("fit")
-    assert "the images mix pixel types (uint16: z.tif; uint8: 5 (" in caplog.text
+    assert "1 image: the images mix pixel types (uint16: 1, uint8: 5); these are uint16 (" \
+        in caplog.text and "z.tif)" in caplog.text  # the odd one named (an 8-bit one was)
 
 
 def test_a_masks_folder_under_another_name_is_named(tmp_path: Path) -> None:
