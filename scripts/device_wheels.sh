@@ -2,8 +2,8 @@
 # Fetch, on this machine, the wheels that the lent GPU machine's image lacks, for
 # scripts/device_bench.sh (the image has torch, Lightning, timm, torchmetrics and OpenCV; see
 # ../.library/device/README.md and KINDS.md). The versions are those of this checkout's .venv,
-# for CPython 3.12 on manylinux x86-64. They land in .whl/ (ignored by git), which the device call
-# carries.
+# for CPython 3.12 on manylinux x86-64. They land in .whl/ (in .gitignore), which the device
+# call carries.
 #
 #   bash scripts/device_wheels.sh          # then: device run, carry [".whl"], command below
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -12,7 +12,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 [ -x "$py" ] || { echo "device_wheels: no .venv here; run: bash scripts/setup_env.sh test" >&2; exit 1; }
-grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 # segpipe's dependencies (and theirs) that the device image does not hold.
 names="segmentation-models-pytorch albumentations albucore simsimd stringzilla pydantic pydantic-core
 annotated-types typing-inspection jsonargparse docstring-parser typeshed-client rasterio affine

@@ -52,16 +52,20 @@ class SquaresDataModule(L.LightningDataModule):
     test_dataloader = val_dataloader
 
 
+def _own_module(data: str, root: Path, num_classes: int = 2) -> list[str]:
+    """Options for ``data`` (a data module's class path) with a tiny U-Net, on CPU, quiet."""
+    return [f"--data={data}", "--model.net=segpipe.models.UNet",
+            f"--model.net.init_args.num_classes={num_classes}",
+            "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
+            f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+
+
 def test_fit_and_test_with_a_class_path_data_module(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    common = [
-        "--data=tests.test_custom_data.SquaresDataModule", "--data.init_args.n=8",
-        f"--data.init_args.root={tmp_path / 'downloaded_later'}",  # not segpipe's root check
-        "--model.net=segpipe.models.UNet", "--model.net.init_args.num_classes=2",
-        "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
-        f"--trainer.default_root_dir={run}", "--trainer.accelerator=cpu",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-    ]
+    common = [*_own_module("tests.test_custom_data.SquaresDataModule", run),
+              "--data.init_args.n=8",
+              f"--data.init_args.root={tmp_path / 'downloaded_later'}"]  # not segpipe's check
     assert main(["fit", *common, "--trainer.max_epochs=2"]) == 0
     ckpt = run / "checkpoints" / "last.ckpt"
     assert main(["test", *common, "--ckpt_path", str(ckpt)]) == 0
@@ -79,11 +83,8 @@ class TwoTestLoadersDataModule(SquaresDataModule):
 
 def test_several_test_loaders_are_one_line(tmp_path: Path, capsys) -> None:
     # Lightning's 40-line traceback about dataloader_idx in test_step
-    code = main(["test", "--data=tests.test_custom_data.TwoTestLoadersDataModule",
-                 "--model.net=segpipe.models.UNet", "--model.net.init_args.num_classes=2",
-                 "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
-                 f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
-                 "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    code = main(["test", *_own_module("tests.test_custom_data.TwoTestLoadersDataModule",
+                                      tmp_path)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and not any("Traceback" in line for line in err), err[-5:]
     assert "the data module gives several test_dataloaders; segpipe's task scores one" in err[-1]
@@ -147,15 +148,9 @@ _WRONG = {
 def test_batches_not_in_segpipes_format_are_one_line(variant: str, tmp_path: Path,
                                                        capsys) -> None:
     """Each of these was a 50-100-line traceback from inside the loss or the network."""
-    rc = main([
-        "fit", "--data=tests.test_custom_data.WrongBatchesDataModule",
-        f"--data.init_args.variant={variant}",
-        "--model.net=segpipe.models.UNet", "--model.net.init_args.num_classes=2",
-        "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
-        f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.max_epochs=1",
-    ])
+    rc = main(["fit", *_own_module("tests.test_custom_data.WrongBatchesDataModule",
+                                   tmp_path / "run"),
+               f"--data.init_args.variant={variant}", "--trainer.max_epochs=1"])
     err = capsys.readouterr().err
     if variant == "uint8_mask":  # integer masks of another dtype are taken as int64
         assert rc == 0, err[-2000:]
@@ -171,11 +166,8 @@ def test_batches_not_in_segpipes_format_are_one_line(variant: str, tmp_path: Pat
 
 def test_class_names_of_another_count_name_the_module(tmp_path: Path, capsys) -> None:
     """It said "data.class_names has 2 names for num_classes=3", options the user never set."""
-    rc = main(["fit", "--data=tests.test_custom_data.SquaresDataModule",
-               "--model.net=segpipe.models.UNet", "--model.net.init_args.num_classes=3",
-               "--model.net.init_args.base_channels=4", "--model.net.init_args.depth=2",
-               f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu",
-               "--trainer.logger=false", "--trainer.max_epochs=1"])
+    rc = main(["fit", *_own_module("tests.test_custom_data.SquaresDataModule", tmp_path / "run",
+                                   num_classes=3), "--trainer.max_epochs=1"])
     err = capsys.readouterr().err
     assert rc == 2 and (
         "segpipe: error: the data module tests.test_custom_data.SquaresDataModule names 2 "
