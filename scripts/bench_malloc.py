@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from segpipe.argparsing import positive_int  # noqa: E402
+from segpipe.argparsing import at_least, positive_int  # noqa: E402
 
 _CHILD = """
 import argparse, json, resource, sys, time
@@ -61,10 +61,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=positive_int, default=4)
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=at_least(0), default=5)
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--base", type=int, default=16)
+    p.add_argument("--crop", type=positive_int, default=224)
+    p.add_argument("--base", type=positive_int, default=16)
     args = p.parse_args()
     results: dict[bool, list[dict]] = {False: [], True: []}
     for i in range(args.pairs):

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segpipe.argparsing import at_least, positive_int  # noqa: E402
 PERIOD_US = 100_000
 
 _CHILD = """
@@ -132,12 +135,12 @@ def main() -> None:
     p.add_argument("--quota", type=float, default=max(1, (visible or 2) // 2),
                    help="CPUs' worth of time the cgroup may use (default: half the visible CPUs; "
                         "0: no cgroup)")
-    p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--base", type=int, default=16)
+    p.add_argument("--pairs", type=positive_int, default=3)
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--crop", type=positive_int, default=224)
+    p.add_argument("--base", type=positive_int, default=16)
     args = p.parse_args()
     results: dict[bool, list[dict]] = {False: [], True: []}
     quota = CpuQuota(args.quota) if args.quota > 0 else None

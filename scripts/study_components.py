@@ -31,6 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segpipe.argparsing import at_least as whole_at_least, positive_int  # noqa: E402
+
 
 def _natural(path: Path) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
@@ -117,6 +119,9 @@ def predict_cases(ckpt: Path, data_root: str, class_index: int) -> dict[str, tup
     for sample in samples:
         by_case[sample.case].append(sample)
     segmenter = Segmenter.from_checkpoint(ckpt, device="cpu")
+    if class_index >= len(segmenter.class_names):  # scored, it was a table of NaN after minutes
+        sys.exit(f"--class-index {class_index}: {ckpt} has the classes 0.."
+                 f"{len(segmenter.class_names) - 1} ({', '.join(segmenter.class_names)})")
     out = {}
     for case, items in sorted(by_case.items()):
         items.sort(key=lambda s: _natural(s.image))
@@ -134,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, required=True, help="a segpipe fit checkpoint")
     parser.add_argument("--data-root", required=True, help="the data root it was trained on")
-    parser.add_argument("--class-index", type=int, default=1, help="the class scored (1)")
-    parser.add_argument("--sizes-3d", type=int, nargs="*", default=[200, 1000, 3000])
-    parser.add_argument("--sizes-2d", type=int, nargs="*", default=[50, 200, 500])
+    parser.add_argument("--class-index", type=whole_at_least(0), default=1, help="the class scored (1)")
+    parser.add_argument("--sizes-3d", type=positive_int, nargs="*", default=[200, 1000, 3000])
+    parser.add_argument("--sizes-2d", type=positive_int, nargs="*", default=[50, 200, 500])
     args = parser.parse_args(argv)
     cases = predict_cases(args.ckpt, args.data_root, args.class_index)
     results = compare(cases, filters(args.sizes_3d, args.sizes_2d))

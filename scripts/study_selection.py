@@ -33,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segpipe.argparsing import at_least, positive_int  # noqa: E402
+
 from segpipe.lightning_cli import run_cli  # noqa: E402
 
 
@@ -157,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, required=True,
                         help="JSON lines of the per-case val confusions (written when fit "
                              "arguments follow --, else read)")
-    parser.add_argument("--class-index", type=int, default=1, help="the class whose Dice is "
+    parser.add_argument("--class-index", type=at_least(0), default=1, help="the class whose Dice is "
                         "reported (default 1: LGG's tumour)")
-    parser.add_argument("--splits", type=int, default=2000)
+    parser.add_argument("--splits", type=positive_int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(own)
     if fit_args:

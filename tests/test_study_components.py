@@ -59,3 +59,6 @@ def test_the_study_of_a_fits_val_cases(tmp_path: Path, capsys) -> None:
                        "--sizes-2d", "5"]) == 0
     out = capsys.readouterr().out
     assert "3 val cases of" in out and "largest 3-D" in out and "2-D < 5" in out
+    # a class the checkpoint does not have: it predicted every slice, then printed NaN
+    with pytest.raises(SystemExit, match=r"--class-index 5: .* has the classes 0\.\.1"):
+        study.predict_cases(ckpt, str(root), 5)
