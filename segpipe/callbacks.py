@@ -230,9 +230,10 @@ class LastCheckpoint(Checkpoint):
     """Keep ``last.ckpt`` current, so ``--ckpt_path last`` resumes where training stopped.
 
     Written at the end of every training epoch (after its validation), after validations
-    inside an epoch and, with ``every_n_train_steps``, every N optimiser steps in between, so a crash loses at
-    most one epoch (or N steps); and at the step where a SIGTERM stops the fit. Resuming from a mid-epoch checkpoint continues the epoch with
-    the next batch (the data module's training loader is resumable).
+    inside an epoch and, with ``every_n_train_steps``, every N optimiser steps in between, so a
+    crash loses at most one epoch (or N steps); and at the step where a SIGTERM stops the fit.
+    Resuming from a mid-epoch checkpoint continues the epoch with the next batch (the data
+    module's training loader is resumable).
 
     segpipe's CLI uses it for ``checkpoint.save_last`` instead of Lightning's: since Lightning
     2.6, ``ModelCheckpoint(save_last=True, monitor=..., save_top_k=k)`` rewrites ``last.ckpt``

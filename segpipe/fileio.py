@@ -356,9 +356,9 @@ def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_
     Its writer is named in it (:func:`_temp_name`): a process of this machine that no longer
     runs left it (or one that started at another time than the writer: its PID was reused, as
     a restarted container's fresh PID namespace does at once); another live process's (a
-    second ``predict`` or ``fit`` on the same folder) is kept. Files of another machine, or named before writers were (or on a system where a
-    process cannot be probed with signal 0), are stale once unchanged for ``stale_after``
-    seconds.
+    second ``predict`` or ``fit`` on the same folder) is kept. Files of another machine, or
+    named before writers were (or on a system where a process cannot be probed with signal 0),
+    are stale once unchanged for ``stale_after`` seconds.
 
     Args:
         path: A file whose name starts with :data:`TMP_PREFIX`.

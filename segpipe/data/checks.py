@@ -389,6 +389,7 @@ def _unlisted_labels(
     mask_values: Mapping[int, int] | None,
     mask_colors: Sequence[Sequence[int]] | None,
     ignore_index: int,
+    lossy: bool,
 ) -> list[Problem]:
     """An ``unlisted_labels`` warning when the mask holds colours not in ``mask_colors`` (or
     values not in ``mask_values``, other than ``ignore_index`` itself), which
@@ -413,7 +414,7 @@ def _unlisted_labels(
     cause = f"mask {what} are not in {table} and are read as ignore_index={ignore_index} " \
             "(not learnt, not scored)"
     fix = UNLISTED_FIX
-    if is_jpeg(path):  # compression noise at class edges, not classes to add to the table
+    if lossy:  # a JPEG mask: compression noise at class edges, not classes to add
         cause = (f"mask {'colours' if colours else 'values'} not in {table}, read as "
                  f"ignore_index={ignore_index}: the masks are JPEG files, whose lossy "
                  "compression invents them at class edges"
@@ -489,10 +490,12 @@ def _check_pair(
         out.append(Problem(sample.mask, split, "unreadable_mask", exc.reason,
                            exc.hint or FIXES["unreadable_mask"], cause=_reason_cause(exc.reason)))
         return out, None
-    if mask_colors and raw.ndim == 3 and is_jpeg(sample.mask):  # as encode_mask reads it
-        raw = snap_jpeg_colours(raw, mask_colors)
+    lossy = is_jpeg(sample.mask)
+    if mask_colors and raw.ndim == 3 and lossy:  # as encode_mask reads it (snap=False below)
+        raw = snap_jpeg_colours(raw, mask_colors)  # for the colours left unlisted too
     turned = exif_orientation(sample.image) if size is not None else 1
-    if size is not None and raw.shape[:2] != tuple(size):
+    mismatch = size is not None and raw.shape[:2] != tuple(size)
+    if mismatch:
         sizes = f"mask is {raw.shape[1]}×{raw.shape[0]} but image"
         if turned in (5, 6, 7, 8) and raw.shape[:2] == tuple(size)[::-1]:
             # the image's size as stored: the mask was drawn on the unturned pixels
@@ -513,7 +516,12 @@ def _check_pair(
                     cause=f"{sizes} is {size[1]}×{size[0]} (W×H)",
                 )
             )
-    elif turned != 1:
+    elif size is not None:
+        grid = grid_mismatch(sample.image, sample.mask)
+        if grid is not None:
+            out.append(Problem(sample.mask, split, "grid_mismatch", f"{grid} ({sample.image.name})",
+                               FIXES["grid_mismatch"], cause=grid.split(" by ")[0]))
+    if turned != 1 and not mismatch:
         out.append(Problem(
             sample.image, split, "exif_rotated",
             f"EXIF orientation {turned}: read turned as viewers show it",
@@ -521,19 +529,14 @@ def _check_pair(
             "(labelling tools that ignore the tag draw on the stored pixels); " + _EXIF_FIX,
             cause="EXIF orientation tags: the images are read turned (or mirrored) as viewers "
                   "show them, and their masks must match that"))
-    elif size is not None:
-        grid = grid_mismatch(sample.image, sample.mask)
-        if grid is not None:
-            out.append(Problem(sample.mask, split, "grid_mismatch", f"{grid} ({sample.image.name})",
-                               FIXES["grid_mismatch"], cause=grid.split(" by ")[0]))
     jpeg = "JPEG compression is lossy and changes label values at class edges"
     try:
-        labels = encode_mask(raw, sample.mask, mask_values, mask_colors, ignore_index)
+        labels = encode_mask(raw, sample.mask, mask_values, mask_colors, ignore_index,
+                             snap=False)  # snapped above where it applies
     except ImageReadError as exc:
         colours: tuple[tuple[int, int, int], ...] = ()
         unmapped: tuple[int, ...] = ()
         cause = _reason_cause(exc.reason)
-        lossy = is_jpeg(sample.mask)
         if mask_values and raw.ndim == 2 and exc.reason.startswith("mask values "):
             # one cause for every mask with unmapped values (JPEG noise, anti-aliased edges
             # differ from file to file), with their union: it was one line per file
@@ -557,15 +560,16 @@ def _check_pair(
                                cause=cause, colours=colours, unmapped=unmapped))
         return out, None
     if ignore_index is not None and (mask_values or mask_colors):
-        out += _unlisted_labels(split, sample.mask, raw, mask_values, mask_colors, ignore_index)
+        out += _unlisted_labels(split, sample.mask, raw, mask_values, mask_colors, ignore_index,
+                                lossy)
     bad = check_label_range(labels, num_classes, ignore_index)
     if bad:
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
         ign = "" if ignore_index is None else f" (ignore_index={ignore_index})"
         outside = f"outside 0..{num_classes - 1}{ign}"
         # a value on edge pixels is JPEG's; one that fills much of a mask is a class
-        large = is_jpeg(sample.mask) and bool(filling_values(labels, bad))
-        if is_jpeg(sample.mask) and not large:
+        large = lossy and bool(filling_values(labels, bad))
+        if lossy and not large:
             fix = JPEG_MASK_FIX
             cause = (f"label values [{{values}}] {outside} in JPEG masks: {jpeg}, so these "
                      "are compression noise, not classes")

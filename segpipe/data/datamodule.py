@@ -137,7 +137,6 @@ def _subset(samples: list[Sample], limit: int | None) -> list[Sample]:
     return [samples[i] for i in sorted(set(idx.tolist()))][:limit]
 
 
-
 def _yaml_flow(value: Any) -> str:
     """``value`` as a one-line YAML flow value (``null``, ``{0: 0, 255: 1}``, ``[[0, 0, 0]]``)."""
     if value is None:
@@ -145,6 +144,7 @@ def _yaml_flow(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     return str([list(c) for c in value])
+
 
 class SegmentationDataModule(L.LightningDataModule):
     """Data module for semantic segmentation.
@@ -677,10 +677,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 "the checkpoint was trained with data.train_on_val: its training data held this "
                 "val split, so its scores would not be held out; score it on a test split"
             )
-        saved_encoding = state_dict.get("mask_encoding")
+        saved_encoding, now = state_dict.get("mask_encoding"), self._mask_encoding()
         if (isinstance(saved_encoding, dict) and self._stage() in ("validate", "test")
-                and saved_encoding != self._mask_encoding()):
-            now = self._mask_encoding()
+                and saved_encoding != now):
             diff = [k for k in ("mask_values", "mask_colors") if saved_encoding.get(k) != now[k]]
             given = " ".join(f"--data.{k} '{_yaml_flow(saved_encoding.get(k))}'" for k in diff)
             rank_zero_warn(

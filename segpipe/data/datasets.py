@@ -675,8 +675,8 @@ def snap_jpeg_colours(raw: np.ndarray, mask_colors: Sequence[Sequence[int]]) -> 
     off = np.flatnonzero(~np.isin(uniq, colour_codes(table.astype(np.int64))))
     if off.size == 0:
         return raw
-    rgb = np.stack([(uniq[off] >> 16) & 255, (uniq[off] >> 8) & 255, uniq[off] & 255], 1)
-    dist = np.linalg.norm(rgb[:, None, :].astype(np.float64) - table[None], axis=2)
+    palette = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], 1)  # each colour
+    dist = np.linalg.norm(palette[off, None, :].astype(np.float64) - table[None], axis=2)
     nearest, near = dist.argmin(1), dist.min(1)
     tolerance = JPEG_COLOUR_TOLERANCE
     if len(table) > 1:
@@ -685,7 +685,6 @@ def snap_jpeg_colours(raw: np.ndarray, mask_colors: Sequence[Sequence[int]]) -> 
     moved = near <= tolerance
     if not moved.any():
         return raw
-    palette = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], 1)
     palette[off[moved]] = table[nearest[moved]].astype(np.int64)
     return palette[inverse.reshape(codes.shape)].astype(np.uint8)
 
@@ -696,6 +695,7 @@ def encode_mask(
     mask_values: Mapping[int, int] | None = None,
     mask_colors: Sequence[Sequence[int]] | None = None,
     ignore_index: int | None = None,
+    snap: bool | None = None,
 ) -> np.ndarray:
     """Turn a raw mask from :func:`~segpipe.data.io.read_mask` into (H, W) int64 class indices.
 
@@ -713,6 +713,8 @@ def encode_mask(
         mask_values: Optional value mapping.
         mask_colors: Optional colour table.
         ignore_index: Label for unmapped values / colours.
+        snap: Read colours near a table colour as it (:func:`snap_jpeg_colours`); None: when
+            ``path`` is a JPEG file. (A caller that snapped ``raw`` already passes False.)
 
     Returns:
         (H, W) int64 labels (range not checked here).
@@ -728,7 +730,7 @@ def encode_mask(
                 "data.mask_colors is set but the mask has a single channel",
                 "remove data.mask_colors for index masks (or use mask_values)",
             )
-        if is_jpeg(p):  # lossy: colours near a table colour are read as it
+        if is_jpeg(p) if snap is None else snap:  # lossy: colours near one are read as it
             raw = snap_jpeg_colours(raw, mask_colors)
         codes = colour_codes(raw)
         table = {code: i for i, code in enumerate(colour_codes(mask_colors).tolist())}

@@ -51,6 +51,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from segpipe.helpformat import HelpFormatter
+from segpipe.argparsing import option_at
 from segpipe.data.checks import (
     WARNING_KINDS,
     Problem,
@@ -59,9 +60,9 @@ from segpipe.data.checks import (
     check_samples,
     class_pixel_counts,
     group_problems,
+    filling_values,
     is_jpeg,
     parallel_map,
-    filling_values,
 )
 from segpipe.data.datamodule import SegmentationDataModule
 from segpipe.data.datasets import JPEG_COLOUR_TOLERANCE, Sample
@@ -214,6 +215,7 @@ class DataReport:
 #: What each kind of sampled mask is, in words (for the summary of masks that mix kinds).
 _KIND_WORDS = {"binary_0_255": "with values 0/255 only", "indices": "with class indices",
                "colours": "colour (RGB)", "other_values": "with values outside the classes"}
+
 
 def median_frequency_weights(per_image_counts: np.ndarray | Sequence[Sequence[int]]) -> list[float | None]:
     """Class weights by median frequency balancing (Eigen & Fergus 2015; SegNet).
@@ -1152,9 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segpipe check-data: error: {exc}", file=sys.stderr)
         return 2
     args = [_underscored(a) for a in args]  # --sample-size == --sample_size
-    for i, arg in enumerate(args):  # --data my.Module (a class path, not a config)
-        value = arg.split("=", 1)[1] if arg.startswith("--data=") else (
-            args[i + 1] if arg == "--data" and i + 1 < len(args) else None)
+    for i in range(len(args)):  # --data my.Module (a class path, not a config)
+        value = option_at(args, i, "--data")
         if value is not None and "." in value and not value.endswith((".yaml", ".yml", ".json")) \
                 and value not in _OUR_DATA_MODULES and "{" not in value and ":" not in value:
             print(f"segpipe check-data: error: {_not_ours(value)}", file=sys.stderr)

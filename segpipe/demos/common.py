@@ -10,6 +10,7 @@ from segpipe.fileio import TMP_PREFIX
 
 __all__ = ["check_own", "clear_own", "max_time_string"]
 
+
 def max_time_string(minutes: float) -> str:
     """Lightning's ``DD:HH:MM:SS`` for a budget in minutes (at least one second)."""
     seconds = max(1, round(minutes * 60))

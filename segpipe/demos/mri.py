@@ -28,8 +28,8 @@ from segpipe.demos.common import check_own, clear_own, max_time_string
 from segpipe.errors import MissingExtraError
 from segpipe.fileio import atomic_write_text, check_output_dir
 
-__all__ = ["CLASS_COLORS", "CLASS_NAMES", "DemoError", "DemoStopped", "MriDemoResult", "make_mri_dataset",
-           "run_mri_demo"]
+__all__ = ["CLASS_COLORS", "CLASS_NAMES", "DemoError", "DemoStopped", "MriDemoResult",
+           "make_mri_dataset", "run_mri_demo"]
 
 CLASS_NAMES = ["background", "csf_other", "grey_matter", "white_matter"]
 CLASS_COLORS = [[0, 0, 0], [0, 90, 255], [255, 160, 0], [240, 240, 240]]

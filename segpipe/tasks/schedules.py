@@ -186,18 +186,14 @@ class AnnealToDeadline(L.Callback):
         one slow epoch (a stall, a load spike) anneals faster from there, a longer one slower;
         neither jumps."""
         per_epoch = self._steps_per_epoch(trainer)
-        if self.planned_epochs is not None and per_epoch:
+        # the plan's last step: the time budget's, or a resumed run's with another total
+        total = (self.planned_epochs * per_epoch if self.planned_epochs is not None and per_epoch
+                 else self._steps_plan)
+        if total is not None:
             step0, start = self._anchor
-            total = self.planned_epochs * per_epoch
             if total <= step0:
                 return 1.0
             done = (trainer.global_step + self._offset - step0) / (total - step0)
-            return min(1.0, start + (1.0 - start) * max(0.0, done))
-        if self._steps_plan is not None:
-            step0, start = self._anchor
-            if self._steps_plan <= step0:
-                return 1.0
-            done = (trainer.global_step + self._offset - step0) / (self._steps_plan - step0)
             return min(1.0, start + (1.0 - start) * max(0.0, done))
         fraction = _fraction_of_steps(trainer, self._offset)
         # None: the first epoch of a time budget, not measured yet: full learning rate.

@@ -633,9 +633,9 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 f"network takes {channels}",
                 "put the channels before the rows: image.permute(0, 3, 1, 2)" if last else
                 "set model.net.init_args.in_channels to the data's channels")
-        weights = next(self.net.parameters(), None)
-        if not image.is_floating_point() or (
-                image.dtype == torch.float64 and getattr(weights, "dtype", None) != image.dtype):
+        if not image.is_floating_point() or (  # float64 only for a float64 network
+                image.dtype == torch.float64
+                and getattr(next(self.net.parameters(), None), "dtype", None) != torch.float64):
             raise refuse(f"image is {image.dtype}",
                          "give float32 images, normalised (e.g. image.float() / 255, then the "
                          "bands' mean and std)")
