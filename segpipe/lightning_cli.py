@@ -514,7 +514,7 @@ class _FitLock(Callback):
     checkpoints aside while both keep writing ``last.ckpt`` (two started at the same moment
     both stop, neither writes). Taken when the fit sets up (after
     the data check, before any checkpoint moves), touched every :attr:`REFRESH_S` seconds while
-    it trains, removed when it ends or fails. A killed fit's is stale: at once on its own
+    it trains or validates, removed when it ends or fails. A killed fit's is stale: at once on its own
     machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another machine
     sharing the folder (:func:`~segpipe.fileio.is_stale_temporary`)."""
 
@@ -569,14 +569,21 @@ class _FitLock(Callback):
         if error:
             raise OutputDirError(error)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def _refresh(self) -> None:
         if self.path is not None and time.monotonic() - self._touched > self.REFRESH_S:
             self._touched = time.monotonic()
             try:
                 os.utime(self.path)  # alive, for fits on other machines sharing the folder
             except OSError:
                 pass
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._refresh()
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._refresh()  # a validation longer than STALE_S must not make the lock look stale
 
     def _release(self) -> None:
         if self.path is not None:

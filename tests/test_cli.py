@@ -814,6 +814,21 @@ def test_a_fit_takes_its_lock_before_it_looks_for_others(dataset, tmp_path, monk
     assert len(held) == 1 and len(held[0]) == 1  # its own lock, there while it looked
 
 
+def test_a_fit_lock_is_touched_while_it_validates(tmp_path, monkeypatch):
+    """It was touched at training steps only: a validation longer than five minutes let a fit
+    on another machine sharing the folder take the live lock as stale."""
+    from segpipe.lightning_cli import _FitLock
+
+    lock = _FitLock(tmp_path)
+    lock.path = tmp_path / "x-fit.lock"
+    lock.path.write_text("node 1\n")
+    old = 1_000_000_000
+    os.utime(lock.path, (old, old))
+    monkeypatch.setattr(lock, "_touched", -_FitLock.REFRESH_S - 1.0)
+    lock.on_validation_batch_end(None, None, None, None, 0)
+    assert lock.path.stat().st_mtime > old + 1
+
+
 def test_a_test_of_a_checkpoint_trained_on_some_bands_needs_data_bands(tmp_path, capsys):
     """Without data.bands, test read the files' own bands, and the data check's fix suggested
     the first ones, which scored the model on the wrong bands (mIoU 0.11 against 0.96)."""
