@@ -33,7 +33,7 @@ from segpipe.errors import (
     UnreadableCheckpointError,
     check_checkpoint_format,
 )
-from segpipe.fileio import AtomicFile, atomic_write_json, is_disk_full
+from segpipe.fileio import AtomicFile, atomic_write_json, file_fingerprint, is_disk_full
 
 __all__ = [
     "CheckpointWriteError",
@@ -451,6 +451,12 @@ def _provenance(trainer: L.Trainer) -> dict[str, Any]:
     """Which weights were scored, and on which split (so k-fold runs can be told apart)."""
     ckpt = getattr(trainer, "ckpt_path", None)
     out: dict[str, Any] = {"checkpoint": str(ckpt) if ckpt else "none (the weights in memory)"}
+    if ckpt:
+        try:  # so that `segpipe crossval` can tell when a later fit replaced the file
+            out["checkpoint_file"] = {"path": str(Path(ckpt).resolve()),
+                                      "fingerprint": file_fingerprint(ckpt)}
+        except OSError:
+            pass
     dm = getattr(trainer, "datamodule", None)
     scored = getattr(dm, "test_split", None)  # segpipe's data module: "test", or "val"
     if isinstance(scored, str):
@@ -458,6 +464,9 @@ def _provenance(trainer: L.Trainer) -> dict[str, Any]:
     spec = getattr(trainer.lightning_module, "spec", None)
     if spec is not None:  # predictions at this size, upsampled back to the native masks
         out["eval_resize"] = getattr(spec, "eval_resize", None)
+    eval_batch = getattr(dm, "eval_batch_size", None)
+    if isinstance(eval_batch, int):  # a Dice or Lovász term of the loss is a per-batch figure
+        out["eval_batch_size"] = eval_batch
     case_split = getattr(dm, "case_split", None)  # segpipe's data module; None otherwise
     if case_split is not None:
         out["data_split"] = {"scored": scored, **case_split}
@@ -565,13 +574,21 @@ class TestMetricsWriter(L.Callback):
                 return "n/a" if v is None else f"{100 * float(v):.1f} %"
 
             dice = per_case.get("Dice_per_class_mean_over_cases") or {}
+            counts = per_case.get("num_cases_per_class") or {}
+
+            def fewer(name: str) -> str:  # a class absent from both in some cases
+                n = counts.get(name)
+                if n is None or n >= per_case["num_cases"] or dice.get(name) is None:
+                    return ""
+                return f" (over {n} case{'' if n == 1 else 's'})"
+
             unscored = int(per_case.get("num_cases_without_score") or 0)
             left_out = (f" ({unscored} more without a labelled pixel, left out)"
                         if unscored else "")
             print(f"Mean over {per_case['num_cases']} cases{left_out}: mDice "
                   f"{pct(per_case.get('mDice_mean_over_cases'))}, mIoU "
                   f"{pct(per_case.get('mIoU_mean_over_cases'))}; Dice per class: "
-                  + ", ".join(f"{name} {pct(v)}" for name, v in dice.items()))
+                  + ", ".join(f"{name} {pct(v)}{fewer(name)}" for name, v in dice.items()))
         print(f"Test metrics written to {self.last_path}")
         if self.report:
             self.last_report_path = self._write_report(

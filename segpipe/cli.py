@@ -103,8 +103,36 @@ def _show_segpipe_messages() -> None:
     ours.setLevel(logging.INFO)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (``segpipe ... | head``)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or no real file (a test's capture)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``segpipe`` console script."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe (a loader worker's): a real error
+        # The reader stopped reading (`| head`): end quietly, as cat and grep do, instead of
+        # a traceback; output still buffered goes nowhere.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     tune_allocator()
     # Lightning (2.6) builds torch's deprecated LeafSpec in every batch transfer; torch's

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.argparsing import CommandParser
-from segpipe.fileio import atomic_write_json
+from segpipe.fileio import atomic_write_json, file_fingerprint
 
 __all__ = ["crossval", "main"]
 
@@ -78,6 +78,55 @@ def _metrics_path(arg: str) -> tuple[Path, int]:
             f"{path} holds the test results of {len(runs)} runs; give each fold's run folder: "
             f"segpipe crossval {shown}")
     return found[-1], len(found)
+
+
+def _scored_checkpoint(path: Path, metrics: dict[str, Any], explicit: bool) -> str | None:
+    """Check that the checkpoint a test scored is still the one its run holds.
+
+    A fold trained again after its test (a rerun, another recipe) rewrites ``last.ckpt`` and
+    sets the former checkpoints aside in ``earlier-K``: its newest test is then an earlier
+    model's, and would be pooled beside a checkpoint path that now names another model.
+
+    Args:
+        path: The ``test_metrics.json``.
+        metrics: Its contents (``checkpoint_file``: the path and fingerprint the test recorded;
+            tests of older versions recorded none and are not checked).
+        explicit: Whether ``path`` was given as a file (its test chosen on purpose): a warning
+            then, an error when it was picked as its run folder's newest.
+
+    Returns:
+        A warning, or None.
+
+    Raises:
+        CrossvalError: The run's checkpoint was replaced or set aside since the test, and the
+            test was picked from the run folder.
+    """
+    record = metrics.get("checkpoint_file")
+    if not isinstance(record, dict) or not record.get("path") or not record.get("fingerprint"):
+        return None
+    ckpt = Path(str(record["path"]))
+    now = _fingerprint_or_none(ckpt)
+    if now == record["fingerprint"]:
+        return None
+    aside = [p for p in sorted(ckpt.parent.glob(f"earlier-*/{ckpt.name}"))
+             if _fingerprint_or_none(p) == record["fingerprint"]]
+    if now is None and not aside:  # deleted (to save space, say): nothing says it changed
+        return None
+    what = (f"a later fit set it aside to {aside[-1].parent}" if aside
+            else "it was written again since, by a later fit")
+    message = (f"{path} scored {ckpt}, but {what}: that test is an earlier model's, not the "
+               "model the run holds now")
+    if explicit:
+        return message + " (pooled, as its file was given)"
+    raise CrossvalError(message + "; run `segpipe test` on that fold again (--ckpt_path best), "
+                        "or give this test_metrics.json file to pool the earlier model's test")
+
+
+def _fingerprint_or_none(path: Path) -> str | None:
+    try:
+        return file_fingerprint(path)
+    except OSError:
+        return None
 
 
 def _split_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -179,6 +228,9 @@ def _summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
             c: _mean([r["Dice_per_class"].get(c) for r in rows]) for c in classes},
         "IoU_per_class_mean_over_cases": {
             c: _mean([r["IoU_per_class"].get(c) for r in rows]) for c in classes},
+        # a case where a class is absent from both truth and prediction has no score for it
+        "num_cases_per_class": {
+            c: sum(r["Dice_per_class"].get(c) is not None for r in rows) for c in classes},
     }
 
 
@@ -192,9 +244,10 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
         ``{"folds": [per-fold summary with its "path", "checkpoint" and "data_fold" (as
         ``segpipe test`` recorded them; None when unknown)], "all_cases": summary over every case,
         "fold_sd": sample standard deviation of the fold means, "cases": every case row with
-        its "run" (1-based, the order of ``paths``) and "data_fold"}``; a summary holds ``num_cases``, ``mDice_mean_over_cases``,
-        ``mIoU_mean_over_cases``, ``Dice_per_class_mean_over_cases`` and
-        ``IoU_per_class_mean_over_cases``.
+        its "run" (1-based, the order of ``paths``) and "data_fold"}``; a summary holds
+        ``num_cases``, ``mDice_mean_over_cases``, ``mIoU_mean_over_cases``,
+        ``Dice_per_class_mean_over_cases``, ``IoU_per_class_mean_over_cases`` and
+        ``num_cases_per_class`` (the cases behind each class's means).
 
     Raises:
         CrossvalError: A path without per-case scores, runs with different classes, or a case
@@ -223,6 +276,10 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
             metrics = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CrossvalError(f"{path}: not a readable test_metrics.json ({exc})") from None
+        if isinstance(metrics, dict):
+            stale = _scored_checkpoint(path, metrics, explicit=Path(arg).expanduser().is_file())
+            if stale:
+                chosen.append(stale)
         split = _split_of(metrics) if isinstance(metrics, dict) else None
         if split is not None and split.get("scored") == "test" and split.get("val_case_fraction"):
             raise CrossvalError(
@@ -304,10 +361,19 @@ def format_table(result: dict[str, Any]) -> str:
     classes = list(result["all_cases"]["Dice_per_class_mean_over_cases"])
     head = ["", "cases", "mDice", "mIoU", *(f"Dice {c}" for c in classes)]
 
+    fewer = False  # a class's mean over fewer cases than the row's count
+
+    def dice(s: dict[str, Any], c: str) -> str:
+        nonlocal fewer
+        n = s.get("num_cases_per_class", {}).get(c)
+        if n is None or n >= s["num_cases"] or s["Dice_per_class_mean_over_cases"][c] is None:
+            return _pct(s["Dice_per_class_mean_over_cases"][c])
+        fewer = True
+        return f"{_pct(s['Dice_per_class_mean_over_cases'][c])} ({n})"
+
     def line(label: str, s: dict[str, Any]) -> list[str]:
         return [label, str(s["num_cases"]), _pct(s["mDice_mean_over_cases"]),
-                _pct(s["mIoU_mean_over_cases"]),
-                *(_pct(s["Dice_per_class_mean_over_cases"][c]) for c in classes)]
+                _pct(s["mIoU_mean_over_cases"]), *(dice(s, c) for c in classes)]
 
     labels = [f"run {i}" if f.get("data_fold") is None else f"fold {f['data_fold']}"
               for i, f in enumerate(result["folds"], 1)]
@@ -327,6 +393,9 @@ def format_table(result: dict[str, Any]) -> str:
     text += [f"{label}: {f['path']}" + (f" (checkpoint {f['checkpoint']})"
                                         if f.get("checkpoint") else "")
              for label, f in zip(labels, result["folds"])]
+    if fewer:
+        text.append("(n): that class's mean is over n cases; a case where the class is absent "
+                    "from both the truth and the prediction has no score for it")
     unscored = result["all_cases"].get("num_cases_without_score")
     if unscored:
         text.append(f"{unscored} case(s) without a labelled pixel have no score and are left "

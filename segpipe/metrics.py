@@ -73,7 +73,10 @@ def build_metrics(
 
     Args:
         num_classes: Number of classes C (labels ``0..C-1``).
-        ignore_index: Label excluded from every metric, or None.
+        ignore_index: Label excluded from every metric, or None. Not one of the classes
+            ``0..C-1``: mIoU would leave that class out and mDice count it as 0 (the task and
+            data modules refuse it with :func:`segpipe.data.spec.check_ignore_index`, which gives
+            the mask values that number the other classes ``0..C-2``).
         confusion_matrix: Also accumulate the C×C confusion matrix (rows = truth, columns = prediction).
         only: Keep just these metric names (e.g. :data:`IOU_METRICS`, whose three metrics share
             one state, so an update costs a third of the full collection's).

@@ -1068,6 +1068,16 @@ def test_version_and_python_dash_m(capsys):
     assert res.returncode == 0 and res.stdout.strip() == f"segpipe {__version__}", res.stderr
 
 
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`segpipe crossval ... | head` ended in a BrokenPipeError traceback."""
+    res = subprocess.Popen([sys.executable, "-m", "segpipe", "--help"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    res.stdout.close()  # the reader is gone before anything is written
+    err = res.stderr.read().decode()
+    res.stderr.close()
+    assert res.wait() == 141 and err == "", err  # 128 + SIGPIPE, as cat and grep end
+
+
 def test_the_shipped_configs_serve_a_folder_without_them(tmp_path, monkeypatch, capsys):
     """A pip install has no configs/ folder: `--config configs/folder_unet.yaml` (as the README
     writes it) failed with "File does not exist". The configs travel in the package, and the

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from segpipe.cli import main
-from segpipe.crossval import CrossvalError, crossval
+from segpipe.crossval import CrossvalError, crossval, format_table
 from tests.cli_args import TINY_UNET
 from tests.data.synthetic import make_lgg_like
 
@@ -113,6 +113,13 @@ def test_pools_every_case_once_and_reports_each_fold(tmp_path: Path) -> None:
     assert [f["data_fold"] for f in out["folds"]] == [None, None]  # not recorded
     assert {r["case"]: r["run"] for r in out["cases"]} == {"p1": 1, "p2": 1, "p3": 1, "p4": 2,
                                                           "p5": 2}
+    # a class's mean over fewer cases than the row counts says so (it said "cases 5" only)
+    assert pooled["num_cases_per_class"] == {"background": 5, "tumour": 4}
+    rows = {line.split()[0] + line.split()[1]: line.split()
+            for line in format_table(out).splitlines()}
+    assert rows["run1"][2:] == ["3", "79.5", "39.8", "99.0", "60.0"]  # every case has a tumour
+    assert rows["run2"][-2:] == ["80.0", "(1)"] and rows["allcases"][-2:] == ["65.0", "(4)"]
+    assert "(n): that class's mean is over n cases" in format_table(out)
 
 
 def test_a_folder_means_its_newest_test_metrics(tmp_path: Path) -> None:
@@ -123,6 +130,39 @@ def test_a_folder_means_its_newest_test_metrics(tmp_path: Path) -> None:
     assert out["folds"][0]["path"] == str(new)
     assert out["all_cases"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.7)
     assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] is None  # one fold
+
+
+def test_a_test_of_a_checkpoint_replaced_since_is_not_pooled(tmp_path: Path, capsys) -> None:
+    """A fold trained again after its test: its newest test was pooled in silence, beside the
+    path of the checkpoint that now holds another model."""
+    from segpipe.fileio import file_fingerprint
+
+    ckpt_dir = tmp_path / "f0" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    ckpt = ckpt_dir / "last.ckpt"
+    ckpt.write_bytes(b"model one" * 1000)
+    metrics = _metrics(tmp_path / "f0/lightning_logs/version_0/test_metrics.json",
+                       [_row("p1", 0.5)])
+    record = json.loads(metrics.read_text())
+    record["checkpoint_file"] = {"path": str(ckpt), "fingerprint": file_fingerprint(ckpt)}
+    metrics.write_text(json.dumps(record))
+    assert crossval([str(tmp_path / "f0")])["folds"][0]["path"] == str(metrics)
+    ckpt.write_bytes(b"model two" * 1000)  # same size, other weights
+    with pytest.raises(CrossvalError, match="but it was written again since, by a later fit: "
+                       "that test is an earlier model's.*run `segpipe test` on that fold again"):
+        crossval([str(tmp_path / "f0")])
+    # given as a file, it was chosen: pooled, with the same words as a warning
+    said = crossval([str(metrics)])["warnings"]
+    assert any("written again since" in w and "pooled, as its file was given" in w for w in said)
+    # set aside by the later fit
+    (ckpt_dir / "earlier-1").mkdir()
+    ckpt.rename(ckpt_dir / "earlier-1" / "last.ckpt")
+    (ckpt_dir / "earlier-1" / "last.ckpt").write_bytes(b"model one" * 1000)
+    with pytest.raises(CrossvalError, match="a later fit set it aside to .*earlier-1"):
+        crossval([str(tmp_path / "f0")])
+    # deleted (to save space): nothing says it changed
+    (ckpt_dir / "earlier-1" / "last.ckpt").unlink()
+    assert crossval([str(tmp_path / "f0")])["folds"][0]["path"] == str(metrics)
 
 
 def test_folds_scored_otherwise_or_on_the_shared_test_split_are_refused(tmp_path: Path) -> None:
@@ -203,8 +243,15 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
         # over the fit's config.yaml.
         assert "ckpt_path: null" in (run / "config.yaml").read_text()
         assert "last.ckpt" in (run / "test_config.yaml").read_text()
-    # resuming a fold with the same split is fine
+    # resuming a fold with the same split is fine; its test is then an earlier model's, which
+    # crossval refuses to pool beside the checkpoint path that now names the resumed model
     assert main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last"]) == 0
+    capsys.readouterr()
+    assert main(["crossval", *map(str, runs)]) == 2
+    err = capsys.readouterr().err
+    assert f"scored {runs[1].resolve() / 'checkpoints' / 'last.ckpt'}, but it was written again" \
+           in err and "run `segpipe test` on that fold again" in err
+    assert main(["test", *args, "--ckpt_path", "last"]) == 0
     # fold 1's checkpoint scored on fold 0's val patients, on which it trained: refused
     capsys.readouterr()
     mixed = ["--config", "configs/lgg_unet.yaml", f"--data.root={root}",
@@ -227,6 +274,9 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
     # rows are named by the data.fold that test_metrics.json records
     assert [f["data_fold"] for f in out["folds"]] == [0, 1]
     metrics = json.loads(Path(out["folds"][1]["path"]).read_text())
+    # what a later fit's rewrite of the checkpoint is told by, and the batch size of the loss
+    assert metrics["checkpoint_file"]["path"] == str(runs[1].resolve() / "checkpoints/last.ckpt")
+    assert metrics["eval_batch_size"] == 4 and ":" in metrics["checkpoint_file"]["fingerprint"]
     assert metrics["data_split"] == {"scored": "val", "val_cases": None,
                                      "val_case_fraction": 0.5, "fold": 1, "seed": 0}
     report = (Path(out["folds"][1]["path"]).parent / "report.md").read_text()

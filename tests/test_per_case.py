@@ -80,6 +80,14 @@ def test_case_pattern_names_cases(tmp_path: Path, caplog) -> None:
     assert "the val split gets no per-case figures" in caplog.text
     item = dm.datasets["val"][2]
     assert item["case"] == ""  # no case: left out of per-case scores
+    # a group that matches the empty string finds no case either (it went unannounced, and the
+    # report then said the images belong to no case)
+    caplog.clear()
+    empty = SegmentationDataModule(str(root), num_classes=3, case_pattern=r"img_00([01]?)")
+    with caplog.at_level(logging.WARNING, logger="segpipe.data.datamodule"):
+        empty.setup("validate")
+    assert [s.case for s in empty.splits["val"]] == ["0", "1", None, None]
+    assert "finds no case in 2 of the 4 val images" in caplog.text
     with pytest.raises(ValueError, match="case_pattern"):
         SegmentationDataModule(str(root), num_classes=3, case_pattern="(")
 
@@ -100,6 +108,11 @@ def test_lgg_test_reports_per_patient(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     mdice = per_case["mDice_mean_over_cases"]
     assert f"Mean over 2 cases: mDice {100 * mdice:.1f} %" in out
+    # a class absent from both truth and prediction in a case: its mean is over fewer cases
+    tumour, n = (per_case["Dice_per_class_mean_over_cases"]["abnormality"],
+                 per_case["num_cases_per_class"]["abnormality"])
+    said = "" if tumour is None or n == 2 else f" (over {n} case{'' if n == 1 else 's'})"
+    assert f"abnormality {'n/a' if tumour is None else f'{100 * tumour:.1f} %'}{said}\n" in out
     assert "mIoU and mDice are macro means over classes" in out
     assert per_case["num_cases"] == 2 and len(per_case["cases"]) == 2
     assert {r["num_images"] for r in per_case["cases"]} == {2}

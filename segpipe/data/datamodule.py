@@ -852,6 +852,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     case = found.group("case")
                 else:
                     case = found.group(1) if found.re.groups else found.group(0)
+                case = case or None  # an empty match (`([A-Z]*)_`) is no case, as metrics read it
             out.append(dataclasses.replace(sample, case=case))
         missed = [s for s in out if s.case is None]
         if missed and split != "train" and self.hparams.get("case_pattern") and regex is not None:
