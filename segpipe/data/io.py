@@ -64,6 +64,8 @@ __all__ = [
     "to_float",
     "write_image",
     "write_label_png",
+    "OUTPUT_STAMP_KEY",
+    "read_output_stamp",
     "write_mask",
 ]
 
@@ -882,7 +884,8 @@ def _check_tiff_complete(path: Path, width: int, height: int, count: int) -> Non
         raise _raster_write_error(path, err) from None
 
 
-def write_image(path: _PathLike, image: np.ndarray, *, suffix: str | None = None) -> Path:
+def write_image(path: _PathLike, image: np.ndarray, *, suffix: str | None = None,
+                stamp: str | None = None) -> Path:
     """Write an image: Pillow for PNG/JPEG/WebP/BMP/GIF, rasterio for TIFF.
 
     Pillow formats are encoded in memory and written with checked writes, so a full disk raises
@@ -895,6 +898,8 @@ def write_image(path: _PathLike, image: np.ndarray, *, suffix: str | None = None
             uint16 with 1 channel (PNG). TIFF accepts any band count and dtype.
         suffix: Extension that picks the format instead of ``path``'s (e.g. ``".jpg"`` for a
             temporary file name).
+        stamp: Text stored in the file under :data:`OUTPUT_STAMP_KEY` (a PNG text chunk, a
+            JPEG comment, a TIFF tag), read back by :func:`read_output_stamp`; None: none.
 
     Returns:
         The written path.
@@ -924,6 +929,8 @@ def write_image(path: _PathLike, image: np.ndarray, *, suffix: str | None = None
                 compress="lzw",
             ) as ds:
                 ds.write(data)
+                if stamp is not None:
+                    ds.update_tags(**{OUTPUT_STAMP_KEY: stamp})
             _check_tiff_complete(p, data.shape[2], data.shape[1], data.shape[0])
         except (RasterioError, OSError) as exc:
             p.unlink(missing_ok=True)
@@ -934,16 +941,61 @@ def write_image(path: _PathLike, image: np.ndarray, *, suffix: str | None = None
         return p
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    params = _stamp_params(stamp, ext)
     if arr.dtype == np.uint16 and arr.ndim == 2:
-        _save_pillow(Image.fromarray(arr), p, ext=ext)
+        _save_pillow(Image.fromarray(arr), p, ext=ext, **params)
         return p
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or arr.shape[2] in (3, 4)):
         raise ValueError(
             f"{p}: cannot write a {arr.dtype} array of shape {arr.shape} as {ext}; "
             "use uint8 with 1, 3 or 4 channels, or write a .tif"
         )
-    _save_pillow(Image.fromarray(arr), p, ext=ext, **({"lossless": True} if ext == ".webp" else {}))
+    if ext == ".webp":
+        params["lossless"] = True
+    _save_pillow(Image.fromarray(arr), p, ext=ext, **params)
     return p
+
+
+#: The key under which :func:`write_image`, :func:`write_label_png` and :class:`RasterWriter`
+#: store a stamp (``segpipe predict``: which input and format an output was made from).
+OUTPUT_STAMP_KEY = "segpipe_output"
+
+
+def _stamp_params(stamp: str | None, ext: str) -> dict[str, Any]:
+    """Pillow save options that store ``stamp``: a PNG text chunk (before the image data, so
+    that opening the file reads it), a JPEG comment; none for other formats."""
+    if stamp is None:
+        return {}
+    if ext == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text(OUTPUT_STAMP_KEY, stamp)
+        return {"pnginfo": info}
+    if ext in (".jpg", ".jpeg"):
+        return {"comment": f"{OUTPUT_STAMP_KEY}={stamp}".encode()}
+    return {}
+
+
+def read_output_stamp(path: _PathLike) -> str | None:
+    """The stamp a file was written with (see :data:`OUTPUT_STAMP_KEY`), or None: none, or a
+    file that cannot be read. Reads the header only."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    try:
+        if ext in TIFF_EXTENSIONS:
+            with _open_raster(p) as ds:
+                return ds.tags().get(OUTPUT_STAMP_KEY)
+        with Image.open(p) as img:
+            if ext in (".jpg", ".jpeg"):
+                comment = img.info.get("comment", b"")
+                text = comment.decode(errors="replace") if isinstance(comment, bytes) else ""
+                head = f"{OUTPUT_STAMP_KEY}="
+                return text[len(head):] if text.startswith(head) else None
+            value = img.info.get(OUTPUT_STAMP_KEY)
+            return value if isinstance(value, str) else None
+    except Exception:  # noqa: BLE001 - unreadable or not an image: no stamp
+        return None
 
 
 def write_mask(
@@ -1342,6 +1394,7 @@ class RasterWriter:
         blocksize: Tile size (multiple of 16).
         compress: GDAL compression (``deflate``, ``lzw``, ...).
         descriptions: One name per band (GDAL band descriptions, e.g. class names), or None.
+        tags: Dataset metadata to store (e.g. ``{OUTPUT_STAMP_KEY: stamp}``), or None.
 
     Rows given with a validity array (:meth:`write_rows`'s ``valid``) that marks any pixel
     invalid give the file an internal per-dataset mask (GDAL's nodata mask, which QGIS and
@@ -1367,6 +1420,7 @@ class RasterWriter:
         blocksize: int = 256,
         compress: str = "deflate",
         descriptions: Sequence[str] | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.width, self.height, self.count = int(width), int(height), int(count)
@@ -1412,6 +1466,8 @@ class RasterWriter:
                 )
             for band, text in enumerate(descriptions or (), start=1):
                 self._ds.set_band_description(band, str(text))
+            if tags:
+                self._ds.update_tags(**tags)
         except BaseException:
             self._ds.close()
             raise
@@ -1554,6 +1610,7 @@ def write_label_png(
     palette: Sequence[Sequence[int]] | None = None,
     compress_level: int = 1,
     transparent: int | None = None,
+    stamp: str | None = None,
 ) -> Path:
     """Write a label image as PNG, quickly (prediction outputs).
 
@@ -1567,6 +1624,7 @@ def write_label_png(
         palette: Optional RGB colour per label (uint8 labels only): a paletted PNG.
         compress_level: zlib level 0-9.
         transparent: With a palette, the label drawn transparent (nodata), or None.
+        stamp: Text stored in a text chunk (:func:`read_output_stamp`), or None.
 
     Returns:
         The written path.
@@ -1591,7 +1649,7 @@ def write_label_png(
         img.putpalette(flat + [0] * (768 - len(flat)))
     else:
         img = Image.fromarray(np.ascontiguousarray(arr))
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = _stamp_params(stamp, ".png")
     if palette is not None and transparent is not None and 0 <= transparent <= 255:
         params["transparency"] = bytes([255] * int(transparent) + [0])  # tRNS: alpha per entry
     _save_pillow(img, p, format="PNG", compress_level=int(compress_level), **params)

@@ -153,7 +153,33 @@ def find_inputs(
             f"all {len(files)} image(s) in {src} lie inside the output folder {output_dir}, "
             "whose files predict leaves out (they would be its own outputs); choose an output "
             "folder outside the input")
+    if inside and _rank_from_env() == 0:
+        from segpipe.data.io import read_output_stamp
+
+        own = [f for f in files if f not in kept and read_output_stamp(f) is None]
+        if own:  # images the user put there, not outputs: say they are not predicted
+            log.warning(
+                "%d image(s) inside the output folder %s are not predicted (predict leaves that "
+                "folder's files out, as its own outputs) though segpipe did not write them: "
+                "%s%s; move them out of it, or choose another --output", len(own), output_dir,
+                ", ".join(str(f) for f in own[:5]), " ..." if len(own) > 5 else "")
     files = kept
+    if src.is_dir():
+        # Another run's output folder inside the input (pred_v1 beside pred_v2): its masks are
+        # not images to predict.
+        others = sorted({p.parent.resolve() for p in src.rglob(SETTINGS_FILE)} - {out_root})
+        if others:
+            before = len(files)
+            files = [f for f in files if not any(resolved[f].is_relative_to(o) for o in others)]
+            if before > len(files) and _rank_from_env() == 0:
+                log.warning(
+                    "left out %d file(s) in %d other segpipe predict output folder(s) inside "
+                    "the input: %s%s", before - len(files), len(others),
+                    ", ".join(str(o) for o in others[:3]), " ..." if len(others) > 3 else "")
+            if not files:
+                raise PredictUsageError(
+                    f"every image in {src} lies in a segpipe predict output folder; give the "
+                    "folder of the images to predict")
     if src.is_dir() and _rank_from_env() == 0:
         for masks, images in _mask_folders(files):
             log.warning(
@@ -228,6 +254,20 @@ _REPLACING = "replacing_older_outputs"
 #: In a settings record: a run with these settings added outputs beside ones of other settings
 #: (without ``--overwrite``); kept until an ``--overwrite`` run remakes them all.
 _MIXED = "mixed_with_other_settings"
+#: In a settings record: the folder's outputs store what they were made from (a record
+#: without it was made by a segpipe whose outputs do not, which are then taken as done).
+_STAMPED = "outputs_stamped"
+#: Keys of a settings record that are not settings.
+_NOT_SETTINGS = (_REPLACING, _MIXED, _STAMPED)
+
+
+def _unstamped_folder(output: str | Path) -> bool:
+    """Whether ``output`` holds a settings record of a segpipe that did not stamp outputs."""
+    try:
+        record = json.loads((Path(output) / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and not record.get(_STAMPED)
 
 
 def _check_settings(output: str | Path, overwrite: bool,
@@ -248,7 +288,7 @@ def _check_settings(output: str | Path, overwrite: bool,
         before = None
     unfinished = bool(before and before.get(_REPLACING))
     mixed = bool(before and before.get(_MIXED))
-    recorded = ({k: v for k, v in before.items() if k not in (_REPLACING, _MIXED)}
+    recorded = ({k: v for k, v in before.items() if k not in _NOT_SETTINGS}
                 if before else None)
     if overwrite or recorded is None:
         replacing = overwrite and recorded is not None and (
@@ -277,12 +317,14 @@ def _check_settings(output: str | Path, overwrite: bool,
     return None, False
 
 
-def _record_settings(output: str | Path, settings: dict[str, Any]) -> None:
-    """Write :data:`SETTINGS_FILE` (a convenience: a failure loses no output)."""
+def _record_settings(output: str | Path, settings: dict[str, Any], stamped: bool = True) -> None:
+    """Write :data:`SETTINGS_FILE` (a convenience: a failure loses no output); ``stamped``:
+    every output in the folder is stamped (not so while an older segpipe's remain)."""
     from segpipe.fileio import atomic_write_json
 
     try:
-        atomic_write_json(Path(output) / SETTINGS_FILE, settings)
+        atomic_write_json(Path(output) / SETTINGS_FILE,
+                          {**settings, _STAMPED: True} if stamped else settings)
     except OSError:
         pass
 
@@ -521,6 +563,8 @@ def predict(
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
     _warn_unused_options(writer.all_names(), probs_mode, overlay_alpha, tile, overlap)
+    unstamped = _unstamped_folder(output)  # it holds an older segpipe's outputs
+    writer.unstamped_outputs = unstamped
     files = find_inputs(input, output, writer)
     if files:
         try:  # one clear error up front, not the same failure for every file
@@ -547,7 +591,8 @@ def predict(
     if record is not None:
         # Recorded as the first output is named into place, not at the end: a run killed
         # after it (OOM, a scheduler's SIGKILL) leaves outputs whose settings are known.
-        writer.before_first_output = lambda: _record_settings(output, record)
+        writer.before_first_output = lambda: _record_settings(output, record,
+                                                              stamped=not unstamped)
     if tile is not None and config.eval_resize:
         log.warning(
             "the model was evaluated on images resized to %s; --tile predicts at native "
@@ -613,7 +658,7 @@ def predict(
     summary.stopped_early = stopped
     summary.interrupted = interrupted
     summary.terminated = interrupted and terminated.is_set()
-    if replacing and writer.before_first_output is None and not (
+    if (replacing or (overwrite and unstamped)) and writer.before_first_output is None and not (
             interrupted or stopped or summary.failed):
         _record_settings(output, settings)  # every output remade: no older one is left
     return summary

@@ -334,7 +334,7 @@ class PredictInputs(Dataset):
             # a PNG/JPEG with a world file is georeferenced too (read whole, as any PNG)
             geo = info if info is not None else sidecar_georeference(f.path)
             names = self.writer.resolve(geo is not None and geo.georeferenced)
-            pending = self.writer.pending(f.rel, names)
+            pending = self.writer.pending(f.rel, names, f.path)
             if not pending:
                 rec["status"] = "skipped"
                 return rec

@@ -36,18 +36,27 @@ whole image until the end (and refuse rasters above the decompression-bomb limit
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from segpipe.data.io import RasterInfo, RasterWriter, pixel_limit, write_image, write_label_png
-from segpipe.fileio import TMP_PREFIX, AtomicFile, DiskFullError, disk_full_error
+from segpipe.data.io import (
+    OUTPUT_STAMP_KEY,
+    RasterInfo,
+    RasterWriter,
+    pixel_limit,
+    read_output_stamp,
+    write_image,
+    write_label_png,
+)
+from segpipe.fileio import TMP_PREFIX, AtomicFile, DiskFullError, disk_full_error, file_fingerprint
 
 if TYPE_CHECKING:  # annotations only: the checkpoint module loads torch
     from segpipe.predict.checkpoint import PredictConfig
@@ -58,6 +67,7 @@ __all__ = [
     "ImagePrediction",
     "MaskFormat",
     "OutputFormat",
+    "OutputInTheWay",
     "OutputMeta",
     "OutputSink",
     "OverlayFormat",
@@ -74,6 +84,11 @@ log = logging.getLogger(__name__)
 
 class UnsafeOutputPath(ValueError):
     """An output path that would land outside the output folder."""
+
+
+class OutputInTheWay(ValueError):
+    """A file at an output's path that this input's prediction may not take as done or replace:
+    one segpipe did not write (ground-truth masks, an image), or another input's output."""
 
 
 @dataclass
@@ -106,12 +121,15 @@ class OutputMeta:
         height: Rows.
         width: Columns.
         raster: Header of a raster input (CRS, transform), or None.
+        stamp: Text the output stores to name what it was made from
+            (:meth:`PredictionWriter.stamp`), or None.
     """
 
     source: Path
     height: int
     width: int
     raster: RasterInfo | None = None
+    stamp: str | None = None
 
 
 class _Sink(ABC):
@@ -157,7 +175,8 @@ class _WholeSink(_Sink):
     def finish(self) -> None:
         if self.labels is None:
             raise ValueError(f"{self.meta.source}: no rows were predicted")
-        self.fmt.write_whole(self.path, RowChunk(self.labels, None, self.display))
+        self.fmt.write_whole(self.path, RowChunk(self.labels, None, self.display),
+                             stamp=self.meta.stamp)
 
 
 class _RasterSink(_Sink):
@@ -205,8 +224,8 @@ class OutputFormat(ABC):
         """Start writing ``path``; by default the image is collected and written whole."""
         return _WholeSink(self, path, meta)
 
-    def write_whole(self, path: Path, pred: RowChunk) -> None:
-        """Write a whole image (formats that cannot stream).
+    def write_whole(self, path: Path, pred: RowChunk, stamp: str | None = None) -> None:
+        """Write a whole image (formats that cannot stream), with ``stamp`` stored in it.
 
         ``path`` is a temporary name that does not end in the format's extension (and does not
         exist yet): pass the format explicitly to the writer.
@@ -220,8 +239,8 @@ class MaskFormat(OutputFormat):
     name = "mask"
     suffix = ".png"
 
-    def write_whole(self, path: Path, pred: RowChunk) -> None:
-        write_label_png(path, pred.labels.astype(self.config.mask_dtype, copy=False))
+    def write_whole(self, path: Path, pred: RowChunk, stamp: str | None = None) -> None:
+        write_label_png(path, pred.labels.astype(self.config.mask_dtype, copy=False), stamp=stamp)
 
 
 class PaletteFormat(OutputFormat):
@@ -230,13 +249,14 @@ class PaletteFormat(OutputFormat):
     name = "palette"
     suffix = "_palette.png"
 
-    def write_whole(self, path: Path, pred: RowChunk) -> None:
+    def write_whole(self, path: Path, pred: RowChunk, stamp: str | None = None) -> None:
         lut = self.config.palette()
         if self.config.mask_dtype == np.uint8:
             write_label_png(path, pred.labels.astype(np.uint8, copy=False), palette=lut.tolist(),
-                            transparent=self.config.nodata_value)  # nodata apart from black
+                            transparent=self.config.nodata_value,  # nodata apart from black
+                            stamp=stamp)
         else:
-            write_image(path, lut[pred.labels], suffix=".png")
+            write_image(path, lut[pred.labels], suffix=".png", stamp=stamp)
 
 
 def blend_overlay(
@@ -299,7 +319,7 @@ class OverlayFormat(OutputFormat):
             )
         return super().open(path, meta)
 
-    def write_whole(self, path: Path, pred: RowChunk) -> None:
+    def write_whole(self, path: Path, pred: RowChunk, stamp: str | None = None) -> None:
         display = pred.display
         if display is None:
             display = np.zeros((*pred.labels.shape, 3), dtype=np.uint8)
@@ -307,7 +327,7 @@ class OverlayFormat(OutputFormat):
             path,
             blend_overlay(display, pred.labels, self.config.palette(), self.alpha,
                           self.config.nodata_value),
-            suffix=Path(self.suffix).suffix,
+            suffix=Path(self.suffix).suffix, stamp=stamp,
         )
 
 
@@ -325,6 +345,10 @@ def _georef(meta: OutputMeta, fmt: str, warn: bool = True) -> dict[str, Any]:
     return {}
 
 
+def _stamp_tags(meta: OutputMeta) -> dict[str, str] | None:
+    return None if meta.stamp is None else {OUTPUT_STAMP_KEY: meta.stamp}
+
+
 class GeoTiffFormat(OutputFormat):
     """Index GeoTIFF with the input's CRS/transform/size, colour map and nodata, by windows."""
 
@@ -339,7 +363,7 @@ class GeoTiffFormat(OutputFormat):
         writer = RasterWriter(
             path, width=meta.width, height=meta.height, count=1, dtype=cfg.mask_dtype,
             nodata=cfg.nodata_value, colormap=colormap, descriptions=["class"],
-            **_georef(meta, self.name),
+            tags=_stamp_tags(meta), **_georef(meta, self.name),
         )
         return _RasterSink(writer, lambda chunk: chunk.labels)
 
@@ -374,7 +398,7 @@ class ProbsFormat(OutputFormat):
             count=self.config.num_classes if classes else 1, dtype=np.uint8,
             nodata=None if classes else 0,
             descriptions=list(names) if classes else ["confidence"],
-            **_georef(meta, self.name, warn=False),
+            tags=_stamp_tags(meta), **_georef(meta, self.name, warn=False),
         )
 
         def bands(chunk: RowChunk) -> np.ndarray:
@@ -402,9 +426,11 @@ class OutputSink:
     """
 
     def __init__(self, targets: list[tuple[OutputFormat, Path]], meta: OutputMeta,
-                 before_commit: Callable[[], None] | None = None) -> None:
+                 before_commit: Callable[[], None] | None = None,
+                 stamps: Sequence[str | None] | None = None) -> None:
         self._targets = targets
         self.meta = meta
+        self._stamps = list(stamps) if stamps is not None else [None] * len(targets)
         self._before_commit = before_commit
         self._files: list[AtomicFile] = []
         self._sinks: list[_Sink] = []
@@ -412,14 +438,14 @@ class OutputSink:
 
     def __enter__(self) -> OutputSink:
         try:
-            for fmt, target in self._targets:
+            for (fmt, target), stamp in zip(self._targets, self._stamps):
                 self._current = target
                 # The writer creates the file (PNG/JPEG once encoded, GDAL when it opens it), so
                 # a temporary file exists only while bytes are written; its name ends in
                 # ".partial", so that no "*.png" glob takes it for an output.
                 out = AtomicFile(target, suffix=f"{target.suffix}.partial", create=False)
                 self._files.append(out)
-                self._sinks.append(fmt.open(out.path, self.meta))
+                self._sinks.append(fmt.open(out.path, replace(self.meta, stamp=stamp)))
         except BaseException as exc:
             self._fail(exc)
         return self
@@ -503,6 +529,14 @@ class PredictionWriter:
         overwrite: Rewrite outputs that already exist (else they count as done).
         probs_mode: ``classes`` or ``max`` (see :class:`ProbsFormat`).
         overlay_alpha: Mask weight of the overlay.
+
+    Each output stores a stamp (:meth:`stamp`): the input it was made from (its path under the
+    input folder and a fingerprint of its contents) and its format. An existing file counts as
+    done only when its stamp names this input, as it is now, and this format; one made from
+    an input since changed is made again. A file without a stamp (ground-truth masks, an image)
+    or another input's output is never taken as done nor replaced, ``overwrite`` or not: that
+    input fails with the file named. Outputs of a segpipe that wrote no stamps are taken as
+    done in a folder whose settings record it made (:attr:`unstamped_outputs`).
     """
 
     def __init__(
@@ -530,6 +564,9 @@ class PredictionWriter:
         #: records its settings there, so a run killed after it leaves them recorded).
         self.before_first_output: Callable[[], None] | None = None
         self._first_lock = threading.Lock()
+        #: Whether files without a stamp are outputs of an older segpipe (taken as done unless
+        #: ``overwrite``): set by ``segpipe predict`` for a folder it recorded without stamps.
+        self.unstamped_outputs = False
         options = {"probs_mode": probs_mode, "overlay_alpha": overlay_alpha}
         needed = {"mask", "geotiff"} if "auto" in names else set()
         self.formats = {
@@ -567,13 +604,59 @@ class PredictionWriter:
             )
         return path
 
-    def pending(self, rel: str | Path, names: Sequence[str]) -> list[str]:
-        """The formats of ``names`` still to write for ``rel`` (all of them with ``overwrite``).
-        An empty file is still to write: segpipe's outputs are named into place whole, so one
-        of 0 bytes was damaged outside (a copy to a full disk) and would stay so."""
-        if self.overwrite:
-            return list(names)
-        return [n for n in names if not _has_bytes(self.target(rel, n))]
+    @staticmethod
+    def stamp(rel: str | Path, name: str, source: str | Path) -> str:
+        """What the ``name`` output of the input ``source`` (at ``rel`` under the input folder)
+        stores to say what it was made from: ``{"input", "format", "input_fingerprint"}`` as
+        JSON (:func:`~segpipe.fileio.file_fingerprint`: the input's size and the hash of its
+        last MiB, so that a copy of the folder keeps it and a replaced input does not)."""
+        return json.dumps({"input": Path(rel).as_posix(), "format": name,
+                           "input_fingerprint": file_fingerprint(source)}, sort_keys=True)
+
+    def pending(self, rel: str | Path, names: Sequence[str],
+                source: str | Path | None = None) -> list[str]:
+        """The formats of ``names`` still to write for the input ``source`` at ``rel``: those
+        whose file is missing or empty (segpipe's outputs are named into place whole, so one of
+        0 bytes was damaged outside), made from the input as it was before, or any with
+        ``overwrite`` (see the class docstring).
+
+        Raises:
+            OutputInTheWay: A file at an output's path that segpipe did not write, or that is
+                another input's output.
+        """
+        out: list[str] = []
+        for n in names:
+            target = self.target(rel, n)
+            if not _has_bytes(target):
+                out.append(n)
+                continue
+            if source is None:  # no input to compare with: the file's presence decides
+                if self.overwrite:
+                    out.append(n)
+                continue
+            found = read_output_stamp(target)
+            if found is None:
+                if not self.unstamped_outputs:
+                    raise OutputInTheWay(
+                        f"{target} is in the way of its {n} output and was not written by "
+                        "segpipe predict (ground-truth masks? an image?): it is neither taken as "
+                        "done nor replaced; choose another --output, or move the file away")
+                if self.overwrite:
+                    out.append(n)
+                continue
+            try:
+                made = json.loads(found)
+                made_from, made_as = made["input"], made["format"]
+            except (ValueError, TypeError, KeyError):
+                made_from, made_as, made = None, None, {}
+            if (made_from, made_as) != (Path(rel).as_posix(), n):
+                raise OutputInTheWay(
+                    f"{target}, the name of its {n} output, holds the {made_as} output of "
+                    f"{made_from} (made by an earlier run); rename one of the two inputs, or "
+                    "choose another --output")
+            if self.overwrite or made.get("input_fingerprint") != file_fingerprint(source):
+                out.append(n)  # asked to, or the input was replaced since: made again
+        return out
 
     def needs_probs(self, names: Sequence[str]) -> bool:
         """Whether any of the formats needs probabilities."""
@@ -584,9 +667,14 @@ class PredictionWriter:
         return any(self.formats[n].needs_display for n in names)
 
     def open(self, rel: str | Path, names: Sequence[str], meta: OutputMeta) -> OutputSink:
-        """An :class:`OutputSink` for the formats ``names`` of the input at ``rel``."""
+        """An :class:`OutputSink` for the formats ``names`` of the input at ``rel``, each output
+        stamped with what it is made from (:meth:`stamp`) when ``meta.source`` is a file."""
+        try:
+            stamps: list[str | None] = [self.stamp(rel, n, meta.source) for n in names]
+        except OSError:  # an in-memory input (the Python API), or one gone since it was read
+            stamps = [None] * len(names)
         return OutputSink([(self.formats[n], self.target(rel, n)) for n in names], meta,
-                          before_commit=self._first_output)
+                          before_commit=self._first_output, stamps=stamps)
 
     def __getstate__(self) -> dict[str, Any]:
         # Loader processes (spawned ones receive a pickled copy) write no output: no hook, and

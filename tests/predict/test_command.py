@@ -390,6 +390,67 @@ def test_an_output_never_replaces_an_input(tmp_path: Path, pointwise_ckpt: Path,
     assert (src / "a.png").read_bytes() == photo
 
 
+def test_files_segpipe_did_not_write_are_never_taken_as_outputs(
+    tmp_path: Path, pointwise_ckpt: Path, capsys, caplog
+) -> None:
+    """A rerun took any file of an output's name as done: `--output` at the ground-truth masks
+    passed them off as predictions (with --overwrite it replaced them); an input replaced since
+    kept its old outputs; another input's output (x_palette.png's mask) passed as x.png's
+    palette; and another run's output folder inside the input was predicted as images."""
+    data = tmp_path / "val"
+    for i in range(2):
+        write_image(data / "images" / f"r{i}.png", noise_image(16, 16, seed=i))
+        write_image(data / "masks" / f"r{i}.png", np.full((16, 16), i, np.uint8))
+    truth = (data / "masks" / "r0.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        assert run(pointwise_ckpt, data / "images", data / "masks", *extra) == 1
+        said = capsys.readouterr().out
+        assert "0 written, 0 skipped (already done), 2 failed" in said
+        assert f"{data / 'masks' / 'r0.png'} is in the way of its mask output and was not " \
+               "written by segpipe predict" in said
+    assert (data / "masks" / "r0.png").read_bytes() == truth
+    # an input replaced by another image of its name: made again, not skipped
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_image(src / "x.png", noise_image(16, 16, seed=3))
+    write_image(src / "x_palette.png", noise_image(16, 16, seed=4))
+    assert run(pointwise_ckpt, src, out, "--format", "mask") == 0
+    capsys.readouterr()
+    write_image(src / "x.png", noise_image(20, 24, seed=5))
+    assert run(pointwise_ckpt, src, out, "--format", "mask") == 0
+    assert "1 written, 1 skipped (already done)" in capsys.readouterr().out
+    assert Image.open(out / "x.png").size == (24, 20)
+    # a later run's palette of x.png would be x_palette.png's mask: failed, naming it
+    assert run(pointwise_ckpt, src, out, "--format", "palette") == 1
+    assert f"{out / 'x_palette.png'}, the name of its palette output, holds the mask output " \
+           "of x_palette.png" in capsys.readouterr().out
+    assert Image.open(out / "x_palette.png").mode == "L"  # still x_palette.png's mask
+    # another run's output folder inside the input is left out, and said so
+    assert run(pointwise_ckpt, src, src / "pred_b", "--format", "mask") == 0
+    assert run(pointwise_ckpt, src, src / "pred_c", "--format", "mask") == 0
+    assert "2 written" in capsys.readouterr().out  # x.png, x_palette.png; not pred_b's masks
+    assert "in 1 other segpipe predict output folder(s) inside the input" in caplog.text
+    assert not (src / "pred_c" / "pred_b").exists()
+    caplog.clear()
+    write_image(src / "pred_a" / "y.png", noise_image(16, 16))  # put there by hand: named
+    assert run(pointwise_ckpt, src, src / "pred_a", "--format", "mask") == 0
+    assert f"1 image(s) inside the output folder {src / 'pred_a'} are not predicted" in caplog.text
+    # the folder of a segpipe that stamped no outputs: they are its outputs, done as before,
+    # until an --overwrite run has remade them all
+    import json
+
+    old = tmp_path / "old"
+    record = json.loads((out / ".segpipe-predict.json").read_text())
+    assert record.pop("outputs_stamped") is True
+    write_image(old / "x.png", np.zeros((16, 16), np.uint8))
+    (old / ".segpipe-predict.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask") == 0
+    assert "0 written, 1 skipped (already done)" in capsys.readouterr().out
+    assert "outputs_stamped" not in (old / ".segpipe-predict.json").read_text()
+    assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask", "--overwrite") == 0
+    assert json.loads((old / ".segpipe-predict.json").read_text())["outputs_stamped"] is True
+
+
 def test_checkpoint_without_net_is_a_clear_error(tmp_path: Path, capsys) -> None:
     import torch
 

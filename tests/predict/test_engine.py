@@ -47,7 +47,25 @@ def test_records_skip_done_files_and_report_bad_ones(tmp_path: Path, pointwise_c
     assert ok["kind"] == "image" and ok["formats"] == ["mask"] and ok["size"].tolist() == [8, 8]
     assert bad["status"] == "failed" and "0 bytes" in bad["reason"]
     assert clash["status"] == "failed" and clash["reason"] == "name clash"
+    # a file segpipe did not write (ground-truth masks, an image) is neither done nor replaced
     write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8))
+    assert ds[0]["status"] == "failed" and "was not written by segpipe predict" in ds[0]["reason"]
+    writer.overwrite = True
+    assert ds[0]["status"] == "failed"
+    writer.overwrite = False
+    # an output stamped with this input as it is: done; with the input since replaced: remade
+    stamp = writer.stamp("ok.png", "mask", tmp_path / "in" / "ok.png")
+    write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8), stamp=stamp)
+    assert ds[0]["status"] == "skipped"
+    write_image(tmp_path / "in" / "ok.png", noise_image(8, 9))
+    assert ds[0]["formats"] == ["mask"]
+    # another input's output under this one's output name: failed, naming it
+    other = writer.stamp("ok_palette.png", "mask", tmp_path / "in" / "ok.png")
+    write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8), stamp=other)
+    assert "holds the mask output of ok_palette.png" in ds[0]["reason"]
+    # an older segpipe's folder (its record says its outputs have no stamps): done as before
+    write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8))
+    writer.unstamped_outputs = True
     assert ds[0]["status"] == "skipped"
 
 
