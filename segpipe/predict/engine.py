@@ -30,6 +30,7 @@ import errno
 import logging
 import math
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import defaultdict, deque
@@ -260,6 +261,14 @@ class PredictSummary:
         self.written += other.written
         self.skipped += other.skipped
         self.failures.extend(other.failures)
+
+
+def _on_terminal() -> bool:
+    """Whether progress bars (on standard error) go to a terminal, not a pipe or a log file."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _reason(exc: BaseException, config: PredictConfig | None = None) -> str:
@@ -627,8 +636,8 @@ class PredictModule(nn.Module):
                           rec.get("formats", []))
 
     def _tile_bar(self, total: int, name: str) -> Any:
-        if not (self.show_progress and total > 1):
-            return None
+        if not (self.show_progress and total > 1 and _on_terminal()):
+            return None  # in a log file, a second bar's updates only interleave with the first
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=f"tiles {name}", unit="tile", leave=False, position=1,
@@ -878,7 +887,9 @@ class WritingCallback:
 
             share = math.ceil(self.num_files / world_size) if world_size > 1 else self.num_files
             desc = "files" if world_size == 1 else f"files (rank 0 of {world_size})"
-            self._bar = tqdm(total=share, desc=desc, unit="file", position=0, dynamic_ncols=True)
+            # in a log file (a batch job's), an update every 30 s, not ten a second
+            self._bar = tqdm(total=share, desc=desc, unit="file", position=0, dynamic_ncols=True,
+                             mininterval=0.1 if _on_terminal() else 30.0)
             if isinstance(module, PredictModule):
                 module.show_progress = True
 
