@@ -597,6 +597,40 @@ class _FitLock(Callback):
         self._release()
 
 
+class _MonitorNames(Callback):
+    """Refuse a ``checkpoint.monitor`` or a ReduceLROnPlateau's ``monitor`` that validation does
+    not log (``val/miou``) once the sanity check has validated, before the first epoch: Lightning
+    found it only at the first epoch's end, with a hint about ``self.log``, and lost the epoch
+    (no ``last.ckpt``)."""
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: Any) -> None:
+        from segpipe.metrics import validation_metric_names
+
+        names = getattr(pl_module, "class_names", None)
+        known = set(trainer.callback_metrics)
+        if names:
+            known |= validation_metric_names(names)
+        watched = [("checkpoint.monitor" if i == 0 else "a ModelCheckpoint's monitor", cb.monitor)
+                   for i, cb in enumerate(trainer.checkpoint_callbacks)
+                   if isinstance(cb, ModelCheckpoint) and cb.monitor]
+        watched += [("model.lr_scheduler.monitor" if getattr(c.scheduler, "monitor", None)
+                     else "model.monitor (ReduceLROnPlateau's metric)", c.monitor)
+                    for c in trainer.lr_scheduler_configs if c.monitor]
+        for option, monitor in watched:
+            if not str(monitor).startswith("val/") or monitor in known:
+                continue  # train/ metrics appear only once training logs them
+            import difflib
+
+            close = difflib.get_close_matches(monitor, sorted(known), n=1, cutoff=0.7) or \
+                [k for k in sorted(known) if k.lower() == str(monitor).lower()]
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"{option} {monitor} is not a metric validation logs; {hint}it logs "
+                f"{', '.join(sorted(k for k in known if k.startswith('val/') and k.count('/') == 1))}"
+                " (the *_mean_over_cases ones when images belong to cases) and, per class, "
+                "val/IoU/<class>, val/Dice/<class>")
+
+
 class _SetAsideCheckpoints(Callback):
     """Move an earlier run's checkpoints (a new fit) or the ones a killed run wrote after its
     resume point (a resumed fit) into ``earlier-K``, when training starts: after every option,
@@ -977,6 +1011,7 @@ class SegpipeCLI(LightningCLI):
                     "figures (on a data root without a test split it scores the val split)")
         self._split_step_checkpoint(cfg)
         _name_monitored_metric(cfg.checkpoint)
+        _checkpoint_mode(cfg.checkpoint, sys.argv[1:])
         _check_net_links(cfg, sys.argv[1:])
         self._one_batch = _one_batch_limits(cfg, sys.argv[1:])
         self._check_nulls(cfg)
@@ -1207,6 +1242,7 @@ class SegpipeCLI(LightningCLI):
         trainer.callbacks.append(sigterm)
         trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         trainer.callbacks.append(LateCrop())  # data.late_crop_size, at its point of that plan
+        trainer.callbacks.append(_MonitorNames())  # a misspelt monitor, before the first epoch
         if last:
             main_ckpt = self._get(self.config_init, "checkpoint")
             trainer.callbacks.append(
@@ -1284,6 +1320,27 @@ def interrupted_fit_line() -> str:
 
 #: The best checkpoint's file name, with the metric it was selected on (the default monitor).
 _BEST_FILENAME = "best-epoch{epoch:03d}-mIoU{val/mIoU:.4f}"
+
+
+def _checkpoint_mode(checkpoint: Any, argv: list[str]) -> None:
+    """Give ``checkpoint.mode`` the direction of ``checkpoint.monitor`` when it was not given:
+    ``--checkpoint.monitor val/loss`` kept the default ``max`` (for val/mIoU), so ``best`` was
+    the epoch of the largest loss. A mode given against the metric's direction is warned of."""
+    from segpipe.metrics import monitor_mode
+
+    monitor = checkpoint.get("monitor")
+    wanted = monitor_mode(monitor) if monitor else None
+    if wanted is None or checkpoint.get("mode") == wanted:
+        return
+    if _given_raw(argv, "checkpoint.mode") is None:
+        checkpoint.mode = wanted
+        rank_zero_info(f"checkpoint.mode {wanted}: checkpoint.monitor {monitor} is "
+                       f"{'smaller' if wanted == 'min' else 'larger'} when the model is better")
+    else:
+        rank_zero_warn(
+            f"checkpoint.mode {checkpoint.get('mode')} keeps the checkpoint whose {monitor} is "
+            f"the {'largest' if wanted == 'min' else 'smallest'}, the worst one: give "
+            f"--checkpoint.mode {wanted}")
 
 
 def _name_monitored_metric(checkpoint: Any) -> None:

@@ -36,7 +36,9 @@ __all__ = [
     "confusion_stats",
     "flatten_metrics",
     "metrics_report",
+    "monitor_mode",
     "nothing_scored",
+    "validation_metric_names",
     "per_image_scores",
     "undefined_when_nothing_scored",
 ]
@@ -61,6 +63,31 @@ NO_LABELLED_PIXELS = (
 #: The metrics sharing one confusion-matrix state (one torchmetrics compute group): the cheap
 #: subset that training updates on every batch.
 IOU_METRICS = ("IoU", "mIoU", "micro_IoU")
+
+
+#: Metric families whose value is larger when the model is better (``val/mIoU``,
+#: ``val/IoU/<class>``, ``val/Dice_mean_over_cases/<class>``, ...).
+_SCORES = ("mIoU", "mDice", "micro_IoU", "pixel_accuracy", "IoU", "Dice",
+           "mDice_mean_over_cases", "mIoU_mean_over_cases", "Dice_mean_over_cases")
+
+
+def monitor_mode(name: str) -> str | None:
+    """Whether a logged metric is better smaller (``"min"``: a loss) or larger (``"max"``: the
+    scores segpipe logs), or None for a name segpipe does not log."""
+    key = str(name).split("/", 1)[-1]
+    if key.startswith("loss"):
+        return "min"
+    return "max" if key.split("/", 1)[0] in _SCORES else None
+
+
+def validation_metric_names(class_names: Sequence[str]) -> set[str]:
+    """Every scalar validation can log under ``val/`` for these classes (the per-class ones
+    appear only once a class is scored, the per-case ones only when images belong to cases)."""
+    names = {f"val/{m}" for m in ("loss", "mIoU", "mDice", "micro_IoU", "pixel_accuracy",
+                                  "mDice_mean_over_cases", "mIoU_mean_over_cases")}
+    for family in ("IoU", "Dice", "Dice_mean_over_cases"):
+        names.update(f"val/{family}/{c}" for c in class_names)
+    return names
 
 
 def build_metrics(

@@ -1139,3 +1139,49 @@ def test_setting_aside_a_run_without_last_ckpt_gives_no_resume_command(tmp_path,
     (tmp_path / "last.ckpt").write_bytes(b"x")
     dest = set_aside_earlier_checkpoints(tmp_path)
     assert f"to resume that run instead: --ckpt_path {dest / 'last.ckpt'}" in caplog.text
+
+
+def test_a_monitor_gets_the_direction_of_its_metric(tmp_path, dataset, capsys):
+    """`--checkpoint.monitor val/loss` kept mode max (best = the largest loss); torch's
+    ReduceLROnPlateau (mode min) on val/mIoU cut the learning rate at every improvement, and
+    Lightning's own ReduceLROnPlateau(monitor=...) was ignored; a misspelt monitor was found
+    after the first epoch, which was lost."""
+    import torch
+    from jsonargparse import Namespace
+
+    from segpipe.lightning_cli import _checkpoint_mode
+    from segpipe.tasks.segmentation import _plateau_mode
+
+    ck = Namespace(monitor="val/loss", mode="max")
+    _checkpoint_mode(ck, ["--checkpoint.monitor", "val/loss"])
+    assert ck.mode == "min"
+    ck = Namespace(monitor="val/loss", mode="max")
+    with pytest.warns(UserWarning, match="keeps the checkpoint whose val/loss is the largest"):
+        _checkpoint_mode(ck, ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "max"])
+    assert ck.mode == "max"  # given: said, not changed
+    ck = Namespace(monitor="val/Dice_mean_over_cases/tumour", mode="max")
+    _checkpoint_mode(ck, [])
+    assert ck.mode == "max"
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+    with pytest.warns(UserWarning, match="watches val/mIoU, which is larger when the model is"):
+        _plateau_mode(plateau, "val/mIoU")
+    for score in (0.2, 0.3, 0.4):  # improving: the rate stays
+        plateau.step(score)
+    assert opt.param_groups[0]["lr"] == 1.0
+    plateau.step(0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    # a monitor validation does not log: refused after the sanity check, before any epoch
+    run = tmp_path / "run"
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", *TINY]
+    assert main([*args, "--checkpoint.monitor", "val/miou"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.monitor val/miou is not a metric validation logs; did you mean val/mIoU?" \
+        in err
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+    assert main([*args, "--model.lr_scheduler", "lightning.pytorch.cli.ReduceLROnPlateau",
+                 "--model.lr_scheduler.monitor", "val/dice",
+                 "--model.scheduler_interval", "epoch"]) == 2
+    assert "model.lr_scheduler.monitor val/dice is not a metric validation logs" in \
+        capsys.readouterr().err

@@ -43,6 +43,7 @@ from segpipe.metrics import (
     flatten_metrics,
     undefined_when_nothing_scored,
     metrics_report,
+    monitor_mode,
     nothing_scored,
     per_image_scores,
 )
@@ -169,6 +170,22 @@ def _one_pass(loader: Any) -> Any:
         multiprocessing_context=loader.multiprocessing_context,
         prefetch_factor=loader.prefetch_factor, timeout=loader.timeout,
         generator=loader.generator, persistent_workers=False)
+
+
+def _plateau_mode(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau, monitor: str) -> None:
+    """Set a ReduceLROnPlateau's mode to its metric's direction: torch's default ``min`` on
+    ``val/mIoU`` (larger is better) cut the learning rate at every improvement."""
+    wanted = monitor_mode(monitor)
+    if wanted is None or scheduler.mode == wanted:
+        return
+    scheduler._init_is_better(mode=wanted, threshold=scheduler.threshold,
+                              threshold_mode=scheduler.threshold_mode)
+    scheduler._reset()
+    rank_zero_warn(
+        f"model.lr_scheduler ReduceLROnPlateau watches {monitor}, which is "
+        f"{'larger' if wanted == 'max' else 'smaller'} when the model is better: its mode is "
+        f"set to {wanted!r} (with {'min' if wanted == 'max' else 'max'!r} it cut the learning "
+        f"rate at every improvement); give --model.lr_scheduler.mode {wanted} to say so")
 
 
 class SegmentationTask(LogitsForward, L.LightningModule):
@@ -1091,13 +1108,15 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             check_lr_ratio(optimizer, self.encoder_lr_mult, scheduler)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Lightning's ReduceLROnPlateau (its CLI's) names its own metric
+            config["monitor"] = getattr(scheduler, "monitor", None) or self.monitor
             if self.scheduler_interval != "epoch":
                 raise ConfigError(
                     "model.lr_scheduler ReduceLROnPlateau steps on the validation score "
-                    f"({self.monitor}), which exists once per validation, but "
+                    f"({config['monitor']}), which exists once per validation, but "
                     f"model.scheduler_interval is {self.scheduler_interval!r}; set "
                     "--model.scheduler_interval epoch")
-            config["monitor"] = self.monitor
+            _plateau_mode(scheduler, config["monitor"])
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def _check_scheduler_horizon(self, scheduler: Any) -> None:
