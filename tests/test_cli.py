@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
@@ -1146,7 +1147,6 @@ def test_a_monitor_gets_the_direction_of_its_metric(tmp_path, dataset, capsys):
     ReduceLROnPlateau (mode min) on val/mIoU cut the learning rate at every improvement, and
     Lightning's own ReduceLROnPlateau(monitor=...) was ignored; a misspelt monitor was found
     after the first epoch, which was lost."""
-    import torch
     from jsonargparse import Namespace
 
     from segpipe.lightning_cli import _checkpoint_mode
@@ -1185,3 +1185,17 @@ def test_a_monitor_gets_the_direction_of_its_metric(tmp_path, dataset, capsys):
                  "--model.scheduler_interval", "epoch"]) == 2
     assert "model.lr_scheduler.monitor val/dice is not a metric validation logs" in \
         capsys.readouterr().err
+
+
+def test_max_steps_inside_an_epoch_validates_before_it_stops(tmp_path, dataset, capsys):
+    """Lightning stopped at trainer.max_steps without validating: no val score, no best
+    checkpoint, and `test --ckpt_path best` said "Train first"."""
+    args = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path}", *TINY]
+    assert main(["fit", *args, "--trainer.max_steps=1", "--trainer.max_epochs=null",
+                 "--trainer.check_val_every_n_epoch=5"]) == 0
+    best = list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and "epoch000" in best[0].name
+    assert torch.load(best[0], weights_only=False)["global_step"] == 1
+    capsys.readouterr()
+    assert main(["test", *args, "--ckpt_path=best"]) == 0

@@ -253,6 +253,17 @@ class AnnealToDeadline(L.Callback):
         for scheduler in schedulers:
             scheduler.progress = progress
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (trainer.max_steps is not None and trainer.max_steps > 0
+                and trainer.global_step >= trainer.max_steps
+                and trainer.check_val_every_n_epoch is not None and not trainer.should_stop):
+            # trainer.max_steps ends the run inside an epoch: Lightning stopped there without
+            # validating, so the run had no val score and no best checkpoint. Stopping by
+            # should_stop validates this step first, as the last epoch is validated.
+            trainer.check_val_every_n_epoch = 1
+            trainer.should_stop = True
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_start = time.monotonic()
 
