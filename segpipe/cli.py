@@ -243,7 +243,7 @@ def user_error(exc: BaseException) -> str | None:
     user = _user_error(exc, USER_ERRORS)
     if user is None:
         user = (_disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
-                or _several_loaders(exc))
+                or _several_loaders(exc) or _cpu_devices(exc))
     return None if user is None else str(user)
 
 
@@ -277,9 +277,8 @@ def _did_you_mean(message: str) -> str:
     found = re.search(r"unrecognized arguments: --(\w+)\.([\w.]+)", message)
     if found and "." not in found.group(2):
         section, key = found.groups()
-        names = _option_names(_SECTION_CLASSES.get(section, ""))
-        close = difflib.get_close_matches(key, names, n=1)
-        return f"; did you mean --{section}.{close[0]}?" if close else ""
+        close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
+        return f"; did you mean --{section}.{close}?" if close else ""
     option = re.search(r"Option '(\w+)' is not accepted", message)
     class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
     if option and class_path:
@@ -288,8 +287,8 @@ def _did_you_mean(message: str) -> str:
             return (f"; an argument of the smp architecture goes in smp_kwargs: "
                     f"--model.net.init_args.smp_kwargs '{{{key}: VALUE}}' (YAML: init_args: "
                     f"{{smp_kwargs: {{{key}: VALUE}}}})")
-        close = difflib.get_close_matches(key, names, n=1)
-        return f"; did you mean {close[0]!r}?" if close else ""
+        close = _close_name(key, names)
+        return f"; did you mean {close!r}?" if close else ""
     return ""
 
 
@@ -362,6 +361,28 @@ def _loader_worker_error(exc: BaseException) -> str | None:
             if last.startswith(prefix):
                 return last[len(prefix):]
     return None
+
+
+def _cpu_devices(exc: BaseException) -> str | None:
+    """Lightning's TypeError for ``--trainer.devices -1`` or ``[0]`` on a CPU (a traceback):
+    GPU selections, where the CPU takes a number of processes."""
+    for e in _chain(exc):
+        text = str(e)
+        if isinstance(e, TypeError) and "`devices` selected with `CPUAccelerator`" in text:
+            return ("--trainer.devices on a CPU is a number of processes (1, or 2 or more with "
+                    "--trainer.strategy ddp); -1 and lists such as [0] select GPUs, and this fit "
+                    "runs on the CPU: give --trainer.devices 1 (or auto)")
+    return None
+
+
+def _close_name(key: str, names: Sequence[str]) -> str | None:
+    """The option ``key`` was meant to be: the one it begins (``max_ep``: ``max_epochs``), else
+    the closest by spelling."""
+    begun = [n for n in names if n.startswith(key)]
+    if len(begun) == 1:
+        return begun[0]
+    close = difflib.get_close_matches(key, names, n=1)
+    return close[0] if close else None
 
 
 def _several_loaders(exc: BaseException) -> str | None:

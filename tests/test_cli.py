@@ -1199,3 +1199,15 @@ def test_max_steps_inside_an_epoch_validates_before_it_stops(tmp_path, dataset, 
     assert torch.load(best[0], weights_only=False)["global_step"] == 1
     capsys.readouterr()
     assert main(["test", *args, "--ckpt_path=best"]) == 0
+
+
+def test_gpu_device_selections_on_a_cpu_and_a_begun_option_name(dataset, tmp_path, capsys):
+    """`--trainer.devices -1` on a CPU ended in Lightning's TypeError traceback;
+    `--trainer.max_ep` was taken for --trainer.max_steps."""
+    args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", *TINY]
+    assert main([*args, "--trainer.devices=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--trainer.devices on a CPU is a number of processes" in err and "Traceback" not in err
+    assert main([*args, "--trainer.max_ep=1"]) == 2
+    assert "did you mean --trainer.max_epochs?" in capsys.readouterr().err
