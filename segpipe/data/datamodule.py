@@ -329,6 +329,12 @@ class SegmentationDataModule(L.LightningDataModule):
         for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"data.{option} must be >= 1, got {value}")
+        if (mean is None) != (std is None):  # the other would be a default, unlike the data's
+            given, missing = ("mean", "std") if std is None else ("std", "mean")
+            raise ConfigError(
+                f"data.{given} is given without data.{missing}: the two are statistics of the "
+                f"same images; give data.{missing} too (`segpipe check-data` prints both), or "
+                "neither, and fit measures them (ImageNet's for 8-bit RGB images)")
         if samples_per_epoch is not None and samples_per_epoch < batch_size:
             raise ConfigError(f"data.samples_per_epoch must be >= data.batch_size ({batch_size}) "
                               f"or null (one pass over the training set), got {samples_per_epoch}")

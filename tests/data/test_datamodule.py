@@ -81,7 +81,12 @@ def test_defaults_and_hparams(folder_root: Path) -> None:
     with pytest.raises(ValueError, match=r"data.mask_values maps to \[7\]"):
         SegmentationDataModule("x", num_classes=3, mask_values={0: 0, 255: 7})
     with pytest.raises(ValueError, match="mean/data.std"):
-        SegmentationDataModule("x", in_channels=1, mean=[0.1, 0.2, 0.3])
+        SegmentationDataModule("x", in_channels=1, mean=[0.1, 0.2, 0.3], std=[0.1, 0.1, 0.1])
+    # one without the other was completed with a default std (0.25 where the images' was 0.1)
+    with pytest.raises(ValueError, match="data.mean is given without data.std: "):
+        SegmentationDataModule("x", in_channels=1, mean=[0.9])
+    with pytest.raises(ValueError, match="data.std is given without data.mean: "):
+        SegmentationDataModule("x", in_channels=1, std=[0.1])
 
 
 def test_fit_batches_follow_contract(folder_root: Path) -> None:
