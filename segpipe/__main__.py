@@ -6,4 +6,5 @@ import sys
 from segpipe.cli import main
 
 if __name__ == "__main__":
+    sys.argv[0] = "segpipe"  # usage lines say `segpipe fit`, not `__main__.py fit`
     sys.exit(main())

@@ -973,6 +973,18 @@ class SegpipeCLI(LightningCLI):
         parser.link_arguments(tuple(f"data.init_args.{k}" for k in _SPEC_ARGS),
                               "model.data_spec", compute_fn=_data_spec)
 
+    def _set_seed(self) -> None:
+        """``seed_everything: true`` draws a random seed, as its help says (Lightning's seeds 0
+        without ``PL_GLOBAL_SEED``, so two "random" runs were the same); the seed drawn is
+        saved in the run's config.yaml. DDP's processes read it from ``PL_GLOBAL_SEED``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("seed_everything") is True and "PL_GLOBAL_SEED" not in os.environ:
+            import random
+
+            config["seed_everything"] = random.SystemRandom().randrange(2**31)
+            rank_zero_info(f"seed_everything true: seed {config['seed_everything']}")
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         self._set_aside: _SetAsideCheckpoints | None = None  # see _check_outputs
         self._init_from: str | None = None  # a new fit's model.init_from, see _check_outputs

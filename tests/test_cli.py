@@ -1211,3 +1211,15 @@ def test_gpu_device_selections_on_a_cpu_and_a_begun_option_name(dataset, tmp_pat
     assert "--trainer.devices on a CPU is a number of processes" in err and "Traceback" not in err
     assert main([*args, "--trainer.max_ep=1"]) == 2
     assert "did you mean --trainer.max_epochs?" in capsys.readouterr().err
+
+
+def test_seed_everything_true_draws_a_seed(dataset, tmp_path, monkeypatch):
+    """Lightning seeded 0 for `--seed_everything true`, which its help calls a random seed."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    seeds = []
+    for run in ("a", "b"):
+        assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     f"--trainer.default_root_dir={tmp_path / run}", "--trainer.fast_dev_run=1",
+                     "--seed_everything=true", *TINY]) == 0
+        seeds.append(int(os.environ.pop("PL_GLOBAL_SEED")))
+    assert seeds[0] != seeds[1]
