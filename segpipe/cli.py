@@ -195,6 +195,8 @@ def _main(argv: Sequence[str] | None) -> Any:
             message = (f"data.mask_values {given.group(1) if given else ''} has keys without "
                        "values: YAML needs a space after each colon, --data.mask_values "
                        "'{0: 0, 255: 1}' (without one, 1:1 reads as the number 61)")
+        if "class_path 'torch.nn.Module'" in message:
+            message = _option_before_its_class(args) or message
         if re.search(r"arguments are required: \w+\.model\.net\b", message):
             message += _network_from_a_run(args)
         if "Expected a <class 'str'>" in message and "Got value:" in message:
@@ -211,6 +213,22 @@ def _main(argv: Sequence[str] | None) -> Any:
         print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+def _option_before_its_class(args: Sequence[str]) -> str | None:
+    """For jsonargparse's "Problem with given class_path 'torch.nn.Module'": an option of the
+    network typed before the ``--config`` that chooses it (a class the user never wrote), or
+    None."""
+    first_config = next((i for i, a in enumerate(args)
+                         if a == "--config" or str(a).startswith("--config=")), None)
+    if first_config is None:
+        return None
+    early = [str(a).split("=", 1)[0] for a in args[:first_config]
+             if str(a).startswith("--model.net.")]
+    if not early:
+        return None
+    return (f"{early[0]} comes before the --config that chooses model.net, so it had no "
+            "network to apply to: put --config first")
 
 
 def _shipped_configs(args: list[str]) -> list[str]:

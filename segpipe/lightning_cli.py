@@ -196,9 +196,20 @@ def _overridden_by_a_later_config(argv: Sequence[str]) -> list[tuple[str, str]]:
             option = str(arg).split("=", 1)[0]
             if not option.startswith("--") or option in ("--config", "--ckpt_path"):
                 continue
-            if _lookup(values, option[2:]) is not _ABSENT:
+            if any(_lookup(values, key) is not _ABSENT for key in _spellings(option[2:])):
                 found[option] = str(path)
     return list(found.items())
+
+
+def _spellings(dotted: str) -> list[str]:
+    """``dotted`` and the ways a config file may write it: ``model.optimizer.lr`` is
+    ``model.optimizer.init_args.lr`` in a file that gives the class (``class_path``)."""
+    parts = dotted.split(".")
+    out = [dotted]
+    for k in range(1, len(parts)):
+        if "init_args" not in parts[:k + 1]:
+            out.append(".".join([*parts[:k], "init_args", *parts[k:]]))
+    return out
 
 
 #: The topmost output folders this command is about to create (see :func:`_remove_empty_folders`).

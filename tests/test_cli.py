@@ -1059,6 +1059,29 @@ def test_an_option_typed_before_a_config_that_sets_it_is_named(dataset, tmp_path
     }, lines
 
 
+def test_an_option_before_a_config_in_its_short_form_or_before_its_class(dataset, tmp_path,
+                                                                         capsys):
+    """`--model.optimizer.lr 0.5 --config adamw.yaml` (whose file writes init_args.lr) was
+    dropped without the warning the long form got; `--model.net.init_args.X` before the
+    config that chooses the network failed on a class_path 'torch.nn.Module' never written."""
+    from segpipe.lightning_cli import _overridden_by_a_later_config
+
+    adamw = tmp_path / "adamw.yaml"
+    adamw.write_text("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n"
+                     "    init_args: {lr: 0.003}\n")
+    assert _overridden_by_a_later_config(
+        ["--model.optimizer.lr", "0.5", "--config", str(adamw)]) == [
+            ("--model.optimizer.lr", str(adamw))]
+    assert _overridden_by_a_later_config(["--config", str(adamw), "--model.optimizer.lr", "1"]) \
+        == []
+    assert main(["fit", "--model.net.init_args.base_channels", "8", "--config",
+                 "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=1"]) == 2
+    assert ("--model.net.init_args.base_channels comes before the --config that chooses "
+            "model.net, so it had no network to apply to: put --config first") \
+        in capsys.readouterr().err
+
+
 def test_version_and_python_dash_m(capsys):
     from segpipe import __version__
 
