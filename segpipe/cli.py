@@ -182,6 +182,9 @@ def _main(argv: Sequence[str] | None) -> Any:
         return 128 + signal.SIGINT
     except ArgumentError as exc:  # a mistake on the command line or in the config
         message = _short_parse_error(str(exc))
+        found = re.search(r"does not accept option '([\w.]+)'", message)
+        if found:  # a key of a config file: which file
+            message += _config_setting(args, found.group(1))
         message += _did_you_mean(message)
         if "unexpected keyword argument 'linked_targets'" in message:  # jsonargparse's
             message = (f"{message.split(':', 1)[0]}: give an nn.Module class; a function that "
@@ -195,6 +198,8 @@ def _main(argv: Sequence[str] | None) -> Any:
             message = (f"data.mask_values {given.group(1) if given else ''} has keys without "
                        "values: YAML needs a space after each colon, --data.mask_values "
                        "'{0: 0, 255: 1}' (without one, 1:1 reads as the number 61)")
+        if '"<unicode string>"' in message:  # a YAML error of a config file: which one
+            message = message.replace('"<unicode string>"', _unreadable_config(args))
         if "class_path 'torch.nn.Module'" in message:
             message = _option_before_its_class(args) or message
         if re.search(r"arguments are required: \w+\.model\.net\b", message):
@@ -213,6 +218,49 @@ def _main(argv: Sequence[str] | None) -> Any:
         print(f"segpipe: error: {user}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order."""
+    from segpipe.argparsing import option_at
+
+    return [v for i in range(len(args)) if (v := option_at(list(args), i, "--config"))]
+
+
+def _unreadable_config(args: Sequence[str]) -> str:
+    """The first ``--config`` file YAML cannot read (its errors say ``"<unicode string>"``),
+    or ``"a --config file"``."""
+    import yaml
+
+    for path in _config_files(args):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                yaml.safe_load(fh)
+        except yaml.YAMLError:
+            return path
+        except (OSError, UnicodeDecodeError):
+            continue
+    return "a --config file"
+
+
+def _config_setting(args: Sequence[str], dotted: str) -> str:
+    """``" (set in FILE)"`` for the last ``--config`` file that sets ``dotted``, else ``""``."""
+    import yaml
+
+    found = ""
+    for path in _config_files(args):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                node = yaml.safe_load(fh)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else None
+            if node is None:
+                break
+        else:
+            found = f" (set in {path})"
+    return found
 
 
 def _option_before_its_class(args: Sequence[str]) -> str | None:
@@ -297,6 +345,11 @@ def _did_you_mean(message: str) -> str:
         section, key = found.groups()
         close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
         return f"; did you mean --{section}.{close}?" if close else ""
+    found = re.search(r"does not accept option '(\w+)\.([\w.]+)'", message)
+    if found and "." not in found.group(2):  # a key of a config file
+        section, key = found.groups()
+        close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
+        return f"; did you mean {section}.{close}?" if close else ""
     option = re.search(r"Option '(\w+)' is not accepted", message)
     class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
     if option and class_path:

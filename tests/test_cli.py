@@ -1246,3 +1246,18 @@ def test_seed_everything_true_draws_a_seed(dataset, tmp_path, monkeypatch):
                      "--seed_everything=true", *TINY]) == 0
         seeds.append(int(os.environ.pop("PL_GLOBAL_SEED")))
     assert seeds[0] != seeds[1]
+
+
+def test_config_file_mistakes_name_their_file(dataset, tmp_path, capsys):
+    """A YAML error said "<unicode string>" and an unknown key got no suggestion, which left
+    the user to guess among several --config files."""
+    typo, broken = tmp_path / "typo.yaml", tmp_path / "broken.yaml"
+    typo.write_text("trainer:\n  max_epoch: 1\n")
+    broken.write_text("trainer:\n  max_epochs: 1\n bad: : x\n")
+    base = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}"]
+    assert main([*base, "--config", str(typo)]) == 2
+    assert (f"does not accept option 'trainer.max_epoch' (set in {typo}); did you mean "
+            "trainer.max_epochs?") in capsys.readouterr().err
+    assert main([*base, "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"in {broken}, line 3" in err and "<unicode string>" not in err
