@@ -1038,6 +1038,8 @@ class SegpipeCLI(LightningCLI):
         _check_net_links(cfg, sys.argv[1:])
         self._one_batch = _one_batch_limits(cfg, sys.argv[1:])
         self._check_nulls(cfg)
+        if subcommand == "fit":
+            _check_bounded(cfg.get("trainer"))
         self._check_data_root(cfg)
         self._check_outputs(cfg, subcommand)
 
@@ -1343,6 +1345,21 @@ def interrupted_fit_line() -> str:
 
 #: The best checkpoint's file name, with the metric it was selected on (the default monitor).
 _BEST_FILENAME = "best-epoch{epoch:03d}-mIoU{val/mIoU:.4f}"
+
+
+def _check_bounded(trainer: Any) -> None:
+    """Say when nothing ends a fit: Lightning then trains 1000 epochs (the shipped configs
+    leave ``max_epochs`` null and budget ``max_time``, so ``--trainer.max_time null`` alone
+    does it)."""
+    if trainer is None or not hasattr(trainer, "get"):
+        return
+    steps = trainer.get("max_steps")
+    if trainer.get("max_time") is None and trainer.get("max_epochs") is None and \
+            (steps is None or steps < 0) and not trainer.get("fast_dev_run"):
+        rank_zero_warn(
+            "no trainer.max_time, max_epochs or max_steps ends this fit: Lightning trains "
+            "1000 epochs (and a schedule plans over them); give one, e.g. --trainer.max_time "
+            "00:00:30:00 or --trainer.max_epochs 100")
 
 
 def _checkpoint_mode(checkpoint: Any, argv: list[str]) -> None:

@@ -1261,3 +1261,19 @@ def test_config_file_mistakes_name_their_file(dataset, tmp_path, capsys):
     assert main([*base, "--config", str(broken)]) == 2
     err = capsys.readouterr().err
     assert f"in {broken}, line 3" in err and "<unicode string>" not in err
+
+
+def test_a_fit_that_nothing_ends_is_named():
+    """`--trainer.max_time null` with the shipped configs' max_epochs null trained 1000
+    epochs with no word from segpipe."""
+    from jsonargparse import Namespace
+
+    from segpipe.lightning_cli import _check_bounded
+
+    with pytest.warns(UserWarning, match="no trainer.max_time, max_epochs or max_steps ends"):
+        _check_bounded(Namespace(max_time=None, max_epochs=None, max_steps=-1, fast_dev_run=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_bounded(Namespace(max_time=None, max_epochs=None, max_steps=10, fast_dev_run=False))
+        _check_bounded(Namespace(max_time="00:00:01:00", max_epochs=None, max_steps=-1,
+                                 fast_dev_run=False))
