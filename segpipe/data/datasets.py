@@ -1166,12 +1166,16 @@ class PredictDataset(_TransformMixin, Dataset):
         finite ones."""
         return self.get(index)
 
-    def get(self, index: int | ItemKey, unresized: bool = False) -> dict[str, Any]:
+    def get(self, index: int | ItemKey, unresized: bool = False,
+            alpha_nodata: bool = False) -> dict[str, Any]:
         """:meth:`__getitem__`'s item; with ``unresized`` and a transform, also
         ``"unresized"``: the image prepared without it (float32 (C, H, W) normalised), e.g. for
-        an overlay of the input as it is rather than of the network's resized input."""
+        an overlay of the input as it is rather than of the network's resized input. With
+        ``alpha_nodata``, a PNG's transparent pixels are nodata
+        (:func:`~segpipe.data.io.read_image_valid`)."""
         path = self.samples[self._resolve_key(index)].image
-        pixels, valid = read_image_valid(path, self.bands, self.in_channels)  # a TIFF's nodata
+        pixels, valid = read_image_valid(path, self.bands, self.in_channels,  # a TIFF's nodata
+                                         alpha_nodata=alpha_nodata)
         item = prepare_image(pixels, in_channels=self.in_channels, mean=self.mean,
                              std=self.std, transform=self.transform, source=path, valid=valid)
         item = {**item, "path": str(path), "dtype": str(pixels.dtype)}

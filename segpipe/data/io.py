@@ -608,7 +608,8 @@ def read_image(
 
 
 def read_image_valid(
-    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None
+    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None,
+    alpha_nodata: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`read_image` with the image's validity, read in the same pass: which pixels hold
     data, from a raster's declared nodata, internal mask or alpha band, as ``segpipe predict``
@@ -618,31 +619,40 @@ def read_image_valid(
         path: Image file.
         bands: 1-based band selection, as for :func:`read_image`.
         channels: The channels the model takes, if known.
+        alpha_nodata: Also take the transparent pixels (alpha 0) of a PNG/WebP with an alpha
+            channel as nodata, as GDAL reads a raster's alpha band (for a georeferenced map
+            tile, whose transparent collar holds no data); else its alpha is dropped.
 
     Returns:
         ``(image, validity)``: the image as :func:`read_image` gives it, and (H, W) bool, True
         where the pixel holds data, or None when every pixel does (and for every file that
-        is not a raster with a nodata declaration: PNG, JPEG, ...).
+        is not a raster with a nodata declaration, nor, with ``alpha_nodata``, an image with
+        transparent pixels).
 
     Raises:
         ImageReadError: As :func:`read_image`.
     """
-    return _read_image(Path(path), bands, channels, validity=True)
+    return _read_image(Path(path), bands, channels, validity=True, alpha_nodata=alpha_nodata)
 
 
 def _read_image(p: Path, bands: Sequence[int] | None, channels: int | None,
-                validity: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                validity: bool, alpha_nodata: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     _check_file(p)
     if _is_tiff(p) or _needs_gdal_png(p):
         read = _read_rasterio(p, bands, as_mask=False, channels=channels, validity=validity)
         if read is not None:
             return read
     img = _decode_pillow(p)
+    valid = None
+    if validity and alpha_nodata and img.mode in ("RGBA", "LA", "PA"):
+        opaque = np.asarray(img.getchannel("A")) > 0
+        valid = None if opaque.all() else opaque
     arr = _pillow_to_array(img, p, as_mask=False)
     if bands is not None:
         idx = _check_bands(p, bands, arr.shape[2])
         arr = np.ascontiguousarray(arr[:, :, [i - 1 for i in idx]])
-    return arr, None
+    return arr, valid
 
 
 def read_mask(path: _PathLike, colours: bool = False) -> np.ndarray:

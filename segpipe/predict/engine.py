@@ -367,7 +367,10 @@ class PredictInputs(Dataset):
                                             lambda: self._sampled_range(f.path),
                                             once="type and loader process")
                 return rec
-            item = self.images.get(index, unresized=self.writer.needs_display(pending))
+            # a georeferenced PNG (a map tile with a world file): its transparent collar holds
+            # no data, as a GeoTIFF's alpha band says
+            item = self.images.get(index, unresized=self.writer.needs_display(pending),
+                                   alpha_nodata=geo is not None and geo.georeferenced)
             self.config.warn_dtype_once(self._dtypes_warned, item["dtype"], str(f.path),
                                         lambda: item.get("value_range"),
                                         once="type and loader process")

@@ -176,6 +176,19 @@ def test_a_png_or_jpeg_with_a_world_file_keeps_its_georeference(
     assert run(pointwise_ckpt, src, tmp_path / "masks", "--format", "mask") == 0
     with rasterio.open(out / "ortho.tif") as ds:
         assert np.array_equal(ds.read(1), np.asarray(Image.open(tmp_path / "masks" / "ortho.png")))
+    # a map tile's transparent collar holds no data, as a GeoTIFF's alpha band says (it got
+    # classes); a plain RGBA PNG keeps its alpha dropped
+    rgba = np.dstack([noise_image(30, 40, seed=4), np.full((30, 40), 255, np.uint8)])
+    rgba[:, :10, 3] = 0
+    tiles = tmp_path / "tiles"
+    write_image(tiles / "tile.png", rgba)
+    (tiles / "tile.pgw").write_text(world)
+    write_image(tiles / "plain.png", rgba)
+    assert run(pointwise_ckpt, tiles, tmp_path / "tiles_out", "--format", "auto") == 0
+    with rasterio.open(tmp_path / "tiles_out" / "tile.tif") as ds:
+        labels = ds.read(1)
+    assert (labels[:, :10] == 255).all() and (labels[:, 10:] != 255).all()
+    assert (np.asarray(Image.open(tmp_path / "tiles_out" / "plain.png"))[:, :10] != 255).all()
 
 
 def test_control_points_and_camera_models_are_kept(tmp_path: Path, pointwise_ckpt: Path,
