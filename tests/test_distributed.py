@@ -164,7 +164,7 @@ def test_ddp_test_with_bn_adapt_estimates_on_every_image(tmp_path: Path) -> None
     for metrics in (ddp, one):
         assert metrics["num_images"] == N_TEST
         assert metrics["batchnorm_statistics"].startswith("0.5 x the test images'")
-        assert f"estimated on {N_TEST} image(s)" in metrics["batchnorm_statistics"]
+        assert f"estimated on {N_TEST} image(s) or tile(s)" in metrics["batchnorm_statistics"]
     assert plain["batchnorm_statistics"] == "training's (plain)"
     print(f"\nbn_adapt 0.5: DDP x2 mIoU {ddp['mIoU']:.4f}, single process {one['mIoU']:.4f}, "
           f"plain {plain['mIoU']:.4f}")

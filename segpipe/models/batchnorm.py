@@ -81,7 +81,7 @@ class BatchNormAdaptation:
         """One line for logs and reports."""
         w = self.weight
         return (f"{w:g} x the {source}' statistics + {1 - w:g} x training's, estimated on "
-                f"{self.num_images} image(s) in {self.num_layers} BatchNorm layer(s)")
+                f"{self.num_images} image(s) or tile(s) in {self.num_layers} BatchNorm layer(s)")
 
 
 def adapt_batchnorm(

@@ -122,7 +122,8 @@ def find_inputs(
     if links and _rank_from_env() == 0:
         log.warning(
             "%d link(s) under %s not followed (a folder link that loops back to a folder "
-            "above it, or leads to a folder already read; a broken link): %s%s", len(links),
+            "above it, or leads to a folder already read; a file link to a file already read; a "
+            "broken link): %s%s", len(links),
             src, ", ".join(str(p) for p in links[:5]), " ..." if len(links) > 5 else "")
     if unread and _rank_from_env() == 0:
         tiff = all(p.suffix.lower() in (".geotiff", ".gtiff") for p in unread)

@@ -937,7 +937,7 @@ def test_bn_adapt_matches_the_python_api_and_is_refused_where_it_cannot_work(
                "--tile", "64") == 0
     out = capsys.readouterr().out
     assert "BatchNorm statistics: 0.5 x the input images' statistics + 0.5 x training's, " \
-           "estimated on 7 image(s)" in out  # 3 whole images + 4 tiles
+           "estimated on 7 image(s) or tile(s)" in out  # 3 whole images + 4 tiles
     seg = Segmenter.from_checkpoint(unet_ckpt, precision="32-true", batch_size=2, tile=64,
                                     device="cpu")
     plain = seg.predict([str(src / n) for n in sorted(os.listdir(src))])
@@ -981,7 +981,7 @@ def test_bn_adapt_reads_rasters_by_windows_without_nodata(
     for name in ("png", "geo"):
         assert run(unet_ckpt, tmp_path / name, tmp_path / f"{name}_ad", "--bn_adapt", "1",
                    "--format", "mask") == 0
-        assert "estimated on 1 image(s)" in capsys.readouterr().out
+        assert "estimated on 1 image(s) or tile(s)" in capsys.readouterr().out
     assert run(unet_ckpt, tmp_path / "geo", tmp_path / "geo_plain", "--format", "mask") == 0
     adapted = np.asarray(Image.open(tmp_path / "geo_ad" / "scene.png"))
     assert np.array_equal(adapted, np.asarray(Image.open(tmp_path / "png_ad" / "scene.png")))
@@ -1001,11 +1001,11 @@ def test_bn_adapt_reads_rasters_by_windows_without_nodata(
            "--tile" in err and "Traceback" not in err
     # Windows of 16 px: rows and columns start at 0, 16, 24 and 0, 16, 32, 40; one has the hole.
     assert run(unet_ckpt, scenes, tmp_path / "h2", "--bn_adapt", "0.5", "--tile", "16") == 0
-    assert "estimated on 11 image(s)" in capsys.readouterr().out
+    assert "estimated on 11 image(s) or tile(s)" in capsys.readouterr().out
     write_image(scenes / "photo.png", pixels)  # beside an ordinary image, the raster is left out
     assert run(unet_ckpt, scenes, tmp_path / "h3", "--bn_adapt", "0.5") == 0
     out = capsys.readouterr().out
-    assert "estimated on 1 image(s) in 14 BatchNorm layer(s) (1 raster(s) without a window free " \
+    assert "estimated on 1 image(s) or tile(s) in 14 BatchNorm layer(s) (1 raster(s) without a window free " \
            "of nodata left out)" in out
 
 
