@@ -329,6 +329,10 @@ class SegmentationDataModule(L.LightningDataModule):
         for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"data.{option} must be >= 1, got {value}")
+        for option, value in (("crop_size", crop_size), ("late_crop_size", late_crop_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{option} must be a positive number of pixels (the side "
+                                  f"of a square crop; null: whole images), got {value}")
         if (mean is None) != (std is None):  # the other would be a default, unlike the data's
             given, missing = ("mean", "std") if std is None else ("std", "mean")
             raise ConfigError(

@@ -87,6 +87,10 @@ def test_defaults_and_hparams(folder_root: Path) -> None:
         SegmentationDataModule("x", in_channels=1, mean=[0.9])
     with pytest.raises(ValueError, match="data.std is given without data.mean: "):
         SegmentationDataModule("x", in_channels=1, std=[0.1])
+    # it named a "(height, width)" form the option does not take, and no data. prefix
+    with pytest.raises(ValueError, match=r"data.crop_size must be a positive number of pixels "
+                       r"\(the side of a square crop; null: whole images\), got 0"):
+        SegmentationDataModule("x", crop_size=0)
 
 
 def test_fit_batches_follow_contract(folder_root: Path) -> None:
