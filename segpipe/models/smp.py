@@ -822,7 +822,8 @@ class SmpModel(nn.Module):
         } | {"decoder_use_batchnorm"}  # deprecated alias smp still pops from kwargs
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
-            named = {"encoder_name", "encoder_weights", "in_channels", "classes", "encoder_depth"}
+            named = {"encoder_name", "encoder_weights", "in_channels", "classes", "encoder_depth",
+                     "activation", "aux_params"}  # the model's own, or refused (raw logits)
             options = sorted(accepted - named)
             raise ModelArgumentError(
                 f"smp arch {arch!r} takes no argument(s) {unknown} (with a non-timm encoder "
