@@ -525,8 +525,8 @@ class _FitLock(Callback):
     checkpoints aside while both keep writing ``last.ckpt`` (two started at the same moment
     both stop, neither writes). Taken when the fit sets up (after
     the data check, before any checkpoint moves), touched every :attr:`REFRESH_S` seconds while
-    it trains or validates, removed when it ends or fails. A killed fit's is stale: at once on its own
-    machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another machine
+    it trains or validates, removed when it ends or fails. A killed fit's is stale: at once on
+    its own machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another machine
     sharing the folder (:func:`~segpipe.fileio.is_stale_temporary`)."""
 
     SUFFIX = "-fit.lock"
@@ -635,9 +635,10 @@ class _MonitorNames(Callback):
             close = difflib.get_close_matches(monitor, sorted(known), n=1, cutoff=0.7) or \
                 [k for k in sorted(known) if k.lower() == str(monitor).lower()]
             hint = f"did you mean {close[0]}? " if close else ""
+            plain = sorted(k for k in known if k.startswith("val/") and k.count("/") == 1)
             raise ConfigError(
                 f"{option} {monitor} is not a metric validation logs; {hint}it logs "
-                f"{', '.join(sorted(k for k in known if k.startswith('val/') and k.count('/') == 1))}"
+                f"{', '.join(plain)}"
                 " (the *_mean_over_cases ones when images belong to cases) and, per class, "
                 "val/IoU/<class>, val/Dice/<class>")
 

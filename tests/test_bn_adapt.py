@@ -61,7 +61,8 @@ def test_test_and_predict_adapt_alike_and_say_so(shifted_run, tmp_path, capsys):
     assert plain["batchnorm_statistics"] == "training's (plain)"
     adapted = _test(root, run, capsys, "--model.bn_adapt=0.5")
     assert adapted["batchnorm_statistics"] == (
-        "0.5 x the test images' statistics + 0.5 x training's, estimated on 5 image(s) or tile(s) in "
+        "0.5 x the test images' statistics + 0.5 x training's, estimated on 5 image(s) or "
+        "tile(s) in "
         "10 BatchNorm layer(s)")
     assert adapted["confusion_matrix"] != plain["confusion_matrix"]  # the statistics moved
     md = (run / "lightning_logs").glob("version_*/report.md")

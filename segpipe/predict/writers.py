@@ -311,7 +311,8 @@ def blend_overlay(
     out = np.empty((*labels.shape, 3), dtype=np.uint8)
     for r0 in range(0, labels.shape[0], 256):
         rows = slice(r0, r0 + 256)
-        part = display[rows].astype(np.float32) * (1.0 - alpha) + lut[labels[rows]] * np.float32(alpha)
+        part = (display[rows].astype(np.float32) * (1.0 - alpha)
+                + lut[labels[rows]] * np.float32(alpha))
         if nodata is not None:
             keep = labels[rows] == nodata
             part[keep] = display[rows][keep]

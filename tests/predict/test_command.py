@@ -1005,8 +1005,8 @@ def test_bn_adapt_reads_rasters_by_windows_without_nodata(
     write_image(scenes / "photo.png", pixels)  # beside an ordinary image, the raster is left out
     assert run(unet_ckpt, scenes, tmp_path / "h3", "--bn_adapt", "0.5") == 0
     out = capsys.readouterr().out
-    assert "estimated on 1 image(s) or tile(s) in 14 BatchNorm layer(s) (1 raster(s) without a window free " \
-           "of nodata left out)" in out
+    assert "estimated on 1 image(s) or tile(s) in 14 BatchNorm layer(s) (1 raster(s) without " \
+           "a window free of nodata left out)" in out
 
 
 def test_tile_below_the_networks_size_step_is_refused_and_off_step_warned(
