@@ -526,8 +526,8 @@ class _FitLock(Callback):
     both stop, neither writes). Taken when the fit sets up (after
     the data check, before any checkpoint moves), touched every :attr:`REFRESH_S` seconds while
     it trains or validates, removed when it ends or fails. A killed fit's is stale: at once on
-    its own machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another machine
-    sharing the folder (:func:`~segpipe.fileio.is_stale_temporary`)."""
+    its own machine (its process is gone), after :attr:`STALE_S` unchanged seconds from another
+    machine sharing the folder (:func:`~segpipe.fileio.is_stale_temporary`)."""
 
     SUFFIX = "-fit.lock"
     REFRESH_S = 60.0

@@ -154,7 +154,7 @@ def find_inputs(
             f"all {len(files)} image(s) in {src} lie inside the output folder {output_dir}, "
             "whose files predict leaves out (they would be its own outputs); choose an output "
             "folder outside the input")
-    if inside and _rank_from_env() == 0:
+    if inside and not writer.unstamped_outputs and _rank_from_env() == 0:
         from segpipe.data.io import read_output_stamp
 
         own = [f for f in files if f not in kept and read_output_stamp(f) is None]
@@ -659,9 +659,11 @@ def predict(
     summary.stopped_early = stopped
     summary.interrupted = interrupted
     summary.terminated = interrupted and terminated.is_set()
-    if (replacing or (overwrite and unstamped)) and writer.before_first_output is None and not (
+    if replacing and writer.before_first_output is None and not (
             interrupted or stopped or summary.failed):
-        _record_settings(output, settings)  # every output remade: no older one is left
+        # every output remade: no older one is left (of other formats, an older segpipe's
+        # unstamped outputs may be: such a folder stays marked as holding them)
+        _record_settings(output, settings, stamped=not unstamped)
     return summary
 
 

@@ -2,8 +2,9 @@
 
 Every output is written to a temporary name in its target folder
 (:class:`segpipe.fileio.AtomicFile`), fsynced and renamed when complete, so an interrupted run
-or a full disk never leaves a truncated file under a final name, and a rerun can take any
-existing output as done. PNG/JPEG outputs are encoded in memory and written with checked writes
+or a full disk never leaves a truncated file under a final name, and a rerun can take an
+existing output as done; each output stores what it was made from
+(:meth:`PredictionWriter.stamp`), so that it is done for its input as it is now only. PNG/JPEG outputs are encoded in memory and written with checked writes
 (a short write on a nearly full disk is an error, not a truncated file); GeoTIFFs are read back
 after closing to check that every block reached the disk. A full disk raises
 :class:`segpipe.fileio.DiskFullError` naming the output.

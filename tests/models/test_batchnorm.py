@@ -50,7 +50,7 @@ def test_weight_one_is_adabn_and_a_half_blends_and_restore_undoes_it() -> None:
     torch.testing.assert_close(bn.running_mean, (mean + torch.tensor([1.0, -1.0])) / 2)
     torch.testing.assert_close(bn.running_var, (var + torch.tensor([4.0, 9.0])) / 2)
     assert half.describe().startswith("0.5 x the input images' statistics + 0.5 x training's")
-    assert "12 image(s) in 1 BatchNorm layer(s)" in half.describe()
+    assert "12 image(s) or tile(s) in 1 BatchNorm layer(s)" in half.describe()
 
 
 def test_dropout_stays_off_and_a_training_network_stays_in_training_mode() -> None:

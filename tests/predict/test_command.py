@@ -447,8 +447,8 @@ def test_files_segpipe_did_not_write_are_never_taken_as_outputs(
     write_image(src / "pred_a" / "y.png", noise_image(16, 16))  # put there by hand: named
     assert run(pointwise_ckpt, src, src / "pred_a", "--format", "mask") == 0
     assert f"1 image(s) inside the output folder {src / 'pred_a'} are not predicted" in caplog.text
-    # the folder of a segpipe that stamped no outputs: they are its outputs, done as before,
-    # until an --overwrite run has remade them all
+    # the folder of a segpipe that stamped no outputs: they are its outputs, done as before
+    # (the folder stays so: outputs of other formats may be among them)
     import json
 
     old = tmp_path / "old"
@@ -461,7 +461,10 @@ def test_files_segpipe_did_not_write_are_never_taken_as_outputs(
     assert "0 written, 1 skipped (already done)" in capsys.readouterr().out
     assert "outputs_stamped" not in (old / ".segpipe-predict.json").read_text()
     assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask", "--overwrite") == 0
-    assert json.loads((old / ".segpipe-predict.json").read_text())["outputs_stamped"] is True
+    assert "outputs_stamped" not in (old / ".segpipe-predict.json").read_text()
+    capsys.readouterr()
+    assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask") == 0  # stamped now: done
+    assert "0 written, 1 skipped (already done)" in capsys.readouterr().out
 
 
 def test_checkpoint_without_net_is_a_clear_error(tmp_path: Path, capsys) -> None:
