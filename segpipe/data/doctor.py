@@ -1106,13 +1106,26 @@ def _data_section(path: str) -> dict[str, Any]:
     return data
 
 
+#: Options of ``segpipe fit`` outside its data section: a fit's command line with its verb
+#: changed to check-data runs, as its config files do (their other sections are ignored).
+_FIT_ONLY = ("--model", "--trainer", "--checkpoint", "--metrics_writer", "--seed_everything",
+             "--ckpt_path", "--weights_only", "--optimizer", "--lr_scheduler")
+
+
 def _filter_configs(argv: Sequence[str]) -> list[str]:
-    """Replace each ``--config FILE`` by its ``data`` section, so other sections are ignored."""
+    """Replace each ``--config FILE`` by its ``data`` section, and leave out the options of
+    fit's other sections (:data:`_FIT_ONLY`), so that they are ignored."""
     out: list[str] = []
     args = list(argv)
     i = 0
     while i < len(args):
         a = args[i]
+        name = a.split("=", 1)[0]
+        if any(name == o or name.startswith(o + ".") for o in _FIT_ONLY):
+            if "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1  # its value
+            i += 1
+            continue
         if a == "--config" or a.startswith("--config="):
             if a == "--config":
                 if i + 1 >= len(args):

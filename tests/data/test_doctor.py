@@ -202,6 +202,17 @@ def test_registered_in_the_cli(tmp_path: Path, capsys) -> None:
     assert "Data check of" in capsys.readouterr().out
 
 
+def test_a_fit_command_line_runs_as_check_data(tmp_path: Path, capsys) -> None:
+    """Its config files' other sections were ignored, but the same options on the command line
+    were refused ("unrecognized arguments"): a fit command with its verb changed failed."""
+    root = _folder(tmp_path / "ds", n_train=2, n_val=1)
+    assert cli_main(["check-data", "--config", "configs/folder_unet.yaml", f"--data.root={root}",
+                     "--data.num_classes=3", "--model.loss", "dice", "--trainer.max_epochs=3",
+                     "--model.net.init_args.base_channels", "8", "--checkpoint.monitor",
+                     "val/loss", "--seed_everything=1"]) == 0
+    assert "Data check of" in capsys.readouterr().out
+
+
 def test_median_frequency_weights_by_hand() -> None:
     # 3 images; class 2 only in the last one, class 1 in none.
     counts = np.array([[90, 0, 0], [50, 0, 0], [60, 0, 40]])
