@@ -310,7 +310,13 @@ def user_error(exc: BaseException) -> str | None:
     if user is None:
         user = (_disk_full(exc) or _one_value_batchnorm(exc) or _loader_worker_error(exc)
                 or _several_loaders(exc) or _cpu_devices(exc))
-    return None if user is None else str(user)
+    if user is None:
+        return None
+    text = str(user)
+    if text.startswith("No supported gpu backend found"):  # Lightning's, without the fix
+        text += (" (torch sees no CUDA GPU here): give --trainer.accelerator cpu, or auto to "
+                 "use a GPU where there is one")
+    return text
 
 
 #: The classes whose options the top-level sections take (for suggestions).

@@ -1234,6 +1234,10 @@ def test_gpu_device_selections_on_a_cpu_and_a_begun_option_name(dataset, tmp_pat
     assert "--trainer.devices on a CPU is a number of processes" in err and "Traceback" not in err
     assert main([*args, "--trainer.max_ep=1"]) == 2
     assert "did you mean --trainer.max_epochs?" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: the fix too
+        gpu = [a for a in args if a != "--trainer.accelerator=cpu"]
+        assert main([*gpu, "--trainer.accelerator=gpu"]) == 2
+        assert "give --trainer.accelerator cpu, or auto" in capsys.readouterr().err
 
 
 def test_seed_everything_true_draws_a_seed(dataset, tmp_path, monkeypatch):
