@@ -110,9 +110,16 @@ def _scored_checkpoint(path: Path, metrics: dict[str, Any], explicit: bool) -> s
         return None
     aside = [p for p in sorted(ckpt.parent.glob(f"earlier-*/{ckpt.name}"))
              if _fingerprint_or_none(p) == record["fingerprint"]]
-    if now is None and not aside:  # deleted (to save space, say): nothing says it changed
-        return None
+    newer = []
+    if now is None and not aside:
+        # gone: deleted to save space (nothing says it changed), or replaced by a later fit's
+        # better checkpoint (Lightning deletes the former best), whose files are then newer
+        tested = path.stat().st_mtime
+        newer = [p for p in sorted(ckpt.parent.glob("*.ckpt")) if p.stat().st_mtime > tested]
+        if not newer:
+            return None
     what = (f"a later fit set it aside to {aside[-1].parent}" if aside
+            else f"a later fit replaced it (with {newer[-1].name})" if newer
             else "it was written again since, by a later fit")
     message = (f"{path} scored {ckpt}, but {what}: that test is an earlier model's, not the "
                "model the run holds now")

@@ -163,6 +163,13 @@ def test_a_test_of_a_checkpoint_replaced_since_is_not_pooled(tmp_path: Path, cap
     # deleted (to save space): nothing says it changed
     (ckpt_dir / "earlier-1" / "last.ckpt").unlink()
     assert crossval([str(tmp_path / "f0")])["folds"][0]["path"] == str(metrics)
+    # gone, and the run holds a checkpoint written after the test (a resumed fit's new best,
+    # where Lightning deleted the former one)
+    later = ckpt_dir / "best-epoch009.ckpt"
+    later.write_bytes(b"model three")
+    os.utime(later, (metrics.stat().st_mtime + 60,) * 2)
+    with pytest.raises(CrossvalError, match=r"a later fit replaced it \(with best-epoch009.ckpt\)"):
+        crossval([str(tmp_path / "f0")])
 
 
 def test_folds_scored_otherwise_or_on_the_shared_test_split_are_refused(tmp_path: Path) -> None:
