@@ -27,7 +27,9 @@ same limit is applied to rasters read whole with rasterio (see :func:`pixel_limi
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import struct
 import threading
 import warnings
@@ -65,6 +67,7 @@ __all__ = [
     "write_image",
     "write_label_png",
     "OUTPUT_STAMP_KEY",
+    "input_fingerprint",
     "read_output_stamp",
     "write_mask",
 ]
@@ -645,8 +648,11 @@ def _read_image(p: Path, bands: Sequence[int] | None, channels: int | None,
             return read
     img = _decode_pillow(p)
     valid = None
-    if validity and alpha_nodata and img.mode in ("RGBA", "LA", "PA"):
-        opaque = np.asarray(img.getchannel("A")) > 0
+    if validity and alpha_nodata and (img.mode in ("RGBA", "LA", "PA")
+                                      or "transparency" in img.info):
+        # an alpha channel, or a palette's transparent index (tRNS) as map tiles have it
+        alpha = img if img.mode in ("RGBA", "LA", "PA") else img.convert("RGBA")
+        opaque = np.asarray(alpha.getchannel("A")) > 0
         valid = None if opaque.all() else opaque
     arr = _pillow_to_array(img, p, as_mask=False)
     if bands is not None:
@@ -988,24 +994,64 @@ def _stamp_params(stamp: str | None, ext: str) -> dict[str, Any]:
 
 
 def read_output_stamp(path: _PathLike) -> str | None:
-    """The stamp a file was written with (see :data:`OUTPUT_STAMP_KEY`), or None: none, or a
-    file that cannot be read. Reads the header only."""
+    """The stamp a file was written with (see :data:`OUTPUT_STAMP_KEY`), or None when it has
+    none (another program's file). Reads the header only, with Pillow's format readers called
+    directly: no decompression-bomb check (a finished output is not decoded) and any file name
+    Python opens.
+
+    Raises:
+        OSError: The file cannot be read or its header is damaged (a copy cut short).
+    """
+    from PIL import JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+
     p = Path(path)
     ext = p.suffix.lower()
-    try:
-        if ext in TIFF_EXTENSIONS:
-            with _open_raster(p) as ds:
-                return ds.tags().get(OUTPUT_STAMP_KEY)
-        with Image.open(p) as img:
-            if ext in (".jpg", ".jpeg"):
-                comment = img.info.get("comment", b"")
-                text = comment.decode(errors="replace") if isinstance(comment, bytes) else ""
-                head = f"{OUTPUT_STAMP_KEY}="
-                return text[len(head):] if text.startswith(head) else None
-            value = img.info.get(OUTPUT_STAMP_KEY)
-            return value if isinstance(value, str) else None
-    except Exception:  # noqa: BLE001 - unreadable or not an image: no stamp
+    reader = (TiffImagePlugin.TiffImageFile if ext in TIFF_EXTENSIONS
+              else JpegImagePlugin.JpegImageFile if ext in (".jpg", ".jpeg")
+              else PngImagePlugin.PngImageFile if ext == ".png" else None)
+    if reader is None:
         return None
+    with open(p, "rb") as fh:
+        try:
+            img = reader(fh)
+        except (SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            raise OSError(f"damaged header ({exc})") from None
+        if ext in TIFF_EXTENSIONS:  # GDAL's metadata tag: <Item name="key">value</Item>
+            xml = img.tag_v2.get(42112)
+            found = re.search(rf'<Item name="{OUTPUT_STAMP_KEY}">(.*?)</Item>', str(xml or ""),
+                              re.S)
+            # GDAL escapes a value twice: once as metadata, once as XML
+            return html.unescape(html.unescape(found.group(1))) if found else None
+        if ext in (".jpg", ".jpeg"):
+            comment = img.info.get("comment", b"")
+            text = comment.decode(errors="replace") if isinstance(comment, bytes) else ""
+            head = f"{OUTPUT_STAMP_KEY}="
+            return text[len(head):] if text.startswith(head) else None
+        value = img.info.get(OUTPUT_STAMP_KEY)
+        return value if isinstance(value, str) else None
+
+
+def input_fingerprint(path: _PathLike) -> str:
+    """What an input is, for telling a changed one from the one an output was made from: its
+    size, modification time and the hash of its last MiB
+    (:func:`~segpipe.fileio.file_fingerprint`), and the size and time of the georeference files
+    beside it (a world file, ``.aux.xml``). An edit in place changes the time (a copy with
+    ``cp -p`` or ``rsync -a`` keeps it; a plain ``cp`` makes the outputs again).
+
+    Raises:
+        OSError: The input cannot be read.
+    """
+    from segpipe.fileio import file_fingerprint
+
+    p = Path(path)
+    parts = [file_fingerprint(p), str(p.stat().st_mtime_ns)]
+    for side in _sidecars(p):
+        try:
+            st = side.stat()
+        except OSError:
+            continue
+        parts.append(f"{side.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
 
 
 def write_mask(

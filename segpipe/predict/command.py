@@ -168,7 +168,9 @@ def find_inputs(
     if src.is_dir():
         # Another run's output folder inside the input (pred_v1 beside pred_v2): its masks are
         # not images to predict.
-        others = sorted({p.parent.resolve() for p in src.rglob(SETTINGS_FILE)} - {out_root})
+        top = src.resolve()
+        others = sorted(d for d in {p.parent.resolve() for p in src.rglob(SETTINGS_FILE)}
+                        if d != out_root and d != top)  # an --output . over the input is not
         if others:
             before = len(files)
             files = [f for f in files if not any(resolved[f].is_relative_to(o) for o in others)]
@@ -269,6 +271,23 @@ def _unstamped_folder(output: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and not record.get(_STAMPED)
+
+
+def _holds_unstamped(output: str | Path) -> bool:
+    """Whether an output folder holds an output without a stamp (see
+    :func:`~segpipe.data.io.read_output_stamp`), or one whose header cannot be read."""
+    from segpipe.data.io import read_output_stamp
+
+    for path in Path(output).rglob("*"):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            if read_output_stamp(path) is None and path.suffix.lower() in (
+                    ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+                return True
+        except OSError:
+            return True
+    return False
 
 
 def _check_settings(output: str | Path, overwrite: bool,
@@ -566,6 +585,13 @@ def predict(
     _warn_unused_options(writer.all_names(), probs_mode, overlay_alpha, tile, overlap)
     unstamped = _unstamped_folder(output)  # it holds an older segpipe's outputs
     writer.unstamped_outputs = unstamped
+    source = Path(input).expanduser()
+    writer.input_root = str((source if source.is_dir() else source.parent).resolve())
+    if unstamped and _rank_from_env() == 0:
+        log.warning(
+            "the outputs in %s were made by a segpipe before 2026-12, which did not record what "
+            "each was made from: existing files there are taken as done, whatever they are, and "
+            "an input changed since is not made again; --overwrite remakes them", output)
     files = find_inputs(input, output, writer)
     if files:
         try:  # one clear error up front, not the same failure for every file
@@ -659,8 +685,13 @@ def predict(
     summary.stopped_early = stopped
     summary.interrupted = interrupted
     summary.terminated = interrupted and terminated.is_set()
-    if replacing and writer.before_first_output is None and not (
-            interrupted or stopped or summary.failed):
+    complete = writer.before_first_output is None and not (
+        interrupted or stopped or summary.failed)
+    if complete and unstamped and overwrite and _rank_from_env() == 0:
+        unstamped = _holds_unstamped(output)  # all remade (no other format's left): stamped
+        if not unstamped:
+            _record_settings(output, settings)
+    if replacing and complete:
         # every output remade: no older one is left (of other formats, an older segpipe's
         # unstamped outputs may be: such a folder stays marked as holding them)
         _record_settings(output, settings, stamped=not unstamped)

@@ -52,12 +52,13 @@ from segpipe.data.io import (
     OUTPUT_STAMP_KEY,
     RasterInfo,
     RasterWriter,
+    input_fingerprint,
     pixel_limit,
     read_output_stamp,
     write_image,
     write_label_png,
 )
-from segpipe.fileio import TMP_PREFIX, AtomicFile, DiskFullError, disk_full_error, file_fingerprint
+from segpipe.fileio import TMP_PREFIX, AtomicFile, DiskFullError, disk_full_error
 
 if TYPE_CHECKING:  # annotations only: the checkpoint module loads torch
     from segpipe.predict.checkpoint import PredictConfig
@@ -570,12 +571,14 @@ class PredictionWriter:
         overlay_alpha: Mask weight of the overlay.
 
     Each output stores a stamp (:meth:`stamp`): the input it was made from (its path under the
-    input folder and a fingerprint of its contents) and its format. An existing file counts as
-    done only when its stamp names this input, as it is now, and this format; one made from
-    an input since changed is made again. A file without a stamp (ground-truth masks, an image)
-    or another input's output is never taken as done nor replaced, ``overwrite`` or not: that
-    input fails with the file named. Outputs of a segpipe that wrote no stamps are taken as
-    done in a folder whose settings record it made (:attr:`unstamped_outputs`).
+    input folder, that folder, and :func:`~segpipe.data.io.input_fingerprint`) and its format.
+    An existing file counts as done only when its stamp names this input, as it is now, and
+    this format; one made from an input since changed is made again. A file without a stamp
+    (ground-truth masks, an image), one whose header cannot be read, and another input's
+    output (another name, or the same name in another input folder) are never taken as done
+    nor replaced, ``overwrite`` or not: that input fails with the file named. Outputs of a
+    segpipe that wrote no stamps are taken as done in a folder whose settings record it made
+    (:attr:`unstamped_outputs`).
     """
 
     def __init__(
@@ -606,6 +609,8 @@ class PredictionWriter:
         #: Whether files without a stamp are outputs of an older segpipe (taken as done unless
         #: ``overwrite``): set by ``segpipe predict`` for a folder it recorded without stamps.
         self.unstamped_outputs = False
+        #: The input folder (resolved), recorded in each stamp: set by ``segpipe predict``.
+        self.input_root: str | None = None
         options = {"probs_mode": probs_mode, "overlay_alpha": overlay_alpha}
         needed = {"mask", "geotiff"} if "auto" in names else set()
         self.formats = {
@@ -643,14 +648,12 @@ class PredictionWriter:
             )
         return path
 
-    @staticmethod
-    def stamp(rel: str | Path, name: str, source: str | Path) -> str:
-        """What the ``name`` output of the input ``source`` (at ``rel`` under the input folder)
-        stores to say what it was made from: ``{"input", "format", "input_fingerprint"}`` as
-        JSON (:func:`~segpipe.fileio.file_fingerprint`: the input's size and the hash of its
-        last MiB, so that a copy of the folder keeps it and a replaced input does not)."""
-        return json.dumps({"input": Path(rel).as_posix(), "format": name,
-                           "input_fingerprint": file_fingerprint(source)}, sort_keys=True)
+    def stamp(self, rel: str | Path, name: str, fingerprint: str) -> str:
+        """What the ``name`` output of the input at ``rel`` under :attr:`input_root` stores to
+        say what it was made from: ``{"input", "root", "format", "input_fingerprint"}`` as
+        JSON; ``fingerprint`` is :func:`~segpipe.data.io.input_fingerprint`'s."""
+        return json.dumps({"input": Path(rel).as_posix(), "root": self.input_root,
+                           "format": name, "input_fingerprint": fingerprint}, sort_keys=True)
 
     def pending(self, rel: str | Path, names: Sequence[str],
                 source: str | Path | None = None) -> list[str]:
@@ -660,10 +663,11 @@ class PredictionWriter:
         ``overwrite`` (see the class docstring).
 
         Raises:
-            OutputInTheWay: A file at an output's path that segpipe did not write, or that is
-                another input's output.
+            OutputInTheWay: A file at an output's path that segpipe did not write, that cannot
+                be read, or that is another input's output.
         """
         out: list[str] = []
+        fingerprint: str | None = None
         for n in names:
             target = self.target(rel, n)
             if not _has_bytes(target):
@@ -673,13 +677,21 @@ class PredictionWriter:
                 if self.overwrite:
                     out.append(n)
                 continue
-            found = read_output_stamp(target)
+            try:
+                found = read_output_stamp(target)
+            except OSError as exc:
+                raise OutputInTheWay(
+                    f"{target} is in the way of its {n} output and cannot be read ({exc}): it "
+                    "is neither taken as done nor replaced; delete it if it is a damaged earlier "
+                    "output, else move it away or choose another --output") from None
             if found is None:
                 if not self.unstamped_outputs:
                     raise OutputInTheWay(
-                        f"{target} is in the way of its {n} output and was not written by "
-                        "segpipe predict (ground-truth masks? an image?): it is neither taken as "
-                        "done nor replaced; choose another --output, or move the file away")
+                        f"{target} is in the way of its {n} output and does not say segpipe "
+                        "predict made it (ground-truth masks? an image? an output of a segpipe "
+                        "before 2026-12, which did not say so): it is neither taken as done nor "
+                        "replaced; move it away (delete it if it is an earlier prediction), or "
+                        "choose another --output")
                 if self.overwrite:
                     out.append(n)
                 continue
@@ -693,8 +705,17 @@ class PredictionWriter:
                     f"{target}, the name of its {n} output, holds the {made_as} output of "
                     f"{made_from} (made by an earlier run); rename one of the two inputs, or "
                     "choose another --output")
-            if self.overwrite or made.get("input_fingerprint") != file_fingerprint(source):
-                out.append(n)  # asked to, or the input was replaced since: made again
+            if fingerprint is None:
+                fingerprint = input_fingerprint(source)
+            same = made.get("input_fingerprint") == fingerprint
+            root = made.get("root")
+            if root is not None and root != self.input_root and not same:
+                raise OutputInTheWay(
+                    f"{target} holds the {n} output of {made_from} in {root}, another input "
+                    f"folder than this run's ({self.input_root}): it is neither taken as done "
+                    "nor replaced; give each input folder its own --output")
+            if self.overwrite or not same:
+                out.append(n)  # asked to, or the input was changed since: made again
         return out
 
     def needs_probs(self, names: Sequence[str]) -> bool:
@@ -709,7 +730,8 @@ class PredictionWriter:
         """An :class:`OutputSink` for the formats ``names`` of the input at ``rel``, each output
         stamped with what it is made from (:meth:`stamp`) when ``meta.source`` is a file."""
         try:
-            stamps: list[str | None] = [self.stamp(rel, n, meta.source) for n in names]
+            fingerprint = input_fingerprint(meta.source)
+            stamps: list[str | None] = [self.stamp(rel, n, fingerprint) for n in names]
         except OSError:  # an in-memory input (the Python API), or one gone since it was read
             stamps = [None] * len(names)
         return OutputSink([(self.formats[n], self.target(rel, n)) for n in names], meta,

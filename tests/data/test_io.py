@@ -486,3 +486,44 @@ def test_a_geotiff_with_overviews_is_one_image(tmp_path: Path) -> None:
     assert probe_raster(p) is not None
     with open_raster(p) as reader:
         assert reader.width == 256
+
+
+def test_output_stamps_and_input_fingerprints(tmp_path: Path) -> None:
+    """A rerun of `segpipe predict` tells its outputs by their stamps: read without Pillow's
+    pixel limit (finished outputs failed under a lower one), a damaged header said so; and an
+    input's fingerprint changes with an edit in place (a same-size edit before its last MiB
+    kept it) and with its world file (a corrected georeference kept the old output)."""
+    import os
+
+    from segpipe.data.io import input_fingerprint, read_output_stamp, write_label_png
+
+    mask = tmp_path / "m.png"
+    write_label_png(mask, np.zeros((40, 50), np.uint8), stamp='{"input": "a&b"}')
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 100  # far under 40 x 50 x 2
+    try:
+        assert read_output_stamp(mask) == '{"input": "a&b"}'
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(mask.read_bytes()[:40])
+    with pytest.raises(OSError, match="damaged header"):
+        read_output_stamp(cut)
+    big = tmp_path / "scene.bin"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    big.write_bytes(bytes(data))
+    before = input_fingerprint(big)
+    data[:100] = bytes(100)  # in place, the same size, far from the end
+    with open(big, "r+b") as fh:
+        fh.write(bytes(data[:100]))
+    os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
+    assert input_fingerprint(big) != before
+    tile = tmp_path / "tile.png"
+    write_label_png(tile, np.zeros((4, 4), np.uint8))
+    plain = input_fingerprint(tile)
+    (tmp_path / "tile.pgw").write_text("1\n0\n0\n-1\n400000\n5600000\n")
+    with_world = input_fingerprint(tile)
+    assert with_world != plain
+    (tmp_path / "tile.pgw").write_text("1\n0\n0\n-1\n600000\n5600000\n")
+    os.utime(tmp_path / "tile.pgw", ns=(0, 10**18))
+    assert input_fingerprint(tile) != with_world

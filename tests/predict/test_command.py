@@ -184,10 +184,19 @@ def test_a_png_or_jpeg_with_a_world_file_keeps_its_georeference(
     write_image(tiles / "tile.png", rgba)
     (tiles / "tile.pgw").write_text(world)
     write_image(tiles / "plain.png", rgba)
+    # as a palette PNG whose transparent index (tRNS) marks the collar, as map tiles come
+    quantized = Image.fromarray(rgba[:, :, :3]).quantize(colors=31)  # index 31 is free
+    index = np.array(quantized)
+    index[:, :10] = 31
+    paletted = Image.fromarray(index, mode="P")
+    paletted.putpalette(quantized.getpalette()[:93] + [0, 0, 0])
+    paletted.save(tiles / "indexed.png", transparency=31)
+    (tiles / "indexed.pgw").write_text(world)
     assert run(pointwise_ckpt, tiles, tmp_path / "tiles_out", "--format", "auto") == 0
-    with rasterio.open(tmp_path / "tiles_out" / "tile.tif") as ds:
-        labels = ds.read(1)
-    assert (labels[:, :10] == 255).all() and (labels[:, 10:] != 255).all()
+    for name in ("tile.tif", "indexed.tif"):
+        with rasterio.open(tmp_path / "tiles_out" / name) as ds:
+            labels = ds.read(1)
+        assert (labels[:, :10] == 255).all() and (labels[:, 10:] != 255).all(), name
     assert (np.asarray(Image.open(tmp_path / "tiles_out" / "plain.png"))[:, :10] != 255).all()
 
 
@@ -419,8 +428,8 @@ def test_files_segpipe_did_not_write_are_never_taken_as_outputs(
         assert run(pointwise_ckpt, data / "images", data / "masks", *extra) == 1
         said = capsys.readouterr().out
         assert "0 written, 0 skipped (already done), 2 failed" in said
-        assert f"{data / 'masks' / 'r0.png'} is in the way of its mask output and was not " \
-               "written by segpipe predict" in said
+        assert f"{data / 'masks' / 'r0.png'} is in the way of its mask output and does not " \
+               "say segpipe predict made it" in said
     assert (data / "masks" / "r0.png").read_bytes() == truth
     # an input replaced by another image of its name: made again, not skipped
     src, out = tmp_path / "in", tmp_path / "out"
@@ -441,27 +450,36 @@ def test_files_segpipe_did_not_write_are_never_taken_as_outputs(
     assert run(pointwise_ckpt, src, src / "pred_b", "--format", "mask") == 0
     assert run(pointwise_ckpt, src, src / "pred_c", "--format", "mask") == 0
     assert "2 written" in capsys.readouterr().out  # x.png, x_palette.png; not pred_b's masks
+    # a record in the input folder itself (an earlier `--output .`) leaves out nothing
+    assert run(pointwise_ckpt, src / "pred_b", src / "pred_b" / "again", "--format",
+               "mask") == 0
+    assert "2 written" in capsys.readouterr().out
     assert "in 1 other segpipe predict output folder(s) inside the input" in caplog.text
     assert not (src / "pred_c" / "pred_b").exists()
     caplog.clear()
     write_image(src / "pred_a" / "y.png", noise_image(16, 16))  # put there by hand: named
     assert run(pointwise_ckpt, src, src / "pred_a", "--format", "mask") == 0
     assert f"1 image(s) inside the output folder {src / 'pred_a'} are not predicted" in caplog.text
-    # the folder of a segpipe that stamped no outputs: they are its outputs, done as before
-    # (the folder stays so: outputs of other formats may be among them)
+    # the folder of a segpipe that stamped no outputs: they are its outputs, done as before,
+    # with a warning, until an --overwrite run has remade every output in it
     import json
 
     old = tmp_path / "old"
     record = json.loads((out / ".segpipe-predict.json").read_text())
     assert record.pop("outputs_stamped") is True
     write_image(old / "x.png", np.zeros((16, 16), np.uint8))
+    write_image(old / "x_palette.png", np.zeros((16, 16), np.uint8))  # another format's
     (old / ".segpipe-predict.json").write_text(json.dumps(record))
     capsys.readouterr()
+    caplog.clear()
     assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask") == 0
     assert "0 written, 1 skipped (already done)" in capsys.readouterr().out
+    assert "were made by a segpipe before 2026-12" in caplog.text
     assert "outputs_stamped" not in (old / ".segpipe-predict.json").read_text()
     assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask", "--overwrite") == 0
-    assert "outputs_stamped" not in (old / ".segpipe-predict.json").read_text()
+    assert "outputs_stamped" not in (old / ".segpipe-predict.json").read_text()  # the palette
+    assert run(pointwise_ckpt, src / "x.png", old, "--format", "palette", "--overwrite") == 0
+    assert json.loads((old / ".segpipe-predict.json").read_text())["outputs_stamped"] is True
     capsys.readouterr()
     assert run(pointwise_ckpt, src / "x.png", old, "--format", "mask") == 0  # stamped now: done
     assert "0 written, 1 skipped (already done)" in capsys.readouterr().out

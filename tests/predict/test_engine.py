@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segpipe.data.datasets import PredictDataset
-from segpipe.data.io import write_image
+from segpipe.data.io import input_fingerprint, write_image
 from segpipe.predict.checkpoint import load_predictor
 from segpipe.predict.engine import InputFile, PredictInputs, PredictSummary
 from segpipe.predict.scoring import ProbabilityFn
@@ -49,20 +49,26 @@ def test_records_skip_done_files_and_report_bad_ones(tmp_path: Path, pointwise_c
     assert clash["status"] == "failed" and clash["reason"] == "name clash"
     # a file segpipe did not write (ground-truth masks, an image) is neither done nor replaced
     write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8))
-    assert ds[0]["status"] == "failed" and "was not written by segpipe predict" in ds[0]["reason"]
+    assert ds[0]["status"] == "failed" and "does not say segpipe predict made it" in ds[0]["reason"]
     writer.overwrite = True
     assert ds[0]["status"] == "failed"
     writer.overwrite = False
     # an output stamped with this input as it is: done; with the input since replaced: remade
-    stamp = writer.stamp("ok.png", "mask", tmp_path / "in" / "ok.png")
+    stamp = writer.stamp("ok.png", "mask", input_fingerprint(tmp_path / "in" / "ok.png"))
     write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8), stamp=stamp)
     assert ds[0]["status"] == "skipped"
     write_image(tmp_path / "in" / "ok.png", noise_image(8, 9))
     assert ds[0]["formats"] == ["mask"]
     # another input's output under this one's output name: failed, naming it
-    other = writer.stamp("ok_palette.png", "mask", tmp_path / "in" / "ok.png")
+    other = writer.stamp("ok_palette.png", "mask", input_fingerprint(tmp_path / "in" / "ok.png"))
     write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8), stamp=other)
     assert "holds the mask output of ok_palette.png" in ds[0]["reason"]
+    # another input folder's output of the same name: neither done nor replaced
+    writer.input_root = "/elsewhere"
+    elsewhere = writer.stamp("ok.png", "mask", "another image's fingerprint")
+    writer.input_root = None
+    write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8), stamp=elsewhere)
+    assert "in /elsewhere, another input folder than this run's" in ds[0]["reason"]
     # an older segpipe's folder (its record says its outputs have no stamps): done as before
     write_image(tmp_path / "out" / "ok.png", np.zeros((8, 8), np.uint8))
     writer.unstamped_outputs = True
