@@ -23,7 +23,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "command_line_value", "option_at", "positive_int"]
+__all__ = ["CommandParser", "class_parameters", "command_line_value", "option_at",
+           "positive_int"]
+
+
+def class_parameters(class_path: Any) -> dict[str, Any]:
+    """The parameters (``inspect.Parameter``) of the class a dotted ``class_path`` names, by
+    name; empty when it names none that can be imported and read."""
+    import importlib
+    import inspect
+
+    if not isinstance(class_path, str) or "." not in class_path:
+        return {}
+    module, _, name = class_path.rpartition(".")
+    try:
+        return dict(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
 
 
 def command_line_value(argv: Sequence[str], option: str) -> str | None:

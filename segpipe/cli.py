@@ -220,19 +220,14 @@ def _main(argv: Sequence[str] | None) -> Any:
     return 0
 
 
-def _config_files(args: Sequence[str]) -> list[str]:
-    """The ``--config`` files of a command line, in order."""
-    from segpipe.argparsing import option_at
-
-    return [v for i in range(len(args)) if (v := option_at(list(args), i, "--config"))]
-
-
 def _unreadable_config(args: Sequence[str]) -> str:
     """The first ``--config`` file YAML cannot read (its errors say ``"<unicode string>"``),
     or ``"a --config file"``."""
     import yaml
 
-    for path in _config_files(args):
+    from segpipe.argparsing import option_at
+
+    for path in (v for i in range(len(args)) if (v := option_at(list(args), i, "--config"))):
         try:
             with open(path, encoding="utf-8") as fh:
                 yaml.safe_load(fh)
@@ -245,21 +240,13 @@ def _unreadable_config(args: Sequence[str]) -> str:
 
 def _config_setting(args: Sequence[str], dotted: str) -> str:
     """``" (set in FILE)"`` for the last ``--config`` file that sets ``dotted``, else ``""``."""
-    import yaml
+    from segpipe.lightning_cli import _ABSENT, _config_at, _lookup
 
     found = ""
-    for path in _config_files(args):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                node = yaml.safe_load(fh)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) and part in node else None
-            if node is None:
-                break
-        else:
-            found = f" (set in {path})"
+    for i in range(len(args)):
+        config = _config_at(args, i)
+        if config is not None and _lookup(config[1], dotted) is not _ABSENT:
+            found = f" (set in {config[0]})"
     return found
 
 
@@ -328,16 +315,10 @@ _SECTION_CLASSES = {"trainer": "lightning.pytorch.Trainer",
 
 def _option_names(class_path: str) -> list[str]:
     """The keyword arguments of the class ``class_path`` names ([] if it cannot be read)."""
-    import importlib
-    import inspect
+    from segpipe.argparsing import class_parameters
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        target = getattr(importlib.import_module(module), name)
-        params = inspect.signature(target).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in class_parameters(class_path).values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _did_you_mean(message: str) -> str:
@@ -346,16 +327,13 @@ def _did_you_mean(message: str) -> str:
     ``class_path`` names), else ``""``."""
     import re
 
-    found = re.search(r"unrecognized arguments: --(\w+)\.([\w.]+)", message)
-    if found and "." not in found.group(2):
-        section, key = found.groups()
+    # on the command line (--trainer.max_epoch) or in a config file (trainer: {max_epoch: 1})
+    found = re.search(r"(?:unrecognized arguments: (--)|does not accept option ')(\w+)\.([\w.]+)",
+                      message)
+    if found and "." not in found.group(3):
+        dashes, section, key = found.groups()
         close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
-        return f"; did you mean --{section}.{close}?" if close else ""
-    found = re.search(r"does not accept option '(\w+)\.([\w.]+)'", message)
-    if found and "." not in found.group(2):  # a key of a config file
-        section, key = found.groups()
-        close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
-        return f"; did you mean {section}.{close}?" if close else ""
+        return f"; did you mean {dashes or ''}{section}.{close}?" if close else ""
     option = re.search(r"Option '(\w+)' is not accepted", message)
     class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
     if option and class_path:

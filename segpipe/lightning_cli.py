@@ -139,17 +139,12 @@ def _class_default(class_path: Any, name: str) -> Any:
     """The default of argument ``name`` of the class ``class_path`` names (None if none): the
     network's own defaults, which the parser's defaults for ``model`` do not hold (a resume
     that did not give ``dropout`` was told it gave 0.0, UNet's default)."""
-    import importlib
     import inspect
 
-    if not isinstance(class_path, str) or "." not in class_path:
-        return None
-    module, _, attr = class_path.rpartition(".")
-    try:
-        param = inspect.signature(getattr(importlib.import_module(module), attr)).parameters[name]
-    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
-        return None
-    return None if param.default is inspect.Parameter.empty else param.default
+    from segpipe.argparsing import class_parameters
+
+    param = class_parameters(class_path).get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def _config_at(argv: Sequence[str], i: int) -> tuple[str, Any] | None:

@@ -65,10 +65,12 @@ NO_LABELLED_PIXELS = (
 IOU_METRICS = ("IoU", "mIoU", "micro_IoU")
 
 
-#: Metric families whose value is larger when the model is better (``val/mIoU``,
-#: ``val/IoU/<class>``, ``val/Dice_mean_over_cases/<class>``, ...).
-_SCORES = ("mIoU", "mDice", "micro_IoU", "pixel_accuracy", "IoU", "Dice",
-           "mDice_mean_over_cases", "mIoU_mean_over_cases", "Dice_mean_over_cases")
+#: Scores validation logs once (``val/mIoU``) and once per class (``val/IoU/<class>``); each is
+#: larger when the model is better.
+_SCALAR_SCORES = ("mIoU", "mDice", "micro_IoU", "pixel_accuracy", "mDice_mean_over_cases",
+                  "mIoU_mean_over_cases")
+_PER_CLASS_SCORES = ("IoU", "Dice", "Dice_mean_over_cases")
+_SCORES = _SCALAR_SCORES + _PER_CLASS_SCORES
 
 
 def monitor_mode(name: str) -> str | None:
@@ -83,9 +85,8 @@ def monitor_mode(name: str) -> str | None:
 def validation_metric_names(class_names: Sequence[str]) -> set[str]:
     """Every scalar validation can log under ``val/`` for these classes (the per-class ones
     appear only once a class is scored, the per-case ones only when images belong to cases)."""
-    names = {f"val/{m}" for m in ("loss", "mIoU", "mDice", "micro_IoU", "pixel_accuracy",
-                                  "mDice_mean_over_cases", "mIoU_mean_over_cases")}
-    for family in ("IoU", "Dice", "Dice_mean_over_cases"):
+    names = {f"val/{m}" for m in ("loss", *_SCALAR_SCORES)}
+    for family in _PER_CLASS_SCORES:
         names.update(f"val/{family}/{c}" for c in class_names)
     return names
 

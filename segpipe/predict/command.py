@@ -264,13 +264,13 @@ _STAMPED = "outputs_stamped"
 _NOT_SETTINGS = (_REPLACING, _MIXED, _STAMPED)
 
 
-def _unstamped_folder(output: str | Path) -> bool:
-    """Whether ``output`` holds a settings record of a segpipe that did not stamp outputs."""
+def _read_record(output: str | Path) -> dict[str, Any] | None:
+    """The settings record in ``output`` (:data:`SETTINGS_FILE`), or None (none, unreadable)."""
     try:
         record = json.loads((Path(output) / SETTINGS_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and not record.get(_STAMPED)
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _holds_unstamped(output: str | Path) -> bool:
@@ -279,33 +279,27 @@ def _holds_unstamped(output: str | Path) -> bool:
     from segpipe.data.io import read_output_stamp
 
     for path in Path(output).rglob("*"):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in (
+                ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
             continue
         try:
-            if read_output_stamp(path) is None and path.suffix.lower() in (
-                    ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+            if read_output_stamp(path) is None:
                 return True
         except OSError:
             return True
     return False
 
 
-def _check_settings(output: str | Path, overwrite: bool,
-                    settings: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+def _check_settings(output: str | Path, overwrite: bool, settings: dict[str, Any],
+                    before: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool]:
     """Warn when the outputs already in ``output`` were made with another checkpoint or other
     options: a rerun skips existing outputs ("already done"), so they would be kept silently
     beside new ones; likewise after an ``--overwrite`` run that was stopped before it had
     remade them all. Returns the settings record to write once this run writes an output
     (None: the record stays), and whether this run replaces outputs of other settings (the
     record then says so until the run finishes). A run that adds outputs beside ones of other
-    settings records that the folder mixes them, so that later runs say so too."""
-    path = Path(output) / SETTINGS_FILE
-    try:
-        before = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        before = None
-    if not isinstance(before, dict):
-        before = None
+    settings records that the folder mixes them, so that later runs say so too. ``before``:
+    the folder's record (:func:`_read_record`)."""
     unfinished = bool(before and before.get(_REPLACING))
     mixed = bool(before and before.get(_MIXED))
     recorded = ({k: v for k, v in before.items() if k not in _NOT_SETTINGS}
@@ -583,7 +577,8 @@ def predict(
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
     _warn_unused_options(writer.all_names(), probs_mode, overlay_alpha, tile, overlap)
-    unstamped = _unstamped_folder(output)  # it holds an older segpipe's outputs
+    before = _read_record(output)
+    unstamped = before is not None and not before.get(_STAMPED)  # an older segpipe's outputs
     writer.unstamped_outputs = unstamped
     source = Path(input).expanduser()
     writer.input_root = str((source if source.is_dir() else source.parent).resolve())
@@ -613,7 +608,7 @@ def predict(
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
     if bn_adapt:  # the adapted statistics depend on how the images are batched
         settings["batch_size"] = batch_size
-    record, replacing = (_check_settings(output, overwrite, settings)
+    record, replacing = (_check_settings(output, overwrite, settings, before)
                          if _rank_from_env() == 0 else (None, False))
     if record is not None:
         # Recorded as the first output is named into place, not at the end: a run killed
