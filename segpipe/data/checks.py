@@ -70,8 +70,9 @@ FIXES: dict[str, str] = {
     "grid_mismatch": "rasterise or warp the mask onto its image's grid (e.g. gdalwarp -t_srs "
     "<the image's CRS> -te <its bounds> -ts <its width> <its height> -r near), or drop the "
     "georeference of one of them if they do overlay",
-    "bad_labels": "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
-    "or fix data.num_classes",
+    "bad_labels": "map the mask values to the classes with data.mask_values (`segpipe "
+    "check-data` with this config shows the values the masks hold), set data.ignore_index to "
+    "the value that marks pixels to leave out, or fix data.num_classes",
     "nodata_pixels": "set data.ignore_index (e.g. 255): nodata pixels are then left out of the "
     "loss and the metrics, and fed to the network as the training mean, as `segpipe predict` "
     "feeds them",

@@ -60,6 +60,7 @@ __all__ = [
     "SegmentationDataset",
     "adapt_channels",
     "check_label_range",
+    "label_range_fix",
     "encode_mask",
     "find_images",
     "item_seed",
@@ -763,6 +764,34 @@ def encode_mask(
     return raw
 
 
+def label_range_fix(labels: np.ndarray, bad: list[int], num_classes: int,
+                    mask_values: dict | None) -> str:
+    """The fix for a mask with label values outside the classes, from the values it holds.
+
+    Args:
+        labels: (H, W) encoded labels of the mask.
+        bad: Its values outside ``[0, num_classes)`` and not the ignore index.
+        num_classes: Number of classes.
+        mask_values: ``data.mask_values`` (None when unset).
+
+    Returns:
+        The one setting that fits the mask best, then the others to consider.
+    """
+    if mask_values:
+        return (f"values {bad[:10]} are what data.mask_values maps them to: map them to "
+                f"0..{num_classes - 1}, or fix data.num_classes")
+    values = [int(v) for v in np.unique(labels)]
+    if len(values) == num_classes:  # as segpipe check-data's hint
+        mapping = ", ".join(f"{v}: {i}" for i, v in enumerate(values))
+        first = f"if the mask's values are the classes in order, set data.mask_values: {{{mapping}}}"
+    else:
+        first = (f"map its values {values[:12]} to the classes with data.mask_values, or fix "
+                 "data.num_classes")
+    if len(bad) == 1:
+        first += f"; if {bad[0]} marks pixels to leave out, set data.ignore_index: {bad[0]}"
+    return f"{first}; `segpipe check-data` shows the values every mask holds"
+
+
 def check_label_range(
     labels: np.ndarray, num_classes: int, ignore_index: int | None
 ) -> list[int]:
@@ -1048,8 +1077,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
                 raise ImageReadError(
                     sample.mask,
                     f"label values {bad[:10]} outside 0..{self.num_classes - 1}",
-                    "set data.ignore_index or data.mask_values (e.g. {0: 0, 255: 1}), "
-                    "or fix data.num_classes",
+                    label_range_fix(labels, bad, self.num_classes, self.mask_values),
                 )
         if valid is not None:  # a raster's nodata
             raw, labels = self._without_nodata(raw, labels, valid)

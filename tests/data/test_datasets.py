@@ -295,6 +295,29 @@ def test_size_mismatch_and_label_range_errors(tmp_path: Path) -> None:
         ds[0]
 
 
+def test_label_range_error_suggests_what_fits_the_mask(tmp_path: Path) -> None:
+    """The fix is read from the mask's values: it had always suggested {0: 0, 255: 1}."""
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    three = np.zeros((8, 8), np.uint8)
+    three[:3], three[5:] = 10, 20
+    write_mask(tmp_path / "three.png", three)
+    ds = SegmentationDataset([Sample(tmp_path / "a.png", tmp_path / "three.png")], num_classes=3)
+    with pytest.raises(ImageReadError, match=r"set data\.mask_values: \{0: 0, 10: 1, 20: 2\}"):
+        ds[0]
+    void = np.where(three == 20, 255, three // 10).astype(np.uint8)  # 0, 1 and void 255
+    write_mask(tmp_path / "void.png", void)
+    ds = SegmentationDataset([Sample(tmp_path / "a.png", tmp_path / "void.png")], num_classes=2,
+                             ignore_index=None)
+    with pytest.raises(ImageReadError) as exc:
+        ds[0]
+    assert "values [0, 1, 255] to the classes" in str(exc.value)
+    assert "if 255 marks pixels to leave out, set data.ignore_index: 255" in str(exc.value)
+    ds = SegmentationDataset([Sample(tmp_path / "a.png", tmp_path / "three.png")], num_classes=3,
+                             mask_values={0: 0, 10: 1, 20: 5}, ignore_index=255)
+    with pytest.raises(ImageReadError, match=r"values \[5\] are what data\.mask_values maps"):
+        ds[0]
+
+
 def test_predict_input_equals_the_test_datasets_with_an_eval_resize(tmp_path: Path) -> None:
     # `segpipe test` scores what `segpipe predict` writes: both resize 8-bit images as uint8
     # (float and uint8 resizing differed on 1596 of 1600 pixels of a 40x40 input).
