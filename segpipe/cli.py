@@ -334,11 +334,15 @@ def _did_you_mean(message: str) -> str:
         dashes, section, key = found.groups()
         close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
         return f"; did you mean {dashes or ''}{section}.{close}?" if close else ""
-    option = re.search(r"Option '(\w+)' is not accepted", message)
+    option = re.search(r"Option '(\w+)[\w.]*' is not accepted", message)  # a.b: a dict's key
     class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
     if option and class_path:
         key, names = option.group(1), _option_names(class_path.group(1))
         if "smp_kwargs" in names and key in _smp_arch_arguments():  # SmpModel: smp's own
+            from segpipe.models.smp import REFUSED_ARGUMENTS
+
+            if key in REFUSED_ARGUMENTS:
+                return f"; {REFUSED_ARGUMENTS[key]}"
             return (f"; an argument of the smp architecture goes in smp_kwargs: "
                     f"--model.net.init_args.smp_kwargs '{{{key}: VALUE}}' (YAML: init_args: "
                     f"{{smp_kwargs: {{{key}: VALUE}}}})")

@@ -737,6 +737,12 @@ def test_smp_architecture_arguments_come_from_the_config_and_rebuild_for_predict
     # given as an init_arg of its own, the error names smp_kwargs
     assert main([*base, "--model.net.init_args.decoder_attention_type=scse"]) == 2
     assert "smp_kwargs" in capsys.readouterr().err
+    # ... but not for an argument SmpModel refuses there too: it had sent aux_params there
+    assert main([*base, "--model.net.init_args.aux_params={classes: 2}"]) == 2
+    err = capsys.readouterr().err
+    assert "no auxiliary classification head" in err and "smp_kwargs" not in err
+    assert main([*base, "--model.net.init_args.classes=3"]) == 2
+    assert "SmpModel takes num_classes" in capsys.readouterr().err
 
 
 def test_limit_batches_1_is_one_batch_as_lightning_means_it(dataset, tmp_path):

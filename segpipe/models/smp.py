@@ -44,6 +44,7 @@ from .base import (
 )
 
 __all__ = [
+    "REFUSED_ARGUMENTS",
     "PretrainedSource",
     "PretrainedWeightsUnavailableError",
     "SmpModel",
@@ -54,6 +55,16 @@ __all__ = [
     "no_pretrained_weights",
     "resolve_pretrained",
 ]
+
+#: smp arguments SmpModel refuses, and why: the one sentence both its own check and the command
+#: line's hint give.
+REFUSED_ARGUMENTS: dict[str, str] = {
+    "classes": "SmpModel takes num_classes (--model.net.init_args.num_classes)",
+    "activation": "SmpModel returns raw logits, which the loss, the metrics and predict's "
+    "softmax take; leave activation out",
+    "aux_params": "SmpModel has no auxiliary classification head (it returns the mask logits "
+    "only); leave aux_params out",
+}
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict")
@@ -717,7 +728,7 @@ class SmpModel(nn.Module):
         for name in ("activation", "aux_params"):
             if kwargs.get(name) is not None:
                 raise ModelArgumentError(
-                    f"{name} must be None (SmpModel returns raw logits only), got {kwargs[name]!r}."
+                    f"{name} must be None, got {kwargs[name]!r}: {REFUSED_ARGUMENTS[name]}."
                 )
 
         self._check_extra_kwargs(arch.lower(), encoder_name, kwargs)
@@ -822,8 +833,8 @@ class SmpModel(nn.Module):
         } | {"decoder_use_batchnorm"}  # deprecated alias smp still pops from kwargs
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
-            named = {"encoder_name", "encoder_weights", "in_channels", "classes", "encoder_depth",
-                     "activation", "aux_params"}  # the model's own, or refused (raw logits)
+            named = {"encoder_name", "encoder_weights", "in_channels", "encoder_depth",
+                     *REFUSED_ARGUMENTS}  # the model's own, or refused
             options = sorted(accepted - named)
             raise ModelArgumentError(
                 f"smp arch {arch!r} takes no argument(s) {unknown} (with a non-timm encoder "

@@ -139,7 +139,7 @@ def test_wrong_explicit_upsampling_is_reported() -> None:
         ({"in_channels": "3"}, ValueError, r"in_channels must be an int >= 1, got '3'"),
         ({"freeze_encoder": 1}, ValueError, r"freeze_encoder must be a bool, got 1"),
         ({"classes": 3}, ValueError, r"pass num_classes, not classes"),
-        ({"activation": "sigmoid"}, ValueError, r"activation must be None .*got 'sigmoid'"),
+        ({"activation": "sigmoid"}, ValueError, r"activation must be None, got 'sigmoid': SmpModel returns raw logits"),
         ({"encoder_weights": "imagenet21k"}, ValueError, r"='imagenet21k'.*no such .*\['imagenet'\]"),
         ({"encoder_weights": True}, ValueError, r"encoder_weights must be None, the name .* got True"),
         ({"encoder_weights": "no/such/file.pth"}, FileNotFoundError, r"no/such/file\.pth"),
