@@ -1255,13 +1255,14 @@ class SegpipeCLI(LightningCLI):
             default_bar = type(callback) is TQDMProgressBar and callback.refresh_rate == 1
             if default_bar and callback.process_position == 0:
                 trainer.callbacks[i] = ThrottledProgressBar()
+        # before LearningRateMonitor: it logs the rate AnnealToDeadline sets for the step
+        trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         if trainer.loggers:  # training you can watch: learning rate and val/test pictures
             trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
         trainer.callbacks.append(_InterruptRecorder())  # Ctrl-C: say what was kept, exit 130
         sigterm = SynchronisedSigterm()  # SIGTERM stops every DDP process at the same step
         sigterm.install(trainer)
         trainer.callbacks.append(sigterm)
-        trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         trainer.callbacks.append(LateCrop())  # data.late_crop_size, at its point of that plan
         trainer.callbacks.append(_MonitorNames())  # a misspelt monitor, before the first epoch
         if last:

@@ -89,6 +89,18 @@ class DeadlineCosineLR(LRScheduler):
         f = self.factor()
         return [base * f for base in self.base_lrs]
 
+    def start_step(self, progress: float) -> None:
+        """Set the learning rate of the step about to run from its ``progress``.
+
+        ``step()`` after an optimiser step sets the next step's rate from the progress it
+        knows, that of the step just run: each step trained at the previous step's rate (the
+        first two at the initial one, the last above the schedule's end).
+        """
+        self.progress = progress
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
 
 def _timer(trainer: L.Trainer) -> Timer | None:
     """Lightning's timer (``trainer.max_time``), or None."""
@@ -201,6 +213,12 @@ class AnnealToDeadline(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._plan(trainer)
+        self._set_rates(trainer, epoch_start=True)
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        """At an epoch's start: the epochs the time budget has room for, from the recent
+        epochs' times (the module docstring)."""
         if (trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
                 and trainer.check_val_every_n_epoch is not None):  # not step-based validation
             # The run's last epoch, by max_epochs: validated whatever check_val_every_n_epoch
@@ -242,16 +260,26 @@ class AnnealToDeadline(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        schedulers = self._schedulers(trainer)
-        if not schedulers:
+        self._set_rates(trainer, epoch_start=False)
+
+    def _set_rates(self, trainer: L.Trainer, epoch_start: bool) -> None:
+        """The schedulers' progress, and the learning rate of what starts: a step for a
+        scheduler stepped per step, an epoch for one stepped per epoch (at its start's
+        progress). Before LearningRateMonitor's hooks, which log that rate."""
+        if not self._schedulers(trainer):
             return
         self._per_epoch = self._steps_per_epoch(trainer) or None
         total = getattr(trainer, "estimated_stepping_batches", None)
         if self.planned_epochs is None and isinstance(total, (int, float)) and math.isfinite(total):
             self._total_steps = self._steps_plan or int(total)
         progress = self.progress(trainer)
-        for scheduler in schedulers:
-            scheduler.progress = progress
+        for config in trainer.lr_scheduler_configs:
+            if not isinstance(config.scheduler, DeadlineCosineLR):
+                continue
+            if epoch_start == (config.interval == "epoch"):
+                config.scheduler.start_step(progress)
+            else:
+                config.scheduler.progress = progress
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

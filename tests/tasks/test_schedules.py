@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,7 +57,7 @@ def _fake_trainer(monkeypatch, budget: float) -> tuple[SimpleNamespace, Deadline
     sched = _scheduler()
     timer = _Timer(budget=budget)
     trainer = SimpleNamespace(
-        callbacks=[timer], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+        callbacks=[timer], lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="step")],
         current_epoch=0, max_epochs=-1, num_training_batches=10, accumulate_grad_batches=1,
         global_step=0, estimated_stepping_batches=float("inf"), check_val_every_n_epoch=4,
         should_stop=False,
@@ -156,12 +157,12 @@ def test_a_run_resumed_after_its_planned_last_epoch_trains_no_more(monkeypatch) 
     sched = _scheduler()
     same = {"num_training_batches": 10, "accumulate_grad_batches": 1}  # as _run_plan's
     trainer = SimpleNamespace(current_epoch=cb.planned_epochs, should_stop=False,
-                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], **same)
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="step")], **same)
     restored.on_train_start(trainer, None)
     assert trainer.should_stop
     restored.load_state_dict(cb.state_dict())
     trainer = SimpleNamespace(current_epoch=cb.planned_epochs - 1, should_stop=False,
-                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], **same)
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="step")], **same)
     restored.on_train_start(trainer, None)  # a checkpoint inside the last epoch: finish it
     assert not trainer.should_stop
 
@@ -204,7 +205,7 @@ def test_a_resume_with_other_steps_per_epoch_goes_on_from_where_it_was() -> None
 
     def trainer(per_epoch: int, epoch: int) -> SimpleNamespace:
         return SimpleNamespace(
-            lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], callbacks=[],
+            lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="step")], callbacks=[],
             num_training_batches=per_epoch, accumulate_grad_batches=1, max_epochs=10,
             max_steps=-1, estimated_stepping_batches=10 * per_epoch, current_epoch=epoch,
             global_step=epoch * per_epoch, should_stop=False)
@@ -233,12 +234,14 @@ def test_a_resume_with_other_steps_per_epoch_goes_on_from_where_it_was() -> None
     assert resumed_again.progress(one) == pytest.approx(0.99)
 
 
-def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Path,
+                                                                     interval: str) -> None:
     data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
     run = tmp_path / "run"
     assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={data}",
                  f"--trainer.default_root_dir={run}", "--trainer.max_epochs=3", *TINY_UNET,
-                 "--data.num_workers=0", "--model.scheduler_interval=step",
+                 "--data.num_workers=0", f"--model.scheduler_interval={interval}",
                  "--model.lr_scheduler=segpipe.tasks.schedules.DeadlineCosineLR",
                  "--model.lr_scheduler.init_args.eta_min_ratio=0.01",
                  "--trainer.log_every_n_steps=1"]) == 0
@@ -246,6 +249,13 @@ def test_without_a_time_budget_it_is_a_plain_cosine_over_max_epochs(tmp_path: Pa
     lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 0.3e-3  # from the config's lr, down
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
+    # step k trains at the schedule's rate for k of the steps done: it had trained at step k-1's
+    # (per epoch: epoch e at e of the epochs, where it had been at the epoch's last step's)
+    steps = len(lrs)
+    done = range(steps) if interval == "step" else [k // (steps // 3) * (steps // 3)
+                                                    for k in range(steps)]
+    assert lrs == pytest.approx([1e-3 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+                                 for k in done]), lrs
 
 
 def test_resumed_with_more_epochs_it_anneals_on_from_where_it_was(tmp_path: Path) -> None:
