@@ -708,9 +708,17 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             # Each batch's loss weighs by its scored pixels, not its images: for cross-entropy
             # the epoch's figure is then the mean over every scored pixel, whatever
             # data.eval_batch_size (weighted by images it moved with it), and nothing scored
-            # counts for nothing (NaN when no pixel is). No host synchronisation.
-            scored = (mask != self.ignore_index).sum() if self.ignore_index is not None else (
-                mask.new_tensor(mask.numel()))
+            # counts for nothing (NaN when no pixel is). With class (or pixel) weights, by
+            # those pixels' weights: the divisor of cross-entropy's weighted mean (by their
+            # count it moved with the batch size). No host synchronisation.
+            ce = next((m for m in self.criterion.modules()
+                       if isinstance(m, PixelWeightedCrossEntropy)), None)
+            if ce is not None:
+                scored = ce.pixel_weights(mask, pixel_weight).sum()
+            elif self.ignore_index is not None:
+                scored = (mask != self.ignore_index).sum()
+            else:
+                scored = mask.new_tensor(mask.numel())
             mean = self.loss_means[stage]
             mean.update(loss, scored)
             self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True,
@@ -1266,11 +1274,9 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction="none", label_smoothing=self.label_smoothing,
         )  # (N, H, W): class weight x -log p, 0 where ignored
-        weight = (target != self.ignore_index).to(per_pixel.dtype)
-        if self.weight is not None:
-            weight = weight * self.weight[target.clamp(0, self.weight.numel() - 1)]
+        weight = self.pixel_weights(target, pixel_weight).to(per_pixel.dtype)
         if pixel_weight is not None:
-            per_pixel, weight = per_pixel * pixel_weight, weight * pixel_weight
+            per_pixel = per_pixel * pixel_weight
         if threshold:
             keep = self._below_threshold(input, target).to(per_pixel.dtype)
             per_pixel, weight = per_pixel * keep, weight * keep
@@ -1285,6 +1291,14 @@ class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
             per_pixel, weight = per_pixel * keep, weight.flatten()[index] * keep
         total = weight.sum()
         return per_pixel.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+    def pixel_weights(self, target: Tensor, pixel_weight: Tensor | None = None) -> Tensor:
+        """(N, H, W) weight of each pixel in the mean: its class weight times its pixel weight,
+        0 where ignored. Their sum is the mean's divisor (without mining)."""
+        weight = (target != self.ignore_index).float()
+        if self.weight is not None:
+            weight = weight * self.weight[target.clamp(0, self.weight.numel() - 1)]
+        return weight if pixel_weight is None else weight * pixel_weight
 
     @torch.no_grad()
     def _below_threshold(self, logits: Tensor, target: Tensor) -> Tensor:
