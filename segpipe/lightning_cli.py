@@ -44,7 +44,7 @@ from segpipe.callbacks import (
 from segpipe.data.checks import DataCheckError
 from segpipe.data.io import ImageReadError
 from segpipe.data.datasets import LAYOUT_HELP, DataRootError, DataSplitError
-from segpipe.data.spec import DataSpec, reads_leading_bands
+from segpipe.data.spec import DataSpec, reads_leading_bands, recorded_spec
 from segpipe.errors import ConfigError
 from segpipe.fileio import (
     TMP_PREFIX,
@@ -59,7 +59,7 @@ from segpipe.models.smp import PretrainedWeightsUnavailableError
 from segpipe.runtime import default_precision, fit_threads_to_cpus, tune_allocator
 from segpipe.tasks.finetune import TransferLearningError
 from segpipe.tasks.schedules import AnnealToDeadline, LateCrop
-from segpipe.tasks.segmentation import EVALUATION_OPTIONS, SegmentationTask
+from segpipe.tasks.segmentation import EVALUATION_OPTIONS, SegmentationTask, check_spec_fits
 from segpipe.tracking import (
     TestFigures,
     ThrottledProgressBar,
@@ -930,6 +930,13 @@ class SegpipeCLI(LightningCLI):
                                     mmap=True)
         spec = (ckpt.get("hyper_parameters") or {}).get("data_spec")
         self._ckpt_bands = spec.get("bands") if isinstance(spec, Mapping) else None
+        # Another class or channel count first: merged with this run's data, the checkpoint's
+        # class_weights were refused as "4 values but 3 classes", which no option given fixes.
+        data = self.config[sub].get("data") or {}
+        data = data.get("init_args") or data  # segpipe's or another class_path's arguments
+        check_spec_fits(recorded_spec(ckpt.get("hyper_parameters"),
+                                      ckpt.get("datamodule_hyper_parameters")),
+                        data.get("num_classes"), data.get("in_channels"))
         hparams = dict(ckpt.get("hyper_parameters", {}) or {})
         hparams.pop("_instantiator", None)
         for name in _THIS_RUNS:

@@ -251,6 +251,24 @@ def test_a_checkpoint_of_other_classes_is_one_line(fitted, dataset, tmp_path, ca
                               "this run has data.num_classes=4;")
 
 
+def test_a_class_weighted_checkpoint_of_other_classes_is_the_same_line(dataset, tmp_path, capsys):
+    """Its class_weights, merged with this run's data, were refused as "class_weights has 3
+    values but there are 4 classes", which no option given fixes."""
+    run = tmp_path / "run"
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={run}", *TINY, "--trainer.max_epochs=1",
+                 "--trainer.limit_train_batches=1", "--model.class_weights=[1, 1, 2]"]) == 0
+    capsys.readouterr()
+    for command in ("test", "validate"):
+        code = main([command, "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                     "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *TINY,
+                     "--data.num_classes=4", f"--trainer.default_root_dir={tmp_path / command}"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and err[-1].startswith(
+            "segpipe: error: the checkpoint was trained with num_classes=3 but this run has "
+            "data.num_classes=4;"), err[-1]
+
+
 def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, tmp_path):
     args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
             f"--trainer.default_root_dir={tmp_path}", *TINY]

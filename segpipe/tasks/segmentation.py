@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -57,8 +57,8 @@ from segpipe.tasks.finetune import (
 from segpipe.tasks.inference import LogitsForward, weight_differences
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
-           "SegmentationTask", "get_rng_state", "pad_to_multiple", "set_rng_state",
-           "to_mask_size"]
+           "SegmentationTask", "check_spec_fits", "get_rng_state", "pad_to_multiple",
+           "set_rng_state", "to_mask_size"]
 
 #: Checkpoint key of the global RNG states saved by :class:`SegmentationTask`.
 RNG_STATE_KEY = "segpipe_rng_state"
@@ -331,8 +331,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             )
         if class_weights is not None and len(class_weights) != num_classes:
             raise ConfigError(
-                f"class_weights has {len(class_weights)} values but there are {num_classes} classes; "
-                "give one weight per class."
+                f"model.class_weights has {len(class_weights)} values but data.num_classes is "
+                f"{num_classes}; give one weight per class, in class order."
             )
         if class_weights is not None and (
             not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
@@ -1065,17 +1065,11 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         another network."""
         if not isinstance(state, dict):
             return
-        fix = ("test or resume it with the config it was trained with (config.yaml in its run "
-               "folder), or train a new model from its weights with --model.init_from CKPT")
-        for key, option in (("num_classes", "data.num_classes"), ("in_channels", "data.in_channels")):
-            was, now = saved_spec.get(key), getattr(self.spec, key)
-            if was is not None and int(was) != int(now):
-                raise ConfigError(f"the checkpoint was trained with {key}={was} but this run has "
-                                  f"{option}={now}; {fix}")
+        check_spec_fits(saved_spec, self.spec.num_classes, self.spec.in_channels)
         differences = weight_differences(self.state_dict(), state, "here", self.strict_loading)
         if differences:
             raise ConfigError(f"the checkpoint's network is not this run's "
-                              f"({type(self.net).__name__}): {differences}; {fix}")
+                              f"({type(self.net).__name__}): {differences}; {_NOT_THIS_RUN_FIX}")
 
     def on_train_start(self) -> None:
         """Check the schedule's horizon (:meth:`_check_scheduler_horizon`) and restore the RNG
@@ -1233,6 +1227,29 @@ class PerImageDiceLoss(smp.losses.DiceLoss):
         return self.aggregate_loss(loss.mean(0))  # linear: the mean of the images' losses
 
 
+_NOT_THIS_RUN_FIX = ("test or resume it with the config it was trained with (config.yaml in its "
+                     "run folder), or train a new model from its weights with --model.init_from "
+                     "CKPT")
+
+
+def check_spec_fits(saved_spec: Mapping[str, Any], num_classes: int | None,
+                    in_channels: int | None) -> None:
+    """Raise :class:`ConfigError` when a checkpoint's classes or channels (its saved data spec)
+    are not this run's (``data.num_classes``, ``data.in_channels``; None: not known yet).
+
+    Args:
+        saved_spec: The checkpoint's ``data_spec`` (:func:`recorded_spec`).
+        num_classes: This run's number of classes.
+        in_channels: This run's number of input channels.
+    """
+    for key, option, now in (("num_classes", "data.num_classes", num_classes),
+                             ("in_channels", "data.in_channels", in_channels)):
+        was = saved_spec.get(key)
+        if was is not None and now is not None and int(was) != int(now):
+            raise ConfigError(f"the checkpoint was trained with {key}={was} but this run has "
+                              f"{option}={now}; {_NOT_THIS_RUN_FIX}")
+
+
 class PixelWeightedCrossEntropy(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` that also takes a weight per pixel (e.g. the U-Net paper's border
     weights, :func:`~segpipe.data.transforms.boundary_weight_map`) and can mine hard pixels.
@@ -1371,8 +1388,9 @@ def _task_spec(
         for key, value in given.items():
             if value is not None and value != getattr(spec, key):
                 raise ConfigError(
-                    f"SegmentationTask({key}={value!r}) disagrees with the data spec "
-                    f"({getattr(spec, key)!r}); state it once, under data: in the config."
+                    f"model.{key} {value!r} (SegmentationTask's {key}) disagrees with "
+                    f"data.{key} {getattr(spec, key)!r} (the data spec); state it once, under "
+                    "data: in the config (the command line gives it to the model)."
                 )
     else:
         if num_classes is None:

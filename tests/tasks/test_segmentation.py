@@ -344,7 +344,10 @@ def test_validation_scores_resized_images_at_the_masks_size():
     "kwargs, words",
     [
         ({"num_classes": 5}, "disagrees"),
-        ({"class_weights": [1.0, 2.0]}, "one weight per class"),
+        ({"data_spec": {"num_classes": 3, "ignore_index": 255}, "ignore_index": 0},
+         r"model\.ignore_index 0 .* disagrees with data\.ignore_index 255"),
+        ({"class_weights": [1.0, 2.0]},
+         r"model\.class_weights has 2 values but data\.num_classes is 3; give one weight"),
         ({"class_names": ["x"]}, "one name per class"),
     ],
 )
