@@ -33,6 +33,18 @@ def test_tile_starts_cover_the_axis(length: int, tile: int, overlap: float) -> N
     assert all(0 < s <= max(1, int(tile * (1 - overlap))) for s in steps)
 
 
+def test_tile_starts_cover_every_axis_flush() -> None:
+    """Rounded, not floored: a floored start left the last pixel of 31 of these lengths (283,
+    475, 524, ... with tile 32, overlap 0.25) under no tile, its probabilities NaN."""
+    for tile in (32, 64, 128):
+        for overlap in (0.0, 0.25, 0.5):
+            stride = max(1, int(tile * (1 - overlap)))
+            for length in range(tile + 1, 1200):
+                starts = tile_starts(length, tile, overlap)
+                assert starts[0] == 0 and starts[-1] + tile == length, (length, tile, overlap)
+                assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
 def test_tile_starts_rejects_bad_overlap() -> None:
     with pytest.raises(ValueError, match="overlap"):
         tile_starts(100, 10, 1.0)
@@ -141,6 +153,8 @@ def _tiny_unet():
     ((97, 203), (32, 48), 0.0, 96),  # no overlap: blocks meet on tile edges
     ((130, 260), 40, 0.7, 90),       # overlap above 1/2: three strips share rows
     ((40, 300), 64, 0.25, 128),      # one strip (tile clamped to the height)
+    ((150, 40), 64, 0.25, 128),      # one column (tile clamped to the width): taller than wide
+    ((203, 97), (48, 32), 0.25, 64),  # tiles taller than wide
 ])
 def test_blocks_equal_in_memory_predict_tiled(shape, tile, overlap, block_cols) -> None:
     """Same tiles, same Gaussian weights, same summation order: the blocked path gives the
