@@ -33,7 +33,9 @@ from segpipe.data.io import (
     grid_mismatch,
     image_size,
     is_jpeg,
+    may_have_nodata,
     read_image_valid,
+    read_image_validities,
     read_mask,
 )
 from segpipe.runtime import available_cpus
@@ -76,6 +78,10 @@ FIXES: dict[str, str] = {
     "nodata_pixels": "set data.ignore_index (e.g. 255): nodata pixels are then left out of the "
     "loss and the metrics, and fed to the network as the training mean, as `segpipe predict` "
     "feeds them",
+    "partial_nodata": "if the nodata value is a sentinel (such as -9999), set every band of "
+    "such pixels to it (or to NaN): they are then no data, left out of the loss and the "
+    "metrics and written as nodata by `segpipe predict`; the band statistics leave them out "
+    "either way",
     "nonfinite_pixels": "replace them with a finite value (e.g. the band's mean) and label those "
     "pixels data.ignore_index in the mask; a NaN spreads through the network to its neighbours "
     "and makes the loss NaN",
@@ -83,7 +89,8 @@ FIXES: dict[str, str] = {
 
 #: Kinds of :class:`Problem` that warn instead of stopping training: the data can be used as
 #: configured, but maybe not as meant.
-WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes", "mixed_dtypes", "exif_rotated"})
+WARNING_KINDS = frozenset({"unlisted_labels", "absent_classes", "mixed_dtypes", "exif_rotated",
+                           "partial_nodata"})
 
 # Problems that leave a training mask uncounted: class presence is not judged over the rest.
 _UNCOUNTED = frozenset({"missing_mask", "unreadable_mask", "bad_labels"})
@@ -114,6 +121,7 @@ _NOUNS: dict[str, str] = {
     "unlisted_labels": "mask",
     "nonfinite_pixels": "image",
     "nodata_pixels": "image",
+    "partial_nodata": "image",
     "empty_split": "folder",
     "absent_classes": "folder",
     "mixed_dtypes": "image",
@@ -163,6 +171,8 @@ class Problem:
             ``data.mask_colors``; empty otherwise.
         unmapped: For ``bad_labels`` of masks with values not in ``data.mask_values``, those
             raw values (``{unmapped}`` in ``cause``); empty otherwise.
+        detail: A file-specific part of the cause (``{detail}`` in it), e.g. an offset's
+            amount: shown when every file of the group has the same.
     """
 
     path: Path
@@ -174,6 +184,7 @@ class Problem:
     cause: str = ""
     colours: tuple[tuple[int, int, int], ...] = ()
     unmapped: tuple[int, ...] = ()
+    detail: str = ""
 
     def __str__(self) -> str:
         fix = self.fix or FIXES.get(self.kind, "")
@@ -228,6 +239,10 @@ class ProblemGroup:
         if "{unmapped}" in text:
             text = text.replace("{unmapped}", _fmt_union([v for p in self.problems
                                                           for v in p.unmapped]))
+        if "{detail}" in text:
+            details = sorted({p.detail for p in self.problems})
+            text = text.replace("{detail}", details[0] if len(details) == 1 else
+                                f" (by {len(details)} different amounts)")
         if "{colours}" in text:
             colours = sorted({c for p in self.problems for c in p.colours})
             shown = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colours[:_MAX_COLOURS_SHOWN])
@@ -447,9 +462,19 @@ def _check_pair(
     image's dtype is recorded there."""
     out: list[Problem] = []
     size: tuple[int, int] | None = None
+    valid: np.ndarray | None = None  # the image's nodata
     try:
         if decode_images:
-            image, valid = read_image_valid(sample.image, bands, in_channels)  # valid: nodata
+            image, valid, every_band = read_image_validities(sample.image, bands, in_channels)
+            if every_band is not None:  # valid: nodata; every_band: nodata in some bands only
+                partial = int(np.count_nonzero(~every_band if valid is None
+                                               else valid & ~every_band))
+                out.append(Problem(
+                    sample.image, split, "partial_nodata",
+                    f"{partial} pixel(s) nodata in only some of the bands read",
+                    FIXES["partial_nodata"],
+                    cause="pixels nodata in only some of the bands read: trained on (and "
+                    "predicted) with the nodata value in those bands"))
             size = image.shape[:2]
             if dtypes is not None:
                 dtypes[sample.image] = str(image.dtype)
@@ -520,8 +545,10 @@ def _check_pair(
     elif size is not None:
         grid = grid_mismatch(sample.image, sample.mask)
         if grid is not None:
+            cause, by, amount = grid.partition(" by ")
             out.append(Problem(sample.mask, split, "grid_mismatch", f"{grid} ({sample.image.name})",
-                               FIXES["grid_mismatch"], cause=grid.split(" by ")[0]))
+                               FIXES["grid_mismatch"], cause=cause + ("{detail}" if by else ""),
+                               detail=by + amount))
     if turned != 1 and not mismatch:
         out.append(Problem(
             sample.image, split, "exif_rotated",
@@ -592,7 +619,16 @@ def _check_pair(
                 cause=cause,
             )
         )
-    return out, _class_pixels(labels, num_classes, ignore_index)
+    return out, _class_pixels(_without_nodata(labels, valid, ignore_index), num_classes,
+                              ignore_index)
+
+
+def _without_nodata(labels: np.ndarray, valid: np.ndarray | None,
+                    ignore_index: int | None) -> np.ndarray:
+    """``labels`` as training sees them: the image's nodata pixels ignored (uncounted)."""
+    if valid is None or valid.shape != labels.shape:
+        return labels
+    return np.where(valid, labels, -1 if ignore_index is None else ignore_index)
 
 
 def filling_values(labels: np.ndarray, values: Sequence[int], share: float = 0.05) -> list[int]:
@@ -872,10 +908,13 @@ def class_pixel_counts(
     mask_colors: Sequence[Sequence[int]] | None = None,
     max_workers: int | None = None,
     per_image: bool = False,
+    bands: Sequence[int] | None = None,
+    in_channels: int | None = None,
 ) -> np.ndarray:
     """Pixels per class over the masks of ``samples`` (e.g. for class weights).
 
-    Values outside ``[0, num_classes)`` (including ``ignore_index``) are not counted.
+    Values outside ``[0, num_classes)`` (including ``ignore_index``) are not counted, nor are
+    the pixels of a raster image's nodata, which training ignores.
     With ``per_image=True`` the counts of each mask are returned separately, which is what
     median frequency balancing needs (a class's frequency is taken over the images that
     contain it).
@@ -888,6 +927,8 @@ def class_pixel_counts(
         mask_colors: Colour table for RGB masks.
         max_workers: Threads.
         per_image: Return one row per sample instead of the total.
+        bands: ``data.bands``: the bands whose nodata is read.
+        in_channels: ``data.in_channels``.
 
     Returns:
         int64 array of shape (num_classes,), or (len(samples), num_classes) with ``per_image``
@@ -902,7 +943,14 @@ def class_pixel_counts(
             return np.zeros(num_classes, dtype=np.int64)
         labels = encode_mask(read_mask(sample.mask, colours=bool(mask_colors)), sample.mask,
                              mask_values, mask_colors, ignore_index)
-        return _class_pixels(labels, num_classes, None)[:num_classes]
+        valid = None
+        if may_have_nodata(sample.image):
+            try:
+                valid = read_image_valid(sample.image, bands, in_channels)[1]
+            except ImageReadError:  # the image's own problem, reported by the check
+                pass
+        return _class_pixels(_without_nodata(labels, valid, ignore_index), num_classes,
+                             None)[:num_classes]
 
     rows = parallel_map(count, list(samples), max_workers, "counting pixels")
     if per_image:

@@ -717,7 +717,8 @@ def check_data(
         try:
             per_image[s] = class_pixel_counts(
                 ok, dm.num_classes, dm.ignore_index, dm.mask_values, dm.mask_colors,
-                max_workers=max_workers, per_image=True,
+                max_workers=max_workers, per_image=True, bands=dm.bands,
+                in_channels=dm.in_channels,
             )
         except ImageReadError as exc:  # pragma: no cover - check_samples reports these first
             rep.warnings.append(f"[{s}] pixel counts skipped: {exc}")

@@ -61,7 +61,9 @@ __all__ = [
     "probe_raster",
     "read_image",
     "sidecar_georeference",
+    "may_have_nodata",
     "read_image_valid",
+    "read_image_validities",
     "read_mask",
     "to_float",
     "write_image",
@@ -482,10 +484,12 @@ def _band_masks(ds: Any, indexes: Sequence[int], window: Any = None,
 def _read_rasterio(
     path: Path, bands: Sequence[int] | None, *, as_mask: bool, channels: int | None = None,
     validity: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Read a whole raster with rasterio as ``((H, W, C), validity)``, the validity (H, W) bool
-    (as :meth:`RasterReader.read` decides it) only when asked for and some pixel is nodata,
-    else None; None if rasterio cannot open the file."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+    """Read a whole raster with rasterio as ``((H, W, C), validity, every band's validity)``:
+    the validity (H, W) bool (as :meth:`RasterReader.read` decides it) only when asked for and
+    some pixel is nodata, else None; the third, in a float raster with pixels that are nodata
+    in some of the bands read only, where every band read holds data, else None. None if
+    rasterio cannot open the file."""
     from rasterio.enums import ColorInterp
     from rasterio.errors import RasterioError, RasterioIOError
 
@@ -499,11 +503,12 @@ def _read_rasterio(
         if limit is not None and ds.width * ds.height > limit:
             raise ImageReadError(path, _bomb_reason(ds.width, ds.height), _BOMB_HINT)
         indexes, alpha_as_data = _data_indexes(ds, path, bands, channels)
-        valid = None
+        valid = every = None
         try:
             data = ds.read(indexes)
             if validity and _has_mask(ds, indexes, alpha_as_data):
-                valid = _band_masks(ds, indexes)[0]
+                valid, every = _band_masks(ds, indexes, every=data.dtype.kind == "f")
+                every = None if every is None or np.array_equal(every, valid) else every
                 valid = None if valid.all() else valid
         except (RasterioIOError, RasterioError) as exc:
             raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
@@ -527,7 +532,7 @@ def _read_rasterio(
                 data = np.moveaxis(lut[data[0]], -1, 0)
             except ValueError:
                 pass
-    return np.ascontiguousarray(np.moveaxis(data, 0, -1)), valid
+    return np.ascontiguousarray(np.moveaxis(data, 0, -1)), valid, every
 
 
 def _check_bands(path: Path, bands: Sequence[int], count: int) -> list[int]:
@@ -635,14 +640,48 @@ def read_image_valid(
     Raises:
         ImageReadError: As :func:`read_image`.
     """
-    return _read_image(Path(path), bands, channels, validity=True, alpha_nodata=alpha_nodata)
+    return _read_image(Path(path), bands, channels, validity=True, alpha_nodata=alpha_nodata)[:2]
+
+
+def read_image_validities(
+    path: _PathLike, bands: Sequence[int] | None = None, channels: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`read_image_valid`, and where every band read holds data.
+
+    A float raster's pixel that is nodata in some of the bands read only is valid (GDAL's
+    rule, which ``segpipe predict`` follows), but holds the nodata value (a sentinel such as
+    -9999) in those bands: band statistics leave such pixels out, and the data check warns
+    of them.
+
+    Args:
+        path: Image file.
+        bands: 1-based band selection, as for :func:`read_image`.
+        channels: The channels the model takes, if known.
+
+    Returns:
+        ``(image, validity, every band's validity)``: the first two as
+        :func:`read_image_valid` gives them; the third (H, W) bool, True where every band
+        read holds data, only in a float raster with pixels that are nodata in some bands
+        only, else None.
+
+    Raises:
+        ImageReadError: As :func:`read_image`.
+    """
+    return _read_image(Path(path), bands, channels, validity=True)
+
+
+def may_have_nodata(path: _PathLike) -> bool:
+    """Whether :func:`read_image_valid` may find nodata in ``path`` (without ``alpha_nodata``):
+    a raster rasterio reads (a TIFF, a 16-bit colour PNG), not a plain image."""
+    p = Path(path)
+    return _is_tiff(p) or _needs_gdal_png(p)
 
 
 def _read_image(p: Path, bands: Sequence[int] | None, channels: int | None,
                 validity: bool, alpha_nodata: bool = False
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     _check_file(p)
-    if _is_tiff(p) or _needs_gdal_png(p):
+    if may_have_nodata(p):
         read = _read_rasterio(p, bands, as_mask=False, channels=channels, validity=validity)
         if read is not None:
             return read
@@ -658,7 +697,7 @@ def _read_image(p: Path, bands: Sequence[int] | None, channels: int | None,
     if bands is not None:
         idx = _check_bands(p, bands, arr.shape[2])
         arr = np.ascontiguousarray(arr[:, :, [i - 1 for i in idx]])
-    return arr, valid
+    return arr, valid, None
 
 
 def read_mask(path: _PathLike, colours: bool = False) -> np.ndarray:
@@ -1251,14 +1290,16 @@ def grid_mismatch(image: _PathLike, mask: _PathLike) -> str | None:
     another resolution or in another CRS has the image's size all the same, and its labels
     would be trained on pixels they do not cover. Only files that both carry a CRS (for the
     CRS) or both a transform (for the grid) are compared: a plain PNG mask beside a GeoTIFF
-    image is fine.
+    image is fine. A PNG or JPEG with a world file (:func:`sidecar_georeference`) carries
+    them as a GeoTIFF does.
 
     Returns:
         A reason (``"mask is offset from its image by +20 columns and -3 rows"``), or None.
     """
-    try:
-        a = probe_raster(image)
-        b = probe_raster(mask) if a is not None and a.georeferenced else None
+    try:  # a GeoTIFF, or a PNG/JPEG with a world file
+        a = probe_raster(image) or sidecar_georeference(image)
+        b = ((probe_raster(mask) or sidecar_georeference(mask))
+             if a is not None and a.georeferenced else None)
     except ImageReadError:
         return None
     if a is None or b is None:

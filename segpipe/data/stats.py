@@ -33,7 +33,7 @@ import numpy as np
 
 from segpipe.data.checks import parallel_map
 from segpipe.data.datasets import adapt_channels
-from segpipe.data.io import probe_raster, read_image, read_image_valid, to_float
+from segpipe.data.io import probe_raster, read_image, read_image_validities, to_float
 
 __all__ = ["STD_FLOOR", "BandStats", "band_statistics", "image_kinds", "needs_measured_stats"]
 
@@ -184,7 +184,9 @@ def band_statistics(
     every image is used it equals numpy's mean/std of the concatenated images up to float64
     rounding. Sums are accumulated in float64 (per-image mean and squared deviations, merged
     pairwise), so 16-bit data loses nothing. Non-finite values of float images are ignored, and
-    so are a raster's nodata pixels (:func:`~segpipe.data.io.read_image_valid`).
+    so are a raster's nodata pixels (:func:`~segpipe.data.io.read_image_valid`) and a float
+    raster's pixels that are nodata in some bands only
+    (:func:`~segpipe.data.io.read_image_validities`).
 
     Args:
         images: Image files (e.g. the training split's ``sample.image`` paths).
@@ -213,7 +215,10 @@ def band_statistics(
 
     def measure(index: int) -> tuple[_Moments, np.dtype, int]:
         path = Path(images[index])
-        raw, valid = read_image_valid(path, bands, in_channels)  # a raster's nodata: no data
+        # a raster's nodata: no data; a float raster's pixel nodata in some bands only holds
+        # the nodata value (a sentinel such as -9999) in them: left out too
+        raw, valid, every_band = read_image_validities(path, bands, in_channels)
+        valid = valid if every_band is None else every_band
         flat = raw.reshape(-1, raw.shape[2]) if valid is None else raw[valid]
         if flat.shape[0] > max_pixels_per_image:
             rng = np.random.default_rng([seed, index])

@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from segpipe.data.datasets import finite_range, prepare_image
-from segpipe.data.io import ImageReadError, open_raster, probe_raster, read_image
+from segpipe.data.io import (
+    ImageReadError,
+    open_raster,
+    probe_raster,
+    read_image_valid,
+    sidecar_georeference,
+)
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
 
@@ -276,8 +282,12 @@ class Segmenter:
                 with open_raster(item, self.config.bands, self.config.in_channels) as reader:
                     pixels, valid = reader.read(0, reader.height)
                 return np.ascontiguousarray(pixels), str(item), valid
-            return (read_image(item, self.config.bands, self.config.in_channels), str(item),
-                    None)
+            # a PNG with a world file (a map tile): its transparent collar holds no data, as
+            # the command reads it
+            pixels, valid = read_image_valid(
+                item, self.config.bands, self.config.in_channels,
+                alpha_nodata=sidecar_georeference(item) is not None)
+            return pixels, str(item), valid
         if isinstance(item, torch.Tensor):
             raise TypeError(
                 f"cannot predict a torch.Tensor of shape {tuple(item.shape)}: give a numpy array "

@@ -709,6 +709,8 @@ class PredictModule(nn.Module):
                        if need_display else None)
             valid = rec.get("valid")  # NaN/inf pixels of a float image: written as nodata
             valid = None if valid is None else valid.numpy()
+            if display is not None and valid is not None and valid.shape == display.shape[:2]:
+                display[~valid] = 0  # nodata black, as a raster's (its colours were shown)
             chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, valid, display)
             out.append(ItemResult(rec["path"], rec["rel"], "predicted", formats=names,
                                   prediction=chunk, raster=rec.get("raster")))

@@ -713,13 +713,15 @@ def test_a_class_without_a_training_pixel_is_warned_about(tmp_path: Path, caplog
     assert "class(es) d have no training pixel" in caplog.text
 
 
-def _reflectance_tile(path: Path, seed: int, nodata_rows: int) -> None:
-    """A float32 reflectance (0-1) GeoTIFF, its first rows the declared nodata -9999."""
+def _reflectance_tile(path: Path, seed: int, nodata_rows: int, partial_rows: int = 0) -> None:
+    """A float32 reflectance (0-1) GeoTIFF, its first rows the declared nodata -9999, and the
+    ``partial_rows`` after them -9999 in the first band only."""
     import rasterio
 
     rng = np.random.default_rng(seed)
     data = rng.uniform(0.1, 0.9, (3, 16, 16)).astype(np.float32)
     data[:, :nodata_rows] = -9999.0
+    data[0, nodata_rows:nodata_rows + partial_rows] = -9999.0
     with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=3,
                        dtype="float32", nodata=-9999.0) as ds:
         ds.write(data)
@@ -749,6 +751,35 @@ def test_declared_nodata_in_training_rasters_is_no_data(tmp_path: Path) -> None:
     item = dm.datasets["train"][0]
     assert item["mask"][:4].eq(255).all() and item["mask"][4:].ne(255).all()
     assert item["image"][:, :4].abs().max() < 1e-5  # the training mean: 0 once normalised
+
+
+def test_pixels_nodata_in_some_bands_only_are_warned_about_and_left_out_of_the_statistics(
+        tmp_path: Path, caplog) -> None:
+    """The sentinel of a band nodata at a pixel whose other bands hold data made that band's
+    measured mean -689.5 and std 2534 (a valid pixel since one band is: GDAL's rule, which
+    predict follows and warns of), without a word from the check; and the class frequencies
+    counted the labels under the image's nodata, which training ignores."""
+    from segpipe.data.checks import class_pixel_counts
+
+    root = tmp_path / "ds"
+    for split, n in (("train", 2), ("val", 1)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            _reflectance_tile(root / split / "images" / f"t{i}.tif", i, nodata_rows=4,
+                              partial_rows=3)
+            mask = np.zeros((16, 16), np.uint8)
+            mask[:, 8:] = 1
+            mask[:4] = 1  # under the nodata rows: never trained on
+            write_mask(root / split / "masks" / f"t{i}.png", mask)
+    dm = _dm(root, num_classes=2, batch_size=2, crop_size=None, augment="none",
+             ignore_index=255)
+    with caplog.at_level("WARNING", logger="segpipe"):
+        dm.setup("fit")
+    assert all(0.1 < m < 0.9 for m in dm.mean) and all(s < 0.4 for s in dm.std), (dm.mean, dm.std)
+    assert "3 images: pixels nodata in only some of the bands read" in caplog.text
+    counts = class_pixel_counts(scan_folder(root)["train"], 2, 255)
+    assert counts.tolist() == [2 * 12 * 8, 2 * 12 * 8]  # the 4 nodata rows' class 1 left out
 
 
 def test_unmapped_mask_values_are_one_cause_with_their_union(tmp_path: Path) -> None:

@@ -488,9 +488,15 @@ def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> 
               crs, x0, y0, res)
     write_image(root / "train" / "images" / "plain.tif", np.zeros((16, 20, 1), np.uint8))
     write_mask(root / "train" / "masks" / "plain.tif", np.zeros((16, 20), np.uint8))  # no georef
+    # a PNG mask placed by a world file is georeferenced too: it passed, shifted
+    write(root / "train" / "images" / "world.tif",
+          rng.integers(0, 255, (16, 20), dtype=np.uint8), "EPSG:32633", 500000, 4600000)
+    write_mask(root / "train" / "masks" / "world.png", rng.integers(0, 2, (16, 20), dtype=np.uint8))
+    (root / "train" / "masks" / "world.pgw").write_text("10\n0\n0\n-10\n500205\n4600025\n")
     problems = check_samples(scan_folder(root), num_classes=2, decode_images=True)
     found = {p.path.stem: p.message for p in problems if p.kind == "grid_mismatch"}
     assert found == {
+        "world": "mask is offset from its image by +20 columns and -3 rows (world.tif)",
         "shifted": "mask is offset from its image by +20 columns and -3 rows (shifted.tif)",
         "other_crs": "mask's CRS EPSG:32632 is not its image's EPSG:32633 (other_crs.tif)",
         "coarser": "mask's pixel size 20×20 (or rotation) is not its image's 10×10 (coarser.tif)",
@@ -499,6 +505,10 @@ def test_georeferenced_masks_off_their_images_grid_are_named(tmp_path: Path) -> 
                     "4600000.0)) (south_up.tif)",
     }
     assert all("gdalwarp" in p.fix for p in problems if p.kind == "grid_mismatch")
+    # the printed line keeps the amount when the files of its cause share it
+    lines = [g.line() for g in group_problems(problems) if g.kind == "grid_mismatch"]
+    assert any("2 masks: mask is offset from its image by +20 columns and -3 rows (" in line
+               for line in lines), lines
 
 
 def test_lossless_masks_still_get_the_num_classes_advice(tmp_path: Path, capsys) -> None:

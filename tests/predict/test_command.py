@@ -198,6 +198,16 @@ def test_a_png_or_jpeg_with_a_world_file_keeps_its_georeference(
             labels = ds.read(1)
         assert (labels[:, :10] == 255).all() and (labels[:, 10:] != 255).all(), name
     assert (np.asarray(Image.open(tmp_path / "tiles_out" / "plain.png"))[:, :10] != 255).all()
+    # the API reads the collar alike (it predicted classes there), and the overlay shows it
+    # black, as a raster's nodata (it showed the colours stored under alpha 0)
+    from segpipe import Segmenter
+
+    seg = Segmenter.from_checkpoint(pointwise_ckpt, device="cpu")
+    with rasterio.open(tmp_path / "tiles_out" / "tile.tif") as ds:
+        assert np.array_equal(seg.predict(tiles / "tile.png"), ds.read(1))
+    assert run(pointwise_ckpt, tiles, tmp_path / "overlays", "--format", "overlay") == 0
+    overlay = np.asarray(Image.open(tmp_path / "overlays" / "tile_overlay.jpg")).astype(int)
+    assert overlay[:, :8].mean() < 8 and overlay[:, 12:].mean() > 40
 
 
 def test_control_points_and_camera_models_are_kept(tmp_path: Path, pointwise_ckpt: Path,
