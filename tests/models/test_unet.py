@@ -101,6 +101,28 @@ def test_bad_arguments_rejected(kwargs: dict, pattern: str) -> None:
         UNet(**kwargs)
 
 
+@torch.no_grad()
+def test_each_decoder_level_fuses_the_features_of_its_encoder_level() -> None:
+    """The skips carry the encoder's features: a skip replaced by zeros (or taken from another
+    level, or the upsampled tensor twice) still sent a gradient to every weight tensor."""
+    model = UNet(in_channels=3, num_classes=3, base_channels=4, depth=3).eval()
+    encoded = [model.inc, *model.downs[:-1]]  # each level's output, finest first
+    outputs: dict[int, torch.Tensor] = {}
+    fused: dict[int, torch.Tensor] = {}
+    for level, module in enumerate(encoded):
+        module.register_forward_hook(lambda m, a, out, level=level: outputs.__setitem__(level, out))
+    for i, up in enumerate(model.ups):  # coarsest first: level depth-1-i
+        level = len(model.ups) - 1 - i
+        up.conv.register_forward_pre_hook(lambda m, a, level=level: fused.__setitem__(level, a[0]))
+    model(torch.randn(1, 3, 32, 32))
+    assert sorted(fused) == sorted(outputs) == [0, 1, 2]
+    for level, features in outputs.items():
+        channels = features.shape[1]
+        assert fused[level].shape[1] == 2 * channels
+        assert torch.equal(fused[level][:, :channels], features), level  # the skip, then
+        assert not torch.equal(fused[level][:, channels:], features)      # the upsampled
+
+
 def test_gradients_reach_every_parameter() -> None:
     model = UNet(in_channels=3, num_classes=3, base_channels=4, depth=3, norm="batch", dropout=0.1)
     out = model(torch.randn(2, 3, 32, 32))

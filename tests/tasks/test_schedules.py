@@ -96,6 +96,26 @@ def test_plan_fits_the_epochs_left_and_validates_the_last(monkeypatch) -> None:
     assert restored.progress(trainer) == cb.progress(trainer)  # the same plan, the same anchor
 
 
+def test_the_plan_keeps_time_for_the_last_validation_and_plans_with_the_slowest_epoch(
+        monkeypatch) -> None:
+    """Neither rule was held by a test: a plan without the validation's time (the timer then
+    stops the run before its annealed last epoch is validated), or with the last epoch's time
+    instead of the slowest recent one's, passed."""
+    trainer, _, timer = _fake_trainer(monkeypatch, budget=200.0)
+    cb = AnnealToDeadline()
+    cb.val_seconds = 15.0  # as on_validation_start/end measured it
+    plans = []
+    for epoch, seconds in enumerate([10.0, 30.0, 10.0, 10.0]):
+        trainer.current_epoch, trainer.global_step = epoch, 10 * epoch
+        cb.on_train_epoch_start(trainer, None)
+        plans.append(cb.planned_epochs)
+        timer.now += seconds
+        cb.on_train_epoch_end(trainer, None)
+    # epoch 1: (190 s - 15 s) // (1.1 x 10 s) = 15 epochs from 1 on; epoch 2: (160 - 15) //
+    # 33 = 4 from 2 on; epoch 3: the 30 s epoch still the slowest recent: (150 - 15) // 33 = 4
+    assert plans == [None, 16, 6, 7]
+
+
 def test_a_resumed_processs_first_epoch_does_not_plan(monkeypatch) -> None:
     """A resumed process's first epoch carries its start-up (10 s here) or is a part epoch:
     planned with, it stopped a resumed run with a fifth of its budget unused."""

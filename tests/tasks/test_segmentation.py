@@ -593,6 +593,30 @@ class _BatchedDM(L.LightningDataModule):
         return DataLoader(self.ds, batch_size=self.batch_size)
 
 
+@torch.no_grad()
+def test_each_case_is_scored_on_its_own_images():
+    """Cases mixed within batches: a case's row from another case's pixels (names misaligned
+    with the batch) kept the mean over cases and every count, and passed."""
+
+    class _Cases(ArgmaxData):
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "case": "AB"[i % 2] if i < 6 else "C"}
+
+    ds = _Cases(n=9)
+    ds.masks[1::2] = (ds.masks[1::2] + 1) % 3  # case B's labels off: its score differs
+    task = SegmentationTask(PixelNet(), loss="ce")
+    _trainer().test(task, _BatchedDM(ds, 4))
+    rows = {row["case"]: row for row in task.test_report["per_case"]["cases"]}
+    preds = task(ds.images).argmax(1)
+    for case, members in (("A", [0, 2, 4]), ("B", [1, 3, 5]), ("C", [6, 7, 8])):
+        cm = torch.bincount((ds.masks[members] * 3 + preds[members]).flatten(),
+                            minlength=9).reshape(3, 3).double()
+        tp = cm.diag()
+        dice = 2 * tp / (cm.sum(0) + cm.sum(1))
+        assert rows[case]["num_images"] == 3
+        assert list(rows[case]["Dice_per_class"].values()) == pytest.approx(dice.tolist()), case
+
+
 @pytest.mark.parametrize("weights", [None, [0.2, 1.0, 5.0]])
 def test_the_test_loss_does_not_depend_on_the_batch_size(weights):
     """The cross-entropy over every scored pixel: a batch's loss weighted by its image count
