@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -193,6 +194,12 @@ def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):
     assert resolve_checkpoint_alias("best", moved) == str(moved / best.name)
     (moved / "last.ckpt").unlink()  # no record at all: the newest other checkpoint
     assert resolve_checkpoint_alias("best", moved) == str(moved / best.name)
+    older, newer = moved / "best-epoch=0.ckpt", moved / "best-epoch=7.ckpt"
+    for age, path in ((300, older), (100, newer)):
+        shutil.copy(moved / best.name, path)
+        os.utime(path, (time.time() - age, time.time() - age))
+    os.utime(moved / best.name, (time.time() - 200, time.time() - 200))
+    assert resolve_checkpoint_alias("best", moved) == str(newer)
     for alias in ("best", "last"):
         with pytest.raises(FileNotFoundError, match=f"--ckpt_path {alias}: no {alias} checkpoint in"):
             resolve_checkpoint_alias(alias, tmp_path)

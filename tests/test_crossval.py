@@ -109,6 +109,10 @@ def test_pools_every_case_once_and_reports_each_fold(tmp_path: Path) -> None:
     assert pooled["num_cases"] == 5
     assert pooled["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(2.6 / 4)
     assert pooled["IoU_per_class_mean_over_cases"]["tumour"] == pytest.approx(1.3 / 4)
+    # the headline means too: over the 5 cases' mDice, not the folds' means (0.86875)
+    mdice = [0.945, 0.795, 0.645, 0.895, 0.99]
+    assert pooled["mDice_mean_over_cases"] == pytest.approx(sum(mdice) / 5)
+    assert pooled["mIoU_mean_over_cases"] == pytest.approx(sum(mdice) / 10)
     assert out["fold_sd"]["Dice_per_class_mean_over_cases"]["tumour"] == pytest.approx(0.02 ** 0.5)  # 0.6, 0.8
     assert [f["data_fold"] for f in out["folds"]] == [None, None]  # not recorded
     assert {r["case"]: r["run"] for r in out["cases"]} == {"p1": 1, "p2": 1, "p3": 1, "p4": 2,

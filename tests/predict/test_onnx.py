@@ -41,7 +41,30 @@ def test_the_sidecar_names_the_checkpoint_by_its_absolute_path(
     assert json.loads(out.with_suffix(".json").read_text())["checkpoint"] == str(unet_ckpt.resolve())
 
 
-def test_onnx_prediction_agrees_with_torch(tmp_path: Path, unet_ckpt: Path) -> None:
+def _fcn_ckpt(path: Path) -> Path:
+    """An FCN-8s (skip fusion, grouped fixed upsampling) with random weights."""
+    import torch
+
+    from segpipe.models import FCN
+
+    torch.manual_seed(0)
+    args = {"in_channels": 3, "num_classes": 3, "variant": "8s", "base_channels": 4}
+    net = FCN(**args)
+    with torch.no_grad():  # the zero-initialised skip scores take part too
+        for name, param in net.named_parameters():
+            if "score_pool" in name:
+                param.normal_(0, 0.5)
+    return save_predict_checkpoint(
+        path, net={"class_path": "segpipe.models.FCN", "init_args": args},
+        data={"num_classes": 3, "in_channels": 3, "class_colors": COLORS},
+        state_dict={f"net.{k}": v for k, v in net.state_dict().items()})
+
+
+@pytest.mark.parametrize("network", ["unet", "fcn8s"])
+def test_onnx_prediction_agrees_with_torch(tmp_path: Path, unet_ckpt: Path, network: str) -> None:
+    """U-Net, and FCN-8s (the README promises every model exports; none of it was tested)."""
+    if network == "fcn8s":
+        unet_ckpt = _fcn_ckpt(tmp_path / "fcn.ckpt")
     src = tmp_path / "in"
     sizes = [(45, 37), (64, 96), (120, 90)]  # odd sizes: pad, predict, crop back
     for i, (h, w) in enumerate(sizes):
