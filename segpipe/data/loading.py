@@ -28,6 +28,7 @@ __all__ = [
     "UnrepeatedSampler",
     "default_cache_mb",
     "default_num_workers",
+    "ignore_sigterm",
     "seed_worker",
 ]
 
@@ -69,8 +70,24 @@ def default_cache_mb(num_workers: int) -> float:
     return float(min(1024.0, ram_mb / 8 / max(1, num_workers)))
 
 
+def ignore_sigterm(worker_id: int | None = None) -> None:
+    """In a loader process (a DataLoader ``worker_init_fn``): leave SIGTERM to the main
+    process. A scheduler (SLURM at a time limit, a pre-emption) signals the whole process
+    group; a loader process that died of it made the main one fail with "DataLoader worker
+    ... killed by signal: Terminated" (exit 1, no last checkpoint) instead of stopping as on
+    Ctrl-C, and the main process shuts its loaders down itself.
+
+    Args:
+        worker_id: Worker index (unused).
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def seed_worker(worker_id: int, niceness: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: own augmentation random state, lower priority.
+    """DataLoader ``worker_init_fn``: SIGTERM left to the main process
+    (:func:`ignore_sigterm`), own augmentation random state, lower priority.
 
     Without reseeding every forked worker would start from the same albumentations generator
     state and produce the same augmentations. The seed is torch's per-worker seed, which follows
@@ -84,6 +101,7 @@ def seed_worker(worker_id: int, niceness: int = 0) -> None:
         worker_id: Worker index (unused; the seed already includes it).
         niceness: Added to the worker process's nice value (POSIX only; 0 leaves it).
     """
+    ignore_sigterm()
     if niceness > 0 and hasattr(os, "nice"):
         os.nice(niceness)
     info = get_worker_info()

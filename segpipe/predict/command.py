@@ -496,7 +496,7 @@ def predict(
     """
     from torch.utils.data import DataLoader
 
-    from segpipe.data.loading import default_num_workers
+    from segpipe.data.loading import default_num_workers, ignore_sigterm
     from segpipe.predict.checkpoint import load_predictor
     from segpipe.predict.engine import (
         InProcessRunner,
@@ -645,7 +645,7 @@ def predict(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate_records, persistent_workers=False,
-        worker_init_fn=_ignore_sigterm if workers else None,
+        worker_init_fn=ignore_sigterm if workers else None,
     )
     module = PredictModule(task, config, writer, options)
     callback = WritingCallback(writer, len(files), fail_fast=fail_fast, progress=progress,
@@ -691,16 +691,6 @@ def predict(
         # unstamped outputs may be: such a folder stays marked as holding them)
         _record_settings(output, settings, stamped=not unstamped)
     return summary
-
-
-def _ignore_sigterm(worker_id: int) -> None:
-    """In a loader process: leave SIGTERM to the main process. A scheduler signals the whole
-    process group; a loader process that died of it made the main one fail with "DataLoader
-    worker ... killed by signal: Terminated" (exit 1) instead of stopping as on Ctrl-C, and
-    the main process shuts its loaders down itself."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,

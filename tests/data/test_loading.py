@@ -234,3 +234,29 @@ def test_a_mid_epoch_resume_with_another_batch_size_is_refused() -> None:
     # at an epoch's end (all 6 batches), the next epoch may take another batch size
     loader(4).load_state_dict({"epoch": 1, "batches": 6, "batch_size": 2})
     loader(4).load_state_dict({"epoch": 1, "batches": 3})  # older checkpoints: no size saved
+
+
+class _SigtermState(torch.utils.data.Dataset):
+    """One item: whether SIGTERM is ignored in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> bool:
+        import signal
+
+        return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_loader_workers_leave_sigterm_to_the_main_process(tmp_path: Path, stage: str) -> None:
+    """A scheduler signals the whole process group: a training loader process died of SIGTERM,
+    and the fit failed with a traceback (exit 1, no last checkpoint) where it stops with 143
+    when the main process alone is signalled (predict's loaders already ignored it)."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(16, 16))
+    dm = SegmentationDataModule(str(root), num_classes=3, num_workers=1, batch_size=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader() if stage == "train" else dm.val_dataloader()
+    probe = torch.utils.data.DataLoader(_SigtermState(), num_workers=1,
+                                        worker_init_fn=loader.worker_init_fn)
+    assert next(iter(probe)).item() is True
