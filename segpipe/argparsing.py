@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "class_parameters", "command_line_value", "option_at",
+__all__ = ["CommandParser", "class_parameters", "command_line_value", "home_path", "option_at",
            "positive_int"]
 
 
@@ -63,6 +63,14 @@ def option_at(argv: Sequence[str], i: int, option: str) -> str | None:
     if arg == option:
         return argv[i + 1] if i + 1 < len(argv) else None
     return arg[len(option) + 1:] if arg.startswith(option + "=") else None
+
+
+def home_path(value: str) -> str:
+    """An argparse ``type`` for paths: a leading ``~`` expanded, as the shell does it for a word
+    but not in ``--option=~/x`` nor in a ``--config`` file's value."""
+    import os
+
+    return os.path.expanduser(value)
 
 
 def positive_int(value: str) -> int:

@@ -311,6 +311,23 @@ def _checkpoint_dir(cfg: Any) -> Path:
     return Path(cfg.trainer.default_root_dir or ".") / "checkpoints"
 
 
+#: Path options whose ``~`` segpipe expands (a shell leaves it as it is in a config file, and
+#: in ``--option=~/x``): Lightning and the run-folder logic took it for a folder named "~".
+_HOME_PATHS = ("trainer.default_root_dir", "checkpoint.dirpath", "ckpt_path", "model.init_from")
+
+
+def _expand_home(cfg: Any) -> None:
+    """Expand a leading ``~`` in the path options of :data:`_HOME_PATHS` (``data.root`` is
+    expanded by the data module)."""
+    for key in _HOME_PATHS:
+        try:
+            value = cfg[key]
+        except (KeyError, TypeError, AttributeError):
+            continue
+        if isinstance(value, str) and value.startswith("~"):
+            cfg[key] = os.path.expanduser(value)
+
+
 def resolve_checkpoint_alias(alias: str, ckpt_dir: Path, weights_only: bool = True) -> str:
     """Turn ``--ckpt_path best`` or ``last`` into a file of the run in ``ckpt_dir``.
 
@@ -875,6 +892,7 @@ class SegpipeCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
+        _expand_home(cfg)
         if "ckpt_path" not in cfg:
             return
         given = (command_line_value([str(a) for a in argv], "--ckpt_path")

@@ -276,6 +276,31 @@ def test_a_class_weighted_checkpoint_of_other_classes_is_the_same_line(dataset, 
             "data.num_classes=4;"), err[-1]
 
 
+def test_a_home_folder_in_path_options_is_expanded(dataset, tmp_path, monkeypatch):
+    """'~' in a config file or --option=~/x (no shell expands it there) made a folder named
+    '~' in the current folder, so --ckpt_path last started the run over and best was not
+    found; predict and export took it as a relative path too."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    args = ["--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+            "--trainer.default_root_dir=~/run", *TINY]
+    assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
+    assert (home / "run" / "checkpoints" / "last.ckpt").is_file() and not Path("~").exists()
+    assert main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
+    assert not (home / "run" / "checkpoints" / "earlier-1").exists()  # resumed, not set aside
+    assert main(["test", *args, "--ckpt_path=best"]) == 0
+    assert main(["predict", "--ckpt_path=~/run/checkpoints/last.ckpt",
+                 f"--input={dataset / 'test' / 'images'}", "--output=~/masks", "--no_progress",
+                 "--accelerator=cpu"]) == 0
+    assert len(list((home / "masks").glob("*.png"))) == len(list((dataset / "test" / "images").iterdir()))
+    from segpipe import Segmenter
+
+    seg = Segmenter.from_checkpoint("~/run/checkpoints/last.ckpt", device="cpu")
+    assert seg.predict(str(dataset / "test" / "images" / "img_000.png")).ndim == 2
+    assert not Path("~").exists()
+
+
 def test_a_new_fit_in_a_run_folder_sets_the_earlier_checkpoints_aside(dataset, tmp_path):
     args = ["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
             f"--trainer.default_root_dir={tmp_path}", *TINY]

@@ -278,6 +278,7 @@ class Segmenter:
         """(H, W, C) native pixels of one input, with the model's bands selected, and for a
         raster file its validity (False at nodata, as ``segpipe predict`` reads it) or None."""
         if isinstance(item, (str, Path)):
+            item = Path(item).expanduser()
             if probe_raster(item) is not None:  # nodata / mask / alpha, as the command reads it
                 with open_raster(item, self.config.bands, self.config.in_channels) as reader:
                     pixels, valid = reader.read(0, reader.height)

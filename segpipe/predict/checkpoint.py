@@ -368,7 +368,7 @@ def load_predictor(
         CheckpointError: Checkpoints that cannot rebuild their network, or whose data and model
             settings disagree.
     """
-    path = Path(ckpt_path)
+    path = Path(ckpt_path).expanduser()
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
     net_cfg = hp.get("net")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from typing import TYPE_CHECKING
 
-from segpipe.argparsing import CommandParser
+from segpipe.argparsing import CommandParser, home_path
 from segpipe.data.io import IMAGE_EXTENSIONS
 from segpipe.errors import MissingExtraError
 from segpipe.fileio import TMP_PREFIX, OutputDirError, check_output_dir, is_stale_temporary
@@ -746,14 +746,14 @@ def build_parser() -> CommandParser:
                     "format: [mask, overlay]); dashed spellings (--batch-size) work too.",
     )
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--ckpt_path", dest="ckpt_path", metavar="CKPT",
+    model.add_argument("--ckpt_path", dest="ckpt_path", metavar="CKPT", type=home_path,
                        help="checkpoint written by `segpipe fit` (e.g. RUN/checkpoints/last.ckpt)")
-    model.add_argument("--onnx", dest="onnx", metavar="MODEL_ONNX",
+    model.add_argument("--onnx", dest="onnx", metavar="MODEL_ONNX", type=home_path,
                        help="model.onnx written by `segpipe export` (its model.json beside it); "
                             "runs with onnxruntime instead of torch")
-    p.add_argument("--input", required=True,
+    p.add_argument("--input", required=True, type=home_path,
                    help="an image file or a folder (searched recursively)")
-    p.add_argument("--output", required=True,
+    p.add_argument("--output", required=True, type=home_path,
                    help="output folder; outputs mirror the inputs' relative paths")
     p.add_argument("--format", dest="formats", nargs="+", default=["auto"],
                    metavar="FORMAT",

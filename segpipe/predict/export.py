@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from segpipe.argparsing import CommandParser
+from segpipe.argparsing import CommandParser, home_path
 
 __all__ = ["main"]
 
@@ -12,8 +12,9 @@ __all__ = ["main"]
 def main(argv: list[str]) -> int:
     """Export a checkpoint to ONNX (dynamic batch, height and width) and write ``model.json``."""
     parser = CommandParser(prog="segpipe export", description=(__doc__ or "").strip())
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by segpipe fit")
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--ckpt_path", required=True, type=home_path,
+                        help="checkpoint written by segpipe fit")
+    parser.add_argument("--output", required=True, type=home_path, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--tile", type=int, default=None,
                         help="tile size that predict --onnx and Segmenter.from_onnx use when "

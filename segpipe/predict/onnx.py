@@ -263,7 +263,7 @@ def load_onnx_predictor(onnx_path: str | Path) -> tuple[OnnxTask, PredictConfig,
     Returns:
         ``(task stand-in, prediction config, sidecar dict)`` (the sidecar holds tile/overlap).
     """
-    path = Path(onnx_path)
+    path = Path(onnx_path).expanduser()
     side = sidecar_path(path)
     if not side.is_file() and path.is_symlink():  # latest.onnx -> runs/a/model.onnx
         side = sidecar_path(path.resolve())
