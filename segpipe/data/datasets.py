@@ -161,7 +161,7 @@ def _natural_key(text: str) -> list[Any]:
 
 def find_images(
     path: str | Path, recursive: bool = True, links: list[Path] | None = None,
-    unread: list[Path] | None = None,
+    unread: list[Path] | None = None, unreadable: list[OSError] | None = None,
 ) -> list[Path]:
     """Image files under a folder (or the file itself), naturally sorted.
 
@@ -178,6 +178,9 @@ def find_images(
         unread: When given, the files in raster formats segpipe does not read
             (:data:`~segpipe.data.io.UNREAD_RASTER_EXTENSIONS`: ``.vrt``, ``.jp2``, ...) are
             appended to it, sorted, for the caller to name.
+        unreadable: When given, the errors of the folders that could not be listed (no
+            permission: their images are not found) are appended to it, for the caller to name
+            (each error's ``filename`` is the folder).
 
     Returns:
         Sorted list of image files (hidden files skipped).
@@ -194,7 +197,8 @@ def find_images(
     unfollowed: list[Path] = []
     rasters: list[Path] = []
     seen = {os.path.realpath(p)}
-    for dirpath, dirs, names in os.walk(p, followlinks=True):
+    for dirpath, dirs, names in os.walk(p, followlinks=True,
+                                        onerror=None if unreadable is None else unreadable.append):
         here = Path(dirpath)
         real_here = os.path.realpath(here)
         keep = []
@@ -1125,11 +1129,24 @@ class SegmentationDataset(_TransformMixin, Dataset):
         if self.transform is not None and self.native_masks:
             image = self.transform(image=image)["image"]
         elif self.transform is not None:
-            # Cached labels are uint8 when they fit; keep them so unless the padding value
-            # (the ignore index) does not (cv2 has no int64, hence int32 otherwise).
-            fits = labels.dtype == np.uint8 and 0 <= (self.ignore_index or 0) <= 255
-            out = self.transform(image=image, mask=labels if fits else labels.astype(np.int32))
+            # Labels as uint8 when they and the padding value (the ignore index) fit, cached or
+            # not: cv2's nearest-neighbour warps break ties otherwise for uint8 and int32 (no
+            # int64 in cv2), so the cache changed a few pixels of strong's rotations.
+            fits = 0 <= (self.ignore_index or 0) <= 255
+            if fits and labels.dtype != np.uint8:
+                fits = bool(labels.size) and 0 <= labels.min() and labels.max() <= 255
+            labels = labels.astype(np.uint8 if fits else np.int32, copy=False)
+            # A float image beyond [0, 1] (dB, raw reflectance, a stretch) goes through the
+            # pixel transforms per band in [0, 0.5] and back: albumentations clips float images
+            # to [0, 1] (a SAR image in dB came out all zeros when jittered). Padding takes
+            # the band's minimum, where it took 0.
+            span = _beyond_unit_range(image)
+            if span is not None:
+                image = (image - span[0]) / span[1]
+            out = self.transform(image=image, mask=labels)
             image, labels = out["image"], out["mask"]
+            if span is not None:
+                image = image * span[1] + span[0]
         if self.uint8_images and image.dtype == np.uint8:
             pixels = image if image.ndim == 3 else image[:, :, None]
             img_t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
@@ -1151,6 +1168,22 @@ class SegmentationDataset(_TransformMixin, Dataset):
     @property
     def _has_cases(self) -> bool:
         return any(s.case for s in self.samples)
+
+
+def _beyond_unit_range(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(low, span)`` per band, float32 (C,), of a float (H, W, C) image with values outside
+    ``[0, 1]``, else None (nothing to clip): ``(image - low) / span`` lies in ``[0, 0.5]``,
+    which leaves room for gains up to 2 and brightness shifts before albumentations' clip."""
+    if image.dtype.kind != "f" or not image.size:
+        return None
+    low = image.min(axis=(0, 1))
+    high = image.max(axis=(0, 1))
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        return None  # NaN: refused by the data check
+    if low.min() >= 0.0 and high.max() <= 1.0:
+        return None
+    span = 2 * np.maximum(high - low, np.float32(1e-12))
+    return low.astype(np.float32), span.astype(np.float32)
 
 
 class PredictDataset(_TransformMixin, Dataset):

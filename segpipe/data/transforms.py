@@ -212,6 +212,33 @@ def _scaled_window(origin: int, scaled: int, out: int, source: int) -> _Window:
     return _Window(factor, src_start, src_stop, start, first, count)
 
 
+class _RelativeGaussNoise(A.ImageOnlyTransform):
+    """Gaussian noise whose std is a fraction of each band's own std in the image, for images
+    that fill only part of their dtype's range (``color_relative``): albumentations'
+    ``GaussNoise`` takes a fraction of the dtype's maximum, which on 12-bit data stored as
+    16-bit was 7-9 times the data's own spread.
+
+    Args:
+        std_range: ``(low, high)`` fractions of each band's std, drawn once per image.
+        p: Probability of applying.
+    """
+
+    def __init__(self, std_range: tuple[float, float], p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.std_range = (float(std_range[0]), float(std_range[1]))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("std_range",)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        fraction = self.random_generator.uniform(*self.std_range)
+        std = img.reshape(img.shape[0] * img.shape[1], -1).std(axis=0) * fraction  # (C,)
+        noise = self.random_generator.standard_normal(img.shape).astype(np.float32) * std
+        if img.dtype == np.uint8:  # no colour-relative image is, but keep the dtype's range
+            return np.clip(img + noise, 0, 255).astype(np.uint8)
+        return (img + noise).astype(img.dtype, copy=False)
+
+
 class GridElastic(A.DualTransform):
     """Smooth elastic deformation from random displacements on a coarse grid (the U-Net paper's).
 
@@ -354,7 +381,8 @@ def build_train_transform(
             instead (``BORDER_REFLECT_101``): a fill value would label invented pixels as a
             class.
         color_relative: Shift brightness by a fraction of the image's mean instead of the
-            dtype's maximum, and leave hue and saturation alone. For images whose values fill
+            dtype's maximum, add ``strong``'s noise as a fraction of each band's std instead
+            of the dtype's maximum, and leave hue and saturation alone. For images whose values fill
             only part of ``[0, 1]`` (12/16-bit scans, reflectance rasters scaled by 1/65535), a
             shift of 0.2 of the maximum would be many times the data's own spread, and their
             bands are no RGB photo's.
@@ -364,7 +392,8 @@ def build_train_transform(
         channel_gain: ``(low, high)``: each channel multiplied by its own factor, uniform in
             the range (albumentations' ``MultiplicativeNoise`` per channel, not per pixel), on
             every sample unless the preset is ``"none"``; None disables it. Values are clipped
-            to the dtype's range as albumentations does.
+            to the dtype's range as albumentations does (the dataset runs a float image with
+            values beyond ``[0, 1]`` through these pixel transforms in ``[0, 1]``, per band).
 
     Returns:
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
@@ -436,7 +465,8 @@ def build_train_transform(
             ops.append(A.RandomBrightnessContrast(0.3, 0.3, brightness_by_max=photo, p=0.8))
             if photo:
                 ops.append(_HueSaturationValueRGB(20, 30, 20, p=0.5))
-            ops.append(A.GaussNoise(std_range=(0.01, 0.05), p=0.3))
+            ops.append(_RelativeGaussNoise((0.05, 0.25), p=0.3) if color_relative
+                       else A.GaussNoise(std_range=(0.01, 0.05), p=0.3))
     return A.Compose(ops)
 
 

@@ -271,6 +271,54 @@ def test_augmenting_cached_images_leaves_the_cache_intact(tmp_path: Path) -> Non
     assert torch.equal(again["image"], first["image"]) and torch.equal(again["mask"], first["mask"])
 
 
+def test_the_cache_does_not_change_augmented_masks(tmp_path: Path) -> None:
+    """Cached labels were uint8 and uncached int32, and cv2's nearest-neighbour rotation breaks
+    ties differently for the two: strong's rotations changed a few pixels with the cache."""
+    write_image(tmp_path / "a.png", np.zeros((60, 90, 3), np.uint8))
+    write_mask(tmp_path / "a_mask.png", (np.add.outer(np.arange(60), 2 * np.arange(90)) % 5
+                                         ).astype(np.uint8))  # every pixel on a class border
+    samples = [Sample(tmp_path / "a.png", tmp_path / "a_mask.png")]
+    kw = dict(in_channels=3, num_classes=5, seed=0,
+              transform=build_train_transform("strong", crop_size=40, mask_fill=255))
+    plain, cached = SegmentationDataset(samples, **kw), SegmentationDataset(samples, cache_mb=1, **kw)
+    for epoch in range(24):
+        assert torch.equal(plain[ItemKey(0, epoch)]["mask"], cached[ItemKey(0, epoch)]["mask"])
+
+
+@pytest.mark.parametrize("gain", [None, (0.8, 1.25)])
+def test_float_images_beyond_the_unit_range_are_jittered_not_clipped(tmp_path: Path,
+                                                                      gain) -> None:
+    """albumentations clips float images to [0, 1]: a SAR image in dB (-25..-5) came out all
+    zeros whenever the colour jitter (or every time the channel gain) touched it."""
+    decibels = np.random.default_rng(0).uniform(-25, -5, (32, 32, 1)).astype(np.float32)
+    write_image(tmp_path / "sar.tif", decibels)
+    write_mask(tmp_path / "sar_mask.png", np.zeros((32, 32), np.uint8))
+    ds = SegmentationDataset(
+        [Sample(tmp_path / "sar.tif", tmp_path / "sar_mask.png")], in_channels=1, num_classes=2,
+        mean=[0.0], std=[1.0], seed=0,  # the image as the network gets it: raw units
+        transform=build_train_transform("strong", crop_size=None, scale=(1.0, 1.0),
+                                        color_relative=True, channel_gain=gain))
+    changed = 0
+    for epoch in range(12):
+        image = ds[ItemKey(0, epoch)]["image"]
+        assert image.min() < -15 and image.std() > 1, epoch  # still dB, not clipped to [0, 1]
+        changed += not torch.allclose(image[0], torch.from_numpy(decibels[:, :, 0]), atol=1e-3)
+    assert changed >= 6  # jittered (the strong preset's rotation aside)
+
+
+def test_strong_noise_follows_the_data_spread_of_colour_relative_images() -> None:
+    """GaussNoise's std is a fraction of the dtype's maximum: on 12-bit data in uint16 (std
+    289 of 65535) it reached 2000-2500, 7-9 times the data's own spread."""
+    from segpipe.data.transforms import _RelativeGaussNoise
+
+    image = (np.random.default_rng(0).uniform(1500, 2500, (64, 64, 3)) / 65535).astype(np.float32)
+    noise = _RelativeGaussNoise((0.05, 0.25), p=1.0)
+    noise.set_random_seed(0)
+    out = noise(image=image)["image"]
+    ratio = (out - image).std(axis=(0, 1)) / image.std(axis=(0, 1))
+    assert (0.04 < ratio).all() and (ratio < 0.26).all(), ratio
+
+
 def test_label_range_lists_every_offending_value() -> None:
     labels = np.array([[0, 1, 11, 11], [2, 12, 40, 1]], np.uint8)
     assert check_label_range(labels, 11, ignore_index=11) == [12, 40]
