@@ -1253,10 +1253,13 @@ class SegpipeCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
             root = cfg.trainer.default_root_dir or "."
-            version = next_version(root) if is_rank_zero() else None
-            if version is not None:  # removed again if the command fails before it logs
-                top = _first_missing(Path(root) / "lightning_logs" / f"version_{version}")
-                if top is not None and not any(top.is_relative_to(d) for d in _MADE_DIRS):
+            version = None
+            if is_rank_zero():  # reserved; removed again if the command fails before it logs
+                logs = Path(root) / "lightning_logs"
+                top = _first_missing(logs)
+                version = next_version(root, reserve=True)
+                top = top or (logs / f"version_{version}").expanduser().absolute()
+                if not any(top.is_relative_to(d) for d in _MADE_DIRS):
                     _MADE_DIRS.append(top)
             kwargs["logger"] = default_loggers(root, version)
         for key in getattr(self, "_one_batch", ()):  # jsonargparse made these 1.0: all

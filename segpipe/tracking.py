@@ -120,9 +120,24 @@ def default_loggers(root: str | Path, version: int | None) -> list[Any]:
     return loggers
 
 
-def next_version(root: str | Path) -> int:
-    """N of the next ``root/lightning_logs/version_N`` folder."""
-    return _next_version(Path(root) / "lightning_logs")
+def next_version(root: str | Path, reserve: bool = False) -> int:
+    """N of the next ``root/lightning_logs/version_N`` folder.
+
+    Args:
+        root: ``trainer.default_root_dir``.
+        reserve: Create the folder, empty, so that another command started at the same time
+            takes the next N (two ``segpipe test`` runs of one run folder both wrote
+            ``version_N``, one over the other's results).
+    """
+    folder = Path(root) / "lightning_logs"
+    version = _next_version(folder)
+    while reserve:
+        try:
+            (folder / f"version_{version}").mkdir(parents=True)
+            break
+        except FileExistsError:
+            version += 1
+    return version
 
 
 def log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> int:

@@ -120,3 +120,15 @@ def test_class_names_mlflow_cannot_log_are_one_line(dataset: Path, tmp_path: Pat
     assert "'car?' logs under the same metric name as 'car' ('car')" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists() or not list(
         (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_reserved_version_is_not_given_twice(tmp_path) -> None:
+    """Two `segpipe test` runs of one run folder started together both took version_N (the
+    first free one), and one wrote its results over the other's."""
+    from segpipe.tracking import next_version
+
+    assert next_version(tmp_path) == 0  # a look only
+    assert next_version(tmp_path, reserve=True) == 0
+    assert next_version(tmp_path, reserve=True) == 1
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0",
+                                                                               "version_1"]

@@ -317,9 +317,15 @@ def _open_pillow(path: Path) -> Image.Image:
             "check that the file really is an image (not text or HTML saved with an image "
             "extension) and re-export it",
         ) from None
+    except PermissionError as exc:
+        raise ImageReadError(path, f"no permission to read the file ({exc.strerror})",
+                             _NO_PERMISSION_FIX) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
 
+
+_NO_PERMISSION_FIX = ("give the user running segpipe read access to it (e.g. chmod a+r FILE, "
+                      "and a+x on its folders)")
 
 #: The Pillow formats of :data:`IMAGE_EXTENSIONS`, whose first bytes tell a damaged image from
 #: a file that is no image at all.
@@ -1258,6 +1264,15 @@ def _sidecars(path: Path) -> Iterator[Path]:
     yield path.with_name(f"{path.name}.aux.xml")
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the name cannot be a file: an image named with 247 bytes
+    or more has no room for ``.aux.xml`` beside it ("File name too long" failed predict)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def sidecar_georeference(path: _PathLike) -> RasterInfo | None:
     """The georeference a PNG/JPEG (any image but a TIFF) has from the files beside it, as
     GDAL reads them: a world file's pixel grid (``a.pgw``, ``a.jgw``, ``a.wld``) and the CRS
@@ -1271,7 +1286,7 @@ def sidecar_georeference(path: _PathLike) -> RasterInfo | None:
         or None when no such file is beside it or GDAL finds no georeference in them.
     """
     p = Path(path)
-    if _is_tiff(p) or not any(side.is_file() for side in _sidecars(p)):
+    if _is_tiff(p) or not any(_is_file(side) for side in _sidecars(p)):
         return None
     from rasterio.errors import RasterioError, RasterioIOError
 

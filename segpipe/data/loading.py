@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -70,6 +72,35 @@ def default_cache_mb(num_workers: int) -> float:
     return float(min(1024.0, ram_mb / 8 / max(1, num_workers)))
 
 
+def _kill_leftover_loader_workers() -> None:
+    """At exit: SIGKILL the daemonic child processes still alive that ignore SIGTERM, as the
+    loader processes do (:func:`ignore_sigterm`; an iterator that was never shut down).
+    multiprocessing's own exit handler, which runs after this one, sends its daemonic
+    children SIGTERM and waits for them: the process never ended. (Linux: a process's ignored
+    signals are read from /proc.)"""
+    import multiprocessing
+    import signal
+
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/status", encoding="ascii") as fh:
+                ignored = next((int(line.split()[1], 16) for line in fh
+                                if line.startswith("SigIgn:")), 0)
+        except (OSError, ValueError):
+            continue
+        if child.daemon and ignored & (1 << (signal.SIGTERM - 1)):
+            # torch's SIGCHLD handler would report the kill as a failed loader, at exit
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            child.kill()
+            child.join(timeout=10)
+
+
+# Registered after multiprocessing's exit handler (util registers it on import), so it runs
+# before it (atexit runs the last registered first).
+importlib.import_module("multiprocessing.util")
+atexit.register(_kill_leftover_loader_workers)
+
+
 def ignore_sigterm(worker_id: int | None = None) -> None:
     """In a loader process (a DataLoader ``worker_init_fn``): leave SIGTERM to the main
     process. A scheduler (SLURM at a time limit, a pre-emption) signals the whole process
@@ -82,7 +113,7 @@ def ignore_sigterm(worker_id: int | None = None) -> None:
     """
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a leftover one is killed at exit
 
 
 def seed_worker(worker_id: int, niceness: int = 0) -> None:

@@ -118,7 +118,8 @@ def find_inputs(
     src = Path(input_path)
     links: list[Path] = []
     unread: list[Path] = []
-    files = find_images(src, links=links, unread=unread)
+    unlisted: list[OSError] = []
+    files = find_images(src, links=links, unread=unread, unreadable=unlisted)
     if links and _rank_from_env() == 0:
         log.warning(
             "%d link(s) under %s not followed (a folder link that loops back to a folder "
@@ -206,6 +207,11 @@ def find_inputs(
         else:
             claimed.update(dict.fromkeys(keys, f))
         inputs.append(InputFile(f, rel, error))
+    for exc in unlisted:  # a failure each, so the run does not end as if complete
+        folder = Path(exc.filename)
+        inputs.append(InputFile(folder, folder.relative_to(root), (
+            f"the folder cannot be listed ({exc.strerror}), so its images are not predicted; "
+            "give the user running segpipe read access to it (chmod a+rx)")))
     return inputs
 
 
@@ -242,13 +248,39 @@ SETTINGS_FILE = ".segpipe-predict.json"
 
 
 def _file_identity(path: str | Path) -> dict[str, Any]:
-    """A checkpoint as path, size and modification time (a hash would read gigabytes)."""
+    """A checkpoint as its path, size, modification time and fingerprint (its size and the
+    hash of its last MiB, which holds a zip checkpoint's table of CRCs: a hash of it all would
+    read gigabytes). Two identities are the same checkpoint when their fingerprints agree
+    (:func:`_same_settings`): a moved run folder's is, and another checkpoint of the same size
+    written within a second at the same path is not."""
+    from segpipe.fileio import file_fingerprint
+
     p = Path(path).resolve()
     try:
         st = p.stat()
+        fingerprint = file_fingerprint(p)
     except OSError:
         return {"path": str(p)}
-    return {"path": str(p), "bytes": st.st_size, "mtime": int(st.st_mtime)}
+    return {"path": str(p), "bytes": st.st_size, "mtime": int(st.st_mtime),
+            "fingerprint": fingerprint}
+
+
+def _comparable(value: Any, other: Any) -> Any:
+    """A setting as compared with ``other``: a file identity by its fingerprint when both have
+    one (a record of an older segpipe has none: path, size and time then)."""
+    if isinstance(value, dict) and isinstance(other, dict) and "fingerprint" in value \
+            and "fingerprint" in other:
+        return {k: v for k, v in value.items() if k not in ("path", "mtime")}
+    if isinstance(value, dict) and "fingerprint" in value and isinstance(other, dict):
+        return {k: v for k, v in value.items() if k != "fingerprint"}
+    return value
+
+
+def _changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between a folder's record and this run's settings."""
+    return sorted(k for k in {*recorded, *settings}
+                  if _comparable(recorded.get(k), settings.get(k))
+                  != _comparable(settings.get(k), recorded.get(k)))
 
 
 #: In a settings record: written by an ``--overwrite`` run over outputs of other settings,
@@ -306,11 +338,10 @@ def _check_settings(output: str | Path, overwrite: bool, settings: dict[str, Any
                 if before else None)
     if overwrite or recorded is None:
         replacing = overwrite and recorded is not None and (
-            recorded != settings or unfinished or mixed)
+            bool(_changed_settings(recorded, settings)) or unfinished or mixed)
         return ({**settings, _REPLACING: True} if replacing else settings), replacing
-    if recorded != settings:
-        changed = sorted(k for k in {*recorded, *settings}
-                         if recorded.get(k) != settings.get(k))
+    changed = _changed_settings(recorded, settings)
+    if changed:
         log.warning(
             "the outputs in %s were made with another %s: they are kept and skipped as done, "
             "and the ones this run adds (other images or --format) are made with this run's "

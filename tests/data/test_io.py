@@ -527,3 +527,31 @@ def test_output_stamps_and_input_fingerprints(tmp_path: Path) -> None:
     (tmp_path / "tile.pgw").write_text("1\n0\n0\n-1\n600000\n5600000\n")
     os.utime(tmp_path / "tile.pgw", ns=(0, 10**18))
     assert input_fingerprint(tile) != with_world
+
+
+def test_a_name_with_no_room_for_its_aux_xml_is_not_georeferenced(tmp_path: Path) -> None:
+    """An image named with 247 bytes or more: looking for its .aux.xml raised "File name too
+    long", and predict failed the file that fit, check-data and the API read."""
+    from segpipe.data.io import input_fingerprint, sidecar_georeference
+
+    image = tmp_path / ("M" * 245 + ".png")
+    write_image(image, np.zeros((8, 8, 3), np.uint8))
+    assert sidecar_georeference(image) is None
+    assert input_fingerprint(image)
+
+
+def test_an_unreadable_file_is_a_permission_problem_not_a_corrupt_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was "truncated or corrupt image data", to be re-exported."""
+    import segpipe.data.io as io
+
+    image = tmp_path / "locked.png"
+    write_image(image, np.zeros((8, 8, 3), np.uint8))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(image))
+
+    monkeypatch.setattr(io.Image, "open", denied)
+    with pytest.raises(io.ImageReadError, match=r"locked\.png: no permission to read the file "
+                                                r"\(Permission denied\).*chmod a\+r"):
+        io.read_image(image)

@@ -260,3 +260,25 @@ def test_loader_workers_leave_sigterm_to_the_main_process(tmp_path: Path, stage:
     probe = torch.utils.data.DataLoader(_SigtermState(), num_workers=1,
                                         worker_init_fn=loader.worker_init_fn)
     assert next(iter(probe)).item() is True
+
+
+def test_a_leftover_loader_worker_does_not_hang_the_exit() -> None:
+    """Loader processes ignore SIGTERM; multiprocessing ends the ones left running at exit
+    (an iterator never shut down) with SIGTERM and waits for them: the process never ended
+    (the test suite hung at its end)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from segpipe.data.loading import ignore_sigterm\n"
+        "loader = torch.utils.data.DataLoader(list(range(100)), num_workers=1,\n"
+        "                                     worker_init_fn=ignore_sigterm)\n"
+        "it = iter(loader)\n"
+        "next(it)\n"
+        "KEEP = [it]  # never shut down\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

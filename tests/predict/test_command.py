@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from PIL import Image
 from rasterio.enums import MaskFlags
 from rasterio.transform import from_origin
@@ -573,6 +574,39 @@ def test_a_killed_runs_outputs_keep_their_settings_record(
     assert (out / ".segpipe-predict.json").is_file()
     with caplog.at_level("WARNING", logger="segpipe.predict.command"):
         assert run(threshold_ckpt, src, out, "--tile", "256") == 0
+    assert "were made with another checkpoint" in caplog.text
+
+
+def test_an_output_folder_knows_its_checkpoint_by_content_not_by_place(
+        tmp_path: Path, unet_ckpt: Path, caplog) -> None:
+    """The checkpoint was known by path, size and whole-second time: a moved run folder was
+    "another checkpoint" (and the folder marked mixed), and another checkpoint of the same size
+    written at the same path within that second was the same one."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_image(src / "a.png", noise_image(16, 16))
+    first = tmp_path / "run" / "last.ckpt"
+    first.parent.mkdir()
+    shutil.copy(unet_ckpt, first)
+    assert run(first, src, out) == 0
+    moved = tmp_path / "moved" / "last.ckpt"
+    shutil.move(first.parent, moved.parent)
+    write_image(src / "b.png", noise_image(16, 16, seed=1))
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(moved, src, out) == 0
+    assert "made with another" not in caplog.text
+    # another model in the same file, same size, same second
+    state = torch.load(moved, map_location="cpu", weights_only=False)
+    stamp = moved.stat().st_mtime
+    for value in state["state_dict"].values():
+        if value.is_floating_point():
+            value.add_(0.5)
+    torch.save(state, moved)
+    assert moved.stat().st_size == (tmp_path / "moved" / "last.ckpt").stat().st_size
+    os.utime(moved, (stamp, stamp))
+    write_image(src / "c.png", noise_image(16, 16, seed=2))
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(moved, src, out) == 0
     assert "were made with another checkpoint" in caplog.text
 
 
