@@ -393,7 +393,8 @@ def build_train_transform(
             the range (albumentations' ``MultiplicativeNoise`` per channel, not per pixel), on
             every sample unless the preset is ``"none"``; None disables it. Values are clipped
             to the dtype's range as albumentations does (the dataset runs a float image with
-            values beyond ``[0, 1]`` through these pixel transforms in ``[0, 1]``, per band).
+            values beyond ``[0, 1]`` through these pixel transforms scaled per band into
+            ``[0, 0.5]``).
 
     Returns:
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
