@@ -768,6 +768,7 @@ def check_samples(
     in_channels: int | None = None,
     class_names: Sequence[str] | None = None,
     missing_mask_dirs: Mapping[str, Path] | None = None,
+    pixel_counts: dict[Path, np.ndarray] | None = None,
 ) -> list[Problem]:
     """Check every image/mask pair and return all problems found.
 
@@ -796,6 +797,10 @@ def check_samples(
         class_names: Names for the classes in messages (default ``class_<i>``).
         missing_mask_dirs: Per split, the mask folder the layout expects where it does not
             exist (``Scan.missing_mask_dirs``): its images' ``missing_mask`` problems name it.
+        pixel_counts: When given, each encoded mask's pixels per class ``(num_classes,)`` are
+            recorded there by mask file, as :func:`class_pixel_counts` counts them (with
+            ``decode_images``, its image's nodata left out as training leaves it out), so a
+            caller need not read the files again.
 
     When every training mask could be read, the classes are counted over the ``train`` split:
     classes without a pixel there are an ``absent_classes`` warning, and a split where at most
@@ -838,6 +843,8 @@ def check_samples(
             train_counts += counts
         if counts is not None and sample.mask is not None:
             encodings.append((split, sample.mask, counts))
+            if pixel_counts is not None:
+                pixel_counts[sample.mask] = counts[:num_classes]
     for split, folder in (missing_mask_dirs or {}).items():
         here = sorted(p.name + "/" for p in folder.parent.iterdir()
                       if p.is_dir() and p.name != "images") if folder.parent.is_dir() else []

@@ -623,6 +623,7 @@ def check_data(
 
     # Pre-flight check (every file) ---------------------------------------------------------
     t0 = time.perf_counter()
+    counted: dict[Path, np.ndarray] = {}  # each mask's class pixels, as training counts them
     rep.problems = check_samples(
         chosen, num_classes=dm.num_classes, ignore_index=dm.ignore_index,
         mask_values=dm.mask_values, mask_colors=dm.mask_colors, class_names=dm.class_names,
@@ -633,6 +634,7 @@ def check_data(
         max_workers=max_workers, decode_images=decode_images, bands=dm.bands,
         # Decoded images: the channels of every image are checked here (else a sample below).
         in_channels=dm.in_channels if decode_images else None,
+        pixel_counts=counted,
     )
     unlabelled = getattr(scan, "missing_mask_dirs", {}).get("test")
     if unlabelled is not None and "test" in chosen:  # images to predict: fit does not read them
@@ -715,11 +717,13 @@ def check_data(
     for s, samples in chosen.items():
         ok = [x for x in samples if x.mask is not None and x.mask not in uncountable]
         try:
-            per_image[s] = class_pixel_counts(
-                ok, dm.num_classes, dm.ignore_index, dm.mask_values, dm.mask_colors,
-                max_workers=max_workers, per_image=True, bands=dm.bands,
-                in_channels=dm.in_channels,
-            )
+            # counted by the check, which read the images' nodata when it decoded them
+            per_image[s] = (np.stack([counted[x.mask] for x in ok]).astype(np.int64)
+                            if decode_images and all(x.mask in counted for x in ok) and ok
+                            else class_pixel_counts(
+                                ok, dm.num_classes, dm.ignore_index, dm.mask_values,
+                                dm.mask_colors, max_workers=max_workers, per_image=True,
+                                bands=dm.bands, in_channels=dm.in_channels))
         except ImageReadError as exc:  # pragma: no cover - check_samples reports these first
             rep.warnings.append(f"[{s}] pixel counts skipped: {exc}")
             continue
