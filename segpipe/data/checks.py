@@ -66,6 +66,8 @@ FIXES: dict[str, str] = {
     "missing_mask": "add the mask (same file name stem) or remove the image",
     "orphan_mask": "add the matching image or delete the mask",
     "duplicate": "keep one file per stem (delete or rename the other)",
+    "unlisted_folder": "give the user running segpipe read access to the folder (chmod a+rx), "
+    "or move it out of the data",
     "unreadable_image": "re-export the file or remove it",
     "unreadable_mask": "re-export the file or remove the pair",
     "size_mismatch": "re-export the mask at the image's size",
@@ -123,6 +125,7 @@ _NOUNS: dict[str, str] = {
     "nodata_pixels": "image",
     "partial_nodata": "image",
     "empty_split": "folder",
+    "unlisted_folder": "folder",
     "absent_classes": "folder",
     "mixed_dtypes": "image",
     "too_few_classes": "folder",
@@ -154,7 +157,8 @@ class Problem:
     Attributes:
         path: The offending file.
         split: Split it belongs to.
-        kind: One of ``missing_mask``, ``orphan_mask``, ``duplicate``, ``unreadable_image``,
+        kind: One of ``missing_mask``, ``orphan_mask``, ``duplicate``, ``unlisted_folder``,
+            ``unreadable_image``,
             ``unreadable_mask``, ``size_mismatch``, ``grid_mismatch``, ``bad_labels``,
             ``nonfinite_pixels``,
             ``unlisted_labels`` (a warning: :data:`WARNING_KINDS`; tools may add their own,
@@ -769,6 +773,7 @@ def check_samples(
     class_names: Sequence[str] | None = None,
     missing_mask_dirs: Mapping[str, Path] | None = None,
     pixel_counts: dict[Path, np.ndarray] | None = None,
+    unlisted_dirs: Mapping[str, Sequence[OSError]] | None = None,
 ) -> list[Problem]:
     """Check every image/mask pair and return all problems found.
 
@@ -801,6 +806,8 @@ def check_samples(
             recorded there by mask file, as :func:`class_pixel_counts` counts them (with
             ``decode_images``, its image's nodata left out as training leaves it out), so a
             caller need not read the files again.
+        unlisted_dirs: Per split, the errors of the folders that could not be listed
+            (``Scan.unlisted_dirs``): each is an ``unlisted_folder`` problem.
 
     When every training mask could be read, the classes are counted over the ``train`` split:
     classes without a pixel there are an ``absent_classes`` warning, and a split where at most
@@ -826,6 +833,12 @@ def check_samples(
                         FIXES["duplicate"],
                         cause="another file in the same folder has the same stem; ignored")
             )
+    for split, errors in (unlisted_dirs or {}).items():
+        for exc in errors:
+            problems.append(Problem(
+                Path(exc.filename), split, "unlisted_folder",
+                f"the folder cannot be listed ({exc.strerror}), so its files are not read",
+                FIXES["unlisted_folder"], cause=f"folder cannot be listed ({exc.strerror})"))
     items = [(split, s) for split, samples in splits.items() for s in samples]
 
     dtypes: dict[Path, str] = {}

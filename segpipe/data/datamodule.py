@@ -35,6 +35,7 @@ from segpipe.data.datasets import (
     Scan,
     SegmentationDataset,
     scan_camvid,
+    scan_findings,
     scan_folder,
     scan_isbi,
     scan_lgg,
@@ -925,6 +926,11 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         if not samples:
             folder = scan.folders.get(split, Path(self.root))
+            for exc in getattr(scan, "unlisted_dirs", {}).get(split, [])[:1]:
+                raise DataSplitError(
+                    f"{exc.filename}: the folder cannot be listed ({exc.strerror}), and the "
+                    f"{split!r} split has no samples without it; give the user running segpipe "
+                    "read access to it (chmod a+rx)")
             instead = {"val": ", or delete the empty folder so that data.val_fraction holds "
                               "out part of train",
                        "test": ", or delete the empty folder so that `segpipe test` scores val"
@@ -969,11 +975,7 @@ class SegmentationDataModule(L.LightningDataModule):
                     mask_values=self.mask_values,
                     mask_colors=self.mask_colors,
                     class_names=self.class_names,
-                    orphans={k: v for k, v in scan.orphans.items() if k in todo},
-                    duplicates={k: v for k, v in scan.duplicates.items() if k in todo},
-                    missing_mask_dirs={
-                        k: v for k, v in getattr(scan, "missing_mask_dirs", {}).items()
-                        if k in todo},
+                    **scan_findings(scan, todo),
                     # Decode every image once: truncations behind an intact header are caught
                     # here, before training, rather than when the loader reaches the file.
                     decode_images=True,

@@ -65,6 +65,7 @@ __all__ = [
     "find_images",
     "item_seed",
     "scan_camvid",
+    "scan_findings",
     "scan_folder",
     "scan_isbi",
     "scan_lgg",
@@ -111,6 +112,9 @@ class Scan(dict[str, list[Sample]]):
         folders: Image folder of each split (for error messages).
         missing_mask_dirs: The mask folder a split's layout expects, for splits where it does
             not exist (its images then have no mask; the check names the folder).
+        unlisted_dirs: Per split, the errors of the image or mask folders that could not be
+            listed (each error's ``filename`` is the folder): their files are not found, so the
+            check names the folders (the masks or images they leave unpaired are left out).
     """
 
     def __init__(
@@ -127,21 +131,25 @@ class Scan(dict[str, list[Sample]]):
         }
         self.folders: dict[str, Path] = dict(folders or {})
         self.missing_mask_dirs: dict[str, Path] = {}
+        self.unlisted_dirs: dict[str, list[OSError]] = {}
 
     def add(
         self,
         split: str,
         folder: Path,
-        paired: tuple[list[Sample], list[Path], list[Path]],
+        paired: tuple[list[Sample], list[Path], list[Path], list[OSError]],
     ) -> None:
-        """Record one split: its image folder and ``_pair_folders``' (samples, orphans, dups)."""
-        samples, orphans, dups = paired
+        """Record one split: its image folder and ``_pair_folders``' (samples, orphans, dups,
+        folders not listed)."""
+        samples, orphans, dups, unlisted = paired
         self[split] = samples
         self.folders[split] = folder
         if orphans:
             self.orphans[split] = orphans
         if dups:
             self.duplicates[split] = dups
+        if unlisted:
+            self.unlisted_dirs[split] = unlisted
 
     @property
     def splits(self) -> dict[str, list[Sample]]:
@@ -254,27 +262,62 @@ def _index_by_key(
 
 def _pair_folders(
     image_dir: Path, mask_dir: Path | None, recursive: bool = True, mask_suffix: str = ""
-) -> tuple[list[Sample], list[Path], list[Path]]:
+) -> tuple[list[Sample], list[Path], list[Path], list[OSError]]:
     """Match images and masks by relative stem (a mask's less ``mask_suffix``). Returns
-    (samples, orphan masks, duplicates). An image that is a broken link and has a mask stays a
-    sample, so the check names it as unreadable (its mask had been reported as having no
-    image); links without a mask (a loop of links, say) are skipped, as other non-files are."""
+    (samples, orphan masks, duplicates, errors of the folders that could not be listed). An
+    image that is a broken link and has a mask stays a sample, so the check names it as
+    unreadable (its mask had been reported as having no image); links without a mask (a loop of
+    links, say) are skipped, as other non-files are. The masks of an image folder that could
+    not be listed are not orphans, nor are the images of such a mask folder without masks: the
+    folder is the problem, and the check names it."""
     masks: dict[str, Path] = {}
     dup_mask: list[Path] = []
+    unlisted: list[OSError] = []
     if mask_dir is not None and mask_dir.is_dir():
-        masks, dup_mask = _index_by_key(mask_dir, find_images(mask_dir, recursive=recursive),
-                                        strip_suffix=mask_suffix)
+        masks, dup_mask = _index_by_key(
+            mask_dir, find_images(mask_dir, recursive=recursive, unreadable=unlisted),
+            strip_suffix=mask_suffix)
+    mask_gone = _unlisted_keys(mask_dir, unlisted)
     links: list[Path] = []
-    found = find_images(image_dir, recursive=recursive, links=links)
+    found = find_images(image_dir, recursive=recursive, links=links, unreadable=unlisted)
+    image_gone = _unlisted_keys(image_dir, unlisted)
     broken = [p for p in links if not p.exists() and is_image_file(p)
               and p.relative_to(image_dir).with_suffix("").as_posix() in masks]
     if broken:
         found = sorted(found + broken,
                        key=lambda f: _natural_key(f.relative_to(image_dir).as_posix()))
     images, dup_img = _index_by_key(image_dir, found)
-    samples = [Sample(image=images[k], mask=masks.get(k)) for k in images]
-    orphans = [masks[k] for k in masks if k not in images]
-    return samples, orphans, dup_img + dup_mask
+    samples = [Sample(image=images[k], mask=masks.get(k)) for k in images
+               if k in masks or not _under_any(k, mask_gone)]
+    orphans = [masks[k] for k in masks if k not in images and not _under_any(k, image_gone)]
+    return samples, orphans, dup_img + dup_mask, unlisted
+
+
+def _unlisted_keys(folder: Path | None, errors: Sequence[OSError]) -> list[str]:
+    """The folders of ``errors`` that lie in ``folder``, as pairing keys' prefixes (``.`` for
+    the folder itself)."""
+    keys = []
+    for exc in errors:
+        try:
+            rel = Path(exc.filename).relative_to(folder) if folder is not None else None
+        except ValueError:
+            continue
+        if rel is not None:
+            keys.append(unicodedata.normalize("NFC", rel.as_posix()))
+    return keys
+
+
+def _under_any(key: str, prefixes: Sequence[str]) -> bool:
+    return any(p == "." or key.startswith(p + "/") for p in prefixes)
+
+
+def scan_findings(scan: Mapping[str, Any], splits: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """What a scan found beside its samples, for ``splits``: orphan masks, duplicates, mask
+    folders missing, folders it could not list; as :func:`~segpipe.data.check_samples`' keyword
+    arguments (a data module's ``scan()`` may return a plain dict, which found none)."""
+    keep = set(splits)
+    return {name: {k: v for k, v in getattr(scan, name, {}).items() if k in keep}
+            for name in ("orphans", "duplicates", "missing_mask_dirs", "unlisted_dirs")}
 
 
 class DataRootError(FileNotFoundError):
@@ -504,10 +547,13 @@ def scan_lgg(
         excluded |= _read_excluded(data_dir / "excluded_corrupt_slices.txt")
     by_patient: dict[str, list[Sample]] = {}
     orphans: list[Path] = []
+    unlisted: dict[str, OSError] = {}
     for pdir in sorted(d for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        files = sorted(
-            f for f in pdir.iterdir() if f.is_file() and is_image_file(f)
-        )
+        try:
+            files = sorted(f for f in pdir.iterdir() if f.is_file() and is_image_file(f))
+        except OSError as exc:  # no permission: the check names the folder
+            unlisted[pdir.name] = exc
+            continue
         masks = {f.stem[: -len("_mask")]: f for f in files if f.stem.endswith("_mask")}
         images = [f for f in files if not f.stem.endswith("_mask")]
         samples = []
@@ -551,6 +597,8 @@ def scan_lgg(
         }
         for m in orphans:
             scan.orphans.setdefault(patient_split.get(m.parent, "train"), []).append(m)
+    for patient, exc in unlisted.items():  # drawn in no seeded split: train's, to be named
+        scan.unlisted_dirs.setdefault(assignment.get(patient, "train"), []).append(exc)
     return scan
 
 

@@ -65,7 +65,7 @@ from segpipe.data.checks import (
     parallel_map,
 )
 from segpipe.data.datamodule import SegmentationDataModule
-from segpipe.data.datasets import JPEG_COLOUR_TOLERANCE, Sample
+from segpipe.data.datasets import JPEG_COLOUR_TOLERANCE, Sample, scan_findings
 from segpipe.data.io import (
     ImageReadError,
     image_size,
@@ -627,10 +627,7 @@ def check_data(
     rep.problems = check_samples(
         chosen, num_classes=dm.num_classes, ignore_index=dm.ignore_index,
         mask_values=dm.mask_values, mask_colors=dm.mask_colors, class_names=dm.class_names,
-        orphans={k: v for k, v in scan.orphans.items() if k in chosen},
-        duplicates={k: v for k, v in scan.duplicates.items() if k in chosen},
-        missing_mask_dirs={k: v for k, v in getattr(scan, "missing_mask_dirs", {}).items()
-                           if k in chosen},
+        **scan_findings(scan, chosen),
         max_workers=max_workers, decode_images=decode_images, bands=dm.bands,
         # Decoded images: the channels of every image are checked here (else a sample below).
         in_channels=dm.in_channels if decode_images else None,

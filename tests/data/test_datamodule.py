@@ -909,3 +909,56 @@ def test_many_names_in_another_letter_case_are_one_cause_per_kind(tmp_path: Path
     assert len(causes) == 2, str(exc.value)  # the images without a mask, the masks without one
     assert "[train, val] 9 images: no mask found" in causes[0] + causes[1], causes
     assert "[train, val] 9 masks: no matching image" in causes[0] + causes[1], causes
+
+
+def _deny_listing(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """Folders that cannot be listed, as for a user without read permission (tests run as
+    root here, where chmod does not stop reading)."""
+    denied = {os.path.realpath(f) for f in folders}
+
+    def wrap(real):
+        def listing(path="."):
+            if os.path.realpath(os.fspath(path)) in denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", wrap(os.scandir))
+    monkeypatch.setattr(os, "listdir", wrap(os.listdir))
+
+
+@pytest.mark.parametrize("side", ["images", "masks"])
+def test_a_data_folder_that_cannot_be_listed_is_named_not_its_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: str) -> None:
+    """Its files went unfound: an image sub-folder's masks were each "mask has no matching
+    image -> add the matching image or delete the mask", a mask sub-folder's images each
+    "missing mask"; check-data said the same."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(24, 32))
+    for kind in ("images", "masks"):
+        (root / "train" / kind / "more").mkdir()
+        for f in sorted((root / "train" / kind).glob("*.png"))[:2]:
+            f.rename(f.parent / "more" / f.name)
+    _deny_listing(monkeypatch, root / "train" / side / "more")
+    with pytest.raises(DataCheckError) as exc:
+        _dm(root, num_classes=3).setup("fit")
+    text = str(exc.value)
+    assert f"train/{side}/more" in text and "folder cannot be listed (Permission denied)" in text
+    assert "chmod a+rx" in text
+    assert "no matching image" not in text and "missing mask" not in text, text
+    assert "no mask found" not in text, text
+
+    from segpipe.data.doctor import check_data  # check-data names it the same way
+    report = check_data(_dm(root, num_classes=3))
+    kinds = {p.kind for p in report.problems}
+    assert kinds == {"unlisted_folder"}, report.problems
+
+
+def test_a_split_left_empty_by_a_folder_it_cannot_list_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from segpipe.data.datamodule import DataSplitError
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(24, 32))
+    _deny_listing(monkeypatch, root / "val" / "images")
+    with pytest.raises(DataSplitError, match=r"val/images: the folder cannot be listed "
+                                             r"\(Permission denied\).*chmod a\+rx"):
+        _dm(root, num_classes=3).setup("fit")

@@ -131,6 +131,21 @@ def test_scan_lgg_with_splits_csv(tmp_path: Path) -> None:
     assert first == sorted(first, key=lambda n: int(n.rsplit("_", 1)[1].split(".")[0]))
 
 
+def test_scan_lgg_names_a_patient_folder_it_cannot_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing it raised PermissionError: a traceback, for one folder of 99."""
+    from tests.data.test_datamodule import _deny_listing
+
+    root = make_lgg_like(tmp_path / "lgg", n_patients=4, slices_per_patient=2, size=(8, 8),
+                         val_patients=1)
+    patient = sorted(d for d in (root / "kaggle_3m").iterdir() if d.is_dir())[0]
+    _deny_listing(monkeypatch, patient)
+    scan = scan_lgg(root)
+    assert [Path(e.filename) for errors in scan.unlisted_dirs.values() for e in errors] \
+        == [patient]
+    assert patient.name not in {s.image.parent.name for v in scan.values() for s in v}
+
+
 def test_scan_lgg_seeded_split_is_by_patient(tmp_path: Path) -> None:
     root = make_lgg_like(tmp_path / "lgg", n_patients=10, slices_per_patient=2, size=(8, 8),
                          write_splits_csv=False)
