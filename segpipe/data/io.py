@@ -1481,6 +1481,10 @@ def open_raster(
     return RasterReader(path, bands, channels)
 
 
+#: :class:`RasterWriter` builds overviews for rasters wider or taller than this (px).
+OVERVIEW_MIN_SIZE = 2048
+
+
 class RasterWriter:
     """Write a tiled, compressed (Geo)TIFF by windows or by consecutive rows.
 
@@ -1507,6 +1511,10 @@ class RasterWriter:
         compress: GDAL compression (``deflate``, ``lzw``, ...).
         descriptions: One name per band (GDAL band descriptions, e.g. class names), or None.
         tags: Dataset metadata to store (e.g. ``{OUTPUT_STAMP_KEY: stamp}``), or None.
+        overviews: GDAL resampling of the internal overviews (``nearest`` for labels) built
+            when the file is closed, for a raster wider or taller than
+            :data:`OVERVIEW_MIN_SIZE` (halving down to one block: GIS viewers draw such a
+            raster zoomed out from them, not from every pixel); None: none.
 
     Rows given with a validity array (:meth:`write_rows`'s ``valid``) that marks any pixel
     invalid give the file an internal per-dataset mask (GDAL's nodata mask, which QGIS and
@@ -1533,11 +1541,13 @@ class RasterWriter:
         compress: str = "deflate",
         descriptions: Sequence[str] | None = None,
         tags: dict[str, str] | None = None,
+        overviews: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.width, self.height, self.count = int(width), int(height), int(count)
         self.dtype = np.dtype(dtype)
         self.blocksize = int(blocksize)
+        self.overviews = overviews
         kwargs: dict[str, Any] = {
             "driver": "GTiff",
             "width": self.width,
@@ -1703,11 +1713,32 @@ class RasterWriter:
                 block, vblock = self._buffered()
                 self.write_window(block, self._buf_row0, valid=vblock)
                 self._buf, self._vbuf = [], []
+            if check and self.overviews:
+                self._build_overviews()
         finally:
             ds.close()
             self._ds = None
         if check:
             _check_tiff_complete(self.path, self.width, self.height, self.count)
+
+    def _build_overviews(self) -> None:
+        """Internal overviews at 2, 4, 8, ... until one block holds the raster (none for one
+        up to :data:`OVERVIEW_MIN_SIZE`)."""
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+
+        size = max(self.width, self.height)
+        if size <= OVERVIEW_MIN_SIZE:
+            return
+        factors = [2 ** k for k in range(1, 32) if size / 2 ** (k - 1) > self.blocksize]
+        try:
+            self._ds.build_overviews(factors, Resampling[self.overviews])
+            self._ds.update_tags(ns="rio_overview", resampling=self.overviews)
+        except RasterioError as exc:
+            err = _raster_write_error(self.path, exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     def __enter__(self) -> RasterWriter:
         return self

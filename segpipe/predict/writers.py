@@ -403,7 +403,7 @@ class GeoTiffFormat(OutputFormat):
         writer = RasterWriter(
             path, width=meta.width, height=meta.height, count=1, dtype=cfg.mask_dtype,
             nodata=cfg.nodata_value, colormap=colormap, descriptions=["class"],
-            tags=_stamp_tags(meta), **_georef(meta, self.name),
+            tags=_stamp_tags(meta), overviews="nearest", **_georef(meta, self.name),
         )
         return _RasterSink(writer, lambda chunk: chunk.labels)
 

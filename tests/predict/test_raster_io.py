@@ -165,3 +165,42 @@ def test_raster_blocks_keep_nodata(
     assert (lab[30:90, 70:160] == 255).all() and (probs[:, 30:90, 70:160] == 0).all()
     assert (lab != 255).sum() == lab.size - 60 * 90
     assert np.array_equal(lab, lab1) and np.abs(probs.astype(int) - probs1).max() <= 1
+
+
+def test_large_rasters_get_overviews_small_ones_none(tmp_path: Path) -> None:
+    """GIS viewers draw a raster zoomed out from its overviews; without them QGIS read every
+    pixel of a 16384² mask at each redraw (or asked to build them)."""
+    import segpipe.data.io as io
+
+    labels = np.repeat(np.arange(8, dtype=np.uint8), 263)[None, None].repeat(40, axis=1)
+    for width, expected in ((io.OVERVIEW_MIN_SIZE, []), (2104, [2, 4, 8, 16])):
+        path = tmp_path / f"w{width}.tif"
+        with io.RasterWriter(path, width=width, height=40, count=1, dtype=np.uint8,
+                             overviews="nearest") as writer:
+            writer.write_rows(0, labels[..., :width])
+        with rasterio.open(path) as ds:
+            assert ds.overviews(1) == expected
+            if expected:  # nearest: labels, never a blend of two
+                assert set(np.unique(ds.read(1, out_shape=(5, width // 16)))) <= set(range(8))
+                assert ds.tags(ns="rio_overview") == {"resampling": "nearest"}
+
+
+def test_predicted_label_rasters_have_overviews_that_keep_nodata(
+    tmp_path: Path, unet_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segpipe.data.io as io
+
+    monkeypatch.setattr(io, "OVERVIEW_MIN_SIZE", 100)
+    data = np.random.default_rng(3).integers(1, 256, (3, 60, 300), dtype=np.uint8)
+    data[:, :, :150] = 0
+    (tmp_path / "in").mkdir()
+    _tif(tmp_path / "in" / "nd.tif", data, nodata=0, crs="EPSG:32633",
+         transform=from_origin(500000, 4600000, 10, 10))
+    _predict(unet_ckpt, tmp_path / "in", tmp_path / "out", ["geotiff", "probs"])
+    with rasterio.open(tmp_path / "out" / "nd.tif") as ds:
+        assert ds.overviews(1) == [2]
+        half = ds.read(1, out_shape=(30, 150))
+        assert (half[:, :74] == 255).all() and (half[:, 76:] != 255).all()
+        assert ds.read(1).shape == (60, 300)  # the overview is beside the data, not instead
+    with rasterio.open(tmp_path / "out" / "nd_probs.tif") as ds:
+        assert ds.overviews(1) == []  # a third more bytes and time for data read as it is
