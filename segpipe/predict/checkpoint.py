@@ -82,6 +82,9 @@ class PredictConfig:
         bands_given: ``bands`` come from the prediction's own ``--bands`` (:meth:`with_bands`),
             not from the checkpoint.
         input_dtype: The training images' dtype (``data_spec.input_dtype``), or None.
+        display_channels: 0-based channels of the model's input shown as red, green and blue
+            (or the one shown grey) in overlays (:meth:`with_display_channels`); None: the
+            first three.
     """
 
     checkpoint: str
@@ -101,6 +104,7 @@ class PredictConfig:
     min_size: int = 0
     bands_given: bool = False
     input_dtype: str | None = None
+    display_channels: list[int] | None = None
 
     @classmethod
     def from_spec(
@@ -153,6 +157,27 @@ class PredictConfig:
             raise ValueError(f"{option} picks {n} band(s) but the model takes {want} channel(s); "
                              f"give {want} band numbers (e.g. {_bands_example(option, want)})")
         return replace(self, bands=[int(b) for b in picks], bands_given=True)
+
+    def with_display_channels(
+        self, channels: Sequence[int] | None, option: str = "--overlay_bands"
+    ) -> PredictConfig:
+        """These settings showing the 1-based model input ``channels`` in overlays (red, green,
+        blue; or one, in grey) instead of the first three: for a model fed blue, green, red
+        and near-infrared (Sentinel-2's ``data.bands: [2, 3, 4, 8]``), ``3 2 1`` is true colour.
+
+        Raises:
+            ValueError: Not 3 (or 1) channel numbers among the model's.
+        """
+        if channels is None:
+            return self
+        picks = list(channels)
+        if len(picks) not in (1, 3) or any(isinstance(c, bool) or int(c) != c
+                                           or not 1 <= c <= self.in_channels for c in picks):
+            raise ValueError(
+                f"{option} takes 3 channel numbers (red, green, blue) or 1 (grey) among the "
+                f"model's {self.in_channels} input channels, 1-based (its inputs after "
+                f"data.bands or --bands), got {picks}")
+        return replace(self, display_channels=[int(c) - 1 for c in picks])
 
     def dtype_warning(
         self, dtype: str, source: str, value_range: tuple[float, float] | None = None

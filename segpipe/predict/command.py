@@ -383,12 +383,16 @@ def _accelerator_available() -> bool:
 
 
 def _warn_unused_options(formats: Sequence[str], probs_mode: str, overlay_alpha: float,
-                         tile: int | None, overlap: float) -> None:
+                         tile: int | None, overlap: float,
+                         overlay_bands: Sequence[int] | None = None) -> None:
     """Say when an option will do nothing (its format is not written) or cost a lot."""
     if probs_mode != "classes" and "probs" not in formats:
         log.warning("--probs %s shapes the probs output, which --format does not ask for", probs_mode)
-    if overlay_alpha != 0.5 and "overlay" not in formats:
-        log.warning("--overlay_alpha applies to the overlay output, which --format does not ask for")
+    for option, used in (("--overlay_alpha", overlay_alpha != 0.5),
+                         ("--overlay_bands", overlay_bands is not None)):
+        if used and "overlay" not in formats:
+            log.warning("%s applies to the overlay output, which --format does not ask for",
+                        option)
     if overlap > 0.75:
         log.warning("--overlap %g moves each tile by %.0f %% of its size: about %.0f times the "
                     "forward passes of --overlap 0 for %s", overlap, 100 * (1 - overlap),
@@ -475,6 +479,7 @@ def predict(
     write_workers: int | None = None,
     probs_mode: str = "classes",
     overlay_alpha: float = 0.5,
+    overlay_bands: Sequence[int] | None = None,
     raster_tile: int = DEFAULT_RASTER_TILE,
     progress: bool = True,
 ) -> PredictSummary:
@@ -512,6 +517,8 @@ def predict(
             (default: :func:`default_write_workers`; 0 writes between batches).
         probs_mode: ``classes`` or ``max`` for the ``probs`` format.
         overlay_alpha: Mask weight in the ``overlay`` format.
+        overlay_bands: 1-based channels of the model's input shown as red, green and blue (or
+            one, grey) in the ``overlay`` format; None: the first three.
         raster_tile: Tile size for rasters when ``tile`` is None.
         progress: Progress bars (rank 0).
 
@@ -597,7 +604,7 @@ def predict(
     overlap = DEFAULT_OVERLAP if overlap is None else overlap
     _check_tile(tile, config.pad_multiple, config.min_size)
     try:
-        config = config.with_bands(bands)
+        config = config.with_bands(bands).with_display_channels(overlay_bands)
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
     try:
@@ -607,7 +614,8 @@ def predict(
         )
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
-    _warn_unused_options(writer.all_names(), probs_mode, overlay_alpha, tile, overlap)
+    _warn_unused_options(writer.all_names(), probs_mode, overlay_alpha, tile, overlap,
+                         overlay_bands)
     before = _read_record(output)
     unstamped = before is not None and not before.get(_STAMPED)  # an older segpipe's outputs
     writer.unstamped_outputs = unstamped
@@ -636,7 +644,8 @@ def predict(
     settings = {
         "checkpoint": identity, "bands": list(bands) if bands else None,
         "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
-        "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha)}
+        "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha),
+        "overlay_bands": list(overlay_bands) if overlay_bands else None}
     if bn_adapt:  # the adapted statistics depend on how the images are batched
         settings["batch_size"] = batch_size
     record, replacing = (_check_settings(output, overwrite, settings, before)
@@ -829,6 +838,11 @@ def build_parser() -> CommandParser:
                    help="probs format: one band per class (classes) or the max confidence")
     p.add_argument("--overlay_alpha", dest="overlay_alpha", type=float, default=0.5,
                    help="weight of the mask colours in the overlay (0..1)")
+    p.add_argument("--overlay_bands", dest="overlay_bands", type=int, nargs="+", default=None,
+                   metavar="CHANNEL",
+                   help="1-based channels of the model's input shown as red, green and blue "
+                        "(or one, grey) in the overlay, e.g. 3 2 1 for a model fed blue, green, "
+                        "red, near-infrared (default: the first three)")
     p.add_argument("--no_progress", dest="progress", action="store_false",
                    help="no progress bars")
     return p
@@ -874,7 +888,8 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
             devices=args.devices, strategy=args.strategy, precision=args.precision,
             num_workers=args.num_workers, write_workers=args.write_workers,
             probs_mode=args.probs_mode,
-            overlay_alpha=args.overlay_alpha, progress=args.progress,
+            overlay_alpha=args.overlay_alpha, overlay_bands=args.overlay_bands,
+            progress=args.progress,
         )
     except (FileNotFoundError, CheckpointError, PredictUsageError, MissingExtraError) as exc:
         print(f"segpipe predict: error: {exc}", file=sys.stderr)

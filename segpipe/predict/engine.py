@@ -453,8 +453,11 @@ def collate_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
-def _display_from_unit(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) float [0, 1] -> (H, W, 3) uint8 (first three channels, or the first as grey)."""
+def _display_from_unit(image: np.ndarray, channels: Sequence[int] | None = None) -> np.ndarray:
+    """(H, W, C) float [0, 1] -> (H, W, 3) uint8: ``channels`` (0-based; 3, or 1 shown grey),
+    by default the first three channels, or the first as grey."""
+    if channels is not None:
+        image = image[..., list(channels)]
     rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
     rgb = np.nan_to_num(rgb, nan=0.0, posinf=1.0, neginf=0.0)  # nodata shown black
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -465,15 +468,16 @@ def _display_from_unit(image: np.ndarray) -> np.ndarray:
 DISPLAY_STD = 2.5
 
 
-def _display_stretched(normalised: np.ndarray) -> np.ndarray:
+def _display_stretched(normalised: np.ndarray,
+                       channels: Sequence[int] | None = None) -> np.ndarray:
     """(H, W, C) normalised values -> (H, W, 3) uint8, the training mean +- ``DISPLAY_STD``
     standard deviations spread over 0..255: a 16-bit or float input's own [0, 1] scaling
     shows nearly black (12 bits of data in 16) or all white (reflectances x 10000)."""
-    return _display_from_unit(normalised / (2 * DISPLAY_STD) + 0.5)
+    return _display_from_unit(normalised / (2 * DISPLAY_STD) + 0.5, channels)
 
 
 def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float],
-               stretch: bool = False) -> np.ndarray:
+               stretch: bool = False, channels: Sequence[int] | None = None) -> np.ndarray:
     """Undo the normalisation of a (C, H, W) image for viewing.
 
     Args:
@@ -482,16 +486,17 @@ def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float],
         std: Per-channel std.
         stretch: Show the training mean +- ``DISPLAY_STD`` std (for inputs other than 8-bit,
             whose [0, 1] scaling shows badly) instead of the [0, 1] values.
+        channels: 0-based channels shown (3, or 1 in grey); None: the first three.
 
     Returns:
         (H, W, 3) uint8.
     """
     if stretch:
-        return _display_stretched(image.float().permute(1, 2, 0).cpu().numpy())
+        return _display_stretched(image.float().permute(1, 2, 0).cpu().numpy(), channels)
     m = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
     s = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     unit = (image.float() * s + m).permute(1, 2, 0).cpu().numpy()
-    return _display_from_unit(unit)
+    return _display_from_unit(unit, channels)
 
 
 class RasterSource:
@@ -530,10 +535,12 @@ class RasterSource:
         """(h, w, 3) uint8 picture of a window for overlays: 8-bit rasters as they are, others
         stretched over the training mean +- ``DISPLAY_STD`` std; nodata black."""
         unit = self.unit(pixels)
+        channels = self.config.display_channels
         if pixels.dtype == np.uint8:
-            picture = _display_from_unit(unit)
+            picture = _display_from_unit(unit, channels)
         else:
-            picture = _display_stretched(normalize(unit, self.config.mean, self.config.std))
+            picture = _display_stretched(normalize(unit, self.config.mean, self.config.std),
+                                         channels)
         if valid is not None:
             picture[~valid] = 0
         return picture
@@ -705,7 +712,8 @@ class PredictModule(nn.Module):
                                         align_corners=False)[0]
             else:
                 lab = labels[j]
-            display = (to_display(img, cfg.mean, cfg.std, stretch=rec.get("dtype") != "uint8")
+            display = (to_display(img, cfg.mean, cfg.std, stretch=rec.get("dtype") != "uint8",
+                                  channels=cfg.display_channels)
                        if need_display else None)
             valid = rec.get("valid")  # NaN/inf pixels of a float image: written as nodata
             valid = None if valid is None else valid.numpy()

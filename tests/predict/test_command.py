@@ -1315,3 +1315,33 @@ def test_a_split_folder_with_its_masks_is_warned_about(tmp_path: Path, pointwise
     with caplog.at_level("WARNING", logger="segpipe"):
         assert run(pointwise_ckpt, tmp_path / "plain", tmp_path / "out3") == 0
     assert "looks like the masks" not in caplog.text
+
+
+def test_overlay_bands_pick_the_channels_shown(tmp_path: Path, capsys, caplog) -> None:
+    """The overlay showed the model's first three input channels as red, green and blue: blue,
+    green and red of a Sentinel-2 model fed bands 2, 3, 4, 8, so every scene in false colour."""
+    ckpt = make_ckpt(tmp_path / "b4.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 4, "num_classes": 3}, mean=[0.5] * 4, std=[0.2] * 4)
+    data = np.stack([np.full((40, 50), v, np.uint8) for v in (10, 60, 120, 240)])
+    src = tmp_path / "in"
+    src.mkdir()
+    write_geotiff(src / "geo.tif", data)  # by windows
+    plain = src / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=50, height=40, count=4,
+                       dtype="uint8") as ds:  # no georeference: read whole
+        ds.write(data)
+    for bands, colour in ((None, (10, 60, 120)), (["4", "3", "1"], (240, 120, 10)),
+                          (["2"], (60, 60, 60))):
+        out = tmp_path / f"out{bands}"
+        extra = ["--overlay_bands", *bands] if bands else []
+        assert run(ckpt, src, out, "--format", "overlay", "--overlay_alpha", "0", *extra) == 0
+        for name in ("geo", "plain"):
+            picture = np.asarray(Image.open(out / f"{name}_overlay.jpg")).astype(int)
+            assert np.abs(picture[10:30, 10:40].mean(axis=(0, 1)) - colour).max() < 3, (
+                name, bands, picture[20, 20])
+    assert run(ckpt, src, tmp_path / "bad", "--overlay_bands", "5", "3", "1") == 2
+    assert "--overlay_bands takes 3 channel numbers" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(ckpt, src, tmp_path / "masks", "--format", "mask", "--overlay_bands",
+                   "3", "2", "1") == 0
+    assert "--overlay_bands applies to the overlay output" in caplog.text
