@@ -186,19 +186,26 @@ def _display(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 
 
 class ValidationImages(L.Callback):
-    """Log a few val images as ``image | truth | prediction`` rows after each validation.
+    """Log a few val images as ``image | truth | prediction`` rows after validations.
 
     The first ``num_images`` images of the first val batch (rank 0) are predicted again after
     the validation loop (one small extra forward pass) and drawn with the model's class colours;
-    pixels of the ignored label show the image.
+    pixels of the ignored label show the image. At most one picture per ``min_interval``
+    seconds, and the last validation's when training ends: a picture of 480×360 frames is
+    about 3 MB, and short epochs validated every few seconds had grown the TensorBoard file by
+    hundreds of MB in a 30-minute run (TensorBoard shows 10 steps of an image tag anyway).
 
     Args:
         num_images: Rows in the picture (0 disables).
+        min_interval: Least seconds between two pictures (0: one after every validation).
     """
 
-    def __init__(self, num_images: int = 4) -> None:
+    def __init__(self, num_images: int = 4, min_interval: float = 60.0) -> None:
         self.num_images = int(num_images)
+        self.min_interval = float(min_interval)
         self._batch: dict[str, torch.Tensor] | None = None
+        self._pending: dict[str, torch.Tensor] | None = None  # a validation not yet drawn
+        self._last: float | None = None  # when the last picture was logged
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -213,14 +220,33 @@ class ValidationImages(L.Callback):
         batch, self._batch = self._batch, None
         if batch is None or trainer.sanity_checking or not trainer.loggers:
             return
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.min_interval:
+            self._pending = batch  # drawn at the end of training if no later one is
+            return
+        self._pending, self._last = None, now
+        self._log(trainer, pl_module, batch)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch, self._pending = self._pending, None
+        if batch is not None:
+            self._log(trainer, pl_module, batch)
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule,
+             batch: dict[str, torch.Tensor]) -> None:
         spec = getattr(pl_module, "spec", None)
         if spec is None:
             return
         from segpipe.report import colorize_labels
 
         images, mask_hw = batch["image"], tuple(batch["mask"].shape[-2:])
-        with torch.no_grad():
-            logits = pl_module(images)
+        training = pl_module.training  # at the end of training: BatchNorm must not update
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                logits = pl_module(images)
+        finally:
+            pl_module.train(training)
         if tuple(images.shape[-2:]) != mask_hw:  # data.eval_resize: show the masks' size
             from segpipe.tasks.segmentation import to_mask_size
 

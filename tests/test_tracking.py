@@ -132,3 +132,22 @@ def test_a_reserved_version_is_not_given_twice(tmp_path) -> None:
     assert next_version(tmp_path, reserve=True) == 1
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0",
                                                                                "version_1"]
+
+
+def test_val_pictures_at_most_one_a_minute_and_the_last_one(dataset: Path, tmp_path: Path) -> None:
+    """One picture per validation (about 3 MB for 480×360 frames) grew a 30-minute run's
+    TensorBoard file by hundreds of MB; now one a minute at most, and the last validation's
+    at the end of training."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={run}", *TINY, "--trainer.max_epochs=4"]) == 0
+    acc = EventAccumulator(str(run / "lightning_logs" / "version_0"),
+                           size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Images("val/images")]
+    validations = [e.step for e in acc.Scalars("val/mIoU")]
+    # Lightning logs epoch-end scalars at global_step - 1, the pictures at global_step
+    assert len(validations) == 4 and steps == [validations[0] + 1, validations[-1] + 1]
