@@ -1286,7 +1286,9 @@ class SegpipeCLI(LightningCLI):
         # before LearningRateMonitor: it logs the rate AnnealToDeadline sets for the step
         trainer.callbacks.append(AnnealToDeadline())  # plans DeadlineCosineLR's schedule
         if trainer.loggers:  # training you can watch: learning rate and val/test pictures
-            trainer.callbacks.extend([LearningRateMonitor(), ValidationImages(), TestFigures()])
+            trainer.callbacks.extend(  # unless configured in trainer.callbacks
+                kind() for kind in (LearningRateMonitor, ValidationImages, TestFigures)
+                if not any(isinstance(c, kind) for c in trainer.callbacks))
         trainer.callbacks.append(_InterruptRecorder())  # Ctrl-C: say what was kept, exit 130
         sigterm = SynchronisedSigterm()  # SIGTERM stops every DDP process at the same step
         sigterm.install(trainer)

@@ -151,3 +151,13 @@ def test_val_pictures_at_most_one_a_minute_and_the_last_one(dataset: Path, tmp_p
     validations = [e.step for e in acc.Scalars("val/mIoU")]
     # Lightning logs epoch-end scalars at global_step - 1, the pictures at global_step
     assert len(validations) == 4 and steps == [validations[0] + 1, validations[-1] + 1]
+    # configured, it replaces the default one (they had both logged)
+    every = ('--trainer.callbacks+={"class_path": "segpipe.tracking.ValidationImages", '
+             '"init_args": {"min_interval": 0, "num_images": 1}}')
+    assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={dataset}",
+                 f"--trainer.default_root_dir={tmp_path / 'every'}", *TINY,
+                 "--trainer.max_epochs=3", every]) == 0
+    acc = EventAccumulator(str(tmp_path / "every" / "lightning_logs" / "version_0"),
+                           size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Images("val/images")) == 3
