@@ -76,21 +76,27 @@ def _kill_leftover_loader_workers() -> None:
     """At exit: SIGKILL the daemonic child processes still alive that ignore SIGTERM, as the
     loader processes do (:func:`ignore_sigterm`; an iterator that was never shut down).
     multiprocessing's own exit handler, which runs after this one, sends its daemonic
-    children SIGTERM and waits for them: the process never ended. (Linux: a process's ignored
-    signals are read from /proc.)"""
+    children SIGTERM and waits for them: the process never ended. (Linux reads a process's
+    ignored signals from /proc; where there is none, as on macOS, every daemonic child left is
+    killed, as multiprocessing would have ended it.)"""
     import multiprocessing
     import signal
 
+    term = 1 << (signal.SIGTERM - 1)
     for child in multiprocessing.active_children():
+        if not child.daemon:
+            continue
         try:
             with open(f"/proc/{child.pid}/status", encoding="ascii") as fh:
                 ignored = next((int(line.split()[1], 16) for line in fh
                                 if line.startswith("SigIgn:")), 0)
         except (OSError, ValueError):
-            continue
-        if child.daemon and ignored & (1 << (signal.SIGTERM - 1)):
-            # torch's SIGCHLD handler would report the kill as a failed loader, at exit
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if os.path.isdir("/proc"):  # gone, or unreadable: left to multiprocessing
+                continue
+            ignored = term  # no /proc to ask
+        if ignored & term:
+            if hasattr(signal, "SIGCHLD"):  # torch's handler would report a failed loader
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             child.kill()
             child.join(timeout=10)
 

@@ -262,14 +262,25 @@ def test_loader_workers_leave_sigterm_to_the_main_process(tmp_path: Path, stage:
     assert next(iter(probe)).item() is True
 
 
-def test_a_leftover_loader_worker_does_not_hang_the_exit() -> None:
+@pytest.mark.parametrize("proc", [True, False], ids=["linux", "no-proc"])
+def test_a_leftover_loader_worker_does_not_hang_the_exit(proc: bool) -> None:
     """Loader processes ignore SIGTERM; multiprocessing ends the ones left running at exit
     (an iterator never shut down) with SIGTERM and waits for them: the process never ended
-    (the test suite hung at its end)."""
+    (the test suite hung at its end). Without /proc (macOS) it still hung."""
     import subprocess
     import sys
 
-    script = (
+    no_proc = (
+        "import builtins, os\n"
+        "_open, _isdir = builtins.open, os.path.isdir\n"
+        "def _no_proc(path, *a, **k):\n"
+        "    if str(path).startswith('/proc'):\n"
+        "        raise FileNotFoundError(2, 'No such file or directory', str(path))\n"
+        "    return _open(path, *a, **k)\n"
+        "builtins.open = _no_proc\n"
+        "os.path.isdir = lambda p: False if str(p) == '/proc' else _isdir(p)\n"
+    )
+    script = ("" if proc else no_proc) + (
         "import torch\n"
         "from segpipe.data.loading import ignore_sigterm\n"
         "loader = torch.utils.data.DataLoader(list(range(100)), num_workers=1,\n"
