@@ -257,9 +257,9 @@ def _png_header(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _needs_gdal_png(path: Path) -> bool:
-    """True for 16-bit RGB/RGBA PNGs, which Pillow truncates to 8 bits."""
+    """True for 16-bit grey+alpha, RGB and RGBA PNGs, which Pillow truncates to 8 bits."""
     header = _png_header(path)
-    return header is not None and header[2] == 16 and header[3] in (2, 6)
+    return header is not None and header[2] == 16 and header[3] in (2, 4, 6)
 
 
 def _unchecked_header_size(path: Path) -> tuple[int, int] | None:
