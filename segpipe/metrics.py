@@ -137,12 +137,16 @@ def _clean(value: float) -> float | None:
 
 
 def flatten_metrics(
-    computed: dict[str, Tensor], class_names: Sequence[str], prefix: str = ""
+    computed: dict[str, Tensor], class_names: Sequence[str], prefix: str = "",
+    keep_undefined: bool = False,
 ) -> dict[str, float]:
     """Turn a computed collection into scalar ``name -> value`` pairs for logging.
 
     Per-class tensors become ``IoU/<class name>``; the confusion matrix is left out (not a scalar).
-    Classes absent from truth and prediction (NaN) are left out of the per-class entries.
+    Classes absent from truth and prediction (NaN) are left out of the per-class entries, unless
+    ``keep_undefined`` (validation: a ``checkpoint.monitor`` on ``val/IoU/<class>`` must find
+    its key in an epoch where that class is in neither; Lightning's checkpoint stopped the fit
+    there, and ranks a NaN as the worst score).
     """
     out: dict[str, float] = {}
     for name, value in computed.items():
@@ -152,7 +156,7 @@ def flatten_metrics(
             out[f"{prefix}{name}"] = float(value)
             continue
         for cls_name, v in zip(class_names, value.tolist()):
-            if not math.isnan(v):
+            if keep_undefined or not math.isnan(v):
                 out[f"{prefix}{name}/{cls_name}"] = float(v)
     return out
 

@@ -809,7 +809,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 "(data.mask_values, data.ignore_index)")
         computed = undefined_when_nothing_scored(computed)
         names = self.class_names
-        flat = flatten_metrics(computed, names, prefix=f"{stage}/")
+        flat = flatten_metrics(computed, names, prefix=f"{stage}/", keep_undefined=stage == "val")
         # Already synced across ranks by torchmetrics; sync_dist averages identical values.
         self.log(f"{stage}/mIoU", flat.pop(f"{stage}/mIoU"), prog_bar=True, sync_dist=True)
         self.log_dict(flat, sync_dist=True)

@@ -1,5 +1,7 @@
 """SegmentationTask with a 1x1-conv network: steps, losses, metrics, prediction, errors."""
 
+import math
+
 import lightning.pytorch as L
 import numpy as np
 import pytest
@@ -706,3 +708,32 @@ def test_one_pass_gives_a_loader_its_own_iterator_whatever_its_batching():
         assert [b.tolist() for b in held] == expected  # still whole for the test loop
     plain = DataLoader(data, batch_size=4)
     assert _one_pass(plain) is plain
+
+
+def test_a_checkpoint_monitor_on_a_class_absent_from_val_finds_its_key(tmp_path) -> None:
+    """``val/IoU/<class>`` was left out of the logs in an epoch where the class was in neither
+    the val truth nor the predictions, and Lightning's checkpoint then stopped the fit
+    ("could not find the monitored key"); it is logged as NaN, which ranks as the worst."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class _NoB(ArgmaxData):
+        def __init__(self):
+            super().__init__(n=8)
+            self.masks = self.images[:, :2].argmax(1)  # class "b" in no mask
+
+    class _DM(DM):
+        def __init__(self):
+            super().__init__()
+            self.ds = _NoB()
+
+    net = PixelNet()
+    with torch.no_grad():
+        net.conv.weight[2].zero_()
+        net.conv.bias[2] = -1e4  # and never predicted
+    task = SegmentationTask(net, loss="ce", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/IoU/b", mode="max")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_epochs=2, callbacks=[ckpt],
+                        num_sanity_val_steps=0)
+    trainer.fit(task, _DM())
+    assert math.isnan(trainer.callback_metrics["val/IoU/b"]) and ckpt.best_model_path
