@@ -633,15 +633,21 @@ class Throughput(L.Callback):
 
     Args:
         warmup_steps: Training steps excluded from the measurement (allocator, oneDNN and loader
-            warm-up).
+            warm-up); 0 measures from the first step's start.
     """
 
     def __init__(self, warmup_steps: int = 5) -> None:
-        self.warmup_steps = warmup_steps
+        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ConfigError(f"Throughput warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.warmup_steps = int(warmup_steps)
         self.images = 0
         self.seconds = 0.0
         self._batches = 0
         self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.warmup_steps == 0 and self._t0 is None:  # no warm-up: from the first step on
+            self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         # Wall time between batch ends: includes data loading, forward, backward and the step.
