@@ -395,8 +395,9 @@ def is_stale_temporary(path: str | os.PathLike[str], stale_after: float = STALE_
     owner = _OWNER.match(Path(path).name)
     if owner is not None and owner.group(1) == _host_tag() and os.name == "posix":
         pid = int(owner.group(2))
-        if pid == os.getpid():
-            return False
+        if pid == os.getpid():  # this process's, or one before a restart that reused its PID
+            started, now = owner.group(3), _start_ticks(pid)
+            return started is not None and now is not None and now != int(started)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

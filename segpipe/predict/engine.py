@@ -49,6 +49,7 @@ from segpipe.data.datasets import PredictDataset, adapt_channels, finite_range
 from segpipe.data.io import (
     ImageReadError,
     RasterReader,
+    input_fingerprint,
     open_raster,
     probe_raster,
     sidecar_georeference,
@@ -156,6 +157,7 @@ class ItemResult:
         prediction: The prediction of a ``predicted`` image.
         raster: The header (:class:`~segpipe.data.io.RasterInfo`) of a georeferenced raster
             predicted whole, as an image, whose outputs keep its georeference; else None.
+        fingerprint: The input's fingerprint taken before it was read (its outputs' stamps).
     """
 
     path: str
@@ -165,6 +167,7 @@ class ItemResult:
     formats: list[str] = field(default_factory=list)
     prediction: RowChunk | None = None
     raster: Any = None
+    fingerprint: str | None = None
 
 
 class PredictFailed(RuntimeError):
@@ -343,7 +346,11 @@ class PredictInputs(Dataset):
             # a PNG/JPEG with a world file is georeferenced too (read whole, as any PNG)
             geo = info if info is not None else sidecar_georeference(f.path)
             names = self.writer.resolve(geo is not None and geo.georeferenced)
-            pending = self.writer.pending(f.rel, names, f.path)
+            try:  # before it is read: its outputs say what they were made from
+                rec["fingerprint"] = input_fingerprint(f.path)
+            except OSError:
+                rec["fingerprint"] = None
+            pending = self.writer.pending(f.rel, names, f.path, rec["fingerprint"])
             if not pending:
                 rec["status"] = "skipped"
                 return rec
@@ -721,7 +728,8 @@ class PredictModule(nn.Module):
                 display[~valid] = 0  # nodata black, as a raster's (its colours were shown)
             chunk = self._chunk(p if self.writer.needs_probs(names) else None, lab, valid, display)
             out.append(ItemResult(rec["path"], rec["rel"], "predicted", formats=names,
-                                  prediction=chunk, raster=rec.get("raster")))
+                                  prediction=chunk, raster=rec.get("raster"),
+                                  fingerprint=rec.get("fingerprint")))
         return out
 
     # ---------------------------------------------------------------- rasters
@@ -799,7 +807,8 @@ class PredictModule(nn.Module):
             source = RasterSource(reader, cfg)
             grid = TileGrid.make(reader.height, reader.width, tile, opts.overlap)
             bar = self._tile_bar(grid.num_tiles, Path(rec["rel"]).name)
-            meta = OutputMeta(Path(rec["path"]), reader.height, reader.width, reader.info)
+            meta = OutputMeta(Path(rec["path"]), reader.height, reader.width, reader.info,
+                              fingerprint=rec.get("fingerprint"))
             try:
                 with self.writer.open(rec["rel"], names, meta) as sink:
                     blocks = sliding_window_blocks(
@@ -943,7 +952,8 @@ class WritingCallback:
     def _write(self, res: ItemResult) -> BaseException | None:
         """Write one prediction's files; the error, if any, is returned (and judged in order)."""
         try:
-            self.writer.write(res.rel, res.formats, res.prediction, Path(res.path), res.raster)
+            self.writer.write(res.rel, res.formats, res.prediction, Path(res.path), res.raster,
+                              fingerprint=res.fingerprint)
         except Exception as exc:  # noqa: BLE001 - reported with the file, run goes on
             return exc
         finally:

@@ -125,6 +125,8 @@ class OutputMeta:
         raster: Header of a raster input (CRS, transform), or None.
         stamp: Text the output stores to name what it was made from
             (:meth:`PredictionWriter.stamp`), or None.
+        fingerprint: The input's :func:`~segpipe.data.io.input_fingerprint` taken before it
+            was read, or None (then taken when the outputs are opened).
     """
 
     source: Path
@@ -132,6 +134,7 @@ class OutputMeta:
     width: int
     raster: RasterInfo | None = None
     stamp: str | None = None
+    fingerprint: str | None = None
 
 
 class _Sink(ABC):
@@ -656,18 +659,19 @@ class PredictionWriter:
                            "format": name, "input_fingerprint": fingerprint}, sort_keys=True)
 
     def pending(self, rel: str | Path, names: Sequence[str],
-                source: str | Path | None = None) -> list[str]:
+                source: str | Path | None = None,
+                fingerprint: str | None = None) -> list[str]:
         """The formats of ``names`` still to write for the input ``source`` at ``rel``: those
         whose file is missing or empty (segpipe's outputs are named into place whole, so one of
         0 bytes was damaged outside), made from the input as it was before, or any with
-        ``overwrite`` (see the class docstring).
+        ``overwrite`` (see the class docstring). ``fingerprint``: the input's
+        :func:`~segpipe.data.io.input_fingerprint` when the caller has it.
 
         Raises:
             OutputInTheWay: A file at an output's path that segpipe did not write, that cannot
                 be read, or that is another input's output.
         """
         out: list[str] = []
-        fingerprint: str | None = None
         for n in names:
             target = self.target(rel, n)
             if not _has_bytes(target):
@@ -728,12 +732,17 @@ class PredictionWriter:
 
     def open(self, rel: str | Path, names: Sequence[str], meta: OutputMeta) -> OutputSink:
         """An :class:`OutputSink` for the formats ``names`` of the input at ``rel``, each output
-        stamped with what it is made from (:meth:`stamp`) when ``meta.source`` is a file."""
-        try:
-            fingerprint = input_fingerprint(meta.source)
-            stamps: list[str | None] = [self.stamp(rel, n, fingerprint) for n in names]
-        except OSError:  # an in-memory input (the Python API), or one gone since it was read
-            stamps = [None] * len(names)
+        stamped with what it is made from (:meth:`stamp`): the input as it was before it was
+        read (``meta.fingerprint``), else as it is now. An input gone by now gets an empty
+        fingerprint: its outputs are still known as segpipe's, and made again by a later run
+        (without a stamp they had been refused as another program's, even by --overwrite)."""
+        fingerprint = meta.fingerprint
+        if fingerprint is None:
+            try:
+                fingerprint = input_fingerprint(meta.source)
+            except OSError:
+                fingerprint = ""
+        stamps: list[str | None] = [self.stamp(rel, n, fingerprint) for n in names]
         return OutputSink([(self.formats[n], self.target(rel, n)) for n in names], meta,
                           before_commit=self._first_output, stamps=stamps)
 
@@ -763,14 +772,17 @@ class PredictionWriter:
         pred: RowChunk,
         source: Path,
         raster: RasterInfo | None = None,
+        fingerprint: str | None = None,
     ) -> list[Path]:
-        """Write a whole image's prediction in every format of ``names``.
+        """Write a whole image's prediction in every format of ``names`` (``fingerprint``: the
+        input's as it was read, see :class:`OutputMeta`).
 
         Returns:
             The written files.
         """
         h, w = pred.labels.shape
-        with self.open(rel, names, OutputMeta(Path(source), h, w, raster)) as sink:
+        meta = OutputMeta(Path(source), h, w, raster, fingerprint=fingerprint)
+        with self.open(rel, names, meta) as sink:
             sink.write_rows(0, pred)
         return [self.target(rel, n) for n in names]
 
