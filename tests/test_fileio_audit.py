@@ -1,5 +1,5 @@
-"""The atomic writer and output folders: guarantees the existing tests leave unchecked (tests
-added by mutation testing; each names the mutant of segpipe/fileio.py it kills)."""
+"""The atomic writer and output folders: guarantees the other tests leave unchecked
+(found by a mutation audit)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from segpipe.fileio import TMP_PREFIX, atomic_write_bytes, check_output_dir, fil
 
 
 def test_a_commit_renames_a_new_file_and_never_writes_into_the_old_one(tmp_path: Path) -> None:
-    """F04: a target written in place (copy, not rename) is torn by a crash mid-copy; a reader
+    """A target written in place (copy, not rename) is torn by a crash mid-copy; a reader
     holding the old file (here: a hard link to it) would see it change under it."""
     target = tmp_path / "x.bin"
     target.write_bytes(b"old version")
@@ -23,7 +23,7 @@ def test_a_commit_renames_a_new_file_and_never_writes_into_the_old_one(tmp_path:
 
 
 def test_checking_an_output_folder_leaves_nothing_in_it(tmp_path: Path) -> None:
-    """F16: the probe file must not stay (a rerun would find a stray hidden file per run)."""
+    """The probe file must not stay (a rerun would find a stray hidden file per run)."""
     folder = check_output_dir(tmp_path / "out", "predictions", "output")
     check_output_dir(folder, "predictions", "output")
     assert list(folder.iterdir()) == []
@@ -31,7 +31,7 @@ def test_checking_an_output_folder_leaves_nothing_in_it(tmp_path: Path) -> None:
 
 
 def test_a_fingerprint_sees_a_change_at_the_end_of_a_large_file(tmp_path: Path) -> None:
-    """F15: a zip checkpoint's CRCs are at its end; hashing the head missed retrained weights."""
+    """A zip checkpoint's CRCs are at its end; hashing the head missed retrained weights."""
     data = bytearray(os.urandom(3 * 2**20))
     path = tmp_path / "model.ckpt"
     path.write_bytes(bytes(data))
@@ -42,7 +42,7 @@ def test_a_fingerprint_sees_a_change_at_the_end_of_a_large_file(tmp_path: Path) 
 
 
 def test_an_in_place_write_that_fails_deletes_its_partial_file(tmp_path: Path, monkeypatch) -> None:
-    """F02: ``write_file_bytes`` (what ``write_image``/``write_label_png`` write PNGs with, in
+    """``write_file_bytes`` (what ``write_image``/``write_label_png`` write PNGs with, in
     place when called directly) must not leave a truncated file that looks like an image."""
     import errno
 

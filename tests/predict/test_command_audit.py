@@ -1,5 +1,5 @@
-"""`segpipe predict` end to end: settings records after failures, unlistable folders (tests added
-by mutation testing; each names the mutant of segpipe/predict/command.py it kills)."""
+"""`segpipe predict` end to end: settings records after failures, unlistable folders (found by a
+mutation audit)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.predict.test_command import run
 
 def test_an_overwrite_run_with_a_failed_file_is_not_taken_for_complete(
         tmp_path: Path, pointwise_ckpt: Path, caplog, capsys) -> None:
-    """C10: an input replaced by a broken file keeps the output the older settings made; an
+    """An input replaced by a broken file keeps the output the older settings made; an
     --overwrite run with new settings that fails it has not remade every output, so its record
     must keep saying so (a plain rerun then warns), as after an interrupted one."""
     src, out = tmp_path / "in", tmp_path / "out"
@@ -34,7 +34,7 @@ def test_an_overwrite_run_with_a_failed_file_is_not_taken_for_complete(
 
 def test_a_folder_that_cannot_be_listed_fails_the_run(
         tmp_path: Path, pointwise_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """C12: its images are not predicted, so the run must not end as complete (exit 0). Root
+    """Its images are not predicted, so the run must not end as complete (exit 0). Root
     lists any folder, so the listing error is made as os.scandir raises it."""
     import os
 

@@ -1,5 +1,5 @@
-"""Prediction engine: rasters by blocks, nodata and the per-file log (tests added by mutation
-testing; each names the mutant of segpipe/predict/engine.py it kills)."""
+"""Prediction engine: rasters by blocks, nodata and the per-file log (found by a mutation
+audit)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ GEO = {"crs": "EPSG:32633", "transform": from_origin(500000, 4600000, 10, 10)}
 
 def test_a_failed_files_log_line_names_the_file(tmp_path: Path, pointwise_ckpt: Path,
                                                  caplog) -> None:
-    """E01: without a progress bar (a batch job's log) the failure is logged; it must say which
+    """Without a progress bar (a batch job's log) the failure is logged; it must say which
     file failed, not only why."""
     _, cfg = load_predictor(pointwise_ckpt)
     cb = WritingCallback(PredictionWriter(tmp_path, ["mask"], cfg), 1, progress=False)
@@ -37,7 +37,7 @@ def test_a_failed_files_log_line_names_the_file(tmp_path: Path, pointwise_ckpt: 
 
 def test_the_probs_mask_of_a_raster_blended_in_blocks_is_its_nodata(
         tmp_path: Path, pointwise_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """E05: in blocks narrower than the raster, a strip whose nodata lies in one block only must
+    """In blocks narrower than the raster, a strip whose nodata lies in one block only must
     keep the other blocks valid in the probs file's mask."""
     rng = np.random.default_rng(3)
     data = rng.integers(1, 256, (3, 70, 200), dtype=np.uint8)
@@ -58,7 +58,7 @@ def test_the_probs_mask_of_a_raster_blended_in_blocks_is_its_nodata(
 
 def test_a_rasters_nodata_value_does_not_leak_into_the_predictions_beside_it(
         tmp_path: Path, unet_ckpt: Path) -> None:
-    """E08: nodata pixels are set to the mean before the network sees them; a fill value of 0
+    """Nodata pixels are set to the mean before the network sees them; a fill value of 0
     (far below the mean) or 255 changed the masks of the valid pixels around them."""
     rng = np.random.default_rng(4)
     data = rng.integers(1, 255, (3, 64, 96), dtype=np.uint8)
@@ -79,7 +79,7 @@ def test_a_rasters_nodata_value_does_not_leak_into_the_predictions_beside_it(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 def test_a_full_disk_mid_batch_counts_the_files_finished_before_it(
         tmp_path: Path, pointwise_ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """E10/E13: rasters are written from the predict step; r0's outputs were complete when r1
+    """Rasters are written from the predict step; r0's outputs were complete when r1
     filled the disk in the same batch, and the summary printed with the error must count it."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -96,7 +96,7 @@ def test_a_full_disk_mid_batch_counts_the_files_finished_before_it(
 
 def test_files_written_by_the_writing_threads_count_when_the_run_is_interrupted(
         tmp_path: Path, pointwise_ckpt: Path) -> None:
-    """E12: with --write_workers, Ctrl-C (or SIGTERM) may come while finished writes wait to be
+    """With --write_workers, Ctrl-C (or SIGTERM) may come while finished writes wait to be
     counted; the summary must count every output that was named into place."""
     from segpipe.predict.writers import RowChunk
 
@@ -115,7 +115,7 @@ def test_files_written_by_the_writing_threads_count_when_the_run_is_interrupted(
 
 def test_the_runner_puts_the_training_batchnorm_statistics_back(tmp_path: Path,
                                                                  unet_ckpt: Path) -> None:
-    """E17: ``bn_adapt`` blends the inputs' statistics in for the run only; a library user who
+    """``bn_adapt`` blends the inputs' statistics in for the run only; a library user who
     runs the same network again (another folder) must start from the training statistics."""
     import torch
     from torch.utils.data import DataLoader

@@ -1,7 +1,4 @@
-"""Output formats: what each written file holds, pixel by pixel (tests added by mutation testing).
-
-Each test names the mutant of segpipe/predict/writers.py it kills (see report.md).
-"""
+"""Output formats: what each written file holds, pixel by pixel (found by a mutation audit)."""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ from tests.predict.test_writers import config
 
 
 def test_overlay_alpha_weights_the_mask_colour_not_the_picture() -> None:
-    """W05: with alpha 0.5 (the only value tested) swapping the weights changes nothing."""
+    """With alpha 0.5 (the only value tested) swapping the weights changes nothing."""
     display = np.full((1, 2, 3), 100, np.uint8)
     lut = np.zeros((256, 3), np.uint8)
     lut[1] = (200, 200, 200)
@@ -29,7 +26,7 @@ def test_overlay_alpha_weights_the_mask_colour_not_the_picture() -> None:
 
 
 def test_overlay_blends_every_row_of_a_tall_image() -> None:
-    """W07: blended 256 rows at a time; the rows at the seams (255, 511) must be blended too."""
+    """Blended 256 rows at a time; the rows at the seams (255, 511) must be blended too."""
     h = 600
     display = np.full((h, 3, 3), 100, np.uint8)
     lut = np.zeros((256, 3), np.uint8)
@@ -39,7 +36,7 @@ def test_overlay_blends_every_row_of_a_tall_image() -> None:
 
 
 def test_streamed_overlay_rows_land_where_they_belong(tmp_path: Path) -> None:
-    """W02: a raster's rows reach the overlay strip by strip; each strip at its own rows."""
+    """A raster's rows reach the overlay strip by strip; each strip at its own rows."""
     cfg = config()
     writer = PredictionWriter(tmp_path, ["overlay"], cfg, overlay_alpha=1.0)
     h, w, strip = 96, 40, 32
@@ -56,7 +53,7 @@ def test_streamed_overlay_rows_land_where_they_belong(tmp_path: Path) -> None:
 
 
 def test_palette_png_keeps_nodata_transparent(tmp_path: Path) -> None:
-    """W08: nodata is black in the palette, as class colours may be: transparency tells it apart."""
+    """Nodata is black in the palette, as class colours may be: transparency tells it apart."""
     cfg = config()
     writer = PredictionWriter(tmp_path, ["palette"], cfg)
     labels = np.array([[0, 1], [cfg.nodata_value, 2]], np.uint8)
@@ -67,7 +64,7 @@ def test_palette_png_keeps_nodata_transparent(tmp_path: Path) -> None:
 
 
 def test_geotiff_colour_map_holds_every_class_and_nodata(tmp_path: Path) -> None:
-    """W15: the existing test only looks at class 1 of 3; the last class lost its colour."""
+    """The existing test only looks at class 1 of 3; the last class lost its colour."""
     cfg = config(4)
     writer = PredictionWriter(tmp_path, ["geotiff"], cfg)
     writer.write("g.png", ["geotiff"], RowChunk(np.arange(8, dtype=np.uint8).reshape(2, 4) % 4),
@@ -81,7 +78,7 @@ def test_geotiff_colour_map_holds_every_class_and_nodata(tmp_path: Path) -> None
 
 
 def test_probs_max_mode_writes_the_winning_probability(tmp_path: Path) -> None:
-    """W17: the ``max`` band is the confidence (the largest probability), not any band."""
+    """The ``max`` band is the confidence (the largest probability), not any band."""
     cfg = config()
     writer = PredictionWriter(tmp_path, ["probs"], cfg, probs_mode="max")
     probs = np.stack([np.full((4, 5), v, np.uint8) for v in (30, 200, 25)])
@@ -97,7 +94,7 @@ def _stamped_output(tmp_path: Path, writer: PredictionWriter, src: Path) -> Path
 
 
 def test_an_empty_output_is_made_again(tmp_path: Path) -> None:
-    """W23: outputs are named into place whole, so a 0-byte file was damaged outside."""
+    """Outputs are named into place whole, so a 0-byte file was damaged outside."""
     src = tmp_path / "in" / "a.png"
     src.parent.mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(src)
@@ -110,7 +107,7 @@ def test_an_empty_output_is_made_again(tmp_path: Path) -> None:
 
 
 def test_another_input_folders_output_is_neither_done_nor_replaced(tmp_path: Path) -> None:
-    """W25: the same name from another input folder (whose image differs) is in the way."""
+    """The same name from another input folder (whose image differs) is in the way."""
     first, second = tmp_path / "in1" / "a.png", tmp_path / "in2" / "a.png"
     for i, path in enumerate((first, second)):
         path.parent.mkdir()
@@ -133,7 +130,7 @@ def test_another_input_folders_output_is_neither_done_nor_replaced(tmp_path: Pat
 
 
 def test_pending_without_a_source_follows_overwrite(tmp_path: Path) -> None:
-    """W26: with no input to compare with, an existing output is done unless ``overwrite``."""
+    """With no input to compare with, an existing output is done unless ``overwrite``."""
     writer = PredictionWriter(tmp_path, ["mask"], config())
     writer.write("a.png", ["mask"], RowChunk(np.zeros((4, 4), np.uint8)), Path("a.png"))
     assert writer.pending("a.png", ["mask"]) == []
@@ -142,7 +139,7 @@ def test_pending_without_a_source_follows_overwrite(tmp_path: Path) -> None:
 
 
 def test_stamps_name_the_input_its_folder_and_its_content(tmp_path: Path) -> None:
-    """W30: the stamp's fingerprint is what tells a replaced input from the one outputs came from."""
+    """The stamp's fingerprint is what tells a replaced input from the one outputs came from."""
     from segpipe.data.io import input_fingerprint, read_output_stamp
 
     src = tmp_path / "in" / "a.png"
@@ -157,7 +154,7 @@ def test_stamps_name_the_input_its_folder_and_its_content(tmp_path: Path) -> Non
 
 
 def test_a_failed_commit_leaves_no_temporary_file_of_the_other_outputs(tmp_path: Path) -> None:
-    """W20: the mask cannot be named into place (a folder there): the palette, encoded and
+    """The mask cannot be named into place (a folder there): the palette, encoded and
     waiting for its own commit, must not stay behind as a hidden temporary file."""
     from segpipe.fileio import TMP_PREFIX
 
