@@ -27,6 +27,7 @@ same limit is applied to rasters read whole with rasterio (see :func:`pixel_limi
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -902,6 +903,20 @@ def _raster_write_error(path: Path, exc: BaseException) -> BaseException:
     return exc
 
 
+@contextlib.contextmanager
+def _raster_writes(path: Path) -> Iterator[None]:
+    """Raise a rasterio write error inside as :func:`_raster_write_error` names it."""
+    from rasterio.errors import RasterioError
+
+    try:
+        yield
+    except RasterioError as exc:
+        err = _raster_write_error(path, exc)
+        if err is exc:
+            raise
+        raise err from exc
+
+
 def _check_tiff_complete(path: Path, width: int, height: int, count: int) -> None:
     """Reopen a TIFF just written and make sure every block of it is on disk.
 
@@ -1566,16 +1581,9 @@ class RasterWriter:
             kwargs["transform"] = transform
         if nodata is not None:
             kwargs["nodata"] = nodata
-        from rasterio.errors import RasterioError
-
         _limit_gdal_cache()
-        try:
+        with _raster_writes(self.path):
             self._ds = _open_raster(self.path, "w", **kwargs)
-        except RasterioError as exc:
-            err = _raster_write_error(self.path, exc)
-            if err is exc:
-                raise
-            raise err from exc
         try:
             if gcps is not None:  # georeferenced by control points or a camera model only
                 self._ds.gcps = gcps
@@ -1616,14 +1624,13 @@ class RasterWriter:
             DiskFullError: The disk is (nearly) full.
             RasterioError: Another write failure.
         """
-        from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
         arr = np.asarray(data)
         if arr.ndim == 2:
             arr = arr[None]
         window = Window(col0, row0, arr.shape[2], arr.shape[1])
-        try:
+        with _raster_writes(self.path):
             self._ds.write(arr.astype(self.dtype, copy=False), window=window)
             if valid is not None and not self._masked and not valid.all():
                 self._start_mask(row0)
@@ -1631,11 +1638,6 @@ class RasterWriter:
                 mask = (np.full(arr.shape[1:], 255, np.uint8) if valid is None
                         else np.where(valid, np.uint8(255), np.uint8(0)))
                 self._ds.write_mask(mask, window=window)
-        except RasterioError as exc:
-            err = _raster_write_error(self.path, exc)
-            if err is exc:
-                raise
-            raise err from exc
 
     def _start_mask(self, rows_done: int) -> None:
         """Create the dataset mask and mark the ``rows_done`` full rows written so far valid."""
@@ -1725,20 +1727,14 @@ class RasterWriter:
         """Internal overviews at 2, 4, 8, ... until one block holds the raster (none for one
         up to :data:`OVERVIEW_MIN_SIZE`)."""
         from rasterio.enums import Resampling
-        from rasterio.errors import RasterioError
 
         size = max(self.width, self.height)
         if size <= OVERVIEW_MIN_SIZE:
             return
         factors = [2 ** k for k in range(1, 32) if size / 2 ** (k - 1) > self.blocksize]
-        try:
+        with _raster_writes(self.path):
             self._ds.build_overviews(factors, Resampling[self.overviews])
             self._ds.update_tags(ns="rio_overview", resampling=self.overviews)
-        except RasterioError as exc:
-            err = _raster_write_error(self.path, exc)
-            if err is exc:
-                raise
-            raise err from exc
 
     def __enter__(self) -> RasterWriter:
         return self
