@@ -745,7 +745,9 @@ class SegmentationDataModule(L.LightningDataModule):
             n = len(scan["train"])
             if n >= _ISBI_DEFAULT_VAL[1]:
                 return scan_isbi(root, val_slices=_ISBI_DEFAULT_VAL)
-            n_val = max(1, round(hp.val_fraction * n)) if hp.val_fraction > 0 and n > 1 else 0
+            # at least one slice each, as the other layouts keep one to train on
+            n_val = (min(n - 1, max(1, round(hp.val_fraction * n)))
+                     if hp.val_fraction > 0 and n > 1 else 0)
             if n_val:
                 return scan_isbi(root, val_slices=(n - n_val, n))
         return scan

@@ -369,7 +369,7 @@ class Segmenter:
 
         if not isinstance(item, (str, Path)):
             return None
-        info = probe_raster(item)
+        info = probe_raster(Path(item).expanduser())
         by_windows = raster_by_windows(info, self.config.eval_resize is not None, RASTER_TILE)
         # one window holds a raster no larger than a tile: whole is the same
         return RASTER_TILE if by_windows and max(info.height, info.width) > RASTER_TILE else None
