@@ -86,7 +86,7 @@ def pairs(images: Path, masks: Path, stems: list[str] | None) -> list[tuple[Path
     for folder in (images, masks):
         if not folder.is_dir():
             raise SystemExit(f"{folder}: not a folder; give the folders of the images and the masks")
-    samples, _, _ = _pair_folders(images, masks, recursive=False)
+    samples = _pair_folders(images, masks, recursive=False)[0]
     out = [(s.image, s.mask) for s in samples
            if s.mask is not None and (stems is None or s.image.stem in stems)]
     unknown = sorted(set(stems or ()) - {image.stem for image, _ in out})
