@@ -11,25 +11,17 @@ import pytest
 import torch
 
 from segpipe.metrics import (
-    build_metrics,
     case_score_logs,
     case_scores,
     metrics_report,
     monitor_mode,
     per_image_scores,
 )
+from tests.test_metrics import PREDS, TARGET, _computed
 
-# As tests/test_metrics.py: truth / prediction, 255 = ignore; class 3 absent, class 2 only
-# predicted. Per class: IoU 3/4, 2/4, 0, (absent); Dice 6/7, 4/6, 0, (absent).
-TARGET = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 255]]])
-PREDS = torch.tensor([[[0, 1, 1, 1], [0, 0, 2, 2]]])
+# tests/test_metrics.py's masks: class 3 absent, class 2 only predicted. Per class: IoU 3/4,
+# 2/4, 0, (absent); Dice 6/7, 4/6, 0, (absent).
 NAMES = ["a", "b", "c", "d"]
-
-
-def _computed():
-    m = build_metrics(4, ignore_index=255, confusion_matrix=True)
-    m.update(PREDS, TARGET)
-    return m.compute()
 
 
 def test_per_image_dice_is_the_macro_dice_of_the_classes_in_the_image():

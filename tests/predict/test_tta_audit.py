@@ -6,15 +6,7 @@ import torch
 
 from segpipe.predict.scoring import ProbabilityFn
 from segpipe.tta import model_views, tta_mean, tta_views
-
-
-class _SkyOnTop(torch.nn.Module):
-    """Logits that depend on the row only: a model that has only seen the sky on top."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = torch.linspace(-4, 4, x.shape[2], device=x.device)[None, None, :, None]
-        top = -rows.expand(x.shape[0], 1, x.shape[2], x.shape[3])
-        return torch.cat([top, -top], dim=1)
+from tests.test_tta import _Net as _SkyOnTop  # logits by row: has only seen the sky on top
 
 
 def test_unrecorded_symmetries_average_horizontal_flips_only() -> None:

@@ -88,19 +88,25 @@ def test_probs_max_mode_writes_the_winning_probability(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ what counts as done
-def _stamped_output(tmp_path: Path, writer: PredictionWriter, src: Path) -> Path:
+def _stamped_output(writer: PredictionWriter, src: Path) -> Path:
     writer.write("a.png", ["mask"], RowChunk(np.zeros((4, 4), np.uint8)), src)
     return writer.target("a.png", "mask")
 
 
-def test_an_empty_output_is_made_again(tmp_path: Path) -> None:
-    """Outputs are named into place whole, so a 0-byte file was damaged outside."""
+def _input_and_writer(tmp_path: Path) -> tuple[Path, PredictionWriter]:
+    """``in/a.png`` and a mask writer into ``out`` reading from ``in``."""
     src = tmp_path / "in" / "a.png"
     src.parent.mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(src)
     writer = PredictionWriter(tmp_path / "out", ["mask"], config())
     writer.input_root = str(src.parent.resolve())
-    target = _stamped_output(tmp_path, writer, src)
+    return src, writer
+
+
+def test_an_empty_output_is_made_again(tmp_path: Path) -> None:
+    """Outputs are named into place whole, so a 0-byte file was damaged outside."""
+    src, writer = _input_and_writer(tmp_path)
+    target = _stamped_output(writer, src)
     assert writer.pending("a.png", ["mask"], src) == []
     target.write_bytes(b"")
     assert writer.pending("a.png", ["mask"], src) == ["mask"]
@@ -114,7 +120,7 @@ def test_another_input_folders_output_is_neither_done_nor_replaced(tmp_path: Pat
         Image.fromarray(np.full((4, 4, 3), 50 * i, np.uint8)).save(path)
     writer = PredictionWriter(tmp_path / "out", ["mask"], config())
     writer.input_root = str(first.parent.resolve())
-    _stamped_output(tmp_path, writer, first)
+    _stamped_output(writer, first)
     writer.input_root = str(second.parent.resolve())
     for overwrite in (False, True):
         writer.overwrite = overwrite
@@ -132,7 +138,7 @@ def test_another_input_folders_output_is_neither_done_nor_replaced(tmp_path: Pat
 def test_pending_without_a_source_follows_overwrite(tmp_path: Path) -> None:
     """With no input to compare with, an existing output is done unless ``overwrite``."""
     writer = PredictionWriter(tmp_path, ["mask"], config())
-    writer.write("a.png", ["mask"], RowChunk(np.zeros((4, 4), np.uint8)), Path("a.png"))
+    _stamped_output(writer, Path("a.png"))
     assert writer.pending("a.png", ["mask"]) == []
     writer.overwrite = True
     assert writer.pending("a.png", ["mask"]) == ["mask"]
@@ -142,12 +148,8 @@ def test_stamps_name_the_input_its_folder_and_its_content(tmp_path: Path) -> Non
     """The stamp's fingerprint is what tells a replaced input from the one outputs came from."""
     from segpipe.data.io import input_fingerprint, read_output_stamp
 
-    src = tmp_path / "in" / "a.png"
-    src.parent.mkdir()
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(src)
-    writer = PredictionWriter(tmp_path / "out", ["mask"], config())
-    writer.input_root = str(src.parent.resolve())
-    target = _stamped_output(tmp_path, writer, src)
+    src, writer = _input_and_writer(tmp_path)
+    target = _stamped_output(writer, src)
     stamp = json.loads(read_output_stamp(target))
     assert stamp == {"input": "a.png", "root": writer.input_root, "format": "mask",
                      "input_fingerprint": input_fingerprint(src)}
