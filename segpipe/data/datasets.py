@@ -297,13 +297,12 @@ def _unlisted_keys(folder: Path | None, errors: Sequence[OSError]) -> list[str]:
     """The folders of ``errors`` that lie in ``folder``, as pairing keys' prefixes (``.`` for
     the folder itself)."""
     keys = []
-    for exc in errors:
+    for exc in errors if folder is not None else ():
         try:
-            rel = Path(exc.filename).relative_to(folder) if folder is not None else None
-        except ValueError:
+            rel = Path(exc.filename).relative_to(folder)
+        except ValueError:  # another folder's
             continue
-        if rel is not None:
-            keys.append(unicodedata.normalize("NFC", rel.as_posix()))
+        keys.append(unicodedata.normalize("NFC", rel.as_posix()))
     return keys
 
 
