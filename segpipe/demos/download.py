@@ -608,7 +608,7 @@ def fetch_camvid(
             download(url, archive, sha256=sha256, progress=progress)
         except ChecksumError as exc:  # network errors and incomplete transfers say what to do
             raise ChecksumError(f"{exc} {retry}") from exc
-        digest = sha256 or sha256_file(archive)
+        digest = sha256.lower() if sha256 else sha256_file(archive)
 
     def check(tree: Path) -> None:
         try:
