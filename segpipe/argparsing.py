@@ -244,6 +244,8 @@ class CommandParser(argparse.ArgumentParser):
         kind = action.type
         if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
             self.error(f"{where} must be a whole number, got {value!r}")
+        if kind is float and isinstance(value, bool):  # float(True) is 1.0; --x true is an error
+            self.error(f"{where} must be a number, got {value!r}")
         if callable(kind):
             try:
                 value = kind(value if isinstance(value, str) or kind in (int, float) else str(value))
