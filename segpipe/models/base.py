@@ -31,6 +31,7 @@ __all__ = [
     "check_int",
     "no_pretrained_weights",
     "pad_to_multiple",
+    "padded_size",
     "round_up",
     "skip_input_checks",
 ]
@@ -153,6 +154,12 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def padded_size(size: int, multiple: int, min_size: int = 0) -> int:
+    """The size :func:`pad_to_multiple` pads ``size`` to: the next multiple of ``multiple``,
+    and at least ``min_size`` rounded up to one."""
+    return max(round_up(size, multiple), round_up(min_size, multiple))
+
+
 def check_input(x: Tensor, owner: str, in_channels: int, multiple: int, min_size: int = 0) -> None:
     """Check a model input's rank, channel count and spatial divisibility.
 
@@ -192,7 +199,7 @@ def check_input(x: Tensor, owner: str, in_channels: int, multiple: int, min_size
     if min(height, width) < min_size:
         raise ValueError(
             f"{owner} needs H and W of at least {min_size}, got {height}x{width}; pad the input "
-            f"to {max(height, round_up(min_size, multiple))}x{max(width, round_up(min_size, multiple))} "
+            f"to {padded_size(height, multiple, min_size)}x{padded_size(width, multiple, min_size)} "
             "(segpipe's task does) or use training crops of at least that size."
         )
     if height % multiple or width % multiple:
@@ -222,8 +229,8 @@ def pad_to_multiple(
         The padded (N, C, H', W') tensor and the original (H, W) to crop back to.
     """
     h, w = x.shape[-2:]
-    ph = max(round_up(h, multiple), round_up(min_size, multiple)) - h
-    pw = max(round_up(w, multiple), round_up(min_size, multiple)) - w
+    ph = padded_size(h, multiple, min_size) - h
+    pw = padded_size(w, multiple, min_size) - w
     if ph == 0 and pw == 0:
         return x, (h, w)
     mode = "reflect" if ph < h and pw < w else "replicate"
