@@ -33,6 +33,17 @@ def _metrics(path: Path, rows: list[dict], classes=("background", "tumour"),
     return path
 
 
+def _tested(run: Path, ckpt: Path) -> Path:
+    """A ``test_metrics.json`` in ``run`` that scored ``ckpt`` as it is now (one case)."""
+    from segpipe.fileio import file_fingerprint
+
+    metrics = _metrics(run / "lightning_logs/version_0/test_metrics.json", [_row("p1", 0.5)])
+    record = json.loads(metrics.read_text())
+    record["checkpoint_file"] = {"path": str(ckpt), "fingerprint": file_fingerprint(ckpt)}
+    metrics.write_text(json.dumps(record))
+    return metrics
+
+
 def test_cases_without_a_score_are_not_counted_in_the_means(tmp_path: Path, capsys) -> None:
     """A case whose pixels are all ignored has no score: it was counted in 'cases' beside
     means taken over the others."""
@@ -139,17 +150,11 @@ def test_a_folder_means_its_newest_test_metrics(tmp_path: Path) -> None:
 def test_a_test_of_a_checkpoint_replaced_since_is_not_pooled(tmp_path: Path, capsys) -> None:
     """A fold trained again after its test: its newest test was pooled in silence, beside the
     path of the checkpoint that now holds another model."""
-    from segpipe.fileio import file_fingerprint
-
     ckpt_dir = tmp_path / "f0" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     ckpt = ckpt_dir / "last.ckpt"
     ckpt.write_bytes(b"model one" * 1000)
-    metrics = _metrics(tmp_path / "f0/lightning_logs/version_0/test_metrics.json",
-                       [_row("p1", 0.5)])
-    record = json.loads(metrics.read_text())
-    record["checkpoint_file"] = {"path": str(ckpt), "fingerprint": file_fingerprint(ckpt)}
-    metrics.write_text(json.dumps(record))
+    metrics = _tested(tmp_path / "f0", ckpt)
     assert crossval([str(tmp_path / "f0")])["folds"][0]["path"] == str(metrics)
     ckpt.write_bytes(b"model two" * 1000)  # same size, other weights
     with pytest.raises(CrossvalError, match="but it was written again since, by a later fit: "

@@ -9,7 +9,7 @@ import pytest
 
 from segpipe.cli import main
 from segpipe.crossval import CrossvalError, crossval, format_table
-from tests.test_crossval import _metrics, _row
+from tests.test_crossval import _metrics, _row, _tested
 
 
 def _fold(tmp_path: Path, k: int, case: str, **split) -> Path:
@@ -91,18 +91,12 @@ def test_rows_are_named_by_the_recorded_fold(tmp_path: Path) -> None:
 def test_a_deleted_checkpoint_with_an_older_model_set_aside_is_pooled(tmp_path: Path) -> None:
     """The checkpoint a test scored was deleted (to save space); the run's earlier-1 holds an
     older fit's model, not the one tested: nothing says the test is stale, so it is pooled."""
-    from segpipe.fileio import file_fingerprint
-
     ckpt_dir = tmp_path / "f0" / "checkpoints"
     (ckpt_dir / "earlier-1").mkdir(parents=True)
     (ckpt_dir / "earlier-1" / "last.ckpt").write_bytes(b"model one" * 1000)
     ckpt = ckpt_dir / "last.ckpt"
     ckpt.write_bytes(b"model two" * 1000)
-    metrics = _metrics(tmp_path / "f0/lightning_logs/version_0/test_metrics.json",
-                       [_row("p1", 0.5)])
-    record = json.loads(metrics.read_text())
-    record["checkpoint_file"] = {"path": str(ckpt), "fingerprint": file_fingerprint(ckpt)}
-    metrics.write_text(json.dumps(record))
+    metrics = _tested(tmp_path / "f0", ckpt)
     ckpt.unlink()
     out = crossval([str(tmp_path / "f0")])
     assert out["folds"][0]["path"] == str(metrics)

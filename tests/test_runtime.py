@@ -93,14 +93,6 @@ def test_available_cpus_rounds_a_quota_down(monkeypatch) -> None:
     runtime.available_cpus.cache_clear()
 
 
-@pytest.fixture
-def torch_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_threads_capped_to_the_cpus_a_quota_grants(monkeypatch, torch_threads, capsys) -> None:
     for name in runtime.THREAD_ENV_VARS:
         monkeypatch.delenv(name, raising=False)

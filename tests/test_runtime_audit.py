@@ -97,17 +97,9 @@ def test_cgroup_v1_quota_under_a_cpu_mount(tmp_path) -> None:
     assert _cgroup(tmp_path, files, "4:cpu:/\n") == 0.5
 
 
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
 def test_threads_left_alone_when_either_variable_is_set(monkeypatch: pytest.MonkeyPatch,
-                                                        two_threads: None, name: str) -> None:
+                                                        torch_threads: None, name: str) -> None:
     """``MKL_NUM_THREADS`` is the user's choice as much as ``OMP_NUM_THREADS``."""
     for other in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(other, raising=False)
