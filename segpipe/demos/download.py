@@ -576,9 +576,10 @@ def fetch_camvid(
     cache = Path(cache).expanduser() if cache is not None else default_cache_dir()
     url = _as_url(url)
     counts = dict(CAMVID_COUNTS if counts is None else counts)
+    sha256 = sha256.lower() if sha256 else None  # as sha256_file spells it
     target = cache / "CamVid"
     manifest = _read_json(target / MANIFEST_NAME)
-    if manifest is not None and (sha256 is None or manifest.get("sha256") == sha256.lower()):
+    if manifest is not None and (sha256 is None or manifest.get("sha256") == sha256):
         try:
             verify_camvid_tree(target, counts)
             log.info("using the verified CamVid in %s (fetched from %s on %s); nothing is "
@@ -598,9 +599,9 @@ def fetch_camvid(
                 and os.path.samefile(source, archive))
     if in_place:  # the user's own archive, put in the cache by hand: never deleted
         digest = sha256_file(archive)
-        if sha256 and digest != sha256.lower():
+        if sha256 and digest != sha256:
             raise ChecksumError(
-                f"{archive} has SHA-256 {digest}, expected {sha256.lower()}: it is not the "
+                f"{archive} has SHA-256 {digest}, expected {sha256}: it is not the "
                 "expected archive, or it is damaged. It is your file and is left as it is; "
                 "check --sha256, or fetch the archive again.")
     else:
@@ -608,7 +609,7 @@ def fetch_camvid(
             download(url, archive, sha256=sha256, progress=progress)
         except ChecksumError as exc:  # network errors and incomplete transfers say what to do
             raise ChecksumError(f"{exc} {retry}") from exc
-        digest = sha256.lower() if sha256 else sha256_file(archive)
+        digest = sha256 or sha256_file(archive)
 
     def check(tree: Path) -> None:
         try:
