@@ -52,32 +52,34 @@ def test_a_shipped_config_given_with_an_equals_sign_keeps_its_option(
     assert cli._shipped_configs(args) == ["fit", "--config", str(FOLDER / "folder_unet.yaml")]
 
 
+def _raised_while_handling(first: Exception, second: Exception) -> Exception:
+    """``second`` as raised inside the handler of ``first`` (so ``first`` is its context)."""
+    try:
+        try:
+            raise first
+        except type(first):
+            raise second  # noqa: B904 - implicit context
+    except type(second) as exc:
+        return exc
+
+
 def test_a_user_error_raised_before_another_error_is_still_one_line() -> None:
     """When the run's clean-up fails while handling a user error (Lightning finalising its
     loggers on a full disk), the user error's one line is given, not a traceback of the
     clean-up's error."""
     from segpipe.errors import ConfigError
 
-    try:
-        try:
-            raise ConfigError("data.batch_size must be >= 1, got 0")
-        except ConfigError:
-            raise RuntimeError("logger finalisation failed")  # noqa: B904 - implicit context
-    except RuntimeError as exc:
-        outer = exc
+    outer = _raised_while_handling(ConfigError("data.batch_size must be >= 1, got 0"),
+                                   RuntimeError("logger finalisation failed"))
     assert cli.user_error(outer) == "data.batch_size must be >= 1, got 0"
 
 
 def test_a_library_error_behind_another_error_is_translated() -> None:
     """Lightning's TypeError for ``--trainer.devices -1`` on a CPU is still translated into the
     one-line fix when another error was raised while handling it."""
-    try:
-        try:
-            raise TypeError("`devices` selected with `CPUAccelerator` should be an int > 0.")
-        except TypeError:
-            raise RuntimeError("teardown failed")  # noqa: B904 - implicit context
-    except RuntimeError as exc:
-        outer = exc
+    outer = _raised_while_handling(
+        TypeError("`devices` selected with `CPUAccelerator` should be an int > 0."),
+        RuntimeError("teardown failed"))
     text = cli.user_error(outer)
     assert text is not None and text.startswith("--trainer.devices on a CPU is a number")
     assert cli.user_error(RuntimeError("a bug")) is None  # a bug keeps its traceback
