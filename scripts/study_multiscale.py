@@ -6,8 +6,9 @@ averages them. segpipe has no such option yet; this script measures it on a chec
 split, without training, for many sets of scales in one pass: for every val image it predicts the
 class probabilities (``Segmenter.predict_proba``, as ``segpipe predict`` does) with the
 evaluation size (``data.eval_resize``, or the image's own size) times each scale, each view
-resized from the image file as ``data.eval_resize`` resizes it, with and without the horizontal
-flip, and scores every combination of them against
+resized from the image file as ``data.eval_resize`` resizes it, with and without TTA over the
+training symmetries (``Segmenter``'s ``tta``: the horizontal flip for the CamVid and LGG configs,
+eight flips and rotations for ISBI), and scores every combination of them against
 the native masks (IoU per class from one confusion matrix over the split, the ignore index left
 out, as ``segpipe test`` pools them):
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segpipe.argparsing import positive_int  # noqa: E402
 
-#: One prediction: (scale, flipped).
+#: One prediction: (scale, with TTA over the training symmetries).
 View = tuple[float, bool]
 
 
@@ -53,10 +54,10 @@ def scaled_size(base: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(base[0] * scale)), max(1, round(base[1] * scale))
 
 
-def combinations(scales: list[float], flip: bool) -> dict[str, list[View]]:
+def combinations(scales: list[float], tta: bool) -> dict[str, list[View]]:
     """The view sets compared, by name: each scale alone, all scales, and the scales around 1.
 
-    With ``flip``, each set also with the horizontal flip of each of its scales.
+    With ``tta``, each set also with TTA at each of its scales (``" + TTA"``).
     """
     sets: dict[str, list[float]] = {f"{s:g}": [s] for s in scales}
     if len(scales) > 1:
@@ -67,8 +68,8 @@ def combinations(scales: list[float], flip: bool) -> dict[str, list[View]]:
     out: dict[str, list[View]] = {}
     for name, chosen in sets.items():
         out[name] = [(s, False) for s in chosen]
-        if flip:
-            out[name + " + flip"] = [(s, f) for s in chosen for f in (False, True)]
+        if tta:
+            out[name + " + TTA"] = [(s, True) for s in chosen]
     return out
 
 
@@ -104,7 +105,7 @@ def dice_mean_over_cases(by_case: dict[str, np.ndarray]) -> np.ndarray:
     return np.where(counts > 0, np.nansum(scores, 0) / np.maximum(counts, 1), np.nan)
 
 
-def study(ckpt: Path, data_root: str, scales: list[float], flip: bool,
+def study(ckpt: Path, data_root: str, scales: list[float], tta: bool,
           limit: int | None = None) -> tuple[dict[str, dict[str, np.ndarray]], list[str], str]:
     """``({view set: {case: confusion matrix}}, class names, a line on the sizes)`` over the
     val split; images without a case are the case ``""``."""
@@ -127,7 +128,7 @@ def study(ckpt: Path, data_root: str, scales: list[float], flip: bool,
     segmenter = Segmenter.from_checkpoint(ckpt, device="cpu")
     base_config = segmenter.config
     k = base_config.num_classes
-    sets = combinations(scales, flip)
+    sets = combinations(scales, tta)
     matrices: dict[str, dict[str, np.ndarray]] = {name: {} for name in sets}
     for n, sample in enumerate(samples, 1):
         raw = read_mask(sample.mask, colours=bool(dm.mask_colors))
@@ -136,10 +137,9 @@ def study(ckpt: Path, data_root: str, scales: list[float], flip: bool,
         probs: dict[View, np.ndarray] = {}
         for s in scales:
             segmenter.config = dataclasses.replace(base_config, eval_resize=scaled_size(base, s))
-            plain = segmenter.predict_proba(sample.image, tta=False)
-            probs[(s, False)] = plain
-            if flip:  # the TTA mean is (plain + flipped) / 2
-                probs[(s, True)] = 2 * segmenter.predict_proba(sample.image, tta=True) - plain
+            probs[(s, False)] = segmenter.predict_proba(sample.image, tta=False)
+            if tta:
+                probs[(s, True)] = segmenter.predict_proba(sample.image, tta=True)
         segmenter.config = base_config
         for name, views in sets.items():
             pred = sum(probs[v] for v in views).argmax(0)
@@ -166,21 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=positive_float, nargs="+",
                         default=[0.5, 0.75, 1.0, 1.25, 1.5],
                         help="factors of the evaluation size (0.5 0.75 1 1.25 1.5)")
-    parser.add_argument("--no-flip", action="store_true", help="leave out the flipped views")
+    parser.add_argument("--no-tta", action="store_true",
+                        help="leave out TTA over the training symmetries (flips, rotations)")
     parser.add_argument("--limit", type=positive_int, default=None, help="the first N val images only")
     args = parser.parse_args(argv)
     scales = sorted(set(args.scales))
-    matrices, names, sizes = study(args.ckpt, args.data_root, scales, not args.no_flip,
+    matrices, names, sizes = study(args.ckpt, args.data_root, scales, not args.no_tta,
                                    args.limit)
     print(f"{args.ckpt}: val split, {sizes}")
     header = " ".join(f"{n[:8]:>8s}" for n in names)
-    print(f"IoU per class, pixels pooled over the split\n{'views':32s} {'mIoU':>6s} "
-          f"{'micro':>6s}  {header}")
+    print(f"IoU per class, pixels pooled over the split (micro: micro IoU; acc: pixel accuracy)"
+          f"\n{'views':32s} {'mIoU':>6s} {'micro':>6s} {'acc':>6s}  {header}")
     for name, by_case in matrices.items():
         cm = sum(by_case.values())
         iou = iou_per_class(cm)
-        micro = np.diag(cm).sum() / max(1, 2 * cm.sum() - np.diag(cm).sum())
-        print(f"{name:32s} {100 * np.nanmean(iou):6.2f} {100 * micro:6.2f}  "
+        hits, total = np.diag(cm).sum(), cm.sum()
+        micro, accuracy = hits / max(1, 2 * total - hits), hits / max(1, total)
+        print(f"{name:32s} {100 * np.nanmean(iou):6.2f} {100 * micro:6.2f} {100 * accuracy:6.2f}  "
               + " ".join(f"{100 * v:8.1f}" for v in iou))
     cases = len(next(iter(matrices.values())))
     if cases > 1:

@@ -19,12 +19,13 @@ def _script():
 
 def test_view_sets_confusion_and_iou() -> None:
     study = _script()
-    sets = study.combinations([0.5, 1.0, 1.25], flip=True)
+    sets = study.combinations([0.5, 1.0, 1.25], tta=True)
     assert sets["1"] == [(1.0, False)]
-    assert sets["1 + flip"] == [(1.0, False), (1.0, True)]
+    assert sets["1 + TTA"] == [(1.0, True)]
+    assert sets["all: 0.5 1 1.25 + TTA"] == [(0.5, True), (1.0, True), (1.25, True)]
     assert sets["all: 0.5 1 1.25"] == [(0.5, False), (1.0, False), (1.25, False)]
     assert sets["middle: 1 1.25"] == [(1.0, False), (1.25, False)]
-    assert list(study.combinations([1.0], flip=False)) == ["1"]  # no set of one scale twice
+    assert list(study.combinations([1.0], tta=False)) == ["1"]  # no set of one scale twice
     assert study.scaled_size((180, 240), 0.75) == (135, 180)
     assert study.scaled_size((3, 3), 0.1) == (1, 1)
     truth = np.array([[0, 0, 1, 2], [1, 1, 2, 9]])  # 9: ignored
@@ -57,9 +58,9 @@ def test_the_study_of_a_fits_val_split(tmp_path: Path, capsys) -> None:
     tested = json.loads(next(run.rglob("test_metrics.json")).read_text())
     capsys.readouterr()
     study = _script()
-    matrices, names, sizes = study.study(ckpt, str(root), [0.5, 1.0], flip=True)
-    assert len(names) == 3 and set(matrices) == {"0.5", "0.5 + flip", "1", "1 + flip",
-                                                 "all: 0.5 1", "all: 0.5 1 + flip"}
+    matrices, names, sizes = study.study(ckpt, str(root), [0.5, 1.0], tta=True)
+    assert len(names) == 3 and set(matrices) == {"0.5", "0.5 + TTA", "1", "1 + TTA",
+                                                 "all: 0.5 1", "all: 0.5 1 + TTA"}
     labelled = 3 * 36 * 48 - 3 * 4 * 48  # void rows at the bottom of each val frame
     assert all(list(by_case) == ["0001TP"] and by_case["0001TP"].shape == (3, 3)
                and by_case["0001TP"].sum() == labelled for by_case in matrices.values())
@@ -69,8 +70,15 @@ def test_the_study_of_a_fits_val_split(tmp_path: Path, capsys) -> None:
     assert "evaluation size (18, 24) x scale" in sizes
     assert "scales 0.5-1.5 here" in sizes  # the config's 0.25-0.75 of frames scored at half size
     assert study.main(["--ckpt", str(ckpt), "--data-root", str(root), "--scales", "1", "0.75",
-                       "--no-flip", "--limit", "2"]) == 0
+                       "--no-tta", "--limit", "2"]) == 0
     out = capsys.readouterr().out
-    assert "all: 0.75 1" in out and "+ flip" not in out
+    assert "all: 0.75 1" in out and "+ TTA" not in out
+    # the printed figures of the plain view are segpipe test's
+    assert study.main(["--ckpt", str(ckpt), "--data-root", str(root), "--scales", "1",
+                       "--no-tta"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("1 "))
+    figures = [float(v) for v in row.split()[1:4]]
+    expected = [100 * tested[k] for k in ("mIoU", "micro_IoU", "pixel_accuracy")]
+    assert figures == pytest.approx(expected, abs=0.006)
     with pytest.raises(SystemExit):
         study.main(["--ckpt", str(ckpt), "--data-root", str(root), "--scales", "0"])
