@@ -98,18 +98,12 @@ def compare(cases: dict[str, tuple[np.ndarray, np.ndarray]],
 def predict_cases(ckpt: Path, data_root: str, class_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{case: (predicted, true)}`` boolean volumes of ``class_index`` over the checkpoint's
     val split, each case's slices in natural order."""
-    import torch
-
     from segpipe import Segmenter
     from segpipe.data import SegmentationDataModule
     from segpipe.data.datasets import encode_mask
     from segpipe.data.io import read_mask
 
-    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-    hparams = {k: v for k, v in (blob.get("datamodule_hyper_parameters") or {}).items()
-               if not k.startswith("_")}
-    hparams["root"] = data_root
-    dm = SegmentationDataModule(**hparams)
+    dm = SegmentationDataModule.from_checkpoint(ckpt, root=data_root)
     dm.setup("validate")
     samples = dm.datasets["val"].samples
     if not samples or any(s.case is None or s.mask is None for s in samples):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import sys
 from pathlib import Path
 
@@ -109,18 +108,12 @@ def study(ckpt: Path, data_root: str, scales: list[float], tta: bool,
           limit: int | None = None) -> tuple[dict[str, dict[str, np.ndarray]], list[str], str]:
     """``({view set: {case: confusion matrix}}, class names, a line on the sizes)`` over the
     val split; images without a case are the case ``""``."""
-    import torch
-
     from segpipe import Segmenter
     from segpipe.data import SegmentationDataModule
     from segpipe.data.datasets import encode_mask
     from segpipe.data.io import read_mask
 
-    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-    hparams = {k: v for k, v in (blob.get("datamodule_hyper_parameters") or {}).items()
-               if not k.startswith("_")}
-    hparams["root"] = data_root
-    dm = SegmentationDataModule(**hparams)
+    dm = SegmentationDataModule.from_checkpoint(ckpt, root=data_root)
     dm.setup("validate")
     samples = [s for s in dm.datasets["val"].samples if s.mask is not None][:limit]
     if not samples:
@@ -150,7 +143,7 @@ def study(ckpt: Path, data_root: str, scales: list[float], tta: bool,
     print(file=sys.stderr)
     eval_size = base_config.eval_resize
     line = f"evaluation size {eval_size or 'the image size'} x scale"
-    trained = hparams.get("scale")
+    trained = dm.hparams.get("scale")
     if trained:  # the training rescaled the native images by these factors
         native = truth.shape[0]
         ratio = native / eval_size[0] if eval_size else 1.0

@@ -943,6 +943,34 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         return samples
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, root: str | Path | None = None
+                        ) -> SegmentationDataModule:
+        """The data module a ``segpipe fit`` checkpoint was trained with (its recorded
+        ``data.*`` settings, so the same splits, fold and seed), for scripts that score its val
+        split.
+
+        Args:
+            path: The ``.ckpt`` file.
+            root: The data root to read instead of the recorded one (the data moved, or is
+                mounted elsewhere); None: the recorded one.
+
+        Raises:
+            FileNotFoundError, CheckpointError: As :func:`segpipe.predict.checkpoint.read_checkpoint`.
+            ValueError: For a checkpoint without data settings (not written by ``segpipe fit``
+                with this data module).
+        """
+        from segpipe.predict.checkpoint import read_checkpoint
+
+        recorded = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+        if not recorded:
+            raise ValueError(f"{path} records no data settings (datamodule_hyper_parameters): "
+                             "give a checkpoint written by segpipe fit")
+        hparams = {k: v for k, v in recorded.items() if not k.startswith("_")}
+        if root is not None:
+            hparams["root"] = str(root)
+        return cls(**hparams)
+
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         """Scan, split, check (when ``check_data``) and build the datasets a stage needs.

@@ -93,6 +93,23 @@ def test_defaults_and_hparams(folder_root: Path) -> None:
         SegmentationDataModule("x", crop_size=0)
 
 
+def test_from_checkpoint_rebuilds_the_recorded_settings(folder_root: Path, tmp_path: Path) -> None:
+    recorded = dict(_dm(folder_root, num_classes=3, crop_size=32, seed=4).hparams)
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {},
+                "datamodule_hyper_parameters": {**recorded, "_private": 1}}, ckpt)
+    same = SegmentationDataModule.from_checkpoint(ckpt)
+    assert same.hparams["root"] == str(folder_root) and same.hparams["seed"] == 4
+    assert same.hparams["crop_size"] == 32 and "_private" not in same.hparams
+    moved = SegmentationDataModule.from_checkpoint(ckpt, root=tmp_path / "elsewhere")
+    assert moved.hparams["root"] == str(tmp_path / "elsewhere") and moved.hparams["seed"] == 4
+    torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match=r"bare\.ckpt records no data settings"):
+        SegmentationDataModule.from_checkpoint(tmp_path / "bare.ckpt")
+    with pytest.raises(FileNotFoundError, match="give a .ckpt file written by `segpipe fit`"):
+        SegmentationDataModule.from_checkpoint(tmp_path / "missing.ckpt")
+
+
 def test_fit_batches_follow_contract(folder_root: Path) -> None:
     dm = _dm(folder_root, num_classes=3, batch_size=4, crop_size=32, ignore_index=255)
     dm.setup("fit")
