@@ -74,12 +74,14 @@ def combinations(scales: list[float], tta: bool) -> dict[str, list[View]]:
 
 def confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int,
               ignore_index: int | None) -> np.ndarray:
-    """(K, K) int64 confusion matrix, rows truth, of the pixels whose truth is a class."""
-    keep = (truth >= 0) & (truth < num_classes)
-    if ignore_index is not None:
-        keep &= truth != ignore_index
-    index = truth[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """(K, K) int64 confusion matrix, rows truth, of the pixels whose truth is a class (segpipe
+    test's per-image one, :func:`segpipe.metrics.image_confusions`)."""
+    import torch
+
+    from segpipe.metrics import image_confusions
+
+    return image_confusions(torch.as_tensor(pred)[None], torch.as_tensor(truth)[None],
+                            num_classes, ignore_index)[0].numpy()
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
