@@ -94,16 +94,18 @@ def iou_per_class(cm: np.ndarray) -> np.ndarray:
 
 def dice_mean_over_cases(by_case: dict[str, np.ndarray]) -> np.ndarray:
     """Each class's Dice per case (pixels pooled within the case), then the mean over the cases
-    that score it (a class absent from a case's truth and prediction has no score there)."""
-    per_case = []
-    for cm in by_case.values():
-        tp = np.diag(cm).astype(np.float64)
-        total = cm.sum(0) + cm.sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_case.append(np.where(total > 0, 2 * tp / np.maximum(total, 1), np.nan))
-    scores = np.stack(per_case)
-    counts = (~np.isnan(scores)).sum(0)
-    return np.where(counts > 0, np.nansum(scores, 0) / np.maximum(counts, 1), np.nan)
+    that score it (a class absent from a case's truth and prediction has no score there): the
+    per-case means of ``segpipe test`` (:func:`segpipe.metrics.case_scores`); NaN where no case
+    scores a class. Images in no case (``""``) are left out, as there."""
+    import torch
+
+    from segpipe.metrics import case_scores
+
+    k = len(next(iter(by_case.values())))
+    scores = case_scores({case: torch.as_tensor(cm) for case, cm in by_case.items() if case},
+                         {}, [str(i) for i in range(k)])
+    means = scores["Dice_per_class_mean_over_cases"].values()
+    return np.array([np.nan if v is None else v for v in means])
 
 
 def study(ckpt: Path, data_root: str, scales: list[float], tta: bool,
