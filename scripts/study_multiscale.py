@@ -2,8 +2,9 @@
 
 Multi-scale inference (mmseg's ``img_ratios``, the DeepLab and PSPNet test recipes) runs the
 network on the image resized to several scales, maps each softmax back to the image's size and
-averages them. segpipe has no such option yet; this script measures it on a checkpoint's own val
-split, without training, for many sets of scales in one pass: for every val image it predicts the
+averages them (``segpipe test --model.test_tta_scales``, ``segpipe predict --tta_scales``). This
+script measures it on a checkpoint's own val split, without training, for many sets of scales in
+one pass, to choose the scales: for every val image it predicts the
 class probabilities (``Segmenter.predict_proba``, as ``segpipe predict`` does) with the
 evaluation size (``data.eval_resize``, or the image's own size) times each scale, each view
 resized from the image file as ``data.eval_resize`` resizes it, with and without TTA over the
@@ -32,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segpipe.argparsing import positive_int  # noqa: E402
+from segpipe.tta import scaled_size  # noqa: E402,F401 - the sizes segpipe's option uses
 
 #: One prediction: (scale, with TTA over the training symmetries).
 View = tuple[float, bool]
@@ -46,11 +48,6 @@ def positive_float(value: str) -> float:
     if not 0 < number < float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
-
-
-def scaled_size(base: tuple[int, int], scale: float) -> tuple[int, int]:
-    """``base`` (height, width) times ``scale``, rounded, at least 1 pixel each."""
-    return max(1, round(base[0] * scale)), max(1, round(base[1] * scale))
 
 
 def combinations(scales: list[float], tta: bool) -> dict[str, list[View]]:

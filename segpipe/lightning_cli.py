@@ -1045,7 +1045,7 @@ class SegpipeCLI(LightningCLI):
         self._check_bands_given(cfg, subcommand)
         if subcommand == "validate":
             model = cfg.get("model")
-            asked = [f"--model.{key} {model.get(key)}" for key in ("test_tta", "bn_adapt")
+            asked = [f"--model.{key} {model.get(key)}" for key in ("test_tta", "test_tta_scales", "bn_adapt")
                      if model is not None and hasattr(model, "get") and model.get(key)]
             if asked:
                 rank_zero_warn(

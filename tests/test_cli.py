@@ -208,10 +208,17 @@ def test_ckpt_path_aliases_resolve_to_the_run_files(fitted, tmp_path):
     assert code == 2  # one clear line, no traceback
 
 
-def test_eval_resize_scores_every_mask_at_its_own_size_as_predict_writes_it(tmp_path, capsys):
+@pytest.mark.parametrize("test_options, predict_options", [
+    ([], []),
+    (["--model.test_tta=true", "--model.test_tta_scales=[0.5, 1, 1.5]"],
+     ["--tta", "--tta_scales", "0.5", "1", "1.5"]),
+])
+def test_eval_resize_scores_every_mask_at_its_own_size_as_predict_writes_it(
+        tmp_path, capsys, test_options, predict_options):
     """With data.eval_resize the network sees resized images, `segpipe test` scores the
     upsampled predictions against the masks at their native (here differing) sizes, and those
-    are exactly the masks `segpipe predict` writes."""
+    are exactly the masks `segpipe predict` writes; with multi-scale TTA too (each view
+    resized from the native image, in padded batches of two sizes)."""
     import numpy as np
     from PIL import Image
 
@@ -227,14 +234,19 @@ def test_eval_resize_scores_every_mask_at_its_own_size_as_predict_writes_it(tmp_
               "--trainer.precision=32-true"]
     main(["fit", "--config", "configs/folder_unet.yaml", "--trainer.max_epochs=2", *common])
     capsys.readouterr()
-    main(["test", "--config", "configs/folder_unet.yaml", "--ckpt_path=last", *common])
+    main(["test", "--config", "configs/folder_unet.yaml", "--ckpt_path=last", *common,
+          *test_options])
     out = capsys.readouterr().out
     metrics = json.loads(Path(out.split("Test metrics written to ")[1].split()[0]).read_text())
+    if test_options:
+        assert metrics["test_time_augmentation"] == (
+            "mean of 2 view(s) over the training symmetries (hflip) at 3 scales (0.5, 1, 1.5 x "
+            "data.eval_resize 24x28, each resized from the native image)")
     pred_dir = tmp_path / "pred"
     assert main(["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--input",
                  str(root / "test" / "images"), "--output", str(pred_dir), "--format", "mask",
                  "--no_progress", "--num_workers", "0", "--accelerator", "cpu",
-                 "--precision", "32-true"]) == 0
+                 "--precision", "32-true", *predict_options]) == 0
     cm = np.zeros((3, 3), np.int64)
     for mask_file in sorted((root / "test" / "masks").glob("*.png")):
         truth = np.asarray(Image.open(mask_file)).astype(np.int64)

@@ -467,6 +467,16 @@ class SegmentationDataModule(L.LightningDataModule):
         # that are not 8-bit RGB, whose values fill only part of [0, 1]; see _measure_stats.
         self._color_relative = False
         self.test_split: str = "test"
+        self._native_test_images = False  # see keep_test_images_native
+
+    def keep_test_images_native(self) -> None:
+        """Hand the test split's images over at their native size, not resized to
+        ``eval_resize`` (masks are native anyway): multi-scale inference
+        (``model.test_tta_scales``) resizes each of its views from them, and enlarged views
+        of already resized images would be blurred copies. The task calls it in ``setup``."""
+        self._native_test_images = True
+        if self.test_split in self.datasets:
+            self.datasets[self.test_split].transform = None
 
     # ---------------------------------------------------------------- the data spec
     @property
@@ -1047,6 +1057,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 color_relative=self._color_relative,
             )
             seed_transform(transform, int(hp.seed))
+        elif split == self.test_split and self._native_test_images:
+            transform = None  # keep_test_images_native: masks and images at native size
         else:
             transform = build_eval_transform(
                 tuple(hp.eval_resize) if hp.eval_resize is not None else None

@@ -96,6 +96,10 @@ class Segmenter:
         tile: Default sliding-window tile size (None: whole images).
         overlap: Default tile overlap.
         tta: Default flip test-time augmentation.
+        tta_scales: Default multi-scale inference: factors of the evaluation size
+            (``data.eval_resize``, else each image's size) to average the probabilities over,
+            e.g. ``[0.75, 1, 1.25]``; each view is resized from the image at its native size
+            (:func:`segpipe.tta.multiscale_probabilities`). None: the evaluation size alone.
         batch_size: Images (or tiles) per forward pass.
         bands: 1-based bands of the inputs to read, one per channel the model takes, instead of
             the checkpoint's ``data.bands`` (as ``segpipe predict --bands``); None: the
@@ -116,7 +120,10 @@ class Segmenter:
         tta: bool = False,
         batch_size: int = 4,
         bands: Sequence[int] | None = None,
+        tta_scales: Sequence[float] | None = None,
     ) -> None:
+        from segpipe.tta import check_scales
+
         config = config.with_bands(bands, option="bands")
         self.device = _device(device)
         self.task = task.to(self.device) if isinstance(task, torch.nn.Module) else task
@@ -125,6 +132,7 @@ class Segmenter:
         self.config = config
         self.autocast = _autocast_dtype(precision)
         self.tile, self.overlap, self.tta, self.batch_size = tile, overlap, tta, int(batch_size)
+        self.tta_scales = check_scales(tta_scales)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._check_tile(tile)
@@ -147,7 +155,8 @@ class Segmenter:
         Args:
             path: The ``.ckpt`` file.
             device: ``auto`` (a CUDA GPU when there is one), ``cpu``, ``cuda:1``...
-            **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``batch_size``, ``bands``.
+            **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``tta_scales``,
+                ``batch_size``, ``bands``.
         """
         from segpipe.predict.checkpoint import CheckpointError, load_predictor
 
@@ -164,7 +173,8 @@ class Segmenter:
         Args:
             path: The ``.onnx`` file (its ``model.json`` sidecar beside it).
             **options: ``tile``, ``overlap`` (default: what ``segpipe export`` recorded),
-                ``tta``, ``batch_size``, ``bands``; ``device`` may only be ``cpu``.
+                ``tta``, ``tta_scales``, ``batch_size``, ``bands``; ``device`` may only be
+                ``cpu``.
         """
         from segpipe.predict.onnx import load_onnx_predictor
 
@@ -208,7 +218,7 @@ class Segmenter:
     # ------------------------------------------------------------------ prediction
     def predict(
         self, images: ImageLike | Sequence[ImageLike], *, tile: int | None = None,
-        tta: bool | None = None,
+        tta: bool | None = None, tta_scales: Sequence[float] | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Class indices.
 
@@ -216,23 +226,25 @@ class Segmenter:
             images: One image or a list (see :data:`ImageLike`).
             tile: Tile size for this call (default: the segmenter's).
             tta: TTA over the training symmetries for this call (default: the segmenter's).
+            tta_scales: Multi-scale factors for this call (default: the segmenter's; ``[1]``:
+                none).
 
         Returns:
             (H, W) uint8 (uint16 above 255 classes) per image, at the input's size; a list for a
             list.
         """
-        return self._run(images, tile, tta, proba=False)
+        return self._run(images, tile, tta, tta_scales, proba=False)
 
     def predict_proba(
         self, images: ImageLike | Sequence[ImageLike], *, tile: int | None = None,
-        tta: bool | None = None,
+        tta: bool | None = None, tta_scales: Sequence[float] | None = None,
     ) -> np.ndarray | list[np.ndarray]:
-        """Class probabilities.
+        """Class probabilities (arguments as :meth:`predict`).
 
         Returns:
             (K, H, W) float32 per image (summing to 1 over K); a list for a list.
         """
-        return self._run(images, tile, tta, proba=True)
+        return self._run(images, tile, tta, tta_scales, proba=True)
 
     def adapt_batchnorm(self, images: Sequence[ImageLike], weight: float = 0.5) -> Any:
         """Re-estimate the network's BatchNorm statistics on ``images`` and blend them in, as
@@ -385,16 +397,20 @@ class Segmenter:
 
     def _run(
         self, images: ImageLike | Sequence[ImageLike], tile: int | None, tta: bool | None,
-        proba: bool,
+        tta_scales: Sequence[float] | None, proba: bool,
     ) -> np.ndarray | list[np.ndarray]:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         tile = self.tile if tile is None else tile
         self._check_tile(tile)
         prob_fn = ProbabilityFn(self.task, self.tta if tta is None else tta,
-                                self.config.symmetries)
+                                self.config.symmetries,
+                                self.tta_scales if tta_scales is None else tta_scales)
         tiles = [tile if tile is not None else self._raster_tile(item) for item in items]
-        prepared = [self._prepared(item, resize=t is None) for item, t in zip(items, tiles)]
+        # multi-scale views are resized from the native image, each to eval_resize x scale
+        native = prob_fn.scales is not None and self.config.eval_resize is not None
+        prepared = [self._prepared(item, resize=t is None and not native)
+                    for item, t in zip(items, tiles)]
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, item in enumerate(prepared):
             groups[(*item["image"].shape, tiles[i])].append(i)
@@ -415,6 +431,7 @@ class Segmenter:
                         x, self.task, prob_fn, num_classes=cfg.num_classes, tile=tile,
                         overlap=self.overlap, batch_size=self.batch_size,
                         probs=proba or resized,
+                        base_size=self.config.eval_resize if native and tile is None else None,
                     )
                     labels = None if resized else scores.argmax(dim=1)
                     for j, (i, size) in enumerate(zip(chunk, sizes)):

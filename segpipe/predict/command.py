@@ -466,6 +466,7 @@ def predict(
     tile: int | None = None,
     overlap: float | None = None,
     tta: bool = False,
+    tta_scales: Sequence[float] | None = None,
     bn_adapt: float = 0.0,
     bands: Sequence[int] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -496,6 +497,10 @@ def predict(
             always read by windows, with tiles of ``tile`` or ``raster_tile``.
         overlap: Overlap of neighbouring tiles (fraction of a tile); None: 0.25.
         tta: Test-time augmentation over the flips/rotations the model was trained with.
+        tta_scales: Multi-scale inference: average the probabilities over the evaluation size
+            (``data.eval_resize``, else each image's or tile's size) times each factor, each
+            view resized from the input at its native size (:mod:`segpipe.tta`); with ``tta``
+            each view is also flipped. None: the evaluation size alone.
         bn_adapt: Before predicting, re-estimate the network's BatchNorm statistics on the
             input images (one extra forward pass over them, no labels) and use this weight x
             theirs + (1 - weight) x training's (:mod:`segpipe.models.batchnorm`), as
@@ -560,9 +565,11 @@ def predict(
         if workers is not None and workers < 0:
             raise PredictUsageError(f"{name} must be >= 0 (0: in the main process), got {workers}")
     from segpipe.models.batchnorm import BatchNormAdaptError, batchnorm_layers, check_bn_adapt
+    from segpipe.tta import check_scales
 
     try:
         bn_adapt = check_bn_adapt(bn_adapt, "--bn_adapt")
+        scales = check_scales(tta_scales, "--tta_scales")
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
     if bn_adapt and Path(ckpt_path).suffix.lower() == ".onnx":
@@ -643,7 +650,8 @@ def predict(
                         removed, output)
     settings = {
         "checkpoint": identity, "bands": list(bands) if bands else None,
-        "tile": tile, "overlap": overlap, "tta": bool(tta), "bn_adapt": float(bn_adapt),
+        "tile": tile, "overlap": overlap, "tta": bool(tta), "tta_scales": scales,
+        "bn_adapt": float(bn_adapt),
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha),
         "overlay_bands": list(overlay_bands) if overlay_bands else None}
     if bn_adapt:  # the adapted statistics depend on how the images are batched
@@ -661,10 +669,12 @@ def predict(
             "resolution instead", config.eval_resize,
         )
     options = PredictOptions(
-        tile=tile, overlap=overlap, raster_tile=raster_tile, tta=tta, batch_size=batch_size,
+        tile=tile, overlap=overlap, raster_tile=raster_tile, tta=tta, tta_scales=scales,
+        batch_size=batch_size,
         fail_fast=fail_fast, progress=progress, bn_adapt=bn_adapt,
     )
-    dataset = PredictInputs(files, writer, config, resize=tile is None, chip_size=raster_tile)
+    dataset = PredictInputs(files, writer, config, resize=tile is None, chip_size=raster_tile,
+                            native=scales is not None)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _accelerator_available())
     if num_workers is None:
         # On CPUs the network already uses every core; a decoding worker only oversubscribes
@@ -808,6 +818,10 @@ def build_parser() -> CommandParser:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the flips/rotations the model was "
                         "trained with (read from the checkpoint)")
+    p.add_argument("--tta_scales", type=float, nargs="+", default=None, metavar="FACTOR",
+                   help="multi-scale inference: average over the evaluation size times each "
+                        "FACTOR (e.g. 0.75 1 1.25), each view resized from the input at its "
+                        "native size; with --tta each view is also flipped")
     p.add_argument("--bn_adapt", dest="bn_adapt", type=float, default=0.0, metavar="WEIGHT",
                    help="re-estimate BatchNorm statistics on the input images first and use "
                         "WEIGHT x theirs + (1 - WEIGHT) x training's (0 = off, default; 0.5 for "
@@ -882,7 +896,8 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
     try:
         summary = predict(
             args.ckpt_path, args.input, args.output, formats=_formats(args.formats),
-            tile=args.tile, overlap=args.overlap, tta=args.tta, bn_adapt=args.bn_adapt,
+            tile=args.tile, overlap=args.overlap, tta=args.tta, tta_scales=args.tta_scales,
+            bn_adapt=args.bn_adapt,
             bands=args.bands, batch_size=args.batch_size,
             overwrite=args.overwrite, fail_fast=args.fail_fast, accelerator=args.accelerator,
             devices=args.devices, strategy=args.strategy, precision=args.precision,

@@ -123,6 +123,9 @@ class PredictOptions:
         raster_tile: Tile size for rasters read by windows when ``tile`` is None.
         tta: Average the probabilities over the symmetries the model was trained with
             (:mod:`segpipe.tta`).
+        tta_scales: Multi-scale inference: factors of the evaluation size
+            (:func:`segpipe.tta.check_scales`); whole images then come at their native size
+            and each view is resized from them. None: the evaluation size alone.
         batch_size: Images, or tiles, per forward pass.
         fail_fast: Stop at the first failed file.
         progress: Show progress bars (rank 0).
@@ -136,6 +139,7 @@ class PredictOptions:
     overlap: float = 0.25
     raster_tile: int = 512
     tta: bool = False
+    tta_scales: list[float] | None = None
     batch_size: int = 4
     fail_fast: bool = False
     progress: bool = True
@@ -305,6 +309,9 @@ class PredictInputs(Dataset):
             resolution, with a warning.
         chip_size: The largest side of a georeferenced raster predicted whole (the raster
             tile).
+        native: With ``resize``, hand images over at their native size all the same (and
+            decide which TIFFs are images as with the resize): multi-scale inference resizes
+            each of its views from them to ``eval_resize`` times its scale.
     """
 
     def __init__(
@@ -314,6 +321,7 @@ class PredictInputs(Dataset):
         config: PredictConfig,
         resize: bool = True,
         chip_size: int = 512,
+        native: bool = False,
     ) -> None:
         self.files = list(files)
         self.chip_size = int(chip_size)
@@ -321,8 +329,11 @@ class PredictInputs(Dataset):
         self.rasters_left_out = 0
         self.writer = writer
         self.config = config
+        #: Whether the model takes images resized (``eval_resize``), here or by its views.
+        self.resizes = bool(resize and config.eval_resize)
         self.images = PredictDataset(
-            [f.path for f in self.files], transform=config.eval_transform(resize), mean=config.mean,
+            [f.path for f in self.files], transform=config.eval_transform(resize and not native),
+            mean=config.mean,
             std=config.std, bands=config.bands, in_channels=config.in_channels,
         )
         #: Input dtypes unlike the training images' that were warned about (once each).
@@ -361,7 +372,7 @@ class PredictInputs(Dataset):
                 # test do (a chip's outputs keep its georeference)
                 whole = geo if geo is not None and geo.georeferenced else None
                 info = None
-            elif self.images.transform is not None and not self._resize_warned:
+            elif self.resizes and not self._resize_warned:
                 self._resize_warned = True
                 log.warning(
                     "the model was evaluated on images resized to %s; georeferenced rasters "
@@ -410,7 +421,7 @@ class PredictInputs(Dataset):
         rasterio reads, unless the model takes images resized (``eval_resize``) and the TIFF
         has no georeference or is a chip no larger than ``chip_size`` (then it is an image
         like a PNG, resized as in ``segpipe test``)."""
-        return raster_by_windows(info, self.images.transform is not None, self.chip_size)
+        return raster_by_windows(info, self.resizes, self.chip_size)
 
     def images_for_statistics(
         self, tile: int | None, raster_tile: int, raster_windows: int = RASTER_STATISTICS_WINDOWS,
@@ -589,7 +600,7 @@ class PredictModule(nn.Module):
         self.config = config
         self.writer = writer
         self.options = options
-        self.prob_fn = ProbabilityFn(task, options.tta, config.symmetries)
+        self.prob_fn = ProbabilityFn(task, options.tta, config.symmetries, options.tta_scales)
         #: Set by the callback on the process that shows progress bars.
         self.show_progress = False
         #: What ``options.bn_adapt`` did, once predicting started.
@@ -700,6 +711,8 @@ class PredictModule(nn.Module):
             x, self.task, self.prob_fn, num_classes=cfg.num_classes, tile=opts.tile,
             overlap=opts.overlap, batch_size=opts.batch_size, probs=want_probs or resized,
             on_tiles=bar.update if bar is not None else None,
+            # tta_scales: whole images came at their native size, views scale eval_resize
+            base_size=cfg.eval_resize if opts.tile is None else None,
         )
         if bar is not None:
             bar.close()

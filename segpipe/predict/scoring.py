@@ -29,28 +29,48 @@ class ProbabilityFn:
 
     TTA averages over the symmetries the model was trained with (:mod:`segpipe.tta`), read
     from its data spec; when the checkpoint does not record them, horizontal flips only (the
-    one symmetry nearly every training pipeline uses), with a warning.
+    one symmetry nearly every training pipeline uses), with a warning. Multi-scale inference
+    (``scales``) also averages over input sizes, each view resized from the image given
+    (:func:`segpipe.tta.multiscale_probabilities`): give it images at their native size.
 
     Args:
         task: The segmentation task (pads to its network's multiple and crops back).
         tta: Average over the training symmetries.
         symmetries: Those symmetries (``hflip``, ``vflip``, ``rot90``); None: not known.
+        scales: Factors of the evaluation size to average over
+            (:func:`segpipe.tta.check_scales`); None: the size given alone.
     """
 
     def __init__(
-        self, task: SegmentationTask, tta: bool = False, symmetries: Sequence[str] | None = None
+        self, task: SegmentationTask, tta: bool = False, symmetries: Sequence[str] | None = None,
+        scales: Sequence[float] | None = None,
     ) -> None:
-        from segpipe.tta import model_views
+        from segpipe.tta import check_scales, model_views
 
         self.task = task
         self.tta = tta
         self.views = model_views(symmetries) if tta else [(0, ())]
+        self.scales = check_scales(scales)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) normalised images -> float32 (N, K, H, W) probabilities."""
-        from segpipe.tta import tta_probabilities
+    @property
+    def averages(self) -> bool:
+        """Whether predictions average several views (TTA or scales): probabilities, not
+        logits."""
+        return self.tta or self.scales is not None
 
-        return tta_probabilities(self.task, x, self.views)
+    def __call__(self, x: Tensor, base_size: Sequence[int] | None = None) -> Tensor:
+        """(N, C, H, W) normalised images -> float32 (N, K, H, W) probabilities.
+
+        Args:
+            x: The batch.
+            base_size: The size ``scales`` are factors of (``data.eval_resize`` for native
+                images); None: ``x``'s own size (tiles, images predicted at their size).
+        """
+        from segpipe.tta import multiscale_probabilities, tta_probabilities
+
+        if self.scales is None:
+            return tta_probabilities(self.task, x, self.views)
+        return multiscale_probabilities(self.task, x, self.views, self.scales, base_size)
 
 
 def batch_scores(
@@ -64,6 +84,7 @@ def batch_scores(
     batch_size: int = 4,
     probs: bool = False,
     on_tiles: Any = None,
+    base_size: Sequence[int] | None = None,
 ) -> Tensor:
     """Class scores of a stacked batch: the one inference path of ``segpipe predict`` and of
     :class:`~segpipe.predict.api.Segmenter`.
@@ -79,10 +100,13 @@ def batch_scores(
         batch_size: Tiles per forward pass.
         probs: Return probabilities even where logits would do (for their values).
         on_tiles: Progress callback taking a number of finished tiles.
+        base_size: For whole images with ``prob_fn.scales``: the size the scales are factors
+            of (``data.eval_resize`` when ``x`` holds native images); tiles are scaled from
+            their own size.
 
     Returns:
-        (N, K, H, W) float scores: probabilities when tiled, with TTA or with ``probs``, else
-        logits (same arg-max, no softmax needed).
+        (N, K, H, W) float scores: probabilities when tiled, with TTA or scales or with
+        ``probs``, else logits (same arg-max, no softmax needed).
     """
     h, w = x.shape[-2:]
     if tile is not None and (h > tile or w > tile):
@@ -90,8 +114,8 @@ def batch_scores(
             predict_tiled(img, prob_fn, num_classes, tile, overlap, batch_size, on_tiles=on_tiles)
             for img in x
         ])
-    if probs or prob_fn.tta:
-        return prob_fn(x)
+    if probs or prob_fn.averages:
+        return prob_fn(x, base_size)
     return task(x)
 
 

@@ -10,6 +10,7 @@ import math
 import random
 import typing
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -55,6 +56,7 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 from segpipe.tasks.inference import LogitsForward, weight_differences
+from segpipe.tta import check_scales
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
            "SegmentationTask", "check_spec_fits", "get_rng_state", "pad_to_multiple",
@@ -67,7 +69,7 @@ RNG_STATE_KEY = "segpipe_rng_state"
 #: ``segpipe test/validate --ckpt_path`` does not restore them from the checkpoint's
 #: hyperparameters, so ``--model.test_tta true`` (or the config's value) holds; everything else
 #: (network, loss, data spec) comes from the checkpoint.
-EVALUATION_OPTIONS = ("test_tta", "bn_adapt", "num_worst_images")
+EVALUATION_OPTIONS = ("test_tta", "test_tta_scales", "bn_adapt", "num_worst_images")
 
 _PYTHON_ONLY = ("net", "optimizer", "lr_scheduler")
 
@@ -249,6 +251,13 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         test_tta: In ``test``, score the average prediction over the flips/rotations the
             model was trained with (:mod:`segpipe.tta`, from the data spec), as
             ``segpipe predict --tta`` does; the loss stays that of the plain prediction.
+        test_tta_scales: In ``test``, also average over input sizes (multi-scale inference,
+            :func:`segpipe.tta.multiscale_probabilities`): ``data.eval_resize`` (else each
+            image's size) times each factor, e.g. ``[0.5, 0.75, 1, 1.25, 1.5]``, as
+            ``segpipe predict --tta_scales`` does. Each view is resized from the test image at
+            its native size, so the data module is asked for native images
+            (:meth:`~segpipe.data.SegmentationDataModule.keep_test_images_native`); the loss
+            stays that of the plain prediction. None: the evaluation size alone.
         bn_adapt: In ``test``, first re-estimate the BatchNorm statistics on the test images
             (no labels used) and blend them with the training ones: this weight x theirs +
             (1 - weight) x training's (:mod:`segpipe.models.batchnorm`; 1 is AdaBN). For test
@@ -303,6 +312,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         log_train_metrics: bool = False,
         num_worst_images: int = 8,
         test_tta: bool = False,
+        test_tta_scales: list[float] | None = None,
         bn_adapt: float = 0.0,
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
@@ -357,6 +367,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         self.log_train_metrics = log_train_metrics
         self.num_worst_images = num_worst_images
         self.test_tta = bool(test_tta)
+        self.test_tta_scales = check_scales(test_tta_scales, "model.test_tta_scales")
         self.bn_adapt = check_bn_adapt(bn_adapt)
         self._bn_adaptation: BatchNormAdaptation | None = None
         self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
@@ -531,6 +542,11 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                         f"--model.net.init_args.num_classes {len(names)}) or give the module "
                         "one name per class")
                 self.spec = DataSpec.create(**{**self.spec.to_dict(), "class_names": names})
+        if stage == "test" and self.test_tta_scales and self.spec.eval_resize:
+            # multi-scale views are resized from native images, not from eval_resize's
+            keep_native = getattr(dm, "keep_test_images_native", None)
+            if keep_native is not None:
+                keep_native()
         if stage in ("fit", "validate", "test"):
             check_ignore_index(self.num_classes, self.ignore_index)
         if stage == "fit" and getattr(dm, "pixel_weighting", False):
@@ -685,7 +701,12 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         batch = self._checked_batch(batch, stage)
         image, mask = batch["image"], batch["mask"]
         sizes = batch.get("image_size") if stage != "train" else None
-        logits = self(image) if sizes is None else self._each_image(image, sizes, self)
+        eval_size = self._native_eval_size(batch) if stage == "test" else None
+        if eval_size is not None:  # native images (test_tta_scales): the plain view resized here
+            plain = partial(self._at_eval_size, size=eval_size)
+            logits = plain(image) if sizes is None else self._each_image(image, sizes, plain)
+        else:
+            logits = self(image) if sizes is None else self._each_image(image, sizes, self)
         # data.eval_resize: the network saw resized images; score at the masks' native size.
         resized = stage != "train" and tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
         pixel_weight = batch.get("weight")
@@ -725,7 +746,11 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                      batch_size=n)
         if stage == "train" and not self.log_train_metrics:
             return loss
-        if stage == "test" and self.test_tta:
+        if stage == "test" and self.test_tta_scales:
+            views = partial(self._scale_probabilities, base_size=eval_size)
+            probs = views(image) if sizes is None else self._each_image(image, sizes, views)
+            preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
+        elif stage == "test" and self.test_tta:
             probs = (self._tta_probabilities(image, logits.detach()) if sizes is None
                      else self._each_image(image, sizes, self._tta_probabilities))
             preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
@@ -763,14 +788,59 @@ class SegmentationTask(LogitsForward, L.LightningModule):
 
     def _tta_description(self) -> str:
         """How test predictions were made, for ``test_metrics.json`` and the report."""
+        scales = ""
+        if self.test_tta_scales:
+            base = ("data.eval_resize " + "x".join(map(str, self.spec.eval_resize))
+                    if self.spec.eval_resize else "each image's size")
+            scales = (f" at {len(self.test_tta_scales)} scales "
+                      f"({', '.join(f'{s:g}' for s in self.test_tta_scales)} x {base}, each "
+                      "resized from the native image)")
         if not self.test_tta:
-            return "none (plain predictions)"
+            return f"mean over sizes{scales}" if scales else "none (plain predictions)"
         from segpipe.tta import model_views
 
         views = model_views(self.spec.symmetries, warn=False)
         recorded = self.spec.symmetries
         names = "hflip; not recorded, assumed" if recorded is None else ", ".join(recorded) or "none"
-        return f"mean of {len(views)} view(s) over the training symmetries ({names})"
+        return f"mean of {len(views)} view(s) over the training symmetries ({names}){scales}"
+
+    def _native_eval_size(self, batch: dict[str, Any]) -> tuple[int, int] | None:
+        """``data.eval_resize`` when ``test_tta_scales`` gets ``batch``'s images at their native
+        size (the plain view and each scale are then resized from them here), else None.
+
+        Raises:
+            ConfigError: When the data module resized the images to ``eval_resize``: enlarged
+                views of them would be blurred copies (see :mod:`segpipe.tta`).
+        """
+        eval_size = self.spec.eval_resize
+        if not (self.test_tta_scales and eval_size):
+            return None
+        image_hw, mask_hw = tuple(batch["image"].shape[-2:]), tuple(batch["mask"].shape[-2:])
+        if image_hw != mask_hw:
+            raise ConfigError(
+                f"model.test_tta_scales resizes each view from the test images at their native "
+                f"size, but {self._data_name()} resized them to data.eval_resize "
+                f"{list(eval_size)} ({list(image_hw)} images, {list(mask_hw)} masks): give it a "
+                "keep_test_images_native() method that stops that for the test split (as "
+                "segpipe's SegmentationDataModule has), or leave model.test_tta_scales out")
+        return (int(eval_size[0]), int(eval_size[1]))
+
+    def _at_eval_size(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """Logits of native ``image`` (N, C, H, W) seen at the evaluation ``size`` (resized as
+        ``data.eval_resize`` resizes), brought back to (N, K, H, W)."""
+        hw = tuple(image.shape[-2:])
+        view = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(self(view).float(), size=hw, mode="bilinear", align_corners=False)
+
+    def _scale_probabilities(self, image: Tensor,
+                             base_size: tuple[int, int] | None = None) -> Tensor:
+        """(N, K, H, W) probabilities averaged over ``test_tta_scales`` (and with ``test_tta``
+        the training symmetries) of ``base_size`` (None: the image's size)."""
+        from segpipe.tta import model_views, multiscale_probabilities
+
+        views = model_views(self.spec.symmetries, warn=False) if self.test_tta else [(0, ())]
+        assert self.test_tta_scales is not None
+        return multiscale_probabilities(self, image, views, self.test_tta_scales, base_size)
 
     def _tta_probabilities(self, image: Tensor, logits: Tensor | None = None) -> Tensor:
         """(N, K, H, W) probabilities averaged over the training symmetries; ``logits``, when
@@ -909,10 +979,14 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                     batch = datamodule.on_after_batch_transfer(batch, idx)
                 batch = self.on_after_batch_transfer(batch, idx)
                 sizes = batch.get("image_size")
-                if sizes is None:
-                    yield batch["image"]
-                else:  # each at its own size, as scored: the zero padding is no statistic
-                    yield from self._own_sizes(batch["image"], sizes)
+                eval_size = self._native_eval_size(batch)
+                # each at its own size, as scored: the zero padding is no statistic
+                images = [batch["image"]] if sizes is None else self._own_sizes(batch["image"],
+                                                                                 sizes)
+                for image in images:  # native (test_tta_scales): the plain view, as scored
+                    yield (image if eval_size is None else
+                           F.interpolate(image, size=eval_size, mode="bilinear",
+                                         align_corners=False))
 
     def on_test_end(self) -> None:
         """Put the training BatchNorm statistics back after ``bn_adapt``."""

@@ -504,6 +504,30 @@ def test_eval_resize_resizes_val_images_but_keeps_each_mask_native(tmp_path: Pat
     assert batch["image"].shape == (2, 3, 8, 12) and batch["mask"].shape == (2, 16, 16)
 
 
+@pytest.mark.parametrize("asked_after_setup", [False, True])
+def test_test_images_can_be_kept_native_for_multiscale_views(tmp_path: Path,
+                                                             asked_after_setup: bool) -> None:
+    """model.test_tta_scales asks for native test images (asked after setup, as the task asks
+    in its own setup, or before): masks and "size" as with the resize, the val split resized
+    as before when test has a split of its own."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=2, n_test=2, size=(16, 20))
+    dm = _dm(root, num_classes=3, eval_batch_size=2, eval_resize=[8, 12])
+    if not asked_after_setup:
+        dm.keep_test_images_native()
+    dm.setup("test")
+    if asked_after_setup:
+        dm.keep_test_images_native()
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (2, 3, 16, 20) and batch["mask"].shape == (2, 16, 20)
+    assert batch["size"].tolist() == [[16, 20]] * 2
+    resized = _dm(root, num_classes=3, eval_batch_size=2, eval_resize=[8, 12])
+    resized.setup("test")
+    plain = next(iter(resized.test_dataloader()))
+    assert plain["image"].shape == (2, 3, 8, 12) and torch.equal(plain["mask"], batch["mask"])
+    dm.setup("validate")
+    assert next(iter(dm.val_dataloader()))["image"].shape == (2, 3, 8, 12)
+
+
 def test_missing_root_and_empty_split(tmp_path: Path) -> None:
     dm = _dm(tmp_path / "nope", num_classes=2)
     with pytest.raises(FileNotFoundError, match=r"nope.*'folder' layout expects"):

@@ -329,3 +329,75 @@ def test_adapting_twice_blends_with_the_training_statistics(unet_ckpt: Path) -> 
     assert torch.allclose(bn.running_mean, once, atol=1e-6)
     second.restore()
     assert torch.equal(bn.running_mean, trained)
+
+
+def test_multiscale_views_are_resized_from_the_native_image(tmp_path: Path) -> None:
+    """With eval_resize, each scale's view is the native image resized to eval_resize x scale
+    (as data.eval_resize resizes, bilinear): resized from the 16x16 evaluation image instead,
+    the enlarged views were blurred copies, and on CamVid that option gained nothing."""
+    import torch.nn.functional as F
+
+    ckpt = make_ckpt(tmp_path / "r.ckpt", "tests.predict.nets.PointwiseNet",
+                     {"in_channels": 3, "num_classes": 3}, eval_resize=[16, 16])
+    image = noise_image(48, 64, seed=5)
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu", precision="32-true",
+                                    tta_scales=[0.5, 1, 2])
+    seen: list[tuple[int, int]] = []
+    seg.task.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    probs = seg.predict_proba(image)
+    assert seen == [(8, 8), (16, 16), (32, 32)] and probs.shape == (3, 48, 64)
+    native = seg._prepared(image, resize=False)["image"][None]
+    expected = sum(
+        F.interpolate(seg.task(F.interpolate(native, size=(s, s), mode="bilinear",
+                                             align_corners=False)).softmax(1),
+                      size=(48, 64), mode="bilinear", align_corners=False)
+        for s in (8, 16, 32)) / 3
+    np.testing.assert_allclose(probs, expected[0].detach().numpy(), atol=1e-5)
+    # per call: [1] is the evaluation size alone, the plain prediction
+    plain = Segmenter.from_checkpoint(ckpt, device="cpu", precision="32-true").predict_proba(image)
+    np.testing.assert_allclose(seg.predict_proba(image, tta_scales=[1]), plain, atol=1e-6)
+    assert not np.allclose(probs, plain, atol=1e-3)
+    with pytest.raises(ValueError, match=r"tta_scales holds 0"):
+        Segmenter.from_checkpoint(ckpt, device="cpu", tta_scales=[0, 1])
+
+
+@pytest.mark.parametrize("extra, options", [
+    (["--tta_scales", "0.5", "1", "1.5"], {"tta_scales": [0.5, 1, 1.5]}),
+    (["--tta", "--tta_scales", "0.75", "1.25"], {"tta": True, "tta_scales": [0.75, 1.25]}),
+    (["--tta_scales", "0.5", "1", "--tile", "32"], {"tta_scales": [0.5, 1], "tile": 32}),
+])
+def test_multiscale_masks_equal_the_command(tmp_path: Path, extra: list[str],
+                                            options: dict) -> None:
+    """The same views in `segpipe predict --tta_scales` and the API, with eval_resize, with
+    flips, and tile by tile (each tile scaled from its own size)."""
+    from segpipe.models import UNet
+    from segpipe.predict.checkpoint import save_predict_checkpoint
+
+    torch.manual_seed(0)
+    args = {"in_channels": 3, "num_classes": 3, "base_channels": 4, "depth": 2}
+    net = UNet(**args)
+    with torch.no_grad():
+        net.head.weight.mul_(20.0)  # strong enough to vary per pixel
+    ckpt = save_predict_checkpoint(
+        tmp_path / "r.ckpt", net={"class_path": "segpipe.models.UNet", "init_args": args},
+        data={"num_classes": 3, "in_channels": 3, "eval_resize": [24, 32]},
+        state_dict={f"net.{k}": v for k, v in net.state_dict().items()})
+    src = tmp_path / "in"
+    for name, (h, w) in {"a": (45, 37), "b": (64, 96), "c": (64, 96)}.items():
+        write_image(src / f"{name}.png", noise_image(h, w, seed=h + w))
+    expected = _command_masks(ckpt, src, tmp_path / "out", *extra)
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu", **options)
+    for name, mask in expected.items():
+        assert np.array_equal(seg.predict(src / f"{name}.png"), mask), name
+    plain = _command_masks(ckpt, src, tmp_path / "plain")
+    assert any(not np.array_equal(plain[n], expected[n]) for n in plain)
+
+
+def test_bad_tta_scales_are_one_line(tmp_path: Path, unet_ckpt: Path, capsys) -> None:
+    src = tmp_path / "in"
+    write_image(src / "a.png", noise_image(16, 16))
+    code = cli_main(["predict", "--ckpt_path", str(unet_ckpt), "--input", str(src), "--output",
+                     str(tmp_path / "out"), *FAST, "--tta_scales", "1", "-0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--tta_scales holds -0.5: each factor of the evaluation size must be a number > 0" in err
