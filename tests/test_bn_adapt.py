@@ -131,3 +131,24 @@ def test_python_test_puts_the_training_statistics_back(shifted_run):
     assert task.test_report["batchnorm_statistics"].startswith("0.5 x the test images'")
     after = {k: v for k, v in task.state_dict().items() if "running" in k}
     assert before and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapted_multiscale_views_agree_in_test_and_predict(tmp_path, capsys):
+    """With eval_resize and multi-scale views the images come at their native size; the
+    statistics are still those of the plain view (the images at eval_resize), in both commands."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=3, size=(40, 48))
+    run = tmp_path / "run"
+    resize = ["--data.eval_resize=[20, 24]"]
+    main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={root}",
+          f"--trainer.default_root_dir={run}", "--trainer.max_epochs=15", *COMMON, *resize])
+    for p in (root / "test" / "images").glob("*.png"):
+        dark = (np.asarray(Image.open(p)).astype(np.float32) * 0.4).astype(np.uint8)
+        Image.fromarray(dark).save(p)
+    scales = ["--model.test_tta_scales=[0.5, 1, 1.5]", *resize]
+    adapted = _test(root, run, capsys, "--model.bn_adapt=0.5", *scales)
+    assert "at 3 scales" in adapted["test_time_augmentation"]
+    cm = _predicted_confusion(root, run, tmp_path / "adapted", "--bn_adapt", "0.5",
+                              "--tta_scales", "0.5", "1", "1.5")
+    assert np.array_equal(cm, np.asarray(adapted["confusion_matrix"]))
+    plain = _test(root, run, capsys, *scales)  # the statistics moved the predictions
+    assert plain["confusion_matrix"] != adapted["confusion_matrix"]

@@ -331,6 +331,8 @@ class PredictInputs(Dataset):
         self.config = config
         #: Whether the model takes images resized (``eval_resize``), here or by its views.
         self.resizes = bool(resize and config.eval_resize)
+        #: Whether images come at their native size although the model takes them resized.
+        self.native = self.resizes and native
         self.images = PredictDataset(
             [f.path for f in self.files], transform=config.eval_transform(resize and not native),
             mean=config.mean,
@@ -453,6 +455,9 @@ class PredictInputs(Dataset):
                 image = self.images[index]["image"]
             except Exception:  # noqa: BLE001 - the prediction reports this file's failure
                 continue
+            if self.native:  # statistics of the plain view, as the network sees it
+                image = F.interpolate(image[None], size=tuple(self.config.eval_resize),
+                                      mode="bilinear", align_corners=False)[0]
             yield from covering_tiles(image, tile)
 
     def _raster_windows(self, path: Path, tile: int, most: int) -> Iterator[Tensor]:
