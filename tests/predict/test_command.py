@@ -1292,6 +1292,14 @@ def test_a_rerun_with_other_settings_says_the_old_outputs_are_kept(
         assert run(*args, "--overwrite") == 0  # remade, and the folder's settings with them
         assert run(*args) == 0
     assert "were made with another" not in caplog.text
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(*args, "--tta_scales", "0.5", "1") == 0
+    assert "were made with another --tta_scales: they are kept" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpipe.predict.command"):
+        assert run(*args, "--tta_scales", "1", "--overwrite") == 0  # [1]: the plain size
+        assert run(*args) == 0
+    assert "were made with another" not in caplog.text
 
 
 def test_a_split_folder_with_its_masks_is_warned_about(tmp_path: Path, pointwise_ckpt: Path,
