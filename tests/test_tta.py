@@ -167,6 +167,8 @@ def test_multiscale_views_are_the_base_size_times_each_scale_and_weigh_equally()
 
 
 def test_multiscale_with_flips_runs_every_view_at_every_scale() -> None:
+    import torch.nn.functional as F
+
     from segpipe.tta import multiscale_probabilities, tta_probabilities
 
     x = torch.randn(1, 3, 8, 8)
@@ -174,8 +176,12 @@ def test_multiscale_with_flips_runs_every_view_at_every_scale() -> None:
     views = tta_views(["hflip", "vflip"])
     out = multiscale_probabilities(net, x, views, [1.0, 2.0])
     assert net.seen == [(8, 8)] * 4 + [(16, 16)] * 4
-    one = multiscale_probabilities(_SizeNet(), x, views, [1.0])
-    torch.testing.assert_close(one, tta_probabilities(_SizeNet(), x, views))
+    plain = tta_probabilities(_SizeNet(), x, views)
+    big = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    doubled = F.interpolate(tta_probabilities(_SizeNet(), big, views), size=(8, 8),
+                            mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, (plain + doubled) / 2)
+    torch.testing.assert_close(multiscale_probabilities(_SizeNet(), x, views, [1.0]), plain)
 
 
 def test_probability_fn_averages_over_scales_of_the_size_given() -> None:
