@@ -456,8 +456,9 @@ class PredictInputs(Dataset):
             except Exception:  # noqa: BLE001 - the prediction reports this file's failure
                 continue
             if self.native:  # statistics of the plain view, as the network sees it
-                image = F.interpolate(image[None], size=tuple(self.config.eval_resize),
-                                      mode="bilinear", align_corners=False)[0]
+                from segpipe.tta import resize_view
+
+                image = resize_view(image[None], self.config.eval_resize)[0]
             yield from covering_tiles(image, tile)
 
     def _raster_windows(self, path: Path, tile: int, most: int) -> Iterator[Tensor]:

@@ -56,7 +56,7 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 from segpipe.tasks.inference import LogitsForward, weight_differences
-from segpipe.tta import check_scales
+from segpipe.tta import check_scales, resize_view
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
            "SegmentationTask", "check_spec_fits", "get_rng_state", "pad_to_multiple",
@@ -828,9 +828,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
     def _at_eval_size(self, image: Tensor, size: tuple[int, int]) -> Tensor:
         """Logits of native ``image`` (N, C, H, W) seen at the evaluation ``size`` (resized as
         ``data.eval_resize`` resizes), brought back to (N, K, H, W)."""
-        hw = tuple(image.shape[-2:])
-        view = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        return F.interpolate(self(view).float(), size=hw, mode="bilinear", align_corners=False)
+        return resize_view(self(resize_view(image, size)).float(), image.shape[-2:])
 
     def _scale_probabilities(self, image: Tensor,
                              base_size: tuple[int, int] | None = None) -> Tensor:
@@ -984,9 +982,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 images = [batch["image"]] if sizes is None else self._own_sizes(batch["image"],
                                                                                  sizes)
                 for image in images:  # native (test_tta_scales): the plain view, as scored
-                    yield (image if eval_size is None else
-                           F.interpolate(image, size=eval_size, mode="bilinear",
-                                         align_corners=False))
+                    yield image if eval_size is None else resize_view(image, eval_size)
 
     def on_test_end(self) -> None:
         """Put the training BatchNorm statistics back after ``bn_adapt``."""
