@@ -229,24 +229,55 @@ class EpochTimer(L.Callback):
         self.epochs = 0
         self._t0: float | None = None
         self.seconds = float("nan")
+        # Where the host's time went over the timed epochs (host clock, no extra synchronisation,
+        # so on CUDA a step's share is the time the host spent queueing it or blocked in it):
+        # waiting for a batch (the loader, its copy to the device and on_after_batch_transfer:
+        # from one step's end to the next one's start, or from the epoch's start), the steps, and
+        # epoch ends (from the last step's end to the next epoch's start or the end of training).
+        self.wait_s = self.step_s = self.end_s = 0.0
+        self._mark: float | None = None
+        self._in_epoch_end = False
+
+    def _timed(self, trainer) -> bool:  # noqa: ANN001
+        return trainer.current_epoch >= self.warmup_epochs
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        now = time.perf_counter()
         if trainer.current_epoch == self.warmup_epochs:
             synchronize(self.device)
-            self._t0 = time.perf_counter()
-        if trainer.current_epoch >= self.warmup_epochs:
+            self._t0 = now = time.perf_counter()
+        elif self._in_epoch_end and self._mark is not None:
+            self.end_s += now - self._mark
+        if self._timed(trainer):
             self.epochs += 1
+        self._mark, self._in_epoch_end = now, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        now = time.perf_counter()
+        if self._timed(trainer) and self._mark is not None:
+            self.wait_s += now - self._mark
+        self._mark = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if trainer.current_epoch >= self.warmup_epochs:
+        now = time.perf_counter()
+        if self._timed(trainer):
             self.images += int(batch["image"].shape[0])
             self.steps += 1
+            if self._mark is not None:
+                self.step_s += now - self._mark
+        self._mark = now
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._in_epoch_end = self._timed(trainer)  # the gap since the last step is the epoch end
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         # after every callback's on_train_epoch_end (checkpoints) of the last epoch
         if self._t0 is not None:
             synchronize(self.device)
-            self.seconds = time.perf_counter() - self._t0
+            now = time.perf_counter()
+            self.seconds = now - self._t0
+            if self._in_epoch_end and self._mark is not None:
+                self.end_s += now - self._mark
 
 
 #: `segpipe fit` overrides selecting the bench's network (as the bare loop builds it).
@@ -312,6 +343,10 @@ def run_rounds(args: argparse.Namespace, root: Path, run_dir: Path) -> tuple[flo
     bare_s = bare.epochs(timer.epochs, steps)
     print(f"  {timer.epochs} timed epoch(s) of {steps} steps each side; segpipe "
           f"{timer.seconds:.2f} s, bare {bare_s:.2f} s", flush=True)
+    e = timer.epochs
+    print(f"  segpipe per epoch (host clock): waiting for batches {1000 * timer.wait_s / e:.0f} ms, "
+          f"steps {1000 * timer.step_s / e:.0f} ms, epoch end {1000 * timer.end_s / e:.0f} ms; "
+          f"bare {1000 * bare_s / e:.0f} ms", flush=True)
     return timer.images / timer.seconds, timer.epochs * steps * args.batch_size / bare_s
 
 
