@@ -292,7 +292,8 @@ def bench_startup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if not ckpt.is_file():
         make_ckpt(ckpt, args.base_channels, args.depth, args.classes)
     precision = args.precision or precision_for(args.device)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # keep the caller's (carried wheels)
     command = [sys.executable, "-m", "segpipe.cli", "predict", "--ckpt_path", str(ckpt),
                "--input", str(images), "--output", str(work / "startup_segpipe"), "--overwrite",
                "--no_progress", "--precision", precision, "--batch_size", str(args.batch_size),

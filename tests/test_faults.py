@@ -560,3 +560,102 @@ def test_resuming_with_a_spent_time_budget_says_so(data: Path, tmp_path: Path,
     assert "nothing would be trained" in err and "Give a longer --trainer.max_time" in err
     again = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert again["global_step"] == spent["global_step"]  # nothing trained, nothing lost
+
+
+class _Clock:
+    """A fake monotonic clock: every reading is ``step`` seconds after the previous one."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def _fake_trainer(**state: Any) -> Any:
+    from types import SimpleNamespace
+
+    base = {"should_stop": False, "max_epochs": 100, "max_steps": -1, "current_epoch": 3,
+            "global_step": 40}
+    return SimpleNamespace(**{**base, **state})
+
+
+@pytest.mark.parametrize(("cost", "share", "saves"), [
+    (1.0, 0.05, [True, False, False, True]),  # slow: 19 s of training between saves
+    (0.05, 0.05, [True, True, True, True]),  # faster than SLOW_SAVE_S: every epoch
+    (1.0, None, [True, True, True, True]),  # spacing switched off
+    (1.0, 0.5, [True, True, True, True]),  # half the time may go to saving: 1 s between
+])
+def test_slow_last_checkpoints_are_spaced_to_a_share_of_training(
+        cost: float, share: float | None, saves: list[bool]) -> None:
+    """On a GPU, fsyncing a U-Net 64's weights and optimiser state (0.6 s) took longer than
+    its epochs of 368 images: last.ckpt at every epoch end halved training's speed."""
+    from segpipe.callbacks import LastCheckpoint
+
+    cb = LastCheckpoint("unused", max_time_share=share)
+    clock = _Clock(0.0)
+    cb._clock = clock
+    done: list[bool] = []
+
+    def save(trainer: Any) -> None:  # as _save times it: the save takes `cost`
+        cb._last_save_end, cb._last_save_cost = clock.now + cost, cost
+        clock.now += cost
+
+    cb._save = save  # type: ignore[method-assign]
+    for epoch_seconds in (0.0, 9.0, 9.0, 9.0):  # epochs of 9 s after a first save
+        clock.now += epoch_seconds
+        before = cb._last_save_end
+        cb._routine_save(_fake_trainer())
+        done.append(cb._last_save_end != before)
+    assert done == saves
+    assert cb.skipped == saves.count(False)
+
+
+@pytest.mark.parametrize("state", [{"should_stop": True}, {"current_epoch": 99},
+                                   {"max_steps": 40}])
+def test_a_spaced_last_checkpoint_is_never_the_runs_last(state: dict[str, Any]) -> None:
+    """A stop (time budget, early stopping), the last epoch and max_steps always save."""
+    from segpipe.callbacks import LastCheckpoint
+
+    cb = LastCheckpoint("unused")
+    cb._clock = _Clock(0.0)
+    cb._last_save_end, cb._last_save_cost = 0.0, 5.0  # just saved, slowly
+    saved: list[int] = []
+    cb._save = lambda trainer: saved.append(trainer.global_step)  # type: ignore[method-assign]
+    cb._routine_save(_fake_trainer())
+    assert saved == [] and cb.skipped == 1
+    cb._routine_save(_fake_trainer(**state))
+    assert saved == [40]
+
+
+def test_spaced_last_checkpoints_end_with_the_trained_model_and_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every save slow (a clock that moves 1 s a reading), a 5-epoch fit writes last.ckpt
+    after the first epoch and the last only, and that last one is the finished run's state."""
+    from segpipe.callbacks import LastCheckpoint
+
+    made: list[LastCheckpoint] = []
+    init = LastCheckpoint.__init__
+
+    def spy(self: LastCheckpoint, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._clock = _Clock(1.0)
+        made.append(self)
+
+    monkeypatch.setattr(LastCheckpoint, "__init__", spy)
+    data = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=2, n_test=0, num_classes=3,
+                               size=(32, 32))
+    root = tmp_path / "run"
+    common = [*TINY_UNET, f"--data.root={data}", f"--trainer.default_root_dir={root}",
+              "--data.num_workers=0", "--trainer.num_sanity_val_steps=0",
+              "--trainer.max_time=null"]
+    assert main(["fit", *common, "--trainer.max_epochs=5"]) == 0
+    (cb,) = made
+    assert cb.skipped == 3  # epochs 2-4; epoch 1 (the first save) and 5 (the last) saved
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 10 and ckpt["epoch"] == 4  # 5 epochs of 2 steps
+    # resuming with more epochs continues from there (the loop state is an epoch end's)
+    assert main(["fit", *common, "--trainer.max_epochs=6", "--ckpt_path=last"]) == 0
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 12 and ckpt["epoch"] == 5
