@@ -432,7 +432,10 @@ class WeightedMean(Metric):
     def update(self, value: torch.Tensor, weight: float | torch.Tensor) -> None:  # type: ignore[override]
         """Add a batch's mean ``value`` with its ``weight`` (a number, or a 0-d tensor on the
         value's device: no host synchronisation)."""
-        w = torch.as_tensor(weight, dtype=torch.float32, device=self.total.device)
+        # A number stays a kernel argument: as a device tensor (torch.as_tensor(n, device=...))
+        # it was a blocking host-to-device copy, one GPU synchronisation per training step.
+        w = (weight.to(device=self.total.device, dtype=torch.float32)
+             if isinstance(weight, torch.Tensor) else float(weight))
         self.total += value.detach().float() * w
         self.weight += w
 
