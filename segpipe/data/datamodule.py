@@ -183,7 +183,8 @@ class SegmentationDataModule(L.LightningDataModule):
             whole passes over the data, each in its own order, repeats augmented differently.
         eval_batch_size: Val/test/predict batch size (default ``batch_size``).
         num_workers: DataLoader workers (default :func:`default_num_workers`: CPUs that
-            training leaves free, at most 4; 0 on a CPU whose cores all train).
+            training leaves free, at most 8 with a GPU and 4 without; 0 on a CPU whose cores
+            all train).
         pin_memory: Pin host memory (default: when CUDA is available).
         uint8_batches: Send 8-bit images to the device as uint8 (a quarter of float32's bytes
             to copy and pin) and normalise them there, in :meth:`on_after_batch_transfer`; the

@@ -57,6 +57,8 @@ def test_default_workers_leave_the_training_threads_their_cores(monkeypatch) -> 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(loading, "available_cpus", lambda: 3)
     assert default_num_workers() == 2  # a GPU trains; all but one CPU load
+    monkeypatch.setattr(loading, "available_cpus", lambda: 16)
+    assert default_num_workers() == 8  # at most 8 (4 starved a GPU training a U-Net 64)
 
 
 def test_defaults_and_hparams(folder_root: Path) -> None:
