@@ -7,11 +7,12 @@ and ``"image_size": int64 (N, 2)``, each image's own size, when a batch pads ima
 different sizes),
 images laid out channels-last in memory (the format the task runs the network in). With the
 data set's ``uint8_images`` the image batch is uint8 until the data module normalises it on the
-device.
+device, and masks whose labels fit in 8 bits uint8 until it makes them int64 there.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,10 @@ def _pad_maps(maps: Sequence[torch.Tensor], size: tuple[int, int],
               fill: float | None) -> torch.Tensor:
     """(H, W) maps (masks, pixel weights) as one (N, H, W) batch, the rest filled with ``fill``
     (None: the maps fill the batch, nothing to pad)."""
+    dtypes = {m.dtype for m in maps}
+    if len(dtypes) > 1:  # uint8 masks beside int64 ones (labels beyond 255 in some files)
+        dtype = functools.reduce(torch.promote_types, dtypes)
+        maps = [m.to(dtype) for m in maps]
     out = _batch_buffer(maps[0], (len(maps), *size), False)
     if fill is not None:
         out.fill_(fill)

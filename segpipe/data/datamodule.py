@@ -191,7 +191,9 @@ class SegmentationDataModule(L.LightningDataModule):
             task always receives float32 normalised batches. Default: when training runs on a
             CUDA GPU. Other images (16-bit, converted channels) are normalised while loading as
             always. Padding of differently sized eval images is then black rather than the
-            mean colour (padded pixels are ignored by the metrics either way).
+            mean colour (padded pixels are ignored by the metrics either way). Masks whose
+            labels and ignore index fit in 8 bits cross as uint8 too (an eighth of int64's
+            bytes) and are made int64 on the device.
         persistent_workers: Keep workers between epochs (only when workers > 0).
         worker_niceness: Lower the workers' CPU priority by this much (default: 10 when no GPU
             is available, so loading does not pre-empt the CPU training threads; else 0).
@@ -1113,18 +1115,24 @@ class SegmentationDataModule(L.LightningDataModule):
             return False
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalise a uint8 image batch where it now is (the GPU); float32 batches pass.
+        """Normalise a uint8 image batch where it now is (the GPU), and make a uint8 mask batch
+        int64 there; float32 images and int64 masks pass.
 
         Args:
-            batch: ``{"image": uint8 or float32 (N, C, H, W), ...}`` on the device.
+            batch: ``{"image": uint8 or float32 (N, C, H, W), "mask": uint8 or int64 (N, H,
+                W), ...}`` on the device.
             dataloader_idx: Unused.
 
         Returns:
-            The batch with a float32 normalised ``image``.
+            The batch with a float32 normalised ``image`` and an int64 ``mask``.
         """
-        image = batch.get("image") if isinstance(batch, dict) else None
+        if not isinstance(batch, dict):
+            return batch
+        image, mask = batch.get("image"), batch.get("mask")
         if image is not None and image.dtype == torch.uint8:
             batch["image"] = normalize_uint8_batch(image, self.mean, self.std)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8:
+            batch["mask"] = mask.long()
         return batch
 
     def _dataset(self, split: str) -> Any:

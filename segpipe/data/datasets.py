@@ -1030,7 +1030,8 @@ class SegmentationDataset(_TransformMixin, Dataset):
             not normalised: the data module sends such batches to the GPU as uint8 (a quarter
             of the bytes) and normalises them there
             (:func:`~segpipe.data.transforms.normalize_uint8_batch`). Other images stay float32
-            normalised.
+            normalised. Masks whose labels (and ignore index) fit in 8 bits come as uint8 too
+            (an eighth of int64's bytes); the data module makes them int64 on the device.
         pixel_weights: Maps the augmented (H, W) labels to (H, W) float32 loss weights, added
             to each item as ``"weight"`` (e.g. a ``functools.partial`` of
             :func:`~segpipe.data.transforms.boundary_weight_map`; it must pickle for loader
@@ -1161,7 +1162,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
         """``{"image": float32 (C, H, W), "mask": int64 (H, W), "path": str}``, plus
         ``"case": str`` when the samples belong to cases, ``"size": int64 [H, W]`` with
         ``native_masks`` and ``"weight": float32 (H, W)`` with ``pixel_weights`` (``image``
-        uint8 with ``uint8_images``, see the class docstring).
+        and ``mask`` uint8 with ``uint8_images``, see the class docstring).
 
         Args:
             index: Sample index, or an :class:`ItemKey` (index and epoch) from the training
@@ -1199,7 +1200,13 @@ class SegmentationDataset(_TransformMixin, Dataset):
             img_t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
         else:
             img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
-        mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        ignore = self.ignore_index if self.ignore_index is not None else 0
+        if self.uint8_images and labels.dtype == np.uint8 and 0 <= ignore <= 255:
+            # crosses to the device as uint8 (an eighth of int64's bytes to collate, pin and
+            # copy); the data module makes it int64 there, as it normalises the image
+            mask_t = torch.from_numpy(np.ascontiguousarray(labels))
+        else:
+            mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         sample = self.samples[index]
         item = {"image": img_t, "mask": mask_t, "path": str(sample.image)}
         if self.native_masks:

@@ -122,13 +122,18 @@ def test_uint8_batch_normalisation_matches_loading_time_normalisation() -> None:
         normalize_uint8_batch(batch, [0.5], [0.2])
 
 
-def _batches(root: Path, uint8: bool, **kw) -> tuple[list[dict], list[torch.dtype]]:
+def _batches(root: Path, uint8: bool, masks: list[torch.dtype] | None = None,
+             **kw) -> tuple[list[dict], list[torch.dtype]]:
+    """The data module's train and val batches after ``on_after_batch_transfer``, and their
+    image dtypes before it (with ``masks``, their mask dtypes before it are appended there)."""
     dm = SegmentationDataModule(str(root), num_classes=2, batch_size=3, eval_batch_size=3,
                                 crop_size=16, num_workers=0, uint8_batches=uint8, **kw)
     dm.setup("fit")
     train = dm.train_dataloader()
     train.sampler.set_epoch(1)
     out = [*train, *dm.val_dataloader()]
+    if masks is not None:
+        masks.extend(b["mask"].dtype for b in out)
     return [dm.on_after_batch_transfer(dict(b), 0) for b in out], [b["image"].dtype for b in out]
 
 
@@ -137,14 +142,36 @@ def test_uint8_batches_reach_the_task_as_the_float_batches_do(tmp_path: Path) ->
     normalises them there: the task sees the same batches as with loading-time normalisation."""
     root = make_folder_dataset(tmp_path / "ds", n_train=6, n_val=3, n_test=0, size=(24, 28),
                                num_classes=2)
-    floats, float_types = _batches(root, uint8=False)
-    uint8s, uint8_types = _batches(root, uint8=True)
+    int64_masks: list[torch.dtype] = []
+    uint8_masks: list[torch.dtype] = []
+    floats, float_types = _batches(root, uint8=False, masks=int64_masks)
+    uint8s, uint8_types = _batches(root, uint8=True, masks=uint8_masks)
     assert set(float_types) == {torch.float32} and set(uint8_types) == {torch.uint8}
+    # masks cross as uint8 too (an eighth of int64's bytes), and reach the task as int64
+    assert set(int64_masks) == {torch.int64} and set(uint8_masks) == {torch.uint8}
     assert len(floats) == len(uint8s)
     for a, b in zip(floats, uint8s):
         assert a["path"] == b["path"] and torch.equal(a["mask"], b["mask"])
-        assert b["image"].dtype == torch.float32
+        assert b["image"].dtype == torch.float32 and b["mask"].dtype == torch.int64
         torch.testing.assert_close(b["image"], a["image"], rtol=0, atol=1e-5)
+
+
+def test_uint8_masks_only_where_the_ignore_index_fits(tmp_path: Path) -> None:
+    """An ignore index outside 0-255 would pad uint8 masks with a wrapped value: they stay
+    int64 then; a batch mixing uint8 and int64 masks is collated as int64, nothing truncated."""
+    from segpipe.data.collate import PadCollate
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=6, n_val=3, n_test=0, size=(24, 28),
+                               num_classes=2)
+    masks: list[torch.dtype] = []
+    _batches(root, uint8=True, masks=masks, ignore_index=-1)
+    assert set(masks) == {torch.int64}
+    small = {"image": torch.zeros(1, 4, 4), "mask": torch.ones(4, 4, dtype=torch.uint8)}
+    large = {"image": torch.zeros(1, 4, 6), "mask": torch.full((4, 6), 300, dtype=torch.int64)}
+    batch = PadCollate(ignore_index=-1)([small, large])
+    assert batch["mask"].dtype == torch.int64
+    assert batch["mask"][0, :, :4].eq(1).all() and batch["mask"][0, :, 4:].eq(-1).all()
+    assert batch["mask"][1].eq(300).all()
 
 
 def test_a_batch_mixing_8_bit_and_converted_images_is_normalised_while_loading(
