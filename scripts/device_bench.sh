@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Issue 11's GPU figures in one call on the lent GPU machine (limits of 505 s in all, 540 s with
+# Issue 11's GPU figures in one call on the lent GPU machine (limits of 505 s in all, 545 s with
 # the kill grace: room under the device's 600 s a call for the wheels' install): training
 # throughput of `segpipe fit` against a bare loop on the same device (U-Net 16 / batch 8 and
-# U-Net 64 / batch 16 at 224², smp ResNet-34 U-Net / batch 16 at 512²), then `segpipe predict`
-# against a bare decode-forward-write loop, on the GPU and on the machine's CPU cores, and the
-# whole `segpipe predict` command against a plain script, start-up included, on the GPU.
-# Each benchmark has its own time limit, so one that hangs does not cost the others; each log and
-# a summary of the last lines of each go to $OUT (the device tool brings them back).
+# U-Net 64 / batch 16 at 224², smp ResNet-34 U-Net / batch 16 at 512², each with where segpipe's
+# host time goes per epoch), then `segpipe predict` against a bare decode-forward-write loop, on
+# the GPU and on the machine's CPU cores, the whole `segpipe predict` command against a plain
+# script, start-up included, on the GPU, the per-epoch overhead of short epochs, and a profile of
+# training steps (scripts/profile_train_step.py).
+# Each benchmark has its own time limit, so one that hangs does not cost the others. $OUT gets
+# two files (the device tool brings back at most 8): summary.txt, the last lines of each, and
+# logs.txt, every log in full, each appended as its benchmark ends.
 #
 #   bash scripts/device_wheels.sh    # here, first: the wheels its image lacks, into .whl/
 #   device run (carry [".whl"]): python3 -m pip install -q --no-index --no-deps --no-compile \
@@ -23,7 +26,9 @@ dev=${DEVICE:-cuda}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 summary="$out/summary.txt"
+logs="$out/logs.txt"
 : > "$summary"
+: > "$logs"
 { date -u; nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 \
   || true; "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \
   >> "$summary" 2>&1
@@ -31,12 +36,14 @@ summary="$out/summary.txt"
 train_extra=()
 predict_extra=()
 epochs_extra=()
+profile_extra=()
 if [ -n "${SMOKE:-}" ]; then  # later flags win in argparse: these override the sizes below
     train_extra=(--images 8 --batch-size 2 --crop 64 --base 4 --classes 3 --precision 32-true
                  --epochs 1 --rounds 1)
     predict_extra=(--images 4 --batch-size 2 --base-channels 4 --depth 2 --classes 3 --rounds 1
                    --precision 32-true)
     epochs_extra=(--steps 12 --samples-per-epoch 8)
+    profile_extra=(--steps 3 --batch-size 2 --crop 32 --base 4 --classes 3 --precision 32-true)
 fi
 
 failed=0
@@ -44,18 +51,22 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...
     local name=$1 limit=$2
     shift 2
     echo "== $name ($limit s at most): $*" >> "$summary"
-    timeout --kill-after=5 "$limit" "$py" "$@" > "$out/$name.log" 2>&1
+    local log
+    log=$(mktemp)
+    timeout --kill-after=5 "$limit" "$py" "$@" > "$log" 2>&1
     local rc=$?
     echo "exit $rc" >> "$summary"
     [ "$rc" -eq 0 ] || failed=1
-    grep -v -e "it/s" -e "s/it" "$out/$name.log" | tail -n 12 >> "$summary"
+    grep -v -e "it/s" -e "s/it" "$log" | tail -n 12 >> "$summary"
+    { echo "===== $name (exit $rc): $*"; cat "$log"; } >> "$logs"
+    rm -f "$log"
 }
 
-bench train_unet16 90 scripts/bench_train.py --device "$dev" --epochs 4 --rounds 2 "${train_extra[@]}"
-bench train_unet64 90 scripts/bench_train.py --device "$dev" --base 64 --batch-size 16 --epochs 5 \
-    --rounds 2 "${train_extra[@]}"
-bench train_smp_r34 110 scripts/bench_train.py --device "$dev" --net smp-r34 --batch-size 16 \
-    --crop 512 --epochs 3 --rounds 2 "${train_extra[@]}"
+bench train_unet16 70 scripts/bench_train.py --device "$dev" --epochs 4 "${train_extra[@]}"
+bench train_unet64 70 scripts/bench_train.py --device "$dev" --base 64 --batch-size 16 --epochs 4 \
+    "${train_extra[@]}"
+bench train_smp_r34 90 scripts/bench_train.py --device "$dev" --net smp-r34 --batch-size 16 \
+    --crop 512 --epochs 3 "${train_extra[@]}"
 bench predict 70 scripts/bench_predict.py --device "$dev" --skip-rss --skip-startup \
     "${predict_extra[@]}"
 bench predict_cpu 60 scripts/bench_predict.py --device cpu --skip-rss --skip-startup \
@@ -63,5 +74,6 @@ bench predict_cpu 60 scripts/bench_predict.py --device cpu --skip-rss --skip-sta
 bench predict_startup 40 scripts/bench_predict.py --device "$dev" --skip-rss --skip-throughput \
     --rounds 1 "${predict_extra[@]}"
 bench epochs_isbi 45 scripts/bench_epochs.py --device "$dev" --num-workers 4 "${epochs_extra[@]}"
+bench profile_step 60 scripts/profile_train_step.py --device "$dev" --steps 20 "${profile_extra[@]}"
 cat "$summary"
 exit "$failed"
