@@ -50,11 +50,12 @@ def default_num_workers() -> int:
     1020 for the same network on batches already on the GPU (``scripts/bench_train.py``); the
     workers share out the decoded-image cache (:func:`default_cache_mb`). Without one,
     training runs ``torch.get_num_threads()`` compute threads, by default one per core, so a
-    worker process can only run by pre-empting one of them, and each pre-emption stalls the other threads at
-    the next synchronisation: measured on a 2-core CPU (``scripts/bench_train.py``), one worker
-    slowed U-Net training steps by about twice its own CPU time, while loading the same
-    batches in the main process between steps cost only their CPU time. So on a CPU the
-    default is ``cpus - torch.get_num_threads()`` (0 where training uses every core).
+    worker process can only run by pre-empting one of them, and each pre-emption stalls the
+    other threads at the next synchronisation: measured on a 2-core CPU
+    (``scripts/bench_train.py``), one worker slowed U-Net training steps by about twice its own
+    CPU time, while loading the same batches in the main process between steps cost only their
+    CPU time. So on a CPU the default is ``cpus - torch.get_num_threads()`` (0 where training
+    uses every core), at most 4.
 
     Returns:
         Number of worker processes.
