@@ -1174,13 +1174,15 @@ class SegmentationDataset(_TransformMixin, Dataset):
             image = raw  # augmented as uint8 (a quarter of the memory traffic), scaled after
         else:
             image = adapt_channels(to_float(raw), self.in_channels, self.samples[index].image)
+        # Whether the padding value (the ignore index) fits in uint8 labels
+        ignore_fits = 0 <= (self.ignore_index or 0) <= 255
         if self.transform is not None and self.native_masks:
             image = self.transform(image=image)["image"]
         elif self.transform is not None:
-            # Labels as uint8 when they and the padding value (the ignore index) fit, cached or
-            # not: cv2's nearest-neighbour warps break ties otherwise for uint8 and int32 (no
-            # int64 in cv2), so the cache changed a few pixels of strong's rotations.
-            fits = 0 <= (self.ignore_index or 0) <= 255
+            # Labels as uint8 when they and the padding value fit, cached or not: cv2's
+            # nearest-neighbour warps break ties otherwise for uint8 and int32 (no int64 in
+            # cv2), so the cache changed a few pixels of strong's rotations.
+            fits = ignore_fits
             if fits and labels.dtype != np.uint8:
                 fits = bool(labels.size) and 0 <= labels.min() and labels.max() <= 255
             labels = labels.astype(np.uint8 if fits else np.int32, copy=False)
@@ -1200,8 +1202,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
             img_t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
         else:
             img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
-        ignore = self.ignore_index if self.ignore_index is not None else 0
-        if self.uint8_images and labels.dtype == np.uint8 and 0 <= ignore <= 255:
+        if self.uint8_images and labels.dtype == np.uint8 and ignore_fits:
             # crosses to the device as uint8 (an eighth of int64's bytes to collate, pin and
             # copy); the data module makes it int64 there, as it normalises the image
             mask_t = torch.from_numpy(np.ascontiguousarray(labels))
