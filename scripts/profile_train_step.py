@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--steps", type=positive_int, default=10, help="profiled steps (10)")
     p.add_argument("--precision", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--pstats", type=Path, default=None,
+                   help="also save segpipe's cProfile statistics there (for pstats or snakeviz)")
     p.add_argument("override", nargs="*", help="extra segpipe fit overrides")
     args = p.parse_args()
     args.device = pick_device(args.device)
@@ -111,6 +113,8 @@ def main() -> None:
     if cb.prof is None or cb.cprof is None or cb.seen < args.steps:
         sys.exit("profile_train_step: the second epoch had too few steps")
     print(f"segpipe fit: {1000 * cb.seconds / args.steps:.1f} ms per step (profiled, so slower)")
+    if args.pstats is not None:
+        cb.cprof.dump_stats(args.pstats)
     _summary(cb.prof, args.steps, "segpipe fit")
     out = io.StringIO()
     pstats.Stats(cb.cprof, stream=out).sort_stats("tottime").print_stats(30)

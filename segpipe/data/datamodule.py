@@ -1184,10 +1184,12 @@ class SegmentationDataModule(L.LightningDataModule):
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                    seed=int(self.hparams.seed),
                                    samples_per_epoch=self.samples_per_epoch)
-            return ResumableDataLoader(
+            loader = ResumableDataLoader(
                 dataset, sampler=sampler, drop_last=len(sampler) > bs, generator=generator,
                 **common,
             )
+            loader.next_epoch_expected = self._next_epoch_expected
+            return loader
         if 0 < len(dataset) < world:
             # A process with no image stops Lightning ("zero length"): in fit, the few val
             # images are shared round (some scored twice); a test or validate is refused.
@@ -1203,6 +1205,22 @@ class SegmentationDataModule(L.LightningDataModule):
         else:
             sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
         return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **common)
+
+    def _next_epoch_expected(self) -> bool:
+        """Whether the trainer will train another epoch, as far as it says when this epoch's
+        batches run out (its last step not yet taken): then the train loader's workers start
+        loading it (:class:`ResumableDataLoader`). A time budget's last epoch is not foreseen
+        (loading ahead for it costs the workers a few batches at the run's end)."""
+        trainer = self.trainer
+        if trainer is None:
+            return True
+        if trainer.should_stop:
+            return False
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+            return False
+        return not (max_steps is not None and max_steps >= 0
+                    and trainer.global_step + 1 >= max_steps)
 
     def _check_one_mask_size(self, dataset: Any, train: bool = False) -> None:
         """Refuse batches of differently sized masks without an ignore index to pad them with

@@ -320,3 +320,133 @@ def test_a_leftover_loader_worker_does_not_hang_the_exit(proc: bool) -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ the next epoch loads early
+class _Keys(torch.utils.data.Dataset):
+    """Items that say which epoch and index they were loaded for."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, key: ItemKey) -> torch.Tensor:
+        return torch.tensor([key.epoch, key.index])
+
+
+def _workers_loader(persistent: bool = True, expected: bool | None = None):
+    from segpipe.data.loading import ResumableDataLoader
+
+    sampler = EpochSampler(_Keys(), seed=3)
+    loader = ResumableDataLoader(_Keys(), sampler=sampler, batch_size=3, drop_last=True,
+                                 num_workers=2, persistent_workers=persistent)
+    if expected is not None:
+        loader.next_epoch_expected = lambda: expected
+    return loader
+
+
+def _epoch(loader, epoch: int) -> list[list[int]]:
+    loader.sampler.set_epoch(epoch)
+    return [row.tolist() for batch in loader for row in batch]
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-epoch-workers"])
+def test_the_next_epoch_starts_loading_when_an_epoch_runs_out(monkeypatch, persistent) -> None:
+    """Each epoch waited for its first batch, built by one worker after the last step, the
+    validation and the checkpoint. Now the workers start on the next epoch when this one's
+    batches run out, the loader still describes the epoch that ran out (a checkpoint written
+    then resumes it as before), and the next epoch takes what they loaded: the same batches
+    as loading it when it begins, without starting its iterator again."""
+    from torch.utils.data import DataLoader
+
+    starts = []
+    base_iter = DataLoader.__iter__
+
+    def counted(self):  # noqa: ANN001, ANN202
+        starts.append(int(self.sampler.epoch))
+        return base_iter(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counted)
+    loader = _workers_loader(persistent)
+    first = _epoch(loader, 0)
+    assert loader._ahead is not None and loader._ahead.epoch == 1 and starts == [0, 1]
+    assert loader.state_dict() == {"epoch": 0, "batches": 3, "batch_size": 3}
+    assert loader.sampler.epoch == 0  # Lightning sets the next one when it begins
+    second = _epoch(loader, 1)
+    assert starts == [0, 1, 2]  # epoch 1 was not started again; epoch 2 is loading now
+    assert loader.state_dict() == {"epoch": 1, "batches": 3, "batch_size": 3}
+
+    plain = _workers_loader(persistent, expected=False)
+    assert _epoch(plain, 0) == first and _epoch(plain, 1) == second
+    assert plain._ahead is None
+    assert {e for e, _ in second} == {1} and len(second) == 9
+    assert [i for _, i in second] == plain.sampler.permutation(1)[:9]
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-epoch-workers"])
+def test_an_epoch_not_foreseen_drops_what_was_loaded_ahead(persistent) -> None:
+    """Loaded for epoch 1, begun as epoch 4 (or resumed mid-epoch): epoch 4's own batches,
+    none of epoch 1's left in the workers' queues."""
+    loader = _workers_loader(persistent)
+    _epoch(loader, 0)
+    assert loader._ahead is not None and loader._ahead.epoch == 1
+    fourth = _epoch(loader, 4)
+    assert {e for e, _ in fourth} == {4}
+    assert [i for _, i in fourth] == loader.sampler.permutation(4)[:9]
+
+    loader.sampler.set_epoch(5)
+    batches = iter(loader)
+    trained = [row[1] for row in next(batches).tolist()]
+    state = loader.state_dict()
+    list(batches)  # epoch 5 runs out: epoch 6 starts loading
+    assert loader._ahead is not None and loader._ahead.epoch == 6
+    loader.load_state_dict(state)  # a resume into epoch 5, after one batch
+    loader.sampler.set_epoch(5)
+    rest = [row[1] for batch in loader for row in batch.tolist()]
+    assert trained + rest == loader.sampler.permutation(5)[:9]
+
+
+def test_no_early_start_without_a_next_epoch_or_without_workers() -> None:
+    loader = _workers_loader(expected=False)
+    _epoch(loader, 0)
+    assert loader._ahead is None
+    from segpipe.data.loading import ResumableDataLoader
+
+    main_process = ResumableDataLoader(_Keys(), sampler=EpochSampler(_Keys()), batch_size=5)
+    _epoch(main_process, 0)
+    assert main_process._ahead is None
+
+
+def test_fit_with_workers_loads_each_next_epoch_early_and_trains_the_same(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Through Lightning, with 2 loader workers: each epoch but the first begins with the batches
+    its workers loaded while the previous one ended, none is loaded for an epoch after the
+    last, and the weights are those of loading each epoch when it begins."""
+    import lightning.pytorch as L
+
+    from segpipe.lightning_cli import run_cli
+    from tests.cli_args import TINY_UNET
+
+    class Ahead(L.Callback):
+        def __init__(self) -> None:
+            self.at_start: list[int | None] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            ahead = trainer.train_dataloader._ahead
+            self.at_start.append(None if ahead is None else ahead.epoch)
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=2, n_test=0, size=(40, 40),
+                               num_classes=3)
+    weights = {}
+    for early in (True, False):
+        if not early:
+            monkeypatch.setattr(SegmentationDataModule, "_next_epoch_expected", lambda self: False)
+        probe = Ahead()
+        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=3",
+                       f"--trainer.default_root_dir={tmp_path / str(early)}",
+                       "--data.num_workers=2", "--trainer.precision=32-true", *TINY_UNET],
+                      callbacks=[probe])
+        assert probe.at_start == ([None, 1, 2] if early else [None, None, None])
+        assert cli.trainer.train_dataloader._ahead is None  # nothing for a 4th epoch
+        weights[early] = cli.model.state_dict()
+    for name, value in weights[True].items():
+        assert torch.equal(value, weights[False][name]), name
