@@ -163,15 +163,15 @@ def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=900)
     summary = (tmp_path / "summary.txt").read_text()
     assert res.returncode == 0, summary[-4000:]
-    names = ["train_unet16", "train_unet64", "train_smp_r34", "predict", "predict_cpu",
-             "predict_startup", "epochs_isbi", "profile_step"]
+    names = ["train_unet16", "train_unet64", "train_smp_r34", "train_unet16_compiled",
+             "train_unet16_cpu", "predict", "epochs_isbi", "profile_step"]
     assert re.findall(r"^== (\w+) ", summary, re.M) == names, summary
     assert summary.count("\nexit 0\n") == len(names), summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.txt", "summary.txt"]
     logs = (tmp_path / "logs.txt").read_text()
     assert re.findall(r"^===== (\w+) \(exit 0\)", logs, re.M) == names, logs[-4000:]
-    assert len(re.findall(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", summary, re.M)) == 3, summary
-    assert len(re.findall(r"ratio: [\d.]+ \(best rounds", summary)) == 2, summary
-    assert len(re.findall(r"ratio: [\d.]+ \(plain / segpipe\)", summary)) == 1, summary
+    assert len(re.findall(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", summary, re.M)) == 5, summary
+    assert "--model.compile={backend: eager}" in summary  # reduce-overhead on the GPU
+    assert len(re.findall(r"ratio: [\d.]+ \(best rounds", summary)) == 1, summary
     assert "smp U-Net(resnet34)" in logs and "per-epoch overhead" in logs
     assert "segpipe fit: cProfile" in logs and "bare loop:" in logs
