@@ -737,3 +737,70 @@ def test_a_checkpoint_monitor_on_a_class_absent_from_val_finds_its_key(tmp_path)
                         num_sanity_val_steps=0)
     trainer.fit(task, _DM())
     assert math.isnan(trainer.callback_metrics["val/IoU/b"]) and ckpt.best_model_path
+
+
+# ------------------------------------------------------------------ fused optimiser
+def _two_group_adamw(**kw) -> torch.optim.Optimizer:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    groups = [{"params": net[0].parameters(), "lr": 1e-4, "name": "encoder"},
+              {"params": [*net[1].parameters(), *net[2].parameters()], "name": "decoder"}]
+    return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05, betas=(0.8, 0.99), **kw)
+
+
+def test_adam_is_fused_where_the_config_left_the_choice_to_torch() -> None:
+    """Torch's default AdamW loops over the parameters on a CPU (6.4 ms per step for the U-Net
+    base 16 here, fused 1.0 ms): built again fused, over the same groups and options, and
+    stepping to the same weights."""
+    from segpipe.tasks.segmentation import fused_optimizer
+
+    plain = _two_group_adamw()
+    fused = fused_optimizer(_two_group_adamw(), "bf16-mixed")
+    assert fused.defaults["fused"] is True and all(g["fused"] for g in fused.param_groups)
+    assert [(g["name"], g["lr"], g["weight_decay"], g["betas"]) for g in fused.param_groups] == [
+        (g["name"], g["lr"], g["weight_decay"], g["betas"]) for g in plain.param_groups]
+    params = [[p for g in o.param_groups for p in g["params"]] for o in (plain, fused)]
+    with torch.no_grad():
+        for a, b in zip(*params):
+            b.copy_(a)
+    for _ in range(3):
+        for opt, ps in zip((plain, fused), params):
+            for i, p in enumerate(ps):
+                p.grad = torch.full_like(p, 0.1 * (i + 1))
+            opt.step()
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["fused false", "foreach", "sgd", "fp16 amp", "float64 ok"])
+def test_an_optimizer_is_kept_where_fusing_is_not_ours_to_choose(case: str) -> None:
+    from segpipe.tasks.segmentation import fused_optimizer
+
+    precision = "16-mixed" if case == "fp16 amp" else "32-true"
+    optimizer = {
+        "fused false": lambda: _two_group_adamw(fused=False),
+        "foreach": lambda: _two_group_adamw(foreach=True),
+        "sgd": lambda: torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1),
+        "fp16 amp": _two_group_adamw,
+        "float64 ok": lambda: torch.optim.Adam(nn.Linear(2, 2).double().parameters()),
+    }[case]()
+    result = fused_optimizer(optimizer, precision)
+    if case == "float64 ok":
+        assert result.defaults["fused"] is True
+    else:
+        assert result is optimizer and not optimizer.defaults.get("fused")
+
+
+def test_fit_steps_a_fused_adamw_unless_told_otherwise(tmp_path) -> None:
+    from segpipe.lightning_cli import run_cli
+    from tests.cli_args import TINY_UNET
+    from tests.data.synthetic import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(32, 32))
+    for given, fused in (([], True), (["--model.optimizer.init_args.fused=false"], False)):
+        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=1",
+                       f"--trainer.default_root_dir={tmp_path / str(fused)}",
+                       "--data.num_workers=0", *TINY_UNET, *given])
+        optimizer = cli.trainer.optimizers[0]
+        assert isinstance(optimizer, torch.optim.AdamW)
+        assert bool(optimizer.defaults["fused"]) is fused
+        assert cli.trainer.global_step == 1  # it stepped
