@@ -315,15 +315,18 @@ class CropRecorder(L.Callback):
         Path(self.path).write_text(json.dumps(self.seen))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_segpipe_fit_moves_to_the_late_crop_at_its_point_of_the_training(tmp_path: Path,
-                                                                          caplog) -> None:
+                                                                          caplog, workers) -> None:
+    """With workers the loader starts each next epoch early: the late epochs still get the
+    late crops (the loader built again for them, not what the former one loaded ahead)."""
     data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
     seen = tmp_path / "seen.json"
     recorder = {"class_path": "tests.tasks.test_schedules.CropRecorder",
                 "init_args": {"path": str(seen)}}
     assert main(["fit", "--config", "configs/folder_unet.yaml", f"--data.root={data}",
                  f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_epochs=4",
-                 *TINY_UNET, "--data.num_workers=0", "--data.late_crop_size=40",
+                 *TINY_UNET, f"--data.num_workers={workers}", "--data.late_crop_size=40",
                  "--data.late_crop_start=0.5", f"--trainer.callbacks+={json.dumps(recorder)}"]) == 0
     heights = {}
     for epoch, height in json.loads(seen.read_text()):
