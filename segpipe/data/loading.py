@@ -311,9 +311,10 @@ class ResumableDataLoader(DataLoader):
     out (:meth:`_start_next_epoch`), so that its first batches are ready when it begins instead
     of being built after the last step, the validation and the checkpoint: each epoch had
     waited for its first batch, which one worker builds alone (on a GPU the epochs of under a
-    second waited 100-270 ms for batches, the first one's wait part of it). The next epoch's order and augmentation are functions of ``(seed,
-    epoch, index)``, so its batches are the ones it would have had; an epoch that begins
-    otherwise than foreseen (another epoch, a resume) starts afresh.
+    second waited 100-270 ms for batches, the first one's wait part of it). The next epoch's
+    order and augmentation are functions of ``(seed, epoch, index)``, so its batches are the
+    ones it would have had; an epoch that begins otherwise than foreseen (another epoch, a
+    resume) starts afresh.
 
     Takes the arguments of :class:`~torch.utils.data.DataLoader`; ``sampler`` must be an
     :class:`EpochSampler` for :meth:`load_state_dict` and the early start to take effect.
