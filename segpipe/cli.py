@@ -330,10 +330,12 @@ def _did_you_mean(message: str) -> str:
     # on the command line (--trainer.max_epoch) or in a config file (trainer: {max_epoch: 1})
     found = re.search(r"(?:unrecognized arguments: (--)|does not accept option ')(\w+)\.([\w.]+)",
                       message)
-    if found and "." not in found.group(3):
-        dashes, section, key = found.groups()
+    if found:
+        # --model.optimzer.init_args.lr: the misspelt name is the first after the section
+        dashes, section, dotted = found.groups()
+        key, dot, rest = dotted.partition(".")
         close = _close_name(key, _option_names(_SECTION_CLASSES.get(section, "")))
-        return f"; did you mean {dashes or ''}{section}.{close}?" if close else ""
+        return f"; did you mean {dashes or ''}{section}.{close}{dot}{rest}?" if close else ""
     option = re.search(r"Option '(\w+)[\w.]*' is not accepted", message)  # a.b: a dict's key
     class_path = re.search(r"class_path[ =]'([\w.]+)'", message)
     if option and class_path:

@@ -526,6 +526,8 @@ def test_fit_help_is_readable_and_names_segpipes_networks(capsys):
         (["--data.rot", "/tmp"], "Option 'rot' is not accepted"),  # no abbreviation
         (["--model.net.init_args.depht", "3"], "Option 'depht' is not accepted; did you mean 'depth'?"),
         (["--trainer.max_epoch", "3"], "did you mean --trainer.max_epochs?"),
+        # a misspelt name with more after it had no suggestion
+        (["--model.optimzer.init_args.lr", "0.1"], "did you mean --model.optimizer.init_args.lr?"),
         (["--model.optimizer.init_args.weightdecay", "0.1"], "did you mean 'weight_decay'?"),
         # a case named 010 read as the octal number 8: "Got value: 8", a value never typed
         (["--data.val_cases", "[010]"], "quote them, e.g. --data.val_cases \"['010']\""),
