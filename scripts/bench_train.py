@@ -235,6 +235,7 @@ class EpochTimer(L.Callback):
         # from one step's end to the next one's start, or from the epoch's start), the steps, and
         # epoch ends (from the last step's end to the next epoch's start or the end of training).
         self.wait_s = self.step_s = self.end_s = 0.0
+        self.first_wait_s = 0.0  # of wait_s: for each epoch's first batch
         self._mark: float | None = None
         self._in_epoch_end = False
 
@@ -256,6 +257,8 @@ class EpochTimer(L.Callback):
         now = time.perf_counter()
         if self._timed(trainer) and self._mark is not None:
             self.wait_s += now - self._mark
+            if batch_idx == 0:
+                self.first_wait_s += now - self._mark
         self._mark = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
@@ -344,7 +347,8 @@ def run_rounds(args: argparse.Namespace, root: Path, run_dir: Path) -> tuple[flo
     print(f"  {timer.epochs} timed epoch(s) of {steps} steps each side; segpipe "
           f"{timer.seconds:.2f} s, bare {bare_s:.2f} s", flush=True)
     e = timer.epochs
-    print(f"  segpipe per epoch (host clock): waiting for batches {1000 * timer.wait_s / e:.0f} ms, "
+    print(f"  segpipe per epoch (host clock): waiting for batches {1000 * timer.wait_s / e:.0f} ms "
+          f"(for the first one {1000 * timer.first_wait_s / e:.0f} ms), "
           f"steps {1000 * timer.step_s / e:.0f} ms, epoch end {1000 * timer.end_s / e:.0f} ms; "
           f"bare {1000 * bare_s / e:.0f} ms", flush=True)
     return timer.images / timer.seconds, timer.epochs * steps * args.batch_size / bare_s
