@@ -34,6 +34,7 @@ from segpipe.errors import (
     check_checkpoint_format,
 )
 from segpipe.fileio import AtomicFile, atomic_write_json, file_fingerprint, is_disk_full
+from segpipe.stopping import ends_after_this_epoch
 
 __all__ = [
     "CheckpointWriteError",
@@ -343,20 +344,10 @@ class LastCheckpoint(Checkpoint):
         spaced = (share is not None and end is not None
                   and self._last_save_cost > self.SLOW_SAVE_S
                   and self._clock() - end < self._last_save_cost * (1 - share) / share)
-        if spaced and not self._ending(trainer):
+        if spaced and not ends_after_this_epoch(trainer):
             self.skipped += 1
             return
         self._save(trainer)
-
-    @staticmethod
-    def _ending(trainer: L.Trainer) -> bool:
-        """Whether training stops after this epoch (a stop, its last epoch, ``max_steps``)."""
-        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-        return bool(trainer.should_stop
-                    or (max_epochs is not None and max_epochs >= 0
-                        and trainer.current_epoch + 1 >= max_epochs)
-                    or (max_steps is not None and max_steps >= 0
-                        and trainer.global_step >= max_steps))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A validation inside the epoch (val_check_interval < 1); the one at the epoch's end is

@@ -63,6 +63,7 @@ from segpipe.data.transforms import (
     seed_transform,
 )
 from segpipe.errors import ConfigError
+from segpipe.stopping import ends_after_this_epoch
 
 __all__ = ["LAYOUTS", "SegmentationDataModule"]
 
@@ -1212,15 +1213,7 @@ class SegmentationDataModule(L.LightningDataModule):
         loading it (:class:`ResumableDataLoader`). A time budget's last epoch is not foreseen
         (loading ahead for it costs the workers a few batches at the run's end)."""
         trainer = self.trainer
-        if trainer is None:
-            return True
-        if trainer.should_stop:
-            return False
-        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-            return False
-        return not (max_steps is not None and max_steps >= 0
-                    and trainer.global_step + 1 >= max_steps)
+        return trainer is None or not ends_after_this_epoch(trainer, steps_to_come=1)
 
     def _check_one_mask_size(self, dataset: Any, train: bool = False) -> None:
         """Refuse batches of differently sized masks without an ignore index to pad them with
