@@ -44,6 +44,17 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
                "aten::_local_scalar_dense", "aten::item", "cudaMemcpy", "Memcpy DtoH")
 
 
+def _activities(device: torch.device) -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def _print_stats(cprof: cProfile.Profile, title: str, sort: str, lines: int,
+                 *restrictions: str | int) -> None:
+    out = io.StringIO()
+    pstats.Stats(cprof, stream=out).sort_stats(sort).print_stats(*restrictions)
+    print(f"\n== segpipe fit: cProfile, {title}\n" + "\n".join(out.getvalue().splitlines()[:lines]))
+
+
 def _summary(prof: profile, steps: int, title: str) -> None:
     events = prof.key_averages()
     print(f"\n== {title}: torch.profiler, {steps} steps; host (self CPU) time per step by operator")
@@ -68,9 +79,8 @@ class Profiled(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.current_epoch == 1 and batch_idx == 2 and self.prof is None:
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             synchronize(self.device)
-            self.prof = profile(activities=acts)
+            self.prof = profile(activities=_activities(self.device))
             self.prof.__enter__()
             self.cprof = cProfile.Profile()
             self.t0 = time.perf_counter()
@@ -116,25 +126,17 @@ def main() -> None:
     if args.pstats is not None:
         cb.cprof.dump_stats(args.pstats)
     _summary(cb.prof, args.steps, "segpipe fit")
-    out = io.StringIO()
-    pstats.Stats(cb.cprof, stream=out).sort_stats("tottime").print_stats(30)
-    print("\n== segpipe fit: cProfile, by own time\n" + "\n".join(out.getvalue().splitlines()[:45]))
-    out = io.StringIO()
-    pstats.Stats(cb.cprof, stream=out).sort_stats("cumulative").print_stats(40)
-    print("\n== segpipe fit: cProfile, by cumulative time\n" + "\n".join(out.getvalue().splitlines()[:55]))
-    out = io.StringIO()
-    pstats.Stats(cb.cprof, stream=out).sort_stats("cumulative").print_stats(
-        r"segpipe/|callbacks|torchmetrics|logger_connector|result\.py", 30)
-    print("\n== segpipe fit: cProfile, segpipe's code, callbacks and logging, by cumulative time\n"
-          + "\n".join(out.getvalue().splitlines()[:45]))
+    _print_stats(cb.cprof, "by own time", "tottime", 45, 30)
+    _print_stats(cb.cprof, "by cumulative time", "cumulative", 55, 40)
+    _print_stats(cb.cprof, "segpipe's code, callbacks and logging, by cumulative time",
+                 "cumulative", 45, r"segpipe/|callbacks|torchmetrics|logger_connector|result\.py", 30)
 
     bare = BareLoop(args, args.device)
     for _ in range(5):
         bare.step()
     synchronize(args.device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=_activities(args.device)) as prof:
         for _ in range(args.steps):
             bare.step()
         synchronize(args.device)
