@@ -47,6 +47,7 @@ from segpipe.data.loading import (
     default_cache_mb,
     default_num_workers,
     seed_worker,
+    workers_fork,
 )
 from segpipe.data.spec import (
     DataSpec,
@@ -198,9 +199,17 @@ class SegmentationDataModule(L.LightningDataModule):
         persistent_workers: Keep workers between epochs (only when workers > 0).
         worker_niceness: Lower the workers' CPU priority by this much (default: 10 when no GPU
             is available, so loading does not pre-empt the CPU training threads; else 0).
-        cache_mb: Memory (MiB) each train/val/test dataset may use per loading process to keep
-            decoded images and checked masks, so epochs after the first skip decoding; 0
-            disables. Default: an eighth of the machine's RAM shared by the workers, at most 1024.
+        cache_mb: Memory (MiB) each train/val/test dataset may use to keep decoded images and
+            checked masks, so epochs after the first skip decoding; 0 disables. With
+            ``shared_cache`` this is the one cache of the dataset's workers, else each loading
+            process's own. Default: an eighth of the machine's RAM, at most 1024 per loading
+            process.
+        shared_cache: Loader workers share one cache per dataset (anonymous shared memory
+            mapped before they are forked), so an image decoded by one worker is read by all,
+            instead of each worker decoding the images it draws until it has seen them all
+            (8 workers: 12 % of the second epoch's items came from their own caches, 41 % of
+            the fifth). Applies where workers are forked (Linux's default start method); with
+            spawned workers, or ``false``, each worker keeps its own.
         augment: Augmentation preset (``none``, ``light``, ``default``, ``strong``).
         crop_size: Square training crop size; None trains on whole images.
         late_crop_size: Square training crop size for the end of the training (from
@@ -292,6 +301,7 @@ class SegmentationDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         worker_niceness: int | None = None,
         cache_mb: float | None = None,
+        shared_cache: bool = True,
         augment: Literal["none", "light", "default", "strong"] = "default",
         crop_size: int | None = None,
         late_crop_size: int | None = None,
@@ -457,7 +467,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self.worker_niceness = int(worker_niceness)
         if cache_mb is not None and cache_mb < 0:
             raise ConfigError(f"data.cache_mb must be >= 0 (0 disables the cache), got {cache_mb}")
-        self.cache_mb = default_cache_mb(self.num_workers) if cache_mb is None else float(cache_mb)
+        #: Whether each dataset's loader workers share one cache (see ``shared_cache``).
+        self.shared_cache = bool(shared_cache) and self.num_workers > 0 and workers_fork()
+        self.cache_mb = (default_cache_mb(self.num_workers, shared=self.shared_cache)
+                         if cache_mb is None else float(cache_mb))
 
         #: The training crop now in use: ``crop_size``, then ``late_crop_size`` (see
         #: :meth:`update_train_crop`).
@@ -1080,6 +1093,7 @@ class SegmentationDataModule(L.LightningDataModule):
             num_classes=self.num_classes,
             seed=int(hp.seed) if split == "train" else None,
             cache_mb=self.cache_mb,
+            shared_cache=self.shared_cache,
             uint8_images=self._uint8_batches(),
             pixel_weights=self._pixel_weights() if split == "train" else None,
             # eval_resize resizes the image only: scores are upsampled to the native mask.

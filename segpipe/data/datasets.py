@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segpipe.data.cache import PairCache, SharedPairCache
 from segpipe.data.io import (
     UNREAD_RASTER_EXTENSIONS,
     ImageReadError,
@@ -1025,7 +1026,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
             (:func:`item_seed`); plain integer indices keep the transform's running state.
         cache_mb: Keep decoded pairs (image in its file's dtype, checked labels) in memory up to
             this many MiB, so later epochs skip decoding and checking; 0 disables. Each
-            DataLoader worker process holds its own cache.
+            loading process holds its own cache, unless ``shared_cache``.
+        shared_cache: One cache of ``cache_mb`` for every DataLoader worker forked after the
+            dataset is made (:class:`~segpipe.data.cache.SharedPairCache`): a pair decoded by
+            one worker is read by all, in this epoch and later ones. Spawned workers (which
+            receive a pickled copy) fall back to a cache of their own.
         uint8_images: Return 8-bit images that need no channel conversion as uint8 (C, H, W),
             not normalised: the data module sends such batches to the GPU as uint8 (a quarter
             of the bytes) and normalises them there
@@ -1055,6 +1060,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
         num_classes: int | None = None,
         seed: int | None = None,
         cache_mb: float = 0,
+        shared_cache: bool = False,
         uint8_images: bool = False,
         pixel_weights: Callable[[np.ndarray], np.ndarray] | None = None,
         native_masks: bool = False,
@@ -1066,8 +1072,11 @@ class SegmentationDataset(_TransformMixin, Dataset):
         self.uint8_images = bool(uint8_images)
         self.seed = None if seed is None else int(seed)
         self.cache_bytes = int(cache_mb * 2**20)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._cached_bytes = 0
+        self._cache: PairCache | None = None
+        if self.cache_bytes and shared_cache:
+            self._cache = SharedPairCache(len(self.samples), self.cache_bytes)
+        elif self.cache_bytes:
+            self._cache = PairCache(self.cache_bytes)
         self.mean = list(mean) if mean is not None else None
         self.std = list(std) if std is not None else None
         self.bands = list(bands) if bands is not None else None
@@ -1103,7 +1112,7 @@ class SegmentationDataset(_TransformMixin, Dataset):
     def _raw_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The checked pair (image in its file's dtype) from the cache, or decoded and cached
         while room is left."""
-        cached = self._cache.get(index)
+        cached = self._cache.get(index) if self._cache is not None else None
         if cached is not None:
             return cached
         sample = self.samples[index]
@@ -1133,13 +1142,10 @@ class SegmentationDataset(_TransformMixin, Dataset):
                 )
         if valid is not None:  # a raster's nodata
             raw, labels = self._without_nodata(raw, labels, valid)
-        if self.cache_bytes:
+        if self._cache is not None:
             if labels.size and 0 <= labels.min() and labels.max() <= 255:
                 labels = labels.astype(np.uint8)  # an eighth of int64's memory
-            size = raw.nbytes + labels.nbytes
-            if self._cached_bytes + size <= self.cache_bytes:
-                self._cache[index] = (raw, labels)
-                self._cached_bytes += size
+            self._cache.put(index, raw, labels)
         return raw, labels
 
     def _without_nodata(self, raw: np.ndarray, labels: np.ndarray,
@@ -1199,15 +1205,15 @@ class SegmentationDataset(_TransformMixin, Dataset):
                 image = image * span[1] + span[0]
         if self.uint8_images and image.dtype == np.uint8:
             pixels = image if image.ndim == 3 else image[:, :, None]
-            img_t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+            img_t = torch.from_numpy(_writable(np.ascontiguousarray(pixels))).permute(2, 0, 1)
         else:
             img_t = normalize_to_tensor(image, *self._stats(image.shape[2]))
         if self.uint8_images and labels.dtype == np.uint8 and ignore_fits:
             # crosses to the device as uint8 (an eighth of int64's bytes to collate, pin and
             # copy); the data module makes it int64 there, as it normalises the image
-            mask_t = torch.from_numpy(np.ascontiguousarray(labels))
+            mask_t = torch.from_numpy(_writable(np.ascontiguousarray(labels)))
         else:
-            mask_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+            mask_t = torch.from_numpy(_writable(np.ascontiguousarray(labels, dtype=np.int64)))
         sample = self.samples[index]
         item = {"image": img_t, "mask": mask_t, "path": str(sample.image)}
         if self.native_masks:
@@ -1223,6 +1229,12 @@ class SegmentationDataset(_TransformMixin, Dataset):
     @property
     def _has_cases(self) -> bool:
         return any(s.case for s in self.samples)
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """``array``, or a copy where it is read-only (a shared cache's view that no transform
+    replaced): tensors over read-only memory are not allowed."""
+    return array if array.flags.writeable else array.copy()
 
 
 def _beyond_unit_range(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,7 +1,7 @@
 """Loading for training and evaluation: worker defaults, samplers and the resumable loader.
 
 * :func:`default_num_workers` / :func:`default_cache_mb`: what this machine can spare for
-  loading.
+  loading; :func:`workers_fork`: whether the workers can share one decoded-sample cache.
 * :class:`EpochSampler`: a training order that is a function of ``(seed, epoch)``, sharded
   over ranks; :class:`ResumableDataLoader` resumes it in the middle of an epoch.
 * :class:`UnrepeatedSampler`: every val/test image on exactly one rank.
@@ -32,6 +32,7 @@ __all__ = [
     "default_num_workers",
     "ignore_sigterm",
     "seed_worker",
+    "workers_fork",
 ]
 
 
@@ -48,7 +49,7 @@ def default_num_workers() -> int:
     process feeds the GPU), at most 8: on an H200 with 16 CPU cores, a U-Net base 64 (batch 16,
     224² crops of 480x360 PNGs) trained at 404 images/s with 4 workers and 550 with 8, against
     1020 for the same network on batches already on the GPU (``scripts/bench_train.py``); the
-    workers share out the decoded-image cache (:func:`default_cache_mb`). Without one,
+    workers share one decoded-image cache (:func:`default_cache_mb`). Without one,
     training runs ``torch.get_num_threads()`` compute threads, by default one per core, so a
     worker process can only run by pre-empting one of them, and each pre-emption stalls the
     other threads at the next synchronisation: measured on a 2-core CPU
@@ -66,11 +67,14 @@ def default_num_workers() -> int:
     return min(MAX_WORKERS_CPU, max(0, cpus - torch.get_num_threads()))
 
 
-def default_cache_mb(num_workers: int) -> float:
-    """Decoded-sample cache per dataset and loading process: RAM / 8 over the workers, <= 1 GiB.
+def default_cache_mb(num_workers: int, shared: bool = False) -> float:
+    """Decoded-sample cache per dataset: an eighth of the RAM, at most 1 GiB per loading process.
 
     Args:
-        num_workers: DataLoader workers (each holds its own cache; 0 = the main process).
+        num_workers: DataLoader workers (0 = the main process loads).
+        shared: Whether the workers share one cache (:func:`workers_fork`): it gets what they
+            would have had together, ``min(RAM / 8, 1 GiB × workers)``. Otherwise each loading
+            process gets its share of an eighth of the RAM, at most 1 GiB.
 
     Returns:
         MiB.
@@ -79,7 +83,20 @@ def default_cache_mb(num_workers: int) -> float:
         ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (AttributeError, ValueError, OSError):  # not POSIX
         ram_mb = 8192.0
-    return float(min(1024.0, ram_mb / 8 / max(1, num_workers)))
+    processes = max(1, num_workers)
+    if shared:
+        return float(min(ram_mb / 8, 1024.0 * processes))
+    return float(min(1024.0, ram_mb / 8 / processes))
+
+
+def workers_fork() -> bool:
+    """Whether DataLoader workers will be forked from this process (Python's start method,
+    as the loaders here do not choose one): what a :class:`~segpipe.data.cache.SharedPairCache`
+    needs. Reads the method without fixing it."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    return (method or multiprocessing.get_all_start_methods()[0]) == "fork"
 
 
 def _kill_leftover_loader_workers() -> None:

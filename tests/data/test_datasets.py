@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -252,14 +253,18 @@ def test_channel_conversions(tmp_path: Path) -> None:
         SegmentationDataset(scan_folder(five)["train"], in_channels=3)[0]
 
 
-def test_cache_skips_decoding_and_keeps_items_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_cache_skips_decoding_and_keeps_items_identical(tmp_path: Path, shared: bool) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=3, n_val=0, n_test=0, size=(20, 24))
     samples = scan_folder(root)["train"]
     plain = SegmentationDataset(samples, in_channels=3, num_classes=3)
-    # Room for two of the three pairs (20x24x3 image + 20x24 uint8 labels = 1920 bytes each).
-    cached = SegmentationDataset(samples, in_channels=3, num_classes=3, cache_mb=2 * 1920 / 2**20)
+    # Room for two of the three pairs (20x24x3 image + 20x24 uint8 labels = 1920 bytes each;
+    # 1984 in the shared cache, which aligns each array to 64 bytes).
+    cached = SegmentationDataset(samples, in_channels=3, num_classes=3, cache_mb=2 * 1984 / 2**20,
+                                 shared_cache=shared)
+    assert cached._cache.shared is shared
     first = [cached[i] for i in range(3)]
-    assert sorted(cached._cache) == [0, 1] and cached._cached_bytes == 2 * 1920
+    assert len(cached._cache) == 2 and cached._cache.get(2) is None
     for s in samples:
         s.image.unlink()  # what is cached no longer needs its file
     for i in (0, 1):
@@ -272,32 +277,38 @@ def test_cache_skips_decoding_and_keeps_items_identical(tmp_path: Path) -> None:
         plain[0]  # no cache by default
 
 
-def test_augmenting_cached_images_leaves_the_cache_intact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_augmenting_cached_images_leaves_the_cache_intact(tmp_path: Path, shared: bool) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(20, 24))
     ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3, seed=0,
                              transform=build_train_transform("strong", crop_size=16),
-                             cache_mb=1)
+                             cache_mb=1, shared_cache=shared)
     key = ItemKey(0, 0)
-    first, cached = ds[key], [a.copy() for a in ds._cache[0]]
+    first, cached = ds[key], [a.copy() for a in ds._cache.get(0)]
     for epoch in range(1, 4):  # other augmentations of the same cached arrays
         ds[ItemKey(0, epoch)]
-    assert all(np.array_equal(a, b) for a, b in zip(ds._cache[0], cached))
+    assert all(np.array_equal(a, b) for a, b in zip(ds._cache.get(0), cached))
     again = ds[key]
     assert torch.equal(again["image"], first["image"]) and torch.equal(again["mask"], first["mask"])
 
 
-def test_the_cache_does_not_change_augmented_masks(tmp_path: Path) -> None:
-    """Cached labels were uint8 and uncached int32, and cv2's nearest-neighbour rotation breaks
-    ties differently for the two: strong's rotations changed a few pixels with the cache."""
-    write_image(tmp_path / "a.png", np.zeros((60, 90, 3), np.uint8))
-    write_mask(tmp_path / "a_mask.png", (np.add.outer(np.arange(60), 2 * np.arange(90)) % 5
-                                         ).astype(np.uint8))  # every pixel on a class border
-    samples = [Sample(tmp_path / "a.png", tmp_path / "a_mask.png")]
-    kw = dict(in_channels=3, num_classes=5, seed=0,
-              transform=build_train_transform("strong", crop_size=40, mask_fill=255))
-    plain, cached = SegmentationDataset(samples, **kw), SegmentationDataset(samples, cache_mb=1, **kw)
-    for epoch in range(24):
-        assert torch.equal(plain[ItemKey(0, epoch)]["mask"], cached[ItemKey(0, epoch)]["mask"])
+@pytest.mark.parametrize("uint8_images", [False, True])
+def test_untransformed_items_from_the_shared_cache_are_writable_tensors(
+        tmp_path: Path, uint8_images: bool) -> None:
+    """The shared cache hands out read-only views; an item that no transform copied (a native
+    test image) must still become ordinary tensors, without torch's non-writable warning, and
+    writing to them must not reach the cache."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=1, n_val=0, n_test=0, size=(20, 24))
+    ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3,
+                             cache_mb=1, shared_cache=True, uint8_images=uint8_images)
+    first = ds[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ds[0]  # from the cache
+    again["image"].zero_()
+    again["mask"].fill_(2)
+    third = ds[0]
+    assert torch.equal(third["image"], first["image"]) and torch.equal(third["mask"], first["mask"])
 
 
 @pytest.mark.parametrize("gain", [None, (0.8, 1.25)])
