@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 11's GPU figures in one call on the lent GPU machine (limits of 545 s in all; each is
+# Issue 11's GPU figures in one call on the lent GPU machine (limits of 585 s in all; each is
 # a ceiling, and the last GPU call ran 366 s of 505): training throughput of `segpipe fit`
 # against a bare loop on the same device (U-Net 16 / batch 8 and U-Net 64 / batch 16 at 224²,
 # smp ResNet-34 U-Net / batch 16 at 512², each with where segpipe's host time goes per epoch;
 # U-Net 16 again with `model.compile` in torch's reduce-overhead mode, CUDA graphs, and on the
 # machine's CPU cores), then `segpipe predict` against a bare decode-forward-write loop on the
-# GPU, the per-epoch overhead of short epochs, and a profile of training steps
-# (scripts/profile_train_step.py). Predict on the CPU cores (0.942) and the whole command's
+# GPU, the per-epoch overhead of short epochs, a profile of training steps
+# (scripts/profile_train_step.py), and the training loader alone with 8 workers, with and
+# without their shared decoded-image cache (scripts/bench_loading.py). Predict on the CPU cores (0.942) and the whole command's
 # start-up (0.947) were measured in the call before and are left out for time:
 # scripts/bench_predict.py --device cpu, and --skip-throughput --rounds 1, run them.
 # Each benchmark has its own time limit, so one that hangs does not cost the others. $OUT gets
@@ -40,6 +41,7 @@ compile_options='{mode: reduce-overhead}'
 predict_extra=()
 epochs_extra=()
 profile_extra=()
+loading_extra=()
 if [ -n "${SMOKE:-}" ]; then  # later flags win in argparse: these override the sizes below
     train_extra=(--images 8 --batch-size 2 --crop 64 --base 4 --classes 3 --precision 32-true
                  --epochs 1 --rounds 1)
@@ -48,6 +50,7 @@ if [ -n "${SMOKE:-}" ]; then  # later flags win in argparse: these override the 
                    --precision 32-true)
     epochs_extra=(--steps 12 --samples-per-epoch 8)
     profile_extra=(--steps 3 --batch-size 2 --crop 32 --base 4 --classes 3 --precision 32-true)
+    loading_extra=(--images 8 --batch-size 2 --crop 32 --classes 3 --workers 2 --epochs 2)
 fi
 
 failed=0
@@ -79,5 +82,6 @@ bench predict 60 scripts/bench_predict.py --device "$dev" --skip-rss --skip-star
     "${predict_extra[@]}"
 bench epochs_isbi 45 scripts/bench_epochs.py --device "$dev" --num-workers 4 "${epochs_extra[@]}"
 bench profile_step 50 scripts/profile_train_step.py --device "$dev" --steps 20 "${profile_extra[@]}"
+bench loading 40 scripts/bench_loading.py --workers 8 --epochs 3 "${loading_extra[@]}"
 cat "$summary"
 exit "$failed"

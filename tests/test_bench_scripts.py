@@ -47,6 +47,24 @@ def test_bench_train_prints_paired_throughput(mode: str) -> None:
     assert re.search(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", res.stdout, re.M), res.stdout
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux")
+def test_bench_loading_compares_per_worker_and_shared_caches() -> None:
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_loading.py", "--images", "8", "--batch-size", "2",
+         "--crop", "32", "--classes", "3", "--workers", "2", "--epochs", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = re.split(r"^round 1, ", res.stdout, flags=re.M)[1:]
+    assert [r.split(",")[0] for r in runs] == ["data.shared_cache=false",
+                                               "data.shared_cache=true"], res.stdout
+    for run in runs:
+        assert re.search(r"epoch 0: +[\d.]+ images/s, +8 of 8 images decoded", run), run
+        assert re.search(r"loading processes' memory \d+ MiB", run), run
+    # the shared cache's second epoch decodes nothing: the first one's workers stored all 8
+    assert re.search(r"epoch 1: +[\d.]+ images/s, +0 of 8 images decoded", runs[1]), runs[1]
+
+
 def test_bench_malloc_compares_both_settings() -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_malloc.py", "--pairs", "1", "--steps", "2", "--warmup", "1",
@@ -164,7 +182,7 @@ def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
     summary = (tmp_path / "summary.txt").read_text()
     assert res.returncode == 0, summary[-4000:]
     names = ["train_unet16", "train_unet64", "train_smp_r34", "train_unet16_compiled",
-             "train_unet16_cpu", "predict", "epochs_isbi", "profile_step"]
+             "train_unet16_cpu", "predict", "epochs_isbi", "profile_step", "loading"]
     assert re.findall(r"^== (\w+) ", summary, re.M) == names, summary
     assert summary.count("\nexit 0\n") == len(names), summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.txt", "summary.txt"]
@@ -175,3 +193,4 @@ def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
     assert len(re.findall(r"ratio: [\d.]+ \(best rounds", summary)) == 1, summary
     assert "smp U-Net(resnet34)" in logs and "per-epoch overhead" in logs
     assert "segpipe fit: cProfile" in logs and "bare loop:" in logs
+    assert "data.shared_cache=true" in logs

@@ -1074,8 +1074,12 @@ class SegmentationDataset(_TransformMixin, Dataset):
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: PairCache | None = None
         if self.cache_bytes and shared_cache:
-            self._cache = SharedPairCache(len(self.samples), self.cache_bytes)
-        elif self.cache_bytes:
+            try:
+                self._cache = SharedPairCache(len(self.samples), self.cache_bytes)
+            except OSError as err:  # e.g. strict overcommit refusing the mapping
+                log.warning("no shared cache of %d MiB (%s): each loader worker keeps its own",
+                            self.cache_bytes >> 20, err)
+        if self.cache_bytes and self._cache is None:
             self._cache = PairCache(self.cache_bytes)
         self.mean = list(mean) if mean is not None else None
         self.std = list(std) if std is not None else None

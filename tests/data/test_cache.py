@@ -194,3 +194,19 @@ def test_the_shared_default_budget_is_what_the_workers_had_together() -> None:
     for workers in (1, 2, 8):
         assert default_cache_mb(workers, shared=True) == pytest.approx(
             min(ram_mb / 8, workers * default_cache_mb(workers)), rel=1e-9)
+
+
+def test_a_refused_mapping_falls_back_to_per_worker_caches(tmp_path: Path, monkeypatch,
+                                                            caplog) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr("segpipe.data.cache.mmap.mmap", refuse)
+    root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(16, 16))
+    with caplog.at_level("WARNING"):
+        ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3,
+                                 cache_mb=1, shared_cache=True)
+    assert type(ds._cache) is PairCache and ds._cache.capacity_bytes == 2**20
+    assert "each loader worker keeps its own" in caplog.text
+    ds[0]
+    assert len(ds._cache) == 1
