@@ -21,6 +21,7 @@ Supported layouts:
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import random
@@ -1230,8 +1231,10 @@ class SegmentationDataset(_TransformMixin, Dataset):
             item["case"] = sample.case or ""
         return item
 
-    @property
+    @functools.cached_property
     def _has_cases(self) -> bool:
+        """Whether the samples belong to cases: looked at once, not for every item (a pass
+        over every sample per item made an epoch quadratic in the data set's size)."""
         return any(s.case for s in self.samples)
 
 
