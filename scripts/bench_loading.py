@@ -1,16 +1,23 @@
-"""Training-loader throughput with the loader workers' shared decoded-image cache, and without it.
+"""Training-loader benchmarks: the workers' shared decoded-image cache, and their shared batch slots.
 
-With a per-process cache each of ``w`` workers decodes the images it happens to draw until it
-has seen them all, so on a GPU (whose steps are milliseconds) the first few epochs are as slow as
-decoding. This bench iterates segpipe's training loader (the data module's: augmentation,
-collation, workers) over the same epochs twice, alternating ``data.shared_cache`` false and true
-with fresh workers, with no network, and prints each epoch's images/s, how many images were
-decoded, and the memory of the loading processes at the end (the sum of their proportional set
-sizes: shared pages counted once).
+``--compare cache`` (default): with a per-process cache each of ``w`` workers decodes the images
+it happens to draw until it has seen them all, so on a GPU (whose steps are milliseconds) the
+first few epochs are as slow as decoding. This iterates segpipe's training loader (the data
+module's: augmentation, collation, workers) over the same epochs twice, alternating
+``data.shared_cache`` false and true with fresh workers, with no network, and prints each
+epoch's images/s, how many images were decoded, and the memory of the loading processes at the
+end (the sum of their proportional set sizes: shared pages counted once).
+
+``--compare batches``: how long the main process takes to receive a batch the workers have
+already built (they are given ``--pause`` seconds per batch to get ahead), with
+``data.shared_batches`` false (each tensor a shared-memory file whose descriptor is fetched from
+the worker) and true (slots mapped before the workers fork). ``--spin`` runs a thread that spins
+in Python beside it, as a training loop holds the GIL while the pin-memory thread receives.
 
     python scripts/bench_loading.py                       # 368 synthetic 480x360 PNGs, 2 workers
     python scripts/bench_loading.py --workers 8 --epochs 5
     python scripts/bench_loading.py --data-root ../shared/data/camvid --layout camvid --classes 11 --ignore-index 11
+    python scripts/bench_loading.py --compare batches --spin
 
 Run it alone on the machine: the workers use every core.
 """
@@ -23,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,15 +74,43 @@ def count_decodes() -> multiprocessing.Value:
     return count
 
 
-def run(args: argparse.Namespace, root: Path, shared: bool, decodes) -> None:
+def train_loader(args: argparse.Namespace, root: Path, **data: object):
     dm = SegmentationDataModule(
         root=str(root), layout=args.layout, num_classes=args.classes,
         ignore_index=args.ignore_index, batch_size=args.batch_size, crop_size=args.crop,
-        num_workers=args.workers, shared_cache=shared, pin_memory=False,
+        num_workers=args.workers, pin_memory=False, **data,
     )
     dm.setup("fit")
     loader = dm.train_dataloader()
     loader.next_epoch_expected = lambda: False  # epochs timed apart, no early start
+    return dm, loader
+
+
+def run_receive(args: argparse.Namespace, root: Path, shared: bool) -> None:
+    """Per batch: ``--pause`` seconds for the workers to get ahead, then the time ``next`` takes."""
+    dm, loader = train_loader(args, root, shared_batches=shared)
+    times = []
+    for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        iterator = iter(loader)
+        for _ in range(len(loader)):
+            time.sleep(args.pause)
+            start = time.perf_counter()
+            next(iterator)
+            times.append(time.perf_counter() - start)
+        del iterator
+        if epoch == 0:
+            times.clear()  # decoding into the cache
+    times.sort()
+    print(f"  receiving a built batch: median {1e3 * times[len(times) // 2]:.2f} ms, "
+          f"90th percentile {1e3 * times[int(0.9 * (len(times) - 1))]:.2f} ms "
+          f"({len(times)} batches after the first epoch)", flush=True)
+    del loader
+    dm.teardown("fit")
+
+
+def run(args: argparse.Namespace, root: Path, shared: bool, decodes) -> None:
+    dm, loader = train_loader(args, root, shared_cache=shared)
     images = len(loader) * args.batch_size
     rates = []
     for epoch in range(args.epochs):
@@ -107,17 +143,37 @@ def main() -> None:
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--epochs", type=at_least(2), default=4)
     p.add_argument("--rounds", type=positive_int, default=1, help="pairs of runs, alternating")
+    p.add_argument("--compare", choices=["cache", "batches"], default="cache",
+                   help="data.shared_cache (throughput) or data.shared_batches (receiving)")
+    p.add_argument("--pause", type=float, default=0.03,
+                   help="--compare batches: seconds per batch for the workers to get ahead")
+    p.add_argument("--spin", action="store_true",
+                   help="--compare batches: a thread spinning in Python beside the receiver")
     args = p.parse_args()
     if not workers_fork():
-        sys.exit("loader workers are not forked on this platform: there is no shared cache")
+        sys.exit("loader workers are not forked on this platform: nothing is shared")
     decodes = count_decodes()
+    option = {"cache": "data.shared_cache", "batches": "data.shared_batches"}[args.compare]
+    if args.spin:
+        threading.Thread(target=spin, daemon=True).start()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_root or make_data(Path(tmp) / "data", args.images, args.classes)
         for round_ in range(args.rounds):
             for shared in (False, True):
-                print(f"round {round_ + 1}, data.shared_cache={str(shared).lower()}, "
-                      f"{args.workers} workers:", flush=True)
-                run(args, root, shared, decodes)
+                print(f"round {round_ + 1}, {option}={str(shared).lower()}, "
+                      f"{args.workers} workers" + (", a thread spinning" if args.spin else "")
+                      + ":", flush=True)
+                if args.compare == "cache":
+                    run(args, root, shared, decodes)
+                else:
+                    run_receive(args, root, shared)
+
+
+def spin() -> None:
+    """Python bytecode without end: holds the GIL as a training loop launching kernels does."""
+    count = 0
+    while True:
+        count += 1
 
 
 if __name__ == "__main__":

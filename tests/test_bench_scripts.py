@@ -65,6 +65,22 @@ def test_bench_loading_compares_per_worker_and_shared_caches() -> None:
     assert re.search(r"epoch 1: +[\d.]+ images/s, +0 of 8 images decoded", runs[1]), runs[1]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux")
+def test_bench_loading_times_receiving_batches_both_ways() -> None:
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_loading.py", "--compare", "batches", "--images", "8",
+         "--batch-size", "2", "--crop", "32", "--classes", "3", "--workers", "2", "--epochs", "2",
+         "--pause", "0.01", "--spin"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    heads = re.findall(r"^round 1, (data\.shared_batches=\w+), 2 workers, a thread spinning:$",
+                       res.stdout, re.M)
+    assert heads == ["data.shared_batches=false", "data.shared_batches=true"], res.stdout
+    assert len(re.findall(r"receiving a built batch: median [\d.]+ ms, 90th percentile [\d.]+ ms "
+                          r"\(4 batches after the first epoch\)", res.stdout)) == 2, res.stdout
+
+
 def test_bench_malloc_compares_both_settings() -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_malloc.py", "--pairs", "1", "--steps", "2", "--warmup", "1",

@@ -21,16 +21,24 @@ import torch
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from segpipe.data.batchring import BatchRing, RingBatch, SlotArena
+
 __all__ = ["PadCollate"]
 
 
-def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
-    """An uninitialised batch tensor; in a DataLoader worker, in shared memory.
+def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...], channels_last: bool,
+                  arena: SlotArena | None = None) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker, in shared memory: in the slot
+    ``arena`` when it has room (see :mod:`segpipe.data.batchring`), else a segment of its own.
 
     As ``default_collate`` does: a batch built in shared memory crosses to the main process
     without the extra copy that moving an ordinary tensor there costs. ``channels_last`` lays a
     4-D batch out as (N, H, W, C) in memory, the format the task runs the network in.
     """
+    if arena is not None:
+        tensor = arena.empty(like.dtype, shape, channels_last)
+        if tensor is not None:
+            return tensor
     numel = int(np.prod(shape))
     if get_worker_info() is not None:
         flat = like.new(like._typed_storage()._new_shared(numel, device=like.device))
@@ -43,14 +51,14 @@ def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...], channels_last: boo
 
 
 def _pad_maps(maps: Sequence[torch.Tensor], size: tuple[int, int],
-              fill: float | None) -> torch.Tensor:
+              fill: float | None, arena: SlotArena | None = None) -> torch.Tensor:
     """(H, W) maps (masks, pixel weights) as one (N, H, W) batch, the rest filled with ``fill``
     (None: the maps fill the batch, nothing to pad)."""
     dtypes = {m.dtype for m in maps}
     if len(dtypes) > 1:  # uint8 masks beside int64 ones (labels beyond 255 in some files)
         dtype = functools.reduce(torch.promote_types, dtypes)
         maps = [m.to(dtype) for m in maps]
-    out = _batch_buffer(maps[0], (len(maps), *size), False)
+    out = _batch_buffer(maps[0], (len(maps), *size), False, arena)
     if fill is not None:
         out.fill_(fill)
     for i, m in enumerate(maps):
@@ -73,6 +81,10 @@ class PadCollate:
         normalize_uint8: Normalises a uint8 (C, H, W) image (the data set's ``uint8_images``)
             when a batch mixes such images with float32 ones (8-bit files among converted or
             16-bit ones); without it such a batch is an error.
+        ring: Slots of shared memory for the batches built in forked loader workers
+            (:class:`~segpipe.data.batchring.BatchRing`): such a batch is then sent as a
+            :class:`~segpipe.data.batchring.RingBatch`, which the loader turns back into this
+            dict. None (default): every tensor crosses on its own.
     """
 
     def __init__(
@@ -81,13 +93,28 @@ class PadCollate:
         hint: str = "set data.ignore_index or data.eval_batch_size=1",
         channels_last: bool = True,
         normalize_uint8: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        ring: BatchRing | None = None,
     ) -> None:
         self.ignore_index = ignore_index
         self.hint = hint
         self.channels_last = channels_last
         self.normalize_uint8 = normalize_uint8
+        self.ring = ring
 
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any] | RingBatch:
+        slot = (self.ring.claim() if self.ring is not None and get_worker_info() is not None
+                else None)
+        if slot is None:
+            return self._collate(batch, None)
+        arena = SlotArena(self.ring, slot)
+        try:
+            return arena.batch(self._collate(batch, arena))
+        except BaseException:
+            arena.abandon()
+            raise
+
+    def _collate(self, batch: Sequence[Mapping[str, Any]],
+                 arena: SlotArena | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         images = [b["image"] for b in batch]
         paths = [str(b.get("path", "")) for b in batch]
@@ -117,7 +144,7 @@ class PadCollate:
         h = max(s[0] for s in sizes)
         w = max(s[1] for s in sizes)
         img_out = _batch_buffer(images[0], (len(batch), images[0].shape[0], h, w),
-                                self.channels_last)
+                                self.channels_last, arena)
         if len(sizes) > 1:
             img_out.zero_()
             # The task runs each such image on its own (as predict does), not on the padding.
@@ -129,10 +156,11 @@ class PadCollate:
         if has_mask:
             mh, mw = max(s[0] for s in mask_sizes), max(s[1] for s in mask_sizes)
             out["mask"] = _pad_maps([b["mask"] for b in batch], (mh, mw),
-                                    int(self.ignore_index) if len(mask_sizes) > 1 else None)
+                                    int(self.ignore_index) if len(mask_sizes) > 1 else None,
+                                    arena)
         if "weight" in batch[0]:  # per-pixel loss weights (training: image-sized); padding 0
             out["weight"] = _pad_maps([b["weight"] for b in batch], (h, w),
-                                      0 if len(sizes) > 1 else None)
+                                      0 if len(sizes) > 1 else None, arena)
         out["path"] = paths
         for key in batch[0]:
             if key not in out:

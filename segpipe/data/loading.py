@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
+from segpipe.data.batchring import as_batch
 from segpipe.data.datasets import ItemKey, stable_seed
 from segpipe.errors import ConfigError
 from segpipe.runtime import available_cpus
@@ -450,7 +451,7 @@ class _LazyIterator:
             self.iterator = self.loader._base_iter()
             self.length = len(self.loader)
         try:
-            batch = next(self.iterator)
+            batch = as_batch(next(self.iterator))
         except StopIteration:
             self._finish()
             raise

@@ -1,0 +1,219 @@
+"""Training batches in shared slots: what a worker sends, what the main process gets back, and
+when a slot is free again."""
+
+from __future__ import annotations
+
+import gc
+import io
+import pickle
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from segpipe.data import SegmentationDataModule
+from segpipe.data.batchring import BatchRing, RingBatch, SlotArena, as_batch
+from segpipe.data.collate import PadCollate
+from segpipe.data.datasets import SegmentationDataset, scan_folder
+from segpipe.data.loading import workers_fork
+from tests.data.synthetic import make_folder_dataset
+
+forks = pytest.mark.skipif(not workers_fork(), reason="loader workers are not forked here")
+
+
+def _items(n: int = 3, size: int = 8, weight: bool = False) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        item = {"image": torch.rand(3, size, size, generator=gen),
+                "mask": torch.randint(0, 5, (size, size), generator=gen),
+                "path": f"img_{i}.png"}
+        if weight:
+            item["weight"] = torch.rand(size, size, generator=gen)
+        items.append(item)
+    return items
+
+
+def _as_received(sent: RingBatch) -> RingBatch:
+    """What the main process unpickles from a worker's queue."""
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(sent)
+    return pickle.loads(buf.getvalue())
+
+
+def _in_slot(collate: PadCollate, items: list[dict]) -> RingBatch:
+    """Collate as a worker does, with a slot of the collate's ring."""
+    arena = SlotArena(collate.ring, collate.ring.claim())
+    return arena.batch(collate._collate(items, arena))
+
+
+def _assert_same_batch(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and got[key].stride() == value.stride(), key
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("weight", [False, True])
+def test_a_batch_from_a_slot_equals_the_ordinary_batch(weight: bool) -> None:
+    items = _items(weight=weight)
+    ring = BatchRing(slots=2, slot_bytes=8192)
+    expected = PadCollate(ignore_index=255)(items)
+    sent = _in_slot(PadCollate(ignore_index=255, ring=ring), items)
+    assert isinstance(sent, RingBatch)
+    assert sorted(sent.layout) == sorted(["image", "mask"] + (["weight"] if weight else []))
+    assert sent.rest == {"path": expected["path"]}
+    assert len(pickle.dumps(sent)) < 1000  # offsets and shapes, not the pixels
+    batch = _as_received(sent).materialize()
+    _assert_same_batch(batch, expected)
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert ring.in_use == 1
+    del batch, sent
+    gc.collect()
+    assert ring.in_use == 0  # free once its tensors are gone
+
+
+def test_the_slot_is_free_once_the_batch_is_copied_out_or_dropped() -> None:
+    """The pin-memory thread copies a batch into pinned memory (here: clones) and frees the slot
+    at once; a batch dropped unread (a reset iterator's prefetched ones) frees it too."""
+    items = _items()
+    ring = BatchRing(slots=3, slot_bytes=4096)
+    collate = PadCollate(ignore_index=255, ring=ring)
+    copied = _as_received(_in_slot(collate, items)).copy_out(torch.clone)
+    assert ring.in_use == 0
+    _assert_same_batch(copied, PadCollate(ignore_index=255)(items))
+    sent = _in_slot(collate, items)
+    received = _as_received(sent)
+    assert ring.in_use == 1
+    del sent  # the worker's copy never frees the slot: the batch is in flight
+    assert ring.in_use == 1
+    del received
+    gc.collect()
+    assert ring.in_use == 0
+
+
+def test_a_batch_that_does_not_fit_or_finds_no_slot_goes_the_ordinary_way() -> None:
+    items = _items(size=8)  # image 3 x 3 x 8 x 8 x 4 = 2304 bytes, mask 3 x 8 x 8 x 8 = 1536
+    expected = PadCollate(ignore_index=255)(items)
+    ring = BatchRing(slots=1, slot_bytes=2304)  # room for the image only
+    sent = _in_slot(PadCollate(ignore_index=255, ring=ring), items)
+    assert sorted(sent.layout) == ["image"] and torch.equal(sent.rest["mask"], expected["mask"])
+    _assert_same_batch(_as_received(sent).materialize(), expected)
+    small = BatchRing(slots=1, slot_bytes=64)  # room for nothing: the slot is freed unused
+    out = _in_slot(PadCollate(ignore_index=255, ring=small), items)
+    assert isinstance(out, dict) and small.in_use == 0
+    _assert_same_batch(out, expected)
+    assert small.claim() == 0 and small.claim() is None  # every slot in use
+
+
+def test_a_failing_collate_frees_its_slot(monkeypatch) -> None:
+    ring = BatchRing(slots=1, slot_bytes=4096)
+    collate = PadCollate(ignore_index=None, ring=ring)
+    monkeypatch.setattr("segpipe.data.collate.get_worker_info", lambda: object())  # a worker
+    items = _items()
+    items[1]["image"] = torch.rand(3, 9, 9)  # another size without an ignore index
+    with pytest.raises(ValueError, match="different sizes"):
+        collate(items)
+    assert ring.in_use == 0
+
+
+def test_spawned_workers_get_no_ring_and_collate_as_before() -> None:
+    collate = pickle.loads(pickle.dumps(PadCollate(ignore_index=255,
+                                                   ring=BatchRing(slots=1, slot_bytes=4096))))
+    assert collate.ring is None
+
+
+def test_as_batch_leaves_ordinary_batches_alone() -> None:
+    batch = {"image": torch.zeros(1)}
+    assert as_batch(batch) is batch
+
+
+@forks
+@pytest.mark.parametrize("persistent", [True, False])
+def test_batches_from_forked_workers_equal_the_ordinary_ones(tmp_path: Path,
+                                                             persistent: bool) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=10, n_val=0, n_test=0, size=(16, 16))
+    ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3)
+    ring = BatchRing(slots=2 * 2 + 4, slot_bytes=4 * 16 * 16 * (12 + 8))
+    plain = list(DataLoader(ds, batch_size=4, num_workers=0, collate_fn=PadCollate(255)))
+    loader = DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=persistent,
+                        collate_fn=PadCollate(255, ring=ring))
+    for _epoch in range(2):
+        received = [next_batch for next_batch in loader]
+        assert all(isinstance(b, RingBatch) for b in received)
+        batches = [as_batch(b) for b in received]
+        for got, expected in zip(batches, plain, strict=True):
+            _assert_same_batch(got, expected)
+        del received, batches, got
+        gc.collect()
+        assert ring.in_use == 0
+
+
+def _module(root: Path, **kw) -> SegmentationDataModule:
+    dm = SegmentationDataModule(root=str(root), num_classes=3, batch_size=2, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_the_training_loader_gets_a_ring_sized_for_its_largest_crop(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(40, 40))
+    dm = _module(root, num_workers=2, crop_size=16, late_crop_size=24)
+    ring = dm.train_dataloader().collate_fn.ring
+    if not workers_fork():
+        assert ring is None
+        return
+    assert ring.slots == 2 * 2 + 4
+    assert ring.slot_bytes >= 2 * 24 * 24 * (4 * 3 + 8)  # float32 RGB images, int64 masks
+    assert dm.val_dataloader().collate_fn.ring is None  # evaluation batches vary in size
+    for kw in ({"num_workers": 0, "crop_size": 16}, {"num_workers": 2},
+               {"num_workers": 2, "crop_size": 16, "shared_batches": False}):
+        assert _module(root, **kw).train_dataloader().collate_fn.ring is None, kw
+    monkeypatch.setattr("segpipe.data.datamodule.workers_fork", lambda: False)
+    assert _module(root, num_workers=2, crop_size=16).train_dataloader().collate_fn.ring is None
+
+
+@forks
+def test_fit_with_shared_batches_trains_as_without(tmp_path: Path, monkeypatch) -> None:
+    """Through Lightning with 2 loader workers: every training batch came through a slot, and
+    the weights equal those of a fit whose batches crossed tensor by tensor."""
+    import lightning.pytorch as L
+
+    from segpipe.lightning_cli import run_cli
+    from tests.cli_args import TINY_UNET
+
+    class Rings(L.Callback):
+        def __init__(self) -> None:
+            self.rings: list[BatchRing | None] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.rings.append(trainer.train_dataloader.collate_fn.ring)
+
+    from_slots = []
+
+    def counting(batch):
+        from_slots.append(isinstance(batch, RingBatch))
+        return as_batch(batch)
+
+    monkeypatch.setattr("segpipe.data.loading.as_batch", counting)
+    root = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=2, n_test=0, size=(40, 40),
+                               num_classes=3)
+    weights = {}
+    for shared in (True, False):
+        probe = Rings()
+        from_slots.clear()
+        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=2",
+                       f"--trainer.default_root_dir={tmp_path / str(shared)}",
+                       "--data.num_workers=2", f"--data.shared_batches={str(shared).lower()}",
+                       "--trainer.precision=32-true", *TINY_UNET],
+                      callbacks=[probe])
+        assert len(probe.rings) == 4 and all((r is not None) is shared for r in probe.rings)
+        assert from_slots == [shared] * 4  # 2 epochs of 2 batches
+        weights[shared] = cli.model.state_dict()
+    for name, value in weights[True].items():
+        assert torch.equal(value, weights[False][name]), name
