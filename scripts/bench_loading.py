@@ -11,8 +11,9 @@ end (the sum of their proportional set sizes: shared pages counted once).
 ``--compare batches``: how long the main process takes to receive a batch the workers have
 already built (they are given ``--pause`` seconds per batch to get ahead), with
 ``data.shared_batches`` false (each tensor a shared-memory file whose descriptor is fetched from
-the worker) and true (slots mapped before the workers fork). ``--spin`` runs a thread that spins
-in Python beside it, as a training loop holds the GIL while the pin-memory thread receives.
+the worker) and true (slots mapped before the workers fork), for training batches or with
+``--split val`` validation ones. ``--spin`` runs a thread that spins in Python beside it, as a
+training loop holds the GIL while the pin-memory thread receives.
 
     python scripts/bench_loading.py                       # 368 synthetic 480x360 PNGs, 2 workers
     python scripts/bench_loading.py --workers 8 --epochs 5
@@ -89,9 +90,12 @@ def train_loader(args: argparse.Namespace, root: Path, **data: object):
 def run_receive(args: argparse.Namespace, root: Path, shared: bool) -> None:
     """Per batch: ``--pause`` seconds for the workers to get ahead, then the time ``next`` takes."""
     dm, loader = train_loader(args, root, shared_batches=shared)
+    if args.split == "val":
+        loader = dm.val_dataloader()
     times = []
     for epoch in range(args.epochs):
-        loader.sampler.set_epoch(epoch)
+        if args.split == "train":
+            loader.sampler.set_epoch(epoch)
         iterator = iter(loader)
         for _ in range(len(loader)):
             time.sleep(args.pause)
@@ -147,6 +151,9 @@ def main() -> None:
                    help="data.shared_cache (throughput) or data.shared_batches (receiving)")
     p.add_argument("--pause", type=float, default=0.03,
                    help="--compare batches: seconds per batch for the workers to get ahead")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="--compare batches: the training loader's batches (crops) or the val "
+                        "loader's (whole images, padded per batch)")
     p.add_argument("--spin", action="store_true",
                    help="--compare batches: a thread spinning in Python beside the receiver")
     args = p.parse_args()

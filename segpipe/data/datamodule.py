@@ -44,6 +44,7 @@ from segpipe.data.datasets import (
 from segpipe.data.loading import (
     EpochSampler,
     ResumableDataLoader,
+    SlotDataLoader,
     UnrepeatedSampler,
     default_cache_mb,
     default_num_workers,
@@ -219,9 +220,10 @@ class SegmentationDataModule(L.LightningDataModule):
             tensor, whose descriptor the receiving thread fetches from the worker in a
             socket handshake: that fetch waited on the GIL, which the training loop holds
             (with a thread spinning in Python beside it, a batch of an image and a mask took
-            a median 106 ms against 11 ms from a slot). Applies with a training crop
-            (``crop_size``), which bounds a batch's size; ``false`` sends every tensor on its
-            own.
+            a median 106 ms against 11 ms from a slot). Training slots are sized for the
+            crop (none without ``crop_size``), val/test slots for the largest of up to 64 of
+            the split's images; a larger batch crosses the ordinary way. ``false`` sends every
+            tensor on its own.
         augment: Augmentation preset (``none``, ``light``, ``default``, ``strong``).
         crop_size: Square training crop size; None trains on whole images.
         late_crop_size: Square training crop size for the end of the training (from
@@ -1201,7 +1203,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 self.ignore_index, hint=hint,
                 normalize_uint8=functools.partial(normalize_uint8_batch, mean=self.mean,
                                                   std=self.std),
-                ring=self._batch_ring() if train else None,
+                ring=self._batch_ring() if train else self._eval_batch_ring(dataset),
             ),
             "worker_init_fn": (
                 functools.partial(seed_worker, niceness=self.worker_niceness)
@@ -1234,21 +1236,50 @@ class SegmentationDataModule(L.LightningDataModule):
             sampler = _RoundRobinSampler(len(dataset), rank)
         else:
             sampler = UnrepeatedSampler(dataset, num_replicas=world, rank=rank)
-        return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **common)
+        return SlotDataLoader(dataset, sampler=sampler, drop_last=False, generator=generator,
+                              **common)
+
+    def _sharing_batches(self) -> bool:
+        return self.shared_batches and self.num_workers > 0 and workers_fork()
+
+    def _ring(self, slot_bytes: int) -> BatchRing:
+        """Slots of ``slot_bytes`` (plus alignment), one per batch that may be in flight: each
+        worker's prefetched ones, and four held by the pin-memory thread and the loop."""
+        return BatchRing(slots=self.num_workers * _PREFETCH_FACTOR + 4,
+                         slot_bytes=slot_bytes + 3 * 64)
 
     def _batch_ring(self) -> BatchRing | None:
         """Slots for the training batches of forked workers (``shared_batches``), sized for
         the largest crop of the run as float32 images, int64 masks and float32 pixel weights
-        (a batch that still does not fit crosses the ordinary way), one per batch that may be
-        in flight: each worker's prefetched ones, and four held by the pin-memory thread and
-        the training loop. None without workers, a crop or forked workers."""
+        (a batch that still does not fit crosses the ordinary way). None without workers, a
+        crop or forked workers."""
         crop = max((c for c in (self.train_crop_size, self.hparams.late_crop_size) if c),
                    default=None)
-        if not (self.shared_batches and self.num_workers > 0 and crop and workers_fork()):
+        if not (crop and self._sharing_batches()):
             return None
         per_pixel = 4 * self.in_channels + 8 + (4 if self.pixel_weighting else 0)
-        slot_bytes = self.batch_size * crop * crop * per_pixel + 3 * 64
-        return BatchRing(slots=self.num_workers * _PREFETCH_FACTOR + 4, slot_bytes=slot_bytes)
+        return self._ring(self.batch_size * crop * crop * per_pixel)
+
+    def _eval_batch_ring(self, dataset: Any) -> BatchRing | None:
+        """Slots for the val/test batches of forked workers, sized for float32 images and int64
+        masks of the largest image among up to 64 of the split's (read from their headers,
+        evenly spread; batches of larger ones cross the ordinary way), the images at
+        ``eval_resize`` where it is set. None without workers, forked workers or images."""
+        samples = list(getattr(dataset, "samples", None) or [])
+        if not (samples and self._sharing_batches()):
+            return None
+        from segpipe.data.io import ImageReadError, image_size
+
+        step = max(1, len(samples) // 64)
+        try:
+            sizes = [image_size(sample.image) for sample in samples[::step][:64]]
+        except ImageReadError:
+            return None  # the data check names the file; the batches go the ordinary way
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        resize = self.hparams.eval_resize
+        image_pixels = resize[0] * resize[1] if resize is not None else height * width
+        return self._ring(self.eval_batch_size * (4 * self.in_channels * image_pixels
+                                                  + 8 * height * width))
 
     def _next_epoch_expected(self) -> bool:
         """Whether the trainer will train another epoch, as far as it says when this epoch's

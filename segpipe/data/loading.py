@@ -28,6 +28,7 @@ from segpipe.runtime import available_cpus
 __all__ = [
     "EpochSampler",
     "ResumableDataLoader",
+    "SlotDataLoader",
     "UnrepeatedSampler",
     "default_cache_mb",
     "default_num_workers",
@@ -313,6 +314,37 @@ class UnrepeatedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:  # type: ignore[override]
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class SlotDataLoader(DataLoader):
+    """DataLoader whose workers may send batches in shared slots
+    (:class:`~segpipe.data.batchring.RingBatch`, see :mod:`segpipe.data.batchring`): each is
+    turned back into its batch dict as it is taken. Takes the arguments of
+    :class:`~torch.utils.data.DataLoader`."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _Materialized(super().__iter__())
+
+
+class _Materialized:
+    """A DataLoader iterator whose slot batches come out as batch dicts."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> _Materialized:
+        return self
+
+    def __next__(self) -> Any:
+        return as_batch(next(self.iterator))
+
+    def __len__(self) -> int:
+        return len(self.iterator)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # _shutdown_workers and the like
+        if name == "iterator":
+            raise AttributeError(name)
+        return getattr(self.iterator, name)
 
 
 class ResumableDataLoader(DataLoader):

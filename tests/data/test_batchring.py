@@ -160,7 +160,7 @@ def _module(root: Path, **kw) -> SegmentationDataModule:
     return dm
 
 
-def test_the_training_loader_gets_a_ring_sized_for_its_largest_crop(tmp_path: Path,
+def test_the_loaders_get_rings_sized_for_their_largest_batches(tmp_path: Path,
                                                                     monkeypatch) -> None:
     root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(40, 40))
     dm = _module(root, num_workers=2, crop_size=16, late_crop_size=24)
@@ -170,18 +170,49 @@ def test_the_training_loader_gets_a_ring_sized_for_its_largest_crop(tmp_path: Pa
         return
     assert ring.slots == 2 * 2 + 4
     assert ring.slot_bytes >= 2 * 24 * 24 * (4 * 3 + 8)  # float32 RGB images, int64 masks
-    assert dm.val_dataloader().collate_fn.ring is None  # evaluation batches vary in size
-    for kw in ({"num_workers": 0, "crop_size": 16}, {"num_workers": 2},
+    val_ring = dm.val_dataloader().collate_fn.ring  # for the largest val image: 40x40
+    assert val_ring.slot_bytes >= 2 * 40 * 40 * (4 * 3 + 8)
+    resized = _module(root, num_workers=2, crop_size=16, eval_resize=[64, 64])
+    assert resized.val_dataloader().collate_fn.ring.slot_bytes >= 2 * (64 * 64 * 12 + 40 * 40 * 8)
+    assert _module(root, num_workers=2).train_dataloader().collate_fn.ring is None  # no crop
+    for kw in ({"num_workers": 0, "crop_size": 16},
                {"num_workers": 2, "crop_size": 16, "shared_batches": False}):
-        assert _module(root, **kw).train_dataloader().collate_fn.ring is None, kw
+        dm = _module(root, **kw)
+        assert dm.train_dataloader().collate_fn.ring is None, kw
+        assert dm.val_dataloader().collate_fn.ring is None, kw
     monkeypatch.setattr("segpipe.data.datamodule.workers_fork", lambda: False)
-    assert _module(root, num_workers=2, crop_size=16).train_dataloader().collate_fn.ring is None
+    dm = _module(root, num_workers=2, crop_size=16)
+    assert dm.train_dataloader().collate_fn.ring is None
+    assert dm.val_dataloader().collate_fn.ring is None
+
+
+@forks
+def test_val_batches_through_slots_equal_the_ordinary_ones(tmp_path: Path) -> None:
+    """Val images of different sizes, padded per batch: the batches (and their slots) come back
+    as the ordinary loader builds them, epoch after epoch."""
+    from segpipe.data.io import write_image, write_mask
+
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=5, n_test=0, size=(24, 32))
+    rng = torch.Generator().manual_seed(1)
+    write_image(root / "val" / "images" / "wide.png",
+                torch.randint(0, 255, (20, 44, 3), generator=rng, dtype=torch.uint8).numpy())
+    write_mask(root / "val" / "masks" / "wide.png",
+               torch.randint(0, 3, (20, 44), generator=rng, dtype=torch.uint8).numpy())
+    batches = {}
+    for shared in (True, False):
+        dm = _module(root, num_workers=2, ignore_index=255, shared_batches=shared)
+        loader = dm.val_dataloader()
+        assert (loader.collate_fn.ring is not None) is shared
+        batches[shared] = [list(loader) for _epoch in range(2)]
+    for epoch_shared, epoch_plain in zip(batches[True], batches[False], strict=True):
+        for got, expected in zip(epoch_shared, epoch_plain, strict=True):
+            _assert_same_batch(got, expected)
 
 
 @forks
 def test_fit_with_shared_batches_trains_as_without(tmp_path: Path, monkeypatch) -> None:
-    """Through Lightning with 2 loader workers: every training batch came through a slot, and
-    the weights equal those of a fit whose batches crossed tensor by tensor."""
+    """Through Lightning with 2 loader workers: every training and validation batch came through
+    a slot, and the weights equal those of a fit whose batches crossed tensor by tensor."""
     import lightning.pytorch as L
 
     from segpipe.lightning_cli import run_cli
@@ -213,7 +244,8 @@ def test_fit_with_shared_batches_trains_as_without(tmp_path: Path, monkeypatch) 
                        "--trainer.precision=32-true", *TINY_UNET],
                       callbacks=[probe])
         assert len(probe.rings) == 4 and all((r is not None) is shared for r in probe.rings)
-        assert from_slots == [shared] * 4  # 2 epochs of 2 batches
+        # 2 epochs of 2 training batches, and the validation's batches
+        assert len(from_slots) > 4 and set(from_slots) == {shared}
         weights[shared] = cli.model.state_dict()
     for name, value in weights[True].items():
         assert torch.equal(value, weights[False][name]), name
