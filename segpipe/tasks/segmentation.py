@@ -165,7 +165,8 @@ def _one_pass(loader: Any) -> Any:
         batching = {"batch_size": None, "sampler": loader.sampler}
     else:
         batching = {"batch_sampler": loader.batch_sampler}
-    return DataLoader(
+    # its own class: a loader whose workers send batches in shared slots turns them back
+    return type(loader)(
         loader.dataset, **batching, num_workers=loader.num_workers,
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
         pin_memory_device=getattr(loader, "pin_memory_device", ""),
