@@ -27,8 +27,6 @@ claimed: later batches then go the ordinary way more often, never wrongly.
 from __future__ import annotations
 
 import itertools
-import mmap
-import multiprocessing
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,20 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BatchRing", "RingBatch", "SlotArena"]
+from segpipe.data.sharedmem import LOCK_TIMEOUT_S, aligned, anonymous_shared, fork_lock
 
-_ALIGN = 64
-# How long a process waits for the slot table's lock (held for microseconds) before doing
-# without a slot; a holder killed mid-way must not hang the others.
-_LOCK_TIMEOUT_S = 1.0
+__all__ = ["BatchRing", "RingBatch", "SlotArena", "as_batch"]
+
 _TOKENS = itertools.count()
 #: Rings of this process by token: a :class:`RingBatch` unpickled in the main process finds its
 #: ring here (the workers were forked from it, so the tokens agree).
 _RINGS: weakref.WeakValueDictionary[int, BatchRing] = weakref.WeakValueDictionary()
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-int(nbytes) // _ALIGN) * _ALIGN
 
 
 class BatchRing:
@@ -68,11 +60,11 @@ class BatchRing:
         if slots < 1 or slot_bytes < 1:
             raise ValueError(f"a batch ring needs slots >= 1 and slot_bytes >= 1, got "
                              f"{slots} and {slot_bytes}")
-        self.slots, self.slot_bytes = int(slots), _aligned(slot_bytes)
-        self._data = mmap.mmap(-1, self.slots * self.slot_bytes, flags=mmap.MAP_SHARED)
-        self._table = mmap.mmap(-1, self.slots, flags=mmap.MAP_SHARED)
+        self.slots, self.slot_bytes = int(slots), aligned(slot_bytes)
+        self._data = anonymous_shared(self.slots * self.slot_bytes)
+        self._table = anonymous_shared(self.slots)
         self._busy = np.ndarray((self.slots,), np.uint8, buffer=self._table)
-        self._lock = multiprocessing.get_context("fork").Lock()
+        self._lock = fork_lock()
         self.token = next(_TOKENS)
         _RINGS[self.token] = self
 
@@ -81,7 +73,7 @@ class BatchRing:
 
     def claim(self) -> int | None:
         """A free slot, now claimed; None when every slot is in use."""
-        if not self._lock.acquire(timeout=_LOCK_TIMEOUT_S):
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
             return None
         try:
             free = np.flatnonzero(self._busy == 0)
@@ -95,7 +87,7 @@ class BatchRing:
 
     def release(self, slot: int) -> None:
         """Free ``slot`` (its batch has been copied out, or its tensors are gone)."""
-        if self._lock.acquire(timeout=_LOCK_TIMEOUT_S):
+        if self._lock.acquire(timeout=LOCK_TIMEOUT_S):
             try:
                 self._busy[slot] = 0
             finally:
@@ -140,7 +132,7 @@ class SlotArena:
         offset = self._used
         if offset + nbytes > self.ring.slot_bytes:
             return None
-        self._used = _aligned(offset + nbytes)
+        self._used = aligned(offset + nbytes)
         flat = self._bytes[offset:offset + nbytes].view(dtype)
         if channels_last and len(shape) == 4:
             n, c, h, w = shape

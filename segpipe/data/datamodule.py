@@ -211,11 +211,11 @@ class SegmentationDataModule(L.LightningDataModule):
         shared_cache: Loader workers share one cache per dataset (anonymous shared memory
             mapped before they are forked), so an image decoded by one worker is read by all,
             instead of each worker decoding the images it draws until it has seen them all
-            (8 workers: 12 % of the second epoch's items came from their own caches, 41 % of
-            the fifth). Applies where workers are forked (Linux's default start method); with
+            (CamVid with 8 workers: 11 % of the second epoch's images came from their own
+            caches, 42 % of the fifth's). Applies where workers are forked (Linux's default start method); with
             spawned workers, or ``false``, each worker keeps its own.
-        shared_batches: Training batches built by forked loader workers cross to the main
-            process in slots of shared memory mapped before the workers start
+        shared_batches: Batches built by forked loader workers cross to the main process in
+            slots of shared memory mapped before the workers start
             (:class:`~segpipe.data.batchring.BatchRing`), not as one shared-memory file per
             tensor, whose descriptor the receiving thread fetches from the worker in a
             socket handshake: that fetch waited on the GIL, which the training loop holds

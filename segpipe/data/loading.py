@@ -4,7 +4,9 @@
   loading; :func:`workers_fork`: whether the workers can share one decoded-sample cache.
 * :class:`EpochSampler`: a training order that is a function of ``(seed, epoch)``, sharded
   over ranks; :class:`ResumableDataLoader` resumes it in the middle of an epoch.
-* :class:`UnrepeatedSampler`: every val/test image on exactly one rank.
+* :class:`UnrepeatedSampler`: every val/test image on exactly one rank; :class:`SlotDataLoader`
+  (val/test) and :class:`ResumableDataLoader` turn batches sent in shared slots
+  (:mod:`segpipe.data.batchring`) back into batch dicts.
 * :func:`seed_worker`: each DataLoader worker's own augmentation stream.
 """
 

@@ -249,3 +249,14 @@ def test_fit_with_shared_batches_trains_as_without(tmp_path: Path, monkeypatch) 
         weights[shared] = cli.model.state_dict()
     for name, value in weights[True].items():
         assert torch.equal(value, weights[False][name]), name
+
+
+def test_a_slot_table_lock_held_by_a_dead_worker_does_not_hang_the_others(monkeypatch) -> None:
+    monkeypatch.setattr("segpipe.data.batchring.LOCK_TIMEOUT_S", 0.05)
+    monkeypatch.setattr("segpipe.data.collate.get_worker_info", lambda: object())  # a worker
+    ring = BatchRing(slots=2, slot_bytes=8192)
+    assert ring._lock.acquire()  # never released, as by a worker killed inside
+    items = _items()
+    out = PadCollate(ignore_index=255, ring=ring)(items)
+    assert isinstance(out, dict)  # no slot: the ordinary way
+    _assert_same_batch(out, PadCollate(ignore_index=255)(items))

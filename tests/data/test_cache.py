@@ -99,7 +99,7 @@ def test_an_item_another_worker_is_storing_is_decoded_not_waited_for():
 
 
 def test_a_lock_held_by_a_dead_worker_does_not_hang_the_others(monkeypatch):
-    monkeypatch.setattr("segpipe.data.cache._LOCK_TIMEOUT_S", 0.05)
+    monkeypatch.setattr("segpipe.data.cache.LOCK_TIMEOUT_S", 0.05)
     cache = SharedPairCache(2, 4096)
     cache.put(0, *_pair(0))
     assert cache._lock.acquire()  # never released, as by a worker killed inside
@@ -201,7 +201,7 @@ def test_a_refused_mapping_falls_back_to_per_worker_caches(tmp_path: Path, monke
     def refuse(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr("segpipe.data.cache.mmap.mmap", refuse)
+    monkeypatch.setattr("segpipe.data.cache.anonymous_shared", refuse)
     root = make_folder_dataset(tmp_path / "ds", n_train=2, n_val=0, n_test=0, size=(16, 16))
     with caplog.at_level("WARNING"):
         ds = SegmentationDataset(scan_folder(root)["train"], in_channels=3, num_classes=3,
