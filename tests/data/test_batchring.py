@@ -260,3 +260,17 @@ def test_a_slot_table_lock_held_by_a_dead_worker_does_not_hang_the_others(monkey
     out = PadCollate(ignore_index=255, ring=ring)(items)
     assert isinstance(out, dict)  # no slot: the ordinary way
     _assert_same_batch(out, PadCollate(ignore_index=255)(items))
+
+
+def test_the_pin_memory_thread_gets_the_batch_dict_and_the_slot_back_at_once(monkeypatch) -> None:
+    """torch's pin-memory thread calls ``pin_memory()`` on what it receives: a slot batch comes
+    out as the batch dict of pinned copies (here clones: no CUDA), its slot free."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    items = _items()
+    ring = BatchRing(slots=2, slot_bytes=8192)
+    received = _as_received(_in_slot(PadCollate(ignore_index=255, ring=ring), items))
+    pinned = pin_memory(received, None)
+    assert isinstance(pinned, dict) and ring.in_use == 0
+    _assert_same_batch(pinned, PadCollate(ignore_index=255)(items))
