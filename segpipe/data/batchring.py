@@ -1,5 +1,5 @@
-"""Training batches that cross from the loader workers in slots of memory they share with the
-main process, instead of one file descriptor per tensor.
+"""Batches that cross from the loader workers in slots of memory they share with the main
+process, instead of one file descriptor per tensor.
 
 A DataLoader worker hands each batch tensor to the main process as a shared-memory segment
 whose file descriptor the main process fetches from the worker over a socket: a connection, an
@@ -8,8 +8,8 @@ tensor of every batch. The process that receives the batches (the main process, 
 memory its pin-memory thread) pays about 0.5 ms per tensor on an idle machine, and far more
 while another thread of the process holds the GIL, as the training loop does: each of the
 handshake's dozen blocking calls gives the GIL up and waits to get it back. With a thread
-spinning in Python beside it, fetching a batch of an image and a mask took a median 106 ms
-(``/dev/shm`` segments and descriptors) against 11 ms from a slot.
+spinning in Python beside it, receiving a training batch (an image and a mask) took a median
+101 ms that way against 21 ms from a slot (``scripts/bench_loading.py --compare batches --spin``).
 
 :class:`BatchRing` maps ``slots`` fixed-size slots of anonymous shared memory before the workers
 are forked. A worker's collate function (:class:`~segpipe.data.collate.PadCollate`) claims a

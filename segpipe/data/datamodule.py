@@ -219,8 +219,8 @@ class SegmentationDataModule(L.LightningDataModule):
             (:class:`~segpipe.data.batchring.BatchRing`), not as one shared-memory file per
             tensor, whose descriptor the receiving thread fetches from the worker in a
             socket handshake: that fetch waited on the GIL, which the training loop holds
-            (with a thread spinning in Python beside it, a batch of an image and a mask took
-            a median 106 ms against 11 ms from a slot). Training slots are sized for the
+            (with a thread spinning in Python beside it, receiving a training batch took a
+            median 101 ms against 21 ms from a slot). Training slots are sized for the
             crop (none without ``crop_size``), val/test slots for the largest of up to 64 of
             the split's images; a larger batch crosses the ordinary way. ``false`` sends every
             tensor on its own.
@@ -1242,11 +1242,16 @@ class SegmentationDataModule(L.LightningDataModule):
     def _sharing_batches(self) -> bool:
         return self.shared_batches and self.num_workers > 0 and workers_fork()
 
-    def _ring(self, slot_bytes: int) -> BatchRing:
+    def _ring(self, slot_bytes: int) -> BatchRing | None:
         """Slots of ``slot_bytes`` (plus alignment), one per batch that may be in flight: each
-        worker's prefetched ones, and four held by the pin-memory thread and the loop."""
-        return BatchRing(slots=self.num_workers * _PREFETCH_FACTOR + 4,
-                         slot_bytes=slot_bytes + 3 * 64)
+        worker's prefetched ones, and four held by the pin-memory thread and the loop; None
+        where the system refuses the mapping."""
+        try:
+            return BatchRing(slots=self.num_workers * _PREFETCH_FACTOR + 4,
+                             slot_bytes=slot_bytes + 3 * 64)
+        except OSError as err:  # e.g. strict overcommit refusing the mapping
+            _warn_once("no shared batch slots (%s): batches cross tensor by tensor", err)
+            return None
 
     def _batch_ring(self) -> BatchRing | None:
         """Slots for the training batches of forked workers (``shared_batches``), sized for

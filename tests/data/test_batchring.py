@@ -274,3 +274,17 @@ def test_the_pin_memory_thread_gets_the_batch_dict_and_the_slot_back_at_once(mon
     pinned = pin_memory(received, None)
     assert isinstance(pinned, dict) and ring.in_use == 0
     _assert_same_batch(pinned, PadCollate(ignore_index=255)(items))
+
+
+def test_a_refused_mapping_leaves_the_batches_the_ordinary_way(tmp_path: Path, monkeypatch,
+                                                               caplog) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr("segpipe.data.batchring.anonymous_shared", refuse)
+    monkeypatch.setattr("segpipe.data.datamodule.workers_fork", lambda: True)
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(40, 40))
+    with caplog.at_level("WARNING"):
+        dm = _module(root, num_workers=2, crop_size=16)
+        assert dm.train_dataloader().collate_fn.ring is None
+    assert "batches cross tensor by tensor" in caplog.text
