@@ -12,6 +12,11 @@ its share of the run.
 
     python scripts/bench_epochs.py                    # this machine's default device
     python scripts/bench_epochs.py --device cuda --num-workers 4
+    python scripts/bench_epochs.py --num-workers 2 --validations 6 --samples-per-epoch 16 \
+        --config camvid_unet.yaml --data-root ../shared/data/camvid
+
+With ``--validations N`` it measures instead how long each validation waits for its first batch,
+with the val loader's workers starting the next validation when one ends, and without.
 
 Run it alone on the machine: other load inflates both gaps.
 """
@@ -72,6 +77,55 @@ class Gaps(L.Callback):
         self.t1 = self._now()
 
 
+class ValWait(L.Callback):
+    """The wait for each validation's first batch: from the end of the training epoch's last
+    step (the evaluation loop's start and its loader's iterator included) to the first val
+    batch's start; the sanity check and the first validation left out."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.waits: list[float] = []
+        self._start: float | None = None
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0) -> None:
+        if self._start is not None and batch_idx == 0:
+            self._seen += 1
+            if self._seen > 1:
+                self.waits.append(time.perf_counter() - self._start)
+            self._start = None
+
+
+def run_validations(root: Path, out: Path, args: argparse.Namespace, early: bool) -> list[float]:
+    """Epochs of ``--samples-per-epoch`` with a validation after each; the first-batch waits."""
+    from segpipe.data.loading import SlotDataLoader
+
+    device = torch.device(args.device)
+    probe = ValWait(device)
+    plain = SlotDataLoader._pass_done
+    if not early:
+        SlotDataLoader._pass_done = lambda self: None
+    try:
+        run_cli(["fit", "--config", str(CONFIGS / args.config), f"--data.root={root}",
+                 f"--trainer.default_root_dir={out}", f"--trainer.max_epochs={args.validations + 1}",
+                 "--trainer.max_time=null", "--trainer.check_val_every_n_epoch=1",
+                 f"--data.samples_per_epoch={args.samples_per_epoch}",
+                 "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                 "--trainer.logger=false", "--checkpoint.save_last=false",
+                 "--checkpoint.save_top_k=0", "--trainer.num_sanity_val_steps=0",
+                 f"--trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+                 f"--data.num_workers={args.num_workers}"], callbacks=[probe])
+    finally:
+        SlotDataLoader._pass_done = plain
+    return probe.waits
+
+
 def make_data(root: Path, slices: int = 30, size: int = 512) -> Path:
     rng = np.random.default_rng(0)
     for split, idx in (("train", range(slices - 4)), ("val", range(slices - 4, slices))):
@@ -104,10 +158,31 @@ def main() -> None:
     p.add_argument("--steps", type=positive_int, default=120, help="training steps per run (120)")
     p.add_argument("--samples-per-epoch", type=positive_int, default=200)
     p.add_argument("--num-workers", type=at_least(0), default=0)
+    p.add_argument("--validations", type=at_least(0), default=0,
+                   help="instead: the wait for each validation's first batch over this many "
+                        "validations (one per epoch of --samples-per-epoch), with and without "
+                        "the val workers starting the next one when one ends")
+    p.add_argument("--config", default="isbi_unet.yaml",
+                   help="--validations: the shipped config to fit (default isbi_unet.yaml)")
+    p.add_argument("--data-root", type=Path,
+                   help="--validations: its data (default: synthetic ISBI-sized slices)")
     args = p.parse_args()
     from bench_train import pick_device  # the same one-line refusal of a missing CUDA
 
     args.device = pick_device(args.device).type
+    if args.validations:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.data_root or make_data(Path(tmp) / "isbi")
+            print(f"device {args.device}, {args.num_workers} loader workers, {args.config} on "
+                  f"{args.data_root or 'synthetic ISBI-sized data (4 val slices)'}: a validation "
+                  f"after each epoch of {args.samples_per_epoch} samples")
+            for early in (False, True):
+                waits = run_validations(root, Path(tmp) / str(early), args, early)
+                label = "next validation started when one ends" if early else "loaded when it begins"
+                print(f"  {label}: first val batch after {1e3 * statistics.median(waits):.1f} ms "
+                      f"(median of {len(waits)} validations; min {1e3 * min(waits):.1f}, "
+                      f"max {1e3 * max(waits):.1f})", flush=True)
+        return
     for name in ("steps", "samples_per_epoch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -136,6 +136,18 @@ def test_bench_epochs_prints_the_per_epoch_overhead(tmp_path: Path) -> None:
     assert re.search(r"^samples_per_epoch=8 +7 .* ms .*%", res.stdout, re.M), res.stdout
 
 
+def test_bench_epochs_times_each_validations_first_batch_both_ways() -> None:
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_epochs.py", "--device", "cpu", "--num-workers", "1",
+         "--validations", "2", "--samples-per-epoch", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    for label in ("loaded when it begins", "next validation started when one ends"):
+        assert re.search(rf"^  {label}: first val batch after [\d.]+ ms \(median of 2 "
+                         r"validations; min [\d.]+, max [\d.]+\)$", res.stdout, re.M), res.stdout
+
+
 def test_bench_train_compares_the_smp_network_on_both_sides() -> None:
     """--net smp-r34: segpipe fit and the bare loop train smp's ResNet-34 U-Net."""
     res = subprocess.run(

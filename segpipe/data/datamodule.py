@@ -1286,6 +1286,15 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._ring(self.eval_batch_size * (4 * self.in_channels * image_pixels
                                                   + 8 * height * width))
 
+    def _next_validation_expected(self) -> bool:
+        """Whether another validation will come, as far as the trainer says when this one's
+        batches run out: none after the run's last epoch (by ``max_epochs``, ``max_steps`` or
+        a stop), nor in a sanity check's short pass."""
+        trainer = self.trainer
+        if trainer is None:
+            return True
+        return not (trainer.sanity_checking or ends_after_this_epoch(trainer, steps_to_come=0))
+
     def _next_epoch_expected(self) -> bool:
         """Whether the trainer will train another epoch, as far as it says when this epoch's
         batches run out (its last step not yet taken): then the train loader's workers start
@@ -1336,7 +1345,12 @@ class SegmentationDataModule(L.LightningDataModule):
         ``data.train_on_val`` in ``fit``."""
         if not self.validates and self._stage() == "fit":
             return []  # type: ignore[return-value]  # Lightning skips an empty list
-        return self._loader(self._dataset("val"), train=False)
+        loader = self._loader(self._dataset("val"), train=False)
+        if self._stage() == "fit" and isinstance(loader, SlotDataLoader):
+            # the next validation's first batches load during the training epoch
+            loader.restart_when_done = True
+            loader.next_pass_expected = self._next_validation_expected
+        return loader
 
     def test_dataloader(self) -> DataLoader:
         """Test batches (val when the data has no test split)."""

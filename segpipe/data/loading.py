@@ -322,23 +322,69 @@ class SlotDataLoader(DataLoader):
     """DataLoader whose workers may send batches in shared slots
     (:class:`~segpipe.data.batchring.RingBatch`, see :mod:`segpipe.data.batchring`): each is
     turned back into its batch dict as it is taken. Takes the arguments of
-    :class:`~torch.utils.data.DataLoader`."""
+    :class:`~torch.utils.data.DataLoader`.
+
+    With ``restart_when_done`` (the data module sets it for validation during ``fit``) and
+    persistent workers, the workers start the next pass as soon as a pass's batches run out,
+    so that the next validation finds its first batches built during the training epoch
+    instead of waiting for them. A pass over the same unshuffled, unaugmented data yields the
+    same batches whenever it is loaded; the next ``iter`` takes the pass started ahead.
+    """
+
+    #: Start the next pass when one ends (persistent workers only).
+    restart_when_done = False
+    #: Asked when a pass runs out: whether another pass will come (the data module answers
+    #: from the trainer's stopping conditions). None: one is assumed.
+    next_pass_expected: Callable[[], bool] | None = None
+    #: The next pass's iterator, started when a pass ran out.
+    _ahead: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return _Materialized(super().__iter__())
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead is not self._iterator or getattr(ahead, "_shutdown", False):
+            # none started, or its workers were shut down since (Lightning's teardown)
+            ahead = super().__iter__()
+        return _Materialized(ahead, self)
+
+    def _pass_done(self) -> None:
+        """Called when a pass's batches have run out."""
+        if not (self.restart_when_done and self.persistent_workers and self.num_workers > 0):
+            return
+        if self.next_pass_expected is not None and not self.next_pass_expected():
+            return
+        self._ahead = super().__iter__()  # resets the workers' iterator: they start at once
 
 
 class _Materialized:
-    """A DataLoader iterator whose slot batches come out as batch dicts."""
+    """A DataLoader iterator whose slot batches come out as batch dicts, and that tells its
+    loader when the pass has run out (its last batch taken, or ``StopIteration``)."""
 
-    def __init__(self, iterator: Iterator[Any]) -> None:
+    def __init__(self, iterator: Iterator[Any], loader: SlotDataLoader | None = None) -> None:
         self.iterator = iterator
+        self.loader = loader
+        self.taken = 0
+        self.done = False
 
     def __iter__(self) -> _Materialized:
         return self
 
     def __next__(self) -> Any:
-        return as_batch(next(self.iterator))
+        if self.done:  # the iterator may be loading the next pass already
+            raise StopIteration
+        try:
+            batch = as_batch(next(self.iterator))
+        except StopIteration:
+            self._done()
+            raise
+        self.taken += 1
+        if self.taken >= len(self):
+            self._done()
+        return batch
+
+    def _done(self) -> None:
+        self.done = True
+        if self.loader is not None:
+            self.loader._pass_done()
 
     def __len__(self) -> int:
         return len(self.iterator)  # type: ignore[arg-type]

@@ -450,3 +450,70 @@ def test_fit_with_workers_loads_each_next_epoch_early_and_trains_the_same(tmp_pa
         weights[early] = cli.model.state_dict()
     for name, value in weights[True].items():
         assert torch.equal(value, weights[False][name]), name
+
+
+def test_fit_starts_each_next_validation_when_one_ends_and_scores_the_same(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Through Lightning, with 2 persistent loader workers: each validation after the first
+    begins with the pass its workers started when the previous one ended, none is started
+    after the last one (nor after the sanity check), and every epoch's val loss equals that of
+    loading each validation when it begins."""
+    import lightning.pytorch as L
+
+    from segpipe.data.loading import SlotDataLoader
+    from segpipe.lightning_cli import run_cli
+    from tests.cli_args import TINY_UNET
+
+    class Scores(L.Callback):
+        def __init__(self) -> None:
+            self.scores: list[float] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self.scores.append(float(trainer.callback_metrics["val/loss"]))
+
+    adopted: list[bool] = []
+    plain_iter = SlotDataLoader.__iter__
+
+    def recording_iter(self):
+        adopted.append(self._ahead is not None and self._ahead is self._iterator)
+        return plain_iter(self)
+
+    monkeypatch.setattr(SlotDataLoader, "__iter__", recording_iter)
+    # 6 val images in batches of 4: the sanity check's 2 batches take the whole pass
+    root = make_folder_dataset(tmp_path / "ds", n_train=8, n_val=6, n_test=0, size=(40, 40),
+                               num_classes=3)
+    runs = {}
+    for early in (True, False):
+        if not early:
+            monkeypatch.setattr(SlotDataLoader, "_pass_done", lambda self: None)
+        adopted.clear()
+        probe = Scores()
+        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=3",
+                       f"--trainer.default_root_dir={tmp_path / str(early)}",
+                       "--data.num_workers=2", "--trainer.precision=32-true", *TINY_UNET],
+                      callbacks=[probe])
+        # the sanity check, then a validation per epoch
+        assert adopted == ([False, False, True, True] if early else [False] * 4)
+        assert cli.trainer.val_dataloaders._ahead is None  # nothing after the last one
+        runs[early] = probe.scores
+    assert len(runs[True]) == 3 and runs[True] == runs[False]
+
+
+def test_a_pass_started_ahead_is_taken_once_and_never_after_its_workers_stopped() -> None:
+    from segpipe.data.loading import SlotDataLoader
+
+    data = torch.arange(10.0)
+    loader = SlotDataLoader(data, batch_size=3, num_workers=2, persistent_workers=True)
+    loader.restart_when_done = True
+    expected = [b.tolist() for b in loader]
+    assert loader._ahead is not None and loader._ahead is loader._iterator
+    assert [b.tolist() for b in loader] == expected  # the pass started ahead
+    loader.next_pass_expected = lambda: False
+    assert [b.tolist() for b in loader] == expected and loader._ahead is None  # none wanted
+    loader.next_pass_expected = None
+    assert [b.tolist() for b in loader] == expected and loader._ahead is not None
+    loader._iterator._shutdown_workers()  # as Lightning's teardown stops them
+    loader._iterator = None
+    assert [b.tolist() for b in loader] == expected  # a fresh pass, not the stopped one
+    loader._iterator._shutdown_workers()
