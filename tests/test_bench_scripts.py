@@ -44,6 +44,12 @@ def test_bench_train_prints_paired_throughput(mode: str) -> None:
         assert re.search(r"4 paired steps; ratio per fifth", res.stdout), res.stdout
     else:
         assert len(re.findall(r"1 timed epoch\(s\) of 4 steps each side", res.stdout)) == 2, res.stdout
+        assert len(re.findall(r"waiting for batches \d+ ms \(for the first one \d+ ms\), steps "
+                              r"\d+ ms, epoch end \d+ ms; bare \d+ ms", res.stdout)) == 2, res.stdout
+        # the run's final checkpoint, paid once per run, printed apart from the routine ends
+        assert len(re.findall(r"of the epoch ends: the run's last one \d+ ms \(its final "
+                              r"last\.ckpt included, paid once per run\); the others \d+ ms each",
+                              res.stdout)) == 2, res.stdout
     assert re.search(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", res.stdout, re.M), res.stdout
 
 
