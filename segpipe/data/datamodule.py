@@ -48,6 +48,7 @@ from segpipe.data.loading import (
     UnrepeatedSampler,
     default_cache_mb,
     default_num_workers,
+    ram_bytes,
     seed_worker,
     workers_fork,
 )
@@ -1244,11 +1245,17 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _ring(self, slot_bytes: int) -> BatchRing | None:
         """Slots of ``slot_bytes`` (plus alignment), one per batch that may be in flight: each
-        worker's prefetched ones, and four held by the pin-memory thread and the loop; None
-        where the system refuses the mapping."""
+        worker's prefetched ones, and four held by the pin-memory thread and the loop. None
+        where they would take more than a sixteenth of the RAM (the pages a slot has held stay
+        taken while the loader lives: large rasters' batches cross the ordinary way, which frees
+        each after use), or where the system refuses the mapping."""
+        slots = self.num_workers * _PREFETCH_FACTOR + 4
+        if slots * (slot_bytes + 3 * 64) > ram_bytes() // 16:
+            log.info("batches of up to %d MiB: no shared batch slots (%d of them would take "
+                     "more than a sixteenth of the RAM)", slot_bytes >> 20, slots)
+            return None
         try:
-            return BatchRing(slots=self.num_workers * _PREFETCH_FACTOR + 4,
-                             slot_bytes=slot_bytes + 3 * 64)
+            return BatchRing(slots=slots, slot_bytes=slot_bytes + 3 * 64)
         except OSError as err:  # e.g. strict overcommit refusing the mapping
             _warn_once("no shared batch slots (%s): batches cross tensor by tensor", err)
             return None

@@ -35,6 +35,7 @@ __all__ = [
     "default_cache_mb",
     "default_num_workers",
     "ignore_sigterm",
+    "ram_bytes",
     "seed_worker",
     "workers_fork",
 ]
@@ -83,14 +84,19 @@ def default_cache_mb(num_workers: int, shared: bool = False) -> float:
     Returns:
         MiB.
     """
-    try:
-        ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (AttributeError, ValueError, OSError):  # not POSIX
-        ram_mb = 8192.0
+    ram_mb = ram_bytes() / 2**20
     processes = max(1, num_workers)
     if shared:
         return float(min(ram_mb / 8, 1024.0 * processes))
     return float(min(1024.0, ram_mb / 8 / processes))
+
+
+def ram_bytes() -> int:
+    """The machine's physical memory in bytes (8 GiB where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return 8 * 2**30
 
 
 def workers_fork() -> bool:

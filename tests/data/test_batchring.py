@@ -288,3 +288,22 @@ def test_a_refused_mapping_leaves_the_batches_the_ordinary_way(tmp_path: Path, m
         dm = _module(root, num_workers=2, crop_size=16)
         assert dm.train_dataloader().collate_fn.ring is None
     assert "batches cross tensor by tensor" in caplog.text
+
+
+def test_no_slots_where_they_would_take_more_than_a_sixteenth_of_the_ram(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """A slot's pages stay taken while its loader lives: val batches of large rasters would
+    have kept gigabytes; they cross the ordinary way instead."""
+    monkeypatch.setattr("segpipe.data.datamodule.workers_fork", lambda: True)
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=2, n_test=0, size=(40, 40))
+    dm = _module(root, num_workers=2, crop_size=16)
+    train_bytes = 8 * (2 * 16 * 16 * (4 * 3 + 8) + 3 * 64)  # 8 slots of a 2 x 16² batch
+    val_bytes = 8 * (2 * 40 * 40 * (4 * 3 + 8) + 3 * 64)
+    monkeypatch.setattr("segpipe.data.datamodule.ram_bytes", lambda: 16 * val_bytes)
+    assert dm.train_dataloader().collate_fn.ring is not None
+    assert dm.val_dataloader().collate_fn.ring is not None  # just fits
+    monkeypatch.setattr("segpipe.data.datamodule.ram_bytes", lambda: 16 * val_bytes - 16)
+    assert dm.val_dataloader().collate_fn.ring is None
+    assert dm.train_dataloader().collate_fn.ring is not None
+    monkeypatch.setattr("segpipe.data.datamodule.ram_bytes", lambda: 16 * train_bytes - 16)
+    assert dm.train_dataloader().collate_fn.ring is None
