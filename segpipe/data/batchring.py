@@ -120,15 +120,14 @@ class SlotArena:
         self.ring, self.slot = ring, slot
         self._bytes = ring._slot_bytes_tensor(slot)
         self._used = 0
-        #: ``(tensor, offset, numel)`` of each tensor handed out.
+        #: ``(tensor, offset, nbytes)`` of each tensor handed out.
         self._tensors: list[tuple[torch.Tensor, int, int]] = []
 
     def empty(self, dtype: torch.dtype, shape: tuple[int, ...],
               channels_last: bool = False) -> torch.Tensor | None:
         """An uninitialised tensor in the slot (a 4-D one laid out channels-last if asked), or
         None when the slot has no room left for it."""
-        numel = int(np.prod(shape))
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         offset = self._used
         if offset + nbytes > self.ring.slot_bytes:
             return None
@@ -139,7 +138,7 @@ class SlotArena:
             tensor = flat.view(n, h, w, c).permute(0, 3, 1, 2)
         else:
             tensor = flat.view(shape)
-        self._tensors.append((tensor, offset, numel))
+        self._tensors.append((tensor, offset, nbytes))
         return tensor
 
     def batch(self, out: Mapping[str, Any]) -> RingBatch | Mapping[str, Any]:
@@ -148,7 +147,7 @@ class SlotArena:
         layout: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = {}
         rest: dict[str, Any] = {}
         for key, value in out.items():
-            found = next(((off, numel) for t, off, numel in self._tensors if t is value), None)
+            found = next(((off, nbytes) for t, off, nbytes in self._tensors if t is value), None)
             if found is None:
                 rest[key] = value
             else:
@@ -190,8 +189,7 @@ class RingBatch:
 
     def _views(self, flat: torch.Tensor) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key, (offset, numel, dtype, size, stride) in self.layout.items():
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        for key, (offset, nbytes, dtype, size, stride) in self.layout.items():
             out[key] = flat[offset:offset + nbytes].view(dtype).as_strided(size, stride)
         out.update(self.rest)
         return out
