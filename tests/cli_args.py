@@ -1,4 +1,5 @@
-"""Command-line overrides shared by the tests that run `segpipe fit`/`test` on synthetic data."""
+"""Command-line overrides shared by the tests that run `segpipe fit`/`test` on synthetic data,
+and a fit of the tiny U-Net with loader workers."""
 
 #: A tiny U-Net (3 classes, base 8, depth 2) on 32-pixel crops, CPU, quiet output.
 TINY_UNET = [
@@ -12,3 +13,14 @@ TINY_UNET = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
+
+
+def fit_with_workers(root: object, run_dir: object, epochs: int, callbacks: list,
+                     *extra: str) -> object:
+    """`segpipe fit` of :data:`TINY_UNET` on ``root`` for ``epochs`` epochs, with 2 loader
+    workers and fp32 (equal weights across runs), into ``run_dir``; returns the CLI."""
+    from segpipe.lightning_cli import run_cli
+
+    return run_cli(["fit", f"--data.root={root}", f"--trainer.max_epochs={epochs}",
+                    f"--trainer.default_root_dir={run_dir}", "--data.num_workers=2",
+                    "--trainer.precision=32-true", *TINY_UNET, *extra], callbacks=callbacks)

@@ -215,8 +215,7 @@ def test_fit_with_shared_batches_trains_as_without(tmp_path: Path, monkeypatch) 
     a slot, and the weights equal those of a fit whose batches crossed tensor by tensor."""
     import lightning.pytorch as L
 
-    from segpipe.lightning_cli import run_cli
-    from tests.cli_args import TINY_UNET
+    from tests.cli_args import fit_with_workers
 
     class Rings(L.Callback):
         def __init__(self) -> None:
@@ -238,11 +237,8 @@ def test_fit_with_shared_batches_trains_as_without(tmp_path: Path, monkeypatch) 
     for shared in (True, False):
         probe = Rings()
         from_slots.clear()
-        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=2",
-                       f"--trainer.default_root_dir={tmp_path / str(shared)}",
-                       "--data.num_workers=2", f"--data.shared_batches={str(shared).lower()}",
-                       "--trainer.precision=32-true", *TINY_UNET],
-                      callbacks=[probe])
+        cli = fit_with_workers(root, tmp_path / str(shared), 2, [probe],
+                               f"--data.shared_batches={str(shared).lower()}")
         assert len(probe.rings) == 4 and all((r is not None) is shared for r in probe.rings)
         # 2 epochs of 2 training batches, and the validation's batches
         assert len(from_slots) > 4 and set(from_slots) == {shared}

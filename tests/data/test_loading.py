@@ -423,8 +423,7 @@ def test_fit_with_workers_loads_each_next_epoch_early_and_trains_the_same(tmp_pa
     last, and the weights are those of loading each epoch when it begins."""
     import lightning.pytorch as L
 
-    from segpipe.lightning_cli import run_cli
-    from tests.cli_args import TINY_UNET
+    from tests.cli_args import fit_with_workers
 
     class Ahead(L.Callback):
         def __init__(self) -> None:
@@ -441,10 +440,7 @@ def test_fit_with_workers_loads_each_next_epoch_early_and_trains_the_same(tmp_pa
         if not early:
             monkeypatch.setattr(SegmentationDataModule, "_next_epoch_expected", lambda self: False)
         probe = Ahead()
-        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=3",
-                       f"--trainer.default_root_dir={tmp_path / str(early)}",
-                       "--data.num_workers=2", "--trainer.precision=32-true", *TINY_UNET],
-                      callbacks=[probe])
+        cli = fit_with_workers(root, tmp_path / str(early), 3, [probe])
         assert probe.at_start == ([None, 1, 2] if early else [None, None, None])
         assert cli.trainer.train_dataloader._ahead is None  # nothing for a 4th epoch
         weights[early] = cli.model.state_dict()
@@ -461,8 +457,7 @@ def test_fit_starts_each_next_validation_when_one_ends_and_scores_the_same(tmp_p
     import lightning.pytorch as L
 
     from segpipe.data.loading import SlotDataLoader
-    from segpipe.lightning_cli import run_cli
-    from tests.cli_args import TINY_UNET
+    from tests.cli_args import fit_with_workers
 
     class Scores(L.Callback):
         def __init__(self) -> None:
@@ -489,10 +484,7 @@ def test_fit_starts_each_next_validation_when_one_ends_and_scores_the_same(tmp_p
             monkeypatch.setattr(SlotDataLoader, "_pass_done", lambda self: None)
         adopted.clear()
         probe = Scores()
-        cli = run_cli(["fit", f"--data.root={root}", "--trainer.max_epochs=3",
-                       f"--trainer.default_root_dir={tmp_path / str(early)}",
-                       "--data.num_workers=2", "--trainer.precision=32-true", *TINY_UNET],
-                      callbacks=[probe])
+        cli = fit_with_workers(root, tmp_path / str(early), 3, [probe])
         # the sanity check, then a validation per epoch
         assert adopted == ([False, False, True, True] if early else [False] * 4)
         assert cli.trainer.val_dataloaders._ahead is None  # nothing after the last one
