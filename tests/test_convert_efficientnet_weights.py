@@ -39,8 +39,12 @@ def _efficientnet_pytorch_names(timm_state: dict[str, torch.Tensor]) -> dict[str
             name = f"{top[layer]}.{param}"
         else:
             layer, _, param = key[len(prefix):].partition(".")
-            table = expanded if f"{prefix}conv_pwl.weight" in timm_state else separable
-            name = f"_blocks.{blocks.index(prefix)}.{table[layer]}.{param}"
+            if layer == "se":  # squeeze-and-excitation (EfficientNet-B*, not Lite)
+                conv, _, param = param.partition(".")
+                name = f"_blocks.{blocks.index(prefix)}._se_{conv.removeprefix('conv_')}.{param}"
+            else:
+                table = expanded if f"{prefix}conv_pwl.weight" in timm_state else separable
+                name = f"_blocks.{blocks.index(prefix)}.{table[layer]}.{param}"
         out[name] = torch.randn(tensor.shape) if tensor.is_floating_point() else tensor.clone()
     return out
 
@@ -50,11 +54,15 @@ def lite0_state() -> dict[str, torch.Tensor]:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
 
 
-def test_every_tensor_lands_on_its_timm_key(lite0_state) -> None:
-    source = _efficientnet_pytorch_names(lite0_state)
-    renamed = convert.rename(source, lite0_state)
-    assert set(renamed) == set(lite0_state)
-    expected = dict(zip(lite0_state, source.values()))  # the hand-written names keep timm's order
+@pytest.mark.parametrize("model", ["tf_efficientnet_lite0", "tf_efficientnet_b0"])
+def test_every_tensor_lands_on_its_timm_key(model) -> None:
+    state = timm.create_model(model, pretrained=False).state_dict()
+    source = _efficientnet_pytorch_names(state)
+    if model.endswith("b0"):
+        assert any("._se_reduce." in k for k in source)
+    renamed = convert.rename(source, state)
+    assert set(renamed) == set(state)
+    expected = dict(zip(state, source.values()))  # the hand-written names keep timm's order
     for key, tensor in renamed.items():
         assert torch.equal(tensor, expected[key]), key
 
