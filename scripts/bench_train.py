@@ -109,20 +109,21 @@ def synchronize(device: torch.device) -> None:
 
 
 class BareLoop:
-    """The reference: the same network, AdamW, cross-entropy, autocast, one batch in the
-    device's memory."""
+    """The reference: the same network (or ``net``, given), AdamW, cross-entropy, autocast, one
+    batch in the device's memory (``net``'s ``in_channels`` channels, else 3)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device | str = "cpu") -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device | str = "cpu",
+                 net: torch.nn.Module | None = None) -> None:
         torch.manual_seed(0)
         self.device = device = torch.device(device)
-        if args.net == "unet":
-            net: torch.nn.Module = UNet(3, args.classes, base_channels=args.base, depth=4)
-        else:  # smp-r34: smp's U-Net with a ResNet-34 encoder, random weights
+        if net is None and args.net == "unet":
+            net = UNet(3, args.classes, base_channels=args.base, depth=4)
+        elif net is None:  # smp-r34: smp's U-Net with a ResNet-34 encoder, random weights
             net = SmpModel("unet", "resnet34", in_channels=3, num_classes=args.classes)
         self.net = net.to(device)
         self.net.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-4)
-        shape = (args.batch_size, 3, args.crop, args.crop)
+        shape = (args.batch_size, getattr(net, "in_channels", 3), args.crop, args.crop)
         self.x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop),
                                device=device)

@@ -117,7 +117,8 @@ def test_bench_predict_runs_every_part_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="CUDA is available here")
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_epochs.py"])
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_epochs.py",
+                                    "bench_nets.py"])
 def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
     res = subprocess.run(
         [sys.executable, f"scripts/{script}", "--device", "cuda"],
@@ -129,6 +130,42 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
     assert re.fullmatch(rf"{script}: error: --device cuda: CUDA is not available \(.+\); "
                         r"use --device cpu", lines[0]), lines[0]
     assert "Traceback" not in res.stderr and not res.stdout.strip()
+
+
+def test_bench_nets_times_each_net_in_each_precision() -> None:
+    from segpipe.models import UNet
+
+    nets = ["segpipe.models.UNet {base_channels: 4, depth: 2}",
+            "segpipe.models.SmpModel {encoder_name: resnet18, encoder_depth: 3, "
+            "smp_kwargs: {decoder_channels: [16, 8, 4]}}"]
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_nets.py", "--device", "cpu", "--net", nets[0], "--net",
+         nets[1], "--precision", "32-true", "bf16-mixed", "--in-channels", "1", "--classes", "3",
+         "--batch-size", "2", "--crop", "32", "--eval-size", "32", "48", "--eval-batch-size", "1",
+         "--steps", "1", "--warmup", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "training batch 2x1x32x32, evaluation batch 1x1x32x48, 3 classes" in res.stdout
+    rows = re.findall(r"^(32-true|bf16-mixed) +([\d.]+)M +([\d.]+) +([\d.]+) +([\d.]+)  (.+)$",
+                      res.stdout, re.M)
+    assert [(r[0], r[5]) for r in rows] == [(p, n) for n in nets for p in ("32-true", "bf16-mixed")]
+    unet_params = sum(p.numel() for p in UNet(1, 3, base_channels=4, depth=2).parameters())
+    assert float(rows[0][1]) == pytest.approx(unet_params / 1e6, abs=0.051)
+    for _, _, train, images, evaluation, _ in rows:
+        assert float(train) > 0 and float(evaluation) > 0
+        assert float(images) == pytest.approx(2 / float(train) * 1e3, rel=0.02, abs=0.1)
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("segpipe.models.NoSuchNet", r"no class 'segpipe\.models\.NoSuchNet'"),
+    ("segpipe.models.UNet [16, 4]", r"the init args '\[16, 4\]' are not a YAML mapping"),
+])
+def test_bench_nets_names_a_bad_net_spec(spec: str, why: str) -> None:
+    res = subprocess.run([sys.executable, "scripts/bench_nets.py", "--device", "cpu", "--net", spec],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert re.search(rf"bench_nets\.py: error: --net '{re.escape(spec)}': {why}", res.stderr), res.stderr
 
 
 def test_bench_epochs_prints_the_per_epoch_overhead(tmp_path: Path) -> None:
