@@ -135,7 +135,7 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
 def test_bench_nets_times_each_net_in_each_precision() -> None:
     from segpipe.models import UNet
 
-    nets = ["segpipe.models.UNet {base_channels: 4, depth: 2}",
+    nets = ["segpipe.models.UNet {base_channels: 16, depth: 4}",  # 1.9 M parameters
             "segpipe.models.SmpModel {encoder_name: resnet18, encoder_depth: 3, "
             "smp_kwargs: {decoder_channels: [16, 8, 4]}}"]
     res = subprocess.run(
@@ -150,7 +150,7 @@ def test_bench_nets_times_each_net_in_each_precision() -> None:
     rows = re.findall(r"^(32-true|bf16-mixed) +([\d.]+)M +([\d.]+) +([\d.]+) +([\d.]+)  (.+)$",
                       res.stdout, re.M)
     assert [(r[0], r[5]) for r in rows] == [(p, n) for n in nets for p in ("32-true", "bf16-mixed")]
-    unet_params = sum(p.numel() for p in UNet(1, 3, base_channels=4, depth=2).parameters())
+    unet_params = sum(p.numel() for p in UNet(1, 3, base_channels=16, depth=4).parameters())
     assert float(rows[0][1]) == pytest.approx(unet_params / 1e6, abs=0.051)
     for _, _, train, images, evaluation, _ in rows:
         assert float(train) > 0 and float(evaluation) > 0
