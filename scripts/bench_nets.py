@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.warmup):
                 bare.step()
             train = bare.epochs(1, args.steps) / args.steps * 1e3
-            batch = torch.randn(args.eval_batch_size, args.in_channels, *args.eval_size,
+            # the training batch's channels: a spec's own in_channels wins over --in-channels
+            batch = torch.randn(args.eval_batch_size, bare.x.shape[1], *args.eval_size,
                                 device=device).contiguous(memory_format=torch.channels_last)
             evaluation = eval_ms(bare, batch, args.steps, args.warmup)
             print(f"{precision:11s} {params:6.1f}M {train:13.1f} "

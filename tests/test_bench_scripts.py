@@ -157,6 +157,18 @@ def test_bench_nets_times_each_net_in_each_precision() -> None:
         assert float(images) == pytest.approx(2 / float(train) * 1e3, rel=0.02, abs=0.1)
 
 
+def test_bench_nets_feeds_a_net_its_own_in_channels_in_both_batches() -> None:
+    spec = "segpipe.models.UNet {base_channels: 4, depth: 2, in_channels: 4}"
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_nets.py", "--device", "cpu", "--net", spec, "--precision",
+         "32-true", "--batch-size", "2", "--crop", "32", "--eval-size", "32", "32", "--steps", "1",
+         "--warmup", "1"],  # --in-channels stays 3
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(rf"^32-true .+  {re.escape(spec)}$", res.stdout, re.M), res.stdout
+
+
 @pytest.mark.parametrize(("spec", "why"), [
     ("segpipe.models.NoSuchNet", r"no class 'segpipe\.models\.NoSuchNet'"),
     ("segpipe.models.UNet [16, 4]", r"the init args '\[16, 4\]' are not a YAML mapping"),
