@@ -30,6 +30,7 @@ __all__ = [
     "check_input",
     "check_int",
     "no_pretrained_weights",
+    "pad_labels_like",
     "pad_to_multiple",
     "padded_size",
     "round_up",
@@ -235,6 +236,31 @@ def pad_to_multiple(
         return x, (h, w)
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def pad_labels_like(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """``labels`` (masks or pixel weights, any dtype) padded at the bottom and right to
+    ``size`` as :func:`pad_to_multiple` pads their image: by reflection, or by replication
+    where the padding is not smaller than the side.
+
+    Args:
+        labels: (..., H, W) labels of an (N, C, H, W) image batch, e.g. (N, H, W) masks.
+        size: The padded (H', W'), each at least (H, W).
+
+    Returns:
+        (..., H', W') labels; ``labels`` itself when nothing is padded.
+    """
+    h, w = labels.shape[-2:]
+    ph, pw = size[0] - h, size[1] - w
+    if ph == 0 and pw == 0:
+        return labels
+    reflect = ph < h and pw < w
+
+    def index(n: int, padded: int) -> Tensor:
+        i = torch.arange(padded, device=labels.device)
+        return torch.where(i < n, i, 2 * (n - 1) - i) if reflect else i.clamp(max=n - 1)
+
+    return labels.index_select(-2, index(h, size[0])).index_select(-1, index(w, size[1]))
 
 
 def adapt_first_conv(weight: Tensor, new_in_channels: int) -> Tensor:

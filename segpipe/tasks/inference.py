@@ -47,13 +47,33 @@ class LogitsForward:
         Returns:
             (N, num_classes, H, W) logits.
         """
-        x, (h, w) = pad_to_multiple(self.input_norm(x), self.pad_multiple, self.min_size)
+        h, w = x.shape[-2:]
+        return self.padded_logits(x)[..., :h, :w]
+
+    def padded_logits(self, x: Tensor) -> Tensor:
+        """Logits of ``x`` padded at the bottom and right to the network's size step (by
+        reflection, see :func:`~segpipe.models.base.pad_to_multiple`), not cropped back.
+
+        Training scores them whole, against masks padded alike
+        (:func:`~segpipe.models.base.pad_labels_like`): cropped back, the strip next to the
+        network's bottom and right edges never got a loss, and images that need no padding
+        at test time put their own edges there (a 144² crop for a 32-step encoder left 16
+        pixels untrained, and its predictions marked tumour along the right edge of every
+        192² slice).
+
+        Args:
+            x: (N, C, H, W) normalised images.
+
+        Returns:
+            (N, num_classes, H', W') logits, H' and W' the padded sizes.
+        """
+        x, _ = pad_to_multiple(self.input_norm(x), self.pad_multiple, self.min_size)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
         if not self._output_checked:
             self._check_output(x, logits)
-        return logits[..., :h, :w]
+        return logits
 
     _output_checked = False
 

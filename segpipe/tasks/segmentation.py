@@ -32,7 +32,7 @@ from segpipe.data.spec import (
     recorded_spec,
 )
 from segpipe.errors import BatchFormatError, ConfigError
-from segpipe.models.base import pad_to_multiple
+from segpipe.models.base import pad_labels_like, pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
 from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
@@ -704,14 +704,21 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         image, mask = batch["image"], batch["mask"]
         sizes = batch.get("image_size") if stage != "train" else None
         eval_size = self._native_eval_size(batch) if stage == "test" else None
-        if eval_size is not None:  # native images (test_tta_scales): the plain view resized here
+        pixel_weight = batch.get("weight")
+        if stage == "train":
+            # Every logit the network makes is trained: crops that are not a multiple of its
+            # size step are padded (by reflection), and so are their masks and weights.
+            logits = self.padded_logits(image)
+            mask = pad_labels_like(mask, tuple(logits.shape[-2:]))
+            if pixel_weight is not None:
+                pixel_weight = pad_labels_like(pixel_weight, tuple(logits.shape[-2:]))
+        elif eval_size is not None:  # native images (test_tta_scales): the plain view resized here
             plain = partial(self._at_eval_size, size=eval_size)
             logits = plain(image) if sizes is None else self._each_image(image, sizes, plain)
         else:
             logits = self(image) if sizes is None else self._each_image(image, sizes, self)
         # data.eval_resize: the network saw resized images; score at the masks' native size.
         resized = stage != "train" and tuple(logits.shape[-2:]) != tuple(mask.shape[-2:])
-        pixel_weight = batch.get("weight")
         if pixel_weight is not None:
             self._check_pixel_weights()
         n = image.shape[0]

@@ -300,6 +300,39 @@ def test_pad_to_multiple_shapes():
     assert tiny.shape == (1, 1, 32, 32)
 
 
+def test_labels_are_padded_as_their_images() -> None:
+    from segpipe.models.base import pad_labels_like
+
+    for size, multiple in (((13, 21), 8), ((3, 3), 32)):  # reflected; too small: replicated
+        x = torch.randn(2, 1, *size)
+        padded, _ = pad_to_multiple(x, multiple)
+        mask = (x[:, 0] * 100).round().long()  # integer labels, any dtype
+        assert torch.equal(pad_labels_like(mask, tuple(padded.shape[-2:])),
+                           (padded[:, 0] * 100).round().long())
+    mask = torch.arange(6).reshape(1, 2, 3)
+    assert pad_labels_like(mask, (2, 3)) is mask
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+def test_training_scores_every_logit_of_a_padded_crop() -> None:
+    """13x21 crops run through the network padded to 16x24. Their loss once covered the
+    13x21 corner only, so the strip along the network's bottom and right edges was never
+    trained (a 144² crop for a 32-step encoder left its right edge marking tumour on every
+    192² LGG slice); now the masks are padded as their images are, and the loss covers all."""
+    from segpipe.models.base import pad_labels_like
+
+    task = SegmentationTask(PixelNet())
+    batch = next(iter(DM().train_dataloader()))
+    image, mask = batch["image"], batch["mask"]
+    logits = task.padded_logits(image)
+    assert logits.shape[-2:] == (16, 24)
+    whole = F.cross_entropy(logits, pad_labels_like(mask, (16, 24)))
+    corner = F.cross_entropy(logits[..., :13, :21], mask)
+    assert not torch.isclose(whole, corner)
+    torch.testing.assert_close(task._shared_step(batch, "train"), whole)
+    torch.testing.assert_close(task(image), logits[..., :13, :21])  # evaluation: cropped back
+
+
 def test_to_mask_size_resizes_each_item_to_its_own_mask():
     x = torch.randn(2, 3, 4, 6)
     same = to_mask_size(x, (8, 12))  # no sizes: every mask is (8, 12)
