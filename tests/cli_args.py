@@ -24,3 +24,17 @@ def fit_with_workers(root: object, run_dir: object, epochs: int, callbacks: list
     return run_cli(["fit", f"--data.root={root}", f"--trainer.max_epochs={epochs}",
                     f"--trainer.default_root_dir={run_dir}", "--data.num_workers=2",
                     "--trainer.precision=32-true", *TINY_UNET, *extra], callbacks=callbacks)
+
+
+def printed_config(config: str, root: object, capsys: object) -> dict:
+    """What `segpipe fit --config configs/CONFIG.yaml --data.root ROOT --print_config` prints,
+    parsed; it must exit 0 (the network is not built, so nothing is downloaded)."""
+    import pytest
+    import yaml
+
+    from segpipe.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", f"configs/{config}.yaml", f"--data.root={root}", "--print_config"])
+    assert exc.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from segpipe.cli import main
+from tests.cli_args import printed_config
 from tests.data.synthetic import make_camvid_like, make_lgg_like
 
 #: Each config's test-time scales, as its comments and the README quote them.
@@ -19,10 +19,7 @@ SCALES = {"camvid_lite0": [0.5, 0.75, 1.0, 1.25, 1.5], "lgg_lite0": [0.75, 0.875
 
 @pytest.mark.parametrize("config", sorted(SCALES))
 def test_the_lite0_configs_parse_without_downloading(config, tmp_path, hub_offline, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", f"configs/{config}.yaml", f"--data.root={tmp_path}", "--print_config"])
-    assert exc.value.code == 0
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = printed_config(config, tmp_path, capsys)
     net = cfg["model"]["net"]
     assert net["class_path"] == "segpipe.models.SmpModel"
     assert net["init_args"]["encoder_name"] == "tu-tf_efficientnet_lite0"
@@ -49,7 +46,7 @@ def encoder_file(tmp_path_factory) -> Path:
     return path
 
 
-def _data_args(config: str, root: Path) -> list[str]:
+def _data_args(config: str) -> list[str]:
     if config == "camvid_lite0":
         return ["--data.num_classes=3", "--data.class_names=null", "--data.class_colors=null",
                 "--model.class_weights=null", "--data.val_cases=null", "--data.eval_resize=[36, 48]",
@@ -69,7 +66,7 @@ def test_a_lite0_config_trains_from_the_weight_file_and_tests_over_sizes_and_the
     run = tmp_path / "run"
     args = ["--config", f"configs/{config}.yaml", f"--data.root={root}",
             f"--trainer.default_root_dir={run}", f"--model.net.init_args.encoder_weights={encoder_file}",
-            *_data_args(config, root), "--data.num_workers=0", "--data.batch_size=2",
+            *_data_args(config), "--data.num_workers=0", "--data.batch_size=2",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
             "--trainer.precision=32-true", "--trainer.logger=false"]
     assert main(["fit", *args, "--trainer.max_time=null", "--trainer.max_epochs=1"]) == 0

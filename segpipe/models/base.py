@@ -234,8 +234,15 @@ def pad_to_multiple(
     pw = padded_size(w, multiple, min_size) - w
     if ph == 0 and pw == 0:
         return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
+    mode = "reflect" if _reflects((h, w), (ph, pw)) else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def _reflects(size: tuple[int, int], padding: tuple[int, int]) -> bool:
+    """Whether :func:`pad_to_multiple` and :func:`pad_labels_like` pad a (H, W) side by
+    reflection: only where each padding is smaller than its side (``F.pad``'s reflect needs
+    that); else both replicate."""
+    return padding[0] < size[0] and padding[1] < size[1]
 
 
 def pad_labels_like(labels: Tensor, size: tuple[int, int]) -> Tensor:
@@ -254,7 +261,7 @@ def pad_labels_like(labels: Tensor, size: tuple[int, int]) -> Tensor:
     ph, pw = size[0] - h, size[1] - w
     if ph == 0 and pw == 0:
         return labels
-    reflect = ph < h and pw < w
+    reflect = _reflects((h, w), (ph, pw))
 
     def index(n: int, padded: int) -> Tensor:
         i = torch.arange(padded, device=labels.device)

@@ -709,9 +709,10 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             # Every logit the network makes is trained: crops that are not a multiple of its
             # size step are padded (by reflection), and so are their masks and weights.
             logits = self.padded_logits(image)
-            mask = pad_labels_like(mask, tuple(logits.shape[-2:]))
+            padded = (int(logits.shape[-2]), int(logits.shape[-1]))
+            mask = pad_labels_like(mask, padded)
             if pixel_weight is not None:
-                pixel_weight = pad_labels_like(pixel_weight, tuple(logits.shape[-2:]))
+                pixel_weight = pad_labels_like(pixel_weight, padded)
         elif eval_size is not None:  # native images (test_tta_scales): the plain view resized here
             plain = partial(self._at_eval_size, size=eval_size)
             logits = plain(image) if sizes is None else self._each_image(image, sizes, plain)

@@ -17,7 +17,6 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,7 +35,7 @@ from segpipe.tasks.finetune import (
     first_conv_name,
     load_init_from,
 )
-from tests.cli_args import TINY_UNET
+from tests.cli_args import TINY_UNET, printed_config
 from tests.data.synthetic import make_folder_dataset
 from tests.models.test_smp import write_smp_cache
 
@@ -612,10 +611,7 @@ def test_cli_named_weights_not_cached_offline_exit_2_without_traceback(dataset3,
 
 @pytest.mark.parametrize("config", ["camvid_smp_r34_imagenet", "lgg_smp_r34_imagenet"])
 def test_imagenet_configs_parse_without_downloading(config, tmp_path, hub_offline, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", f"configs/{config}.yaml", f"--data.root={tmp_path}", "--print_config"])
-    assert exc.value.code == 0
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = printed_config(config, tmp_path, capsys)
     net = cfg["model"]["net"]
     assert net["class_path"] == "segpipe.models.SmpModel"
     assert net["init_args"]["encoder_name"] == "resnet34"
