@@ -35,6 +35,7 @@ __all__ = [
     "PredictConfig",
     "checkpoint_spec",
     "load_predictor",
+    "matching_view_options",
     "read_checkpoint",
     "save_predict_checkpoint",
 ]
@@ -85,6 +86,10 @@ class PredictConfig:
         display_channels: 0-based channels of the model's input shown as red, green and blue
             (or the one shown grey) in overlays (:meth:`with_display_channels`); None: the
             first three.
+        test_views: How the training config had ``segpipe test`` score the model
+            (``model.test_tta`` and ``model.test_tta_scales``) as ``(tta, scales)``; None when
+            it scored plain predictions or the checkpoint does not say. ``segpipe predict``
+            names the options that make the same masks (:func:`matching_view_options`).
     """
 
     checkpoint: str
@@ -105,6 +110,7 @@ class PredictConfig:
     bands_given: bool = False
     input_dtype: str | None = None
     display_channels: list[int] | None = None
+    test_views: tuple[bool, list[float] | None] | None = None
 
     @classmethod
     def from_spec(
@@ -447,7 +453,34 @@ def load_predictor(
         spec, str(path), int(task.pad_multiple), str(net_cfg.get("class_path", "")),
         input_norm=str(hp.get("input_norm", "none")), min_size=int(task.min_size),
     )
-    return task, config
+    return task, replace(config, test_views=_tested_views(hp))
+
+
+def _tested_views(hp: Mapping[str, Any]) -> tuple[bool, list[float] | None] | None:
+    """``(test_tta, test_tta_scales)`` from a task's hyperparameters; None for plain views."""
+    tta = bool(hp.get("test_tta"))
+    scales = hp.get("test_tta_scales")
+    try:
+        scales = [float(s) for s in scales] if scales else None
+    except (TypeError, ValueError):  # a hand-edited checkpoint: no advice rather than a failure
+        scales = None
+    return (tta, scales) if tta or scales else None
+
+
+def matching_view_options(config: PredictConfig, tta: bool,
+                          scales: Sequence[float] | None) -> str | None:
+    """The ``segpipe predict`` options that average the views ``segpipe test`` scored, when
+    ``tta`` and ``scales`` (the run's own) differ from them; None when they agree or the
+    checkpoint scored plain predictions."""
+    if config.test_views is None:
+        return None
+    want_tta, want_scales = config.test_views
+    given = [float(s) for s in scales] if scales else None
+    if bool(tta) == want_tta and given == want_scales:
+        return None
+    words = (["--tta"] if want_tta else []) + (
+        ["--tta_scales", *(f"{s:g}" for s in want_scales)] if want_scales else [])
+    return " ".join(words)
 
 
 def _load_weights(task: InferenceNet, state: Mapping[str, Any], path: Path) -> None:

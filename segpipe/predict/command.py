@@ -540,7 +540,7 @@ def predict(
     from torch.utils.data import DataLoader
 
     from segpipe.data.loading import default_num_workers, ignore_sigterm
-    from segpipe.predict.checkpoint import load_predictor
+    from segpipe.predict.checkpoint import load_predictor, matching_view_options
     from segpipe.predict.engine import (
         InProcessRunner,
         OutputDiskFullError,
@@ -610,6 +610,10 @@ def predict(
                 "has no BatchNorm layer that keeps them; drop the option.")
     overlap = DEFAULT_OVERLAP if overlap is None else overlap
     _check_tile(tile, config.pad_multiple, config.min_size)
+    same_views = matching_view_options(config, tta, scales)
+    if same_views and tile is None and _rank_from_env() == 0:  # tiles: not what test scored anyway
+        log.info("%s: segpipe test scored this model's mean over other views than this run "
+                 "predicts with; for the masks it scored, use %s", ckpt_path, same_views)
     try:
         config = config.with_bands(bands).with_display_channels(overlay_bands)
     except ValueError as exc:

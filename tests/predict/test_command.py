@@ -22,6 +22,7 @@ from rasterio.transform import from_origin
 from segpipe.cli import main as cli_main
 from segpipe.data.io import write_image
 from segpipe.fileio import TMP_PREFIX
+from segpipe.predict.checkpoint import save_predict_checkpoint
 from tests.predict.conftest import COLORS, make_ckpt, noise_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +99,36 @@ def test_tta_on_flip_invariant_model_changes_nothing(tmp_path: Path, pointwise_c
     assert run(pointwise_ckpt, src, tmp_path / "tta", "--tta") == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "img.png")),
                           np.asarray(Image.open(tmp_path / "tta" / "img.png")))
+
+
+def test_predict_names_the_views_segpipe_test_scored(tmp_path: Path, caplog) -> None:
+    """A checkpoint whose config scored test over flips and sizes: predict without them says
+    which options make those masks; with them, from a plainly tested model or in tiles (which
+    test does not score), it says nothing."""
+    net = "tests.predict.nets.PointwiseNet"
+    args = {"in_channels": 3, "num_classes": 3}
+    tested = save_predict_checkpoint(
+        tmp_path / "tested.ckpt", {"class_path": net, "init_args": args},
+        {"symmetries": ["hflip"], "eval_resize": [32, 40]}, test_tta=True,
+        test_tta_scales=[0.75, 1.0, 1.25])
+    plain = make_ckpt(tmp_path / "plain.ckpt", net, args)
+    src = tmp_path / "in"
+    write_image(src / "img.png", noise_image(40, 50, seed=5))
+    hint = "segpipe test scored this model's mean over other views"
+    advice = "use --tta --tta_scales 0.75 1 1.25"
+    with caplog.at_level("INFO", logger="segpipe"):
+        assert run(tested, src, tmp_path / "a") == 0
+    assert hint in caplog.text and advice in caplog.text and str(tested) in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="segpipe"):
+        assert run(tested, src, tmp_path / "b", "--tta", "--tta_scales", "1.25") == 0
+    assert advice in caplog.text  # other sizes than the scored ones
+    caplog.clear()
+    with caplog.at_level("INFO", logger="segpipe"):
+        assert run(tested, src, tmp_path / "c", "--tta", "--tta_scales", "0.75", "1", "1.25") == 0
+        assert run(plain, src, tmp_path / "d") == 0
+        assert run(tested, src, tmp_path / "e", "--tile", "32") == 0  # tiles: not test's masks
+    assert hint not in caplog.text
 
 
 # ------------------------------------------------------------------ GeoTIFF
