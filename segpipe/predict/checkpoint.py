@@ -457,12 +457,14 @@ def load_predictor(
 
 
 def _tested_views(hp: Mapping[str, Any]) -> tuple[bool, list[float] | None] | None:
-    """``(test_tta, test_tta_scales)`` from a task's hyperparameters; None for plain views."""
+    """``(test_tta, test_tta_scales)`` from a task's hyperparameters, the scales read as
+    ``--tta_scales`` reads them (:func:`~segpipe.tta.check_scales`); None for plain views."""
+    from segpipe.tta import check_scales
+
     tta = bool(hp.get("test_tta"))
-    scales = hp.get("test_tta_scales")
     try:
-        scales = [float(s) for s in scales] if scales else None
-    except (TypeError, ValueError):  # a hand-edited checkpoint: no advice rather than a failure
+        scales = check_scales(hp.get("test_tta_scales"))
+    except ValueError:  # a hand-edited checkpoint: no advice rather than a failure
         scales = None
     return (tta, scales) if tta or scales else None
 
