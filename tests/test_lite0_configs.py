@@ -24,7 +24,9 @@ def test_the_lite0_configs_parse_without_downloading(config, tmp_path, hub_offli
     assert net["class_path"] == "segpipe.models.SmpModel"
     assert net["init_args"]["encoder_name"] == "tu-tf_efficientnet_lite0"
     assert net["init_args"]["encoder_weights"] == "imagenet"
-    assert cfg["model"]["encoder_lr_mult"] == 0.1
+    # CamVid's encoder trains at 0.3 x the learning rate (+0.3 to +0.7 mIoU points against 0.1 in
+    # two seeds), LGG's at 0.1 (0.3 was level)
+    assert cfg["model"]["encoder_lr_mult"] == {"camvid_lite0": 0.3, "lgg_lite0": 0.1}[config]
     assert cfg["model"]["test_tta"] is True and cfg["model"]["test_tta_scales"] == SCALES[config]
     assert cfg["trainer"]["max_time"] == "00:00:30:00" and cfg["trainer"]["max_epochs"] is None
     if config == "camvid_lite0":  # TensorFlow's EfficientNets take pixels in [-1, 1]
@@ -71,8 +73,8 @@ def test_a_lite0_config_trains_from_the_weight_file_and_tests_over_sizes_and_the
             "--trainer.precision=32-true", "--trainer.logger=false"]
     assert main(["fit", *args, "--trainer.max_time=null", "--trainer.max_epochs=1"]) == 0
     ckpt = run / "checkpoints" / "last.ckpt"
-    # the encoder started from the file: one epoch at 0.1 x the learning rate moves each weight
-    # by about 2e-4 a step, a fresh initialisation differs from the file's by far more
+    # the encoder started from the file: one epoch at 0.1 or 0.3 x the learning rate moves each
+    # weight by about 2e-4 or 6e-4 a step, a fresh initialisation differs from the file's by far more
     trained = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     stem = next(v for k, v in trained.items() if k.endswith("encoder.model.conv_stem.weight"))
     source = torch.load(encoder_file, weights_only=True)["conv_stem.weight"]
