@@ -189,7 +189,8 @@ def _check_folds(runs: list[tuple[Path, dict[str, Any] | None]]) -> list[str]:
 
 #: How ``segpipe test`` scored (recorded in ``test_metrics.json``): folds pooled together must
 #: agree on these, or the pooled figure mixes protocols.
-_PROTOCOL = ("test_time_augmentation", "batchnorm_statistics", "eval_resize", "ignore_index")
+_PROTOCOL = ("test_time_augmentation", "decision", "batchnorm_statistics", "eval_resize",
+             "ignore_index")
 
 
 def _check_protocols(protocols: list[tuple[Path, dict[str, Any]]]) -> None:

@@ -548,6 +548,8 @@ def write_report(
                      "against the masks at their native size")
     if report.get("test_time_augmentation"):
         facts.append(f"test-time augmentation: {report['test_time_augmentation']}")
+    if report.get("decision"):  # model.positive_threshold
+        facts.append(f"labels: {report['decision']}")
     bn_stats = report.get("batchnorm_statistics")
     if bn_stats and not bn_stats.startswith("training"):  # model.bn_adapt
         facts.append(f"BatchNorm statistics: {bn_stats}")

@@ -252,7 +252,11 @@ class ValidationImages(L.Callback):
 
             logits = to_mask_size(logits, mask_hw, batch.get("size"))
             images = to_mask_size(images, mask_hw, batch.get("size"))
-        preds = logits.argmax(dim=1).cpu().numpy()
+        from segpipe.decision import decide
+
+        threshold = getattr(pl_module, "positive_threshold", None)
+        preds = decide(logits if threshold is None else logits.float().softmax(dim=1),
+                       threshold).cpu().numpy()
         mean, std = spec.normalization()
         colors = np.asarray(spec.class_colors, dtype=np.uint8)
         rows = []

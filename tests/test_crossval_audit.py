@@ -32,8 +32,9 @@ def test_no_missing_fold_warning_when_a_run_records_no_split(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("key, value", [("batchnorm_statistics", "re-estimated on 8 images"),
-                                        ("eval_resize", [64, 64])])
-def test_folds_scored_with_other_batchnorm_statistics_or_resize_are_refused(
+                                        ("eval_resize", [64, 64]),
+                                        ("decision", "t (class 1) where its probability > 0.35")])
+def test_folds_scored_with_other_batchnorm_statistics_resize_or_threshold_are_refused(
         tmp_path: Path, key: str, value) -> None:
     f0, f1 = _fold(tmp_path, 0, "p1"), _fold(tmp_path, 1, "p2")
     other = json.loads(f1.read_text())

@@ -36,6 +36,7 @@ from segpipe.data.io import (
     read_image_valid,
     sidecar_georeference,
 )
+from segpipe.decision import decide
 from segpipe.predict.checkpoint import PredictConfig
 from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
 
@@ -104,6 +105,9 @@ class Segmenter:
         bands: 1-based bands of the inputs to read, one per channel the model takes, instead of
             the checkpoint's ``data.bands`` (as ``segpipe predict --bands``); None: the
             checkpoint's.
+        positive_threshold: Two-class models: label class 1 where its probability exceeds
+            this instead of the checkpoint's ``model.positive_threshold`` (0.5 is the arg-max;
+            :func:`segpipe.decision.decide`); None: the checkpoint's.
     """
 
     #: The BatchNorm blend of the last :meth:`adapt_batchnorm`, if any.
@@ -121,10 +125,12 @@ class Segmenter:
         batch_size: int = 4,
         bands: Sequence[int] | None = None,
         tta_scales: Sequence[float] | None = None,
+        positive_threshold: float | None = None,
     ) -> None:
         from segpipe.tta import check_scales
 
-        config = config.with_bands(bands, option="bands")
+        config = config.with_bands(bands, option="bands").with_positive_threshold(
+            positive_threshold, option="positive_threshold")
         self.device = _device(device)
         self.task = task.to(self.device) if isinstance(task, torch.nn.Module) else task
         if getattr(task, "channels_last", False):
@@ -156,7 +162,7 @@ class Segmenter:
             path: The ``.ckpt`` file.
             device: ``auto`` (a CUDA GPU when there is one), ``cpu``, ``cuda:1``...
             **options: ``precision``, ``tile``, ``overlap``, ``tta``, ``tta_scales``,
-                ``batch_size``, ``bands``.
+                ``batch_size``, ``bands``, ``positive_threshold``.
         """
         from segpipe.predict.checkpoint import CheckpointError, load_predictor
 
@@ -173,7 +179,8 @@ class Segmenter:
         Args:
             path: The ``.onnx`` file (its ``model.json`` sidecar beside it).
             **options: ``tile``, ``overlap`` (default: what ``segpipe export`` recorded),
-                ``tta``, ``tta_scales``, ``batch_size``, ``bands``; ``device`` may only be
+                ``tta``, ``tta_scales``, ``batch_size``, ``bands``, ``positive_threshold``
+                (default: the checkpoint's, recorded by the export); ``device`` may only be
                 ``cpu``.
         """
         from segpipe.predict.onnx import load_onnx_predictor
@@ -430,10 +437,10 @@ class Segmenter:
                     scores = batch_scores(
                         x, self.task, prob_fn, num_classes=cfg.num_classes, tile=tile,
                         overlap=self.overlap, batch_size=self.batch_size,
-                        probs=proba or resized,
+                        probs=proba or resized or cfg.positive_threshold is not None,
                         base_size=self.config.eval_resize if native and tile is None else None,
                     )
-                    labels = None if resized else scores.argmax(dim=1)
+                    labels = None if resized else decide(scores, cfg.positive_threshold)
                     for j, (i, size) in enumerate(zip(chunk, sizes)):
                         p = to_size(scores[j], size) if resized else scores[j]
                         valid = prepared[i].get("valid")  # nodata, NaN: as the command writes
@@ -442,7 +449,8 @@ class Segmenter:
                             if valid is not None:
                                 out[i][:, ~valid.numpy()] = 0.0
                         else:
-                            lab = p.argmax(dim=0) if resized else labels[j]
+                            lab = (decide(p, cfg.positive_threshold, dim=0) if resized
+                                   else labels[j])
                             out[i] = lab.cpu().numpy().astype(cfg.mask_dtype)
                             if valid is not None:
                                 out[i][~valid.numpy()] = cfg.nodata_value

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from segpipe.data.spec import DataSpec, recorded_spec, spec_from_legacy
+from segpipe.decision import check_positive_threshold
 from segpipe.errors import (
     CHECKPOINT_READ_ERRORS,
     UnreadableCheckpointError,
@@ -90,6 +91,8 @@ class PredictConfig:
             (``model.test_tta`` and ``model.test_tta_scales``) as ``(tta, scales)``; None when
             it scored plain predictions or the checkpoint does not say. ``segpipe predict``
             names the options that make the same masks (:func:`matching_view_options`).
+        positive_threshold: Two-class models: class 1 where its probability exceeds this
+            (``model.positive_threshold``, :func:`segpipe.decision.decide`); None: the arg-max.
     """
 
     checkpoint: str
@@ -111,6 +114,7 @@ class PredictConfig:
     input_dtype: str | None = None
     display_channels: list[int] | None = None
     test_views: tuple[bool, list[float] | None] | None = None
+    positive_threshold: float | None = None
 
     @classmethod
     def from_spec(
@@ -163,6 +167,20 @@ class PredictConfig:
             raise ValueError(f"{option} picks {n} band(s) but the model takes {want} channel(s); "
                              f"give {want} band numbers (e.g. {_bands_example(option, want)})")
         return replace(self, bands=[int(b) for b in picks], bands_given=True)
+
+    def with_positive_threshold(
+        self, value: float | None, option: str = "--positive_threshold"
+    ) -> PredictConfig:
+        """These settings labelling class 1 where its probability exceeds ``value`` instead of
+        the checkpoint's ``model.positive_threshold`` (0.5 is the arg-max); None keeps it.
+
+        Raises:
+            ValueError: Not a number in (0, 1), or a model without exactly two classes.
+        """
+        if value is None:
+            return self
+        return replace(self, positive_threshold=check_positive_threshold(
+            value, self.num_classes, option))
 
     def with_display_channels(
         self, channels: Sequence[int] | None, option: str = "--overlay_bands"
@@ -453,7 +471,11 @@ def load_predictor(
         spec, str(path), int(task.pad_multiple), str(net_cfg.get("class_path", "")),
         input_norm=str(hp.get("input_norm", "none")), min_size=int(task.min_size),
     )
-    return task, replace(config, test_views=_tested_views(hp))
+    try:
+        threshold = check_positive_threshold(hp.get("positive_threshold"), num_classes)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}; the checkpoint is inconsistent") from None
+    return task, replace(config, test_views=_tested_views(hp), positive_threshold=threshold)
 
 
 def _tested_views(hp: Mapping[str, Any]) -> tuple[bool, list[float] | None] | None:

@@ -469,6 +469,7 @@ def predict(
     tta_scales: Sequence[float] | None = None,
     bn_adapt: float = 0.0,
     bands: Sequence[int] | None = None,
+    positive_threshold: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
     fail_fast: bool = False,
@@ -509,6 +510,9 @@ def predict(
         bands: 1-based bands of the input files to read, one per channel the model takes,
             instead of the checkpoint's ``data.bands`` (inputs from another sensor or product,
             whose bands lie in another order); None: the checkpoint's.
+        positive_threshold: Two-class models: label class 1 where its probability exceeds
+            this (:func:`segpipe.decision.decide`) instead of the checkpoint's
+            ``model.positive_threshold``; 0.5 is the arg-max. None: the checkpoint's.
         batch_size: Images (or tiles) per forward pass.
         overwrite: Rewrite existing outputs (else files whose outputs exist are skipped).
         fail_fast: Stop at the first failed file.
@@ -616,6 +620,7 @@ def predict(
                  "predicts with; for the masks it scored, use %s", ckpt_path, same_views)
     try:
         config = config.with_bands(bands).with_display_channels(overlay_bands)
+        config = config.with_positive_threshold(positive_threshold)
     except ValueError as exc:
         raise PredictUsageError(str(exc)) from None
     try:
@@ -658,6 +663,8 @@ def predict(
         "bn_adapt": float(bn_adapt),
         "probs_mode": probs_mode, "overlay_alpha": float(overlay_alpha),
         "overlay_bands": list(overlay_bands) if overlay_bands else None}
+    if config.positive_threshold is not None:  # absent: the arg-max, as before the option
+        settings["positive_threshold"] = config.positive_threshold
     if bn_adapt:  # the adapted statistics depend on how the images are batched
         settings["batch_size"] = batch_size
     record, replacing = (_check_settings(output, overwrite, settings, before)
@@ -826,6 +833,10 @@ def build_parser() -> CommandParser:
                    help="multi-scale inference: average over the evaluation size times each "
                         "FACTOR (e.g. 0.75 1 1.25), each view resized from the input at its "
                         "native size; with --tta each view is also flipped")
+    p.add_argument("--positive_threshold", type=float, default=None, metavar="P",
+                   help="two-class models: label class 1 where its probability exceeds P "
+                        "(0.5 is the arg-max; default: the checkpoint's "
+                        "model.positive_threshold, else the arg-max)")
     p.add_argument("--bn_adapt", dest="bn_adapt", type=float, default=0.0, metavar="WEIGHT",
                    help="re-estimate BatchNorm statistics on the input images first and use "
                         "WEIGHT x theirs + (1 - WEIGHT) x training's (0 = off, default; 0.5 for "
@@ -902,7 +913,8 @@ def _run(args: Any, CheckpointError: type, OutputDiskFullError: type) -> int:  #
             args.ckpt_path, args.input, args.output, formats=_formats(args.formats),
             tile=args.tile, overlap=args.overlap, tta=args.tta, tta_scales=args.tta_scales,
             bn_adapt=args.bn_adapt,
-            bands=args.bands, batch_size=args.batch_size,
+            bands=args.bands, positive_threshold=args.positive_threshold,
+            batch_size=args.batch_size,
             overwrite=args.overwrite, fail_fast=args.fail_fast, accelerator=args.accelerator,
             devices=args.devices, strategy=args.strategy, precision=args.precision,
             num_workers=args.num_workers, write_workers=args.write_workers,

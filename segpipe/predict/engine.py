@@ -56,6 +56,7 @@ from segpipe.data.io import (
     to_float,
 )
 from segpipe.data.normalization import normalize
+from segpipe.decision import decide
 from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.models.batchnorm import BatchNormAdaptation, BatchNormAdaptError, adapt_batchnorm
 from segpipe.predict.checkpoint import PredictConfig
@@ -715,14 +716,16 @@ class PredictModule(nn.Module):
             )
         scores = batch_scores(
             x, self.task, self.prob_fn, num_classes=cfg.num_classes, tile=opts.tile,
-            overlap=opts.overlap, batch_size=opts.batch_size, probs=want_probs or resized,
+            overlap=opts.overlap, batch_size=opts.batch_size,
+            probs=want_probs or resized or cfg.positive_threshold is not None,
             on_tiles=bar.update if bar is not None else None,
             # tta_scales: whole images came at their native size, views scale eval_resize
             base_size=cfg.eval_resize if opts.tile is None else None,
         )
         if bar is not None:
             bar.close()
-        labels = None if resized else scores.argmax(dim=1)  # batched: far faster than per image
+        # batched: far faster than per image
+        labels = None if resized else decide(scores, cfg.positive_threshold)
         out = []
         for j, (rec, size) in enumerate(zip(recs, sizes)):
             names = rec["formats"]
@@ -730,7 +733,7 @@ class PredictModule(nn.Module):
             need_display = self.writer.needs_display(names)
             if resized:
                 p = to_size(p, size)
-                lab = p.argmax(dim=0)
+                lab = decide(p, cfg.positive_threshold, dim=0)
                 if need_display and "unresized" in rec:
                     img = rec["unresized"]  # the input's own pixels, not the network's
                 elif need_display:
@@ -760,7 +763,8 @@ class PredictModule(nn.Module):
         h, w = blk.row1 - blk.row0, blk.col1 - blk.col0  # the window starts at (row0, col0)
         valid = valid[:h, :w] if valid is not None else None
         display = source.display(pixels[:h, :w], valid) if need_display else None
-        return self._chunk(blk.probs() if need_probs else None, blk.labels(), valid, display)
+        return self._chunk(blk.probs() if need_probs else None,
+                           blk.labels(self.config.positive_threshold), valid, display)
 
     def _raster_rows(
         self,

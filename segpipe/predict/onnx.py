@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from segpipe.decision import check_positive_threshold, decision_description
 from segpipe.errors import MissingExtraError, looks_like_checkpoint
 from segpipe.fileio import atomic_path, atomic_write_json, check_output_dir
 from segpipe.models.base import pad_to_multiple
@@ -185,6 +186,7 @@ def export_onnx(
         "then, when input_norm is per_image, each image's channels standardised (zero mean, "
         "unit variance over its pixels, before padding), H and W multiples of pad_multiple",
         "output": "logits: float32 (N, num_classes, H, W)",
+        "labels": decision_description(config.positive_threshold, config.class_names),
         "tile": tile,
         "overlap": overlap,
         "onnx_sha256": digest,  # ties the sidecar to its graph
@@ -352,7 +354,13 @@ def _sidecar_config(side: Path, meta: dict[str, Any]) -> PredictConfig:
     config = PredictConfig.from_spec(spec, checkpoint=str(meta.get("checkpoint", "")),
                                      pad_multiple=pad, net=str(meta.get("net", "")),
                                      input_norm=norm, min_size=min_size)
-    return config
+    try:  # absent from sidecars written before the option: the arg-max
+        threshold = check_positive_threshold(meta.get("positive_threshold"), spec.num_classes,
+                                             "positive_threshold")
+    except ValueError as exc:
+        raise CheckpointError(f"{side}: {exc}; export the model again with segpipe export"
+                              ) from None
+    return replace(config, positive_threshold=threshold)
 
 
 def _check_graph(path: Path, session: Any, config: PredictConfig) -> None:

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from segpipe.decision import decide
+
 __all__ = [
     "FinishedBlock",
     "ProbFn",
@@ -238,10 +240,11 @@ class FinishedBlock:
         """Blended probabilities: float32 (K, rows, cols)."""
         return self.acc / (self.weight_y[:, None] * self.weight_x[None, :])
 
-    def labels(self) -> Tensor:
-        """Arg-max class: int64 (rows, cols). The weight of a pixel is the same for every
-        class, so the arg-max of the weighted sums is that of the probabilities."""
-        return self.acc.argmax(dim=0)
+    def labels(self, positive_threshold: float | None = None) -> Tensor:
+        """Labels: int64 (rows, cols), the arg-max class or, with ``positive_threshold``,
+        :func:`segpipe.decision.decide`'s. The weight of a pixel is the same for every class,
+        so either decision on the weighted sums is that on the probabilities."""
+        return decide(self.acc, positive_threshold, dim=0)
 
 
 def _axis_weights(length: int, starts: Sequence[int], window: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from segpipe.data.spec import (
     reads_leading_bands,
     recorded_spec,
 )
+from segpipe.decision import check_positive_threshold, decide, decision_description
 from segpipe.errors import BatchFormatError, ConfigError
 from segpipe.models.base import pad_labels_like, pad_to_multiple
 from segpipe.models.batchnorm import BatchNormAdaptation, adapt_batchnorm, check_bn_adapt
@@ -260,6 +261,13 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             its native size, so the data module is asked for native images
             (:meth:`~segpipe.data.SegmentationDataModule.keep_test_images_native`); the loss
             stays that of the plain prediction. None: the evaluation size alone.
+        positive_threshold: Two-class models only: label a pixel class 1 where its
+            probability exceeds this (:func:`segpipe.decision.decide`) instead of the arg-max
+            (0.5), in validation, ``test`` and every prediction from the checkpoint
+            (``segpipe predict``, :class:`~segpipe.predict.api.Segmenter`, ONNX exports), so
+            ``best`` is selected and masks are written as scored. Lower it for a scarce
+            foreground class that the model under-segments (LGG tumours: 0.35 gained 0.4 point
+            of mean Dice over patients across five folds). None (default): the arg-max.
         bn_adapt: In ``test``, first re-estimate the BatchNorm statistics on the test images
             (no labels used) and blend them with the training ones: this weight x theirs +
             (1 - weight) x training's (:mod:`segpipe.models.batchnorm`; 1 is AdaBN). For test
@@ -315,6 +323,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         num_worst_images: int = 8,
         test_tta: bool = False,
         test_tta_scales: list[float] | None = None,
+        positive_threshold: float | None = None,
         bn_adapt: float = 0.0,
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
@@ -370,6 +379,10 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         self.num_worst_images = num_worst_images
         self.test_tta = bool(test_tta)
         self.test_tta_scales = check_scales(test_tta_scales, "model.test_tta_scales")
+        try:
+            self.positive_threshold = check_positive_threshold(positive_threshold, num_classes)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}.") from None
         self.bn_adapt = check_bn_adapt(bn_adapt)
         self._bn_adaptation: BatchNormAdaptation | None = None
         self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
@@ -756,16 +769,20 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                      batch_size=n)
         if stage == "train" and not self.log_train_metrics:
             return loss
+        threshold = self.positive_threshold  # None: the arg-max (of logits or probabilities)
         if stage == "test" and self.test_tta_scales:
             views = partial(self._scale_probabilities, base_size=eval_size)
             probs = views(image) if sizes is None else self._each_image(image, sizes, views)
-            preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
+            preds = decide(self._to_masks(probs, batch) if resized else probs, threshold)
         elif stage == "test" and self.test_tta:
             probs = (self._tta_probabilities(image, logits.detach()) if sizes is None
                      else self._each_image(image, sizes, self._tta_probabilities))
-            preds = (self._to_masks(probs, batch) if resized else probs).argmax(dim=1)
+            preds = decide(self._to_masks(probs, batch) if resized else probs, threshold)
         elif resized:  # probabilities resized, as segpipe predict does: the same masks
-            preds = self._to_masks(logits.detach().float().softmax(dim=1), batch).argmax(dim=1)
+            preds = decide(self._to_masks(logits.detach().float().softmax(dim=1), batch),
+                           threshold)
+        elif threshold is not None:
+            preds = decide(logits.detach().float().softmax(dim=1), threshold)
         else:
             preds = logits.detach().argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(preds, mask)
@@ -1036,6 +1053,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         loss = float(self.loss_means["test"].compute())
         report["loss"] = None if math.isnan(loss) else loss  # JSON: null, as other figures
         report["test_time_augmentation"] = self._tta_description()
+        if self.positive_threshold is not None:  # absent: the arg-max, as before the option
+            report["decision"] = decision_description(self.positive_threshold, self.class_names)
         report["batchnorm_statistics"] = (
             "training's (plain)" if self._bn_adaptation is None
             else self._bn_adaptation.describe("test images"))
