@@ -781,10 +781,10 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         elif resized:  # probabilities resized, as segpipe predict does: the same masks
             preds = decide(self._to_masks(logits.detach().float().softmax(dim=1), batch),
                            threshold)
-        elif threshold is not None:
-            preds = decide(logits.detach().float().softmax(dim=1), threshold)
-        else:
-            preds = logits.detach().argmax(dim=1)
+        else:  # a threshold compares probabilities; the arg-max of logits is theirs
+            scores = logits.detach()
+            preds = decide(scores if threshold is None else scores.float().softmax(dim=1),
+                           threshold)
         getattr(self, f"{stage}_metrics").update(preds, mask)
         if batch.get("case") is not None and stage != "train":
             self.case_confusions[stage].update(preds, mask, batch["case"])
