@@ -178,6 +178,23 @@ def test_the_picture_of_resized_evaluation_is_at_the_masks_size() -> None:
     assert picture.shape == (2 * 8, 3 * 12, 3)
 
 
+def test_the_picture_of_a_two_class_model_labels_with_its_threshold() -> None:
+    """model.positive_threshold: the picture's prediction is the labels validation scores."""
+    spec = DataSpec.create(num_classes=2, mean=[0.0] * 3, std=[1.0] * 3,
+                           class_colors=[[255, 0, 0], [0, 255, 0]])
+    # ThresholdNet: p(class 1) = sigmoid(50 (v - 0.5)), 0.38 at v = 0.49 (the arg-max: class 0)
+    batch = {"image": torch.full((1, 3, 4, 4), 0.49), "mask": torch.ones(1, 4, 4, dtype=torch.long)}
+    panels = {}
+    for threshold in (None, 0.25):
+        net = _Net(spec).eval()
+        net.positive_threshold = threshold
+        picture = _picture(net, batch, num_images=1)
+        panels[threshold] = (picture[:, 4:8], picture[:, 8:12])  # truth, prediction
+    truth, pred = panels[0.25]
+    assert np.array_equal(pred, truth)  # class 1, as the truth
+    assert not np.array_equal(panels[None][1], truth)
+
+
 # --- the progress bar, the run folder and the writer thread's full disk ----------------------
 def test_the_progress_bar_shows_the_training_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bar reads the step and epoch training loss itself (the task logs it off the bar)."""
