@@ -271,6 +271,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
     protocols: list[tuple[Path, dict[str, Any]]] = []
     given: dict[Path, str] = {}
     chosen: list[str] = []
+    sweeps: list[Any] = []
     for run, arg in enumerate(paths, 1):
         path, tests = _metrics_path(arg)
         if tests > 1:
@@ -332,6 +333,7 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
                 f"{path} scored {partial.get('scored_images')} of its split's "
                 f"{partial.get('split_images')} images (a test of part of the split): the pooled "
                 "mean leaves the others out; test that fold again without the limits")
+        sweeps.append(metrics.get("threshold_sweep"))
         folds.append({"path": str(path), "data_fold": data_fold,
                       "checkpoint": metrics.get("checkpoint"), **_summary(rows, classes)})
         all_rows += rows
@@ -345,7 +347,47 @@ def crossval(paths: Sequence[str]) -> dict[str, Any]:
             c: _sd([f["Dice_per_class_mean_over_cases"][c] for f in folds]) for c in classes},
     }
     return {"folds": folds, "all_cases": _summary(all_rows, classes), "fold_sd": fold_sd,
-            "cases": all_rows, "warnings": warnings}
+            "cases": all_rows, "warnings": warnings, "threshold": _threshold_choice(sweeps)}
+
+
+def _threshold_choice(sweeps: list[Any]) -> dict[str, Any] | None:
+    """A two-class model's threshold of p(class 1) chosen for each fold on the other folds'
+    cases (``segpipe test``'s ``threshold_sweep``), and the mean Dice over every case that this
+    gives: a figure the choice does not flatter. None unless every fold (two or more) has a
+    per-case sweep over the same thresholds."""
+    if len(sweeps) < 2 or not all(isinstance(s, dict) and s.get("Dice_mean_over_cases")
+                                  for s in sweeps):
+        return None
+    thresholds = sweeps[0].get("thresholds")
+    if any(s.get("thresholds") != thresholds for s in sweeps):
+        return None
+
+    def pooled(parts: list[dict[str, Any]], i: int) -> float | None:
+        """Mean over the cases of ``parts`` at threshold ``i`` (fold means weighed by cases)."""
+        pairs = [(p["Dice_mean_over_cases"][i], p["num_cases"][i]) for p in parts]
+        n = sum(k for m, k in pairs if m is not None)
+        return sum(m * k for m, k in pairs if m is not None) / n if n else None
+
+    def best(parts: list[dict[str, Any]]) -> int:
+        """The threshold scoring most on ``parts``; of equals, the nearest 0.5 (the arg-max)."""
+        scored = [(pooled(parts, i), -abs(t - 0.5), i) for i, t in enumerate(thresholds)]
+        return max((x for x in scored if x[0] is not None), default=(None, 0, 0))[2]
+
+    chosen = []
+    for k, sweep in enumerate(sweeps):
+        i = best([s for j, s in enumerate(sweeps) if j != k])
+        chosen.append({"threshold": thresholds[i],
+                       "Dice_mean_over_cases": sweep["Dice_mean_over_cases"][i],
+                       "num_cases": sweep["num_cases"][i]})
+    each = [pooled(sweeps, i) for i in range(len(thresholds))]
+    return {
+        "class": sweeps[0].get("class"), "thresholds": thresholds,
+        "Dice_mean_over_cases": each,
+        "chosen_leaving_each_fold_out": chosen,
+        "Dice_mean_over_cases_chosen_leaving_each_fold_out": pooled(
+            [{"Dice_mean_over_cases": [c["Dice_mean_over_cases"]], "num_cases": [c["num_cases"]]}
+             for c in chosen], 0),
+    }
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
@@ -404,6 +446,20 @@ def format_table(result: dict[str, Any]) -> str:
     if fewer:
         text.append("(n): that class's mean is over n cases; a case where the class is absent "
                     "from both the truth and the prediction has no score for it")
+    choice = result.get("threshold")
+    if choice:
+        ts, each = choice["thresholds"], choice["Dice_mean_over_cases"]
+        picks = ", ".join(f"{label} {c['threshold']:g}"
+                          for label, c in zip(labels, choice["chosen_leaving_each_fold_out"]))
+        top = max((v, -abs(t - 0.5), t) for v, t in zip(each, ts) if v is not None)
+        half = each[ts.index(0.5)] if 0.5 in ts else None
+        unflattered = choice["Dice_mean_over_cases_chosen_leaving_each_fold_out"]
+        text.append(
+            f"Threshold of p({choice['class']}), chosen for each fold on the other folds' cases "
+            f"({picks}): Dice {choice['class']} {_pct(unflattered)} "
+            f"mean over cases; at 0.5 (the arg-max) {_pct(half)}; the best single threshold "
+            f"on all folds, {top[2]:g}, {_pct(top[0])} (chosen on the cases it scores: it "
+            "flatters). Set model.positive_threshold to use one.")
     unscored = result["all_cases"].get("num_cases_without_score")
     if unscored:
         text.append(f"{unscored} case(s) without a labelled pixel have no score and are left "

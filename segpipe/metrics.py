@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +28,8 @@ from torchmetrics.classification import (
 __all__ = [
     "WeightedMean",
     "CaseConfusions",
+    "SWEEP_THRESHOLDS",
+    "ThresholdSweep",
     "case_scores",
     "case_score_logs",
     "image_confusions",
@@ -276,6 +279,110 @@ class CaseConfusions:
                     confusions[case] = confusions[case] + cm if case in confusions else cm
                     counts[case] = counts.get(case, 0) + part_counts[case]
         return confusions, counts
+
+
+#: The thresholds of p(class 1) that :class:`ThresholdSweep` scores: 0.1, 0.15, ..., 0.9.
+SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))
+
+
+class ThresholdSweep:
+    """A two-class model's labels at each of several thresholds of p(class 1), scored in
+    ``segpipe test`` to choose ``model.positive_threshold``: Dice of class 1 pooled over the
+    images, pixel accuracy, and Dice per case with its mean over cases. Counts stay on the
+    probabilities' device (no host synchronisation per batch), one threshold at a time (memory
+    of one label map, whatever the number of thresholds).
+
+    Args:
+        ignore_index: Label of unscored pixels, or None (labels other than 0 and 1 are never
+            scored).
+        thresholds: The thresholds, each in (0, 1).
+    """
+
+    def __init__(self, ignore_index: int | None = None,
+                 thresholds: Sequence[float] = SWEEP_THRESHOLDS) -> None:
+        self.ignore_index, self.thresholds = ignore_index, tuple(float(t) for t in thresholds)
+        self.reset()
+
+    def reset(self) -> None:
+        #: (T, 4) int64 counts over every image: true positives, false positives, false
+        #: negatives, scored pixels.
+        self.pooled: Tensor | None = None
+        self.cases: dict[str, Tensor] = {}
+
+    def update(self, prob1: Tensor, target: Tensor, cases: Sequence[str] | None = None) -> None:
+        """Add a batch: (N, H, W) probabilities of class 1 and true labels, and N case names
+        ("" or None for images in no case: pooled only)."""
+        n = target.shape[0]
+        truth = target.reshape(n, -1)
+        valid = (truth == 0) | (truth == 1)
+        if self.ignore_index is not None:
+            valid &= truth != self.ignore_index
+        positive = (truth == 1) & valid
+        prob = prob1.reshape(n, -1)
+        counts = torch.empty(n, len(self.thresholds), 4, dtype=torch.int64, device=prob.device)
+        counts[:, :, 3] = valid.sum(-1, keepdim=True)
+        pos = positive.sum(-1)
+        for i, threshold in enumerate(self.thresholds):
+            pred = (prob > threshold) & valid
+            tp = (pred & positive).sum(-1)
+            counts[:, i, 0] = tp
+            counts[:, i, 1] = pred.sum(-1) - tp
+            counts[:, i, 2] = pos - tp
+        total = counts.sum(0)
+        self.pooled = total if self.pooled is None else self.pooled + total
+        for i, case in enumerate(cases or ()):
+            if case:
+                held = self.cases.get(case)
+                self.cases[case] = counts[i] if held is None else held + counts[i]
+
+    def summary(self, class_name: str = "class 1", world_size: int = 1) -> dict[str, Any] | None:
+        """The sweep for ``test_metrics.json`` (every process's images when ``world_size`` > 1;
+        all processes must call it then), or None before any image.
+
+        Returns:
+            ``{"class", "thresholds", "Dice_pooled", "pixel_accuracy",
+            "Dice_mean_over_cases", "num_cases", "note"}``: one value per threshold (None
+            where undefined; the per-case entries None when no image had a case).
+        """
+        pooled = None if self.pooled is None else self.pooled.cpu()
+        cases = {case: c.cpu() for case, c in self.cases.items()}
+        if world_size > 1:
+            parts: list = [None] * world_size
+            torch.distributed.all_gather_object(parts, (pooled, cases))
+            pooled, cases = None, {}
+            for part_pooled, part_cases in parts:
+                if part_pooled is not None:
+                    pooled = part_pooled if pooled is None else pooled + part_pooled
+                for case, c in part_cases.items():
+                    cases[case] = cases[case] + c if case in cases else c
+        if pooled is None:
+            return None
+
+        def dice(c: Tensor) -> list[float | None]:
+            c = c.double()
+            denom = 2 * c[:, 0] + c[:, 1] + c[:, 2]
+            return [_clean(float(2 * tp / d)) if d > 0 else None for tp, d in zip(c[:, 0], denom)]
+
+        c = pooled.double()
+        accuracy = [_clean(float(1 - (fp + fn) / n)) if n > 0 else None
+                    for fp, fn, n in zip(c[:, 1], c[:, 2], c[:, 3])]
+        per_case = [dice(cases[case]) for case in sorted(cases)]
+        means: list[float | None] | None = None
+        num_cases: list[int] | None = None
+        if per_case:
+            columns = [[row[i] for row in per_case if row[i] is not None]
+                       for i in range(len(self.thresholds))]
+            means = [sum(col) / len(col) if col else None for col in columns]
+            num_cases = [len(col) for col in columns]
+        return {
+            "class": class_name, "thresholds": list(self.thresholds),
+            "Dice_pooled": dice(pooled), "pixel_accuracy": accuracy,
+            "Dice_mean_over_cases": means, "num_cases": num_cases,
+            "note": ("labels at each threshold of p(class 1), from the probabilities scored above; "
+                     "a threshold chosen on these images flatters them: choose it on other "
+                     "folds (segpipe crossval does, leaving each fold out) and set "
+                     "model.positive_threshold"),
+        }
 
 
 def case_scores(

@@ -677,6 +677,23 @@ def write_report(
                   f"{_pct(r.get('mIoU'))} |" for r in per_case["cases"]]
         lines.append("")
 
+    # Threshold sweep (two-class models) ----------------------------------------------------
+    sweep = report.get("threshold_sweep")
+    if sweep and sweep.get("thresholds"):
+        name = _md(sweep.get("class", "class 1"))
+        by_case = sweep.get("Dice_mean_over_cases")
+        lines += ["## Threshold sweep", "",
+                  f"Labels at each threshold of p({name}) (`model.positive_threshold`; 0.5 is the "
+                  f"arg-max). {_md(sweep.get('note', ''))}.", "",
+                  f"| threshold | Dice {name}, pooled | pixel accuracy |"
+                  + (f" Dice {name}, mean over cases |" if by_case else ""),
+                  "|---|---|---|" + ("---|" if by_case else "")]
+        for i, t in enumerate(sweep["thresholds"]):
+            lines.append(f"| {t:g} | {_pct(sweep['Dice_pooled'][i])} | "
+                         f"{_pct(sweep['pixel_accuracy'][i])} |"
+                         + (f" {_pct(by_case[i])} |" if by_case else ""))
+        lines.append("")
+
     # Per image -----------------------------------------------------------------------------
     lines += ["## Per image", ""]
     if per_image_csv is not None:

@@ -299,3 +299,40 @@ def test_two_folds_end_to_end(tmp_path: Path, capsys) -> None:
     assert f"checkpoint `{metrics['checkpoint']}`" in report
     assert "\nfold 1 " in printed and "\nfold 0 " in printed
     assert "(checkpoint " in printed
+
+
+def test_a_threshold_is_chosen_for_each_fold_on_the_others(tmp_path: Path) -> None:
+    """Two-class folds with segpipe test's threshold sweep: each fold is scored at the threshold
+    best on the other folds' cases (fold means weighed by their cases), which the best single
+    threshold over all folds would flatter."""
+    sweeps = [  # thresholds 0.3, 0.5, 0.7: mean Dice over cases, and the cases scored
+        ([0.80, 0.70, 0.60], [2, 2, 2]),
+        ([0.60, 0.70, 0.90], [2, 2, 2]),
+        ([0.70, 0.80, 0.75], [4, 4, 4]),
+    ]
+    runs = []
+    for k, (means, counts) in enumerate(sweeps):
+        path = _metrics(tmp_path / f"f{k}/test_metrics.json", [_row(f"p{k}", 0.5)],
+                        split={"fold": k, "val_case_fraction": 0.34})
+        metrics = json.loads(path.read_text())
+        metrics["threshold_sweep"] = {"class": "tumour", "thresholds": [0.3, 0.5, 0.7],
+                                      "Dice_mean_over_cases": means, "num_cases": counts}
+        path.write_text(json.dumps(metrics))
+        runs.append(str(path))
+    out = crossval(runs)["threshold"]
+    # fold 0, on folds 1 and 2: 0.3 -> (1.2 + 2.8) / 6, 0.5 -> (1.4 + 3.2) / 6, 0.7 ->
+    # (1.8 + 3.0) / 6, so 0.7; fold 1, on folds 0 and 2: 0.5 ((1.4 + 3.2) / 6); fold 2, on
+    # folds 0 and 1: 0.3 -> 2.8 / 4, 0.5 -> 2.8 / 4, 0.7 -> 3.0 / 4, so 0.7
+    assert [c["threshold"] for c in out["chosen_leaving_each_fold_out"]] == [0.7, 0.5, 0.7]
+    assert out["Dice_mean_over_cases_chosen_leaving_each_fold_out"] == pytest.approx(
+        (0.60 * 2 + 0.70 * 2 + 0.75 * 4) / 8)
+    assert out["Dice_mean_over_cases"] == pytest.approx([5.6 / 8, 6.0 / 8, 6.0 / 8])
+    text = format_table(crossval(runs))
+    picks = "on the other folds' cases (fold 0 0.7, fold 1 0.5, fold 2 0.7)"
+    assert picks in text
+    assert "Dice tumour 70.0 mean over cases" in text
+    assert "at 0.5 (the arg-max) 75.0" in text
+    # a fold without the sweep (a multi-class model, an older test): no choice
+    del metrics["threshold_sweep"]
+    Path(runs[-1]).write_text(json.dumps(metrics))
+    assert crossval(runs)["threshold"] is None

@@ -65,6 +65,7 @@ def test_a_threshold_for_more_than_two_classes_says_to_leave_it_unset() -> None:
 def test_the_task_refuses_a_threshold_for_a_multi_class_model() -> None:
     with pytest.raises(ConfigError, match="has 3 classes.*leave model.positive_threshold unset"):
         SegmentationTask(PixelNet(), positive_threshold=0.3)
+    assert SegmentationTask(PixelNet()).threshold_sweep is None  # two classes only
 
 
 def _confusion(task: SegmentationTask, images: torch.Tensor, masks: torch.Tensor,
@@ -93,6 +94,12 @@ def test_validation_and_test_score_the_thresholded_labels(tta: bool) -> None:
         val = _trainer().validate(task, loader, verbose=False)[0]
         assert val["val/mIoU"] == pytest.approx(task.test_report["mIoU"], abs=1e-6)
     assert reports[0.2]["confusion_matrix"] != reports[None]["confusion_matrix"]
+    for threshold, report in reports.items():  # the sweep holds the test's own figures
+        sweep = report["threshold_sweep"]
+        i = sweep["thresholds"].index(0.5 if threshold is None else threshold)
+        assert sweep["Dice_pooled"][i] == pytest.approx(report["Dice_per_class"]["class_1"])
+        assert sweep["pixel_accuracy"][i] == pytest.approx(report["pixel_accuracy"])
+        assert sweep["Dice_mean_over_cases"] is None  # images in no case
     assert "decision" not in reports[None]  # the arg-max: as test files before the option
     assert reports[0.2]["decision"].startswith("class_1 (class 1) where its probability > 0.2")
 

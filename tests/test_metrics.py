@@ -156,3 +156,46 @@ def test_case_confusions_sum_each_cases_images() -> None:
     assert confusions["b"].tolist() == [[0, 1], [0, 1]]
     tracker.reset()
     assert tracker.merged() == ({}, {})
+
+
+def test_the_threshold_sweep_counts_as_labelling_at_each_threshold_would() -> None:
+    """Pooled Dice and pixel accuracy, and per-case Dice with its mean, at each threshold of
+    p(class 1), against labels made at that threshold and scored by hand; ignored pixels and
+    images in no case (pooled only) as segpipe test treats them."""
+    from segpipe.metrics import SWEEP_THRESHOLDS, ThresholdSweep
+
+    g = torch.Generator().manual_seed(0)
+    prob = torch.rand(5, 6, 7, generator=g)
+    target = (torch.rand(5, 6, 7, generator=g) < 0.4).long()
+    target[0, 0] = 255  # ignored
+    target[3] = 0  # a case without class 1 anywhere, predicted below 0.8 everywhere
+    prob[3] *= 0.8
+    cases = ["a", "a", "b", "c", ""]
+    sweep = ThresholdSweep(ignore_index=255)
+    sweep.update(prob[:3], target[:3], cases[:3])  # two batches
+    sweep.update(prob[3:], target[3:], cases[3:])
+    out = sweep.summary("tumour")
+    assert out["thresholds"] == list(SWEEP_THRESHOLDS) and out["class"] == "tumour"
+    assert SWEEP_THRESHOLDS[0] == 0.1 and SWEEP_THRESHOLDS[-1] == 0.9 and 0.5 in SWEEP_THRESHOLDS
+    valid = target != 255
+
+    def dice(pred, truth, ok):
+        tp = (pred & truth & ok).sum().item()
+        denom = 2 * tp + (pred & ~truth & ok).sum().item() + (~pred & truth & ok).sum().item()
+        return 2 * tp / denom if denom else None
+
+    for i, t in enumerate(SWEEP_THRESHOLDS):
+        pred, truth = prob > t, target == 1
+        assert out["Dice_pooled"][i] == pytest.approx(dice(pred, truth, valid))
+        wrong = ((pred != truth) & valid).sum().item()
+        assert out["pixel_accuracy"][i] == pytest.approx(1 - wrong / valid.sum().item())
+        per_case = [dice(pred[idx], truth[idx], valid[idx]) for idx in ([0, 1], [2], [3])]
+        scored = [d for d in per_case if d is not None]
+        assert out["num_cases"][i] == len(scored)
+        assert out["Dice_mean_over_cases"][i] == pytest.approx(sum(scored) / len(scored))
+    # case "c" has no tumour: scored (Dice 0) only where the threshold predicts some
+    assert out["num_cases"][0] == 3 and out["num_cases"][-1] == 2
+    sweep.reset()
+    assert sweep.summary() is None
+    sweep.update(prob, target)  # no cases at all: pooled figures only
+    assert sweep.summary()["Dice_mean_over_cases"] is None

@@ -39,6 +39,7 @@ from segpipe.models.input_norm import input_norm_module
 from segpipe.metrics import (
     IOU_METRICS,
     CaseConfusions,
+    ThresholdSweep,
     WeightedMean,
     build_metrics,
     case_score_logs,
@@ -418,6 +419,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         # per-case confusions of val and test images that belong to cases (patients, sequences)
         self.case_confusions = {stage: CaseConfusions(num_classes, ignore_index)
                                 for stage in ("val", "test")}
+        #: Two-class models: test labels at thresholds of p(class 1) besides the one used.
+        self.threshold_sweep = ThresholdSweep(ignore_index) if num_classes == 2 else None
         self.test_report: dict[str, Any] | None = None
         self._pending_rng_state: dict[str, Any] | None = None
 
@@ -770,21 +773,26 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         if stage == "train" and not self.log_train_metrics:
             return loss
         threshold = self.positive_threshold  # None: the arg-max (of logits or probabilities)
+        sweep = self.threshold_sweep if stage == "test" else None
         if stage == "test" and self.test_tta_scales:
             views = partial(self._scale_probabilities, base_size=eval_size)
             probs = views(image) if sizes is None else self._each_image(image, sizes, views)
-            preds = decide(self._to_masks(probs, batch) if resized else probs, threshold)
         elif stage == "test" and self.test_tta:
             probs = (self._tta_probabilities(image, logits.detach()) if sizes is None
                      else self._each_image(image, sizes, self._tta_probabilities))
-            preds = decide(self._to_masks(probs, batch) if resized else probs, threshold)
-        elif resized:  # probabilities resized, as segpipe predict does: the same masks
-            preds = decide(self._to_masks(logits.detach().float().softmax(dim=1), batch),
-                           threshold)
-        else:  # a threshold compares probabilities; the arg-max of logits is theirs
-            scores = logits.detach()
-            preds = decide(scores if threshold is None else scores.float().softmax(dim=1),
-                           threshold)
+        elif resized or threshold is not None:
+            # probabilities resized as segpipe predict resizes them: the same masks
+            probs = logits.detach().float().softmax(dim=1)
+        else:
+            probs = None  # the arg-max of the logits is that of the probabilities
+        if probs is None:
+            preds = logits.detach().argmax(dim=1)
+        else:
+            probs = self._to_masks(probs, batch) if resized else probs
+            preds = decide(probs, threshold)
+        if sweep is not None:
+            scores = probs if probs is not None else logits.detach().float().softmax(dim=1)
+            sweep.update(scores[:, 1], mask, batch.get("case"))
         getattr(self, f"{stage}_metrics").update(preds, mask)
         if batch.get("case") is not None and stage != "train":
             self.case_confusions[stage].update(preds, mask, batch["case"])
@@ -1020,6 +1028,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         self.test_images = []
         self.worst_images = []
         self.case_confusions["test"].reset()
+        if self.threshold_sweep is not None:
+            self.threshold_sweep.reset()
         self.test_report = None
 
     def on_test_epoch_end(self) -> None:
@@ -1064,6 +1074,10 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             per_case["images_without_case"] = len(images) - sum(
                 row["num_images"] for row in per_case["cases"])
             report["per_case"] = per_case
+        if self.threshold_sweep is not None:
+            sweep = self.threshold_sweep.summary(names[1], self.trainer.world_size)
+            if sweep is not None:
+                report["threshold_sweep"] = sweep
         report["per_image"] = images
         report["worst_images"] = worst  # with numpy arrays: for the report, not for JSON
         self.test_report = report
