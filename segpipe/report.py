@@ -684,7 +684,9 @@ def write_report(
         by_case = sweep.get("Dice_mean_over_cases")
         lines += ["## Threshold sweep", "",
                   f"Labels at each threshold of p({name}) (`model.positive_threshold`; 0.5 is the "
-                  f"arg-max). {_md(sweep.get('note', ''))}.", "",
+                  "arg-max), from the probabilities scored above. A threshold chosen on these "
+                  "images flatters them: choose it on other folds (`segpipe crossval` does, "
+                  "leaving each fold out).", "",
                   f"| threshold | Dice {name}, pooled | pixel accuracy |"
                   + (f" Dice {name}, mean over cases |" if by_case else ""),
                   "|---|---|---|" + ("---|" if by_case else "")]

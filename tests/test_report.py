@@ -149,6 +149,24 @@ def test_report_names_the_split_scored_and_the_evaluation_size(tmp_path: Path) -
     assert re.search(r"\| mDice \| macro[^|]*\| — \|", md)
 
 
+def test_report_states_the_threshold_and_tabulates_the_sweep(tmp_path: Path) -> None:
+    """A two-class model's report: the decision rule among the facts, and the sweep's table
+    (the mean over cases column only when images belong to cases)."""
+    sweep = {"class": "car", "thresholds": [0.3, 0.5], "Dice_pooled": [0.8, 0.75],
+             "pixel_accuracy": [0.9, 0.95], "Dice_mean_over_cases": [0.7, None],
+             "num_cases": [3, 0]}
+    report = {**_report(), "decision": "car (class 1) where its probability > 0.3",
+              "threshold_sweep": sweep}
+    md = write_report(report, tmp_path).read_text(encoding="utf-8")
+    assert "; labels: car (class 1) where its probability > 0.3." in md
+    assert "| threshold | Dice car, pooled | pixel accuracy | Dice car, mean over cases |" in md
+    assert "| 0.3 | 80.00 % | 90.00 % | 70.00 % |" in md and "| 0.5 | 75.00 % | 95.00 % | — |" in md
+    sweep["Dice_mean_over_cases"] = None
+    md = write_report(report, tmp_path).read_text(encoding="utf-8")
+    assert "| threshold | Dice car, pooled | pixel accuracy |\n" in md
+    assert "## Threshold sweep" not in write_report(_report(), tmp_path).read_text(encoding="utf-8")
+
+
 def test_report_needs_class_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="class_names or IoU_per_class"):
         write_report({"mIoU": 0.5}, tmp_path)
