@@ -363,10 +363,8 @@ def _threshold_choice(sweeps: list[Any]) -> dict[str, Any] | None:
         return None
 
     def pooled(parts: list[dict[str, Any]], i: int) -> float | None:
-        """Mean over the cases of ``parts`` at threshold ``i`` (fold means weighed by cases)."""
-        pairs = [(p["Dice_mean_over_cases"][i], p["num_cases"][i]) for p in parts]
-        n = sum(k for m, k in pairs if m is not None)
-        return sum(m * k for m, k in pairs if m is not None) / n if n else None
+        """Mean over the cases of ``parts`` at threshold ``i``."""
+        return _over_cases([(p["Dice_mean_over_cases"][i], p["num_cases"][i]) for p in parts])
 
     def best(parts: list[dict[str, Any]]) -> int:
         """The threshold scoring most on ``parts``; of equals, the nearest 0.5 (the arg-max)."""
@@ -384,10 +382,15 @@ def _threshold_choice(sweeps: list[Any]) -> dict[str, Any] | None:
         "class": sweeps[0].get("class"), "thresholds": thresholds,
         "Dice_mean_over_cases": each,
         "chosen_leaving_each_fold_out": chosen,
-        "Dice_mean_over_cases_chosen_leaving_each_fold_out": pooled(
-            [{"Dice_mean_over_cases": [c["Dice_mean_over_cases"]], "num_cases": [c["num_cases"]]}
-             for c in chosen], 0),
+        "Dice_mean_over_cases_chosen_leaving_each_fold_out": _over_cases(
+            [(c["Dice_mean_over_cases"], c["num_cases"]) for c in chosen]),
     }
+
+
+def _over_cases(fold_means: list[tuple[float | None, int]]) -> float | None:
+    """The mean over every case of folds given as ``(mean over its cases, cases)``."""
+    n = sum(k for m, k in fold_means if m is not None)
+    return sum(m * k for m, k in fold_means if m is not None) / n if n else None
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
