@@ -377,10 +377,11 @@ def _threshold_choice(sweeps: list[Any]) -> dict[str, Any] | None:
         chosen.append({"threshold": thresholds[i],
                        "Dice_mean_over_cases": sweep["Dice_mean_over_cases"][i],
                        "num_cases": sweep["num_cases"][i]})
-    each = [pooled(sweeps, i) for i in range(len(thresholds))]
     return {
         "class": sweeps[0].get("class"), "thresholds": thresholds,
-        "Dice_mean_over_cases": each,
+        "Dice_mean_over_cases": [pooled(sweeps, i) for i in range(len(thresholds))],
+        # chosen on the cases it scores: a figure it flatters
+        "best_single_threshold": thresholds[best(sweeps)],
         "chosen_leaving_each_fold_out": chosen,
         "Dice_mean_over_cases_chosen_leaving_each_fold_out": _over_cases(
             [(c["Dice_mean_over_cases"], c["num_cases"]) for c in chosen]),
@@ -454,15 +455,15 @@ def format_table(result: dict[str, Any]) -> str:
         ts, each = choice["thresholds"], choice["Dice_mean_over_cases"]
         picks = ", ".join(f"{label} {c['threshold']:g}"
                           for label, c in zip(labels, choice["chosen_leaving_each_fold_out"]))
-        top = max((v, -abs(t - 0.5), t) for v, t in zip(each, ts) if v is not None)
+        top = choice["best_single_threshold"]
         half = each[ts.index(0.5)] if 0.5 in ts else None
         unflattered = choice["Dice_mean_over_cases_chosen_leaving_each_fold_out"]
         text.append(
             f"Threshold of p({choice['class']}), chosen for each fold on the other folds' cases "
             f"({picks}): Dice {choice['class']} {_pct(unflattered)} "
             f"mean over cases; at 0.5 (the arg-max) {_pct(half)}; the best single threshold "
-            f"on all folds, {top[2]:g}, {_pct(top[0])} (chosen on the cases it scores: it "
-            "flatters). Set model.positive_threshold to use one.")
+            f"on all folds, {top:g}, {_pct(each[ts.index(top)])} (chosen on the cases it "
+            "scores: it flatters). Set model.positive_threshold to use one.")
     unscored = result["all_cases"].get("num_cases_without_score")
     if unscored:
         text.append(f"{unscored} case(s) without a labelled pixel have no score and are left "

@@ -28,6 +28,7 @@ from torchmetrics.classification import (
 __all__ = [
     "WeightedMean",
     "CaseConfusions",
+    "CaseSums",
     "SWEEP_THRESHOLDS",
     "ThresholdSweep",
     "case_scores",
@@ -234,11 +235,47 @@ def image_confusions(
     return counts[:-1].view(n, k, k)
 
 
-class CaseConfusions:
-    """Per-case confusion matrices summed over each case's images (LGG patients, CamVid
-    sequences), for the per-case figures of ``segpipe validate``/``test`` and the val ones a
-    checkpoint can be selected on. Kept on the predictions' device: no host synchronisation
-    per batch.
+class CaseSums:
+    """Per-image tensors summed over each case's images (LGG patients, CamVid sequences), with
+    the number of images per case. Kept on the tensors' device: no host synchronisation per
+    batch."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: Tensor, cases: Sequence[str | None]) -> None:
+        """Add (N, ...) ``values`` of N images and their case names ("" or None for an image
+        in no case, which is left out)."""
+        for i, case in enumerate(cases):
+            if case:
+                held = self.sums.get(case)
+                self.sums[case] = values[i] if held is None else held + values[i]
+                self.counts[case] = self.counts.get(case, 0) + 1
+
+    def merged(self, world_size: int = 1) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """Every process's cases summed (a case's images may be spread over the processes; all
+        of them must call this when ``world_size`` > 1), on the CPU."""
+        sums = {case: value.cpu() for case, value in self.sums.items()}
+        counts = dict(self.counts)
+        if world_size > 1:
+            parts: list = [None] * world_size
+            torch.distributed.all_gather_object(parts, (sums, counts))
+            sums, counts = {}, {}
+            for part_sums, part_counts in parts:
+                for case, value in part_sums.items():
+                    sums[case] = sums[case] + value if case in sums else value
+                    counts[case] = counts.get(case, 0) + part_counts[case]
+        return sums, counts
+
+
+class CaseConfusions(CaseSums):
+    """Per-case confusion matrices summed over each case's images, for the per-case figures
+    of ``segpipe validate``/``test`` and the val ones a checkpoint can be selected on
+    (:meth:`merged` gives them).
 
     Args:
         num_classes: K.
@@ -247,38 +284,13 @@ class CaseConfusions:
 
     def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.reset()
-
-    def reset(self) -> None:
-        self.confusions: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
+        super().__init__()
 
     def update(self, preds: Tensor, target: Tensor, cases: Sequence[str]) -> None:
         """Add a batch: (N, H, W) ``preds`` and ``target``, N case names ("" for an image in
         no case, which is left out)."""
-        if not any(cases):
-            return
-        cms = image_confusions(preds, target, self.num_classes, self.ignore_index)
-        for i, case in enumerate(cases):
-            if case:
-                held = self.confusions.get(case)
-                self.confusions[case] = cms[i] if held is None else held + cms[i]
-                self.counts[case] = self.counts.get(case, 0) + 1
-
-    def merged(self, world_size: int = 1) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """Every process's cases summed (a case's images may be spread over the processes; all
-        of them must call this when ``world_size`` > 1), on the CPU."""
-        confusions = {case: cm.cpu() for case, cm in self.confusions.items()}
-        counts = dict(self.counts)
-        if world_size > 1:
-            parts: list = [None] * world_size
-            torch.distributed.all_gather_object(parts, (confusions, counts))
-            confusions, counts = {}, {}
-            for part_cms, part_counts in parts:
-                for case, cm in part_cms.items():
-                    confusions[case] = confusions[case] + cm if case in confusions else cm
-                    counts[case] = counts.get(case, 0) + part_counts[case]
-        return confusions, counts
+        if any(cases):
+            self.add(image_confusions(preds, target, self.num_classes, self.ignore_index), cases)
 
 
 #: The thresholds of p(class 1) that :class:`ThresholdSweep` scores: 0.1, 0.15, ..., 0.9.
@@ -304,10 +316,9 @@ class ThresholdSweep:
         self.reset()
 
     def reset(self) -> None:
-        #: (T, 4) int64 counts over every image: true positives, false positives, false
-        #: negatives, scored pixels.
-        self.pooled: Tensor | None = None
-        self.cases: dict[str, Tensor] = {}
+        #: (T, 4) int64 counts per threshold (true positives, false positives, false negatives,
+        #: scored pixels) of each case, and of every image as the one case "all".
+        self.by_case, self.pooled = CaseSums(), CaseSums()
 
     def update(self, prob1: Tensor, target: Tensor, cases: Sequence[str] | None = None) -> None:
         """Add a batch: (N, H, W) probabilities of class 1 and true labels, and N case names
@@ -328,12 +339,8 @@ class ThresholdSweep:
             counts[:, i, 0] = tp
             counts[:, i, 1] = pred.sum(-1) - tp
             counts[:, i, 2] = pos - tp
-        total = counts.sum(0)
-        self.pooled = total if self.pooled is None else self.pooled + total
-        for i, case in enumerate(cases or ()):
-            if case:
-                held = self.cases.get(case)
-                self.cases[case] = counts[i] if held is None else held + counts[i]
+        self.pooled.add(counts.sum(0, keepdim=True), ["all"])
+        self.by_case.add(counts, cases or ())
 
     def summary(self, class_name: str = "class 1", world_size: int = 1) -> dict[str, Any] | None:
         """The sweep for ``test_metrics.json`` (every process's images when ``world_size`` > 1;
@@ -344,17 +351,8 @@ class ThresholdSweep:
             "Dice_mean_over_cases", "num_cases", "note"}``: one value per threshold (None
             where undefined; the per-case entries None when no image had a case).
         """
-        pooled = None if self.pooled is None else self.pooled.cpu()
-        cases = {case: c.cpu() for case, c in self.cases.items()}
-        if world_size > 1:
-            parts: list = [None] * world_size
-            torch.distributed.all_gather_object(parts, (pooled, cases))
-            pooled, cases = None, {}
-            for part_pooled, part_cases in parts:
-                if part_pooled is not None:
-                    pooled = part_pooled if pooled is None else pooled + part_pooled
-                for case, c in part_cases.items():
-                    cases[case] = cases[case] + c if case in cases else c
+        pooled = self.pooled.merged(world_size)[0].get("all")
+        cases = self.by_case.merged(world_size)[0]
         if pooled is None:
             return None
 
