@@ -785,11 +785,9 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             probs = logits.detach().float().softmax(dim=1)
         else:
             probs = None  # the arg-max of the logits is that of the probabilities
-        if probs is None:
-            preds = logits.detach().argmax(dim=1)
-        else:
-            probs = self._to_masks(probs, batch) if resized else probs
-            preds = decide(probs, threshold)
+        if probs is not None and resized:
+            probs = self._to_masks(probs, batch)
+        preds = decide(logits.detach() if probs is None else probs, threshold)
         if sweep is not None:
             scores = probs if probs is not None else logits.detach().float().softmax(dim=1)
             sweep.update(scores[:, 1], mask, batch.get("case"))
