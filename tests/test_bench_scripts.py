@@ -1,4 +1,9 @@
-"""The benchmark scripts still run (tiny sizes; their figures are not checked: timing is noise here)."""
+"""The benchmark scripts still run (tiny sizes; their figures are not checked: timing is noise here).
+
+Each run imports torch and Lightning in a subprocess and trains or predicts a little: marked
+`slow` (about 3 minutes together on the 2-core CPU), so the default run keeps only the scripts'
+quick refusals of bad arguments.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ TINY = ["--images", "8", "--batch-size", "2", "--crop", "32", "--base", "4", "--
         "--precision", "32-true"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["interleaved", "rounds"])
 def test_bench_train_prints_paired_throughput(mode: str) -> None:
     extra = ["--epochs", "1"] if mode == "interleaved" else ["--epochs", "1", "--rounds", "2"]
@@ -53,6 +59,7 @@ def test_bench_train_prints_paired_throughput(mode: str) -> None:
     assert re.search(r"^ratio: [\d.]+ +\(goal >= 0.95\)$", res.stdout, re.M), res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux")
 def test_bench_loading_compares_per_worker_and_shared_caches() -> None:
     res = subprocess.run(
@@ -71,6 +78,7 @@ def test_bench_loading_compares_per_worker_and_shared_caches() -> None:
     assert re.search(r"epoch 1: +[\d.]+ images/s, +0 of 8 images decoded", runs[1]), runs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux")
 def test_bench_loading_times_receiving_batches_both_ways() -> None:
     res = subprocess.run(
@@ -87,6 +95,7 @@ def test_bench_loading_times_receiving_batches_both_ways() -> None:
                           r"\(4 batches after the first epoch\)", res.stdout)) == 2, res.stdout
 
 
+@pytest.mark.slow
 def test_bench_malloc_compares_both_settings() -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_malloc.py", "--pairs", "1", "--steps", "2", "--warmup", "1",
@@ -100,6 +109,7 @@ def test_bench_malloc_compares_both_settings() -> None:
     assert "median: glibc default" in res.stdout
 
 
+@pytest.mark.slow
 def test_bench_predict_runs_every_part_on_cpu(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_predict.py", "--device", "cpu", "--images", "4",
@@ -132,6 +142,7 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
     assert "Traceback" not in res.stderr and not res.stdout.strip()
 
 
+@pytest.mark.slow
 def test_bench_nets_times_each_net_in_each_precision() -> None:
     from segpipe.models import UNet
 
@@ -157,6 +168,7 @@ def test_bench_nets_times_each_net_in_each_precision() -> None:
         assert float(images) == pytest.approx(2 / float(train) * 1e3, rel=0.02, abs=0.1)
 
 
+@pytest.mark.slow
 def test_bench_nets_feeds_a_net_its_own_in_channels_in_both_batches() -> None:
     spec = "segpipe.models.UNet {base_channels: 4, depth: 2, in_channels: 4}"
     res = subprocess.run(
@@ -180,6 +192,7 @@ def test_bench_nets_names_a_bad_net_spec(spec: str, why: str) -> None:
     assert re.search(rf"bench_nets\.py: error: --net '{re.escape(spec)}': {why}", res.stderr), res.stderr
 
 
+@pytest.mark.slow
 def test_bench_epochs_prints_the_per_epoch_overhead(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_epochs.py", "--device", "cpu", "--steps", "14",
@@ -191,6 +204,7 @@ def test_bench_epochs_prints_the_per_epoch_overhead(tmp_path: Path) -> None:
     assert re.search(r"^samples_per_epoch=8 +7 .* ms .*%", res.stdout, re.M), res.stdout
 
 
+@pytest.mark.slow
 def test_bench_epochs_times_each_validations_first_batch_both_ways() -> None:
     res = subprocess.run(
         [sys.executable, "scripts/bench_epochs.py", "--device", "cpu", "--num-workers", "1",
@@ -203,6 +217,7 @@ def test_bench_epochs_times_each_validations_first_batch_both_ways() -> None:
                          r"validations; min [\d.]+, max [\d.]+\)$", res.stdout, re.M), res.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_compares_the_smp_network_on_both_sides() -> None:
     """--net smp-r34: segpipe fit and the bare loop train smp's ResNet-34 U-Net."""
     res = subprocess.run(
@@ -230,6 +245,7 @@ _TINY = ["--pairs", "1", "--steps", "2", "--warmup", "1", "--crop", "32", "--bas
          "--batch-size", "2"]
 
 
+@pytest.mark.slow
 def test_bench_threads_without_a_quota() -> None:
     res = subprocess.run([sys.executable, "scripts/bench_threads.py", "--quota", "0", *_TINY],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -240,6 +256,7 @@ def test_bench_threads_without_a_quota() -> None:
     assert "median: PyTorch default" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _cpu_quota_possible(), reason="needs root and a cgroup CPU controller")
 def test_bench_threads_detects_a_real_cgroup_quota() -> None:
     """In a real cgroup with a 1-CPU quota, segpipe sees 1 CPU and computes with 1 thread."""
