@@ -235,6 +235,11 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             threshold (and at least the ``ohem_fraction`` least probable ones, if given). Unlike
             a fixed fraction, a class the network gets right leaves the mean only while it stays
             right: once its pixels drop below the threshold they are back. None (default): off.
+        label_smoothing: Label smoothing of the cross-entropy (of ``ce``, ``ce+dice``,
+            ``ce+lovasz``; ``nn.CrossEntropyLoss``'s): each pixel's target is 1 - this on its
+            class plus this / num_classes spread over all classes (e.g. 0.1), so the network
+            is not pushed to ever more confident logits on noisy or ambiguous labels (object
+            borders). In every stage's loss, with the class weights. 0 (default): off.
         ignore_index: Label excluded from the loss and from every metric, or None (shorthand
             when there is no ``data_spec``).
         class_names: Names used to label per-class metrics (shorthand); taken from the data
@@ -313,6 +318,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         dice_per_image: bool = False,
         ohem_fraction: float | None = None,
         ohem_threshold: float | None = None,
+        label_smoothing: float = 0.0,
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -387,10 +393,12 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         self.bn_adapt = check_bn_adapt(bn_adapt)
         self._bn_adaptation: BatchNormAdaptation | None = None
         self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
-                                          ohem_fraction, ohem_threshold)
-        for name, value in (("ohem_fraction", ohem_fraction), ("ohem_threshold", ohem_threshold)):
+                                          ohem_fraction, ohem_threshold, label_smoothing)
+        for name, value, does in (("ohem_fraction", ohem_fraction, "mines"),
+                                  ("ohem_threshold", ohem_threshold, "mines"),
+                                  ("label_smoothing", label_smoothing or None, "smooths")):
             if value is not None and not _has_cross_entropy(self.criterion):
-                raise ConfigError(f"model.{name} mines the cross-entropy of loss ce, ce+dice or "
+                raise ConfigError(f"model.{name} {does} the cross-entropy of loss ce, ce+dice or "
                                   f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
@@ -468,7 +476,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
     def _build_loss(
         self, loss: str, class_weights: list[float] | None, ignore_index: int | None,
         dice_per_image: bool = False, ohem_fraction: float | None = None,
-        ohem_threshold: float | None = None,
+        ohem_threshold: float | None = None, label_smoothing: float = 0.0,
     ) -> nn.Module:
         if dice_per_image and loss not in ("dice", "ce+dice"):
             raise ConfigError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
@@ -479,10 +487,15 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         if ohem_threshold is not None and not 0.0 < ohem_threshold <= 1.0:
             raise ConfigError(f"model.ohem_threshold is a probability in (0, 1] (e.g. 0.7): pixels "
                               f"whose true class is predicted with less are kept; got {ohem_threshold}")
+        if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
+            raise ConfigError(f"model.label_smoothing is the share of each pixel's target spread "
+                              f"over all classes, in [0, 1) (e.g. 0.1; 0 is off); got "
+                              f"{label_smoothing!r}")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         ce = PixelWeightedCrossEntropy(
             weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
             hard_fraction=ohem_fraction, hard_threshold=ohem_threshold,
+            label_smoothing=float(label_smoothing),
         )
         if loss == "ce":
             return ce

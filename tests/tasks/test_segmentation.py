@@ -200,6 +200,39 @@ def test_fast_dev_run_ohem_and_its_refusals():
         SegmentationTask(PixelNet(), loss="ce", ohem_threshold=0.0)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_is_torchs_weighted_mean_over_the_pixels_kept(weighted):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 6, 5, generator=g)
+    target = torch.randint(0, 3, (2, 6, 5), generator=g)
+    target[0, 0] = 255
+    class_weight = torch.tensor([1.0, 2.0, 0.5]) if weighted else None
+    smoothed = PixelWeightedCrossEntropy(weight=class_weight, ignore_index=255, label_smoothing=0.1)
+    expected = F.cross_entropy(logits, target, weight=class_weight, ignore_index=255,
+                               label_smoothing=0.1)
+    torch.testing.assert_close(smoothed(logits, target), expected)
+    plain = PixelWeightedCrossEntropy(weight=class_weight, ignore_index=255)
+    assert not torch.allclose(smoothed(logits, target), plain(logits, target))
+    # a confident, right pixel still costs something: the target is not one-hot any more
+    sure = torch.tensor([[[[20.0]], [[-20.0]], [[-20.0]]]])
+    assert smoothed(sure, torch.zeros(1, 1, 1, dtype=torch.long)) > 0.5
+    assert plain(sure, torch.zeros(1, 1, 1, dtype=torch.long)) < 1e-6
+
+
+def test_task_label_smoothing_reaches_the_cross_entropy_and_its_refusals():
+    task = SegmentationTask(PixelNet(), loss="ce+dice", label_smoothing=0.1, ignore_index=255)
+    ce = next(t for t in task.criterion.losses if isinstance(t, PixelWeightedCrossEntropy))
+    assert ce.label_smoothing == 0.1 and task.hparams.label_smoothing == 0.1
+    _trainer(fast_dev_run=True).fit(task, DM(ignore=255))
+    assert SegmentationTask(PixelNet(), loss="ce").criterion.label_smoothing == 0.0
+    with pytest.raises(ValueError, match="model.label_smoothing smooths the cross-entropy of loss ce"):
+        SegmentationTask(PixelNet(), loss="dice", label_smoothing=0.1)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"model.label_smoothing is the share .* in \[0, 1\)"):
+            SegmentationTask(PixelNet(), loss="ce", label_smoothing=bad)
+    SegmentationTask(PixelNet(), loss="dice", label_smoothing=0.0)  # 0 is off: any loss
+
+
 class WeightedArgmaxData(ArgmaxData):
     def __getitem__(self, i):
         return {**super().__getitem__(i), "weight": torch.rand(self.masks[i].shape) + 1}
