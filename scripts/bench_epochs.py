@@ -30,9 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import pick_device, refuse_missing_cuda, synchronize  # noqa: E402
+
+if __name__ == "__main__":
+    refuse_missing_cuda()  # --device cuda without CUDA: at once, before Lightning's import
+
+import lightning.pytorch as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,8 +60,7 @@ class Gaps(L.Callback):
         self.t0 = self.t1 = 0.0
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -89,8 +94,7 @@ class ValWait(L.Callback):
         self._seen = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
@@ -167,8 +171,6 @@ def main() -> None:
     p.add_argument("--data-root", type=Path,
                    help="--validations: its data (default: synthetic ISBI-sized slices)")
     args = p.parse_args()
-    from bench_train import pick_device  # the same one-line refusal of a missing CUDA
-
     args.device = pick_device(args.device).type
     if args.validations:
         with tempfile.TemporaryDirectory() as tmp:

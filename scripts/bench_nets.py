@@ -30,7 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train import BareLoop, pick_device, synchronize  # noqa: E402
+from bench_common import BareLoop, pick_device, synchronize  # noqa: E402
 
 from segpipe.argparsing import positive_int  # noqa: E402
 

@@ -49,39 +49,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_common import pick_device, precision_for  # noqa: E402
 
 from segpipe.argparsing import at_least, positive_int  # noqa: E402
-
-
-def pick_device(name: str | None) -> str:
-    """``cpu`` or ``cuda``: ``name``, or what segpipe would use (cuda when available).
-
-    Exits with a one-line message when CUDA is asked for and not available.
-    """
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None
-               else "no CUDA device is visible")
-        sys.exit(f"{Path(__file__).name}: error: --device cuda: CUDA is not available ({why}); "
-                 "use --device cpu")
-    return name
-
-
-def precision_for(device: str) -> str:
-    """segpipe's default precision (:func:`segpipe.runtime.default_precision`) on ``device``."""
-    import torch
-
-    from segpipe.runtime import default_precision
-
-    if device == "cuda":
-        return default_precision()
-    try:  # as default_precision() on a machine without CUDA
-        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-    except (AttributeError, RuntimeError):
-        return "32-true"
 
 
 def autocast_for(device: str, precision: str):  # noqa: ANN201 - a torch.autocast
@@ -436,7 +408,7 @@ def main() -> None:
                    help="device of both sides and of the raster runs (default: cuda when "
                         "available, as segpipe predict)")
     args = p.parse_args()
-    args.device = pick_device(args.device)
+    args.device = pick_device(args.device).type  # a string: also the subprocesses' option
     args.precision = args.precision or precision_for(args.device)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)

@@ -47,17 +47,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import BareLoop, pick_device, precision_for, refuse_missing_cuda, synchronize  # noqa: E402
+
+if __name__ == "__main__":
+    refuse_missing_cuda()  # --device cuda without CUDA: at once, before Lightning's import
+
+import lightning.pytorch as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segpipe.argparsing import at_least, positive_int  # noqa: E402
 from segpipe.configs import FOLDER as CONFIGS  # noqa: E402
 from segpipe.lightning_cli import run_cli  # noqa: E402
-from segpipe.runtime import default_precision  # noqa: E402
-from segpipe.models import SmpModel, UNet  # noqa: E402
 
 
 def make_data(root: Path, n: int, num_classes: int) -> Path:
@@ -77,85 +81,6 @@ def make_data(root: Path, n: int, num_classes: int) -> Path:
             write_image(root / split / "images" / f"{i:04d}.png", img)
             write_mask(root / split / "masks" / f"{i:04d}.png", mask)
     return root
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``name``, or what segpipe would use (cuda when available); exits with a one-line message
-    when CUDA is asked for and not available."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None
-               else "no CUDA device is visible")
-        sys.exit(f"{Path(sys.argv[0]).name}: error: --device cuda: CUDA is not available ({why}); "
-                 "use --device cpu")  # the script run (bench_epochs.py uses this one too)
-    return torch.device(name)
-
-
-def precision_for(device: torch.device) -> str:
-    """segpipe's default precision (:func:`segpipe.runtime.default_precision`) on ``device``."""
-    if device.type == "cuda":
-        return default_precision()
-    try:  # as default_precision() on a machine without CUDA
-        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-    except (AttributeError, RuntimeError):
-        return "32-true"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA), so that the clock reads finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class BareLoop:
-    """The reference: the same network (or ``net``, given), AdamW, cross-entropy, autocast, one
-    batch in the device's memory (``net``'s ``in_channels`` channels, else 3)."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device | str = "cpu",
-                 net: torch.nn.Module | None = None) -> None:
-        torch.manual_seed(0)
-        self.device = device = torch.device(device)
-        if net is None and args.net == "unet":
-            net = UNet(3, args.classes, base_channels=args.base, depth=4)
-        elif net is None:  # smp-r34: smp's U-Net with a ResNet-34 encoder, random weights
-            net = SmpModel("unet", "resnet34", in_channels=3, num_classes=args.classes)
-        self.net = net.to(device)
-        self.net.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-4)
-        shape = (args.batch_size, getattr(net, "in_channels", 3), args.crop, args.crop)
-        self.x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop),
-                               device=device)
-        mode = args.precision.split("-")[0]
-        self.autocast = torch.autocast(
-            device.type, dtype=torch.float16 if mode == "16" else torch.bfloat16,
-            enabled=mode in ("bf16", "16"),
-        )
-        # fp16 needs loss scaling, as Lightning's 16-mixed does
-        self.scaler = torch.amp.GradScaler(device.type) if mode == "16" else None
-
-    def step(self) -> None:
-        with self.autocast:
-            logits = self.net(self.x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), self.y, ignore_index=255)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-
-    def epochs(self, epochs: int, steps: int) -> float:
-        """Seconds for ``epochs`` epochs of ``steps`` steps (the queued work finished)."""
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(epochs * steps):
-            self.step()
-        synchronize(self.device)
-        return time.perf_counter() - t0
 
 
 def _signal_workers(sig: int) -> None:

@@ -34,7 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train import NETS, BareLoop, make_data, pick_device, precision_for, segpipe_args, synchronize  # noqa: E402
+from bench_common import BareLoop, pick_device, precision_for, synchronize  # noqa: E402
+from bench_train import NETS, make_data, segpipe_args  # noqa: E402
 
 from segpipe.argparsing import positive_int  # noqa: E402
 from segpipe.lightning_cli import run_cli  # noqa: E402

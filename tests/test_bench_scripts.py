@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # bench_common: the scripts' shared, light module
 
 
 def torch_cuda_available() -> bool:
@@ -127,19 +128,37 @@ def test_bench_predict_runs_every_part_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="CUDA is available here")
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_epochs.py",
-                                    "bench_nets.py"])
-def test_device_cuda_without_cuda_fails_in_one_line(script: str) -> None:
+@pytest.mark.parametrize(("script", "option"), [
+    ("bench_train.py", ["--device", "cuda"]), ("bench_predict.py", ["--device", "cuda"]),
+    ("bench_epochs.py", ["--device=cuda"]), ("bench_nets.py", ["--device", "cuda"]),
+])
+def test_device_cuda_without_cuda_fails_in_one_line(script: str, option: list[str]) -> None:
+    # -X importtime lists each module imported, on stderr, before the refusal's line
     res = subprocess.run(
-        [sys.executable, f"scripts/{script}", "--device", "cuda"],
+        [sys.executable, "-X", "importtime", f"scripts/{script}", *option],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode != 0
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "torch" in imported and "lightning" not in imported  # refused before Lightning's import
+    res.stderr = "\n".join(line for line in res.stderr.splitlines()
+                           if not line.startswith("import time:"))
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert re.fullmatch(rf"{script}: error: --device cuda: CUDA is not available \(.+\); "
                         r"use --device cpu", lines[0]), lines[0]
     assert "Traceback" not in res.stderr and not res.stdout.strip()
+
+
+@pytest.mark.parametrize(("argv", "device"), [
+    ([], None), (["--device", "cuda"], "cuda"), (["--device=cpu"], "cpu"),
+    (["--device", "cuda", "--device", "cpu"], "cpu"), (["--device"], None),
+])
+def test_bench_common_reads_the_device_option_as_argparse_does(argv: list[str], device: str | None) -> None:
+    from bench_common import _device_arg
+
+    assert _device_arg(argv) == device
 
 
 @pytest.mark.slow
