@@ -20,25 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segpipe.argparsing import command_line_value  # noqa: E402
+
 __all__ = ["BareLoop", "pick_device", "precision_for", "refuse_missing_cuda", "synchronize"]
-
-
-def _device_arg(argv: Sequence[str]) -> str | None:
-    """The value of the last ``--device X`` or ``--device=X`` in ``argv`` (None without one)."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == "--device" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--device="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def refuse_missing_cuda(argv: Sequence[str] | None = None) -> None:
     """Exit with :func:`pick_device`'s one-line message when ``argv`` (default: the command
     line) asks for ``--device cuda`` and CUDA is not available."""
     argv = sys.argv[1:] if argv is None else argv
-    if _device_arg(argv) == "cuda":
+    if command_line_value(argv, "--device") == "cuda":
         pick_device("cuda")
 
 

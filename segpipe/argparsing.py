@@ -156,12 +156,7 @@ class CommandParser(argparse.ArgumentParser):
 
     # ------------------------------------------------------------------ --config
     def _apply_config(self, argv: list[str]) -> None:
-        path = None
-        for i, token in enumerate(argv):
-            if token == "--config" and i + 1 < len(argv):
-                path = argv[i + 1]
-            elif token.startswith("--config="):
-                path = token.split("=", 1)[1]
+        path = command_line_value(argv, "--config")
         if path is None:
             return
         import yaml

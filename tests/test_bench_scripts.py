@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))  # bench_common: the scripts' shared, light module
 
 
 def torch_cuda_available() -> bool:
@@ -149,16 +148,6 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str, option: list[st
     assert re.fullmatch(rf"{script}: error: --device cuda: CUDA is not available \(.+\); "
                         r"use --device cpu", lines[0]), lines[0]
     assert "Traceback" not in res.stderr and not res.stdout.strip()
-
-
-@pytest.mark.parametrize(("argv", "device"), [
-    ([], None), (["--device", "cuda"], "cuda"), (["--device=cpu"], "cpu"),
-    (["--device", "cuda", "--device", "cpu"], "cpu"), (["--device"], None),
-])
-def test_bench_common_reads_the_device_option_as_argparse_does(argv: list[str], device: str | None) -> None:
-    from bench_common import _device_arg
-
-    assert _device_arg(argv) == device
 
 
 @pytest.mark.slow
