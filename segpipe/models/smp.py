@@ -51,6 +51,7 @@ __all__ = [
     "WeightsFileNotFoundError",
     "available_archs",
     "check_encoder_name",
+    "encoder_stage_modules",
     "load_encoder_weights",
     "no_pretrained_weights",
     "resolve_pretrained",
@@ -610,6 +611,69 @@ def _key_counts(message: str) -> str:
     return ", ".join(counts) + " tensor(s)" if counts else "tensors that do not fit"
 
 
+# ----------------------------------------------------------------------- encoder stages
+def encoder_stage_modules(encoder: nn.Module, stages: int, encoder_name: str) -> list[nn.Module]:
+    """The modules of an smp encoder's first ``stages`` stages (stage k ends at stride ``2**k``).
+
+    timm encoders (``"tu-"``) name each stage's last module in their ``feature_info``; their
+    modules run in the order they are registered, so the stages are every module up to the end
+    of that one. smp's own encoders mark only their stride-16 and stride-32 stages
+    (``get_stages()``), so for them the first 3 or 4 stages are everything else.
+
+    Args:
+        encoder: ``model.encoder`` of an smp model.
+        stages: How many stages, from the input: 1 .. 4.
+        encoder_name: For messages.
+
+    Returns:
+        Those modules, each with its whole subtree among them (so that each can be put in
+        eval mode alone), in registration order; the encoder itself is not among them.
+
+    Raises:
+        ValueError: If the encoder has no stage ending at stride ``2**stages``, or does not
+            say where its stages are.
+    """
+    fix = "freeze the whole encoder (freeze_encoder: true) or none of it"
+    timm_model = getattr(encoder, "model", None)
+    info = getattr(timm_model, "feature_info", None)
+    if timm_model is not None and info is not None:
+        reductions = [int(r) for r in info.reduction()]
+        if 2**stages not in reductions:
+            possible = [r.bit_length() - 1 for r in reductions[:-1] if r & (r - 1) == 0]
+            raise ModelArgumentError(
+                f"freeze_encoder_stages={stages}: encoder {encoder_name!r} has no stage ending at "
+                f"stride {2**stages} (its stages end at strides {reductions}); use one of "
+                f"{possible}, or {fix}.")
+        end_name = info.module_name()[reductions.index(2**stages)]
+        named = list(timm_model.named_modules())
+        names = [name for name, _ in named]
+        found = next((n for n in (end_name, end_name.replace(".", "_")) if n in names), None)
+        if found is None:
+            raise ModelArgumentError(
+                f"freeze_encoder_stages={stages}: encoder {encoder_name!r} names its stride-"
+                f"{2**stages} stage {end_name!r}, a module it does not have; {fix}.")
+        end = max(i for i, n in enumerate(names) if n == found or n.startswith(found + "."))
+        region = [module for _, module in named[1:end + 1]]
+    else:
+        get_stages = getattr(encoder, "get_stages", None)
+        try:
+            later = get_stages() if callable(get_stages) else None
+        except (AttributeError, IndexError, TypeError):  # a depth that dropped a stage
+            later = None
+        if not isinstance(later, Mapping) or not {16, 32} <= set(later) or stages not in (3, 4):
+            raise ModelArgumentError(
+                f"freeze_encoder_stages={stages}: encoder {encoder_name!r} does not say where its "
+                f"stages 1-{stages} end"
+                + (" (smp's own encoders mark only the stride-16 and stride-32 stages, so 3 or 4 "
+                   "here)" if isinstance(later, Mapping) else "")
+                + f"; use a timm encoder ('tu-...'), or {fix}.")
+        kept = {id(sub) for stride, modules in later.items() if stride > 2**stages
+                for module in modules for sub in module.modules()}
+        region = [m for m in encoder.modules() if m is not encoder and id(m) not in kept]
+    inside = {id(m) for m in region}
+    return [m for m in region if all(id(sub) in inside for sub in m.modules())]
+
+
 # ----------------------------------------------------------------------- model
 class SmpModel(nn.Module):
     """A segmentation-models-pytorch model with segpipe's interface.
@@ -635,6 +699,13 @@ class SmpModel(nn.Module):
         freeze_encoder: If True, encoder parameters get ``requires_grad=False`` and the
             encoder stays in eval mode (BatchNorm statistics frozen, no dropout) even
             after ``model.train()``; the decoder and head still train.
+        freeze_encoder_stages: Freeze the encoder's first N stages only (stage k ends at
+            stride ``2**k``; 1 .. ``encoder_depth - 1``), in the same way and for the whole
+            run; the later stages, the decoder and the head train. Training then skips those
+            stages' backward pass, which at fine strides is much of an encoder's: smp's U-Net
+            on EfficientNet-Lite0, 256² crops, batch 8, bf16 on a 2-core CPU
+            (``scripts/bench_nets.py``) took 1216 ms a training step, 1021 with N=2, 845 with
+            N=3 and 608 with N=4. 0 (default): none. See :func:`encoder_stage_modules`.
         smp_kwargs: More arguments of the smp architecture, as a mapping: the form a YAML
             config or the command line can give (``init_args: {smp_kwargs:
             {decoder_attention_type: scse, decoder_channels: [128, 64, 32, 16, 8]}}``, or
@@ -671,6 +742,7 @@ class SmpModel(nn.Module):
         encoder_depth: int | None = None,
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
+        freeze_encoder_stages: int = 0,
         smp_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -703,6 +775,13 @@ class SmpModel(nn.Module):
         check_int("SmpModel encoder_depth", encoder_depth, 1, 5)
         if not isinstance(freeze_encoder, bool):
             raise ModelArgumentError(f"freeze_encoder must be a bool, got {freeze_encoder!r}.")
+        check_int("SmpModel freeze_encoder_stages", freeze_encoder_stages, 0, encoder_depth)
+        if freeze_encoder_stages == encoder_depth or (freeze_encoder and freeze_encoder_stages):
+            raise ModelArgumentError(
+                f"freeze_encoder_stages={freeze_encoder_stages} with freeze_encoder="
+                f"{freeze_encoder} and encoder_depth={encoder_depth}: to freeze the whole "
+                f"encoder give freeze_encoder: true alone; freeze_encoder_stages freezes the first "
+                f"1 .. {encoder_depth - 1} of its stages.")
         if str(arch).lower() == "unetplusplus" and encoder_depth < 2:
             # smp builds it, and its nested decoder fails at the first batch (KeyError 'x_0_-1')
             raise ModelArgumentError(
@@ -818,6 +897,15 @@ class SmpModel(nn.Module):
             for param in self.model.encoder.parameters():
                 param.requires_grad_(False)
             self.model.encoder.eval()
+        self.freeze_encoder_stages = freeze_encoder_stages
+        #: The modules of the frozen first stages (kept in eval mode), see freeze_encoder_stages.
+        self.frozen_stage_modules: list[nn.Module] = (
+            encoder_stage_modules(self.model.encoder, freeze_encoder_stages, encoder_name)
+            if freeze_encoder_stages else [])
+        for module in self.frozen_stage_modules:
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+            module.training = False
 
     @staticmethod
     def _check_extra_kwargs(arch: str, encoder_name: str, kwargs: Mapping[str, Any]) -> None:
@@ -854,7 +942,7 @@ class SmpModel(nn.Module):
         return [self.model.encoder]
 
     def train(self, mode: bool = True) -> SmpModel:
-        """Set training mode; a frozen encoder stays in eval mode.
+        """Set training mode; a frozen encoder, or its frozen first stages, stay in eval mode.
 
         Args:
             mode: True for training mode, False for evaluation mode.
@@ -865,6 +953,8 @@ class SmpModel(nn.Module):
         super().train(mode)
         if self.encoder_frozen:
             self.model.encoder.eval()
+        for module in self.frozen_stage_modules:
+            module.training = False
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -895,4 +985,6 @@ class SmpModel(nn.Module):
             f"arch={self.arch!r}, encoder_name={self.encoder_name!r}, in_channels={self.in_channels}, "
             f"num_classes={self.num_classes}, encoder_depth={self.encoder_depth}, "
             f"encoder_frozen={self.encoder_frozen}"
+            + (f", freeze_encoder_stages={self.freeze_encoder_stages}"
+               if self.freeze_encoder_stages else "")
         )

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,17 @@ def encoder_parameters(net: nn.Module, option: str = "model.encoder_lr_mult") ->
     return params
 
 
+def _frozen_module_count(net: nn.Module | None) -> int:
+    """How many modules a network built frozen keeps in eval mode while it trains: all of the
+    encoder's with ``freeze_encoder: true``, those of the first stages with
+    ``freeze_encoder_stages`` (:class:`~segpipe.models.SmpModel`); else 0."""
+    if net is None:
+        return 0
+    if getattr(net, "encoder_frozen", False) is True:
+        return len({id(sub) for module in encoder_modules(net) for sub in module.modules()})
+    return len(getattr(net, "frozen_stage_modules", ()))
+
+
 def set_encoder_frozen(
     net: nn.Module, frozen: bool, training: bool = True, trainable: Iterable[nn.Parameter] | None = None
 ) -> list[nn.Parameter]:
@@ -168,6 +180,8 @@ def set_encoder_frozen(
         param.requires_grad_(True)
     for module in modules:
         module.train(training)
+    for module in getattr(net, "frozen_stage_modules", ()):  # frozen for the whole run
+        module.training = False
     return []
 
 
@@ -595,6 +609,19 @@ class TransferLearning(L.Callback):
                 "whole run: the decoder learns on random features; give the encoder trained "
                 "weights (encoder_weights, or model.init_from), or set "
                 "model.net.init_args.freeze_encoder false")
+        quiet = _frozen_module_count(net) if stage == "fit" else 0
+        if quiet:  # Lightning counts eval-mode modules at the start of training: these are meant
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {quiet} module\(s\) in eval mode at the start of training")
+        stages = getattr(net, "freeze_encoder_stages", 0)
+        if (stage == "fit" and stages and getattr(net, "encoder_pretrained", True) is False
+                and not self.init_from):
+            rank_zero_warn(
+                f"freeze_encoder_stages: {stages} keeps the first {stages} stages of "
+                f"{type(net).__name__}'s randomly initialised encoder (encoder_weights: null, no "
+                "model.init_from) frozen for the whole run: the rest learns on their random "
+                "features; give the encoder trained weights (encoder_weights, or "
+                "model.init_from), or set model.net.init_args.freeze_encoder_stages 0")
         if stage == "fit" and self.freeze_encoder_epochs > 0:
             _check_ddp(trainer)
             epochs = trainer.max_epochs

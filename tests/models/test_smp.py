@@ -298,6 +298,74 @@ def test_a_folder_named_like_the_weights_does_not_shadow_the_name(
         SmpModel("unet", "mobilenet_v2", num_classes=2, encoder_weights="ssl")
 
 
+@pytest.mark.parametrize("encoder, stages, frozen_prefixes, trained_prefix", [
+    # timm: stage k ends with the module feature_info names for stride 2**k
+    ("tu-resnet18", 1, ("model.conv1.", "model.bn1."), "model.layer1."),
+    ("tu-resnet18", 3, ("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2."), "model.layer3."),
+    ("tu-tf_efficientnet_lite0", 3,
+     ("model.conv_stem.", "model.bn1.", "model.blocks.0.", "model.blocks.1.", "model.blocks.2."),
+     "model.blocks.3."),
+    # smp's own encoders mark their stride-16 and stride-32 stages only
+    ("resnet18", 3, ("conv1.", "bn1.", "layer1.", "layer2."), "layer3."),
+    ("resnet18", 4, ("conv1.", "bn1.", "layer1.", "layer2.", "layer3."), "layer4."),
+])
+def test_freeze_encoder_stages_freezes_the_first_stages_only(
+    encoder: str, stages: int, frozen_prefixes: tuple[str, ...], trained_prefix: str
+) -> None:
+    model = SmpModel("unet", encoder, num_classes=2, freeze_encoder_stages=stages,
+                     decoder_channels=(16, 8, 8, 4, 4))
+    model.train()
+    frozen = {n for n, p in model.encoder.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.encoder.named_parameters() if n.startswith(frozen_prefixes)}
+    assert any(n.startswith(trained_prefix) for n, _ in model.encoder.named_parameters())
+    # the frozen stages' BatchNorm layers keep their statistics; the later ones train
+    norms = {n + ".": m for n, m in model.encoder.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert all(m.training != n.startswith(frozen_prefixes) for n, m in norms.items())
+    assert model.training and model.encoder.training and model.model.decoder.training
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 2, (2, 64, 64)))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    for key in before:  # the frozen stages' weights and BatchNorm statistics are untouched
+        if key.removeprefix("model.encoder.").startswith(frozen_prefixes):
+            assert torch.equal(after[key], before[key]), key
+        elif key.endswith("running_var"):  # the later stages' BatchNorm layers train
+            assert not torch.equal(after[key], before[key]), key
+    for name, param in model.named_parameters():  # the rest is in the backward pass
+        assert (param.grad is None) == name.removeprefix("model.encoder.").startswith(frozen_prefixes), name
+
+    model.eval()
+    model.train()  # back in training mode, the frozen stages stay in eval mode
+    assert all(m.training != n.startswith(frozen_prefixes) for n, m in norms.items())
+    assert "freeze_encoder_stages=" + str(stages) in repr(model)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"encoder_name": "resnet18", "freeze_encoder_stages": 2},
+     r"freeze_encoder_stages=2: encoder 'resnet18' does not say where its stages 1-2 end \(smp's "
+     r"own encoders mark only the stride-16 and stride-32 stages, so 3 or 4 here\); use a timm "
+     r"encoder \('tu-...'\), or freeze the whole encoder"),
+    ({"encoder_name": "resnet18", "freeze_encoder_stages": 5},
+     r"to freeze the whole encoder give freeze_encoder: true alone; freeze_encoder_stages freezes "
+     r"the first 1 \.\. 4 of its stages"),
+    ({"encoder_name": "resnet18", "freeze_encoder_stages": 3, "encoder_depth": 3},
+     r"freeze_encoder_stages=3 .* 1 \.\. 2 of its stages"),
+    ({"encoder_name": "resnet18", "freeze_encoder_stages": 1, "freeze_encoder": True},
+     r"give freeze_encoder: true alone"),
+    ({"encoder_name": "tu-convnext_atto", "freeze_encoder_stages": 1},
+     r"encoder 'tu-convnext_atto' has no stage ending at stride 2 \(its stages end at strides "
+     r"\[4, 8, 16, 32\]\); use one of \[2, 3, 4\]"),
+    ({"encoder_name": "resnet18", "freeze_encoder_stages": -1}, r"freeze_encoder_stages"),
+    ({"encoder_name": "resnet18", "freeze_encoder_stages": True}, r"freeze_encoder_stages"),
+])
+def test_freeze_encoder_stages_refuses_what_it_cannot_freeze(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SmpModel("unet", num_classes=2, **kwargs)
+
+
 def test_freeze_encoder_trains_only_decoder_and_head() -> None:
     model = SmpModel(
         "unet", "mobilenet_v2", num_classes=2, freeze_encoder=True, decoder_channels=(16, 8, 8, 4, 4)

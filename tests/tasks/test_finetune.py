@@ -648,13 +648,45 @@ def test_an_smp_encoder_frozen_for_the_whole_run_without_weights_is_warned_about
     net = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None, encoder_depth=3,
                    freeze_encoder=True)
     with pytest.warns(UserWarning, match=r"freeze_encoder: true keeps the randomly initialised "
-                      r"encoder of SmpModel .* frozen for the whole run"):
+                      r"encoder of SmpModel .* frozen for the whole run") as said:
         _trainer(max_epochs=1).fit(SegmentationTask(net), BlobDM())
+    assert not [w for w in said if "in eval mode at the start of training" in str(w.message)]
     free = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None, encoder_depth=3)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         _trainer(max_epochs=1).fit(SegmentationTask(free), BlobDM())
     assert not [w for w in said if "randomly initialised" in str(w.message)]
+
+
+def test_stages_frozen_for_the_whole_run_stay_frozen_when_the_encoder_is_unfrozen() -> None:
+    """freeze_encoder_stages beside freeze_encoder_epochs: unfreezing the encoder after its
+    epochs gives back only what the callback froze; the frozen first stages stay as they were."""
+    torch.manual_seed(0)
+    net = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None,
+                   freeze_encoder_stages=3, decoder_channels=(16, 8, 8, 4, 4))
+    stage_keys = [k for k in net.state_dict() if k.startswith(("model.encoder.conv1.",
+                  "model.encoder.bn1.", "model.encoder.layer1.", "model.encoder.layer2."))]
+    later_keys = [k for k in net.state_dict() if k.startswith("model.encoder.layer3.")]
+    start = _snapshot(net)
+    task = SegmentationTask(net, freeze_encoder_epochs=1, encoder_lr_mult=0.1, optimizer=_adam)
+    with pytest.warns(UserWarning, match=r"freeze_encoder_stages: 3 keeps the first 3 stages of "
+                      r"SmpModel's randomly initialised encoder .* frozen for the whole run") as said:
+        _trainer(max_epochs=3).fit(task, BlobDM())
+    # Lightning's count of eval-mode modules at the start of training is not repeated for these
+    assert not [w for w in said if "in eval mode at the start of training" in str(w.message)]
+    end = _snapshot(net)
+    assert stage_keys and _changed(start, end, stage_keys) == []  # incl. BatchNorm statistics
+    assert any(k.endswith("weight") for k in _changed(start, end, later_keys))
+    assert [n for n, p in net.named_parameters() if not p.requires_grad] == [
+        n for n, _ in net.named_parameters() if n in stage_keys]
+    net.train()
+    assert not any(m.training for m in net.frozen_stage_modules)
+    assert net.model.encoder.layer3.training
+    # a module in eval mode that was not frozen on purpose is still reported
+    net.model.segmentation_head.eval()
+    count = len(net.frozen_stage_modules) + len(list(net.model.segmentation_head.modules()))
+    with pytest.warns(UserWarning, match=rf"Found {count} module\(s\) in eval mode at the start"):
+        _trainer(max_epochs=1).fit(SegmentationTask(net, optimizer=_adam), BlobDM())
 
 
 @pytest.mark.parametrize("build", [lambda: _unet(), lambda: FCN(3, 3, base_channels=4)])
