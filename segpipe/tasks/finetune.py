@@ -601,27 +601,28 @@ class TransferLearning(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net = getattr(pl_module, "net", None)
-        if (stage == "fit" and getattr(net, "encoder_frozen", False) is True
-                and getattr(net, "encoder_pretrained", True) is False and not self.init_from):
+        # frozen random features: freezing only makes sense for trained weights
+        random_encoder = (stage == "fit" and getattr(net, "encoder_pretrained", True) is False
+                          and not self.init_from)
+        stages = getattr(net, "freeze_encoder_stages", 0)
+        if random_encoder and getattr(net, "encoder_frozen", False) is True:
             rank_zero_warn(
                 f"freeze_encoder: true keeps the randomly initialised encoder of "
                 f"{type(net).__name__} (encoder_weights: null, no model.init_from) frozen for the "
                 "whole run: the decoder learns on random features; give the encoder trained "
                 "weights (encoder_weights, or model.init_from), or set "
                 "model.net.init_args.freeze_encoder false")
-        quiet = _frozen_module_count(net) if stage == "fit" else 0
-        if quiet:  # Lightning counts eval-mode modules at the start of training: these are meant
-            warnings.filterwarnings(
-                "ignore", message=rf"Found {quiet} module\(s\) in eval mode at the start of training")
-        stages = getattr(net, "freeze_encoder_stages", 0)
-        if (stage == "fit" and stages and getattr(net, "encoder_pretrained", True) is False
-                and not self.init_from):
+        elif random_encoder and stages:
             rank_zero_warn(
                 f"freeze_encoder_stages: {stages} keeps the first {stages} stages of "
                 f"{type(net).__name__}'s randomly initialised encoder (encoder_weights: null, no "
                 "model.init_from) frozen for the whole run: the rest learns on their random "
                 "features; give the encoder trained weights (encoder_weights, or "
                 "model.init_from), or set model.net.init_args.freeze_encoder_stages 0")
+        quiet = _frozen_module_count(net) if stage == "fit" else 0
+        if quiet:  # Lightning counts eval-mode modules at the start of training: these are meant
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {quiet} module\(s\) in eval mode at the start of training")
         if stage == "fit" and self.freeze_encoder_epochs > 0:
             _check_ddp(trainer)
             epochs = trainer.max_epochs
@@ -630,8 +631,7 @@ class TransferLearning(L.Callback):
                     f"model.freeze_encoder_epochs={self.freeze_encoder_epochs} with "
                     f"trainer.max_epochs={epochs}: the encoder stays frozen for the whole run "
                     "and is never fine-tuned; freeze fewer epochs than the run has")
-            net = getattr(pl_module, "net", None)
-            if getattr(net, "encoder_pretrained", True) is False and not self.init_from:
+            if random_encoder:
                 rank_zero_warn(
                     f"model.freeze_encoder_epochs={self.freeze_encoder_epochs} freezes a "
                     f"randomly initialised encoder ({type(net).__name__} without pretrained "

@@ -298,6 +298,16 @@ def test_a_folder_named_like_the_weights_does_not_shadow_the_name(
         SmpModel("unet", "mobilenet_v2", num_classes=2, encoder_weights="ssl")
 
 
+def _one_sgd_step(model: SmpModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The state dict before and after one SGD step on a random 2x3x64x64 batch (2 classes)."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 2, (2, 64, 64)))
+    loss.backward()
+    optimizer.step()
+    return before, model.state_dict()
+
+
 @pytest.mark.parametrize("encoder, stages, frozen_prefixes, trained_prefix", [
     # timm: stage k ends with the module feature_info names for stride 2**k
     ("tu-resnet18", 1, ("model.conv1.", "model.bn1."), "model.layer1."),
@@ -323,12 +333,7 @@ def test_freeze_encoder_stages_freezes_the_first_stages_only(
     assert all(m.training != n.startswith(frozen_prefixes) for n, m in norms.items())
     assert model.training and model.encoder.training and model.model.decoder.training
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss = F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 2, (2, 64, 64)))
-    loss.backward()
-    optimizer.step()
-    after = model.state_dict()
+    before, after = _one_sgd_step(model)
     for key in before:  # the frozen stages' weights and BatchNorm statistics are untouched
         if key.removeprefix("model.encoder.").startswith(frozen_prefixes):
             assert torch.equal(after[key], before[key]), key
@@ -377,12 +382,7 @@ def test_freeze_encoder_trains_only_decoder_and_head() -> None:
     assert all(p.requires_grad for p in model.model.decoder.parameters())
     assert all(p.requires_grad for p in model.model.segmentation_head.parameters())
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss = F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 2, (2, 64, 64)))
-    loss.backward()
-    optimizer.step()
-    after = model.state_dict()
+    before, after = _one_sgd_step(model)
 
     for key in before:
         if key.startswith("model.encoder."):
