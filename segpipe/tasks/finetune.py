@@ -598,6 +598,7 @@ class TransferLearning(L.Callback):
         self._frozen: list[nn.Parameter] | None = None  # parameters this callback froze
         self._announced = False
         self.report: InitFromReport | None = None
+        self._quiet_filter: tuple | None = None  # the filter setup added, removed in teardown
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net = getattr(pl_module, "net", None)
@@ -621,8 +622,11 @@ class TransferLearning(L.Callback):
                 "model.init_from), or set model.net.init_args.freeze_encoder_stages 0")
         quiet = _frozen_module_count(net) if stage == "fit" else 0
         if quiet:  # Lightning counts eval-mode modules at the start of training: these are meant
+            # Lightning warns after setup returns, so no catch_warnings block here can scope the
+            # filter; teardown removes it, so later fits in this process are warned as usual.
             warnings.filterwarnings(
                 "ignore", message=rf"Found {quiet} module\(s\) in eval mode at the start of training")
+            self._quiet_filter = warnings.filters[0]
         if stage == "fit" and self.freeze_encoder_epochs > 0:
             _check_ddp(trainer)
             epochs = trainer.max_epochs
@@ -730,6 +734,12 @@ class TransferLearning(L.Callback):
         if self._frozen is not None:  # leave the network as trainable as it came
             set_encoder_frozen(pl_module.net, False, pl_module.training, self._frozen)
             self._frozen = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._quiet_filter is not None:
+            if self._quiet_filter in warnings.filters:  # a catch_warnings exit may have done it
+                warnings.filters.remove(self._quiet_filter)
+            self._quiet_filter = None
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         frozen = trainer.current_epoch < self.freeze_encoder_epochs

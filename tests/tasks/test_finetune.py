@@ -689,6 +689,33 @@ def test_stages_frozen_for_the_whole_run_stay_frozen_when_the_encoder_is_unfroze
         _trainer(max_epochs=1).fit(SegmentationTask(net, optimizer=_adam), BlobDM())
 
 
+def test_the_quieted_eval_mode_count_is_quiet_only_for_its_own_fit() -> None:
+    """Lightning's count of eval-mode modules is silenced for the stages frozen on purpose, by a
+    process-wide filter (Lightning warns after the callbacks' setup); the fit's teardown removes
+    it, so a later fit in the same process that has that many modules in eval mode by accident is
+    still told."""
+    net = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None,
+                   freeze_encoder_stages=3, decoder_channels=(16, 8, 8, 4, 4))
+    count = len(net.frozen_stage_modules)
+
+    def eval_mode_filters() -> list:
+        return [f for f in warnings.filters
+                if f[1] is not None and "in eval mode at the start" in f[1].pattern]
+
+    with warnings.catch_warnings():  # not pytest.warns: its exit would restore the filters itself
+        warnings.simplefilter("ignore", UserWarning)  # the random-encoder warning
+        assert eval_mode_filters() == []
+        _trainer(max_epochs=1).fit(SegmentationTask(net, optimizer=_adam), BlobDM())
+        assert eval_mode_filters() == []
+    other = _unet()
+    leaves = [m for m in other.modules() if not list(m.children())][:count]
+    assert len(leaves) == count
+    for module in leaves:  # Lightning keeps the modes it finds at the start of training
+        module.eval()
+    with pytest.warns(UserWarning, match=rf"Found {count} module\(s\) in eval mode at the start"):
+        _trainer(max_epochs=1).fit(SegmentationTask(other, optimizer=_adam), BlobDM())
+
+
 @pytest.mark.parametrize("build", [lambda: _unet(), lambda: FCN(3, 3, base_channels=4)])
 def test_freezing_segpipes_own_random_encoders_is_warned_about(build, tmp_path: Path) -> None:
     net = build()
