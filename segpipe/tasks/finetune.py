@@ -736,6 +736,13 @@ class TransferLearning(L.Callback):
             self._frozen = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._drop_quiet_filter()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._drop_quiet_filter()  # a failed fit skips the teardown hooks
+
+    def _drop_quiet_filter(self) -> None:
         if self._quiet_filter is not None:
             if self._quiet_filter in warnings.filters:  # a catch_warnings exit may have done it
                 warnings.filters.remove(self._quiet_filter)

@@ -707,6 +707,14 @@ def test_the_quieted_eval_mode_count_is_quiet_only_for_its_own_fit() -> None:
         assert eval_mode_filters() == []
         _trainer(max_epochs=1).fit(SegmentationTask(net, optimizer=_adam), BlobDM())
         assert eval_mode_filters() == []
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        failing = SegmentationTask(net, optimizer=_adam)  # a fit that dies skips teardown
+        failing.training_step = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            _trainer(max_epochs=1).fit(failing, BlobDM())
+        assert eval_mode_filters() == []
     other = _unet()
     leaves = [m for m in other.modules() if not list(m.children())][:count]
     assert len(leaves) == count
