@@ -598,7 +598,7 @@ class TransferLearning(L.Callback):
         self._frozen: list[nn.Parameter] | None = None  # parameters this callback froze
         self._announced = False
         self.report: InitFromReport | None = None
-        self._quiet_filter: tuple | None = None  # the filter setup added, removed in teardown
+        self._quiet_filter: tuple | None = None  # the filter setup added, dropped when fit ends
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net = getattr(pl_module, "net", None)
@@ -623,7 +623,7 @@ class TransferLearning(L.Callback):
         quiet = _frozen_module_count(net) if stage == "fit" else 0
         if quiet:  # Lightning counts eval-mode modules at the start of training: these are meant
             # Lightning warns after setup returns, so no catch_warnings block here can scope the
-            # filter; teardown removes it, so later fits in this process are warned as usual.
+            # filter; teardown (or on_exception) removes it, so later fits are warned as usual.
             warnings.filterwarnings(
                 "ignore", message=rf"Found {quiet} module\(s\) in eval mode at the start of training")
             self._quiet_filter = warnings.filters[0]

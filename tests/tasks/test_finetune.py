@@ -691,9 +691,9 @@ def test_stages_frozen_for_the_whole_run_stay_frozen_when_the_encoder_is_unfroze
 
 def test_the_quieted_eval_mode_count_is_quiet_only_for_its_own_fit() -> None:
     """Lightning's count of eval-mode modules is silenced for the stages frozen on purpose, by a
-    process-wide filter (Lightning warns after the callbacks' setup); the fit's teardown removes
-    it, so a later fit in the same process that has that many modules in eval mode by accident is
-    still told."""
+    process-wide filter (Lightning warns after the callbacks' setup); the end of the fit removes
+    it (teardown, or on_exception when the fit raises), so a later fit in the same process that
+    has that many modules in eval mode by accident is still told."""
     net = SmpModel("unet", "resnet18", num_classes=3, encoder_weights=None,
                    freeze_encoder_stages=3, decoder_channels=(16, 8, 8, 4, 4))
     count = len(net.frozen_stage_modules)
@@ -707,6 +707,7 @@ def test_the_quieted_eval_mode_count_is_quiet_only_for_its_own_fit() -> None:
         assert eval_mode_filters() == []
         _trainer(max_epochs=1).fit(SegmentationTask(net, optimizer=_adam), BlobDM())
         assert eval_mode_filters() == []
+
         def boom(*args, **kwargs):
             raise RuntimeError("boom")
 
