@@ -3,7 +3,7 @@
 :class:`Segmenter` runs a trained model on images in memory or on disk and returns numpy
 arrays. It prepares inputs exactly as ``segpipe predict`` does (same reading, channel adaptation,
 normalisation, eval resize, tiling and TTA: :func:`~segpipe.data.datasets.prepare_image` and
-:func:`~segpipe.predict.scoring.batch_scores` are shared), so its masks equal the command's.
+:func:`~segpipe.predict.scoring.score_batch` are shared), so its masks equal the command's.
 
 Example::
 
@@ -36,9 +36,8 @@ from segpipe.data.io import (
     read_image_valid,
     sidecar_georeference,
 )
-from segpipe.decision import decide
 from segpipe.predict.checkpoint import PredictConfig
-from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
+from segpipe.predict.scoring import ProbabilityFn, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -428,29 +427,22 @@ class Segmenter:
                 tile = key[-1]
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
-                    # (N, H, W, C) memory = channels-last NCHW, as segpipe predict stacks them
-                    x = torch.stack(
-                        [prepared[i]["image"].permute(1, 2, 0) for i in chunk]
-                    ).permute(0, 3, 1, 2).to(self.device)
-                    sizes = [tuple(int(v) for v in prepared[i]["size"].tolist()) for i in chunk]
-                    resized = any(size != tuple(x.shape[-2:]) for size in sizes)
-                    scores = batch_scores(
-                        x, self.task, prob_fn, num_classes=cfg.num_classes, tile=tile,
+                    scored = score_batch(
+                        [prepared[i]["image"] for i in chunk],
+                        [tuple(int(v) for v in prepared[i]["size"].tolist()) for i in chunk],
+                        self.device, self.task, prob_fn, num_classes=cfg.num_classes,
+                        threshold=cfg.positive_threshold, probs=proba, tile=tile,
                         overlap=self.overlap, batch_size=self.batch_size,
-                        probs=proba or resized or cfg.positive_threshold is not None,
                         base_size=self.config.eval_resize if native and tile is None else None,
                     )
-                    labels = None if resized else decide(scores, cfg.positive_threshold)
-                    for j, (i, size) in enumerate(zip(chunk, sizes)):
-                        p = to_size(scores[j], size) if resized else scores[j]
+                    for j, i in enumerate(chunk):
+                        p, lab = scored.image(j, labels=not proba)
                         valid = prepared[i].get("valid")  # nodata, NaN: as the command writes
                         if proba:  # probs=True above: already probabilities
                             out[i] = p.float().cpu().numpy()
                             if valid is not None:
                                 out[i][:, ~valid.numpy()] = 0.0
                         else:
-                            lab = (decide(p, cfg.positive_threshold, dim=0) if resized
-                                   else labels[j])
                             out[i] = lab.cpu().numpy().astype(cfg.mask_dtype)
                             if valid is not None:
                                 out[i][~valid.numpy()] = cfg.nodata_value

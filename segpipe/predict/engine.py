@@ -56,11 +56,10 @@ from segpipe.data.io import (
     to_float,
 )
 from segpipe.data.normalization import normalize
-from segpipe.decision import decide
 from segpipe.fileio import DiskFullError, is_disk_full
 from segpipe.models.batchnorm import BatchNormAdaptation, BatchNormAdaptError, adapt_batchnorm
 from segpipe.predict.checkpoint import PredictConfig
-from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
+from segpipe.predict.scoring import ProbabilityFn, score_batch
 from segpipe.predict.tiling import (
     FinishedBlock,
     TileGrid,
@@ -701,12 +700,7 @@ class PredictModule(nn.Module):
     def _predict_images(self, recs: list[dict[str, Any]]) -> list[ItemResult]:
         """Images of one size, stacked into one batch (or tiled one by one)."""
         opts, cfg = self.options, self.config
-        # (N, H, W, C) memory = channels-last NCHW: no layout conversion before the network
-        x = torch.stack([r["image"].permute(1, 2, 0) for r in recs]).permute(0, 3, 1, 2)
-        x = x.to(self.device)
-        h, w = x.shape[-2:]
-        sizes = [tuple(int(v) for v in r["size"].tolist()) for r in recs]
-        resized = any(size != (h, w) for size in sizes)  # eval_resize: back to input sizes
+        h, w = recs[0]["image"].shape[-2:]
         want_probs = any(self.writer.needs_probs(r["formats"]) for r in recs)
         bar = None
         if opts.tile is not None and (h > opts.tile or w > opts.tile):
@@ -714,33 +708,29 @@ class PredictModule(nn.Module):
                 len(recs) * TileGrid.make(h, w, opts.tile, opts.overlap).num_tiles,
                 Path(recs[0]["rel"]).name,
             )
-        scores = batch_scores(
-            x, self.task, self.prob_fn, num_classes=cfg.num_classes, tile=opts.tile,
+        scored = score_batch(
+            [r["image"] for r in recs], [tuple(int(v) for v in r["size"].tolist()) for r in recs],
+            self.device, self.task, self.prob_fn, num_classes=cfg.num_classes,
+            threshold=cfg.positive_threshold, probs=want_probs, tile=opts.tile,
             overlap=opts.overlap, batch_size=opts.batch_size,
-            probs=want_probs or resized or cfg.positive_threshold is not None,
             on_tiles=bar.update if bar is not None else None,
             # tta_scales: whole images came at their native size, views scale eval_resize
             base_size=cfg.eval_resize if opts.tile is None else None,
         )
         if bar is not None:
             bar.close()
-        # batched: far faster than per image
-        labels = None if resized else decide(scores, cfg.positive_threshold)
         out = []
-        for j, (rec, size) in enumerate(zip(recs, sizes)):
+        for j, rec in enumerate(recs):
             names = rec["formats"]
-            p, img = scores[j], x[j]
+            p, lab = scored.image(j)
+            img = scored.x[j]
             need_display = self.writer.needs_display(names)
-            if resized:
-                p = to_size(p, size)
-                lab = decide(p, cfg.positive_threshold, dim=0)
-                if need_display and "unresized" in rec:
+            if scored.resized and need_display:  # eval_resize: shown at the input's size
+                if "unresized" in rec:
                     img = rec["unresized"]  # the input's own pixels, not the network's
-                elif need_display:
-                    img = F.interpolate(img[None].float(), size=size, mode="bilinear",
-                                        align_corners=False)[0]
-            else:
-                lab = labels[j]
+                else:
+                    img = F.interpolate(img[None].float(), size=scored.sizes[j],
+                                        mode="bilinear", align_corners=False)[0]
             display = (to_display(img, cfg.mean, cfg.std, stretch=rec.get("dtype") != "uint8",
                                   channels=cfg.display_channels)
                        if need_display else None)

@@ -1,10 +1,11 @@
 """The model side of prediction, shared by ``segpipe predict`` and
 :class:`~segpipe.predict.api.Segmenter`.
 
-:class:`ProbabilityFn` (class probabilities, with TTA over the training symmetries) and
-:func:`batch_scores` (whole images or a Gaussian-blended sliding window) are the one inference
-path; this module does not import Lightning, so a :class:`~segpipe.predict.api.Segmenter` built
-from an ONNX export never loads it.
+:class:`ProbabilityFn` (class probabilities, with TTA over the training symmetries),
+:func:`batch_scores` (whole images or a Gaussian-blended sliding window) and
+:func:`score_batch` (images of one size stacked, scored, and read back per image at each
+image's own size with its labels) are the one inference path; this module does not import
+Lightning, so a :class:`~segpipe.predict.api.Segmenter` built from an ONNX export never loads it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segpipe.decision import decide
 from segpipe.predict.tiling import predict_tiled
 
 if TYPE_CHECKING:
     from segpipe.tasks import SegmentationTask
 
-__all__ = ["ProbabilityFn", "batch_scores", "to_size"]
+__all__ = ["ProbabilityFn", "ScoredBatch", "batch_scores", "score_batch", "to_size"]
 
 
 class ProbabilityFn:
@@ -125,3 +127,73 @@ def to_size(scores: Tensor, size: Sequence[int]) -> Tensor:
         return scores
     return F.interpolate(scores[None].float(), size=tuple(int(v) for v in size), mode="bilinear",
                          align_corners=False)[0]
+
+
+class ScoredBatch:
+    """A batch's class scores, read back per image at each image's own size.
+
+    Made by :func:`score_batch`. Images resized for the network (``data.eval_resize``) get
+    their probabilities resized back and are labelled at their own size, one at a time; images
+    the network saw at their own size are labelled in one batched call on first use.
+
+    Attributes:
+        x: (N, C, H, W) the stacked, normalised images on the device (channels-last memory).
+        scores: (N, K, H, W) scores at the network's size (see :func:`batch_scores`).
+        sizes: Each image's own (H, W).
+        resized: Whether any size differs from the network's (then ``scores`` are
+            probabilities).
+    """
+
+    def __init__(self, x: Tensor, scores: Tensor, sizes: Sequence[tuple[int, int]],
+                 resized: bool, threshold: float | None) -> None:
+        self.x, self.scores, self.sizes = x, scores, list(sizes)
+        self.resized, self.threshold = resized, threshold
+        self._labels: Tensor | None = None
+
+    def image(self, j: int, labels: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Image ``j``'s (K, H, W) scores at its own size and (H, W) labels (None unless asked)."""
+        if self.resized:
+            p = to_size(self.scores[j], self.sizes[j])
+            return p, decide(p, self.threshold, dim=0) if labels else None
+        if labels and self._labels is None:
+            self._labels = decide(self.scores, self.threshold)  # batched: faster than per image
+        return self.scores[j], self._labels[j] if labels else None
+
+
+def score_batch(
+    images: Sequence[Tensor],
+    sizes: Sequence[tuple[int, int]],
+    device: torch.device,
+    task: Any,
+    prob_fn: ProbabilityFn,
+    *,
+    num_classes: int,
+    threshold: float | None = None,
+    probs: bool = False,
+    **kwargs: Any,
+) -> ScoredBatch:
+    """Stack images of one size, score them with :func:`batch_scores` and read them back.
+
+    Args:
+        images: (C, H, W) normalised images of one size, as the network takes them.
+        sizes: Each image's own (H, W) (its size before ``data.eval_resize``).
+        device: Where to compute.
+        task: The task (or ONNX stand-in), as for :func:`batch_scores`.
+        prob_fn: Probabilities with the chosen TTA.
+        num_classes: K.
+        threshold: :func:`segpipe.decision.decide`'s positive threshold; None: the arg-max.
+        probs: Scores as probabilities even where logits would label the same (for their
+            values); they are probabilities anyway where images were resized or thresholded.
+        **kwargs: ``tile``, ``overlap``, ``batch_size``, ``on_tiles``, ``base_size`` of
+            :func:`batch_scores`.
+
+    Returns:
+        The batch, its scores, and each image's scores and labels on request.
+    """
+    # (N, H, W, C) memory = channels-last NCHW: no layout conversion before the network
+    x = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    x = x.to(device)
+    resized = any(tuple(size) != tuple(x.shape[-2:]) for size in sizes)
+    scores = batch_scores(x, task, prob_fn, num_classes=num_classes,
+                          probs=probs or resized or threshold is not None, **kwargs)
+    return ScoredBatch(x, scores, sizes, resized, threshold)

@@ -1,11 +1,13 @@
 """The shared inference path: which images are tiled, what scores come back (logits or
-probabilities, with TTA), the overlap passed on, and resizing scores back to the input."""
+probabilities, with TTA), the overlap passed on, resizing scores back to the input, and each
+image's scores and labels read back from a stacked batch."""
 
 from __future__ import annotations
 
 import torch
 
-from segpipe.predict.scoring import ProbabilityFn, batch_scores, to_size
+from segpipe.decision import decide
+from segpipe.predict.scoring import ProbabilityFn, batch_scores, score_batch, to_size
 from segpipe.predict.tiling import predict_tiled
 
 
@@ -88,3 +90,51 @@ def test_to_size_resizes_scores_bilinearly_with_pixel_centres_aligned() -> None:
     assert tall.shape == (2, 10, 6)
     same = torch.rand(2, 5, 7)
     assert to_size(same, (5, 7)) is same
+
+
+@torch.no_grad()
+def test_a_scored_batch_is_stacked_channels_last_and_labelled_per_image() -> None:
+    """Images the network sees at their own size: the stack is channels-last in memory (no
+    conversion before the first convolution), the scores are the logits, each image's labels
+    are the batch's arg-max, and a threshold labels from probabilities instead."""
+    task = _ColumnNet()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 6, 10, generator=gen) for _ in range(3)]
+    scored = score_batch(images, [(6, 10)] * 3, torch.device("cpu"), task,
+                         ProbabilityFn(task), num_classes=2)  # type: ignore[arg-type]
+    assert not scored.resized
+    assert scored.x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(scored.x, torch.stack(images))
+    logits = task(torch.stack(images))
+    torch.testing.assert_close(scored.scores, logits)
+    for j in range(3):
+        p, lab = scored.image(j)
+        torch.testing.assert_close(p, logits[j])
+        assert torch.equal(lab, logits[j].argmax(0))
+        assert scored.image(j, labels=False)[1] is None
+    high = score_batch(images, [(6, 10)] * 3, torch.device("cpu"), task,
+                       ProbabilityFn(task), num_classes=2, threshold=0.9)  # type: ignore[arg-type]
+    torch.testing.assert_close(high.scores, logits.softmax(1))  # a threshold reads probabilities
+    for j in range(3):
+        assert torch.equal(high.image(j)[1], (logits[j].softmax(0)[1] > 0.9).long())
+    assert int(high.image(0)[1].sum()) < int(scored.image(0)[1].sum())  # the threshold bites
+
+
+@torch.no_grad()
+def test_resized_images_get_probabilities_and_labels_at_their_own_size() -> None:
+    """Images resized for the network (eval_resize): each comes back as probabilities resized
+    to its own size, labelled there, whatever the logits asked for."""
+    task = _ColumnNet()
+    images = [torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]
+    sizes = [(16, 12), (5, 20)]
+    scored = score_batch(images, sizes, torch.device("cpu"), task, ProbabilityFn(task),
+                         num_classes=2)  # type: ignore[arg-type]
+    assert scored.resized
+    probs = task(torch.stack(images)).softmax(1)
+    torch.testing.assert_close(scored.scores, probs)
+    for j, size in enumerate(sizes):
+        p, lab = scored.image(j)
+        assert p.shape == (2, *size) and lab.shape == size
+        torch.testing.assert_close(p, to_size(probs[j], size))
+        assert torch.equal(lab, decide(p, None, dim=0))
+        assert lab.unique().numel() == 2  # both classes, split by the column
