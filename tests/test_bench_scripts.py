@@ -153,7 +153,7 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str, option: list[st
 
 
 @pytest.mark.slow
-def test_bench_nets_times_each_net_in_each_precision() -> None:
+def test_bench_nets_times_each_net_in_each_precision_in_rounds() -> None:
     from segpipe.models import UNet
 
     nets = ["segpipe.models.UNet {base_channels: 16, depth: 4}",  # 1.9 M parameters
@@ -163,11 +163,12 @@ def test_bench_nets_times_each_net_in_each_precision() -> None:
         [sys.executable, "scripts/bench_nets.py", "--device", "cpu", "--net", nets[0], "--net",
          nets[1], "--precision", "32-true", "bf16-mixed", "--in-channels", "1", "--classes", "3",
          "--batch-size", "2", "--crop", "32", "--eval-size", "32", "48", "--eval-batch-size", "1",
-         "--steps", "1", "--warmup", "1"],
+         "--steps", "1", "--warmup", "1", "--rounds", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "training batch 2x1x32x32, evaluation batch 1x1x32x48, 3 classes" in res.stdout
+    assert "the fastest of 2 rounds taken in turn" in res.stdout  # each row once, not per round
     rows = re.findall(r"^(32-true|bf16-mixed) +([\d.]+)M +([\d.]+) +([\d.]+) +([\d.]+)  (.+)$",
                       res.stdout, re.M)
     assert [(r[0], r[5]) for r in rows] == [(p, n) for n in nets for p in ("32-true", "bf16-mixed")]
