@@ -12,10 +12,10 @@ one device. Nets are given as ``CLASS_PATH`` or ``"CLASS_PATH {init args as YAML
     python scripts/bench_nets.py --net 'segpipe.models.UNet {base_channels: 24}' \\
         --net 'segpipe.models.SmpModel {encoder_name: resnet18}' --crop 160 --batch-size 8
 
-Run it alone: other work on the machine slows the figures unevenly. Nets timed one after the
-other in one process can also read slower the later they come (on the 2-core machine the same
-net measured third took 1.1-1.5 times its time measured first); ``--rounds 3`` times them in
-turn three times and keeps each one's fastest round.
+Run it alone: other work on the machine slows the figures unevenly. Even alone, one pass of a
+few steps per net varies from run to run (on the 2-core machine one network took 744 and
+1060 ms per step in two runs); ``--rounds 3`` times the nets in turn three times and keeps each
+one's fastest round, so that a slow spell of the machine does not fall on one net alone.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=positive_int, default=3)
     parser.add_argument("--rounds", type=positive_int, default=1,
                         help="timed rounds, each timing every net and precision in turn, the "
-                             "fastest kept: with 2 or more a net's figures no longer depend on "
-                             "where it stands in the list (the networks stay in memory together)")
+                             "fastest kept: with 2 or more a slow spell of the machine does not "
+                             "fall on one net alone (the networks stay in memory together)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     specs = args.net or list(DEFAULT_NETS)
