@@ -429,7 +429,7 @@ class Segmenter:
                     chunk = indices[start : start + self.batch_size]
                     scored = score_batch(
                         [prepared[i]["image"] for i in chunk],
-                        [tuple(int(v) for v in prepared[i]["size"].tolist()) for i in chunk],
+                        [prepared[i]["size"] for i in chunk],
                         self.device, self.task, prob_fn, num_classes=cfg.num_classes,
                         threshold=cfg.positive_threshold, probs=proba, tile=tile,
                         overlap=self.overlap, batch_size=self.batch_size,

@@ -709,7 +709,7 @@ class PredictModule(nn.Module):
                 Path(recs[0]["rel"]).name,
             )
         scored = score_batch(
-            [r["image"] for r in recs], [tuple(int(v) for v in r["size"].tolist()) for r in recs],
+            [r["image"] for r in recs], [r["size"] for r in recs],
             self.device, self.task, self.prob_fn, num_classes=cfg.num_classes,
             threshold=cfg.positive_threshold, probs=want_probs, tile=opts.tile,
             overlap=opts.overlap, batch_size=opts.batch_size,

@@ -162,7 +162,7 @@ class ScoredBatch:
 
 def score_batch(
     images: Sequence[Tensor],
-    sizes: Sequence[tuple[int, int]],
+    sizes: Sequence[Sequence[int] | Tensor],
     device: torch.device,
     task: Any,
     prob_fn: ProbabilityFn,
@@ -176,7 +176,8 @@ def score_batch(
 
     Args:
         images: (C, H, W) normalised images of one size, as the network takes them.
-        sizes: Each image's own (H, W) (its size before ``data.eval_resize``).
+        sizes: Each image's own (H, W) (its size before ``data.eval_resize``), as ints or as a
+            dataset record's ``size`` tensor.
         device: Where to compute.
         task: The task (or ONNX stand-in), as for :func:`batch_scores`.
         prob_fn: Probabilities with the chosen TTA.
@@ -193,7 +194,8 @@ def score_batch(
     # (N, H, W, C) memory = channels-last NCHW: no layout conversion before the network
     x = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
     x = x.to(device)
-    resized = any(tuple(size) != tuple(x.shape[-2:]) for size in sizes)
+    sizes = [(int(size[0]), int(size[1])) for size in sizes]
+    resized = any(size != tuple(x.shape[-2:]) for size in sizes)
     scores = batch_scores(x, task, prob_fn, num_classes=num_classes,
                           probs=probs or resized or threshold is not None, **kwargs)
     return ScoredBatch(x, scores, sizes, resized, threshold)
