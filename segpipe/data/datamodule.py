@@ -235,6 +235,13 @@ class SegmentationDataModule(L.LightningDataModule):
             longer epochs' measured time.
         late_crop_start: Fraction of the planned training (of the time budget's epochs, else
             of ``max_epochs``) after which ``late_crop_size`` applies.
+        crop_focus_classes: Classes (indices, or names from ``class_names``) that a fraction
+            ``crop_focus_p`` of the training crops is placed on: one of them present in the
+            image is drawn, then one of its pixels, and the crop holds it (nnU-Net's foreground
+            oversampling; :class:`~segpipe.data.transforms.RandomScaleCrop`). For classes too
+            rare or small for uniform crops to show often (CamVid's pedestrians and cyclists, a
+            small tumour in a large scan). Needs ``crop_size``. None (default) disables it.
+        crop_focus_p: The fraction of the crops placed so (nnU-Net: a third).
         scale: Random scale range for ``default``/``strong``.
         hflip: Random horizontal flips.
         vflip: Random vertical flips.
@@ -322,6 +329,8 @@ class SegmentationDataModule(L.LightningDataModule):
         crop_size: int | None = None,
         late_crop_size: int | None = None,
         late_crop_start: float = 0.75,
+        crop_focus_classes: list[int | str] | None = None,
+        crop_focus_p: float = 0.33,
         scale: tuple[float, float] = (0.5, 2.0),
         hflip: bool = True,
         vflip: bool = False,
@@ -396,6 +405,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if not 0.0 < late_crop_start < 1.0:
             raise ConfigError(f"data.late_crop_start is a fraction of the training in (0, 1), "
                               f"got {late_crop_start}")
+        #: ``crop_focus_classes`` as class indices (names resolved); () when off.
+        self.crop_focus_classes = self._focus_classes(
+            crop_focus_classes, crop_focus_p, crop_size, num_classes, class_names)
         if limit_samples is not None and limit_samples < 1:
             raise ConfigError(f"data.limit_samples must be >= 1 or null, got {limit_samples}")
         if val_cases is not None and val_case_fraction is not None:
@@ -1072,6 +1084,36 @@ class SegmentationDataModule(L.LightningDataModule):
             if name not in self.datasets:
                 self.datasets[name] = self._make_dataset(name, samples)
 
+    @staticmethod
+    def _focus_classes(classes: list[int | str] | None, p: float, crop_size: int | None,
+                       num_classes: int, class_names: list[str] | None) -> tuple[int, ...]:
+        """``data.crop_focus_classes`` as indices, checked (see :meth:`__init__`)."""
+        if not classes:
+            return ()
+        if crop_size is None:
+            raise ConfigError("data.crop_focus_classes places training crops on those classes; "
+                              "it needs data.crop_size (whole images have no crop to place)")
+        if not 0.0 < p <= 1.0:
+            raise ConfigError(f"data.crop_focus_p is the fraction of the crops placed on "
+                              f"data.crop_focus_classes, in (0, 1] (nnU-Net: 0.33); got {p}")
+        names = [str(n) for n in class_names or ()]
+        indices = []
+        for c in classes:
+            if isinstance(c, str) and not c.lstrip("-").isdigit():
+                if c not in names:
+                    raise ConfigError(
+                        f"data.crop_focus_classes names {c!r}, which is not in data.class_names "
+                        f"({', '.join(names) or 'none given'}); give a class name from there "
+                        f"or an index in 0..{num_classes - 1}")
+                c = names.index(c)
+            c = int(c)
+            if not 0 <= c < num_classes:
+                raise ConfigError(f"data.crop_focus_classes lists {c}, which is not a class: give "
+                                  f"indices in 0..{num_classes - 1} or names from "
+                                  "data.class_names")
+            indices.append(c)
+        return tuple(dict.fromkeys(indices))
+
     def _make_dataset(self, split: str, samples: list[Sample]) -> SegmentationDataset:
         hp = self.hparams
         if split == "train":
@@ -1089,6 +1131,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 # mask): a fill label would teach invented pixels as a class.
                 mask_fill=self.ignore_index,
                 color_relative=self._color_relative,
+                focus_classes=self.crop_focus_classes,
+                focus_p=float(hp.crop_focus_p),
             )
             seed_transform(transform, int(hp.seed))
         elif split == self.test_split and self._native_test_images:

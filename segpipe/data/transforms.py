@@ -88,10 +88,19 @@ class RandomScaleCrop(A.DualTransform):
     ``BORDER_REFLECT_101``, the U-Net paper's overlap-tile padding), so that no pixel gets a
     label the data does not give it.
 
+    With ``focus_classes``, a fraction ``focus_p`` of the crops is placed so that it holds a
+    pixel of one of those classes (nnU-Net's foreground oversampling): one of the listed classes
+    present in the mask is drawn uniformly, then one of its pixels, and the crop's offset
+    uniformly among those that contain it. Masks holding none of the classes are cropped as
+    usual. The scale factor is drawn as without focus, so the crops' sizes keep their
+    distribution.
+
     Args:
         size: Output ``(height, width)``.
         scale: ``(min, max)`` rescale factor; ``(1, 1)`` is a plain pad-and-random-crop.
         fill_mask: Mask value of padded pixels (the ignore index), or None to mirror.
+        focus_classes: Classes (mask values) that focused crops are placed on.
+        focus_p: Fraction of the crops placed on one of ``focus_classes``; 0 disables it.
         p: Probability of applying (1 for a fixed output size).
     """
 
@@ -100,15 +109,31 @@ class RandomScaleCrop(A.DualTransform):
         size: tuple[int, int],
         scale: tuple[float, float] = (1.0, 1.0),
         fill_mask: int | None = None,
+        focus_classes: Sequence[int] = (),
+        focus_p: float = 0.0,
         p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
         self.size = (int(size[0]), int(size[1]))
         self.scale = (float(scale[0]), float(scale[1]))
         self.fill_mask = fill_mask
+        self.focus_classes = tuple(int(c) for c in focus_classes)
+        self.focus_p = float(focus_p) if self.focus_classes else 0.0
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("size", "scale", "fill_mask")
+        return ("size", "scale", "fill_mask", "focus_classes", "focus_p")
+
+    def _focus_pixel(self, mask: np.ndarray | None) -> tuple[int, int] | None:
+        """A ``(row, col)`` of one of the focus classes present in ``mask``, or None."""
+        if mask is None:
+            return None
+        labels = (mask if mask.ndim == 2 else mask[..., 0]).ravel()
+        present = [where for c in self.focus_classes if (where := np.flatnonzero(labels == c)).size]
+        if not present:
+            return None
+        where = present[self.py_random.randrange(len(present))]
+        row, col = divmod(int(where[self.py_random.randrange(where.size)]), mask.shape[1])
+        return row, col
 
     def get_params_dependent_on_data(
         self, params: dict[str, Any], data: dict[str, Any]
@@ -119,8 +144,17 @@ class RandomScaleCrop(A.DualTransform):
         ch, cw = self.size
         # PadIfNeeded(position="center"), then RandomCrop's offset over the padded size.
         pad_top, pad_left = max(0, ch - sh) // 2, max(0, cw - sw) // 2
-        y0 = int((max(sh, ch) - ch + 1) * self.py_random.random())
-        x0 = int((max(sw, cw) - cw + 1) * self.py_random.random())
+        span_y, span_x = max(sh, ch) - ch, max(sw, cw) - cw  # the offsets run 0..span
+        y0 = int((span_y + 1) * self.py_random.random())
+        x0 = int((span_x + 1) * self.py_random.random())
+        if self.focus_p and self.py_random.random() < self.focus_p:
+            pixel = self._focus_pixel(data.get("mask"))
+            if pixel is not None:
+                # The pixel's centre on the padded, rescaled grid; any offset whose crop holds it.
+                py = pad_top + min(sh - 1, int((pixel[0] + 0.5) * sh / height))
+                px = pad_left + min(sw - 1, int((pixel[1] + 0.5) * sw / width))
+                y0 = self.py_random.randint(max(0, py - ch + 1), min(span_y, py))
+                x0 = self.py_random.randint(max(0, px - cw + 1), min(span_x, px))
         oy, ox = pad_top - y0, pad_left - x0  # the rescaled image's origin in the output
         return {
             "origin": (oy, ox),
@@ -349,6 +383,8 @@ def build_train_transform(
     color_relative: bool = False,
     elastic: float = 0.0,
     channel_gain: tuple[float, float] | None = None,
+    focus_classes: Sequence[int] = (),
+    focus_p: float = 0.0,
 ) -> A.Compose:
     """Training augmentation pipeline.
 
@@ -395,6 +431,10 @@ def build_train_transform(
             to the dtype's range as albumentations does (the dataset runs a float image with
             values beyond ``[0, 1]`` through these pixel transforms scaled per band into
             ``[0, 0.5]``).
+        focus_classes: With ``crop_size``: classes that a fraction ``focus_p`` of the crops is
+            placed on (:class:`RandomScaleCrop`), for classes too rare or small for uniform
+            crops to show often.
+        focus_p: That fraction, in ``[0, 1]``; 0 disables it.
 
     Returns:
         An ``albumentations.Compose`` taking ``image=float32 HWC, mask=int HW``.
@@ -440,7 +480,8 @@ def build_train_transform(
     if size is not None:
         # Rescale + pad + crop in one resampling of just the crop; flips after it are cheaper
         # on the crop and, the crop offset being uniform, give the same distribution.
-        ops.append(RandomScaleCrop(size, (lo, hi) if scaled else (1.0, 1.0), mask_fill))
+        ops.append(RandomScaleCrop(size, (lo, hi) if scaled else (1.0, 1.0), mask_fill,
+                                   focus_classes=focus_classes, focus_p=focus_p))
     if preset != "none" and elastic > 0:
         ops.append(GridElastic(std=elastic))
     if preset != "none":

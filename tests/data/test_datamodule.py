@@ -654,6 +654,37 @@ def test_late_crop_switches_once_and_survives_a_checkpoint(tmp_path: Path) -> No
         _dm(root, num_classes=3, crop_size=16, late_crop_size=24, late_crop_start=1.0)
 
 
+def test_crop_focus_places_training_crops_on_named_classes(tmp_path: Path) -> None:
+    """data.crop_focus_classes by name: every training crop (focus_p 1) holds the 3x3 blob of
+    the rare class, which uniform 16-px crops of the 64-px images mostly miss; bad settings are
+    refused with the fix."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=4, n_val=1, n_test=0, size=(64, 64))
+    for i, path in enumerate(sorted((root / "train" / "masks").glob("*.png"))):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[5 + 12 * i : 8 + 12 * i, 50:53] = 2
+        Image.fromarray(mask).save(path)
+    kw = {"num_classes": 3, "class_names": ["bg", "fg", "rare"], "batch_size": 4,
+          "crop_size": 16, "scale": [1.0, 1.0], "check_data": False}
+
+    def rare_pixels(dm: SegmentationDataModule) -> list[int]:
+        dm.setup("fit")
+        return [int(n) for epoch in range(3) for batch in dm.train_dataloader()
+                for n in (batch["mask"] == 2).flatten(1).sum(1)]
+
+    assert rare_pixels(_dm(root, crop_focus_classes=["rare"], crop_focus_p=1.0, **kw)) == [9] * 12
+    assert sum(n > 0 for n in rare_pixels(_dm(root, **kw))) < 6
+    dm = _dm(root, crop_focus_classes=[2, "rare", "1"], **kw)
+    assert dm.crop_focus_classes == (2, 1) and dm.hparams.crop_focus_p == 0.33
+    with pytest.raises(ValueError, match="needs data.crop_size"):
+        _dm(root, num_classes=3, crop_focus_classes=[2])
+    with pytest.raises(ValueError, match="'cyclist', which is not in data.class_names"):
+        _dm(root, **{**kw, "crop_focus_classes": ["cyclist"]})
+    with pytest.raises(ValueError, match="lists 3, which is not a class"):
+        _dm(root, **{**kw, "crop_focus_classes": [3]})
+    with pytest.raises(ValueError, match=r"crop_focus_p .* in \(0, 1\]"):
+        _dm(root, **{**kw, "crop_focus_classes": [2], "crop_focus_p": 0.0})
+
+
 def test_fewer_val_images_than_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A process without an image stops Lightning: fit shares the few round, test refuses."""
     from types import SimpleNamespace

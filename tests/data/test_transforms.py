@@ -150,6 +150,82 @@ def test_random_scale_crop_far_into_the_padding() -> None:
     assert np.all(out_img[out_mask == 1] == 200) and np.all(out_img[out_mask == IGNORE] == 0)
 
 
+def _focus_draws(t: RandomScaleCrop, image, mask, n: int) -> list[np.ndarray]:
+    out = []
+    for _ in range(n):
+        params = t.get_params_dependent_on_data({"shape": image.shape}, {"mask": mask})
+        out.append(t.apply_to_mask(mask, **params))
+    return out
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0), (0.3, 2.5)])
+def test_focused_crops_hold_the_focus_pixel(scale) -> None:
+    """With focus_p 1 every crop holds the one pixel of the focus class: its centre on the
+    rescaled grid lies inside the crop, whatever the factor (also zoomed out, where the whole
+    rescaled image is pasted into padding)."""
+    h, w, size = 120, 160, (24, 32)
+    image, mask = np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.int32)
+    for r, c in ((0, 0), (119, 159), (7, 150), (60, 80)):
+        mask[:] = 0
+        mask[r, c] = 4
+        t = RandomScaleCrop(size, scale=scale, fill_mask=IGNORE, focus_classes=(4,), focus_p=1.0)
+        t.set_random_seed(3)
+        offsets = set()
+        for _ in range(40):
+            params = t.get_params_dependent_on_data({"shape": image.shape}, {"mask": mask})
+            (oy, ox), (sh, sw) = params["origin"], params["scaled_shape"]
+            y, x = oy + int((r + 0.5) * sh / h), ox + int((c + 0.5) * sw / w)
+            assert 0 <= y < size[0] and 0 <= x < size[1], (r, c, params)
+            offsets.add((oy, ox))
+            if scale == (1.0, 1.0):  # no resampling: the pixel itself is in the crop
+                assert (t.apply_to_mask(mask, **params) == 4).sum() == 1
+        if (r, c) not in ((0, 0), (119, 159)):  # a corner pixel at factor 1 has one crop
+            assert len(offsets) > 10
+
+
+def test_focus_p_is_the_fraction_of_focused_crops_and_classes_are_drawn_evenly() -> None:
+    """A third of the crops go to the focus classes; a class of one pixel beside one of half
+    the image is drawn as often (a pixel drawn among all theirs would almost never be it)."""
+    h, w = 400, 400
+    image, mask = np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.int32)
+    mask[200, 300] = 7  # a uniform 32x32 crop holds it 0.7 % of the time
+    t = RandomScaleCrop((32, 32), fill_mask=IGNORE, focus_classes=(7,), focus_p=0.33)
+    t.set_random_seed(0)
+    held = np.mean([(m == 7).any() for m in _focus_draws(t, image, mask, 600)])
+    assert 0.27 < held < 0.40, held
+    mask[:200] = 5
+    t = RandomScaleCrop((32, 32), fill_mask=IGNORE, focus_classes=(5, 7), focus_p=1.0)
+    t.set_random_seed(0)
+    held = np.mean([(m == 7).any() for m in _focus_draws(t, image, mask, 400)])
+    assert 0.4 < held < 0.6, held
+
+
+def test_focus_off_or_absent_draws_the_plain_crops() -> None:
+    """focus_p 0 draws exactly the crops of no focus (seeded runs reproduce), and a mask
+    without any focus class is cropped as usual, without error."""
+    image, mask = _blocks(60, 80)
+    plain = RandomScaleCrop((32, 32), scale=(0.5, 2.0), fill_mask=IGNORE)
+    off = RandomScaleCrop((32, 32), scale=(0.5, 2.0), fill_mask=IGNORE, focus_classes=(1,),
+                          focus_p=0.0)
+    plain.set_random_seed(5)
+    off.set_random_seed(5)
+    for a, b in zip(_focus_draws(plain, image, mask, 20), _focus_draws(off, image, mask, 20)):
+        np.testing.assert_array_equal(a, b)
+    absent = RandomScaleCrop((32, 32), scale=(0.5, 2.0), fill_mask=IGNORE, focus_classes=(9,),
+                             focus_p=1.0)
+    absent.set_random_seed(5)
+    assert all(m.shape == (32, 32) for m in _focus_draws(absent, image, mask, 20))
+
+
+def test_build_train_transform_passes_the_focus_to_its_crop() -> None:
+    image, mask = np.zeros((200, 200, 3), np.uint8), np.zeros((200, 200), np.uint8)
+    mask[150:153, 20:23] = 2
+    t = build_train_transform("default", crop_size=24, scale=(1.0, 1.0), mask_fill=IGNORE,
+                              focus_classes=(2,), focus_p=1.0)
+    seed_transform(t, 0)
+    assert all((t(image=image, mask=mask)["mask"] == 2).any() for _ in range(20))
+
+
 def test_without_an_ignore_index_padding_mirrors_image_and_mask() -> None:
     """With no ignore index the padding was labelled class 0 (a real class: membrane, road,
     background), 12.6 % of the training labels at the folder config's crop and scale on 256²
