@@ -81,7 +81,7 @@ def _rescale_pad_crop(img, oy, ox, sh, sw, size, fill, interpolation):
 
 
 def _draw(t: RandomScaleCrop, image, mask):
-    params = t.get_params_dependent_on_data({"shape": image.shape}, {})
+    params = t.get_params_dependent_on_data({"shape": image.shape}, {"mask": mask})
     return params, t.apply(image, **params), t.apply_to_mask(mask, **params)
 
 
@@ -151,11 +151,7 @@ def test_random_scale_crop_far_into_the_padding() -> None:
 
 
 def _focus_draws(t: RandomScaleCrop, image, mask, n: int) -> list[np.ndarray]:
-    out = []
-    for _ in range(n):
-        params = t.get_params_dependent_on_data({"shape": image.shape}, {"mask": mask})
-        out.append(t.apply_to_mask(mask, **params))
-    return out
+    return [_draw(t, image, mask)[2] for _ in range(n)]
 
 
 @pytest.mark.parametrize("scale", [(1.0, 1.0), (0.3, 2.5)])
@@ -172,13 +168,13 @@ def test_focused_crops_hold_the_focus_pixel(scale) -> None:
         t.set_random_seed(3)
         offsets = set()
         for _ in range(40):
-            params = t.get_params_dependent_on_data({"shape": image.shape}, {"mask": mask})
+            params, _, out_mask = _draw(t, image, mask)
             (oy, ox), (sh, sw) = params["origin"], params["scaled_shape"]
             y, x = oy + int((r + 0.5) * sh / h), ox + int((c + 0.5) * sw / w)
             assert 0 <= y < size[0] and 0 <= x < size[1], (r, c, params)
             offsets.add((oy, ox))
             if scale == (1.0, 1.0):  # no resampling: the pixel itself is in the crop
-                assert (t.apply_to_mask(mask, **params) == 4).sum() == 1
+                assert (out_mask == 4).sum() == 1
         if (r, c) not in ((0, 0), (119, 159)):  # a corner pixel at factor 1 has one crop
             assert len(offsets) > 10
 
