@@ -59,6 +59,7 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 from segpipe.tasks.inference import LogitsForward, weight_differences
+from segpipe.tasks.schedules import training_progress
 from segpipe.tta import check_scales, resize_view
 
 __all__ = ["EVALUATION_OPTIONS", "PerImageDiceLoss", "PixelWeightedCrossEntropy", "RNG_STATE_KEY",
@@ -216,6 +217,15 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             IoU of each class present in the batch) or ``ce+lovasz`` (their sum). smp's Lovász
             loss checks each class's presence on the host, one GPU synchronisation per class
             and step.
+        late_loss: A training loss for the end of the training (from ``late_loss_start`` of it
+            on), one of ``loss``'s choices, built with the same class weights and options, e.g.
+            ``ce+lovasz`` to fine-tune for per-class IoU once cross-entropy has placed the
+            classes (as Berman et al. fine-tune with Lovász). The switch happens at an epoch's
+            start, is announced on the log and holds again after a resume; validation and test
+            losses stay ``loss``'s. None (default): ``loss`` throughout.
+        late_loss_start: Fraction of the planned training (of the time budget's epochs, else of
+            ``max_epochs``/``max_steps``; see :func:`~segpipe.tasks.schedules.training_progress`)
+            after which ``late_loss`` trains, in (0, 1).
         class_weights: One weight per class for ``ce``/``ce+dice``/``dice``/``focal`` and the
             cross-entropy of ``ce+lovasz`` (e.g. median frequency balancing), or None.
         dice_per_image: With ``dice``/``ce+dice``, score the Dice of each image and class
@@ -315,6 +325,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         data_spec: dict[str, Any] | None = None,
         num_classes: int | None = None,
         loss: LossName = "ce",
+        late_loss: LossName | None = None,
+        late_loss_start: float = 0.75,
         class_weights: list[float] | None = None,
         dice_per_image: bool = False,
         ohem_fraction: float | None = None,
@@ -370,7 +382,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 f"model.class_weights must be finite numbers >= 0, at least one > 0 (a class's "
                 f"share of the loss), got {list(class_weights)}; 0 drops a class from the loss.")
         #: Refused when training starts (an older checkpoint with both still loads to predict).
-        self._weights_unused = class_weights is not None and loss == "lovasz"
+        self._weights_unused = class_weights is not None and "lovasz" in (loss, late_loss)
         #: Whether the class names were given (else the data module's are taken in setup).
         self._names_given = bool(class_names) or bool(data_spec and data_spec.get("class_names"))
         self.spec = spec
@@ -393,14 +405,32 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             raise ConfigError(f"{exc}.") from None
         self.bn_adapt = check_bn_adapt(bn_adapt)
         self._bn_adaptation: BatchNormAdaptation | None = None
-        self.criterion = self._build_loss(loss, class_weights, ignore_index, dice_per_image,
-                                          ohem_fraction, ohem_threshold, label_smoothing)
+        loss_options = (class_weights, ignore_index, dice_per_image, ohem_fraction,
+                        ohem_threshold, label_smoothing)
+        #: The loss of validation and test, and of training until ``late_loss`` takes over.
+        self.criterion = self._build_loss(loss, *loss_options)
+        #: ``late_loss``'s criterion (None without one); see :attr:`training_criterion`.
+        self.late_criterion: nn.Module | None = None
+        if late_loss is not None:
+            if late_loss == loss:
+                raise ConfigError(f"model.late_loss {late_loss!r} is model.loss already; give "
+                                  f"another loss for the end of the training, or drop late_loss.")
+            if not (isinstance(late_loss_start, (int, float)) and 0.0 < late_loss_start < 1.0):
+                raise ConfigError(f"model.late_loss_start is a fraction of the training in (0, 1) "
+                                  f"(e.g. 0.75), got {late_loss_start!r}")
+            self.late_criterion = self._build_loss(late_loss, *loss_options,
+                                                   option="model.late_loss")
+        self.late_loss_start = float(late_loss_start)
+        self._late_loss_on = False
         for name, value, does in (("ohem_fraction", ohem_fraction, "mines"),
                                   ("ohem_threshold", ohem_threshold, "mines"),
                                   ("label_smoothing", label_smoothing or None, "smooths")):
-            if value is not None and not _has_cross_entropy(self.criterion):
-                raise ConfigError(f"model.{name} {does} the cross-entropy of loss ce, ce+dice or "
-                                  f"ce+lovasz, not loss {loss!r}; set one of those or drop it.")
+            for option, given, criterion in (("loss", loss, self.criterion),
+                                             ("late_loss", late_loss, self.late_criterion)):
+                if value is not None and criterion is not None and not _has_cross_entropy(criterion):
+                    raise ConfigError(
+                        f"model.{name} {does} the cross-entropy of loss ce, ce+dice or ce+lovasz, "
+                        f"not model.{option} {given!r}; set one of those or drop {name}.")
         self._init_transfer(freeze_encoder_epochs, encoder_lr_mult, init_from)
         if not isinstance(compile, (bool, dict)):
             raise ConfigError(f"model.compile must be true, false or a mapping of torch.compile "
@@ -478,10 +508,11 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         self, loss: str, class_weights: list[float] | None, ignore_index: int | None,
         dice_per_image: bool = False, ohem_fraction: float | None = None,
         ohem_threshold: float | None = None, label_smoothing: float = 0.0,
+        option: str = "model.loss",
     ) -> nn.Module:
         if dice_per_image and loss not in ("dice", "ce+dice"):
             raise ConfigError(f"model.dice_per_image applies to the Dice of loss dice or ce+dice, "
-                              f"not to loss {loss!r}; set one of those or drop dice_per_image.")
+                              f"not to {option} {loss!r}; set one of those or drop dice_per_image.")
         if ohem_fraction is not None and not 0.0 < ohem_fraction < 1.0:
             raise ConfigError(f"model.ohem_fraction is the fraction of pixels kept, in (0, 1) "
                               f"(e.g. 0.25), or null for all; got {ohem_fraction}")
@@ -515,7 +546,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             lovasz = _SkipAllIgnored(
                 smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index), ignore_index)
             return lovasz if loss == "lovasz" else _SumLoss(ce, lovasz)
-        raise ConfigError(f"loss must be one of {', '.join(typing.get_args(LossName))}; "
+        raise ConfigError(f"{option} must be one of {', '.join(typing.get_args(LossName))}; "
                           f"got {loss!r}.")
 
     # ------------------------------------------------------------------ the data spec
@@ -588,8 +619,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             if self._weights_unused:
                 raise ConfigError(
                     "model.class_weights weigh the cross-entropy, Dice or focal loss; "
-                    "Lovász-softmax takes none. Use loss ce+lovasz (the weights go to its "
-                    "cross-entropy) or drop class_weights.")
+                    "Lovász-softmax (lovasz, here as model.loss or model.late_loss) takes none. "
+                    "Use ce+lovasz (the weights go to its cross-entropy) or drop class_weights.")
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if stage == "fit" and self.compile_options is not None:
@@ -615,12 +646,14 @@ class SegmentationTask(LogitsForward, L.LightningModule):
     def _check_pixel_weights(self) -> None:
         """Per-pixel weights (the data's ``"weight"``) weigh the cross-entropy; refuse a loss
         without one rather than ignore them."""
-        if not _has_cross_entropy(self.criterion):
-            raise ConfigError(
-                f"The training data carry per-pixel loss weights (data.boundary_weight_class), "
-                f"which weigh the cross-entropy, but model.loss is {self.hparams.loss!r}; use "
-                f"ce, ce+dice or ce+lovasz, or drop data.boundary_weight_class."
-            )
+        for option, criterion in (("loss", self.criterion), ("late_loss", self.late_criterion)):
+            if criterion is not None and not _has_cross_entropy(criterion):
+                raise ConfigError(
+                    f"The training data carry per-pixel loss weights (data.boundary_weight_class), "
+                    f"which weigh the cross-entropy, but model.{option} is "
+                    f"{self.hparams[option]!r}; use ce, ce+dice or ce+lovasz, or drop "
+                    f"data.boundary_weight_class."
+                )
 
     def _check_classes(self, data_classes: int) -> None:
         if data_classes != self.num_classes:
@@ -754,7 +787,8 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             self._check_pixel_weights()
         n = image.shape[0]
         scores = self._to_masks(logits, batch) if resized else logits.float()
-        loss = self.criterion(scores, mask, **(
+        criterion = self.training_criterion if stage == "train" else self.criterion
+        loss = criterion(scores, mask, **(
             {} if pixel_weight is None else {"pixel_weight": pixel_weight}))
         if stage == "train":
             # Lightning converts progress-bar values to numbers after every step (a host-device
@@ -811,6 +845,28 @@ class SegmentationTask(LogitsForward, L.LightningModule):
         if stage == "test":
             self._record_test_images(batch.get("path", [""] * n), preds, mask)
         return loss
+
+    @property
+    def training_criterion(self) -> nn.Module:
+        """The loss training uses now: ``late_loss``'s once the training has reached
+        ``late_loss_start`` (see :meth:`on_train_epoch_start`), else ``loss``'s."""
+        if self._late_loss_on and self.late_criterion is not None:
+            return self.late_criterion
+        return self.criterion
+
+    def on_train_epoch_start(self) -> None:
+        """Switch training to ``late_loss`` at the first epoch that starts at or past
+        ``late_loss_start`` of the planned training (callbacks, the time budget's planner among
+        them, have made this epoch's plan by now). A resumed run switches again from its
+        restored progress."""
+        if self.late_criterion is None or self._late_loss_on:
+            return
+        progress = training_progress(self.trainer)
+        if progress >= self.late_loss_start:
+            self._late_loss_on = True
+            rank_zero_info(f"Epoch {self.current_epoch + 1} on: training loss "
+                           f"{self.hparams.late_loss} (model.late_loss), {100 * progress:.0f} % "
+                           f"into the planned training")
 
     def _to_masks(self, scores: Tensor, batch: dict[str, Any]) -> Tensor:
         """``scores`` of resized images (``data.eval_resize``) at the size of ``batch``'s

@@ -336,6 +336,22 @@ def test_segpipe_fit_moves_to_the_late_crop_at_its_point_of_the_training(tmp_pat
     assert "Epoch 2 on: training crops of 40 px (data.late_crop_size), 50 % into" in caplog.text
 
 
+def test_segpipe_fit_moves_to_the_late_loss_and_its_checkpoint_tests(tmp_path: Path,
+                                                                     caplog) -> None:
+    data = make_folder_dataset(tmp_path / "ds", num_classes=3, size=(48, 40))
+    run = tmp_path / "run"
+    common = ["--config", "configs/folder_unet.yaml", f"--data.root={data}", *TINY_UNET,
+              "--model.late_loss=ce+lovasz", "--model.late_loss_start=0.5"]
+    assert main(["fit", *common, f"--trainer.default_root_dir={run}",
+                 "--trainer.max_epochs=4"]) == 0
+    assert "Epoch 3 on: training loss ce+lovasz (model.late_loss), 50 % into" in caplog.text
+    (ckpt,) = run.glob("**/checkpoints/last.ckpt")
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hparams["late_loss"] == "ce+lovasz" and hparams["late_loss_start"] == 0.5
+    assert main(["test", *common, f"--ckpt_path={ckpt}",
+                 f"--trainer.default_root_dir={tmp_path / 'test'}"]) == 0
+
+
 def test_training_progress_without_a_plan_is_the_time_spent(monkeypatch) -> None:
     timer = Timer(duration={"seconds": 100})
     monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": 25.0)

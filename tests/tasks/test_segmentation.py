@@ -98,8 +98,86 @@ def test_class_weights_a_loss_cannot_use_are_refused():
     SegmentationTask(PixelNet(), loss="ce", class_weights=[0.0, 1.0, 1.0])  # a class left out
     # refused when training starts; built (an older checkpoint with both predicts) it is not
     unused = SegmentationTask(PixelNet(), loss="lovasz", class_weights=[1.0, 2.0, 2.0])
-    with pytest.raises(ValueError, match="Lovász-softmax takes none. Use loss ce\+lovasz"):
+    with pytest.raises(ValueError, match="Lovász-softmax .* takes none. Use ce\+lovasz"):
         _trainer(fast_dev_run=True).fit(unused, DM(ignore=255))
+    late = SegmentationTask(PixelNet(), loss="ce", late_loss="lovasz", class_weights=[1.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match="Lovász-softmax .*model.late_loss.* takes none"):
+        _trainer(fast_dev_run=True).fit(late, DM(ignore=255))
+
+
+class LossCalls(L.Callback):
+    """Records, per training epoch, which of the task's two criteria its training steps called,
+    and which one validation called."""
+
+    def __init__(self, task: SegmentationTask) -> None:
+        self.train: dict[int, set[str]] = {}
+        self.val: set[str] = set()
+        for name in ("criterion", "late_criterion"):
+            getattr(task, name).register_forward_hook(
+                lambda module, args, out, name=name: self._called(task, name))
+
+    def _called(self, task: SegmentationTask, name: str) -> None:
+        if task.trainer.sanity_checking or not task.training:
+            self.val.add(name)
+        else:
+            self.train.setdefault(task.current_epoch, set()).add(name)
+
+
+def _late_task(**kw) -> SegmentationTask:
+    return SegmentationTask(PixelNet(), loss="ce", late_loss="ce+lovasz", late_loss_start=0.5,
+                            class_weights=[1.0, 2.0, 2.0], ignore_index=255, **kw)
+
+
+def test_late_loss_trains_from_its_point_of_the_training_on(caplog):
+    task = _late_task()
+    calls = LossCalls(task)
+    with caplog.at_level("INFO"):
+        _trainer(max_epochs=4, callbacks=[calls]).fit(task, DM(ignore=255))
+    # two of four epochs done (progress 0.5) when epoch 2 starts: epochs 2 and 3 are late
+    assert calls.train == {0: {"criterion"}, 1: {"criterion"},
+                           2: {"late_criterion"}, 3: {"late_criterion"}}
+    assert calls.val == {"criterion"}  # validation's loss stays model.loss's
+    assert "Epoch 3 on: training loss ce+lovasz (model.late_loss), 50 % into" in caplog.text
+    # the late criterion is built with the same options: the class weights on its cross-entropy
+    ce = task.late_criterion.losses[0]
+    assert isinstance(ce, PixelWeightedCrossEntropy)
+    torch.testing.assert_close(ce.weight, torch.tensor([1.0, 2.0, 2.0]))
+
+
+def test_a_resumed_run_trains_with_the_late_loss_where_it_had(tmp_path):
+    task = _late_task()
+    saver = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1,
+                                        filename="{epoch}")
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_epochs=4,
+              enable_model_summary=False, callbacks=[saver]).fit(task, DM(ignore=255))
+    for ckpt, expected in (("epoch=0.ckpt", {1: {"criterion"}, 2: {"late_criterion"},
+                                             3: {"late_criterion"}}),
+                           ("epoch=2.ckpt", {3: {"late_criterion"}})):
+        resumed = _late_task()
+        calls = LossCalls(resumed)
+        _trainer(max_epochs=4, callbacks=[calls]).fit(resumed, DM(ignore=255),
+                                                      ckpt_path=str(tmp_path / ckpt))
+        assert calls.train == expected, ckpt
+
+
+def test_late_loss_refusals():
+    for kw, match in (
+        ({"loss": "ce", "late_loss": "ce"}, "model.late_loss 'ce' is model.loss already"),
+        ({"late_loss": "lovasz", "late_loss_start": 1.0},
+         r"model.late_loss_start is a fraction of the training in \(0, 1\)"),
+        ({"late_loss": "lovasz", "late_loss_start": 0},
+         r"model.late_loss_start is a fraction of the training in \(0, 1\)"),
+        ({"late_loss": "lovasz", "ohem_fraction": 0.25},
+         "model.ohem_fraction mines the cross-entropy of .* not model.late_loss 'lovasz'"),
+        ({"loss": "ce+dice", "dice_per_image": True, "late_loss": "ce+lovasz"},
+         "dice_per_image applies to the Dice of loss dice or ce\+dice, not to model.late_loss"),
+        ({"late_loss": "hinge"}, "model.late_loss must be one of ce, dice"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SegmentationTask(PixelNet(), **kw)
+    # without late_loss its start is not read, and nothing switches
+    task = SegmentationTask(PixelNet(), late_loss_start=0.5)
+    assert task.late_criterion is None and task.training_criterion is task.criterion
 
 
 def test_fast_dev_run_dice_per_image():
@@ -252,6 +330,9 @@ def test_fast_dev_run_with_pixel_weights_and_a_loss_that_cannot_use_them():
     _trainer(fast_dev_run=True).fit(task, WeightedDM(ignore=255))
     with pytest.raises(ValueError, match="carry per-pixel loss weights .* model.loss is 'dice'"):
         _trainer(fast_dev_run=True).fit(SegmentationTask(PixelNet(), loss="dice"), WeightedDM())
+    late = SegmentationTask(PixelNet(), loss="ce", late_loss="lovasz")  # weights lost late
+    with pytest.raises(ValueError, match="carry per-pixel loss weights .* model.late_loss is 'lovasz'"):
+        _trainer(fast_dev_run=True).fit(late, WeightedDM())
 
 
 @pytest.mark.parametrize("kw", [{}, {"ignore_index": 255}, {"class_weights": [1.0, 3.0, 0.5]},
