@@ -130,6 +130,7 @@ def test_bench_predict_runs_every_part_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("script", "option"), [
     ("bench_train.py", ["--device", "cuda"]), ("bench_predict.py", ["--device", "cuda"]),
     ("bench_epochs.py", ["--device=cuda"]), ("bench_nets.py", ["--device", "cuda"]),
+    ("bench_losses.py", ["--device", "cuda"]),
 ])
 def test_device_cuda_without_cuda_fails_in_one_line(script: str, option: list[str]) -> None:
     # -X importtime lists each module imported, on stderr, before the refusal's line
@@ -150,6 +151,20 @@ def test_device_cuda_without_cuda_fails_in_one_line(script: str, option: list[st
     assert re.fullmatch(rf"{script}: error: --device cuda: CUDA is not available \(.+\); "
                         r"use --device cpu", lines[0]), lines[0]
     assert "Traceback" not in res.stderr and not res.stdout.strip()
+
+
+def test_bench_losses_times_both_lovasz_losses_and_checks_they_agree() -> None:
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_losses.py", "--device", "cpu", "--batch-size", "2",
+         "--crop", "16", "--classes", "4", "--repeats", "1", "--rounds", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    losses = re.search(r"losses ([\d.]+) and ([\d.]+) \(difference", res.stdout)
+    assert losses and float(losses[1]) == pytest.approx(float(losses[2]), abs=1e-5), res.stdout
+    assert re.search(r"smp LovaszLoss +forward \+ backward +[\d.]+ ms  \(1\.00x", res.stdout)
+    assert re.search(r"segpipe LovaszSoftmaxLoss +forward \+ backward +[\d.]+ ms  \([\d.]+x",
+                     res.stdout), res.stdout
 
 
 @pytest.mark.slow

@@ -120,7 +120,8 @@ def _fit_counting_reads(tmp_path: Path, *callbacks: L.Callback, args: tuple[str,
 
 @pytest.mark.parametrize(("ema", "args"), [
     (False, ()), (True, ()), (False, ("--model.ohem_threshold=0.7", "--model.ohem_fraction=0.1")),
-], ids=["plain", "with segpipe's EMA", "with OHEM by threshold"])
+    (False, ("--model.loss=ce+lovasz",)),
+], ids=["plain", "with segpipe's EMA", "with OHEM by threshold", "with the Lovász-softmax"])
 def test_training_steps_read_nothing_back_from_the_device(
     tmp_path: Path, ema: bool, args: tuple[str, ...]
 ) -> None:

@@ -59,6 +59,7 @@ from segpipe.tasks.finetune import (
     scale_encoder_lr,
 )
 from segpipe.tasks.inference import LogitsForward, weight_differences
+from segpipe.tasks.losses import LovaszSoftmaxLoss
 from segpipe.tasks.schedules import training_progress
 from segpipe.tta import check_scales, resize_view
 
@@ -213,10 +214,10 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             ``net.num_classes`` when omitted.
         loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum),
             ``focal`` (smp's focal loss; it scores each class one-vs-rest with a sigmoid, so
-            the softmax that prediction and TTA average is not what it optimised), ``lovasz`` (smp's Lovász-softmax, a surrogate of the
-            IoU of each class present in the batch) or ``ce+lovasz`` (their sum). smp's Lovász
-            loss checks each class's presence on the host, one GPU synchronisation per class
-            and step.
+            the softmax that prediction and TTA average is not what it optimised), ``lovasz`` (the Lovász-softmax, a surrogate of the IoU
+            of each class present in the batch: smp's loss, batched over the classes in
+            :class:`~segpipe.tasks.losses.LovaszSoftmaxLoss`, without host synchronisation) or
+            ``ce+lovasz`` (their sum).
         late_loss: A training loss for the end of the training (from ``late_loss_start`` of it
             on), one of ``loss``'s choices, built with the same class weights and options, e.g.
             ``ce+lovasz`` to fine-tune for per-class IoU once cross-entropy has placed the
@@ -543,8 +544,7 @@ class SegmentationTask(LogitsForward, L.LightningModule):
                 mode="multiclass", ignore_index=ignore_index, class_weights=class_weights
             ), ignore_index)
         if loss in ("lovasz", "ce+lovasz"):
-            lovasz = _SkipAllIgnored(
-                smp.losses.LovaszLoss(mode="multiclass", ignore_index=ignore_index), ignore_index)
+            lovasz = LovaszSoftmaxLoss(ignore_index=ignore_index)
             return lovasz if loss == "lovasz" else _SumLoss(ce, lovasz)
         raise ConfigError(f"{option} must be one of {', '.join(typing.get_args(LossName))}; "
                           f"got {loss!r}.")
@@ -1563,8 +1563,8 @@ def _has_cross_entropy(criterion: nn.Module) -> bool:
 
 class _SkipAllIgnored(nn.Module):
     """A loss that is 0 (with zero gradient) for a batch whose pixels are all ignored, where
-    smp's Lovász returns an empty tensor and its focal loss NaN. Both index the valid pixels
-    already (a host synchronisation each), so this check adds none of another kind."""
+    smp's focal loss returns NaN. It indexes the valid pixels already (a host synchronisation),
+    so this check adds none of another kind."""
 
     def __init__(self, loss: nn.Module, ignore_index: int | None) -> None:
         super().__init__()
