@@ -6,8 +6,10 @@
 # U-Net 16 again with `model.compile` in torch's reduce-overhead mode, CUDA graphs, and on the
 # machine's CPU cores), then `segpipe predict` against a bare decode-forward-write loop on the
 # GPU, the per-epoch overhead of short epochs, a profile of training steps
-# (scripts/profile_train_step.py), and the training loader alone with 8 workers, with and
-# without their shared decoded-image cache (scripts/bench_loading.py). Predict on the CPU cores (0.942) and the whole command's
+# (scripts/profile_train_step.py), the training loader alone with 8 workers, with and
+# without their shared decoded-image cache (scripts/bench_loading.py), and the Lovász-softmax
+# of CamVid Lite0's late phase, segpipe's batched loss against smp's (scripts/bench_losses.py).
+# Predict on the CPU cores (0.942) and the whole command's
 # start-up (0.947) were measured in the call before and are left out for time:
 # scripts/bench_predict.py --device cpu, and --skip-throughput --rounds 1, run them.
 # Each benchmark has its own time limit, so one that hangs does not cost the others. $OUT gets
@@ -42,6 +44,7 @@ predict_extra=()
 epochs_extra=()
 profile_extra=()
 loading_extra=()
+losses_extra=()
 if [ -n "${SMOKE:-}" ]; then  # later flags win in argparse: these override the sizes below
     train_extra=(--images 8 --batch-size 2 --crop 64 --base 4 --classes 3 --precision 32-true
                  --epochs 1 --rounds 1)
@@ -51,6 +54,7 @@ if [ -n "${SMOKE:-}" ]; then  # later flags win in argparse: these override the 
     epochs_extra=(--steps 12 --samples-per-epoch 8)
     profile_extra=(--steps 3 --batch-size 2 --crop 32 --base 4 --classes 3 --precision 32-true)
     loading_extra=(--images 8 --batch-size 2 --crop 32 --classes 3 --workers 2 --epochs 2)
+    losses_extra=(--batch-size 2 --crop 16 --classes 3 --repeats 1 --rounds 1)
 fi
 
 failed=0
@@ -74,14 +78,15 @@ bench train_unet64 70 scripts/bench_train.py --device "$dev" --base 64 --batch-s
     "${train_extra[@]}"
 bench train_smp_r34 90 scripts/bench_train.py --device "$dev" --net smp-r34 --batch-size 16 \
     --crop 512 --epochs 3 "${train_extra[@]}"
-bench train_unet16_compiled 100 scripts/bench_train.py --device "$dev" --epochs 3 \
+bench train_unet16_compiled 90 scripts/bench_train.py --device "$dev" --epochs 3 \
     "${train_extra[@]}" -- "--model.compile=$compile_options"
 bench train_unet16_cpu 60 scripts/bench_train.py --device cpu --images 96 --epochs 2 \
     "${train_extra[@]}"
-bench predict 60 scripts/bench_predict.py --device "$dev" --skip-rss --skip-startup \
+bench predict 55 scripts/bench_predict.py --device "$dev" --skip-rss --skip-startup \
     "${predict_extra[@]}"
-bench epochs_isbi 45 scripts/bench_epochs.py --device "$dev" --num-workers 4 "${epochs_extra[@]}"
+bench epochs_isbi 40 scripts/bench_epochs.py --device "$dev" --num-workers 4 "${epochs_extra[@]}"
 bench profile_step 50 scripts/profile_train_step.py --device "$dev" --steps 20 "${profile_extra[@]}"
-bench loading 40 scripts/bench_loading.py --workers 8 --epochs 3 "${loading_extra[@]}"
+bench loading 35 scripts/bench_loading.py --workers 8 --epochs 3 "${loading_extra[@]}"
+bench lovasz 25 scripts/bench_losses.py --device "$dev" "${losses_extra[@]}"
 cat "$summary"
 exit "$failed"

@@ -308,7 +308,7 @@ def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
     summary = (tmp_path / "summary.txt").read_text()
     assert res.returncode == 0, summary[-4000:]
     names = ["train_unet16", "train_unet64", "train_smp_r34", "train_unet16_compiled",
-             "train_unet16_cpu", "predict", "epochs_isbi", "profile_step", "loading"]
+             "train_unet16_cpu", "predict", "epochs_isbi", "profile_step", "loading", "lovasz"]
     assert re.findall(r"^== (\w+) ", summary, re.M) == names, summary
     assert summary.count("\nexit 0\n") == len(names), summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.txt", "summary.txt"]
@@ -320,3 +320,4 @@ def test_device_bench_script_runs_every_benchmark(tmp_path: Path) -> None:
     assert "smp U-Net(resnet34)" in logs and "per-epoch overhead" in logs
     assert "segpipe fit: cProfile" in logs and "bare loop:" in logs
     assert "data.shared_cache=true" in logs
+    assert "segpipe LovaszSoftmaxLoss" in summary
