@@ -502,7 +502,7 @@ def test_every_shipped_config_parses(config):
 def test_isbi_config_tests_over_the_training_scales_and_symmetries(tmp_path, capsys):
     """isbi_unet.yaml's `segpipe test` averages the training's rescaling range (0.8-1.25), each
     size with the eight flips and rotations it trains with (0.18-0.60 point less val pixel
-    error on six checkpoints)."""
+    error on eight checkpoints of four runs)."""
     from tests.cli_args import printed_config
 
     cfg = printed_config("isbi_unet", tmp_path, capsys)

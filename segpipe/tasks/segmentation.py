@@ -214,8 +214,9 @@ class SegmentationTask(LogitsForward, L.LightningModule):
             ``net.num_classes`` when omitted.
         loss: ``ce`` (cross-entropy), ``dice`` (smp's multiclass Dice), ``ce+dice`` (their sum),
             ``focal`` (smp's focal loss; it scores each class one-vs-rest with a sigmoid, so
-            the softmax that prediction and TTA average is not what it optimised), ``lovasz`` (the Lovász-softmax, a surrogate of the IoU
-            of each class present in the batch: smp's loss, batched over the classes in
+            the softmax that prediction and TTA average is not what it optimised), ``lovasz``
+            (the Lovász-softmax, a surrogate of the IoU of each class present in the batch:
+            smp's loss, batched over the classes in
             :class:`~segpipe.tasks.losses.LovaszSoftmaxLoss`, without host synchronisation) or
             ``ce+lovasz`` (their sum).
         late_loss: A training loss for the end of the training (from ``late_loss_start`` of it
