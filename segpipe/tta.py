@@ -39,6 +39,7 @@ __all__ = [
     "check_scales",
     "model_views",
     "multiscale_probabilities",
+    "predict_view_options",
     "resize_view",
     "scaled_size",
     "tta_mean",
@@ -215,6 +216,18 @@ def check_scales(scales: Sequence[float] | None, option: str = "tta_scales") -> 
         raise ConfigError(f"{option} is empty: give factors of the evaluation size such as "
                           "[0.75, 1, 1.25], or leave it out for the evaluation size alone")
     return None if out == [1.0] else out
+
+
+def predict_view_options(tta: bool, scales: Sequence[float] | None) -> list[str]:
+    """The ``segpipe predict`` options that average these views: ``--tta`` for the training's
+    symmetries, ``--tta_scales S ...`` for the sizes; ``[]`` for the plain view.
+
+    Args:
+        tta: Average over the symmetries the model was trained with.
+        scales: Factors of the evaluation size, or None for it alone.
+    """
+    return (["--tta"] if tta else []) + (
+        ["--tta_scales", *(f"{float(s):g}" for s in scales)] if scales else [])
 
 
 def scaled_size(base: Sequence[int], scale: float) -> tuple[int, int]:

@@ -129,6 +129,22 @@ def test_bad_scales_are_refused_naming_the_option(given, match) -> None:
         check_scales(given, "model.test_tta_scales")
 
 
+@pytest.mark.parametrize("tta, scales, expected", [
+    (False, None, []), (True, None, ["--tta"]),
+    (False, [0.5, 1.0, 1.25], ["--tta_scales", "0.5", "1", "1.25"]),
+    (True, (0.75, 1), ["--tta", "--tta_scales", "0.75", "1"]),
+])
+def test_predict_view_options_name_the_views(tta, scales, expected) -> None:
+    from segpipe.predict.command import build_parser
+    from segpipe.tta import predict_view_options
+
+    options = predict_view_options(tta, scales)
+    assert options == expected
+    args = build_parser().parse_args(["--ckpt_path", "m.ckpt", "--input", "in", "--output", "out",
+                                      *options])
+    assert args.tta is tta and args.tta_scales == (list(map(float, scales)) if scales else None)
+
+
 class _SizeNet(torch.nn.Module):
     """Logits from a per-pixel map of the input plus the input's height: outputs differ with the
     size a view is seen at, and the sizes seen are recorded."""

@@ -4,9 +4,10 @@
 ``configs/camvid_unet.yaml`` on ``DIR/{train,trainannot}``, picks the best epoch on
 ``DIR/{val,valannot}``, evaluates it at the frames' full size (480×360 for CamVid) on
 ``DIR/{test,testannot}`` (on val, said loudly, when the copy has no test split) with
-``segpipe test`` (metrics + report.md), predicts masks and overlays for the evaluation frames with
-``segpipe predict`` and prints a short summary. ``--download`` fetches and verifies CamVid first
-(:func:`segpipe.demos.download.fetch_camvid`).
+``segpipe test`` (metrics + report.md; over the config's test views, ``model.test_tta`` and
+``model.test_tta_scales``), predicts masks and overlays for the evaluation frames with
+``segpipe predict`` over the same views (:func:`view_options`) and prints a short summary.
+``--download`` fetches and verifies CamVid first (:func:`segpipe.demos.download.fetch_camvid`).
 
 CamVid: Brostow et al. 2008/2009; the 11-class version and its class weights: Badrinarayanan
 et al., SegNet, 2017. Licence CC BY-NC 4.0 (research / personal use).
@@ -36,6 +37,7 @@ __all__ = [
     "max_time_string",
     "run_driving_demo",
     "summary_lines",
+    "view_options",
 ]
 
 _SHIPPED_CONFIG = CONFIGS_FOLDER / "camvid_unet.yaml"
@@ -139,6 +141,24 @@ class DrivingDemoResult:
     summary_path: Path | None = None
     seconds: float = 0.0
     lines: list[str] = field(default_factory=list)
+
+
+def _tested_views(cfg: dict[str, Any]) -> tuple[bool, list[float] | None]:
+    """``(model.test_tta, model.test_tta_scales)`` of ``cfg``, the scales checked (None: the
+    evaluation size alone)."""
+    from segpipe.tta import check_scales
+
+    model = cfg.get("model") or {}
+    return bool(model.get("test_tta")), check_scales(model.get("test_tta_scales"),
+                                                     "model.test_tta_scales")
+
+
+def view_options(cfg: dict[str, Any]) -> list[str]:
+    """The ``segpipe predict`` options that make the masks ``segpipe test`` scores under ``cfg``
+    (its ``model.test_tta`` and ``model.test_tta_scales``): ``[]`` for plain predictions."""
+    from segpipe.tta import predict_view_options
+
+    return predict_view_options(*_tested_views(cfg))
 
 
 def _check_data(data_dir: Path) -> dict[str, int]:
@@ -316,7 +336,7 @@ def run_driving_demo(
     try:
         rc = segpipe_main(["predict", "--ckpt_path", str(checkpoint), "--input", str(frames),
                            "--output", str(predictions), "--format", "mask", "palette", "overlay",
-                           "--overwrite"])
+                           "--overwrite", *view_options(cfg)])
     except ImportError as exc:  # segpipe.predict not installed / not available
         print(f"      prediction skipped: segpipe predict is not available ({exc})", flush=True)
         predictions, rc = None, 0
@@ -378,6 +398,14 @@ def summary_lines(r: DrivingDemoResult, cfg: dict[str, Any], smoke: bool, max_mi
         lines.append(f"This copy of CamVid has no test split, so the scores below are on {n_eval} val frames:"
                      " val also picked the checkpoint and shares a video sequence with train, so they are"
                      " optimistic.")
+    views = view_options(cfg)
+    if views:
+        tta, scales = _tested_views(cfg)
+        sizes = (f"{len(scales)} sizes ({min(scales):g}-{max(scales):g} x the evaluation size)"
+                 if scales else "the evaluation size")
+        flips = ", each with the training's flips" if tta else ""
+        lines.append(f"Each frame is scored, and its masks made, on the mean prediction over {sizes}"
+                     f"{flips}: the config's model.test_tta and model.test_tta_scales.")
     lines.append("Scores (100% = perfect; IoU = overlap of predicted and true pixels of a class):")
     rows: list[tuple[str, str]] = []
     if r.val_mIoU is not None and ev == "test":  # on val, the evaluation below says it all
@@ -413,5 +441,5 @@ def summary_lines(r: DrivingDemoResult, cfg: dict[str, Any], smoke: bool, max_mi
     lines.append(f"  config:                             {r.config}")
     lines.append(f"Done in {r.seconds / 60:.1f} min. Segment your own street photos with:")
     lines.append(f"  segpipe predict --ckpt_path {r.checkpoint} --input PHOTOS --output OUT "
-                 "--format mask overlay")
+                 "--format mask overlay" + "".join(f" {o}" for o in views))
     return lines

@@ -496,15 +496,15 @@ def matching_view_options(config: PredictConfig, tta: bool,
     """The ``segpipe predict`` options that average the views ``segpipe test`` scored, when
     ``tta`` and ``scales`` (the run's own) differ from them; None when they agree or the
     checkpoint scored plain predictions."""
+    from segpipe.tta import predict_view_options
+
     if config.test_views is None:
         return None
     want_tta, want_scales = config.test_views
     given = [float(s) for s in scales] if scales else None
     if bool(tta) == want_tta and given == want_scales:
         return None
-    words = (["--tta"] if want_tta else []) + (
-        ["--tta_scales", *(f"{s:g}" for s in want_scales)] if want_scales else [])
-    return " ".join(words)
+    return " ".join(predict_view_options(want_tta, want_scales))
 
 
 def _load_weights(task: InferenceNet, state: Mapping[str, Any], path: Path) -> None:

@@ -80,10 +80,17 @@ def _check_outputs(result, n_predicted: int) -> None:  # noqa: ANN001
     assert len(list(result.predictions_dir.glob("*_palette.png"))) == n_predicted
 
 
-def test_smoke_with_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_smoke_with_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               caplog: pytest.LogCaptureFixture) -> None:
     data = make_camvid_like(tmp_path / "camvid", n_train=6, n_val=3, n_test=3, void_index=11)
-    result = run_driving_demo(data, tmp_path / "out", smoke=True)
+    with caplog.at_level("INFO", logger="segpipe"):
+        result = run_driving_demo(data, tmp_path / "out", smoke=True)
     out = capsys.readouterr().out
+    # the masks are made over the views segpipe test scored (the config's five sizes and flip)
+    assert "segpipe test scored this model's mean over other views" not in caplog.text
+    assert ("Each frame is scored, and its masks made, on the mean prediction over 5 sizes "
+            "(0.5-1.5 x the evaluation size), each with the training's flips") in out
+    assert "--format mask overlay --tta --tta_scales 0.5 0.75 1 1.25 1.5\n" in out
     assert result.eval_split == "test" and result.counts == {"train": 6, "val": 3, "test": 3}
     assert result.metrics["num_images"] == 3
     assert "Scores below are on 3 held-out test frames" in out
