@@ -398,9 +398,11 @@ def summary_lines(r: DrivingDemoResult, cfg: dict[str, Any], smoke: bool, max_mi
         lines.append(f"This copy of CamVid has no test split, so the scores below are on {n_eval} val frames:"
                      " val also picked the checkpoint and shares a video sequence with train, so they are"
                      " optimistic.")
-    views = view_options(cfg)
+    from segpipe.tta import predict_view_options
+
+    tta, scales = _tested_views(cfg)
+    views = predict_view_options(tta, scales)
     if views:
-        tta, scales = _tested_views(cfg)
         sizes = (f"{len(scales)} sizes ({min(scales):g}-{max(scales):g} x the evaluation size)"
                  if scales else "the evaluation size")
         flips = ", each with the training's flips" if tta else ""
